@@ -1,0 +1,289 @@
+"""Frozen, validated configuration objects.
+
+Everything here is pure Python (no torch import): the scheduler reads these configs and must never import torch.
+Environment variables are read in this module only (see `env_flag`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = {
+    "Qwen3_5ForConditionalGeneration": False,
+    "Qwen3_5ForCausalLM": False,
+    "Qwen3_5MoeForConditionalGeneration": True,
+    "Qwen3_5MoeForCausalLM": True,
+}
+SUPPORTED_MODEL_TYPES = {"qwen3_5": False, "qwen3_5_text": False, "qwen3_5_moe": True, "qwen3_5_moe_text": True}
+LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unsupported or inconsistent; the message names the field and the fix."""
+
+
+def env_flag(name: str, default: str = "") -> str:
+    """The one place that reads environment variables (DELTASERVE_*)."""
+    return os.environ.get(name, default)
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The text decoder of a Qwen3.5 / Qwen3.6 checkpoint (dense or MoE), read from config.json."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_hidden_layers: int
+    layer_types: tuple[str, ...]
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    linear_num_key_heads: int
+    linear_num_value_heads: int
+    linear_key_head_dim: int
+    linear_value_head_dim: int
+    linear_conv_kernel_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    partial_rotary_factor: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    is_moe: bool
+    intermediate_size: int | None = None
+    num_experts: int | None = None
+    num_experts_per_tok: int | None = None
+    moe_intermediate_size: int | None = None
+    shared_expert_intermediate_size: int | None = None
+    mtp_num_hidden_layers: int = 0
+    hidden_act: str = "silu"
+    attn_output_gate: bool = True
+    dtype: str = "bfloat16"
+    eos_token_ids: tuple[int, ...] = ()
+    quantization_config: dict[str, Any] | None = field(default=None, compare=False, hash=False)
+    model_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        self._validate()
+
+    # ---- derived sizes -------------------------------------------------------------------------------------------
+    @property
+    def key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @property
+    def full_attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "full_attention"]
+
+    @property
+    def linear_attention_layers(self) -> list[int]:
+        return [i for i, t in enumerate(self.layer_types) if t == "linear_attention"]
+
+    # ---- validation ----------------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                     "linear_value_head_dim", "linear_conv_kernel_dim"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"config field '{name}' must be a positive integer, got {value!r}")
+        _require(len(self.layer_types) == self.num_hidden_layers,
+                 f"config field 'layer_types' has {len(self.layer_types)} entries but 'num_hidden_layers' is "
+                 f"{self.num_hidden_layers}; they must match")
+        for i, t in enumerate(self.layer_types):
+            _require(t in LAYER_TYPES, f"config field 'layer_types[{i}]' is {t!r}; supported layer types are {LAYER_TYPES}")
+        _require(self.num_attention_heads % self.num_key_value_heads == 0,
+                 f"config field 'num_attention_heads' ({self.num_attention_heads}) must be a multiple of "
+                 f"'num_key_value_heads' ({self.num_key_value_heads})")
+        _require(self.linear_num_value_heads % self.linear_num_key_heads == 0,
+                 f"config field 'linear_num_value_heads' ({self.linear_num_value_heads}) must be a multiple of "
+                 f"'linear_num_key_heads' ({self.linear_num_key_heads})")
+        rot = self.head_dim * self.partial_rotary_factor
+        _require(0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0,
+                 f"config field 'partial_rotary_factor' ({self.partial_rotary_factor}) times head_dim ({self.head_dim}) "
+                 f"must give an even number of rotary dims")
+        _require(self.hidden_act == "silu", f"config field 'hidden_act' is {self.hidden_act!r}; only 'silu' is supported")
+        _require(self.attn_output_gate, "config field 'attn_output_gate' is false; Qwen3.5 checkpoints always gate")
+        _require(self.mtp_num_hidden_layers in (0, 1),
+                 f"config field 'mtp_num_hidden_layers' is {self.mtp_num_hidden_layers}; only 0 or 1 is supported")
+        if self.is_moe:
+            for name in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "shared_expert_intermediate_size"):
+                value = getattr(self, name)
+                _require(isinstance(value, int) and value > 0, f"MoE config field '{name}' must be a positive integer, got {value!r}")
+            _require(self.num_experts_per_tok <= self.num_experts,  # type: ignore[operator]
+                     f"config field 'num_experts_per_tok' ({self.num_experts_per_tok}) exceeds 'num_experts' ({self.num_experts})")
+        else:
+            _require(isinstance(self.intermediate_size, int) and self.intermediate_size > 0,
+                     f"config field 'intermediate_size' must be a positive integer for a dense model, got {self.intermediate_size!r}")
+
+    # ---- construction --------------------------------------------------------------------------------------------
+    @classmethod
+    def from_hf(cls, model_dir: str | Path) -> ModelConfig:
+        """Read `model_dir/config.json` (nested ConditionalGeneration or flat CausalLM form) and generation_config.json."""
+        path = Path(model_dir) / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in {model_dir!s}: pass the directory of a Hugging Face checkpoint")
+        try:
+            raw = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        gen_path = Path(model_dir) / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        return cls.from_dict(raw, generation_config=gen, model_dir=str(model_dir))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, generation_config: dict[str, Any] | None = None,
+                  model_dir: str | None = None) -> ModelConfig:
+        architecture, is_moe = _architecture(raw)
+        text = raw.get("text_config") or raw
+        if not isinstance(text, dict):
+            raise ConfigError(f"config field 'text_config' must be an object, got {type(text).__name__}")
+
+        def get(name: str, default: Any = ..., *, also_top: bool = False) -> Any:
+            if name in text:
+                return text[name]
+            if also_top and name in raw:
+                return raw[name]
+            if default is ...:
+                raise ConfigError(f"config field '{name}' is missing from config.json"
+                                  + (" (looked in 'text_config' too)" if text is not raw else ""))
+            return default
+
+        num_layers = get("num_hidden_layers")
+        rope = _rope(text)
+        tie = text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+        return cls(
+            architecture=architecture, is_moe=is_moe,
+            vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_hidden_layers=num_layers,
+            layer_types=_layer_types(text, num_layers),
+            num_attention_heads=get("num_attention_heads"), num_key_value_heads=get("num_key_value_heads"),
+            head_dim=get("head_dim", 256),
+            linear_num_key_heads=get("linear_num_key_heads"), linear_num_value_heads=get("linear_num_value_heads"),
+            linear_key_head_dim=get("linear_key_head_dim"), linear_value_head_dim=get("linear_value_head_dim"),
+            linear_conv_kernel_dim=get("linear_conv_kernel_dim", 4),
+            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta=rope["rope_theta"], partial_rotary_factor=rope["partial_rotary_factor"],
+            max_position_embeddings=get("max_position_embeddings", 262144),
+            tie_word_embeddings=bool(tie),
+            intermediate_size=None if is_moe else get("intermediate_size"),
+            num_experts=get("num_experts") if is_moe else None,
+            num_experts_per_tok=get("num_experts_per_tok") if is_moe else None,
+            moe_intermediate_size=get("moe_intermediate_size") if is_moe else None,
+            shared_expert_intermediate_size=get("shared_expert_intermediate_size") if is_moe else None,
+            mtp_num_hidden_layers=get("mtp_num_hidden_layers", 0, also_top=True),
+            hidden_act=get("hidden_act", "silu"),
+            attn_output_gate=get("attn_output_gate", True),
+            dtype=str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+            eos_token_ids=_eos_ids(text, raw, generation_config or {}),
+            quantization_config=raw.get("quantization_config") or text.get("quantization_config"),
+            model_dir=model_dir,
+        )
+
+
+def _architecture(raw: dict[str, Any]) -> tuple[str, bool]:
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ConfigError(f"config field 'architectures' must be a list, got {archs!r}")
+    for arch in archs:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return arch, SUPPORTED_ARCHITECTURES[arch]
+    model_type = raw.get("model_type")
+    if not archs and model_type in SUPPORTED_MODEL_TYPES:
+        return str(model_type), SUPPORTED_MODEL_TYPES[model_type]
+    raise ConfigError(
+        f"unsupported architecture: config field 'architectures' is {archs!r} (model_type {model_type!r}); "
+        f"deltaserve serves {sorted(SUPPORTED_ARCHITECTURES)}")
+
+
+def _layer_types(text: dict[str, Any], num_layers: int) -> tuple[str, ...]:
+    types = text.get("layer_types")
+    if types is not None:
+        if not isinstance(types, list):
+            raise ConfigError(f"config field 'layer_types' must be a list of strings, got {types!r}")
+        return tuple(types)
+    interval = text.get("full_attention_interval", 4)
+    if not isinstance(interval, int) or interval <= 0:
+        raise ConfigError(f"config field 'full_attention_interval' must be a positive integer, got {interval!r}")
+    return tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(num_layers))
+
+
+def _rope(text: dict[str, Any]) -> dict[str, float]:
+    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"config field 'rope_parameters' must be an object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in ("default", None):
+        raise ConfigError(f"config field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE is "
+                          "supported (YaRN beyond 256K context is not implemented)")
+    theta = params.get("rope_theta", text.get("rope_theta", 10_000_000.0))
+    factor = params.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
+    return {"rope_theta": float(theta), "partial_rotary_factor": float(factor)}
+
+
+def _eos_ids(text: dict[str, Any], raw: dict[str, Any], gen: dict[str, Any]) -> tuple[int, ...]:
+    ids: list[int] = []
+    for source in (text.get("eos_token_id"), raw.get("eos_token_id"), gen.get("eos_token_id")):
+        for i in source if isinstance(source, list) else [source]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+    return tuple(ids)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Sizes of the paged KV pool (full-attention layers) and the GDN state pool."""
+
+    page_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_pages: int | None = None        # None: planned from free memory
+    num_state_slots: int | None = None  # None: max_num_seqs
+    state_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        _require(self.page_size > 0 and self.page_size & (self.page_size - 1) == 0,
+                 f"cache field 'page_size' is {self.page_size}; use a power of two (16 recommended)")
+        _require(0 < self.gpu_memory_utilization <= 1,
+                 f"'gpu_memory_utilization' is {self.gpu_memory_utilization}; it must be in (0, 1]")
+        _require(self.num_pages is None or self.num_pages > 0, f"'num_pages' is {self.num_pages}; it must be positive")
+        _require(self.state_dtype in ("float32", "bfloat16", "float16"),
+                 f"'state_dtype' is {self.state_dtype!r}; use float32 (default), bfloat16 or float16")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step limits of the scheduler."""
+
+    max_model_len: int = 4096
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, f"'{name}' must be a positive integer, got {value!r}")
+
+
+def replace(config: Any, **changes: Any) -> Any:
+    """Derive a new frozen config (configs are never mutated)."""
+    return dataclasses.replace(config, **changes)

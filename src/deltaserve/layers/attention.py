@@ -1,0 +1,53 @@
+"""Gated full attention: per-head [query | gate] q_proj, q/k zero-centred RMSNorm, partial RoPE, GQA over paged KV,
+sigmoid output gate before o_proj."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltaserve.config import ModelConfig
+from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, write_kv
+from deltaserve.kernels.rope import apply_partial_rope
+from deltaserve.layers.linear import Linear
+from deltaserve.layers.meta import ForwardBatch
+from deltaserve.layers.norm import RMSNorm
+
+
+class GatedAttention(nn.Module):
+    """Owns its projection weights; its K/V pages ([P, page_size, Hkv, D] each) are passed in per call."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
+                                                            config.head_dim)
+        self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
+        self.scale = self.head_dim ** -0.5
+        d, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.q_proj = Linear(d, 2 * q_out, dtype=dtype, device=device)
+        self.k_proj = Linear(d, kv_out, dtype=dtype, device=device)
+        self.v_proj = Linear(d, kv_out, dtype=dtype, device=device)
+        self.o_proj = Linear(q_out, d, dtype=dtype, device=device)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [T, D] -> [T, D]."""
+        T = x.shape[0]
+        # q_proj rows are per head [query(hd) | gate(hd)], not [all queries | all gates].
+        q, gate = self.q_proj(x).view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        q = self.q_norm(q.contiguous())
+        k = self.k_norm(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, k = apply_partial_rope(q=q, k=k, positions=batch.positions, rotary_dim=self.rotary_dim,
+                                  theta=self.rope_theta)
+        k_cache, v_cache = kv_cache
+        write_kv(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=batch.slot_mapping)
+        common = dict(k_cache=k_cache, v_cache=v_cache, seq_lens=batch.seq_lens, block_tables=batch.block_tables,
+                      scale=self.scale)
+        if batch.is_decode:
+            o = paged_attention_decode(q=q, **common)
+        else:
+            o = paged_attention_prefill(q=q, cu_seqlens_q=batch.cu_seqlens, **common)
+        o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
+        return self.o_proj(o)

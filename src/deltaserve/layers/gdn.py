@@ -1,0 +1,64 @@
+"""Gated DeltaNet (linear attention) layer: in_proj_qkv/z/b/a, causal depthwise conv + SiLU over q,k,v, gated delta
+rule recurrence on an fp32 per-sequence state, gated RMSNorm, out_proj."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltaserve.config import ModelConfig
+from deltaserve.kernels.conv1d import causal_conv1d_prefill, causal_conv1d_update
+from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gdn_gating
+from deltaserve.layers.linear import Linear, new_param
+from deltaserve.layers.meta import ForwardBatch
+from deltaserve.layers.norm import GatedRMSNorm
+
+
+class GatedDeltaNet(nn.Module):
+    """Owns its weights; its states live in pools passed per call and are addressed by the batch's slot indices:
+    conv_state [S, W-1, conv_dim] (model dtype, pre-conv inputs) and ssm_state [S, HV, K, V] (fp32)."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.num_k_heads, self.num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
+        self.key_dim, self.value_dim, self.conv_dim = config.key_dim, config.value_dim, config.conv_dim
+        d = config.hidden_size
+        self.in_proj_qkv = Linear(d, self.conv_dim, dtype=dtype, device=device)
+        self.in_proj_z = Linear(d, self.value_dim, dtype=dtype, device=device)
+        self.in_proj_b = Linear(d, self.num_v_heads, dtype=dtype, device=device)
+        self.in_proj_a = Linear(d, self.num_v_heads, dtype=dtype, device=device)
+        self.conv1d = nn.Module()
+        self.conv1d.weight = new_param(self.conv_dim, 1, config.linear_conv_kernel_dim, dtype=dtype, device=device)
+        self.dt_bias = new_param(self.num_v_heads, dtype=dtype, device=device)
+        self.A_log = new_param(self.num_v_heads, dtype=torch.float32, device=device)  # fp32, as in checkpoints
+        self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps, device=device)
+        self.out_proj = Linear(self.value_dim, d, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch,
+                state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """x: [T, D] -> [T, D]; reads and writes this layer's conv/ssm state of each sequence in place."""
+        T = x.shape[0]
+        conv_state, ssm_state = state
+        mixed = self.in_proj_qkv(x)
+        conv_w = self.conv1d.weight.squeeze(1)
+        if batch.is_decode:
+            mixed = causal_conv1d_update(x=mixed, weight=conv_w, conv_state=conv_state, slots=batch.state_slots)
+        else:
+            mixed = causal_conv1d_prefill(x=mixed, weight=conv_w, conv_state=conv_state, cu_seqlens=batch.cu_seqlens,
+                                          slots=batch.state_slots, has_initial_state=batch.has_initial_state)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = q.reshape(T, self.num_k_heads, self.head_k_dim)
+        k = k.reshape(T, self.num_k_heads, self.head_k_dim)
+        v = v.reshape(T, self.num_v_heads, self.head_v_dim)
+        # beta is rounded to the activation dtype as in the reference implementation.
+        g, beta = gdn_gating(a=self.in_proj_a(x), b=self.in_proj_b(x), A_log=self.A_log, dt_bias=self.dt_bias)
+        beta = beta.to(x.dtype)
+        common = dict(q=q, k=k, v=v, g=g, beta=beta, state=ssm_state, slots=batch.state_slots,
+                      scale=self.head_k_dim ** -0.5, use_qk_l2norm=True)
+        if batch.is_decode:
+            o = fused_recurrent_gated_delta_rule(**common)
+        else:
+            o = chunk_gated_delta_rule(cu_seqlens=batch.cu_seqlens, has_initial_state=batch.has_initial_state, **common)
+        z = self.in_proj_z(x).view(T, self.num_v_heads, self.head_v_dim)
+        return self.out_proj(self.norm(o, z).reshape(T, self.value_dim))

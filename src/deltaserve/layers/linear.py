@@ -1,0 +1,27 @@
+"""Linear layers. Quantized formats plug in later as alternative linear methods; models never branch on quant."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def new_param(*shape: int, dtype: torch.dtype, device: torch.device | str | None = None) -> nn.Parameter:
+    """An uninitialised, frozen parameter; the loader (or dummy init) fills it in place."""
+    return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x @ W^T, W: [out, in] as stored in Hugging Face checkpoints. No bias (Qwen3.5 has none)."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = new_param(out_features, in_features, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}"

@@ -1,0 +1,133 @@
+"""The Qwen3.5 / Qwen3.6 text decoder (dense and MoE) with its MTP head, over flat varlen batches.
+
+Layer i is a Gated DeltaNet layer or a gated full-attention layer as `layer_types[i]` says; every layer has a dense
+SwiGLU MLP (dense models) or a sparse MoE block (MoE models). Caches are passed in explicitly (`ModelCache`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from deltaserve.cache.tensors import ModelCache
+from deltaserve.config import ModelConfig
+from deltaserve.layers.attention import GatedAttention
+from deltaserve.layers.gdn import GatedDeltaNet
+from deltaserve.layers.linear import Linear, new_param
+from deltaserve.layers.meta import ForwardBatch
+from deltaserve.layers.mlp import MLP
+from deltaserve.layers.moe import SparseMoE
+from deltaserve.layers.norm import RMSNorm
+
+MTP_LAYER = "mtp.0"  # cache key of the MTP head's own attention layer
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.layer_type = layer_type
+        if layer_type == "linear_attention":
+            self.linear_attn = GatedDeltaNet(config, dtype=dtype, device=device)
+        else:
+            self.self_attn = GatedAttention(config, dtype=dtype, device=device)
+        if config.is_moe:
+            self.mlp: nn.Module = SparseMoE(config, dtype=dtype, device=device)
+        else:
+            assert config.intermediate_size is not None
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, dtype=dtype, device=device)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
+                layer_cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output before its residual add, the residual stream); the next norm fuses the add."""
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
+        if self.layer_type == "linear_attention":
+            x = self.linear_attn(x, batch, layer_cache)
+        else:
+            x = self.self_attn(x, batch, layer_cache)
+        x, residual = self.post_attention_layernorm(x, residual)
+        return self.mlp(x), residual
+
+
+class Qwen3_5Model(nn.Module):
+    """Embedding, decoder stack and final norm. Parameter names follow the checkpoint's text-model names."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = new_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(config, t, dtype=dtype, device=device) for t in config.layer_types)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(input_ids, self.embed_tokens.weight)
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:
+        """input_ids: [T] -> final-normed hidden states [T, D]."""
+        h, residual = self.embed(input_ids), None
+        for i, layer in enumerate(self.layers):
+            h, residual = layer(h, residual, batch, cache.layer(i))
+        h, _ = self.norm(h, residual)
+        return h
+
+
+class MTPHead(nn.Module):
+    """Multi-token-prediction head: fc([norm(embed(next token)), norm(hidden)]) -> one full-attention decoder layer
+    -> norm. Shares the main model's embedding and lm_head."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        d, eps = config.hidden_size, config.rms_norm_eps
+        self.pre_fc_norm_embedding = RMSNorm(d, eps, dtype=dtype, device=device)
+        self.pre_fc_norm_hidden = RMSNorm(d, eps, dtype=dtype, device=device)
+        self.fc = Linear(2 * d, d, dtype=dtype, device=device)
+        self.layers = nn.ModuleList([DecoderLayer(config, "full_attention", dtype=dtype, device=device)])
+        self.norm = RMSNorm(d, eps, dtype=dtype, device=device)
+
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
+                cache: ModelCache) -> torch.Tensor:
+        """embeds: [T, D] embeddings of the next tokens; hidden: [T, D] final-normed main-model states at the same
+        positions -> [T, D] normed MTP states (feed to the lm_head for draft logits)."""
+        x = torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1)
+        h, residual = self.layers[0](self.fc(x), None, batch, cache.layer(MTP_LAYER))
+        h, _ = self.norm(h, residual)
+        return h
+
+
+class Qwen3_5ForCausalLM(nn.Module):
+    """The served model: decoder, lm_head (or tied embedding) and, when the checkpoint has one, the MTP head."""
+
+    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None,
+                 with_mtp: bool | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Qwen3_5Model(config, dtype=dtype, device=device)
+        if not config.tie_word_embeddings:
+            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, device=device)
+        use_mtp = config.mtp_num_hidden_layers > 0 if with_mtp is None else with_mtp
+        self.mtp = MTPHead(config, dtype=dtype, device=device) if use_mtp else None
+
+    @property
+    def lm_head_weight(self) -> torch.Tensor:
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:
+        """input_ids: [T] -> final-normed hidden states [T, D] (call compute_logits on the rows you need)."""
+        return self.model(input_ids, batch, cache)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [M, D] -> logits [M, vocab] in fp32."""
+        return nn.functional.linear(hidden, self.lm_head_weight).float()
+
+    def mtp_forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
+                    cache: ModelCache) -> torch.Tensor:
+        """Draft step: next_ids [T] (token after each position), hidden [T, D] -> MTP hidden [T, D]."""
+        if self.mtp is None:
+            raise RuntimeError("this checkpoint has no MTP head (no mtp.* tensors); speculative decoding with MTP "
+                               "needs a checkpoint that ships one")
+        return self.mtp(self.model.embed(next_ids), hidden, batch, cache)
