@@ -1,0 +1,120 @@
+"""ModelConfig.from_hf on every published config.json form, and its errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from deltaserve.config import CacheConfig, ConfigError, ModelConfig, SchedulerConfig
+
+# Shaped like the published Qwen3.5-27B config.json (nested ConditionalGeneration form).
+DENSE_27B = {
+    "architectures": ["Qwen3_5ForConditionalGeneration"], "model_type": "qwen3_5",
+    "image_token_id": 248056, "tie_word_embeddings": False,
+    "text_config": {
+        "model_type": "qwen3_5_text", "vocab_size": 248320, "hidden_size": 5120, "num_hidden_layers": 64,
+        "num_attention_heads": 24, "num_key_value_heads": 4, "head_dim": 256, "intermediate_size": 17408,
+        "linear_num_key_heads": 16, "linear_num_value_heads": 48, "linear_key_head_dim": 128,
+        "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "full_attention_interval": 4,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 262144, "mtp_num_hidden_layers": 1,
+        "attn_output_gate": True, "dtype": "bfloat16", "eos_token_id": 248044,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                            "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+    },
+    "vision_config": {"model_type": "qwen3_5", "depth": 27},
+}
+
+MOE_35B_FLAT = {
+    "architectures": ["Qwen3_5MoeForCausalLM"], "model_type": "qwen3_5_moe_text", "vocab_size": 248320,
+    "hidden_size": 2048, "num_hidden_layers": 40, "num_attention_heads": 16, "num_key_value_heads": 2,
+    "head_dim": 256, "linear_num_key_heads": 16, "linear_num_value_heads": 32, "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128, "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512, "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+    "layer_types": ["linear_attention"] * 3 * 10 + ["full_attention"] * 10, "torch_dtype": "bfloat16",
+    "quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 128},
+}
+
+
+def write(tmp_path, cfg, gen=None):
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    if gen is not None:
+        (tmp_path / "generation_config.json").write_text(json.dumps(gen))
+    return tmp_path
+
+
+def test_nested_dense_27b(tmp_path):
+    c = ModelConfig.from_hf(write(tmp_path, DENSE_27B, {"eos_token_id": [248046, 248044]}))
+    assert not c.is_moe and c.hidden_size == 5120 and c.intermediate_size == 17408
+    assert c.layer_types.count("full_attention") == 16 and c.layer_types[3] == "full_attention"
+    assert c.layer_types[:3] == ("linear_attention",) * 3
+    assert c.rope_theta == 1e7 and c.rotary_dim == 64 and c.mtp_num_hidden_layers == 1
+    assert c.conv_dim == 2 * 16 * 128 + 48 * 128 and c.value_dim == 6144
+    assert set(c.eos_token_ids) == {248044, 248046} and c.dtype == "bfloat16"
+
+
+def test_flat_moe_with_top_level_rope_and_quant(tmp_path):
+    c = ModelConfig.from_hf(write(tmp_path, MOE_35B_FLAT))
+    assert c.is_moe and c.num_experts == 256 and c.num_experts_per_tok == 8 and c.intermediate_size is None
+    assert c.rope_theta == 1e7 and c.partial_rotary_factor == 0.25
+    assert c.quantization_config == {"quant_method": "awq", "bits": 4, "group_size": 128}
+    assert c.layer_types[-1] == "full_attention" and c.dtype == "bfloat16"
+
+
+@pytest.mark.parametrize("where", ["top", "text"])
+def test_tie_word_embeddings_at_either_level(tmp_path, where):
+    cfg = copy.deepcopy(DENSE_27B)
+    (cfg if where == "top" else cfg["text_config"])["tie_word_embeddings"] = True
+    assert ModelConfig.from_hf(write(tmp_path, cfg)).tie_word_embeddings
+
+
+def test_model_type_only_flat_config(tmp_path):
+    cfg = {k: v for k, v in MOE_35B_FLAT.items() if k != "architectures"}
+    assert ModelConfig.from_hf(write(tmp_path, cfg)).is_moe
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda c: c.update(architectures=["LlamaForCausalLM"]), "LlamaForCausalLM"),
+    (lambda c: c["text_config"].pop("hidden_size"), "'hidden_size' is missing"),
+    (lambda c: c["text_config"].update(num_key_value_heads=5), "num_key_value_heads"),
+    (lambda c: c["text_config"].update(linear_num_value_heads=40), "linear_num_value_heads"),
+    (lambda c: c["text_config"].update(layer_types=["linear_attention"] * 63 + ["sliding_attention"]),
+     "sliding_attention"),
+    (lambda c: c["text_config"].update(layer_types=["full_attention"] * 3), "layer_types"),
+    (lambda c: c["text_config"].pop("intermediate_size"), "intermediate_size"),
+    (lambda c: c["text_config"]["rope_parameters"].update(rope_type="yarn"), "yarn"),
+    (lambda c: c["text_config"].update(hidden_size=-1), "hidden_size"),
+])
+def test_errors_name_the_field_and_value(tmp_path, mutate, needle):
+    cfg = copy.deepcopy(DENSE_27B)
+    mutate(cfg)
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace("[", r"\[")):
+        ModelConfig.from_hf(write(tmp_path, cfg))
+
+
+def test_missing_and_broken_config_json(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json"):
+        ModelConfig.from_hf(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelConfig.from_hf(tmp_path)
+
+
+def test_moe_missing_field(tmp_path):
+    cfg = dict(MOE_35B_FLAT)
+    cfg.pop("num_experts")
+    with pytest.raises(ConfigError, match="num_experts"):
+        ModelConfig.from_hf(write(tmp_path, cfg))
+
+
+def test_configs_are_frozen_and_validated():
+    c = ModelConfig.from_dict(DENSE_27B)
+    with pytest.raises(Exception):
+        c.hidden_size = 1  # type: ignore[misc]
+    with pytest.raises(ConfigError, match="gpu_memory_utilization"):
+        CacheConfig(gpu_memory_utilization=1.5)
+    with pytest.raises(ConfigError, match="page_size"):
+        CacheConfig(page_size=12)
+    with pytest.raises(ConfigError, match="max_num_seqs"):
+        SchedulerConfig(max_num_seqs=0)
