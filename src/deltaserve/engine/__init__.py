@@ -1,0 +1,1 @@
+"""Requests, scheduling, batch building, the model runner, sampling and the step loop."""

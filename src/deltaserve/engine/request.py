@@ -1,0 +1,100 @@
+"""A generation request as the scheduler sees it.
+
+Pure Python, never imports torch. The Scheduler owns every Request it was given (status, pages, slot,
+num_computed_tokens are written by the scheduler only); the engine appends sampled tokens (through
+`Scheduler.update_from_step` or `Request.append_output_token`) and reads the rest.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class RequestStatus(enum.Enum):
+    """Life cycle: WAITING -> RUNNING <-> PREEMPTED (back in the waiting queue) -> one FINISHED_* state."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+    FINISHED_ERROR = "finished_error"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISHED
+
+    @property
+    def default_finish_reason(self) -> str | None:
+        """The OpenAI-style finish_reason for a finished status (None while not finished)."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISHED = frozenset({RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                       RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR})
+_FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
+                   RequestStatus.FINISHED_ABORTED: "abort", RequestStatus.FINISHED_ERROR: "error"}
+
+
+@dataclass(eq=False)  # identity equality: two requests with equal fields are still two requests
+class Request:
+    """One request: its tokens, and the resources the scheduler gave it.
+
+    Tokens at positions [0, num_computed_tokens) have been run through the model (their K/V sit in `pages`, their
+    effect on the GDN state in `slot`); positions [num_computed_tokens, num_tokens) are still to compute.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: object = None  # opaque to the scheduler
+    output_token_ids: list[int] = field(default_factory=list)
+    arrival_index: int = -1  # assigned by Scheduler.add_request, increasing in arrival order
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    pages: list[int] = field(default_factory=list)  # block table: page i holds positions [i*P, (i+1)*P)
+    slot: int | None = None
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        # Copies, so that the caller's lists are never mutated or aliased.
+        self.prompt_token_ids = list(self.prompt_token_ids)
+        self.output_token_ids = list(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """A new list, prompt + output (O(num_tokens); use `token_ids(start, stop)` for a chunk)."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def token_ids(self, start: int, stop: int) -> list[int]:
+        """Tokens at positions [start, stop) of prompt + output, without building the whole list."""
+        p = len(self.prompt_token_ids)
+        if stop <= p:
+            return self.prompt_token_ids[start:stop]
+        if start >= p:
+            return self.output_token_ids[start - p:stop - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[:stop - p]
+
+    def append_output_token(self, token_id: int) -> None:
+        """Append one sampled token (it becomes position num_tokens - 1, computed in a later step)."""
+        if self.status.is_finished:
+            raise ValueError(f"request {self.request_id!r} is {self.status.value}; cannot append token {token_id}")
+        self.output_token_ids.append(token_id)

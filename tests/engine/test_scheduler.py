@@ -1,0 +1,430 @@
+"""Scheduler and Request: FCFS admission, token budget, chunked prefill, page/slot accounting, preemption, aborts,
+and a seeded random workload against a fake hybrid model whose outputs must match each request run alone."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from deltaserve.config import SchedulerConfig
+from deltaserve.engine.request import Request, RequestStatus
+from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+RUNNING, WAITING, PREEMPTED = RequestStatus.RUNNING, RequestStatus.WAITING, RequestStatus.PREEMPTED
+
+
+def make(*, max_model_len: int = 64, max_num_seqs: int = 8, budget: int = 32, page_size: int = 4,
+         num_pages: int = 64, num_slots: int = 8) -> Scheduler:
+    config = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    return Scheduler(config, page_size=page_size, num_pages=num_pages, num_slots=num_slots)
+
+
+def req(rid: str, n: int, first: int = 1) -> Request:
+    return Request(rid, list(range(first, first + n)))
+
+
+def seq_token(tokens: list[int]) -> int:
+    """A deterministic 'model' for the targeted tests: the next token is a function of the whole sequence."""
+    return (sum((t + 1) * (p + 3) for p, t in enumerate(tokens)) % 97) + 1
+
+
+def step(sched: Scheduler, sample: Callable[[Request], int] = lambda r: seq_token(r.all_token_ids)
+         ) -> tuple[SchedulerOutput, list[Request]]:
+    out = sched.schedule()
+    sampled = {s.request_id: sample(s.request) for s in out.scheduled if s.samples_token}
+    return out, sched.update_from_step(out, sampled)
+
+
+def chunks(out: SchedulerOutput) -> dict[str, int]:
+    return {s.request_id: s.num_new_tokens for s in out.scheduled}
+
+
+def assert_pools_full(sched: Scheduler) -> None:
+    assert sched.page_allocator.num_free == sched.page_allocator.num_total
+    assert sched.slot_allocator.num_free == sched.slot_allocator.num_total
+    assert not sched.has_unfinished() and sched.num_running == sched.num_waiting == 0
+
+
+# ---- purity and Request --------------------------------------------------------------------------------------------
+def test_modules_do_not_import_torch() -> None:
+    code = ("import sys, deltaserve.engine.request, deltaserve.engine.scheduler, deltaserve.cache.allocator, "
+            "deltaserve.engine; assert 'torch' not in sys.modules, 'torch was imported'")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_request_tokens_and_status() -> None:
+    prompt = [5, 6, 7]
+    r = Request("a", prompt)
+    prompt.append(99)  # the request keeps its own copy
+    r.append_output_token(8)
+    r.append_output_token(9)
+    assert (r.num_prompt_tokens, r.num_output_tokens, r.num_tokens) == (3, 2, 5)
+    assert r.all_token_ids == [5, 6, 7, 8, 9] and r.output_token_ids == [8, 9]
+    assert r.token_ids(0, 2) == [5, 6] and r.token_ids(2, 4) == [7, 8] and r.token_ids(3, 5) == [8, 9]
+    assert not r.is_finished and r.status is WAITING
+    finished = {s for s in RequestStatus if s.is_finished}
+    assert finished == {RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH,
+                        RequestStatus.FINISHED_ABORTED, RequestStatus.FINISHED_ERROR}
+    r.status = RequestStatus.FINISHED_STOPPED
+    with pytest.raises(ValueError, match="finished_stopped"):
+        r.append_output_token(1)
+
+
+# ---- admission and budget ------------------------------------------------------------------------------------------
+def test_fcfs_admission_order_and_arrival_index() -> None:
+    sched = make()
+    for rid in "abc":
+        sched.add_request(req(rid, 3))
+    out, got = step(sched)
+    assert [s.request_id for s in out.scheduled] == ["a", "b", "c"]
+    assert [r.arrival_index for r in got] == [0, 1, 2]
+    assert all(s.starts_fresh and s.samples_token for s in out.scheduled)
+    assert out.num_batched_tokens == 9 and out.preempted == ()
+
+
+def test_strict_fcfs_head_that_does_not_fit_blocks_admission() -> None:
+    sched = make(max_model_len=16, page_size=4, num_pages=5, budget=64)
+    sched.add_request(req("a", 12))                  # 3 pages
+    out, _ = step(sched)
+    sched.add_request(req("big", 12))                # needs 3 pages, only 2 free
+    sched.add_request(req("small", 1))               # would fit, but must not overtake
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 1} and [r.request_id for r in sched.waiting] == ["big", "small"]
+
+
+def test_decode_first_budget_sharing_and_chunked_prefill() -> None:
+    sched = make(budget=10, page_size=4)
+    sched.add_request(req("a", 3))
+    sched.add_request(req("b", 3))
+    sched.add_request(req("c", 20))
+    out, got = step(sched)
+    assert chunks(out) == {"a": 3, "b": 3, "c": 4} and [r.request_id for r in got] == ["a", "b"]
+    out, got = step(sched)
+    assert chunks(out) == {"a": 1, "b": 1, "c": 8} and [r.request_id for r in got] == ["a", "b"]
+    assert not out.scheduled[2].starts_fresh and not out.scheduled[2].samples_token
+    sched.add_request(req("d", 5))
+    out, got = step(sched)
+    assert chunks(out) == {"a": 1, "b": 1, "c": 8} and [r.request_id for r in got] == ["a", "b", "c"]
+    out, got = step(sched)                           # three decodes, then all of d
+    assert chunks(out) == {"a": 1, "b": 1, "c": 1, "d": 5}
+
+
+def test_chunked_prefill_chunk_sizes_pages_and_tokens() -> None:
+    sched = make(budget=8, page_size=4)
+    r = req("a", 21)
+    sched.add_request(r)
+    seen = []
+    for _ in range(4):
+        out, got = step(sched)
+        (s,) = out.scheduled
+        seen.append((s.num_computed_tokens, s.num_new_tokens, len(s.pages), s.starts_fresh, s.samples_token))
+        assert s.new_token_ids == r.token_ids(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens)
+    assert seen == [(0, 8, 2, True, False), (8, 8, 4, False, False), (16, 5, 6, False, True), (21, 1, 6, False, True)]
+    assert r.num_computed_tokens == 22 and r.num_output_tokens == 2
+
+
+def test_max_num_seqs_limits_running() -> None:
+    sched = make(max_num_seqs=2, num_slots=8)
+    for rid in "abc":
+        sched.add_request(req(rid, 2))
+    out, _ = step(sched)
+    assert list(chunks(out)) == ["a", "b"] and sched.num_waiting == 1
+    sched.finish_request("a", RequestStatus.FINISHED_STOPPED)
+    out, _ = step(sched)
+    assert list(chunks(out)) == ["b", "c"]
+
+
+def test_slot_limit_and_slot_reuse() -> None:
+    sched = make(max_num_seqs=8, num_slots=2)
+    for rid in "abc":
+        sched.add_request(req(rid, 2))
+    out, _ = step(sched)
+    assert list(chunks(out)) == ["a", "b"] and {s.slot for s in out.scheduled} == {0, 1}
+    freed = sched.get_request("a").slot
+    sched.abort_request("a")
+    out, _ = step(sched)
+    c = next(s for s in out.scheduled if s.request_id == "c")
+    assert c.slot == freed and c.starts_fresh
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_page_counts_at_page_boundaries(k: int) -> None:
+    ps = 4
+    sched = make(page_size=ps, budget=64)
+    exact, over = req("exact", k * ps), req("over", k * ps + 1)
+    sched.add_request(exact)
+    sched.add_request(over)
+    out, _ = step(sched)
+    assert {s.request_id: len(s.pages) for s in out.scheduled} == {"exact": k, "over": k + 1}
+    out, _ = step(sched)                             # exact computes position k*ps: a new page; over has room
+    assert {s.request_id: len(s.pages) for s in out.scheduled} == {"exact": k + 1, "over": k + 1}
+    assert sched.page_allocator.num_used == 2 * k + 2
+    assert sched.pages_needed(0) == 0 and sched.pages_needed(ps) == 1 and sched.pages_needed(ps + 1) == 2
+
+
+# ---- preemption ----------------------------------------------------------------------------------------------------
+def alone(prompt: list[int], n: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(n):
+        tokens.append(seq_token(tokens))
+    return tokens[len(prompt):]
+
+
+def test_preemption_newest_first_then_resume_and_finish() -> None:
+    sched = make(max_model_len=8, page_size=2, num_pages=4, budget=16)
+    a, b, c = req("a", 3), req("b", 3, first=10), req("c", 2, first=20)
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched)                                      # a, b: 2 pages each, pool full
+    sched.add_request(c)                             # no pages: waits
+    out, _ = step(sched)                             # positions 3 fit in the second page
+    assert chunks(out) == {"a": 1, "b": 1}
+    out, _ = step(sched)                             # a needs a third page: preempt b (newest), no admission
+    assert chunks(out) == {"a": 1} and out.preempted == ("b",)
+    assert (b.status, b.num_computed_tokens, b.pages, b.slot, b.num_preemptions) == (PREEMPTED, 0, [], None, 1)
+    assert [r.request_id for r in sched.waiting] == ["b", "c"] and b.output_token_ids == alone(b.prompt_token_ids, 2)
+    step(sched)
+    sched.finish_request("a", RequestStatus.FINISHED_LENGTH)
+    assert a.output_token_ids == alone(a.prompt_token_ids, 4) and a.finish_reason == "length"
+    out, _ = step(sched)                             # b recomputes prompt + its 2 outputs, then c
+    bs = out.scheduled[0]
+    assert (bs.request_id, bs.num_new_tokens, bs.starts_fresh, bs.samples_token) == ("b", 5, True, True)
+    assert chunks(out) == {"b": 5, "c": 2}
+    step(sched)
+    assert b.output_token_ids == alone(b.prompt_token_ids, 4)
+    sched.finish_request("b", RequestStatus.FINISHED_STOPPED)
+    sched.finish_request("c", RequestStatus.FINISHED_STOPPED)
+    assert_pools_full(sched)
+
+
+def test_request_that_is_newest_preempts_itself() -> None:
+    sched = make(max_model_len=8, page_size=2, num_pages=4, budget=16)
+    a, b = req("a", 3), req("b", 4)
+    sched.add_request(a)
+    sched.add_request(b)
+    step(sched)                                      # b now has 5 tokens, computing position 4 needs a third page
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 1} and out.preempted == ("b",) and b.status is PREEMPTED
+    assert sched.page_allocator.num_free == 2
+
+
+# ---- ends: abort, finish, rejection --------------------------------------------------------------------------------
+def test_abort_in_every_state_returns_everything() -> None:
+    sched = make(max_model_len=16, page_size=2, num_pages=8, budget=6)
+    sched.add_request(req("decode", 3))
+    sched.add_request(req("prefill", 12))
+    sched.add_request(req("waiting", 2))
+    step(sched)                                      # decode done with prefill; prefill mid-way
+    step(sched)
+    assert sched.get_request("prefill").num_computed_tokens < 12 and sched.get_request("waiting").status is WAITING
+    for rid, status in (("prefill", RUNNING), ("decode", RUNNING), ("waiting", WAITING)):
+        r = sched.get_request(rid)
+        assert r.status is status
+        assert sched.abort_request(rid) is r
+        assert (r.status, r.finish_reason, r.pages, r.slot) == (RequestStatus.FINISHED_ABORTED, "abort", [], None)
+    assert sched.abort_request("waiting") is None and sched.abort_request("nope") is None
+    # a preempted request, aborted while it waits to be recomputed
+    tiny = make(max_model_len=8, page_size=2, num_pages=4, budget=16)
+    tiny.add_request(req("a", 3))
+    tiny.add_request(req("b", 4))
+    step(tiny)
+    step(tiny)
+    assert tiny.get_request("b").status is PREEMPTED and tiny.abort_request("b") is not None
+    tiny.abort_request("a")
+    assert_pools_full(tiny)
+    assert_pools_full(sched)
+
+
+def test_finish_request_statuses_and_errors() -> None:
+    sched = make()
+    sched.add_request(req("a", 2))
+    sched.add_request(req("b", 2))
+    step(sched)
+    with pytest.raises(ValueError, match="FINISHED"):
+        sched.finish_request("a", RequestStatus.RUNNING)
+    r = sched.finish_request("a", RequestStatus.FINISHED_ERROR, "kernel failed")
+    assert (r.status, r.finish_reason) == (RequestStatus.FINISHED_ERROR, "kernel failed")
+    with pytest.raises(KeyError):
+        sched.finish_request("a", RequestStatus.FINISHED_STOPPED)
+    assert sched.finish_request("b", RequestStatus.FINISHED_STOPPED).finish_reason == "stop"
+    assert_pools_full(sched)
+
+
+@pytest.mark.parametrize(("request_", "match"), [
+    (Request("e", []), "empty prompt"),
+    (req("long", 17), "more than max_model_len"),
+    (Request("used", [1], num_computed_tokens=1), "not fresh"),
+])
+def test_add_request_rejects_and_leaves_state_unchanged(request_: Request, match: str) -> None:
+    sched = make(max_model_len=16)
+    sched.add_request(req("ok", 16))                 # exactly max_model_len is allowed
+    with pytest.raises(ValueError, match=match):
+        sched.add_request(request_)
+    with pytest.raises(ValueError, match="already"):
+        sched.add_request(req("ok", 1))
+    assert [r.request_id for r in sched.waiting] == ["ok"] and request_.arrival_index == -1
+
+
+def test_pool_smaller_than_max_model_len_is_rejected() -> None:
+    with pytest.raises(ValueError, match="raise num_pages or lower max_model_len"):
+        make(max_model_len=64, page_size=4, num_pages=15)
+
+
+def test_update_from_step_validates_and_skips_ended_requests() -> None:
+    sched = make()
+    sched.add_request(req("a", 3))
+    sched.add_request(req("b", 3))
+    out = sched.schedule()
+    with pytest.raises(ValueError, match="no token"):
+        sched.update_from_step(out, {"a": 5})
+    assert sched.get_request("a").num_computed_tokens == 0  # nothing applied
+    sched.abort_request("b")                         # ended between schedule() and update
+    assert [r.request_id for r in sched.update_from_step(out, {"a": 5})] == ["a"]
+    with pytest.raises(RuntimeError, match="twice"):
+        sched.update_from_step(out, {"a": 5})
+
+
+# ---- random workload against a fake hybrid model -------------------------------------------------------------------
+def _mix(state: int, token: int) -> int:
+    return (state * 1_000_003 + token + 1) % (2**61 - 1)
+
+
+def _next_token(state: int, context: list[tuple[int, int]]) -> int:
+    return (state + sum((t + 1) * (p + 7) for t, p in context)) % 50  # token 0 is EOS
+
+
+class FakeHybridModel:
+    """A recurrent state per slot (like GDN) plus paged K/V (like attention); the next token depends on the
+    whole sequence through both, so a wrong chunk, a stale or shared slot, or a shared page changes the output."""
+
+    def __init__(self, num_pages: int, page_size: int, num_slots: int) -> None:
+        self.page_size = page_size
+        self.kv: list[list[tuple[int, int] | None]] = [[None] * page_size for _ in range(num_pages)]
+        self.state: list[int | None] = [None] * num_slots
+
+    def step(self, out: SchedulerOutput) -> dict[str, int]:
+        ps = self.page_size
+        for s in out.scheduled:                      # every write lands before any read, as in one batch
+            state = 0 if s.starts_fresh else self.state[s.slot]
+            assert state is not None
+            for pos, tok in enumerate(s.new_token_ids, start=s.num_computed_tokens):
+                self.kv[s.pages[pos // ps]][pos % ps] = (tok, pos)
+                state = _mix(state, tok)
+            self.state[s.slot] = state
+        sampled = {}
+        for s in out.scheduled:
+            if s.samples_token:
+                n = s.num_computed_tokens + s.num_new_tokens
+                ctx = [self.kv[s.pages[p // ps]][p % ps] for p in range(n)]
+                sampled[s.request_id] = _next_token(self.state[s.slot], ctx)  # type: ignore[arg-type]
+        return sampled
+
+
+def generate_alone(prompt: list[int], max_new: int, max_len: int) -> list[int]:
+    tokens, state = list(prompt), 0
+    for t in prompt:
+        state = _mix(state, t)
+    while True:
+        tok = _next_token(state, [(t, p) for p, t in enumerate(tokens)])
+        tokens.append(tok)
+        state = _mix(state, tok)
+        if tok == 0 or len(tokens) - len(prompt) >= max_new or len(tokens) >= max_len:
+            return tokens[len(prompt):]
+
+
+def check_between_steps(sched: Scheduler) -> None:
+    pa, sa, cfg = sched.page_allocator, sched.slot_allocator, sched.config
+    pages = [p for r in sched.running for p in r.pages]
+    assert len(pages) == len(set(pages)) == pa.num_used and pa.num_free + pa.num_used == pa.num_total
+    slots = [r.slot for r in sched.running]
+    assert None not in slots and len(slots) == len(set(slots)) == sa.num_used
+    assert sa.num_free + sa.num_used == sa.num_total
+    assert sched.num_running <= cfg.max_num_seqs
+    for r in sched.running:
+        assert r.status is RUNNING and len(r.pages) == sched.pages_needed(r.num_computed_tokens)
+    for r in sched.waiting:
+        assert r.status in (WAITING, PREEMPTED) and (r.pages, r.slot, r.num_computed_tokens) == ([], None, 0)
+
+
+def check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
+    cfg = sched.config
+    ids = [s.request_id for s in out.scheduled]
+    assert len(ids) == len(set(ids)) <= cfg.max_num_seqs
+    assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.scheduled) <= cfg.max_num_batched_tokens
+    running = [r.request_id for r in sched.running]
+    assert ids == [rid for rid in running if rid in ids]  # admission order
+    for s in out.scheduled:
+        assert s.num_new_tokens >= 1 and s.pages == tuple(s.request.pages) and s.slot == s.request.slot
+        assert len(s.pages) == sched.pages_needed(s.num_computed_tokens + s.num_new_tokens)
+        assert s.samples_token == (s.num_computed_tokens + s.num_new_tokens == s.request.num_tokens)
+    for rid in out.preempted:
+        assert sched.get_request(rid).status is PREEMPTED and rid not in ids
+    # newest-first victims, each pushed to the front: the queue starts with them in admission order
+    assert [r.request_id for r in sched.waiting[:len(out.preempted)]] == list(reversed(out.preempted))
+    full = out.num_batched_tokens == cfg.max_num_batched_tokens
+    assert full or all(r.request_id in ids for r in sched.running)  # nobody running left out with budget left
+    if sched.waiting and not full and not out.preempted and sched.num_running < cfg.max_num_seqs \
+            and sched.slot_allocator.num_free:
+        head = sched.waiting[0]
+        chunk = min(head.num_tokens, cfg.max_num_batched_tokens - out.num_batched_tokens)
+        assert sched.pages_needed(chunk) > sched.page_allocator.num_free  # admission stopped for a reason
+
+
+CONFIGS = {  # (max_model_len, max_num_seqs, budget, page_size, num_pages, num_slots)
+    "tight": (64, 6, 16, 4, 16, 4),
+    "roomy": (128, 8, 64, 16, 64, 8),
+    "page1": (32, 5, 12, 1, 40, 5),
+}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_random_workload_matches_requests_run_alone(name: str, seed: int) -> None:
+    max_len, seqs, budget, ps, num_pages, num_slots = CONFIGS[name]
+    rng = random.Random(seed)
+    sched = make(max_model_len=max_len, max_num_seqs=seqs, budget=budget, page_size=ps, num_pages=num_pages,
+                 num_slots=num_slots)
+    model = FakeHybridModel(num_pages, ps, num_slots)
+    todo = [Request(f"r{i}", [rng.randrange(1, 50) for _ in range(rng.randint(1, max_len))]) for i in range(60)]
+    max_new = {r.request_id: rng.randint(1, 40) for r in todo}
+    ended: list[Request] = []
+    for _ in range(5000):
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            if todo:
+                sched.add_request(todo.pop(0))
+        live = [r.request_id for r in sched.running + sched.waiting]
+        if live and rng.random() < 0.03:
+            ended.append(sched.abort_request(rng.choice(live)))
+        out = sched.schedule()
+        check_schedule(sched, out)
+        sampled = model.step(out)
+        if out.scheduled and rng.random() < 0.02:    # abort after the model ran, before update
+            ended.append(sched.abort_request(rng.choice(out.scheduled).request_id))
+        for r in sched.update_from_step(out, sampled):
+            if r.output_token_ids[-1] == 0:
+                ended.append(sched.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED))
+            elif r.num_output_tokens >= max_new[r.request_id] or r.num_tokens >= max_len:
+                ended.append(sched.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH))
+        check_between_steps(sched)
+        if not todo and not sched.has_unfinished():
+            break
+    assert not todo and not sched.has_unfinished(), "workload did not drain (livelock?)"
+    assert_pools_full(sched)
+    assert len(ended) == 60 and all(r.is_finished for r in ended)
+    for r in ended:
+        expected = generate_alone(r.prompt_token_ids, max_new[r.request_id], max_len)
+        if r.status is RequestStatus.FINISHED_ABORTED:
+            assert r.output_token_ids == expected[:r.num_output_tokens]
+        else:
+            assert r.output_token_ids == expected
+    if name == "tight":
+        assert sum(r.num_preemptions for r in ended) > 0, "the tight config should exercise preemption"
