@@ -1,0 +1,155 @@
+"""Reference gated delta rule (Gated DeltaNet core) over a pool of fp32 recurrent states [S, HV, K, V].
+
+Per value head, per token (spec/qwen35.md section 3):
+    S = exp(g_t) * S;  delta = beta_t * (v_t - S^T k_t);  S = S + outer(k_t, delta);  o_t = S^T (scale * q_t)
+Value head h reads key head h // (HV // H) (repeat_interleave, not tiling).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_L2_EPS = 1e-6
+
+
+def _l2norm(x: torch.Tensor) -> torch.Tensor:
+    # eps inside the rsqrt, as FLA and transformers do
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + _L2_EPS)
+
+
+def _prep_qk(
+    q: torch.Tensor, k: torch.Tensor, num_v_heads: int, scale: float, use_qk_l2norm: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k: [..., H, K] -> fp32 [..., HV, K], normalised, q scaled after the norm, key heads repeated per group."""
+    q, k = q.float(), k.float()
+    if use_qk_l2norm:
+        q, k = _l2norm(q), _l2norm(k)
+    group = num_v_heads // q.shape[-2]
+    return (q * scale).repeat_interleave(group, dim=-2), k.repeat_interleave(group, dim=-2)
+
+
+def _to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """[L, HV, ...] -> [HV, n, C, ...], zero-padded at the end to a whole number of chunks.
+
+    Zero padding is inert: beta = 0 and k = 0 write nothing, g = 0 decays nothing, padded outputs are dropped."""
+    length = x.shape[0]
+    num_chunks = -(-length // chunk_size)
+    pad = num_chunks * chunk_size - length
+    x = F.pad(x, [0, 0] * (x.dim() - 1) + [0, pad])
+    return x.reshape(num_chunks, chunk_size, *x.shape[1:]).movedim(2, 0)
+
+
+def _chunk_sequence(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+    state: torch.Tensor, chunk_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence in the chunked WY/UT form. q, k: [L, HV, K], v: [L, HV, V], g, beta: [L, HV], all fp32 with
+    q, k already normalised/scaled/expanded; state: [HV, K, V] fp32. Returns o: [L, HV, V] and the final state."""
+    length = q.shape[0]
+    q, k, v, g, beta = (_to_chunks(t, chunk_size) for t in (q, k, v, g, beta))  # [HV, n, C, ...]
+    cum = g.cumsum(-1)  # log of the decay from the chunk start through token i
+    causal = torch.ones(chunk_size, chunk_size, dtype=torch.bool, device=q.device).tril()
+    # decay[i, j] = exp(cum_i - cum_j) for j <= i; masking before exp keeps every exponent <= 0 (no overflow)
+    decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(~causal, float("-inf")).exp()
+    k_beta = k * beta.unsqueeze(-1)
+    # Token i's write u_i depends on the earlier writes of its chunk: (I + A) u = beta*v - beta*exp(cum)*k S0,
+    # A[i, j] = beta_i (k_i . k_j) exp(cum_i - cum_j) for j < i. Solve for both right-hand sides at once.
+    eye = torch.eye(chunk_size, device=q.device)
+    system = (k_beta @ k.transpose(-1, -2) * decay).tril(-1) + eye
+    u_in = torch.linalg.solve_triangular(system, v * beta.unsqueeze(-1), upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(system, k_beta * cum.exp().unsqueeze(-1), upper=False, unitriangular=True)
+    attn = q @ k.transpose(-1, -2) * decay  # intra-chunk read-out, diagonal included (o reads the updated state)
+    q_decayed = q * cum.exp().unsqueeze(-1)
+    # decay from token j to the chunk end, in log space so fully decayed tokens give 0 instead of 0/0
+    k_to_end = k * (cum[..., -1:] - cum).exp().unsqueeze(-1)
+    chunk_decay = cum[..., -1].exp()[..., None, None]  # [HV, n, 1, 1]
+    o = torch.empty_like(v)
+    for c in range(q.shape[1]):
+        u = u_in[:, c] - w[:, c] @ state  # [HV, C, V] this chunk's writes given the state at its start
+        o[:, c] = q_decayed[:, c] @ state + attn[:, c] @ u
+        state = state * chunk_decay[:, c] + k_to_end[:, c].transpose(-1, -2) @ u
+    return o.movedim(0, 2).flatten(0, 1)[:length], state
+
+
+def chunk_gated_delta_rule(
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slots: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    scale: float,
+    use_qk_l2norm: bool = True,
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """Prefill over N sequences packed flat; reads and writes their recurrent states in place.
+
+    q, k: [T, H, K]; v: [T, HV, V] (HV % H == 0); g: [T, HV] fp32 log-decay (<= 0); beta: [T, HV];
+    state: [S, HV, K, V] fp32; cu_seqlens: [N+1] int32; slots: [N] int64 (< 0: skip, rows stay zero);
+    has_initial_state: [N] bool (False: start from zeros, the slot's content is ignored); scale: applied to q
+    after the optional L2 norm. Returns o: [T, HV, V] in v.dtype; state[slot] holds the final state.
+    """
+    num_v_heads, k_dim, v_dim = v.shape[1], k.shape[2], v.shape[2]
+    q32, k32 = _prep_qk(q, k, num_v_heads, scale, use_qk_l2norm)
+    v32, g32, beta32 = v.float(), g.float(), beta.float()
+    o = torch.zeros_like(v)
+    bounds = cu_seqlens.tolist()
+    for n, (slot, init) in enumerate(zip(slots.tolist(), has_initial_state.tolist())):
+        if slot < 0:
+            continue
+        lo, hi = bounds[n], bounds[n + 1]
+        if init:
+            s0 = state[slot].float()
+        else:
+            s0 = torch.zeros(num_v_heads, k_dim, v_dim, dtype=torch.float32, device=v.device)
+        o_seq, s_final = _chunk_sequence(
+            q32[lo:hi], k32[lo:hi], v32[lo:hi], g32[lo:hi], beta32[lo:hi], s0, chunk_size
+        )
+        o[lo:hi] = o_seq.to(v.dtype)
+        state[slot] = s_final.to(state.dtype)
+    return o
+
+
+def fused_recurrent_gated_delta_rule(
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    slots: torch.Tensor,
+    scale: float,
+    use_qk_l2norm: bool = True,
+) -> torch.Tensor:
+    """Decode: one token per sequence, one recurrence step, state updated in place.
+
+    q, k: [N, H, K]; v: [N, HV, V]; g, beta: [N, HV]; state: [S, HV, K, V] fp32; slots: [N] int64 (< 0: skip,
+    row stays zero). Returns o: [N, HV, V] in v.dtype.
+    """
+    o = torch.zeros_like(v)
+    valid = (slots >= 0).nonzero().squeeze(1)
+    if valid.numel() == 0:
+        return o
+    idx = slots[valid]
+    q32, k32 = _prep_qk(q[valid], k[valid], v.shape[1], scale, use_qk_l2norm)  # [n, HV, K]
+    s = state[idx].float() * g[valid].float().exp()[..., None, None]  # decay first
+    predicted = (k32.unsqueeze(-2) @ s).squeeze(-2)  # S^T k on the decayed state: [n, HV, V]
+    delta = beta[valid].float().unsqueeze(-1) * (v[valid].float() - predicted)
+    s = s + k32.unsqueeze(-1) * delta.unsqueeze(-2)
+    o[valid] = (q32.unsqueeze(-2) @ s).squeeze(-2).to(v.dtype)  # read-out from the updated state
+    state[idx] = s.to(state.dtype)
+    return o
+
+
+def gdn_gating(
+    *, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """a, b: [T, HV]; A_log, dt_bias: [HV]. Returns (g, beta), both fp32 [T, HV]; g <= 0 is the log-decay."""
+    g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
+    return g, b.float().sigmoid()

@@ -1,0 +1,43 @@
+"""Reference mixture-of-experts routing and expert computation (spec/qwen35.md section 7)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E]. Softmax over all E experts in fp32, keep the top_k, renormalise them to sum to 1.
+
+    Returns (weights fp32 [T, top_k], ids int64 [T, top_k]), both ordered by descending weight.
+    """
+    probs = router_logits.float().softmax(dim=-1)
+    weights, ids = probs.topk(top_k, dim=-1)
+    return weights / weights.sum(dim=-1, keepdim=True), ids.to(torch.int64)
+
+
+def fused_moe(
+    *,
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """y[t] = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]), fp32 math.
+
+    x: [T, D]; w13: [E, 2I, D] (rows [0, I) gate, [I, 2I) up); w2: [E, D, I]; topk_weights: [T, top_k];
+    topk_ids: [T, top_k] int64. Expert_e(x) = (silu(x @ G_e^T) * (x @ U_e^T)) @ D_e^T. Returns y: [T, D] in x.dtype.
+    """
+    inter = w2.shape[2]
+    x32 = x.float()
+    y = torch.zeros_like(x32)
+    for e in torch.unique(topk_ids).tolist():  # only the experts some token was routed to
+        if e < 0:
+            continue  # a negative id marks a routing slot with no expert to run (e.g. one owned by another rank)
+        tokens, picks = (topk_ids == e).nonzero(as_tuple=True)
+        gate_up = x32[tokens] @ w13[e].float().T
+        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        out = hidden @ w2[e].float().T
+        y.index_add_(0, tokens, out * topk_weights[tokens, picks].float().unsqueeze(-1))
+    return y.to(x.dtype)
