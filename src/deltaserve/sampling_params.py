@@ -1,0 +1,118 @@
+"""Per-request sampling parameters, in the shape vLLM users already know.
+
+Pure Python (no torch import): the scheduler and the server read these and must never import torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit; the sampler's top-k gather is sized by it
+PENALTY_RANGE = 2.0  # OpenAI's documented range for presence/frequency penalties
+
+
+def _check(cond: bool, name: str, value: object, valid: str) -> None:
+    if not cond:
+        raise ValueError(f"SamplingParams.{name}={value!r} is invalid: expected {valid}")
+
+
+def _is_int(value: object) -> bool:
+    # bool is an int subclass; `max_tokens=True` is a bug in the caller, not a request for one token.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each next token of one request, and when to stop.
+
+    temperature == 0 means greedy (argmax after penalties; top_k/top_p/min_p/seed are then irrelevant).
+    top_k 0 or -1 disables top-k. logprobs=None returns no logprobs, 0 only the sampled token's, k>0 also the k
+    most likely alternatives. max_tokens=None means "until the context window is full" (the engine caps it).
+    `stop` accepts a single string and is normalised to a list. Lists are copied, so the caller's later
+    mutations do not leak in; the instance is never mutated afterwards (derive with dataclasses.replace).
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    logit_bias: dict[int, float] | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        self._normalise()
+        self._validate_sampling()
+        self._validate_lengths()
+        self._validate_stops()
+        self._validate_outputs()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def _normalise(self) -> None:
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        _check(stop is not None and all(isinstance(s, str) for s in stop), "stop", self.stop,
+               "a string or a list of strings")
+        object.__setattr__(self, "stop", list(stop))
+        ids = self.stop_token_ids if self.stop_token_ids is not None else []
+        object.__setattr__(self, "stop_token_ids", list(ids))
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", dict(self.logit_bias))
+
+    def _validate_sampling(self) -> None:
+        _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+               "a finite number >= 0 (0 means greedy)")
+        _check(_is_number(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
+               "an integer >= 1, or 0 / -1 to disable top-k")
+        _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
+        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               self.repetition_penalty, "a finite number > 0 (1 disables it)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check(_is_number(value) and -PENALTY_RANGE <= value <= PENALTY_RANGE, name, value,
+                   f"a number in [-{PENALTY_RANGE:g}, {PENALTY_RANGE:g}]")
+        _check(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
+        if self.logit_bias is not None:
+            for token_id, bias in self.logit_bias.items():
+                _check(_is_int(token_id) and token_id >= 0, "logit_bias", self.logit_bias,
+                       "a dict whose keys are token ids >= 0")
+                _check(_is_number(bias), "logit_bias", self.logit_bias, "a dict whose values are finite numbers")
+
+    def _validate_lengths(self) -> None:
+        _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _check(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1), "max_tokens",
+               self.max_tokens, "an integer >= 1, or None for no limit")
+        _check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", self.min_tokens,
+               "an integer >= 0")
+        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens", self.min_tokens,
+               f"an integer <= max_tokens ({self.max_tokens})")
+
+    def _validate_stops(self) -> None:
+        _check(all(len(s) > 0 for s in self.stop), "stop", self.stop, "non-empty strings")
+        _check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", self.stop_token_ids,
+               "a list of token ids >= 0")
+
+    def _validate_outputs(self) -> None:
+        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+               "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
