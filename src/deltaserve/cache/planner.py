@@ -1,0 +1,60 @@
+"""Memory planning: split what the device has left after weights and activations between KV pages and state slots.
+
+Pure arithmetic (no torch), so the policy is easy to test: the runner measures the numbers and calls `plan_memory`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GiB = 1 << 30
+
+
+class OutOfMemoryError(RuntimeError):
+    """The model cannot serve even one sequence of max_model_len on this device; the message gives the numbers."""
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    num_pages: int
+    num_slots: int
+    page_bytes: int
+    slot_bytes: int
+    budget_bytes: int
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
+    def state_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    def describe(self, page_size: int) -> str:
+        return (f"KV cache: {self.num_pages} pages x {page_size} tokens = {self.num_pages * page_size} tokens "
+                f"({self.kv_bytes / GiB:.2f} GiB); GDN state: {self.num_slots} slots "
+                f"({self.state_bytes / GiB:.2f} GiB, {self.slot_bytes / 2**20:.1f} MiB each); "
+                f"budget {self.budget_bytes / GiB:.2f} GiB")
+
+
+def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_size: int, max_num_seqs: int,
+                max_model_len: int, num_pages: int | None = None, num_slots: int | None = None) -> MemoryPlan:
+    """Give every one of max_num_seqs sequences a state slot and the rest to KV pages, never more pages than
+    max_num_seqs full-length sequences can use. If that leaves less than one max_model_len of KV, trade slots for
+    pages; if even one slot plus one full sequence does not fit, raise with the numbers and the options."""
+    pages_per_seq = -(-max_model_len // page_size)
+    one_seq = slot_bytes + pages_per_seq * page_bytes
+    if num_pages is not None and num_slots is not None:
+        return MemoryPlan(num_pages, num_slots, page_bytes, slot_bytes, budget_bytes)
+    if budget_bytes < one_seq:
+        raise OutOfMemoryError(
+            f"not enough memory for one sequence of max_model_len={max_model_len}: it needs "
+            f"{one_seq / GiB:.2f} GiB ({slot_bytes / 2**20:.1f} MiB of GDN state + {pages_per_seq} KV pages of "
+            f"{page_bytes / 2**20:.2f} MiB) but only {max(budget_bytes, 0) / GiB:.2f} GiB is left after the weights "
+            "and activations. Options: a smaller --max-model-len, a larger --gpu-memory-utilization, quantized "
+            "weights, or more GPUs (tensor parallelism).")
+    slots = num_slots if num_slots is not None else max_num_seqs
+    slots = max(1, min(slots, (budget_bytes - pages_per_seq * page_bytes) // slot_bytes))
+    if num_pages is None:
+        num_pages = min((budget_bytes - slots * slot_bytes) // page_bytes, pages_per_seq * max_num_seqs)
+    return MemoryPlan(int(num_pages), int(slots), page_bytes, slot_bytes, budget_bytes)

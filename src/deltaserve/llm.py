@@ -1,0 +1,105 @@
+"""Offline Python API in the shape vLLM users know: LLM(model=...).generate(prompts, SamplingParams(...))."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Sequence, Union
+
+from deltaserve.engine.engine import EngineArgs, LLMEngine
+from deltaserve.engine.tokenizer import render_chat, require_tokenizer
+from deltaserve.outputs import CompletionOutput, RequestOutput, apply_delta
+from deltaserve.sampling_params import SamplingParams
+
+PromptType = Union[str, Sequence[int], dict]
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class LLM:
+    """Runs an engine in this process. `model`: a Hugging Face checkpoint directory (None: the bundled demo model)."""
+
+    def __init__(self, model: str | None = None, *, dtype: str | None = None, max_model_len: int | None = None,
+                 gpu_memory_utilization: float = 0.9, device: str | None = None, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, page_size: int = 16, num_pages: int | None = None,
+                 state_dtype: str = "float32", load_format: str = "auto") -> None:
+        if model is None:
+            from deltaserve.demo import demo_model_dir
+
+            model = str(demo_model_dir())
+        self.engine = LLMEngine(EngineArgs(
+            model=str(model), dtype=dtype, device=device or default_device(), max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, page_size=page_size,
+            num_pages=num_pages, gpu_memory_utilization=gpu_memory_utilization, state_dtype=state_dtype,
+            load_format=load_format))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Sequence[PromptType],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for one prompt or a list (text, token ids, or {"prompt_token_ids": [...]}); outputs in order."""
+        items = _as_prompt_list(prompts)
+        params = _as_params_list(sampling_params, len(items))
+        outputs: dict[str, RequestOutput] = {}
+        try:
+            for item, p in zip(items, params):
+                text, ids = self._tokenize(item)
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, ids, p)
+                outputs[rid] = RequestOutput(rid, text, list(ids), [CompletionOutput(i) for i in range(p.n)])
+            while self.engine.has_unfinished():
+                for delta in self.engine.step():
+                    if delta.request_id in outputs:
+                        apply_delta(outputs[delta.request_id], delta)
+        except BaseException:
+            for rid in outputs:  # never leave half-run requests holding pages and slots
+                self.engine.abort_request(rid)
+            raise
+        return list(outputs.values())
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, *, tools: list[dict[str, Any]] | None = None,
+             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+        """Render each conversation with the checkpoint's chat template and generate the assistant's reply."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [{"prompt_token_ids": render_chat(self.engine.tokenizer, conv, tools=tools,
+                                                    chat_template_kwargs=chat_template_kwargs)}
+                   for conv in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def _tokenize(self, item: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(item, str):
+            tok = require_tokenizer(self.engine.tokenizer, "a text prompt")
+            return item, tok.encode(item, add_special_tokens=False)
+        if isinstance(item, dict):
+            if "prompt_token_ids" in item:
+                return item.get("prompt"), list(item["prompt_token_ids"])
+            if "prompt" in item:
+                return self._tokenize(item["prompt"])
+            raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(item)}")
+        return None, list(item)
+
+
+def _as_prompt_list(prompts) -> list[PromptType]:
+    if isinstance(prompts, (str, dict)):
+        return [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, int) for t in prompts):
+        return [prompts]  # a single token-id prompt
+    return prompts
+
+
+def _as_params_list(params, n: int) -> list[SamplingParams]:
+    if params is None:
+        return [SamplingParams()] * n
+    if isinstance(params, SamplingParams):
+        return [params] * n
+    params = list(params)
+    if len(params) != n:
+        raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; give one, or one per prompt")
+    return params
