@@ -1,0 +1,229 @@
+"""The whole engine on CPU: batch invariance (chunked prefill, mixed batches, preemption) against each request run
+alone and against transformers' generate; sampling, stops, logprobs, n > 1; pools full after every kind of end."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.demo import write_byte_tokenizer
+from deltaserve.engine.engine import RequestError
+from tests.models.factory import TinySpec, save_checkpoint
+
+VOCAB = 320  # the byte tokenizer has 265 ids; the rest are padding rows, as in real checkpoints
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine_ckpt")
+    spec = TinySpec("engine", moe=True, gva=2, extra={"vocab_size": VOCAB})
+    hf = save_checkpoint(spec, path, seed=3)
+    write_byte_tokenizer(path)
+    (path / "generation_config.json").write_text('{"eos_token_id": [256, 258]}')
+    return path, hf
+
+
+def make_llm(path, **kw) -> LLM:
+    kw.setdefault("max_model_len", 512)
+    return LLM(str(path), dtype="float32", device="cpu", **kw)
+
+
+def prompts(n: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 90, (n,), generator=g).tolist()
+    return [torch.randint(1, 256, (L,), generator=g).tolist() for L in lengths]
+
+
+def pools_full(llm: LLM) -> bool:
+    s = llm.engine.scheduler
+    return s.page_allocator.num_free == s.page_allocator.num_total and \
+        s.slot_allocator.num_free == s.slot_allocator.num_total and not s.has_unfinished()
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def alone(ckpt):
+    """Each of 16 prompts run alone (one at a time, roomy pools)."""
+    llm = make_llm(ckpt[0])
+    ps = prompts(16)
+    return ps, [llm.generate([p], GREEDY)[0].outputs[0].token_ids for p in ps]
+
+
+def test_alone_matches_transformers_generate(ckpt, alone):
+    _, hf = ckpt
+    ps, outs = alone
+    for p, got in list(zip(ps, outs))[:6]:
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=24, min_new_tokens=24, do_sample=False,
+                          pad_token_id=0)[0, len(p):].tolist()
+        assert got == ref
+
+
+@pytest.mark.parametrize("kw", [
+    dict(),                                                    # everything in one batch
+    dict(max_num_batched_tokens=37),                           # chunked prefill, prefill chunks beside decodes
+    dict(max_num_batched_tokens=64, max_num_seqs=5),           # few running at once, the rest queue
+    dict(num_pages=40, max_num_batched_tokens=128),            # 640 KV tokens for 16 requests: forced preemption
+], ids=["one_batch", "chunked", "queued", "preemption"])
+def test_batch_invariance(ckpt, alone, kw):
+    ps, expected = alone
+    llm = make_llm(ckpt[0], **kw)
+    outs = llm.generate(ps, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == expected
+    assert pools_full(llm)
+
+
+def test_preemption_actually_happened(ckpt, alone):
+    ps, expected = alone
+    llm = make_llm(ckpt[0], num_pages=40, max_num_batched_tokens=128)
+    preempted = []
+    real = llm.engine.scheduler.schedule
+
+    def spy():
+        out = real()
+        preempted.extend(out.preempted)
+        return out
+    llm.engine.scheduler.schedule = spy
+    outs = llm.generate(ps, GREEDY)
+    assert preempted, "the small pool should have forced preemption"
+    assert [o.outputs[0].token_ids for o in outs] == expected
+
+
+def test_seeded_sampling_independent_of_batch_company(ckpt):
+    llm = make_llm(ckpt[0])
+    p = prompts(1, seed=5)[0]
+    sp = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=16, ignore_eos=True)
+    alone = llm.generate([p], sp)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=0.8, max_tokens=10 + i, ignore_eos=True) for i in range(5)]
+    outs = llm.generate(prompts(5, seed=6) + [p], others + [sp])
+    assert outs[-1].outputs[0].token_ids == alone
+    unseeded = [llm.generate([p], SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True))[0]
+                .outputs[0].token_ids for _ in range(3)]
+    assert len({tuple(u) for u in unseeded}) > 1  # unseeded sampling really samples
+
+
+def test_n_samples_differ_and_are_reproducible(ckpt):
+    llm = make_llm(ckpt[0])
+    sp = SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=12, ignore_eos=True)
+    a = llm.generate([prompts(1, 8)[0]], sp)[0]
+    b = llm.generate([prompts(1, 8)[0]], sp)[0]
+    assert len(a.outputs) == 3 and [o.index for o in a.outputs] == [0, 1, 2]
+    assert [o.token_ids for o in a.outputs] == [o.token_ids for o in b.outputs]
+    assert len({tuple(o.token_ids) for o in a.outputs}) == 3
+    assert pools_full(llm)
+
+
+def test_max_tokens_and_min_tokens_and_stop_ids(ckpt):
+    llm = make_llm(ckpt[0])
+    p = prompts(1, 9)[0]
+    free = llm.generate([p], GREEDY)[0].outputs[0].token_ids
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=5))[0].outputs[0]
+    assert len(out.token_ids) <= 5
+    stop_tok = free[6]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[stop_tok],
+                                           ignore_eos=True))[0].outputs[0]
+    first = free.index(stop_tok)
+    assert out.token_ids == free[:first + 1] and out.finish_reason == "stop" and out.stop_reason == stop_tok
+    # min_tokens suppresses the stop id until it has generated that many
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=24, min_tokens=first + 2,
+                                           stop_token_ids=[stop_tok], ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) >= first + 2 and stop_tok not in out.token_ids[:first + 2]
+
+
+def test_eos_ids_from_config_and_generation_config_stop(ckpt):
+    llm = make_llm(ckpt[0])
+    assert {256, 258} <= llm.engine.eos_ids  # <|endoftext|> and <|im_end|> of the byte tokenizer
+    p = prompts(1, 10)[0]
+    free = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0].token_ids
+    llm.engine.eos_ids = frozenset({free[3]})
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.token_ids == free[:free.index(free[3]) + 1]
+
+
+def test_stop_strings_across_token_boundaries(ckpt):
+    llm = make_llm(ckpt[0])
+    tok = llm.get_tokenizer()
+    p = prompts(1, 11)[0]
+    full = llm.generate([p], GREEDY)[0].outputs[0]
+    text = tok.decode(full.token_ids, skip_special_tokens=True)
+    assert full.text == text
+    # a 3-character window in the middle of the output, usually spanning several byte tokens
+    printable = [i for i in range(3, len(text) - 3) if text[i:i + 3].isprintable() and "\ufffd" not in text[i:i + 3]]
+    assert printable, "pick another prompt seed: this output has no printable window"
+    i = printable[0]
+    stop = text[i:i + 3]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True))[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:text.index(stop)]
+
+
+def test_logprobs_are_a_distribution(ckpt):
+    llm = make_llm(ckpt[0])
+    out = llm.generate([prompts(1, 12)[0]], SamplingParams(temperature=0, max_tokens=6, logprobs=5))[0].outputs[0]
+    assert out.logprobs is not None and len(out.logprobs) == len(out.token_ids)
+    for tok, lp in zip(out.token_ids, out.logprobs):
+        vals = [v for _, v in lp.top]
+        assert lp.token_id == tok and vals == sorted(vals, reverse=True) and len(vals) == 5
+        assert lp.top[0][0] == tok and math.isclose(lp.top[0][1], lp.logprob, abs_tol=1e-5)  # greedy: best is taken
+        assert sum(math.exp(v) for v in vals) <= 1 + 1e-5
+    assert out.cumulative_logprob == pytest.approx(sum(t.logprob for t in out.logprobs))
+
+
+def test_too_long_prompt_rejected_without_disturbing_others(ckpt):
+    llm = make_llm(ckpt[0], max_model_len=128)
+    p = prompts(1, 13)[0]
+    before = llm.generate([p], GREEDY)[0].outputs[0].token_ids
+    with pytest.raises(RequestError, match="max_model_len is 128"):
+        llm.generate([p, list(range(1, 200))], GREEDY)
+    assert pools_full(llm)
+    assert llm.generate([p], GREEDY)[0].outputs[0].token_ids == before
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        llm.generate([[1, 2, VOCAB + 5]], GREEDY)
+
+
+def test_generation_stops_at_max_model_len(ckpt):
+    llm = make_llm(ckpt[0], max_model_len=64)
+    out = llm.generate([list(range(1, 60))], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 64 - 59 and out[0].outputs[0].finish_reason == "length"
+    assert pools_full(llm)
+
+
+def test_abort_mid_generation_frees_pools(ckpt):
+    llm = make_llm(ckpt[0])
+    eng = llm.engine
+    for i, p in enumerate(prompts(4, 14)):
+        eng.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    deltas = eng.abort_request("r1") + eng.abort_request("r3") + eng.abort_request("unknown")
+    assert [d.finish_reason for d in deltas] == ["abort", "abort"]
+    while eng.has_unfinished():
+        eng.step()
+    assert pools_full(llm)
+
+
+def test_failed_step_fails_its_requests_not_the_engine(ckpt):
+    llm = make_llm(ckpt[0])
+    eng = llm.engine
+    eng.add_request("bad", prompts(1, 15)[0], SamplingParams(temperature=0, max_tokens=4))
+    real = eng.runner.execute
+    eng.runner.execute = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+    deltas = eng.step()
+    assert deltas and deltas[0].finish_reason == "error" and "boom" in deltas[0].error
+    eng.runner.execute = real
+    assert pools_full(llm)
+    assert llm.generate([prompts(1, 16)[0]], GREEDY)[0].outputs[0].finish_reason == "length"
+
+
+def test_chat_renders_template_with_enable_thinking(ckpt):
+    llm = make_llm(ckpt[0])
+    msgs = [{"role": "user", "content": "hi"}]
+    on = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=2))[0]
+    off = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=2), chat_template_kwargs={"enable_thinking": False})[0]
+    tok = llm.get_tokenizer()
+    assert tok.decode(on.prompt_token_ids).endswith("<|im_start|>assistant\n<think>\n")
+    assert tok.decode(off.prompt_token_ids).endswith("<think>\n\n</think>\n\n")
