@@ -64,6 +64,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.sequences: dict[str, SequenceState] = {}   # scheduler request id -> state
         self.children: dict[str, list[str]] = {}        # user request id -> its n scheduler request ids
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "preemptions": 0}
 
     @property
     def max_model_len(self) -> int:
@@ -81,6 +82,7 @@ class LLMEngine:
             request = Request(child_id, list(prompt_token_ids), sampling_params=child_params)
             self.sequences[child_id] = self._sequence_state(request, request_id, index, child_params)
             self.scheduler.add_request(request)
+        self.counters["prompt_tokens"] += len(prompt_token_ids)
 
     def _validate(self, request_id: str, prompt: list[int]) -> None:
         if request_id in self.children:
@@ -114,6 +116,13 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
+    def stats(self) -> dict[str, int]:
+        """Gauges and counters for /metrics (call on the engine's thread)."""
+        s = self.scheduler
+        return {"running": s.num_running, "waiting": s.num_waiting,
+                "pages_used": s.page_allocator.num_used, "pages_total": s.page_allocator.num_total,
+                "slots_used": s.slot_allocator.num_used, "slots_total": s.slot_allocator.num_total, **self.counters}
+
     # ---- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
         """One engine step; returns what each sequence produced (tokens, text, finish)."""
@@ -127,6 +136,8 @@ class LLMEngine:
             return self._fail(out, f"{type(e).__name__}: {e}")
         tokens = {e.request_id: int(sampled.token_ids[i]) for i, e in enumerate(self._sampling(out))}
         appended = self.scheduler.update_from_step(out, tokens)
+        self.counters["generation_tokens"] += len(appended)
+        self.counters["preemptions"] += len(out.preempted)
         logprobs = self._logprobs(out, sampled)
         return [self._after_token(r, logprobs.get(r.request_id)) for r in appended]
 
@@ -162,6 +173,7 @@ class LLMEngine:
             status = (RequestStatus.FINISHED_STOPPED if delta.finish_reason == "stop"
                       else RequestStatus.FINISHED_LENGTH)
             self.scheduler.finish_request(request.request_id, status, delta.finish_reason)
+            self.counters["requests_finished"] += 1
             self._forget(request.request_id, state.parent_id)
         return delta
 

@@ -1,0 +1,142 @@
+"""Async front of the engine for the server: a background thread runs the step loop, callers await per-token deltas.
+
+The engine itself is single-threaded; every engine call happens on the loop thread. Callers talk to it through a
+command queue, and it answers through one asyncio queue per request (thread-safe hand-over via call_soon_threadsafe).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from deltaserve.engine.engine import EngineArgs, LLMEngine
+from deltaserve.outputs import SequenceDelta
+from deltaserve.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped (shutdown or a fatal error); no new requests are accepted."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    remaining: int  # samples not finished yet
+
+
+class AsyncLLM:
+    """Owns an LLMEngine and the thread that steps it."""
+
+    def __init__(self, args: EngineArgs | None = None, *, engine: LLMEngine | None = None) -> None:
+        self.engine = engine if engine is not None else LLMEngine(args)  # type: ignore[arg-type]
+        self._commands: queue.Queue[tuple[Callable[[], Any], ...]] = queue.Queue()
+        self._streams: dict[str, _Stream] = {}
+        self._stopping = threading.Event()
+        self._dead: str | None = None
+        self._thread = threading.Thread(target=self._run_loop, name="deltaserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # ---- caller side (any event loop) ----------------------------------------------------------------------------
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str) -> AsyncIterator[SequenceDelta]:
+        """Yield the request's deltas until every sample finished. Cancelling the iteration aborts the request.
+        Raises the engine's RequestError for a request it cannot serve."""
+        if self._dead is not None:
+            raise EngineDeadError(self._dead)
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
+        self._streams[request_id] = stream
+        self._commands.put((self._add, request_id, list(prompt_token_ids), params))
+        finished = False
+        try:
+            while stream.remaining > 0:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    stream.remaining -= 1
+                yield item
+            finished = True
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put((self.engine.abort_request, request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put((self._abort, request_id))
+
+    def call(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]":
+        """Run fn() on the engine thread (e.g. to read stats consistently) and await its result."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def task() -> None:
+            try:
+                result = fn()
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting caller
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+        self._commands.put((task,))
+        return fut
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Abort everything in flight and stop the loop thread."""
+        self._stopping.set()
+        self._commands.put((lambda: None,))
+        self._thread.join(timeout)
+
+    # ---- engine thread -------------------------------------------------------------------------------------------
+    def _add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+        try:
+            self.engine.add_request(request_id, prompt, params)
+        except Exception as e:  # noqa: BLE001 - a bad request fails that request only
+            self._deliver(request_id, e)
+
+    def _abort(self, request_id: str) -> None:
+        for delta in self.engine.abort_request(request_id):
+            self._deliver(request_id, delta)
+
+    def _deliver(self, request_id: str, item: SequenceDelta | BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            fn, *args = command
+            fn(*args)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run_loop(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._drain_commands(block=not self.engine.has_unfinished())
+                if self.engine.has_unfinished():
+                    for delta in self.engine.step():
+                        self._deliver(delta.request_id, delta)
+        except Exception as e:  # noqa: BLE001 - fatal: fail every waiting caller with the reason
+            log.exception("engine loop died")
+            self._dead = f"engine loop died: {type(e).__name__}: {e}"
+        finally:
+            self._dead = self._dead or "engine was shut down"
+            for request_id in list(self._streams):
+                self.engine.abort_request(request_id)
+                self._deliver(request_id, EngineDeadError(self._dead))

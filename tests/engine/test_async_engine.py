@@ -1,0 +1,77 @@
+"""AsyncLLM: concurrent streams equal the offline API, cancellation aborts and frees, bad requests fail alone."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.engine.async_engine import AsyncLLM
+from deltaserve.engine.engine import RequestError
+from tests.engine.test_engine import ckpt, make_llm, pools_full, prompts  # noqa: F401 (fixture)
+
+
+@pytest.fixture()
+def engines(ckpt):  # noqa: F811
+    llm = make_llm(ckpt[0])
+    alng = AsyncLLM(engine=make_llm(ckpt[0]).engine)
+    yield llm, alng
+    alng.shutdown()
+
+
+async def collect(alng: AsyncLLM, rid: str, prompt: list[int], params: SamplingParams):
+    tokens: dict[int, list[int]] = {}
+    async for d in alng.generate(prompt, params, rid):
+        tokens.setdefault(d.index, []).extend(d.token_ids)
+    return tokens
+
+
+def test_concurrent_streams_match_offline(engines):
+    llm, alng = engines
+    ps = prompts(8, seed=30)
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in llm.generate(ps, sp)]
+
+    async def main():
+        return await asyncio.gather(*(collect(alng, f"r{i}", p, sp) for i, p in enumerate(ps)))
+    got = asyncio.run(main())
+    assert [g[0] for g in got] == expected
+
+
+def test_cancel_mid_stream_frees_pools(engines):
+    _, alng = engines
+    sp = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+
+    async def main():
+        agen = alng.generate(prompts(1, 31)[0], sp, "x")
+        n = 0
+        async for _ in agen:
+            n += 1
+            if n == 3:
+                break
+        await agen.aclose()
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if await alng.call(lambda: pools_full(type("L", (), {"engine": alng.engine})())):
+                return True
+        return False
+    assert asyncio.run(main())
+
+
+def test_bad_request_raises_and_engine_keeps_serving(engines):
+    _, alng = engines
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+
+    async def main():
+        with pytest.raises(RequestError, match="max_model_len"):
+            await collect(alng, "long", list(range(1, 600)), sp)
+        return await collect(alng, "ok", [1, 2, 3], sp)
+    assert len(asyncio.run(main())[0]) == 4
+
+
+def test_shutdown_fails_waiting_callers(ckpt):  # noqa: F811
+    alng = AsyncLLM(engine=make_llm(ckpt[0]).engine)
+    alng.shutdown()
+    with pytest.raises(Exception, match="shut down"):
+        asyncio.run(collect(alng, "late", [1, 2], SamplingParams(max_tokens=2)))
