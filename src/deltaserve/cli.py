@@ -1,0 +1,169 @@
+"""Command line: deltaserve generate | chat | serve [MODEL]. Without MODEL, the small model the package ships."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+from deltaserve.sampling_params import SamplingParams
+
+
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="Hugging Face checkpoint directory (config.json + *.safetensors). Default: the bundled demo model")
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
+    g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once (default 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step; longer prompts are prefilled in chunks (default 2048)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of device memory deltaserve may use (default 0.9)")
+    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
+    g.add_argument("--num-pages", type=int, default=None, help="KV pages to allocate (default: planned from memory)")
+    g.add_argument("--state-dtype", default="float32", help="GDN recurrent state dtype (default float32)")
+    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
+                   help="dummy: random weights at the checkpoint's shapes, for benchmarks")
+    g.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ...)")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="tokens to generate at most (default 128)")
+    g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
+    g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_from(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, stop=list(args.stop))
+
+
+def build_llm(args: argparse.Namespace):
+    from deltaserve.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
+               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+               gpu_memory_utilization=args.gpu_memory_utilization, page_size=args.page_size,
+               num_pages=args.num_pages, state_dtype=args.state_dtype, load_format=args.load_format)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    llm = build_llm(args)
+    params = sampling_from(args)
+    prompts: list[Any] = args.prompt or ["def "]
+    if args.chat_template:
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+                        chat_template_kwargs={"enable_thinking": not args.no_thinking})
+    else:
+        outs = llm.generate(prompts, params)
+    for prompt, out in zip(prompts, outs):
+        if len(prompts) > 1:
+            print(f"=== prompt: {prompt!r}")
+        print(prompt + out.outputs[0].text if not args.chat_template else out.outputs[0].text)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from deltaserve.engine.tokenizer import render_chat
+
+    llm = build_llm(args)
+    engine, params = llm.engine, sampling_from(args)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print("deltaserve chat: type a message, /reset to clear the history, /exit or Ctrl-D to quit.", file=sys.stderr)
+    for turn in range(1 << 62):
+        try:
+            line = input("> ")
+        except EOFError:
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        ids = render_chat(engine.tokenizer, history, chat_template_kwargs={"enable_thinking": not args.no_thinking})
+        reply = stream_reply(engine, f"chat-{turn}", ids, params)
+        history.append({"role": "assistant", "content": reply})
+    return 0
+
+
+def stream_reply(engine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> str:
+    """Run one request on the engine, printing its text as it arrives."""
+    engine.add_request(request_id, prompt_ids, params)
+    text = ""
+    while engine.has_unfinished():
+        for delta in engine.step():
+            print(delta.text, end="", flush=True)
+            text += delta.text
+    print()
+    return text
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from deltaserve.server.app import run_server
+
+    return run_server(args) or 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltaserve", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for one or more prompts and print it",
+                         description="Generate text for prompts (default prompt: 'def ').")
+    add_engine_options(gen)
+    add_sampling_options(gen)
+    gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    gen.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user chat message")
+    gen.add_argument("--no-thinking", action="store_true", help="with --chat-template: enable_thinking=false")
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive chat, streaming the replies",
+                          description="Interactive chat with the model's chat template; replies stream as generated.")
+    add_engine_options(chat)
+    add_sampling_options(chat)
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--no-thinking", action="store_true", help="enable_thinking=false in the chat template")
+    chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                           description="Serve the model behind an OpenAI-compatible HTTP API.")
+    add_engine_options(serve)
+    add_serve_options(serve)
+    serve.set_defaults(func=cmd_serve)
+    return parser
+
+
+def add_serve_options(p: argparse.ArgumentParser) -> None:
+    try:
+        from deltaserve.server.app import add_server_options
+    except ImportError:  # the server's dependencies are missing: say so when `serve` actually runs
+        return
+    add_server_options(p)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, RuntimeError, OSError) as e:  # user errors: one clear line, no traceback
+        if args.log_level.upper() == "DEBUG":
+            raise
+        print(f"deltaserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

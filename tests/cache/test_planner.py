@@ -1,0 +1,40 @@
+"""Memory planning policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltaserve.cache.planner import OutOfMemoryError, plan_memory
+
+MiB = 1 << 20
+
+
+def test_slots_for_every_sequence_rest_to_pages():
+    p = plan_memory(budget_bytes=1000 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16,
+                    max_num_seqs=8, max_model_len=3200)
+    assert p.num_slots == 8 and p.num_pages == 1000 - 80
+    assert "920 pages" in p.describe(16) and "8 slots" in p.describe(16)
+
+
+def test_pages_capped_at_what_max_num_seqs_can_use():
+    p = plan_memory(budget_bytes=10_000 * MiB, page_bytes=1 * MiB, slot_bytes=1 * MiB, page_size=16,
+                    max_num_seqs=2, max_model_len=160)
+    assert p.num_pages == 20 and p.num_slots == 2
+
+
+def test_slots_traded_for_one_full_length_sequence():
+    p = plan_memory(budget_bytes=200 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16,
+                    max_num_seqs=64, max_model_len=16 * 150)
+    assert p.num_slots == 5 and p.num_pages >= 150
+
+
+def test_one_sequence_does_not_fit_gives_numbers_and_options():
+    with pytest.raises(OutOfMemoryError, match=r"max_model_len=262144.*smaller --max-model-len.*quantized"):
+        plan_memory(budget_bytes=100 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16,
+                    max_num_seqs=4, max_model_len=262144)
+
+
+def test_explicit_sizes_are_kept():
+    p = plan_memory(budget_bytes=0, page_bytes=1, slot_bytes=1, page_size=16, max_num_seqs=4, max_model_len=64,
+                    num_pages=7, num_slots=3)
+    assert (p.num_pages, p.num_slots) == (7, 3)

@@ -1,0 +1,64 @@
+"""The CLI end to end, as a user runs it (subprocesses)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from deltaserve.demo import write_byte_tokenizer
+from tests.models.factory import TinySpec, save_checkpoint
+
+
+def run(*args: str, stdin: str | None = None, cache: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DELTASERVE_CACHE_DIR": cache}
+    return subprocess.run([sys.executable, "-m", "deltaserve.cli", *args], input=stdin, capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("dscache"))
+
+
+def test_generate_without_model_uses_the_bundled_demo(cache):
+    out = run("generate", "--prompt", "def ", "--max-tokens", "8", "--seed", "1", cache=cache)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("def ")
+    again = run("generate", "--prompt", "def ", "--max-tokens", "8", "--seed", "1", cache=cache)
+    assert again.stdout == out.stdout  # same seed, same text; the cached demo model is reused
+
+
+def test_generate_with_model_dir_matches_python_api(cache, tmp_path):
+    save_checkpoint(TinySpec("cli", extra={"vocab_size": 320}), tmp_path)
+    write_byte_tokenizer(tmp_path)
+    out = run("generate", str(tmp_path), "--prompt", "hello", "--max-tokens", "6", "--temperature", "0",
+              "--dtype", "float32", cache=cache)
+    assert out.returncode == 0, out.stderr
+    from deltaserve import LLM, SamplingParams
+    ref = LLM(str(tmp_path), dtype="float32", device="cpu").generate(
+        "hello", SamplingParams(max_tokens=6, temperature=0))[0].outputs[0].text
+    assert out.stdout == "hello" + ref + "\n"
+
+
+def test_chat_streams_and_exits_on_eof(cache):
+    out = run("chat", "--max-tokens", "4", "--temperature", "0", stdin="hi\n/reset\nagain\n", cache=cache)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("> ") == 4  # three inputs read, then EOF at the fourth prompt
+    assert "/reset" in out.stderr
+
+
+def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
+    out = run("generate", str(tmp_path / "missing"), cache=cache)
+    assert out.returncode == 2
+    assert "no config.json" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve"])
+def test_help_documents_every_option(cache, command):
+    out = run(command, "--help", cache=cache)
+    assert out.returncode == 0
+    for option in ("--max-model-len", "--device", "--dtype", "--gpu-memory-utilization", "--max-num-seqs"):
+        assert option in out.stdout
