@@ -1,7 +1,12 @@
-"""Mixture-of-experts: top-k softmax routing and the routed expert FFN."""
+"""Mixture-of-experts: top-k softmax routing and the routed expert FFN (grouped GEMMs on CUDA)."""
 
 from __future__ import annotations
 
-from .ref import fused_moe, moe_topk_softmax
+from deltaserve.kernels._dispatch import dispatch
+
+from . import ref
+
+moe_topk_softmax = dispatch(ref.moe_topk_softmax, "deltaserve.kernels.moe.cuda")
+fused_moe = dispatch(ref.fused_moe, "deltaserve.kernels.moe.cuda")
 
 __all__ = ["fused_moe", "moe_topk_softmax"]
