@@ -28,6 +28,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--state-dtype", default="float32", help="GDN recurrent state dtype (default float32)")
     g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
                    help="dummy: random weights at the checkpoint's shapes, for benchmarks")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="disable CUDA graphs for decode steps (on by default on GPU)")
     g.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ...)")
 
 
@@ -55,7 +57,8 @@ def build_llm(args: argparse.Namespace):
     return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                gpu_memory_utilization=args.gpu_memory_utilization, page_size=args.page_size,
-               num_pages=args.num_pages, state_dtype=args.state_dtype, load_format=args.load_format)
+               num_pages=args.num_pages, state_dtype=args.state_dtype, load_format=args.load_format,
+               enforce_eager=args.enforce_eager)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

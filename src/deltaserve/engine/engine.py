@@ -42,6 +42,7 @@ class EngineArgs:
     gpu_memory_utilization: float = 0.9
     state_dtype: str = "float32"
     load_format: str = "auto"
+    enforce_eager: bool = False
 
 
 class LLMEngine:
@@ -56,7 +57,7 @@ class LLMEngine:
                                         gpu_memory_utilization=args.gpu_memory_utilization,
                                         state_dtype=args.state_dtype)
         self.runner = ModelRunner(self.model_config, self.cache_config, self.scheduler_config, device=args.device,
-                                  dtype=args.dtype, load_format=args.load_format)
+                                  dtype=args.dtype, load_format=args.load_format, enforce_eager=args.enforce_eager)
         self.scheduler = Scheduler(self.scheduler_config, page_size=args.page_size,
                                    num_pages=self.runner.num_pages, num_slots=self.runner.num_slots)
         self.tokenizer = load_tokenizer(args.model)

@@ -14,6 +14,7 @@ import torch
 from deltaserve.cache.planner import MemoryPlan, plan_memory
 from deltaserve.cache.tensors import CacheShape, ModelCache, kv_bytes_per_page, state_bytes_per_slot
 from deltaserve.config import CacheConfig, ModelConfig, SchedulerConfig
+from deltaserve.engine.cuda_graph import DecodeGraphs
 from deltaserve.layers.meta import ForwardBatch
 from deltaserve.models.loader import load_model
 
@@ -28,7 +29,8 @@ class RunnerOutput:
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, scheduler_config: SchedulerConfig, *,
-                 device: str = "cpu", dtype: str | torch.dtype | None = None, load_format: str = "auto") -> None:
+                 device: str = "cpu", dtype: str | torch.dtype | None = None, load_format: str = "auto",
+                 enforce_eager: bool = False) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("device='cuda' was requested but torch sees no CUDA GPU; use device='cpu'")
@@ -41,6 +43,19 @@ class ModelRunner:
                            num_slots=self.plan.num_slots, kv_dtype=self.dtype, conv_dtype=self.dtype,
                            state_dtype=getattr(torch, cache_config.state_dtype))
         self.cache = ModelCache(model_config, shape, device=self.device, with_mtp=self.model.mtp is not None)
+        self.graphs = None if enforce_eager or self.device.type != "cuda" else self._capture(scheduler_config)
+
+    def _capture(self, sched: SchedulerConfig) -> DecodeGraphs | None:
+        max_pages = -(-sched.max_model_len // self.cache_config.page_size)
+        graphs = DecodeGraphs(self.model, self.cache, max_batch=min(sched.max_num_seqs, self.plan.num_slots),
+                              max_pages=max_pages, device=self.device)
+        try:
+            graphs.capture()
+        except Exception as e:  # an op without a capturable GPU kernel: run eagerly rather than fail
+            log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
+            return None
+        log.info("captured decode CUDA graphs for batch sizes %s", graphs.sizes)
+        return graphs
 
     @property
     def num_pages(self) -> int:
@@ -96,6 +111,9 @@ class ModelRunner:
     @torch.no_grad()
     def execute(self, input_ids: torch.Tensor, batch: ForwardBatch) -> RunnerOutput | None:
         """Run the model; returns logits for batch.logits_indices (None when no row needs logits)."""
+        if self.graphs is not None and self.graphs.can_run(batch):
+            hidden, logits = self.graphs.run(input_ids, batch)  # decode: every row is a logits row
+            return RunnerOutput(hidden=hidden, logits=logits)
         hidden = self.model(input_ids, batch, self.cache)
         if batch.logits_indices.numel() == 0:
             return None

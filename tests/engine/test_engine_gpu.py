@@ -1,0 +1,66 @@
+"""GPU tier (`pytest -m gpu` on the GPU machine): the engine on CUDA against the CPU reference path, CUDA graphs
+against eager, bf16 against fp32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltaserve import LLM, SamplingParams
+from tests.engine.test_engine import ckpt, prompts  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.gpu
+
+GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logprobs=5)
+
+
+def run(path, ps, **kw):
+    llm = LLM(str(path), max_model_len=512, **kw)
+    outs = llm.generate(ps, GREEDY)
+    return [o.outputs[0] for o in outs], llm
+
+
+@pytest.fixture(scope="module")
+def cpu_ref(ckpt):  # noqa: F811
+    ps = prompts(8, seed=40)
+    outs, _ = run(ckpt[0], ps, device="cpu", dtype="float32")
+    return ps, outs
+
+
+def test_fp32_gpu_matches_cpu_reference(ckpt, cpu_ref):  # noqa: F811
+    ps, ref = cpu_ref
+    outs, _ = run(ckpt[0], ps, device="cuda", dtype="float32")
+    for got, exp in zip(outs, ref):
+        assert got.token_ids == exp.token_ids
+        for a, b in zip(got.logprobs, exp.logprobs):
+            assert abs(a.logprob - b.logprob) < 2e-3  # tf32 matmuls on GPU
+
+
+def test_cuda_graphs_give_the_same_tokens_as_eager(ckpt):  # noqa: F811
+    ps = prompts(12, seed=41)
+    graph_outs, llm = run(ckpt[0], ps, device="cuda", dtype="bfloat16")
+    assert llm.engine.runner.graphs is not None, "decode graphs were not captured"
+    eager_outs, llm2 = run(ckpt[0], ps, device="cuda", dtype="bfloat16", enforce_eager=True)
+    assert llm2.engine.runner.graphs is None
+    assert [o.token_ids for o in graph_outs] == [o.token_ids for o in eager_outs]
+
+
+def test_bf16_gpu_logprobs_close_to_fp32(ckpt, cpu_ref):  # noqa: F811
+    ps, ref = cpu_ref
+    outs, _ = run(ckpt[0], ps[:1], device="cuda", dtype="bfloat16")
+    first = outs[0].logprobs[0]
+    exp = ref[0].logprobs[0]
+    assert abs(first.logprob - exp.logprob) < 5e-2
+
+
+def test_moe_cuda_matches_reference():
+    from deltaserve.kernels.moe import cuda, ref
+    g = torch.Generator(device="cuda").manual_seed(0)
+    T, D, I, E, k = 67, 256, 128, 16, 4
+    x = torch.randn(T, D, device="cuda", generator=g).bfloat16()
+    w13 = (torch.randn(E, 2 * I, D, device="cuda", generator=g) * D ** -0.5).bfloat16()
+    w2 = (torch.randn(E, D, I, device="cuda", generator=g) * I ** -0.5).bfloat16()
+    w, ids = ref.moe_topk_softmax(router_logits=torch.randn(T, E, device="cuda", generator=g), top_k=k)
+    got = cuda.fused_moe(x=x, w13=w13, w2=w2, topk_weights=w, topk_ids=ids).float()
+    exp = ref.fused_moe(x=x.float(), w13=w13.float(), w2=w2.float(), topk_weights=w, topk_ids=ids)
+    assert (got - exp).norm() / exp.norm() < 1e-2
