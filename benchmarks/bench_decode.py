@@ -1,0 +1,95 @@
+"""Whole-model decode step time (CUDA graph replay) at real shapes with dummy weights, against the bandwidth floor.
+
+python benchmarks/bench_decode.py [--models 9B 27B 35B-A3B] [--batches 1 8 64] [--context 1024]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+import triton.testing
+
+from benchmarks.common import header, measure_copy_bandwidth, model_config, table
+from deltaserve.cache.tensors import CacheShape, ModelCache, kv_bytes_per_page, state_bytes_per_slot
+from deltaserve.engine.cuda_graph import DecodeGraphs
+from deltaserve.layers.meta import ForwardBatch
+from deltaserve.models.loader import load_model
+
+PAGE = 16
+
+
+def weight_bytes_read(model, cfg, batch: int) -> float:
+    """Bytes of weights one decode step must read: all but the embedding table (B rows of it), and for MoE only the
+    expected number of distinct experts hit by B tokens under uniform routing."""
+    total = 0.0
+    for name, p in model.named_parameters():
+        size = p.numel() * p.element_size()
+        if name.endswith("embed_tokens.weight"):
+            size = batch * p.shape[1] * p.element_size() + (size if cfg.tie_word_embeddings else 0)
+        elif ".experts." in name:
+            e, k = cfg.num_experts, cfg.num_experts_per_tok
+            size *= (1 - (1 - k / e) ** batch)
+        total += size
+    return total
+
+
+def bench_one(name: str, batch: int, context: int, bw: float) -> dict:
+    cfg = model_config(name)
+    model = load_model(cfg, load_format="dummy", device="cuda", dtype=torch.bfloat16, with_mtp=False)
+    pages_per_seq = -(-(context + 1) // PAGE)
+    shape = CacheShape(num_pages=batch * pages_per_seq, page_size=PAGE, num_slots=batch,
+                       kv_dtype=torch.bfloat16, conv_dtype=torch.bfloat16)
+    cache = ModelCache(cfg, shape, device="cuda")
+    for i in cfg.linear_attention_layers:
+        cache.layer(i)[1].normal_(0, 0.01)
+    tables = [list(range(s * pages_per_seq, (s + 1) * pages_per_seq)) for s in range(batch)]
+    fb = ForwardBatch.build(query_lens=[1] * batch, context_lens=[context] * batch, state_slots=list(range(batch)),
+                            block_tables=tables, page_size=PAGE, device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
+    graphs = DecodeGraphs(model, cache, max_batch=batch, max_pages=pages_per_seq, device=torch.device("cuda"))
+    graphs.sizes = [batch]
+    graphs.capture()
+    ms_graph = triton.testing.do_bench(lambda: graphs.run(ids, fb), warmup=20, rep=200, return_mode="median")
+    with torch.no_grad():
+        ms_eager = triton.testing.do_bench(lambda: model.compute_logits(model(ids, fb, cache)), warmup=5, rep=50,
+                                           return_mode="median")
+    floor_bytes = (weight_bytes_read(model, cfg, batch) + batch * 2 * state_bytes_per_slot(
+        cfg, torch.bfloat16, torch.float32) + batch * context * kv_bytes_per_page(cfg, 1, torch.bfloat16,
+                                                                                   with_mtp=False))
+    floor_ms = floor_bytes / bw * 1e3
+    del model, cache, graphs
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"model": name, "batch": batch, "context": context, "GB/step": floor_bytes / 1e9,
+            "floor ms": floor_ms, "graph ms": ms_graph, "eager ms": ms_eager, "graph/floor": ms_graph / floor_ms,
+            "tok/s": batch / ms_graph * 1e3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["9B", "27B", "35B-A3B"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    ap.add_argument("--context", type=int, default=1024)
+    args = ap.parse_args()
+    bw = measure_copy_bandwidth()
+    rows = []
+    for name in args.models:
+        for b in args.batches:
+            try:
+                rows.append(bench_one(name, b, args.context, bw))
+            except torch.OutOfMemoryError:
+                rows.append({"model": name, "batch": b, "context": args.context, "GB/step": float("nan"),
+                             "floor ms": float("nan"), "graph ms": float("nan"), "eager ms": float("nan"),
+                             "graph/floor": float("nan"), "tok/s": "OOM"})
+                gc.collect()
+                torch.cuda.empty_cache()
+            print(rows[-1], flush=True)
+    print(header(""))
+    print(f"copy bandwidth measured: {bw / 1e12:.2f} TB/s")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

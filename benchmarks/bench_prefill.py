@@ -1,0 +1,80 @@
+"""Whole-model prefill time for one prompt at real shapes with dummy weights, against the measured bf16 matmul rate.
+
+python benchmarks/bench_prefill.py [--models 9B 27B] [--lengths 1024 8192 32768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+
+import torch
+import triton.testing
+
+from benchmarks.common import header, measure_matmul_rate, model_config, table
+from deltaserve.cache.tensors import CacheShape, ModelCache
+from deltaserve.layers.meta import ForwardBatch
+from deltaserve.models.loader import load_model
+
+PAGE = 16
+
+
+def prefill_flops(model, cfg, length: int) -> float:
+    """Model FLOPs: 2 x active linear weights x tokens (lm_head for the last token only), causal attention
+    (QK^T and PV over L^2/2 pairs), and the chunked delta rule (~5*64*K + 3*K*V MACs per token and v-head)."""
+    linear = 0
+    for name, p in model.named_parameters():
+        if p.dim() < 2 or "embed_tokens" in name or "conv1d" in name or name.startswith("lm_head"):
+            continue
+        n = p.numel()
+        if ".experts." in name:
+            n = n * cfg.num_experts_per_tok // cfg.num_experts
+        linear += n
+    attn = len(cfg.full_attention_layers) * 4 * cfg.num_attention_heads * cfg.head_dim * length * length / 2
+    k, v = cfg.linear_key_head_dim, cfg.linear_value_head_dim
+    gdn = len(cfg.linear_attention_layers) * cfg.linear_num_value_heads * 2 * (5 * 64 * k + 3 * k * v) * length
+    return 2 * linear * length + attn + gdn + 2 * cfg.hidden_size * cfg.vocab_size
+
+
+def bench_one(name: str, length: int, rate: float) -> dict:
+    cfg = model_config(name)
+    model = load_model(cfg, load_format="dummy", device="cuda", dtype=torch.bfloat16, with_mtp=False)
+    pages = -(-length // PAGE)
+    cache = ModelCache(cfg, CacheShape(num_pages=pages, page_size=PAGE, num_slots=1, kv_dtype=torch.bfloat16,
+                                       conv_dtype=torch.bfloat16), device="cuda")
+    fb = ForwardBatch.build(query_lens=[length], context_lens=[0], state_slots=[0], block_tables=[list(range(pages))],
+                            page_size=PAGE, device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (length,), device="cuda")
+
+    def step():
+        with torch.no_grad():
+            h = model(ids, fb, cache)
+            return model.compute_logits(h[fb.logits_indices])
+    ms = triton.testing.do_bench(step, warmup=2, rep=max(200, 20 * length // 1024), return_mode="median")
+    flops = prefill_flops(model, cfg, length)
+    del model, cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    achieved = flops / (ms * 1e-3)
+    return {"model": name, "tokens": length, "ms": ms, "tok/s": length / ms * 1e3, "TFLOP/s": achieved / 1e12,
+            "of matmul rate": achieved / rate}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["9B", "27B"])
+    ap.add_argument("--lengths", nargs="+", type=int, default=[1024, 8192, 32768])
+    args = ap.parse_args()
+    rate = measure_matmul_rate()
+    rows = []
+    for name in args.models:
+        for length in args.lengths:
+            rows.append(bench_one(name, length, rate))
+            print(rows[-1], flush=True)
+    print(header(""))
+    print(f"bf16 8192^3 matmul measured: {rate / 1e12:.0f} TFLOP/s")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

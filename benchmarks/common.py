@@ -1,0 +1,73 @@
+"""Shared pieces of the benchmark scripts: real model shapes, the card's measured ceilings, table printing."""
+
+from __future__ import annotations
+
+import platform
+import sys
+from typing import Any
+
+import torch
+
+# Text-model shapes of published checkpoints (shared/spec/qwen35.md section 1.3).
+_BASE = {"vocab_size": 248320, "head_dim": 256, "linear_num_key_heads": 16, "linear_key_head_dim": 128,
+         "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "rms_norm_eps": 1e-6,
+         "max_position_embeddings": 262144, "dtype": "bfloat16",
+         "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25}}
+SHAPES: dict[str, dict[str, Any]] = {
+    "9B": {**_BASE, "architectures": ["Qwen3_5ForCausalLM"], "hidden_size": 4096, "num_hidden_layers": 32,
+           "intermediate_size": 12288, "num_attention_heads": 16, "num_key_value_heads": 4,
+           "linear_num_value_heads": 32},
+    "27B": {**_BASE, "architectures": ["Qwen3_5ForCausalLM"], "hidden_size": 5120, "num_hidden_layers": 64,
+            "intermediate_size": 17408, "num_attention_heads": 24, "num_key_value_heads": 4,
+            "linear_num_value_heads": 48},
+    "35B-A3B": {**_BASE, "architectures": ["Qwen3_5MoeForCausalLM"], "hidden_size": 2048, "num_hidden_layers": 40,
+                "num_attention_heads": 16, "num_key_value_heads": 2, "linear_num_value_heads": 32,
+                "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
+                "shared_expert_intermediate_size": 512},
+}
+
+
+def model_config(name: str):
+    from deltaserve.config import ModelConfig
+
+    return ModelConfig.from_dict(SHAPES[name])
+
+
+def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    import triton.testing
+
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def measure_matmul_rate(n: int = 8192) -> float:
+    import triton.testing
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return 2 * n ** 3 / (ms * 1e-3)
+
+
+def header(command: str) -> str:
+    import triton
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return (f"card: {name} | torch {torch.__version__} | triton {triton.__version__} | python "
+            f"{platform.python_version()}\ncommand: {command or ' '.join(sys.argv)}")
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    fmt = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    line = lambda vals: " | ".join(v.rjust(w) for v, w in zip(vals, fmt))  # noqa: E731
+    return "\n".join([line(cols), "-+-".join("-" * w for w in fmt)] + [line([_fmt(r[c]) for c in cols]) for r in rows])
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
