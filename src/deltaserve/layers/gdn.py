@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from deltaserve.config import ModelConfig
-from deltaserve.kernels.conv1d import causal_conv1d_prefill, causal_conv1d_update
-from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gdn_gating
+from deltaserve.kernels.conv1d import causal_conv1d_prefill
+from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_gdn_decode, gdn_gating
 from deltaserve.layers.linear import Linear, new_param
 from deltaserve.layers.meta import ForwardBatch
 from deltaserve.layers.norm import GatedRMSNorm
@@ -40,25 +40,30 @@ class GatedDeltaNet(nn.Module):
         """x: [T, D] -> [T, D]; reads and writes this layer's conv/ssm state of each sequence in place."""
         T = x.shape[0]
         conv_state, ssm_state = state
-        mixed = self.in_proj_qkv(x)
-        conv_w = self.conv1d.weight.squeeze(1)
-        if batch.is_decode:
-            mixed = causal_conv1d_update(x=mixed, weight=conv_w, conv_state=conv_state, slots=batch.state_slots)
+        if batch.is_decode:  # one fused kernel: conv update, gating, l2-norm, recurrence on the slot's state
+            o = fused_gdn_decode(
+                mixed_qkv=self.in_proj_qkv(x), a=self.in_proj_a(x), b=self.in_proj_b(x), A_log=self.A_log,
+                dt_bias=self.dt_bias, conv_weight=self.conv1d.weight.squeeze(1), conv_state=conv_state,
+                ssm_state=ssm_state, slots=batch.state_slots, num_k_heads=self.num_k_heads,
+                head_k_dim=self.head_k_dim, num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim,
+                scale=self.head_k_dim ** -0.5)
         else:
-            mixed = causal_conv1d_prefill(x=mixed, weight=conv_w, conv_state=conv_state, cu_seqlens=batch.cu_seqlens,
-                                          slots=batch.state_slots, has_initial_state=batch.has_initial_state)
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = q.reshape(T, self.num_k_heads, self.head_k_dim)
-        k = k.reshape(T, self.num_k_heads, self.head_k_dim)
-        v = v.reshape(T, self.num_v_heads, self.head_v_dim)
-        # beta is rounded to the activation dtype as in the reference implementation.
-        g, beta = gdn_gating(a=self.in_proj_a(x), b=self.in_proj_b(x), A_log=self.A_log, dt_bias=self.dt_bias)
-        beta = beta.to(x.dtype)
-        common = dict(q=q, k=k, v=v, g=g, beta=beta, state=ssm_state, slots=batch.state_slots,
-                      scale=self.head_k_dim ** -0.5, use_qk_l2norm=True)
-        if batch.is_decode:
-            o = fused_recurrent_gated_delta_rule(**common)
-        else:
-            o = chunk_gated_delta_rule(cu_seqlens=batch.cu_seqlens, has_initial_state=batch.has_initial_state, **common)
+            o = self._prefill(x, batch, conv_state, ssm_state)
         z = self.in_proj_z(x).view(T, self.num_v_heads, self.head_v_dim)
         return self.out_proj(self.norm(o, z).reshape(T, self.value_dim))
+
+    def _prefill(self, x: torch.Tensor, batch: ForwardBatch, conv_state: torch.Tensor,
+                 ssm_state: torch.Tensor) -> torch.Tensor:
+        """Varlen chunks, each from its slot's state (or zeros); final conv/ssm states written back to the slots."""
+        T = x.shape[0]
+        mixed = causal_conv1d_prefill(x=self.in_proj_qkv(x), weight=self.conv1d.weight.squeeze(1),
+                                      conv_state=conv_state, cu_seqlens=batch.cu_seqlens, slots=batch.state_slots,
+                                      has_initial_state=batch.has_initial_state)
+        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        # beta is rounded to the activation dtype as in the reference implementation.
+        g, beta = gdn_gating(a=self.in_proj_a(x), b=self.in_proj_b(x), A_log=self.A_log, dt_bias=self.dt_bias)
+        return chunk_gated_delta_rule(
+            q=q.reshape(T, self.num_k_heads, self.head_k_dim), k=k.reshape(T, self.num_k_heads, self.head_k_dim),
+            v=v.reshape(T, self.num_v_heads, self.head_v_dim), g=g, beta=beta.to(x.dtype), state=ssm_state,
+            slots=batch.state_slots, cu_seqlens=batch.cu_seqlens, has_initial_state=batch.has_initial_state,
+            scale=self.head_k_dim ** -0.5, use_qk_l2norm=True)

@@ -43,7 +43,8 @@ def causal_conv1d_prefill(
         else:
             hist = torch.zeros(width - 1, x.shape[1], dtype=torch.float32, device=x.device)
         xx = torch.cat([hist, x[lo:hi].float()])  # [W-1+L, C]
-        y[lo:hi] = _conv_silu(xx.unfold(0, width, 1), w).to(x.dtype)  # unfold: [L, C, W] sliding windows
+        if hi > lo:  # an empty sequence has no outputs (and unfold needs W rows); its state is still written
+            y[lo:hi] = _conv_silu(xx.unfold(0, width, 1), w).to(x.dtype)  # unfold: [L, C, W] sliding windows
         # keep the last W-1 rows of history+input, so a sequence shorter than W-1 keeps part of its old history
         conv_state[slot] = xx[xx.shape[0] - (width - 1):].to(conv_state.dtype)
     return y

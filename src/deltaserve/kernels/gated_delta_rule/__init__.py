@@ -1,7 +1,18 @@
-"""Gated delta rule (Gated DeltaNet core): chunked prefill, single-token recurrent decode, and the g/beta gating."""
+"""Gated delta rule (Gated DeltaNet core): chunked prefill, single-token recurrent decode, the fused decode step of a
+whole GDN core (conv + gating + norm + recurrence), and the g/beta gating.
+
+CUDA tensors run ``triton.py`` for the dispatched ops; anything else runs the references in ``ref.py``.
+``fused_recurrent_gated_delta_rule`` and ``gdn_gating`` have no kernel of their own (decode on GPU goes through
+``fused_gdn_decode``); their references run on any device."""
 
 from __future__ import annotations
 
-from .ref import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule, gdn_gating
+from deltaserve.kernels._dispatch import dispatch
 
-__all__ = ["chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule", "gdn_gating"]
+from . import ref
+from .ref import fused_recurrent_gated_delta_rule, gdn_gating
+
+chunk_gated_delta_rule = dispatch(ref.chunk_gated_delta_rule, "deltaserve.kernels.gated_delta_rule.triton")
+fused_gdn_decode = dispatch(ref.fused_gdn_decode, "deltaserve.kernels.gated_delta_rule.triton")
+
+__all__ = ["chunk_gated_delta_rule", "fused_gdn_decode", "fused_recurrent_gated_delta_rule", "gdn_gating"]

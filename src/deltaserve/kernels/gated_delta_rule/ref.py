@@ -153,3 +153,44 @@ def gdn_gating(
     """a, b: [T, HV]; A_log, dt_bias: [HV]. Returns (g, beta), both fp32 [T, HV]; g <= 0 is the log-decay."""
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
     return g, b.float().sigmoid()
+
+
+def fused_gdn_decode(
+    *,
+    mixed_qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    slots: torch.Tensor,
+    num_k_heads: int,
+    head_k_dim: int,
+    num_v_heads: int,
+    head_v_dim: int,
+    scale: float,
+) -> torch.Tensor:
+    """One decode step of a GDN layer's core for N single-token rows: conv update + SiLU, gating, q/k L2 norm and
+    scale, one recurrence step; conv and recurrent states updated in place through the slots.
+
+    mixed_qkv: [N, conv_dim] pre-conv in_proj_qkv output, conv_dim = 2*H*K + HV*V (q | k | v); a, b: [N, HV];
+    A_log, dt_bias: [HV]; conv_weight: [conv_dim, W]; conv_state: [S, W-1, conv_dim] (model dtype);
+    ssm_state: [S, HV, K, V] fp32; slots: [N] int64 (< 0: skip, row stays zero, no state touched).
+    Returns o: [N, HV, V] in mixed_qkv.dtype. Composed from the other references, rounding where the unfused layer
+    rounds: the conv output and beta to the activation dtype.
+    """
+    # the sibling op's reference, imported here so that neither op package imports the other at load time
+    from deltaserve.kernels.conv1d.ref import causal_conv1d_update
+
+    n = mixed_qkv.shape[0]
+    key_dim = num_k_heads * head_k_dim
+    mixed = causal_conv1d_update(x=mixed_qkv, weight=conv_weight, conv_state=conv_state, slots=slots)
+    q, k, v = mixed.split([key_dim, key_dim, num_v_heads * head_v_dim], dim=-1)
+    g, beta = gdn_gating(a=a, b=b, A_log=A_log, dt_bias=dt_bias)
+    return fused_recurrent_gated_delta_rule(
+        q=q.reshape(n, num_k_heads, head_k_dim), k=k.reshape(n, num_k_heads, head_k_dim),
+        v=v.reshape(n, num_v_heads, head_v_dim), g=g, beta=beta.to(mixed_qkv.dtype), state=ssm_state, slots=slots,
+        scale=scale, use_qk_l2norm=True,
+    )

@@ -1,0 +1,239 @@
+"""GDN kernels at Qwen3.5 layer shapes: fused decode (CUDA graph and eager), conv1d, chunked prefill; against the copy
+bandwidth measured in the same run and against fla-core's fused_recurrent / chunk kernels at the same shapes.
+
+    PYTHONPATH=src:. python benchmarks/bench_gdn.py [--sweep] [--skip-prefill]
+
+Decode rotates through enough separate layers (state pools) per timed pass that the states do not sit in L2, as in a
+real step, and reports per-layer time. 'state GB/s' counts the fp32 state bytes read + written (2 * B * HV * K * V * 4).
+fla's fused_recurrent reads and writes a contiguous [B, HV, K, V] state (no slots, no conv, q/k/v given post-conv): it
+does less work than the fused op, and a slot pool would add a gather and a scatter around it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+import triton.testing
+
+from benchmarks.common import header, measure_copy_bandwidth, table
+
+MODELS = {"27B": (16, 48), "35B-A3B": (16, 32)}  # (H, HV); K = V = 128, conv width 4
+K = V = 128
+WIDTH = 4
+L2_BYTES = 200 << 20  # per timed pass, touch at least this many state bytes so L2 (50-60 MB) cannot hold them
+
+
+def bench(fn: Callable[[], Any]) -> float:
+    """Median ms."""
+    return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+
+
+def graph_of(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
+    fn()  # warm-up outside capture (compiles, allocates the arrival counters)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def decode_layers(h: int, hv: int, batch: int, layers: int) -> list[dict[str, Any]]:
+    """Inputs of fused_gdn_decode for `layers` independent layers (each its own pools, shuffled slots)."""
+    conv_dim = 2 * h * K + hv * V
+    slots_n = batch + 8
+    out = []
+    for i in range(layers):
+        gen = torch.Generator(device="cuda").manual_seed(i)
+
+        def rnd(*shape: int, gen: torch.Generator = gen) -> torch.Tensor:
+            return torch.randn(*shape, device="cuda", generator=gen)
+
+        out.append({
+            "mixed_qkv": rnd(batch, conv_dim).bfloat16(), "a": rnd(batch, hv).bfloat16(),
+            "b": rnd(batch, hv).bfloat16(), "A_log": torch.rand(hv, device="cuda", generator=gen) * 2.5,
+            "dt_bias": rnd(hv).bfloat16(), "conv_weight": (rnd(conv_dim, WIDTH) * 0.5).bfloat16(),
+            "conv_state": rnd(slots_n, WIDTH - 1, conv_dim).bfloat16(), "ssm_state": rnd(slots_n, hv, K, V) * 0.1,
+            "slots": torch.randperm(slots_n, device="cuda", generator=gen)[:batch].contiguous(),
+            "num_k_heads": h, "head_k_dim": K, "num_v_heads": hv, "head_v_dim": V, "scale": K**-0.5,
+        })
+    return out
+
+
+def fla_decode_layers(h: int, hv: int, batch: int, layers: int) -> list[dict[str, Any]]:
+    def rnd(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device="cuda")
+
+    return [{"q": rnd(batch, 1, h, K).bfloat16(), "k": rnd(batch, 1, h, K).bfloat16(),
+             "v": rnd(batch, 1, hv, V).bfloat16(), "g": -torch.rand(batch, 1, hv, device="cuda"),
+             "beta": torch.rand(batch, 1, hv, device="cuda").bfloat16(), "initial_state": rnd(batch, hv, K, V) * 0.1}
+            for _ in range(layers)]
+
+
+# (packed, BV, num_warps) tilings timed with --sweep, per batch size
+SWEEP = {
+    1: [(False, 8, 1), (False, 16, 1), (False, 16, 2), (False, 32, 4), (True, 32, 4)],
+    16: [(False, 16, 1), (False, 32, 4), (True, 32, 4), (True, 64, 4)],
+    64: [(False, 16, 1), (False, 32, 4), (True, 16, 1), (True, 32, 2), (True, 32, 4), (True, 64, 4), (True, 64, 8),
+         (True, 128, 8)],
+}
+
+
+def _config_name(config: tuple[bool, int, int]) -> str:
+    return f"fused_gdn_decode {'packed' if config[0] else 'split'} BV={config[1]} w={config[2]}"
+
+
+def decode_shape(rows: list[dict[str, Any]], copy_bw: float, sweep: bool, model: str, batch: int) -> None:
+    from fla.ops.gated_delta_rule import (
+        fused_recurrent_gated_delta_rule as fla_recurrent,
+    )
+
+    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
+    from deltaserve.kernels.gated_delta_rule import triton as gdn_triton
+
+    h, hv = MODELS[model]
+    state_bytes = 2 * batch * hv * K * V * 4
+    layers = max(2, -(-L2_BYTES // state_bytes))
+
+    def add(kernel: str, mode: str, ms_per_layer: float) -> None:
+        gbs = state_bytes / (ms_per_layer * 1e-3) / 1e9
+        rows.append({"kernel": kernel, "shape": f"{model} H{h}/HV{hv} B={batch}", "mode": mode,
+                     "us": ms_per_layer * 1e3, "state_GBps": gbs, "pct_copy": 100 * gbs * 1e9 / copy_bw})
+
+    lays = decode_layers(h, hv, batch, layers)
+
+    def ours(config: tuple[bool, int, int] | None = None) -> Callable[[], None]:
+        def fn() -> None:
+            for kw in lays:
+                if config is None:
+                    fused_gdn_decode(**kw)
+                else:
+                    gdn_triton.fused_gdn_decode_launch(packed=config[0], block_v=config[1], num_warps=config[2], **kw)
+        return fn
+
+    default = gdn_triton.decode_config(batch, h, hv, V)
+    add(_config_name(default) + " (default)", "graph", bench(graph_of(ours()).replay) / layers)
+    add(_config_name(default) + " (default)", "eager", bench(ours()) / layers)
+    if sweep:
+        for config in SWEEP[batch]:
+            if config != default:
+                add(_config_name(config), "graph", bench(graph_of(ours(config)).replay) / layers)
+    lays.clear()  # free this shape's pools before the next
+
+    flas = fla_decode_layers(h, hv, batch, layers)
+
+    def fla_fn() -> None:
+        for kw in flas:
+            fla_recurrent(**kw, scale=K**-0.5, output_final_state=True, use_qk_l2norm_in_kernel=True)
+
+    add("fla fused_recurrent (no conv, no slots)", "eager", bench(fla_fn) / layers)
+    try:
+        add("fla fused_recurrent (no conv, no slots)", "graph", bench(graph_of(fla_fn).replay) / layers)
+    except Exception as exc:  # noqa: BLE001 - report, keep benchmarking
+        print(f"fla fused_recurrent in a CUDA graph failed: {exc!r}", file=sys.stderr)
+    flas.clear()
+    torch.cuda.empty_cache()
+
+
+def conv_update_shape(rows: list[dict[str, Any]], copy_bw: float, batch: int) -> None:
+    from deltaserve.kernels.conv1d import causal_conv1d_update
+
+    h, hv = MODELS["27B"]
+    conv_dim = 2 * h * K + hv * V
+    weight = torch.randn(conv_dim, WIDTH, device="cuda").bfloat16()
+    pool = torch.randn(batch + 8, WIDTH - 1, conv_dim, device="cuda").bfloat16()
+    x = torch.randn(batch, conv_dim, device="cuda").bfloat16()
+    slots = torch.randperm(batch + 8, device="cuda")[:batch].contiguous()
+    ms = bench(graph_of(lambda: causal_conv1d_update(x=x, weight=weight, conv_state=pool, slots=slots)).replay)
+    nbytes = batch * conv_dim * 2 * (1 + 1 + 2 * (WIDTH - 1))  # x, y, window read + write
+    rows.append({"kernel": "causal_conv1d_update", "shape": f"27B C={conv_dim} B={batch}", "mode": "graph",
+                 "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e-3 / copy_bw})
+
+
+def conv_prefill_shape(rows: list[dict[str, Any]], copy_bw: float, total: int) -> None:
+    from deltaserve.kernels.conv1d import causal_conv1d_prefill
+
+    h, hv = MODELS["27B"]
+    conv_dim = 2 * h * K + hv * V
+    x = torch.randn(total, conv_dim, device="cuda").bfloat16()
+    args = {"x": x, "weight": torch.randn(conv_dim, WIDTH, device="cuda").bfloat16(),
+            "conv_state": torch.randn(4, WIDTH - 1, conv_dim, device="cuda").bfloat16(),
+            "cu_seqlens": torch.tensor([0, total], dtype=torch.int32, device="cuda"),
+            "slots": torch.tensor([2], device="cuda"), "has_initial_state": torch.tensor([True], device="cuda")}
+    ms = bench(lambda: causal_conv1d_prefill(**args))
+    nbytes = 2 * x.numel() * 2  # x read, y written
+    rows.append({"kernel": "causal_conv1d_prefill", "shape": f"27B C={conv_dim} T={total}", "mode": "eager",
+                 "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e-3 / copy_bw})
+
+
+def prefill_shape(rows: list[dict[str, Any]], model: str, total: int) -> None:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
+
+    from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule
+
+    h, hv = MODELS[model]
+    q = torch.randn(total, h, K, device="cuda").bfloat16()
+    k = torch.randn(total, h, K, device="cuda").bfloat16()
+    v = torch.randn(total, hv, V, device="cuda").bfloat16()
+    g = -torch.rand(total, hv, device="cuda") * 0.1
+    beta = torch.rand(total, hv, device="cuda").bfloat16()
+    pool = torch.randn(8, hv, K, V, device="cuda") * 0.1
+    cu = torch.tensor([0, total], dtype=torch.int32, device="cuda")
+    slots, init = torch.tensor([3], device="cuda"), torch.tensor([True], device="cuda")
+    h0 = pool[3:4].clone()
+    cu64 = cu.long()
+
+    def ours() -> None:
+        chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, state=pool, cu_seqlens=cu, slots=slots,
+                               has_initial_state=init, scale=K**-0.5)
+
+    def theirs() -> None:
+        fla_chunk(q[None], k[None], v[None], g[None], beta[None], scale=K**-0.5, initial_state=h0,
+                  output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu64)
+
+    ms_ours, ms_fla = bench(ours), bench(theirs)
+    shape = f"{model} H{h}/HV{hv} T={total}"
+    nan = float("nan")
+    rows.append({"kernel": "chunk_gated_delta_rule (fla + slot gather/scatter)", "shape": shape, "mode": "eager",
+                 "us": ms_ours * 1e3, "state_GBps": nan, "pct_copy": nan})
+    rows.append({"kernel": "fla chunk_gated_delta_rule", "shape": shape, "mode": "eager", "us": ms_fla * 1e3,
+                 "state_GBps": nan, "pct_copy": nan})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time every decode tile config")
+    parser.add_argument("--skip-prefill", action="store_true")
+    args = parser.parse_args()
+    import fla
+
+    copy_bw = measure_copy_bandwidth()
+    print(header(" ".join(sys.argv)) + f" | fla-core {getattr(fla, '__version__', '?')}")
+    print(f"copy bandwidth (read + write): {copy_bw / 1e12:.3f} TB/s")
+    rows: list[dict[str, Any]] = []
+    for model in MODELS:
+        for batch in (1, 16, 64):
+            decode_shape(rows, copy_bw, args.sweep, model, batch)
+    for batch in (1, 64):
+        conv_update_shape(rows, copy_bw, batch)
+    for total in (2048, 8192):
+        conv_prefill_shape(rows, copy_bw, total)
+    if not args.skip_prefill:
+        for model in MODELS:
+            for total in (2048, 8192):
+                prefill_shape(rows, model, total)
+    print(table(rows))
+    out = os.environ.get("OUT")
+    if out:
+        with open(os.path.join(out, "bench_gdn.json"), "w") as f:
+            json.dump({"card": torch.cuda.get_device_name(), "copy_bw": copy_bw, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

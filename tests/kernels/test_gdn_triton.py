@@ -1,0 +1,444 @@
+"""Triton GDN kernels (causal conv1d, fused GDN decode, chunked prefill through fla-core) against the references.
+
+CPU (CI): the kernels run under TRITON_INTERPRET=1 at tiny shapes; the interpreter runs programs one after another in
+numpy, about 50 ms per decode program, so shapes are chosen for program count. GPU (`pytest -m gpu`): model shapes,
+through the dispatched public ops, plus CUDA graph capture and the fla-core prefill path.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
+
+from tolerances import assert_close, assert_error_within
+
+from deltaserve.kernels.conv1d import ref as conv_ref
+from deltaserve.kernels.gated_delta_rule import ref as gdn_ref
+
+triton = pytest.importorskip("triton")
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.gpu
+NAN = float("nan")
+
+
+def _patch_interpreter() -> None:
+    """Make the interpreter round like the GPU and run faster (CPU only).
+
+    - fp32 -> bf16 casts: the interpreter truncates (its cast ignores the rounding mode); the GPU rounds to nearest
+      even, as torch does. Truncation makes half of all bf16 conv outputs differ from the reference by one ulp.
+    - It checks every int32 op for overflow (a third of its time); the GPU never does. Off."""
+    if CUDA:
+        return
+    import numpy as np
+    import triton.language as tl
+    import triton.runtime.interpreter as interp
+
+    interp.InterpreterOptions.sanitize_overflow = False
+    cast_impl = interp.InterpreterBuilder.cast_impl
+
+    def cast_rtne(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = torch.from_numpy(np.array(src.data, dtype=np.float32)).bfloat16().view(torch.int16).numpy()
+            return interp.TensorHandle(data.view(np.uint16), tl.bfloat16)
+        return cast_impl(self, src, dst_type)
+
+    interp.InterpreterBuilder.cast_impl = cast_rtne
+
+
+_patch_interpreter()
+
+
+def conv_mod():
+    from deltaserve.kernels.conv1d import triton as mod
+
+    return mod
+
+
+def gdn_mod():
+    from deltaserve.kernels.gated_delta_rule import triton as mod
+
+    return mod
+
+
+def shuffled_slots(n: int, num_slots: int, gen: torch.Generator, pad: bool) -> list[int]:
+    """n distinct slots in random order out of num_slots; one padding row (-1) in the middle if pad."""
+    slots = torch.randperm(num_slots, generator=gen)[:n].tolist()
+    if pad and n >= 3:
+        slots[n // 2] = -1
+    return slots
+
+
+def nan_pool(shape, used, fill, dtype) -> torch.Tensor:
+    """A pool poisoned with NaN except the used slots, which get fill(slot-shape)."""
+    pool = torch.full(shape, NAN, dtype=torch.float32)
+    for s in used:
+        pool[s] = fill(shape[1:])
+    return pool.to(dtype)
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Bitwise-equal values, NaN where NaN (untouched slots stay poisoned)."""
+    torch.testing.assert_close(a.cpu(), b.cpu(), rtol=0, atol=0, equal_nan=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# causal conv1d
+
+
+def conv_update_case(n, channels, width, dtype, device, seed, pad=True):
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = n + 4
+    slots = shuffled_slots(n, num_slots, gen, pad)
+    x = torch.randn(n, channels, generator=gen).to(dtype)
+    weight = (torch.randn(channels, width, generator=gen) * 0.5).to(dtype)
+    pool = nan_pool((num_slots, width - 1, channels), [s for s in slots if s >= 0],
+                    lambda shp: torch.randn(shp, generator=gen), dtype)
+    return [t.to(device) for t in (x, weight, pool, torch.tensor(slots))]
+
+
+def check_conv_update(fn, n, channels, width, dtype, device, seed=0):
+    x, weight, pool, slots = conv_update_case(n, channels, width, dtype, device, seed)
+    ref_pool = pool.cpu().clone()
+    y_ref = conv_ref.causal_conv1d_update(x=x.cpu(), weight=weight.cpu(), conv_state=ref_pool, slots=slots.cpu())
+    y = fn(x=x, weight=weight, conv_state=pool, slots=slots)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref)
+    assert_same(pool, ref_pool)  # the window holds raw inputs: exact, and untouched slots stay NaN
+
+
+def conv_prefill_case(lengths, init, slots, channels, width, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = max(slots) + 3
+    x = torch.randn(sum(lengths), channels, generator=gen).to(dtype)
+    weight = (torch.randn(channels, width, generator=gen) * 0.5).to(dtype)
+    pool = nan_pool((num_slots, width - 1, channels), [s for s, h in zip(slots, init) if s >= 0 and h],
+                    lambda shp: torch.randn(shp, generator=gen), dtype)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return [t.to(device) for t in (x, weight, pool, cu, torch.tensor(slots), torch.tensor(init))]
+
+
+def check_conv_prefill(fn, lengths, init, slots, channels, width, dtype, device, seed=0):
+    x, weight, pool, cu, sl, hi = conv_prefill_case(lengths, init, slots, channels, width, dtype, device, seed)
+    ref_pool = pool.cpu().clone()
+    y_ref = conv_ref.causal_conv1d_prefill(x=x.cpu(), weight=weight.cpu(), conv_state=ref_pool, cu_seqlens=cu.cpu(),
+                                           slots=sl.cpu(), has_initial_state=hi.cpu())
+    y = fn(x=x, weight=weight, conv_state=pool, cu_seqlens=cu, slots=sl, has_initial_state=hi)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, y_ref)
+    assert_same(pool, ref_pool)
+
+
+# lengths / has_initial_state / slots: single sequences at odd lengths, and a varlen mix with sequences shorter than
+# the window (they keep part of their old history), fresh ones, shuffled slots and a padding row
+PREFILL_CASES = [
+    ([1], [True], [2]),
+    ([63], [False], [0]),
+    ([65], [True], [1]),
+    ([2, 1, 65, 3, 63, 7], [True, True, False, True, True, False], [5, 0, 3, -1, 7, 2]),
+    ([3, 0, 5, 0], [True, True, False, False], [1, 4, 0, 2]),  # empty sequences: state kept, or zeros if fresh
+]
+
+
+@pytest.mark.parametrize("n,dtype", [(1, torch.float32), (3, torch.float32), (3, torch.bfloat16),
+                                     (65, torch.bfloat16)])
+def test_conv_update_interpreter(n, dtype):
+    check_conv_update(conv_mod().causal_conv1d_update, n, 40, 4, dtype, "cpu", seed=n)
+
+
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_prefill_interpreter(case, dtype):
+    check_conv_prefill(conv_mod().causal_conv1d_prefill, *PREFILL_CASES[case], 40, 4, dtype, "cpu", seed=case)
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 3, 65])
+def test_conv_update_gpu(n):
+    from deltaserve.kernels.conv1d import causal_conv1d_update
+
+    check_conv_update(causal_conv1d_update, n, 10240, 4, torch.bfloat16, "cuda", seed=n)
+
+
+@gpu
+@pytest.mark.parametrize("case", range(len(PREFILL_CASES)))
+def test_conv_prefill_gpu(case):
+    from deltaserve.kernels.conv1d import causal_conv1d_prefill
+
+    check_conv_prefill(causal_conv1d_prefill, *PREFILL_CASES[case], 10240, 4, torch.bfloat16, "cuda", seed=case)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# fused GDN decode
+
+
+def decode_case(n, dims, dtype, device, seed, width=4, pad=True):
+    """Inputs of fused_gdn_decode with NaN-poisoned pools; returns (kwargs without the pools, conv pool, ssm pool)."""
+    num_k_heads, head_k_dim, num_v_heads, head_v_dim = dims
+    gen = torch.Generator().manual_seed(seed)
+    conv_dim = 2 * num_k_heads * head_k_dim + num_v_heads * head_v_dim
+    num_slots = n + 4
+    slots = shuffled_slots(n, num_slots, gen, pad)
+    used = [s for s in slots if s >= 0]
+    kw = {
+        "mixed_qkv": torch.randn(n, conv_dim, generator=gen).to(dtype),
+        "a": (torch.randn(n, num_v_heads, generator=gen) * 2).to(dtype),
+        "b": (torch.randn(n, num_v_heads, generator=gen) * 2).to(dtype),
+        "A_log": torch.rand(num_v_heads, generator=gen) * 2.5,  # fp32, A in [1, 12] as in checkpoints
+        "dt_bias": torch.randn(num_v_heads, generator=gen).to(dtype),
+        "conv_weight": (torch.randn(conv_dim, width, generator=gen) * 0.5).to(dtype),
+        "slots": torch.tensor(slots),
+    }
+    conv_pool = nan_pool((num_slots, width - 1, conv_dim), used, lambda shp: torch.randn(shp, generator=gen), dtype)
+    ssm_pool = nan_pool((num_slots, num_v_heads, head_k_dim, head_v_dim), used,
+                        lambda shp: torch.randn(shp, generator=gen) * 0.3, torch.float32)
+    kw = {key: val.to(device) for key, val in kw.items()}
+    kw.update(num_k_heads=num_k_heads, head_k_dim=head_k_dim, num_v_heads=num_v_heads, head_v_dim=head_v_dim,
+              scale=head_k_dim**-0.5)
+    return kw, conv_pool.to(device), ssm_pool.to(device)
+
+
+def run_ref_decode(kw, conv_pool, ssm_pool, upcast=False):
+    """The reference on CPU copies of the pools; upcast=True runs the whole pipeline from fp32 inputs (the truth a
+    bf16 kernel is measured against). Returns (o, conv_pool, ssm_pool)."""
+    cpu = {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    conv_pool, ssm_pool = conv_pool.cpu().clone(), ssm_pool.cpu().clone()
+    if upcast:
+        cpu.update({key: cpu[key].float() for key in ("mixed_qkv", "a", "b", "dt_bias", "conv_weight")})
+        conv_pool = conv_pool.float()
+    o = gdn_ref.fused_gdn_decode(conv_state=conv_pool, ssm_state=ssm_pool, **cpu)
+    return o, conv_pool, ssm_pool
+
+
+def check_decode(fn, n, dims, dtype, device, seed=0):
+    kw, conv_pool, ssm_pool = decode_case(n, dims, dtype, device, seed)
+    conv_before, ssm_before = conv_pool.clone(), ssm_pool.clone()
+    o_ref, conv_ref_pool, ssm_ref_pool = run_ref_decode(kw, conv_before, ssm_before)
+    o = fn(conv_state=conv_pool, ssm_state=ssm_pool, **kw)
+    assert o.dtype == dtype and o.shape == (n, dims[2], dims[3])
+    pad = (kw["slots"] < 0).cpu()
+    assert (o.cpu()[pad] == 0).all() and not o.isnan().any()
+    assert_same(conv_pool, conv_ref_pool)  # raw inputs shifted: exact; unused slots still NaN
+    used = kw["slots"][kw["slots"] >= 0].cpu()
+    unused = sorted(set(range(ssm_pool.shape[0])) - set(used.tolist()))
+    assert ssm_pool.cpu()[unused].isnan().all()
+    if dtype == torch.float32:
+        assert_close(o, o_ref)
+        assert_close(ssm_pool.cpu()[used], ssm_ref_pool[used])
+    else:  # bf16 activations: error against the fp32 pipeline within 2x that of the reference run in bf16
+        o_true, _, ssm_true = run_ref_decode(kw, conv_before, ssm_before, upcast=True)
+        assert_error_within(o, o_ref, o_true)
+        assert_error_within(ssm_pool.cpu()[used], ssm_ref_pool[used], ssm_true[used])
+
+
+def test_fused_gdn_decode_ref_matches_float64_truth():
+    """The composed reference against an explicit float64 conv + gating + recurrence."""
+    dims = (2, 16, 4, 8)
+    kw, conv_pool, ssm_pool = decode_case(5, dims, torch.float32, "cpu", seed=7)
+    conv0, ssm0 = conv_pool.clone(), ssm_pool.clone()
+    o = gdn_ref.fused_gdn_decode(conv_state=conv_pool, ssm_state=ssm_pool, **kw)
+    num_k_heads, head_k_dim, num_v_heads, head_v_dim = dims
+    key_dim = num_k_heads * head_k_dim
+    for row, slot in enumerate(kw["slots"].tolist()):
+        if slot < 0:
+            assert (o[row] == 0).all()
+            continue
+        window = torch.cat([conv0[slot].double(), kw["mixed_qkv"][row : row + 1].double()])  # [W, C]
+        pre = (window.T * kw["conv_weight"].double()).sum(-1)
+        y = pre * torch.sigmoid(pre)
+        q = y[:key_dim].view(num_k_heads, head_k_dim)
+        k = y[key_dim : 2 * key_dim].view(num_k_heads, head_k_dim)
+        v = y[2 * key_dim :].view(num_v_heads, head_v_dim)
+        q = q / torch.sqrt((q * q).sum(-1, keepdim=True) + 1e-6) * kw["scale"]
+        k = k / torch.sqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+        x = kw["a"][row].double() + kw["dt_bias"].double()
+        g = -kw["A_log"].double().exp() * torch.log1p(torch.exp(x))
+        beta = torch.sigmoid(kw["b"][row].double())
+        s = ssm0[slot].double()
+        for hv in range(num_v_heads):
+            kh, qh = k[hv // (num_v_heads // num_k_heads)], q[hv // (num_v_heads // num_k_heads)]
+            s[hv] = math.exp(g[hv]) * s[hv]
+            s[hv] = s[hv] + torch.outer(kh, beta[hv] * (v[hv] - s[hv].T @ kh))
+            assert_close(o[row, hv], s[hv].T @ qh, dtype=torch.float32)
+        assert_close(ssm_pool[slot], s, dtype=torch.float32)
+        assert_close(conv_pool[slot], window[1:], dtype=torch.float32)
+
+
+# (H, K, HV, V): GQA ratio 2; V = 24 is not a power of two and splits into two V tiles (BV 16), so 4 programs share
+# each key head's q/k window (the last-arriver roll)
+TINY = (2, 16, 4, 24)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_gdn_decode_interpreter_fp32(n):
+    check_decode(gdn_mod().fused_gdn_decode, n, TINY, torch.float32, "cpu", seed=n)
+
+
+@pytest.mark.parametrize("n,dims", [(3, TINY), (2, (2, 16, 6, 16))])
+def test_fused_gdn_decode_interpreter_packed(n, dims):
+    mod = gdn_mod()
+
+    def fn(**kw):
+        return mod.fused_gdn_decode_launch(packed=True, block_v=16, num_warps=1, **kw)
+
+    check_decode(fn, n, dims, torch.float32, "cpu", seed=20 + n)
+
+
+def test_fused_gdn_decode_interpreter_bf16():
+    check_decode(gdn_mod().fused_gdn_decode, 3, (1, 16, 2, 16), torch.bfloat16, "cpu", seed=11)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gdn_decode_interpreter_65_rows(dtype, request):
+    # ~10 s per dtype on the interpreter: only when asked for (pytest -m slow)
+    if "slow" not in request.config.getoption("markexpr", "").replace("not slow", ""):
+        pytest.skip("interpreter run of 130 programs; select it with -m slow")
+    check_decode(gdn_mod().fused_gdn_decode, 65, (1, 16, 2, 16), dtype, "cpu", seed=65)
+
+
+MODEL_DIMS = {"27B": (16, 128, 48, 128), "35B-A3B": (16, 128, 32, 128)}
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 3, 65])
+@pytest.mark.parametrize("model", list(MODEL_DIMS))
+def test_fused_gdn_decode_gpu(n, model):
+    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
+
+    check_decode(fused_gdn_decode, n, MODEL_DIMS[model], torch.bfloat16, "cuda", seed=n)
+
+
+DECODE_CONFIGS = [(False, 8, 1), (False, 16, 1), (False, 16, 2), (False, 32, 4), (False, 128, 8),
+                  (True, 16, 1), (True, 32, 2), (True, 32, 4), (True, 64, 4), (True, 64, 8), (True, 128, 8)]
+
+
+@gpu
+@pytest.mark.parametrize("packed,block_v,num_warps", DECODE_CONFIGS)
+def test_fused_gdn_decode_gpu_tile_configs(packed, block_v, num_warps):
+    mod = gdn_mod()
+
+    def fn(**kw):
+        return mod.fused_gdn_decode_launch(packed=packed, block_v=block_v, num_warps=num_warps, **kw)
+
+    check_decode(fn, 64, MODEL_DIMS["27B"], torch.bfloat16, "cuda", seed=block_v + packed)
+
+
+@gpu
+@pytest.mark.parametrize("n", [8, 64])  # the split and the packed tiling
+def test_fused_gdn_decode_cuda_graph(n):
+    """Capture, then replay on new inputs with two rows turned into padding: same o and pools as eager."""
+    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
+
+    dims = MODEL_DIMS["35B-A3B"]
+    kw, conv_pool, ssm_pool = decode_case(n, dims, torch.bfloat16, "cuda", seed=1)
+    static = {key: (val.clone() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    fused_gdn_decode(conv_state=conv_pool.clone(), ssm_state=ssm_pool.clone(), **static)  # warm-up
+    graph_conv, graph_ssm = conv_pool.clone(), ssm_pool.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_gdn_decode(conv_state=graph_conv, ssm_state=graph_ssm, **static)
+    for step in range(3):
+        fresh, _, _ = decode_case(n, dims, torch.bfloat16, "cuda", seed=100 + step)
+        fresh["slots"] = kw["slots"].clone()
+        fresh["slots"][[2, 5]] = -1
+        eager_conv, eager_ssm = graph_conv.clone(), graph_ssm.clone()
+        expected = fused_gdn_decode(conv_state=eager_conv, ssm_state=eager_ssm, **fresh)
+        for key, val in fresh.items():
+            if isinstance(val, torch.Tensor):
+                static[key].copy_(val)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_same(out, expected)
+        assert_same(graph_conv, eager_conv)
+        assert_same(graph_ssm, eager_ssm)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# chunked prefill (fla-core on GPU; the state gather/scatter kernels also under the interpreter)
+
+
+def test_state_gather_scatter_interpreter():
+    mod = gdn_mod()
+    gen = torch.Generator().manual_seed(0)
+    pool = torch.randn(6, 2, 4, 8, generator=gen)
+    pool[4] = NAN
+    slots = torch.tensor([3, -1, 0, 5])
+    init = torch.tensor([True, True, False, True])
+    out = mod.gather_states(pool, slots, init)
+    assert_same(out, torch.stack([pool[3], torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), pool[5]]))
+    before = pool.clone()
+    src = torch.randn(4, 2, 4, 8, generator=gen)
+    mod.scatter_states(src, pool, slots)
+    expected = before.clone()
+    expected[3], expected[0], expected[5] = src[0], src[2], src[3]
+    assert_same(pool, expected)
+
+
+def bf16_recurrent_baseline(q, k, v, g, beta, s0, scale):
+    """A plain torch run in bf16 of one sequence: bf16 activations and products, fp32 state (as the engine keeps
+    it). q, k: [L, H, K]; v: [L, HV, V]; g, beta: [L, HV]; s0: [HV, K, V] -> (o [L, HV, V] bf16, state fp32)."""
+    group = v.shape[1] // q.shape[1]
+    q = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * scale
+    k = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
+    q, k = q.repeat_interleave(group, 1), k.repeat_interleave(group, 1)
+    s, out = s0.clone(), []
+    for t in range(q.shape[0]):
+        s = s * g[t].float().exp()[:, None, None]
+        pred = (k[t].unsqueeze(1) @ s.to(torch.bfloat16)).squeeze(1)  # [HV, V]
+        delta = beta[t][:, None] * (v[t] - pred)
+        s = s + k[t].float().unsqueeze(-1) * delta.float().unsqueeze(-2)
+        out.append((q[t].unsqueeze(1) @ s.to(torch.bfloat16)).squeeze(1))
+    return torch.stack(out), s
+
+
+@gpu
+@pytest.mark.parametrize("lengths,init,slots", [
+    ([1], [True], [2]),
+    ([63, 65], [True, False], [1, 0]),
+    ([500, 3, 65, 1, 37], [True, False, True, True, False], [4, 0, -1, 6, 2]),
+])
+def test_chunk_gated_delta_rule_gpu(lengths, init, slots):
+    from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule
+
+    num_k_heads, head_dim, num_v_heads = 16, 128, 48  # 27B (the benchmark's shape: fla autotunes once)
+    gen = torch.Generator().manual_seed(sum(lengths))
+    total, num_slots = sum(lengths), max(slots) + 3
+    q = torch.randn(total, num_k_heads, head_dim, generator=gen).bfloat16()
+    k = torch.randn(total, num_k_heads, head_dim, generator=gen).bfloat16()
+    v = torch.randn(total, num_v_heads, head_dim, generator=gen).bfloat16()
+    rate = torch.exp(torch.empty(num_v_heads).uniform_(-6.0, 0.0, generator=gen))
+    g = -rate * torch.rand(total, num_v_heads, generator=gen) * 2
+    beta = torch.rand(total, num_v_heads, generator=gen).bfloat16()
+    pool = nan_pool((num_slots, num_v_heads, head_dim, head_dim), [s for s, h in zip(slots, init) if s >= 0 and h],
+                    lambda shp: torch.randn(shp, generator=gen) * 0.3, torch.float32)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    args = {"cu_seqlens": cu, "slots": torch.tensor(slots), "has_initial_state": torch.tensor(init),
+            "scale": head_dim**-0.5}
+    truth_pool = pool.clone()
+    o_true = gdn_ref.chunk_gated_delta_rule(q=q.float(), k=k.float(), v=v.float(), g=g, beta=beta.float(),
+                                            state=truth_pool, **args)
+    gpu_pool = pool.cuda()
+    o = chunk_gated_delta_rule(q=q.cuda(), k=k.cuda(), v=v.cuda(), g=g.cuda(), beta=beta.cuda(), state=gpu_pool,
+                               **{key: (val.cuda() if isinstance(val, torch.Tensor) else val)
+                                  for key, val in args.items()})
+    assert o.dtype == torch.bfloat16 and o.shape == v.shape and not o.isnan().any()
+    for n, (slot, has) in enumerate(zip(slots, init)):
+        lo, hi = cu[n].item(), cu[n + 1].item()
+        if slot < 0:
+            assert (o[lo:hi] == 0).all()
+            continue
+        s0 = pool[slot] if has else torch.zeros(num_v_heads, head_dim, head_dim)
+        o_base, s_base = bf16_recurrent_baseline(q[lo:hi].cuda(), k[lo:hi].cuda(), v[lo:hi].cuda(), g[lo:hi].cuda(),
+                                                 beta[lo:hi].cuda(), s0.cuda(), head_dim**-0.5)
+        assert_error_within(o[lo:hi], o_base, o_true[lo:hi])
+        assert_error_within(gpu_pool[slot], s_base, truth_pool[slot])
+    untouched = sorted(set(range(num_slots)) - {s for s in slots if s >= 0})
+    assert gpu_pool[untouched].isnan().all()
