@@ -1,0 +1,119 @@
+"""Chat request -> prompt token ids: messages and tools in the shape Qwen chat templates expect, tool_choice."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from deltaserve.engine.tokenizer import TokenizerError, render_chat
+from deltaserve.server.errors import bad_request
+from deltaserve.server.output_parser import prompt_opens_reasoning
+from deltaserve.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
+from deltaserve.server.tool_parser import ToolSchemas
+
+_PROMPT_TAIL_TOKENS = 64  # enough to see the last turn's "<|im_start|>assistant\n<think>\n"
+# render_chat sets these itself; from chat_template_kwargs they would clash (a TypeError, not a clear 400)
+_RESERVED_KWARGS = frozenset({"tools", "add_generation_prompt", "tokenize", "conversation", "messages",
+                              "return_dict", "continue_final_message"})
+
+
+@dataclass(frozen=True)
+class ToolsPlan:
+    """Which tools the template lists, the schemas that type parsed arguments, and whether to parse at all."""
+
+    for_template: list[dict[str, Any]] | None
+    schemas: ToolSchemas | None
+    parse: bool
+
+
+def resolve_tools(req: ChatCompletionRequest, *, parse: bool) -> ToolsPlan:
+    """tool_choice: "none" hides the tools and parses nothing; a named function lists only that tool; "auto" and
+    "required" list them all ("required" is not enforced: there is no constrained decoding yet)."""
+    tools = req.tools or []
+    choice = req.tool_choice
+    if not tools:
+        if choice not in (None, "none"):
+            raise bad_request("'tool_choice' needs 'tools'; list the tools the model may call", "tool_choice")
+        return ToolsPlan(None, None, False)
+    if choice == "none":
+        return ToolsPlan(None, None, False)
+    if isinstance(choice, NamedToolChoice):
+        tools = [t for t in tools if t.function.name == choice.function.name]
+        if not tools:
+            raise bad_request(f"'tool_choice' names function {choice.function.name!r}, which is not in 'tools'",
+                              "tool_choice.function.name")
+    schemas = {t.function.name: t.function.parameters or {} for t in tools}
+    return ToolsPlan([_tool_dict(t) for t in tools], schemas, parse)
+
+
+def _tool_dict(tool: Tool) -> dict[str, Any]:
+    fn = tool.function.model_dump(exclude_none=True)
+    return {"type": "function", "function": fn}
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    return [_message_dict(m, i) for i, m in enumerate(messages)]
+
+
+def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
+    # Qwen templates know system/user/assistant/tool; OpenAI's "developer" is their system role.
+    out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m, i)}
+    if m.name is not None:
+        out["name"] = m.name
+    if m.tool_call_id is not None:
+        out["tool_call_id"] = m.tool_call_id
+    if m.reasoning_content is not None:
+        out["reasoning_content"] = m.reasoning_content
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": "function",
+                              "function": {"name": c.function.name,
+                                           "arguments": _arguments(c.function.arguments, i, j)}}
+                             for j, c in enumerate(m.tool_calls)]
+    return out
+
+
+def _text(m: ChatMessage, i: int) -> str:
+    if m.content is None:
+        return ""
+    if isinstance(m.content, str):
+        return m.content
+    parts = []
+    for j, part in enumerate(m.content):
+        if part.type != "text" or part.text is None:
+            param = f"messages.{i}.content.{j}.type"
+            raise bad_request(f"'{param}': content part type {part.type!r} is not supported (this server serves text "
+                              "models); send {\"type\": \"text\", \"text\": ...} parts", param)
+        parts.append(part.text)
+    return "".join(parts)
+
+
+def _arguments(arguments: str | dict[str, Any], i: int, j: int) -> dict[str, Any]:
+    """OpenAI sends arguments as a JSON string; Qwen templates iterate them as a mapping."""
+    if isinstance(arguments, dict):
+        return arguments
+    param = f"messages.{i}.tool_calls.{j}.function.arguments"
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError as e:
+        raise bad_request(f"'{param}' is not valid JSON ({e.msg}); send a JSON object as a string", param) from None
+    if not isinstance(value, dict):
+        raise bad_request(f"'{param}' must be a JSON object", param)
+    return value
+
+
+def render_prompt(tokenizer, req: ChatCompletionRequest,
+                  tools: list[dict[str, Any]] | None) -> tuple[list[int], bool]:
+    """Token ids of the rendered conversation, and whether the template left a <think> block open."""
+    reserved = sorted(set(req.chat_template_kwargs or {}) & _RESERVED_KWARGS)
+    if reserved:
+        raise bad_request(f"'chat_template_kwargs' may not set {reserved}: use the request's own fields",
+                          "chat_template_kwargs")
+    try:
+        ids = render_chat(tokenizer, template_messages(req.messages), tools=tools,
+                          add_generation_prompt=req.add_generation_prompt,
+                          chat_template_kwargs=req.chat_template_kwargs)
+    except TokenizerError as e:
+        raise bad_request(str(e), "messages") from None
+    tail = tokenizer.decode(ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False) if ids else ""
+    return ids, prompt_opens_reasoning(tail)

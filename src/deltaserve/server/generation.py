@@ -1,0 +1,134 @@
+"""Running one request on the engine from a route: metrics, the in-flight registry, errors as API errors, and
+aborting when the client goes away.
+
+Closing (or cancelling) the async iterator returned by `generate` aborts the engine request, which frees its KV
+pages and state slot; every exit path below closes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
+
+from starlette.requests import Request
+
+from deltaserve.engine.async_engine import EngineDeadError
+from deltaserve.engine.engine import RequestError
+from deltaserve.outputs import SequenceDelta
+from deltaserve.sampling_params import SamplingParams
+from deltaserve.server.errors import APIError
+from deltaserve.server.state import ServerState
+
+T = TypeVar("T")
+
+
+class ClientDisconnected(Exception):
+    """The client closed the connection before the response was ready; its request was aborted."""
+
+
+async def generate(state: ServerState, prompt: list[int], params: SamplingParams, request_id: str,
+                   endpoint: str, *, prompt_field: str = "prompt") -> AsyncIterator[SequenceDelta]:
+    """The engine's deltas for one prompt, observing TTFT / ITL / end-to-end latency as they pass."""
+    metrics = state.metrics
+    arrival = time.monotonic()
+    last_token: dict[int, float] = {}
+    outcome = "cancelled"  # stays so if the client goes away (the iterator is closed mid-way)
+    state.begin(request_id)
+    stream = state.engine.generate(prompt, params, request_id)
+    try:
+        async for delta in stream:
+            if delta.token_ids:
+                now = time.monotonic()
+                if not last_token:
+                    metrics.ttft.observe(now - arrival)
+                elif delta.index in last_token:
+                    metrics.itl.observe((now - last_token[delta.index]) / len(delta.token_ids))
+                last_token[delta.index] = now
+            if delta.finished and delta.finish_reason in ("error", "abort"):
+                outcome = delta.finish_reason
+            yield delta
+        if outcome == "cancelled":
+            outcome = "ok"
+            metrics.e2e.observe(time.monotonic() - arrival)
+    except RequestError as e:
+        outcome = "rejected"
+        raise APIError(400, str(e), param=prompt_field, code="invalid_request") from None
+    except EngineDeadError as e:
+        outcome = "error"
+        raise APIError(503, f"the engine is not running: {e}", code="engine_unavailable") from None
+    finally:
+        await stream.aclose()
+        state.end(request_id)
+        metrics.requests.labels(endpoint, outcome).inc()
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several streams as items arrive, tagged with the stream's position; closing the merge closes
+    them all (aborting their requests)."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield 0, item
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                queue.put_nowait((i, item, None))
+            queue.put_nowait((i, done, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            queue.put_nowait((i, None, e))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item, error = await queue.get()
+            if error is not None:
+                raise error
+            if item is done:
+                remaining -= 1
+                continue
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it (and so aborting its engine requests) if the client disconnects first.
+    Streaming responses need no such guard: Starlette cancels their body iterator on disconnect."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientDisconnected()
+    return task.result()
+
+
+def raise_for_failure(delta: SequenceDelta) -> None:
+    """A sequence the engine failed (500) or aborted while the client still waited, i.e. at shutdown (503)."""
+    if delta.finish_reason == "error":
+        raise APIError(500, f"the engine failed this request: {delta.error or 'unknown error'}", code="engine_error")
+    if delta.finish_reason == "abort":
+        raise APIError(503, "the request was aborted because the server is shutting down; retry it",
+                       code="request_aborted")

@@ -1,0 +1,130 @@
+"""Pieces of OpenAI response bodies shared by the routes: usage, logprobs in both API shapes, SSE framing, ids."""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from functools import lru_cache
+from typing import Any
+
+from deltaserve.outputs import TokenLogprob
+from deltaserve.server.errors import error_body
+
+DONE = "data: [DONE]\n\n"
+_MIN_LOGPROB = -9999.0  # JSON has no -inf; OpenAI clients expect a number
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def sse(obj: dict[str, Any]) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def sse_error(status: int, message: str, code: str | None = None) -> str:
+    """A failure after the 200 headers went out: an error event (the shape vLLM and OpenAI streams use)."""
+    return sse(error_body(status, message, code=code))
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _clamp(logprob: float) -> float:
+    return _MIN_LOGPROB if math.isnan(logprob) or logprob < _MIN_LOGPROB else logprob
+
+
+@lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (Qwen's tokenizers use it): character -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {c: b for b, c in chars.items()}
+
+
+class TokenStrings:
+    """Token id -> (text, UTF-8 bytes) for logprobs. A byte-level token that is part of a multi-byte character
+    shows as U+FFFD in `text`; its `bytes` are exact, so clients can join them."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self._added = {int(i): str(t) for i, t in added.items()}
+
+    def get(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._compute(token_id)
+        return hit
+
+    def _compute(self, token_id: int) -> tuple[str, list[int]]:
+        if self.tokenizer is None:
+            text = f"token_id:{token_id}"
+            return text, list(text.encode())
+        if token_id in self._added:
+            text = self._added[token_id]
+            return text, list(text.encode())
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        decoder = _byte_decoder()
+        if isinstance(piece, str) and piece and all(c in decoder for c in piece):
+            raw = bytes(decoder[c] for c in piece)
+            return raw.decode("utf-8", errors="replace"), list(raw)
+        text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text, list(text.encode("utf-8", errors="replace"))
+
+
+def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], strings: TokenStrings,
+                  ) -> list[dict[str, Any]]:
+    content = []
+    for entry in entries:
+        text, raw = strings.get(entry.token_id)
+        top = []
+        for token_id, logprob in entry.top:
+            t, b = strings.get(token_id)
+            top.append({"token": t, "logprob": _clamp(logprob), "bytes": b})
+        content.append({"token": text, "logprob": _clamp(entry.logprob), "bytes": raw, "top_logprobs": top})
+    return content
+
+
+def completion_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], strings: TokenStrings,
+                        offset: int, with_top: bool) -> tuple[dict[str, Any], int]:
+    """The legacy completions shape; `offset` is where this piece's text starts in the choice's text. Returns the
+    piece and the offset after it."""
+    tokens, token_logprobs, tops, offsets = [], [], [], []
+    for entry in entries:
+        text, _ = strings.get(entry.token_id)
+        tokens.append(text)
+        token_logprobs.append(_clamp(entry.logprob))
+        offsets.append(offset)
+        offset += len(text)
+        if with_top:
+            tops.append({strings.get(t)[0]: _clamp(lp) for t, lp in entry.top})
+    piece = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops if with_top else None,
+             "text_offset": offsets}
+    return piece, offset
+
+
+def merge_completion_logprobs(pieces: list[dict[str, Any]]) -> dict[str, Any] | None:
+    if not pieces:
+        return None
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
+    with_top = pieces[0]["top_logprobs"] is not None
+    if with_top:
+        out["top_logprobs"] = []
+    for p in pieces:
+        out["tokens"] += p["tokens"]
+        out["token_logprobs"] += p["token_logprobs"]
+        out["text_offset"] += p["text_offset"]
+        if with_top:
+            out["top_logprobs"] += p["top_logprobs"]
+    return out

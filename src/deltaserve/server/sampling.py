@@ -1,0 +1,130 @@
+"""Request fields -> SamplingParams, with errors that name the field as the client wrote it.
+
+SamplingParams is the one place value ranges are checked; its ValueError names its own field, which is mapped back
+to the request's (chat's `top_logprobs` is SamplingParams.logprobs, `max_completion_tokens` is max_tokens, ...).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from deltaserve.sampling_params import SamplingParams
+from deltaserve.server.errors import APIError, bad_request
+from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+
+LOGIT_BIAS_RANGE = 100.0  # OpenAI's documented range
+MAX_N = 128  # OpenAI's limit on choices per request
+
+_FIELD_RE = re.compile(r"^SamplingParams\.(\w+)=(.*?) is invalid: (.*)$", re.S)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the engine can serve; the server checks requests against it before the engine sees them."""
+
+    max_model_len: int
+    vocab_size: int
+
+
+def completion_params(req: CompletionRequest, limits: Limits) -> SamplingParams:
+    _reject_unsupported_completion(req)
+    return _build(req, max_tokens=req.max_tokens, max_tokens_field="max_tokens", logprobs=req.logprobs,
+                  logprobs_field="logprobs", limits=limits, skip_special_tokens=req.skip_special_tokens)
+
+
+def chat_params(req: ChatCompletionRequest, limits: Limits) -> SamplingParams:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    if req.response_format is not None and req.response_format.type != "text":
+        raise bad_request(f"response_format type {req.response_format.type!r} is not supported (no constrained "
+                          "decoding yet); use 'text' or leave it out", param="response_format.type")
+    max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    # The reasoning and tool parsers need <think>/<tool_call> in the text; special tokens that are not markup are
+    # stripped by the output parser instead (see output_parser.strip_tokens).
+    return _build(req, max_tokens=max_tokens, max_tokens_field=max_field, logprobs=logprobs,
+                  logprobs_field="top_logprobs", limits=limits, skip_special_tokens=False)
+
+
+def _reject_unsupported_completion(req: CompletionRequest) -> None:
+    if req.suffix:
+        raise bad_request("'suffix' (fill-in-the-middle) is not supported", param="suffix")
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("'best_of' other than n is not supported; use n", param="best_of")
+    if req.echo and req.logprobs is not None:
+        raise bad_request("'echo' together with 'logprobs' is not supported (no prompt logprobs)", param="echo")
+
+
+def _build(req: _SamplingFields, *, max_tokens: int | None, max_tokens_field: str, logprobs: int | None,
+           logprobs_field: str, limits: Limits, skip_special_tokens: bool) -> SamplingParams:
+    if not 1 <= req.n <= MAX_N:
+        raise bad_request(f"'n' must be between 1 and {MAX_N} (got {req.n})", param="n")
+    kwargs: dict[str, Any] = dict(
+        n=req.n, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop or [],
+        stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+        logit_bias=_logit_bias(req.logit_bias, limits.vocab_size), skip_special_tokens=skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output)
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty"):
+        value = getattr(req, name)
+        if value is not None:
+            kwargs[name] = value
+    names = {"max_tokens": max_tokens_field, "logprobs": logprobs_field}
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        raise _field_error(e, names) from None
+
+
+def _field_error(e: ValueError, names: dict[str, str]) -> APIError:
+    m = _FIELD_RE.match(str(e))
+    if m is None:
+        return bad_request(str(e))
+    field, value, expected = m.groups()
+    param = names.get(field, field)
+    return bad_request(f"'{param}' is invalid (got {value}): {expected}", param=param)
+
+
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float] | None:
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        try:
+            token_id = int(key)
+        except ValueError:
+            raise bad_request(f"'logit_bias' keys must be token ids (strings of integers), got {key!r}",
+                              param="logit_bias") from None
+        if not 0 <= token_id < vocab_size:
+            raise bad_request(f"'logit_bias' token id {token_id} is outside the vocabulary [0, {vocab_size})",
+                              param="logit_bias")
+        if not -LOGIT_BIAS_RANGE <= value <= LOGIT_BIAS_RANGE:
+            raise bad_request(f"'logit_bias' value {value} for token {token_id} must be in "
+                              f"[-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}]", param="logit_bias")
+        out[token_id] = value
+    return out
+
+
+def check_lengths(prompt_len: int, params: SamplingParams, limits: Limits, *, prompt_field: str,
+                  max_tokens_field: str) -> None:
+    """The engine's context limit, as the 400 OpenAI gives (context_length_exceeded), before queueing anything."""
+    if prompt_len == 0:
+        raise bad_request(f"'{prompt_field}' is empty; give at least one token", param=prompt_field)
+    if prompt_len >= limits.max_model_len:
+        raise bad_request(f"'{prompt_field}' is {prompt_len} tokens but this model's context is "
+                          f"{limits.max_model_len} tokens; shorten it", param=prompt_field,
+                          code="context_length_exceeded")
+    if params.max_tokens is not None and prompt_len + params.max_tokens > limits.max_model_len:
+        raise bad_request(f"this model's context is {limits.max_model_len} tokens, but {prompt_len} prompt tokens "
+                          f"+ {max_tokens_field}={params.max_tokens} exceed it; lower {max_tokens_field}",
+                          param=max_tokens_field, code="context_length_exceeded")
+
+
+def check_token_ids(ids: list[int], vocab_size: int, field: str) -> None:
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise bad_request(f"'{field}' has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})",
+                          param=field)

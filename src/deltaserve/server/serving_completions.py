@@ -1,0 +1,171 @@
+"""POST /v1/completions: text or token-id prompts (one or several), n samples each, streamed or not."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import Request
+
+from deltaserve.engine.tokenizer import TokenizerError, require_tokenizer
+from deltaserve.outputs import SequenceDelta
+from deltaserve.sampling_params import SamplingParams
+from deltaserve.server.errors import APIError, bad_request
+from deltaserve.server.generation import ClientDisconnected, generate, merge, raise_for_failure, unless_disconnected
+from deltaserve.server.protocol import CompletionRequest, parse_body
+from deltaserve.server.responses import (DONE, TokenStrings, completion_logprobs, merge_completion_logprobs,
+                                         random_id, sse, sse_error, usage)
+from deltaserve.server.sampling import check_lengths, check_token_ids, completion_params
+from deltaserve.server.state import ServerState
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class _Prompt:
+    text: str | None
+    ids: list[int]
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[dict[str, Any]] = field(default_factory=list)
+    offset: int = 0  # text_offset of the next logprobs token
+
+
+@dataclass
+class _Job:
+    """One completions request, validated and tokenized."""
+
+    id: str
+    model: str
+    created: int
+    req: CompletionRequest
+    params: SamplingParams
+    prompts: list[_Prompt]
+
+    def streams(self, state: ServerState) -> list[AsyncIterator[SequenceDelta]]:
+        return [generate(state, p.ids, self.params, self.id if len(self.prompts) == 1 else f"{self.id}-{i}",
+                         "completions") for i, p in enumerate(self.prompts)]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p.ids) for p in self.prompts)
+
+
+async def create_completion(state: ServerState, request: Request) -> Response:
+    req = parse_body(await request.body(), CompletionRequest)
+    state.check_accepting()
+    model = state.check_model(req.model)
+    params = completion_params(req, state.limits)
+    prompts = await asyncio.to_thread(_tokenize, state, req)
+    for i, p in enumerate(prompts):
+        field_name = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+        check_token_ids(p.ids, state.limits.vocab_size, field_name)
+        check_lengths(len(p.ids), params, state.limits, prompt_field=field_name, max_tokens_field="max_tokens")
+    job = _Job(random_id("cmpl"), model, int(time.time()), req, params, prompts)
+    if req.stream:
+        return StreamingResponse(_stream(state, job), media_type="text/event-stream", headers=SSE_HEADERS)
+    try:
+        return JSONResponse(await unless_disconnected(request, _complete(state, job)))
+    except ClientDisconnected:
+        return Response(status_code=499)
+
+
+def _tokenize(state: ServerState, req: CompletionRequest) -> list[_Prompt]:
+    prompt = req.prompt
+    items: list[str | list[int]]
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], int)):
+        items = [prompt]  # type: ignore[list-item]
+    else:
+        items = list(prompt)  # type: ignore[arg-type]
+    if not items:
+        raise bad_request("'prompt' is empty; give a string, a list of token ids, or a list of either", "prompt")
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            try:
+                tok = require_tokenizer(state.tokenizer, "a text prompt")
+            except TokenizerError as e:
+                raise bad_request(str(e), "prompt") from None
+            out.append(_Prompt(item, tok.encode(item, add_special_tokens=req.add_special_tokens)))
+        else:
+            out.append(_Prompt(None, list(item)))
+    return out
+
+
+def _prompt_text(state: ServerState, prompt: _Prompt) -> str:
+    if prompt.text is not None:
+        return prompt.text
+    tok = state.tokenizer
+    return "" if tok is None else tok.decode(prompt.ids, skip_special_tokens=False)
+
+
+async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
+    n = job.params.n
+    choices = [_Choice() for _ in range(len(job.prompts) * n)]
+    strings = state.token_strings
+    if job.req.echo:
+        for i, p in enumerate(job.prompts):
+            for s in range(n):
+                choices[i * n + s].text = choices[i * n + s].text + _prompt_text(state, p)
+    async for i, delta in merge(job.streams(state)):
+        raise_for_failure(delta)
+        _apply(choices[i * n + delta.index], delta, strings, job.req.logprobs)
+    return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
+            "choices": [{"index": k, "text": c.text, "logprobs": merge_completion_logprobs(c.logprobs),
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                        for k, c in enumerate(choices)],
+            "usage": usage(job.prompt_tokens, sum(c.num_tokens for c in choices))}
+
+
+def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings, logprobs: int | None) -> dict | None:
+    """Accumulate one delta into its choice; returns this delta's logprobs piece (None without logprobs)."""
+    choice.text += delta.text
+    choice.num_tokens += len(delta.token_ids)
+    piece = None
+    if logprobs is not None and delta.logprobs:
+        piece, choice.offset = completion_logprobs(delta.logprobs, strings, choice.offset, logprobs > 0)
+        choice.logprobs.append(piece)
+    if delta.finished:
+        choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
+    return piece
+
+
+async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
+    n = job.params.n
+    choices = [_Choice() for _ in range(len(job.prompts) * n)]
+    strings = state.token_strings
+    head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
+    try:
+        if job.req.echo:
+            for k in range(len(choices)):
+                text = _prompt_text(state, job.prompts[k // n])
+                yield sse({**head, "choices": [_chunk_choice(k, text, None, None, None)]})
+        async for i, delta in merge(job.streams(state)):
+            raise_for_failure(delta)
+            k = i * n + delta.index
+            piece = _apply(choices[k], delta, strings, job.req.logprobs)
+            if delta.text or piece is not None or delta.finished:
+                yield sse({**head, "choices": [_chunk_choice(k, delta.text, piece, delta.finish_reason
+                                                             if delta.finished else None, delta.stop_reason)]})
+        opts = job.req.stream_options
+        if opts is not None and opts.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(job.prompt_tokens, sum(c.num_tokens for c in choices))})
+    except APIError as e:
+        yield sse_error(e.status, e.message, e.code)
+    yield DONE
+
+
+def _chunk_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None,
+                  stop_reason: str | int | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}

@@ -1,0 +1,349 @@
+"""Incremental parser for Qwen3.5 tool calls (Qwen3-Coder XML) into OpenAI tool_calls with JSON arguments.
+
+    <tool_call>
+    <function=get_weather>
+    <parameter=city>
+    Paris
+    </parameter>
+    </function>
+    </tool_call>
+
+Arguments are typed by the tool's JSON schema (integer, number, boolean, object, array, null are parsed; strings
+kept). The JSON arguments string is built as the text streams in: string values flow out character by character,
+other values once their closing tag arrives. The fragments concatenate to exactly json.dumps(arguments), so a
+streaming client and a non-streaming one see the same arguments. Older Qwen3 JSON bodies
+(`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) are accepted too.
+
+Every decision depends only on the text seen so far, never on how it was split into deltas.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+TOOL_CALL_START = "<tool_call>"
+TOOL_CALL_END = "</tool_call>"
+_FUNCTION = "<function="
+_FUNCTION_END = "</function>"
+_PARAMETER = "<parameter="
+_PARAMETER_END = "</parameter>"
+_VALUE_ENDS = (_PARAMETER_END, _FUNCTION_END, TOOL_CALL_END)  # a missing </parameter> still ends the value
+_MAX_TAG = 512  # a tag name longer than this is not a tag: give the text back as content
+
+ToolSchemas = dict[str, dict[str, Any]]  # function name -> JSON schema of its parameters ("properties" inside)
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+@dataclass
+class ToolCallDelta:
+    """One streamed piece of a tool call: the first piece of a call carries id and name."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
+
+
+@dataclass
+class ToolStep:
+    """What one feed produced: deltas, and, when the <tool_call> block ended, the text after it (`rest`), or,
+    when the block turned out not to be a tool call, its raw text to show as content (`malformed`)."""
+
+    deltas: list[ToolCallDelta] = field(default_factory=list)
+    rest: str | None = None
+    malformed: str | None = None
+
+
+class _State(Enum):
+    HEADER = "header"  # before <function=NAME>
+    BODY = "body"      # between parameters
+    VALUE = "value"    # inside <parameter=NAME> ... </parameter>
+    TAIL = "tail"      # after </function>, before </tool_call>
+    JSON = "json"      # Qwen3 JSON body
+
+
+class ToolCallParser:
+    """Parses the inside of <tool_call> blocks (one block at a time; call `start_block` after each <tool_call>).
+    Owns the running tool-call index of one choice."""
+
+    def __init__(self, schemas: ToolSchemas | None, id_factory: Callable[[], str] = new_call_id) -> None:
+        self.schemas = schemas or {}
+        self.id_factory = id_factory
+        self.count = 0  # tool calls started in this choice
+        self.start_block()
+
+    def start_block(self) -> None:
+        self._state = _State.HEADER
+        self._buf = ""
+        self._raw = ""  # everything fed in this block, returned as content if it is not a tool call
+        self._function: str | None = None
+        self._calls_in_block = 0
+        self._num_params = 0
+        self._param_schema: dict[str, Any] | None = None
+        self._value_started = False
+
+    # ---- public ----------------------------------------------------------------------------------------------
+    def feed(self, text: str) -> ToolStep:
+        self._buf += text
+        self._raw += text
+        step = ToolStep()
+        while step.rest is None and step.malformed is None and self._advance(step, final=False):
+            pass
+        return step
+
+    def finish(self) -> ToolStep:
+        """The output ended inside the block: close what is open (a call whose header was complete is kept)."""
+        step = ToolStep()
+        while step.rest is None and step.malformed is None and self._advance(step, final=True):
+            pass
+        if step.malformed is None and self._state is not _State.HEADER and self._function is not None:
+            if self._state is _State.VALUE:
+                self._end_value(step, self._buf)
+            self._close_function(step)
+        elif self._state is _State.HEADER and step.malformed is None and step.rest is None:
+            self._give_back(step, self._buf.lstrip())  # ended before a function name: show the text as it was
+        return step
+
+    # ---- the state machine: each step consumes a prefix of _buf, or returns False to wait for more --------------
+    def _advance(self, step: ToolStep, final: bool) -> bool:
+        if self._state is _State.HEADER:
+            return self._header(step, final)
+        if self._state is _State.BODY:
+            return self._body(step, final)
+        if self._state is _State.VALUE:
+            return self._value_step(step, final)
+        if self._state is _State.TAIL:
+            return self._tail(step, final)
+        return self._json(step, final)
+
+    def _header(self, step: ToolStep, final: bool) -> bool:
+        s = self._buf.lstrip()
+        if not s:
+            return False
+        if s.startswith("{"):
+            self._state = _State.JSON
+            return True
+        if s.startswith(_FUNCTION):
+            end = s.find(">")
+            if end < 0:
+                if len(s) > _MAX_TAG or final:
+                    self._give_back(step, s)
+                return False
+            self._start_function(step, s[len(_FUNCTION):end].strip())
+            self._buf = s[end + 1:]
+            return True
+        if _FUNCTION.startswith(s) and not final:
+            return False
+        self._give_back(step, s)
+        return False
+
+    def _give_back(self, step: ToolStep, s: str) -> None:
+        """Not a tool call after all: the whole block is content, or, after a complete call in this block, the
+        rest of it is."""
+        if self._calls_in_block:
+            step.rest = s
+        else:
+            step.malformed = self._raw
+
+    def _start_function(self, step: ToolStep, name: str) -> None:
+        self._function, self._num_params = name, 0
+        step.deltas.append(ToolCallDelta(self.count, id=self.id_factory(), name=name))
+        self.count += 1
+        self._calls_in_block += 1
+        self._state = _State.BODY
+
+    def _body(self, step: ToolStep, final: bool) -> bool:
+        s = self._buf.lstrip()
+        self._buf = s
+        if not s:
+            return False
+        if s.startswith(_PARAMETER):
+            end = s.find(">")
+            if end < 0:
+                return False
+            self._start_param(step, s[len(_PARAMETER):end].strip())
+            self._buf = s[end + 1:]
+            return True
+        for tag in (_FUNCTION_END, TOOL_CALL_END):
+            if s.startswith(tag):
+                self._close_function(step)
+                self._buf = s[len(_FUNCTION_END):] if tag == _FUNCTION_END else s
+                return True
+        if not final and any(t.startswith(s) for t in (_PARAMETER, _FUNCTION_END, TOOL_CALL_END)):
+            return False
+        nxt = s.find("<", 1)  # text between parameters is not part of the call: skip it
+        self._buf = s[nxt:] if nxt > 0 else ""
+        return nxt > 0
+
+    def _start_param(self, step: ToolStep, name: str) -> None:
+        properties = (self.schemas.get(self._function or "") or {}).get("properties") or {}
+        self._param_schema = properties.get(name) if isinstance(properties, dict) else None
+        sep = "{" if self._num_params == 0 else ", "
+        self._num_params += 1
+        opening = '"' if is_string_schema(self._param_schema) else ""
+        self._emit(step, f"{sep}{json.dumps(name, ensure_ascii=False)}: {opening}")
+        self._state, self._value_started = _State.VALUE, False
+
+    def _value_step(self, step: ToolStep, final: bool) -> bool:
+        if not self._value_started:
+            if not self._buf:
+                return False
+            self._value_started = True
+            if self._buf.startswith("\n"):  # the format puts the value on its own line
+                self._buf = self._buf[1:]
+        ends = [(self._buf.find(t), t) for t in _VALUE_ENDS]
+        found = [(i, t) for i, t in ends if i >= 0]
+        if found:
+            i, tag = min(found)
+            value, rest = self._buf[:i], self._buf[i + len(tag):] if tag == _PARAMETER_END else self._buf[i:]
+            self._end_value(step, value)
+            self._buf, self._state = rest, _State.BODY
+            return True
+        if is_string_schema(self._param_schema) and not final:
+            hold = _partial_len(self._buf, [("\n" + t) for t in _VALUE_ENDS] + list(_VALUE_ENDS))
+            self._emit(step, _json_chars(self._buf[:len(self._buf) - hold]))
+            self._buf = self._buf[len(self._buf) - hold:]
+        return False
+
+    def _end_value(self, step: ToolStep, text: str) -> None:
+        if text.endswith("\n"):
+            text = text[:-1]
+        if is_string_schema(self._param_schema):
+            self._emit(step, _json_chars(text) + '"')
+        else:
+            self._emit(step, json.dumps(convert_param(text, self._param_schema), ensure_ascii=False))
+        self._buf = ""
+
+    def _close_function(self, step: ToolStep) -> None:
+        self._emit(step, "{}" if self._num_params == 0 else "}")
+        self._state, self._function = _State.TAIL, None
+
+    def _tail(self, step: ToolStep, final: bool) -> bool:
+        s = self._buf.lstrip()
+        self._buf = s
+        if s.startswith(TOOL_CALL_END):
+            step.rest = s[len(TOOL_CALL_END):]
+            return False
+        if s.startswith(_FUNCTION):  # several functions in one block: each is its own call
+            self._state = _State.HEADER
+            return True
+        if not s or (not final and any(t.startswith(s) for t in (TOOL_CALL_END, _FUNCTION))):
+            return False
+        step.rest = s  # a missing </tool_call>: what follows is content again
+        return False
+
+    def _json(self, step: ToolStep, final: bool) -> bool:
+        end = self._buf.find(TOOL_CALL_END)
+        if end < 0 and not final:
+            return False
+        body = self._buf if end < 0 else self._buf[:end]
+        call = _parse_json_call(body)
+        if call is None:
+            step.malformed = self._raw
+            return False
+        name, arguments = call
+        step.deltas.append(ToolCallDelta(self.count, id=self.id_factory(), name=name, arguments=arguments))
+        self.count += 1
+        self._calls_in_block += 1
+        self._state = _State.TAIL
+        self._buf = self._buf[end:] if end >= 0 else ""
+        return True
+
+    def _emit(self, step: ToolStep, arguments: str) -> None:
+        if not arguments:
+            return
+        last = step.deltas[-1] if step.deltas else None
+        if last is not None and last.index == self.count - 1:
+            last.arguments += arguments
+        else:
+            step.deltas.append(ToolCallDelta(self.count - 1, arguments=arguments))
+
+
+def _json_chars(text: str) -> str:
+    """JSON string escaping of `text` without the quotes; escaping is per character, so pieces concatenate."""
+    return json.dumps(text, ensure_ascii=False)[1:-1]
+
+
+def _partial_len(text: str, tags: list[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of one of tags."""
+    longest = max(len(t) for t in tags)
+    for k in range(min(len(text), longest - 1), 0, -1):
+        tail = text[-k:]
+        if any(t.startswith(tail) and len(t) > k for t in tags):
+            return k
+    return 0
+
+
+def _parse_json_call(body: str) -> tuple[str, str] | None:
+    try:
+        obj = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    return obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+
+
+def schema_types(schema: dict[str, Any] | None) -> set[str]:
+    if not isinstance(schema, dict):
+        return set()
+    kind = schema.get("type")
+    types = set(kind) if isinstance(kind, list) else ({kind} if isinstance(kind, str) else set())
+    for key in ("anyOf", "oneOf"):
+        for sub in schema.get(key) or []:
+            types |= schema_types(sub)
+    if not types and "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
+        types.add("string")
+    return types
+
+
+def is_string_schema(schema: dict[str, Any] | None) -> bool:
+    """Strings (and parameters the schema does not describe) are kept as text, as the model wrote them."""
+    types = schema_types(schema)
+    return not types or "string" in types
+
+
+def convert_param(raw: str, schema: dict[str, Any] | None) -> Any:
+    """A parameter's text as the JSON value its schema asks for; text that does not parse is kept as a string."""
+    types = schema_types(schema)
+    text = raw.strip()
+    if text.lower() == "null":
+        return None
+    for kind in ("integer", "number", "boolean", "object", "array"):
+        if kind in types:
+            value = _convert(text, kind)
+            if value is not _NO:
+                return value
+    return raw
+
+
+_NO = object()
+
+
+def _convert(text: str, kind: str) -> Any:
+    try:
+        if kind == "integer":
+            return int(text)
+        if kind == "number":
+            number = float(text)
+            return int(number) if number.is_integer() and not any(c in text for c in ".eE") else number
+        if kind == "boolean":
+            return {"true": True, "false": False}.get(text.lower(), _NO)
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = ast.literal_eval(text)  # Python-style dicts/lists ({'a': 1}) that models sometimes write
+        ok = isinstance(value, dict) if kind == "object" else isinstance(value, list)
+        return value if ok else _NO
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return _NO

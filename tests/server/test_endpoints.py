@@ -1,0 +1,65 @@
+"""/health, /metrics, /v1/tokenize, /v1/detokenize, /version, and the options run_server reads."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from tests.server.conftest import MAX_MODEL_LEN, engine_stats
+
+
+def test_health_and_version(http):
+    assert http.get("/health").json() == {"status": "ok"}
+    assert "version" in http.get("/version").json()
+
+
+def test_metrics_count_tokens_and_latencies(http):
+    before = engine_stats(http)
+    r = http.post("/v1/completions", json={"prompt": "abcd", "max_tokens": 5, "ignore_eos": True})
+    assert r.status_code == 200
+    after = engine_stats(http)
+    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == 4
+    assert after["generation_tokens_total"] - before["generation_tokens_total"] == 5
+    assert after["kv_pages_total"] > 0 and after["state_slots_total"] > 0
+    assert after["time_to_first_token_seconds_count"] == before.get("time_to_first_token_seconds_count", 0) + 1
+    assert after["inter_token_latency_seconds_count"] - before.get("inter_token_latency_seconds_count", 0) == 4
+    text = http.get("/metrics").text
+    for name in ("num_requests_running", "num_requests_waiting", "kv_pages_used", "state_slots_used",
+                 "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket"):
+        assert f"deltaserve_{name}" in text
+
+
+def test_tokenize_detokenize_round_trip(http):
+    r = http.post("/v1/tokenize", json={"prompt": "héllo"}).json()
+    assert r["count"] == len(r["tokens"]) == 6 and r["max_model_len"] == MAX_MODEL_LEN  # byte-level: é is 2 bytes
+    assert http.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "héllo"}
+    bad = http.post("/v1/detokenize", json={"tokens": [1, -3]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+    both = http.post("/v1/tokenize", json={"prompt": "a", "messages": [{"role": "user", "content": "a"}]})
+    assert both.status_code == 400
+
+
+def test_server_options_are_validated_and_defaulted():
+    from deltaserve.server.args import ServerConfigError, add_serve_args, engine_args_from, server_config_from
+
+    args = add_serve_args(argparse.ArgumentParser()).parse_args(["/models/Qwen3.5-4B", "--port", "9000",
+                                                                 "--max-num-seqs", "8"])
+    config = server_config_from(args, args.model)
+    assert (config.port, config.served_model_names, config.api_key) == (9000, ("Qwen3.5-4B",), None)
+    assert engine_args_from(args, args.model).max_num_seqs == 8
+    # a namespace without the engine options still works (the CLI may define them differently)
+    assert engine_args_from(argparse.Namespace(), "m").max_num_batched_tokens == 2048
+    with pytest.raises(ServerConfigError, match="--shutdown-timeout"):
+        server_config_from(argparse.Namespace(shutdown_timeout=-1), "m")
+
+
+def test_cli_serve_subcommand_feeds_run_server():
+    from deltaserve.cli import build_parser
+    from deltaserve.server.args import engine_args_from, server_config_from
+
+    args = build_parser().parse_args(["serve", "/m/Qwen3.5-9B", "--api-key", "k", "--served-model-name", "a", "b",
+                                      "--enforce-eager", "--log-level", "INFO", "--tool-call-parser", "none"])
+    config = server_config_from(args, args.model)
+    assert (config.api_key, config.served_model_names, config.log_level) == ("k", ("a", "b"), "info")
+    assert config.tool_call_parser == "none" and engine_args_from(args, args.model).enforce_eager

@@ -1,0 +1,168 @@
+"""Reasoning and tool-call parsing on scripted model outputs: one-shot equals every way of streaming the same text,
+arguments are typed by the schema, malformed markup degrades to content."""
+
+from __future__ import annotations
+
+import json
+import random
+from itertools import count
+
+import pytest
+
+from deltaserve.server.output_parser import OutputParser, ParsedDelta, prompt_opens_reasoning, strip_tokens
+from deltaserve.server.tool_parser import convert_param, is_string_schema
+
+SCHEMAS = {
+    "get_weather": {"type": "object", "properties": {
+        "city": {"type": "string"}, "days": {"type": "integer"}, "metric": {"type": "boolean"},
+        "temp": {"type": "number"}, "opts": {"type": "object"}, "tags": {"type": "array"},
+        "note": {"type": ["string", "null"]}, "unit": {"enum": ["c", "f"]}}},
+    "noop": {"type": "object", "properties": {}},
+}
+STRIP = ("<|im_end|>", "<|endoftext|>")
+
+TOOL_TEXT = ("Need the forecast.\n</think>\n\nLet me check.\n<tool_call>\n<function=get_weather>\n"
+             "<parameter=city>\nSão \"Paulo\"\n</parameter>\n<parameter=days>\n3\n</parameter>\n"
+             "<parameter=metric>\nTrue\n</parameter>\n<parameter=temp>\n21.5\n</parameter>\n"
+             "<parameter=opts>\n{\"a\": [1, 2]}\n</parameter>\n<parameter=tags>\n['x', 'y']\n</parameter>\n"
+             "<parameter=note>\nline1\nline2\n</parameter>\n<parameter=unit>\nc\n</parameter>\n</function>\n"
+             "</tool_call>\n<tool_call>\n<function=noop>\n</function>\n</tool_call><|im_end|>")
+
+
+def make(**kw) -> OutputParser:
+    ids = count()
+    kw.setdefault("tools", SCHEMAS)
+    kw.setdefault("parse_tools", True)
+    kw.setdefault("strip", STRIP)
+    return OutputParser(id_factory=lambda: f"call_{next(ids)}", **kw)
+
+
+def run(text_chunks: list[str], **kw) -> ParsedDelta:
+    parser = make(**kw)
+    out = ParsedDelta()
+    for chunk in text_chunks:
+        out.extend(parser.feed(chunk))
+    out.extend(parser.finish())
+    return out
+
+
+def splits(text: str, seed: int, trials: int = 200):
+    rnd = random.Random(seed)
+    yield list(text)  # one character at a time
+    for _ in range(trials):
+        cuts = sorted(rnd.sample(range(1, len(text)), min(len(text) - 1, rnd.randint(1, 30))))
+        yield [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+
+
+def test_reasoning_content_and_typed_tool_calls():
+    out = run([TOOL_TEXT], starts_in_reasoning=True)
+    assert out.reasoning == "Need the forecast."
+    assert out.content == "Let me check."
+    assert [(c.index, c.id, c.name) for c in out.tool_calls] == [(0, "call_0", "get_weather"), (1, "call_1", "noop")]
+    args = json.loads(out.tool_calls[0].arguments)
+    assert args == {"city": 'São "Paulo"', "days": 3, "metric": True, "temp": 21.5, "opts": {"a": [1, 2]},
+                    "tags": ["x", "y"], "note": "line1\nline2", "unit": "c"}
+    assert out.tool_calls[0].arguments == json.dumps(args, ensure_ascii=False)  # exactly what json.dumps writes
+    assert out.tool_calls[1].arguments == "{}"
+
+
+@pytest.mark.parametrize("text,kw", [
+    (TOOL_TEXT, dict(starts_in_reasoning=True)),
+    ("<think>\nplan\n</think>\n\nanswer <b>bold</b> a<|im_end|>", dict()),
+    ("partial <tool_call>\n<function=get_weather>\n<parameter=city>\nRo", dict()),
+    ("text <tool_call>not a call</tool_call> more <tool_cal", dict()),
+    ("<tool_call>\n{\"name\": \"noop\", \"arguments\": {\"k\": 1}}\n</tool_call>", dict()),
+], ids=["full", "think_tags_in_output", "cut_mid_value", "malformed", "json_form"])
+def test_streaming_in_any_split_equals_one_shot(text, kw):
+    one_shot = run([text], **kw)
+    for i, chunks in enumerate(splits(text, seed=len(text))):
+        assert run(chunks, **kw) == one_shot, f"split {i}: {chunks}"
+
+
+def test_streamed_string_arguments_flow_before_the_value_ends():
+    parser = make()
+    parser.feed("<tool_call>\n<function=get_weather>\n<parameter=city>\nNew")
+    got = parser.feed(" York")
+    assert [c.arguments for c in got.tool_calls] == [" York"]
+    rest = parser.feed("\n</parameter>\n</function>\n</tool_call>")
+    assert rest.tool_calls[0].arguments == '"}'
+
+
+def test_prompt_opened_think_versus_disabled_thinking():
+    assert prompt_opens_reasoning("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n")
+    assert not prompt_opens_reasoning("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert not prompt_opens_reasoning("<|im_start|>assistant\n")
+    # enable_thinking=false: the output is all content, even if it mentions </think> literally later
+    out = run(["Hi!"], starts_in_reasoning=False)
+    assert (out.reasoning, out.content) == ("", "Hi!")
+    out = run(["still thinking"], starts_in_reasoning=True)  # cut before </think>
+    assert (out.reasoning, out.content) == ("still thinking", "")
+
+
+def test_no_parsers_keeps_the_text_but_strips_special_tokens():
+    text = "<think>x</think> <tool_call>y</tool_call><|im_end|>"
+    out = run([text], parse_reasoning=False, parse_tools=False)
+    assert out.content == "<think>x</think> <tool_call>y</tool_call>" and not out.tool_calls
+
+
+def test_tool_markup_inside_reasoning_stays_reasoning():
+    out = run(["<tool_call>\n<function=noop>\n</function>\n</tool_call>\n</think>\nok"], starts_in_reasoning=True)
+    assert out.tool_calls == [] and out.content == "ok" and out.reasoning.startswith("<tool_call>")
+
+
+def test_call_cut_short_is_closed_and_unknown_function_kept_untyped():
+    out = run(["<tool_call>\n<function=other>\n<parameter=n>\n5"])
+    assert out.tool_calls[0].name == "other" and json.loads(out.tool_calls[0].arguments) == {"n": "5"}
+
+
+@pytest.mark.parametrize("raw,schema,expected", [
+    ("42", {"type": "integer"}, 42), ("4.0", {"type": "number"}, 4.0), ("4", {"type": "number"}, 4),
+    ("false", {"type": "boolean"}, False), ("null", {"type": "integer"}, None), ("x", {"type": "integer"}, "x"),
+    ("[1, 2]", {"type": "array"}, [1, 2]), ("{'a': 1}", {"type": "object"}, {"a": 1}),
+    ("7", {"anyOf": [{"type": "integer"}, {"type": "null"}]}, 7), ("[1", {"type": "array"}, "[1"),
+])
+def test_convert_param(raw, schema, expected):
+    assert not is_string_schema(schema)
+    got = convert_param(raw, schema)
+    assert got == expected and type(got) is type(expected)
+
+
+def test_strip_tokens_for_both_tokenizer_kinds(tmp_path):
+    """The demo tokenizer marks <think>/<tool_call> special; Qwen's own tokenizer adds them as non-special added
+    tokens. Either way the markup reaches the parser and only the chat-control tokens are dropped."""
+    from transformers import AutoTokenizer
+
+    from deltaserve.demo import write_byte_tokenizer
+
+    write_byte_tokenizer(tmp_path / "demo")
+    demo = AutoTokenizer.from_pretrained(str(tmp_path / "demo"))
+    qwen_like = _qwen_style(tmp_path / "qwen")
+    for tok in (demo, qwen_like):
+        strip = strip_tokens(tok)
+        assert "<|im_end|>" in strip and "<think>" not in strip and "<tool_call>" not in strip
+        text = "<think>" + "a</think>b<tool_call>\n<function=noop>\n</function>\n</tool_call><|im_end|>"
+        decoded = tok.decode(tok.encode(text, add_special_tokens=False), skip_special_tokens=False)
+        out = run([decoded[len("<think>"):]], starts_in_reasoning=True, strip=strip)
+        assert (out.reasoning, out.content, out.tool_calls[0].name) == ("a", "b", "noop")
+
+
+def _qwen_style(path):
+    """A byte-level tokenizer where only <|...|> tokens are special, as in Qwen's tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tok = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]})
+    fast.add_tokens(["<think>", "</think>", "<tool_call>", "</tool_call>"], special_tokens=False)
+    fast.eos_token = "<|im_end|>"
+    fast.save_pretrained(path)
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(str(path))
+    assert "<think>" not in loaded.all_special_tokens
+    assert "<think>" in loaded.decode(loaded.encode("<think>", add_special_tokens=False), skip_special_tokens=True)
+    return loaded
