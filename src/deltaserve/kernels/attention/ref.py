@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import torch
 
+from deltaserve.kernels.norm.ref import rms_norm
+from deltaserve.kernels.rope.ref import apply_partial_rope
+
 
 def write_kv(
     *, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
@@ -92,3 +95,33 @@ def paged_attention_decode(
         v = _gather(v_cache, block_tables[n], length)
         o[n : n + 1] = _attend(q[n : n + 1], k, v, length - 1, scale).to(q.dtype)
     return o
+
+
+def qk_norm_rope_write_kv(
+    *,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    rotary_dim: int,
+    theta: float,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention layer's pre-attention chain in one op: per-head zero-centred RMSNorm of q and k, partial RoPE,
+    then k and v written to their pages.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; q_weight, k_weight: [D] (applied as 1 + w); positions: [T] int64;
+    k_cache, v_cache: [P, page_size, Hkv, D]; slot_mapping: [T] int64 (< 0: skip). Returns (q_out, k_out) in the
+    input dtypes. This reference rounds to the input dtype between the norm and the rotation (as the unfused layer
+    does); a fused kernel may keep fp32 there.
+    """
+    q = rms_norm(x=q, weight=q_weight, eps=eps)
+    k = rms_norm(x=k, weight=k_weight, eps=eps)
+    q, k = apply_partial_rope(q=q, k=k, positions=positions, rotary_dim=rotary_dim, theta=theta)
+    write_kv(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
+    return q, k

@@ -1,0 +1,32 @@
+"""Triton gated activation (same keyword-only signature as ref.py): one pass, fp32 math."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, y_ptr, stride_x, stride_y, I: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + I + cols, mask=mask, other=0.0).to(tl.float32)
+    y = gate * tl.sigmoid(gate) * up
+    tl.store(y_ptr + row * stride_y + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(*, x: torch.Tensor) -> torch.Tensor:
+    """x: [T, 2I] = [gate | up] -> silu(gate) * up: [T, I] in x.dtype, fp32 math."""
+    half = x.shape[-1] // 2
+    x2 = x.reshape(-1, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty((*x.shape[:-1], half), dtype=x.dtype, device=x.device)
+    if x2.shape[0] and half:
+        block = min(1024, triton.next_power_of_2(half))
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(half, block))](
+            x2, y, x2.stride(0), half, I=half, BLOCK=block, num_warps=4)
+    return y
