@@ -192,13 +192,15 @@ def test_quantized_checkpoint_is_a_clear_error(dense_dir, tmp_path):
 
 
 RSS_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, psutil, torch
+    import json, sys, psutil, torch
     from deltaserve.config import ModelConfig
     from deltaserve.models.loader import load_model
     cfg = ModelConfig.from_hf(sys.argv[1])
     base = psutil.Process().memory_info().rss
     model = load_model(cfg, dtype="float32")
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # VmHWM, not ru_maxrss: after fork+exec ru_maxrss keeps the (large) pytest parent's peak.
+    status = open("/proc/self/status").read()
+    peak = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"base": base, "peak": peak, "weights": weights}))
 """)

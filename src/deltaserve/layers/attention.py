@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from deltaserve.config import ModelConfig
-from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, write_kv
-from deltaserve.kernels.rope import apply_partial_rope
+from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, qk_norm_rope_write_kv
 from deltaserve.layers.linear import Linear
 from deltaserve.layers.meta import ForwardBatch
 from deltaserve.layers.norm import RMSNorm
@@ -36,13 +35,14 @@ class GatedAttention(nn.Module):
         T = x.shape[0]
         # q_proj rows are per head [query(hd) | gate(hd)], not [all queries | all gates].
         q, gate = self.q_proj(x).view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        q = self.q_norm(q.contiguous())
-        k = self.k_norm(self.k_proj(x).view(T, self.num_kv_heads, self.head_dim))
+        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        q, k = apply_partial_rope(q=q, k=k, positions=batch.positions, rotary_dim=self.rotary_dim,
-                                  theta=self.rope_theta)
         k_cache, v_cache = kv_cache
-        write_kv(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=batch.slot_mapping)
+        # q/k zero-centred RMSNorm, partial RoPE, K/V into their pages: one fused op on GPU.
+        q, _ = qk_norm_rope_write_kv(q=q.contiguous(), k=k, v=v, q_weight=self.q_norm.weight,
+                                     k_weight=self.k_norm.weight, eps=self.q_norm.eps, positions=batch.positions,
+                                     rotary_dim=self.rotary_dim, theta=self.rope_theta, k_cache=k_cache,
+                                     v_cache=v_cache, slot_mapping=batch.slot_mapping)
         common = dict(k_cache=k_cache, v_cache=v_cache, seq_lens=batch.seq_lens, block_tables=batch.block_tables,
                       scale=self.scale)
         if batch.is_decode:
