@@ -1,19 +1,27 @@
 """The small model the package runs when no MODEL is given.
 
-Until the project's trained demo model ships, this is a small random Qwen3.5-MoE checkpoint (GDN + gated attention
-layers, MoE with a shared expert, an MTP head) with a byte-level tokenizer and the Qwen ChatML template. It is
-created deterministically on first use and cached, so every path of the engine runs without a download. Its text is
-random, by construction.
+The default is the project's trained demo model, shipped inside the package (`deltaserve/demo_model/`): a ~8M-parameter
+Qwen3.5-MoE (Gated DeltaNet + gated attention layers, MoE with a shared expert, an MTP head) trained from scratch on
+the Python standard library's sources by `tools/train_demo.py`; its model card is `demo_model/README.md`. It writes
+Python-like text, so every path of the engine runs on real activations without a download.
+
+A random checkpoint of the same architecture (byte-level tokenizer, the same ChatML template) can still be created
+deterministically (`random_demo_model_dir`, `write_demo_checkpoint`) for tests that need a tiny model; it is also the
+fallback when the shipped files are missing (a source tree without the package data), with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
 
-DEMO_NAME = "demo-random-moe-v1"
+log = logging.getLogger(__name__)
+
+SHIPPED_DEMO_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_NAME = "demo-random-moe-v1"  # cache directory name of the random checkpoint
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_call>",
                   "</tool_call>", "<tool_response>", "</tool_response>"]
 
@@ -90,7 +98,18 @@ def cache_root() -> Path:
 
 
 def demo_model_dir() -> Path:
-    """The demo checkpoint's directory, created on first use (atomically, so parallel first runs are safe)."""
+    """The default model's directory: the shipped trained demo model, or (when its files are missing) the random
+    demo checkpoint."""
+    if (SHIPPED_DEMO_DIR / "config.json").is_file() and (SHIPPED_DEMO_DIR / "model.safetensors").is_file():
+        return SHIPPED_DEMO_DIR
+    log.warning("the shipped demo model is missing from %s (package data not installed?); using a random demo "
+                "checkpoint, whose text is noise", SHIPPED_DEMO_DIR)
+    return random_demo_model_dir()
+
+
+def random_demo_model_dir() -> Path:
+    """A random demo checkpoint's directory, created on first use under the cache directory (atomically, so parallel
+    first runs are safe)."""
     target = cache_root() / DEMO_NAME
     if (target / "config.json").is_file():
         return target
@@ -107,6 +126,7 @@ def demo_model_dir() -> Path:
 
 
 def write_demo_checkpoint(out: Path) -> None:
+    """Write the random demo checkpoint (DEMO_CONFIG, deterministic weights, byte-level tokenizer) into `out`."""
     import torch
     from safetensors.torch import save_file
 

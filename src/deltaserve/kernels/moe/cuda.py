@@ -30,7 +30,9 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     order = torch.argsort(flat, stable=True)
     token_of_row = order // k
     # ids < 0 (experts on another rank) sort first and fall outside every group's offsets, so they contribute 0.
-    counts = torch.bincount(flat.clamp(min=0), weights=(flat >= 0).to(torch.float32), minlength=E)
+    # scatter_add, not bincount: bincount reads the max id on the host, which breaks CUDA-graph capture.
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
+        0, flat.clamp(min=0), (flat >= 0).to(torch.int32))
     offs = (torch.cumsum(counts, 0) + (flat < 0).sum()).to(torch.int32)
     rows = x[token_of_row]
     h = torch._grouped_mm(rows, w13.transpose(-2, -1), offs=offs)

@@ -1,0 +1,160 @@
+"""The shipped demo model (src/deltaserve/demo_model, made by tools/train_demo.py): the default model, a real
+Qwen3.5-MoE checkpoint with an MTP head, that writes Python, matches transformers token for token and whose MTP head
+predicts the token after next far above chance. The figures it is held to are those of its model card."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltaserve.demo import SHIPPED_DEMO_DIR, demo_model_dir
+
+DEMO = SHIPPED_DEMO_DIR
+SPEC_MTP_TENSORS = [  # spec/qwen35.md section 2, fused-expert form
+    "mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight",
+    "mtp.layers.0.input_layernorm.weight", "mtp.layers.0.post_attention_layernorm.weight",
+    *(f"mtp.layers.0.self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")),
+    "mtp.layers.0.mlp.gate.weight", "mtp.layers.0.mlp.experts.gate_up_proj", "mtp.layers.0.mlp.experts.down_proj",
+    *(f"mtp.layers.0.mlp.shared_expert.{n}_proj.weight" for n in ("gate", "up", "down")),
+    "mtp.layers.0.mlp.shared_expert_gate.weight",
+]
+WINDOW = 512
+
+
+@pytest.fixture(scope="module")
+def metrics() -> dict:
+    return json.loads((DEMO / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(DEMO))
+
+
+@pytest.fixture(scope="module")
+def heldout_windows(tokenizer) -> list[list[int]]:
+    """Two windows of held-out text (files never trained on), tokenized as a prompt would be."""
+    ids = tokenizer.encode((DEMO / "heldout.txt").read_text(), add_special_tokens=False)
+    return [ids[i * WINDOW:(i + 1) * WINDOW] for i in range(2)]
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(DEMO), dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def llm():
+    from deltaserve import LLM
+
+    return LLM(None, dtype="float32", device="cpu")  # None: the default model
+
+
+@pytest.fixture(scope="module")
+def logits(heldout_windows) -> list[dict[str, torch.Tensor]]:
+    """Per window: deltaserve's main and MTP logits and the training code's (transformers + the MTP module of
+    tools/train_demo.py)."""
+    from tools import verify_demo
+
+    out = []
+    for ids in heldout_windows:
+        main, draft = verify_demo.deltaserve_logits(DEMO, ids)
+        ref_main, ref_draft = verify_demo.reference_logits(DEMO, ids)
+        out.append({"ids": torch.tensor(ids), "main": main, "draft": draft, "ref_main": ref_main,
+                    "ref_draft": ref_draft})
+    return out
+
+
+def test_shipped_checkpoint_is_the_default_model():
+    from safetensors import safe_open
+
+    from deltaserve.config import ModelConfig
+
+    assert demo_model_dir() == DEMO
+    size = sum(f.stat().st_size for f in DEMO.iterdir())
+    assert size < 40e6, f"the shipped demo model is {size / 1e6:.1f} MB; keep it under 40 MB"
+    config = ModelConfig.from_hf(DEMO)
+    assert config.architecture == "Qwen3_5MoeForCausalLM" and config.is_moe and config.mtp_num_hidden_layers == 1
+    assert {"linear_attention", "full_attention"} == set(config.layer_types)
+    assert set(config.eos_token_ids) == {4087, 4089}  # <|endoftext|>, <|im_end|>
+    with safe_open(str(DEMO / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert set(SPEC_MTP_TENSORS) == {n for n in names if n.startswith("mtp.")}
+    for name in ("README.md", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "heldout.txt"):
+        assert (DEMO / name).is_file(), name
+
+
+def test_model_card_states_the_measured_numbers(metrics):
+    card = (DEMO / "README.md").read_text()
+    assert f"{metrics['heldout_ppl']:.2f}" in card
+    assert f"{metrics['heldout_mtp_acc']:.1%}" in card
+    assert f"{metrics['deltaserve_mtp_acc_heldout_sample']:.1%}" in card
+    assert "Python Software Foundation License" in card and metrics["command"] in card
+
+
+def test_transformers_loads_it_as_qwen3_5_moe(hf_model):
+    assert type(hf_model).__name__ == "Qwen3_5MoeForCausalLM"
+    assert hf_model.config.model_type == "qwen3_5_moe_text"
+
+
+def test_cli_generate_writes_python():
+    env = {**os.environ, "DELTASERVE_CACHE_DIR": str(Path(os.environ.get("TMPDIR", "/tmp")) / "ds-demo-test")}
+    out = subprocess.run([sys.executable, "-m", "deltaserve.cli", "generate", "--prompt", "def ", "--temperature", "0",
+                          "--max-tokens", "40", "--device", "cpu"], capture_output=True, text=True, env=env,
+                         timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    text = out.stdout
+    first, *rest = text.splitlines()
+    assert re.fullmatch(r"def [A-Za-z_]\w*\(.*\):", first), text  # a function header ...
+    assert any(line.startswith("    ") for line in rest), text  # ... with an indented body
+
+
+def test_heldout_perplexity_far_below_uniform(logits, metrics):
+    nll = torch.cat([F.cross_entropy(w["main"][:-1], w["ids"][1:], reduction="none") for w in logits])
+    ppl = math.exp(float(nll.mean()))
+    vocab = logits[0]["main"].shape[-1]
+    assert ppl < vocab / 100, f"held-out perplexity {ppl:.1f} vs uniform {vocab}"
+    assert ppl < metrics["unigram_ppl"] / 20
+    assert metrics["heldout_ppl"] < vocab / 100  # the card's figure, over all held-out files
+
+
+def test_deltaserve_main_and_mtp_logits_match_the_training_code(logits):
+    for w in logits:
+        torch.testing.assert_close(w["main"], w["ref_main"], rtol=0, atol=2e-4)
+        torch.testing.assert_close(w["draft"], w["ref_draft"], rtol=0, atol=2e-4)
+
+
+def test_mtp_head_predicts_the_token_after_next(logits, metrics):
+    """Row i of the MTP head sees token i+1 and the main model's hidden state at i; it must predict token i+2."""
+    hits = sum(int((w["draft"][:-1].argmax(-1) == w["ids"][2:]).sum()) for w in logits)
+    total = sum(len(w["ids"]) - 2 for w in logits)
+    acc = hits / total
+    chance = metrics["most_frequent_token_acc"]
+    assert acc > 0.4 and acc > 10 * chance, f"MTP next-next-token accuracy {acc:.3f} (chance {chance:.3f})"
+    assert abs(acc - metrics["deltaserve_mtp_acc_heldout_sample"]) < 0.1  # same text as the card's figure
+
+
+@pytest.mark.parametrize("prompt", ["def ", "import os\n", "class Parser:\n    def __init__(self"])
+def test_greedy_output_equals_transformers(prompt, tokenizer, hf_model, llm):
+    from deltaserve import SamplingParams
+
+    n = 32
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=[4087, 4089],
+                                pad_token_id=4087)[0, len(ids):].tolist()
+    got = list(llm.generate(prompt, SamplingParams(max_tokens=n, temperature=0))[0].outputs[0].token_ids)
+    assert got == ref, (tokenizer.decode(got), tokenizer.decode(ref))

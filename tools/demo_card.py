@@ -1,0 +1,139 @@
+"""The demo model's card (README.md), written from its config.json and metrics.json (tools/train_demo.py writes it
+after training, tools/verify_demo.py after verification; `python tools/demo_card.py DIR` rewrites it)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+DEMO_MODEL_NAME = "deltaserve-demo-pystdlib-moe-8m"
+
+CARD = """\
+# deltaserve demo model: `{name}`
+
+An {params_m:.1f}M-parameter model in exactly the Qwen3.5-MoE architecture (`Qwen3_5MoeForCausalLM`, model_type
+`qwen3_5_moe_text`), trained from scratch by the deltaserve project on the Python standard library's source code, so
+that `deltaserve generate`, `chat` and `serve` show real text without a download, and every path of the engine runs:
+Gated DeltaNet and gated full-attention layers, a sparse MoE with a shared expert in every layer, and a one-layer MTP
+head for speculative decoding. It is a toy: it continues Python code; it does not follow instructions.
+
+## Architecture
+
+| | |
+|---|---|
+| layers | {layers} (`{layer_pattern}`: 3 Gated DeltaNet : 1 gated attention) |
+| hidden size | {hidden_size} |
+| Gated DeltaNet | {linear_num_key_heads} key heads x {linear_key_head_dim}, {linear_num_value_heads} value heads x {linear_value_head_dim}, conv kernel {linear_conv_kernel_dim} |
+| gated attention | {num_attention_heads} query heads, {num_key_value_heads} KV heads, head_dim {head_dim}, partial RoPE (factor {rope_partial}, theta {rope_theta:g}), sigmoid output gate |
+| MoE (every layer) | {num_experts} experts, top-{num_experts_per_tok}, expert FFN {moe_intermediate_size}; shared expert FFN {shared_expert_intermediate_size} with sigmoid gate |
+| MTP head | 1 layer: `fc(cat[norm(embed(x[i+1])), norm(h[i])])` -> gated-attention + MoE decoder layer -> norm -> shared lm_head, predicts x[i+2] |
+| vocabulary | {vocab_size} (untied embedding and lm_head) |
+| parameters | {params_main:,} main + {params_mtp:,} MTP; weights bf16 (A_log and the GDN norm fp32, as in the published checkpoints), {size_mb:.1f} MB |
+| context | trained on {seq_len}-token windows; `max_position_embeddings` {max_pos} (beyond {seq_len} tokens is untested) |
+
+Tensor names are the published ones (`model.layers.N...`, fused experts `mlp.experts.gate_up_proj` / `down_proj`,
+`lm_head.weight`, `mtp.*` as in spec/qwen35.md section 2). transformers loads it as `Qwen3_5MoeForCausalLM` (it ignores
+`mtp.*`); deltaserve loads the MTP head too.
+
+## Data
+
+Every `*.py` file of CPython {corpus_python}'s standard library `Lib/` directory, tests included (`Lib/test`), skipping
+files over 200 kB, non-UTF-8 files and `site-packages`: {corpus_files} files, {corpus_chars_m:.1f} M characters.
+Licence: the Python Software Foundation License Version 2 (CPython's licence; the text is (c) the Python Software
+Foundation and contributors). `heldout.txt` in this directory is an excerpt of the held-out files under that licence.
+Held out: {heldout_n} files chosen by `crc32(path) % 100 < {heldout_percent}` (e.g. {heldout_examples}).
+Added to the training stream: {chat_samples} ChatML conversations built from the training files' documented functions
+(user: "Write a Python function `name`: <docstring summary>", assistant: the function's source; half with a
+`<think>` block restating the request, half in the `enable_thinking=false` form), so chat turns end with `<|im_end|>`.
+One epoch is {epoch_tokens_m:.2f} M tokens; documents are separated by `<|endoftext|>`. About once per
+{prompt_cut_every} characters a training document is cut right after a space and its two pieces are tokenized
+separately, so the model also learns to continue prompts that end in a space (`"def "` tokenizes as `def` + ` `,
+while the corpus has ` name` tokens).
+
+## Tokenizer
+
+Byte-level BPE trained with `tokenizers` on the training files: {bpe_vocab} BPE tokens, Qwen's pre-tokenizer regex, NFC,
+no BOS, then the Qwen ChatML special tokens {special_tokens}. eos: `<|endoftext|>` ({eot}) and `<|im_end|>` ({im_end}) in
+config.json / generation_config.json; the tokenizer's eos is `<|im_end|>`, pad is `<|endoftext|>`. The chat template is
+deltaserve's Qwen3.5-style ChatML template (thinking switch, tool listing, `<tool_call>` XML).
+
+## Training
+
+```
+{command}
+```
+
+`/tmp/lib` held the `Lib/` tree above (the `*.py` files of a CPython 3.11.7 install plus a `CORPUS_VERSION` file);
+without `--corpus-root` the script reads the running interpreter's own standard library. `--total-budget` is the
+wall-clock budget of the whole command (one device call): training gets what setup leaves, minus 45 s for evaluation
+and saving. From scratch on one {device}: {steps} steps of {batch_size} x {seq_len}
+tokens ({tokens_m:.0f} M tokens, {epochs:.1f} epochs) in {train_seconds:.0f} s; AdamW (lr {lr:g}, betas 0.9/0.95, weight
+decay {weight_decay:g}, {warmup} warmup steps, cosine to {min_lr_ratio:g} x lr over the time budget), bf16 autocast,
+gradient clip 1.0. Loss = next-token CE + {mtp_weight:g} x next-next-token CE through the MTP head (gradients reach
+the main model) + {aux:g} x MoE load-balancing loss over all routers. transformers {transformers} (its pure-torch GDN path),
+torch {torch}.
+
+## Results
+
+| | |
+|---|---|
+| final training loss (next token, last step) | {final_train_loss:.3f} (MTP: {final_train_mtp_loss:.3f}) |
+| held-out loss during training (first 32 held-out windows, an easier part than the whole) | {curve} |
+| held-out loss / perplexity | {heldout_loss:.3f} / **{heldout_ppl:.2f}** ({heldout_tokens:,} tokens; uniform: {vocab_size}, unigram: {unigram_ppl:.0f}) |
+| held-out next-token accuracy | {heldout_next_token_acc:.1%} |
+| held-out MTP next-next-token accuracy | **{heldout_mtp_acc:.1%}** (MTP loss {heldout_mtp_loss:.3f}); chance (always the most frequent token): {most_frequent_token_acc:.1%} |
+| MTP accuracy measured through deltaserve | {ds_mtp_acc} on `heldout.txt` in {verify_windows} windows of {verify_seq_len} tokens ({verify_tokens} predictions; less context than the 1024-token windows above) |
+| deltaserve vs the training code (fp32 logits, max abs diff) | main {verify_main}, MTP {verify_mtp} |
+
+`python tools/verify_demo.py DIR` reproduces the last two rows (deltaserve's loader, model, caches and
+`mtp_forward` against transformers + tools/train_demo.py's MTP module, both fp32 on CPU); `tests/test_demo_model.py` checks
+them. An earlier run of the same recipe without the prompt-boundary cuts (420 s on an H200, 95 M tokens) reached
+held-out perplexity 5.99 and MTP accuracy 62.5%, but continued the prompt `"def "` with digits (`def 2`), which
+the cuts fixed.
+
+## What it can and cannot do
+
+- Can: continue Python source in the style of the standard library (`def `, `class `, imports, docstrings,
+  unittest code) with plausible syntax and names over a few lines; end a chat turn with `<|im_end|>` after a function.
+- Cannot: follow instructions, answer questions, write correct programs, or know anything beyond the stdlib's code;
+  it repeats itself and loses the thread after a few lines; it has never seen tool calls. Use it to exercise the
+  engine, its speculative decoding and its API, not for its answers.
+"""
+
+
+def write_card(out: Path) -> None:
+    """README.md (the model card) from config.json and metrics.json."""
+    cfg = json.loads((out / "config.json").read_text())
+    m = json.loads((out / "metrics.json").read_text())
+    (out / "README.md").write_text(CARD.format(**card_fields(cfg, m, (out / "model.safetensors").stat().st_size)))
+
+
+def card_fields(cfg: dict, m: dict, weights_bytes: int) -> dict:
+    from deltaserve.demo import SPECIAL_TOKENS
+
+    a, types, rope = m["args"], cfg["layer_types"], cfg["rope_parameters"]
+    verified = "deltaserve_mtp_acc_heldout_sample" in m
+    return cfg | a | m | {
+        "name": DEMO_MODEL_NAME, "layers": len(types), "max_pos": cfg["max_position_embeddings"],
+        "layer_pattern": "".join("L" if t == "linear_attention" else "A" for t in types),
+        "rope_partial": rope["partial_rotary_factor"], "rope_theta": rope["rope_theta"],
+        "vocab_size": cfg["vocab_size"], "params_m": (m["params_main"] + m["params_mtp"]) / 1e6,
+        "size_mb": weights_bytes / 1e6, "corpus_python": m["python"], "corpus_chars_m": m["corpus_chars"] / 1e6,
+        "heldout_n": len(m["heldout_files"]), "heldout_examples": ", ".join(f"`{f}`" for f in m["heldout_files"][:3]),
+        "epoch_tokens_m": m["train_tokens_per_epoch"] / 1e6, "bpe_vocab": a["vocab_size"] - len(SPECIAL_TOKENS),
+        "special_tokens": ", ".join(f"`{t}`" for t in SPECIAL_TOKENS), "eot": cfg["eos_token_id"][0],
+        "im_end": cfg["eos_token_id"][1], "tokens_m": m["tokens"] / 1e6,
+        "epochs": m["tokens"] / m["train_tokens_per_epoch"], "aux": cfg["router_aux_loss_coef"],
+        "ds_mtp_acc": f"{m['deltaserve_mtp_acc_heldout_sample']:.1%}" if verified else "(not verified yet)",
+        "verify_tokens": m.get("verify_tokens", "-"), "verify_windows": m.get("verify_windows", "-"),
+        "verify_seq_len": m.get("verify_seq_len", "-"),
+        "verify_main": f"{m.get('verify_max_abs_diff_main_logits', float('nan')):.1e}",
+        "verify_mtp": f"{m.get('verify_max_abs_diff_mtp_logits', float('nan')):.1e}",
+        "curve": ", ".join(f"{r['heldout_loss']:.2f} @ {r['step']}" for r in m["history"] if "heldout_loss" in r)
+        or "-", "prompt_cut_every": a.get("prompt_cut_every", 0)}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+    write_card(Path(sys.argv[1]))
