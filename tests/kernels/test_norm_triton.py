@@ -32,30 +32,9 @@ EPS = 1e-6
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _interpreter_like_the_gpu():
-    """The interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even): make it round like the GPU, so
-    bf16 results (the residual sum above all, which must be bit-exact) compare as on the device."""
-    if not INTERPRET:
-        yield
-        return
-    import numpy as np
-    import triton.language as tl
-    import triton.runtime.interpreter as interp
-
-    original, sanitize = interp._convert_float, interp.InterpreterOptions.sanitize_overflow
-
-    def convert(data, src, dst, rounding_mode):
-        if src == tl.float32 and dst == tl.bfloat16:
-            bits = np.ascontiguousarray(data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-            out = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-            return np.where(np.isnan(data), np.uint16(0x7FC0), out).reshape(np.shape(data))
-        return original(data, src, dst, rounding_mode)
-
-    interp._convert_float = convert
-    interp.InterpreterOptions.sanitize_overflow = False
+def _interpreter_like_the_gpu(interpreter_rounds_like_the_gpu):
+    """bf16 results compare as they would on the device (see conftest)."""
     yield
-    interp._convert_float = original
-    interp.InterpreterOptions.sanitize_overflow = sanitize
 
 
 def rms64(x: torch.Tensor) -> torch.Tensor:
