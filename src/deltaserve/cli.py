@@ -30,7 +30,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="dummy: random weights at the checkpoint's shapes, for benchmarks")
     g.add_argument("--enforce-eager", action="store_true",
                    help="disable CUDA graphs for decode steps (on by default on GPU)")
-    g.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING, ...)")
+    g.add_argument("--log-level", default="INFO",
+                   help="logging level (DEBUG, INFO, WARNING, ...); INFO shows the memory plan (default)")
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
