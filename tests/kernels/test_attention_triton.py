@@ -33,12 +33,6 @@ def _interpreter_like_the_gpu(interpreter_rounds_like_the_gpu):
     yield
 
 
-def only_when_selected(request) -> None:
-    """Slow interpreter tests run only under an explicit `-m slow` (CI runs `-m 'not gpu'`)."""
-    if "slow" not in request.config.getoption("markexpr", "").replace("not slow", ""):
-        pytest.skip("slow interpreter run; select it with -m slow")
-
-
 def dense_truth(q, k, v, first_pos, scale):
     """q: [Lq, Hq, D] at positions first_pos.., k, v: [Lk, Hkv, D] -> [Lq, Hq, D] float64 (causal, GQA)."""
     q, k, v = q.double(), k.double(), v.double()
@@ -222,23 +216,20 @@ def test_fused_qk_norm_rope_write_kv_interpreted():
 @pytest.mark.slow
 @pytest.mark.parametrize("heads", [(4, 4), (6, 2), (8, 1)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prefill_odd_sizes_interpreted(heads, dtype, request):
-    only_when_selected(request)
+def test_prefill_odd_sizes_interpreted(heads, dtype):
     check_prefill([(0, 1), (64, 63), (0, 65), (17, 17)], heads, D, PAGE, dtype, "cpu",
                   torch.Generator().manual_seed(6))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("num_splits", [1, 2, 4])
-def test_decode_odd_sizes_interpreted(num_splits, request):
-    only_when_selected(request)
+def test_decode_odd_sizes_interpreted(num_splits):
     check_decode([1, 63, 0, 65, 130], (8, 2), D, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(7),
                  num_splits=num_splits)
 
 
 @pytest.mark.slow
-def test_fused_qk_norm_rope_write_kv_bf16_interpreted(request):
-    only_when_selected(request)
+def test_fused_qk_norm_rope_write_kv_bf16_interpreted():
     check_fused_qk_norm_rope(9, (4, 2), 48, 16, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(8))
 
 

@@ -206,7 +206,6 @@ RSS_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow
 def test_peak_rss_while_loading_stays_under_1_3x_weights(tmp_path):
     """A ~300 MB checkpoint: loading may not hold a second full copy of the weights in host memory."""
     cfg = {"architectures": ["Qwen3_5ForCausalLM"], "vocab_size": 8192, "hidden_size": 1024,
