@@ -22,6 +22,11 @@ from benchmarks.common import SHAPES, header, measure_copy_bandwidth, measure_ma
 from deltaserve.cache.tensors import kv_bytes_per_page, state_bytes_per_slot
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        _sync()
+
+
 def run_deltaserve(name: str, prompts: list[list[int]], output_len: int) -> float:
     from deltaserve import LLM, SamplingParams
 
@@ -31,15 +36,16 @@ def run_deltaserve(name: str, prompts: list[list[int]], output_len: int) -> floa
                   max_num_seqs=len(prompts), max_num_batched_tokens=8192)
         sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp)
-        torch.cuda.synchronize()
+        _sync()
         elapsed = time.perf_counter() - t0
         assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
         del llm
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return len(prompts) * output_len / elapsed
 
 
@@ -51,8 +57,9 @@ def run_transformers(name: str, prompts: list[list[int]], output_len: int) -> tu
     config_cls = transformers.Qwen3_5MoeTextConfig if moe else transformers.Qwen3_5TextConfig
     model_cls = transformers.Qwen3_5MoeForCausalLM if moe else transformers.Qwen3_5ForCausalLM
     config = config_cls(**{k: v for k, v in cfg.items() if k not in ("architectures", "dtype")})
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = model_cls(config).eval()
     torch.set_default_dtype(torch.float32)
     try:
@@ -60,16 +67,17 @@ def run_transformers(name: str, prompts: list[list[int]], output_len: int) -> tu
         has_fla = True
     except ImportError:
         has_fla = False
-    ids = torch.tensor(prompts, device="cuda")
+    ids = torch.tensor(prompts, device=device)
     model.generate(ids[:2, :16], max_new_tokens=2, do_sample=False)  # warm-up
-    torch.cuda.synchronize()
+    _sync()
     t0 = time.perf_counter()
     model.generate(ids, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False, pad_token_id=0)
-    torch.cuda.synchronize()
+    _sync()
     elapsed = time.perf_counter() - t0
     del model
     gc.collect()
-    torch.cuda.empty_cache()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return len(prompts) * output_len / elapsed, has_fla
 
 

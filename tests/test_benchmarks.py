@@ -1,0 +1,16 @@
+"""The benchmark scripts' plumbing on a tiny shape (CPU): they must not be first run on scarce GPU time."""
+
+from __future__ import annotations
+
+from benchmarks import bench_e2e
+from benchmarks.common import table
+
+
+def test_e2e_plumbing_on_a_tiny_shape():
+    prompts = [[5 + i + j for j in range(24)] for i in range(3)]
+    ours = bench_e2e.run_deltaserve("tiny", prompts, 6)
+    hf, _ = bench_e2e.run_transformers("tiny", prompts, 6)
+    ceiling = bench_e2e.ceiling_tok_s("tiny", 3, 24, 6, bw=3e12, rate=7e14)
+    assert ours > 0 and hf > 0 and ceiling > 0
+    out = table([{"engine": "deltaserve", "tok/s": ours}, {"engine": "hf", "tok/s": hf}])
+    assert "deltaserve" in out and "hf" in out
