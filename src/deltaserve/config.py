@@ -6,7 +6,6 @@ Environment variables are read in this module only (see `env_flag`).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -283,7 +282,3 @@ class SchedulerConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"'{name}' must be a positive integer, got {value!r}")
 
-
-def replace(config: Any, **changes: Any) -> Any:
-    """Derive a new frozen config (configs are never mutated)."""
-    return dataclasses.replace(config, **changes)

@@ -14,7 +14,7 @@ from deltaserve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from deltaserve.engine.request import Request, RequestStatus
 from deltaserve.engine.runner import ModelRunner
 from deltaserve.engine.sampler import Sampler, SamplerOutput, SamplingRow
-from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
+from deltaserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from deltaserve.engine.sequence import SequenceState
 from deltaserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from deltaserve.outputs import SequenceDelta, TokenLogprob
@@ -131,40 +131,39 @@ class LLMEngine:
         if out.is_empty:
             return []
         try:
-            sampled = self._run(out)
+            sampling, sampled = self._run(out)
         except Exception as e:  # a failing step fails the requests in it, never the engine
             log.exception("engine step failed")
             return self._fail(out, f"{type(e).__name__}: {e}")
-        tokens = {e.request_id: int(sampled.token_ids[i]) for i, e in enumerate(self._sampling(out))}
-        appended = self.scheduler.update_from_step(out, tokens)
+        token_ids = sampled.token_ids.tolist()
+        appended = self.scheduler.update_from_step(out, {e.request_id: t for e, t in zip(sampling, token_ids)})
         self.counters["generation_tokens"] += len(appended)
         self.counters["preemptions"] += len(out.preempted)
-        logprobs = self._logprobs(out, sampled)
+        logprobs = self._logprobs(sampling, token_ids, sampled)
         return [self._after_token(r, logprobs.get(r.request_id)) for r in appended]
 
-    @staticmethod
-    def _sampling(out: SchedulerOutput):
-        return [e for e in out.scheduled if e.samples_token]
-
-    def _run(self, out: SchedulerOutput) -> SamplerOutput:
+    def _run(self, out: SchedulerOutput) -> tuple[tuple[ScheduledRequest, ...], SamplerOutput]:
+        """Run the model and sample; returns the entries that sampled (in row order) and their samples on the CPU."""
         batch = build_step_batch(out.scheduled, page_size=self.cache_config.page_size, device=self.runner.device)
         result = self.runner.execute(batch.input_ids, batch.forward)
         if result is None:
-            return SamplerOutput(*([torch.empty(0)] * 4))
+            return (), SamplerOutput(*([torch.empty(0)] * 4))
         rows = [SamplingRow(params=e.request.sampling_params, prompt_token_ids=e.request.prompt_token_ids,
                             output_token_ids=e.request.output_token_ids, eos_token_ids=self.eos_ids)
                 for e in batch.sampling]
         sampled = self.sampler(result.logits, rows)
-        return SamplerOutput(*(t.cpu() for t in sampled))
+        return batch.sampling, SamplerOutput(*(t.cpu() for t in sampled))
 
-    def _logprobs(self, out: SchedulerOutput, sampled: SamplerOutput) -> dict[str, TokenLogprob]:
+    @staticmethod
+    def _logprobs(sampling: tuple[ScheduledRequest, ...], token_ids: list[int],
+                  sampled: SamplerOutput) -> dict[str, TokenLogprob]:
         result = {}
-        for i, entry in enumerate(self._sampling(out)):
+        for i, entry in enumerate(sampling):
             n = entry.request.sampling_params.logprobs
             if n is None:
                 continue
             top = tuple(zip(sampled.top_ids[i, :n].tolist(), sampled.top_logprobs[i, :n].tolist()))
-            result[entry.request_id] = TokenLogprob(int(sampled.token_ids[i]), float(sampled.logprobs[i]), top)
+            result[entry.request_id] = TokenLogprob(token_ids[i], float(sampled.logprobs[i]), top)
         return result
 
     def _after_token(self, request: Request, logprob: TokenLogprob | None) -> SequenceDelta:

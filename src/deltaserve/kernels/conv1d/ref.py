@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deltaserve.kernels._varlen import live_sequences
+
 
 def _conv_silu(windows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """windows: [..., C, W] fp32, weight: [C, W] fp32 -> silu(conv) [..., C] fp32.
@@ -33,11 +35,7 @@ def causal_conv1d_prefill(
     width = weight.shape[1]
     w = weight.float()
     y = torch.zeros_like(x)
-    bounds = cu_seqlens.tolist()
-    for n, (slot, init) in enumerate(zip(slots.tolist(), has_initial_state.tolist())):
-        if slot < 0:
-            continue
-        lo, hi = bounds[n], bounds[n + 1]
+    for lo, hi, slot, init in live_sequences(cu_seqlens, slots, has_initial_state):
         if init:
             hist = conv_state[slot].float()
         else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deltaserve.kernels._varlen import live_sequences
+
 _L2_EPS = 1e-6
 
 
@@ -98,11 +100,7 @@ def chunk_gated_delta_rule(
     q32, k32 = _prep_qk(q, k, num_v_heads, scale, use_qk_l2norm)
     v32, g32, beta32 = v.float(), g.float(), beta.float()
     o = torch.zeros_like(v)
-    bounds = cu_seqlens.tolist()
-    for n, (slot, init) in enumerate(zip(slots.tolist(), has_initial_state.tolist())):
-        if slot < 0:
-            continue
-        lo, hi = bounds[n], bounds[n + 1]
+    for lo, hi, slot, init in live_sequences(cu_seqlens, slots, has_initial_state):
         if init:
             s0 = state[slot].float()
         else:

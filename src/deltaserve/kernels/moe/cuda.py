@@ -14,11 +14,6 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits: [T, E] -> (weights fp32 [T, k] renormalised, ids int64 [T, k]); same math as the ref."""
-    return ref.moe_topk_softmax(router_logits=router_logits, top_k=top_k)
-
-
 def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """x: [T, D]; w13: [E, 2I, D]; w2: [E, D, I]; topk_weights/ids: [T, k] -> [T, D] in x.dtype."""
