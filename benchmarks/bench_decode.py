@@ -35,7 +35,8 @@ def weight_bytes_read(model, cfg, batch: int) -> float:
     return total
 
 
-def bench_one(name: str, batch: int, context: int, bw: float) -> dict:
+def setup_decode(name: str, batch: int, context: int):
+    """Dummy-weight model, cache, a decode batch at `context` tokens per sequence, and its captured graph."""
     cfg = model_config(name)
     model = load_model(cfg, load_format="dummy", device="cuda", dtype=torch.bfloat16, with_mtp=False)
     pages_per_seq = -(-(context + 1) // PAGE)
@@ -51,6 +52,11 @@ def bench_one(name: str, batch: int, context: int, bw: float) -> dict:
     graphs = DecodeGraphs(model, cache, max_batch=batch, max_pages=pages_per_seq, device=torch.device("cuda"))
     graphs.sizes = [batch]
     graphs.capture()
+    return cfg, model, cache, fb, ids, graphs
+
+
+def bench_one(name: str, batch: int, context: int, bw: float) -> dict:
+    cfg, model, cache, fb, ids, graphs = setup_decode(name, batch, context)
     ms_graph = triton.testing.do_bench(lambda: graphs.run(ids, fb), warmup=20, rep=200, return_mode="median")
     with torch.no_grad():
         ms_eager = triton.testing.do_bench(lambda: model.compute_logits(model(ids, fb, cache)), warmup=5, rep=50,

@@ -172,7 +172,8 @@ def conv_prefill_shape(rows: list[dict[str, Any]], copy_bw: float, total: int) -
                  "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e-3 / copy_bw})
 
 
-def prefill_shape(rows: list[dict[str, Any]], model: str, total: int) -> None:
+def prefill_inputs(model: str, total: int) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(ours, fla's) chunked prefill of one sequence of `total` tokens from an initial state, at a model's shape."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule as fla_chunk
 
     from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule
@@ -197,7 +198,13 @@ def prefill_shape(rows: list[dict[str, Any]], model: str, total: int) -> None:
         fla_chunk(q[None], k[None], v[None], g[None], beta[None], scale=K**-0.5, initial_state=h0,
                   output_final_state=True, use_qk_l2norm_in_kernel=True, cu_seqlens=cu64)
 
+    return ours, theirs
+
+
+def prefill_shape(rows: list[dict[str, Any]], model: str, total: int) -> None:
+    ours, theirs = prefill_inputs(model, total)
     ms_ours, ms_fla = bench(ours), bench(theirs)
+    h, hv = MODELS[model]
     shape = f"{model} H{h}/HV{hv} T={total}"
     nan = float("nan")
     rows.append({"kernel": "chunk_gated_delta_rule (fla + slot gather/scatter)", "shape": shape, "mode": "eager",

@@ -131,11 +131,11 @@ def write_demo_checkpoint(out: Path) -> None:
     from safetensors.torch import save_file
 
     from deltaserve.config import ModelConfig
-    from deltaserve.models.loader import load_model
+    from deltaserve.models.loader import checkpoint_state_dict, load_model
 
     config = ModelConfig.from_dict(DEMO_CONFIG)
     model = load_model(config, load_format="dummy", dtype=torch.float32, with_mtp=True)
-    save_file({n: p.contiguous() for n, p in model.state_dict().items()}, str(out / "model.safetensors"),
+    save_file({n: p.contiguous() for n, p in checkpoint_state_dict(model).items()}, str(out / "model.safetensors"),
               metadata={"format": "pt"})
     eos = write_byte_tokenizer(out)
     (out / "config.json").write_text(json.dumps({**DEMO_CONFIG, "eos_token_id": eos[0]}, indent=2))

@@ -178,8 +178,10 @@ def test_conv_prefill_gpu(case):
 # fused GDN decode
 
 
-def decode_case(n, dims, dtype, device, seed, width=4, pad=True):
-    """Inputs of fused_gdn_decode with NaN-poisoned pools; returns (kwargs without the pools, conv pool, ssm pool)."""
+def decode_case(n, dims, dtype, device, seed, width=4, pad=True, merged=False):
+    """Inputs of fused_gdn_decode with NaN-poisoned pools; returns (kwargs without the pools, conv pool, ssm pool).
+    merged=True passes mixed_qkv, b and a as column slices of one wider row, as the GDN layer's merged projection
+    produces them."""
     num_k_heads, head_k_dim, num_v_heads, head_v_dim = dims
     gen = torch.Generator().manual_seed(seed)
     conv_dim = 2 * num_k_heads * head_k_dim + num_v_heads * head_v_dim
@@ -199,6 +201,10 @@ def decode_case(n, dims, dtype, device, seed, width=4, pad=True):
     ssm_pool = nan_pool((num_slots, num_v_heads, head_k_dim, head_v_dim), used,
                         lambda shp: torch.randn(shp, generator=gen) * 0.3, torch.float32)
     kw = {key: val.to(device) for key, val in kw.items()}
+    if merged:
+        z = torch.full((n, 5), float("nan"), dtype=dtype, device=device)  # in_proj_z's columns, unread here
+        wide = torch.cat([kw["mixed_qkv"], z, kw["b"], kw["a"]], dim=1)
+        kw["mixed_qkv"], _, kw["b"], kw["a"] = wide.split([conv_dim, 5, num_v_heads, num_v_heads], dim=1)
     kw.update(num_k_heads=num_k_heads, head_k_dim=head_k_dim, num_v_heads=num_v_heads, head_v_dim=head_v_dim,
               scale=head_k_dim**-0.5)
     return kw, conv_pool.to(device), ssm_pool.to(device)
@@ -216,8 +222,8 @@ def run_ref_decode(kw, conv_pool, ssm_pool, upcast=False):
     return o, conv_pool, ssm_pool
 
 
-def check_decode(fn, n, dims, dtype, device, seed=0):
-    kw, conv_pool, ssm_pool = decode_case(n, dims, dtype, device, seed)
+def check_decode(fn, n, dims, dtype, device, seed=0, merged=False):
+    kw, conv_pool, ssm_pool = decode_case(n, dims, dtype, device, seed, merged=merged)
     conv_before, ssm_before = conv_pool.clone(), ssm_pool.clone()
     o_ref, conv_ref_pool, ssm_ref_pool = run_ref_decode(kw, conv_before, ssm_before)
     o = fn(conv_state=conv_pool, ssm_state=ssm_pool, **kw)
@@ -280,6 +286,10 @@ def test_fused_gdn_decode_interpreter_fp32(n):
     check_decode(gdn_mod().fused_gdn_decode, n, TINY, torch.float32, "cpu", seed=n)
 
 
+def test_fused_gdn_decode_interpreter_strided_inputs():
+    check_decode(gdn_mod().fused_gdn_decode, 3, TINY, torch.float32, "cpu", seed=7, merged=True)
+
+
 @pytest.mark.parametrize("n,dims", [(3, TINY), (2, (2, 16, 6, 16))])
 def test_fused_gdn_decode_interpreter_packed(n, dims):
     mod = gdn_mod()
@@ -311,6 +321,7 @@ def test_fused_gdn_decode_gpu(n, model):
     from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
 
     check_decode(fused_gdn_decode, n, MODEL_DIMS[model], torch.bfloat16, "cuda", seed=n)
+    check_decode(fused_gdn_decode, n, MODEL_DIMS[model], torch.bfloat16, "cuda", seed=n, merged=True)
 
 
 DECODE_CONFIGS = [(False, 8, 1), (False, 16, 1), (False, 16, 2), (False, 32, 4), (False, 128, 8),

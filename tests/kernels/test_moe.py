@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tolerances import assert_close
 
 from deltaserve.kernels.moe import fused_moe, moe_topk_softmax
@@ -51,3 +52,22 @@ def test_fused_moe(dtype, tokens):
     y = fused_moe(x=x, w13=w13, w2=w2, topk_weights=weights, topk_ids=ids)
     assert y.dtype == dtype and y.shape == x.shape
     assert_close(y, moe_truth(x, w13, w2, weights, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_moe_with_shared_expert(dtype):
+    gen = torch.Generator().manual_seed(7)
+    tokens, num_experts, top_k, shared_inter = 9, 12, 3, 16
+    x = torch.randn(tokens, D, generator=gen).to(dtype)
+    w13 = (torch.randn(num_experts, 2 * I, D, generator=gen) * D**-0.5).to(dtype)
+    w2 = (torch.randn(num_experts, D, I, generator=gen) * I**-0.5).to(dtype)
+    s13 = (torch.randn(2 * shared_inter, D, generator=gen) * D**-0.5).to(dtype)
+    s2 = (torch.randn(D, shared_inter, generator=gen) * shared_inter**-0.5).to(dtype)
+    gate = torch.randn(tokens, 1, generator=gen).to(dtype)
+    weights, ids = moe_topk_softmax(router_logits=torch.randn(tokens, num_experts, generator=gen), top_k=top_k)
+    y = fused_moe(x=x, w13=w13, w2=w2, topk_weights=weights, topk_ids=ids, shared_w13=s13, shared_w2=s2,
+                  shared_gate=gate)
+    hs = x.double() @ s13.double().T
+    shared = torch.sigmoid(gate.double()) * ((F.silu(hs[:, :shared_inter]) * hs[:, shared_inter:]) @ s2.double().T)
+    assert y.dtype == dtype
+    assert_close(y, moe_truth(x, w13, w2, weights, ids) + shared)

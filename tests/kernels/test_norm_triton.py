@@ -75,10 +75,15 @@ def check_rms_norm_residual(shape, dtype, device, seed):
     assert_close(y, rms64(h) * (1 + w.double()))
 
 
-def check_gated_rms_norm(shape, dtype, device, seed):
+def check_gated_rms_norm(shape, dtype, device, seed, gate_in_wider_rows=False):
     gen = torch.Generator().manual_seed(seed)
     x = randn(*shape, gen=gen, dtype=dtype, device=device)
     gate = randn(*shape, gen=gen, dtype=dtype, device=device, scale=2)
+    if gate_in_wider_rows:  # as in the GDN layer: z is a column slice of the merged input projection's output
+        wide = randn(shape[0], 7 + shape[1] * shape[2] + 5, gen=gen, dtype=dtype, device=device)
+        wide[:, 7:7 + shape[1] * shape[2]] = gate.reshape(shape[0], -1)
+        gate = wide[:, 7:7 + shape[1] * shape[2]].view(shape)
+        assert not gate.is_contiguous()
     w = randn(shape[-1], gen=gen, dtype=torch.float32, device=device)  # GDN keeps this weight in fp32
     y = norm.gated_rms_norm(x=x, gate=gate, weight=w, eps=EPS)
     assert y.dtype == dtype and y.shape == x.shape
@@ -138,6 +143,7 @@ def test_rms_norm_residual_interpreted(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_rms_norm_interpreted(dtype):
     check_gated_rms_norm((5, 3, 24), dtype, "cpu", seed=4)
+    check_gated_rms_norm((5, 3, 24), dtype, "cpu", seed=4, gate_in_wider_rows=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -191,6 +197,7 @@ def test_qk_norm_shape_gpu(dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gated_rms_norm_gpu(rows, dtype):
     check_gated_rms_norm((rows, 48, 128), dtype, "cuda", seed=rows)
+    check_gated_rms_norm((rows, 48, 128), dtype, "cuda", seed=rows, gate_in_wider_rows=True)
 
 
 @GPU

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from deltaserve.config import ModelConfig
 from deltaserve.models import loader
-from deltaserve.models.loader import CheckpointError, load_model
+from deltaserve.models.loader import CheckpointError, checkpoint_state_dict, load_model
 from tests.models.factory import TinySpec, save_checkpoint
 
 
@@ -93,11 +93,19 @@ def test_no_weights_at_all(tmp_path, dense_dir):
 def test_values_and_fp32_params(dense_dir):
     model = load(dense_dir, )
     ref = load_file(dense_dir / "model.safetensors")
-    assert torch.equal(model.model.layers[0].linear_attn.in_proj_qkv.weight, ref["model.layers.0.linear_attn.in_proj_qkv.weight"])
+    # The four GDN input projections live as rows of one merged weight, in checkpoint order.
+    merged = model.model.layers[0].linear_attn.in_proj
+    for shard, rows in merged.shard_rows().items():
+        assert torch.equal(merged.weight[rows], ref[f"model.layers.0.linear_attn.{shard}.weight"]), shard
+    assert merged.weight.shape[0] == sum(ref[f"model.layers.0.linear_attn.{s}.weight"].shape[0] for s in merged.shards)
+    attn = next(layer.self_attn for layer in model.model.layers if hasattr(layer, "self_attn"))
+    i = next(i for i, layer in enumerate(model.model.layers) if hasattr(layer, "self_attn"))
+    for shard, rows in attn.qkv_proj.shard_rows().items():
+        assert torch.equal(attn.qkv_proj.weight[rows], ref[f"model.layers.{i}.self_attn.{shard}.weight"]), shard
     bf16 = load_model(ModelConfig.from_hf(dense_dir), dtype="bfloat16")
     gdn = bf16.model.layers[0].linear_attn
     assert gdn.A_log.dtype == torch.float32 and gdn.norm.weight.dtype == torch.float32
-    assert gdn.in_proj_qkv.weight.dtype == torch.bfloat16
+    assert gdn.in_proj.weight.dtype == torch.bfloat16
     assert torch.equal(gdn.A_log, ref["model.layers.0.linear_attn.A_log"])
 
 
@@ -214,7 +222,7 @@ def test_peak_rss_while_loading_stays_under_1_3x_weights(tmp_path):
            "linear_key_head_dim": 64, "linear_value_head_dim": 64, "dtype": "float32"}
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     model = load_model(ModelConfig.from_hf(tmp_path), load_format="dummy")
-    save_file({n: p.contiguous() for n, p in model.state_dict().items()}, tmp_path / "model.safetensors")
+    save_file({n: p.contiguous() for n, p in checkpoint_state_dict(model).items()}, tmp_path / "model.safetensors")
     del model
     out = subprocess.run([sys.executable, "-c", RSS_SCRIPT, str(tmp_path)], capture_output=True, text=True, check=True)
     m = json.loads(out.stdout.strip().splitlines()[-1])

@@ -8,7 +8,7 @@ from torch import nn
 
 from deltaserve.config import ModelConfig
 from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, qk_norm_rope_write_kv
-from deltaserve.layers.linear import Linear
+from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.layers.meta import ForwardBatch
 from deltaserve.layers.norm import RMSNorm
 
@@ -23,9 +23,8 @@ class GatedAttention(nn.Module):
         self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
         self.scale = self.head_dim ** -0.5
         d, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.q_proj = Linear(d, 2 * q_out, dtype=dtype, device=device)
-        self.k_proj = Linear(d, kv_out, dtype=dtype, device=device)
-        self.v_proj = Linear(d, kv_out, dtype=dtype, device=device)
+        self.qkv_proj = MergedLinear(d, {"q_proj": 2 * q_out, "k_proj": kv_out, "v_proj": kv_out}, dtype=dtype,
+                                     device=device)
         self.o_proj = Linear(q_out, d, dtype=dtype, device=device)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
@@ -33,10 +32,11 @@ class GatedAttention(nn.Module):
     def forward(self, x: torch.Tensor, batch: ForwardBatch, kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """x: [T, D] -> [T, D]."""
         T = x.shape[0]
+        q_gate, k, v = self.qkv_proj.forward_split(x)
         # q_proj rows are per head [query(hd) | gate(hd)], not [all queries | all gates].
-        q, gate = self.q_proj(x).view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
-        k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)
+        q, gate = q_gate.view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
+        k = k.view(T, self.num_kv_heads, self.head_dim)
+        v = v.view(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         # q/k zero-centred RMSNorm, partial RoPE, K/V into their pages: one fused op on GPU.
         q, _ = qk_norm_rope_write_kv(q=q.contiguous(), k=k, v=v, q_weight=self.q_norm.weight,

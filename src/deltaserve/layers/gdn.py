@@ -9,7 +9,7 @@ from torch import nn
 from deltaserve.config import ModelConfig
 from deltaserve.kernels.conv1d import causal_conv1d_prefill
 from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_gdn_decode, gdn_gating
-from deltaserve.layers.linear import Linear, new_param
+from deltaserve.layers.linear import Linear, MergedLinear, new_param
 from deltaserve.layers.meta import ForwardBatch
 from deltaserve.layers.norm import GatedRMSNorm
 
@@ -24,10 +24,10 @@ class GatedDeltaNet(nn.Module):
         self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
         self.key_dim, self.value_dim, self.conv_dim = config.key_dim, config.value_dim, config.conv_dim
         d = config.hidden_size
-        self.in_proj_qkv = Linear(d, self.conv_dim, dtype=dtype, device=device)
-        self.in_proj_z = Linear(d, self.value_dim, dtype=dtype, device=device)
-        self.in_proj_b = Linear(d, self.num_v_heads, dtype=dtype, device=device)
-        self.in_proj_a = Linear(d, self.num_v_heads, dtype=dtype, device=device)
+        # The four input projections as one weight: one GEMM (b and a alone are tiny, launch-bound GEMVs at decode).
+        self.in_proj = MergedLinear(d, {"in_proj_qkv": self.conv_dim, "in_proj_z": self.value_dim,
+                                        "in_proj_b": self.num_v_heads, "in_proj_a": self.num_v_heads},
+                                    dtype=dtype, device=device)
         self.conv1d = nn.Module()
         self.conv1d.weight = new_param(self.conv_dim, 1, config.linear_conv_kernel_dim, dtype=dtype, device=device)
         self.dt_bias = new_param(self.num_v_heads, dtype=dtype, device=device)
@@ -40,30 +40,31 @@ class GatedDeltaNet(nn.Module):
         """x: [T, D] -> [T, D]; reads and writes this layer's conv/ssm state of each sequence in place."""
         T = x.shape[0]
         conv_state, ssm_state = state
+        mixed_qkv, z, b, a = self.in_proj.forward_split(x)  # column views of one GEMM output
         if batch.is_decode:  # one fused kernel: conv update, gating, l2-norm, recurrence on the slot's state
             o = fused_gdn_decode(
-                mixed_qkv=self.in_proj_qkv(x), a=self.in_proj_a(x), b=self.in_proj_b(x), A_log=self.A_log,
+                mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log,
                 dt_bias=self.dt_bias, conv_weight=self.conv1d.weight.squeeze(1), conv_state=conv_state,
                 ssm_state=ssm_state, slots=batch.state_slots, num_k_heads=self.num_k_heads,
                 head_k_dim=self.head_k_dim, num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim,
                 scale=self.head_k_dim ** -0.5)
         else:
-            o = self._prefill(x, batch, conv_state, ssm_state)
-        z = self.in_proj_z(x).view(T, self.num_v_heads, self.head_v_dim)
+            o = self._prefill(mixed_qkv, a, b, batch, conv_state, ssm_state)
+        z = z.view(T, self.num_v_heads, self.head_v_dim)
         return self.out_proj(self.norm(o, z).reshape(T, self.value_dim))
 
-    def _prefill(self, x: torch.Tensor, batch: ForwardBatch, conv_state: torch.Tensor,
-                 ssm_state: torch.Tensor) -> torch.Tensor:
+    def _prefill(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: ForwardBatch,
+                 conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
         """Varlen chunks, each from its slot's state (or zeros); final conv/ssm states written back to the slots."""
-        T = x.shape[0]
-        mixed = causal_conv1d_prefill(x=self.in_proj_qkv(x), weight=self.conv1d.weight.squeeze(1),
+        T = mixed_qkv.shape[0]
+        mixed = causal_conv1d_prefill(x=mixed_qkv, weight=self.conv1d.weight.squeeze(1),
                                       conv_state=conv_state, cu_seqlens=batch.cu_seqlens, slots=batch.state_slots,
                                       has_initial_state=batch.has_initial_state)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # beta is rounded to the activation dtype as in the reference implementation.
-        g, beta = gdn_gating(a=self.in_proj_a(x), b=self.in_proj_b(x), A_log=self.A_log, dt_bias=self.dt_bias)
+        g, beta = gdn_gating(a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias)
         return chunk_gated_delta_rule(
             q=q.reshape(T, self.num_k_heads, self.head_k_dim), k=k.reshape(T, self.num_k_heads, self.head_k_dim),
-            v=v.reshape(T, self.num_v_heads, self.head_v_dim), g=g, beta=beta.to(x.dtype), state=ssm_state,
+            v=v.reshape(T, self.num_v_heads, self.head_v_dim), g=g, beta=beta.to(mixed_qkv.dtype), state=ssm_state,
             slots=batch.state_slots, cu_seqlens=batch.cu_seqlens, has_initial_state=batch.has_initial_state,
             scale=self.head_k_dim ** -0.5, use_qk_l2norm=True)

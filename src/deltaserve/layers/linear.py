@@ -25,3 +25,29 @@ class Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}"
+
+
+class MergedLinear(Linear):
+    """Projections of the same input stored as one weight, so they run as one GEMM (at decode, one weight stream
+    instead of several small ones). Checkpoints keep them apart: `shards` maps each checkpoint projection name (a
+    sibling of this module, e.g. "gate_proj") to its row count; the loader fills each shard's rows in order."""
+
+    def __init__(self, in_features: int, shards: dict[str, int], *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__(in_features, sum(shards.values()), dtype=dtype, device=device)
+        self.shards = dict(shards)
+
+    def shard_rows(self) -> dict[str, slice]:
+        """Checkpoint projection name -> its rows of the merged weight."""
+        rows, start = {}, 0
+        for name, size in self.shards.items():
+            rows[name] = slice(start, start + size)
+            start += size
+        return rows
+
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The shards' outputs, in order: column views of one [T, out] result."""
+        return self(x).split(list(self.shards.values()), dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, shards={self.shards}"

@@ -7,7 +7,7 @@ from torch import nn
 
 from deltaserve.config import ModelConfig
 from deltaserve.kernels.moe import fused_moe, moe_topk_softmax
-from deltaserve.layers.linear import Linear, new_param
+from deltaserve.layers.linear import MergedLinear, new_param
 from deltaserve.layers.mlp import MLP
 
 
@@ -30,17 +30,19 @@ class SparseMoE(nn.Module):
         super().__init__()
         assert config.num_experts and config.moe_intermediate_size and config.shared_expert_intermediate_size
         self.top_k = config.num_experts_per_tok
-        self.gate = Linear(config.hidden_size, config.num_experts, dtype=dtype, device=device)
+        # The router (checkpoint name "gate") and the shared expert's gate as one GEMM: [E + 1, D].
+        self.router = MergedLinear(config.hidden_size, {"gate": config.num_experts, "shared_expert_gate": 1},
+                                   dtype=dtype, device=device)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size,
                                dtype=dtype, device=device)
         self.shared_expert = MLP(config.hidden_size, config.shared_expert_intermediate_size, dtype=dtype, device=device)
-        self.shared_expert_gate = Linear(config.hidden_size, 1, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weights, ids = moe_topk_softmax(router_logits=self.gate(x), top_k=self.top_k)
+        router_logits, shared_gate_logit = self.router.forward_split(x)
+        weights, ids = moe_topk_softmax(router_logits=router_logits, top_k=self.top_k)
         # The router weights are rounded to the activation dtype before use, as the reference model does.
         weights = weights.to(x.dtype)
-        routed = fused_moe(x=x, w13=self.experts.gate_up_proj, w2=self.experts.down_proj,
-                           topk_weights=weights, topk_ids=ids)
-        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed + shared
+        # The shared expert runs inside the same op, as one more expert per token weighted by sigmoid(its gate).
+        return fused_moe(x=x, w13=self.experts.gate_up_proj, w2=self.experts.down_proj, topk_weights=weights,
+                         topk_ids=ids, shared_w13=self.shared_expert.gate_up_proj.weight,
+                         shared_w2=self.shared_expert.down_proj.weight, shared_gate=shared_gate_logit)

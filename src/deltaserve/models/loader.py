@@ -130,12 +130,41 @@ def normalize_name(name: str) -> str | None:
     return name  # lm_head.weight, mtp.*
 
 
-def resolve_target(name: str, params: dict[str, torch.nn.Parameter]) -> Target | None:
+def merged_shards(model: torch.nn.Module) -> dict[str, tuple[str, slice]]:
+    """Checkpoint name of each projection that the model stores merged (layers.linear.MergedLinear) -> (the merged
+    parameter's name, its rows there)."""
+    from deltaserve.layers.linear import MergedLinear
+
+    out = {}
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, MergedLinear):
+            parent = mod_name.rpartition(".")[0]
+            for shard, rows in mod.shard_rows().items():
+                out[f"{parent}.{shard}.weight" if parent else f"{shard}.weight"] = (f"{mod_name}.weight", rows)
+    return out
+
+
+def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under checkpoint names (merged projections split back into theirs): what load_model
+    reads, e.g. to save a dummy-weight model as a checkpoint."""
+    state = model.state_dict()
+    shards = merged_shards(model)
+    merged = {m for m, _ in shards.values()}
+    out = {n: t for n, t in state.items() if n not in merged}
+    out.update({n: state[m][rows] for n, (m, rows) in shards.items()})
+    return out
+
+
+def resolve_target(name: str, params: dict[str, torch.nn.Parameter],
+                   shards: dict[str, tuple[str, slice]] | None = None) -> Target | None:
     if name in params:
         p = params[name]
         units = 2 * p.shape[0] if name.endswith("experts.gate_up_proj") else (
             p.shape[0] if name.endswith("experts.down_proj") else 1)
         return Target(name, lambda t: t, units)
+    if shards and name in shards:
+        merged, rows = shards[name]
+        return Target(merged, lambda t: t[rows], 1)
     m = _PER_EXPERT.match(name)
     if m is None:
         return None
@@ -150,7 +179,9 @@ def resolve_target(name: str, params: dict[str, torch.nn.Parameter]) -> Target |
     return Target(fused, lambda t: t[e, rows], 1)
 
 
-def required_units(name: str, p: torch.Tensor) -> int:
+def required_units(name: str, p: torch.Tensor, shard_counts: dict[str, int] | None = None) -> int:
+    if shard_counts and name in shard_counts:
+        return shard_counts[name]
     if name.endswith("experts.gate_up_proj"):
         return 2 * p.shape[0]
     if name.endswith("experts.down_proj"):
@@ -160,17 +191,19 @@ def required_units(name: str, p: torch.Tensor) -> int:
 
 # ---- planning and loading ------------------------------------------------------------------------------------------
 
-def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter],
-              config: ModelConfig) -> list[tuple[TensorEntry, Target]]:
-    """Match every checkpoint tensor to its parameter; raise listing every problem found."""
+def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter], config: ModelConfig,
+              shards: dict[str, tuple[str, slice]] | None = None) -> list[tuple[TensorEntry, Target]]:
+    """Match every checkpoint tensor to its parameter (or its rows of a merged one); raise listing every problem."""
+    shards = shards or {}
     plan: list[tuple[TensorEntry, Target]] = []
     unexpected, mismatched = [], []
     covered: dict[str, int] = {}
+    seen = set()
     for entry in entries:
         name = normalize_name(entry.name)
         if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue  # vision tower, or a redundant copy of the tied embedding
-        target = resolve_target(name, params)
+        target = resolve_target(name, params, shards)
         if target is None:
             unexpected.append(entry.name)
             continue
@@ -179,9 +212,16 @@ def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter],
             mismatched.append(f"{entry.name}: expected {list(expected)}, found {list(entry.shape)}")
             continue
         covered[target.param_name] = covered.get(target.param_name, 0) + target.units
+        seen.add(name)
         plan.append((entry, target))
-    missing = [n for n, p in params.items() if covered.get(n, 0) < required_units(n, p)]
-    duplicated = [n for n, p in params.items() if covered.get(n, 0) > required_units(n, p)]
+    shard_counts: dict[str, int] = {}
+    for merged, _ in shards.values():
+        shard_counts[merged] = shard_counts.get(merged, 0) + 1
+    # A merged parameter short of a shard is reported by the checkpoint name of the shard that is missing.
+    missing = [n for n, (merged, _) in shards.items() if n not in seen and merged in params]
+    missing += [n for n, p in params.items()
+                if n not in shard_counts and covered.get(n, 0) < required_units(n, p)]
+    duplicated = [n for n, p in params.items() if covered.get(n, 0) > required_units(n, p, shard_counts)]
     problems = []
     if mismatched:
         problems.append("shape mismatch:\n  " + "\n  ".join(mismatched))
@@ -200,7 +240,7 @@ def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter],
 
 def load_weights(model: Qwen3_5ForCausalLM, entries: list[TensorEntry]) -> None:
     params = dict(model.named_parameters())
-    plan = plan_load(entries, params, model.config)
+    plan = plan_load(entries, params, model.config, merged_shards(model))
     total = sum(e.end - e.begin for e, _ in plan)
     with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights",
                                disable=total < PROGRESS_MIN_BYTES) as bar:

@@ -212,7 +212,9 @@ def fused_gdn_decode_launch(
     if conv_state.shape[1:] != (width - 1, conv_dim) or conv_state.stride(2) != 1:
         raise ValueError(f"conv_state must be [S, {width - 1}, {conv_dim}] contiguous in channels, got "
                          f"{tuple(conv_state.shape)} strides {conv_state.stride()}")
-    mixed_qkv, a, b, conv_weight = (t.contiguous() for t in (mixed_qkv, a, b, conv_weight))
+    # Rows may be strided (column slices of the merged input projection); only the last dim must be unit-stride.
+    mixed_qkv, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (mixed_qkv, a, b))
+    conv_weight = conv_weight.contiguous()
     o = mixed_qkv.new_empty(n, hv, dv)
     if n == 0:
         return o

@@ -1,4 +1,7 @@
-"""Mixture-of-experts: top-k softmax routing and the routed expert FFN (grouped GEMMs on CUDA)."""
+"""Mixture-of-experts: top-k softmax routing and the routed (+ shared) expert FFN.
+
+CUDA tensors run ``triton.py`` (per-pair kernels at small batch, grouped GEMMs from ``cuda.py`` past it); anything
+else runs the references in ``ref.py``."""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ from deltaserve.kernels._dispatch import dispatch
 
 from . import ref
 
-moe_topk_softmax = ref.moe_topk_softmax  # a softmax and a top-k: torch ops already run on the GPU
-fused_moe = dispatch(ref.fused_moe, "deltaserve.kernels.moe.cuda")
+moe_topk_softmax = dispatch(ref.moe_topk_softmax, "deltaserve.kernels.moe.triton")
+fused_moe = dispatch(ref.fused_moe, "deltaserve.kernels.moe.triton")
 
 __all__ = ["fused_moe", "moe_topk_softmax"]

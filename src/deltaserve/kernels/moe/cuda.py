@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from deltaserve.kernels.moe import ref
 
 
-def _grouped_mm_available(x: torch.Tensor) -> bool:
+def grouped_mm_available(x: torch.Tensor) -> bool:
     return (x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
@@ -17,7 +17,7 @@ def _grouped_mm_available(x: torch.Tensor) -> bool:
 def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """x: [T, D]; w13: [E, 2I, D]; w2: [E, D, I]; topk_weights/ids: [T, k] -> [T, D] in x.dtype."""
-    if not _grouped_mm_available(x):
+    if not grouped_mm_available(x):
         return ref.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
     T, k = topk_ids.shape
     E = w13.shape[0]

@@ -23,15 +23,25 @@ def fused_moe(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    shared_w13: torch.Tensor | None = None,
+    shared_w2: torch.Tensor | None = None,
+    shared_gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y[t] = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]), fp32 math.
+    """y[t] = sum_j topk_weights[t, j] * Expert_{topk_ids[t, j]}(x[t]) + sigmoid(shared_gate[t]) * Shared(x[t]),
+    fp32 math (the shared term only when shared_w13 is given).
 
     x: [T, D]; w13: [E, 2I, D] (rows [0, I) gate, [I, 2I) up); w2: [E, D, I]; topk_weights: [T, top_k];
-    topk_ids: [T, top_k] int64. Expert_e(x) = (silu(x @ G_e^T) * (x @ U_e^T)) @ D_e^T. Returns y: [T, D] in x.dtype.
+    topk_ids: [T, top_k] int64; shared_w13: [2I_s, D]; shared_w2: [D, I_s]; shared_gate: [T, 1] logits.
+    Expert(x) = (silu(x @ G^T) * (x @ U^T)) @ Down^T. Returns y: [T, D] in x.dtype.
     """
     inter = w2.shape[2]
     x32 = x.float()
     y = torch.zeros_like(x32)
+    if shared_w13 is not None:
+        gate_up = x32 @ shared_w13.float().T
+        half = shared_w13.shape[0] // 2
+        y += torch.sigmoid(shared_gate.float()) * ((F.silu(gate_up[:, :half]) * gate_up[:, half:])
+                                                   @ shared_w2.float().T)
     for e in torch.unique(topk_ids).tolist():  # only the experts some token was routed to
         if e < 0:
             continue  # a negative id marks a routing slot with no expert to run (e.g. one owned by another rank)

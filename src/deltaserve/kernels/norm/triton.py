@@ -36,15 +36,16 @@ def _rms_norm_kernel(
 
 @triton.jit
 def _gated_rms_norm_kernel(
-    x_ptr, g_ptr, w_ptr, y_ptr, n_rows, eps, stride_x, stride_g, stride_y,
-    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, g_ptr, w_ptr, y_ptr, n_rows, eps, stride_x, stride_g_outer, stride_g_head, stride_y,
+    G_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rows64 = rows.to(tl.int64)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + rows64[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g_off = (rows64 // G_HEADS) * stride_g_outer + (rows64 % G_HEADS) * stride_g_head
+    g = tl.load(g_ptr + g_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=cols < D, other=0.0).to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
     y = w[None, :] * (x * rstd[:, None]) * (g * tl.sigmoid(g))
@@ -92,16 +93,21 @@ def rms_norm(
 def gated_rms_norm(*, x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Norm-before-gate RMSNorm with a plain weight (not 1 + w): y = weight * norm(x) * silu(gate), fp32 math.
 
-    x, gate: [..., V]; weight: [V]. Returns y: [..., V] in x.dtype.
+    x, gate: [..., V]; weight: [V]. Returns y: [..., V] in x.dtype. The gate may be a column slice of a wider
+    projection output ([T, H, V] with row stride > H*V): it is read in place, not copied.
     """
     D = x.shape[-1]
-    x2, g2 = _rows(x), _rows(gate)
+    x2 = _rows(x)
+    heads = gate.shape[-2] if gate.dim() > 2 else 1
+    g3 = gate.reshape(-1, heads, D)
+    if g3.stride(-1) != 1:
+        g3 = g3.contiguous()
     n_rows = x2.shape[0]
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if n_rows:
         block_r, block_d, warps = _tiling(D)
         _gated_rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
-            x2, g2, weight, y, n_rows, eps, x2.stride(0), g2.stride(0), D,
-            D=D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+            x2, g3, weight, y, n_rows, eps, x2.stride(0), g3.stride(0), g3.stride(1), D,
+            G_HEADS=heads, D=D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
         )
     return y
