@@ -93,14 +93,58 @@ def moe_rows(copy_gbs: float) -> list[Row]:
     return rows
 
 
+MOE_SWEEP = [(8, 512, 4), (16, 512, 4), (16, 256, 4), (32, 256, 8), (16, 512, 8), (32, 512, 8), (8, 256, 2),
+             (4, 512, 2)]
+
+
+def sweep_moe(copy_gbs: float) -> list[str]:
+    """Time every (BLOCK_N, BLOCK_K, warps) of the gate_up and down kernels at 35B-A3B, batch 1 and 8."""
+    from deltaserve.kernels.moe import triton as moe
+
+    c, out = A3B, []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w13 = torch.randn(c["experts"], 2 * c["inter"], c["dim"], device="cuda", generator=gen).bfloat16()
+    w2 = torch.randn(c["experts"], c["dim"], c["inter"], device="cuda", generator=gen).bfloat16()
+    s13 = torch.randn(2 * c["shared"], c["dim"], device="cuda", generator=gen).bfloat16()
+    s2 = torch.randn(c["dim"], c["shared"], device="cuda", generator=gen).bfloat16()
+    for tokens in (1, 8):
+        x = torch.randn(tokens, c["dim"], device="cuda", generator=gen).bfloat16()
+        logits = torch.randn(tokens, c["experts"] + 1, device="cuda", generator=gen).bfloat16()
+        w, ids = moe.moe_topk_softmax(router_logits=logits[:, :c["experts"]], top_k=c["top_k"])
+        kw = dict(x=x, w13=w13, w2=w2, topk_weights=w.bfloat16(), topk_ids=ids, shared_w13=s13, shared_w2=s2,
+                  shared_gate=logits[:, c["experts"]:])
+        expected = moe.fused_moe_pairs(**kw)
+        nbytes = (ids.unique().numel() + 1) * 3 * c["dim"] * c["inter"] * 2
+        for which in ("gate_up", "down"):
+            for cfg in MOE_SWEEP:
+                other = moe.DOWN_CONFIG if which == "gate_up" else moe.GATE_UP_CONFIG
+                cfgs = {"gate_up_config": cfg, "down_config": other} if which == "gate_up" else \
+                    {"gate_up_config": other, "down_config": cfg}
+                try:
+                    got = moe.fused_moe_pairs(**kw, **cfgs)
+                    ok = torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
+                    t = triton.testing.do_bench_cudagraph(lambda cfgs=cfgs: moe.fused_moe_pairs(**kw, **cfgs),
+                                                          rep=50, return_mode="median")
+                    out.append(f"moe sweep T={tokens} {which} {cfg}: {t * 1e3:.1f} us for both kernels "
+                               f"({nbytes / (t * 1e-3) / 1e9 / copy_gbs:.0%} of copy) {'ok' if ok else 'WRONG'}")
+                except Exception as e:  # noqa: BLE001
+                    out.append(f"moe sweep T={tokens} {which} {cfg}: {type(e).__name__} {str(e)[:100]}")
+                print(out[-1], flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-prefill", action="store_true", help="skip the GDN chunk prefill rows")
     parser.add_argument("--out", help="also write the table to this file")
+    parser.add_argument("--sweep-moe", action="store_true", help="only time the MoE kernels' tile configs")
     args = parser.parse_args()
     import fla
 
     copy_gbs, mm_tflops = attn_bench.ceilings()
+    if args.sweep_moe:
+        sweep_moe(copy_gbs)
+        return
     gen = torch.Generator().manual_seed(1)
     rows: list[Row] = []
     errors: list[str] = []

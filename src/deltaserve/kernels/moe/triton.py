@@ -59,10 +59,11 @@ def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int) -> tuple[torch.
 
 @triton.jit
 def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, ids_ptr, act_ptr, stride_x, stride_w13_e, stride_w13_n, stride_ws13_n,
-                    I_R, I_S, ACT_W, D, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    I_R, I_S, ACT_W: tl.constexpr, D: tl.constexpr, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """act[p, n] = silu(x[t] . G_e[n]) * (x[t] . U_e[n]) in fp32 for pair p = (token t, slot j); a token has TOP_K
-    routed slots, then (HAS_SHARED) one for the shared expert."""
+    routed slots, then (HAS_SHARED) one for the shared expert. The K loop is unrolled (D is a model constant) and
+    accumulates 2-D, reducing once at the end, so every weight load of the program can be in flight at once."""
     pairs: tl.constexpr = TOP_K + HAS_SHARED
     p = tl.program_id(0).to(tl.int64)
     t, j = p // pairs, p % pairs
@@ -75,31 +76,32 @@ def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, ids_ptr, act_ptr, stride_x, stride
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     if tl.program_id(1) * BLOCK_N < inter:
         m_n = n < inter
-        acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
+        acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in tl.static_range(0, D, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             m_k = k < D
             xk = tl.load(x_ptr + t * stride_x + k, mask=m_k, other=0.0).to(tl.float32)
             m = m_n[:, None] & m_k[None, :]
             g = tl.load(w_ptr + n[:, None] * stride_n + k[None, :], mask=m, other=0.0).to(tl.float32)
             u = tl.load(w_ptr + (n + inter)[:, None] * stride_n + k[None, :], mask=m, other=0.0).to(tl.float32)
-            acc_g += tl.sum(g * xk[None, :], 1)
-            acc_u += tl.sum(u * xk[None, :], 1)
-        tl.store(act_ptr + p * ACT_W + n, acc_g * tl.sigmoid(acc_g) * acc_u, mask=m_n)
+            acc_g += g * xk[None, :]
+            acc_u += u * xk[None, :]
+        gate, up = tl.sum(acc_g, 1), tl.sum(acc_u, 1)
+        tl.store(act_ptr + p * ACT_W + n, gate * tl.sigmoid(gate) * up, mask=m_n)
 
 
 @triton.jit
 def _down_kernel(act_ptr, w2_ptr, ws2_ptr, ids_ptr, weights_ptr, shared_gate_ptr, out_ptr, stride_w2_e, stride_w2_n,
-                 stride_ws2_n, stride_sg, stride_out, I_R, I_S, ACT_W, D, TOP_K: tl.constexpr,
+                 stride_ws2_n, stride_sg, stride_out, I_R, I_S, ACT_W: tl.constexpr, D, TOP_K: tl.constexpr,
                  HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """out[t, n] = sum over the token's pairs of weight * (act[p] . Down_e[n]) in fp32, in pair order; the shared
-    expert's weight is sigmoid(shared_gate[t])."""
+    """out[t, n] = sum over the token's pairs of (weight * act[p]) . Down_e[n], fp32; the shared expert's weight is
+    sigmoid(shared_gate[t]). Pairs and K are unrolled; one 2-D accumulator, reduced at the end."""
     pairs: tl.constexpr = TOP_K + HAS_SHARED
     t = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = n < D
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for j in tl.static_range(pairs):
         if j < TOP_K:
             e = tl.load(ids_ptr + t * TOP_K + j)
@@ -112,16 +114,19 @@ def _down_kernel(act_ptr, w2_ptr, ws2_ptr, ids_ptr, weights_ptr, shared_gate_ptr
             w_ptr = ws2_ptr
             stride_n = stride_ws2_n
             weight = tl.sigmoid(tl.load(shared_gate_ptr + t * stride_sg).to(tl.float32))
-        part = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, inter, BLOCK_K):
+        for k0 in tl.static_range(0, ACT_W, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
             m_k = k < inter
-            a = tl.load(act_ptr + (t * pairs + j) * ACT_W + k, mask=m_k, other=0.0)
+            a = tl.load(act_ptr + (t * pairs + j) * ACT_W + k, mask=m_k, other=0.0) * weight
             w = tl.load(w_ptr + n[:, None] * stride_n + k[None, :], mask=m_n[:, None] & m_k[None, :],
                         other=0.0).to(tl.float32)
-            part += tl.sum(w * a[None, :], 1)
-        acc += weight * part
-    tl.store(out_ptr + t * stride_out + n, acc.to(out_ptr.dtype.element_ty), mask=m_n)
+            acc += w * a[None, :]
+    tl.store(out_ptr + t * stride_out + n, tl.sum(acc, 1).to(out_ptr.dtype.element_ty), mask=m_n)
+
+
+# (BLOCK_N, BLOCK_K, num_warps) of the two expert kernels; benchmarks/bench_kernels.py --sweep-moe times others.
+GATE_UP_CONFIG = (16, 512, 4)
+DOWN_CONFIG = (16, 512, 4)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -130,8 +135,10 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 def fused_moe_pairs(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                     topk_ids: torch.Tensor, shared_w13: torch.Tensor | None = None,
-                    shared_w2: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None) -> torch.Tensor:
-    """fused_moe through the per-pair kernels at any batch size (the tests drive it directly)."""
+                    shared_w2: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None,
+                    gate_up_config: tuple[int, int, int] | None = None,
+                    down_config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """fused_moe through the per-pair kernels at any batch size (the tests and the config sweep drive it)."""
     T, D = x.shape
     top_k = topk_ids.shape[1]
     has_shared = shared_w13 is not None
@@ -148,14 +155,18 @@ def fused_moe_pairs(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
         return out
     act_w = max(i_r, i_s)
     act = torch.empty(T * pairs, act_w, dtype=torch.float32, device=x.device)
-    block_n = 16
-    _gate_up_kernel[(T * pairs, triton.cdiv(act_w, block_n))](
+    bn, bk, warps = gate_up_config or GATE_UP_CONFIG
+    bk = min(bk, triton.next_power_of_2(D))
+    _gate_up_kernel[(T * pairs, triton.cdiv(act_w, bn))](
         x, w13, shared_w13, ids, act, x.stride(0), w13.stride(0), w13.stride(1), shared_w13.stride(0),
-        i_r, i_s, act_w, D, TOP_K=top_k, HAS_SHARED=int(has_shared), BLOCK_N=block_n, BLOCK_K=256, num_warps=4)
-    _down_kernel[(T, triton.cdiv(D, block_n))](
+        i_r, i_s, ACT_W=act_w, D=D, TOP_K=top_k, HAS_SHARED=int(has_shared), BLOCK_N=bn, BLOCK_K=bk,
+        num_warps=warps)
+    bn, bk, warps = down_config or DOWN_CONFIG
+    bk = min(bk, triton.next_power_of_2(act_w))
+    _down_kernel[(T, triton.cdiv(D, bn))](
         act, w2, shared_w2, ids, weights, shared_gate, out, w2.stride(0), w2.stride(1), shared_w2.stride(0),
-        shared_gate.stride(0), out.stride(0), i_r, i_s, act_w, D, TOP_K=top_k, HAS_SHARED=int(has_shared),
-        BLOCK_N=block_n, BLOCK_K=256, num_warps=4)
+        shared_gate.stride(0), out.stride(0), i_r, i_s, ACT_W=act_w, D=D, TOP_K=top_k, HAS_SHARED=int(has_shared),
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return out
 
 
