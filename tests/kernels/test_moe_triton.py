@@ -53,12 +53,15 @@ def run_ref(kw, upcast=False):
     return ref.fused_moe(**cpu)
 
 
-def check_pairs(tokens, dims, dtype, device, seed, shared=True, drop_slot=False, fn=None):
+def check_pairs(tokens, dims, dtype, device, seed, shared=True, drop_slot=False, fn=None, rel_tol=None):
     dim, inter, experts, top_k, shared_inter = dims
     kw = moe_case(tokens, dim, inter, experts, top_k, shared_inter if shared else 0, dtype, device, seed, drop_slot)
     got = (fn or moe.fused_moe_pairs)(**kw)
     assert got.dtype == dtype and got.shape == kw["x"].shape and not got.isnan().any()
-    if dtype == torch.float32:
+    if rel_tol is not None:  # paths that round intermediates to bf16 (grouped GEMM outputs), as the HF model does
+        exp = run_ref(kw, upcast=True)
+        assert (got.cpu().float() - exp).norm() / exp.norm() < rel_tol
+    elif dtype == torch.float32:
         assert_close(got, run_ref(kw))
     else:  # bf16: within twice the error of the reference run in bf16, against the fp32 run
         assert_error_within(got, run_ref(kw), run_ref(kw, upcast=True))
@@ -112,7 +115,7 @@ def test_fused_moe_pairs_gpu(tokens):
 def test_fused_moe_grouped_path_gpu(tokens):
     """Past the small-batch threshold: grouped GEMMs for the routed experts, the shared expert beside them."""
     assert tokens * A3B[3] > moe.SMALL_BATCH_PAIRS
-    check_pairs(tokens, A3B, torch.bfloat16, "cuda", seed=tokens, fn=moe.fused_moe)
+    check_pairs(tokens, A3B, torch.bfloat16, "cuda", seed=tokens, fn=moe.fused_moe, rel_tol=1e-2)
 
 
 @pytest.mark.gpu

@@ -83,7 +83,7 @@ def check_gated_rms_norm(shape, dtype, device, seed, gate_in_wider_rows=False):
         wide = randn(shape[0], 7 + shape[1] * shape[2] + 5, gen=gen, dtype=dtype, device=device)
         wide[:, 7:7 + shape[1] * shape[2]] = gate.reshape(shape[0], -1)
         gate = wide[:, 7:7 + shape[1] * shape[2]].view(shape)
-        assert not gate.is_contiguous()
+        assert shape[0] == 1 or not gate.is_contiguous()
     w = randn(shape[-1], gen=gen, dtype=torch.float32, device=device)  # GDN keeps this weight in fp32
     y = norm.gated_rms_norm(x=x, gate=gate, weight=w, eps=EPS)
     assert y.dtype == dtype and y.shape == x.shape
