@@ -24,7 +24,7 @@ from deltaserve.cache.tensors import kv_bytes_per_page, state_bytes_per_slot
 
 def _sync() -> None:
     if torch.cuda.is_available():
-        _sync()
+        torch.cuda.synchronize()
 
 
 def run_deltaserve(name: str, prompts: list[list[int]], output_len: int) -> float:
@@ -36,10 +36,10 @@ def run_deltaserve(name: str, prompts: list[list[int]], output_len: int) -> floa
                   max_num_seqs=len(prompts), max_num_batched_tokens=8192)
         sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-        _sync()
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp)
-        _sync()
+        torch.cuda.synchronize()
         elapsed = time.perf_counter() - t0
         assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
         del llm
@@ -108,7 +108,9 @@ def main() -> None:
     prompts = torch.randint(10, 240000, (args.num_prompts, args.input_len), generator=g).tolist()
     bw, rate = measure_copy_bandwidth(), measure_matmul_rate()
     ours = run_deltaserve(args.model, prompts, args.output_len)
+    print(f"deltaserve: {ours:.0f} output tok/s", flush=True)
     hf, has_fla = run_transformers(args.model, prompts, args.hf_output_len)
+    print(f"transformers (fla: {has_fla}): {hf:.0f} output tok/s", flush=True)
     ceiling = ceiling_tok_s(args.model, args.num_prompts, args.input_len, args.output_len, bw, rate)
     print(header(""))
     print(f"copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; transformers with fla: {has_fla}")

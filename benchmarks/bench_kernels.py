@@ -149,21 +149,29 @@ def main() -> None:
     rows: list[Row] = []
     errors: list[str] = []
 
+    def fmt(r: Row) -> str:
+        gbs = f"{r.gbs:.0f} | {r.gbs / copy_gbs:.0%}" if r.gbs is not None else " | "
+        tf = f"{r.tflops:.0f} | {r.tflops / mm_tflops:.0%}" if r.tflops is not None else " | "
+        base = f"{r.base_ms:.4f} | {r.base_ms / r.ms:.2f}x" if r.base_ms is not None else " | "
+        return f"| {r.kernel} | {r.shape} | {r.ms:.4f} | {gbs} | {tf} | {r.base_name} | {base} | {r.note} |"
+
     def attempt(what: str, fn) -> None:
         try:
             out = fn()
-            rows.extend(out if isinstance(out, list) else [out])
+            new = out if isinstance(out, list) else [out]
+            rows.extend(new)
+            print("\n".join(fmt(r) for r in new), flush=True)  # as they come: a time-out keeps what was measured
         except Exception as e:  # noqa: BLE001 (one broken row must not lose the table)
             errors.append(f"{what}: {type(e).__name__}: {str(e)[:300]}")
 
-    attempt("gdn", lambda: gdn_rows(copy_gbs, args.skip_prefill))
+    attempt("moe", lambda: moe_rows(copy_gbs))
     for model in attn_bench.MODELS:
         for n, length in [(1, 4096), (64, 4096)]:
             attempt(f"attention decode {model}", lambda: attn_bench.bench_decode(model, n, length, gen, copy_gbs))
         attempt(f"attention prefill {model}", lambda: attn_bench.bench_prefill(model, 0, 8192, gen))
-    attempt("moe", lambda: moe_rows(copy_gbs))
     for tokens in (64, 8192):
         attempt(f"rowwise {tokens}", lambda: attn_bench.bench_rowwise(tokens))
+    attempt("gdn", lambda: gdn_rows(copy_gbs, args.skip_prefill))
 
     props = torch.cuda.get_device_properties(0)
     lines = [f"card: {props.name} ({props.multi_processor_count} SMs); torch {torch.__version__}, triton "
@@ -173,12 +181,7 @@ def main() -> None:
              f"{mm_tflops:.0f} TFLOP/s",
              "| kernel | shape | ms | GB/s | % copy | TFLOP/s | % matmul | baseline | baseline ms | speedup | note |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        gbs = f"{r.gbs:.0f} | {r.gbs / copy_gbs:.0%}" if r.gbs is not None else " | "
-        tf = f"{r.tflops:.0f} | {r.tflops / mm_tflops:.0%}" if r.tflops is not None else " | "
-        base = f"{r.base_ms:.4f} | {r.base_ms / r.ms:.2f}x" if r.base_ms is not None else " | "
-        lines.append(f"| {r.kernel} | {r.shape} | {r.ms:.4f} | {gbs} | {tf} | {r.base_name} | {base} | {r.note} |")
-    lines += errors
+    lines += [fmt(r) for r in rows] + errors
     print("\n".join(lines))
     if args.out:
         with open(args.out, "w") as f:
