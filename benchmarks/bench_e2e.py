@@ -36,10 +36,10 @@ def run_deltaserve(name: str, prompts: list[list[int]], output_len: int) -> floa
                   max_num_seqs=len(prompts), max_num_batched_tokens=8192)
         sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
-        torch.cuda.synchronize()
+        _sync()
         t0 = time.perf_counter()
         outs = llm.generate(prompts, sp)
-        torch.cuda.synchronize()
+        _sync()
         elapsed = time.perf_counter() - t0
         assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
         del llm
