@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import sys
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -55,6 +57,27 @@ def measure_matmul_rate(n: int = 8192) -> float:
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
     return 2 * n ** 3 / (ms * 1e-3)
+
+
+@contextlib.contextmanager
+def triton_compiles() -> Iterator[list[str]]:
+    """Collects the names of the Triton kernels compiled inside the block. A compile inside a timed region is a
+    stall of seconds that the steady state never pays: benchmarks print these so such a run is not mistaken for
+    a slow engine."""
+    import triton
+
+    names: list[str] = []
+    runtime = triton.knobs.runtime
+    previous = runtime.jit_post_compile_hook
+
+    def hook(*, fn, **_: Any) -> None:
+        names.append(fn.name)
+
+    runtime.jit_post_compile_hook = hook
+    try:
+        yield names
+    finally:
+        runtime.jit_post_compile_hook = previous
 
 
 def header(command: str) -> str:

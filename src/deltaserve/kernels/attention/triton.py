@@ -396,7 +396,7 @@ def _prefill_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs"])  # varies every step: no recompiles per divisibility class
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, o_ptr, cu_q_ptr, cu_tiles_ptr, seq_lens_ptr, bt_ptr,
     qk_scale, num_seqs,
@@ -507,7 +507,9 @@ def prefill_into(
         block_tables.stride(0),
         GROUP=Hq // Hkv, HEAD_DIM=D, PAGE_SIZE=page_size,
         BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_SEQ=triton.next_power_of_2(N + 1),
+        # At least 256 so batches of up to 255 sequences share one compiled kernel (a new power of two per batch
+        # size would recompile mid-run: seconds each).
+        BLOCK_SEQ=max(256, triton.next_power_of_2(N + 1)),
         UPCAST=not q.is_cuda, PREC=_precision(q),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )

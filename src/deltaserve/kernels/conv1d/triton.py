@@ -57,7 +57,8 @@ def _conv1d_update_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, C, stride_x, st
     roll_window(x_ptr + n * stride_x, cs_slot, stride_cs_w, ch, m_ch, valid, W, WP)
 
 
-@triton.jit
+# The per-step counts are not specialised on (T, N vary every step: each new divisibility class would recompile).
+@triton.jit(do_not_specialize=["T", "N"])
 def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_ptr, T, C, N,
                            stride_x, stride_y, stride_cs_s, stride_cs_w,
                            W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, LOG_N: tl.constexpr):
@@ -177,7 +178,7 @@ def causal_conv1d_prefill(
         _conv1d_prefill_kernel[(triton.cdiv(total, block_t), triton.cdiv(c, block_c))](
             x, weight, conv_state, cu_seqlens, slots, init, y, total, c, n,
             x.stride(0), y.stride(0), conv_state.stride(0), conv_state.stride(1),
-            W=width, BT=block_t, BC=block_c, LOG_N=max(1, n.bit_length()), num_warps=4,
+            W=width, BT=block_t, BC=block_c, LOG_N=max(8, n.bit_length()), num_warps=4,
         )
     block_s = 256
     _conv1d_final_state_kernel[(n, triton.cdiv(c, block_s))](

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])  # the token count varies every step: one compiled kernel
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, n_rows, eps,
     stride_x, stride_r, stride_y, stride_h,
@@ -34,7 +34,7 @@ def _rms_norm_kernel(
     tl.store(y_ptr + rows64[:, None] * stride_y + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_rows"])
 def _gated_rms_norm_kernel(
     x_ptr, g_ptr, w_ptr, y_ptr, n_rows, eps, stride_x, stride_g_outer, stride_g_head, stride_y,
     G_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
