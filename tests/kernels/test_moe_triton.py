@@ -81,6 +81,39 @@ def test_fused_moe_pairs_interpreter_no_shared_and_dropped_slots():
     check_pairs(4, TINY, torch.float32, "cpu", seed=4, shared=True, drop_slot=True)
 
 
+def test_fused_moe_pairs_interpreter_k_loop():
+    """A hidden size of more than 4 K blocks takes the rolled K loop (wide models) instead of the unrolled one."""
+    def fn(**kw):
+        return moe.fused_moe_pairs(**kw, gate_up_config=(4, 8, 1), down_config=(4, 8, 1))
+
+    check_pairs(3, (40, 20, 12, 3, 12), torch.float32, "cpu", seed=9, fn=fn)
+
+
+def test_fused_moe_dispatch_without_grouped_gemm(monkeypatch):
+    """No grouped GEMMs (here: CPU tensors): per-pair kernels up to NO_GROUPED_MAX_PAIRS, the reference past it."""
+    monkeypatch.setattr(moe, "SMALL_BATCH_PAIRS", 2)
+    monkeypatch.setattr(moe, "NO_GROUPED_MAX_PAIRS", 4)
+    calls = []
+    real_pairs, real_ref = moe.fused_moe_pairs, ref.fused_moe
+    monkeypatch.setattr(moe, "fused_moe_pairs", lambda **kw: calls.append("pairs") or real_pairs(**kw))
+    monkeypatch.setattr(ref, "fused_moe", lambda **kw: calls.append("ref") or real_ref(**kw))
+    dim, inter, experts, top_k, shared_inter = TINY
+    for tokens, path in ((1, "pairs"), (3, "ref")):  # 3 pairs, then 9
+        kw = moe_case(tokens, dim, inter, experts, top_k, shared_inter, torch.float32, "cpu", seed=tokens)
+        calls.clear()
+        got = moe.fused_moe(**kw)
+        assert calls == [path]
+        assert_close(got, real_ref(**kw))
+
+
+def test_topk_softmax_nan_logits_stay_in_range():
+    """A NaN logit must not produce an expert id past the end of the weights (it would read out of bounds)."""
+    logits = torch.randn(3, 16)
+    logits[1, 5] = float("nan")
+    _, ids = moe.moe_topk_softmax(router_logits=logits, top_k=4)
+    assert ((ids >= 0) & (ids < 16)).all()
+
+
 def check_topk(tokens, experts, top_k, dtype, device, seed):
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(tokens, experts, generator=gen) * 3).to(dtype).to(device)

@@ -151,7 +151,7 @@ def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     shards = merged_shards(model)
     merged = {m for m, _ in shards.values()}
     out = {n: t for n, t in state.items() if n not in merged}
-    out.update({n: state[m][rows] for n, (m, rows) in shards.items()})
+    out.update({n: state[m][rows].clone() for n, (m, rows) in shards.items()})  # own storage: savers may refuse views
     return out
 
 
@@ -198,7 +198,7 @@ def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter],
     plan: list[tuple[TensorEntry, Target]] = []
     unexpected, mismatched = [], []
     covered: dict[str, int] = {}
-    seen = set()
+    seen: dict[str, int] = {}
     for entry in entries:
         name = normalize_name(entry.name)
         if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
@@ -212,7 +212,7 @@ def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter],
             mismatched.append(f"{entry.name}: expected {list(expected)}, found {list(entry.shape)}")
             continue
         covered[target.param_name] = covered.get(target.param_name, 0) + target.units
-        seen.add(name)
+        seen[name] = seen.get(name, 0) + 1
         plan.append((entry, target))
     shard_counts: dict[str, int] = {}
     for merged, _ in shards.values():
@@ -221,7 +221,9 @@ def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter],
     missing = [n for n, (merged, _) in shards.items() if n not in seen and merged in params]
     missing += [n for n, p in params.items()
                 if n not in shard_counts and covered.get(n, 0) < required_units(n, p)]
-    duplicated = [n for n, p in params.items() if covered.get(n, 0) > required_units(n, p, shard_counts)]
+    duplicated = [n for n, count in seen.items() if count > 1 and n in shards]  # a merged shard given twice
+    duplicated += [n for n, p in params.items()
+                   if n not in shard_counts and covered.get(n, 0) > required_units(n, p)]
     problems = []
     if mismatched:
         problems.append("shape mismatch:\n  " + "\n  ".join(mismatched))
@@ -229,7 +231,7 @@ def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter],
         problems.append(f"{len(unexpected)} unexpected tensor(s) that this model has no parameter for:\n  "
                         + "\n  ".join(unexpected[:50]) + ("\n  ..." if len(unexpected) > 50 else ""))
     if missing:
-        problems.append(f"{len(missing)} missing tensor(s) (model parameter names):\n  " + "\n  ".join(missing[:50]))
+        problems.append(f"{len(missing)} missing tensor(s):\n  " + "\n  ".join(missing[:50]))
     if duplicated:
         problems.append("tensors given more than once (fused and per-expert forms mixed?):\n  " + "\n  ".join(duplicated))
     if problems:

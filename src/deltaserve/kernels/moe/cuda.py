@@ -10,7 +10,7 @@ from deltaserve.kernels.moe import ref
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
-    return (x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 

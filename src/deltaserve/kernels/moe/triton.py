@@ -18,6 +18,9 @@ from deltaserve.kernels.moe import cuda
 # Routed pairs (tokens x top_k) up to which the per-pair kernels run; past it, the grouped GEMMs. 35B-A3B
 # (top-8 of 256): 64 pairs = 8 tokens, where distinct experts are still ~90% of the pairs.
 SMALL_BATCH_PAIRS = 64
+# Without grouped GEMMs (fp16/fp32, or before SM90): per-pair kernels up to here (batch 128 at top-8), so decode
+# graphs stay capturable; beyond, each pair re-reading its expert would cost more than a host sync.
+NO_GROUPED_MAX_PAIRS = 1024
 
 
 @triton.jit
@@ -34,7 +37,8 @@ def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.cons
     picked_id = tl.zeros((BLOCK_TOPK,), dtype=tl.int64)
     for j in tl.static_range(TOP_K):  # k rounds of argmax; the lowest index wins a tie
         best = tl.max(p, 0)
-        idx = tl.min(tl.where(p == best, cols, BLOCK_E), 0)
+        # clamped: with a NaN logit nothing equals the max, and an id >= E would read past the expert weights
+        idx = tl.minimum(tl.min(tl.where(p == best, cols, BLOCK_E), 0), E - 1)
         picked_w = tl.where(slot == j, best, picked_w)
         picked_id = tl.where(slot == j, idx.to(tl.int64), picked_id)
         p = tl.where(cols == idx, -1.0, p)
@@ -58,17 +62,29 @@ def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int) -> tuple[torch.
 
 
 @triton.jit
+def _gate_up_block(acc_g, acc_u, x_row, w_ptr, stride_n, n, m_n, inter, k0, D, BLOCK_K: tl.constexpr):
+    """Accumulate one [BLOCK_N, BLOCK_K] block of the gate and up rows times x (2-D; reduced by the caller)."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    m_k = k < D
+    xk = tl.load(x_row + k, mask=m_k, other=0.0).to(tl.float32)
+    m = m_n[:, None] & m_k[None, :]
+    g = tl.load(w_ptr + n[:, None] * stride_n + k[None, :], mask=m, other=0.0).to(tl.float32)
+    u = tl.load(w_ptr + (n + inter)[:, None] * stride_n + k[None, :], mask=m, other=0.0).to(tl.float32)
+    return acc_g + g * xk[None, :], acc_u + u * xk[None, :]
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, ids_ptr, act_ptr, stride_x, stride_w13_e, stride_w13_n, stride_ws13_n,
                     I_R, I_S, ACT_W: tl.constexpr, D: tl.constexpr, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL_K: tl.constexpr):
     """act[p, n] = silu(x[t] . G_e[n]) * (x[t] . U_e[n]) in fp32 for pair p = (token t, slot j); a token has TOP_K
-    routed slots, then (HAS_SHARED) one for the shared expert. The K loop is unrolled (D is a model constant) and
-    accumulates 2-D, reducing once at the end, so every weight load of the program can be in flight at once."""
+    routed slots, then (HAS_SHARED) one for the shared expert. Accumulates 2-D and reduces once at the end; with up
+    to 4 K blocks the loop is unrolled (D is a model constant), so all of the program's weight loads are in flight."""
     pairs: tl.constexpr = TOP_K + HAS_SHARED
     p = tl.program_id(0).to(tl.int64)
     t, j = p // pairs, p % pairs
     shared = j >= TOP_K  # only ever true with HAS_SHARED
-    e = tl.load(ids_ptr + t * TOP_K + tl.minimum(j, TOP_K - 1))
+    e = tl.load(ids_ptr + t * TOP_K + tl.minimum(j, TOP_K - 1)).to(tl.int64)
     # e < 0 marks a routing slot without an expert (e.g. owned by another rank): nothing to compute.
     inter = tl.where(shared, I_S, tl.where(e >= 0, I_R, 0))
     w_ptr = tl.where(shared, ws13_ptr, w13_ptr + tl.maximum(e, 0) * stride_w13_e)
@@ -78,15 +94,14 @@ def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, ids_ptr, act_ptr, stride_x, stride
         m_n = n < inter
         acc_g = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         acc_u = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for k0 in tl.static_range(0, D, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            m_k = k < D
-            xk = tl.load(x_ptr + t * stride_x + k, mask=m_k, other=0.0).to(tl.float32)
-            m = m_n[:, None] & m_k[None, :]
-            g = tl.load(w_ptr + n[:, None] * stride_n + k[None, :], mask=m, other=0.0).to(tl.float32)
-            u = tl.load(w_ptr + (n + inter)[:, None] * stride_n + k[None, :], mask=m, other=0.0).to(tl.float32)
-            acc_g += g * xk[None, :]
-            acc_u += u * xk[None, :]
+        if UNROLL_K:  # a few K blocks: unrolled, every load in flight at once
+            for k0 in tl.static_range(0, D, BLOCK_K):
+                acc_g, acc_u = _gate_up_block(acc_g, acc_u, x_ptr + t * stride_x, w_ptr, stride_n, n, m_n, inter,
+                                              k0, D, BLOCK_K)
+        else:  # wide hidden sizes: a loop, so the loads in flight do not spill registers
+            for k0 in range(0, D, BLOCK_K):
+                acc_g, acc_u = _gate_up_block(acc_g, acc_u, x_ptr + t * stride_x, w_ptr, stride_n, n, m_n, inter,
+                                              k0, D, BLOCK_K)
         gate, up = tl.sum(acc_g, 1), tl.sum(acc_u, 1)
         tl.store(act_ptr + p * ACT_W + n, gate * tl.sigmoid(gate) * up, mask=m_n)
 
@@ -104,7 +119,7 @@ def _down_kernel(act_ptr, w2_ptr, ws2_ptr, ids_ptr, weights_ptr, shared_gate_ptr
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for j in tl.static_range(pairs):
         if j < TOP_K:
-            e = tl.load(ids_ptr + t * TOP_K + j)
+            e = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
             inter = tl.where(e >= 0, I_R, 0)
             w_ptr = w2_ptr + tl.maximum(e, 0) * stride_w2_e
             stride_n = stride_w2_n
@@ -161,7 +176,7 @@ def fused_moe_pairs(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     _gate_up_kernel[(T * pairs, triton.cdiv(act_w, bn))](
         x, w13, shared_w13, ids, act, x.stride(0), w13.stride(0), w13.stride(1), shared_w13.stride(0),
         i_r, i_s, ACT_W=act_w, D=D, TOP_K=top_k, HAS_SHARED=int(has_shared), BLOCK_N=bn, BLOCK_K=bk,
-        num_warps=warps)
+        UNROLL_K=triton.cdiv(D, bk) <= 4, num_warps=warps)
     bn, bk, warps = down_config or DOWN_CONFIG
     bk = min(bk, triton.next_power_of_2(act_w))
     _down_kernel[(T, triton.cdiv(D, bn))](
@@ -174,10 +189,19 @@ def fused_moe_pairs(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
 def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, shared_w13: torch.Tensor | None = None, shared_w2: torch.Tensor | None = None,
               shared_gate: torch.Tensor | None = None) -> torch.Tensor:
-    """As ref.fused_moe. Small batches take the per-pair kernels; larger ones the grouped GEMMs (bf16 on SM90+)."""
-    if topk_ids.numel() <= SMALL_BATCH_PAIRS or not cuda.grouped_mm_available(x):
+    """As ref.fused_moe. Small batches take the per-pair kernels; larger ones the grouped GEMMs (bf16 on SM90+).
+    Without grouped GEMMs the per-pair kernels serve up to NO_GROUPED_MAX_PAIRS (decode batches, CUDA-graph safe);
+    past that (prefill) the reference's per-expert GEMMs, which read each hit expert once but sync the host."""
+    pairs = topk_ids.numel()
+    grouped = cuda.grouped_mm_available(x)
+    if pairs <= SMALL_BATCH_PAIRS or (not grouped and pairs <= NO_GROUPED_MAX_PAIRS):
         return fused_moe_pairs(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
                                shared_w13=shared_w13, shared_w2=shared_w2, shared_gate=shared_gate)
+    if not grouped:
+        from deltaserve.kernels.moe import ref
+
+        return ref.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
+                             shared_w13=shared_w13, shared_w2=shared_w2, shared_gate=shared_gate)
     routed = cuda.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
     if shared_w13 is None:
         return routed
