@@ -63,6 +63,24 @@ def test_alone_matches_transformers_generate(ckpt, alone):
         assert got == ref
 
 
+def test_repetition_penalty_matches_transformers_generate(ckpt):
+    """The penalty reads each request's prompt (kept on the device by the engine) and output, as HF's processor
+    reads input_ids; a batch with unpenalised company gives the same tokens, and the cached prompts are dropped."""
+    path, hf = ckpt
+    llm = make_llm(path)
+    ps = prompts(3, seed=21)
+    sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.8)
+    outs = llm.generate(ps + prompts(2, seed=22), [sp] * 3 + [GREEDY] * 2)
+    for p, out in zip(ps, outs):
+        ref = hf.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                          repetition_penalty=1.8, pad_token_id=0)[0, len(p):].tolist()
+        assert out.outputs[0].token_ids == ref
+    assert not llm.engine.prompt_tensors and pools_full(llm)
+    plain = [o.outputs[0].token_ids for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=16,
+                                                                              ignore_eos=True))]
+    assert plain != [o.outputs[0].token_ids for o in outs[:3]], "the penalty changed nothing: a vacuous check"
+
+
 @pytest.mark.parametrize("kw", [
     dict(),                                                    # everything in one batch
     dict(max_num_batched_tokens=37),                           # chunked prefill, prefill chunks beside decodes
