@@ -185,7 +185,7 @@ def qk_norm_rope_write_kv(
 # ------------------------------------------------------------------------------------------------------------ decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # eager decode: changes as contexts grow
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, part_o_ptr, part_lse_ptr,
     qk_scale, num_splits,
@@ -255,7 +255,7 @@ def _decode_split_kernel(
     tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=h_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # eager decode: changes as contexts grow
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, o_ptr, stride_on, stride_oh, num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
