@@ -14,3 +14,13 @@ def test_e2e_plumbing_on_a_tiny_shape():
     assert ours > 0 and hf > 0 and ceiling > 0
     out = table([{"engine": "deltaserve", "tok/s": ours}, {"engine": "hf", "tok/s": hf}])
     assert "deltaserve" in out and "hf" in out
+
+
+def test_profile_engine_plumbing_without_the_model(monkeypatch, capsys):
+    from benchmarks import profile_engine
+
+    monkeypatch.setattr("sys.argv", ["profile_engine.py", "--model", "tiny", "--num-prompts", "3", "--input-len", "8",
+                                     "--output-len", "4", "--no-model"])
+    profile_engine.main()
+    out = capsys.readouterr().out
+    assert "engine host time without the model" in out and "Triton compiles during it: 0" in out
