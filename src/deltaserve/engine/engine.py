@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from deltaserve.config import CacheConfig, ModelConfig, SchedulerConfig
-from deltaserve.engine.batch import build_step_batch
+from deltaserve.engine.batch import BlockTables, build_step_batch
 from deltaserve.engine.detokenizer import IncrementalDetokenizer, StopChecker
 from deltaserve.engine.request import Request, RequestStatus
 from deltaserve.engine.runner import ModelRunner
@@ -63,6 +63,7 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(args.model)
         self.eos_ids = frozenset(eos_token_ids(self.tokenizer, self.model_config.eos_token_ids))
         self.sampler = Sampler()
+        self.block_tables = BlockTables(self.runner.num_slots, -(-self.max_model_len // args.page_size))
         self.sequences: dict[str, SequenceState] = {}   # scheduler request id -> state
         self.children: dict[str, list[str]] = {}        # user request id -> its n scheduler request ids
         # Prompts of requests with a repetition penalty, kept on the device: the penalty needs them every step, and
@@ -148,7 +149,8 @@ class LLMEngine:
 
     def _run(self, out: SchedulerOutput) -> tuple[tuple[ScheduledRequest, ...], SamplerOutput]:
         """Run the model and sample; returns the entries that sampled (in row order) and their samples on the CPU."""
-        batch = build_step_batch(out.scheduled, page_size=self.cache_config.page_size, device=self.runner.device)
+        batch = build_step_batch(out.scheduled, page_size=self.cache_config.page_size, device=self.runner.device,
+                                 block_tables=self.block_tables)
         result = self.runner.execute(batch.input_ids, batch.forward)
         if result is None:
             return (), SamplerOutput(*([torch.empty(0)] * 4))

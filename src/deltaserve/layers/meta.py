@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -42,12 +44,13 @@ class ForwardBatch:
 
     @staticmethod
     def build(*, query_lens: list[int], context_lens: list[int], state_slots: list[int],
-              block_tables: list[list[int]], page_size: int, device: torch.device | str = "cpu",
-              logits_indices: list[int] | None = None) -> ForwardBatch:
+              block_tables: Sequence[Sequence[int]], page_size: int, device: torch.device | str = "cpu",
+              logits_indices: list[int] | None = None, table: np.ndarray | None = None) -> ForwardBatch:
         """Build the tensors from per-sequence Python lists (the engine's batch.py and tests use this).
 
         query_lens[n] new tokens of sequence n follow its context_lens[n] already computed tokens.
-        By default the last token of every sequence gets logits.
+        By default the last token of every sequence gets logits. `table`: the block tables already laid out as an
+        int32 [N, width] array (zero-padded), instead of building them from `block_tables`.
         """
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -59,8 +62,11 @@ class ForwardBatch:
             cu.append(cu[-1] + qlen)
         if logits_indices is None:
             logits_indices = [end - 1 for end in cu[1:]]
-        width = max((len(p) for p in block_tables), default=0) or 1
-        table = [list(p) + [0] * (width - len(p)) for p in block_tables]
+        if table is None:
+            width = max((len(p) for p in block_tables), default=0) or 1
+            table = np.zeros((len(block_tables), width), dtype=np.int32)
+            for row, pages in zip(table, block_tables):
+                row[:len(pages)] = pages
 
         def t(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, device=device)
@@ -69,7 +75,7 @@ class ForwardBatch:
             positions=t(positions, torch.int64), cu_seqlens=t(cu, torch.int32),
             seq_lens=t([c + q for c, q in zip(context_lens, query_lens)], torch.int32),
             state_slots=t(state_slots, torch.int64), has_initial_state=t([c > 0 for c in context_lens], torch.bool),
-            block_tables=t(table, torch.int32).reshape(len(block_tables), width),
+            block_tables=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int32)).to(device),
             slot_mapping=t(slot_mapping, torch.int64), logits_indices=t(logits_indices, torch.int64),
             is_decode=bool(query_lens) and all(q == 1 for q in query_lens) and all(c > 0 for c in context_lens),
         )
