@@ -51,6 +51,18 @@ class Row:
     note: str = ""
 
 
+TABLE_HEADER = ["| kernel | shape | ms (median) | GB/s | % copy | TFLOP/s | % matmul | baseline | baseline ms "
+                "| speedup | note |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+
+def format_row(r: Row, copy_gbs: float, mm_tflops: float) -> str:
+    """One markdown row of TABLE_HEADER: shares of the ceilings measured in the same run, speedup over baseline."""
+    gbs = f"{r.gbs:.0f} | {r.gbs / copy_gbs:.0%}" if r.gbs is not None else " | "
+    tf = f"{r.tflops:.0f} | {r.tflops / mm_tflops:.0%}" if r.tflops is not None else " | "
+    base = f"{r.base_ms:.4f} | {r.base_ms / r.ms:.2f}x" if r.base_ms is not None else " | "
+    return f"| {r.kernel} | {r.shape} | {r.ms:.4f} | {gbs} | {tf} | {r.base_name} | {base} | {r.note} |"
+
+
 def ceilings() -> tuple[float, float]:
     """(copy GB/s counting read + write, bf16 matmul TFLOP/s), measured now on random data."""
     x = torch.randn(2**28, device="cuda", dtype=BF16)  # 512 MiB
@@ -316,14 +328,10 @@ def main() -> None:
     log(f"ceilings measured in this run: copy {copy_gbs:.0f} GB/s (read + write), bf16 8192^3 matmul "
         f"{mm_tflops:.0f} TFLOP/s")
     log(f"decode config {attn.DECODE_CONFIG}; prefill config {attn.PREFILL_CONFIG}")
-    log("| kernel | shape | ms (median) | GB/s | % copy | TFLOP/s | % matmul | baseline | baseline ms | speedup "
-        "| note |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|")
+    for line in TABLE_HEADER:
+        log(line)
     for r in rows:
-        gbs = f"{r.gbs:.0f} | {r.gbs / copy_gbs:.0%}" if r.gbs is not None else " | "
-        tf = f"{r.tflops:.0f} | {r.tflops / mm_tflops:.0%}" if r.tflops is not None else " | "
-        base = f"{r.base_ms:.4f} | {r.base_ms / r.ms:.2f}x" if r.base_ms is not None else " | "
-        log(f"| {r.kernel} | {r.shape} | {r.ms:.4f} | {gbs} | {tf} | {r.base_name} | {base} | {r.note} |")
+        log(format_row(r, copy_gbs, mm_tflops))
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

@@ -150,10 +150,7 @@ def main() -> None:
     errors: list[str] = []
 
     def fmt(r: Row) -> str:
-        gbs = f"{r.gbs:.0f} | {r.gbs / copy_gbs:.0%}" if r.gbs is not None else " | "
-        tf = f"{r.tflops:.0f} | {r.tflops / mm_tflops:.0%}" if r.tflops is not None else " | "
-        base = f"{r.base_ms:.4f} | {r.base_ms / r.ms:.2f}x" if r.base_ms is not None else " | "
-        return f"| {r.kernel} | {r.shape} | {r.ms:.4f} | {gbs} | {tf} | {r.base_name} | {base} | {r.note} |"
+        return attn_bench.format_row(r, copy_gbs, mm_tflops)
 
     def attempt(what: str, fn) -> None:
         try:
@@ -179,8 +176,7 @@ def main() -> None:
              f"command: {' '.join([sys.executable, *sys.argv])}",
              f"floors measured in this run: copy {copy_gbs:.0f} GB/s (read + write), bf16 8192^3 matmul "
              f"{mm_tflops:.0f} TFLOP/s",
-             "| kernel | shape | ms | GB/s | % copy | TFLOP/s | % matmul | baseline | baseline ms | speedup | note |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             *attn_bench.TABLE_HEADER]
     lines += [fmt(r) for r in rows] + errors
     print("\n".join(lines))
     if args.out:

@@ -24,3 +24,11 @@ def test_profile_engine_plumbing_without_the_model(monkeypatch, capsys):
     profile_engine.main()
     out = capsys.readouterr().out
     assert "engine host time without the model" in out and "Triton compiles during it: 0" in out
+
+
+def test_batch_build_plumbing(monkeypatch, capsys):
+    from benchmarks import bench_batch_build
+
+    monkeypatch.setattr("sys.argv", ["bench_batch_build.py", "--batch", "4", "--contexts", "40", "--reps", "3"])
+    bench_batch_build.main()
+    assert "per-slot tables us" in capsys.readouterr().out

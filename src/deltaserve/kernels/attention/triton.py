@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels.rope.triton import inv_freq, rope_cos_sin
+from deltaserve.kernels.rope.triton import inv_freq, rope_cos_sin, rope_outputs
 
 _LOG2E = 1.4426950408889634
 
@@ -162,10 +162,7 @@ def qk_norm_rope_write_kv(
     """
     T, Hq, D = q.shape
     Hk = k.shape[1]
-    if rotary_dim % 2 or rotary_dim > D:
-        raise ValueError(f"rotary_dim={rotary_dim} must be even and at most head_dim={D}")
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out, k_out = rope_outputs(q, k, rotary_dim)
     if T == 0:
         return q_out, k_out
     _check_last_dim(q, k, v, k_cache, v_cache)

@@ -73,6 +73,14 @@ def inv_freq(rotary_dim: int, theta: float, device: torch.device) -> torch.Tenso
     return (1.0 / (theta**exponents)).to(device)
 
 
+def rope_outputs(q: torch.Tensor, k: torch.Tensor, rotary_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check rotary_dim against q's head dim and allocate the (q_out, k_out) of a rotating op."""
+    if rotary_dim % 2 or rotary_dim > q.shape[-1]:
+        raise ValueError(f"rotary_dim={rotary_dim} must be even and at most head_dim={q.shape[-1]}")
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device))
+
+
 def apply_partial_rope(
     *, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, rotary_dim: int, theta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,10 +90,7 @@ def apply_partial_rope(
     """
     T, Hq, D = q.shape
     Hk = k.shape[1]
-    if rotary_dim % 2 or rotary_dim > D:
-        raise ValueError(f"rotary_dim={rotary_dim} must be even and at most head_dim={D}")
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out, k_out = rope_outputs(q, k, rotary_dim)
     if T == 0:
         return q_out, k_out
     if q.stride(-1) != 1:
