@@ -290,12 +290,13 @@ def test_fused_gdn_decode_interpreter_strided_inputs():
     check_decode(gdn_mod().fused_gdn_decode, 3, TINY, torch.float32, "cpu", seed=7, merged=True)
 
 
+@pytest.mark.parametrize("stages", [0, 2])
 @pytest.mark.parametrize("n,dims", [(3, TINY), (2, (2, 16, 6, 16))])
-def test_fused_gdn_decode_interpreter_packed(n, dims):
+def test_fused_gdn_decode_interpreter_packed(n, dims, stages):
     mod = gdn_mod()
 
     def fn(**kw):
-        return mod.fused_gdn_decode_launch(packed=True, block_v=16, num_warps=1, **kw)
+        return mod.fused_gdn_decode_launch(packed=True, block_v=16, num_warps=1, stages=stages, **kw)
 
     check_decode(fn, n, dims, torch.float32, "cpu", seed=20 + n)
 
@@ -324,17 +325,18 @@ def test_fused_gdn_decode_gpu(n, model):
     check_decode(fused_gdn_decode, n, MODEL_DIMS[model], torch.bfloat16, "cuda", seed=n, merged=True)
 
 
-DECODE_CONFIGS = [(False, 8, 1), (False, 16, 1), (False, 16, 2), (False, 32, 4), (False, 128, 8),
-                  (True, 16, 1), (True, 32, 2), (True, 32, 4), (True, 64, 4), (True, 64, 8), (True, 128, 8)]
+DECODE_CONFIGS = [(False, 8, 1, 0), (False, 16, 1, 0), (False, 16, 2, 0), (False, 32, 4, 0), (False, 128, 8, 0),
+                  (True, 16, 1, 0), (True, 32, 2, 0), (True, 32, 4, 0), (True, 64, 4, 0), (True, 64, 8, 0),
+                  (True, 128, 8, 0), (True, 32, 4, 3), (True, 64, 4, 3), (True, 16, 2, 4)]
 
 
 @gpu
-@pytest.mark.parametrize("packed,block_v,num_warps", DECODE_CONFIGS)
-def test_fused_gdn_decode_gpu_tile_configs(packed, block_v, num_warps):
+@pytest.mark.parametrize("packed,block_v,num_warps,stages", DECODE_CONFIGS)
+def test_fused_gdn_decode_gpu_tile_configs(packed, block_v, num_warps, stages):
     mod = gdn_mod()
 
     def fn(**kw):
-        return mod.fused_gdn_decode_launch(packed=packed, block_v=block_v, num_warps=num_warps, **kw)
+        return mod.fused_gdn_decode_launch(packed=packed, block_v=block_v, num_warps=num_warps, stages=stages, **kw)
 
     check_decode(fn, 64, MODEL_DIMS["27B"], torch.bfloat16, "cuda", seed=block_v + packed)
 
@@ -408,13 +410,49 @@ def bf16_recurrent_baseline(q, k, v, g, beta, s0, scale):
     return torch.stack(out), s
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gdn_gating_kernel(dtype):
+    """Triton gating against the reference: strided a/b (column slices), large |a| (softplus branches), odd T."""
+    device = "cuda" if CUDA else "cpu"
+    gen = torch.Generator().manual_seed(3)
+    T, hv = 37, 12
+    ab = (torch.randn(T, 2 * hv + 5, generator=gen) * 12).to(dtype).to(device)
+    a, b = ab[:, 3:3 + hv], ab[:, 3 + hv:3 + 2 * hv]
+    A_log = torch.randn(hv, generator=gen).to(device)
+    dt_bias = torch.randn(hv, generator=gen).to(dtype).to(device)
+    g, beta = gdn_mod().gdn_gating(a=a, b=b, A_log=A_log, dt_bias=dt_bias, beta_dtype=dtype)
+    g_ref, beta_ref = gdn_ref.gdn_gating(a=a, b=b, A_log=A_log, dt_bias=dt_bias, beta_dtype=dtype)
+    assert g.dtype == torch.float32 and beta.dtype == dtype
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    assert_close(beta, beta_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_l2norm_qk_kernel(dtype):
+    """Strided q/k views of one conv output row -> contiguous normalised copies (fla's formula, rounded once)."""
+    device = "cuda" if CUDA else "cpu"
+    gen = torch.Generator().manual_seed(4)
+    T, H, K = 19, 3, 24
+    mixed = torch.randn(T, 2 * H * K + 40, generator=gen).to(dtype).to(device)
+    mixed[5, :H * K] = 0  # an all-zero row: eps keeps it finite
+    q, k = mixed[:, :H * K].view(T, H, K), mixed[:, H * K:2 * H * K].view(T, H, K)
+    qn, kn = gdn_mod().l2norm_qk(q, k)
+    assert qn.is_contiguous() and kn.is_contiguous() and qn.dtype == dtype
+    for out, x in ((qn, q), (kn, k)):
+        x32 = x.float()
+        assert_close(out, (x32 / torch.sqrt((x32 * x32).sum(-1, keepdim=True) + 1e-6)).to(dtype))
+
+
 @gpu
 @pytest.mark.parametrize("lengths,init,slots", [
     ([1], [True], [2]),
     ([63, 65], [True, False], [1, 0]),
     ([500, 3, 65, 1, 37], [True, False, True, True, False], [4, 0, -1, 6, 2]),
 ])
-def test_chunk_gated_delta_rule_gpu(lengths, init, slots):
+@pytest.mark.parametrize("hinted", [False, True])
+def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted):
+    """hinted: q/k as strided views (as the layer passes them), the host copy of cu_seqlens and the padding flag
+    given; then the call must not sync with the device."""
     from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule
 
     num_k_heads, head_dim, num_v_heads = 16, 128, 48  # 27B (the benchmark's shape: fla autotunes once)
@@ -435,9 +473,31 @@ def test_chunk_gated_delta_rule_gpu(lengths, init, slots):
     o_true = gdn_ref.chunk_gated_delta_rule(q=q.float(), k=k.float(), v=v.float(), g=g, beta=beta.float(),
                                             state=truth_pool, **args)
     gpu_pool = pool.cuda()
-    o = chunk_gated_delta_rule(q=q.cuda(), k=k.cuda(), v=v.cuda(), g=g.cuda(), beta=beta.cuda(), state=gpu_pool,
-                               **{key: (val.cuda() if isinstance(val, torch.Tensor) else val)
-                                  for key, val in args.items()})
+    q_in, k_in = q.cuda(), k.cuda()
+    hints = {}
+    if hinted:
+        qk = torch.cat([q_in, k_in], dim=2)  # [T, H, 2K]: q and k as strided views, unit stride in K
+        q_in, k_in = qk[..., :head_dim], qk[..., head_dim:]
+        hints = {"cu_seqlens_cpu": cu, "any_padding": any(s < 0 for s in slots)}
+
+    v_in, g_in, beta_in = v.cuda(), g.cuda(), beta.cuda()
+
+    def call(state: torch.Tensor) -> torch.Tensor:
+        dev_args = {key: (val.cuda() if isinstance(val, torch.Tensor) else val) for key, val in args.items()}
+        return chunk_gated_delta_rule(q=q_in, k=k_in, v=v_in, g=g_in, beta=beta_in, state=state, **hints, **dev_args)
+
+    if hinted:
+        call(gpu_pool.clone())  # fla autotunes (and syncs) on its first call at a shape
+        dev_args = {key: (val.cuda() if isinstance(val, torch.Tensor) else val) for key, val in args.items()}
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:  # a fresh cu_seqlens tensor: the chunk indices are rebuilt, from the host copy
+            o = chunk_gated_delta_rule(q=q_in, k=k_in, v=v_in, g=g_in, beta=beta_in, state=gpu_pool, **hints,
+                                       **dev_args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    else:
+        o = call(gpu_pool)
     assert o.dtype == torch.bfloat16 and o.shape == v.shape and not o.isnan().any()
     for n, (slot, has) in enumerate(zip(slots, init)):
         lo, hi = cu[n].item(), cu[n + 1].item()

@@ -61,9 +61,9 @@ def build_step_batch(scheduled: tuple[ScheduledRequest, ...] | list[ScheduledReq
         if entry.samples_token:
             logits_rows.append(len(ids) - 1)
             sampling.append(entry)
-    forward = ForwardBatch.build(
-        query_lens=[e.num_new_tokens for e in scheduled], context_lens=[e.num_computed_tokens for e in scheduled],
+    input_ids, forward = ForwardBatch.build_with_ids(
+        ids, query_lens=[e.num_new_tokens for e in scheduled], context_lens=[e.num_computed_tokens for e in scheduled],
         state_slots=[e.slot for e in scheduled], block_tables=[e.pages for e in scheduled],
         page_size=page_size, device=device, logits_indices=logits_rows,
         table=block_tables.gather(scheduled) if block_tables is not None else None)
-    return StepBatch(torch.tensor(ids, dtype=torch.long, device=device), forward, tuple(sampling))
+    return StepBatch(input_ids, forward, tuple(sampling))

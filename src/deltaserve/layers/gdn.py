@@ -62,9 +62,10 @@ class GatedDeltaNet(nn.Module):
                                       has_initial_state=batch.has_initial_state)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # beta is rounded to the activation dtype as in the reference implementation.
-        g, beta = gdn_gating(a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias)
+        g, beta = gdn_gating(a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias, beta_dtype=mixed_qkv.dtype)
         return chunk_gated_delta_rule(
             q=q.reshape(T, self.num_k_heads, self.head_k_dim), k=k.reshape(T, self.num_k_heads, self.head_k_dim),
-            v=v.reshape(T, self.num_v_heads, self.head_v_dim), g=g, beta=beta.to(mixed_qkv.dtype), state=ssm_state,
+            v=v.reshape(T, self.num_v_heads, self.head_v_dim), g=g, beta=beta, state=ssm_state,
             slots=batch.state_slots, cu_seqlens=batch.cu_seqlens, has_initial_state=batch.has_initial_state,
-            scale=self.head_k_dim ** -0.5, use_qk_l2norm=True)
+            scale=self.head_k_dim ** -0.5, use_qk_l2norm=True, cu_seqlens_cpu=batch.cu_seqlens_cpu,
+            any_padding=batch.any_padding)

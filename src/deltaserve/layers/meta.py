@@ -22,6 +22,9 @@ class ForwardBatch:
     slot_mapping:      [T] int64   KV slot (page * page_size + offset) each new token writes (< 0: skipped)
     logits_indices:    [M] int64   rows of the flat batch whose logits are wanted
     is_decode:         every sequence has exactly one new token (lets layers take single-step kernels)
+    cu_seqlens_cpu:    host copy of cu_seqlens, when the builder has one (kernels that need the sequence bounds on
+                       the host read it instead of syncing)
+    any_padding:       some state slot may be < 0 (False only when the builder knows every slot is real)
     """
 
     positions: torch.Tensor
@@ -33,6 +36,8 @@ class ForwardBatch:
     slot_mapping: torch.Tensor
     logits_indices: torch.Tensor
     is_decode: bool
+    cu_seqlens_cpu: torch.Tensor | None = None
+    any_padding: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -52,6 +57,16 @@ class ForwardBatch:
         By default the last token of every sequence gets logits. `table`: the block tables already laid out as an
         int32 [N, width] array (zero-padded), instead of building them from `block_tables`.
         """
+        return ForwardBatch.build_with_ids(
+            [], query_lens=query_lens, context_lens=context_lens, state_slots=state_slots, block_tables=block_tables,
+            page_size=page_size, device=device, logits_indices=logits_indices, table=table)[1]
+
+    @staticmethod
+    def build_with_ids(input_ids: Sequence[int], *, query_lens: list[int], context_lens: list[int],
+                       state_slots: list[int], block_tables: Sequence[Sequence[int]], page_size: int,
+                       device: torch.device | str = "cpu", logits_indices: list[int] | None = None,
+                       table: np.ndarray | None = None) -> tuple[torch.Tensor, ForwardBatch]:
+        """build() plus the step's token ids as an int64 tensor, all sent to the device in one transfer."""
         positions: list[int] = []
         slot_mapping: list[int] = []
         cu = [0]
@@ -67,15 +82,33 @@ class ForwardBatch:
             table = np.zeros((len(block_tables), width), dtype=np.int32)
             for row, pages in zip(table, block_tables):
                 row[:len(pages)] = pages
-
-        def t(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
-
-        return ForwardBatch(
-            positions=t(positions, torch.int64), cu_seqlens=t(cu, torch.int32),
-            seq_lens=t([c + q for c, q in zip(context_lens, query_lens)], torch.int32),
-            state_slots=t(state_slots, torch.int64), has_initial_state=t([c > 0 for c in context_lens], torch.bool),
-            block_tables=torch.from_numpy(np.ascontiguousarray(table, dtype=np.int32)).to(device),
-            slot_mapping=t(slot_mapping, torch.int64), logits_indices=t(logits_indices, torch.int64),
+        cu_host = np.array(cu, dtype=np.int32)
+        ids, pos, cu_t, lens, slots, init, tables, mapping, logits = upload_arrays([
+            np.array(input_ids, dtype=np.int64), np.array(positions, dtype=np.int64), cu_host,
+            np.array([c + q for c, q in zip(context_lens, query_lens)], dtype=np.int32),
+            np.array(state_slots, dtype=np.int64), np.array([c > 0 for c in context_lens], dtype=np.bool_),
+            np.ascontiguousarray(table, dtype=np.int32), np.array(slot_mapping, dtype=np.int64),
+            np.array(logits_indices, dtype=np.int64)], device)
+        return ids, ForwardBatch(
+            positions=pos, cu_seqlens=cu_t, seq_lens=lens, state_slots=slots, has_initial_state=init,
+            block_tables=tables, slot_mapping=mapping, logits_indices=logits,
             is_decode=bool(query_lens) and all(q == 1 for q in query_lens) and all(c > 0 for c in context_lens),
+            cu_seqlens_cpu=torch.from_numpy(cu_host), any_padding=any(s < 0 for s in state_slots),
         )
+
+
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
+
+
+def upload_arrays(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
+    """Small host arrays -> device tensors in one copy: packed into one byte buffer at 8-byte aligned offsets and
+    viewed back on the device. A step's metadata is ~10 arrays; one transfer each cost ~10-20 us of host time."""
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // 8) * 8
+    buf = np.empty(max(total, 8), dtype=np.uint8)
+    for a, off in zip(arrays, offsets):
+        buf[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    dev = torch.from_numpy(buf).to(device)
+    return [dev[off:off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, off in zip(arrays, offsets)]

@@ -88,6 +88,8 @@ def chunk_gated_delta_rule(
     scale: float,
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
+    cu_seqlens_cpu: torch.Tensor | None = None,
+    any_padding: bool = True,
 ) -> torch.Tensor:
     """Prefill over N sequences packed flat; reads and writes their recurrent states in place.
 
@@ -95,6 +97,8 @@ def chunk_gated_delta_rule(
     state: [S, HV, K, V] fp32; cu_seqlens: [N+1] int32; slots: [N] int64 (< 0: skip, rows stay zero);
     has_initial_state: [N] bool (False: start from zeros, the slot's content is ignored); scale: applied to q
     after the optional L2 norm. Returns o: [T, HV, V] in v.dtype; state[slot] holds the final state.
+    cu_seqlens_cpu (a host copy of cu_seqlens) and any_padding (False: no slot is < 0) are hints that let the GPU
+    path skip a host sync and a masking pass; the result does not depend on them.
     """
     num_v_heads, k_dim, v_dim = v.shape[1], k.shape[2], v.shape[2]
     q32, k32 = _prep_qk(q, k, num_v_heads, scale, use_qk_l2norm)
@@ -146,11 +150,13 @@ def fused_recurrent_gated_delta_rule(
 
 
 def gdn_gating(
-    *, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor
+    *, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+    beta_dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """a, b: [T, HV]; A_log, dt_bias: [HV]. Returns (g, beta), both fp32 [T, HV]; g <= 0 is the log-decay."""
+    """a, b: [T, HV]; A_log, dt_bias: [HV]. Returns (g fp32, beta in beta_dtype), both [T, HV]; g <= 0 is the
+    log-decay; beta is computed in fp32 and rounded once to beta_dtype."""
     g = -A_log.float().exp() * F.softplus(a.float() + dt_bias.float())
-    return g, b.float().sigmoid()
+    return g, b.float().sigmoid().to(beta_dtype)
 
 
 def fused_gdn_decode(
