@@ -1,7 +1,7 @@
 """Offline throughput, deltaserve vs transformers generate (+ fla-core kernels when installed), same shapes, same card.
 
 python benchmarks/bench_e2e.py [--model 9B] [--input-len 1024] [--output-len 256] [--num-prompts 64]
-                               [--hf-output-len 64]
+                               [--hf-output-len N]
 Random weights at real shapes (load_format="dummy"); ignore_eos so every request generates output-len tokens.
 """
 
@@ -115,8 +115,11 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=1024)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--hf-output-len", type=int, default=64, help="shorter run for the slow baseline")
+    ap.add_argument("--hf-output-len", type=int, default=None,
+                    help="output length of the transformers run (default: --output-len, the same workload); a "
+                         "shorter run changes its prefill share, so its tok/s is not comparable")
     args = ap.parse_args()
+    args.hf_output_len = args.hf_output_len or args.output_len
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 240000, (args.num_prompts, args.input_len), generator=g).tolist()
     bw, rate = measure_copy_bandwidth(), measure_matmul_rate()
