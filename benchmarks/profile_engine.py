@@ -41,6 +41,10 @@ def skip_model(llm) -> None:
     runner.execute = execute
 
 
+def allocator_retries() -> int:
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
+
+
 class StepTimeline:
     """Per-step phase times of an engine, recorded by wrapping its step, its model launch and its _run."""
 
@@ -126,10 +130,13 @@ def main() -> None:
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
         if args.timeline:
             timeline = StepTimeline(llm.engine)
+            retries = allocator_retries()
             t0 = time.perf_counter()
             llm.generate(prompts, sp)
             print(f"generate: {time.perf_counter() - t0:.2f} s; phases of each step (the GPU idles during "
                   "schedule+build and after):\n" + timeline.report(), flush=True)
+            # A retry frees the allocator's cached blocks and calls cudaMalloc again: a device sync each time.
+            print(f"CUDA caching-allocator retries during generate: {allocator_retries() - retries}")
             return
         if args.no_model:
             t0 = time.perf_counter()

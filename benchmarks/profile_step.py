@@ -3,6 +3,10 @@ step's wall time, so launch gaps and slow kernels show apart.
 
     PYTHONPATH=src:. python benchmarks/profile_step.py decode --model 9B --batch 1 [--context 1024]
     PYTHONPATH=src:. python benchmarks/profile_step.py gdn-prefill --model 27B --tokens 2048
+    PYTHONPATH=src:. python benchmarks/profile_step.py mixed --model 9B --prompts 8 --tokens 1024 --batch 56
+
+mixed: one eager step of the kind an offline run's prefill steps are: `--prompts` fresh prompts of `--tokens` tokens
+each plus `--batch` decode rows at `--context`, in one varlen batch (logits for every sequence's last row).
 
 Kernel times come from an eager run under torch.profiler (the same kernels a graph replays); the wall times are
 medians of do_bench over the graph replay (decode) or the eager call (prefill).
@@ -72,6 +76,39 @@ def profile_decode(model_name: str, batch: int, context: int) -> None:
     print(text)
 
 
+def profile_mixed(model_name: str, prompts: int, tokens: int, decode_rows: int, context: int) -> None:
+    from benchmarks.bench_decode import PAGE
+    from benchmarks.common import model_config
+    from deltaserve.cache.tensors import CacheShape, ModelCache
+    from deltaserve.layers.meta import ForwardBatch
+    from deltaserve.models.loader import load_model
+
+    cfg = model_config(model_name)
+    model = load_model(cfg, load_format="dummy", device="cuda", dtype=torch.bfloat16, with_mtp=False)
+    lens = [tokens] * prompts + [context + 1] * decode_rows
+    pages = [-(-n // PAGE) for n in lens]
+    n_seqs = len(lens)
+    cache = ModelCache(cfg, CacheShape(num_pages=sum(pages), page_size=PAGE, num_slots=n_seqs,
+                                       kv_dtype=torch.bfloat16, conv_dtype=torch.bfloat16), device="cuda")
+    starts = [sum(pages[:i]) for i in range(n_seqs)]
+    fb = ForwardBatch.build(query_lens=[tokens] * prompts + [1] * decode_rows,
+                            context_lens=[0] * prompts + [context] * decode_rows, state_slots=list(range(n_seqs)),
+                            block_tables=[list(range(a, a + p)) for a, p in zip(starts, pages)], page_size=PAGE,
+                            device="cuda")
+    ids = torch.randint(0, cfg.vocab_size, (fb.num_tokens,), device="cuda")
+
+    @torch.no_grad()
+    def step() -> None:
+        hidden = model(ids, fb, cache)
+        model.compute_logits(hidden[fb.logits_indices])
+
+    wall_ms = triton.testing.do_bench(step, warmup=3, rep=20, return_mode="median")
+    kernel_us, text = kernel_table(step, calls=3)
+    print(f"mixed step {model_name}: {prompts} prompts x {tokens} + {decode_rows} decode rows at {context}: "
+          f"{wall_ms:.1f} ms eager, kernel time {kernel_us / 1e3:.1f} ms, host time {host_us(step, 5) / 1e3:.1f} ms")
+    print(text)
+
+
 def profile_gdn_prefill(model_name: str, tokens: int) -> None:
     from benchmarks.bench_gdn import prefill_inputs
 
@@ -86,15 +123,18 @@ def profile_gdn_prefill(model_name: str, tokens: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["decode", "gdn-prefill"])
+    ap.add_argument("what", choices=["decode", "gdn-prefill", "mixed"])
     ap.add_argument("--model", default="9B")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--prompts", type=int, default=8)
     args = ap.parse_args()
     print(header(""))
     if args.what == "decode":
         profile_decode(args.model, args.batch, args.context)
+    elif args.what == "mixed":
+        profile_mixed(args.model, args.prompts, args.tokens, args.batch, args.context)
     else:
         profile_gdn_prefill(args.model, args.tokens)
 
