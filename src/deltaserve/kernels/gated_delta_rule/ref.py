@@ -20,6 +20,12 @@ def _l2norm(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + _L2_EPS)
 
 
+def l2norm_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k: [T, H, K] (any strides) -> L2-normalised contiguous copies, computed in fp32 and rounded to their dtype
+    (the q/k preparation the GPU prefill path feeds to fla-core's chunk forward)."""
+    return _l2norm(q.float()).to(q.dtype).contiguous(), _l2norm(k.float()).to(k.dtype).contiguous()
+
+
 def _prep_qk(
     q: torch.Tensor, k: torch.Tensor, num_v_heads: int, scale: float, use_qk_l2norm: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
