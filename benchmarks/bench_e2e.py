@@ -1,7 +1,7 @@
 """Offline throughput, deltaserve vs transformers generate (+ fla-core kernels when installed), same shapes, same card.
 
 python benchmarks/bench_e2e.py [--model 9B] [--input-len 1024] [--output-len 256] [--num-prompts 64]
-                               [--hf-output-len N]
+                               [--hf-output-len N] [--ablate-async]
 Random weights at real shapes (load_format="dummy"); ignore_eos so every request generates output-len tokens.
 """
 
@@ -35,13 +35,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_deltaserve(name: str, prompts: list[list[int]], output_len: int) -> float:
+def run_deltaserve(name: str, prompts: list[list[int]], output_len: int, async_scheduling: bool = True) -> float:
     from deltaserve import LLM, SamplingParams
 
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(SHAPES[name]))
         llm = LLM(d, load_format="dummy", max_model_len=len(prompts[0]) + output_len + 16,
-                  max_num_seqs=len(prompts), max_num_batched_tokens=8192)
+                  max_num_seqs=len(prompts), max_num_batched_tokens=8192, async_scheduling=async_scheduling)
         sp = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
         # Warm-up on the same prompts (short outputs): the mixed prefill+decode steps of the timed run have batch
         # shapes the engine has not compiled kernels for yet.
@@ -118,6 +118,8 @@ def main() -> None:
     ap.add_argument("--hf-output-len", type=int, default=None,
                     help="output length of the transformers run (default: --output-len, the same workload); a "
                          "shorter run changes its prefill share, so its tok/s is not comparable")
+    ap.add_argument("--ablate-async", action="store_true",
+                    help="also run deltaserve with async scheduling off (each step waits for its own tokens)")
     args = ap.parse_args()
     args.hf_output_len = args.hf_output_len or args.output_len
     g = torch.Generator().manual_seed(0)
@@ -125,6 +127,7 @@ def main() -> None:
     bw, rate = measure_copy_bandwidth(), measure_matmul_rate()
     ours = run_deltaserve(args.model, prompts, args.output_len)
     print(f"deltaserve: {ours:.0f} output tok/s", flush=True)
+    sync = run_deltaserve(args.model, prompts, args.output_len, async_scheduling=False) if args.ablate_async else None
     hf, has_fla = run_transformers(args.model, prompts, args.hf_output_len)
     print(f"transformers (fla: {has_fla}): {hf:.0f} output tok/s", flush=True)
     ceiling = ceiling_tok_s(args.model, args.num_prompts, args.input_len, args.output_len, bw, rate)
@@ -132,6 +135,8 @@ def main() -> None:
     print(f"copy {bw / 1e12:.2f} TB/s, bf16 matmul {rate / 1e12:.0f} TFLOP/s; transformers with fla: {has_fla}")
     print(table([
         {"engine": "deltaserve", "output tok/s": ours, "vs transformers": ours / hf, "of ceiling": ours / ceiling},
+        *([{"engine": "deltaserve, async scheduling off", "output tok/s": sync, "vs transformers": sync / hf,
+            "of ceiling": sync / ceiling}] if sync is not None else []),
         {"engine": f"transformers (out {args.hf_output_len})", "output tok/s": hf, "vs transformers": 1.0,
          "of ceiling": hf / ceiling},
         {"engine": "ceiling", "output tok/s": ceiling, "vs transformers": ceiling / hf, "of ceiling": 1.0},

@@ -3,11 +3,15 @@ the wall time of a generate call goes when it is far from the GPU-time floor.
 
     PYTHONPATH=src:. python3 benchmarks/profile_engine.py [--model 9B] [--num-prompts 64] [--input-len 1024]
                                                           [--output-len 32] [--no-model] [--timeline]
+                                                          [--kernels] [--find-syncs]
 
 --no-model replaces the model run by fixed logits, so what is left is the engine's own host time per step
 (scheduler, batch building, sampler, output processing): on the GPU it runs in series with every step.
---timeline times the phases of every step instead of the cProfile run: host time before the model launch, the
-launch itself, sampling + waiting for the tokens, and the output processing after them, split by step kind.
+--timeline times the phases of every step instead of the cProfile run (see StepTimeline), split by step kind.
+--sync-scheduling turns the engine's async scheduling off (each step waits for its own tokens), for comparison.
+--kernels profiles the generate call with torch.profiler instead: the kernels per prefill/mixed step (to compare with
+profile_step.py mixed, the same kind of step outside the engine), the CUDA runtime calls that block the host, and the
+batch shapes of the prefill/mixed steps. --find-syncs lists every place that made the host wait for the device.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ import json
 import pstats
 import tempfile
 import time
-from collections import defaultdict
+import traceback
+import warnings
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -46,42 +52,59 @@ def allocator_retries() -> int:
 
 
 class StepTimeline:
-    """Per-step phase times of an engine, recorded by wrapping its step, its model launch and its _run."""
+    """Per-step phase times of an engine, recorded by wrapping its step, launch, finish and model run.
 
-    PHASES = ("schedule+build", "launch", "sample+wait", "after")
+    With async scheduling a step launches its own work and then finishes the previous step's: `wait` is the time
+    the host blocks on those tokens (the GPU is busy then), and the GPU idles only if the host work around it is
+    longer than a step's GPU time. Without it, `wait` is the step's own GPU time left after the launches."""
+
+    PHASES = ("schedule+build", "model launch", "sampler launch", "wait", "outputs")
 
     def __init__(self, engine) -> None:
         self.steps: list[tuple[str, dict[str, float]]] = []
-        step, run, execute = engine.step, engine._run, engine.runner.execute
+        step, launch, finish, execute = engine.step, engine._launch, engine._finish, engine.runner.execute
         marks: dict[str, float] = {}
+        now = time.perf_counter
 
         def timed_execute(input_ids, batch):
-            marks["exec_start"] = time.perf_counter()
+            marks["exec_start"] = now()
             try:
                 return execute(input_ids, batch)
             finally:
-                marks["exec_end"] = time.perf_counter()
+                marks["exec_end"] = now()
 
-        def timed_run(out):
-            marks["run_start"] = time.perf_counter()
+        def timed_launch(out):
             marks["kind"] = self.kind(out)
             try:
-                return run(out)
+                return launch(out)
             finally:
-                marks["run_end"] = time.perf_counter()
+                marks["launch_end"] = now()
+
+        def timed_finish(launched):
+            t0 = now()
+            if launched.ready is not None:
+                launched.ready.synchronize()
+            t1 = now()
+            try:
+                return finish(launched)
+            finally:
+                marks["wait"] += t1 - t0
+                marks["outputs"] += now() - t1
 
         def timed_step():
             marks.clear()
-            t0 = time.perf_counter()
+            marks.update(wait=0.0, outputs=0.0)
+            t0 = now()
             deltas = step()
-            t1 = time.perf_counter()
-            if "exec_end" in marks:
+            if "exec_end" in marks and "launch_end" in marks:
                 self.steps.append((marks["kind"], {
-                    "schedule+build": marks["exec_start"] - t0, "launch": marks["exec_end"] - marks["exec_start"],
-                    "sample+wait": marks["run_end"] - marks["exec_end"], "after": t1 - marks["run_end"]}))
+                    "schedule+build": marks["exec_start"] - t0, "model launch": marks["exec_end"] - marks["exec_start"],
+                    "sampler launch": marks["launch_end"] - marks["exec_end"], "wait": marks["wait"],
+                    "outputs": marks["outputs"], "total": now() - t0}))
             return deltas
 
-        engine.step, engine._run, engine.runner.execute = timed_step, timed_run, timed_execute
+        engine.step, engine._launch, engine._finish = timed_step, timed_launch, timed_finish
+        engine.runner.execute = timed_execute
 
     @staticmethod
     def kind(out) -> str:
@@ -97,10 +120,108 @@ class StepTimeline:
         lines = [f"{'step kind':>16} | {'steps':>5} | {'total ms':>9} | " + " | ".join(f"{p:>14}" for p in self.PHASES)
                  + "   (mean ms per step)"]
         for kind, rows in sorted(by_kind.items(), key=lambda kv: -len(kv[1])):
-            means = [sum(r[p] for r in rows) / len(rows) * 1e3 for p in self.PHASES]
-            lines.append(f"{kind:>16} | {len(rows):>5} | {sum(means):>9.2f} | "
-                         + " | ".join(f"{m:>14.3f}" for m in means))
+            means = [sum(r[p] for r in rows) / len(rows) * 1e3 for p in ("total", *self.PHASES)]
+            lines.append(f"{kind:>16} | {len(rows):>5} | " + " | ".join(
+                f"{m:>{9 if i == 0 else 14}.{2 if i == 0 else 3}f}" for i, m in enumerate(means)))
+        lines.append("each prefill/mixed step, in order (ms):")
+        for kind, phases in self.steps:
+            if kind == "prefill/mixed":
+                lines.append(f"{'':>16} | {'':>5} | {phases['total'] * 1e3:>9.2f} | "
+                             + " | ".join(f"{phases[p] * 1e3:>14.3f}" for p in self.PHASES))
         return "\n".join(lines)
+
+
+def merged_intervals(spans) -> list[tuple[float, float]]:
+    """Sorted, non-overlapping union of (start, end) spans."""
+    merged: list[tuple[float, float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
+
+
+def profile_kernels(llm, prompts: list[list[int]], sp) -> None:
+    """torch.profiler over one generate: per step its wall time, launch time and kernel time (the GPU idles for the
+    difference); the kernels of the prefill/mixed steps; the CUDA runtime calls that took host time."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from benchmarks.profile_step import profiled_kernels
+
+    engine = llm.engine
+    labels: list[str] = []
+    step, execute = engine.step, engine.runner.execute
+
+    def labelled_step():
+        with record_function("engine.step"):
+            return step()
+
+    def labelled_execute(input_ids, batch):
+        q = batch.cu_seqlens_cpu.diff().tolist()
+        prefill = [n for n in q if n > 1]
+        labels.append(f"decode x{len(q)}" if batch.is_decode else f"{len(q) - len(prefill)} decode + {prefill}")
+        with record_function("runner.execute"):
+            return execute(input_ids, batch)
+
+    engine.step, engine.runner.execute = labelled_step, labelled_execute
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        llm.generate(prompts, sp)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    engine.step, engine.runner.execute = step, execute
+    events = prof.events()
+    marks = ("engine.step", "runner.execute")  # also appear as device-side annotations: not kernels
+    kernels = merged_intervals(
+        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA and e.name not in marks)
+    steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "engine.step")
+    launches = [e.time_range.elapsed_us() for e in sorted(
+        (e for e in events if e.name == "runner.execute"), key=lambda e: e.time_range.start)]
+    print(f"generate under the profiler: {wall:.2f} s, {len(steps)} steps")
+    print(f"{'step':>28} | {'wall ms':>8} | {'launch ms':>9} | {'kernel ms':>9} | GPU busy")
+    decode = [0.0, 0.0, 0.0, 0]
+    for (lo, hi), launch, label in zip(steps, launches, labels):
+        busy = sum(min(b, hi) - max(a, lo) for a, b in kernels if a < hi and b > lo)
+        if label.startswith("decode"):
+            decode = [decode[0] + hi - lo, decode[1] + launch, decode[2] + busy, decode[3] + 1]
+            continue
+        print(f"{label[:28]:>28} | {(hi - lo) / 1e3:8.1f} | {launch / 1e3:9.1f} | {busy / 1e3:9.1f} | {busy / (hi - lo):.0%}")
+    if decode[3]:
+        n = decode[3]
+        print(f"{f'decode steps (mean of {n})':>28} | {decode[0] / n / 1e3:8.2f} | {decode[1] / n / 1e3:9.2f} | "
+              f"{decode[2] / n / 1e3:9.2f} | {decode[2] / decode[0]:.0%}")
+    mixed = sum(not label.startswith("decode") for label in labels)
+    print("kernels of the whole run per prefill/mixed step (decode-step kernels included):\n"
+          + profiled_kernels(prof, max(mixed, 1), top=25, skip=marks)[1])
+    runtime = [e for e in prof.key_averages() if e.key.startswith("cuda") and e.device_type != DeviceType.CUDA]
+    runtime.sort(key=lambda e: -e.cpu_time_total)
+    print(f"{'host ms':>9} {'calls':>7}  CUDA runtime call")
+    for e in runtime[:8]:
+        print(f"{e.cpu_time_total / 1e3:9.1f} {e.count:7d}  {e.key}")
+
+
+def find_syncs(llm, prompts: list[list[int]], sp) -> None:
+    """Run generate with torch's sync debug mode on; print each distinct call stack that synchronised."""
+    stacks: Counter[str] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "/warnings.py" not in f.filename]
+        stacks[" <- ".join(f"{Path(f.filename).name}:{f.lineno}:{f.name}" for f in reversed(frames[-6:]))] += 1
+
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            llm.generate(prompts, sp)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    print(f"{'syncs':>6}  where (innermost first)")
+    for where, n in stacks.most_common():
+        print(f"{n:6d}  {where}")
 
 
 def main() -> None:
@@ -111,6 +232,9 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--no-model", action="store_true", help="fixed logits instead of the model: engine host time")
     ap.add_argument("--timeline", action="store_true", help="phase times per step instead of the cProfile run")
+    ap.add_argument("--kernels", action="store_true", help="torch.profiler over the run instead of cProfile")
+    ap.add_argument("--find-syncs", action="store_true", help="list the places the host waited for the device")
+    ap.add_argument("--sync-scheduling", action="store_true", help="turn the engine's async scheduling off")
     args = ap.parse_args()
     from deltaserve import LLM, SamplingParams
 
@@ -121,20 +245,24 @@ def main() -> None:
         (Path(d) / "config.json").write_text(json.dumps(SHAPES[args.model]))
         t0 = time.perf_counter()
         llm = LLM(d, load_format="dummy", max_model_len=args.input_len + args.output_len + 16,
-                  max_num_seqs=args.num_prompts, max_num_batched_tokens=8192)
+                  max_num_seqs=args.num_prompts, max_num_batched_tokens=8192,
+                  async_scheduling=not args.sync_scheduling)
         print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
         if args.no_model:
             skip_model(llm)
         sp = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
         # Warm-up on the timed prompts: the timed run then meets no batch shape the kernels were not compiled for.
         llm.generate(prompts, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+        if args.kernels or args.find_syncs:
+            (profile_kernels if args.kernels else find_syncs)(llm, prompts, sp)
+            return
         if args.timeline:
             timeline = StepTimeline(llm.engine)
             retries = allocator_retries()
             t0 = time.perf_counter()
             llm.generate(prompts, sp)
-            print(f"generate: {time.perf_counter() - t0:.2f} s; phases of each step (the GPU idles during "
-                  "schedule+build and after):\n" + timeline.report(), flush=True)
+            print(f"generate: {time.perf_counter() - t0:.2f} s; phases of each step (async scheduling "
+                  f"{'on' if llm.engine.overlap else 'off'}):\n" + timeline.report(), flush=True)
             # A retry frees the allocator's cached blocks and calls cudaMalloc again: a device sync each time.
             print(f"CUDA caching-allocator retries during generate: {allocator_retries() - retries}")
             return

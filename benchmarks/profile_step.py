@@ -45,10 +45,16 @@ def kernel_table(fn: Callable[[], object], calls: int, top: int = 25) -> tuple[f
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    return profiled_kernels(prof, calls, top)
+
+
+def profiled_kernels(prof: profile, calls: int, top: int = 25, skip: tuple[str, ...] = ()) -> tuple[float, str]:
+    """(kernel µs per call, table of the top kernels per call) of a finished profile over `calls` calls; `skip`:
+    record_function labels, which also show up as device-side spans."""
     rows = []
     for e in prof.key_averages():
         us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if us > 0 and e.count:
+        if us > 0 and e.count and e.device_type == torch.autograd.DeviceType.CUDA and e.key not in skip:
             rows.append((us / calls, e.count / calls, e.key))
     rows.sort(reverse=True)
     total = sum(r[0] for r in rows)

@@ -30,6 +30,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="dummy: random weights at the checkpoint's shapes, for benchmarks")
     g.add_argument("--enforce-eager", action="store_true",
                    help="disable CUDA graphs for decode steps (on by default on GPU)")
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                   help="make every step wait for its own tokens before the next is scheduled (by default on GPU "
+                        "the next step is launched first, so host work overlaps the GPU)")
     g.add_argument("--log-level", default="INFO",
                    help="logging level (DEBUG, INFO, WARNING, ...); INFO shows the memory plan (default)")
 
@@ -59,7 +62,7 @@ def build_llm(args: argparse.Namespace):
                max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                gpu_memory_utilization=args.gpu_memory_utilization, page_size=args.page_size,
                num_pages=args.num_pages, state_dtype=args.state_dtype, load_format=args.load_format,
-               enforce_eager=args.enforce_eager)
+               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -25,7 +25,8 @@ class LLM:
     def __init__(self, model: str | None = None, *, dtype: str | None = None, max_model_len: int | None = None,
                  gpu_memory_utilization: float = 0.9, device: str | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, page_size: int = 16, num_pages: int | None = None,
-                 state_dtype: str = "float32", load_format: str = "auto", enforce_eager: bool = False) -> None:
+                 state_dtype: str = "float32", load_format: str = "auto", enforce_eager: bool = False,
+                 async_scheduling: bool = True) -> None:
         if model is None:
             from deltaserve.demo import demo_model_dir
 
@@ -34,7 +35,7 @@ class LLM:
             model=str(model), dtype=dtype, device=device or default_device(), max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, page_size=page_size,
             num_pages=num_pages, gpu_memory_utilization=gpu_memory_utilization, state_dtype=state_dtype,
-            load_format=load_format, enforce_eager=enforce_eager))
+            load_format=load_format, enforce_eager=enforce_eager, async_scheduling=async_scheduling))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

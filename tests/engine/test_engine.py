@@ -245,3 +245,65 @@ def test_chat_renders_template_with_enable_thinking(ckpt):
     tok = llm.get_tokenizer()
     assert tok.decode(on.prompt_token_ids).endswith("<|im_start|>assistant\n<think>\n")
     assert tok.decode(off.prompt_token_ids).endswith("<think>\n\n</think>\n\n")
+
+
+# ---- async scheduling (step n+1 launched before step n's tokens are read) -------------------------------------------
+def _mixed_workload():
+    ps = prompts(10, seed=50)
+    params = [
+        SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=30),                                  # may stop at eos
+        SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=25, ignore_eos=True),
+        SamplingParams(temperature=0.8, top_k=20, seed=4, max_tokens=12, min_tokens=8),
+        SamplingParams(temperature=0, max_tokens=40, stop=["a", "e"]),                 # stop strings
+        SamplingParams(n=2, temperature=1.0, seed=9, max_tokens=15, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=18, ignore_eos=True, logprobs=3),
+        SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=33, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.5),  # forces sync steps
+    ]
+    return ps, params
+
+
+def _summary(outs):
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason,
+              [round(lp.logprob, 4) for lp in (c.logprobs or [])]) for c in o.outputs] for o in outs]
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(num_pages=20, max_model_len=160, max_num_batched_tokens=40)],
+                         ids=["roomy", "preemption"])
+def test_async_scheduling_gives_the_same_outputs(ckpt, kw):
+    ps, params = _mixed_workload()
+    sync = make_llm(ckpt[0], async_scheduling=False, **kw)
+    overlapped = make_llm(ckpt[0], async_scheduling=True, **kw)
+    assert overlapped.engine.overlap and not sync.engine.overlap
+    preempted = []
+    real = overlapped.engine.scheduler.schedule
+    overlapped.engine.scheduler.schedule = lambda: (out := real(), preempted.extend(out.preempted))[0]
+    expected = _summary(sync.generate(ps, params))
+    assert _summary(overlapped.generate(ps, params)) == expected
+    assert bool(preempted) == ("num_pages" in kw)
+    assert _summary(overlapped.generate(ps[:9], params[:9])) == expected[:9]  # no penalised request: all overlapped
+    assert pools_full(overlapped)
+
+
+def test_async_step_returns_the_previous_steps_tokens_and_wastes_no_row(ckpt):
+    llm = make_llm(ckpt[0], async_scheduling=True)
+    eng = llm.engine
+    rows = []
+    real = eng.runner.execute
+
+    def counting(input_ids, batch):
+        rows.append(batch.num_seqs)
+        return real(input_ids, batch)
+    eng.runner.execute = counting
+    eng.add_request("a", prompts(1, 51)[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    assert eng.step() == []                      # the prefill is launched; its token is read by the next step
+    got = [len(d.token_ids) for d in eng.step()]
+    assert got == [1] and eng._inflight is not None
+    while eng.has_unfinished():
+        eng.step()
+    # 1 prefill + 4 decodes: the step for the 5th token's successor is never launched
+    assert rows == [1] * 5 and pools_full(llm)
+    eng.add_request("b", prompts(1, 52)[0], SamplingParams(temperature=0, max_tokens=5, repetition_penalty=1.3))
+    assert len(eng.step()) == 1, "a penalised request makes each step wait for its own token"

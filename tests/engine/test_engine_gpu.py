@@ -64,3 +64,46 @@ def test_moe_cuda_matches_reference():
     got = cuda.fused_moe(x=x, w13=w13, w2=w2, topk_weights=w, topk_ids=ids).float()
     exp = ref.fused_moe(x=x.float(), w13=w13.float(), w2=w2.float(), topk_weights=w, topk_ids=ids)
     assert (got - exp).norm() / exp.norm() < 1e-2
+
+
+def _mixed_params():
+    return [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+            SamplingParams(temperature=1.0, top_p=0.9, top_k=30, seed=5, max_tokens=9, ignore_eos=True),
+            SamplingParams(temperature=0.7, max_tokens=14, logprobs=2, stop=["x"])]
+
+
+def test_no_triton_compile_after_startup(ckpt):  # noqa: F811
+    """Startup (the activation-peak prefill and the decode graph capture) compiles every kernel the engine uses:
+    steps with other token counts, sequence counts and chunk mixes compile nothing (a compile mid-run stalls a
+    step for up to seconds). A kernel that specialises on a per-step integer fails this test."""
+    import triton
+
+    llm = LLM(str(ckpt[0]), max_model_len=512, device="cuda", dtype="bfloat16", max_num_batched_tokens=96)
+    compiled = []
+    runtime = triton.knobs.runtime
+    previous = runtime.jit_post_compile_hook
+    runtime.jit_post_compile_hook = lambda *, fn, **_: compiled.append(fn.name)
+    try:
+        ps = prompts(11, seed=44) + [[7], [3] * 33, [5] * 96]
+        llm.generate(ps, [_mixed_params()[i % 3] for i in range(len(ps))])
+    finally:
+        runtime.jit_post_compile_hook = previous
+    assert not compiled, f"kernels compiled after startup: {sorted(set(compiled))}"
+
+
+def test_async_engine_waits_on_the_device_only_for_tokens(ckpt):  # noqa: F811
+    """With async scheduling nothing in a step may synchronise with the device (a sync would serialise the host
+    work the overlap hides); the only wait is on the event of the previous step's tokens, which sync debug mode
+    does not count."""
+    llm = LLM(str(ckpt[0]), max_model_len=512, device="cuda", dtype="bfloat16")
+    assert llm.engine.overlap
+    ps = prompts(9, seed=45)
+    params = [_mixed_params()[i % 3] for i in range(len(ps))]
+    llm.generate(ps, params)  # warm-up: first-use allocations and pinned host blocks
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        outs = llm.generate(ps, params)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # a sync raises inside the step, which fails its requests: every request must have ended normally
+    assert [o.outputs[0].finish_reason in ("length", "stop") and bool(o.outputs[0].token_ids) for o in outs] == [True] * 9

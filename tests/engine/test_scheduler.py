@@ -310,13 +310,20 @@ class FakeHybridModel:
         self.page_size = page_size
         self.kv: list[list[tuple[int, int] | None]] = [[None] * page_size for _ in range(num_pages)]
         self.state: list[int | None] = [None] * num_slots
+        self.last: list[int | None] = [None] * num_slots  # last token sampled per slot, as the engine keeps it
+        self.pending_inputs = 0  # inputs taken from `last` (the host did not know them yet)
 
     def step(self, out: SchedulerOutput) -> dict[str, int]:
         ps = self.page_size
         for s in out.scheduled:                      # every write lands before any read, as in one batch
             state = 0 if s.starts_fresh else self.state[s.slot]
             assert state is not None
-            for pos, tok in enumerate(s.new_token_ids, start=s.num_computed_tokens):
+            ids = s.new_token_ids
+            if len(ids) < s.num_new_tokens:          # a pending token: the device has it, the host not yet
+                assert len(ids) == s.num_new_tokens - 1 and self.last[s.slot] is not None
+                ids = ids + [self.last[s.slot]]
+                self.pending_inputs += 1
+            for pos, tok in enumerate(ids, start=s.num_computed_tokens):
                 self.kv[s.pages[pos // ps]][pos % ps] = (tok, pos)
                 state = _mix(state, tok)
             self.state[s.slot] = state
@@ -326,6 +333,7 @@ class FakeHybridModel:
                 n = s.num_computed_tokens + s.num_new_tokens
                 ctx = [self.kv[s.pages[p // ps]][p % ps] for p in range(n)]
                 sampled[s.request_id] = _next_token(self.state[s.slot], ctx)  # type: ignore[arg-type]
+                self.last[s.slot] = sampled[s.request_id]
         return sampled
 
 
@@ -365,13 +373,15 @@ def check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
     for s in out.scheduled:
         assert s.num_new_tokens >= 1 and s.pages == tuple(s.request.pages) and s.slot == s.request.slot
         assert len(s.pages) == sched.pages_needed(s.num_computed_tokens + s.num_new_tokens)
-        assert s.samples_token == (s.num_computed_tokens + s.num_new_tokens == s.request.num_tokens)
+        assert s.samples_token == (s.num_computed_tokens + s.num_new_tokens == s.request.num_tokens_with_pending)
+        assert not s.request.reached_max_output or s.num_computed_tokens + s.num_new_tokens < s.request.num_tokens
     for rid in out.preempted:
         assert sched.get_request(rid).status is PREEMPTED and rid not in ids
     # newest-first victims, each pushed to the front: the queue starts with them in admission order
     assert [r.request_id for r in sched.waiting[:len(out.preempted)]] == list(reversed(out.preempted))
     full = out.num_batched_tokens == cfg.max_num_batched_tokens
-    assert full or all(r.request_id in ids for r in sched.running)  # nobody running left out with budget left
+    # nobody running left out with budget left, unless its pending token is the last one it may have
+    assert full or all(r.request_id in ids or r.reached_max_output for r in sched.running)
     if sched.waiting and not full and not out.preempted and sched.num_running < cfg.max_num_seqs \
             and sched.slot_allocator.num_free:
         head = sched.waiting[0]
@@ -386,9 +396,12 @@ CONFIGS = {  # (max_model_len, max_num_seqs, budget, page_size, num_pages, num_s
 }
 
 
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_random_workload_matches_requests_run_alone(name: str, seed: int) -> None:
+def test_random_workload_matches_requests_run_alone(name: str, seed: int, overlap: bool) -> None:
+    """overlap: driven as the engine's async scheduling drives it: step n is committed at launch, step n+1 is
+    scheduled and run (reading step n's tokens as pending) before step n's tokens are resolved and checked."""
     max_len, seqs, budget, ps, num_pages, num_slots = CONFIGS[name]
     rng = random.Random(seed)
     sched = make(max_model_len=max_len, max_num_seqs=seqs, budget=budget, page_size=ps, num_pages=num_pages,
@@ -396,7 +409,19 @@ def test_random_workload_matches_requests_run_alone(name: str, seed: int) -> Non
     model = FakeHybridModel(num_pages, ps, num_slots)
     todo = [Request(f"r{i}", [rng.randrange(1, 50) for _ in range(rng.randint(1, max_len))]) for i in range(60)]
     max_new = {r.request_id: rng.randint(1, 40) for r in todo}
+    for r in todo:
+        r.max_output_tokens = min(max_new[r.request_id], max_len - r.num_prompt_tokens)
     ended: list[Request] = []
+    inflight: tuple[SchedulerOutput, dict[str, int]] | None = None
+    preempted_pending = 0
+
+    def resolve(out: SchedulerOutput, sampled: dict[str, int], got: list[Request]) -> None:
+        for r in got:
+            if r.output_token_ids[-1] == 0:
+                ended.append(sched.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED))
+            elif r.num_output_tokens >= max_new[r.request_id] or r.num_tokens >= max_len:
+                ended.append(sched.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH))
+
     for _ in range(5000):
         for _ in range(rng.choice([0, 0, 1, 2])):
             if todo:
@@ -408,12 +433,17 @@ def test_random_workload_matches_requests_run_alone(name: str, seed: int) -> Non
         check_schedule(sched, out)
         sampled = model.step(out)
         if out.scheduled and rng.random() < 0.02:    # abort after the model ran, before update
-            ended.append(sched.abort_request(rng.choice(out.scheduled).request_id))
-        for r in sched.update_from_step(out, sampled):
-            if r.output_token_ids[-1] == 0:
-                ended.append(sched.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED))
-            elif r.num_output_tokens >= max_new[r.request_id] or r.num_tokens >= max_len:
-                ended.append(sched.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH))
+            aborted = sched.abort_request(rng.choice(out.scheduled).request_id)
+            if aborted is not None:
+                ended.append(aborted)
+        if not overlap:
+            resolve(out, sampled, sched.update_from_step(out, sampled))
+        else:
+            sched.commit_step(out)
+            preempted_pending += sum(sched.get_request(rid).num_pending_tokens > 0 for rid in out.preempted)
+            if inflight is not None:
+                resolve(*inflight, sched.resolve_step(*inflight))
+            inflight = (out, sampled)
         check_between_steps(sched)
         if not todo and not sched.has_unfinished():
             break
@@ -428,3 +458,6 @@ def test_random_workload_matches_requests_run_alone(name: str, seed: int) -> Non
             assert r.output_token_ids == expected
     if name == "tight":
         assert sum(r.num_preemptions for r in ended) > 0, "the tight config should exercise preemption"
+    assert (model.pending_inputs > 0) == overlap
+    if name == "tight" and overlap:
+        assert preempted_pending > 0, "the tight config should preempt requests whose token is in flight"

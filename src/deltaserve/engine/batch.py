@@ -13,11 +13,30 @@ from deltaserve.layers.meta import ForwardBatch
 
 @dataclass(frozen=True)
 class StepBatch:
-    """The model inputs of one step and which scheduled entries get a sampled token (rows of the logits)."""
+    """The model inputs of one step and which scheduled entries get a sampled token (rows of the logits).
+
+    A pending token (sampled by a step still in flight) has no id on the host: its input_ids entry is 0 until
+    `input_ids_from(last_tokens)` fills it from the device buffer where the sampling step wrote it.
+    """
 
     input_ids: torch.Tensor            # [T] int64
     forward: ForwardBatch
     sampling: tuple[ScheduledRequest, ...]  # in logits-row order
+    sample_slots: torch.Tensor         # [len(sampling)] int64 state slot of each logits row
+    pending_rows: torch.Tensor         # [P] int64 rows of input_ids that are pending tokens
+    pending_slots: torch.Tensor        # [P] int64 state slot whose last sampled token each of them is
+
+    def input_ids_from(self, last_tokens: torch.Tensor | None) -> torch.Tensor:
+        """input_ids with the pending tokens read from `last_tokens` ([num_slots] int64, on the device)."""
+        if self.pending_rows.numel() == 0:
+            return self.input_ids
+        if last_tokens is None:
+            raise RuntimeError("the batch has pending tokens but no device buffer of last sampled tokens was given")
+        if self.pending_rows.numel() == self.input_ids.numel():  # a decode step: every input is pending
+            return last_tokens[self.pending_slots]
+        ids = self.input_ids.clone()
+        ids[self.pending_rows] = last_tokens[self.pending_slots]
+        return ids
 
 
 class BlockTables:
@@ -56,14 +75,24 @@ def build_step_batch(scheduled: tuple[ScheduledRequest, ...] | list[ScheduledReq
     ids: list[int] = []
     logits_rows: list[int] = []
     sampling: list[ScheduledRequest] = []
+    pending_rows: list[int] = []
+    pending_slots: list[int] = []
     for entry in scheduled:
-        ids += entry.new_token_ids
+        request, start = entry.request, entry.num_computed_tokens
+        stop = start + entry.num_new_tokens
+        ids += request.token_ids(start, min(stop, request.num_tokens))
+        for _ in range(max(0, stop - max(start, request.num_tokens))):  # positions of pending tokens
+            pending_rows.append(len(ids))
+            pending_slots.append(entry.slot)
+            ids.append(0)
         if entry.samples_token:
             logits_rows.append(len(ids) - 1)
             sampling.append(entry)
-    input_ids, forward = ForwardBatch.build_with_ids(
+    input_ids, forward, (sample_slots, rows, slots) = ForwardBatch.build_with_ids(
         ids, query_lens=[e.num_new_tokens for e in scheduled], context_lens=[e.num_computed_tokens for e in scheduled],
         state_slots=[e.slot for e in scheduled], block_tables=[e.pages for e in scheduled],
         page_size=page_size, device=device, logits_indices=logits_rows,
-        table=block_tables.gather(scheduled) if block_tables is not None else None)
-    return StepBatch(input_ids, forward, tuple(sampling))
+        table=block_tables.gather(scheduled) if block_tables is not None else None,
+        extra=[np.array([e.slot for e in sampling], dtype=np.int64), np.array(pending_rows, dtype=np.int64),
+               np.array(pending_slots, dtype=np.int64)])
+    return StepBatch(input_ids, forward, tuple(sampling), sample_slots, rows, slots)

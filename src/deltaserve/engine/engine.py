@@ -23,6 +23,16 @@ from deltaserve.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LaunchedStep:
+    """A step whose model run and sampling are queued on the device; its samples reach the host at `ready`."""
+
+    out: SchedulerOutput
+    sampling: tuple[ScheduledRequest, ...]  # the entries that sample, in logits-row order
+    sampled: SamplerOutput | None           # host tensors (pinned on CUDA: valid once `ready` has passed)
+    ready: torch.cuda.Event | None          # None: already on the host
+
+
 class RequestError(ValueError):
     """A request that cannot be served as given (too long, bad token ids, duplicate id); nothing was queued."""
 
@@ -43,6 +53,9 @@ class EngineArgs:
     state_dtype: str = "float32"
     load_format: str = "auto"
     enforce_eager: bool = False
+    # On CUDA, schedule and launch step n+1 before reading step n's tokens (the host work of a step then runs
+    # while the GPU computes); off: every step waits for its own tokens first.
+    async_scheduling: bool = True
 
 
 class LLMEngine:
@@ -70,6 +83,12 @@ class LLMEngine:
         # converting a long prompt list each step costs ~1.5 ms per 32k tokens of host time.
         self.prompt_tensors: dict[str, torch.Tensor] = {}
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "preemptions": 0}
+        self.overlap = args.async_scheduling
+        # The last token sampled for each state slot, on the device: the input of the slot's next decode step
+        # when that step is launched before the token reaches the host.
+        self.last_tokens = torch.zeros(self.runner.num_slots, dtype=torch.long, device=self.runner.device)
+        self._inflight: LaunchedStep | None = None
+        self._history_ids: set[str] = set()  # live requests whose sampling reads their past tokens
 
     @property
     def max_model_len(self) -> int:
@@ -85,8 +104,12 @@ class LLMEngine:
             child_params = params if params.seed is None or index == 0 else dataclasses.replace(
                 params, seed=params.seed + index)
             request = Request(child_id, list(prompt_token_ids), sampling_params=child_params)
+            request.max_output_tokens = min(params.max_tokens or self.max_model_len,
+                                            self.max_model_len - len(prompt_token_ids))
             self.sequences[child_id] = self._sequence_state(request, request_id, index, child_params)
             self.scheduler.add_request(request)
+            if params.repetition_penalty != 1.0 or params.frequency_penalty or params.presence_penalty:
+                self._history_ids.add(child_id)
         self.counters["prompt_tokens"] += len(prompt_token_ids)
 
     def _validate(self, request_id: str, prompt: list[int]) -> None:
@@ -115,6 +138,7 @@ class LLMEngine:
         for child_id in self.children.pop(request_id, []):
             state = self.sequences.pop(child_id, None)
             self.prompt_tensors.pop(child_id, None)
+            self._history_ids.discard(child_id)
             if self.scheduler.abort_request(child_id) is not None and state is not None:
                 deltas.append(SequenceDelta(request_id, state.index, (), "", None, True, "abort"))
         return deltas
@@ -131,34 +155,68 @@ class LLMEngine:
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
-        """One engine step; returns what each sequence produced (tokens, text, finish)."""
-        out = self.scheduler.schedule()
-        if out.is_empty:
-            return []
-        try:
-            sampling, sampled = self._run(out)
-        except Exception as e:  # a failing step fails the requests in it, never the engine
-            log.exception("engine step failed")
-            return self._fail(out, f"{type(e).__name__}: {e}")
-        token_ids = sampled.token_ids.tolist()
-        appended = self.scheduler.update_from_step(out, {e.request_id: t for e, t in zip(sampling, token_ids)})
-        self.counters["generation_tokens"] += len(appended)
-        self.counters["preemptions"] += len(out.preempted)
-        logprobs = self._logprobs(sampling, token_ids, sampled)
-        return [self._after_token(r, logprobs.get(r.request_id)) for r in appended]
+        """One engine step; returns what sequences produced (tokens, text, finish).
 
-    def _run(self, out: SchedulerOutput) -> tuple[tuple[ScheduledRequest, ...], SamplerOutput]:
-        """Run the model and sample; returns the entries that sampled (in row order) and their samples on the CPU."""
+        With async scheduling the tokens returned are those of the previous step: this step is launched first, so
+        the GPU goes on computing while the host turns the previous step's tokens into outputs. While a live
+        request uses penalties (they read every past token) each step waits for its own tokens instead.
+        """
+        deltas = self._finish_inflight() if self._history_ids else []
+        out = self.scheduler.schedule()
+        launched = None
+        if not out.is_empty:
+            try:
+                launched = self._launch(out)
+            except Exception as e:  # a failing step fails the requests in it, never the engine
+                log.exception("engine step failed")
+                return deltas + self._finish_inflight() + self._fail(out, f"{type(e).__name__}: {e}")
+            self.scheduler.commit_step(out)
+            self.counters["preemptions"] += len(out.preempted)
+        deltas += self._finish_inflight()
+        if launched is not None:
+            if self.overlap and not self._history_ids:
+                self._inflight = launched
+            else:
+                deltas += self._finish(launched)
+        return deltas
+
+    def _launch(self, out: SchedulerOutput) -> LaunchedStep:
+        """Build the batch, run the model and the sampler, start copying the samples to the host."""
         batch = build_step_batch(out.scheduled, page_size=self.cache_config.page_size, device=self.runner.device,
                                  block_tables=self.block_tables)
-        result = self.runner.execute(batch.input_ids, batch.forward)
+        result = self.runner.execute(batch.input_ids_from(self.last_tokens), batch.forward)
         if result is None:
-            return (), SamplerOutput(*([torch.empty(0)] * 4))
+            return LaunchedStep(out, (), None, None)
         rows = [SamplingRow(params=e.request.sampling_params, prompt_token_ids=self._prompt_for_sampler(e.request),
-                            output_token_ids=e.request.output_token_ids, eos_token_ids=self.eos_ids)
+                            output_token_ids=e.request.output_token_ids, eos_token_ids=self.eos_ids,
+                            num_pending=e.request.num_pending_tokens)
                 for e in batch.sampling]
         sampled = self.sampler(result.logits, rows)
-        return batch.sampling, SamplerOutput(*(t.cpu() for t in sampled))
+        self.last_tokens.index_copy_(0, batch.sample_slots, sampled.token_ids)
+        if self.runner.device.type != "cuda":
+            return LaunchedStep(out, batch.sampling, sampled, None)
+        host = SamplerOutput(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                               for t in sampled))
+        ready = torch.cuda.Event()
+        ready.record()
+        return LaunchedStep(out, batch.sampling, host, ready)
+
+    def _finish_inflight(self) -> list[SequenceDelta]:
+        launched, self._inflight = self._inflight, None
+        return self._finish(launched) if launched is not None else []
+
+    def _finish(self, launched: LaunchedStep) -> list[SequenceDelta]:
+        """Wait for a launched step's samples; append them, check stops, make the deltas."""
+        if launched.sampled is None:
+            return []
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        sampled, sampling = launched.sampled, launched.sampling
+        token_ids = sampled.token_ids.tolist()
+        appended = self.scheduler.resolve_step(launched.out, {e.request_id: t for e, t in zip(sampling, token_ids)})
+        self.counters["generation_tokens"] += len(appended)
+        logprobs = self._logprobs(sampling, token_ids, sampled)
+        return [self._after_token(r, logprobs.get(r.request_id)) for r in appended]
 
     def _prompt_for_sampler(self, request: Request) -> list[int] | torch.Tensor:
         """The prompt as the sampler reads it: a cached device tensor when a repetition penalty needs it."""
@@ -196,6 +254,7 @@ class LLMEngine:
     def _forget(self, child_id: str, parent_id: str) -> None:
         self.sequences.pop(child_id, None)
         self.prompt_tensors.pop(child_id, None)
+        self._history_ids.discard(child_id)
         if all(c not in self.sequences for c in self.children.get(parent_id, [])):
             self.children.pop(parent_id, None)
 

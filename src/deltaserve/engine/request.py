@@ -2,7 +2,11 @@
 
 Pure Python, never imports torch. The Scheduler owns every Request it was given (status, pages, slot,
 num_computed_tokens are written by the scheduler only); the engine appends sampled tokens (through
-`Scheduler.update_from_step` or `Request.append_output_token`) and reads the rest.
+`Scheduler.update_from_step` / `resolve_step` or `Request.append_output_token`) and reads the rest.
+
+A token that was sampled on the device but has not reached the host yet is *pending*: it already counts as a
+position to compute (so the next step can be scheduled while the sampling step still runs) but its id is not
+known here; `token_ids` covers only the known tokens.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ class Request:
     slot: int | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    num_pending_tokens: int = 0  # sampled by a step still in flight: positions after the known tokens
+    max_output_tokens: int | None = None  # the engine's length limit: no step is scheduled to sample past it
 
     def __post_init__(self) -> None:
         # Copies, so that the caller's lists are never mutated or aliased.
@@ -73,7 +79,20 @@ class Request:
 
     @property
     def num_tokens(self) -> int:
+        """Known tokens: prompt + appended outputs (pending tokens excluded)."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return self.num_tokens + self.num_pending_tokens
+
+    @property
+    def reached_max_output(self) -> bool:
+        """A token is pending and, with it, the outputs reach max_output_tokens: a step for the pending token would
+        only sample a token nobody keeps."""
+        limit = self.max_output_tokens
+        return (self.num_pending_tokens > 0 and limit is not None
+                and len(self.output_token_ids) + self.num_pending_tokens >= limit)
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -40,7 +40,7 @@ class SamplingRow:
     """What the sampler needs to know about one row (one sequence) of the batch.
 
     prompt_token_ids / output_token_ids: the sequence so far (lists or 1-D int tensors); they feed the penalties,
-    and len(output_token_ids) is the row's position for min_tokens and for seeded sampling.
+    and len(output_token_ids) + num_pending is the row's position for min_tokens and for seeded sampling.
     eos_token_ids: the model's end-of-sequence ids. While len(output) < params.min_tokens the sampler suppresses
     eos_token_ids (unless params.ignore_eos, where eos does not stop the request anyway) and params.stop_token_ids.
     """
@@ -49,10 +49,11 @@ class SamplingRow:
     prompt_token_ids: Sequence[int] | torch.Tensor = ()
     output_token_ids: Sequence[int] | torch.Tensor = ()
     eos_token_ids: frozenset[int] = frozenset()
+    num_pending: int = 0  # outputs sampled by a step still in flight (not in output_token_ids; no penalties)
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        return len(self.output_token_ids) + self.num_pending
 
     def suppressed_ids(self) -> list[int]:
         """Token ids that must not be sampled now, because they would end the request before min_tokens."""
@@ -87,10 +88,16 @@ def step_seed(seed: int, step: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ step) >> 1  # manual_seed wants a value that fits int64
 
 
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the stream: on CUDA it goes through pinned memory (a copy
+    from pageable memory may first wait for the stream to drain, stalling an engine that overlaps steps)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _to_device(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    # non_blocking from pageable memory is safe (CUDA stages the source before returning) and, unlike a plain
-    # torch.tensor(..., device=cuda), does not synchronise the stream.
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+    return _upload(torch.tensor(values, dtype=dtype), device)
 
 
 def _row_tensor(values: Sequence[float], device: torch.device) -> torch.Tensor:
@@ -153,8 +160,8 @@ def _flat_ids(rows: Sequence[SamplingRow], device: torch.device,
                 host_rows.append(i)
     if host_ids:
         lengths = [len(a) for a in host_ids]
-        flat = torch.from_numpy(np.concatenate(host_ids)).to(device, non_blocking=True)
-        row_idx = torch.from_numpy(np.repeat(np.asarray(host_rows, np.int64), lengths)).to(device, non_blocking=True)
+        flat = _upload(torch.from_numpy(np.concatenate(host_ids)), device)
+        row_idx = _upload(torch.from_numpy(np.repeat(np.asarray(host_rows, np.int64), lengths)), device)
         dev_ids, dev_rows = [flat, *dev_ids], [row_idx, *dev_rows]
     if not dev_ids:
         return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, dtype=torch.long, device=device)
@@ -222,13 +229,13 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     use_top_k_top_p = bool((k < vocab).any()) or bool((top_p < 1.0).any())
     use_min_p = bool((min_p > 0).any())
     # Subtracting the row max first keeps a tiny temperature from overflowing to inf (and softmax to NaN).
-    out = (logits - logits.max(dim=1, keepdim=True).values) / temperature.to(dev, non_blocking=True).unsqueeze(1)
+    out = (logits - logits.max(dim=1, keepdim=True).values) / _upload(temperature, dev).unsqueeze(1)
     if use_top_k_top_p:
-        out = _top_k_top_p(out, k.to(dev, non_blocking=True), top_p.to(dev, non_blocking=True))
+        out = _top_k_top_p(out, _upload(k, dev), _upload(top_p, dev))
     if use_min_p:
         # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed, and top-k/top-p
         # renormalisation does not change the ratio p_i / p_max, so the order of the two filters is moot.
-        threshold = out.max(dim=1, keepdim=True).values + torch.log(min_p).to(dev, non_blocking=True).unsqueeze(1)
+        threshold = out.max(dim=1, keepdim=True).values + _upload(torch.log(min_p), dev).unsqueeze(1)
         out = out.masked_fill(out < threshold, float("-inf"))
     return out
 

@@ -11,8 +11,11 @@ The step protocol for the engine:
     ... build the batch from out.scheduled, run the model, sample for entries with samples_token ...
     got = scheduler.update_from_step(out, {request_id: token})   # advances, appends sampled tokens
     ... check stop conditions on `got`, call finish_request(...) for those that are done ...
+update_from_step is commit_step (advance; each sampled token becomes pending) then resolve_step (append the
+tokens). An engine that overlaps steps commits step n at launch, schedules and launches step n+1 (a pending token
+is the input of its next position: the engine takes it from the device), and resolves step n after that.
 abort_request/finish_request may be called at any time: freed pages and slots are handed out again only by the
-next schedule(), so a model run that still writes them for the current step harms nobody.
+next schedule(), and device work runs in launch order, so a step in flight that still writes them harms nobody.
 """
 
 from __future__ import annotations
@@ -204,8 +207,10 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if num_new <= 0:  # waiting for a token that update_from_step never got; nothing to compute
+            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            # Nothing to compute (waiting for a token that update_from_step never got), or the pending token is
+            # the last one the length limit allows.
+            if num_new <= 0 or request.reached_max_output:
                 i += 1
                 continue
             if not self._allocate_or_preempt(request, num_new, preempted):
@@ -245,6 +250,8 @@ class Scheduler:
         while (self._waiting and budget > 0 and len(self._running) < self._config.max_num_seqs
                and self._slots.num_free > 0):
             request = self._waiting[0]
+            if request.num_pending_tokens:
+                break  # preempted with a token in flight: it recomputes once the token is known
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             need = self.pages_needed(request.num_computed_tokens + num_new)
             if need > self._pages.num_free:
@@ -263,27 +270,50 @@ class Scheduler:
         computed = request.num_computed_tokens
         return ScheduledRequest(request=request, num_new_tokens=num_new, num_computed_tokens=computed,
                                 pages=tuple(request.pages), slot=request.slot, starts_fresh=computed == 0,
-                                samples_token=computed + num_new == request.num_tokens)
+                                samples_token=computed + num_new == request.num_tokens_with_pending)
 
     def update_from_step(self, output: SchedulerOutput, sampled: Mapping[str, int | None]) -> list[Request]:
-        """Apply a finished step: advance num_computed_tokens and append each sampled token.
+        """Apply a finished step: commit_step then resolve_step (see those)."""
+        self._check_sampled(output, sampled)
+        self.commit_step(output)
+        return self.resolve_step(output, sampled)
 
-        `sampled` maps request id -> token for every entry with `samples_token` (others are ignored). Entries whose
-        request ended since schedule() are skipped. Returns the requests that got a token, in batch order, for
-        the engine's stop checks. Validates everything before changing anything.
+    def commit_step(self, output: SchedulerOutput) -> None:
+        """The step's work is launched: advance num_computed_tokens; each sampled token becomes pending.
+
+        Entries whose request ended since schedule() are skipped. Validates before changing anything.
         """
         live = [s for s in output.scheduled if s.request.status is RequestStatus.RUNNING]
         for s in live:
             if s.request.num_computed_tokens != s.num_computed_tokens:
                 raise RuntimeError(f"request {s.request_id!r} has {s.request.num_computed_tokens} computed tokens, "
                                    f"the output expected {s.num_computed_tokens}: stale or twice-applied output")
-            if s.samples_token and not isinstance(sampled.get(s.request_id), int):
-                raise ValueError(f"request {s.request_id!r} reached its last token this step but `sampled` has "
-                                 f"no token for it (got {sampled.get(s.request_id)!r})")
-        appended: list[Request] = []
         for s in live:
             s.request.num_computed_tokens += s.num_new_tokens
             if s.samples_token:
-                s.request.append_output_token(sampled[s.request_id])  # type: ignore[arg-type]
-                appended.append(s.request)
+                s.request.num_pending_tokens += 1
+
+    def resolve_step(self, output: SchedulerOutput, sampled: Mapping[str, int | None]) -> list[Request]:
+        """The committed step's tokens reached the host: append each (`sampled`: request id -> token for every
+        entry with `samples_token`). A request preempted since the commit keeps its token (it recomputes it);
+        one that ended drops it. Returns the requests that got a token (running or preempted), in batch order, for
+        the engine's stop checks."""
+        self._check_sampled(output, sampled)
+        appended: list[Request] = []
+        for s in output.scheduled:
+            request = s.request
+            if not s.samples_token or request.num_pending_tokens == 0:
+                continue
+            request.num_pending_tokens -= 1
+            if request.status.is_finished:
+                continue
+            request.append_output_token(sampled[s.request_id])  # type: ignore[arg-type]
+            appended.append(request)
         return appended
+
+    @staticmethod
+    def _check_sampled(output: SchedulerOutput, sampled: Mapping[str, int | None]) -> None:
+        for s in output.scheduled:
+            if s.samples_token and not s.request.status.is_finished and not isinstance(sampled.get(s.request_id), int):
+                raise ValueError(f"request {s.request_id!r} reached its last token this step but `sampled` has "
+                                 f"no token for it (got {sampled.get(s.request_id)!r})")

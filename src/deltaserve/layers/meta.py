@@ -65,8 +65,10 @@ class ForwardBatch:
     def build_with_ids(input_ids: Sequence[int], *, query_lens: list[int], context_lens: list[int],
                        state_slots: list[int], block_tables: Sequence[Sequence[int]], page_size: int,
                        device: torch.device | str = "cpu", logits_indices: list[int] | None = None,
-                       table: np.ndarray | None = None) -> tuple[torch.Tensor, ForwardBatch]:
-        """build() plus the step's token ids as an int64 tensor, all sent to the device in one transfer."""
+                       table: np.ndarray | None = None, extra: Sequence[np.ndarray] = (),
+                       ) -> tuple[torch.Tensor, ForwardBatch, list[torch.Tensor]]:
+        """build() plus the step's token ids as an int64 tensor, all sent to the device in one transfer with the
+        caller's `extra` arrays (returned third, as device tensors in their order)."""
         positions: list[int] = []
         slot_mapping: list[int] = []
         cu = [0]
@@ -83,32 +85,40 @@ class ForwardBatch:
             for row, pages in zip(table, block_tables):
                 row[:len(pages)] = pages
         cu_host = np.array(cu, dtype=np.int32)
-        ids, pos, cu_t, lens, slots, init, tables, mapping, logits = upload_arrays([
+        ids, pos, cu_t, lens, slots, init, tables, mapping, logits, *extra_dev = upload_arrays([
             np.array(input_ids, dtype=np.int64), np.array(positions, dtype=np.int64), cu_host,
             np.array([c + q for c, q in zip(context_lens, query_lens)], dtype=np.int32),
             np.array(state_slots, dtype=np.int64), np.array([c > 0 for c in context_lens], dtype=np.bool_),
             np.ascontiguousarray(table, dtype=np.int32), np.array(slot_mapping, dtype=np.int64),
-            np.array(logits_indices, dtype=np.int64)], device)
+            np.array(logits_indices, dtype=np.int64), *extra], device)
         return ids, ForwardBatch(
             positions=pos, cu_seqlens=cu_t, seq_lens=lens, state_slots=slots, has_initial_state=init,
             block_tables=tables, slot_mapping=mapping, logits_indices=logits,
             is_decode=bool(query_lens) and all(q == 1 for q in query_lens) and all(c > 0 for c in context_lens),
             cu_seqlens_cpu=torch.from_numpy(cu_host), any_padding=any(s < 0 for s in state_slots),
-        )
+        ), extra_dev
 
 
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
 
 
 def upload_arrays(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
-    """Small host arrays -> device tensors in one copy: packed into one byte buffer at 8-byte aligned offsets and
-    viewed back on the device. A step's metadata is ~10 arrays; one transfer each cost ~10-20 us of host time."""
+    """Small host arrays -> device tensors in one copy: packed into one byte buffer at 16-byte aligned offsets and
+    viewed back on the device. A step's metadata is ~10 arrays; one transfer each cost ~10-20 us of host time.
+    16, not 8: Triton specialises a kernel on whether each pointer is 16-byte aligned, so with 8-byte offsets a
+    step whose token count is odd would compile a second copy of every kernel reading the metadata mid-run.
+
+    On CUDA the buffer is pinned (torch's caching host allocator keeps it until the copy is done): a copy from
+    pageable memory waits for the stream to drain first, which would stall an engine that builds the next step
+    while the current one runs."""
     offsets, total = [], 0
     for a in arrays:
         offsets.append(total)
-        total += -(-a.nbytes // 8) * 8
-    buf = np.empty(max(total, 8), dtype=np.uint8)
+        total += -(-a.nbytes // 16) * 16
+    on_cuda = torch.device(device).type == "cuda"
+    host = torch.empty(max(total, 16), dtype=torch.uint8, pin_memory=on_cuda)
+    buf = host.numpy()
     for a, off in zip(arrays, offsets):
         buf[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    dev = torch.from_numpy(buf).to(device)
+    dev = host.to(device, non_blocking=on_cuda)
     return [dev[off:off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, off in zip(arrays, offsets)]

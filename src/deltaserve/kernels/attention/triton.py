@@ -182,7 +182,8 @@ def qk_norm_rope_write_kv(
 # ------------------------------------------------------------------------------------------------------------ decode
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # eager decode: changes as contexts grow
+# num_splits changes as contexts grow (eager decode); stride_btn is the block-table width of the step
+@triton.jit(do_not_specialize=["num_splits", "stride_btn"])
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_lens_ptr, part_o_ptr, part_lse_ptr,
     qk_scale, num_splits,
@@ -393,7 +394,8 @@ def _prefill_tile(
     return acc, l_i, m_new
 
 
-@triton.jit(do_not_specialize=["num_seqs"])  # varies every step: no recompiles per divisibility class
+# Both vary every step (stride_btn is the block-table width): no recompile per divisibility class.
+@triton.jit(do_not_specialize=["num_seqs", "stride_btn"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, o_ptr, cu_q_ptr, cu_tiles_ptr, seq_lens_ptr, bt_ptr,
     qk_scale, num_seqs,

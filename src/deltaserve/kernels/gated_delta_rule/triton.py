@@ -352,7 +352,7 @@ def _check_state_pool(state: torch.Tensor) -> None:
                          f"strides {state.stride()}")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # the token count varies every step: one compiled kernel
 def _gating_kernel(a_ptr, b_ptr, alog_ptr, dtb_ptr, g_ptr, beta_ptr, T, stride_a, stride_b,
                    HV: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr):
     """g = -exp(A_log) softplus(a + dt_bias) (fp32) and beta = sigmoid(b) for BT tokens x all HV heads."""
