@@ -53,8 +53,8 @@ class EngineArgs:
     state_dtype: str = "float32"
     load_format: str = "auto"
     enforce_eager: bool = False
-    # On CUDA, schedule and launch step n+1 before reading step n's tokens (the host work of a step then runs
-    # while the GPU computes); off: every step waits for its own tokens first.
+    # Schedule and launch step n+1 before reading step n's tokens: on a GPU the host work of a step then runs while
+    # the GPU computes (on CPU only the order changes). Off: every step waits for its own tokens first.
     async_scheduling: bool = True
 
 
