@@ -35,7 +35,8 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_deltaserve(name: str, prompts: list[list[int]], output_len: int, async_scheduling: bool = True) -> float:
+def run_deltaserve(name: str, prompts: list[list[int]], output_len: int,
+                   async_scheduling: bool | None = None) -> float:
     from deltaserve import LLM, SamplingParams
 
     with tempfile.TemporaryDirectory() as d:

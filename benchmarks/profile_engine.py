@@ -176,7 +176,8 @@ def profile_kernels(llm, prompts: list[list[int]], sp) -> None:
     events = prof.events()
     marks = ("engine.step", "runner.execute")  # also appear as device-side annotations: not kernels
     kernels = merged_intervals(
-        (e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA and e.name not in marks)
+        (e.time_range.start, e.time_range.end) for e in events
+        if e.device_type == DeviceType.CUDA and e.name not in marks)
     steps = sorted((e.time_range.start, e.time_range.end) for e in events if e.name == "engine.step")
     launches = [e.time_range.elapsed_us() for e in sorted(
         (e for e in events if e.name == "runner.execute"), key=lambda e: e.time_range.start)]
@@ -188,7 +189,8 @@ def profile_kernels(llm, prompts: list[list[int]], sp) -> None:
         if label.startswith("decode"):
             decode = [decode[0] + hi - lo, decode[1] + launch, decode[2] + busy, decode[3] + 1]
             continue
-        print(f"{label[:28]:>28} | {(hi - lo) / 1e3:8.1f} | {launch / 1e3:9.1f} | {busy / 1e3:9.1f} | {busy / (hi - lo):.0%}")
+        print(f"{label[:28]:>28} | {(hi - lo) / 1e3:8.1f} | {launch / 1e3:9.1f} | {busy / 1e3:9.1f} | "
+              f"{busy / (hi - lo):.0%}")
     if decode[3]:
         n = decode[3]
         print(f"{f'decode steps (mean of {n})':>28} | {decode[0] / n / 1e3:8.2f} | {decode[1] / n / 1e3:9.2f} | "
@@ -246,7 +248,7 @@ def main() -> None:
         t0 = time.perf_counter()
         llm = LLM(d, load_format="dummy", max_model_len=args.input_len + args.output_len + 16,
                   max_num_seqs=args.num_prompts, max_num_batched_tokens=8192,
-                  async_scheduling=not args.sync_scheduling)
+                  async_scheduling=False if args.sync_scheduling else None)
         print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
         if args.no_model:
             skip_model(llm)
@@ -262,7 +264,7 @@ def main() -> None:
             t0 = time.perf_counter()
             llm.generate(prompts, sp)
             print(f"generate: {time.perf_counter() - t0:.2f} s; phases of each step (async scheduling "
-                  f"{'on' if llm.engine.overlap else 'off'}):\n" + timeline.report(), flush=True)
+                  f"{'on' if llm.engine.async_scheduling else 'off'}):\n" + timeline.report(), flush=True)
             # A retry frees the allocator's cached blocks and calls cudaMalloc again: a device sync each time.
             print(f"CUDA caching-allocator retries during generate: {allocator_retries() - retries}")
             return

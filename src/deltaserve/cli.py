@@ -30,7 +30,7 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="dummy: random weights at the checkpoint's shapes, for benchmarks")
     g.add_argument("--enforce-eager", action="store_true",
                    help="disable CUDA graphs for decode steps (on by default on GPU)")
-    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
                    help="make every step wait for its own tokens before the next is scheduled (by default on GPU "
                         "the next step is launched first, so host work overlaps the GPU)")
     g.add_argument("--log-level", default="INFO",

@@ -26,7 +26,7 @@ class LLM:
                  gpu_memory_utilization: float = 0.9, device: str | None = None, max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, page_size: int = 16, num_pages: int | None = None,
                  state_dtype: str = "float32", load_format: str = "auto", enforce_eager: bool = False,
-                 async_scheduling: bool = True) -> None:
+                 async_scheduling: bool | None = None) -> None:
         if model is None:
             from deltaserve.demo import demo_model_dir
 

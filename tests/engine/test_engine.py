@@ -276,7 +276,7 @@ def test_async_scheduling_gives_the_same_outputs(ckpt, kw):
     ps, params = _mixed_workload()
     sync = make_llm(ckpt[0], async_scheduling=False, **kw)
     overlapped = make_llm(ckpt[0], async_scheduling=True, **kw)
-    assert overlapped.engine.overlap and not sync.engine.overlap
+    assert overlapped.engine.async_scheduling and not sync.engine.async_scheduling
     preempted = []
     real = overlapped.engine.scheduler.schedule
     overlapped.engine.scheduler.schedule = lambda: (out := real(), preempted.extend(out.preempted))[0]
@@ -307,3 +307,36 @@ def test_async_step_returns_the_previous_steps_tokens_and_wastes_no_row(ckpt):
     assert rows == [1] * 5 and pools_full(llm)
     eng.add_request("b", prompts(1, 52)[0], SamplingParams(temperature=0, max_tokens=5, repetition_penalty=1.3))
     assert len(eng.step()) == 1, "a penalised request makes each step wait for its own token"
+
+
+def test_no_step_is_left_in_flight_after_generate(ckpt):
+    """A request that ends on a stop string had one more decode launched; generate waits for it before returning
+    (nothing of a finished call may still run on the device)."""
+    llm = make_llm(ckpt[0], async_scheduling=True)
+    outs = llm.generate(prompts(3, seed=53), SamplingParams(temperature=0, max_tokens=40, stop=["a", "e", "o"]))
+    assert any(o.outputs[0].finish_reason == "stop" for o in outs)
+    assert llm.engine._inflight is None and pools_full(llm)
+
+
+def test_a_device_error_seen_when_reading_tokens_fails_that_step_only(ckpt):
+    """On CUDA a fault in a step's kernels surfaces when the host waits for its tokens (the ready event): that
+    step's requests end with an error, the engine goes on. The event is replaced by one that raises as a faulted
+    CUDA event does, since a CPU run has none."""
+    import dataclasses
+
+    class FaultedEvent:
+        def synchronize(self):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    llm = make_llm(ckpt[0], async_scheduling=True)
+    eng = llm.engine
+    real = eng._launch
+    eng._launch = lambda out: dataclasses.replace(real(out), ready=FaultedEvent())
+    eng.add_request("x", prompts(1, 54)[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    deltas = []
+    while eng.has_unfinished():
+        deltas += eng.step()
+    assert [d.finish_reason for d in deltas] == ["error"] and "illegal memory access" in deltas[0].error
+    eng._launch = real
+    assert pools_full(llm) and eng._inflight is None
+    assert llm.generate([prompts(1, 55)[0]], GREEDY)[0].outputs[0].finish_reason == "length"

@@ -88,11 +88,11 @@ def build_step_batch(scheduled: tuple[ScheduledRequest, ...] | list[ScheduledReq
         if entry.samples_token:
             logits_rows.append(len(ids) - 1)
             sampling.append(entry)
-    input_ids, forward, (sample_slots, rows, slots) = ForwardBatch.build_with_ids(
+    input_ids, forward, (sample_slots_dev, pending_rows_dev, pending_slots_dev) = ForwardBatch.build_with_ids(
         ids, query_lens=[e.num_new_tokens for e in scheduled], context_lens=[e.num_computed_tokens for e in scheduled],
         state_slots=[e.slot for e in scheduled], block_tables=[e.pages for e in scheduled],
         page_size=page_size, device=device, logits_indices=logits_rows,
         table=block_tables.gather(scheduled) if block_tables is not None else None,
         extra=[np.array([e.slot for e in sampling], dtype=np.int64), np.array(pending_rows, dtype=np.int64),
                np.array(pending_slots, dtype=np.int64)])
-    return StepBatch(input_ids, forward, tuple(sampling), sample_slots, rows, slots)
+    return StepBatch(input_ids, forward, tuple(sampling), sample_slots_dev, pending_rows_dev, pending_slots_dev)

@@ -29,8 +29,8 @@ class LaunchedStep:
 
     out: SchedulerOutput
     sampling: tuple[ScheduledRequest, ...]  # the entries that sample, in logits-row order
-    sampled: SamplerOutput | None           # host tensors (pinned on CUDA: valid once `ready` has passed)
-    ready: torch.cuda.Event | None          # None: already on the host
+    sampled: SamplerOutput | None           # on CUDA pinned host copies, valid once `ready` has passed
+    ready: torch.cuda.Event | None          # None: not a CUDA step, `sampled` is ready now
 
 
 class RequestError(ValueError):
@@ -53,9 +53,9 @@ class EngineArgs:
     state_dtype: str = "float32"
     load_format: str = "auto"
     enforce_eager: bool = False
-    # Schedule and launch step n+1 before reading step n's tokens: on a GPU the host work of a step then runs while
-    # the GPU computes (on CPU only the order changes). Off: every step waits for its own tokens first.
-    async_scheduling: bool = True
+    # Schedule and launch step n+1 before reading step n's tokens, so a step's host work runs while the GPU computes.
+    # None: on for CUDA (elsewhere there is nothing to overlap, and tokens would only come a step later).
+    async_scheduling: bool | None = None
 
 
 class LLMEngine:
@@ -83,12 +83,13 @@ class LLMEngine:
         # converting a long prompt list each step costs ~1.5 ms per 32k tokens of host time.
         self.prompt_tensors: dict[str, torch.Tensor] = {}
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "preemptions": 0}
-        self.overlap = args.async_scheduling
+        on_cuda = self.runner.device.type == "cuda"
+        self.async_scheduling = on_cuda if args.async_scheduling is None else args.async_scheduling
         # The last token sampled for each state slot, on the device: the input of the slot's next decode step
         # when that step is launched before the token reaches the host.
         self.last_tokens = torch.zeros(self.runner.num_slots, dtype=torch.long, device=self.runner.device)
         self._inflight: LaunchedStep | None = None
-        self._history_ids: set[str] = set()  # live requests whose sampling reads their past tokens
+        self._history_ids: set[str] = set()  # live requests whose sampling reads all their past tokens
 
     @property
     def max_model_len(self) -> int:
@@ -158,26 +159,28 @@ class LLMEngine:
         """One engine step; returns what sequences produced (tokens, text, finish).
 
         With async scheduling the tokens returned are those of the previous step: this step is launched first, so
-        the GPU goes on computing while the host turns the previous step's tokens into outputs. While a live
-        request uses penalties (they read every past token) each step waits for its own tokens instead.
+        the GPU goes on computing while the host turns the previous step's tokens into outputs. A step that samples
+        for a request with penalties (they read every past token) waits for its own tokens instead.
         """
-        deltas = self._finish_inflight() if self._history_ids else []
         out = self.scheduler.schedule()
         launched = None
+        deltas: list[SequenceDelta] = []
         if not out.is_empty:
             try:
                 launched = self._launch(out)
             except Exception as e:  # a failing step fails the requests in it, never the engine
                 log.exception("engine step failed")
-                return deltas + self._finish_inflight() + self._fail(out, f"{type(e).__name__}: {e}")
+                return self._finish_inflight() + self._fail(out, f"{type(e).__name__}: {e}")
             self.scheduler.commit_step(out)
             self.counters["preemptions"] += len(out.preempted)
         deltas += self._finish_inflight()
         if launched is not None:
-            if self.overlap and not self._history_ids:
+            if self.async_scheduling and not any(e.request_id in self._history_ids for e in launched.sampling):
                 self._inflight = launched
             else:
                 deltas += self._finish(launched)
+        if not self.scheduler.has_unfinished():
+            deltas += self._finish_inflight()  # rows of requests that ended meanwhile: let nothing run on unseen
         return deltas
 
     def _launch(self, out: SchedulerOutput) -> LaunchedStep:
@@ -198,7 +201,7 @@ class LLMEngine:
         host = SamplerOutput(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                                for t in sampled))
         ready = torch.cuda.Event()
-        ready.record()
+        ready.record(torch.cuda.current_stream(self.runner.device))
         return LaunchedStep(out, batch.sampling, host, ready)
 
     def _finish_inflight(self) -> list[SequenceDelta]:
@@ -209,8 +212,12 @@ class LLMEngine:
         """Wait for a launched step's samples; append them, check stops, make the deltas."""
         if launched.sampled is None:
             return []
-        if launched.ready is not None:
-            launched.ready.synchronize()
+        try:
+            if launched.ready is not None:
+                launched.ready.synchronize()  # where a device error in the step's kernels surfaces
+        except Exception as e:  # as in step(): the step's requests fail, the engine goes on
+            log.exception("engine step failed")
+            return self._fail(launched.out, f"{type(e).__name__}: {e}")
         sampled, sampling = launched.sampled, launched.sampling
         token_ids = sampled.token_ids.tolist()
         appended = self.scheduler.resolve_step(launched.out, {e.request_id: t for e, t in zip(sampling, token_ids)})

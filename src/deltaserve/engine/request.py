@@ -46,8 +46,9 @@ _FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHE
 class Request:
     """One request: its tokens, and the resources the scheduler gave it.
 
-    Tokens at positions [0, num_computed_tokens) have been run through the model (their K/V sit in `pages`, their
-    effect on the GDN state in `slot`); positions [num_computed_tokens, num_tokens) are still to compute.
+    Tokens at positions [0, num_computed_tokens) have been run through the model, or are in a launched step (their
+    K/V sit in `pages`, their effect on the GDN state in `slot`); positions [num_computed_tokens,
+    num_tokens_with_pending) are still to compute.
     """
 
     request_id: str

@@ -41,7 +41,7 @@ class SamplingRow:
 
     prompt_token_ids / output_token_ids: the sequence so far (lists or 1-D int tensors); they feed the penalties,
     and len(output_token_ids) + num_pending is the row's position for min_tokens and for seeded sampling.
-    eos_token_ids: the model's end-of-sequence ids. While len(output) < params.min_tokens the sampler suppresses
+    eos_token_ids: the model's end-of-sequence ids. While num_output_tokens < params.min_tokens the sampler suppresses
     eos_token_ids (unless params.ignore_eos, where eos does not stop the request anyway) and params.stop_token_ids.
     """
 

@@ -39,7 +39,7 @@ class ScheduledRequest:
     pages: tuple[int, ...]     # block table after this step's allocation; covers every position computed so far
     slot: int                  # GDN state slot
     starts_fresh: bool         # nothing computed before: the GDN state (and conv state) must start from zeros
-    samples_token: bool        # the chunk reaches the last known token: the engine samples one token for it
+    samples_token: bool        # the chunk reaches the last token (a pending one included): the engine samples
 
     @property
     def request_id(self) -> str:
@@ -47,6 +47,7 @@ class ScheduledRequest:
 
     @property
     def new_token_ids(self) -> list[int]:
+        """The known ids of the chunk: a pending last token is left out (the engine reads it on the device)."""
         start = self.num_computed_tokens
         return self.request.token_ids(start, start + self.num_new_tokens)
 
@@ -251,7 +252,9 @@ class Scheduler:
                and self._slots.num_free > 0):
             request = self._waiting[0]
             if request.num_pending_tokens:
-                break  # preempted with a token in flight: it recomputes once the token is known
+                # Preempted with a token in flight (admission is skipped in the schedule that preempts, and the
+                # engine resolves the token before the next one, so this is a guard): recompute once it is known.
+                break
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             need = self.pages_needed(request.num_computed_tokens + num_new)
             if need > self._pages.num_free:
