@@ -48,6 +48,9 @@ def test_server_options_are_validated_and_defaulted():
     config = server_config_from(args, args.model)
     assert (config.port, config.served_model_names, config.api_key) == (9000, ("Qwen3.5-4B",), None)
     assert engine_args_from(args, args.model).max_num_seqs == 8
+    assert engine_args_from(args, args.model).async_scheduling is None  # the device decides: on for CUDA
+    off = add_serve_args(argparse.ArgumentParser()).parse_args(["m", "--no-async-scheduling"])
+    assert engine_args_from(off, off.model).async_scheduling is False
     # a namespace without the engine options still works (the CLI may define them differently)
     assert engine_args_from(argparse.Namespace(), "m").max_num_batched_tokens == 2048
     with pytest.raises(ServerConfigError, match="--shutdown-timeout"):
