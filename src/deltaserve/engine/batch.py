@@ -78,10 +78,9 @@ def build_step_batch(scheduled: tuple[ScheduledRequest, ...] | list[ScheduledReq
     pending_rows: list[int] = []
     pending_slots: list[int] = []
     for entry in scheduled:
-        request, start = entry.request, entry.num_computed_tokens
-        stop = start + entry.num_new_tokens
-        ids += request.token_ids(start, min(stop, request.num_tokens))
-        for _ in range(max(0, stop - max(start, request.num_tokens))):  # positions of pending tokens
+        known = entry.new_token_ids
+        ids += known
+        for _ in range(entry.num_new_tokens - len(known)):  # positions of pending tokens
             pending_rows.append(len(ids))
             pending_slots.append(entry.slot)
             ids.append(0)
