@@ -36,7 +36,7 @@ def bench(fn: Callable[[], Any]) -> float:
 
 
 def graph_of(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
-    fn()  # warm-up outside capture (compiles, allocates the arrival counters)
+    fn()  # warm-up outside capture (compiles)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -76,18 +76,13 @@ def fla_decode_layers(h: int, hv: int, batch: int, layers: int) -> list[dict[str
             for _ in range(layers)]
 
 
-# (packed, BV, num_warps, stages) tilings timed with --sweep, per batch size
-SWEEP = {
-    1: [(False, 8, 1, 0), (False, 16, 1, 0), (False, 16, 2, 0), (False, 32, 4, 0), (True, 32, 4, 0)],
-    16: [(False, 16, 1, 0), (True, 32, 4, 0), (True, 32, 4, 2)],
-    64: [(False, 16, 1, 0), (True, 32, 4, 0), (True, 32, 4, 2), (True, 32, 4, 3), (True, 64, 4, 2), (True, 64, 8, 2),
-         (True, 128, 16, 0), (True, 128, 16, 2), (True, 32, 8, 2)],
-}
+# (BV, num_warps) tilings of the recurrence kernel timed with --sweep, per batch size
+SWEEP = {1: [(8, 1), (16, 1), (16, 2), (32, 2)], 16: [(16, 1), (32, 2), (32, 4), (64, 4)],
+         64: [(16, 1), (32, 2), (32, 4), (64, 4), (64, 8), (128, 8)]}
 
 
-def _config_name(config: tuple[bool, int, int, int]) -> str:
-    stages = f" stages={config[3]}" if config[3] else ""
-    return f"fused_gdn_decode {'packed' if config[0] else 'split'} BV={config[1]} w={config[2]}{stages}"
+def _config_name(config: tuple[int, int]) -> str:
+    return f"fused_gdn_decode BV={config[0]} w={config[1]}"
 
 
 def decode_shape(rows: list[dict[str, Any]], copy_bw: float, sweep: bool, model: str, batch: int) -> None:
@@ -109,17 +104,16 @@ def decode_shape(rows: list[dict[str, Any]], copy_bw: float, sweep: bool, model:
 
     lays = decode_layers(h, hv, batch, layers)
 
-    def ours(config: tuple[bool, int, int, int] | None = None) -> Callable[[], None]:
+    def ours(config: tuple[int, int] | None = None) -> Callable[[], None]:
         def fn() -> None:
             for kw in lays:
                 if config is None:
                     fused_gdn_decode(**kw)
                 else:
-                    gdn_triton.fused_gdn_decode_launch(packed=config[0], block_v=config[1], num_warps=config[2],
-                                                       stages=config[3], **kw)
+                    gdn_triton.fused_gdn_decode_launch(block_v=config[0], num_warps=config[1], **kw)
         return fn
 
-    default = gdn_triton.decode_config(batch, h, hv, V)
+    default = gdn_triton.decode_config(batch, hv)
     add(_config_name(default) + " (default)", "graph", bench(graph_of(ours()).replay) / layers)
     add(_config_name(default) + " (default)", "eager", bench(ours()) / layers)
     if sweep:

@@ -276,8 +276,7 @@ def test_fused_gdn_decode_ref_matches_float64_truth():
         assert_close(conv_pool[slot], window[1:], dtype=torch.float32)
 
 
-# (H, K, HV, V): GQA ratio 2; V = 24 is not a power of two and splits into two V tiles (BV 16), so 4 programs share
-# each key head's q/k window (the last-arriver roll)
+# (H, K, HV, V): GQA ratio 2; V = 24 is not a power of two and splits into two V tiles at BV 16 (a masked tail)
 TINY = (2, 16, 4, 24)
 
 
@@ -290,13 +289,13 @@ def test_fused_gdn_decode_interpreter_strided_inputs():
     check_decode(gdn_mod().fused_gdn_decode, 3, TINY, torch.float32, "cpu", seed=7, merged=True)
 
 
-@pytest.mark.parametrize("stages", [0, 2])
+@pytest.mark.parametrize("block_v", [8, 32])
 @pytest.mark.parametrize("n,dims", [(3, TINY), (2, (2, 16, 6, 16))])
-def test_fused_gdn_decode_interpreter_packed(n, dims, stages):
+def test_fused_gdn_decode_interpreter_tilings(n, dims, block_v):
     mod = gdn_mod()
 
     def fn(**kw):
-        return mod.fused_gdn_decode_launch(packed=True, block_v=16, num_warps=1, stages=stages, **kw)
+        return mod.fused_gdn_decode_launch(block_v=block_v, num_warps=1, **kw)
 
     check_decode(fn, n, dims, torch.float32, "cpu", seed=20 + n)
 
@@ -325,24 +324,22 @@ def test_fused_gdn_decode_gpu(n, model):
     check_decode(fused_gdn_decode, n, MODEL_DIMS[model], torch.bfloat16, "cuda", seed=n, merged=True)
 
 
-DECODE_CONFIGS = [(False, 8, 1, 0), (False, 16, 1, 0), (False, 16, 2, 0), (False, 32, 4, 0), (False, 128, 8, 0),
-                  (True, 16, 1, 0), (True, 32, 2, 0), (True, 32, 4, 0), (True, 64, 4, 0), (True, 64, 8, 0),
-                  (True, 128, 8, 0), (True, 32, 4, 3), (True, 64, 4, 3), (True, 16, 2, 4)]
+DECODE_CONFIGS = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (128, 4), (128, 8)]
 
 
 @gpu
-@pytest.mark.parametrize("packed,block_v,num_warps,stages", DECODE_CONFIGS)
-def test_fused_gdn_decode_gpu_tile_configs(packed, block_v, num_warps, stages):
+@pytest.mark.parametrize("block_v,num_warps", DECODE_CONFIGS)
+def test_fused_gdn_decode_gpu_tile_configs(block_v, num_warps):
     mod = gdn_mod()
 
     def fn(**kw):
-        return mod.fused_gdn_decode_launch(packed=packed, block_v=block_v, num_warps=num_warps, stages=stages, **kw)
+        return mod.fused_gdn_decode_launch(block_v=block_v, num_warps=num_warps, **kw)
 
-    check_decode(fn, 64, MODEL_DIMS["27B"], torch.bfloat16, "cuda", seed=block_v + packed)
+    check_decode(fn, 64, MODEL_DIMS["27B"], torch.bfloat16, "cuda", seed=block_v + num_warps)
 
 
 @gpu
-@pytest.mark.parametrize("n", [8, 64])  # the split and the packed tiling
+@pytest.mark.parametrize("n", [8, 64])  # both tilings of decode_config
 def test_fused_gdn_decode_cuda_graph(n):
     """Capture, then replay on new inputs with two rows turned into padding: same o and pools as eager."""
     from deltaserve.kernels.gated_delta_rule import fused_gdn_decode

@@ -1,21 +1,16 @@
-"""GPU gated delta rule: a fused single-token decode kernel (Triton) and chunked prefill through fla-core.
+"""GPU gated delta rule: a single-token decode step (two Triton launches) and chunked prefill through fla-core.
 
 Same contracts as ``ref.py``. The recurrent state pool [S, HV, K, V] fp32 is read and written in place through the
 slot indices; slot < 0 is padding (output rows written as zeros, no state touched).
 
-Decode (``fused_gdn_decode``) is one launch per layer, in one of two tilings of the same per-tile step:
+Decode (``fused_gdn_decode``) runs the conv-update kernel (conv + SiLU of every channel, rounded to the activation
+dtype as the unfused layer does, window rolled in place), then one program per (row n, value head hv, V tile):
 load the fp32 state tile S[slot, hv, :, tile] ([K, BV], the bulk of the bytes) first so it is in flight while the
-rest is computed; depthwise conv + SiLU of the token for the q/k channels of key head h = hv // (HV/H) and the tile's
-v channels, rounded to the activation dtype as the unfused layer does; g = -exp(A_log) softplus(a + dt_bias),
-beta = sigmoid(b); L2-normalise q and k, scale q; one delta-rule step; write o and the tile back.
-
-- packed (large batches): one program per (row n, key head h) owns the q/k conv window and every state tile of its
-  HV/H value heads, streamed tile by tile with the next tile's load issued before the current one is processed.
-  No program shares anything with another, and the q/k conv is computed once per key head.
-- split (small batches, where packed would leave SMs idle): one program per (row n, value head hv, V tile).
-  The q/k window of (n, h) is read by all (HV/H) * (V/BV) programs of (n, h); each arrives on an atomic counter once
-  its reads are done (release), and the last to arrive resets the counter (acquire) and rolls the q/k window. The
-  counters live in a persistent zeroed workspace (one int32 per (n, h)), zero again after every launch.
+rest is computed; L2-normalise q and k of key head h = hv // (HV/H), scale q; g = -exp(A_log) softplus(a + dt_bias),
+beta = sigmoid(b); one delta-rule step; write o and the tile back. Splitting the conv out leaves the recurrence
+programs nothing to share, so they can be many and small (the state traffic is spread over every SM); the single
+fused kernels it replaced, which had to coordinate the q/k window shared by a key head's programs, ran at 65-70% of
+copy bandwidth at batch 64 against 83-86% for this pair (benchmarks/RESULTS.md, 2026-11-27 fifth session).
 """
 
 from __future__ import annotations
@@ -24,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels.conv1d.triton import conv_silu_window, roll_window
+from deltaserve.kernels.conv1d.triton import causal_conv1d_update
 
 _L2_EPS = 1e-6
 
@@ -33,21 +28,6 @@ _L2_EPS = 1e-6
 def _softplus(x):
     # torch.nn.functional.softplus (threshold 20); exp(x) where 1 + exp(x) would round to 1
     return tl.where(x > 20.0, x, tl.where(x < -15.0, tl.exp(x), tl.log(1.0 + tl.exp(x))))
-
-
-@triton.jit
-def _qk(x_row, w_ptr, cs_slot, stride_cs_w, h, valid, scale, eps,
-        H: tl.constexpr, K: tl.constexpr, W: tl.constexpr, BK: tl.constexpr, WP: tl.constexpr):
-    """Post-conv q (L2-normalised, scaled) and k (L2-normalised) of key head h, fp32 [BK]."""
-    act = x_row.dtype.element_ty
-    o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    q = conv_silu_window(x_row, w_ptr, cs_slot, stride_cs_w, h * K + o_k, m_k, valid, W, WP).to(act).to(tl.float32)
-    k = conv_silu_window(x_row, w_ptr, cs_slot, stride_cs_w, H * K + h * K + o_k, m_k, valid, W, WP)
-    k = k.to(act).to(tl.float32)
-    q = q * tl.rsqrt(tl.sum(q * q, 0) + eps) * scale
-    k = k * tl.rsqrt(tl.sum(k * k, 0) + eps)
-    return q, k
 
 
 @triton.jit
@@ -69,13 +49,15 @@ def _step(s, q, k, v, decay, beta):
 
 
 @triton.jit
-def _decode_split_kernel(
-    x_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, w_ptr, cs_ptr, ss_ptr, slot_ptr, o_ptr, cnt_ptr,
-    stride_x, stride_a, stride_b, stride_cs_s, stride_cs_w, stride_ss_s,
+def _decode_recurrent_kernel(
+    y_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, ss_ptr, slot_ptr, o_ptr,
+    stride_y, stride_a, stride_b, stride_ss_s,
     scale, eps,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, WP: tl.constexpr,
+    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
 ):
+    """The recurrence of a decode step: one program per (row n, value head hv, V tile) over the post-conv
+    activations y [N, 2*H*K + HV*V] that the conv-update kernel wrote; every load is independent of the others."""
     pid = tl.program_id(0)
     i_v = pid % NV
     i_nh = pid // NV
@@ -84,154 +66,37 @@ def _decode_split_kernel(
     h = hv // (HV // H)
     slot = tl.load(slot_ptr + n).to(tl.int64)
     valid = slot >= 0
-
     o_k = tl.arange(0, BK)
+    m_k = o_k < K
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     p_s = ss_ptr + slot * stride_ss_s + hv * (K * V) + o_k[:, None] * V + o_v[None, :]
-    m_s = valid & (o_k[:, None] < K) & m_v[None, :]
+    m_s = valid & m_k[:, None] & m_v[None, :]
     s = tl.load(p_s, mask=m_s, other=0.0)
-
-    act = x_ptr.dtype.element_ty
-    x_row = x_ptr + n * stride_x
-    cs_slot = cs_ptr + slot * stride_cs_s
-    ch_v = 2 * H * K + hv * V + o_v
-    q, k = _qk(x_row, w_ptr, cs_slot, stride_cs_w, h, valid, scale, eps, H, K, W, BK, WP)
-    v = conv_silu_window(x_row, w_ptr, cs_slot, stride_cs_w, ch_v, m_v, valid, W, WP).to(act).to(tl.float32)
-    decay, beta = _gates(a_ptr + n * stride_a, b_ptr + n * stride_b, alog_ptr, dtb_ptr, hv, act)
+    y_row = y_ptr + n * stride_y
+    q = tl.load(y_row + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    k = tl.load(y_row + H * K + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    v = tl.load(y_row + 2 * H * K + hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    decay, beta = _gates(a_ptr + n * stride_a, b_ptr + n * stride_b, alog_ptr, dtb_ptr, hv, y_ptr.dtype.element_ty)
+    q = q * tl.rsqrt(tl.sum(q * q, 0) + eps) * scale
+    k = k * tl.rsqrt(tl.sum(k * k, 0) + eps)
     s, o = _step(s, q, k, v, decay, beta)
-
-    # All of this CTA's reads of the q/k window are consumed (barrier) and no store is pending yet, so the release
-    # costs no store drain; the result is only needed at the end.
-    tl.debug_barrier()
-    p_cnt = cnt_ptr + n * H + h
-    arrived = tl.atomic_add(p_cnt, 1, mask=valid, sem="release")
     tl.store(o_ptr + i_nh * V + o_v, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty), mask=m_v)
     tl.store(p_s, s, mask=m_s)
-    roll_window(x_row, cs_slot, stride_cs_w, ch_v, m_v, valid, W, WP)
-    last = valid & (arrived == (HV // H) * NV - 1)
-    tl.atomic_xchg(p_cnt, 0, mask=last, sem="acquire")  # reset; orders the roll after every other reader's release
-    roll_window(x_row, cs_slot, stride_cs_w, h * K + o_k, o_k < K, last, W, WP)
-    roll_window(x_row, cs_slot, stride_cs_w, H * K + h * K + o_k, o_k < K, last, W, WP)
 
 
-@triton.jit
-def _packed_tile(s, i, ss_slot, x_row, a_row, b_row, alog_ptr, dtb_ptr, w_ptr, cs_slot, stride_cs_w, o_ptr, n, h,
-                 valid, q, k, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-                 BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, WP: tl.constexpr):
-    """Tile i (value head h*G + i // NV, V tile i % NV) of key head h, its state tile s already loaded: conv of the
-    tile's v channels, gates, one step, then o, the state tile and the v window written back."""
-    G: tl.constexpr = HV // H
-    act = x_row.dtype.element_ty
-    o_k = tl.arange(0, BK)
-    o_v = (i % NV) * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    hv = h * G + i // NV
-    ch_v = 2 * H * K + hv * V + o_v
-    v = conv_silu_window(x_row, w_ptr, cs_slot, stride_cs_w, ch_v, m_v, valid, W, WP).to(act).to(tl.float32)
-    decay, beta = _gates(a_row, b_row, alog_ptr, dtb_ptr, hv, act)
-    s, o = _step(s, q, k, v, decay, beta)
-    tl.store(o_ptr + (n * HV + hv) * V + o_v, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty), mask=m_v)
-    tl.store(ss_slot + (i // NV) * (K * V) + o_k[:, None] * V + o_v[None, :], s,
-             mask=valid & (o_k[:, None] < K) & m_v[None, :])
-    roll_window(x_row, cs_slot, stride_cs_w, ch_v, m_v, valid, W, WP)
+def decode_config(num_rows: int, num_v_heads: int) -> tuple[int, int]:
+    """(BV, num_warps) of the recurrence kernel. From benchmarks/bench_gdn.py --sweep on an H100 (2026-11-27, fifth
+    session, 27B and 35B-A3B shapes, CUDA graph): BV=16 with 1 warp is best at batch 1 (6.7-7.5 us for both
+    launches); BV=32 with 4 warps at batch 16 and 64 (27B batch 64: 155 us, 86% of copy; BV=8 187 us)."""
+    if num_rows * num_v_heads >= 256:
+        return 32, 4
+    return 16, 1
 
 
-@triton.jit
-def _state_tile(ss_slot, i, valid, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                NV: tl.constexpr):
-    o_k = tl.arange(0, BK)
-    o_v = (i % NV) * BV + tl.arange(0, BV)
-    return tl.load(ss_slot + (i // NV) * (K * V) + o_k[:, None] * V + o_v[None, :],
-                   mask=valid & (o_k[:, None] < K) & (o_v[None, :] < V), other=0.0)
-
-
-@triton.jit
-def _decode_packed_kernel(
-    x_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, w_ptr, cs_ptr, ss_ptr, slot_ptr, o_ptr,
-    stride_x, stride_a, stride_b, stride_cs_s, stride_cs_w, stride_ss_s,
-    scale, eps,
-    H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr, W: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, WP: tl.constexpr, STAGES: tl.constexpr,
-):
-    G: tl.constexpr = HV // H
-    i_nh = tl.program_id(0)
-    n = i_nh // H
-    h = i_nh % H
-    slot = tl.load(slot_ptr + n).to(tl.int64)
-    valid = slot >= 0
-    ss_slot = ss_ptr + slot * stride_ss_s + (h * G) * (K * V)  # this key head's G value heads are contiguous
-    x_row = x_ptr + n * stride_x
-    a_row = a_ptr + n * stride_a
-    b_row = b_ptr + n * stride_b
-    cs_slot = cs_ptr + slot * stride_cs_s
-    o_k = tl.arange(0, BK)
-    if STAGES == 0:
-        # Unrolled over the G * NV tiles of this key head (head-major, then V tiles), one tile load ahead in
-        # registers; the first load is issued before the q/k conv so it is in flight meanwhile.
-        s_next = _state_tile(ss_slot, 0, valid, K, V, BK, BV, NV)
-        q, k = _qk(x_row, w_ptr, cs_slot, stride_cs_w, h, valid, scale, eps, H, K, W, BK, WP)
-        roll_window(x_row, cs_slot, stride_cs_w, h * K + o_k, o_k < K, valid, W, WP)
-        roll_window(x_row, cs_slot, stride_cs_w, H * K + h * K + o_k, o_k < K, valid, W, WP)
-        for i in tl.static_range(G * NV):
-            s = s_next
-            if i + 1 < G * NV:
-                s_next = _state_tile(ss_slot, i + 1, valid, K, V, BK, BV, NV)
-            _packed_tile(s, i, ss_slot, x_row, a_row, b_row, alog_ptr, dtb_ptr, w_ptr, cs_slot, stride_cs_w, o_ptr,
-                         n, h, valid, q, k, H, HV, K, V, W, BK, BV, NV, WP)
-    else:
-        # Software-pipelined loop: Triton issues the state loads STAGES - 1 tiles ahead as asynchronous copies into
-        # shared memory, so more bytes are in flight per SM than registers allow.
-        q, k = _qk(x_row, w_ptr, cs_slot, stride_cs_w, h, valid, scale, eps, H, K, W, BK, WP)
-        roll_window(x_row, cs_slot, stride_cs_w, h * K + o_k, o_k < K, valid, W, WP)
-        roll_window(x_row, cs_slot, stride_cs_w, H * K + h * K + o_k, o_k < K, valid, W, WP)
-        for i in tl.range(0, G * NV, num_stages=STAGES):
-            s = _state_tile(ss_slot, i, valid, K, V, BK, BV, NV)
-            _packed_tile(s, i, ss_slot, x_row, a_row, b_row, alog_ptr, dtb_ptr, w_ptr, cs_slot, stride_cs_w, o_ptr,
-                         n, h, valid, q, k, H, HV, K, V, W, BK, BV, NV, WP)
-
-
-# Arrival counters of the split decode kernel, per device; zero between launches.
-_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _counters(device: torch.device, needed: int) -> torch.Tensor:
-    buf = _COUNTERS.get(device)
-    if buf is None or buf.numel() < needed:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                f"fused_gdn_decode needs {needed} arrival counters but has {0 if buf is None else buf.numel()}; run it "
-                "once eagerly at the largest captured batch size before CUDA graph capture")
-        buf = torch.zeros(max(needed, 1 << 14), dtype=torch.int32, device=device)
-        _COUNTERS[device] = buf
-    return buf
-
-
-def decode_config(num_rows: int, num_k_heads: int, num_v_heads: int,
-                  head_v_dim: int) -> tuple[bool, int, int, int]:
-    """(packed, BV, num_warps, stages) for the decode kernel (stages 0: the packed loop unrolled, one tile ahead).
-
-    From benchmarks/bench_gdn.py --sweep on an H100 (2026-11-27, 27B and 35B-A3B shapes, CUDA graph): split BV=16
-    with 1 warp is best at batch 1 (7.3-7.7 us); packed BV=32 with 4 warps is best at batch 16 (5% ahead of split)
-    and ties split BV=16 at batch 64. Packed with 2 warps or BV=128 falls off a cliff (register spills).
-    H200 sweep (2026-11-27, third session): the pipelined packed loop (stages 2; 3 and 4 time the same) is 7% faster
-    than the unrolled one at batch 64 (27B 161 vs 172 us) and 7% at batch 16 (35B-A3B)."""
-    if num_rows * num_k_heads >= 256:
-        return True, min(32, triton.next_power_of_2(head_v_dim)), 4, 2
-    return False, min(16, triton.next_power_of_2(head_v_dim)), 1, 0
-
-
-def fused_gdn_decode_launch(
-    *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-    conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
-    num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
-    packed: bool, block_v: int, num_warps: int, stages: int = 0,
-) -> torch.Tensor:
-    """fused_gdn_decode with an explicit tiling (the tests and the benchmark sweep them). `stages` (packed only):
-    0 unrolls the tile loop with one tile load ahead in registers; >= 2 lets Triton pipeline it that deep."""
-    n, conv_dim = mixed_qkv.shape
-    hk, hv, dk, dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
-    width = conv_weight.shape[1]
+def _check_decode_args(mixed_qkv: torch.Tensor, conv_weight: torch.Tensor, conv_state: torch.Tensor,
+                       ssm_state: torch.Tensor, hk: int, dk: int, hv: int, dv: int) -> None:
+    conv_dim, width = mixed_qkv.shape[1], conv_weight.shape[1]
     if conv_dim != 2 * hk * dk + hv * dv or hv % hk:
         raise ValueError(f"mixed_qkv has {conv_dim} channels, expected 2*H*K + HV*V = {2 * hk * dk + hv * dv} "
                          f"with HV % H == 0 (H={hk}, K={dk}, HV={hv}, V={dv})")
@@ -242,27 +107,29 @@ def fused_gdn_decode_launch(
     if conv_state.shape[1:] != (width - 1, conv_dim) or conv_state.stride(2) != 1:
         raise ValueError(f"conv_state must be [S, {width - 1}, {conv_dim}] contiguous in channels, got "
                          f"{tuple(conv_state.shape)} strides {conv_state.stride()}")
+
+
+def fused_gdn_decode_launch(
+    *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+    conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
+    num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
+    block_v: int, num_warps: int,
+) -> torch.Tensor:
+    """fused_gdn_decode with an explicit recurrence tiling (the tests and the benchmark sweep them)."""
+    hk, hv, dk, dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
+    _check_decode_args(mixed_qkv, conv_weight, conv_state, ssm_state, hk, dk, hv, dv)
+    n = mixed_qkv.shape[0]
     # Rows may be strided (column slices of the merged input projection); only the last dim must be unit-stride.
     mixed_qkv, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (mixed_qkv, a, b))
-    conv_weight = conv_weight.contiguous()
     o = mixed_qkv.new_empty(n, hv, dv)
     if n == 0:
         return o
+    y = causal_conv1d_update(x=mixed_qkv, weight=conv_weight.contiguous(), conv_state=conv_state, slots=slots)
     num_tiles = triton.cdiv(dv, block_v)
-    common = (mixed_qkv.stride(0), a.stride(0), b.stride(0), conv_state.stride(0), conv_state.stride(1),
-              ssm_state.stride(0), float(scale), _L2_EPS)
-    meta = {"H": hk, "HV": hv, "K": dk, "V": dv, "W": width, "BK": triton.next_power_of_2(dk), "BV": block_v,
-            "NV": num_tiles, "WP": triton.next_power_of_2(width - 1), "num_warps": num_warps}
-    if packed:
-        _decode_packed_kernel[(n * hk,)](
-            mixed_qkv, a, b, A_log, dt_bias, conv_weight, conv_state, ssm_state, slots, o, *common, STAGES=stages,
-            **meta)
-    elif stages:
-        raise ValueError("stages applies to the packed tiling only")
-    else:
-        _decode_split_kernel[(n * hv * num_tiles,)](
-            mixed_qkv, a, b, A_log, dt_bias, conv_weight, conv_state, ssm_state, slots, o,
-            _counters(mixed_qkv.device, n * hk), *common, **meta)
+    _decode_recurrent_kernel[(n * hv * num_tiles,)](
+        y, a, b, A_log, dt_bias, ssm_state, slots, o, y.stride(0), a.stride(0), b.stride(0), ssm_state.stride(0),
+        float(scale), _L2_EPS, H=hk, HV=hv, K=dk, V=dv, BK=triton.next_power_of_2(dk), BV=block_v, NV=num_tiles,
+        num_warps=num_warps)
     return o
 
 
@@ -283,16 +150,17 @@ def fused_gdn_decode(
     head_v_dim: int,
     scale: float,
 ) -> torch.Tensor:
-    """One decode step of a GDN layer's core for N single-token rows, one kernel launch (see the module docstring).
+    """One decode step of a GDN layer's core for N single-token rows (see the module docstring).
 
     mixed_qkv: [N, conv_dim = 2*H*K + HV*V] pre-conv; a, b: [N, HV]; A_log, dt_bias: [HV]; conv_weight: [conv_dim, W];
     conv_state: [S, W-1, conv_dim]; ssm_state: [S, HV, K, V] fp32; slots: [N] int64 (< 0: skip).
-    Returns o: [N, HV, V] in mixed_qkv.dtype. CUDA-graph safe once run eagerly at the largest captured N."""
-    packed, block_v, num_warps, stages = decode_config(mixed_qkv.shape[0], num_k_heads, num_v_heads, head_v_dim)
+    Returns o: [N, HV, V] in mixed_qkv.dtype. CUDA-graph safe."""
+    block_v, num_warps = decode_config(mixed_qkv.shape[0], num_v_heads)
     return fused_gdn_decode_launch(
         mixed_qkv=mixed_qkv, a=a, b=b, A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight, conv_state=conv_state,
         ssm_state=ssm_state, slots=slots, num_k_heads=num_k_heads, head_k_dim=head_k_dim, num_v_heads=num_v_heads,
-        head_v_dim=head_v_dim, scale=scale, packed=packed, block_v=block_v, num_warps=num_warps, stages=stages,
+        head_v_dim=head_v_dim, scale=scale, block_v=min(block_v, triton.next_power_of_2(head_v_dim)),
+        num_warps=num_warps,
     )
 
 
