@@ -62,6 +62,14 @@ def test_greedy_is_argmax_and_input_untouched(dtype: torch.dtype) -> None:
     assert torch.equal(logits, before)
 
 
+def test_unprocessed_fp32_logits_are_not_modified_by_random_rows() -> None:
+    """With no processor to apply the sampler reads the caller's fp32 logits without copying them first."""
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    before = logits.clone()
+    Sampler()(logits, [_row(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1, seed=i) for i in range(4)])
+    assert torch.equal(logits, before)
+
+
 @pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
 def test_temperature_matches_softmax_of_scaled_logits(temperature: float) -> None:
     freq = _frequencies(LOGITS, temperature=temperature)
@@ -276,6 +284,7 @@ def test_logprobs_are_raw_log_softmax_sorted_and_normalised() -> None:
 def test_no_logprobs_requested_gives_empty_top_and_empty_batch_works() -> None:
     out = Sampler()(torch.randn(3, 7), [_row(), _row(temperature=0.0), _row(seed=1)])
     assert out.top_ids.shape == (3, 0) and out.top_logprobs.shape == (3, 0) and out.logprobs.shape == (3,)
+    assert out.logprobs.isnan().all()  # not computed: no row asked
     empty = Sampler()(torch.randn(0, 7), [])
     assert empty.token_ids.shape == (0,) and empty.top_ids.shape == (0, 0)
 

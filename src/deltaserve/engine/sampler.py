@@ -66,9 +66,10 @@ class SamplingRow:
 
 
 class SamplerOutput(NamedTuple):
-    """token_ids: [N] int64; logprobs: [N] fp32 (sampled token, raw distribution); top_ids / top_logprobs:
-    [N, k] int64 / fp32, best first, with k the largest `logprobs` requested in the batch (rows asking for fewer
-    use their first columns; k may be 0)."""
+    """token_ids: [N] int64; logprobs: [N] fp32 (sampled token, raw distribution; NaN when no row of the batch
+    asks for logprobs, which spares a pass over the logits); top_ids / top_logprobs: [N, k] int64 / fp32, best
+    first, with k the largest `logprobs` requested in the batch (rows asking for fewer use their first columns;
+    k may be 0)."""
 
     token_ids: torch.Tensor
     logprobs: torch.Tensor
@@ -204,8 +205,17 @@ def apply_frequency_presence_penalties(logits: torch.Tensor, rows: Sequence[Samp
     logits[idx] = logits[idx] - freq * counts - pres * (counts > 0).float()
 
 
+def _has_processors(row: SamplingRow) -> bool:
+    p = row.params
+    return bool(p.logit_bias) or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or \
+        p.presence_penalty != 0.0 or bool(row.suppressed_ids())
+
+
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-    """Steps 1-4 on an fp32 copy of `logits: [N, V]`; the input is never modified."""
+    """Steps 1-4 on an fp32 copy of `logits: [N, V]`; the input is never modified. When no row has anything to
+    apply, returns the fp32 logits without a copy (`logits` itself if already fp32): callers must not write to it."""
+    if not any(_has_processors(row) for row in rows):
+        return logits.float()  # a plain greedy batch skips a full pass over [N, V]
     out = logits.to(torch.float32, copy=True)
     apply_logit_bias(out, rows)
     apply_min_tokens(out, rows)
@@ -305,6 +315,10 @@ class Sampler:
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, rows: Sequence[SamplingRow], token_ids: torch.Tensor) -> SamplerOutput:
+        if all(row.params.logprobs is None for row in rows):
+            none = torch.full(token_ids.shape, float("nan"), device=logits.device)
+            empty = torch.empty(len(rows), 0, device=logits.device)
+            return SamplerOutput(token_ids, none, empty.long(), empty)
         # logsumexp + gather instead of a full [N, V] log_softmax: only N + N*k values are ever read.
         raw = logits.float()
         lse = raw.logsumexp(dim=1, keepdim=True)
