@@ -48,7 +48,7 @@ class DecodeGraphs:
 
     def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.model(self.input_ids[:bs], self._batch(bs), self.cache)
-        return hidden, self.model.compute_logits(hidden)
+        return hidden, self.model.compute_logits(hidden, upcast=False)
 
     @torch.no_grad()
     def capture(self) -> None:

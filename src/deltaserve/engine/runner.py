@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class RunnerOutput:
     hidden: torch.Tensor   # [M, D] final-normed hidden states of the logits rows
-    logits: torch.Tensor   # [M, V] fp32
+    logits: torch.Tensor   # [M, V] in the model dtype (the sampler upcasts the rows it processes)
 
 
 class ModelRunner:
@@ -118,4 +118,4 @@ class ModelRunner:
         if batch.logits_indices.numel() == 0:
             return None
         rows = hidden[batch.logits_indices]
-        return RunnerOutput(hidden=rows, logits=self.model.compute_logits(rows))
+        return RunnerOutput(hidden=rows, logits=self.model.compute_logits(rows, upcast=False))

@@ -213,9 +213,9 @@ def _has_processors(row: SamplingRow) -> bool:
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
     """Steps 1-4 on an fp32 copy of `logits: [N, V]`; the input is never modified. When no row has anything to
-    apply, returns the fp32 logits without a copy (`logits` itself if already fp32): callers must not write to it."""
+    apply, returns `logits` itself, in its own dtype: callers must not write to it."""
     if not any(_has_processors(row) for row in rows):
-        return logits.float()  # a plain greedy batch skips a full pass over [N, V]
+        return logits  # a plain batch skips a pass over [N, V]; argmax reads any float dtype exactly
     out = logits.to(torch.float32, copy=True)
     apply_logit_bias(out, rows)
     apply_min_tokens(out, rows)
@@ -284,7 +284,7 @@ class Sampler:
         random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
         if random_rows:
             idx = _to_device(random_rows, torch.long, logits.device)
-            token_ids[idx] = self._sample(processed[idx], [rows[i] for i in random_rows])
+            token_ids[idx] = self._sample(processed[idx].float(), [rows[i] for i in random_rows])
         return self._logprobs(logits, rows, token_ids)
 
     def _sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

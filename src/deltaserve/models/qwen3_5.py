@@ -120,9 +120,11 @@ class Qwen3_5ForCausalLM(nn.Module):
         """input_ids: [T] -> final-normed hidden states [T, D] (call compute_logits on the rows you need)."""
         return self.model(input_ids, batch, cache)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden: [M, D] -> logits [M, vocab] in fp32."""
-        return nn.functional.linear(hidden, self.lm_head_weight).float()
+    def compute_logits(self, hidden: torch.Tensor, *, upcast: bool = True) -> torch.Tensor:
+        """hidden: [M, D] -> logits [M, vocab] in fp32, or with upcast=False in the model dtype (the same values:
+        the engine's sampler reads those directly, sparing an [M, vocab] fp32 copy per step)."""
+        logits = nn.functional.linear(hidden, self.lm_head_weight)
+        return logits.float() if upcast else logits
 
     def mtp_forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
                     cache: ModelCache) -> torch.Tensor:
