@@ -152,20 +152,34 @@ def conv_update_shape(rows: list[dict[str, Any]], copy_bw: float, batch: int) ->
                  "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e-3 / copy_bw})
 
 
-def conv_prefill_shape(rows: list[dict[str, Any]], copy_bw: float, total: int) -> None:
+CONV_PREFILL_SWEEP = [(32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 256, 4), (16, 256, 4),
+                      (128, 64, 4), (256, 64, 8)]
+
+
+def conv_prefill_shape(rows: list[dict[str, Any]], copy_bw: float, total: int, sweep: bool, seqs: int) -> None:
     from deltaserve.kernels.conv1d import causal_conv1d_prefill
+    from deltaserve.kernels.conv1d import triton as conv_triton
 
     h, hv = MODELS["27B"]
     conv_dim = 2 * h * K + hv * V
     x = torch.randn(total, conv_dim, device="cuda").bfloat16()
     args = {"x": x, "weight": torch.randn(conv_dim, WIDTH, device="cuda").bfloat16(),
-            "conv_state": torch.randn(4, WIDTH - 1, conv_dim, device="cuda").bfloat16(),
-            "cu_seqlens": torch.tensor([0, total], dtype=torch.int32, device="cuda"),
-            "slots": torch.tensor([2], device="cuda"), "has_initial_state": torch.tensor([True], device="cuda")}
-    ms = bench(lambda: causal_conv1d_prefill(**args))
+            "conv_state": torch.randn(seqs + 4, WIDTH - 1, conv_dim, device="cuda").bfloat16(),
+            "cu_seqlens": torch.linspace(0, total, seqs + 1, device="cuda").round().int(),
+            "slots": torch.arange(seqs, device="cuda"), "has_initial_state": torch.ones(seqs, dtype=torch.bool,
+                                                                                       device="cuda")}
     nbytes = 2 * x.numel() * 2  # x read, y written
-    rows.append({"kernel": "causal_conv1d_prefill", "shape": f"27B C={conv_dim} T={total}", "mode": "eager",
-                 "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e-3 / copy_bw})
+    shape = f"27B C={conv_dim} T={total} N={seqs}"
+
+    def add(name: str, ms: float) -> None:
+        rows.append({"kernel": name, "shape": shape, "mode": "eager", "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6,
+                     "pct_copy": 100 * nbytes / ms / 1e-3 / copy_bw})
+
+    add("causal_conv1d_prefill", bench(lambda: causal_conv1d_prefill(**args)))
+    for tile in CONV_PREFILL_SWEEP if sweep else []:
+        if tile != conv_triton.PREFILL_TILE:
+            add(f"causal_conv1d_prefill BT={tile[0]} BC={tile[1]} w={tile[2]}",
+                bench(lambda tile=tile: conv_triton.causal_conv1d_prefill_launch(**args, tile=tile)))
 
 
 def prefill_inputs(model: str, total: int) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -227,8 +241,8 @@ def main() -> None:
             decode_shape(rows, copy_bw, args.sweep, model, batch)
     for batch in (1, 64):
         conv_update_shape(rows, copy_bw, batch)
-    for total in (2048, 8192):
-        conv_prefill_shape(rows, copy_bw, total)
+    for total, seqs in ((2048, 1), (8192, 1), (8192, 64)):
+        conv_prefill_shape(rows, copy_bw, total, args.sweep, seqs)
     if not args.skip_prefill:
         for model in MODELS:
             for total in (2048, 8192):

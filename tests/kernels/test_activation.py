@@ -1,4 +1,4 @@
-"""silu_and_mul against a float64 formula."""
+"""silu_and_mul and sigmoid_gate_mul (references on CPU) against float64 formulas."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from tolerances import assert_close
 
-from deltaserve.kernels.activation import silu_and_mul
+from deltaserve.kernels.activation import sigmoid_gate_mul, silu_and_mul
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -18,3 +18,13 @@ def test_silu_and_mul(dtype, rows):
     assert y.dtype == dtype and y.shape == (rows, 37)
     gate, up = x[:, :37].double(), x[:, 37:].double()
     assert_close(y, gate * torch.sigmoid(gate) * up)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sigmoid_gate_mul(dtype):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(7, 3, 16, generator=gen).to(dtype)
+    gate = (torch.randn(7, 3, 32, generator=gen) * 4).to(dtype)[..., 16:]  # a strided view, as the layer passes it
+    y = sigmoid_gate_mul(x=x, gate=gate)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, x.double() * torch.sigmoid(gate.double()))

@@ -174,6 +174,18 @@ def test_conv_prefill_gpu(case):
     check_conv_prefill(causal_conv1d_prefill, *PREFILL_CASES[case], 10240, 4, torch.bfloat16, "cuda", seed=case)
 
 
+@gpu
+@pytest.mark.parametrize("tile", [(64, 256, 8), (128, 128, 8), (16, 256, 4), (256, 64, 8)])
+def test_conv_prefill_gpu_tiles(tile):
+    """The tiles bench_gdn.py --sweep times, on the varlen mix (tiles span sequences)."""
+    mod = conv_mod()
+
+    def fn(**kw):
+        return mod.causal_conv1d_prefill_launch(**kw, tile=tile)
+
+    check_conv_prefill(fn, *PREFILL_CASES[3], 1000, 4, torch.bfloat16, "cuda", seed=tile[0])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # fused GDN decode
 

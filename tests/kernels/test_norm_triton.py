@@ -1,5 +1,5 @@
 """Triton row-wise kernels (rms_norm with and without the fused residual add, gated_rms_norm, silu_and_mul,
-apply_partial_rope) against float64 formulas and the references.
+sigmoid_gate_mul, apply_partial_rope) against float64 formulas and the references.
 
 Without a GPU they run under TRITON_INTERPRET=1 (CI); `pytest -m gpu` runs them compiled at model shapes. Outputs
 are fresh tensors from the kernels, so each test also checks that no element is NaN (every element was written).
@@ -102,6 +102,17 @@ def check_silu_and_mul(rows, inter, dtype, device, seed):
     assert_close(y, gate * torch.sigmoid(gate) * up)
 
 
+def check_sigmoid_gate_mul(tokens, heads, head_dim, dtype, device, seed):
+    """The gate as the attention layer passes it: the second half of each head's [query | gate] projection row."""
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(tokens, heads, head_dim, gen=gen, dtype=dtype, device=device, scale=2)
+    gate = randn(tokens, heads, 2 * head_dim, gen=gen, dtype=dtype, device=device, scale=4)[..., head_dim:]
+    y = act.sigmoid_gate_mul(x=x, gate=gate)
+    assert y.dtype == dtype and y.shape == x.shape
+    no_nan(y)
+    assert_close(y, x.double() * torch.sigmoid(gate.double()))
+
+
 def check_rope(tokens, heads, head_dim, rotary_dim, max_pos, dtype, device, seed):
     gen = torch.Generator().manual_seed(seed)
     q = randn(tokens, heads[0], head_dim, gen=gen, dtype=dtype, device=device)
@@ -149,6 +160,16 @@ def test_gated_rms_norm_interpreted(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_silu_and_mul_interpreted(dtype):
     check_silu_and_mul(63, 37, dtype, "cpu", seed=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sigmoid_gate_mul_interpreted(dtype):
+    check_sigmoid_gate_mul(5, 3, 24, dtype, "cpu", seed=8)
+
+
+def test_sigmoid_gate_mul_rejects_a_gate_of_another_shape():
+    with pytest.raises(ValueError, match="gate must have x's shape"):
+        act.sigmoid_gate_mul(x=torch.zeros(2, 3, 4), gate=torch.zeros(2, 3, 5))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -207,6 +228,15 @@ def test_gated_rms_norm_gpu(rows, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_silu_and_mul_gpu(rows, inter, dtype):
     check_silu_and_mul(rows, inter, dtype, "cuda", seed=rows + inter)
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("tokens", ROWS)
+@pytest.mark.parametrize("heads", [24, 16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_sigmoid_gate_mul_gpu(tokens, heads, dtype):
+    check_sigmoid_gate_mul(tokens, heads, 256, dtype, "cuda", seed=tokens + heads)
 
 
 @GPU

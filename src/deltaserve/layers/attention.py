@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from deltaserve.config import ModelConfig
+from deltaserve.kernels.activation import sigmoid_gate_mul
 from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, qk_norm_rope_write_kv
 from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.layers.meta import ForwardBatch
@@ -39,7 +40,7 @@ class GatedAttention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
         # q/k zero-centred RMSNorm, partial RoPE, K/V into their pages: one fused op on GPU.
-        q, _ = qk_norm_rope_write_kv(q=q.contiguous(), k=k, v=v, q_weight=self.q_norm.weight,
+        q, _ = qk_norm_rope_write_kv(q=q, k=k, v=v, q_weight=self.q_norm.weight,
                                      k_weight=self.k_norm.weight, eps=self.q_norm.eps, positions=batch.positions,
                                      rotary_dim=self.rotary_dim, theta=self.rope_theta, k_cache=k_cache,
                                      v_cache=v_cache, slot_mapping=batch.slot_mapping)
@@ -49,5 +50,4 @@ class GatedAttention(nn.Module):
             o = paged_attention_decode(q=q, **common)
         else:
             o = paged_attention_prefill(q=q, cu_seqlens_q=batch.cu_seqlens, **common)
-        o = o.reshape(T, -1) * torch.sigmoid(gate.reshape(T, -1))
-        return self.o_proj(o)
+        return self.o_proj(sigmoid_gate_mul(x=o.reshape(T, self.num_heads, self.head_dim), gate=gate).view(T, -1))

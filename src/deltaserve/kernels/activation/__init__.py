@@ -7,5 +7,6 @@ from deltaserve.kernels._dispatch import dispatch
 from . import ref
 
 silu_and_mul = dispatch(ref.silu_and_mul, "deltaserve.kernels.activation.triton")
+sigmoid_gate_mul = dispatch(ref.sigmoid_gate_mul, "deltaserve.kernels.activation.triton")
 
-__all__ = ["silu_and_mul"]
+__all__ = ["sigmoid_gate_mul", "silu_and_mul"]

@@ -30,3 +30,31 @@ def silu_and_mul(*, x: torch.Tensor) -> torch.Tensor:
         _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(half, block))](
             x2, y, x2.stride(0), half, I=half, BLOCK=block, num_warps=4)
     return y
+
+
+@triton.jit
+def _sigmoid_gate_mul_kernel(x_ptr, g_ptr, y_ptr, stride_gt, stride_gh, HD: tl.constexpr, D: tl.constexpr,
+                             BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < HD
+    x = tl.load(x_ptr + t * HD + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + t * stride_gt + (cols // D) * stride_gh + cols % D, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + t * HD + cols, (x * tl.sigmoid(g)).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def sigmoid_gate_mul(*, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D], gate: [T, H, D] (may be a strided view) -> x * sigmoid(gate): [T, H, D] in x.dtype, fp32 math.
+    One pass that reads the gate where the projection left it (the unfused chain copies it, then runs two
+    elementwise kernels)."""
+    if gate.shape != x.shape or gate.stride(-1) != 1:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)} and unit stride in the last dim, got "
+                         f"{tuple(gate.shape)} strides {gate.stride()}")
+    x = x.contiguous()
+    T, H, D = x.shape
+    y = torch.empty_like(x)
+    if T and H * D:
+        block = min(1024, triton.next_power_of_2(H * D))
+        _sigmoid_gate_mul_kernel[(T, triton.cdiv(H * D, block))](
+            x, gate, y, gate.stride(0), gate.stride(1), HD=H * D, D=D, BLOCK=block, num_warps=4)
+    return y

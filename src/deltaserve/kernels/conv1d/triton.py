@@ -152,6 +152,12 @@ def causal_conv1d_update(
     return y
 
 
+# (BT tokens, BC channels, num_warps) of the prefill kernel's tiles: from benchmarks/bench_gdn.py --sweep on an H100
+# (2026-11-27, fifth session; 27B channels, T=8192 as one sequence or 64): 16 x 256 with 4 warps 253-259 us, the
+# previous 32 x 128 307-318 us, larger tiles slower still (128 x 128 with 8 warps 415-426 us).
+PREFILL_TILE = (16, 256, 4)
+
+
 def causal_conv1d_prefill(
     *,
     x: torch.Tensor,
@@ -165,6 +171,15 @@ def causal_conv1d_prefill(
 
     x: [T, C]; weight: [C, W]; conv_state: [S, W-1, C]; cu_seqlens: [N+1] int32; slots: [N] int64 (< 0: skip,
     rows stay zero, no state write); has_initial_state: [N] bool. Returns y: [T, C] in x.dtype."""
+    return causal_conv1d_prefill_launch(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens, slots=slots,
+                                        has_initial_state=has_initial_state, tile=PREFILL_TILE)
+
+
+def causal_conv1d_prefill_launch(
+    *, x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, cu_seqlens: torch.Tensor,
+    slots: torch.Tensor, has_initial_state: torch.Tensor, tile: tuple[int, int, int],
+) -> torch.Tensor:
+    """causal_conv1d_prefill with an explicit (BT, BC, num_warps) tile (the benchmark sweeps them)."""
     _check_pool(x, weight, conv_state)
     total, c = x.shape
     n = slots.shape[0]
@@ -173,12 +188,12 @@ def causal_conv1d_prefill(
     if n == 0:
         return y.zero_()
     init = has_initial_state.view(torch.int8) if has_initial_state.dtype == torch.bool else has_initial_state
-    block_t, block_c = 32, 128
+    block_t, block_c, num_warps = tile
     if total > 0:
         _conv1d_prefill_kernel[(triton.cdiv(total, block_t), triton.cdiv(c, block_c))](
             x, weight, conv_state, cu_seqlens, slots, init, y, total, c, n,
             x.stride(0), y.stride(0), conv_state.stride(0), conv_state.stride(1),
-            W=width, BT=block_t, BC=block_c, LOG_N=max(8, n.bit_length()), num_warps=4,
+            W=width, BT=block_t, BC=block_c, LOG_N=max(8, n.bit_length()), num_warps=num_warps,
         )
     block_s = 256
     _conv1d_final_state_kernel[(n, triton.cdiv(c, block_s))](

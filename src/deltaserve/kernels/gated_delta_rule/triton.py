@@ -87,10 +87,11 @@ def _decode_recurrent_kernel(
 
 def decode_config(num_rows: int, num_v_heads: int) -> tuple[int, int]:
     """(BV, num_warps) of the recurrence kernel. From benchmarks/bench_gdn.py --sweep on an H100 (2026-11-27, fifth
-    session, 27B and 35B-A3B shapes, CUDA graph): BV=16 with 1 warp is best at batch 1 (6.7-7.5 us for both
-    launches); BV=32 with 4 warps at batch 16 and 64 (27B batch 64: 155 us, 86% of copy; BV=8 187 us)."""
+    session, 27B and 35B-A3B shapes, CUDA graph): BV=16 with 1 warp is best at batch 1 (6.7-6.8 us for both
+    launches); BV=64 with 4 warps at batch 64 (27B: 150 us, 89% of copy; BV=32 155 us, BV=8 187 us), within 3% of
+    the best (BV=32) at batch 16."""
     if num_rows * num_v_heads >= 256:
-        return 32, 4
+        return 64, 4
     return 16, 1
 
 
