@@ -1,11 +1,11 @@
 """Decode-time linear layers at real shapes: each BLAS backend against the weight-read floor, in one run.
 
-    PYTHONPATH=src:. python benchmarks/bench_linear.py [--models 9B 27B] [--batches 1 8 64]
+    PYTHONPATH=src:. python benchmarks/bench_linear.py [--models 9B 27B] [--batches 1 8 64] [--sweep]
 
 At decode a linear layer reads its whole weight for a few rows, so its floor is weight bytes / copy bandwidth
 (measured in the same run). Each timing is a CUDA graph over enough copies of the weight that they do not fit in
-L2, as in a model where every layer has its own. Backends: torch's default (cuBLAS) and cuBLASLt
-(torch.backends.cuda.preferred_blas_library), the choice the engine could make per shape.
+L2, as in a model where every layer has its own. Columns: torch's GEMM (cuBLAS), the Triton decode kernel with
+the tile `tile_config` picks (or torch where it picks torch), and with --sweep the best of SWEEP_TILES.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +21,9 @@ import torch
 from benchmarks.common import header, measure_copy_bandwidth, model_config, table
 
 L2_BYTES = 50 << 20
-BACKENDS = ("cublas", "cublaslt")
+# (BN, BK, num_warps, stages) tiles of the Triton kernel timed with --sweep
+SWEEP_TILES = [(16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 4, 4), (32, 128, 4, 6), (64, 128, 8, 4),
+               (128, 128, 8, 3), (32, 512, 8, 3)]
 
 
 def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
@@ -41,25 +44,20 @@ def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
     return shapes
 
 
-def time_linear(k: int, n: int, batch: int, backend: str) -> float:
-    """us per call of x [batch, k] @ W[n, k]^T in bf16, cycling through weights that together overflow L2."""
+def time_linear(k: int, n: int, batch: int, fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+    """us per call of fn(x [batch, k], W [n, k]) in bf16, cycling through weights that together overflow L2."""
     import triton.testing
 
     copies = max(2, -(-3 * L2_BYTES // (2 * k * n)))
     weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
     x = torch.randn(batch, k, device="cuda", dtype=torch.bfloat16)
-    previous = torch.backends.cuda.preferred_blas_library()
-    torch.backends.cuda.preferred_blas_library(backend)
-    try:
-        for w in weights:  # warm-up outside the capture (cuBLAS workspace, heuristics)
-            torch.nn.functional.linear(x, w)
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for w in weights:
-                torch.nn.functional.linear(x, w)
-    finally:
-        torch.backends.cuda.preferred_blas_library(previous)
+    for w in weights:  # warm-up outside the capture (compiles, cuBLAS workspace and heuristics)
+        fn(x, w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(x, w)
     ms = triton.testing.do_bench(graph.replay, warmup=20, rep=200, return_mode="median")
     del graph, weights
     torch.cuda.empty_cache()
@@ -70,7 +68,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["9B", "27B"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    parser.add_argument("--sweep", action="store_true", help="also time every tile of SWEEP_TILES")
     args = parser.parse_args()
+    from deltaserve.kernels.linear import triton as linear_triton
+
     bw = measure_copy_bandwidth()
     print(header(" ".join(sys.argv)))
     print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s")
@@ -81,10 +82,17 @@ def main() -> None:
             for batch in args.batches:
                 row: dict[str, Any] = {"model": name, "layer": f"{layer} {k}->{n}", "batch": batch,
                                        "floor_us": floor_us}
-                for backend in BACKENDS:
-                    us = time_linear(k, n, batch, backend)
-                    row[f"{backend}_us"] = us
-                    row[f"{backend}_pct"] = 100 * floor_us / us
+                us = time_linear(k, n, batch, torch.nn.functional.linear)
+                row.update(torch_us=us, torch_pct=100 * floor_us / us)
+                tile = linear_triton.tile_config(batch, n, k)
+                us = time_linear(k, n, batch, lambda x, w: linear_triton.linear(x=x, weight=w))
+                row.update(default_tile=str(tile or "torch"), default_us=us, default_pct=100 * floor_us / us)
+                if args.sweep:
+                    timed = {t: time_linear(k, n, batch, lambda x, w, t=t: linear_triton.skinny_linear(x, w, t))
+                             for t in SWEEP_TILES}
+                    best = min(timed, key=timed.get)
+                    row.update(best_tile=str(best), best_us=timed[best], best_pct=100 * floor_us / timed[best])
+                    print(name, layer, batch, {str(t): round(v, 1) for t, v in timed.items()}, flush=True)
                 rows.append(row)
     print(table(rows))
     out = os.environ.get("OUT")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deltaserve.kernels.linear import linear
+
 
 def new_param(*shape: int, dtype: torch.dtype, device: torch.device | str | None = None) -> nn.Parameter:
     """An uninitialised, frozen parameter; the loader (or dummy init) fills it in place."""
@@ -21,7 +23,7 @@ class Linear(nn.Module):
         self.weight = new_param(out_features, in_features, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+        return linear(x=x, weight=self.weight)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}"

@@ -11,6 +11,7 @@ from torch import nn
 
 from deltaserve.cache.tensors import ModelCache
 from deltaserve.config import ModelConfig
+from deltaserve.kernels.linear import linear
 from deltaserve.layers.attention import GatedAttention
 from deltaserve.layers.gdn import GatedDeltaNet
 from deltaserve.layers.linear import Linear, new_param
@@ -123,7 +124,7 @@ class Qwen3_5ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, *, upcast: bool = True) -> torch.Tensor:
         """hidden: [M, D] -> logits [M, vocab] in fp32, or with upcast=False in the model dtype (the same values:
         the engine's sampler reads those directly, sparing an [M, vocab] fp32 copy per step)."""
-        logits = nn.functional.linear(hidden, self.lm_head_weight)
+        logits = linear(x=hidden, weight=self.lm_head_weight)
         return logits.float() if upcast else logits
 
     def mtp_forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
