@@ -38,7 +38,9 @@ def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
         "attn o_proj": (cfg.num_attention_heads * cfg.head_dim, d),
         "lm_head": (d, cfg.vocab_size),
     }
-    if not cfg.is_moe:
+    if cfg.is_moe:
+        shapes["moe router (gate|shared gate)"] = (d, cfg.num_experts + 1)
+    else:
         shapes["mlp gate_up"] = (d, 2 * cfg.intermediate_size)
         shapes["mlp down"] = (cfg.intermediate_size, d)
     return shapes
@@ -66,15 +68,15 @@ def time_linear(k: int, n: int, batch: int, fn: Callable[[torch.Tensor, torch.Te
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["9B", "27B"])
+    parser.add_argument("--models", nargs="+", default=["9B", "27B", "35B-A3B"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--sweep", action="store_true", help="also time every tile of SWEEP_TILES")
     args = parser.parse_args()
     from deltaserve.kernels.linear import triton as linear_triton
 
     bw = measure_copy_bandwidth()
-    print(header(" ".join(sys.argv)))
-    print(f"copy bandwidth (read + write): {bw / 1e12:.3f} TB/s")
+    title = header(" ".join(sys.argv)) + f"\ncopy bandwidth (read + write): {bw / 1e12:.3f} TB/s"
+    print(title)
     rows: list[dict[str, Any]] = []
     for name in args.models:
         for layer, (k, n) in linear_shapes(name).items():
@@ -98,7 +100,7 @@ def main() -> None:
     out = os.environ.get("OUT")
     if out:
         with open(os.path.join(out, "bench_linear.txt"), "w") as f:
-            f.write(table(rows) + "\n")
+            f.write(title + "\n" + table(rows) + "\n")
 
 
 if __name__ == "__main__":

@@ -33,12 +33,13 @@ from benchmarks.common import SHAPES, triton_compiles
 
 
 def skip_model(llm) -> None:
-    """Replace the runner's forward by fixed logits (the sampler and everything around it still run)."""
+    """Replace the runner's forward by fixed logits in the model dtype, as the runner returns them (the sampler and
+    everything around it still run)."""
     from deltaserve.engine.runner import RunnerOutput
 
     runner = llm.engine.runner
     vocab = runner.model_config.vocab_size
-    logits = torch.randn(llm.engine.scheduler_config.max_num_seqs, vocab, device=runner.device)
+    logits = torch.randn(llm.engine.scheduler_config.max_num_seqs, vocab, device=runner.device, dtype=runner.dtype)
 
     def execute(input_ids, batch):
         n = batch.logits_indices.shape[0]

@@ -146,9 +146,12 @@ def check_prefill(shapes, heads, head_dim, page_size, dtype, device, gen):
             assert_error_within(out[lo:hi], plain_torch(q[lo:hi], k, v, cached, scale), truth)
 
 
-def check_fused_qk_norm_rope(num_tokens, heads, head_dim, rotary_dim, page_size, dtype, device, gen):
+def check_fused_qk_norm_rope(num_tokens, heads, head_dim, rotary_dim, page_size, dtype, device, gen,
+                             strided_q=False):
+    """strided_q: q is the first half of each head's [query | gate] row, as the attention layer passes it."""
     num_q_heads, num_kv_heads = heads
-    q = (torch.randn(num_tokens, num_q_heads, head_dim, generator=gen) * 3).to(dtype).to(device)
+    q = (torch.randn(num_tokens, num_q_heads, (1 + strided_q) * head_dim, generator=gen) * 3)
+    q = q.to(dtype).to(device)[..., :head_dim]
     k = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen) * 3).to(dtype).to(device)
     v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
     q_w = (torch.randn(head_dim, generator=gen) * 0.1).to(dtype).to(device)
@@ -231,6 +234,8 @@ def test_decode_odd_sizes_interpreted(num_splits):
 @pytest.mark.slow
 def test_fused_qk_norm_rope_write_kv_bf16_interpreted():
     check_fused_qk_norm_rope(9, (4, 2), 48, 16, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(8))
+    check_fused_qk_norm_rope(9, (4, 2), 48, 16, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(9),
+                             strided_q=True)
 
 
 # --------------------------------------------------------------------------------------- GPU tier (real shapes)
@@ -281,6 +286,8 @@ def test_prefill_fp32_gpu():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_fused_qk_norm_rope_write_kv_gpu(dtype):
     check_fused_qk_norm_rope(65, (24, 4), 256, 64, 16, dtype, "cuda", torch.Generator().manual_seed(15))
+    check_fused_qk_norm_rope(65, (24, 4), 256, 64, 16, dtype, "cuda", torch.Generator().manual_seed(16),
+                             strided_q=True)
 
 
 @GPU

@@ -1,9 +1,9 @@
 """The decode linear kernel against a float64 product and torch's GEMM (the reference).
 
 Without a GPU the kernel runs under TRITON_INTERPRET=1 at small shapes with small tiles (several programs, several K
-steps, a ragged K tail); `pytest -m gpu` runs it compiled at the models' decode shapes, every tile the benchmark
-sweeps. The kernel's error against the float64 product may be at most twice that of torch's own GEMM in the same
-dtype (tests/tolerances.py).
+steps, a ragged K tail); `pytest -m gpu` runs it compiled at the models' decode shapes and at every tile
+benchmarks/bench_linear.py sweeps (the tiles tile_config picks among them). The kernel's error against the float64
+product may be at most twice that of torch's own GEMM in the same dtype (tests/tolerances.py).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ triton = pytest.importorskip("triton")
 
 from tolerances import assert_error_within  # noqa: E402
 
+from benchmarks.bench_linear import SWEEP_TILES  # noqa: E402
 from deltaserve.kernels.linear import linear  # noqa: E402
 from deltaserve.kernels.linear import ref as linear_ref  # noqa: E402
 from deltaserve.kernels.linear import triton as linear_triton  # noqa: E402
@@ -72,6 +73,9 @@ def test_wrapper_takes_leading_dims_and_strided_rows():
 def test_many_rows_and_fp32_fall_back_to_torch():
     assert linear_triton.tile_config(linear_triton.MAX_ROWS + 1, 1 << 17, 64) is None
     assert linear_triton.tile_config(32, 4096, 4096) is None  # cuBLAS is as fast there
+    assert linear_triton.tile_config(1, 4096, 4096, num_sms=132)[0] == 32  # 128 programs of 32 columns, not 64 of 64
+    assert linear_triton.tile_config(1, 2048, 4096, num_sms=132) is None  # too few programs to fill the SMs
+    assert linear_triton.tile_config(1, 257, 2048, num_sms=132) is None  # a router
     x = torch.randn(3, 16)
     w = torch.randn(8, 16)
     assert torch.equal(linear_triton.linear(x=x, weight=w), torch.nn.functional.linear(x, w))
@@ -86,7 +90,6 @@ def test_dispatch_runs_the_reference_on_cpu():
 # 9B and 27B decode projections: (in, out)
 MODEL_SHAPES = [(4096, 12352), (4096, 4096), (4096, 10240), (4096, 24576), (12288, 4096), (5120, 16480),
                 (6144, 5120), (17408, 5120), (4096, 248320)]
-SWEEP_TILES = [(16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 4, 4), (32, 128, 4, 6), (64, 128, 8, 4), (32, 512, 8, 3)]
 
 
 @gpu

@@ -41,7 +41,7 @@ class GatedDeltaNet(nn.Module):
         T = x.shape[0]
         conv_state, ssm_state = state
         mixed_qkv, z, b, a = self.in_proj.forward_split(x)  # column views of one GEMM output
-        if batch.is_decode:  # one fused kernel: conv update, gating, l2-norm, recurrence on the slot's state
+        if batch.is_decode:  # conv update, then gating, l2-norm and the recurrence on the slot's state in place
             o = fused_gdn_decode(
                 mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log,
                 dt_bias=self.dt_bias, conv_weight=self.conv1d.weight.squeeze(1), conv_state=conv_state,

@@ -15,4 +15,6 @@ def silu_and_mul(*, x: torch.Tensor) -> torch.Tensor:
 
 def sigmoid_gate_mul(*, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x: [T, H, D], gate: [T, H, D] (may be a strided view) -> x * sigmoid(gate): [T, H, D] in x.dtype, fp32 math."""
+    if gate.shape != x.shape:
+        raise ValueError(f"gate must have x's shape {tuple(x.shape)}, got {tuple(gate.shape)}")
     return (x.float() * torch.sigmoid(gate.float())).to(x.dtype)

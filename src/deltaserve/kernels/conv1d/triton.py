@@ -13,7 +13,7 @@ import triton.language as tl
 
 
 @triton.jit
-def conv_silu_window(x_row_ptr, w_ptr, cs_slot_ptr, stride_cs_w, ch, m_ch, valid,
+def _conv_silu_window(x_row_ptr, w_ptr, cs_slot_ptr, stride_cs_w, ch, m_ch, valid,
                      W: tl.constexpr, WP: tl.constexpr):
     """silu(sum_j w[ch, j] * window_j) in fp32 for one token whose history is the conv state at cs_slot_ptr.
 
@@ -30,7 +30,7 @@ def conv_silu_window(x_row_ptr, w_ptr, cs_slot_ptr, stride_cs_w, ch, m_ch, valid
 
 
 @triton.jit
-def roll_window(x_row_ptr, cs_slot_ptr, stride_cs_w, ch, m_ch, do_it, W: tl.constexpr, WP: tl.constexpr):
+def _roll_window(x_row_ptr, cs_slot_ptr, stride_cs_w, ch, m_ch, do_it, W: tl.constexpr, WP: tl.constexpr):
     """Shift the window of channels ch left by one and append this token's input, in place (if do_it)."""
     row = tl.arange(0, WP)
     x = tl.load(x_row_ptr + ch, mask=m_ch & do_it, other=0.0)
@@ -52,9 +52,9 @@ def _conv1d_update_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, C, stride_x, st
     slot = tl.load(slot_ptr + n).to(tl.int64)
     valid = slot >= 0
     cs_slot = cs_ptr + slot * stride_cs_s
-    y = conv_silu_window(x_ptr + n * stride_x, w_ptr, cs_slot, stride_cs_w, ch, m_ch, valid, W, WP)
+    y = _conv_silu_window(x_ptr + n * stride_x, w_ptr, cs_slot, stride_cs_w, ch, m_ch, valid, W, WP)
     tl.store(y_ptr + n * stride_y + ch, tl.where(valid, y, 0.0).to(y_ptr.dtype.element_ty), mask=m_ch)
-    roll_window(x_ptr + n * stride_x, cs_slot, stride_cs_w, ch, m_ch, valid, W, WP)
+    _roll_window(x_ptr + n * stride_x, cs_slot, stride_cs_w, ch, m_ch, valid, W, WP)
 
 
 # The per-step counts are not specialised on (T, N vary every step: each new divisibility class would recompile).
@@ -67,6 +67,7 @@ def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_p
     ch = tl.program_id(1) * BC + tl.arange(0, BC)
     m_t = t < T
     m_ch = ch < C
+    t64 = t.to(tl.int64)  # token * row stride passes 2^31 at ~130k tokens of the merged projection's rows
     # each token's sequence: the largest n with cu[n] <= t (an empty sequence shares its start with the next one)
     lo = tl.zeros([BT], dtype=tl.int32)
     hi = tl.zeros([BT], dtype=tl.int32) + (N - 1)
@@ -84,14 +85,14 @@ def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_p
     for j in tl.static_range(W):
         src = pos + (j - (W - 1))  # position of tap j inside the sequence; < 0 reads the history
         in_seq = src >= 0
-        xv = tl.load(x_ptr + (t + (j - (W - 1)))[:, None] * stride_x + ch[None, :],
+        xv = tl.load(x_ptr + (t64 + (j - (W - 1)))[:, None] * stride_x + ch[None, :],
                      mask=(valid & in_seq)[:, None] & m_ch[None, :], other=0.0).to(tl.float32)
         hv = tl.load(cs_ptr + slot[:, None] * stride_cs_s + (src + (W - 1))[:, None] * stride_cs_w + ch[None, :],
                      mask=(valid & init & (src < 0))[:, None] & m_ch[None, :], other=0.0).to(tl.float32)
         w_j = tl.load(w_ptr + ch * W + j, mask=m_ch, other=0.0).to(tl.float32)
         acc += tl.where(in_seq[:, None], xv, hv) * w_j[None, :]
     y = tl.where(valid[:, None], acc * tl.sigmoid(acc), 0.0)
-    tl.store(y_ptr + t[:, None] * stride_y + ch[None, :], y.to(y_ptr.dtype.element_ty),
+    tl.store(y_ptr + t64[:, None] * stride_y + ch[None, :], y.to(y_ptr.dtype.element_ty),
              mask=m_t[:, None] & m_ch[None, :])
 
 
@@ -106,7 +107,7 @@ def _conv1d_final_state_kernel(x_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, C, str
     slot = tl.load(slot_ptr + n).to(tl.int64)
     valid = slot >= 0
     init = tl.load(init_ptr + n) != 0
-    start = tl.load(cu_ptr + n)
+    start = tl.load(cu_ptr + n).to(tl.int64)  # (start + src) * stride_x may pass 2^31
     length = tl.load(cu_ptr + n + 1) - start
     row = tl.arange(0, WP)
     m_row = valid & (row < W - 1)

@@ -10,7 +10,7 @@ rest is computed; L2-normalise q and k of key head h = hv // (HV/H), scale q; g 
 beta = sigmoid(b); one delta-rule step; write o and the tile back. Splitting the conv out leaves the recurrence
 programs nothing to share, so they can be many and small (the state traffic is spread over every SM); the single
 fused kernels it replaced, which had to coordinate the q/k window shared by a key head's programs, ran at 65-70% of
-copy bandwidth at batch 64 against 83-86% for this pair (benchmarks/RESULTS.md, 2026-11-27 fifth session).
+copy bandwidth at batch 64 against 85-89% for this pair (benchmarks/RESULTS.md, 2026-11-27 fifth session).
 """
 
 from __future__ import annotations

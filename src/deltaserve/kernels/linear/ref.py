@@ -1,4 +1,6 @@
-"""Reference linear layer: torch's own GEMM, as the reference implementation runs it."""
+"""Reference linear layer: torch's own GEMM, as the reference implementation runs it. Unlike the other references it
+does not upcast its inputs: torch's GEMM already accumulates bf16/fp16 products in fp32 and rounds once, and an
+upcast would copy every weight on every CPU call."""
 
 from __future__ import annotations
 

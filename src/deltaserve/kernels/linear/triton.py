@@ -5,6 +5,8 @@ torch's GEMM (more rows, most shapes at 17-64 rows) go to torch: see `tile_confi
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -40,16 +42,26 @@ def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
              mask=m_m[:, None] & m_n[None, :])
 
 
-def tile_config(rows: int, out_features: int, in_features: int) -> tuple[int, int, int, int] | None:
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def tile_config(rows: int, out_features: int, in_features: int,
+                num_sms: int = 132) -> tuple[int, int, int, int] | None:
     """(BN, BK, num_warps, stages) for an [rows, in] x [out, in]^T call, or None where torch's GEMM is as fast.
 
     From benchmarks/bench_linear.py --sweep on an H100 (2026-11-27, fifth session; 9B and 27B decode projections,
     CUDA graph, weights cycled past L2). Up to 16 rows, 64 x 256 tiles beat cuBLAS on most projections (lm_head
     657 vs 720 us, 27B MLP gate_up 129 vs 135 us, 4096x4096 17.3 vs 18.8 us) and lose only on the 9B attention qkv
     (40.6 vs 37.4 us). At 64 rows cuBLAS ties or wins except on vocab-sized outputs (lm_head 696 vs 742 us with
-    128 x 128 tiles, 8 warps): each program re-reads all of x, and wider tiles that would amortise it leave SMs idle."""
+    128 x 128 tiles, 8 warps): each program re-reads all of x, and wider tiles that would amortise it leave SMs idle.
+    With no split over K the grid is one program per BN columns: narrow outputs take BN=32 (4096 columns: 17.2 us,
+    as fast as 64), and outputs too narrow to give half the SMs a program (a 2048-wide projection, a router) stay
+    with torch."""
     if rows <= 16:
-        return 64, 256, 4, 4
+        bn = 64 if triton.cdiv(out_features, 64) >= num_sms // 2 else 32
+        return (bn, 256, 4, 4) if triton.cdiv(out_features, bn) >= num_sms // 2 else None
     if rows <= MAX_ROWS and out_features >= 1 << 16:
         return 128, 128, 8, 3
     return None
@@ -74,16 +86,21 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, i
     bn, bk, num_warps, stages = tile
     bm = max(16, triton.next_power_of_2(m))
     _skinny_linear_kernel[(triton.cdiv(n, bn),)](
-        x, weight, y, m, n, k, x.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk, STAGES=_fit_stages(bm, bn, bk, stages), EVEN_K=k % bk == 0, UPCAST=not x.is_cuda, num_warps=num_warps)
+        x, weight, y, m, n, k, x.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk, STAGES=_fit_stages(bm, bn, bk, stages),
+        EVEN_K=k % bk == 0, UPCAST=not x.is_cuda, num_warps=num_warps)
     return y
 
 
 def linear(*, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Same contract as ref.linear. Few-row bf16/fp16 calls run the weight-streaming kernel; the rest torch's GEMM."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    tile = tile_config(rows, weight.shape[0], weight.shape[1])
-    if tile is None or x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or \
-            not weight.is_contiguous() or x.shape[-1] % 8:
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or not weight.is_contiguous() or \
+            x.shape[-1] % 8:
+        return torch.nn.functional.linear(x, weight)
+    num_sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.is_cuda else 132
+    tile = tile_config(rows, weight.shape[0], weight.shape[1], num_sms)
+    if tile is None:
         return torch.nn.functional.linear(x, weight)
     x2 = x.reshape(rows, x.shape[-1])
     if x2.stride(-1) != 1:
