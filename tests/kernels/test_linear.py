@@ -76,6 +76,8 @@ def test_many_rows_and_fp32_fall_back_to_torch():
     assert linear_triton.tile_config(1, 4096, 4096, num_sms=132)[0] == 32  # 128 programs of 32 columns, not 64 of 64
     assert linear_triton.tile_config(1, 2048, 4096, num_sms=132) is None  # too few programs to fill the SMs
     assert linear_triton.tile_config(1, 257, 2048, num_sms=132) is None  # a router
+    assert linear_triton.tile_config(1, 12352, 2048, num_sms=132) is None  # K too short to fill the pipeline
+    assert linear_triton.tile_config(1, 248320, 2048, num_sms=132) is not None  # unless the output is vocab-sized
     x = torch.randn(3, 16)
     w = torch.randn(8, 16)
     assert torch.equal(linear_triton.linear(x=x, weight=w), torch.nn.functional.linear(x, w))
