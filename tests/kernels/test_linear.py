@@ -58,8 +58,10 @@ def test_skinny_linear_interpreted(rows, in_features, out_features, dtype):
     check_linear(fn, rows, in_features, out_features, dtype, "cpu", seed=rows + in_features)
 
 
-def test_wrapper_takes_leading_dims_and_strided_rows():
-    """[B, T, K] inputs and rows with a stride (a column slice) give the reference's result, same shape."""
+def test_wrapper_takes_leading_dims_and_strided_rows(monkeypatch):
+    """[B, T, K] inputs and rows with a stride (a column slice) give the reference's result, same shape. The tile
+    is forced: at this size tile_config would hand the call to torch, and the wrapper's kernel path is under test."""
+    monkeypatch.setattr(linear_triton, "tile_config", lambda *args, **kwargs: (16, 32, 4, 2))
     gen = torch.Generator().manual_seed(0)
     wide = torch.randn(2, 3, 80, generator=gen).bfloat16()
     x = wide[..., :64]

@@ -13,12 +13,11 @@ tl.dot multiplies raw bits (spec/kernels.md section 7).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import num_sms
 from deltaserve.kernels.rope.triton import inv_freq, rope_cos_sin, rope_outputs
 
 _LOG2E = 1.4426950408889634
@@ -278,17 +277,12 @@ def _decode_reduce_kernel(
              mask=d_mask)
 
 
-@functools.lru_cache(maxsize=8)
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
     """Splits per (sequence, kv head): enough programs for about WAVES waves over the SMs, at most one split per
     BLOCK_N tile of the longest possible sequence (block-table width * page size), at most MAX_SPLITS. Depends on
     shapes only, so a captured CUDA graph stays valid for any seq_lens."""
     if device.type == "cuda":
-        sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+        sms = num_sms(device)
         cfg = DECODE_CONFIG
     else:
         sms, cfg = 8, _INTERPRET_DECODE

@@ -5,11 +5,11 @@ torch's GEMM (more rows, most shapes at 17-64 rows) go to torch: see `tile_confi
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
+
+from deltaserve.kernels._device import num_sms
 
 MAX_ROWS = 64  # above this the call is no longer a weight stream: torch's GEMM
 
@@ -40,11 +40,6 @@ def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
             acc = tl.dot(x, tl.trans(w), acc)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty),
              mask=m_m[:, None] & m_n[None, :])
-
-
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def tile_config(rows: int, out_features: int, in_features: int,
@@ -100,9 +95,7 @@ def linear(*, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or not weight.is_contiguous() or \
             x.shape[-1] % 8:
         return torch.nn.functional.linear(x, weight)
-    num_sms = _num_sms(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
-        if x.is_cuda else 132
-    tile = tile_config(rows, weight.shape[0], weight.shape[1], num_sms)
+    tile = tile_config(rows, weight.shape[0], weight.shape[1], num_sms(x.device) if x.is_cuda else 132)
     if tile is None:
         return torch.nn.functional.linear(x, weight)
     x2 = x.reshape(rows, x.shape[-1])
