@@ -1,5 +1,6 @@
-"""Host time to build one decode step's batch (ForwardBatch tensors) from a real scheduler's output, with the persistent
-per-slot block tables against the baseline of rebuilding them from the page lists, in the same run. Runs on CPU.
+"""Host time to build one decode step's batch (the step input, then its upload as the runner does it) from a real
+scheduler's output, with the persistent per-slot block tables against the baseline of rebuilding them from the page
+lists, in the same run. Runs on CPU.
 
     PYTHONPATH=src:. python3 benchmarks/bench_batch_build.py [--batch 64] [--contexts 512 8192] [--reps 200]
 """
@@ -10,10 +11,12 @@ import argparse
 import time
 
 from benchmarks.common import header, table
+from deltaserve.cache.manager import CacheManager
 from deltaserve.config import SchedulerConfig
-from deltaserve.engine.batch import BlockTables, build_step_batch
+from deltaserve.engine.device_inputs import upload_step
 from deltaserve.engine.request import Request
 from deltaserve.engine.scheduler import Scheduler
+from deltaserve.engine.step_input import BlockTables, build_step_input
 
 PAGE = 16
 
@@ -23,7 +26,7 @@ def decode_step(batch: int, context: int):
     max_len = context + batch + 2 * PAGE
     pages_per_seq = -(-max_len // PAGE)
     config = SchedulerConfig(max_model_len=max_len, max_num_seqs=batch, max_num_batched_tokens=8192)
-    sched = Scheduler(config, page_size=PAGE, num_pages=batch * pages_per_seq, num_slots=batch)
+    sched = Scheduler(config, CacheManager(num_pages=batch * pages_per_seq, num_slots=batch, page_size=PAGE))
     for i in range(batch):
         sched.add_request(Request(f"r{i}", list(range(context + i))))
     while True:
@@ -52,9 +55,9 @@ def main() -> None:
     for context in args.contexts:
         out, pages = decode_step(args.batch, context)
         tables = BlockTables(args.batch, pages)
-        ours = time_us(lambda: build_step_batch(out.scheduled, page_size=PAGE, device="cpu", block_tables=tables),
+        ours = time_us(lambda: upload_step(build_step_input(out, block_tables=tables), page_size=PAGE, device="cpu"),
                        args.reps)
-        lists = time_us(lambda: build_step_batch(out.scheduled, page_size=PAGE, device="cpu"), args.reps)
+        lists = time_us(lambda: upload_step(build_step_input(out), page_size=PAGE, device="cpu"), args.reps)
         rows.append({"batch": args.batch, "context": context, "per-slot tables us": ours,
                      "from page lists us": lists, "speedup": lists / ours})
     print(header(""))

@@ -11,10 +11,10 @@ import gc
 import torch
 import triton.testing
 
-from benchmarks.common import header, measure_copy_bandwidth, model_config, table
-from deltaserve.cache.tensors import CacheShape, ModelCache, kv_bytes_per_page, state_bytes_per_slot
-from deltaserve.engine.cuda_graph import DecodeGraphs
-from deltaserve.layers.meta import ForwardBatch
+from benchmarks.common import header, kv_bytes_per_token, measure_copy_bandwidth, model_config, state_bytes, table
+from deltaserve.cache.tensors import CacheShape, ModelCache
+from deltaserve.engine.cuda_graph import StepGraphs
+from deltaserve.engine.device_inputs import build_forward_batch
 from deltaserve.models.loader import load_model
 
 PAGE = 16
@@ -44,12 +44,12 @@ def setup_decode(name: str, batch: int, context: int):
                        kv_dtype=torch.bfloat16, conv_dtype=torch.bfloat16)
     cache = ModelCache(cfg, shape, device="cuda")
     for i in cfg.linear_attention_layers:
-        cache.layer(i)[1].normal_(0, 0.01)
+        cache.gdn(i).ssm.normal_(0, 0.01)
     tables = [list(range(s * pages_per_seq, (s + 1) * pages_per_seq)) for s in range(batch)]
-    fb = ForwardBatch.build(query_lens=[1] * batch, context_lens=[context] * batch, state_slots=list(range(batch)),
-                            block_tables=tables, page_size=PAGE, device="cuda")
+    fb = build_forward_batch(query_lens=[1] * batch, context_lens=[context] * batch, state_slots=list(range(batch)),
+                             block_tables=tables, page_size=PAGE, device="cuda")
     ids = torch.randint(0, cfg.vocab_size, (batch,), device="cuda")
-    graphs = DecodeGraphs(model, cache, max_batch=batch, max_pages=pages_per_seq, device=torch.device("cuda"))
+    graphs = StepGraphs(model, cache, max_batch=batch, max_pages=pages_per_seq, device=torch.device("cuda"))
     graphs.sizes = [batch]
     graphs.capture()
     return cfg, model, cache, fb, ids, graphs
@@ -61,9 +61,8 @@ def bench_one(name: str, batch: int, context: int, bw: float) -> dict:
     with torch.no_grad():
         ms_eager = triton.testing.do_bench(lambda: model.compute_logits(model(ids, fb, cache)), warmup=5, rep=50,
                                            return_mode="median")
-    floor_bytes = (weight_bytes_read(model, cfg, batch) + batch * 2 * state_bytes_per_slot(
-        cfg, torch.bfloat16, torch.float32) + batch * context * kv_bytes_per_page(cfg, 1, torch.bfloat16,
-                                                                                   with_mtp=False))
+    floor_bytes = (weight_bytes_read(model, cfg, batch) + batch * 2 * state_bytes(cfg)
+                   + batch * context * kv_bytes_per_token(cfg))
     floor_ms = floor_bytes / bw * 1e3
     del model, cache, graphs
     gc.collect()

@@ -23,11 +23,12 @@ from benchmarks.common import (
     header,
     measure_copy_bandwidth,
     measure_matmul_rate,
+    kv_bytes_per_token,
     model_config,
+    state_bytes,
     table,
     triton_compiles,
 )
-from deltaserve.cache.tensors import kv_bytes_per_page, state_bytes_per_slot
 
 
 def _sync() -> None:
@@ -102,8 +103,8 @@ def ceiling_tok_s(name: str, n: int, input_len: int, output_len: int, bw: float,
     cfg = model_config(name)
     model = Qwen3_5ForCausalLM(cfg, dtype=torch.bfloat16, device="meta", with_mtp=False)  # shapes only
     t = n * prefill_flops(model, cfg, input_len) / rate
-    state = 2 * state_bytes_per_slot(cfg, torch.bfloat16, torch.float32)
-    kv_tok = kv_bytes_per_page(cfg, 1, torch.bfloat16, with_mtp=False)
+    state = 2 * state_bytes(cfg)
+    kv_tok = kv_bytes_per_token(cfg)
     w = weight_bytes_read(model, cfg, n)
     for step in range(output_len):
         t += (w + n * state + n * (input_len + step) * kv_tok) / bw

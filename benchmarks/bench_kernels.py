@@ -41,7 +41,8 @@ def gdn_rows(copy_gbs: float, skip_prefill: bool) -> list[Row]:
 
 
 def moe_rows(copy_gbs: float) -> list[Row]:
-    from deltaserve.kernels.moe import cuda as grouped
+    from deltaserve.kernels.moe import gpu as moe_gpu
+    from deltaserve.kernels.moe import grouped
     from deltaserve.kernels.moe import triton as moe
 
     c, rows = A3B, []
@@ -71,7 +72,7 @@ def moe_rows(copy_gbs: float) -> list[Row]:
             h = torch.nn.functional.silu(h[:, :c["shared"]]) * h[:, c["shared"]:]
             return routed + torch.sigmoid(kw["shared_gate"]) * torch.nn.functional.linear(h, s2)
 
-        t_graph = triton.testing.do_bench_cudagraph(lambda kw=kw: moe.fused_moe(**kw), rep=100,
+        t_graph = triton.testing.do_bench_cudagraph(lambda kw=kw: moe_gpu.fused_moe(**kw), rep=100,
                                                     return_mode="median")
         t_pairs = triton.testing.do_bench_cudagraph(lambda kw=kw: moe.fused_moe_pairs(**kw), rep=100,
                                                     return_mode="median")

@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--sweep", action="store_true", help="also time every tile of SWEEP_TILES")
     args = parser.parse_args()
+    from deltaserve.kernels.linear import gpu as linear_gpu
     from deltaserve.kernels.linear import triton as linear_triton
 
     bw = measure_copy_bandwidth()
@@ -87,7 +88,7 @@ def main() -> None:
                 us = time_linear(k, n, batch, torch.nn.functional.linear)
                 row.update(torch_us=us, torch_pct=100 * floor_us / us)
                 tile = linear_triton.tile_config(batch, n, k)
-                us = time_linear(k, n, batch, lambda x, w: linear_triton.linear(x=x, weight=w))
+                us = time_linear(k, n, batch, lambda x, w: linear_gpu.linear(x=x, weight=w))
                 row.update(default_tile=str(tile or "torch"), default_us=us, default_pct=100 * floor_us / us)
                 if args.sweep:
                     timed = {t: time_linear(k, n, batch, lambda x, w, t=t: linear_triton.skinny_linear(x, w, t))

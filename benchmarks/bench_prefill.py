@@ -13,7 +13,7 @@ import triton.testing
 
 from benchmarks.common import header, measure_matmul_rate, model_config, table
 from deltaserve.cache.tensors import CacheShape, ModelCache
-from deltaserve.layers.meta import ForwardBatch
+from deltaserve.engine.device_inputs import build_forward_batch
 from deltaserve.models.loader import load_model
 
 PAGE = 16
@@ -42,8 +42,8 @@ def bench_one(name: str, length: int, rate: float) -> dict:
     pages = -(-length // PAGE)
     cache = ModelCache(cfg, CacheShape(num_pages=pages, page_size=PAGE, num_slots=1, kv_dtype=torch.bfloat16,
                                        conv_dtype=torch.bfloat16), device="cuda")
-    fb = ForwardBatch.build(query_lens=[length], context_lens=[0], state_slots=[0], block_tables=[list(range(pages))],
-                            page_size=PAGE, device="cuda")
+    fb = build_forward_batch(query_lens=[length], context_lens=[0], state_slots=[0], block_tables=[list(range(pages))],
+                             page_size=PAGE, device="cuda")
     ids = torch.randint(0, cfg.vocab_size, (length,), device="cuda")
 
     def step():

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-# Text-model shapes of published checkpoints (shared/spec/qwen35.md section 1.3).
+# Text-model shapes of published checkpoints (docs/MODEL.md, "Published shapes").
 _BASE = {"vocab_size": 248320, "head_dim": 256, "linear_num_key_heads": 16, "linear_key_head_dim": 128,
          "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "rms_norm_eps": 1e-6,
          "max_position_embeddings": 262144, "dtype": "bfloat16",
@@ -38,6 +38,23 @@ def model_config(name: str):
     from deltaserve.config import ModelConfig
 
     return ModelConfig.from_dict(SHAPES[name])
+
+
+def state_bytes(cfg, state_dtype: torch.dtype = torch.float32) -> int:
+    """GDN state of one sequence (every layer's conv window in bf16 and recurrent state), one rank."""
+    from deltaserve.cache.tensors import state_bytes_per_slot
+    from deltaserve.config import RankShapes
+
+    return state_bytes_per_slot(RankShapes.for_rank(cfg), len(cfg.linear_attention_layers), torch.bfloat16,
+                                state_dtype)
+
+
+def kv_bytes_per_token(cfg) -> int:
+    """bf16 K and V of one token over the full-attention layers (no MTP layer)."""
+    from deltaserve.cache.tensors import kv_bytes_per_page
+    from deltaserve.config import RankShapes
+
+    return kv_bytes_per_page(RankShapes.for_rank(cfg), 1, torch.bfloat16, num_layers=len(cfg.full_attention_layers))
 
 
 def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:

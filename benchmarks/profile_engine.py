@@ -33,19 +33,17 @@ from benchmarks.common import SHAPES, triton_compiles
 
 
 def skip_model(llm) -> None:
-    """Replace the runner's forward by fixed logits in the model dtype, as the runner returns them (the sampler and
-    everything around it still run)."""
-    from deltaserve.engine.runner import RunnerOutput
-
+    """Replace the runner's model run by fixed logits in the model dtype, as the runner returns them (the upload,
+    the sampler and everything around them still run)."""
     runner = llm.engine.runner
-    vocab = runner.model_config.vocab_size
-    logits = torch.randn(llm.engine.scheduler_config.max_num_seqs, vocab, device=runner.device, dtype=runner.dtype)
+    vocab = runner.config.model.vocab_size
+    logits = torch.randn(runner.config.scheduler.max_num_seqs, vocab, device=runner.device, dtype=runner.dtype)
 
-    def execute(input_ids, batch):
-        n = batch.logits_indices.shape[0]
-        return RunnerOutput(hidden=logits.new_zeros(n, 1), logits=logits[:n])
+    def model_logits(dev, step):
+        n = step.logits_rows.shape[0]
+        return logits[:n] if n else None
 
-    runner.execute = execute
+    runner.execute_model = model_logits
 
 
 def allocator_retries() -> int:
@@ -63,34 +61,40 @@ class StepTimeline:
 
     def __init__(self, engine) -> None:
         self.steps: list[tuple[str, dict[str, float]]] = []
-        step, launch, finish, execute = engine.step, engine._launch, engine._finish, engine.runner.execute
+        runner = engine.runner
+        step, finish, launch, run_model, collect = (engine.step, engine._finish, runner.launch, runner.execute_model,
+                                                    runner.collect)
         marks: dict[str, float] = {}
         now = time.perf_counter
 
-        def timed_execute(input_ids, batch):
+        def timed_model(dev, step_input):
             marks["exec_start"] = now()
             try:
-                return execute(input_ids, batch)
+                return run_model(dev, step_input)
             finally:
                 marks["exec_end"] = now()
 
-        def timed_launch(out):
-            marks["kind"] = self.kind(out)
+        def timed_launch(step_input):
+            marks["kind"] = self.kind(step_input)
+            marks["launch_start"] = now()
             try:
-                return launch(out)
+                return launch(step_input)
             finally:
                 marks["launch_end"] = now()
 
-        def timed_finish(launched):
+        def timed_collect(launched):
             t0 = now()
-            if launched.ready is not None:
-                launched.ready.synchronize()
-            t1 = now()
             try:
-                return finish(launched)
+                return collect(launched)
             finally:
-                marks["wait"] += t1 - t0
-                marks["outputs"] += now() - t1
+                marks["wait"] += now() - t0
+
+        def timed_finish(out, launched):
+            t0, waited = now(), marks["wait"]
+            try:
+                return finish(out, launched)
+            finally:
+                marks["outputs"] += now() - t0 - (marks["wait"] - waited)
 
         def timed_step():
             marks.clear()
@@ -99,19 +103,20 @@ class StepTimeline:
             deltas = step()
             if "exec_end" in marks and "launch_end" in marks:
                 self.steps.append((marks["kind"], {
-                    "schedule+build": marks["exec_start"] - t0, "model launch": marks["exec_end"] - marks["exec_start"],
-                    "sampler launch": marks["launch_end"] - marks["exec_end"], "wait": marks["wait"],
-                    "outputs": marks["outputs"], "total": now() - t0}))
+                    "schedule+build": marks["launch_start"] - t0,
+                    "model launch": marks["exec_end"] - marks["exec_start"],
+                    "sampler launch": marks["launch_end"] - marks["exec_end"]
+                    + marks["exec_start"] - marks["launch_start"],
+                    "wait": marks["wait"], "outputs": marks["outputs"], "total": now() - t0}))
             return deltas
 
-        engine.step, engine._launch, engine._finish = timed_step, timed_launch, timed_finish
-        engine.runner.execute = timed_execute
+        engine.step, engine._finish = timed_step, timed_finish
+        runner.launch, runner.execute_model, runner.collect = timed_launch, timed_model, timed_collect
 
     @staticmethod
-    def kind(out) -> str:
-        new = [e.num_new_tokens for e in out.scheduled]
-        if all(n == 1 for n in new) and all(e.num_computed_tokens > 0 for e in out.scheduled):
-            return f"decode x{len(new)}"
+    def kind(step_input) -> str:
+        if step_input.tokens_per_row == 1:
+            return f"decode x{step_input.num_rows}"
         return "prefill/mixed"
 
     def report(self) -> str:
@@ -153,27 +158,28 @@ def profile_kernels(llm, prompts: list[list[int]], sp) -> None:
 
     engine = llm.engine
     labels: list[str] = []
-    step, execute = engine.step, engine.runner.execute
+    step, run_model = engine.step, engine.runner.execute_model
 
     def labelled_step():
         with record_function("engine.step"):
             return step()
 
-    def labelled_execute(input_ids, batch):
-        q = batch.cu_seqlens_cpu.diff().tolist()
+    def labelled_execute(dev, step_input):
+        q = step_input.query_lens.tolist()
         prefill = [n for n in q if n > 1]
-        labels.append(f"decode x{len(q)}" if batch.is_decode else f"{len(q) - len(prefill)} decode + {prefill}")
+        labels.append(f"decode x{len(q)}" if step_input.tokens_per_row == 1
+                      else f"{len(q) - len(prefill)} decode + {prefill}")
         with record_function("runner.execute"):
-            return execute(input_ids, batch)
+            return run_model(dev, step_input)
 
-    engine.step, engine.runner.execute = labelled_step, labelled_execute
+    engine.step, engine.runner.execute_model = labelled_step, labelled_execute
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         llm.generate(prompts, sp)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    engine.step, engine.runner.execute = step, execute
+    engine.step, engine.runner.execute_model = step, run_model
     events = prof.events()
     marks = ("engine.step", "runner.execute")  # also appear as device-side annotations: not kernels
     kernels = merged_intervals(

@@ -86,7 +86,7 @@ def profile_mixed(model_name: str, prompts: int, tokens: int, decode_rows: int, 
     from benchmarks.bench_decode import PAGE
     from benchmarks.common import model_config
     from deltaserve.cache.tensors import CacheShape, ModelCache
-    from deltaserve.layers.meta import ForwardBatch
+    from deltaserve.engine.device_inputs import build_forward_batch
     from deltaserve.models.loader import load_model
 
     cfg = model_config(model_name)
@@ -97,10 +97,10 @@ def profile_mixed(model_name: str, prompts: int, tokens: int, decode_rows: int, 
     cache = ModelCache(cfg, CacheShape(num_pages=sum(pages), page_size=PAGE, num_slots=n_seqs,
                                        kv_dtype=torch.bfloat16, conv_dtype=torch.bfloat16), device="cuda")
     starts = [sum(pages[:i]) for i in range(n_seqs)]
-    fb = ForwardBatch.build(query_lens=[tokens] * prompts + [1] * decode_rows,
-                            context_lens=[0] * prompts + [context] * decode_rows, state_slots=list(range(n_seqs)),
-                            block_tables=[list(range(a, a + p)) for a, p in zip(starts, pages)], page_size=PAGE,
-                            device="cuda")
+    fb = build_forward_batch(query_lens=[tokens] * prompts + [1] * decode_rows,
+                             context_lens=[0] * prompts + [context] * decode_rows, state_slots=list(range(n_seqs)),
+                             block_tables=[list(range(a, a + p)) for a, p in zip(starts, pages)], page_size=PAGE,
+                             device="cuda")
     ids = torch.randint(0, cfg.vocab_size, (fb.num_tokens,), device="cuda")
 
     @torch.no_grad()

@@ -118,3 +118,68 @@ def test_configs_are_frozen_and_validated():
         CacheConfig(page_size=12)
     with pytest.raises(ConfigError, match="max_num_seqs"):
         SchedulerConfig(max_num_seqs=0)
+
+
+# ---- the composed engine config and its option table ----------------------------------------------------------------
+def test_one_option_table_feeds_the_cli_and_llm_kwargs(tmp_path):
+    import argparse
+    import dataclasses
+
+    from deltaserve.config import EngineArgs, add_engine_options, engine_args_from
+    from deltaserve.config.options import option_names
+
+    parser = argparse.ArgumentParser()
+    add_engine_options(parser)
+    defaults = parser.parse_args([])
+    fields = {f.name: f.default for f in dataclasses.fields(EngineArgs) if f.metadata}
+    assert set(option_names()) == set(fields) == set(vars(defaults))
+    assert all(getattr(defaults, name) == default for name, default in fields.items())  # one place for defaults
+    parsed = parser.parse_args(["--max-num-seqs", "3", "--no-async-scheduling", "--enforce-eager"])
+    args = engine_args_from(parsed, "m")
+    assert (args.max_num_seqs, args.async_scheduling, args.enforce_eager) == (3, False, True)
+    with pytest.raises(TypeError, match=r"unknown engine option\(s\) \['max_seqs'\]"):
+        EngineArgs.from_kwargs("m", max_seqs=3)
+
+
+def test_engine_config_composes_validated_sections(tmp_path):
+    from deltaserve.config import EngineArgs
+
+    path = write(tmp_path, DENSE_27B)
+    config = EngineArgs(model=str(path), max_num_seqs=8, state_dtype="bfloat16").create_engine_config()
+    assert config.max_model_len == 262144 and config.scheduler.max_num_seqs == 8
+    assert config.cache.state_dtype == "bfloat16" and config.quantization is None and not config.with_mtp
+    assert config.rank_shapes().num_heads == 24
+    with pytest.raises(Exception):
+        config.cache = None  # type: ignore[misc]
+    for bad, needle in ((dict(max_model_len=0), "max_model_len"), (dict(gpu_memory_utilization=float("nan")),
+                        "gpu_memory_utilization"), (dict(max_num_seqs=True), "max_num_seqs"),
+                        (dict(dtype="float8"), "dtype"), (dict(load_format="pt"), "load_format"),
+                        (dict(device="tpu"), "device")):
+        with pytest.raises(ConfigError, match=needle):
+            EngineArgs(model=str(path), **bad).create_engine_config()
+
+
+def test_nan_model_fields_name_the_field(tmp_path):
+    for field_name in ("rms_norm_eps", "partial_rotary_factor", "rope_theta"):
+        cfg = copy.deepcopy(DENSE_27B)
+        where = cfg["text_config"] if field_name == "rms_norm_eps" else cfg["text_config"]["rope_parameters"]
+        where[field_name] = float("nan")
+        with pytest.raises(ConfigError, match=field_name):
+            ModelConfig.from_dict(cfg)
+
+
+def test_rank_shapes_split_heads_and_replicate_kv():
+    from deltaserve.config import RankShapes
+
+    dense, moe = ModelConfig.from_dict(DENSE_27B), ModelConfig.from_dict(MOE_35B_FLAT)
+    one = RankShapes.for_rank(dense)
+    assert (one.num_heads, one.num_kv_heads, one.conv_dim, one.intermediate_size) == (24, 4, 10240, 17408)
+    two = RankShapes.for_rank(dense, 2, 1)
+    assert (two.num_heads, two.num_kv_heads, two.linear_num_key_heads, two.linear_num_value_heads) == (12, 2, 8, 24)
+    assert two.conv_dim == 10240 // 2 and two.intermediate_size == 8704 and two.kv_replicas == 1
+    eight = RankShapes.for_rank(moe, 8)
+    assert (eight.num_kv_heads, eight.kv_replicas, eight.moe_intermediate_size) == (1, 4, 64)
+    with pytest.raises(ConfigError, match=r"does not divide the model's num_attention_heads \(24\).*\[1, 2, 3"):
+        RankShapes.for_rank(dense, 5)
+    with pytest.raises(ConfigError, match="tensor_parallel_size"):
+        RankShapes.for_rank(dense, 0)

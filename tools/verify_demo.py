@@ -30,16 +30,16 @@ def deltaserve_logits(ckpt: Path, ids: list[int]) -> tuple[torch.Tensor, torch.T
     in fp32 on CPU, through the engine's model, caches and ForwardBatch."""
     from deltaserve.cache.tensors import CacheShape, ModelCache
     from deltaserve.config import ModelConfig
-    from deltaserve.layers.meta import ForwardBatch
+    from deltaserve.engine.device_inputs import build_forward_batch
     from deltaserve.models.loader import load_model
 
-    model = load_model(ModelConfig.from_hf(ckpt), dtype=torch.float32)
+    model = load_model(ModelConfig.from_hf(ckpt), dtype=torch.float32, with_mtp=True)
     page = 16
     pages = -(-len(ids) // page)
     cache = ModelCache(model.config, CacheShape(num_pages=pages, page_size=page, num_slots=1, kv_dtype=torch.float32,
                                                 conv_dtype=torch.float32), device="cpu", with_mtp=True)
-    batch = ForwardBatch.build(query_lens=[len(ids)], context_lens=[0], state_slots=[0],
-                               block_tables=[list(range(pages))], page_size=page, logits_indices=list(range(len(ids))))
+    batch = build_forward_batch(query_lens=[len(ids)], context_lens=[0], state_slots=[0],
+                                block_tables=[list(range(pages))], page_size=page, logits_indices=list(range(len(ids))))
     x = torch.tensor(ids)
     hidden = model(x, batch, cache)
     next_ids = torch.cat([x[1:], x[-1:]])  # the last row has no next token; its draft is dropped below

@@ -7,33 +7,17 @@ import logging
 import sys
 from typing import Any
 
+from deltaserve.config import add_engine_options
+from deltaserve.config.options import option_names
 from deltaserve.sampling_params import SamplingParams
 
 
-def add_engine_options(p: argparse.ArgumentParser) -> None:
+def add_model_and_engine_options(p: argparse.ArgumentParser) -> None:
+    """MODEL, every engine option (generated from config.EngineArgs) and --log-level."""
     p.add_argument("model", nargs="?", default=None,
                    help="Hugging Face checkpoint directory (config.json + *.safetensors). Default: the bundled demo model")
-    g = p.add_argument_group("engine")
-    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when a GPU is visible)")
-    g.add_argument("--dtype", default=None, help="bfloat16, float16 or float32 (default: the checkpoint's)")
-    g.add_argument("--max-model-len", type=int, default=None,
-                   help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
-    g.add_argument("--max-num-seqs", type=int, default=64, help="most sequences running at once (default 64)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="token budget of one step; longer prompts are prefilled in chunks (default 2048)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
-                   help="fraction of device memory deltaserve may use (default 0.9)")
-    g.add_argument("--page-size", type=int, default=16, help="tokens per KV page (default 16)")
-    g.add_argument("--num-pages", type=int, default=None, help="KV pages to allocate (default: planned from memory)")
-    g.add_argument("--state-dtype", default="float32", help="GDN recurrent state dtype (default float32)")
-    g.add_argument("--load-format", default="auto", choices=["auto", "safetensors", "dummy"],
-                   help="dummy: random weights at the checkpoint's shapes, for benchmarks")
-    g.add_argument("--enforce-eager", action="store_true",
-                   help="disable CUDA graphs for decode steps (on by default on GPU)")
-    g.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false", default=None,
-                   help="make every step wait for its own tokens before the next is scheduled (by default on GPU "
-                        "the next step is launched first, so host work overlaps the GPU)")
-    g.add_argument("--log-level", default="INFO",
+    add_engine_options(p)
+    p.add_argument("--log-level", default="INFO",
                    help="logging level (DEBUG, INFO, WARNING, ...); INFO shows the memory plan (default)")
 
 
@@ -58,11 +42,8 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
 def build_llm(args: argparse.Namespace):
     from deltaserve.llm import LLM
 
-    return LLM(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-               gpu_memory_utilization=args.gpu_memory_utilization, page_size=args.page_size,
-               num_pages=args.num_pages, state_dtype=args.state_dtype, load_format=args.load_format,
-               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
+    options = {name: getattr(args, name) for name in option_names()}
+    return LLM(args.model, **options)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -128,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate text for one or more prompts and print it",
                          description="Generate text for prompts (default prompt: 'def ').")
-    add_engine_options(gen)
+    add_model_and_engine_options(gen)
     add_sampling_options(gen)
     gen.add_argument("--prompt", action="append", help="prompt text (repeatable)")
     gen.add_argument("--chat-template", action="store_true", help="wrap each prompt as a user chat message")
@@ -136,14 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="interactive chat, streaming the replies",
                           description="Interactive chat with the model's chat template; replies stream as generated.")
-    add_engine_options(chat)
+    add_model_and_engine_options(chat)
     add_sampling_options(chat)
     chat.add_argument("--system", default=None, help="system prompt")
     chat.add_argument("--no-thinking", action="store_true", help="enable_thinking=false in the chat template")
     chat.set_defaults(func=cmd_chat)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
                            description="Serve the model behind an OpenAI-compatible HTTP API.")
-    add_engine_options(serve)
+    add_model_and_engine_options(serve)
     add_serve_options(serve)
     serve.set_defaults(func=cmd_serve)
     return parser

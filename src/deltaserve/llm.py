@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 from typing import Any, Sequence, Union
 
-from deltaserve.engine.engine import EngineArgs, LLMEngine
+from deltaserve.config import EngineArgs
+from deltaserve.engine.engine import LLMEngine
 from deltaserve.engine.tokenizer import render_chat, require_tokenizer
 from deltaserve.outputs import CompletionOutput, RequestOutput, apply_delta
 from deltaserve.sampling_params import SamplingParams
@@ -20,22 +21,17 @@ def default_device() -> str:
 
 
 class LLM:
-    """Runs an engine in this process. `model`: a Hugging Face checkpoint directory (None: the bundled demo model)."""
+    """Runs an engine in this process. `model`: a Hugging Face checkpoint directory (None: the bundled demo model).
+    Keyword arguments are the engine options (`deltaserve.config.EngineArgs`: dtype, device, max_model_len,
+    max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, page_size, num_pages, state_dtype, load_format,
+    enforce_eager, async_scheduling), with the same defaults as the command line's flags."""
 
-    def __init__(self, model: str | None = None, *, dtype: str | None = None, max_model_len: int | None = None,
-                 gpu_memory_utilization: float = 0.9, device: str | None = None, max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, page_size: int = 16, num_pages: int | None = None,
-                 state_dtype: str = "float32", load_format: str = "auto", enforce_eager: bool = False,
-                 async_scheduling: bool | None = None) -> None:
+    def __init__(self, model: str | None = None, **options: Any) -> None:
         if model is None:
             from deltaserve.demo import demo_model_dir
 
             model = str(demo_model_dir())
-        self.engine = LLMEngine(EngineArgs(
-            model=str(model), dtype=dtype, device=device or default_device(), max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, page_size=page_size,
-            num_pages=num_pages, gpu_memory_utilization=gpu_memory_utilization, state_dtype=state_dtype,
-            load_format=load_format, enforce_eager=enforce_eager, async_scheduling=async_scheduling))
+        self.engine = LLMEngine(EngineArgs.from_kwargs(str(model), **options))
         self._ids = itertools.count()
 
     def get_tokenizer(self):

@@ -29,7 +29,7 @@ def test_slots_traded_for_one_full_length_sequence():
 
 
 def test_one_sequence_does_not_fit_gives_numbers_and_options():
-    with pytest.raises(OutOfMemoryError, match=r"max_model_len=262144.*smaller --max-model-len.*quantized"):
+    with pytest.raises(OutOfMemoryError, match=r"max_model_len=262144.*smaller --max-model-len.*--gpu-memory-utilization"):
         plan_memory(budget_bytes=100 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16,
                     max_num_seqs=4, max_model_len=262144)
 

@@ -39,8 +39,7 @@ def prompts(n: int, seed: int = 0) -> list[list[int]]:
 
 def pools_full(llm: LLM) -> bool:
     s = llm.engine.scheduler
-    return s.page_allocator.num_free == s.page_allocator.num_total and \
-        s.slot_allocator.num_free == s.slot_allocator.num_total and not s.has_unfinished()
+    return llm.engine.cache.is_empty() and not s.has_unfinished()
 
 
 GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
@@ -75,7 +74,7 @@ def test_repetition_penalty_matches_transformers_generate(ckpt):
         ref = hf.generate(torch.tensor([p]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                           repetition_penalty=1.8, pad_token_id=0)[0, len(p):].tolist()
         assert out.outputs[0].token_ids == ref
-    assert not llm.engine.prompt_tensors and pools_full(llm)
+    assert not llm.engine.runner.prompt_tensors and pools_full(llm)
     plain = [o.outputs[0].token_ids for o in llm.generate(ps, SamplingParams(temperature=0, max_tokens=16,
                                                                               ignore_eos=True))]
     assert plain != [o.outputs[0].token_ids for o in outs[:3]], "the penalty changed nothing: a vacuous check"
@@ -157,7 +156,7 @@ def test_eos_ids_from_config_and_generation_config_stop(ckpt):
     assert {256, 258} <= llm.engine.eos_ids  # <|endoftext|> and <|im_end|> of the byte tokenizer
     p = prompts(1, 10)[0]
     free = llm.generate([p], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0].token_ids
-    llm.engine.eos_ids = frozenset({free[3]})
+    llm.engine.outputs.eos_ids = frozenset({free[3]})  # the output side decides stops
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids == free[:free.index(free[3]) + 1]
 
@@ -203,6 +202,34 @@ def test_too_long_prompt_rejected_without_disturbing_others(ckpt):
         llm.generate([[1, 2, VOCAB + 5]], GREEDY)
 
 
+def test_duplicate_and_colliding_request_ids_are_refused_whole(ckpt):
+    """A new request whose id (or one of its samples' ids) is in use is a RequestError and adds nothing: the live
+    request it collides with finishes exactly as it would have alone."""
+    llm = make_llm(ckpt[0])
+    eng = llm.engine
+    p, q = prompts(2, 17)
+    two = SamplingParams(n=2, temperature=1.0, seed=5, max_tokens=12, ignore_eos=True)
+    alone = llm.generate([p], two)[0]
+    eng.add_request("a", p, two)  # samples "a#0" and "a#1"
+    for rid, params in (("a", GREEDY), ("a#0", GREEDY), ("a#1", two)):
+        with pytest.raises(RequestError, match="already in use"):
+            eng.add_request(rid, q, params)
+    eng.add_request("b", q, SamplingParams(n=2, temperature=0, max_tokens=3, ignore_eos=True))  # "b#0", "b#1"
+    with pytest.raises(RequestError, match="already in use"):
+        eng.add_request("b#1", q, GREEDY)
+    got: dict[tuple[str, int], list[int]] = {}
+    while eng.has_unfinished():
+        for d in eng.step():
+            got.setdefault((d.request_id, d.index), []).extend(d.token_ids)
+    assert sorted(got) == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert [got[("a", i)] for i in range(2)] == [o.token_ids for o in alone.outputs]
+    assert pools_full(llm) and eng.outputs.num_live_samples == 0
+    eng.add_request("a#0", q, GREEDY)  # free again once "a" has ended
+    while eng.has_unfinished():
+        eng.step()
+    assert pools_full(llm)
+
+
 def test_generation_stops_at_max_model_len(ckpt):
     llm = make_llm(ckpt[0], max_model_len=64)
     out = llm.generate([list(range(1, 60))], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))
@@ -228,11 +255,11 @@ def test_failed_step_fails_its_requests_not_the_engine(ckpt):
     llm = make_llm(ckpt[0])
     eng = llm.engine
     eng.add_request("bad", prompts(1, 15)[0], SamplingParams(temperature=0, max_tokens=4))
-    real = eng.runner.execute
-    eng.runner.execute = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
+    real = eng.runner.execute_model
+    eng.runner.execute_model = lambda *a: (_ for _ in ()).throw(RuntimeError("boom"))
     deltas = eng.step()
     assert deltas and deltas[0].finish_reason == "error" and "boom" in deltas[0].error
-    eng.runner.execute = real
+    eng.runner.execute_model = real
     assert pools_full(llm)
     assert llm.generate([prompts(1, 16)[0]], GREEDY)[0].outputs[0].finish_reason == "length"
 
@@ -291,12 +318,12 @@ def test_async_step_returns_the_previous_steps_tokens_and_wastes_no_row(ckpt):
     llm = make_llm(ckpt[0], async_scheduling=True)
     eng = llm.engine
     rows = []
-    real = eng.runner.execute
+    real = eng.runner.execute_model
 
-    def counting(input_ids, batch):
-        rows.append(batch.num_seqs)
-        return real(input_ids, batch)
-    eng.runner.execute = counting
+    def counting(dev, step):
+        rows.append(step.num_rows)
+        return real(dev, step)
+    eng.runner.execute_model = counting
     eng.add_request("a", prompts(1, 51)[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
     assert eng.step() == []                      # the prefill is launched; its token is read by the next step
     got = [len(d.token_ids) for d in eng.step()]
@@ -330,13 +357,13 @@ def test_a_device_error_seen_when_reading_tokens_fails_that_step_only(ckpt):
 
     llm = make_llm(ckpt[0], async_scheduling=True)
     eng = llm.engine
-    real = eng._launch
-    eng._launch = lambda out: dataclasses.replace(real(out), ready=FaultedEvent())
+    real = eng.runner.launch
+    eng.runner.launch = lambda step: dataclasses.replace(real(step), ready=FaultedEvent())
     eng.add_request("x", prompts(1, 54)[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     deltas = []
     while eng.has_unfinished():
         deltas += eng.step()
     assert [d.finish_reason for d in deltas] == ["error"] and "illegal memory access" in deltas[0].error
-    eng._launch = real
+    eng.runner.launch = real
     assert pools_full(llm) and eng._inflight is None
     assert llm.generate([prompts(1, 55)[0]], GREEDY)[0].outputs[0].finish_reason == "length"

@@ -54,7 +54,7 @@ def test_bf16_gpu_logprobs_close_to_fp32(ckpt, cpu_ref):  # noqa: F811
 
 
 def test_moe_cuda_matches_reference():
-    from deltaserve.kernels.moe import cuda, ref
+    from deltaserve.kernels.moe import grouped as cuda, ref
     g = torch.Generator(device="cuda").manual_seed(0)
     T, D, I, E, k = 67, 256, 128, 16, 4
     x = torch.randn(T, D, device="cuda", generator=g).bfloat16()

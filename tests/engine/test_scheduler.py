@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from deltaserve.cache.manager import CacheManager, StateSource
 from deltaserve.config import SchedulerConfig
 from deltaserve.engine.request import Request, RequestStatus
 from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -23,7 +24,7 @@ RUNNING, WAITING, PREEMPTED = RequestStatus.RUNNING, RequestStatus.WAITING, Requ
 def make(*, max_model_len: int = 64, max_num_seqs: int = 8, budget: int = 32, page_size: int = 4,
          num_pages: int = 64, num_slots: int = 8) -> Scheduler:
     config = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
-    return Scheduler(config, page_size=page_size, num_pages=num_pages, num_slots=num_slots)
+    return Scheduler(config, CacheManager(num_pages=num_pages, num_slots=num_slots, page_size=page_size))
 
 
 def req(rid: str, n: int, first: int = 1) -> Request:
@@ -47,9 +48,20 @@ def chunks(out: SchedulerOutput) -> dict[str, int]:
 
 
 def assert_pools_full(sched: Scheduler) -> None:
-    assert sched.page_allocator.num_free == sched.page_allocator.num_total
-    assert sched.slot_allocator.num_free == sched.slot_allocator.num_total
+    assert sched.cache.num_free_pages == sched.cache.num_pages
+    assert sched.cache.num_free_slots == sched.cache.num_slots
+    assert sched.cache.is_empty()
     assert not sched.has_unfinished() and sched.num_running == sched.num_waiting == 0
+
+
+def fresh(s) -> bool:
+    return s.state_source is StateSource.ZEROS
+
+
+def held(sched: Scheduler, request: Request) -> tuple[list[int], int | None]:
+    """(pages, slot) the cache manager holds for a request; ([], None) when it holds nothing."""
+    allocation = sched.cache.allocation(request.request_id)
+    return (list(allocation.pages), allocation.slot) if allocation is not None else ([], None)
 
 
 # ---- purity and Request --------------------------------------------------------------------------------------------
@@ -87,7 +99,7 @@ def test_fcfs_admission_order_and_arrival_index() -> None:
     out, got = step(sched)
     assert [s.request_id for s in out.scheduled] == ["a", "b", "c"]
     assert [r.arrival_index for r in got] == [0, 1, 2]
-    assert all(s.starts_fresh and s.samples_token for s in out.scheduled)
+    assert all(fresh(s) and s.samples_token for s in out.scheduled)
     assert out.num_batched_tokens == 9 and out.preempted == ()
 
 
@@ -110,7 +122,7 @@ def test_decode_first_budget_sharing_and_chunked_prefill() -> None:
     assert chunks(out) == {"a": 3, "b": 3, "c": 4} and [r.request_id for r in got] == ["a", "b"]
     out, got = step(sched)
     assert chunks(out) == {"a": 1, "b": 1, "c": 8} and [r.request_id for r in got] == ["a", "b"]
-    assert not out.scheduled[2].starts_fresh and not out.scheduled[2].samples_token
+    assert not fresh(out.scheduled[2]) and not out.scheduled[2].samples_token
     sched.add_request(req("d", 5))
     out, got = step(sched)
     assert chunks(out) == {"a": 1, "b": 1, "c": 8} and [r.request_id for r in got] == ["a", "b", "c"]
@@ -126,7 +138,7 @@ def test_chunked_prefill_chunk_sizes_pages_and_tokens() -> None:
     for _ in range(4):
         out, got = step(sched)
         (s,) = out.scheduled
-        seen.append((s.num_computed_tokens, s.num_new_tokens, len(s.pages), s.starts_fresh, s.samples_token))
+        seen.append((s.num_computed_tokens, s.num_new_tokens, len(s.pages), fresh(s), s.samples_token))
         assert s.new_token_ids == r.token_ids(s.num_computed_tokens, s.num_computed_tokens + s.num_new_tokens)
     assert seen == [(0, 8, 2, True, False), (8, 8, 4, False, False), (16, 5, 6, False, True), (21, 1, 6, False, True)]
     assert r.num_computed_tokens == 22 and r.num_output_tokens == 2
@@ -149,11 +161,11 @@ def test_slot_limit_and_slot_reuse() -> None:
         sched.add_request(req(rid, 2))
     out, _ = step(sched)
     assert list(chunks(out)) == ["a", "b"] and {s.slot for s in out.scheduled} == {0, 1}
-    freed = sched.get_request("a").slot
+    freed = held(sched, sched.get_request("a"))[1]
     sched.abort_request("a")
     out, _ = step(sched)
     c = next(s for s in out.scheduled if s.request_id == "c")
-    assert c.slot == freed and c.starts_fresh
+    assert c.slot == freed and fresh(c)
 
 
 @pytest.mark.parametrize("k", [1, 2, 5])
@@ -167,8 +179,8 @@ def test_page_counts_at_page_boundaries(k: int) -> None:
     assert {s.request_id: len(s.pages) for s in out.scheduled} == {"exact": k, "over": k + 1}
     out, _ = step(sched)                             # exact computes position k*ps: a new page; over has room
     assert {s.request_id: len(s.pages) for s in out.scheduled} == {"exact": k + 1, "over": k + 1}
-    assert sched.page_allocator.num_used == 2 * k + 2
-    assert sched.pages_needed(0) == 0 and sched.pages_needed(ps) == 1 and sched.pages_needed(ps + 1) == 2
+    assert sched.cache.stats()["pages_used"] == 2 * k + 2
+    assert sched.cache.pages_needed(0) == 0 and sched.cache.pages_needed(ps) == 1 and sched.cache.pages_needed(ps + 1) == 2
 
 
 # ---- preemption ----------------------------------------------------------------------------------------------------
@@ -190,14 +202,14 @@ def test_preemption_newest_first_then_resume_and_finish() -> None:
     assert chunks(out) == {"a": 1, "b": 1}
     out, _ = step(sched)                             # a needs a third page: preempt b (newest), no admission
     assert chunks(out) == {"a": 1} and out.preempted == ("b",)
-    assert (b.status, b.num_computed_tokens, b.pages, b.slot, b.num_preemptions) == (PREEMPTED, 0, [], None, 1)
+    assert (b.status, b.num_computed_tokens, *held(sched, b), b.num_preemptions) == (PREEMPTED, 0, [], None, 1)
     assert [r.request_id for r in sched.waiting] == ["b", "c"] and b.output_token_ids == alone(b.prompt_token_ids, 2)
     step(sched)
     sched.finish_request("a", RequestStatus.FINISHED_LENGTH)
     assert a.output_token_ids == alone(a.prompt_token_ids, 4) and a.finish_reason == "length"
     out, _ = step(sched)                             # b recomputes prompt + its 2 outputs, then c
     bs = out.scheduled[0]
-    assert (bs.request_id, bs.num_new_tokens, bs.starts_fresh, bs.samples_token) == ("b", 5, True, True)
+    assert (bs.request_id, bs.num_new_tokens, fresh(bs), bs.samples_token) == ("b", 5, True, True)
     assert chunks(out) == {"b": 5, "c": 2}
     step(sched)
     assert b.output_token_ids == alone(b.prompt_token_ids, 4)
@@ -214,7 +226,7 @@ def test_request_that_is_newest_preempts_itself() -> None:
     step(sched)                                      # b now has 5 tokens, computing position 4 needs a third page
     out, _ = step(sched)
     assert chunks(out) == {"a": 1} and out.preempted == ("b",) and b.status is PREEMPTED
-    assert sched.page_allocator.num_free == 2
+    assert sched.cache.num_free_pages == 2
 
 
 # ---- ends: abort, finish, rejection --------------------------------------------------------------------------------
@@ -230,7 +242,7 @@ def test_abort_in_every_state_returns_everything() -> None:
         r = sched.get_request(rid)
         assert r.status is status
         assert sched.abort_request(rid) is r
-        assert (r.status, r.finish_reason, r.pages, r.slot) == (RequestStatus.FINISHED_ABORTED, "abort", [], None)
+        assert (r.status, r.finish_reason, *held(sched, r)) == (RequestStatus.FINISHED_ABORTED, "abort", [], None)
     assert sched.abort_request("waiting") is None and sched.abort_request("nope") is None
     # a preempted request, aborted while it waits to be recomputed
     tiny = make(max_model_len=8, page_size=2, num_pages=4, budget=16)
@@ -284,7 +296,7 @@ def test_update_from_step_validates_and_skips_ended_requests() -> None:
     sched.add_request(req("a", 3))
     sched.add_request(req("b", 3))
     out = sched.schedule()
-    with pytest.raises(ValueError, match="no token"):
+    with pytest.raises(ValueError, match="no valid tokens"):
         sched.update_from_step(out, {"a": 5})
     assert sched.get_request("a").num_computed_tokens == 0  # nothing applied
     sched.abort_request("b")                         # ended between schedule() and update
@@ -316,7 +328,7 @@ class FakeHybridModel:
     def step(self, out: SchedulerOutput) -> dict[str, int]:
         ps = self.page_size
         for s in out.scheduled:                      # every write lands before any read, as in one batch
-            state = 0 if s.starts_fresh else self.state[s.slot]
+            state = 0 if fresh(s) else self.state[s.slot]
             assert state is not None
             ids = s.new_token_ids
             if len(ids) < s.num_new_tokens:          # a pending token: the device has it, the host not yet
@@ -350,17 +362,18 @@ def generate_alone(prompt: list[int], max_new: int, max_len: int) -> list[int]:
 
 
 def check_between_steps(sched: Scheduler) -> None:
-    pa, sa, cfg = sched.page_allocator, sched.slot_allocator, sched.config
-    pages = [p for r in sched.running for p in r.pages]
-    assert len(pages) == len(set(pages)) == pa.num_used and pa.num_free + pa.num_used == pa.num_total
-    slots = [r.slot for r in sched.running]
-    assert None not in slots and len(slots) == len(set(slots)) == sa.num_used
-    assert sa.num_free + sa.num_used == sa.num_total
+    cache, cfg = sched.cache, sched.config
+    pages = [p for r in sched.running for p in held(sched, r)[0]]
+    stats = cache.stats()
+    assert len(pages) == len(set(pages)) == stats["pages_used"] and cache.num_free_pages + len(pages) == cache.num_pages
+    slots = [held(sched, r)[1] for r in sched.running]
+    assert None not in slots and len(slots) == len(set(slots)) == stats["slots_used"]
+    assert cache.num_free_slots + stats["slots_used"] == cache.num_slots
     assert sched.num_running <= cfg.max_num_seqs
     for r in sched.running:
-        assert r.status is RUNNING and len(r.pages) == sched.pages_needed(r.num_computed_tokens)
+        assert r.status is RUNNING and len(held(sched, r)[0]) == cache.pages_needed(r.num_computed_tokens)
     for r in sched.waiting:
-        assert r.status in (WAITING, PREEMPTED) and (r.pages, r.slot, r.num_computed_tokens) == ([], None, 0)
+        assert r.status in (WAITING, PREEMPTED) and (*held(sched, r), r.num_computed_tokens) == ([], None, 0)
 
 
 def check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
@@ -371,8 +384,8 @@ def check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
     running = [r.request_id for r in sched.running]
     assert ids == [rid for rid in running if rid in ids]  # admission order
     for s in out.scheduled:
-        assert s.num_new_tokens >= 1 and s.pages == tuple(s.request.pages) and s.slot == s.request.slot
-        assert len(s.pages) == sched.pages_needed(s.num_computed_tokens + s.num_new_tokens)
+        assert s.num_new_tokens >= 1 and (list(s.pages), s.slot) == held(sched, s.request)
+        assert len(s.pages) == sched.cache.pages_needed(s.num_computed_tokens + s.num_new_tokens)
         assert s.samples_token == (s.num_computed_tokens + s.num_new_tokens == s.request.num_tokens_with_pending)
         assert not s.request.reached_max_output or s.num_computed_tokens + s.num_new_tokens < s.request.num_tokens
     for rid in out.preempted:
@@ -383,10 +396,10 @@ def check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
     # nobody running left out with budget left, unless its pending token is the last one it may have
     assert full or all(r.request_id in ids or r.reached_max_output for r in sched.running)
     if sched.waiting and not full and not out.preempted and sched.num_running < cfg.max_num_seqs \
-            and sched.slot_allocator.num_free:
+            and sched.cache.num_free_slots:
         head = sched.waiting[0]
         chunk = min(head.num_tokens, cfg.max_num_batched_tokens - out.num_batched_tokens)
-        assert sched.pages_needed(chunk) > sched.page_allocator.num_free  # admission stopped for a reason
+        assert sched.cache.pages_needed(chunk) > sched.cache.num_free_pages  # admission stopped for a reason
 
 
 CONFIGS = {  # (max_model_len, max_num_seqs, budget, page_size, num_pages, num_slots)

@@ -200,3 +200,84 @@ def test_gdn_gating(dtype):
     assert_close(g, g_ref, dtype=torch.float32)
     assert_close(beta, torch.sigmoid(b.double()), dtype=torch.float32)
     assert (g <= 0).all()
+
+
+# ---- the contracts prefix caching and speculative decoding build on ---------------------------------------------------
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_chunk_states_are_the_states_at_every_chunk_start(chunk_size):
+    """chunk_states[c] is the state after the sequence's first j * chunk_size tokens (j: the chunk's index in its
+    sequence): equal to the final state of a prefill that stops there. Padding sequences' entries are untouched."""
+    gen = torch.Generator().manual_seed(31)
+    lengths, init, slots = [1, 2 * chunk_size + 5, chunk_size, 7], [True, False, True, True], [2, 0, -1, 1]
+    num_v_heads = 2 * H
+    q, k, v, g, beta = random_inputs(sum(lengths), H, num_v_heads, gen)
+    s0 = torch.randn(3, num_v_heads, K, V, generator=gen) * 0.5
+    counts = [-(-n // chunk_size) for n in lengths]
+    chunk_states = torch.full((sum(counts), num_v_heads, K, V), float("nan"))
+    common = dict(slots=torch.tensor(slots), has_initial_state=torch.tensor(init), scale=SCALE, chunk_size=chunk_size)
+    pool = s0.clone()
+    o = chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, state=pool, cu_seqlens=cu_of(lengths),
+                               chunk_states=chunk_states, **common)
+    plain_pool = s0.clone()
+    plain = chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, state=plain_pool, cu_seqlens=cu_of(lengths),
+                                   **common)
+    assert torch.equal(o, plain) and torch.equal(pool, plain_pool)  # asking for the states changes nothing else
+    cu, first = cu_of(lengths).tolist(), 0
+    for n, (slot, has) in enumerate(zip(slots, init)):
+        for j in range(counts[n]):
+            got = chunk_states[first + j]
+            if slot < 0:
+                assert got.isnan().all()
+                continue
+            start = s0[slot] if has else torch.zeros(num_v_heads, K, V)
+            end = cu[n] + j * chunk_size
+            _, expected = delta_rule_truth(q[cu[n]:end], k[cu[n]:end], v[cu[n]:end], g[cu[n]:end],
+                                           beta[cu[n]:end], start)
+            assert_close(got, expected)
+        first += counts[n]
+
+
+def gdn_decode_case(n: int, hv: int, gen: torch.Generator, tokens: int = 1):
+    """Inputs of fused_gdn_decode for n rows x `tokens` tokens (H key heads, K = V head dims, conv width 4)."""
+    conv_dim, width = 2 * H * K + hv * K, 4
+    return {"mixed_qkv": torch.randn(n * tokens, conv_dim, generator=gen), "a": torch.randn(n * tokens, hv, generator=gen),
+            "b": torch.randn(n * tokens, hv, generator=gen), "A_log": torch.rand(hv, generator=gen),
+            "dt_bias": torch.rand(hv, generator=gen), "conv_weight": torch.randn(conv_dim, width, generator=gen) * 0.3,
+            "num_k_heads": H, "head_k_dim": K, "num_v_heads": hv, "head_v_dim": K, "scale": SCALE}
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 4])
+def test_multistep_keeps_the_state_after_every_position_and_commit_installs_one(tokens):
+    from deltaserve.kernels.gated_delta_rule import commit_gdn_states, fused_gdn_decode, fused_gdn_multistep
+
+    gen = torch.Generator().manual_seed(40 + tokens)
+    hv, slots = 2 * H, torch.tensor([3, -1, 0, 2])
+    n = slots.shape[0]
+    case = gdn_decode_case(n, hv, gen, tokens)
+    conv_dim = case["mixed_qkv"].shape[1]
+    conv = torch.randn(5, 3, conv_dim, generator=gen)
+    ssm = torch.randn(5, hv, K, K, generator=gen) * 0.5
+    conv_out = torch.full((n, tokens, 3, conv_dim), float("nan"))
+    ssm_out = torch.full((n, tokens, hv, K, K), float("nan"))
+    pools = (conv.clone(), ssm.clone())
+    o = fused_gdn_multistep(**case, conv_state=pools[0], ssm_state=pools[1], slots=slots, tokens_per_row=tokens,
+                            conv_states_out=conv_out, ssm_states_out=ssm_out)
+    assert torch.equal(pools[0], conv) and torch.equal(pools[1], ssm)  # the pools are only read
+    # the same tokens through `tokens` successive single-token decode steps
+    seq_conv, seq_ssm = conv.clone(), ssm.clone()
+    rows = lambda t, j: t.view(n, tokens, *t.shape[1:])[:, j]  # noqa: E731
+    for j in range(tokens):
+        step = {key: rows(val, j) if key in ("mixed_qkv", "a", "b") else val for key, val in case.items()}
+        o_j = fused_gdn_decode(**step, conv_state=seq_conv, ssm_state=seq_ssm, slots=slots)
+        assert torch.equal(rows(o, j), o_j)
+        live = slots >= 0
+        assert torch.equal(conv_out[live, j], seq_conv[slots[live]])
+        assert torch.equal(ssm_out[live, j], seq_ssm[slots[live]])
+    assert (rows(o, 0)[1] == 0).all() and conv_out[1].isnan().all() and ssm_out[1].isnan().all()
+    accepted = torch.tensor([tokens, 1, 0, max(tokens - 1, 1)])
+    commit_gdn_states(conv_state=pools[0], ssm_state=pools[1], slots=slots, conv_states_out=conv_out,
+                      ssm_states_out=ssm_out, num_accepted=accepted)
+    assert torch.equal(pools[1][3], ssm_out[0, tokens - 1]) and torch.equal(pools[0][3], conv_out[0, tokens - 1])
+    assert torch.equal(pools[1][0], ssm[0]) and torch.equal(pools[0][0], conv[0])  # 0 accepted: unchanged
+    assert torch.equal(pools[1][2], ssm_out[3, accepted[3] - 1])
+    assert torch.equal(pools[1][[1, 4]], ssm[[1, 4]])  # slots of no row: untouched

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,6 +19,7 @@ if not torch.cuda.is_available():
 
 from tolerances import assert_close, assert_error_within
 
+from deltaserve.engine.device_inputs import chunk_indices
 from deltaserve.kernels.conv1d import ref as conv_ref
 from deltaserve.kernels.gated_delta_rule import ref as gdn_ref
 
@@ -459,8 +461,8 @@ def test_l2norm_qk_kernel(dtype):
 ])
 @pytest.mark.parametrize("hinted", [False, True])
 def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted):
-    """hinted: q/k as strided views (as the layer passes them), the host copy of cu_seqlens and the padding flag
-    given; then the call must not sync with the device."""
+    """hinted: q/k as strided views (as the layer passes them), the chunk indices built on the host and the padding
+    flag given (as the runner's upload does); then the call must not sync with the device."""
     from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule
 
     num_k_heads, head_dim, num_v_heads = 16, 128, 48  # 27B (the benchmark's shape: fla autotunes once)
@@ -486,7 +488,8 @@ def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted):
     if hinted:
         qk = torch.cat([q_in, k_in], dim=2)  # [T, H, 2K]: q and k as strided views, unit stride in K
         q_in, k_in = qk[..., :head_dim], qk[..., head_dim:]
-        hints = {"cu_seqlens_cpu": cu, "any_padding": any(s < 0 for s in slots)}
+        hints = {"chunk_indices": torch.from_numpy(chunk_indices(np.array(lengths))).cuda(),
+                 "any_padding": any(s < 0 for s in slots)}
 
     v_in, g_in, beta_in = v.cuda(), g.cuda(), beta.cuda()
 
@@ -499,7 +502,7 @@ def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted):
         dev_args = {key: (val.cuda() if isinstance(val, torch.Tensor) else val) for key, val in args.items()}
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
-        try:  # a fresh cu_seqlens tensor: the chunk indices are rebuilt, from the host copy
+        try:  # fresh metadata tensors, as every engine step has
             o = chunk_gated_delta_rule(q=q_in, k=k_in, v=v_in, g=g_in, beta=beta_in, state=gpu_pool, **hints,
                                        **dev_args)
         finally:
@@ -519,3 +522,45 @@ def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted):
         assert_error_within(gpu_pool[slot], s_base, truth_pool[slot])
     untouched = sorted(set(range(num_slots)) - {s for s in slots if s >= 0})
     assert gpu_pool[untouched].isnan().all()
+
+
+@gpu
+def test_chunk_states_and_multistep_run_on_cuda_tensors():
+    """The prefix-checkpoint and verify contracts on CUDA tensors: the GPU chunk op hands a call that asks for chunk
+    states to the reference (fla keeps them in the input dtype), and the multistep op has no kernel yet; both must
+    give the reference's results on the device."""
+    from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_gdn_multistep
+
+    gen = torch.Generator().manual_seed(5)
+    lengths, hv, hk, d = [70, 5], 4, 2, 32
+    total = sum(lengths)
+    q, k = (torch.randn(total, hk, d, generator=gen) for _ in range(2))
+    v = torch.randn(total, hv, d, generator=gen)
+    g = -torch.rand(total, hv, generator=gen)
+    beta = torch.rand(total, hv, generator=gen)
+    pool = torch.randn(3, hv, d, d, generator=gen)
+    args = dict(cu_seqlens=torch.tensor([0, 70, 75]), slots=torch.tensor([2, 0]),
+                has_initial_state=torch.tensor([True, False]), scale=d ** -0.5)
+    states_cpu, states_gpu = torch.zeros(3, hv, d, d), torch.zeros(3, hv, d, d, device="cuda")
+    pool_cpu, pool_gpu = pool.clone(), pool.cuda()
+    o_cpu = gdn_ref.chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta, state=pool_cpu, chunk_states=states_cpu,
+                                           **args)
+    o_gpu = chunk_gated_delta_rule(q=q.cuda(), k=k.cuda(), v=v.cuda(), g=g.cuda(), beta=beta.cuda(), state=pool_gpu,
+                                   chunk_states=states_gpu, **{n: t.cuda() if isinstance(t, torch.Tensor) else t
+                                                               for n, t in args.items()})
+    assert_close(o_gpu.cpu(), o_cpu, dtype=torch.float32)
+    assert_close(states_gpu.cpu(), states_cpu, dtype=torch.float32)
+    conv_dim = 2 * hk * d + hv * d
+    case = {"mixed_qkv": torch.randn(6, conv_dim, generator=gen), "a": torch.randn(6, hv, generator=gen),
+            "b": torch.randn(6, hv, generator=gen), "A_log": torch.rand(hv, generator=gen),
+            "dt_bias": torch.rand(hv, generator=gen), "conv_weight": torch.randn(conv_dim, 4, generator=gen) * 0.3,
+            "conv_state": torch.randn(3, 3, conv_dim, generator=gen), "ssm_state": torch.randn(3, hv, d, d,
+                                                                                          generator=gen),
+            "slots": torch.tensor([1, -1, 0]), "conv_states_out": torch.zeros(3, 2, 3, conv_dim),
+            "ssm_states_out": torch.zeros(3, 2, hv, d, d)}
+    fixed = dict(tokens_per_row=2, num_k_heads=hk, head_k_dim=d, num_v_heads=hv, head_v_dim=d, scale=d ** -0.5)
+    on_gpu = {n: t.cuda() for n, t in case.items()}
+    o_cpu = fused_gdn_multistep(**case, **fixed)
+    o_gpu = fused_gdn_multistep(**on_gpu, **fixed)
+    assert_close(o_gpu.cpu(), o_cpu, dtype=torch.float32)
+    assert_close(on_gpu["ssm_states_out"].cpu(), case["ssm_states_out"], dtype=torch.float32)

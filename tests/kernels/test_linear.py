@@ -23,6 +23,7 @@ from tolerances import assert_error_within  # noqa: E402
 from benchmarks.bench_linear import SWEEP_TILES  # noqa: E402
 from deltaserve.kernels.linear import linear  # noqa: E402
 from deltaserve.kernels.linear import ref as linear_ref  # noqa: E402
+from deltaserve.kernels.linear import gpu as linear_gpu  # noqa: E402
 from deltaserve.kernels.linear import triton as linear_triton  # noqa: E402
 
 gpu = pytest.mark.gpu
@@ -66,7 +67,7 @@ def test_wrapper_takes_leading_dims_and_strided_rows(monkeypatch):
     wide = torch.randn(2, 3, 80, generator=gen).bfloat16()
     x = wide[..., :64]
     w = (torch.randn(24, 64, generator=gen) * 0.125).bfloat16()
-    y = linear_triton.linear(x=x, weight=w)
+    y = linear_gpu.linear(x=x, weight=w)
     assert y.shape == (2, 3, 24)
     truth = x.double() @ w.double().T
     assert_error_within(y, linear_ref.linear(x=x.float(), weight=w.float()).bfloat16(), truth)
@@ -82,7 +83,7 @@ def test_many_rows_and_fp32_fall_back_to_torch():
     assert linear_triton.tile_config(1, 248320, 2048, num_sms=132) is not None  # unless the output is vocab-sized
     x = torch.randn(3, 16)
     w = torch.randn(8, 16)
-    assert torch.equal(linear_triton.linear(x=x, weight=w), torch.nn.functional.linear(x, w))
+    assert torch.equal(linear_gpu.linear(x=x, weight=w), torch.nn.functional.linear(x, w))
 
 
 def test_dispatch_runs_the_reference_on_cpu():

@@ -17,6 +17,7 @@ triton = pytest.importorskip("triton")
 from tolerances import assert_close, assert_error_within  # noqa: E402
 
 from deltaserve.kernels.moe import ref  # noqa: E402
+from deltaserve.kernels.moe import gpu as moe_gpu  # noqa: E402
 from deltaserve.kernels.moe import triton as moe  # noqa: E402
 
 gpu = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -91,8 +92,8 @@ def test_fused_moe_pairs_interpreter_k_loop():
 
 def test_fused_moe_dispatch_without_grouped_gemm(monkeypatch):
     """No grouped GEMMs (here: CPU tensors): per-pair kernels up to NO_GROUPED_MAX_PAIRS, the reference past it."""
-    monkeypatch.setattr(moe, "SMALL_BATCH_PAIRS", 2)
-    monkeypatch.setattr(moe, "NO_GROUPED_MAX_PAIRS", 4)
+    monkeypatch.setattr(moe_gpu, "SMALL_BATCH_PAIRS", 2)
+    monkeypatch.setattr(moe_gpu, "NO_GROUPED_MAX_PAIRS", 4)
     calls = []
     real_pairs, real_ref = moe.fused_moe_pairs, ref.fused_moe
     monkeypatch.setattr(moe, "fused_moe_pairs", lambda **kw: calls.append("pairs") or real_pairs(**kw))
@@ -101,7 +102,7 @@ def test_fused_moe_dispatch_without_grouped_gemm(monkeypatch):
     for tokens, path in ((1, "pairs"), (3, "ref")):  # 3 pairs, then 9
         kw = moe_case(tokens, dim, inter, experts, top_k, shared_inter, torch.float32, "cpu", seed=tokens)
         calls.clear()
-        got = moe.fused_moe(**kw)
+        got = moe_gpu.fused_moe(**kw)
         assert calls == [path]
         assert_close(got, real_ref(**kw))
 
@@ -147,8 +148,8 @@ def test_fused_moe_pairs_gpu(tokens):
 @pytest.mark.parametrize("tokens", [9, 67])
 def test_fused_moe_grouped_path_gpu(tokens):
     """Past the small-batch threshold: grouped GEMMs for the routed experts, the shared expert beside them."""
-    assert tokens * A3B[3] > moe.SMALL_BATCH_PAIRS
-    check_pairs(tokens, A3B, torch.bfloat16, "cuda", seed=tokens, fn=moe.fused_moe, rel_tol=1e-2)
+    assert tokens * A3B[3] > moe_gpu.SMALL_BATCH_PAIRS
+    check_pairs(tokens, A3B, torch.bfloat16, "cuda", seed=tokens, fn=moe_gpu.fused_moe, rel_tol=1e-2)
 
 
 @pytest.mark.gpu

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from deltaserve.cache.tensors import CacheShape, ModelCache
-from deltaserve.layers.meta import ForwardBatch
+from deltaserve.engine.device_inputs import build_forward_batch
 
 
 class SimpleRunner:
@@ -41,8 +41,8 @@ class SimpleRunner:
             qlens.append(len(toks)); ctxs.append(s["ctx"]); slots.append(s["slot"]); tables.append(s["pages"])
         total = sum(qlens)
         idx = list(range(total)) if all_logits else None
-        batch = ForwardBatch.build(query_lens=qlens, context_lens=ctxs, state_slots=slots, block_tables=tables,
-                                   page_size=self.page_size, device=self.device, logits_indices=idx)
+        batch = build_forward_batch(query_lens=qlens, context_lens=ctxs, state_slots=slots, block_tables=tables,
+                                    page_size=self.page_size, device=self.device, logits_indices=idx)
         hidden = self.model(torch.tensor(ids, device=self.device), batch, self.cache)
         logits = self.model.compute_logits(hidden[batch.logits_indices])
         out, start = {}, 0

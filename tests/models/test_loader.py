@@ -115,8 +115,8 @@ def test_vision_tower_skipped_without_reading(tmp_path, monkeypatch):
     names = set(load_file(path / "model.safetensors"))
     assert any(n.startswith("model.visual.") for n in names)
     read = []
-    real = loader.read_into
-    monkeypatch.setattr(loader, "read_into", lambda e, d: (read.append(e.name), real(e, d)))
+    real = loader.read_entry
+    monkeypatch.setattr(loader, "read_entry", lambda e: (read.append(e.name), real(e))[1])
     load(path)
     assert read and not any(n.startswith("model.visual.") for n in read)
 
@@ -139,25 +139,50 @@ def test_mixed_expert_forms_are_rejected(tmp_path):
         t["model.layers.0.mlp.experts.down_proj"] = torch.stack(
             [t[f"model.layers.0.mlp.experts.{e}.down_proj.weight"] for e in range(8)])
     path = copy_ckpt(a, tmp_path / "mixed", add_fused)
-    with pytest.raises(CheckpointError, match="more than once"):
+    with pytest.raises(CheckpointError, match="both fused and per expert"):
         load(path)
+
+
+def test_a_tensor_in_two_shards_is_rejected(dense_dir, tmp_path):
+    tensors = load_file(dense_dir / "model.safetensors")
+    out = tmp_path / "twice"
+    out.mkdir()
+    (out / "config.json").write_text((dense_dir / "config.json").read_text())
+    save_file(tensors, out / "a.safetensors")
+    save_file({"model.norm.weight": tensors["model.norm.weight"]}, out / "b.safetensors")
+    with pytest.raises(CheckpointError, match=r"more than once: model\.norm\.weight"):
+        load(out)
+
+
+def test_truncated_file_and_absurd_header_name_the_file(dense_dir, tmp_path):
+    out = tmp_path / "bad"
+    out.mkdir()
+    (out / "config.json").write_text((dense_dir / "config.json").read_text())
+    data = (dense_dir / "model.safetensors").read_bytes()
+    (out / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated or corrupt"):
+        load(out)
+    (out / "model.safetensors").write_bytes((1 << 60).to_bytes(8, "little") + b"{}")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is not a valid safetensors file \(header length"):
+        load(out)
 
 
 def test_mtp_head_loaded_and_runnable(tmp_path):
     from tests.models.simple_runner import SimpleRunner
-    from deltaserve.layers.meta import ForwardBatch
+    from deltaserve.engine.device_inputs import build_forward_batch
 
     path = tmp_path / "mtp"
     save_checkpoint(TinySpec("mtp", moe=True, nested=True, mtp=True), path)
-    model = load(path)
+    assert load(path).mtp is None  # the head is built only for speculative decoding
+    model = load(path, with_mtp=True)
     ref = load_file(path / "model.safetensors")
     assert model.mtp is not None
     assert torch.equal(model.mtp.fc.weight, ref["mtp.fc.weight"])
     assert torch.equal(model.mtp.layers[0].mlp.experts.down_proj[3], ref["mtp.layers.0.mlp.experts.3.down_proj.weight"])
     runner = SimpleRunner(model)
     ids = list(range(1, 12))
-    batch = ForwardBatch.build(query_lens=[11], context_lens=[0], state_slots=[0], block_tables=[[0]], page_size=16,
-                               logits_indices=list(range(11)))
+    batch = build_forward_batch(query_lens=[11], context_lens=[0], state_slots=[0], block_tables=[[0]], page_size=16,
+                                logits_indices=list(range(11)))
     hidden = model(torch.tensor(ids), batch, runner.cache)
     draft = model.compute_logits(model.mtp_forward(torch.tensor(ids[1:] + [5]), hidden, batch, runner.cache))
     assert draft.shape == (11, 160) and torch.isfinite(draft).all()
@@ -167,8 +192,10 @@ def test_checkpoint_without_mtp_tensors_loads_without_head(dense_dir):
     cfg = ModelConfig.from_hf(dense_dir)
     model = load_model(cfg, dtype="float32")
     assert model.mtp is None
-    with pytest.raises(RuntimeError, match="no MTP head"):
+    with pytest.raises(RuntimeError, match="without its MTP head"):
         model.mtp_forward(None, None, None, None)
+    with pytest.raises(CheckpointError, match=r"MTP head was asked for .* has no mtp\.\* tensors"):
+        load_model(cfg, dtype="float32", with_mtp=True)
 
 
 def test_dummy_weights_deterministic_and_sane(dense_dir):

@@ -77,13 +77,13 @@ def test_sigterm_finishes_short_requests_aborts_long_ones_and_exits_cleanly(chat
 def app_with_faulty_engine(chat_ckpt):
     """The real engine in this process, its runner made to fail the next step on demand."""
     from deltaserve.engine.async_engine import AsyncLLM
-    from deltaserve.engine.engine import EngineArgs
+    from deltaserve.config import EngineArgs
     from deltaserve.server.app import build_app
     from deltaserve.server.args import ServerConfig
 
     engine = AsyncLLM(EngineArgs(model=str(chat_ckpt), device="cpu", dtype="float32", max_model_len=512))
     runner = engine.engine.runner
-    real_execute = runner.execute
+    real_execute = runner.execute_model
     fail = threading.Event()
 
     def execute(*args, **kwargs):
@@ -92,7 +92,7 @@ def app_with_faulty_engine(chat_ckpt):
             raise RuntimeError("injected device fault")
         return real_execute(*args, **kwargs)
 
-    runner.execute = execute
+    runner.execute_model = execute
     app = build_app(engine, ServerConfig(served_model_names=("m",)), shutdown_engine=False)
     yield app, fail
     engine.shutdown()

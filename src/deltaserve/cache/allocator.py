@@ -1,8 +1,10 @@
 """Integer-id allocators for the KV page pool and the GDN state-slot pool.
 
-Pure Python, no torch: the scheduler owns one of each and decides who gets what; these classes only hand out ids
+Pure Python, no torch: the cache manager owns one of each and decides who gets what; these classes only hand out ids
 0..n-1 and take them back. They own no memory themselves: the id indexes a tensor that the runner owns.
-Every operation is O(1) per id (a free-list stack plus a per-id in-use flag for double-free detection).
+Every operation is O(1) per id (a free-list stack plus a per-id reference count for double-free detection). Pages
+are reference-counted so that requests can share them (a page returns to the free list when its last holder frees
+it); slots always have one holder.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ class _FreeList:
         self._what = what
         # Reversed so that pop() hands out 0, 1, 2, ... first: deterministic and easy to read in tests.
         self._free: list[int] = list(range(num_ids - 1, -1, -1))
-        self._in_use = bytearray(num_ids)
+        self._refs = [0] * num_ids  # holders of each id; 0: free
 
     @property
     def num_total(self) -> int:
-        return len(self._in_use)
+        return len(self._refs)
 
     @property
     def num_free(self) -> int:
@@ -35,37 +37,45 @@ class _FreeList:
 
     @property
     def num_used(self) -> int:
-        return len(self._in_use) - len(self._free)
+        return len(self._refs) - len(self._free)
 
     def is_allocated(self, id_: int) -> bool:
-        return self._known(id_) and bool(self._in_use[id_])
+        return self._known(id_) and self._refs[id_] > 0
+
+    def ref_count(self, id_: int) -> int:
+        return self._refs[id_] if self._known(id_) else 0
 
     def _known(self, id_: object) -> bool:
-        return isinstance(id_, int) and not isinstance(id_, bool) and 0 <= id_ < len(self._in_use)
+        return isinstance(id_, int) and not isinstance(id_, bool) and 0 <= id_ < len(self._refs)
 
     def _take(self, n: int) -> list[int]:
         if not isinstance(n, int) or n < 0:
             raise ValueError(f"cannot allocate {n!r} {self._what}s: the count must be a non-negative integer")
         if n > len(self._free):
             raise PoolExhaustedError(f"asked for {n} {self._what}s but only {len(self._free)} of "
-                                     f"{len(self._in_use)} are free")
+                                     f"{len(self._refs)} are free")
         ids = [self._free.pop() for _ in range(n)]
         for i in ids:
-            self._in_use[i] = 1
+            self._refs[i] = 1
         return ids
 
-    def _release(self, ids: list[int]) -> None:
-        # Validate everything first so that a bad call frees nothing (the pool stays consistent).
-        seen: set[int] = set()
+    def _release(self, ids: list[int]) -> list[int]:
+        """Drop one reference to each id; returns the ids that became free. Validates everything first, so a bad
+        call changes nothing (the pool stays consistent)."""
+        drops: dict[int, int] = {}
         for i in ids:
             if not self._known(i):
-                raise ValueError(f"cannot free {self._what} {i!r}: not an id of this pool (0..{len(self._in_use) - 1})")
-            if not self._in_use[i] or i in seen:
+                raise ValueError(f"cannot free {self._what} {i!r}: not an id of this pool (0..{len(self._refs) - 1})")
+            drops[i] = drops.get(i, 0) + 1
+            if drops[i] > self._refs[i]:
                 raise ValueError(f"cannot free {self._what} {i}: it is not allocated (double free?)")
-            seen.add(i)
+        freed = []
         for i in ids:
-            self._in_use[i] = 0
-            self._free.append(i)
+            self._refs[i] -= 1
+            if self._refs[i] == 0:
+                self._free.append(i)
+                freed.append(i)
+        return freed
 
 
 class PageAllocator(_FreeList):
@@ -81,9 +91,19 @@ class PageAllocator(_FreeList):
         """Allocate `n` pages (all or nothing). Raises PoolExhaustedError when fewer than `n` are free."""
         return self._take(n)
 
-    def free(self, pages: Iterable[int]) -> None:
-        """Return pages to the pool. ValueError naming the id on an unknown id or a double free; frees nothing then."""
-        self._release(list(pages))
+    def share(self, pages: Iterable[int]) -> None:
+        """Add a holder to pages that are already allocated (a request reusing another's pages)."""
+        pages = list(pages)
+        for i in pages:
+            if not self.is_allocated(i):
+                raise ValueError(f"cannot share page {i!r}: it is not allocated")
+        for i in pages:
+            self._refs[i] += 1
+
+    def free(self, pages: Iterable[int]) -> list[int]:
+        """Drop one holder of each page; pages with no holder left return to the pool (returned). ValueError naming
+        the id on an unknown id or a double free; frees nothing then."""
+        return self._release(list(pages))
 
 
 class SlotAllocator(_FreeList):
@@ -99,3 +119,8 @@ class SlotAllocator(_FreeList):
     def free(self, slot: int) -> None:
         """Return a slot. ValueError naming the id on an unknown id or a double free."""
         self._release([slot])
+
+
+def pages_for_tokens(num_tokens: int, page_size: int) -> int:
+    """Pages that hold K/V for positions [0, num_tokens): the one page-geometry formula of the engine."""
+    return -(-num_tokens // page_size)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from deltaserve.cache.allocator import pages_for_tokens
+
 GiB = 1 << 30
 
 
@@ -42,7 +44,7 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
     """Give every one of max_num_seqs sequences a state slot and the rest to KV pages, never more pages than
     max_num_seqs full-length sequences can use. If that leaves less than one max_model_len of KV, trade slots for
     pages; if even one slot plus one full sequence does not fit, raise with the numbers and the options."""
-    pages_per_seq = -(-max_model_len // page_size)
+    pages_per_seq = pages_for_tokens(max_model_len, page_size)
     one_seq = slot_bytes + pages_per_seq * page_bytes
     if num_pages is not None and num_slots is not None:
         return MemoryPlan(num_pages, num_slots, page_bytes, slot_bytes, budget_bytes)
@@ -51,8 +53,8 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
             f"not enough memory for one sequence of max_model_len={max_model_len}: it needs "
             f"{one_seq / GiB:.2f} GiB ({slot_bytes / 2**20:.1f} MiB of GDN state + {pages_per_seq} KV pages of "
             f"{page_bytes / 2**20:.2f} MiB) but only {max(budget_bytes, 0) / GiB:.2f} GiB is left after the weights "
-            "and activations. Options: a smaller --max-model-len, a larger --gpu-memory-utilization, quantized "
-            "weights, or more GPUs (tensor parallelism).")
+            "and activations. Options: a smaller --max-model-len, a larger --gpu-memory-utilization, a smaller "
+            "--max-num-batched-tokens (less activation memory), or a GPU with more memory.")
     slots = num_slots if num_slots is not None else max_num_seqs
     slots = max(1, min(slots, (budget_bytes - pages_per_seq * page_bytes) // slot_bytes))
     if num_pages is None:

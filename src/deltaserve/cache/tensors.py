@@ -1,15 +1,19 @@
 """Device memory of the caches: paged K/V for full-attention layers, conv + recurrent state slots for GDN layers.
 
-Memory only, no policy: which page or slot belongs to which request is decided by the scheduler's allocators.
+Memory only, no policy: which page or slot belongs to which request is decided by the cache manager. Sizes come from
+the rank's shapes (config.RankShapes), the same object the layers are built from.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from deltaserve.config import ModelConfig
+from deltaserve.config import ModelConfig, RankShapes
+
+MTP_LAYER = "mtp.0"  # cache key of the MTP head's own attention layer
 
 
 @dataclass(frozen=True)
@@ -24,45 +28,75 @@ class CacheShape:
     state_dtype: torch.dtype = torch.float32
 
 
-def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype: torch.dtype, *, with_mtp: bool) -> int:
-    layers = len(config.full_attention_layers) + (1 if with_mtp else 0)
-    elem = torch.empty((), dtype=dtype).element_size()
-    return layers * 2 * page_size * config.num_key_value_heads * config.head_dim * elem
+class KVPages(NamedTuple):
+    """One attention layer's pages: k and v, each [P, page_size, Hkv, D]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
 
 
-def state_bytes_per_slot(config: ModelConfig, conv_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
-    n = len(config.linear_attention_layers)
-    conv = (config.linear_conv_kernel_dim - 1) * config.conv_dim * torch.empty((), dtype=conv_dtype).element_size()
-    ssm = (config.linear_num_value_heads * config.linear_key_head_dim * config.linear_value_head_dim
-           * torch.empty((), dtype=state_dtype).element_size())
-    return n * (conv + ssm)
+class GDNState(NamedTuple):
+    """One GDN layer's state slots: conv [S, W-1, conv_dim] (pre-conv inputs, model dtype), ssm [S, HV, K, V]."""
+
+    conv: torch.Tensor
+    ssm: torch.Tensor
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def kv_bytes_per_page(shapes: RankShapes, page_size: int, dtype: torch.dtype, *, num_layers: int) -> int:
+    return num_layers * 2 * page_size * shapes.num_kv_heads * shapes.head_dim * _elem(dtype)
+
+
+def state_bytes_per_slot(shapes: RankShapes, num_layers: int, conv_dtype: torch.dtype,
+                         state_dtype: torch.dtype) -> int:
+    conv = (shapes.conv_kernel - 1) * shapes.conv_dim * _elem(conv_dtype)
+    ssm = shapes.linear_num_value_heads * shapes.linear_key_head_dim * shapes.linear_value_head_dim * _elem(state_dtype)
+    return num_layers * (conv + ssm)
 
 
 class ModelCache:
-    """Owns the cache tensors of every layer (and of the MTP layer when present).
+    """Owns the cache tensors of every layer (and of the MTP layer when present): `attention(key)` -> KVPages,
+    `gdn(key)` -> GDNState. Layer keys are decoder layer indices, and MTP_LAYER for the MTP head's attention."""
 
-    Attention layer i: (k_cache, v_cache), each [P, page_size, Hkv, D].
-    GDN layer i: (conv_state [S, W-1, conv_dim] in the model dtype, ssm_state [S, HV, K, V] in state_dtype).
-    """
-
-    def __init__(self, config: ModelConfig, shape: CacheShape, *, device: torch.device | str,
-                 with_mtp: bool = False) -> None:
+    def __init__(self, config: ModelConfig, shape: CacheShape, *, device: torch.device | str, with_mtp: bool = False,
+                 shapes: RankShapes | None = None) -> None:
+        """shapes: the rank's shapes (default: the whole model, one rank)."""
+        shapes = shapes or RankShapes.for_rank(config)
         self.shape = shape
-        self._layers: dict[int | str, tuple[torch.Tensor, torch.Tensor]] = {}
-        kv_shape = (shape.num_pages, shape.page_size, config.num_key_value_heads, config.head_dim)
-        attn_keys: list[int | str] = list(config.full_attention_layers) + (["mtp.0"] if with_mtp else [])
+        self._kv: dict[int | str, KVPages] = {}
+        self._gdn: dict[int, GDNState] = {}
+        kv_shape = (shape.num_pages, shape.page_size, shapes.num_kv_heads, shapes.head_dim)
+        attn_keys: list[int | str] = list(config.full_attention_layers) + ([MTP_LAYER] if with_mtp else [])
         for key in attn_keys:
-            self._layers[key] = (torch.zeros(kv_shape, dtype=shape.kv_dtype, device=device),
-                                 torch.zeros(kv_shape, dtype=shape.kv_dtype, device=device))
-        conv_shape = (shape.num_slots, config.linear_conv_kernel_dim - 1, config.conv_dim)
-        ssm_shape = (shape.num_slots, config.linear_num_value_heads, config.linear_key_head_dim,
-                     config.linear_value_head_dim)
+            self._kv[key] = KVPages(torch.zeros(kv_shape, dtype=shape.kv_dtype, device=device),
+                                    torch.zeros(kv_shape, dtype=shape.kv_dtype, device=device))
+        conv_shape = (shape.num_slots, shapes.conv_kernel - 1, shapes.conv_dim)
+        ssm_shape = (shape.num_slots, shapes.linear_num_value_heads, shapes.linear_key_head_dim,
+                     shapes.linear_value_head_dim)
         for i in config.linear_attention_layers:
-            self._layers[i] = (torch.zeros(conv_shape, dtype=shape.conv_dtype, device=device),
-                               torch.zeros(ssm_shape, dtype=shape.state_dtype, device=device))
+            self._gdn[i] = GDNState(torch.zeros(conv_shape, dtype=shape.conv_dtype, device=device),
+                                    torch.zeros(ssm_shape, dtype=shape.state_dtype, device=device))
 
-    def layer(self, key: int | str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._layers[key]
+    def attention(self, key: int | str) -> KVPages:
+        return self._kv[key]
+
+    def gdn(self, key: int) -> GDNState:
+        return self._gdn[key]
+
+    def layer(self, key: int | str) -> KVPages | GDNState:
+        """The cache of decoder layer `key`, whichever kind it is."""
+        return self._gdn[key] if key in self._gdn else self._kv[key]  # type: ignore[index]
+
+    def copy_states(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every GDN layer's state (conv window and recurrent state) of slots `src` into slots `dst` ([n] int64,
+        on the cache's device; a slot appears at most once in dst)."""
+        for state in self._gdn.values():
+            state.conv.index_copy_(0, dst, state.conv.index_select(0, src))
+            state.ssm.index_copy_(0, dst, state.ssm.index_select(0, src))
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for pair in self._layers.values() for t in pair)
+        tensors = [t for pair in self._kv.values() for t in pair] + [t for pair in self._gdn.values() for t in pair]
+        return sum(t.numel() * t.element_size() for t in tensors)

@@ -1,7 +1,10 @@
-"""CUDA graphs for decode-only steps: one graph per padded batch size, static inputs updated with copy_.
+"""CUDA graphs for uniform steps: one graph per (padded batch size, tokens per row), static inputs updated with copy_.
 
-Padding rows have state slot -1, KV slot -1 and sequence length 0: every kernel skips them, so a padded replay
-computes exactly the real rows. Mixed prefill steps stay eager (their shapes vary every step).
+A step whose rows all carry the same number k of new tokens after an existing state (k = 1: plain decode) replays
+the graph of the smallest captured batch size that fits. Padding rows have state slot -1, KV slot -1 and sequence
+length 0: every kernel skips them, so a padded replay computes exactly the real rows. Varlen steps (prefill chunks,
+mixed batches) run eagerly: their shapes change every step. Only k = 1 is captured today; a verify step for k draft
+tokens adds its own key.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import logging
 
 import torch
 
-from deltaserve.layers.meta import ForwardBatch
+from deltaserve.cache.tensors import ModelCache
+from deltaserve.layers.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
 
@@ -20,75 +24,84 @@ def capture_sizes(max_batch: int) -> list[int]:
     return sorted(set(sizes))
 
 
-class DecodeGraphs:
+class StepGraphs:
     """Owns the static input/output buffers and the captured graphs; used only by the ModelRunner."""
 
-    def __init__(self, model, cache, *, max_batch: int, max_pages: int, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, cache: ModelCache, *, max_batch: int, max_pages: int,
+                 device: torch.device, tokens_per_row: tuple[int, ...] = (1,)) -> None:
         self.model, self.cache, self.device = model, cache, device
         self.sizes = capture_sizes(max_batch)
+        self.tokens_per_row = tokens_per_row
         self.max_batch, self.max_pages = self.sizes[-1], max_pages
-        n, i64, i32 = self.max_batch, torch.int64, torch.int32
+        n = self.max_batch * max(tokens_per_row)  # tokens
+        i64, i32 = torch.int64, torch.int32
         self.input_ids = torch.zeros(n, dtype=i64, device=device)
         self.positions = torch.zeros(n, dtype=i64, device=device)
-        self.seq_lens = torch.zeros(n, dtype=i32, device=device)
-        self.slots = torch.full((n,), -1, dtype=i64, device=device)
         self.slot_mapping = torch.full((n,), -1, dtype=i64, device=device)
-        self.block_tables = torch.zeros(n, max_pages, dtype=i32, device=device)
-        self.cu_seqlens = torch.arange(n + 1, dtype=i32, device=device)
         self.rows = torch.arange(n, dtype=i64, device=device)
-        self.has_state = torch.ones(n, dtype=torch.bool, device=device)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        self.seq_lens = torch.zeros(self.max_batch, dtype=i32, device=device)
+        self.slots = torch.full((self.max_batch,), -1, dtype=i64, device=device)
+        self.block_tables = torch.zeros(self.max_batch, max_pages, dtype=i32, device=device)
+        self.cu_seqlens = {k: torch.arange(0, k * (self.max_batch + 1), k, dtype=i32, device=device)
+                           for k in tokens_per_row}
+        self.has_state = torch.ones(self.max_batch, dtype=torch.bool, device=device)
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
         self.pool = None
 
-    def _batch(self, bs: int) -> ForwardBatch:
-        return ForwardBatch(positions=self.positions[:bs], cu_seqlens=self.cu_seqlens[:bs + 1],
+    def _batch(self, bs: int, k: int) -> ForwardBatch:
+        t = bs * k
+        return ForwardBatch(positions=self.positions[:t], cu_seqlens=self.cu_seqlens[k][:bs + 1],
                             seq_lens=self.seq_lens[:bs], state_slots=self.slots[:bs],
                             has_initial_state=self.has_state[:bs], block_tables=self.block_tables[:bs],
-                            slot_mapping=self.slot_mapping[:bs], logits_indices=self.rows[:bs], is_decode=True)
+                            slot_mapping=self.slot_mapping[:t], logits_indices=self.rows[:t], tokens_per_row=k)
 
-    def _forward(self, bs: int) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model(self.input_ids[:bs], self._batch(bs), self.cache)
+    def _forward(self, bs: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model(self.input_ids[:bs * k], self._batch(bs, k), self.cache)
         return hidden, self.model.compute_logits(hidden, upcast=False)
 
     @torch.no_grad()
     def capture(self) -> None:
-        """Capture every size, largest first so smaller graphs reuse its memory pool."""
-        self._reset_inputs(0)
-        for bs in reversed(self.sizes):
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self._forward(bs)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                hidden, logits = self._forward(bs)
-            self.pool = graph.pool()
-            self.graphs[bs] = (graph, hidden, logits)
+        """Capture every key, largest batch first so smaller graphs reuse its memory pool."""
+        self._reset_inputs(0, max(self.tokens_per_row))
+        for k in self.tokens_per_row:
+            for bs in reversed(self.sizes):
+                for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                    self._forward(bs, k)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    hidden, logits = self._forward(bs, k)
+                self.pool = graph.pool()
+                self.graphs[(bs, k)] = (graph, hidden, logits)
         torch.cuda.synchronize(self.device)
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        return (batch.is_decode and bool(self.graphs) and batch.num_seqs <= self.max_batch
-                and batch.block_tables.shape[1] <= self.max_pages)
+        return (batch.tokens_per_row in self.tokens_per_row and bool(self.graphs)
+                and batch.num_seqs <= self.max_batch and batch.block_tables.shape[1] <= self.max_pages)
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the smallest graph that fits; returns (hidden [N, D], logits [N, V]) for the real rows."""
-        n = batch.num_seqs
+        """Replay the smallest graph that fits; returns (hidden [T, D], logits [T, V]) for the real rows' tokens
+        (every token of a uniform step is a logits row)."""
+        n, k = batch.num_seqs, batch.tokens_per_row
+        assert k is not None
         bs = next(s for s in self.sizes if s >= n)
-        self._reset_inputs(n)
-        self.input_ids[:n].copy_(input_ids)
-        self.positions[:n].copy_(batch.positions)
+        t = n * k
+        self._reset_inputs(n, k)
+        self.input_ids[:t].copy_(input_ids)
+        self.positions[:t].copy_(batch.positions)
+        self.slot_mapping[:t].copy_(batch.slot_mapping)
         self.seq_lens[:n].copy_(batch.seq_lens)
         self.slots[:n].copy_(batch.state_slots)
-        self.slot_mapping[:n].copy_(batch.slot_mapping)
         self.block_tables[:n, :batch.block_tables.shape[1]].copy_(batch.block_tables)
-        graph, hidden, logits = self.graphs[bs]
+        graph, hidden, logits = self.graphs[(bs, k)]
         graph.replay()
-        return hidden[:n], logits[:n]
+        return hidden[:t], logits[:t]
 
-    def _reset_inputs(self, n: int) -> None:
+    def _reset_inputs(self, n: int, k: int) -> None:
         """Rows from n on are padding: no state slot, no KV slot, no context."""
         self.seq_lens[n:].zero_()
         self.slots[n:].fill_(-1)
-        self.slot_mapping[n:].fill_(-1)
-        self.input_ids[n:].zero_()
-        self.positions[n:].zero_()
+        self.slot_mapping[n * k:].fill_(-1)
+        self.input_ids[n * k:].zero_()
+        self.positions[n * k:].zero_()

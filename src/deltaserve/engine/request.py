@@ -1,12 +1,13 @@
 """A generation request as the scheduler sees it.
 
-Pure Python, never imports torch. The Scheduler owns every Request it was given (status, pages, slot,
-num_computed_tokens are written by the scheduler only); the engine appends sampled tokens (through
-`Scheduler.update_from_step` / `resolve_step` or `Request.append_output_token`) and reads the rest.
+Pure Python, never imports torch. The Scheduler owns every Request it was given (status and num_computed_tokens are
+written by the scheduler only; the memory a running request holds is its CacheManager allocation); the engine
+appends sampled tokens (through `Scheduler.resolve_step` / `update_from_step`) and reads the rest.
 
 A token that was sampled on the device but has not reached the host yet is *pending*: it already counts as a
 position to compute (so the next step can be scheduled while the sampling step still runs) but its id is not
-known here; `token_ids` covers only the known tokens.
+known here; `token_ids` covers only the known tokens. Draft tokens (proposed by a drafter for the next step to
+verify) are not part of the request until a step keeps them.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class Request:
     """One request: its tokens, and the resources the scheduler gave it.
 
     Tokens at positions [0, num_computed_tokens) have been run through the model, or are in a launched step (their
-    K/V sit in `pages`, their effect on the GDN state in `slot`); positions [num_computed_tokens,
+    K/V sit in the request's pages, their effect on the GDN state in its slot); positions [num_computed_tokens,
     num_tokens_with_pending) are still to compute.
     """
 
@@ -58,11 +59,11 @@ class Request:
     arrival_index: int = -1  # assigned by Scheduler.add_request, increasing in arrival order
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
-    pages: list[int] = field(default_factory=list)  # block table: page i holds positions [i*P, (i+1)*P)
-    slot: int | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
-    num_pending_tokens: int = 0  # sampled by a step still in flight: positions after the known tokens
+    num_pending_tokens: int = 0  # tokens a step still in flight may add: positions after the known tokens
+    num_pending_drafts: int = 0  # of those, drafts the step verifies (how many it keeps is not known yet)
+    draft_token_ids: list[int] = field(default_factory=list)  # proposed for the next step to verify
     max_output_tokens: int | None = None  # the engine's length limit: no step is scheduled to sample past it
 
     def __post_init__(self) -> None:

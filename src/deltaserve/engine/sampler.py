@@ -39,8 +39,9 @@ _GOLDEN64 = 0x9E3779B97F4A7C15
 class SamplingRow:
     """What the sampler needs to know about one row (one sequence) of the batch.
 
-    prompt_token_ids / output_token_ids: the sequence so far (lists or 1-D int tensors); they feed the penalties,
-    and len(output_token_ids) + num_pending is the row's position for min_tokens and for seeded sampling.
+    prompt_token_ids / output_token_ids: the sequence so far (lists or 1-D int tensors); they feed the penalties
+    (and may be left empty for a row without penalties). len(output_token_ids) + num_unlisted is the row's position
+    for min_tokens and for seeded sampling.
     eos_token_ids: the model's end-of-sequence ids. While num_output_tokens < params.min_tokens the sampler suppresses
     eos_token_ids (unless params.ignore_eos, where eos does not stop the request anyway) and params.stop_token_ids.
     """
@@ -49,11 +50,13 @@ class SamplingRow:
     prompt_token_ids: Sequence[int] | torch.Tensor = ()
     output_token_ids: Sequence[int] | torch.Tensor = ()
     eos_token_ids: frozenset[int] = frozenset()
-    num_pending: int = 0  # outputs sampled by a step still in flight (not in output_token_ids; no penalties)
+    # outputs that count for the position but are not in output_token_ids: sampled by a step still in flight (no
+    # penalty reads them yet), or not sent because no penalty reads the history
+    num_unlisted: int = 0
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids) + self.num_pending
+        return len(self.output_token_ids) + self.num_unlisted
 
     def suppressed_ids(self) -> list[int]:
         """Token ids that must not be sampled now, because they would end the request before min_tokens."""

@@ -1,4 +1,5 @@
-"""Per-sequence output state kept by the engine: detokenizer, stop checks, logprobs (no tensors, no scheduling)."""
+"""Per-sequence output state: detokenizer, stop checks, logprobs of one of a request's n samples (no tensors, no
+scheduling)."""
 
 from __future__ import annotations
 
@@ -24,24 +25,44 @@ class SequenceState:
     stop_checker: StopChecker
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
-    def on_token(self, token_id: int, logprob: TokenLogprob | None) -> SequenceDelta:
-        """Account for one appended token; decide whether the sequence is finished and what text to emit."""
-        if logprob is not None:
-            self.pending_logprobs.append(logprob)
+    def on_tokens(self, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> SequenceDelta:
+        """Account for the tokens one step appended to the request (in order, already in its output list): stop
+        checks run token by token, so a stop token, a stop string or the length limit inside the list ends the
+        sequence there; the tokens after it are dropped (from the request too) and never reported."""
         out = self.request.output_token_ids
-        status, stop_reason = self._token_stop(token_id, len(out))
+        before = len(out) - len(token_ids)
+        text, status, stop_reason, kept = "", None, None, 0
+        for token_id in token_ids:
+            kept += 1
+            status, stop_reason, piece = self._after_one(token_id, before + kept)
+            text += piece
+            if status is not None:
+                break
+        if kept < len(token_ids):
+            del out[before + kept:]
+        if logprobs is not None:
+            self.pending_logprobs.extend(logprobs[:kept])
+        if status is not None and not isinstance(stop_reason, str):  # a stop string truncates: nothing to release
+            text += self._flush_text()
+        return self._delta(tuple(token_ids[:kept]), text, status, stop_reason)
+
+    def on_token(self, token_id: int, logprob: TokenLogprob | None) -> SequenceDelta:
+        """on_tokens for one token."""
+        return self.on_tokens([token_id], None if logprob is None else [logprob])
+
+    def _after_one(self, token_id: int, num_out: int) -> tuple[RequestStatus | None, str | int | None, str]:
+        """Stop checks for the num_out-th output token: (status if it ends the sequence, stop reason, text)."""
+        status, stop_reason = self._token_stop(token_id, num_out)
         text = ""
         if status is None and self.detokenizer is not None:
             result = self.stop_checker.feed(self.detokenizer.add(token_id))
             text = result.text
             if result.stopped:
                 status, stop_reason = RequestStatus.FINISHED_STOPPED, result.matched
-        if status is None and (len(out) >= (self.params.max_tokens or 1 << 62)
-                               or self.request.num_tokens >= self.max_model_len):
+        if status is None and (num_out >= (self.params.max_tokens or 1 << 62)
+                               or self.request.num_prompt_tokens + num_out >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
-        if status is not None and not isinstance(stop_reason, str):  # a stop string truncates: nothing to release
-            text += self._flush_text()
-        return self._delta(token_id, text, status, stop_reason)
+        return status, stop_reason, text
 
     def _token_stop(self, token_id: int, num_out: int) -> tuple[RequestStatus | None, int | None]:
         if num_out < self.params.min_tokens:
@@ -57,11 +78,11 @@ class SequenceState:
         tail = self.stop_checker.feed(self.detokenizer.flush())
         return tail.text + ("" if tail.stopped else self.stop_checker.finish())
 
-    def _delta(self, token_id: int, text: str, status: RequestStatus | None,
+    def _delta(self, token_ids: tuple[int, ...], text: str, status: RequestStatus | None,
                stop_reason: str | int | None) -> SequenceDelta:
         logprobs = tuple(self.pending_logprobs) if self.params.logprobs is not None else None
         self.pending_logprobs = []
-        return SequenceDelta(request_id=self.parent_id, index=self.index, token_ids=(token_id,), text=text,
+        return SequenceDelta(request_id=self.parent_id, index=self.index, token_ids=token_ids, text=text,
                              logprobs=logprobs, finished=status is not None,
                              finish_reason=status.default_finish_reason if status is not None else None,
                              stop_reason=stop_reason)

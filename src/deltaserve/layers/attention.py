@@ -6,21 +6,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltaserve.config import ModelConfig
+from deltaserve.cache.tensors import KVPages
+from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.activation import sigmoid_gate_mul
 from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, qk_norm_rope_write_kv
 from deltaserve.layers.linear import Linear, MergedLinear
-from deltaserve.layers.meta import ForwardBatch
+from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import RMSNorm
 
 
 class GatedAttention(nn.Module):
-    """Owns its projection weights; its K/V pages ([P, page_size, Hkv, D] each) are passed in per call."""
+    """Owns its projection weights (sized for its rank); its K/V pages ([P, page_size, Hkv, D] each) are passed in
+    per call."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    def __init__(self, config: ModelConfig, shapes: RankShapes, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (config.num_attention_heads, config.num_key_value_heads,
-                                                            config.head_dim)
+        self.num_heads, self.num_kv_heads, self.head_dim = shapes.num_heads, shapes.num_kv_heads, shapes.head_dim
         self.rotary_dim, self.rope_theta = config.rotary_dim, config.rope_theta
         self.scale = self.head_dim ** -0.5
         d, q_out, kv_out = config.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -30,8 +32,7 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch,
-                kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPages) -> torch.Tensor:
         """x: [T, D] -> [T, D]."""
         T = x.shape[0]
         q_gate, k, v = self.qkv_proj.forward_split(x)
@@ -39,16 +40,19 @@ class GatedAttention(nn.Module):
         q, gate = q_gate.view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
-        k_cache, v_cache = kv_cache
         # q/k zero-centred RMSNorm, partial RoPE, K/V into their pages: one fused op on GPU.
         q, _ = qk_norm_rope_write_kv(q=q, k=k, v=v, q_weight=self.q_norm.weight,
                                      k_weight=self.k_norm.weight, eps=self.q_norm.eps, positions=batch.positions,
-                                     rotary_dim=self.rotary_dim, theta=self.rope_theta, k_cache=k_cache,
-                                     v_cache=v_cache, slot_mapping=batch.slot_mapping)
-        common = dict(k_cache=k_cache, v_cache=v_cache, seq_lens=batch.seq_lens, block_tables=batch.block_tables,
-                      scale=self.scale)
-        if batch.is_decode:
-            o = paged_attention_decode(q=q, **common)
-        else:
-            o = paged_attention_prefill(q=q, cu_seqlens_q=batch.cu_seqlens, **common)
+                                     rotary_dim=self.rotary_dim, theta=self.rope_theta, k_cache=kv.k,
+                                     v_cache=kv.v, slot_mapping=batch.slot_mapping)
+        o = self._attend(q, batch, kv)
         return self.o_proj(sigmoid_gate_mul(x=o.reshape(T, self.num_heads, self.head_dim), gate=gate).view(T, -1))
+
+    def _attend(self, q: torch.Tensor, batch: ForwardBatch, kv: KVPages) -> torch.Tensor:
+        """The kernel for the step's kind: single-query decode when every row has one new token, else the causal
+        varlen kernel over each row's cached prefix and new tokens."""
+        common = dict(k_cache=kv.k, v_cache=kv.v, seq_lens=batch.seq_lens, block_tables=batch.block_tables,
+                      scale=self.scale)
+        if batch.tokens_per_row == 1:
+            return paged_attention_decode(q=q, **common)
+        return paged_attention_prefill(q=q, cu_seqlens_q=batch.cu_seqlens, **common)

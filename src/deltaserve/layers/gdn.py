@@ -6,66 +6,79 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltaserve.config import ModelConfig
+from deltaserve.cache.tensors import GDNState
+from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.conv1d import causal_conv1d_prefill
 from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_gdn_decode, gdn_gating
 from deltaserve.layers.linear import Linear, MergedLinear, new_param
-from deltaserve.layers.meta import ForwardBatch
+from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import GatedRMSNorm
+from deltaserve.layers.weights import seeded
 
 
 class GatedDeltaNet(nn.Module):
-    """Owns its weights; its states live in pools passed per call and are addressed by the batch's slot indices:
-    conv_state [S, W-1, conv_dim] (model dtype, pre-conv inputs) and ssm_state [S, HV, K, V] (fp32)."""
+    """Owns its weights (sized for its rank); its states live in pools passed per call and are addressed by the
+    batch's slot indices: conv [S, W-1, conv_dim] (model dtype, pre-conv inputs) and ssm [S, HV, K, V] (fp32)."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    def __init__(self, config: ModelConfig, shapes: RankShapes, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.num_k_heads, self.num_v_heads = config.linear_num_key_heads, config.linear_num_value_heads
-        self.head_k_dim, self.head_v_dim = config.linear_key_head_dim, config.linear_value_head_dim
-        self.key_dim, self.value_dim, self.conv_dim = config.key_dim, config.value_dim, config.conv_dim
+        self.num_k_heads, self.num_v_heads = shapes.linear_num_key_heads, shapes.linear_num_value_heads
+        self.head_k_dim, self.head_v_dim = shapes.linear_key_head_dim, shapes.linear_value_head_dim
+        self.key_dim, self.value_dim, self.conv_dim = shapes.key_dim, shapes.value_dim, shapes.conv_dim
         d = config.hidden_size
         # The four input projections as one weight: one GEMM (b and a alone are tiny, launch-bound GEMVs at decode).
         self.in_proj = MergedLinear(d, {"in_proj_qkv": self.conv_dim, "in_proj_z": self.value_dim,
                                         "in_proj_b": self.num_v_heads, "in_proj_a": self.num_v_heads},
                                     dtype=dtype, device=device)
         self.conv1d = nn.Module()
-        self.conv1d.weight = new_param(self.conv_dim, 1, config.linear_conv_kernel_dim, dtype=dtype, device=device)
+        self.conv1d.weight = new_param(self.conv_dim, 1, shapes.conv_kernel, dtype=dtype, device=device)
         self.dt_bias = new_param(self.num_v_heads, dtype=dtype, device=device)
         self.A_log = new_param(self.num_v_heads, dtype=torch.float32, device=device)  # fp32, as in checkpoints
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps, device=device)
         self.out_proj = Linear(self.value_dim, d, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch,
-                state: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def init_dummy_weights(self, prefix: str, seed: int) -> None:
+        """Decay parameters in the published checkpoints' ranges: A = exp(A_log) in [1, 16], dt_bias in [0, 1]."""
+        with torch.no_grad():
+            self.A_log.uniform_(1.0, 16.0, generator=seeded(prefix + "A_log", seed, self.A_log.device)).log_()
+            self.dt_bias.uniform_(0.0, 1.0, generator=seeded(prefix + "dt_bias", seed, self.dt_bias.device))
+
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, state: GDNState) -> torch.Tensor:
         """x: [T, D] -> [T, D]; reads and writes this layer's conv/ssm state of each sequence in place."""
         T = x.shape[0]
-        conv_state, ssm_state = state
         mixed_qkv, z, b, a = self.in_proj.forward_split(x)  # column views of one GEMM output
-        if batch.is_decode:  # conv update, then gating, l2-norm and the recurrence on the slot's state in place
-            o = fused_gdn_decode(
-                mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log,
-                dt_bias=self.dt_bias, conv_weight=self.conv1d.weight.squeeze(1), conv_state=conv_state,
-                ssm_state=ssm_state, slots=batch.state_slots, num_k_heads=self.num_k_heads,
-                head_k_dim=self.head_k_dim, num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim,
-                scale=self.head_k_dim ** -0.5)
-        else:
-            o = self._prefill(mixed_qkv, a, b, batch, conv_state, ssm_state)
+        o = self._core(mixed_qkv, a, b, batch, state)
         z = z.view(T, self.num_v_heads, self.head_v_dim)
         return self.out_proj(self.norm(o, z).reshape(T, self.value_dim))
 
-    def _prefill(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: ForwardBatch,
-                 conv_state: torch.Tensor, ssm_state: torch.Tensor) -> torch.Tensor:
+    def _core(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: ForwardBatch,
+              state: GDNState) -> torch.Tensor:
+        """The kernels for the step's kind: one token per row after an existing state runs the fused decode step
+        (conv update, gating, l2-norm and the recurrence on the slot's state in place); anything else the chunked
+        path."""
+        if batch.tokens_per_row == 1:
+            return fused_gdn_decode(
+                mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,
+                conv_weight=self.conv1d.weight.squeeze(1), conv_state=state.conv, ssm_state=state.ssm,
+                slots=batch.state_slots, num_k_heads=self.num_k_heads, head_k_dim=self.head_k_dim,
+                num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim, scale=self.head_k_dim ** -0.5)
+        return self._chunked(mixed_qkv, a, b, batch, state)
+
+    def _chunked(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: ForwardBatch,
+                 state: GDNState) -> torch.Tensor:
         """Varlen chunks, each from its slot's state (or zeros); final conv/ssm states written back to the slots."""
         T = mixed_qkv.shape[0]
         mixed = causal_conv1d_prefill(x=mixed_qkv, weight=self.conv1d.weight.squeeze(1),
-                                      conv_state=conv_state, cu_seqlens=batch.cu_seqlens, slots=batch.state_slots,
+                                      conv_state=state.conv, cu_seqlens=batch.cu_seqlens, slots=batch.state_slots,
                                       has_initial_state=batch.has_initial_state)
         q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # beta is rounded to the activation dtype as in the reference implementation.
         g, beta = gdn_gating(a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias, beta_dtype=mixed_qkv.dtype)
+        cu = batch.cu_seqlens_long if batch.cu_seqlens_long is not None else batch.cu_seqlens
         return chunk_gated_delta_rule(
             q=q.reshape(T, self.num_k_heads, self.head_k_dim), k=k.reshape(T, self.num_k_heads, self.head_k_dim),
-            v=v.reshape(T, self.num_v_heads, self.head_v_dim), g=g, beta=beta, state=ssm_state,
-            slots=batch.state_slots, cu_seqlens=batch.cu_seqlens, has_initial_state=batch.has_initial_state,
-            scale=self.head_k_dim ** -0.5, use_qk_l2norm=True, cu_seqlens_cpu=batch.cu_seqlens_cpu,
+            v=v.reshape(T, self.num_v_heads, self.head_v_dim), g=g, beta=beta, state=state.ssm,
+            slots=batch.state_slots, cu_seqlens=cu, has_initial_state=batch.has_initial_state,
+            scale=self.head_k_dim ** -0.5, use_qk_l2norm=True, chunk_indices=batch.chunk_indices,
             any_padding=batch.any_padding)

@@ -1,11 +1,16 @@
-"""Linear layers. Quantized formats plug in later as alternative linear methods; models never branch on quant."""
+"""Linear layers and the linear methods behind them. A layer holds a LinearMethod, which creates the layer's
+parameters, applies them, and declares the checkpoint tensors that fill them; quantized formats are other methods,
+so models never branch on the format. Qwen3.5 projections have no bias."""
 
 from __future__ import annotations
+
+from collections.abc import Set
 
 import torch
 from torch import nn
 
 from deltaserve.kernels.linear import linear
+from deltaserve.layers.weights import TensorSource, WeightSlot, init_dummy_param
 
 
 def new_param(*shape: int, dtype: torch.dtype, device: torch.device | str | None = None) -> nn.Parameter:
@@ -13,43 +18,84 @@ def new_param(*shape: int, dtype: torch.dtype, device: torch.device | str | None
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+class LinearMethod:
+    """How a linear layer stores and applies its weight. This one: a plain [out, in] weight in the model dtype, as
+    Hugging Face checkpoints store it."""
+
+    name = "unquantized"
+
+    def create_weights(self, layer: Linear, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
+        layer.weight = new_param(layer.out_features, layer.in_features, dtype=dtype, device=device)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return linear(x=x, weight=layer.weight)
+
+    def shard_layout(self, layer: Linear, name: str, rows: slice) -> dict[str, WeightSlot]:
+        """The checkpoint tensors of one projection stored in `rows` of the layer's output (name: the projection's
+        checkpoint path, without the tensor suffix)."""
+        dest = layer.weight[rows]
+
+        def load(source: TensorSource) -> None:
+            with torch.no_grad():
+                dest.copy_(source.read())
+        return {f"{name}.weight": WeightSlot((rows.stop - rows.start, layer.in_features), load,
+                                             save=lambda: dest.detach().clone())}
+
+    def init_dummy(self, layer: Linear, prefix: str, seed: int) -> None:
+        init_dummy_param(prefix + "weight", layer.weight, seed)
+
+
 class Linear(nn.Module):
-    """y = x @ W^T, W: [out, in] as stored in Hugging Face checkpoints. No bias (Qwen3.5 has none)."""
+    """y = x @ W^T with W: [out, in]; what W is made of is the linear method's business."""
 
     def __init__(self, in_features: int, out_features: int, *, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, method: LinearMethod | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = new_param(out_features, in_features, dtype=dtype, device=device)
+        self.method = method or LinearMethod()
+        self.method.create_weights(self, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x=x, weight=self.weight)
+        return self.method.apply(self, x)
+
+    def weight_layout(self, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
+        return self.method.shard_layout(self, prefix.rstrip("."), slice(0, self.out_features))
+
+    def init_dummy_weights(self, prefix: str, seed: int) -> None:
+        self.method.init_dummy(self, prefix, seed)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}"
+        return f"in={self.in_features}, out={self.out_features}, method={self.method.name}"
 
 
 class MergedLinear(Linear):
-    """Projections of the same input stored as one weight, so they run as one GEMM (at decode, one weight stream
+    """Projections of the same input stored as one layer, so they run as one GEMM (at decode, one weight stream
     instead of several small ones). Checkpoints keep them apart: `shards` maps each checkpoint projection name (a
-    sibling of this module, e.g. "gate_proj") to its row count; the loader fills each shard's rows in order."""
+    sibling of this module, e.g. "gate_proj") to its row count; each shard's tensors fill its rows, in order."""
 
     def __init__(self, in_features: int, shards: dict[str, int], *, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__(in_features, sum(shards.values()), dtype=dtype, device=device)
+                 device: torch.device | str | None = None, method: LinearMethod | None = None) -> None:
         self.shards = dict(shards)
+        super().__init__(in_features, sum(shards.values()), dtype=dtype, device=device, method=method)
 
     def shard_rows(self) -> dict[str, slice]:
-        """Checkpoint projection name -> its rows of the merged weight."""
+        """Checkpoint projection name -> its rows of the merged output."""
         rows, start = {}, 0
         for name, size in self.shards.items():
             rows[name] = slice(start, start + size)
             start += size
         return rows
 
+    def weight_layout(self, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
+        parent = prefix.rstrip(".").rpartition(".")[0]
+        layout: dict[str, WeightSlot] = {}
+        for shard, rows in self.shard_rows().items():
+            layout.update(self.method.shard_layout(self, f"{parent}.{shard}" if parent else shard, rows))
+        return layout
+
     def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The shards' outputs, in order: column views of one [T, out] result."""
         return self(x).split(list(self.shards.values()), dim=-1)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, shards={self.shards}"
+        return f"in={self.in_features}, shards={self.shards}, method={self.method.name}"

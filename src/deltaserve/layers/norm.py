@@ -7,6 +7,7 @@ from torch import nn
 
 from deltaserve.kernels.norm import gated_rms_norm, rms_norm
 from deltaserve.layers.linear import new_param
+from deltaserve.layers.weights import seeded
 
 
 class RMSNorm(nn.Module):
@@ -17,7 +18,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = new_param(dim, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> norm(x); with a residual, (norm(x + residual), x + residual): the add fused in."""
         return rms_norm(x=x, weight=self.weight, eps=self.eps, residual=residual)
 
 
@@ -31,3 +34,7 @@ class GatedRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         return gated_rms_norm(x=x, gate=gate, weight=self.weight, eps=self.eps)
+
+    def init_dummy_weights(self, prefix: str, seed: int) -> None:
+        with torch.no_grad():  # a plain scale (not zero-centred): stored near 1
+            self.weight.normal_(1.0, 0.02, generator=seeded(prefix + "weight", seed, self.weight.device))

@@ -1,8 +1,10 @@
-"""Checkpoint loading: safetensors (sharded or single file) -> the model's parameters, or deterministic dummy weights.
+"""Checkpoint loading: safetensors files (sharded or single) -> the model's parameters, or deterministic dummy weights.
 
-Each tensor is mapped from the file straight into its final parameter (one tensor mapped at a time, then unmapped), so
-peak host memory stays near the size of the weights. Names and shapes are all checked from the file headers before a
-byte of weights is read: a missing tensor, an unexpected one or a shape mismatch fails fast with the names involved.
+The loader handles files only. Which checkpoint tensors exist, what shape each must have and where it goes is declared
+by the modules that own the parameters (`weight_layout`, see layers/weights.py). Names and shapes are all checked from
+the file headers before a byte of weights is read: a missing tensor, an unexpected one or a shape mismatch fails fast
+with the names involved. Each tensor is then mapped from its file and handed to its module (one tensor mapped at a
+time, then unmapped), so peak host memory stays near the size of the weights.
 """
 
 from __future__ import annotations
@@ -11,17 +13,15 @@ import json
 import logging
 import math
 import mmap
-import re
 import struct
-import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
-from deltaserve.config import ModelConfig
+from deltaserve.config import ModelConfig, QuantizationConfig, RankShapes
+from deltaserve.layers.weights import WeightSlot, init_dummy, layout_of
 from deltaserve.models.qwen3_5 import Qwen3_5ForCausalLM
 
 log = logging.getLogger(__name__)
@@ -31,14 +31,16 @@ SAFETENSORS_DTYPES = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
-SKIPPED_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.")
-FP32_PARAMS = ("linear_attn.A_log", "linear_attn.norm.weight")
+# Checkpoint prefixes of the text decoder (nested ConditionalGeneration or flat CausalLM form) -> ours.
+TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
+VISION_PREFIXES = ("model.visual.", "visual.", "model.vision_tower.")  # never read: the vision tower is not served
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit for the JSON header
 PROGRESS_MIN_BYTES = 1 << 30  # below ~1 GiB loading takes a few seconds at most: no progress bar
-_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(?P<e>\d+)\.(?P<proj>gate|up|down)_proj\.weight$")
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 class CheckpointError(ValueError):
-    """The checkpoint does not match the model: the message lists the tensors involved."""
+    """The checkpoint does not match the model, or a file is not a valid safetensors file; the message names it."""
 
 
 @dataclass(frozen=True)
@@ -53,23 +55,19 @@ class TensorEntry:
     end: int
 
 
-@dataclass(frozen=True)
-class Target:
-    """Where a checkpoint tensor goes: a parameter, a view of it, and how much of the parameter it covers."""
-
-    param_name: str
-    view: Callable[[torch.Tensor], torch.Tensor]
-    units: int
-
-
-# ---- reading safetensors headers ----------------------------------------------------------------------------------
+# ---- reading safetensors files -------------------------------------------------------------------------------------
 
 def read_header(path: Path) -> list[TensorEntry]:
+    """The tensors a safetensors file holds; CheckpointError naming the file when it is truncated or corrupt."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw_len = f.read(8)
         if len(raw_len) != 8:
             raise CheckpointError(f"{path} is not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", raw_len)
+        if n > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path} is not a valid safetensors file (header length {n} bytes, file size "
+                                  f"{size} bytes): the file is truncated or corrupt")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -78,11 +76,15 @@ def read_header(path: Path) -> list[TensorEntry]:
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in SAFETENSORS_DTYPES:
-            raise CheckpointError(f"tensor '{name}' in {path.name} has unsupported dtype {info['dtype']}")
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor '{name}' in {path.name} has unsupported dtype {info.get('dtype')}")
         begin, end = info["data_offsets"]
-        entries.append(TensorEntry(name, path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
-                                   8 + n + begin, 8 + n + end))
+        entry = TensorEntry(name, path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), 8 + n + begin,
+                            8 + n + end)
+        if entry.end > size or entry.end - entry.begin != math.prod(entry.shape) * entry.dtype.itemsize:
+            raise CheckpointError(f"{path} is truncated or corrupt: tensor '{name}' should occupy bytes "
+                                  f"[{entry.begin}, {entry.end}) of a {size}-byte file")
+        entries.append(entry)
     return entries
 
 
@@ -102,138 +104,106 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_into(entry: TensorEntry, dest: torch.Tensor) -> None:
-    """Map just this tensor's bytes and copy them into `dest` (converting dtype/device); unmap right after."""
+def read_entry(entry: TensorEntry) -> torch.Tensor:
+    """The tensor, mapped from its file (copy-on-write, only its own bytes); unmapped once the tensor is dropped."""
     if entry.end == entry.begin:
-        return
+        return torch.empty(entry.shape, dtype=entry.dtype)
     start = entry.begin - entry.begin % mmap.ALLOCATIONGRANULARITY
     with open(entry.file, "rb") as f:
         mm = mmap.mmap(f.fileno(), entry.end - start, offset=start, access=mmap.ACCESS_COPY)
-    try:
-        count = math.prod(entry.shape)
-        src = torch.frombuffer(mm, dtype=entry.dtype, count=count, offset=entry.begin - start).view(entry.shape)
-        dest.copy_(src)
-        del src
-    finally:
-        mm.close()
+    count = math.prod(entry.shape)
+    return torch.frombuffer(mm, dtype=entry.dtype, count=count, offset=entry.begin - start).view(entry.shape)
 
 
-# ---- name mapping --------------------------------------------------------------------------------------------------
+class EntrySource:
+    """A TensorSource over one file entry: reads map just the bytes they need (a narrow along dim 0 maps only its
+    rows)."""
 
-def normalize_name(name: str) -> str | None:
-    """Checkpoint name -> our parameter name; None for tensors we deliberately skip (vision tower)."""
-    if name.startswith(SKIPPED_PREFIXES):
+    def __init__(self, entry: TensorEntry, name: str) -> None:
+        self.entry, self.name, self.shape = entry, name, entry.shape
+
+    def read(self) -> torch.Tensor:
+        return read_entry(self.entry)
+
+    def narrow(self, dim: int, start: int, length: int) -> EntrySource | _NarrowedSource:
+        if dim != 0:
+            return _NarrowedSource(self, dim, start, length)
+        row = math.prod(self.shape[1:]) * self.entry.dtype.itemsize
+        entry = replace(self.entry, shape=(length, *self.shape[1:]), begin=self.entry.begin + start * row,
+                        end=self.entry.begin + (start + length) * row)
+        return EntrySource(entry, self.name)
+
+
+class _NarrowedSource:
+    def __init__(self, base: EntrySource, dim: int, start: int, length: int) -> None:
+        self.base, self.dim, self.start, self.length = base, dim, start, length
+        self.name = base.name
+        self.shape = tuple(length if d == dim else s for d, s in enumerate(base.shape))
+
+    def read(self) -> torch.Tensor:
+        return self.base.read().narrow(self.dim, self.start, self.length)
+
+    def narrow(self, dim: int, start: int, length: int) -> _NarrowedSource:
+        raise NotImplementedError("narrowing a tensor twice along different dims")
+
+
+# ---- matching the checkpoint to the model --------------------------------------------------------------------------
+
+def text_model_name(name: str) -> str | None:
+    """Checkpoint name -> our module path; None for tensors deliberately skipped (the vision tower)."""
+    if name.startswith(VISION_PREFIXES):
         return None
-    for prefix in ("model.language_model.", "language_model.model.", "model."):
+    for prefix in TEXT_PREFIXES:
         if name.startswith(prefix):
             return "model." + name[len(prefix):]
     return name  # lm_head.weight, mtp.*
 
 
-def merged_shards(model: torch.nn.Module) -> dict[str, tuple[str, slice]]:
-    """Checkpoint name of each projection that the model stores merged (layers.linear.MergedLinear) -> (the merged
-    parameter's name, its rows there)."""
-    from deltaserve.layers.linear import MergedLinear
-
-    out = {}
-    for mod_name, mod in model.named_modules():
-        if isinstance(mod, MergedLinear):
-            parent = mod_name.rpartition(".")[0]
-            for shard, rows in mod.shard_rows().items():
-                out[f"{parent}.{shard}.weight" if parent else f"{shard}.weight"] = (f"{mod_name}.weight", rows)
-    return out
+def model_layout(model: torch.nn.Module, present: set[str]) -> dict[str, WeightSlot]:
+    """Every checkpoint tensor the model's modules load, by checkpoint name (each module declares its own)."""
+    layout: dict[str, WeightSlot] = {}
+    for path, module in model.named_modules():
+        for name, slot in layout_of(module, f"{path}." if path else "", present).items():
+            if name in layout:
+                raise RuntimeError(f"two modules claim checkpoint tensor {name!r}")  # a bug in a layout
+            layout[name] = slot
+    return layout
 
 
-def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under checkpoint names (merged projections split back into theirs): what load_model
-    reads, e.g. to save a dummy-weight model as a checkpoint."""
-    state = model.state_dict()
-    shards = merged_shards(model)
-    merged = {m for m, _ in shards.values()}
-    out = {n: t for n, t in state.items() if n not in merged}
-    out.update({n: state[m][rows].clone() for n, (m, rows) in shards.items()})  # own storage: savers may refuse views
-    return out
-
-
-def resolve_target(name: str, params: dict[str, torch.nn.Parameter],
-                   shards: dict[str, tuple[str, slice]] | None = None) -> Target | None:
-    if name in params:
-        p = params[name]
-        units = 2 * p.shape[0] if name.endswith("experts.gate_up_proj") else (
-            p.shape[0] if name.endswith("experts.down_proj") else 1)
-        return Target(name, lambda t: t, units)
-    if shards and name in shards:
-        merged, rows = shards[name]
-        return Target(merged, lambda t: t[rows], 1)
-    m = _PER_EXPERT.match(name)
-    if m is None:
-        return None
-    e, proj = int(m["e"]), m["proj"]
-    if proj == "down":
-        return Target(f"{m['prefix']}.down_proj", lambda t: t[e], 1)
-    fused = f"{m['prefix']}.gate_up_proj"
-    if fused not in params:
-        return None
-    half = params[fused].shape[1] // 2
-    rows = slice(0, half) if proj == "gate" else slice(half, 2 * half)
-    return Target(fused, lambda t: t[e, rows], 1)
-
-
-def required_units(name: str, p: torch.Tensor, shard_counts: dict[str, int] | None = None) -> int:
-    if shard_counts and name in shard_counts:
-        return shard_counts[name]
-    if name.endswith("experts.gate_up_proj"):
-        return 2 * p.shape[0]
-    if name.endswith("experts.down_proj"):
-        return p.shape[0]
-    return 1
-
-
-# ---- planning and loading ------------------------------------------------------------------------------------------
-
-def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter], config: ModelConfig,
-              shards: dict[str, tuple[str, slice]] | None = None) -> list[tuple[TensorEntry, Target]]:
-    """Match every checkpoint tensor to its parameter (or its rows of a merged one); raise listing every problem."""
-    shards = shards or {}
-    plan: list[tuple[TensorEntry, Target]] = []
-    unexpected, mismatched = [], []
-    covered: dict[str, int] = {}
-    seen: dict[str, int] = {}
+def plan_load(entries: list[TensorEntry], model: Qwen3_5ForCausalLM,
+              config: ModelConfig) -> list[tuple[TensorEntry, str, WeightSlot]]:
+    """Match every checkpoint tensor to the slot that loads it; raise listing every problem."""
+    named: dict[str, list[TensorEntry]] = {}
     for entry in entries:
-        name = normalize_name(entry.name)
-        if name is None or (name == "lm_head.weight" and config.tie_word_embeddings):
-            continue  # vision tower, or a redundant copy of the tied embedding
-        target = resolve_target(name, params, shards)
-        if target is None:
-            unexpected.append(entry.name)
+        name = text_model_name(entry.name)
+        if name is None or (name.startswith("mtp.") and model.mtp is None):
+            continue  # the vision tower; the MTP head when speculative decoding does not use it
+        named.setdefault(name, []).append(entry)
+    problems: list[str] = []
+    try:
+        layout = model_layout(model, set(named))
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint in {config.model_dir} does not match the {config.architecture} config:"
+                              f"\n{e}") from None
+    plan = []
+    for name, found in named.items():
+        slot = layout.get(name)
+        if slot is None:
             continue
-        expected = tuple(target.view(params[target.param_name]).shape)
-        if expected != entry.shape:
-            mismatched.append(f"{entry.name}: expected {list(expected)}, found {list(entry.shape)}")
-            continue
-        covered[target.param_name] = covered.get(target.param_name, 0) + target.units
-        seen[name] = seen.get(name, 0) + 1
-        plan.append((entry, target))
-    shard_counts: dict[str, int] = {}
-    for merged, _ in shards.values():
-        shard_counts[merged] = shard_counts.get(merged, 0) + 1
-    # A merged parameter short of a shard is reported by the checkpoint name of the shard that is missing.
-    missing = [n for n, (merged, _) in shards.items() if n not in seen and merged in params]
-    missing += [n for n, p in params.items()
-                if n not in shard_counts and covered.get(n, 0) < required_units(n, p)]
-    duplicated = [n for n, count in seen.items() if count > 1 and n in shards]  # a merged shard given twice
-    duplicated += [n for n, p in params.items()
-                   if n not in shard_counts and covered.get(n, 0) > required_units(n, p)]
-    problems = []
-    if mismatched:
-        problems.append("shape mismatch:\n  " + "\n  ".join(mismatched))
+        if len(found) > 1:
+            problems.append(f"tensor given more than once: {name} (in {sorted({e.file.name for e in found})})")
+        elif found[0].shape != slot.shape:
+            problems.append(f"shape mismatch: {found[0].name}: expected {list(slot.shape)}, found "
+                            f"{list(found[0].shape)}")
+        else:
+            plan.append((found[0], name, slot))
+    unexpected = [e.name for n, es in named.items() if n not in layout for e in es]
+    missing = [n for n, slot in layout.items() if n not in named and not slot.optional]
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s) that this model has no parameter for:\n  "
                         + "\n  ".join(unexpected[:50]) + ("\n  ..." if len(unexpected) > 50 else ""))
     if missing:
         problems.append(f"{len(missing)} missing tensor(s):\n  " + "\n  ".join(missing[:50]))
-    if duplicated:
-        problems.append("tensors given more than once (fused and per-expert forms mixed?):\n  " + "\n  ".join(duplicated))
     if problems:
         raise CheckpointError(f"checkpoint in {config.model_dir} does not match the {config.architecture} config:\n"
                               + "\n".join(problems))
@@ -241,54 +211,50 @@ def plan_load(entries: list[TensorEntry], params: dict[str, torch.nn.Parameter],
 
 
 def load_weights(model: Qwen3_5ForCausalLM, entries: list[TensorEntry]) -> None:
-    params = dict(model.named_parameters())
-    plan = plan_load(entries, params, model.config, merged_shards(model))
-    total = sum(e.end - e.begin for e, _ in plan)
+    plan = plan_load(entries, model, model.config)
+    total = sum(e.end - e.begin for e, _, _ in plan)
     with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights",
                                disable=total < PROGRESS_MIN_BYTES) as bar:
-        for entry, target in plan:
-            read_into(entry, target.view(params[target.param_name]))
+        for entry, name, slot in plan:
+            slot.load(EntrySource(entry, name))
             bar.update(entry.end - entry.begin)
 
 
-def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
-    """Deterministic random weights of realistic scale, generated directly on each parameter's device."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            g = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(name.encode()))
-            if name.endswith("A_log"):
-                p.uniform_(1.0, 16.0, generator=g).log_()
-            elif name.endswith("dt_bias"):
-                p.uniform_(0.0, 1.0, generator=g)
-            elif name.endswith("linear_attn.norm.weight"):
-                p.normal_(1.0, 0.02, generator=g)
-            elif p.dim() == 1:  # zero-centred RMSNorm weights are stored near 0
-                p.normal_(0.0, 0.02, generator=g)
-            elif name.endswith("embed_tokens.weight"):
-                p.normal_(0.0, 0.02, generator=g)
-            else:  # [.., out, in] projections: keep activations O(1)
-                p.normal_(0.0, p.shape[-1] ** -0.5, generator=g)
+def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under checkpoint names, as its modules would load them (merged projections split back
+    into theirs, fused experts fused): what load_model reads, e.g. to save a dummy-weight model as a checkpoint.
+    Tensors own their storage (savers may refuse views)."""
+    return {n: slot.save().clone() for n, slot in model_layout(model, set()).items() if slot.save is not None}
 
+
+def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
+    """Deterministic random weights of realistic scale, generated on each parameter's device (each module knows the
+    ranges of its own parameters)."""
+    with torch.no_grad():
+        for path, module in model.named_modules():
+            init_dummy(module, f"{path}." if path else "", seed)
+
+
+# ---- building the model ---------------------------------------------------------------------------------------------
 
 def _dtype(name: str) -> torch.dtype:
-    try:
-        dtype = getattr(torch, name)
-    except AttributeError:
-        dtype = None
+    dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype {name!r} is not a torch dtype; use bfloat16, float16 or float32")
     return dtype
 
 
 def load_model(config: ModelConfig, *, dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-               load_format: str = "auto", with_mtp: bool | None = None) -> Qwen3_5ForCausalLM:
+               load_format: str = "auto", with_mtp: bool = False, shapes: RankShapes | None = None,
+               quantization: QuantizationConfig | None = None) -> Qwen3_5ForCausalLM:
     """Build the model on `device` and fill it from `config.model_dir` (load_format "auto"/"safetensors"), or with
-    deterministic random weights ("dummy", for benchmarks at real shapes). dtype defaults to the checkpoint's."""
-    if load_format not in ("auto", "safetensors", "dummy"):
-        raise ValueError(f"load_format {load_format!r} is not supported; use 'auto', 'safetensors' or 'dummy'")
-    if config.quantization_config and load_format != "dummy":
-        method = config.quantization_config.get("quant_method", "?")
-        raise CheckpointError(f"quantized checkpoints (quant_method {method!r}) are not supported yet; "
+    deterministic random weights ("dummy", for benchmarks at real shapes). dtype defaults to the checkpoint's. The
+    MTP head is built and loaded only with with_mtp (a checkpoint without mtp.* tensors is then an error)."""
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format {load_format!r} is not supported; use one of {LOAD_FORMATS}")
+    quantization = quantization or QuantizationConfig.from_model(config)
+    if quantization is not None and load_format != "dummy":
+        raise CheckpointError(f"quantized checkpoints (quant_method {quantization.method!r}) are not supported yet; "
                               "use the bf16 release of the model")
     dtype = _dtype(dtype) if isinstance(dtype, str) else (dtype or _dtype(config.dtype))
     entries: list[TensorEntry] = []
@@ -296,16 +262,10 @@ def load_model(config: ModelConfig, *, dtype: torch.dtype | str | None = None, d
         if config.model_dir is None:
             raise ValueError("config has no model_dir to load weights from; use load_format='dummy' or from_hf(dir)")
         entries = [e for f in checkpoint_files(Path(config.model_dir)) for e in read_header(f)]
-        has_mtp = any(e.name.startswith("mtp.") for e in entries)
-        if with_mtp is None:
-            if config.mtp_num_hidden_layers and not has_mtp:
-                log.warning("config.json declares an MTP head but the checkpoint has no mtp.* tensors; "
-                            "loading without it (MTP speculative decoding unavailable)")
-            with_mtp = bool(config.mtp_num_hidden_layers) and has_mtp
-    model = Qwen3_5ForCausalLM(config, dtype=dtype, device=device, with_mtp=with_mtp)
-    for name, p in model.named_parameters():
-        if name.endswith(FP32_PARAMS):
-            assert p.dtype == torch.float32, name
+        if with_mtp and not any(e.name.startswith("mtp.") for e in entries):
+            raise CheckpointError(f"the MTP head was asked for (speculative decoding) but the checkpoint in "
+                                  f"{config.model_dir} has no mtp.* tensors; use a checkpoint that ships them")
+    model = Qwen3_5ForCausalLM(config, dtype=dtype, device=device, with_mtp=with_mtp, shapes=shapes)
     if load_format == "dummy":
         init_dummy_weights(model)
     else:

@@ -9,48 +9,48 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltaserve.cache.tensors import ModelCache
-from deltaserve.config import ModelConfig
-from deltaserve.kernels.linear import linear
+from deltaserve.cache.tensors import MTP_LAYER, GDNState, KVPages, ModelCache
+from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.layers.attention import GatedAttention
+from deltaserve.layers.embedding import LMHead, TiedLMHead, VocabEmbedding
+from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.gdn import GatedDeltaNet
-from deltaserve.layers.linear import Linear, new_param
-from deltaserve.layers.meta import ForwardBatch
+from deltaserve.layers.linear import Linear
 from deltaserve.layers.mlp import MLP
 from deltaserve.layers.moe import SparseMoE
 from deltaserve.layers.norm import RMSNorm
 
-MTP_LAYER = "mtp.0"  # cache key of the MTP head's own attention layer
+__all__ = ["MTP_LAYER", "DecoderLayer", "MTPHead", "Qwen3_5ForCausalLM", "Qwen3_5Model"]
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_type: str, *, dtype: torch.dtype,
+    def __init__(self, config: ModelConfig, shapes: RankShapes, layer_type: str, *, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
         self.layer_type = layer_type
         if layer_type == "linear_attention":
-            self.linear_attn = GatedDeltaNet(config, dtype=dtype, device=device)
+            self.linear_attn = GatedDeltaNet(config, shapes, dtype=dtype, device=device)
         else:
-            self.self_attn = GatedAttention(config, dtype=dtype, device=device)
+            self.self_attn = GatedAttention(config, shapes, dtype=dtype, device=device)
         if config.is_moe:
-            self.mlp: nn.Module = SparseMoE(config, dtype=dtype, device=device)
+            self.mlp: nn.Module = SparseMoE(config, shapes, dtype=dtype, device=device)
         else:
-            assert config.intermediate_size is not None
-            self.mlp = MLP(config.hidden_size, config.intermediate_size, dtype=dtype, device=device)
+            assert shapes.intermediate_size is not None
+            self.mlp = MLP(config.hidden_size, shapes.intermediate_size, dtype=dtype, device=device)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
-                layer_cache: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+                layer_cache: KVPages | GDNState) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output before its residual add, the residual stream); the next norm fuses the add."""
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
         if self.layer_type == "linear_attention":
-            x = self.linear_attn(x, batch, layer_cache)
+            x = self.linear_attn(x, batch, layer_cache)  # type: ignore[arg-type]
         else:
-            x = self.self_attn(x, batch, layer_cache)
+            x = self.self_attn(x, batch, layer_cache)  # type: ignore[arg-type]
         x, residual = self.post_attention_layernorm(x, residual)
         return self.mlp(x), residual
 
@@ -58,15 +58,16 @@ class DecoderLayer(nn.Module):
 class Qwen3_5Model(nn.Module):
     """Embedding, decoder stack and final norm. Parameter names follow the checkpoint's text-model names."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    def __init__(self, config: ModelConfig, shapes: RankShapes, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = new_param(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
-        self.layers = nn.ModuleList(DecoderLayer(config, t, dtype=dtype, device=device) for t in config.layer_types)
+        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.layers = nn.ModuleList(DecoderLayer(config, shapes, t, dtype=dtype, device=device)
+                                    for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return nn.functional.embedding(input_ids, self.embed_tokens.weight)
+        return self.embed_tokens(input_ids)
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:
         """input_ids: [T] -> final-normed hidden states [T, D]."""
@@ -81,13 +82,14 @@ class MTPHead(nn.Module):
     """Multi-token-prediction head: fc([norm(embed(next token)), norm(hidden)]) -> one full-attention decoder layer
     -> norm. Shares the main model's embedding and lm_head."""
 
-    def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None) -> None:
+    def __init__(self, config: ModelConfig, shapes: RankShapes, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         d, eps = config.hidden_size, config.rms_norm_eps
         self.pre_fc_norm_embedding = RMSNorm(d, eps, dtype=dtype, device=device)
         self.pre_fc_norm_hidden = RMSNorm(d, eps, dtype=dtype, device=device)
         self.fc = Linear(2 * d, d, dtype=dtype, device=device)
-        self.layers = nn.ModuleList([DecoderLayer(config, "full_attention", dtype=dtype, device=device)])
+        self.layers = nn.ModuleList([DecoderLayer(config, shapes, "full_attention", dtype=dtype, device=device)])
         self.norm = RMSNorm(d, eps, dtype=dtype, device=device)
 
     def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
@@ -95,27 +97,23 @@ class MTPHead(nn.Module):
         """embeds: [T, D] embeddings of the next tokens; hidden: [T, D] final-normed main-model states at the same
         positions -> [T, D] normed MTP states (feed to the lm_head for draft logits)."""
         x = torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1)
-        h, residual = self.layers[0](self.fc(x), None, batch, cache.layer(MTP_LAYER))
+        h, residual = self.layers[0](self.fc(x), None, batch, cache.attention(MTP_LAYER))
         h, _ = self.norm(h, residual)
         return h
 
 
 class Qwen3_5ForCausalLM(nn.Module):
-    """The served model: decoder, lm_head (or tied embedding) and, when the checkpoint has one, the MTP head."""
+    """The served model: decoder, lm_head (or the tied embedding) and, when asked for, the MTP head."""
 
     def __init__(self, config: ModelConfig, *, dtype: torch.dtype, device: torch.device | str | None = None,
-                 with_mtp: bool | None = None) -> None:
+                 with_mtp: bool = False, shapes: RankShapes | None = None) -> None:
         super().__init__()
         self.config = config
-        self.model = Qwen3_5Model(config, dtype=dtype, device=device)
-        if not config.tie_word_embeddings:
-            self.lm_head = Linear(config.hidden_size, config.vocab_size, dtype=dtype, device=device)
-        use_mtp = config.mtp_num_hidden_layers > 0 if with_mtp is None else with_mtp
-        self.mtp = MTPHead(config, dtype=dtype, device=device) if use_mtp else None
-
-    @property
-    def lm_head_weight(self) -> torch.Tensor:
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+        shapes = shapes or RankShapes.for_rank(config)
+        self.model = Qwen3_5Model(config, shapes, dtype=dtype, device=device)
+        self.lm_head: nn.Module = (TiedLMHead(self.model.embed_tokens) if config.tie_word_embeddings else
+                                   LMHead(config.hidden_size, config.vocab_size, dtype=dtype, device=device))
+        self.mtp = MTPHead(config, shapes, dtype=dtype, device=device) if with_mtp else None
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:
         """input_ids: [T] -> final-normed hidden states [T, D] (call compute_logits on the rows you need)."""
@@ -124,13 +122,13 @@ class Qwen3_5ForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor, *, upcast: bool = True) -> torch.Tensor:
         """hidden: [M, D] -> logits [M, vocab] in fp32, or with upcast=False in the model dtype (the same values:
         the engine's sampler reads those directly, sparing an [M, vocab] fp32 copy per step)."""
-        logits = linear(x=hidden, weight=self.lm_head_weight)
+        logits = self.lm_head(hidden)
         return logits.float() if upcast else logits
 
     def mtp_forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
                     cache: ModelCache) -> torch.Tensor:
         """Draft step: next_ids [T] (token after each position), hidden [T, D] -> MTP hidden [T, D]."""
         if self.mtp is None:
-            raise RuntimeError("this checkpoint has no MTP head (no mtp.* tensors); speculative decoding with MTP "
-                               "needs a checkpoint that ships one")
+            raise RuntimeError("this model was built without its MTP head (no mtp.* tensors in the checkpoint, or "
+                               "speculative decoding not enabled)")
         return self.mtp(self.model.embed(next_ids), hidden, batch, cache)

@@ -8,12 +8,11 @@ defaults, so a namespace missing an option still works.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from deltaserve.engine.engine import EngineArgs
+from deltaserve.config import EngineArgs
 
 REASONING_PARSERS = ("qwen3", "none")
 TOOL_CALL_PARSERS = ("qwen3_coder", "none")
@@ -59,9 +58,9 @@ def _require(cond: bool, message: str) -> None:
 def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every option of `deltaserve serve`: the CLI's engine options (MODEL, --device, ..., --log-level) and the
     server's own."""
-    from deltaserve.cli import add_engine_options
+    from deltaserve.cli import add_model_and_engine_options
 
-    add_engine_options(parser)
+    add_model_and_engine_options(parser)
     add_server_options(parser)
     return parser
 
@@ -92,12 +91,12 @@ def resolve_model(args: argparse.Namespace) -> str:
 
 
 def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
-    """EngineArgs from whichever engine options the namespace has; absent ones keep EngineArgs' defaults."""
+    """EngineArgs from whichever engine options the namespace has (absent ones keep their defaults), with the
+    device resolved (the log names it)."""
+    from deltaserve.config import engine_args_from as from_namespace
     from deltaserve.llm import default_device
 
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EngineArgs)
-             if f.name not in ("model", "device") and getattr(args, f.name, None) is not None}
-    return EngineArgs(model=model, device=getattr(args, "device", None) or default_device(), **given)
+    return from_namespace(args, model, device=getattr(args, "device", None) or default_device())
 
 
 def server_config_from(args: argparse.Namespace, model: str) -> ServerConfig:

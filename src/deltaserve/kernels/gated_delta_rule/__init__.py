@@ -1,19 +1,22 @@
-"""Gated delta rule (Gated DeltaNet core): chunked prefill, single-token recurrent decode, the fused decode step of a
-whole GDN core (conv + gating + norm + recurrence), and the g/beta gating.
+"""Gated delta rule (Gated DeltaNet core): chunked prefill (optionally keeping the state at every chunk start),
+single-token recurrent decode, the fused decode step of a whole GDN core (conv + gating + norm + recurrence), the
+same for k tokens per row keeping the state after each (verifying draft tokens) with its commit, and the g/beta
+gating.
 
 CUDA tensors run ``triton.py`` for the dispatched ops; anything else runs the references in ``ref.py``.
-``fused_recurrent_gated_delta_rule`` has no kernel of its own (decode on GPU goes through ``fused_gdn_decode``);
-its reference runs on any device."""
+``fused_recurrent_gated_delta_rule``, ``fused_gdn_multistep`` and ``commit_gdn_states`` have no kernel of their own
+yet: their references run on any device."""
 
 from __future__ import annotations
 
 from deltaserve.kernels._dispatch import dispatch
 
 from . import ref
-from .ref import fused_recurrent_gated_delta_rule
+from .ref import commit_gdn_states, fused_gdn_multistep, fused_recurrent_gated_delta_rule
 
 chunk_gated_delta_rule = dispatch(ref.chunk_gated_delta_rule, "deltaserve.kernels.gated_delta_rule.triton")
 fused_gdn_decode = dispatch(ref.fused_gdn_decode, "deltaserve.kernels.gated_delta_rule.triton")
 gdn_gating = dispatch(ref.gdn_gating, "deltaserve.kernels.gated_delta_rule.triton")
 
-__all__ = ["chunk_gated_delta_rule", "fused_gdn_decode", "fused_recurrent_gated_delta_rule", "gdn_gating"]
+__all__ = ["chunk_gated_delta_rule", "commit_gdn_states", "fused_gdn_decode", "fused_gdn_multistep",
+           "fused_recurrent_gated_delta_rule", "gdn_gating"]

@@ -1,6 +1,6 @@
 """Reference gated delta rule (Gated DeltaNet core) over a pool of fp32 recurrent states [S, HV, K, V].
 
-Per value head, per token (spec/qwen35.md section 3):
+Per value head, per token (docs/MODEL.md, "Gated DeltaNet"):
     S = exp(g_t) * S;  delta = beta_t * (v_t - S^T k_t);  S = S + outer(k_t, delta);  o_t = S^T (scale * q_t)
 Value head h reads key head h // (HV // H) (repeat_interleave, not tiling).
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from deltaserve.kernels._varlen import live_sequences
+from deltaserve.kernels._varlen import numbered_live_sequences
 
 _L2_EPS = 1e-6
 
@@ -50,10 +50,11 @@ def _to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
 
 def _chunk_sequence(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
-    state: torch.Tensor, chunk_size: int,
+    state: torch.Tensor, chunk_size: int, chunk_states: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One sequence in the chunked WY/UT form. q, k: [L, HV, K], v: [L, HV, V], g, beta: [L, HV], all fp32 with
-    q, k already normalised/scaled/expanded; state: [HV, K, V] fp32. Returns o: [L, HV, V] and the final state."""
+    q, k already normalised/scaled/expanded; state: [HV, K, V] fp32. Returns o: [L, HV, V] and the final state;
+    chunk_states ([ceil(L / chunk_size), HV, K, V]), when given, receives the state at the start of each chunk."""
     length = q.shape[0]
     q, k, v, g, beta = (_to_chunks(t, chunk_size) for t in (q, k, v, g, beta))  # [HV, n, C, ...]
     cum = g.cumsum(-1)  # log of the decay from the chunk start through token i
@@ -74,6 +75,8 @@ def _chunk_sequence(
     chunk_decay = cum[..., -1].exp()[..., None, None]  # [HV, n, 1, 1]
     o = torch.empty_like(v)
     for c in range(q.shape[1]):
+        if chunk_states is not None:
+            chunk_states[c] = state.to(chunk_states.dtype)
         u = u_in[:, c] - w[:, c] @ state  # [HV, C, V] this chunk's writes given the state at its start
         o[:, c] = q_decayed[:, c] @ state + attn[:, c] @ u
         state = state * chunk_decay[:, c] + k_to_end[:, c].transpose(-1, -2) @ u
@@ -94,33 +97,50 @@ def chunk_gated_delta_rule(
     scale: float,
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
-    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None,
     any_padding: bool = True,
+    chunk_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Prefill over N sequences packed flat; reads and writes their recurrent states in place.
 
     q, k: [T, H, K]; v: [T, HV, V] (HV % H == 0); g: [T, HV] fp32 log-decay (<= 0); beta: [T, HV];
-    state: [S, HV, K, V] fp32; cu_seqlens: [N+1] int32; slots: [N] int64 (< 0: skip, rows stay zero);
+    state: [S, HV, K, V] fp32; cu_seqlens: [N+1] int32 or int64; slots: [N] int64 (< 0: skip, rows stay zero);
     has_initial_state: [N] bool (False: start from zeros, the slot's content is ignored); scale: applied to q
     after the optional L2 norm. Returns o: [T, HV, V] in v.dtype; state[slot] holds the final state.
-    cu_seqlens_cpu (a host copy of cu_seqlens) and any_padding (False: no slot is < 0) are hints that let the GPU
-    path skip a host sync and a masking pass; the result does not depend on them.
+
+    chunk_states ([C, HV, K, V], C = sum over sequences of ceil(len / chunk_size)): when given, receives the state
+    at the start of every chunk of every sequence, in order (the first of a sequence is its initial state, the one
+    at relative position j * chunk_size is the state after its first j * chunk_size tokens: prefix-cache
+    checkpoints). Entries of skipped (slot < 0) sequences are left as they are.
+    chunk_indices ([C, 2] int64 (sequence, chunk) pairs, built on the host) and any_padding (False: no slot is < 0)
+    are hints that let the GPU path skip a host sync and a masking pass; the result does not depend on them.
     """
     num_v_heads, k_dim, v_dim = v.shape[1], k.shape[2], v.shape[2]
     q32, k32 = _prep_qk(q, k, num_v_heads, scale, use_qk_l2norm)
     v32, g32, beta32 = v.float(), g.float(), beta.float()
     o = torch.zeros_like(v)
-    for lo, hi, slot, init in live_sequences(cu_seqlens, slots, has_initial_state):
+    chunk_start = _chunk_offsets(cu_seqlens, chunk_size)
+    for n, (lo, hi, slot, init) in numbered_live_sequences(cu_seqlens, slots, has_initial_state):
         if init:
             s0 = state[slot].float()
         else:
             s0 = torch.zeros(num_v_heads, k_dim, v_dim, dtype=torch.float32, device=v.device)
+        seq_states = None if chunk_states is None else chunk_states[chunk_start[n]:chunk_start[n + 1]]
         o_seq, s_final = _chunk_sequence(
-            q32[lo:hi], k32[lo:hi], v32[lo:hi], g32[lo:hi], beta32[lo:hi], s0, chunk_size
+            q32[lo:hi], k32[lo:hi], v32[lo:hi], g32[lo:hi], beta32[lo:hi], s0, chunk_size, seq_states
         )
         o[lo:hi] = o_seq.to(v.dtype)
         state[slot] = s_final.to(state.dtype)
     return o
+
+
+def _chunk_offsets(cu_seqlens: torch.Tensor, chunk_size: int) -> list[int]:
+    """Index of each sequence's first chunk in the flat list of chunks (and the total at the end)."""
+    bounds = cu_seqlens.tolist()
+    offsets = [0]
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        offsets.append(offsets[-1] + -(-(hi - lo) // chunk_size))
+    return offsets
 
 
 def fused_recurrent_gated_delta_rule(
@@ -204,3 +224,67 @@ def fused_gdn_decode(
         v=v.reshape(n, num_v_heads, head_v_dim), g=g, beta=beta.to(mixed_qkv.dtype), state=ssm_state, slots=slots,
         scale=scale, use_qk_l2norm=True,
     )
+
+
+def fused_gdn_multistep(
+    *,
+    mixed_qkv: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    A_log: torch.Tensor,
+    dt_bias: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    slots: torch.Tensor,
+    tokens_per_row: int,
+    num_k_heads: int,
+    head_k_dim: int,
+    num_v_heads: int,
+    head_v_dim: int,
+    scale: float,
+    conv_states_out: torch.Tensor,
+    ssm_states_out: torch.Tensor,
+) -> torch.Tensor:
+    """k = tokens_per_row decode steps of a GDN layer's core for each of N rows, keeping the state after every
+    position (the verify step of speculative decoding: which of the k states to keep is known only after sampling).
+
+    mixed_qkv: [N*k, conv_dim] and a, b: [N*k, HV], row n's tokens at [n*k, (n+1)*k); conv_state, ssm_state: the
+    pools as in fused_gdn_decode, read and left unchanged; slots: [N] int64 (< 0: padding row, output zero, nothing
+    written); conv_states_out: [N, k, W-1, conv_dim] and ssm_states_out: [N, k, HV, K, V] receive the conv window
+    and the recurrent state after each position (commit_gdn_states installs one of them in the slot). Returns
+    o: [N*k, HV, V] in mixed_qkv.dtype, equal to k successive fused_gdn_decode calls.
+    """
+    n, k = slots.shape[0], tokens_per_row
+    valid = slots >= 0
+    rows = torch.where(valid, torch.arange(n, device=slots.device), torch.full_like(slots, -1))
+    # Work on copies of the rows' states (row i in scratch slot i): the pools stay as they were.
+    conv = conv_state[slots.clamp(min=0)].clone()
+    ssm = ssm_state[slots.clamp(min=0)].clone()
+    o = mixed_qkv.new_zeros(n, k, num_v_heads, head_v_dim)
+    step = (lambda t: t.view(n, k, *t.shape[1:]))
+    for j in range(k):
+        o[:, j] = fused_gdn_decode(
+            mixed_qkv=step(mixed_qkv)[:, j], a=step(a)[:, j], b=step(b)[:, j], A_log=A_log, dt_bias=dt_bias,
+            conv_weight=conv_weight, conv_state=conv, ssm_state=ssm, slots=rows, num_k_heads=num_k_heads,
+            head_k_dim=head_k_dim, num_v_heads=num_v_heads, head_v_dim=head_v_dim, scale=scale)
+        conv_states_out[valid, j] = conv[valid].to(conv_states_out.dtype)
+        ssm_states_out[valid, j] = ssm[valid].to(ssm_states_out.dtype)
+    return o.view(n * k, num_v_heads, head_v_dim)
+
+
+def commit_gdn_states(
+    *, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor, conv_states_out: torch.Tensor,
+    ssm_states_out: torch.Tensor, num_accepted: torch.Tensor,
+) -> None:
+    """Install in each row's slot the states fused_gdn_multistep kept after its num_accepted-th position.
+
+    slots: [N] int64 (< 0: skipped); num_accepted: [N] int64 in [0, k] (0: the slot keeps its state); the *_out
+    buffers as fused_gdn_multistep filled them."""
+    keep = (slots >= 0) & (num_accepted > 0)
+    rows = keep.nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return
+    pos = num_accepted[rows] - 1
+    conv_state[slots[rows]] = conv_states_out[rows, pos].to(conv_state.dtype)
+    ssm_state[slots[rows]] = ssm_states_out[rows, pos].to(ssm_state.dtype)

@@ -1,4 +1,5 @@
-"""GPU gated delta rule: a single-token decode step (two Triton launches) and chunked prefill through fla-core.
+"""GPU gated delta rule: a single-token decode step (two Triton launches), the gating and q/k-norm kernels of the
+prefill, and the chunked prefill itself through fla-core (fla_chunk.py).
 
 Same contracts as ``ref.py``. The recurrent state pool [S, HV, K, V] fp32 is read and written in place through the
 slot indices; slot < 0 is padding (output rows written as zeros, no state touched).
@@ -10,7 +11,7 @@ rest is computed; L2-normalise q and k of key head h = hv // (HV/H), scale q; g 
 beta = sigmoid(b); one delta-rule step; write o and the tile back. Splitting the conv out leaves the recurrence
 programs nothing to share, so they can be many and small (the state traffic is spread over every SM); the single
 fused kernels it replaced, which had to coordinate the q/k window shared by a key head's programs, ran at 65-70% of
-copy bandwidth at batch 64 against 85-89% for this pair (benchmarks/RESULTS.md, 2026-11-27 fifth session).
+copy bandwidth at batch 64 against 85-89% for this pair (benchmarks/RESULTS.md, "GDN decode in two launches").
 """
 
 from __future__ import annotations
@@ -286,31 +287,6 @@ def l2norm_qk(q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return out[0], out[1]
 
 
-# Chunk metadata of the last step's cu_seqlens: (the caller's tensor, its version, int64 copy, chunk indices).
-_CHUNK_META: list[tuple[torch.Tensor, int, int, torch.Tensor, torch.Tensor]] = []
-
-
-def _chunk_meta(cu_seqlens: torch.Tensor, cu_seqlens_cpu: torch.Tensor | None,
-                chunk_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(int64 cu_seqlens, fla's [num_chunks, 2] chunk indices), built once per step and shared by every GDN layer.
-    From the host copy when the caller has one: building them from the device tensor costs a host sync."""
-    if _CHUNK_META:
-        tensor, version, size, cu, indices = _CHUNK_META[0]
-        if tensor is cu_seqlens and version == cu_seqlens._version and size == chunk_size:
-            return cu, indices
-    from fla.ops.utils.index import prepare_chunk_indices
-
-    cu = cu_seqlens.to(torch.int64)
-    if cu_seqlens_cpu is None:
-        indices = prepare_chunk_indices(cu, chunk_size)
-    else:  # built on the host, sent from pinned memory without blocking (a pageable copy would wait for the GPU)
-        host = cu_seqlens_cpu.to(torch.int64)
-        indices = prepare_chunk_indices(host, chunk_size, cu_seqlens_cpu=host).pin_memory()
-        indices = indices.to(cu.device, non_blocking=True)
-    _CHUNK_META[:] = [(cu_seqlens, cu_seqlens._version, chunk_size, cu, indices)]
-    return cu, indices
-
-
 def chunk_gated_delta_rule(
     *,
     q: torch.Tensor,
@@ -325,17 +301,27 @@ def chunk_gated_delta_rule(
     scale: float,
     use_qk_l2norm: bool = True,
     chunk_size: int = 64,
-    cu_seqlens_cpu: torch.Tensor | None = None,
+    chunk_indices: torch.Tensor | None = None,
     any_padding: bool = True,
+    chunk_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Prefill over N sequences packed flat through fla-core's chunk forward; reads and writes their states in place.
+    """Prefill over N sequences packed flat through fla-core's chunk forward (fla_chunk.py); reads and writes their
+    states in place. Same contract as ref.chunk_gated_delta_rule.
 
     q, k: [T, H, K] (may be strided views of the conv output); v: [T, HV, V]; g: [T, HV] fp32 log-decay;
-    beta: [T, HV]; state: [S, HV, K, V] fp32; cu_seqlens: [N+1] int32; slots: [N] int64 (< 0: skip, rows stay zero,
-    no state write); has_initial_state: [N] bool. Returns o: [T, HV, V] in v.dtype. Calls fla's forward function
-    directly (no autograd Function, no input copies beyond v's); with cu_seqlens_cpu given it syncs nothing.
-    any_padding=False: the caller guarantees every slot is >= 0, so the zeroing pass over the output is skipped."""
-    from fla.ops.gated_delta_rule.chunk import chunk_gated_delta_rule_fwd  # optional dependency, GPU only
+    beta: [T, HV]; state: [S, HV, K, V] fp32; cu_seqlens: [N+1] (int64 spares a conversion); slots: [N] int64 (< 0:
+    skip, rows stay zero, no state write); has_initial_state: [N] bool. Returns o: [T, HV, V] in v.dtype. With
+    chunk_indices (built on the host) it syncs nothing. any_padding=False: the caller guarantees every slot is >= 0,
+    so the zeroing pass over the output is skipped. chunk_states: fla keeps its per-chunk states in the input dtype,
+    which would not be exact checkpoints, so a call that asks for them runs the reference."""
+    if chunk_states is not None:
+        from deltaserve.kernels.gated_delta_rule import ref
+
+        return ref.chunk_gated_delta_rule(
+            q=q, k=k, v=v, g=g, beta=beta, state=state, cu_seqlens=cu_seqlens, slots=slots,
+            has_initial_state=has_initial_state, scale=scale, use_qk_l2norm=use_qk_l2norm, chunk_size=chunk_size,
+            chunk_states=chunk_states)
+    from deltaserve.kernels.gated_delta_rule.fla_chunk import chunk_forward
 
     _check_state_pool(state)
     total = q.shape[0]
@@ -343,14 +329,13 @@ def chunk_gated_delta_rule(
         return v.new_zeros(v.shape)
     if use_qk_l2norm:
         q, k = l2norm_qk(q, k)
-    cu, chunk_indices = _chunk_meta(cu_seqlens, cu_seqlens_cpu, chunk_size)
+    cu = cu_seqlens if cu_seqlens.dtype == torch.int64 else cu_seqlens.to(torch.int64)
     h0 = gather_states(state, slots, has_initial_state)
-    _, o, _, final, _, _ = chunk_gated_delta_rule_fwd(
-        q=q.contiguous()[None], k=k.contiguous()[None], v=v.contiguous()[None], g=g.float().contiguous()[None],
-        beta=beta.contiguous()[None], scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=cu,
-        chunk_indices=chunk_indices, chunk_size=chunk_size)
+    o, final = chunk_forward(q=q.contiguous(), k=k.contiguous(), v=v.contiguous(), g=g.float().contiguous(),
+                             beta=beta.contiguous(), scale=scale, initial_state=h0, cu_seqlens=cu,
+                             chunk_indices=chunk_indices, chunk_size=chunk_size)
     scatter_states(final, state, slots)
-    o = o[0].to(v.dtype)
+    o = o.to(v.dtype)
     if not any_padding:
         return o
     keep = torch.repeat_interleave(slots >= 0, cu.diff(), output_size=total)

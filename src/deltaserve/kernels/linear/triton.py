@@ -1,7 +1,7 @@
 """Triton linear for decode: x [M <= 64, K] @ W [N, K]^T reads the whole weight for a handful of rows, so it is a
 weight stream. One program per BN output columns walks all of K through a software-pipelined loop (loads STAGES - 1
-tiles ahead), so every SM streams its own slab of W; no split-K, so no second pass. Calls where it does not beat
-torch's GEMM (more rows, most shapes at 17-64 rows) go to torch: see `tile_config`."""
+tiles ahead), so every SM streams its own slab of W; no split-K, so no second pass. `tile_config` says where it beats
+torch's GEMM (gpu.py routes every call by it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels._device import num_sms
 
 MAX_ROWS = 64  # above this the call is no longer a weight stream: torch's GEMM
 
@@ -34,7 +33,7 @@ def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, M, N, K, stride_xm, stride_ym,
             m_k = rk + k < K
             x = tl.load(x_ptrs + k, mask=m_m[:, None] & m_k[None, :], other=0.0)
             w = tl.load(w_ptrs + k, mask=m_n[:, None] & m_k[None, :], other=0.0)
-        if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bits (spec/kernels.md section 7)
+        if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bits (docs/KERNELS.md, "Testing Triton kernels on CPU")
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
@@ -87,19 +86,3 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, int, i
         x, weight, y, m, n, k, x.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk, STAGES=_fit_stages(bm, bn, bk, stages),
         EVEN_K=k % bk == 0, UPCAST=not x.is_cuda, num_warps=num_warps)
     return y
-
-
-def linear(*, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Same contract as ref.linear. Few-row bf16/fp16 calls run the weight-streaming kernel; the rest torch's GEMM."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or not weight.is_contiguous() or \
-            x.shape[-1] % 8:
-        return torch.nn.functional.linear(x, weight)
-    tile = tile_config(rows, weight.shape[0], weight.shape[1], num_sms(x.device) if x.is_cuda else 132)
-    if tile is None:
-        return torch.nn.functional.linear(x, weight)
-    x2 = x.reshape(rows, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = skinny_linear(x2, weight, tile)
-    return y.view(*x.shape[:-1], weight.shape[0])

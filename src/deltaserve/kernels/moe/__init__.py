@@ -1,7 +1,7 @@
 """Mixture-of-experts: top-k softmax routing and the routed (+ shared) expert FFN.
 
-CUDA tensors run ``triton.py`` (per-pair kernels at small batch, grouped GEMMs from ``cuda.py`` past it); anything
-else runs the references in ``ref.py``."""
+CUDA tensors run ``gpu.py`` (Triton per-pair kernels from ``triton.py`` at small batch, grouped GEMMs from
+``grouped.py`` past it); anything else runs the references in ``ref.py``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from deltaserve.kernels._dispatch import dispatch
 
 from . import ref
 
-moe_topk_softmax = dispatch(ref.moe_topk_softmax, "deltaserve.kernels.moe.triton")
-fused_moe = dispatch(ref.fused_moe, "deltaserve.kernels.moe.triton")
+moe_topk_softmax = dispatch(ref.moe_topk_softmax, "deltaserve.kernels.moe.gpu")
+fused_moe = dispatch(ref.fused_moe, "deltaserve.kernels.moe.gpu")
 
 __all__ = ["fused_moe", "moe_topk_softmax"]

@@ -1,10 +1,9 @@
-"""Triton MoE for small batches (decode): top-k softmax routing in one kernel, and the expert FFN as two kernels over
-(token, expert) pairs, with the shared expert folded in as one more pair per token.
+"""Triton MoE kernels for small batches (decode): top-k softmax routing in one kernel, and the expert FFN as two
+kernels over (token, expert) pairs, with the shared expert folded in as one more pair per token.
 
 At decode the expert FFN is weight-streaming: each pair reads its expert's rows once, so a GEMV per pair runs near
 copy bandwidth, while a sort + grouped-GEMM pipeline pays ~25 small launches per layer (on 35B-A3B at batch 1 that
-overhead was 3x the weight time). Past SMALL_BATCH_PAIRS pairs the same expert is hit by several tokens and the
-grouped GEMMs of cuda.py (which read each expert once) take over. No host syncs: CUDA-graph capturable.
+overhead was 3x the weight time). No host syncs: CUDA-graph capturable. gpu.py decides when these run.
 """
 
 from __future__ import annotations
@@ -12,16 +11,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from deltaserve.kernels.moe import cuda
-
-# Routed pairs (tokens x top_k) up to which the per-pair kernels run; past it, the grouped GEMMs. 35B-A3B
-# (top-8 of 256): 64 pairs = 8 tokens, where distinct experts are still ~90% of the pairs.
-SMALL_BATCH_PAIRS = 64
-# Without grouped GEMMs (fp16/fp32, or before SM90): per-pair kernels up to here (batch 128 at top-8), so decode
-# graphs stay capturable; beyond, each pair re-reading its expert would cost more than a host sync.
-NO_GROUPED_MAX_PAIRS = 1024
-
 
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -184,29 +173,3 @@ def fused_moe_pairs(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
         shared_gate.stride(0), out.stride(0), i_r, i_s, ACT_W=act_w, D=D, TOP_K=top_k, HAS_SHARED=int(has_shared),
         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return out
-
-
-def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor, shared_w13: torch.Tensor | None = None, shared_w2: torch.Tensor | None = None,
-              shared_gate: torch.Tensor | None = None) -> torch.Tensor:
-    """As ref.fused_moe. Small batches take the per-pair kernels; larger ones the grouped GEMMs (bf16 on SM90+).
-    Without grouped GEMMs the per-pair kernels serve up to NO_GROUPED_MAX_PAIRS (decode batches, CUDA-graph safe);
-    past that (prefill) the reference's per-expert GEMMs, which read each hit expert once but sync the host."""
-    pairs = topk_ids.numel()
-    grouped = cuda.grouped_mm_available(x)
-    if pairs <= SMALL_BATCH_PAIRS or (not grouped and pairs <= NO_GROUPED_MAX_PAIRS):
-        return fused_moe_pairs(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
-                               shared_w13=shared_w13, shared_w2=shared_w2, shared_gate=shared_gate)
-    if not grouped:
-        from deltaserve.kernels.moe import ref
-
-        return ref.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
-                             shared_w13=shared_w13, shared_w2=shared_w2, shared_gate=shared_gate)
-    routed = cuda.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
-    if shared_w13 is None:
-        return routed
-    from deltaserve.kernels.activation import silu_and_mul
-
-    hidden = silu_and_mul(x=torch.nn.functional.linear(x, shared_w13))
-    shared = torch.sigmoid(shared_gate.float()) * torch.nn.functional.linear(hidden, shared_w2).float()
-    return (routed.float() + shared).to(x.dtype)

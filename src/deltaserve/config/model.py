@@ -1,16 +1,16 @@
-"""Frozen, validated configuration objects.
-
-Everything here is pure Python (no torch import): the scheduler reads these configs and must never import torch.
-Environment variables are read in this module only (see `env_flag`).
-"""
+"""The model section of the engine config: the text decoder of a Qwen3.5 / Qwen3.6 checkpoint, read from its
+config.json. Pure Python (no torch import), like the whole `config` package; environment variables are read in this
+package only (`env_flag`)."""
 
 from __future__ import annotations
 
 import json
-import os
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from deltaserve.config.common import ConfigError, require as _require
 
 SUPPORTED_ARCHITECTURES = {
     "Qwen3_5ForConditionalGeneration": False,
@@ -20,20 +20,6 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_MODEL_TYPES = {"qwen3_5": False, "qwen3_5_text": False, "qwen3_5_moe": True, "qwen3_5_moe_text": True}
 LAYER_TYPES = ("linear_attention", "full_attention")
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unsupported or inconsistent; the message names the field and the fix."""
-
-
-def env_flag(name: str, default: str = "") -> str:
-    """The one place that reads environment variables (DELTASERVE_*)."""
-    return os.environ.get(name, default)
-
-
-def _require(cond: bool, message: str) -> None:
-    if not cond:
-        raise ConfigError(message)
 
 
 @dataclass(frozen=True)
@@ -107,6 +93,10 @@ class ModelConfig:
                      "linear_value_head_dim", "linear_conv_kernel_dim"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"config field '{name}' must be a positive integer, got {value!r}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
+                     f"config field '{name}' must be a finite positive number, got {value!r}")
         _require(len(self.layer_types) == self.num_hidden_layers,
                  f"config field 'layer_types' has {len(self.layer_types)} entries but 'num_hidden_layers' is "
                  f"{self.num_hidden_layers}; they must match")
@@ -118,6 +108,8 @@ class ModelConfig:
         _require(self.linear_num_value_heads % self.linear_num_key_heads == 0,
                  f"config field 'linear_num_value_heads' ({self.linear_num_value_heads}) must be a multiple of "
                  f"'linear_num_key_heads' ({self.linear_num_key_heads})")
+        _require(isinstance(self.partial_rotary_factor, (int, float)) and math.isfinite(self.partial_rotary_factor),
+                 f"config field 'partial_rotary_factor' must be a finite number, got {self.partial_rotary_factor!r}")
         rot = self.head_dim * self.partial_rotary_factor
         _require(0 < self.partial_rotary_factor <= 1 and rot == int(rot) and int(rot) % 2 == 0,
                  f"config field 'partial_rotary_factor' ({self.partial_rotary_factor}) times head_dim ({self.head_dim}) "
@@ -247,38 +239,3 @@ def _eos_ids(text: dict[str, Any], raw: dict[str, Any], gen: dict[str, Any]) -> 
             if isinstance(i, int) and i not in ids:
                 ids.append(i)
     return tuple(ids)
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """Sizes of the paged KV pool (full-attention layers) and the GDN state pool."""
-
-    page_size: int = 16
-    gpu_memory_utilization: float = 0.9
-    num_pages: int | None = None        # None: planned from free memory
-    num_state_slots: int | None = None  # None: max_num_seqs
-    state_dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        _require(self.page_size > 0 and self.page_size & (self.page_size - 1) == 0,
-                 f"cache field 'page_size' is {self.page_size}; use a power of two (16 recommended)")
-        _require(0 < self.gpu_memory_utilization <= 1,
-                 f"'gpu_memory_utilization' is {self.gpu_memory_utilization}; it must be in (0, 1]")
-        _require(self.num_pages is None or self.num_pages > 0, f"'num_pages' is {self.num_pages}; it must be positive")
-        _require(self.state_dtype in ("float32", "bfloat16", "float16"),
-                 f"'state_dtype' is {self.state_dtype!r}; use float32 (default), bfloat16 or float16")
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """Per-step limits of the scheduler."""
-
-    max_model_len: int = 4096
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-
-    def __post_init__(self) -> None:
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
-            value = getattr(self, name)
-            _require(isinstance(value, int) and value > 0, f"'{name}' must be a positive integer, got {value!r}")
-

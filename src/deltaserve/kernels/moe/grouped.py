@@ -1,4 +1,4 @@
-"""Routed experts on CUDA: tokens sorted by expert, two grouped GEMMs (torch._grouped_mm, CUTLASS on SM90), no host
+"""Routed experts as grouped GEMMs: tokens sorted by expert, two grouped GEMMs (torch._grouped_mm, CUTLASS on SM90), no host
 syncs, so the step stays CUDA-graph capturable. bf16 only; other dtypes take the reference."""
 
 from __future__ import annotations

@@ -1,0 +1,152 @@
+"""The engine config: one frozen object composed of validated sections (model, runner, cache, scheduler, parallel,
+speculative, quantization). Built once from the user's options (`config.options.EngineArgs`) and never mutated; a
+changed copy is made with dataclasses.replace. Every error names the option and a value that works."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltaserve.config.common import ConfigError, is_int, require
+from deltaserve.config.model import ModelConfig
+from deltaserve.config.shapes import RankShapes
+
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+MODEL_DTYPES = ("bfloat16", "float16", "float32")
+STATE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_int(value: object, option: str) -> None:
+    require(is_int(value) and value > 0, f"'{option}' must be a positive integer, got {value!r}")  # type: ignore
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Where and how the model runs."""
+
+    device: str | None = None       # None: cuda when a GPU is visible, cpu otherwise (the runner resolves it)
+    dtype: str | None = None        # None: the checkpoint's dtype
+    load_format: str = "auto"
+    enforce_eager: bool = False     # no CUDA graphs
+
+    def __post_init__(self) -> None:
+        require(self.device is None or (isinstance(self.device, str) and self.device.split(":")[0] in ("cuda", "cpu")),
+                f"'device' is {self.device!r}; use 'cuda', 'cuda:N' or 'cpu'")
+        require(self.dtype is None or self.dtype in MODEL_DTYPES,
+                f"'dtype' is {self.dtype!r}; use one of {MODEL_DTYPES} (or leave it out for the checkpoint's)")
+        require(self.load_format in LOAD_FORMATS, f"'load_format' is {self.load_format!r}; use one of {LOAD_FORMATS}")
+        require(isinstance(self.enforce_eager, bool), f"'enforce_eager' must be a bool, got {self.enforce_eager!r}")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Sizes of the paged KV pool (full-attention layers) and the GDN state pool."""
+
+    page_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    num_pages: int | None = None        # None: planned from free memory
+    num_state_slots: int | None = None  # None: max_num_seqs
+    state_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        require(is_int(self.page_size) and self.page_size > 0 and self.page_size & (self.page_size - 1) == 0,
+                f"'page_size' is {self.page_size!r}; use a power of two (16 recommended)")
+        u = self.gpu_memory_utilization
+        require(isinstance(u, (int, float)) and not isinstance(u, bool) and math.isfinite(u) and 0 < u <= 1,
+                f"'gpu_memory_utilization' is {u!r}; it must be in (0, 1]")
+        for name in ("num_pages", "num_state_slots"):
+            if getattr(self, name) is not None:
+                _positive_int(getattr(self, name), name)
+        require(self.state_dtype in STATE_DTYPES,
+                f"'state_dtype' is {self.state_dtype!r}; use float32 (default), bfloat16 or float16")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Per-step limits of the scheduler, and whether steps overlap."""
+
+    max_model_len: int = 4096
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    # Schedule and launch step n+1 before reading step n's tokens, so a step's host work runs while the GPU computes.
+    # None: on for CUDA (elsewhere there is nothing to overlap, and tokens would only come a step later).
+    async_scheduling: bool | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            _positive_int(getattr(self, name), name)
+        require(self.async_scheduling is None or isinstance(self.async_scheduling, bool),
+                f"'async_scheduling' must be a bool or None, got {self.async_scheduling!r}")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """How the model is split over GPUs (one rank today: the per-rank shapes already follow this section)."""
+
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _positive_int(self.tensor_parallel_size, "tensor_parallel_size")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding with the checkpoint's MTP head. The MTP head is loaded, and given KV pages, only when
+    this section enables it; the drafting loop itself is not part of this version, so 0 is the only valid value."""
+
+    num_speculative_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.num_speculative_tokens == 0,
+                f"'num_speculative_tokens' is {self.num_speculative_tokens!r}; speculative decoding is not available "
+                "in this version, leave it at 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_speculative_tokens > 0
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    """The checkpoint's `quantization_config`: its method and the raw fields the weight formats read."""
+
+    method: str
+    raw: dict[str, Any] = field(compare=False, hash=False, default_factory=dict)
+
+    @classmethod
+    def from_model(cls, model: ModelConfig) -> QuantizationConfig | None:
+        raw = model.quantization_config
+        if not raw:
+            return None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config field 'quantization_config' must be an object, got {raw!r}")
+        return cls(method=str(raw.get("quant_method", "?")), raw=dict(raw))
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built from. Sections are validated on their own; this checks how they fit together."""
+
+    model: ModelConfig
+    runner: RunnerConfig = RunnerConfig()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
+    quantization: QuantizationConfig | None = None
+
+    def __post_init__(self) -> None:
+        self.rank_shapes(0)  # raises naming the dimension when the TP size does not divide the model
+
+    def rank_shapes(self, rank: int = 0) -> RankShapes:
+        return RankShapes.for_rank(self.model, self.parallel.tensor_parallel_size, rank)
+
+    @property
+    def with_mtp(self) -> bool:
+        """Whether the MTP head is built, loaded and given KV pages."""
+        return self.speculative.enabled
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.max_model_len

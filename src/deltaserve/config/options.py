@@ -1,0 +1,108 @@
+"""The engine's user-facing options, in one table: each field of `EngineArgs` is an option with its default, help
+text and the config section it fills. The CLI's flags (`add_engine_options`), the keyword arguments of `LLM(...)`
+and the server's options are all generated from this table, so every default lives here and nowhere else."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from deltaserve.config.common import ConfigError
+from deltaserve.config.engine import (LOAD_FORMATS, MODEL_DTYPES, STATE_DTYPES, CacheConfig, EngineConfig,
+                                      QuantizationConfig, RunnerConfig, SchedulerConfig)
+from deltaserve.config.model import ModelConfig
+
+
+def _option(default: Any, help: str, *, section: str, type: type | None = None, choices: tuple | None = None,
+            flag: str | None = None) -> Any:
+    """A field of EngineArgs: `type` is what argparse converts to (None: a bool switch); `flag` overrides the
+    generated --flag-name (for switches that turn a default-on feature off)."""
+    meta = {"help": help, "section": section, "type": type, "choices": choices, "flag": flag}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class EngineArgs:
+    """Everything needed to build an engine, as flat options; `create_engine_config` validates and composes them."""
+
+    model: str
+    device: str | None = _option(None, "cuda or cpu (default: cuda when a GPU is visible)", section="runner",
+                                 type=str)
+    dtype: str | None = _option(None, "model dtype (default: the checkpoint's)", section="runner", type=str,
+                                choices=MODEL_DTYPES)
+    max_model_len: int | None = _option(
+        None, "longest prompt + output in tokens (default: the model's max_position_embeddings)",
+        section="scheduler", type=int)
+    max_num_seqs: int = _option(64, "most sequences running at once", section="scheduler", type=int)
+    max_num_batched_tokens: int = _option(
+        2048, "token budget of one step; longer prompts are prefilled in chunks", section="scheduler", type=int)
+    gpu_memory_utilization: float = _option(0.9, "fraction of device memory deltaserve may use", section="cache",
+                                            type=float)
+    page_size: int = _option(16, "tokens per KV page", section="cache", type=int)
+    num_pages: int | None = _option(None, "KV pages to allocate (default: planned from memory)", section="cache",
+                                    type=int)
+    state_dtype: str = _option("float32", "GDN recurrent state dtype", section="cache", type=str,
+                               choices=STATE_DTYPES)
+    load_format: str = _option("auto", "dummy: random weights at the checkpoint's shapes, for benchmarks",
+                               section="runner", type=str, choices=LOAD_FORMATS)
+    enforce_eager: bool = _option(False, "disable CUDA graphs for decode steps (on by default on GPU)",
+                                  section="runner")
+    async_scheduling: bool | None = _option(
+        None, "make every step wait for its own tokens before the next is scheduled (by default on GPU the next "
+              "step is launched first, so host work overlaps the GPU)", section="scheduler",
+        flag="--no-async-scheduling")
+
+    def create_engine_config(self) -> EngineConfig:
+        """Read the checkpoint's config.json and compose the validated sections (ConfigError names what is wrong)."""
+        model = ModelConfig.from_hf(self.model)
+        sections: dict[str, dict[str, Any]] = {"runner": {}, "cache": {}, "scheduler": {}}
+        for f in dataclasses.fields(self):
+            if f.metadata:
+                sections[f.metadata["section"]][f.name] = getattr(self, f.name)
+        scheduler = sections["scheduler"]
+        if scheduler["max_model_len"] is None:
+            scheduler["max_model_len"] = model.max_position_embeddings
+        return EngineConfig(model=model, runner=RunnerConfig(**sections["runner"]),
+                            cache=CacheConfig(**sections["cache"]), scheduler=SchedulerConfig(**scheduler),
+                            quantization=QuantizationConfig.from_model(model))
+
+    @classmethod
+    def from_kwargs(cls, model: str, **options: Any) -> EngineArgs:
+        """EngineArgs from keyword arguments (LLM(...)); an unknown name is a TypeError listing the valid ones."""
+        unknown = sorted(set(options) - set(option_names()))
+        if unknown:
+            raise TypeError(f"unknown engine option(s) {unknown}; the engine options are {option_names()}")
+        return cls(model=model, **options)
+
+
+def option_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(EngineArgs) if f.metadata]
+
+
+def add_engine_options(parser: argparse.ArgumentParser) -> None:
+    """One --flag per engine option, with EngineArgs' defaults and help (the `engine` argument group)."""
+    group = parser.add_argument_group("engine")
+    for f in dataclasses.fields(EngineArgs):
+        meta = f.metadata
+        if not meta:
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        default = "" if f.default is None else f" (default {f.default})"
+        if meta["type"] is None:  # a switch: store_true for off-by-default, store_false for on-by-default
+            negative = flag.startswith("--no-")
+            group.add_argument(flag, dest=f.name, action="store_false" if negative else "store_true",
+                               default=f.default, help=meta["help"])
+        else:
+            group.add_argument(flag, dest=f.name, type=meta["type"], default=f.default, choices=meta["choices"],
+                               help=meta["help"] + default)
+
+
+def engine_args_from(namespace: argparse.Namespace, model: str, **overrides: Any) -> EngineArgs:
+    """EngineArgs from a parsed namespace; options the namespace lacks keep their defaults."""
+    given = {name: getattr(namespace, name) for name in option_names() if hasattr(namespace, name)}
+    return EngineArgs(model=model, **{**given, **overrides})
+
+
+__all__ = ["ConfigError", "EngineArgs", "add_engine_options", "engine_args_from", "option_names"]

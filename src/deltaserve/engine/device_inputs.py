@@ -1,0 +1,135 @@
+"""StepInput -> device tensors: the ForwardBatch every layer reads, the token ids (pending ones filled from the
+device), and where sampled tokens go. Runs in the runner, the only writer of device tensors.
+
+All metadata of a step is computed with numpy on the host and sent in one copy (`upload_arrays`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from deltaserve.engine.step_input import PENDING, StepInput
+from deltaserve.layers.forward_batch import GDN_CHUNK_SIZE, ForwardBatch
+
+
+@dataclass(frozen=True)
+class DeviceStep:
+    """A step's device inputs. input_ids holds 0 where the token is pending until `input_ids_from` fills it."""
+
+    input_ids: torch.Tensor      # [T] int64
+    batch: ForwardBatch
+    pending_rows: torch.Tensor   # [P] int64 rows of input_ids that are pending tokens
+    pending_slots: torch.Tensor  # [P] int64 state slot whose last sampled token each of them is
+    sample_slots: torch.Tensor   # [R] int64 state slot of each sampling request, in order
+
+    def input_ids_from(self, last_tokens: torch.Tensor | None) -> torch.Tensor:
+        """input_ids with the pending tokens read from `last_tokens` ([num_slots] int64, on the device)."""
+        if self.pending_rows.numel() == 0:
+            return self.input_ids
+        if last_tokens is None:
+            raise RuntimeError("the batch has pending tokens but no device buffer of last sampled tokens was given")
+        if self.pending_rows.numel() == self.input_ids.numel():  # a decode step: every input is pending
+            return last_tokens[self.pending_slots]
+        ids = self.input_ids.clone()
+        ids[self.pending_rows] = last_tokens[self.pending_slots]
+        return ids
+
+
+def upload_step(step: StepInput, *, page_size: int, device: torch.device | str) -> DeviceStep:
+    """Every array of the step, computed on the host and sent to `device` in one copy."""
+    n = step.num_rows
+    row_of_token = np.repeat(np.arange(n), step.query_lens)
+    pending_rows = np.flatnonzero(step.input_ids == PENDING)
+    arrays = _forward_arrays(step.query_lens, step.context_lens, step.block_table, row_of_token, page_size)
+    k = step.tokens_per_row
+    chunks = _chunk_arrays(step.query_lens, arrays["cu"]) if k != 1 else []
+    # each sampling request's row is the row of its last logits row
+    last_logits = np.cumsum([s.num_logits_rows for s in step.sampling], dtype=np.int64) - 1
+    sample_rows = row_of_token[step.logits_rows[last_logits]] if step.sampling else np.zeros(0, np.int64)
+    host = [np.where(step.input_ids == PENDING, 0, step.input_ids), arrays["positions"], arrays["cu"],
+            (step.context_lens + step.query_lens).astype(np.int32), step.state_slots, step.has_initial_state,
+            step.block_table, arrays["slot_mapping"], step.logits_rows, pending_rows,
+            step.state_slots[row_of_token[pending_rows]], step.state_slots[sample_rows], *chunks]
+    (ids, pos, cu, lens, slots, init, tables, mapping, logits, p_rows, p_slots, s_slots,
+     *chunk_dev) = upload_arrays(host, device)
+    batch = ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=lens, state_slots=slots, has_initial_state=init,
+                         block_tables=tables, slot_mapping=mapping, logits_indices=logits, tokens_per_row=k,
+                         chunk_indices=chunk_dev[1] if chunks else None,
+                         cu_seqlens_long=chunk_dev[0] if chunks else None,
+                         any_padding=bool((step.state_slots < 0).any()))
+    return DeviceStep(ids, batch, p_rows, p_slots, s_slots)
+
+
+def _forward_arrays(query_lens: np.ndarray, context_lens: np.ndarray, table: np.ndarray, row_of_token: np.ndarray,
+                    page_size: int) -> dict[str, np.ndarray]:
+    cu = np.zeros(len(query_lens) + 1, dtype=np.int32)
+    np.cumsum(query_lens, out=cu[1:])
+    offset_in_row = np.arange(row_of_token.shape[0]) - cu[:-1][row_of_token]
+    positions = (context_lens[row_of_token] + offset_in_row).astype(np.int64)
+    pages = table[row_of_token, positions // page_size].astype(np.int64)
+    return {"cu": cu, "positions": positions, "slot_mapping": pages * page_size + positions % page_size}
+
+
+def chunk_indices(query_lens: np.ndarray, chunk_size: int = GDN_CHUNK_SIZE) -> np.ndarray:
+    """[C, 2] int64 (sequence, chunk within it) of every chunk of every sequence, in order (fla-core's layout)."""
+    counts = -(-query_lens.astype(np.int64) // chunk_size)
+    seq = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
+    starts = np.repeat(np.cumsum(counts) - counts, counts)
+    return np.stack([seq, np.arange(int(counts.sum()), dtype=np.int64) - starts], axis=1)
+
+
+def _chunk_arrays(query_lens: np.ndarray, cu: np.ndarray) -> list[np.ndarray]:
+    return [cu.astype(np.int64), chunk_indices(query_lens)]
+
+
+def build_forward_batch(*, query_lens: Sequence[int], context_lens: Sequence[int], state_slots: Sequence[int],
+                        block_tables: Sequence[Sequence[int]], page_size: int, device: torch.device | str = "cpu",
+                        logits_indices: Sequence[int] | None = None) -> ForwardBatch:
+    """A ForwardBatch from per-sequence lists, for tests and benchmarks that drive the model directly.
+
+    query_lens[n] new tokens of sequence n follow its context_lens[n] already computed tokens; a sequence with no
+    context starts from a zero state. By default the last token of every sequence gets logits."""
+    from deltaserve.engine.step_input import StepInput
+
+    q = np.array(query_lens, dtype=np.int32)
+    width = max((len(p) for p in block_tables), default=0) or 1
+    table = np.zeros((len(block_tables), width), dtype=np.int32)
+    for row, pages in zip(table, block_tables):
+        row[:len(pages)] = pages
+    if logits_indices is None:
+        logits_indices = (np.cumsum(q) - 1).tolist()
+    step = StepInput(input_ids=np.zeros(int(q.sum()), dtype=np.int64), query_lens=q,
+                     context_lens=np.array(context_lens, dtype=np.int32),
+                     state_slots=np.array(state_slots, dtype=np.int64),
+                     has_initial_state=np.array([c > 0 for c in context_lens], dtype=np.bool_), block_table=table,
+                     logits_rows=np.array(logits_indices, dtype=np.int64), sampling=())
+    return upload_step(step, page_size=page_size, device=device).batch
+
+
+_TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
+
+
+def upload_arrays(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
+    """Small host arrays -> device tensors in one copy: packed into one byte buffer at 16-byte aligned offsets and
+    viewed back on the device. A step's metadata is ~10 arrays; one transfer each cost ~10-20 us of host time.
+    16, not 8: Triton specialises a kernel on whether each pointer is 16-byte aligned, so with 8-byte offsets a
+    step whose token count is odd would compile a second copy of every kernel reading the metadata mid-run.
+
+    On CUDA the buffer is pinned (torch's caching host allocator keeps it until the copy is done): a copy from
+    pageable memory waits for the stream to drain first, which would stall an engine that builds the next step
+    while the current one runs."""
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // 16) * 16
+    on_cuda = torch.device(device).type == "cuda"
+    host = torch.empty(max(total, 16), dtype=torch.uint8, pin_memory=on_cuda)
+    buf = host.numpy()
+    for a, off in zip(arrays, offsets):
+        buf[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+    dev = host.to(device, non_blocking=on_cuda)
+    return [dev[off:off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, off in zip(arrays, offsets)]

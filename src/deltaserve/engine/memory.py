@@ -1,0 +1,72 @@
+"""How much device memory the caches may take: measured here (free memory, one profiled forward), split by the pure
+planner in cache/planner.py."""
+
+from __future__ import annotations
+
+import psutil
+import torch
+
+from deltaserve.cache.allocator import pages_for_tokens
+from deltaserve.cache.planner import MemoryPlan, plan_memory
+from deltaserve.cache.tensors import CacheShape, ModelCache, kv_bytes_per_page, state_bytes_per_slot
+from deltaserve.config import EngineConfig
+from deltaserve.engine.device_inputs import build_forward_batch
+
+
+def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torch.device,
+                      dtype: torch.dtype) -> MemoryPlan:
+    """Pages and slots for the caches, from what the device has left after the weights and an activation peak."""
+    cc, sched, shapes = config.cache, config.scheduler, config.rank_shapes()
+    page_bytes = kv_bytes_per_page(shapes, cc.page_size, dtype, num_layers=_kv_layers(config))
+    slot_bytes = state_bytes_per_slot(shapes, len(config.model.linear_attention_layers), dtype,
+                                      getattr(torch, cc.state_dtype))
+    explicit_slots = cc.num_state_slots if cc.num_state_slots is not None else (
+        sched.max_num_seqs if cc.num_pages is not None else None)
+    return plan_memory(budget_bytes=_budget_bytes(model, config, device, dtype), page_bytes=page_bytes,
+                       slot_bytes=slot_bytes, page_size=cc.page_size, max_num_seqs=sched.max_num_seqs,
+                       max_model_len=sched.max_model_len, num_pages=cc.num_pages, num_slots=explicit_slots)
+
+
+def _kv_layers(config: EngineConfig) -> int:
+    return len(config.model.full_attention_layers) + int(config.with_mtp)
+
+
+def new_cache(config: EngineConfig, *, num_pages: int, num_slots: int, dtype: torch.dtype,
+              device: torch.device) -> ModelCache:
+    shape = CacheShape(num_pages=num_pages, page_size=config.cache.page_size, num_slots=num_slots, kv_dtype=dtype,
+                       conv_dtype=dtype, state_dtype=getattr(torch, config.cache.state_dtype))
+    return ModelCache(config.model, shape, device=device, with_mtp=config.with_mtp, shapes=config.rank_shapes())
+
+
+def _budget_bytes(model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> int:
+    """Bytes left for caches: the allowed fraction of the device minus what is in use and the activation peak."""
+    util, sched = config.cache.gpu_memory_utilization, config.scheduler
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        in_use = total - free
+        return int(total * util) - in_use - _activation_peak_cuda(model, config, device, dtype)
+    # CPU: a share of the RAM that is available now (weights are already resident).
+    act = sched.max_num_batched_tokens * config.model.hidden_size * 4 * 32
+    return int(psutil.virtual_memory().available * util * 0.5) - act
+
+
+@torch.no_grad()
+def _activation_peak_cuda(model: torch.nn.Module, config: EngineConfig, device: torch.device,
+                          dtype: torch.dtype) -> int:
+    """Measure the peak extra memory of one forward over max_num_batched_tokens tokens with a minimal cache."""
+    sched = config.scheduler
+    tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
+    pages = pages_for_tokens(tokens, config.cache.page_size)
+    cache = new_cache(config, num_pages=pages, num_slots=1, dtype=dtype, device=device)
+    batch = build_forward_batch(query_lens=[tokens], context_lens=[0], state_slots=[0],
+                                block_tables=[list(range(pages))], page_size=config.cache.page_size, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    ids = torch.zeros(tokens, dtype=torch.long, device=device)
+    model.compute_logits(model(ids, batch, cache)[batch.logits_indices])
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    del cache
+    torch.cuda.empty_cache()
+    return int(peak * 1.1) + (256 << 20)  # margin for allocator fragmentation and sampling buffers

@@ -1,0 +1,166 @@
+"""The worker boundary: a step as plain host data (numpy arrays, tuples, SamplingParams), built by the engine from
+the scheduler's output and handed to the runner, which owns everything on the device. Nothing here holds a live
+Request or a tensor, so a StepInput pickles (under tensor parallelism it is what rank 0 broadcasts).
+
+Vocabulary: T flat tokens of N rows (scheduled requests), M logits rows; a row's tokens are its new positions
+[context_len, context_len + query_len). An input id of PENDING is a token sampled by a step still in flight: only the
+device has it (the runner keeps the last token it sampled for each state slot).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from deltaserve.cache.manager import StateCopy, StateSource
+from deltaserve.engine.scheduler import ScheduledRequest, SchedulerOutput
+from deltaserve.sampling_params import SamplingParams
+
+PENDING = -1
+
+
+class SamplingRequest(NamedTuple):
+    """A request that samples this step: 1 + len(draft_token_ids) consecutive logits rows (the last positions of its
+    row). num_output_tokens counts its outputs before this step, pending ones included: the position its seeded
+    noise and min_tokens read. The histories are sent only when a penalty reads them (None otherwise). A NamedTuple:
+    one is built per sampling row per step, and a frozen dataclass costs several times more to build."""
+
+    request_id: str
+    params: SamplingParams
+    num_output_tokens: int
+    draft_token_ids: tuple[int, ...] = ()
+    prompt_token_ids: Sequence[int] | None = None
+    output_token_ids: Sequence[int] | None = None
+
+    @property
+    def num_logits_rows(self) -> int:
+        return 1 + len(self.draft_token_ids)
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One step, host side.
+
+    input_ids:         [T] int64   token ids, PENDING where only the device knows the token
+    query_lens:        [N] int32   new tokens of each row
+    context_lens:      [N] int32   tokens each row computed before this step
+    state_slots:       [N] int64   GDN state slot each row reads and writes
+    has_initial_state: [N] bool    False: the row's state starts from zeros (StateSource.ZEROS)
+    block_table:       [N, W] int32  KV pages of each row (zero-padded)
+    logits_rows:       [M] int64   rows of the flat batch whose logits are sampled
+    sampling:          the requests that sample, in logits-row order
+    state_copies:      GDN state copies the runner applies before the step runs
+    """
+
+    input_ids: np.ndarray
+    query_lens: np.ndarray
+    context_lens: np.ndarray
+    state_slots: np.ndarray
+    has_initial_state: np.ndarray
+    block_table: np.ndarray
+    logits_rows: np.ndarray
+    sampling: tuple[SamplingRequest, ...]
+    state_copies: tuple[StateCopy, ...] = ()
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.query_lens.shape[0])
+
+    @property
+    def tokens_per_row(self) -> int | None:
+        """k when every row carries exactly k new tokens after an existing state (k = 1: a plain decode step);
+        None for a varlen step (prefill chunks, mixed batches)."""
+        if self.num_rows == 0 or not self.has_initial_state.all():
+            return None
+        k = int(self.query_lens[0])
+        return k if (self.query_lens == k).all() else None
+
+
+class BlockTables:
+    """Host copy of the running requests' block tables, one row per GDN state slot (a slot serves one request at a
+    time). Each step writes only the pages added since the last one, instead of rebuilding [N, max_pages] from lists
+    (at batch 64 that rebuild was ~0.3 ms of host time per step). Entries past a row's pages are 0. Engine-side
+    state: the engine owns it, the step input carries the gathered rows."""
+
+    def __init__(self, num_slots: int, max_pages: int) -> None:
+        self.rows = np.zeros((num_slots, max(1, max_pages)), dtype=np.int32)
+        self._owner: list[tuple[object, int] | None] = [None] * num_slots  # (request, its preemption count)
+        self._length = [0] * num_slots
+
+    def gather(self, scheduled: Sequence[ScheduledRequest]) -> np.ndarray:
+        """[N, width] block tables of the scheduled entries, width = the longest one (at least 1)."""
+        width = 1
+        for e in scheduled:
+            slot, pages = e.slot, e.pages
+            owner = (e.request, e.request.num_preemptions)  # a preempted request comes back with new pages
+            known = self._length[slot]
+            current = self._owner[slot]
+            if current is None or current[0] is not owner[0] or current[1] != owner[1] or known > len(pages):
+                self.rows[slot] = 0
+                known = 0
+                self._owner[slot] = owner
+            if len(pages) > known:
+                self.rows[slot, known:len(pages)] = pages[known:]
+                self._length[slot] = len(pages)
+            width = max(width, len(pages))
+        return self.rows[[e.slot for e in scheduled], :width]
+
+
+def table_from_lists(scheduled: Sequence[ScheduledRequest]) -> np.ndarray:
+    """The [N, width] zero-padded block table built from the entries' page lists (BlockTables gives the same)."""
+    width = max([len(e.pages) for e in scheduled] + [1])
+    table = np.zeros((len(scheduled), width), dtype=np.int32)
+    for row, e in zip(table, scheduled):
+        row[:len(e.pages)] = e.pages
+    return table
+
+
+def build_step_input(out: SchedulerOutput, *, block_tables: BlockTables | None = None) -> StepInput:
+    """Concatenate each entry's new tokens (known ids, PENDING for a token in flight, then its drafts); logits rows
+    for the last 1 + len(drafts) positions of entries that sample."""
+    ids: list[int] = []
+    logits_rows: list[int] = []
+    sampling: list[SamplingRequest] = []
+    for entry in out.scheduled:
+        known = entry.new_token_ids
+        ids += known
+        ids += [PENDING] * (entry.num_new_tokens - len(known) - len(entry.draft_token_ids))
+        ids += entry.draft_token_ids
+        if entry.samples_token:
+            logits_rows += range(len(ids) - 1 - len(entry.draft_token_ids), len(ids))
+            sampling.append(_sampling_request(entry))
+    scheduled = out.scheduled
+    table = block_tables.gather(scheduled) if block_tables is not None else table_from_lists(scheduled)
+    return StepInput(
+        input_ids=np.array(ids, dtype=np.int64),
+        query_lens=np.array([e.num_new_tokens for e in scheduled], dtype=np.int32),
+        context_lens=np.array([e.num_computed_tokens for e in scheduled], dtype=np.int32),
+        state_slots=np.array([e.slot for e in scheduled], dtype=np.int64),
+        has_initial_state=np.array([e.state_source is StateSource.SLOT for e in scheduled], dtype=np.bool_),
+        block_table=np.ascontiguousarray(table, dtype=np.int32),
+        logits_rows=np.array(logits_rows, dtype=np.int64),
+        sampling=tuple(sampling), state_copies=out.state_copies)
+
+
+def _sampling_request(entry: ScheduledRequest) -> SamplingRequest:
+    request = entry.request
+    params = request.sampling_params if isinstance(request.sampling_params, SamplingParams) else _DEFAULT_PARAMS
+    reads_outputs = params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or \
+        params.presence_penalty != 0.0
+    return SamplingRequest(
+        request_id=request.request_id, params=params,
+        num_output_tokens=request.num_output_tokens + request.num_pending_tokens,
+        draft_token_ids=entry.draft_token_ids,
+        # references, not copies: in one process nothing is serialised; a broadcast copies them
+        prompt_token_ids=request.prompt_token_ids if params.repetition_penalty != 1.0 else None,
+        output_token_ids=request.output_token_ids if reads_outputs else None)
+
+
+_DEFAULT_PARAMS = SamplingParams()  # for a Request built without parameters (tests driving the scheduler)

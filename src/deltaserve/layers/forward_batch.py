@@ -1,0 +1,52 @@
+"""The per-step batch metadata every layer receives explicitly (no module globals). Built on the device by the
+runner from a StepInput (engine/device_inputs.py); layers only read it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GDN_CHUNK_SIZE = 64  # the chunked delta rule's chunk: chunk_indices are built for it
+
+
+@dataclass(frozen=True)
+class ForwardBatch:
+    """One flat varlen batch of N sequences (rows), T tokens in total.
+
+    positions:         [T] int64   position of each token in its sequence
+    cu_seqlens:        [N+1] int32 token offsets of the sequences in the flat batch
+    seq_lens:          [N] int32   KV length of each sequence after this step (cached prefix + new tokens)
+    state_slots:       [N] int64   GDN state slot of each sequence (< 0: padding row, skipped)
+    has_initial_state: [N] bool    False: the sequence starts here, its GDN state starts from zeros
+    block_tables:      [N, max_pages] int32  KV pages of each sequence (full-attention layers)
+    slot_mapping:      [T] int64   KV slot (page * page_size + offset) each new token writes (< 0: skipped)
+    logits_indices:    [M] int64   rows of the flat batch whose logits are wanted
+    tokens_per_row:    k when every row carries exactly k new tokens after an existing state (1: a plain decode
+                       step, which layers run with single-token kernels); None for a varlen step
+    chunk_indices:     [C, 2] int64 (sequence, chunk) of every GDN_CHUNK_SIZE-token chunk, built on the host (the
+                       chunked delta rule's kernels would otherwise derive it with a host sync); None when unused
+    cu_seqlens_long:   [N+1] int64 copy of cu_seqlens for the chunked delta rule; None when unused
+    any_padding:       some state slot may be < 0 (False only when the builder knows every slot is real)
+    """
+
+    positions: torch.Tensor
+    cu_seqlens: torch.Tensor
+    seq_lens: torch.Tensor
+    state_slots: torch.Tensor
+    has_initial_state: torch.Tensor
+    block_tables: torch.Tensor
+    slot_mapping: torch.Tensor
+    logits_indices: torch.Tensor
+    tokens_per_row: int | None
+    chunk_indices: torch.Tensor | None = None
+    cu_seqlens_long: torch.Tensor | None = None
+    any_padding: bool = True
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.shape[0]

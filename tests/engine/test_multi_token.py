@@ -1,0 +1,204 @@
+"""Several tokens per request per step: draft tokens scheduled, verified and rolled back by the scheduler (a fake
+hybrid model keeps per-position states and commits the last kept one, as the runner will); stop conditions applied
+token by token inside a multi-token delta."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from deltaserve.cache.manager import CacheManager, StateSource
+from deltaserve.config import SchedulerConfig
+from deltaserve.engine.detokenizer import StopChecker
+from deltaserve.engine.request import Request, RequestStatus
+from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
+from deltaserve.engine.sequence import SequenceState
+from deltaserve.outputs import TokenLogprob
+from deltaserve.sampling_params import SamplingParams
+from tests.engine.test_scheduler import _mix, _next_token, assert_pools_full, generate_alone
+
+
+def make(max_len: int, budget: int, ps: int, pages: int, slots: int, seqs: int) -> Scheduler:
+    config = SchedulerConfig(max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=budget)
+    return Scheduler(config, CacheManager(num_pages=pages, num_slots=slots, page_size=ps))
+
+
+def test_rejected_drafts_roll_back_computed_positions() -> None:
+    sched = make(64, 32, 4, 16, 2, 2)
+    sched.add_request(Request("a", [5, 6, 7]))
+    sched.update_from_step(sched.schedule(), {"a": [11]})
+    a = sched.get_request("a")
+    assert (a.num_computed_tokens, a.num_tokens) == (3, 4)
+    a.draft_token_ids = [21, 22, 23]
+    out = sched.schedule()
+    sched.commit_step(out)
+    assert (a.num_computed_tokens, a.num_pending_tokens, a.num_pending_drafts) == (7, 4, 3)
+    assert sched.schedule().is_empty  # nothing is scheduled while drafts are unresolved
+    got = sched.resolve_step(out, {"a": [21, 30]})  # the first draft kept, then the model's own token
+    assert got == [a] and a.output_token_ids == [11, 21, 30]
+    assert (a.num_computed_tokens, a.num_pending_tokens, a.num_pending_drafts) == (5, 0, 0)
+    assert [s.num_new_tokens for s in sched.schedule().scheduled] == [1]  # position 5 (token 30) is next
+    with pytest.raises(ValueError, match="expected 1 to 1"):
+        sched.update_from_step(sched.schedule(), {"a": [1, 2]})  # two tokens from a one-token step
+
+
+def test_drafts_respect_the_length_limit_and_the_budget() -> None:
+    sched = make(16, 3, 4, 8, 1, 1)
+    request = Request("a", [1, 2, 3])
+    request.max_output_tokens = 3
+    sched.add_request(request)
+    sched.update_from_step(sched.schedule(), {"a": [4]})
+    request.draft_token_ids = [5, 6, 7, 8]
+    (entry,) = sched.schedule().scheduled
+    assert entry.draft_token_ids == (5,)  # 3 outputs at most: 1 known, 1 draft and the token after it
+    assert entry.num_samples == 2
+    request.max_output_tokens = 10
+    request.draft_token_ids = [5, 6, 7, 8]
+    sched2 = make(16, 3, 4, 8, 1, 1)
+    assert sched2.config.max_num_batched_tokens - 1 == 2  # the budget leaves room for 2 drafts
+
+
+class DraftingFakeModel:
+    """A recurrent state per slot plus paged K/V, as tests/engine/test_scheduler.py's fake, verifying drafts: it
+    runs every position, samples at the last 1 + k, keeps drafts while they equal its own next token, and leaves
+    the slot at the state after the last kept position (what the runner's state commit does)."""
+
+    def __init__(self, num_pages: int, page_size: int, num_slots: int) -> None:
+        self.page_size = page_size
+        self.kv: list[list[tuple[int, int] | None]] = [[None] * page_size for _ in range(num_pages)]
+        self.state: list[int | None] = [None] * num_slots
+        self.kept_drafts = self.rejected_drafts = 0
+
+    def _ctx(self, pages: tuple[int, ...], n: int) -> list[tuple[int, int]]:
+        return [self.kv[pages[p // self.page_size]][p % self.page_size] for p in range(n)]  # type: ignore[misc]
+
+    def step(self, out: SchedulerOutput) -> dict[str, list[int]]:
+        ps, sampled = self.page_size, {}
+        for s in out.scheduled:
+            state = 0 if s.state_source is StateSource.ZEROS else self.state[s.slot]
+            assert state is not None
+            states = []
+            for pos, tok in enumerate(s.new_token_ids + list(s.draft_token_ids), start=s.num_computed_tokens):
+                self.kv[s.pages[pos // ps]][pos % ps] = (tok, pos)
+                state = _mix(state, tok)
+                states.append(state)
+            if not s.samples_token:
+                self.state[s.slot] = state
+                continue
+            first = s.num_computed_tokens + s.num_new_tokens - len(s.draft_token_ids) - 1  # the last known position
+            kept: list[int] = []
+            for j in range(len(s.draft_token_ids) + 1):
+                pos = first + j
+                tok = _next_token(states[pos - s.num_computed_tokens], self._ctx(s.pages, pos + 1))
+                kept.append(tok)
+                if j == len(s.draft_token_ids) or s.draft_token_ids[j] != tok:
+                    break
+            self.kept_drafts += len(kept) - 1
+            self.rejected_drafts += len(s.draft_token_ids) - (len(kept) - 1)
+            self.state[s.slot] = states[first + len(kept) - 1 - s.num_computed_tokens]
+            sampled[s.request_id] = kept
+        return sampled
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_random_workload_with_drafts_matches_requests_run_alone(seed: int) -> None:
+    """Drafts right and wrong, over tight pools (preemption) and aborts: every output equals the request run alone,
+    and the pools are full at the end."""
+    max_len, ps, pages, slots = 64, 4, 20, 4
+    rng = random.Random(seed)
+    sched = make(max_len, 20, ps, pages, slots, 4)
+    model = DraftingFakeModel(pages, ps, slots)
+    todo = [Request(f"r{i}", [rng.randrange(1, 50) for _ in range(rng.randint(1, 40))]) for i in range(40)]
+    max_new = {r.request_id: rng.randint(1, 30) for r in todo}
+    truth = {r.request_id: generate_alone(r.prompt_token_ids, max_new[r.request_id], max_len) for r in todo}
+    for r in todo:
+        r.max_output_tokens = min(max_new[r.request_id], max_len - r.num_prompt_tokens)
+    ended: list[Request] = []
+    for _ in range(3000):
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            if todo:
+                sched.add_request(todo.pop(0))
+        for r in sched.running:  # the "drafter": the true continuation, corrupted at a random point
+            future = truth[r.request_id][r.num_output_tokens:]
+            drafts = future[:rng.randint(0, 4)]
+            if drafts and rng.random() < 0.4:
+                drafts[rng.randrange(len(drafts))] += 1
+            r.draft_token_ids = drafts
+        out = sched.schedule()
+        sampled = model.step(out)
+        for r in sched.update_from_step(out, sampled):
+            stop_at = next((i for i, t in enumerate(r.output_token_ids) if t == 0), None)
+            if stop_at is not None:
+                del r.output_token_ids[stop_at + 1:]  # the engine drops tokens after a stop
+                ended.append(sched.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED))
+            elif r.num_output_tokens >= max_new[r.request_id] or r.num_tokens >= max_len:
+                del r.output_token_ids[max_new[r.request_id]:]
+                ended.append(sched.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH))
+        live = [r.request_id for r in sched.running + sched.waiting]
+        if live and rng.random() < 0.02:
+            ended.append(sched.abort_request(rng.choice(live)))
+        if not todo and not sched.has_unfinished():
+            break
+    assert not todo and not sched.has_unfinished()
+    assert_pools_full(sched)
+    for r in ended:
+        expected = truth[r.request_id]
+        got = r.output_token_ids[:len(expected)] if r.status is RequestStatus.FINISHED_ABORTED else r.output_token_ids
+        assert got == expected[:len(got)] and (r.status is RequestStatus.FINISHED_ABORTED or got == expected)
+    assert model.kept_drafts > 50 and model.rejected_drafts > 20
+    assert sum(r.num_preemptions for r in ended) > 0
+
+
+# ---- stops inside a multi-token delta ------------------------------------------------------------------------------
+class CharTokenizer:
+    """Token i decodes to chr(i): enough to place stop strings exactly."""
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def sequence(params: SamplingParams, prompt_len: int = 3, max_model_len: int = 100) -> SequenceState:
+    from deltaserve.engine.detokenizer import IncrementalDetokenizer
+
+    request = Request("r", list(range(65, 65 + prompt_len)), sampling_params=params)
+    return SequenceState(request=request, parent_id="p", index=0, params=params, eos_ids=frozenset({0}),
+                         max_model_len=max_model_len, detokenizer=IncrementalDetokenizer(CharTokenizer()),
+                         stop_checker=StopChecker(params.stop, params.include_stop_str_in_output))
+
+
+def feed(state: SequenceState, text: str, logprobs: bool = False):
+    tokens = [ord(c) for c in text]
+    state.request.output_token_ids.extend(tokens)  # the scheduler appends before the output side looks
+    lp = [TokenLogprob(t, -1.0) for t in tokens] if logprobs else None
+    return state.on_tokens(tokens, lp)
+
+
+def test_stop_string_inside_a_multi_token_delta_is_cut_at_the_right_place() -> None:
+    state = sequence(SamplingParams(stop=["XY"], max_tokens=50, logprobs=0))
+    first = feed(state, "abX", logprobs=True)
+    assert (first.text, first.finished) == ("ab", False)  # "X" is held back: it may start the stop string
+    delta = feed(state, "cdXYef", logprobs=True)  # the stop string completes in the middle of the run
+    assert delta.finished and delta.finish_reason == "stop" and delta.stop_reason == "XY"
+    assert delta.text == "Xcd"  # the held "X" turned out not to start the stop string; "XY" itself is cut
+    assert [chr(t) for t in delta.token_ids] == list("cdXY")  # tokens after the one that completed it are dropped
+    assert len(delta.logprobs) == 4 and "".join(map(chr, state.request.output_token_ids)) == "abXcdXY"
+
+
+def test_stop_token_and_length_inside_a_multi_token_delta() -> None:
+    state = sequence(SamplingParams(max_tokens=50, stop_token_ids=[ord("!")]))
+    delta = feed(state, "hi!more")
+    assert delta.finished and delta.stop_reason == ord("!") and delta.text == "hi"
+    assert "".join(map(chr, delta.token_ids)) == "hi!"
+    state = sequence(SamplingParams(max_tokens=4))
+    assert feed(state, "ab").text == "ab"
+    delta = feed(state, "cdef")
+    assert delta.finish_reason == "length" and "".join(map(chr, delta.token_ids)) == "cd" and delta.text == "cd"
+    state = sequence(SamplingParams(max_tokens=50), prompt_len=3, max_model_len=6)  # room for 3 outputs
+    assert feed(state, "wxyz").token_ids == tuple(map(ord, "wxy"))
+
+
+def test_min_tokens_holds_inside_a_multi_token_delta() -> None:
+    state = sequence(SamplingParams(max_tokens=50, min_tokens=3, stop_token_ids=[ord("!")]))
+    delta = feed(state, "a!b!c")  # the first "!" is output 2 (< min_tokens): it does not stop
+    assert delta.finished and "".join(map(chr, delta.token_ids)) == "a!b!"
