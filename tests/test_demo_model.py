@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from deltaserve.demo import SHIPPED_DEMO_DIR, demo_model_dir
 
 DEMO = SHIPPED_DEMO_DIR
-SPEC_MTP_TENSORS = [  # spec/qwen35.md section 2, fused-expert form
+SPEC_MTP_TENSORS = [  # docs/MODEL.md, "Checkpoint layout", fused-expert form
     "mtp.fc.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight", "mtp.norm.weight",
     "mtp.layers.0.input_layernorm.weight", "mtp.layers.0.post_attention_layernorm.weight",
     *(f"mtp.layers.0.self_attn.{n}.weight" for n in ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm")),

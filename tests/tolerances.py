@@ -1,4 +1,4 @@
-"""Numerics policy for every kernel test, in one place (see DESIGN.md "Numerics policy").
+"""Numerics policy for every kernel test, in one place (docs/DESIGN.md, "Numerics").
 
 Reference ops are compared against float64 ground truth computed from the same inputs, so the only error allowed is
 fp32 arithmetic plus the final rounding to the output dtype. GPU kernels are compared against the fp32 reference

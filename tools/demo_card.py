@@ -33,7 +33,7 @@ head for speculative decoding. It is a toy: it continues Python code; it does no
 | context | trained on {seq_len}-token windows; `max_position_embeddings` {max_pos} (beyond {seq_len} tokens is untested) |
 
 Tensor names are the published ones (`model.layers.N...`, fused experts `mlp.experts.gate_up_proj` / `down_proj`,
-`lm_head.weight`, `mtp.*` as in spec/qwen35.md section 2). transformers loads it as `Qwen3_5MoeForCausalLM` (it ignores
+`lm_head.weight`, `mtp.*` as in docs/MODEL.md, "Checkpoint layout"). transformers loads it as `Qwen3_5MoeForCausalLM` (it ignores
 `mtp.*`); deltaserve loads the MTP head too.
 
 ## Data

@@ -11,7 +11,7 @@ Development tooling, not part of the serving package. Steps (all in one command)
 2. tokenizer: byte-level BPE trained with ``tokenizers`` (Qwen's pre-tokenizer regex, NFC), plus the Qwen ChatML
    special tokens and deltaserve's chat template.
 3. model: transformers' ``Qwen3_5MoeForCausalLM`` for the main model; the MTP head (which transformers does not
-   model) is built here from transformers' own Qwen3.5-MoE layers, following spec/qwen35.md section 8:
+   model) is built here from transformers' own Qwen3.5-MoE layers, following docs/MODEL.md ("MTP head"):
    ``e = norm_e(embed(x[i+1])); h = norm_h(final_normed_hidden[i]); u = fc(cat[e, h]) -> full-attention decoder layer
    (own causal attention over the MTP inputs, same positions as the main model) -> norm -> shared lm_head -> x[i+2]``.
 4. training: next-token loss + ``--mtp-weight`` x next-next-token loss through the MTP head + MoE load balancing
@@ -255,7 +255,7 @@ def hf_config(cfg: dict[str, Any]):
 
 
 class MTPHead(nn.Module):
-    """The MTP module (spec/qwen35.md section 8) from transformers' Qwen3.5-MoE layers; parameter names are those of
+    """The MTP module (docs/MODEL.md, "MTP head") from transformers' Qwen3.5-MoE layers; parameter names are those of
     the published ``mtp.*`` tensors without the prefix."""
 
     def __init__(self, config) -> None:

@@ -8,7 +8,7 @@ Decode is CUDA-graph safe: no host syncs, and the grid (N, Hkv, num_splits) depe
 (num_splits comes from N, Hkv and the block-table width, never from seq_lens values).
 
 On CPU tensors (TRITON_INTERPRET=1, the CI path) the dot operands are upcast to fp32, because the interpreter's bf16
-tl.dot multiplies raw bits (spec/kernels.md section 7).
+tl.dot multiplies raw bits (docs/KERNELS.md, "Testing Triton kernels on CPU").
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from deltaserve.kernels.rope.triton import inv_freq, rope_cos_sin, rope_outputs
 _LOG2E = 1.4426950408889634
 
 # Tile configs for CUDA; module-level so benchmarks/bench_attention.py can sweep them. BLOCK_* are powers of two.
-# From that sweep (2026-11-27): prefill 128x64 tiles with 8 warps ran 413 TFLOP/s at T=8192 with 27B heads on an H200
-# against 176 for 64x64 tiles (415 on an H100); decode configs were within 10% of each other at batch 64 (95% of copy
-# bandwidth on the H100), and more splits (4 waves, up to 128 per sequence) helped batch 1 at long context.
+# From that sweep (benchmarks/RESULTS.md, 2026-11-27, bench_attention.py): 128x64 prefill tiles with 8 warps ran
+# more than twice as fast as 64x64 at T=8192 with 27B heads; decode configs were within 10% of each other at
+# batch 64, and more splits (4 waves, up to 128 per sequence) helped batch 1 at long context.
 DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "WAVES": 4, "MAX_SPLITS": 128}
 PREFILL_CONFIG: dict[str, int] = {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.

@@ -153,9 +153,8 @@ def causal_conv1d_update(
     return y
 
 
-# (BT tokens, BC channels, num_warps) of the prefill kernel's tiles: from benchmarks/bench_gdn.py --sweep on an H100
-# (2026-11-27, fifth session; 27B channels, T=8192 as one sequence or 64): 16 x 256 with 4 warps 253-259 us, the
-# previous 32 x 128 307-318 us, larger tiles slower still (128 x 128 with 8 warps 415-426 us).
+# (BT tokens, BC channels, num_warps) of the prefill kernel's tiles: the fastest of the sweep at 27B channels, T=8192
+# (benchmarks/RESULTS.md, 2026-11-27, H100, `bench_gdn.py --sweep`; 1.2x faster than 32 x 128, larger tiles slower).
 PREFILL_TILE = (16, 256, 4)
 
 

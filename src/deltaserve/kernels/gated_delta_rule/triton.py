@@ -11,7 +11,7 @@ rest is computed; L2-normalise q and k of key head h = hv // (HV/H), scale q; g 
 beta = sigmoid(b); one delta-rule step; write o and the tile back. Splitting the conv out leaves the recurrence
 programs nothing to share, so they can be many and small (the state traffic is spread over every SM); the single
 fused kernels it replaced, which had to coordinate the q/k window shared by a key head's programs, ran at 65-70% of
-copy bandwidth at batch 64 against 85-89% for this pair (benchmarks/RESULTS.md, "GDN decode in two launches").
+copy bandwidth at batch 64 against 85-89% for this pair (benchmarks/RESULTS.md, 2026-11-27, H100, `bench_gdn.py`).
 """
 
 from __future__ import annotations
@@ -87,10 +87,9 @@ def _decode_recurrent_kernel(
 
 
 def decode_config(num_rows: int, num_v_heads: int) -> tuple[int, int]:
-    """(BV, num_warps) of the recurrence kernel. From benchmarks/bench_gdn.py --sweep on an H100 (2026-11-27, fifth
-    session, 27B and 35B-A3B shapes, CUDA graph): BV=16 with 1 warp is best at batch 1 (6.7-6.8 us for both
-    launches); BV=64 with 4 warps at batch 64 (27B: 150 us, 89% of copy; BV=32 155 us, BV=8 187 us), within 3% of
-    the best (BV=32) at batch 16."""
+    """(BV, num_warps) of the recurrence kernel: small tiles with one warp when there are few (row, head) pairs,
+    BV=64 with 4 warps once there are enough programs to fill the GPU. The sweep that chose them (27B and 35B-A3B
+    shapes, batch 1 to 64) is in benchmarks/RESULTS.md (2026-11-27, H100, `bench_gdn.py --sweep`)."""
     if num_rows * num_v_heads >= 256:
         return 64, 4
     return 16, 1

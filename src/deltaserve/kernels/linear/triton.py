@@ -45,15 +45,12 @@ def tile_config(rows: int, out_features: int, in_features: int,
                 num_sms: int = 132) -> tuple[int, int, int, int] | None:
     """(BN, BK, num_warps, stages) for an [rows, in] x [out, in]^T call, or None where torch's GEMM is as fast.
 
-    From benchmarks/bench_linear.py --sweep on an H100 (2026-11-27, fifth session; 9B and 27B decode projections,
-    CUDA graph, weights cycled past L2). Up to 16 rows, 64 x 256 tiles beat cuBLAS on most projections (lm_head
-    657 vs 720 us, 27B MLP gate_up 129 vs 135 us, 4096x4096 17.3 vs 18.8 us) and lose only on the 9B attention qkv
-    (40.6 vs 37.4 us). At 64 rows cuBLAS ties or wins except on vocab-sized outputs (lm_head 696 vs 742 us with
-    128 x 128 tiles, 8 warps): each program re-reads all of x, and wider tiles that would amortise it leave SMs idle.
-    With no split over K the grid is one program per BN columns: narrow outputs take BN=32 (4096 columns: 17.2 us,
-    as fast as 64), and outputs too narrow to give half the SMs a program (a 2048-wide projection, a router) stay
-    with torch. So do short reductions (K = 2048: 35B-A3B in_proj 23.4 vs 22.7 us, qkv 20.9 vs 18.0 us at 1 row, the
-    pipeline never fills) unless the output is vocab-sized (its lm_head: 331 vs 359 us)."""
+    The rule, from the sweep in benchmarks/RESULTS.md (2026-11-27, H100, `bench_linear.py --sweep`, 9B, 27B and
+    35B-A3B decode projections): up to 16 rows, 64 x 256 tiles beat cuBLAS on most projections with K >= 4096; at
+    up to 64 rows only vocab-sized outputs win (128 x 128 tiles), since each program re-reads all of x. With no
+    split over K the grid is one program per BN columns, so narrow outputs take BN=32, and outputs too narrow to give
+    half the SMs a program (a 2048-wide projection, a router) stay with torch, as do short reductions (K = 2048: the
+    pipeline never fills) unless the output is vocab-sized."""
     if rows <= 16 and out_features >= 1 << 16:
         return 64, 256, 4, 4
     if rows <= 16 and in_features >= 4096:

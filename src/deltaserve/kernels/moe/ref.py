@@ -1,4 +1,4 @@
-"""Reference mixture-of-experts routing and expert computation (spec/qwen35.md section 7)."""
+"""Reference mixture-of-experts routing and expert computation (docs/MODEL.md, "Sparse MoE")."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Reference RMSNorms: zero-centred ``(1 + w)`` RMSNorm (every norm except ``linear_attn.norm``) and the gated
-RMSNorm with a plain weight used on the Gated DeltaNet output (spec/qwen35.md section 5)."""
+RMSNorm with a plain weight used on the Gated DeltaNet output (docs/MODEL.md, "RMSNorm")."""
 
 from __future__ import annotations
 

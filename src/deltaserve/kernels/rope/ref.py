@@ -1,5 +1,5 @@
 """Reference partial rotary embedding: NeoX rotate-half pairing (i, i + rotary_dim/2) on the first rotary_dim dims
-of each head, the rest pass through (spec/qwen35.md section 4)."""
+of each head, the rest pass through (docs/MODEL.md, "Gated full attention")."""
 
 from __future__ import annotations
 
