@@ -32,6 +32,7 @@ class GracefulServer(uvicorn.Server):
         self.state = state
         self._drain_requested = False
         self._draining: asyncio.Task | None = None
+        self.forced = False  # a second signal cut the drain short: the process exits non-zero
 
     async def startup(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
         await super().startup(sockets=sockets)
@@ -59,8 +60,7 @@ class GracefulServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Signal handlers only set flags; the drain task starts on uvicorn's next tick (every 0.1 s).
         if self._drain_requested or self.should_exit:
-            log.warning("second signal %d: exiting without waiting for requests", sig)
-            self.should_exit = self.force_exit = True
+            self.forced = self.should_exit = self.force_exit = True
             return
         self._drain_requested = True
 
