@@ -54,8 +54,12 @@ def error_body(status: int, message: str, *, param: str | None = None, code: str
 
 
 def _printable(text: str) -> str:
-    """Text that encodes as UTF-8: a message may quote a request's undecodable bytes (lone surrogates here)."""
-    return text.encode("utf-8", errors="replace").decode("utf-8")
+    """Text that encodes as UTF-8: a message may quote a request's undecodable bytes (which parsing turned into
+    lone surrogates); they show as U+FFFD."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    except UnicodeEncodeError:  # a surrogate that was never a byte (an escaped \ud800)
+        return text.encode("utf-8", errors="replace").decode("utf-8")
 
 
 def server_error(what: str, details: str, *, status: int = 500, code: str = "internal_error") -> APIError:

@@ -21,7 +21,7 @@ MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM clients send a few more
 MAX_STOP_STRING_CHARS = 1024
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds reach torch.Generator as int64
-_DECIMAL_ID = re.compile(r"^(0|[1-9][0-9]{0,9})$")  # int() would also take " 5", "+5", "5_0" and non-ASCII digits
+_DECIMAL_ID = re.compile(r"[0-9]{1,10}")  # int() would also take " 5", "+5", "5_0" and non-ASCII digits
 
 _FIELD_RE = re.compile(r"^SamplingParams\.(\w+)=(.*?) is invalid: (.*)$", re.S)
 
@@ -130,7 +130,7 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
         return None
     out: dict[int, float] = {}
     for key, value in bias.items():
-        if not _DECIMAL_ID.match(key):
+        if not _DECIMAL_ID.fullmatch(key):
             raise bad_request(f"'logit_bias' keys must be token ids written as plain decimal integers (\"1234\"), "
                               f"got {key[:40]!r}", param="logit_bias")
         token_id = int(key)

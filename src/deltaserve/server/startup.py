@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
             server = GracefulServer(_uvicorn_config(app, config), state)
             server.run(sockets=[sock])
             if server.forced:
-                log.warning("a second signal stopped the server with %d request(s) unfinished", len(state.inflight))
+                log.warning("a second signal stopped the server: %d request(s) aborted unfinished", server.unfinished)
         finally:
             engine.shutdown()
     finally:
