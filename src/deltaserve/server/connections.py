@@ -39,6 +39,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
         self._idle_since = time.monotonic()
+        self._partial_request = False  # bytes of a request arrived, its headers are not complete yet
         super().connection_made(transport)
         self._arm_header_timer()
         if len(self.connections) > self.max_connections:
@@ -49,12 +50,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._header_timer is None and self._waiting_for_request():
-            self._arm_header_timer()  # the first byte of the next request on a kept-alive connection
+        if self._waiting_for_request():
+            if self._header_timer is None:
+                self._arm_header_timer()  # the first byte of the next request on a kept-alive connection
+            self._partial_request = True
         super().data_received(data)
 
     def on_headers_complete(self) -> None:
         self._disarm_header_timer()
+        self._partial_request = False
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:
@@ -80,9 +84,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         log.debug("closing a connection from %s: no complete request headers within %.1fs", self.client,
                   self.header_timeout)
-        self.transport.write(_raw_response(408, "Request Timeout", f"the request headers did not arrive within "
-                                           f"{self.header_timeout:g} s (the server's --header-timeout)",
-                                           "request_timeout"))
+        if self._partial_request:  # a connection that sent nothing gets no answer: a client's pool might take a
+            # 408 there for the answer to the request it sends next
+            self.transport.write(_raw_response(408, "Request Timeout", f"the request headers did not arrive within "
+                                               f"{self.header_timeout:g} s (the server's --header-timeout)",
+                                               "request_timeout"))
         self.transport.close()
 
     def _make_room(self) -> None:

@@ -190,8 +190,12 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         raise validation_error(e) from None
 
 
+class _NotJSON(ValueError):
+    pass
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
+    raise _NotJSON(f"{name} is not a JSON value; send numbers only")
 
 
 def _loads(text: str) -> Any:
@@ -203,8 +207,10 @@ def _loads(text: str) -> Any:
     except RecursionError:
         raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") \
             from None
-    except ValueError as e:  # NaN / Infinity, or an integer of more than 4300 digits
+    except _NotJSON as e:
         raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise bad_request("the request body has an integer of more than 4300 digits", code="invalid_json") from None
 
 
 def find_invalid_text(obj: Any) -> tuple[str, str] | None:
