@@ -183,4 +183,4 @@ def test_huge_prompts_are_refused_early_and_off_the_event_loop(server):
     for r in (text_r, ids_r):
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
     assert "at least" in text_r.json()["error"]["message"]  # counted on a prefix, not the whole text
-    assert took < 10 and max_gap < 1.0, (took, max_gap)
+    assert took < 10 and max_gap < 2.0, (took, max_gap)  # before: ~20 s of tokenizing, streams frozen
