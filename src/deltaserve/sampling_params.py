@@ -10,6 +10,11 @@ from dataclasses import dataclass, field
 
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit; the sampler's top-k gather is sized by it
 PENALTY_RANGE = 2.0  # OpenAI's documented range for presence/frequency penalties
+# Below this, logits / temperature leaves float32's range (1e-46 gave NaN and token 0): such a temperature is greedy.
+GREEDY_TEMPERATURE = 1e-5
+# repetition_penalty divides (or multiplies) logits: within these bounds a logit stays far inside float range.
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
+LOGIT_BIAS_LIMIT = 100.0  # OpenAI's documented range is [-100, 100]; 1e308 would make the logit inf
 
 
 def _check(cond: bool, name: str, value: object, valid: str) -> None:
@@ -30,7 +35,8 @@ def _is_number(value: object) -> bool:
 class SamplingParams:
     """How to pick each next token of one request, and when to stop.
 
-    temperature == 0 means greedy (argmax after penalties; top_k/top_p/min_p/seed are then irrelevant).
+    temperature == 0 means greedy (argmax after penalties; top_k/top_p/min_p/seed are then irrelevant); a
+    temperature below GREEDY_TEMPERATURE is stored as 0.
     top_k 0 or -1 disables top-k. logprobs=None returns no logprobs, 0 only the sampled token's, k>0 also the k
     most likely alternatives. max_tokens=None means "until the context window is full" (the engine caps it).
     `stop` accepts a single string and is normalised to a list. Lists are copied, so the caller's later
@@ -76,6 +82,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", list(ids))
         if self.logit_bias is not None:
             object.__setattr__(self, "logit_bias", dict(self.logit_bias))
+        if _is_number(self.temperature) and 0 < self.temperature < GREEDY_TEMPERATURE:
+            object.__setattr__(self, "temperature", 0.0)
 
     def _validate_sampling(self) -> None:
         _check(_is_number(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
@@ -84,8 +92,9 @@ class SamplingParams:
         _check(_is_int(self.top_k) and self.top_k >= -1, "top_k", self.top_k,
                "an integer >= 1, or 0 / -1 to disable top-k")
         _check(_is_number(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
-        _check(_is_number(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
-               self.repetition_penalty, "a finite number > 0 (1 disables it)")
+        low, high = REPETITION_PENALTY_RANGE
+        _check(_is_number(self.repetition_penalty) and low <= self.repetition_penalty <= high, "repetition_penalty",
+               self.repetition_penalty, f"a number in [{low:g}, {high:g}] (1 disables it)")
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(_is_number(value) and -PENALTY_RANGE <= value <= PENALTY_RANGE, name, value,
@@ -95,7 +104,8 @@ class SamplingParams:
             for token_id, bias in self.logit_bias.items():
                 _check(_is_int(token_id) and token_id >= 0, "logit_bias", self.logit_bias,
                        "a dict whose keys are token ids >= 0")
-                _check(_is_number(bias), "logit_bias", self.logit_bias, "a dict whose values are finite numbers")
+                _check(_is_number(bias) and abs(bias) <= LOGIT_BIAS_LIMIT, "logit_bias", self.logit_bias,
+                       f"a dict whose values are numbers in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]")
 
     def _validate_lengths(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")

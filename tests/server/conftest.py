@@ -128,9 +128,19 @@ def client(server):
 
 
 def engine_stats(http: httpx.Client) -> dict[str, float]:
-    """The engine gauges from /metrics."""
+    """The metrics from /metrics that have no label but model_name (engine gauges, histogram counts and sums)."""
     text = http.get("/metrics").text
-    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^deltaserve_(\w+) ([-\d.e+]+)$", text, re.M)}
+    pattern = r'^deltaserve_(\w+)(?:\{model_name="[^"]*"\})? ([-\d.e+]+)$'
+    return {m.group(1): float(m.group(2)) for m in re.finditer(pattern, text, re.M)}
+
+
+def metric_value(http: httpx.Client, name: str, **labels: str) -> float:
+    """One labelled sample from /metrics (0 when absent), whatever the order of its labels."""
+    for line in http.get("/metrics").text.splitlines():
+        m = re.match(r"^deltaserve_(\w+)\{(.*)\} (\S+)$", line)
+        if m and m.group(1) == name and dict(re.findall(r'(\w+)="([^"]*)"', m.group(2))).items() >= labels.items():
+            return float(m.group(3))
+    return 0.0
 
 
 def wait_pools_free(http: httpx.Client, timeout: float = 20.0) -> dict[str, float]:

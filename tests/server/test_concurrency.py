@@ -12,7 +12,7 @@ import time
 import httpx
 
 from deltaserve import SamplingParams
-from tests.server.conftest import API_KEY, engine_stats, wait_pools_free
+from tests.server.conftest import API_KEY, engine_stats, metric_value, wait_pools_free
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -61,9 +61,7 @@ def _raw_request(url: str, path: str, body: dict) -> socket.socket:
 
 
 def _cancelled_count(http: httpx.Client, endpoint: str) -> float:
-    text = http.get("/metrics").text
-    key = f'deltaserve_requests_total{{endpoint="{endpoint}",outcome="cancelled"}}'
-    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(key)), 0.0)
+    return metric_value(http, "requests_total", endpoint=endpoint, outcome="cancelled")
 
 
 def test_disconnect_mid_stream_frees_pages_and_slot(server, http):

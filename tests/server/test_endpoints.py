@@ -66,3 +66,22 @@ def test_cli_serve_subcommand_feeds_run_server():
     config = server_config_from(args, args.model)
     assert (config.api_key, config.served_model_names, config.log_level) == ("k", ("a", "b"), "info")
     assert config.tool_call_parser == "none" and engine_args_from(args, args.model).enforce_eager
+
+
+def test_limit_options_reach_the_server_config():
+    from deltaserve.server.args import ServerConfigError, add_serve_args, server_config_from
+
+    args = add_serve_args(argparse.ArgumentParser()).parse_args([
+        "m", "--max-request-bytes", "4096", "--header-timeout", "2.5", "--body-timeout", "7", "--max-connections", "9",
+        "--chat-template-timeout", "3", "--trust-request-chat-template", "--public-metrics"])
+    config = server_config_from(args, "m")
+    assert (config.max_request_bytes, config.header_timeout, config.body_timeout, config.max_connections,
+            config.chat_template_timeout) == (4096, 2.5, 7.0, 9, 3.0)
+    assert config.trust_request_chat_template and config.public_metrics
+    defaults = server_config_from(add_serve_args(argparse.ArgumentParser()).parse_args(["m"]), "m")
+    assert not defaults.trust_request_chat_template and not defaults.public_metrics
+    for bad, option in ((["--header-timeout", "0"], "--header-timeout"), (["--body-timeout", "nan"], "--body-timeout"),
+                        (["--max-connections", "0"], "--max-connections"), (["--api-key", "ключ"], "--api-key"),
+                        (["--max-request-bytes", "10"], "--max-request-bytes")):
+        with pytest.raises(ServerConfigError, match=option):
+            server_config_from(add_serve_args(argparse.ArgumentParser()).parse_args(["m", *bad]), "m")

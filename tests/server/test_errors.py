@@ -101,11 +101,17 @@ def test_api_key_required(server):
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}):
             r = anon.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 2}, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-            assert anon.get("/v1/models", headers=headers).status_code == 401
-        assert anon.get("/health").status_code == 200  # probes and scrapers need no key
-        assert anon.get("/metrics").status_code == 200
-        ok = anon.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})
-        assert ok.status_code == 200
+            assert r.headers["www-authenticate"] == "Bearer"  # RFC 6750: says which scheme to use
+            # the docs pages map the whole API, and /metrics shows traffic: both behind the key (no --public-metrics)
+            for path in ("/v1/models", "/v1/models/" + MODEL_NAME, "/metrics", "/docs", "/redoc", "/openapi.json"):
+                denied = anon.get(path, headers=headers)
+                assert denied.status_code == 401 and denied.headers["www-authenticate"] == "Bearer", path
+        assert anon.get("/health").status_code == 200  # probes need no key
+        assert anon.get("/version").status_code == 200
+        key = {"Authorization": f"Bearer {API_KEY}"}
+        for path in ("/v1/models", "/metrics", "/docs", "/redoc"):
+            assert anon.get(path, headers=key).status_code == 200, path
+        assert anon.get("/openapi.json", headers=key).json()["info"]["title"] == "deltaserve"
 
 
 def test_openai_client_raises_typed_errors(client, server):

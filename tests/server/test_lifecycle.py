@@ -98,7 +98,7 @@ def app_with_faulty_engine(chat_ckpt):
     engine.shutdown()
 
 
-def test_engine_error_fails_one_request_with_500_and_server_goes_on(app_with_faulty_engine):
+def test_engine_error_fails_one_request_with_500_and_server_goes_on(app_with_faulty_engine, caplog):
     app, fail = app_with_faulty_engine
 
     async def main():
@@ -115,7 +115,13 @@ def test_engine_error_fails_one_request_with_500_and_server_goes_on(app_with_fau
     bad, stream, ok = asyncio.run(main())
     assert bad.status_code == 500
     err = bad.json()["error"]
-    assert err["type"] == "server_error" and err["code"] == "engine_error" and "injected device fault" in err["message"]
+    assert err["type"] == "server_error" and err["code"] == "engine_error"
+    # the body says what failed and gives the request id; the exception text goes to the log under that id only
+    request_id = bad.headers["x-request-id"]
+    assert request_id in err["message"] and "injected" not in err["message"] and "RuntimeError" not in err["message"]
+    logged = [r.getMessage() for r in caplog.records if request_id in r.getMessage()]
+    assert any("injected device fault" in line for line in logged), logged
     events = [line[6:] for line in stream.text.splitlines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_error"
+    assert "injected" not in events[-2]
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4

@@ -92,6 +92,11 @@ class StopChecker:
     only ends the output after the stop string, and everything shown before is part of the final text).
     When several stop strings occur, the one that completes first wins (the longest, on a tie), so the result
     does not depend on how the text was split into deltas.
+
+    One Knuth-Morris-Pratt automaton per stop string: its state is the length of the longest suffix of the text so
+    far that is a prefix of that string, carried across deltas. Memory is linear in the stop strings (their failure
+    tables are shared by every checker of the process), held text is shorter than the longest stop string, and each
+    character costs amortised O(1) per stop string, whatever the strings are.
     """
 
     def __init__(self, stop: Sequence[str], include_stop_str_in_output: bool = False) -> None:
@@ -99,10 +104,9 @@ class StopChecker:
             raise ValueError(f"stop strings must be non-empty, got {list(stop)!r}")
         self.stop = list(stop)
         self.include_stop_str_in_output = include_stop_str_in_output
-        self._max_len = max((len(s) for s in self.stop), default=0)
-        self._proper_prefixes = {s[:i] for s in self.stop for i in range(1, len(s))}
-        self._held = ""  # not yet emitted
-        self._context = ""  # the last emitted characters a future match could start in (include mode only)
+        self._fail = [self._failure_table(s) for s in self.stop]
+        self._state = [0] * len(self.stop)  # matched prefix length per stop string
+        self._held = ""  # not yet emitted (always a suffix of the text, at most the longest partial match)
         self.stopped = False
         self.matched: str | None = None
 
@@ -111,38 +115,61 @@ class StopChecker:
             return StopResult("", True, self.matched)
         if not self.stop:
             return StopResult(delta, False, None)
-        text = self._context + self._held + delta
-        start_of_new = len(self._context)
-        match = self._first_match(text)
-        if match is not None:
-            start, stop_str = match
-            end = start + len(stop_str) if self.include_stop_str_in_output else start
-            self.stopped, self.matched, self._held = True, stop_str, ""
-            return StopResult(text[start_of_new:end], True, stop_str)
-        hold = 0 if self.include_stop_str_in_output else self._partial_suffix_len(text[start_of_new:])
+        text = self._held + delta
+        base = len(self._held)
+        for i, ch in enumerate(delta):
+            done = self._advance(ch)
+            if done is not None:
+                end = base + i + 1
+                emit_end = end if self.include_stop_str_in_output else end - len(done)
+                self.stopped, self.matched, self._held = True, done, ""
+                return StopResult(text[:max(emit_end, 0)], True, done)
+        hold = 0 if self.include_stop_str_in_output else max(self._state)
         emit_end = len(text) - hold
         self._held = text[emit_end:]
-        if self.include_stop_str_in_output:
-            self._context = text[max(0, emit_end - self._max_len + 1):emit_end]
-        return StopResult(text[start_of_new:emit_end], False, None)
+        return StopResult(text[:emit_end], False, None)
 
     def finish(self) -> str:
         """No more text is coming (eos, max_tokens, ...): release whatever was held back."""
         held, self._held = self._held, ""
         return "" if self.stopped else held
 
-    def _first_match(self, text: str) -> tuple[int, str] | None:
-        best: tuple[int, int, str] | None = None  # (end, -len, stop) orders by earliest end, then longest
-        for stop_str in self.stop:
-            start = text.find(stop_str)
-            if start >= 0:
-                key = (start + len(stop_str), -len(stop_str), stop_str)
-                best = key if best is None or key < best else best
-        return None if best is None else (best[0] + best[1], best[2])
+    def _advance(self, ch: str) -> str | None:
+        """Step every automaton over one character; the stop string completed by it (the longest, on a tie)."""
+        done: str | None = None
+        for k, stop_str in enumerate(self.stop):
+            q = self._state[k]
+            fail = self._fail[k]
+            while q and stop_str[q] != ch:
+                q = fail[q - 1]
+            if stop_str[q] == ch:
+                q += 1
+            if q == len(stop_str):
+                if done is None or len(stop_str) > len(done):
+                    done = stop_str
+                q = fail[q - 1]
+            self._state[k] = q
+        return done
 
-    def _partial_suffix_len(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-        for length in range(min(len(text), self._max_len - 1), 0, -1):
-            if text[-length:] in self._proper_prefixes:
-                return length
-        return 0
+
+    _TABLES: dict[str, tuple[int, ...]] = {}  # stop string -> failure table, shared by all checkers
+    _MAX_TABLES = 1024
+
+    @classmethod
+    def _failure_table(cls, s: str) -> tuple[int, ...]:
+        """KMP: table[i] is the length of the longest proper prefix of s[:i + 1] that is also its suffix."""
+        table = cls._TABLES.get(s)
+        if table is not None:
+            return table
+        out = [0] * len(s)
+        k = 0
+        for i in range(1, len(s)):
+            while k and s[i] != s[k]:
+                k = out[k - 1]
+            if s[i] == s[k]:
+                k += 1
+            out[i] = k
+        if len(cls._TABLES) >= cls._MAX_TABLES:
+            cls._TABLES.clear()  # a bounded cache: distinct stop strings are few in practice
+        table = cls._TABLES[s] = tuple(out)
+        return table

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server: FastAPI routes over AsyncLLM, and `run_server` (what `deltaserve serve` runs).
 
-Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions, POST /v1/tokenize, POST /v1/detokenize
-(also without /v1), GET /health, GET /metrics (Prometheus), GET /version. With an API key, every route but
-/health, /metrics and /version needs `Authorization: Bearer KEY`.
+Routes: GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST /v1/chat/completions, POST /v1/tokenize,
+POST /v1/detokenize (also without /v1), GET|HEAD /health, GET /metrics (Prometheus), GET /version, and the docs pages
+(/docs, /redoc, /openapi.json). With an API key, every route but /health and /version needs
+`Authorization: Bearer KEY` (/metrics too, unless --public-metrics).
 """
 
 from __future__ import annotations
@@ -16,21 +17,24 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
 
 from deltaserve import __version__
 from deltaserve.engine.async_engine import AsyncLLM
-from deltaserve.engine.tokenizer import TokenizerError, render_chat, require_tokenizer
-from deltaserve.server.args import (ServerConfig, add_server_options, engine_args_from, resolve_model,
-                                    server_config_from)
-from deltaserve.server.chat_inputs import template_messages
+from deltaserve.engine.tokenizer import TokenizerError, require_tokenizer
+from deltaserve.server.args import ServerConfig, add_server_options
+from deltaserve.server.chat_prompt import ChatRequestParts, render_prompt
 from deltaserve.server.errors import APIError, bad_request, install_error_handlers
+from deltaserve.server.http_guard import RequestGuard
 from deltaserve.server.metrics import CONTENT_TYPE
-from deltaserve.server.protocol import DetokenizeRequest, TokenizeRequest, parse_body
+from deltaserve.server.protocol import DetokenizeRequest, TokenizeRequest, read_json
 from deltaserve.server.sampling import check_token_ids
 from deltaserve.server.serving_chat import create_chat_completion
 from deltaserve.server.serving_completions import create_completion
 from deltaserve.server.state import ServerState
+from deltaserve.server.templates import TemplateRenderer
+from deltaserve.server.tokens import encode_bounded
 
 log = logging.getLogger("deltaserve.server")
 
@@ -39,9 +43,10 @@ __all__ = ["add_server_options", "build_app", "run_server"]
 _ENGINE_PROBE_TIMEOUT_S = 10.0
 
 
-def build_app(engine: AsyncLLM, config: ServerConfig, *, shutdown_engine: bool = True) -> FastAPI:
+def build_app(engine: AsyncLLM, config: ServerConfig, *, shutdown_engine: bool = True,
+              templates: TemplateRenderer | None = None) -> FastAPI:
     """The ASGI app serving `engine`. With shutdown_engine, the app's shutdown stops the engine thread."""
-    state = ServerState.create(engine, config)
+    state = ServerState.create(engine, config, templates)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -49,14 +54,19 @@ def build_app(engine: AsyncLLM, config: ServerConfig, *, shutdown_engine: bool =
         state.idle.set()
         yield
         state.draining = True
+        await asyncio.to_thread(state.templates.close)
         if shutdown_engine:
             await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="deltaserve", version=__version__, lifespan=lifespan)
+    # The docs pages are served by _docs_router, behind the key when there is one.
+    app = FastAPI(title="deltaserve", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
     app.state.server = state
     install_error_handlers(app)
     app.include_router(_api_router(state))
+    app.include_router(_docs_router(app, config.api_key))
     app.include_router(_open_router(state))
+    app.add_middleware(RequestGuard, max_body_bytes=config.max_request_bytes, body_timeout=config.body_timeout)
     return app
 
 
@@ -65,10 +75,11 @@ def _api_router(state: ServerState) -> APIRouter:
 
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": state.created, "owned_by": "deltaserve",
-             "root": state.config.model_path, "parent": None, "max_model_len": state.limits.max_model_len}
-            for name in state.config.served_model_names]}
+        return {"object": "list", "data": [state.model_card(name) for name in state.config.served_model_names]}
+
+    @router.get("/v1/models/{model:path}")  # :path: served names may contain "/" (org/model)
+    async def model(model: str) -> dict[str, Any]:
+        return state.check_model_name(model)
 
     @router.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -81,19 +92,40 @@ def _api_router(state: ServerState) -> APIRouter:
     @router.post("/v1/tokenize")
     @router.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:
-        req = parse_body(await request.body(), TokenizeRequest)
+        req = await read_json(request, TokenizeRequest)
         state.check_model(req.model)
-        ids = await asyncio.to_thread(_tokenize, state, req)
+        ids = await _tokenize(state, req)
         return {"count": len(ids), "max_model_len": state.limits.max_model_len, "tokens": ids}
 
     @router.post("/v1/detokenize")
     @router.post("/detokenize")
     async def detokenize(request: Request) -> dict[str, Any]:
-        req = parse_body(await request.body(), DetokenizeRequest)
+        req = await read_json(request, DetokenizeRequest)
         state.check_model(req.model)
         check_token_ids(req.tokens, state.limits.vocab_size, "tokens")
         tok = _tokenizer(state, "tokens")
-        return {"prompt": tok.decode(req.tokens, skip_special_tokens=False)}
+        return {"prompt": await asyncio.to_thread(tok.decode, req.tokens, skip_special_tokens=False)}
+
+    if state.config.api_key is not None and not state.config.public_metrics:
+        router.add_api_route("/metrics", _metrics_route(state), methods=["GET"])
+    return router
+
+
+def _docs_router(app: FastAPI, api_key: str | None) -> APIRouter:
+    """/openapi.json, /docs and /redoc; with an API key they need it too (the schema maps the whole surface)."""
+    router = APIRouter(dependencies=[Depends(_auth(api_key))], include_in_schema=False)
+
+    @router.get("/openapi.json")
+    async def openapi() -> dict[str, Any]:
+        return app.openapi()
+
+    @router.get("/docs")
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="deltaserve")
+
+    @router.get("/redoc")
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title="deltaserve")
 
     return router
 
@@ -101,17 +133,27 @@ def _api_router(state: ServerState) -> APIRouter:
 def _open_router(state: ServerState) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/health")
+    @router.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> Response:
         if state.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
         try:
             await asyncio.wait_for(state.engine.call(lambda: True), _ENGINE_PROBE_TIMEOUT_S)
-        except Exception as e:  # noqa: BLE001 - any failure to answer means unhealthy
-            return JSONResponse({"status": f"engine not responding: {type(e).__name__}"}, status_code=503)
+        except Exception:  # noqa: BLE001 - any failure to answer means unhealthy
+            log.warning("/health: the engine did not answer within %.0fs", _ENGINE_PROBE_TIMEOUT_S, exc_info=True)
+            return JSONResponse({"status": "engine not responding"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    @router.get("/metrics")
+    @router.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": __version__}
+
+    if state.config.api_key is None or state.config.public_metrics:
+        router.add_api_route("/metrics", _metrics_route(state), methods=["GET"])
+    return router
+
+
+def _metrics_route(state: ServerState):
     async def metrics() -> Response:
         try:
             stats = await asyncio.wait_for(state.engine.call(state.engine.engine.stats), _ENGINE_PROBE_TIMEOUT_S)
@@ -119,11 +161,7 @@ def _open_router(state: ServerState) -> APIRouter:
             stats = {}
         return Response(state.metrics.render(stats), media_type=CONTENT_TYPE)
 
-    @router.get("/version")
-    async def version() -> dict[str, str]:
-        return {"version": __version__}
-
-    return router
+    return metrics
 
 
 def _auth(api_key: str | None):
@@ -146,46 +184,23 @@ def _tokenizer(state: ServerState, param: str):
         raise bad_request(str(e), param) from None
 
 
-def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
+async def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
     if (req.prompt is None) == (req.messages is None):
         raise bad_request("give exactly one of 'prompt' (text) or 'messages' (a chat)", "prompt")
-    tok = _tokenizer(state, "prompt" if req.prompt is not None else "messages")
-    if req.prompt is not None:
-        return tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-    tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-    try:
-        return render_chat(tok, template_messages(req.messages or []), tools=tools,
-                           add_generation_prompt=req.add_generation_prompt,
-                           chat_template_kwargs=req.chat_template_kwargs)
-    except TokenizerError as e:
-        raise bad_request(str(e), "messages") from None
+    if req.messages is None:
+        tok = _tokenizer(state, "prompt")
+        return await asyncio.to_thread(encode_bounded, tok, req.prompt or "", state.limits.max_model_len - 1,
+                                       add_special_tokens=req.add_special_tokens, field="prompt")
+    tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in req.tools] \
+        if req.tools else None
+    parts = ChatRequestParts(req.messages, tools, req.add_generation_prompt, req.chat_template,
+                             req.chat_template_kwargs)
+    return (await render_prompt(state, parts)).ids
 
 
 def run_server(args: argparse.Namespace) -> int:
-    """Load the engine from the parsed `deltaserve serve` options (cli.add_engine_options + add_server_options) and
-    serve until SIGTERM/SIGINT. Blocks; returns 0 after a graceful shutdown."""
-    import uvicorn
+    """Serve the model the parsed `deltaserve serve` options name until SIGTERM/SIGINT (startup.py). Blocks;
+    returns 0 after a graceful shutdown, 1 after a second signal cut it short."""
+    from deltaserve.server.startup import run
 
-    from deltaserve.server.lifecycle import GracefulServer
-
-    model = resolve_model(args)
-    config = server_config_from(args, model)
-    _setup_logging(config.log_level)
-    engine_args = engine_args_from(args, model)
-    log.info("loading %s on %s", model, engine_args.device)
-    engine = AsyncLLM(engine_args)
-    app = build_app(engine, config)
-    uv_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
-                               access_log=config.log_level in ("debug", "trace"),
-                               timeout_graceful_shutdown=config.shutdown_timeout + 10, timeout_keep_alive=30)
-    try:
-        GracefulServer(uv_config, app.state.server).run()
-    finally:
-        engine.shutdown()
-    return 0
-
-
-def _setup_logging(level: str) -> None:
-    numeric = logging.DEBUG if level == "trace" else getattr(logging, level.upper())
-    logging.basicConfig(level=numeric, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("deltaserve").setLevel(numeric)
+    return run(args)

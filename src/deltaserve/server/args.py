@@ -1,6 +1,6 @@
 """Server options: a frozen, validated ServerConfig, and the argparse options of `deltaserve serve`.
 
-The CLI adds its engine options (cli.add_engine_options, which include --log-level) and `add_server_options`;
+The CLI adds MODEL, its engine options and --log-level (cli.add_model_and_engine_options) and `add_server_options`;
 `add_serve_args` does both for `python -m deltaserve.server`. `run_server` reads the namespace with getattr and
 defaults, so a namespace missing an option still works.
 """
@@ -8,6 +8,8 @@ defaults, so a namespace missing an option still works.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +38,18 @@ class ServerConfig:
     tool_call_parser: str = "qwen3_coder"
     shutdown_timeout: float = 30.0
     log_level: str = "warning"
+    # Hardening: what one client may cost the server (README, "Limits")
+    max_request_bytes: int = 16 * 1024 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    max_connections: int = 1024
+    chat_template_timeout: float = 10.0
+    trust_request_chat_template: bool = False
+    public_metrics: bool = False
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"--port {self.port} is invalid: use 0-65535 (0 picks a free port)")
-        _require(self.api_key is None or len(self.api_key) > 0, "--api-key is empty: give a key or leave it out")
+        _check_api_key(self.api_key)
         _require(len(self.served_model_names) > 0 and all(self.served_model_names),
                  "--served-model-name needs at least one non-empty name")
         _require(self.reasoning_parser in REASONING_PARSERS,
@@ -48,6 +58,24 @@ class ServerConfig:
                  f"--tool-call-parser {self.tool_call_parser!r} is unknown: use one of {TOOL_CALL_PARSERS}")
         _require(self.shutdown_timeout >= 0, f"--shutdown-timeout {self.shutdown_timeout} must be >= 0 seconds")
         _require(self.log_level in LOG_LEVELS, f"--log-level {self.log_level!r} is unknown: use one of {LOG_LEVELS}")
+        _require(self.max_request_bytes >= 1024, f"--max-request-bytes {self.max_request_bytes} is too small: "
+                 "use at least 1024 bytes")
+        for name in ("header_timeout", "body_timeout", "chat_template_timeout"):
+            value = getattr(self, name)
+            _require(math.isfinite(value) and value > 0,
+                     f"--{name.replace('_', '-')} {value} is invalid: use a number of seconds > 0")
+        _require(self.max_connections >= 1, f"--max-connections {self.max_connections} must be >= 1")
+
+
+def _check_api_key(key: str | None) -> None:
+    """The key travels in an HTTP header, which carries ASCII only; a key a client cannot send locks everyone out."""
+    if key is None:
+        return
+    _require(len(key) > 0, "--api-key is empty: give a key or leave it out")
+    bad = next((c for c in key if not " " <= c <= "~"), None)
+    _require(bad is None, f"--api-key contains {bad!r}: use printable ASCII characters only (HTTP headers cannot "
+             "carry others)")
+    _require(key == key.strip(), "--api-key starts or ends with a space: remove it")
 
 
 def _require(cond: bool, message: str) -> None:
@@ -79,6 +107,27 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                    help="qwen3_coder: <tool_call> blocks become OpenAI tool_calls (default); none: left in content")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may run before they are aborted (default 30)")
+    _add_limit_options(parser.add_argument_group("server limits"))
+
+
+def _add_limit_options(g: argparse._ArgumentGroup) -> None:
+    d = ServerConfig()
+    g.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help=f"largest request body accepted; larger ones get 413 (default {d.max_request_bytes})")
+    g.add_argument("--header-timeout", type=float, default=d.header_timeout,
+                   help=f"seconds a client may take to send a request's headers (default {d.header_timeout:g})")
+    g.add_argument("--body-timeout", type=float, default=d.body_timeout,
+                   help=f"seconds a client may take to send a request's body; then 408 (default {d.body_timeout:g})")
+    g.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="open connections at most; past it the longest-idle connection is closed (default "
+                        f"{d.max_connections})")
+    g.add_argument("--chat-template-timeout", type=float, default=d.chat_template_timeout,
+                   help=f"seconds one chat template rendering may take; then 400 (default {d.chat_template_timeout:g})")
+    g.add_argument("--trust-request-chat-template", action="store_true",
+                   help="let requests bring their own chat template (chat_template / chat_template_kwargs."
+                        "chat_template); off by default: a template is code the server runs")
+    g.add_argument("--public-metrics", action="store_true",
+                   help="with --api-key: serve /metrics without the key (for scrapers); docs pages stay protected")
 
 
 def resolve_model(args: argparse.Namespace) -> str:
@@ -100,19 +149,14 @@ def engine_args_from(args: argparse.Namespace, model: str) -> EngineArgs:
 
 
 def server_config_from(args: argparse.Namespace, model: str) -> ServerConfig:
+    """A ServerConfig from whichever options the namespace has (same names as the fields); absent or None ones keep
+    the defaults."""
     names = getattr(args, "served_model_name", None)
     if isinstance(names, str):
         names = [names]
     default_name = Path(model).name if getattr(args, "model", None) else "deltaserve-demo"
-    d = ServerConfig()
-    return ServerConfig(
-        host=getattr(args, "host", None) or d.host, port=_or(getattr(args, "port", None), d.port),
-        api_key=getattr(args, "api_key", None), served_model_names=tuple(names or [default_name]),
-        model_path=model, reasoning_parser=getattr(args, "reasoning_parser", None) or d.reasoning_parser,
-        tool_call_parser=getattr(args, "tool_call_parser", None) or d.tool_call_parser,
-        shutdown_timeout=_or(getattr(args, "shutdown_timeout", None), d.shutdown_timeout),
-        log_level=str(getattr(args, "log_level", None) or d.log_level).lower())
-
-
-def _or(value: Any, default: Any) -> Any:
-    return default if value is None else value
+    given: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
+                             if getattr(args, f.name, None) is not None}
+    given.update(served_model_names=tuple(names or [default_name]), model_path=model)
+    given["log_level"] = str(given.get("log_level") or ServerConfig.log_level).lower()
+    return ServerConfig(**given)

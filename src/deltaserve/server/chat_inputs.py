@@ -1,4 +1,5 @@
-"""Chat request -> prompt token ids: messages and tools in the shape Qwen chat templates expect, tool_choice."""
+"""Chat request fields -> what the chat template sees: messages and tools in the shape Qwen chat templates expect,
+tool_choice, and the checks on message shapes (chat_prompt.py renders them)."""
 
 from __future__ import annotations
 
@@ -6,16 +7,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from deltaserve.engine.tokenizer import TokenizerError, render_chat
 from deltaserve.server.errors import bad_request
-from deltaserve.server.output_parser import prompt_opens_reasoning
 from deltaserve.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
 from deltaserve.server.tool_parser import ToolSchemas
-
-_PROMPT_TAIL_TOKENS = 64  # enough to see the last turn's "<|im_start|>assistant\n<think>\n"
-# render_chat sets these itself; from chat_template_kwargs they would clash (a TypeError, not a clear 400)
-_RESERVED_KWARGS = frozenset({"tools", "add_generation_prompt", "tokenize", "conversation", "messages",
-                              "return_dict", "continue_final_message"})
 
 
 @dataclass(frozen=True)
@@ -80,10 +74,14 @@ def _text(m: ChatMessage, i: int) -> str:
         return m.content
     parts = []
     for j, part in enumerate(m.content):
-        if part.type != "text" or part.text is None:
+        if part.type != "text":
             param = f"messages.{i}.content.{j}.type"
             raise bad_request(f"'{param}': content part type {part.type!r} is not supported (this server serves text "
                               "models); send {\"type\": \"text\", \"text\": ...} parts", param)
+        if part.text is None:
+            param = f"messages.{i}.content.{j}.text"
+            raise bad_request(f"'{param}' is missing: a content part of type 'text' needs its 'text' string", param,
+                              code="missing_required_parameter")
         parts.append(part.text)
     return "".join(parts)
 
@@ -102,18 +100,14 @@ def _arguments(arguments: str | dict[str, Any], i: int, j: int) -> dict[str, Any
     return value
 
 
-def render_prompt(tokenizer, req: ChatCompletionRequest,
-                  tools: list[dict[str, Any]] | None) -> tuple[list[int], bool]:
-    """Token ids of the rendered conversation, and whether the template left a <think> block open."""
-    reserved = sorted(set(req.chat_template_kwargs or {}) & _RESERVED_KWARGS)
-    if reserved:
-        raise bad_request(f"'chat_template_kwargs' may not set {reserved}: use the request's own fields",
-                          "chat_template_kwargs")
-    try:
-        ids = render_chat(tokenizer, template_messages(req.messages), tools=tools,
-                          add_generation_prompt=req.add_generation_prompt,
-                          chat_template_kwargs=req.chat_template_kwargs)
-    except TokenizerError as e:
-        raise bad_request(str(e), "messages") from None
-    tail = tokenizer.decode(ids[-_PROMPT_TAIL_TOKENS:], skip_special_tokens=False) if ids else ""
-    return ids, prompt_opens_reasoning(tail)
+def reject_legacy_functions(req: ChatCompletionRequest) -> None:
+    """The pre-tools function-calling fields: answering them as tool_calls would break a client that reads
+    message.function_call, so they get a 400 that points to the current fields."""
+    for name, new in (("functions", "tools"), ("function_call", "tool_choice")):
+        if getattr(req, name) is not None:
+            raise bad_request(f"'{name}' (legacy function calling) is not supported; send '{new}' instead", name)
+    for i, m in enumerate(req.messages):
+        if m.function_call is not None:
+            param = f"messages.{i}.function_call"
+            raise bad_request(f"'{param}' (legacy function calling) is not supported; send 'tool_calls' instead",
+                              param)

@@ -1,12 +1,15 @@
 """OpenAI-style errors: every failure leaves the server as `{"error": {"message", "type", "param", "code"}}`.
 
 Clients (the official SDKs included) read `error.message` and branch on the HTTP status, so each error names the
-offending request field in `param` and says in `message` what a valid value looks like.
+offending request field in `param` and says in `message` what a valid value looks like. Server-side failures say
+what failed and the request id (also in every response's X-Request-Id header); the details, which may hold internal
+exception text, go to the server log under that id only.
 """
 
 from __future__ import annotations
 
 import logging
+from contextvars import ContextVar
 from http import HTTPStatus
 from typing import Any
 
@@ -20,8 +23,15 @@ log = logging.getLogger(__name__)
 
 # OpenAI's `type` strings by status; anything else falls back to server_error.
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+          404: "not_found_error", 405: "invalid_request_error", 408: "invalid_request_error", 409: "conflict_error",
+          413: "invalid_request_error", 415: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+# The id of the HTTP request being handled (set by http_guard.RequestGuard; copied into to_thread workers and the
+# tasks a request starts, as contextvars are).
+REQUEST_ID: ContextVar[str] = ContextVar("deltaserve_request_id", default="-")
+# When the request arrived (time.monotonic()), for the latency metrics; 0.0 outside a request.
+REQUEST_START: ContextVar[float] = ContextVar("deltaserve_request_start", default=0.0)
 
 
 class APIError(Exception):
@@ -39,8 +49,24 @@ class APIError(Exception):
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": _TYPES.get(status, "server_error"), "param": param,
-                      "code": code}}
+    return {"error": {"message": _printable(message), "type": _TYPES.get(status, "server_error"),
+                      "param": None if param is None else _printable(param), "code": code}}
+
+
+def _printable(text: str) -> str:
+    """Text that encodes as UTF-8: a message may quote a request's undecodable bytes (which parsing turned into
+    lone surrogates); they show as U+FFFD."""
+    try:
+        return text.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+    except UnicodeEncodeError:  # a surrogate that was never a byte (an escaped \ud800)
+        return text.encode("utf-8", errors="replace").decode("utf-8")
+
+
+def server_error(what: str, details: str, *, status: int = 500, code: str = "internal_error") -> APIError:
+    """A failure that is not the client's: logged with its details, answered with what failed and the request id."""
+    request_id = REQUEST_ID.get()
+    log.error("request %s: %s: %s", request_id, what, details)
+    return APIError(status, f"{what} (request id {request_id}; the server log has the details)", code=code)
 
 
 def bad_request(message: str, param: str | None = None, code: str = "invalid_value") -> APIError:
@@ -77,7 +103,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status)
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -94,6 +121,12 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error in a request")
-        return JSONResponse(error_body(500, f"internal server error: {type(exc).__name__}: {exc}",
-                                       code="internal_error"), status_code=500)
+        return JSONResponse(unexpected_error(exc).body(), status_code=500)
+
+
+def unexpected_error(exc: BaseException) -> APIError:
+    """A bug or an unforeseen failure: the traceback goes to the log under the request id, the client gets the id."""
+    request_id = REQUEST_ID.get()
+    log.error("request %s: unhandled error", request_id, exc_info=exc)
+    return APIError(500, f"internal server error (request id {request_id}; the server log has the details)",
+                    code="internal_error")

@@ -19,7 +19,8 @@ from deltaserve.engine.async_engine import EngineDeadError
 from deltaserve.engine.engine import RequestError
 from deltaserve.outputs import SequenceDelta
 from deltaserve.sampling_params import SamplingParams
-from deltaserve.server.errors import APIError
+from deltaserve.server.errors import REQUEST_START, APIError, server_error
+from deltaserve.server.metrics import ServerMetrics
 from deltaserve.server.state import ServerState
 
 T = TypeVar("T")
@@ -29,40 +30,83 @@ class ClientDisconnected(Exception):
     """The client closed the connection before the response was ready; its request was aborted."""
 
 
+class _RequestTimer:
+    """Observes one engine request's latencies and outcome as its deltas pass (metrics.py says what each means)."""
+
+    def __init__(self, metrics: ServerMetrics, num_prompt_tokens: int, n: int) -> None:
+        self.metrics = metrics
+        now = time.monotonic()
+        self.arrival = REQUEST_START.get() or now  # outside an HTTP request (tests): from the hand-over
+        self.handed_over = now
+        self.first_token: float | None = None
+        self.last_token: dict[int, float] = {}
+        self.tokens = [0] * n
+        self.finished: set[int] = set()
+        metrics.queue.observe(now - self.arrival)
+        metrics.prompt_tokens.observe(num_prompt_tokens)
+
+    def on_delta(self, delta: SequenceDelta) -> None:
+        if delta.token_ids:
+            now = time.monotonic()
+            if self.first_token is None:
+                self.first_token = now
+                self.metrics.ttft.observe(now - self.arrival)
+            elif delta.index in self.last_token:
+                self.metrics.itl.observe((now - self.last_token[delta.index]) / len(delta.token_ids))
+            self.last_token[delta.index] = now
+            self.tokens[delta.index] += len(delta.token_ids)
+        if delta.finished:
+            self.finished.add(delta.index)
+            success = self.metrics.success.get(delta.finish_reason or "")
+            if success is not None:
+                success.inc()
+
+    def on_end(self, outcome: str) -> None:
+        """Latencies are observed for requests that ran to the end ("ok"); a client that went away ("cancelled")
+        aborted its unfinished samples."""
+        m = self.metrics
+        if outcome == "cancelled":
+            for _ in range(len(self.tokens) - len(self.finished)):
+                m.success["abort"].inc()
+        if outcome != "ok":
+            return
+        now = time.monotonic()
+        m.e2e.observe(now - self.arrival)
+        m.inference.observe(now - self.handed_over)
+        if self.first_token is not None:
+            m.prefill.observe(self.first_token - self.handed_over)
+            m.decode.observe(now - self.first_token)
+        m.generation_tokens.observe(sum(self.tokens))
+        m.max_generation_tokens.observe(max(self.tokens))
+
+
 async def generate(state: ServerState, prompt: list[int], params: SamplingParams, request_id: str,
                    endpoint: str, *, prompt_field: str = "prompt") -> AsyncIterator[SequenceDelta]:
-    """The engine's deltas for one prompt, observing TTFT / ITL / end-to-end latency as they pass."""
-    metrics = state.metrics
-    arrival = time.monotonic()
-    last_token: dict[int, float] = {}
+    """The engine's deltas for one prompt, observing the request's latencies as they pass."""
+    timer = _RequestTimer(state.metrics, len(prompt), params.n)
     outcome = "cancelled"  # stays so if the client goes away (the iterator is closed mid-way)
     state.begin(request_id)
     stream = state.engine.generate(prompt, params, request_id)
     try:
         async for delta in stream:
-            if delta.token_ids:
-                now = time.monotonic()
-                if not last_token:
-                    metrics.ttft.observe(now - arrival)
-                elif delta.index in last_token:
-                    metrics.itl.observe((now - last_token[delta.index]) / len(delta.token_ids))
-                last_token[delta.index] = now
+            timer.on_delta(delta)
             if delta.finished and delta.finish_reason in ("error", "abort"):
                 outcome = delta.finish_reason
             yield delta
         if outcome == "cancelled":
             outcome = "ok"
-            metrics.e2e.observe(time.monotonic() - arrival)
-    except RequestError as e:
+    except RequestError as e:  # the engine's own checks on a request: written for the client
         outcome = "rejected"
         raise APIError(400, str(e), param=prompt_field, code="invalid_request") from None
     except EngineDeadError as e:
         outcome = "error"
-        raise APIError(503, f"the engine is not running: {e}", code="engine_unavailable") from None
+        raise server_error("the engine is not running", f"{request_id}: {e}", status=503,
+                           code="engine_unavailable") from None
     finally:
         await stream.aclose()
         state.end(request_id)
-        metrics.requests.labels(endpoint, outcome).inc()
+        timer.on_end(outcome)
+        state.metrics.requests.labels(endpoint, outcome, state.metrics.model_name).inc()
 
 
 async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
@@ -126,9 +170,11 @@ async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
 
 
 def raise_for_failure(delta: SequenceDelta) -> None:
-    """A sequence the engine failed (500) or aborted while the client still waited, i.e. at shutdown (503)."""
+    """A sequence the engine failed (500) or aborted while the client still waited, i.e. at shutdown (503). The
+    engine's error text is an exception's: it goes to the log, with the request id the client gets."""
     if delta.finish_reason == "error":
-        raise APIError(500, f"the engine failed this request: {delta.error or 'unknown error'}", code="engine_error")
+        raise server_error("the engine failed this request", f"{delta.request_id}: {delta.error or 'unknown error'}",
+                           code="engine_error")
     if delta.finish_reason == "abort":
         raise APIError(503, "the request was aborted because the server is shutting down; retry it",
                        code="request_aborted")

@@ -3,7 +3,8 @@
 On the first SIGTERM (or SIGINT): new requests get 503 and /health turns 503; requests in flight may finish for up
 to `shutdown_timeout` seconds; whatever is still running then is aborted in the engine, so its client gets a clean
 error (a 503 body, or an error event and [DONE] on a stream); then uvicorn closes the connections and the app's
-shutdown stops the engine. A second signal exits at once.
+shutdown stops the engine. A second signal skips the wait: everything in flight is aborted at once (clients still get
+their clean error) and the process exits with status 1. A third one stops without any cleanup.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class GracefulServer(uvicorn.Server):
         self.state = state
         self._drain_requested = False
         self._draining: asyncio.Task | None = None
+        self.forced = False  # a second signal cut the drain short: the process exits non-zero
+        self.unfinished = 0  # requests in flight when it came
 
     async def startup(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
         await super().startup(sockets=sockets)
@@ -58,15 +61,24 @@ class GracefulServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Signal handlers only set flags; the drain task starts on uvicorn's next tick (every 0.1 s).
-        if self._drain_requested or self.should_exit:
-            log.warning("second signal %d: exiting without waiting for requests", sig)
-            self.should_exit = self.force_exit = True
-            return
+        if self.forced:
+            self.should_exit = self.force_exit = True  # uvicorn then cancels what is left, tracebacks and all
+        elif self._drain_requested or self.should_exit:
+            self.forced = True
         self._drain_requested = True
 
     async def on_tick(self, counter: int) -> bool:
         if self._drain_requested and self._draining is None:
             self._draining = asyncio.create_task(self.drain())
+        if self.forced and not self.should_exit:
+            # Aborting lets each request end the normal way (its error event, its finally blocks), so nothing is
+            # cancelled mid-flight and the shutdown below finds no task to kill.
+            self.unfinished = len(self.state.inflight)
+            self.state.draining = True
+            for request_id in list(self.state.inflight):
+                self.state.engine.abort(request_id)
+            await _wait_idle(self.state, _ABORT_GRACE_S)
+            self.should_exit = True
         return await super().on_tick(counter)
 
     async def drain(self) -> None:

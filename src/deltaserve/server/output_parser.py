@@ -84,6 +84,11 @@ class OutputParser:
         self._finished = False
 
     @property
+    def in_reasoning(self) -> bool:
+        """Inside a reasoning block: text fed now is reasoning (its tokens count as reasoning_tokens)."""
+        return self.mode is _Mode.REASONING
+
+    @property
     def num_tool_calls(self) -> int:
         return 0 if self.tools is None else self.tools.count
 

@@ -7,10 +7,12 @@ the OpenAI SDKs send fields this server has no use for (`user`, `metadata`, ...)
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.requests import Request
 
 from deltaserve.server.errors import APIError, bad_request, validation_error
 
@@ -85,6 +87,7 @@ class ChatMessage(_Model):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    function_call: Any = None  # legacy (before tool_calls): rejected with a pointer to tool_calls
 
 
 class FunctionDefinition(_Model):
@@ -122,7 +125,10 @@ class ChatCompletionRequest(_SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
+    functions: Any = None  # legacy: rejected with a pointer to tools / tool_choice
+    function_call: Any = None
     # vLLM-style extras
+    chat_template: str | None = None  # only with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     include_reasoning: bool = True
@@ -135,6 +141,7 @@ class TokenizeRequest(_Model):
     tools: list[Tool] | None = None
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
 
@@ -145,17 +152,31 @@ class DetokenizeRequest(_Model):
 
 M = TypeVar("M", bound=BaseModel)
 
+MAX_JSON_DEPTH = 64  # far beyond any real request (tool schemas nest ~10 deep); recursion limits stay far away
+_OFF_LOOP_BYTES = 64 * 1024  # smaller bodies parse on the loop: a thread hop would cost more than the parse
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """The request's JSON body as `model`; a large body is parsed and validated on a worker thread, so other
+    streams keep flowing meanwhile."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not (media_type.startswith("application/") and
+                                                 media_type.endswith("+json")):
+        shown = f"'{media_type}'" if media_type else "none"
+        raise APIError(415, f"the request body must be JSON: send the header 'Content-Type: application/json' "
+                       f"(got {shown})", param="Content-Type", code="unsupported_media_type")
+    raw = await request.body()
+    if len(raw) > _OFF_LOOP_BYTES:
+        return await asyncio.to_thread(parse_body, raw, model)
+    return parse_body(raw, model)
+
 
 def parse_body(raw: bytes, model: type[M]) -> M:
     """Bytes -> a validated request. Each failure is a 400 that says what was wrong and where."""
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object", code="invalid_json")
     text = raw.decode("utf-8", errors="surrogateescape")  # keep bad bytes visible to find the field they are in
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise bad_request(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
-                          code="invalid_json") from None
+    obj = _loads(text)
     if not isinstance(obj, dict):
         raise bad_request(f"the request body must be a JSON object, got a JSON {type(obj).__name__}",
                           code="invalid_json")
@@ -164,33 +185,77 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         path, why = bad
         raise bad_request(f"'{path}' {why}", param=path, code="invalid_encoding")
     try:
-        return model.model_validate_json(text)
+        return model.model_validate(obj)
     except ValidationError as e:
         raise validation_error(e) from None
 
 
-def find_invalid_text(obj: Any, path: str = "") -> tuple[str, str] | None:
+class _NotJSON(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NotJSON(f"{name} is not a JSON value; send numbers only")
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise bad_request(f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}",
+                          code="invalid_json") from None
+    except RecursionError:
+        raise bad_request(f"the request body nests JSON deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") \
+            from None
+    except _NotJSON as e:
+        raise bad_request(f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except ValueError:  # Python refuses integers of more than 4300 digits
+        raise bad_request("the request body has an integer of more than 4300 digits", code="invalid_json") from None
+
+
+def find_invalid_text(obj: Any) -> tuple[str, str] | None:
     """The first string (key or value) that is not valid Unicode text: undecodable UTF-8 bytes, which
-    surrogateescape turned into U+DC80..U+DCFF, or a lone UTF-16 surrogate written as a \\ud800 escape."""
-    if isinstance(obj, str):
-        for ch in obj:
-            code = ord(ch)
-            if 0xDC80 <= code <= 0xDCFF:
-                return path or "body", "is not valid UTF-8; send text encoded as UTF-8"
-            if 0xD800 <= code <= 0xDFFF:
-                return path or "body", "contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)"
+    surrogateescape turned into U+DC80..U+DCFF, or a lone UTF-16 surrogate written as a \\ud800 escape; or a
+    container nested deeper than MAX_JSON_DEPTH. Iterative, so no input depth can exhaust the stack."""
+    stack: list[tuple[Any, tuple[str, ...]]] = [(obj, ())]
+    while stack:
+        value, path = stack.pop()
+        if len(path) > MAX_JSON_DEPTH:
+            return _dotted(path[:MAX_JSON_DEPTH]), f"nests deeper than {MAX_JSON_DEPTH} levels; flatten it"
+        if isinstance(value, str):
+            why = _text_problem(value)
+            if why:
+                return _dotted(path), why
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                why = _text_problem(key)
+                if why:
+                    return _dotted((*path, key)), f"(a key) {why}"
+                if isinstance(item, (str, dict, list)):
+                    stack.append((item, (*path, key)))
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                if isinstance(item, (str, dict, list)):
+                    stack.append((item, (*path, str(i))))
+    return None
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    return ".".join(path) or "body"
+
+
+def _text_problem(text: str) -> str | None:
+    try:
+        text.encode("utf-8")  # fast path: fails only on surrogates
         return None
-    if isinstance(obj, dict):
-        for key, value in obj.items():
-            sub = f"{path}.{key}" if path else str(key)
-            found = find_invalid_text(key, sub) or find_invalid_text(value, sub)
-            if found:
-                return found
-    elif isinstance(obj, list):
-        for i, value in enumerate(obj):
-            found = find_invalid_text(value, f"{path}.{i}" if path else str(i))
-            if found:
-                return found
+    except UnicodeEncodeError:
+        pass
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            return "is not valid UTF-8; send text encoded as UTF-8"
+        if 0xD800 <= code <= 0xDFFF:
+            return "contains a lone UTF-16 surrogate (an unpaired \\ud800-\\udfff escape)"
     return None
 
 

@@ -28,9 +28,13 @@ def sse_error(status: int, message: str, code: str | None = None) -> str:
     return sse(error_body(status, message, code=code))
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object. cached_tokens is 0 until the engine caches prefixes (then: the prompt tokens served
+    from the cache); reasoning_tokens are the tokens generated inside the reasoning block."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
 
 
 def _clamp(logprob: float) -> float:
@@ -97,9 +101,10 @@ def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], string
 
 
 def completion_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], strings: TokenStrings,
-                        offset: int, with_top: bool) -> tuple[dict[str, Any], int]:
+                        offset: int) -> tuple[dict[str, Any], int]:
     """The legacy completions shape; `offset` is where this piece's text starts in the choice's text. Returns the
-    piece and the offset after it."""
+    piece and the offset after it. Each token has a top_logprobs entry: its k alternatives, or with logprobs=0 the
+    sampled token alone (as OpenAI's legacy API and vLLM answer)."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for entry in entries:
         text, _ = strings.get(entry.token_id)
@@ -107,24 +112,17 @@ def completion_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], 
         token_logprobs.append(_clamp(entry.logprob))
         offsets.append(offset)
         offset += len(text)
-        if with_top:
-            tops.append({strings.get(t)[0]: _clamp(lp) for t, lp in entry.top})
-    piece = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops if with_top else None,
-             "text_offset": offsets}
+        top = entry.top or ((entry.token_id, entry.logprob),)
+        tops.append({strings.get(t)[0]: _clamp(lp) for t, lp in top})
+    piece = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
     return piece, offset
 
 
 def merge_completion_logprobs(pieces: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not pieces:
         return None
-    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
-    with_top = pieces[0]["top_logprobs"] is not None
-    if with_top:
-        out["top_logprobs"] = []
+    out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for p in pieces:
-        out["tokens"] += p["tokens"]
-        out["token_logprobs"] += p["token_logprobs"]
-        out["text_offset"] += p["text_offset"]
-        if with_top:
-            out["top_logprobs"] += p["top_logprobs"]
+        for key in out:
+            out[key] += p[key]
     return out

@@ -13,9 +13,15 @@ from typing import Any
 from deltaserve.sampling_params import SamplingParams
 from deltaserve.server.errors import APIError, bad_request
 from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
+from deltaserve.server.tokens import context_exceeded
 
 LOGIT_BIAS_RANGE = 100.0  # OpenAI's documented range
 MAX_N = 128  # OpenAI's limit on choices per request
+MAX_TEMPERATURE = 2.0  # OpenAI's documented range is [0, 2]
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM clients send a few more
+MAX_STOP_STRING_CHARS = 1024
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds reach torch.Generator as int64
+_DECIMAL_ID = re.compile(r"[0-9]{1,10}")  # int() would also take " 5", "+5", "5_0" and non-ASCII digits
 
 _FIELD_RE = re.compile(r"^SamplingParams\.(\w+)=(.*?) is invalid: (.*)$", re.S)
 
@@ -60,8 +66,7 @@ def _reject_unsupported_completion(req: CompletionRequest) -> None:
 
 def _build(req: _SamplingFields, *, max_tokens: int | None, max_tokens_field: str, logprobs: int | None,
            logprobs_field: str, limits: Limits, skip_special_tokens: bool) -> SamplingParams:
-    if not 1 <= req.n <= MAX_N:
-        raise bad_request(f"'n' must be between 1 and {MAX_N} (got {req.n})", param="n")
+    _check_edge(req, limits)
     kwargs: dict[str, Any] = dict(
         n=req.n, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop or [],
         stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
@@ -79,6 +84,38 @@ def _build(req: _SamplingFields, *, max_tokens: int | None, max_tokens_field: st
         raise _field_error(e, names) from None
 
 
+def _check_edge(req: _SamplingFields, limits: Limits) -> None:
+    """The bounds of this server and of OpenAI's API, beyond SamplingParams' own: no value that passes here can make
+    the engine's sampler fail (top_k past the vocabulary, a seed past int64), nor cost more than it is worth."""
+    if not 1 <= req.n <= MAX_N:
+        raise bad_request(f"'n' must be between 1 and {MAX_N} (got {req.n})", param="n")
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("'stream_options' is only allowed with 'stream': true", param="stream_options")
+    if req.temperature is not None and req.temperature > MAX_TEMPERATURE:
+        raise bad_request(f"'temperature' must be between 0 and {MAX_TEMPERATURE:g} (got {req.temperature})",
+                          param="temperature")
+    if req.top_k is not None and req.top_k > limits.vocab_size:
+        raise bad_request(f"'top_k' is {req.top_k} but the vocabulary has {limits.vocab_size} tokens; use at most "
+                          f"{limits.vocab_size}, or 0 / -1 for no top-k", param="top_k")
+    if req.seed is not None and not INT64_MIN <= req.seed <= INT64_MAX - (req.n - 1):
+        raise bad_request(f"'seed' must be a 64-bit signed integer (sample i uses seed + i, so at most "
+                          f"{INT64_MAX - (req.n - 1)} with n={req.n}); got {req.seed}", param="seed")
+    if req.stop_token_ids:
+        check_token_ids(req.stop_token_ids, limits.vocab_size, "stop_token_ids")
+    _check_stops(req.stop)
+
+
+def _check_stops(stop: str | list[str] | None) -> None:
+    stops = [stop] if isinstance(stop, str) else stop or []
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"'stop' has {len(stops)} strings; at most {MAX_STOP_STRINGS} are allowed", param="stop")
+    for i, s in enumerate(stops):
+        if len(s) > MAX_STOP_STRING_CHARS:
+            param = "stop" if isinstance(stop, str) else f"stop.{i}"
+            raise bad_request(f"'{param}' is {len(s)} characters long; stop strings may have at most "
+                              f"{MAX_STOP_STRING_CHARS}", param=param)
+
+
 def _field_error(e: ValueError, names: dict[str, str]) -> APIError:
     m = _FIELD_RE.match(str(e))
     if m is None:
@@ -93,11 +130,10 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
         return None
     out: dict[int, float] = {}
     for key, value in bias.items():
-        try:
-            token_id = int(key)
-        except ValueError:
-            raise bad_request(f"'logit_bias' keys must be token ids (strings of integers), got {key!r}",
-                              param="logit_bias") from None
+        if not _DECIMAL_ID.fullmatch(key):
+            raise bad_request(f"'logit_bias' keys must be token ids written as plain decimal integers (\"1234\"), "
+                              f"got {key[:40]!r}", param="logit_bias")
+        token_id = int(key)
         if not 0 <= token_id < vocab_size:
             raise bad_request(f"'logit_bias' token id {token_id} is outside the vocabulary [0, {vocab_size})",
                               param="logit_bias")
@@ -114,16 +150,20 @@ def check_lengths(prompt_len: int, params: SamplingParams, limits: Limits, *, pr
     if prompt_len == 0:
         raise bad_request(f"'{prompt_field}' is empty; give at least one token", param=prompt_field)
     if prompt_len >= limits.max_model_len:
-        raise bad_request(f"'{prompt_field}' is {prompt_len} tokens but this model's context is "
-                          f"{limits.max_model_len} tokens; shorten it", param=prompt_field,
-                          code="context_length_exceeded")
+        raise context_exceeded(prompt_field, str(prompt_len), limits.max_model_len)
     if params.max_tokens is not None and prompt_len + params.max_tokens > limits.max_model_len:
         raise bad_request(f"this model's context is {limits.max_model_len} tokens, but {prompt_len} prompt tokens "
                           f"+ {max_tokens_field}={params.max_tokens} exceed it; lower {max_tokens_field}",
                           param=max_tokens_field, code="context_length_exceeded")
+    if prompt_len + params.min_tokens > limits.max_model_len:
+        raise bad_request(f"'min_tokens' is {params.min_tokens}, but only {limits.max_model_len - prompt_len} "
+                          f"tokens fit after the {prompt_len} prompt tokens in this model's context",
+                          param="min_tokens", code="context_length_exceeded")
 
 
 def check_token_ids(ids: list[int], vocab_size: int, field: str) -> None:
+    if not ids or (0 <= min(ids) and max(ids) < vocab_size):  # C-speed scan; the list may have 10^6 ids
+        return
     bad = [t for t in ids if not 0 <= t < vocab_size]
     if bad:
         raise bad_request(f"'{field}' has token ids {bad[:5]} outside the vocabulary [0, {vocab_size})",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -13,11 +12,12 @@ from starlette.requests import Request
 
 from deltaserve.outputs import SequenceDelta
 from deltaserve.sampling_params import SamplingParams
-from deltaserve.server.chat_inputs import render_prompt, resolve_tools
-from deltaserve.server.errors import APIError
+from deltaserve.server.chat_inputs import reject_legacy_functions, resolve_tools
+from deltaserve.server.chat_prompt import ChatRequestParts, render_prompt
+from deltaserve.server.errors import APIError, unexpected_error
 from deltaserve.server.generation import ClientDisconnected, generate, raise_for_failure, unless_disconnected
 from deltaserve.server.output_parser import OutputParser, ParsedDelta
-from deltaserve.server.protocol import ChatCompletionRequest, parse_body
+from deltaserve.server.protocol import ChatCompletionRequest, read_json
 from deltaserve.server.responses import DONE, TokenStrings, chat_logprobs, random_id, sse, sse_error, usage
 from deltaserve.server.sampling import chat_params, check_lengths
 from deltaserve.server.serving_completions import SSE_HEADERS
@@ -29,6 +29,7 @@ class _Choice:
     parser: OutputParser
     message: ParsedDelta = field(default_factory=ParsedDelta)
     num_tokens: int = 0
+    reasoning_tokens: int = 0  # tokens generated while the reasoning block was open (its closing tag included)
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -55,15 +56,18 @@ class _Job:
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
-    req = parse_body(await request.body(), ChatCompletionRequest)
+    req = await read_json(request, ChatCompletionRequest)
     state.check_accepting()
     model = state.check_model(req.model)
     if not req.messages:
         raise APIError(400, "'messages' is empty; a chat request needs at least one message", param="messages",
                        code="invalid_value")
+    reject_legacy_functions(req)
     params = chat_params(req, state.limits)
     tools = resolve_tools(req, parse=state.config.tool_call_parser != "none")
-    prompt, opens_reasoning = await asyncio.to_thread(render_prompt, state.tokenizer, req, tools.for_template)
+    rendered = await render_prompt(state, ChatRequestParts(req.messages, tools.for_template, req.add_generation_prompt,
+                                                           req.chat_template, req.chat_template_kwargs))
+    prompt, opens_reasoning = rendered.ids, rendered.opens_reasoning
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     check_lengths(len(prompt), params, state.limits, prompt_field="messages", max_tokens_field=max_field)
     reasoning = state.config.reasoning_parser != "none"
@@ -85,6 +89,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
 
 def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings | None) -> tuple[ParsedDelta, list | None]:
     """Feed one engine delta to its choice; returns what to show now and this delta's logprobs."""
+    if choice.parser.in_reasoning:
+        choice.reasoning_tokens += len(delta.token_ids)
     parsed = choice.parser.feed(delta.text)
     if delta.finished:
         parsed.extend(choice.parser.finish())
@@ -108,13 +114,23 @@ async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
                          "logprobs": {"content": c.logprobs} if strings is not None else None,
                          "finish_reason": c.finish_reason_out(), "stop_reason": c.stop_reason}
                         for i, c in enumerate(choices)],
-            "usage": usage(len(job.prompt), sum(c.num_tokens for c in choices))}
+            "usage": _usage(job, choices)}
+
+
+def _usage(job: _Job, choices: list[_Choice]) -> dict[str, Any]:
+    return usage(len(job.prompt), sum(c.num_tokens for c in choices), sum(c.reasoning_tokens for c in choices))
+
+
+def _reasoning_fields(text: str, show_reasoning: bool) -> dict[str, str | None]:
+    """reasoning_content (DeepSeek's and SGLang's name) and reasoning (vLLM's current one): always both, null when
+    there is none, so clients can read either without checking that it exists."""
+    value = text if show_reasoning and text else None
+    return {"reasoning_content": value, "reasoning": value}
 
 
 def _message(m: ParsedDelta, show_reasoning: bool) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": m.content if m.content or not m.tool_calls else None}
-    if show_reasoning:
-        message["reasoning_content"] = m.reasoning or None
+    message: dict[str, Any] = {"role": "assistant", "content": m.content if m.content or not m.tool_calls else None,
+                               **_reasoning_fields(m.reasoning, show_reasoning)}
     if m.tool_calls:
         message["tool_calls"] = [{"id": c.id, "type": "function",
                                   "function": {"name": c.name, "arguments": c.arguments}} for c in m.tool_calls]
@@ -125,34 +141,41 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
     choices = [_Choice(job.new_parser()) for _ in range(job.params.n)]
     strings = state.token_strings if job.req.logprobs else None
     head = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
+    opts = job.req.stream_options
+    continuous = opts is not None and opts.continuous_usage_stats
+
+    def chunk(choice: dict[str, Any]) -> str:
+        body = {**head, "choices": [choice]}
+        if continuous:  # the usage so far, on every chunk
+            body["usage"] = _usage(job, choices)
+        return sse(body)
+
     try:
         for i in range(len(choices)):
-            yield sse({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                            "logprobs": None, "finish_reason": None}]})
+            yield chunk({"index": i, "delta": {"role": "assistant", "content": "", **_reasoning_fields("", False)},
+                         "logprobs": None, "finish_reason": None})
         async for delta in job.stream(state):
             raise_for_failure(delta)
             choice = choices[delta.index]
             parsed, logprobs = _apply(choice, delta, strings)
-            body = _delta_body(parsed, job.show_reasoning)
-            if body or logprobs or delta.finished:
-                yield sse({**head, "choices": [{
-                    "index": delta.index, "delta": body,
-                    "logprobs": {"content": logprobs} if logprobs else None,
-                    "finish_reason": choice.finish_reason_out() if delta.finished else None,
-                    "stop_reason": choice.stop_reason if delta.finished else None}]})
-        opts = job.req.stream_options
+            visible = parsed.content or parsed.tool_calls or (parsed.reasoning and job.show_reasoning)
+            if visible or logprobs or delta.finished:
+                yield chunk({"index": delta.index, "delta": _delta_body(parsed, job.show_reasoning),
+                             "logprobs": {"content": logprobs} if logprobs else None,
+                             "finish_reason": choice.finish_reason_out() if delta.finished else None,
+                             "stop_reason": choice.stop_reason if delta.finished else None})
         if opts is not None and opts.include_usage:
-            yield sse({**head, "choices": [],
-                       "usage": usage(len(job.prompt), sum(c.num_tokens for c in choices))})
+            yield sse({**head, "choices": [], "usage": _usage(job, choices)})
     except APIError as e:
         yield sse_error(e.status, e.message, e.code)
+    except Exception as e:  # noqa: BLE001 - a bug: the stream still ends with an error event and [DONE]
+        err = unexpected_error(e)
+        yield sse_error(err.status, err.message, err.code)
     yield DONE
 
 
 def _delta_body(parsed: ParsedDelta, show_reasoning: bool) -> dict[str, Any]:
-    body: dict[str, Any] = {}
-    if parsed.reasoning and show_reasoning:
-        body["reasoning_content"] = parsed.reasoning
+    body: dict[str, Any] = _reasoning_fields(parsed.reasoning, show_reasoning)
     if parsed.content:
         body["content"] = parsed.content
     if parsed.tool_calls:

@@ -14,13 +14,14 @@ from starlette.requests import Request
 from deltaserve.engine.tokenizer import TokenizerError, require_tokenizer
 from deltaserve.outputs import SequenceDelta
 from deltaserve.sampling_params import SamplingParams
-from deltaserve.server.errors import APIError, bad_request
+from deltaserve.server.errors import APIError, bad_request, unexpected_error
 from deltaserve.server.generation import ClientDisconnected, generate, merge, raise_for_failure, unless_disconnected
-from deltaserve.server.protocol import CompletionRequest, parse_body
+from deltaserve.server.protocol import CompletionRequest, read_json
 from deltaserve.server.responses import (DONE, TokenStrings, completion_logprobs, merge_completion_logprobs,
                                          random_id, sse, sse_error, usage)
 from deltaserve.server.sampling import check_lengths, check_token_ids, completion_params
 from deltaserve.server.state import ServerState
+from deltaserve.server.tokens import encode_bounded
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -62,15 +63,11 @@ class _Job:
 
 
 async def create_completion(state: ServerState, request: Request) -> Response:
-    req = parse_body(await request.body(), CompletionRequest)
+    req = await read_json(request, CompletionRequest)
     state.check_accepting()
     model = state.check_model(req.model)
     params = completion_params(req, state.limits)
-    prompts = await asyncio.to_thread(_tokenize, state, req)
-    for i, p in enumerate(prompts):
-        field_name = "prompt" if len(prompts) == 1 else f"prompt.{i}"
-        check_token_ids(p.ids, state.limits.vocab_size, field_name)
-        check_lengths(len(p.ids), params, state.limits, prompt_field=field_name, max_tokens_field="max_tokens")
+    prompts = await asyncio.to_thread(_prompts, state, req, params)  # large prompts: off the event loop
     job = _Job(random_id("cmpl"), model, int(time.time()), req, params, prompts)
     if req.stream:
         return StreamingResponse(_stream(state, job), media_type="text/event-stream", headers=SSE_HEADERS)
@@ -78,6 +75,16 @@ async def create_completion(state: ServerState, request: Request) -> Response:
         return JSONResponse(await unless_disconnected(request, _complete(state, job)))
     except ClientDisconnected:
         return Response(status_code=499)
+
+
+def _prompts(state: ServerState, req: CompletionRequest, params: SamplingParams) -> list[_Prompt]:
+    """Tokenized and checked prompts: ids in the vocabulary, lengths within the context."""
+    prompts = _tokenize(state, req)
+    for i, p in enumerate(prompts):
+        field_name = "prompt" if len(prompts) == 1 else f"prompt.{i}"
+        check_token_ids(p.ids, state.limits.vocab_size, field_name)
+        check_lengths(len(p.ids), params, state.limits, prompt_field=field_name, max_tokens_field="max_tokens")
+    return prompts
 
 
 def _tokenize(state: ServerState, req: CompletionRequest) -> list[_Prompt]:
@@ -90,13 +97,16 @@ def _tokenize(state: ServerState, req: CompletionRequest) -> list[_Prompt]:
     if not items:
         raise bad_request("'prompt' is empty; give a string, a list of token ids, or a list of either", "prompt")
     out = []
-    for item in items:
+    for i, item in enumerate(items):
         if isinstance(item, str):
             try:
                 tok = require_tokenizer(state.tokenizer, "a text prompt")
             except TokenizerError as e:
                 raise bad_request(str(e), "prompt") from None
-            out.append(_Prompt(item, tok.encode(item, add_special_tokens=req.add_special_tokens)))
+            field_name = "prompt" if len(items) == 1 else f"prompt.{i}"
+            ids = encode_bounded(tok, item, state.limits.max_model_len - 1,
+                                 add_special_tokens=req.add_special_tokens, field=field_name)
+            out.append(_Prompt(item, ids))
         else:
             out.append(_Prompt(None, list(item)))
     return out
@@ -133,7 +143,7 @@ def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings, logprob
     choice.num_tokens += len(delta.token_ids)
     piece = None
     if logprobs is not None and delta.logprobs:
-        piece, choice.offset = completion_logprobs(delta.logprobs, strings, choice.offset, logprobs > 0)
+        piece, choice.offset = completion_logprobs(delta.logprobs, strings, choice.offset)
         choice.logprobs.append(piece)
     if delta.finished:
         choice.finish_reason, choice.stop_reason = delta.finish_reason, delta.stop_reason
@@ -145,23 +155,33 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
     choices = [_Choice() for _ in range(len(job.prompts) * n)]
     strings = state.token_strings
     head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
+    opts = job.req.stream_options
+    continuous = opts is not None and opts.continuous_usage_stats
+
+    def chunk(choice: dict[str, Any]) -> str:
+        body = {**head, "choices": [choice]}
+        if continuous:  # the usage so far, on every chunk
+            body["usage"] = usage(job.prompt_tokens, sum(c.num_tokens for c in choices))
+        return sse(body)
+
     try:
         if job.req.echo:
             for k in range(len(choices)):
-                text = _prompt_text(state, job.prompts[k // n])
-                yield sse({**head, "choices": [_chunk_choice(k, text, None, None, None)]})
+                yield chunk(_chunk_choice(k, _prompt_text(state, job.prompts[k // n]), None, None, None))
         async for i, delta in merge(job.streams(state)):
             raise_for_failure(delta)
             k = i * n + delta.index
             piece = _apply(choices[k], delta, strings, job.req.logprobs)
             if delta.text or piece is not None or delta.finished:
-                yield sse({**head, "choices": [_chunk_choice(k, delta.text, piece, delta.finish_reason
-                                                             if delta.finished else None, delta.stop_reason)]})
-        opts = job.req.stream_options
+                yield chunk(_chunk_choice(k, delta.text, piece, delta.finish_reason if delta.finished else None,
+                                          delta.stop_reason))
         if opts is not None and opts.include_usage:
             yield sse({**head, "choices": [], "usage": usage(job.prompt_tokens, sum(c.num_tokens for c in choices))})
     except APIError as e:
         yield sse_error(e.status, e.message, e.code)
+    except Exception as e:  # noqa: BLE001 - a bug: the stream still ends with an error event and [DONE]
+        err = unexpected_error(e)
+        yield sse_error(err.status, err.message, err.code)
     yield DONE
 
 

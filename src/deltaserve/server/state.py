@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from deltaserve.engine.async_engine import AsyncLLM
 from deltaserve.server.args import ServerConfig
@@ -13,6 +14,16 @@ from deltaserve.server.metrics import ServerMetrics
 from deltaserve.server.output_parser import strip_tokens
 from deltaserve.server.responses import TokenStrings
 from deltaserve.server.sampling import Limits
+from deltaserve.server.templates import TemplateLimits, TemplateRenderer
+
+_MiB = 1024 * 1024
+
+
+def template_limits(config: ServerConfig) -> TemplateLimits:
+    """A rendered prompt is about the size of the messages it renders (plus the template's own text), so the
+    bounds follow the body limit: twice its size in characters, and memory for a few copies of that."""
+    return TemplateLimits(timeout=config.chat_template_timeout, max_chars=2 * config.max_request_bytes + _MiB,
+                          memory_bytes=256 * _MiB + 8 * config.max_request_bytes)
 
 
 @dataclass
@@ -29,14 +40,20 @@ class ServerState:
     strip: tuple[str, ...] = ()
     token_strings: TokenStrings = field(default_factory=lambda: TokenStrings(None))  # logprob token texts, cached
     idle: asyncio.Event | None = None  # set whenever nothing is in flight (created on the server's loop)
+    templates: TemplateRenderer | None = None  # type: ignore[assignment] - set by create
+    special_tokens: dict[str, Any] = field(default_factory=dict)  # bos_token, eos_token, ... for chat templates
 
     @classmethod
-    def create(cls, engine: AsyncLLM, config: ServerConfig) -> ServerState:
+    def create(cls, engine: AsyncLLM, config: ServerConfig, templates: TemplateRenderer | None = None
+               ) -> ServerState:
         llm_engine = engine.engine
         limits = Limits(max_model_len=llm_engine.max_model_len, vocab_size=llm_engine.model_config.vocab_size)
         tokenizer = engine.tokenizer
         return cls(engine=engine, config=config, limits=limits, token_strings=TokenStrings(tokenizer),
-                   strip=strip_tokens(tokenizer) if tokenizer is not None else ())
+                   strip=strip_tokens(tokenizer) if tokenizer is not None else (),
+                   metrics=ServerMetrics(config.served_model_names[0]),
+                   templates=templates or TemplateRenderer(template_limits(config)),
+                   special_tokens=_special_tokens(tokenizer))
 
     @property
     def tokenizer(self):
@@ -54,6 +71,16 @@ class ServerState:
             raise APIError(503, "the server is shutting down and accepts no new requests; retry on another replica",
                            code="server_shutting_down")
 
+    def check_model_name(self, name: str) -> dict[str, Any]:
+        """GET /v1/models/{name}: the model card, or the 404 an unknown name gets everywhere."""
+        self.check_model(name)
+        return self.model_card(name)
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        # `root` is the served name, not the checkpoint's path: a path tells clients about the server's disk.
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "deltaserve", "root": name,
+                "parent": None, "max_model_len": self.limits.max_model_len}
+
     def begin(self, request_id: str) -> None:
         self.inflight.add(request_id)
         if self.idle is not None:
@@ -63,3 +90,10 @@ class ServerState:
         self.inflight.discard(request_id)
         if not self.inflight and self.idle is not None:
             self.idle.set()
+
+
+def _special_tokens(tokenizer: Any) -> dict[str, Any]:
+    """What apply_chat_template passes every template (bos_token, eos_token, ...), kept to plain strings."""
+    specials = getattr(tokenizer, "special_tokens_map", None) or {}
+    return {k: v for k, v in specials.items()
+            if isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))}

@@ -1,0 +1,105 @@
+"""Messages -> prompt token ids: which chat template may run, rendering it within bounds, tokenizing within the
+context window.
+
+A chat template is code. The model's own template is the operator's; one in a request (vLLM's `chat_template`, or
+transformers' `chat_template` keyword smuggled through `chat_template_kwargs`) is the client's, and runs only when
+the operator allows it (--trust-request-chat-template). Either way it renders out of process, bounded in time, memory
+and output size (templates.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from deltaserve.server.chat_inputs import template_messages
+from deltaserve.server.errors import APIError, bad_request, server_error
+from deltaserve.server.output_parser import prompt_opens_reasoning
+from deltaserve.server.protocol import ChatMessage
+from deltaserve.server.templates import TemplateRenderError
+from deltaserve.server.tokens import encode_bounded
+
+if TYPE_CHECKING:
+    from deltaserve.server.state import ServerState
+
+log = logging.getLogger("deltaserve.server")
+
+MAX_REQUEST_TEMPLATE_CHARS = 64 * 1024  # Qwen3.5's template is ~8 KB; the largest public ones ~30 KB
+# The renderer's own arguments and what render_jinja_template passes itself: from chat_template_kwargs they would
+# clash (a TypeError, not a clear 400) or change what the call means.
+_RESERVED_KWARGS = frozenset({"tools", "add_generation_prompt", "tokenize", "conversation", "conversations",
+                              "messages", "documents", "return_dict", "continue_final_message",
+                              "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+@dataclass(frozen=True)
+class ChatRequestParts:
+    """What a chat-shaped request (chat completions, /v1/tokenize with messages) asks to render."""
+
+    messages: list[ChatMessage]
+    tools: list[dict[str, Any]] | None
+    add_generation_prompt: bool
+    chat_template: str | None
+    chat_template_kwargs: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class ChatPrompt:
+    ids: list[int]
+    opens_reasoning: bool  # the template left a <think> block open for the model
+
+
+async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_field: str = "messages") -> ChatPrompt:
+    tokenizer = state.tokenizer
+    if tokenizer is None:
+        raise bad_request("chat needs a tokenizer, but the model directory has no tokenizer.json; use completions "
+                          "with token ids", prompt_field)
+    kwargs = dict(parts.chat_template_kwargs or {})
+    template = _template(state, parts, kwargs.pop("chat_template", None))
+    reserved = sorted(set(kwargs) & _RESERVED_KWARGS)
+    if reserved:
+        raise bad_request(f"'chat_template_kwargs' may not set {reserved}: use the request's own fields",
+                          "chat_template_kwargs")
+    try:
+        text = await state.templates.render_async(
+            template, template_messages(parts.messages), tools=parts.tools,
+            add_generation_prompt=parts.add_generation_prompt, kwargs={**state.special_tokens, **kwargs})
+    except TemplateRenderError as e:
+        raise _render_error(e, prompt_field) from None
+    ids = await asyncio.to_thread(encode_bounded, tokenizer, text, state.limits.max_model_len - 1,
+                                  add_special_tokens=False, field=prompt_field)
+    return ChatPrompt(ids, prompt_opens_reasoning(text))
+
+
+def _template(state: ServerState, parts: ChatRequestParts, from_kwargs: Any) -> str:
+    given = [(name, value) for name, value in (("chat_template", parts.chat_template),
+                                               ("chat_template_kwargs.chat_template", from_kwargs))
+             if value is not None]
+    if given:
+        name, value = given[0]
+        if not state.config.trust_request_chat_template:
+            raise APIError(400, f"'{name}': this server does not run chat templates sent by clients (its operator "
+                           "can allow them with --trust-request-chat-template); leave it out to use the model's",
+                           param=name, code="chat_template_not_allowed")
+        if not isinstance(value, str) or len(value) > MAX_REQUEST_TEMPLATE_CHARS:
+            raise bad_request(f"'{name}' must be a template string of at most {MAX_REQUEST_TEMPLATE_CHARS} "
+                              "characters", name)
+        return value
+    try:
+        template = state.tokenizer.get_chat_template(None, parts.tools)
+    except ValueError:
+        template = None
+    if not template:
+        raise bad_request("the model has no chat template; use completions (plain prompts)", "messages")
+    return template
+
+
+def _render_error(e: TemplateRenderError, field: str) -> APIError:
+    if e.kind == "template":  # the template's own words (e.g. "roles must alternate"): meant for the client
+        return bad_request(f"the chat template could not render these messages: {e.message}", field)
+    if e.kind == "internal":
+        return server_error("the chat template failed on these messages", e.message, status=400,
+                            code="chat_template_error")
+    return bad_request(f"the chat template exceeded its bounds: {e.message}", field, code="chat_template_bounds")

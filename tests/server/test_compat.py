@@ -1,0 +1,186 @@
+"""OpenAI / vLLM compatibility (issue 20, items 2-5, 7, 14): continuous usage stats, models.retrieve, HEAD /health,
+reasoning fields and usage details, logprobs 0, vLLM-named metrics, request ids and what /v1/models reveals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.server.chat_model import NO_THINK_CHAT, THINK_CHAT
+from tests.server.conftest import API_KEY, MODEL_NAME, engine_stats, metric_value
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+
+
+def _events(r: httpx.Response) -> list[dict]:
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+@pytest.mark.parametrize("route,body", [
+    (COMPLETIONS, {"prompt": "abc", "max_tokens": 6, "n": 2, "ignore_eos": True}),
+    (CHAT, {**NO_THINK_CHAT.request(), "max_tokens": 6, "temperature": 0})])
+def test_continuous_usage_stats_puts_usage_on_every_chunk(http, route, body):
+    r = http.post(route, json={**body, "stream": True,
+                               "stream_options": {"include_usage": True, "continuous_usage_stats": True}})
+    events = _events(r)
+    assert r.status_code == 200 and len(events) >= 3
+    final = events[-1]
+    assert final["choices"] == [] and final["usage"]["completion_tokens"] > 0
+    seen = [e["usage"]["completion_tokens"] for e in events[:-1]]  # every chunk, the role chunk included
+    assert seen == sorted(seen) and seen[-1] == final["usage"]["completion_tokens"]
+    assert all(e["usage"]["prompt_tokens"] == final["usage"]["prompt_tokens"] for e in events)
+    plain = _events(http.post(route, json={**body, "stream": True}))  # without stream_options: no usage anywhere
+    assert all("usage" not in e for e in plain)
+
+
+def test_models_retrieve_and_head_health(client, http):
+    import openai
+
+    model = client.models.retrieve(MODEL_NAME)
+    assert (model.id, model.object, model.owned_by) == (MODEL_NAME, "model", "deltaserve")
+    with pytest.raises(openai.NotFoundError) as e:
+        client.models.retrieve("gpt-9")
+    assert e.value.body["code"] == "model_not_found"
+    head = http.head("/health")
+    assert head.status_code == 200 and head.content == b""
+
+
+def test_models_do_not_reveal_the_model_path(http, chat_ckpt):
+    text = http.get("/v1/models").text + http.get(f"/v1/models/{MODEL_NAME}").text
+    assert str(chat_ckpt) not in text and chat_ckpt.name not in text
+    assert http.get("/v1/models").json()["data"][0]["root"] == MODEL_NAME
+
+
+def _reasoning_tokens(chat_ckpt) -> int:
+    """THINK_CHAT's reasoning tokens: generated while the block was open, the closing tag (one special token here)
+    included."""
+    from transformers import AutoTokenizer
+
+    return len(AutoTokenizer.from_pretrained(str(chat_ckpt)).encode("Greet them.\n</think>"))
+
+
+def test_reasoning_fields_and_usage_details(client, http, chat_ckpt):
+    think = client.chat.completions.create(model=MODEL_NAME, messages=THINK_CHAT.request()["messages"],
+                                           max_tokens=50, temperature=0)
+    message = think.choices[0].message
+    assert message.content == "Hello there!"
+    assert message.reasoning_content == message.reasoning == "Greet them."
+    assert think.usage.completion_tokens_details.reasoning_tokens == _reasoning_tokens(chat_ckpt) == 13
+    assert think.usage.prompt_tokens_details.cached_tokens == 0
+    raw = http.post(CHAT, json={**NO_THINK_CHAT.request(), "max_tokens": 10, "temperature": 0}).json()
+    msg = raw["choices"][0]["message"]
+    assert msg["content"] == "Hi!" and "reasoning_content" in msg and msg["reasoning_content"] is None
+    assert "reasoning" in msg and msg["reasoning"] is None
+    assert raw["usage"]["completion_tokens_details"] == {"reasoning_tokens": 0}
+
+
+def test_streamed_deltas_always_carry_reasoning_fields(http, chat_ckpt):
+    r = http.post(CHAT, json={**THINK_CHAT.request(), "max_tokens": 50, "temperature": 0, "stream": True,
+                              "stream_options": {"include_usage": True}})
+    events = _events(r)
+    deltas = [c["delta"] for e in events for c in e["choices"]]
+    assert deltas and all("reasoning_content" in d and "reasoning" in d for d in deltas)
+    assert all(d["reasoning_content"] == d["reasoning"] for d in deltas)
+    assert "".join(d["reasoning_content"] or "" for d in deltas) == "Greet them."
+    assert "".join(d.get("content") or "" for d in deltas) == "Hello there!"
+    assert events[-1]["usage"]["completion_tokens_details"]["reasoning_tokens"] == _reasoning_tokens(chat_ckpt)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_logprobs_zero_gives_the_sampled_token(http, stream):
+    body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0, "logprobs": 0, "ignore_eos": True, "stream": stream}
+    r = http.post(COMPLETIONS, json=body)
+    pieces = [c["logprobs"] for e in _events(r) for c in e["choices"] if c["logprobs"]] if stream else \
+        [r.json()["choices"][0]["logprobs"]]
+    tokens = [t for p in pieces for t in p["tokens"]]
+    chosen = [lp for p in pieces for lp in p["token_logprobs"]]
+    tops = [t for p in pieces for t in p["top_logprobs"]]
+    assert len(tokens) == len(tops) == 5
+    assert tops == [{token: lp} for token, lp in zip(tokens, chosen)]
+
+
+def test_vllm_named_metrics(http):
+    before = engine_stats(http)
+    stops = metric_value(http, "request_success_total", finished_reason="length")
+    r = http.post(COMPLETIONS, json={"prompt": "abcd", "max_tokens": 5, "n": 2, "ignore_eos": True})
+    assert r.status_code == 200
+    after = engine_stats(http)
+    assert metric_value(http, "request_success_total", finished_reason="length") == stops + 2
+    assert 0 <= after["kv_cache_usage_perc"] <= 1
+    assert after["prompt_tokens_total"] - before["prompt_tokens_total"] == 4  # the n samples share one prompt
+    assert after["generation_tokens_total"] - before["generation_tokens_total"] == 10
+    for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
+                 "request_prefill_time_seconds", "request_decode_time_seconds", "request_inference_time_seconds",
+                 "request_prompt_tokens", "request_generation_tokens"):
+        assert after[f"{name}_count"] == before.get(f"{name}_count", 0) + 1, name
+    assert after["request_generation_tokens_sum"] - before.get("request_generation_tokens_sum", 0) == 10
+    assert after["inter_token_latency_seconds_count"] - before.get("inter_token_latency_seconds_count", 0) == 2 * 4
+    text = http.get("/metrics").text
+    assert f'deltaserve_request_success_total{{finished_reason="length",model_name="{MODEL_NAME}"}}' in text or \
+        f'deltaserve_request_success_total{{model_name="{MODEL_NAME}",finished_reason="length"}}' in text
+    assert f'deltaserve_kv_cache_usage_perc{{model_name="{MODEL_NAME}"}}' in text
+
+
+def test_every_response_carries_a_request_id(http):
+    ok = http.get("/health")
+    bad = http.post(COMPLETIONS, json={"prompt": "hi", "temperature": -1})
+    ids = {ok.headers["x-request-id"], bad.headers["x-request-id"]}
+    assert len(ids) == 2 and all(i.startswith("req-") for i in ids)
+    echoed = http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 1}, headers={"X-Request-Id": "client-42"})
+    assert echoed.headers["x-request-id"] == "client-42"
+    unsafe = http.get("/health", headers={"X-Request-Id": "a b\tc"})  # not a token: replaced, never echoed
+    assert unsafe.headers["x-request-id"].startswith("req-")
+
+
+async def _max_gap_while(c: httpx.AsyncClient, during) -> tuple[float, list[httpx.Response], float]:
+    """Stream greedily while `during` runs; returns the stream's longest pause between chunks, during's
+    responses, and how long they took."""
+    body = {"prompt": "Once", "max_tokens": 200, "temperature": 0, "ignore_eos": True, "stream": True}
+    gaps: list[float] = []
+    started = asyncio.Event()
+
+    async def stream() -> None:
+        last = None
+        async with c.stream("POST", COMPLETIONS, json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    now = time.monotonic()
+                    if last is not None:
+                        gaps.append(now - last)
+                    last = now
+                    started.set()
+
+    task = asyncio.create_task(stream())
+    await started.wait()
+    t0 = time.monotonic()
+    responses = await during(c)
+    took = time.monotonic() - t0
+    await task
+    return max(gaps), responses, took
+
+
+def test_huge_prompts_are_refused_early_and_off_the_event_loop(server):
+    """Item 10: a 12 MB text prompt is refused for its length after tokenizing a prefix (whole, it took ~20 s
+    here); a 1.6M-token id list is parsed and checked on a worker thread; a stream running meanwhile keeps going."""
+    text_body = json.dumps({"prompt": "hello world " * 1_000_000, "max_tokens": 5}).encode()
+    ids_body = json.dumps({"prompt": list(range(32, 127)) * 17_000, "max_tokens": 5}).encode()
+
+    async def during(c: httpx.AsyncClient) -> list[httpx.Response]:
+        return [await c.post(COMPLETIONS, content=body, headers={"Content-Type": "application/json"})
+                for body in (text_body, ids_body)]
+
+    async def main():
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers, timeout=120) as c:
+            return await _max_gap_while(c, during)
+
+    max_gap, (text_r, ids_r), took = asyncio.run(main())
+    for r in (text_r, ids_r):
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
+    assert "at least" in text_r.json()["error"]["message"]  # counted on a prefix, not the whole text
+    assert took < 10 and max_gap < 2.0, (took, max_gap)  # before: ~20 s of tokenizing, streams frozen
