@@ -36,6 +36,8 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool = False
     error: str | None = None
+    # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -51,11 +53,14 @@ class SequenceDelta:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on a sample's first delta, when asked for
 
 
 def apply_delta(output: RequestOutput, delta: SequenceDelta) -> None:
     """Accumulate one step's delta into the request's output (finished once every sample is)."""
     seq = output.outputs[delta.index]
+    if delta.prompt_logprobs is not None and output.prompt_logprobs is None:
+        output.prompt_logprobs = list(delta.prompt_logprobs)
     seq.token_ids.extend(delta.token_ids)
     seq.text += delta.text
     if delta.logprobs is not None:

@@ -38,7 +38,8 @@ class SamplingParams:
     temperature == 0 means greedy (argmax after penalties; top_k/top_p/min_p/seed are then irrelevant); a
     temperature below GREEDY_TEMPERATURE is stored as 0.
     top_k 0 or -1 disables top-k. logprobs=None returns no logprobs, 0 only the sampled token's, k>0 also the k
-    most likely alternatives. max_tokens=None means "until the context window is full" (the engine caps it).
+    most likely alternatives. prompt_logprobs (same values) returns the logprob of every prompt token but the first
+    under the model, with its alternatives, as vLLM's option of that name does. max_tokens=None means "until the context window is full" (the engine caps it).
     `stop` accepts a single string and is normalised to a list. Lists are copied, so the caller's later
     mutations do not leak in; the instance is never mutated afterwards (derive with dataclasses.replace).
     """
@@ -58,6 +59,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
@@ -122,7 +124,9 @@ class SamplingParams:
                "a list of token ids >= 0")
 
     def _validate_outputs(self) -> None:
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-               "logprobs", self.logprobs, f"None or an integer in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _check(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, value,
+                   f"None or an integer in [0, {MAX_LOGPROBS}]")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")

@@ -230,6 +230,45 @@ def test_duplicate_and_colliding_request_ids_are_refused_whole(ckpt):
     assert pools_full(llm)
 
 
+@pytest.mark.parametrize("kw", [dict(), dict(max_num_batched_tokens=16, async_scheduling=True)],
+                         ids=["one_chunk", "chunked_async"])
+def test_prompt_logprobs_match_transformers(ckpt, kw):
+    """Each prompt token's logprob (and top alternatives) under the model, as transformers computes it from the same
+    prompt; the first is None. Chunked prefill spreads the scores over several steps; they come with the first
+    delta. Sampling of the outputs is untouched."""
+    path, hf = ckpt
+    llm = make_llm(path, **kw)
+    p = prompts(1, 23)[0]
+    out = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=3))[0]
+    plain = llm.generate([p], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+    assert out.outputs[0].token_ids == plain.outputs[0].token_ids and plain.prompt_logprobs is None
+    with torch.no_grad():
+        ref = torch.log_softmax(hf(torch.tensor([p])).logits[0].double(), dim=-1)
+    got = out.prompt_logprobs
+    assert len(got) == len(p) and got[0] is None
+    for i, entry in enumerate(got[1:]):
+        assert entry.token_id == p[i + 1]
+        assert math.isclose(entry.logprob, ref[i, p[i + 1]].item(), abs_tol=1e-4)
+        top = ref[i].topk(3)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert all(math.isclose(lp, v, abs_tol=1e-4) for (_, lp), v in zip(entry.top, top.values.tolist()))
+    assert pools_full(llm)
+
+
+def test_a_request_whose_sampling_raises_fails_alone(ckpt):
+    """Parameters that make the sampler raise (here a top_k that bypassed validation and overflows int64) fail their
+    own request only; a greedy request in the same steps gets exactly its tokens."""
+    llm = make_llm(ckpt[0])
+    p, q = prompts(2, 24)
+    alone = llm.generate([q], GREEDY)[0].outputs[0].token_ids
+    bad = SamplingParams(temperature=1.0, max_tokens=8)
+    object.__setattr__(bad, "top_k", 2 ** 63)
+    outs = llm.generate([p, q], [bad, GREEDY])
+    assert outs[0].outputs[0].finish_reason == "error" and "overflow" in outs[0].error.lower()
+    assert outs[1].outputs[0].token_ids == alone and outs[1].outputs[0].finish_reason == "length"
+    assert pools_full(llm)
+
+
 def test_generation_stops_at_max_model_len(ckpt):
     llm = make_llm(ckpt[0], max_model_len=64)
     out = llm.generate([list(range(1, 60))], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))

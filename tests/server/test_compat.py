@@ -184,3 +184,36 @@ def test_huge_prompts_are_refused_early_and_off_the_event_loop(server):
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text[:300]
     assert "at least" in text_r.json()["error"]["message"]  # counted on a prefix, not the whole text
     assert took < 10 and max_gap < 2.0, (took, max_gap)  # before: ~20 s of tokenizing, streams frozen
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_logprobs_scores_the_prompt(http, reference, stream):
+    """Item 1: echo + logprobs returns the prompt tokens' logprobs first (the first one null), then the generated
+    tokens', streamed and not; the values are the engine's own prompt logprobs."""
+    from deltaserve import SamplingParams
+
+    prompt = [5, 17, 42, 9, 100, 7]
+    body = {"prompt": prompt, "max_tokens": 3, "temperature": 0, "logprobs": 2, "echo": True, "ignore_eos": True,
+            "stream": stream}
+    r = http.post(COMPLETIONS, json=body)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = [c for e in _events(r) for c in e["choices"]]
+        pieces = [c["logprobs"] for c in chunks if c["logprobs"]]
+        text = "".join(c["text"] for c in chunks)
+    else:
+        choice = r.json()["choices"][0]
+        pieces, text = [choice["logprobs"]], choice["text"]
+    merged = {k: [v for p in pieces for v in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                                "text_offset")}
+    assert len(merged["tokens"]) == len(prompt) + 3
+    assert merged["token_logprobs"][0] is None and merged["top_logprobs"][0] is None
+    assert all(isinstance(v, float) for v in merged["token_logprobs"][1:])
+    assert all(len(t) <= 3 for t in merged["top_logprobs"][1:])  # 2 alternatives (+ the token itself if not in them)
+    assert merged["text_offset"] == sorted(merged["text_offset"])
+    assert text.startswith("".join(merged["tokens"][:len(prompt)]))
+    ref = reference.generate([prompt], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                                      prompt_logprobs=2))[0]
+    expected = [None] + [e.logprob for e in ref.prompt_logprobs[1:]]
+    got = merged["token_logprobs"][:len(prompt)]
+    assert got[0] is None and all(abs(a - b) < 1e-4 for a, b in zip(got[1:], expected[1:]))

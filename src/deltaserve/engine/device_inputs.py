@@ -52,7 +52,8 @@ def upload_step(step: StepInput, *, page_size: int, device: torch.device | str) 
     sample_rows = row_of_token[step.logits_rows[last_logits]] if step.sampling else np.zeros(0, np.int64)
     host = [np.where(step.input_ids == PENDING, 0, step.input_ids), arrays["positions"], arrays["cu"],
             (step.context_lens + step.query_lens).astype(np.int32), step.state_slots, step.has_initial_state,
-            step.block_table, arrays["slot_mapping"], step.logits_rows, pending_rows,
+            step.block_table, arrays["slot_mapping"], np.concatenate([step.logits_rows, step.prompt_logits_rows]),
+            pending_rows,
             step.state_slots[row_of_token[pending_rows]], step.state_slots[sample_rows], *chunks]
     (ids, pos, cu, lens, slots, init, tables, mapping, logits, p_rows, p_slots, s_slots,
      *chunk_dev) = upload_arrays(host, device)

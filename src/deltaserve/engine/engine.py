@@ -133,8 +133,10 @@ class LLMEngine:
         except Exception as e:  # as in step(): the step's requests fail, the engine goes on
             log.exception("engine step failed")
             return self._fail(out, f"{type(e).__name__}: {e}")
+        deltas = self._fail_requests(result.failed)
+        for rid, entries in result.prompt_logprobs.items():
+            self.outputs.add_prompt_logprobs(rid, entries)
         appended = self.scheduler.resolve_step(out, result.tokens)
-        deltas = []
         for request in appended:
             tokens = result.tokens[request.request_id]
             delta = self.outputs.on_tokens(request, tokens, result.logprobs.get(request.request_id), self._end)
@@ -150,13 +152,18 @@ class LLMEngine:
         self.counters["requests_finished"] += 1
 
     def _fail(self, out: SchedulerOutput, message: str) -> list[SequenceDelta]:
+        """A whole step failed: every request in it ends with the error."""
+        return self._fail_requests({e.request_id: message for e in out.scheduled if not e.request.is_finished})
+
+    def _fail_requests(self, errors: dict[str, str]) -> list[SequenceDelta]:
         deltas = []
-        for entry in out.scheduled:
-            if entry.request.is_finished:
-                continue
-            delta = self.outputs.fail(entry.request_id, message)
-            self.scheduler.finish_request(entry.request_id, RequestStatus.FINISHED_ERROR, "error")
-            self.runner.release([entry.request_id])
+        for rid, message in errors.items():
+            request = self.scheduler.get_request(rid)
+            if request is None:
+                continue  # it ended meanwhile
+            delta = self.outputs.fail(rid, message)
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ERROR, "error")
+            self.runner.release([rid])
             if delta is not None:
                 deltas.append(delta)
         return deltas

@@ -99,6 +99,12 @@ class OutputProcessor:
             self._forget(request.request_id)
         return delta
 
+    def add_prompt_logprobs(self, child_id: str, entries: list[tuple[int, TokenLogprob]]) -> None:
+        """Prompt-token scores a step computed for a sample (delivered with its first delta)."""
+        entry = self._children.get(child_id)
+        if entry is not None:
+            entry[0].samples[entry[1]].add_prompt_logprobs(entries)  # type: ignore[union-attr]
+
     def abort(self, request_id: str) -> tuple[list[str], list[SequenceDelta]]:
         """End every live sample of a user request: (their scheduler ids, an "abort" delta for each)."""
         record = self._records.get(request_id)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,12 +19,27 @@ from deltaserve.config import EngineConfig
 from deltaserve.engine.cuda_graph import StepGraphs
 from deltaserve.engine.device_inputs import DeviceStep, upload_step
 from deltaserve.engine.memory import new_cache, plan_cache_memory
+from deltaserve.engine.prompt_logprobs import PromptScores, prompt_logprobs, prompt_logprobs_lists
 from deltaserve.engine.sampler import Sampler, SamplerOutput, SamplingRow
 from deltaserve.engine.step_input import SamplingRequest, StepInput
 from deltaserve.models.loader import load_model
 from deltaserve.outputs import TokenLogprob
+from deltaserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+
+def _concat_outputs(outputs: list[SamplerOutput]) -> SamplerOutput:
+    """One SamplerOutput from single-row ones (top-k columns padded to the widest)."""
+    k = max(o.top_ids.shape[1] for o in outputs)
+    pad = lambda t: torch.nn.functional.pad(t, (0, k - t.shape[1]))  # noqa: E731
+    return SamplerOutput(torch.cat([o.token_ids for o in outputs]), torch.cat([o.logprobs for o in outputs]),
+                         torch.cat([pad(o.top_ids) for o in outputs]), torch.cat([pad(o.top_logprobs) for o in outputs]))
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """A pinned host copy, started without waiting (valid once the step's ready event has passed)."""
+    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -41,8 +56,10 @@ class LaunchedStep:
     """A step whose model run and sampling are queued on the device; its samples reach the host at `ready`."""
 
     step: StepInput
-    sampled: SamplerOutput | None   # on CUDA pinned host copies, valid once `ready` has passed
-    ready: torch.cuda.Event | None  # None: not a CUDA step, `sampled` is ready now
+    sampled: SamplerOutput | None   # None: nothing sampled; on CUDA pinned host copies, valid once `ready` passed
+    ready: torch.cuda.Event | None  # None: not a CUDA step (or nothing to copy), the results are ready now
+    scored: PromptScores | None = None  # prompt logprobs, copied as `sampled` is
+    failed: dict[str, str] = field(default_factory=dict)  # requests whose sampling raised -> why
 
 
 @dataclass(frozen=True)
@@ -51,6 +68,9 @@ class StepResult:
 
     tokens: dict[str, list[int]]
     logprobs: dict[str, list[TokenLogprob]]  # only for requests that asked for logprobs
+    # prompt logprobs: request id -> (position of the scored token's predecessor, the scored token's logprob)
+    prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # requests whose sampling raised -> why (no tokens)
 
 
 class ModelRunner:
@@ -111,25 +131,47 @@ class ModelRunner:
         logits = self.execute_model(dev, step)
         if logits is None:
             return LaunchedStep(step, None, None)
-        sampled = self.sampler(logits, [self._sampling_row(s) for s in step.sampling])
-        self.last_tokens.index_copy_(0, dev.sample_slots, sampled.token_ids)
+        num_sampled = step.logits_rows.shape[0]
+        scored = prompt_logprobs(logits[num_sampled:], step) if step.prompt_logprobs else None
+        sampled, failed = None, {}
+        if step.sampling:
+            sampled, failed = self._sample(logits[:num_sampled], step)
+            self.last_tokens.index_copy_(0, dev.sample_slots, sampled.token_ids)
         if self.device.type != "cuda":
-            return LaunchedStep(step, sampled, None)
-        host = SamplerOutput(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-                               for t in sampled))
+            return LaunchedStep(step, sampled, None, scored, failed)
+        host = SamplerOutput(*(_to_host(t) for t in sampled)) if sampled is not None else None
+        scored = PromptScores(*(_to_host(t) for t in scored)) if scored is not None else None
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
-        return LaunchedStep(step, host, ready)
+        return LaunchedStep(step, host, ready, scored, failed)
+
+    def _sample(self, logits: torch.Tensor, step: StepInput) -> tuple[SamplerOutput, dict[str, str]]:
+        """The sampler over every row; if it raises, row by row, so that only the requests whose parameters broke it
+        fail (returned with the reason; their rows hold a placeholder token that nobody reads)."""
+        rows = [self._sampling_row(s) for s in step.sampling]
+        try:
+            return self.sampler(logits, rows), {}
+        except Exception as batch_error:  # noqa: BLE001 - find the culprit rows below
+            log.warning("sampling failed for the batch (%s); sampling row by row", batch_error)
+        outputs, failed = [], {}
+        for i, (row, s) in enumerate(zip(rows, step.sampling)):
+            try:
+                outputs.append(self.sampler(logits[i:i + 1], [row]))
+            except Exception as e:  # noqa: BLE001 - this request's error, reported to it alone
+                failed[s.request_id] = f"{type(e).__name__}: {e}"
+                outputs.append(self.sampler(logits[i:i + 1], [SamplingRow(SamplingParams(temperature=0))]))
+        return _concat_outputs(outputs), failed
 
     def execute_model(self, dev: DeviceStep, step: StepInput) -> torch.Tensor | None:
-        """Run the model on an uploaded step: logits [M, V] of its logits rows in the model dtype (None when no
-        row samples)."""
+        """Run the model on an uploaded step: logits in the model dtype of its sampling rows, then of its prompt
+        logprob rows ([M + R, V]; None when there are none)."""
         input_ids = dev.input_ids_from(self.last_tokens)
         batch = dev.batch
         if self.graphs is not None and self.graphs.can_run(batch):
-            _, logits = self.graphs.run(input_ids, batch)  # every token of a uniform step
-            return logits if step.logits_rows.shape[0] == step.num_tokens else logits[batch.logits_indices]
-        if step.logits_rows.shape[0] == 0:
+            _, logits = self.graphs.run(input_ids, batch)  # every token of a uniform step, in order
+            every_token = not step.prompt_logprobs and step.logits_rows.shape[0] == step.num_tokens
+            return logits if every_token else logits[batch.logits_indices]
+        if batch.logits_indices.shape[0] == 0:
             self.model(input_ids, batch, self.cache)
             return None
         hidden = self.model(input_ids, batch, self.cache)
@@ -159,21 +201,24 @@ class ModelRunner:
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step's samples (a device error in its kernels surfaces here) and hand them over as
         lists."""
-        if launched.sampled is None:
-            return StepResult({}, {})
         if launched.ready is not None:
             launched.ready.synchronize()
-        sampled, sampling = launched.sampled, launched.step.sampling
-        token_ids = sampled.token_ids.tolist()
+        scored = {} if launched.scored is None else prompt_logprobs_lists(launched.scored, launched.step)
         tokens: dict[str, list[int]] = {}
         logprobs: dict[str, list[TokenLogprob]] = {}
-        for i, s in enumerate(sampling):  # one logits row per request: drafts are refused at launch
+        sampled, sampling = launched.sampled, launched.step.sampling
+        if sampled is None:
+            return StepResult(tokens, logprobs, scored)
+        token_ids = sampled.token_ids.tolist()
+        for i, s in enumerate(sampling):
+            if s.request_id in launched.failed:
+                continue  # one logits row per request: drafts are refused at launch
             tokens[s.request_id] = [token_ids[i]]
             n = s.params.logprobs
             if n is not None:
                 top = tuple(zip(sampled.top_ids[i, :n].tolist(), sampled.top_logprobs[i, :n].tolist()))
                 logprobs[s.request_id] = [TokenLogprob(token_ids[i], float(sampled.logprobs[i]), top)]
-        return StepResult(tokens, logprobs)
+        return StepResult(tokens, logprobs, scored, launched.failed)
 
     def release(self, request_ids: Iterable[str]) -> None:
         """Drop what the runner keeps for requests that ended (their device prompts)."""

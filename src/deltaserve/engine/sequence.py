@@ -24,6 +24,28 @@ class SequenceState:
     detokenizer: IncrementalDetokenizer | None
     stop_checker: StopChecker
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # prompt logprobs by the position of the logits that scored them (position p scores prompt token p + 1);
+    # None once sent, or when not asked for
+    prompt_scores: dict[int, TokenLogprob] | None = None
+
+    def __post_init__(self) -> None:
+        if self.params.prompt_logprobs is not None:
+            self.prompt_scores = {}
+
+    def add_prompt_logprobs(self, entries: list[tuple[int, TokenLogprob]]) -> None:
+        """Scores of prompt tokens from one step; a chunk recomputed after preemption repeats some, the first
+        answer is kept."""
+        if self.prompt_scores is not None:
+            for position, logprob in entries:
+                self.prompt_scores.setdefault(position, logprob)
+
+    def _take_prompt_logprobs(self) -> tuple[TokenLogprob | None, ...] | None:
+        """The whole list once every prompt token is scored (then never again)."""
+        scores = self.prompt_scores
+        if scores is None or len(scores) < self.request.num_prompt_tokens - 1:
+            return None
+        self.prompt_scores = None
+        return (None, *(scores[p] for p in range(self.request.num_prompt_tokens - 1)))
 
     def on_tokens(self, token_ids: list[int], logprobs: list[TokenLogprob] | None) -> SequenceDelta:
         """Account for the tokens one step appended to the request (in order, already in its output list): stop
@@ -83,6 +105,7 @@ class SequenceState:
         logprobs = tuple(self.pending_logprobs) if self.params.logprobs is not None else None
         self.pending_logprobs = []
         return SequenceDelta(request_id=self.parent_id, index=self.index, token_ids=token_ids, text=text,
+                             prompt_logprobs=self._take_prompt_logprobs(),
                              logprobs=logprobs, finished=status is not None,
                              finish_reason=status.default_finish_reason if status is not None else None,
                              stop_reason=stop_reason)

@@ -10,7 +10,7 @@ device has it (the runner keeps the last token it sampled for each state slot).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -40,6 +40,17 @@ class SamplingRequest(NamedTuple):
         return 1 + len(self.draft_token_ids)
 
 
+class PromptLogprobsRequest(NamedTuple):
+    """A request that wants the logprobs of the prompt tokens this step covers: the logits at positions
+    first_position, first_position + 1, ... (consecutive prompt_logits_rows) score target_ids, the prompt tokens
+    that follow them; num_top alternatives each."""
+
+    request_id: str
+    first_position: int
+    target_ids: tuple[int, ...]
+    num_top: int
+
+
 @dataclass(frozen=True)
 class StepInput:
     """One step, host side.
@@ -53,6 +64,8 @@ class StepInput:
     logits_rows:       [M] int64   rows of the flat batch whose logits are sampled
     sampling:          the requests that sample, in logits-row order
     state_copies:      GDN state copies the runner applies before the step runs
+    prompt_logits_rows: [R] int64  rows whose logits score the next prompt token (prompt logprobs)
+    prompt_logprobs:   the requests those rows belong to, in row order
     """
 
     input_ids: np.ndarray
@@ -64,6 +77,8 @@ class StepInput:
     logits_rows: np.ndarray
     sampling: tuple[SamplingRequest, ...]
     state_copies: tuple[StateCopy, ...] = ()
+    prompt_logits_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    prompt_logprobs: tuple[PromptLogprobsRequest, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -128,8 +143,14 @@ def build_step_input(out: SchedulerOutput, *, block_tables: BlockTables | None =
     ids: list[int] = []
     logits_rows: list[int] = []
     sampling: list[SamplingRequest] = []
+    prompt_rows: list[int] = []
+    prompt_logprobs: list[PromptLogprobsRequest] = []
     for entry in out.scheduled:
         known = entry.new_token_ids
+        scored = _prompt_logprobs_request(entry)
+        if scored is not None:
+            prompt_rows += range(len(ids), len(ids) + len(scored.target_ids))
+            prompt_logprobs.append(scored)
         ids += known
         ids += [PENDING] * (entry.num_new_tokens - len(known) - len(entry.draft_token_ids))
         ids += entry.draft_token_ids
@@ -146,7 +167,23 @@ def build_step_input(out: SchedulerOutput, *, block_tables: BlockTables | None =
         has_initial_state=np.array([e.state_source is StateSource.SLOT for e in scheduled], dtype=np.bool_),
         block_table=np.ascontiguousarray(table, dtype=np.int32),
         logits_rows=np.array(logits_rows, dtype=np.int64),
-        sampling=tuple(sampling), state_copies=out.state_copies)
+        sampling=tuple(sampling), state_copies=out.state_copies,
+        prompt_logits_rows=np.array(prompt_rows, dtype=np.int64), prompt_logprobs=tuple(prompt_logprobs))
+
+
+def _prompt_logprobs_request(entry: ScheduledRequest) -> PromptLogprobsRequest | None:
+    """The prompt positions of this chunk whose next token is a prompt token, when the request asks for prompt
+    logprobs (a recomputed chunk after preemption asks again; the output side keeps the first answer)."""
+    request = entry.request
+    params = request.sampling_params
+    if not isinstance(params, SamplingParams) or params.prompt_logprobs is None:
+        return None
+    start = entry.num_computed_tokens
+    stop = min(start + entry.num_new_tokens, request.num_prompt_tokens - 1)
+    if stop <= start:
+        return None
+    targets = tuple(request.prompt_token_ids[start + 1:stop + 1])
+    return PromptLogprobsRequest(request.request_id, start, targets, params.prompt_logprobs)
 
 
 def _sampling_request(entry: ScheduledRequest) -> SamplingRequest:

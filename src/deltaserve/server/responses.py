@@ -118,6 +118,26 @@ def completion_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], 
     return piece, offset
 
 
+def prompt_completion_logprobs(prompt_ids: list[int], entries: tuple[TokenLogprob | None, ...],
+                               strings: TokenStrings) -> tuple[dict[str, Any], int]:
+    """The echoed prompt's piece of the legacy completions logprobs: one entry per prompt token, the first null
+    (nothing predicts it), as OpenAI's legacy API and vLLM answer. Returns the piece and the text offset after it."""
+    tokens, token_logprobs, tops, offsets, offset = [], [], [], [], 0
+    for token_id, entry in zip(prompt_ids, entries):
+        text, _ = strings.get(token_id)
+        tokens.append(text)
+        offsets.append(offset)
+        offset += len(text)
+        if entry is None:
+            token_logprobs.append(None)
+            tops.append(None)
+            continue
+        token_logprobs.append(_clamp(entry.logprob))
+        top = entry.top or ((entry.token_id, entry.logprob),)
+        tops.append({strings.get(t)[0]: _clamp(lp) for t, lp in top})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, offset
+
+
 def merge_completion_logprobs(pieces: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not pieces:
         return None

@@ -6,6 +6,7 @@ to the request's (chat's `top_logprobs` is SamplingParams.logprobs, `max_complet
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -36,8 +37,11 @@ class Limits:
 
 def completion_params(req: CompletionRequest, limits: Limits) -> SamplingParams:
     _reject_unsupported_completion(req)
-    return _build(req, max_tokens=req.max_tokens, max_tokens_field="max_tokens", logprobs=req.logprobs,
-                  logprobs_field="logprobs", limits=limits, skip_special_tokens=req.skip_special_tokens)
+    params = _build(req, max_tokens=req.max_tokens, max_tokens_field="max_tokens", logprobs=req.logprobs,
+                    logprobs_field="logprobs", limits=limits, skip_special_tokens=req.skip_special_tokens)
+    if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too (the first: null)
+        params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
+    return params
 
 
 def chat_params(req: ChatCompletionRequest, limits: Limits) -> SamplingParams:
@@ -60,8 +64,6 @@ def _reject_unsupported_completion(req: CompletionRequest) -> None:
         raise bad_request("'suffix' (fill-in-the-middle) is not supported", param="suffix")
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("'best_of' other than n is not supported; use n", param="best_of")
-    if req.echo and req.logprobs is not None:
-        raise bad_request("'echo' together with 'logprobs' is not supported (no prompt logprobs)", param="echo")
 
 
 def _build(req: _SamplingFields, *, max_tokens: int | None, max_tokens_field: str, logprobs: int | None,

@@ -18,7 +18,7 @@ from deltaserve.server.errors import APIError, bad_request, unexpected_error
 from deltaserve.server.generation import ClientDisconnected, generate, merge, raise_for_failure, unless_disconnected
 from deltaserve.server.protocol import CompletionRequest, read_json
 from deltaserve.server.responses import (DONE, TokenStrings, completion_logprobs, merge_completion_logprobs,
-                                         random_id, sse, sse_error, usage)
+                                         prompt_completion_logprobs, random_id, sse, sse_error, usage)
 from deltaserve.server.sampling import check_lengths, check_token_ids, completion_params
 from deltaserve.server.state import ServerState
 from deltaserve.server.tokens import encode_bounded
@@ -129,12 +129,24 @@ async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
                 choices[i * n + s].text = choices[i * n + s].text + _prompt_text(state, p)
     async for i, delta in merge(job.streams(state)):
         raise_for_failure(delta)
-        _apply(choices[i * n + delta.index], delta, strings, job.req.logprobs)
+        choice = choices[i * n + delta.index]
+        _echo_logprobs(choice, job.prompts[i], delta, strings)
+        _apply(choice, delta, strings, job.req.logprobs)
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
             "choices": [{"index": k, "text": c.text, "logprobs": merge_completion_logprobs(c.logprobs),
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                         for k, c in enumerate(choices)],
             "usage": usage(job.prompt_tokens, sum(c.num_tokens for c in choices))}
+
+
+def _echo_logprobs(choice: _Choice, prompt: _Prompt, delta: SequenceDelta, strings: TokenStrings) -> dict | None:
+    """With echo and logprobs the first delta brings the prompt's logprobs: they lead the choice's logprobs, and
+    the generated tokens' offsets start after the prompt. Returns that piece (None for other deltas)."""
+    if delta.prompt_logprobs is None:
+        return None
+    piece, choice.offset = prompt_completion_logprobs(prompt.ids, delta.prompt_logprobs, strings)
+    choice.logprobs.insert(0, piece)
+    return piece
 
 
 def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings, logprobs: int | None) -> dict | None:
@@ -164,13 +176,17 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
             body["usage"] = usage(job.prompt_tokens, sum(c.num_tokens for c in choices))
         return sse(body)
 
+    echo_with_logprobs = job.req.echo and job.params.prompt_logprobs is not None
     try:
-        if job.req.echo:
+        if job.req.echo and not echo_with_logprobs:
             for k in range(len(choices)):
                 yield chunk(_chunk_choice(k, _prompt_text(state, job.prompts[k // n]), None, None, None))
         async for i, delta in merge(job.streams(state)):
             raise_for_failure(delta)
             k = i * n + delta.index
+            prompt_piece = _echo_logprobs(choices[k], job.prompts[i], delta, strings)
+            if prompt_piece is not None:  # the echo chunk waits for the prompt's logprobs
+                yield chunk(_chunk_choice(k, _prompt_text(state, job.prompts[i]), prompt_piece, None, None))
             piece = _apply(choices[k], delta, strings, job.req.logprobs)
             if delta.text or piece is not None or delta.finished:
                 yield chunk(_chunk_choice(k, delta.text, piece, delta.finish_reason if delta.finished else None,
