@@ -56,6 +56,23 @@ def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
     assert "no config.json" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("bad,needle", [(("--max-model-len", "0"), "'max_model_len' must be a positive integer"),
+                                        (("--gpu-memory-utilization", "nan"), "'gpu_memory_utilization' is nan"),
+                                        (("--num-pages", "-3"), "'num_pages' must be a positive integer")])
+def test_bad_engine_options_are_one_clear_line(cache, bad, needle):
+    out = run("generate", *bad, cache=cache)
+    assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+def test_truncated_checkpoint_is_one_line_naming_the_file(cache, tmp_path):
+    save_checkpoint(TinySpec("trunc"), tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 3])
+    out = run("generate", str(tmp_path), cache=cache)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "model.safetensors is truncated or corrupt" in out.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("command", ["generate", "chat", "serve"])
 def test_help_documents_every_option(cache, command):
     out = run(command, "--help", cache=cache)
