@@ -38,6 +38,7 @@ class RequestOutput:
     error: str | None = None
     # with SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served (the first sample's)
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class SequenceDelta:
     stop_reason: str | int | None = None
     error: str | None = None
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on a sample's first delta, when asked for
+    num_cached_tokens: int | None = None  # on a sample's first delta: prompt tokens served from the prefix cache
 
 
 def apply_delta(output: RequestOutput, delta: SequenceDelta) -> None:
@@ -61,6 +63,8 @@ def apply_delta(output: RequestOutput, delta: SequenceDelta) -> None:
     seq = output.outputs[delta.index]
     if delta.prompt_logprobs is not None and output.prompt_logprobs is None:
         output.prompt_logprobs = list(delta.prompt_logprobs)
+    if delta.num_cached_tokens is not None and delta.index == 0:
+        output.num_cached_tokens = delta.num_cached_tokens
     seq.token_ids.extend(delta.token_ids)
     seq.text += delta.text
     if delta.logprobs is not None:

@@ -147,8 +147,9 @@ def wait_pools_free(http: httpx.Client, timeout: float = 20.0) -> dict[str, floa
     deadline = time.monotonic() + timeout
     while True:
         stats = engine_stats(http)
-        if stats["kv_pages_used"] == 0 and stats["state_slots_used"] == 0 and stats["num_requests_running"] == 0 \
-                and stats["num_requests_waiting"] == 0:
+        # pages the prefix cache keeps are not in use by any request (they are reclaimed when pages run short)
+        if stats["kv_pages_used"] == stats["kv_pages_cached"] and stats["state_slots_used"] == 0 \
+                and stats["num_requests_running"] == 0 and stats["num_requests_waiting"] == 0:
             return stats
         if time.monotonic() > deadline:
             raise AssertionError(f"pools still in use after {timeout}s: {stats}")

@@ -1,12 +1,18 @@
-"""The cache manager: the scheduler's one view of memory. Owns the page and slot allocators, the page geometry and
-what each request holds; decides where a request's GDN state comes from. Pure Python (no torch): it hands out ids,
-the runner owns the tensors they index.
+"""The cache manager: the scheduler's one view of memory. Owns the page and slot allocators, the page geometry, what
+each request holds, and the prefix cache (GDN state checkpoints with the KV pages they need); decides where a
+request's GDN state comes from. Pure Python (no torch): it hands out ids, the runner owns the tensors they index.
 
 A request's allocation is its state slot (the destination every step writes its GDN state to) and its KV pages
-(page i holds positions [i*P, (i+1)*P)). Where the state a step starts from comes from is the entry's StateSource:
-zeros for a request that starts at position 0, its own slot otherwise. A request admitted on a prefix match starts
-from a copy of the matched state, which the step carries as a StateCopy for the runner to apply before it runs
-(prefix matching finds nothing yet: `match_prefix` is where the prefix index plugs in).
+(page i holds positions [i*P, (i+1)*P)). Where a step's state starts is the entry's StateSource: zeros for a request
+that starts at position 0, its own slot otherwise. A request admitted on a prefix match starts from copies, which the
+step carries for the runner to apply before it runs: the checkpoint's state into the request's slot (StateCopy), and
+the checkpoint's partial last page into a page of the request's own (PageCopy: the request writes the rest of it).
+
+Checkpoints live in a pool of extra state slots (ids after the running slots, in the same tensors). One is taken by
+copying a request's slot after the step that reached the position (a snapshot), and holds references on the pages
+of its prefix, so a matched prefix always has both its KV and its state. When pages or checkpoint slots run short,
+checkpoints are evicted by value: recency, raised for those that save the most prefill per byte kept (as Marconi
+weighs FLOP efficiency), partial-page ones first.
 """
 
 from __future__ import annotations
@@ -17,6 +23,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from deltaserve.cache.allocator import PageAllocator, SlotAllocator, pages_for_tokens
+from deltaserve.cache.prefix import Checkpoint, PrefixIndex
+
+# A checkpoint that saves the most prefill per byte is kept as if it had been used this many schedule() calls later.
+EFFICIENCY_WEIGHT = 64
 
 
 class StateSource(enum.Enum):
@@ -27,7 +37,14 @@ class StateSource(enum.Enum):
 
 
 class StateCopy(NamedTuple):
-    """Copy every GDN layer's state of slot `src` into slot `dst` before the step runs."""
+    """Copy every GDN layer's state of slot `src` into slot `dst`."""
+
+    src: int
+    dst: int
+
+
+class PageCopy(NamedTuple):
+    """Copy every attention layer's K/V of page `src` into page `dst`."""
 
     src: int
     dst: int
@@ -35,11 +52,14 @@ class StateCopy(NamedTuple):
 
 @dataclass(frozen=True)
 class PrefixMatch:
-    """Leading tokens of a prompt whose KV pages (and GDN state, in `state_slot`) are cached and can be reused."""
+    """Leading tokens of a prompt whose KV pages and GDN state are cached: the full pages to share, the partial last
+    page to copy (if num_tokens is not a page multiple) and the checkpoint slot to copy the state from."""
 
     num_tokens: int = 0
     pages: tuple[int, ...] = ()
+    partial_page: int | None = None
     state_slot: int | None = None
+    checkpoint: Checkpoint | None = None
 
 
 NO_MATCH = PrefixMatch()
@@ -52,22 +72,46 @@ class Allocation:
     slot: int
     pages: list[int] = field(default_factory=list)
     state_copy: StateCopy | None = None  # applied by the request's next step, then cleared
+    page_copy: PageCopy | None = None
+
+
+@dataclass(eq=False)
+class PendingCheckpoint:
+    """A checkpoint whose snapshot is in a step not launched yet: it holds its slot and pages, and enters the index
+    when the step is committed (cancelled if it never runs)."""
+
+    checkpoint: Checkpoint
+    snapshot: StateCopy
+    request_id: str = ""
 
 
 class CacheManager:
-    """Owns the page and slot allocators and every running request's Allocation; the scheduler asks it for memory.
+    """Owns the page and slot allocators, every running request's Allocation and the prefix cache; the scheduler
+    asks it for memory. Pages are reference-counted (requests and checkpoints share them); `free` drops a request's
+    references and its slot, so once every request has ended only checkpoints hold anything (none after
+    `reset_prefix_cache`)."""
 
-    Pages are reference-counted (a matched prefix's pages are shared, not copied); `free` drops a request's
-    references and its slot, so the pools return to full once every request has ended, whatever the path.
-    """
-
-    def __init__(self, *, num_pages: int, num_slots: int, page_size: int) -> None:
+    def __init__(self, *, num_pages: int, num_slots: int, page_size: int, num_checkpoints: int = 0,
+                 namespace: bytes = b"", state_tokens: int = 1024) -> None:
+        """num_checkpoints: size of the checkpoint pool (0: no prefix caching); their slot ids follow the running
+        slots'. namespace: what else the KV depends on (the model). state_tokens: a checkpoint's state size in KV
+        tokens (what it costs to keep, against what it saves)."""
         if not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
         self.page_size = page_size
         self._pages = PageAllocator(num_pages)
         self._slots = SlotAllocator(num_slots)
+        self._checkpoint_slots = SlotAllocator(num_checkpoints) if num_checkpoints else None
+        self._index = PrefixIndex(page_size, namespace)
         self._held: dict[str, Allocation] = {}
+        self._pending: list[PendingCheckpoint] = []
+        # page-chain digests that running requests will checkpoint (their planned positions), and who claimed them
+        self._claimed: dict[bytes, int] = {}
+        self._claims: dict[str, list[bytes]] = {}
+        self._state_tokens = state_tokens
+        self.tick = 0  # advanced by the scheduler once per step: the clock of checkpoint recency
+        self.counters = {"checkpoints_taken": 0, "checkpoint_evictions": 0, "prefix_hits": 0,
+                         "prompt_tokens_cached": 0}
 
     # ---- geometry and gauges ---------------------------------------------------------------------------------------
     def pages_needed(self, num_tokens: int) -> int:
@@ -89,26 +133,59 @@ class CacheManager:
     def num_free_slots(self) -> int:
         return self._slots.num_free
 
+    @property
+    def prefix_caching(self) -> bool:
+        return self._checkpoint_slots is not None
+
+    @property
+    def num_checkpoints(self) -> int:
+        return len(self._index)
+
     def is_empty(self) -> bool:
-        """Every page and slot is free and no request holds anything."""
-        return (not self._held and self._pages.num_free == self._pages.num_total
-                and self._slots.num_free == self._slots.num_total)
+        """No request holds anything, no snapshot is pending, and every used page is held by checkpoints only."""
+        held = {}
+        for c in self._index.checkpoints:
+            for p in c.pages:
+                held[p] = held.get(p, 0) + 1
+        return (not self._held and not self._pending and self._slots.num_free == self._slots.num_total
+                and self._pages.num_used == len(held) and all(self._pages.ref_count(p) == n for p, n in held.items()))
 
     def stats(self) -> dict[str, int]:
+        total = self._checkpoint_slots.num_total if self._checkpoint_slots else 0
+        in_requests = len({p for a in self._held.values() for p in a.pages})
         return {"pages_used": self._pages.num_used, "pages_total": self._pages.num_total,
-                "slots_used": self._slots.num_used, "slots_total": self._slots.num_total}
+                "pages_cached": self._pages.num_used - in_requests,  # held by prefix-cache checkpoints only
+                "slots_used": self._slots.num_used, "slots_total": self._slots.num_total,
+                "checkpoints_used": self.num_checkpoints, "checkpoints_total": total, **self.counters}
 
     # ---- per request -----------------------------------------------------------------------------------------------
     def allocation(self, request_id: str) -> Allocation | None:
         return self._held.get(request_id)
 
     def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
-        """The longest cached prefix of `token_ids` with both its pages and a GDN state; none without a prefix index."""
-        return NO_MATCH
+        """The longest cached prefix of `token_ids` with both its pages and a GDN state, leaving at least the last
+        token to compute (its logits are needed)."""
+        c = self._index.find(token_ids, len(token_ids) - 1) if self.prefix_caching else None
+        if c is None:
+            return NO_MATCH
+        full = c.position // self.page_size
+        partial = c.pages[full] if c.position % self.page_size else None
+        return PrefixMatch(c.position, c.pages[:full], partial, c.slot, c)
+
+    def branch_position(self, token_ids: Sequence[int], limit: int) -> int:
+        """The page-aligned position up to which `token_ids` shares pages with some checkpoint's prefix (where a new
+        sequence branches off a cached path), at most `limit`."""
+        if not self.prefix_caching:
+            return 0
+        return self._index.branch_depth(token_ids, limit) * self.page_size
 
     def can_admit(self, num_tokens: int, match: PrefixMatch = NO_MATCH) -> bool:
-        """A free slot and the pages for positions [0, num_tokens) beyond the matched ones."""
-        return self._slots.num_free > 0 and self.pages_needed(num_tokens) - len(match.pages) <= self._pages.num_free
+        """A free slot and the pages for positions [0, num_tokens) beyond the matched full pages (checkpoints are
+        evicted for them if need be, except the matched one)."""
+        if self._slots.num_free == 0:
+            return False
+        need = self.pages_needed(num_tokens) - len(match.pages)
+        return self._make_room(need, keep=match.checkpoint)
 
     def admit(self, request_id: str, num_tokens: int, match: PrefixMatch = NO_MATCH) -> Allocation:
         """Give a request its slot and the pages for positions [0, num_tokens), reusing the matched prefix."""
@@ -118,16 +195,24 @@ class CacheManager:
             raise ValueError(f"cannot admit {request_id!r}: check can_admit first")
         self._pages.share(match.pages)
         slot = self._slots.allocate()
-        pages = list(match.pages) + self._pages.allocate(self.pages_needed(num_tokens) - len(match.pages))
-        copy = StateCopy(match.state_slot, slot) if match.state_slot is not None else None
-        self._held[request_id] = allocation = Allocation(slot, pages, copy)
+        fresh = self._pages.allocate(self.pages_needed(num_tokens) - len(match.pages))
+        allocation = Allocation(slot, list(match.pages) + fresh)
+        if match.checkpoint is not None:
+            match.checkpoint.last_access = self.tick
+            match.checkpoint.hits += 1
+            self.counters["prefix_hits"] += 1
+            allocation.state_copy = StateCopy(match.state_slot, slot)  # type: ignore[arg-type]
+            if match.partial_page is not None:
+                allocation.page_copy = PageCopy(match.partial_page, fresh[0])
+        self._held[request_id] = allocation
         return allocation
 
     def grow(self, request_id: str, num_tokens: int) -> bool:
-        """Pages for positions [0, num_tokens) of a running request; False (nothing allocated) when too few are free."""
+        """Pages for positions [0, num_tokens) of a running request (evicting checkpoints if need be); False, with
+        nothing allocated, when even that does not free enough."""
         allocation = self._held[request_id]
         need = self.pages_needed(num_tokens) - len(allocation.pages)
-        if need > self._pages.num_free:
+        if not self._make_room(need):
             return False
         if need > 0:
             allocation.pages.extend(self._pages.allocate(need))
@@ -135,7 +220,114 @@ class CacheManager:
 
     def free(self, request_id: str) -> None:
         """Give back everything the request holds (unknown ids: nothing to do)."""
+        self._release_claims(request_id)
         allocation = self._held.pop(request_id, None)
         if allocation is not None:
             self._pages.free(allocation.pages)
             self._slots.free(allocation.slot)
+
+    # ---- prefixes being computed --------------------------------------------------------------------------------------
+    def claim_prefixes(self, request_id: str, tokens: Sequence[int], positions: Sequence[int]) -> None:
+        """The request will checkpoint these positions of `tokens`: a request sharing that prefix can wait for them
+        instead of computing it too."""
+        digests = self._index.digests(tokens, max(positions, default=0))
+        mine = [digests[p // self.page_size] for p in positions if p >= self.page_size]
+        for digest in mine:
+            self._claimed[digest] = self._claimed.get(digest, 0) + 1
+        self._claims.setdefault(request_id, []).extend(mine)
+
+    def _release_claims(self, request_id: str) -> None:
+        for digest in list(self._claims.get(request_id, [])):
+            self._release_claim(request_id, digest)
+        self._claims.pop(request_id, None)
+
+    def _release_claim(self, request_id: str, digest: bytes) -> None:
+        """A claimed prefix is checkpointed (or will never be): nobody waits for it any more."""
+        claims = self._claims.get(request_id)
+        if claims is None or digest not in claims:
+            return
+        claims.remove(digest)
+        self._claimed[digest] -= 1
+        if not self._claimed[digest]:
+            del self._claimed[digest]
+
+    def claimed_position(self, token_ids: Sequence[int]) -> int:
+        """The page-aligned position up to which a running request is computing a checkpointed prefix of
+        `token_ids` (0: none)."""
+        if not self._claimed:
+            return 0
+        return self._index.deepest(token_ids, len(token_ids) - 1, self._claimed) * self.page_size
+
+    # ---- checkpoints -----------------------------------------------------------------------------------------------
+    def reserve_checkpoint(self, request_id: str, tokens: Sequence[int], position: int) -> PendingCheckpoint | None:
+        """A checkpoint of the state the request's slot will hold once the current step has run (its first
+        `position` tokens are `tokens[:position]`); None when one exists already, the pool is off, or nothing can
+        be evicted for it. Its snapshot copy goes with the step; `publish` once the step is launched."""
+        allocation = self._held.get(request_id)
+        if self._checkpoint_slots is None or allocation is None or position <= 0:
+            return None
+        depth_digest, partial, digests = self._index.key_of(tokens, position)
+        existing = self._index.get(depth_digest, partial)
+        if existing is not None or any(p.checkpoint.depth_digest == depth_digest and p.checkpoint.partial == partial
+                                       for p in self._pending):
+            if existing is not None:
+                existing.last_access = self.tick
+                self._release_claim(request_id, depth_digest)
+            return None
+        if self._checkpoint_slots.num_free == 0 and not self._evict_one():
+            self._release_claim(request_id, depth_digest)
+            return None
+        pages = tuple(allocation.pages[:self.pages_needed(position)])
+        self._pages.share(pages)
+        slot = self._checkpoint_slots.allocate() + self._slots.num_total
+        c = Checkpoint(position, slot, pages, depth_digest, partial, self.tick, chain=tuple(digests))
+        pending = PendingCheckpoint(c, StateCopy(allocation.slot, slot), request_id)
+        self._pending.append(pending)
+        return pending
+
+    def publish(self, pending: PendingCheckpoint) -> None:
+        """The snapshot's step is launched: the checkpoint can be matched from now on (device work runs in launch
+        order, so any step that reads it runs after the copy)."""
+        self._pending.remove(pending)
+        self._index.add(pending.checkpoint)
+        self.counters["checkpoints_taken"] += 1
+        self._release_claim(pending.request_id, pending.checkpoint.depth_digest)
+
+    def cancel(self, pending: PendingCheckpoint) -> None:
+        self._pending.remove(pending)
+        self._release(pending.checkpoint)
+        self._release_claim(pending.request_id, pending.checkpoint.depth_digest)
+
+    def reset_prefix_cache(self) -> None:
+        """Drop every checkpoint (and the pages only they hold)."""
+        for c in list(self._index.checkpoints):
+            self._index.remove(c)
+            self._release(c)
+
+    def _release(self, c: Checkpoint) -> None:
+        self._pages.free(c.pages)
+        self._checkpoint_slots.free(c.slot - self._slots.num_total)  # type: ignore[union-attr]
+
+    def _make_room(self, pages: int, keep: Checkpoint | None = None) -> bool:
+        """Evict checkpoints until `pages` pages are free; False if they cannot be freed."""
+        while pages > self._pages.num_free:
+            if not self._evict_one(keep):
+                return False
+        return True
+
+    def _evict_one(self, keep: Checkpoint | None = None) -> bool:
+        candidates = [c for c in self._index.checkpoints if c is not keep]
+        if not candidates:
+            return False
+        victim = min(candidates, key=self._value)
+        self._index.remove(victim)
+        self._release(victim)
+        self.counters["checkpoint_evictions"] += 1
+        return True
+
+    def _value(self, c: Checkpoint) -> float:
+        """Recency, plus how much prefill it saves per token-equivalent of memory it keeps (state + KV pages);
+        partial-page checkpoints count as a page older."""
+        efficiency = c.position / (c.position + self._state_tokens)
+        partial = 1 if c.position % self.page_size else 0
+        return c.last_access + EFFICIENCY_WEIGHT * efficiency - partial

@@ -23,6 +23,11 @@ class MemoryPlan:
     page_bytes: int
     slot_bytes: int
     budget_bytes: int
+    num_checkpoints: int = 0  # prefix-cache checkpoints: state slots of their own, in the state tensors
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return self.num_checkpoints * self.slot_bytes
 
     @property
     def kv_bytes(self) -> int:
@@ -35,19 +40,25 @@ class MemoryPlan:
     def describe(self, page_size: int) -> str:
         return (f"KV cache: {self.num_pages} pages x {page_size} tokens = {self.num_pages * page_size} tokens "
                 f"({self.kv_bytes / GiB:.2f} GiB); GDN state: {self.num_slots} slots "
-                f"({self.state_bytes / GiB:.2f} GiB, {self.slot_bytes / 2**20:.1f} MiB each); "
+                f"({self.state_bytes / GiB:.2f} GiB, {self.slot_bytes / 2**20:.1f} MiB each); prefix-cache "
+                f"checkpoints: {self.num_checkpoints} ({self.checkpoint_bytes / GiB:.2f} GiB); "
                 f"budget {self.budget_bytes / GiB:.2f} GiB")
 
 
 def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_size: int, max_num_seqs: int,
-                max_model_len: int, num_pages: int | None = None, num_slots: int | None = None) -> MemoryPlan:
-    """Give every one of max_num_seqs sequences a state slot and the rest to KV pages, never more pages than
-    max_num_seqs full-length sequences can use. If that leaves less than one max_model_len of KV, trade slots for
-    pages; if even one slot plus one full sequence does not fit, raise with the numbers and the options."""
+                max_model_len: int, num_pages: int | None = None, num_slots: int | None = None,
+                num_checkpoints: int | None = None, checkpoint_fraction: float = 0.0) -> MemoryPlan:
+    """Give every one of max_num_seqs sequences a state slot, `checkpoint_fraction` of the budget (or
+    num_checkpoints) to prefix-cache checkpoints (at most max(64, 4 per sequence)), and the rest to KV pages, never more
+    pages than max_num_seqs full-length sequences can use. If that leaves less than one max_model_len of KV, trade
+    slots and checkpoints for pages; if even one slot plus one full sequence does not fit, raise with the numbers
+    and the options."""
     pages_per_seq = pages_for_tokens(max_model_len, page_size)
     one_seq = slot_bytes + pages_per_seq * page_bytes
+    wanted = num_checkpoints if num_checkpoints is not None else min(
+        int(checkpoint_fraction * max(budget_bytes, 0)) // slot_bytes, max(64, 4 * max_num_seqs))
     if num_pages is not None and num_slots is not None:
-        return MemoryPlan(num_pages, num_slots, page_bytes, slot_bytes, budget_bytes)
+        return MemoryPlan(num_pages, num_slots, page_bytes, slot_bytes, budget_bytes, wanted)
     if budget_bytes < one_seq:
         raise OutOfMemoryError(
             f"not enough memory for one sequence of max_model_len={max_model_len}: it needs "
@@ -57,6 +68,9 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
             "--max-num-batched-tokens (less activation memory), or a GPU with more memory.")
     slots = num_slots if num_slots is not None else max_num_seqs
     slots = max(1, min(slots, (budget_bytes - pages_per_seq * page_bytes) // slot_bytes))
+    left = budget_bytes - slots * slot_bytes
+    checkpoints = max(0, min(wanted, (left - pages_per_seq * page_bytes) // slot_bytes))
+    left -= checkpoints * slot_bytes
     if num_pages is None:
-        num_pages = min((budget_bytes - slots * slot_bytes) // page_bytes, pages_per_seq * max_num_seqs)
-    return MemoryPlan(int(num_pages), int(slots), page_bytes, slot_bytes, budget_bytes)
+        num_pages = min(left // page_bytes, pages_per_seq * max_num_seqs)
+    return MemoryPlan(int(num_pages), int(slots), page_bytes, slot_bytes, budget_bytes, int(checkpoints))

@@ -97,6 +97,12 @@ class ModelCache:
             state.conv.index_copy_(0, dst, state.conv.index_select(0, src))
             state.ssm.index_copy_(0, dst, state.ssm.index_select(0, src))
 
+    def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Every attention layer's K/V of pages `src` into pages `dst` ([n] int64 on the cache's device)."""
+        for pages in self._kv.values():
+            pages.k.index_copy_(0, dst, pages.k.index_select(0, src))
+            pages.v.index_copy_(0, dst, pages.v.index_select(0, src))
+
     def nbytes(self) -> int:
         tensors = [t for pair in self._kv.values() for t in pair] + [t for pair in self._gdn.values() for t in pair]
         return sum(t.numel() * t.element_size() for t in tensors)

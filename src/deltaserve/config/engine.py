@@ -15,6 +15,8 @@ from deltaserve.config.shapes import RankShapes
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 MODEL_DTYPES = ("bfloat16", "float16", "float32")
 STATE_DTYPES = ("float32", "bfloat16", "float16")
+# Share of the cache memory given to prefix-cache checkpoints when their number is not set.
+CHECKPOINT_FRACTION = 0.1
 
 
 def _positive_int(value: object, option: str) -> None:
@@ -48,6 +50,13 @@ class CacheConfig:
     num_pages: int | None = None        # None: planned from free memory
     num_state_slots: int | None = None  # None: max_num_seqs
     state_dtype: str = "float32"
+    enable_prefix_caching: bool = True
+    num_checkpoints: int | None = None   # prefix-cache GDN state checkpoints; None: CHECKPOINT_FRACTION of memory
+    checkpoint_interval: int = 4096      # a checkpoint every this many tokens along long prompts
+
+    @property
+    def checkpoint_fraction(self) -> float:
+        return CHECKPOINT_FRACTION if self.enable_prefix_caching else 0.0
 
     def __post_init__(self) -> None:
         require(is_int(self.page_size) and self.page_size > 0 and self.page_size & (self.page_size - 1) == 0,
@@ -60,6 +69,14 @@ class CacheConfig:
                 _positive_int(getattr(self, name), name)
         require(self.state_dtype in STATE_DTYPES,
                 f"'state_dtype' is {self.state_dtype!r}; use float32 (default), bfloat16 or float16")
+        require(isinstance(self.enable_prefix_caching, bool),
+                f"'enable_prefix_caching' must be a bool, got {self.enable_prefix_caching!r}")
+        require(self.num_checkpoints is None or (is_int(self.num_checkpoints) and self.num_checkpoints >= 0),
+                f"'num_checkpoints' must be an integer >= 0 (0: no prefix caching), got {self.num_checkpoints!r}")
+        _positive_int(self.checkpoint_interval, "checkpoint_interval")
+        require(self.checkpoint_interval % self.page_size == 0,
+                f"'checkpoint_interval' ({self.checkpoint_interval}) must be a multiple of 'page_size' "
+                f"({self.page_size})")
 
 
 @dataclass(frozen=True)

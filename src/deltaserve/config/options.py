@@ -45,6 +45,15 @@ class EngineArgs:
                                     type=int)
     state_dtype: str = _option("float32", "GDN recurrent state dtype", section="cache", type=str,
                                choices=STATE_DTYPES)
+    enable_prefix_caching: bool = _option(
+        True, "turn prefix caching off (on by default: a prompt that shares a prefix with an earlier one resumes from "
+              "a GDN state checkpoint and its cached KV instead of prefilling it again)", section="cache",
+        flag="--no-prefix-caching")
+    num_checkpoints: int | None = _option(
+        None, "GDN state checkpoints the prefix cache may keep (default: 10%% of the cache memory)", section="cache",
+        type=int)
+    checkpoint_interval: int = _option(4096, "a prefix-cache checkpoint every this many tokens of a long prompt",
+                                       section="cache", type=int)
     load_format: str = _option("auto", "dummy: random weights at the checkpoint's shapes, for benchmarks",
                                section="runner", type=str, choices=LOAD_FORMATS)
     enforce_eager: bool = _option(False, "disable CUDA graphs for decode steps (on by default on GPU)",

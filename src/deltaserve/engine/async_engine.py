@@ -10,6 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,6 +20,7 @@ from deltaserve.outputs import SequenceDelta
 from deltaserve.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+STATS_INTERVAL_S = 10.0
 
 
 class EngineDeadError(RuntimeError):
@@ -49,15 +51,15 @@ class AsyncLLM:
         return self.engine.tokenizer
 
     # ---- caller side (any event loop) ----------------------------------------------------------------------------
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[SequenceDelta]:
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str, *,
+                       cache_points: tuple[int, ...] = ()) -> AsyncIterator[SequenceDelta]:
         """Yield the request's deltas until every sample finished. Cancelling the iteration aborts the request.
-        Raises the engine's RequestError for a request it cannot serve."""
+        Raises the engine's RequestError for a request it cannot serve. cache_points: see LLMEngine.add_request."""
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
         self._streams[request_id] = stream
-        self._commands.put((self._add, request_id, list(prompt_token_ids), params))
+        self._commands.put((self._add, request_id, list(prompt_token_ids), params, tuple(cache_points)))
         finished = False
         try:
             while stream.remaining > 0:
@@ -97,9 +99,10 @@ class AsyncLLM:
         self._thread.join(timeout)
 
     # ---- engine thread -------------------------------------------------------------------------------------------
-    def _add(self, request_id: str, prompt: list[int], params: SamplingParams) -> None:
+    def _add(self, request_id: str, prompt: list[int], params: SamplingParams,
+             cache_points: tuple[int, ...] = ()) -> None:
         try:
-            self.engine.add_request(request_id, prompt, params)
+            self.engine.add_request(request_id, prompt, params, cache_points=cache_points)
         except Exception as e:  # noqa: BLE001 - a bad request fails that request only
             self._deliver(request_id, e)
 
@@ -126,12 +129,14 @@ class AsyncLLM:
                 return
 
     def _run_loop(self) -> None:
+        stats = StatsLog(self.engine.stats)
         try:
             while not self._stopping.is_set():
                 self._drain_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     for delta in self.engine.step():
                         self._deliver(delta.request_id, delta)
+                stats.maybe_log()
         except Exception as e:  # noqa: BLE001 - fatal: fail every waiting caller with the reason
             log.exception("engine loop died")
             self._dead = f"engine loop died: {type(e).__name__}: {e}"
@@ -140,3 +145,27 @@ class AsyncLLM:
             for request_id in list(self._streams):
                 self.engine.abort_request(request_id)
                 self._deliver(request_id, EngineDeadError(self._dead))
+
+
+class StatsLog:
+    """A log line every STATS_INTERVAL_S seconds while the engine works: load, KV use, prefix-cache hits, checkpoints,
+    evictions and throughput since the last line (engine thread only)."""
+
+    def __init__(self, read: Callable[[], dict[str, int]]) -> None:
+        self.read, self.last_time, self.last = read, time.monotonic(), read()
+
+    def maybe_log(self) -> None:
+        now = time.monotonic()
+        if now - self.last_time < STATS_INTERVAL_S:
+            return
+        s, prev, dt = self.read(), self.last, now - self.last_time
+        self.last_time, self.last = now, s
+        if s == prev:
+            return  # idle: nothing new to say
+        prompt = s["prompt_tokens"] - prev["prompt_tokens"]
+        cached = s.get("prompt_tokens_cached", 0) - prev.get("prompt_tokens_cached", 0)
+        log.info("running %d, waiting %d; KV %.0f%% used; prompt %.0f tok/s, generation %.0f tok/s; prefix cache: "
+                 "%.0f%% of prompt tokens hit, %d/%d checkpoints, %d evictions", s["running"], s["waiting"],
+                 100 * s["pages_used"] / max(s["pages_total"], 1), prompt / dt,
+                 (s["generation_tokens"] - prev["generation_tokens"]) / dt, 100 * cached / max(prompt, 1),
+                 s.get("checkpoints_used", 0), s.get("checkpoints_total", 0), s.get("checkpoint_evictions", 0))

@@ -37,9 +37,12 @@ class LLMEngine:
         self.eos_ids = frozenset(eos_token_ids(self.tokenizer, self.model_config.eos_token_ids))
         self.runner = ModelRunner(self.config, eos_token_ids=self.eos_ids)
         page_size = self.config.cache.page_size
-        self.cache = CacheManager(num_pages=self.runner.num_pages, num_slots=self.runner.num_slots,
-                                  page_size=page_size)
-        self.scheduler = Scheduler(self.config.scheduler, self.cache)
+        plan = self.runner.plan
+        self.cache = CacheManager(num_pages=plan.num_pages, num_slots=plan.num_slots, page_size=page_size,
+                                  num_checkpoints=plan.num_checkpoints, namespace=self._cache_namespace(),
+                                  state_tokens=plan.slot_bytes * page_size // max(plan.page_bytes, 1))
+        self.scheduler = Scheduler(self.config.scheduler, self.cache,
+                                   checkpoint_interval=self.config.cache.checkpoint_interval)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
         self.block_tables = BlockTables(self.runner.num_slots, pages_for_tokens(self.max_model_len, page_size))
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "preemptions": 0}
@@ -51,12 +54,22 @@ class LLMEngine:
     def max_model_len(self) -> int:
         return self.config.max_model_len
 
+    def _cache_namespace(self) -> bytes:
+        """What cached KV and states depend on besides the tokens: the model and the dtypes they are kept in."""
+        return repr((self.model_config, str(self.runner.dtype), self.config.cache.state_dtype)).encode()
+
     # ---- requests ------------------------------------------------------------------------------------------------
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """Queue a request (params.n samples). Raises RequestError, queuing nothing, for a request it cannot serve."""
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
+                    cache_points: tuple[int, ...] = ()) -> None:
+        """Queue a request (params.n samples). Raises RequestError, queuing nothing, for a request it cannot serve.
+
+        cache_points: prompt positions where a stable prefix ends (e.g. a chat history before its generation
+        prompt): the prefix cache keeps the state there, where a later prompt is likely to resume."""
         self._validate(prompt_token_ids)
         children = self.outputs.new_children(request_id, prompt_token_ids, params)
+        points = tuple(sorted({p for p in cache_points if 0 < p < len(prompt_token_ids)}))
         for child in children:
+            child.cache_points = points
             try:
                 self.scheduler.check_new(child)
             except ValueError as e:
@@ -93,6 +106,10 @@ class LLMEngine:
         s = self.scheduler
         return {"running": s.num_running, "waiting": s.num_waiting, **self.cache.stats(), **self.counters}
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix (its checkpoints and the pages only they hold)."""
+        self.cache.reset_prefix_cache()
+
     # ---- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
         """One engine step; returns what sequences produced (tokens, text, finish).
@@ -109,6 +126,7 @@ class LLMEngine:
                 launched = self.runner.launch(build_step_input(out, block_tables=self.block_tables))
             except Exception as e:  # a failing step fails the requests in it, never the engine
                 log.exception("engine step failed")
+                self.scheduler.abandon(out)
                 return self._finish_inflight() + self._fail(out, f"{type(e).__name__}: {e}")
             self.scheduler.commit_step(out)
             self.counters["preemptions"] += len(out.preempted)
@@ -147,6 +165,9 @@ class LLMEngine:
 
     def _end(self, request: Request, delta: SequenceDelta) -> None:
         status = RequestStatus.FINISHED_STOPPED if delta.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH
+        snapshot = self.scheduler.checkpoint_finished(request.request_id)  # the next turn resumes here
+        if snapshot is not None:
+            self.runner.apply_copies([snapshot])
         self.scheduler.finish_request(request.request_id, status, delta.finish_reason)
         self.runner.release([request.request_id])
         self.counters["requests_finished"] += 1

@@ -24,7 +24,9 @@ def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torc
         sched.max_num_seqs if cc.num_pages is not None else None)
     return plan_memory(budget_bytes=_budget_bytes(model, config, device, dtype), page_bytes=page_bytes,
                        slot_bytes=slot_bytes, page_size=cc.page_size, max_num_seqs=sched.max_num_seqs,
-                       max_model_len=sched.max_model_len, num_pages=cc.num_pages, num_slots=explicit_slots)
+                       max_model_len=sched.max_model_len, num_pages=cc.num_pages, num_slots=explicit_slots,
+                       num_checkpoints=cc.num_checkpoints if cc.enable_prefix_caching else 0,
+                       checkpoint_fraction=cc.checkpoint_fraction)
 
 
 def _kv_layers(config: EngineConfig) -> int:

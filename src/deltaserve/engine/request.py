@@ -64,6 +64,11 @@ class Request:
     num_pending_tokens: int = 0  # tokens a step still in flight may add: positions after the known tokens
     num_pending_drafts: int = 0  # of those, drafts the step verifies (how many it keeps is not known yet)
     draft_token_ids: list[int] = field(default_factory=list)  # proposed for the next step to verify
+    # prefix caching: where the stable part of the prompt ends (given by whoever rendered it; empty: the prompt's
+    # last position), the positions planned for checkpoints at admission, and the prompt tokens a match skipped
+    cache_points: tuple[int, ...] = ()
+    checkpoint_positions: list[int] = field(default_factory=list)
+    num_cached_tokens: int | None = None
     max_output_tokens: int | None = None  # the engine's length limit: no step is scheduled to sample past it
 
     def __post_init__(self) -> None:

@@ -9,12 +9,13 @@ sampled tokens back to the host) and knows no Request: it takes a StepInput and,
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from deltaserve.cache.allocator import pages_for_tokens
+from deltaserve.cache.manager import PageCopy, StateCopy
 from deltaserve.config import EngineConfig
 from deltaserve.engine.cuda_graph import StepGraphs
 from deltaserve.engine.device_inputs import DeviceStep, upload_step
@@ -85,7 +86,9 @@ class ModelRunner:
         self.dtype = self.model.model.embed_tokens.weight.dtype
         self.plan = plan_cache_memory(self.model, config, self.device, self.dtype)
         log.info("%s", self.plan.describe(config.cache.page_size))
-        self.cache = new_cache(config, num_pages=self.plan.num_pages, num_slots=self.plan.num_slots,
+        # running slots first, then the prefix cache's checkpoint slots, in the same state tensors
+        self.cache = new_cache(config, num_pages=self.plan.num_pages,
+                               num_slots=self.plan.num_slots + self.plan.num_checkpoints,
                                dtype=self.dtype, device=self.device)
         self.graphs = None if config.runner.enforce_eager or self.device.type != "cuda" else self._capture()
         self.sampler = Sampler()
@@ -127,8 +130,9 @@ class ModelRunner:
             raise ValueError("this runner cannot verify draft tokens: its layers do not keep per-position GDN "
                              "states yet (no drafter is enabled in this version)")
         dev = upload_step(step, page_size=self.config.cache.page_size, device=self.device)
-        self._apply_state_copies(step)
+        self.apply_copies(step.state_copies, step.page_copies)
         logits = self.execute_model(dev, step)
+        self.apply_copies(step.state_snapshots)
         if logits is None:
             return LaunchedStep(step, None, None)
         num_sampled = step.logits_rows.shape[0]
@@ -177,11 +181,18 @@ class ModelRunner:
         hidden = self.model(input_ids, batch, self.cache)
         return self.model.compute_logits(hidden[batch.logits_indices], upcast=False)
 
-    def _apply_state_copies(self, step: StepInput) -> None:
-        if step.state_copies:
-            src = torch.tensor([c.src for c in step.state_copies], dtype=torch.long, device=self.device)
-            dst = torch.tensor([c.dst for c in step.state_copies], dtype=torch.long, device=self.device)
-            self.cache.copy_states(src, dst)
+    def apply_copies(self, states: Sequence[StateCopy] = (), pages: Sequence[PageCopy] = ()) -> None:
+        """GDN state copies between slots and KV copies between pages, queued on the device in order with the
+        steps (a snapshot taken now sees every step launched before it)."""
+        if states:
+            self.cache.copy_states(self._ids([c.src for c in states]), self._ids([c.dst for c in states]))
+        if pages:
+            self.cache.copy_pages(self._ids([c.src for c in pages]), self._ids([c.dst for c in pages]))
+
+    def _ids(self, values: list[int]) -> torch.Tensor:
+        """An index tensor on the device, sent from pinned memory (a pageable copy would wait for the GPU)."""
+        host = torch.tensor(values, dtype=torch.long)
+        return host.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else host
 
     def _sampling_row(self, s: SamplingRequest) -> SamplingRow:
         outputs = s.output_token_ids if s.output_token_ids is not None else ()

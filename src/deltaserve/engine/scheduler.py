@@ -27,8 +27,9 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from deltaserve.cache.manager import CacheManager, StateCopy, StateSource
+from deltaserve.cache.manager import CacheManager, PageCopy, PendingCheckpoint, StateCopy, StateSource
 from deltaserve.config import SchedulerConfig
+from deltaserve.engine.prefix_plan import checkpoint_positions, next_checkpoint
 from deltaserve.engine.request import Request, RequestStatus
 
 
@@ -68,17 +69,27 @@ class ScheduledRequest:
 
 @dataclass(frozen=True)
 class SchedulerOutput:
-    """The result of one schedule(): scheduled work in batch order, GDN state copies to apply before the step runs,
-    and the ids preempted during this call."""
+    """The result of one schedule(): scheduled work in batch order, the ids preempted during this call, and the
+    cache copies around the step (see the fields)."""
 
     scheduled: tuple[ScheduledRequest, ...]
     preempted: tuple[str, ...]
     num_batched_tokens: int
-    state_copies: tuple[StateCopy, ...] = ()
+    state_copies: tuple[StateCopy, ...] = ()   # before the step: matched checkpoints into requests' slots
+    page_copies: tuple[PageCopy, ...] = ()     # before the step: matched partial pages into requests' pages
+    checkpoints: tuple[PendingCheckpoint, ...] = ()  # after the step: snapshots of slots into checkpoints
+
+    @property
+    def state_snapshots(self) -> tuple[StateCopy, ...]:
+        return tuple(c.snapshot for c in self.checkpoints)
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+# A waiting request defers to a running one that is computing at least this many more tokens of its prefix.
+WAIT_FOR_PREFIX_TOKENS = 64
 
 
 class Scheduler:
@@ -92,9 +103,12 @@ class Scheduler:
        there is budget, a free slot, fewer than `max_num_seqs` running, and free pages for the first chunk.
     """
 
-    def __init__(self, config: SchedulerConfig, cache: CacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, cache: CacheManager, *, checkpoint_interval: int = 4096) -> None:
+        """checkpoint_interval: with prefix caching, a GDN state checkpoint every this many tokens along long
+        prompts (besides the prompt's own cache points and branch points)."""
         self._config = config
         self.cache = cache
+        self._checkpoint_interval = checkpoint_interval
         # A lone request must always fit, or it would preempt itself forever.
         if cache.num_pages * cache.page_size < config.max_model_len:
             raise ValueError(f"the KV pool holds {cache.num_pages} pages x {cache.page_size} tokens = "
@@ -193,9 +207,11 @@ class Scheduler:
         # After a preemption memory is tight: admitting now would likely just re-admit the victim and thrash.
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
-        copies = tuple(self._take_state_copy(s.request_id) for s in scheduled)
-        return SchedulerOutput(tuple(scheduled), tuple(preempted), max_tokens - budget,
-                               tuple(c for c in copies if c is not None))
+        self.cache.tick += 1
+        state_copies, page_copies = self._take_copies(scheduled)
+        checkpoints = tuple(c for c in (self._checkpoint(s) for s in scheduled) if c is not None)
+        return SchedulerOutput(tuple(scheduled), tuple(preempted), max_tokens - budget, state_copies, page_copies,
+                               checkpoints)
 
     def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[str]) -> int:
         i = 0
@@ -207,6 +223,7 @@ class Scheduler:
             if num_new <= 0 or request.reached_max_output or request.num_pending_drafts:
                 i += 1
                 continue
+            num_new = self._cap_at_checkpoint(request, num_new)
             drafts = self._drafts_for(request, num_new, budget)
             request.draft_token_ids = []  # proposals are for one step: used now or stale
             if not self._allocate_or_preempt(request, num_new + len(drafts), preempted):
@@ -252,24 +269,42 @@ class Scheduler:
         self._waiting.appendleft(request)
 
     def _admit_waiting(self, budget: int, scheduled: list[ScheduledRequest]) -> int:
-        while self._waiting and budget > 0 and len(self._running) < self._config.max_num_seqs:
-            request = self._waiting[0]
+        """FCFS, except that a request whose prompt shares a prefix that a running request is computing right now
+        waits for that prefix's checkpoint (it then resumes there instead of computing it a second time)."""
+        for request in list(self._waiting):
+            if budget <= 0 or len(self._running) >= self._config.max_num_seqs:
+                break
             if request.num_pending_tokens:
                 # Preempted with a token in flight (admission is skipped in the schedule that preempts, and the
                 # engine resolves the token before the next one, so this is a guard): recompute once it is known.
                 break
-            match = self.cache.match_prefix(request.token_ids(0, request.num_tokens))
-            num_new = min(request.num_tokens - match.num_tokens, budget)
+            tokens = request.token_ids(0, request.num_tokens)
+            match = self.cache.match_prefix(tokens)
+            if self.cache.claimed_position(tokens) >= match.num_tokens + WAIT_FOR_PREFIX_TOKENS:
+                continue
+            num_new = self._admission_chunk(request, tokens, match.num_tokens, budget)
             if not self.cache.can_admit(match.num_tokens + num_new, match):
                 break  # strict FCFS: nobody overtakes the head of the queue
-            self._waiting.popleft()
+            self._waiting.remove(request)
             self.cache.admit(request.request_id, match.num_tokens + num_new, match)
-            request.num_computed_tokens = match.num_tokens
-            request.status = RequestStatus.RUNNING
-            self._running.append(request)
+            self._on_admitted(request, tokens, match.num_tokens)
             scheduled.append(self._entry(request, num_new, ()))
             budget -= num_new
         return budget
+
+    def _admission_chunk(self, request: Request, tokens: list[int], matched: int, budget: int) -> int:
+        request.checkpoint_positions = self._plan_checkpoints(request, tokens, matched)
+        num_new = min(request.num_tokens - matched, budget)
+        return next_checkpoint(request.checkpoint_positions, matched, num_new) - matched
+
+    def _on_admitted(self, request: Request, tokens: list[int], matched: int) -> None:
+        request.num_computed_tokens = matched
+        request.status = RequestStatus.RUNNING
+        self._running.append(request)
+        self.cache.claim_prefixes(request.request_id, tokens, request.checkpoint_positions)
+        if request.num_cached_tokens is None:  # the first admission is the one users see
+            request.num_cached_tokens = matched
+            self.cache.counters["prompt_tokens_cached"] += matched
 
     def _entry(self, request: Request, num_new: int, drafts: tuple[int, ...]) -> ScheduledRequest:
         allocation = self.cache.allocation(request.request_id)
@@ -282,10 +317,56 @@ class Scheduler:
                                 samples_token=computed + num_new == request.num_tokens_with_pending,
                                 draft_token_ids=drafts)
 
-    def _take_state_copy(self, request_id: str) -> StateCopy | None:
-        allocation = self.cache.allocation(request_id)
-        copy, allocation.state_copy = allocation.state_copy, None  # type: ignore[union-attr]
-        return copy
+    def _take_copies(self, scheduled: list[ScheduledRequest]) -> tuple[tuple[StateCopy, ...], tuple[PageCopy, ...]]:
+        """The copies a matched prefix brings, taken once (by the request's first step after admission)."""
+        states, pages = [], []
+        for s in scheduled:
+            allocation = self.cache.allocation(s.request_id)
+            if allocation.state_copy is not None:  # type: ignore[union-attr]
+                states.append(allocation.state_copy)  # type: ignore[union-attr]
+            if allocation.page_copy is not None:  # type: ignore[union-attr]
+                pages.append(allocation.page_copy)  # type: ignore[union-attr]
+            allocation.state_copy = allocation.page_copy = None  # type: ignore[union-attr]
+        return tuple(states), tuple(pages)
+
+    # ---- prefix checkpoints --------------------------------------------------------------------------------------
+    def _plan_checkpoints(self, request: Request, tokens: list[int], matched: int) -> list[int]:
+        if not self.cache.prefix_caching:
+            return []
+        branch = self.cache.branch_position(tokens, request.num_tokens - 1)
+        return checkpoint_positions(request, matched, branch, self._checkpoint_interval, self.cache.page_size)
+
+    def _cap_at_checkpoint(self, request: Request, num_new: int) -> int:
+        """A chunk ends at the next planned checkpoint position, so the state there is a step's end state."""
+        return next_checkpoint(request.checkpoint_positions, request.num_computed_tokens,
+                               num_new) - request.num_computed_tokens
+
+    def _checkpoint(self, entry: ScheduledRequest) -> PendingCheckpoint | None:
+        end = entry.num_computed_tokens + entry.num_new_tokens - len(entry.draft_token_ids)
+        request = entry.request
+        if end not in request.checkpoint_positions or end > request.num_tokens:
+            return None
+        return self.cache.reserve_checkpoint(request.request_id, request.token_ids(0, end), end)
+
+    def checkpoint_finished(self, request_id: str) -> StateCopy | None:
+        """A request that ends normally leaves a checkpoint of its whole sequence (the next turn of a conversation
+        resumes there). The copy is to apply now: the request's slot holds the state of every position it computed,
+        its in-flight steps included, and device work runs in order."""
+        request = self._requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING or \
+                request.num_computed_tokens > request.num_tokens:
+            return None
+        pending = self.cache.reserve_checkpoint(request_id, request.token_ids(0, request.num_computed_tokens),
+                                                request.num_computed_tokens)
+        if pending is None:
+            return None
+        self.cache.publish(pending)
+        return pending.snapshot
+
+    def abandon(self, output: SchedulerOutput) -> None:
+        """A scheduled step that will never run: give back its checkpoint reservations."""
+        for pending in output.checkpoints:
+            self.cache.cancel(pending)
 
     def update_from_step(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int] | int | None]
                          ) -> list[Request]:
@@ -308,6 +389,8 @@ class Scheduler:
             s.request.num_computed_tokens += s.num_new_tokens
             s.request.num_pending_tokens += s.num_samples
             s.request.num_pending_drafts += len(s.draft_token_ids)
+        for pending in output.checkpoints:  # the snapshots run with the step: matchable from now on
+            self.cache.publish(pending)
 
     def resolve_step(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int] | int | None]
                      ) -> list[Request]:

@@ -27,6 +27,7 @@ class SequenceState:
     # prompt logprobs by the position of the logits that scored them (position p scores prompt token p + 1);
     # None once sent, or when not asked for
     prompt_scores: dict[int, TokenLogprob] | None = None
+    started: bool = False  # a delta went out (the first carries the prompt tokens served from the prefix cache)
 
     def __post_init__(self) -> None:
         if self.params.prompt_logprobs is not None:
@@ -104,8 +105,10 @@ class SequenceState:
                stop_reason: str | int | None) -> SequenceDelta:
         logprobs = tuple(self.pending_logprobs) if self.params.logprobs is not None else None
         self.pending_logprobs = []
+        cached = None if self.started else (self.request.num_cached_tokens or 0)
+        self.started = True
         return SequenceDelta(request_id=self.parent_id, index=self.index, token_ids=token_ids, text=text,
-                             prompt_logprobs=self._take_prompt_logprobs(),
+                             prompt_logprobs=self._take_prompt_logprobs(), num_cached_tokens=cached,
                              logprobs=logprobs, finished=status is not None,
                              finish_reason=status.default_finish_reason if status is not None else None,
                              stop_reason=stop_reason)

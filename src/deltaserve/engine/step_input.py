@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from deltaserve.cache.manager import StateCopy, StateSource
+from deltaserve.cache.manager import PageCopy, StateCopy, StateSource
 from deltaserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from deltaserve.sampling_params import SamplingParams
 
@@ -63,7 +63,9 @@ class StepInput:
     block_table:       [N, W] int32  KV pages of each row (zero-padded)
     logits_rows:       [M] int64   rows of the flat batch whose logits are sampled
     sampling:          the requests that sample, in logits-row order
-    state_copies:      GDN state copies the runner applies before the step runs
+    state_copies:      GDN state copies the runner applies before the step runs (matched checkpoints)
+    page_copies:       KV page copies it applies before the step runs (matched partial pages)
+    state_snapshots:   GDN state copies it applies after the step ran (new checkpoints)
     prompt_logits_rows: [R] int64  rows whose logits score the next prompt token (prompt logprobs)
     prompt_logprobs:   the requests those rows belong to, in row order
     """
@@ -77,6 +79,8 @@ class StepInput:
     logits_rows: np.ndarray
     sampling: tuple[SamplingRequest, ...]
     state_copies: tuple[StateCopy, ...] = ()
+    page_copies: tuple[PageCopy, ...] = ()
+    state_snapshots: tuple[StateCopy, ...] = ()
     prompt_logits_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     prompt_logprobs: tuple[PromptLogprobsRequest, ...] = ()
 
@@ -167,7 +171,8 @@ def build_step_input(out: SchedulerOutput, *, block_tables: BlockTables | None =
         has_initial_state=np.array([e.state_source is StateSource.SLOT for e in scheduled], dtype=np.bool_),
         block_table=np.ascontiguousarray(table, dtype=np.int32),
         logits_rows=np.array(logits_rows, dtype=np.int64),
-        sampling=tuple(sampling), state_copies=out.state_copies,
+        sampling=tuple(sampling), state_copies=out.state_copies, page_copies=out.page_copies,
+        state_snapshots=out.state_snapshots,
         prompt_logits_rows=np.array(prompt_rows, dtype=np.int64), prompt_logprobs=tuple(prompt_logprobs))
 
 

@@ -49,6 +49,9 @@ class ChatRequestParts:
 class ChatPrompt:
     ids: list[int]
     opens_reasoning: bool  # the template left a <think> block open for the model
+    # where stable prefixes end (the system prompt; the history before the generation prompt): the prefix cache
+    # keeps GDN states there, where the next turn or another conversation with this system prompt resumes
+    cache_points: tuple[int, ...] = ()
 
 
 async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_field: str = "messages") -> ChatPrompt:
@@ -70,7 +73,30 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
         raise _render_error(e, prompt_field) from None
     ids = await asyncio.to_thread(encode_bounded, tokenizer, text, state.limits.max_model_len - 1,
                                   add_special_tokens=False, field=prompt_field)
-    return ChatPrompt(ids, prompt_opens_reasoning(text))
+    points = await _cache_points(state, parts, template, kwargs, ids) if parts.add_generation_prompt else ()
+    return ChatPrompt(ids, prompt_opens_reasoning(text), points)
+
+
+async def _cache_points(state: ServerState, parts: ChatRequestParts, template: str, kwargs: dict[str, Any],
+                        ids: list[int]) -> tuple[int, ...]:
+    """Token counts of the stable prefixes of the prompt: the messages rendered without the generation prompt, and
+    the system message alone. A prefix counts only if its tokens are exactly the prompt's first tokens (a BPE merge
+    across the boundary would make it useless for matching)."""
+    prefixes = [parts.messages]
+    if len(parts.messages) > 1 and parts.messages[0].role in ("system", "developer"):
+        prefixes.append(parts.messages[:1])
+    points = []
+    for messages in prefixes:
+        try:
+            text = await state.templates.render_async(template, template_messages(messages), tools=parts.tools,
+                                                      add_generation_prompt=False,
+                                                      kwargs={**state.special_tokens, **kwargs})
+        except TemplateRenderError:
+            continue  # a template that cannot render this prefix alone: no cache point there
+        prefix = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=False)
+        if 0 < len(prefix) < len(ids) and ids[:len(prefix)] == prefix:
+            points.append(len(prefix))
+    return tuple(sorted(set(points)))
 
 
 def _template(state: ServerState, parts: ChatRequestParts, from_kwargs: Any) -> str:

@@ -81,12 +81,14 @@ class _RequestTimer:
 
 
 async def generate(state: ServerState, prompt: list[int], params: SamplingParams, request_id: str,
-                   endpoint: str, *, prompt_field: str = "prompt") -> AsyncIterator[SequenceDelta]:
-    """The engine's deltas for one prompt, observing the request's latencies as they pass."""
+                   endpoint: str, *, prompt_field: str = "prompt",
+                   cache_points: tuple[int, ...] = ()) -> AsyncIterator[SequenceDelta]:
+    """The engine's deltas for one prompt, observing the request's latencies as they pass. cache_points: where the
+    prompt's stable prefixes end (the prefix cache keeps states there)."""
     timer = _RequestTimer(state.metrics, len(prompt), params.n)
     outcome = "cancelled"  # stays so if the client goes away (the iterator is closed mid-way)
     state.begin(request_id)
-    stream = state.engine.generate(prompt, params, request_id)
+    stream = state.engine.generate(prompt, params, request_id, cache_points=cache_points)
     try:
         async for delta in stream:
             timer.on_delta(delta)

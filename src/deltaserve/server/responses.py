@@ -28,12 +28,13 @@ def sse_error(status: int, message: str, code: str | None = None) -> str:
     return sse(error_body(status, message, code=code))
 
 
-def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0) -> dict[str, Any]:
-    """OpenAI's usage object. cached_tokens is 0 until the engine caches prefixes (then: the prompt tokens served
-    from the cache); reasoning_tokens are the tokens generated inside the reasoning block."""
+def usage(prompt_tokens: int, completion_tokens: int, reasoning_tokens: int = 0,
+          cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object. cached_tokens: the prompt tokens served from the prefix cache; reasoning_tokens: the
+    tokens generated inside the reasoning block."""
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
             "completion_tokens_details": {"reasoning_tokens": reasoning_tokens}}
 
 

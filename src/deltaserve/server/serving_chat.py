@@ -33,6 +33,7 @@ class _Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (from the first delta)
 
     def finish_reason_out(self) -> str | None:
         if self.finish_reason == "stop" and self.parser.num_tool_calls:
@@ -50,9 +51,11 @@ class _Job:
     prompt: list[int]
     new_parser: Callable[[], OutputParser]
     show_reasoning: bool
+    cache_points: tuple[int, ...] = ()
 
     def stream(self, state: ServerState) -> AsyncIterator[SequenceDelta]:
-        return generate(state, self.prompt, self.params, self.id, "chat", prompt_field="messages")
+        return generate(state, self.prompt, self.params, self.id, "chat", prompt_field="messages",
+                        cache_points=self.cache_points)
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
@@ -78,7 +81,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                             parse_tools=tools.parse, strip=strip)
 
     job = _Job(random_id("chatcmpl"), model, int(time.time()), req, params, prompt, new_parser,
-               show_reasoning=reasoning and req.include_reasoning)
+               show_reasoning=reasoning and req.include_reasoning, cache_points=rendered.cache_points)
     if req.stream:
         return StreamingResponse(_stream(state, job), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
@@ -89,6 +92,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
 
 def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings | None) -> tuple[ParsedDelta, list | None]:
     """Feed one engine delta to its choice; returns what to show now and this delta's logprobs."""
+    if delta.num_cached_tokens is not None:
+        choice.cached_tokens = delta.num_cached_tokens
     if choice.parser.in_reasoning:
         choice.reasoning_tokens += len(delta.token_ids)
     parsed = choice.parser.feed(delta.text)
@@ -118,7 +123,8 @@ async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
 
 
 def _usage(job: _Job, choices: list[_Choice]) -> dict[str, Any]:
-    return usage(len(job.prompt), sum(c.num_tokens for c in choices), sum(c.reasoning_tokens for c in choices))
+    return usage(len(job.prompt), sum(c.num_tokens for c in choices), sum(c.reasoning_tokens for c in choices),
+                 cached_tokens=choices[0].cached_tokens)
 
 
 def _reasoning_fields(text: str, show_reasoning: bool) -> dict[str, str | None]:

@@ -40,6 +40,7 @@ class _Choice:
     stop_reason: str | int | None = None
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     offset: int = 0  # text_offset of the next logprobs token
+    cached_tokens: int = 0  # prompt tokens the prefix cache served (from the first delta)
 
 
 @dataclass
@@ -136,7 +137,7 @@ async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
             "choices": [{"index": k, "text": c.text, "logprobs": merge_completion_logprobs(c.logprobs),
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                         for k, c in enumerate(choices)],
-            "usage": usage(job.prompt_tokens, sum(c.num_tokens for c in choices))}
+            "usage": _usage(job, choices)}
 
 
 def _echo_logprobs(choice: _Choice, prompt: _Prompt, delta: SequenceDelta, strings: TokenStrings) -> dict | None:
@@ -153,6 +154,8 @@ def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings, logprob
     """Accumulate one delta into its choice; returns this delta's logprobs piece (None without logprobs)."""
     choice.text += delta.text
     choice.num_tokens += len(delta.token_ids)
+    if delta.num_cached_tokens is not None:
+        choice.cached_tokens = delta.num_cached_tokens
     piece = None
     if logprobs is not None and delta.logprobs:
         piece, choice.offset = completion_logprobs(delta.logprobs, strings, choice.offset)
@@ -173,7 +176,7 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
     def chunk(choice: dict[str, Any]) -> str:
         body = {**head, "choices": [choice]}
         if continuous:  # the usage so far, on every chunk
-            body["usage"] = usage(job.prompt_tokens, sum(c.num_tokens for c in choices))
+            body["usage"] = _usage(job, choices)
         return sse(body)
 
     echo_with_logprobs = job.req.echo and job.params.prompt_logprobs is not None
@@ -192,13 +195,20 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
                 yield chunk(_chunk_choice(k, delta.text, piece, delta.finish_reason if delta.finished else None,
                                           delta.stop_reason))
         if opts is not None and opts.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(job.prompt_tokens, sum(c.num_tokens for c in choices))})
+            yield sse({**head, "choices": [], "usage": _usage(job, choices)})
     except APIError as e:
         yield sse_error(e.status, e.message, e.code)
     except Exception as e:  # noqa: BLE001 - a bug: the stream still ends with an error event and [DONE]
         err = unexpected_error(e)
         yield sse_error(err.status, err.message, err.code)
     yield DONE
+
+
+def _usage(job: _Job, choices: list[_Choice]) -> dict[str, Any]:
+    """Usage over every prompt; each prompt's cached tokens counted once (its first sample's)."""
+    n = job.params.n
+    return usage(job.prompt_tokens, sum(c.num_tokens for c in choices),
+                 cached_tokens=sum(choices[i * n].cached_tokens for i in range(len(job.prompts))))
 
 
 def _chunk_choice(index: int, text: str, logprobs: dict | None, finish_reason: str | None,

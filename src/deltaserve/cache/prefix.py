@@ -1,0 +1,123 @@
+"""The prefix index: GDN state checkpoints of token prefixes, found by a hash chain over full KV pages.
+
+A hybrid model can resume a prompt only where it has both the KV of every attention layer and the recurrent state of
+every GDN layer. The state is one fixed-size tensor per layer (tens to hundreds of MiB per sequence on real models),
+so it is kept only at chosen positions: a checkpoint is the state after its first `position` tokens (a slot of the
+checkpoint pool) plus references to the KV pages that hold those tokens. Pure Python: ids only, the runner owns the
+tensors.
+
+Keys: page d of a prefix is identified by a digest chained over the digests of pages 0..d (blake2b over the token
+ids, so equal digests mean equal prefixes); a checkpoint at a position inside page d is keyed by the digest of its
+d full pages and the tuple of its tokens in the partial page.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+ROOT = b"deltaserve-prefix-v1"
+
+
+def chain_digests(tokens: Sequence[int], num_pages: int, page_size: int, namespace: bytes) -> list[bytes]:
+    """digests[d] identifies tokens[0 : d * page_size] (digests[0]: the empty prefix of this namespace)."""
+    digests = [hashlib.blake2b(ROOT + namespace, digest_size=16).digest()]
+    data = np.asarray(tokens[:num_pages * page_size], dtype=np.int64)
+    for d in range(num_pages):
+        page = data[d * page_size:(d + 1) * page_size].tobytes()
+        digests.append(hashlib.blake2b(digests[-1] + page, digest_size=16).digest())
+    return digests
+
+
+@dataclass(eq=False)
+class Checkpoint:
+    """The state after `position` tokens, in checkpoint slot `slot`, with the pages holding those tokens (a partial
+    last page when position is not a page multiple: only its first position % page_size entries are valid)."""
+
+    position: int
+    slot: int
+    pages: tuple[int, ...]
+    depth_digest: bytes                 # digest of its floor(position / page_size) full pages
+    partial: tuple[int, ...]            # its tokens in the partial page
+    last_access: int = 0
+    hits: int = 0
+    chain: tuple[bytes, ...] = field(default=(), repr=False)  # digests of its full-page prefixes, for the index
+
+
+class PrefixIndex:
+    """Checkpoints by key, and the set of page-chain digests they extend (so a lookup stops where nothing can
+    match). Owns no pages or slots: the cache manager does the accounting."""
+
+    def __init__(self, page_size: int, namespace: bytes = b"") -> None:
+        self.page_size, self.namespace = page_size, namespace
+        self._by_digest: dict[bytes, list[Checkpoint]] = {}
+        self._chain_refs: dict[bytes, int] = {}  # digest -> checkpoints whose prefix passes through it
+        self.checkpoints: list[Checkpoint] = []
+
+    def __len__(self) -> int:
+        return len(self.checkpoints)
+
+    def digests(self, tokens: Sequence[int], position: int) -> list[bytes]:
+        return chain_digests(tokens, position // self.page_size, self.page_size, self.namespace)
+
+    def find(self, tokens: Sequence[int], max_position: int) -> Checkpoint | None:
+        """The deepest checkpoint whose tokens are a prefix of `tokens` with position <= max_position."""
+        if max_position <= 0 or not self.checkpoints:
+            return None
+        best = None
+        digests = self.digests(tokens, max_position)
+        for depth, digest in enumerate(digests):
+            if digest not in self._chain_refs:
+                break
+            start = depth * self.page_size
+            for c in self._by_digest.get(digest, ()):
+                end = start + len(c.partial)
+                if c.position <= max_position and tuple(tokens[start:end]) == c.partial and \
+                        (best is None or c.position > best.position):
+                    best = c
+        return best
+
+    def deepest(self, tokens: Sequence[int], max_position: int, digests: set[bytes] | dict[bytes, int]) -> int:
+        """Full pages of `tokens` whose chain digest is in `digests` (the deepest such depth)."""
+        depth = 0
+        for d, digest in enumerate(self.digests(tokens, max_position)):
+            if d and digest in digests:
+                depth = d
+        return depth
+
+    def branch_depth(self, tokens: Sequence[int], max_position: int) -> int:
+        """Full pages of `tokens` that some checkpoint's prefix shares (where a new sequence branches off)."""
+        depth = 0
+        for d, digest in enumerate(self.digests(tokens, max_position)):
+            if digest not in self._chain_refs:
+                break
+            depth = d
+        return depth
+
+    def key_of(self, tokens: Sequence[int], position: int) -> tuple[bytes, tuple[int, ...], list[bytes]]:
+        digests = self.digests(tokens, position)
+        full = (position // self.page_size) * self.page_size
+        return digests[-1], tuple(tokens[full:position]), digests
+
+    def get(self, depth_digest: bytes, partial: tuple[int, ...]) -> Checkpoint | None:
+        return next((c for c in self._by_digest.get(depth_digest, ()) if c.partial == partial), None)
+
+    def add(self, c: Checkpoint) -> None:
+        self._by_digest.setdefault(c.depth_digest, []).append(c)
+        for digest in c.chain:
+            self._chain_refs[digest] = self._chain_refs.get(digest, 0) + 1
+        self.checkpoints.append(c)
+
+    def remove(self, c: Checkpoint) -> None:
+        bucket = self._by_digest[c.depth_digest]
+        bucket.remove(c)
+        if not bucket:
+            del self._by_digest[c.depth_digest]
+        for digest in c.chain:
+            self._chain_refs[digest] -= 1
+            if not self._chain_refs[digest]:
+                del self._chain_refs[digest]
+        self.checkpoints.remove(c)
