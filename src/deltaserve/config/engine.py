@@ -14,7 +14,12 @@ from deltaserve.config.shapes import RankShapes
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 MODEL_DTYPES = ("bfloat16", "float16", "float32")
-STATE_DTYPES = ("float32", "bfloat16", "float16")
+# GDN recurrent state storage (computed in fp32 either way). float16 is not offered: its 5-bit exponent cannot hold
+# the state's range, and an fp16 state has been reported to wreck accuracy.
+STATE_DTYPES = ("float32", "bfloat16")
+# KV page storage of the full-attention layers: auto = the model dtype; the others keep a symmetric scale per token
+# and KV head, computed when the KV is written (docs/KERNELS.md, "Quantized KV cache").
+KV_CACHE_DTYPES = ("auto", "fp8", "int8", "int4")
 
 
 def _positive_int(value: object, option: str) -> None:
@@ -48,6 +53,7 @@ class CacheConfig:
     num_pages: int | None = None        # None: planned from free memory
     num_state_slots: int | None = None  # None: max_num_seqs
     state_dtype: str = "float32"
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         require(is_int(self.page_size) and self.page_size > 0 and self.page_size & (self.page_size - 1) == 0,
@@ -59,7 +65,9 @@ class CacheConfig:
             if getattr(self, name) is not None:
                 _positive_int(getattr(self, name), name)
         require(self.state_dtype in STATE_DTYPES,
-                f"'state_dtype' is {self.state_dtype!r}; use float32 (default), bfloat16 or float16")
+                f"'state_dtype' is {self.state_dtype!r}; use float32 (default) or bfloat16 (half the state memory)")
+        require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                f"'kv_cache_dtype' is {self.kv_cache_dtype!r}; use auto (the model dtype, default), fp8, int8 or int4")
 
 
 @dataclass(frozen=True)
