@@ -4,9 +4,11 @@ Prints one table: card, versions, command; per kernel and shape the median time 
 GB/s against a device-to-device copy measured in the same run, for prefill TFLOP/s against a bf16 8192^3 matmul
 measured in the same run, and the same op through torch (SDPA on contiguous K/V for attention, the pure-torch
 reference for the row-wise ops). `--sweep` first times a few tile configs of the two attention kernels and keeps the
-fastest correct one.
+fastest correct one. `--kv-quant` instead times decode over quantized KV pages (bf16, fp8, int8, int4; 27B heads) at
+32k and 128k contexts, against copy bandwidth over the bytes each format actually reads (pages and scales).
 
     PYTHONPATH=src:. python3 benchmarks/bench_attention.py --sweep --out /tmp/bench.txt
+    PYTHONPATH=src:. python3 benchmarks/bench_attention.py --kv-quant
 """
 
 from __future__ import annotations
@@ -171,6 +173,50 @@ def bench_prefill(model, cached, new, gen) -> Row:
                note)
 
 
+# ------------------------------------------------------------------------------------------- quantized KV decode
+
+KV_FORMATS = {"bf16": BF16, "fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}
+KV_QUANT_CASES = [(1, 32768), (1, 131072), (8, 32768), (8, 131072), (32, 32768)]  # (sequences, context)
+
+
+def quantized_case(n: int, length: int, fmt: str, gen: torch.Generator):
+    """27B-head decode over `length` tokens per sequence, pages in `fmt` (quantized from random bf16 K/V by the
+    reference); returns (kernel kwargs, bytes the kernel must read)."""
+    hq, hkv = MODELS["27B"]
+    k_cache, v_cache, tables, seq_lens, _ = paged_kv([length] * n, hkv, gen)
+    scales = {}
+    if fmt != "bf16":
+        (k_cache, k_scale), (v_cache, v_scale) = (attn_ref.quantize_kv(c, KV_FORMATS[fmt]) for c in (k_cache, v_cache))
+        scales = dict(k_scale=k_scale, v_scale=v_scale)
+    q = torch.randn(n, hq, D, device="cuda", dtype=BF16)
+    args = dict(q=q, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, block_tables=tables, scale=D**-0.5,
+                **scales)
+    per_head = k_cache.shape[-1] * k_cache.element_size() + (4 if scales else 0)
+    return args, 2 * n * length * hkv * per_head
+
+
+def bench_kv_quant(log, copy_gbs: float) -> None:
+    """One row per (case, format): median time eager and in a CUDA graph, GB/s of the bytes read and its share of
+    copy bandwidth, the speedup over bf16 pages, and the error against the reference on the same pages."""
+    gen = torch.Generator().manual_seed(3)
+    log("| case | KV | bytes read | ms | graph ms | GB/s (graph) | % copy | vs bf16 (graph) | max abs err vs ref |")
+    log("|---|---|---|---|---|---|---|---|---|")
+    for n, length in KV_QUANT_CASES:
+        base_ms = None
+        for fmt in KV_FORMATS:
+            args, nbytes = quantized_case(n, length, fmt, gen)
+            fn = lambda: attn.paged_attention_decode(**args)  # noqa: E731
+            err = (fn().float() - attn_ref.paged_attention_decode(**args).float()).abs().max().item() \
+                if n * length <= 8 * 32768 else float("nan")  # the reference's fp32 copies of longer contexts: slow
+            t, t_graph = ms(fn), do_bench_cudagraph(fn, rep=100, return_mode="median")
+            base_ms = base_ms or t_graph
+            gbs = nbytes / (t_graph * 1e-3) / 1e9
+            log(f"| 27B N={n} L={length} | {fmt} | {nbytes / 1e9:.3f} GB | {t:.4f} | {t_graph:.4f} | {gbs:.0f} | "
+                f"{gbs / copy_gbs:.0%} | {base_ms / t_graph:.2f}x | {err:.1e} |")
+            del args
+            torch.cuda.empty_cache()
+
+
 # --------------------------------------------------------------------------------------------------------- sweeps
 
 # (BLOCK_N, num_warps, num_stages, WAVES, MAX_SPLITS) and (BLOCK_M, BLOCK_N, num_warps, num_stages). The first run
@@ -290,6 +336,8 @@ def _rowwise(name, shape, fn, ref_fn, nbytes) -> Row:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time tile configs first and keep the fastest")
+    parser.add_argument("--kv-quant", action="store_true",
+                        help="only the decode table over quantized KV pages (27B heads, 32k and 128k contexts)")
     parser.add_argument("--out", help="also write the output to this file")
     args = parser.parse_args()
     lines: list[str] = []
@@ -299,6 +347,15 @@ def main() -> None:
         lines.append(s)
 
     copy_gbs, mm_tflops = ceilings()
+    if args.kv_quant:
+        log(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
+            f"command: {' '.join([sys.executable, *sys.argv])}")
+        log(f"copy {copy_gbs:.0f} GB/s (read + write) measured in this run; decode config {attn.DECODE_CONFIG}")
+        bench_kv_quant(log, copy_gbs)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     if args.sweep:
         sweep(log)
     gen = torch.Generator().manual_seed(1)

@@ -1,18 +1,25 @@
 """Whole-model decode step time (CUDA graph replay) at real shapes with dummy weights, against the bandwidth floor.
 
 python benchmarks/bench_decode.py [--models 9B 27B 35B-A3B] [--batches 1 8 64] [--context 1024]
+    [--kv-cache-dtype auto fp8 int8 int4] [--state-dtype float32 bfloat16]
+
+Each (--kv-cache-dtype, --state-dtype) pair gets its own caches and graph on the same loaded model; the floor counts
+the bytes each format reads (quantized pages and their scales, the state in its dtype), and "vs first" is the step
+time of the first pair (default: auto / float32) over this one's.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 
 import torch
 import triton.testing
 
 from benchmarks.common import header, kv_bytes_per_token, measure_copy_bandwidth, model_config, state_bytes, table
-from deltaserve.cache.tensors import CacheShape, ModelCache
+from deltaserve.cache.tensors import CacheShape, ModelCache, kv_page_dtype
+from deltaserve.config.engine import KV_CACHE_DTYPES, STATE_DTYPES
 from deltaserve.engine.cuda_graph import StepGraphs
 from deltaserve.engine.device_inputs import build_forward_batch
 from deltaserve.models.loader import load_model
@@ -35,13 +42,16 @@ def weight_bytes_read(model, cfg, batch: int) -> float:
     return total
 
 
-def setup_decode(name: str, batch: int, context: int):
-    """Dummy-weight model, cache, a decode batch at `context` tokens per sequence, and its captured graph."""
+def setup_decode(name: str, batch: int, context: int, model=None, kv: str = "auto", state: str = "float32"):
+    """Dummy-weight model (or the one given), cache, a decode batch at `context` tokens per sequence, and its
+    captured graph."""
     cfg = model_config(name)
-    model = load_model(cfg, load_format="dummy", device="cuda", dtype=torch.bfloat16, with_mtp=False)
+    if model is None:
+        model = load_model(cfg, load_format="dummy", device="cuda", dtype=torch.bfloat16, with_mtp=False)
     pages_per_seq = -(-(context + 1) // PAGE)
     shape = CacheShape(num_pages=batch * pages_per_seq, page_size=PAGE, num_slots=batch,
-                       kv_dtype=torch.bfloat16, conv_dtype=torch.bfloat16)
+                       kv_dtype=kv_page_dtype(kv, torch.bfloat16), conv_dtype=torch.bfloat16,
+                       state_dtype=getattr(torch, state))
     cache = ModelCache(cfg, shape, device="cuda")
     for i in cfg.linear_attention_layers:
         cache.gdn(i).ssm.normal_(0, 0.01)
@@ -55,21 +65,30 @@ def setup_decode(name: str, batch: int, context: int):
     return cfg, model, cache, fb, ids, graphs
 
 
-def bench_one(name: str, batch: int, context: int, bw: float) -> dict:
-    cfg, model, cache, fb, ids, graphs = setup_decode(name, batch, context)
+def bench_one(name: str, batch: int, context: int, bw: float, model=None, kv: str = "auto",
+              state: str = "float32") -> dict:
+    cfg, model, cache, fb, ids, graphs = setup_decode(name, batch, context, model, kv, state)
     ms_graph = triton.testing.do_bench(lambda: graphs.run(ids, fb), warmup=20, rep=200, return_mode="median")
     with torch.no_grad():
         ms_eager = triton.testing.do_bench(lambda: model.compute_logits(model(ids, fb, cache)), warmup=5, rep=50,
                                            return_mode="median")
-    floor_bytes = (weight_bytes_read(model, cfg, batch) + batch * 2 * state_bytes(cfg)
-                   + batch * context * kv_bytes_per_token(cfg))
+    floor_bytes = (weight_bytes_read(model, cfg, batch) + batch * 2 * state_bytes(cfg, getattr(torch, state))
+                   + batch * context * kv_bytes_per_token(cfg, kv_page_dtype(kv, torch.bfloat16)))
     floor_ms = floor_bytes / bw * 1e3
-    del model, cache, graphs
+    del cache, graphs
     gc.collect()
     torch.cuda.empty_cache()
-    return {"model": name, "batch": batch, "context": context, "GB/step": floor_bytes / 1e9,
-            "floor ms": floor_ms, "graph ms": ms_graph, "eager ms": ms_eager, "graph/floor": ms_graph / floor_ms,
-            "tok/s": batch / ms_graph * 1e3}
+    return {"model": name, "batch": batch, "context": context, "kv": kv, "state": state,
+            "GB/step": floor_bytes / 1e9, "floor ms": floor_ms, "graph ms": ms_graph, "eager ms": ms_eager,
+            "graph/floor": ms_graph / floor_ms, "tok/s": batch / ms_graph * 1e3}
+
+
+def _oom_row(name: str, batch: int, context: int, kv: str, state: str) -> dict:
+    gc.collect()
+    torch.cuda.empty_cache()
+    nan = float("nan")
+    return {"model": name, "batch": batch, "context": context, "kv": kv, "state": state, "GB/step": nan,
+            "floor ms": nan, "graph ms": nan, "eager ms": nan, "graph/floor": nan, "tok/s": "OOM"}
 
 
 def main() -> None:
@@ -77,20 +96,29 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["9B", "27B", "35B-A3B"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=KV_CACHE_DTYPES)
+    ap.add_argument("--state-dtype", nargs="+", default=["float32"], choices=STATE_DTYPES)
     args = ap.parse_args()
     bw = measure_copy_bandwidth()
     rows = []
     for name in args.models:
+        model = load_model(model_config(name), load_format="dummy", device="cuda", dtype=torch.bfloat16,
+                           with_mtp=False)
         for b in args.batches:
-            try:
-                rows.append(bench_one(name, b, args.context, bw))
-            except torch.OutOfMemoryError:
-                rows.append({"model": name, "batch": b, "context": args.context, "GB/step": float("nan"),
-                             "floor ms": float("nan"), "graph ms": float("nan"), "eager ms": float("nan"),
-                             "graph/floor": float("nan"), "tok/s": "OOM"})
-                gc.collect()
-                torch.cuda.empty_cache()
-            print(rows[-1], flush=True)
+            first = None
+            for kv, state in itertools.product(args.kv_cache_dtype, args.state_dtype):
+                try:
+                    row = bench_one(name, b, args.context, bw, model, kv, state)
+                except torch.OutOfMemoryError:
+                    row = None
+                # outside the except block, so the traceback no longer holds the failed run's caches
+                rows.append(row or _oom_row(name, b, args.context, kv, state))
+                first = first or rows[-1]
+                rows[-1]["vs first"] = first["graph ms"] / rows[-1]["graph ms"]
+                print(rows[-1], flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     print(header(""))
     print(f"copy bandwidth measured: {bw / 1e12:.2f} TB/s")
     print(table(rows))

@@ -49,12 +49,13 @@ def state_bytes(cfg, state_dtype: torch.dtype = torch.float32) -> int:
                                 state_dtype)
 
 
-def kv_bytes_per_token(cfg) -> int:
-    """bf16 K and V of one token over the full-attention layers (no MTP layer)."""
+def kv_bytes_per_token(cfg, page_dtype: torch.dtype = torch.bfloat16) -> int:
+    """K and V of one token over the full-attention layers (no MTP layer) in pages of page_dtype (bf16, or a
+    quantized format with its scales)."""
     from deltaserve.cache.tensors import kv_bytes_per_page
     from deltaserve.config import RankShapes
 
-    return kv_bytes_per_page(RankShapes.for_rank(cfg), 1, torch.bfloat16, num_layers=len(cfg.full_attention_layers))
+    return kv_bytes_per_page(RankShapes.for_rank(cfg), 1, page_dtype, num_layers=len(cfg.full_attention_layers))
 
 
 def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:

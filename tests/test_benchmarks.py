@@ -32,3 +32,29 @@ def test_batch_build_plumbing(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["bench_batch_build.py", "--batch", "4", "--contexts", "40", "--reps", "3"])
     bench_batch_build.main()
     assert "per-slot tables us" in capsys.readouterr().out
+
+
+def test_accuracy_report_on_the_demo_model(tmp_path, capsys):
+    """The accuracy report end to end on the bundled demo model at small sizes: every option against the baseline."""
+    from benchmarks import bench_accuracy
+
+    out = tmp_path / "table.md"
+    rows = bench_accuracy.main(["--num-seqs", "2", "--prompt-len", "16", "--score-len", "8", "--gen-len", "8",
+                                "--device", "cpu", "--out", str(out)])
+    assert len(rows) == 8 and [(r["kv_cache_dtype"][:4], r["state_dtype"]) for r in rows][:2] == [
+        ("auto", "float32"), ("auto", "bfloat16")]
+    base = rows[0]
+    assert base["mean KL"] == 0 and base["PPL change"] == "+0.00%" and base["greedy identical"] == "2/2"
+    by_kv = {r["kv_cache_dtype"]: r for r in rows if r["state_dtype"] == "float32"}
+    assert by_kv["int8"]["mean KL"] < by_kv["int4"]["mean KL"] and by_kv["int4"]["KV B/token"] < by_kv["fp8"][
+        "KV B/token"] < base["KV B/token"]
+    assert out.read_text().startswith("| kv_cache_dtype |") and "| int4 | bfloat16 |" in capsys.readouterr().out
+
+
+def test_capacity_arithmetic_from_the_planner():
+    from benchmarks import capacity
+
+    rows = {(r["model"], r["kv_cache_dtype"], r["state_dtype"]): r for r in capacity.main(["--models", "27B"])}
+    base, fp8 = rows[("27B", "auto", "float32")], rows[("27B", "fp8", "float32")]
+    assert base["KV MiB/seq"] == 2048 and fp8["KV MiB/seq"] == 2048 * 260 / 512  # 256 values + a 4-byte scale
+    assert 30 <= base["sequences"] < fp8["sequences"] < rows[("27B", "int4", "bfloat16")]["sequences"]

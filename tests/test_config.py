@@ -120,6 +120,15 @@ def test_configs_are_frozen_and_validated():
         SchedulerConfig(max_num_seqs=0)
 
 
+def test_cache_compression_options_name_the_values_that_work():
+    assert CacheConfig().kv_cache_dtype == "auto" and CacheConfig().state_dtype == "float32"
+    assert CacheConfig(kv_cache_dtype="int4", state_dtype="bfloat16").kv_cache_dtype == "int4"
+    with pytest.raises(ConfigError, match=r"'kv_cache_dtype' is 'fp8_e5m2'; use auto .*fp8, int8 or int4"):
+        CacheConfig(kv_cache_dtype="fp8_e5m2")
+    with pytest.raises(ConfigError, match=r"'state_dtype' is 'float16'; use float32 \(default\) or bfloat16"):
+        CacheConfig(state_dtype="float16")
+
+
 # ---- the composed engine config and its option table ----------------------------------------------------------------
 def test_one_option_table_feeds_the_cli_and_llm_kwargs(tmp_path):
     import argparse
@@ -134,9 +143,11 @@ def test_one_option_table_feeds_the_cli_and_llm_kwargs(tmp_path):
     fields = {f.name: f.default for f in dataclasses.fields(EngineArgs) if f.metadata}
     assert set(option_names()) == set(fields) == set(vars(defaults))
     assert all(getattr(defaults, name) == default for name, default in fields.items())  # one place for defaults
-    parsed = parser.parse_args(["--max-num-seqs", "3", "--no-async-scheduling", "--enforce-eager"])
+    parsed = parser.parse_args(["--max-num-seqs", "3", "--no-async-scheduling", "--enforce-eager",
+                                "--kv-cache-dtype", "fp8", "--state-dtype", "bfloat16"])
     args = engine_args_from(parsed, "m")
     assert (args.max_num_seqs, args.async_scheduling, args.enforce_eager) == (3, False, True)
+    assert (args.kv_cache_dtype, args.state_dtype) == ("fp8", "bfloat16")
     with pytest.raises(TypeError, match=r"unknown engine option\(s\) \['max_seqs'\]"):
         EngineArgs.from_kwargs("m", max_seqs=3)
 

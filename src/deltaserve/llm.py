@@ -23,8 +23,8 @@ def default_device() -> str:
 class LLM:
     """Runs an engine in this process. `model`: a Hugging Face checkpoint directory (None: the bundled demo model).
     Keyword arguments are the engine options (`deltaserve.config.EngineArgs`: dtype, device, max_model_len,
-    max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, page_size, num_pages, state_dtype, load_format,
-    enforce_eager, async_scheduling), with the same defaults as the command line's flags."""
+    max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, page_size, num_pages, state_dtype, kv_cache_dtype,
+    load_format, enforce_eager, async_scheduling), with the same defaults as the command line's flags."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         if model is None:

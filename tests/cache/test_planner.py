@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deltaserve.cache.planner import OutOfMemoryError, plan_memory
+from deltaserve.cache.planner import OutOfMemoryError, max_full_length_sequences, plan_memory
 
 MiB = 1 << 20
 
@@ -38,3 +38,24 @@ def test_explicit_sizes_are_kept():
     p = plan_memory(budget_bytes=0, page_bytes=1, slot_bytes=1, page_size=16, max_num_seqs=4, max_model_len=64,
                     num_pages=7, num_slots=3)
     assert (p.num_pages, p.num_slots) == (7, 3)
+
+
+def test_log_line_names_the_cache_formats():
+    p = plan_memory(budget_bytes=1000 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16,
+                    max_num_seqs=8, max_model_len=3200, kv_format="fp8 e4m3 + scales", state_format="bfloat16")
+    assert p.describe(16).startswith("KV cache (fp8 e4m3 + scales): 920 pages")
+    assert "GDN state (bfloat16 recurrent state): 8 slots" in p.describe(16)
+
+
+def test_out_of_memory_suggests_the_compressed_caches():
+    with pytest.raises(OutOfMemoryError, match="--kv-cache-dtype fp8, --state-dtype bfloat16"):
+        plan_memory(budget_bytes=10 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16, max_num_seqs=4,
+                    max_model_len=1600)
+
+
+def test_max_full_length_sequences():
+    # each: 10 MiB of state + 200 pages of 1 MiB
+    assert max_full_length_sequences(budget_bytes=1000 * MiB, page_bytes=MiB, slot_bytes=10 * MiB, page_size=16,
+                                     max_model_len=3200) == 4
+    assert max_full_length_sequences(budget_bytes=100 * MiB, page_bytes=MiB, slot_bytes=10 * MiB, page_size=16,
+                                     max_model_len=3200) == 0

@@ -36,11 +36,34 @@ def test_fp32_gpu_matches_cpu_reference(ckpt, cpu_ref):  # noqa: F811
             assert abs(a.logprob - b.logprob) < 2e-3  # tf32 matmuls on GPU
 
 
-def test_cuda_graphs_give_the_same_tokens_as_eager(ckpt):  # noqa: F811
+# every KV format and both state dtypes, in three engines (each compiles its own kernel variants at startup)
+CACHE_OPTIONS = [dict(kv_cache_dtype=kv, state_dtype=st) for kv, st in
+                 (("fp8", "float32"), ("int8", "bfloat16"), ("int4", "float32"))]
+
+
+@pytest.mark.parametrize("options", CACHE_OPTIONS, ids=lambda o: f"{o['kv_cache_dtype']}-{o['state_dtype']}")
+def test_compressed_caches_on_gpu_match_the_cpu_reference(ckpt, options):  # noqa: F811
+    """The Triton kernels (quantizing KV write, quantized-page attention, bf16-state GDN decode and prefill) against
+    the references with the same options. A value near a rounding boundary quantizes one step apart when the GPU's
+    activations differ from the CPU's in the last bits (int4 steps are large), so a few sequences may part late and
+    logprobs move a little; the bounds are estimates, not yet measured on a GPU."""
+    int4 = options["kv_cache_dtype"] == "int4"
+    ps = prompts(8, seed=46)
+    ref, _ = run(ckpt[0], ps, device="cpu", dtype="float32", **options)
+    outs, llm = run(ckpt[0], ps, device="cuda", dtype="float32", **options)
+    assert llm.engine.runner.cache.attention(llm.engine.runner.config.model.full_attention_layers[0]).k.is_cuda
+    identical = sum(a.token_ids == b.token_ids for a, b in zip(outs, ref))
+    assert identical >= (4 if int4 else 6), f"{identical} of 8 sequences identical"
+    for got, exp in zip(outs, ref):
+        assert abs(got.logprobs[0].logprob - exp.logprobs[0].logprob) < (5e-2 if int4 else 2e-2)
+
+
+@pytest.mark.parametrize("options", [{}, dict(kv_cache_dtype="int4", state_dtype="bfloat16")], ids=["auto", "int4"])
+def test_cuda_graphs_give_the_same_tokens_as_eager(ckpt, options):  # noqa: F811
     ps = prompts(12, seed=41)
-    graph_outs, llm = run(ckpt[0], ps, device="cuda", dtype="bfloat16")
+    graph_outs, llm = run(ckpt[0], ps, device="cuda", dtype="bfloat16", **options)
     assert llm.engine.runner.graphs is not None, "decode graphs were not captured"
-    eager_outs, llm2 = run(ckpt[0], ps, device="cuda", dtype="bfloat16", enforce_eager=True)
+    eager_outs, llm2 = run(ckpt[0], ps, device="cuda", dtype="bfloat16", enforce_eager=True, **options)
     assert llm2.engine.runner.graphs is None
     assert [o.token_ids for o in graph_outs] == [o.token_ids for o in eager_outs]
 
@@ -72,13 +95,15 @@ def _mixed_params():
             SamplingParams(temperature=0.7, max_tokens=14, logprobs=2, stop=["x"])]
 
 
-def test_no_triton_compile_after_startup(ckpt):  # noqa: F811
+@pytest.mark.parametrize("options", [{}, dict(kv_cache_dtype="fp8", state_dtype="bfloat16")], ids=["auto", "fp8"])
+def test_no_triton_compile_after_startup(ckpt, options):  # noqa: F811
     """Startup (the activation-peak prefill and the decode graph capture) compiles every kernel the engine uses:
     steps with other token counts, sequence counts and chunk mixes compile nothing (a compile mid-run stalls a
     step for up to seconds). A kernel that specialises on a per-step integer fails this test."""
     import triton
 
-    llm = LLM(str(ckpt[0]), max_model_len=512, device="cuda", dtype="bfloat16", max_num_batched_tokens=96)
+    llm = LLM(str(ckpt[0]), max_model_len=512, device="cuda", dtype="bfloat16", max_num_batched_tokens=96,
+              **options)
     compiled = []
     runtime = triton.knobs.runtime
     previous = runtime.jit_post_compile_hook

@@ -177,3 +177,19 @@ def test_the_periodic_log_line_reports_the_prefix_cache(dense, caplog, monkeypat
     assert "prefix cache:" in line and "% of prompt tokens hit" in line and "checkpoints" in line
     hit = llm.engine.stats()["prompt_tokens_cached"] / llm.engine.stats()["prompt_tokens"]
     assert f"{100 * hit:.0f}% of prompt tokens hit" in line and hit > 0.3
+
+
+@pytest.mark.gpu
+def test_prefix_cache_on_the_gpu_matches_the_uncached_run(dense):
+    """On CUDA (fp32, so only the chunking differs): resumed prompts give the uncached engine's tokens."""
+    kw = dict(device="cuda", dtype="float32", max_model_len=1280, checkpoint_interval=64)
+    cached = LLM(str(dense), enable_prefix_caching=True, **kw)
+    plain = LLM(str(dense), enable_prefix_caching=False, **kw)
+    base = tokens(300, 13)
+    prompts = [base, base, base + tokens(65, 14), base[:200] + tokens(100, 15)]
+    for p in prompts:
+        a, b = cached.generate([p], GREEDY)[0], plain.generate([p], GREEDY)[0]
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert all(math.isclose(x.logprob, y.logprob, abs_tol=2e-3)
+                   for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs))
+    assert cached.engine.cache.stats()["prefix_hits"] >= 3

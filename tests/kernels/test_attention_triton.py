@@ -55,15 +55,35 @@ def plain_torch(q, k, v, first_pos, scale):
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)
 
 
-class Paged:
-    """Per-sequence dense K/V scattered into shuffled pages of NaN-filled caches; unused table entries are -1."""
+KV_FORMATS = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}
 
-    def __init__(self, lengths, num_kv_heads, head_dim, page_size, dtype, device, gen, spare_pages=3):
+
+def poisoned_pages(shape, dtype, device):
+    """NaN pages; quantized formats cannot hold NaN everywhere, so they get garbage bytes (their NaN scales make any
+    read of an unwritten token show)."""
+    if dtype in KV_FORMATS.values():
+        return torch.full(shape, 0x7F, dtype=torch.uint8, device=device).view(dtype)
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+class Paged:
+    """Per-sequence dense K/V scattered into shuffled pages of NaN-filled caches; unused table entries are -1.
+    kv_dtype (a quantized format): the pages hold quantize_kv of the K/V, with NaN scales where unwritten, and
+    `dense` holds what they read back as (fp32)."""
+
+    def __init__(self, lengths, num_kv_heads, head_dim, page_size, dtype, device, gen, spare_pages=3,
+                 kv_dtype=None):
+        kv_dtype = kv_dtype or dtype
+        quantized = kv_dtype in KV_FORMATS.values()
         pages_needed = [-(-n // page_size) for n in lengths]
         num_pages = sum(pages_needed) + spare_pages
-        self.k_cache = torch.full((num_pages, page_size, num_kv_heads, head_dim), float("nan"), dtype=dtype,
-                                  device=device)
-        self.v_cache = torch.full_like(self.k_cache, float("nan"))
+        stored = ref.kv_stored_dim(kv_dtype, head_dim)
+        self.k_cache = poisoned_pages((num_pages, page_size, num_kv_heads, stored), kv_dtype, device)
+        self.v_cache = poisoned_pages((num_pages, page_size, num_kv_heads, stored), kv_dtype, device)
+        self.k_scale = self.v_scale = None
+        if quantized:
+            self.k_scale = torch.full((num_pages, page_size, num_kv_heads), float("nan"), device=device)
+            self.v_scale = torch.full_like(self.k_scale, float("nan"))
         width = max(pages_needed, default=0) + 2
         self.block_tables = torch.full((len(lengths), width), -1, dtype=torch.int32)
         free = torch.randperm(num_pages, generator=gen).tolist()
@@ -75,41 +95,62 @@ class Paged:
             self.block_tables[n, : len(pages)] = pages.to(torch.int32)
             pos = torch.arange(length)
             slots = (pages[pos // page_size] * page_size + pos % page_size).to(device)
-            self.k_cache.view(-1, num_kv_heads, head_dim)[slots] = k
-            self.v_cache.view(-1, num_kv_heads, head_dim)[slots] = v
+            ref.write_kv(k=k, v=v, k_cache=self.k_cache, v_cache=self.v_cache, slot_mapping=slots,
+                         k_scale=self.k_scale, v_scale=self.v_scale)
+            if quantized:
+                k, v = (ref.dequantize_kv(*ref.quantize_kv(t, kv_dtype)) for t in (k, v))
             self.dense.append((k, v))
         self.block_tables = self.block_tables.to(device)
         self.seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+
+    @property
+    def scales(self) -> dict:
+        return {"k_scale": self.k_scale, "v_scale": self.v_scale}
 
 
 # ------------------------------------------------------------------------------------------------ shared test bodies
 
 
-def check_write_kv(num_tokens, num_kv_heads, head_dim, page_size, dtype, device, gen):
-    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+def check_write_kv(num_tokens, num_kv_heads, head_dim, page_size, dtype, device, gen, kv_dtype=None):
+    k = (torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen) * 3).to(dtype).to(device)
     v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
+    if num_tokens > 2:
+        v[1, 0] = 0  # an all-zero head vector: scale 0, zeros stored
     num_pages = -(-num_tokens // page_size) + 2
     slots = torch.randperm(num_pages * page_size, generator=gen)[:num_tokens]
     slots[torch.randperm(num_tokens, generator=gen)[: num_tokens // 3]] = -1  # skipped (padding) tokens
     slots = slots.to(device)
-    caches = [torch.full((num_pages, page_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
-              for _ in range(4)]
-    tk.write_kv(k=k, v=v, k_cache=caches[0], v_cache=caches[1], slot_mapping=slots)
-    ref.write_kv(k=k, v=v, k_cache=caches[2], v_cache=caches[3], slot_mapping=slots)
+    kv_dtype = kv_dtype or dtype
+    shape = (num_pages, page_size, num_kv_heads, ref.kv_stored_dim(kv_dtype, head_dim))
+    caches = [poisoned_pages(shape, kv_dtype, device) for _ in range(4)]
+    scales = [None] * 4
+    if kv_dtype in KV_FORMATS.values():
+        scales = [torch.full(shape[:3], float("nan"), device=device) for _ in range(4)]
+    tk.write_kv(k=k, v=v, k_cache=caches[0], v_cache=caches[1], slot_mapping=slots, k_scale=scales[0],
+                v_scale=scales[1])
+    ref.write_kv(k=k, v=v, k_cache=caches[2], v_cache=caches[3], slot_mapping=slots, k_scale=scales[2],
+                 v_scale=scales[3])
+    if scales[0] is not None:  # the kernel stores the reference's bytes and scales; unwritten rows stay poisoned
+        for i in (0, 1):
+            assert torch.equal(caches[i].view(torch.uint8), caches[i + 2].view(torch.uint8))
+            torch.testing.assert_close(scales[i], scales[i + 2], rtol=0, atol=0, equal_nan=True)
+        assert scales[0].isnan().sum() == scales[0].numel() - (slots >= 0).sum() * num_kv_heads
+        return
     assert torch.equal(caches[0].isnan(), caches[2].isnan()) and torch.equal(caches[1].isnan(), caches[3].isnan())
     assert torch.equal(caches[0].nan_to_num(), caches[2].nan_to_num())
     assert torch.equal(caches[1].nan_to_num(), caches[3].nan_to_num())
 
 
-def check_decode(lengths, heads, head_dim, page_size, dtype, device, gen, num_splits=None):
+def check_decode(lengths, heads, head_dim, page_size, dtype, device, gen, num_splits=None, kv_dtype=None):
     num_q_heads, num_kv_heads = heads
-    paged = Paged([max(n, 1) for n in lengths], num_kv_heads, head_dim, page_size, dtype, device, gen)
+    paged = Paged([max(n, 1) for n in lengths], num_kv_heads, head_dim, page_size, dtype, device, gen,
+                  kv_dtype=kv_dtype)
     seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)  # 0: a padding row
     q = torch.randn(len(lengths), num_q_heads, head_dim, generator=gen).to(dtype).to(device)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
     tk.decode_into(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=seq_lens,
-                   block_tables=paged.block_tables, scale=scale, out=out, num_splits=num_splits)
+                   block_tables=paged.block_tables, scale=scale, out=out, num_splits=num_splits, **paged.scales)
     for n, length in enumerate(lengths):
         if length == 0:
             assert (out[n] == 0).all(), "a padding row must be zeros"
@@ -118,22 +159,23 @@ def check_decode(lengths, heads, head_dim, page_size, dtype, device, gen, num_sp
         truth = dense_truth(q[n : n + 1], k, v, length - 1, scale)
         if dtype == torch.float32:
             assert_close(out[n : n + 1], truth)
-        else:
-            assert_error_within(out[n : n + 1], plain_torch(q[n : n + 1], k, v, length - 1, scale), truth)
+        else:  # quantized pages: the baseline attends over the dequantized K/V rounded to q's dtype
+            base = plain_torch(q[n : n + 1], k.to(dtype), v.to(dtype), length - 1, scale)
+            assert_error_within(out[n : n + 1], base, truth)
 
 
-def check_prefill(shapes, heads, head_dim, page_size, dtype, device, gen):
+def check_prefill(shapes, heads, head_dim, page_size, dtype, device, gen, kv_dtype=None):
     """shapes: (cached tokens, new tokens) per sequence; new tokens 0 is a sequence with nothing to compute."""
     num_q_heads, num_kv_heads = heads
     lengths = [c + n for c, n in shapes]
-    paged = Paged(lengths, num_kv_heads, head_dim, page_size, dtype, device, gen)
+    paged = Paged(lengths, num_kv_heads, head_dim, page_size, dtype, device, gen, kv_dtype=kv_dtype)
     new = [n for _, n in shapes]
     cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device=device)
     q = torch.randn(sum(new), num_q_heads, head_dim, generator=gen).to(dtype).to(device)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
     tk.prefill_into(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, cu_seqlens_q=cu, seq_lens=paged.seq_lens,
-                    block_tables=paged.block_tables, scale=scale, out=out)
+                    block_tables=paged.block_tables, scale=scale, out=out, **paged.scales)
     for n, (cached, _) in enumerate(shapes):
         lo, hi = cu[n].item(), cu[n + 1].item()
         if lo == hi:
@@ -143,12 +185,13 @@ def check_prefill(shapes, heads, head_dim, page_size, dtype, device, gen):
         if dtype == torch.float32:
             assert_close(out[lo:hi], truth)
         else:
-            assert_error_within(out[lo:hi], plain_torch(q[lo:hi], k, v, cached, scale), truth)
+            assert_error_within(out[lo:hi], plain_torch(q[lo:hi], k.to(dtype), v.to(dtype), cached, scale), truth)
 
 
 def check_fused_qk_norm_rope(num_tokens, heads, head_dim, rotary_dim, page_size, dtype, device, gen,
-                             strided_q=False):
-    """strided_q: q is the first half of each head's [query | gate] row, as the attention layer passes it."""
+                             strided_q=False, kv_dtype=None):
+    """strided_q: q is the first half of each head's [query | gate] row, as the attention layer passes it.
+    kv_dtype (quantized): the pages must hold quantize_kv of the kernel's own k_out and of v."""
     num_q_heads, num_kv_heads = heads
     q = (torch.randn(num_tokens, num_q_heads, (1 + strided_q) * head_dim, generator=gen) * 3)
     q = q.to(dtype).to(device)[..., :head_dim]
@@ -162,6 +205,8 @@ def check_fused_qk_norm_rope(num_tokens, heads, head_dim, rotary_dim, page_size,
     slots[0] = -1
     slots = slots.to(device)
     args = dict(eps=1e-6, positions=positions, rotary_dim=rotary_dim, theta=1e7, slot_mapping=slots)
+    if kv_dtype is not None:
+        return check_fused_quantized(q, k, v, q_w, k_w, args, num_pages, page_size, kv_dtype)
     caches = [torch.full((num_pages, page_size, num_kv_heads, head_dim), float("nan"), dtype=dtype, device=device)
               for _ in range(4)]
     q_out, k_out = tk.qk_norm_rope_write_kv(q=q, k=k, v=v, q_weight=q_w, k_weight=k_w, k_cache=caches[0],
@@ -179,6 +224,31 @@ def check_fused_qk_norm_rope(num_tokens, heads, head_dim, rotary_dim, page_size,
     assert torch.equal(flat[slots[valid]], k_out[valid])
     assert torch.equal(caches[1].view(-1, num_kv_heads, head_dim)[slots[valid]], v[valid])
     assert flat.isnan().all(-1).all(-1).sum() == flat.shape[0] - valid.sum()  # nothing else written
+
+
+def check_fused_quantized(q, k, v, q_w, k_w, args, num_pages, page_size, kv_dtype):
+    num_kv_heads, head_dim = k.shape[1:]
+    shape = (num_pages, page_size, num_kv_heads, ref.kv_stored_dim(kv_dtype, head_dim))
+    caches = [poisoned_pages(shape, kv_dtype, q.device) for _ in range(2)]
+    scales = [torch.full(shape[:3], float("nan"), device=q.device) for _ in range(2)]
+    q_out, k_out = tk.qk_norm_rope_write_kv(q=q, k=k, v=v, q_weight=q_w, k_weight=k_w, k_cache=caches[0],
+                                            v_cache=caches[1], k_scale=scales[0], v_scale=scales[1], **args)
+    q_ref, k_ref = ref.qk_norm_rope_write_kv(q=q, k=k, v=v, q_weight=q_w, k_weight=k_w, k_cache=caches[0].clone(),
+                                             v_cache=caches[1].clone(), k_scale=scales[0].clone(),
+                                             v_scale=scales[1].clone(), **args)
+    q64, k64 = ref.qk_norm_rope_write_kv(q=q.double(), k=k.double(), v=v.double(), q_weight=q_w.double(),
+                                         k_weight=k_w.double(), k_cache=caches[0].clone(),
+                                         v_cache=caches[1].clone(), k_scale=scales[0].clone(),
+                                         v_scale=scales[1].clone(), **args)
+    assert_error_within(q_out, q_ref, q64)
+    assert_error_within(k_out, k_ref, k64)
+    valid = args["slot_mapping"] >= 0
+    idx = args["slot_mapping"][valid]
+    for cache, scale, x in ((caches[0], scales[0], k_out), (caches[1], scales[1], v)):
+        stored, expected_scale = ref.quantize_kv(x[valid], kv_dtype)
+        assert torch.equal(cache.view(-1, *shape[2:])[idx].view(torch.uint8), stored.view(torch.uint8))
+        assert torch.equal(scale.view(-1, num_kv_heads)[idx], expected_scale)
+        assert scale.isnan().sum() == scale.numel() - valid.sum() * num_kv_heads  # nothing else written
 
 
 # ------------------------------------------------------------------------------ interpreter tier (CPU, tiny shapes)
@@ -214,6 +284,43 @@ def test_prefill_bf16_interpreted():
 
 def test_fused_qk_norm_rope_write_kv_interpreted():
     check_fused_qk_norm_rope(4, (3, 1), 32, 16, PAGE, torch.float32, "cpu", torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_write_kv_interpreted(fmt):
+    gen = torch.Generator().manual_seed(20)
+    check_write_kv(9, 2, D, PAGE, torch.float32, "cpu", gen, kv_dtype=KV_FORMATS[fmt])
+    check_write_kv(5, 3, 24, PAGE, torch.bfloat16, "cpu", gen, kv_dtype=KV_FORMATS[fmt])  # masked tiles
+
+
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_fused_write_interpreted(fmt):
+    check_fused_qk_norm_rope(5, (3, 2), 32, 16, PAGE, torch.float32, "cpu", torch.Generator().manual_seed(21),
+                             kv_dtype=KV_FORMATS[fmt])
+
+
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_decode_interpreted(fmt):
+    # a padding row, one token, odd lengths, a split landing mid-page; bf16 q as on the GPU
+    check_decode([1, 0, 23, 13], (4, 2), D, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(22),
+                 num_splits=2, kv_dtype=KV_FORMATS[fmt])
+
+
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_prefill_interpreted(fmt):
+    # fresh prompt, chunked continuation over a cached prefix, an empty sequence
+    check_prefill([(0, 5), (9, 17), (4, 0)], (4, 2), D, PAGE, torch.float32, "cpu",
+                  torch.Generator().manual_seed(23), kv_dtype=KV_FORMATS[fmt])
+
+
+def test_quantized_pages_need_scales():
+    paged = Paged([5], 1, D, PAGE, torch.float32, "cpu", torch.Generator().manual_seed(24), kv_dtype=torch.int8)
+    args = dict(q=torch.randn(1, 2, D), k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=paged.seq_lens,
+                block_tables=paged.block_tables, scale=1.0)
+    with pytest.raises(ValueError, match="k_scale and v_scale"):
+        tk.paged_attention_decode(**args)
+    with pytest.raises(ValueError, match="k_scale must be fp32"):
+        tk.paged_attention_decode(**args, k_scale=paged.k_scale.half(), v_scale=paged.v_scale)
 
 
 @pytest.mark.slow
@@ -292,6 +399,43 @@ def test_fused_qk_norm_rope_write_kv_gpu(dtype):
 
 @GPU
 @needs_cuda
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_write_kv_gpu(fmt):
+    gen = torch.Generator().manual_seed(30)
+    check_write_kv(65, 4, 256, 16, torch.bfloat16, "cuda", gen, kv_dtype=KV_FORMATS[fmt])
+    check_write_kv(63, 2, 256, 16, torch.float32, "cuda", gen, kv_dtype=KV_FORMATS[fmt])
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_fused_write_gpu(fmt):
+    check_fused_qk_norm_rope(65, (24, 4), 256, 64, 16, torch.bfloat16, "cuda", torch.Generator().manual_seed(31),
+                             strided_q=True, kv_dtype=KV_FORMATS[fmt])
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+@pytest.mark.parametrize("heads", REAL_HEADS)
+@pytest.mark.parametrize("num_splits", [None, 7])
+def test_quantized_decode_gpu(fmt, heads, num_splits):
+    check_decode([1, 0, 17, 1000, 4097, 63], heads, 256, 16, torch.bfloat16, "cuda",
+                 torch.Generator().manual_seed(32), num_splits=num_splits, kv_dtype=KV_FORMATS[fmt])
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_prefill_gpu(fmt):
+    # 27B heads only: each (format, GQA group) is a prefill compile of ~10 s
+    shapes = [(0, 1), (0, 65), (100, 63), (1000, 500), (7, 0), (31, 1)]
+    check_prefill(shapes, (24, 4), 256, 16, torch.bfloat16, "cuda", torch.Generator().manual_seed(34),
+                  kv_dtype=KV_FORMATS[fmt])
+
+
+@GPU
+@needs_cuda
 def test_dispatch_selects_triton_on_cuda():
     from deltaserve.kernels import attention
 
@@ -307,15 +451,17 @@ def test_dispatch_selects_triton_on_cuda():
 
 @GPU
 @needs_cuda
-def test_decode_cuda_graph_replay_with_new_seq_lens():
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn, torch.uint8])
+def test_decode_cuda_graph_replay_with_new_seq_lens(kv_dtype):
     """Captured once, replayed after copy_-ing new lengths into the static seq_lens buffer (more splits than tiles
     for some rows, a padding row): equals eager each time, so the grid never depended on seq_lens values."""
     gen = torch.Generator().manual_seed(17)
-    paged = Paged([4000] * 4, 4, 256, 16, torch.bfloat16, "cuda", gen)  # pages for the longest length of each row
+    # pages for the longest length of each row
+    paged = Paged([4000] * 4, 4, 256, 16, torch.bfloat16, "cuda", gen, kv_dtype=kv_dtype)
     q = torch.randn(4, 24, 256, generator=gen).to(torch.bfloat16).cuda()
     seq_lens = torch.tensor([300, 2000, 1, 4000], dtype=torch.int32, device="cuda")
     args = dict(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=seq_lens,
-                block_tables=paged.block_tables, scale=256**-0.5)
+                block_tables=paged.block_tables, scale=256**-0.5, **paged.scales)
     tk.paged_attention_decode(**args)  # warm up (compile) before capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -331,7 +477,7 @@ def test_decode_cuda_graph_replay_with_new_seq_lens():
             if length == 0:
                 assert (out[n] == 0).all()
             else:
-                k, v = paged.dense[n]
-                truth = dense_truth(q[n : n + 1], k[:length], v[:length], length - 1, 256**-0.5)
-                base = plain_torch(q[n : n + 1], k[:length], v[:length], length - 1, 256**-0.5)
+                k, v = (t[:length] for t in paged.dense[n])
+                truth = dense_truth(q[n : n + 1], k, v, length - 1, 256**-0.5)
+                base = plain_torch(q[n : n + 1], k.bfloat16(), v.bfloat16(), length - 1, 256**-0.5)
                 assert_error_within(out[n : n + 1], base, truth)

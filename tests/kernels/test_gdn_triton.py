@@ -192,10 +192,10 @@ def test_conv_prefill_gpu_tiles(tile):
 # fused GDN decode
 
 
-def decode_case(n, dims, dtype, device, seed, width=4, pad=True, merged=False):
+def decode_case(n, dims, dtype, device, seed, width=4, pad=True, merged=False, state_dtype=torch.float32):
     """Inputs of fused_gdn_decode with NaN-poisoned pools; returns (kwargs without the pools, conv pool, ssm pool).
     merged=True passes mixed_qkv, b and a as column slices of one wider row, as the GDN layer's merged projection
-    produces them."""
+    produces them. state_dtype: the recurrent state pool's storage."""
     num_k_heads, head_k_dim, num_v_heads, head_v_dim = dims
     gen = torch.Generator().manual_seed(seed)
     conv_dim = 2 * num_k_heads * head_k_dim + num_v_heads * head_v_dim
@@ -213,7 +213,7 @@ def decode_case(n, dims, dtype, device, seed, width=4, pad=True, merged=False):
     }
     conv_pool = nan_pool((num_slots, width - 1, conv_dim), used, lambda shp: torch.randn(shp, generator=gen), dtype)
     ssm_pool = nan_pool((num_slots, num_v_heads, head_k_dim, head_v_dim), used,
-                        lambda shp: torch.randn(shp, generator=gen) * 0.3, torch.float32)
+                        lambda shp: torch.randn(shp, generator=gen) * 0.3, state_dtype)
     kw = {key: val.to(device) for key, val in kw.items()}
     if merged:
         z = torch.full((n, 5), float("nan"), dtype=dtype, device=device)  # in_proj_z's columns, unread here
@@ -236,8 +236,10 @@ def run_ref_decode(kw, conv_pool, ssm_pool, upcast=False):
     return o, conv_pool, ssm_pool
 
 
-def check_decode(fn, n, dims, dtype, device, seed=0, merged=False):
-    kw, conv_pool, ssm_pool = decode_case(n, dims, dtype, device, seed, merged=merged)
+def check_decode(fn, n, dims, dtype, device, seed=0, merged=False, state_dtype=torch.float32):
+    """state_dtype bf16: the kernel and the reference both widen the stored state, update it in fp32 and round it
+    once, so o keeps the activations' tolerance and the pools differ by at most about a bf16 rounding."""
+    kw, conv_pool, ssm_pool = decode_case(n, dims, dtype, device, seed, merged=merged, state_dtype=state_dtype)
     conv_before, ssm_before = conv_pool.clone(), ssm_pool.clone()
     o_ref, conv_ref_pool, ssm_ref_pool = run_ref_decode(kw, conv_before, ssm_before)
     o = fn(conv_state=conv_pool, ssm_state=ssm_pool, **kw)
@@ -247,7 +249,7 @@ def check_decode(fn, n, dims, dtype, device, seed=0, merged=False):
     assert_same(conv_pool, conv_ref_pool)  # raw inputs shifted: exact; unused slots still NaN
     used = kw["slots"][kw["slots"] >= 0].cpu()
     unused = sorted(set(range(ssm_pool.shape[0])) - set(used.tolist()))
-    assert ssm_pool.cpu()[unused].isnan().all()
+    assert ssm_pool.cpu()[unused].isnan().all() and ssm_pool.dtype == state_dtype
     if dtype == torch.float32:
         assert_close(o, o_ref)
         assert_close(ssm_pool.cpu()[used], ssm_ref_pool[used])
@@ -318,6 +320,11 @@ def test_fused_gdn_decode_interpreter_bf16():
     check_decode(gdn_mod().fused_gdn_decode, 3, (1, 16, 2, 16), torch.bfloat16, "cpu", seed=11)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_gdn_decode_interpreter_bf16_state(dtype):
+    check_decode(gdn_mod().fused_gdn_decode, 3, TINY, dtype, "cpu", seed=12, state_dtype=torch.bfloat16)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_gdn_decode_interpreter_65_rows(dtype):
@@ -336,6 +343,17 @@ def test_fused_gdn_decode_gpu(n, model):
 
     check_decode(fused_gdn_decode, n, MODEL_DIMS[model], torch.bfloat16, "cuda", seed=n)
     check_decode(fused_gdn_decode, n, MODEL_DIMS[model], torch.bfloat16, "cuda", seed=n, merged=True)
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 65])
+def test_fused_gdn_decode_gpu_bf16_state(n):
+    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
+
+    check_decode(fused_gdn_decode, n, MODEL_DIMS["27B"], torch.bfloat16, "cuda", seed=n, merged=True,
+                 state_dtype=torch.bfloat16)
+    check_decode(fused_gdn_decode, n, MODEL_DIMS["27B"], torch.float32, "cuda", seed=n + 1,
+                 state_dtype=torch.bfloat16)
 
 
 DECODE_CONFIGS = [(8, 1), (16, 1), (16, 2), (32, 2), (32, 4), (64, 4), (128, 4), (128, 8)]
@@ -404,6 +422,24 @@ def test_state_gather_scatter_interpreter():
     assert_same(pool, expected)
 
 
+def test_state_gather_scatter_bf16_pool_interpreter():
+    """A bf16 pool is gathered widened to fp32 (fla-core's initial state) and the fp32 final states are scattered
+    back rounded to nearest even."""
+    mod = gdn_mod()
+    gen = torch.Generator().manual_seed(1)
+    pool = torch.randn(5, 2, 4, 8, generator=gen).bfloat16()
+    pool[1] = NAN
+    slots, init = torch.tensor([2, 0, -1]), torch.tensor([True, False, True])
+    out = mod.gather_states(pool, slots, init)
+    assert out.dtype == torch.float32
+    assert_same(out, torch.stack([pool[2].float(), torch.zeros(2, 4, 8), torch.zeros(2, 4, 8)]))
+    src = torch.randn(3, 2, 4, 8, generator=gen)
+    expected = pool.clone()
+    expected[2], expected[0] = src[0].bfloat16(), src[1].bfloat16()
+    mod.scatter_states(src, pool, slots)
+    assert_same(pool, expected)
+
+
 def bf16_recurrent_baseline(q, k, v, g, beta, s0, scale):
     """A plain torch run in bf16 of one sequence: bf16 activations and products, fp32 state (as the engine keeps
     it). q, k: [L, H, K]; v: [L, HV, V]; g, beta: [L, HV]; s0: [HV, K, V] -> (o [L, HV, V] bf16, state fp32)."""
@@ -460,9 +496,11 @@ def test_l2norm_qk_kernel(dtype):
     ([500, 3, 65, 1, 37], [True, False, True, True, False], [4, 0, -1, 6, 2]),
 ])
 @pytest.mark.parametrize("hinted", [False, True])
-def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted):
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted, state_dtype):
     """hinted: q/k as strided views (as the layer passes them), the chunk indices built on the host and the padding
-    flag given (as the runner's upload does); then the call must not sync with the device."""
+    flag given (as the runner's upload does); then the call must not sync with the device. A bf16 state pool is
+    measured against the fp32 truth with a baseline whose final state is rounded to bf16 too."""
     from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule
 
     num_k_heads, head_dim, num_v_heads = 16, 128, 48  # 27B (the benchmark's shape: fla autotunes once)
@@ -475,11 +513,11 @@ def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted):
     g = -rate * torch.rand(total, num_v_heads, generator=gen) * 2
     beta = torch.rand(total, num_v_heads, generator=gen).bfloat16()
     pool = nan_pool((num_slots, num_v_heads, head_dim, head_dim), [s for s, h in zip(slots, init) if s >= 0 and h],
-                    lambda shp: torch.randn(shp, generator=gen) * 0.3, torch.float32)
+                    lambda shp: torch.randn(shp, generator=gen) * 0.3, state_dtype)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     args = {"cu_seqlens": cu, "slots": torch.tensor(slots), "has_initial_state": torch.tensor(init),
             "scale": head_dim**-0.5}
-    truth_pool = pool.clone()
+    truth_pool = pool.float()
     o_true = gdn_ref.chunk_gated_delta_rule(q=q.float(), k=k.float(), v=v.float(), g=g, beta=beta.float(),
                                             state=truth_pool, **args)
     gpu_pool = pool.cuda()
@@ -515,11 +553,12 @@ def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted):
         if slot < 0:
             assert (o[lo:hi] == 0).all()
             continue
-        s0 = pool[slot] if has else torch.zeros(num_v_heads, head_dim, head_dim)
+        s0 = pool[slot].float() if has else torch.zeros(num_v_heads, head_dim, head_dim)
         o_base, s_base = bf16_recurrent_baseline(q[lo:hi].cuda(), k[lo:hi].cuda(), v[lo:hi].cuda(), g[lo:hi].cuda(),
                                                  beta[lo:hi].cuda(), s0.cuda(), head_dim**-0.5)
+        assert gpu_pool.dtype == state_dtype
         assert_error_within(o[lo:hi], o_base, o_true[lo:hi])
-        assert_error_within(gpu_pool[slot], s_base, truth_pool[slot])
+        assert_error_within(gpu_pool[slot], s_base.to(state_dtype), truth_pool[slot])
     untouched = sorted(set(range(num_slots)) - {s for s in slots if s >= 0})
     assert gpu_pool[untouched].isnan().all()
 

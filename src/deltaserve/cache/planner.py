@@ -28,6 +28,8 @@ class MemoryPlan:
     @property
     def checkpoint_bytes(self) -> int:
         return self.num_checkpoints * self.slot_bytes
+    kv_format: str = "model dtype"  # what a page holds, for the log line (e.g. "fp8 e4m3 + scales")
+    state_format: str = "float32"   # the GDN recurrent state's storage dtype
 
     @property
     def kv_bytes(self) -> int:
@@ -38,8 +40,9 @@ class MemoryPlan:
         return self.num_slots * self.slot_bytes
 
     def describe(self, page_size: int) -> str:
-        return (f"KV cache: {self.num_pages} pages x {page_size} tokens = {self.num_pages * page_size} tokens "
-                f"({self.kv_bytes / GiB:.2f} GiB); GDN state: {self.num_slots} slots "
+        return (f"KV cache ({self.kv_format}): {self.num_pages} pages x {page_size} tokens = "
+                f"{self.num_pages * page_size} tokens ({self.kv_bytes / GiB:.2f} GiB); GDN state "
+                f"({self.state_format} recurrent state): {self.num_slots} slots "
                 f"({self.state_bytes / GiB:.2f} GiB, {self.slot_bytes / 2**20:.1f} MiB each); prefix-cache "
                 f"checkpoints: {self.num_checkpoints} ({self.checkpoint_bytes / GiB:.2f} GiB); "
                 f"budget {self.budget_bytes / GiB:.2f} GiB")
@@ -47,25 +50,28 @@ class MemoryPlan:
 
 def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_size: int, max_num_seqs: int,
                 max_model_len: int, num_pages: int | None = None, num_slots: int | None = None,
-                num_checkpoints: int | None = None, checkpoint_fraction: float = 0.0) -> MemoryPlan:
+                num_checkpoints: int | None = None, checkpoint_fraction: float = 0.0,
+                kv_format: str = "model dtype", state_format: str = "float32") -> MemoryPlan:
     """Give every one of max_num_seqs sequences a state slot, `checkpoint_fraction` of the budget (or
-    num_checkpoints) to prefix-cache checkpoints (at most max(64, 4 per sequence)), and the rest to KV pages, never more
-    pages than max_num_seqs full-length sequences can use. If that leaves less than one max_model_len of KV, trade
-    slots and checkpoints for pages; if even one slot plus one full sequence does not fit, raise with the numbers
-    and the options."""
+    num_checkpoints) to prefix-cache checkpoints (at most max(64, 4 per sequence)), and the rest to KV pages, never
+    more pages than max_num_seqs full-length sequences can use. If that leaves less than one max_model_len of KV,
+    trade slots and checkpoints for pages; if even one slot plus one full sequence does not fit, raise with the
+    numbers and the options. kv_format and state_format only label the plan's log line."""
     pages_per_seq = pages_for_tokens(max_model_len, page_size)
     one_seq = slot_bytes + pages_per_seq * page_bytes
+    labels = dict(kv_format=kv_format, state_format=state_format)
     wanted = num_checkpoints if num_checkpoints is not None else min(
         int(checkpoint_fraction * max(budget_bytes, 0)) // slot_bytes, max(64, 4 * max_num_seqs))
     if num_pages is not None and num_slots is not None:
-        return MemoryPlan(num_pages, num_slots, page_bytes, slot_bytes, budget_bytes, wanted)
+        return MemoryPlan(num_pages, num_slots, page_bytes, slot_bytes, budget_bytes, wanted, **labels)
     if budget_bytes < one_seq:
         raise OutOfMemoryError(
             f"not enough memory for one sequence of max_model_len={max_model_len}: it needs "
             f"{one_seq / GiB:.2f} GiB ({slot_bytes / 2**20:.1f} MiB of GDN state + {pages_per_seq} KV pages of "
             f"{page_bytes / 2**20:.2f} MiB) but only {max(budget_bytes, 0) / GiB:.2f} GiB is left after the weights "
             "and activations. Options: a smaller --max-model-len, a larger --gpu-memory-utilization, a smaller "
-            "--max-num-batched-tokens (less activation memory), or a GPU with more memory.")
+            "--max-num-batched-tokens (less activation memory), smaller caches (--kv-cache-dtype fp8, "
+            "--state-dtype bfloat16), or a GPU with more memory.")
     slots = num_slots if num_slots is not None else max_num_seqs
     slots = max(1, min(slots, (budget_bytes - pages_per_seq * page_bytes) // slot_bytes))
     left = budget_bytes - slots * slot_bytes
@@ -73,4 +79,11 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
     left -= checkpoints * slot_bytes
     if num_pages is None:
         num_pages = min(left // page_bytes, pages_per_seq * max_num_seqs)
-    return MemoryPlan(int(num_pages), int(slots), page_bytes, slot_bytes, budget_bytes, int(checkpoints))
+    return MemoryPlan(int(num_pages), int(slots), page_bytes, slot_bytes, budget_bytes, int(checkpoints), **labels)
+
+
+def max_full_length_sequences(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_size: int,
+                              max_model_len: int) -> int:
+    """How many sequences of max_model_len tokens fit in budget_bytes at once (each a state slot and its pages)."""
+    one_seq = slot_bytes + pages_for_tokens(max_model_len, page_size) * page_bytes
+    return max(0, budget_bytes // one_seq)

@@ -12,8 +12,12 @@ from typing import NamedTuple
 import torch
 
 from deltaserve.config import ModelConfig, RankShapes
+from deltaserve.kernels.attention.ref import is_quantized_kv, kv_stored_dim
 
 MTP_LAYER = "mtp.0"  # cache key of the MTP head's own attention layer
+# Page dtypes of the quantized kv_cache_dtype options; "auto" keeps the model dtype. uint8 pages hold int4 pairs.
+KV_PAGE_DTYPES: dict[str, torch.dtype] = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}
+_SCALE_BYTES = 4  # one fp32 scale per token, KV head and K/V in quantized pages
 
 
 @dataclass(frozen=True)
@@ -23,16 +27,19 @@ class CacheShape:
     num_pages: int
     page_size: int
     num_slots: int
-    kv_dtype: torch.dtype
+    kv_dtype: torch.dtype  # the pages' dtype (kv_page_dtype); quantized ones come with scale tensors
     conv_dtype: torch.dtype
     state_dtype: torch.dtype = torch.float32
 
 
 class KVPages(NamedTuple):
-    """One attention layer's pages: k and v, each [P, page_size, Hkv, D]."""
+    """One attention layer's pages: k and v, each [P, page_size, Hkv, D] (int4: D/2 bytes), and for quantized pages
+    their scales, k_scale and v_scale [P, page_size, Hkv] fp32 (docs/KERNELS.md, "Quantized KV cache")."""
 
     k: torch.Tensor
     v: torch.Tensor
+    k_scale: torch.Tensor | None = None
+    v_scale: torch.Tensor | None = None
 
 
 class GDNState(NamedTuple):
@@ -46,8 +53,15 @@ def _elem(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def kv_page_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The pages' dtype for the kv_cache_dtype option ("auto": the model dtype)."""
+    return model_dtype if kv_cache_dtype == "auto" else KV_PAGE_DTYPES[kv_cache_dtype]
+
+
 def kv_bytes_per_page(shapes: RankShapes, page_size: int, dtype: torch.dtype, *, num_layers: int) -> int:
-    return num_layers * 2 * page_size * shapes.num_kv_heads * shapes.head_dim * _elem(dtype)
+    """K and V of one page over num_layers layers in pages of `dtype`, scales included."""
+    per_head = kv_stored_dim(dtype, shapes.head_dim) * _elem(dtype) + (_SCALE_BYTES if is_quantized_kv(dtype) else 0)
+    return num_layers * 2 * page_size * shapes.num_kv_heads * per_head
 
 
 def state_bytes_per_slot(shapes: RankShapes, num_layers: int, conv_dtype: torch.dtype,
@@ -68,11 +82,9 @@ class ModelCache:
         self.shape = shape
         self._kv: dict[int | str, KVPages] = {}
         self._gdn: dict[int, GDNState] = {}
-        kv_shape = (shape.num_pages, shape.page_size, shapes.num_kv_heads, shapes.head_dim)
         attn_keys: list[int | str] = list(config.full_attention_layers) + ([MTP_LAYER] if with_mtp else [])
         for key in attn_keys:
-            self._kv[key] = KVPages(torch.zeros(kv_shape, dtype=shape.kv_dtype, device=device),
-                                    torch.zeros(kv_shape, dtype=shape.kv_dtype, device=device))
+            self._kv[key] = _new_pages(shape, shapes, device)
         conv_shape = (shape.num_slots, shapes.conv_kernel - 1, shapes.conv_dim)
         ssm_shape = (shape.num_slots, shapes.linear_num_value_heads, shapes.linear_key_head_dim,
                      shapes.linear_value_head_dim)
@@ -98,11 +110,23 @@ class ModelCache:
             state.ssm.index_copy_(0, dst, state.ssm.index_select(0, src))
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Every attention layer's K/V of pages `src` into pages `dst` ([n] int64 on the cache's device)."""
+        """Every attention layer's K/V (and their scales, when quantized) of pages `src` into pages `dst` ([n] int64
+        on the cache's device)."""
         for pages in self._kv.values():
-            pages.k.index_copy_(0, dst, pages.k.index_select(0, src))
-            pages.v.index_copy_(0, dst, pages.v.index_select(0, src))
+            for t in pages:
+                if t is not None:
+                    t.index_copy_(0, dst, t.index_select(0, src))
 
     def nbytes(self) -> int:
         tensors = [t for pair in self._kv.values() for t in pair] + [t for pair in self._gdn.values() for t in pair]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def _new_pages(shape: CacheShape, shapes: RankShapes, device: torch.device | str) -> KVPages:
+    """One layer's zeroed pages (and scales, when quantized)."""
+    lead = (shape.num_pages, shape.page_size, shapes.num_kv_heads)
+    kv_shape = (*lead, kv_stored_dim(shape.kv_dtype, shapes.head_dim))
+    pages = [torch.zeros(kv_shape, dtype=shape.kv_dtype, device=device) for _ in range(2)]
+    if not is_quantized_kv(shape.kv_dtype):
+        return KVPages(*pages)
+    return KVPages(*pages, *(torch.zeros(lead, dtype=torch.float32, device=device) for _ in range(2)))

@@ -14,7 +14,12 @@ from deltaserve.config.shapes import RankShapes
 
 LOAD_FORMATS = ("auto", "safetensors", "dummy")
 MODEL_DTYPES = ("bfloat16", "float16", "float32")
-STATE_DTYPES = ("float32", "bfloat16", "float16")
+# GDN recurrent state storage (computed in fp32 either way). float16 is not offered: its 5-bit exponent cannot hold
+# the state's range, and an fp16 state has been reported to wreck accuracy.
+STATE_DTYPES = ("float32", "bfloat16")
+# KV page storage of the full-attention layers: auto = the model dtype; the others keep a symmetric scale per token
+# and KV head, computed when the KV is written (docs/KERNELS.md, "Quantized KV cache").
+KV_CACHE_DTYPES = ("auto", "fp8", "int8", "int4")
 # Share of the cache memory given to prefix-cache checkpoints when their number is not set.
 CHECKPOINT_FRACTION = 0.1
 
@@ -53,6 +58,7 @@ class CacheConfig:
     enable_prefix_caching: bool = True
     num_checkpoints: int | None = None   # prefix-cache GDN state checkpoints; None: CHECKPOINT_FRACTION of memory
     checkpoint_interval: int = 4096      # a checkpoint every this many tokens along long prompts
+    kv_cache_dtype: str = "auto"
 
     @property
     def checkpoint_fraction(self) -> float:
@@ -68,7 +74,9 @@ class CacheConfig:
             if getattr(self, name) is not None:
                 _positive_int(getattr(self, name), name)
         require(self.state_dtype in STATE_DTYPES,
-                f"'state_dtype' is {self.state_dtype!r}; use float32 (default), bfloat16 or float16")
+                f"'state_dtype' is {self.state_dtype!r}; use float32 (default) or bfloat16 (half the state memory)")
+        require(self.kv_cache_dtype in KV_CACHE_DTYPES,
+                f"'kv_cache_dtype' is {self.kv_cache_dtype!r}; use auto (the model dtype, default), fp8, int8 or int4")
         require(isinstance(self.enable_prefix_caching, bool),
                 f"'enable_prefix_caching' must be a bool, got {self.enable_prefix_caching!r}")
         require(self.num_checkpoints is None or (is_int(self.num_checkpoints) and self.num_checkpoints >= 0),

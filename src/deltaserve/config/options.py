@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltaserve.config.common import ConfigError
-from deltaserve.config.engine import (LOAD_FORMATS, MODEL_DTYPES, STATE_DTYPES, CacheConfig, EngineConfig,
-                                      QuantizationConfig, RunnerConfig, SchedulerConfig)
+from deltaserve.config.engine import (KV_CACHE_DTYPES, LOAD_FORMATS, MODEL_DTYPES, STATE_DTYPES, CacheConfig,
+                                      EngineConfig, QuantizationConfig, RunnerConfig, SchedulerConfig)
 from deltaserve.config.model import ModelConfig
 
 
@@ -43,8 +43,12 @@ class EngineArgs:
     page_size: int = _option(16, "tokens per KV page", section="cache", type=int)
     num_pages: int | None = _option(None, "KV pages to allocate (default: planned from memory)", section="cache",
                                     type=int)
-    state_dtype: str = _option("float32", "GDN recurrent state dtype", section="cache", type=str,
-                               choices=STATE_DTYPES)
+    state_dtype: str = _option("float32", "GDN recurrent state storage (computed in fp32 either way)",
+                               section="cache", type=str, choices=STATE_DTYPES)
+    kv_cache_dtype: str = _option(
+        "auto", "KV cache storage: auto (the model dtype), fp8 (e4m3), int8 or int4, with a scale per token and KV "
+                "head computed as the KV is written (no calibration); benchmarks/bench_accuracy.py measures the cost",
+        section="cache", type=str, choices=KV_CACHE_DTYPES)
     enable_prefix_caching: bool = _option(
         True, "turn prefix caching off (on by default: a prompt that shares a prefix with an earlier one resumes from "
               "a GDN state checkpoint and its cached KV instead of prefilling it again)", section="cache",

@@ -8,7 +8,7 @@ import torch
 
 from deltaserve.cache.allocator import pages_for_tokens
 from deltaserve.cache.planner import MemoryPlan, plan_memory
-from deltaserve.cache.tensors import CacheShape, ModelCache, kv_bytes_per_page, state_bytes_per_slot
+from deltaserve.cache.tensors import CacheShape, ModelCache, kv_bytes_per_page, kv_page_dtype, state_bytes_per_slot
 from deltaserve.config import EngineConfig
 from deltaserve.engine.device_inputs import build_forward_batch
 
@@ -17,7 +17,8 @@ def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torc
                       dtype: torch.dtype) -> MemoryPlan:
     """Pages and slots for the caches, from what the device has left after the weights and an activation peak."""
     cc, sched, shapes = config.cache, config.scheduler, config.rank_shapes()
-    page_bytes = kv_bytes_per_page(shapes, cc.page_size, dtype, num_layers=_kv_layers(config))
+    page_bytes = kv_bytes_per_page(shapes, cc.page_size, kv_page_dtype(cc.kv_cache_dtype, dtype),
+                                   num_layers=_kv_layers(config))
     slot_bytes = state_bytes_per_slot(shapes, len(config.model.linear_attention_layers), dtype,
                                       getattr(torch, cc.state_dtype))
     explicit_slots = cc.num_state_slots if cc.num_state_slots is not None else (
@@ -26,7 +27,16 @@ def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torc
                        slot_bytes=slot_bytes, page_size=cc.page_size, max_num_seqs=sched.max_num_seqs,
                        max_model_len=sched.max_model_len, num_pages=cc.num_pages, num_slots=explicit_slots,
                        num_checkpoints=cc.num_checkpoints if cc.enable_prefix_caching else 0,
-                       checkpoint_fraction=cc.checkpoint_fraction)
+                       checkpoint_fraction=cc.checkpoint_fraction,
+                       kv_format=kv_format_label(cc.kv_cache_dtype, dtype), state_format=cc.state_dtype)
+
+
+def kv_format_label(kv_cache_dtype: str, model_dtype: torch.dtype) -> str:
+    """What a KV page holds, for the plan's log line."""
+    if kv_cache_dtype == "auto":
+        return str(model_dtype).removeprefix("torch.")
+    name = "fp8 e4m3" if kv_cache_dtype == "fp8" else kv_cache_dtype
+    return f"{name} + an fp32 scale per token and head"
 
 
 def _kv_layers(config: EngineConfig) -> int:
@@ -35,8 +45,10 @@ def _kv_layers(config: EngineConfig) -> int:
 
 def new_cache(config: EngineConfig, *, num_pages: int, num_slots: int, dtype: torch.dtype,
               device: torch.device) -> ModelCache:
-    shape = CacheShape(num_pages=num_pages, page_size=config.cache.page_size, num_slots=num_slots, kv_dtype=dtype,
-                       conv_dtype=dtype, state_dtype=getattr(torch, config.cache.state_dtype))
+    cc = config.cache
+    shape = CacheShape(num_pages=num_pages, page_size=cc.page_size, num_slots=num_slots,
+                       kv_dtype=kv_page_dtype(cc.kv_cache_dtype, dtype), conv_dtype=dtype,
+                       state_dtype=getattr(torch, cc.state_dtype))
     return ModelCache(config.model, shape, device=device, with_mtp=config.with_mtp, shapes=config.rank_shapes())
 
 

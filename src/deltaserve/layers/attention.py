@@ -16,8 +16,8 @@ from deltaserve.layers.norm import RMSNorm
 
 
 class GatedAttention(nn.Module):
-    """Owns its projection weights (sized for its rank); its K/V pages ([P, page_size, Hkv, D] each) are passed in
-    per call."""
+    """Owns its projection weights (sized for its rank); its K/V pages ([P, page_size, Hkv, D] each, or quantized
+    pages with their scales) are passed in per call."""
 
     def __init__(self, config: ModelConfig, shapes: RankShapes, *, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
@@ -44,7 +44,8 @@ class GatedAttention(nn.Module):
         q, _ = qk_norm_rope_write_kv(q=q, k=k, v=v, q_weight=self.q_norm.weight,
                                      k_weight=self.k_norm.weight, eps=self.q_norm.eps, positions=batch.positions,
                                      rotary_dim=self.rotary_dim, theta=self.rope_theta, k_cache=kv.k,
-                                     v_cache=kv.v, slot_mapping=batch.slot_mapping)
+                                     v_cache=kv.v, slot_mapping=batch.slot_mapping, k_scale=kv.k_scale,
+                                     v_scale=kv.v_scale)
         o = self._attend(q, batch, kv)
         return self.o_proj(sigmoid_gate_mul(x=o.reshape(T, self.num_heads, self.head_dim), gate=gate).view(T, -1))
 
@@ -52,7 +53,7 @@ class GatedAttention(nn.Module):
         """The kernel for the step's kind: single-query decode when every row has one new token, else the causal
         varlen kernel over each row's cached prefix and new tokens."""
         common = dict(k_cache=kv.k, v_cache=kv.v, seq_lens=batch.seq_lens, block_tables=batch.block_tables,
-                      scale=self.scale)
+                      scale=self.scale, k_scale=kv.k_scale, v_scale=kv.v_scale)
         if batch.tokens_per_row == 1:
             return paged_attention_decode(q=q, **common)
         return paged_attention_prefill(q=q, cu_seqlens_q=batch.cu_seqlens, **common)

@@ -1,5 +1,5 @@
 """Gated DeltaNet (linear attention) layer: in_proj_qkv/z/b/a, causal depthwise conv + SiLU over q,k,v, gated delta
-rule recurrence on an fp32 per-sequence state, gated RMSNorm, out_proj."""
+rule recurrence in fp32 on a per-sequence state (stored fp32 or bf16), gated RMSNorm, out_proj."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ from deltaserve.layers.weights import seeded
 
 class GatedDeltaNet(nn.Module):
     """Owns its weights (sized for its rank); its states live in pools passed per call and are addressed by the
-    batch's slot indices: conv [S, W-1, conv_dim] (model dtype, pre-conv inputs) and ssm [S, HV, K, V] (fp32)."""
+    batch's slot indices: conv [S, W-1, conv_dim] (model dtype, pre-conv inputs) and ssm [S, HV, K, V] (fp32 or
+    bf16, the state_dtype option)."""
 
     def __init__(self, config: ModelConfig, shapes: RankShapes, *, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:

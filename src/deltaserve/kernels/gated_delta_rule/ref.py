@@ -1,4 +1,5 @@
-"""Reference gated delta rule (Gated DeltaNet core) over a pool of fp32 recurrent states [S, HV, K, V].
+"""Reference gated delta rule (Gated DeltaNet core) over a pool of recurrent states [S, HV, K, V], stored in fp32 or
+bf16 (the state_dtype option) and always computed in fp32: read, widened, updated, rounded once on the write back.
 
 Per value head, per token (docs/MODEL.md, "Gated DeltaNet"):
     S = exp(g_t) * S;  delta = beta_t * (v_t - S^T k_t);  S = S + outer(k_t, delta);  o_t = S^T (scale * q_t)
@@ -104,7 +105,7 @@ def chunk_gated_delta_rule(
     """Prefill over N sequences packed flat; reads and writes their recurrent states in place.
 
     q, k: [T, H, K]; v: [T, HV, V] (HV % H == 0); g: [T, HV] fp32 log-decay (<= 0); beta: [T, HV];
-    state: [S, HV, K, V] fp32; cu_seqlens: [N+1] int32 or int64; slots: [N] int64 (< 0: skip, rows stay zero);
+    state: [S, HV, K, V] fp32 or bf16; cu_seqlens: [N+1] int32 or int64; slots: [N] int64 (< 0: skip, rows stay zero);
     has_initial_state: [N] bool (False: start from zeros, the slot's content is ignored); scale: applied to q
     after the optional L2 norm. Returns o: [T, HV, V] in v.dtype; state[slot] holds the final state.
 
@@ -157,7 +158,7 @@ def fused_recurrent_gated_delta_rule(
 ) -> torch.Tensor:
     """Decode: one token per sequence, one recurrence step, state updated in place.
 
-    q, k: [N, H, K]; v: [N, HV, V]; g, beta: [N, HV]; state: [S, HV, K, V] fp32; slots: [N] int64 (< 0: skip,
+    q, k: [N, H, K]; v: [N, HV, V]; g, beta: [N, HV]; state: [S, HV, K, V] fp32 or bf16; slots: [N] int64 (< 0: skip,
     row stays zero). Returns o: [N, HV, V] in v.dtype.
     """
     o = torch.zeros_like(v)
@@ -207,7 +208,7 @@ def fused_gdn_decode(
 
     mixed_qkv: [N, conv_dim] pre-conv in_proj_qkv output, conv_dim = 2*H*K + HV*V (q | k | v); a, b: [N, HV];
     A_log, dt_bias: [HV]; conv_weight: [conv_dim, W]; conv_state: [S, W-1, conv_dim] (model dtype);
-    ssm_state: [S, HV, K, V] fp32; slots: [N] int64 (< 0: skip, row stays zero, no state touched).
+    ssm_state: [S, HV, K, V] fp32 or bf16; slots: [N] int64 (< 0: skip, row stays zero, no state touched).
     Returns o: [N, HV, V] in mixed_qkv.dtype. Composed from the other references, rounding where the unfused layer
     rounds: the conv output and beta to the activation dtype.
     """

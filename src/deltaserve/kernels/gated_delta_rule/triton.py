@@ -1,8 +1,10 @@
 """GPU gated delta rule: a single-token decode step (two Triton launches), the gating and q/k-norm kernels of the
 prefill, and the chunked prefill itself through fla-core (fla_chunk.py).
 
-Same contracts as ``ref.py``. The recurrent state pool [S, HV, K, V] fp32 is read and written in place through the
-slot indices; slot < 0 is padding (output rows written as zeros, no state touched).
+Same contracts as ``ref.py``. The recurrent state pool [S, HV, K, V] (fp32, or bf16 to halve its memory and traffic)
+is read and written in place through the slot indices; slot < 0 is padding (output rows written as zeros, no state
+touched). Whatever the pool's dtype, the recurrence runs in fp32: a bf16 state is widened on load and rounded to
+nearest even once per step on store (the conversions compile away for an fp32 pool).
 
 Decode (``fused_gdn_decode``) runs the conv-update kernel (conv + SiLU of every channel, rounded to the activation
 dtype as the unfused layer does, window rolled in place), then one program per (row n, value head hv, V tile):
@@ -23,6 +25,7 @@ import triton.language as tl
 from deltaserve.kernels.conv1d.triton import causal_conv1d_update
 
 _L2_EPS = 1e-6
+_STATE_DTYPES = (torch.float32, torch.bfloat16)  # state pool storage; the math is fp32 either way
 
 
 @triton.jit
@@ -73,7 +76,7 @@ def _decode_recurrent_kernel(
     m_v = o_v < V
     p_s = ss_ptr + slot * stride_ss_s + hv * (K * V) + o_k[:, None] * V + o_v[None, :]
     m_s = valid & m_k[:, None] & m_v[None, :]
-    s = tl.load(p_s, mask=m_s, other=0.0)
+    s = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
     y_row = y_ptr + n * stride_y
     q = tl.load(y_row + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
     k = tl.load(y_row + H * K + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
@@ -83,7 +86,7 @@ def _decode_recurrent_kernel(
     k = k * tl.rsqrt(tl.sum(k * k, 0) + eps)
     s, o = _step(s, q, k, v, decay, beta)
     tl.store(o_ptr + i_nh * V + o_v, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty), mask=m_v)
-    tl.store(p_s, s, mask=m_s)
+    tl.store(p_s, s.to(ss_ptr.dtype.element_ty), mask=m_s)
 
 
 def decode_config(num_rows: int, num_v_heads: int) -> tuple[int, int]:
@@ -101,9 +104,9 @@ def _check_decode_args(mixed_qkv: torch.Tensor, conv_weight: torch.Tensor, conv_
     if conv_dim != 2 * hk * dk + hv * dv or hv % hk:
         raise ValueError(f"mixed_qkv has {conv_dim} channels, expected 2*H*K + HV*V = {2 * hk * dk + hv * dv} "
                          f"with HV % H == 0 (H={hk}, K={dk}, HV={hv}, V={dv})")
-    if ssm_state.dtype != torch.float32 or ssm_state.shape[1:] != (hv, dk, dv) or \
+    if ssm_state.dtype not in _STATE_DTYPES or ssm_state.shape[1:] != (hv, dk, dv) or \
             ssm_state.stride()[1:] != (dk * dv, dv, 1):
-        raise ValueError(f"ssm_state must be an fp32 pool [S, {hv}, {dk}, {dv}] contiguous per slot, got "
+        raise ValueError(f"ssm_state must be an fp32 or bf16 pool [S, {hv}, {dk}, {dv}] contiguous per slot, got "
                          f"{ssm_state.dtype} {tuple(ssm_state.shape)} strides {ssm_state.stride()}")
     if conv_state.shape[1:] != (width - 1, conv_dim) or conv_state.stride(2) != 1:
         raise ValueError(f"conv_state must be [S, {width - 1}, {conv_dim}] contiguous in channels, got "
@@ -154,7 +157,7 @@ def fused_gdn_decode(
     """One decode step of a GDN layer's core for N single-token rows (see the module docstring).
 
     mixed_qkv: [N, conv_dim = 2*H*K + HV*V] pre-conv; a, b: [N, HV]; A_log, dt_bias: [HV]; conv_weight: [conv_dim, W];
-    conv_state: [S, W-1, conv_dim]; ssm_state: [S, HV, K, V] fp32; slots: [N] int64 (< 0: skip).
+    conv_state: [S, W-1, conv_dim]; ssm_state: [S, HV, K, V] fp32 or bf16; slots: [N] int64 (< 0: skip).
     Returns o: [N, HV, V] in mixed_qkv.dtype. CUDA-graph safe."""
     block_v, num_warps = decode_config(mixed_qkv.shape[0], num_v_heads)
     return fused_gdn_decode_launch(
@@ -172,25 +175,25 @@ def fused_gdn_decode(
 @triton.jit
 def _gather_states_kernel(pool_ptr, out_ptr, slot_ptr, init_ptr, stride_pool, NUMEL: tl.constexpr,
                           BLOCK: tl.constexpr):
-    """out[n] = pool[slot[n]] if slot[n] >= 0 and init[n] else zeros."""
+    """out[n] = pool[slot[n]] if slot[n] >= 0 and init[n] else zeros (out fp32, the pool fp32 or bf16)."""
     n = tl.program_id(0)
     off = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = off < NUMEL
     slot = tl.load(slot_ptr + n).to(tl.int64)
     keep = (slot >= 0) & (tl.load(init_ptr + n) != 0)
     val = tl.load(pool_ptr + slot * stride_pool + off, mask=m & keep, other=0.0)
-    tl.store(out_ptr + n.to(tl.int64) * NUMEL + off, val, mask=m)
+    tl.store(out_ptr + n.to(tl.int64) * NUMEL + off, val.to(tl.float32), mask=m)
 
 
 @triton.jit
 def _scatter_states_kernel(src_ptr, pool_ptr, slot_ptr, stride_pool, NUMEL: tl.constexpr, BLOCK: tl.constexpr):
-    """pool[slot[n]] = src[n] where slot[n] >= 0."""
+    """pool[slot[n]] = src[n] where slot[n] >= 0 (src fp32; rounded to nearest even for a bf16 pool)."""
     n = tl.program_id(0)
     off = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     slot = tl.load(slot_ptr + n).to(tl.int64)
     m = (off < NUMEL) & (slot >= 0)
     val = tl.load(src_ptr + n.to(tl.int64) * NUMEL + off, mask=m)
-    tl.store(pool_ptr + slot * stride_pool + off, val, mask=m)
+    tl.store(pool_ptr + slot * stride_pool + off, val.to(pool_ptr.dtype.element_ty), mask=m)
 
 
 _COPY_BLOCK = 2048
@@ -199,7 +202,7 @@ _COPY_BLOCK = 2048
 def gather_states(state: torch.Tensor, slots: torch.Tensor, has_initial_state: torch.Tensor) -> torch.Tensor:
     """[S, ...] pool -> [N, ...] fp32: each row's slot state, zeros where slot < 0 or not has_initial_state."""
     numel = state[0].numel()
-    out = state.new_empty(slots.shape[0], *state.shape[1:])
+    out = state.new_empty(slots.shape[0], *state.shape[1:], dtype=torch.float32)  # fla-core's fp32 initial state
     init = has_initial_state.view(torch.int8) if has_initial_state.dtype == torch.bool else has_initial_state
     if slots.shape[0]:
         _gather_states_kernel[(slots.shape[0], triton.cdiv(numel, _COPY_BLOCK))](
@@ -216,8 +219,8 @@ def scatter_states(src: torch.Tensor, state: torch.Tensor, slots: torch.Tensor) 
 
 
 def _check_state_pool(state: torch.Tensor) -> None:
-    if state.dtype != torch.float32 or not state[0].is_contiguous():
-        raise ValueError(f"state must be an fp32 pool [S, HV, K, V] contiguous per slot, got {state.dtype} "
+    if state.dtype not in _STATE_DTYPES or not state[0].is_contiguous():
+        raise ValueError(f"state must be an fp32 or bf16 pool [S, HV, K, V] contiguous per slot, got {state.dtype} "
                          f"strides {state.stride()}")
 
 
@@ -308,7 +311,8 @@ def chunk_gated_delta_rule(
     states in place. Same contract as ref.chunk_gated_delta_rule.
 
     q, k: [T, H, K] (may be strided views of the conv output); v: [T, HV, V]; g: [T, HV] fp32 log-decay;
-    beta: [T, HV]; state: [S, HV, K, V] fp32; cu_seqlens: [N+1] (int64 spares a conversion); slots: [N] int64 (< 0:
+    beta: [T, HV]; state: [S, HV, K, V] fp32 or bf16 (gathered to fp32 for fla-core, its fp32 final states rounded
+    back on the scatter); cu_seqlens: [N+1] (int64 spares a conversion); slots: [N] int64 (< 0:
     skip, rows stay zero, no state write); has_initial_state: [N] bool. Returns o: [T, HV, V] in v.dtype. With
     chunk_indices (built on the host) it syncs nothing. any_padding=False: the caller guarantees every slot is >= 0,
     so the zeroing pass over the output is skipped. chunk_states: fla keeps its per-chunk states in the input dtype,

@@ -1,0 +1,73 @@
+"""How many sequences of a given context fit at once on one GPU for each cache option, from the memory planner's own
+sizes (cache/tensors.py page and slot bytes, cache/planner.py). Pure arithmetic: runs anywhere, no GPU needed.
+
+The budget is what the engine would plan with: memory x --gpu-memory-utilization, minus the bf16 weights (counted
+from the model built on the meta device) and --reserve-gib for the CUDA context, the activation peak and the CUDA
+graphs (the engine measures these at startup; the default is an allowance, not a measurement).
+
+    PYTHONPATH=src:. python3 benchmarks/capacity.py                          # H200 (140.4 GiB visible), 32k context
+    PYTHONPATH=src:. python3 benchmarks/capacity.py --memory-gib 79.6 --context 4096   # H100 80 GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+
+from benchmarks.common import model_config, table
+from deltaserve.cache.planner import GiB, max_full_length_sequences
+from deltaserve.cache.tensors import kv_bytes_per_page, kv_page_dtype, state_bytes_per_slot
+from deltaserve.config import RankShapes
+from deltaserve.config.engine import KV_CACHE_DTYPES, STATE_DTYPES
+
+PAGE = 16
+
+
+def weight_bytes(name: str) -> int:
+    from deltaserve.models.qwen3_5 import Qwen3_5ForCausalLM
+
+    model = Qwen3_5ForCausalLM(model_config(name), dtype=torch.bfloat16, device="meta")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def capacity_rows(models: list[str], memory_gib: float, utilization: float, reserve_gib: float,
+                  context: int) -> list[dict]:
+    rows = []
+    for name in models:
+        cfg, weights = model_config(name), weight_bytes(name)
+        shapes = RankShapes.for_rank(cfg)
+        budget = int(memory_gib * GiB * utilization) - weights - int(reserve_gib * GiB)
+        first = None
+        for kv, state in itertools.product(KV_CACHE_DTYPES, STATE_DTYPES):
+            page = kv_bytes_per_page(shapes, PAGE, kv_page_dtype(kv, torch.bfloat16),
+                                     num_layers=len(cfg.full_attention_layers))
+            slot = state_bytes_per_slot(shapes, len(cfg.linear_attention_layers), torch.bfloat16,
+                                        getattr(torch, state))
+            n = max_full_length_sequences(budget_bytes=budget, page_bytes=page, slot_bytes=slot, page_size=PAGE,
+                                          max_model_len=context)
+            first = first or n
+            rows.append({"model": name, "kv_cache_dtype": kv, "state_dtype": state,
+                         "KV MiB/seq": page * -(-context // PAGE) / 2**20, "state MiB/seq": slot / 2**20,
+                         "budget GiB": budget / GiB, "sequences": n, "vs auto/float32": n / first if first else 0.0})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=["27B", "35B-A3B"])
+    ap.add_argument("--memory-gib", type=float, default=143771 / 1024, help="device memory (H200: 143,771 MiB)")
+    ap.add_argument("--utilization", type=float, default=0.9, help="--gpu-memory-utilization (engine default)")
+    ap.add_argument("--reserve-gib", type=float, default=3.0, help="CUDA context + activation peak + graphs")
+    ap.add_argument("--context", type=int, default=32768)
+    args = ap.parse_args(argv)
+    rows = capacity_rows(args.models, args.memory_gib, args.utilization, args.reserve_gib, args.context)
+    print(f"{args.context}-token sequences on {args.memory_gib:.1f} GiB x {args.utilization} minus bf16 weights and "
+          f"{args.reserve_gib} GiB reserve; pages of {PAGE} tokens")
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

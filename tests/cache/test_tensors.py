@@ -1,0 +1,47 @@
+"""Cache tensor sizes: the planner's per-page and per-slot bytes at the published 27B shapes, and the tensors a
+ModelCache allocates for each KV format (quantized pages with their scales)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.common import model_config
+from deltaserve.cache.tensors import (CacheShape, ModelCache, kv_bytes_per_page, kv_page_dtype,
+                                      state_bytes_per_slot)
+from deltaserve.config import RankShapes
+
+
+@pytest.mark.parametrize("kv,per_token", [("auto", 65536), ("fp8", 33280), ("int8", 33280), ("int4", 16896)])
+def test_27b_kv_bytes_per_token_count_the_scales(kv, per_token):
+    """16 attention layers x K and V x 4 heads x (256 values + a 4-byte scale when quantized; int4: 128 bytes)."""
+    cfg = model_config("27B")
+    dtype = kv_page_dtype(kv, torch.bfloat16)
+    assert kv_bytes_per_page(RankShapes.for_rank(cfg), 16, dtype, num_layers=16) == 16 * per_token
+
+
+@pytest.mark.parametrize("state,nbytes", [("float32", 150_994_944 + 2_949_120), ("bfloat16", 75_497_472 + 2_949_120)])
+def test_27b_state_bytes_per_slot(state, nbytes):
+    """48 GDN layers x 48 heads x 128 x 128 recurrent state, plus the bf16 conv window (3 x 10240 per layer)."""
+    cfg = model_config("27B")
+    assert state_bytes_per_slot(RankShapes.for_rank(cfg), 48, torch.bfloat16, getattr(torch, state)) == nbytes
+
+
+@pytest.mark.parametrize("kv", ["auto", "fp8", "int8", "int4"])
+def test_model_cache_allocates_pages_and_scales(kv):
+    cfg = model_config("tiny")  # head_dim 32, 2 KV heads
+    shapes = RankShapes.for_rank(cfg)
+    dtype = kv_page_dtype(kv, torch.float32)
+    shape = CacheShape(num_pages=3, page_size=4, num_slots=2, kv_dtype=dtype, conv_dtype=torch.float32,
+                       state_dtype=torch.bfloat16)
+    cache = ModelCache(cfg, shape, device="cpu")
+    pages = cache.attention(cfg.full_attention_layers[0])
+    assert pages.k.shape == (3, 4, 2, 16 if kv == "int4" else 32) and pages.v.dtype == dtype
+    if kv == "auto":
+        assert pages.k_scale is None and pages.v_scale is None
+    else:
+        assert pages.k_scale.shape == (3, 4, 2) and pages.v_scale.dtype == torch.float32
+    assert cache.gdn(cfg.linear_attention_layers[0]).ssm.dtype == torch.bfloat16
+    kv_bytes = kv_bytes_per_page(shapes, 4, dtype, num_layers=len(cfg.full_attention_layers)) * 3
+    state_bytes = state_bytes_per_slot(shapes, len(cfg.linear_attention_layers), torch.float32, torch.bfloat16) * 2
+    assert cache.nbytes() == kv_bytes + state_bytes

@@ -1,0 +1,98 @@
+"""The cache compression options end to end on CPU (kv_cache_dtype: fp8 / int8 / int4 KV pages with per-token,
+per-head scales; state_dtype: a bf16 GDN recurrent state), on tiny random dense and MoE checkpoints in bf16: what
+they allocate, what the memory plan says, and how close their greedy tokens stay to the bf16-KV / fp32-state
+baseline. The agreement thresholds are what these checkpoints measure (16 prompts x 24 greedy tokens; the measured
+counts are in the comments), not a promise for real models: benchmarks/bench_accuracy.py measures those."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from deltaserve import LLM, SamplingParams
+from tests.models.factory import TinySpec, save_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+VOCAB = 320
+PAGE_DTYPES = {"auto": torch.bfloat16, "fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}
+
+
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def ckpt(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(f"cache_dtypes_{request.param}")
+    save_checkpoint(TinySpec(request.param, moe=request.param == "moe", extra={"vocab_size": VOCAB}), path, seed=3)
+    return request.param, path
+
+
+def prompts(n: int = 16) -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 256, (int(n_),), generator=g).tolist() for n_ in torch.randint(4, 90, (n,), generator=g)]
+
+
+def run(path, **options) -> tuple[LLM, list[list[int]]]:
+    llm = LLM(str(path), dtype="bfloat16", device="cpu", max_model_len=256, **options)
+    return llm, [o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY)]
+
+
+@pytest.fixture(scope="module")
+def baseline(ckpt):
+    return run(ckpt[1])[1]
+
+
+# (kv_cache_dtype, state_dtype) -> (least identical 24-token sequences, least identical first tokens) of 16 prompts,
+# one below what both checkpoints measured (dense / moe identical, first): fp8 12/13, 16/16; int8 12/14, 15/16;
+# int4 7/5, 15/15; bf16 state 11/15, 16/16; fp8 + bf16 state 12/13, 16/16; int4 + bf16 state 7/6, 15/15.
+AGREEMENT = {
+    ("fp8", "float32"): (11, 15),
+    ("int8", "float32"): (11, 14),
+    ("int4", "float32"): (4, 14),
+    ("auto", "bfloat16"): (10, 15),
+    ("fp8", "bfloat16"): (11, 15),
+    ("int4", "bfloat16"): (5, 14),
+}
+
+
+@pytest.mark.parametrize("kv,state", list(AGREEMENT))
+def test_each_option_runs_end_to_end_close_to_the_baseline(ckpt, baseline, kv, state):
+    llm, outs = run(ckpt[1], kv_cache_dtype=kv, state_dtype=state)
+    cache = llm.engine.runner.cache
+    pages = cache.attention(llm.engine.runner.config.model.full_attention_layers[0])
+    gdn = cache.gdn(llm.engine.runner.config.model.linear_attention_layers[0])
+    assert pages.k.dtype == PAGE_DTYPES[kv] and gdn.ssm.dtype == getattr(torch, state)
+    assert gdn.conv.dtype == torch.bfloat16, "the conv window stays in the model dtype"
+    assert (pages.k_scale is None) == (kv == "auto")
+    assert all(len(o) == 24 and all(0 <= t < VOCAB for t in o) for o in outs)
+    identical = sum(a == b for a, b in zip(outs, baseline))
+    first = sum(a[0] == b[0] for a, b in zip(outs, baseline))
+    least_identical, least_first = AGREEMENT[(kv, state)]
+    assert identical >= least_identical and first >= least_first, \
+        f"{ckpt[0]} {kv}/{state}: {identical} identical, {first} first tokens of 16"
+
+
+@pytest.mark.parametrize("kv", ["fp8", "int8", "int4"])
+def test_quantized_kv_keeps_batch_invariance(ckpt, kv):
+    """Scales are per token and head, so chunked prefill and mixed batches give exactly the tokens of each prompt run
+    alone (with an fp32 state; a bf16 state is rounded at every chunk boundary, so chunking changes it)."""
+    ps = prompts(4)
+    alone = LLM(str(ckpt[1]), dtype="float32", device="cpu", max_model_len=256, kv_cache_dtype=kv)
+    expected = [alone.generate([p], GREEDY)[0].outputs[0].token_ids for p in ps]
+    chunked = LLM(str(ckpt[1]), dtype="float32", device="cpu", max_model_len=256, kv_cache_dtype=kv,
+                  max_num_batched_tokens=32)
+    assert [o.outputs[0].token_ids for o in chunked.generate(ps, GREEDY)] == expected
+
+
+def test_plan_counts_the_compressed_sizes_and_logs_them(ckpt, caplog):
+    with caplog.at_level(logging.INFO, logger="deltaserve.engine.runner"):
+        plain = LLM(str(ckpt[1]), dtype="bfloat16", device="cpu", max_model_len=256)
+        small = LLM(str(ckpt[1]), dtype="bfloat16", device="cpu", max_model_len=256, kv_cache_dtype="int4",
+                    state_dtype="bfloat16")
+    head_dim = plain.engine.runner.config.model.head_dim
+    p0, p1 = plain.engine.runner.plan, small.engine.runner.plan
+    # per token and head: head_dim bf16 values, against head_dim / 2 bytes + a 4-byte scale
+    assert p1.page_bytes * 2 * head_dim == p0.page_bytes * (head_dim // 2 + 4)
+    assert p0.slot_bytes > p1.slot_bytes and small.engine.runner.cache.nbytes() < plain.engine.runner.cache.nbytes()
+    assert "KV cache (bfloat16)" in caplog.text and "GDN state (float32 recurrent state)" in caplog.text
+    assert "KV cache (int4 + an fp32 scale per token and head)" in caplog.text
+    assert "GDN state (bfloat16 recurrent state)" in caplog.text
