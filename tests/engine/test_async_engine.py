@@ -75,3 +75,17 @@ def test_shutdown_fails_waiting_callers(ckpt):  # noqa: F811
     alng.shutdown()
     with pytest.raises(Exception, match="shut down"):
         asyncio.run(collect(alng, "late", [1, 2], SamplingParams(max_tokens=2)))
+
+
+def test_call_hands_an_exception_to_the_awaiting_caller(engines):
+    """A function run on the engine thread that raises: the caller gets that exception (not a hang)."""
+    _, alng = engines
+
+    def boom():
+        raise KeyError("no such stat")
+
+    async def main():
+        with pytest.raises(KeyError, match="no such stat"):
+            await asyncio.wait_for(alng.call(boom), 10)
+        return await asyncio.wait_for(alng.call(lambda: 42), 10)
+    assert asyncio.run(main()) == 42

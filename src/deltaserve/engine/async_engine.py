@@ -88,7 +88,8 @@ class AsyncLLM:
                 result = fn()
                 loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
             except Exception as e:  # noqa: BLE001 - handed to the awaiting caller
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_exception(e))
+                # bound now: the name `e` is deleted when the except block ends, before the loop runs the callback
+                loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
         self._commands.put((task,))
         return fut
 

@@ -1,0 +1,200 @@
+"""Triton paged attention, decode: split-KV single-query kernel and its reduction (triton.py describes the
+layouts and formats)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from deltaserve.kernels._device import num_sms
+from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _check_last_dim, _config,
+                                                        _kv_quant, _load_quantized, _precision)
+
+# Tile config for CUDA; module-level so benchmarks/bench_attention.py can sweep it. From that sweep
+# (benchmarks/RESULTS.md, 2026-11-27, bench_attention.py): configs within 10% of each other at batch 64; more
+# splits (4 waves, up to 128 per sequence) helped batch 1 at long context.
+DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "WAVES": 4, "MAX_SPLITS": 128}
+# The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
+_INTERPRET_DECODE: dict[str, int] = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "WAVES": 2, "MAX_SPLITS": 4}
+
+
+# num_splits changes as contexts grow (eager decode); stride_btn is the block-table width of the step
+@triton.jit(do_not_specialize=["num_splits", "stride_btn"])
+def _decode_split_kernel(
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, bt_ptr, seq_lens_ptr, part_o_ptr, part_lse_ptr,
+    qk_scale, num_splits,
+    stride_qn, stride_qh,
+    stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_sp, stride_ss,
+    stride_btn,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr,
+):
+    """Program (n, kv head g, split s): the GQA group's q heads are the rows of the tile, so each K/V tile is read
+    once for all of them. Split s covers whole BLOCK_N tiles [lo, hi) of sequence n; writes the split's normalized
+    output and its log2-sum-exp (-inf for an empty split) to the partial buffers [N, Hq, num_splits, (D)]."""
+    n = tl.program_id(0)
+    g = tl.program_id(1)
+    s = tl.program_id(2)
+    n64 = tl.cast(n, tl.int64)
+    seq_len = tl.load(seq_lens_ptr + n)
+    tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
+    lo = s * tiles_per_split * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = g * GROUP + offs_h
+    q = tl.load(q_ptr + n64 * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    bt_row = bt_ptr + n64 * stride_btn
+    for start in range(lo, hi, BLOCK_N):
+        tok = start + offs_n
+        t_mask = tok < hi
+        # helpers are inlined by hand on the unquantized path: each nested jit call costs milliseconds in the
+        # interpreter
+        page = tl.load(bt_row + tok // PAGE_SIZE, mask=t_mask, other=0).to(tl.int64)
+        in_page = tok % PAGE_SIZE
+        k_rows = page * stride_kp + in_page * stride_ks + g * stride_kh
+        v_rows = page * stride_vp + in_page * stride_vs + g * stride_vh
+        if QUANT == 0:
+            kv_mask = t_mask[:, None] & d_mask[None, :]
+            k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            v = tl.load(vc_ptr + v_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+            if UPCAST:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            scores = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        else:
+            k = _load_quantized(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
+            v = _load_quantized(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
+            s_rows = page * stride_sp + in_page * stride_ss + g
+            k_sc = tl.load(ks_ptr + s_rows, mask=t_mask, other=0.0)
+            v_sc = tl.load(vs_ptr + s_rows, mask=t_mask, other=0.0)
+            scores = tl.dot(q, tl.trans(k), input_precision=PREC) * (k_sc * qk_scale)[None, :]
+        scores = tl.where(t_mask[None, :], scores, float("-inf"))
+        # every tile holds at least one valid token, so m_new is finite
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if QUANT != 0:
+            p = p * v_sc[None, :]  # l_i above sums the unscaled probabilities
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        m_i = m_new
+
+    nonempty = l_i > 0
+    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
+    row = (n64 * (GROUP * tl.num_programs(1)) + heads) * num_splits + s  # [N, Hq, S] flat index
+    tl.store(part_lse_ptr + row, lse, mask=h_mask)
+    tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=h_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["num_splits"])  # eager decode: changes as contexts grow
+def _decode_reduce_kernel(
+    part_o_ptr, part_lse_ptr, o_ptr, stride_on, stride_oh, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (n, q head h): o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); zeros when every split is empty
+    (a padding row, seq_lens 0)."""
+    n = tl.program_id(0)
+    h = tl.program_id(1)
+    row = tl.cast(n, tl.int64) * tl.num_programs(1) + h
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < num_splits
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    denom = tl.sum(w, 0)
+    parts = tl.load(part_o_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+                    mask=s_mask[:, None] & d_mask[None, :], other=0.0)
+    o = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(o_ptr + tl.cast(n, tl.int64) * stride_on + h * stride_oh + offs_d, o.to(o_ptr.dtype.element_ty),
+             mask=d_mask)
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
+    """Splits per (sequence, kv head): enough programs for about WAVES waves over the SMs, at most one split per
+    BLOCK_N tile of the longest possible sequence (block-table width * page size), at most MAX_SPLITS. Depends on
+    shapes only, so a captured CUDA graph stays valid for any seq_lens."""
+    if device.type == "cuda":
+        sms = num_sms(device)
+        cfg = DECODE_CONFIG
+    else:
+        sms, cfg = 8, _INTERPRET_DECODE
+    want = triton.cdiv(cfg["WAVES"] * sms, max(1, num_seqs * num_kv_heads))
+    return max(1, min(want, triton.cdiv(max_kv_len, cfg["BLOCK_N"]), cfg["MAX_SPLITS"]))
+
+
+def paged_attention_decode(
+    *,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One query per sequence at its last position seq_lens[n] - 1.
+
+    q: [N, Hq, D]; k_cache, v_cache: [P, page_size, Hkv, D] (quantized: with k_scale, v_scale); seq_lens: [N]
+    int32 (0: padding row, output zeros); block_tables: [N, max_pages] int32. Returns o: [N, Hq, D] in q.dtype.
+    """
+    return decode_into(q=q, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, block_tables=block_tables,
+                       scale=scale, out=torch.empty_like(q, memory_format=torch.contiguous_format),
+                       k_scale=k_scale, v_scale=v_scale)
+
+
+def decode_into(
+    *, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
+    block_tables: torch.Tensor, scale: float, out: torch.Tensor, num_splits: int | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """paged_attention_decode writing into `out` ([N, Hq, D]); `num_splits` overrides the heuristic (tests)."""
+    N, Hq, D = q.shape
+    Hkv, page_size = k_cache.shape[2], k_cache.shape[1]
+    if N == 0:
+        return out
+    _check_last_dim(q, k_cache, v_cache, out)
+    _check_heads(q, k_cache)
+    quant, ks, vs, stride_sp, stride_ss = _kv_quant(k_cache, v_cache, k_scale, v_scale, D, q)
+    if num_splits is None:
+        num_splits = decode_num_splits(N, Hkv, block_tables.shape[1] * page_size, q.device)
+    group = Hq // Hkv
+    cfg = _config(DECODE_CONFIG, _INTERPRET_DECODE, q)
+    part_o = torch.empty((N, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((N, Hq, num_splits), dtype=torch.float32, device=q.device)
+    BLOCK_D = triton.next_power_of_2(D)
+    _decode_split_kernel[(N, Hkv, num_splits)](
+        q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_o, part_lse,
+        scale * _LOG2E, num_splits,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_sp, stride_ss,
+        block_tables.stride(0),
+        GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size,
+        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
+        UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _decode_reduce_kernel[(N, Hq)](
+        part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
+        num_warps=4,
+    )
+    return out
