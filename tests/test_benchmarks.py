@@ -32,3 +32,13 @@ def test_batch_build_plumbing(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["bench_batch_build.py", "--batch", "4", "--contexts", "40", "--reps", "3"])
     bench_batch_build.main()
     assert "per-slot tables us" in capsys.readouterr().out
+
+
+def test_structured_bench_plumbing(monkeypatch, capsys):
+    from benchmarks import bench_structured
+
+    monkeypatch.setattr("sys.argv", ["bench_structured.py", "--batch", "8", "--constrained", "4", "--context", "32",
+                                     "--steps", "2"])
+    bench_structured.main()
+    out = capsys.readouterr().out
+    assert "4/8 constrained" in out and "mask upload + apply alone" in out

@@ -246,7 +246,8 @@ def apply_grammar(logits: torch.Tensor, grammar: GrammarBitmask, *, copy: bool) 
     allowed = bits.reshape(bits.shape[0], -1)[:, :vocab].bool()
     if allowed.shape[1] < vocab:  # a mask narrower than the logits forbids the ids it does not cover
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    out[grammar.rows] = out[grammar.rows].masked_fill(~allowed, float("-inf"))
+    # index_select / index_copy_: advanced-index assignment (out[rows] = ...) is ~10x slower on CPU
+    out.index_copy_(0, grammar.rows, out.index_select(0, grammar.rows).masked_fill_(~allowed, float("-inf")))
     return out
 
 
