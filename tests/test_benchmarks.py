@@ -58,3 +58,13 @@ def test_capacity_arithmetic_from_the_planner():
     base, fp8 = rows[("27B", "auto", "float32")], rows[("27B", "fp8", "float32")]
     assert base["KV MiB/seq"] == 2048 and fp8["KV MiB/seq"] == 2048 * 260 / 512  # 256 values + a 4-byte scale
     assert 30 <= base["sequences"] < fp8["sequences"] < rows[("27B", "int4", "bfloat16")]["sequences"]
+
+
+def test_structured_bench_plumbing(monkeypatch, capsys):
+    from benchmarks import bench_structured
+
+    monkeypatch.setattr("sys.argv", ["bench_structured.py", "--batch", "8", "--constrained", "4", "--context", "32",
+                                     "--steps", "2"])
+    bench_structured.main()
+    out = capsys.readouterr().out
+    assert "4/8 constrained" in out and "mask upload + apply alone" in out

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from deltaserve.structured.spec import StructuredSpec
+
 MAX_LOGPROBS = 20  # OpenAI's top_logprobs limit; the sampler's top-k gather is sized by it
 PENALTY_RANGE = 2.0  # OpenAI's documented range for presence/frequency penalties
 # Below this, logits / temperature leaves float32's range (1e-46 gave NaN and token 0): such a temperature is greedy.
@@ -40,6 +42,8 @@ class SamplingParams:
     top_k 0 or -1 disables top-k. logprobs=None returns no logprobs, 0 only the sampled token's, k>0 also the k
     most likely alternatives. prompt_logprobs (same values) returns the logprob of every prompt token but the first
     under the model, with its alternatives, as vLLM's option of that name does. max_tokens=None means "until the context window is full" (the engine caps it).
+    structured: constrain the output to a JSON schema, regex, choice, grammar or tool call (StructuredSpec); the
+    output then ends with an end token once the structure is complete, or at max_tokens ("length") before that.
     `stop` accepts a single string and is normalised to a list. Lists are copied, so the caller's later
     mutations do not leak in; the instance is never mutated afterwards (derive with dataclasses.replace).
     """
@@ -63,6 +67,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
         self._normalise()
@@ -70,6 +75,7 @@ class SamplingParams:
         self._validate_lengths()
         self._validate_stops()
         self._validate_outputs()
+        self._validate_structured()
 
     @property
     def greedy(self) -> bool:
@@ -130,3 +136,12 @@ class SamplingParams:
                    f"None or an integer in [0, {MAX_LOGPROBS}]")
         for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
             _check(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
+
+    def _validate_structured(self) -> None:
+        if self.structured is None:
+            return
+        _check(isinstance(self.structured, StructuredSpec), "structured", self.structured,
+               "a deltaserve.structured.StructuredSpec or None")
+        # The grammar ends the output with an end token: ignoring it, or forbidding it early, leaves no valid token.
+        _check(not self.ignore_eos, "ignore_eos", self.ignore_eos, "False when the output is constrained (structured)")
+        _check(self.min_tokens == 0, "min_tokens", self.min_tokens, "0 when the output is constrained (structured)")

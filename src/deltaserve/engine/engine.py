@@ -19,6 +19,9 @@ from deltaserve.engine.step_input import BlockTables, build_step_input
 from deltaserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from deltaserve.outputs import SequenceDelta
 from deltaserve.sampling_params import SamplingParams
+from deltaserve.structured import StructuredError
+from deltaserve.structured.compiler import GrammarCompiler
+from deltaserve.structured.matchers import StructuredOutputs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.cache,
                                    checkpoint_interval=self.config.cache.checkpoint_interval)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
+        # the matchers of constrained requests; their grammars compile in the compiler's cache (any thread)
+        self.structured = StructuredOutputs(GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
+                                                            self.eos_ids))
         self.block_tables = BlockTables(self.runner.num_slots, pages_for_tokens(self.max_model_len, page_size))
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "preemptions": 0}
         requested = self.config.scheduler.async_scheduling
@@ -74,7 +80,11 @@ class LLMEngine:
                 self.scheduler.check_new(child)
             except ValueError as e:
                 raise RequestError(str(e)) from None
+        if params.structured is not None:
+            self._compile(params)
         self.outputs.register(request_id, children)  # nothing below can fail: the request is added whole
+        if params.structured is not None:
+            self.structured.add([c.request_id for c in children], params.structured)  # cached: copies only
         for child in children:
             self.scheduler.add_request(child)
         self.counters["prompt_tokens"] += len(prompt_token_ids)
@@ -90,12 +100,20 @@ class LLMEngine:
         if bad:
             raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
+    def _compile(self, params: SamplingParams) -> None:
+        """The request's grammar into the cache (the server compiled it already; the offline API compiles here)."""
+        try:
+            self.structured.compiler.compile(params.structured)  # type: ignore[arg-type]
+        except StructuredError as e:
+            raise RequestError(f"the structured output constraint cannot be used: {e}") from None
+
     def abort_request(self, request_id: str) -> list[SequenceDelta]:
         """Abort every sample of a request (unknown or finished ids are ignored); frees its pages and slot."""
         child_ids, deltas = self.outputs.abort(request_id)
         for child_id in child_ids:
             self.scheduler.abort_request(child_id)
         self.runner.release(child_ids)
+        self.structured.remove(child_ids)
         return deltas
 
     def has_unfinished(self) -> bool:
@@ -116,7 +134,9 @@ class LLMEngine:
 
         With async scheduling the tokens returned are those of the previous step: this step is launched first, so
         the GPU goes on computing while the host turns the previous step's tokens into outputs. A step that samples
-        for a request with penalties (they read every past token) waits for its own tokens instead.
+        for a request with penalties (they read every past token) waits for its own tokens instead. A step that
+        samples for a constrained request runs its model first; its sampling is queued once the previous step's
+        tokens have advanced the grammars (the mask is built while the GPU runs this step's model).
         """
         out = self.scheduler.schedule()
         launched = None
@@ -131,6 +151,8 @@ class LLMEngine:
             self.scheduler.commit_step(out)
             self.counters["preemptions"] += len(out.preempted)
         deltas += self._finish_inflight()
+        if launched is not None and launched.awaits_grammar:
+            launched = self._sample_constrained(out, launched, deltas)
         if launched is not None:
             if self.async_scheduling and not any(_reads_history(s.params) for s in launched.step.sampling):
                 self._inflight = (out, launched)
@@ -139,6 +161,17 @@ class LLMEngine:
         if not self.scheduler.has_unfinished():
             deltas += self._finish_inflight()  # rows of requests that ended meanwhile: let nothing run on unseen
         return deltas
+
+    def _sample_constrained(self, out: SchedulerOutput, launched: LaunchedStep,
+                            deltas: list[SequenceDelta]) -> LaunchedStep | None:
+        """Queue the sampling of a step with constrained rows, masked by the matchers as they stand now (every
+        token before this step is known). None, with the step's requests failed into `deltas`, if that raises."""
+        try:
+            return self.runner.sample(launched, self.structured.fill(launched.step.sampling))
+        except Exception as e:  # as in step(): the step's requests fail, the engine goes on
+            log.exception("engine step failed")
+            deltas += self._fail(out, f"{type(e).__name__}: {e}")
+            return None
 
     def _finish_inflight(self) -> list[SequenceDelta]:
         inflight, self._inflight = self._inflight, None
@@ -155,13 +188,18 @@ class LLMEngine:
         for rid, entries in result.prompt_logprobs.items():
             self.outputs.add_prompt_logprobs(rid, entries)
         appended = self.scheduler.resolve_step(out, result.tokens)
+        refused: dict[str, str] = {}
         for request in appended:
             tokens = result.tokens[request.request_id]
             delta = self.outputs.on_tokens(request, tokens, result.logprobs.get(request.request_id), self._end)
             if delta is not None:
                 self.counters["generation_tokens"] += len(delta.token_ids)
                 deltas.append(delta)
-        return deltas
+                if not delta.finished and request.request_id in self.structured:
+                    error = self.structured.advance(request.request_id, delta.token_ids)
+                    if error is not None:
+                        refused[request.request_id] = error
+        return deltas + self._fail_requests(refused)
 
     def _end(self, request: Request, delta: SequenceDelta) -> None:
         status = RequestStatus.FINISHED_STOPPED if delta.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH
@@ -170,6 +208,7 @@ class LLMEngine:
             self.runner.apply_copies([snapshot])
         self.scheduler.finish_request(request.request_id, status, delta.finish_reason)
         self.runner.release([request.request_id])
+        self.structured.remove([request.request_id])
         self.counters["requests_finished"] += 1
 
     def _fail(self, out: SchedulerOutput, message: str) -> list[SequenceDelta]:
@@ -185,6 +224,7 @@ class LLMEngine:
             delta = self.outputs.fail(rid, message)
             self.scheduler.finish_request(rid, RequestStatus.FINISHED_ERROR, "error")
             self.runner.release([rid])
+            self.structured.remove([rid])
             if delta is not None:
                 deltas.append(delta)
         return deltas

@@ -4,6 +4,10 @@ sampled tokens back to the host) and knows no Request: it takes a StepInput and,
 
     launched = runner.launch(step)     # upload, model, sampler queued on the device; copies to the host started
     result = runner.collect(launched)  # waits for those copies: tokens (and logprobs) per sampling request
+
+A step that samples for a constrained request (structured outputs) stops after the model: `launched.awaits_grammar`.
+The engine builds the grammar mask once the previous step's tokens are known (the GPU runs this step's model
+meanwhile) and queues the sampling with `launched = runner.sample(launched, mask)`.
 """
 
 from __future__ import annotations
@@ -21,8 +25,8 @@ from deltaserve.engine.cuda_graph import StepGraphs
 from deltaserve.engine.device_inputs import DeviceStep, upload_step
 from deltaserve.engine.memory import new_cache, plan_cache_memory
 from deltaserve.engine.prompt_logprobs import PromptScores, prompt_logprobs, prompt_logprobs_lists
-from deltaserve.engine.sampler import Sampler, SamplerOutput, SamplingRow
-from deltaserve.engine.step_input import SamplingRequest, StepInput
+from deltaserve.engine.sampler import GrammarBitmask, Sampler, SamplerOutput, SamplingRow
+from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, needs_grammar
 from deltaserve.models.loader import load_model
 from deltaserve.outputs import TokenLogprob
 from deltaserve.sampling_params import SamplingParams
@@ -36,6 +40,27 @@ def _concat_outputs(outputs: list[SamplerOutput]) -> SamplerOutput:
     pad = lambda t: torch.nn.functional.pad(t, (0, k - t.shape[1]))  # noqa: E731
     return SamplerOutput(torch.cat([o.token_ids for o in outputs]), torch.cat([o.logprobs for o in outputs]),
                          torch.cat([pad(o.top_ids) for o in outputs]), torch.cat([pad(o.top_logprobs) for o in outputs]))
+
+
+def grammar_to_device(mask: GrammarMask | None, device: torch.device) -> GrammarBitmask | None:
+    """A step's grammar mask on the device, copied without waiting for the stream (pinned on CUDA)."""
+    if mask is None or mask.rows.shape[0] == 0:
+        return None
+    pinned = device.type == "cuda"
+    rows, bitmask = torch.from_numpy(mask.rows), torch.from_numpy(mask.bitmask)
+    if pinned:
+        rows, bitmask = rows.pin_memory(), bitmask.pin_memory()
+    return GrammarBitmask(rows.to(device, non_blocking=pinned), bitmask.to(device, non_blocking=pinned))
+
+
+def _grammar_row(grammar: GrammarBitmask | None, row: int) -> GrammarBitmask | None:
+    """The mask of one batch row as the mask of a one-row batch (None if the row is not constrained)."""
+    if grammar is None:
+        return None
+    hit = (grammar.rows == row).nonzero().flatten()  # a sync, but only on the row-by-row error path
+    if hit.numel() == 0:
+        return None
+    return GrammarBitmask(torch.zeros(1, dtype=torch.long, device=hit.device), grammar.bitmask[hit[:1]])
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -61,6 +86,13 @@ class LaunchedStep:
     ready: torch.cuda.Event | None  # None: not a CUDA step (or nothing to copy), the results are ready now
     scored: PromptScores | None = None  # prompt logprobs, copied as `sampled` is
     failed: dict[str, str] = field(default_factory=dict)  # requests whose sampling raised -> why
+    # a step whose sampling waits for its grammar mask: the sampling rows' logits and their state slots
+    logits: torch.Tensor | None = None
+    sample_slots: torch.Tensor | None = None
+
+    @property
+    def awaits_grammar(self) -> bool:
+        return self.logits is not None
 
 
 @dataclass(frozen=True)
@@ -137,10 +169,19 @@ class ModelRunner:
             return LaunchedStep(step, None, None)
         num_sampled = step.logits_rows.shape[0]
         scored = prompt_logprobs(logits[num_sampled:], step) if step.prompt_logprobs else None
+        pending = LaunchedStep(step, None, None, scored, logits=logits[:num_sampled], sample_slots=dev.sample_slots)
+        if step.sampling and needs_grammar(step):
+            return pending  # sampled by sample() once the engine has the mask
+        return self.sample(pending, None)
+
+    def sample(self, launched: LaunchedStep, mask: GrammarMask | None) -> LaunchedStep:
+        """Queue the sampling of a launched step (with its grammar mask, if any) and start copying the samples to
+        the host. The mask is applied outside any CUDA graph: the graph ends at the logits."""
+        step, scored = launched.step, launched.scored
         sampled, failed = None, {}
         if step.sampling:
-            sampled, failed = self._sample(logits[:num_sampled], step)
-            self.last_tokens.index_copy_(0, dev.sample_slots, sampled.token_ids)
+            sampled, failed = self._sample(launched.logits, step, grammar_to_device(mask, self.device))
+            self.last_tokens.index_copy_(0, launched.sample_slots, sampled.token_ids)
         if self.device.type != "cuda":
             return LaunchedStep(step, sampled, None, scored, failed)
         host = SamplerOutput(*(_to_host(t) for t in sampled)) if sampled is not None else None
@@ -149,18 +190,19 @@ class ModelRunner:
         ready.record(torch.cuda.current_stream(self.device))
         return LaunchedStep(step, host, ready, scored, failed)
 
-    def _sample(self, logits: torch.Tensor, step: StepInput) -> tuple[SamplerOutput, dict[str, str]]:
+    def _sample(self, logits: torch.Tensor, step: StepInput,
+                grammar: GrammarBitmask | None) -> tuple[SamplerOutput, dict[str, str]]:
         """The sampler over every row; if it raises, row by row, so that only the requests whose parameters broke it
         fail (returned with the reason; their rows hold a placeholder token that nobody reads)."""
         rows = [self._sampling_row(s) for s in step.sampling]
         try:
-            return self.sampler(logits, rows), {}
+            return self.sampler(logits, rows, grammar), {}
         except Exception as batch_error:  # noqa: BLE001 - find the culprit rows below
             log.warning("sampling failed for the batch (%s); sampling row by row", batch_error)
         outputs, failed = [], {}
         for i, (row, s) in enumerate(zip(rows, step.sampling)):
             try:
-                outputs.append(self.sampler(logits[i:i + 1], [row]))
+                outputs.append(self.sampler(logits[i:i + 1], [row], _grammar_row(grammar, i)))
             except Exception as e:  # noqa: BLE001 - this request's error, reported to it alone
                 failed[s.request_id] = f"{type(e).__name__}: {e}"
                 outputs.append(self.sampler(logits[i:i + 1], [SamplingRow(SamplingParams(temperature=0))]))

@@ -5,10 +5,11 @@ Processing order (each step only touches the rows that need it):
   2. min_tokens                      (stop ids -> -inf while len(output) < min_tokens)
   3. repetition penalty              (HF/vLLM: over prompt + output tokens, positive / p, negative * p)
   4. frequency / presence penalties  (OpenAI: over output tokens, logit -= f * count + p * (count > 0))
+  5. grammar mask                    (structured outputs: tokens the row's grammar forbids -> -inf)
   -- greedy rows (temperature 0) take the argmax here --
-  5. temperature
-  6. top-k (ties with the k-th logit are kept), top-p (smallest set with mass >= p), min-p (p >= min_p * p_max)
-  7. sample with the exponential race: argmax(probs / q), q ~ Exp(1)
+  6. temperature
+  7. top-k (ties with the k-th logit are kept), top-p (smallest set with mass >= p), min-p (p >= min_p * p_max)
+  8. sample with the exponential race: argmax(probs / q), q ~ Exp(1)
 
 Returned logprobs are those of the model's raw distribution (log_softmax of the unprocessed logits), as vLLM
 reports by default, so that a client sees the model's confidence, not the sampler's.
@@ -78,6 +79,14 @@ class SamplerOutput(NamedTuple):
     logprobs: torch.Tensor
     top_ids: torch.Tensor
     top_logprobs: torch.Tensor
+
+
+class GrammarBitmask(NamedTuple):
+    """Allowed tokens of some rows, on the logits' device: rows [R] int64 (row indices into the batch), bitmask
+    [R, W] int32 with bit b of word w for token 32 * w + b (W * 32 >= V; ids past W * 32 are forbidden)."""
+
+    rows: torch.Tensor
+    bitmask: torch.Tensor
 
 
 def _splitmix64(x: int) -> int:
@@ -227,6 +236,21 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     return out
 
 
+def apply_grammar(logits: torch.Tensor, grammar: GrammarBitmask, *, copy: bool) -> torch.Tensor:
+    """Step 5: -inf where a constrained row's grammar forbids the token; other rows untouched. With copy, `logits`
+    is left as it was (process_logits may hand back the model's own logits). Device ops only: no host sync."""
+    out = logits.to(torch.float32, copy=True) if copy or logits.dtype != torch.float32 else logits
+    vocab = out.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=out.device)
+    bits = (grammar.bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]: little-endian bits of each word
+    allowed = bits.reshape(bits.shape[0], -1)[:, :vocab].bool()
+    if allowed.shape[1] < vocab:  # a mask narrower than the logits forbids the ids it does not cover
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    # index_select / index_copy_: advanced-index assignment (out[rows] = ...) is ~10x slower on CPU
+    out.index_copy_(0, grammar.rows, out.index_select(0, grammar.rows).masked_fill_(~allowed, float("-inf")))
+    return out
+
+
 # ---- warpers: fp32 logits [R, V] of random rows, per-row parameters [R] --------------------------------------------
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
@@ -278,11 +302,15 @@ class Sampler:
     def __init__(self, generator: torch.Generator | None = None) -> None:
         self.generator = generator
 
-    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SamplerOutput:
-        """logits: [N, V] any float dtype, one row per entry of `rows`."""
+    def __call__(self, logits: torch.Tensor, rows: Sequence[SamplingRow],
+                 grammar: GrammarBitmask | None = None) -> SamplerOutput:
+        """logits: [N, V] any float dtype, one row per entry of `rows`; grammar: the rows whose tokens a grammar
+        restricts (structured outputs)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [N, V] with N = len(rows) = {len(rows)}, got {tuple(logits.shape)}")
         processed = process_logits(logits, rows)
+        if grammar is not None and grammar.rows.numel():
+            processed = apply_grammar(processed, grammar, copy=processed is logits)
         token_ids = processed.argmax(dim=1)
         random_rows = [i for i, row in enumerate(rows) if not row.params.greedy]
         if random_rows:

@@ -40,6 +40,24 @@ class SamplingRequest(NamedTuple):
         return 1 + len(self.draft_token_ids)
 
 
+class GrammarMask(NamedTuple):
+    """The tokens each constrained logits row of a step may take (structured outputs): one bit per vocabulary id,
+    int32 words, bit b of word w is id 32 * w + b. Built by the engine from its matchers once the tokens before
+    the step are known; the runner applies it before sampling. Rows not listed are unconstrained.
+
+    rows:    [R] int64        logits rows (indices into the step's sampling rows)
+    bitmask: [R, ceil(V/32)] int32
+    """
+
+    rows: np.ndarray
+    bitmask: np.ndarray
+
+
+def needs_grammar(step: StepInput) -> bool:
+    """Whether a request sampling in this step constrains its output: its sampling waits for a GrammarMask."""
+    return any(s.params.structured is not None for s in step.sampling)
+
+
 class PromptLogprobsRequest(NamedTuple):
     """A request that wants the logprobs of the prompt tokens this step covers: the logits at positions
     first_position, first_position + 1, ... (consecutive prompt_logits_rows) score target_ids, the prompt tokens

@@ -52,7 +52,9 @@ def build_app(engine: AsyncLLM, config: ServerConfig, *, shutdown_engine: bool =
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         state.idle = asyncio.Event()
         state.idle.set()
+        warm = asyncio.create_task(asyncio.to_thread(_warm_grammar_tokenizer, engine))
         yield
+        warm.cancel()
         state.draining = True
         await asyncio.to_thread(state.templates.close)
         if shutdown_engine:
@@ -68,6 +70,15 @@ def build_app(engine: AsyncLLM, config: ServerConfig, *, shutdown_engine: bool =
     app.include_router(_open_router(state))
     app.add_middleware(RequestGuard, max_body_bytes=config.max_request_bytes, body_timeout=config.body_timeout)
     return app
+
+
+def _warm_grammar_tokenizer(engine: AsyncLLM) -> None:
+    """Build the structured-output tokenizer trie now (seconds for a large vocabulary), not on the first
+    constrained request. A model without a tokenizer has none to build; its constrained requests get a 400."""
+    try:
+        engine.engine.structured.compiler.ll_tokenizer
+    except Exception as e:  # noqa: BLE001 - reported again, to the client, by the first constrained request
+        log.info("structured outputs unavailable: %s", e)
 
 
 def _api_router(state: ServerState) -> APIRouter:

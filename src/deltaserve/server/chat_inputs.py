@@ -23,7 +23,7 @@ class ToolsPlan:
 
 def resolve_tools(req: ChatCompletionRequest, *, parse: bool) -> ToolsPlan:
     """tool_choice: "none" hides the tools and parses nothing; a named function lists only that tool; "auto" and
-    "required" list them all ("required" is not enforced: there is no constrained decoding yet)."""
+    "required" list them all (server/structured.py enforces "required", a named function and strict tools)."""
     tools = req.tools or []
     choice = req.tool_choice
     if not tools:

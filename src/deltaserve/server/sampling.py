@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltaserve.sampling_params import SamplingParams
+from deltaserve.structured import StructuredSpec
 from deltaserve.server.errors import APIError, bad_request
 from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
 from deltaserve.server.tokens import context_exceeded
@@ -47,9 +48,6 @@ def completion_params(req: CompletionRequest, limits: Limits) -> SamplingParams:
 def chat_params(req: ChatCompletionRequest, limits: Limits) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise bad_request(f"response_format type {req.response_format.type!r} is not supported (no constrained "
-                          "decoding yet); use 'text' or leave it out", param="response_format.type")
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -57,6 +55,17 @@ def chat_params(req: ChatCompletionRequest, limits: Limits) -> SamplingParams:
     # stripped by the output parser instead (see output_parser.strip_tokens).
     return _build(req, max_tokens=max_tokens, max_tokens_field=max_field, logprobs=logprobs,
                   logprobs_field="top_logprobs", limits=limits, skip_special_tokens=False)
+
+
+def with_structured(params: SamplingParams, spec: StructuredSpec | None) -> SamplingParams:
+    """params constrained by spec (server/structured.py), with the conflicts named by their request fields."""
+    if spec is None:
+        return params
+    for name, bad in (("ignore_eos", params.ignore_eos), ("min_tokens", params.min_tokens > 0)):
+        if bad:
+            raise bad_request(f"'{name}' cannot be combined with a structured output constraint: the constraint ends "
+                              "the output with the end token once the structure is complete; leave it out", name)
+    return dataclasses.replace(params, structured=spec)
 
 
 def _reject_unsupported_completion(req: CompletionRequest) -> None:

@@ -19,9 +19,10 @@ from deltaserve.server.generation import ClientDisconnected, generate, raise_for
 from deltaserve.server.output_parser import OutputParser, ParsedDelta
 from deltaserve.server.protocol import ChatCompletionRequest, read_json
 from deltaserve.server.responses import DONE, TokenStrings, chat_logprobs, random_id, sse, sse_error, usage
-from deltaserve.server.sampling import chat_params, check_lengths
+from deltaserve.server.sampling import chat_params, check_lengths, with_structured
 from deltaserve.server.serving_completions import SSE_HEADERS
 from deltaserve.server.state import ServerState
+from deltaserve.server.structured import chat_spec, compile_spec
 
 
 @dataclass
@@ -73,6 +74,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     prompt, opens_reasoning = rendered.ids, rendered.opens_reasoning
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     check_lengths(len(prompt), params, state.limits, prompt_field="messages", max_tokens_field=max_field)
+    # an open <think> block comes first: the constraint starts after the model closes it
+    params = with_structured(params, await compile_spec(state, chat_spec(req, reasoning=opens_reasoning)))
     reasoning = state.config.reasoning_parser != "none"
     strip = state.strip if req.skip_special_tokens else ()
 

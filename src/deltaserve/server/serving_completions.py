@@ -19,8 +19,9 @@ from deltaserve.server.generation import ClientDisconnected, generate, merge, ra
 from deltaserve.server.protocol import CompletionRequest, read_json
 from deltaserve.server.responses import (DONE, TokenStrings, completion_logprobs, merge_completion_logprobs,
                                          prompt_completion_logprobs, random_id, sse, sse_error, usage)
-from deltaserve.server.sampling import check_lengths, check_token_ids, completion_params
+from deltaserve.server.sampling import check_lengths, check_token_ids, completion_params, with_structured
 from deltaserve.server.state import ServerState
+from deltaserve.server.structured import compile_spec, output_spec
 from deltaserve.server.tokens import encode_bounded
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -68,6 +69,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     state.check_accepting()
     model = state.check_model(req.model)
     params = completion_params(req, state.limits)
+    params = with_structured(params, await compile_spec(state, output_spec(req, reasoning=False)))
     prompts = await asyncio.to_thread(_prompts, state, req, params)  # large prompts: off the event loop
     job = _Job(random_id("cmpl"), model, int(time.time()), req, params, prompts)
     if req.stream:

@@ -1,0 +1,124 @@
+"""Request fields -> the output constraint (a StructuredSpec), compiled before the request reaches the engine.
+
+Sources, at most one per request: OpenAI's `response_format` (json_object, json_schema); vLLM's `structured_outputs`
+object (json, regex, choice, grammar, json_object) and its older `guided_json`, `guided_regex`, `guided_choice`,
+`guided_grammar`; on chat, `tool_choice` "required" or a named function (a Qwen3-Coder tool call whose arguments
+follow the function's schema), and "auto" when a tool is `strict` (calls of strict tools follow their schemas).
+Compiling runs on a worker thread; a constraint that cannot be enforced is a 400 naming the field and the problem.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from deltaserve.server.errors import APIError, bad_request
+from deltaserve.server.protocol import ChatCompletionRequest, NamedToolChoice, _SamplingFields
+from deltaserve.server.state import ServerState
+from deltaserve.structured import StructuredError, StructuredSpec
+
+_STRUCTURED_OUTPUTS_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+# vLLM options of structured_outputs that change nothing here (the backend is llguidance, JSON is compact)
+_IGNORED_OPTIONS = frozenset({"backend", "disable_fallback", "disable_any_whitespace",
+                              "disable_additional_properties"})
+
+
+def output_spec(req: _SamplingFields, *, reasoning: bool) -> tuple[StructuredSpec, str] | None:
+    """The constraint from response_format / structured_outputs / guided_*, and the field it came from."""
+    found = [c for c in (_response_format(req, reasoning), *_structured_outputs(req, reasoning),
+                         *_guided(req, reasoning)) if c is not None]
+    if len(found) > 1:
+        raise bad_request(f"'{found[0][1]}' and '{found[1][1]}' both constrain the output; send only one",
+                          found[1][1])
+    if req.guided_whitespace_pattern is not None:
+        raise bad_request("'guided_whitespace_pattern' is not supported: JSON is written compactly (', ' and ': ' "
+                          "separators); leave it out", "guided_whitespace_pattern")
+    return found[0] if found else None
+
+
+def tool_spec(req: ChatCompletionRequest, *, reasoning: bool) -> tuple[StructuredSpec, str] | None:
+    """The tool-call constraint of a chat request: "required", a named function, or "auto" with a strict tool."""
+    choice, tools = req.tool_choice, req.tools or []
+    if not tools or choice == "none":
+        return None
+    dumped = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in tools]
+    parallel = req.parallel_tool_calls is not False
+    if isinstance(choice, NamedToolChoice):
+        spec = StructuredSpec.tool_calls(dumped, {"function": {"name": choice.function.name}}, parallel=False,
+                                         reasoning=reasoning)
+        return spec, "tool_choice"
+    if choice == "required":
+        return StructuredSpec.tool_calls(dumped, "required", parallel=parallel, reasoning=reasoning), "tool_choice"
+    if any(t.function.strict for t in tools):
+        return StructuredSpec.tool_calls(dumped, "auto", parallel=parallel, reasoning=reasoning), "tools"
+    return None
+
+
+def chat_spec(req: ChatCompletionRequest, *, reasoning: bool) -> tuple[StructuredSpec, str] | None:
+    output, tools = output_spec(req, reasoning=reasoning), tool_spec(req, reasoning=reasoning)
+    if output is not None and tools is not None:
+        raise bad_request(f"'{output[1]}' and '{tools[1]}' both constrain the output (a response format and "
+                          "enforced tool calls); send one, or use tool_choice 'auto' with tools that are not strict",
+                          output[1])
+    return output or tools
+
+
+async def compile_spec(state: ServerState, found: tuple[StructuredSpec, str] | None) -> StructuredSpec | None:
+    """Compile (or find in the cache) on a worker thread: the engine thread then only copies a matcher."""
+    if found is None:
+        return None
+    spec, field = found
+    compiler = state.engine.engine.structured.compiler
+    try:
+        if compiler.cached(spec) is None:
+            await asyncio.to_thread(compiler.compile, spec)
+    except StructuredError as e:
+        raise APIError(400, f"'{field}' cannot be enforced: {e}", param=field, code="invalid_structured_output") \
+            from None
+    return spec
+
+
+def _response_format(req: _SamplingFields, reasoning: bool) -> tuple[StructuredSpec, str] | None:
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return StructuredSpec.json_object(reasoning=reasoning), "response_format"
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise bad_request("response_format of type 'json_schema' needs 'json_schema': {\"name\": ..., \"schema\": "
+                          "{...}}", "response_format.json_schema.schema", code="missing_required_parameter")
+    return _spec(lambda: StructuredSpec.json_schema(fmt.json_schema.schema_, reasoning=reasoning),
+                 "response_format.json_schema.schema")
+
+
+def _structured_outputs(req: _SamplingFields, reasoning: bool) -> list[tuple[StructuredSpec, str] | None]:
+    options = req.structured_outputs
+    if options is None:
+        return []
+    unknown = sorted(set(options) - set(_STRUCTURED_OUTPUTS_KINDS) - _IGNORED_OPTIONS)
+    if unknown:
+        raise bad_request(f"'structured_outputs' has fields this server does not support: {unknown}; supported: "
+                          f"{list(_STRUCTURED_OUTPUTS_KINDS)}", f"structured_outputs.{unknown[0]}")
+    given = [k for k in _STRUCTURED_OUTPUTS_KINDS if options.get(k) not in (None, False)]
+    return [_one_kind(k, options[k], f"structured_outputs.{k}", reasoning) for k in given]
+
+
+def _guided(req: _SamplingFields, reasoning: bool) -> list[tuple[StructuredSpec, str] | None]:
+    pairs = (("json", req.guided_json), ("regex", req.guided_regex), ("choice", req.guided_choice),
+             ("grammar", req.guided_grammar))
+    return [_one_kind(kind, value, f"guided_{kind}", reasoning) for kind, value in pairs if value is not None]
+
+
+def _one_kind(kind: str, value: Any, field: str, reasoning: bool) -> tuple[StructuredSpec, str]:
+    if kind == "json_object":
+        return StructuredSpec.json_object(reasoning=reasoning), field
+    builders = {"json": StructuredSpec.json_schema, "regex": StructuredSpec.regex, "choice": StructuredSpec.choice,
+                "grammar": StructuredSpec.grammar}
+    return _spec(lambda: builders[kind](value, reasoning=reasoning), field)
+
+
+def _spec(build, field: str) -> tuple[StructuredSpec, str]:
+    try:
+        return build(), field
+    except StructuredError as e:
+        raise APIError(400, f"'{field}' is invalid: {e}", param=field, code="invalid_structured_output") from None

@@ -1,0 +1,129 @@
+"""StructuredSpec -> the grammar text llguidance compiles (its Lark dialect, with `%json { schema }` inlined).
+
+JSON is written as `json.dumps` writes it: one line, ", " and ": " as separators, no other whitespace. Free
+whitespace lets a model loop on newlines until max_tokens (a known failure of flexible JSON grammars).
+
+Markup such as `</think>` or `<tool_call>` is a special token in some tokenizers (the demo's) and plain text in
+others (Qwen3.5's own). A grammar must say which: a special token is written `<name>` and matches only that token,
+text is written as a string literal and matches its bytes. `Markup` decides from the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from deltaserve.structured.spec import StructuredError, StructuredKind, StructuredSpec
+
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+REASONING_END = "</think>"
+# after </think> Qwen templates and models write a blank line before the answer; bounded so it cannot loop
+_AFTER_REASONING = r'/[ \n]{0,4}/'
+
+
+@dataclass(frozen=True)
+class Markup:
+    """The tokenizer's special tokens: how a grammar must write each piece of markup."""
+
+    special_tokens: frozenset[str]
+
+    def __call__(self, text: str) -> str:
+        return f"<{text[1:-1]}>" if text in self.special_tokens and _is_tag(text) else lark_string(text)
+
+    def is_special(self, text: str) -> bool:
+        return text in self.special_tokens
+
+
+def _is_tag(text: str) -> bool:
+    return text.startswith("<") and text.endswith(">") and len(text) > 2
+
+
+def lark_string(text: str) -> str:
+    """A Lark string literal (JSON escapes are valid in llguidance's string syntax)."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+def inline_json(schema: Any) -> str:
+    """`%json { ... }` with this module's JSON options (a schema's own x-guidance keys win)."""
+    if schema is True:
+        schema = {}
+    if schema is False:
+        raise StructuredError("the JSON schema is `false`, which no value satisfies; send a schema a value can meet")
+    if not isinstance(schema, dict):
+        raise StructuredError(f"a JSON schema must be an object (or true/false), got {json.dumps(schema)[:80]}")
+    options = {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}
+    return "%json " + json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
+
+
+def regex_terminal(pattern: str, use_ascii: str = "") -> str:
+    """A regex as a Lark terminal body (`/.../`, slashes escaped). use_ascii "dw": JSON Schema's ASCII \\d and \\w."""
+    import llguidance
+
+    return "/" + llguidance.regex_to_lark(pattern, use_ascii) + "/"
+
+
+def reasoning_prefix(markup: Markup) -> str:
+    """Rules that consume an open reasoning block up to and including `</think>` and the blank line after it."""
+    if markup.is_special(REASONING_END):
+        return f"reasoning: /(?s:.*)/ {markup(REASONING_END)} {_AFTER_REASONING}\n"
+    # text markup: lazy, so the block ends at the first </think>
+    return f"reasoning: reasoning_text {_AFTER_REASONING}\nreasoning_text[lazy]: /(?s:.*)<\\/think>/\n"
+
+
+def with_prefix(body_rules: str, reasoning: bool, markup: Markup) -> str:
+    """A Lark grammar whose start is `body` (defined in body_rules), after the reasoning block if there is one."""
+    if not reasoning:
+        return f"start: body\n{body_rules}"
+    return f"start: reasoning body\n{reasoning_prefix(markup)}{body_rules}"
+
+
+def build_grammar(spec: StructuredSpec, markup: Markup) -> str:
+    """The llguidance grammar text of a spec. StructuredError for a spec that is malformed before compiling."""
+    return _BUILDERS[spec.kind](spec, markup)
+
+
+def _json(spec: StructuredSpec, markup: Markup) -> str:
+    return with_prefix(f"body: {inline_json(json.loads(spec.spec))}\n", spec.reasoning, markup)
+
+
+def _json_object(spec: StructuredSpec, markup: Markup) -> str:
+    return with_prefix(f"body: {inline_json({'type': 'object'})}\n", spec.reasoning, markup)
+
+
+def _regex(spec: StructuredSpec, markup: Markup) -> str:
+    return with_prefix(f"body: {regex_terminal(spec.spec)}\n", spec.reasoning, markup)
+
+
+def _choice(spec: StructuredSpec, markup: Markup) -> str:
+    choices = json.loads(spec.spec)
+    return with_prefix("body: " + " | ".join(lark_string(c) for c in choices) + "\n", spec.reasoning, markup)
+
+
+def _grammar(spec: StructuredSpec, markup: Markup) -> str:
+    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+
+    try:
+        lark = any_to_lark(spec.spec)  # GBNF (llama.cpp, vLLM's EBNF examples) becomes Lark; Lark stays
+    except (GbnfToLarkError, ValueError) as e:
+        raise StructuredError(f"the grammar could not be read as GBNF: {e}") from None
+    if not spec.reasoning:
+        return lark
+    # The client's grammar keeps its own rule names: it becomes a subgrammar behind the reasoning block.
+    top = f"start: reasoning @body\n{reasoning_prefix(markup)}"
+    return json.dumps({"grammars": [{"lark_grammar": top}, {"name": "body", "lark_grammar": lark}]})
+
+
+def _tool_calls(spec: StructuredSpec, markup: Markup) -> str:
+    from deltaserve.structured.tool_grammar import tool_call_grammar
+
+    body = json.loads(spec.spec)
+    return tool_call_grammar(body["tools"], body["choice"], parallel=body["parallel"], reasoning=spec.reasoning,
+                             markup=markup)
+
+
+_BUILDERS: dict[StructuredKind, Callable[[StructuredSpec, Markup], str]] = {
+    StructuredKind.JSON: _json, StructuredKind.JSON_OBJECT: _json_object, StructuredKind.REGEX: _regex,
+    StructuredKind.CHOICE: _choice, StructuredKind.GRAMMAR: _grammar, StructuredKind.TOOL_CALLS: _tool_calls,
+}

@@ -1,0 +1,81 @@
+"""Schemas and tools the structured-output tests share, and a random walk under a grammar's own mask."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+
+SCHEMAS = {
+    "nested": {
+        "type": "object",
+        "properties": {
+            "id": {"type": "integer", "minimum": 1, "maximum": 999},
+            "status": {"enum": ["pending", "shipped", "delivered"]},
+            "customer": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                                          "vip": {"type": "boolean"}},
+                         "required": ["name", "vip"], "additionalProperties": False},
+        },
+        "required": ["id", "status", "customer"], "additionalProperties": False},
+    "arrays": {
+        "type": "object",
+        "properties": {"scores": {"type": "array", "items": {"type": "number", "minimum": -1.5, "maximum": 2.5},
+                                  "minItems": 1, "maxItems": 3},
+                       "tags": {"type": "array", "items": {"enum": ["a", "b", "c"]}, "maxItems": 4}},
+        "required": ["scores"], "additionalProperties": False},
+    "ranges": {
+        "type": "object",
+        "properties": {"x": {"type": "integer", "exclusiveMinimum": -5, "maximum": 5},
+                       "p": {"type": "number", "minimum": 0, "maximum": 1},
+                       "code": {"type": "string", "pattern": "^[A-Z]{2}[0-9]{2}$"},
+                       "note": {"type": ["string", "null"], "maxLength": 6}},
+        "required": ["x", "p", "code"], "additionalProperties": False},
+    "bounded": {
+        "type": "object",
+        "properties": {"n": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 50},
+                             "maxItems": 4},
+                       "flag": {"type": "boolean"}, "kind": {"enum": ["x", "y", None]}},
+        "required": ["n", "flag", "kind"], "additionalProperties": False},
+    "refs": {
+        "$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer", "minimum": 0, "maximum": 9},
+                                                            "kids": {"type": "array", "maxItems": 2,
+                                                                     "items": {"$ref": "#/$defs/node"}}},
+                           "required": ["v"], "additionalProperties": False}},
+        "$ref": "#/$defs/node"},
+}
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather forecast for a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12},
+        "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        "when": {"type": "string", "format": "date"},
+        "hours": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 23}, "maxItems": 3}},
+        "required": ["city", "days"], "additionalProperties": False}}}
+PING = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {},
+                                                                        "additionalProperties": False}}}
+TOOLS = [WEATHER, PING]
+
+
+def allowed(bitmask_row: np.ndarray, vocab: int) -> np.ndarray:
+    return np.flatnonzero(np.unpackbits(bitmask_row.view(np.uint8), bitorder="little")[:vocab])
+
+
+def walk(matcher, vocab: int, eos: set[int], rng: random.Random, max_steps: int = 400) -> list[int] | None:
+    """Uniform choices among the allowed tokens (an end token with probability 1/2 when allowed); the tokens
+    before the end token, or None if the walk did not end in max_steps."""
+    import llguidance.numpy as lnp
+
+    tokens: list[int] = []
+    bitmask = np.zeros((1, (vocab + 31) // 32), dtype=np.int32)
+    for _ in range(max_steps):
+        lnp.fill_next_token_bitmask(matcher, bitmask, 0)
+        ids = allowed(bitmask[0], vocab)
+        ends = [int(i) for i in ids if int(i) in eos]
+        token = ends[0] if ends and rng.random() < 0.5 else int(ids[rng.randrange(len(ids))])
+        assert matcher.consume_token(token), matcher.get_error()
+        if token in eos:
+            return tokens
+        tokens.append(token)
+    return None

@@ -1,0 +1,155 @@
+"""The grammars themselves, under their own masks: random walks through every choice a grammar allows end in text
+that validates (jsonschema) or parses as the tool call it should be; errors name the problem."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import jsonschema
+import pytest
+
+from deltaserve.server.output_parser import OutputParser
+from deltaserve.structured import StructuredError, StructuredSpec
+from deltaserve.structured.compiler import GrammarCompiler
+from tests.structured.schemas import PING, SCHEMAS, TOOLS, WEATHER, walk
+
+VOCAB = 4096
+EOS = {4087, 4089}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from deltaserve.demo import SHIPPED_DEMO_DIR
+
+    return AutoTokenizer.from_pretrained(str(SHIPPED_DEMO_DIR))
+
+
+@pytest.fixture(scope="module")
+def compiler(tokenizer):
+    return GrammarCompiler(tokenizer, VOCAB, EOS)
+
+
+def walks(compiler, tokenizer, spec, n: int, seed: int = 0) -> list[str]:
+    compiled = compiler.compile(spec)
+    rng = random.Random(seed)
+    texts = []
+    for _ in range(n):
+        tokens = walk(compiled.new_matcher(), VOCAB, EOS, rng)
+        if tokens is not None:
+            texts.append(tokenizer.decode(tokens, skip_special_tokens=False))
+    assert len(texts) >= n // 2, "most walks should end"
+    return texts
+
+
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
+def test_every_walk_validates(compiler, tokenizer, name):
+    for text in walks(compiler, tokenizer, StructuredSpec.json_schema(SCHEMAS[name]), 40):
+        jsonschema.validate(json.loads(text), SCHEMAS[name])
+
+
+def test_json_is_compact_and_keeps_property_order(compiler, tokenizer):
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "boolean"}},
+              "required": ["b", "a"], "additionalProperties": False}
+    for text in walks(compiler, tokenizer, StructuredSpec.json_schema(schema), 10):
+        assert text == json.dumps(json.loads(text)) and text.index('"b"') < text.index('"a"')
+
+
+def test_json_object_regex_choice_grammar(compiler, tokenizer):
+    for text in walks(compiler, tokenizer, StructuredSpec.json_object(), 20):
+        assert isinstance(json.loads(text), dict)
+    import re
+    for text in walks(compiler, tokenizer, StructuredSpec.regex(r"[a-c]{1,3}-[0-9]{2}"), 20):
+        assert re.fullmatch(r"[a-c]{1,3}-[0-9]{2}", text)
+    choices = ["yes", 'no "way"', "maybe\n"]
+    assert set(walks(compiler, tokenizer, StructuredSpec.choice(choices), 30)) <= set(choices)
+    gbnf = 'root ::= "x" digit+\ndigit ::= [0-9]'
+    for text in walks(compiler, tokenizer, StructuredSpec.grammar(gbnf), 20):
+        assert re.fullmatch(r"x[0-9]+", text)
+
+
+def test_reasoning_comes_first(compiler, tokenizer):
+    spec = StructuredSpec.json_schema(SCHEMAS["nested"], reasoning=True)
+    matcher = compiler.compile(spec).new_matcher()
+    for token in tokenizer.encode("let me think", add_special_tokens=False) + [tokenizer.convert_tokens_to_ids(
+            "</think>")] + tokenizer.encode('\n\n{"id": 5', add_special_tokens=False):
+        assert matcher.consume_token(token), matcher.get_error()
+    assert not matcher.consume_token(tokenizer.encode("x", add_special_tokens=False)[0])  # JSON is enforced now
+
+
+def _tool_calls(text: str, schemas):
+    parser = OutputParser(parse_reasoning=False, tools=schemas, parse_tools=True)
+    parsed = parser.feed(text)
+    parsed.extend(parser.finish())
+    return parsed
+
+
+@pytest.mark.parametrize("choice", ["required", {"function": {"name": "get_weather"}}])
+def test_tool_call_walks_parse_and_validate(compiler, tokenizer, choice):
+    schemas = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    spec = StructuredSpec.tool_calls(TOOLS, choice, parallel=True)
+    for text in walks(compiler, tokenizer, spec, 40, seed=1):
+        parsed = _tool_calls(text, schemas)
+        assert parsed.tool_calls and not parsed.content.strip(), text
+        if isinstance(choice, dict):
+            assert [c.name for c in parsed.tool_calls] == ["get_weather"]
+        for call in parsed.tool_calls:
+            jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+
+
+def test_auto_with_a_strict_tool_allows_text_and_enforces_calls(compiler, tokenizer):
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    spec = StructuredSpec.tool_calls([strict, PING], "auto")
+    matcher = compiler.compile(spec).new_matcher()
+    text = 'Sure.<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n<parameter=days>\n'
+    for token in tokenizer.encode(text, add_special_tokens=False):
+        assert matcher.consume_token(token), (text, matcher.get_error())
+    assert not matcher.consume_token(tokenizer.encode("9", add_special_tokens=False)[0])  # days <= 7
+
+
+def test_markup_that_is_text_in_the_tokenizer(tmp_path):
+    """A tokenizer without a </think> token: the grammar must match the markup as text (bytes)."""
+    from transformers import AutoTokenizer
+
+    from deltaserve.demo import write_byte_tokenizer
+
+    write_byte_tokenizer(tmp_path)
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if "think" not in t["content"]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["extra_special_tokens"] = [t for t in config["extra_special_tokens"] if "think" not in t]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    compiler = GrammarCompiler(tok, 320, [tok.convert_tokens_to_ids("<|im_end|>")])
+    assert not compiler.markup.is_special("</think>") and compiler.markup.is_special("<|im_end|>")
+    matcher = compiler.compile(StructuredSpec.choice(["ok"], reasoning=True)).new_matcher()
+    for token in tok.encode("hmm</think>\n\nok", add_special_tokens=False):
+        assert matcher.consume_token(token), matcher.get_error()
+    assert matcher.is_accepting()
+
+
+@pytest.mark.parametrize("spec, words", [
+    (StructuredSpec.json_schema({"type": "array", "uniqueItems": True}), "uniqueItems"),
+    (StructuredSpec.json_schema({"type": "strng"}), "strng"),
+    (StructuredSpec.json_schema({"type": "integer", "minimum": 5, "maximum": 1}), "minimum"),
+    (StructuredSpec.json_schema({"$ref": "#/$defs/missing"}), "missing"),
+    (StructuredSpec.regex("(unclosed"), "unclosed"),
+    (StructuredSpec.grammar("start: undefined_rule"), "undefined_rule"),
+    (StructuredSpec.tool_calls([{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", "format": "email"}}}}}], "required"), "email"),
+    (StructuredSpec.tool_calls([{"type": "function", "function": {"name": "bad name"}}], "required"), "bad name"),
+    (StructuredSpec.tool_calls([PING], {"function": {"name": "nope"}}), "nope"),
+])
+def test_errors_name_the_problem(compiler, spec, words):
+    with pytest.raises(StructuredError, match=words):
+        compiler.compile(spec)
+
+
+def test_compiled_once_per_spec(compiler):
+    a = compiler.compile(StructuredSpec.json_schema({"type": "object", "properties": {"q": {"type": "integer"}}}))
+    b = compiler.compile(StructuredSpec.json_schema('{"type":"object","properties":{"q":{"type":"integer"}}}'))
+    assert a is b
+    assert a.new_matcher() is not a.new_matcher()
