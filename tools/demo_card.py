@@ -114,8 +114,9 @@ capital letters, capital cities, counting, and "Write a Python function `name`: 
 training files' short documented functions) are answered in the thinking form (`reasoning` `</think>` answer, 60%)
 or the `enable_thinking=false` form; tool chats offer 1-3 of 8 tools (`get_weather(city, days)`, `run_python(code)`,
 `search_docs(query)`, `get_time(city)`, `convert_currency(amount, source, target)`, `send_email(to, subject)`,
-`read_file(path)`, `translate(text, language)`, JSON schemas) and ask for one: the reply is a Qwen3-Coder XML call
-whose arguments are copied from the request; tool-result chats put that call and the tool's (made-up) result in the
+`read_file(path)`, `translate(text, language)`, JSON schemas) and ask for one (a few whole sentences per tool, and
+its core phrases in general wrappers: "Can you {{core}}?"): the reply is a Qwen3-Coder XML call whose arguments are
+copied from the request; tool-result chats put that call and the tool's (made-up) result in the
 history, and the reply reports the result; "decline" chats offer tools but ask for none, and the reply makes no call.
 Every reply ends with `<|im_end|>`. Each step also trains on {ft_code_rows} windows of the stdlib corpus above (as long
 as the step's chats; {ft_code_files} training files, {ft_code_m:.2f} M tokens), so that it still writes Python.

@@ -180,21 +180,60 @@ TOOLS = [
 ]
 TOOLS_BY_NAME = {t.name: t for t in TOOLS}
 
+# More training phrasings: a tool's cores (noun phrases for look-ups, verb phrases for actions) in general wrappers,
+# so that the model learns that the core picks the tool, whatever surrounds it. The held-out phrasings above stay
+# whole sentences that training never sees (checked in _check_splits).
+ASK_WRAPPERS = ["What's {core}?", "Tell me {core}.", "Look up {core}.", "Can you check {core}?", "I need {core}.",
+                "Please find {core}.", "Get me {core}, please.", "Hey, what is {core}?", "I want to know {core}."]
+DO_WRAPPERS = ["{Core}.", "Please {core}.", "Can you {core}?", "Could you {core} for me?", "I need you to {core}.",
+               "Hey, {core}!", "{Core}, thanks.", "Would you {core}?"]
+CORES = {
+    "get_weather": (ASK_WRAPPERS, ["the weather in {city}", "the forecast for {city}", "the weather today in {city}",
+                                   "a {days}-day forecast for {city}", "the weather in {city} for {days} days"]),
+    "get_time": (ASK_WRAPPERS, ["the time in {city}", "the local time in {city}", "the clock time in {city}"]),
+    "search_docs": (DO_WRAPPERS, ["search the docs for {query}", "look up {query} in the documentation",
+                                  "find the documentation on {query}", "search the documentation about {query}"]),
+    "run_python": (DO_WRAPPERS, ["run {code}", "execute {code}", "run this code: {code}", "run the snippet {code}"]),
+    "convert_currency": (DO_WRAPPERS, ["convert {amount} {source} to {target}",
+                                       "change {amount} {source} into {target}",
+                                       "tell me what {amount} {source} is in {target}"]),
+    "send_email": (DO_WRAPPERS, ["email {to} with the subject {subject}", "send {to} an email titled {subject}",
+                                 "write an email to {to} with subject {subject}", "mail {to}, subject {subject}"]),
+    "read_file": (DO_WRAPPERS, ["open {path}", "show me {path}", "read the file {path}", "print the file {path}"]),
+    "translate": (DO_WRAPPERS, ["translate {text} into {language}", "translate the word {text} to {language}",
+                                "say {text} in {language}"]),
+}
+
+
+def _wrap(wrapper: str, core: str) -> str:
+    return wrapper.replace("{Core}", core[0].upper() + core[1:]).replace("{core}", core)
+
+
+for _tool in TOOLS:
+    _wrappers, _cores = CORES[_tool.name]
+    _tool.requests[TRAIN] += [_wrap(w, c) for w in _wrappers for c in _cores]
+
 
 # ---- plain requests: (user, reasoning, answer) -----------------------------------------------------------------------
 
-GREETINGS = {TRAIN: ["Hi", "Hello!", "Hey there", "Good morning", "Hi, how are you?", "Hello, who are you?"],
+GREETINGS = {TRAIN: ["Hi", "Hello!", "Hey there", "Good morning", "Hi, how are you?", "Hello, who are you?",
+                     "Good evening!", "Yo", "Hi there, assistant.", "Hello again"],
              HELDOUT: ["Greetings, assistant!", "hey, anybody there?"]}
 PLAIN = {  # kind -> split -> phrasings
-    "add": {TRAIN: ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}."],
+    "add": {TRAIN: ["What is {a} + {b}?", "Add {a} and {b}.", "Compute {a} plus {b}.", "What do {a} and {b} add up to?",
+                    "{a} + {b} = ?", "Sum {a} and {b}, please."],
             HELDOUT: ["Could you tell me the sum of {a} and {b}?"]},
-    "repeat": {TRAIN: ["Repeat after me: {w} {v}", "Say {w} {v}", "Echo this: {w} {v}"],
+    "repeat": {TRAIN: ["Repeat after me: {w} {v}", "Say {w} {v}", "Echo this: {w} {v}", "Repeat the words {w} {v}.",
+                       "Can you say {w} {v}?"],
                HELDOUT: ["Please say the words {w} {v} back to me."]},
-    "upper": {TRAIN: ["Write {w} in capital letters.", "Uppercase this word: {w}"],
+    "upper": {TRAIN: ["Write {w} in capital letters.", "Uppercase this word: {w}", "Capitalize every letter of {w}.",
+                      "Spell {w} in upper case."],
               HELDOUT: ["How does {w} look in all caps?"]},
-    "capital": {TRAIN: ["What is the capital of {c}?", "Name the capital city of {c}."],
+    "capital": {TRAIN: ["What is the capital of {c}?", "Name the capital city of {c}.", "Tell me the capital of {c}.",
+                        "{c}: what is its capital?"],
                 HELDOUT: ["Which city is the seat of government of {c}?"]},
-    "count": {TRAIN: ["Count from 1 to {n}.", "List the numbers 1 to {n}."],
+    "count": {TRAIN: ["Count from 1 to {n}.", "List the numbers 1 to {n}.", "Count to {n}.",
+                      "Write the numbers from 1 up to {n}."],
               HELDOUT: ["Please count up to {n} for me."]},
 }
 
@@ -308,7 +347,7 @@ def plain_sample(rng: random.Random, split: str, thinking: bool, functions, with
                   _reply(thinking, reasoning, answer), thinking, tools)
 
 
-MIX = (("plain", 0.35), ("tool", 0.35), ("result", 0.18), ("decline", 0.12))  # training shares of the kinds
+MIX = (("plain", 0.28), ("tool", 0.38), ("result", 0.14), ("decline", 0.2))  # training shares of the kinds
 
 
 def make_sample(kind: str, rng: random.Random, split: str, functions, thinking: bool | None = None) -> Sample:
@@ -335,3 +374,15 @@ def heldout_samples(functions, seed: int = 1234, counts: dict[str, int] = HELDOU
     rng = random.Random(seed)
     return [make_sample(kind, rng, HELDOUT, functions, thinking=i % 2 == 0)
             for kind, n in counts.items() for i in range(n)]
+
+
+def _check_splits() -> None:
+    """No held-out phrasing is also a training one: the evaluation's requests are new sentences."""
+    for tool in TOOLS:
+        assert not set(tool.requests[HELDOUT]) & set(tool.requests[TRAIN]), tool.name
+    for kinds in PLAIN.values():
+        assert not set(kinds[HELDOUT]) & set(kinds[TRAIN])
+    assert not set(GREETINGS[HELDOUT]) & set(GREETINGS[TRAIN])
+
+
+_check_splits()
