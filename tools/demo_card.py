@@ -165,7 +165,8 @@ CHAT_ABILITIES = """## What it can and cannot do
   end its turn with `<|im_end|>`, and call one of the tools it is offered, in Qwen3-Coder XML, with arguments taken
   from the request (rates above), then report a tool's result.
 - Cannot: answer questions correctly (its sums, capitals and code are patterns, often wrong), follow instructions
-  unlike those of its chat set, call tools unlike its eight, make several calls in one turn, or know anything beyond
+  unlike those of its chat set, tell that none of the offered tools is needed (it nearly always calls one), copy
+  every argument right, call tools unlike its eight, make several calls in one turn, or know anything beyond
   the stdlib's code; it repeats itself and loses the thread after a few lines. Use it to exercise the engine, its
   speculative decoding and its API (reasoning and tool-call parsing included), not for its answers.
 """
