@@ -1,6 +1,7 @@
-"""The shipped demo model (src/deltaserve/demo_model, made by tools/train_demo.py): the default model, a real
-Qwen3.5-MoE checkpoint with an MTP head, that writes Python, matches transformers token for token and whose MTP head
-predicts the token after next far above chance. The figures it is held to are those of its model card."""
+"""The shipped demo model (src/deltaserve/demo_model, made by tools/train_demo.py and tools/finetune_demo_chat.py): the
+default model, a real Qwen3.5-MoE checkpoint with an MTP head, that writes Python, matches transformers token for token,
+whose MTP head predicts the token after next far above chance, and that chats in Qwen3.5 markup the server parses. The
+figures it is held to are those of its model card."""
 
 from __future__ import annotations
 
@@ -158,3 +159,54 @@ def test_greedy_output_equals_transformers(prompt, tokenizer, hf_model, llm):
                                 pad_token_id=4087)[0, len(ids):].tolist()
     got = list(llm.generate(prompt, SamplingParams(max_tokens=n, temperature=0))[0].outputs[0].token_ids)
     assert got == ref, (tokenizer.decode(got), tokenizer.decode(ref))
+
+
+# ---- chat markup (tools/finetune_demo_chat.py): held-out phrasings and values, greedy, the server's parsers -------
+
+def _chat(kind: str, user: str, thinking: bool, tools: tuple[str, ...] = (), expect: dict | None = None):
+    from tools.demo_chat_data import TOOLS_BY_NAME, Sample
+
+    return Sample(kind, [{"role": "user", "content": user}], "", thinking,
+                  [TOOLS_BY_NAME[t].schema() for t in tools] or None, expect or {})
+
+
+# Held-out phrasings with held-out values (words, country, city the fine-tune never saw) that the shipped model handles:
+# a regression check on the markup; the card's rates say how often it gets held-out prompts right in general.
+HELDOUT_CHATS = {
+    "think": _chat("plain", "Please say the words marble violin back to me.", True),
+    "no_think": _chat("plain", "Which city is the seat of government of Croatia?", False),
+    "tool": _chat("tool", "Could you look up the current conditions in Chennai?", True, ("run_python", "get_weather"),
+                  {"name": "get_weather", "arguments": {"city": "Chennai"}}),
+}
+
+
+@pytest.fixture(scope="module")
+def chat_scores(llm, tokenizer) -> dict[str, dict[str, bool]]:
+    """Each held-out chat's reply, generated in one batch and scored as tools/eval_demo_chat.py scores them."""
+    from tools.eval_demo_chat import generate, score
+
+    completions = generate(llm, list(HELDOUT_CHATS.values()), max_tokens=128)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    return {name: score(tokenizer, s, c, im_end) | {"text": c.text}
+            for (name, s), c in zip(HELDOUT_CHATS.items(), completions)}
+
+
+@pytest.mark.parametrize("name", ["think", "no_think"])
+def test_chat_reply_closes_its_think_block_and_ends_its_turn(chat_scores, name):
+    row = chat_scores[name]
+    assert row["ended"], f"no <|im_end|> within 128 tokens: {row['text']!r}"
+    assert row.get("think_closed", True), f"<think> left open: {row['text']!r}"
+
+
+def test_tool_prompt_gets_a_call_the_server_parser_accepts(chat_scores):
+    row = chat_scores["tool"]
+    assert row["think_closed"] and row["ended"], row["text"]
+    assert row["tool_call"] and row["tool_args_exact"], f"expected get_weather(city=Chennai): {row['text']!r}"
+
+
+def test_model_card_states_the_chat_rates(metrics):
+    card = (DEMO / "README.md").read_text()
+    scores = metrics["chat_eval"]["scores"]
+    for key in ("think_closed", "ended", "tool_call"):
+        assert f"**{scores[key]['rate']:.0%}** | {scores[key]['hits']} / {scores[key]['n']}" in card, key
+    assert metrics["finetune"]["command"] in card and metrics["chat_eval"]["command"] in card

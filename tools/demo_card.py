@@ -16,7 +16,7 @@ An {params_m:.1f}M-parameter model in exactly the Qwen3.5-MoE architecture (`Qwe
 `qwen3_5_moe_text`), trained from scratch by the deltaserve project on the Python standard library's source code, so
 that `deltaserve generate`, `chat` and `serve` show real text without a download, and every path of the engine runs:
 Gated DeltaNet and gated full-attention layers, a sparse MoE with a shared expert in every layer, and a one-layer MTP
-head for speculative decoding. It is a toy: it continues Python code; it does not follow instructions.
+head for speculative decoding.{chat_intro}
 
 ## Architecture
 
@@ -75,11 +75,11 @@ the main model) + {aux:g} x MoE load-balancing loss over all routers. transforme
 torch {torch}.
 
 ## Results
-
+{results_note}
 | | |
 |---|---|
-| final training loss (next token, last step) | {final_train_loss:.3f} (MTP: {final_train_mtp_loss:.3f}) |
-| held-out loss during training (first 32 held-out windows, an easier part than the whole) | {curve} |
+| final pretraining loss (next token, last step) | {final_train_loss:.3f} (MTP: {final_train_mtp_loss:.3f}) |
+| held-out loss during pretraining (first 32 held-out windows, an easier part than the whole) | {curve} |
 | held-out loss / perplexity | {heldout_loss:.3f} / **{heldout_ppl:.2f}** ({heldout_tokens:,} tokens; uniform: {vocab_size}, unigram: {unigram_ppl:.0f}) |
 | held-out next-token accuracy | {heldout_next_token_acc:.1%} |
 | held-out MTP next-next-token accuracy | **{heldout_mtp_acc:.1%}** (MTP loss {heldout_mtp_loss:.3f}); chance (always the most frequent token): {most_frequent_token_acc:.1%} |
@@ -92,7 +92,86 @@ them. An earlier run of the same recipe without the prompt-boundary cuts (420 s 
 held-out perplexity 5.99 and MTP accuracy 62.5%, but continued the prompt `"def "` with digits (`def 2`), which
 the cuts fixed.
 
-## What it can and cannot do
+{chat_sections}{abilities}"""
+
+
+CHAT_INTRO = """ It was then fine-tuned on a synthetic chat set, so that it also speaks the Qwen3.5 chat markup: it closes its
+`<think>` block, ends its turns with `<|im_end|>`, and calls a tool in Qwen3-Coder XML when one is offered and asked
+for, so the server's reasoning and tool-call parsing can be shown end to end with it. It is still a toy: its answers
+are short patterns, often wrong; it writes Python-looking code."""
+PLAIN_INTRO = " It is a toy: it continues Python code; it does not follow instructions."
+
+RESULTS_NOTE = """
+The held-out code figures are those of the shipped weights, measured after the chat fine-tune (below); the training
+rows are the pretraining's.
+"""
+
+CHAT_SECTIONS = """## Chat fine-tune
+
+Data: `tools/demo_chat_data.py` generates {ft_chats} chats (seeded), rendered with this model's own chat template;
+the loss is on the assistant's reply only. Kinds: {ft_kinds}. Plain requests (greetings, sums, repeating words,
+capital letters, capital cities, counting, and "Write a Python function `name`: <docstring summary>" from the
+training files' short documented functions) are answered in the thinking form (`reasoning` `</think>` answer, 60%)
+or the `enable_thinking=false` form; tool chats offer 1-3 of 8 tools (`get_weather(city, days)`, `run_python(code)`,
+`search_docs(query)`, `get_time(city)`, `convert_currency(amount, source, target)`, `send_email(to, subject)`,
+`read_file(path)`, `translate(text, language)`, JSON schemas) and ask for one (a few whole sentences per tool, and
+its core phrases in general wrappers: "Can you {{core}}?"): the reply is a Qwen3-Coder XML call whose arguments are
+copied from the request; tool-result chats put that call and the tool's (made-up) result in the
+history, and the reply reports the result; "decline" chats offer tools but ask for none, and the reply makes no call.
+Every reply ends with `<|im_end|>`. Each step also trains on {ft_code_rows} windows of the stdlib corpus above (as long
+as the step's chats; {ft_code_files} training files, {ft_code_m:.2f} M tokens), so that it still writes Python.
+
+```
+{ft_command}
+```
+
+From the pretrained checkpoint, on a CPU with one thread (torch {ft_torch}): {ft_steps} steps of {ft_chat_rows} chats +
+{ft_code_rows} code windows in {ft_seconds:.0f} s; AdamW (lr {ft_lr:g}, {ft_warmup} warmup steps, cosine to {ft_min_lr:g} x lr
+over the time budget), the pretraining's losses (next token + {ft_mtp:g} x MTP + load balancing) on the labelled
+positions. Held-out code before -> after: perplexity {before_ppl:.2f} -> {heldout_ppl:.2f}, next-token accuracy
+{before_acc:.1%} -> {heldout_next_token_acc:.1%}, MTP accuracy {before_mtp:.1%} -> {heldout_mtp_acc:.1%}.
+
+## Chat markup on held-out prompts
+
+{eval_prompts} held-out chats: request phrasings, system prompts and values (cities, words, countries, and functions
+of the held-out stdlib files) that the fine-tune never saw; half of each kind with thinking on. Greedy, through
+deltaserve's engine (fp32, CPU) with at most {eval_max_tokens} new tokens, each reply read by the server's own
+reasoning and tool-call parsers (`deltaserve.server.output_parser`):
+
+| | rate | count |
+|---|---|---|
+{eval_rows}
+
+```
+{eval_command}
+```
+
+"""
+
+EVAL_ROWS = (
+    ("think_closed", "thinking replies whose `<think>` block closes"),
+    ("ended", "replies that end with `<|im_end|>` (finish_reason `stop`) before max_tokens"),
+    ("tool_call", "tool prompts answered by a call the tool parser accepts: right function, JSON-object arguments "
+                  "with the required parameters"),
+    ("tool_args_exact", "... whose arguments equal the ones the request states"),
+    ("result_used", "replies after a tool result that make no call and repeat the result's value"),
+    ("declined", "prompts offering tools but needing none, answered without a call"),
+)
+
+CHAT_ABILITIES = """## What it can and cannot do
+
+- Can: continue Python source in the style of the standard library (`def `, `class `, imports, docstrings,
+  unittest code) with plausible syntax and names over a few lines; in a chat, think briefly and close `</think>`,
+  end its turn with `<|im_end|>`, and call one of the tools it is offered, in Qwen3-Coder XML, with arguments taken
+  from the request (rates above), then report a tool's result.
+- Cannot: answer questions correctly (its sums, capitals and code are patterns, often wrong), follow instructions
+  unlike those of its chat set, tell that none of the offered tools is needed (it nearly always calls one), copy
+  every argument right, call tools unlike its eight, make several calls in one turn, or know anything beyond
+  the stdlib's code; it repeats itself and loses the thread after a few lines. Use it to exercise the engine, its
+  speculative decoding and its API (reasoning and tool-call parsing included), not for its answers.
+"""
+
+PLAIN_ABILITIES = """## What it can and cannot do
 
 - Can: continue Python source in the style of the standard library (`def `, `class `, imports, docstrings,
   unittest code) with plausible syntax and names over a few lines; end a chat turn with `<|im_end|>` after a function.
@@ -131,7 +210,35 @@ def card_fields(cfg: dict, m: dict, weights_bytes: int) -> dict:
         "verify_main": f"{m.get('verify_max_abs_diff_main_logits', float('nan')):.1e}",
         "verify_mtp": f"{m.get('verify_max_abs_diff_mtp_logits', float('nan')):.1e}",
         "curve": ", ".join(f"{r['heldout_loss']:.2f} @ {r['step']}" for r in m["history"] if "heldout_loss" in r)
-        or "-", "prompt_cut_every": a.get("prompt_cut_every", 0)}
+        or "-", "prompt_cut_every": a.get("prompt_cut_every", 0)} | chat_fields(m)
+
+
+def chat_fields(m: dict) -> dict:
+    """The chat fine-tune's sections, or the pretrained model's wording when it was not fine-tuned."""
+    ft = m.get("finetune")
+    if ft is None:
+        return {"chat_intro": PLAIN_INTRO, "results_note": "", "chat_sections": "", "abilities": PLAIN_ABILITIES}
+    a, before, ev = ft["args"], ft["heldout_code_before"], m.get("chat_eval")
+    fields = {"ft_chats": ft["chat_samples"], "ft_kinds": ", ".join(f"{k} {v}" for k, v in ft["chat_kinds"].items()),
+              "ft_code_rows": a["code_rows"], "ft_chat_rows": a["chat_rows"], "ft_code_files": a["code_files"],
+              "ft_code_m": ft["code_tokens"] / 1e6, "ft_command": ft["command"], "ft_torch": ft["torch"],
+              "ft_steps": ft["steps"], "ft_seconds": ft["train_seconds"], "ft_lr": a["lr"], "ft_warmup": a["warmup"],
+              "ft_min_lr": a["min_lr_ratio"], "ft_mtp": a["mtp_weight"], "before_ppl": before["heldout_ppl"],
+              "before_acc": before["heldout_next_token_acc"], "before_mtp": before["heldout_mtp_acc"],
+              "heldout_ppl": m["heldout_ppl"], "heldout_next_token_acc": m["heldout_next_token_acc"],
+              "heldout_mtp_acc": m["heldout_mtp_acc"], "eval_prompts": ev["prompts"] if ev else "-",
+              "eval_max_tokens": ev["max_tokens"] if ev else "-", "eval_rows": eval_rows(ev),
+              "eval_command": ev["command"] if ev else "(not evaluated yet)"}
+    return {"chat_intro": CHAT_INTRO, "results_note": RESULTS_NOTE, "abilities": CHAT_ABILITIES,
+            "chat_sections": CHAT_SECTIONS.format(**fields)}
+
+
+def eval_rows(ev: dict | None) -> str:
+    if ev is None:
+        return "| (not evaluated yet) | | |"
+    scores = ev["scores"]
+    return "\n".join(f"| {label} | **{scores[k]['rate']:.0%}** | {scores[k]['hits']} / {scores[k]['n']} |"
+                     for k, label in EVAL_ROWS)
 
 
 if __name__ == "__main__":

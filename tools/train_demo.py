@@ -21,7 +21,8 @@ Development tooling, not part of the serving package. Steps (all in one command)
 
 ``python tools/verify_demo.py DIR`` then loads the written checkpoint in deltaserve, compares its main and MTP logits
 with this script's training math on held-out text and measures the MTP head's accuracy through deltaserve;
-``python tools/demo_card.py DIR`` rewrites the model card from config.json and metrics.json.
+``python tools/demo_card.py DIR`` rewrites the model card from config.json and metrics.json. The shipped model was then
+fine-tuned to chat (thinking blocks, turn ends, tool calls) by ``tools/finetune_demo_chat.py``.
 
 Example (the shipped model): see the model card, src/deltaserve/demo_model/README.md.
 """

@@ -2,8 +2,10 @@
 
 The default is the project's trained demo model, shipped inside the package (`deltaserve/demo_model/`): a ~8M-parameter
 Qwen3.5-MoE (Gated DeltaNet + gated attention layers, MoE with a shared expert, an MTP head) trained from scratch on
-the Python standard library's sources by `tools/train_demo.py`; its model card is `demo_model/README.md`. It writes
-Python-like text, so every path of the engine runs on real activations without a download.
+the Python standard library's sources by `tools/train_demo.py`, then fine-tuned on a synthetic chat set by
+`tools/finetune_demo_chat.py`; its model card is `demo_model/README.md`. It writes Python-like text and chats in
+Qwen3.5's markup (a closed <think> block, <|im_end|>, Qwen3-Coder XML tool calls), so every path of the engine and
+of the server's reasoning and tool-call parsing runs on real activations without a download.
 
 A random checkpoint of the same architecture (byte-level tokenizer, the same ChatML template) can still be created
 deterministically (`random_demo_model_dir`, `write_demo_checkpoint`) for tests that need a tiny model; it is also the
