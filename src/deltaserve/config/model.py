@@ -22,8 +22,29 @@ SUPPORTED_MODEL_TYPES = {"qwen3_5": False, "qwen3_5_text": False, "qwen3_5_moe":
 LAYER_TYPES = ("linear_attention", "full_attention")
 
 
+class LinearAttentionSizes:
+    """The Gated DeltaNet widths derived from the head counts; shared by the model's config and a rank's shapes."""
+
+    linear_num_key_heads: int
+    linear_key_head_dim: int
+    linear_num_value_heads: int
+    linear_value_head_dim: int
+
+    @property
+    def key_dim(self) -> int:
+        return self.linear_num_key_heads * self.linear_key_head_dim
+
+    @property
+    def value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.key_dim + self.value_dim
+
+
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(LinearAttentionSizes):
     """The text decoder of a Qwen3.5 / Qwen3.6 checkpoint (dense or MoE), read from config.json."""
 
     architecture: str
@@ -62,18 +83,6 @@ class ModelConfig:
         self._validate()
 
     # ---- derived sizes -------------------------------------------------------------------------------------------
-    @property
-    def key_dim(self) -> int:
-        return self.linear_num_key_heads * self.linear_key_head_dim
-
-    @property
-    def value_dim(self) -> int:
-        return self.linear_num_value_heads * self.linear_value_head_dim
-
-    @property
-    def conv_dim(self) -> int:
-        return 2 * self.key_dim + self.value_dim
-
     @property
     def rotary_dim(self) -> int:
         return int(self.head_dim * self.partial_rotary_factor)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from deltaserve.config.common import ConfigError, is_int
-from deltaserve.config.model import ModelConfig
+from deltaserve.config.model import LinearAttentionSizes, ModelConfig
 
 
 @dataclass(frozen=True)
-class RankShapes:
+class RankShapes(LinearAttentionSizes):
     """Sizes held by rank `tp_rank` of `tp_size` (all equal to the model's when tp_size is 1).
 
     Attention: num_heads query heads (each with its gate), num_kv_heads K/V heads of head_dim.
@@ -40,18 +40,6 @@ class RankShapes:
     shared_expert_intermediate_size: int | None
     num_experts: int | None
     model_num_kv_heads: int = 0  # before the split, for kv_replicas
-
-    @property
-    def key_dim(self) -> int:
-        return self.linear_num_key_heads * self.linear_key_head_dim
-
-    @property
-    def value_dim(self) -> int:
-        return self.linear_num_value_heads * self.linear_value_head_dim
-
-    @property
-    def conv_dim(self) -> int:
-        return 2 * self.key_dim + self.value_dim
 
     @property
     def kv_replicas(self) -> int:
