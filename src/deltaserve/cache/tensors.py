@@ -43,10 +43,15 @@ class KVPages(NamedTuple):
 
 
 class GDNState(NamedTuple):
-    """One GDN layer's state slots: conv [S, W-1, conv_dim] (pre-conv inputs, model dtype), ssm [S, HV, K, V]."""
+    """One GDN layer's state slots: conv [S, W-1, conv_dim] (pre-conv inputs, model dtype), ssm [S, HV, K, V].
+
+    With speculative decoding, conv_steps [R, k, W-1, conv_dim] and ssm_steps [R, k, HV, K, V] receive the state after
+    each of the k positions of the first R rows of a verify step (the runner then commits the last kept one)."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
+    conv_steps: torch.Tensor | None = None
+    ssm_steps: torch.Tensor | None = None
 
 
 def _elem(dtype: torch.dtype) -> int:
@@ -76,8 +81,9 @@ class ModelCache:
     `gdn(key)` -> GDNState. Layer keys are decoder layer indices, and MTP_LAYER for the MTP head's attention."""
 
     def __init__(self, config: ModelConfig, shape: CacheShape, *, device: torch.device | str, with_mtp: bool = False,
-                 shapes: RankShapes | None = None) -> None:
-        """shapes: the rank's shapes (default: the whole model, one rank)."""
+                 shapes: RankShapes | None = None, verify_rows: int = 0, verify_positions: int = 0) -> None:
+        """shapes: the rank's shapes (default: the whole model, one rank); verify_rows x verify_positions: the
+        per-position GDN states a verify step keeps (speculative decoding; 0: none)."""
         shapes = shapes or RankShapes.for_rank(config)
         self.shape = shape
         self._kv: dict[int | str, KVPages] = {}
@@ -88,9 +94,14 @@ class ModelCache:
         conv_shape = (shape.num_slots, shapes.conv_kernel - 1, shapes.conv_dim)
         ssm_shape = (shape.num_slots, shapes.linear_num_value_heads, shapes.linear_key_head_dim,
                      shapes.linear_value_head_dim)
+        keep = verify_rows > 0 and verify_positions > 0
+        self.verify_rows = verify_rows if keep else 0
         for i in config.linear_attention_layers:
+            steps = [torch.zeros((verify_rows, verify_positions, *shape_[1:]), dtype=dtype, device=device)
+                     for shape_, dtype in ((conv_shape, shape.conv_dtype), (ssm_shape, shape.state_dtype))] \
+                if keep else [None, None]
             self._gdn[i] = GDNState(torch.zeros(conv_shape, dtype=shape.conv_dtype, device=device),
-                                    torch.zeros(ssm_shape, dtype=shape.state_dtype, device=device))
+                                    torch.zeros(ssm_shape, dtype=shape.state_dtype, device=device), *steps)
 
     def attention(self, key: int | str) -> KVPages:
         return self._kv[key]
@@ -108,6 +119,16 @@ class ModelCache:
         for state in self._gdn.values():
             state.conv.index_copy_(0, dst, state.conv.index_select(0, src))
             state.ssm.index_copy_(0, dst, state.ssm.index_select(0, src))
+
+    def commit_verified(self, slots: torch.Tensor, kept: torch.Tensor) -> None:
+        """After a verify step: install in each row's slot the GDN states kept after its kept[i]-th position
+        (slots [n] int64, all real; kept [n] int64 in [1, k]; row i of the step is row i of the buffers)."""
+        rows = torch.arange(slots.shape[0], device=slots.device)
+        pos = kept - 1
+        for state in self._gdn.values():
+            assert state.conv_steps is not None and state.ssm_steps is not None
+            state.conv.index_copy_(0, slots, state.conv_steps[rows, pos])
+            state.ssm.index_copy_(0, slots, state.ssm_steps[rows, pos])
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Every attention layer's K/V (and their scales, when quantized) of pages `src` into pages `dst` ([n] int64

@@ -115,21 +115,60 @@ class ParallelConfig:
         _positive_int(self.tensor_parallel_size, "tensor_parallel_size")
 
 
+MAX_SPECULATIVE_TOKENS = 4
+# Largest batch a verify step is run for by default: above it every step is a plain decode step (MTP turns itself
+# down). docs/SPECULATIVE.md says how the number was chosen.
+SPECULATIVE_MAX_BATCH = 16
+
+
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding with the checkpoint's MTP head. The MTP head is loaded, and given KV pages, only when
-    this section enables it; the drafting loop itself is not part of this version, so 0 is the only valid value."""
+    """Speculative decoding with the checkpoint's MTP head: K = num_speculative_tokens drafts per request and step
+    (0: off). The MTP head is loaded, and given KV pages, only when this section enables it. Verify steps run only
+    while at most `max_batch` requests are running (above that, drafting costs more than it saves)."""
 
     num_speculative_tokens: int = 0
+    max_batch: int = SPECULATIVE_MAX_BATCH
 
     def __post_init__(self) -> None:
-        require(self.num_speculative_tokens == 0,
-                f"'num_speculative_tokens' is {self.num_speculative_tokens!r}; speculative decoding is not available "
-                "in this version, leave it at 0")
+        k = self.num_speculative_tokens
+        require(is_int(k) and 0 <= k <= MAX_SPECULATIVE_TOKENS,
+                f"'speculative_tokens' is {k!r}; use 1 to {MAX_SPECULATIVE_TOKENS} draft tokens per step (MTP), or 0 "
+                "to turn speculative decoding off")
+        _positive_int(self.max_batch, "speculative_max_batch")
 
     @property
     def enabled(self) -> bool:
         return self.num_speculative_tokens > 0
+
+
+def parse_speculative_config(text: str | dict | None) -> int | None:
+    """vLLM's --speculative-config JSON ('{"method": "mtp", "num_speculative_tokens": K}') -> K (None: not given).
+    Only the checkpoint's own MTP head is supported as a drafter."""
+    if text is None or text == "":
+        return None
+    import json
+
+    try:
+        spec = json.loads(text) if isinstance(text, str) else dict(text)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"'speculative_config' is not valid JSON ({e}); use "
+                          '\'{"method": "mtp", "num_speculative_tokens": 2}\'') from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"'speculative_config' must be a JSON object, got {text!r}")
+    method = spec.get("method", "mtp")
+    if method not in ("mtp", "qwen3_next_mtp", "qwen3_5_mtp"):
+        raise ConfigError(f"'speculative_config' method {method!r} is not supported; deltaserve drafts with the "
+                          "checkpoint's MTP head only: use \"method\": \"mtp\"")
+    unknown = sorted(set(spec) - {"method", "num_speculative_tokens", "model"})
+    if unknown:
+        raise ConfigError(f"'speculative_config' has unsupported keys {unknown}; deltaserve reads 'method' and "
+                          "'num_speculative_tokens'")
+    k = spec.get("num_speculative_tokens")
+    if not is_int(k):
+        raise ConfigError(f"'speculative_config' needs an integer 'num_speculative_tokens' (1 to "
+                          f"{MAX_SPECULATIVE_TOKENS}), got {k!r}")
+    return int(k)
 
 
 @dataclass(frozen=True)
@@ -163,6 +202,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.rank_shapes(0)  # raises naming the dimension when the TP size does not divide the model
+        require(not self.speculative.enabled or self.model.mtp_num_hidden_layers > 0,
+                f"speculative decoding ({self.speculative.num_speculative_tokens} MTP draft tokens) was asked for, but "
+                f"the checkpoint in {self.model.model_dir} has no MTP head (mtp_num_hidden_layers is 0 in its "
+                "config.json); use a checkpoint that ships its mtp.* tensors, or leave speculative_tokens at 0")
 
     def rank_shapes(self, rank: int = 0) -> RankShapes:
         return RankShapes.for_rank(self.model, self.parallel.tensor_parallel_size, rank)
@@ -171,6 +214,10 @@ class EngineConfig:
     def with_mtp(self) -> bool:
         """Whether the MTP head is built, loaded and given KV pages."""
         return self.speculative.enabled
+
+    @property
+    def num_speculative_tokens(self) -> int:
+        return self.speculative.num_speculative_tokens
 
     @property
     def max_model_len(self) -> int:

@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltaserve.config.common import ConfigError
-from deltaserve.config.engine import (KV_CACHE_DTYPES, LOAD_FORMATS, MODEL_DTYPES, STATE_DTYPES, CacheConfig,
-                                      EngineConfig, QuantizationConfig, RunnerConfig, SchedulerConfig)
+from deltaserve.config.engine import (KV_CACHE_DTYPES, LOAD_FORMATS, MODEL_DTYPES, SPECULATIVE_MAX_BATCH,
+                                      STATE_DTYPES, CacheConfig, EngineConfig, QuantizationConfig, RunnerConfig,
+                                      SchedulerConfig, SpeculativeConfig, parse_speculative_config)
 from deltaserve.config.model import ModelConfig
 
 
@@ -66,11 +67,20 @@ class EngineArgs:
         None, "make every step wait for its own tokens before the next is scheduled (by default on GPU the next "
               "step is launched first, so host work overlaps the GPU)", section="scheduler",
         flag="--no-async-scheduling")
+    speculative_tokens: int = _option(
+        0, "MTP speculative decoding: draft tokens per request and step, 1 to 4 (the checkpoint's own MTP head "
+           "drafts, one forward verifies; outputs are unchanged). 0: off", section="speculative", type=int)
+    speculative_config: str | None = _option(
+        None, 'vLLM-style alternative to --speculative-tokens: \'{"method": "mtp", "num_speculative_tokens": K}\'',
+        section="speculative", type=str)
+    speculative_max_batch: int = _option(
+        SPECULATIVE_MAX_BATCH, "verify drafts only while at most this many requests run (larger batches decode "
+                               "plainly: drafting stops paying there)", section="speculative", type=int)
 
     def create_engine_config(self) -> EngineConfig:
         """Read the checkpoint's config.json and compose the validated sections (ConfigError names what is wrong)."""
         model = ModelConfig.from_hf(self.model)
-        sections: dict[str, dict[str, Any]] = {"runner": {}, "cache": {}, "scheduler": {}}
+        sections: dict[str, dict[str, Any]] = {"runner": {}, "cache": {}, "scheduler": {}, "speculative": {}}
         for f in dataclasses.fields(self):
             if f.metadata:
                 sections[f.metadata["section"]][f.name] = getattr(self, f.name)
@@ -79,7 +89,19 @@ class EngineArgs:
             scheduler["max_model_len"] = model.max_position_embeddings
         return EngineConfig(model=model, runner=RunnerConfig(**sections["runner"]),
                             cache=CacheConfig(**sections["cache"]), scheduler=SchedulerConfig(**scheduler),
+                            speculative=self._speculative(sections["speculative"]),
                             quantization=QuantizationConfig.from_model(model))
+
+    @staticmethod
+    def _speculative(options: dict[str, Any]) -> SpeculativeConfig:
+        k, from_json = options["speculative_tokens"], parse_speculative_config(options["speculative_config"])
+        if from_json is not None:
+            if k not in (0, None, from_json):
+                raise ConfigError(f"'speculative_tokens' ({k}) and 'speculative_config' "
+                                  f"(num_speculative_tokens {from_json}) disagree; give one of them")
+            k = from_json
+        return SpeculativeConfig(num_speculative_tokens=0 if k is None else k,
+                                 max_batch=options["speculative_max_batch"])
 
     @classmethod
     def from_kwargs(cls, model: str, **options: Any) -> EngineArgs:

@@ -46,7 +46,11 @@ def upload_step(step: StepInput, *, page_size: int, device: torch.device | str) 
     pending_rows = np.flatnonzero(step.input_ids == PENDING)
     arrays = _forward_arrays(step.query_lens, step.context_lens, step.block_table, row_of_token, page_size)
     k = step.tokens_per_row
-    chunks = _chunk_arrays(step.query_lens, arrays["cu"]) if k != 1 else []
+    verify = step.is_verify
+    if verify and (k is None or len(step.sampling) != n or any(s.num_logits_rows != k for s in step.sampling)):
+        raise ValueError("a step with draft tokens must be a verify step: every row one known token plus the same "
+                         "number of drafts after an existing state (the scheduler strips drafts otherwise)")
+    chunks = _chunk_arrays(step.query_lens, arrays["cu"]) if k != 1 and not verify else []
     # each sampling request's row is the row of its last logits row
     last_logits = np.cumsum([s.num_logits_rows for s in step.sampling], dtype=np.int64) - 1
     sample_rows = row_of_token[step.logits_rows[last_logits]] if step.sampling else np.zeros(0, np.int64)
@@ -61,7 +65,7 @@ def upload_step(step: StepInput, *, page_size: int, device: torch.device | str) 
                          block_tables=tables, slot_mapping=mapping, logits_indices=logits, tokens_per_row=k,
                          chunk_indices=chunk_dev[1] if chunks else None,
                          cu_seqlens_long=chunk_dev[0] if chunks else None,
-                         any_padding=bool((step.state_slots < 0).any()))
+                         any_padding=bool((step.state_slots < 0).any()), keep_states=verify)
     return DeviceStep(ids, batch, p_rows, p_slots, s_slots)
 
 

@@ -13,7 +13,7 @@ from deltaserve.cache.manager import CacheManager
 from deltaserve.config import EngineArgs, EngineConfig
 from deltaserve.engine.output_processor import OutputProcessor, RequestError
 from deltaserve.engine.request import Request, RequestStatus
-from deltaserve.engine.runner import LaunchedStep, ModelRunner
+from deltaserve.engine.runner import LaunchedStep, ModelRunner, StepResult
 from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
 from deltaserve.engine.step_input import BlockTables, build_step_input
 from deltaserve.engine.tokenizer import eos_token_ids, load_tokenizer
@@ -44,8 +44,11 @@ class LLMEngine:
         self.cache = CacheManager(num_pages=plan.num_pages, num_slots=plan.num_slots, page_size=page_size,
                                   num_checkpoints=plan.num_checkpoints, namespace=self._cache_namespace(),
                                   state_tokens=plan.slot_bytes * page_size // max(plan.page_bytes, 1))
+        spec = self.config.speculative
         self.scheduler = Scheduler(self.config.scheduler, self.cache,
-                                   checkpoint_interval=self.config.cache.checkpoint_interval)
+                                   checkpoint_interval=self.config.cache.checkpoint_interval,
+                                   speculative_tokens=spec.num_speculative_tokens,
+                                   speculative_max_batch=min(spec.max_batch, self.runner.cache.verify_rows))
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
         # the matchers of constrained requests; their grammars compile in the compiler's cache (any thread)
         self.structured = StructuredOutputs(GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
@@ -54,6 +57,17 @@ class LLMEngine:
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0, "preemptions": 0}
         requested = self.config.scheduler.async_scheduling
         self.async_scheduling = self.runner.device.type == "cuda" if requested is None else requested
+        if spec.enabled and self.async_scheduling:
+            # A request's next step verifies the drafts this step proposes: it cannot be scheduled before they
+            # reach the host, so overlapping steps would only add empty ones.
+            if requested:
+                log.info("async scheduling is off with speculative decoding (each step's drafts feed the next)")
+            self.async_scheduling = False
+        # MTP: drafts proposed and verified, drafts accepted, and accepted drafts by position (1st, 2nd, ...)
+        self.spec_counters = {"spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_verify_steps": 0}
+        self.spec_accepted_per_position = [0] * spec.num_speculative_tokens
+        self.spec_drafted_per_position = [0] * spec.num_speculative_tokens
+        self._spec_turn_down_logged = False
         self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
 
     @property
@@ -122,7 +136,20 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         """Gauges and counters for /metrics (call on the engine's thread)."""
         s = self.scheduler
-        return {"running": s.num_running, "waiting": s.num_waiting, **self.cache.stats(), **self.counters}
+        stats = {"running": s.num_running, "waiting": s.num_waiting, **self.cache.stats(), **self.counters}
+        if self.config.speculative.enabled:
+            stats.update(self.spec_counters, spec_turned_down_steps=s.spec_turned_down)
+            for j, (drafted, accepted) in enumerate(zip(self.spec_drafted_per_position,
+                                                        self.spec_accepted_per_position)):
+                stats[f"spec_drafted_pos_{j}"] = drafted
+                stats[f"spec_accepted_pos_{j}"] = accepted
+        return stats
+
+    def acceptance_length(self) -> float:
+        """Mean tokens a verify step kept per request (1 + accepted drafts); NaN before any verify step."""
+        c = self.spec_counters
+        rows = self.spec_drafted_per_position[0] if self.spec_drafted_per_position else 0
+        return 1 + c["spec_accepted_tokens"] / rows if rows else float("nan")
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (its checkpoints and the pages only they hold)."""
@@ -139,6 +166,10 @@ class LLMEngine:
         tokens have advanced the grammars (the mask is built while the GPU runs this step's model).
         """
         out = self.scheduler.schedule()
+        if self.scheduler.spec_turned_down and not self._spec_turn_down_logged:
+            self._spec_turn_down_logged = True
+            log.info("MTP speculative decoding pauses while more than %d requests run (speculative_max_batch): "
+                     "verify steps cost more than they save at large batches", self.scheduler._spec_max_batch)
         launched = None
         deltas: list[SequenceDelta] = []
         if not out.is_empty:
@@ -188,9 +219,14 @@ class LLMEngine:
         for rid, entries in result.prompt_logprobs.items():
             self.outputs.add_prompt_logprobs(rid, entries)
         appended = self.scheduler.resolve_step(out, result.tokens)
+        if launched.step.is_verify:
+            self._count_verified(launched, result)
         refused: dict[str, str] = {}
         for request in appended:
             tokens = result.tokens[request.request_id]
+            drafts = result.drafts.get(request.request_id)
+            if drafts and request.status is RequestStatus.RUNNING and request.request_id not in self.structured:
+                request.draft_token_ids = drafts  # verified by its next step (dropped there if it ends first)
             delta = self.outputs.on_tokens(request, tokens, result.logprobs.get(request.request_id), self._end)
             if delta is not None:
                 self.counters["generation_tokens"] += len(delta.token_ids)
@@ -200,6 +236,21 @@ class LLMEngine:
                     if error is not None:
                         refused[request.request_id] = error
         return deltas + self._fail_requests(refused)
+
+    def _count_verified(self, launched: LaunchedStep, result: StepResult) -> None:
+        c = self.spec_counters
+        c["spec_verify_steps"] += 1
+        k = launched.step.num_drafts
+        for s in launched.step.sampling:
+            kept = result.tokens.get(s.request_id)
+            if kept is None:
+                continue
+            accepted = len(kept) - 1
+            c["spec_draft_tokens"] += k
+            c["spec_accepted_tokens"] += accepted
+            for j in range(k):
+                self.spec_drafted_per_position[j] += 1
+                self.spec_accepted_per_position[j] += j < accepted
 
     def _end(self, request: Request, delta: SequenceDelta) -> None:
         status = RequestStatus.FINISHED_STOPPED if delta.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH

@@ -23,7 +23,8 @@ def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torc
                                       getattr(torch, cc.state_dtype))
     explicit_slots = cc.num_state_slots if cc.num_state_slots is not None else (
         sched.max_num_seqs if cc.num_pages is not None else None)
-    return plan_memory(budget_bytes=_budget_bytes(model, config, device, dtype), page_bytes=page_bytes,
+    budget = _budget_bytes(model, config, device, dtype) - verify_state_bytes(config, dtype)
+    return plan_memory(budget_bytes=budget, page_bytes=page_bytes,
                        slot_bytes=slot_bytes, page_size=cc.page_size, max_num_seqs=sched.max_num_seqs,
                        max_model_len=sched.max_model_len, num_pages=cc.num_pages, num_slots=explicit_slots,
                        num_checkpoints=cc.num_checkpoints if cc.enable_prefix_caching else 0,
@@ -43,13 +44,29 @@ def _kv_layers(config: EngineConfig) -> int:
     return len(config.model.full_attention_layers) + int(config.with_mtp)
 
 
+def verify_shape(config: EngineConfig) -> tuple[int, int]:
+    """(rows, positions) of the per-position GDN states verify steps keep: (0, 0) without speculative decoding."""
+    if not config.with_mtp:
+        return 0, 0
+    return min(config.speculative.max_batch, config.scheduler.max_num_seqs), 1 + config.num_speculative_tokens
+
+
+def verify_state_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
+    """Memory of the per-position GDN states of verify steps (strategy "keep every state": 1 + K states per row)."""
+    rows, positions = verify_shape(config)
+    return rows * positions * state_bytes_per_slot(config.rank_shapes(), len(config.model.linear_attention_layers),
+                                                   dtype, getattr(torch, config.cache.state_dtype))
+
+
 def new_cache(config: EngineConfig, *, num_pages: int, num_slots: int, dtype: torch.dtype,
-              device: torch.device) -> ModelCache:
+              device: torch.device, verify: bool = True) -> ModelCache:
     cc = config.cache
     shape = CacheShape(num_pages=num_pages, page_size=cc.page_size, num_slots=num_slots,
                        kv_dtype=kv_page_dtype(cc.kv_cache_dtype, dtype), conv_dtype=dtype,
                        state_dtype=getattr(torch, cc.state_dtype))
-    return ModelCache(config.model, shape, device=device, with_mtp=config.with_mtp, shapes=config.rank_shapes())
+    rows, positions = verify_shape(config) if verify else (0, 0)
+    return ModelCache(config.model, shape, device=device, with_mtp=config.with_mtp, shapes=config.rank_shapes(),
+                      verify_rows=rows, verify_positions=positions)
 
 
 def _budget_bytes(model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> int:
@@ -71,7 +88,7 @@ def _activation_peak_cuda(model: torch.nn.Module, config: EngineConfig, device: 
     sched = config.scheduler
     tokens = min(sched.max_num_batched_tokens, sched.max_model_len)
     pages = pages_for_tokens(tokens, config.cache.page_size)
-    cache = new_cache(config, num_pages=pages, num_slots=1, dtype=dtype, device=device)
+    cache = new_cache(config, num_pages=pages, num_slots=1, dtype=dtype, device=device, verify=False)
     batch = build_forward_batch(query_lens=[tokens], context_lens=[0], state_slots=[0],
                                 block_tables=[list(range(pages))], page_size=config.cache.page_size, device=device)
     torch.cuda.synchronize(device)

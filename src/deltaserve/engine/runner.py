@@ -26,6 +26,7 @@ from deltaserve.engine.device_inputs import DeviceStep, upload_step
 from deltaserve.engine.memory import new_cache, plan_cache_memory
 from deltaserve.engine.prompt_logprobs import PromptScores, prompt_logprobs, prompt_logprobs_lists
 from deltaserve.engine.sampler import GrammarBitmask, Sampler, SamplerOutput, SamplingRow
+from deltaserve.engine.speculative import MTPDrafter, first_logits_rows, kept_counts
 from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, needs_grammar
 from deltaserve.models.loader import load_model
 from deltaserve.outputs import TokenLogprob
@@ -89,6 +90,13 @@ class LaunchedStep:
     # a step whose sampling waits for its grammar mask: the sampling rows' logits and their state slots
     logits: torch.Tensor | None = None
     sample_slots: torch.Tensor | None = None
+    # speculative decoding: tokens kept per sampling request [R] and the next drafts [R, K] (host copies on CUDA)
+    kept: torch.Tensor | None = None
+    drafts: torch.Tensor | None = None
+    # what the drafter reads once the step is sampled (only with speculative decoding)
+    dev: DeviceStep | None = None
+    input_ids: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
 
     @property
     def awaits_grammar(self) -> bool:
@@ -104,6 +112,7 @@ class StepResult:
     # prompt logprobs: request id -> (position of the scored token's predecessor, the scored token's logprob)
     prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # requests whose sampling raised -> why (no tokens)
+    drafts: dict[str, list[int]] = field(default_factory=dict)  # MTP proposals for each request's next step
 
 
 class ModelRunner:
@@ -122,6 +131,9 @@ class ModelRunner:
         self.cache = new_cache(config, num_pages=self.plan.num_pages,
                                num_slots=self.plan.num_slots + self.plan.num_checkpoints,
                                dtype=self.dtype, device=self.device)
+        self.num_speculative_tokens = config.num_speculative_tokens
+        self.drafter = MTPDrafter(self.model, self.cache, num_tokens=self.num_speculative_tokens,
+                                  page_size=config.cache.page_size, device=self.device) if config.with_mtp else None
         self.graphs = None if config.runner.enforce_eager or self.device.type != "cuda" else self._capture()
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
@@ -143,8 +155,10 @@ class ModelRunner:
     def _capture(self) -> StepGraphs | None:
         sched = self.config.scheduler
         max_pages = pages_for_tokens(sched.max_model_len, self.config.cache.page_size)
+        verify = tuple(range(2, 2 + self.num_speculative_tokens)) if self.cache.verify_rows else ()
         graphs = StepGraphs(self.model, self.cache, max_batch=min(sched.max_num_seqs, self.plan.num_slots),
-                            max_pages=max_pages, device=self.device)
+                            max_pages=max_pages, device=self.device, tokens_per_row=(1, *verify),
+                            max_verify_batch=self.cache.verify_rows)
         try:
             graphs.capture()
         except Exception as e:  # an op without a capturable GPU kernel: run eagerly rather than fail
@@ -158,18 +172,27 @@ class ModelRunner:
     def launch(self, step: StepInput) -> LaunchedStep:
         """Upload the step, apply its state copies, run the model and the sampler, and start copying the samples
         to the host (nothing here waits for the device)."""
-        if any(s.draft_token_ids for s in step.sampling):
-            raise ValueError("this runner cannot verify draft tokens: its layers do not keep per-position GDN "
-                             "states yet (no drafter is enabled in this version)")
+        if step.is_verify:
+            if self.drafter is None:
+                raise ValueError("this runner cannot verify draft tokens: speculative decoding is off "
+                                 "(speculative_tokens=0), so its GDN layers keep no per-position states")
+            if step.num_rows > self.cache.verify_rows or step.num_drafts > self.num_speculative_tokens:
+                raise ValueError(f"a verify step of {step.num_rows} rows x {step.num_drafts} drafts exceeds the "
+                                 f"per-position state buffers ({self.cache.verify_rows} rows x "
+                                 f"{self.num_speculative_tokens} drafts)")
         dev = upload_step(step, page_size=self.config.cache.page_size, device=self.device)
         self.apply_copies(step.state_copies, step.page_copies)
         logits = self.execute_model(dev, step)
         self.apply_copies(step.state_snapshots)
         if logits is None:
+            if self.drafter is not None:  # nothing samples, but the MTP head's KV must cover these positions
+                self.drafter.first_pass(step, dev, self._input_ids, self._hidden, None)
             return LaunchedStep(step, None, None)
         num_sampled = step.logits_rows.shape[0]
         scored = prompt_logprobs(logits[num_sampled:], step) if step.prompt_logprobs else None
-        pending = LaunchedStep(step, None, None, scored, logits=logits[:num_sampled], sample_slots=dev.sample_slots)
+        extra = {} if self.drafter is None else dict(dev=dev, input_ids=self._input_ids, hidden=self._hidden)
+        pending = LaunchedStep(step, None, None, scored, logits=logits[:num_sampled], sample_slots=dev.sample_slots,
+                               **extra)
         if step.sampling and needs_grammar(step):
             return pending  # sampled by sample() once the engine has the mask
         return self.sample(pending, None)
@@ -178,34 +201,56 @@ class ModelRunner:
         """Queue the sampling of a launched step (with its grammar mask, if any) and start copying the samples to
         the host. The mask is applied outside any CUDA graph: the graph ends at the logits."""
         step, scored = launched.step, launched.scored
-        sampled, failed = None, {}
+        sampled, failed, kept, drafts = None, {}, None, None
         if step.sampling:
             sampled, failed = self._sample(launched.logits, step, grammar_to_device(mask, self.device))
-            self.last_tokens.index_copy_(0, launched.sample_slots, sampled.token_ids)
+            if self.drafter is None:
+                self.last_tokens.index_copy_(0, launched.sample_slots, sampled.token_ids)
+            else:
+                kept, drafts = self._speculate(launched, sampled.token_ids)
         if self.device.type != "cuda":
-            return LaunchedStep(step, sampled, None, scored, failed)
+            return LaunchedStep(step, sampled, None, scored, failed, kept=kept, drafts=drafts)
         host = SamplerOutput(*(_to_host(t) for t in sampled)) if sampled is not None else None
         scored = PromptScores(*(_to_host(t) for t in scored)) if scored is not None else None
+        kept, drafts = (None if t is None else _to_host(t) for t in (kept, drafts))
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(self.device))
-        return LaunchedStep(step, host, ready, scored, failed)
+        return LaunchedStep(step, host, ready, scored, failed, kept=kept, drafts=drafts)
+
+    def _speculate(self, launched: LaunchedStep, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After sampling a step with speculative decoding on: the tokens each request keeps, the GDN states
+        committed at the last kept position (verify steps), each slot's last kept token, and the next drafts."""
+        step, dev = launched.step, launched.dev
+        assert dev is not None and launched.input_ids is not None and launched.hidden is not None
+        kept = kept_counts(step, launched.input_ids, token_ids)
+        if step.is_verify:
+            self.cache.commit_verified(dev.batch.state_slots, kept)
+        first = torch.from_numpy(first_logits_rows(step)).to(self.device)
+        self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[first + kept - 1])
+        assert self.drafter is not None
+        drafts = self.drafter.propose(step, dev, launched.input_ids, launched.hidden, token_ids, kept)
+        return kept, drafts
 
     def _sample(self, logits: torch.Tensor, step: StepInput,
                 grammar: GrammarBitmask | None) -> tuple[SamplerOutput, dict[str, str]]:
         """The sampler over every row; if it raises, row by row, so that only the requests whose parameters broke it
         fail (returned with the reason; their rows hold a placeholder token that nobody reads)."""
-        rows = [self._sampling_row(s) for s in step.sampling]
+        per_request = [self._sampling_rows(s) for s in step.sampling]
+        rows = [row for group in per_request for row in group]
         try:
             return self.sampler(logits, rows, grammar), {}
         except Exception as batch_error:  # noqa: BLE001 - find the culprit rows below
             log.warning("sampling failed for the batch (%s); sampling row by row", batch_error)
         outputs, failed = [], {}
-        for i, (row, s) in enumerate(zip(rows, step.sampling)):
+        i = 0
+        for group, s in zip(per_request, step.sampling):
+            sl = slice(i, i + len(group))
             try:
-                outputs.append(self.sampler(logits[i:i + 1], [row], _grammar_row(grammar, i)))
+                outputs.append(self.sampler(logits[sl], group, _grammar_row(grammar, i) if len(group) == 1 else None))
             except Exception as e:  # noqa: BLE001 - this request's error, reported to it alone
                 failed[s.request_id] = f"{type(e).__name__}: {e}"
-                outputs.append(self.sampler(logits[i:i + 1], [SamplingRow(SamplingParams(temperature=0))]))
+                outputs.append(self.sampler(logits[sl], [SamplingRow(SamplingParams(temperature=0))] * len(group)))
+            i += len(group)
         return _concat_outputs(outputs), failed
 
     def execute_model(self, dev: DeviceStep, step: StepInput) -> torch.Tensor | None:
@@ -213,14 +258,15 @@ class ModelRunner:
         logprob rows ([M + R, V]; None when there are none)."""
         input_ids = dev.input_ids_from(self.last_tokens)
         batch = dev.batch
+        self._input_ids = input_ids  # kept for the MTP drafter (speculative decoding)
         if self.graphs is not None and self.graphs.can_run(batch):
-            _, logits = self.graphs.run(input_ids, batch)  # every token of a uniform step, in order
+            self._hidden, logits = self.graphs.run(input_ids, batch)  # every token of a uniform step, in order
             every_token = not step.prompt_logprobs and step.logits_rows.shape[0] == step.num_tokens
             return logits if every_token else logits[batch.logits_indices]
         if batch.logits_indices.shape[0] == 0:
-            self.model(input_ids, batch, self.cache)
+            self._hidden = self.model(input_ids, batch, self.cache)
             return None
-        hidden = self.model(input_ids, batch, self.cache)
+        self._hidden = hidden = self.model(input_ids, batch, self.cache)
         return self.model.compute_logits(hidden[batch.logits_indices], upcast=False)
 
     def apply_copies(self, states: Sequence[StateCopy] = (), pages: Sequence[PageCopy] = ()) -> None:
@@ -240,6 +286,22 @@ class ModelRunner:
         outputs = s.output_token_ids if s.output_token_ids is not None else ()
         return SamplingRow(params=s.params, prompt_token_ids=self._prompt_for_sampler(s), output_token_ids=outputs,
                            eos_token_ids=self.eos_token_ids, num_unlisted=s.num_output_tokens - len(outputs))
+
+    def _sampling_rows(self, s: SamplingRequest) -> list[SamplingRow]:
+        """One row per logits row of the request: row j samples as if drafts 1..j had been appended (its output
+        position, hence its seeded noise and min_tokens, and the history its penalties read)."""
+        first = self._sampling_row(s)
+        if not s.draft_token_ids:
+            return [first]
+        rows = [first]
+        listed = s.output_token_ids is not None
+        for j in range(1, len(s.draft_token_ids) + 1):
+            drafts = list(s.draft_token_ids[:j])
+            outputs = list(first.output_token_ids) + drafts if listed else ()
+            unlisted = first.num_unlisted + (0 if listed else j)
+            rows.append(SamplingRow(params=s.params, prompt_token_ids=first.prompt_token_ids, output_token_ids=outputs,
+                                    eos_token_ids=self.eos_token_ids, num_unlisted=unlisted))
+        return rows
 
     def _prompt_for_sampler(self, s: SamplingRequest) -> list[int] | torch.Tensor:
         """The prompt as the sampler reads it: a cached device tensor when a repetition penalty needs it."""
@@ -263,15 +325,25 @@ class ModelRunner:
         if sampled is None:
             return StepResult(tokens, logprobs, scored)
         token_ids = sampled.token_ids.tolist()
-        for i, s in enumerate(sampling):
+        kept = launched.kept.tolist() if launched.kept is not None else [1] * len(sampling)
+        first = 0
+        for s, count in zip(sampling, kept):
+            rows = range(first, first + count)
+            first += s.num_logits_rows
             if s.request_id in launched.failed:
-                continue  # one logits row per request: drafts are refused at launch
-            tokens[s.request_id] = [token_ids[i]]
+                continue
+            tokens[s.request_id] = [token_ids[i] for i in rows]
             n = s.params.logprobs
             if n is not None:
-                top = tuple(zip(sampled.top_ids[i, :n].tolist(), sampled.top_logprobs[i, :n].tolist()))
-                logprobs[s.request_id] = [TokenLogprob(token_ids[i], float(sampled.logprobs[i]), top)]
-        return StepResult(tokens, logprobs, scored, launched.failed)
+                logprobs[s.request_id] = [
+                    TokenLogprob(token_ids[i], float(sampled.logprobs[i]),
+                                 tuple(zip(sampled.top_ids[i, :n].tolist(), sampled.top_logprobs[i, :n].tolist())))
+                    for i in rows]
+        drafts = {}
+        if launched.drafts is not None:
+            drafts = {s.request_id: d for s, d in zip(sampling, launched.drafts.tolist())
+                      if s.request_id not in launched.failed}
+        return StepResult(tokens, logprobs, scored, launched.failed, drafts)
 
     def release(self, request_ids: Iterable[str]) -> None:
         """Drop what the runner keeps for requests that ended (their device prompts)."""

@@ -103,10 +103,20 @@ class Scheduler:
        there is budget, a free slot, fewer than `max_num_seqs` running, and free pages for the first chunk.
     """
 
-    def __init__(self, config: SchedulerConfig, cache: CacheManager, *, checkpoint_interval: int = 4096) -> None:
+    def __init__(self, config: SchedulerConfig, cache: CacheManager, *, checkpoint_interval: int = 4096,
+                 speculative_tokens: int = 0, speculative_max_batch: int = 0) -> None:
         """checkpoint_interval: with prefix caching, a GDN state checkpoint every this many tokens along long
-        prompts (besides the prompt's own cache points and branch points)."""
+        prompts (besides the prompt's own cache points and branch points).
+
+        speculative_tokens (K > 0: MTP speculative decoding): drafts are verified only in uniform steps, where every
+        scheduled request is a one-token decode with the same number of drafts (the GDN layers keep per-position
+        states only for such steps), at most speculative_max_batch requests run and no waiting request could be
+        admitted; any other step strips the drafts. Each sampling request also gets pages for K - 1 positions past
+        its step, where the drafter writes the MTP head's KV."""
         self._config = config
+        self._spec_k = speculative_tokens
+        self._spec_max_batch = speculative_max_batch
+        self.spec_turned_down = 0  # steps where running requests had drafts but the batch was too large
         self.cache = cache
         self._checkpoint_interval = checkpoint_interval
         # A lone request must always fit, or it would preempt itself forever.
@@ -214,6 +224,7 @@ class Scheduler:
                                checkpoints)
 
     def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[str]) -> int:
+        uniform = self._uniform_drafts(budget) if self._spec_k else None
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
@@ -224,9 +235,13 @@ class Scheduler:
                 i += 1
                 continue
             num_new = self._cap_at_checkpoint(request, num_new)
-            drafts = self._drafts_for(request, num_new, budget)
+            if uniform is None:
+                drafts = self._drafts_for(request, num_new, budget)
+            else:
+                drafts = tuple(request.draft_token_ids[:uniform])
             request.draft_token_ids = []  # proposals are for one step: used now or stale
-            if not self._allocate_or_preempt(request, num_new + len(drafts), preempted):
+            if not self._allocate_or_preempt(request, num_new + len(drafts), preempted,
+                                             lookahead=self._lookahead(request, num_new)):
                 break  # it preempted itself, so it was the last running request
             scheduled.append(self._entry(request, num_new, drafts))
             budget -= num_new + len(drafts)
@@ -243,9 +258,38 @@ class Scheduler:
             room = min(room, request.max_output_tokens - request.num_output_tokens - request.num_pending_tokens - 1)
         return tuple(request.draft_token_ids[:max(room, 0)])
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
-        """Give `request` the pages for `num_new` more tokens, preempting newest-first; False if it was preempted."""
+    def _uniform_drafts(self, budget: int) -> int:
+        """With speculative decoding: the drafts every running request verifies this step (0: a step without
+        drafts; see __init__)."""
+        rows = [r for r in self._running
+                if not (r.num_tokens_with_pending <= r.num_computed_tokens or r.reached_max_output
+                        or r.num_pending_drafts)]
+        if not rows or any(not r.draft_token_ids for r in rows):
+            return 0
+        if len(self._running) > self._spec_max_batch:
+            self.spec_turned_down += 1
+            return 0
+        if self._waiting and len(self._running) < self._config.max_num_seqs:
+            return 0  # admit first: a verify step cannot carry prefill chunks
+        k = min(budget // len(rows) - 1, self._spec_k)
+        for r in rows:
+            if r.num_tokens_with_pending - r.num_computed_tokens != 1:
+                return 0
+            k = min(k, len(self._drafts_for(r, 1, k + 1)))
+        return max(k, 0)
+
+    def _lookahead(self, request: Request, num_new: int) -> int:
+        """Positions past the step to allocate for the drafter's MTP KV (K - 1 when the step samples)."""
+        if not self._spec_k or request.num_computed_tokens + num_new < request.num_tokens_with_pending:
+            return 0
+        return self._spec_k - 1
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str], *,
+                             lookahead: int = 0) -> bool:
+        """Give `request` the pages for `num_new` more tokens (and `lookahead` positions after them, within
+        max_model_len), preempting newest-first; False if it was preempted."""
         total = request.num_computed_tokens + num_new
+        total = max(total, min(total + lookahead, self._config.max_model_len))
         if self.cache.pages_needed(total) > self.cache.num_pages:
             raise RuntimeError(f"request {request.request_id!r} needs {self.cache.pages_needed(total)} KV pages, "
                                f"more than the pool ({self.cache.num_pages}); the engine must finish requests at "

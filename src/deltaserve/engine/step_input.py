@@ -86,6 +86,9 @@ class StepInput:
     state_snapshots:   GDN state copies it applies after the step ran (new checkpoints)
     prompt_logits_rows: [R] int64  rows whose logits score the next prompt token (prompt logprobs)
     prompt_logprobs:   the requests those rows belong to, in row order
+    next_token_ids:    [N] int64   the known token after each row's last new token (a prefill chunk that does not
+                       reach the end), PENDING for rows that sample it (read by the MTP drafter)
+    page_counts:       [N] int32   KV pages each row holds (the drafter writes no KV past them)
     """
 
     input_ids: np.ndarray
@@ -101,6 +104,18 @@ class StepInput:
     state_snapshots: tuple[StateCopy, ...] = ()
     prompt_logits_rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     prompt_logprobs: tuple[PromptLogprobsRequest, ...] = ()
+    next_token_ids: np.ndarray | None = None
+    page_counts: np.ndarray | None = None
+
+    @property
+    def num_drafts(self) -> int:
+        """Drafts each row verifies (a verify step gives every row the same number; 0: no drafts)."""
+        return len(self.sampling[0].draft_token_ids) if self.sampling else 0
+
+    @property
+    def is_verify(self) -> bool:
+        """A verify step: every row samples at 1 + num_drafts positions, num_drafts > 0."""
+        return any(s.draft_token_ids for s in self.sampling)
 
     @property
     def num_tokens(self) -> int:
@@ -167,6 +182,7 @@ def build_step_input(out: SchedulerOutput, *, block_tables: BlockTables | None =
     sampling: list[SamplingRequest] = []
     prompt_rows: list[int] = []
     prompt_logprobs: list[PromptLogprobsRequest] = []
+    next_ids: list[int] = []
     for entry in out.scheduled:
         known = entry.new_token_ids
         scored = _prompt_logprobs_request(entry)
@@ -179,6 +195,11 @@ def build_step_input(out: SchedulerOutput, *, block_tables: BlockTables | None =
         if entry.samples_token:
             logits_rows += range(len(ids) - 1 - len(entry.draft_token_ids), len(ids))
             sampling.append(_sampling_request(entry))
+            next_ids.append(PENDING)
+        else:  # a chunk short of the end: the token after it is known
+            end = entry.num_computed_tokens + entry.num_new_tokens
+            after = entry.request.token_ids(end, end + 1)
+            next_ids.append(after[0] if after else PENDING)
     scheduled = out.scheduled
     table = block_tables.gather(scheduled) if block_tables is not None else table_from_lists(scheduled)
     return StepInput(
@@ -191,7 +212,9 @@ def build_step_input(out: SchedulerOutput, *, block_tables: BlockTables | None =
         logits_rows=np.array(logits_rows, dtype=np.int64),
         sampling=tuple(sampling), state_copies=out.state_copies, page_copies=out.page_copies,
         state_snapshots=out.state_snapshots,
-        prompt_logits_rows=np.array(prompt_rows, dtype=np.int64), prompt_logprobs=tuple(prompt_logprobs))
+        prompt_logits_rows=np.array(prompt_rows, dtype=np.int64), prompt_logprobs=tuple(prompt_logprobs),
+        next_token_ids=np.array(next_ids, dtype=np.int64),
+        page_counts=np.array([len(e.pages) for e in scheduled], dtype=np.int32))
 
 
 def _prompt_logprobs_request(entry: ScheduledRequest) -> PromptLogprobsRequest | None:

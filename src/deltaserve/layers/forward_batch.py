@@ -28,6 +28,9 @@ class ForwardBatch:
                        chunked delta rule's kernels would otherwise derive it with a host sync); None when unused
     cu_seqlens_long:   [N+1] int64 copy of cu_seqlens for the chunked delta rule; None when unused
     any_padding:       some state slot may be < 0 (False only when the builder knows every slot is real)
+    keep_states:       a verify step (speculative decoding; tokens_per_row = 1 + drafts): GDN layers leave the
+                       slots unchanged and keep the state after every position in the cache's per-position buffers
+                       (row i in buffer row i); the runner commits the last kept one after sampling
     """
 
     positions: torch.Tensor
@@ -42,6 +45,7 @@ class ForwardBatch:
     chunk_indices: torch.Tensor | None = None
     cu_seqlens_long: torch.Tensor | None = None
     any_padding: bool = True
+    keep_states: bool = False
 
     @property
     def num_tokens(self) -> int:

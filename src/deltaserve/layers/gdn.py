@@ -9,7 +9,7 @@ from torch import nn
 from deltaserve.cache.tensors import GDNState
 from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.conv1d import causal_conv1d_prefill
-from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_gdn_decode, gdn_gating
+from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_gdn_decode, fused_gdn_multistep, gdn_gating
 from deltaserve.layers.linear import Linear, MergedLinear, new_param
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import GatedRMSNorm
@@ -57,7 +57,17 @@ class GatedDeltaNet(nn.Module):
               state: GDNState) -> torch.Tensor:
         """The kernels for the step's kind: one token per row after an existing state runs the fused decode step
         (conv update, gating, l2-norm and the recurrence on the slot's state in place); anything else the chunked
-        path."""
+        path. A verify step (speculative decoding) runs the decode step once per position, keeping every state."""
+        if batch.keep_states:
+            assert batch.tokens_per_row is not None and state.conv_steps is not None and state.ssm_steps is not None
+            n = batch.num_seqs
+            return fused_gdn_multistep(
+                mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,
+                conv_weight=self.conv1d.weight.squeeze(1), conv_state=state.conv, ssm_state=state.ssm,
+                slots=batch.state_slots, tokens_per_row=batch.tokens_per_row, num_k_heads=self.num_k_heads,
+                head_k_dim=self.head_k_dim, num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim,
+                scale=self.head_k_dim ** -0.5, conv_states_out=state.conv_steps[:n, :batch.tokens_per_row],
+                ssm_states_out=state.ssm_steps[:n, :batch.tokens_per_row])
         if batch.tokens_per_row == 1:
             return fused_gdn_decode(
                 mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,

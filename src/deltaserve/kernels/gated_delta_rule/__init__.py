@@ -4,18 +4,19 @@ same for k tokens per row keeping the state after each (verifying draft tokens) 
 gating.
 
 CUDA tensors run ``triton.py`` for the dispatched ops; anything else runs the references in ``ref.py``.
-``fused_recurrent_gated_delta_rule``, ``fused_gdn_multistep`` and ``commit_gdn_states`` have no kernel of their own
-yet: their references run on any device."""
+``fused_gdn_multistep`` on CUDA chains the decode kernels over a scratch pool (no kernel of its own yet);
+``fused_recurrent_gated_delta_rule`` and ``commit_gdn_states`` run their references on any device."""
 
 from __future__ import annotations
 
 from deltaserve.kernels._dispatch import dispatch
 
 from . import ref
-from .ref import commit_gdn_states, fused_gdn_multistep, fused_recurrent_gated_delta_rule
+from .ref import commit_gdn_states, fused_recurrent_gated_delta_rule
 
 chunk_gated_delta_rule = dispatch(ref.chunk_gated_delta_rule, "deltaserve.kernels.gated_delta_rule.triton")
 fused_gdn_decode = dispatch(ref.fused_gdn_decode, "deltaserve.kernels.gated_delta_rule.triton")
+fused_gdn_multistep = dispatch(ref.fused_gdn_multistep, "deltaserve.kernels.gated_delta_rule.triton")
 gdn_gating = dispatch(ref.gdn_gating, "deltaserve.kernels.gated_delta_rule.triton")
 
 __all__ = ["chunk_gated_delta_rule", "commit_gdn_states", "fused_gdn_decode", "fused_gdn_multistep",

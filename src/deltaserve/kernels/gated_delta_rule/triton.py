@@ -343,3 +343,34 @@ def chunk_gated_delta_rule(
         return o
     keep = torch.repeat_interleave(slots >= 0, cu.diff(), output_size=total)
     return o.masked_fill_(~keep[:, None, None], 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Verify steps of speculative decoding: k decode steps per row, keeping the state after each.
+
+
+def fused_gdn_multistep(
+    *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+    conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
+    tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
+    conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor,
+) -> torch.Tensor:
+    """ref.fused_gdn_multistep on the GPU, CUDA-graph safe (no host sync): the rows' states are gathered into a
+    scratch pool (row i in scratch slot i, padding rows marked -1), the decode kernels run k times on it, and the
+    scratch is copied to the per-position buffers after each step. Costs k decode launches plus k state copies;
+    a fused multi-token kernel (or the replay strategy) would spare the copies."""
+    n, k = slots.shape[0], tokens_per_row
+    rows = torch.where(slots >= 0, torch.arange(n, device=slots.device), torch.full_like(slots, -1))
+    safe = slots.clamp(min=0)
+    conv = conv_state.index_select(0, safe)
+    ssm = ssm_state.index_select(0, safe)
+    o = mixed_qkv.new_empty(n, k, num_v_heads, head_v_dim)
+    mixed, a3, b3 = (t.view(n, k, t.shape[-1]) for t in (mixed_qkv, a, b))
+    for j in range(k):
+        o[:, j] = fused_gdn_decode(
+            mixed_qkv=mixed[:, j], a=a3[:, j], b=b3[:, j], A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight,
+            conv_state=conv, ssm_state=ssm, slots=rows, num_k_heads=num_k_heads, head_k_dim=head_k_dim,
+            num_v_heads=num_v_heads, head_v_dim=head_v_dim, scale=scale)
+        conv_states_out[:, j].copy_(conv)
+        ssm_states_out[:, j].copy_(ssm)
+    return o.view(n * k, num_v_heads, head_v_dim)
