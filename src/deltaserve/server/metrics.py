@@ -49,6 +49,11 @@ _ENGINE_METRICS = {
                           "gauge"),
     "checkpoints_taken": ("prefix_cache_checkpoints_taken", "GDN state checkpoints taken", "counter"),
     "checkpoint_evictions": ("prefix_cache_evictions", "Prefix-cache checkpoints evicted for memory", "counter"),
+    "spec_draft_tokens": ("spec_decode_num_draft_tokens", "MTP draft tokens verified", "counter"),
+    "spec_accepted_tokens": ("spec_decode_num_accepted_tokens", "MTP draft tokens accepted", "counter"),
+    "spec_verify_steps": ("spec_decode_num_verify_steps", "Steps that verified MTP drafts", "counter"),
+    "spec_turned_down_steps": ("spec_decode_num_turned_down_steps", "Steps decoded without drafts because more "
+                               "than speculative_max_batch requests ran", "counter"),
 }
 FINISH_REASONS = ("stop", "length", "abort")
 
@@ -68,10 +73,24 @@ class _EngineCollector(Collector):
         if used is not None and total:
             yield self._metric("kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = full)", "gauge",
                                used / total)
+        yield from self._per_position()
         cached, prompt = self.snapshot.get("prompt_tokens_cached"), self.snapshot.get("prompt_tokens")
         if cached is not None and prompt:
             yield self._metric("prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache",
                                "gauge", cached / prompt)
+
+    def _per_position(self) -> Iterator[Metric]:
+        """MTP drafts verified and accepted at each draft position (0: the first draft of a step)."""
+        for key, name, doc in (("spec_drafted_pos_", "spec_decode_num_drafts_per_pos", "MTP drafts verified at each "
+                                "draft position"),
+                               ("spec_accepted_pos_", "spec_decode_num_accepted_tokens_per_pos", "MTP drafts accepted "
+                                "at each draft position")):
+            values = sorted((int(k[len(key):]), v) for k, v in self.snapshot.items() if k.startswith(key))
+            if values:
+                metric = CounterMetricFamily(f"{PREFIX}_{name}", doc, labels=["model_name", "position"])
+                for position, value in values:
+                    metric.add_metric([self.model_name, str(position)], float(value))
+                yield metric
 
     def _metric(self, name: str, doc: str, kind: str, value: float) -> Metric:
         family = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily

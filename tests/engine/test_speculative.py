@@ -1,0 +1,305 @@
+"""MTP speculative decoding on CPU: outputs with K = 1, 2, 3 draft tokens equal the outputs without drafts (greedy on
+tiny dense and MoE checkpoints and on the demo model; seeded sampling token for token), the sampled distribution
+is the target's (a chi-square test), stops / limits / logprobs / n > 1 / preemption inside accepted runs, the
+options and the metrics."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pytest
+import torch
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.config import ConfigError, EngineArgs
+from deltaserve.demo import SHIPPED_DEMO_DIR, write_byte_tokenizer
+from tests.models.factory import TinySpec, save_checkpoint
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """Tiny dense and MoE checkpoints with (random) mtp.* tensors, and one without."""
+    out = {}
+    for name, spec in (("dense", TinySpec("spec_dense", mtp=True, extra={"vocab_size": VOCAB})),
+                       ("moe", TinySpec("spec_moe", moe=True, mtp=True, extra={"vocab_size": VOCAB})),
+                       ("no_mtp", TinySpec("spec_plain", extra={"vocab_size": VOCAB}))):
+        path = tmp_path_factory.mktemp(name)
+        save_checkpoint(spec, path, seed=5)
+        write_byte_tokenizer(path)
+        out[name] = path
+    return out
+
+
+def make_llm(path, k: int = 0, **kw) -> LLM:
+    kw.setdefault("max_model_len", 512)
+    return LLM(str(path), dtype="float32", device="cpu", speculative_tokens=k, **kw)
+
+
+def prompts(n: int, seed: int = 0, hi: int = 256) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, 60, (n,), generator=g).tolist()
+    return [torch.randint(1, hi, (L,), generator=g).tolist() for L in lengths]
+
+
+def token_ids(outs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+
+
+# ---- options ---------------------------------------------------------------------------------------------------------
+
+def test_options_and_errors(tiny):
+    args = EngineArgs(model=str(tiny["dense"]), speculative_tokens=2)
+    assert args.create_engine_config().num_speculative_tokens == 2
+    args = EngineArgs(model=str(tiny["dense"]), speculative_config='{"method": "mtp", "num_speculative_tokens": 3}')
+    assert args.create_engine_config().speculative.num_speculative_tokens == 3
+    for bad, match in ((dict(speculative_tokens=5), "1 to 4"),
+                       (dict(speculative_config='{"method": "eagle", "num_speculative_tokens": 2}'), "mtp"),
+                       (dict(speculative_config="{nope"), "JSON"),
+                       (dict(speculative_tokens=1, speculative_config='{"num_speculative_tokens": 2}'), "disagree")):
+        with pytest.raises(ConfigError, match=match):
+            EngineArgs(model=str(tiny["dense"]), **bad).create_engine_config()
+    with pytest.raises(ConfigError, match="no MTP head"):
+        EngineArgs(model=str(tiny["no_mtp"]), speculative_tokens=1).create_engine_config()
+
+
+def test_cli_flags():
+    import argparse
+
+    from deltaserve.config import add_engine_options, engine_args_from
+
+    p = argparse.ArgumentParser()
+    add_engine_options(p)
+    ns = p.parse_args(["--speculative-config", '{"method":"mtp","num_speculative_tokens":2}'])
+    assert engine_args_from(ns, "m").speculative_config is not None
+    assert p.parse_args(["--speculative-tokens", "3"]).speculative_tokens == 3
+
+
+# ---- greedy exactness --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_greedy_equals_no_mtp_tiny(tiny, kind):
+    ps = prompts(6, seed=1)
+    ref = token_ids(make_llm(tiny[kind]).generate(ps, GREEDY))
+    for k in (1, 2, 3):
+        llm = make_llm(tiny[kind], k)
+        assert token_ids(llm.generate(ps, GREEDY)) == ref, f"K={k}"
+        assert llm.engine.spec_counters["spec_verify_steps"] > 0
+
+
+class Oracle:
+    """Replaces the MTP drafts by the reference continuation with some tokens wrong, so that every acceptance
+    length (0 .. K) occurs: random tiny MTP heads almost never guess right. The MTP head still runs (its KV)."""
+
+    def __init__(self, llm: LLM, reference: dict[tuple[int, ...], list[int]]) -> None:
+        self.engine, self.reference, self.calls = llm.engine, reference, 0
+        drafter = llm.engine.runner.drafter
+        self.propose = drafter.propose
+        drafter.propose = self
+
+    def __call__(self, step, dev, input_ids, hidden, token_ids, kept):
+        drafts = self.propose(step, dev, input_ids, hidden, token_ids, kept)
+        out = drafts.clone()
+        for i, (s, n_kept) in enumerate(zip(step.sampling, kept.tolist())):
+            request = self.engine.scheduler.get_request(s.request_id)
+            ref = self.reference[tuple(request.prompt_token_ids)]
+            done = s.num_output_tokens + n_kept
+            for j in range(out.shape[1]):
+                self.calls += 1
+                right = ref[done + j] if done + j < len(ref) else 0
+                out[i, j] = right if (self.calls * 7919) % 5 < 3 else (right + 1) % VOCAB  # 60% right
+        return out
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_rollback_with_every_acceptance_length(tiny, kind):
+    ps = prompts(5, seed=2)
+    ref = token_ids(make_llm(tiny[kind]).generate(ps, GREEDY))
+    reference = {tuple(p): r for p, r in zip(ps, ref)}
+    for k in (2, 3):
+        llm = make_llm(tiny[kind], k)
+        Oracle(llm, reference)
+        assert token_ids(llm.generate(ps, GREEDY)) == ref, f"K={k}"
+        accepted = llm.engine.spec_accepted_per_position
+        assert accepted[0] > 0 and accepted[-1] > 0 and accepted[0] < llm.engine.spec_drafted_per_position[0]
+
+
+# ---- the demo model (it ships a trained MTP head) ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo():
+    llm = LLM(str(SHIPPED_DEMO_DIR), dtype="float32", device="cpu", max_model_len=1024)
+    ids = llm.engine.tokenizer.encode((SHIPPED_DEMO_DIR / "heldout.txt").read_text())
+    return llm, [ids[i * 400: i * 400 + 96] for i in range(6)]
+
+
+def test_demo_greedy_equal_and_drafts_accepted(demo):
+    base, ps = demo
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    ref = token_ids(base.generate(ps, params))
+    for k in (1, 2, 3):
+        llm = LLM(str(SHIPPED_DEMO_DIR), dtype="float32", device="cpu", max_model_len=1024, speculative_tokens=k)
+        assert token_ids(llm.generate(ps, params)) == ref, f"K={k}"
+        assert llm.engine.acceptance_length() > 1 + 0.5 * k  # measured ~1.9 / 2.6 / 3.2
+
+
+def test_demo_seeded_sampling_equal_token_for_token(demo):
+    """Acceptance is coupled to the sampler's own seeded draw: a seeded request gives the same tokens (and
+    logprobs) with drafts as without, whatever the processors."""
+    base, ps = demo
+    params = [SamplingParams(temperature=0.8, top_k=20 if i % 2 else 0, top_p=0.9, min_p=0.02 * (i % 3),
+                             max_tokens=32, seed=100 + i, ignore_eos=True, logprobs=2,
+                             repetition_penalty=1.1 if i % 2 else 1.0, frequency_penalty=0.3 if i == 3 else 0.0,
+                             presence_penalty=0.2 if i == 4 else 0.0) for i in range(len(ps))]
+    ref = base.generate(ps, params)
+    llm = LLM(str(SHIPPED_DEMO_DIR), dtype="float32", device="cpu", max_model_len=1024, speculative_tokens=3)
+    got = llm.generate(ps, params)
+    assert token_ids(got) == token_ids(ref)
+    for a, b in zip(ref, got):
+        assert len(a.outputs[0].logprobs) == len(b.outputs[0].logprobs) == 32
+        for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+            assert x.token_id == y.token_id and [t for t, _ in x.top] == [t for t, _ in y.top]
+            assert abs(x.logprob - y.logprob) < 1e-4
+    assert llm.engine.spec_counters["spec_accepted_tokens"] > 0
+
+
+def test_demo_stops_limits_n_and_streaming(demo):
+    base, ps = demo
+    kw = dict(temperature=0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=7, **kw),  # max_tokens reached inside an accepted run
+              SamplingParams(max_tokens=40, stop=["\n"], **kw),
+              SamplingParams(max_tokens=40, stop=["(", " = "], include_stop_str_in_output=True, **kw),
+              SamplingParams(max_tokens=40, stop_token_ids=[ps[3][5]], **kw),
+              SamplingParams(max_tokens=25, n=3, temperature=1.0, seed=7, ignore_eos=True),
+              SamplingParams(max_tokens=30, min_tokens=12, stop=["\n"], **kw)]
+    ref = base.generate(ps, params)
+    llm = LLM(str(SHIPPED_DEMO_DIR), dtype="float32", device="cpu", max_model_len=1024, speculative_tokens=3)
+    got = llm.generate(ps, params)
+    for a, b in zip(ref, got):
+        assert [(o.token_ids, o.text, o.finish_reason) for o in a.outputs] == \
+            [(o.token_ids, o.text, o.finish_reason) for o in b.outputs]
+    # several tokens per delta when drafts are accepted
+    engine = llm.engine
+    engine.add_request("s", ps[0], SamplingParams(max_tokens=30, **kw))
+    sizes = []
+    while engine.has_unfinished():
+        sizes += [len(d.token_ids) for d in engine.step() if d.request_id == "s"]
+    assert sum(sizes) == 30 and max(sizes) > 1
+
+
+def test_preemption_recomputes_with_drafts(tiny):
+    ps = prompts(8, seed=3)
+    ref = token_ids(make_llm(tiny["moe"]).generate(ps, GREEDY))
+    reference = {tuple(p): r for p, r in zip(ps, ref)}
+    llm = make_llm(tiny["moe"], 2, num_pages=20, page_size=16, max_model_len=256, enable_prefix_caching=False)
+    Oracle(llm, reference)
+    assert token_ids(llm.generate(ps, GREEDY)) == ref
+    assert llm.engine.counters["preemptions"] > 0 and llm.engine.spec_counters["spec_accepted_tokens"] > 0
+
+
+def test_turn_down_above_max_batch_and_metrics(tiny):
+    ps = prompts(6, seed=4)
+    params = [SamplingParams(temperature=0, max_tokens=4 + 4 * i, ignore_eos=True) for i in range(6)]
+    ref = token_ids(make_llm(tiny["dense"]).generate(ps, params))
+    llm = make_llm(tiny["dense"], 2, speculative_max_batch=4)
+    assert token_ids(llm.generate(ps, params)) == ref
+    stats = llm.engine.stats()
+    assert stats["spec_turned_down_steps"] > 0 and stats["spec_verify_steps"] > 0  # 6 running, then fewer
+    assert stats["spec_drafted_pos_0"] >= stats["spec_drafted_pos_1"] > 0
+    from deltaserve.server.metrics import ServerMetrics
+
+    text = ServerMetrics("m").render(stats).decode()
+    assert 'spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"}' in text
+
+
+# ---- the sampled distribution ------------------------------------------------------------------------------------------
+
+def _chi2_pvalue(observed: list[int], expected: list[float]) -> float:
+    """Pearson's chi-square goodness of fit; cells expected below 5 are pooled."""
+    obs, exp, pool_o, pool_e = [], [], 0, 0.0
+    for o, e in zip(observed, expected):
+        if e < 5:
+            pool_o, pool_e = pool_o + o, pool_e + e
+        else:
+            obs.append(o)
+            exp.append(e)
+    if pool_e > 0:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    df = len(obs) - 1
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+class BestGuess:
+    """Drafts the most likely next token under the exact distribution (when known, else token 0), so that most
+    drafts are accepted and the acceptance and correction paths both run often."""
+
+    def __init__(self, llm: LLM, best: dict[tuple[int, ...], int]) -> None:
+        self.engine, self.best = llm.engine, best
+        drafter = llm.engine.runner.drafter
+        self.propose = drafter.propose
+        drafter.propose = self
+
+    def __call__(self, step, dev, input_ids, hidden, token_ids, kept):
+        from deltaserve.engine.speculative import first_logits_rows
+
+        drafts = self.propose(step, dev, input_ids, hidden, token_ids, kept).clone()
+        firsts = first_logits_rows(step)
+        for i, (s, n_kept) in enumerate(zip(step.sampling, kept.tolist())):
+            request = self.engine.scheduler.get_request(s.request_id)
+            prefix = tuple(request.output_token_ids) + tuple(token_ids[firsts[i]:firsts[i] + n_kept].tolist())
+            for j in range(drafts.shape[1]):
+                d = self.best.get(prefix, 0)
+                drafts[i, j] = d
+                prefix += (d,)
+        return drafts
+
+
+def test_sampled_distribution_is_the_targets(tiny):
+    """3 tokens at temperature 1 with top_k = 3 (3 candidates per position, 27 sequences), 2000 samples (seeds
+    12345 + i) with K = 2 drafts, against the exact probabilities computed from the model's logprobs: Pearson's
+    chi-square, p-value threshold 0.001 (fixed seeds: deterministic). Drafts are the most likely tokens, so ~2/3 of
+    them are accepted and both the acceptance and the correction path run."""
+    path = tiny["dense"]
+    base = make_llm(path)
+    prompt = prompts(1, seed=9)[0]
+    top = SamplingParams(temperature=0, max_tokens=1, logprobs=3)
+
+    def dist(prefix):
+        (entry,) = base.generate([prompt + list(prefix)], top)[0].outputs[0].logprobs
+        ids, lps = zip(*entry.top)
+        w = torch.tensor(lps, dtype=torch.float64).exp()
+        return dict(zip(ids, (w / w.sum()).tolist()))
+
+    exact: dict[tuple[int, ...], float] = {}
+    best: dict[tuple[int, ...], int] = {}
+    first = dist(())
+    best[()] = max(first, key=first.get)
+    for a, pa in first.items():
+        second = dist((a,))
+        best[(a,)] = max(second, key=second.get)
+        for b, pb in second.items():
+            third = dist((a, b))
+            best[(a, b)] = max(third, key=third.get)
+            for c, pc in third.items():
+                exact[(a, b, c)] = pa * pb * pc
+    assert math.isclose(sum(exact.values()), 1.0, rel_tol=1e-9)
+    n = 2000
+    llm = make_llm(path, 2, max_num_seqs=128, speculative_max_batch=128, max_num_batched_tokens=4096)
+    BestGuess(llm, best)
+    params = SamplingParams(temperature=1.0, top_k=3, max_tokens=3, n=n, seed=12345, ignore_eos=True)
+    (out,) = llm.generate([prompt], params)
+    counts = Counter(tuple(o.token_ids) for o in out.outputs)
+    assert set(counts) <= set(exact)
+    keys = sorted(exact)
+    p = _chi2_pvalue([counts[k] for k in keys], [n * exact[k] for k in keys])
+    assert p > 1e-3, p
+    c = llm.engine.spec_counters
+    assert c["spec_draft_tokens"] > 0 and 0.2 < c["spec_accepted_tokens"] / c["spec_draft_tokens"] < 0.95
