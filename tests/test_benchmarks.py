@@ -68,3 +68,11 @@ def test_structured_bench_plumbing(monkeypatch, capsys):
     bench_structured.main()
     out = capsys.readouterr().out
     assert "4/8 constrained" in out and "mask upload + apply alone" in out
+
+
+def test_mtp_demo_plumbing_on_cpu():
+    from benchmarks import bench_mtp
+
+    rows = bench_mtp.main(["--demo", "--device", "cpu", "--max-tokens", "12", "--num-prompts", "1"])
+    assert [r["K"] for r in rows] == [0, 1, 2, 3] and all(r["identical to K=0"] == "1/1" for r in rows)
+    assert rows[3]["AL"] > 1

@@ -1,0 +1,185 @@
+"""MTP speculative decoding: what a verify step (1 + K tokens per row) and the K draft passes cost against a plain
+decode step, at real shapes with dummy weights, and the time per output token that follows at the published
+acceptance lengths (derived, not measured); `--demo` measures the demo model's acceptance length and time per output
+token with and without MTP.
+
+python benchmarks/bench_mtp.py [--models 9B 27B] [--batches 1 8 32] [--k 3] [--context 1024]   # GPU, ~2 min
+python benchmarks/bench_mtp.py --demo [--device cuda|cpu]                                        # ~20 s on a GPU
+
+Shapes mode, per (model, batch): the plain decode step and the verify step are CUDA graph replays (the engine's
+StepGraphs, keys (batch, 1) and (batch, 1 + K)); "commit" installs the kept GDN states (outside the graph, as in
+the engine); the draft passes (the MTP head over the 1 + K verified tokens, then K - 1 chained one-token passes, each
+with the lm_head's argmax) run eagerly, as the engine runs them today. "step" = verify + commit + drafts. TPOT at
+acceptance length AL = step / AL: AL is the mean number of tokens a step keeps, 1.93 / 2.73 / 3.39 / 3.97 at
+K = 1 / 2 / 3 / 4 (Qwen3.5 MTP, published, wave2.md C.2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+import torch
+
+from benchmarks.common import header, model_config, table
+
+PAGE = 16
+PUBLISHED_AL = {1: 1.93, 2: 2.73, 3: 3.39, 4: 3.97}
+
+
+def _time(fn, *, warmup: int = 5, reps: int = 30) -> float:
+    """Median milliseconds of fn() (CUDA events around each call)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return float(np.median(times))
+
+
+def bench_shape(name: str, model, batch: int, k: int, context: int) -> dict:
+    from deltaserve.cache.tensors import CacheShape, ModelCache
+    from deltaserve.engine.cuda_graph import StepGraphs
+    from deltaserve.engine.device_inputs import build_forward_batch, upload_step
+    from deltaserve.engine.speculative import MTPDrafter
+    from deltaserve.engine.step_input import SamplingRequest, StepInput
+    from deltaserve.sampling_params import SamplingParams
+
+    cfg = model.config
+    dev = torch.device("cuda")
+    pages_per_seq = -(-(context + 2 * k + 2) // PAGE)
+    shape = CacheShape(num_pages=batch * pages_per_seq + 1, page_size=PAGE, num_slots=batch,
+                       kv_dtype=torch.bfloat16, conv_dtype=torch.bfloat16, state_dtype=torch.float32)
+    cache = ModelCache(cfg, shape, device=dev, with_mtp=True, verify_rows=batch, verify_positions=1 + k)
+    for i in cfg.linear_attention_layers:
+        cache.gdn(i).ssm.normal_(0, 0.01)
+    tables = [list(range(1 + s * pages_per_seq, 1 + (s + 1) * pages_per_seq)) for s in range(batch)]
+    slots = list(range(batch))
+    decode = build_forward_batch(query_lens=[1] * batch, context_lens=[context] * batch, state_slots=slots,
+                                 block_tables=tables, page_size=PAGE, device=dev)
+    graphs = StepGraphs(model, cache, max_batch=batch, max_pages=pages_per_seq, device=dev,
+                        tokens_per_row=(1, 1 + k), max_verify_batch=batch)
+    graphs.sizes, graphs.verify_sizes = [batch], [batch]
+    graphs.capture()
+    ids1 = torch.randint(0, cfg.vocab_size, (batch,), device=dev)
+    ms_decode = _time(lambda: graphs.run(ids1, decode))
+
+    # the verify step as the engine builds it: a StepInput whose rows carry the last token and K drafts
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.vocab_size, batch * (1 + k))
+    table_np = np.array(tables, dtype=np.int32)
+    params = SamplingParams(temperature=0)
+    step = StepInput(input_ids=ids.astype(np.int64), query_lens=np.full(batch, 1 + k, np.int32),
+                     context_lens=np.full(batch, context, np.int32), state_slots=np.arange(batch, dtype=np.int64),
+                     has_initial_state=np.ones(batch, np.bool_), block_table=table_np,
+                     logits_rows=np.arange(batch * (1 + k), dtype=np.int64),
+                     sampling=tuple(SamplingRequest(str(i), params, 5, tuple(int(t) for t in ids[i * (1 + k) + 1:
+                                                                                             (i + 1) * (1 + k)]))
+                                    for i in range(batch)),
+                     next_token_ids=np.full(batch, -1, np.int64), page_counts=np.full(batch, pages_per_seq, np.int32))
+    dstep = upload_step(step, page_size=PAGE, device=dev)
+    assert dstep.batch.keep_states and graphs.can_run(dstep.batch)
+    idsk = dstep.input_ids
+    ms_verify = _time(lambda: graphs.run(idsk, dstep.batch))
+    hidden, logits = graphs.run(idsk, dstep.batch)
+    with torch.no_grad():
+        eager_logits = model.compute_logits(model(idsk, dstep.batch, cache), upcast=False)
+    graph_vs_eager = float((logits.float() - eager_logits.float()).abs().max())
+    kept = torch.randint(1, 2 + k, (batch,), device=dev)
+    ms_commit = _time(lambda: cache.commit_verified(dstep.batch.state_slots, kept))
+    drafter = MTPDrafter(model, cache, num_tokens=k, page_size=PAGE, device=dev)
+    hidden = hidden.clone()
+    tokens = logits.argmax(dim=-1)
+    ms_draft = _time(lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept), reps=20)
+    step_ms = ms_verify + ms_commit + ms_draft
+    al = PUBLISHED_AL[k]
+    del graphs, cache
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"model": name, "batch": batch, "K": k, "decode ms": ms_decode, "verify ms": ms_verify,
+            "verify/decode": ms_verify / ms_decode, "commit ms": ms_commit, "drafts ms": ms_draft,
+            "step/decode": step_ms / ms_decode, "TPOT@AL ms": step_ms / al, "AL": al,
+            "TPOT decode ms": ms_decode, "speedup": ms_decode * al / step_ms, "graph-eager max": graph_vs_eager}
+
+
+def demo(device: str, max_tokens: int, num_prompts: int) -> list[dict]:
+    from deltaserve import LLM, SamplingParams
+    from deltaserve.demo import SHIPPED_DEMO_DIR
+
+    rows = []
+    dtype = "float32" if device == "cpu" else None
+    base = None
+    for k in (0, 1, 2, 3):
+        llm = LLM(str(SHIPPED_DEMO_DIR), device=device, dtype=dtype, max_model_len=2048, speculative_tokens=k)
+        ids = llm.engine.tokenizer.encode((SHIPPED_DEMO_DIR / "heldout.txt").read_text())
+        prompts = [ids[i * 600: i * 600 + 256] for i in range(num_prompts)]
+        params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+        llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8))  # warm up
+        t = time.perf_counter()
+        outs = [llm.generate([p], params)[0] for p in prompts]  # batch 1: one request at a time
+        dt = time.perf_counter() - t
+        n = sum(len(o.outputs[0].token_ids) for o in outs)
+        tokens = [o.outputs[0].token_ids for o in outs]
+        base = base or tokens
+        row = {"K": k, "AL": llm.engine.acceptance_length() if k else 1.0, "TPOT ms (batch 1)": dt / n * 1e3,
+               "identical to K=0": f"{sum(a == b for a, b in zip(tokens, base))}/{len(base)}"}
+        for j in range(3):
+            drafted = llm.engine.spec_drafted_per_position[j] if j < k else 0
+            row[f"accept@{j + 1}"] = llm.engine.spec_accepted_per_position[j] / drafted if drafted else float("nan")
+        rows.append(row)
+        print(row, flush=True)
+        del llm
+        gc.collect()
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["9B", "27B"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
+    ap.add_argument("--k", nargs="+", type=int, default=[3])
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--demo", action="store_true", help="the demo model's acceptance length and TPOT instead")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--num-prompts", type=int, default=8)
+    args = ap.parse_args(argv)
+    if args.demo:
+        rows = demo(args.device, args.max_tokens, args.num_prompts)
+        print(header("demo model, held-out text, greedy, batch 1"))
+        print(table(rows))
+        return rows
+    from deltaserve.models.loader import load_model
+
+    rows = []
+    for name in args.models:
+        model = load_model(model_config(name), load_format="dummy", device="cuda", dtype=torch.bfloat16,
+                           with_mtp=True)
+        for b in args.batches:
+            for k in args.k:
+                try:
+                    row = bench_shape(name, model, b, k, args.context)
+                except torch.OutOfMemoryError:
+                    row = {"model": name, "batch": b, "K": k, "decode ms": "OOM"}
+                gc.collect()
+                torch.cuda.empty_cache()
+                rows.append(row)
+                print(row, flush=True)
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
+    print(header(f"context {args.context}, dummy bf16 weights, fp32 GDN state; TPOT@AL derived at the published AL"))
+    print(table(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
