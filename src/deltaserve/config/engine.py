@@ -117,7 +117,8 @@ class ParallelConfig:
 
 MAX_SPECULATIVE_TOKENS = 4
 # Largest batch a verify step is run for by default: above it every step is a plain decode step (MTP turns itself
-# down). docs/SPECULATIVE.md says how the number was chosen.
+# down). It also sizes the per-position GDN state buffers (memory). Not yet measured: benchmarks/bench_mtp.py gives
+# the verify + draft cost against a plain decode step per batch size, from which the break-even batch follows.
 SPECULATIVE_MAX_BATCH = 16
 
 
