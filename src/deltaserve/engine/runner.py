@@ -176,6 +176,9 @@ class ModelRunner:
             if self.drafter is None:
                 raise ValueError("this runner cannot verify draft tokens: speculative decoding is off "
                                  "(speculative_tokens=0), so its GDN layers keep no per-position states")
+            if step.state_snapshots:  # checkpoints lie in prompts, verify steps decode: never both
+                raise ValueError("a verify step cannot take prefix-cache snapshots (its slots are committed only "
+                                 "after sampling)")
             if step.num_rows > self.cache.verify_rows or step.num_drafts > self.num_speculative_tokens:
                 raise ValueError(f"a verify step of {step.num_rows} rows x {step.num_drafts} drafts exceeds the "
                                  f"per-position state buffers ({self.cache.verify_rows} rows x "
@@ -225,7 +228,7 @@ class ModelRunner:
         kept = kept_counts(step, launched.input_ids, token_ids)
         if step.is_verify:
             self.cache.commit_verified(dev.batch.state_slots, kept)
-        first = torch.from_numpy(first_logits_rows(step)).to(self.device)
+        first = self._ids(first_logits_rows(step).tolist())
         self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[first + kept - 1])
         assert self.drafter is not None
         drafts = self.drafter.propose(step, dev, launched.input_ids, launched.hidden, token_ids, kept)
