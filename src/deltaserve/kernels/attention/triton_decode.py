@@ -16,8 +16,10 @@ from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _
 # splits (4 waves, up to 128 per sequence) helped batch 1 at long context.
 DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "WAVES": 4, "MAX_SPLITS": 128}
 # Overrides for quantized pages, by the kernels' QUANT code (1 fp8, 2 int8, 3 int4): a tile of them is a half or a
-# quarter of the bytes, so the best tile differs (bench_attention.py --kv-quant --sweep times them).
-QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {}
+# quarter of the bytes, so the best tile differs. From bench_attention.py --kv-quant --sweep (benchmarks/RESULTS.md,
+# 2026-12-03, H200): fp8 +5% and int4 +20% at 27B batch 32 / 32k over the bf16 tile; int8 keeps it.
+QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
+                                                  3: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
 _INTERPRET_DECODE: dict[str, int] = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "WAVES": 2, "MAX_SPLITS": 4}
 
