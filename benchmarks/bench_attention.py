@@ -5,10 +5,11 @@ GB/s against a device-to-device copy measured in the same run, for prefill TFLOP
 measured in the same run, and the same op through torch (SDPA on contiguous K/V for attention, the pure-torch
 reference for the row-wise ops). `--sweep` first times a few tile configs of the two attention kernels and keeps the
 fastest correct one. `--kv-quant` instead times decode over quantized KV pages (bf16, fp8, int8, int4; 27B heads) at
-32k and 128k contexts, against copy bandwidth over the bytes each format actually reads (pages and scales).
+32k and 128k contexts, against copy bandwidth over the bytes each format actually reads (pages and scales); with
+`--sweep` it first times tile configs per quantized format and keeps the fastest.
 
     PYTHONPATH=src:. python3 benchmarks/bench_attention.py --sweep --out /tmp/bench.txt
-    PYTHONPATH=src:. python3 benchmarks/bench_attention.py --kv-quant
+    PYTHONPATH=src:. python3 benchmarks/bench_attention.py --kv-quant [--sweep]
 """
 
 from __future__ import annotations
@@ -195,6 +196,42 @@ def quantized_case(n: int, length: int, fmt: str, gen: torch.Generator):
     return args, 2 * n * length * hkv * per_head
 
 
+# (BLOCK_N, num_warps, num_stages) for quantized pages; WAVES and MAX_SPLITS stay as DECODE_CONFIG's
+QUANT_SWEEP = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (64, 8, 4), (256, 8, 2), (32, 4, 4)]
+QUANT_SWEEP_CASES = [(32, 32768), (1, 131072)]
+
+
+def sweep_kv_quant(log, copy_gbs: float) -> None:
+    """Per quantized format: time QUANT_SWEEP's tiles on QUANT_SWEEP_CASES, keep the fastest (summed ratio to the
+    first config) whose output equals the first config's within 1e-2, in attn.QUANT_DECODE_CONFIG."""
+    gen = torch.Generator().manual_seed(4)
+    for fmt, code in (("fp8", 1), ("int8", 2), ("int4", 3)):
+        cases = [quantized_case(n, length, fmt, gen) for n, length in QUANT_SWEEP_CASES]
+        best, best_score, first = None, float("inf"), None
+        for block_n, warps, stages in QUANT_SWEEP:
+            attn.QUANT_DECODE_CONFIG[code] = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            try:
+                outs = [attn.paged_attention_decode(**args) for args, _ in cases]
+                times = [do_bench_cudagraph(lambda a=args: attn.paged_attention_decode(**a), rep=50,
+                                            return_mode="median") for args, _ in cases]
+            except Exception as e:  # noqa: BLE001 (out of resources for a config is a result, not a failure)
+                log(f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages}: failed {type(e).__name__}")
+                continue
+            if first is None:
+                first = (times, outs)
+            err = max((o.float() - f.float()).abs().max().item() for o, f in zip(outs, first[1]))
+            score = sum(t / t0 for t, t0 in zip(times, first[0]))
+            log(f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages}: "
+                + ", ".join(f"{t * 1e3:.0f}us ({nb / (t * 1e-3) / 1e9 / copy_gbs:.0%} copy)"
+                            for t, (_, nb) in zip(times, cases)) + f"; diff vs first {err:.1e}")
+            if err < 1e-2 and score < best_score:
+                best, best_score = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages), score
+        attn.QUANT_DECODE_CONFIG[code] = best or {}
+        log(f"{fmt}: keeping {attn.QUANT_DECODE_CONFIG[code]}")
+        del cases
+        torch.cuda.empty_cache()
+
+
 def bench_kv_quant(log, copy_gbs: float) -> None:
     """One row per (case, format): median time eager and in a CUDA graph, GB/s of the bytes read and its share of
     copy bandwidth, the speedup over bf16 pages, and the error against the reference on the same pages."""
@@ -335,7 +372,8 @@ def _rowwise(name, shape, fn, ref_fn, nbytes) -> Row:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep", action="store_true", help="time tile configs first and keep the fastest")
+    parser.add_argument("--sweep", action="store_true",
+                        help="time tile configs first and keep the fastest (with --kv-quant: per quantized format)")
     parser.add_argument("--kv-quant", action="store_true",
                         help="only the decode table over quantized KV pages (27B heads, 32k and 128k contexts)")
     parser.add_argument("--out", help="also write the output to this file")
@@ -351,6 +389,9 @@ def main() -> None:
         log(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
             f"command: {' '.join([sys.executable, *sys.argv])}")
         log(f"copy {copy_gbs:.0f} GB/s (read + write) measured in this run; decode config {attn.DECODE_CONFIG}")
+        if args.sweep:
+            sweep_kv_quant(log, copy_gbs)
+        log(f"quantized-page overrides: {attn.QUANT_DECODE_CONFIG}")
         bench_kv_quant(log, copy_gbs)
         if args.out:
             with open(args.out, "w") as f:

@@ -10,6 +10,14 @@ input-len tokens); every request asks for exactly output-len tokens (ignore_eos)
 throughput and TTFT / inter-token latency / TPOT / end-to-end percentiles. With --baseline (a --json-out file of
 another run, e.g. a peer server driven by this same script) it adds the ratio of each figure to that run's.
 Needs only httpx (pip install -e '.[bench]').
+
+Several --concurrency values make a sweep: one run per value, then one table of the P50s per concurrency. The
+published workload (random 8,192 in / 1,024 out, concurrency 1, 16 and 64) is `--preset published-8k1k`; with
+`--published 27B` (or 35B-A3B, either with `:fp8`) the table puts SGLang's published cells for that model and the
+card beside ours, labelled as published, and `--plot sweep.png` draws total tok/s per GPU against time per output
+token for both (matplotlib, in the `bench` extra):
+
+python benchmarks/serve_load.py --preset published-8k1k --published 35B-A3B --plot sweep.png --json-out sweep.json
 """
 
 from __future__ import annotations
@@ -151,6 +159,83 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, float]
     return stats
 
 
+# SGLang's published cells for the 8,192 / 1,024 random workload on one GPU (TP1), P50 TTFT ms, P50 TPOT ms, total
+# tok/s per GPU, strategy: "LL" adds EAGLE/MTP drafting (3 steps, 4 draft tokens), "HT" has none. Source: SGLang's
+# cookbook page for Qwen3.6 (the same qwen3_5 / qwen3_5_moe architecture), SGLang 0.5.16.
+PUBLISHED: dict[tuple[str, str, str], dict[int, tuple[float, float, float, str]]] = {
+    ("H200", "27B", "bf16"): {1: (734, 5.61, 1433, "LL"), 16: (1198, 17.28, 7083, "LL")},
+    ("H200", "27B", "fp8"): {1: (487, 4.30, 1884, "LL"), 16: (734, 12.58, 9895, "LL")},
+    ("H200", "35B-A3B", "bf16"): {1: (182, 2.23, 3751, "LL"), 16: (223, 8.13, 15394, "LL"),
+                                  1024: (390479, 32.67, 21029, "HT"), 4096: (1738129, 32.93, 21090, "HT")},
+    ("H200", "35B-A3B", "fp8"): {1: (138, 1.98, 4331, "LL"), 16: (189, 6.20, 20434, "LL"),
+                                 1024: (263654, 27.90, 30201, "HT"), 4096: (1206050, 28.22, 30217, "HT")},
+    ("H100", "27B", "bf16"): {1: (770, 7.41, 1082, "LL"), 16: (67026, 8.76, 1898, "LL")},
+    ("H100", "27B", "fp8"): {1: (522, 5.27, 1562, "LL"), 16: (8322, 11.27, 7001, "LL")},
+    ("H100", "35B-A3B", "bf16"): {1: (202, 2.48, 3367, "LL"), 16: (18670, 4.12, 6242, "LL")},
+    ("H100", "35B-A3B", "fp8"): {1: (147, 2.21, 3982, "LL"), 16: (181, 7.17, 17730, "LL"),
+                                 1024: (219864, 20.01, 20603, "HT")},
+}
+PRESETS = {"published-8k1k": dict(input_len=8192, output_len=1024, concurrency=[1, 16, 64])}
+
+
+def published_cells(card: str, spec: str | None) -> tuple[str, dict[int, tuple[float, float, float, str]]]:
+    """(label, cells by concurrency) of PUBLISHED for `spec` ("27B", "35B-A3B:fp8", ...) on `card`; none if the
+    card is neither an H100 nor an H200."""
+    if not spec:
+        return "", {}
+    model, _, quant = spec.partition(":")
+    gpu = next((g for g in ("H200", "H100") if g in card), None)
+    cells = PUBLISHED.get((gpu or "", model, quant or "bf16"), {})
+    return (f"SGLang 0.5.16 published, {gpu} {model} {quant or 'bf16'}" if cells else ""), cells
+
+
+def sweep_table(runs: list[tuple[int, dict[str, float]]], num_gpus: int, label: str,
+                cells: dict[int, tuple[float, float, float, str]]) -> str:
+    """One row per concurrency: our P50s and total tok/s per GPU, then the published cell of that concurrency."""
+    head = ["concurrency", "TTFT p50 ms", "TPOT p50 ms", "ITL p99 ms", "total tok/s/GPU", "failed"]
+    if label:
+        head += [f"{label}: TTFT / TPOT / tok/s"]
+    rows = [" | ".join(head), " | ".join("---" for _ in head)]
+    for conc, st in runs:
+        row = [str(conc), f"{st['ttft_ms_p50']:.0f}", f"{st['tpot_ms_p50']:.2f}", f"{st['itl_ms_p99']:.1f}",
+               f"{st['total_tok_s'] / num_gpus:,.0f}", f"{st['requests_failed']:.0f}"]
+        if label:
+            cell = cells.get(conc)
+            row.append(f"{cell[0]:,.0f} / {cell[1]:.2f} / {cell[2]:,.0f} ({cell[3]})" if cell else "not published")
+        rows.append(" | ".join(row))
+    return "\n".join("| " + r + " |" for r in rows)
+
+
+def plot_sweep(path: str, runs: list[tuple[int, dict[str, float]]], num_gpus: int, label: str,
+               cells: dict[int, tuple[float, float, float, str]], title: str) -> None:
+    """Total tok/s per GPU against P50 time per output token: our sweep as a line, the published cells as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    xs = [st["tpot_ms_p50"] for _, st in runs]
+    ys = [st["total_tok_s"] / num_gpus for _, st in runs]
+    ax.plot(xs, ys, "o-", label="deltaserve (measured)")
+    for (conc, _), x, y in zip(runs, xs, ys):
+        ax.annotate(f"c={conc}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if cells:
+        for conc, (_, tpot, tok_s, strategy) in sorted(cells.items()):
+            ax.plot([tpot], [tok_s], "s", color="tab:red")
+            ax.annotate(f"c={conc} {strategy}", (tpot, tok_s), textcoords="offset points", xytext=(4, -10),
+                        fontsize=8, color="tab:red")
+        ax.plot([], [], "s", color="tab:red", label=label)
+    ax.set_xlabel("time per output token, P50 (ms)")
+    ax.set_ylabel("total tokens/s per GPU")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def card_name(override: str | None) -> str:
     if override:
         return override
@@ -190,10 +275,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-key", default=None)
     p.add_argument("--model", default=None, help="default: the server's first model")
     p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
-    p.add_argument("--concurrency", type=int, default=64, help="clients streaming at once")
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a published workload's lengths and concurrencies (explicit flags override it)")
+    p.add_argument("--concurrency", type=int, nargs="+", default=None,
+                   help="clients streaming at once; several values: a sweep (default 64)")
     p.add_argument("--num-requests", type=int, default=None, help="default: 4 x concurrency")
-    p.add_argument("--input-len", type=int, default=1024)
-    p.add_argument("--output-len", type=int, default=256)
+    p.add_argument("--input-len", type=int, default=None, help="default 1024")
+    p.add_argument("--output-len", type=int, default=None, help="default 256")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--min-token-id", type=int, default=1000, help="random prompt ids are drawn from [min, max)")
     p.add_argument("--max-token-id", type=int, default=100000)
@@ -202,34 +290,74 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=1800.0, help="per-request seconds")
     p.add_argument("--card", default=None, help="the server's accelerator, if nvidia-smi cannot see it from here")
     p.add_argument("--json-out", default=None, help="write the figures (and the settings) to this file")
-    p.add_argument("--baseline", default=None, help="a --json-out file to print ratios against")
+    p.add_argument("--baseline", default=None, help="a --json-out file to print ratios against (one concurrency)")
+    p.add_argument("--published", default=None, metavar="MODEL[:fp8]",
+                   help="put SGLang's published cells for this model (27B, 35B-A3B) and card beside the sweep")
+    p.add_argument("--num-gpus", type=int, default=1, help="GPUs the server uses (the per-GPU throughput)")
+    p.add_argument("--plot", default=None, help="draw tok/s per GPU against TPOT to this PNG (needs matplotlib)")
     args = p.parse_args(argv)
-    args.num_requests = args.num_requests or 4 * args.concurrency
-    if args.concurrency < 1 or args.num_requests < 1 or args.input_len < 1 or args.output_len < 1:
-        p.error("--concurrency, --num-requests, --input-len and --output-len must be >= 1")
+    preset = PRESETS.get(args.preset, {})
+    defaults = dict(input_len=1024, output_len=256, concurrency=[64])
+    for key, value in {**defaults, **preset}.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.published and args.published.partition(":")[0] not in {m for _, m, _ in PUBLISHED}:
+        p.error(f"--published {args.published!r}: published cells exist for "
+                f"{sorted({m for _, m, _ in PUBLISHED})}, optionally with ':fp8'")
+    if args.baseline and len(args.concurrency) > 1:
+        p.error("--baseline compares one run: give a single --concurrency")
+    if min(args.concurrency) < 1 or (args.num_requests is not None and args.num_requests < 1) or \
+            args.input_len < 1 or args.output_len < 1 or args.num_gpus < 1:
+        p.error("--concurrency, --num-requests, --input-len, --output-len and --num-gpus must be >= 1")
     if args.min_token_id >= args.max_token_id:
         p.error("--min-token-id must be below --max-token-id (use the model's vocabulary range)")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def requests_for(args: argparse.Namespace, concurrency: int) -> int:
+    """--num-requests, else 4 per client (2 per client in a preset: 8k prompts make each request long)."""
+    if args.num_requests:
+        return args.num_requests
+    return max(2, 2 * concurrency) if args.preset else 4 * concurrency
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+    """One run per --concurrency value; returns their figures in that order."""
     args = parse_args(argv)
-    results, duration, model = asyncio.run(run_load(args))
-    stats = summarize(results, duration)
     try:
         version = httpx.get(args.url + "/version", timeout=10).json().get("version", "?")
     except (httpx.HTTPError, ValueError):
         version = "?"
     baseline = json.loads(open(args.baseline).read())["stats"] if args.baseline else None
-    print(report(args, stats, model, version, baseline))
-    failures = [r.error for r in results if not r.ok]
-    if failures:
-        print(f"\n{len(failures)} request(s) failed; first: {failures[0]}", file=sys.stderr)
+    runs: list[tuple[int, dict[str, float]]] = []
+    for concurrency in args.concurrency:
+        one = argparse.Namespace(**{**vars(args), "concurrency": concurrency,
+                                    "num_requests": requests_for(args, concurrency)})
+        results, duration, model = asyncio.run(run_load(one))
+        stats = summarize(results, duration)
+        runs.append((concurrency, stats))
+        print(report(one, stats, model, version, baseline), flush=True)
+        failures = [r.error for r in results if not r.ok]
+        if failures:
+            print(f"\n{len(failures)} request(s) failed; first: {failures[0]}", file=sys.stderr)
+        print()
+    card = card_name(args.card)
+    label, cells = published_cells(card, args.published)
+    if args.published and not cells:
+        print(f"no published cells for {args.published} on {card}", file=sys.stderr)
+    if len(runs) > 1 or label:
+        print(f"sweep: {model} | {card} | input {args.input_len} | output {args.output_len}")
+        print(sweep_table(runs, args.num_gpus, label, cells))
+    if args.plot:
+        plot_sweep(args.plot, runs, args.num_gpus, label, cells,
+                   f"{model} on {card}: random {args.input_len} in / {args.output_len} out")
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump({"settings": {k: v for k, v in vars(args).items() if k != "api_key"}, "model": model,
-                       "stats": stats, "time": time.strftime("%Y-%m-%d %H:%M:%S")}, f, indent=2)
-    return stats
+            settings = {k: v for k, v in vars(args).items() if k != "api_key"}
+            record = {"settings": settings, "model": model, "card": card, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+                      "stats": runs[-1][1], "runs": [{"concurrency": c, "stats": st} for c, st in runs]}
+            json.dump(record, f, indent=2)
+    return [st for _, st in runs]
 
 
 if __name__ == "__main__":

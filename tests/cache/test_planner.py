@@ -59,3 +59,11 @@ def test_max_full_length_sequences():
                                      max_model_len=3200) == 4
     assert max_full_length_sequences(budget_bytes=100 * MiB, page_bytes=MiB, slot_bytes=10 * MiB, page_size=16,
                                      max_model_len=3200) == 0
+
+
+def test_checkpoints_raise_the_page_cap():
+    # prefix-cache checkpoints keep their prefixes' pages after the request ends: with max_num_seqs=1 the pool must
+    # still hold more than one sequence, or every new request evicts the checkpoints it could have resumed from
+    p = plan_memory(budget_bytes=10_000 * MiB, page_bytes=1 * MiB, slot_bytes=1 * MiB, page_size=16,
+                    max_num_seqs=1, max_model_len=160, num_checkpoints=4)
+    assert p.num_checkpoints == 4 and p.num_pages == 10 * (1 + 4)

@@ -15,14 +15,39 @@ def test_load_generator_against_the_server(server, tmp_path, capsys):
     args = ["--url", server.url, "--api-key", API_KEY, "--concurrency", "4", "--num-requests", "8",
             "--input-len", "16", "--output-len", "6", "--min-token-id", "32", "--max-token-id", "127",
             "--card", "cpu", "--json-out", str(out)]
-    stats = main(args)
+    [stats] = main(args)
     assert stats["requests_ok"] == 8 and stats["requests_failed"] == 0
     # both rates divide token counts by one duration: equal ratio up to float rounding of the two divisions
     assert stats["output_tok_s"] > 0 and stats["input_tok_s"] == pytest.approx(stats["output_tok_s"] * 16 / 6, rel=1e-12)
     assert 0 < stats["ttft_ms_p50"] <= stats["e2e_ms_p99"] and stats["itl_ms_p50"] > 0
     printed = capsys.readouterr().out
     assert "card: cpu" in printed and "ttft_ms_p99" in printed
-    chat = main(args[:-2] + ["--endpoint", "chat", "--baseline", str(out)])
+    [chat] = main(args[:-2] + ["--endpoint", "chat", "--baseline", str(out)])
     assert chat["requests_ok"] == 8
     assert "ratio" in capsys.readouterr().out
     assert json.loads(out.read_text())["stats"]["requests_ok"] == 8
+
+
+def test_a_sweep_beside_the_published_cells(server, tmp_path, capsys):
+    png, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    runs = main(["--url", server.url, "--api-key", API_KEY, "--preset", "published-8k1k", "--concurrency", "1", "16",
+                 "--num-requests", "2", "--input-len", "12", "--output-len", "4", "--min-token-id", "32",
+                 "--max-token-id", "127", "--card", "NVIDIA H200", "--published", "27B", "--plot", str(png),
+                 "--json-out", str(out)])
+    assert [r["requests_ok"] for r in runs] == [2, 2]
+    printed = capsys.readouterr().out
+    assert "SGLang 0.5.16 published, H200 27B bf16: TTFT / TPOT / tok/s" in printed
+    row16 = next(line for line in printed.splitlines() if line.startswith("| 16 |"))
+    assert row16.endswith("| 1,198 / 17.28 / 7,083 (LL) |")  # the published cell, as published
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [r["concurrency"] for r in json.loads(out.read_text())["runs"]] == [1, 16]
+
+
+def test_the_preset_sets_the_published_lengths_and_unknown_models_are_named():
+    from benchmarks.serve_load import parse_args, requests_for
+
+    args = parse_args(["--preset", "published-8k1k"])
+    assert (args.input_len, args.output_len, args.concurrency) == (8192, 1024, [1, 16, 64])
+    assert [requests_for(args, c) for c in args.concurrency] == [2, 32, 128]
+    with pytest.raises(SystemExit):
+        parse_args(["--published", "9B"])

@@ -54,7 +54,8 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
                 kv_format: str = "model dtype", state_format: str = "float32") -> MemoryPlan:
     """Give every one of max_num_seqs sequences a state slot, `checkpoint_fraction` of the budget (or
     num_checkpoints) to prefix-cache checkpoints (at most max(64, 4 per sequence)), and the rest to KV pages, never
-    more pages than max_num_seqs full-length sequences can use. If that leaves less than one max_model_len of KV,
+    more pages than max_num_seqs full-length sequences plus the checkpoints' prefixes can use (the checkpoints hold
+    their pages after their requests end: capped at the running sequences alone, a new request evicts them). If that leaves less than one max_model_len of KV,
     trade slots and checkpoints for pages; if even one slot plus one full sequence does not fit, raise with the
     numbers and the options. kv_format and state_format only label the plan's log line."""
     pages_per_seq = pages_for_tokens(max_model_len, page_size)
@@ -78,7 +79,7 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
     checkpoints = max(0, min(wanted, (left - pages_per_seq * page_bytes) // slot_bytes))
     left -= checkpoints * slot_bytes
     if num_pages is None:
-        num_pages = min(left // page_bytes, pages_per_seq * max_num_seqs)
+        num_pages = min(left // page_bytes, pages_per_seq * (max_num_seqs + checkpoints))
     return MemoryPlan(int(num_pages), int(slots), page_bytes, slot_bytes, budget_bytes, int(checkpoints), **labels)
 
 

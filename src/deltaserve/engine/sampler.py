@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from deltaserve.kernels.token_mask import apply_token_bitmask_
 from deltaserve.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -240,14 +241,7 @@ def apply_grammar(logits: torch.Tensor, grammar: GrammarBitmask, *, copy: bool) 
     """Step 5: -inf where a constrained row's grammar forbids the token; other rows untouched. With copy, `logits`
     is left as it was (process_logits may hand back the model's own logits). Device ops only: no host sync."""
     out = logits.to(torch.float32, copy=True) if copy or logits.dtype != torch.float32 else logits
-    vocab = out.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=out.device)
-    bits = (grammar.bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]: little-endian bits of each word
-    allowed = bits.reshape(bits.shape[0], -1)[:, :vocab].bool()
-    if allowed.shape[1] < vocab:  # a mask narrower than the logits forbids the ids it does not cover
-        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
-    # index_select / index_copy_: advanced-index assignment (out[rows] = ...) is ~10x slower on CPU
-    out.index_copy_(0, grammar.rows, out.index_select(0, grammar.rows).masked_fill_(~allowed, float("-inf")))
+    apply_token_bitmask_(logits=out, rows=grammar.rows, bitmask=grammar.bitmask)
     return out
 
 

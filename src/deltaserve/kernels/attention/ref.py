@@ -40,10 +40,11 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     qmax = KV_QMAX[dtype]
     x32 = x.float()
     amax = x32.abs().amax(-1)
-    scale = amax / qmax
-    # a correctly rounded division, as the kernels' div_rn (`qmax / amax` would multiply by a rounded reciprocal);
-    # an all-zero vector stores zeros and scale 0
-    inv = torch.where(amax > 0, torch.full_like(amax, qmax) / amax, 0.0)
+    qmax_t = torch.full_like(amax, qmax)
+    # correctly rounded divisions, as the kernels' div_rn: tensor by tensor, because CUDA torch divides by a Python
+    # scalar as a multiply by its rounded reciprocal (1 ulp off); an all-zero vector stores zeros and scale 0
+    scale = amax / qmax_t
+    inv = torch.where(amax > 0, qmax_t / amax, 0.0)
     y = (x32 * inv[..., None]).clamp(-qmax, qmax)
     if dtype == torch.float8_e4m3fn:
         return y.to(dtype), scale

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from deltaserve.kernels.attention._triton_common import _check_last_dim, _kv_quant
 from deltaserve.kernels.attention.ref import KV_QMAX
-from deltaserve.kernels.attention.triton_decode import (DECODE_CONFIG, decode_into, decode_num_splits,
-                                                        paged_attention_decode)
+from deltaserve.kernels.attention.triton_decode import (DECODE_CONFIG, QUANT_DECODE_CONFIG, decode_into,
+                                                        decode_num_splits, paged_attention_decode)
 from deltaserve.kernels.attention.triton_prefill import PREFILL_CONFIG, paged_attention_prefill, prefill_into
 from deltaserve.kernels.rope.triton import inv_freq, rope_cos_sin, rope_outputs
 
@@ -235,5 +235,5 @@ def qk_norm_rope_write_kv(
     return q_out, k_out
 
 
-__all__ = ["DECODE_CONFIG", "PREFILL_CONFIG", "decode_into", "decode_num_splits", "paged_attention_decode",
-           "paged_attention_prefill", "prefill_into", "qk_norm_rope_write_kv", "write_kv"]
+__all__ = ["DECODE_CONFIG", "QUANT_DECODE_CONFIG", "PREFILL_CONFIG", "decode_into", "decode_num_splits",
+           "paged_attention_decode", "paged_attention_prefill", "prefill_into", "qk_norm_rope_write_kv", "write_kv"]

@@ -15,6 +15,11 @@ from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _
 # (benchmarks/RESULTS.md, 2026-11-27, bench_attention.py): configs within 10% of each other at batch 64; more
 # splits (4 waves, up to 128 per sequence) helped batch 1 at long context.
 DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "WAVES": 4, "MAX_SPLITS": 128}
+# Overrides for quantized pages, by the kernels' QUANT code (1 fp8, 2 int8, 3 int4): a tile of them is a half or a
+# quarter of the bytes, so the best tile differs. From bench_attention.py --kv-quant --sweep (benchmarks/RESULTS.md,
+# 2026-12-03, H200): fp8 +5% and int4 +20% at 27B batch 32 / 32k over the bf16 tile; int8 keeps it.
+QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
+                                                  3: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
 _INTERPRET_DECODE: dict[str, int] = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "WAVES": 2, "MAX_SPLITS": 4}
 
@@ -126,15 +131,19 @@ def _decode_reduce_kernel(
              mask=d_mask)
 
 
-def decode_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device) -> int:
+def _decode_config(device: torch.device, quant: int) -> dict[str, int]:
+    if device.type != "cuda":
+        return _INTERPRET_DECODE
+    return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(quant, {})}
+
+
+def decode_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
+                      quant: int = 0) -> int:
     """Splits per (sequence, kv head): enough programs for about WAVES waves over the SMs, at most one split per
     BLOCK_N tile of the longest possible sequence (block-table width * page size), at most MAX_SPLITS. Depends on
     shapes only, so a captured CUDA graph stays valid for any seq_lens."""
-    if device.type == "cuda":
-        sms = num_sms(device)
-        cfg = DECODE_CONFIG
-    else:
-        sms, cfg = 8, _INTERPRET_DECODE
+    sms = num_sms(device) if device.type == "cuda" else 8
+    cfg = _decode_config(device, quant)
     want = triton.cdiv(cfg["WAVES"] * sms, max(1, num_seqs * num_kv_heads))
     return max(1, min(want, triton.cdiv(max_kv_len, cfg["BLOCK_N"]), cfg["MAX_SPLITS"]))
 
@@ -174,9 +183,9 @@ def decode_into(
     _check_heads(q, k_cache)
     quant, ks, vs, stride_sp, stride_ss = _kv_quant(k_cache, v_cache, k_scale, v_scale, D, q)
     if num_splits is None:
-        num_splits = decode_num_splits(N, Hkv, block_tables.shape[1] * page_size, q.device)
+        num_splits = decode_num_splits(N, Hkv, block_tables.shape[1] * page_size, q.device, quant)
     group = Hq // Hkv
-    cfg = _config(DECODE_CONFIG, _INTERPRET_DECODE, q)
+    cfg = _config(_decode_config(q.device, quant), _INTERPRET_DECODE, q)
     part_o = torch.empty((N, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((N, Hq, num_splits), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
