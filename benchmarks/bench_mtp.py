@@ -101,7 +101,7 @@ def bench_shape(name: str, model, batch: int, k: int, context: int) -> dict:
     ms_draft = _time(lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept), reps=20)
     step_ms = ms_verify + ms_commit + ms_draft
     al = PUBLISHED_AL[k]
-    del graphs, cache
+    # graphs and cache go with this frame
     gc.collect()
     torch.cuda.empty_cache()
     return {"model": name, "batch": batch, "K": k, "decode ms": ms_decode, "verify ms": ms_verify,

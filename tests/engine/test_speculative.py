@@ -80,7 +80,7 @@ def test_cli_flags():
     assert p.parse_args(["--speculative-tokens", "3"]).speculative_tokens == 3
 
 
-# ---- greedy exactness --------------------------------------------------------------------------------------------------
+# ---- greedy exactness ------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 def test_greedy_equals_no_mtp_tiny(tiny, kind):
@@ -129,7 +129,7 @@ def test_rollback_with_every_acceptance_length(tiny, kind):
         assert accepted[0] > 0 and accepted[-1] > 0 and accepted[0] < llm.engine.spec_drafted_per_position[0]
 
 
-# ---- the demo model (it ships a trained MTP head) ---------------------------------------------------------------------
+# ---- the demo model (it ships a trained MTP head) --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def demo():
@@ -218,7 +218,7 @@ def test_turn_down_above_max_batch_and_metrics(tiny):
     assert 'spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"}' in text
 
 
-# ---- the sampled distribution ------------------------------------------------------------------------------------------
+# ---- the sampled distribution ----------------------------------------------------------------------------------------
 
 def _chi2_pvalue(observed: list[int], expected: list[float]) -> float:
     """Pearson's chi-square goodness of fit; cells expected below 5 are pooled."""

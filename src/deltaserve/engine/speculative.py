@@ -102,12 +102,13 @@ class MTPDrafter:
         positions = batch.positions[at]
         rows = torch.arange(r, device=self.device)
         cu = torch.arange(r + 1, dtype=torch.int32, device=self.device)
+        has_state = torch.ones(r, dtype=torch.bool, device=self.device)
         for j in range(1, self.k):
             pos = positions + j
             page = table_d[rows, (pos // ps).clamp(max=width - 1)].long()
             mapping = torch.where(pos < limit, page * ps + pos % ps, torch.full_like(pos, -1))
             chain = ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=(pos + 1).to(torch.int32),
-                                 state_slots=rows, has_initial_state=torch.ones(r, dtype=torch.bool, device=self.device),
+                                 state_slots=rows, has_initial_state=has_state,
                                  block_tables=table_d, slot_mapping=mapping, logits_indices=rows, tokens_per_row=1,
                                  any_padding=False)
             x = self.model.mtp_forward(draft, x, chain, self.cache)

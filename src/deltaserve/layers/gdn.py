@@ -9,7 +9,8 @@ from torch import nn
 from deltaserve.cache.tensors import GDNState
 from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.conv1d import causal_conv1d_prefill
-from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_gdn_decode, fused_gdn_multistep, gdn_gating
+from deltaserve.kernels.gated_delta_rule import (chunk_gated_delta_rule, fused_gdn_decode, fused_gdn_multistep,
+                                                 gdn_gating)
 from deltaserve.layers.linear import Linear, MergedLinear, new_param
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import GatedRMSNorm
