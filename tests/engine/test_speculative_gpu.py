@@ -1,4 +1,5 @@
-"""GPU tier for MTP speculative decoding (`pytest -m gpu tests/engine/test_speculative_gpu.py`, ~1 min): verify steps
+"""GPU tier for MTP speculative decoding (`pytest -m gpu tests/engine/test_speculative_gpu.py`, ~2-3 min, most of it
+Triton compiles and graph captures): verify steps
 under CUDA graphs against eager, the GPU multistep GDN kernel path against its reference, and the engine with MTP on
 CUDA against the CPU reference and against decoding without drafts."""
 
@@ -19,7 +20,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
 
 
 def run(path, ps, params=GREEDY, **kw):
-    llm = LLM(str(path), max_model_len=512, **kw)
+    llm = LLM(str(path), max_model_len=512, max_num_seqs=8, **kw)
     return token_ids(llm.generate(ps, params)), llm
 
 
@@ -89,25 +90,26 @@ def test_gpu_mtp_matches_cpu_reference_and_no_mtp(tiny, kind):  # noqa: F811
     ps = prompts(6, seed=11)
     plain, _ = run(tiny[kind], ps, device="cuda", dtype="float32")
     reference = {tuple(p): r for p, r in zip(ps, plain)}
-    llm = LLM(str(tiny[kind]), max_model_len=512, device="cuda", dtype="float32", speculative_tokens=2)
+    llm = LLM(str(tiny[kind]), max_model_len=512, device="cuda", dtype="float32", speculative_tokens=2,
+              max_num_seqs=8)
     Oracle(llm, reference)
     assert token_ids(llm.generate(ps, GREEDY)) == plain
     assert llm.engine.spec_counters["spec_accepted_tokens"] > 0
     cpu = LLM(str(tiny[kind]), max_model_len=512, device="cpu", dtype="float32", speculative_tokens=2)
     assert token_ids(cpu.generate(ps, GREEDY)) == plain
     eager = LLM(str(tiny[kind]), max_model_len=512, device="cuda", dtype="float32", speculative_tokens=2,
-                enforce_eager=True)
+                enforce_eager=True, max_num_seqs=8)
     Oracle(eager, reference)
     assert token_ids(eager.generate(ps, GREEDY)) == plain
 
 
 def test_demo_model_bf16_on_gpu_accepts_drafts():
-    llm0 = LLM(str(SHIPPED_DEMO_DIR), max_model_len=1024, device="cuda")
+    llm0 = LLM(str(SHIPPED_DEMO_DIR), max_model_len=1024, device="cuda", max_num_seqs=8)
     ids = llm0.engine.tokenizer.encode((SHIPPED_DEMO_DIR / "heldout.txt").read_text())
     ps = [ids[i * 400: i * 400 + 96] for i in range(6)]
     params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
     ref = token_ids(llm0.generate(ps, params))
-    llm = LLM(str(SHIPPED_DEMO_DIR), max_model_len=1024, device="cuda", speculative_tokens=3)
+    llm = LLM(str(SHIPPED_DEMO_DIR), max_model_len=1024, device="cuda", speculative_tokens=3, max_num_seqs=8)
     got = token_ids(llm.generate(ps, params))
     # bf16: a verify step's GEMMs see 4x the rows of a decode step, so near-ties may part late; most must agree
     assert sum(a == b for a, b in zip(got, ref)) >= 4
