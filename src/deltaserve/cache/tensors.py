@@ -96,12 +96,22 @@ class ModelCache:
                      shapes.linear_value_head_dim)
         keep = verify_rows > 0 and verify_positions > 0
         self.verify_rows = verify_rows if keep else 0
-        for i in config.linear_attention_layers:
-            steps = [torch.zeros((verify_rows, verify_positions, *shape_[1:]), dtype=dtype, device=device)
-                     for shape_, dtype in ((conv_shape, shape.conv_dtype), (ssm_shape, shape.state_dtype))] \
-                if keep else [None, None]
-            self._gdn[i] = GDNState(torch.zeros(conv_shape, dtype=shape.conv_dtype, device=device),
-                                    torch.zeros(ssm_shape, dtype=shape.state_dtype, device=device), *steps)
+        # Every GDN layer's slots in one tensor per kind ([L, S, ...]; each layer holds a view): copying or committing
+        # states is then one op for all layers instead of one per layer (the commit after each verify step was ~100
+        # small launches on 27B).
+        layers = list(config.linear_attention_layers)
+        n = len(layers)
+        self._conv = torch.zeros((n, *conv_shape), dtype=shape.conv_dtype, device=device)
+        self._ssm = torch.zeros((n, *ssm_shape), dtype=shape.state_dtype, device=device)
+        self._conv_steps = self._ssm_steps = None
+        if keep:
+            self._conv_steps = torch.zeros((n, verify_rows, verify_positions, *conv_shape[1:]), dtype=shape.conv_dtype,
+                                           device=device)
+            self._ssm_steps = torch.zeros((n, verify_rows, verify_positions, *ssm_shape[1:]), dtype=shape.state_dtype,
+                                          device=device)
+        for j, i in enumerate(layers):
+            steps = (self._conv_steps[j], self._ssm_steps[j]) if keep else (None, None)  # type: ignore[index]
+            self._gdn[i] = GDNState(self._conv[j], self._ssm[j], *steps)
 
     def attention(self, key: int | str) -> KVPages:
         return self._kv[key]
@@ -116,19 +126,20 @@ class ModelCache:
     def copy_states(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Every GDN layer's state (conv window and recurrent state) of slots `src` into slots `dst` ([n] int64,
         on the cache's device; a slot appears at most once in dst)."""
-        for state in self._gdn.values():
-            state.conv.index_copy_(0, dst, state.conv.index_select(0, src))
-            state.ssm.index_copy_(0, dst, state.ssm.index_select(0, src))
+        if self._gdn:
+            self._conv.index_copy_(1, dst, self._conv.index_select(1, src))
+            self._ssm.index_copy_(1, dst, self._ssm.index_select(1, src))
 
     def commit_verified(self, slots: torch.Tensor, kept: torch.Tensor) -> None:
         """After a verify step: install in each row's slot the GDN states kept after its kept[i]-th position
         (slots [n] int64, all real; kept [n] int64 in [1, k]; row i of the step is row i of the buffers)."""
+        if not self._gdn:
+            return
+        assert self._conv_steps is not None and self._ssm_steps is not None
         rows = torch.arange(slots.shape[0], device=slots.device)
         pos = kept - 1
-        for state in self._gdn.values():
-            assert state.conv_steps is not None and state.ssm_steps is not None
-            state.conv.index_copy_(0, slots, state.conv_steps[rows, pos])
-            state.ssm.index_copy_(0, slots, state.ssm_steps[rows, pos])
+        self._conv.index_copy_(1, slots, self._conv_steps[:, rows, pos])
+        self._ssm.index_copy_(1, slots, self._ssm_steps[:, rows, pos])
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Every attention layer's K/V (and their scales, when quantized) of pages `src` into pages `dst` ([n] int64
@@ -139,7 +150,8 @@ class ModelCache:
                     t.index_copy_(0, dst, t.index_select(0, src))
 
     def nbytes(self) -> int:
-        tensors = [t for pair in self._kv.values() for t in pair] + [t for pair in self._gdn.values() for t in pair]
+        tensors = [t for pair in self._kv.values() for t in pair] + [self._conv, self._ssm, self._conv_steps,
+                                                                     self._ssm_steps]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
