@@ -8,8 +8,8 @@ python benchmarks/bench_mtp.py --demo [--device cuda|cpu]                       
 
 Shapes mode, per (model, batch): the plain decode step and the verify step are CUDA graph replays (the engine's
 StepGraphs, keys (batch, 1) and (batch, 1 + K)); "commit" installs the kept GDN states (outside the graph, as in
-the engine); the draft passes (the MTP head over the 1 + K verified tokens, then K - 1 chained one-token passes, each
-with the lm_head's argmax) run eagerly, as the engine runs them today. "step" = verify + commit + drafts. TPOT at
+the engine); the draft passes (the MTP head over the 1 + K verified tokens, eager, then K - 1 chained one-token passes
+replayed from CUDA graphs, each with the lm_head's argmax) as the engine runs them. "step" = verify + commit + drafts. TPOT at
 acceptance length AL = step / AL: AL is the mean number of tokens a step keeps, 1.93 / 2.73 / 3.39 / 3.97 at
 K = 1 / 2 / 3 / 4 (Qwen3.5 MTP, published, wave2.md C.2).
 """
@@ -98,7 +98,12 @@ def bench_shape(name: str, model, batch: int, k: int, context: int) -> dict:
     drafter = MTPDrafter(model, cache, num_tokens=k, page_size=PAGE, device=dev)
     hidden = hidden.clone()
     tokens = logits.argmax(dim=-1)
+    ms_draft_eager = _time(lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept), reps=20)
+    eager_drafts = drafter.propose(step, dstep, idsk, hidden, tokens, kept)
+    drafter.capture(max_rows=batch, max_pages=pages_per_seq)  # the chained passes as the engine runs them
     ms_draft = _time(lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept), reps=20)
+    same_drafts = bool((drafter.propose(step, dstep, idsk, hidden, tokens, kept) == eager_drafts).all()) \
+        if drafter.graphs is not None else None
     step_ms = ms_verify + ms_commit + ms_draft
     al = PUBLISHED_AL[k]
     # graphs and cache go with this frame
@@ -106,8 +111,10 @@ def bench_shape(name: str, model, batch: int, k: int, context: int) -> dict:
     torch.cuda.empty_cache()
     return {"model": name, "batch": batch, "K": k, "decode ms": ms_decode, "verify ms": ms_verify,
             "verify/decode": ms_verify / ms_decode, "commit ms": ms_commit, "drafts ms": ms_draft,
+            "drafts eager ms": ms_draft_eager,
             "step/decode": step_ms / ms_decode, "TPOT@AL ms": step_ms / al, "AL": al,
-            "TPOT decode ms": ms_decode, "speedup": ms_decode * al / step_ms, "graph-eager max": graph_vs_eager}
+            "TPOT decode ms": ms_decode, "speedup": ms_decode * al / step_ms, "graph-eager max": graph_vs_eager,
+            "draft graphs": {None: "eager", True: "same", False: "DIFFER"}[same_drafts]}
 
 
 def demo(device: str, max_tokens: int, num_prompts: int) -> list[dict]:

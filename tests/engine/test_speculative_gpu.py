@@ -114,3 +114,17 @@ def test_demo_model_bf16_on_gpu_accepts_drafts():
     # bf16: a verify step's GEMMs see 4x the rows of a decode step, so near-ties may part late; most must agree
     assert sum(a == b for a, b in zip(got, ref)) >= 4
     assert llm.engine.acceptance_length() > 2.0
+
+
+def test_draft_graphs_propose_what_eager_drafting_proposes():
+    """fp32 demo model: the chained draft passes replayed from CUDA graphs give the eager drafts, so acceptance
+    counts per position are the same with and without graphs (and outputs equal)."""
+    kw = dict(max_model_len=1024, device="cuda", dtype="float32", speculative_tokens=3, max_num_seqs=8)
+    graphs = LLM(str(SHIPPED_DEMO_DIR), **kw)
+    assert graphs.engine.runner.drafter.graphs is not None
+    eager = LLM(str(SHIPPED_DEMO_DIR), enforce_eager=True, **kw)
+    ids = graphs.engine.tokenizer.encode((SHIPPED_DEMO_DIR / "heldout.txt").read_text())
+    ps = [ids[i * 400: i * 400 + 64] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    assert token_ids(graphs.generate(ps, params)) == token_ids(eager.generate(ps, params))
+    assert graphs.engine.spec_accepted_per_position == eager.engine.spec_accepted_per_position

@@ -135,6 +135,10 @@ class ModelRunner:
         self.drafter = MTPDrafter(self.model, self.cache, num_tokens=self.num_speculative_tokens,
                                   page_size=config.cache.page_size, device=self.device) if config.with_mtp else None
         self.graphs = None if config.runner.enforce_eager or self.device.type != "cuda" else self._capture()
+        if self.graphs is not None and self.drafter is not None:
+            sched = config.scheduler
+            self.drafter.capture(max_rows=min(sched.max_num_seqs, self.plan.num_slots),
+                                 max_pages=pages_for_tokens(sched.max_model_len, config.cache.page_size))
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
         # The last token sampled for each state slot: the input of the slot's next decode step when that step is

@@ -19,6 +19,8 @@ one get KV that the next step's first pass overwrites before anything reads it.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import torch
 
@@ -26,6 +28,8 @@ from deltaserve.cache.tensors import ModelCache
 from deltaserve.engine.device_inputs import DeviceStep, upload_arrays
 from deltaserve.engine.step_input import PENDING, StepInput
 from deltaserve.layers.forward_batch import ForwardBatch
+
+log = logging.getLogger(__name__)
 
 
 def kept_counts(step: StepInput, input_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,7 @@ class MTPDrafter:
         if getattr(model, "mtp", None) is None:
             raise RuntimeError("speculative decoding needs the model's MTP head (load it with with_mtp=True)")
         self.model, self.cache, self.k, self.page_size, self.device = model, cache, num_tokens, page_size, device
+        self.graphs: ChainGraphs | None = None  # set by capture() (CUDA, graphs on)
 
     @torch.no_grad()
     def first_pass(self, step: StepInput, dev: DeviceStep, input_ids: torch.Tensor, hidden: torch.Tensor,
@@ -98,23 +103,111 @@ class MTPDrafter:
         at = batch.logits_indices[first_row + kept - 1]
         x = h[at]
         draft = self.model.compute_logits(x, upcast=False).argmax(dim=-1)
-        drafts = [draft]
+        if self.k == 1:
+            return draft.unsqueeze(1)
         positions = batch.positions[at]
-        rows = torch.arange(r, device=self.device)
-        cu = torch.arange(r + 1, dtype=torch.int32, device=self.device)
-        has_state = torch.ones(r, dtype=torch.bool, device=self.device)
-        for j in range(1, self.k):
-            pos = positions + j
-            page = table_d[rows, (pos // ps).clamp(max=width - 1)].long()
-            mapping = torch.where(pos < limit, page * ps + pos % ps, torch.full_like(pos, -1))
-            chain = ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=(pos + 1).to(torch.int32),
-                                 state_slots=rows, has_initial_state=has_state,
-                                 block_tables=table_d, slot_mapping=mapping, logits_indices=rows, tokens_per_row=1,
-                                 any_padding=False)
-            x = self.model.mtp_forward(draft, x, chain, self.cache)
-            draft = self.model.compute_logits(x, upcast=False).argmax(dim=-1)
-            drafts.append(draft)
-        return torch.stack(drafts, dim=1)
+        if self.graphs is not None and self.graphs.can_run(r, width):
+            rest = self.graphs.run(draft, x, positions, table_d, limit)
+        else:
+            rest = chain_drafts(self.model, self.cache, draft, x, positions, table_d, limit, k=self.k, page_size=ps)
+        return torch.cat([draft.unsqueeze(1), rest], dim=1)
+
+    def capture(self, *, max_rows: int, max_pages: int) -> None:
+        """CUDA graphs of the chained draft passes (row counts up to max_rows); on failure they stay eager."""
+        if self.k < 2 or self.device.type != "cuda":
+            return
+        graphs = ChainGraphs(self.model, self.cache, k=self.k, page_size=self.page_size, max_rows=max_rows,
+                             max_pages=max_pages, device=self.device)
+        try:
+            graphs.capture()
+        except Exception as e:  # noqa: BLE001 - an eager draft is slower, never wrong
+            log.warning("CUDA graph capture of the MTP draft passes failed (%s: %s); they run eagerly",
+                        type(e).__name__, e)
+            return
+        self.graphs = graphs
+
+
+def chain_drafts(model: torch.nn.Module, cache: ModelCache, draft: torch.Tensor, x: torch.Tensor,
+                 positions: torch.Tensor, table: torch.Tensor, limit: torch.Tensor, *, k: int,
+                 page_size: int) -> torch.Tensor:
+    """Drafts 2..k: the MTP head chained on its own output, one token per row at positions + 1, + 2, ...
+
+    draft [R] (draft 1), x [R, D] (the MTP output that gave it), positions [R] (of x), table [R, W] int32 page
+    table, limit [R] int64 (no KV is written at positions >= limit). Returns [R, k - 1] int64."""
+    r, ps, width = draft.shape[0], page_size, table.shape[1]
+    device = draft.device
+    rows = torch.arange(r, device=device)
+    cu = torch.arange(r + 1, dtype=torch.int32, device=device)
+    has_state = torch.ones(r, dtype=torch.bool, device=device)
+    drafts = []
+    for j in range(1, k):
+        pos = positions + j
+        page = table[rows, (pos // ps).clamp(max=width - 1)].long()
+        mapping = torch.where(pos < limit, page * ps + pos % ps, torch.full_like(pos, -1))
+        chain = ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=(pos + 1).to(torch.int32), state_slots=rows,
+                             has_initial_state=has_state, block_tables=table, slot_mapping=mapping,
+                             logits_indices=rows, tokens_per_row=1, any_padding=False)
+        x = model.mtp_forward(draft, x, chain, cache)
+        draft = model.compute_logits(x, upcast=False).argmax(dim=-1)
+        drafts.append(draft)
+    return torch.stack(drafts, dim=1)
+
+
+class ChainGraphs:
+    """CUDA graphs of `chain_drafts`, one per padded row count, over static input buffers. Padding rows write no KV
+    (limit 0) and their drafts are dropped."""
+
+    def __init__(self, model: torch.nn.Module, cache: ModelCache, *, k: int, page_size: int, max_rows: int,
+                 max_pages: int, device: torch.device) -> None:
+        from deltaserve.engine.cuda_graph import capture_sizes
+
+        self.model, self.cache, self.k, self.page_size, self.device = model, cache, k, page_size, device
+        self.sizes = capture_sizes(max_rows)
+        n, d = self.sizes[-1], model.config.hidden_size
+        dtype = model.model.embed_tokens.weight.dtype
+        self.draft = torch.zeros(n, dtype=torch.long, device=device)
+        self.x = torch.zeros(n, d, dtype=dtype, device=device)
+        self.positions = torch.zeros(n, dtype=torch.long, device=device)
+        self.table = torch.zeros(n, max(1, max_pages), dtype=torch.int32, device=device)
+        self.limit = torch.zeros(n, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    def _run(self, r: int) -> torch.Tensor:
+        return chain_drafts(self.model, self.cache, self.draft[:r], self.x[:r], self.positions[:r], self.table[:r],
+                            self.limit[:r], k=self.k, page_size=self.page_size)
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        pool = None
+        for r in reversed(self.sizes):  # limit 0: the captures write no KV
+            for _ in range(2):
+                self._run(r)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._run(r)
+            pool = graph.pool()
+            self.graphs[r] = (graph, out)
+        torch.cuda.synchronize(self.device)
+
+    def can_run(self, rows: int, width: int) -> bool:
+        return rows <= self.sizes[-1] and width <= self.table.shape[1]
+
+    def run(self, draft: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+            limit: torch.Tensor) -> torch.Tensor:
+        n, w = draft.shape[0], table.shape[1]
+        r = next(s for s in self.sizes if s >= n)
+        self.draft[:n].copy_(draft)
+        self.x[:n].copy_(x)
+        self.positions[:n].copy_(positions)
+        self.table[:n, :w].copy_(table)
+        self.table[:n, w:].zero_()
+        self.limit[:n].copy_(limit)
+        self.limit[n:].zero_()
+        self.positions[n:].zero_()
+        graph, out = self.graphs[r]
+        graph.replay()
+        return out[:n].clone()
 
 
 def _rows_of_requests(step: StepInput) -> np.ndarray:
