@@ -137,7 +137,7 @@ def _oracle_check(qdir: Path, seed: int = 3) -> None:
     check_against(model, prompt, logits, greedy)
 
 
-@pytest.mark.parametrize("kind", ["q_dense", "q_moe"])
+@pytest.mark.parametrize("kind", ["q_dense", pytest.param("q_moe", marks=pytest.mark.slow)])
 def test_own_writer_gptq_act_order(bf16_dirs, kind, tmp_path):
     """desc_act true: g_idx a permutation of k // G (no independent writer produces it on CPU)."""
     out = quantize_checkpoint(bf16_dirs[kind], tmp_path / "gptq", method="int4", desc_act=kind == "q_dense")
@@ -202,6 +202,7 @@ def _per_expert_copy(out: Path, fused: dict, t: dict, tmp_path: Path) -> Path:
     return ref
 
 
+@pytest.mark.slow  # the same layout as the qwen_fp8_dense fixture, from deltaserve's own writer
 def test_own_writer_fp8_dense_matches_dequantized(bf16_dirs, tmp_path):
     _oracle_check(quantize_checkpoint(bf16_dirs["q_dense"], tmp_path / "fp8", method="fp8"))
 

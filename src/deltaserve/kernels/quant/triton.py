@@ -1,0 +1,193 @@
+"""Triton kernels for weight-quantized GEMMs (int4 W4A16, fp8 block-scaled), same signatures as ref.py.
+
+One tiled kernel serves both: each program dequantizes a [BK, BN] weight tile in registers (int4: unpack the nibble,
+subtract the zero point, times the group scale; fp8: e4m3 -> fp32 times the row/K-block scale), rounds it to the
+activation dtype (as the reference does) and feeds tensor cores with tl.dot, accumulating in fp32.
+  - decode-sized calls (few rows): BM = 16 and split-K, so that about two waves of programs stream the weight once;
+    the partial sums go to an fp32 workspace and are added by one torch op.
+  - large calls (prefill): 64/128-row tiles, no split.
+MoE: a per-(token, expert) GEMV kernel that reads the expert id from topk_ids on the device (no host sync, so decode
+steps stay capturable in CUDA graphs): gate|up for every pair, SiLU-and-mul in torch, down for every pair, then the
+routing-weighted sum.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from deltaserve.kernels._device import num_sms
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
+                  INT4: tl.constexpr):
+    """The weight tile W^T[offs_k, offs_n] in fp32 ([BK, BN])."""
+    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
+    g = offs_k[:, None] // GROUP
+    s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g, mask=mask, other=0.0)
+    if INT4:
+        words = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] // 8, mask=mask, other=0)
+        q = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF
+        z = tl.load(z_ptr + offs_n[None, :] * stride_sn + g, mask=mask, other=0).to(tl.int32)
+        return (q - z).to(tl.float32) * s
+    else:
+        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=mask, other=0.0)
+        return w.to(tl.float32) * s
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os,
+                 stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_begin = pid_k * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4)
+        w = w.to(x_ptr.dtype.element_ty)
+        if IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot multiplies raw bits)
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _plan(m: int, n: int, k: int, group: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, split) for an [m, k] x [k, n] call: split-K for few rows, until ~2 waves of programs."""
+    bk = 64 if group % 64 == 0 or group >= k else 32
+    while bk > 16 and group % bk and group < k:
+        bk //= 2
+    if m <= 32:
+        bm, bn = 16, 64
+        sms = num_sms(device) if device.type == "cuda" else 4
+        tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+        steps = triton.cdiv(k, bk)
+        split = max(1, min(steps, (2 * sms) // max(tiles, 1)))
+        return bm, bn, bk, split
+    bm = 64 if m <= 256 else 128
+    return bm, 128, bk, 1
+
+
+def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
+               group: int, out: torch.Tensor | None = None, tiles: tuple[int, int, int, int] | None = None
+               ) -> torch.Tensor:
+    """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
+    result goes (tests pass a NaN-filled one); `tiles`: (BM, BN, BK, split) instead of the plan."""
+    m, k = x.shape
+    n = weight.shape[0]
+    int4 = zeros is not None
+    bm, bn, bk, split = tiles or _plan(m, n, k, group, x.device)
+    if group < k and group % bk:
+        raise ValueError(f"K tile {bk} must divide the group size {group}")
+    steps = triton.cdiv(k, bk)
+    k_per_split = triton.cdiv(steps, split) * bk
+    split = triton.cdiv(k, k_per_split)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
+                       scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split,
+                       GROUP=min(group, k) if group else k, INT4=int4, IEEE=x.dtype == torch.float32 or _INTERPRET,
+                       BM=bm, BN=bn, BK=bk)
+    if split > 1:
+        torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
+    return out
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[-1] else x2.contiguous()
+
+
+def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    y = quant_gemm(_rows(x), qweight, scales, zeros, group_size)
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
+def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
+    y = quant_gemm(_rows(x), weight, scale, None, block_k)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---- MoE ------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, stride_xt, stride_we, stride_wn,
+                     stride_se, stride_sn, stride_op, X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr,
+                     INT4: tl.constexpr, WDT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[p, n] = sum_k x[row(p), k] * W_{ids[p]}[n, k] for one (token, expert) pair p (row: the token, or the pair
+    itself when X_PER_PAIR), fp32 accumulation; a negative id writes zeros."""
+    p, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(ids_ptr + p)
+    row = p if X_PER_PAIR else p // TOP_K
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    if e >= 0:
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + row * stride_xt + offs_k, mask=offs_k < K, other=0.0)
+            w = _dequant_tile(w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, offs_k, offs_n,
+                              N, K, stride_wn, stride_sn, GROUP, INT4)
+            w = w.to(WDT).to(tl.float32)  # rounded to the activation dtype, as the reference does
+            acc += tl.sum(x.to(tl.float32)[:, None] * w, axis=0)
+    tl.store(out_ptr + p * stride_op + offs_n, acc, mask=offs_n < N)
+
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+           group: int, n: int, k: int, x_per_pair: bool, act_dtype: torch.dtype, top_k: int) -> torch.Tensor:
+    pairs = ids.numel()
+    out = torch.empty(pairs, n, dtype=torch.float32, device=x.device)
+    bn, bk = 64, 64 if (group % 64 == 0 or group >= k) else 32
+    grid = (pairs, triton.cdiv(n, bn))
+    _moe_pair_kernel[grid](x, ids, w, s, z if z is not None else s, out, n, k, top_k, x.stride(0),
+                           w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0),
+                           X_PER_PAIR=x_per_pair, GROUP=min(group, k), INT4=z is not None, WDT=_TL[act_dtype],
+                           BN=bn, BK=bk)
+    return out
+
+
+def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter):
+    t, d = x.shape
+    ids = topk_ids.to(torch.int32).contiguous()
+    x = x.contiguous()
+    gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, x.dtype, ids.shape[-1])  # [T*k, 2I] fp32
+    # The reference computes silu(gate) * up in fp32 and feeds it to the down GEMM as fp32.
+    hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).contiguous()
+    down = _pairs(hidden, ids.view(-1), w2, s2, z2, group, d, inter, True, x.dtype, 1)  # [T*k, D]
+    y = (down.view(t, -1, d) * topk_weights.float().unsqueeze(-1)).sum(dim=1)
+    return y.to(x.dtype)
+
+
+def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
+                   w13_zeros: torch.Tensor, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
+                   w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor) -> torch.Tensor:
+    inter = w13_qweight.shape[1] // 2
+    return _moe(x, topk_weights, topk_ids, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
+                group_size, inter)
+
+
+def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                  w2_scale: torch.Tensor, block_k: int, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    return _moe(x, topk_weights, topk_ids, w13, w13_scale, None, w2, w2_scale, None, block_k, w2.shape[2])

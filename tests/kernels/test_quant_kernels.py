@@ -1,0 +1,138 @@
+"""The int4 / fp8 GEMM and MoE kernels (kernels/quant/triton.py) against their dequantize-then-GEMM references.
+
+Without a GPU they run under TRITON_INTERPRET=1 at small shapes and small tiles (several programs, split-K, ragged
+N and K tails, several groups); `pytest -m gpu` runs them compiled at the real layer shapes of Qwen3.5-27B, 35B-A3B
+and 122B-A10B, with odd sizes and NaN-poisoned outputs (every element must be written). Error policy as elsewhere
+(tests/tolerances.py): at most twice the error of the reference in the same dtype against a float64 product of the
+same (dequantized, dtype-rounded) weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from tolerances import assert_error_within  # noqa: E402
+
+from deltaserve.kernels.quant import ref  # noqa: E402
+from deltaserve.kernels.quant import triton as qt  # noqa: E402
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_like_the_gpu(interpreter_rounds_like_the_gpu):
+    yield
+
+
+def int4_weight(n: int, k: int, group: int, gen: torch.Generator, device=DEV):
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    groups = -(-k // group)
+    scales = torch.rand(n, groups, generator=gen) * 0.02 + 0.001
+    zeros = torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.uint8)
+    return ref.pack_int4(codes).to(device), scales.to(device), zeros.to(device)
+
+
+def fp8_weight(n: int, k: int, block: int, gen: torch.Generator, device=DEV):
+    w = (torch.randn(n, k, generator=gen) * 8).to(torch.float8_e4m3fn)
+    scale = torch.rand(n, -(-k // block), generator=gen) * 0.01 + 0.001
+    return w.to(device), scale.to(device)
+
+
+def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, tiles=None, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+    if kind == "int4":
+        qw, s, z = int4_weight(n, k, group, gen)
+        w = ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=group, k=k)
+        baseline = ref.int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=group)
+        weight, zeros = qw, z
+    else:
+        weight, s = fp8_weight(n, k, group, gen)
+        w = ref.dequant_fp8(weight=weight, scale=s, block_k=group)
+        baseline = ref.fp8_linear(x=x, weight=weight, scale=s, block_k=group)
+        zeros = None
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)  # NaN-poisoned: every element must be written
+    got = qt.quant_gemm(x, weight, s, zeros, group, out=out, tiles=tiles)
+    expected = x.double() @ w.to(dtype).double().T
+    assert got is out
+    assert_error_within(got, baseline, expected, atol=1e-4 if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m,tiles", [(3, (16, 32, 16, 3)), (20, (16, 16, 32, 1)), (40, (32, 32, 16, 2))])
+def test_gemm_interpreted(kind, m, tiles):
+    check_gemm(kind, m, 72, 96, 32, torch.bfloat16 if m != 20 else torch.float32, tiles=tiles, seed=m)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_interpreted(kind):
+    check_moe(kind, tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16)
+
+
+def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=gen).to(dtype).to(DEV)
+    logits = torch.randn(tokens, experts, generator=gen)
+    w, ids = logits.softmax(-1).topk(top_k, dim=-1)
+    ids[0, -1] = -1  # a routing slot with no expert (another rank's)
+    w, ids = (w / w.sum(-1, keepdim=True)).to(DEV), ids.to(DEV)
+    if kind == "int4":
+        a = [int4_weight(2 * inter, d, group, gen) for _ in range(experts)]
+        b = [int4_weight(d, inter, group, gen) for _ in range(experts)]
+        args = dict(w13_qweight=torch.stack([t[0] for t in a]), w13_scales=torch.stack([t[1] for t in a]),
+                    w13_zeros=torch.stack([t[2] for t in a]), w2_qweight=torch.stack([t[0] for t in b]),
+                    w2_scales=torch.stack([t[1] for t in b]), w2_zeros=torch.stack([t[2] for t in b]),
+                    group_size=group)
+        fn_ref, fn = ref.int4_fused_moe, qt.int4_fused_moe
+    else:
+        a = [fp8_weight(2 * inter, d, group, gen) for _ in range(experts)]
+        b = [fp8_weight(d, inter, group, gen) for _ in range(experts)]
+        args = dict(w13=torch.stack([t[0] for t in a]), w13_scale=torch.stack([t[1] for t in a]),
+                    w2=torch.stack([t[0] for t in b]), w2_scale=torch.stack([t[1] for t in b]), block_k=group)
+        fn_ref, fn = ref.fp8_fused_moe, qt.fp8_fused_moe
+    baseline = fn_ref(x=x, topk_weights=w, topk_ids=ids, **args)
+    got = fn(x=x, topk_weights=w, topk_ids=ids, **args)
+    assert torch.isfinite(got).all()
+    # the reference is fp32 math with dtype-rounded weights: the kernel may differ by fp32 ordering and the final
+    # rounding only
+    err = (got.double().cpu() - baseline.double().cpu()).abs().max().item()
+    scale = baseline.double().abs().max().item()
+    assert err <= 1.6e-2 * scale + 1e-4, f"max error {err:.3g} (scale {scale:.3g})"
+
+
+# ---- compiled, at the models' real shapes ----------------------------------------------------------------------
+
+# (N, K) of the quantized projections: 27B (H 5120), 35B-A3B (H 2048), 122B-A10B (H 3072), plus odd sizes.
+SHAPES_27B = [(16384, 5120), (5120, 6144), (34816, 5120), (5120, 17408), (12288, 5120)]
+SHAPES_35B = [(12288, 2048), (2048, 4096), (8192, 2048), (1024, 2048), (2048, 512)]
+SHAPES_122B = [(2048, 3072), (3072, 1024), (3072, 8192)]
+ODD = [(136, 384), (4104, 2048 + 128), (520, 1152)]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("n,k", SHAPES_27B + SHAPES_35B + SHAPES_122B + ODD)
+def test_gemm_gpu(kind, m, n, k):
+    check_gemm(kind, m, n, k, 128, torch.bfloat16, seed=n + k + m)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("shape", [(256, 8, 2048, 512), (256, 8, 3072, 1024)], ids=["35B-A3B", "122B-A10B"])
+def test_moe_gpu(kind, tokens, shape):
+    experts, top_k, d, inter = shape
+    check_moe(kind, tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens)
