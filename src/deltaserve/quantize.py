@@ -140,3 +140,11 @@ def quantize_checkpoint(src: str | Path, out: str | Path, *, method: str, group_
                 "config.json", "model.safetensors.index.json"):
             shutil.copy(extra, out / extra.name)
     return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from deltaserve.cli import main
+
+    sys.exit(main(["quantize", *sys.argv[1:]]))

@@ -343,3 +343,18 @@ def test_dummy_quantized_model_runs(method):
         "gpt", "int"))
     out = SimpleRunner(model).step({0: [1, 2, 3]})[0]
     assert torch.isfinite(out).all()
+
+
+def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
+    from deltaserve.cli import main
+    out = tmp_path / "cli_fp8"
+    assert main(["quantize", str(bf16_dirs["q_moe"]), str(out), "--method", "fp8"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "fp8" and any(n.endswith("in_proj_a") for n in cfg["modules_to_not_convert"])
+    with caplog.at_level("INFO", logger="deltaserve.models.loader"):
+        model = load_model(ModelConfig.from_hf(out), dtype="float32")
+    line = next(r.getMessage() for r in caplog.records if "weight formats" in r.getMessage())
+    assert "weight formats (fp8): linear_attn.in_proj_qkv fp8 block 128x128" in line
+    assert "linear_attn.in_proj_a float32" in line and "mlp.experts fp8 block 128x128" in line
+    # qkv|z fp8 and b|a unquantized: one merged layer, two GEMMs
+    assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
