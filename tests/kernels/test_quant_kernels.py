@@ -75,6 +75,12 @@ def test_gemm_interpreted(kind, m, tiles):
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_gemm_per_channel_ragged_k_interpreted(kind):
+    """One scale per row over all of K (G = K), K not a multiple of the tile nor of 8."""
+    check_gemm(kind, 5, 40, 100, 100, torch.bfloat16, tiles=(16, 16, 32, 2), seed=5)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_moe_interpreted(kind):
     check_moe(kind, tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16)
 

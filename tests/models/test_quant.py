@@ -358,3 +358,21 @@ def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
     assert "linear_attn.in_proj_a float32" in line and "mlp.experts fp8 block 128x128" in line
     # qkv|z fp8 and b|a unquantized: one merged layer, two GEMMs
     assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["qwen_fp8_moe", "gptq_moe", "awq_mixed_moe", "ct_w4a16_asym_dense",
+                                  "ct_fp8_block_dense"])
+def test_fixture_on_gpu_matches_cpu_reference(name):
+    """The whole model through the GPU kernels (bf16) against the CPU references in bf16: the same numbers up to
+    bf16 rounding of different summation orders."""
+    path = FIXTURES / name
+    prompt = load_file(path / "oracle" / "expected.safetensors")["prompt"].tolist()
+    ref_model = load_model(ModelConfig.from_hf(path), dtype="bfloat16")
+    gpu_model = load_model(ModelConfig.from_hf(path), dtype="bfloat16", device="cuda")
+    want = SimpleRunner(ref_model).step({0: prompt}, all_logits=True)[0].float()
+    got = SimpleRunner(gpu_model, device="cuda").step({0: prompt}, all_logits=True)[0].float().cpu()
+    scale = want.abs().max().item()
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() <= 3e-2 * scale

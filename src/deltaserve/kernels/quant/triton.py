@@ -25,20 +25,26 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
-                  INT4: tl.constexpr):
-    """The weight tile W^T[offs_k, offs_n] in fp32 ([BK, BN])."""
-    mask = (offs_k[:, None] < K) & (offs_n[None, :] < N)
-    g = offs_k[:, None] // GROUP
-    s = tl.load(s_ptr + offs_n[None, :] * stride_sn + g, mask=mask, other=0.0)
+def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
+                  INT4: tl.constexpr, BK: tl.constexpr):
+    """Rows offs_n, columns [k0, k0 + BK) of W in fp32 ([BN, BK]). BK divides GROUP (or GROUP >= K), so the tile
+    has one scale (and zero point) per row: loaded once, broadcast over BK."""
+    n_ok = offs_n < N
+    g = k0 // GROUP
+    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
     if INT4:
-        words = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] // 8, mask=mask, other=0)
-        q = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF
-        z = tl.load(z_ptr + offs_n[None, :] * stride_sn + g, mask=mask, other=0).to(tl.int32)
-        return (q - z).to(tl.float32) * s
+        offs_w = k0 // 8 + tl.arange(0, BK // 8)
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                        mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)  # [BN, BK/8]
+        shifts = tl.arange(0, 8) * 4
+        q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (words.shape[0], BK))
+        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+        return (q - z[:, None]).to(tl.float32) * s[:, None]
     else:
-        w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None], mask=mask, other=0.0)
-        return w.to(tl.float32) * s
+        offs_k = k0 + tl.arange(0, BK)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                    mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        return w.to(tl.float32) * s[:, None]
 
 
 @triton.jit
@@ -50,12 +56,13 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
     offs_n = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_begin = pid_k * k_per_split
-    for k0 in range(k_begin, k_begin + k_per_split, BK):
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k0 in range(k_begin, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, offs_k, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4)
-        w = w.to(x_ptr.dtype.element_ty)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+        w = tl.trans(w.to(x_ptr.dtype.element_ty))  # rounded to the activation dtype, as the reference does
         if IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot multiplies raw bits)
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
@@ -65,20 +72,27 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
              acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
+def _k_tile(group: int, k: int, want: int) -> int:
+    """A K tile that divides the group (one scale per row and tile), at most `want`, at least 16."""
+    bk = want
+    while bk > 16 and group < k and group % bk:
+        bk //= 2
+    if group < k and group % bk:
+        raise ValueError(f"group size {group} is not a multiple of 16")
+    return bk
+
+
 def _plan(m: int, n: int, k: int, group: int, device: torch.device) -> tuple[int, int, int, int]:
     """(BM, BN, BK, split) for an [m, k] x [k, n] call: split-K for few rows, until ~2 waves of programs."""
-    bk = 64 if group % 64 == 0 or group >= k else 32
-    while bk > 16 and group % bk and group < k:
-        bk //= 2
     if m <= 32:
-        bm, bn = 16, 64
+        bm, bn, bk = 16, 64, _k_tile(group, k, 128)
         sms = num_sms(device) if device.type == "cuda" else 4
         tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
         steps = triton.cdiv(k, bk)
         split = max(1, min(steps, (2 * sms) // max(tiles, 1)))
         return bm, bn, bk, split
     bm = 64 if m <= 256 else 128
-    return bm, 128, bk, 1
+    return bm, 128, _k_tile(group, k, 64), 1
 
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
@@ -89,6 +103,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
+    group = min(group, k) if group else k
     bm, bn, bk, split = tiles or _plan(m, n, k, group, x.device)
     if group < k and group % bk:
         raise ValueError(f"K tile {bk} must divide the group size {group}")
@@ -101,8 +116,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
                        scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split,
-                       GROUP=min(group, k) if group else k, INT4=int4, IEEE=x.dtype == torch.float32 or _INTERPRET,
-                       BM=bm, BN=bn, BK=bk)
+                       GROUP=group if group < k else k + bk, INT4=int4,
+                       IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk)
     if split > 1:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
@@ -140,13 +155,14 @@ def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, 
     offs_n = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BN,), dtype=tl.float32)
     if e >= 0:
+        e64 = e.to(tl.int64)
         for k0 in range(0, K, BK):
             offs_k = k0 + tl.arange(0, BK)
             x = tl.load(x_ptr + row * stride_xt + offs_k, mask=offs_k < K, other=0.0)
-            w = _dequant_tile(w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, offs_k, offs_n,
-                              N, K, stride_wn, stride_sn, GROUP, INT4)
+            w = _dequant_tile(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se, k0,
+                              offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
             w = w.to(WDT).to(tl.float32)  # rounded to the activation dtype, as the reference does
-            acc += tl.sum(x.to(tl.float32)[:, None] * w, axis=0)
+            acc += tl.sum(w * x.to(tl.float32)[None, :], axis=1)
     tl.store(out_ptr + p * stride_op + offs_n, acc, mask=offs_n < N)
 
 
@@ -157,11 +173,12 @@ def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
            group: int, n: int, k: int, x_per_pair: bool, act_dtype: torch.dtype, top_k: int) -> torch.Tensor:
     pairs = ids.numel()
     out = torch.empty(pairs, n, dtype=torch.float32, device=x.device)
-    bn, bk = 64, 64 if (group % 64 == 0 or group >= k) else 32
+    group = min(group, k) if group else k
+    bn, bk = 64, _k_tile(group, k, 128)
     grid = (pairs, triton.cdiv(n, bn))
     _moe_pair_kernel[grid](x, ids, w, s, z if z is not None else s, out, n, k, top_k, x.stride(0),
                            w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0),
-                           X_PER_PAIR=x_per_pair, GROUP=min(group, k), INT4=z is not None, WDT=_TL[act_dtype],
+                           X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk, INT4=z is not None, WDT=_TL[act_dtype],
                            BN=bn, BK=bk)
     return out
 
