@@ -81,6 +81,22 @@ def test_gemm_per_channel_ragged_k_interpreted(kind):
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_dequantize_interpreted(kind):
+    gen = torch.Generator().manual_seed(9)
+    if kind == "int4":
+        qw, s, z = int4_weight(2 * 24, 96, 32, gen)
+        qw, s, z = qw.view(2, 24, -1), s.view(2, 24, -1), z.view(2, 24, -1)
+        want = ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=32, k=96)
+    else:
+        w, s = fp8_weight(48, 96, 32, gen)
+        w, s, z = w.view(2, 24, 96), s.view(2, 24, -1), None
+        want = ref.dequant_fp8(weight=w, scale=s, block_k=32)
+        qw = w
+    got = qt.dequantize(qw, s, z, 32, 96, torch.float32)
+    assert torch.equal(got.cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_moe_interpreted(kind):
     check_moe(kind, tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16)
 
@@ -137,7 +153,28 @@ def test_gemm_gpu(kind, m, n, k):
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
-@pytest.mark.parametrize("tokens", [1, 64])
+@pytest.mark.parametrize("m", [1, 300, 2048])
+def test_linear_dispatch_gpu(kind, m):
+    """The public ops (fused kernel up to FUSED_MAX_ROWS rows, dequantize + GEMM past it) against the references."""
+    from deltaserve.kernels.quant import fp8_linear, int4_linear
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 5120, generator=gen).to(torch.bfloat16).to(DEV)
+    if kind == "int4":
+        qw, s, z = int4_weight(6144, 5120, 128, gen)
+        got = int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=128)
+        want = ref.int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=128)
+    else:
+        w, s = fp8_weight(6144, 5120, 128, gen)
+        got = fp8_linear(x=x, weight=w, scale=s, block_k=128)
+        want = ref.fp8_linear(x=x, weight=w, scale=s, block_k=128)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 2e-2 * want.float().abs().max().item()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 64, 300])
 @pytest.mark.parametrize("shape", [(256, 8, 2048, 512), (256, 8, 3072, 1024)], ids=["35B-A3B", "122B-A10B"])
 def test_moe_gpu(kind, tokens, shape):
     experts, top_k, d, inter = shape

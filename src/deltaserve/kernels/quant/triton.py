@@ -6,9 +6,10 @@ activation dtype (as the reference does) and feeds tensor cores with tl.dot, acc
   - decode-sized calls (few rows): BM = 16 and split-K, so that about two waves of programs stream the weight once;
     the partial sums go to an fp32 workspace and are added by one torch op.
   - large calls (prefill): 64/128-row tiles, no split.
+  - prefill-sized calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
 MoE: a per-(token, expert) GEMV kernel that reads the expert id from topk_ids on the device (no host sync, so decode
 steps stay capturable in CUDA graphs): gate|up for every pair, SiLU-and-mul in torch, down for every pair, then the
-routing-weighted sum.
+routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the bf16 MoE path runs.
 """
 
 from __future__ import annotations
@@ -123,6 +124,40 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     return out
 
 
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
+                    INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    k0 = pid_k * BK
+    offs_k = k0 + tl.arange(0, BK)
+    w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None, group: int, k: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The int4 (zeros given) or fp8 weight [..., N, *] as a dense [..., N, k] tensor of `dtype` (one pass)."""
+    lead = weight.shape[:-1]
+    w2, s2 = weight.reshape(-1, weight.shape[-1]), scale.reshape(-1, scale.shape[-1])
+    z2 = zeros.reshape(-1, zeros.shape[-1]) if zeros is not None else s2
+    n = w2.shape[0]
+    group = min(group, k) if group else k
+    bn, bk = 64, _k_tile(group, k, 64)
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        w2, s2, z2, out, n, k, w2.stride(0), s2.stride(0), out.stride(0),
+        GROUP=group if group < k else k + bk, INT4=zeros is not None, BN=bn, BK=bk)
+    return out.view(*lead, k)
+
+
+# Rows up to which the fused dequantize-and-GEMM kernel runs; past it (prefill) the weight is dequantized once into
+# a temporary in the activation dtype and torch's GEMM runs at the bf16 rate (the extra pass costs ~3 bytes per
+# weight, a few percent of an 8k-token GEMM).
+FUSED_MAX_ROWS = 256
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     x2 = x.reshape(-1, x.shape[-1])
     return x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[-1] else x2.contiguous()
@@ -132,12 +167,18 @@ def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                 group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
     if perm is not None:
         x = x.index_select(-1, perm)
-    y = quant_gemm(_rows(x), qweight, scales, zeros, group_size)
+    x2 = _rows(x)
+    if x2.shape[0] > FUSED_MAX_ROWS:
+        return torch.nn.functional.linear(x, dequantize(qweight, scales, zeros, group_size, x.shape[-1], x.dtype))
+    y = quant_gemm(x2, qweight, scales, zeros, group_size)
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 
 def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
-    y = quant_gemm(_rows(x), weight, scale, None, block_k)
+    x2 = _rows(x)
+    if x2.shape[0] > FUSED_MAX_ROWS:
+        return torch.nn.functional.linear(x, dequantize(weight, scale, None, block_k, x.shape[-1], x.dtype))
+    y = quant_gemm(x2, weight, scale, None, block_k)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -183,8 +224,18 @@ def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
     return out
 
 
+# Routed (token, expert) pairs up to which the per-pair kernels run (decode batches up to 128 at top-8: no host sync,
+# CUDA-graph safe); past it (prefill) every expert is dequantized once and the bf16 MoE path runs (grouped GEMMs).
+PAIR_MAX = 1024
+
+
 def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter):
     t, d = x.shape
+    if topk_ids.numel() > PAIR_MAX:
+        from deltaserve.kernels.moe import fused_moe
+        return fused_moe(x=x, w13=dequantize(w13, s13, z13, group, d, x.dtype),
+                         w2=dequantize(w2, s2, z2, group, inter, x.dtype), topk_weights=topk_weights,
+                         topk_ids=topk_ids)
     ids = topk_ids.to(torch.int32).contiguous()
     x = x.contiguous()
     gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, x.dtype, ids.shape[-1])  # [T*k, 2I] fp32
