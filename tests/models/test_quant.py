@@ -202,7 +202,6 @@ def _per_expert_copy(out: Path, fused: dict, t: dict, tmp_path: Path) -> Path:
     return ref
 
 
-@pytest.mark.slow  # the same layout as the qwen_fp8_dense fixture, from deltaserve's own writer
 def test_own_writer_fp8_dense_matches_dequantized(bf16_dirs, tmp_path):
     _oracle_check(quantize_checkpoint(bf16_dirs["q_dense"], tmp_path / "fp8", method="fp8"))
 
