@@ -53,8 +53,7 @@ def quantize_gptq(w: torch.Tensor, group_size: int = 128, desc_act: bool = False
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
     groups = k // group_size
-    amax = torch.zeros(groups, n)
-    amax.index_reduce_(0, g_idx.long(), w.abs().T, "amax")
+    amax = torch.zeros(groups, n).scatter_reduce(0, g_idx.long()[:, None].expand(k, n), w.abs().T, "amax")
     scales = (amax / 7.5).clamp(min=1e-8).to(torch.float16)
     s = scales.float()[g_idx.long()].T                                    # [N, K]
     codes = (torch.round(w / s) + 8).clamp(0, 15).to(torch.uint8)        # [N, K]

@@ -375,3 +375,62 @@ def test_fixture_on_gpu_matches_cpu_reference(name):
     scale = want.abs().max().item()
     assert torch.isfinite(got).all()
     assert (got - want).abs().max().item() <= 3e-2 * scale
+
+
+def test_nested_checkpoint_names_and_exclusions(tmp_path):
+    """A ConditionalGeneration checkpoint (model.language_model.*, a vision tower, mtp.*): modules_to_not_convert
+    holds nested names, which must match our module paths; the result equals the dequantized bf16 checkpoint."""
+    spec = TinySpec("q_nested", nested=True, moe=True, per_expert=False, mtp=True,
+                    extra=dict(hidden_size=128, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+                               moe_intermediate_size=128, shared_expert_intermediate_size=128, num_experts=4))
+    src = tmp_path / "bf16"
+    save_checkpoint(spec, src)
+    out = quantize_checkpoint(src, tmp_path / "fp8", method="fp8")
+    skipped = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert "model.language_model.layers.0.linear_attn.in_proj_a" in skipped
+    model = load_model(ModelConfig.from_hf(out), dtype="float32")
+    assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({k: v.contiguous() for k, v in dequant_state(out).items()}, plain / "model.safetensors")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (plain / "config.json").write_text(json.dumps(cfg))
+    reference = load_model(ModelConfig.from_hf(plain), dtype="float32")
+    prompt = list(range(7, 40))
+    assert_logits_close(SimpleRunner(model).step({0: prompt}, all_logits=True)[0],
+                        SimpleRunner(reference).step({0: prompt}, all_logits=True)[0])
+
+
+def test_compressed_tensors_actorder_group(bf16_dirs, tmp_path):
+    """compressed-tensors W4A16 with actorder "group" (weight_g_idx a permutation): the same weights as the
+    act-order GPTQ checkpoint they are converted from, so the same logits."""
+    gptq = quantize_checkpoint(bf16_dirs["q_dense"], tmp_path / "gptq", method="int4", desc_act=True)
+    t = load_file(gptq / "model.safetensors")
+    ct = {}
+    for k, v in t.items():
+        if k.endswith(".qweight"):
+            base = k[:-len(".qweight")]
+            codes = unpack_int4(v.T.contiguous(), v.shape[0] * 8)          # [N, K]
+            ct[base + ".weight_packed"] = pack_int4(codes)
+            ct[base + ".weight_scale"] = t[base + ".scales"].T.contiguous()
+            ct[base + ".weight_g_idx"] = t[base + ".g_idx"]
+            ct[base + ".weight_shape"] = torch.tensor(list(codes.shape))
+        elif not k.endswith((".qzeros", ".scales", ".g_idx")):
+            ct[k] = v
+    out = tmp_path / "ct"
+    out.mkdir()
+    save_file(ct, out / "model.safetensors")
+    cfg = json.loads((gptq / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["re:.*mlp\\.(gate|up|down)_proj$"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
+            "actorder": "group"}}}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    model = load_model(ModelConfig.from_hf(out), dtype="float32")
+    assert model.model.layers[0].mlp.down_proj.perm is not None
+    reference = load_model(ModelConfig.from_hf(gptq), dtype="float32")
+    prompt = list(range(3, 30))
+    assert_logits_close(SimpleRunner(model).step({0: prompt}, all_logits=True)[0],
+                        SimpleRunner(reference).step({0: prompt}, all_logits=True)[0])
