@@ -33,12 +33,12 @@ FORMATS = {
 }
 
 
-def load(name: str, fmt: str):
+def load(name: str, fmt: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
+    """A dummy-weight model of shape `name` with its projections in format `fmt`."""
     cfg = model_config(name)
     raw = FORMATS[fmt]
     quant = QuantizationConfig(method=raw["quant_method"], raw=raw) if raw else None
-    return load_model(cfg, load_format="dummy", device="cuda", dtype=torch.bfloat16, with_mtp=False,
-                      quantization=quant)
+    return load_model(cfg, load_format="dummy", device=device, dtype=dtype, with_mtp=False, quantization=quant)
 
 
 def main() -> None:
