@@ -27,18 +27,24 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
-                  INT4: tl.constexpr, BK: tl.constexpr):
+                  INT4: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0):
     """Rows offs_n, columns [k0, k0 + BK) of W in fp32 ([BN, BK]). BK divides GROUP (or GROUP >= K), so the tile
     has one scale (and zero point) per row: loaded once, broadcast over BK."""
     n_ok = offs_n < N
     g = k0 // GROUP
     s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
     if INT4:
-        offs_w = k0 // 8 + tl.arange(0, BK // 8)
-        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                        mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)  # [BN, BK/8]
-        shifts = tl.arange(0, 8) * 4
-        q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (words.shape[0], BK))
+        if UNPACK == 0:  # each column loads its own word (8 columns share one: served by L1), then shifts
+            offs_k = k0 + tl.arange(0, BK)
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 8,
+                            mask=n_ok[:, None] & (offs_k[None, :] < K), other=0)
+            q = (words >> ((offs_k[None, :] % 8) * 4)) & 0xF
+        else:  # each word loaded once ([BN, BK/8]), its 8 nibbles spread by a reshape
+            offs_w = k0 // 8 + tl.arange(0, BK // 8)
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                            mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)  # [BN, BK/8]
+            shifts = tl.arange(0, 8) * 4
+            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (words.shape[0], BK))
         z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
         return (q - z[:, None]).to(tl.float32) * s[:, None]
     else:
@@ -51,7 +57,7 @@ def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, G
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os,
                  stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0):
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -62,7 +68,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK, UNPACK)
         w = tl.trans(w.to(x_ptr.dtype.element_ty))  # rounded to the activation dtype, as the reference does
         if IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot multiplies raw bits)
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
@@ -97,8 +103,8 @@ def _plan(m: int, n: int, k: int, group: int, device: torch.device) -> tuple[int
 
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
-               group: int, out: torch.Tensor | None = None, tiles: tuple[int, int, int, int] | None = None
-               ) -> torch.Tensor:
+               group: int, out: torch.Tensor | None = None, tiles: tuple[int, int, int, int] | None = None,
+               unpack: int = 0) -> torch.Tensor:
     """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
     result goes (tests pass a NaN-filled one); `tiles`: (BM, BN, BK, split) instead of the plan."""
     m, k = x.shape
@@ -118,7 +124,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
                        scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split,
                        GROUP=group if group < k else k + bk, INT4=int4,
-                       IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk)
+                       IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk, UNPACK=unpack)
     if split > 1:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
