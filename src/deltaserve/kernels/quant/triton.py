@@ -90,16 +90,15 @@ def _k_tile(group: int, k: int, want: int) -> int:
 
 
 def _plan(m: int, n: int, k: int, group: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, split) for an [m, k] x [k, n] call: split-K for few rows, until ~2 waves of programs."""
-    if m <= 32:
-        bm, bn, bk = 16, 64, _k_tile(group, k, 128)
-        sms = num_sms(device) if device.type == "cuda" else 4
-        tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-        steps = triton.cdiv(k, bk)
-        split = max(1, min(steps, (2 * sms) // max(tiles, 1)))
-        return bm, bn, bk, split
-    bm = 64 if m <= 256 else 128
-    return bm, 128, _k_tile(group, k, 64), 1
+    """(BM, BN, BK, split) for an [m, k] x [k, n] call: one M tile where the rows allow (the weight is read once per
+    M tile), and split-K until about two waves of programs run (the N = hidden-size projections have few N tiles)."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 64 if m <= 32 else 128
+    bk = _k_tile(group, k, 128 if m <= 32 else 64)
+    sms = num_sms(device) if device.type == "cuda" else 4
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    split = max(1, min(triton.cdiv(k, bk), (2 * sms) // max(tiles, 1)))
+    return bm, bn, bk, split
 
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
