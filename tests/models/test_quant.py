@@ -434,3 +434,20 @@ def test_compressed_tensors_actorder_group(bf16_dirs, tmp_path):
     prompt = list(range(3, 30))
     assert_logits_close(SimpleRunner(model).step({0: prompt}, all_logits=True)[0],
                         SimpleRunner(reference).step({0: prompt}, all_logits=True)[0])
+
+
+@pytest.mark.parametrize("name", ["awq_mixed_moe", "qwen_fp8_dense"])
+def test_engine_generates_the_oracle_tokens(name, tmp_path):
+    """The whole engine (scheduler, runner, memory planning, sampler) on a quantized checkpoint: greedy tokens of a
+    batch of two requests equal the oracle's."""
+    from deltaserve import LLM, SamplingParams
+    from deltaserve.demo import write_byte_tokenizer
+    path = tmp_path / name
+    shutil.copytree(FIXTURES / name, path)
+    write_byte_tokenizer(path)
+    exp = load_file(path / "oracle" / "expected.safetensors")
+    llm = LLM(str(path), dtype="float32", device="cpu", max_model_len=256)
+    sp = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
+    prompt = exp["prompt"].tolist()
+    outs = llm.generate([prompt, prompt[:5]], sp)
+    assert list(outs[0].outputs[0].token_ids) == exp["greedy"].tolist()
