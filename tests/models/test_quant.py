@@ -451,3 +451,22 @@ def test_engine_generates_the_oracle_tokens(name, tmp_path):
     prompt = exp["prompt"].tolist()
     outs = llm.generate([prompt, prompt[:5]], sp)
     assert list(outs[0].outputs[0].token_ids) == exp["greedy"].tolist()
+
+
+def test_quantized_lm_head(tmp_path):
+    """An lm_head stored in FP8 (a config that does not exclude it) loads as FP8 and gives the dequantized logits."""
+    src = FIXTURES / "qwen_fp8_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    qc = {**qc, "modules_to_not_convert": [m for m in qc["modules_to_not_convert"] if m != "lm_head"]}
+
+    def edit(t):
+        from deltaserve.quantize import quantize_fp8_block
+        t["lm_head.weight"], t["lm_head.weight_scale_inv"] = quantize_fp8_block(t["lm_head.weight"])
+    path = _with_config(src, tmp_path / "head", qc, edit)
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.lm_head.method.name.startswith("fp8")
+    t = load_file(path / "model.safetensors")
+    head = t["lm_head.weight"].float() * t["lm_head.weight_scale_inv"].float().repeat_interleave(128, 0)[:160] \
+        .repeat_interleave(128, 1)[:, :256]
+    hidden = torch.randn(3, 256)
+    assert_logits_close(model.compute_logits(hidden), hidden @ head.T)

@@ -718,7 +718,7 @@ def quantize_model(model: nn.Module, resolver: QuantResolver, *, dtype: torch.dt
         summary.setdefault(_class_key(path), Counter())[fmt.describe(dtype)] += 1
 
     for path, module in list(model.named_modules()):
-        if isinstance(module, LMHead) or isinstance(module, _Part):
+        if isinstance(module, _Part):
             continue
         if isinstance(module, MergedLinear):
             parent = path.rpartition(".")[0]
@@ -738,7 +738,8 @@ def quantize_model(model: nn.Module, resolver: QuantResolver, *, dtype: torch.dt
                 method = SplitLinearMethod([(s, linear_method(f, resolver.present)) for s, f in groups])
             _replace_method(module, method, dtype, device)
         elif isinstance(module, Linear):
-            fmt = resolver.linear(path)
+            # the lm_head is quantized only when the checkpoint holds it so (never for dummy weights)
+            fmt = resolver.linear(path, dummy_default=not isinstance(module, LMHead))
             note(path, fmt)
             _replace_method(module, linear_method(fmt, resolver.present), dtype, device)
         elif isinstance(module, Experts):
