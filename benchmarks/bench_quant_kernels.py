@@ -35,7 +35,7 @@ def main() -> None:
         for m in args.rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             t = {"bf16": triton.testing.do_bench(lambda: torch.nn.functional.linear(x, wb), return_mode="median")}
-            for u in (0, 1):
+            for u in (0, 1, 2):
                 t[f"int4 u{u}"] = triton.testing.do_bench(lambda: qt.quant_gemm(x, qw, s, z, 128, unpack=u),
                                                           return_mode="median")
             t["fp8"] = triton.testing.do_bench(lambda: qt.quant_gemm(x, w8, s, None, 128), return_mode="median")

@@ -1,11 +1,14 @@
 """Triton kernels for weight-quantized GEMMs (int4 W4A16, fp8 block-scaled), same signatures as ref.py.
 
-One tiled kernel serves both: each program dequantizes a [BK, BN] weight tile in registers (int4: unpack the nibble,
-subtract the zero point, times the group scale; fp8: e4m3 -> fp32 times the row/K-block scale), rounds it to the
-activation dtype (as the reference does) and feeds tensor cores with tl.dot, accumulating in fp32.
-  - decode-sized calls (few rows): BM = 16 and split-K, so that about two waves of programs stream the weight once;
-    the partial sums go to an fp32 workspace and are added by one torch op.
-  - large calls (prefill): 64/128-row tiles, no split.
+One tiled kernel serves both; weights are dequantized in registers, rounded to the activation dtype (as the
+reference does) and fed to tensor cores with tl.dot, accumulating in fp32.
+  - fp8: a [BN, BK] e4m3 tile (contiguous along K) times the row's scale for that K block.
+  - int4 (UNPACK 2, the default): the tile's packed words are loaded once ([BN, BK/8], contiguous along K) and never
+    interleaved: nibble plane j holds columns k0 + 8c + j, which are dotted with the same columns of x (a strided
+    load of the small activation tile), eight K = BK/8 dots per tile. UNPACK 0 (each column loads its own word) and
+    1 (one load, nibbles spread by a reshape; the first version) remain for benchmarks/bench_quant_kernels.py.
+  - decode-sized calls: one M tile (16/32/64 rows) and split-K until about two waves of programs run; the partial
+    sums go to an fp32 workspace and are added by one torch op.
   - prefill-sized calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
 MoE: a per-(token, expert) GEMV kernel that reads the expert id from topk_ids on the device (no host sync, so decode
 steps stay capturable in CUDA graphs): gate|up for every pair, SiLU-and-mul in torch, down for every pair, then the
@@ -64,6 +67,30 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
+    if INT4 and UNPACK == 2:
+        # Each packed word is loaded once ([BN, BK/8], contiguous along K) and never interleaved: nibble plane j
+        # of the tile holds columns k0 + 8c + j, so it is dotted with those columns of x (a strided load of the
+        # small activation tile). Eight K=BK/8 dots per tile; the sum over k does not care about the order.
+        offs_c = tl.arange(0, BK // 8)
+        n_ok = offs_n < N
+        for k0 in range(k_begin, k_end, BK):
+            g = k0 // GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+            z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+            offs_w = k0 // 8 + offs_c
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                            mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+            for j in tl.static_range(8):
+                q = (words >> (4 * j)) & 0xF
+                w = ((q - z[:, None]).to(tl.float32) * s[:, None]).to(x_ptr.dtype.element_ty)
+                offs_k = k0 + offs_c * 8 + j
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+                if IEEE:
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w).to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w))
+        k_end = k_begin  # done: skip the generic loop below
     for k0 in range(k_begin, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -89,12 +116,13 @@ def _k_tile(group: int, k: int, want: int) -> int:
     return bk
 
 
-def _plan(m: int, n: int, k: int, group: int, device: torch.device) -> tuple[int, int, int, int]:
+def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool = False
+          ) -> tuple[int, int, int, int]:
     """(BM, BN, BK, split) for an [m, k] x [k, n] call: one M tile where the rows allow (the weight is read once per
     M tile), and split-K until about two waves of programs run (the N = hidden-size projections have few N tiles)."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn = 64 if m <= 32 else 128
-    bk = _k_tile(group, k, 128 if m <= 32 else 64)
+    bk = _k_tile(group, k, 128 if m <= 32 or int4 else 64)
     sms = num_sms(device) if device.type == "cuda" else 4
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     split = max(1, min(triton.cdiv(k, bk), (2 * sms) // max(tiles, 1)))
@@ -103,14 +131,16 @@ def _plan(m: int, n: int, k: int, group: int, device: torch.device) -> tuple[int
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
                group: int, out: torch.Tensor | None = None, tiles: tuple[int, int, int, int] | None = None,
-               unpack: int = 0) -> torch.Tensor:
+               unpack: int = 2) -> torch.Tensor:
     """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
     result goes (tests pass a NaN-filled one); `tiles`: (BM, BN, BK, split) instead of the plan."""
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
     group = min(group, k) if group else k
-    bm, bn, bk, split = tiles or _plan(m, n, k, group, x.device)
+    bm, bn, bk, split = tiles or _plan(m, n, k, group, x.device, int4)
+    if unpack == 2 and bk < 128 and not _INTERPRET:
+        unpack = 0  # the nibble-plane dots need K = BK / 8 >= 16 on tensor cores
     if group < k and group % bk:
         raise ValueError(f"K tile {bk} must divide the group size {group}")
     steps = triton.cdiv(k, bk)
@@ -200,7 +230,24 @@ def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, 
     row = p if X_PER_PAIR else p // TOP_K
     offs_n = pid_n * BN + tl.arange(0, BN)
     acc = tl.zeros((BN,), dtype=tl.float32)
-    if e >= 0:
+    if e >= 0 and INT4:
+        e64 = e.to(tl.int64)
+        offs_c = tl.arange(0, BK // 8)
+        n_ok = offs_n < N
+        wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
+        for k0 in range(0, K, BK):  # as _gemm_kernel's UNPACK == 2: nibble planes against strided x columns
+            g = k0 // GROUP
+            s = tl.load(sp + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+            z = tl.load(zp + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+            offs_w = k0 // 8 + offs_c
+            words = tl.load(wp + offs_n[:, None] * stride_wn + offs_w[None, :],
+                            mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+            for j in tl.static_range(8):
+                w = ((((words >> (4 * j)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None]).to(WDT)
+                offs_k = k0 + offs_c * 8 + j
+                x = tl.load(x_ptr + row * stride_xt + offs_k, mask=offs_k < K, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    elif e >= 0:
         e64 = e.to(tl.int64)
         for k0 in range(0, K, BK):
             offs_k = k0 + tl.arange(0, BK)
