@@ -179,3 +179,23 @@ def test_linear_dispatch_gpu(kind, m):
 def test_moe_gpu(kind, tokens, shape):
     experts, top_k, d, inter = shape
     check_moe(kind, tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_grouped_blocks_interpreted(kind, monkeypatch):
+    """Past PAIR_GEMV_MAX pairs: blocks of pairs routed to one expert share each weight tile."""
+    monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=3)
+
+
+def test_moe_blocks_layout():
+    ids = torch.tensor([[2, 0], [2, -1], [1, 2]])
+    rows, block_expert, block_first = qt.moe_blocks(ids, 4, 2)
+    assert rows.numel() == block_expert.numel() * 2
+    for b, e in enumerate(block_expert.tolist()):
+        pairs = [p for p in rows[2 * b:2 * b + 2].tolist() if p >= 0]
+        if e < 4:
+            assert pairs and all(ids.view(-1)[p] == e for p in pairs)
+        else:
+            assert not pairs
+    assert sorted(p for p in rows.tolist() if p >= 0) == [0, 1, 2, 4, 5]

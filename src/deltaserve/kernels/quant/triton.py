@@ -10,9 +10,11 @@ reference does) and fed to tensor cores with tl.dot, accumulating in fp32.
   - decode-sized calls: one M tile (16/32/64 rows) and split-K until about two waves of programs run; the partial
     sums go to an fp32 workspace and are added by one torch op.
   - prefill-sized calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
-MoE: a per-(token, expert) GEMV kernel that reads the expert id from topk_ids on the device (no host sync, so decode
-steps stay capturable in CUDA graphs): gate|up for every pair, SiLU-and-mul in torch, down for every pair, then the
-routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the bf16 MoE path runs.
+MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX routed pairs, a GEMV per (token,
+expert) pair that reads the expert id on the device; up to PAIR_MAX, pairs sorted into blocks of 16 that share one
+expert (moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in
+torch, down, then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the
+bf16 MoE path runs.
 """
 
 from __future__ import annotations
@@ -276,6 +278,106 @@ def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
     return out
 
 
+@triton.jit
+def _moe_block_kernel(x_ptr, rows_ptr, block_expert_ptr, block_first_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                      TOP_K, E, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_op,
+                      X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One block of up to BM (token, expert) pairs routed to the same expert, times that expert's weight: the weight
+    tile is read once per block instead of once per pair. rows_ptr: pair ids sorted by expert (-1 pads each expert's
+    rows to a multiple of BM); block_expert: each block's expert (E: no block); block_first: its first sorted row."""
+    b, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + b)
+    if e < E:
+        first = tl.load(block_first_ptr + b)
+        pairs = tl.load(rows_ptr + first + tl.arange(0, BM))
+        valid = pairs >= 0
+        if X_PER_PAIR:
+            xrow = tl.where(valid, pairs, 0)
+        else:
+            xrow = tl.where(valid, pairs // TOP_K, 0)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        e64 = e.to(tl.int64)
+        wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            if INT4:
+                g = k0 // GROUP
+                s = tl.load(sp + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+                z = tl.load(zp + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+                offs_c = tl.arange(0, BK // 8)
+                offs_w = k0 // 8 + offs_c
+                words = tl.load(wp + offs_n[:, None] * stride_wn + offs_w[None, :],
+                                mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+                for j in tl.static_range(8):
+                    w = ((((words >> (4 * j)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None])
+                    offs_k = k0 + offs_c * 8 + j
+                    x = tl.load(x_ptr + xrow[:, None] * stride_xt + offs_k[None, :],
+                                mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+                    w = tl.trans(w.to(x_ptr.dtype.element_ty))
+                    if IEEE:
+                        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc += tl.dot(x, w)
+            else:
+                offs_k = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + xrow[:, None] * stride_xt + offs_k[None, :],
+                            mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+                w = _dequant_tile(wp, sp, zp, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+                w = tl.trans(w.to(x_ptr.dtype.element_ty))
+                if IEEE:
+                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, w)
+        tl.store(out_ptr + tl.where(valid, pairs, 0)[:, None] * stride_op + offs_n[None, :], acc,
+                 mask=valid[:, None] & n_ok[None, :])
+
+
+def moe_blocks(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, ...]:
+    """Pairs grouped by expert in blocks of bm, with no host sync (static sizes): (rows [NB * bm] pair ids, -1 as
+    padding; block_expert [NB], num_experts where there is no block; block_first [NB])."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    p, dev = flat.numel(), flat.device
+    nb = triton.cdiv(p, bm) + num_experts
+    ok = flat >= 0
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat.clamp(min=0),
+                                                                                  ok.to(torch.int64))
+    blocks = (counts + bm - 1) // bm
+    block_end = torch.cumsum(blocks, 0)                     # blocks of experts < e+1
+    block_start = block_end - blocks
+    key = torch.where(ok, flat, num_experts)               # unrouted pairs last
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    row_start = torch.cumsum(counts, 0) - counts            # first sorted row of each expert
+    rank = torch.arange(p, device=dev) - row_start[sorted_key.clamp(max=num_experts - 1)]
+    dest = block_start[sorted_key.clamp(max=num_experts - 1)] * bm + rank
+    rows = torch.full((nb * bm + 1,), -1, dtype=torch.int64, device=dev)
+    rows.scatter_(0, torch.where(sorted_key < num_experts, dest, nb * bm), order)
+    b = torch.arange(nb, device=dev)
+    block_expert = torch.searchsorted(block_end, b, right=True)
+    return rows[:nb * bm].to(torch.int32).contiguous(), block_expert.to(torch.int32), (b * bm).to(torch.int32)
+
+
+def _blocks(x: torch.Tensor, plan, w, s, z, group: int, n: int, k: int, x_per_pair: bool, top_k: int,
+            num_pairs: int, bm: int) -> torch.Tensor:
+    rows, block_expert, block_first = plan
+    out = torch.zeros(num_pairs, n, dtype=torch.float32, device=x.device)  # unrouted pairs (id < 0) stay 0
+    group = min(group, k) if group else k
+    bk = _k_tile(group, k, 128 if z is not None else 64)
+    if z is not None and bk < 128 and not _INTERPRET:
+        raise ValueError("grouped int4 MoE needs a group size that is a multiple of 128")
+    bn = 64
+    grid = (block_expert.numel(), triton.cdiv(n, bn))
+    _moe_block_kernel[grid](x, rows, block_expert, block_first, w, s, z if z is not None else s, out, n, k, top_k,
+                            w.shape[0], x.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+                            out.stride(0), X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk,
+                            INT4=z is not None, IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk)
+    return out
+
+
+# Routed pairs up to which each pair runs its own GEMV; past it, blocks of pairs of one expert share a weight tile.
+PAIR_GEMV_MAX = 64
 # Routed (token, expert) pairs up to which the per-pair kernels run (decode batches up to 128 at top-8: no host sync,
 # CUDA-graph safe); past it (prefill) every expert is dequantized once and the bf16 MoE path runs (grouped GEMMs).
 PAIR_MAX = 1024
@@ -290,10 +392,21 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter):
                          topk_ids=topk_ids)
     ids = topk_ids.to(torch.int32).contiguous()
     x = x.contiguous()
-    gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, x.dtype, ids.shape[-1])  # [T*k, 2I] fp32
-    # The reference computes silu(gate) * up in fp32 and feeds it to the down GEMM as fp32.
+    k = ids.shape[-1]
+    grouped = ids.numel() > PAIR_GEMV_MAX and (z13 is None or group % 128 == 0 or _INTERPRET)
+    if grouped:
+        bm = 16
+        plan = moe_blocks(ids, w13.shape[0], bm)
+        gate_up = _blocks(x, plan, w13, s13, z13, group, 2 * inter, d, False, k, ids.numel(), bm)
+    else:
+        gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, x.dtype, k)  # [T*k, 2I] fp32
+    # The reference computes silu(gate) * up in fp32 and feeds it to the down GEMM as fp32 (the grouped path rounds
+    # it to the activation dtype for the tensor cores, as the bf16 grouped MoE does).
     hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).contiguous()
-    down = _pairs(hidden, ids.view(-1), w2, s2, z2, group, d, inter, True, x.dtype, 1)  # [T*k, D]
+    if grouped:
+        down = _blocks(hidden.to(x.dtype), plan, w2, s2, z2, group, d, inter, True, k, ids.numel(), bm)
+    else:
+        down = _pairs(hidden, ids.view(-1), w2, s2, z2, group, d, inter, True, x.dtype, 1)  # [T*k, D]
     y = (down.view(t, -1, d) * topk_weights.float().unsqueeze(-1)).sum(dim=1)
     return y.to(x.dtype)
 
