@@ -34,18 +34,25 @@ def _interpreter_like_the_gpu(interpreter_rounds_like_the_gpu):
     yield
 
 
+def _gen(gen: torch.Generator) -> torch.Generator:
+    """A generator on DEV seeded from `gen` (weights of real layer sizes are made on the GPU, not copied to it)."""
+    return torch.Generator(device=DEV).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
 def int4_weight(n: int, k: int, group: int, gen: torch.Generator, device=DEV):
-    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    g = _gen(gen)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8, device=DEV)
     groups = -(-k // group)
-    scales = torch.rand(n, groups, generator=gen) * 0.02 + 0.001
-    zeros = torch.randint(0, 16, (n, groups), generator=gen, dtype=torch.uint8)
-    return ref.pack_int4(codes).to(device), scales.to(device), zeros.to(device)
+    scales = torch.rand(n, groups, generator=g, device=DEV) * 0.02 + 0.001
+    zeros = torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8, device=DEV)
+    return ref.pack_int4(codes), scales, zeros
 
 
 def fp8_weight(n: int, k: int, block: int, gen: torch.Generator, device=DEV):
-    w = (torch.randn(n, k, generator=gen) * 8).to(torch.float8_e4m3fn)
-    scale = torch.rand(n, -(-k // block), generator=gen) * 0.01 + 0.001
-    return w.to(device), scale.to(device)
+    g = _gen(gen)
+    w = (torch.randn(n, k, generator=g, device=DEV) * 8).to(torch.float8_e4m3fn)
+    scale = torch.rand(n, -(-k // block), generator=g, device=DEV) * 0.01 + 0.001
+    return w, scale
 
 
 def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, tiles=None, seed: int = 0):
