@@ -16,6 +16,20 @@ def test_e2e_plumbing_on_a_tiny_shape():
     assert "deltaserve" in out and "hf" in out
 
 
+def test_quant_bench_models_on_a_tiny_shape():
+    """bench_quant's dummy quantized models build and run (the timing itself needs CUDA graphs)."""
+    import torch
+
+    from benchmarks import bench_quant
+    from tests.models.simple_runner import SimpleRunner
+
+    for fmt in ("fp8", "int4"):
+        model = bench_quant.load("tiny", fmt, device="cpu", dtype=torch.float32)
+        assert model.model.layers[0].mlp.down_proj.method.name.startswith(fmt)
+        assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
+        assert torch.isfinite(SimpleRunner(model).step({0: [1, 2, 3]})[0]).all()
+
+
 def test_profile_engine_plumbing_without_the_model(monkeypatch, capsys):
     from benchmarks import profile_engine
 

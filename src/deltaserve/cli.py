@@ -127,7 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_and_engine_options(serve)
     add_serve_options(serve)
     serve.set_defaults(func=cmd_serve)
+    quant = sub.add_parser("quantize", help="write a bf16 checkpoint as FP8 (Qwen block layout) or int4 (GPTQ v1)",
+                           description="Quantize a bf16 checkpoint by round-to-nearest into a published layout.")
+    add_quantize_options(quant)
+    quant.set_defaults(func=cmd_quantize)
     return parser
+
+
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", help="directory of the bf16 checkpoint")
+    p.add_argument("out", help="directory to write the quantized checkpoint into")
+    p.add_argument("--method", choices=("fp8", "int4"), required=True,
+                   help="fp8: e4m3 with 128x128 block scales (Qwen's -FP8 layout); int4: GPTQ v1, MLP/experts only")
+    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--desc-act", action="store_true", help="int4: act-order groups (g_idx a permutation)")
+    p.add_argument("--log-level", default="info")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from deltaserve.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.src, args.out, method=args.method, group_size=args.group_size,
+                              desc_act=args.desc_act)
+    print(f"wrote {out}")
+    return 0
 
 
 def add_serve_options(p: argparse.ArgumentParser) -> None:

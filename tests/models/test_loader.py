@@ -217,12 +217,12 @@ def test_bad_load_format_and_dtype(dense_dir):
         load_model(cfg, dtype="floaty")
 
 
-def test_quantized_checkpoint_is_a_clear_error(dense_dir, tmp_path):
+def test_unsupported_quantization_is_a_clear_error(dense_dir, tmp_path):
     path = copy_ckpt(dense_dir, tmp_path / "q", lambda t: None)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "awq"}
+    cfg["quantization_config"] = {"quant_method": "awq", "bits": 4, "version": "marlin"}
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="'awq'"):
+    with pytest.raises(CheckpointError, match="version 'marlin'"):
         load(path)
 
 

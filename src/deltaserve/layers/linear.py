@@ -18,6 +18,16 @@ def new_param(*shape: int, dtype: torch.dtype, device: torch.device | str | None
     return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
 
+def check_unquantized(source: TensorSource) -> torch.Tensor:
+    """The tensor of a full-precision weight; ValueError for a quantized one (FP8 or packed integers), which only a
+    quantized method may load, so that nothing quantized is ever read as if it were bf16."""
+    t = source.read()
+    if not t.is_floating_point() or t.element_size() == 1:
+        raise ValueError(f"{source.name}: a {t.dtype} tensor where a full-precision weight was expected (a quantized "
+                         "weight without its scales, or a quantization_config that does not describe it)")
+    return t
+
+
 class LinearMethod:
     """How a linear layer stores and applies its weight. This one: a plain [out, in] weight in the model dtype, as
     Hugging Face checkpoints store it."""
@@ -37,7 +47,7 @@ class LinearMethod:
 
         def load(source: TensorSource) -> None:
             with torch.no_grad():
-                dest.copy_(source.read())
+                dest.copy_(check_unquantized(source))
         return {f"{name}.weight": WeightSlot((rows.stop - rows.start, layer.in_features), load,
                                              save=lambda: dest.detach().clone())}
 

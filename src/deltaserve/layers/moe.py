@@ -9,7 +9,7 @@ from torch import nn
 
 from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.moe import fused_moe, moe_topk_softmax
-from deltaserve.layers.linear import LinearMethod, MergedLinear, new_param
+from deltaserve.layers.linear import LinearMethod, MergedLinear, check_unquantized, new_param
 from deltaserve.layers.mlp import MLP
 from deltaserve.layers.weights import TensorSource, WeightSlot, init_dummy_param
 
@@ -51,6 +51,10 @@ class ExpertsMethod:
                              "keep one form")
         return self._per_expert_layout(layer, prefix) if has_per_expert else fused
 
+    def init_dummy(self, layer: Experts, prefix: str, seed: int) -> None:
+        for name, p in layer.named_parameters(recurse=False):
+            init_dummy_param(prefix + name, p, seed)
+
     @staticmethod
     def _per_expert_layout(layer: Experts, prefix: str) -> dict[str, WeightSlot]:
         i = layer.intermediate_size
@@ -65,7 +69,7 @@ class ExpertsMethod:
 def _slot(dest: torch.Tensor) -> WeightSlot:
     def load(source: TensorSource) -> None:
         with torch.no_grad():
-            dest.copy_(source.read())
+            dest.copy_(check_unquantized(source))
     return WeightSlot(tuple(dest.shape), load, save=lambda: dest.detach())
 
 
@@ -87,8 +91,7 @@ class Experts(nn.Module):
         return self.method.layout(self, prefix, present)
 
     def init_dummy_weights(self, prefix: str, seed: int) -> None:
-        for name, p in self.named_parameters(recurse=False):
-            init_dummy_param(prefix + name, p, seed)
+        self.method.init_dummy(self, prefix, seed)
 
 
 class SparseMoE(nn.Module):

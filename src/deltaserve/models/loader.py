@@ -21,6 +21,8 @@ import torch
 from tqdm import tqdm
 
 from deltaserve.config import ModelConfig, QuantizationConfig, RankShapes
+from deltaserve.layers.quant import (QuantizationError, QuantResolver, describe_summary, quantize_model,
+                                     weight_bytes)
 from deltaserve.layers.weights import WeightSlot, init_dummy, layout_of
 from deltaserve.models.qwen3_5 import Qwen3_5ForCausalLM
 
@@ -170,15 +172,21 @@ def model_layout(model: torch.nn.Module, present: set[str]) -> dict[str, WeightS
     return layout
 
 
-def plan_load(entries: list[TensorEntry], model: Qwen3_5ForCausalLM,
-              config: ModelConfig) -> list[tuple[TensorEntry, str, WeightSlot]]:
-    """Match every checkpoint tensor to the slot that loads it; raise listing every problem."""
+def named_entries(entries: list[TensorEntry], with_mtp: bool) -> dict[str, list[TensorEntry]]:
+    """The checkpoint's tensors the text model may load, under our names (several entries: a duplicated tensor)."""
     named: dict[str, list[TensorEntry]] = {}
     for entry in entries:
         name = text_model_name(entry.name)
-        if name is None or (name.startswith("mtp.") and model.mtp is None):
+        if name is None or (name.startswith("mtp.") and not with_mtp):
             continue  # the vision tower; the MTP head when speculative decoding does not use it
         named.setdefault(name, []).append(entry)
+    return named
+
+
+def plan_load(entries: list[TensorEntry], model: Qwen3_5ForCausalLM,
+              config: ModelConfig) -> list[tuple[TensorEntry, str, WeightSlot]]:
+    """Match every checkpoint tensor to the slot that loads it; raise listing every problem."""
+    named = named_entries(entries, model.mtp is not None)
     problems: list[str] = []
     try:
         layout = model_layout(model, set(named))
@@ -216,7 +224,10 @@ def load_weights(model: Qwen3_5ForCausalLM, entries: list[TensorEntry]) -> None:
     with torch.no_grad(), tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights",
                                disable=total < PROGRESS_MIN_BYTES) as bar:
         for entry, name, slot in plan:
-            slot.load(EntrySource(entry, name))
+            try:
+                slot.load(EntrySource(entry, name))
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint in {model.config.model_dir}: {e}") from None
             bar.update(entry.end - entry.begin)
 
 
@@ -237,6 +248,22 @@ def init_dummy_weights(model: torch.nn.Module, seed: int = 0) -> None:
 
 # ---- building the model ---------------------------------------------------------------------------------------------
 
+def _build_quantized(config: ModelConfig, quantization: QuantizationConfig, entries: list[TensorEntry], *,
+                     dtype: torch.dtype, device: torch.device | str, with_mtp: bool, shapes: RankShapes | None,
+                     dummy: bool) -> Qwen3_5ForCausalLM:
+    """Built on the meta device, then each linear layer and experts block takes the method of its checkpoint format
+    (layers/quant.py) and only then gets its storage, so no bf16 copy of a quantized weight is ever allocated."""
+    present = None if dummy else set(named_entries(entries, with_mtp))
+    try:
+        resolver = QuantResolver(quantization.method, quantization.raw, present)
+        model = Qwen3_5ForCausalLM(config, dtype=dtype, device="meta", with_mtp=with_mtp, shapes=shapes)
+        summary = quantize_model(model, resolver, dtype=dtype, device=device)
+    except QuantizationError as e:
+        raise CheckpointError(f"quantized checkpoint in {config.model_dir}: {e}") from None
+    log.info("%s; %.2f GiB of weights", describe_summary(quantization.method, summary), weight_bytes(model) / 2**30)
+    return model
+
+
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
@@ -253,9 +280,6 @@ def load_model(config: ModelConfig, *, dtype: torch.dtype | str | None = None, d
     if load_format not in LOAD_FORMATS:
         raise ValueError(f"load_format {load_format!r} is not supported; use one of {LOAD_FORMATS}")
     quantization = quantization or QuantizationConfig.from_model(config)
-    if quantization is not None and load_format != "dummy":
-        raise CheckpointError(f"quantized checkpoints (quant_method {quantization.method!r}) are not supported yet; "
-                              "use the bf16 release of the model")
     dtype = _dtype(dtype) if isinstance(dtype, str) else (dtype or _dtype(config.dtype))
     entries: list[TensorEntry] = []
     if load_format != "dummy":
@@ -265,7 +289,11 @@ def load_model(config: ModelConfig, *, dtype: torch.dtype | str | None = None, d
         if with_mtp and not any(e.name.startswith("mtp.") for e in entries):
             raise CheckpointError(f"the MTP head was asked for (speculative decoding) but the checkpoint in "
                                   f"{config.model_dir} has no mtp.* tensors; use a checkpoint that ships them")
-    model = Qwen3_5ForCausalLM(config, dtype=dtype, device=device, with_mtp=with_mtp, shapes=shapes)
+    if quantization is None:
+        model = Qwen3_5ForCausalLM(config, dtype=dtype, device=device, with_mtp=with_mtp, shapes=shapes)
+    else:
+        model = _build_quantized(config, quantization, entries, dtype=dtype, device=device, with_mtp=with_mtp,
+                                 shapes=shapes, dummy=load_format == "dummy")
     if load_format == "dummy":
         init_dummy_weights(model)
     else:

@@ -1,0 +1,108 @@
+"""Reference quantized linear and MoE ops: dequantize the weight, round it to the activation dtype, then run the same
+math as the unquantized references (kernels/linear/ref.py, kernels/moe/ref.py). Their outputs are those of the model
+whose weights were dequantized ahead of time, which is what the GPU kernels are tested against.
+
+Internal weight layouts (what every checkpoint format is converted to at load time, layers/quant.py):
+  int4: qweight int32 [..., N, ceil(K/8)]: unsigned 4-bit codes packed along K, 8 per word, lowest nibble first;
+        scales fp32 [..., N, ceil(K/G)]; zeros uint8 [..., N, ceil(K/G)] (unsigned zero-point codes);
+        W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]. An optional perm [K] (act-order GPTQ) says which
+        input column each stored column reads: y = x[..., perm] @ W^T.
+  fp8:  weight float8_e4m3fn [..., N, K]; scale fp32 [..., N, ceil(K/block_k)] (one scale per row and K block: a
+        checkpoint's [N/128, K/128] block scales are repeated over their rows); W[n, k] = w[n, k] * scale[n, k // bk].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
+    """int32 [..., C] (8 codes per word along the last dim, lowest nibble first) -> uint8 codes [..., k]."""
+    u = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF
+    return u.reshape(*packed.shape[:-1], -1)[..., :k].to(torch.uint8)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """uint8/int codes [..., K] in [0, 15] -> int32 [..., ceil(K/8)], lowest nibble first (inverse of unpack_int4)."""
+    k = codes.shape[-1]
+    pad = (-k) % 8
+    c = F.pad(codes.to(torch.int32), (0, pad)).reshape(*codes.shape[:-1], -1, 8)
+    words = (c << _SHIFTS.to(codes.device)).sum(dim=-1, dtype=torch.int64)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def dequant_int4(*, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                 k: int) -> torch.Tensor:
+    """-> fp32 [..., N, k]."""
+    q = unpack_int4(qweight, k).float()
+    z = zeros.float().repeat_interleave(group_size, dim=-1)[..., :k]
+    s = scales.float().repeat_interleave(group_size, dim=-1)[..., :k]
+    return (q - z) * s
+
+
+def dequant_fp8(*, weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
+    """-> fp32 [..., N, K]."""
+    k = weight.shape[-1]
+    return weight.float() * scale.float().repeat_interleave(block_k, dim=-1)[..., :k]
+
+
+def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [..., K] -> x @ W^T [..., N] in x.dtype (W dequantized, rounded to x.dtype, then torch's GEMM)."""
+    k = x.shape[-1]
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    w = dequant_int4(qweight=qweight, scales=scales, zeros=zeros, group_size=group_size, k=k).to(x.dtype)
+    return F.linear(x, w)
+
+
+def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
+    """x: [..., K] -> x @ W^T [..., N] in x.dtype (bf16/fp16/fp32 activations; the weight is dequantized)."""
+    return F.linear(x, dequant_fp8(weight=weight, scale=scale, block_k=block_k).to(x.dtype))
+
+
+def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, inter: int, expert) -> torch.Tensor:
+    """The routed-expert sum of kernels/moe/ref.fused_moe with expert e's weights from expert(e) -> (w13, w2)."""
+    x32 = x.float()
+    y = torch.zeros_like(x32)
+    for e in torch.unique(topk_ids).tolist():
+        if e < 0:
+            continue
+        tokens, picks = (topk_ids == e).nonzero(as_tuple=True)
+        w13, w2 = expert(e)
+        gate_up = x32[tokens] @ w13.to(x.dtype).float().T
+        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        out = hidden @ w2.to(x.dtype).float().T
+        y.index_add_(0, tokens, out * topk_weights[tokens, picks].float().unsqueeze(-1))
+    return y.to(x.dtype)
+
+
+def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
+                   w13_zeros: torch.Tensor, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
+                   w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor) -> torch.Tensor:
+    """The routed experts with int4 weights: w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I], in the int4
+    layout above. x: [T, D]; topk_*: [T, top_k] -> [T, D] in x.dtype."""
+    d, inter = x.shape[-1], w13_qweight.shape[1] // 2
+
+    def expert(e: int):
+        return (dequant_int4(qweight=w13_qweight[e], scales=w13_scales[e], zeros=w13_zeros[e],
+                             group_size=group_size, k=d),
+                dequant_int4(qweight=w2_qweight[e], scales=w2_scales[e], zeros=w2_zeros[e],
+                             group_size=group_size, k=inter))
+    return _moe(x, topk_weights, topk_ids, inter, expert)
+
+
+def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                  w2_scale: torch.Tensor, block_k: int, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    """The routed experts with fp8 weights (layout above): w13 [E, 2I, D], w2 [E, D, I]."""
+    inter = w2.shape[2]
+
+    def expert(e: int):
+        return (dequant_fp8(weight=w13[e], scale=w13_scale[e], block_k=block_k),
+                dequant_fp8(weight=w2[e], scale=w2_scale[e], block_k=block_k))
+    return _moe(x, topk_weights, topk_ids, inter, expert)

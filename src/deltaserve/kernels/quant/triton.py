@@ -1,0 +1,426 @@
+"""Triton kernels for weight-quantized GEMMs (int4 W4A16, fp8 block-scaled), same signatures as ref.py.
+
+One tiled kernel serves both; weights are dequantized in registers, rounded to the activation dtype (as the
+reference does) and fed to tensor cores with tl.dot, accumulating in fp32.
+  - fp8: a [BN, BK] e4m3 tile (contiguous along K) times the row's scale for that K block.
+  - int4 (UNPACK 2, the default): the tile's packed words are loaded once ([BN, BK/8], contiguous along K) and never
+    interleaved: nibble plane j holds columns k0 + 8c + j, which are dotted with the same columns of x (a strided
+    load of the small activation tile), eight K = BK/8 dots per tile. UNPACK 0 (each column loads its own word) and
+    1 (one load, nibbles spread by a reshape; the first version) remain for benchmarks/bench_quant_kernels.py.
+  - decode-sized calls: one M tile (16/32/64 rows) and split-K until about two waves of programs run; the partial
+    sums go to an fp32 workspace and are added by one torch op.
+  - prefill-sized calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
+MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX routed pairs, a GEMV per (token,
+expert) pair that reads the expert id on the device; up to PAIR_MAX, pairs sorted into blocks of 16 that share one
+expert (moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in
+torch, down, then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the
+bf16 MoE path runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from deltaserve.kernels._device import num_sms
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
+                  INT4: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0):
+    """Rows offs_n, columns [k0, k0 + BK) of W in fp32 ([BN, BK]). BK divides GROUP (or GROUP >= K), so the tile
+    has one scale (and zero point) per row: loaded once, broadcast over BK."""
+    n_ok = offs_n < N
+    g = k0 // GROUP
+    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+    if INT4:
+        if UNPACK == 0:  # each column loads its own word (8 columns share one: served by L1), then shifts
+            offs_k = k0 + tl.arange(0, BK)
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 8,
+                            mask=n_ok[:, None] & (offs_k[None, :] < K), other=0)
+            q = (words >> ((offs_k[None, :] % 8) * 4)) & 0xF
+        else:  # each word loaded once ([BN, BK/8]), its 8 nibbles spread by a reshape
+            offs_w = k0 // 8 + tl.arange(0, BK // 8)
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                            mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)  # [BN, BK/8]
+            shifts = tl.arange(0, 8) * 4
+            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (words.shape[0], BK))
+        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+        return (q - z[:, None]).to(tl.float32) * s[:, None]
+    else:
+        offs_k = k0 + tl.arange(0, BK)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                    mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+        return w.to(tl.float32) * s[:, None]
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os,
+                 stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    if INT4 and UNPACK == 2:
+        # Each packed word is loaded once ([BN, BK/8], contiguous along K) and never interleaved: nibble plane j
+        # of the tile holds columns k0 + 8c + j, so it is dotted with those columns of x (a strided load of the
+        # small activation tile). Eight K=BK/8 dots per tile; the sum over k does not care about the order.
+        offs_c = tl.arange(0, BK // 8)
+        n_ok = offs_n < N
+        for k0 in range(k_begin, k_end, BK):
+            g = k0 // GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+            z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+            offs_w = k0 // 8 + offs_c
+            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                            mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+            for j in tl.static_range(8):
+                q = (words >> (4 * j)) & 0xF
+                w = ((q - z[:, None]).to(tl.float32) * s[:, None]).to(x_ptr.dtype.element_ty)
+                offs_k = k0 + offs_c * 8 + j
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+                if IEEE:
+                    acc += tl.dot(x.to(tl.float32), tl.trans(w).to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w))
+        k_end = k_begin  # done: skip the generic loop below
+    for k0 in range(k_begin, k_end, BK):
+        offs_k = k0 + tl.arange(0, BK)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK, UNPACK)
+        w = tl.trans(w.to(x_ptr.dtype.element_ty))  # rounded to the activation dtype, as the reference does
+        if IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot multiplies raw bits)
+            acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _k_tile(group: int, k: int, want: int) -> int:
+    """A K tile that divides the group (one scale per row and tile), at most `want`, at least 16."""
+    bk = want
+    while bk > 16 and group < k and group % bk:
+        bk //= 2
+    if group < k and group % bk:
+        raise ValueError(f"group size {group} is not a multiple of 16")
+    return bk
+
+
+def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool = False
+          ) -> tuple[int, int, int, int]:
+    """(BM, BN, BK, split) for an [m, k] x [k, n] call: one M tile where the rows allow (the weight is read once per
+    M tile), and split-K until about two waves of programs run (the N = hidden-size projections have few N tiles)."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 64 if m <= 32 else 128
+    bk = _k_tile(group, k, 128 if m <= 32 or int4 else 64)
+    sms = num_sms(device) if device.type == "cuda" else 4
+    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+    split = max(1, min(triton.cdiv(k, bk), (2 * sms) // max(tiles, 1)))
+    return bm, bn, bk, split
+
+
+def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
+               group: int, out: torch.Tensor | None = None, tiles: tuple[int, int, int, int] | None = None,
+               unpack: int = 2) -> torch.Tensor:
+    """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
+    result goes (tests pass a NaN-filled one); `tiles`: (BM, BN, BK, split) instead of the plan."""
+    m, k = x.shape
+    n = weight.shape[0]
+    int4 = zeros is not None
+    group = min(group, k) if group else k
+    bm, bn, bk, split = tiles or _plan(m, n, k, group, x.device, int4)
+    if unpack == 2 and bk < 128 and not _INTERPRET:
+        unpack = 0  # the nibble-plane dots need K = BK / 8 >= 16 on tensor cores
+    if group < k and group % bk:
+        raise ValueError(f"K tile {bk} must divide the group size {group}")
+    steps = triton.cdiv(k, bk)
+    k_per_split = triton.cdiv(steps, split) * bk
+    split = triton.cdiv(k, k_per_split)
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
+    _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
+                       scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split,
+                       GROUP=group if group < k else k + bk, INT4=int4,
+                       IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk, UNPACK=unpack)
+    if split > 1:
+        torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
+    return out
+
+
+@triton.jit
+def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
+                    INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    k0 = pid_k * BK
+    offs_k = k0 + tl.arange(0, BK)
+    w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :],
+             w.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None, group: int, k: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """The int4 (zeros given) or fp8 weight [..., N, *] as a dense [..., N, k] tensor of `dtype` (one pass)."""
+    lead = weight.shape[:-1]
+    w2, s2 = weight.reshape(-1, weight.shape[-1]), scale.reshape(-1, scale.shape[-1])
+    z2 = zeros.reshape(-1, zeros.shape[-1]) if zeros is not None else s2
+    n = w2.shape[0]
+    group = min(group, k) if group else k
+    bn, bk = 64, _k_tile(group, k, 64)
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        w2, s2, z2, out, n, k, w2.stride(0), s2.stride(0), out.stride(0),
+        GROUP=group if group < k else k + bk, INT4=zeros is not None, BN=bn, BK=bk)
+    return out.view(*lead, k)
+
+
+# Rows up to which the fused dequantize-and-GEMM kernel runs; past it (prefill) the weight is dequantized once into
+# a temporary in the activation dtype and torch's GEMM runs at the bf16 rate (the extra pass costs ~3 bytes per
+# weight, a few percent of an 8k-token GEMM).
+FUSED_MAX_ROWS = 256
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(-1) == 1 and x2.stride(0) == x2.shape[-1] else x2.contiguous()
+
+
+def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    x2 = _rows(x)
+    if x2.shape[0] > FUSED_MAX_ROWS:
+        return torch.nn.functional.linear(x, dequantize(qweight, scales, zeros, group_size, x.shape[-1], x.dtype))
+    y = quant_gemm(x2, qweight, scales, zeros, group_size)
+    return y.view(*x.shape[:-1], qweight.shape[0])
+
+
+def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
+    x2 = _rows(x)
+    if x2.shape[0] > FUSED_MAX_ROWS:
+        return torch.nn.functional.linear(x, dequantize(weight, scale, None, block_k, x.shape[-1], x.dtype))
+    y = quant_gemm(x2, weight, scale, None, block_k)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+# ---- MoE ------------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, stride_xt, stride_we, stride_wn,
+                     stride_se, stride_sn, stride_op, X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr,
+                     INT4: tl.constexpr, WDT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """out[p, n] = sum_k x[row(p), k] * W_{ids[p]}[n, k] for one (token, expert) pair p (row: the token, or the pair
+    itself when X_PER_PAIR), fp32 accumulation; a negative id writes zeros."""
+    p, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(ids_ptr + p)
+    row = p if X_PER_PAIR else p // TOP_K
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    acc = tl.zeros((BN,), dtype=tl.float32)
+    if e >= 0 and INT4:
+        e64 = e.to(tl.int64)
+        offs_c = tl.arange(0, BK // 8)
+        n_ok = offs_n < N
+        wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
+        for k0 in range(0, K, BK):  # as _gemm_kernel's UNPACK == 2: nibble planes against strided x columns
+            g = k0 // GROUP
+            s = tl.load(sp + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+            z = tl.load(zp + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+            offs_w = k0 // 8 + offs_c
+            words = tl.load(wp + offs_n[:, None] * stride_wn + offs_w[None, :],
+                            mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+            for j in tl.static_range(8):
+                w = ((((words >> (4 * j)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None]).to(WDT)
+                offs_k = k0 + offs_c * 8 + j
+                x = tl.load(x_ptr + row * stride_xt + offs_k, mask=offs_k < K, other=0.0)
+                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
+    elif e >= 0:
+        e64 = e.to(tl.int64)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + row * stride_xt + offs_k, mask=offs_k < K, other=0.0)
+            w = _dequant_tile(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se, k0,
+                              offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+            w = w.to(WDT).to(tl.float32)  # rounded to the activation dtype, as the reference does
+            acc += tl.sum(w * x.to(tl.float32)[None, :], axis=1)
+    tl.store(out_ptr + p * stride_op + offs_n, acc, mask=offs_n < N)
+
+
+_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+
+
+def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
+           group: int, n: int, k: int, x_per_pair: bool, act_dtype: torch.dtype, top_k: int) -> torch.Tensor:
+    pairs = ids.numel()
+    out = torch.empty(pairs, n, dtype=torch.float32, device=x.device)
+    group = min(group, k) if group else k
+    bn, bk = 64, _k_tile(group, k, 128)
+    grid = (pairs, triton.cdiv(n, bn))
+    _moe_pair_kernel[grid](x, ids, w, s, z if z is not None else s, out, n, k, top_k, x.stride(0),
+                           w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0),
+                           X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk, INT4=z is not None, WDT=_TL[act_dtype],
+                           BN=bn, BK=bk)
+    return out
+
+
+@triton.jit
+def _moe_block_kernel(x_ptr, rows_ptr, block_expert_ptr, block_first_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+                      TOP_K, E, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_op,
+                      X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """One block of up to BM (token, expert) pairs routed to the same expert, times that expert's weight: the weight
+    tile is read once per block instead of once per pair. rows_ptr: pair ids sorted by expert (-1 pads each expert's
+    rows to a multiple of BM); block_expert: each block's expert (E: no block); block_first: its first sorted row."""
+    b, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(block_expert_ptr + b)
+    if e < E:
+        first = tl.load(block_first_ptr + b)
+        pairs = tl.load(rows_ptr + first + tl.arange(0, BM))
+        valid = pairs >= 0
+        if X_PER_PAIR:
+            xrow = tl.where(valid, pairs, 0)
+        else:
+            xrow = tl.where(valid, pairs // TOP_K, 0)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        n_ok = offs_n < N
+        e64 = e.to(tl.int64)
+        wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            if INT4:
+                g = k0 // GROUP
+                s = tl.load(sp + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+                z = tl.load(zp + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+                offs_c = tl.arange(0, BK // 8)
+                offs_w = k0 // 8 + offs_c
+                words = tl.load(wp + offs_n[:, None] * stride_wn + offs_w[None, :],
+                                mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+                for j in tl.static_range(8):
+                    w = ((((words >> (4 * j)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None])
+                    offs_k = k0 + offs_c * 8 + j
+                    x = tl.load(x_ptr + xrow[:, None] * stride_xt + offs_k[None, :],
+                                mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+                    w = tl.trans(w.to(x_ptr.dtype.element_ty))
+                    if IEEE:
+                        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                    else:
+                        acc += tl.dot(x, w)
+            else:
+                offs_k = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + xrow[:, None] * stride_xt + offs_k[None, :],
+                            mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
+                w = _dequant_tile(wp, sp, zp, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+                w = tl.trans(w.to(x_ptr.dtype.element_ty))
+                if IEEE:
+                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, w)
+        tl.store(out_ptr + tl.where(valid, pairs, 0)[:, None] * stride_op + offs_n[None, :], acc,
+                 mask=valid[:, None] & n_ok[None, :])
+
+
+def moe_blocks(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, ...]:
+    """Pairs grouped by expert in blocks of bm, with no host sync (static sizes): (rows [NB * bm] pair ids, -1 as
+    padding; block_expert [NB], num_experts where there is no block; block_first [NB])."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    p, dev = flat.numel(), flat.device
+    nb = triton.cdiv(p, bm) + num_experts
+    ok = flat >= 0
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat.clamp(min=0),
+                                                                                  ok.to(torch.int64))
+    blocks = (counts + bm - 1) // bm
+    block_end = torch.cumsum(blocks, 0)                     # blocks of experts < e+1
+    block_start = block_end - blocks
+    key = torch.where(ok, flat, num_experts)               # unrouted pairs last
+    order = torch.argsort(key, stable=True)
+    sorted_key = key[order]
+    row_start = torch.cumsum(counts, 0) - counts            # first sorted row of each expert
+    rank = torch.arange(p, device=dev) - row_start[sorted_key.clamp(max=num_experts - 1)]
+    dest = block_start[sorted_key.clamp(max=num_experts - 1)] * bm + rank
+    rows = torch.full((nb * bm + 1,), -1, dtype=torch.int64, device=dev)
+    rows.scatter_(0, torch.where(sorted_key < num_experts, dest, nb * bm), order)
+    b = torch.arange(nb, device=dev)
+    block_expert = torch.searchsorted(block_end, b, right=True)
+    return rows[:nb * bm].to(torch.int32).contiguous(), block_expert.to(torch.int32), (b * bm).to(torch.int32)
+
+
+def _blocks(x: torch.Tensor, plan, w, s, z, group: int, n: int, k: int, x_per_pair: bool, top_k: int,
+            num_pairs: int, bm: int) -> torch.Tensor:
+    rows, block_expert, block_first = plan
+    out = torch.zeros(num_pairs, n, dtype=torch.float32, device=x.device)  # unrouted pairs (id < 0) stay 0
+    group = min(group, k) if group else k
+    bk = _k_tile(group, k, 128 if z is not None else 64)
+    if z is not None and bk < 128 and not _INTERPRET:
+        raise ValueError("grouped int4 MoE needs a group size that is a multiple of 128")
+    bn = 64
+    grid = (block_expert.numel(), triton.cdiv(n, bn))
+    _moe_block_kernel[grid](x, rows, block_expert, block_first, w, s, z if z is not None else s, out, n, k, top_k,
+                            w.shape[0], x.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+                            out.stride(0), X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk,
+                            INT4=z is not None, IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk)
+    return out
+
+
+# Routed pairs up to which each pair runs its own GEMV; past it, blocks of pairs of one expert share a weight tile.
+PAIR_GEMV_MAX = 64
+# Routed (token, expert) pairs up to which the per-pair kernels run (decode batches up to 128 at top-8: no host sync,
+# CUDA-graph safe); past it (prefill) every expert is dequantized once and the bf16 MoE path runs (grouped GEMMs).
+PAIR_MAX = 1024
+
+
+def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter):
+    t, d = x.shape
+    if topk_ids.numel() > PAIR_MAX:
+        from deltaserve.kernels.moe import fused_moe
+        return fused_moe(x=x, w13=dequantize(w13, s13, z13, group, d, x.dtype),
+                         w2=dequantize(w2, s2, z2, group, inter, x.dtype), topk_weights=topk_weights,
+                         topk_ids=topk_ids)
+    ids = topk_ids.to(torch.int32).contiguous()
+    x = x.contiguous()
+    k = ids.shape[-1]
+    grouped = ids.numel() > PAIR_GEMV_MAX and (z13 is None or group % 128 == 0 or _INTERPRET)
+    if grouped:
+        bm = 16
+        plan = moe_blocks(ids, w13.shape[0], bm)
+        gate_up = _blocks(x, plan, w13, s13, z13, group, 2 * inter, d, False, k, ids.numel(), bm)
+    else:
+        gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, x.dtype, k)  # [T*k, 2I] fp32
+    # The reference computes silu(gate) * up in fp32 and feeds it to the down GEMM as fp32 (the grouped path rounds
+    # it to the activation dtype for the tensor cores, as the bf16 grouped MoE does).
+    hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).contiguous()
+    if grouped:
+        down = _blocks(hidden.to(x.dtype), plan, w2, s2, z2, group, d, inter, True, k, ids.numel(), bm)
+    else:
+        down = _pairs(hidden, ids.view(-1), w2, s2, z2, group, d, inter, True, x.dtype, 1)  # [T*k, D]
+    y = (down.view(t, -1, d) * topk_weights.float().unsqueeze(-1)).sum(dim=1)
+    return y.to(x.dtype)
+
+
+def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
+                   w13_zeros: torch.Tensor, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
+                   w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
+                   topk_ids: torch.Tensor) -> torch.Tensor:
+    inter = w13_qweight.shape[1] // 2
+    return _moe(x, topk_weights, topk_ids, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
+                group_size, inter)
+
+
+def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
+                  w2_scale: torch.Tensor, block_k: int, topk_weights: torch.Tensor,
+                  topk_ids: torch.Tensor) -> torch.Tensor:
+    return _moe(x, topk_weights, topk_ids, w13, w13_scale, None, w2, w2_scale, None, block_k, w2.shape[2])

@@ -1,0 +1,149 @@
+"""`deltaserve quantize`: writes a bf16 Qwen3.5 checkpoint as FP8 (Qwen's official block-scaled layout) or int4
+(GPTQ v1, the layout of Qwen's GPTQ-Int4 releases), by round-to-nearest: no calibration data, so int4 quality is
+below a calibrated GPTQ / AWQ run; FP8 block scaling loses little.
+
+Which projections are quantized follows the official releases (wave2.md A.1, A.2): FP8 quantizes every linear
+projection except the GDN in_proj_a/b, the MoE router and shared-expert gate, the embedding, lm_head and mtp.fc;
+int4 quantizes only the MLP / routed experts (attention, GDN, shared experts and MTP stay bf16). Routed experts are
+written per expert. Tensors not quantized are copied as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltaserve.kernels.quant.ref import pack_int4
+
+FP8_MAX = 448.0
+FP8_KEEP = (r".*linear_attn\.in_proj_[ab]$", r".*mlp\.gate$", r".*shared_expert_gate$", r".*embed_tokens$",
+            r"^lm_head$", r"^mtp\.fc$", r".*visual.*", r".*conv1d$")
+GPTQ_ONLY = r".*mlp\.(experts\.\d+\.)?(gate|up|down)_proj$"
+
+
+def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, K] -> (e4m3 [N, K], bf16 multipliers [ceil(N/bn), ceil(K/bk)])."""
+    bn, bk = block
+    n, k = w.shape
+    w = w.float()
+    pad = torch.nn.functional.pad(w, (0, (-k) % bk, 0, (-n) % bn))
+    blocks = pad.view(pad.shape[0] // bn, bn, pad.shape[1] // bk, bk)
+    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=1e-12).to(torch.bfloat16)
+    s = scale.float().repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]
+    return (w / s).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def quantize_gptq(w: torch.Tensor, group_size: int = 128, desc_act: bool = False,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """[N, K] -> GPTQ v1 tensors (symmetric int4, zero 8 stored as 7): qweight [K/8, N], qzeros [K/G, N/8],
+    scales fp16 [K/G, N], g_idx [K]. desc_act: columns are grouped in order of decreasing norm (GPTQ orders them by
+    the Hessian diagonal; with no calibration data, the weight's own column norms stand in), so g_idx is a
+    permutation of k // G."""
+    n, k = w.shape
+    if k % group_size or k % 8 or n % 8:
+        raise ValueError(f"GPTQ int4 needs in_features ({k}) a multiple of the group size {group_size} and of 8, "
+                         f"out_features ({n}) a multiple of 8")
+    w = w.float()
+    order = torch.argsort(w.norm(dim=0), descending=True) if desc_act else torch.arange(k)
+    g_idx = torch.empty(k, dtype=torch.int32)
+    g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
+    groups = k // group_size
+    amax = torch.zeros(groups, n).scatter_reduce(0, g_idx.long()[:, None].expand(k, n), w.abs().T, "amax")
+    scales = (amax / 7.5).clamp(min=1e-8).to(torch.float16)
+    s = scales.float()[g_idx.long()].T                                    # [N, K]
+    codes = (torch.round(w / s) + 8).clamp(0, 15).to(torch.uint8)        # [N, K]
+    return {"qweight": _pack_rows(codes.T.contiguous()),
+            "qzeros": pack_int4(torch.full((groups, n), 7, dtype=torch.uint8)),
+            "scales": scales, "g_idx": g_idx}
+
+
+def _pack_rows(codes_kn: torch.Tensor) -> torch.Tensor:
+    """codes [K, N] -> int32 [K/8, N] packed along K (GPTQ's qweight)."""
+    return pack_int4(codes_kn.T.contiguous()).T.contiguous()
+
+
+def _split_fused_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".experts.gate_up_proj") and t.dim() == 3:
+            base, inter = name[:-len("gate_up_proj")], t.shape[1] // 2
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = t[e, :inter].contiguous()
+                out[f"{base}{e}.up_proj.weight"] = t[e, inter:].contiguous()
+        elif name.endswith(".experts.down_proj") and t.dim() == 3:
+            base = name[:-len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = t[e].contiguous()
+        else:
+            out[name] = t
+    return out
+
+
+def _module_name(tensor_name: str) -> str:
+    """Checkpoint tensor -> module path in the flat text form, for matching (model.language_model. -> model.)."""
+    name = tensor_name[:-len(".weight")]
+    return re.sub(r"^model\.language_model\.", "model.", name)
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, *, method: str, group_size: int = 128,
+                        desc_act: bool = False, block: tuple[int, int] = (128, 128)) -> Path:
+    """Quantize the bf16 checkpoint in `src` into `out` ("fp8": Qwen FP8 block; "int4": GPTQ v1)."""
+    src, out = Path(src), Path(out)
+    if method not in ("fp8", "int4"):
+        raise ValueError(f"method {method!r}: use fp8 or int4")
+    config = json.loads((src / "config.json").read_text())
+    if config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config"):
+        raise ValueError(f"{src} is already quantized; quantize the bf16 checkpoint")
+    out.mkdir(parents=True, exist_ok=True)
+    files = sorted(src.glob("*.safetensors"))
+    keep = [re.compile(p) for p in FP8_KEEP]
+    skipped: list[str] = []
+    weight_map: dict[str, str] = {}
+    for f in files:
+        tensors = _split_fused_experts(load_file(f))
+        result: dict[str, torch.Tensor] = {}
+        for name, t in tensors.items():
+            is_linear = name.endswith(".weight") and t.dim() == 2 and "norm" not in name and "embed" not in name
+            module = _module_name(name) if is_linear else ""
+            if method == "fp8" and is_linear and not any(r.match(module) for r in keep):
+                w8, s = quantize_fp8_block(t, block)
+                result[name], result[name[:-len("weight")] + "weight_scale_inv"] = w8, s
+            elif method == "int4" and is_linear and re.match(GPTQ_ONLY, module) and not module.startswith("mtp."):
+                base = name[:-len(".weight")]
+                for suffix, q in quantize_gptq(t, group_size, desc_act).items():
+                    result[f"{base}.{suffix}"] = q
+            else:
+                if is_linear:
+                    skipped.append(name[:-len(".weight")])
+                result[name] = t.contiguous()
+        save_file(result, out / f.name, metadata={"format": "pt"})
+        weight_map.update({n: f.name for n in result})
+    if len(files) > 1:
+        (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}, indent=2))
+    if method == "fp8":
+        qc = {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+              "weight_block_size": list(block), "modules_to_not_convert": sorted(skipped)}
+    else:
+        qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": True, "desc_act": desc_act,
+              "lm_head": False, "checkpoint_format": "gptq",
+              "dynamic": {"-:.*attn.*": {}, "-:.*shared_expert.*": {}, "-:.*mtp.*": {}, "-:.*visual.*": {}}}
+    config["quantization_config"] = qc
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    for extra in src.iterdir():
+        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (
+                "config.json", "model.safetensors.index.json"):
+            shutil.copy(extra, out / extra.name)
+    return out
+
+
+if __name__ == "__main__":
+    import sys
+
+    from deltaserve.cli import main
+
+    sys.exit(main(["quantize", *sys.argv[1:]]))

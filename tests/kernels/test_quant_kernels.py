@@ -1,0 +1,208 @@
+"""The int4 / fp8 GEMM and MoE kernels (kernels/quant/triton.py) against their dequantize-then-GEMM references.
+
+Without a GPU they run under TRITON_INTERPRET=1 at small shapes and small tiles (several programs, split-K, ragged
+N and K tails, several groups); `pytest -m gpu` runs them compiled at the real layer shapes of Qwen3.5-27B, 35B-A3B
+and 122B-A10B, with odd sizes and NaN-poisoned outputs (every element must be written). Error policy as elsewhere
+(tests/tolerances.py): at most twice the error of the reference in the same dtype against a float64 product of the
+same (dequantized, dtype-rounded) weights.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from tolerances import assert_error_within  # noqa: E402
+
+from deltaserve.kernels.quant import ref  # noqa: E402
+from deltaserve.kernels.quant import triton as qt  # noqa: E402
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_like_the_gpu(interpreter_rounds_like_the_gpu):
+    yield
+
+
+def _gen(gen: torch.Generator) -> torch.Generator:
+    """A generator on DEV seeded from `gen` (weights of real layer sizes are made on the GPU, not copied to it)."""
+    return torch.Generator(device=DEV).manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+
+
+def int4_weight(n: int, k: int, group: int, gen: torch.Generator, device=DEV):
+    g = _gen(gen)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8, device=DEV)
+    groups = -(-k // group)
+    scales = torch.rand(n, groups, generator=g, device=DEV) * 0.02 + 0.001
+    zeros = torch.randint(0, 16, (n, groups), generator=g, dtype=torch.uint8, device=DEV)
+    return ref.pack_int4(codes), scales, zeros
+
+
+def fp8_weight(n: int, k: int, block: int, gen: torch.Generator, device=DEV):
+    g = _gen(gen)
+    w = (torch.randn(n, k, generator=g, device=DEV) * 8).to(torch.float8_e4m3fn)
+    scale = torch.rand(n, -(-k // block), generator=g, device=DEV) * 0.01 + 0.001
+    return w, scale
+
+
+def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, tiles=None, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+    if kind == "int4":
+        qw, s, z = int4_weight(n, k, group, gen)
+        w = ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=group, k=k)
+        baseline = ref.int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=group)
+        weight, zeros = qw, z
+    else:
+        weight, s = fp8_weight(n, k, group, gen)
+        w = ref.dequant_fp8(weight=weight, scale=s, block_k=group)
+        baseline = ref.fp8_linear(x=x, weight=weight, scale=s, block_k=group)
+        zeros = None
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)  # NaN-poisoned: every element must be written
+    got = qt.quant_gemm(x, weight, s, zeros, group, out=out, tiles=tiles)
+    expected = x.double() @ w.to(dtype).double().T
+    assert got is out
+    assert_error_within(got, baseline, expected, atol=1e-4 if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m,tiles", [(3, (16, 32, 16, 3)), (20, (16, 16, 32, 1)), (40, (32, 32, 16, 2))])
+def test_gemm_interpreted(kind, m, tiles):
+    check_gemm(kind, m, 72, 96, 32, torch.bfloat16 if m != 20 else torch.float32, tiles=tiles, seed=m)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_gemm_per_channel_ragged_k_interpreted(kind):
+    """One scale per row over all of K (G = K), K not a multiple of the tile nor of 8."""
+    check_gemm(kind, 5, 40, 100, 100, torch.bfloat16, tiles=(16, 16, 32, 2), seed=5)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_dequantize_interpreted(kind):
+    gen = torch.Generator().manual_seed(9)
+    if kind == "int4":
+        qw, s, z = int4_weight(2 * 24, 96, 32, gen)
+        qw, s, z = qw.view(2, 24, -1), s.view(2, 24, -1), z.view(2, 24, -1)
+        want = ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=32, k=96)
+    else:
+        w, s = fp8_weight(48, 96, 32, gen)
+        w, s, z = w.view(2, 24, 96), s.view(2, 24, -1), None
+        want = ref.dequant_fp8(weight=w, scale=s, block_k=32)
+        qw = w
+    got = qt.dequantize(qw, s, z, 32, 96, torch.float32)
+    assert torch.equal(got.cpu(), want.cpu())
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_interpreted(kind):
+    check_moe(kind, tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16)
+
+
+def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=gen).to(dtype).to(DEV)
+    logits = torch.randn(tokens, experts, generator=gen)
+    w, ids = logits.softmax(-1).topk(top_k, dim=-1)
+    ids[0, -1] = -1  # a routing slot with no expert (another rank's)
+    w, ids = (w / w.sum(-1, keepdim=True)).to(DEV), ids.to(DEV)
+    if kind == "int4":
+        a = [int4_weight(2 * inter, d, group, gen) for _ in range(experts)]
+        b = [int4_weight(d, inter, group, gen) for _ in range(experts)]
+        args = dict(w13_qweight=torch.stack([t[0] for t in a]), w13_scales=torch.stack([t[1] for t in a]),
+                    w13_zeros=torch.stack([t[2] for t in a]), w2_qweight=torch.stack([t[0] for t in b]),
+                    w2_scales=torch.stack([t[1] for t in b]), w2_zeros=torch.stack([t[2] for t in b]),
+                    group_size=group)
+        fn_ref, fn = ref.int4_fused_moe, qt.int4_fused_moe
+    else:
+        a = [fp8_weight(2 * inter, d, group, gen) for _ in range(experts)]
+        b = [fp8_weight(d, inter, group, gen) for _ in range(experts)]
+        args = dict(w13=torch.stack([t[0] for t in a]), w13_scale=torch.stack([t[1] for t in a]),
+                    w2=torch.stack([t[0] for t in b]), w2_scale=torch.stack([t[1] for t in b]), block_k=group)
+        fn_ref, fn = ref.fp8_fused_moe, qt.fp8_fused_moe
+    baseline = fn_ref(x=x, topk_weights=w, topk_ids=ids, **args)
+    got = fn(x=x, topk_weights=w, topk_ids=ids, **args)
+    assert torch.isfinite(got).all()
+    # the reference is fp32 math with dtype-rounded weights: the kernel may differ by fp32 ordering and the final
+    # rounding only
+    err = (got.double().cpu() - baseline.double().cpu()).abs().max().item()
+    scale = baseline.double().abs().max().item()
+    assert err <= 1.6e-2 * scale + 1e-4, f"max error {err:.3g} (scale {scale:.3g})"
+
+
+# ---- compiled, at the models' real shapes ----------------------------------------------------------------------
+
+# (N, K) of the quantized projections: 27B (H 5120), 35B-A3B (H 2048), 122B-A10B (H 3072), plus odd sizes.
+SHAPES_27B = [(16384, 5120), (5120, 6144), (34816, 5120), (5120, 17408), (12288, 5120)]
+SHAPES_35B = [(12288, 2048), (2048, 4096), (8192, 2048), (1024, 2048), (2048, 512)]
+SHAPES_122B = [(2048, 3072), (3072, 1024), (3072, 8192)]
+ODD = [(136, 384), (4104, 2048 + 128), (520, 1152)]
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("n,k", SHAPES_27B + SHAPES_35B + SHAPES_122B + ODD)
+def test_gemm_gpu(kind, m, n, k):
+    check_gemm(kind, m, n, k, 128, torch.bfloat16, seed=n + k + m)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m", [1, 300, 2048])
+def test_linear_dispatch_gpu(kind, m):
+    """The public ops (fused kernel up to FUSED_MAX_ROWS rows, dequantize + GEMM past it) against the references."""
+    from deltaserve.kernels.quant import fp8_linear, int4_linear
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 5120, generator=gen).to(torch.bfloat16).to(DEV)
+    if kind == "int4":
+        qw, s, z = int4_weight(6144, 5120, 128, gen)
+        got = int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=128)
+        want = ref.int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=128)
+    else:
+        w, s = fp8_weight(6144, 5120, 128, gen)
+        got = fp8_linear(x=x, weight=w, scale=s, block_k=128)
+        want = ref.fp8_linear(x=x, weight=w, scale=s, block_k=128)
+    err = (got.float() - want.float()).abs().max().item()
+    assert err <= 2e-2 * want.float().abs().max().item()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 64, 300])
+@pytest.mark.parametrize("shape", [(256, 8, 2048, 512), (256, 8, 3072, 1024)], ids=["35B-A3B", "122B-A10B"])
+def test_moe_gpu(kind, tokens, shape):
+    experts, top_k, d, inter = shape
+    check_moe(kind, tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_grouped_blocks_interpreted(kind, monkeypatch):
+    """Past PAIR_GEMV_MAX pairs: blocks of pairs routed to one expert share each weight tile."""
+    monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=3)
+
+
+def test_moe_blocks_layout():
+    ids = torch.tensor([[2, 0], [2, -1], [1, 2]])
+    rows, block_expert, block_first = qt.moe_blocks(ids, 4, 2)
+    assert rows.numel() == block_expert.numel() * 2
+    for b, e in enumerate(block_expert.tolist()):
+        pairs = [p for p in rows[2 * b:2 * b + 2].tolist() if p >= 0]
+        if e < 4:
+            assert pairs and all(ids.view(-1)[p] == e for p in pairs)
+        else:
+            assert not pairs
+    assert sorted(p for p in rows.tolist() if p >= 0) == [0, 1, 2, 4, 5]

@@ -1,0 +1,474 @@
+"""Quantized checkpoints on CPU (fp32 references): every published format, written by an independent tool where one
+runs on CPU (the checked-in fixtures of quant_fixtures/, see make_fixtures.py for tools and versions) and by
+deltaserve's own writer (`deltaserve quantize`) for what none of them writes (act-order GPTQ, FP8 per channel, fused
+FP8 experts). deltaserve's logits must equal those of transformers' model over the dequantized weights within the
+fp32 tolerance of test_qwen3_5_vs_hf, and its greedy tokens must match for 32 steps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltaserve.config import ModelConfig, QuantizationConfig
+from deltaserve.kernels.quant.ref import dequant_fp8, dequant_int4, pack_int4, unpack_int4
+from deltaserve.models.loader import CheckpointError, load_model
+from deltaserve.quantize import quantize_checkpoint
+from tests.models.factory import TinySpec, save_checkpoint
+from tests.models.simple_runner import SimpleRunner
+
+FIXTURES = Path(__file__).parent / "quant_fixtures"
+FIXTURE_NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "oracle" / "expected.safetensors").is_file())
+REL_TOL = 1e-4
+STEPS = 32
+
+
+def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert diff <= REL_TOL * scale, f"max abs diff {diff:.3g} > {REL_TOL} x logit scale {scale:.3g}"
+
+
+def check_against(model, prompt: list[int], logits: torch.Tensor, greedy: list[int]) -> None:
+    got = SimpleRunner(model).step({0: prompt}, all_logits=True)[0]
+    assert_logits_close(got, logits)
+    assert SimpleRunner(model).generate_greedy(0, prompt, len(greedy)) == greedy
+
+
+def test_all_fixtures_present():
+    kinds = {"ct_w4a16", "ct_w4a16_asym", "ct_fp8_block", "qwen_fp8", "gptq", "awq"}
+    expected = {f"{k}_{m}" for k in kinds for m in ("dense", "moe")} | {"awq_mixed_moe"}
+    assert expected <= set(FIXTURE_NAMES), sorted(expected - set(FIXTURE_NAMES))
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_independent_writer_fixture(name):
+    path = FIXTURES / name
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    exp = load_file(path / "oracle" / "expected.safetensors")
+    check_against(model, exp["prompt"].tolist(), exp["logits"], exp["greedy"].tolist())
+
+
+def test_mixed_awq_layout_keeps_full_precision_modules():
+    """bf16 QKV and GDN in-projections with int4 o_proj / out_proj, and a whole layer (experts included) listed as
+    unquantized, as the mixed AWQ releases store them."""
+    model = load_model(ModelConfig.from_hf(FIXTURES / "awq_mixed_moe"), dtype="float32")
+    layers = model.model.layers
+    assert layers[2].self_attn.qkv_proj.method.name == "unquantized"
+    assert layers[2].self_attn.o_proj.method.name.startswith("int4")
+    assert layers[0].linear_attn.in_proj.method.name == "unquantized"
+    assert layers[0].linear_attn.out_proj.method.name.startswith("int4")
+    assert layers[0].mlp.experts.method.name.startswith("int4")
+    assert layers[1].mlp.experts.method.name == "unquantized"
+    assert layers[1].linear_attn.out_proj.method.name == "unquantized"
+
+
+# ---- deltaserve's own writer ----------------------------------------------------------------------------------------
+
+SPEC_DENSE = TinySpec("q_dense", extra=dict(hidden_size=256, intermediate_size=384, head_dim=64,
+                                            linear_key_head_dim=64, linear_value_head_dim=64))
+SPEC_MOE = TinySpec("q_moe", moe=True, per_expert=False,
+                    extra=dict(hidden_size=256, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+                               moe_intermediate_size=128, shared_expert_intermediate_size=128, num_experts=4))
+
+
+def hf_over(src: Path, state: dict[str, torch.Tensor]):
+    """transformers' model with `state` (dequantized, fp32) as its weights."""
+    import transformers as tf
+    tmp = src.parent / (src.name + "_deq")
+    tmp.mkdir(exist_ok=True)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.pop("quantization_config", None)
+    (tmp / "config.json").write_text(json.dumps(cfg))
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
+    return tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+
+
+def dequant_gptq_file(t: dict[str, torch.Tensor], base: str, group: int) -> torch.Tensor:
+    """GPTQ v1 by the formula of wave2.md A.0, written out independently of the loader."""
+    qw = t[base + ".qweight"]
+    k = qw.shape[0] * 8
+    q = torch.stack([(qw >> (4 * j)) & 0xF for j in range(8)], dim=1).reshape(k, -1)
+    z = torch.stack([(t[base + ".qzeros"] >> (4 * j)) & 0xF for j in range(8)], dim=-1).reshape(k // group, -1) + 1
+    g = t[base + ".g_idx"].long()
+    return ((q - z[g]).float() * t[base + ".scales"].float()[g]).T
+
+
+def dequant_state(path: Path, group: int = 128) -> dict[str, torch.Tensor]:
+    t = load_file(path / "model.safetensors")
+    out = {}
+    for k, v in t.items():
+        if k.endswith(".qweight"):
+            out[k[:-len("qweight")] + "weight"] = dequant_gptq_file(t, k[:-len(".qweight")], group)
+        elif k.endswith(".weight") and v.dtype == torch.float8_e4m3fn:
+            s = t[k + "_scale_inv"].float()
+            bn, bk = -(-v.shape[0] // s.shape[0]), -(-v.shape[1] // s.shape[1])
+            out[k] = v.float() * s.repeat_interleave(bn, 0)[:v.shape[0]].repeat_interleave(bk, 1)[:, :v.shape[1]]
+        elif not k.endswith((".qzeros", ".scales", ".g_idx", "_scale_inv")):
+            out[k] = v.float()
+    return out
+
+
+@pytest.fixture(scope="module")
+def bf16_dirs(tmp_path_factory):
+    dirs = {}
+    for spec in (SPEC_DENSE, SPEC_MOE):
+        d = tmp_path_factory.mktemp(spec.name)
+        save_checkpoint(spec, d)
+        dirs[spec.name] = d
+    return dirs
+
+
+def _oracle_check(qdir: Path, seed: int = 3) -> None:
+    model = load_model(ModelConfig.from_hf(qdir), dtype="float32")
+    hf = hf_over(qdir, dequant_state(qdir))
+    prompt = torch.randint(1, 160, (16,), generator=torch.Generator().manual_seed(seed)).tolist()
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([prompt])).logits[0].float()
+        ids, greedy = list(prompt), []
+        for _ in range(STEPS):
+            tok = int(hf(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+            greedy.append(tok)
+            ids.append(tok)
+    check_against(model, prompt, logits, greedy)
+
+
+@pytest.mark.parametrize("kind", ["q_dense", pytest.param("q_moe", marks=pytest.mark.slow)])
+def test_own_writer_gptq_act_order(bf16_dirs, kind, tmp_path):
+    """desc_act true: g_idx a permutation of k // G (no independent writer produces it on CPU)."""
+    out = quantize_checkpoint(bf16_dirs[kind], tmp_path / "gptq", method="int4", desc_act=kind == "q_dense")
+    t = load_file(out / "model.safetensors")
+    if kind == "q_dense":
+        g = t["model.layers.0.mlp.down_proj.g_idx"].long()
+        assert not torch.equal(g, torch.arange(g.numel()) // 128)
+    _oracle_check(out)
+
+
+def test_own_writer_fp8_fused_experts(bf16_dirs, tmp_path):
+    """Qwen FP8 with the MoE experts stored fused ([E, 2I, D] e4m3 + [E, 2I/128, D/128] scales)."""
+    out = quantize_checkpoint(bf16_dirs["q_moe"], tmp_path / "fp8", method="fp8")
+    t = load_file(out / "model.safetensors")
+    fused = {}
+    for prefix in {k.split(".experts.")[0] for k in t if ".experts." in k}:
+        e = 0
+        gu, gus, dn, dns = [], [], [], []
+        while f"{prefix}.experts.{e}.gate_proj.weight" in t:
+            p = f"{prefix}.experts.{e}."
+            gu.append(torch.cat([t.pop(p + "gate_proj.weight"), t.pop(p + "up_proj.weight")]))
+            gus.append(torch.cat([t.pop(p + "gate_proj.weight_scale_inv"), t.pop(p + "up_proj.weight_scale_inv")]))
+            dn.append(t.pop(p + "down_proj.weight"))
+            dns.append(t.pop(p + "down_proj.weight_scale_inv"))
+            e += 1
+        fused[f"{prefix}.experts.gate_up_proj"] = torch.stack(gu)
+        fused[f"{prefix}.experts.gate_up_proj_scale_inv"] = torch.stack(gus)
+        fused[f"{prefix}.experts.down_proj"] = torch.stack(dn)
+        fused[f"{prefix}.experts.down_proj_scale_inv"] = torch.stack(dns)
+    t.update(fused)
+    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(ModelConfig.from_hf(out), dtype="float32")
+    reference = load_model(ModelConfig.from_hf(_per_expert_copy(out, fused, t, tmp_path)), dtype="float32")
+    prompt = list(range(3, 19))
+    a = SimpleRunner(model).step({0: prompt}, all_logits=True)[0]
+    b = SimpleRunner(reference).step({0: prompt}, all_logits=True)[0]
+    assert torch.equal(a, b)
+
+
+def _per_expert_copy(out: Path, fused: dict, t: dict, tmp_path: Path) -> Path:
+    """The same FP8 checkpoint with the experts per expert again (the layout the oracle test covers)."""
+    ref = tmp_path / "fp8_per_expert"
+    ref.mkdir()
+    shutil.copy(out / "config.json", ref / "config.json")
+    per = {k: v for k, v in t.items() if ".experts.gate_up_proj" not in k and ".experts.down_proj" not in k}
+    for name, v in fused.items():
+        prefix = name.split(".experts.")[0] + ".experts."
+        if name.endswith("gate_up_proj"):
+            inter = v.shape[1] // 2
+            s = fused[name + "_scale_inv"]
+            si = s.shape[1] // 2
+            for e in range(v.shape[0]):
+                per[f"{prefix}{e}.gate_proj.weight"] = v[e, :inter].contiguous()
+                per[f"{prefix}{e}.up_proj.weight"] = v[e, inter:].contiguous()
+                per[f"{prefix}{e}.gate_proj.weight_scale_inv"] = s[e, :si].contiguous()
+                per[f"{prefix}{e}.up_proj.weight_scale_inv"] = s[e, si:].contiguous()
+        elif name.endswith("down_proj"):
+            for e in range(v.shape[0]):
+                per[f"{prefix}{e}.down_proj.weight"] = v[e].contiguous()
+                per[f"{prefix}{e}.down_proj.weight_scale_inv"] = fused[name + "_scale_inv"][e].contiguous()
+    save_file(per, ref / "model.safetensors", metadata={"format": "pt"})
+    return ref
+
+
+def test_own_writer_fp8_dense_matches_dequantized(bf16_dirs, tmp_path):
+    _oracle_check(quantize_checkpoint(bf16_dirs["q_dense"], tmp_path / "fp8", method="fp8"))
+
+
+def test_fp8_per_channel_compressed_tensors(bf16_dirs, tmp_path):
+    """compressed-tensors FP8 per channel (FP8_DYNAMIC's weights): weight_scale [N, 1]."""
+    src = bf16_dirs["q_dense"]
+    out = tmp_path / "fp8_channel"
+    out.mkdir()
+    t = load_file(src / "model.safetensors")
+    q = {}
+    for k, v in t.items():
+        if k.endswith("_proj.weight") and "in_proj_a" not in k and "in_proj_b" not in k and v.dim() == 2:
+            s = (v.float().abs().amax(dim=1, keepdim=True) / 448).to(torch.bfloat16)
+            q[k] = (v.float() / s.float()).to(torch.float8_e4m3fn)
+            q[k[:-len("weight")] + "weight_scale"] = s
+        else:
+            q[k] = v
+    save_file(q, out / "model.safetensors", metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head", "re:.*in_proj_[ab]$"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    model = load_model(ModelConfig.from_hf(out), dtype="float32")
+    assert model.model.layers[0].mlp.down_proj.method.name == "fp8 per-channel"
+    # the same weights, dequantized, as a plain checkpoint
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    deq = {k: (v.float() * q[k[:-len("weight")] + "weight_scale"].float() if v.dtype == torch.float8_e4m3fn else v)
+           for k, v in q.items() if not k.endswith("weight_scale")}
+    save_file({k: v.float().contiguous() for k, v in deq.items()}, plain / "model.safetensors")
+    cfg.pop("quantization_config")
+    (plain / "config.json").write_text(json.dumps(cfg))
+    reference = load_model(ModelConfig.from_hf(plain), dtype="float32")
+    prompt = list(range(5, 30))
+    assert_logits_close(SimpleRunner(model).step({0: prompt}, all_logits=True)[0],
+                        SimpleRunner(reference).step({0: prompt}, all_logits=True)[0])
+
+
+# ---- errors ------------------------------------------------------------------------------------------------------
+
+def _with_config(src: Path, dst: Path, qc: dict | None, edit=None) -> Path:
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    if qc is not None:
+        cfg["quantization_config"] = qc
+    (dst / "config.json").write_text(json.dumps(cfg))
+    if edit is not None:
+        t = load_file(dst / "model.safetensors")
+        edit(t)
+        save_file(t, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def test_unknown_method_and_bits_are_errors(tmp_path):
+    src = FIXTURES / "gptq_dense"
+    bad = _with_config(src, tmp_path / "bnb", {"quant_method": "bitsandbytes"})
+    with pytest.raises(CheckpointError, match="'bitsandbytes' is not supported"):
+        load_model(ModelConfig.from_hf(bad), dtype="float32")
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    bits3 = _with_config(src, tmp_path / "bits3", {**qc, "bits": 3})
+    with pytest.raises(CheckpointError, match="bits is 3"):
+        load_model(ModelConfig.from_hf(bits3), dtype="float32")
+    awq = json.loads((FIXTURES / "awq_dense" / "config.json").read_text())["quantization_config"]
+    gemv = _with_config(FIXTURES / "awq_dense", tmp_path / "gemv", {**awq, "version": "gemv"})
+    with pytest.raises(CheckpointError, match="version 'gemv'"):
+        load_model(ModelConfig.from_hf(gemv), dtype="float32")
+
+
+def test_wrong_shape_names_module_tensor_and_expectation(tmp_path):
+    def edit(t):
+        name = "model.layers.0.mlp.down_proj.scales"
+        t[name] = torch.cat([t[name], t[name]])
+    bad = _with_config(FIXTURES / "gptq_dense", tmp_path / "shape", None, edit)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.scales: expected \[3, 256\]"):
+        load_model(ModelConfig.from_hf(bad), dtype="float32")
+
+
+def test_quantized_tensors_of_an_excluded_module_are_an_error(tmp_path):
+    qc = json.loads((FIXTURES / "gptq_dense" / "config.json").read_text())["quantization_config"]
+    qc = {**qc, "dynamic": {**qc["dynamic"], "-:.*mlp.down_proj": {}}}
+    bad = _with_config(FIXTURES / "gptq_dense", tmp_path / "excl", qc)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj: the checkpoint holds int4 qweight"):
+        load_model(ModelConfig.from_hf(bad), dtype="float32")
+
+
+def test_fp8_weight_without_scale_is_not_read_as_bf16(tmp_path):
+    def edit(t):
+        del t["model.layers.0.mlp.down_proj.weight_scale_inv"]
+    bad = _with_config(FIXTURES / "qwen_fp8_dense", tmp_path / "noscale", None, edit)
+    with pytest.raises(CheckpointError, match=r"down_proj\.weight: a torch\.float8_e4m3fn tensor where a "
+                                               "full-precision weight was expected"):
+        load_model(ModelConfig.from_hf(bad), dtype="float32")
+
+
+def test_mixed_experts_are_an_error(tmp_path):
+    def edit(t):
+        p = "model.layers.0.mlp.experts.1.up_proj."
+        w = torch.randn(128, 256).to(torch.bfloat16)
+        for s in ("qweight", "qzeros", "scales", "g_idx"):
+            t.pop(p + s)
+        t[p + "weight"] = w
+    bad = _with_config(FIXTURES / "gptq_moe", tmp_path / "mixed", None, edit)
+    with pytest.raises(CheckpointError, match="experts of one layer must share one format"):
+        load_model(ModelConfig.from_hf(bad), dtype="float32")
+
+
+# ---- formats, pieces ---------------------------------------------------------------------------------------------
+
+def test_pack_unpack_round_trip():
+    codes = torch.randint(0, 16, (5, 37), dtype=torch.uint8)
+    assert torch.equal(unpack_int4(pack_int4(codes), 37), codes)
+
+
+def test_dequant_refs():
+    codes = torch.randint(0, 16, (4, 16), dtype=torch.uint8)
+    scales, zeros = torch.rand(4, 2), torch.randint(0, 16, (4, 2), dtype=torch.uint8)
+    w = dequant_int4(qweight=pack_int4(codes), scales=scales, zeros=zeros, group_size=8, k=16)
+    expect = (codes.float() - zeros.float().repeat_interleave(8, 1)) * scales.repeat_interleave(8, 1)
+    assert torch.equal(w, expect)
+    w8 = torch.randn(4, 10).to(torch.float8_e4m3fn)
+    s = torch.rand(4, 3)
+    assert torch.equal(dequant_fp8(weight=w8, scale=s, block_k=4),
+                       w8.float() * s.repeat_interleave(4, 1)[:, :10])
+
+
+@pytest.mark.parametrize("method", ["fp8", "gptq"])
+def test_dummy_quantized_model_runs(method):
+    """load_format dummy with a quantization config (benchmarks at real shapes, here tiny): formats from the config
+    alone, the router and lm_head kept unquantized."""
+    cfg = ModelConfig.from_hf(FIXTURES / ("qwen_fp8_moe" if method == "fp8" else "gptq_moe"))
+    model = load_model(cfg, dtype="float32", load_format="dummy", quantization=QuantizationConfig.from_model(cfg))
+    moe = model.model.layers[0].mlp
+    assert moe.router.method.name == "unquantized" and moe.experts.method.name.startswith(method[:3].replace(
+        "gpt", "int"))
+    out = SimpleRunner(model).step({0: [1, 2, 3]})[0]
+    assert torch.isfinite(out).all()
+
+
+def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
+    from deltaserve.cli import main
+    out = tmp_path / "cli_fp8"
+    assert main(["quantize", str(bf16_dirs["q_moe"]), str(out), "--method", "fp8"]) == 0
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "fp8" and any(n.endswith("in_proj_a") for n in cfg["modules_to_not_convert"])
+    with caplog.at_level("INFO", logger="deltaserve.models.loader"):
+        model = load_model(ModelConfig.from_hf(out), dtype="float32")
+    line = next(r.getMessage() for r in caplog.records if "weight formats" in r.getMessage())
+    assert "weight formats (fp8): linear_attn.in_proj_qkv fp8 block 128x128" in line
+    assert "linear_attn.in_proj_a float32" in line and "mlp.experts fp8 block 128x128" in line
+    # qkv|z fp8 and b|a unquantized: one merged layer, two GEMMs
+    assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", ["qwen_fp8_dense", "gptq_dense", "awq_dense", "ct_w4a16_asym_dense",
+                                  "ct_fp8_block_dense"])
+def test_fixture_on_gpu_matches_cpu_reference(name):
+    """The whole model through the GPU kernels (bf16) against the CPU references in bf16: the same numbers up to
+    bf16 rounding of different summation orders. Dense fixtures only: the tiny random MoE fixtures are so sensitive
+    to routing that bf16 alone moves their logits by 25% of the scale (the MoE kernels are checked op by op in
+    tests/kernels/test_quant_kernels.py)."""
+    path = FIXTURES / name
+    prompt = load_file(path / "oracle" / "expected.safetensors")["prompt"].tolist()
+    ref_model = load_model(ModelConfig.from_hf(path), dtype="bfloat16")
+    gpu_model = load_model(ModelConfig.from_hf(path), dtype="bfloat16", device="cuda")
+    want = SimpleRunner(ref_model).step({0: prompt}, all_logits=True)[0].float()
+    got = SimpleRunner(gpu_model, device="cuda").step({0: prompt}, all_logits=True)[0].float().cpu()
+    scale = want.abs().max().item()
+    assert torch.isfinite(got).all()
+    assert (got - want).abs().max().item() <= 5e-2 * scale
+
+
+def test_nested_checkpoint_names_and_exclusions(tmp_path):
+    """A ConditionalGeneration checkpoint (model.language_model.*, a vision tower, mtp.*): modules_to_not_convert
+    holds nested names, which must match our module paths; the result equals the dequantized bf16 checkpoint."""
+    spec = TinySpec("q_nested", nested=True, moe=True, per_expert=False, mtp=True,
+                    extra=dict(hidden_size=128, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+                               moe_intermediate_size=128, shared_expert_intermediate_size=128, num_experts=4))
+    src = tmp_path / "bf16"
+    save_checkpoint(spec, src)
+    out = quantize_checkpoint(src, tmp_path / "fp8", method="fp8")
+    skipped = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert "model.language_model.layers.0.linear_attn.in_proj_a" in skipped
+    model = load_model(ModelConfig.from_hf(out), dtype="float32")
+    assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({k: v.contiguous() for k, v in dequant_state(out).items()}, plain / "model.safetensors")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.pop("quantization_config")
+    (plain / "config.json").write_text(json.dumps(cfg))
+    reference = load_model(ModelConfig.from_hf(plain), dtype="float32")
+    prompt = list(range(7, 40))
+    assert_logits_close(SimpleRunner(model).step({0: prompt}, all_logits=True)[0],
+                        SimpleRunner(reference).step({0: prompt}, all_logits=True)[0])
+
+
+def test_compressed_tensors_actorder_group(bf16_dirs, tmp_path):
+    """compressed-tensors W4A16 with actorder "group" (weight_g_idx a permutation): the same weights as the
+    act-order GPTQ checkpoint they are converted from, so the same logits."""
+    gptq = quantize_checkpoint(bf16_dirs["q_dense"], tmp_path / "gptq", method="int4", desc_act=True)
+    t = load_file(gptq / "model.safetensors")
+    ct = {}
+    for k, v in t.items():
+        if k.endswith(".qweight"):
+            base = k[:-len(".qweight")]
+            codes = unpack_int4(v.T.contiguous(), v.shape[0] * 8)          # [N, K]
+            ct[base + ".weight_packed"] = pack_int4(codes)
+            ct[base + ".weight_scale"] = t[base + ".scales"].T.contiguous()
+            ct[base + ".weight_g_idx"] = t[base + ".g_idx"]
+            ct[base + ".weight_shape"] = torch.tensor(list(codes.shape))
+        elif not k.endswith((".qzeros", ".scales", ".g_idx")):
+            ct[k] = v
+    out = tmp_path / "ct"
+    out.mkdir()
+    save_file(ct, out / "model.safetensors")
+    cfg = json.loads((gptq / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["re:.*mlp\\.(gate|up|down)_proj$"], "weights": {
+            "num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 128,
+            "actorder": "group"}}}}
+    (out / "config.json").write_text(json.dumps(cfg))
+    model = load_model(ModelConfig.from_hf(out), dtype="float32")
+    assert model.model.layers[0].mlp.down_proj.perm is not None
+    reference = load_model(ModelConfig.from_hf(gptq), dtype="float32")
+    prompt = list(range(3, 30))
+    assert_logits_close(SimpleRunner(model).step({0: prompt}, all_logits=True)[0],
+                        SimpleRunner(reference).step({0: prompt}, all_logits=True)[0])
+
+
+@pytest.mark.parametrize("name", ["awq_mixed_moe", "qwen_fp8_dense"])
+def test_engine_generates_the_oracle_tokens(name, tmp_path):
+    """The whole engine (scheduler, runner, memory planning, sampler) on a quantized checkpoint: greedy tokens of a
+    batch of two requests equal the oracle's."""
+    from deltaserve import LLM, SamplingParams
+    from deltaserve.demo import write_byte_tokenizer
+    path = tmp_path / name
+    shutil.copytree(FIXTURES / name, path)
+    write_byte_tokenizer(path)
+    exp = load_file(path / "oracle" / "expected.safetensors")
+    llm = LLM(str(path), dtype="float32", device="cpu", max_model_len=256)
+    sp = SamplingParams(temperature=0, max_tokens=STEPS, ignore_eos=True)
+    prompt = exp["prompt"].tolist()
+    outs = llm.generate([prompt, prompt[:5]], sp)
+    assert list(outs[0].outputs[0].token_ids) == exp["greedy"].tolist()
+
+
+def test_quantized_lm_head(tmp_path):
+    """An lm_head stored in FP8 (a config that does not exclude it) loads as FP8 and gives the dequantized logits."""
+    src = FIXTURES / "qwen_fp8_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    qc = {**qc, "modules_to_not_convert": [m for m in qc["modules_to_not_convert"] if m != "lm_head"]}
+
+    def edit(t):
+        from deltaserve.quantize import quantize_fp8_block
+        t["lm_head.weight"], t["lm_head.weight_scale_inv"] = quantize_fp8_block(t["lm_head.weight"])
+    path = _with_config(src, tmp_path / "head", qc, edit)
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.lm_head.method.name.startswith("fp8")
+    t = load_file(path / "model.safetensors")
+    head = t["lm_head.weight"].float() * t["lm_head.weight_scale_inv"].float().repeat_interleave(128, 0)[:160] \
+        .repeat_interleave(128, 1)[:, :256]
+    hidden = torch.randn(3, 256)
+    assert_logits_close(model.compute_logits(hidden), hidden @ head.T)
