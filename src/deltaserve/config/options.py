@@ -11,7 +11,7 @@ from typing import Any
 
 from deltaserve.config.common import ConfigError
 from deltaserve.config.engine import (KV_CACHE_DTYPES, LOAD_FORMATS, MODEL_DTYPES, STATE_DTYPES, CacheConfig,
-                                      EngineConfig, QuantizationConfig, RunnerConfig, SchedulerConfig)
+                                      EngineConfig, ParallelConfig, QuantizationConfig, RunnerConfig, SchedulerConfig)
 from deltaserve.config.model import ModelConfig
 
 
@@ -66,11 +66,18 @@ class EngineArgs:
         None, "make every step wait for its own tokens before the next is scheduled (by default on GPU the next "
               "step is launched first, so host work overlaps the GPU)", section="scheduler",
         flag="--no-async-scheduling")
+    tensor_parallel_size: int = _option(
+        1, "ranks (GPUs, or CPU processes) the model is split over by tensor parallelism; one worker process per rank, "
+           "spawned on this host (several hosts: torchrun-style MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, "
+           "see the README)", section="parallel", type=int)
+    enable_expert_parallel: bool = _option(
+        False, "MoE models under tensor parallelism: give each rank whole experts (num_experts / "
+               "tensor_parallel_size of them) instead of a slice of every expert", section="parallel")
 
     def create_engine_config(self) -> EngineConfig:
         """Read the checkpoint's config.json and compose the validated sections (ConfigError names what is wrong)."""
         model = ModelConfig.from_hf(self.model)
-        sections: dict[str, dict[str, Any]] = {"runner": {}, "cache": {}, "scheduler": {}}
+        sections: dict[str, dict[str, Any]] = {"runner": {}, "cache": {}, "scheduler": {}, "parallel": {}}
         for f in dataclasses.fields(self):
             if f.metadata:
                 sections[f.metadata["section"]][f.name] = getattr(self, f.name)
@@ -79,6 +86,7 @@ class EngineArgs:
             scheduler["max_model_len"] = model.max_position_embeddings
         return EngineConfig(model=model, runner=RunnerConfig(**sections["runner"]),
                             cache=CacheConfig(**sections["cache"]), scheduler=SchedulerConfig(**scheduler),
+                            parallel=ParallelConfig(**sections["parallel"]),
                             quantization=QuantizationConfig.from_model(model))
 
     @classmethod
