@@ -9,6 +9,7 @@ since a worker legitimately waits as long as the server is idle.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,14 +122,39 @@ def broadcast(x: torch.Tensor) -> torch.Tensor:
 
 # ---- host-side commands (rank 0 -> workers) ------------------------------------------------------------------------
 
+class CommandTimeout(RuntimeError):
+    """A worker did not take rank 0's command within the collective timeout."""
+
+    def __init__(self, rank: int, seconds: float) -> None:
+        super().__init__(f"tensor-parallel rank {rank} did not take the next command within {seconds:.0f} s "
+                         "(DELTASERVE_DIST_TIMEOUT): it hung or its host is unreachable")
+        self.rank = rank
+
+
 def send_command(obj: object) -> None:
-    dist.broadcast_object_list([obj], src=0, group=current_group().commands)
+    """Rank 0: send a host object to each worker, failing after the collective timeout, naming the rank, when one
+    does not take it (the command group itself has no practical timeout: that is how idle workers wait)."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], dtype=torch.long)
+    group, timeout = current_group(), collective_timeout()
+    for rank in range(1, group.world_size):
+        for t in (size, payload):
+            try:
+                dist.isend(t, dst=rank, group=group.commands).wait(timeout)
+            except RuntimeError as e:
+                if "timed out" in str(e).lower():
+                    raise CommandTimeout(rank, timeout.total_seconds()) from e
+                raise
 
 
 def recv_command() -> object:
-    box: list[object] = [None]
-    dist.broadcast_object_list(box, src=0, group=current_group().commands)
-    return box[0]
+    """A worker: the next host object rank 0 sends (waits as long as rank 0 is idle)."""
+    commands = current_group().commands
+    size = torch.empty(1, dtype=torch.long)
+    dist.recv(size, src=0, group=commands)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(payload, src=0, group=commands)
+    return pickle.loads(payload.numpy().tobytes())
 
 
 def gather_status(status: object) -> list[object]:

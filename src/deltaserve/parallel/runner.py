@@ -135,13 +135,15 @@ class TPDriver:
     def _diagnose(self, e: Exception) -> str:
         """Which rank failed: a spawned worker that exited (waiting briefly for its exit to be seen), else what the
         collective said."""
-        deadline = time.monotonic() + 3.0
+        deadline = time.monotonic() + (0.0 if isinstance(e, group.CommandTimeout) else 3.0)
         dead = self._dead_workers()
         while not dead and self.workers and time.monotonic() < deadline:
             time.sleep(0.05)
             dead = self._dead_workers()
         if dead:
             return "; ".join(f"tensor-parallel rank {r} died (exit code {code}); the engine stopped" for r, code in dead)
+        if isinstance(e, group.CommandTimeout):
+            return f"{e}; the engine stopped"
         return (f"a tensor-parallel collective failed ({type(e).__name__}: {e}); a rank hung, died or lost its "
                 "connection, and the engine stopped")
 
@@ -155,7 +157,7 @@ class TPDriver:
                 group.send_command(("stop",))
             except Exception as e:  # noqa: BLE001 - a worker already gone
                 log.debug("stop command: %s", e)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + (timeout if self.failed is None else 0.0)
         for p in self.workers:
             p.join(max(0.0, deadline - time.monotonic()))
             if p.is_alive():
