@@ -143,6 +143,28 @@ def test_ranks_read_only_their_part(dense, monkeypatch):
         assert not any(n.endswith(("proj.weight", "conv1d.weight", "embed_tokens.weight")) for n in whole), whole
 
 
+def test_prefix_cache_async_scheduling_and_grammar_under_two_ranks(dense):
+    """The paths where rank 0 sends more than step inputs: steps launched before the previous step's tokens reach
+    the host (workers read rank 0's last-token buffer), prefix-cache state copies and snapshots, and sampling that
+    waits for a grammar mask."""
+    from deltaserve.structured import StructuredSpec
+
+    regex = SamplingParams(temperature=0, max_tokens=12, structured=StructuredSpec.regex("[a-f]{3}[0-9]{4}"))
+
+    def outputs(llm: LLM) -> list[list[int]]:
+        try:
+            first = llm.generate(prompts(), PARAMS)
+            again = llm.generate(prompts()[:2], PARAMS)  # their prefixes are cached now
+            constrained = llm.generate(prompts(), regex)
+            assert llm.engine.stats()["prompt_tokens_cached"] > 0
+            return [o.outputs[0].token_ids for o in first + again + constrained]
+        finally:
+            llm.engine.shutdown()
+
+    opts = dict(async_scheduling=True, max_num_batched_tokens=32)
+    assert outputs(make_llm(dense, 2, **opts)) == outputs(make_llm(dense, **opts))
+
+
 def test_impossible_sizes_fail_at_start(dense, moe_fused):
     with pytest.raises(ConfigError, match=r"does not divide the model's num_attention_heads \(4\); sizes that work "
                                           r"for it: \[1, 2, 4\]"):

@@ -170,6 +170,9 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.rank_shapes(0)  # raises naming the dimension when the TP size does not divide the model
+        require(self.quantization is None or self.parallel.tensor_parallel_size == 1,
+                f"the checkpoint is quantized ({self.quantization.method if self.quantization else ''}); "
+                "tensor_parallel_size > 1 shards bf16 / fp16 / fp32 checkpoints only in this version: use 1")
 
     def rank_shapes(self, rank: int | None = None) -> RankShapes:
         """The shapes of `rank` (default: this process's rank, parallel.rank)."""

@@ -73,7 +73,7 @@ def layout_of(module: nn.Module, prefix: str, present: Set[str]) -> dict[str, We
     custom = getattr(module, "weight_layout", None)
     layout = custom(prefix, present) if custom is not None else direct_layout(module, prefix)
     shards = getattr(module, "tp_shards", None)  # tensor parallelism: the part of each tensor this rank keeps
-    return _sharded(layout, prefix, shards) if shards else layout
+    return _sharded(layout, prefix, shards) if shards and any(shards.values()) else layout
 
 
 def _sharded(layout: dict[str, WeightSlot], prefix: str, shards: dict) -> dict[str, WeightSlot]:

@@ -15,6 +15,7 @@ import atexit
 import dataclasses
 import logging
 import os
+import signal
 import socket
 
 import torch
@@ -90,7 +91,7 @@ def start_rank0(config: EngineConfig, eos_token_ids: frozenset[int]):
         addr, port, local_rank = "127.0.0.1", _free_port(), 0
         ctx = torch.multiprocessing.get_context("spawn")
         for r in range(1, tp):
-            p = ctx.Process(target=_worker_main, args=(_rank_config(config, r, r), addr, port),
+            p = ctx.Process(target=_worker_main, args=(_rank_config(config, r, r), addr, port, True),
                             name=f"deltaserve-rank{r}", daemon=True)
             p.start()
             workers.append(p)
@@ -121,8 +122,10 @@ def _check_started(workers: list) -> None:
                             "`if __name__ == \"__main__\":`, since the workers are spawned)")
 
 
-def _worker_main(config: EngineConfig, addr: str, port: int) -> None:
+def _worker_main(config: EngineConfig, addr: str, port: int, spawned: bool = False) -> None:
     """A spawned or launched worker: join the group, load this rank's shard, run rank 0's commands."""
+    if spawned:  # Ctrl-C reaches the whole process group: rank 0 alone decides when its workers stop
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     from deltaserve.parallel import group
     from deltaserve.parallel.runner import TPModelRunner, serve_commands
 
