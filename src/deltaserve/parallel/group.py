@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
 IDLE_TIMEOUT = timedelta(days=365)
-JOINED = "deltaserve/joined"  # the command group: workers wait for rank 0 as long as it lives
+JOINED = "deltaserve/joined"
+JOIN_TIMEOUT = timedelta(seconds=600)  # every rank must join within this (or the collective timeout, if longer)  # the command group: workers wait for rank 0 as long as it lives
 
 
 def collective_timeout() -> timedelta:
@@ -56,16 +57,17 @@ def init_group(*, rank: int, world_size: int, master_addr: str, master_port: int
         raise RuntimeError("this process already belongs to a tensor-parallel group")
     backend = "nccl" if device.type == "cuda" else "gloo"
     timeout = collective_timeout()
-    store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=timeout,
+    join = max(timeout, JOIN_TIMEOUT)  # starting a process and importing torch is not a collective's business
+    store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=join,
                           wait_for_workers=False)
     store.add(JOINED, 1)
-    deadline = time.monotonic() + timeout.total_seconds()
+    deadline = time.monotonic() + join.total_seconds()
     while rank == 0 and store.add(JOINED, 0) < world_size:
         if check_workers is not None:
             check_workers()
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {store.add(JOINED, 0)} of {world_size} tensor-parallel ranks joined "
-                               f"{master_addr}:{master_port} within {timeout.total_seconds():.0f} s")
+                               f"{master_addr}:{master_port} within {join.total_seconds():.0f} s")
         time.sleep(0.05)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     commands = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)

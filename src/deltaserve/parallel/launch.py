@@ -100,6 +100,8 @@ def start_rank0(config: EngineConfig, eos_token_ids: frozenset[int]):
         device = torch.device(config.runner.device or "cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
+        elif workers:  # the ranks share this host's cores (oversubscribed OpenMP threads spin)
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
         group.init_group(rank=0, world_size=tp, master_addr=addr, master_port=port, device=device,
                          check_workers=lambda: _check_started(workers))
         driver = TPDriver(TPModelRunner(config, eos_token_ids=eos_token_ids), workers)
