@@ -140,7 +140,8 @@ def test_ranks_read_only_their_part(dense, monkeypatch):
         attn = model.model.layers[3].self_attn
         hd, kv_head = model_config.head_dim, rank // shapes.kv_replicas * shapes.num_kv_heads
         k_rows = attn.qkv_proj.weight[2 * shapes.num_heads * hd:][:shapes.num_kv_heads * hd]
-        assert torch.equal(k_rows, full["model.layers.3.self_attn.k_proj.weight"][kv_head * hd:(kv_head + shapes.num_kv_heads) * hd])
+        k_full = full["model.layers.3.self_attn.k_proj.weight"]
+        assert torch.equal(k_rows, k_full[kv_head * hd:(kv_head + shapes.num_kv_heads) * hd])
         sizes = {n: t.numel() * t.element_size() for n, t in load_file(dense / "model.safetensors").items()}
         whole = {n for n, size in reads if size == sizes[n]}
         assert not any(n.endswith(("proj.weight", "conv1d.weight", "embed_tokens.weight")) for n in whole), whole
@@ -208,3 +209,41 @@ def test_hung_worker_stops_the_engine_after_the_timeout(dense, monkeypatch):
         assert time.monotonic() - start < 12
     finally:
         llm.engine.shutdown()  # kills the stopped worker
+
+
+def test_torchrun_style_launch(dense, tmp_path):
+    """Two processes started with MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE / LOCAL_RANK and the same command:
+    rank 0 prints the generation (the same as one process), rank 1 runs its steps and exits with it."""
+    import subprocess
+    import sys
+
+    from deltaserve.parallel.launch import _free_port
+
+    cmd = [sys.executable, "-c", "import sys; from deltaserve.cli import main; sys.exit(main())", "generate",
+           str(dense), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--num-pages", "64",
+           "--temperature", "0", "--max-tokens", "8", "--prompt", "hello", "--log-level", "WARNING"]
+    one = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    port = str(_free_port())
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen(cmd + ["--tensor-parallel-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], [err for _, err in outs]
+    assert outs[0][0] == one.stdout and outs[1][0] == ""
+
+
+def test_torchrun_style_variables_must_match(dense, monkeypatch):
+    from deltaserve.parallel.launch import is_worker_process
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert not is_worker_process()
+    with pytest.raises(ConfigError, match=r"\['MASTER_ADDR', 'MASTER_PORT', 'LOCAL_RANK'\] are not"):
+        make_llm(dense, 2)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29555"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="WORLD_SIZE is 2 but tensor_parallel_size is 4"):
+        make_llm(dense, 4)
+    monkeypatch.setenv("RANK", "1")
+    assert is_worker_process()

@@ -31,8 +31,9 @@ class GatedAttention(nn.Module):
                                      device=device)
         self.o_proj = Linear(q_out, d, dtype=dtype, device=device)
         # tensor parallelism: this rank's query heads (each with its gate rows) and KV heads, o_proj's input columns
-        self.qkv_proj.tp_shards = {"q_proj.weight": sharding.split(shapes, 2 * q_out),
-                                   "k_proj.weight": sharding.kv_heads(shapes), "v_proj.weight": sharding.kv_heads(shapes)}
+        kv = sharding.kv_heads(shapes)
+        self.qkv_proj.tp_shards = {"q_proj.weight": sharding.split(shapes, 2 * q_out), "k_proj.weight": kv,
+                                   "v_proj.weight": kv}
         self.o_proj.tp_shards = {"weight": sharding.split(shapes, q_out, dim=1)}
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)

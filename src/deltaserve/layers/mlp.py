@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltaserve.kernels.activation import silu_and_mul
 from deltaserve.config import RankShapes
+from deltaserve.kernels.activation import silu_and_mul
 from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.parallel import sharding
 

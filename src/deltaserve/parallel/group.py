@@ -23,9 +23,9 @@ from deltaserve.config import env_flag
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 300.0
-IDLE_TIMEOUT = timedelta(days=365)
-JOINED = "deltaserve/joined"
-JOIN_TIMEOUT = timedelta(seconds=600)  # every rank must join within this (or the collective timeout, if longer)  # the command group: workers wait for rank 0 as long as it lives
+IDLE_TIMEOUT = timedelta(days=365)  # the command group: workers wait for rank 0 as long as it lives
+JOIN_TIMEOUT = timedelta(seconds=600)  # every rank joins within this (or the collective timeout, if longer)
+JOINED = "deltaserve/joined"  # store counter of the ranks that joined
 
 
 def collective_timeout() -> timedelta:

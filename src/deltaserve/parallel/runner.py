@@ -141,7 +141,8 @@ class TPDriver:
             time.sleep(0.05)
             dead = self._dead_workers()
         if dead:
-            return "; ".join(f"tensor-parallel rank {r} died (exit code {code}); the engine stopped" for r, code in dead)
+            return "; ".join(f"tensor-parallel rank {r} died (exit code {code}); the engine stopped"
+                             for r, code in dead)
         if isinstance(e, group.CommandTimeout):
             return f"{e}; the engine stopped"
         return (f"a tensor-parallel collective failed ({type(e).__name__}: {e}); a rank hung, died or lost its "
