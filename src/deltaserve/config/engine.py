@@ -173,6 +173,9 @@ class EngineConfig:
         require(self.quantization is None or self.parallel.tensor_parallel_size == 1,
                 f"the checkpoint is quantized ({self.quantization.method if self.quantization else ''}); "
                 "tensor_parallel_size > 1 shards bf16 / fp16 / fp32 checkpoints only in this version: use 1")
+        # the workers mirror rank 0's steps and sampled tokens, not a drafter's proposals and state commits
+        require(not self.speculative.enabled or self.parallel.tensor_parallel_size == 1,
+                "speculative decoding with tensor_parallel_size > 1 is not supported yet; use one or the other")
 
     def rank_shapes(self, rank: int | None = None) -> RankShapes:
         """The shapes of `rank` (default: this process's rank, parallel.rank)."""
