@@ -14,6 +14,7 @@ tell (the spawned workers' exit codes), which stops the engine.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import time
@@ -85,6 +86,7 @@ def serve_commands(runner: TPModelRunner) -> None:
                 return
         except Exception:  # noqa: BLE001 - rank 0 meets the same error on the same step and fails its requests
             log.exception("rank %d: %s failed", runner.rank, kind)
+            awaiting = None
 
 
 class TPDriver:
@@ -111,8 +113,8 @@ class TPDriver:
             self._run(("copies", tuple(states), tuple(pages)), self.runner.apply_copies, states, pages)
 
     def _run(self, command: tuple, fn, *args: Any) -> Any:
-        if self.failed is not None:
-            raise RankFailure(self.failed)
+        if self.failed is not None or self.stopped:
+            raise RankFailure(self.failed or "the tensor-parallel workers were shut down")
         try:
             group.send_command(command)
             return fn(*args)
@@ -153,6 +155,7 @@ class TPDriver:
         if self.stopped:
             return
         self.stopped = True
+        atexit.unregister(self.shutdown)  # the exit handler would keep this runner (and its model) alive
         if self.failed is None:
             try:
                 group.send_command(("stop",))
