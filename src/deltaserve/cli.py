@@ -44,7 +44,7 @@ def build_llm(args: argparse.Namespace):
     from deltaserve.parallel.launch import is_worker_process, run_worker_from_env
 
     options = {name: getattr(args, name) for name in option_names()}
-    if is_worker_process():  # a torchrun-style launch on another rank than 0: run rank 0's steps, then exit
+    if is_worker_process(args.tensor_parallel_size):  # torchrun-style launch, rank other than 0: run rank 0's steps
         from deltaserve.config import EngineArgs
         from deltaserve.demo import demo_model_dir
 

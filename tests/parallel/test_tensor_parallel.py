@@ -259,7 +259,7 @@ def test_torchrun_style_variables_must_match(dense, monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    assert not is_worker_process()
+    assert not is_worker_process(2)
     with pytest.raises(ConfigError, match=r"\['MASTER_ADDR', 'MASTER_PORT', 'LOCAL_RANK'\] are not"):
         make_llm(dense, 2)
     for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29555"), ("LOCAL_RANK", "0")):
@@ -267,4 +267,4 @@ def test_torchrun_style_variables_must_match(dense, monkeypatch):
     with pytest.raises(ConfigError, match="WORLD_SIZE is 2 but tensor_parallel_size is 4"):
         make_llm(dense, 4)
     monkeypatch.setenv("RANK", "1")
-    assert is_worker_process()
+    assert is_worker_process(2) and not is_worker_process(1)  # TP 1: an engine per process, whatever the launch

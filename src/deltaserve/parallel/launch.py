@@ -31,7 +31,7 @@ def build_runner(config: EngineConfig, *, eos_token_ids: frozenset[int] = frozen
     """The engine's runner: a plain ModelRunner at tensor_parallel_size 1, else rank 0's driver of N ranks."""
     from deltaserve.engine.runner import ModelRunner
 
-    if config.parallel.tensor_parallel_size == 1 and launched_world_size() <= 1:
+    if config.parallel.tensor_parallel_size == 1:  # whatever the environment says (e.g. one engine per process)
         return ModelRunner(config, eos_token_ids=eos_token_ids)
     return start_rank0(config, eos_token_ids)
 
@@ -41,10 +41,10 @@ def launched_world_size() -> int:
     return int(env_flag("WORLD_SIZE", "1") or 1)
 
 
-def is_worker_process() -> bool:
-    """Whether this process was launched torchrun-style as a rank other than 0 (it must run a worker, not the
-    engine)."""
-    return launched_world_size() > 1 and int(env_flag("RANK", "0") or 0) != 0
+def is_worker_process(tensor_parallel_size: int) -> bool:
+    """Whether this process was launched torchrun-style as a rank other than 0 of a tensor-parallel engine (it must
+    run a worker, not the engine)."""
+    return tensor_parallel_size > 1 and launched_world_size() > 1 and int(env_flag("RANK", "0") or 0) != 0
 
 
 def _free_port() -> int:

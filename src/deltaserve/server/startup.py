@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
     model = resolve_model(args)
     config = server_config_from(args, model)
     _setup_logging(config.log_level)
-    if is_worker_process():  # a torchrun-style launch on another rank than 0: serve rank 0's steps, not HTTP
+    # a torchrun-style launch, on another rank than 0: run rank 0's steps instead of serving HTTP
+    if is_worker_process(getattr(args, "tensor_parallel_size", 1)):
         return run_worker_from_env(engine_args_from(args, model).create_engine_config())
     sock = bind_socket(config.host, config.port)
     templates = TemplateRenderer(template_limits(config))
