@@ -65,6 +65,16 @@ class RankShapes(LinearAttentionSizes):
             raise ConfigError(f"'tensor_parallel_size' must be a positive integer, got {tp_size!r}")
         if not is_int(tp_rank) or not 0 <= tp_rank < tp_size:
             raise ConfigError(f"tensor-parallel rank {tp_rank!r} is outside [0, {tp_size})")
+        try:
+            return cls._build(model, tp_size, tp_rank, expert_parallel)
+        except ConfigError as e:
+            works = [n for n in range(1, MAX_TP + 1) if _fits(cls, model, n, expert_parallel)]
+            raise ConfigError(f"{e}; tensor_parallel_size values that fit every dimension of this model"
+                              f"{' with expert parallelism' if expert_parallel and model.num_experts else ''}: "
+                              f"{works}") from None
+
+    @classmethod
+    def _build(cls, model: ModelConfig, tp_size: int, tp_rank: int, expert_parallel: bool) -> RankShapes:
         split = _Splitter(model, tp_size)
         ep = bool(expert_parallel and model.num_experts)
         return cls(
@@ -80,6 +90,17 @@ class RankShapes(LinearAttentionSizes):
             num_experts=split("num_experts") if ep else model.num_experts,
             model_num_kv_heads=model.num_key_value_heads, vocab_size=split("vocab_size"), expert_parallel=ep,
         )
+
+
+MAX_TP = 64  # the largest size suggested in error messages
+
+
+def _fits(cls: type[RankShapes], model: ModelConfig, tp_size: int, expert_parallel: bool) -> bool:
+    try:
+        cls._build(model, tp_size, 0, expert_parallel)
+        return True
+    except ConfigError:
+        return False
 
 
 class _Splitter:
