@@ -139,10 +139,12 @@ def send_command(obj: object) -> None:
     payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.long)
     group, timeout = current_group(), collective_timeout()
-    for rank in range(1, group.world_size):
-        for t in (size, payload):
+    sends = [(rank, [dist.isend(t, dst=rank, group=group.commands) for t in (size, payload)])
+             for rank in range(1, group.world_size)]  # all in flight at once, then waited for rank by rank
+    for rank, works in sends:
+        for work in works:
             try:
-                dist.isend(t, dst=rank, group=group.commands).wait(timeout)
+                work.wait(timeout)
             except RuntimeError as e:
                 if "timed out" in str(e).lower():
                     raise CommandTimeout(rank, timeout.total_seconds()) from e
