@@ -41,8 +41,15 @@ def sampling_from(args: argparse.Namespace) -> SamplingParams:
 
 def build_llm(args: argparse.Namespace):
     from deltaserve.llm import LLM
+    from deltaserve.parallel.launch import is_worker_process, run_worker_from_env
 
     options = {name: getattr(args, name) for name in option_names()}
+    if is_worker_process(args.tensor_parallel_size):  # torchrun-style launch, rank other than 0: run rank 0's steps
+        from deltaserve.config import EngineArgs
+        from deltaserve.demo import demo_model_dir
+
+        model = args.model or str(demo_model_dir())
+        raise SystemExit(run_worker_from_env(EngineArgs(model=model, **options).create_engine_config()))
     return LLM(args.model, **options)
 
 

@@ -24,7 +24,10 @@ class LLM:
     """Runs an engine in this process. `model`: a Hugging Face checkpoint directory (None: the bundled demo model).
     Keyword arguments are the engine options (`deltaserve.config.EngineArgs`: dtype, device, max_model_len,
     max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, page_size, num_pages, state_dtype, kv_cache_dtype,
-    load_format, enforce_eager, async_scheduling), with the same defaults as the command line's flags."""
+    load_format, enforce_eager, async_scheduling, tensor_parallel_size, enable_expert_parallel), with the same defaults
+    as the command line's flags. With tensor_parallel_size > 1 the engine spawns worker processes: build the LLM under
+    `if __name__ == "__main__":`, and call `llm.engine.shutdown()` to stop them before the process ends (or let the
+    exit handler do it)."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         if model is None:

@@ -107,12 +107,19 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """How the model is split over GPUs (one rank today: the per-rank shapes already follow this section)."""
+    """How the model is split over ranks (one process per rank, docs/PARALLEL.md). `rank` is this process's rank,
+    set by the launcher (parallel/launch.py), never by users: rank 0 runs the engine, the others run workers."""
 
     tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE: whole experts per rank instead of a slice of each
+    rank: int = 0
 
     def __post_init__(self) -> None:
         _positive_int(self.tensor_parallel_size, "tensor_parallel_size")
+        require(isinstance(self.enable_expert_parallel, bool),
+                f"'enable_expert_parallel' must be a bool, got {self.enable_expert_parallel!r}")
+        require(is_int(self.rank) and 0 <= self.rank < self.tensor_parallel_size,
+                f"rank {self.rank!r} is outside [0, tensor_parallel_size={self.tensor_parallel_size})")
 
 
 MAX_SPECULATIVE_TOKENS = 4
@@ -208,9 +215,18 @@ class EngineConfig:
                 f"speculative decoding ({self.speculative.num_speculative_tokens} MTP draft tokens) was asked for, but "
                 f"the checkpoint in {self.model.model_dir} has no MTP head (mtp_num_hidden_layers is 0 in its "
                 "config.json); use a checkpoint that ships its mtp.* tensors, or leave speculative_tokens at 0")
+        require(self.quantization is None or self.parallel.tensor_parallel_size == 1,
+                f"the checkpoint is quantized ({self.quantization.method if self.quantization else ''}); "
+                "tensor_parallel_size > 1 shards bf16 / fp16 / fp32 checkpoints only in this version: use 1")
+        # the workers mirror rank 0's steps and sampled tokens, not a drafter's proposals and state commits
+        require(not self.speculative.enabled or self.parallel.tensor_parallel_size == 1,
+                "speculative decoding with tensor_parallel_size > 1 is not supported yet; use one or the other")
 
-    def rank_shapes(self, rank: int = 0) -> RankShapes:
-        return RankShapes.for_rank(self.model, self.parallel.tensor_parallel_size, rank)
+    def rank_shapes(self, rank: int | None = None) -> RankShapes:
+        """The shapes of `rank` (default: this process's rank, parallel.rank)."""
+        p = self.parallel
+        return RankShapes.for_rank(self.model, p.tensor_parallel_size, p.rank if rank is None else rank,
+                                   expert_parallel=p.enable_expert_parallel)
 
     @property
     def with_mtp(self) -> bool:

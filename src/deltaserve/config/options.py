@@ -11,8 +11,8 @@ from typing import Any
 
 from deltaserve.config.common import ConfigError
 from deltaserve.config.engine import (KV_CACHE_DTYPES, LOAD_FORMATS, MODEL_DTYPES, SPECULATIVE_MAX_BATCH,
-                                      STATE_DTYPES, CacheConfig, EngineConfig, QuantizationConfig, RunnerConfig,
-                                      SchedulerConfig, SpeculativeConfig, parse_speculative_config)
+                                      STATE_DTYPES, CacheConfig, EngineConfig, ParallelConfig, QuantizationConfig,
+                                      RunnerConfig, SchedulerConfig, SpeculativeConfig, parse_speculative_config)
 from deltaserve.config.model import ModelConfig
 
 
@@ -76,11 +76,19 @@ class EngineArgs:
     speculative_max_batch: int = _option(
         SPECULATIVE_MAX_BATCH, "verify drafts only while at most this many requests run (larger batches decode "
                                "plainly: drafting stops paying there)", section="speculative", type=int)
+    tensor_parallel_size: int = _option(
+        1, "ranks (GPUs, or CPU processes) the model is split over by tensor parallelism; one worker process per rank, "
+           "spawned on this host (several hosts: torchrun-style MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, "
+           "see the README)", section="parallel", type=int)
+    enable_expert_parallel: bool = _option(
+        False, "MoE models under tensor parallelism: give each rank whole experts (num_experts / "
+               "tensor_parallel_size of them) instead of a slice of every expert", section="parallel")
 
     def create_engine_config(self) -> EngineConfig:
         """Read the checkpoint's config.json and compose the validated sections (ConfigError names what is wrong)."""
         model = ModelConfig.from_hf(self.model)
-        sections: dict[str, dict[str, Any]] = {"runner": {}, "cache": {}, "scheduler": {}, "speculative": {}}
+        sections: dict[str, dict[str, Any]] = {"runner": {}, "cache": {}, "scheduler": {}, "speculative": {},
+                                               "parallel": {}}
         for f in dataclasses.fields(self):
             if f.metadata:
                 sections[f.metadata["section"]][f.name] = getattr(self, f.name)
@@ -90,6 +98,7 @@ class EngineArgs:
         return EngineConfig(model=model, runner=RunnerConfig(**sections["runner"]),
                             cache=CacheConfig(**sections["cache"]), scheduler=SchedulerConfig(**scheduler),
                             speculative=self._speculative(sections["speculative"]),
+                            parallel=ParallelConfig(**sections["parallel"]),
                             quantization=QuantizationConfig.from_model(model))
 
     @staticmethod

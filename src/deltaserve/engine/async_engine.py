@@ -98,6 +98,8 @@ class AsyncLLM:
         self._stopping.set()
         self._commands.put((lambda: None,))
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.shutdown()  # tensor-parallel workers stop with the engine
 
     # ---- engine thread -------------------------------------------------------------------------------------------
     def _add(self, request_id: str, prompt: list[int], params: SamplingParams,

@@ -13,11 +13,13 @@ from deltaserve.cache.manager import CacheManager
 from deltaserve.config import EngineArgs, EngineConfig
 from deltaserve.engine.output_processor import OutputProcessor, RequestError
 from deltaserve.engine.request import Request, RequestStatus
-from deltaserve.engine.runner import LaunchedStep, ModelRunner, StepResult
+from deltaserve.engine.runner import LaunchedStep, StepResult
 from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
 from deltaserve.engine.step_input import BlockTables, build_step_input
 from deltaserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from deltaserve.outputs import SequenceDelta
+from deltaserve.parallel.launch import build_runner
+from deltaserve.parallel.runner import RankFailure
 from deltaserve.sampling_params import SamplingParams
 from deltaserve.structured import StructuredError
 from deltaserve.structured.compiler import GrammarCompiler
@@ -38,7 +40,7 @@ class LLMEngine:
         model_dir = self.model_config.model_dir
         self.tokenizer = load_tokenizer(model_dir) if model_dir else None
         self.eos_ids = frozenset(eos_token_ids(self.tokenizer, self.model_config.eos_token_ids))
-        self.runner = ModelRunner(self.config, eos_token_ids=self.eos_ids)
+        self.runner = build_runner(self.config, eos_token_ids=self.eos_ids)  # rank 0's driver under TP
         page_size = self.config.cache.page_size
         plan = self.runner.plan
         self.cache = CacheManager(num_pages=plan.num_pages, num_slots=plan.num_slots, page_size=page_size,
@@ -155,6 +157,12 @@ class LLMEngine:
         """Forget every cached prefix (its checkpoints and the pages only they hold)."""
         self.cache.reset_prefix_cache()
 
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (a single-process engine has nothing to stop)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
+
     # ---- the step ------------------------------------------------------------------------------------------------
     def step(self) -> list[SequenceDelta]:
         """One engine step; returns what sequences produced (tokens, text, finish).
@@ -175,6 +183,8 @@ class LLMEngine:
         if not out.is_empty:
             try:
                 launched = self.runner.launch(build_step_input(out, block_tables=self.block_tables))
+            except RankFailure:
+                raise  # a tensor-parallel rank is gone: no step can run any more
             except Exception as e:  # a failing step fails the requests in it, never the engine
                 log.exception("engine step failed")
                 self.scheduler.abandon(out)
@@ -199,6 +209,8 @@ class LLMEngine:
         token before this step is known). None, with the step's requests failed into `deltas`, if that raises."""
         try:
             return self.runner.sample(launched, self.structured.fill(launched.step.sampling))
+        except RankFailure:
+            raise
         except Exception as e:  # as in step(): the step's requests fail, the engine goes on
             log.exception("engine step failed")
             deltas += self._fail(out, f"{type(e).__name__}: {e}")

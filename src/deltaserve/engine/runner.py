@@ -20,6 +20,7 @@ import torch
 
 from deltaserve.cache.allocator import pages_for_tokens
 from deltaserve.cache.manager import PageCopy, StateCopy
+from deltaserve.cache.planner import MemoryPlan
 from deltaserve.config import EngineConfig
 from deltaserve.engine.cuda_graph import StepGraphs
 from deltaserve.engine.device_inputs import DeviceStep, upload_step
@@ -125,7 +126,7 @@ class ModelRunner:
                                 load_format=config.runner.load_format, with_mtp=config.with_mtp,
                                 shapes=config.rank_shapes(), quantization=config.quantization)
         self.dtype = self.model.model.embed_tokens.weight.dtype
-        self.plan = plan_cache_memory(self.model, config, self.device, self.dtype)
+        self.plan = self.plan_memory()
         log.info("%s", self.plan.describe(config.cache.page_size))
         # running slots first, then the prefix cache's checkpoint slots, in the same state tensors
         self.cache = new_cache(config, num_pages=self.plan.num_pages,
@@ -147,6 +148,10 @@ class ModelRunner:
         # Prompts of requests with a repetition penalty, kept on the device: the penalty reads them every step, and
         # converting a long prompt list each step costs ~1.5 ms per 32k tokens of host time.
         self.prompt_tensors: dict[str, torch.Tensor] = {}
+
+    def plan_memory(self) -> MemoryPlan:
+        """Pages and slots for the caches (under tensor parallelism the ranks agree on the smallest plan)."""
+        return plan_cache_memory(self.model, self.config, self.device, self.dtype)
 
     @property
     def num_pages(self) -> int:

@@ -13,6 +13,7 @@ from deltaserve.kernels.attention import paged_attention_decode, paged_attention
 from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import RMSNorm
+from deltaserve.parallel import sharding
 
 
 class GatedAttention(nn.Module):
@@ -29,6 +30,11 @@ class GatedAttention(nn.Module):
         self.qkv_proj = MergedLinear(d, {"q_proj": 2 * q_out, "k_proj": kv_out, "v_proj": kv_out}, dtype=dtype,
                                      device=device)
         self.o_proj = Linear(q_out, d, dtype=dtype, device=device)
+        # tensor parallelism: this rank's query heads (each with its gate rows) and KV heads, o_proj's input columns
+        kv = sharding.kv_heads(shapes)
+        self.qkv_proj.tp_shards = {"q_proj.weight": sharding.split(shapes, 2 * q_out), "k_proj.weight": kv,
+                                   "v_proj.weight": kv}
+        self.o_proj.tp_shards = {"weight": sharding.split(shapes, q_out, dim=1)}
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
 

@@ -15,6 +15,7 @@ from deltaserve.layers.linear import Linear, MergedLinear, new_param
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import GatedRMSNorm
 from deltaserve.layers.weights import seeded
+from deltaserve.parallel import sharding
 
 
 class GatedDeltaNet(nn.Module):
@@ -39,6 +40,16 @@ class GatedDeltaNet(nn.Module):
         self.A_log = new_param(self.num_v_heads, dtype=torch.float32, device=device)  # fp32, as in checkpoints
         self.norm = GatedRMSNorm(self.head_v_dim, config.rms_norm_eps, device=device)
         self.out_proj = Linear(self.value_dim, d, dtype=dtype, device=device)
+        # tensor parallelism by heads: the q, k and v channel sections of in_proj_qkv and of the conv weight are split
+        # each on its own (the same key heads in both), z / b / a / A_log / dt_bias by value head, out_proj's input
+        # columns; the grouped-value mapping stays rank-local because key and value heads split in proportion.
+        qkv = sharding.sections(shapes, [self.key_dim, self.key_dim, self.value_dim])
+        by_v_head = sharding.split(shapes, self.num_v_heads)
+        self.in_proj.tp_shards = {"in_proj_qkv.weight": qkv, "in_proj_z.weight": sharding.split(shapes, self.value_dim),
+                                  "in_proj_b.weight": by_v_head, "in_proj_a.weight": by_v_head}
+        self.conv1d.tp_shards = {"weight": qkv}
+        self.tp_shards = {"A_log": by_v_head, "dt_bias": by_v_head}
+        self.out_proj.tp_shards = {"weight": sharding.split(shapes, self.value_dim, dim=1)}
 
     def init_dummy_weights(self, prefix: str, seed: int) -> None:
         """Decay parameters in the published checkpoints' ranges: A = exp(A_log) in [1, 16], dt_bias in [0, 1]."""

@@ -12,6 +12,7 @@ from deltaserve.kernels.moe import fused_moe, moe_topk_softmax
 from deltaserve.layers.linear import LinearMethod, MergedLinear, check_unquantized, new_param
 from deltaserve.layers.mlp import MLP
 from deltaserve.layers.weights import TensorSource, WeightSlot, init_dummy_param
+from deltaserve.parallel import sharding
 
 
 class ExpertsMethod:
@@ -94,6 +95,16 @@ class Experts(nn.Module):
         self.method.init_dummy(self, prefix, seed)
 
 
+def _expert_slices(shapes: RankShapes) -> dict[str, sharding.Shard | None]:
+    """Tensor parallelism: a slice of every expert's intermediate size (gate and up rows, down columns), for the
+    fused and the per-expert layouts."""
+    i = shapes.moe_intermediate_size
+    assert i is not None
+    rows = sharding.split(shapes, i)
+    return {"gate_up_proj": sharding.sections(shapes, [i, i], dim=1), "down_proj": sharding.split(shapes, i, dim=2),
+            "gate_proj.weight": rows, "up_proj.weight": rows, "down_proj.weight": sharding.split(shapes, i, dim=1)}
+
+
 class SparseMoE(nn.Module):
     def __init__(self, config: ModelConfig, shapes: RankShapes, *, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
@@ -103,10 +114,15 @@ class SparseMoE(nn.Module):
         # The router (checkpoint name "gate") and the shared expert's gate as one GEMM: [E + 1, D].
         self.router = MergedLinear(config.hidden_size, {"gate": config.num_experts, "shared_expert_gate": 1},
                                    dtype=dtype, device=device)
-        self.experts = Experts(config.num_experts, config.hidden_size, shapes.moe_intermediate_size,
-                               dtype=dtype, device=device)
+        if shapes.expert_parallel:  # whole experts per rank (parallel/layers.py)
+            from deltaserve.parallel.layers import ExpertParallelExperts
+            self.experts: Experts = ExpertParallelExperts(shapes, config.hidden_size, dtype=dtype, device=device)
+        else:
+            self.experts = Experts(config.num_experts, config.hidden_size, shapes.moe_intermediate_size,
+                                   dtype=dtype, device=device)
+            self.experts.tp_shards = _expert_slices(shapes)
         self.shared_expert = MLP(config.hidden_size, shapes.shared_expert_intermediate_size, dtype=dtype,
-                                 device=device)
+                                 device=device, shapes=shapes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits, shared_gate_logit = self.router.forward_split(x)

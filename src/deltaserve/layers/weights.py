@@ -10,6 +10,9 @@ A module may define:
         module that accepts several layouts (fused or per-expert MoE weights) can pick the one the file has.
     init_dummy_weights(prefix, seed)
         random weights of realistic scale for benchmarks (load_format="dummy").
+    tp_shards: {checkpoint name suffix: Shard or None}
+        under tensor parallelism, the part of each of its checkpoint tensors the module keeps
+        (parallel/sharding.py); its slots then take the full tensor's shape and load only that part.
 """
 
 from __future__ import annotations
@@ -68,7 +71,19 @@ def direct_layout(module: nn.Module, prefix: str) -> dict[str, WeightSlot]:
 
 def layout_of(module: nn.Module, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
     custom = getattr(module, "weight_layout", None)
-    return custom(prefix, present) if custom is not None else direct_layout(module, prefix)
+    layout = custom(prefix, present) if custom is not None else direct_layout(module, prefix)
+    shards = getattr(module, "tp_shards", None)  # tensor parallelism: the part of each tensor this rank keeps
+    return _sharded(layout, prefix, shards) if shards and any(shards.values()) else layout
+
+
+def _sharded(layout: dict[str, WeightSlot], prefix: str, shards: dict) -> dict[str, WeightSlot]:
+    """The slots wrapped by the module's `tp_shards` (parallel/sharding.py): name suffix -> Shard or None (kept
+    whole)."""
+    out = {}
+    for name, slot in layout.items():
+        shard = next((s for key, s in shards.items() if name == prefix + key or name.endswith("." + key)), None)
+        out[name] = shard.wrap(slot) if shard is not None else slot
+    return out
 
 
 def seeded(name: str, seed: int, device: torch.device) -> torch.Generator:

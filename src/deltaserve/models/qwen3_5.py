@@ -12,13 +12,13 @@ from torch import nn
 from deltaserve.cache.tensors import MTP_LAYER, GDNState, KVPages, ModelCache
 from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.layers.attention import GatedAttention
-from deltaserve.layers.embedding import LMHead, TiedLMHead, VocabEmbedding
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.gdn import GatedDeltaNet
 from deltaserve.layers.linear import Linear
 from deltaserve.layers.mlp import MLP
 from deltaserve.layers.moe import SparseMoE
 from deltaserve.layers.norm import RMSNorm
+from deltaserve.parallel.layers import lm_head, reducer, vocab_embedding
 
 __all__ = ["MTP_LAYER", "DecoderLayer", "MTPHead", "Qwen3_5ForCausalLM", "Qwen3_5Model"]
 
@@ -36,9 +36,10 @@ class DecoderLayer(nn.Module):
             self.mlp: nn.Module = SparseMoE(config, shapes, dtype=dtype, device=device)
         else:
             assert shapes.intermediate_size is not None
-            self.mlp = MLP(config.hidden_size, shapes.intermediate_size, dtype=dtype, device=device)
+            self.mlp = MLP(config.hidden_size, shapes.intermediate_size, dtype=dtype, device=device, shapes=shapes)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.reduce = reducer(shapes)  # tensor parallelism: sum of the ranks' partial outputs (None at TP 1)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
                 layer_cache: KVPages | GDNState) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +52,11 @@ class DecoderLayer(nn.Module):
             x = self.linear_attn(x, batch, layer_cache)  # type: ignore[arg-type]
         else:
             x = self.self_attn(x, batch, layer_cache)  # type: ignore[arg-type]
+        if self.reduce is not None:
+            x = self.reduce(x)
         x, residual = self.post_attention_layernorm(x, residual)
-        return self.mlp(x), residual
+        x = self.mlp(x)
+        return (x if self.reduce is None else self.reduce(x)), residual
 
 
 class Qwen3_5Model(nn.Module):
@@ -61,7 +65,7 @@ class Qwen3_5Model(nn.Module):
     def __init__(self, config: ModelConfig, shapes: RankShapes, *, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
-        self.embed_tokens = VocabEmbedding(config.vocab_size, config.hidden_size, dtype=dtype, device=device)
+        self.embed_tokens = vocab_embedding(config, shapes, dtype=dtype, device=device)
         self.layers = nn.ModuleList(DecoderLayer(config, shapes, t, dtype=dtype, device=device)
                                     for t in config.layer_types)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
@@ -111,8 +115,7 @@ class Qwen3_5ForCausalLM(nn.Module):
         self.config = config
         shapes = shapes or RankShapes.for_rank(config)
         self.model = Qwen3_5Model(config, shapes, dtype=dtype, device=device)
-        self.lm_head: nn.Module = (TiedLMHead(self.model.embed_tokens) if config.tie_word_embeddings else
-                                   LMHead(config.hidden_size, config.vocab_size, dtype=dtype, device=device))
+        self.lm_head = lm_head(config, shapes, self.model.embed_tokens, dtype=dtype, device=device)
         self.mtp = MTPHead(config, shapes, dtype=dtype, device=device) if with_mtp else None
 
     def forward(self, input_ids: torch.Tensor, batch: ForwardBatch, cache: ModelCache) -> torch.Tensor:

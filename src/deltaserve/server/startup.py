@@ -14,6 +14,7 @@ import socket
 import uvicorn
 
 from deltaserve.engine.async_engine import AsyncLLM
+from deltaserve.parallel.launch import is_worker_process, run_worker_from_env
 from deltaserve.server.app import build_app
 from deltaserve.server.args import ServerConfig, ServerConfigError, engine_args_from, resolve_model, server_config_from
 from deltaserve.server.connections import guarded_protocol
@@ -31,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     model = resolve_model(args)
     config = server_config_from(args, model)
     _setup_logging(config.log_level)
+    # a torchrun-style launch, on another rank than 0: run rank 0's steps instead of serving HTTP
+    if is_worker_process(getattr(args, "tensor_parallel_size", 1)):
+        return run_worker_from_env(engine_args_from(args, model).create_engine_config())
     sock = bind_socket(config.host, config.port)
     templates = TemplateRenderer(template_limits(config))
     templates.start()  # the workers import while the weights load

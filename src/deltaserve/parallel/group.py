@@ -1,0 +1,168 @@
+"""The tensor-parallel process group of this process and the collectives the layers use.
+
+Two groups: the default one carries the model's collectives (NCCL on CUDA, gloo on CPU) with a bounded timeout
+(DELTASERVE_DIST_TIMEOUT seconds, default 300), so a rank that hangs makes the others fail instead of waiting
+forever; a gloo group carries the host-side commands rank 0 broadcasts (step inputs), with no practical timeout,
+since a worker legitimately waits as long as the server is idle.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from deltaserve.config import env_flag
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT_S = 300.0
+IDLE_TIMEOUT = timedelta(days=365)  # the command group: workers wait for rank 0 as long as it lives
+JOIN_TIMEOUT = timedelta(seconds=600)  # every rank joins within this (or the collective timeout, if longer)
+JOINED = "deltaserve/joined"  # store counter of the ranks that joined
+
+
+def collective_timeout() -> timedelta:
+    """DELTASERVE_DIST_TIMEOUT: seconds a model collective may wait for the other ranks."""
+    return timedelta(seconds=float(env_flag("DELTASERVE_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))))
+
+
+@dataclass
+class TPGroup:
+    rank: int
+    world_size: int
+    device: torch.device
+    commands: dist.ProcessGroup  # gloo, host objects from rank 0
+
+    @property
+    def nccl(self) -> bool:
+        return self.device.type == "cuda"
+
+
+_GROUP: TPGroup | None = None
+
+
+def init_group(*, rank: int, world_size: int, master_addr: str, master_port: int, device: torch.device,
+               check_workers: Callable[[], None] | None = None) -> TPGroup:
+    """Join the process group (every rank calls this; it returns once all have joined). Rank 0 hosts the store;
+    while it waits for the others it calls check_workers, which raises when a spawned worker died before joining."""
+    global _GROUP
+    if _GROUP is not None:
+        raise RuntimeError("this process already belongs to a tensor-parallel group")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = collective_timeout()
+    join = max(timeout, JOIN_TIMEOUT)  # starting a process and importing torch is not a collective's business
+    store = dist.TCPStore(master_addr, master_port, world_size, is_master=rank == 0, timeout=join,
+                          wait_for_workers=False)
+    store.add(JOINED, 1)
+    deadline = time.monotonic() + join.total_seconds()
+    while rank == 0 and store.add(JOINED, 0) < world_size:
+        if check_workers is not None:
+            check_workers()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {store.add(JOINED, 0)} of {world_size} tensor-parallel ranks joined "
+                               f"{master_addr}:{master_port} within {join.total_seconds():.0f} s")
+        time.sleep(0.05)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
+    commands = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    _GROUP = TPGroup(rank, world_size, device, commands)
+    log.info("rank %d of %d joined the tensor-parallel group (%s, %s:%d)", rank, world_size, backend, master_addr,
+             master_port)
+    return _GROUP
+
+
+def destroy_group() -> None:
+    global _GROUP
+    if _GROUP is None:
+        return
+    _GROUP = None
+    try:
+        dist.destroy_process_group()
+    except Exception as e:  # noqa: BLE001 - a peer already gone: nothing left to tear down cleanly
+        log.debug("destroy_process_group: %s", e)
+
+
+def current_group() -> TPGroup:
+    if _GROUP is None:
+        raise RuntimeError("no tensor-parallel group in this process (a model built for tensor_parallel_size > 1 "
+                           "runs inside the engine's ranks)")
+    return _GROUP
+
+
+# ---- the model's collectives ---------------------------------------------------------------------------------------
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum over the ranks, in place (the partial outputs of row-parallel layers)."""
+    dist.all_reduce(x)
+    return x
+
+
+def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The ranks' tensors concatenated along `dim`, in rank order (vocab-parallel logits)."""
+    group = current_group()
+    if group.nccl:
+        out = torch.empty((group.world_size, *x.shape), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous())
+        parts = out.unbind(0)
+    else:
+        parts = [torch.empty_like(x) for _ in range(group.world_size)]
+        dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=dim)
+
+
+def broadcast(x: torch.Tensor) -> torch.Tensor:
+    """Rank 0's tensor on every rank, in place."""
+    dist.broadcast(x, src=0)
+    return x
+
+
+# ---- host-side commands (rank 0 -> workers) ------------------------------------------------------------------------
+
+class CommandTimeout(RuntimeError):
+    """A worker did not take rank 0's command within the collective timeout."""
+
+    def __init__(self, rank: int, seconds: float) -> None:
+        super().__init__(f"tensor-parallel rank {rank} did not take the next command within {seconds:.0f} s "
+                         "(DELTASERVE_DIST_TIMEOUT): it hung or its host is unreachable")
+        self.rank = rank
+
+
+def send_command(obj: object) -> None:
+    """Rank 0: send a host object to each worker, failing after the collective timeout, naming the rank, when one
+    does not take it (the command group itself has no practical timeout: that is how idle workers wait)."""
+    payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
+    size = torch.tensor([payload.numel()], dtype=torch.long)
+    group, timeout = current_group(), collective_timeout()
+    sends = [(rank, [dist.isend(t, dst=rank, group=group.commands) for t in (size, payload)])
+             for rank in range(1, group.world_size)]  # all in flight at once, then waited for rank by rank
+    for rank, works in sends:
+        for work in works:
+            try:
+                work.wait(timeout)
+            except RuntimeError as e:
+                if "timed out" in str(e).lower():
+                    raise CommandTimeout(rank, timeout.total_seconds()) from e
+                raise
+
+
+def recv_command() -> object:
+    """A worker: the next host object rank 0 sends (waits as long as rank 0 is idle)."""
+    commands = current_group().commands
+    size = torch.empty(1, dtype=torch.long)
+    dist.recv(size, src=0, group=commands)
+    payload = torch.empty(int(size.item()), dtype=torch.uint8)
+    dist.recv(payload, src=0, group=commands)
+    return pickle.loads(payload.numpy().tobytes())
+
+
+def gather_status(status: object) -> list[object]:
+    """Every rank's status (e.g. an error while loading) on every rank, over the command group."""
+    out: list[object] = [None] * current_group().world_size
+    dist.all_gather_object(out, status, group=current_group().commands)
+    return out

@@ -1,0 +1,170 @@
+"""The runner of one tensor-parallel rank, rank 0's driver, and the workers' command loop.
+
+Rank 0 runs the engine (scheduler, cache manager, outputs) and drives its own `TPModelRunner` through `TPDriver`,
+which first broadcasts each call to the workers: ("launch", StepInput), ("sample",) for a step whose sampling waited
+for its grammar mask, ("copies", states, pages), ("stop",). Every rank then runs the same model code on its shard
+with its own caches, so the model's collectives line up. Only rank 0 samples; after sampling it broadcasts its
+buffer of last sampled tokens (one id per state slot), which is what the other ranks read for input ids still
+pending on the host (async scheduling).
+
+A rank that dies or hangs: the next collective or command fails (the peer's connection closes, or the collective
+times out after DELTASERVE_DIST_TIMEOUT seconds) and the driver raises `RankFailure` naming the rank when it can
+tell (the spawned workers' exit codes), which stops the engine.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from deltaserve.cache.manager import PageCopy, StateCopy
+from deltaserve.cache.planner import MemoryPlan
+from deltaserve.config import EngineConfig
+from deltaserve.engine.runner import LaunchedStep, ModelRunner
+from deltaserve.engine.step_input import GrammarMask, StepInput
+from deltaserve.parallel import group
+
+log = logging.getLogger(__name__)
+
+
+class RankFailure(RuntimeError):
+    """A tensor-parallel rank died, hung or failed to start: the engine cannot run another step."""
+
+
+class TPModelRunner(ModelRunner):
+    """One rank's ModelRunner: its shard of the weights (config.rank_shapes() is this rank's) and its own caches."""
+
+    def __init__(self, config: EngineConfig, *, eos_token_ids: frozenset[int] = frozenset()) -> None:
+        self.rank = config.parallel.rank
+        super().__init__(config, eos_token_ids=eos_token_ids)
+
+    def plan_memory(self) -> MemoryPlan:
+        """Report this rank's load (every rank has its weights now, or says why not), then the smallest plan of all
+        ranks: rank 0's scheduler hands out pages and slots that every rank must have."""
+        statuses = group.gather_status(None)
+        failed = [(r, s) for r, s in enumerate(statuses) if s is not None]
+        if failed:
+            raise RankFailure("; ".join(f"tensor-parallel rank {r} failed to start: {s}" for r, s in failed))
+        plan = super().plan_memory()
+        sizes = torch.tensor([plan.num_pages, plan.num_slots, plan.num_checkpoints], dtype=torch.long)
+        dist.all_reduce(sizes, op=dist.ReduceOp.MIN, group=group.current_group().commands)
+        pages, slots, checkpoints = sizes.tolist()
+        return dataclasses.replace(plan, num_pages=pages, num_slots=slots, num_checkpoints=checkpoints)
+
+    def sample(self, launched: LaunchedStep, mask: GrammarMask | None) -> LaunchedStep:
+        """Rank 0 samples; every rank then takes rank 0's last-token buffer (the pending input ids of later steps)."""
+        out = super().sample(launched, mask) if self.rank == 0 else LaunchedStep(launched.step, None, None)
+        if launched.step.sampling:
+            group.broadcast(self.last_tokens)
+        return out
+
+
+def serve_commands(runner: TPModelRunner) -> None:
+    """A worker's loop: run rank 0's commands until it says stop (or its connection fails)."""
+    awaiting: LaunchedStep | None = None  # a launched step whose sampling waits for rank 0's grammar mask
+    while True:
+        command: Any = group.recv_command()
+        kind = command[0]
+        try:
+            if kind == "launch":
+                launched = runner.launch(command[1])
+                awaiting = launched if launched.awaits_grammar else None
+            elif kind == "sample":
+                if awaiting is not None:
+                    runner.sample(awaiting, None)
+                awaiting = None
+            elif kind == "copies":
+                runner.apply_copies(command[1], command[2])
+            elif kind == "stop":
+                return
+        except Exception:  # noqa: BLE001 - rank 0 meets the same error on the same step and fails its requests
+            log.exception("rank %d: %s failed", runner.rank, kind)
+            awaiting = None
+
+
+class TPDriver:
+    """Rank 0's runner as the engine sees it: each call is broadcast to the workers, then run on rank 0's shard.
+    Everything else (plan, device, dtype, collect, release, ...) is rank 0's runner's."""
+
+    def __init__(self, runner: TPModelRunner, workers: Sequence[Any] = ()) -> None:
+        self.runner = runner
+        self.workers = list(workers)  # spawned multiprocessing.Process of ranks 1.. (empty under torchrun)
+        self.failed: str | None = None
+        self.stopped = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.runner, name)
+
+    def launch(self, step: StepInput) -> LaunchedStep:
+        return self._run(("launch", step), self.runner.launch, step)
+
+    def sample(self, launched: LaunchedStep, mask: GrammarMask | None) -> LaunchedStep:
+        return self._run(("sample",), self.runner.sample, launched, mask)
+
+    def apply_copies(self, states: Sequence[StateCopy] = (), pages: Sequence[PageCopy] = ()) -> None:
+        if states or pages:
+            self._run(("copies", tuple(states), tuple(pages)), self.runner.apply_copies, states, pages)
+
+    def _run(self, command: tuple, fn, *args: Any) -> Any:
+        if self.failed is not None or self.stopped:
+            raise RankFailure(self.failed or "the tensor-parallel workers were shut down")
+        try:
+            group.send_command(command)
+            return fn(*args)
+        except Exception as e:
+            if not self._distributed_failure(e):
+                raise  # the step's own error (same on every rank): the engine fails its requests
+            self.failed = self._diagnose(e)
+            log.error("%s", self.failed)
+            raise RankFailure(self.failed) from e
+
+    def _distributed_failure(self, e: Exception) -> bool:
+        if isinstance(e, getattr(dist, "DistError", ())) or self._dead_workers():
+            return True
+        text = str(e).lower()
+        return any(w in text for w in ("gloo", "nccl", "timed out", "timeout", "connection", "peer"))
+
+    def _dead_workers(self) -> list[tuple[int, int | None]]:
+        return [(rank, p.exitcode) for rank, p in enumerate(self.workers, start=1) if not p.is_alive()]
+
+    def _diagnose(self, e: Exception) -> str:
+        """Which rank failed: a spawned worker that exited (waiting briefly for its exit to be seen), else what the
+        collective said."""
+        deadline = time.monotonic() + (0.0 if isinstance(e, group.CommandTimeout) else 3.0)
+        dead = self._dead_workers()
+        while not dead and self.workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+            dead = self._dead_workers()
+        if dead:
+            return "; ".join(f"tensor-parallel rank {r} died (exit code {code}); the engine stopped"
+                             for r, code in dead)
+        if isinstance(e, group.CommandTimeout):
+            return f"{e}; the engine stopped"
+        return (f"a tensor-parallel collective failed ({type(e).__name__}: {e}); a rank hung, died or lost its "
+                "connection, and the engine stopped")
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the workers and leave the process group (idempotent)."""
+        if self.stopped:
+            return
+        self.stopped = True
+        atexit.unregister(self.shutdown)  # the exit handler would keep this runner (and its model) alive
+        if self.failed is None:
+            try:
+                group.send_command(("stop",))
+            except Exception as e:  # noqa: BLE001 - a worker already gone
+                log.debug("stop command: %s", e)
+        deadline = time.monotonic() + (timeout if self.failed is None else 0.0)
+        for p in self.workers:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(1.0)
+        group.destroy_group()

@@ -1,0 +1,272 @@
+"""Tensor and expert parallelism on CPU (gloo, worker processes spawned by the engine): the same greedy tokens as one
+process and logprobs within LOGPROB_ATOL, on tiny dense (tied embedding) and MoE (fused and per-expert experts)
+checkpoints; each rank reads only its part of the sharded tensors; impossible sizes fail at start naming the
+dimension; a killed or hung worker stops the engine with an error (naming the rank when it died) in bounded time."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.config import ConfigError, ModelConfig, RankShapes
+from deltaserve.demo import write_byte_tokenizer
+from deltaserve.parallel.runner import RankFailure
+from tests.models.factory import TinySpec, save_checkpoint
+
+VOCAB = 320
+# fp32 everywhere; the ranks' partial sums are added in another order than one process adds them, so logprobs differ
+# by rounding only (observed ~1e-6).
+LOGPROB_ATOL = 1e-4
+BF16_LOGPROB_ATOL = 0.05  # about two bf16 steps at the tiny model's logit scale
+# GDN: 4 key heads / 8 value heads, so the q, k and v sections split 4 ways; 4 query heads over 2 KV heads, so TP 4
+# replicates each KV head on 2 ranks.
+TP4_HEADS = {"vocab_size": VOCAB, "linear_num_key_heads": 4, "linear_num_value_heads": 8}
+
+
+def _checkpoint(path, spec: TinySpec, seed: int):
+    save_checkpoint(spec, path, seed=seed)
+    write_byte_tokenizer(path)
+    (path / "generation_config.json").write_text('{"eos_token_id": [256, 258]}')
+    return path
+
+
+@pytest.fixture(scope="module")
+def dense(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("tp_dense"), TinySpec("tp_dense", tie=True, extra=TP4_HEADS), 11)
+
+
+@pytest.fixture(scope="module")
+def moe_fused(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("tp_moe_fused"),
+                       TinySpec("tp_moe_fused", moe=True, per_expert=False, extra=TP4_HEADS), 12)
+
+
+@pytest.fixture(scope="module")
+def moe_per_expert(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("tp_moe_pe"), TinySpec("tp_moe_pe", moe=True, extra=TP4_HEADS), 13)
+
+
+@pytest.fixture(autouse=True)
+def short_collective_timeout(monkeypatch):
+    monkeypatch.setenv("DELTASERVE_DIST_TIMEOUT", "60")  # inherited by the spawned workers
+
+
+def make_llm(path, tp: int = 1, **kw) -> LLM:
+    return LLM(str(path), dtype="float32", device="cpu", max_model_len=256, num_pages=64, max_num_seqs=8,
+               tensor_parallel_size=tp, **kw)
+
+
+def prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(1, 256, (n,), generator=g).tolist() for n in (37, 5, 70)]
+
+
+PARAMS = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3)
+
+
+def run(llm: LLM) -> list:
+    try:
+        return [o.outputs[0] for o in llm.generate(prompts(), PARAMS)]
+    finally:
+        llm.engine.shutdown()
+
+
+def assert_same(got, ref) -> None:
+    for g, r in zip(got, ref):
+        assert g.token_ids == r.token_ids
+        for lg, lr in zip(g.logprobs, r.logprobs):
+            assert math.isclose(lg.logprob, lr.logprob, abs_tol=LOGPROB_ATOL)
+            assert [t for t, _ in lg.top] == [t for t, _ in lr.top]
+            assert all(math.isclose(a, b, abs_tol=LOGPROB_ATOL) for (_, a), (_, b) in zip(lg.top, lr.top))
+
+
+@pytest.mark.parametrize("fixture, options", [
+    ("dense", {}),                                                  # tied vocab-parallel embedding / lm_head
+    ("moe_fused", {}),                                              # expert tensors sliced along dims 1 and 2
+    ("moe_fused", {"enable_expert_parallel": True}),                # 4 whole experts per rank (fused tensors)
+    ("moe_per_expert", {"enable_expert_parallel": True}),           # per-expert tensors under their global ids
+])
+def test_two_ranks_match_one_process(request, fixture, options):
+    path = request.getfixturevalue(fixture)
+    # small steps: chunked prefill, then mixed prefill / decode batches
+    ref = run(make_llm(path, max_num_batched_tokens=32))
+    assert_same(run(make_llm(path, 2, max_num_batched_tokens=32, **options)), ref)
+
+
+def test_two_ranks_in_bf16_stay_within_rounding(dense):
+    """bf16: each rank's partial outputs are rounded before the all-reduce sums them, so the ranks' results differ
+    from one process by rounding (greedy tokens may then part after many steps; the demo model's do after ~15).
+    Prompt logprobs stay within BF16_LOGPROB_ATOL (observed 2.5e-3)."""
+    prompt = prompts()[2]
+    params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0)
+
+    def prompt_logprobs(llm: LLM) -> list[float]:
+        try:
+            return [e.logprob for e in llm.generate([prompt], params)[0].prompt_logprobs if e is not None]
+        finally:
+            llm.engine.shutdown()
+
+    one = prompt_logprobs(LLM(str(dense), dtype="bfloat16", device="cpu", max_model_len=256, num_pages=64))
+    two = prompt_logprobs(LLM(str(dense), dtype="bfloat16", device="cpu", max_model_len=256, num_pages=64,
+                              tensor_parallel_size=2))
+    assert len(one) == len(prompt) - 1
+    assert max(abs(a - b) for a, b in zip(one, two)) < BF16_LOGPROB_ATOL
+
+
+@pytest.mark.parametrize("fixture, options", [
+    ("dense", {}),
+    pytest.param("moe_per_expert", {"enable_expert_parallel": True}, marks=pytest.mark.slow),  # ~10 s more
+])
+def test_four_ranks_match_one_process(request, fixture, options):
+    """TP 4: each KV head replicated on two ranks, GDN sections split four ways (and 2 experts per rank)."""
+    path = request.getfixturevalue(fixture)
+    assert_same(run(make_llm(path, 4, **options)), run(make_llm(path)))
+
+
+def test_ranks_read_only_their_part(dense, monkeypatch):
+    """Rank 1 of 2 and rank 3 of 4 (no process group needed to load): their GDN in_proj and conv weight hold their
+    q, k and v heads from each section, k_proj holds the KV head of their query heads (replicated at TP 4), and no
+    split tensor is read whole."""
+    from safetensors.torch import load_file
+
+    from deltaserve.models import loader
+
+    full = {loader.text_model_name(n): t for n, t in load_file(dense / "model.safetensors").items()}
+    model_config = ModelConfig.from_hf(str(dense))
+    reads: list[tuple[str, int]] = []
+    real_read = loader.read_entry
+    monkeypatch.setattr(loader, "read_entry", lambda e: reads.append((e.name, e.end - e.begin)) or real_read(e))
+    for tp, rank in ((2, 1), (4, 3)):
+        reads.clear()
+        shapes = RankShapes.for_rank(model_config, tp, rank)
+        model = loader.load_model(model_config, dtype=torch.float32, shapes=shapes)
+        gdn = model.model.layers[0].linear_attn
+        p = "model.layers.0.linear_attn."
+        kd, vd = model_config.key_dim, model_config.value_dim
+        k, v = kd // tp, vd // tp
+        sections = [(rank * k, k), (kd + rank * k, k), (2 * kd + rank * v, v)]
+        want_qkv = torch.cat([full[p + "in_proj_qkv.weight"][s:s + n] for s, n in sections])
+        assert torch.equal(gdn.in_proj.weight[:2 * k + v], want_qkv)
+        assert torch.equal(gdn.conv1d.weight, torch.cat([full[p + "conv1d.weight"][s:s + n] for s, n in sections]))
+        hv = model_config.linear_num_value_heads // tp
+        assert torch.equal(gdn.A_log, full[p + "A_log"][rank * hv:(rank + 1) * hv])
+        assert torch.equal(gdn.out_proj.weight, full[p + "out_proj.weight"][:, rank * v:(rank + 1) * v])
+        attn = model.model.layers[3].self_attn
+        hd, kv_head = model_config.head_dim, rank // shapes.kv_replicas * shapes.num_kv_heads
+        k_rows = attn.qkv_proj.weight[2 * shapes.num_heads * hd:][:shapes.num_kv_heads * hd]
+        k_full = full["model.layers.3.self_attn.k_proj.weight"]
+        assert torch.equal(k_rows, k_full[kv_head * hd:(kv_head + shapes.num_kv_heads) * hd])
+        sizes = {n: t.numel() * t.element_size() for n, t in load_file(dense / "model.safetensors").items()}
+        whole = {n for n, size in reads if size == sizes[n]}
+        assert not any(n.endswith(("proj.weight", "conv1d.weight", "embed_tokens.weight")) for n in whole), whole
+
+
+def test_prefix_cache_async_scheduling_and_grammar_under_two_ranks(dense):
+    """The paths where rank 0 sends more than step inputs: steps launched before the previous step's tokens reach
+    the host (workers read rank 0's last-token buffer), prefix-cache state copies and snapshots, and sampling that
+    waits for a grammar mask."""
+    from deltaserve.structured import StructuredSpec
+
+    regex = SamplingParams(temperature=0, max_tokens=12, structured=StructuredSpec.regex("[a-f]{3}[0-9]{4}"))
+
+    def outputs(llm: LLM) -> list[list[int]]:
+        try:
+            first = llm.generate(prompts(), PARAMS)
+            again = llm.generate(prompts()[:2], PARAMS)  # their prefixes are cached now
+            constrained = llm.generate(prompts(), regex)
+            assert llm.engine.stats()["prompt_tokens_cached"] > 0
+            return [o.outputs[0].token_ids for o in first + again + constrained]
+        finally:
+            llm.engine.shutdown()
+
+    opts = dict(async_scheduling=True, max_num_batched_tokens=32)
+    assert outputs(make_llm(dense, 2, **opts)) == outputs(make_llm(dense, **opts))
+
+
+def test_impossible_sizes_fail_at_start(dense, moe_fused):
+    with pytest.raises(ConfigError, match=r"does not divide the model's num_attention_heads \(4\); sizes that work "
+                                          r"for it: \[1, 2, 4\]; tensor_parallel_size values that fit every "
+                                          r"dimension of this model: \[1, 2, 4\]"):
+        make_llm(dense, 3)
+    with pytest.raises(ConfigError, match=r"larger than num_key_value_heads \(2\) but not a multiple"):
+        RankShapes.for_rank(dataclasses.replace(ModelConfig.from_hf(str(dense)), num_attention_heads=6,
+                                                linear_num_key_heads=3, linear_num_value_heads=6), 3)
+    six_experts = dataclasses.replace(ModelConfig.from_hf(str(moe_fused)), num_experts=6)
+    RankShapes.for_rank(six_experts, 4)  # a slice of each of the 6 experts: fine
+    with pytest.raises(ConfigError, match=r"num_experts \(6\); sizes that work for it: \[1, 2, 3, 6\]; .* with "
+                                          r"expert parallelism: \[1, 2\]"):
+        RankShapes.for_rank(six_experts, 4, expert_parallel=True)
+
+
+def test_killed_worker_stops_the_engine_naming_it(dense):
+    llm = make_llm(dense, 2)
+    try:
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        os.kill(llm.engine.runner.workers[0].pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="tensor-parallel rank 1 died"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        assert time.monotonic() - start < 20
+        with pytest.raises(RankFailure):  # and stays stopped
+            llm.generate([[4, 5]], SamplingParams(max_tokens=2))
+    finally:
+        llm.engine.shutdown()
+
+
+def test_hung_worker_stops_the_engine_after_the_timeout(dense, monkeypatch):
+    monkeypatch.setenv("DELTASERVE_DIST_TIMEOUT", "4")
+    llm = make_llm(dense, 2)
+    try:
+        llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        os.kill(llm.engine.runner.workers[0].pid, signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match="tensor-parallel rank 1 did not take the next command within 4 s"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        assert time.monotonic() - start < 12
+    finally:
+        llm.engine.shutdown()  # kills the stopped worker
+
+
+def test_torchrun_style_launch(dense, tmp_path):
+    """Two processes started with MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE / LOCAL_RANK and the same command:
+    rank 0 prints the generation (the same as one process), rank 1 runs its steps and exits with it."""
+    import subprocess
+    import sys
+
+    from deltaserve.parallel.launch import _free_port
+
+    cmd = [sys.executable, "-c", "import sys; from deltaserve.cli import main; sys.exit(main())", "generate",
+           str(dense), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256", "--num-pages", "64",
+           "--temperature", "0", "--max-tokens", "8", "--prompt", "hello", "--log-level", "WARNING"]
+    one = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr
+    port = str(_free_port())
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2"}
+    ranks = [subprocess.Popen(cmd + ["--tensor-parallel-size", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in (0, 1)]
+    outs = [p.communicate(timeout=120) for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], [err for _, err in outs]
+    assert outs[0][0] == one.stdout and outs[1][0] == ""
+
+
+def test_torchrun_style_variables_must_match(dense, monkeypatch):
+    from deltaserve.parallel.launch import is_worker_process
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert not is_worker_process(2)
+    with pytest.raises(ConfigError, match=r"\['MASTER_ADDR', 'MASTER_PORT', 'LOCAL_RANK'\] are not"):
+        make_llm(dense, 2)
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29555"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match="WORLD_SIZE is 2 but tensor_parallel_size is 4"):
+        make_llm(dense, 4)
+    monkeypatch.setenv("RANK", "1")
+    assert is_worker_process(2) and not is_worker_process(1)  # TP 1: an engine per process, whatever the launch
