@@ -26,6 +26,11 @@ SHAPES: dict[str, dict[str, Any]] = {
                 "num_attention_heads": 16, "num_key_value_heads": 2, "linear_num_value_heads": 32,
                 "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 512,
                 "shared_expert_intermediate_size": 512},
+    # 48 layers (36 GDN / 12 attention) from the model card; does not fit one GPU in bf16 (projections only)
+    "122B-A10B": {**_BASE, "architectures": ["Qwen3_5MoeForCausalLM"], "hidden_size": 3072, "num_hidden_layers": 48,
+                  "num_attention_heads": 32, "num_key_value_heads": 2, "linear_num_value_heads": 64,
+                  "num_experts": 256, "num_experts_per_tok": 8, "moe_intermediate_size": 1024,
+                  "shared_expert_intermediate_size": 1024},
     # a few-MB shape for smoke-testing the benchmark scripts on CPU (tests/test_benchmarks.py)
     "tiny": {**_BASE, "architectures": ["Qwen3_5ForCausalLM"], "vocab_size": 512, "hidden_size": 64,
              "num_hidden_layers": 4, "intermediate_size": 96, "num_attention_heads": 4, "num_key_value_heads": 2,

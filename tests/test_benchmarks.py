@@ -90,3 +90,19 @@ def test_mtp_demo_plumbing_on_cpu():
     rows = bench_mtp.main(["--demo", "--device", "cpu", "--max-tokens", "12", "--num-prompts", "1"])
     assert [r["K"] for r in rows] == [0, 1, 2, 3] and all(r["identical to K=0"] == "1/1" for r in rows)
     assert rows[3]["AL"] > 1
+
+
+def test_tp_projection_counts_each_ranks_bytes():
+    """project_tp's per-rank bytes come from the rank's own module shapes: half per rank at TP 2 (up to the
+    replicated norms and the embedding rows), KV heads replicated past their count, the all-reduce model's terms."""
+    from benchmarks import project_tp
+
+    one, two = (project_tp.rank_bytes("27B", tp, 1, 1024, False) for tp in (1, 2))
+    assert 0.49 < two / one < 0.51
+    # 27B has 4 KV heads: at TP 8 each rank keeps one (replicated), as at TP 4
+    kv8 = project_tp.rank_bytes("27B", 8, 64, 32768, False) - project_tp.rank_bytes("27B", 8, 64, 0, False)
+    kv4 = project_tp.rank_bytes("27B", 4, 64, 32768, False) - project_tp.rank_bytes("27B", 4, 64, 0, False)
+    assert kv4 == kv8 == 64 * 32768 * project_tp.kv_bytes_per_token(project_tp.model_config("27B")) / 4
+    # 129 all-reduces (2 per layer + logits) of one bf16 hidden row at batch 1, latency-bound
+    assert abs(project_tp.allreduce_ms("27B", 2, 1, 10.0, 450.0) - 129 * (10e-3 + 10240 / 450e9 * 1e3)) < 1e-9
+    assert project_tp.allreduce_ms("27B", 1, 64, 10.0, 450.0) == 0.0
