@@ -420,6 +420,8 @@ def k_group(kind: str, group: int, k_local: int, tp: Shard | None, *, experts: b
     full = tp.full
 
     def ok(local: int) -> bool:
+        if local == full:
+            return True
         g = local_group(group, local, True)
         if kind == "int4" and local % 8:
             return False
