@@ -71,13 +71,13 @@ def assert_same(got, ref) -> None:
 
 
 @pytest.mark.parametrize("name, options", [
-    ("gptq_dense", {}),                                       # int4 GPTQ v1 (packed along K, g_idx); K split in a group
-    ("qwen_fp8_dense", {}),                                   # FP8 128x128 blocks; N and K splits inside a block
-    ("ct_w4a16_asym_moe", {}),                                # compressed-tensors, zero points packed along N; experts sliced
-    ("qwen_fp8_moe", {"enable_expert_parallel": True}),       # FP8 experts, two whole experts per rank
-    ("qwen_fp8_moe", {}),                                     # FP8 experts sliced: 64 of 128 rows and columns
-    pytest.param("gptq_moe", {"enable_expert_parallel": True}, marks=pytest.mark.slow),
-    pytest.param("awq_mixed_moe", {}, marks=pytest.mark.slow),  # AWQ (packed along N) next to bf16 projections
+    ("gptq_dense", {}),                                  # int4 GPTQ v1 (packed along K, g_idx); K split in a group
+    ("qwen_fp8_dense", {}),                              # FP8 128x128 blocks; N and K splits inside a block
+    ("ct_w4a16_asym_moe", {}),                           # compressed-tensors, zero points packed along N; experts
+    ("gptq_moe", {"enable_expert_parallel": True}),      # int4 experts, two whole experts per rank
+    ("qwen_fp8_moe", {}),                                # FP8 experts sliced: 64 of 128 rows and columns
+    ("qwen_fp8_moe", {"enable_expert_parallel": True}),
+    ("awq_mixed_moe", {}),                               # AWQ (packed along N) next to bf16 projections
 ])
 def test_two_ranks_match_one_process(name, options):
     assert_same(run(FIXTURES / name, 2, **options), reference(name))
@@ -253,6 +253,22 @@ def test_fused_fp8_experts_and_fp8_per_channel(tmp_path):
         if moe:
             _check_rank_weights(path, 2, True)
     assert_same(run(fused, 2), run(fused))
+
+
+def fp8_lm_head(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    from deltaserve.quantize import quantize_fp8_block
+
+    t["lm_head.weight"], t["lm_head.weight_scale_inv"] = quantize_fp8_block(t["lm_head.weight"])
+    return t
+
+
+def test_fp8_vocab_parallel_lm_head(tmp_path):
+    """An FP8 lm_head: 80 of its 160 rows per rank, rank 1's spanning the end of one 128-row block and the start of
+    the next."""
+    path = _rewrite(tmp_path, "qwen_fp8_dense", fp8_lm_head,
+                    lambda q: q["modules_to_not_convert"].remove("lm_head"))
+    assert loader.load_model(ModelConfig.from_hf(path), dtype=torch.float32).lm_head.method.name.startswith("fp8")
+    _check_rank_weights(path, 2, False)
 
 
 def permuted_out_proj(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
