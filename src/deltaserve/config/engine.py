@@ -215,9 +215,8 @@ class EngineConfig:
                 f"speculative decoding ({self.speculative.num_speculative_tokens} MTP draft tokens) was asked for, but "
                 f"the checkpoint in {self.model.model_dir} has no MTP head (mtp_num_hidden_layers is 0 in its "
                 "config.json); use a checkpoint that ships its mtp.* tensors, or leave speculative_tokens at 0")
-        require(self.quantization is None or self.parallel.tensor_parallel_size == 1,
-                f"the checkpoint is quantized ({self.quantization.method if self.quantization else ''}); "
-                "tensor_parallel_size > 1 shards bf16 / fp16 / fp32 checkpoints only in this version: use 1")
+        # quantized checkpoints shard under TP / EP too (layers/quant.py); a split a format cannot take fails when
+        # the model is built, naming the module, the dimension and the sizes that work
         # the workers mirror rank 0's steps and sampled tokens, not a drafter's proposals and state commits
         require(not self.speculative.enabled or self.parallel.tensor_parallel_size == 1,
                 "speculative decoding with tensor_parallel_size > 1 is not supported yet; use one or the other")

@@ -5,12 +5,16 @@ so models never branch on the format. Qwen3.5 projections have no bias."""
 from __future__ import annotations
 
 from collections.abc import Set
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from deltaserve.kernels.linear import linear
 from deltaserve.layers.weights import TensorSource, WeightSlot, init_dummy_param
+
+if TYPE_CHECKING:
+    from deltaserve.parallel.sharding import Shard
 
 
 def new_param(*shape: int, dtype: torch.dtype, device: torch.device | str | None = None) -> nn.Parameter:
@@ -28,6 +32,11 @@ def check_unquantized(source: TensorSource) -> torch.Tensor:
     return t
 
 
+def tp_shard(module: nn.Module, key: str) -> Shard | None:
+    """The rank's part of the checkpoint tensor `key` that `module` declares in its tp_shards (None: whole)."""
+    return (getattr(module, "tp_shards", None) or {}).get(key)
+
+
 class LinearMethod:
     """How a linear layer stores and applies its weight. This one: a plain [out, in] weight in the model dtype, as
     Hugging Face checkpoints store it."""
@@ -40,9 +49,11 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return linear(x=x, weight=layer.weight)
 
-    def shard_layout(self, layer: Linear, name: str, rows: slice) -> dict[str, WeightSlot]:
+    def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         """The checkpoint tensors of one projection stored in `rows` of the layer's output (name: the projection's
-        checkpoint path, without the tensor suffix)."""
+        checkpoint path, without the tensor suffix). tp: under tensor parallelism, the rank's part of the
+        projection's [N, K] weight (dim 0: output rows, dim 1: input columns); a plain weight ignores it (the
+        module's tp_shards wrap its slot), quantized methods split each of their tensors by it (layers/quant.py)."""
         dest = layer.weight[rows]
 
         def load(source: TensorSource) -> None:
@@ -69,7 +80,8 @@ class Linear(nn.Module):
         return self.method.apply(self, x)
 
     def weight_layout(self, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
-        return self.method.shard_layout(self, prefix.rstrip("."), slice(0, self.out_features))
+        return self.method.shard_layout(self, prefix.rstrip("."), slice(0, self.out_features),
+                                        tp_shard(self, "weight"))
 
     def init_dummy_weights(self, prefix: str, seed: int) -> None:
         self.method.init_dummy(self, prefix, seed)
@@ -100,7 +112,8 @@ class MergedLinear(Linear):
         parent = prefix.rstrip(".").rpartition(".")[0]
         layout: dict[str, WeightSlot] = {}
         for shard, rows in self.shard_rows().items():
-            layout.update(self.method.shard_layout(self, f"{parent}.{shard}" if parent else shard, rows))
+            layout.update(self.method.shard_layout(self, f"{parent}.{shard}" if parent else shard, rows,
+                                                   tp_shard(self, f"{shard}.weight")))
         return layout
 
     def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

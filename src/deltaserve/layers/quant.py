@@ -21,6 +21,7 @@ weight_scale (compressed-tensors) [ceil(N/bn), ceil(K/bk)] block scales, or [N, 
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Set
@@ -32,9 +33,10 @@ from torch import nn
 
 from deltaserve.kernels.quant import fp8_fused_moe, fp8_linear, int4_fused_moe, int4_linear
 from deltaserve.kernels.quant.ref import pack_int4, unpack_int4
-from deltaserve.layers.linear import Linear, LinearMethod, MergedLinear, new_param
+from deltaserve.layers.linear import Linear, LinearMethod, MergedLinear, new_param, tp_shard
 from deltaserve.layers.moe import Experts, ExpertsMethod
 from deltaserve.layers.weights import TensorSource, WeightSlot, seeded
+from deltaserve.parallel.sharding import Shard, read_part
 
 SUPPORTED_METHODS = ("fp8", "gptq", "awq", "compressed-tensors")
 AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ GEMM: column 8c + j of a word lives in nibble AWQ_ORDER[j]
@@ -324,15 +326,129 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _read(source: TensorSource, dtypes: tuple[torch.dtype, ...], what: str) -> torch.Tensor:
-    t = source.read()
+    return _check_dtype(source.name, source.read(), dtypes, what)
+
+
+def _check_dtype(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], what: str) -> torch.Tensor:
     if t.dtype not in dtypes:
-        raise QuantizationError(f"{source.name}: dtype {t.dtype} where {what} ({', '.join(map(str, dtypes))}) "
+        raise QuantizationError(f"{name}: dtype {t.dtype} where {what} ({', '.join(map(str, dtypes))}) "
                                 "was expected")
     return t
 
 
 _INT_PACKED = (torch.int32,)
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- tensor parallelism: the rank's part of each quantized tensor ---------------------------------------------------
+#
+# A module declares the rank's part of a projection's logical [N, K] weight (parallel/sharding.Shard: dim 0 output
+# rows for column-parallel layers, dim 1 input columns for row-parallel ones). Each checkpoint tensor of a format maps
+# those dims onto its own (`Axis`): one entry per index (FP8 weights, scales along N for int4), 8 int4 codes per int32
+# word (the split must fall on word boundaries), or one scale / zero point per group or FP8 block. A split inside a
+# group or block (K / tp not a multiple of 128, e.g. a 192-column half of a 384-wide down_proj, or the 64 input columns
+# of a 128-wide expert at TP 2) is loaded by *duplicating* that group's scale (and zero point) on both ranks, not by
+# padding: the internal layouts keep a scale per row (FP8 N blocks become per-row scales anyway) and per K group of
+# any size, so each rank uses groups of gcd(group, K / tp) columns, each inside one checkpoint group, with that
+# group's scale. The weights stay exactly the checkpoint's, no rank stores or multiplies padding, and the activations
+# keep their shape (padding K would pad every rank's input as well). The cost: smaller K groups where the split is
+# uneven (more scales, and kernels need groups of at least 16 columns, int4 MoE of 128).
+
+
+@dataclass(frozen=True)
+class Axis:
+    """How a checkpoint tensor's dim `dim` covers one dim of the logical [N, K] weight: one entry per `per`
+    consecutive indices; grouped (scales, zero points): entries are repeated to the rank's group size, else (codes,
+    packed words) the split must fall on entry boundaries."""
+
+    dim: int
+    per: int = 1
+    grouped: bool = False
+
+
+def local_group(group: int, k_local: int, split: bool) -> int:
+    """The K group (or FP8 block) a rank uses for a checkpoint group of `group` columns when it keeps k_local input
+    columns: the checkpoint's when the split falls on its boundaries or stays inside one group, else the largest size
+    dividing both (each rank's groups then lie inside one checkpoint group)."""
+    if not split or k_local % group == 0 or group % k_local == 0:
+        return group
+    return math.gcd(group, k_local)
+
+
+def read_sharded(source: TensorSource, axes: dict[int, Axis], tp: Shard | None, sizes: tuple[int, ...],
+                 group: int, k_dim: int = 1) -> torch.Tensor:
+    """The rank's part of checkpoint tensor `source` in the internal grid: logical dims split by `tp` are read in its
+    pieces only (safetensors slices); grouped dims are repeated so that entry j covers the logical indices [start +
+    j * step, ...) with step 1 along N (per-row scales) and `group` along K (logical dim k_dim: 2 for fused [E, N, K]
+    experts). sizes: the logical dims' sizes on this rank (those of unsplit dims are the checkpoint's)."""
+    split_dim = tp.dim if tp is not None and tp.dim in axes else None
+    if split_dim is None:
+        t = source.read()
+    else:
+        ax, parts = axes[split_dim], []
+        step = group if split_dim == k_dim else 1
+        for start, length in tp.pieces:
+            first, last = start // ax.per, _cdiv(start + length, ax.per)
+            part = read_part(source, ax.dim, first, last - first)
+            if ax.grouped:
+                part = part.index_select(ax.dim, torch.arange(start, start + length, step) // ax.per - first)
+            parts.append(part)
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, dim=ax.dim)
+    for logical, ax in axes.items():
+        step = group if logical == k_dim else 1
+        if ax.grouped and logical != split_dim and step != ax.per:
+            t = t.index_select(ax.dim, torch.arange(0, sizes[logical], step) // ax.per)
+    return t
+
+
+def _sizes_that_work(full: int, ok) -> list[int]:
+    return [t for t in range(1, full + 1) if full % t == 0 and ok(full // t)]
+
+
+def _split_error(name: str, what: str, full: int, local: int, why: str, ok) -> QuantizationError:
+    return QuantizationError(
+        f"{name}: tensor parallelism splits the {what} ({full}) into {local} per rank, but {why}; "
+        f"tensor_parallel_size values that work for it: {_sizes_that_work(full, ok)}")
+
+
+def k_group(kind: str, group: int, k_local: int, tp: Shard | None, *, experts: bool = False) -> int:
+    """The K group a rank uses for a quantized projection whose input columns `tp` may split (row-parallel):
+    QuantizationError naming the dimension and the sizes that work when the split cannot be loaded (quantize_model
+    adds the module's path)."""
+    if tp is None or tp.dim != 1:
+        return group
+    full = tp.full
+
+    def ok(local: int) -> bool:
+        if local == full:
+            return True
+        g = local_group(group, local, True)
+        if kind == "int4" and local % 8:
+            return False
+        if g >= local:
+            return True
+        return g % (128 if experts and kind == "int4" else 16) == 0
+
+    if not ok(k_local):
+        g, need = local_group(group, k_local, True), 128 if experts and kind == "int4" else 16
+        if kind == "int4" and k_local % 8:
+            why = f"int4 codes are packed 8 per word and {k_local} is not a multiple of 8"
+        else:
+            why = (f"a rank would use {kind} groups of {g} columns (the checkpoint's {group} split to fit) and the "
+                   f"{'MoE ' if experts else ''}kernels need groups of a multiple of {need}")
+        raise _split_error(kind + " weights", "input dimension K", full, k_local, why, ok)
+    return local_group(group, k_local, True)
+
+
+def check_n_split(name: str, tp: Shard | None, packed: bool) -> None:
+    """Output rows split by tensor parallelism (column-parallel): formats that pack int4 codes or zero points along
+    N need each piece on a word boundary (8 rows)."""
+    if tp is None or tp.dim != 0 or not packed:
+        return
+    if any(start % 8 or length % 8 for start, length in tp.pieces):
+        local = tp.local
+        raise _split_error(name, "output dimension N", tp.full, local, "its int4 zero points (or codes) are packed 8 "
+                           "rows per word and a rank's rows do not start and end on a word", lambda n: n % 8 == 0)
 
 
 @dataclass
@@ -345,28 +461,51 @@ class Int4Dest:
     perm: torch.Tensor | None  # [K] int64 when K may be permuted (act-order), else None
 
 
-def int4_slots(fmt: WeightFormat, name: str, dest: Int4Dest, n: int, k: int,
-               present: Set[str] | None) -> dict[str, WeightSlot]:
-    """The checkpoint tensors of one int4 projection `name` with n output rows and k inputs. They are collected as
-    they arrive and converted together once the last one is in."""
-    g = fmt.group_size or k
-    ng = _cdiv(k, g)
+def _int4_axes(fmt: WeightFormat, g: int) -> dict[str, dict[int, Axis]]:
+    """Per checkpoint tensor of an int4 format: logical dim (0: N, 1: K) -> how the tensor covers it."""
     if fmt.checkpoint == "gptq":
-        spec = {"qweight": ((_cdiv(k, 8), n), False), "qzeros": ((ng, _cdiv(n, 8)), False),
-                "scales": ((ng, n), False), "g_idx": ((k,), True)}
+        return {"qweight": {0: Axis(1), 1: Axis(0, 8)}, "qzeros": {0: Axis(1, 8), 1: Axis(0, g, True)},
+                "scales": {0: Axis(1), 1: Axis(0, g, True)}, "g_idx": {1: Axis(0)}}
+    if fmt.checkpoint == "awq":
+        return {"qweight": {0: Axis(1, 8), 1: Axis(0)}, "qzeros": {0: Axis(1, 8), 1: Axis(0, g, True)},
+                "scales": {0: Axis(1), 1: Axis(0, g, True)}}
+    return {"weight_packed": {0: Axis(0), 1: Axis(1, 8)}, "weight_scale": {0: Axis(0), 1: Axis(1, g, True)},
+            "weight_zero_point": {0: Axis(0, 8), 1: Axis(1, g, True)}, "weight_shape": {},
+            "weight_g_idx": {1: Axis(0)}}
+
+
+def int4_slots(fmt: WeightFormat, name: str, dest: Int4Dest, n: int, k: int,
+               present: Set[str] | None, tp: Shard | None = None, group: int | None = None) -> dict[str, WeightSlot]:
+    """The checkpoint tensors of one int4 projection `name` with n output rows and k inputs (the rank's, under
+    tensor parallelism: `tp` says which part of the checkpoint's [N, K] weight, `group` the rank's K group, see
+    local_group). They are collected as they arrive and converted together once the last one is in."""
+    n_full = tp.full if tp is not None and tp.dim == 0 else n
+    k_full = tp.full if tp is not None and tp.dim == 1 else k
+    g = fmt.group_size or k_full
+    local_g = group or g
+    ng = _cdiv(k_full, g)
+    if fmt.checkpoint == "gptq":
+        spec = {"qweight": ((_cdiv(k_full, 8), n_full), False), "qzeros": ((ng, _cdiv(n_full, 8)), False),
+                "scales": ((ng, n_full), False), "g_idx": ((k_full,), True)}
     elif fmt.checkpoint == "awq":
-        spec = {"qweight": ((k, _cdiv(n, 8)), False), "qzeros": ((ng, _cdiv(n, 8)), False),
-                "scales": ((ng, n), False)}
+        spec = {"qweight": ((k_full, _cdiv(n_full, 8)), False), "qzeros": ((ng, _cdiv(n_full, 8)), False),
+                "scales": ((ng, n_full), False)}
     else:
-        spec = {"weight_packed": ((n, _cdiv(k, 8)), False), "weight_scale": ((n, ng), False),
-                "weight_shape": ((2,), True), "weight_g_idx": ((k,), True)}
+        spec = {"weight_packed": ((n_full, _cdiv(k_full, 8)), False), "weight_scale": ((n_full, ng), False),
+                "weight_shape": ((2,), True), "weight_g_idx": ((k_full,), True)}
         if not fmt.symmetric:
-            spec["weight_zero_point"] = ((_cdiv(n, 8), ng), False)
+            spec["weight_zero_point"] = ((_cdiv(n_full, 8), ng), False)
+    sharded = tp is not None or local_g != g
+    if sharded:  # packed zero points (every format but symmetric compressed-tensors) or AWQ codes along N
+        check_n_split(name, tp, "qzeros" in spec or "weight_zero_point" in spec)
+    axes = _int4_axes(fmt, g)
     expected = {s for s, (_, optional) in spec.items() if not optional or present is None or f"{name}.{s}" in present}
     got: dict[str, torch.Tensor] = {}
 
     def finish() -> None:
-        q, z, s, gidx = _convert_int4(fmt, name, got, n, k, g)
+        if sharded:
+            _check_sharded_int4(fmt, name, got, tp, (n_full, k_full), g)
+        q, z, s, gidx = _convert_int4(fmt, name, got, n, k, local_g)
         if gidx is not None:
             trivial = torch.arange(k) // g
             if torch.equal(gidx.long(), trivial):
@@ -393,13 +532,35 @@ def int4_slots(fmt: WeightFormat, name: str, dest: Int4Dest, n: int, k: int,
         def load(source: TensorSource) -> None:
             dtypes = _FLOATS if suffix in ("scales", "weight_scale") else (
                 torch.int64, torch.int32) if suffix in ("weight_shape", "g_idx", "weight_g_idx") else _INT_PACKED
-            got[suffix] = _read(source, dtypes, "packed int32 codes" if dtypes == _INT_PACKED else suffix).clone()
+            what = "packed int32 codes" if dtypes == _INT_PACKED else suffix
+            if sharded:
+                t = _check_dtype(source.name, read_sharded(source, axes[suffix], tp, (n, k), local_g), dtypes, what)
+            else:
+                t = _read(source, dtypes, what)
+            got[suffix] = t.clone()
             if expected <= got.keys():
                 finish()
         shape, optional = spec[suffix]
-        return WeightSlot(shape, load, optional=optional)
+        return WeightSlot(shape, load, optional=optional, sharded=tp is not None)
 
     return {f"{name}.{s}": slot(s) for s in spec}
+
+
+def _check_sharded_int4(fmt: WeightFormat, name: str, got: dict[str, torch.Tensor], tp: Shard | None,
+                        full: tuple[int, int], g: int) -> None:
+    """Under tensor parallelism: weight_shape names the checkpoint's full shape; a g_idx over split input columns
+    must be the trivial one (an act-order permutation mixes the groups of all ranks' columns)."""
+    shape = got.pop("weight_shape", None)
+    if shape is not None and tuple(shape.tolist()) != full:
+        raise QuantizationError(f"{name}.weight_shape is {shape.tolist()}; expected {list(full)}")
+    key = "g_idx" if fmt.checkpoint == "gptq" else "weight_g_idx"
+    if tp is None or tp.dim != 1 or key not in got:
+        return
+    (start, length), = tp.pieces
+    if not torch.equal(got.pop(key).long(), torch.arange(start, start + length) // g):
+        raise QuantizationError(f"{name}.{key}: an act-order (permuted) g_idx in a row-parallel projection: its "
+                                "groups mix input columns of several tensor-parallel ranks, so it cannot be split; "
+                                "use tensor_parallel_size 1 or a checkpoint quantized without act-order")
 
 
 def _unpack_along_rows(packed: torch.Tensor, rows: int) -> torch.Tensor:
@@ -437,10 +598,13 @@ def _convert_int4(fmt: WeightFormat, name: str, t: dict[str, torch.Tensor], n: i
 
 
 def fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale: torch.Tensor, n: int,
-              k: int) -> dict[str, WeightSlot]:
+              k: int, tp: Shard | None = None, group: int | None = None) -> dict[str, WeightSlot]:
     """The checkpoint tensors of one FP8 projection `name` ([n, k] e4m3 and its scales), into `weight` [n, k] and
-    `scale` [n, ceil(k / bk)] (fp32, one row per output row)."""
+    `scale` [n, ceil(k / bk)] (fp32, one row per output row). Under tensor parallelism n and k are the rank's, `tp`
+    its part of the checkpoint's [N, K] weight and `group` its K block (local_group)."""
     bn, bk = fmt.block_n or 1, fmt.group_size or k
+    if tp is not None or (group or bk) != bk:
+        return _sharded_fp8_slots(fmt, name, weight, scale, (n, k), tp, group or bk, 1)
     scale_shape = (n, 1) if fmt.group_size == 0 else (_cdiv(n, bn), _cdiv(k, bk))
 
     def load_weight(source: TensorSource) -> None:
@@ -451,6 +615,37 @@ def fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale: torch.T
         scale.copy_(s.repeat_interleave(bn, dim=0)[:n])
     return {f"{name}.weight": WeightSlot((n, k), load_weight),
             f"{name}.{fmt.scale_name}": WeightSlot(scale_shape, load_scale)}
+
+
+def _sharded_fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale: torch.Tensor,
+                       sizes: tuple[int, ...], tp: Shard | None, group: int, k_dim: int) -> dict[str, WeightSlot]:
+    """FP8 weight and scales of a rank (sizes: its [..., n, k]; k_dim 1 for a projection, 2 for fused [E, N, K]
+    experts): full checkpoint shapes, each tensor read in the rank's part, scales repeated per row and per K block."""
+    full = list(sizes)
+    if tp is not None:
+        full[tp.dim] = tp.full
+    n_dim = k_dim - 1
+    bn, bk = fmt.block_n or 1, fmt.group_size or full[k_dim]
+    w_axes = {d: Axis(d) for d in range(len(sizes))}
+    s_axes = {d: Axis(d) for d in range(n_dim)}
+    if fmt.group_size == 0:
+        s_axes[n_dim] = Axis(n_dim)
+        s_shape = (*full[:k_dim], 1)
+    else:
+        s_axes.update({n_dim: Axis(n_dim, bn, True), k_dim: Axis(k_dim, bk, True)})
+        s_shape = (*full[:n_dim], _cdiv(full[n_dim], bn), _cdiv(full[k_dim], bk))
+
+    def load_weight(source: TensorSource) -> None:
+        t = read_sharded(source, w_axes, tp, sizes, group, k_dim)
+        weight.copy_(_check_dtype(source.name, t, (_FP8,), "FP8 e4m3 weights"))
+
+    def load_scale(source: TensorSource) -> None:
+        t = read_sharded(source, s_axes, tp, sizes, group, k_dim)
+        scale.copy_(_check_dtype(source.name, t, _FLOATS, "floating-point scales").float())
+    name = name if k_dim == 2 else f"{name}.weight"
+    scale_name = name.removesuffix(".weight") + ("" if k_dim == 2 else ".") + fmt.scale_name
+    return {name: WeightSlot(tuple(full), load_weight, sharded=tp is not None),
+            scale_name: WeightSlot(s_shape, load_scale, sharded=tp is not None)}
 
 
 def _dummy_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int, name: str,
@@ -480,20 +675,24 @@ class Int4LinearMethod(LinearMethod):
 
     def create_weights(self, layer: Linear, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
         n, k = layer.out_features, layer.in_features
-        groups = _cdiv(k, self.fmt.group_size or k)
+        tp = tp_shard(layer, "weight")  # a row-parallel split of K: the rank's group (local_group)
+        layer.group_size = k_group("int4", self.fmt.group_size, k, tp) if self.fmt.group_size else k
+        groups = _cdiv(k, layer.group_size)
         layer.qweight = new_param(n, _cdiv(k, 8), dtype=torch.int32, device=device)
         layer.scales = new_param(n, groups, dtype=torch.float32, device=device)
         layer.zeros = new_param(n, groups, dtype=torch.uint8, device=device)
-        layer.perm = new_param(k, dtype=torch.int64, device=device) if self.fmt.act_order else None
-        layer.group_size = self.fmt.group_size or k
+        row_parallel = tp is not None and tp.dim == 1  # act-order over split columns is refused at load
+        layer.perm = (new_param(k, dtype=torch.int64, device=device) if self.fmt.act_order and not row_parallel
+                      else None)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x=x, qweight=layer.qweight, scales=layer.scales, zeros=layer.zeros,
                            group_size=layer.group_size, perm=layer.perm)
 
-    def shard_layout(self, layer: Linear, name: str, rows: slice) -> dict[str, WeightSlot]:
+    def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         dest = Int4Dest(layer.qweight[rows], layer.scales[rows], layer.zeros[rows], layer.perm)
-        return int4_slots(self.fmt, name, dest, rows.stop - rows.start, layer.in_features, self.present)
+        return int4_slots(self.fmt, name, dest, rows.stop - rows.start, layer.in_features, self.present, tp,
+                          layer.group_size)
 
     def init_dummy(self, layer: Linear, prefix: str, seed: int) -> None:
         _dummy_int4(layer.qweight, layer.scales, layer.zeros, layer.in_features, prefix + "qweight", seed)
@@ -509,16 +708,17 @@ class Fp8LinearMethod(LinearMethod):
 
     def create_weights(self, layer: Linear, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
         n, k = layer.out_features, layer.in_features
-        layer.block_k = self.fmt.group_size or k
+        tp = tp_shard(layer, "weight")
+        layer.block_k = k_group("fp8", self.fmt.group_size, k, tp) if self.fmt.group_size else k
         layer.weight = new_param(n, k, dtype=_FP8, device=device)
         layer.weight_scale = new_param(n, _cdiv(k, layer.block_k), dtype=torch.float32, device=device)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x=x, weight=layer.weight, scale=layer.weight_scale, block_k=layer.block_k)
 
-    def shard_layout(self, layer: Linear, name: str, rows: slice) -> dict[str, WeightSlot]:
+    def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         return fp8_slots(self.fmt, name, layer.weight[rows], layer.weight_scale[rows], rows.stop - rows.start,
-                         layer.in_features)
+                         layer.in_features, tp, layer.block_k)
 
     def init_dummy(self, layer: Linear, prefix: str, seed: int) -> None:
         _dummy_fp8(layer.weight, layer.weight_scale, layer.in_features, prefix + "weight", seed)
@@ -548,11 +748,12 @@ class SplitLinearMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in layer.parts], dim=-1)
 
-    def shard_layout(self, layer: Linear, name: str, rows: slice) -> dict[str, WeightSlot]:
+    def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         shard = name.rpartition(".")[2]
         for part in layer.parts:
             if shard in part.shards:
-                return part.method.shard_layout(part, name, part.shard_rows()[shard])
+                # a plain part's slot is wrapped by the merged layer's tp_shards, a quantized one reads its part
+                return part.method.shard_layout(part, name, part.shard_rows()[shard], tp)
         raise KeyError(shard)
 
     def init_dummy(self, layer: Linear, prefix: str, seed: int) -> None:
@@ -577,8 +778,9 @@ class Int4ExpertsMethod(ExpertsMethod):
 
     def create_weights(self, layer: Experts, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
         e, d, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
-        g = self.fmt.group_size
-        if g and (d % g or i % g):
+        tp = tp_shard(layer, "down_proj.weight")  # tensor-parallel slices of every expert: down_proj's K split
+        g = k_group("int4", self.fmt.group_size, i, tp, experts=True) if self.fmt.group_size else 0
+        if g and (d % g or (i % g if tp is None else i % g and g % i)):
             raise QuantizationError(f"int4 experts with group size {g} need hidden size ({d}) and expert "
                                     f"intermediate size ({i}) to be multiples of it")
         layer.group_size = g or max(d, i)
@@ -609,7 +811,8 @@ class Int4ExpertsMethod(ExpertsMethod):
                 dest = Int4Dest(getattr(layer, f"{w}_qweight")[e, rows], getattr(layer, f"{w}_scales")[e, rows],
                                 getattr(layer, f"{w}_zeros")[e, rows], None)
                 out.update(int4_slots(self.fmt, f"{prefix}{e}.{proj}", dest, rows.stop - rows.start, k,
-                                      self.present))
+                                      self.present, tp_shard(layer, f"{proj}.weight"),
+                                      layer.group_size if self.fmt.group_size else None))
         return out
 
     def init_dummy(self, layer: Experts, prefix: str, seed: int) -> None:
@@ -628,7 +831,9 @@ class Fp8ExpertsMethod(ExpertsMethod):
         bk = self.fmt.group_size
         if not bk and d != i:
             raise QuantizationError("per-channel FP8 experts need hidden size == intermediate size")
-        layer.block_k = bk or d
+        tp = tp_shard(layer, "down_proj.weight") or tp_shard(layer, "down_proj")  # per-expert or fused, if split
+        layer.block_k = k_group("fp8", bk, i, tp if tp is not None and tp.dim > 0 else None, experts=True) \
+            if bk else d
         layer.w13 = new_param(e, 2 * i, d, dtype=_FP8, device=device)
         layer.w13_scale = new_param(e, 2 * i, _cdiv(d, layer.block_k), dtype=torch.float32, device=device)
         layer.w2 = new_param(e, d, i, dtype=_FP8, device=device)
@@ -649,7 +854,8 @@ class Fp8ExpertsMethod(ExpertsMethod):
             for proj, w, rows, k in (("gate_proj", "w13", slice(0, i), d), ("up_proj", "w13", slice(i, 2 * i), d),
                                      ("down_proj", "w2", slice(0, d), i)):
                 out.update(fp8_slots(fmt, f"{prefix}{e}.{proj}", getattr(layer, w)[e, rows],
-                                     getattr(layer, f"{w}_scale")[e, rows], rows.stop - rows.start, k))
+                                     getattr(layer, f"{w}_scale")[e, rows], rows.stop - rows.start, k,
+                                     tp_shard(layer, f"{proj}.weight"), layer.block_k))
         return out
 
     def _fused_layout(self, layer: Experts, prefix: str) -> dict[str, WeightSlot]:
@@ -658,7 +864,8 @@ class Fp8ExpertsMethod(ExpertsMethod):
         out = {}
         for w, ckpt in (("w13", "gate_up_proj"), ("w2", "down_proj")):
             weight, scale = getattr(layer, w), getattr(layer, f"{w}_scale")
-            out.update(_fused_fp8_slots(self.fmt, f"{prefix}{ckpt}", weight, scale))
+            out.update(_fused_fp8_slots(self.fmt, f"{prefix}{ckpt}", weight, scale, tp_shard(layer, ckpt),
+                                        layer.block_k))
         return out
 
     def init_dummy(self, layer: Experts, prefix: str, seed: int) -> None:
@@ -666,9 +873,12 @@ class Fp8ExpertsMethod(ExpertsMethod):
         _dummy_fp8(layer.w2, layer.w2_scale, layer.intermediate_size, prefix + "w2", seed)
 
 
-def _fused_fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale: torch.Tensor):
+def _fused_fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale: torch.Tensor,
+                     tp: Shard | None = None, group: int | None = None):
     e, n, k = weight.shape
     bn, bk = fmt.block_n or 1, fmt.group_size or k
+    if tp is not None or (group or bk) != bk:  # tensor parallelism: dim 0 experts (EP), 1 N sections, 2 K
+        return _sharded_fp8_slots(fmt, name, weight, scale, (e, n, k), tp, group or bk, 2)
 
     def load_weight(source: TensorSource) -> None:
         weight.copy_(_read(source, (_FP8,), "FP8 e4m3 weights"))
@@ -736,19 +946,19 @@ def quantize_model(model: nn.Module, resolver: QuantResolver, *, dtype: torch.dt
                 method = linear_method(groups[0][1], resolver.present)
             else:
                 method = SplitLinearMethod([(s, linear_method(f, resolver.present)) for s, f in groups])
-            _replace_method(module, method, dtype, device)
+            _replace_method(module, method, dtype, device, path)
         elif isinstance(module, Linear):
             # the lm_head is quantized only when the checkpoint holds it so (never for dummy weights)
             fmt = resolver.linear(path, dummy_default=not isinstance(module, LMHead))
             note(path, fmt)
-            _replace_method(module, linear_method(fmt, resolver.present), dtype, device)
+            _replace_method(module, linear_method(fmt, resolver.present), dtype, device, path)
         elif isinstance(module, Experts):
             fmt = resolver.experts(f"{path}.", module.num_experts)
             note(f"{path}.0.gate_proj", fmt)
             for name in [n for n, _ in module.named_parameters(recurse=False)]:
                 delattr(module, name)
             module.method = experts_method(fmt, resolver.present)
-            module.method.create_weights(module, dtype=dtype, device=device)
+            _create(path, lambda: module.method.create_weights(module, dtype=dtype, device=device))
     for module in model.modules():
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
@@ -757,11 +967,19 @@ def quantize_model(model: nn.Module, resolver: QuantResolver, *, dtype: torch.dt
 
 
 def _replace_method(layer: Linear, method: LinearMethod, dtype: torch.dtype,
-                    device: torch.device | str | None) -> None:
+                    device: torch.device | str | None, path: str = "") -> None:
     for name in [n for n, _ in layer.named_parameters(recurse=False)]:
         delattr(layer, name)
     layer.method = method
-    method.create_weights(layer, dtype=dtype, device=device)
+    _create(path, lambda: method.create_weights(layer, dtype=dtype, device=device))
+
+
+def _create(path: str, create) -> None:
+    """create(), its QuantizationError (e.g. a tensor-parallel split the format cannot take) naming the module."""
+    try:
+        create()
+    except QuantizationError as e:
+        raise QuantizationError(f"{path}: {e}") from None
 
 
 def describe_summary(method: str, summary: dict[str, Counter[str]]) -> str:

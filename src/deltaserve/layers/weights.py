@@ -44,12 +44,15 @@ class TensorSource(Protocol):
 @dataclass(frozen=True)
 class WeightSlot:
     """One checkpoint tensor a module loads: its shape in the file, how it goes in, and how to give it back in
-    checkpoint form (None: not written back, e.g. a tied lm_head). Optional slots may be absent from the file."""
+    checkpoint form (None: not written back, e.g. a tied lm_head). Optional slots may be absent from the file.
+    sharded: the slot already takes the checkpoint's full shape and reads only the rank's part (quantized formats,
+    whose tensors are split by their method, layers/quant.py); a module's tp_shards do not wrap it again."""
 
     shape: tuple[int, ...]
     load: Callable[[TensorSource], None]
     save: Callable[[], torch.Tensor] | None = None
     optional: bool = False
+    sharded: bool = False
 
 
 def copy_into(dest: torch.Tensor) -> Callable[[TensorSource], None]:
@@ -82,7 +85,7 @@ def _sharded(layout: dict[str, WeightSlot], prefix: str, shards: dict) -> dict[s
     out = {}
     for name, slot in layout.items():
         shard = next((s for key, s in shards.items() if name == prefix + key or name.endswith("." + key)), None)
-        out[name] = shard.wrap(slot) if shard is not None else slot
+        out[name] = shard.wrap(slot) if shard is not None and not slot.sharded else slot
     return out
 
 

@@ -95,20 +95,25 @@ class ExpertParallelExperts(Experts):
         self.tp_shards = {"gate_up_proj": shard, "down_proj": shard}  # the fused layout
 
     def weight_layout(self, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
-        """The fused tensors (narrowed to this rank's experts by tp_shards), or per-expert tensors under their
-        global ids, other ranks' experts accepted and not read."""
+        """The fused tensors (narrowed to this rank's experts by tp_shards, or by the FP8 method itself), or
+        per-expert tensors (`{e}.gate_proj.weight`, or a quantized format's `{e}.gate_proj.qweight`, `.scales`, ...)
+        under their global ids, other ranks' experts accepted and not read."""
         layout = super().weight_layout(prefix, present)
         if f"{prefix}gate_up_proj" in layout:
             return layout
+        local: dict[tuple[int, str], WeightSlot] = {}
+        for name, slot in layout.items():
+            expert, _, rest = name[len(prefix):].partition(".")
+            local[(int(expert), rest)] = slot
         out: dict[str, WeightSlot] = {}
         for e in range(self.total):
-            for proj in ("gate_proj", "up_proj", "down_proj"):
-                local = e - self.offset
-                if 0 <= local < self.num_experts:
-                    out[f"{prefix}{e}.{proj}.weight"] = layout[f"{prefix}{local}.{proj}.weight"]
+            for rest in [r for (le, r) in local if le == 0]:
+                le = e - self.offset
+                if 0 <= le < self.num_experts:
+                    out[f"{prefix}{e}.{rest}"] = local[(le, rest)]
                 else:
-                    shape = layout[f"{prefix}0.{proj}.weight"].shape
-                    out[f"{prefix}{e}.{proj}.weight"] = WeightSlot(shape, lambda source: None, optional=True)
+                    out[f"{prefix}{e}.{rest}"] = WeightSlot(local[(0, rest)].shape, lambda source: None,
+                                                            optional=True)
         return out
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, **kw) -> torch.Tensor:

@@ -8,7 +8,8 @@ the rank's shapes (config.RankShapes) and return None at tensor-parallel size 1,
 
 Reads: a part along dim 0 maps only its rows of the file (the loader's EntrySource); a part along another dim is
 read with safetensors' `safe_open(...).get_slice`, which reads only the requested elements. No rank reads a whole
-tensor it keeps only part of. Quantized formats are not sharded yet (bf16 / fp16 / fp32 checkpoints only).
+tensor it keeps only part of. Quantized formats split each of their tensors themselves from the same shards (of the
+logical [N, K] weight; layers/quant.py, read_sharded).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ class ShardSource:
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.shard.dim)
 
     def narrow(self, dim: int, start: int, length: int) -> TensorSource:
-        raise NotImplementedError("narrowing a rank's shard again (quantized formats are not sharded yet)")
+        raise NotImplementedError("narrowing a rank's shard again (quantized formats read their part themselves)")
 
 
 def read_part(source: TensorSource, dim: int, start: int, length: int) -> torch.Tensor:
