@@ -90,3 +90,15 @@ def test_mtp_demo_plumbing_on_cpu():
     rows = bench_mtp.main(["--demo", "--device", "cpu", "--max-tokens", "12", "--num-prompts", "1"])
     assert [r["K"] for r in rows] == [0, 1, 2, 3] and all(r["identical to K=0"] == "1/1" for r in rows)
     assert rows[3]["AL"] > 1
+
+
+def test_step_budget_bench_plumbing_on_cpu(capsys):
+    from benchmarks import bench_step_budget
+
+    rows = bench_step_budget.main(["--model", "tiny", "--device", "cpu", "--decodes", "2", "--decode-prompt-len",
+                                   "16", "--prompts", "2", "--prompt-len", "96", "--prompt-output-len", "2",
+                                   "--interval", "0", "--max-num-batched-tokens", "64", "--budgets", "off", "1e-6"])
+    assert [r["budget ms"] for r in rows] == ["off", 1e-6]
+    assert all(r["TTFT p50 ms"] > 0 and r["ITL p50 ms"] > 0 for r in rows)
+    assert rows[1]["mixed steps"] > rows[0]["mixed steps"]  # floor-sized chunks: more, smaller mixed steps
+    assert "cost model coefficients" in capsys.readouterr().out
