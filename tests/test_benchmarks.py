@@ -106,3 +106,15 @@ def test_tp_projection_counts_each_ranks_bytes():
     # 129 all-reduces (2 per layer + logits) of one bf16 hidden row at batch 1, latency-bound
     assert abs(project_tp.allreduce_ms("27B", 2, 1, 10.0, 450.0) - 129 * (10e-3 + 10240 / 450e9 * 1e3)) < 1e-9
     assert project_tp.allreduce_ms("27B", 1, 64, 10.0, 450.0) == 0.0
+
+
+def test_step_budget_bench_plumbing_on_cpu(capsys):
+    from benchmarks import bench_step_budget
+
+    rows = bench_step_budget.main(["--model", "tiny", "--device", "cpu", "--decodes", "2", "--decode-prompt-len",
+                                   "16", "--prompts", "2", "--prompt-len", "96", "--prompt-output-len", "2",
+                                   "--interval", "0", "--max-num-batched-tokens", "64", "--budgets", "off", "1e-6"])
+    assert [r["budget ms"] for r in rows] == ["off", 1e-6]
+    assert all(r["TTFT p50 ms"] > 0 and r["ITL p50 ms"] > 0 for r in rows)
+    assert rows[1]["mixed steps"] > rows[0]["mixed steps"]  # floor-sized chunks: more, smaller mixed steps
+    assert "cost model coefficients" in capsys.readouterr().out

@@ -20,6 +20,9 @@ STATE_DTYPES = ("float32", "bfloat16")
 # KV page storage of the full-attention layers: auto = the model dtype; the others keep a symmetric scale per token
 # and KV head, computed when the KV is written (docs/KERNELS.md, "Quantized KV cache").
 KV_CACHE_DTYPES = ("auto", "fp8", "int8", "int4")
+# Under max_step_ms a step with decode rows carries at least max_num_batched_tokens / this many prefill tokens
+# (128 at the default 2048): a prompt of L tokens then needs at most L / 128 steps, however tight the budget.
+MIN_PREFILL_CHUNK_DIVISOR = 16
 # Share of the cache memory given to prefix-cache checkpoints when their number is not set.
 CHECKPOINT_FRACTION = 0.1
 
@@ -97,10 +100,29 @@ class SchedulerConfig:
     # Schedule and launch step n+1 before reading step n's tokens, so a step's host work runs while the GPU computes.
     # None: on for CUDA (elsewhere there is nothing to overlap, and tokens would only come a step later).
     async_scheduling: bool | None = None
+    # Per-step time budget (ms) for steps with decode rows: their prefill tokens are capped so the step's predicted
+    # time (engine/step_cost.py) stays within it, never below MIN_PREFILL_CHUNK_FRACTION of the token budget.
+    # None or 0: off (every step is filled up to max_num_batched_tokens).
+    max_step_ms: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             _positive_int(getattr(self, name), name)
+        t = self.max_step_ms
+        require(t is None or (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0),
+                f"'max_step_ms' is {t!r}; use a time in milliseconds > 0 (e.g. 50), or 0 / None to fill every step "
+                "up to max_num_batched_tokens")
+
+    @property
+    def step_budget_ms(self) -> float | None:
+        """max_step_ms when the per-step time budget is on, else None."""
+        return float(self.max_step_ms) if self.max_step_ms else None
+
+    @property
+    def min_prefill_chunk(self) -> int:
+        """Prefill tokens a step with decode rows carries at least (when a prompt waits for them), whatever the
+        predicted time: the floor that keeps long prompts progressing under a tight budget."""
+        return max(1, self.max_num_batched_tokens // MIN_PREFILL_CHUNK_DIVISOR)
         require(self.async_scheduling is None or isinstance(self.async_scheduling, bool),
                 f"'async_scheduling' must be a bool or None, got {self.async_scheduling!r}")
 

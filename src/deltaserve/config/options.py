@@ -39,6 +39,12 @@ class EngineArgs:
     max_num_seqs: int = _option(64, "most sequences running at once", section="scheduler", type=int)
     max_num_batched_tokens: int = _option(
         2048, "token budget of one step; longer prompts are prefilled in chunks", section="scheduler", type=int)
+    max_step_ms: float | None = _option(
+        None, "per-step time budget in ms for steps that carry decode rows: their prefill chunks are sized so the "
+              "step's predicted time (a cost model fitted to measured steps) stays within it, bounding inter-token "
+              "latency while long prompts prefill (at least max_num_batched_tokens/16 prefill tokens per step; steps "
+              "without decode rows keep the full token budget). Off (None/0) by default until measured on a GPU: "
+              "benchmarks/bench_step_budget.py", section="scheduler", type=float)
     gpu_memory_utilization: float = _option(0.9, "fraction of device memory deltaserve may use", section="cache",
                                             type=float)
     page_size: int = _option(16, "tokens per KV page", section="cache", type=int)

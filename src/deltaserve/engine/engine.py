@@ -7,6 +7,7 @@ manager for memory; the output processor owns what users see.
 from __future__ import annotations
 
 import logging
+import time
 
 from deltaserve.cache.allocator import pages_for_tokens
 from deltaserve.cache.manager import CacheManager
@@ -15,7 +16,8 @@ from deltaserve.engine.output_processor import OutputProcessor, RequestError
 from deltaserve.engine.request import Request, RequestStatus
 from deltaserve.engine.runner import LaunchedStep, StepResult
 from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
-from deltaserve.engine.step_input import BlockTables, build_step_input
+from deltaserve.engine.step_cost import StepCostModel, StepShape, prior_coefficients
+from deltaserve.engine.step_input import BlockTables, build_step_input, needs_grammar
 from deltaserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from deltaserve.outputs import SequenceDelta
 from deltaserve.parallel.launch import build_runner
@@ -50,7 +52,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.config.scheduler, self.cache,
                                    checkpoint_interval=self.config.cache.checkpoint_interval,
                                    speculative_tokens=spec.num_speculative_tokens,
-                                   speculative_max_batch=min(spec.max_batch, self.runner.cache.verify_rows))
+                                   speculative_max_batch=min(spec.max_batch, self.runner.cache.verify_rows),
+                                   step_cost=self._step_cost_model())
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
         # the matchers of constrained requests; their grammars compile in the compiler's cache (any thread)
         self.structured = StructuredOutputs(GrammarCompiler(self.tokenizer, self.model_config.vocab_size,
@@ -70,7 +73,29 @@ class LLMEngine:
         self.spec_accepted_per_position = [0] * spec.num_speculative_tokens
         self.spec_drafted_per_position = [0] * spec.num_speculative_tokens
         self._spec_turn_down_logged = False
-        self._inflight: tuple[SchedulerOutput, LaunchedStep] | None = None
+        self._inflight: tuple[SchedulerOutput, LaunchedStep, float] | None = None
+
+    def _step_cost_model(self) -> StepCostModel:
+        """The scheduler's step-time model, with a prior from this rank's weights and attention shapes (see
+        engine/step_cost.py); the engine feeds it measured steps while max_step_ms is set."""
+        model = getattr(self.runner, "model", None)
+        if model is None:
+            return StepCostModel()
+        cfg, tp = self.model_config, self.config.parallel.tensor_parallel_size
+        weight_bytes = params = expert_params = 0
+        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+            weight_bytes += p.numel() * p.element_size()
+            params += p.numel()
+            if ".experts." in name:
+                expert_params += p.numel()
+        if cfg.num_experts:
+            params -= expert_params * (1 - cfg.num_experts_per_tok / cfg.num_experts)  # type: ignore[operator]
+        layers = len(cfg.full_attention_layers)
+        heads, kv_heads = max(cfg.num_attention_heads // tp, 1), max(cfg.num_key_value_heads // tp, 1)
+        prior = prior_coefficients(weight_bytes=weight_bytes, active_params=params,
+                                   attention_flops_per_pair=4 * cfg.head_dim * heads * layers,
+                                   kv_bytes_per_token=2 * kv_heads * cfg.head_dim * 2 * layers)
+        return StepCostModel(prior)
 
     @property
     def max_model_len(self) -> int:
@@ -182,7 +207,9 @@ class LLMEngine:
         deltas: list[SequenceDelta] = []
         if not out.is_empty:
             try:
+                t0 = time.perf_counter()
                 launched = self.runner.launch(build_step_input(out, block_tables=self.block_tables))
+                launch_ms = (time.perf_counter() - t0) * 1e3
             except RankFailure:
                 raise  # a tensor-parallel rank is gone: no step can run any more
             except Exception as e:  # a failing step fails the requests in it, never the engine
@@ -196,9 +223,9 @@ class LLMEngine:
             launched = self._sample_constrained(out, launched, deltas)
         if launched is not None:
             if self.async_scheduling and not any(_reads_history(s.params) for s in launched.step.sampling):
-                self._inflight = (out, launched)
+                self._inflight = (out, launched, launch_ms)
             else:
-                deltas += self._finish(out, launched)
+                deltas += self._finish(out, launched, launch_ms)
         if not self.scheduler.has_unfinished():
             deltas += self._finish_inflight()  # rows of requests that ended meanwhile: let nothing run on unseen
         return deltas
@@ -220,13 +247,14 @@ class LLMEngine:
         inflight, self._inflight = self._inflight, None
         return self._finish(*inflight) if inflight is not None else []
 
-    def _finish(self, out: SchedulerOutput, launched: LaunchedStep) -> list[SequenceDelta]:
+    def _finish(self, out: SchedulerOutput, launched: LaunchedStep, launch_ms: float) -> list[SequenceDelta]:
         """Wait for a launched step's tokens; append them, check stops, make the deltas."""
         try:
             result = self.runner.collect(launched)  # where a device error in the step's kernels surfaces
         except Exception as e:  # as in step(): the step's requests fail, the engine goes on
             log.exception("engine step failed")
             return self._fail(out, f"{type(e).__name__}: {e}")
+        self._observe_step(out, launched, result, launch_ms)
         deltas = self._fail_requests(result.failed)
         for rid, entries in result.prompt_logprobs.items():
             self.outputs.add_prompt_logprobs(rid, entries)
@@ -248,6 +276,20 @@ class LLMEngine:
                     if error is not None:
                         refused[request.request_id] = error
         return deltas + self._fail_requests(refused)
+
+    def _observe_step(self, out: SchedulerOutput, launched: LaunchedStep, result: StepResult,
+                      launch_ms: float) -> None:
+        """Feed the step's measured time to the scheduler's cost model (only while a time budget is set). On CUDA the
+        device time between the step's launch and ready events; elsewhere the host wall time of the launch call,
+        which there runs the whole step. Left out: steps whose sampling waited for a grammar mask (host time
+        inside) and CUDA steps that sampled nothing (no ready event)."""
+        if self.scheduler.max_step_ms is None or needs_grammar(launched.step):
+            return
+        ms = result.device_ms if self.runner.device.type == "cuda" else launch_ms
+        if ms is None:
+            return
+        shape = StepShape.of((s.num_new_tokens, s.num_computed_tokens, len(s.draft_token_ids)) for s in out.scheduled)
+        self.scheduler.step_cost.observe(shape, ms)
 
     def _count_verified(self, launched: LaunchedStep, result: StepResult) -> None:
         c = self.spec_counters

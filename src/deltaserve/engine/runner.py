@@ -98,6 +98,8 @@ class LaunchedStep:
     dev: DeviceStep | None = None
     input_ids: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
+    # CUDA: a timing event recorded on the stream as the step is launched; with `ready` it times the step on the device
+    started: torch.cuda.Event | None = None
 
     @property
     def awaits_grammar(self) -> bool:
@@ -114,6 +116,9 @@ class StepResult:
     prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # requests whose sampling raised -> why (no tokens)
     drafts: dict[str, list[int]] = field(default_factory=dict)  # MTP proposals for each request's next step
+    # CUDA: the step's device time in ms, from its launch event to its ready event (None elsewhere, or when the
+    # step sampled nothing)
+    device_ms: float | None = None
 
 
 class ModelRunner:
@@ -192,6 +197,10 @@ class ModelRunner:
                 raise ValueError(f"a verify step of {step.num_rows} rows x {step.num_drafts} drafts exceeds the "
                                  f"per-position state buffers ({self.cache.verify_rows} rows x "
                                  f"{self.num_speculative_tokens} drafts)")
+        started = None
+        if self.device.type == "cuda":
+            started = torch.cuda.Event(enable_timing=True)
+            started.record(torch.cuda.current_stream(self.device))
         dev = upload_step(step, page_size=self.config.cache.page_size, device=self.device)
         self.apply_copies(step.state_copies, step.page_copies)
         logits = self.execute_model(dev, step)
@@ -204,7 +213,7 @@ class ModelRunner:
         scored = prompt_logprobs(logits[num_sampled:], step) if step.prompt_logprobs else None
         extra = {} if self.drafter is None else dict(dev=dev, input_ids=self._input_ids, hidden=self._hidden)
         pending = LaunchedStep(step, None, None, scored, logits=logits[:num_sampled], sample_slots=dev.sample_slots,
-                               **extra)
+                               started=started, **extra)
         if step.sampling and needs_grammar(step):
             return pending  # sampled by sample() once the engine has the mask
         return self.sample(pending, None)
@@ -225,9 +234,9 @@ class ModelRunner:
         host = SamplerOutput(*(_to_host(t) for t in sampled)) if sampled is not None else None
         scored = PromptScores(*(_to_host(t) for t in scored)) if scored is not None else None
         kept, drafts = (None if t is None else _to_host(t) for t in (kept, drafts))
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(enable_timing=launched.started is not None)
         ready.record(torch.cuda.current_stream(self.device))
-        return LaunchedStep(step, host, ready, scored, failed, kept=kept, drafts=drafts)
+        return LaunchedStep(step, host, ready, scored, failed, kept=kept, drafts=drafts, started=launched.started)
 
     def _speculate(self, launched: LaunchedStep, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """After sampling a step with speculative decoding on: the tokens each request keeps, the GDN states
@@ -328,8 +337,11 @@ class ModelRunner:
     def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step's samples (a device error in its kernels surfaces here) and hand them over as
         lists."""
+        device_ms = None
         if launched.ready is not None:
             launched.ready.synchronize()
+            if launched.started is not None:
+                device_ms = launched.started.elapsed_time(launched.ready)
         scored = {} if launched.scored is None else prompt_logprobs_lists(launched.scored, launched.step)
         tokens: dict[str, list[int]] = {}
         logprobs: dict[str, list[TokenLogprob]] = {}
@@ -355,7 +367,7 @@ class ModelRunner:
         if launched.drafts is not None:
             drafts = {s.request_id: d for s, d in zip(sampling, launched.drafts.tolist())
                       if s.request_id not in launched.failed}
-        return StepResult(tokens, logprobs, scored, launched.failed, drafts)
+        return StepResult(tokens, logprobs, scored, launched.failed, drafts, device_ms)
 
     def release(self, request_ids: Iterable[str]) -> None:
         """Drop what the runner keeps for requests that ended (their device prompts)."""

@@ -31,6 +31,7 @@ from deltaserve.cache.manager import CacheManager, PageCopy, PendingCheckpoint, 
 from deltaserve.config import SchedulerConfig
 from deltaserve.engine.prefix_plan import checkpoint_positions, next_checkpoint
 from deltaserve.engine.request import Request, RequestStatus
+from deltaserve.engine.step_cost import StepCostModel, StepShape
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,18 @@ class Scheduler:
        (possibly itself) until it can.
     2. If nothing was preempted: admit waiting requests strictly FCFS (preempted ones sit at the front) while
        there is budget, a free slot, fewer than `max_num_seqs` running, and free pages for the first chunk.
+
+    With a per-step time budget (`max_step_ms`) and running decode rows (requests with one token left to
+    compute), the decode rows are counted first: their tokens are reserved from the token budget and their cost is
+    predicted by `step_cost`. Each prefill chunk (of a running prompt, then of an admitted one) then gets the most
+    tokens that keep the step's predicted time within the budget, except that the step's prefill chunks together
+    get at least `min_prefill_chunk` tokens (max_num_batched_tokens / 16) when a prompt waits for them, so a long
+    prompt always progresses. A step without decode rows keeps the whole token budget.
     """
 
     def __init__(self, config: SchedulerConfig, cache: CacheManager, *, checkpoint_interval: int = 4096,
-                 speculative_tokens: int = 0, speculative_max_batch: int = 0) -> None:
+                 speculative_tokens: int = 0, speculative_max_batch: int = 0,
+                 step_cost: StepCostModel | None = None) -> None:
         """checkpoint_interval: with prefix caching, a GDN state checkpoint every this many tokens along long
         prompts (besides the prompt's own cache points and branch points).
 
@@ -112,8 +121,16 @@ class Scheduler:
         scheduled request is a one-token decode with the same number of drafts (the GDN layers keep per-position
         states only for such steps), at most speculative_max_batch requests run and no waiting request could be
         admitted; any other step strips the drafts. Each sampling request also gets pages for K - 1 positions past
-        its step, where the drafter writes the MTP head's KV."""
+        its step, where the drafter writes the MTP head's KV.
+
+        step_cost: the step-time model consulted under `config.max_step_ms` (default: one with the generic prior;
+        the engine passes one with a prior from the model's size and feeds it measured steps)."""
         self._config = config
+        self._max_step_ms = config.step_budget_ms
+        self.step_cost = step_cost if step_cost is not None else StepCostModel()
+        self._shape: StepShape | None = None  # this step's planned composition, while the time budget applies
+        self._prefill_given = 0                # prefill tokens this step has given so far
+        self._owed: set[str] = set()           # decode rows of this step not scheduled yet
         self._spec_k = speculative_tokens
         self._spec_max_batch = speculative_max_batch
         self.spec_turned_down = 0  # steps where running requests had drafts but the batch was too large
@@ -133,6 +150,16 @@ class Scheduler:
     @property
     def config(self) -> SchedulerConfig:
         return self._config
+
+    @property
+    def max_step_ms(self) -> float | None:
+        """The per-step time budget in force (None: off)."""
+        return self._max_step_ms
+
+    def set_max_step_ms(self, ms: float | None) -> None:
+        """Change the per-step time budget (None or 0: off); benchmarks sweep it on one engine. The cost model and
+        what it learned are kept."""
+        self._max_step_ms = SchedulerConfig(max_step_ms=ms).step_budget_ms  # validated as the option is
 
     @property
     def num_running(self) -> int:
@@ -213,11 +240,16 @@ class Scheduler:
         max_tokens = self._config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
+        self._owed.clear()
+        self._shape = self._decode_shape() if self._max_step_ms is not None else None
+        self._prefill_given = 0
         budget = self._schedule_running(max_tokens, scheduled, preempted)
         # After a preemption memory is tight: admitting now would likely just re-admit the victim and thrash.
         if not preempted:
             budget = self._admit_waiting(budget, scheduled)
         self.cache.tick += 1
+        self._shape = None
+        self._owed.clear()
         state_copies, page_copies = self._take_copies(scheduled)
         checkpoints = tuple(c for c in (self._checkpoint(s) for s in scheduled) if c is not None)
         return SchedulerOutput(tuple(scheduled), tuple(preempted), max_tokens - budget, state_copies, page_copies,
@@ -228,12 +260,19 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
-            num_new = min(request.num_tokens_with_pending - request.num_computed_tokens, budget)
+            remaining = request.num_tokens_with_pending - request.num_computed_tokens
+            num_new = min(remaining, budget)
             # Nothing to compute (waiting for a token that resolve_step never got), the pending token is the last
             # one the length limit allows, or drafts in flight (the next position depends on how many are kept).
             if num_new <= 0 or request.reached_max_output or request.num_pending_drafts:
                 i += 1
                 continue
+            timed_chunk = remaining > 1 and self._shape is not None  # a prefill chunk under the time budget
+            if timed_chunk:
+                num_new = self._prefill_chunk(request.num_computed_tokens, num_new, budget)
+                if num_new <= 0:
+                    i += 1
+                    continue
             num_new = self._cap_at_checkpoint(request, num_new)
             if uniform is None:
                 drafts = self._drafts_for(request, num_new, budget)
@@ -243,10 +282,47 @@ class Scheduler:
             if not self._allocate_or_preempt(request, num_new + len(drafts), preempted,
                                              lookahead=self._lookahead(request, num_new)):
                 break  # it preempted itself, so it was the last running request
+            if timed_chunk:
+                self._add_chunk(num_new, request.num_computed_tokens)
+            self._owed.discard(request.request_id)
             scheduled.append(self._entry(request, num_new, drafts))
             budget -= num_new + len(drafts)
             i += 1
         return budget
+
+    # ---- the per-step time budget -------------------------------------------------------------------------------
+    def _decode_rows(self) -> list[Request]:
+        """Running requests this step will give one token (their last, or a pending one's successor)."""
+        return [r for r in self._running
+                if r.num_tokens_with_pending - r.num_computed_tokens == 1 and not r.reached_max_output
+                and not r.num_pending_drafts]
+
+    def _decode_shape(self) -> StepShape | None:
+        """The composition of this step's decode rows, or None when there are none (no time budget then); the
+        rows' ids go to `_owed` (the tokens they are owed, until scheduled)."""
+        rows = self._decode_rows()
+        if not rows:
+            return None
+        shape = StepShape()
+        for r in rows:
+            shape = shape.with_decode(r.num_computed_tokens)
+            self._owed.add(r.request_id)
+        return shape
+
+    def _prefill_chunk(self, context: int, wanted: int, budget: int) -> int:
+        """Tokens for a prefill chunk of up to `wanted` after `context` ones under the time budget: what keeps the
+        step's predicted time within max_step_ms, raised to what the step still owes of min_prefill_chunk; the
+        decode rows not scheduled yet keep one token each of `budget`."""
+        assert self._shape is not None and self._max_step_ms is not None
+        limit = min(wanted, budget - len(self._owed))
+        fits = self.step_cost.largest_chunk(self._shape, context, limit, self._max_step_ms)
+        floor = self._config.min_prefill_chunk - self._prefill_given
+        return max(min(max(fits, floor), limit), 0)
+
+    def _add_chunk(self, tokens: int, context: int) -> None:
+        assert self._shape is not None
+        self._shape = self._shape.with_chunk(tokens, context)
+        self._prefill_given += tokens
 
     def _drafts_for(self, request: Request, num_new: int, budget: int) -> tuple[int, ...]:
         """The request's proposed drafts this step can verify: only on a one-token step (the last token is all that
@@ -326,12 +402,20 @@ class Scheduler:
             match = self.cache.match_prefix(tokens)
             if self.cache.claimed_position(tokens) >= match.num_tokens + WAIT_FOR_PREFIX_TOKENS:
                 continue
-            num_new = self._admission_chunk(request, tokens, match.num_tokens, budget)
+            limit = budget
+            if self._shape is not None:
+                limit = self._prefill_chunk(match.num_tokens, min(request.num_tokens - match.num_tokens, budget),
+                                            budget)
+                if limit <= 0:
+                    break  # strict FCFS, as below
+            num_new = self._admission_chunk(request, tokens, match.num_tokens, limit)
             if not self.cache.can_admit(match.num_tokens + num_new, match):
                 break  # strict FCFS: nobody overtakes the head of the queue
             self._waiting.remove(request)
             self.cache.admit(request.request_id, match.num_tokens + num_new, match)
             self._on_admitted(request, tokens, match.num_tokens)
+            if self._shape is not None:
+                self._add_chunk(num_new, match.num_tokens)
             scheduled.append(self._entry(request, num_new, ()))
             budget -= num_new
         return budget
