@@ -154,10 +154,11 @@ def test_a_tight_budget_still_moves_prompts_by_the_floor() -> None:
     assert sum(s["prefill"] == sched.config.min_prefill_chunk for s in mixed) > len(mixed) // 2
 
 
-def test_decodes_behind_a_prefill_keep_their_tokens() -> None:
-    """A decode row that comes after a prefilling prompt in admission order still gets its token: the prefill
-    chunk is sized after reserving the decode rows."""
-    sched = budget_scheduler(1e6, budget=64)
+@pytest.mark.parametrize("max_step_ms", [1e6, None])
+def test_decodes_behind_a_prefill_keep_their_tokens(max_step_ms) -> None:
+    """A decode row that comes after a prefilling prompt in admission order still gets its token, with the time
+    budget and without it: the prefill chunk is sized after reserving the decode rows."""
+    sched = budget_scheduler(max_step_ms, budget=64)
     sched.add_request(Request("long", list(range(1, 500))))
     sched.add_request(Request("short", [1, 2, 3]))
     out = sched.schedule()  # no decode rows yet: the long prompt takes the whole budget

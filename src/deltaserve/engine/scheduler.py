@@ -98,8 +98,10 @@ class Scheduler:
 
     Policy per step (token budget `max_num_batched_tokens`):
     1. Running requests in admission order, each min(remaining tokens, budget left) (plus its drafts when it has
-       budget for them). A request that cannot get the pages for its chunk preempts the newest running request
-       (possibly itself) until it can.
+       budget for them), except that a prefill chunk leaves one token for every decode row (a request with one
+       token left to compute) scheduled after it, so a long prompt ahead of them never costs them their token. A
+       request that cannot get the pages for its chunk preempts the newest running request (possibly itself)
+       until it can.
     2. If nothing was preempted: admit waiting requests strictly FCFS (preempted ones sit at the front) while
        there is budget, a free slot, fewer than `max_num_seqs` running, and free pages for the first chunk.
 
@@ -130,7 +132,7 @@ class Scheduler:
         self.step_cost = step_cost if step_cost is not None else StepCostModel()
         self._shape: StepShape | None = None  # this step's planned composition, while the time budget applies
         self._prefill_given = 0                # prefill tokens this step has given so far
-        self._owed: set[str] = set()           # decode rows of this step not scheduled yet
+        self._owed: set[str] = set()           # decode rows of this step not scheduled yet (each owed a token)
         self._spec_k = speculative_tokens
         self._spec_max_batch = speculative_max_batch
         self.spec_turned_down = 0  # steps where running requests had drafts but the batch was too large
@@ -241,7 +243,9 @@ class Scheduler:
         scheduled: list[ScheduledRequest] = []
         preempted: list[str] = []
         self._owed.clear()
-        self._shape = self._decode_shape() if self._max_step_ms is not None else None
+        rows = self._decode_rows()
+        self._owed.update(r.request_id for r in rows)
+        self._shape = self._decode_shape(rows) if self._max_step_ms is not None else None
         self._prefill_given = 0
         budget = self._schedule_running(max_tokens, scheduled, preempted)
         # After a preemption memory is tight: admitting now would likely just re-admit the victim and thrash.
@@ -270,9 +274,11 @@ class Scheduler:
             timed_chunk = remaining > 1 and self._shape is not None  # a prefill chunk under the time budget
             if timed_chunk:
                 num_new = self._prefill_chunk(request.num_computed_tokens, num_new, budget)
-                if num_new <= 0:
-                    i += 1
-                    continue
+            elif remaining > 1:
+                num_new = min(num_new, budget - len(self._owed))  # the decode rows behind it keep their tokens
+            if num_new <= 0:
+                i += 1
+                continue
             num_new = self._cap_at_checkpoint(request, num_new)
             if uniform is None:
                 drafts = self._drafts_for(request, num_new, budget)
@@ -297,16 +303,14 @@ class Scheduler:
                 if r.num_tokens_with_pending - r.num_computed_tokens == 1 and not r.reached_max_output
                 and not r.num_pending_drafts]
 
-    def _decode_shape(self) -> StepShape | None:
-        """The composition of this step's decode rows, or None when there are none (no time budget then); the
-        rows' ids go to `_owed` (the tokens they are owed, until scheduled)."""
-        rows = self._decode_rows()
+    @staticmethod
+    def _decode_shape(rows: list[Request]) -> StepShape | None:
+        """The composition of this step's decode rows, or None when there are none (no time budget then)."""
         if not rows:
             return None
         shape = StepShape()
         for r in rows:
             shape = shape.with_decode(r.num_computed_tokens)
-            self._owed.add(r.request_id)
         return shape
 
     def _prefill_chunk(self, context: int, wanted: int, budget: int) -> int:
