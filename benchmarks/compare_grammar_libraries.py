@@ -18,7 +18,6 @@ import argparse
 import json
 import random
 import time
-from statistics import median
 from typing import Any
 
 import numpy as np

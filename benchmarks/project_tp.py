@@ -24,6 +24,7 @@ import argparse
 
 import torch
 
+from benchmarks.bench_decode import weight_bytes_read
 from benchmarks.common import SHAPES, kv_bytes_per_token, model_config, state_bytes, table
 
 # One H200, 2026-12-03 (benchmarks/RESULTS.md, bench_decode.py, context 1,024, CUDA graphs): graph ms - floor ms.
@@ -40,14 +41,7 @@ def rank_bytes(name: str, tp: int, batch: int, context: int, expert_parallel: bo
     cfg = model_config(name)
     shapes = RankShapes.for_rank(cfg, tp, 0, expert_parallel=expert_parallel)
     model = Qwen3_5ForCausalLM(cfg, dtype=torch.bfloat16, device="meta", with_mtp=False, shapes=shapes)
-    weights = 0.0
-    for pname, p in model.named_parameters():
-        size = p.numel() * p.element_size()
-        if pname.endswith("embed_tokens.weight"):
-            size = batch * p.shape[1] * p.element_size() + (size if cfg.tie_word_embeddings else 0)
-        elif ".experts." in pname:
-            size *= 1 - (1 - cfg.num_experts_per_tok / cfg.num_experts) ** batch
-        weights += size
+    weights = weight_bytes_read(model, cfg, batch)  # bench_decode's count, over this rank's parameters
     state = 2 * state_bytes(cfg) / tp  # GDN value heads split evenly
     kv_heads_total = cfg.num_key_value_heads
     kv_share = max(shapes.num_kv_heads, 1) / kv_heads_total  # replicated KV heads: a rank reads its own copy

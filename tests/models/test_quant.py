@@ -33,6 +33,18 @@ def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
     assert diff <= REL_TOL * scale, f"max abs diff {diff:.3g} > {REL_TOL} x logit scale {scale:.3g}"
 
 
+def assert_matches_plain(model, tmp_path: Path, state: dict[str, torch.Tensor], cfg: dict, prompt: list[int]) -> None:
+    """`model`'s logits equal those of a plain (unquantized) checkpoint of `state` with config `cfg` less its
+    quantization_config."""
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    save_file({k: v.float().contiguous() for k, v in state.items()}, plain / "model.safetensors")
+    (plain / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
+    reference = load_model(ModelConfig.from_hf(plain), dtype="float32")
+    assert_logits_close(SimpleRunner(model).step({0: prompt}, all_logits=True)[0],
+                        SimpleRunner(reference).step({0: prompt}, all_logits=True)[0])
+
+
 def check_against(model, prompt: list[int], logits: torch.Tensor, greedy: list[int]) -> None:
     got = SimpleRunner(model).step({0: prompt}, all_logits=True)[0]
     assert_logits_close(got, logits)
@@ -231,17 +243,9 @@ def test_fp8_per_channel_compressed_tensors(bf16_dirs, tmp_path):
     model = load_model(ModelConfig.from_hf(out), dtype="float32")
     assert model.model.layers[0].mlp.down_proj.method.name == "fp8 per-channel"
     # the same weights, dequantized, as a plain checkpoint
-    plain = tmp_path / "plain"
-    plain.mkdir()
     deq = {k: (v.float() * q[k[:-len("weight")] + "weight_scale"].float() if v.dtype == torch.float8_e4m3fn else v)
            for k, v in q.items() if not k.endswith("weight_scale")}
-    save_file({k: v.float().contiguous() for k, v in deq.items()}, plain / "model.safetensors")
-    cfg.pop("quantization_config")
-    (plain / "config.json").write_text(json.dumps(cfg))
-    reference = load_model(ModelConfig.from_hf(plain), dtype="float32")
-    prompt = list(range(5, 30))
-    assert_logits_close(SimpleRunner(model).step({0: prompt}, all_logits=True)[0],
-                        SimpleRunner(reference).step({0: prompt}, all_logits=True)[0])
+    assert_matches_plain(model, tmp_path, deq, cfg, list(range(5, 30)))
 
 
 # ---- errors ------------------------------------------------------------------------------------------------------
@@ -392,16 +396,8 @@ def test_nested_checkpoint_names_and_exclusions(tmp_path):
     assert "model.language_model.layers.0.linear_attn.in_proj_a" in skipped
     model = load_model(ModelConfig.from_hf(out), dtype="float32")
     assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    save_file({k: v.contiguous() for k, v in dequant_state(out).items()}, plain / "model.safetensors")
-    cfg = json.loads((out / "config.json").read_text())
-    cfg.pop("quantization_config")
-    (plain / "config.json").write_text(json.dumps(cfg))
-    reference = load_model(ModelConfig.from_hf(plain), dtype="float32")
-    prompt = list(range(7, 40))
-    assert_logits_close(SimpleRunner(model).step({0: prompt}, all_logits=True)[0],
-                        SimpleRunner(reference).step({0: prompt}, all_logits=True)[0])
+    assert_matches_plain(model, tmp_path, dequant_state(out), json.loads((out / "config.json").read_text()),
+                         list(range(7, 40)))
 
 
 def test_compressed_tensors_actorder_group(bf16_dirs, tmp_path):

@@ -6,7 +6,6 @@ dimension; a killed or hung worker stops the engine with an error (naming the ra
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import signal
 import time
@@ -19,6 +18,7 @@ from deltaserve.config import ConfigError, ModelConfig, RankShapes
 from deltaserve.demo import write_byte_tokenizer
 from deltaserve.parallel.runner import RankFailure
 from tests.models.factory import TinySpec, save_checkpoint
+from tests.parallel.compare import assert_same
 
 VOCAB = 320
 # fp32 everywhere; the ranks' partial sums are added in another order than one process adds them, so logprobs differ
@@ -78,15 +78,6 @@ def run(llm: LLM) -> list:
         llm.engine.shutdown()
 
 
-def assert_same(got, ref) -> None:
-    for g, r in zip(got, ref):
-        assert g.token_ids == r.token_ids
-        for lg, lr in zip(g.logprobs, r.logprobs):
-            assert math.isclose(lg.logprob, lr.logprob, abs_tol=LOGPROB_ATOL)
-            assert [t for t, _ in lg.top] == [t for t, _ in lr.top]
-            assert all(math.isclose(a, b, abs_tol=LOGPROB_ATOL) for (_, a), (_, b) in zip(lg.top, lr.top))
-
-
 @pytest.mark.parametrize("fixture, options", [
     ("dense", {}),                                                  # tied vocab-parallel embedding / lm_head
     ("moe_fused", {}),                                              # expert tensors sliced along dims 1 and 2
@@ -97,7 +88,7 @@ def test_two_ranks_match_one_process(request, fixture, options):
     path = request.getfixturevalue(fixture)
     # small steps: chunked prefill, then mixed prefill / decode batches
     ref = run(make_llm(path, max_num_batched_tokens=32))
-    assert_same(run(make_llm(path, 2, max_num_batched_tokens=32, **options)), ref)
+    assert_same(run(make_llm(path, 2, max_num_batched_tokens=32, **options)), ref, LOGPROB_ATOL)
 
 
 def test_two_ranks_in_bf16_stay_within_rounding(dense):
@@ -127,7 +118,7 @@ def test_two_ranks_in_bf16_stay_within_rounding(dense):
 def test_four_ranks_match_one_process(request, fixture, options):
     """TP 4: each KV head replicated on two ranks, GDN sections split four ways (and 2 experts per rank)."""
     path = request.getfixturevalue(fixture)
-    assert_same(run(make_llm(path, 4, **options)), run(make_llm(path)))
+    assert_same(run(make_llm(path, 4, **options)), run(make_llm(path)), LOGPROB_ATOL)
 
 
 def test_ranks_read_only_their_part(dense, monkeypatch):

@@ -25,6 +25,7 @@ from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.layers.moe import Experts
 from deltaserve.models import loader
 from deltaserve.models.loader import CheckpointError
+from tests.parallel.compare import assert_same
 
 FIXTURES = Path(__file__).parents[1] / "models" / "quant_fixtures"
 # fp32 activations over the same dequantized weights: the ranks' partial sums are added in another order than one
@@ -61,15 +62,6 @@ def reference(name: str) -> list:
     return _REFERENCE[name]
 
 
-def assert_same(got, ref) -> None:
-    for g, r in zip(got, ref):
-        assert g.token_ids == r.token_ids
-        for lg, lr in zip(g.logprobs, r.logprobs):
-            assert math.isclose(lg.logprob, lr.logprob, abs_tol=LOGPROB_ATOL)
-            assert [t for t, _ in lg.top] == [t for t, _ in lr.top]
-            assert all(math.isclose(a, b, abs_tol=LOGPROB_ATOL) for (_, a), (_, b) in zip(lg.top, lr.top))
-
-
 @pytest.mark.parametrize("name, options", [
     ("gptq_dense", {}),                                  # int4 GPTQ v1 (packed along K, g_idx); K split in a group
     ("qwen_fp8_dense", {}),                              # FP8 128x128 blocks; N and K splits inside a block
@@ -80,7 +72,7 @@ def assert_same(got, ref) -> None:
     ("awq_mixed_moe", {}),                               # AWQ (packed along N) next to bf16 projections
 ])
 def test_two_ranks_match_one_process(name, options):
-    assert_same(run(FIXTURES / name, 2, **options), reference(name))
+    assert_same(run(FIXTURES / name, 2, **options), reference(name), LOGPROB_ATOL)
 
 
 # ---- each rank's weights, without processes -------------------------------------------------------------------------
@@ -252,7 +244,7 @@ def test_fused_fp8_experts_and_fp8_per_channel(tmp_path):
         _check_rank_weights(path, 2, False)
         if moe:
             _check_rank_weights(path, 2, True)
-    assert_same(run(fused, 2), run(fused))
+    assert_same(run(fused, 2), run(fused), LOGPROB_ATOL)
 
 
 def fp8_lm_head(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

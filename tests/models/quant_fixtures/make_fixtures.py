@@ -177,7 +177,6 @@ def dequantized_checkpoint(qdir: Path, dequant) -> dict[str, torch.Tensor]:
 def hf_from_state(src_bf16: Path, state: dict[str, torch.Tensor]):
     import transformers as tf
     cfg = tf.AutoConfig.from_pretrained(src_bf16)
-    model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     tmp = Path(tempfile.mkdtemp())
     cfg.save_pretrained(tmp)
     save_file({k: v.contiguous() for k, v in state.items()}, tmp / "model.safetensors", metadata={"format": "pt"})
