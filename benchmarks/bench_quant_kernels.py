@@ -1,14 +1,21 @@
 """Kernel-only timing of the quantized GEMMs at decode sizes (27B / 35B-A3B projection shapes) against torch's bf16
 GEMM and the weight-read floor (bytes of the stored weight and scales over the measured copy bandwidth).
 
-python benchmarks/bench_quant_kernels.py [--rows 1 16 64]
+python benchmarks/bench_quant_kernels.py [--rows 1 16 64]            the planned tiles, per kernel variant
+python benchmarks/bench_quant_kernels.py --sweep [--rows 1 16 64]    tiles x warps x stages x split-K per shape; the
+                                                                     best per (kind, shape, rows) and its error
+
+Variants (kernels/quant/triton.py UNPACK): int4 u2 = nibble planes dequantized in fp32 then rounded (the first
+kernels); u3 = planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot, u3 = scale after.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 
 import torch
+import triton
 import triton.testing
 
 from benchmarks.common import measure_copy_bandwidth, table
@@ -17,36 +24,97 @@ from deltaserve.kernels.quant import triton as qt
 
 SHAPES = {"27B gate_up": (34816, 5120), "27B down": (5120, 17408), "27B in_proj": (16384, 5120),
           "35B in_proj": (12288, 2048), "35B o_proj": (2048, 4096)}
+SWEEP_SHAPES = ["27B gate_up", "27B down", "35B in_proj"]
+VARIANTS = {"int4": (2, 3), "fp8": (0, 3)}
+
+
+def make_weights(n: int, k: int) -> dict:
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
+    s = torch.rand(n, k // 128, device="cuda") * 0.01 + 1e-3
+    z = torch.randint(0, 16, (n, k // 128), dtype=torch.uint8, device="cuda")
+    w8 = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
+    return {"int4": (ref.pack_int4(codes), s, z), "fp8": (w8, s, None)}
+
+
+def floor_bytes(kind: str, n: int, k: int) -> float:
+    return {"bf16": n * k * 2, "int4": n * k / 2 + n * k / 128 * 5, "fp8": n * k + n * k / 128 * 4}[kind]
+
+
+def rel_error(kind: str, x: torch.Tensor, weights: tuple, got: torch.Tensor) -> float:
+    w, s, z = weights
+    k = x.shape[1]
+    exact = (ref.dequant_int4(qweight=w, scales=s, zeros=z, group_size=128, k=k) if kind == "int4"
+             else ref.dequant_fp8(weight=w, scale=s, block_k=128))
+    want = x.double() @ exact.double().T
+    return ((got.double() - want).abs().max() / want.abs().max()).item()
+
+
+def time_ms(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+
+
+def planned(args, bw: float) -> list[dict]:
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        weights = make_weights(n, k)
+        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        for m in args.rows:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            t = {"bf16": time_ms(lambda: torch.nn.functional.linear(x, wb))}
+            for kind, variants in VARIANTS.items():
+                w, s, z = weights[kind]
+                for u in variants:
+                    t[f"{kind} u{u}"] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
+            row = {"shape": name, "rows": m}
+            for key, ms in t.items():
+                row[f"{key} us"] = ms * 1e3
+                row[f"{key} /floor"] = ms / (floor_bytes(key.split()[0], n, k) / bw * 1e3)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def sweep(args, bw: float) -> list[dict]:
+    best_rows = []
+    for name in SWEEP_SHAPES:
+        n, k = SHAPES[name]
+        weights = make_weights(n, k)
+        for m, kind in itertools.product(args.rows, VARIANTS):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            w, s, z = weights[kind]
+            base_tiles = qt._plan(m, n, k, 128, x.device, kind == "int4")
+            bm = base_tiles[0]
+            floor_ms = floor_bytes(kind, n, k) / bw * 1e3
+            results = [("plan u%d" % VARIANTS[kind][0], base_tiles, VARIANTS[kind][0],
+                        time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=VARIANTS[kind][0])))]
+            for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (3, 5)):
+                tiles_n = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+                plan_split = max(1, min(k // 128, (2 * qt.num_sms(x.device)) // tiles_n))
+                for split in sorted({1, plan_split, 2 * plan_split}):
+                    tiles = (bm, bn, 128, split, warps, stages)
+                    try:
+                        ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=3))
+                    except Exception as e:  # out of shared memory / registers: not a candidate
+                        print(f"{name} m={m} {kind} {tiles}: {type(e).__name__}", flush=True)
+                        continue
+                    results.append(("u3", tiles, 3, ms))
+            label, tiles, u, ms = min(results, key=lambda r: r[3])
+            got = qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=u)
+            row = {"shape": name, "kind": kind, "rows": m, "floor us": floor_ms * 1e3,
+                   "plan us": results[0][3] * 1e3, "best us": ms * 1e3, "best/floor": ms / floor_ms,
+                   "best": f"{label} {tiles}", "rel err": rel_error(kind, x, weights[kind], got)}
+            best_rows.append(row)
+            print(row, flush=True)
+    return best_rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64])
+    ap.add_argument("--sweep", action="store_true")
     args = ap.parse_args()
     bw = measure_copy_bandwidth()
-    rows = []
-    for name, (n, k) in SHAPES.items():
-        codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, device="cuda")
-        qw = ref.pack_int4(codes)
-        s = torch.rand(n, k // 128, device="cuda") * 0.01
-        z = torch.full((n, k // 128), 8, dtype=torch.uint8, device="cuda")
-        w8 = torch.randn(n, k, device="cuda").to(torch.float8_e4m3fn)
-        wb = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        for m in args.rows:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            t = {"bf16": triton.testing.do_bench(lambda: torch.nn.functional.linear(x, wb), return_mode="median")}
-            for u in (0, 1, 2):
-                t[f"int4 u{u}"] = triton.testing.do_bench(lambda: qt.quant_gemm(x, qw, s, z, 128, unpack=u),
-                                                          return_mode="median")
-            t["fp8"] = triton.testing.do_bench(lambda: qt.quant_gemm(x, w8, s, None, 128), return_mode="median")
-            floor = {"bf16": n * k * 2, "int4": n * k / 2 + s.numel() * 5, "fp8": n * k + s.numel() * 4}
-            row = {"shape": name, "rows": m}
-            for key, ms in t.items():
-                fb = floor[key.split()[0]] / bw * 1e3
-                row[f"{key} us"] = ms * 1e3
-                row[f"{key} /floor"] = ms / fb
-            rows.append(row)
-            print(row, flush=True)
+    rows = sweep(args, bw) if args.sweep else planned(args, bw)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     print(table(rows))
 

@@ -1,15 +1,18 @@
 """Triton kernels for weight-quantized GEMMs (int4 W4A16, fp8 block-scaled), same signatures as ref.py.
 
-One tiled kernel serves both; weights are dequantized in registers, rounded to the activation dtype (as the
-reference does) and fed to tensor cores with tl.dot, accumulating in fp32.
-  - fp8: a [BN, BK] e4m3 tile (contiguous along K) times the row's scale for that K block.
-  - int4 (UNPACK 2, the default): the tile's packed words are loaded once ([BN, BK/8], contiguous along K) and never
-    interleaved: nibble plane j holds columns k0 + 8c + j, which are dotted with the same columns of x (a strided
-    load of the small activation tile), eight K = BK/8 dots per tile. UNPACK 0 (each column loads its own word) and
-    1 (one load, nibbles spread by a reshape; the first version) remain for benchmarks/bench_quant_kernels.py.
+One tiled kernel serves both, feeding tensor cores with tl.dot and accumulating in fp32.
+  - UNPACK 0 / 2 (fp32 activations, the interpreter): the weight tile is dequantized in registers and rounded to
+    the activation dtype, as the reference does. fp8: a [BN, BK] e4m3 tile (contiguous along K) times the row's
+    scale for that K block. int4 (2): the tile's packed words are loaded once ([BN, BK/8], contiguous along K) and
+    never interleaved: nibble plane j holds columns k0 + 8c + j, which are dotted with the same columns of x (a
+    strided load of the small activation tile), eight K = BK/8 dots per tile.
   - decode-sized calls: one M tile (16/32/64 rows) and split-K until about two waves of programs run; the partial
     sums go to an fp32 workspace and are added by one torch op.
-  - prefill-sized calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
+  - UNPACK 3 (int4 up to 32 rows on the GPU with 16-bit activations): the scale multiplies each tile's partial
+    sum, so the tensor cores take the exact q - z, two nibbles per lop3 (the FasterTransformer trick, in inline
+    PTX), with no per-value scaling; the kernels skip the reference's rounding of the weight to the activation dtype
+    and land closer to the exact product. For fp8 (the exact e4m3 values) it is a benchmark variant only.
+  - larger calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
 MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX routed pairs, a GEMV per (token,
 expert) pair that reads the expert id on the device; up to PAIR_MAX, pairs sorted into blocks of 16 that share one
 expert (moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in
@@ -59,6 +62,78 @@ def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, G
         return w.to(tl.float32) * s[:, None]
 
 
+# int4 -> 16-bit float without per-value arithmetic (the FasterTransformer trick): OR-ing a nibble into the mantissa of
+# 128.0 (bf16 0x4300; fp16 1024.0, 0x6400) gives exactly 128 + q, so one lop3 turns two nibbles of a word (q_j in the
+# low half, q_{j+4} in the high half) into two 16-bit floats, and one packed subtract of 128 + z leaves the exact
+# q - z. Two words per call; prmt regroups the halves so that output p holds nibble p of both words (plane p).
+_PLANES_ASM = """
+{
+.reg .b32 a<4>, b<4>, t;
+lop3.b32 a0, $8, 0x000f000f, MAGIC, 0xea;
+lop3.b32 b0, $9, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, $8, 4;
+lop3.b32 a1, t, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, $9, 4;
+lop3.b32 b1, t, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, $8, 8;
+lop3.b32 a2, t, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, $9, 8;
+lop3.b32 b2, t, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, $8, 12;
+lop3.b32 a3, t, 0x000f000f, MAGIC, 0xea;
+shr.u32 t, $9, 12;
+lop3.b32 b3, t, 0x000f000f, MAGIC, 0xea;
+SUB a0, a0, $10;
+SUB a1, a1, $10;
+SUB a2, a2, $10;
+SUB a3, a3, $10;
+SUB b0, b0, $11;
+SUB b1, b1, $11;
+SUB b2, b2, $11;
+SUB b3, b3, $11;
+prmt.b32 $0, a0, b0, 0x5410;
+prmt.b32 $1, a1, b1, 0x5410;
+prmt.b32 $2, a2, b2, 0x5410;
+prmt.b32 $3, a3, b3, 0x5410;
+prmt.b32 $4, a0, b0, 0x7632;
+prmt.b32 $5, a1, b1, 0x7632;
+prmt.b32 $6, a2, b2, 0x7632;
+prmt.b32 $7, a3, b3, 0x7632;
+}
+"""
+_PLANES_BF16 = tl.constexpr(_PLANES_ASM.replace("MAGIC", "0x43004300").replace("SUB", "sub.rn.bf16x2"))
+_PLANES_FP16 = tl.constexpr(_PLANES_ASM.replace("MAGIC", "0x64006400").replace("SUB", "sub.f16x2"))
+
+
+@triton.jit
+def _int4_planes(words, z, BF16: tl.constexpr):
+    """words int32 [BN, C], z int32 [BN] -> eight [BN, C] tensors of the activation dtype: plane p holds
+    q_p - z of each word (column 8c + p of the tile), exactly."""
+    if BF16:
+        zz = (z | 0x4300) * 0x10001  # 128 + z in both halves
+        return tl.inline_asm_elementwise(_PLANES_BF16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, zz[:, None]],
+                                         dtype=(tl.bfloat16,) * 8, is_pure=True, pack=2)
+    else:
+        zz = (z | 0x6400) * 0x10001
+        return tl.inline_asm_elementwise(_PLANES_FP16, "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [words, zz[:, None]],
+                                         dtype=(tl.float16,) * 8, is_pure=True, pack=2)
+
+
+@triton.jit
+def _int4_tile_dot(x_ptr, words, z, offs_m, M, K, stride_xm, k0, BM: tl.constexpr, BN: tl.constexpr,
+                   BK: tl.constexpr):
+    """sum over the tile's BK columns of x[m, k] (q[n, k] - z[n]) -> fp32 [BM, BN]."""
+    planes = _int4_planes(words, z, x_ptr.dtype.element_ty == tl.bfloat16)
+    offs_c = tl.arange(0, BK // 8)
+    part = tl.zeros((BM, BN), dtype=tl.float32)
+    for j in tl.static_range(8):
+        offs_k = k0 + offs_c * 8 + j
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        part += tl.dot(x, tl.trans(planes[j]))
+    return part
+
+
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os,
                  stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
@@ -69,6 +144,30 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
+    if UNPACK == 3:
+        # Scale after the dot: sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z) within a K tile (one scale per row
+        # and tile), so the tile goes to the tensor cores as the exact small integers (q - z) in the activation
+        # dtype (fp8: the exact e4m3 values) and the scale multiplies the [BM, BN] partial sum once per tile.
+        n_ok = offs_n < N
+        offs_c = tl.arange(0, BK // 8)
+        for k0 in range(k_begin, k_end, BK):
+            g = k0 // GROUP
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+            if INT4:
+                z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+                offs_w = k0 // 8 + offs_c
+                words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                                mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+                part = _int4_tile_dot(x_ptr, words, z, offs_m, M, K, stride_xm, k0, BM, BN, BK)
+            else:
+                offs_k = k0 + tl.arange(0, BK)
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                            mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+                part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+            acc += part * s[None, :]
+        k_end = k_begin  # done: skip the loops below
     if INT4 and UNPACK == 2:
         # Each packed word is loaded once ([BN, BK/8], contiguous along K) and never interleaved: nibble plane j
         # of the tile holds columns k0 + 8c + j, so it is dotted with those columns of x (a strided load of the
@@ -118,30 +217,47 @@ def _k_tile(group: int, k: int, want: int) -> int:
     return bk
 
 
-def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool = False
-          ) -> tuple[int, int, int, int]:
-    """(BM, BN, BK, split) for an [m, k] x [k, n] call: one M tile where the rows allow (the weight is read once per
-    M tile), and split-K until about two waves of programs run (the N = hidden-size projections have few N tiles)."""
+def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool = False) -> tuple[int, ...]:
+    """(BM, BN, BK, split[, num_warps, num_stages]) for an [m, k] x [k, n] call: one M tile where the rows allow (the
+    weight is read once per M tile), and split-K until about two waves of programs run (the N = hidden-size
+    projections have few N tiles). int4 up to 32 rows (the lop3 planes of UNPACK 3) pipelines the packed words 5
+    deep with 4 warps, the best of the H200 sweep (benchmarks/bench_quant_kernels.py --sweep, RESULTS.md): 27B int4
+    decode at batch 1 went from 21.4 to 18.0 ms a step. The sweep's other picks (fp8, and int4 past 32 rows) lost
+    in the whole-model step, so those keep Triton's default launch."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn = 64 if m <= 32 else 128
+    bn = (64 if m <= 8 else 128) if int4 and m <= 32 else 64 if m <= 32 else 128
     bk = _k_tile(group, k, 128 if m <= 32 or int4 else 64)
     sms = num_sms(device) if device.type == "cuda" else 4
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     split = max(1, min(triton.cdiv(k, bk), (2 * sms) // max(tiles, 1)))
-    return bm, bn, bk, split
+    launch = (4, 5) if int4 and m <= 32 else ()
+    return (bm, bn, bk, split, *launch)
+
+
+def _variant(dtype: torch.dtype, int4: bool, m: int, bk: int) -> int:
+    """The kernel variant for a call: 3 (int4 planes by the lop3 trick, scale after the dot: needs the GPU, 16-bit
+    activations and K = BK / 8 >= 16 per plane) for int4 up to 32 rows; else 2 (int4 nibble planes dequantized in
+    fp32 and rounded as the reference does: the faster one at 64 rows) or 0 (fp8: dequantize-then-dot measured
+    faster in the whole-model step than UNPACK 3's scale-after-dot, which stays for the benchmark)."""
+    if int4 and m <= 32 and bk >= 128 and not _INTERPRET and dtype in (torch.bfloat16, torch.float16):
+        return 3
+    return 2 if int4 and (bk >= 128 or _INTERPRET) else 0
 
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
-               group: int, out: torch.Tensor | None = None, tiles: tuple[int, int, int, int] | None = None,
-               unpack: int = 2) -> torch.Tensor:
+               group: int, out: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None,
+               unpack: int | None = None) -> torch.Tensor:
     """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
-    result goes (tests pass a NaN-filled one); `tiles`: (BM, BN, BK, split) instead of the plan."""
+    result goes (tests pass a NaN-filled one); `tiles`: (BM, BN, BK, split[, num_warps, num_stages]) instead of the
+    plan; `unpack`: the kernel variant (benchmarks; default: the fastest one the call allows)."""
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
     group = min(group, k) if group else k
-    bm, bn, bk, split = tiles or _plan(m, n, k, group, x.device, int4)
-    if unpack == 2 and bk < 128 and not _INTERPRET:
+    bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4)
+    if unpack is None:
+        unpack = _variant(x.dtype, int4, m, bk)
+    elif unpack == 2 and bk < 128 and not _INTERPRET:
         unpack = 0  # the nibble-plane dots need K = BK / 8 >= 16 on tensor cores
     if group < k and group % bk:
         raise ValueError(f"K tile {bk} must divide the group size {group}")
@@ -155,7 +271,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
                        scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split,
                        GROUP=group if group < k else k + bk, INT4=int4,
-                       IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk, UNPACK=unpack)
+                       IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk, UNPACK=unpack,
+                       **dict(zip(("num_warps", "num_stages"), launch)))
     if split > 1:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
