@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from deltaserve.cache.allocator import PageAllocator, SlotAllocator, pages_for_tokens
-from deltaserve.cache.prefix import Checkpoint, PrefixIndex
+from deltaserve.cache.prefix import Checkpoint, PageChain, PrefixIndex
 
 # A checkpoint that saves the most prefill per byte is kept as if it had been used this many schedule() calls later.
 EFFICIENCY_WEIGHT = 64
@@ -108,6 +108,7 @@ class CacheManager:
         # page-chain digests that running requests will checkpoint (their planned positions), and who claimed them
         self._claimed: dict[bytes, int] = {}
         self._claims: dict[str, list[bytes]] = {}
+        self._chains: dict[str, PageChain] = {}  # each request's page digests, hashed once (until `free`)
         self._state_tokens = state_tokens
         self.tick = 0  # advanced by the scheduler once per step: the clock of checkpoint recency
         self.counters = {"checkpoints_taken": 0, "checkpoint_evictions": 0, "prefix_hits": 0,
@@ -162,22 +163,32 @@ class CacheManager:
     def allocation(self, request_id: str) -> Allocation | None:
         return self._held.get(request_id)
 
-    def match_prefix(self, token_ids: Sequence[int]) -> PrefixMatch:
+    def _chain(self, request_id: str | None) -> PageChain | None:
+        """The request's digest cache (None without an id: the lookup hashes its tokens afresh)."""
+        if request_id is None:
+            return None
+        chain = self._chains.get(request_id)
+        if chain is None:
+            chain = self._chains[request_id] = self._index.chain()
+        return chain
+
+    def match_prefix(self, token_ids: Sequence[int], request_id: str | None = None) -> PrefixMatch:
         """The longest cached prefix of `token_ids` with both its pages and a GDN state, leaving at least the last
-        token to compute (its logits are needed)."""
-        c = self._index.find(token_ids, len(token_ids) - 1) if self.prefix_caching else None
+        token to compute (its logits are needed). request_id: whose tokens they are (their page digests are
+        kept for its next lookups)."""
+        c = self._index.find(token_ids, len(token_ids) - 1, self._chain(request_id)) if self.prefix_caching else None
         if c is None:
             return NO_MATCH
         full = c.position // self.page_size
         partial = c.pages[full] if c.position % self.page_size else None
         return PrefixMatch(c.position, c.pages[:full], partial, c.slot, c)
 
-    def branch_position(self, token_ids: Sequence[int], limit: int) -> int:
+    def branch_position(self, token_ids: Sequence[int], limit: int, request_id: str | None = None) -> int:
         """The page-aligned position up to which `token_ids` shares pages with some checkpoint's prefix (where a new
         sequence branches off a cached path), at most `limit`."""
         if not self.prefix_caching:
             return 0
-        return self._index.branch_depth(token_ids, limit) * self.page_size
+        return self._index.branch_depth(token_ids, limit, self._chain(request_id)) * self.page_size
 
     def can_admit(self, num_tokens: int, match: PrefixMatch = NO_MATCH) -> bool:
         """A free slot and the pages for positions [0, num_tokens) beyond the matched full pages (checkpoints are
@@ -221,6 +232,7 @@ class CacheManager:
     def free(self, request_id: str) -> None:
         """Give back everything the request holds (unknown ids: nothing to do)."""
         self._release_claims(request_id)
+        self._chains.pop(request_id, None)
         allocation = self._held.pop(request_id, None)
         if allocation is not None:
             self._pages.free(allocation.pages)
@@ -230,7 +242,7 @@ class CacheManager:
     def claim_prefixes(self, request_id: str, tokens: Sequence[int], positions: Sequence[int]) -> None:
         """The request will checkpoint these positions of `tokens`: a request sharing that prefix can wait for them
         instead of computing it too."""
-        digests = self._index.digests(tokens, max(positions, default=0))
+        digests = self._index.digests(tokens, max(positions, default=0), self._chain(request_id))
         mine = [digests[p // self.page_size] for p in positions if p >= self.page_size]
         for digest in mine:
             self._claimed[digest] = self._claimed.get(digest, 0) + 1
@@ -251,12 +263,13 @@ class CacheManager:
         if not self._claimed[digest]:
             del self._claimed[digest]
 
-    def claimed_position(self, token_ids: Sequence[int]) -> int:
+    def claimed_position(self, token_ids: Sequence[int], request_id: str | None = None) -> int:
         """The page-aligned position up to which a running request is computing a checkpointed prefix of
         `token_ids` (0: none)."""
         if not self._claimed:
             return 0
-        return self._index.deepest(token_ids, len(token_ids) - 1, self._claimed) * self.page_size
+        chain = self._chain(request_id)
+        return self._index.deepest(token_ids, len(token_ids) - 1, self._claimed, chain) * self.page_size
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
     def reserve_checkpoint(self, request_id: str, tokens: Sequence[int], position: int) -> PendingCheckpoint | None:
@@ -266,7 +279,7 @@ class CacheManager:
         allocation = self._held.get(request_id)
         if self._checkpoint_slots is None or allocation is None or position <= 0:
             return None
-        depth_digest, partial, digests = self._index.key_of(tokens, position)
+        depth_digest, partial, digests = self._index.key_of(tokens, position, self._chain(request_id))
         existing = self._index.get(depth_digest, partial)
         if existing is not None or any(p.checkpoint.depth_digest == depth_digest and p.checkpoint.partial == partial
                                        for p in self._pending):

@@ -25,11 +25,41 @@ ROOT = b"deltaserve-prefix-v1"
 def chain_digests(tokens: Sequence[int], num_pages: int, page_size: int, namespace: bytes) -> list[bytes]:
     """digests[d] identifies tokens[0 : d * page_size] (digests[0]: the empty prefix of this namespace)."""
     digests = [hashlib.blake2b(ROOT + namespace, digest_size=16).digest()]
-    data = np.asarray(tokens[:num_pages * page_size], dtype=np.int64)
-    for d in range(num_pages):
-        page = data[d * page_size:(d + 1) * page_size].tobytes()
-        digests.append(hashlib.blake2b(digests[-1] + page, digest_size=16).digest())
+    _extend(digests, tokens[:num_pages * page_size], page_size)
     return digests
+
+
+def _extend(digests: list[bytes], tokens: Sequence[int], page_size: int) -> None:
+    """Append the digests of the full pages of `tokens`, which follow the prefix digests[-1] identifies."""
+    data, step = np.asarray(tokens, dtype=np.int64).tobytes(), page_size * 8  # bytes slices: cheaper than numpy's
+    for start in range(0, len(data) - step + 1, step):
+        digests.append(hashlib.blake2b(digests[-1] + data[start:start + step], digest_size=16).digest())
+
+
+class PageChain:
+    """The chain digests of one request's tokens, each page hashed once. A request's prefix is looked up at every
+    admission attempt, branch, claim and checkpoint (five hashes of its whole history per resumed chat turn, ~0.5 ms
+    each at 8k tokens); its known tokens only grow, so the pages hashed before are still valid."""
+
+    def __init__(self, page_size: int, namespace: bytes) -> None:
+        self.page_size = page_size
+        self._digests = chain_digests((), 0, page_size, namespace)
+        self._tokens: list[int] = []  # the tokens of the hashed pages, to check a call's tokens still start so
+
+    def digests(self, tokens: Sequence[int], position: int) -> list[bytes]:
+        """chain_digests of tokens[:position // page_size full pages]."""
+        pages = position // self.page_size
+        n = min(pages, len(self._digests) - 1) * self.page_size
+        # Tokens that do not start with the hashed ones (an id reused for another sequence) start over; the list
+        # compare costs a few percent of hashing them.
+        if list(tokens[:n]) != self._tokens[:n]:
+            del self._digests[1:]
+            self._tokens, n = [], 0
+        if pages * self.page_size > n:
+            new = list(tokens[n:pages * self.page_size])
+            _extend(self._digests, new, self.page_size)
+            self._tokens = self._tokens[:n] + new
+        return self._digests[:pages + 1]
 
 
 @dataclass(eq=False)
@@ -60,15 +90,23 @@ class PrefixIndex:
     def __len__(self) -> int:
         return len(self.checkpoints)
 
-    def digests(self, tokens: Sequence[int], position: int) -> list[bytes]:
-        return chain_digests(tokens, position // self.page_size, self.page_size, self.namespace)
+    def chain(self) -> PageChain:
+        """A digest cache for one growing token sequence (a request's), to pass to the lookups below."""
+        return PageChain(self.page_size, self.namespace)
 
-    def find(self, tokens: Sequence[int], max_position: int) -> Checkpoint | None:
+    def digests(self, tokens: Sequence[int], position: int, chain: PageChain | None = None) -> list[bytes]:
+        """The chain digests of the full pages of tokens[:position], from `chain` when given (hashing only the pages
+        it has not seen)."""
+        if chain is None:
+            return chain_digests(tokens, position // self.page_size, self.page_size, self.namespace)
+        return chain.digests(tokens, position)
+
+    def find(self, tokens: Sequence[int], max_position: int, chain: PageChain | None = None) -> Checkpoint | None:
         """The deepest checkpoint whose tokens are a prefix of `tokens` with position <= max_position."""
         if max_position <= 0 or not self.checkpoints:
             return None
         best = None
-        digests = self.digests(tokens, max_position)
+        digests = self.digests(tokens, max_position, chain)
         for depth, digest in enumerate(digests):
             if digest not in self._chain_refs:
                 break
@@ -80,25 +118,27 @@ class PrefixIndex:
                     best = c
         return best
 
-    def deepest(self, tokens: Sequence[int], max_position: int, digests: set[bytes] | dict[bytes, int]) -> int:
+    def deepest(self, tokens: Sequence[int], max_position: int, digests: set[bytes] | dict[bytes, int],
+                chain: PageChain | None = None) -> int:
         """Full pages of `tokens` whose chain digest is in `digests` (the deepest such depth)."""
         depth = 0
-        for d, digest in enumerate(self.digests(tokens, max_position)):
+        for d, digest in enumerate(self.digests(tokens, max_position, chain)):
             if d and digest in digests:
                 depth = d
         return depth
 
-    def branch_depth(self, tokens: Sequence[int], max_position: int) -> int:
+    def branch_depth(self, tokens: Sequence[int], max_position: int, chain: PageChain | None = None) -> int:
         """Full pages of `tokens` that some checkpoint's prefix shares (where a new sequence branches off)."""
         depth = 0
-        for d, digest in enumerate(self.digests(tokens, max_position)):
+        for d, digest in enumerate(self.digests(tokens, max_position, chain)):
             if digest not in self._chain_refs:
                 break
             depth = d
         return depth
 
-    def key_of(self, tokens: Sequence[int], position: int) -> tuple[bytes, tuple[int, ...], list[bytes]]:
-        digests = self.digests(tokens, position)
+    def key_of(self, tokens: Sequence[int], position: int,
+               chain: PageChain | None = None) -> tuple[bytes, tuple[int, ...], list[bytes]]:
+        digests = self.digests(tokens, position, chain)
         full = (position // self.page_size) * self.page_size
         return digests[-1], tuple(tokens[full:position]), digests
 

@@ -403,8 +403,8 @@ class Scheduler:
                 # engine resolves the token before the next one, so this is a guard): recompute once it is known.
                 break
             tokens = request.token_ids(0, request.num_tokens)
-            match = self.cache.match_prefix(tokens)
-            if self.cache.claimed_position(tokens) >= match.num_tokens + WAIT_FOR_PREFIX_TOKENS:
+            match = self.cache.match_prefix(tokens, request.request_id)
+            if self.cache.claimed_position(tokens, request.request_id) >= match.num_tokens + WAIT_FOR_PREFIX_TOKENS:
                 continue
             limit = budget
             if self._shape is not None:
@@ -465,7 +465,7 @@ class Scheduler:
     def _plan_checkpoints(self, request: Request, tokens: list[int], matched: int) -> list[int]:
         if not self.cache.prefix_caching:
             return []
-        branch = self.cache.branch_position(tokens, request.num_tokens - 1)
+        branch = self.cache.branch_position(tokens, request.num_tokens - 1, request.request_id)
         return checkpoint_positions(request, matched, branch, self._checkpoint_interval, self.cache.page_size)
 
     def _cap_at_checkpoint(self, request: Request, num_new: int) -> int:
