@@ -46,6 +46,8 @@ class Option:
     kv: str
     state: str
     cache: ModelCache
+    model: object = None  # its own model (another weight / activation format); None: the run's
+    fp8_activations: str = "off"
     kl_sum: float = 0.0
     kl_max: float = 0.0
     nll_sum: float = 0.0
@@ -76,8 +78,9 @@ class Lockstep:
                                     block_tables=self.tables, page_size=self.page_size, device=self.device)
         out = []
         for opt, ids in zip(self.options, tokens):
-            hidden = self.model(ids.reshape(-1).to(self.device), batch, opt.cache)
-            out.append(torch.log_softmax(self.model.compute_logits(hidden[batch.logits_indices]), dim=-1))
+            model = opt.model or self.model
+            hidden = model(ids.reshape(-1).to(self.device), batch, opt.cache)
+            out.append(torch.log_softmax(model.compute_logits(hidden[batch.logits_indices]), dim=-1))
         self.context = context + q
         return out
 
@@ -135,7 +138,7 @@ def report(run: Lockstep, config: EngineConfig, dtype: torch.dtype, gen_len: int
         prefix = [common_prefix(a, b) / gen_len for a, b in zip(opt.greedy, base.greedy)]
         rows.append({
             "kv_cache_dtype": opt.kv if opt.kv != "auto" else f"auto ({str(dtype).removeprefix('torch.')})",
-            "state_dtype": opt.state, "KV B/token": kv_tok, "state MiB/seq": state / 2**20,
+            "state_dtype": opt.state, **({"fp8_activations": opt.fp8_activations} if config.quantization else {}), "KV B/token": kv_tok, "state MiB/seq": state / 2**20,
             "mean KL": opt.kl_sum / opt.scored, "max KL": opt.kl_max,
             "greedy identical": f"{sum(p == 1.0 for p in prefix)}/{len(prefix)}",
             "greedy prefix": f"{sum(prefix) / len(prefix):.1%}",
@@ -165,6 +168,18 @@ def held_out_tokens(model_dir: Path, text: Path | None, needed: int) -> torch.Te
     return torch.tensor(ids[:needed], dtype=torch.long)
 
 
+def _w8a8_option(run: Lockstep, config: EngineConfig, args: argparse.Namespace, device: torch.device) -> Option:
+    """The same checkpoint with dynamic FP8 activations, on baseline-dtype caches of its own."""
+    quant = dataclasses.replace(config.quantization, fp8_activations="dynamic") if config.quantization else None
+    if quant is None:
+        raise SystemExit("--fp8-activations needs an FP8 checkpoint (`deltaserve quantize MODEL OUT --method fp8`)")
+    model = load_model(config.model, dtype=args.dtype, device=device, shapes=config.rank_shapes(), quantization=quant)
+    base = run.options[0]
+    cache = new_cache(config, num_pages=base.cache.shape.num_pages, num_slots=base.cache.shape.num_slots,
+                      dtype=model.model.embed_tokens.weight.dtype, device=device)
+    return Option(*BASELINE, cache, model=model, fp8_activations="dynamic")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", help="checkpoint directory (default: the bundled demo model)")
@@ -177,6 +192,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--prompt-len", type=int, default=256, help="P: prefilled tokens per segment")
     ap.add_argument("--score-len", type=int, default=128, help="L: decode-scored tokens per segment")
     ap.add_argument("--gen-len", type=int, default=64, help="N: greedy tokens per prompt")
+    ap.add_argument("--fp8-activations", action="store_true",
+                    help="an FP8 checkpoint: also the model with --fp8-activations dynamic (W8A8), default caches")
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
     return ap.parse_args(argv)
 
@@ -198,6 +215,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     options = [BASELINE] + [o for o in itertools.product(args.kv_cache_dtypes, args.state_dtypes) if o != BASELINE]
     start = time.time()
     run = Lockstep(model, config, options, args.num_seqs, max_len, device, dtype)
+    if args.fp8_activations:
+        run.options.append(_w8a8_option(run, config, args, device))
     teacher_forced(run, segments, args.prompt_len)
     greedy(run, segments[:, :args.prompt_len], args.gen_len)
     rows = report(run, config, dtype, args.gen_len)

@@ -208,3 +208,71 @@ def test_moe_blocks_layout():
         else:
             assert not pairs
     assert sorted(p for p in rows.tolist() if p >= 0) == [0, 1, 2, 4, 5]
+
+
+# ---- dynamic FP8 activations (W8A8) ------------------------------------------------------------------------------
+
+def test_quantize_fp8_act_matches_the_direct_formula():
+    """Per row and 128 columns: scale = amax / 448, code = x / scale rounded to e4m3; a zero group stays zero."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 300, generator=gen) * torch.tensor([1.0, 1e-3, 50.0]).unsqueeze(-1)
+    x[1, 128:256] = 0
+    xq, sx = ref.quantize_fp8_act(x)
+    assert xq.dtype == torch.float8_e4m3fn and sx.shape == (3, 3)
+    for r in range(3):
+        for g in range(3):
+            cols = slice(128 * g, min(128 * (g + 1), 300))
+            amax = x[r, cols].abs().max().item()
+            assert sx[r, g].item() == pytest.approx(amax / 448, rel=1e-6)
+            if amax == 0:
+                assert xq[r, cols].float().abs().max() == 0
+                continue
+            want = (x[r, cols] / sx[r, g]).to(torch.float8_e4m3fn)
+            assert torch.equal(xq[r, cols].float(), want.float())
+    back = ref.dequant_fp8_act(xq, sx)
+    assert ((back - x).abs() <= x.abs() * 2**-4 + sx.repeat_interleave(128, -1)[:, :300] * 2**-9).all()
+
+
+@pytest.mark.parametrize("m,tiles", [(3, (16, 32, 128, 2)), (40, (32, 16, 128, 1))])
+def test_w8a8_gemm_interpreted(m, tiles):
+    check_w8a8(m, 72, 300, 128, tiles, seed=m)
+
+
+def check_w8a8(m: int, n: int, k: int, block: int, tiles=None, seed: int = 0, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+    w, s = fp8_weight(n, k, block, gen)
+    xq, sx = ref.quantize_fp8_act(x)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    got = qt.quant_gemm(xq, w, s, None, block, out=out, tiles=tiles, act_scale=sx)
+    baseline = ref.fp8_linear(x=x, weight=w, scale=s, block_k=block, act_fp8=True)
+    expected = ref.dequant_fp8_act(xq, sx).double() @ ref.dequant_fp8(weight=w, scale=s, block_k=block).double().T
+    assert got is out
+    assert_error_within(got, baseline, expected, atol=1e-4)
+
+
+def test_w8a8_is_close_to_bf16_activations():
+    """What quantizing the activations costs on one GEMM: a few percent of the output scale, not more."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(8, 512, generator=gen)
+    w, s = fp8_weight(64, 512, 128, gen, device="cpu")
+    w, s = w.cpu(), s.cpu()
+    a16 = ref.fp8_linear(x=x, weight=w, scale=s, block_k=128)
+    a8 = ref.fp8_linear(x=x, weight=w, scale=s, block_k=128, act_fp8=True)
+    rel = ((a8 - a16).norm() / a16.norm()).item()
+    assert 1e-4 < rel < 0.05, rel
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("n,k", [(34816, 5120), (5120, 17408), (12288, 2048)] + ODD)
+def test_w8a8_gemm_gpu(m, n, k):
+    from deltaserve.kernels.quant import fp8_linear
+    check_w8a8(m, n, k, 128, seed=n + k + m)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+    w, s = fp8_weight(n, k, 128, gen)
+    got = fp8_linear(x=x, weight=w, scale=s, block_k=128, act_fp8=True)
+    want = ref.fp8_linear(x=x, weight=w, scale=s, block_k=128, act_fp8=True)
+    assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()

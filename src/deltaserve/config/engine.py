@@ -20,6 +20,7 @@ STATE_DTYPES = ("float32", "bfloat16")
 # KV page storage of the full-attention layers: auto = the model dtype; the others keep a symmetric scale per token
 # and KV head, computed when the KV is written (docs/KERNELS.md, "Quantized KV cache").
 KV_CACHE_DTYPES = ("auto", "fp8", "int8", "int4")
+FP8_ACTIVATIONS = ("off", "dynamic")
 # Under max_step_ms a step with decode rows carries at least max_num_batched_tokens / this many prefill tokens
 # (128 at the default 2048): a prompt of L tokens then needs at most L / 128 steps, however tight the budget.
 MIN_PREFILL_CHUNK_DIVISOR = 16
@@ -208,15 +209,22 @@ class QuantizationConfig:
 
     method: str
     raw: dict[str, Any] = field(compare=False, hash=False, default_factory=dict)
+    fp8_activations: str = "off"  # "dynamic": FP8 weights run W8A8, activations quantized per token and 128 columns
+
+    def __post_init__(self) -> None:
+        require(self.fp8_activations in FP8_ACTIVATIONS,
+                f"fp8_activations must be one of {FP8_ACTIVATIONS}, got {self.fp8_activations!r}")
 
     @classmethod
-    def from_model(cls, model: ModelConfig) -> QuantizationConfig | None:
+    def from_model(cls, model: ModelConfig, fp8_activations: str = "off") -> QuantizationConfig | None:
         raw = model.quantization_config
         if not raw:
+            require(fp8_activations == "off", f"fp8_activations={fp8_activations!r} applies to FP8 checkpoints, and "
+                    f"{model.model_dir or 'this model'} is not quantized; leave it 'off'")
             return None
         if not isinstance(raw, dict):
             raise ConfigError(f"config field 'quantization_config' must be an object, got {raw!r}")
-        return cls(method=str(raw.get("quant_method", "?")), raw=dict(raw))
+        return cls(method=str(raw.get("quant_method", "?")), raw=dict(raw), fp8_activations=fp8_activations)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltaserve.config.common import ConfigError
-from deltaserve.config.engine import (KV_CACHE_DTYPES, LOAD_FORMATS, MODEL_DTYPES, SPECULATIVE_MAX_BATCH,
+from deltaserve.config.engine import (FP8_ACTIVATIONS, KV_CACHE_DTYPES, LOAD_FORMATS, MODEL_DTYPES, SPECULATIVE_MAX_BATCH,
                                       STATE_DTYPES, CacheConfig, EngineConfig, ParallelConfig, QuantizationConfig,
                                       RunnerConfig, SchedulerConfig, SpeculativeConfig, parse_speculative_config)
 from deltaserve.config.model import ModelConfig
@@ -82,6 +82,12 @@ class EngineArgs:
     speculative_max_batch: int = _option(
         SPECULATIVE_MAX_BATCH, "verify drafts only while at most this many requests run (larger batches decode "
                                "plainly: drafting stops paying there)", section="speculative", type=int)
+    fp8_activations: str = _option(
+        "off", "FP8 checkpoints: 'dynamic' quantizes each linear layer's input to FP8 per token and 128 columns as it "
+               "runs and multiplies on FP8 tensor cores (W8A8, as the peers serve Qwen's FP8 releases; routed experts "
+               "keep model-dtype inputs); 'off' keeps activations in the model dtype (W8A16: the logits of the "
+               "dequantized model). RESULTS.md has its measured accuracy", section="quantization", type=str,
+        choices=FP8_ACTIVATIONS)
     tensor_parallel_size: int = _option(
         1, "ranks (GPUs, or CPU processes) the model is split over by tensor parallelism; one worker process per rank, "
            "spawned on this host (several hosts: torchrun-style MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, "
@@ -94,7 +100,7 @@ class EngineArgs:
         """Read the checkpoint's config.json and compose the validated sections (ConfigError names what is wrong)."""
         model = ModelConfig.from_hf(self.model)
         sections: dict[str, dict[str, Any]] = {"runner": {}, "cache": {}, "scheduler": {}, "speculative": {},
-                                               "parallel": {}}
+                                               "parallel": {}, "quantization": {}}
         for f in dataclasses.fields(self):
             if f.metadata:
                 sections[f.metadata["section"]][f.name] = getattr(self, f.name)
@@ -105,7 +111,7 @@ class EngineArgs:
                             cache=CacheConfig(**sections["cache"]), scheduler=SchedulerConfig(**scheduler),
                             speculative=self._speculative(sections["speculative"]),
                             parallel=ParallelConfig(**sections["parallel"]),
-                            quantization=QuantizationConfig.from_model(model))
+                            quantization=QuantizationConfig.from_model(model, **sections["quantization"]))
 
     @staticmethod
     def _speculative(options: dict[str, Any]) -> SpeculativeConfig:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from deltaserve.kernels.quant import fp8_fused_moe, fp8_linear, int4_fused_moe, int4_linear
-from deltaserve.kernels.quant.ref import pack_int4, unpack_int4
+from deltaserve.kernels.quant.ref import ACT_GROUP, pack_int4, unpack_int4
 from deltaserve.layers.linear import Linear, LinearMethod, MergedLinear, new_param, tp_shard
 from deltaserve.layers.moe import Experts, ExpertsMethod
 from deltaserve.layers.weights import TensorSource, WeightSlot, seeded
@@ -68,6 +68,7 @@ class WeightFormat:
     symmetric: bool = True
     act_order: bool = False
     scale_name: str = ""
+    act_fp8: bool = False  # run with dynamic FP8 activations (W8A8; fp8 weights only, --fp8-activations dynamic)
 
     @property
     def quantized(self) -> bool:
@@ -75,9 +76,10 @@ class WeightFormat:
 
     def describe(self, dtype: torch.dtype | None = None) -> str:
         if self.kind == "fp8":
+            act = " w8a8" if self.act_fp8 else ""
             if self.group_size == 0:
-                return "fp8 per-channel"
-            return f"fp8 block {self.block_n}x{self.group_size}"
+                return "fp8 per-channel" + act
+            return f"fp8 block {self.block_n}x{self.group_size}" + act
         if self.kind == "int4":
             g = f"g{self.group_size}" if self.group_size else "per-channel"
             return f"int4 {g}" + ("" if self.symmetric else " asym") + (" act-order" if self.act_order else "")
@@ -122,8 +124,10 @@ class QuantResolver:
     """Chooses each module's WeightFormat from the quantization_config and the checkpoint's tensor names (our module
     paths; None for dummy weights, when the config alone decides)."""
 
-    def __init__(self, method: str, raw: dict[str, Any], present: Set[str] | None) -> None:
+    def __init__(self, method: str, raw: dict[str, Any], present: Set[str] | None,
+                 fp8_activations: str = "off") -> None:
         self.method, self.raw, self.present = method, raw, present
+        self.fp8_activations = fp8_activations
         if method not in SUPPORTED_METHODS:
             raise QuantizationError(f"quantization_config.quant_method {method!r} is not supported; deltaserve loads "
                                     f"{', '.join(SUPPORTED_METHODS)} checkpoints")
@@ -257,7 +261,19 @@ class QuantResolver:
     # ---- the tensors --------------------------------------------------------------------------------------------
 
     def linear(self, name: str, *, dummy_default: bool = True) -> WeightFormat:
-        """The format of the linear projection whose checkpoint path (ours) is `name`."""
+        """The format of the linear projection whose checkpoint path (ours) is `name`, and whether its activations
+        are quantized as it runs (dynamic FP8 activations apply to FP8 weights; routed experts keep theirs)."""
+        fmt = self._stored(name, dummy_default)
+        if self.fp8_activations == "dynamic" and fmt.kind == "fp8":
+            if fmt.group_size % ACT_GROUP:
+                raise QuantizationError(f"{name}: dynamic FP8 activations take scales per {ACT_GROUP} columns, which "
+                                        f"this checkpoint's K blocks of {fmt.group_size} do not hold; use "
+                                        "--fp8-activations off")
+            fmt = replace(fmt, act_fp8=True)
+        return fmt
+
+    def _stored(self, name: str, dummy_default: bool) -> WeightFormat:
+        """How the linear projection `name` is stored, from the config and the tensors the checkpoint holds."""
         conf = self.configured(name)
         if self.present is None:
             return conf if dummy_default else UNQUANTIZED
@@ -290,7 +306,11 @@ class QuantResolver:
         return conf
 
     def experts(self, prefix: str, num_experts: int) -> WeightFormat:
-        """The format shared by all routed experts under `prefix` (ours, with a trailing dot)."""
+        """The format shared by all routed experts under `prefix` (ours, with a trailing dot). Their inputs stay in
+        the model dtype under dynamic FP8 activations (the MoE kernels take bf16 tokens)."""
+        return replace(self._experts(prefix, num_experts), act_fp8=False)
+
+    def _experts(self, prefix: str, num_experts: int) -> WeightFormat:
         formats = {}
         fused = any(f"{prefix}{p}{s}" in (self.present or ())
                     for p in ("gate_up_proj", "down_proj") for s in ("", "_scale_inv", "_scale"))
@@ -701,7 +721,8 @@ class Int4LinearMethod(LinearMethod):
 
 
 class Fp8LinearMethod(LinearMethod):
-    """FP8 e4m3 weights with an fp32 scale per row and K block; activations stay in the model dtype."""
+    """FP8 e4m3 weights with an fp32 scale per row and K block; activations stay in the model dtype, or (fmt.act_fp8)
+    are quantized to FP8 per token and 128 columns as each GEMM runs."""
 
     def __init__(self, fmt: WeightFormat) -> None:
         self.fmt, self.name = fmt, fmt.describe()
@@ -710,11 +731,16 @@ class Fp8LinearMethod(LinearMethod):
         n, k = layer.out_features, layer.in_features
         tp = tp_shard(layer, "weight")
         layer.block_k = k_group("fp8", self.fmt.group_size, k, tp) if self.fmt.group_size else k
+        if self.fmt.act_fp8 and layer.block_k % ACT_GROUP and layer.block_k != k:
+            raise QuantizationError(f"{layer.in_features}-column shards of K blocks {layer.block_k} wide cannot take "
+                                    f"dynamic FP8 activations ({ACT_GROUP} columns per scale); use --fp8-activations "
+                                    "off or another tensor_parallel_size")
         layer.weight = new_param(n, k, dtype=_FP8, device=device)
         layer.weight_scale = new_param(n, _cdiv(k, layer.block_k), dtype=torch.float32, device=device)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return fp8_linear(x=x, weight=layer.weight, scale=layer.weight_scale, block_k=layer.block_k)
+        return fp8_linear(x=x, weight=layer.weight, scale=layer.weight_scale, block_k=layer.block_k,
+                          act_fp8=self.fmt.act_fp8)
 
     def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         return fp8_slots(self.fmt, name, layer.weight[rows], layer.weight_scale[rows], rows.stop - rows.start,
@@ -963,6 +989,10 @@ def quantize_model(model: nn.Module, resolver: QuantResolver, *, dtype: torch.dt
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
                 setattr(module, name, new_param(*p.shape, dtype=p.dtype, device=device))
+    if resolver.fp8_activations == "dynamic" and not any("w8a8" in f for c in summary.values() for f in c):
+        raise QuantizationError(f"--fp8-activations dynamic applies to FP8 linear layers, and this {resolver.method!r} "
+                                "checkpoint has none (routed experts keep their activations); use --fp8-activations "
+                                "off")
     return summary
 
 

@@ -255,7 +255,7 @@ def _build_quantized(config: ModelConfig, quantization: QuantizationConfig, entr
     (layers/quant.py) and only then gets its storage, so no bf16 copy of a quantized weight is ever allocated."""
     present = None if dummy else set(named_entries(entries, with_mtp))
     try:
-        resolver = QuantResolver(quantization.method, quantization.raw, present)
+        resolver = QuantResolver(quantization.method, quantization.raw, present, quantization.fp8_activations)
         model = Qwen3_5ForCausalLM(config, dtype=dtype, device="meta", with_mtp=with_mtp, shapes=shapes)
         summary = quantize_model(model, resolver, dtype=dtype, device=device)
     except QuantizationError as e:

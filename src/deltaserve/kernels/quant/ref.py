@@ -59,9 +59,40 @@ def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return F.linear(x, w)
 
 
-def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
-    """x: [..., K] -> x @ W^T [..., N] in x.dtype (bf16/fp16/fp32 activations; the weight is dequantized)."""
-    return F.linear(x, dequant_fp8(weight=weight, scale=scale, block_k=block_k).to(x.dtype))
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+ACT_GROUP = 128  # columns per activation scale under dynamic FP8 activations (the peers' 1 x 128 token groups)
+
+
+def quantize_fp8_act(x: torch.Tensor, group: int = ACT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic per-token-group FP8 activations: x [M, K] -> (xq float8_e4m3fn [M, K], scales fp32 [M, ceil(K/group)])
+    with x ~= xq * scale, scale = amax(|x| over the group) / 448 (a group of zeros gets scale 0 and codes 0).
+    Shared by the reference and the GPU path, so both GEMMs see the same codes."""
+    m, k = x.shape
+    pad = (-k) % group
+    xg = F.pad(x.float(), (0, pad)).view(m, -1, group)
+    scale = xg.abs().amax(dim=-1) / torch.tensor(FP8_MAX, device=x.device)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    xq = (xg / safe.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return xq.view(m, -1)[:, :k].contiguous(), scale
+
+
+def dequant_fp8_act(xq: torch.Tensor, scale: torch.Tensor, group: int = ACT_GROUP) -> torch.Tensor:
+    """-> fp32 [M, K]: xq * its group's scale."""
+    k = xq.shape[-1]
+    return xq.float() * scale.repeat_interleave(group, dim=-1)[..., :k]
+
+
+def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int,
+               act_fp8: bool = False) -> torch.Tensor:
+    """x: [..., K] -> x @ W^T [..., N] in x.dtype (bf16/fp16/fp32 activations; the weight is dequantized). act_fp8:
+    W8A8, the activations quantized per token and ACT_GROUP columns first (quantize_fp8_act), the product of the
+    two dequantized operands taken in fp32."""
+    w = dequant_fp8(weight=weight, scale=scale, block_k=block_k)
+    if not act_fp8:
+        return F.linear(x, w.to(x.dtype))
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, sx = quantize_fp8_act(x2)
+    return F.linear(dequant_fp8_act(xq, sx), w).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, inter: int, expert) -> torch.Tensor:

@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.kernels._device import num_sms
+from deltaserve.kernels.quant import ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -135,73 +136,113 @@ def _int4_tile_dot(x_ptr, words, z, offs_m, M, K, stride_xm, k0, BM: tl.constexp
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os,
-                 stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0):
-    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    offs_m = pid_m * BM + tl.arange(0, BM)
-    offs_n = pid_n * BN + tl.arange(0, BN)
+def _acc_scale_after(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
+                     stride_sxm, k_begin, k_end, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
+                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT_FP8: tl.constexpr):
+    """UNPACK 3. Scale after the dot: sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z) within a K tile (one scale per
+    row and tile), so the tile goes to the tensor cores as the exact small integers (q - z) in the activation dtype
+    (fp8: the exact e4m3 values) and the scale multiplies the [BM, BN] partial sum once per tile. ACT_FP8: x holds
+    e4m3 codes with one scale per row and BK columns (sx), fp8 x fp8 dots."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    if UNPACK == 3:
-        # Scale after the dot: sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z) within a K tile (one scale per row
-        # and tile), so the tile goes to the tensor cores as the exact small integers (q - z) in the activation
-        # dtype (fp8: the exact e4m3 values) and the scale multiplies the [BM, BN] partial sum once per tile.
-        n_ok = offs_n < N
-        offs_c = tl.arange(0, BK // 8)
-        for k0 in range(k_begin, k_end, BK):
-            g = k0 // GROUP
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
-            if INT4:
-                z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
-                offs_w = k0 // 8 + offs_c
-                words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                                mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
-                part = _int4_tile_dot(x_ptr, words, z, offs_m, M, K, stride_xm, k0, BM, BN, BK)
-            else:
-                offs_k = k0 + tl.arange(0, BK)
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-                w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                            mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
-                part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
-            acc += part * s[None, :]
-        k_end = k_begin  # done: skip the loops below
-    if INT4 and UNPACK == 2:
-        # Each packed word is loaded once ([BN, BK/8], contiguous along K) and never interleaved: nibble plane j
-        # of the tile holds columns k0 + 8c + j, so it is dotted with those columns of x (a strided load of the
-        # small activation tile). Eight K=BK/8 dots per tile; the sum over k does not care about the order.
-        offs_c = tl.arange(0, BK // 8)
-        n_ok = offs_n < N
-        for k0 in range(k_begin, k_end, BK):
-            g = k0 // GROUP
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+    n_ok = offs_n < N
+    offs_c = tl.arange(0, BK // 8)
+    for k0 in range(k_begin, k_end, BK):
+        g = k0 // GROUP
+        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+        if INT4:
             z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
             offs_w = k0 // 8 + offs_c
             words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
                             mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
-            for j in tl.static_range(8):
-                q = (words >> (4 * j)) & 0xF
-                w = ((q - z[:, None]).to(tl.float32) * s[:, None]).to(x_ptr.dtype.element_ty)
-                offs_k = k0 + offs_c * 8 + j
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                            mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            part = _int4_tile_dot(x_ptr, words, z, offs_m, M, K, stride_xm, k0, BM, BN, BK)
+        else:
+            offs_k = k0 + tl.arange(0, BK)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+            if ACT_FP8:
+                sx = tl.load(sx_ptr + offs_m * stride_sxm + k0 // BK, mask=offs_m < M, other=0.0)
                 if IEEE:
-                    acc += tl.dot(x.to(tl.float32), tl.trans(w).to(tl.float32), input_precision="ieee")
+                    part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
                 else:
-                    acc += tl.dot(x, tl.trans(w))
-        k_end = k_begin  # done: skip the generic loop below
+                    part = tl.dot(x, tl.trans(w))
+                part = part * sx[:, None]
+            else:
+                part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
+        acc += part * s[None, :]
+    return acc
+
+
+@triton.jit
+def _acc_int4_planes(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn, k_begin,
+                     k_end, GROUP: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr):
+    """UNPACK 2. Each packed word is loaded once ([BN, BK/8], contiguous along K) and never interleaved: nibble plane
+    j of the tile holds columns k0 + 8c + j, so it is dotted with those columns of x (a strided load of the small
+    activation tile). Eight K=BK/8 dots per tile; the sum over k does not care about the order."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    offs_c = tl.arange(0, BK // 8)
+    n_ok = offs_n < N
+    for k0 in range(k_begin, k_end, BK):
+        g = k0 // GROUP
+        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+        offs_w = k0 // 8 + offs_c
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                        mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+        for j in tl.static_range(8):
+            q = (words >> (4 * j)) & 0xF
+            w = ((q - z[:, None]).to(tl.float32) * s[:, None]).to(x_ptr.dtype.element_ty)
+            offs_k = k0 + offs_c * 8 + j
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+            if IEEE:
+                acc += tl.dot(x.to(tl.float32), tl.trans(w).to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x, tl.trans(w))
+    return acc
+
+
+@triton.jit
+def _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn, k_begin,
+                 k_end, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr):
+    """UNPACK 0 / 1: the weight tile dequantized in fp32, rounded to the activation dtype as the reference does."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK, UNPACK)
-        w = tl.trans(w.to(x_ptr.dtype.element_ty))  # rounded to the activation dtype, as the reference does
+        w = tl.trans(w.to(x_ptr.dtype.element_ty))
         if IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot multiplies raw bits)
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
         else:
             acc += tl.dot(x, w)
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_sxm,
+                 stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0,
+                 ACT_FP8: tl.constexpr = False):
+    """One [BM, BN] output tile over the K range of split pid_k (a partial sum when K is split)."""
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    if UNPACK == 3:
+        acc = _acc_scale_after(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn,
+                               stride_sn, stride_sxm, k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK, ACT_FP8)
+    elif INT4 and UNPACK == 2:
+        acc = _acc_int4_planes(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
+                               k_begin, k_end, GROUP, IEEE, BM, BN, BK)
+    else:
+        acc = _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
+                           k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK, UNPACK)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
              acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -217,7 +258,8 @@ def _k_tile(group: int, k: int, want: int) -> int:
     return bk
 
 
-def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool = False) -> tuple[int, ...]:
+def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool = False,
+          act_fp8: bool = False) -> tuple[int, ...]:
     """(BM, BN, BK, split[, num_warps, num_stages]) for an [m, k] x [k, n] call: one M tile where the rows allow (the
     weight is read once per M tile), and split-K until about two waves of programs run (the N = hidden-size
     projections have few N tiles). int4 up to 32 rows (the lop3 planes of UNPACK 3) pipelines the packed words 5
@@ -226,7 +268,7 @@ def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool =
     in the whole-model step, so those keep Triton's default launch."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn = (64 if m <= 8 else 128) if int4 and m <= 32 else 64 if m <= 32 else 128
-    bk = _k_tile(group, k, 128 if m <= 32 or int4 else 64)
+    bk = _k_tile(group, k, 128 if m <= 32 or int4 or act_fp8 else 64)
     sms = num_sms(device) if device.type == "cuda" else 4
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     split = max(1, min(triton.cdiv(k, bk), (2 * sms) // max(tiles, 1)))
@@ -246,16 +288,22 @@ def _variant(dtype: torch.dtype, int4: bool, m: int, bk: int) -> int:
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
                group: int, out: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None,
-               unpack: int | None = None) -> torch.Tensor:
+               unpack: int | None = None, act_scale: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
-    result goes (tests pass a NaN-filled one); `tiles`: (BM, BN, BK, split[, num_warps, num_stages]) instead of the
-    plan; `unpack`: the kernel variant (benchmarks; default: the fastest one the call allows)."""
+    result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
+    num_warps, num_stages]) instead of the plan; `unpack`: the kernel variant (benchmarks; default: the fastest one
+    the call allows); `act_scale`: x is float8_e4m3fn with one scale per row and ACT_GROUP columns (W8A8)."""
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
     group = min(group, k) if group else k
-    bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4)
-    if unpack is None:
+    bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_scale is not None)
+    if act_scale is not None:
+        if int4 or bk != ref.ACT_GROUP:
+            raise ValueError(f"fp8 activations need fp8 weights and K tiles of {ref.ACT_GROUP} columns, got "
+                             f"{'int4' if int4 else 'fp8'} weights and BK {bk}")
+        unpack = 3
+    elif unpack is None:
         unpack = _variant(x.dtype, int4, m, bk)
     elif unpack == 2 and bk < 128 and not _INTERPRET:
         unpack = 0  # the nibble-plane dots need K = BK / 8 >= 16 on tensor cores
@@ -268,11 +316,12 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
-                       scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split,
-                       GROUP=group if group < k else k + bk, INT4=int4,
+    sx = act_scale if act_scale is not None else scale
+    _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, sx, dest, m, n, k, x.stride(0), weight.stride(0),
+                       scale.stride(0), sx.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2),
+                       k_per_split, GROUP=group if group < k else k + bk, INT4=int4,
                        IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk, UNPACK=unpack,
-                       **dict(zip(("num_warps", "num_stages"), launch)))
+                       ACT_FP8=act_scale is not None, **dict(zip(("num_warps", "num_stages"), launch)))
     if split > 1:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
@@ -328,8 +377,20 @@ def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 
-def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
+# (BM, BN, BK, split, num_warps, num_stages) of W8A8 calls past FUSED_MAX_ROWS rows (prefill): the usual Hopper fp8
+# GEMM tile (234 registers, no spills for sm_90a; not yet timed here).
+W8A8_PREFILL_TILES = (64, 128, ref.ACT_GROUP, 1, 4, 3)
+
+
+def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int,
+               act_fp8: bool = False) -> torch.Tensor:
     x2 = _rows(x)
+    if act_fp8:
+        xq, sx = ref.quantize_fp8_act(x2)
+        out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+        tiles = W8A8_PREFILL_TILES if x2.shape[0] > FUSED_MAX_ROWS else None
+        y = quant_gemm(xq, weight, scale, None, block_k, out=out, tiles=tiles, act_scale=sx)
+        return y.view(*x.shape[:-1], weight.shape[0])
     if x2.shape[0] > FUSED_MAX_ROWS:
         return torch.nn.functional.linear(x, dequantize(weight, scale, None, block_k, x.shape[-1], x.dtype))
     y = quant_gemm(x2, weight, scale, None, block_k)
