@@ -1,12 +1,13 @@
 """Kernel-only timing of the quantized GEMMs at decode sizes (27B / 35B-A3B projection shapes) against torch's bf16
 GEMM and the weight-read floor (bytes of the stored weight and scales over the measured copy bandwidth).
 
-python benchmarks/bench_quant_kernels.py [--rows 1 16 64]            the planned tiles, per kernel variant
+python benchmarks/bench_quant_kernels.py [--rows 1 16 64]            each kernel variant at the planned tiles
 python benchmarks/bench_quant_kernels.py --sweep [--rows 1 16 64]    tiles x warps x stages x split-K per shape; the
                                                                      best per (kind, shape, rows) and its error
 
 Variants (kernels/quant/triton.py UNPACK): int4 u2 = nibble planes dequantized in fp32 then rounded (the first
 kernels); u3 = planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot, u3 = scale after.
+The sweep's baseline ("plan") is what quant_gemm runs by default.
 """
 
 from __future__ import annotations
@@ -82,11 +83,10 @@ def sweep(args, bw: float) -> list[dict]:
         for m, kind in itertools.product(args.rows, VARIANTS):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             w, s, z = weights[kind]
-            base_tiles = qt._plan(m, n, k, 128, x.device, kind == "int4")
+            base_tiles = qt._plan(m, n, k, 128, x.device, kind == "int4", lop3=qt._lop3_ok(x))
             bm = base_tiles[0]
             floor_ms = floor_bytes(kind, n, k) / bw * 1e3
-            results = [("plan u%d" % VARIANTS[kind][0], base_tiles, VARIANTS[kind][0],
-                        time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=VARIANTS[kind][0])))]
+            results = [("plan", base_tiles, None, time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)))]
             for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (3, 5)):
                 tiles_n = triton.cdiv(n, bn) * triton.cdiv(m, bm)
                 plan_split = max(1, min(k // 128, (2 * qt.num_sms(x.device)) // tiles_n))

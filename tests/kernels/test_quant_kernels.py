@@ -4,7 +4,7 @@ Without a GPU they run under TRITON_INTERPRET=1 at small shapes and small tiles 
 N and K tails, several groups); `pytest -m gpu` runs them compiled at the real layer shapes of Qwen3.5-27B, 35B-A3B
 and 122B-A10B, with odd sizes and NaN-poisoned outputs (every element must be written). Error policy as elsewhere
 (tests/tolerances.py): at most twice the error of the reference in the same dtype against a float64 product of the
-same (dequantized, dtype-rounded) weights.
+same exactly dequantized weights (the reference rounds them to the activation dtype first; UNPACK 3 does not).
 """
 
 from __future__ import annotations
@@ -153,10 +153,19 @@ ODD = [(136, 384), (4104, 2048 + 128), (520, 1152)]
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
-@pytest.mark.parametrize("m", [1, 7, 64, 300])
+@pytest.mark.parametrize("m", [1, 7, 24, 64, 300])
 @pytest.mark.parametrize("n,k", SHAPES_27B + SHAPES_35B + SHAPES_122B + ODD)
 def test_gemm_gpu(kind, m, n, k):
     check_gemm(kind, m, n, k, 128, torch.bfloat16, seed=n + k + m)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 24])
+@pytest.mark.parametrize("n,k", [(16384, 5120), (2048, 4096)] + ODD)
+def test_gemm_fp16_gpu(m, n, k):
+    """fp16 activations: UNPACK 3's other magic number (1024.0) and packed subtract."""
+    check_gemm("int4", m, n, k, 128, torch.float16, seed=n + k + m)
 
 
 @gpu
@@ -211,6 +220,11 @@ def test_moe_blocks_layout():
 
 
 # ---- dynamic FP8 activations (W8A8) ------------------------------------------------------------------------------
+
+def test_quantize_fp8_act_zero_rows():
+    xq, sx = ref.quantize_fp8_act(torch.zeros(0, 300))
+    assert xq.shape == (0, 300) and sx.shape == (0, 3)
+
 
 def test_quantize_fp8_act_matches_the_direct_formula():
     """Per row and 128 columns: scale = amax / 448, code = x / scale rounded to e4m3; a zero group stays zero."""
@@ -276,3 +290,24 @@ def test_w8a8_gemm_gpu(m, n, k):
     got = fp8_linear(x=x, weight=w, scale=s, block_k=128, act_fp8=True)
     want = ref.fp8_linear(x=x, weight=w, scale=s, block_k=128, act_fp8=True)
     assert (got.float() - want.float()).abs().max() <= 2e-2 * want.float().abs().max()
+
+
+@gpu
+@needs_cuda
+def test_w8a8_captures_in_a_cuda_graph():
+    """The activation quantizer and the W8A8 GEMM launch no host sync, so decode steps capture them."""
+    from deltaserve.kernels.quant import fp8_linear
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 2048, generator=gen).to(torch.bfloat16).to(DEV)
+    w, s = fp8_weight(1024, 2048, 128, gen)
+    eager = fp8_linear(x=x, weight=w, scale=s, block_k=128, act_fp8=True)
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        fp8_linear(x=x, weight=w, scale=s, block_k=128, act_fp8=True)  # warm-up (compile) outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fp8_linear(x=x, weight=w, scale=s, block_k=128, act_fp8=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)

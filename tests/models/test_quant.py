@@ -500,12 +500,17 @@ def test_fp8_dynamic_activations_refused_where_they_do_not_apply(bf16_dirs):
         QuantizationConfig(method="fp8", fp8_activations="static")
 
 
-def test_engine_runs_with_fp8_activations(tmp_path):
+def test_engine_runs_with_fp8_activations(tmp_path, caplog):
+    """LLM(fp8_activations=...) reaches the layers (the start-up log names w8a8) and the engine generates."""
     from deltaserve import LLM, SamplingParams
     from deltaserve.demo import write_byte_tokenizer
     path = tmp_path / "fp8"
     shutil.copytree(FIXTURES / "qwen_fp8_dense", path)
     write_byte_tokenizer(path)
-    llm = LLM(str(path), dtype="float32", device="cpu", max_model_len=128, fp8_activations="dynamic")
+    with caplog.at_level("INFO", logger="deltaserve.models.loader"):
+        llm = LLM(str(path), dtype="float32", device="cpu", max_model_len=128, fp8_activations="dynamic")
+    assert llm.engine.config.quantization.fp8_activations == "dynamic"
+    line = next(r.getMessage() for r in caplog.records if "weight formats" in r.getMessage())
+    assert "self_attn.o_proj fp8 block 128x128 w8a8" in line and "lm_head float32" in line
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8

@@ -264,7 +264,8 @@ class QuantResolver:
         """The format of the linear projection whose checkpoint path (ours) is `name`, and whether its activations
         are quantized as it runs (dynamic FP8 activations apply to FP8 weights; routed experts keep theirs)."""
         fmt = self._stored(name, dummy_default)
-        if self.fp8_activations == "dynamic" and fmt.kind == "fp8":
+        # the lm_head keeps model-dtype inputs (the logits are the most sensitive GEMM; the peers do the same)
+        if self.fp8_activations == "dynamic" and fmt.kind == "fp8" and not name.endswith("lm_head"):
             if fmt.group_size % ACT_GROUP:
                 raise QuantizationError(f"{name}: dynamic FP8 activations take scales per {ACT_GROUP} columns, which "
                                         f"this checkpoint's K blocks of {fmt.group_size} do not hold; use "
@@ -325,7 +326,7 @@ class QuantResolver:
             return UNQUANTIZED
         for e in range(num_experts):
             for proj in ("gate_proj", "up_proj", "down_proj"):
-                formats[f"{e}.{proj}"] = self.linear(f"{prefix}{e}.{proj}")
+                formats[f"{e}.{proj}"] = self._stored(f"{prefix}{e}.{proj}", True)
         kinds = set(formats.values())
         if len(kinds) > 1:
             by = {}
@@ -720,6 +721,19 @@ class Int4LinearMethod(LinearMethod):
             layer.perm.copy_(torch.arange(layer.in_features))
 
 
+def _check_act_fp8(layer: Linear, k: int, group_size: int, device: torch.device | str | None) -> None:
+    """Dynamic FP8 activations need K blocks of whole 128-column activation groups and FP8 tensor cores."""
+    if layer.block_k % ACT_GROUP and layer.block_k != k:
+        raise QuantizationError(f"a {k}-column shard cuts the checkpoint's {group_size}-column K blocks into "
+                                f"{layer.block_k}-column pieces; dynamic FP8 activations need multiples of "
+                                f"{ACT_GROUP}: use another tensor_parallel_size or --fp8-activations off")
+    dev = torch.device(device) if device is not None else None
+    if dev is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(dev)
+        raise QuantizationError(f"--fp8-activations dynamic multiplies on FP8 tensor cores (compute capability 8.9+: "
+                                f"Ada, Hopper or newer); this GPU is {major}.{minor}: use --fp8-activations off")
+
+
 class Fp8LinearMethod(LinearMethod):
     """FP8 e4m3 weights with an fp32 scale per row and K block; activations stay in the model dtype, or (fmt.act_fp8)
     are quantized to FP8 per token and 128 columns as each GEMM runs."""
@@ -731,10 +745,8 @@ class Fp8LinearMethod(LinearMethod):
         n, k = layer.out_features, layer.in_features
         tp = tp_shard(layer, "weight")
         layer.block_k = k_group("fp8", self.fmt.group_size, k, tp) if self.fmt.group_size else k
-        if self.fmt.act_fp8 and layer.block_k % ACT_GROUP and layer.block_k != k:
-            raise QuantizationError(f"{layer.in_features}-column shards of K blocks {layer.block_k} wide cannot take "
-                                    f"dynamic FP8 activations ({ACT_GROUP} columns per scale); use --fp8-activations "
-                                    "off or another tensor_parallel_size")
+        if self.fmt.act_fp8:
+            _check_act_fp8(layer, k, self.fmt.group_size, device)
         layer.weight = new_param(n, k, dtype=_FP8, device=device)
         layer.weight_scale = new_param(n, _cdiv(k, layer.block_k), dtype=torch.float32, device=device)
 
@@ -950,7 +962,11 @@ def quantize_model(model: nn.Module, resolver: QuantResolver, *, dtype: torch.dt
     from deltaserve.layers.embedding import LMHead
     summary: dict[str, Counter[str]] = {}
 
+    any_act_fp8 = False
+
     def note(path: str, fmt: WeightFormat) -> None:
+        nonlocal any_act_fp8
+        any_act_fp8 |= fmt.act_fp8
         summary.setdefault(_class_key(path), Counter())[fmt.describe(dtype)] += 1
 
     for path, module in list(model.named_modules()):
@@ -989,10 +1005,10 @@ def quantize_model(model: nn.Module, resolver: QuantResolver, *, dtype: torch.dt
         for name, p in list(module.named_parameters(recurse=False)):
             if p.is_meta:
                 setattr(module, name, new_param(*p.shape, dtype=p.dtype, device=device))
-    if resolver.fp8_activations == "dynamic" and not any("w8a8" in f for c in summary.values() for f in c):
+    if resolver.fp8_activations == "dynamic" and not any_act_fp8:
         raise QuantizationError(f"--fp8-activations dynamic applies to FP8 linear layers, and this {resolver.method!r} "
-                                "checkpoint has none (routed experts keep their activations); use --fp8-activations "
-                                "off")
+                                "checkpoint has none (routed experts and the lm_head keep their activations); use "
+                                "--fp8-activations off")
     return summary
 
 

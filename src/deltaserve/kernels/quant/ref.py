@@ -69,11 +69,11 @@ def quantize_fp8_act(x: torch.Tensor, group: int = ACT_GROUP) -> tuple[torch.Ten
     Shared by the reference and the GPU path, so both GEMMs see the same codes."""
     m, k = x.shape
     pad = (-k) % group
-    xg = F.pad(x.float(), (0, pad)).view(m, -1, group)
-    scale = xg.abs().amax(dim=-1) / torch.tensor(FP8_MAX, device=x.device)
+    xg = F.pad(x.float(), (0, pad)).view(m, (k + pad) // group, group)
+    scale = xg.abs().amax(dim=-1) / FP8_MAX  # a Python scalar: no host-to-device copy (CUDA-graph safe)
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     xq = (xg / safe.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return xq.view(m, -1)[:, :k].contiguous(), scale
+    return xq.view(m, k + pad)[:, :k].contiguous(), scale
 
 
 def dequant_fp8_act(xq: torch.Tensor, scale: torch.Tensor, group: int = ACT_GROUP) -> torch.Tensor:

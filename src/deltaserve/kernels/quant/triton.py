@@ -63,6 +63,20 @@ def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, G
         return w.to(tl.float32) * s[:, None]
 
 
+@triton.jit
+def _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr, BK: tl.constexpr):
+    """Columns [k0, k0 + BK) of the int4 rows offs_n, as stored: (scale [BN] fp32, zero point [BN] int32, packed words
+    [BN, BK/8], each word loaded once, contiguous along K). BK divides the group: one scale and zero per row."""
+    n_ok = offs_n < N
+    g = k0 // GROUP
+    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+    z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+    offs_w = k0 // 8 + tl.arange(0, BK // 8)
+    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                    mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+    return s, z, words
+
+
 # int4 -> 16-bit float without per-value arithmetic (the FasterTransformer trick): OR-ing a nibble into the mantissa of
 # 128.0 (bf16 0x4300; fp16 1024.0, 0x6400) gives exactly 128 + q, so one lop3 turns two nibbles of a word (q_j in the
 # low half, q_{j+4} in the high half) into two 16-bit floats, and one packed subtract of 128 + z leaves the exact
@@ -145,19 +159,15 @@ def _acc_scale_after(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, offs_m, offs_n, M, N, K
     e4m3 codes with one scale per row and BK columns (sx), fp8 x fp8 dots."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     n_ok = offs_n < N
-    offs_c = tl.arange(0, BK // 8)
+    rows = offs_m.to(tl.int64) * stride_xm  # int64: a prefill's M x K can pass 2^31
     for k0 in range(k_begin, k_end, BK):
-        g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
         if INT4:
-            z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
-            offs_w = k0 // 8 + offs_c
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                            mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+            s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
             part = _int4_tile_dot(x_ptr, words, z, offs_m, M, K, stride_xm, k0, BM, BN, BK)
         else:
+            s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
             offs_k = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            x = tl.load(x_ptr + rows[:, None] + offs_k[None, :],
                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
@@ -183,14 +193,8 @@ def _acc_int4_planes(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride
     activation tile). Eight K=BK/8 dots per tile; the sum over k does not care about the order."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     offs_c = tl.arange(0, BK // 8)
-    n_ok = offs_n < N
     for k0 in range(k_begin, k_end, BK):
-        g = k0 // GROUP
-        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
-        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
-        offs_w = k0 // 8 + offs_c
-        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                        mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+        s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
         for j in tl.static_range(8):
             q = (words >> (4 * j)) & 0xF
             w = ((q - z[:, None]).to(tl.float32) * s[:, None]).to(x_ptr.dtype.element_ty)
@@ -244,8 +248,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, out_ptr, M, N, K, stride_xm
         acc = _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
                            k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK, UNPACK)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :],
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    rows = pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64) * stride_om
+    tl.store(out_ptr + rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _k_tile(group: int, k: int, want: int) -> int:
@@ -258,32 +262,37 @@ def _k_tile(group: int, k: int, want: int) -> int:
     return bk
 
 
-def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool = False,
-          act_fp8: bool = False) -> tuple[int, ...]:
+def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool = False, act_fp8: bool = False,
+          lop3: bool = False) -> tuple[int, ...]:
     """(BM, BN, BK, split[, num_warps, num_stages]) for an [m, k] x [k, n] call: one M tile where the rows allow (the
     weight is read once per M tile), and split-K until about two waves of programs run (the N = hidden-size
-    projections have few N tiles). int4 up to 32 rows (the lop3 planes of UNPACK 3) pipelines the packed words 5
+    projections have few N tiles). lop3 (the call may run UNPACK 3): int4 up to 32 rows pipelines the packed words 5
     deep with 4 warps, the best of the H200 sweep (benchmarks/bench_quant_kernels.py --sweep, RESULTS.md): 27B int4
     decode at batch 1 went from 21.4 to 18.0 ms a step. The sweep's other picks (fp8, and int4 past 32 rows) lost
     in the whole-model step, so those keep Triton's default launch."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bn = (64 if m <= 8 else 128) if int4 and m <= 32 else 64 if m <= 32 else 128
     bk = _k_tile(group, k, 128 if m <= 32 or int4 or act_fp8 else 64)
+    lop3 = lop3 and int4 and m <= 32 and bk >= 128
+    if lop3:
+        bn = 64 if m <= 8 else 128
+    else:
+        bn = 64 if m <= 32 else 128
     sms = num_sms(device) if device.type == "cuda" else 4
     tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
     split = max(1, min(triton.cdiv(k, bk), (2 * sms) // max(tiles, 1)))
-    launch = (4, 5) if int4 and m <= 32 else ()
-    return (bm, bn, bk, split, *launch)
+    return (bm, bn, bk, split, 4, 5) if lop3 else (bm, bn, bk, split)
 
 
-def _variant(dtype: torch.dtype, int4: bool, m: int, bk: int) -> int:
-    """The kernel variant for a call: 3 (int4 planes by the lop3 trick, scale after the dot: needs the GPU, 16-bit
-    activations and K = BK / 8 >= 16 per plane) for int4 up to 32 rows; else 2 (int4 nibble planes dequantized in
-    fp32 and rounded as the reference does: the faster one at 64 rows) or 0 (fp8: dequantize-then-dot measured
-    faster in the whole-model step than UNPACK 3's scale-after-dot, which stays for the benchmark)."""
-    if int4 and m <= 32 and bk >= 128 and not _INTERPRET and dtype in (torch.bfloat16, torch.float16):
-        return 3
-    return 2 if int4 and (bk >= 128 or _INTERPRET) else 0
+def _lop3_ok(x: torch.Tensor) -> bool:
+    """UNPACK 3's int4 planes can run: compiled (not the interpreter), 16-bit activations, and sm_90+ (the PTX uses
+    sub.bf16x2)."""
+    return (not _INTERPRET and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+
+
+def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict[str, int]:
+    """Triton launch options given by a plan (none: Triton's defaults)."""
+    return {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
 
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
@@ -292,19 +301,25 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
     result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
     num_warps, num_stages]) instead of the plan; `unpack`: the kernel variant (benchmarks; default: the fastest one
-    the call allows); `act_scale`: x is float8_e4m3fn with one scale per row and ACT_GROUP columns (W8A8)."""
+    the call allows: 3 for int4 up to 32 rows where _lop3_ok, else 2 for int4 (nibble planes dequantized in fp32 and
+    rounded as the reference does) and 0 for fp8 (dequantize-then-dot: faster in the whole-model step than UNPACK
+    3's scale-after-dot, which stays for the benchmark)); `act_scale`: x is float8_e4m3fn with one scale per row and
+    ACT_GROUP columns (W8A8)."""
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
     group = min(group, k) if group else k
-    bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_scale is not None)
+    lop3 = int4 and _lop3_ok(x)
+    bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_scale is not None, lop3)
     if act_scale is not None:
         if int4 or bk != ref.ACT_GROUP:
-            raise ValueError(f"fp8 activations need fp8 weights and K tiles of {ref.ACT_GROUP} columns, got "
-                             f"{'int4' if int4 else 'fp8'} weights and BK {bk}")
+            raise ValueError(f"fp8 activations need fp8 weights and K tiles of {ref.ACT_GROUP} columns; this call has "
+                             f"{'int4' if int4 else 'fp8'} weights in groups of {group} (K tile {bk})")
         unpack = 3
     elif unpack is None:
-        unpack = _variant(x.dtype, int4, m, bk)
+        unpack = 3 if lop3 and m <= 32 and bk >= 128 else 2 if int4 and (bk >= 128 or _INTERPRET) else 0
+    elif unpack == 3 and (x.dtype not in (torch.bfloat16, torch.float16) or int4 and not lop3):
+        raise ValueError(f"UNPACK 3 needs 16-bit activations (and, for int4, an sm_90+ GPU), got {x.dtype}")
     elif unpack == 2 and bk < 128 and not _INTERPRET:
         unpack = 0  # the nibble-plane dots need K = BK / 8 >= 16 on tensor cores
     if group < k and group % bk:
@@ -321,7 +336,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                        scale.stride(0), sx.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2),
                        k_per_split, GROUP=group if group < k else k + bk, INT4=int4,
                        IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk, UNPACK=unpack,
-                       ACT_FP8=act_scale is not None, **dict(zip(("num_warps", "num_stages"), launch)))
+                       ACT_FP8=act_scale is not None, **_launch(*launch))
     if split > 1:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
@@ -413,15 +428,9 @@ def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, 
     if e >= 0 and INT4:
         e64 = e.to(tl.int64)
         offs_c = tl.arange(0, BK // 8)
-        n_ok = offs_n < N
         wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
         for k0 in range(0, K, BK):  # as _gemm_kernel's UNPACK == 2: nibble planes against strided x columns
-            g = k0 // GROUP
-            s = tl.load(sp + offs_n * stride_sn + g, mask=n_ok, other=0.0)
-            z = tl.load(zp + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
-            offs_w = k0 // 8 + offs_c
-            words = tl.load(wp + offs_n[:, None] * stride_wn + offs_w[None, :],
-                            mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+            s, z, words = _int4_tile(wp, sp, zp, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
             for j in tl.static_range(8):
                 w = ((((words >> (4 * j)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None]).to(WDT)
                 offs_k = k0 + offs_c * 8 + j
@@ -481,13 +490,8 @@ def _moe_block_kernel(x_ptr, rows_ptr, block_expert_ptr, block_first_ptr, w_ptr,
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
             if INT4:
-                g = k0 // GROUP
-                s = tl.load(sp + offs_n * stride_sn + g, mask=n_ok, other=0.0)
-                z = tl.load(zp + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+                s, z, words = _int4_tile(wp, sp, zp, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
                 offs_c = tl.arange(0, BK // 8)
-                offs_w = k0 // 8 + offs_c
-                words = tl.load(wp + offs_n[:, None] * stride_wn + offs_w[None, :],
-                                mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
                 for j in tl.static_range(8):
                     w = ((((words >> (4 * j)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None])
                     offs_k = k0 + offs_c * 8 + j
