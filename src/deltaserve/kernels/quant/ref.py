@@ -60,17 +60,19 @@ def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+FP8_RECIPROCAL = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))  # scales multiply by it (as the kernel does)
 ACT_GROUP = 128  # columns per activation scale under dynamic FP8 activations (the peers' 1 x 128 token groups)
 
 
 def quantize_fp8_act(x: torch.Tensor, group: int = ACT_GROUP) -> tuple[torch.Tensor, torch.Tensor]:
     """Dynamic per-token-group FP8 activations: x [M, K] -> (xq float8_e4m3fn [M, K], scales fp32 [M, ceil(K/group)])
-    with x ~= xq * scale, scale = amax(|x| over the group) / 448 (a group of zeros gets scale 0 and codes 0).
-    Shared by the reference and the GPU path, so both GEMMs see the same codes."""
+    with x ~= xq * scale, scale = amax(|x| over the group) times fp32(1/448) (a group of zeros gets scale 0 and codes
+    0), codes = x / scale (correctly rounded) rounded to nearest even. The GPU GEMM computes the same codes from each
+    x tile it loads (triton._quantize_fp8_rows)."""
     m, k = x.shape
     pad = (-k) % group
     xg = F.pad(x.float(), (0, pad)).view(m, (k + pad) // group, group)
-    scale = xg.abs().amax(dim=-1) / FP8_MAX  # a Python scalar: no host-to-device copy (CUDA-graph safe)
+    scale = xg.abs().amax(dim=-1) * FP8_RECIPROCAL  # a Python scalar: no host-to-device copy
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     xq = (xg / safe.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return xq.view(m, k + pad)[:, :k].contiguous(), scale

@@ -116,6 +116,8 @@ prmt.b32 $6, a2, b2, 0x7632;
 prmt.b32 $7, a3, b3, 0x7632;
 }
 """
+FP8_MAX = tl.constexpr(ref.FP8_MAX)
+FP8_RECIPROCAL = tl.constexpr(ref.FP8_RECIPROCAL)
 _PLANES_BF16 = tl.constexpr(_PLANES_ASM.replace("MAGIC", "0x43004300").replace("SUB", "sub.rn.bf16x2"))
 _PLANES_FP16 = tl.constexpr(_PLANES_ASM.replace("MAGIC", "0x64006400").replace("SUB", "sub.f16x2"))
 
@@ -150,9 +152,21 @@ def _int4_tile_dot(x_ptr, words, z, offs_m, M, K, stride_xm, k0, BM: tl.constexp
 
 
 @triton.jit
-def _acc_scale_after(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
-                     stride_sxm, k_begin, k_end, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
-                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT_FP8: tl.constexpr):
+def _quantize_fp8_rows(x):
+    """x [BM, BK] (one ACT_GROUP of columns) -> (e4m3 codes [BM, BK], fp32 scale [BM]): ref.quantize_fp8_act's
+    formula (scale = amax times the fp32 reciprocal of 448, correctly rounded division, round to nearest even), so
+    the GEMM needs no separate quantize pass."""
+    xf = x.to(tl.float32)
+    scale = tl.max(tl.abs(xf), axis=1) * FP8_RECIPROCAL
+    safe = tl.where(scale > 0, scale, 1.0)
+    q = tl.clamp(tl.math.div_rn(xf, safe[:, None]), -FP8_MAX, FP8_MAX)
+    return q.to(tl.float8e4nv), scale
+
+
+@triton.jit
+def _acc_scale_after(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn, k_begin,
+                     k_end, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
+                     BN: tl.constexpr, BK: tl.constexpr, ACT_FP8: tl.constexpr):
     """UNPACK 3. Scale after the dot: sum_k x_k (q_k - z) s = s * sum_k x_k (q_k - z) within a K tile (one scale per
     row and tile), so the tile goes to the tensor cores as the exact small integers (q - z) in the activation dtype
     (fp8: the exact e4m3 values) and the scale multiplies the [BM, BN] partial sum once per tile. ACT_FP8: x holds
@@ -172,11 +186,11 @@ def _acc_scale_after(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, offs_m, offs_n, M, N, K
             w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
                         mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
             if ACT_FP8:
-                sx = tl.load(sx_ptr + offs_m * stride_sxm + k0 // BK, mask=offs_m < M, other=0.0)
+                xq, sx = _quantize_fp8_rows(x)
                 if IEEE:
-                    part = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
+                    part = tl.dot(xq.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision="ieee")
                 else:
-                    part = tl.dot(x, tl.trans(w))
+                    part = tl.dot(xq, tl.trans(w))
                 part = part * sx[:, None]
             else:
                 part = tl.dot(x, tl.trans(w.to(x_ptr.dtype.element_ty)))
@@ -228,8 +242,7 @@ def _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm,
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_sxm,
-                 stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0,
                  ACT_FP8: tl.constexpr = False):
     """One [BM, BN] output tile over the K range of split pid_k (a partial sum when K is split)."""
@@ -239,8 +252,8 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, out_ptr, M, N, K, stride_xm
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if UNPACK == 3:
-        acc = _acc_scale_after(x_ptr, w_ptr, s_ptr, z_ptr, sx_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn,
-                               stride_sn, stride_sxm, k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK, ACT_FP8)
+        acc = _acc_scale_after(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
+                               k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK, ACT_FP8)
     elif INT4 and UNPACK == 2:
         acc = _acc_int4_planes(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
                                k_begin, k_end, GROUP, IEEE, BM, BN, BK)
@@ -297,21 +310,21 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
                group: int, out: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None,
-               unpack: int | None = None, act_scale: torch.Tensor | None = None) -> torch.Tensor:
+               unpack: int | None = None, act_fp8: bool = False) -> torch.Tensor:
     """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
     result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
     num_warps, num_stages]) instead of the plan; `unpack`: the kernel variant (benchmarks; default: the fastest one
     the call allows: 3 for int4 up to 32 rows where _lop3_ok, else 2 for int4 (nibble planes dequantized in fp32 and
     rounded as the reference does) and 0 for fp8 (dequantize-then-dot: faster in the whole-model step than UNPACK
-    3's scale-after-dot, which stays for the benchmark)); `act_scale`: x is float8_e4m3fn with one scale per row and
-    ACT_GROUP columns (W8A8)."""
+    3's scale-after-dot, which stays for the benchmark)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and
+    ACT_GROUP columns as it is loaded (the codes and scales of ref.quantize_fp8_act)."""
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
     group = min(group, k) if group else k
     lop3 = int4 and _lop3_ok(x)
-    bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_scale is not None, lop3)
-    if act_scale is not None:
+    bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_fp8, lop3)
+    if act_fp8:
         if int4 or bk != ref.ACT_GROUP:
             raise ValueError(f"fp8 activations need fp8 weights and K tiles of {ref.ACT_GROUP} columns; this call has "
                              f"{'int4' if int4 else 'fp8'} weights in groups of {group} (K tile {bk})")
@@ -331,12 +344,10 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    sx = act_scale if act_scale is not None else scale
-    _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, sx, dest, m, n, k, x.stride(0), weight.stride(0),
-                       scale.stride(0), sx.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2),
-                       k_per_split, GROUP=group if group < k else k + bk, INT4=int4,
+    _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
+                       scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split, GROUP=group if group < k else k + bk, INT4=int4,
                        IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk, UNPACK=unpack,
-                       ACT_FP8=act_scale is not None, **_launch(*launch))
+                       ACT_FP8=act_fp8, **_launch(*launch))
     if split > 1:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
@@ -401,10 +412,8 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
                act_fp8: bool = False) -> torch.Tensor:
     x2 = _rows(x)
     if act_fp8:
-        xq, sx = ref.quantize_fp8_act(x2)
-        out = torch.empty(x2.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
         tiles = W8A8_PREFILL_TILES if x2.shape[0] > FUSED_MAX_ROWS else None
-        y = quant_gemm(xq, weight, scale, None, block_k, out=out, tiles=tiles, act_scale=sx)
+        y = quant_gemm(x2, weight, scale, None, block_k, tiles=tiles, act_fp8=True)
         return y.view(*x.shape[:-1], weight.shape[0])
     if x2.shape[0] > FUSED_MAX_ROWS:
         return torch.nn.functional.linear(x, dequantize(weight, scale, None, block_k, x.shape[-1], x.dtype))
