@@ -15,6 +15,7 @@ fastest correct one. `--kv-quant` instead times decode over quantized KV pages (
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import sys
 from dataclasses import dataclass
@@ -208,24 +209,25 @@ def sweep_kv_quant(log, copy_gbs: float) -> None:
     for fmt, code in (("fp8", 1), ("int8", 2), ("int4", 3)):
         cases = [quantized_case(n, length, fmt, gen) for n, length in QUANT_SWEEP_CASES]
         best, best_score, first = None, float("inf"), None
-        for block_n, warps, stages in QUANT_SWEEP:
-            attn.QUANT_DECODE_CONFIG[code] = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+        for (block_n, warps, stages), f16 in itertools.product(QUANT_SWEEP, (0, 1) if fmt == "fp8" else (0,)):
+            attn.QUANT_DECODE_CONFIG[code] = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, F16_DOTS=f16)
             try:
                 outs = [attn.paged_attention_decode(**args) for args, _ in cases]
                 times = [do_bench_cudagraph(lambda a=args: attn.paged_attention_decode(**a), rep=50,
                                             return_mode="median") for args, _ in cases]
             except Exception as e:  # noqa: BLE001 (out of resources for a config is a result, not a failure)
-                log(f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages}: failed {type(e).__name__}")
+                log(f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages} f16={f16}: failed "
+                    f"{type(e).__name__}")
                 continue
             if first is None:
                 first = (times, outs)
             err = max((o.float() - f.float()).abs().max().item() for o, f in zip(outs, first[1]))
             score = sum(t / t0 for t, t0 in zip(times, first[0]))
-            log(f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages}: "
+            log(f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages} f16={f16}: "
                 + ", ".join(f"{t * 1e3:.0f}us ({nb / (t * 1e-3) / 1e9 / copy_gbs:.0%} copy)"
                             for t, (_, nb) in zip(times, cases)) + f"; diff vs first {err:.1e}")
             if err < 1e-2 and score < best_score:
-                best, best_score = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages), score
+                best, best_score = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, F16_DOTS=f16), score
         attn.QUANT_DECODE_CONFIG[code] = best or {}
         log(f"{fmt}: keeping {attn.QUANT_DECODE_CONFIG[code]}")
         del cases

@@ -426,6 +426,17 @@ def test_quantized_decode_gpu(fmt, heads, num_splits):
 
 @GPU
 @needs_cuda
+@pytest.mark.parametrize("heads", REAL_HEADS)
+def test_fp8_decode_fp16_dots_gpu(heads, monkeypatch):
+    """The fp8 decode kernel's fp16-dot variant (QUANT_DECODE_CONFIG F16_DOTS) against the reference."""
+    from deltaserve.kernels.attention import triton_decode
+    monkeypatch.setitem(triton_decode.QUANT_DECODE_CONFIG, 1, {**triton_decode.QUANT_DECODE_CONFIG[1], "F16_DOTS": 1})
+    check_decode([1, 0, 17, 1000, 4097, 63], heads, 256, 16, torch.bfloat16, "cuda",
+                 torch.Generator().manual_seed(33), kv_dtype=KV_FORMATS["fp8"])
+
+
+@GPU
+@needs_cuda
 @pytest.mark.parametrize("fmt", list(KV_FORMATS))
 def test_quantized_prefill_gpu(fmt):
     # 27B heads only: each (format, GQA group) is a prefill compile of ~10 s

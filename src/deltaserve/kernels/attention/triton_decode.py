@@ -18,7 +18,9 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # Overrides for quantized pages, by the kernels' QUANT code (1 fp8, 2 int8, 3 int4): a tile of them is a half or a
 # quarter of the bytes, so the best tile differs. From bench_attention.py --kv-quant --sweep (benchmarks/RESULTS.md,
 # 2026-12-03, H200): fp8 +5% and int4 +20% at 27B batch 32 / 32k over the bf16 tile; int8 keeps it.
-QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4},
+# F16_DOTS (fp8 only, 0/1): run the dots in fp16 instead of bf16 (e4m3 -> fp16 is one native cvt per two values,
+# -> bf16 adds one per value: 20% fewer instructions for sm_90a, more register spills); off until the sweep times it.
+QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4, "F16_DOTS": 0},
                                                   3: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
 _INTERPRET_DECODE: dict[str, int] = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "WAVES": 2, "MAX_SPLITS": 4}
@@ -34,7 +36,7 @@ def _decode_split_kernel(
     stride_btn,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr, F16_DOTS: tl.constexpr = False,
 ):
     """Program (n, kv head g, split s): the GQA group's q heads are the rows of the tile, so each K/V tile is read
     once for all of them. Split s covers whole BLOCK_N tiles [lo, hi) of sequence n; writes the split's normalized
@@ -58,6 +60,10 @@ def _decode_split_kernel(
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
+    if F16_DOTS:
+        # fp8 pages with bf16 q: the dots run in fp16, because e4m3 -> fp16 is one native cvt per two values while
+        # e4m3 -> bf16 adds a cvt per value (and fp16 keeps more of q's and p's bits; |q| past 65504 is clamped)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -199,6 +205,7 @@ def decode_into(
         GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
         UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
+        F16_DOTS=bool(cfg.get("F16_DOTS")) and quant == 1 and q.dtype == torch.bfloat16,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _decode_reduce_kernel[(N, Hq)](
