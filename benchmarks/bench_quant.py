@@ -1,11 +1,13 @@
 """Decode step time of quantized models (dummy weights at real shapes) against the weight-read floor measured in the
 same run.
 
-python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4] [--batches 1 64] [--context 1024]
+python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4 fp8-w8a8] [--batches 1 64]
+                                 [--context 1024]
 
 fp8: Qwen's official layout (128x128 block scales; GDN in_proj_a/b, router, shared-expert gate, embedding and lm_head
-kept bf16). int4: AWQ-style W4A16 g128 on every projection except those same modules (the layout that gives the
-largest speedup; Qwen's own GPTQ-Int4 quantizes only the MLP / experts). The floor is the bytes a step must read
+kept bf16); fp8-w8a8: the same with --fp8-activations dynamic. int4: AWQ-style W4A16 g128 on every projection
+except those same modules (the layout that gives the largest speedup; Qwen's own GPTQ-Int4 quantizes only the MLP /
+experts). The floor is the bytes a step must read
 (weights as stored, routed experts expected to be hit, GDN state, KV at --context) over the device-to-device copy
 bandwidth measured first; "vs bf16" is the bf16 step time over this one's.
 """
@@ -31,20 +33,22 @@ FORMATS = {
     "int4": {"quant_method": "awq", "bits": 4, "group_size": 128, "version": "gemm", "zero_point": True,
              "modules_to_not_convert": KEEP},
 }
+FORMATS["fp8-w8a8"] = FORMATS["fp8"]  # the same weights run with --fp8-activations dynamic
 
 
 def load(name: str, fmt: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):
     """A dummy-weight model of shape `name` with its projections in format `fmt`."""
     cfg = model_config(name)
     raw = FORMATS[fmt]
-    quant = QuantizationConfig(method=raw["quant_method"], raw=raw) if raw else None
+    quant = QuantizationConfig(method=raw["quant_method"], raw=raw,
+                               fp8_activations="dynamic" if fmt == "fp8-w8a8" else "off") if raw else None
     return load_model(cfg, load_format="dummy", device=device, dtype=dtype, with_mtp=False, quantization=quant)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["27B", "35B-A3B"])
-    ap.add_argument("--formats", nargs="+", default=["bf16", "fp8", "int4"], choices=list(FORMATS))
+    ap.add_argument("--formats", nargs="+", default=["bf16", "fp8", "fp8-w8a8", "int4"], choices=list(FORMATS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--context", type=int, default=1024)
     args = ap.parse_args()

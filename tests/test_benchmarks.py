@@ -23,9 +23,10 @@ def test_quant_bench_models_on_a_tiny_shape():
     from benchmarks import bench_quant
     from tests.models.simple_runner import SimpleRunner
 
-    for fmt in ("fp8", "int4"):
+    for fmt in ("fp8", "fp8-w8a8", "int4"):
         model = bench_quant.load("tiny", fmt, device="cpu", dtype=torch.float32)
-        assert model.model.layers[0].mlp.down_proj.method.name.startswith(fmt)
+        assert model.model.layers[0].mlp.down_proj.method.name.startswith(fmt[:3])
+        assert model.model.layers[0].mlp.down_proj.method.name.endswith("w8a8") == (fmt == "fp8-w8a8")
         assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
         assert torch.isfinite(SimpleRunner(model).step({0: [1, 2, 3]})[0]).all()
 
