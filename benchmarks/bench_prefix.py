@@ -54,7 +54,9 @@ def chat_workload(args: argparse.Namespace, vocab: int) -> Iterator[list[Job]]:
     for turn in range(args.turns):
         if turn:
             histories = [j.prompt + j.reply + _tokens(rnd, args.turn_len, vocab) for j in jobs]
-        jobs = [Job(h, (len(h),), c) for c, h in enumerate(histories)]
+        # no cache points: the engine's default one, the last prompt position, is where the next turn resumes (a
+        # point must lie inside the prompt, so len(h) would be dropped)
+        jobs = [Job(h, (), c) for c, h in enumerate(histories)]
         yield jobs
 
 
