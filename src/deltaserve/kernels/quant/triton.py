@@ -36,24 +36,18 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
-                  INT4: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0):
+                  INT4: tl.constexpr, BK: tl.constexpr):
     """Rows offs_n, columns [k0, k0 + BK) of W in fp32 ([BN, BK]). BK divides GROUP (or GROUP >= K), so the tile
-    has one scale (and zero point) per row: loaded once, broadcast over BK."""
+    has one scale (and zero point) per row: loaded once, broadcast over BK. int4: each column loads its own word
+    (8 columns share one: served by L1), then shifts."""
     n_ok = offs_n < N
     g = k0 // GROUP
     s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
     if INT4:
-        if UNPACK == 0:  # each column loads its own word (8 columns share one: served by L1), then shifts
-            offs_k = k0 + tl.arange(0, BK)
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 8,
-                            mask=n_ok[:, None] & (offs_k[None, :] < K), other=0)
-            q = (words >> ((offs_k[None, :] % 8) * 4)) & 0xF
-        else:  # each word loaded once ([BN, BK/8]), its 8 nibbles spread by a reshape
-            offs_w = k0 // 8 + tl.arange(0, BK // 8)
-            words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                            mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)  # [BN, BK/8]
-            shifts = tl.arange(0, 8) * 4
-            q = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 0xF, (words.shape[0], BK))
+        offs_k = k0 + tl.arange(0, BK)
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 8,
+                        mask=n_ok[:, None] & (offs_k[None, :] < K), other=0)
+        q = (words >> ((offs_k[None, :] % 8) * 4)) & 0xF
         z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
         return (q - z[:, None]).to(tl.float32) * s[:, None]
     else:
@@ -225,14 +219,14 @@ def _acc_int4_planes(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride
 @triton.jit
 def _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn, k_begin,
                  k_end, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr):
-    """UNPACK 0 / 1: the weight tile dequantized in fp32, rounded to the activation dtype as the reference does."""
+                 BN: tl.constexpr, BK: tl.constexpr):
+    """UNPACK 0: the weight tile dequantized in fp32, rounded to the activation dtype as the reference does."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK, UNPACK)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
         w = tl.trans(w.to(x_ptr.dtype.element_ty))
         if IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot multiplies raw bits)
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
@@ -259,7 +253,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
                                k_begin, k_end, GROUP, IEEE, BM, BN, BK)
     else:
         acc = _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
-                           k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK, UNPACK)
+                           k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     rows = pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64) * stride_om
     tl.store(out_ptr + rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
@@ -331,6 +325,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         unpack = 3
     elif unpack is None:
         unpack = 3 if lop3 and m <= 32 and bk >= 128 else 2 if int4 and (bk >= 128 or _INTERPRET) else 0
+    elif unpack not in (0, 2, 3):
+        raise ValueError(f"unpack must be 0, 2 or 3 (kernel variants), got {unpack}")
     elif unpack == 3 and (x.dtype not in (torch.bfloat16, torch.float16) or int4 and not lop3):
         raise ValueError(f"UNPACK 3 needs 16-bit activations (and, for int4, an sm_90+ GPU), got {x.dtype}")
     elif unpack == 2 and bk < 128 and not _INTERPRET:
