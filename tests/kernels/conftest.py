@@ -1,16 +1,11 @@
-"""Make tests/tolerances.py importable as `tolerances` however pytest roots this package."""
+"""Fixtures of the kernel tests. tests/ itself is never put on sys.path: its `kernels` package would shadow the
+Hugging Face `kernels` package that transformers (>= 5.25) imports; tests import `tests.tolerances`."""
 
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-_TESTS = str(Path(__file__).resolve().parents[1])
-if _TESTS not in sys.path:
-    sys.path.insert(0, _TESTS)
 
 
 @pytest.fixture(scope="module")

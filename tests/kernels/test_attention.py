@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import assert_close
+from tests.tolerances import assert_close
 
 from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, write_kv
 

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from tolerances import assert_close, assert_error_within  # noqa: E402
+from tests.tolerances import assert_close, assert_error_within  # noqa: E402
 
 from deltaserve.kernels.attention import ref  # noqa: E402
 from deltaserve.kernels.attention import triton as tk  # noqa: E402

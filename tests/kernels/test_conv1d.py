@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import assert_close
+from tests.tolerances import assert_close
 
 from deltaserve.kernels.conv1d import causal_conv1d_prefill, causal_conv1d_update
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from tolerances import assert_close
+from tests.tolerances import assert_close
 
 from deltaserve.kernels.gated_delta_rule import (
     chunk_gated_delta_rule,

@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel module is imported
 
-from tolerances import assert_close, assert_error_within
+from tests.tolerances import assert_close, assert_error_within
 
 from deltaserve.engine.device_inputs import chunk_indices
 from deltaserve.kernels.conv1d import ref as conv_ref

@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from tolerances import assert_error_within  # noqa: E402
+from tests.tolerances import assert_error_within  # noqa: E402
 
 from benchmarks.bench_linear import SWEEP_TILES  # noqa: E402
 from deltaserve.kernels.linear import linear  # noqa: E402

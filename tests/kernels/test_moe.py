@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import assert_close
+from tests.tolerances import assert_close
 
 from deltaserve.kernels.moe import fused_moe, moe_topk_softmax
 

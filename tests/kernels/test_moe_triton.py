@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from tolerances import assert_close, assert_error_within  # noqa: E402
+from tests.tolerances import assert_close, assert_error_within  # noqa: E402
 
 from deltaserve.kernels.moe import ref  # noqa: E402
 from deltaserve.kernels.moe import gpu as moe_gpu  # noqa: E402

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import assert_close
+from tests.tolerances import assert_close
 
 from deltaserve.kernels.norm import gated_rms_norm, rms_norm
 

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from tolerances import assert_close  # noqa: E402
+from tests.tolerances import assert_close  # noqa: E402
 
 from deltaserve.kernels.activation import triton as act  # noqa: E402
 from deltaserve.kernels.norm import ref as norm_ref  # noqa: E402

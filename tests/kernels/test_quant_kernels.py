@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from tolerances import assert_error_within  # noqa: E402
+from tests.tolerances import assert_error_within  # noqa: E402
 
 from deltaserve.kernels.quant import ref  # noqa: E402
 from deltaserve.kernels.quant import triton as qt  # noqa: E402
