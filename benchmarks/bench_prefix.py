@@ -3,7 +3,7 @@ workload's ideal, TTFT percentiles (and on resumed turns), throughput.
 
 python benchmarks/bench_prefix.py [--model 9B] [--workloads chat system] [--concurrency 1 16]
                                   [--conversations 4] [--turns 8] [--first-len 8192] [--turn-len 200]
-                                  [--system-len 4096] [--requests 16] [--output-len 64]
+                                  [--system-len 4096] [--requests 16] [--output-len 64] [--num-checkpoints N]
 
 chat: `conversations` conversations of `turns` turns each, interleaved: turn 1 sends a first-len history, each
 later turn the previous prompt, the reply and a new turn-len message (the history is resent as it was: the shape
@@ -121,7 +121,8 @@ def run(args: argparse.Namespace, workload: str, concurrency: int, cached: bool)
         (Path(d) / "config.json").write_text(json.dumps(shape))
         max_len = args.first_len + args.turns * (args.turn_len + args.output_len) + args.system_len + 2048 + 64
         llm = LLM(d, load_format="dummy", max_model_len=max_len, max_num_seqs=max(concurrency, 1),
-                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=cached)
+                  max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=cached,
+                  num_checkpoints=args.num_checkpoints if cached else None)
         llm.generate([[11] * 64], _warmup_params())  # compile outside the timed run
         llm.engine.reset_prefix_cache()
         rounds, t0 = [], time.perf_counter()
@@ -174,6 +175,8 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--num-checkpoints", type=int, default=None,
+                    help="the checkpoint pool's size (default: the planner's); small: eviction under pressure")
     args = ap.parse_args()
     rows = []
     for workload in args.workloads:
