@@ -17,7 +17,7 @@ import itertools
 import torch
 import triton.testing
 
-from benchmarks.common import header, kv_bytes_per_token, measure_copy_bandwidth, model_config, state_bytes, table
+from benchmarks.common import kv_bytes_per_token, measure_copy_bandwidth, model_config, print_report, state_bytes
 from deltaserve.cache.tensors import CacheShape, ModelCache, kv_page_dtype
 from deltaserve.config.engine import KV_CACHE_DTYPES, STATE_DTYPES
 from deltaserve.engine.cuda_graph import StepGraphs
@@ -119,9 +119,7 @@ def main() -> None:
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    print(header(""))
-    print(f"copy bandwidth measured: {bw / 1e12:.2f} TB/s")
-    print(table(rows))
+    print_report(rows, bw)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import gc
 import torch
 
 from benchmarks.bench_decode import _oom_row, bench_one
-from benchmarks.common import header, measure_copy_bandwidth, model_config, table
+from benchmarks.common import measure_copy_bandwidth, model_config, print_report
 from deltaserve.config import QuantizationConfig
 from deltaserve.models.loader import load_model
 
@@ -73,9 +73,7 @@ def main() -> None:
             del model
             gc.collect()
             torch.cuda.empty_cache()
-    print(header(""))
-    print(f"copy bandwidth measured: {bw / 1e12:.2f} TB/s")
-    print(table(rows))
+    print_report(rows, bw)
 
 
 if __name__ == "__main__":

@@ -111,6 +111,13 @@ def header(command: str) -> str:
             f"{platform.python_version()}\ncommand: {command or ' '.join(sys.argv)}")
 
 
+def print_report(rows: list[dict[str, Any]], copy_bandwidth: float) -> None:
+    """A floor-relative benchmark's closing output: the run header, the copy bandwidth its floors use, the table."""
+    print(header(""))
+    print(f"copy bandwidth measured: {copy_bandwidth / 1e12:.2f} TB/s")
+    print(table(rows))
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)"

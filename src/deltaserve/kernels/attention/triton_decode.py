@@ -19,7 +19,8 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # quarter of the bytes, so the best tile differs. From bench_attention.py --kv-quant --sweep (benchmarks/RESULTS.md,
 # 2026-12-03, H200): fp8 +5% and int4 +20% at 27B batch 32 / 32k over the bf16 tile; int8 keeps it.
 # F16_DOTS (fp8 only, 0/1): run the dots in fp16 instead of bf16 (e4m3 -> fp16 is one native cvt per two values,
-# -> bf16 adds one per value: 20% fewer instructions for sm_90a, more register spills); off until the sweep times it.
+# -> bf16 adds one per value: 20% fewer instructions for sm_90a, more register spills, benchmarks/compile_check.py in
+# RESULTS.md); off until the sweep times it.
 QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4, "F16_DOTS": 0},
                                                   3: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
