@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltaserve.kernels._device import capability
 from deltaserve.kernels.quant import fp8_fused_moe, fp8_linear, int4_fused_moe, int4_linear
 from deltaserve.kernels.quant.ref import ACT_GROUP, pack_int4, unpack_int4
 from deltaserve.layers.linear import Linear, LinearMethod, MergedLinear, new_param, tp_shard
@@ -728,8 +729,8 @@ def _check_act_fp8(layer: Linear, k: int, group_size: int, device: torch.device 
                                 f"{layer.block_k}-column pieces; dynamic FP8 activations need multiples of "
                                 f"{ACT_GROUP}: use another tensor_parallel_size or --fp8-activations off")
     dev = torch.device(device) if device is not None else None
-    if dev is not None and dev.type == "cuda" and torch.cuda.get_device_capability(dev) < (8, 9):
-        major, minor = torch.cuda.get_device_capability(dev)
+    if dev is not None and dev.type == "cuda" and capability(dev) < (8, 9):
+        major, minor = capability(dev)
         raise QuantizationError(f"--fp8-activations dynamic multiplies on FP8 tensor cores (compute capability 8.9+: "
                                 f"Ada, Hopper or newer); this GPU is {major}.{minor}: use --fp8-activations off")
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels._device import num_sms
+from deltaserve.kernels._device import capability, num_sms
 from deltaserve.kernels.quant import ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -294,7 +294,7 @@ def _lop3_ok(x: torch.Tensor) -> bool:
     """UNPACK 3's int4 planes can run: compiled (not the interpreter), 16-bit activations, and sm_90+ (the PTX uses
     sub.bf16x2)."""
     return (not _INTERPRET and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+            and capability(x.device)[0] >= 9)
 
 
 def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict[str, int]:
