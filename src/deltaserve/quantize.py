@@ -18,9 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from deltaserve.kernels.quant.ref import pack_int4
+from deltaserve.kernels.quant.ref import FP8_MAX, pack_int4
 
-FP8_MAX = 448.0
 FP8_KEEP = (r".*linear_attn\.in_proj_[ab]$", r".*mlp\.gate$", r".*shared_expert_gate$", r".*embed_tokens$",
             r"^lm_head$", r"^mtp\.fc$", r".*visual.*", r".*conv1d$")
 GPTQ_ONLY = r".*mlp\.(experts\.\d+\.)?(gate|up|down)_proj$"

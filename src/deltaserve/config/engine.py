@@ -113,6 +113,8 @@ class SchedulerConfig:
         require(t is None or (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0),
                 f"'max_step_ms' is {t!r}; use a time in milliseconds > 0 (e.g. 50), or 0 / None to fill every step "
                 "up to max_num_batched_tokens")
+        require(self.async_scheduling is None or isinstance(self.async_scheduling, bool),
+                f"'async_scheduling' must be a bool or None, got {self.async_scheduling!r}")
 
     @property
     def step_budget_ms(self) -> float | None:
@@ -124,8 +126,6 @@ class SchedulerConfig:
         """Prefill tokens a step with decode rows carries at least (when a prompt waits for them), whatever the
         predicted time: the floor that keeps long prompts progressing under a tight budget."""
         return max(1, self.max_num_batched_tokens // MIN_PREFILL_CHUNK_DIVISOR)
-        require(self.async_scheduling is None or isinstance(self.async_scheduling, bool),
-                f"'async_scheduling' must be a bool or None, got {self.async_scheduling!r}")
 
 
 @dataclass(frozen=True)

@@ -92,9 +92,14 @@ class LLMEngine:
             params -= expert_params * (1 - cfg.num_experts_per_tok / cfg.num_experts)  # type: ignore[operator]
         layers = len(cfg.full_attention_layers)
         heads, kv_heads = max(cfg.num_attention_heads // tp, 1), max(cfg.num_key_value_heads // tp, 1)
+        # the KV bytes a cached token costs to read, from the planned pages (the KV cache dtype, its scales, the MTP
+        # layer's pages); the attention dims where no plan exists
+        plan = getattr(self.runner, "plan", None)
+        kv_bytes = plan.page_bytes / self.config.cache.page_size if plan is not None else \
+            2 * kv_heads * cfg.head_dim * 2 * layers
         prior = prior_coefficients(weight_bytes=weight_bytes, active_params=params,
                                    attention_flops_per_pair=4 * cfg.head_dim * heads * layers,
-                                   kv_bytes_per_token=2 * kv_heads * cfg.head_dim * 2 * layers)
+                                   kv_bytes_per_token=kv_bytes)
         return StepCostModel(prior)
 
     @property
