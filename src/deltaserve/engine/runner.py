@@ -238,7 +238,7 @@ class ModelRunner:
         ready.record(torch.cuda.current_stream(self.device))
         return LaunchedStep(step, host, ready, scored, failed, kept=kept, drafts=drafts, started=launched.started)
 
-    def _speculate(self, launched: LaunchedStep, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _speculate(self, launched: LaunchedStep, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """After sampling a step with speculative decoding on: the tokens each request keeps, the GDN states
         committed at the last kept position (verify steps), each slot's last kept token, and the next drafts."""
         step, dev = launched.step, launched.dev
@@ -249,6 +249,9 @@ class ModelRunner:
         first = self._ids(first_logits_rows(step).tolist())
         self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[first + kept - 1])
         assert self.drafter is not None
+        if not step.propose_drafts:  # the next step will not verify: only the MTP head's KV, for later drafts
+            self.drafter.first_pass(step, dev, launched.input_ids, launched.hidden, token_ids)
+            return kept, None
         drafts = self.drafter.propose(step, dev, launched.input_ids, launched.hidden, token_ids, kept)
         return kept, drafts
 

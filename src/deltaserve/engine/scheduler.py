@@ -79,6 +79,9 @@ class SchedulerOutput:
     state_copies: tuple[StateCopy, ...] = ()   # before the step: matched checkpoints into requests' slots
     page_copies: tuple[PageCopy, ...] = ()     # before the step: matched partial pages into requests' pages
     checkpoints: tuple[PendingCheckpoint, ...] = ()  # after the step: snapshots of slots into checkpoints
+    # MTP: draft for the next step (False while more requests run than verify steps take: the drafts would be
+    # dropped, and drafting reads the MTP head and the lm_head K times)
+    propose_drafts: bool = True
 
     @property
     def state_snapshots(self) -> tuple[StateCopy, ...]:
@@ -135,7 +138,7 @@ class Scheduler:
         self._owed: set[str] = set()           # decode rows of this step not scheduled yet (each owed a token)
         self._spec_k = speculative_tokens
         self._spec_max_batch = speculative_max_batch
-        self.spec_turned_down = 0  # steps where running requests had drafts but the batch was too large
+        self.spec_turned_down = 0  # steps that ran without verifying because the batch was too large
         self.cache = cache
         self._checkpoint_interval = checkpoint_interval
         # A lone request must always fit, or it would preempt itself forever.
@@ -257,7 +260,7 @@ class Scheduler:
         state_copies, page_copies = self._take_copies(scheduled)
         checkpoints = tuple(c for c in (self._checkpoint(s) for s in scheduled) if c is not None)
         return SchedulerOutput(tuple(scheduled), tuple(preempted), max_tokens - budget, state_copies, page_copies,
-                               checkpoints)
+                               checkpoints, propose_drafts=len(self._running) <= self._spec_max_batch)
 
     def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[str]) -> int:
         uniform = self._uniform_drafts(budget) if self._spec_k else None
@@ -341,13 +344,13 @@ class Scheduler:
     def _uniform_drafts(self, budget: int) -> int:
         """With speculative decoding: the drafts every running request verifies this step (0: a step without
         drafts; see __init__)."""
+        if len(self._running) > self._spec_max_batch:
+            self.spec_turned_down += 1  # (and the runner proposes no drafts: SchedulerOutput.propose_drafts)
+            return 0
         rows = [r for r in self._running
                 if not (r.num_tokens_with_pending <= r.num_computed_tokens or r.reached_max_output
                         or r.num_pending_drafts)]
         if not rows or any(not r.draft_token_ids for r in rows):
-            return 0
-        if len(self._running) > self._spec_max_batch:
-            self.spec_turned_down += 1
             return 0
         if self._waiting and len(self._running) < self._config.max_num_seqs:
             return 0  # admit first: a verify step cannot carry prefill chunks

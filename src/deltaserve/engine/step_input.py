@@ -89,6 +89,7 @@ class StepInput:
     next_token_ids:    [N] int64   the known token after each row's last new token (a prefill chunk that does not
                        reach the end), PENDING for rows that sample it (read by the MTP drafter)
     page_counts:       [N] int32   KV pages each row holds (the drafter writes no KV past them)
+    propose_drafts:    MTP: the runner drafts for the next step (else it only writes the MTP head's KV)
     """
 
     input_ids: np.ndarray
@@ -106,6 +107,7 @@ class StepInput:
     prompt_logprobs: tuple[PromptLogprobsRequest, ...] = ()
     next_token_ids: np.ndarray | None = None
     page_counts: np.ndarray | None = None
+    propose_drafts: bool = True
 
     @property
     def num_drafts(self) -> int:
@@ -214,7 +216,7 @@ def build_step_input(out: SchedulerOutput, *, block_tables: BlockTables | None =
         state_snapshots=out.state_snapshots,
         prompt_logits_rows=np.array(prompt_rows, dtype=np.int64), prompt_logprobs=tuple(prompt_logprobs),
         next_token_ids=np.array(next_ids, dtype=np.int64),
-        page_counts=np.array([len(e.pages) for e in scheduled], dtype=np.int32))
+        page_counts=np.array([len(e.pages) for e in scheduled], dtype=np.int32), propose_drafts=out.propose_drafts)
 
 
 def _prompt_logprobs_request(entry: ScheduledRequest) -> PromptLogprobsRequest | None:
