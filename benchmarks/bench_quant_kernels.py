@@ -6,8 +6,10 @@ python benchmarks/bench_quant_kernels.py --sweep [--rows 1 16 64]    tiles x war
                                                                      best per (kind, shape, rows) and its error
 
 Variants (kernels/quant/triton.py UNPACK): int4 u2 = nibble planes dequantized in fp32 then rounded (the first
-kernels); u3 = planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot, u3 = scale after.
-The sweep's baseline ("plan") is what quant_gemm runs by default.
+kernels); u3 = planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot, u3 = scale after;
+u4 = the CUDA-core GEMV (up to 4 rows). The sweep's baseline ("plan") is what quant_gemm runs by default; it tries
+u3 tiles past 4 rows and GEMV tiles (BN x warps x split-K) up to 4 rows. Timings are CUDA-graph
+replays (triton.testing.do_bench_cudagraph), as the engine runs them, so launch overhead is not counted.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from deltaserve.kernels.quant import triton as qt
 SHAPES = {"27B gate_up": (34816, 5120), "27B down": (5120, 17408), "27B in_proj": (16384, 5120),
           "35B in_proj": (12288, 2048), "35B o_proj": (2048, 4096)}
 SWEEP_SHAPES = ["27B gate_up", "27B down", "35B in_proj"]
-VARIANTS = {"int4": (2, 3), "fp8": (0, 3)}
+VARIANTS = {"int4": (2, 3, 4), "fp8": (0, 3, 4)}
 
 
 def make_weights(n: int, k: int) -> dict:
@@ -51,7 +53,8 @@ def rel_error(kind: str, x: torch.Tensor, weights: tuple, got: torch.Tensor) -> 
 
 
 def time_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median")
+    fn()  # compile outside the graph
+    return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
 
 
 def planned(args, bw: float) -> list[dict]:
@@ -65,6 +68,8 @@ def planned(args, bw: float) -> list[dict]:
             for kind, variants in VARIANTS.items():
                 w, s, z = weights[kind]
                 for u in variants:
+                    if u == 4 and m > 4:
+                        continue
                     t[f"{kind} u{u}"] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
             row = {"shape": name, "rows": m}
             for key, ms in t.items():
@@ -75,6 +80,40 @@ def planned(args, bw: float) -> list[dict]:
     return rows
 
 
+def gemv_candidates(name, x, w, s, z, n, k, m) -> list[tuple]:
+    """GEMV (u4) tiles: BN x warps x split-K around the plan's split."""
+    out = []
+    bm = triton.next_power_of_2(m)
+    for bn, warps in itertools.product((32, 64, 128, 256), (8, 16)):
+        base = max(1, min(k // 128, (4 * qt.num_sms(x.device)) // triton.cdiv(n, bn)))
+        for split in sorted({1, base, 2 * base, 4 * base} & set(range(1, k // 128 + 1))):
+            tiles = (bm, bn, 128, split, warps, 3)
+            try:
+                ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=4))
+            except Exception as e:  # out of registers / shared memory: not a candidate
+                print(f"{name} m={m} gemv {tiles}: {type(e).__name__}", flush=True)
+                continue
+            out.append(("u4", tiles, 4, ms))
+    return out
+
+
+def u3_candidates(name, x, w, s, z, n, k, m, bm, kind) -> list[tuple]:
+    """UNPACK 3 tiles: BN x warps x stages x split-K around the plan's split."""
+    out = []
+    for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (3, 5)):
+        tiles_n = triton.cdiv(n, bn) * triton.cdiv(m, bm)
+        plan_split = max(1, min(k // 128, (2 * qt.num_sms(x.device)) // tiles_n))
+        for split in sorted({1, plan_split, 2 * plan_split}):
+            tiles = (bm, bn, 128, split, warps, stages)
+            try:
+                ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=3))
+            except Exception as e:  # out of shared memory / registers: not a candidate
+                print(f"{name} m={m} {kind} {tiles}: {type(e).__name__}", flush=True)
+                continue
+            out.append(("u3", tiles, 3, ms))
+    return out
+
+
 def sweep(args, bw: float) -> list[dict]:
     best_rows = []
     for name in SWEEP_SHAPES:
@@ -83,24 +122,20 @@ def sweep(args, bw: float) -> list[dict]:
         for m, kind in itertools.product(args.rows, VARIANTS):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             w, s, z = weights[kind]
-            base_tiles = qt._plan(m, n, k, 128, x.device, kind == "int4", lop3=qt._lop3_ok(x))
-            bm = base_tiles[0]
+            dot_tiles = qt._plan(m, n, k, 128, x.device, kind == "int4", lop3=qt._lop3_ok(x))
+            base_tiles = qt._gemv_plan(m, n, k, 128, x.device, kind == "int4") if m <= qt.GEMV_MAX_ROWS else dot_tiles
+            bm = dot_tiles[0]
             floor_ms = floor_bytes(kind, n, k) / bw * 1e3
             results = [("plan", base_tiles, None, time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)))]
-            for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (3, 5)):
-                tiles_n = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-                plan_split = max(1, min(k // 128, (2 * qt.num_sms(x.device)) // tiles_n))
-                for split in sorted({1, plan_split, 2 * plan_split}):
-                    tiles = (bm, bn, 128, split, warps, stages)
-                    try:
-                        ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=3))
-                    except Exception as e:  # out of shared memory / registers: not a candidate
-                        print(f"{name} m={m} {kind} {tiles}: {type(e).__name__}", flush=True)
-                        continue
-                    results.append(("u3", tiles, 3, ms))
+            if m <= 4:  # the u3 tiles at these rows were swept before (RESULTS.md, 2026-12-03)
+                results += gemv_candidates(name, x, w, s, z, n, k, m)
+            else:
+                results += u3_candidates(name, x, w, s, z, n, k, m, bm, kind)
             label, tiles, u, ms = min(results, key=lambda r: r[3])
             got = qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=u)
             row = {"shape": name, "kind": kind, "rows": m, "floor us": floor_ms * 1e3,
+                   "dot plan us": time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=dot_tiles,
+                                                                unpack=3 if kind == "int4" else 0)) * 1e3,
                    "plan us": results[0][3] * 1e3, "best us": ms * 1e3, "best/floor": ms / floor_ms,
                    "best": f"{label} {tiles}", "rel err": rel_error(kind, x, weights[kind], got)}
             best_rows.append(row)

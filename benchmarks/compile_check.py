@@ -47,7 +47,8 @@ def compile_one(fn, types: dict[str, str], constexprs: dict, num_warps: int, num
     ops = Counter(line.split()[0] for line in ptx.splitlines() if line.strip()[:1].isalpha())
     return {"registers": regs, "spill store bytes": spills, "instructions": sum(ops.values()),
             "mma": sum(v for k, v in ops.items() if k.startswith("mma.") or "mma_async" in k),
-            "cvt": sum(v for k, v in ops.items() if k.startswith("cvt"))}
+            "cvt": sum(v for k, v in ops.items() if k.startswith("cvt")),
+            "shared st": sum(v for k, v in ops.items() if k.startswith("st.shared"))}
 
 
 def quant_rows() -> list[dict]:
@@ -65,6 +66,11 @@ def quant_rows() -> list[dict]:
     for name, types, consts, warps, stages in cases:
         consts = {"GROUP": 128, "IEEE": False, "BK": 128, "ACT_FP8": False, **consts}
         rows.append({"kernel": name, **compile_one(quant._gemm_kernel, types, consts, warps, stages)})
+    for kind, types in (("int4", {**int4, "x_ptr": "*fp32"}), ("fp8", fp8)):  # int4: x plane-major fp32
+        for bn, warps in ((64, 4), (128 if kind == "int4" else 64, 8)):
+            consts = dict(GROUP=128, INT4=kind == "int4", BM=1, BN=bn, BK=128, EVEN_N=True, EVEN_K=True)
+            rows.append({"kernel": f"{kind} GEMV, 1 row, BN {bn}, {warps} warps",
+                         **compile_one(quant._gemv_kernel, types, consts, warps, 3)})
     return rows
 
 

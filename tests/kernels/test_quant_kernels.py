@@ -55,7 +55,8 @@ def fp8_weight(n: int, k: int, block: int, gen: torch.Generator, device=DEV):
     return w, scale
 
 
-def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, tiles=None, seed: int = 0):
+def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, tiles=None, seed: int = 0,
+               unpack=None):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
     if kind == "int4":
@@ -69,7 +70,7 @@ def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype
         baseline = ref.fp8_linear(x=x, weight=weight, scale=s, block_k=group)
         zeros = None
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)  # NaN-poisoned: every element must be written
-    got = qt.quant_gemm(x, weight, s, zeros, group, out=out, tiles=tiles)
+    got = qt.quant_gemm(x, weight, s, zeros, group, out=out, tiles=tiles, unpack=unpack)
     # Against the exact dequantized weight: the reference rounds it to x.dtype first (the model dequantized ahead of
     # time); the GPU kernels scale after the dot and skip that rounding, so they must be at least as close.
     expected = x.double() @ w.double().T
@@ -81,6 +82,20 @@ def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype
 @pytest.mark.parametrize("m,tiles", [(3, (16, 32, 16, 3)), (20, (16, 16, 32, 1)), (40, (32, 32, 16, 2))])
 def test_gemm_interpreted(kind, m, tiles):
     check_gemm(kind, m, 72, 96, 32, torch.bfloat16 if m != 20 else torch.float32, tiles=tiles, seed=m)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m,tiles,dtype", [(1, (1, 32, 32, 2), torch.bfloat16), (3, (4, 16, 16, 3), torch.float32)])
+def test_gemv_interpreted(kind, m, tiles, dtype):
+    """The CUDA-core GEMV (variant 4): one row and a padded row tile, ragged N, split-K over several groups."""
+    check_gemm(kind, m, 72, 96, 32, dtype, tiles=tiles, seed=m + 11, unpack=4)
+
+
+def test_gemv_refuses_fewer_tile_rows_than_rows():
+    x = torch.zeros(3, 64, dtype=torch.bfloat16, device=DEV)
+    w, s = fp8_weight(16, 64, 32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="BM 2 must be at least M = 3"):
+        qt.quant_gemm(x, w, s, None, 32, tiles=(2, 16, 32, 1), unpack=4)
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
@@ -153,7 +168,7 @@ ODD = [(136, 384), (4104, 2048 + 128), (520, 1152)]
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
-@pytest.mark.parametrize("m", [1, 7, 24, 64, 300])
+@pytest.mark.parametrize("m", [1, 3, 7, 24, 64, 300])
 @pytest.mark.parametrize("n,k", SHAPES_27B + SHAPES_35B + SHAPES_122B + ODD)
 def test_gemm_gpu(kind, m, n, k):
     check_gemm(kind, m, n, k, 128, torch.bfloat16, seed=n + k + m)

@@ -1,6 +1,11 @@
 """Triton kernels for weight-quantized GEMMs (int4 W4A16, fp8 block-scaled), same signatures as ref.py.
 
-One tiled kernel serves both, feeding tensor cores with tl.dot and accumulating in fp32.
+Two kernels serve both, accumulating in fp32:
+  - GEMV (variant 4, up to GEMV_MAX_ROWS rows: decode at batch 1; the MoE per-pair GEMVs): CUDA-core FMAs
+    on tiles kept in one 3-D layout from their wide loads on, so no tile passes through shared memory. int4 nibbles
+    become the exact fp32 1 + q/16 by a shift and a lop3 (no int-to-float conversion); the zero point and scale
+    apply once per row and K tile.
+  - the tiled tl.dot kernel, for everything larger:
   - UNPACK 0 / 2 (fp32 activations, the interpreter): the weight tile is dequantized in registers and rounded to
     the activation dtype, as the reference does. fp8: a [BN, BK] e4m3 tile (contiguous along K) times the row's
     scale for that K block. int4 (2): the tile's packed words are loaded once ([BN, BK/8], contiguous along K) and
@@ -14,7 +19,7 @@ One tiled kernel serves both, feeding tensor cores with tl.dot and accumulating 
     and land closer to the exact product. For fp8 (the exact e4m3 values) it is a benchmark variant only.
   - larger calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
 MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX routed pairs, a GEMV per (token,
-expert) pair that reads the expert id on the device; up to PAIR_MAX, pairs sorted into blocks of 16 that share one
+expert) pair that reads the expert id on the device (the GEMV's tiles); up to PAIR_MAX, pairs sorted into blocks of 16 that share one
 expert (moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in
 torch, down, then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the
 bf16 MoE path runs.
@@ -32,6 +37,7 @@ from deltaserve.kernels._device import capability, num_sms
 from deltaserve.kernels.quant import ref
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_COMPILED = tl.constexpr(not _INTERPRET)  # inline PTX can run
 
 
 @triton.jit
@@ -235,6 +241,173 @@ def _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm,
     return acc
 
 
+# The eight nibbles of a word as fp32 1 + q/16, exactly: each moved to the top of the mantissa of 1.0 by one shift
+# and one lop3 ((t & 0x00780000) | 0x3F800000); no int-to-float conversion (a quarter-rate instruction).
+_NIBBLES_F32 = tl.constexpr("""
+{
+.reg .b32 t;
+shl.b32 t, $8, 19;
+lop3.b32 $0, t, 0x00780000, 0x3F800000, 0xea;
+shl.b32 t, $8, 15;
+lop3.b32 $1, t, 0x00780000, 0x3F800000, 0xea;
+shl.b32 t, $8, 11;
+lop3.b32 $2, t, 0x00780000, 0x3F800000, 0xea;
+shl.b32 t, $8, 7;
+lop3.b32 $3, t, 0x00780000, 0x3F800000, 0xea;
+shl.b32 t, $8, 3;
+lop3.b32 $4, t, 0x00780000, 0x3F800000, 0xea;
+shr.u32 t, $8, 1;
+lop3.b32 $5, t, 0x00780000, 0x3F800000, 0xea;
+shr.u32 t, $8, 5;
+lop3.b32 $6, t, 0x00780000, 0x3F800000, 0xea;
+shr.u32 t, $8, 9;
+lop3.b32 $7, t, 0x00780000, 0x3F800000, 0xea;
+}
+""")
+
+
+@triton.jit
+def _nibble_as_float(words, j: tl.constexpr):
+    """Nibble j of each int32 word as the fp32 1 + q/16, exactly (the interpreter's form of _NIBBLES_F32)."""
+    if 19 - 4 * j >= 0:
+        v = words << (19 - 4 * j)
+    else:
+        v = words >> (4 * j - 19)
+    return ((v & 0x00780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _nibbles_as_float(words, ASM: tl.constexpr):
+    """All eight nibble planes of the words, each as fp32 1 + q/16."""
+    if ASM:
+        return tl.inline_asm_elementwise(_NIBBLES_F32, "=r,=r,=r,=r,=r,=r,=r,=r,r", [words],
+                                         dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    else:
+        return (_nibble_as_float(words, 0), _nibble_as_float(words, 1), _nibble_as_float(words, 2),
+                _nibble_as_float(words, 3), _nibble_as_float(words, 4), _nibble_as_float(words, 5),
+                _nibble_as_float(words, 6), _nibble_as_float(words, 7))
+
+
+@triton.jit
+def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr, INT4: tl.constexpr,
+               BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """The weight tile at columns [k0, k0 + BK) of rows cols ([1, BN, 1]), as stored, 3-D: (scale [1, BN, 1],
+    zero point [1, BN, 1] fp32 (int4; fp8: the scale again), codes [1, BN, BK/8] int32 words or [1, BN, BK] e4m3).
+    EVEN_N / EVEN_K: no row / column masks (the steady state of the real shapes)."""
+    n_ok = cols < N
+    if INT4:
+        offs = k0 // 8 + tl.arange(0, BK // 8)[None, None, :]
+        k_ok = offs < (K + 7) // 8
+    else:
+        offs = k0 + tl.arange(0, BK)[None, None, :]
+        k_ok = offs < K
+    sz = cols * stride_sn + k0 // GROUP
+    if EVEN_N:
+        s = tl.load(s_ptr + sz)
+        z = tl.load(z_ptr + sz).to(tl.float32) if INT4 else s
+    else:
+        s = tl.load(s_ptr + sz, mask=n_ok, other=0.0)
+        z = tl.load(z_ptr + sz, mask=n_ok, other=0).to(tl.float32) if INT4 else s
+    if EVEN_N and EVEN_K:
+        codes = tl.load(w_ptr + cols * stride_wn + offs)
+    elif INT4:
+        codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0)
+    else:
+        codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0.0)
+    return s, z, codes
+
+
+@triton.jit
+def _gemv_x(x_ptr, rows, offs_k, M, K, stride_xm, ROW_MASK: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activation columns offs_k ([1, 1, C]) of rows ([BM, 1, 1]) in fp32."""
+    ptrs = x_ptr + rows * stride_xm + offs_k
+    if ROW_MASK and EVEN_K:
+        x = tl.load(ptrs, mask=rows < M, other=0.0)
+    elif ROW_MASK:
+        x = tl.load(ptrs, mask=(rows < M) & (offs_k < K), other=0.0)
+    elif EVEN_K:
+        x = tl.load(ptrs)
+    else:
+        x = tl.load(ptrs, mask=offs_k < K, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4: tl.constexpr, BK: tl.constexpr,
+               ROW_MASK: tl.constexpr, EVEN_K: tl.constexpr):
+    """sum over the tile's columns of x[m, k] W[n, k] -> fp32 [BM, BN, 1], on CUDA cores, every tensor 3-D in one
+    layout (nothing converted through shared memory); scale (and zero point) once per row and tile (BK divides the
+    group). int4: x comes plane-major (plane_major(): the tile's columns 8c + j stored at j * BK/8 + c, fp32, padded
+    to whole tiles), so nibble plane j of the words meets a contiguous slice of x; with f = 1 + q/16 (exact),
+    sum x (q - z) = 16 sum f x - (16 + z) sum x: per weight a shift, a lop3 and one FMA."""
+    if INT4:
+        offs_c = tl.arange(0, BK // 8)[None, None, :]
+        planes = _nibbles_as_float(codes, _COMPILED)
+        part = tl.zeros((rows.shape[0], codes.shape[1], BK // 8), dtype=tl.float32)
+        for j in tl.static_range(8):
+            part += planes[j] * _gemv_x(x_ptr, rows, k0 + j * (BK // 8) + offs_c, M, K, stride_xm, ROW_MASK, True)
+        dot = tl.sum(part, axis=2, keep_dims=True)
+        xs = tl.sum(_gemv_x(x_ptr, rows, k0 + tl.arange(0, BK)[None, None, :], M, K, stride_xm, ROW_MASK, True),
+                    axis=2, keep_dims=True)
+        return (16.0 * dot - (z + 16.0) * xs) * s
+    else:
+        x = _gemv_x(x_ptr, rows, k0 + tl.arange(0, BK)[None, None, :], M, K, stride_xm, ROW_MASK, EVEN_K)
+        return tl.sum(codes.to(tl.float32) * x, axis=2, keep_dims=True) * s
+
+
+def plane_major(x: torch.Tensor, bk: int) -> torch.Tensor:
+    """x [M, K] -> fp32 [M, ceil(K/bk) * bk]: within each tile of bk columns, column 8c + j moved to j * bk/8 + c (the
+    order of the int4 words' nibble planes), zeros past K. One copy kernel; the int4 GEMV then loads each plane's
+    activations as one contiguous vector instead of eight strided, converted scalars."""
+    m, k = x.shape
+    kp = triton.cdiv(k, bk) * bk
+    if kp != k:
+        x = torch.nn.functional.pad(x, (0, kp - k))
+    out = torch.empty(m, kp // bk, 8, bk // 8, dtype=torch.float32, device=x.device)
+    out.copy_(x.view(m, kp // bk, bk // 8, 8).transpose(2, 3))
+    return out.view(m, kp)
+
+
+@triton.jit
+def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
+              GROUP: tl.constexpr, INT4: tl.constexpr, BK: tl.constexpr, ROW_MASK: tl.constexpr,
+              EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """The GEMV's K loop -> fp32 [BM, BN, 1]. The next tile's loads are issued before this tile's math (a
+    two-deep software pipeline: Triton does not pipeline loads that feed no dot), so each program keeps two tiles
+    of weight bytes in flight; past the end it reloads the last tile (no mask needed) and drops it."""
+    acc = tl.zeros((rows.shape[0], cols.shape[1], 1), dtype=tl.float32)
+    s, z, codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k_begin, GROUP, INT4, BK,
+                             EVEN_N, EVEN_K)
+    last = k_end - BK if EVEN_K else k_end - 1 - (k_end - 1 - k_begin) % BK
+    for k0 in range(k_begin, k_end, BK):
+        s_n, z_n, codes_n = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
+                                       tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K)
+        acc += _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4, BK, ROW_MASK, EVEN_K)
+        s, z, codes = s_n, z_n, codes_n
+    return acc
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+                 k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
+    cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
+    pass every tile through shared memory). EVEN_K: K is a multiple of BK."""
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+    rows = tl.arange(0, BM)[:, None, None]
+    cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
+                    GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K)
+    dest = out_ptr + pid_k.to(tl.int64) * stride_os + rows.to(tl.int64) * stride_om + cols
+    if EVEN_N and BM == 1:
+        tl.store(dest, acc.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=(rows < M) & (cols < N))
+
+
 @triton.jit
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0,
@@ -302,22 +475,53 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
     return {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
 
 
+# Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: decode at batch 1. At 4 rows it lost
+# to the tensor-core variants on the H200 (bench_quant_kernels.py --sweep, RESULTS.md): the rows' FMAs add to the
+# unpacking, which no longer hides behind the weight read.
+GEMV_MAX_ROWS = 1
+
+
+def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool) -> tuple[int, ...]:
+    """(BM, BN, BK, split, num_warps, num_stages) for the GEMV: all rows in one program (BM the next power of two),
+    a K tile of 128 that divides the group, 8 warps (with 4 Triton picks 3-D layouts for these tiles that spill:
+    benchmarks/compile_check.py), and split-K until about four programs per SM run and none loops over more than
+    about ten K tiles: the H200 sweep's best tiles (bench_quant_kernels.py --sweep --rows 1, RESULTS.md) split the
+    27B gate_up (40 K tiles, 272-544 N tiles) 4 ways although the N tiles alone fill the GPU."""
+    bm = triton.next_power_of_2(m)
+    bk = _k_tile(group, k, 128)
+    bn = 128 if int4 else 64
+    sms = num_sms(device) if device.type == "cuda" else 4
+    k_tiles = triton.cdiv(k, bk)
+    split = max(1, min(k_tiles, max((4 * sms) // triton.cdiv(n, bn), k_tiles // 10)))
+    return bm, bn, bk, split, 8, 3
+
+
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
                group: int, out: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None,
                unpack: int | None = None, act_fp8: bool = False) -> torch.Tensor:
     """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
     result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
     num_warps, num_stages]) instead of the plan; `unpack`: the kernel variant (benchmarks; default: the fastest one
-    the call allows: 3 for int4 up to 32 rows where _lop3_ok, else 2 for int4 (nibble planes dequantized in fp32 and
-    rounded as the reference does) and 0 for fp8 (dequantize-then-dot: faster in the whole-model step than UNPACK
-    3's scale-after-dot, which stays for the benchmark)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and
-    ACT_GROUP columns as it is loaded (the codes and scales of ref.quantize_fp8_act)."""
+    the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows; 3 for int4 up to 32 rows where _lop3_ok, else
+    2 for int4 (nibble planes dequantized in fp32 and rounded as the reference does) and 0 for fp8
+    (dequantize-then-dot: faster in the whole-model step than UNPACK 3's scale-after-dot, which stays for the
+    benchmark)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and ACT_GROUP columns as it is loaded (the
+    codes and scales of ref.quantize_fp8_act)."""
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
     group = min(group, k) if group else k
     lop3 = int4 and _lop3_ok(x)
-    bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_fp8, lop3)
+    if unpack is None and not act_fp8 and m <= GEMV_MAX_ROWS:
+        unpack = 4
+    if unpack == 4:
+        if act_fp8:
+            raise ValueError("the GEMV (unpack 4) takes 16-bit or fp32 activations, not fp8 ones")
+        bm, bn, bk, split, *launch = tiles or _gemv_plan(m, n, k, group, x.device, int4)
+        if bm < m:
+            raise ValueError(f"the GEMV runs all rows in one program: BM {bm} must be at least M = {m}")
+    else:
+        bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_fp8, lop3)
     if act_fp8:
         if int4 or bk != ref.ACT_GROUP:
             raise ValueError(f"fp8 activations need fp8 weights and K tiles of {ref.ACT_GROUP} columns; this call has "
@@ -325,8 +529,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         unpack = 3
     elif unpack is None:
         unpack = 3 if lop3 and m <= 32 and bk >= 128 else 2 if int4 and (bk >= 128 or _INTERPRET) else 0
-    elif unpack not in (0, 2, 3):
-        raise ValueError(f"unpack must be 0, 2 or 3 (kernel variants), got {unpack}")
+    elif unpack not in (0, 2, 3, 4):
+        raise ValueError(f"unpack must be 0, 2, 3 or 4 (kernel variants), got {unpack}")
     elif unpack == 3 and (x.dtype not in (torch.bfloat16, torch.float16) or int4 and not lop3):
         raise ValueError(f"UNPACK 3 needs 16-bit activations (and, for int4, an sm_90+ GPU), got {x.dtype}")
     elif unpack == 2 and bk < 128 and not _INTERPRET:
@@ -338,12 +542,20 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     split = triton.cdiv(k, k_per_split)
     if out is None:
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
     dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
-    _gemm_kernel[grid](x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
-                       scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split, GROUP=group if group < k else k + bk, INT4=int4,
-                       IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk, UNPACK=unpack,
-                       ACT_FP8=act_fp8, **_launch(*launch))
+    common = (x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
+              scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split)
+    consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, **_launch(*launch))
+    if unpack == 4:
+        if int4:
+            xp = plane_major(x, bk)
+            common = (xp, *common[1:8], xp.stride(0), *common[9:])
+        _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, **consts)
+    else:
+        _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
+            *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8, **consts)
     if split > 1:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
@@ -422,51 +634,39 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
 @triton.jit
 def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, stride_xt, stride_we, stride_wn,
                      stride_se, stride_sn, stride_op, X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr,
-                     INT4: tl.constexpr, WDT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr,
+                     EVEN_K: tl.constexpr):
     """out[p, n] = sum_k x[row(p), k] * W_{ids[p]}[n, k] for one (token, expert) pair p (row: the token, or the pair
-    itself when X_PER_PAIR), fp32 accumulation; a negative id writes zeros."""
+    itself when X_PER_PAIR), fp32 accumulation on CUDA cores (the GEMV's tiles); a negative id writes zeros."""
     p, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(ids_ptr + p)
     row = p if X_PER_PAIR else p // TOP_K
-    offs_n = pid_n * BN + tl.arange(0, BN)
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    if e >= 0 and INT4:
+    x_row = x_ptr + row.to(tl.int64) * stride_xt
+    rows = tl.zeros((1, 1, 1), dtype=tl.int32)
+    cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
+    acc = tl.zeros((1, BN, 1), dtype=tl.float32)
+    if e >= 0:
         e64 = e.to(tl.int64)
-        offs_c = tl.arange(0, BK // 8)
         wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
-        for k0 in range(0, K, BK):  # as _gemm_kernel's UNPACK == 2: nibble planes against strided x columns
-            s, z, words = _int4_tile(wp, sp, zp, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
-            for j in tl.static_range(8):
-                w = ((((words >> (4 * j)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None]).to(WDT)
-                offs_k = k0 + offs_c * 8 + j
-                x = tl.load(x_ptr + row * stride_xt + offs_k, mask=offs_k < K, other=0.0)
-                acc += tl.sum(w.to(tl.float32) * x.to(tl.float32)[None, :], axis=1)
-    elif e >= 0:
-        e64 = e.to(tl.int64)
-        for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)
-            x = tl.load(x_ptr + row * stride_xt + offs_k, mask=offs_k < K, other=0.0)
-            w = _dequant_tile(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se, k0,
-                              offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
-            w = w.to(WDT).to(tl.float32)  # rounded to the activation dtype, as the reference does
-            acc += tl.sum(w * x.to(tl.float32)[None, :], axis=1)
-    tl.store(out_ptr + p * stride_op + offs_n, acc, mask=offs_n < N)
-
-
-_TL = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+        acc = _gemv_acc(x_row, wp, sp, zp, rows, cols, 1, N, K, 0, stride_wn, stride_sn, 0, K, GROUP, INT4, BK,
+                        False, EVEN_N, EVEN_K)
+    tl.store(out_ptr + p * stride_op + cols, acc, mask=cols < N)
 
 
 def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-           group: int, n: int, k: int, x_per_pair: bool, act_dtype: torch.dtype, top_k: int) -> torch.Tensor:
+           group: int, n: int, k: int, x_per_pair: bool, top_k: int) -> torch.Tensor:
     pairs = ids.numel()
     out = torch.empty(pairs, n, dtype=torch.float32, device=x.device)
     group = min(group, k) if group else k
+    int4 = z is not None
     bn, bk = 64, _k_tile(group, k, 128)
+    if int4:
+        x = plane_major(x, bk)
     grid = (pairs, triton.cdiv(n, bn))
-    _moe_pair_kernel[grid](x, ids, w, s, z if z is not None else s, out, n, k, top_k, x.stride(0),
+    _moe_pair_kernel[grid](x, ids, w, s, z if int4 else s, out, n, k, top_k, x.stride(0),
                            w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0),
-                           X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk, INT4=z is not None, WDT=_TL[act_dtype],
-                           BN=bn, BK=bk)
+                           X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk, INT4=int4,
+                           BN=bn, BK=bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, num_warps=8)
     return out
 
 
@@ -586,14 +786,14 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter):
         plan = moe_blocks(ids, w13.shape[0], bm)
         gate_up = _blocks(x, plan, w13, s13, z13, group, 2 * inter, d, False, k, ids.numel(), bm)
     else:
-        gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, x.dtype, k)  # [T*k, 2I] fp32
+        gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, k)  # [T*k, 2I] fp32
     # The reference computes silu(gate) * up in fp32 and feeds it to the down GEMM as fp32 (the grouped path rounds
     # it to the activation dtype for the tensor cores, as the bf16 grouped MoE does).
     hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).contiguous()
     if grouped:
         down = _blocks(hidden.to(x.dtype), plan, w2, s2, z2, group, d, inter, True, k, ids.numel(), bm)
     else:
-        down = _pairs(hidden, ids.view(-1), w2, s2, z2, group, d, inter, True, x.dtype, 1)  # [T*k, D]
+        down = _pairs(hidden, ids.view(-1), w2, s2, z2, group, d, inter, True, 1)  # [T*k, D]
     y = (down.view(t, -1, d) * topk_weights.float().unsqueeze(-1)).sum(dim=1)
     return y.to(x.dtype)
 
