@@ -45,3 +45,27 @@ def test_model_cache_allocates_pages_and_scales(kv):
     kv_bytes = kv_bytes_per_page(shapes, 4, dtype, num_layers=len(cfg.full_attention_layers)) * 3
     state_bytes = state_bytes_per_slot(shapes, len(cfg.linear_attention_layers), torch.float32, torch.bfloat16) * 2
     assert cache.nbytes() == kv_bytes + state_bytes
+
+
+def test_commit_verified_is_the_kernels_commit_for_every_layer():
+    """The cache's commit after a verify step installs what commit_gdn_states installs in each layer's pools."""
+    from deltaserve.kernels.gated_delta_rule import commit_gdn_states
+
+    cfg = model_config("tiny")
+    shape = CacheShape(num_pages=3, page_size=4, num_slots=5, kv_dtype=torch.float32, conv_dtype=torch.float32)
+    cache = ModelCache(cfg, shape, device="cpu", verify_rows=3, verify_positions=4)
+    gen = torch.Generator().manual_seed(0)
+    layers = [cache.gdn(i) for i in cfg.linear_attention_layers]
+    for gdn in layers:
+        for t in gdn:
+            t.copy_(torch.randn(t.shape, generator=gen))
+    slots, kept = torch.tensor([4, 0, 2]), torch.tensor([2, 4, 1])
+    before = layers[0].ssm.clone()
+    expected = [(gdn.conv.clone(), gdn.ssm.clone()) for gdn in layers]
+    for (conv, ssm), gdn in zip(expected, layers):
+        commit_gdn_states(conv_state=conv, ssm_state=ssm, slots=slots, conv_states_out=gdn.conv_steps,
+                          ssm_states_out=gdn.ssm_steps, num_accepted=kept)
+    cache.commit_verified(slots, kept)
+    for (conv, ssm), gdn in zip(expected, layers):
+        assert torch.equal(gdn.conv, conv) and torch.equal(gdn.ssm, ssm)
+    assert torch.equal(layers[0].ssm[4], layers[0].ssm_steps[0, 1]) and not torch.equal(layers[0].ssm, before)

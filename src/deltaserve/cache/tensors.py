@@ -13,6 +13,7 @@ import torch
 
 from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.attention.ref import is_quantized_kv, kv_stored_dim
+from deltaserve.kernels.gated_delta_rule.ref import install_kept_states
 
 MTP_LAYER = "mtp.0"  # cache key of the MTP head's own attention layer
 # Page dtypes of the quantized kv_cache_dtype options; "auto" keeps the model dtype. uint8 pages hold int4 pairs.
@@ -132,14 +133,14 @@ class ModelCache:
 
     def commit_verified(self, slots: torch.Tensor, kept: torch.Tensor) -> None:
         """After a verify step: install in each row's slot the GDN states kept after its kept[i]-th position
-        (slots [n] int64, all real; kept [n] int64 in [1, k]; row i of the step is row i of the buffers)."""
+        (slots [n] int64, all real; kept [n] int64 in [1, k]; row i of the step is row i of the buffers). The math
+        is the kernels' commit (gated_delta_rule.ref.install_kept_states), here over every layer at once."""
         if not self._gdn:
             return
         assert self._conv_steps is not None and self._ssm_steps is not None
         rows = torch.arange(slots.shape[0], device=slots.device)
-        pos = kept - 1
-        self._conv.index_copy_(1, slots, self._conv_steps[:, rows, pos])
-        self._ssm.index_copy_(1, slots, self._ssm_steps[:, rows, pos])
+        install_kept_states(self._conv, self._conv_steps, slots, rows, kept)
+        install_kept_states(self._ssm, self._ssm_steps, slots, rows, kept)
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Every attention layer's K/V (and their scales, when quantized) of pages `src` into pages `dst` ([n] int64

@@ -96,6 +96,21 @@ class SchedulerOutput:
 WAIT_FOR_PREFIX_TOKENS = 64
 
 
+def _tokens_to_compute(request: Request) -> int:
+    """Positions a running request's next step would compute before the token budget cuts them: the rest of its
+    tokens, a pending one included; 0 while it waits: nothing is left (a token resolve_step never got), its pending
+    token is the last one the length limit allows, or drafts are in flight (the next position depends on how many
+    are kept)."""
+    if request.reached_max_output or request.num_pending_drafts:
+        return 0
+    return max(request.num_tokens_with_pending - request.num_computed_tokens, 0)
+
+
+def _is_decode_row(request: Request) -> bool:
+    """A running request whose next step computes one token (its last, or a pending one's successor)."""
+    return _tokens_to_compute(request) == 1
+
+
 class Scheduler:
     """Owns the Requests it was given and asks the CacheManager for their memory; never touches device tensors.
 
@@ -267,17 +282,16 @@ class Scheduler:
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
-            remaining = request.num_tokens_with_pending - request.num_computed_tokens
-            num_new = min(remaining, budget)
-            # Nothing to compute (waiting for a token that resolve_step never got), the pending token is the last
-            # one the length limit allows, or drafts in flight (the next position depends on how many are kept).
-            if num_new <= 0 or request.reached_max_output or request.num_pending_drafts:
+            remaining = _tokens_to_compute(request)
+            if remaining == 0:
                 i += 1
                 continue
-            timed_chunk = remaining > 1 and self._shape is not None  # a prefill chunk under the time budget
+            num_new = min(remaining, budget)
+            prefill = not _is_decode_row(request)
+            timed_chunk = prefill and self._shape is not None  # a prefill chunk under the time budget
             if timed_chunk:
                 num_new = self._prefill_chunk(request.num_computed_tokens, num_new, budget)
-            elif remaining > 1:
+            elif prefill:
                 num_new = min(num_new, budget - len(self._owed))  # the decode rows behind it keep their tokens
             if num_new <= 0:
                 i += 1
@@ -302,9 +316,7 @@ class Scheduler:
     # ---- the per-step time budget -------------------------------------------------------------------------------
     def _decode_rows(self) -> list[Request]:
         """Running requests this step will give one token (their last, or a pending one's successor)."""
-        return [r for r in self._running
-                if r.num_tokens_with_pending - r.num_computed_tokens == 1 and not r.reached_max_output
-                and not r.num_pending_drafts]
+        return [r for r in self._running if _is_decode_row(r)]
 
     @staticmethod
     def _decode_shape(rows: list[Request]) -> StepShape | None:
@@ -347,16 +359,14 @@ class Scheduler:
         if len(self._running) > self._spec_max_batch:
             self.spec_turned_down += 1  # (and the runner proposes no drafts: SchedulerOutput.propose_drafts)
             return 0
-        rows = [r for r in self._running
-                if not (r.num_tokens_with_pending <= r.num_computed_tokens or r.reached_max_output
-                        or r.num_pending_drafts)]
+        rows = [r for r in self._running if _tokens_to_compute(r)]  # those the step would schedule
         if not rows or any(not r.draft_token_ids for r in rows):
             return 0
         if self._waiting and len(self._running) < self._config.max_num_seqs:
             return 0  # admit first: a verify step cannot carry prefill chunks
         k = min(budget // len(rows) - 1, self._spec_k)
         for r in rows:
-            if r.num_tokens_with_pending - r.num_computed_tokens != 1:
+            if not _is_decode_row(r):
                 return 0
             k = min(k, len(self._drafts_for(r, 1, k + 1)))
         return max(k, 0)

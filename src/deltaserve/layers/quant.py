@@ -624,30 +624,29 @@ def fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale: torch.T
     """The checkpoint tensors of one FP8 projection `name` ([n, k] e4m3 and its scales), into `weight` [n, k] and
     `scale` [n, ceil(k / bk)] (fp32, one row per output row). Under tensor parallelism n and k are the rank's, `tp`
     its part of the checkpoint's [N, K] weight and `group` its K block (local_group)."""
-    bn, bk = fmt.block_n or 1, fmt.group_size or k
-    if tp is not None or (group or bk) != bk:
-        return _sharded_fp8_slots(fmt, name, weight, scale, (n, k), tp, group or bk, 1)
-    scale_shape = (n, 1) if fmt.group_size == 0 else (_cdiv(n, bn), _cdiv(k, bk))
-
-    def load_weight(source: TensorSource) -> None:
-        weight.copy_(_read(source, (_FP8,), "FP8 e4m3 weights"))
-
-    def load_scale(source: TensorSource) -> None:
-        s = _read(source, _FLOATS, "floating-point scales").float()
-        scale.copy_(s.repeat_interleave(bn, dim=0)[:n])
-    return {f"{name}.weight": WeightSlot((n, k), load_weight),
-            f"{name}.{fmt.scale_name}": WeightSlot(scale_shape, load_scale)}
+    return _fp8_layout(fmt, f"{name}.weight", f"{name}.{fmt.scale_name}", weight, scale, (n, k), tp, group)
 
 
-def _sharded_fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale: torch.Tensor,
-                       sizes: tuple[int, ...], tp: Shard | None, group: int, k_dim: int) -> dict[str, WeightSlot]:
-    """FP8 weight and scales of a rank (sizes: its [..., n, k]; k_dim 1 for a projection, 2 for fused [E, N, K]
-    experts): full checkpoint shapes, each tensor read in the rank's part, scales repeated per row and per K block."""
+def _fused_fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale: torch.Tensor,
+                     tp: Shard | None = None, group: int | None = None) -> dict[str, WeightSlot]:
+    """Fused FP8 experts `name` (gate_up_proj or down_proj) [E, N, K] and `name`{scale suffix}, into `weight` and
+    `scale` [E, n, ceil(k / bk)]; tensor parallelism splits dim 0 (experts, EP), 1 (N sections) or 2 (K)."""
+    return _fp8_layout(fmt, name, f"{name}{fmt.scale_name}", weight, scale, tuple(weight.shape), tp, group)
+
+
+def _fp8_layout(fmt: WeightFormat, weight_name: str, scale_name: str, weight: torch.Tensor, scale: torch.Tensor,
+                sizes: tuple[int, ...], tp: Shard | None, group: int | None) -> dict[str, WeightSlot]:
+    """The FP8 checkpoint layout, of a projection ([N, K]) or of fused experts ([E, N, K]): e4m3 weights, and scales
+    [..., ceil(N/bn), ceil(K/bk)] per block or [..., N, 1] per channel. sizes: the rank's [..., n, k] (tp: its part
+    of the checkpoint's tensors, each read in that part only; group: its K block, default the checkpoint's); scales
+    are repeated to one per row and per K block, the internal layout."""
+    k_dim = len(sizes) - 1
+    n_dim = k_dim - 1
     full = list(sizes)
     if tp is not None:
         full[tp.dim] = tp.full
-    n_dim = k_dim - 1
     bn, bk = fmt.block_n or 1, fmt.group_size or full[k_dim]
+    group = group or bk
     w_axes = {d: Axis(d) for d in range(len(sizes))}
     s_axes = {d: Axis(d) for d in range(n_dim)}
     if fmt.group_size == 0:
@@ -664,9 +663,7 @@ def _sharded_fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale
     def load_scale(source: TensorSource) -> None:
         t = read_sharded(source, s_axes, tp, sizes, group, k_dim)
         scale.copy_(_check_dtype(source.name, t, _FLOATS, "floating-point scales").float())
-    name = name if k_dim == 2 else f"{name}.weight"
-    scale_name = name.removesuffix(".weight") + ("" if k_dim == 2 else ".") + fmt.scale_name
-    return {name: WeightSlot(tuple(full), load_weight, sharded=tp is not None),
+    return {weight_name: WeightSlot(tuple(full), load_weight, sharded=tp is not None),
             scale_name: WeightSlot(s_shape, load_scale, sharded=tp is not None)}
 
 
@@ -809,6 +806,14 @@ def linear_method(fmt: WeightFormat, present: Set[str] | None) -> LinearMethod:
 
 # ---- experts methods ---------------------------------------------------------------------------------------------
 
+def _expert_projections(layer: Experts) -> tuple[tuple[str, str, slice, int], ...]:
+    """Each expert's checkpoint projections (per-expert layout) and where they go: (name, internal tensor, its rows,
+    K). gate_proj and up_proj are stacked in w13, gate rows first as the MoE kernels read them; down_proj is w2."""
+    i, d = layer.intermediate_size, layer.hidden_size
+    return (("gate_proj", "w13", slice(0, i), d), ("up_proj", "w13", slice(i, 2 * i), d),
+            ("down_proj", "w2", slice(0, d), i))
+
+
 class Int4ExpertsMethod(ExpertsMethod):
     """Routed experts in int4: w13 (gate rows, then up rows) [E, 2I, D] and w2 [E, D, I] in the internal layout."""
 
@@ -842,11 +847,9 @@ class Int4ExpertsMethod(ExpertsMethod):
         return _with_shared(self.routed(layer, x, topk_weights, topk_ids), x, shared, shared_gate)
 
     def layout(self, layer: Experts, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
-        i, d = layer.intermediate_size, layer.hidden_size
         out = {}
         for e in range(layer.num_experts):
-            for proj, w, rows, k in (("gate_proj", "w13", slice(0, i), d), ("up_proj", "w13", slice(i, 2 * i), d),
-                                     ("down_proj", "w2", slice(0, d), i)):
+            for proj, w, rows, k in _expert_projections(layer):
                 dest = Int4Dest(getattr(layer, f"{w}_qweight")[e, rows], getattr(layer, f"{w}_scales")[e, rows],
                                 getattr(layer, f"{w}_zeros")[e, rows], None)
                 out.update(int4_slots(self.fmt, f"{prefix}{e}.{proj}", dest, rows.stop - rows.start, k,
@@ -884,14 +887,12 @@ class Fp8ExpertsMethod(ExpertsMethod):
         return _with_shared(out, x, shared, shared_gate)
 
     def layout(self, layer: Experts, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
-        i, d = layer.intermediate_size, layer.hidden_size
         fmt = self.fmt
         if f"{prefix}gate_up_proj" in present or f"{prefix}down_proj" in present:
             return self._fused_layout(layer, prefix)
         out = {}
         for e in range(layer.num_experts):
-            for proj, w, rows, k in (("gate_proj", "w13", slice(0, i), d), ("up_proj", "w13", slice(i, 2 * i), d),
-                                     ("down_proj", "w2", slice(0, d), i)):
+            for proj, w, rows, k in _expert_projections(layer):
                 out.update(fp8_slots(fmt, f"{prefix}{e}.{proj}", getattr(layer, w)[e, rows],
                                      getattr(layer, f"{w}_scale")[e, rows], rows.stop - rows.start, k,
                                      tp_shard(layer, f"{proj}.weight"), layer.block_k))
@@ -910,23 +911,6 @@ class Fp8ExpertsMethod(ExpertsMethod):
     def init_dummy(self, layer: Experts, prefix: str, seed: int) -> None:
         _dummy_fp8(layer.w13, layer.w13_scale, layer.hidden_size, prefix + "w13", seed)
         _dummy_fp8(layer.w2, layer.w2_scale, layer.intermediate_size, prefix + "w2", seed)
-
-
-def _fused_fp8_slots(fmt: WeightFormat, name: str, weight: torch.Tensor, scale: torch.Tensor,
-                     tp: Shard | None = None, group: int | None = None):
-    e, n, k = weight.shape
-    bn, bk = fmt.block_n or 1, fmt.group_size or k
-    if tp is not None or (group or bk) != bk:  # tensor parallelism: dim 0 experts (EP), 1 N sections, 2 K
-        return _sharded_fp8_slots(fmt, name, weight, scale, (e, n, k), tp, group or bk, 2)
-
-    def load_weight(source: TensorSource) -> None:
-        weight.copy_(_read(source, (_FP8,), "FP8 e4m3 weights"))
-
-    def load_scale(source: TensorSource) -> None:
-        s = _read(source, _FLOATS, "floating-point scales").float()
-        scale.copy_(s.repeat_interleave(bn, dim=1)[:, :n])
-    shape = (e, n, 1) if fmt.group_size == 0 else (e, _cdiv(n, bn), _cdiv(k, bk))
-    return {name: WeightSlot((e, n, k), load_weight), f"{name}{fmt.scale_name}": WeightSlot(shape, load_scale)}
 
 
 def _with_shared(out: torch.Tensor, x: torch.Tensor, shared, shared_gate) -> torch.Tensor:
