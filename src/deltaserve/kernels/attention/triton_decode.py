@@ -19,9 +19,10 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # quarter of the bytes, so the best tile differs. From bench_attention.py --kv-quant --sweep (benchmarks/RESULTS.md,
 # 2026-12-03, H200): fp8 +5% and int4 +20% at 27B batch 32 / 32k over the bf16 tile; int8 keeps it.
 # F16_DOTS (fp8 only, 0/1): run the dots in fp16 instead of bf16 (e4m3 -> fp16 is one native cvt per two values,
-# -> bf16 adds one per value: 20% fewer instructions for sm_90a, more register spills, benchmarks/compile_check.py in
-# RESULTS.md); off until the sweep times it.
-QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 4, "F16_DOTS": 0},
+# -> bf16 adds one per value: 20% fewer instructions for sm_90a, benchmarks/compile_check.py in RESULTS.md). The
+# session-4 sweep (same command) kept it with BLOCK_N 64: fp8 pages went from 0.97-1.02x to 1.01-1.09x the bf16
+# kernel's time.
+QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "F16_DOTS": 1},
                                                   3: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
 _INTERPRET_DECODE: dict[str, int] = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "WAVES": 2, "MAX_SPLITS": 4}

@@ -241,29 +241,19 @@ def _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm,
     return acc
 
 
-# The eight nibbles of a word as fp32 1 + q/16, exactly: each moved to the top of the mantissa of 1.0 by one shift
-# and one lop3 ((t & 0x00780000) | 0x3F800000); no int-to-float conversion (a quarter-rate instruction).
-_NIBBLES_F32 = tl.constexpr("""
-{
-.reg .b32 t;
-shl.b32 t, $8, 19;
-lop3.b32 $0, t, 0x00780000, 0x3F800000, 0xea;
-shl.b32 t, $8, 15;
-lop3.b32 $1, t, 0x00780000, 0x3F800000, 0xea;
-shl.b32 t, $8, 11;
-lop3.b32 $2, t, 0x00780000, 0x3F800000, 0xea;
-shl.b32 t, $8, 7;
-lop3.b32 $3, t, 0x00780000, 0x3F800000, 0xea;
-shl.b32 t, $8, 3;
-lop3.b32 $4, t, 0x00780000, 0x3F800000, 0xea;
-shr.u32 t, $8, 1;
-lop3.b32 $5, t, 0x00780000, 0x3F800000, 0xea;
-shr.u32 t, $8, 5;
-lop3.b32 $6, t, 0x00780000, 0x3F800000, 0xea;
-shr.u32 t, $8, 9;
-lop3.b32 $7, t, 0x00780000, 0x3F800000, 0xea;
-}
-""")
+def _nibbles_ptx() -> str:
+    """PTX for the eight nibbles of a word as fp32 1 + q/16, exactly: nibble j moved to the top of the mantissa of 1.0
+    by one shift and one lop3 ((t & 0x00780000) | 0x3F800000); no int-to-float conversion (a quarter-rate
+    instruction). Output j is $j, the word is $8."""
+    lines = ["{", ".reg .b32 t;"]
+    for j in range(8):
+        shift = 19 - 4 * j
+        lines.append(f"shl.b32 t, $8, {shift};" if shift >= 0 else f"shr.u32 t, $8, {-shift};")
+        lines.append(f"lop3.b32 ${j}, t, 0x00780000, 0x3F800000, 0xea;")
+    return "\n".join(lines + ["}"])
+
+
+_NIBBLES_F32 = tl.constexpr(_nibbles_ptx())
 
 
 @triton.jit
