@@ -121,10 +121,11 @@ def print_report(rows: list[dict[str, Any]], copy_bandwidth: float) -> None:
 def table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "(no rows)"
-    cols = list(rows[0])
-    fmt = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # every row's keys, first seen first; a missing cell is blank
+    fmt = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols]
     line = lambda vals: " | ".join(v.rjust(w) for v, w in zip(vals, fmt))  # noqa: E731
-    return "\n".join([line(cols), "-+-".join("-" * w for w in fmt)] + [line([_fmt(r[c]) for c in cols]) for r in rows])
+    return "\n".join([line(cols), "-+-".join("-" * w for w in fmt)]
+                     + [line([_fmt(r.get(c, "")) for c in cols]) for r in rows])
 
 
 def _fmt(v: Any) -> str:
