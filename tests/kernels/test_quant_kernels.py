@@ -91,6 +91,15 @@ def test_gemv_interpreted(kind, m, tiles, dtype):
     check_gemm(kind, m, 72, 96, 32, dtype, tiles=tiles, seed=m + 11, unpack=4)
 
 
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("n,k,group,tiles", [(72, 100, 100, (1, 32, 32, 2)), (40, 99, 99, (1, 16, 16, 3)),
+                                             (24, 160, 32, None)])
+def test_gemv_ragged_k_interpreted(kind, n, k, group, tiles):
+    """The GEMV where K is not a multiple of the K tile (nor of 8), across split-K boundaries, and at its default
+    plan: the masked last tile and the clamped prefetch of the tile after it."""
+    check_gemm(kind, 1, n, k, group, torch.bfloat16, tiles=tiles, seed=k, unpack=4)
+
+
 def test_gemv_refuses_fewer_tile_rows_than_rows():
     x = torch.zeros(3, 64, dtype=torch.bfloat16, device=DEV)
     w, s = fp8_weight(16, 64, 32, torch.Generator().manual_seed(0))
@@ -162,7 +171,7 @@ def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0):
 SHAPES_27B = [(16384, 5120), (5120, 6144), (34816, 5120), (5120, 17408), (12288, 5120)]
 SHAPES_35B = [(12288, 2048), (2048, 4096), (8192, 2048), (1024, 2048), (2048, 512)]
 SHAPES_122B = [(2048, 3072), (3072, 1024), (3072, 8192)]
-ODD = [(136, 384), (4104, 2048 + 128), (520, 1152)]
+ODD = [(136, 384), (4104, 2048 + 128), (520, 1152), (520, 1000)]
 
 
 @gpu

@@ -492,7 +492,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
     result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
     num_warps, num_stages]) instead of the plan; `unpack`: the kernel variant (benchmarks; default: the fastest one
-    the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows; 3 for int4 up to 32 rows where _lop3_ok, else
+    the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows (int4: 16-bit activations); 3 for int4 up to
+    32 rows where _lop3_ok, else
     2 for int4 (nibble planes dequantized in fp32 and rounded as the reference does) and 0 for fp8
     (dequantize-then-dot: faster in the whole-model step than UNPACK 3's scale-after-dot, which stays for the
     benchmark)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and ACT_GROUP columns as it is loaded (the
@@ -502,8 +503,9 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     int4 = zeros is not None
     group = min(group, k) if group else k
     lop3 = int4 and _lop3_ok(x)
-    if unpack is None and not act_fp8 and m <= GEMV_MAX_ROWS:
-        unpack = 4
+    if unpack is None and not act_fp8 and m <= GEMV_MAX_ROWS and not (int4 and x.dtype == torch.float32):
+        unpack = 4  # (int4 with fp32 activations keeps UNPACK 2: the GEMV's 16 sum f x - (16 + z) sum x cancels
+        # terms of size (16 + z) |sum x|, about 3x the fp32 error of summing (q - z) x directly)
     if unpack == 4:
         if act_fp8:
             raise ValueError("the GEMV (unpack 4) takes 16-bit or fp32 activations, not fp8 ones")
