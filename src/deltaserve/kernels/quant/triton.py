@@ -493,10 +493,9 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
     num_warps, num_stages]) instead of the plan; `unpack`: the kernel variant (benchmarks; default: the fastest one
     the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows (int4: 16-bit activations); 3 for int4 up to
-    32 rows where _lop3_ok, else
-    2 for int4 (nibble planes dequantized in fp32 and rounded as the reference does) and 0 for fp8
-    (dequantize-then-dot: faster in the whole-model step than UNPACK 3's scale-after-dot, which stays for the
-    benchmark)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and ACT_GROUP columns as it is loaded (the
+    32 rows where _lop3_ok, else 2 for int4 (nibble planes dequantized in fp32 and rounded as the reference does)
+    and 0 for fp8 (dequantize-then-dot: faster in the whole-model step than UNPACK 3's scale-after-dot, which stays
+    for the benchmark)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and ACT_GROUP columns as it is loaded (the
     codes and scales of ref.quantize_fp8_act)."""
     m, k = x.shape
     n = weight.shape[0]
