@@ -141,3 +141,113 @@ def test_random_admissions_checkpoints_and_ends_leave_the_pools_full() -> None:
     assert cache.is_empty()
     cache.reset_prefix_cache()
     assert cache.num_free_pages == cache.num_pages and cache.num_checkpoints == 0
+
+
+# ---- eviction order and admission under pressure -------------------------------------------------------------------
+def _checkpoint(cache: CacheManager, rid: str, tokens: list[int], position: int, generated: bool = False) -> None:
+    pending = cache.reserve_checkpoint(rid, tokens, position, generated=generated)
+    if pending is not None:
+        cache.publish(pending)
+
+
+def _turn(cache: CacheManager, rid: str, prompt: list[int], rng: random.Random, reply_len: int = 4
+          ) -> tuple[int, list[int]]:
+    """One chat turn as the scheduler runs it: admit on the longest match, checkpoint the last prompt position,
+    generate, checkpoint the end of the generation, end. Returns the matched tokens and prompt + reply."""
+    cache.tick += 1
+    match = cache.match_prefix(prompt, rid)
+    cache.admit(rid, len(prompt), match)
+    _checkpoint(cache, rid, prompt, len(prompt) - 1)
+    sequence = prompt + [rng.randrange(50) for _ in range(reply_len)]
+    cache.tick += 1
+    assert cache.grow(rid, len(sequence))
+    _checkpoint(cache, rid, sequence, len(sequence) - 1, generated=True)
+    cache.free(rid)
+    return match.num_tokens, sequence
+
+
+def _chat(num_checkpoints: int, rewrite: bool, conversations: int = 4, turns: int = 6) -> list[list[int]]:
+    """Conversations returning in a fixed cycle at concurrency 1; the tokens each turn resumed with, round by round.
+    rewrite: the next prompt drops the start of the reply (a template rewriting history, as Qwen3.5 drops past
+    <think> blocks), so only the prompt checkpoint can match."""
+    rng = random.Random(0)
+    cache = CacheManager(num_pages=400, num_slots=2, page_size=4, num_checkpoints=num_checkpoints)
+    prompts = [[rng.randrange(50) for _ in range(40)] for _ in range(conversations)]
+    rounds = []
+    for turn in range(turns):
+        matched = []
+        for c in range(conversations):
+            got, sequence = _turn(cache, f"c{c}t{turn}", prompts[c], rng)
+            matched.append(got)
+            kept = prompts[c] + sequence[len(prompts[c]) + 2:] if rewrite else sequence
+            prompts[c] = kept + [rng.randrange(50) for _ in range(8)]
+        rounds.append(matched)
+    assert cache.is_empty()
+    cache.reset_prefix_cache()
+    assert cache.is_empty() and cache.num_free_pages == cache.num_pages
+    return rounds
+
+
+def test_eviction_order_is_superseded_then_end_of_generation_then_resume_point() -> None:
+    rng = random.Random(0)
+    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8)
+    _, first = _turn(cache, "t1", [rng.randrange(50) for _ in range(20)], rng)  # checkpoints at 19, 23
+    matched, _ = _turn(cache, "t2", first + [rng.randrange(50) for _ in range(8)], rng)  # at 31, 35
+    assert matched == 23  # the second turn resumed from the end of the first's generation
+    evicted = []
+    while cache.num_checkpoints:
+        before = {c.position for c in cache._index.checkpoints}
+        assert cache._evict_one()
+        evicted += before - {c.position for c in cache._index.checkpoints}
+    # 19 and 23 are superseded (turn 2 went past both on their one path); 35 only extends 31 by the reply, which
+    # a template may drop from the next prompt; 31 is the one resume point left
+    assert evicted == [19, 23, 35, 31]
+    assert cache.is_empty() and cache.num_free_pages == 64
+
+
+def test_an_end_of_generation_does_not_evict_a_resume_point() -> None:
+    rng = random.Random(1)
+    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=2)
+    _, first = _turn(cache, "a", [rng.randrange(50) for _ in range(20)], rng)  # a's prompt and end of generation
+    cache.admit("b", 20)
+    _checkpoint(cache, "b", [rng.randrange(50) for _ in range(20)], 19)  # evicts a's end of generation
+    assert sorted(c.position for c in cache._index.checkpoints) == [19, 19]
+    assert cache.grow("b", 24)
+    assert cache.reserve_checkpoint("b", list(range(24)), 23, generated=True) is None  # refused, nothing evicted
+    assert cache.num_checkpoints == 2 and cache.stats()["checkpoint_evictions"] == 1
+    cache.free("b")
+    assert cache.is_empty()
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_chat_with_one_checkpoint_per_conversation_hits_every_return(rewrite: bool) -> None:
+    """4 slots for 4 conversations (each turn takes 2 checkpoints): recency alone evicted every conversation's
+    checkpoints just before it returned."""
+    for matched in _chat(num_checkpoints=4, rewrite=rewrite)[1:]:
+        assert all(matched)
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_a_pool_smaller_than_the_conversations_keeps_some_until_they_return(rewrite: bool) -> None:
+    """3 slots, 4 conversations in a cycle: once a miss shows how long conversations take to return, new
+    checkpoints no longer push out the younger ones, and 3 of the 4 keep hitting."""
+    rounds = _chat(num_checkpoints=3, rewrite=rewrite)
+    assert [sum(map(bool, m)) for m in rounds[2:]] == [3] * (len(rounds) - 2)
+
+
+def test_a_shared_prefix_outlives_the_requests_that_resume_from_it() -> None:
+    rng = random.Random(2)
+    cache = CacheManager(num_pages=200, num_slots=2, page_size=4, num_checkpoints=3)
+    system = [rng.randrange(50) for _ in range(32)]
+    for i in range(8):
+        prompt = system + [rng.randrange(50) for _ in range(rng.randint(4, 12))]
+        cache.tick += 1
+        match = cache.match_prefix(prompt, f"r{i}")
+        assert match.num_tokens == (32 if i else 0)
+        cache.admit(f"r{i}", len(prompt), match)
+        _checkpoint(cache, f"r{i}", prompt, 32)  # the system prompt's cache point
+        _checkpoint(cache, f"r{i}", prompt, len(prompt) - 1)
+        assert cache.grow(f"r{i}", len(prompt) + 4)
+        _checkpoint(cache, f"r{i}", prompt + [1, 2, 3, 4], len(prompt) + 3, generated=True)
+        cache.free(f"r{i}")
+    assert cache.is_empty()
