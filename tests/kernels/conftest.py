@@ -7,6 +7,26 @@ import os
 
 import pytest
 
+from tests.kernels import bounds
+
+
+@pytest.fixture(autouse=True)
+def triton_bounds_check():
+    """Under the interpreter, fail any test whose kernels load or store outside their tensor arguments (see
+    tests/kernels/bounds.py; DELTASERVE_BOUNDS_CHECK=0 turns it off)."""
+    bounds.checking = bounds.enabled() and bounds.install()
+    bounds.violations.clear()
+    yield
+    bounds.checking = False
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A check's raise fails the test where it propagates; one that the code under test swallowed fails it here."""
+    report = (yield).get_result()
+    if call.when == "call" and report.passed and bounds.violations:
+        report.outcome, report.longrepr = "failed", "out-of-bounds Triton access:\n" + "\n".join(bounds.violations)
+
 
 @pytest.fixture(scope="module")
 def interpreter_rounds_like_the_gpu():
