@@ -11,18 +11,13 @@ the checkpoint's partial last page into a page of the request's own (PageCopy: t
 Checkpoints live in a pool of extra state slots (ids after the running slots, in the same tensors). One is taken by
 copying a request's slot after the step that reached the position (a snapshot), and holds references on the pages
 of its prefix, so a matched prefix always has both its KV and its state. When pages or checkpoint slots run short,
-checkpoints are evicted by value (`_evict_one`): first by what they are still worth as resume points (those a later
-request has gone past go first, then ends of generations that only extend their own prompt's checkpoint), then by
-recency, raised for those that save the most prefill per byte kept (as Marconi weighs FLOP efficiency), partial-page
-ones first. A new checkpoint worth less than every one it would evict is not taken, nor one that would evict a
-resume point younger than the time paths take to come back (`_protected`: with fewer slots than paths in use,
-keeping some until they return beats cycling all of them out).
+checkpoints are evicted by value: recency, raised for those that save the most prefill per byte kept (as Marconi
+weighs FLOP efficiency), partial-page ones first.
 """
 
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -32,14 +27,6 @@ from deltaserve.cache.prefix import Checkpoint, PageChain, PrefixIndex
 
 # A checkpoint that saves the most prefill per byte is kept as if it had been used this many schedule() calls later.
 EFFICIENCY_WEIGHT = 64
-
-# What a checkpoint is still worth as a resume point, the first part of its value (see CacheManager._rank).
-SUPERSEDED, TAIL, RESUME_POINT = 0, 1, 2
-
-# A new checkpoint does not evict a resume point used less than this many typical return times ago (returns vary).
-PROTECT_RETURNS = 2
-# How many checkpoints gone (evicted or refused) per checkpoint slot are remembered, to see when one is missed.
-GHOSTS_PER_SLOT = 2
 
 
 class StateSource(enum.Enum):
@@ -98,16 +85,6 @@ class PendingCheckpoint:
     request_id: str = ""
 
 
-@dataclass
-class Ghost:
-    """A checkpoint gone (evicted or refused): how deep it was, when it was last used, and how many prompts have
-    passed through it since (wanted it back)."""
-
-    depth: int
-    last_access: int
-    misses: int = 0
-
-
 class CacheManager:
     """Owns the page and slot allocators, every running request's Allocation and the prefix cache; the scheduler
     asks it for memory. Pages are reference-counted (requests and checkpoints share them); `free` drops a request's
@@ -132,12 +109,6 @@ class CacheManager:
         self._claimed: dict[bytes, int] = {}
         self._claims: dict[str, list[bytes]] = {}
         self._chains: dict[str, PageChain] = {}  # each request's page digests, hashed once (until `free`)
-        # each running request's deepest checkpoint so far (the parent of its next one), and whether it resumed there
-        self._path_ends: dict[str, tuple[Checkpoint, bool]] = {}
-        # Return times: how long a path stays unused before a request resumes from it (or would have, had its
-        # checkpoint not gone: the page digest of each recent one gone, with its depth in pages and last use).
-        self._return_ticks = 0.0  # moving average
-        self._ghosts: OrderedDict[bytes, Ghost] = OrderedDict()
         self._state_tokens = state_tokens
         self.tick = 0  # advanced by the scheduler once per step: the clock of checkpoint recency
         self.counters = {"checkpoints_taken": 0, "checkpoint_evictions": 0, "prefix_hits": 0,
@@ -238,52 +209,14 @@ class CacheManager:
         fresh = self._pages.allocate(self.pages_needed(num_tokens) - len(match.pages))
         allocation = Allocation(slot, list(match.pages) + fresh)
         if match.checkpoint is not None:
-            self._resumed(request_id, match.checkpoint)
+            match.checkpoint.last_access = self.tick
+            match.checkpoint.hits += 1
+            self.counters["prefix_hits"] += 1
             allocation.state_copy = StateCopy(match.state_slot, slot)  # type: ignore[arg-type]
             if match.partial_page is not None:
                 allocation.page_copy = PageCopy(match.partial_page, fresh[0])
-        self._missed(request_id, match.num_tokens)
         self._held[request_id] = allocation
         return allocation
-
-    def _resumed(self, request_id: str, c: Checkpoint) -> None:
-        self._note_return(self.tick - c.last_access)
-        c.hits += 1
-        self.counters["prefix_hits"] += 1
-        self._path_ends[request_id] = (c, True)
-        self._touch(c, reused=True)
-
-    def _touch(self, c: Checkpoint | None, reused: bool = False) -> None:
-        """A request's path runs through c and every checkpoint c extends: all are used now (as a radix cache's LRU
-        touches every node of a matched path: a shared system prompt stays as recent as the last request on it)."""
-        while c is not None:
-            c.last_access = self.tick
-            c.reused |= reused
-            c = c.parent
-
-    def _missed(self, request_id: str, matched: int) -> None:
-        """Checkpoints gone since, deeper than the match, on the admitted prompt's path: they were wanted back (the
-        deepest tells the return time; each keeps the count, for when it is taken again)."""
-        chain = self._chains.get(request_id)
-        if not self._ghosts or chain is None:
-            return
-        missed = [g for g in (self._ghosts.get(d) for d in chain.hashed) if g and g.depth * self.page_size > matched]
-        if missed:
-            self._note_return(self.tick - max(missed, key=lambda g: g.depth).last_access)
-        for ghost in missed:
-            ghost.last_access, ghost.misses = self.tick, ghost.misses + 1
-
-    def _note_return(self, ticks: int) -> None:
-        """Average the return times, the first one taken as it is (a pool under pressure learns it at once)."""
-        self._return_ticks += (ticks - self._return_ticks) / 4 if self._return_ticks else ticks
-
-    def _remember_gone(self, c: Checkpoint, last_access: int) -> None:
-        """Keep an evicted or refused checkpoint's key a while, to notice prompts that would have resumed there."""
-        if c.position >= self.page_size:
-            self._ghosts[c.depth_digest] = Ghost(c.position // self.page_size, last_access, c.hits)
-            self._ghosts.move_to_end(c.depth_digest)
-            if len(self._ghosts) > GHOSTS_PER_SLOT * self._checkpoint_slots.num_total:  # type: ignore[union-attr]
-                self._ghosts.popitem(last=False)
 
     def grow(self, request_id: str, num_tokens: int) -> bool:
         """Pages for positions [0, num_tokens) of a running request (evicting checkpoints if need be); False, with
@@ -300,8 +233,6 @@ class CacheManager:
         """Give back everything the request holds (unknown ids: nothing to do)."""
         self._release_claims(request_id)
         self._chains.pop(request_id, None)
-        end, _ = self._path_ends.pop(request_id, (None, False))
-        self._touch(end)  # its path was in use until now
         allocation = self._held.pop(request_id, None)
         if allocation is not None:
             self._pages.free(allocation.pages)
@@ -341,12 +272,10 @@ class CacheManager:
         return self._index.deepest(token_ids, len(token_ids) - 1, self._claimed, chain) * self.page_size
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
-    def reserve_checkpoint(self, request_id: str, tokens: Sequence[int], position: int,
-                           generated: bool = False) -> PendingCheckpoint | None:
+    def reserve_checkpoint(self, request_id: str, tokens: Sequence[int], position: int) -> PendingCheckpoint | None:
         """A checkpoint of the state the request's slot will hold once the current step has run (its first
-        `position` tokens are `tokens[:position]`; generated: the position ends the request's generation); None when
-        one exists already, the pool is off, or the pool is full of checkpoints worth more. Its snapshot copy goes
-        with the step; `publish` once the step is launched."""
+        `position` tokens are `tokens[:position]`); None when one exists already, the pool is off, or nothing can
+        be evicted for it. Its snapshot copy goes with the step; `publish` once the step is launched."""
         allocation = self._held.get(request_id)
         if self._checkpoint_slots is None or allocation is None or position <= 0:
             return None
@@ -356,21 +285,16 @@ class CacheManager:
                                        for p in self._pending):
             if existing is not None:
                 existing.last_access = self.tick
-                self._path_ends[request_id] = (existing, False)
                 self._release_claim(request_id, depth_digest)
             return None
-        parent, resumed = self._path_ends.get(request_id, (None, False))
-        ghost = self._ghosts.pop(depth_digest, None)  # taken again: the prompts that missed it count as its hits
-        c = Checkpoint(position, -1, tuple(allocation.pages[:self.pages_needed(position)]), depth_digest, partial,
-                       self.tick, hits=ghost.misses if ghost else 0, chain=tuple(digests), parent=parent,
-                       generated=generated, continues=resumed)
-        if self._checkpoint_slots.num_free == 0 and not self._evict_one(newcomer=c):
+        if self._checkpoint_slots.num_free == 0 and not self._evict_one():
             self._release_claim(request_id, depth_digest)
             return None
-        self._pages.share(c.pages)
-        c.slot = self._checkpoint_slots.allocate() + self._slots.num_total
-        self._path_ends[request_id] = (c, False)
-        pending = PendingCheckpoint(c, StateCopy(allocation.slot, c.slot), request_id)
+        pages = tuple(allocation.pages[:self.pages_needed(position)])
+        self._pages.share(pages)
+        slot = self._checkpoint_slots.allocate() + self._slots.num_total
+        c = Checkpoint(position, slot, pages, depth_digest, partial, self.tick, chain=tuple(digests))
+        pending = PendingCheckpoint(c, StateCopy(allocation.slot, slot), request_id)
         self._pending.append(pending)
         return pending
 
@@ -385,37 +309,17 @@ class CacheManager:
     def cancel(self, pending: PendingCheckpoint) -> None:
         self._pending.remove(pending)
         self._release(pending.checkpoint)
-        self._unlink([pending.checkpoint])
         self._release_claim(pending.request_id, pending.checkpoint.depth_digest)
 
     def reset_prefix_cache(self) -> None:
-        """Drop every checkpoint (and the pages only they hold), and what was learned of return times."""
-        dropped = list(self._index.checkpoints)
-        for c in dropped:
+        """Drop every checkpoint (and the pages only they hold)."""
+        for c in list(self._index.checkpoints):
             self._index.remove(c)
             self._release(c)
-        self._unlink(dropped)
-        self._ghosts.clear()
-        self._return_ticks = 0.0
 
     def _release(self, c: Checkpoint) -> None:
         self._pages.free(c.pages)
         self._checkpoint_slots.free(c.slot - self._slots.num_total)  # type: ignore[union-attr]
-
-    def _unlink(self, gone: list[Checkpoint], newcomer: Checkpoint | None = None) -> None:
-        """No links to checkpoints that are gone (nor chains of dead ones kept alive): their children lose their
-        parent, the requests whose path ended there their path end."""
-        ids = {id(c) for c in gone}
-        for child in self._lineage(newcomer):
-            if id(child.parent) in ids:
-                child.parent = None
-        for request_id, (end, _) in list(self._path_ends.items()):
-            if id(end) in ids:
-                del self._path_ends[request_id]
-
-    def _lineage(self, newcomer: Checkpoint | None) -> list[Checkpoint]:
-        """Every checkpoint that can have a parent: published, pending, and the one asking for a slot."""
-        return [*self._index.checkpoints, *(p.checkpoint for p in self._pending), *([newcomer] if newcomer else [])]
 
     def _make_room(self, pages: int, keep: Checkpoint | None = None) -> bool:
         """Evict checkpoints until `pages` pages are free; False if they cannot be freed."""
@@ -424,77 +328,19 @@ class CacheManager:
                 return False
         return True
 
-    def _evict_one(self, keep: Checkpoint | None = None, newcomer: Checkpoint | None = None) -> bool:
-        """Evict the least valuable checkpoint but `keep`; False if there is none, or if `newcomer` (a checkpoint
-        asking for a slot) is worth less than it: a new checkpoint must not push out one worth more (with fewer
-        slots than conversations, an end of generation would otherwise evict the resume point of the conversation
-        that comes back next)."""
+    def _evict_one(self, keep: Checkpoint | None = None) -> bool:
         candidates = [c for c in self._index.checkpoints if c is not keep]
         if not candidates:
             return False
-        children: dict[int, list[Checkpoint]] = {}
-        for c in self._lineage(newcomer):
-            if c.parent is not None:
-                children.setdefault(id(c.parent), []).append(c)
-        in_use = self._in_use()
-
-        def value(c: Checkpoint) -> tuple[int, float]:
-            return self._rank(c, children.get(id(c), [])), self._value(c, id(c) in in_use)
-
-        victim = min(candidates, key=value)
-        if newcomer is not None and (value(newcomer) < value(victim) or
-                                     self._protected(victim, value(victim)[0], newcomer, id(victim) in in_use)):
-            self._remember_gone(newcomer, self.tick)
-            return False
+        victim = min(candidates, key=self._value)
         self._index.remove(victim)
         self._release(victim)
-        self._unlink([victim], newcomer)
-        self._remember_gone(victim, victim.last_access)
         self.counters["checkpoint_evictions"] += 1
         return True
 
-    def _protected(self, c: Checkpoint, rank: int, newcomer: Checkpoint, in_use: bool) -> bool:
-        """A resume point that may still be wanted, against a newcomer resumed or missed no more often: one on a
-        running request's path (that request is about to extend it), or one used less than a few typical return
-        times ago. Recency alone cycles every path out of a pool too small for all of them (4 chat conversations
-        returning in turn to 3 slots: each is evicted just before it returns); refusing new ones keeps some paths
-        until they return. The return time (from a request's end to the next resume on its path) is learned from
-        resumes, and from prompts that pass through a checkpoint gone since (without those a pool that never hits
-        would never learn it); 0 until then."""
-        return rank == RESUME_POINT and c.hits >= newcomer.hits and (
-            in_use or self.tick - c.last_access < PROTECT_RETURNS * self._return_ticks)
-
-    def _in_use(self) -> set[int]:
-        """ids of the checkpoints on running requests' paths: each one's deepest and those it extends."""
-        ids: set[int] = set()
-        for c, _ in self._path_ends.values():
-            while c is not None and id(c) not in ids:
-                ids.add(id(c))
-                c = c.parent  # type: ignore[assignment]
-        return ids
-
-    @staticmethod
-    def _rank(c: Checkpoint, children: list[Checkpoint]) -> int:
-        """SUPERSEDED: a later request went past it on its one path (resumed from what extends it, or resumed from it
-        and checkpointed its own prompt further), and at most one request ever resumed from it: whoever follows that
-        path next matches the deeper checkpoint. A chat's end of generation once the next turn has checkpointed its
-        prompt; the prompt checkpoint of a turn once the next resumed from its end of generation. Not for a
-        checkpoint that several requests resumed from (a shared system prompt), nor one whose path branches.
-        TAIL: an end of generation that extends its own prompt's checkpoint by the generated tokens only. Whether
-        the next turn resends them is up to the chat template (Qwen3.5 drops past <think> blocks: the next turn
-        resumes from the prompt checkpoint), so of the two this one goes first: it saves one reply's prefill, the
-        prompt checkpoint may save the whole history.
-        RESUME_POINT: the rest, each the only resume point known for its path."""
-        if c.hits <= 1 and len(children) == 1 and (children[0].reused or
-                                                   (children[0].continues and not children[0].generated)):
-            return SUPERSEDED
-        if c.generated and c.parent is not None and not c.continues:
-            return TAIL
-        return RESUME_POINT
-
-    def _value(self, c: Checkpoint, in_use: bool = False) -> float:
-        """Recency (now, for one on a running request's path), plus how much prefill it saves per token-equivalent
-        of memory it keeps (state + KV pages); partial-page checkpoints count as a page older."""
+    def _value(self, c: Checkpoint) -> float:
+        """Recency, plus how much prefill it saves per token-equivalent of memory it keeps (state + KV pages);
+        partial-page checkpoints count as a page older."""
         efficiency = c.position / (c.position + self._state_tokens)
         partial = 1 if c.position % self.page_size else 0
-        return (self.tick if in_use else c.last_access) + EFFICIENCY_WEIGHT * efficiency - partial
+        return c.last_access + EFFICIENCY_WEIGHT * efficiency - partial

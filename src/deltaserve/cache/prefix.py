@@ -46,11 +46,6 @@ class PageChain:
         self._digests = chain_digests((), 0, page_size, namespace)
         self._tokens: list[int] = []  # the tokens of the hashed pages, to check a call's tokens still start so
 
-    @property
-    def hashed(self) -> list[bytes]:
-        """The digests computed so far: hashed[d] identifies the first d pages."""
-        return self._digests
-
     def digests(self, tokens: Sequence[int], position: int) -> list[bytes]:
         """chain_digests of tokens[:position // page_size full pages]."""
         pages = position // self.page_size
@@ -80,15 +75,6 @@ class Checkpoint:
     last_access: int = 0
     hits: int = 0
     chain: tuple[bytes, ...] = field(default=(), repr=False)  # digests of its full-page prefixes, for the index
-    # Lineage, for eviction (see CacheManager._rank): the deepest checkpoint known to be a prefix of this one when it
-    # was taken (None once that one is gone), whether it was taken at the end of a generation (it extends its
-    # request's prompt by generated tokens, which a chat template may rewrite), whether its request resumed from
-    # `parent` (a later request carried the parent's path further), and whether a request has resumed from it or
-    # from a checkpoint extending it.
-    parent: Checkpoint | None = field(default=None, repr=False)
-    generated: bool = False
-    continues: bool = False
-    reused: bool = False
 
 
 class PrefixIndex:
