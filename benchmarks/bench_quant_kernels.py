@@ -68,7 +68,7 @@ def planned(args, bw: float) -> list[dict]:
             for kind, variants in VARIANTS.items():
                 w, s, z = weights[kind]
                 for u in variants:
-                    if u == 4 and m > 4:
+                    if u == 4 and m > qt.GEMV_SWEEP_ROWS:
                         continue
                     t[f"{kind} u{u}"] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
             row = {"shape": name, "rows": m}
@@ -127,7 +127,7 @@ def sweep(args, bw: float) -> list[dict]:
             bm = dot_tiles[0]
             floor_ms = floor_bytes(kind, n, k) / bw * 1e3
             results = [("plan", base_tiles, None, time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)))]
-            if m <= 4:  # the u3 tiles at these rows were swept before (RESULTS.md, 2026-12-03)
+            if m <= qt.GEMV_SWEEP_ROWS:  # the u3 tiles at these rows were swept before (RESULTS.md, 2026-12-03)
                 results += gemv_candidates(name, x, w, s, z, n, k, m)
             else:
                 results += u3_candidates(name, x, w, s, z, n, k, m, bm, kind)

@@ -100,6 +100,13 @@ def test_gemv_ragged_k_interpreted(kind, n, k, group, tiles):
     check_gemm(kind, 1, n, k, group, torch.bfloat16, tiles=tiles, seed=k, unpack=4)
 
 
+def test_gemv_refuses_more_rows_than_it_tiles():
+    x = torch.zeros(5, 64, dtype=torch.bfloat16, device=DEV)
+    w, s = fp8_weight(16, 64, 32, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="at most 4 rows, got 5"):
+        qt.quant_gemm(x, w, s, None, 32, unpack=4)
+
+
 def test_gemv_refuses_fewer_tile_rows_than_rows():
     x = torch.zeros(3, 64, dtype=torch.bfloat16, device=DEV)
     w, s = fp8_weight(16, 64, 32, torch.Generator().manual_seed(0))

@@ -19,9 +19,9 @@ Two kernels serve both, accumulating in fp32:
     and land closer to the exact product. For fp8 (the exact e4m3 values) it is a benchmark variant only.
   - larger calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
 MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX routed pairs, a GEMV per (token,
-expert) pair that reads the expert id on the device (the GEMV's tiles); up to PAIR_MAX, pairs sorted into blocks of 16 that share one
-expert (moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in
-torch, down, then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the
+expert) pair that reads the expert id on the device (the GEMV's tiles); up to PAIR_MAX, pairs sorted into blocks of
+16 that share one expert (moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up,
+SiLU-and-mul in torch, down, then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the
 bf16 MoE path runs.
 """
 
@@ -469,6 +469,7 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
 # to the tensor-core variants on the H200 (bench_quant_kernels.py --sweep, RESULTS.md): the rows' FMAs add to the
 # unpacking, which no longer hides behind the weight read.
 GEMV_MAX_ROWS = 1
+GEMV_SWEEP_ROWS = 4  # the most rows an explicit unpack=4 takes (benchmarks): its 3-D tiles grow with the rows
 
 
 def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool) -> tuple[int, ...]:
@@ -495,8 +496,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows (int4: 16-bit activations); 3 for int4 up to
     32 rows where _lop3_ok, else 2 for int4 (nibble planes dequantized in fp32 and rounded as the reference does)
     and 0 for fp8 (dequantize-then-dot: faster in the whole-model step than UNPACK 3's scale-after-dot, which stays
-    for the benchmark)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and ACT_GROUP columns as it is loaded (the
-    codes and scales of ref.quantize_fp8_act)."""
+    for the benchmark)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and ACT_GROUP columns as it is
+    loaded (the codes and scales of ref.quantize_fp8_act)."""
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
@@ -508,6 +509,9 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     if unpack == 4:
         if act_fp8:
             raise ValueError("the GEMV (unpack 4) takes 16-bit or fp32 activations, not fp8 ones")
+        if m > GEMV_SWEEP_ROWS:
+            raise ValueError(f"the GEMV (unpack 4) holds every row in one tile: at most {GEMV_SWEEP_ROWS} rows, "
+                             f"got {m}; leave unpack unset for larger calls")
         bm, bn, bk, split, *launch = tiles or _gemv_plan(m, n, k, group, x.device, int4)
         if bm < m:
             raise ValueError(f"the GEMV runs all rows in one program: BM {bm} must be at least M = {m}")
