@@ -21,8 +21,8 @@ Two kernels serve both, accumulating in fp32:
 MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX routed pairs, a GEMV per (token,
 expert) pair that reads the expert id on the device (the GEMV's tiles); up to PAIR_MAX, pairs sorted into blocks of
 16 that share one expert (moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up,
-SiLU-and-mul in torch, down, then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the
-bf16 MoE path runs.
+SiLU-and-mul in torch, down, then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are
+dequantized once and the bf16 MoE path runs.
 """
 
 from __future__ import annotations
