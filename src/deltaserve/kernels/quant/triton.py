@@ -81,41 +81,19 @@ def _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROU
 # 128.0 (bf16 0x4300; fp16 1024.0, 0x6400) gives exactly 128 + q, so one lop3 turns two nibbles of a word (q_j in the
 # low half, q_{j+4} in the high half) into two 16-bit floats, and one packed subtract of 128 + z leaves the exact
 # q - z. Two words per call; prmt regroups the halves so that output p holds nibble p of both words (plane p).
-_PLANES_ASM = """
-{
-.reg .b32 a<4>, b<4>, t;
-lop3.b32 a0, $8, 0x000f000f, MAGIC, 0xea;
-lop3.b32 b0, $9, 0x000f000f, MAGIC, 0xea;
-shr.u32 t, $8, 4;
-lop3.b32 a1, t, 0x000f000f, MAGIC, 0xea;
-shr.u32 t, $9, 4;
-lop3.b32 b1, t, 0x000f000f, MAGIC, 0xea;
-shr.u32 t, $8, 8;
-lop3.b32 a2, t, 0x000f000f, MAGIC, 0xea;
-shr.u32 t, $9, 8;
-lop3.b32 b2, t, 0x000f000f, MAGIC, 0xea;
-shr.u32 t, $8, 12;
-lop3.b32 a3, t, 0x000f000f, MAGIC, 0xea;
-shr.u32 t, $9, 12;
-lop3.b32 b3, t, 0x000f000f, MAGIC, 0xea;
-SUB a0, a0, $10;
-SUB a1, a1, $10;
-SUB a2, a2, $10;
-SUB a3, a3, $10;
-SUB b0, b0, $11;
-SUB b1, b1, $11;
-SUB b2, b2, $11;
-SUB b3, b3, $11;
-prmt.b32 $0, a0, b0, 0x5410;
-prmt.b32 $1, a1, b1, 0x5410;
-prmt.b32 $2, a2, b2, 0x5410;
-prmt.b32 $3, a3, b3, 0x5410;
-prmt.b32 $4, a0, b0, 0x7632;
-prmt.b32 $5, a1, b1, 0x7632;
-prmt.b32 $6, a2, b2, 0x7632;
-prmt.b32 $7, a3, b3, 0x7632;
-}
-"""
+def _planes_ptx() -> str:
+    """The PTX above for two words ($8, $9) and their 128 + z ($10, $11); MAGIC and SUB are filled in per dtype."""
+    lines = ["{", ".reg .b32 a<4>, b<4>, t;",
+             "lop3.b32 a0, $8, 0x000f000f, MAGIC, 0xea;", "lop3.b32 b0, $9, 0x000f000f, MAGIC, 0xea;"]
+    for i in range(1, 4):
+        for reg, word in (("a", "$8"), ("b", "$9")):
+            lines += [f"shr.u32 t, {word}, {4 * i};", f"lop3.b32 {reg}{i}, t, 0x000f000f, MAGIC, 0xea;"]
+    lines += [f"SUB {reg}{i}, {reg}{i}, {z};" for reg, z in (("a", "$10"), ("b", "$11")) for i in range(4)]
+    lines += [f"prmt.b32 ${p}, a{p % 4}, b{p % 4}, {'0x5410' if p < 4 else '0x7632'};" for p in range(8)]
+    return "\n".join(["", *lines, "}", ""])
+
+
+_PLANES_ASM = _planes_ptx()
 FP8_MAX = tl.constexpr(ref.FP8_MAX)
 FP8_RECIPROCAL = tl.constexpr(ref.FP8_RECIPROCAL)
 _PLANES_BF16 = tl.constexpr(_PLANES_ASM.replace("MAGIC", "0x43004300").replace("SUB", "sub.rn.bf16x2"))
