@@ -2,7 +2,10 @@
 same run.
 
 python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4 fp8-w8a8] [--batches 1 64]
-                                 [--context 1024]
+                                 [--context 1024] [--gemv-variants fp32 f16]
+
+--gemv-variants: int4 runs once per variant of its GEMVs (one-row projections, MoE per-pair): fp32 FMAs (the
+default) and fp16 products (kernels/quant/triton.py GEMV_F16; rows "int4 gemv-f16"); default fp32 only.
 
 fp8: Qwen's official layout (128x128 block scales; GDN in_proj_a/b, router, shared-expert gate, embedding and lm_head
 kept bf16); fp8-w8a8: the same with --fp8-activations dynamic. int4: AWQ-style W4A16 g128 on every projection
@@ -16,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 
 import torch
 
 from benchmarks.bench_decode import _oom_row, bench_one
+from benchmarks.bench_quant_kernels import gemv_f16
 from benchmarks.common import measure_copy_bandwidth, model_config, print_report
 from deltaserve.config import QuantizationConfig
 from deltaserve.models.loader import load_model
@@ -51,6 +56,7 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["bf16", "fp8", "fp8-w8a8", "int4"], choices=list(FORMATS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--gemv-variants", nargs="+", choices=["fp32", "f16"], default=["fp32"])
     args = ap.parse_args()
     bw = measure_copy_bandwidth()
     rows = []
@@ -58,13 +64,15 @@ def main() -> None:
         base: dict[int, float] = {}
         for fmt in args.formats:
             model = load(name, fmt)
-            for b in args.batches:
+            variants = [v == "f16" for v in args.gemv_variants] if fmt == "int4" else [False]
+            for b, f16 in itertools.product(args.batches, variants):
                 try:
-                    row = bench_one(name, b, args.context, bw, model)
+                    with gemv_f16(f16):  # read as the step's CUDA graph is captured
+                        row = bench_one(name, b, args.context, bw, model)
                 except torch.OutOfMemoryError:
                     row = None
                 row = row or _oom_row(name, b, args.context, "auto", "float32")
-                row["format"] = fmt
+                row["format"] = fmt + (" gemv-f16" if f16 else "")
                 if fmt == "bf16":
                     base[b] = row["graph ms"]
                 row["vs bf16"] = base.get(b, float("nan")) / row["graph ms"]

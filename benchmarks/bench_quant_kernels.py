@@ -4,10 +4,11 @@ GEMM and the weight-read floor (bytes of the stored weight and scales over the m
 python benchmarks/bench_quant_kernels.py [--rows 1 16 64]            each kernel variant at the planned tiles
 python benchmarks/bench_quant_kernels.py --sweep [--rows 1 16 64]    tiles x warps x stages x split-K per shape; the
                                                                      best per (kind, shape, rows) and its error
+[--gemv-variants fp32 f16]   the int4 GEMVs timed: fp32 FMAs (the default kernel) and/or fp16 products (qt.GEMV_F16)
 
 Variants (kernels/quant/triton.py UNPACK): int4 u2 = nibble planes dequantized in fp32 then rounded (the first
 kernels); u3 = planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot, u3 = scale after;
-u4 = the CUDA-core GEMV (up to 4 rows). The sweep's baseline ("plan") is what quant_gemm runs by default; it tries
+u4 = the CUDA-core GEMV (up to 4 rows; int4 "u4 f16": its F16_FMA variant). The sweep's baseline ("plan") is what quant_gemm runs by default; it tries
 u3 tiles past 4 rows and GEMV tiles (BN x warps x split-K) up to 4 rows. Timings are CUDA-graph
 replays (triton.testing.do_bench_cudagraph), as the engine runs them, so launch overhead is not counted.
 """
@@ -15,6 +16,7 @@ replays (triton.testing.do_bench_cudagraph), as the engine runs them, so launch 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 
 import torch
@@ -52,6 +54,21 @@ def rel_error(kind: str, x: torch.Tensor, weights: tuple, got: torch.Tensor) -> 
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
+@contextlib.contextmanager
+def gemv_f16(on: bool):
+    """qt.GEMV_F16 (the int4 GEMVs' fp16-product variant) set inside: quant_gemm reads it as it launches."""
+    old, qt.GEMV_F16 = qt.GEMV_F16, on
+    try:
+        yield
+    finally:
+        qt.GEMV_F16 = old
+
+
+def gemv_variants(args, kind: str) -> list[bool]:
+    """The GEMV variants (GEMV_F16 off / on) to time for `kind`: F16_FMA exists for int4 only."""
+    return [v == "f16" for v in args.gemv_variants if kind == "int4" or v == "fp32"]
+
+
 def time_ms(fn) -> float:
     fn()  # compile outside the graph
     return triton.testing.do_bench_cudagraph(fn, rep=20, return_mode="median")
@@ -70,7 +87,10 @@ def planned(args, bw: float) -> list[dict]:
                 for u in variants:
                     if u == 4 and m > qt.GEMV_SWEEP_ROWS:
                         continue
-                    t[f"{kind} u{u}"] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
+                    for f16 in gemv_variants(args, kind) if u == 4 else [False]:
+                        with gemv_f16(f16):
+                            t[f"{kind} u{u}{' f16' if f16 else ''}"] = time_ms(
+                                lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
             row = {"shape": name, "rows": m}
             for key, ms in t.items():
                 row[f"{key} us"] = ms * 1e3
@@ -80,20 +100,21 @@ def planned(args, bw: float) -> list[dict]:
     return rows
 
 
-def gemv_candidates(name, x, w, s, z, n, k, m) -> list[tuple]:
-    """GEMV (u4) tiles: BN x warps x split-K around the plan's split."""
+def gemv_candidates(name, x, w, s, z, n, k, m, variants) -> list[tuple]:
+    """GEMV (u4) tiles: BN x warps x split-K around the plan's split, for each variant (GEMV_F16 off / on)."""
     out = []
     bm = triton.next_power_of_2(m)
-    for bn, warps in itertools.product((32, 64, 128, 256), (8, 16)):
+    for bn, warps, f16 in itertools.product((32, 64, 128, 256), (8, 16), variants):
         base = max(1, min(k // 128, (4 * qt.num_sms(x.device)) // triton.cdiv(n, bn)))
         for split in sorted({1, base, 2 * base, 4 * base} & set(range(1, k // 128 + 1))):
             tiles = (bm, bn, 128, split, warps, 3)
             try:
-                ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=4))
+                with gemv_f16(f16):
+                    ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=4))
             except Exception as e:  # out of registers / shared memory: not a candidate
-                print(f"{name} m={m} gemv {tiles}: {type(e).__name__}", flush=True)
+                print(f"{name} m={m} gemv{' f16' if f16 else ''} {tiles}: {type(e).__name__}", flush=True)
                 continue
-            out.append(("u4", tiles, 4, ms))
+            out.append(("u4 f16" if f16 else "u4", tiles, 4, ms))
     return out
 
 
@@ -128,16 +149,20 @@ def sweep(args, bw: float) -> list[dict]:
             floor_ms = floor_bytes(kind, n, k) / bw * 1e3
             results = [("plan", base_tiles, None, time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)))]
             if m <= qt.GEMV_SWEEP_ROWS:  # the u3 tiles at these rows were swept before (RESULTS.md, 2026-12-03)
-                results += gemv_candidates(name, x, w, s, z, n, k, m)
+                results += gemv_candidates(name, x, w, s, z, n, k, m, gemv_variants(args, kind))
             else:
                 results += u3_candidates(name, x, w, s, z, n, k, m, bm, kind)
             label, tiles, u, ms = min(results, key=lambda r: r[3])
-            got = qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=u)
+            with gemv_f16(label.endswith("f16")):
+                got = qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=u)
             row = {"shape": name, "kind": kind, "rows": m, "floor us": floor_ms * 1e3,
                    "dot plan us": time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=dot_tiles,
                                                                 unpack=3 if kind == "int4" else 0)) * 1e3,
                    "plan us": results[0][3] * 1e3, "best us": ms * 1e3, "best/floor": ms / floor_ms,
                    "best": f"{label} {tiles}", "rel err": rel_error(kind, x, weights[kind], got)}
+            if kind == "int4" and m <= qt.GEMV_MAX_ROWS and "f16" in args.gemv_variants:
+                with gemv_f16(True):  # the F16_FMA GEMV at the default plan's tiles
+                    row["plan f16 us"] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)) * 1e3
             best_rows.append(row)
             print(row, flush=True)
     return best_rows
@@ -147,6 +172,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--gemv-variants", nargs="+", choices=["fp32", "f16"], default=["fp32", "f16"],
+                    help="int4 GEMVs to time: fp32 FMAs (the default kernel), fp16 products (qt.GEMV_F16)")
     args = ap.parse_args()
     bw = measure_copy_bandwidth()
     rows = sweep(args, bw) if args.sweep else planned(args, bw)

@@ -66,10 +66,12 @@ def quant_rows() -> list[dict]:
     for name, types, consts, warps, stages in cases:
         consts = {"GROUP": 128, "IEEE": False, "BK": 128, "ACT_FP8": False, **consts}
         rows.append({"kernel": name, **compile_one(quant._gemm_kernel, types, consts, warps, stages)})
-    for kind, types in (("int4", {**int4, "x_ptr": "*fp32"}), ("fp8", fp8)):  # int4: x plane-major fp32
+    # int4: x plane-major fp32, or (F16_FMA) plane_major_f16's words
+    for kind, types, f16 in (("int4", {**int4, "x_ptr": "*fp32"}, False), ("int4", {**int4, "x_ptr": "*i32"}, True),
+                             ("fp8", fp8, False)):
         for bn, warps in ((64, 4), (128 if kind == "int4" else 64, 8)):
-            consts = dict(GROUP=128, INT4=kind == "int4", BM=1, BN=bn, BK=128, EVEN_N=True, EVEN_K=True)
-            rows.append({"kernel": f"{kind} GEMV, 1 row, BN {bn}, {warps} warps",
+            consts = dict(GROUP=128, INT4=kind == "int4", BM=1, BN=bn, BK=128, EVEN_N=True, EVEN_K=True, F16_FMA=f16)
+            rows.append({"kernel": f"{kind} GEMV{' F16_FMA' if f16 else ''}, 1 row, BN {bn}, {warps} warps",
                          **compile_one(quant._gemv_kernel, types, consts, warps, 3)})
     return rows
 

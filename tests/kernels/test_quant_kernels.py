@@ -56,9 +56,9 @@ def fp8_weight(n: int, k: int, block: int, gen: torch.Generator, device=DEV):
 
 
 def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, tiles=None, seed: int = 0,
-               unpack=None):
+               unpack=None, x_scale: float = 1.0):
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=gen).to(dtype).to(DEV)
+    x = (torch.randn(m, k, generator=gen) * x_scale).to(dtype).to(DEV)
     if kind == "int4":
         qw, s, z = int4_weight(n, k, group, gen)
         w = ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=group, k=k)
@@ -75,7 +75,7 @@ def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype
     # time); the GPU kernels scale after the dot and skip that rounding, so they must be at least as close.
     expected = x.double() @ w.double().T
     assert got is out
-    assert_error_within(got, baseline, expected, atol=1e-4 if dtype != torch.float32 else 1e-6)
+    assert_error_within(got, baseline, expected, atol=(1e-4 if dtype != torch.float32 else 1e-6) * x_scale)
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
@@ -98,6 +98,37 @@ def test_gemv_ragged_k_interpreted(kind, n, k, group, tiles):
     """The GEMV where K is not a multiple of the K tile (nor of 8), across split-K boundaries, and at its default
     plan: the masked last tile and the clamped prefetch of the tile after it."""
     check_gemm(kind, 1, n, k, group, torch.bfloat16, tiles=tiles, seed=k, unpack=4)
+
+
+@pytest.fixture
+def gemv_f16(monkeypatch):
+    """The int4 GEMVs with fp16 products (qt.GEMV_F16); fails the test if that variant never ran."""
+    calls, real = [], qt.plane_major_f16
+    monkeypatch.setattr(qt, "GEMV_F16", True)
+    monkeypatch.setattr(qt, "plane_major_f16", lambda *a: calls.append(a) or real(*a))
+    yield
+    assert calls, "the F16_FMA GEMV did not run"
+
+
+@pytest.mark.parametrize("m,n,k,group,tiles", [(1, 72, 96, 32, (1, 32, 32, 2)), (3, 72, 96, 32, (4, 16, 16, 3)),
+                                               (1, 72, 100, 100, (1, 32, 32, 2)), (1, 40, 99, 99, (1, 16, 16, 3)),
+                                               (1, 24, 160, 32, None)])
+def test_gemv_f16_interpreted(gemv_f16, m, n, k, group, tiles):
+    """The F16_FMA GEMV (bf16 activations only) at the GEMV tests' cases: padded row tile, ragged N and K, split-K,
+    the default plan."""
+    check_gemm("int4", m, n, k, group, torch.bfloat16, tiles=tiles, seed=k + m, unpack=4)
+
+
+@pytest.mark.parametrize("x_scale", [1e5, 1e-7])
+def test_gemv_f16_activation_range_interpreted(gemv_f16, x_scale):
+    """Activations past fp16's largest value (65504) or below its normals (6e-5): the per-tile power-of-two scale
+    of plane_major_f16 keeps them finite and exact."""
+    check_gemm("int4", 1, 40, 256, 128, torch.bfloat16, tiles=(1, 16, 128, 2), seed=7, unpack=4, x_scale=x_scale)
+
+
+def test_moe_f16_interpreted(gemv_f16):
+    """The MoE's per-pair GEMVs with fp16 products (the down GEMVs' input is fp32)."""
+    check_moe("int4", tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16)
 
 
 def test_gemv_refuses_more_rows_than_it_tiles():
@@ -228,6 +259,31 @@ def test_linear_dispatch_gpu(kind, m):
 def test_moe_gpu(kind, tokens, shape):
     experts, top_k, d, inter = shape
     check_moe(kind, tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n,k", SHAPES_27B + ODD)
+def test_gemv_f16_gpu(gemv_f16, n, k, m):
+    """The F16_FMA GEMV at 27B's projections and odd sizes, NaN-poisoned output."""
+    check_gemm("int4", m, n, k, 128, torch.bfloat16, seed=n + k + m, unpack=4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("x_scale", [1e5, 1e-7])
+def test_gemv_f16_activation_range_gpu(gemv_f16, x_scale):
+    check_gemm("int4", 1, 5120, 17408, 128, torch.bfloat16, seed=3, unpack=4, x_scale=x_scale)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("shape", [(256, 8, 2048, 512), (256, 8, 3072, 1024)], ids=["35B-A3B", "122B-A10B"])
+def test_moe_f16_gpu(gemv_f16, tokens, shape):
+    experts, top_k, d, inter = shape
+    check_moe("int4", tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens)
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])

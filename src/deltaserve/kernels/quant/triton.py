@@ -4,7 +4,8 @@ Two kernels serve both, accumulating in fp32:
   - GEMV (variant 4, up to GEMV_MAX_ROWS rows: decode at batch 1; the MoE per-pair GEMVs): CUDA-core FMAs
     on tiles kept in one 3-D layout from their wide loads on, so no tile passes through shared memory. int4 nibbles
     become the exact fp32 1 + q/16 by a shift and a lop3 (no int-to-float conversion); the zero point and scale
-    apply once per row and K tile.
+    apply once per row and K tile. F16_FMA (int4, bf16 activations, GEMV_F16; untimed, off by default): packed
+    fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two.
   - the tiled tl.dot kernel, for everything larger:
   - UNPACK 0 / 2 (fp32 activations, the interpreter): the weight tile is dequantized in registers and rounded to
     the activation dtype, as the reference does. fp8: a [BN, BK] e4m3 tile (contiguous along K) times the row's
@@ -256,6 +257,54 @@ def _nibbles_as_float(words, ASM: tl.constexpr):
                 _nibble_as_float(words, 6), _nibble_as_float(words, 7))
 
 
+# The F16_FMA GEMV's products, two per instruction: masking a word with 0x000f000f leaves nibbles 0 and 4 in the low
+# bits of its halves, and a 16-bit pattern below 2048 read as fp16 is exactly pattern * 2^-24 (subnormal, or the
+# smallest normal exponent), so the mask alone gives exact f16x2 weights q * 2^-24 with no constant to subtract;
+# 0x00f000f0 gives nibbles 1 and 5 as 16 q * 2^-24 (their activations come divided by 16), and the same two masks
+# on the word shifted right by 8 give nibbles 2, 6 and 3, 7. Per word: one shift, four ands, four packed FMAs
+# against the four activation words (pair-planes, plane_major_f16()), then the halves added and widened to fp32:
+# fp16 sums span one word's eight products (four per half), all else accumulates in fp32. The zero point is applied
+# in fp32 per tile: sum x (q - z) = sum q x - z sum x.
+def _word_dot_f16_ptx() -> str:
+    """PTX for sum_p x_p * planes_p of the word $1 against the activation words $2..$5 -> fp32 $0."""
+    lines = ["{", ".reg .b32 p, t, acc;", ".reg .b16 lo, hi;", "shr.u32 t, $1, 8;"]
+    for p in range(4):
+        lines.append(f"and.b32 p, {'t' if p >= 2 else '$1'}, {'0x00f000f0' if p % 2 else '0x000f000f'};")
+        lines.append(f"mul.rn.f16x2 acc, p, $2;" if p == 0 else f"fma.rn.f16x2 acc, p, ${p + 2}, acc;")
+    lines += ["mov.b32 {lo, hi}, acc;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
+    return "\n".join(lines)
+
+
+_WORD_DOT_F16 = tl.constexpr(_word_dot_f16_ptx())
+
+
+@triton.jit
+def _half(v, HIGH: tl.constexpr):
+    """Half HIGH of each int32 as the fp16 its bits encode."""
+    if HIGH:
+        b = v >> 16
+    else:
+        b = (v << 16) >> 16
+    return b.to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _word_dots_f16(words, xw, ASM: tl.constexpr):
+    """Each word's eight (q * 2^-24) x products summed -> fp32 (the interpreter's form: the same fp16 values, a
+    rounded multiply and add where the GPU fuses them)."""
+    if ASM:
+        return tl.inline_asm_elementwise(_WORD_DOT_F16, "=r,r,r,r,r,r", [words, xw[0], xw[1], xw[2], xw[3]],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        lo = tl.zeros(words.shape, dtype=tl.float16)
+        hi = tl.zeros(words.shape, dtype=tl.float16)
+        for p in tl.static_range(4):
+            q = (words >> (8 * (p // 2))) & (0x000f000f << (4 * (p % 2)))
+            lo += _half(q, False) * _half(xw[p], False)
+            hi += _half(q, True) * _half(xw[p], True)
+        return (lo + hi).to(tl.float32)
+
+
 @triton.jit
 def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr, INT4: tl.constexpr,
                BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
@@ -301,14 +350,42 @@ def _gemv_x(x_ptr, rows, offs_k, M, K, stride_xm, ROW_MASK: tl.constexpr, EVEN_K
 
 
 @triton.jit
+def _gemv_words(x_ptr, rows, offs, M, stride_xm, ROW_MASK: tl.constexpr):
+    """int32 words offs ([1, 1, C], or a scalar) of rows ([BM, 1, 1]) of plane_major_f16()'s buffer."""
+    if ROW_MASK:
+        return tl.load(x_ptr + rows * stride_xm + offs, mask=rows < M, other=0)
+    else:
+        return tl.load(x_ptr + rows * stride_xm + offs)
+
+
+@triton.jit
+def _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK: tl.constexpr, ROW_MASK: tl.constexpr):
+    """The int4 tile's sum x (q - z) s with fp16 products (_word_dots_f16) on x from plane_major_f16(): its four
+    pair-planes of BK/8 words, then, past all tiles, each tile's 2^-n and scaled sum x as fp32 bits."""
+    offs_c = tl.arange(0, BK // 8)[None, None, :]
+    xw = (_gemv_words(x_ptr, rows, k0 // 2 + offs_c, M, stride_xm, ROW_MASK),
+          _gemv_words(x_ptr, rows, k0 // 2 + BK // 8 + offs_c, M, stride_xm, ROW_MASK),
+          _gemv_words(x_ptr, rows, k0 // 2 + BK // 4 + offs_c, M, stride_xm, ROW_MASK),
+          _gemv_words(x_ptr, rows, k0 // 2 + 3 * (BK // 8) + offs_c, M, stride_xm, ROW_MASK))
+    dot = tl.sum(_word_dots_f16(codes, xw, _COMPILED), axis=2, keep_dims=True)
+    tail = (K + BK - 1) // BK * (BK // 2) + 2 * (k0 // BK)
+    inv = _gemv_words(x_ptr, rows, tail, M, stride_xm, ROW_MASK).to(tl.float32, bitcast=True)
+    xs = _gemv_words(x_ptr, rows, tail + 1, M, stride_xm, ROW_MASK).to(tl.float32, bitcast=True)
+    return (16777216.0 * dot - z * xs) * (s * inv)
+
+
+@triton.jit
 def _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4: tl.constexpr, BK: tl.constexpr,
-               ROW_MASK: tl.constexpr, EVEN_K: tl.constexpr):
+               ROW_MASK: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr):
     """sum over the tile's columns of x[m, k] W[n, k] -> fp32 [BM, BN, 1], on CUDA cores, every tensor 3-D in one
     layout (nothing converted through shared memory); scale (and zero point) once per row and tile (BK divides the
     group). int4: x comes plane-major (plane_major(): the tile's columns 8c + j stored at j * BK/8 + c, fp32, padded
     to whole tiles), so nibble plane j of the words meets a contiguous slice of x; with f = 1 + q/16 (exact),
-    sum x (q - z) = 16 sum f x - (16 + z) sum x: per weight a shift, a lop3 and one FMA."""
-    if INT4:
+    sum x (q - z) = 16 sum f x - (16 + z) sum x: per weight a shift, a lop3 and one FMA. F16 (int4 only): the
+    fp16 variant, _gemv_math_f16."""
+    if INT4 and F16:
+        return _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK, ROW_MASK)
+    elif INT4:
         offs_c = tl.arange(0, BK // 8)[None, None, :]
         planes = _nibbles_as_float(codes, _COMPILED)
         part = tl.zeros((rows.shape[0], codes.shape[1], BK // 8), dtype=tl.float32)
@@ -337,9 +414,43 @@ def plane_major(x: torch.Tensor, bk: int) -> torch.Tensor:
 
 
 @triton.jit
+def _plane_major_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr):
+    """Row program_id(0), K tile program_id(1) of plane_major_f16()."""
+    row, t = tl.program_id(0), tl.program_id(1)
+    j = tl.arange(0, BK)  # the fp16 slot: half j % 2 of word j // 2 = (pair-plane p, column group c)
+    p, c = (j // 2) // (BK // 8), (j // 2) % (BK // 8)
+    col = t * BK + 8 * c + p + 4 * (j % 2)
+    x = tl.load(x_ptr + row * stride_xm + col, mask=col < K, other=0.0).to(tl.float32)
+    e = (tl.max(tl.abs(x)).to(tl.int32, bitcast=True) >> 23) & 0xFF  # the tile's largest |x| is in [2^(e-127), ..)
+    n = tl.minimum(141 - e, 126)  # 2^n x: largest in [2^14, 2^15) (inf, NaN: stay so; 2^n and 2^-n stay normal)
+    odd = (p % 2) == 1
+    y = (x * ((n + 127) << 23).to(tl.float32, bitcast=True) * tl.where(odd, 0.0625, 1.0)).to(tl.float16)
+    tl.store(h_ptr + row * (2 * stride_om) + t * BK + j, y)
+    tail = f_ptr + row * stride_om + tl.cdiv(K, BK) * (BK // 2) + 2 * t
+    tl.store(tail, ((127 - n) << 23).to(tl.float32, bitcast=True))
+    tl.store(tail + 1, tl.sum(y.to(tl.float32) * tl.where(odd, 16.0, 1.0)))
+
+
+def plane_major_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
+    """x [M, K] (contiguous rows) -> int32 [M, W], the F16_FMA GEMV's activations: per tile of bk columns, x times a
+    power of two 2^n that brings the tile's largest |x| to [2^14, 2^15) (any finite row fits fp16 and keeps its
+    11 bits: bf16 exactly, fp32 rounded once; products of the small ones round like subnormals, about 2^-16 of the
+    tile's sum), as fp16 pairs: pair-plane p's word c holds columns 8c + p and 8c + p + 4 (odd p divided by 16),
+    the order _word_dots_f16 meets the nibbles in; zeros past K. After the ceil(K/bk) * bk/2 words, each tile's
+    (2^-n, sum of its scaled x) as fp32 bits; rows padded to 16 words (aligned vector loads). One kernel."""
+    m, k = x.shape
+    tiles = triton.cdiv(k, bk)
+    out = torch.empty(m, tiles * bk // 2 + triton.cdiv(2 * tiles, 16) * 16, dtype=torch.int32, device=x.device)
+    if m:
+        _plane_major_f16_kernel[(m, tiles)](x, out.view(torch.float16), out.view(torch.float32), k, x.stride(0),
+                                            out.stride(0), BK=bk, num_warps=1)
+    return out
+
+
+@triton.jit
 def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
               GROUP: tl.constexpr, INT4: tl.constexpr, BK: tl.constexpr, ROW_MASK: tl.constexpr,
-              EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+              EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr):
     """The GEMV's K loop -> fp32 [BM, BN, 1]. The next tile's loads are issued before this tile's math (a
     two-deep software pipeline: Triton does not pipeline loads that feed no dot), so each program keeps two tiles
     of weight bytes in flight; past the end it reloads the last tile (no mask needed) and drops it."""
@@ -350,7 +461,7 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
     for k0 in range(k_begin, k_end, BK):
         s_n, z_n, codes_n = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
                                        tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K)
-        acc += _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4, BK, ROW_MASK, EVEN_K)
+        acc += _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4, BK, ROW_MASK, EVEN_K, F16)
         s, z, codes = s_n, z_n, codes_n
     return acc
 
@@ -358,17 +469,18 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                  k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                 BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16_FMA: tl.constexpr = False):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
-    pass every tile through shared memory). EVEN_K: K is a multiple of BK."""
+    pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA (int4): packed fp16 products
+    on plane_major_f16()'s activations instead of fp32 FMAs on plane_major()'s."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BM)[:, None, None]
     cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
-                    GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K)
+                    GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA)
     dest = out_ptr + pid_k.to(tl.int64) * stride_os + rows.to(tl.int64) * stride_om + cols
     if EVEN_N and BM == 1:
         tl.store(dest, acc.to(out_ptr.dtype.element_ty))
@@ -448,6 +560,12 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
 # unpacking, which no longer hides behind the weight read.
 GEMV_MAX_ROWS = 1
 GEMV_SWEEP_ROWS = 4  # the most rows an explicit unpack=4 takes (benchmarks): its 3-D tiles grow with the rows
+# The int4 GEMVs (quant_gemm's and the MoE's per-pair) with fp16 products (F16_FMA): fewer instructions per weight
+# by the sm_90a SASS (benchmarks/compile_check.py) but not yet timed, so off by default; benchmarks set it. Only
+# for bf16 activations (the MoE's down GEMVs too: their fp32 input the grouped path rounds to bf16 anyway): its
+# error, about 3e-4 of the output's largest value (five fp16 roundings per word against the reference's one per
+# weight), is a fraction of bf16's but as large as fp16's, past the tests' twice-the-reference for fp16 and fp32.
+GEMV_F16 = False
 
 
 def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool) -> tuple[int, ...]:
@@ -522,10 +640,12 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
               scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split)
     consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, **_launch(*launch))
     if unpack == 4:
+        f16 = int4 and GEMV_F16 and x.dtype == torch.bfloat16
         if int4:
-            xp = plane_major(x, bk)
+            xp = plane_major_f16(x, bk) if f16 else plane_major(x, bk)
             common = (xp, *common[1:8], xp.stride(0), *common[9:])
-        _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, **consts)
+        _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
+                                                  **consts)
     else:
         _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8, **consts)
@@ -608,7 +728,7 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
 def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, stride_xt, stride_we, stride_wn,
                      stride_se, stride_sn, stride_op, X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr,
                      INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr,
-                     EVEN_K: tl.constexpr):
+                     EVEN_K: tl.constexpr, F16_FMA: tl.constexpr = False):
     """out[p, n] = sum_k x[row(p), k] * W_{ids[p]}[n, k] for one (token, expert) pair p (row: the token, or the pair
     itself when X_PER_PAIR), fp32 accumulation on CUDA cores (the GEMV's tiles); a negative id writes zeros."""
     p, pid_n = tl.program_id(0), tl.program_id(1)
@@ -622,24 +742,25 @@ def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, 
         e64 = e.to(tl.int64)
         wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
         acc = _gemv_acc(x_row, wp, sp, zp, rows, cols, 1, N, K, 0, stride_wn, stride_sn, 0, K, GROUP, INT4, BK,
-                        False, EVEN_N, EVEN_K)
+                        False, EVEN_N, EVEN_K, F16_FMA)
     tl.store(out_ptr + p * stride_op + cols, acc, mask=cols < N)
 
 
 def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-           group: int, n: int, k: int, x_per_pair: bool, top_k: int) -> torch.Tensor:
+           group: int, n: int, k: int, x_per_pair: bool, top_k: int, f16: bool = False) -> torch.Tensor:
     pairs = ids.numel()
     out = torch.empty(pairs, n, dtype=torch.float32, device=x.device)
     group = min(group, k) if group else k
     int4 = z is not None
     bn, bk = 64, _k_tile(group, k, 128)
+    f16 = int4 and f16
     if int4:
-        x = plane_major(x, bk)
+        x = plane_major_f16(x, bk) if f16 else plane_major(x, bk)
     grid = (pairs, triton.cdiv(n, bn))
     _moe_pair_kernel[grid](x, ids, w, s, z if int4 else s, out, n, k, top_k, x.stride(0),
                            w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0),
                            X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk, INT4=int4,
-                           BN=bn, BK=bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, num_warps=8)
+                           BN=bn, BK=bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16, num_warps=8)
     return out
 
 
@@ -759,14 +880,15 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter):
         plan = moe_blocks(ids, w13.shape[0], bm)
         gate_up = _blocks(x, plan, w13, s13, z13, group, 2 * inter, d, False, k, ids.numel(), bm)
     else:
-        gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, k)  # [T*k, 2I] fp32
+        f16 = GEMV_F16 and x.dtype == torch.bfloat16
+        gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, k, f16)  # [T*k, 2I] fp32
     # The reference computes silu(gate) * up in fp32 and feeds it to the down GEMM as fp32 (the grouped path rounds
     # it to the activation dtype for the tensor cores, as the bf16 grouped MoE does).
     hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).contiguous()
     if grouped:
         down = _blocks(hidden.to(x.dtype), plan, w2, s2, z2, group, d, inter, True, k, ids.numel(), bm)
     else:
-        down = _pairs(hidden, ids.view(-1), w2, s2, z2, group, d, inter, True, 1)  # [T*k, D]
+        down = _pairs(hidden, ids.view(-1), w2, s2, z2, group, d, inter, True, 1, f16)  # [T*k, D]
     y = (down.view(t, -1, d) * topk_weights.float().unsqueeze(-1)).sum(dim=1)
     return y.to(x.dtype)
 
