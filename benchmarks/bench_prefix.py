@@ -122,7 +122,8 @@ def run(args: argparse.Namespace, workload: str, concurrency: int, cached: bool)
         max_len = args.first_len + args.turns * (args.turn_len + args.output_len) + args.system_len + 2048 + 64
         llm = LLM(d, load_format="dummy", max_model_len=max_len, max_num_seqs=max(concurrency, 1),
                   max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=cached,
-                  num_checkpoints=args.num_checkpoints if cached else None)
+                  num_checkpoints=args.num_checkpoints if cached else None,
+                  **({} if args.prefill_graph_tokens is None else {"prefill_graph_tokens": args.prefill_graph_tokens}))
         llm.generate([[11] * 64], _warmup_params())  # compile outside the timed run
         llm.engine.reset_prefix_cache()
         rounds, t0 = [], time.perf_counter()
@@ -177,6 +178,8 @@ def main() -> None:
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--num-checkpoints", type=int, default=None,
                     help="the checkpoint pool's size (default: the planner's); small: eviction under pressure")
+    ap.add_argument("--prefill-graph-tokens", type=int, default=None,
+                    help="the engine option (default: the engine's); 0 runs short prefill steps eagerly")
     args = ap.parse_args()
     rows = []
     for workload in args.workloads:

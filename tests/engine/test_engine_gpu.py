@@ -60,12 +60,26 @@ def test_compressed_caches_on_gpu_match_the_cpu_reference(ckpt, options):  # noq
 
 @pytest.mark.parametrize("options", [{}, dict(kv_cache_dtype="int4", state_dtype="bfloat16")], ids=["auto", "int4"])
 def test_cuda_graphs_give_the_same_tokens_as_eager(ckpt, options):  # noqa: F811
+    """Decode graphs and the short-prefill graphs (the first round's batched prompts; the second round's turns that
+    resume from prefix-cache checkpoints with a few new tokens, alone and batched)."""
     ps = prompts(12, seed=41)
-    graph_outs, llm = run(ckpt[0], ps, device="cuda", dtype="bfloat16", **options)
-    assert llm.engine.runner.graphs is not None, "decode graphs were not captured"
-    eager_outs, llm2 = run(ckpt[0], ps, device="cuda", dtype="bfloat16", enforce_eager=True, **options)
-    assert llm2.engine.runner.graphs is None
-    assert [o.token_ids for o in graph_outs] == [o.token_ids for o in eager_outs]
+    outs = {}
+    for eager in (False, True):
+        llm = LLM(str(ckpt[0]), max_model_len=512, device="cuda", dtype="bfloat16", enforce_eager=eager, **options)
+        first = [o.outputs[0] for o in llm.generate(ps, GREEDY)]
+        follow = [p + o.token_ids + [9, 8, 7] for p, o in zip(ps[:4], first)]
+        second = [o.outputs[0] for o in llm.generate(follow[:1], GREEDY)]  # alone: a one-row graph
+        second += [o.outputs[0] for o in llm.generate(follow[1:], GREEDY)]
+        outs[eager] = [o.token_ids for o in first + second]
+        runner = llm.engine.runner
+        if eager:
+            assert runner.graphs is None and runner.varlen_graphs is None
+        else:
+            assert runner.graphs is not None, "decode graphs were not captured"
+            assert runner.varlen_graphs is not None and runner.varlen_graphs.replays >= 3
+            assert llm.engine.stats()["prompt_tokens_cached"] > 0
+        del llm
+    assert outs[False] == outs[True]
 
 
 def test_bf16_gpu_logprobs_close_to_fp32(ckpt, cpu_ref):  # noqa: F811

@@ -40,6 +40,7 @@ class RunnerConfig:
     dtype: str | None = None        # None: the checkpoint's dtype
     load_format: str = "auto"
     enforce_eager: bool = False     # no CUDA graphs
+    prefill_graph_tokens: int = 512  # varlen steps under this many tokens replay CUDA graphs; < 64: none
 
     def __post_init__(self) -> None:
         require(self.device is None or (isinstance(self.device, str) and self.device.split(":")[0] in ("cuda", "cpu")),
@@ -48,6 +49,9 @@ class RunnerConfig:
                 f"'dtype' is {self.dtype!r}; use one of {MODEL_DTYPES} (or leave it out for the checkpoint's)")
         require(self.load_format in LOAD_FORMATS, f"'load_format' is {self.load_format!r}; use one of {LOAD_FORMATS}")
         require(isinstance(self.enforce_eager, bool), f"'enforce_eager' must be a bool, got {self.enforce_eager!r}")
+        require(is_int(self.prefill_graph_tokens) and self.prefill_graph_tokens >= 0,
+                f"'prefill_graph_tokens' must be an integer >= 0 (0: no prefill graphs), got "
+                f"{self.prefill_graph_tokens!r}")
 
 
 @dataclass(frozen=True)

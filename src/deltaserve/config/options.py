@@ -67,8 +67,11 @@ class EngineArgs:
                                        section="cache", type=int)
     load_format: str = _option("auto", "dummy: random weights at the checkpoint's shapes, for benchmarks",
                                section="runner", type=str, choices=LOAD_FORMATS)
-    enforce_eager: bool = _option(False, "disable CUDA graphs for decode steps (on by default on GPU)",
-                                  section="runner")
+    enforce_eager: bool = _option(False, "disable CUDA graphs (on by default on GPU)", section="runner")
+    prefill_graph_tokens: int = _option(
+        512, "steps with prefill chunks of fewer than this many tokens in all and at most 16 rows (a resumed chat turn, "
+             "a short prompt beside a few decode rows) replay CUDA graphs captured at 64, 128, ... tokens instead of "
+             "launching every kernel from Python; 0: they run eagerly", section="runner", type=int)
     async_scheduling: bool | None = _option(
         None, "make every step wait for its own tokens before the next is scheduled (by default on GPU the next "
               "step is launched first, so host work overlaps the GPU)", section="scheduler",

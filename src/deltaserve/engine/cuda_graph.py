@@ -3,7 +3,7 @@
 A step whose rows all carry the same number k of new tokens after an existing state (k = 1: plain decode) replays
 the graph of the smallest captured batch size that fits. Padding rows have state slot -1, KV slot -1 and sequence
 length 0: every kernel skips them, so a padded replay computes exactly the real rows. Varlen steps (prefill chunks,
-mixed batches) run eagerly: their shapes change every step. k = 1 is always captured; with speculative decoding the
+mixed batches) have graphs of their own when short (varlen_graph.py) and run eagerly otherwise. k = 1 is always captured; with speculative decoding the
 verify steps (k = 2 .. 1 + K, GDN layers keeping the state after every position) are captured up to the batch size
 the per-position state buffers hold.
 """

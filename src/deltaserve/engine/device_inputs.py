@@ -118,23 +118,41 @@ def build_forward_batch(*, query_lens: Sequence[int], context_lens: Sequence[int
 _TORCH_DTYPES = {np.dtype(np.int64): torch.int64, np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
 
 
-def upload_arrays(arrays: Sequence[np.ndarray], device: torch.device | str) -> list[torch.Tensor]:
+def upload_arrays(arrays: Sequence[np.ndarray], device: torch.device | str,
+                  out: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Small host arrays -> device tensors in one copy: packed into one byte buffer at 16-byte aligned offsets and
     viewed back on the device. A step's metadata is ~10 arrays; one transfer each cost ~10-20 us of host time.
     16, not 8: Triton specialises a kernel on whether each pointer is 16-byte aligned, so with 8-byte offsets a
     step whose token count is odd would compile a second copy of every kernel reading the metadata mid-run.
+    out: a device byte buffer of exactly packed_size(arrays) to copy into (a CUDA graph's static inputs: arrays
+    of the same shapes land at the same addresses every time).
 
     On CUDA the buffer is pinned (torch's caching host allocator keeps it until the copy is done): a copy from
     pageable memory waits for the stream to drain first, which would stall an engine that builds the next step
     while the current one runs."""
-    offsets, total = [], 0
-    for a in arrays:
-        offsets.append(total)
-        total += -(-a.nbytes // 16) * 16
+    offsets, total = _offsets(arrays)
     on_cuda = torch.device(device).type == "cuda"
     host = torch.empty(max(total, 16), dtype=torch.uint8, pin_memory=on_cuda)
     buf = host.numpy()
     for a, off in zip(arrays, offsets):
         buf[off:off + a.nbytes] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
-    dev = host.to(device, non_blocking=on_cuda)
+    if out is None:
+        dev = host.to(device, non_blocking=on_cuda)
+    else:
+        if out.numel() != host.numel():
+            raise ValueError(f"the static buffer holds {out.numel()} bytes but the arrays pack into {host.numel()}")
+        dev = out.copy_(host, non_blocking=on_cuda)
     return [dev[off:off + a.nbytes].view(_TORCH_DTYPES[a.dtype]).view(a.shape) for a, off in zip(arrays, offsets)]
+
+
+def packed_size(arrays: Sequence[np.ndarray]) -> int:
+    """Bytes of upload_arrays' buffer for these arrays."""
+    return max(_offsets(arrays)[1], 16)
+
+
+def _offsets(arrays: Sequence[np.ndarray]) -> tuple[list[int], int]:
+    offsets, total = [], 0
+    for a in arrays:
+        offsets.append(total)
+        total += -(-a.nbytes // 16) * 16
+    return offsets, total

@@ -23,6 +23,7 @@ from deltaserve.cache.manager import PageCopy, StateCopy
 from deltaserve.cache.planner import MemoryPlan
 from deltaserve.config import EngineConfig
 from deltaserve.engine.cuda_graph import StepGraphs
+from deltaserve.engine.varlen_graph import VarlenGraphs
 from deltaserve.engine.device_inputs import DeviceStep, upload_step
 from deltaserve.engine.memory import new_cache, plan_cache_memory
 from deltaserve.engine.prompt_logprobs import PromptScores, prompt_logprobs, prompt_logprobs_lists
@@ -141,6 +142,7 @@ class ModelRunner:
         self.drafter = MTPDrafter(self.model, self.cache, num_tokens=self.num_speculative_tokens,
                                   page_size=config.cache.page_size, device=self.device) if config.with_mtp else None
         self.graphs = None if config.runner.enforce_eager or self.device.type != "cuda" else self._capture()
+        self.varlen_graphs = self._capture_varlen() if self.graphs is not None else None
         if self.graphs is not None and self.drafter is not None:
             sched = config.scheduler
             self.drafter.capture(max_rows=min(sched.max_num_seqs, self.plan.num_slots),
@@ -179,6 +181,23 @@ class ModelRunner:
             log.warning("CUDA graph capture failed (%s: %s); decode runs eagerly", type(e).__name__, e)
             return None
         log.info("captured decode CUDA graphs for batch sizes %s", graphs.sizes)
+        return graphs
+
+    def _capture_varlen(self) -> VarlenGraphs | None:
+        sched, tokens = self.config.scheduler, self.config.runner.prefill_graph_tokens
+        if tokens < 64:
+            return None
+        graphs = VarlenGraphs(self.model, self.cache, max_tokens=min(tokens, sched.max_num_batched_tokens + 1),
+                              max_rows=min(sched.max_num_seqs, self.plan.num_slots),
+                              max_pages=pages_for_tokens(sched.max_model_len, self.config.cache.page_size),
+                              page_size=self.config.cache.page_size, device=self.device)
+        try:
+            graphs.capture(pool=self.graphs.pool if self.graphs is not None else None)
+        except Exception as e:  # as for decode graphs: run eagerly rather than fail
+            log.warning("CUDA graph capture of short prefill steps failed (%s: %s); they run eagerly",
+                        type(e).__name__, e)
+            return None
+        log.info("captured prefill CUDA graphs for (rows, tokens) %s", sorted(graphs.graphs))
         return graphs
 
     # ---- the step ------------------------------------------------------------------------------------------------
@@ -287,6 +306,10 @@ class ModelRunner:
             self._hidden, logits = self.graphs.run(input_ids, batch)  # every token of a uniform step, in order
             every_token = not step.prompt_logprobs and step.logits_rows.shape[0] == step.num_tokens
             return logits if every_token else logits[batch.logits_indices]
+        key = self.varlen_graphs.key_for(step) if self.varlen_graphs is not None else None
+        if key is not None:
+            self._hidden, logits = self.varlen_graphs.run(key, step, input_ids)
+            return logits if logits.shape[0] else None
         if batch.logits_indices.shape[0] == 0:
             self._hidden = self.model(input_ids, batch, self.cache)
             return None

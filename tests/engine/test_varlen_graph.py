@@ -1,0 +1,110 @@
+"""Short varlen steps padded to a CUDA graph's fixed shapes (engine/varlen_graph.py) compute the real rows exactly as
+the unpadded step: checked here by running the padded batch eagerly on CPU through the reference kernels (the GPU
+tier replays the graphs: test_engine_gpu.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deltaserve.cache.tensors import CacheShape, ModelCache
+from deltaserve.config import ModelConfig
+from deltaserve.engine.device_inputs import upload_arrays, upload_step
+from deltaserve.engine.step_input import StepInput
+from deltaserve.engine.varlen_graph import VarlenGraphs, chunk_capacity, padded_arrays, padded_batch, token_sizes
+from deltaserve.models.loader import load_model
+from tests.models.factory import TinySpec, text_kwargs
+
+PAGE, WIDTH = 16, 24
+
+
+def tiny_model(moe: bool):
+    kw = text_kwargs(TinySpec("varlen", moe=moe))
+    arch = "Qwen3_5MoeForCausalLM" if moe else "Qwen3_5ForCausalLM"
+    config = ModelConfig.from_dict({**kw, "architectures": [arch], "dtype": "float32"})
+    return load_model(config, load_format="dummy", dtype=torch.float32)
+
+
+def step_of(query_lens, context_lens, slots, logits_rows) -> StepInput:
+    q = np.array(query_lens, np.int32)
+    ctx = np.array(context_lens, np.int32)
+    pages = -(-(q + ctx) // PAGE)
+    table = np.zeros((len(q), max(pages)), np.int32)
+    first = 1  # page 0 stays unused by real rows: padding rows point at it
+    for row, n in enumerate(pages):
+        table[row, :n] = np.arange(first, first + n)
+        first += n
+    ids = np.random.default_rng(0).integers(1, 150, int(q.sum()))
+    return StepInput(input_ids=ids, query_lens=q, context_lens=ctx, state_slots=np.array(slots, np.int64),
+                     has_initial_state=ctx > 0, block_table=table, logits_rows=np.array(logits_rows, np.int64),
+                     sampling=())
+
+
+def test_padded_arrays_keep_the_key_shapes_and_send_padding_nowhere() -> None:
+    step = step_of([70, 1], [5, 40], [3, 1], [69, 70])
+    ids, pos, mapping, cu, cu64, lens, slots, init, table, chunks, logits = padded_arrays(step, 4, 128, WIDTH, PAGE)
+    assert ids.shape == pos.shape == mapping.shape == (128,)
+    assert cu.tolist() == [0, 70, 71, 128, 128, 128, 128] and cu64.dtype == np.int64
+    assert (mapping[71:] == -1).all() and (mapping[:71] >= PAGE).all()
+    assert slots.tolist() == [3, 1, -1, -1, -1, -1] and init.tolist() == [True, True, False, False, False, False]
+    assert lens.tolist() == [75, 41, 57, 0, 0, 0] and table.shape == (6, WIDTH) and not table[2:].any()
+    assert chunks.shape == (chunk_capacity(4, 128), 2)
+    assert chunks[:4].tolist() == [[0, 0], [0, 1], [1, 0], [2, 0]] and (chunks[4:] == [2, 0]).all()
+    assert logits.tolist() == [69, 70, 0, 0]
+    assert token_sizes(512) == [64, 128, 256, 512] and token_sizes(100) == [64]
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_padded_step_computes_the_real_rows_exactly(moe: bool) -> None:
+    """A prefill chunk after a cached context, a fresh prompt and a decode row, padded to 4 rows x 128 tokens."""
+    torch.manual_seed(0)
+    model = tiny_model(moe)
+    results = []
+    for padded in (False, True):
+        cache = ModelCache(model.config, CacheShape(num_pages=64, page_size=PAGE, num_slots=4,
+                                                    kv_dtype=torch.float32, conv_dtype=torch.float32), device="cpu")
+        torch.manual_seed(1)  # the same earlier context in both caches
+        for pages in cache._kv.values():
+            pages.k.normal_()
+            pages.v.normal_()
+        cache._conv.normal_()
+        cache._ssm.normal_()
+        step = step_of([37, 20, 1], [50, 0, 33], [2, 0, 3], [36, 56, 57])
+        with torch.no_grad():
+            if padded:
+                views = upload_arrays(padded_arrays(step, 4, 128, WIDTH, PAGE), "cpu")
+                ids, batch = padded_batch(views)
+                hidden = model(ids, batch, cache)[:58]
+                logits = model.compute_logits(hidden[batch.logits_indices[:3]])
+            else:
+                dev = upload_step(step, page_size=PAGE, device="cpu")
+                hidden = model(dev.input_ids, dev.batch, cache)
+                logits = model.compute_logits(hidden[dev.batch.logits_indices])
+        states = [(cache._conv.clone(), cache._ssm.clone())]
+        kv = [(p.k.clone(), p.v.clone()) for p in cache._kv.values()]
+        results.append((hidden, logits, states, kv))
+    (h0, l0, s0, kv0), (h1, l1, s1, kv1) = results
+    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    for (c0, r0), (c1, r1) in zip(s0, s1):  # slots written alike, the unused slot untouched
+        torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-5)
+    for (k0, v0), (k1, v1) in zip(kv0, kv1):  # page 0 (the padding rows' table) never written
+        assert torch.equal(k1[0], k0[0]) and torch.equal(v1[0], v0[0])
+        torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
+
+
+def test_keys_fit_steps_and_leave_the_rest_eager() -> None:
+    graphs = VarlenGraphs(None, None, max_tokens=512, max_rows=8, max_pages=WIDTH, page_size=PAGE,  # type: ignore
+                          device=torch.device("cpu"))
+    graphs.graphs = {key: None for key in graphs.keys}  # type: ignore[misc]
+    assert graphs.row_sizes == [1, 4]
+    assert graphs.key_for(step_of([200], [100], [0], [199])) == (1, 256)
+    assert graphs.key_for(step_of([126, 1], [0, 5], [0, 1], [125, 126])) == (4, 128)
+    assert graphs.key_for(step_of([128], [0], [0], [127])) == (1, 256)  # a bucket keeps one padding token
+    assert graphs.key_for(step_of([512], [0], [0], [511])) is None  # too long
+    assert graphs.key_for(step_of([1, 1], [3, 4], [0, 1], [0, 1])) is None  # decode: the uniform graphs
+    assert graphs.key_for(step_of([9] * 5, [0] * 5, range(5), [8])) is None  # more rows than any key
+    assert graphs.key_for(step_of([100], [300], [0], [99])) is None  # a block table wider than the buffers
