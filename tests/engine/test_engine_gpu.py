@@ -76,7 +76,7 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(ckpt, options):  # noqa: F811
             assert runner.graphs is None and runner.varlen_graphs is None
         else:
             assert runner.graphs is not None, "decode graphs were not captured"
-            assert runner.varlen_graphs is not None and runner.varlen_graphs.replays >= 3
+            assert runner.varlen_graphs is not None and runner.varlen_graphs.replays >= 2
             assert llm.engine.stats()["prompt_tokens_cached"] > 0
         del llm
     assert outs[False] == outs[True]

@@ -55,15 +55,18 @@ def test_padded_arrays_keep_the_key_shapes_and_send_padding_nowhere() -> None:
     assert token_sizes(512) == [64, 128, 256, 512] and token_sizes(100) == [64]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
-def test_padded_step_computes_the_real_rows_exactly(moe: bool) -> None:
-    """A prefill chunk after a cached context, a fresh prompt and a decode row, padded to 4 rows x 128 tokens."""
+def test_padded_step_computes_the_real_rows_exactly(moe: bool, device: str) -> None:
+    """A prefill chunk after a cached context, a fresh prompt and a decode row, padded to 4 rows x 128 tokens, run
+    eagerly (on CUDA: fla-core's chunked kernels over the padding rows and the repeated chunks)."""
     torch.manual_seed(0)
-    model = tiny_model(moe)
+    model = tiny_model(moe).to(device)
+    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)  # tf32 on CUDA
     results = []
     for padded in (False, True):
         cache = ModelCache(model.config, CacheShape(num_pages=64, page_size=PAGE, num_slots=4,
-                                                    kv_dtype=torch.float32, conv_dtype=torch.float32), device="cpu")
+                                                    kv_dtype=torch.float32, conv_dtype=torch.float32), device=device)
         torch.manual_seed(1)  # the same earlier context in both caches
         for pages in cache._kv.values():
             pages.k.normal_()
@@ -73,27 +76,27 @@ def test_padded_step_computes_the_real_rows_exactly(moe: bool) -> None:
         step = step_of([37, 20, 1], [50, 0, 33], [2, 0, 3], [36, 56, 57])
         with torch.no_grad():
             if padded:
-                views = upload_arrays(padded_arrays(step, 4, 128, WIDTH, PAGE), "cpu")
+                views = upload_arrays(padded_arrays(step, 4, 128, WIDTH, PAGE), device)
                 ids, batch = padded_batch(views)
                 hidden = model(ids, batch, cache)[:58]
                 logits = model.compute_logits(hidden[batch.logits_indices[:3]])
             else:
-                dev = upload_step(step, page_size=PAGE, device="cpu")
+                dev = upload_step(step, page_size=PAGE, device=device)
                 hidden = model(dev.input_ids, dev.batch, cache)
                 logits = model.compute_logits(hidden[dev.batch.logits_indices])
         states = [(cache._conv.clone(), cache._ssm.clone())]
         kv = [(p.k.clone(), p.v.clone()) for p in cache._kv.values()]
         results.append((hidden, logits, states, kv))
     (h0, l0, s0, kv0), (h1, l1, s1, kv1) = results
-    torch.testing.assert_close(h1, h0, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h1, h0, **tol)
+    torch.testing.assert_close(l1, l0, **tol)
     for (c0, r0), (c1, r1) in zip(s0, s1):  # slots written alike, the unused slot untouched
-        torch.testing.assert_close(c1, c0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(c1, c0, **tol)
+        torch.testing.assert_close(r1, r0, **tol)
     for (k0, v0), (k1, v1) in zip(kv0, kv1):  # page 0 (the padding rows' table) never written
         assert torch.equal(k1[0], k0[0]) and torch.equal(v1[0], v0[0])
-        torch.testing.assert_close(k1, k0, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v1, v0, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k1, k0, **tol)
+        torch.testing.assert_close(v1, v0, **tol)
 
 
 def test_keys_fit_steps_and_leave_the_rest_eager() -> None:

@@ -73,8 +73,12 @@ def chunk_capacity(rows: int, tokens: int) -> int:
 
 
 def padded_batch(views: list[torch.Tensor]) -> tuple[torch.Tensor, ForwardBatch]:
-    """(input ids, ForwardBatch) over the device views of padded_arrays' output."""
+    """(input ids, ForwardBatch) over the device views of padded_arrays' output. cu64 goes in as a fresh view each
+    time: fla-core memoizes index tensors derived from cu_seqlens by the tensor object's identity (its
+    `tensor_cache`), so a capture after warm-up calls with the same object would bake in tensors computed outside the
+    graph from the warm-up's lengths; a new object makes the capture compute them inside the graph."""
     ids, pos, mapping, cu, cu64, lens, slots, init, table, chunks, logits = views
+    cu64 = cu64.view(cu64.shape)
     return ids, ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=lens, state_slots=slots, has_initial_state=init,
                              block_tables=table, slot_mapping=mapping, logits_indices=logits, tokens_per_row=None,
                              chunk_indices=chunks, cu_seqlens_long=cu64, any_padding=True)
