@@ -15,7 +15,6 @@ fastest correct one. `--kv-quant` instead times decode over quantized KV pages (
 from __future__ import annotations
 
 import argparse
-import itertools
 import platform
 import sys
 from dataclasses import dataclass
@@ -199,35 +198,46 @@ def quantized_case(n: int, length: int, fmt: str, gen: torch.Generator):
 
 # (BLOCK_N, num_warps, num_stages) for quantized pages; WAVES and MAX_SPLITS stay as DECODE_CONFIG's
 QUANT_SWEEP = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (64, 8, 4), (256, 8, 2), (32, 4, 4)]
+# kernel variants per format, (F16_DOTS, PLANES, V_REGS) (triton_decode.py's QUANT_DECODE_CONFIG says what they do;
+# benchmarks/compile_check.py counts their SASS): the current default first, at every QUANT_SWEEP tile, then the
+# PLANES variants at the tiles in PLANES_SWEEP (fewer: the whole sweep stays within one 10-minute device call)
+QUANT_VARIANTS = {"fp8": [(1, 0, 0), (1, 1, 0), (1, 1, 1)],
+                  "int8": [(0, 0, 0), (1, 1, 0), (1, 1, 1)],
+                  "int4": [(0, 0, 0), (1, 1, 0), (1, 1, 1)]}
+PLANES_SWEEP = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4)]
 QUANT_SWEEP_CASES = [(32, 32768), (1, 131072)]
 
 
 def sweep_kv_quant(log, copy_gbs: float) -> None:
-    """Per quantized format: time QUANT_SWEEP's tiles on QUANT_SWEEP_CASES, keep the fastest (summed ratio to the
-    first config) whose output equals the first config's within 1e-2, in attn.QUANT_DECODE_CONFIG."""
+    """Per quantized format: time QUANT_SWEEP's tiles x QUANT_VARIANTS on QUANT_SWEEP_CASES, keep the fastest (summed
+    ratio to the first config) whose output equals the first config's within 1e-2, in attn.QUANT_DECODE_CONFIG."""
     gen = torch.Generator().manual_seed(4)
     for fmt, code in (("fp8", 1), ("int8", 2), ("int4", 3)):
         cases = [quantized_case(n, length, fmt, gen) for n, length in QUANT_SWEEP_CASES]
         best, best_score, first = None, float("inf"), None
-        for (block_n, warps, stages), f16 in itertools.product(QUANT_SWEEP, (0, 1) if fmt == "fp8" else (0,)):
-            attn.QUANT_DECODE_CONFIG[code] = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, F16_DOTS=f16)
+        grid = [(v, tile) for v in QUANT_VARIANTS[fmt] for tile in (PLANES_SWEEP if v[1] else QUANT_SWEEP)]
+        for (f16, planes, v_regs), (block_n, warps, stages) in grid:
+            cfg = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, F16_DOTS=f16, PLANES=planes,
+                       V_REGS=v_regs)
+            name = (f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages} f16={f16} planes={planes} "
+                    f"v_regs={v_regs}")
+            attn.QUANT_DECODE_CONFIG[code] = cfg
             try:
                 outs = [attn.paged_attention_decode(**args) for args, _ in cases]
                 times = [do_bench_cudagraph(lambda a=args: attn.paged_attention_decode(**a), rep=50,
                                             return_mode="median") for args, _ in cases]
             except Exception as e:  # noqa: BLE001 (out of resources for a config is a result, not a failure)
-                log(f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages} f16={f16}: failed "
-                    f"{type(e).__name__}")
+                log(f"{name}: failed {type(e).__name__}")
                 continue
             if first is None:
                 first = (times, outs)
             err = max((o.float() - f.float()).abs().max().item() for o, f in zip(outs, first[1]))
             score = sum(t / t0 for t, t0 in zip(times, first[0]))
-            log(f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages} f16={f16}: "
+            log(f"{name}: "
                 + ", ".join(f"{t * 1e3:.0f}us ({nb / (t * 1e-3) / 1e9 / copy_gbs:.0%} copy)"
                             for t, (_, nb) in zip(times, cases)) + f"; diff vs first {err:.1e}")
             if err < 1e-2 and score < best_score:
-                best, best_score = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, F16_DOTS=f16), score
+                best, best_score = cfg, score
         attn.QUANT_DECODE_CONFIG[code] = best or {}
         log(f"{fmt}: keeping {attn.QUANT_DECODE_CONFIG[code]}")
         del cases

@@ -3,12 +3,19 @@ kernel variant to PTX for a Hopper target and ptxas (shipped with Triton) assemb
 the row strides are marked divisible by 16, as Triton specializes them at real shapes (without the hint the counts
 come out pessimistic). A check before a device call, not a timing.
 
+For the decode kernel a second table counts the SASS of its KV-tile loop (cuobjdump, also shipped with Triton): per
+warp and tile, and over all the tile's warps per byte of K/V it reads ("warp-instr / KV byte"). An H200 SM gets
+about 18 bytes of HBM per cycle and issues at most 4 warp-instructions per cycle: past 0.22 per byte the loop cannot
+keep up with memory even at full issue, and in practice the line is nearer 0.1 (bf16 pages: 0.07 and 85-100% of copy
+bandwidth; fp8 pages: 0.20 and 36-54%, benchmarks/RESULTS.md).
+
 PYTHONPATH=src:. python3 benchmarks/compile_check.py
 """
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import tempfile
 from collections import Counter
@@ -22,12 +29,14 @@ from deltaserve.kernels.attention import triton_decode
 from deltaserve.kernels.quant import triton as quant
 
 TARGET = GPUTarget("cuda", 90, 32)
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+PTXAS, CUOBJDUMP = os.path.join(_BIN, "ptxas"), os.path.join(_BIN, "cuobjdump")
 _DIVISIBLE = ("N", "K", "stride_xm", "stride_wn", "stride_om", "k_per_split", "stride_qn")
 
 
-def compile_one(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int) -> dict:
-    """fn compiled for sm_90a: registers, spill bytes and PTX instruction counts."""
+def compile_one(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int,
+                loop: bool = False) -> dict:
+    """fn compiled for sm_90a: registers, spill bytes and PTX instruction counts (loop: and its main loop's SASS)."""
     sig = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n.endswith("_ptr") or n in _DIVISIBLE or n.startswith(("stride_k", "stride_v"))}
@@ -40,6 +49,8 @@ def compile_one(fn, types: dict[str, str], constexprs: dict, num_warps: int, num
             f.write(ptx)
         log = subprocess.run([PTXAS, "-arch=sm_90a", "-v", path, "-o", os.path.join(d, "k.cubin")],
                              capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([CUOBJDUMP, "-sass", os.path.join(d, "k.cubin")], capture_output=True, text=True,
+                              check=True).stdout if loop else ""
     regs = next(int(w) for line in log.splitlines() if "Used" in line for w, nxt in zip(line.split(), line.split()[1:])
                 if nxt.startswith("registers"))
     spills = next(int(line.split("bytes spill stores")[0].split(",")[-1]) for line in log.splitlines()
@@ -48,7 +59,27 @@ def compile_one(fn, types: dict[str, str], constexprs: dict, num_warps: int, num
     return {"registers": regs, "spill store bytes": spills, "instructions": sum(ops.values()),
             "mma": sum(v for k, v in ops.items() if k.startswith("mma.") or "mma_async" in k),
             "cvt": sum(v for k, v in ops.items() if k.startswith("cvt")),
-            "shared st": sum(v for k, v in ops.items() if k.startswith("st.shared"))}
+            "shared st": sum(v for k, v in ops.items() if k.startswith("st.shared")),
+            **(loop_counts(sass) if loop else {})}
+
+
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loop_counts(sass: str) -> dict:
+    """SASS opcodes of the longest loop (the longest backward branch): the kernel's per-tile work, per warp."""
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in map(_SASS.search, sass.splitlines()) if m]
+    back = [(int(t.group(1), 16), a) for a, op, rest in ins if op.startswith("BRA")
+            for t in [re.search(r"0x([0-9a-f]+)", rest)] if t and int(t.group(1), 16) < a]
+    lo, hi = max(back, key=lambda span: span[1] - span[0])
+    ops = Counter(op for a, op, _ in ins if lo <= a <= hi)
+
+    def n(*prefixes: str) -> int:
+        return sum(v for k, v in ops.items() if k.startswith(prefixes))
+
+    return {"loop SASS": sum(ops.values()), "loop HMMA": n("HMMA"), "loop LDS": n("LDS.") + ops["LDS"],
+            "of them LDS.U8": n("LDS.U8"), "loop LDSM": n("LDSM"), "loop STS": n("STS"),
+            "loop cvt (F2FP, I2F)": n("F2FP", "I2F", "F2F"), "loop BAR": n("BAR")}
 
 
 def quant_rows() -> list[dict]:
@@ -76,23 +107,50 @@ def quant_rows() -> list[dict]:
     return rows
 
 
+# (label, QUANT, BLOCK_N, warps, stages, F16_DOTS, PLANES, V_REGS): the defaults (DECODE_CONFIG, QUANT_DECODE_CONFIG)
+# and the variants bench_attention.py --kv-quant --sweep times; 27B's GQA group (6 q heads per KV head), head_dim 256,
+# pages of 16 tokens
+DECODE_CASES = [("bf16 pages (default)", 0, 64, 4, 3, 0, 0, 0),
+                ("fp8, bf16 dots", 1, 64, 4, 3, 0, 0, 0),
+                ("fp8 (default: fp16 dots)", 1, 64, 4, 3, 1, 0, 0),
+                ("fp8 PLANES", 1, 64, 4, 3, 1, 1, 0),
+                ("fp8 PLANES V_REGS", 1, 64, 4, 3, 1, 1, 1),
+                ("fp8 PLANES", 1, 128, 4, 3, 1, 1, 0),
+                ("fp8 PLANES", 1, 128, 8, 3, 1, 1, 0),
+                ("int8 (default)", 2, 64, 4, 3, 0, 0, 0),
+                ("int8 PLANES", 2, 64, 4, 3, 1, 1, 0),
+                ("int8 PLANES", 2, 128, 4, 3, 1, 1, 0),
+                ("int4 (default)", 3, 128, 4, 3, 0, 0, 0),
+                ("int4 PLANES", 3, 128, 4, 3, 1, 1, 0),
+                ("int4 PLANES V_REGS", 3, 128, 4, 3, 1, 1, 1),
+                ("int4 PLANES V_REGS", 3, 64, 4, 3, 1, 1, 1),
+                ("int4 PLANES V_REGS", 3, 256, 8, 3, 1, 1, 1)]
+_PAGES = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8", 3: "*u8"}
+_BYTES_PER_DIM = {0: 2, 1: 1, 2: 1, 3: 0.5}
+
+
 def decode_rows() -> list[dict]:
-    """The fp8-page decode kernel at its tuned tile, dots in bf16 and in fp16 (F16_DOTS), 27B's GQA group."""
-    types = {"q_ptr": "*bf16", "kc_ptr": "*fp8e4nv", "vc_ptr": "*fp8e4nv", "ks_ptr": "*fp32", "vs_ptr": "*fp32",
-             "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "bt_ptr": "*i32", "seq_lens_ptr": "*i32",
-             "qk_scale": "fp32"}
+    """The split-KV decode kernel per page format and variant, with its tile loop's SASS."""
     rows = []
-    for f16 in (False, True):
-        consts = dict(GROUP=6, HEAD_DIM=256, PAGE_SIZE=16, BLOCK_H=16, BLOCK_N=128, BLOCK_D=256, UPCAST=False,
-                      PREC="tf32", QUANT=1, F16_DOTS=f16)
-        rows.append({"kernel": f"fp8 KV decode, {'fp16' if f16 else 'bf16'} dots",
-                     **compile_one(triton_decode._decode_split_kernel, types, consts, 4, 4)})
+    for label, quant, block_n, warps, stages, f16, planes, v_regs in DECODE_CASES:
+        types = {"q_ptr": "*bf16", "kc_ptr": _PAGES[quant], "vc_ptr": _PAGES[quant], "ks_ptr": "*fp32",
+                 "vs_ptr": "*fp32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "bt_ptr": "*i32",
+                 "seq_lens_ptr": "*i32", "qk_scale": "fp32"}
+        consts = dict(GROUP=6, HEAD_DIM=256, PAGE_SIZE=16, BLOCK_H=16, BLOCK_N=block_n, BLOCK_D=256, UPCAST=False,
+                      PREC="tf32", QUANT=quant, F16_DOTS=bool(f16), PLANES=bool(planes),
+                      V_REGS=bool(v_regs))
+        r = compile_one(triton_decode._decode_split_kernel, types, consts, warps, stages, loop=True)
+        tile_bytes = 2 * block_n * 256 * _BYTES_PER_DIM[quant]  # K and V
+        r["warp-instr / KV byte"] = r["loop SASS"] * warps / tile_bytes
+        rows.append({"kernel": f"decode {label}, BLOCK_N {block_n}, {warps} warps", **r})
     return rows
 
 
 def main() -> None:
     print(f"triton {triton.__version__}, target sm_90a (compile only, no GPU)")
-    print(table(quant_rows() + decode_rows()))
+    print(table(quant_rows()))
+    print()
+    print(table(decode_rows()))
 
 
 if __name__ == "__main__":

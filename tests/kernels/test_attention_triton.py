@@ -307,6 +307,16 @@ def test_quantized_decode_interpreted(fmt):
 
 
 @pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_decode_planes_interpreted(fmt, monkeypatch):
+    """The PLANES variant's split into even and odd head dims (q, K, V, the output; int4's odd planes scaled by 16).
+    Its PTX conversions only run compiled: test_quantized_decode_planes_gpu."""
+    from deltaserve.kernels.attention import triton_decode
+    monkeypatch.setattr(triton_decode, "_INTERPRET_DECODE", {**triton_decode._INTERPRET_DECODE, "PLANES": 1})
+    check_decode([1, 0, 23, 13], (4, 2), 32, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(25),
+                 num_splits=2, kv_dtype=KV_FORMATS[fmt])
+
+
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
 def test_quantized_prefill_interpreted(fmt):
     # fresh prompt, chunked continuation over a cached prefix, an empty sequence
     check_prefill([(0, 5), (9, 17), (4, 0)], (4, 2), D, PAGE, torch.float32, "cpu",
@@ -435,6 +445,22 @@ def test_fp8_decode_fp16_dots_gpu(heads, monkeypatch):
     monkeypatch.setitem(triton_decode.QUANT_DECODE_CONFIG, 1, {**triton_decode.QUANT_DECODE_CONFIG[1], "F16_DOTS": 1})
     check_decode([1, 0, 17, 1000, 4097, 63], heads, 256, 16, torch.bfloat16, "cuda",
                  torch.Generator().manual_seed(33), kv_dtype=KV_FORMATS["fp8"])
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+@pytest.mark.parametrize("v_regs", [0, 1])
+def test_quantized_decode_planes_gpu(fmt, v_regs, monkeypatch):
+    """The PLANES variant (QUANT_DECODE_CONFIG, PTX conversions to fp16 planes; V_REGS: V converted before its trip
+    through shared memory) against the reference at the 27B heads, odd lengths, a padding row, forced splits."""
+    from deltaserve.kernels.attention import triton_decode
+    code = {"fp8": 1, "int8": 2, "int4": 3}[fmt]
+    cfg = {**triton_decode.DECODE_CONFIG, **triton_decode.QUANT_DECODE_CONFIG.get(code, {}), "PLANES": 1,
+           "V_REGS": v_regs}
+    monkeypatch.setitem(triton_decode.QUANT_DECODE_CONFIG, code, cfg)
+    check_decode([1, 0, 17, 1000, 4097, 63], (24, 4), 256, 16, torch.bfloat16, "cuda",
+                 torch.Generator().manual_seed(34), num_splits=7, kv_dtype=KV_FORMATS[fmt])
 
 
 @GPU

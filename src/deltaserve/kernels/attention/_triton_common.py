@@ -30,6 +30,105 @@ def _load_quantized(c_ptr, rows, t_mask, out_ty: tl.constexpr, QUANT: tl.constex
     return x.to(out_ty)
 
 
+# The decode kernel's PLANES variant (fp16 dots): quantized pages converted to fp16 by PTX, as two planes, even and
+# odd head dims. Triton's own conversions (an int-to-float per int4/int8 value, its interleave of the int4 nibbles)
+# and its 8-bit dot-operand layouts (single-byte ld.shared for the transposed V operand, as sm_90 has no 8-bit
+# ldmatrix.trans; q's registers shuffled before every mma) cost more instructions per tile than the tile's bytes
+# take to arrive (benchmarks/compile_check.py). The interpreter makes the same planes in fp32 without PTX.
+
+# fp8 / int8: two bytes (dims 2j, 2j+1) per int16 element, two elements ($2) per call -> the even plane's two values
+# ($0) and the odd plane's ($1). 16-bit loads keep Triton's dot operands in the 16-bit layout (kWidth 2): the
+# transposed V tile comes through ldmatrix.trans as byte pairs, and the prmt regroups two tokens' bytes of one dim,
+# which is the pair an mma operand register holds. fp8: one native cvt per pair. int8: the magic-number trick (as the
+# int4 GEMM in quant/triton.py): one lop3 flips the sign bit and ORs in the exponent of fp16 1024.0 (0x6400), giving
+# 1024 + 128 + q exactly, and one packed subtract leaves q.
+_FP8_PLANES_PTX = tl.constexpr("""{
+.reg .b32 t;
+.reg .b16 e, o;
+prmt.b32 t, $2, 0, 0x3120;
+mov.b32 {e, o}, t;
+cvt.rn.f16x2.e4m3x2 $0, e;
+cvt.rn.f16x2.e4m3x2 $1, o;
+}""")
+_INT8_PLANES_PTX = tl.constexpr("""{
+.reg .b32 d0, d1, c;
+prmt.b32 d0, $2, 0, 0x4240;
+prmt.b32 d1, $2, 0, 0x4341;
+lop3.b32 d0, d0, 0x00800080, 0x64006400, 0xbe;
+lop3.b32 d1, d1, 0x00800080, 0x64006400, 0xbe;
+mov.b32 c, 0x64806480;
+sub.f16x2 $0, d0, c;
+sub.f16x2 $1, d1, c;
+}""")
+# int4: four bytes ($4) per call. The low nibble OR-ed into the mantissa of 1024.0 gives 1024 + q; the high nibble
+# OR-ed in where it sits (bits 4-7) gives 1024 + 16 q, so its plane comes out as 16 (q - 8), exact (the caller
+# divides by 16: a shift per word saved). Outputs: four even-plane values ($0, $1), four odd-plane values ($2, $3).
+_INT4_PLANES_PTX = tl.constexpr("""{
+.reg .b32 d0, d1, t0, t1, c;
+prmt.b32 d0, $4, 0, 0x4140;
+prmt.b32 d1, $4, 0, 0x4342;
+lop3.b32 t0, d0, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 t1, d1, 0x000f000f, 0x64006400, 0xea;
+mov.b32 c, 0x64086408;
+sub.f16x2 $0, t0, c;
+sub.f16x2 $1, t1, c;
+lop3.b32 t0, d0, 0x00f000f0, 0x64006400, 0xea;
+lop3.b32 t1, d1, 0x00f000f0, 0x64006400, 0xea;
+mov.b32 c, 0x64806480;
+sub.f16x2 $2, t0, c;
+sub.f16x2 $3, t1, c;
+}""")
+
+
+@triton.jit
+def _planes_ptx(x, t_mask, ptx: tl.constexpr, PACK: tl.constexpr, IN_REGS: tl.constexpr):
+    """ptx on the tile x ([BLOCK_N, C]; PACK elements per call) -> its two fp16 planes. Triton moves a dot operand's
+    layout change above elementwise ops onto the narrow input, so V (transposed for its dot) would reach the PTX
+    through narrow shared-memory loads. IN_REGS passes the row mask as an unused operand, which pins the conversion
+    to the load's layout: the fp16 planes then take vectorized st.shared and ldmatrix.trans instead."""
+    if IN_REGS:
+        pin = t_mask.to(tl.int32)[:, None]
+        if PACK == 4:
+            return tl.inline_asm_elementwise(ptx, "=r,=r,=r,=r,r,r,r,r,r", [x, pin], dtype=(tl.float16, tl.float16),
+                                             is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(ptx, "=r,=r,r,r,r", [x, pin], dtype=(tl.float16, tl.float16),
+                                             is_pure=True, pack=2)
+    else:
+        if PACK == 4:
+            return tl.inline_asm_elementwise(ptx, "=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True,
+                                             pack=4)
+        else:
+            return tl.inline_asm_elementwise(ptx, "=r,=r,r", [x], dtype=(tl.float16, tl.float16), is_pure=True,
+                                             pack=2)
+
+
+@triton.jit
+def _load_planes(c_ptr, rows, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, IN_REGS: tl.constexpr):
+    """BLOCK_N quantized head vectors (element offsets rows) as two [BLOCK_N, BLOCK_D // 2] planes in out_ty: even
+    dims and odd dims, unscaled; int4's odd plane is 16 (q - 8). Masked bytes read 0 (cp.async fills zeros for free,
+    another value costs a select per byte): the caller gives those tokens -inf scores (p = 0) and those dims a zero
+    q, so the value never counts."""
+    half = tl.arange(0, BLOCK_D // 2)
+    mask = t_mask[:, None] & (half < HEAD_DIM // 2)[None, :]
+    if QUANT == 3:
+        b = tl.load(c_ptr + rows[:, None] + half[None, :], mask=mask, other=0)
+        if out_ty == tl.float16:
+            even, odd = _planes_ptx(b, t_mask, _INT4_PLANES_PTX, 4, IN_REGS)
+        else:
+            b = b.to(tl.int32)
+            even, odd = ((b & 15) - 8).to(out_ty), (((b >> 4) - 8) * 16).to(out_ty)
+    elif out_ty == tl.float16:
+        pairs = tl.load(c_ptr.to(tl.pointer_type(tl.int16)) + (rows // 2)[:, None] + half[None, :], mask=mask,
+                        other=0)
+        even, odd = _planes_ptx(pairs, t_mask, _FP8_PLANES_PTX if QUANT == 1 else _INT8_PLANES_PTX, 2, IN_REGS)
+    else:
+        even = tl.load(c_ptr + rows[:, None] + 2 * half[None, :], mask=mask, other=0.0).to(out_ty)
+        odd = tl.load(c_ptr + rows[:, None] + 2 * half[None, :] + 1, mask=mask, other=0.0).to(out_ty)
+    return even, odd
+
+
 def _config(gpu: dict[str, int], interpret: dict[str, int], q: torch.Tensor) -> dict[str, int]:
     """The tile config for q's device and dtype. fp32 tiles (tests, debugging) are twice the bytes of the bf16 ones
     the configs are tuned for: halve them and drop pipelining so they fit in shared memory."""

@@ -9,7 +9,7 @@ import triton.language as tl
 
 from deltaserve.kernels._device import num_sms
 from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _check_last_dim, _config,
-                                                        _kv_quant, _load_quantized, _precision)
+                                                        _kv_quant, _load_planes, _load_quantized, _precision)
 
 # Tile config for CUDA; module-level so benchmarks/bench_attention.py can sweep it. From that sweep
 # (benchmarks/RESULTS.md, 2026-11-27, bench_attention.py): configs within 10% of each other at batch 64; more
@@ -22,6 +22,12 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # -> bf16 adds one per value: 20% fewer instructions for sm_90a, benchmarks/compile_check.py in RESULTS.md). The
 # session-4 sweep (same command) kept it with BLOCK_N 64: fp8 pages went from 0.97-1.02x to 1.01-1.09x the bf16
 # kernel's time.
+# PLANES (0/1, any quantized format; implies fp16 dots): K, V, q and the output split into two planes, even and odd
+# head dims, the pages converted by PTX (_triton_common.py says why and how): for sm_90a the tile loop's SASS per KV
+# byte read drops from 0.20 to 0.13 warp-instructions (fp8), 0.25 to 0.15 (int8), 0.40 to 0.24 (int4, with V_REGS)
+# against 0.07 for bf16 pages (benchmarks/compile_check.py). V_REGS (0/1, with PLANES): V converted in its load
+# layout, then through shared memory as fp16 (matters for int4). Not yet timed on a GPU, so off by default:
+# bench_attention.py --kv-quant --sweep times them against the defaults.
 QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "F16_DOTS": 1},
                                                   3: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
@@ -39,10 +45,12 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr, F16_DOTS: tl.constexpr = False,
+    PLANES: tl.constexpr = False, V_REGS: tl.constexpr = False,
 ):
     """Program (n, kv head g, split s): the GQA group's q heads are the rows of the tile, so each K/V tile is read
     once for all of them. Split s covers whole BLOCK_N tiles [lo, hi) of sequence n; writes the split's normalized
-    output and its log2-sum-exp (-inf for an empty split) to the partial buffers [N, Hq, num_splits, (D)]."""
+    output and its log2-sum-exp (-inf for an empty split) to the partial buffers [N, Hq, num_splits, (D)]. With
+    PLANES every head-dim tile is split in two: even dims (q, acc, k, v) and odd dims (q_hi, acc_hi, k_hi, v_hi)."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -52,24 +60,23 @@ def _decode_split_kernel(
     lo = s * tiles_per_split * BLOCK_N
     hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
 
+    STEP: tl.constexpr = 2 if PLANES else 1  # head dims between neighbouring columns of a tile
     offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = tl.arange(0, BLOCK_D // STEP)
     offs_n = tl.arange(0, BLOCK_N)
     h_mask = offs_h < GROUP
-    d_mask = offs_d < HEAD_DIM
+    d_mask = offs_d < HEAD_DIM // STEP
     heads = g * GROUP + offs_h
-    q = tl.load(q_ptr + n64 * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
-                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-    if F16_DOTS:
-        # fp8 pages with bf16 q: the dots run in fp16, because e4m3 -> fp16 is one native cvt per two values while
-        # e4m3 -> bf16 adds a cvt per value (and fp16 keeps more of q's and p's bits; |q| past 65504 is clamped)
-        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    q_cols = q_ptr + n64 * stride_qn + heads[:, None] * stride_qh + STEP * offs_d[None, :]
+    q = _load_q(q_cols, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
+    q_hi = q  # unused unless PLANES
+    if PLANES:
+        q_hi = _load_q(q_cols + 1, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)
+    acc_hi = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)  # loop-invariant (dropped) unless PLANES
     bt_row = bt_ptr + n64 * stride_btn
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
@@ -89,12 +96,20 @@ def _decode_split_kernel(
                 v = v.to(tl.float32)
             scores = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         else:
-            k = _load_quantized(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
-            v = _load_quantized(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
+            if PLANES:
+                k, k_hi = _load_planes(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False)
+                v, v_hi = _load_planes(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, V_REGS)
+                scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
+                if QUANT == 3:
+                    scores = scores * 0.0625  # int4's k_hi is 16 (q - 8)
+            else:
+                k = _load_quantized(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
+                v = _load_quantized(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
+                scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
             s_rows = page * stride_sp + in_page * stride_ss + g
             k_sc = tl.load(ks_ptr + s_rows, mask=t_mask, other=0.0)
             v_sc = tl.load(vs_ptr + s_rows, mask=t_mask, other=0.0)
-            scores = tl.dot(q, tl.trans(k), input_precision=PREC) * (k_sc * qk_scale)[None, :]
+            scores = tl.dot(q, tl.trans(k), scores, input_precision=PREC) * (k_sc * qk_scale)[None, :]
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         # every tile holds at least one valid token, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -104,14 +119,34 @@ def _decode_split_kernel(
         if QUANT != 0:
             p = p * v_sc[None, :]  # l_i above sums the unscaled probabilities
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        if PLANES:
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v.dtype), v_hi, input_precision=PREC)
         m_i = m_new
 
     nonempty = l_i > 0
-    o = acc / tl.where(nonempty, l_i, 1.0)[:, None]
+    denom = tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
     row = (n64 * (GROUP * tl.num_programs(1)) + heads) * num_splits + s  # [N, Hq, S] flat index
     tl.store(part_lse_ptr + row, lse, mask=h_mask)
-    tl.store(part_o_ptr + row[:, None] * HEAD_DIM + offs_d[None, :], o, mask=h_mask[:, None] & d_mask[None, :])
+    o_cols = part_o_ptr + row[:, None] * HEAD_DIM + STEP * offs_d[None, :]
+    tl.store(o_cols, acc / denom, mask=h_mask[:, None] & d_mask[None, :])
+    if PLANES:
+        hi_scale: tl.constexpr = 16.0 if QUANT == 3 else 1.0  # int4's v_hi is 16 (q - 8)
+        tl.store(o_cols + 1, acc_hi / (hi_scale * denom), mask=h_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _load_q(ptrs, mask, UPCAST: tl.constexpr, F16_DOTS: tl.constexpr):
+    """q's tile (a plane of it with PLANES) in the dots' dtype."""
+    q = tl.load(ptrs, mask=mask, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+    if F16_DOTS:
+        # quantized pages with bf16 q: the dots run in fp16, because e4m3 -> fp16 is one native cvt per two values
+        # while e4m3 -> bf16 adds a cvt per value, and PLANES makes fp16 tiles (fp16 also keeps more of q's and p's
+        # bits; |q| past 65504 is clamped)
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+    return q
 
 
 @triton.jit(do_not_specialize=["num_splits"])  # eager decode: changes as contexts grow
@@ -197,6 +232,9 @@ def decode_into(
     part_o = torch.empty((N, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((N, Hq, num_splits), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
+    # two planes of >= 16 columns for tl.dot; fp8/int8 pages are read as 16-bit dim pairs, so every stride is even
+    planes = (bool(cfg.get("PLANES")) and quant != 0 and BLOCK_D >= 32 and D % 2 == 0
+              and all(st % 2 == 0 for st in (*k_cache.stride()[:3], *v_cache.stride()[:3])))
     _decode_split_kernel[(N, Hkv, num_splits)](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_o, part_lse,
         scale * _LOG2E, num_splits,
@@ -207,7 +245,8 @@ def decode_into(
         GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
         UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
-        F16_DOTS=bool(cfg.get("F16_DOTS")) and quant == 1 and q.dtype == torch.bfloat16,
+        F16_DOTS=q.dtype == torch.bfloat16 and q.is_cuda and (bool(cfg.get("F16_DOTS")) and quant == 1 or planes),
+        PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _decode_reduce_kernel[(N, Hq)](
