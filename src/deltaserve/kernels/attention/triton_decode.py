@@ -26,10 +26,14 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # head dims, the pages converted by PTX (_triton_common.py says why and how): for sm_90a the tile loop's SASS per KV
 # byte read drops from 0.20 to 0.13 warp-instructions (fp8), 0.25 to 0.15 (int8), 0.40 to 0.24 (int4, with V_REGS)
 # against 0.07 for bf16 pages (benchmarks/compile_check.py). V_REGS (0/1, with PLANES): V converted in its load
-# layout, then through shared memory as fp16 (matters for int4). Not yet timed on a GPU, so off by default:
-# bench_attention.py --kv-quant --sweep times them against the defaults.
-QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3, "F16_DOTS": 1},
-                                                  3: {"BLOCK_N": 128, "num_warps": 4, "num_stages": 3}}
+# layout, then through shared memory as fp16 (matters for int4). Timed on the H200 (RESULTS.md, 2026-12-03, session
+# 5, 27B heads, N=32 L=32k / N=8 L=128k, CUDA graphs): fp8 PLANES with BLOCK_N 128 / 4 warps 75% / 71% of copy
+# bandwidth (the previous default 47% / 42%), 1.63x / 1.71x the bf16 pages' time; int8 PLANES (BLOCK_N 64) 58% / 50%
+# (was 46% / 39%), int4 PLANES V_REGS 34% / 30% (was 22% / 19%).
+_PLANES = {"num_stages": 3, "F16_DOTS": 1, "PLANES": 1}
+QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
+                                                  2: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
+                                                  3: {"BLOCK_N": 128, "num_warps": 4, **_PLANES, "V_REGS": 1}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
 _INTERPRET_DECODE: dict[str, int] = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "WAVES": 2, "MAX_SPLITS": 4}
 
