@@ -177,6 +177,7 @@ def bench_prefill(model, cached, new, gen) -> Row:
 # ------------------------------------------------------------------------------------------- quantized KV decode
 
 KV_FORMATS = {"bf16": BF16, "fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}
+_QUANT_CODE = {"fp8": 1, "int8": 2, "int4": 3}  # the kernels' QUANT codes, the keys of QUANT_DECODE_CONFIG
 KV_QUANT_CASES = [(1, 32768), (1, 131072), (8, 32768), (8, 131072), (32, 32768)]  # (sequences, context)
 
 
@@ -264,6 +265,49 @@ def bench_kv_quant(log, copy_gbs: float) -> None:
                 f"{gbs / copy_gbs:.0%} | {base_ms / t_graph:.2f}x | {err:.1e} |")
             del args
             torch.cuda.empty_cache()
+
+
+# (format, QUANT_DECODE_CONFIG entry) pairs --kv-quant-variants compares on the same pages: the session-4 defaults
+# (no PLANES) against the PLANES tiles (triton_decode.py says what they are)
+KV_VARIANTS = [("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1)),
+               ("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
+               ("fp8", dict(BLOCK_N=128, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1)),
+               ("fp8", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
+               ("int8", dict(BLOCK_N=64, num_warps=4, num_stages=3)),
+               ("int8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
+               ("int8", dict(BLOCK_N=128, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1)),
+               ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3)),
+               ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, V_REGS=1))]
+KV_VARIANT_CASES = [(32, 32768), (8, 131072)]
+
+
+def compare_kv_variants(log, copy_gbs: float) -> None:
+    """KV_VARIANTS on KV_VARIANT_CASES in CUDA graphs: % of copy bandwidth over the bytes read, speed against bf16
+    pages, and the largest difference from the format's first variant (same pages)."""
+    gen = torch.Generator().manual_seed(3)
+    saved = dict(attn.QUANT_DECODE_CONFIG)
+    log("| case | KV | config | graph us | % copy | vs bf16 | max diff vs first |")
+    log("|---|---|---|---|---|---|---|")
+    for n, length in KV_VARIANT_CASES:
+        args, nbytes = quantized_case(n, length, "bf16", gen)
+        t_bf16 = do_bench_cudagraph(lambda: attn.paged_attention_decode(**args), rep=100, return_mode="median")
+        log(f"| N={n} L={length} | bf16 | | {t_bf16 * 1e3:.0f} | {nbytes / (t_bf16 * 1e-3) / 1e9 / copy_gbs:.0%} | 1 | |")
+        del args
+        for fmt in dict(KV_VARIANTS):
+            args, nbytes = quantized_case(n, length, fmt, gen)
+            first = None
+            for cfg in (c for f, c in KV_VARIANTS if f == fmt):
+                attn.QUANT_DECODE_CONFIG[_QUANT_CODE[fmt]] = cfg
+                out = attn.paged_attention_decode(**args)
+                t = do_bench_cudagraph(lambda: attn.paged_attention_decode(**args), rep=100, return_mode="median")
+                first = out if first is None else first
+                diff = (out.float() - first.float()).abs().max().item()
+                log(f"| N={n} L={length} | {fmt} | {cfg} | {t * 1e3:.0f} | "
+                    f"{nbytes / (t * 1e-3) / 1e9 / copy_gbs:.0%} | {t_bf16 / t:.2f}x | {diff:.1e} |")
+            del args
+            torch.cuda.empty_cache()
+    attn.QUANT_DECODE_CONFIG.clear()
+    attn.QUANT_DECODE_CONFIG.update(saved)
 
 
 # --------------------------------------------------------------------------------------------------------- sweeps
@@ -388,6 +432,8 @@ def main() -> None:
                         help="time tile configs first and keep the fastest (with --kv-quant: per quantized format)")
     parser.add_argument("--kv-quant", action="store_true",
                         help="only the decode table over quantized KV pages (27B heads, 32k and 128k contexts)")
+    parser.add_argument("--kv-quant-variants", action="store_true",
+                        help="with --kv-quant: the quantized-page kernel variants of KV_VARIANTS side by side")
     parser.add_argument("--out", help="also write the output to this file")
     args = parser.parse_args()
     lines: list[str] = []
@@ -401,7 +447,9 @@ def main() -> None:
         log(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
             f"command: {' '.join([sys.executable, *sys.argv])}")
         log(f"copy {copy_gbs:.0f} GB/s (read + write) measured in this run; decode config {attn.DECODE_CONFIG}")
-        if args.sweep:
+        if args.kv_quant_variants:
+            compare_kv_variants(log, copy_gbs)
+        elif args.sweep:
             sweep_kv_quant(log, copy_gbs)
         log(f"quantized-page overrides: {attn.QUANT_DECODE_CONFIG}")
         bench_kv_quant(log, copy_gbs)

@@ -4,8 +4,9 @@ same run.
 python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4 fp8-w8a8] [--batches 1 64]
                                  [--context 1024] [--gemv-variants fp32 f16]
 
---gemv-variants: int4 runs once per variant of its GEMVs (one-row projections, MoE per-pair): fp32 FMAs (the
-default) and fp16 products (kernels/quant/triton.py GEMV_F16; rows "int4 gemv-f16"); default fp32 only.
+--gemv-variants: int4 runs once per variant of its GEMVs (one-row projections, MoE per-pair): fp32 FMAs (rows
+"int4") and fp16 products (kernels/quant/triton.py GEMV_F16, the engine's default; rows "int4 gemv-f16"); default
+f16 only.
 
 fp8: Qwen's official layout (128x128 block scales; GDN in_proj_a/b, router, shared-expert gate, embedding and lm_head
 kept bf16); fp8-w8a8: the same with --fp8-activations dynamic. int4: AWQ-style W4A16 g128 on every projection
@@ -56,7 +57,7 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["bf16", "fp8", "fp8-w8a8", "int4"], choices=list(FORMATS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--gemv-variants", nargs="+", choices=["fp32", "f16"], default=["fp32"])
+    ap.add_argument("--gemv-variants", nargs="+", choices=["fp32", "f16"], default=["f16"])
     args = ap.parse_args()
     bw = measure_copy_bandwidth()
     rows = []

@@ -119,3 +119,13 @@ def test_step_budget_bench_plumbing_on_cpu(capsys):
     assert all(r["TTFT p50 ms"] > 0 and r["ITL p50 ms"] > 0 for r in rows)
     assert rows[1]["mixed steps"] > rows[0]["mixed steps"]  # floor-sized chunks: more, smaller mixed steps
     assert "cost model coefficients" in capsys.readouterr().out
+
+
+def test_profile_resume_plumbing_on_a_tiny_shape(monkeypatch, capsys):
+    from benchmarks import profile_resume
+
+    monkeypatch.setattr("sys.argv", ["profile_resume.py", "--model", "tiny", "--turns", "2", "--first-len", "40",
+                                     "--turn-len", "8", "--output-len", "3"])
+    profile_resume.main()
+    out = capsys.readouterr().out
+    assert "turn 1: prompt 51 tokens" in out and "checkpoints" in out

@@ -4,7 +4,7 @@ Two kernels serve both, accumulating in fp32:
   - GEMV (variant 4, up to GEMV_MAX_ROWS rows: decode at batch 1; the MoE per-pair GEMVs): CUDA-core FMAs
     on tiles kept in one 3-D layout from their wide loads on, so no tile passes through shared memory. int4 nibbles
     become the exact fp32 1 + q/16 by a shift and a lop3 (no int-to-float conversion); the zero point and scale
-    apply once per row and K tile. F16_FMA (int4, bf16 activations, GEMV_F16; untimed, off by default): packed
+    apply once per row and K tile. F16_FMA (int4, bf16 activations, GEMV_F16, the default): packed
     fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two.
   - the tiled tl.dot kernel, for everything larger:
   - UNPACK 0 / 2 (fp32 activations, the interpreter): the weight tile is dequantized in registers and rounded to
@@ -560,12 +560,13 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
 # unpacking, which no longer hides behind the weight read.
 GEMV_MAX_ROWS = 1
 GEMV_SWEEP_ROWS = 4  # the most rows an explicit unpack=4 takes (benchmarks): its 3-D tiles grow with the rows
-# The int4 GEMVs (quant_gemm's and the MoE's per-pair) with fp16 products (F16_FMA): fewer instructions per weight
-# by the sm_90a SASS (benchmarks/compile_check.py) but not yet timed, so off by default; benchmarks set it. Only
-# for bf16 activations (the MoE's down GEMVs too: their fp32 input the grouped path rounds to bf16 anyway): its
+# The int4 GEMVs (quant_gemm's and the MoE's per-pair) with fp16 products (F16_FMA): by the sm_90a SASS 368
+# instructions per 128-row tile against 496 (benchmarks/compile_check.py); on the H200 the 27B int4 decode step at
+# batch 1 took 9.23 ms against 11.2 with fp32 FMAs (bench_quant.py --gemv-variants fp32 f16, RESULTS.md
+# 2026-12-03), so it is the default; benchmarks switch it to compare. Only for bf16 activations (the MoE's down GEMVs too: their fp32 input the grouped path rounds to bf16 anyway): its
 # error, about 3e-4 of the output's largest value (five fp16 roundings per word against the reference's one per
 # weight), is a fraction of bf16's but as large as fp16's, past the tests' twice-the-reference for fp16 and fp32.
-GEMV_F16 = False
+GEMV_F16 = True
 
 
 def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool) -> tuple[int, ...]:
