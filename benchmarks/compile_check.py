@@ -112,17 +112,17 @@ def quant_rows() -> list[dict]:
 # pages of 16 tokens
 DECODE_CASES = [("bf16 pages (default)", 0, 64, 4, 3, 0, 0, 0),
                 ("fp8, bf16 dots", 1, 64, 4, 3, 0, 0, 0),
-                ("fp8 (default: fp16 dots)", 1, 64, 4, 3, 1, 0, 0),
+                ("fp8, fp16 dots (old default)", 1, 64, 4, 3, 1, 0, 0),
                 ("fp8 PLANES", 1, 64, 4, 3, 1, 1, 0),
                 ("fp8 PLANES V_REGS", 1, 64, 4, 3, 1, 1, 1),
-                ("fp8 PLANES", 1, 128, 4, 3, 1, 1, 0),
+                ("fp8 PLANES (default)", 1, 128, 4, 3, 1, 1, 0),
                 ("fp8 PLANES", 1, 128, 8, 3, 1, 1, 0),
-                ("int8 (default)", 2, 64, 4, 3, 0, 0, 0),
+                ("int8 (old default)", 2, 64, 4, 3, 0, 0, 0),
                 ("int8 PLANES", 2, 64, 4, 3, 1, 1, 0),
-                ("int8 PLANES", 2, 128, 4, 3, 1, 1, 0),
-                ("int4 (default)", 3, 128, 4, 3, 0, 0, 0),
+                ("int8 PLANES (default)", 2, 128, 4, 3, 1, 1, 0),
+                ("int4 (old default)", 3, 128, 4, 3, 0, 0, 0),
                 ("int4 PLANES", 3, 128, 4, 3, 1, 1, 0),
-                ("int4 PLANES V_REGS", 3, 128, 4, 3, 1, 1, 1),
+                ("int4 PLANES V_REGS (default)", 3, 128, 4, 3, 1, 1, 1),
                 ("int4 PLANES V_REGS", 3, 64, 4, 3, 1, 1, 1),
                 ("int4 PLANES V_REGS", 3, 256, 8, 3, 1, 1, 1)]
 _PAGES = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8", 3: "*u8"}
