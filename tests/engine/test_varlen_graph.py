@@ -11,7 +11,8 @@ import torch
 from deltaserve.cache.tensors import CacheShape, ModelCache
 from deltaserve.config import ModelConfig
 from deltaserve.engine.device_inputs import upload_arrays, upload_step
-from deltaserve.engine.step_input import StepInput
+from deltaserve.engine.step_input import SamplingRequest, StepInput
+from deltaserve.sampling_params import SamplingParams
 from deltaserve.engine.varlen_graph import VarlenGraphs, chunk_capacity, padded_arrays, padded_batch, token_sizes
 from deltaserve.models.loader import load_model
 from tests.models.factory import TinySpec, text_kwargs
@@ -99,15 +100,89 @@ def test_padded_step_computes_the_real_rows_exactly(moe: bool, device: str) -> N
         torch.testing.assert_close(v1, v0, **tol)
 
 
+def test_chunk_list_keeps_fla_core_positions() -> None:
+    """fla-core reads a chunk's state at its position in the list and writes it at the row's chunk offset plus the
+    chunk's index: the two agree for every real and padding chunk, and the repeated entries come after them."""
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        n = int(rng.integers(0, 5))
+        lens = rng.integers(1, 70, n) if n else np.zeros(0, np.int64)
+        tokens = next(t for t in token_sizes(1024) if t > lens.sum())
+        ctx = rng.integers(0, 40, n)
+        step = step_of(lens.tolist(), ctx.tolist(), list(range(n)), []) if n else VarlenGraphs._empty_step(None)
+        arrays = padded_arrays(step, 4, tokens, 64, PAGE)
+        cu, chunks = arrays[3], arrays[9]
+        sizes = np.diff(cu)
+        offsets = np.concatenate([[0], np.cumsum(-(-sizes // 64))])
+        real = int(offsets[-1])
+        assert real <= chunk_capacity(4, tokens) == len(chunks)
+        for pos, (row, j) in enumerate(chunks[:real]):
+            assert offsets[row] + j == pos and j * 64 < sizes[row]
+        assert (chunks[real:] == [n, 0]).all() and sizes[n] >= 1  # the padding row is never empty
+
+
 def test_keys_fit_steps_and_leave_the_rest_eager() -> None:
     graphs = VarlenGraphs(None, None, max_tokens=512, max_rows=8, max_pages=WIDTH, page_size=PAGE,  # type: ignore
                           device=torch.device("cpu"))
     graphs.graphs = {key: None for key in graphs.keys}  # type: ignore[misc]
-    assert graphs.row_sizes == [1, 4]
+    assert graphs.row_sizes == [1, 4, 8] and graphs.width == 512 // PAGE  # the padding row's 511 positions
     assert graphs.key_for(step_of([200], [100], [0], [199])) == (1, 256)
     assert graphs.key_for(step_of([126, 1], [0, 5], [0, 1], [125, 126])) == (4, 128)
     assert graphs.key_for(step_of([128], [0], [0], [127])) == (1, 256)  # a bucket keeps one padding token
     assert graphs.key_for(step_of([512], [0], [0], [511])) is None  # too long
     assert graphs.key_for(step_of([1, 1], [3, 4], [0, 1], [0, 1])) is None  # decode: the uniform graphs
-    assert graphs.key_for(step_of([9] * 5, [0] * 5, range(5), [8])) is None  # more rows than any key
-    assert graphs.key_for(step_of([100], [300], [0], [99])) is None  # a block table wider than the buffers
+    assert graphs.key_for(step_of([9] * 5, [0] * 5, range(5), [8])) == (8, 64)  # max_num_seqs = 8 is a bucket
+    assert graphs.key_for(step_of([9] * 9, [0] * 9, range(9), [8])) is None  # more rows than any key
+    assert graphs.key_for(step_of([100], [300], [0], [99])) is None  # more pages than max_model_len allows
+    assert graphs.key_for(step_of([3, 3], [5, 9], [0, 1], [2, 5])) == (4, 64)  # equal chunks: not a verify step
+    verify = step_of([3], [5], [0], [0, 1, 2])
+    object.__setattr__(verify, "sampling", (SamplingRequest("a", SamplingParams(), 1, draft_token_ids=(4, 5)),))
+    assert verify.is_verify and graphs.key_for(verify) is None
+    scored = step_of([30], [0], [0], [29])
+    object.__setattr__(scored, "prompt_logprobs", ("a",))
+    assert graphs.key_for(scored) is None
+    del graphs.graphs[(1, 256)]  # a key whose capture failed: its steps run eagerly
+    assert graphs.key_for(step_of([200], [100], [0], [199])) is None
+
+
+def _seeded_cache(model, device: str) -> ModelCache:
+    cache = ModelCache(model.config, CacheShape(num_pages=64, page_size=PAGE, num_slots=4, kv_dtype=torch.float32,
+                                                conv_dtype=torch.float32), device=device)
+    torch.manual_seed(1)
+    for pages in cache._kv.values():
+        pages.k.normal_()
+        pages.v.normal_()
+    cache._conv.normal_()
+    cache._ssm.normal_()
+    return cache
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_graph_replays_equal_eager_steps(moe: bool) -> None:
+    """Three different steps (rows, lengths, contexts, fresh and continued states) replayed from one captured key
+    give the eager step's hidden states, logits, GDN states and KV pages."""
+    model = tiny_model(moe).cuda()
+    eager_cache, graph_cache = _seeded_cache(model, "cuda"), _seeded_cache(model, "cuda")
+    graphs = VarlenGraphs(model, graph_cache, max_tokens=128, max_rows=4, max_pages=WIDTH, page_size=PAGE,
+                          device=torch.device("cuda"))
+    graphs.capture()
+    tol = dict(rtol=2e-3, atol=2e-3)
+    steps = [step_of([37, 20, 1], [50, 0, 33], [2, 0, 3], [36, 56, 57]), step_of([90], [87], [2], [89]),
+             step_of([5, 1, 60], [0, 58, 140], [1, 3, 0], [4, 5])]
+    for step in steps:
+        key = graphs.key_for(step)
+        assert key == (4, 128)
+        with torch.no_grad():
+            dev = upload_step(step, page_size=PAGE, device="cuda")
+            want_h = model(dev.input_ids, dev.batch, eager_cache)
+            want_l = model.compute_logits(want_h[dev.batch.logits_indices], upcast=False)
+        got_h, got_l = graphs.run(key, step, dev.input_ids)
+        torch.testing.assert_close(got_h, want_h, **tol)
+        torch.testing.assert_close(got_l, want_l, **tol)
+        torch.testing.assert_close(graph_cache._ssm, eager_cache._ssm, **tol)
+        torch.testing.assert_close(graph_cache._conv, eager_cache._conv, **tol)
+        for a, b in zip(graph_cache._kv.values(), eager_cache._kv.values()):
+            torch.testing.assert_close(a.k, b.k, **tol)
+            torch.testing.assert_close(a.v, b.v, **tol)
+    assert graphs.replays == 3

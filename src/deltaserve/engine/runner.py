@@ -30,6 +30,9 @@ from deltaserve.engine.prompt_logprobs import PromptScores, prompt_logprobs, pro
 from deltaserve.engine.sampler import GrammarBitmask, Sampler, SamplerOutput, SamplingRow
 from deltaserve.engine.speculative import MTPDrafter, first_logits_rows, kept_counts
 from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, needs_grammar
+from deltaserve.kernels.moe.gpu import NO_GROUPED_MAX_PAIRS
+from deltaserve.kernels.moe.grouped import grouped_mm_available
+from deltaserve.kernels.quant.triton import PAIR_MAX
 from deltaserve.models.loader import load_model
 from deltaserve.outputs import TokenLogprob
 from deltaserve.sampling_params import SamplingParams
@@ -187,7 +190,8 @@ class ModelRunner:
         sched, tokens = self.config.scheduler, self.config.runner.prefill_graph_tokens
         if tokens < 64:
             return None
-        graphs = VarlenGraphs(self.model, self.cache, max_tokens=min(tokens, sched.max_num_batched_tokens + 1),
+        graphs = VarlenGraphs(self.model, self.cache, max_tokens=min(tokens, sched.max_num_batched_tokens + 1,
+                                                                    self._moe_graph_tokens()),
                               max_rows=min(sched.max_num_seqs, self.plan.num_slots),
                               max_pages=pages_for_tokens(sched.max_model_len, self.config.cache.page_size),
                               page_size=self.config.cache.page_size, device=self.device)
@@ -199,6 +203,21 @@ class ModelRunner:
             return None
         log.info("captured prefill CUDA graphs for (rows, tokens) %s", sorted(graphs.graphs))
         return graphs
+
+    def _moe_graph_tokens(self) -> int:
+        """The most tokens a graphed step of an MoE model may pad to: past PAIR_MAX routed pairs the quantized MoE
+        dequantizes every expert into temporaries (GBs the graph pool would keep), and past NO_GROUPED_MAX_PAIRS an
+        MoE without grouped GEMMs syncs the host (not capturable)."""
+        cfg = self.config.model
+        if not cfg.num_experts:
+            return 1 << 30
+        if self.config.quantization is not None:
+            pairs = PAIR_MAX
+        elif not grouped_mm_available(torch.empty(0, dtype=self.dtype, device=self.device)):
+            pairs = NO_GROUPED_MAX_PAIRS
+        else:
+            return 1 << 30
+        return pairs // cfg.num_experts_per_tok
 
     # ---- the step ------------------------------------------------------------------------------------------------
     @torch.no_grad()

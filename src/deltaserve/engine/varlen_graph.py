@@ -9,7 +9,9 @@ fixed shapes:
   hold no tokens. Padding rows have state slot -1 (no GDN state read or written), no KV slot (slot_mapping -1) and
   block-table row 0 (read, never written), so a replay computes the real rows exactly as the eager step would;
 - the chunked delta rule's chunk list (fla-core's layout, built on the host) has a fixed length: after the real and
-  padding chunks come copies of the padding row's first chunk, which write only that row's outputs;
+  padding chunks come entries repeating the padding row's first chunk. Those compute garbage (fla's output kernel
+  reads the per-chunk state at the entry's list position, which no real chunk wrote) but write only the padding
+  row's tokens, which the delta-rule wrapper zeroes (any_padding); real rows never read them;
 - every per-step array goes in one host-to-device copy into the key's static buffer (device_inputs.upload_arrays).
 
 Steps with prompt logprobs or verify steps (their own graphs, cuda_graph.py) run eagerly, as do larger steps.
@@ -90,9 +92,12 @@ class VarlenGraphs:
     def __init__(self, model: torch.nn.Module, cache: ModelCache, *, max_tokens: int, max_rows: int,
                  max_pages: int, page_size: int, device: torch.device) -> None:
         self.model, self.cache, self.device = model, cache, device
-        self.width, self.page_size = max_pages, page_size
-        self.row_sizes = [r for r in ROW_SIZES if r <= max_rows] or [1]
+        self.row_sizes = sorted({r for r in ROW_SIZES if r < max_rows} | {min(max_rows, ROW_SIZES[-1])})
         self.token_sizes = token_sizes(max_tokens)
+        # the padding row's positions reach T - 1: its block-table row must be that wide even where max_model_len
+        # is shorter (real rows are held to max_pages by key_for)
+        self.page_size, self.max_pages = page_size, max_pages
+        self.width = max([max_pages] + [-(-t // page_size) for t in self.token_sizes])
         # key -> (graph, static byte buffer, hidden, logits)
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
         self.replays = 0
@@ -114,20 +119,30 @@ class VarlenGraphs:
 
     @torch.no_grad()
     def capture(self, pool=None) -> None:
-        """Capture every key, largest first so the smaller graphs reuse its memory (`pool`: the decode graphs')."""
-        for rows, tokens in sorted(self.keys, reverse=True):
-            arrays = padded_arrays(self._empty_step(), rows, tokens, self.width, self.page_size)
-            static = torch.empty(packed_size(arrays), dtype=torch.uint8, device=self.device)
-            views = upload_arrays(arrays, self.device, out=static)  # all padding: nothing read or written
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self._forward(views)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                hidden, logits = self._forward(views)
-            pool = graph.pool()
-            self.graphs[(rows, tokens)] = (graph, static, hidden, logits)
+        """Capture every key, largest first so the smaller graphs reuse its memory (`pool`: the decode graphs'). A
+        key that fails to capture is dropped (its steps run eagerly) without giving up the others."""
+        for key in sorted(self.keys, reverse=True):
+            try:
+                pool = self._capture_key(key, pool)
+            except Exception as e:  # noqa: BLE001 - e.g. an op that syncs the host at this many tokens
+                # a capture that raised can leave its side stream current: later work must go on the default one
+                torch.cuda.set_stream(torch.cuda.default_stream(self.device))
+                log.warning("CUDA graph capture of varlen steps %s failed (%s: %s); they run eagerly", key,
+                            type(e).__name__, e)
         torch.cuda.synchronize(self.device)
+
+    def _capture_key(self, key: tuple[int, int], pool):
+        arrays = padded_arrays(self._empty_step(), *key, self.width, self.page_size)
+        static = torch.empty(packed_size(arrays), dtype=torch.uint8, device=self.device)
+        views = upload_arrays(arrays, self.device, out=static)  # all padding: nothing read or written
+        for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+            self._forward(views)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            hidden, logits = self._forward(views)
+        self.graphs[key] = (graph, static, hidden, logits)
+        return graph.pool()
 
     def key_for(self, step: StepInput) -> tuple[int, int] | None:
         """The smallest captured key that fits a varlen step, None if none does (or the step needs the eager path:
@@ -135,11 +150,11 @@ class VarlenGraphs:
         if step.tokens_per_row == 1 or step.is_verify or step.prompt_logprobs or not self.graphs:
             return None
         n, t = step.num_rows, int(step.query_lens.sum())
-        if step.logits_rows.shape[0] > n or step.block_table.shape[1] > self.width:
+        if step.logits_rows.shape[0] > n or step.block_table.shape[1] > self.max_pages:
             return None
         rows = next((r for r in self.row_sizes if r >= n), None)
         tokens = next((s for s in self.token_sizes if s > t), None)
-        return None if rows is None or tokens is None else (rows, tokens)
+        return (rows, tokens) if (rows, tokens) in self.graphs else None
 
     @torch.no_grad()
     def run(self, key: tuple[int, int], step: StepInput, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
