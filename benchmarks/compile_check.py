@@ -107,9 +107,9 @@ def quant_rows() -> list[dict]:
     return rows
 
 
-# (label, QUANT, BLOCK_N, warps, stages, F16_DOTS, PLANES, V_REGS): the defaults (DECODE_CONFIG, QUANT_DECODE_CONFIG)
-# and the variants bench_attention.py --kv-quant --sweep times; 27B's GQA group (6 q heads per KV head), head_dim 256,
-# pages of 16 tokens
+# (label, QUANT, BLOCK_N, warps, stages, F16_DOTS, PLANES, V_REGS[, INT4_WORDS]): the defaults (DECODE_CONFIG,
+# QUANT_DECODE_CONFIG) and the variants bench_attention.py --kv-quant --sweep / --kv-quant-variants times; 27B's GQA
+# group (6 q heads per KV head), head_dim 256, pages of 16 tokens
 DECODE_CASES = [("bf16 pages (default)", 0, 64, 4, 3, 0, 0, 0),
                 ("fp8, bf16 dots", 1, 64, 4, 3, 0, 0, 0),
                 ("fp8, fp16 dots (old default)", 1, 64, 4, 3, 1, 0, 0),
@@ -124,7 +124,12 @@ DECODE_CASES = [("bf16 pages (default)", 0, 64, 4, 3, 0, 0, 0),
                 ("int4 PLANES", 3, 128, 4, 3, 1, 1, 0),
                 ("int4 PLANES V_REGS (default)", 3, 128, 4, 3, 1, 1, 1),
                 ("int4 PLANES V_REGS", 3, 64, 4, 3, 1, 1, 1),
-                ("int4 PLANES V_REGS", 3, 256, 8, 3, 1, 1, 1)]
+                ("int4 PLANES V_REGS", 3, 256, 8, 3, 1, 1, 1),
+                ("int4 INT4_WORDS 1", 3, 128, 4, 3, 1, 1, 0, 1),
+                ("int4 INT4_WORDS 1 V_REGS", 3, 128, 4, 3, 1, 1, 1, 1),
+                ("int4 INT4_WORDS 2", 3, 128, 4, 3, 1, 1, 0, 2),
+                ("int4 INT4_WORDS 2", 3, 64, 4, 3, 1, 1, 0, 2),
+                ("int4 INT4_WORDS 2", 3, 256, 8, 3, 1, 1, 0, 2)]
 _PAGES = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8", 3: "*u8"}
 _BYTES_PER_DIM = {0: 2, 1: 1, 2: 1, 3: 0.5}
 
@@ -132,13 +137,13 @@ _BYTES_PER_DIM = {0: 2, 1: 1, 2: 1, 3: 0.5}
 def decode_rows() -> list[dict]:
     """The split-KV decode kernel per page format and variant, with its tile loop's SASS."""
     rows = []
-    for label, quant, block_n, warps, stages, f16, planes, v_regs in DECODE_CASES:
+    for label, quant, block_n, warps, stages, f16, planes, v_regs, *words in DECODE_CASES:
         types = {"q_ptr": "*bf16", "kc_ptr": _PAGES[quant], "vc_ptr": _PAGES[quant], "ks_ptr": "*fp32",
                  "vs_ptr": "*fp32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "bt_ptr": "*i32",
                  "seq_lens_ptr": "*i32", "qk_scale": "fp32"}
         consts = dict(GROUP=6, HEAD_DIM=256, PAGE_SIZE=16, BLOCK_H=16, BLOCK_N=block_n, BLOCK_D=256, UPCAST=False,
                       PREC="tf32", QUANT=quant, F16_DOTS=bool(f16), PLANES=bool(planes),
-                      V_REGS=bool(v_regs))
+                      V_REGS=bool(v_regs), WORDS=words[0] if words else 0)
         r = compile_one(triton_decode._decode_split_kernel, types, consts, warps, stages, loop=True)
         tile_bytes = 2 * block_n * 256 * _BYTES_PER_DIM[quant]  # K and V
         r["warp-instr / KV byte"] = r["loop SASS"] * warps / tile_bytes

@@ -316,6 +316,19 @@ def test_quantized_decode_planes_interpreted(fmt, monkeypatch):
                  num_splits=2, kv_dtype=KV_FORMATS[fmt])
 
 
+
+@pytest.mark.parametrize("words", [1, 2])
+@pytest.mark.parametrize("head_dim", [64, 48])
+def test_quantized_decode_int4_words_interpreted(words, head_dim, monkeypatch):
+    """int4 pages read as 16-bit words into four planes, head dims 4i + j (INT4_WORDS; 2: K's nibbles as n 2^-24
+    with the +8 taken off as 8 sum(q)); head_dim 48: planes of 12 dims in 16 columns. Its PTX conversions only run
+    compiled: test_quantized_decode_int4_words_gpu."""
+    from deltaserve.kernels.attention import triton_decode
+    monkeypatch.setattr(triton_decode, "_INTERPRET_DECODE", {**triton_decode._INTERPRET_DECODE, "PLANES": 1,
+                                                             "INT4_WORDS": words})
+    check_decode([1, 0, 23, 13], (4, 2), head_dim, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(26),
+                 num_splits=2, kv_dtype=KV_FORMATS["int4"])
+
 @pytest.mark.parametrize("fmt", list(KV_FORMATS))
 def test_quantized_prefill_interpreted(fmt):
     # fresh prompt, chunked continuation over a cached prefix, an empty sequence
@@ -462,6 +475,22 @@ def test_quantized_decode_planes_gpu(fmt, v_regs, monkeypatch):
     check_decode([1, 0, 17, 1000, 4097, 63], (24, 4), 256, 16, torch.bfloat16, "cuda",
                  torch.Generator().manual_seed(34), num_splits=7, kv_dtype=KV_FORMATS[fmt])
 
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("words", [1, 2])
+@pytest.mark.parametrize("v_regs", [0, 1])
+def test_quantized_decode_int4_words_gpu(words, v_regs, monkeypatch):
+    """int4 pages as 16-bit words in four planes (QUANT_DECODE_CONFIG INT4_WORDS, PTX conversions; 2: K as fp16
+    subnormals, which the tensor cores must take as they are) against the reference at the 27B heads, odd lengths,
+    a padding row, forced splits."""
+    from deltaserve.kernels.attention import triton_decode
+    cfg = {**triton_decode.DECODE_CONFIG, **triton_decode.QUANT_DECODE_CONFIG.get(3, {}), "PLANES": 1,
+           "V_REGS": v_regs, "INT4_WORDS": words}
+    monkeypatch.setitem(triton_decode.QUANT_DECODE_CONFIG, 3, cfg)
+    check_decode([1, 0, 17, 1000, 4097, 63], (24, 4), 256, 16, torch.bfloat16, "cuda",
+                 torch.Generator().manual_seed(35), num_splits=7, kv_dtype=KV_FORMATS["int4"])
 
 @GPU
 @needs_cuda

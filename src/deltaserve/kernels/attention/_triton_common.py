@@ -80,6 +80,43 @@ sub.f16x2 $3, t1, c;
 }""")
 
 
+# int4 as 16-bit words (INT4_WORDS): a word holds head dims 4i..4i+3, a nibble each (byte 2i: 4i low, 4i+1 high;
+# byte 2i+1: 4i+2, 4i+3), so with two words ($4, pack 2) per call the four planes come out of nibble positions
+# alone, no byte regrouping: each plane register is (nibble j of word 0, nibble j of word 1), the pair an mma
+# operand register holds (two dims of one token for K, one dim of two tokens for the transposed V, as for the
+# fp8/int8 pairs). Low nibbles OR-ed into 1024.0 give 1024 + q, minus 1032 -> q - 8; high nibbles give 1024 + 16 q,
+# and one fma (x / 16 - 72) gives q - 8 as well: all four planes come out unscaled and exact. A shift by 8 brings the
+# odd byte's nibbles down for planes 2 and 3: 9 instructions per 8 values (the two-plane int4 code takes 10 plus
+# the 8-bit tile's byte gathers and kWidth-4 operand shuffles).
+_INT4_WORDS_PTX = tl.constexpr("""{
+.reg .b32 t, a, b, c, m, s;
+mov.b32 c, 0x64086408;
+mov.b32 m, 0x2c002c00;
+mov.b32 s, 0xd480d480;
+lop3.b32 a, $4, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 b, $4, 0x00f000f0, 0x64006400, 0xea;
+sub.f16x2 $0, a, c;
+fma.rn.f16x2 $1, b, m, s;
+shr.b32 t, $4, 8;
+lop3.b32 a, t, 0x000f000f, 0x64006400, 0xea;
+lop3.b32 b, t, 0x00f000f0, 0x64006400, 0xea;
+sub.f16x2 $2, a, c;
+fma.rn.f16x2 $3, b, m, s;
+}""")
+# INT4_WORDS 2, for K: the stored nibble n = q + 8 masked in place is the fp16 subnormal n * 2^-24 (low nibbles) or
+# 16 n * 2^-24 (high), exact, with no bias subtract: 5 instructions per 8 values. The kernel scales the scores by
+# 2^24 and takes the +8 off as 8 * sum(q) per head, a loop-invariant term in the dot's accumulator. Needs the
+# tensor cores to take fp16 subnormal inputs as they are (test_quantized_decode_int4_words_gpu checks it).
+_INT4_WORDS_DENORM_PTX = tl.constexpr("""{
+.reg .b32 t;
+and.b32 $0, $4, 0x000f000f;
+and.b32 $1, $4, 0x00f000f0;
+shr.b32 t, $4, 8;
+and.b32 $2, t, 0x000f000f;
+and.b32 $3, t, 0x00f000f0;
+}""")
+
+
 @triton.jit
 def _planes_ptx(x, t_mask, ptx: tl.constexpr, PACK: tl.constexpr, IN_REGS: tl.constexpr):
     """ptx on the tile x ([BLOCK_N, C]; PACK elements per call) -> its two fp16 planes. Triton moves a dot operand's
@@ -127,6 +164,40 @@ def _load_planes(c_ptr, rows, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr,
         even = tl.load(c_ptr + rows[:, None] + 2 * half[None, :], mask=mask, other=0.0).to(out_ty)
         odd = tl.load(c_ptr + rows[:, None] + 2 * half[None, :] + 1, mask=mask, other=0.0).to(out_ty)
     return even, odd
+
+
+@triton.jit
+def _load_words(c_ptr, rows, t_mask, out_ty: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                IN_REGS: tl.constexpr, DENORM: tl.constexpr = False):
+    """BLOCK_N int4 head vectors (element offsets rows, even) as four [BLOCK_N, BLOCK_D // 4] planes in out_ty, head
+    dims 4i, 4i+1, 4i+2, 4i+3, unscaled q - 8. Compiled with fp16 out_ty: read as 16-bit words and converted by
+    _INT4_WORDS_PTX (IN_REGS as in _planes_ptx); otherwise (the interpreter) from the bytes. Masked words read 0
+    (-8 in every plane): the caller gives those tokens p = 0 and those dims a zero q. DENORM: the stored nibbles n
+    instead, as n * 2^-24 (planes 0, 2) and 16 n * 2^-24 (planes 1, 3): _INT4_WORDS_DENORM_PTX."""
+    quarter = tl.arange(0, BLOCK_D // 4)
+    mask = t_mask[:, None] & (quarter < HEAD_DIM // 4)[None, :]
+    if out_ty == tl.float16:
+        w = tl.load(c_ptr.to(tl.pointer_type(tl.int16)) + (rows // 2)[:, None] + quarter[None, :], mask=mask,
+                    other=0)
+        ptx: tl.constexpr = _INT4_WORDS_DENORM_PTX if DENORM else _INT4_WORDS_PTX
+        f16x4: tl.constexpr = (tl.float16, tl.float16, tl.float16, tl.float16)
+        if IN_REGS:
+            pin = t_mask.to(tl.int32)[:, None]
+            p0, p1, p2, p3 = tl.inline_asm_elementwise(ptx, "=r,=r,=r,=r,r,r,r", [w, pin], dtype=f16x4, is_pure=True,
+                                                       pack=2)
+        else:
+            p0, p1, p2, p3 = tl.inline_asm_elementwise(ptx, "=r,=r,=r,=r,r", [w], dtype=f16x4, is_pure=True, pack=2)
+    else:
+        lo = tl.load(c_ptr + rows[:, None] + 2 * quarter[None, :], mask=mask, other=0).to(tl.int32)
+        hi = tl.load(c_ptr + rows[:, None] + 2 * quarter[None, :] + 1, mask=mask, other=0).to(tl.int32)
+        if DENORM:
+            tiny: tl.constexpr = 2.0**-24
+            p0, p1 = ((lo & 15).to(tl.float32) * tiny).to(out_ty), ((lo & 0xF0).to(tl.float32) * tiny).to(out_ty)
+            p2, p3 = ((hi & 15).to(tl.float32) * tiny).to(out_ty), ((hi & 0xF0).to(tl.float32) * tiny).to(out_ty)
+        else:
+            p0, p1 = ((lo & 15) - 8).to(out_ty), ((lo >> 4) - 8).to(out_ty)
+            p2, p3 = ((hi & 15) - 8).to(out_ty), ((hi >> 4) - 8).to(out_ty)
+    return p0, p1, p2, p3
 
 
 def _config(gpu: dict[str, int], interpret: dict[str, int], q: torch.Tensor) -> dict[str, int]:

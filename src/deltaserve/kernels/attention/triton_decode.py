@@ -9,7 +9,8 @@ import triton.language as tl
 
 from deltaserve.kernels._device import num_sms
 from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _check_last_dim, _config,
-                                                        _kv_quant, _load_planes, _load_quantized, _precision)
+                                                        _kv_quant, _load_planes, _load_quantized, _load_words,
+                                                        _precision)
 
 # Tile config for CUDA; module-level so benchmarks/bench_attention.py can sweep it. From that sweep
 # (benchmarks/RESULTS.md, 2026-11-27, bench_attention.py): configs within 10% of each other at batch 64; more
@@ -30,6 +31,13 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # 5, 27B heads, N=32 L=32k / N=8 L=128k, CUDA graphs): fp8 PLANES with BLOCK_N 128 / 4 warps 75% / 71% of copy
 # bandwidth (the previous default 47% / 42%), 1.63x / 1.71x the bf16 pages' time; int8 PLANES (BLOCK_N 64) 58% / 50%
 # (was 46% / 39%), int4 PLANES V_REGS 34% / 30% (was 22% / 19%).
+# INT4_WORDS (int4 only, 0/1/2; implies PLANES; off by default, not yet timed): int4 pages read as 16-bit words (4
+# head dims each) into four planes, dims 4i + j, converted by _INT4_WORDS_PTX (1: magic-number lop3 + sub/fma, exact)
+# or with K as fp16 subnormals (2: one AND per plane register, the +8 offset removed as 8 * sum(q) per head in the
+# scores' accumulator; V as in 1). Every operand stays 16-bit (kWidth 2): no kWidth-4 q reloads and register shuffles,
+# V through ldmatrix.trans without V_REGS. sm_90a tile-loop SASS per KV byte (benchmarks/compile_check.py, BLOCK_N
+# 128, 4 warps): 0.236 (PLANES V_REGS) -> 0.169 (1) / 0.155 (2). bench_attention.py --kv-quant --kv-quant-variants
+# times them next to the default.
 _PLANES = {"num_stages": 3, "F16_DOTS": 1, "PLANES": 1}
 QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
                                                   2: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
@@ -49,12 +57,14 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr, F16_DOTS: tl.constexpr = False,
-    PLANES: tl.constexpr = False, V_REGS: tl.constexpr = False,
+    PLANES: tl.constexpr = False, V_REGS: tl.constexpr = False, WORDS: tl.constexpr = 0,
 ):
     """Program (n, kv head g, split s): the GQA group's q heads are the rows of the tile, so each K/V tile is read
     once for all of them. Split s covers whole BLOCK_N tiles [lo, hi) of sequence n; writes the split's normalized
     output and its log2-sum-exp (-inf for an empty split) to the partial buffers [N, Hq, num_splits, (D)]. With
-    PLANES every head-dim tile is split in two: even dims (q, acc, k, v) and odd dims (q_hi, acc_hi, k_hi, v_hi)."""
+    PLANES every head-dim tile is split in two: even dims (q, acc, k, v) and odd dims (q_hi, acc_hi, k_hi, v_hi);
+    with WORDS too (int4 read as 16-bit words) in four, dims 4i + j: j = 0 (q, acc, k, v), 1 (the _hi names), 2 and
+    3 (the _2 and _3 names)."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -64,7 +74,7 @@ def _decode_split_kernel(
     lo = s * tiles_per_split * BLOCK_N
     hi = tl.minimum(lo + tiles_per_split * BLOCK_N, seq_len)
 
-    STEP: tl.constexpr = 2 if PLANES else 1  # head dims between neighbouring columns of a tile
+    STEP: tl.constexpr = 4 if WORDS else (2 if PLANES else 1)  # head dims between neighbouring columns of a tile
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D // STEP)
     offs_n = tl.arange(0, BLOCK_N)
@@ -76,11 +86,24 @@ def _decode_split_kernel(
     q_hi = q  # unused unless PLANES
     if PLANES:
         q_hi = _load_q(q_cols + 1, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
+    q_2 = q  # unused unless WORDS
+    q_3 = q
+    if WORDS:
+        q_2 = _load_q(q_cols + 2, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
+        q_3 = _load_q(q_cols + 3, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
+    k_scale_mul = qk_scale
+    k_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 2: K's +8 over all dims, in the dot's 2^-24 units
+    if WORDS == 2:
+        k_scale_mul = qk_scale * 16777216.0
+        q_sum = tl.sum(q.to(tl.float32) + q_hi.to(tl.float32) + q_2.to(tl.float32) + q_3.to(tl.float32), 1)
+        k_bias = q_sum * (8.0 * 2.0**-24)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)
     acc_hi = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)  # loop-invariant (dropped) unless PLANES
+    acc_2 = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)  # and these unless WORDS
+    acc_3 = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)
     bt_row = bt_ptr + n64 * stride_btn
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
@@ -100,12 +123,25 @@ def _decode_split_kernel(
                 v = v.to(tl.float32)
             scores = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         else:
-            if PLANES:
+            if WORDS:
+                k, k_hi, k_2, k_3 = _load_words(kc_ptr, k_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, False,
+                                                WORDS == 2)
+                v, v_hi, v_2, v_3 = _load_words(vc_ptr, v_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, V_REGS)
+                if WORDS == 2:  # planes 1 and 3 are 16 n 2^-24, 0 and 2 n 2^-24 (n = q + 8)
+                    scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
+                    scores = tl.dot(q_3, tl.trans(k_3), scores, input_precision=PREC)
+                    scores = scores * 0.0625 - k_bias[:, None]
+                    scores = tl.dot(q_2, tl.trans(k_2), scores, input_precision=PREC)
+                else:
+                    scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
+                    scores = tl.dot(q_2, tl.trans(k_2), scores, input_precision=PREC)
+                    scores = tl.dot(q_3, tl.trans(k_3), scores, input_precision=PREC)
+            elif PLANES:
                 k, k_hi = _load_planes(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False)
                 v, v_hi = _load_planes(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, V_REGS)
                 scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
                 if QUANT == 3:
-                    scores = scores * 0.0625  # int4's k_hi is 16 (q - 8)
+                    scores = scores * 0.0625  # two-plane int4's k_hi is 16 (q - 8)
             else:
                 k = _load_quantized(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
                 v = _load_quantized(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -113,7 +149,7 @@ def _decode_split_kernel(
             s_rows = page * stride_sp + in_page * stride_ss + g
             k_sc = tl.load(ks_ptr + s_rows, mask=t_mask, other=0.0)
             v_sc = tl.load(vs_ptr + s_rows, mask=t_mask, other=0.0)
-            scores = tl.dot(q, tl.trans(k), scores, input_precision=PREC) * (k_sc * qk_scale)[None, :]
+            scores = tl.dot(q, tl.trans(k), scores, input_precision=PREC) * (k_sc * k_scale_mul)[None, :]
         scores = tl.where(t_mask[None, :], scores, float("-inf"))
         # every tile holds at least one valid token, so m_new is finite
         m_new = tl.maximum(m_i, tl.max(scores, 1))
@@ -125,6 +161,9 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         if PLANES:
             acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v.dtype), v_hi, input_precision=PREC)
+        if WORDS:
+            acc_2 = acc_2 * alpha[:, None] + tl.dot(p.to(v.dtype), v_2, input_precision=PREC)
+            acc_3 = acc_3 * alpha[:, None] + tl.dot(p.to(v.dtype), v_3, input_precision=PREC)
         m_i = m_new
 
     nonempty = l_i > 0
@@ -135,8 +174,11 @@ def _decode_split_kernel(
     o_cols = part_o_ptr + row[:, None] * HEAD_DIM + STEP * offs_d[None, :]
     tl.store(o_cols, acc / denom, mask=h_mask[:, None] & d_mask[None, :])
     if PLANES:
-        hi_scale: tl.constexpr = 16.0 if QUANT == 3 else 1.0  # int4's v_hi is 16 (q - 8)
+        hi_scale: tl.constexpr = 16.0 if QUANT == 3 and not WORDS else 1.0  # two-plane int4's v_hi is 16 (q - 8)
         tl.store(o_cols + 1, acc_hi / (hi_scale * denom), mask=h_mask[:, None] & d_mask[None, :])
+    if WORDS:
+        tl.store(o_cols + 2, acc_2 / denom, mask=h_mask[:, None] & d_mask[None, :])
+        tl.store(o_cols + 3, acc_3 / denom, mask=h_mask[:, None] & d_mask[None, :])
 
 
 @triton.jit
@@ -237,8 +279,10 @@ def decode_into(
     part_lse = torch.empty((N, Hq, num_splits), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
     # two planes of >= 16 columns for tl.dot; fp8/int8 pages are read as 16-bit dim pairs, so every stride is even
-    planes = (bool(cfg.get("PLANES")) and quant != 0 and BLOCK_D >= 32 and D % 2 == 0
+    planes = (bool(cfg.get("PLANES") or cfg.get("INT4_WORDS")) and quant != 0 and BLOCK_D >= 32 and D % 2 == 0
               and all(st % 2 == 0 for st in (*k_cache.stride()[:3], *v_cache.stride()[:3])))
+    # int4 as 16-bit words: four planes of >= 16 columns, a row of whole words (the strides are even: planes)
+    words = (int(cfg.get("INT4_WORDS", 0)) if planes and quant == 3 and BLOCK_D >= 64 and D % 4 == 0 else 0)
     _decode_split_kernel[(N, Hkv, num_splits)](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_o, part_lse,
         scale * _LOG2E, num_splits,
@@ -250,7 +294,7 @@ def decode_into(
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
         UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
         F16_DOTS=q.dtype == torch.bfloat16 and q.is_cuda and (bool(cfg.get("F16_DOTS")) and quant == 1 or planes),
-        PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")),
+        PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")), WORDS=words,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     _decode_reduce_kernel[(N, Hq)](
