@@ -1,15 +1,19 @@
 """Prefix caching on two workloads, with the cache and without it, in one run: token hit rate against the
 workload's ideal, TTFT percentiles (and on resumed turns), throughput.
 
-python benchmarks/bench_prefix.py [--model 9B] [--workloads chat system] [--concurrency 1 16]
+python benchmarks/bench_prefix.py [--model 9B] [--workloads chat chat-rewrite system] [--concurrency 1 16]
                                   [--conversations 4] [--turns 8] [--first-len 8192] [--turn-len 200]
                                   [--system-len 4096] [--requests 16] [--output-len 64] [--num-checkpoints N]
 
 chat: `conversations` conversations of `turns` turns each, interleaved: turn 1 sends a first-len history, each
 later turn the previous prompt, the reply and a new turn-len message (the history is resent as it was: the shape
-of a non-thinking chat). system: `requests` prompts sharing one system-len system prompt, each with its own suffix of
-10 to 2,000 tokens. Random token ids and dummy weights at real shapes (load_format="dummy"); the engine is driven
-directly (no HTTP), `concurrency` requests in flight at a time, each sent when the previous one of its client ends.
+of a non-thinking chat). chat-rewrite: the same, but the template rewrites the history as Qwen3.5's drops past
+<think> blocks: each prompt ends with a generation prompt (assistant header + <think>), its cache point is the history
+before it (what the server's renderer gives), and the next history keeps the header and only the second half of the
+reply, so a turn resumes from the previous prompt's history, never from the end of its generation. system: `requests`
+prompts sharing one system-len system prompt, each with its own suffix of 10 to 2,000 tokens. Random token ids and
+dummy weights at real shapes (load_format="dummy"); the engine is driven directly (no HTTP), `concurrency` requests in
+flight at a time, each sent when the previous one of its client ends.
 The ideal hit rate is the share of prompt tokens that some earlier request of the workload already had as a prefix.
 """
 
@@ -57,6 +61,21 @@ def chat_workload(args: argparse.Namespace, vocab: int) -> Iterator[list[Job]]:
         # no cache points: the engine's default one, the last prompt position, is where the next turn resumes (a
         # point must lie inside the prompt, so len(h) would be dropped)
         jobs = [Job(h, (), c) for c, h in enumerate(histories)]
+        yield jobs
+
+
+GENERATION_PROMPT = [5, 6, 7]  # "<|im_start|>assistant\n<think>\n": a past turn keeps the first two (its header)
+
+
+def chat_rewrite_workload(args: argparse.Namespace, vocab: int) -> Iterator[list[Job]]:
+    rnd = random.Random(0)
+    histories = [_tokens(rnd, args.first_len, vocab) for _ in range(args.conversations)]
+    jobs: list[Job] = []
+    for turn in range(args.turns):
+        if turn:
+            histories = [j.prompt[:-len(GENERATION_PROMPT)] + GENERATION_PROMPT[:2] + j.reply[len(j.reply) // 2:]
+                         + _tokens(rnd, args.turn_len, vocab) for j in jobs]
+        jobs = [Job(h + GENERATION_PROMPT, (len(h),), c) for c, h in enumerate(histories)]
         yield jobs
 
 
@@ -116,7 +135,7 @@ def run(args: argparse.Namespace, workload: str, concurrency: int, cached: bool)
     from deltaserve import LLM
 
     shape = SHAPES[args.model]
-    make = chat_workload if workload == "chat" else system_workload
+    make = {"chat": chat_workload, "chat-rewrite": chat_rewrite_workload, "system": system_workload}[workload]
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "config.json").write_text(json.dumps(shape))
         max_len = args.first_len + args.turns * (args.turn_len + args.output_len) + args.system_len + 2048 + 64
@@ -166,7 +185,7 @@ def _sync() -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="9B", choices=list(SHAPES))
-    ap.add_argument("--workloads", nargs="+", default=["chat", "system"], choices=["chat", "system"])
+    ap.add_argument("--workloads", nargs="+", default=["chat", "system"], choices=["chat", "chat-rewrite", "system"])
     ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
     ap.add_argument("--conversations", type=int, default=4)
     ap.add_argument("--turns", type=int, default=8)

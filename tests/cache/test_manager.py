@@ -8,7 +8,7 @@ import random
 import pytest
 
 from deltaserve.cache.allocator import PageAllocator, pages_for_tokens
-from deltaserve.cache.manager import CacheManager, PageCopy, StateCopy
+from deltaserve.cache.manager import DEMOTED_TICKS, EFFICIENCY_WEIGHT, CacheManager, PageCopy, StateCopy
 
 
 def test_page_geometry_is_one_formula() -> None:
@@ -141,3 +141,197 @@ def test_random_admissions_checkpoints_and_ends_leave_the_pools_full() -> None:
     assert cache.is_empty()
     cache.reset_prefix_cache()
     assert cache.num_free_pages == cache.num_pages and cache.num_checkpoints == 0
+
+
+# ---- eviction order under pressure ----------------------------------------------------------------------------------
+def _checkpoint(cache: CacheManager, rid: str, tokens: list[int], position: int, generated: bool = False) -> bool:
+    pending = cache.reserve_checkpoint(rid, tokens, position, generated=generated)
+    if pending is not None:
+        cache.publish(pending)
+    return pending is not None
+
+
+def _turn(cache: CacheManager, rid: str, prompt: list[int], reply: list[int], cache_point: int | None = None
+          ) -> int:
+    """One turn as the scheduler runs it: admit on the longest match, checkpoint the cache point (default: the last
+    prompt position), generate, checkpoint the end of the generation, end. Returns the matched tokens."""
+    cache.tick += 1
+    match = cache.match_prefix(prompt, rid)
+    cache.admit(rid, len(prompt), match)
+    _checkpoint(cache, rid, prompt, len(prompt) - 1 if cache_point is None else cache_point)
+    cache.tick += len(reply)
+    assert cache.grow(rid, len(prompt) + len(reply))
+    _checkpoint(cache, rid, prompt + reply, len(prompt) + len(reply) - 1, generated=True)
+    cache.free(rid)
+    return match.num_tokens
+
+
+def _eviction_order(cache: CacheManager) -> list[int]:
+    order = []
+    while cache.num_checkpoints:
+        before = {c.position for c in cache._index.checkpoints}
+        assert cache._evict_one()
+        order += before - {c.position for c in cache._index.checkpoints}
+    assert cache.is_empty()
+    return order
+
+
+def test_a_generation_end_goes_before_its_prompt_until_a_turn_resumes_from_one() -> None:
+    rng = random.Random(0)
+    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8)
+    first = [rng.randrange(50) for _ in range(20)]
+    reply = [rng.randrange(50) for _ in range(4)]
+    assert _turn(cache, "t1", first, reply) == 0  # checkpoints at 19 and 23 (the template is not known yet)
+    second = first + reply + [rng.randrange(50) for _ in range(8)]
+    assert _turn(cache, "t2", second, [rng.randrange(50) for _ in range(4)]) == 23  # at 31 and 35
+    # 23 and the prompt it extends (19) are superseded: turn 2 went past both; turn 2 resumed from a generation's end
+    # (the template resends replies), so its own prompt checkpoint (31) is demoted for its generation's end (35); 23
+    # outlives 31, being the one turn 2 resumed from (used until turn 2 ended)
+    assert _eviction_order(cache) == [19, 31, 23, 35]
+
+
+def test_a_template_that_drops_the_reply_keeps_the_prompt_checkpoint() -> None:
+    rng = random.Random(1)
+    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8)
+    history = [rng.randrange(50) for _ in range(20)]
+    _turn(cache, "t1", history + [7], [rng.randrange(50) for _ in range(4)], cache_point=20)  # at 20 and 24
+    history = history + [rng.randrange(50) for _ in range(8)]  # the reply is not resent
+    assert _turn(cache, "t2", history + [7], [rng.randrange(50) for _ in range(4)], cache_point=28) == 20
+    assert _eviction_order(cache) == [24, 20, 32, 28]  # 24 bypassed, 20 superseded, then 32 (a reply) before 28
+
+
+def test_demotion_is_a_bonus_on_recency() -> None:
+    """A demoted checkpoint still outlives a live one left unused for longer than DEMOTED_TICKS."""
+    rng = random.Random(2)
+    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8)
+    _turn(cache, "stale", [rng.randrange(50) for _ in range(20)], [rng.randrange(50) for _ in range(4)])
+    cache.tick += DEMOTED_TICKS + EFFICIENCY_WEIGHT + 10
+    _turn(cache, "fresh", [rng.randrange(50) for _ in range(28)], [rng.randrange(50) for _ in range(4)])
+    assert _eviction_order(cache) == [23, 19, 31, 27]  # the stale request's end and prompt, then the fresh one's
+
+
+def _chat(num_checkpoints: int, rewrite: bool, conversations: int = 4, turns: int = 6
+          ) -> list[list[tuple[int, int]]]:
+    """Conversations returning in a fixed cycle; round by round, the tokens each turn resumed with and the most it
+    could have. rewrite: the next history drops the reply (a template rewriting history), so only the prompt's cache
+    point can match."""
+    rng = random.Random(0)
+    cache = CacheManager(num_pages=400, num_slots=2, page_size=4, num_checkpoints=num_checkpoints)
+    histories = [[rng.randrange(50) for _ in range(40)] for _ in range(conversations)]
+    rounds, best = [], [0] * conversations
+    for turn in range(turns):
+        matched = []
+        for c in range(conversations):
+            reply = [rng.randrange(50) for _ in range(4)]
+            prompt = histories[c] + [7]  # the generation prompt: the cache point is the history before it
+            matched.append((_turn(cache, f"c{c}t{turn}", prompt, reply, cache_point=len(histories[c])), best[c]))
+            best[c] = len(histories[c]) if rewrite else len(prompt) + len(reply) - 1
+            histories[c] = (histories[c] if rewrite else prompt + reply) + [rng.randrange(50) for _ in range(8)]
+        rounds.append(matched)
+    cache.reset_prefix_cache()
+    assert cache.is_empty() and cache.num_free_pages == cache.num_pages
+    return rounds
+
+
+@pytest.mark.parametrize("rewrite", [False, True])
+def test_chat_with_one_slot_per_conversation_hits_every_return(rewrite: bool) -> None:
+    """4 slots for 4 conversations taking 2 checkpoints a turn: recency alone evicted each conversation's
+    checkpoints just before it returned; demoting what a later turn went past keeps one per conversation."""
+    for matched in _chat(num_checkpoints=4, rewrite=rewrite)[2:]:
+        assert all(got == best for got, best in matched)  # with resent replies: from the generation's end
+
+
+def test_a_pool_smaller_than_the_conversations_keeps_some_until_they_return() -> None:
+    """3 slots, 4 conversations in a cycle: a request that resumed from nothing does not evict a path that came
+    back and was used recently, so 3 of the 4 keep hitting instead of none."""
+    rounds = _chat(num_checkpoints=3, rewrite=False)
+    assert [sum(got > 0 for got, _ in m) for m in rounds[3:]] == [3] * (len(rounds) - 3)
+
+
+def test_long_chats_keep_their_generation_ends_among_one_off_prompts() -> None:
+    """Chats that resend long replies, with one-off prompts between their turns: the chats resume from the end of
+    their last generation (after the first turn shows that the reply was resent), the one-offs give way."""
+    rng = random.Random(3)
+    cache = CacheManager(num_pages=4000, num_slots=2, page_size=16, num_checkpoints=8)
+    histories = [[rng.randrange(1000) for _ in range(500)] for _ in range(2)]
+    for turn in range(6):
+        for c in range(2):
+            prompt = histories[c] + [rng.randrange(1000) for _ in range(20)]
+            reply = [rng.randrange(1000) for _ in range(200)]
+            matched = _turn(cache, f"c{c}t{turn}", prompt, reply)
+            assert matched == (len(histories[c]) - 1 if turn >= 2 else matched)
+            histories[c] = prompt + reply
+            for i in range(3):
+                _turn(cache, f"o{turn}{c}{i}", [rng.randrange(1000) for _ in range(100)], [1, 2, 3])
+    cache.reset_prefix_cache()
+    assert cache.is_empty()
+
+
+def test_a_shared_prefix_outlives_the_requests_that_resume_from_it() -> None:
+    rng = random.Random(4)
+    cache = CacheManager(num_pages=200, num_slots=2, page_size=4, num_checkpoints=3)
+    system = [rng.randrange(50) for _ in range(32)]
+    for i in range(12):
+        prompt = system + [rng.randrange(50) for _ in range(rng.randint(4, 12))]
+        cache.tick += 1
+        match = cache.match_prefix(prompt, f"r{i}")
+        assert match.num_tokens == (32 if i else 0)
+        cache.admit(f"r{i}", len(prompt), match)
+        _checkpoint(cache, f"r{i}", prompt, 32)  # the system prompt's cache point
+        _checkpoint(cache, f"r{i}", prompt, len(prompt) - 1)
+        assert cache.grow(f"r{i}", len(prompt) + 4)
+        _checkpoint(cache, f"r{i}", prompt + [1, 2, 3, 4], len(prompt) + 3, generated=True)
+        cache.free(f"r{i}")
+    assert cache.is_empty()
+
+
+def test_the_lazy_eviction_heap_evicts_the_least_valuable() -> None:
+    """Random turns on a small pool: each eviction's victim has the least value of the candidates."""
+    rng = random.Random(5)
+    cache = CacheManager(num_pages=300, num_slots=2, page_size=4, num_checkpoints=5)
+    evict = cache._evict_one
+    checked = []
+
+    def checked_evict(keep=None, newcomer=None, path=None):
+        candidates = [c for c in cache._index.checkpoints if c is not keep]
+        least = min((cache._value(c) for c in candidates), default=None)
+        before = set(map(id, cache._index.checkpoints))
+        done = evict(keep, newcomer, path)
+        gone = [c for c in candidates if id(c) in before and c not in cache._index.checkpoints]
+        if done:
+            assert len(gone) == 1 and cache._value(gone[0]) == least
+            checked.append(least)
+        return done
+
+    cache._evict_one = checked_evict
+    histories = [[rng.randrange(50) for _ in range(rng.randint(8, 30))] for _ in range(5)]
+    for i in range(60):
+        c = rng.randrange(5)
+        prompt = histories[c] + [rng.randrange(50) for _ in range(rng.randint(1, 9))]
+        reply = [rng.randrange(50) for _ in range(rng.randint(1, 6))]
+        _turn(cache, f"r{i}", prompt, reply)
+        histories[c] = prompt + reply if rng.random() < 0.7 else histories[c]
+    assert len(checked) > 20
+    cache.reset_prefix_cache()
+    assert cache.is_empty() and cache.num_free_pages == cache.num_pages
+
+
+def test_evicted_checkpoints_are_not_kept_alive() -> None:
+    """Lineage is kept as keys, the eviction heap drops what is evicted: after a reset nothing holds a checkpoint."""
+    import gc
+    import weakref
+
+    rng = random.Random(6)
+    cache = CacheManager(num_pages=200, num_slots=2, page_size=4, num_checkpoints=3)
+    refs, publish = [], cache.publish
+    cache.publish = lambda pending: (refs.append(weakref.ref(pending.checkpoint)), publish(pending))  # type: ignore
+    histories = [[rng.randrange(50) for _ in range(20)] for _ in range(4)]
+    for i in range(16):
+        prompt = histories[i % 4] + [rng.randrange(50) for _ in range(5)]
+        reply = [rng.randrange(50) for _ in range(4)]
+        _turn(cache, f"r{i}", prompt, reply)
+        histories[i % 4] = prompt + reply
+    assert cache.stats()["checkpoint_evictions"] > 0
+    cache.reset_prefix_cache()
+    gc.collect()
+    assert cache.is_empty() and not cache._heap and not cache._paths and all(r() is None for r in refs)

@@ -11,13 +11,27 @@ the checkpoint's partial last page into a page of the request's own (PageCopy: t
 Checkpoints live in a pool of extra state slots (ids after the running slots, in the same tensors). One is taken by
 copying a request's slot after the step that reached the position (a snapshot), and holds references on the pages
 of its prefix, so a matched prefix always has both its KV and its state. When pages or checkpoint slots run short,
-checkpoints are evicted by value: recency, raised for those that save the most prefill per byte kept (as Marconi
-weighs FLOP efficiency), partial-page ones first.
+checkpoints are evicted by value (`_value`): recency, raised for those that save the most prefill per byte kept (as
+Marconi weighs FLOP efficiency), partial-page ones first, and lowered by DEMOTED_TICKS for a checkpoint that a deeper
+one on its path is expected to replace (a bonus on recency, not a class: a stale live checkpoint still goes first):
+- the checkpoint a request resumed from, once it takes a deeper prompt checkpoint (the conversation moved on), unless
+  it may be a shared prefix (resumed from twice, or a point inside its own request's prompt);
+- of a request's last prompt checkpoint and its generation's end, the end, unless the conversation has shown that its
+  prompts resend replies (it resumed from a generation's end, or its prompt passed through one): then the prompt one.
+  Templates may rewrite replies (Qwen3.5 drops past <think> blocks): guessing wrong costs a reply one way, the whole
+  history the other.
+A new checkpoint is refused when it is worth less than the one it would evict, or when its request resumed from
+nothing and the victim is a path that came back and was used recently (`_protected`: with fewer slots than paths in
+use, recency alone evicts each one just before it returns). Values only drop through demotion, so a lazy heap ranks
+them: an eviction costs O(log n), not a pass over every checkpoint.
 """
 
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -27,6 +41,14 @@ from deltaserve.cache.prefix import Checkpoint, PageChain, PrefixIndex
 
 # A checkpoint that saves the most prefill per byte is kept as if it had been used this many schedule() calls later.
 EFFICIENCY_WEIGHT = 64
+# A demoted checkpoint (a deeper one on its path is expected to serve whoever comes back) is kept as if it had been
+# used this many schedule() calls earlier: it goes before the live resume points of recent paths, not before stale ones.
+DEMOTED_TICKS = 1024
+# A live resume point is protected from requests that resumed from nothing for this many pool sizes of checkpoint
+# reservations after its last use (`_protected`).
+PROTECT_POOLS = 4
+# How many evicted checkpoints per checkpoint slot are remembered (their page digests), to tell a path that comes back.
+GHOSTS_PER_SLOT = 2
 
 
 class StateSource(enum.Enum):
@@ -60,6 +82,10 @@ class PrefixMatch:
     partial_page: int | None = None
     state_slot: int | None = None
     checkpoint: Checkpoint | None = None
+    keeps_replies: bool | None = None  # the prompt resends the reply that followed the checkpoint (None: not known)
+    # no checkpoint, but the prompt passes through some evicted not long ago: the most requests one had resumed
+    # from (-1: none)
+    ghost_hits: int = -1
 
 
 NO_MATCH = PrefixMatch()
@@ -83,6 +109,20 @@ class PendingCheckpoint:
     checkpoint: Checkpoint
     snapshot: StateCopy
     request_id: str = ""
+
+
+@dataclass(eq=False)
+class _Path:
+    """A running request's place in its conversation, for eviction: the checkpoint it resumed from (`source`; `passed`
+    until it takes a deeper prompt checkpoint), whether its prompt resent the reply that followed it, the last prompt
+    checkpoint it took (paired with its generation's end), and, if it resumed from nothing, the most hits of the
+    evicted checkpoints its prompt passes through (-1: none)."""
+
+    source: Checkpoint | None = None
+    passed: Checkpoint | None = None
+    keeps_replies: bool | None = None
+    prompt: Checkpoint | None = None
+    ghost_hits: int = -1
 
 
 class CacheManager:
@@ -109,6 +149,12 @@ class CacheManager:
         self._claimed: dict[bytes, int] = {}
         self._claims: dict[str, list[bytes]] = {}
         self._chains: dict[str, PageChain] = {}  # each request's page digests, hashed once (until `free`)
+        self._paths: dict[str, _Path] = {}  # each running request's lineage (until `free`)
+        # eviction order: (value, entry id, checkpoint), a min-heap ranked lazily (see _evict_one)
+        self._heap: list[tuple[float, int, Checkpoint]] = []
+        self._entries = itertools.count()
+        self._reservations = 0  # checkpoint reservations asked for so far: the clock of `_protected`
+        self._ghosts: OrderedDict[bytes, int] = OrderedDict()  # the last checkpoints evicted: depth digest -> hits
         self._state_tokens = state_tokens
         self.tick = 0  # advanced by the scheduler once per step: the clock of checkpoint recency
         self.counters = {"checkpoints_taken": 0, "checkpoint_evictions": 0, "prefix_hits": 0,
@@ -176,12 +222,36 @@ class CacheManager:
         """The longest cached prefix of `token_ids` with both its pages and a GDN state, leaving at least the last
         token to compute (its logits are needed). request_id: whose tokens they are (their page digests are
         kept for its next lookups)."""
-        c = self._index.find(token_ids, len(token_ids) - 1, self._chain(request_id)) if self.prefix_caching else None
-        if c is None:
+        if not self.prefix_caching:
             return NO_MATCH
+        c = self._index.find(token_ids, len(token_ids) - 1, self._chain(request_id))
+        if c is None:
+            return PrefixMatch(ghost_hits=self._ghost_hits(token_ids, self._chain(request_id)))
         full = c.position // self.page_size
         partial = c.pages[full] if c.position % self.page_size else None
-        return PrefixMatch(c.position, c.pages[:full], partial, c.slot, c)
+        return PrefixMatch(c.position, c.pages[:full], partial, c.slot, c,
+                           self._resends_reply(c, token_ids, self._chain(request_id)))
+
+    def _ghost_hits(self, tokens: Sequence[int], chain: PageChain | None) -> int:
+        """The prompt passes through the full pages of checkpoints evicted not long ago (their path came back too
+        late): the most hits one had (-1: none)."""
+        if not self._ghosts:
+            return -1
+        return max((self._ghosts.get(d, -1) for d in self._index.digests(tokens, len(tokens) - 1, chain)[1:]),
+                   default=-1)
+
+    def _resends_reply(self, c: Checkpoint, tokens: Sequence[int], chain: PageChain | None) -> bool | None:
+        """Whether a prompt resuming from c resends the reply that followed it: c ends a generation, or the prompt
+        passes through the generation end c's request took (gone or not); else what c's conversation showed."""
+        if c.generated:
+            return True
+        if c.tail is None:
+            return c.keeps_replies
+        position, digest, partial = c.tail
+        if position > len(tokens):
+            return False
+        full = position // self.page_size * self.page_size
+        return self._index.digests(tokens, position, chain)[-1] == digest and tuple(tokens[full:position]) == partial
 
     def branch_position(self, token_ids: Sequence[int], limit: int, request_id: str | None = None) -> int:
         """The page-aligned position up to which `token_ids` shares pages with some checkpoint's prefix (where a new
@@ -208,9 +278,12 @@ class CacheManager:
         slot = self._slots.allocate()
         fresh = self._pages.allocate(self.pages_needed(num_tokens) - len(match.pages))
         allocation = Allocation(slot, list(match.pages) + fresh)
+        self._paths[request_id] = _Path(match.checkpoint, match.checkpoint, match.keeps_replies,
+                                        ghost_hits=match.ghost_hits)
         if match.checkpoint is not None:
-            match.checkpoint.last_access = self.tick
+            self._use(match.checkpoint)
             match.checkpoint.hits += 1
+            match.checkpoint.demoted = False  # resumed from: it serves a path that comes back (re-ranked lazily)
             self.counters["prefix_hits"] += 1
             allocation.state_copy = StateCopy(match.state_slot, slot)  # type: ignore[arg-type]
             if match.partial_page is not None:
@@ -233,6 +306,9 @@ class CacheManager:
         """Give back everything the request holds (unknown ids: nothing to do)."""
         self._release_claims(request_id)
         self._chains.pop(request_id, None)
+        path = self._paths.pop(request_id, None)
+        if path is not None and path.source is not None:
+            self._use(path.source)  # its path was in use until now
         allocation = self._held.pop(request_id, None)
         if allocation is not None:
             self._pages.free(allocation.pages)
@@ -272,10 +348,12 @@ class CacheManager:
         return self._index.deepest(token_ids, len(token_ids) - 1, self._claimed, chain) * self.page_size
 
     # ---- checkpoints -----------------------------------------------------------------------------------------------
-    def reserve_checkpoint(self, request_id: str, tokens: Sequence[int], position: int) -> PendingCheckpoint | None:
+    def reserve_checkpoint(self, request_id: str, tokens: Sequence[int], position: int,
+                           generated: bool = False) -> PendingCheckpoint | None:
         """A checkpoint of the state the request's slot will hold once the current step has run (its first
-        `position` tokens are `tokens[:position]`); None when one exists already, the pool is off, or nothing can
-        be evicted for it. Its snapshot copy goes with the step; `publish` once the step is launched."""
+        `position` tokens are `tokens[:position]`; generated: the position ends the request's generation); None when
+        one exists already, the pool is off, or the pool is full of checkpoints worth more. Its snapshot copy goes
+        with the step; `publish` once the step is launched."""
         allocation = self._held.get(request_id)
         if self._checkpoint_slots is None or allocation is None or position <= 0:
             return None
@@ -284,25 +362,59 @@ class CacheManager:
         if existing is not None or any(p.checkpoint.depth_digest == depth_digest and p.checkpoint.partial == partial
                                        for p in self._pending):
             if existing is not None:
-                existing.last_access = self.tick
+                self._use(existing)
                 self._release_claim(request_id, depth_digest)
             return None
-        if self._checkpoint_slots.num_free == 0 and not self._evict_one():
+        path = self._paths.setdefault(request_id, _Path())
+        self._reservations += 1
+        pair = path.prompt if generated and path.prompt is not None and path.prompt.heap_entry >= 0 else None
+        # Of a prompt checkpoint and its generation's end, the end goes first unless the conversation has shown it
+        # resends replies: a template may rewrite them (Qwen3.5 drops past <think> blocks), and guessing wrong costs
+        # one reply this way, the whole history the other.
+        c = Checkpoint(position, -1, tuple(allocation.pages[:self.pages_needed(position)]), depth_digest, partial,
+                       self.tick, self._reservations, chain=tuple(digests), generated=generated,
+                       demoted=pair is not None and not path.keeps_replies, keeps_replies=path.keeps_replies,
+                       proven=path.source is not None or path.ghost_hits >= 0)
+        if pair is not None:  # kept even if c is refused: the next prompt tells whether it resent the reply
+            pair.tail = (position, depth_digest, partial)
+        # what c makes redundant is demoted first, so that c can take its slot
+        passed = [pair] if pair is not None and path.keeps_replies else [] if generated else self._superseded(path)
+        demoted = [p for p in passed if self._demote(p)]
+        if self._checkpoint_slots.num_free == 0 and not self._evict_one(newcomer=c, path=path):
+            for p in demoted:
+                p.demoted = False  # its value rises again: re-ranked lazily
             self._release_claim(request_id, depth_digest)
             return None
-        pages = tuple(allocation.pages[:self.pages_needed(position)])
-        self._pages.share(pages)
-        slot = self._checkpoint_slots.allocate() + self._slots.num_total
-        c = Checkpoint(position, slot, pages, depth_digest, partial, self.tick, chain=tuple(digests))
-        pending = PendingCheckpoint(c, StateCopy(allocation.slot, slot), request_id)
+        self._pages.share(c.pages)
+        c.slot = self._checkpoint_slots.allocate() + self._slots.num_total
+        if pair is not None:
+            c.pair = (pair.depth_digest, pair.partial)
+        elif not generated:
+            path.passed = None
+            if path.prompt is not None:
+                path.prompt.inner = True
+            path.prompt = c
+        pending = PendingCheckpoint(c, StateCopy(allocation.slot, c.slot), request_id)
         self._pending.append(pending)
         return pending
+
+    def _superseded(self, path: _Path) -> list[Checkpoint]:
+        """The request took a prompt checkpoint past the one it resumed from: whoever follows its path next matches
+        the deeper one. Demote the one it resumed from, unless it may be a shared prefix (another request resumed from
+        it too, or its own request went on to a deeper prompt checkpoint: a point inside a prompt, as a system
+        prompt's), and, when that was a generation's end, the prompt checkpoint it extends (its request's pair)."""
+        c = path.passed
+        if c is None or c.hits > 1 or c.inner:
+            return []
+        prompt = self._index.get(*c.pair) if c.pair is not None else None
+        return [c] + ([prompt] if prompt is not None and prompt.hits == 0 else [])
 
     def publish(self, pending: PendingCheckpoint) -> None:
         """The snapshot's step is launched: the checkpoint can be matched from now on (device work runs in launch
         order, so any step that reads it runs after the copy)."""
         self._pending.remove(pending)
         self._index.add(pending.checkpoint)
+        self._push(pending.checkpoint)
         self.counters["checkpoints_taken"] += 1
         self._release_claim(pending.request_id, pending.checkpoint.depth_digest)
 
@@ -316,6 +428,9 @@ class CacheManager:
         for c in list(self._index.checkpoints):
             self._index.remove(c)
             self._release(c)
+            c.heap_entry = -1
+        self._heap.clear()
+        self._ghosts.clear()
 
     def _release(self, c: Checkpoint) -> None:
         self._pages.free(c.pages)
@@ -328,19 +443,82 @@ class CacheManager:
                 return False
         return True
 
-    def _evict_one(self, keep: Checkpoint | None = None) -> bool:
-        candidates = [c for c in self._index.checkpoints if c is not keep]
-        if not candidates:
+    def _evict_one(self, keep: Checkpoint | None = None, newcomer: Checkpoint | None = None,
+                   path: _Path | None = None) -> bool:
+        """Evict the least valuable checkpoint but `keep`; False if there is none, or if `newcomer` (a checkpoint
+        asking for a slot, for the request whose lineage is `path`) is worth less than it or it is `_protected`.
+        The heap is ranked lazily: a value only drops through `_demote`, which pushes a fresh entry; one that rose
+        since its entry (used again, resumed from) is pushed again when its entry comes up; entries of evicted
+        checkpoints, or replaced by a fresh one, are skipped."""
+        held, victim = [], None
+        while self._heap:
+            entry = heapq.heappop(self._heap)
+            value, entry_id, c = entry
+            if entry_id != c.heap_entry:
+                continue
+            if self._value(c) > value:
+                self._push(c)
+            elif c is keep:
+                held.append(entry)
+            else:
+                victim = entry
+                break
+        for entry in held:
+            heapq.heappush(self._heap, entry)
+        if victim is None:
             return False
-        victim = min(candidates, key=self._value)
-        self._index.remove(victim)
-        self._release(victim)
+        value, _, c = victim
+        if newcomer is not None and (self._value(newcomer) < value or self._protected(c, path)):
+            heapq.heappush(self._heap, victim)
+            return False
+        c.heap_entry = -1
+        self._index.remove(c)
+        self._release(c)
         self.counters["checkpoint_evictions"] += 1
+        if c.position >= self.page_size:
+            self._ghosts[c.depth_digest] = c.hits
+            self._ghosts.move_to_end(c.depth_digest)
+            if len(self._ghosts) > GHOSTS_PER_SLOT * self._checkpoint_slots.num_total:  # type: ignore[union-attr]
+                self._ghosts.popitem(last=False)
+        return True
+
+    def _protected(self, c: Checkpoint, path: _Path | None) -> bool:
+        """Whether c is kept from a newcomer whose request (`path`) resumed from nothing: c is a live resume point
+        (not demoted) on a path that has come back, used within the last PROTECT_POOLS pool sizes of reservations,
+        and resumed from at least as often as anything evicted on the newcomer's path. With fewer slots than paths
+        that return (4 chats cycling through 3 slots), recency alone evicts each path just before it comes back; this
+        keeps some until they do. Counted in reservations asked for, refused ones included, so it expires."""
+        if path is None or path.source is not None or c.demoted or not (c.proven or c.hits):
+            return False
+        return c.hits >= path.ghost_hits and \
+            self._reservations - c.used_at < PROTECT_POOLS * self._checkpoint_slots.num_total  # type: ignore
+
+    def _use(self, c: Checkpoint) -> None:
+        c.last_access, c.used_at = self.tick, self._reservations  # a value that rises is re-ranked lazily
+
+    def _push(self, c: Checkpoint) -> None:
+        """Rank c at its current value (its older entries go stale); rebuild the heap when stale entries outnumber
+        the live ones."""
+        c.heap_entry = -1
+        if len(self._heap) > 2 * len(self._index) + 64:
+            self._heap = [entry for entry in self._heap if entry[1] == entry[2].heap_entry]
+            heapq.heapify(self._heap)
+        c.heap_entry = next(self._entries)
+        heapq.heappush(self._heap, (self._value(c), c.heap_entry, c))
+
+    def _demote(self, c: Checkpoint) -> bool:
+        """A deeper checkpoint on c's path is expected to serve whoever comes back: c ranks DEMOTED_TICKS older.
+        False if it was demoted already."""
+        if c.demoted:
+            return False
+        c.demoted = True
+        if c.heap_entry >= 0:  # published, not evicted: re-ranked now (a pending one is ranked when published)
+            self._push(c)
         return True
 
     def _value(self, c: Checkpoint) -> float:
         """Recency, plus how much prefill it saves per token-equivalent of memory it keeps (state + KV pages);
-        partial-page checkpoints count as a page older."""
+        partial-page checkpoints count as a page older, demoted ones DEMOTED_TICKS older."""
         efficiency = c.position / (c.position + self._state_tokens)
         partial = 1 if c.position % self.page_size else 0
-        return c.last_access + EFFICIENCY_WEIGHT * efficiency - partial
+        return c.last_access + EFFICIENCY_WEIGHT * efficiency - partial - (DEMOTED_TICKS if c.demoted else 0)

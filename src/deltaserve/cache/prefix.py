@@ -73,8 +73,23 @@ class Checkpoint:
     depth_digest: bytes                 # digest of its floor(position / page_size) full pages
     partial: tuple[int, ...]            # its tokens in the partial page
     last_access: int = 0
+    used_at: int = 0  # the cache manager's count of checkpoint reservations when it was last used
     hits: int = 0
     chain: tuple[bytes, ...] = field(default=(), repr=False)  # digests of its full-page prefixes, for the index
+    # For eviction (CacheManager._value): whether it ends a generation; whether a deeper checkpoint on its path is
+    # expected to serve whoever comes back (demoted); the key (position, depth_digest, partial) of the generation end
+    # its request took after it (to tell, on a resume from it, whether the next prompt resent the reply); whether its
+    # conversation resends replies (True / False once seen, None: not known). Keys, not objects: nothing here keeps
+    # a checkpoint alive after it is evicted.
+    generated: bool = False
+    demoted: bool = False
+    tail: tuple[int, bytes, tuple[int, ...]] | None = field(default=None, repr=False)
+    pair: tuple[bytes, tuple[int, ...]] | None = field(default=None, repr=False)  # ends of generations: the key of
+    # the prompt checkpoint its request took before it
+    keeps_replies: bool | None = None
+    proven: bool = False  # its path has come back: its request resumed, or passed through a checkpoint evicted since
+    inner: bool = False  # its request took a deeper prompt checkpoint after it (a point inside a prompt: shared, maybe)
+    heap_entry: int = field(default=-1, repr=False)  # the id of its one valid entry in the eviction heap (-1: none)
 
 
 class PrefixIndex:

@@ -502,7 +502,7 @@ class Scheduler:
                 request.num_computed_tokens > request.num_tokens:
             return None
         pending = self.cache.reserve_checkpoint(request_id, request.token_ids(0, request.num_computed_tokens),
-                                                request.num_computed_tokens)
+                                                request.num_computed_tokens, generated=True)
         if pending is None:
             return None
         self.cache.publish(pending)
