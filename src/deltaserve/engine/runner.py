@@ -23,13 +23,13 @@ from deltaserve.cache.manager import PageCopy, StateCopy
 from deltaserve.cache.planner import MemoryPlan
 from deltaserve.config import EngineConfig
 from deltaserve.engine.cuda_graph import StepGraphs
-from deltaserve.engine.varlen_graph import VarlenGraphs
 from deltaserve.engine.device_inputs import DeviceStep, upload_step
 from deltaserve.engine.memory import new_cache, plan_cache_memory
 from deltaserve.engine.prompt_logprobs import PromptScores, prompt_logprobs, prompt_logprobs_lists
 from deltaserve.engine.sampler import GrammarBitmask, Sampler, SamplerOutput, SamplingRow
 from deltaserve.engine.speculative import MTPDrafter, first_logits_rows, kept_counts
 from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, needs_grammar
+from deltaserve.engine.varlen_graph import VarlenGraphs
 from deltaserve.kernels.moe.gpu import NO_GROUPED_MAX_PAIRS
 from deltaserve.kernels.moe.grouped import grouped_mm_available
 from deltaserve.kernels.quant.triton import PAIR_MAX
