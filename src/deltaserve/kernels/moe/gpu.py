@@ -32,14 +32,14 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
 
         return ref.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids,
                              shared_w13=shared_w13, shared_w2=shared_w2, shared_gate=shared_gate)
-    routed = grouped.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
-    if shared_w13 is None:
-        return routed
-    from deltaserve.kernels.activation import silu_and_mul
+    shared = None
+    if shared_w13 is not None:  # bf16 out of its down GEMM; gate and sum happen in the routed combine's fp32 sum
+        from deltaserve.kernels.activation import silu_and_mul
 
-    hidden = silu_and_mul(x=torch.nn.functional.linear(x, shared_w13))
-    shared = torch.sigmoid(shared_gate.float()) * torch.nn.functional.linear(hidden, shared_w2).float()
-    return (routed.float() + shared).to(x.dtype)
+        hidden = silu_and_mul(x=torch.nn.functional.linear(x, shared_w13))
+        shared = torch.nn.functional.linear(hidden, shared_w2)
+    return grouped.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, shared=shared,
+                             shared_gate=shared_gate)
 
 
 __all__ = ["NO_GROUPED_MAX_PAIRS", "SMALL_BATCH_PAIRS", "fused_moe", "moe_topk_softmax"]

@@ -1,13 +1,20 @@
-"""Routed experts as grouped GEMMs: tokens sorted by expert, two grouped GEMMs (torch._grouped_mm, CUTLASS on SM90), no host
-syncs, so the step stays CUDA-graph capturable. bf16 only; other dtypes take the reference."""
+"""Routed experts as grouped GEMMs: pairs (token, slot) sorted by expert, two grouped GEMMs (torch._grouped_mm,
+CUTLASS on SM90), no host syncs and no data-dependent shapes, so the step stays CUDA-graph capturable. bf16 only.
+
+The glue keeps every [pairs, .] tensor in bf16 and touches it once: the gather of x rows in sorted order (the GEMM
+wants contiguous rows), the gate|up GEMM's output read by the Triton silu_and_mul, and the down GEMM's output read by
+the Triton gather-sum combine (moe_combine), which also adds the shared expert. No fp32 copies in HBM, no atomics.
+The GEMM is a parameter (`mm`) so that the glue runs on CPU against ref.grouped_mm in the tests."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 
 from deltaserve.kernels._device import capability
-from deltaserve.kernels.moe import ref
+from deltaserve.kernels.activation.triton import silu_and_mul
+from deltaserve.kernels.moe.triton import moe_combine
 
 
 def grouped_mm_available(x: torch.Tensor) -> bool:
@@ -15,28 +22,41 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
             and capability(x.device)[0] >= 9)
 
 
-def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
-              topk_ids: torch.Tensor) -> torch.Tensor:
-    """x: [T, D]; w13: [E, 2I, D]; w2: [E, D, I]; topk_weights/ids: [T, k] -> [T, D] in x.dtype."""
-    if not grouped_mm_available(x):
-        return ref.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids)
+def cutlass_mm(*, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [M, K] grouped by expert, w [E, N, K] (the checkpoint's layout) -> [M, N], as ref.grouped_mm."""
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+
+def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """topk_ids [T, k] -> (token_of_row [T*k]: the token of each expert-sorted row, offs int32 [E]: each expert's
+    exclusive row end, pos [T, k]: the sorted row of each pair, i.e. the inverse permutation).
+
+    ids < 0 (experts on another rank) sort first and so join expert 0's group: computed, then masked by the combine.
+    offs by a binary search of the sorted ids, in int32 as the GEMM takes it: no bincount (it reads the max id on the
+    host, breaking CUDA-graph capture) and no int64 -> int32 copy."""
     T, k = topk_ids.shape
-    E = w13.shape[0]
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    token_of_row = order // k
-    # ids < 0 (experts on another rank) sort first and fall outside every group's offsets, so they contribute 0.
-    # scatter_add, not bincount: bincount reads the max id on the host, which breaks CUDA-graph capture.
-    counts = torch.zeros(E, dtype=torch.int32, device=x.device).scatter_add_(
-        0, flat.clamp(min=0), (flat >= 0).to(torch.int32))
-    offs = (torch.cumsum(counts, 0) + (flat < 0).sum()).to(torch.int32)
-    rows = x[token_of_row]
-    h = torch._grouped_mm(rows, w13.transpose(-2, -1), offs=offs)
-    inter = w13.shape[1] // 2
-    act = F.silu(h[:, :inter].float()) * h[:, inter:].float()
-    y = torch._grouped_mm(act.to(x.dtype), w2.transpose(-2, -1), offs=offs)
-    valid = (flat[order] >= 0).to(torch.float32)
-    y = y.float() * (topk_weights.reshape(-1)[order].float() * valid).unsqueeze(-1)
-    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-    out.index_add_(0, token_of_row, y)
-    return out.to(x.dtype)
+    ids, order = torch.sort(topk_ids.reshape(-1), stable=True)  # stable: a group's rows in token order
+    experts = torch.arange(num_experts, dtype=ids.dtype, device=ids.device)
+    offs = torch.searchsorted(ids, experts, right=True, out_int32=True)
+    rows = torch.arange(order.numel(), dtype=order.dtype, device=order.device)
+    pos = torch.empty_like(order).scatter_(0, order, rows)
+    return order // k, offs, pos.view(T, k)
+
+
+def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, shared: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None,
+              mm: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+    """x: [T, D]; w13: [E, 2I, D]; w2: [E, D, I]; topk_weights/ids: [T, k] -> [T, D] in x.dtype. With shared (the
+    shared expert's output [T, D]) and shared_gate ([T, 1] logits), adds sigmoid(shared_gate) * shared in the same
+    fp32 sum. mm: the grouped GEMM (default torch._grouped_mm, which needs grouped_mm_available(x))."""
+    if (shared is None) != (shared_gate is None):
+        raise ValueError("shared and shared_gate come together")
+    if mm is None:
+        if not grouped_mm_available(x):
+            raise ValueError("torch._grouped_mm needs bf16 CUDA tensors on SM90+ (gpu.fused_moe picks the path)")
+        mm = cutlass_mm
+    token_of_row, offs, pos = sort_pairs(topk_ids, w13.shape[0])
+    h = mm(x=x[token_of_row], w=w13, offs=offs)  # [T*k, 2I], gate | up
+    y = mm(x=silu_and_mul(x=h), w=w2, offs=offs)  # [T*k, D]
+    return moe_combine(y=y, pos=pos, topk_weights=topk_weights, topk_ids=topk_ids, shared=shared,
+                       shared_gate=shared_gate)

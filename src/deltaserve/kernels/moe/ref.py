@@ -51,3 +51,38 @@ def fused_moe(
         out = hidden @ w2[e].float().T
         y.index_add_(0, tokens, out * topk_weights[tokens, picks].float().unsqueeze(-1))
     return y.to(x.dtype)
+
+
+def moe_combine(*, y: torch.Tensor, pos: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                shared: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """out[t] = sum_j topk_weights[t, j] * y[pos[t, j]] over the slots with topk_ids[t, j] >= 0
+    (+ sigmoid(shared_gate[t]) * shared[t]), fp32 math in slot order, then the shared term; one rounding.
+
+    y: [P, D] routed-expert outputs, one row per (token, slot) pair in any order (the grouped path's expert-sorted
+    one); pos: [T, k] the row of y holding pair (t, j) (not read where topk_ids < 0); topk_weights, topk_ids:
+    [T, k]; shared: [T, D]; shared_gate: [T, 1] logits. Returns [T, D] in y.dtype (written into out if given).
+    """
+    valid = topk_ids >= 0
+    rows = torch.where(valid, pos, 0)
+    acc = torch.zeros(topk_ids.shape[0], y.shape[1], dtype=torch.float32, device=y.device)
+    for j in range(topk_ids.shape[1]):
+        term = topk_weights[:, j, None].float() * y[rows[:, j]].float()
+        acc += torch.where(valid[:, j, None], term, 0.0)  # where, not a 0 weight: an unused row may hold NaN
+    if shared is not None:
+        acc += torch.sigmoid(shared_gate.float()) * shared.float()
+    if out is None:
+        return acc.to(y.dtype)
+    return out.copy_(acc)
+
+
+def grouped_mm(*, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """What the grouped path asks of torch._grouped_mm: x [M, K] rows grouped by expert, w [E, N, K], offs int32 [E]
+    the groups' exclusive row ends -> [M, N] in x.dtype, rows [offs[e-1], offs[e]) times w[e]^T, fp32 math. Rows
+    past offs[-1] are zero here (left unspecified by torch). Syncs the host: tests only."""
+    out = torch.zeros(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        out[start:end] = (x[start:end].float() @ w[e].float().T).to(x.dtype)
+        start = end
+    return out

@@ -173,3 +173,48 @@ def fused_moe_pairs(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
         shared_gate.stride(0), out.stride(0), i_r, i_s, ACT_W=act_w, D=D, TOP_K=top_k, HAS_SHARED=int(has_shared),
         BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
     return out
+
+
+@triton.jit
+def _combine_kernel(y_ptr, pos_ptr, ids_ptr, w_ptr, shared_ptr, gate_ptr, out_ptr, stride_y, stride_s, stride_g,
+                    stride_out, D, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[t] = sum_j w[t, j] * y[pos[t, j]] (+ sigmoid(gate[t]) * shared[t]): a gather-sum, one program per (token,
+    column block), fp32 in registers, one store; no atomics, so the sum's order (and result) is fixed."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    m = cols < D
+    acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):  # unrolled: the k row loads are in flight together
+        valid = tl.load(ids_ptr + t * TOP_K + j) >= 0
+        row = tl.where(valid, tl.load(pos_ptr + t * TOP_K + j), 0).to(tl.int64)
+        w = tl.load(w_ptr + t * TOP_K + j).to(tl.float32)
+        # an id < 0 (expert on another rank) is masked, not weighted by 0: its row may hold garbage or NaN
+        v = tl.load(y_ptr + row * stride_y + cols, mask=m & valid, other=0.0).to(tl.float32)
+        acc += tl.where(valid, w, 0.0) * v
+    if HAS_SHARED:
+        g = tl.sigmoid(tl.load(gate_ptr + t * stride_g).to(tl.float32))
+        acc += g * tl.load(shared_ptr + t * stride_s + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + t * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def moe_combine(*, y: torch.Tensor, pos: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                shared: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """As ref.moe_combine, in one launch (grid: tokens x column blocks of 1024)."""
+    T, top_k = topk_ids.shape
+    D = y.shape[1]
+    y = _unit_last(y)
+    pos, ids, weights = pos.contiguous(), topk_ids.contiguous(), topk_weights.contiguous()
+    has_shared = shared is not None
+    if has_shared:
+        shared = _unit_last(shared)
+    else:  # placeholders: never read when HAS_SHARED is off
+        shared, shared_gate = y, weights
+    if out is None:
+        out = torch.empty(T, D, dtype=y.dtype, device=y.device)
+    if T and D:
+        block = min(1024, triton.next_power_of_2(D))  # D=2048: 8 elements (16 bytes of bf16) a thread
+        _combine_kernel[(T, triton.cdiv(D, block))](
+            y, pos, ids, weights, shared, shared_gate, out, y.stride(0), shared.stride(0), shared_gate.stride(0),
+            out.stride(0), D, TOP_K=top_k, HAS_SHARED=int(has_shared), BLOCK_D=block, num_warps=4)
+    return out
