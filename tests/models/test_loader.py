@@ -257,3 +257,20 @@ def test_peak_rss_while_loading_stays_under_1_3x_weights(tmp_path):
     ratio = (m["peak"] - m["base"]) / m["weights"]
     print(f"peak RSS growth while loading: {ratio:.3f} x the weights")
     assert ratio <= 1.3, m
+
+
+def test_router_rows_padded_to_eight_and_dropped(tmp_path):
+    """The router | shared-gate GEMM (E + 1 rows) is padded to a multiple of 8 rows (cuBLAS's aligned kernels):
+    the loaded rows equal the checkpoint's, the padding is zero, and forward_split returns only the real rows."""
+    save_checkpoint(TinySpec("m", moe=True), tmp_path, seed=3)
+    model = load(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    router = model.model.layers[0].mlp.router
+    E = model.config.num_experts
+    assert router.weight.shape[0] % 8 == 0 and router.padding_rows == router.weight.shape[0] - (E + 1)
+    prefix = "model.layers.0.mlp."
+    want = torch.cat([tensors[prefix + "gate.weight"], tensors[prefix + "shared_expert_gate.weight"]]).float()
+    assert torch.equal(router.weight[:E + 1], want)
+    assert not router.weight[E + 1:].any()
+    logits, gate = router.forward_split(torch.randn(3, router.in_features))
+    assert logits.shape == (3, E) and gate.shape == (3, 1)

@@ -111,9 +111,10 @@ class SparseMoE(nn.Module):
         super().__init__()
         assert config.num_experts and shapes.moe_intermediate_size and shapes.shared_expert_intermediate_size
         self.top_k = config.num_experts_per_tok
-        # The router (checkpoint name "gate") and the shared expert's gate as one GEMM: [E + 1, D].
+        # The router (checkpoint name "gate") and the shared expert's gate as one GEMM: [E + 1, D], padded to a
+        # multiple of 8 rows so cuBLAS keeps its aligned kernels.
         self.router = MergedLinear(config.hidden_size, {"gate": config.num_experts, "shared_expert_gate": 1},
-                                   dtype=dtype, device=device)
+                                   dtype=dtype, device=device, row_multiple=8)
         if shapes.expert_parallel:  # whole experts per rank (parallel/layers.py)
             from deltaserve.parallel.layers import ExpertParallelExperts
             self.experts: Experts = ExpertParallelExperts(shapes, config.hidden_size, dtype=dtype, device=device)
