@@ -63,7 +63,8 @@ def test_padded_step_computes_the_real_rows_exactly(moe: bool, device: str) -> N
     eagerly (on CUDA: fla-core's chunked kernels over the padding rows and the repeated chunks)."""
     torch.manual_seed(0)
     model = tiny_model(moe).to(device)
-    tol = dict(rtol=1e-5, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)  # tf32 on CUDA
+    # fp32 on CPU, but the padded GEMMs have more rows, so BLAS may block (and sum) differently; tf32 on CUDA
+    tol = dict(rtol=1e-4, atol=3e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)
     results = []
     for padded in (False, True):
         cache = ModelCache(model.config, CacheShape(num_pages=64, page_size=PAGE, num_slots=4,
@@ -160,8 +161,8 @@ def _seeded_cache(model, device: str) -> ModelCache:
 @pytest.mark.gpu
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_graph_replays_equal_eager_steps(moe: bool) -> None:
-    """Three different steps (rows, lengths, contexts, fresh and continued states) replayed from one captured key
-    give the eager step's hidden states, logits, GDN states and KV pages."""
+    """Three different steps (rows, lengths, contexts, fresh and continued states) replayed from captured keys (token
+    buckets 64 and 128) give the eager step's hidden states, logits, GDN states and KV pages."""
     model = tiny_model(moe).cuda()
     eager_cache, graph_cache = _seeded_cache(model, "cuda"), _seeded_cache(model, "cuda")
     graphs = VarlenGraphs(model, graph_cache, max_tokens=128, max_rows=4, max_pages=WIDTH, page_size=PAGE,
@@ -172,7 +173,7 @@ def test_graph_replays_equal_eager_steps(moe: bool) -> None:
              step_of([5, 1, 60], [0, 58, 140], [1, 3, 0], [4, 5])]
     for step in steps:
         key = graphs.key_for(step)
-        assert key == (4, 128)
+        assert key == (4, 64 if step.query_lens.sum() < 64 else 128)  # a bucket > t: the padding row takes one
         with torch.no_grad():
             dev = upload_step(step, page_size=PAGE, device="cuda")
             want_h = model(dev.input_ids, dev.batch, eager_cache)
