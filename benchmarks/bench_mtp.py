@@ -8,8 +8,11 @@ python benchmarks/bench_mtp.py --demo [--device cuda|cpu]                       
 
 Shapes mode, per (model, batch): the plain decode step and the verify step are CUDA graph replays (the engine's
 StepGraphs, keys (batch, 1) and (batch, 1 + K)); "commit" installs the kept GDN states (outside the graph, as in
-the engine); the draft passes (the MTP head over the 1 + K verified tokens, eager, then K - 1 chained one-token passes
-replayed from CUDA graphs, each with the lm_head's argmax) as the engine runs them. "step" = verify + commit + drafts. TPOT at
+the engine); the draft passes (the MTP head over the 1 + K verified tokens, then K - 1 chained one-token passes, each
+with the lm_head's argmax, all replayed from CUDA graphs) as the engine runs them ("drafts"; "drafts eager": the same
+without graphs). The drafts are split into "prep" (the host-side inputs of the chained passes, one upload), "first"
+(the first pass with draft 1) and "chain" (the K - 1 chained passes), each timed alone, with graphs and eager
+("drafts" ~ prep + first + chain). "step" = verify + commit + drafts. TPOT at
 acceptance length AL = step / AL: AL is the mean number of tokens a step keeps, 1.93 / 2.73 / 3.39 / 3.97 at
 K = 1 / 2 / 3 / 4 (Qwen3.5 MTP, published, wave2.md C.2).
 """
@@ -98,12 +101,24 @@ def bench_shape(name: str, model, batch: int, k: int, context: int) -> dict:
     drafter = MTPDrafter(model, cache, num_tokens=k, page_size=PAGE, device=dev)
     hidden = hidden.clone()
     tokens = logits.argmax(dim=-1)
-    ms_draft_eager = _time(lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept), reps=20)
-    eager_drafts = drafter.propose(step, dstep, idsk, hidden, tokens, kept)
-    drafter.capture(max_rows=batch, max_pages=pages_per_seq)  # the chained passes as the engine runs them
-    ms_draft = _time(lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept), reps=20)
-    same_drafts = bool((drafter.propose(step, dstep, idsk, hidden, tokens, kept) == eager_drafts).all()) \
-        if drafter.graphs is not None else None
+    propose = lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept)  # noqa: E731
+    # the parts of propose: host-side inputs of the chained passes (one upload), the first pass with draft 1, the
+    # K - 1 chained passes (fed draft 1 of a first pass, as propose feeds them)
+    first_row, table, limit = drafter.chain_inputs(step)
+    first = lambda: drafter.first_drafts(step, dstep, idsk, hidden, tokens, kept, first_row)  # noqa: E731
+    draft1, x1, pos1 = (t.clone() for t in first())
+    chain = (lambda: drafter.chain(draft1, x1, pos1, table, limit)) if k > 1 else None
+
+    def parts() -> tuple[float, float, float, float]:
+        return (_time(propose, reps=20), _time(lambda: drafter.chain_inputs(step), reps=20), _time(first, reps=20),
+                _time(chain, reps=20) if chain is not None else 0.0)
+
+    ms_draft_eager, ms_prep, ms_first_eager, ms_chain_eager = parts()
+    eager_drafts = propose()
+    drafter.capture(max_rows=batch, max_pages=pages_per_seq)  # first pass and chained passes as the engine runs them
+    ms_draft, _, ms_first, ms_chain = parts()
+    captured = drafter.graphs is not None or drafter.first_graphs is not None
+    same_drafts = bool((propose() == eager_drafts).all()) if captured else None
     step_ms = ms_verify + ms_commit + ms_draft
     al = PUBLISHED_AL[k]
     # graphs and cache go with this frame
@@ -111,7 +126,9 @@ def bench_shape(name: str, model, batch: int, k: int, context: int) -> dict:
     torch.cuda.empty_cache()
     return {"model": name, "batch": batch, "K": k, "decode ms": ms_decode, "verify ms": ms_verify,
             "verify/decode": ms_verify / ms_decode, "commit ms": ms_commit, "drafts ms": ms_draft,
-            "drafts eager ms": ms_draft_eager,
+            "drafts eager ms": ms_draft_eager, "prep ms": ms_prep,
+            "first ms": ms_first if drafter.first_graphs is not None else "eager", "first eager ms": ms_first_eager,
+            "chain ms": ms_chain if drafter.graphs is not None or k == 1 else "eager", "chain eager ms": ms_chain_eager,
             "step/decode": step_ms / ms_decode, "TPOT@AL ms": step_ms / al, "AL": al,
             "TPOT decode ms": ms_decode, "speedup": ms_decode * al / step_ms, "graph-eager max": graph_vs_eager,
             "draft graphs": {None: "eager", True: "same", False: "DIFFER"}[same_drafts]}
