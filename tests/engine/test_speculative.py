@@ -66,6 +66,14 @@ def test_options_and_errors(tiny):
             EngineArgs(model=str(tiny["dense"]), **bad).create_engine_config()
     with pytest.raises(ConfigError, match="no MTP head"):
         EngineArgs(model=str(tiny["no_mtp"]), speculative_tokens=1).create_engine_config()
+    args = EngineArgs(model=str(tiny["dense"]), speculative_tokens=2, speculative_draft_vocab=VOCAB)
+    assert args.create_engine_config().speculative.draft_vocab == VOCAB
+    for n in (0, -3, VOCAB + 1):
+        with pytest.raises(ConfigError, match=f"'speculative_draft_vocab' is {n}; use 1 to {VOCAB}"):
+            EngineArgs(model=str(tiny["dense"]), speculative_tokens=2,
+                       speculative_draft_vocab=n).create_engine_config()
+    with pytest.raises(ConfigError, match="'speculative_draft_vocab' applies to MTP"):
+        EngineArgs(model=str(tiny["dense"]), speculative_draft_vocab=64).create_engine_config()
 
 
 def test_cli_flags():
@@ -78,6 +86,8 @@ def test_cli_flags():
     ns = p.parse_args(["--speculative-config", '{"method":"mtp","num_speculative_tokens":2}'])
     assert engine_args_from(ns, "m").speculative_config is not None
     assert p.parse_args(["--speculative-tokens", "3"]).speculative_tokens == 3
+    ns = p.parse_args(["--speculative-tokens", "2", "--speculative-draft-vocab", "64"])
+    assert engine_args_from(ns, "m").speculative_draft_vocab == 64
 
 
 # ---- greedy exactness ------------------------------------------------------------------------------------------------
@@ -195,6 +205,31 @@ def test_first_pass_graph_body_equals_eager(tiny):
     assert llm.engine.spec_accepted_per_position[-1] > 0
 
 
+def test_draft_vocab_tiny(tiny):
+    """A draft vocabulary of N ids: every draft is below N (the argmax over the lm_head's first N rows), outputs
+    equal decoding without MTP."""
+    ps = prompts(4, seed=7)
+    ref = token_ids(make_llm(tiny["moe"]).generate(ps, GREEDY))
+    llm = make_llm(tiny["moe"], 3, speculative_draft_vocab=64)
+    drafter = llm.engine.runner.drafter
+    assert drafter.vocab == 64
+    seen = []
+    propose = drafter.propose
+
+    def spy(*args):
+        drafts = propose(*args)
+        seen.append(drafts)
+        return drafts
+    drafter.propose = spy
+    assert token_ids(llm.generate(ps, GREEDY)) == ref
+    assert seen and all(int(d.max()) < 64 for d in seen)
+    hidden = torch.randn(3, llm.engine.runner.model.config.hidden_size)
+    model = llm.engine.runner.model
+    full, sub = model.compute_logits(hidden), model.compute_logits(hidden, vocab=64)
+    assert sub.shape == (3, 64) and torch.equal(sub, full[:, :64])
+    assert model.lm_head_rows(64).data_ptr() == model.lm_head.weight.data_ptr()  # a view, no copy
+
+
 # ---- the demo model (it ships a trained MTP head) --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -213,6 +248,23 @@ def test_demo_greedy_equal_and_drafts_accepted(demo):
         llm = LLM(str(SHIPPED_DEMO_DIR), dtype="float32", device="cpu", max_model_len=1024, speculative_tokens=k)
         assert token_ids(llm.generate(ps, params)) == ref, f"K={k}"
         assert llm.engine.acceptance_length() > 1 + 0.5 * k  # measured ~1.9 / 2.6 / 3.2
+
+
+def test_demo_draft_vocab_exact_greedy_and_seeded(demo):
+    """With a draft vocabulary of 1/4 of the demo's ids, greedy and seeded sampled requests give the tokens they
+    give without MTP (drafts outside the subset are never proposed; acceptance is still the sampler's own draw), and
+    drafts are still accepted."""
+    base, ps = demo
+    ps = ps[:4]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, seed=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, max_tokens=24, seed=4, ignore_eos=True)]
+    ref = token_ids(base.generate(ps, params))
+    llm = LLM(str(SHIPPED_DEMO_DIR), dtype="float32", device="cpu", max_model_len=1024, speculative_tokens=3,
+              speculative_draft_vocab=1024)
+    assert token_ids(llm.generate(ps, params)) == ref
+    assert llm.engine.acceptance_length() > 1.5
 
 
 def test_demo_seeded_sampling_equal_token_for_token(demo):

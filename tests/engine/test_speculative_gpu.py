@@ -168,3 +168,26 @@ def test_first_pass_graphs_equal_eager(tiny, kind):  # noqa: F811
     assert token_ids(llm.generate(ps, params)) == ref
     assert checker.checked > 5 and graphs.replays >= checker.checked and any(exact) and not all(exact), \
         (checker.checked, exact, checker.max_diff)
+
+
+def test_draft_vocab_graphs_equal_eager():
+    """fp32 demo model with a draft vocabulary of half its ids: the graphed draft passes propose what the eager ones
+    do (same acceptance per position), every draft lies below the subset, and outputs equal decoding without MTP."""
+    kw = dict(max_model_len=1024, device="cuda", dtype="float32", max_num_seqs=8)
+    base = LLM(str(SHIPPED_DEMO_DIR), **kw)
+    ids = base.engine.tokenizer.encode((SHIPPED_DEMO_DIR / "heldout.txt").read_text())
+    ps = [ids[i * 400: i * 400 + 64] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    ref = token_ids(base.generate(ps, params))
+    runs = []
+    for eager in (False, True):
+        llm = LLM(str(SHIPPED_DEMO_DIR), speculative_tokens=3, speculative_draft_vocab=2048, enforce_eager=eager, **kw)
+        drafter = llm.engine.runner.drafter
+        assert (drafter.first_graphs is None) == eager and drafter.vocab == 2048
+        seen = []
+        propose = drafter.propose
+        drafter.propose = lambda *a, propose=propose, seen=seen: seen.append(propose(*a)) or seen[-1]
+        assert token_ids(llm.generate(ps, params)) == ref
+        assert seen and max(int(d.max()) for d in seen) < 2048
+        runs.append(llm.engine.spec_accepted_per_position)
+    assert runs[0] == runs[1] and runs[0][0] > 0

@@ -8,7 +8,9 @@ normalised residual max(p - q, 0)" reduces to: sample t ~ p (the processed targe
 t == d; on rejection t is the correction token, a sample of p restricted to tokens != d, i.e. the residual. Coupling
 the test to the sampler's own draw keeps the output distribution exactly that of decoding without drafts, with any
 temperature, top-k/top-p/min-p, penalties or logit bias (they shape p; q needs no processing), and makes seeded
-requests give the very tokens they give without MTP, whatever the batch.
+requests give the very tokens they give without MTP, whatever the batch. With a draft vocabulary
+(`speculative_draft_vocab` N) the argmax runs over token ids below N only: q is still the point mass on the draft
+(zero outside the subset, whose other tokens are never proposed), so the same test stays exact.
 
 Drafting (`MTPDrafter.propose`): the MTP head runs once over every token of the step (its own KV written at the
 same positions: position i takes the target's final-normed hidden state at i and the token at i + 1, i.e. the next
@@ -60,10 +62,16 @@ class MTPDrafter:
     """Proposes K greedy drafts per sampling request with the model's MTP head (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, cache: ModelCache, *, num_tokens: int, page_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, draft_vocab: int | None = None) -> None:
+        """draft_vocab N: drafts are the argmax over token ids 0 .. N - 1 only (logits from the first N rows of the
+        lm_head's weight); None: the whole vocabulary. Either way a draft is one token (q one-hot), so verification
+        stays exact."""
         if getattr(model, "mtp", None) is None:
             raise RuntimeError("speculative decoding needs the model's MTP head (load it with with_mtp=True)")
+        if draft_vocab is not None:
+            model.lm_head_rows(draft_vocab)  # raises now if this lm_head cannot be sliced, or N is out of range
         self.model, self.cache, self.k, self.page_size, self.device = model, cache, num_tokens, page_size, device
+        self.vocab = draft_vocab
         self.graphs: ChainGraphs | None = None  # set by capture() (CUDA, graphs on)
         self.first_graphs: FirstPassGraphs | None = None  # likewise
 
@@ -129,7 +137,7 @@ class MTPDrafter:
         # the last kept position of each request: its MTP output gives draft 1
         at = batch.logits_indices[first_row + kept - 1]
         x = h[at]
-        return self.model.compute_logits(x, upcast=False).argmax(dim=-1), x, batch.positions[at]
+        return self.model.compute_logits(x, upcast=False, vocab=self.vocab).argmax(dim=-1), x, batch.positions[at]
 
     @torch.no_grad()
     def chain(self, draft: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
@@ -138,7 +146,7 @@ class MTPDrafter:
         if self.graphs is not None and self.graphs.can_run(draft.shape[0], table.shape[1]):
             return self.graphs.run(draft, x, positions, table, limit)
         return chain_drafts(self.model, self.cache, draft, x, positions, table, limit, k=self.k,
-                            page_size=self.page_size)
+                            page_size=self.page_size, vocab=self.vocab)
 
     def capture(self, *, max_rows: int, max_pages: int, max_verify_rows: int | None = None) -> None:
         """CUDA graphs of the first pass of verify steps (up to max_verify_rows rows, default the cache's verify
@@ -148,7 +156,7 @@ class MTPDrafter:
         verify_rows = min(max_rows, self.cache.verify_rows if max_verify_rows is None else max_verify_rows)
         if verify_rows > 0:
             first = FirstPassGraphs(self.model, self.cache, width=1 + self.k, max_rows=verify_rows,
-                                    max_pages=max_pages, device=self.device)
+                                    max_pages=max_pages, device=self.device, vocab=self.vocab)
             try:
                 first.capture()
             except Exception as e:  # noqa: BLE001 - an eager first pass is slower, never wrong
@@ -159,7 +167,7 @@ class MTPDrafter:
         if self.k < 2:
             return
         graphs = ChainGraphs(self.model, self.cache, k=self.k, page_size=self.page_size, max_rows=max_rows,
-                             max_pages=max_pages, device=self.device)
+                             max_pages=max_pages, device=self.device, vocab=self.vocab)
         try:
             graphs.capture()
         except Exception as e:  # noqa: BLE001 - an eager draft is slower, never wrong
@@ -171,11 +179,12 @@ class MTPDrafter:
 
 def chain_drafts(model: torch.nn.Module, cache: ModelCache, draft: torch.Tensor, x: torch.Tensor,
                  positions: torch.Tensor, table: torch.Tensor, limit: torch.Tensor, *, k: int,
-                 page_size: int) -> torch.Tensor:
+                 page_size: int, vocab: int | None = None) -> torch.Tensor:
     """Drafts 2..k: the MTP head chained on its own output, one token per row at positions + 1, + 2, ...
 
     draft [R] (draft 1), x [R, D] (the MTP output that gave it), positions [R] (of x), table [R, W] int32 page
-    table, limit [R] int64 (no KV is written at positions >= limit). Returns [R, k - 1] int64."""
+    table, limit [R] int64 (no KV is written at positions >= limit), vocab the draft vocabulary (None: all).
+    Returns [R, k - 1] int64."""
     r, ps, width = draft.shape[0], page_size, table.shape[1]
     device = draft.device
     rows = torch.arange(r, device=device)
@@ -190,7 +199,7 @@ def chain_drafts(model: torch.nn.Module, cache: ModelCache, draft: torch.Tensor,
                              has_initial_state=has_state, block_tables=table, slot_mapping=mapping,
                              logits_indices=rows, tokens_per_row=1, any_padding=False)
         x = model.mtp_forward(draft, x, chain, cache)
-        draft = model.compute_logits(x, upcast=False).argmax(dim=-1)
+        draft = model.compute_logits(x, upcast=False, vocab=vocab).argmax(dim=-1)
         drafts.append(draft)
     return torch.stack(drafts, dim=1)
 
@@ -206,10 +215,10 @@ class FirstPassGraphs:
     slot, so the buffers hold none."""
 
     def __init__(self, model: torch.nn.Module, cache: ModelCache, *, width: int, max_rows: int, max_pages: int,
-                 device: torch.device) -> None:
+                 device: torch.device, vocab: int | None = None) -> None:
         from deltaserve.engine.cuda_graph import capture_sizes
 
-        self.model, self.cache, self.width, self.device = model, cache, width, device
+        self.model, self.cache, self.width, self.device, self.vocab = model, cache, width, device, vocab
         self.sizes = capture_sizes(max_rows)
         n, d = self.sizes[-1], model.config.hidden_size
         t = n * width
@@ -243,7 +252,7 @@ class FirstPassGraphs:
         h = self.model.mtp_forward(self.token_ids[:t], self.hidden[:t], self._batch(r), self.cache)
         at = self.rows[:r] * self.width + self.kept[:r] - 1
         x = h[at]
-        return self.model.compute_logits(x, upcast=False).argmax(dim=-1), x, self.positions[:t][at]
+        return self.model.compute_logits(x, upcast=False, vocab=self.vocab).argmax(dim=-1), x, self.positions[:t][at]
 
     @torch.no_grad()
     def capture(self) -> None:
@@ -305,10 +314,11 @@ class ChainGraphs:
     (limit 0) and their drafts are dropped."""
 
     def __init__(self, model: torch.nn.Module, cache: ModelCache, *, k: int, page_size: int, max_rows: int,
-                 max_pages: int, device: torch.device) -> None:
+                 max_pages: int, device: torch.device, vocab: int | None = None) -> None:
         from deltaserve.engine.cuda_graph import capture_sizes
 
         self.model, self.cache, self.k, self.page_size, self.device = model, cache, k, page_size, device
+        self.vocab = vocab
         self.sizes = capture_sizes(max_rows)
         n, d = self.sizes[-1], model.config.hidden_size
         dtype = model.model.embed_tokens.weight.dtype
@@ -321,7 +331,7 @@ class ChainGraphs:
 
     def _run(self, r: int) -> torch.Tensor:
         return chain_drafts(self.model, self.cache, self.draft[:r], self.x[:r], self.positions[:r], self.table[:r],
-                            self.limit[:r], k=self.k, page_size=self.page_size)
+                            self.limit[:r], k=self.k, page_size=self.page_size, vocab=self.vocab)
 
     @torch.no_grad()
     def capture(self) -> None:
