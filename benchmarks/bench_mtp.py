@@ -4,12 +4,20 @@ acceptance lengths (derived, not measured); `--demo` measures the demo model's a
 token with and without MTP.
 
 python benchmarks/bench_mtp.py [--models 9B 27B] [--batches 1 8 32] [--k 3] [--context 1024]   # GPU, ~2 min
-python benchmarks/bench_mtp.py --demo [--device cuda|cpu]                                        # ~20 s on a GPU
+python benchmarks/bench_mtp.py --demo [--device cuda|cpu] [--demo-k 1 2 3]                       # ~20 s on a GPU
+
+Both modes take --draft-vocab N [N ...]: rows with the drafts scoring only the first N token ids
+(speculative_draft_vocab) besides the rows with the whole vocabulary ("draft vocab": all). In --demo mode that
+shows what the subset costs in acceptance length; in shapes mode what it saves in draft time (TPOT@AL and speedup
+there still use the published full-vocabulary AL: an upper bound for a subset, read with the --demo figures).
 
 Shapes mode, per (model, batch): the plain decode step and the verify step are CUDA graph replays (the engine's
 StepGraphs, keys (batch, 1) and (batch, 1 + K)); "commit" installs the kept GDN states (outside the graph, as in
-the engine); the draft passes (the MTP head over the 1 + K verified tokens, eager, then K - 1 chained one-token passes
-replayed from CUDA graphs, each with the lm_head's argmax) as the engine runs them. "step" = verify + commit + drafts. TPOT at
+the engine); the draft passes (the MTP head over the 1 + K verified tokens, then K - 1 chained one-token passes, each
+with the lm_head's argmax, all replayed from CUDA graphs) as the engine runs them ("drafts"; "drafts eager": the same
+without graphs). The drafts are split into "prep" (the host-side inputs of the chained passes, one upload), "first"
+(the first pass with draft 1) and "chain" (the K - 1 chained passes), each timed alone, with graphs and eager
+("drafts" ~ prep + first + chain). "step" = verify + commit + drafts. TPOT at
 acceptance length AL = step / AL: AL is the mean number of tokens a step keeps, 1.93 / 2.73 / 3.39 / 3.97 at
 K = 1 / 2 / 3 / 4 (Qwen3.5 MTP, published, wave2.md C.2).
 """
@@ -45,7 +53,7 @@ def _time(fn, *, warmup: int = 5, reps: int = 30) -> float:
     return float(np.median(times))
 
 
-def bench_shape(name: str, model, batch: int, k: int, context: int) -> dict:
+def bench_shape(name: str, model, batch: int, k: int, context: int, draft_vocab: int | None = None) -> dict:
     from deltaserve.cache.tensors import CacheShape, ModelCache
     from deltaserve.engine.cuda_graph import StepGraphs
     from deltaserve.engine.device_inputs import build_forward_batch, upload_step
@@ -95,37 +103,54 @@ def bench_shape(name: str, model, batch: int, k: int, context: int) -> dict:
     graph_vs_eager = float((logits.float() - eager_logits.float()).abs().max())
     kept = torch.randint(1, 2 + k, (batch,), device=dev)
     ms_commit = _time(lambda: cache.commit_verified(dstep.batch.state_slots, kept))
-    drafter = MTPDrafter(model, cache, num_tokens=k, page_size=PAGE, device=dev)
+    drafter = MTPDrafter(model, cache, num_tokens=k, page_size=PAGE, device=dev, draft_vocab=draft_vocab)
     hidden = hidden.clone()
     tokens = logits.argmax(dim=-1)
-    ms_draft_eager = _time(lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept), reps=20)
-    eager_drafts = drafter.propose(step, dstep, idsk, hidden, tokens, kept)
-    drafter.capture(max_rows=batch, max_pages=pages_per_seq)  # the chained passes as the engine runs them
-    ms_draft = _time(lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept), reps=20)
-    same_drafts = bool((drafter.propose(step, dstep, idsk, hidden, tokens, kept) == eager_drafts).all()) \
-        if drafter.graphs is not None else None
+    propose = lambda: drafter.propose(step, dstep, idsk, hidden, tokens, kept)  # noqa: E731
+    # the parts of propose: host-side inputs of the chained passes (one upload), the first pass with draft 1, the
+    # K - 1 chained passes (fed draft 1 of a first pass, as propose feeds them)
+    first_row, table, limit = drafter.chain_inputs(step)
+    first = lambda: drafter.first_drafts(step, dstep, idsk, hidden, tokens, kept, first_row)  # noqa: E731
+    draft1, x1, pos1 = (t.clone() for t in first())
+    chain = (lambda: drafter.chain(draft1, x1, pos1, table, limit)) if k > 1 else None
+
+    def parts() -> tuple[float, float, float, float]:
+        return (_time(propose, reps=20), _time(lambda: drafter.chain_inputs(step), reps=20), _time(first, reps=20),
+                _time(chain, reps=20) if chain is not None else 0.0)
+
+    ms_draft_eager, ms_prep, ms_first_eager, ms_chain_eager = parts()
+    eager_drafts = propose()
+    drafter.capture(max_rows=batch, max_pages=pages_per_seq)  # first pass and chained passes as the engine runs them
+    ms_draft, _, ms_first, ms_chain = parts()
+    captured = drafter.graphs is not None or drafter.first_graphs is not None
+    same_drafts = bool((propose() == eager_drafts).all()) if captured else None
     step_ms = ms_verify + ms_commit + ms_draft
     al = PUBLISHED_AL[k]
     # graphs and cache go with this frame
     gc.collect()
     torch.cuda.empty_cache()
-    return {"model": name, "batch": batch, "K": k, "decode ms": ms_decode, "verify ms": ms_verify,
+    return {"model": name, "batch": batch, "K": k, "draft vocab": draft_vocab or "all", "decode ms": ms_decode,
+            "verify ms": ms_verify,
             "verify/decode": ms_verify / ms_decode, "commit ms": ms_commit, "drafts ms": ms_draft,
-            "drafts eager ms": ms_draft_eager,
+            "drafts eager ms": ms_draft_eager, "prep ms": ms_prep,
+            "first ms": ms_first if drafter.first_graphs is not None else "eager", "first eager ms": ms_first_eager,
+            "chain ms": ms_chain if drafter.graphs is not None or k == 1 else "eager", "chain eager ms": ms_chain_eager,
             "step/decode": step_ms / ms_decode, "TPOT@AL ms": step_ms / al, "AL": al,
             "TPOT decode ms": ms_decode, "speedup": ms_decode * al / step_ms, "graph-eager max": graph_vs_eager,
             "draft graphs": {None: "eager", True: "same", False: "DIFFER"}[same_drafts]}
 
 
-def demo(device: str, max_tokens: int, num_prompts: int) -> list[dict]:
+def demo(device: str, max_tokens: int, num_prompts: int, ks: tuple[int, ...] = (1, 2, 3),
+         draft_vocabs: tuple[int | None, ...] = (None,)) -> list[dict]:
     from deltaserve import LLM, SamplingParams
     from deltaserve.demo import SHIPPED_DEMO_DIR
 
     rows = []
     dtype = "float32" if device == "cpu" else None
     base = None
-    for k in (0, 1, 2, 3):
-        llm = LLM(str(SHIPPED_DEMO_DIR), device=device, dtype=dtype, max_model_len=2048, speculative_tokens=k)
+    for k, vocab in [(0, None)] + [(k, v) for v in draft_vocabs for k in ks if k > 0]:
+        llm = LLM(str(SHIPPED_DEMO_DIR), device=device, dtype=dtype, max_model_len=2048, speculative_tokens=k,
+                  speculative_draft_vocab=vocab)
         ids = llm.engine.tokenizer.encode((SHIPPED_DEMO_DIR / "heldout.txt").read_text())
         prompts = [ids[i * 600: i * 600 + 256] for i in range(num_prompts)]
         params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
@@ -136,7 +161,8 @@ def demo(device: str, max_tokens: int, num_prompts: int) -> list[dict]:
         n = sum(len(o.outputs[0].token_ids) for o in outs)
         tokens = [o.outputs[0].token_ids for o in outs]
         base = base or tokens
-        row = {"K": k, "AL": llm.engine.acceptance_length() if k else 1.0, "TPOT ms (batch 1)": dt / n * 1e3,
+        row = {"K": k, "draft vocab": vocab or "all", "AL": llm.engine.acceptance_length() if k else 1.0,
+               "TPOT ms (batch 1)": dt / n * 1e3,
                "identical to K=0": f"{sum(a == b for a, b in zip(tokens, base))}/{len(base)}"}
         for j in range(3):
             drafted = llm.engine.spec_drafted_per_position[j] if j < k else 0
@@ -158,9 +184,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--draft-vocab", nargs="+", type=int, default=[],
+                    help="also measure with the drafts scoring only the first N token ids (speculative_draft_vocab); "
+                         "the whole vocabulary is always measured too")
+    ap.add_argument("--demo-k", nargs="+", type=int, default=[1, 2, 3], help="--demo: the K values (K = 0 is run too)")
     args = ap.parse_args(argv)
+    vocabs = [None, *args.draft_vocab]
     if args.demo:
-        rows = demo(args.device, args.max_tokens, args.num_prompts)
+        rows = demo(args.device, args.max_tokens, args.num_prompts, tuple(args.demo_k), tuple(vocabs))
         print(header("demo model, held-out text, greedy, batch 1"))
         print(table(rows))
         return rows
@@ -172,14 +203,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                            with_mtp=True)
         for b in args.batches:
             for k in args.k:
-                try:
-                    row = bench_shape(name, model, b, k, args.context)
-                except torch.OutOfMemoryError:
-                    row = {"model": name, "batch": b, "K": k, "decode ms": "OOM"}
-                gc.collect()
-                torch.cuda.empty_cache()
-                rows.append(row)
-                print(row, flush=True)
+                for vocab in vocabs:
+                    try:
+                        row = bench_shape(name, model, b, k, args.context, vocab)
+                    except torch.OutOfMemoryError:
+                        row = {"model": name, "batch": b, "K": k, "draft vocab": vocab or "all", "decode ms": "OOM"}
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(row, flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()

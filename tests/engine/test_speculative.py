@@ -66,6 +66,14 @@ def test_options_and_errors(tiny):
             EngineArgs(model=str(tiny["dense"]), **bad).create_engine_config()
     with pytest.raises(ConfigError, match="no MTP head"):
         EngineArgs(model=str(tiny["no_mtp"]), speculative_tokens=1).create_engine_config()
+    args = EngineArgs(model=str(tiny["dense"]), speculative_tokens=2, speculative_draft_vocab=VOCAB)
+    assert args.create_engine_config().speculative.draft_vocab == VOCAB
+    for n in (0, -3, VOCAB + 1):
+        with pytest.raises(ConfigError, match=f"'speculative_draft_vocab' is {n}; use 1 to {VOCAB}"):
+            EngineArgs(model=str(tiny["dense"]), speculative_tokens=2,
+                       speculative_draft_vocab=n).create_engine_config()
+    with pytest.raises(ConfigError, match="'speculative_draft_vocab' applies to MTP"):
+        EngineArgs(model=str(tiny["dense"]), speculative_draft_vocab=64).create_engine_config()
 
 
 def test_cli_flags():
@@ -78,6 +86,8 @@ def test_cli_flags():
     ns = p.parse_args(["--speculative-config", '{"method":"mtp","num_speculative_tokens":2}'])
     assert engine_args_from(ns, "m").speculative_config is not None
     assert p.parse_args(["--speculative-tokens", "3"]).speculative_tokens == 3
+    ns = p.parse_args(["--speculative-tokens", "2", "--speculative-draft-vocab", "64"])
+    assert engine_args_from(ns, "m").speculative_draft_vocab == 64
 
 
 # ---- greedy exactness ------------------------------------------------------------------------------------------------
@@ -129,6 +139,97 @@ def test_rollback_with_every_acceptance_length(tiny, kind):
         assert accepted[0] > 0 and accepted[-1] > 0 and accepted[0] < llm.engine.spec_drafted_per_position[0]
 
 
+def emulated_first_pass(runner, max_rows: int):
+    """A FirstPassGraphs on the runner's device whose `_replay` runs the captured body eagerly (no CUDA graph)."""
+    from deltaserve.cache.allocator import pages_for_tokens
+    from deltaserve.engine.speculative import FirstPassGraphs
+
+    class Emulated(FirstPassGraphs):
+        def _replay(self, r):
+            self.replays += 1
+            return self._forward(r)
+
+    config = runner.config
+    return Emulated(runner.model, runner.cache, width=1 + runner.num_speculative_tokens, max_rows=max_rows,
+                    max_pages=pages_for_tokens(config.scheduler.max_model_len, config.cache.page_size),
+                    device=runner.device)
+
+
+class FirstPassChecker:
+    """Runs the first draft pass of every verify step both eagerly and through `graphs` (a FirstPassGraphs; by
+    default one whose captured body runs eagerly from its static buffers, since CPU has no graphs) and checks they
+    agree: draft 1 and its position exactly, the MTP output and the MTP head's KV at the step's slots within `tol`
+    (0: bit for bit). The drafter then proposes through `graphs`."""
+
+    def __init__(self, llm: LLM, graphs=None, *, max_rows: int = 8, tol: float = 1e-5) -> None:
+        runner = llm.engine.runner
+        self.drafter, self.checked, self.tol, self.max_diff = runner.drafter, 0, tol, 0.0
+        self.graphs = graphs if graphs is not None else emulated_first_pass(runner, max_rows)
+        self.drafter.first_graphs = self.graphs
+        self.propose = self.drafter.propose
+        self.drafter.propose = self
+
+    def __call__(self, step, dev, input_ids, hidden, token_ids, kept):
+        from deltaserve.cache.tensors import MTP_LAYER
+
+        if self.graphs.can_run(step):
+            first_row, _, _ = self.drafter.chain_inputs(step)
+            kv = self.drafter.cache.attention(MTP_LAYER)
+            slots = dev.batch.slot_mapping
+            results = []
+            for graphs in (None, self.graphs):
+                self.drafter.first_graphs = graphs
+                out = self.drafter.first_drafts(step, dev, input_ids, hidden, token_ids, kept, first_row)
+                written = [c.flatten(0, 1)[slots].clone() for c in (kv.k, kv.v)]
+                results.append([t.clone() for t in out] + written)
+            (d0, x0, p0, k0, v0), (d1, x1, p1, k1, v1) = results
+            assert torch.equal(d0, d1) and torch.equal(p0, p1)
+            for a, b in ((x0, x1), (k0, k1), (v0, v1)):
+                self.max_diff = max(self.max_diff, float((a.float() - b.float()).abs().max()))
+                torch.testing.assert_close(a, b, rtol=self.tol, atol=self.tol)
+            self.checked += 1
+        return self.propose(step, dev, input_ids, hidden, token_ids, kept)
+
+
+def test_first_pass_graph_body_equals_eager(tiny):
+    """The first-pass graphs' body over static, padded buffers gives the eager first pass (drafts, MTP outputs and
+    KV), with every acceptance length (oracle drafts) and row counts that pad (5..1 running, buffers for 8)."""
+    ps = prompts(5, seed=6)
+    params = [SamplingParams(temperature=0, max_tokens=8 + 5 * i, ignore_eos=True) for i in range(5)]
+    ref = token_ids(make_llm(tiny["dense"]).generate(ps, params))
+    llm = make_llm(tiny["dense"], 3)
+    checker = FirstPassChecker(llm, max_rows=8)
+    Oracle(llm, {tuple(p): r for p, r in zip(ps, ref)})
+    assert token_ids(llm.generate(ps, params)) == ref
+    assert checker.checked > 5 and checker.graphs.replays >= checker.checked
+    assert llm.engine.spec_accepted_per_position[-1] > 0
+
+
+def test_draft_vocab_tiny(tiny):
+    """A draft vocabulary of N ids: every draft is below N (the argmax over the lm_head's first N rows), outputs
+    equal decoding without MTP."""
+    ps = prompts(4, seed=7)
+    ref = token_ids(make_llm(tiny["moe"]).generate(ps, GREEDY))
+    llm = make_llm(tiny["moe"], 3, speculative_draft_vocab=64)
+    drafter = llm.engine.runner.drafter
+    assert drafter.vocab == 64
+    seen = []
+    propose = drafter.propose
+
+    def spy(*args):
+        drafts = propose(*args)
+        seen.append(drafts)
+        return drafts
+    drafter.propose = spy
+    assert token_ids(llm.generate(ps, GREEDY)) == ref
+    assert seen and all(int(d.max()) < 64 for d in seen)
+    hidden = torch.randn(3, llm.engine.runner.model.config.hidden_size)
+    model = llm.engine.runner.model
+    full, sub = model.compute_logits(hidden), model.compute_logits(hidden, vocab=64)
+    assert sub.shape == (3, 64) and torch.equal(sub, full[:, :64])
+    assert model.lm_head_rows(64).data_ptr() == model.lm_head.weight.data_ptr()  # a view, no copy
+
+
 # ---- the demo model (it ships a trained MTP head) --------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -147,6 +248,23 @@ def test_demo_greedy_equal_and_drafts_accepted(demo):
         llm = LLM(str(SHIPPED_DEMO_DIR), dtype="float32", device="cpu", max_model_len=1024, speculative_tokens=k)
         assert token_ids(llm.generate(ps, params)) == ref, f"K={k}"
         assert llm.engine.acceptance_length() > 1 + 0.5 * k  # measured ~1.9 / 2.6 / 3.2
+
+
+def test_demo_draft_vocab_exact_greedy_and_seeded(demo):
+    """With a draft vocabulary of 1/4 of the demo's ids, greedy and seeded sampled requests give the tokens they
+    give without MTP (drafts outside the subset are never proposed; acceptance is still the sampler's own draw), and
+    drafts are still accepted."""
+    base, ps = demo
+    ps = ps[:4]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, max_tokens=24, seed=3, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+              SamplingParams(temperature=1.0, top_k=20, max_tokens=24, seed=4, ignore_eos=True)]
+    ref = token_ids(base.generate(ps, params))
+    llm = LLM(str(SHIPPED_DEMO_DIR), dtype="float32", device="cpu", max_model_len=1024, speculative_tokens=3,
+              speculative_draft_vocab=1024)
+    assert token_ids(llm.generate(ps, params)) == ref
+    assert llm.engine.acceptance_length() > 1.5
 
 
 def test_demo_seeded_sampling_equal_token_for_token(demo):

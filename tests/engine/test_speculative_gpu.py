@@ -12,7 +12,8 @@ import torch
 
 from deltaserve import LLM, SamplingParams
 from deltaserve.demo import SHIPPED_DEMO_DIR
-from tests.engine.test_speculative import Oracle, prompts, tiny, token_ids  # noqa: F401 (fixture)
+from tests.engine.test_speculative import (FirstPassChecker, Oracle, prompts, tiny,  # noqa: F401 (fixture)
+                                          token_ids)
 
 pytestmark = pytest.mark.gpu
 
@@ -128,3 +129,65 @@ def test_draft_graphs_propose_what_eager_drafting_proposes():
     params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     assert token_ids(graphs.generate(ps, params)) == token_ids(eager.generate(ps, params))
     assert graphs.engine.spec_accepted_per_position == eager.engine.spec_accepted_per_position
+    assert graphs.engine.runner.drafter.first_graphs.replays > 0  # the first pass was replayed too
+
+
+@pytest.mark.parametrize("kind", ["demo", "moe"])
+def test_first_pass_graphs_equal_eager(tiny, kind):  # noqa: F811
+    """fp32, every verify step's first draft pass run both eagerly and from its CUDA graph (row counts 6..1 under
+    graphs captured for 8, so most replays pad): the same draft 1 and position, and the same MTP outputs and MTP KV
+    (bit for bit without padding rows; within 1e-5 with them, where a GEMM sees more rows). Then the drafter
+    proposes from the graphs and greedy outputs equal decoding without MTP."""
+    path = SHIPPED_DEMO_DIR if kind == "demo" else tiny[kind]
+    kw = dict(max_model_len=1024, device="cuda", dtype="float32", max_num_seqs=8)
+    base = LLM(str(path), **kw)
+    if kind == "demo":
+        ids = base.engine.tokenizer.encode((SHIPPED_DEMO_DIR / "heldout.txt").read_text())
+        ps = [ids[i * 400: i * 400 + 64] for i in range(6)]
+    else:
+        ps = prompts(6, seed=12)
+    params = [SamplingParams(temperature=0, max_tokens=12 + 6 * i, ignore_eos=True) for i in range(6)]
+    ref = token_ids(base.generate(ps, params))
+    llm = LLM(str(path), speculative_tokens=3, **kw)
+    graphs = llm.engine.runner.drafter.first_graphs
+    assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 8], graphs and sorted(graphs.graphs)
+    exact = []
+
+    class Checker(FirstPassChecker):
+        def __call__(self, step, dev, *args):
+            self.tol = 0.0 if step.num_rows in graphs.sizes else 1e-5
+            checked = self.checked
+            out = super().__call__(step, dev, *args)
+            if self.checked > checked:
+                exact.append(self.tol == 0.0)
+            return out
+
+    checker = Checker(llm, graphs)
+    if kind != "demo":  # random tiny heads: oracle drafts, so that every acceptance length occurs
+        Oracle(llm, {tuple(p): r for p, r in zip(ps, ref)})
+    assert token_ids(llm.generate(ps, params)) == ref
+    assert checker.checked > 5 and graphs.replays >= checker.checked and any(exact) and not all(exact), \
+        (checker.checked, exact, checker.max_diff)
+
+
+def test_draft_vocab_graphs_equal_eager():
+    """fp32 demo model with a draft vocabulary of half its ids: the graphed draft passes propose what the eager ones
+    do (same acceptance per position), every draft lies below the subset, and outputs equal decoding without MTP."""
+    kw = dict(max_model_len=1024, device="cuda", dtype="float32", max_num_seqs=8)
+    base = LLM(str(SHIPPED_DEMO_DIR), **kw)
+    ids = base.engine.tokenizer.encode((SHIPPED_DEMO_DIR / "heldout.txt").read_text())
+    ps = [ids[i * 400: i * 400 + 64] for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    ref = token_ids(base.generate(ps, params))
+    runs = []
+    for eager in (False, True):
+        llm = LLM(str(SHIPPED_DEMO_DIR), speculative_tokens=3, speculative_draft_vocab=2048, enforce_eager=eager, **kw)
+        drafter = llm.engine.runner.drafter
+        assert (drafter.first_graphs is None) == eager and drafter.vocab == 2048
+        seen = []
+        propose = drafter.propose
+        drafter.propose = lambda *a, propose=propose, seen=seen: seen.append(propose(*a)) or seen[-1]
+        assert token_ids(llm.generate(ps, params)) == ref
+        assert seen and max(int(d.max()) for d in seen) < 2048
+        runs.append(llm.engine.spec_accepted_per_position)
+    assert runs[0] == runs[1] and runs[0][0] > 0

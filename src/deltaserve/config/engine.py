@@ -161,10 +161,13 @@ SPECULATIVE_MAX_BATCH = 16
 class SpeculativeConfig:
     """Speculative decoding with the checkpoint's MTP head: K = num_speculative_tokens drafts per request and step
     (0: off). The MTP head is loaded, and given KV pages, only when this section enables it. Verify steps run only
-    while at most `max_batch` requests are running (above that, drafting costs more than it saves)."""
+    while at most `max_batch` requests are running (above that, drafting costs more than it saves). `draft_vocab`
+    N: the draft passes compute logits over the first N token ids only (None: the whole vocabulary); the range
+    1..vocab_size is checked by EngineConfig, which knows the model."""
 
     num_speculative_tokens: int = 0
     max_batch: int = SPECULATIVE_MAX_BATCH
+    draft_vocab: int | None = None
 
     def __post_init__(self) -> None:
         k = self.num_speculative_tokens
@@ -172,6 +175,8 @@ class SpeculativeConfig:
                 f"'speculative_tokens' is {k!r}; use 1 to {MAX_SPECULATIVE_TOKENS} draft tokens per step (MTP), or 0 "
                 "to turn speculative decoding off")
         _positive_int(self.max_batch, "speculative_max_batch")
+        require(self.draft_vocab is None or is_int(self.draft_vocab),
+                f"'speculative_draft_vocab' must be an integer number of token ids, got {self.draft_vocab!r}")
 
     @property
     def enabled(self) -> bool:
@@ -254,6 +259,13 @@ class EngineConfig:
         # the workers mirror rank 0's steps and sampled tokens, not a drafter's proposals and state commits
         require(not self.speculative.enabled or self.parallel.tensor_parallel_size == 1,
                 "speculative decoding with tensor_parallel_size > 1 is not supported yet; use one or the other")
+        n, vocab = self.speculative.draft_vocab, self.model.vocab_size
+        require(n is None or 1 <= n <= vocab,
+                f"'speculative_draft_vocab' is {n!r}; use 1 to {vocab} (the model's vocab_size): the draft passes "
+                "score the token ids below it. Leave it unset to draft over the whole vocabulary")
+        require(n is None or self.speculative.enabled,
+                "'speculative_draft_vocab' applies to MTP speculative decoding, which is off; set speculative_tokens "
+                "too, or leave speculative_draft_vocab unset")
 
     def rank_shapes(self, rank: int | None = None) -> RankShapes:
         """The shapes of `rank` (default: this process's rank, parallel.rank)."""

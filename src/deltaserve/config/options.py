@@ -86,6 +86,11 @@ class EngineArgs:
     speculative_max_batch: int = _option(
         SPECULATIVE_MAX_BATCH, "verify drafts only while at most this many requests run (larger batches decode "
                                "plainly: drafting stops paying there)", section="speculative", type=int)
+    speculative_draft_vocab: int | None = _option(
+        None, "MTP drafts score only the first N token ids (BPE ids are roughly ordered by frequency): the draft "
+              "passes read N rows of the lm_head instead of all of them. Outputs are unchanged (a draft outside the "
+              "subset is never proposed; verification is exact); acceptance may drop. Default: the whole vocabulary",
+        section="speculative", type=int)
     fp8_activations: str = _option(
         "off", "FP8 checkpoints: 'dynamic' quantizes each linear layer's input to FP8 per token and 128 columns as it "
                "runs and multiplies on FP8 tensor cores (W8A8, as the peers serve Qwen's FP8 releases; routed experts "
@@ -126,7 +131,8 @@ class EngineArgs:
                                   f"(num_speculative_tokens {from_json}) disagree; give one of them")
             k = from_json
         return SpeculativeConfig(num_speculative_tokens=0 if k is None else k,
-                                 max_batch=options["speculative_max_batch"])
+                                 max_batch=options["speculative_max_batch"],
+                                 draft_vocab=options["speculative_draft_vocab"])
 
     @classmethod
     def from_kwargs(cls, model: str, **options: Any) -> EngineArgs:

@@ -143,7 +143,8 @@ class ModelRunner:
                                dtype=self.dtype, device=self.device)
         self.num_speculative_tokens = config.num_speculative_tokens
         self.drafter = MTPDrafter(self.model, self.cache, num_tokens=self.num_speculative_tokens,
-                                  page_size=config.cache.page_size, device=self.device) if config.with_mtp else None
+                                  page_size=config.cache.page_size, device=self.device,
+                                  draft_vocab=config.speculative.draft_vocab) if config.with_mtp else None
         self.graphs = None if config.runner.enforce_eager or self.device.type != "cuda" else self._capture()
         self.varlen_graphs = self._capture_varlen() if self.graphs is not None else None
         if self.graphs is not None and self.drafter is not None:

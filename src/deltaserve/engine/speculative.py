@@ -8,13 +8,20 @@ normalised residual max(p - q, 0)" reduces to: sample t ~ p (the processed targe
 t == d; on rejection t is the correction token, a sample of p restricted to tokens != d, i.e. the residual. Coupling
 the test to the sampler's own draw keeps the output distribution exactly that of decoding without drafts, with any
 temperature, top-k/top-p/min-p, penalties or logit bias (they shape p; q needs no processing), and makes seeded
-requests give the very tokens they give without MTP, whatever the batch.
+requests give the very tokens they give without MTP, whatever the batch. With a draft vocabulary
+(`speculative_draft_vocab` N) the argmax runs over token ids below N only: q is still the point mass on the draft
+(zero outside the subset, whose other tokens are never proposed), so the same test stays exact.
 
 Drafting (`MTPDrafter.propose`): the MTP head runs once over every token of the step (its own KV written at the
 same positions: position i takes the target's final-normed hidden state at i and the token at i + 1, i.e. the next
 input, the sampled token at a sampling position, or the known prompt token after a prefill chunk), then K - 1 more
 times one token per request, chained on its own output, from the last kept position. Positions past the last kept
 one get KV that the next step's first pass overwrites before anything reads it.
+
+On CUDA both parts replay CUDA graphs when one fits: the first pass of a verify step with draft 1
+(`FirstPassGraphs`, keyed by padded rows at the width 1 + K) and the K - 1 chained passes (`ChainGraphs`, keyed by
+padded rows); other steps (prefill chunks, plain decode steps, verify steps with fewer drafts) run the first pass
+eagerly.
 """
 
 from __future__ import annotations
@@ -55,11 +62,18 @@ class MTPDrafter:
     """Proposes K greedy drafts per sampling request with the model's MTP head (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, cache: ModelCache, *, num_tokens: int, page_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, draft_vocab: int | None = None) -> None:
+        """draft_vocab N: drafts are the argmax over token ids 0 .. N - 1 only (logits from the first N rows of the
+        lm_head's weight); None: the whole vocabulary. Either way a draft is one token (q one-hot), so verification
+        stays exact."""
         if getattr(model, "mtp", None) is None:
             raise RuntimeError("speculative decoding needs the model's MTP head (load it with with_mtp=True)")
+        if draft_vocab is not None:
+            model.lm_head_rows(draft_vocab)  # raises now if this lm_head cannot be sliced, or N is out of range
         self.model, self.cache, self.k, self.page_size, self.device = model, cache, num_tokens, page_size, device
+        self.vocab = draft_vocab
         self.graphs: ChainGraphs | None = None  # set by capture() (CUDA, graphs on)
+        self.first_graphs: FirstPassGraphs | None = None  # likewise
 
     @torch.no_grad()
     def first_pass(self, step: StepInput, dev: DeviceStep, input_ids: torch.Tensor, hidden: torch.Tensor,
@@ -85,9 +99,17 @@ class MTPDrafter:
 
         input_ids [T] (pending ones filled), hidden [T, D] the target's final-normed states, token_ids [M] the
         sampled tokens of the M sampling logits rows, kept [R] from kept_counts."""
-        batch = dev.batch
+        first_row, table, limit = self.chain_inputs(step)
+        draft, x, positions = self.first_drafts(step, dev, input_ids, hidden, token_ids, kept, first_row)
+        if self.k == 1:
+            return draft.unsqueeze(1).clone()  # (a graph's output buffer otherwise: the next replay rewrites it)
+        rest = self.chain(draft, x, positions, table, limit)
+        return torch.cat([draft.unsqueeze(1), rest], dim=1)
+
+    def chain_inputs(self, step: StepInput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """On the device: [R] each sampling request's first logits row, and for the chained passes the [R, W] int32
+        page table and [R] int64 KV limit of its row (every small array of this call, sent in one copy)."""
         n, r, ps = step.num_rows, len(step.sampling), self.page_size
-        # host side: every small array of this call, sent in one copy
         row_of_request = _rows_of_requests(step)
         ends = (step.context_lens + step.query_lens).astype(np.int64)
         width = -(-int(ends[row_of_request].max() + self.k) // ps)
@@ -98,26 +120,54 @@ class MTPDrafter:
             np.full(n, step.block_table.shape[1], np.int32)
         host = [first_logits_rows(step), table, (pages[row_of_request].astype(np.int64) * ps)]
         first_row, table_d, limit = upload_arrays(host, self.device)
+        return first_row, table_d, limit
+
+    @torch.no_grad()
+    def first_drafts(self, step: StepInput, dev: DeviceStep, input_ids: torch.Tensor, hidden: torch.Tensor,
+                     token_ids: torch.Tensor, kept: torch.Tensor,
+                     first_row: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The first pass (writing the MTP head's KV) and draft 1: ([R] draft 1, [R, D] the MTP output at each
+        request's last kept position, [R] that position). Replayed from a CUDA graph when one fits the step (a
+        verify step of at most the captured rows), else eager; both compute the same thing."""
+        graphs = self.first_graphs
+        if graphs is not None and graphs.can_run(step):
+            return graphs.run(dev.batch, hidden, token_ids, kept)
+        batch = dev.batch
         h = self.first_pass(step, dev, input_ids, hidden, token_ids)
         # the last kept position of each request: its MTP output gives draft 1
         at = batch.logits_indices[first_row + kept - 1]
         x = h[at]
-        draft = self.model.compute_logits(x, upcast=False).argmax(dim=-1)
-        if self.k == 1:
-            return draft.unsqueeze(1)
-        positions = batch.positions[at]
-        if self.graphs is not None and self.graphs.can_run(r, width):
-            rest = self.graphs.run(draft, x, positions, table_d, limit)
-        else:
-            rest = chain_drafts(self.model, self.cache, draft, x, positions, table_d, limit, k=self.k, page_size=ps)
-        return torch.cat([draft.unsqueeze(1), rest], dim=1)
+        return self.model.compute_logits(x, upcast=False, vocab=self.vocab).argmax(dim=-1), x, batch.positions[at]
 
-    def capture(self, *, max_rows: int, max_pages: int) -> None:
-        """CUDA graphs of the chained draft passes (row counts up to max_rows); on failure they stay eager."""
-        if self.k < 2 or self.device.type != "cuda":
+    @torch.no_grad()
+    def chain(self, draft: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, table: torch.Tensor,
+              limit: torch.Tensor) -> torch.Tensor:
+        """Drafts 2..K ([R, K - 1]), replayed from CUDA graphs when they fit, else eager (`chain_drafts`)."""
+        if self.graphs is not None and self.graphs.can_run(draft.shape[0], table.shape[1]):
+            return self.graphs.run(draft, x, positions, table, limit)
+        return chain_drafts(self.model, self.cache, draft, x, positions, table, limit, k=self.k,
+                            page_size=self.page_size, vocab=self.vocab)
+
+    def capture(self, *, max_rows: int, max_pages: int, max_verify_rows: int | None = None) -> None:
+        """CUDA graphs of the first pass of verify steps (up to max_verify_rows rows, default the cache's verify
+        rows) and of the chained draft passes (row counts up to max_rows); what fails to capture stays eager."""
+        if self.device.type != "cuda":
+            return
+        verify_rows = min(max_rows, self.cache.verify_rows if max_verify_rows is None else max_verify_rows)
+        if verify_rows > 0:
+            first = FirstPassGraphs(self.model, self.cache, width=1 + self.k, max_rows=verify_rows,
+                                    max_pages=max_pages, device=self.device, vocab=self.vocab)
+            try:
+                first.capture()
+            except Exception as e:  # noqa: BLE001 - an eager first pass is slower, never wrong
+                log.warning("CUDA graph capture of the MTP first draft pass failed (%s: %s); it runs eagerly",
+                            type(e).__name__, e)
+            else:
+                self.first_graphs = first
+        if self.k < 2:
             return
         graphs = ChainGraphs(self.model, self.cache, k=self.k, page_size=self.page_size, max_rows=max_rows,
-                             max_pages=max_pages, device=self.device)
+                             max_pages=max_pages, device=self.device, vocab=self.vocab)
         try:
             graphs.capture()
         except Exception as e:  # noqa: BLE001 - an eager draft is slower, never wrong
@@ -129,11 +179,12 @@ class MTPDrafter:
 
 def chain_drafts(model: torch.nn.Module, cache: ModelCache, draft: torch.Tensor, x: torch.Tensor,
                  positions: torch.Tensor, table: torch.Tensor, limit: torch.Tensor, *, k: int,
-                 page_size: int) -> torch.Tensor:
+                 page_size: int, vocab: int | None = None) -> torch.Tensor:
     """Drafts 2..k: the MTP head chained on its own output, one token per row at positions + 1, + 2, ...
 
     draft [R] (draft 1), x [R, D] (the MTP output that gave it), positions [R] (of x), table [R, W] int32 page
-    table, limit [R] int64 (no KV is written at positions >= limit). Returns [R, k - 1] int64."""
+    table, limit [R] int64 (no KV is written at positions >= limit), vocab the draft vocabulary (None: all).
+    Returns [R, k - 1] int64."""
     r, ps, width = draft.shape[0], page_size, table.shape[1]
     device = draft.device
     rows = torch.arange(r, device=device)
@@ -148,9 +199,114 @@ def chain_drafts(model: torch.nn.Module, cache: ModelCache, draft: torch.Tensor,
                              has_initial_state=has_state, block_tables=table, slot_mapping=mapping,
                              logits_indices=rows, tokens_per_row=1, any_padding=False)
         x = model.mtp_forward(draft, x, chain, cache)
-        draft = model.compute_logits(x, upcast=False).argmax(dim=-1)
+        draft = model.compute_logits(x, upcast=False, vocab=vocab).argmax(dim=-1)
         drafts.append(draft)
     return torch.stack(drafts, dim=1)
+
+
+class FirstPassGraphs:
+    """CUDA graphs of a verify step's first draft pass and draft 1 (`MTPDrafter.first_drafts`), one per padded row
+    count, over static input buffers, for the step width w = 1 + K.
+
+    Every token of a verify step is a sampling position, so the token after position i is the one sampled there:
+    the MTP head reads the sampled tokens and the target's hidden states, and draft 1 is the lm_head argmax of its
+    output at each row's last kept position (row * w + kept - 1). Padding rows are as in StepGraphs (KV slot -1,
+    KV length 0: they write no KV, their outputs are dropped). The MTP layer is full attention: it reads no GDN state
+    slot, so the buffers hold none."""
+
+    def __init__(self, model: torch.nn.Module, cache: ModelCache, *, width: int, max_rows: int, max_pages: int,
+                 device: torch.device, vocab: int | None = None) -> None:
+        from deltaserve.engine.cuda_graph import capture_sizes
+
+        self.model, self.cache, self.width, self.device, self.vocab = model, cache, width, device, vocab
+        self.sizes = capture_sizes(max_rows)
+        n, d = self.sizes[-1], model.config.hidden_size
+        t = n * width
+        i64, i32 = torch.int64, torch.int32
+        self.token_ids = torch.zeros(t, dtype=i64, device=device)
+        self.hidden = torch.zeros(t, d, dtype=model.model.embed_tokens.weight.dtype, device=device)
+        self.positions = torch.zeros(t, dtype=i64, device=device)
+        self.slot_mapping = torch.full((t,), -1, dtype=i64, device=device)
+        self.tokens = torch.arange(t, dtype=i64, device=device)
+        self.rows = torch.arange(n, dtype=i64, device=device)
+        self.cu_seqlens = torch.arange(0, width * (n + 1), width, dtype=i32, device=device)
+        self.seq_lens = torch.zeros(n, dtype=i32, device=device)
+        self.slots = torch.full((n,), -1, dtype=i64, device=device)
+        self.has_state = torch.ones(n, dtype=torch.bool, device=device)
+        self.block_tables = torch.zeros(n, max(1, max_pages), dtype=i32, device=device)
+        self.kept = torch.ones(n, dtype=i64, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        self.replays = 0
+
+    def _batch(self, r: int) -> ForwardBatch:
+        t = r * self.width
+        return ForwardBatch(positions=self.positions[:t], cu_seqlens=self.cu_seqlens[:r + 1],
+                            seq_lens=self.seq_lens[:r], state_slots=self.slots[:r],
+                            has_initial_state=self.has_state[:r], block_tables=self.block_tables[:r],
+                            slot_mapping=self.slot_mapping[:t], logits_indices=self.tokens[:t],
+                            tokens_per_row=self.width, any_padding=True, keep_states=True)
+
+    def _forward(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The captured body over the first r rows of the buffers: (draft 1 [r], MTP output [r, D], positions [r])."""
+        t = r * self.width
+        h = self.model.mtp_forward(self.token_ids[:t], self.hidden[:t], self._batch(r), self.cache)
+        at = self.rows[:r] * self.width + self.kept[:r] - 1
+        x = h[at]
+        return self.model.compute_logits(x, upcast=False, vocab=self.vocab).argmax(dim=-1), x, self.positions[:t][at]
+
+    @torch.no_grad()
+    def capture(self) -> None:
+        pool = None
+        for r in reversed(self.sizes):  # every slot -1: the captures write no KV
+            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
+                self._forward(r)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._forward(r)
+            pool = graph.pool()
+            self.graphs[r] = (graph, out)
+        torch.cuda.synchronize(self.device)
+
+    def can_run(self, step: StepInput) -> bool:
+        """A verify step of this width, rows and page-table width within the buffers, whose logits rows are all of
+        its tokens in order (no prompt logprobs)."""
+        t = step.num_tokens
+        return (step.is_verify and step.tokens_per_row == self.width and step.num_rows <= self.sizes[-1]
+                and step.block_table.shape[1] <= self.block_tables.shape[1]
+                and step.prompt_logits_rows.shape[0] == 0 and step.logits_rows.shape[0] == t
+                and bool((step.logits_rows == np.arange(t)).all()))
+
+    def load(self, batch: ForwardBatch, hidden: torch.Tensor, token_ids: torch.Tensor, kept: torch.Tensor) -> int:
+        """Copy a verify step's inputs into the buffers; returns the padded row count whose graph to replay."""
+        n, w = batch.num_seqs, self.width
+        t = n * w
+        r = next(s for s in self.sizes if s >= n)
+        self.token_ids[:t].copy_(token_ids)
+        self.hidden[:t].copy_(hidden[:t])
+        self.positions[:t].copy_(batch.positions)
+        self.slot_mapping[:t].copy_(batch.slot_mapping)
+        self.seq_lens[:n].copy_(batch.seq_lens)
+        self.block_tables[:n, :batch.block_tables.shape[1]].copy_(batch.block_tables)
+        self.kept[:n].copy_(kept)
+        if r > n:  # padding rows (a larger step may have left real values there): no KV written, nothing read
+            self.slot_mapping[t:r * w].fill_(-1)
+            self.seq_lens[n:r].zero_()
+        return r
+
+    def run(self, batch: ForwardBatch, hidden: torch.Tensor, token_ids: torch.Tensor,
+            kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Replay the smallest graph that fits: (draft 1 [R], MTP output [R, D], positions [R]), views of the
+        graph's output buffers (valid until its next replay)."""
+        n = batch.num_seqs
+        draft, x, positions = self._replay(self.load(batch, hidden, token_ids, kept))
+        return draft[:n], x[:n], positions[:n]
+
+    def _replay(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        graph, out = self.graphs[r]
+        graph.replay()
+        self.replays += 1
+        return out
 
 
 class ChainGraphs:
@@ -158,10 +314,11 @@ class ChainGraphs:
     (limit 0) and their drafts are dropped."""
 
     def __init__(self, model: torch.nn.Module, cache: ModelCache, *, k: int, page_size: int, max_rows: int,
-                 max_pages: int, device: torch.device) -> None:
+                 max_pages: int, device: torch.device, vocab: int | None = None) -> None:
         from deltaserve.engine.cuda_graph import capture_sizes
 
         self.model, self.cache, self.k, self.page_size, self.device = model, cache, k, page_size, device
+        self.vocab = vocab
         self.sizes = capture_sizes(max_rows)
         n, d = self.sizes[-1], model.config.hidden_size
         dtype = model.model.embed_tokens.weight.dtype
@@ -174,7 +331,7 @@ class ChainGraphs:
 
     def _run(self, r: int) -> torch.Tensor:
         return chain_drafts(self.model, self.cache, self.draft[:r], self.x[:r], self.positions[:r], self.table[:r],
-                            self.limit[:r], k=self.k, page_size=self.page_size)
+                            self.limit[:r], k=self.k, page_size=self.page_size, vocab=self.vocab)
 
     @torch.no_grad()
     def capture(self) -> None:

@@ -11,7 +11,9 @@ from torch import nn
 
 from deltaserve.cache.tensors import MTP_LAYER, GDNState, KVPages, ModelCache
 from deltaserve.config import ModelConfig, RankShapes
+from deltaserve.kernels.linear import linear
 from deltaserve.layers.attention import GatedAttention
+from deltaserve.layers.embedding import LMHead, TiedLMHead
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.gdn import GatedDeltaNet
 from deltaserve.layers.linear import Linear
@@ -122,11 +124,27 @@ class Qwen3_5ForCausalLM(nn.Module):
         """input_ids: [T] -> final-normed hidden states [T, D] (call compute_logits on the rows you need)."""
         return self.model(input_ids, batch, cache)
 
-    def compute_logits(self, hidden: torch.Tensor, *, upcast: bool = True) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, *, upcast: bool = True, vocab: int | None = None) -> torch.Tensor:
         """hidden: [M, D] -> logits [M, vocab] in fp32, or with upcast=False in the model dtype (the same values:
-        the engine's sampler reads those directly, sparing an [M, vocab] fp32 copy per step)."""
-        logits = self.lm_head(hidden)
+        the engine's sampler reads those directly, sparing an [M, vocab] fp32 copy per step). vocab: only the
+        logits of token ids 0 .. vocab - 1, from the first rows of the lm_head's weight (a view; the MTP drafter's
+        draft vocabulary); None: all of them."""
+        logits = self.lm_head(hidden) if vocab is None else linear(x=hidden, weight=self.lm_head_rows(vocab))
         return logits.float() if upcast else logits
+
+    def lm_head_rows(self, n: int) -> torch.Tensor:
+        """The first n rows of the lm_head's [vocab, D] weight, a view (a plain or tied lm_head on one rank only)."""
+        head = self.lm_head
+        weight = getattr(head, "weight", None) if isinstance(head, (LMHead, TiedLMHead)) else None
+        if isinstance(head, LMHead) and head.method.name != "unquantized":
+            weight = None
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(f"a draft vocabulary needs a plain model-dtype lm_head weight on one rank; this model's "
+                             f"lm_head is {type(head).__name__} ({getattr(getattr(head, 'method', None), 'name', '')})"
+                             "; leave speculative_draft_vocab unset")
+        if not 1 <= n <= weight.shape[0]:
+            raise ValueError(f"a draft vocabulary of {n} token ids: use 1 to {weight.shape[0]} (the lm_head's rows)")
+        return weight[:n]
 
     def mtp_forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
                     cache: ModelCache) -> torch.Tensor:

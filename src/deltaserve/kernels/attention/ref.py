@@ -128,14 +128,14 @@ def paged_attention_prefill(
 
     q: [T, Hq, D]; k_cache, v_cache: [P, page_size, Hkv, D] (quantized pages: with k_scale, v_scale, see the module
     docstring); cu_seqlens_q: [N+1] int32; seq_lens: [N] int32 (KV length including the new tokens); block_tables:
-    [N, max_pages] int32. Query i of sequence n sits at position seq_lens[n] - qlen_n + i. Returns o: [T, Hq, D] in
-    q.dtype (rows of sequences with no new tokens absent).
+    [N, max_pages] int32. Query i of sequence n sits at position seq_lens[n] - qlen_n + i (seq_lens[n] = 0: a
+    padding row, output zeros). Returns o: [T, Hq, D] in q.dtype (rows of sequences with no new tokens absent).
     """
     o = torch.zeros_like(q)
     bounds = cu_seqlens_q.tolist()
     for n, length in enumerate(seq_lens.tolist()):
         lo, hi = bounds[n], bounds[n + 1]
-        if hi == lo:
+        if hi == lo or length == 0:  # no new tokens, or a padding row (CUDA graph buffers): output zeros
             continue
         if length < hi - lo:
             raise ValueError(f"seq_lens[{n}]={length} is shorter than its {hi - lo} new tokens; it must count them")
