@@ -173,7 +173,8 @@ def test_graph_replays_equal_eager_steps(moe: bool) -> None:
              step_of([5, 1, 60], [0, 58, 140], [1, 3, 0], [4, 5])]
     for step in steps:
         key = graphs.key_for(step)
-        assert key == (4, 64 if step.query_lens.sum() < 64 else 128)  # a bucket > t: the padding row takes one
+        # the smallest captured bucket above the step: rows {1, 4}, tokens > t (the padding row takes at least one)
+        assert key == (1 if step.num_rows == 1 else 4, 64 if step.query_lens.sum() < 64 else 128)
         with torch.no_grad():
             dev = upload_step(step, page_size=PAGE, device="cuda")
             want_h = model(dev.input_ids, dev.batch, eager_cache)
