@@ -108,6 +108,15 @@ async def one_request(client: httpx.AsyncClient, path: str, payload: dict[str, A
     return result
 
 
+def make_payloads(args: argparse.Namespace, model: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(timed payloads, warm-up payloads). A prompt the server has seen would be a prefix-cache hit, so the warm-up
+    prompts are drawn apart from the timed ones, and each run of a sweep (one per concurrency, on the same server)
+    draws from its own seed."""
+    rnd = random.Random(f"{args.seed}/{args.concurrency}")
+    timed = [make_payload(args, model, rnd) for _ in range(args.num_requests)]
+    return timed, [make_payload(args, model, rnd) for _ in range(args.warmup)]
+
+
 async def run_load(args: argparse.Namespace) -> tuple[list[RequestResult], float, str]:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
@@ -115,9 +124,8 @@ async def run_load(args: argparse.Namespace) -> tuple[list[RequestResult], float
     async with httpx.AsyncClient(base_url=args.url, headers=headers, limits=limits, timeout=timeout) as client:
         model = args.model or (await client.get("/v1/models")).json()["data"][0]["id"]
         path = "/v1/chat/completions" if args.endpoint == "chat" else "/v1/completions"
-        rnd = random.Random(args.seed)
-        payloads = [make_payload(args, model, rnd) for _ in range(args.num_requests)]
-        for p in payloads[:args.warmup]:
+        payloads, warmup = make_payloads(args, model)
+        for p in warmup:
             await one_request(client, path, {**p, "max_tokens": min(4, args.output_len)})
         queue: asyncio.Queue = asyncio.Queue()
         for p in payloads:

@@ -51,3 +51,18 @@ def test_the_preset_sets_the_published_lengths_and_unknown_models_are_named():
     assert [requests_for(args, c) for c in args.concurrency] == [2, 32, 128]
     with pytest.raises(SystemExit):
         parse_args(["--published", "9B"])
+
+
+def test_no_prompt_repeats_across_warmup_timed_requests_and_sweep_runs():
+    """A repeated prompt would be a prefix-cache hit (a TTFT of a few ms for 8k tokens): the warm-up prompts, the timed
+    ones and each concurrency's prompts are all distinct."""
+    from benchmarks.serve_load import make_payloads, parse_args
+
+    seen = []
+    for c in (1, 16):
+        args = parse_args(["--input-len", "32", "--output-len", "4", "--num-requests", "4", "--concurrency", str(c)])
+        args.concurrency = c  # as the sweep sets it per run
+        timed, warmup = make_payloads(args, "m")
+        assert len(timed) == 4 and len(warmup) == args.warmup
+        seen += [tuple(p["prompt"]) for p in timed + warmup]
+    assert len(set(seen)) == len(seen)
