@@ -53,7 +53,21 @@ def _time(fn, *, warmup: int = 5, reps: int = 30) -> float:
     return float(np.median(times))
 
 
-def bench_shape(name: str, model, batch: int, k: int, context: int, draft_vocab: int | None = None) -> dict:
+def _print_kernel_tables(model, cache, steps: dict) -> None:
+    """steps: label -> (input ids, ForwardBatch); prints each eager step's kernels by time (profile_step's table)."""
+    from benchmarks.profile_step import kernel_table
+
+    for label, (ids, batch) in steps.items():
+        def step(ids=ids, batch=batch) -> None:
+            with torch.no_grad():
+                model.compute_logits(model(ids, batch, cache), upcast=False)
+
+        total, text = kernel_table(step, calls=3, top=15)
+        print(f"{label} step, eager, kernels per step ({total:.0f} µs):\n{text}", flush=True)
+
+
+def bench_shape(name: str, model, batch: int, k: int, context: int, draft_vocab: int | None = None,
+                profile: bool = False) -> dict:
     from deltaserve.cache.tensors import CacheShape, ModelCache
     from deltaserve.engine.cuda_graph import StepGraphs
     from deltaserve.engine.device_inputs import build_forward_batch, upload_step
@@ -101,6 +115,8 @@ def bench_shape(name: str, model, batch: int, k: int, context: int, draft_vocab:
     with torch.no_grad():
         eager_logits = model.compute_logits(model(idsk, dstep.batch, cache), upcast=False)
     graph_vs_eager = float((logits.float() - eager_logits.float()).abs().max())
+    if profile:  # where a verify step's extra time goes: the kernels of both steps, eager
+        _print_kernel_tables(model, cache, {"decode": (ids1, decode), f"verify (1 + {k})": (idsk, dstep.batch)})
     kept = torch.randint(1, 2 + k, (batch,), device=dev)
     ms_commit = _time(lambda: cache.commit_verified(dstep.batch.state_slots, kept))
     drafter = MTPDrafter(model, cache, num_tokens=k, page_size=PAGE, device=dev, draft_vocab=draft_vocab)
@@ -187,6 +203,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--draft-vocab", nargs="+", type=int, default=[],
                     help="also measure with the drafts scoring only the first N token ids (speculative_draft_vocab); "
                          "the whole vocabulary is always measured too")
+    ap.add_argument("--profile", action="store_true",
+                    help="also print the kernels of the decode and the verify step by time (torch.profiler, eager)")
     ap.add_argument("--demo-k", nargs="+", type=int, default=[1, 2, 3], help="--demo: the K values (K = 0 is run too)")
     args = ap.parse_args(argv)
     vocabs = [None, *args.draft_vocab]
@@ -205,7 +223,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for k in args.k:
                 for vocab in vocabs:
                     try:
-                        row = bench_shape(name, model, b, k, args.context, vocab)
+                        row = bench_shape(name, model, b, k, args.context, vocab, args.profile)
                     except torch.OutOfMemoryError:
                         row = {"model": name, "batch": b, "K": k, "draft vocab": vocab or "all", "decode ms": "OOM"}
                     gc.collect()
