@@ -125,6 +125,9 @@ def check_topk(tokens, experts, top_k, dtype, device, seed):
     # ties may pick either expert: compare the picked probabilities (descending), then the renormalised weights
     torch.testing.assert_close(probs.gather(1, ids.cpu()), probs.gather(1, ids_ref), rtol=0, atol=0)
     assert_close(w, w_ref, dtype=torch.float32)
+    # weights stored in the activation dtype: the fp32 result rounded once, the same picks
+    wb, ids_b = moe.moe_topk_softmax(router_logits=logits, top_k=top_k, dtype=torch.bfloat16)
+    assert wb.dtype == torch.bfloat16 and torch.equal(ids_b, ids) and torch.equal(wb, w.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("top_k", [3, 4])

@@ -127,6 +127,6 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits, shared_gate_logit = self.router.forward_split(x)
-        weights, ids = moe_topk_softmax(router_logits=router_logits, top_k=self.top_k)
         # The router weights are rounded to the activation dtype before use, as the reference model does.
-        return self.experts(x, weights.to(x.dtype), ids, shared=self.shared_expert, shared_gate=shared_gate_logit)
+        weights, ids = moe_topk_softmax(router_logits=router_logits, top_k=self.top_k, dtype=x.dtype)
+        return self.experts(x, weights, ids, shared=self.shared_expert, shared_gate=shared_gate_logit)

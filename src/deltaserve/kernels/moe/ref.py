@@ -6,14 +6,15 @@ import torch
 import torch.nn.functional as F
 
 
-def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """router_logits: [T, E]. Softmax over all E experts in fp32, keep the top_k, renormalise them to sum to 1.
 
-    Returns (weights fp32 [T, top_k], ids int64 [T, top_k]), both ordered by descending weight.
+    Returns (weights [T, top_k] rounded once to `dtype`, ids int64 [T, top_k]), both ordered by descending weight.
     """
     probs = router_logits.float().softmax(dim=-1)
     weights, ids = probs.topk(top_k, dim=-1)
-    return weights / weights.sum(dim=-1, keepdim=True), ids.to(torch.int64)
+    return (weights / weights.sum(dim=-1, keepdim=True)).to(dtype), ids.to(torch.int64)
 
 
 def fused_moe(

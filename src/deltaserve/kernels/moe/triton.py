@@ -32,16 +32,19 @@ def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.cons
         picked_id = tl.where(slot == j, idx.to(tl.int64), picked_id)
         p = tl.where(cols == idx, -1.0, p)
     picked_w = picked_w / tl.sum(picked_w, 0)
-    tl.store(w_ptr + t * TOP_K + slot, picked_w, mask=slot < TOP_K)
+    tl.store(w_ptr + t * TOP_K + slot, picked_w.to(w_ptr.dtype.element_ty), mask=slot < TOP_K)
     tl.store(ids_ptr + t * TOP_K + slot, picked_id, mask=slot < TOP_K)
 
 
-def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits: [T, E] -> (weights fp32 [T, top_k], ids int64 [T, top_k]), as ref.moe_topk_softmax."""
+def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int,
+                     dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits: [T, E] -> (weights [T, top_k] in dtype, ids int64 [T, top_k]), as ref.moe_topk_softmax. The
+    weights are rounded to dtype in the kernel's store (the layer wants them in the activation dtype: no cast
+    launch)."""
     T, E = router_logits.shape
     if router_logits.stride(-1) != 1:
         router_logits = router_logits.contiguous()
-    w = torch.empty(T, top_k, dtype=torch.float32, device=router_logits.device)
+    w = torch.empty(T, top_k, dtype=dtype, device=router_logits.device)
     ids = torch.empty(T, top_k, dtype=torch.int64, device=router_logits.device)
     if T:
         _topk_softmax_kernel[(T,)](router_logits, w, ids, router_logits.stride(0), E, TOP_K=top_k,
