@@ -67,6 +67,13 @@ def test_mid_fp32_interpreter(kind, inter, shared_inter, nan_empty):
     assert_close(got, ref.fused_moe(**kw))
 
 
+def test_mid_even_k_interpreter(nan_empty):
+    """K a multiple of BLOCK_K in both kernels (D = 48, I = 32, I_s = 16 with 16-wide K blocks): the unmasked K
+    loads the GPU shapes take."""
+    kw = moe_inputs(19, 48, 32, 12, 3, torch.float32, "cpu", seed=8, kind="dropped", shared_inter=16)
+    assert_close(midbatch.fused_moe_mid(**kw, **SMALL_TILES), ref.fused_moe(**kw))
+
+
 @pytest.mark.parametrize("shared_inter", [0, 12])
 def test_mid_bf16_interpreter(shared_inter, nan_empty):
     """bf16 with the default tiles (clamped to the tiny shape): act and y rounded to bf16, the sum in fp32."""

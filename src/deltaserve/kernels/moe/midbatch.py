@@ -46,9 +46,17 @@ def _dot(w, a, acc, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _k_mask(k, K, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """k < K; with EVEN_K (K a multiple of BLOCK_K) a constant true, so the weight loads vectorize unconditionally."""
+    if EVEN_K:
+        return tl.full((BLOCK_K,), 1, tl.int1)
+    return k < K
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, order_ptr, bounds_ptr, act_ptr, stride_x, stride_w13_e, stride_w13_n,
                     stride_ws13_n, stride_act, T, P, I_R, I_S, D, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
     shared, e, start, end = _rows(order_ptr, bounds_ptr, tl.program_id(0), T, P, TOP_K)
     inter = tl.where(shared, I_S, I_R)
     n0 = tl.program_id(1) * BLOCK_N
@@ -68,7 +76,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, order_ptr, bounds_ptr, act_ptr, st
             acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for k0 in range(0, D, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
-                m_k = k < D
+                m_k = _k_mask(k, D, BLOCK_K, EVEN_K)
                 xt = tl.load(x_ptr + tok[None, :] * stride_x + k[:, None], mask=m_r[None, :] & m_k[:, None],
                              other=0.0)
                 m_w = m_n[:, None] & m_k[None, :]
@@ -85,7 +93,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, order_ptr, bounds_ptr, act_ptr, st
 @triton.jit
 def _down_kernel(act_ptr, w2_ptr, ws2_ptr, order_ptr, bounds_ptr, y_ptr, stride_act, stride_w2_e, stride_w2_n,
                  stride_ws2_n, stride_y, T, P, I_R, I_S, D, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
     shared, e, start, end = _rows(order_ptr, bounds_ptr, tl.program_id(0), T, P, TOP_K)
     if start < end:
         inter = tl.where(shared, I_S, I_R)
@@ -102,7 +110,7 @@ def _down_kernel(act_ptr, w2_ptr, ws2_ptr, order_ptr, bounds_ptr, y_ptr, stride_
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             for k0 in range(0, inter, BLOCK_K):
                 k = k0 + tl.arange(0, BLOCK_K)
-                m_k = k < inter
+                m_k = _k_mask(k, inter, BLOCK_K, EVEN_K)
                 at = tl.load(act_ptr + act_row[None, :] * stride_act + k[:, None], mask=m_r[None, :] & m_k[:, None],
                              other=0.0)
                 w = tl.load(w_ptrs + k[None, :], mask=m_n[:, None] & m_k[None, :], other=0.0)
@@ -170,14 +178,14 @@ def fused_moe_mid(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     _gate_up_kernel[(1 + E, triton.cdiv(act_w, bn))](
         x, w13, shared_w13, order, bounds, act, x.stride(0), w13.stride(0), w13.stride(1), shared_w13.stride(0),
         act.stride(0), t_shared, P, i_r, i_s, D, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        IEEE=ieee, num_warps=warps, num_stages=stages)
+        EVEN_K=D % bk == 0, IEEE=ieee, num_warps=warps, num_stages=stages)
     bm, bn, bk, warps, stages = down_config or DOWN_CONFIG
     bk = max(16, min(bk, triton.next_power_of_2(act_w)))
     bn = max(16, min(bn, triton.next_power_of_2(D)))
     _down_kernel[(1 + E, triton.cdiv(D, bn))](
         act, w2, shared_w2, order, bounds, y, act.stride(0), w2.stride(0), w2.stride(1), shared_w2.stride(0),
         y.stride(0), t_shared, P, i_r, i_s, D, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-        IEEE=ieee, num_warps=warps, num_stages=stages)
+        EVEN_K=i_r % bk == 0 and i_s % bk == 0, IEEE=ieee, num_warps=warps, num_stages=stages)
     shared = {"shared": y[P:], "shared_gate": shared_gate} if has_shared else {}
     return moe_combine(y=y, pos=pos, topk_weights=topk_weights, topk_ids=topk_ids, **shared)
 
