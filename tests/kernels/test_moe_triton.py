@@ -153,10 +153,11 @@ def test_fused_moe_pairs_gpu(tokens):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("tokens", [9, 67])
-def test_fused_moe_grouped_path_gpu(tokens):
-    """Past the small-batch threshold: grouped GEMMs for the routed experts, the shared expert beside them."""
-    assert tokens * A3B[3] > moe_gpu.SMALL_BATCH_PAIRS
+@pytest.mark.parametrize("tokens,path", [(9, "mid"), (67, "mid"), (129, "grouped")])
+def test_fused_moe_past_small_batch_gpu(tokens, path):
+    """Past the small-batch threshold: the expert-centric kernels, then the grouped GEMMs (the shared expert as an
+    extra program in the first, beside them in the second)."""
+    assert moe_gpu.pick_path(tokens * A3B[3], True) == path
     check_pairs(tokens, A3B, torch.bfloat16, "cuda", seed=tokens, fn=moe_gpu.fused_moe, rel_tol=1e-2)
 
 
