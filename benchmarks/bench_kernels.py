@@ -4,6 +4,7 @@ chunk and fused_recurrent kernels for GDN, SDPA for attention, the torch referen
 grouped-GEMM path for MoE).
 
     PYTHONPATH=src:. python3 benchmarks/bench_kernels.py [--skip-prefill] [--out FILE]
+    PYTHONPATH=src:. python3 benchmarks/bench_kernels.py --moe-paths [--moe-model 122B-A10B]  (MoE paths by batch)
 
 GDN decode rotates through enough layers that states come from HBM, as in a real step (see bench_gdn.py).
 """
@@ -134,12 +135,108 @@ def sweep_moe(copy_gbs: float) -> list[str]:
     return out
 
 
+MOE_PATH_BATCHES = (1, 4, 8, 16, 32, 64, 128, 256)
+
+
+def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str = "cuda", shape=None,
+              bench=None) -> list[dict]:
+    """Time each MoE path (per-pair kernels, expert-centric kernels with every midbatch.CONFIGS tile for each of
+    its two kernels, grouped GEMMs, the automatic pick) on one MoE layer at decode batches 1-256, random routing
+    (top-k of a softmax over random logits), shared expert included, against the bytes of the experts the routing
+    touches (distinct experts x expert bytes + the shared expert) and the copy bandwidth measured in this run.
+    Each timed call runs `layers` layers with their own weights, as a step does, so that at small batches the
+    touched experts do not stay in L2 between calls; times are per layer. device / shape (a SHAPES-like dict) /
+    bench (fn -> ms) let the CPU test run the plumbing."""
+    from benchmarks.common import SHAPES, measure_copy_bandwidth
+    from deltaserve.kernels.moe import gpu as moe_gpu
+    from deltaserve.kernels.moe import midbatch
+    from deltaserve.kernels.moe import triton as moe
+
+    cfg = shape or SHAPES[model]
+    dim, inter, experts, top_k = (cfg["hidden_size"], cfg["moe_intermediate_size"], cfg["num_experts"],
+                                  cfg["num_experts_per_tok"])
+    shared_inter = cfg["shared_expert_intermediate_size"]
+    bench = bench or (lambda fn: triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    # bytes read + written per second: a read-only stream's floor is bytes / copy
+    copy = measure_copy_bandwidth() if device == "cuda" else 1e12
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, generator=gen) * scale).bfloat16()
+
+    weights = [dict(w13=rnd(experts, 2 * inter, dim, scale=dim ** -0.5),
+                    w2=rnd(experts, dim, inter, scale=inter ** -0.5),
+                    shared_w13=rnd(2 * shared_inter, dim, scale=dim ** -0.5),
+                    shared_w2=rnd(dim, shared_inter, scale=shared_inter ** -0.5)) for _ in range(layers)]
+    expert_bytes = 3 * dim * inter * 2
+    print(f"{model} MoE layer: D={dim} I={inter} E={experts} top-{top_k} + shared I={shared_inter}; copy "
+          f"{copy / 1e12:.2f} TB/s; {layers} layers a timed call; thresholds: per-pair <= "
+          f"{moe_gpu.SMALL_BATCH_PAIRS} pairs < mid <= {moe_gpu.MID_BATCH_MAX_PAIRS} < grouped", flush=True)
+    mid_cfgs = [("mid", {})]
+    for c in midbatch.CONFIGS:
+        if c != midbatch.GATE_UP_CONFIG:
+            mid_cfgs.append((f"mid gate_up={c}", {"gate_up_config": c}))
+        if c != midbatch.DOWN_CONFIG:
+            mid_cfgs.append((f"mid down={c}", {"down_config": c}))
+    rows = []
+    for tokens in batches:
+        calls = []
+        for layer in weights:
+            logits = rnd(tokens, experts + 1)
+            w, ids = moe.moe_topk_softmax(router_logits=logits[:, :experts], top_k=top_k)
+            calls.append(dict(x=rnd(tokens, dim), topk_weights=w.bfloat16(), topk_ids=ids,
+                              shared_gate=logits[:, experts:], **layer))
+        touched = sum(kw["topk_ids"].unique().numel() for kw in calls) / layers
+        nbytes = (touched + 1) * expert_bytes
+        floor_us = nbytes / copy * 1e6
+
+        def forced(path, extra=None):
+            def run():
+                previous, moe_gpu.FORCE_PATH = moe_gpu.FORCE_PATH, path
+                try:
+                    if extra is not None:
+                        return [midbatch.fused_moe_mid(**kw, **extra) for kw in calls]
+                    return [moe_gpu.fused_moe(**kw) for kw in calls]
+                finally:
+                    moe_gpu.FORCE_PATH = previous
+            return run
+
+        variants = [("auto (" + moe_gpu.pick_path(tokens * top_k, True) + ")", forced(None)),
+                    ("per-pair", forced("pairs")), ("grouped", forced("grouped"))]
+        variants += [(name, forced("mid", extra)) for name, extra in mid_cfgs]
+        expected = forced("mid", {})()
+        for name, fn in variants:
+            row = {"batch": tokens, "path": name, "experts touched": f"{touched:.0f}", "MB": nbytes / 1e6,
+                   "floor us": floor_us}
+            try:
+                got = fn()
+                err = max(((g.float() - e.float()).norm() / e.float().norm()).item() for g, e in zip(got, expected))
+                ms = bench(fn) / layers
+                row.update({"us": ms * 1e3, "TB/s": nbytes / (ms * 1e-3) / 1e12,
+                            "of floor": f"{floor_us / (ms * 1e3):.0%}",
+                            "vs mid": "ok" if err < 2e-2 else f"DIFF {err:.1e}"})
+            except Exception as e:  # noqa: BLE001 (one failing variant must not lose the table)
+                row["us"] = f"{type(e).__name__}: {str(e)[:80]}"
+            rows.append(row)
+            print(row, flush=True)
+    from benchmarks.common import table
+
+    print(table(rows))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-prefill", action="store_true", help="skip the GDN chunk prefill rows")
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--sweep-moe", action="store_true", help="only time the MoE kernels' tile configs")
+    parser.add_argument("--moe-paths", action="store_true",
+                        help="only time the MoE paths (per-pair, expert-centric, grouped) at batches 1-256")
+    parser.add_argument("--moe-model", default="35B-A3B", help="benchmarks/common.py SHAPES entry for --moe-paths")
     args = parser.parse_args()
+    if args.moe_paths:
+        moe_paths(args.moe_model)
+        return
     import fla
 
     copy_gbs, mm_tflops = attn_bench.ceilings()

@@ -129,3 +129,19 @@ def test_profile_resume_plumbing_on_a_tiny_shape(monkeypatch, capsys):
     profile_resume.main()
     out = capsys.readouterr().out
     assert "turn 1: prompt 51 tokens" in out and "checkpoints" in out
+
+
+def test_moe_paths_plumbing_on_cpu(capsys):
+    """bench_kernels --moe-paths on a tiny MoE shape: every path's row (grouped GEMMs have no CPU kernel: its row
+    holds the error), the expert-centric and per-pair paths agreeing."""
+    from benchmarks import bench_kernels
+
+    shape = {"hidden_size": 32, "moe_intermediate_size": 16, "num_experts": 8, "num_experts_per_tok": 2,
+             "shared_expert_intermediate_size": 16}
+    rows = bench_kernels.moe_paths("tiny-moe", layers=2, batches=(3,), device="cpu", shape=shape,
+                                   bench=lambda fn: fn() and 1.0)
+    by_path = {r["path"]: r for r in rows}
+    assert {"per-pair", "grouped", "mid"} <= set(by_path) and len(rows) == 3 + 6
+    assert by_path["per-pair"]["vs mid"] == "ok" and by_path["mid"]["us"] == 500.0
+    assert "ValueError" in by_path["grouped"]["us"]
+    assert "per-pair" in capsys.readouterr().out

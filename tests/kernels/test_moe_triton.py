@@ -91,20 +91,28 @@ def test_fused_moe_pairs_interpreter_k_loop():
 
 
 def test_fused_moe_dispatch_without_grouped_gemm(monkeypatch):
-    """No grouped GEMMs (here: CPU tensors): per-pair kernels up to NO_GROUPED_MAX_PAIRS, the reference past it."""
-    monkeypatch.setattr(moe_gpu, "SMALL_BATCH_PAIRS", 2)
-    monkeypatch.setattr(moe_gpu, "NO_GROUPED_MAX_PAIRS", 4)
+    """No grouped GEMMs (here: CPU tensors): per-pair kernels up to SMALL_BATCH_PAIRS, the expert-centric kernels up
+    to NO_GROUPED_MAX_PAIRS (even past MID_BATCH_MAX_PAIRS), the reference past it; FORCE_PATH overrides."""
+    from deltaserve.kernels.moe import midbatch
+
+    monkeypatch.setattr(moe_gpu, "SMALL_BATCH_PAIRS", 3)
+    monkeypatch.setattr(moe_gpu, "MID_BATCH_MAX_PAIRS", 4)
+    monkeypatch.setattr(moe_gpu, "NO_GROUPED_MAX_PAIRS", 6)
     calls = []
-    real_pairs, real_ref = moe.fused_moe_pairs, ref.fused_moe
+    real_pairs, real_mid, real_ref = moe.fused_moe_pairs, midbatch.fused_moe_mid, ref.fused_moe
     monkeypatch.setattr(moe, "fused_moe_pairs", lambda **kw: calls.append("pairs") or real_pairs(**kw))
+    monkeypatch.setattr(midbatch, "fused_moe_mid", lambda **kw: calls.append("mid") or real_mid(**kw))
     monkeypatch.setattr(ref, "fused_moe", lambda **kw: calls.append("ref") or real_ref(**kw))
     dim, inter, experts, top_k, shared_inter = TINY
-    for tokens, path in ((1, "pairs"), (3, "ref")):  # 3 pairs, then 9
+    for tokens, force, path in ((1, None, "pairs"), (2, None, "mid"), (3, None, "ref"), (3, "mid", "mid")):
+        monkeypatch.setattr(moe_gpu, "FORCE_PATH", force)
         kw = moe_case(tokens, dim, inter, experts, top_k, shared_inter, torch.float32, "cpu", seed=tokens)
         calls.clear()
         got = moe_gpu.fused_moe(**kw)
         assert calls == [path]
         assert_close(got, real_ref(**kw))
+    monkeypatch.setattr(moe_gpu, "FORCE_PATH", None)
+    assert moe_gpu.pick_path(5, True) == "grouped"  # past MID_BATCH_MAX_PAIRS with grouped GEMMs
 
 
 def test_topk_softmax_nan_logits_stay_in_range():
@@ -148,10 +156,11 @@ def test_fused_moe_pairs_gpu(tokens):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("tokens", [9, 67])
-def test_fused_moe_grouped_path_gpu(tokens):
-    """Past the small-batch threshold: grouped GEMMs for the routed experts, the shared expert beside them."""
-    assert tokens * A3B[3] > moe_gpu.SMALL_BATCH_PAIRS
+@pytest.mark.parametrize("tokens,path", [(9, "mid"), (67, "mid"), (129, "grouped")])
+def test_fused_moe_past_small_batch_gpu(tokens, path):
+    """Past the small-batch threshold: the expert-centric kernels, then the grouped GEMMs (the shared expert as an
+    extra program in the first, beside them in the second)."""
+    assert moe_gpu.pick_path(tokens * A3B[3], True) == path
     check_pairs(tokens, A3B, torch.bfloat16, "cuda", seed=tokens, fn=moe_gpu.fused_moe, rel_tol=1e-2)
 
 
