@@ -3,7 +3,9 @@
 Without a GPU the kernel runs under TRITON_INTERPRET=1 at small shapes with small tiles (several programs, several K
 steps, a ragged K tail); `pytest -m gpu` runs it compiled at the models' decode shapes and at every tile
 benchmarks/bench_linear.py sweeps (the tiles tile_config picks among them). The kernel's error against the float64
-product may be at most twice that of torch's own GEMM in the same dtype (tests/tolerances.py).
+product may be at most twice that of torch's own GEMM in the same dtype (tests/tolerances.py). Split-K calls also
+run with NaN-poisoned outputs and workspace, twice (the second call proves the counters came back to 0, and equal
+results that the reduction is deterministic), and on the GPU inside a CUDA graph.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ triton = pytest.importorskip("triton")
 
 from tests.tolerances import assert_error_within  # noqa: E402
 
-from benchmarks.bench_linear import SWEEP_TILES  # noqa: E402
+from benchmarks.bench_linear import SPLIT_TILES, SWEEP_TILES  # noqa: E402
 from deltaserve.kernels.linear import linear  # noqa: E402
 from deltaserve.kernels.linear import ref as linear_ref  # noqa: E402
 from deltaserve.kernels.linear import gpu as linear_gpu  # noqa: E402
@@ -59,6 +61,33 @@ def test_skinny_linear_interpreted(rows, in_features, out_features, dtype):
     check_linear(fn, rows, in_features, out_features, dtype, "cpu", seed=rows + in_features)
 
 
+def check_split(rows, in_features, out_features, tile, device, seed):
+    """NaN in the output and the workspace, two calls: both within tolerance, bitwise equal, counters back to 0."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, in_features, generator=gen).bfloat16().to(device)
+    w = (torch.randn(out_features, in_features, generator=gen) * in_features ** -0.5).bfloat16().to(device)
+    linear_triton.skinny_linear(x[:1], w, tile)  # allocates the device's scratch
+    ws, counts = linear_triton._split_buffers[str(x.device)]
+    ws.fill_(float("nan"))
+    ys = [linear_triton.skinny_linear(x, w, tile, out=torch.full((rows, out_features), float("nan"),
+                                                                 dtype=torch.bfloat16, device=device))
+          for _ in range(2)]
+    assert not counts.any()
+    assert torch.equal(ys[0], ys[1])
+    truth = x.double() @ w.double().T
+    assert_error_within(ys[0], linear_ref.linear(x=x.cpu().float(), weight=w.cpu().float()).bfloat16(), truth)
+
+
+# (rows, in, out, split): one row, an odd row count, a full 16-row tile; odd N; K with a tail; 2-4 K ranges (the
+# last one short where K is not a multiple of the range)
+SMALL_SPLIT = [(1, 200, 40, 2), (3, 150, 33, 3), (16, 256, 72, 4)]
+
+
+@pytest.mark.parametrize("rows,in_features,out_features,split", SMALL_SPLIT)
+def test_skinny_linear_split_interpreted(rows, in_features, out_features, split):
+    check_split(rows, in_features, out_features, (16, 32, 4, 2, split), "cpu", seed=rows)
+
+
 def test_wrapper_takes_leading_dims_and_strided_rows(monkeypatch):
     """[B, T, K] inputs and rows with a stride (a column slice) give the reference's result, same shape. The tile
     is forced: at this size tile_config would hand the call to torch, and the wrapper's kernel path is under test."""
@@ -76,9 +105,14 @@ def test_wrapper_takes_leading_dims_and_strided_rows(monkeypatch):
 def test_many_rows_and_fp32_fall_back_to_torch():
     assert linear_triton.tile_config(linear_triton.MAX_ROWS + 1, 1 << 17, 64) is None
     assert linear_triton.tile_config(32, 4096, 4096) is None  # cuBLAS is as fast there
-    assert linear_triton.tile_config(1, 4096, 4096, num_sms=132)[0] == 32  # 128 programs of 32 columns, not 64 of 64
-    assert linear_triton.tile_config(1, 2048, 4096, num_sms=132) is None  # too few programs to fill the SMs
-    assert linear_triton.tile_config(1, 257, 2048, num_sms=132) is None  # a router
+    assert linear_triton.tile_config(1, 24576, 4096, num_sms=132) == (64, 256, 4, 4, 1)  # wide: no split
+    # narrow outputs split K to about two programs per SM: 64 column blocks x 4, 128 x 2, a router's 17 x 2 (each
+    # program at least 32 KB of weight)
+    assert linear_triton.tile_config(1, 2048, 4096, num_sms=132) == (32, 256, 4, 4, 4)
+    assert linear_triton.tile_config(16, 4096, 4096, num_sms=132) == (32, 256, 4, 4, 2)
+    assert linear_triton.tile_config(1, 264, 2048, num_sms=132) == (16, 256, 4, 4, 2)
+    assert linear_triton.tile_config(17, 2048, 4096, num_sms=132) is None
+    assert linear_triton.tile_config(1, 2048, 1024, num_sms=132) is None
     assert linear_triton.tile_config(1, 12352, 2048, num_sms=132) is None  # K too short to fill the pipeline
     assert linear_triton.tile_config(1, 248320, 2048, num_sms=132) is not None  # unless the output is vocab-sized
     x = torch.randn(3, 16)
@@ -95,12 +129,14 @@ def test_dispatch_runs_the_reference_on_cpu():
 # 9B and 27B decode projections: (in, out)
 MODEL_SHAPES = [(4096, 12352), (4096, 4096), (4096, 10240), (4096, 24576), (12288, 4096), (5120, 16480),
                 (6144, 5120), (17408, 5120), (4096, 248320)]
+# narrow outputs that split K: 35B-A3B out_proj / o_proj and router; 9B out_proj, MLP down; 27B out_proj, MLP down
+SPLIT_SHAPES = [(4096, 2048), (2048, 264), (4096, 4096), (12288, 4096), (6144, 5120), (17408, 5120)]
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("in_features,out_features", MODEL_SHAPES)
-@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("in_features,out_features", MODEL_SHAPES + SPLIT_SHAPES[:2])
+@pytest.mark.parametrize("rows", [1, 7, 16, 64])
 def test_linear_gpu_model_shapes(in_features, out_features, rows):
     check_linear(lambda x, w: linear(x=x, weight=w), rows, in_features, out_features, torch.bfloat16, "cuda",
                  seed=rows)
@@ -113,3 +149,46 @@ def test_linear_gpu_model_shapes(in_features, out_features, rows):
 def test_skinny_linear_gpu_tiles(tile, rows):
     check_linear(lambda x, w: linear_triton.skinny_linear(x, w, tile), rows, 4096, 4104, torch.bfloat16, "cuda",
                  seed=tile[0] + rows)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("in_features,out_features", SPLIT_SHAPES)
+@pytest.mark.parametrize("rows", [1, 8, 16])
+def test_split_linear_gpu(in_features, out_features, rows):
+    tile = linear_triton.tile_config(rows, out_features, in_features, linear_gpu.num_sms(torch.device("cuda")))
+    assert tile is not None and tile.split > 1
+    check_split(rows, in_features, out_features, tile, "cuda", seed=rows)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tile", SPLIT_TILES)
+def test_split_linear_gpu_tiles(tile):
+    check_split(16, 4096, 2056, tile, "cuda", seed=tile[0] + tile[-1])
+
+
+@gpu
+@needs_cuda
+def test_split_linear_cuda_graph(monkeypatch):
+    """A captured split-K call replays bitwise equal to the eager one, over replays with new inputs; a capture that
+    finds no scratch (no eager call before it) runs torch's GEMM in the graph instead."""
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(2048, 4096, generator=gen) * 4096 ** -0.5).bfloat16().cuda()
+    xs = [torch.randn(1, 4096, generator=gen).bfloat16().cuda() for _ in range(3)]
+    x = xs[0].clone()
+    linear(x=x, weight=w)  # warm-up: compiles, allocates the scratch
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x=x, weight=w)
+    for xi in xs:
+        x.copy_(xi)
+        graph.replay()
+        assert torch.equal(y, linear(x=xi, weight=w))
+    monkeypatch.setattr(linear_triton, "_split_buffers", {})
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = linear(x=x, weight=w)
+    graph.replay()
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w))

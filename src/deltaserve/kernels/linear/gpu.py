@@ -1,5 +1,6 @@
 """The GPU linear: the Triton weight-streaming kernel (triton.py) for few-row bf16/fp16 calls where it beats
-torch's GEMM (`tile_config` decides), torch's GEMM (cuBLAS) for everything else."""
+torch's GEMM (`tile_config` decides the tile and whether K is split), torch's GEMM (cuBLAS) for everything else.
+Split-K calls share one workspace per device: they must run on one stream at a time (triton.py)."""
 
 from __future__ import annotations
 
