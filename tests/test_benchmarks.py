@@ -141,7 +141,12 @@ def test_moe_paths_plumbing_on_cpu(capsys):
     rows = bench_kernels.moe_paths("tiny-moe", layers=2, batches=(3,), device="cpu", shape=shape,
                                    bench=lambda fn: fn() and 1.0)
     by_path = {r["path"]: r for r in rows}
-    assert {"per-pair", "grouped", "mid"} <= set(by_path) and len(rows) == 3 + 6
+    from deltaserve.kernels.moe import midbatch
+
+    # auto, per-pair, grouped, mid, then each CONFIGS tile that is not that kernel's default
+    alternatives = sum(c != midbatch.GATE_UP_CONFIG for c in midbatch.CONFIGS) + \
+        sum(c != midbatch.DOWN_CONFIG for c in midbatch.CONFIGS)
+    assert {"per-pair", "grouped", "mid"} <= set(by_path) and len(rows) == 4 + alternatives
     assert by_path["per-pair"]["vs mid"] == "ok" and by_path["mid"]["us"] == 500.0
     assert "ValueError" in by_path["grouped"]["us"]
     assert "per-pair" in capsys.readouterr().out

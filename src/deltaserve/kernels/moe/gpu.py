@@ -13,10 +13,10 @@ from deltaserve.kernels.moe.triton import moe_topk_softmax
 # launches beat the expert-centric path's six.
 SMALL_BATCH_PAIRS = 64
 # Up to here the expert-centric kernels (each touched expert read once, BLOCK_M = 16 rows a chunk); past it the
-# grouped GEMMs. 1024 pairs = batch 128 at top-8: ~4 rows per expert on average, the busiest expert still within
-# one 16-row chunk under uniform routing. Past it experts take several chunks, each re-streaming the expert's weights
-# (from L2 at best), while CUTLASS tiles fill up. To be tuned by `bench_kernels.py --moe-paths`.
-MID_BATCH_MAX_PAIRS = 1024
+# grouped GEMMs. H200, 35B-A3B layer, `bench_kernels.py --moe-paths` (benchmarks/RESULTS.md, 2026-12-03): the mid path
+# beats the grouped GEMMs at every decode batch, 176 vs 275 us at batch 16, 471 vs 601 at 128 and still 568 vs 618 at
+# 256 (2048 pairs), where experts take several chunks; prefill-sized calls stay with the grouped GEMMs.
+MID_BATCH_MAX_PAIRS = 2048
 # Without grouped GEMMs (fp16/fp32, or before SM90): the Triton paths up to here (batch 128 at top-8), so decode
 # graphs stay capturable; beyond, the reference (which syncs the host).
 NO_GROUPED_MAX_PAIRS = 1024

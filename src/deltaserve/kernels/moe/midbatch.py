@@ -122,9 +122,11 @@ def _down_kernel(act_ptr, w2_ptr, ws2_ptr, order_ptr, bounds_ptr, y_ptr, stride_
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the two kernels. Weight-streaming at decode: BLOCK_M is the
 # MMA's N side (16, the smallest tl.dot takes); BLOCK_N x BLOCK_K weight tiles of 16-32 KB a stage keep ~100 KB in
-# flight per SM. Not yet tuned on the GPU: `bench_kernels.py --sweep-moe-mid` times CONFIGS.
+# flight per SM. H200 (`bench_kernels.py --moe-paths`, RESULTS.md 2026-12-03): of CONFIGS, (16, 64, 128, 4, 4) was
+# the best (or tied) gate_up tile at every batch from 4 to 256, and as the down tile within ~1% of the best and 1-3%
+# faster than the first default (16, 128, 128, 4, 4) at batch 16-256.
 GATE_UP_CONFIG = (16, 64, 128, 4, 4)
-DOWN_CONFIG = (16, 128, 128, 4, 4)
+DOWN_CONFIG = (16, 64, 128, 4, 4)
 CONFIGS = [(16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (16, 128, 128, 8, 3)]
 
 
