@@ -204,6 +204,24 @@ def chain_drafts(model: torch.nn.Module, cache: ModelCache, draft: torch.Tensor,
     return torch.stack(drafts, dim=1)
 
 
+@torch.no_grad()
+def capture_by_rows(sizes: list[int], body, device: torch.device) -> dict:
+    """One CUDA graph of body(r) per row count r, largest first so the smaller ones reuse its memory pool; each body
+    runs twice before its capture (Triton compiles and autotunes outside it). Returns {r: (graph, body's outputs)}."""
+    graphs, pool = {}, None
+    for r in reversed(sizes):
+        for _ in range(2):
+            body(r)
+        torch.cuda.synchronize(device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            out = body(r)
+        pool = graph.pool()
+        graphs[r] = (graph, out)
+    torch.cuda.synchronize(device)
+    return graphs
+
+
 class FirstPassGraphs:
     """CUDA graphs of a verify step's first draft pass and draft 1 (`MTPDrafter.first_drafts`), one per padded row
     count, over static input buffers, for the step width w = 1 + K.
@@ -254,19 +272,8 @@ class FirstPassGraphs:
         x = h[at]
         return self.model.compute_logits(x, upcast=False, vocab=self.vocab).argmax(dim=-1), x, self.positions[:t][at]
 
-    @torch.no_grad()
     def capture(self) -> None:
-        pool = None
-        for r in reversed(self.sizes):  # every slot -1: the captures write no KV
-            for _ in range(2):  # warm up: Triton compiles and autotunes outside the capture
-                self._forward(r)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(r)
-            pool = graph.pool()
-            self.graphs[r] = (graph, out)
-        torch.cuda.synchronize(self.device)
+        self.graphs.update(capture_by_rows(self.sizes, self._forward, self.device))  # every slot -1: no KV written
 
     def can_run(self, step: StepInput) -> bool:
         """A verify step of this width, rows and page-table width within the buffers, whose logits rows are all of
@@ -333,19 +340,8 @@ class ChainGraphs:
         return chain_drafts(self.model, self.cache, self.draft[:r], self.x[:r], self.positions[:r], self.table[:r],
                             self.limit[:r], k=self.k, page_size=self.page_size, vocab=self.vocab)
 
-    @torch.no_grad()
     def capture(self) -> None:
-        pool = None
-        for r in reversed(self.sizes):  # limit 0: the captures write no KV
-            for _ in range(2):
-                self._run(r)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._run(r)
-            pool = graph.pool()
-            self.graphs[r] = (graph, out)
-        torch.cuda.synchronize(self.device)
+        self.graphs.update(capture_by_rows(self.sizes, self._run, self.device))  # limit 0: no KV written
 
     def can_run(self, rows: int, width: int) -> bool:
         return rows <= self.sizes[-1] and width <= self.table.shape[1]
