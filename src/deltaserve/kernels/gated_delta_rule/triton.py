@@ -1,6 +1,5 @@
-"""GPU gated delta rule: a single-token decode step (two Triton launches), the verify step of k tokens per row keeping
-every position's state (two launches), the gating and q/k-norm kernels of the prefill, and the chunked prefill itself
-through fla-core (fla_chunk.py).
+"""GPU gated delta rule: a single-token decode step and a k-token verify step (two Triton launches each), the gating
+and q/k-norm kernels of the prefill, and the chunked prefill itself through fla-core (fla_chunk.py).
 
 Same contracts as ``ref.py``. The recurrent state pool [S, HV, K, V] (fp32, or bf16 to halve its memory and traffic)
 is read and written in place through the slot indices; slot < 0 is padding (output rows written as zeros, no state
@@ -15,18 +14,9 @@ beta = sigmoid(b); one delta-rule step; write o and the tile back. Splitting the
 programs nothing to share, so they can be many and small (the state traffic is spread over every SM); the single
 fused kernels it replaced, which had to coordinate the q/k window shared by a key head's programs, ran at 65-70% of
 copy bandwidth at batch 64 against 85-89% for this pair (benchmarks/RESULTS.md, 2026-11-27, H100, `bench_gdn.py`).
-
-Verify (``fused_gdn_multistep``, MULTISTEP_KERNEL = "fused") is the same pair for T tokens per row: the conv kernel
-computes each token's window from the slot's stored window and the row's earlier inputs (the pool is only read, so
-nothing is rolled) and writes the window after each token to conv_states_out[n, t]; the recurrence program loads its
-state tile once and runs the decode program's step per token (same device functions, the state rounded to the pool
-dtype between tokens as stored-and-reloaded decode steps round it), writing o and the tile after each token to
-ssm_states_out[n, t]. Same results as T chained decode steps; none of their scratch gathers and copies.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 import triton
@@ -63,18 +53,6 @@ def _step(s, q, k, v, decay, beta):
 
 
 @triton.jit
-def _token_qkv(y_row, h, hv, o_k, m_k, o_v, m_v, scale, eps, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """One token's fp32 (q, k, v) for value head hv (key head h) from its post-conv row y_row [2*H*K + HV*V]:
-    q and k L2-normalised, q scaled; v the V tile o_v."""
-    q = tl.load(y_row + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    k = tl.load(y_row + H * K + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    v = tl.load(y_row + 2 * H * K + hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-    q = q * tl.rsqrt(tl.sum(q * q, 0) + eps) * scale
-    k = k * tl.rsqrt(tl.sum(k * k, 0) + eps)
-    return q, k, v
-
-
-@triton.jit
 def _decode_recurrent_kernel(
     y_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, ss_ptr, slot_ptr, o_ptr,
     stride_y, stride_a, stride_b, stride_ss_s,
@@ -99,8 +77,13 @@ def _decode_recurrent_kernel(
     p_s = ss_ptr + slot * stride_ss_s + hv * (K * V) + o_k[:, None] * V + o_v[None, :]
     m_s = valid & m_k[:, None] & m_v[None, :]
     s = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
-    q, k, v = _token_qkv(y_ptr + n * stride_y, h, hv, o_k, m_k, o_v, m_v, scale, eps, H, K, V)
+    y_row = y_ptr + n * stride_y
+    q = tl.load(y_row + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    k = tl.load(y_row + H * K + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    v = tl.load(y_row + 2 * H * K + hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
     decay, beta = _gates(a_ptr + n * stride_a, b_ptr + n * stride_b, alog_ptr, dtb_ptr, hv, y_ptr.dtype.element_ty)
+    q = q * tl.rsqrt(tl.sum(q * q, 0) + eps) * scale
+    k = k * tl.rsqrt(tl.sum(k * k, 0) + eps)
     s, o = _step(s, q, k, v, decay, beta)
     tl.store(o_ptr + i_nh * V + o_v, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty), mask=m_v)
     tl.store(p_s, s.to(ss_ptr.dtype.element_ty), mask=m_s)
@@ -364,6 +347,13 @@ def chunk_gated_delta_rule(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Verify steps of speculative decoding: k decode steps per row, keeping the state after each.
+#
+# Verify (``fused_gdn_multistep``, MULTISTEP_KERNEL = "fused") is the same pair for T tokens per row: the conv kernel
+# computes each token's window from the slot's stored window and the row's earlier inputs (the pool is only read, so
+# nothing is rolled) and writes the window after each token to conv_states_out[n, t]; the recurrence program loads its
+# state tile once and runs the decode program's step per token (same device functions, the state rounded to the pool
+# dtype between tokens as stored-and-reloaded decode steps round it), writing o and the tile after each token to
+# ssm_states_out[n, t]. Same results as T chained decode steps; none of their scratch gathers and copies.
 
 
 # "fused": two launches per layer (the conv of all T tokens, then the recurrence over them), each loading its state
@@ -416,6 +406,20 @@ def _multistep_conv_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, cso_ptr, C, st
         win = _multistep_window(x_ptr, cs_slot, n, t + 2 - W, ch, m_ch, valid, stride_x, stride_cs_w, T, W, WP)
         tl.store(cso_ptr + n * stride_cso_n + t * stride_cso_t + row[:, None] * stride_cso_w + ch[None, :],
                  win.to(cso_ptr.dtype.element_ty), mask=valid & m_row[:, None] & m_ch[None, :])
+
+
+@triton.jit
+def _token_qkv(y_row, h, hv, o_k, m_k, o_v, m_v, scale, eps, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """One token's fp32 (q, k, v) for value head hv (key head h) from its post-conv row y_row [2*H*K + HV*V]:
+    q and k L2-normalised, q scaled; v the V tile o_v. The same ops as _decode_recurrent_kernel's inline load and
+    norm (same results); the decode kernel keeps its own copy so that its generated code (and its source lines, which
+    the PTX debug info and Triton's cache key record) stay exactly as benchmarked."""
+    q = tl.load(y_row + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    k = tl.load(y_row + H * K + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    v = tl.load(y_row + 2 * H * K + hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    q = q * tl.rsqrt(tl.sum(q * q, 0) + eps) * scale
+    k = k * tl.rsqrt(tl.sum(k * k, 0) + eps)
+    return q, k, v
 
 
 @triton.jit
@@ -520,12 +524,21 @@ def fused_gdn_multistep(
     return fused_gdn_multistep_fused(**kw)
 
 
-def fused_gdn_multistep_fused(**kw: Any) -> torch.Tensor:
+def fused_gdn_multistep_fused(
+    *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+    conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
+    tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
+    conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor,
+) -> torch.Tensor:
     """The fused path (fused_gdn_multistep's arguments) whatever MULTISTEP_KERNEL says, with the recurrence tiled as
     decode_config tiles a decode step of as many rows."""
-    block_v, num_warps = decode_config(kw["slots"].shape[0], kw["num_v_heads"])
-    return fused_gdn_multistep_launch(**kw, block_v=min(block_v, triton.next_power_of_2(kw["head_v_dim"])),
-                                      num_warps=num_warps)
+    block_v, num_warps = decode_config(slots.shape[0], num_v_heads)
+    return fused_gdn_multistep_launch(
+        mixed_qkv=mixed_qkv, a=a, b=b, A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight, conv_state=conv_state,
+        ssm_state=ssm_state, slots=slots, tokens_per_row=tokens_per_row, num_k_heads=num_k_heads,
+        head_k_dim=head_k_dim, num_v_heads=num_v_heads, head_v_dim=head_v_dim, scale=scale,
+        conv_states_out=conv_states_out, ssm_states_out=ssm_states_out,
+        block_v=min(block_v, triton.next_power_of_2(head_v_dim)), num_warps=num_warps)
 
 
 def fused_gdn_multistep_chained(
