@@ -2,6 +2,7 @@
 bandwidth measured in the same run and against fla-core's fused_recurrent / chunk kernels at the same shapes.
 
     PYTHONPATH=src:. python benchmarks/bench_gdn.py [--sweep] [--skip-prefill]
+    PYTHONPATH=src:. python benchmarks/bench_gdn.py --multistep [--sweep]   # verify-step GDN layer: fused vs chained
 
 Decode rotates through enough separate layers (state pools) per timed pass that the states do not sit in L2, as in a
 real step, and reports per-layer time. 'state GB/s' counts the fp32 state bytes read + written (2 * B * HV * K * V * 4).
@@ -225,11 +226,85 @@ def prefill_shape(rows: list[dict[str, Any]], model: str, total: int) -> None:
                  "state_GBps": nan, "pct_copy": nan})
 
 
+MULTISTEP_MODELS = {"9B": (16, 32), "27B": (16, 48)}  # (H, HV) of the models bench_mtp.py measures by default
+
+
+def multistep_layers(h: int, hv: int, batch: int, tokens: int, layers: int) -> list[dict[str, Any]]:
+    """Inputs of fused_gdn_multistep for `layers` independent layers: `batch` rows x `tokens` tokens, each layer its
+    own pools and per-position buffers (the cache's [R, k, ...] buffers, as the verify step slices them)."""
+    conv_dim = 2 * h * K + hv * V
+    rows = batch * tokens
+    out = []
+    for i, kw in enumerate(decode_layers(h, hv, rows, layers)):
+        gen = torch.Generator(device="cuda").manual_seed(1000 + i)
+        slots_n = batch + 8
+        kw["conv_state"] = kw["conv_state"][:slots_n]
+        kw["ssm_state"] = kw["ssm_state"][:slots_n].clone()
+        kw["slots"] = torch.randperm(slots_n, device="cuda", generator=gen)[:batch].contiguous()
+        kw["tokens_per_row"] = tokens
+        kw["conv_states_out"] = torch.empty(batch, tokens, WIDTH - 1, conv_dim, device="cuda", dtype=torch.bfloat16)
+        kw["ssm_states_out"] = torch.empty(batch, tokens, hv, K, V, device="cuda")
+        out.append(kw)
+    return out
+
+
+def multistep_shape(rows: list[dict[str, Any]], copy_bw: float, model: str, h: int, hv: int, batch: int,
+                    tokens: int, sweep: bool = False) -> None:
+    """One GDN layer's verify step (`tokens` = 1 + K per row): the fused kernels against the chained decode kernels,
+    CUDA graph replay, per layer. 'state GB/s' counts the fp32 state read once and written `tokens` times."""
+    from deltaserve.kernels.gated_delta_rule import triton as gdn_triton
+
+    state_bytes = (1 + tokens) * batch * hv * K * V * 4
+    layers = max(2, -(-L2_BYTES // state_bytes))
+    lays = multistep_layers(h, hv, batch, tokens, layers)
+
+    def add(kernel: str, ms_per_layer: float) -> None:
+        gbs = state_bytes / (ms_per_layer * 1e-3) / 1e9
+        rows.append({"kernel": kernel, "shape": f"{model} H{h}/HV{hv} B={batch} T={tokens}", "mode": "graph",
+                     "us": ms_per_layer * 1e3, "state_GBps": gbs, "pct_copy": 100 * gbs * 1e9 / copy_bw})
+
+    def run(fn: Callable[..., Any]) -> Callable[[], None]:
+        def step() -> None:
+            for kw in lays:
+                fn(**kw)
+        return step
+
+    add("fused_gdn_multistep fused", bench(graph_of(run(gdn_triton.fused_gdn_multistep_fused)).replay) / layers)
+    add("fused_gdn_multistep chained", bench(graph_of(run(gdn_triton.fused_gdn_multistep_chained)).replay) / layers)
+    if sweep:
+        for block_v, warps in SWEEP[min(SWEEP, key=lambda b: abs(b - batch))]:
+            def fn(**kw: Any) -> Any:
+                return gdn_triton.fused_gdn_multistep_launch(block_v=block_v, num_warps=warps, **kw)
+            add(f"fused_gdn_multistep fused BV={block_v} w={warps}", bench(graph_of(run(fn)).replay) / layers)
+    lays.clear()
+    torch.cuda.empty_cache()
+
+
+def multistep_table(models: list[str], batches: list[int], tokens: list[int], sweep: bool = False,
+                    copy_bw: float | None = None) -> list[dict[str, Any]]:
+    copy_bw = copy_bw or measure_copy_bandwidth()
+    rows: list[dict[str, Any]] = []
+    for model in models:
+        h, hv = MULTISTEP_MODELS[model]
+        for batch in batches:
+            for t in tokens:
+                multistep_shape(rows, copy_bw, model, h, hv, batch, t, sweep)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time every decode tile config")
     parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument("--multistep", action="store_true",
+                        help="only the verify step's GDN layer (1 + K tokens per row): fused vs chained kernels, "
+                             "9B and 27B, batches 1 8 32, T 2 4 (with --sweep: the fused recurrence's tilings too)")
     args = parser.parse_args()
+    if args.multistep:
+        copy_bw = measure_copy_bandwidth()
+        print(header(" ".join(sys.argv)) + f" | copy bandwidth (read + write): {copy_bw / 1e12:.3f} TB/s")
+        print(table(multistep_table(list(MULTISTEP_MODELS), [1, 8, 32], [2, 4], args.sweep, copy_bw)))
+        return
     import fla
 
     copy_bw = measure_copy_bandwidth()

@@ -566,8 +566,8 @@ def test_chunk_gated_delta_rule_gpu(lengths, init, slots, hinted, state_dtype):
 @gpu
 def test_chunk_states_and_multistep_run_on_cuda_tensors():
     """The prefix-checkpoint and verify contracts on CUDA tensors: the GPU chunk op hands a call that asks for chunk
-    states to the reference (fla keeps them in the input dtype), and the multistep op has no kernel yet; both must
-    give the reference's results on the device."""
+    states to the reference (fla keeps them in the input dtype), and the multistep op runs its fused kernels (their
+    own tests: test_gdn_multistep_triton.py); both must give the reference's results on the device."""
     from deltaserve.kernels.gated_delta_rule import chunk_gated_delta_rule, fused_gdn_multistep
 
     gen = torch.Generator().manual_seed(5)

@@ -69,7 +69,8 @@ class GatedDeltaNet(nn.Module):
               state: GDNState) -> torch.Tensor:
         """The kernels for the step's kind: one token per row after an existing state runs the fused decode step
         (conv update, gating, l2-norm and the recurrence on the slot's state in place); anything else the chunked
-        path. A verify step (speculative decoding) runs the decode step once per position, keeping every state."""
+        path. A verify step (speculative decoding) runs the decode step once per position, keeping every state
+        (fused_gdn_multistep)."""
         if batch.keep_states:
             assert batch.tokens_per_row is not None and state.conv_steps is not None and state.ssm_steps is not None
             n = batch.num_seqs

@@ -4,7 +4,8 @@ same for k tokens per row keeping the state after each (verifying draft tokens) 
 gating.
 
 CUDA tensors run ``triton.py`` for the dispatched ops; anything else runs the references in ``ref.py``.
-``fused_gdn_multistep`` on CUDA chains the decode kernels over a scratch pool (no kernel of its own yet);
+``fused_gdn_multistep`` on CUDA runs two fused launches per layer (``triton.MULTISTEP_KERNEL`` selects the older
+chained decode kernels instead);
 ``fused_recurrent_gated_delta_rule`` and ``commit_gdn_states`` run their references on any device."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""GPU gated delta rule: a single-token decode step (two Triton launches), the gating and q/k-norm kernels of the
-prefill, and the chunked prefill itself through fla-core (fla_chunk.py).
+"""GPU gated delta rule: a single-token decode step and a k-token verify step (two Triton launches each), the gating
+and q/k-norm kernels of the prefill, and the chunked prefill itself through fla-core (fla_chunk.py).
 
 Same contracts as ``ref.py``. The recurrent state pool [S, HV, K, V] (fp32, or bf16 to halve its memory and traffic)
 is read and written in place through the slot indices; slot < 0 is padding (output rows written as zeros, no state
@@ -347,6 +347,162 @@ def chunk_gated_delta_rule(
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Verify steps of speculative decoding: k decode steps per row, keeping the state after each.
+#
+# Verify (``fused_gdn_multistep``, MULTISTEP_KERNEL = "fused") is the same pair for T tokens per row: the conv kernel
+# computes each token's window from the slot's stored window and the row's earlier inputs (the pool is only read, so
+# nothing is rolled) and writes the window after each token to conv_states_out[n, t]; the recurrence program loads its
+# state tile once and runs the decode program's step per token (same device functions, the state rounded to the pool
+# dtype between tokens as stored-and-reloaded decode steps round it), writing o and the tile after each token to
+# ssm_states_out[n, t]. Same results as T chained decode steps; none of their scratch gathers and copies.
+
+
+# "fused": two launches per layer (the conv of all T tokens, then the recurrence over them), each loading its state
+# once and writing every position's state straight into the caller's buffers; "chained": the decode kernels once per
+# token over a scratch pool, with a copy of the scratch after each (the path the fused one replaced; kept to A/B them).
+MULTISTEP_KERNEL = "fused"
+
+
+@triton.jit
+def _multistep_window(x_ptr, cs_slot, n, pos0, ch, m_ch, valid, stride_x, stride_cs_w,
+                      T: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
+    """[WP, BC] raw conv window (pool dtype) whose row r holds the input at row position pos0 + r of row n's tokens:
+    x[n*T + pos] for pos >= 0, the slot's stored window row pos + W-1 for pos < 0; rows >= W-1 are zeros."""
+    row = tl.arange(0, WP)
+    pos = pos0 + row
+    in_x = pos >= 0
+    m_row = valid & (row < W - 1)
+    tok = n * T + tl.where(in_x, pos, 0)
+    xv = tl.load(x_ptr + tok[:, None] * stride_x + ch[None, :], mask=(m_row & in_x)[:, None] & m_ch[None, :],
+                 other=0.0)
+    hv = tl.load(cs_slot + tl.where(in_x, 0, pos + W - 1)[:, None] * stride_cs_w + ch[None, :],
+                 mask=(m_row & ~in_x)[:, None] & m_ch[None, :], other=0.0)
+    return tl.where(in_x[:, None], xv.to(hv.dtype), hv)
+
+
+@triton.jit
+def _multistep_conv_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, cso_ptr, C, stride_x, stride_y, stride_cs_s,
+                           stride_cs_w, stride_cso_n, stride_cso_t, stride_cso_w,
+                           T: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BC: tl.constexpr):
+    """Conv + SiLU of row n's T tokens over BC channels, as T conv-update steps would compute them: token t's window
+    is the slot's stored window followed by the row's inputs 0..t (raw inputs rounded to the pool dtype, as the
+    rolled window holds them); the window after token t goes to conv_states_out[n, t]. The pool is only read."""
+    n = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_ch = ch < C
+    slot = tl.load(slot_ptr + n).to(tl.int64)
+    valid = slot >= 0
+    cs_slot = cs_ptr + slot * stride_cs_s
+    row = tl.arange(0, WP)
+    m_row = row < W - 1
+    w_hist = tl.load(w_ptr + ch[None, :] * W + row[:, None], mask=m_row[:, None] & m_ch[None, :], other=0.0)
+    w_hist = w_hist.to(tl.float32)
+    w_last = tl.load(w_ptr + ch * W + (W - 1), mask=m_ch, other=0.0).to(tl.float32)
+    win = _multistep_window(x_ptr, cs_slot, n, 1 - W, ch, m_ch, valid, stride_x, stride_cs_w, T, W, WP)
+    for t in tl.static_range(T):
+        x = tl.load(x_ptr + (n * T + t) * stride_x + ch, mask=m_ch & valid, other=0.0).to(tl.float32)
+        acc = tl.sum(win.to(tl.float32) * w_hist, 0) + x * w_last
+        y = acc * tl.sigmoid(acc)
+        tl.store(y_ptr + (n * T + t) * stride_y + ch, tl.where(valid, y, 0.0).to(y_ptr.dtype.element_ty), mask=m_ch)
+        win = _multistep_window(x_ptr, cs_slot, n, t + 2 - W, ch, m_ch, valid, stride_x, stride_cs_w, T, W, WP)
+        tl.store(cso_ptr + n * stride_cso_n + t * stride_cso_t + row[:, None] * stride_cso_w + ch[None, :],
+                 win.to(cso_ptr.dtype.element_ty), mask=valid & m_row[:, None] & m_ch[None, :])
+
+
+@triton.jit
+def _token_qkv(y_row, h, hv, o_k, m_k, o_v, m_v, scale, eps, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """One token's fp32 (q, k, v) for value head hv (key head h) from its post-conv row y_row [2*H*K + HV*V]:
+    q and k L2-normalised, q scaled; v the V tile o_v. The same ops as _decode_recurrent_kernel's inline load and
+    norm (same results); the decode kernel keeps its own copy so that its generated code (and its source lines, which
+    the PTX debug info and Triton's cache key record) stay exactly as benchmarked."""
+    q = tl.load(y_row + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    k = tl.load(y_row + H * K + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
+    v = tl.load(y_row + 2 * H * K + hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
+    q = q * tl.rsqrt(tl.sum(q * q, 0) + eps) * scale
+    k = k * tl.rsqrt(tl.sum(k * k, 0) + eps)
+    return q, k, v
+
+
+@triton.jit
+def _multistep_recurrent_kernel(
+    y_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, ss_ptr, slot_ptr, o_ptr, sso_ptr,
+    stride_y, stride_a, stride_b, stride_ss_s, stride_sso_n, stride_sso_t,
+    scale, eps,
+    T: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+):
+    """The decode recurrence for T tokens of row n: one program per (row n, value head hv, V tile) loads the state
+    tile once, then per token runs exactly the decode program's step (the state rounded to the pool dtype between
+    tokens, as a chain of decode steps stores and reloads it) and writes o and the state after it
+    (ssm_states_out[n, t]). The pool is only read."""
+    pid = tl.program_id(0)
+    i_v = pid % NV
+    i_nh = pid // NV
+    n = (i_nh // HV).to(tl.int64)
+    hv = i_nh % HV
+    h = hv // (HV // H)
+    slot = tl.load(slot_ptr + n).to(tl.int64)
+    valid = slot >= 0
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    tile = hv * (K * V) + o_k[:, None] * V + o_v[None, :]
+    m_s = valid & m_k[:, None] & m_v[None, :]
+    s = tl.load(ss_ptr + slot * stride_ss_s + tile, mask=m_s, other=0.0).to(tl.float32)
+    for t in tl.static_range(T):
+        tok = n * T + t
+        q, k, v = _token_qkv(y_ptr + tok * stride_y, h, hv, o_k, m_k, o_v, m_v, scale, eps, H, K, V)
+        decay, beta = _gates(a_ptr + tok * stride_a, b_ptr + tok * stride_b, alog_ptr, dtb_ptr, hv,
+                             y_ptr.dtype.element_ty)
+        s, o = _step(s, q, k, v, decay, beta)
+        tl.store(o_ptr + (tok * HV + hv) * V + o_v, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty), mask=m_v)
+        s = s.to(ss_ptr.dtype.element_ty)
+        tl.store(sso_ptr + n * stride_sso_n + t * stride_sso_t + tile, s.to(sso_ptr.dtype.element_ty), mask=m_s)
+        s = s.to(tl.float32)
+
+
+def _check_multistep_outs(conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor, n: int, k: int,
+                          conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
+    if conv_states_out.shape != (n, k, *conv_state.shape[1:]) or conv_states_out.stride(3) != 1:
+        raise ValueError(f"conv_states_out must be [{n}, {k}, {', '.join(map(str, conv_state.shape[1:]))}] with unit "
+                         f"stride in channels, got {tuple(conv_states_out.shape)} strides {conv_states_out.stride()}")
+    if ssm_states_out.shape != (n, k, *ssm_state.shape[1:]) or ssm_states_out.stride()[2:] != ssm_state.stride()[1:]:
+        raise ValueError(f"ssm_states_out must be [{n}, {k}, {', '.join(map(str, ssm_state.shape[1:]))}] contiguous "
+                         f"per position, got {tuple(ssm_states_out.shape)} strides {ssm_states_out.stride()}")
+
+
+def fused_gdn_multistep_launch(
+    *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+    conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
+    tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
+    conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor, block_v: int, num_warps: int,
+    block_c: int = 256,
+) -> torch.Tensor:
+    """The fused multistep with an explicit recurrence tiling (the tests and the benchmark sweep them)."""
+    hk, hv, dk, dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
+    _check_decode_args(mixed_qkv, conv_weight, conv_state, ssm_state, hk, dk, hv, dv)
+    n, k = slots.shape[0], tokens_per_row
+    if mixed_qkv.shape[0] != n * k or a.shape[0] != n * k or b.shape[0] != n * k:
+        raise ValueError(f"mixed_qkv, a and b need {n} rows x {k} tokens = {n * k} rows, got {mixed_qkv.shape[0]}, "
+                         f"{a.shape[0]}, {b.shape[0]}")
+    _check_multistep_outs(conv_states_out, ssm_states_out, n, k, conv_state, ssm_state)
+    mixed_qkv, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (mixed_qkv, a, b))
+    o = mixed_qkv.new_empty(n * k, hv, dv)
+    if n == 0 or k == 0:
+        return o
+    conv_weight = conv_weight.contiguous()
+    conv_dim, width = mixed_qkv.shape[1], conv_weight.shape[1]
+    y = mixed_qkv.new_empty(n * k, conv_dim)
+    _multistep_conv_kernel[(n, triton.cdiv(conv_dim, block_c))](
+        mixed_qkv, conv_weight, conv_state, slots, y, conv_states_out, conv_dim, mixed_qkv.stride(0), y.stride(0),
+        conv_state.stride(0), conv_state.stride(1), conv_states_out.stride(0), conv_states_out.stride(1),
+        conv_states_out.stride(2), T=k, W=width, WP=triton.next_power_of_2(width), BC=block_c, num_warps=4)
+    num_tiles = triton.cdiv(dv, block_v)
+    _multistep_recurrent_kernel[(n * hv * num_tiles,)](
+        y, a, b, A_log, dt_bias, ssm_state, slots, o, ssm_states_out, y.stride(0), a.stride(0), b.stride(0),
+        ssm_state.stride(0), ssm_states_out.stride(0), ssm_states_out.stride(1), float(scale), _L2_EPS,
+        T=k, H=hk, HV=hv, K=dk, V=dv, BK=triton.next_power_of_2(dk), BV=block_v, NV=num_tiles, num_warps=num_warps)
+    return o
 
 
 def fused_gdn_multistep(
@@ -355,10 +511,46 @@ def fused_gdn_multistep(
     tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
     conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor,
 ) -> torch.Tensor:
-    """ref.fused_gdn_multistep on the GPU, CUDA-graph safe (no host sync): the rows' states are gathered into a
-    scratch pool (row i in scratch slot i, padding rows marked -1), the decode kernels run k times on it, and the
-    scratch is copied to the per-position buffers after each step. Costs k decode launches plus k state copies;
-    a fused multi-token kernel (or the replay strategy) would spare the copies."""
+    """ref.fused_gdn_multistep on the GPU, CUDA-graph safe (no host sync), by MULTISTEP_KERNEL: "fused" (two
+    launches, the recurrence tiled as the decode step of as many rows) or "chained" (the decode kernels per token)."""
+    kw = dict(mixed_qkv=mixed_qkv, a=a, b=b, A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight,
+              conv_state=conv_state, ssm_state=ssm_state, slots=slots, tokens_per_row=tokens_per_row,
+              num_k_heads=num_k_heads, head_k_dim=head_k_dim, num_v_heads=num_v_heads, head_v_dim=head_v_dim,
+              scale=scale, conv_states_out=conv_states_out, ssm_states_out=ssm_states_out)
+    if MULTISTEP_KERNEL == "chained":
+        return fused_gdn_multistep_chained(**kw)
+    if MULTISTEP_KERNEL != "fused":
+        raise ValueError(f"MULTISTEP_KERNEL must be 'fused' or 'chained', got {MULTISTEP_KERNEL!r}")
+    return fused_gdn_multistep_fused(**kw)
+
+
+def fused_gdn_multistep_fused(
+    *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+    conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
+    tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
+    conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor,
+) -> torch.Tensor:
+    """The fused path (fused_gdn_multistep's arguments) whatever MULTISTEP_KERNEL says, with the recurrence tiled as
+    decode_config tiles a decode step of as many rows."""
+    block_v, num_warps = decode_config(slots.shape[0], num_v_heads)
+    return fused_gdn_multistep_launch(
+        mixed_qkv=mixed_qkv, a=a, b=b, A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight, conv_state=conv_state,
+        ssm_state=ssm_state, slots=slots, tokens_per_row=tokens_per_row, num_k_heads=num_k_heads,
+        head_k_dim=head_k_dim, num_v_heads=num_v_heads, head_v_dim=head_v_dim, scale=scale,
+        conv_states_out=conv_states_out, ssm_states_out=ssm_states_out,
+        block_v=min(block_v, triton.next_power_of_2(head_v_dim)), num_warps=num_warps)
+
+
+def fused_gdn_multistep_chained(
+    *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
+    conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
+    tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
+    conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor,
+) -> torch.Tensor:
+    """The chained multistep: the rows' states are gathered into a scratch pool (row i in scratch slot i, padding
+    rows marked -1), the decode kernels run k times on it, and the scratch is copied to the per-position buffers
+    after each step (padding rows get a copy of slot 0's states there, which nothing reads). Costs k decode launches
+    plus k state copies; the fused path spares the copies."""
     n, k = slots.shape[0], tokens_per_row
     rows = torch.where(slots >= 0, torch.arange(n, device=slots.device), torch.full_like(slots, -1))
     safe = slots.clamp(min=0)
