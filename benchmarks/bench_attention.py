@@ -323,8 +323,10 @@ def compare_kv_variants(log, copy_gbs: float) -> None:
 
 VERIFY_CASES = [(n, length) for length in (1024, 32768) for n in (1, 8, 32)]  # (sequences, context)
 FULL_ATTENTION_LAYERS_27B = 16
-# (BLOCK_N, num_warps, num_stages, WAVES) for the decode kernel with verify rows (MULTI_TOKEN_DECODE_CONFIG)
-VERIFY_SWEEP = [(64, 4, 3, 4), (32, 4, 3, 4), (64, 8, 3, 4), (128, 8, 2, 4), (64, 4, 3, 2), (32, 4, 4, 8)]
+# (BLOCK_N, num_warps, num_stages, WAVES) for the decode kernel with verify rows (MULTI_TOKEN_DECODE_CONFIG, the
+# entry of the sweep's tile rows: 32 for 27B at T = 3..5); the first is the current default
+VERIFY_SWEEP = [(64, 8, 3, 4), (64, 4, 3, 4), (32, 4, 3, 4), (128, 8, 2, 4), (64, 8, 2, 4), (64, 8, 3, 2),
+                (32, 8, 4, 8)]
 VERIFY_SWEEP_CASES = [(1, 1024), (1, 32768), (32, 32768)]
 
 
@@ -349,15 +351,16 @@ def _graph_us(fn) -> float:
 
 def sweep_verify(log, tokens: int) -> None:
     """VERIFY_SWEEP on VERIFY_SWEEP_CASES; keeps the fastest (summed ratio to the first) whose output is within 1e-2
-    of the prefill kernel's, in attn.MULTI_TOKEN_DECODE_CONFIG."""
+    of the prefill kernel's, in attn.MULTI_TOKEN_DECODE_CONFIG[tile rows]."""
     gen = torch.Generator().manual_seed(6)
+    hq, hkv = MODELS["27B"]
+    rows = max(16, triton.next_power_of_2(tokens * hq // hkv))
     cases = [verify_case(n, length, tokens, gen) for n, length in VERIFY_SWEEP_CASES]
     refs = [attn.paged_attention_prefill(**c[1]) for c in cases]
     best, best_score, first = None, float("inf"), None
     for block_n, warps, stages, waves in VERIFY_SWEEP:
         cfg = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, WAVES=waves)
-        attn.MULTI_TOKEN_DECODE_CONFIG.clear()
-        attn.MULTI_TOKEN_DECODE_CONFIG.update(cfg)
+        attn.MULTI_TOKEN_DECODE_CONFIG[rows] = cfg
         try:
             errs = [(attn.paged_attention_decode(**c[2]).float() - r.float()).abs().max().item()
                     for c, r in zip(cases, refs)]
@@ -371,9 +374,8 @@ def sweep_verify(log, tokens: int) -> None:
             + f"; max diff vs prefill kernel {max(errs):.1e}")
         if max(errs) < 1e-2 and score < best_score:
             best, best_score = cfg, score
-    attn.MULTI_TOKEN_DECODE_CONFIG.clear()
-    attn.MULTI_TOKEN_DECODE_CONFIG.update(best or {})
-    log(f"verify config: keeping {attn.MULTI_TOKEN_DECODE_CONFIG}")
+    attn.MULTI_TOKEN_DECODE_CONFIG[rows] = best or {}
+    log(f"verify config ({rows} tile rows): keeping {attn.MULTI_TOKEN_DECODE_CONFIG[rows]}")
     del cases, refs
     torch.cuda.empty_cache()
 

@@ -43,10 +43,13 @@ _PLANES = {"num_stages": 3, "F16_DOTS": 1, "PLANES": 1}
 QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
                                                   2: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
                                                   3: {"BLOCK_N": 128, "num_warps": 4, **_PLANES, "V_REGS": 1}}
-# Overrides for verify steps (tokens_per_row > 1: the tile's M side is the 1 + K queries of the whole GQA group, e.g.
-# 24 rows of 32 at 27B K = 3, against 6 of 16 for decode), on top of the above. Empty: the decode tile as it is, not
-# yet timed on a GPU (bench_attention.py --verify times it against the prefill kernel).
-MULTI_TOKEN_DECODE_CONFIG: dict[str, int] = {}
+# Overrides for verify steps (tokens_per_row > 1: the tile's rows are the 1 + K queries of the whole GQA group, e.g.
+# 24 of 32 at 27B K = 3, against 6 of 16 for decode), by the tile's rows (BLOCK_H), on top of the above; 16-row tiles
+# (9B up to K = 3) keep the decode tile. Not yet timed on a GPU (bench_attention.py --verify [--sweep]); chosen from
+# benchmarks/compile_check.py (sm_90a, 27B T = 4): 32 rows with 4 warps spill (bf16 pages 228 bytes, fp8 PLANES 320,
+# int4 60), with 8 warps none (bf16 168 registers, 0.094 warp-instructions per KV byte in the tile loop against 0.067
+# for decode). 64 rows (35B-A3B K = 4) with 8 warps: bf16 no spill, quantized pages still spill.
+MULTI_TOKEN_DECODE_CONFIG: dict[int, dict[str, int]] = {32: {"num_warps": 8}, 64: {"num_warps": 8}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
 _INTERPRET_DECODE: dict[str, int] = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "WAVES": 2, "MAX_SPLITS": 4}
 
@@ -249,21 +252,26 @@ def _decode_reduce_kernel(
              mask=d_mask)
 
 
-def _decode_config(device: torch.device, quant: int, tokens_per_row: int = 1) -> dict[str, int]:
+def _tile_rows(group: int, tokens_per_row: int) -> int:
+    """The split kernel's BLOCK_H: the GQA group's queries of all the row's tokens, at least tl.dot's 16."""
+    return max(16, triton.next_power_of_2(group * tokens_per_row))
+
+
+def _decode_config(device: torch.device, quant: int, tokens_per_row: int = 1, tile_rows: int = 16) -> dict[str, int]:
     if device.type != "cuda":
         return _INTERPRET_DECODE
     if tokens_per_row > 1:
-        return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(quant, {}), **MULTI_TOKEN_DECODE_CONFIG}
+        return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(quant, {}), **MULTI_TOKEN_DECODE_CONFIG.get(tile_rows, {})}
     return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(quant, {})}
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
-                      quant: int = 0, tokens_per_row: int = 1) -> int:
+                      quant: int = 0, tokens_per_row: int = 1, tile_rows: int = 16) -> int:
     """Splits per (sequence, kv head): enough programs for about WAVES waves over the SMs, at most one split per
     BLOCK_N tile of the longest possible sequence (block-table width * page size), at most MAX_SPLITS. Depends on
     shapes only, so a captured CUDA graph stays valid for any seq_lens."""
     sms = num_sms(device) if device.type == "cuda" else 8
-    cfg = _decode_config(device, quant, tokens_per_row)
+    cfg = _decode_config(device, quant, tokens_per_row, tile_rows)
     want = triton.cdiv(cfg["WAVES"] * sms, max(1, num_seqs * num_kv_heads))
     return max(1, min(want, triton.cdiv(max_kv_len, cfg["BLOCK_N"]), cfg["MAX_SPLITS"]))
 
@@ -310,10 +318,11 @@ def decode_into(
     _check_last_dim(q, k_cache, v_cache, out)
     _check_heads(q, k_cache)
     quant, ks, vs, stride_sp, stride_ss = _kv_quant(k_cache, v_cache, k_scale, v_scale, D, q)
-    if num_splits is None:
-        num_splits = decode_num_splits(N, Hkv, block_tables.shape[1] * page_size, q.device, quant, T)
     group = Hq // Hkv
-    cfg = _config(_decode_config(q.device, quant, T), _INTERPRET_DECODE, q)
+    block_h = _tile_rows(group, T)
+    if num_splits is None:
+        num_splits = decode_num_splits(N, Hkv, block_tables.shape[1] * page_size, q.device, quant, T, block_h)
+    cfg = _config(_decode_config(q.device, quant, T, block_h), _INTERPRET_DECODE, q)
     part_o = torch.empty((N * T, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((N * T, Hq, num_splits), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
@@ -330,7 +339,7 @@ def decode_into(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_sp, stride_ss,
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size,
-        BLOCK_H=max(16, triton.next_power_of_2(group * T)), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
+        BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
         UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
         F16_DOTS=q.dtype == torch.bfloat16 and q.is_cuda and (bool(cfg.get("F16_DOTS")) and quant == 1 or planes),
         PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")), WORDS=words, TOKENS=T,
