@@ -162,7 +162,8 @@ def test_layer_routes_verify_rows(switch, monkeypatch):
 
     calls = []
     monkeypatch.setattr(layer, "VERIFY_ATTENTION", switch)
-    monkeypatch.setattr(layer, "paged_attention_decode", lambda **kw: calls.append(("decode", kw.get("tokens_per_row"))))
+    monkeypatch.setattr(layer, "paged_attention_decode",
+                        lambda **kw: calls.append(("decode", kw.get("tokens_per_row"))))
     monkeypatch.setattr(layer, "paged_attention_prefill", lambda **kw: calls.append(("prefill", None)))
     attn = SimpleNamespace(num_heads=24, num_kv_heads=4, scale=1.0)
     kv = SimpleNamespace(k=None, v=None, k_scale=None, v_scale=None)
