@@ -166,10 +166,10 @@ def verify_rows() -> list[dict]:
     for model, group in (("27B", 6), ("9B", 4)):
         for tokens in (1, 2, 4, 5):
             tile_rows = max(16, triton.next_power_of_2(group * tokens))
-            for label, quant, block_n, warps, *rest in VERIFY_CASES if model == "27B" else VERIFY_CASES[:1]:
+            for label, code, block_n, warps, *rest in VERIFY_CASES if model == "27B" else VERIFY_CASES[:1]:
                 override = triton_decode.MULTI_TOKEN_DECODE_CONFIG.get(tile_rows, {}) if tokens > 1 else {}
                 for w in sorted({warps, override.get("num_warps", warps)}):
-                    r = _decode_row(label, quant, override.get("BLOCK_N", block_n), w, *rest, group=group,
+                    r = _decode_row(label, code, override.get("BLOCK_N", block_n), w, *rest, group=group,
                                     tokens=tokens)
                     rows.append({**r, "kernel": f"{model} T={tokens} {r['kernel']}"})
     return rows
