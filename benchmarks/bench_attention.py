@@ -6,10 +6,14 @@ measured in the same run, and the same op through torch (SDPA on contiguous K/V 
 reference for the row-wise ops). `--sweep` first times a few tile configs of the two attention kernels and keeps the
 fastest correct one. `--kv-quant` instead times decode over quantized KV pages (bf16, fp8, int8, int4; 27B heads) at
 32k and 128k contexts, against copy bandwidth over the bytes each format actually reads (pages and scales); with
-`--sweep` it first times tile configs per quantized format and keeps the fastest.
+`--sweep` it first times tile configs per quantized format and keeps the fastest. `--verify` instead times a verify
+step's attention (1 + K query tokens per row, 27B heads, CUDA graphs): the one-token decode kernel, the prefill kernel
+the verify rows took before, and the decode kernel with tokens_per_row; with `--sweep` it first times tile configs of
+the latter (MULTI_TOKEN_DECODE_CONFIG) and keeps the fastest.
 
     PYTHONPATH=src:. python3 benchmarks/bench_attention.py --sweep --out /tmp/bench.txt
     PYTHONPATH=src:. python3 benchmarks/bench_attention.py --kv-quant [--sweep]
+    PYTHONPATH=src:. python3 benchmarks/bench_attention.py --verify [--sweep] [--verify-tokens 2 3 4 5]
 """
 
 from __future__ import annotations
@@ -315,6 +319,91 @@ def compare_kv_variants(log, copy_gbs: float) -> None:
     attn.QUANT_DECODE_CONFIG.update(saved)
 
 
+# ------------------------------------------------------------------------------------ verify steps (1 + K tokens)
+
+VERIFY_CASES = [(n, length) for length in (1024, 32768) for n in (1, 8, 32)]  # (sequences, context)
+FULL_ATTENTION_LAYERS_27B = 16
+# (BLOCK_N, num_warps, num_stages, WAVES) for the decode kernel with verify rows (MULTI_TOKEN_DECODE_CONFIG, the
+# entry of the sweep's tile rows: 32 for 27B at T = 3..5); the first is the current default
+VERIFY_SWEEP = [(64, 8, 3, 4), (64, 4, 3, 4), (32, 4, 3, 4), (128, 8, 2, 4), (64, 8, 2, 4), (64, 8, 3, 2),
+                (32, 8, 4, 8)]
+VERIFY_SWEEP_CASES = [(1, 1024), (1, 32768), (32, 32768)]
+
+
+def verify_case(n: int, length: int, tokens: int, gen: torch.Generator):
+    """27B heads, `length` tokens per row (the last `tokens` of them the verify step's queries). Returns kwargs for
+    the one-token decode (each row's last query), the prefill kernel (uniform cu_seqlens) and the decode kernel with
+    tokens_per_row, and the KV bytes one pass reads."""
+    hq, hkv = MODELS["27B"]
+    k_cache, v_cache, tables, seq_lens, _ = paged_kv([length] * n, hkv, gen)
+    q = torch.randn(n * tokens, hq, D, device="cuda", dtype=BF16)
+    common = dict(k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, block_tables=tables, scale=D**-0.5)
+    cu = torch.arange(n + 1, dtype=torch.int32, device="cuda") * tokens
+    one = dict(q=q[tokens - 1 :: tokens].contiguous(), **common)
+    prefill = dict(q=q, cu_seqlens_q=cu, **common)
+    multi = dict(q=q, tokens_per_row=tokens, **common)
+    return one, prefill, multi, 2 * n * length * hkv * D * 2
+
+
+def _graph_us(fn) -> float:
+    return do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
+def sweep_verify(log, tokens: int) -> None:
+    """VERIFY_SWEEP on VERIFY_SWEEP_CASES; keeps the fastest (summed ratio to the first) whose output is within 1e-2
+    of the prefill kernel's, in attn.MULTI_TOKEN_DECODE_CONFIG[tile rows]."""
+    gen = torch.Generator().manual_seed(6)
+    hq, hkv = MODELS["27B"]
+    rows = max(16, triton.next_power_of_2(tokens * hq // hkv))
+    cases = [verify_case(n, length, tokens, gen) for n, length in VERIFY_SWEEP_CASES]
+    refs = [attn.paged_attention_prefill(**c[1]) for c in cases]
+    best, best_score, first = None, float("inf"), None
+    for block_n, warps, stages, waves in VERIFY_SWEEP:
+        cfg = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, WAVES=waves)
+        attn.MULTI_TOKEN_DECODE_CONFIG[rows] = cfg
+        try:
+            errs = [(attn.paged_attention_decode(**c[2]).float() - r.float()).abs().max().item()
+                    for c, r in zip(cases, refs)]
+            times = [_graph_us(lambda a=c[2]: attn.paged_attention_decode(**a)) for c in cases]
+        except Exception as e:  # noqa: BLE001 (out of resources for a config is a result, not a failure)
+            log(f"sweep verify {cfg}: failed {type(e).__name__}")
+            continue
+        first = first or times
+        score = sum(t / t0 for t, t0 in zip(times, first))
+        log(f"sweep verify T={tokens} {cfg}: " + ", ".join(f"{t:.1f}us" for t in times)
+            + f"; max diff vs prefill kernel {max(errs):.1e}")
+        if max(errs) < 1e-2 and score < best_score:
+            best, best_score = cfg, score
+    attn.MULTI_TOKEN_DECODE_CONFIG[rows] = best or {}
+    log(f"verify config ({rows} tile rows): keeping {attn.MULTI_TOKEN_DECODE_CONFIG[rows]}")
+    del cases, refs
+    torch.cuda.empty_cache()
+
+
+def bench_verify(log, copy_gbs: float, tokens_list: list[int]) -> None:
+    """Per (tokens, case), CUDA-graph medians: one-token decode, the prefill kernel and the decode kernel on the
+    verify rows; the share of copy bandwidth the latter reaches over the KV bytes; the difference between the two
+    verify kernels' outputs; and the saving over the 27B's full-attention layers per verify step."""
+    gen = torch.Generator().manual_seed(5)
+    log(f"multi-token decode config overrides: {attn.MULTI_TOKEN_DECODE_CONFIG}; decode config {attn.DECODE_CONFIG}")
+    log("| T | case | decode 1 token us | prefill kernel us | decode kernel T us | T / 1 token | prefill / decode T "
+        "| % copy (decode T) | max diff | saving per verify step (16 layers) us |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    for tokens in tokens_list:
+        for n, length in VERIFY_CASES:
+            one, prefill, multi, nbytes = verify_case(n, length, tokens, gen)
+            t1 = _graph_us(lambda: attn.paged_attention_decode(**one))
+            tp = _graph_us(lambda: attn.paged_attention_prefill(**prefill))
+            tm = _graph_us(lambda: attn.paged_attention_decode(**multi))
+            diff = (attn.paged_attention_decode(**multi).float()
+                    - attn.paged_attention_prefill(**prefill).float()).abs().max().item()
+            pct = nbytes / (tm * 1e-6) / 1e9 / copy_gbs
+            log(f"| {tokens} | 27B N={n} L={length} | {t1:.1f} | {tp:.1f} | {tm:.1f} | {tm / t1:.2f}x | "
+                f"{tp / tm:.2f}x | {pct:.0%} | {diff:.1e} | {FULL_ATTENTION_LAYERS_27B * (tp - tm):.0f} |")
+            del one, prefill, multi
+            torch.cuda.empty_cache()
+
+
 # --------------------------------------------------------------------------------------------------------- sweeps
 
 # (BLOCK_N, num_warps, num_stages, WAVES, MAX_SPLITS) and (BLOCK_M, BLOCK_N, num_warps, num_stages). The first run
@@ -439,6 +528,11 @@ def main() -> None:
                         help="only the decode table over quantized KV pages (27B heads, 32k and 128k contexts)")
     parser.add_argument("--kv-quant-variants", action="store_true",
                         help="with --kv-quant: the quantized-page kernel variants of KV_VARIANTS side by side")
+    parser.add_argument("--verify", action="store_true",
+                        help="only the verify-step attention table (1 + K tokens per row, 27B heads, batches 1/8/32, "
+                        "contexts 1k/32k; with --sweep: tile configs of the multi-token decode kernel first)")
+    parser.add_argument("--verify-tokens", type=int, nargs="+", default=[4],
+                        help="with --verify: tokens per row (1 + K), default 4")
     parser.add_argument("--out", help="also write the output to this file")
     args = parser.parse_args()
     lines: list[str] = []
@@ -448,6 +542,17 @@ def main() -> None:
         lines.append(s)
 
     copy_gbs, mm_tflops = ceilings()
+    if args.verify:
+        log(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
+            f"command: {' '.join([sys.executable, *sys.argv])}")
+        log(f"copy {copy_gbs:.0f} GB/s (read + write) measured in this run; CUDA-graph medians")
+        if args.sweep:
+            sweep_verify(log, max(args.verify_tokens))
+        bench_verify(log, copy_gbs, args.verify_tokens)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        return
     if args.kv_quant:
         log(f"card: {torch.cuda.get_device_name()}; torch {torch.__version__}, triton {triton.__version__}; "
             f"command: {' '.join([sys.executable, *sys.argv])}")

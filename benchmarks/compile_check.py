@@ -7,7 +7,8 @@ For the decode kernel a second table counts the SASS of its KV-tile loop (cuobjd
 warp and tile, and over all the tile's warps per byte of K/V it reads ("warp-instr / KV byte"). An H200 SM gets
 about 18 bytes of HBM per cycle and issues at most 4 warp-instructions per cycle: past 0.22 per byte the loop cannot
 keep up with memory even at full issue, and in practice the line is nearer 0.1 (bf16 pages: 0.07 and 85-100% of copy
-bandwidth; fp8 pages: 0.20 and 36-54%, benchmarks/RESULTS.md).
+bandwidth; fp8 pages: 0.20 and 36-54%, benchmarks/RESULTS.md). A third table gives the same counts for the decode
+kernel serving verify rows (tokens_per_row T: T x the GQA group as the tile's rows).
 
 PYTHONPATH=src:. python3 benchmarks/compile_check.py
 """
@@ -134,20 +135,43 @@ _PAGES = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8", 3: "*u8"}
 _BYTES_PER_DIM = {0: 2, 1: 1, 2: 1, 3: 0.5}
 
 
+def _decode_row(label: str, quant: int, block_n: int, warps: int, stages: int, f16: int, planes: int, v_regs: int,
+                words: int = 0, group: int = 6, tokens: int = 1) -> dict:
+    types = {"q_ptr": "*bf16", "kc_ptr": _PAGES[quant], "vc_ptr": _PAGES[quant], "ks_ptr": "*fp32",
+             "vs_ptr": "*fp32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "bt_ptr": "*i32",
+             "seq_lens_ptr": "*i32", "qk_scale": "fp32"}
+    consts = dict(GROUP=group, HEAD_DIM=256, PAGE_SIZE=16, BLOCK_H=max(16, triton.next_power_of_2(group * tokens)),
+                  BLOCK_N=block_n, BLOCK_D=256, UPCAST=False, PREC="tf32", QUANT=quant, F16_DOTS=bool(f16),
+                  PLANES=bool(planes), V_REGS=bool(v_regs), WORDS=words, TOKENS=tokens)
+    r = compile_one(triton_decode._decode_split_kernel, types, consts, warps, stages, loop=True)
+    tile_bytes = 2 * block_n * 256 * _BYTES_PER_DIM[quant]  # K and V
+    r["warp-instr / KV byte"] = r["loop SASS"] * warps / tile_bytes
+    return {"kernel": f"decode {label}, BLOCK_N {block_n}, {warps} warps", **r}
+
+
 def decode_rows() -> list[dict]:
     """The split-KV decode kernel per page format and variant, with its tile loop's SASS."""
+    return [_decode_row(*case) for case in DECODE_CASES]
+
+
+# The decode kernel's default tiles per page format, serving verify rows (tokens_per_row T = 1 + K: T x group tile
+# rows, 32 for 27B at T = 3..5, 16 for 9B up to T = 4), with 4 warps (the decode tile) and the warps
+# MULTI_TOKEN_DECODE_CONFIG gives the tile's rows
+VERIFY_CASES = [("bf16 pages", 0, 64, 4, 3, 0, 0, 0), ("fp8 PLANES", 1, 128, 4, 3, 1, 1, 0),
+                ("int4 PLANES V_REGS", 3, 128, 4, 3, 1, 1, 1)]
+
+
+def verify_rows() -> list[dict]:
     rows = []
-    for label, quant, block_n, warps, stages, f16, planes, v_regs, *words in DECODE_CASES:
-        types = {"q_ptr": "*bf16", "kc_ptr": _PAGES[quant], "vc_ptr": _PAGES[quant], "ks_ptr": "*fp32",
-                 "vs_ptr": "*fp32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "bt_ptr": "*i32",
-                 "seq_lens_ptr": "*i32", "qk_scale": "fp32"}
-        consts = dict(GROUP=6, HEAD_DIM=256, PAGE_SIZE=16, BLOCK_H=16, BLOCK_N=block_n, BLOCK_D=256, UPCAST=False,
-                      PREC="tf32", QUANT=quant, F16_DOTS=bool(f16), PLANES=bool(planes),
-                      V_REGS=bool(v_regs), WORDS=words[0] if words else 0)
-        r = compile_one(triton_decode._decode_split_kernel, types, consts, warps, stages, loop=True)
-        tile_bytes = 2 * block_n * 256 * _BYTES_PER_DIM[quant]  # K and V
-        r["warp-instr / KV byte"] = r["loop SASS"] * warps / tile_bytes
-        rows.append({"kernel": f"decode {label}, BLOCK_N {block_n}, {warps} warps", **r})
+    for model, group in (("27B", 6), ("9B", 4)):
+        for tokens in (1, 2, 4, 5):
+            tile_rows = max(16, triton.next_power_of_2(group * tokens))
+            for label, code, block_n, warps, *rest in VERIFY_CASES if model == "27B" else VERIFY_CASES[:1]:
+                override = triton_decode.MULTI_TOKEN_DECODE_CONFIG.get(tile_rows, {}) if tokens > 1 else {}
+                for w in sorted({warps, override.get("num_warps", warps)}):
+                    r = _decode_row(label, code, override.get("BLOCK_N", block_n), w, *rest, group=group,
+                                    tokens=tokens)
+                    rows.append({**r, "kernel": f"{model} T={tokens} {r['kernel']}"})
     return rows
 
 
@@ -156,6 +180,8 @@ def main() -> None:
     print(table(quant_rows()))
     print()
     print(table(decode_rows()))
+    print()
+    print(table(verify_rows()))
 
 
 if __name__ == "__main__":

@@ -129,3 +129,47 @@ def test_decode_equals_prefill_last_row():
     )
     assert_close(o_dec, o_pre[-1:].double())
     assert_close(o_pre, dense_truth(q, k, v, 0, 0.3))
+
+
+@pytest.mark.parametrize("tokens", [2, 4])
+def test_decode_multi_token_rows(tokens):
+    """tokens_per_row T: the last T positions of each row as causal queries (a verify step), padding rows zeros."""
+    gen = torch.Generator().manual_seed(3)
+    lengths = [tokens, 0, 9, 64]
+    k_cache, v_cache, block_tables, dense = paged_setup([max(n, 1) for n in lengths], 2, torch.float32, gen)
+    q = torch.randn(len(lengths) * tokens, 6, D, generator=gen)
+    o = paged_attention_decode(q=q, k_cache=k_cache, v_cache=v_cache, seq_lens=torch.tensor(lengths, dtype=torch.int32),
+                               block_tables=block_tables, scale=0.3, tokens_per_row=tokens)
+    for n, length in enumerate(lengths):
+        rows = slice(n * tokens, (n + 1) * tokens)
+        if length == 0:
+            assert (o[rows] == 0).all()
+            continue
+        assert_close(o[rows], dense_truth(q[rows], *dense[n], length - tokens, 0.3))
+    with pytest.raises(ValueError, match="shorter than its"):
+        paged_attention_decode(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables, scale=0.3,
+                               seq_lens=torch.tensor([tokens - 1, 0, 9, 64], dtype=torch.int32),
+                               tokens_per_row=tokens)
+
+
+@pytest.mark.parametrize("switch", ["decode", "prefill"])
+def test_layer_routes_verify_rows(switch, monkeypatch):
+    """The attention layer's kernel choice: decode for 1 token per row, the decode kernel with tokens_per_row for
+    uniform k-token rows while VERIFY_ATTENTION is "decode" and the tile fits, else the prefill kernel."""
+    from types import SimpleNamespace
+
+    from deltaserve.layers import attention as layer
+
+    calls = []
+    monkeypatch.setattr(layer, "VERIFY_ATTENTION", switch)
+    monkeypatch.setattr(layer, "paged_attention_decode",
+                        lambda **kw: calls.append(("decode", kw.get("tokens_per_row"))))
+    monkeypatch.setattr(layer, "paged_attention_prefill", lambda **kw: calls.append(("prefill", None)))
+    attn = SimpleNamespace(num_heads=24, num_kv_heads=4, scale=1.0)
+    kv = SimpleNamespace(k=None, v=None, k_scale=None, v_scale=None)
+    for k in (1, 4, 11, None):
+        batch = SimpleNamespace(tokens_per_row=k, seq_lens=None, block_tables=None, cu_seqlens=None)
+        layer.GatedAttention._attend(attn, None, batch, kv)
+    verify = ("decode", 4) if switch == "decode" else ("prefill", None)
+    # 11 tokens x 6 q heads per KV head = 66 tile rows > MAX_VERIFY_TILE_ROWS: the prefill kernel
+    assert calls == [("decode", None), verify, ("prefill", None), ("prefill", None)]

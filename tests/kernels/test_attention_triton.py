@@ -164,6 +164,40 @@ def check_decode(lengths, heads, head_dim, page_size, dtype, device, gen, num_sp
             assert_error_within(out[n : n + 1], base, truth)
 
 
+def check_multi_decode(lengths, tokens, heads, head_dim, page_size, dtype, device, gen, num_splits=None,
+                       kv_dtype=None):
+    """The decode kernel with `tokens` queries per row (a verify step: the last `tokens` positions of every row,
+    causal) against float64 truth, and the reference entry (ref.paged_attention_decode with tokens_per_row) against
+    ref.paged_attention_prefill with uniform rows. lengths 0: padding rows, zeros."""
+    num_q_heads, num_kv_heads = heads
+    paged = Paged([max(n, 1) for n in lengths], num_kv_heads, head_dim, page_size, dtype, device, gen,
+                  kv_dtype=kv_dtype)
+    seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    q = torch.randn(len(lengths) * tokens, num_q_heads, head_dim, generator=gen).to(dtype).to(device)
+    scale = head_dim**-0.5
+    args = dict(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=seq_lens, block_tables=paged.block_tables,
+                scale=scale, **paged.scales)
+    out = torch.full_like(q, float("nan"))
+    tk.decode_into(**args, out=out, num_splits=num_splits, tokens_per_row=tokens)
+    for n, length in enumerate(lengths):
+        rows = slice(n * tokens, (n + 1) * tokens)
+        if length == 0:
+            assert (out[rows] == 0).all(), "a padding row must be zeros"
+            continue
+        k, v = paged.dense[n]
+        truth = dense_truth(q[rows], k, v, length - tokens, scale)
+        if dtype == torch.float32:
+            assert_close(out[rows], truth)
+        else:  # quantized pages: the baseline attends over the dequantized K/V rounded to q's dtype
+            base = plain_torch(q[rows], k.to(dtype), v.to(dtype), length - tokens, scale)
+            assert_error_within(out[rows], base, truth)
+    if device == "cpu":  # the reference entry is the prefill reference over uniform rows
+        cu = torch.arange(len(lengths) + 1, dtype=torch.int32) * tokens
+        expected = ref.paged_attention_prefill(**args, cu_seqlens_q=cu)
+        assert torch.equal(ref.paged_attention_decode(**args, tokens_per_row=tokens), expected)
+    return out
+
+
 def check_prefill(shapes, heads, head_dim, page_size, dtype, device, gen, kv_dtype=None):
     """shapes: (cached tokens, new tokens) per sequence; new tokens 0 is a sequence with nothing to compute."""
     num_q_heads, num_kv_heads = heads
@@ -328,6 +362,63 @@ def test_quantized_decode_int4_words_interpreted(words, head_dim, monkeypatch):
                                                              "INT4_WORDS": words})
     check_decode([1, 0, 23, 13], (4, 2), head_dim, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(26),
                  num_splits=2, kv_dtype=KV_FORMATS["int4"])
+
+# The multi-token (verify) decode path: T queries per row. Lengths: T itself (query 0 sees one key), a row shorter
+# than one tile (so later splits are empty), padding, and lengths whose last split starts inside the last T
+# positions (17, 33 with 3 splits of 16-key tiles: the earlier queries see nothing of that split).
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5])
+def test_multi_token_decode_interpreted(tokens):
+    check_multi_decode([tokens, 0, 33, 17, 40, 5], tokens, (4, 1), D, PAGE, torch.float32, "cpu",
+                       torch.Generator().manual_seed(40 + tokens), num_splits=3)
+
+
+@pytest.mark.parametrize("heads", [(2, 2), (6, 1), (12, 2)])
+def test_multi_token_decode_gqa_bf16_interpreted(heads):
+    # GQA 1, 6 (27B's) and 6 over two KV heads; 4 tokens (K = 3), the heuristic's splits
+    check_multi_decode([4, 37, 0, 18], 4, heads, D, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(46))
+
+
+def test_multi_token_decode_one_split_interpreted():
+    check_multi_decode([5, 21, 3], 3, (4, 2), D, PAGE, torch.float32, "cpu", torch.Generator().manual_seed(47),
+                       num_splits=1)
+
+
+def test_multi_token_decode_one_token_is_decode_interpreted():
+    """tokens_per_row 1 is the decode call itself: the same bytes as without the argument."""
+    gen = torch.Generator().manual_seed(48)
+    paged = Paged([9, 30], 2, D, PAGE, torch.bfloat16, "cpu", gen)
+    q = torch.randn(2, 4, D, generator=gen).bfloat16()
+    args = dict(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=paged.seq_lens,
+                block_tables=paged.block_tables, scale=D**-0.5)
+    assert torch.equal(tk.paged_attention_decode(**args), tk.paged_attention_decode(**args, tokens_per_row=1))
+    with pytest.raises(ValueError, match="tokens_per_row"):
+        tk.paged_attention_decode(**args, tokens_per_row=2)
+
+
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_multi_token_decode_interpreted(fmt):
+    check_multi_decode([4, 0, 33, 13], 4, (6, 2), D, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(49),
+                       num_splits=3, kv_dtype=KV_FORMATS[fmt])
+
+
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+def test_quantized_multi_token_decode_planes_interpreted(fmt, monkeypatch):
+    """The PLANES variant (the GPU default for quantized pages) with 3 queries per row."""
+    from deltaserve.kernels.attention import triton_decode
+    monkeypatch.setattr(triton_decode, "_INTERPRET_DECODE", {**triton_decode._INTERPRET_DECODE, "PLANES": 1})
+    check_multi_decode([3, 0, 33, 13], 3, (4, 2), 32, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(50),
+                       num_splits=3, kv_dtype=KV_FORMATS[fmt])
+
+
+def test_multi_token_decode_int4_words_interpreted(monkeypatch):
+    from deltaserve.kernels.attention import triton_decode
+    monkeypatch.setattr(triton_decode, "_INTERPRET_DECODE", {**triton_decode._INTERPRET_DECODE, "PLANES": 1,
+                                                             "INT4_WORDS": 2})
+    check_multi_decode([3, 0, 33, 13], 3, (4, 2), 64, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(51),
+                       num_splits=3, kv_dtype=KV_FORMATS["int4"])
+
 
 @pytest.mark.parametrize("fmt", list(KV_FORMATS))
 def test_quantized_prefill_interpreted(fmt):
@@ -549,3 +640,83 @@ def test_decode_cuda_graph_replay_with_new_seq_lens(kv_dtype):
                 truth = dense_truth(q[n : n + 1], k, v, length - 1, 256**-0.5)
                 base = plain_torch(q[n : n + 1], k.bfloat16(), v.bfloat16(), length - 1, 256**-0.5)
                 assert_error_within(out[n : n + 1], base, truth)
+
+
+# ------------------------------------------------------------------- multi-token (verify) decode, GPU tier
+
+VERIFY_HEADS = [(24, 4), (16, 4)]  # Qwen3.5-27B, 9B: GQA groups of 6 and 4
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("heads", VERIFY_HEADS)
+@pytest.mark.parametrize("tokens", [2, 3, 4, 5])  # K = 1..4 drafts
+@pytest.mark.parametrize("num_splits", [None, 7])
+def test_multi_token_decode_gpu(heads, tokens, num_splits):
+    """Contexts 1k and 32k, a row of only its queries, a padding row, a row shorter than one tile, a row ending just
+    past a page; output NaN-poisoned before the kernel (check_multi_decode)."""
+    check_multi_decode([1024, tokens, 0, 32768, 33, 1000], tokens, heads, 256, 16, torch.bfloat16, "cuda",
+                       torch.Generator().manual_seed(60 + tokens), num_splits=num_splits)
+
+
+@GPU
+@needs_cuda
+def test_multi_token_decode_64_row_tile_gpu():
+    """35B-A3B heads (GQA 8) at 5 tokens: 40 tile rows, the 64-row tile."""
+    check_multi_decode([1024, 5, 0, 4097], 5, (16, 2), 256, 16, torch.bfloat16, "cuda",
+                       torch.Generator().manual_seed(66))
+
+
+@GPU
+@needs_cuda
+def test_multi_token_decode_fp32_gpu():
+    check_multi_decode([1024, 4, 0, 65], 4, (24, 4), 256, 16, torch.float32, "cuda",
+                       torch.Generator().manual_seed(67), num_splits=7)
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("fmt", list(KV_FORMATS))
+@pytest.mark.parametrize("tokens", [2, 4])
+def test_quantized_multi_token_decode_gpu(fmt, tokens):
+    """Quantized pages through the default (PLANES) decode kernel with verify rows, 27B heads."""
+    check_multi_decode([1024, tokens, 0, 4097, 33], tokens, (24, 4), 256, 16, torch.bfloat16, "cuda",
+                       torch.Generator().manual_seed(68), kv_dtype=KV_FORMATS[fmt])
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn])
+def test_multi_token_decode_cuda_graph_replay(kv_dtype):
+    """A verify step's attention (4 tokens per row, 27B heads) captured once through the dispatch entry, replayed
+    after copy_-ing new lengths into the static seq_lens (a padding row, a row of only its queries): equals eager
+    each time and the float64 truth within the policy."""
+    from deltaserve.kernels import attention
+
+    gen = torch.Generator().manual_seed(69)
+    T, scale = 4, 256**-0.5
+    paged = Paged([4000] * 4, 4, 256, 16, torch.bfloat16, "cuda", gen, kv_dtype=kv_dtype)
+    q = torch.randn(4 * T, 24, 256, generator=gen).to(torch.bfloat16).cuda()
+    seq_lens = torch.tensor([300, 2000, 4, 4000], dtype=torch.int32, device="cuda")
+    args = dict(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=seq_lens,
+                block_tables=paged.block_tables, scale=scale, tokens_per_row=T, **paged.scales)
+    attention.paged_attention_decode(**args)  # warm up (compile) before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = attention.paged_attention_decode(**args)
+    for new in ([300, 2000, 4, 4000], [17, 0, 3999, 64], [0, 0, 0, 5]):
+        seq_lens.copy_(torch.tensor(new, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, tk.paged_attention_decode(**args))
+        for n, length in enumerate(new):
+            rows = slice(n * T, (n + 1) * T)
+            if length == 0:
+                assert (out[rows] == 0).all()
+                continue
+            k, v = (t[:length] for t in paged.dense[n])
+            truth = dense_truth(q[rows], k, v, length - T, scale)
+            base = plain_torch(q[rows], k.bfloat16(), v.bfloat16(), length - T, scale)
+            assert_error_within(out[rows], base, truth)

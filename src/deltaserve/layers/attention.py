@@ -7,13 +7,22 @@ import torch
 from torch import nn
 
 from deltaserve.cache.tensors import KVPages
-from deltaserve.config import ModelConfig, RankShapes
+from deltaserve.config import ModelConfig, RankShapes, env_flag
 from deltaserve.kernels.activation import sigmoid_gate_mul
 from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, qk_norm_rope_write_kv
 from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import RMSNorm
 from deltaserve.parallel import sharding
+
+# Rows of k > 1 new tokens each (batch.tokens_per_row = k, the verify steps of speculative decoding): "decode" runs
+# them through the split-KV decode kernel (the k queries of a whole GQA group as one tile's rows, each KV page read
+# once, a causal mask per query), "prefill" through the causal varlen kernel as before. Module-level so a benchmark
+# can A/B the two (set it before CUDA graphs are captured); DELTASERVE_VERIFY_ATTENTION=prefill sets it at import.
+VERIFY_ATTENTION = env_flag("DELTASERVE_VERIFY_ATTENTION", "decode")
+# The decode kernel takes such rows while k x (q heads per KV head) is at most this (its tile's rows; the fp32
+# accumulator alone is that many rows x head_dim over the warps' registers): 27B (6 per KV head) up to k = 10.
+MAX_VERIFY_TILE_ROWS = 64
 
 
 class GatedAttention(nn.Module):
@@ -56,10 +65,21 @@ class GatedAttention(nn.Module):
         return self.o_proj(sigmoid_gate_mul(x=o.reshape(T, self.num_heads, self.head_dim), gate=gate).view(T, -1))
 
     def _attend(self, q: torch.Tensor, batch: ForwardBatch, kv: KVPages) -> torch.Tensor:
-        """The kernel for the step's kind: single-query decode when every row has one new token, else the causal
-        varlen kernel over each row's cached prefix and new tokens."""
+        """The kernel for the step's kind: the split-KV decode kernel when every row has one new token, or k new
+        tokens (a verify step: VERIFY_ATTENTION), else the causal varlen kernel over each row's cached prefix and new
+        tokens."""
         common = dict(k_cache=kv.k, v_cache=kv.v, seq_lens=batch.seq_lens, block_tables=batch.block_tables,
                       scale=self.scale, k_scale=kv.k_scale, v_scale=kv.v_scale)
-        if batch.tokens_per_row == 1:
+        k = batch.tokens_per_row
+        if k == 1:
             return paged_attention_decode(q=q, **common)
+        if k is not None and use_decode_kernel(k, self.num_heads // self.num_kv_heads):
+            return paged_attention_decode(q=q, tokens_per_row=k, **common)
         return paged_attention_prefill(q=q, cu_seqlens_q=batch.cu_seqlens, **common)
+
+
+def use_decode_kernel(tokens_per_row: int, group: int) -> bool:
+    """Whether rows of tokens_per_row > 1 new tokens (GQA group of `group` q heads) take the decode kernel."""
+    if VERIFY_ATTENTION not in ("decode", "prefill"):
+        raise ValueError(f"VERIFY_ATTENTION must be 'decode' or 'prefill', got {VERIFY_ATTENTION!r}")
+    return VERIFY_ATTENTION == "decode" and tokens_per_row * group <= MAX_VERIFY_TILE_ROWS

@@ -155,19 +155,29 @@ def paged_attention_decode(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    tokens_per_row: int = 1,
 ) -> torch.Tensor:
-    """One query per sequence at its last position seq_lens[n] - 1.
+    """The last tokens_per_row (T) positions of every sequence as queries: query t of sequence n at position
+    seq_lens[n] - T + t, causal. T = 1: one query per sequence at its last position seq_lens[n] - 1 (a decode
+    step); T = 1 + K: a verify step, the same as paged_attention_prefill with cu_seqlens_q = [0, T, 2T, ..].
 
-    q: [N, Hq, D]; k_cache, v_cache: [P, page_size, Hkv, D] (quantized: with k_scale, v_scale); seq_lens: [N]
-    int32 (0: padding row, output zeros); block_tables: [N, max_pages] int32. Returns o: [N, Hq, D] in q.dtype.
+    q: [N * T, Hq, D] (sequence n's queries in rows n * T ..); k_cache, v_cache: [P, page_size, Hkv, D]
+    (quantized: with k_scale, v_scale); seq_lens: [N] int32 (0: padding row, output zeros); block_tables:
+    [N, max_pages] int32. Returns o: [N * T, Hq, D] in q.dtype.
     """
+    T = tokens_per_row
+    if T < 1 or q.shape[0] != seq_lens.shape[0] * T:
+        raise ValueError(f"q has {q.shape[0]} rows, expected len(seq_lens) * tokens_per_row = "
+                         f"{seq_lens.shape[0]} * {T}")
     o = torch.zeros_like(q)
     for n, length in enumerate(seq_lens.tolist()):
         if length == 0:
             continue
+        if length < T:
+            raise ValueError(f"seq_lens[{n}]={length} is shorter than its {T} query tokens; it must count them")
         k = _gather(k_cache, block_tables[n], length, k_scale)
         v = _gather(v_cache, block_tables[n], length, v_scale)
-        o[n : n + 1] = _attend(q[n : n + 1], k, v, length - 1, scale).to(q.dtype)
+        o[n * T : (n + 1) * T] = _attend(q[n * T : (n + 1) * T], k, v, length - T, scale).to(q.dtype)
     return o
 
 

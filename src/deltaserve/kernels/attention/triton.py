@@ -6,6 +6,9 @@ Layouts (per layer): k_cache, v_cache: [P, page_size, Hkv, D], last dim contiguo
 int32. Tokens are located per row of a tile (page = block_tables[n, pos // page_size]), so any power-of-two page
 size works and a tile may straddle pages. Softmax runs in fp32 in the log2 domain (scores * scale * log2 e, exp2).
 
+Decode also serves verify steps (tokens_per_row = 1 + K queries at the end of every row, causal): the GQA group's
+queries of all those tokens are the rows of one tile, so each KV page is still read once per (row, KV head, split).
+
 Decode is CUDA-graph safe: no host syncs, and the grid (N, Hkv, num_splits) depends only on tensor shapes
 (num_splits comes from N, Hkv and the block-table width, never from seq_lens values).
 
@@ -28,8 +31,8 @@ import triton.language as tl
 
 from deltaserve.kernels.attention._triton_common import _check_last_dim, _kv_quant
 from deltaserve.kernels.attention.ref import KV_QMAX
-from deltaserve.kernels.attention.triton_decode import (DECODE_CONFIG, QUANT_DECODE_CONFIG, decode_into,
-                                                        decode_num_splits, paged_attention_decode)
+from deltaserve.kernels.attention.triton_decode import (DECODE_CONFIG, MULTI_TOKEN_DECODE_CONFIG, QUANT_DECODE_CONFIG,
+                                                        decode_into, decode_num_splits, paged_attention_decode)
 from deltaserve.kernels.attention.triton_prefill import PREFILL_CONFIG, paged_attention_prefill, prefill_into
 from deltaserve.kernels.rope.triton import inv_freq, rope_cos_sin, rope_outputs
 
@@ -235,5 +238,5 @@ def qk_norm_rope_write_kv(
     return q_out, k_out
 
 
-__all__ = ["DECODE_CONFIG", "QUANT_DECODE_CONFIG", "PREFILL_CONFIG", "decode_into", "decode_num_splits",
-           "paged_attention_decode", "paged_attention_prefill", "prefill_into", "qk_norm_rope_write_kv", "write_kv"]
+__all__ = ["DECODE_CONFIG", "MULTI_TOKEN_DECODE_CONFIG", "QUANT_DECODE_CONFIG", "PREFILL_CONFIG", "decode_into",
+           "decode_num_splits", "paged_attention_decode", "paged_attention_prefill", "prefill_into", "qk_norm_rope_write_kv", "write_kv"]

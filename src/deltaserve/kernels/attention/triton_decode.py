@@ -1,5 +1,6 @@
-"""Triton paged attention, decode: split-KV single-query kernel and its reduction (triton.py describes the
-layouts and formats)."""
+"""Triton paged attention, decode: split-KV kernel and its reduction (triton.py describes the layouts and formats).
+One query per sequence (decode steps), or its last 1 + K positions (verify steps: tokens_per_row, the GQA group's
+queries of all of them as the tile's rows, a causal mask per row)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,13 @@ _PLANES = {"num_stages": 3, "F16_DOTS": 1, "PLANES": 1}
 QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
                                                   2: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
                                                   3: {"BLOCK_N": 128, "num_warps": 4, **_PLANES, "V_REGS": 1}}
+# Overrides for verify steps (tokens_per_row > 1: the tile's rows are the 1 + K queries of the whole GQA group, e.g.
+# 24 of 32 at 27B K = 3, against 6 of 16 for decode), by the tile's rows (BLOCK_H), on top of the above; 16-row tiles
+# (9B up to K = 3) keep the decode tile. Not yet timed on a GPU (bench_attention.py --verify [--sweep]); chosen from
+# benchmarks/compile_check.py (sm_90a, 27B T = 4): 32 rows with 4 warps spill (bf16 pages 228 bytes, fp8 PLANES 320,
+# int4 60), with 8 warps none (bf16 168 registers, 0.094 warp-instructions per KV byte in the tile loop against 0.067
+# for decode). 64 rows (35B-A3B K = 4) with 8 warps: bf16 no spill, quantized pages still spill.
+MULTI_TOKEN_DECODE_CONFIG: dict[int, dict[str, int]] = {32: {"num_warps": 8}, 64: {"num_warps": 8}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
 _INTERPRET_DECODE: dict[str, int] = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "WAVES": 2, "MAX_SPLITS": 4}
 
@@ -57,11 +65,15 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr, F16_DOTS: tl.constexpr = False,
-    PLANES: tl.constexpr = False, V_REGS: tl.constexpr = False, WORDS: tl.constexpr = 0,
+    PLANES: tl.constexpr = False, V_REGS: tl.constexpr = False, WORDS: tl.constexpr = 0, TOKENS: tl.constexpr = 1,
 ):
     """Program (n, kv head g, split s): the GQA group's q heads are the rows of the tile, so each K/V tile is read
     once for all of them. Split s covers whole BLOCK_N tiles [lo, hi) of sequence n; writes the split's normalized
-    output and its log2-sum-exp (-inf for an empty split) to the partial buffers [N, Hq, num_splits, (D)]. With
+    output and its log2-sum-exp (-inf for an empty split) to the partial buffers [N, Hq, num_splits, (D)].
+    TOKENS > 1 (a verify step: every row's last TOKENS tokens are queries, q is [N * TOKENS, Hq, D]): the tile's rows
+    are the (query token, q head) pairs, row r = token r // GROUP, head r % GROUP; query t sits at position
+    seq_len - TOKENS + t and sees keys up to it (the causal mask, per row of the tile); the partial buffers are
+    [N * TOKENS, Hq, num_splits, (D)]. TOKENS == 1 compiles the single-query kernel exactly as before. With
     PLANES every head-dim tile is split in two: even dims (q, acc, k, v) and odd dims (q_hi, acc_hi, k_hi, v_hi);
     with WORDS too (int4 read as 16-bit words) in four, dims 4i + j: j = 0 (q, acc, k, v), 1 (the _hi names), 2 and
     3 (the _2 and _3 names)."""
@@ -78,10 +90,18 @@ def _decode_split_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D // STEP)
     offs_n = tl.arange(0, BLOCK_N)
-    h_mask = offs_h < GROUP
     d_mask = offs_d < HEAD_DIM // STEP
-    heads = g * GROUP + offs_h
-    q_cols = q_ptr + n64 * stride_qn + heads[:, None] * stride_qh + STEP * offs_d[None, :]
+    if TOKENS == 1:
+        h_mask = offs_h < GROUP
+        heads = g * GROUP + offs_h
+        q_cols = q_ptr + n64 * stride_qn + heads[:, None] * stride_qh + STEP * offs_d[None, :]
+    else:
+        h_mask = offs_h < GROUP * TOKENS
+        heads = g * GROUP + offs_h % GROUP
+        q_tok = n64 * TOKENS + offs_h // GROUP  # q's row (flat token index) of each tile row
+        q_cols = q_ptr + (q_tok * stride_qn + heads * stride_qh)[:, None] + STEP * offs_d[None, :]
+        # keys [lo, row_end) are visible to the tile row: its query's position + 1 = seq_len - TOKENS + 1 + t
+        row_end = tl.minimum(seq_len - TOKENS + 1 + offs_h // GROUP, hi)
     q = _load_q(q_cols, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
     q_hi = q  # unused unless PLANES
     if PLANES:
@@ -150,11 +170,20 @@ def _decode_split_kernel(
             k_sc = tl.load(ks_ptr + s_rows, mask=t_mask, other=0.0)
             v_sc = tl.load(vs_ptr + s_rows, mask=t_mask, other=0.0)
             scores = tl.dot(q, tl.trans(k), scores, input_precision=PREC) * (k_sc * k_scale_mul)[None, :]
-        scores = tl.where(t_mask[None, :], scores, float("-inf"))
-        # every tile holds at least one valid token, so m_new is finite
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])
+        if TOKENS == 1:
+            scores = tl.where(t_mask[None, :], scores, float("-inf"))
+            # every tile holds at least one valid token, so m_new is finite
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(scores - m_new[:, None])
+        else:
+            scores = tl.where(tok[None, :] < row_end[:, None], scores, float("-inf"))
+            # a query before the split's first key sees none of this tile (nor maybe of the split): its m stays
+            # -inf; shift by 0 there so exp2 never sees (-inf) - (-inf)
+            m_new = tl.maximum(m_i, tl.max(scores, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(scores - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if QUANT != 0:
             p = p * v_sc[None, :]  # l_i above sums the unscaled probabilities
@@ -169,7 +198,10 @@ def _decode_split_kernel(
     nonempty = l_i > 0
     denom = tl.where(nonempty, l_i, 1.0)[:, None]
     lse = tl.where(nonempty, m_i + tl.log2(tl.where(nonempty, l_i, 1.0)), float("-inf"))
-    row = (n64 * (GROUP * tl.num_programs(1)) + heads) * num_splits + s  # [N, Hq, S] flat index
+    if TOKENS == 1:
+        row = (n64 * (GROUP * tl.num_programs(1)) + heads) * num_splits + s  # [N, Hq, S] flat index
+    else:
+        row = (q_tok * (GROUP * tl.num_programs(1)) + heads) * num_splits + s  # [N * TOKENS, Hq, S]
     tl.store(part_lse_ptr + row, lse, mask=h_mask)
     o_cols = part_o_ptr + row[:, None] * HEAD_DIM + STEP * offs_d[None, :]
     tl.store(o_cols, acc / denom, mask=h_mask[:, None] & d_mask[None, :])
@@ -220,19 +252,26 @@ def _decode_reduce_kernel(
              mask=d_mask)
 
 
-def _decode_config(device: torch.device, quant: int) -> dict[str, int]:
+def _tile_rows(group: int, tokens_per_row: int) -> int:
+    """The split kernel's BLOCK_H: the GQA group's queries of all the row's tokens, at least tl.dot's 16."""
+    return max(16, triton.next_power_of_2(group * tokens_per_row))
+
+
+def _decode_config(device: torch.device, quant: int, tokens_per_row: int = 1, tile_rows: int = 16) -> dict[str, int]:
     if device.type != "cuda":
         return _INTERPRET_DECODE
+    if tokens_per_row > 1:
+        return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(quant, {}), **MULTI_TOKEN_DECODE_CONFIG.get(tile_rows, {})}
     return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(quant, {})}
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
-                      quant: int = 0) -> int:
+                      quant: int = 0, tokens_per_row: int = 1, tile_rows: int = 16) -> int:
     """Splits per (sequence, kv head): enough programs for about WAVES waves over the SMs, at most one split per
     BLOCK_N tile of the longest possible sequence (block-table width * page size), at most MAX_SPLITS. Depends on
     shapes only, so a captured CUDA graph stays valid for any seq_lens."""
     sms = num_sms(device) if device.type == "cuda" else 8
-    cfg = _decode_config(device, quant)
+    cfg = _decode_config(device, quant, tokens_per_row, tile_rows)
     want = triton.cdiv(cfg["WAVES"] * sms, max(1, num_seqs * num_kv_heads))
     return max(1, min(want, triton.cdiv(max_kv_len, cfg["BLOCK_N"]), cfg["MAX_SPLITS"]))
 
@@ -247,36 +286,45 @@ def paged_attention_decode(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
+    tokens_per_row: int = 1,
 ) -> torch.Tensor:
-    """One query per sequence at its last position seq_lens[n] - 1.
+    """The last tokens_per_row (T) positions of every sequence as queries: query t of sequence n at position
+    seq_lens[n] - T + t, causal (T = 1: one query at seq_lens[n] - 1, a decode step; T = 1 + K: a verify step).
 
-    q: [N, Hq, D]; k_cache, v_cache: [P, page_size, Hkv, D] (quantized: with k_scale, v_scale); seq_lens: [N]
-    int32 (0: padding row, output zeros); block_tables: [N, max_pages] int32. Returns o: [N, Hq, D] in q.dtype.
+    q: [N * T, Hq, D] (sequence n's queries in rows n * T ..); k_cache, v_cache: [P, page_size, Hkv, D] (quantized:
+    with k_scale, v_scale); seq_lens: [N] int32 (0: padding row, output zeros); block_tables: [N, max_pages] int32.
+    Returns o: [N * T, Hq, D] in q.dtype.
     """
     return decode_into(q=q, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, block_tables=block_tables,
                        scale=scale, out=torch.empty_like(q, memory_format=torch.contiguous_format),
-                       k_scale=k_scale, v_scale=v_scale)
+                       k_scale=k_scale, v_scale=v_scale, tokens_per_row=tokens_per_row)
 
 
 def decode_into(
     *, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, scale: float, out: torch.Tensor, num_splits: int | None = None,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, tokens_per_row: int = 1,
 ) -> torch.Tensor:
-    """paged_attention_decode writing into `out` ([N, Hq, D]); `num_splits` overrides the heuristic (tests)."""
-    N, Hq, D = q.shape
+    """paged_attention_decode writing into `out` ([N * tokens_per_row, Hq, D]); `num_splits` overrides the heuristic
+    (tests)."""
+    T = tokens_per_row
+    rows, Hq, D = q.shape
+    N = seq_lens.shape[0]
     Hkv, page_size = k_cache.shape[2], k_cache.shape[1]
+    if T < 1 or rows != N * T:
+        raise ValueError(f"q has {rows} rows, expected len(seq_lens) * tokens_per_row = {N} * {T}")
     if N == 0:
         return out
     _check_last_dim(q, k_cache, v_cache, out)
     _check_heads(q, k_cache)
     quant, ks, vs, stride_sp, stride_ss = _kv_quant(k_cache, v_cache, k_scale, v_scale, D, q)
-    if num_splits is None:
-        num_splits = decode_num_splits(N, Hkv, block_tables.shape[1] * page_size, q.device, quant)
     group = Hq // Hkv
-    cfg = _config(_decode_config(q.device, quant), _INTERPRET_DECODE, q)
-    part_o = torch.empty((N, Hq, num_splits, D), dtype=torch.float32, device=q.device)
-    part_lse = torch.empty((N, Hq, num_splits), dtype=torch.float32, device=q.device)
+    block_h = _tile_rows(group, T)
+    if num_splits is None:
+        num_splits = decode_num_splits(N, Hkv, block_tables.shape[1] * page_size, q.device, quant, T, block_h)
+    cfg = _config(_decode_config(q.device, quant, T, block_h), _INTERPRET_DECODE, q)
+    part_o = torch.empty((N * T, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+    part_lse = torch.empty((N * T, Hq, num_splits), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
     # two planes of >= 16 columns for tl.dot; fp8/int8 pages are read as 16-bit dim pairs, so every stride is even
     planes = (bool(cfg.get("PLANES") or cfg.get("INT4_WORDS")) and quant != 0 and BLOCK_D >= 32 and D % 2 == 0
@@ -291,13 +339,13 @@ def decode_into(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_sp, stride_ss,
         block_tables.stride(0),
         GROUP=group, HEAD_DIM=D, PAGE_SIZE=page_size,
-        BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
+        BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
         UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
         F16_DOTS=q.dtype == torch.bfloat16 and q.is_cuda and (bool(cfg.get("F16_DOTS")) and quant == 1 or planes),
-        PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")), WORDS=words,
+        PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")), WORDS=words, TOKENS=T,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    _decode_reduce_kernel[(N, Hq)](
+    _decode_reduce_kernel[(N * T, Hq)](
         part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
         HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
         num_warps=4,
