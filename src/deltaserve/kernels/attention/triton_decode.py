@@ -32,17 +32,18 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # 5, 27B heads, N=32 L=32k / N=8 L=128k, CUDA graphs): fp8 PLANES with BLOCK_N 128 / 4 warps 75% / 71% of copy
 # bandwidth (the previous default 47% / 42%), 1.63x / 1.71x the bf16 pages' time; int8 PLANES (BLOCK_N 64) 58% / 50%
 # (was 46% / 39%), int4 PLANES V_REGS 34% / 30% (was 22% / 19%).
-# INT4_WORDS (int4 only, 0/1/2; implies PLANES; off by default, not yet timed): int4 pages read as 16-bit words (4
+# INT4_WORDS (int4 only, 0/1/2; implies PLANES; 2 is the default since session 7): int4 pages read as 16-bit words (4
 # head dims each) into four planes, dims 4i + j, converted by _INT4_WORDS_PTX (1: magic-number lop3 + sub/fma, exact)
 # or with K as fp16 subnormals (2: one AND per plane register, the +8 offset removed as 8 * sum(q) per head in the
 # scores' accumulator; V as in 1). Every operand stays 16-bit (kWidth 2): no kWidth-4 q reloads and register shuffles,
 # V through ldmatrix.trans without V_REGS. sm_90a tile-loop SASS per KV byte (benchmarks/compile_check.py, BLOCK_N
-# 128, 4 warps): 0.236 (PLANES V_REGS) -> 0.169 (1) / 0.155 (2). bench_attention.py --kv-quant --kv-quant-variants
-# times them next to the default.
+# 128, 4 warps): 0.236 (PLANES V_REGS) -> 0.169 (1) / 0.155 (2). Timed (bench_attention.py --kv-quant
+# --kv-quant-variants, RESULTS.md 2026-12-04, H200, 27B heads, N=32 L=32k / N=8 L=128k): PLANES V_REGS 758 / 876 us
+# (35% / 31% of copy), INT4_WORDS 1 513 / 529 us, INT4_WORDS 2 494 / 500 us (54% / 53%; BLOCK_N 64 or 256: slower).
 _PLANES = {"num_stages": 3, "F16_DOTS": 1, "PLANES": 1}
 QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
                                                   2: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
-                                                  3: {"BLOCK_N": 128, "num_warps": 4, **_PLANES, "V_REGS": 1}}
+                                                  3: {"BLOCK_N": 128, "num_warps": 4, **_PLANES, "INT4_WORDS": 2}}
 # Overrides for verify steps (tokens_per_row > 1: the tile's rows are the 1 + K queries of the whole GQA group, e.g.
 # 24 of 32 at 27B K = 3, against 6 of 16 for decode), by the tile's rows (BLOCK_H), on top of the above; 16-row tiles
 # (9B up to K = 3) keep the decode tile. Not yet timed on a GPU (bench_attention.py --verify [--sweep]); chosen from
