@@ -3,7 +3,7 @@ layers) against the reference's gather + index_copy, bit for bit (a copy, rounde
 
 CPU (CI): under TRITON_INTERPRET=1 at tiny shapes (set up by test_gdn_triton's import: the interpreter's rounding
 patch too). GPU (`pytest -m gpu`): the cache's 27B tensors (48 GDN layers, conv window and recurrent state) at
-batch 1 and 8, eager and replayed from a CUDA graph with new slots and kept counts.
+batch 1 and 8, eager (with host syncs made errors) and replayed from a CUDA graph with new slots and kept counts.
 """
 
 from __future__ import annotations
@@ -98,7 +98,13 @@ def test_install_kept_states_27b_bitwise_and_in_a_graph(batch):
         slots, rows, num_kept = draw()
         expected = states.clone()
         gdn_ref.install_kept_states(states=expected, kept_states=kept, slots=slots, rows=rows, num_kept=num_kept)
-        install_kept_states(states=states, kept_states=kept, slots=slots, rows=rows, num_kept=num_kept)
+        install_kept_states(states=states, kept_states=kept, slots=slots, rows=rows, num_kept=num_kept)  # compiles
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:  # again (the same install: idempotent) with any host sync an error
+            install_kept_states(states=states, kept_states=kept, slots=slots, rows=rows, num_kept=num_kept)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(states, expected)  # no NaN in these (torch.equal: compared on the device)
         # captured once, replayed with other slots, rows and kept counts written into the same device tensors
         graph = torch.cuda.CUDAGraph()
