@@ -3,6 +3,7 @@ bandwidth measured in the same run and against fla-core's fused_recurrent / chun
 
     PYTHONPATH=src:. python benchmarks/bench_gdn.py [--sweep] [--skip-prefill]
     PYTHONPATH=src:. python benchmarks/bench_gdn.py --multistep [--sweep]   # verify-step GDN layer: fused vs chained
+    PYTHONPATH=src:. python benchmarks/bench_gdn.py --commit   # verify-step commit, 27B: index_copy vs copy kernel
 
 Decode rotates through enough separate layers (state pools) per timed pass that the states do not sit in L2, as in a
 real step, and reports per-layer time. 'state GB/s' counts the fp32 state bytes read + written (2 * B * HV * K * V * 4).
@@ -292,6 +293,54 @@ def multistep_table(models: list[str], batches: list[int], tokens: list[int], sw
     return rows
 
 
+COMMIT_27B = (48, 16, 48)  # 27B: GDN layers, H, HV
+PREDICT_BW = 4e12  # bytes read + written per second an H200 copy reaches (~85% of 4.8 TB/s)
+
+
+def commit_table(batches: list[int], positions: int, copy_bw: float) -> list[dict[str, Any]]:
+    """The verify step's commit (ModelCache.commit_verified: both install_kept_states calls over every GDN layer of
+    27B), the reference's gather + index_copy against the copy kernel, eager as the engine runs it. 'MB' = kept
+    states installed (each read once and written once by the kernel, twice by the reference); 'predicted' = 2 x MB
+    at PREDICT_BW; 'pct_copy' = 2 x MB / time against the copy bandwidth measured in the same run."""
+    from deltaserve.kernels.gated_delta_rule import ref as gdn_ref
+    from deltaserve.kernels.gated_delta_rule import triton as gdn_triton
+
+    layers, h, hv = COMMIT_27B
+    conv_dim = 2 * h * K + hv * V
+    out: list[dict[str, Any]] = []
+    for batch in batches:
+        gen = torch.Generator(device="cuda").manual_seed(batch)
+        num_slots = batch + 8
+        kinds = {"conv": ((WIDTH - 1, conv_dim), torch.bfloat16), "ssm": ((hv, K, V), torch.float32)}
+        tensors = {name: (torch.randn(layers, num_slots, *shape, device="cuda", generator=gen).to(dtype),
+                          torch.randn(layers, batch, positions, *shape, device="cuda", generator=gen).to(dtype))
+                   for name, (shape, dtype) in kinds.items()}
+        slots = torch.randperm(num_slots, device="cuda", generator=gen)[:batch]
+        rows = torch.arange(batch, device="cuda")
+        kept = torch.randint(1, positions + 1, (batch,), device="cuda", generator=gen)
+        for impl, fn in (("index_copy (ref)", gdn_ref.install_kept_states), ("kernel", gdn_triton.install_kept_states)):
+            def install(names: tuple[str, ...], fn: Callable[..., None] = fn) -> None:
+                for name in names:
+                    states, steps = tensors[name]
+                    fn(states=states, kept_states=steps, slots=slots, rows=rows, num_kept=kept)
+
+            for names in (("conv",), ("ssm",), ("conv", "ssm")):
+                nbytes = sum(tensors[name][0][:, 0].nbytes for name in names) * batch
+                ms = bench(lambda names=names: install(names))
+                out.append({"commit": "+".join(names), "impl": impl, "shape": f"27B L={layers} B={batch} k={positions}",
+                            "MB": nbytes / 1e6, "us": ms * 1e3, "predicted us": 2 * nbytes / PREDICT_BW * 1e6,
+                            "pct_copy": 100 * 2 * nbytes / (ms * 1e-3) / copy_bw})
+        expected = {name: states.clone() for name, (states, _) in tensors.items()}
+        for name, (states, steps) in tensors.items():
+            gdn_ref.install_kept_states(states=expected[name], kept_states=steps, slots=slots, rows=rows, num_kept=kept)
+            gdn_triton.install_kept_states(states=states, kept_states=steps, slots=slots, rows=rows, num_kept=kept)
+            out[-1][f"{name} same"] = bool(torch.equal(states, expected[name]))
+        tensors.clear()
+        expected.clear()
+        torch.cuda.empty_cache()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="also time every decode tile config")
@@ -299,7 +348,14 @@ def main() -> None:
     parser.add_argument("--multistep", action="store_true",
                         help="only the verify step's GDN layer (1 + K tokens per row): fused vs chained kernels, "
                              "9B and 27B, batches 1 8 32, T 2 4 (with --sweep: the fused recurrence's tilings too)")
+    parser.add_argument("--commit", action="store_true",
+                        help="only the verify step's commit at 27B, batches 1 8 32, 1 + K = 4: index_copy vs kernel")
     args = parser.parse_args()
+    if args.commit:
+        copy_bw = measure_copy_bandwidth()
+        print(header(" ".join(sys.argv)) + f" | copy bandwidth (read + write): {copy_bw / 1e12:.3f} TB/s")
+        print(table(commit_table([1, 8, 32], 4, copy_bw)))
+        return
     if args.multistep:
         copy_bw = measure_copy_bandwidth()
         print(header(" ".join(sys.argv)) + f" | copy bandwidth (read + write): {copy_bw / 1e12:.3f} TB/s")

@@ -13,7 +13,7 @@ import torch
 
 from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.attention.ref import is_quantized_kv, kv_stored_dim
-from deltaserve.kernels.gated_delta_rule.ref import install_kept_states
+from deltaserve.kernels.gated_delta_rule import install_kept_states
 
 MTP_LAYER = "mtp.0"  # cache key of the MTP head's own attention layer
 # Page dtypes of the quantized kv_cache_dtype options; "auto" keeps the model dtype. uint8 pages hold int4 pairs.
@@ -105,7 +105,9 @@ class ModelCache:
         self._conv = torch.zeros((n, *conv_shape), dtype=shape.conv_dtype, device=device)
         self._ssm = torch.zeros((n, *ssm_shape), dtype=shape.state_dtype, device=device)
         self._conv_steps = self._ssm_steps = None
+        self._rows: torch.Tensor | None = None  # 0 .. verify_rows - 1: the buffers' rows that commit_verified reads
         if keep:
+            self._rows = torch.arange(verify_rows, device=device)
             self._conv_steps = torch.zeros((n, verify_rows, verify_positions, *conv_shape[1:]), dtype=shape.conv_dtype,
                                            device=device)
             self._ssm_steps = torch.zeros((n, verify_rows, verify_positions, *ssm_shape[1:]), dtype=shape.state_dtype,
@@ -134,13 +136,14 @@ class ModelCache:
     def commit_verified(self, slots: torch.Tensor, kept: torch.Tensor) -> None:
         """After a verify step: install in each row's slot the GDN states kept after its kept[i]-th position
         (slots [n] int64, all real; kept [n] int64 in [1, k]; row i of the step is row i of the buffers). The math
-        is the kernels' commit (gated_delta_rule.ref.install_kept_states), here over every layer at once."""
+        is the kernels' commit (gated_delta_rule.install_kept_states), here over every layer at once: on the GPU one
+        copy launch per kind, no host sync."""
         if not self._gdn:
             return
-        assert self._conv_steps is not None and self._ssm_steps is not None
-        rows = torch.arange(slots.shape[0], device=slots.device)
-        install_kept_states(self._conv, self._conv_steps, slots, rows, kept)
-        install_kept_states(self._ssm, self._ssm_steps, slots, rows, kept)
+        assert self._conv_steps is not None and self._ssm_steps is not None and self._rows is not None
+        rows = self._rows[:slots.shape[0]]
+        install_kept_states(states=self._conv, kept_states=self._conv_steps, slots=slots, rows=rows, num_kept=kept)
+        install_kept_states(states=self._ssm, kept_states=self._ssm_steps, slots=slots, rows=rows, num_kept=kept)
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Every attention layer's K/V (and their scales, when quantized) of pages `src` into pages `dst` ([n] int64

@@ -6,7 +6,9 @@ gating.
 CUDA tensors run ``triton.py`` for the dispatched ops; anything else runs the references in ``ref.py``.
 ``fused_gdn_multistep`` on CUDA runs two fused launches per layer (``triton.MULTISTEP_KERNEL`` selects the older
 chained decode kernels instead);
-``fused_recurrent_gated_delta_rule`` and ``commit_gdn_states`` run their references on any device."""
+``install_kept_states`` (the commit over a stack of layers, as the cache runs it) is one copy launch per call;
+``fused_recurrent_gated_delta_rule`` and ``commit_gdn_states`` (one layer, with a host sync to drop skipped rows)
+run their references on any device."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ chunk_gated_delta_rule = dispatch(ref.chunk_gated_delta_rule, "deltaserve.kernel
 fused_gdn_decode = dispatch(ref.fused_gdn_decode, "deltaserve.kernels.gated_delta_rule.triton")
 fused_gdn_multistep = dispatch(ref.fused_gdn_multistep, "deltaserve.kernels.gated_delta_rule.triton")
 gdn_gating = dispatch(ref.gdn_gating, "deltaserve.kernels.gated_delta_rule.triton")
+install_kept_states = dispatch(ref.install_kept_states, "deltaserve.kernels.gated_delta_rule.triton")
 
 __all__ = ["chunk_gated_delta_rule", "commit_gdn_states", "fused_gdn_decode", "fused_gdn_multistep",
-           "fused_recurrent_gated_delta_rule", "gdn_gating"]
+           "fused_recurrent_gated_delta_rule", "gdn_gating", "install_kept_states"]

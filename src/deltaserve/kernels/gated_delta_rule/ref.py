@@ -288,10 +288,11 @@ def commit_gdn_states(
         return
     for pool, kept_states in ((conv_state, conv_states_out), (ssm_state, ssm_states_out)):
         # one layer: a stack of one (views, so the pool itself is written)
-        install_kept_states(pool.unsqueeze(0), kept_states.unsqueeze(0), slots[rows], rows, num_accepted[rows])
+        install_kept_states(states=pool.unsqueeze(0), kept_states=kept_states.unsqueeze(0), slots=slots[rows],
+                            rows=rows, num_kept=num_accepted[rows])
 
 
-def install_kept_states(states: torch.Tensor, kept_states: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+def install_kept_states(*, states: torch.Tensor, kept_states: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
                         num_kept: torch.Tensor) -> None:
     """states[:, slots[i]] = kept_states[:, rows[i], num_kept[i] - 1] for every i: the core of commit_gdn_states,
     over a stack of L layers at once (the cache keeps every GDN layer's slots in one tensor and commits them in one
@@ -299,5 +300,6 @@ def install_kept_states(states: torch.Tensor, kept_states: torch.Tensor, slots: 
 
     states: [L, S, ...]; kept_states: [L, R, k, ...] as fused_gdn_multistep filled them per layer; slots, rows,
     num_kept: [n] int64 on the states' device, every slot real and distinct, num_kept in [1, k]. No host sync, so the
-    caller that already knows its rows are all real (ModelCache.commit_verified) pays none."""
+    caller that already knows its rows are all real (ModelCache.commit_verified) pays none. (This gather + index
+    copy moves the bytes twice; the GPU kernel, triton.install_kept_states, copies each state once.)"""
     states.index_copy_(1, slots, kept_states[:, rows, num_kept - 1].to(states.dtype))

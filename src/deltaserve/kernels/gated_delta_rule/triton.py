@@ -1,5 +1,6 @@
-"""GPU gated delta rule: a single-token decode step and a k-token verify step (two Triton launches each), the gating
-and q/k-norm kernels of the prefill, and the chunked prefill itself through fla-core (fla_chunk.py).
+"""GPU gated delta rule: a single-token decode step and a k-token verify step (two Triton launches each) with the
+verify step's commit (one copy launch per state kind for all layers), the gating and q/k-norm kernels of the prefill,
+and the chunked prefill itself through fla-core (fla_chunk.py).
 
 Same contracts as ``ref.py``. The recurrent state pool [S, HV, K, V] (fp32, or bf16 to halve its memory and traffic)
 is read and written in place through the slot indices; slot < 0 is padding (output rows written as zeros, no state
@@ -17,6 +18,8 @@ copy bandwidth at batch 64 against 85-89% for this pair (benchmarks/RESULTS.md, 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -566,3 +569,71 @@ def fused_gdn_multistep_chained(
         conv_states_out[:, j].copy_(conv)
         ssm_states_out[:, j].copy_(ssm)
     return o.view(n * k, num_v_heads, head_v_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Commit after a verify step: each row's kept state into its slot, for a whole stack of layers in one launch.
+
+
+@triton.jit
+def _install_kept_kernel(dst_ptr, src_ptr, slot_ptr, row_ptr, kept_ptr, N, stride_dl, stride_ds, stride_sl,
+                         stride_sr, stride_sk, NUMEL: tl.constexpr, BLOCK: tl.constexpr):
+    """dst[l, slot[i]] = src[l, row[i], kept[i] - 1], rounded to dst's dtype, for chunk program_id(0) of BLOCK
+    elements of one state (NUMEL contiguous elements) and program_id(1) = l * N + i: read once, written once."""
+    off = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    li = tl.program_id(1)
+    layer = (li // N).to(tl.int64)
+    i = li % N
+    slot = tl.load(slot_ptr + i).to(tl.int64)
+    row = tl.load(row_ptr + i).to(tl.int64)
+    pos = tl.load(kept_ptr + i).to(tl.int64) - 1
+    m = off < NUMEL
+    val = tl.load(src_ptr + layer * stride_sl + row * stride_sr + pos * stride_sk + off, mask=m)
+    tl.store(dst_ptr + layer * stride_dl + slot * stride_ds + off, val.to(dst_ptr.dtype.element_ty), mask=m)
+
+
+_INSTALL_BLOCK = 4096  # elements per program: 16 KB of an fp32 state, 32 per thread at 4 warps
+_MAX_GRID_Y = 65535
+
+
+def _inner_contiguous(t: torch.Tensor, lead: int) -> bool:
+    """Whether each t[i_0, ..., i_{lead-1}] is contiguous (the strides of the trailing dims are row-major)."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[lead:]), reversed(t.stride()[lead:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def install_kept_states_launch(*, states: torch.Tensor, kept_states: torch.Tensor, slots: torch.Tensor,
+                               rows: torch.Tensor, num_kept: torch.Tensor, block: int) -> None:
+    """install_kept_states with an explicit chunk size (the tests use small ones to get several chunks)."""
+    num_layers, n = states.shape[0], slots.shape[0]
+    if (kept_states.dim() != states.dim() + 1 or kept_states.shape[0] != num_layers
+            or kept_states.shape[3:] != states.shape[2:]):
+        raise ValueError(f"kept_states must be [L, R, k, *state] for states [L, S, *state], got "
+                         f"{tuple(kept_states.shape)} for {tuple(states.shape)}")
+    if rows.shape != (n,) or num_kept.shape != (n,) or slots.dim() != 1:
+        raise ValueError(f"slots, rows and num_kept must be [n], got {tuple(slots.shape)}, {tuple(rows.shape)}, "
+                         f"{tuple(num_kept.shape)}")
+    if not _inner_contiguous(states, 2) or not _inner_contiguous(kept_states, 3):
+        raise ValueError(f"each state must be contiguous, got strides {states.stride()} and {kept_states.stride()}")
+    numel = math.prod(states.shape[2:])
+    if n == 0 or num_layers == 0 or numel == 0:
+        return
+    if num_layers * n > _MAX_GRID_Y:
+        raise ValueError(f"{num_layers} layers x {n} rows exceed the grid ({_MAX_GRID_Y})")
+    _install_kept_kernel[(triton.cdiv(numel, block), num_layers * n)](
+        states, kept_states, slots, rows, num_kept, n, states.stride(0), states.stride(1), kept_states.stride(0),
+        kept_states.stride(1), kept_states.stride(2), NUMEL=numel, BLOCK=block, num_warps=4)
+
+
+def install_kept_states(*, states: torch.Tensor, kept_states: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
+                        num_kept: torch.Tensor) -> None:
+    """ref.install_kept_states in one launch, each state read once and written once (the reference's gather +
+    index_copy moves it twice), cast to the states' dtype in the kernel; no host sync, CUDA-graph safe (slots, rows
+    and num_kept are read on the device)."""
+    numel = math.prod(states.shape[2:])
+    install_kept_states_launch(states=states, kept_states=kept_states, slots=slots, rows=rows, num_kept=num_kept,
+                               block=min(_INSTALL_BLOCK, triton.next_power_of_2(max(numel, 1))))
