@@ -99,7 +99,7 @@ def quant_rows() -> list[dict]:
         consts = {"GROUP": 128, "IEEE": False, "BK": 128, "ACT_FP8": False, **consts}
         rows.append({"kernel": name, **compile_one(quant._gemm_kernel, types, consts, warps, stages)})
     # int4: x plane-major fp32, or (F16_FMA) plane_major_f16's words, one word (F16_WORDS 1) or four chained per
-    # fp16 accumulator; with the K loop's SASS per warp and per weight of the tile (a thread's share: BN x 128 / threads)
+    # fp16 accumulator; with the K loop's SASS per warp and per weight (a thread's share of the tile)
     for kind, types, f16, words in (("int4", {**int4, "x_ptr": "*fp32"}, False, 1),
                                     ("int4", {**int4, "x_ptr": "*i32"}, True, 1),
                                     ("int4", {**int4, "x_ptr": "*i32"}, True, 4), ("fp8", fp8, False, 1)):

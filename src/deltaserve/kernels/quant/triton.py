@@ -5,7 +5,8 @@ Two kernels serve both, accumulating in fp32:
     on tiles kept in one 3-D layout from their wide loads on, so no tile passes through shared memory. int4 nibbles
     become the exact fp32 1 + q/16 by a shift and a lop3 (no int-to-float conversion); the zero point and scale
     apply once per row and K tile. F16_FMA (int4, bf16 activations, GEMV_F16, the default): packed
-    fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two.
+    fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two;
+    F16_WORDS (GEMV_F16_WORDS, default 4): that many adjacent words per fp16x2 accumulator and asm block.
   - the tiled tl.dot kernel, for everything larger:
   - UNPACK 0 / 2 (fp32 activations, the interpreter): the weight tile is dequantized in registers and rounded to
     the activation dtype, as the reference does. fp8: a [BN, BK] e4m3 tile (contiguous along K) times the row's
@@ -305,15 +306,15 @@ def _word_dots_f16(words, xw, ASM: tl.constexpr):
         return (lo + hi).to(tl.float32)
 
 
-# F16_WORDS > 1 (the chained variant): one asm block takes W = F16_WORDS words of a row (and their 4W activation
-# words) and runs one fp16x2 accumulator through all 4W packed FMAs, then one add of the halves and one conversion to
-# fp32: per word a shift, four ands and four fma.rn.f16x2 (1.125 instructions per weight), where the one-word form
-# also pays per word the halves' add, a conversion and an fp32 add of the K reduction (more of it across threads).
-# The dequant is the same subnormal magic number as above (exponent 0: w & 0x000f000f read as fp16 is exactly
-# q * 2^-24, so no packed subtract is needed, unlike the 1024.0 magic of UNPACK 3; the zero point stays in fp32).
-# fp16 sums then span 4W products per half (16 at W = 4) instead of 4: each partial sum stays below
-# 16 * 15 * 2^15 * 2^-24 < 0.5 (plane_major_f16 scales the tile's largest |x| below 2^15), so each of the 4W roundings
-# is at most 2^-12 of that (2^-12 * 0.5 * 2^24 / 2^15 = 15/16 * 2^-? of the tile's largest product term).
+# F16_WORDS > 1 (the chained variant): one asm block takes W = F16_WORDS adjacent words of a row (and their 4W
+# activation words) and runs one fp16x2 accumulator through all 4W packed FMAs, then one add of the halves and one
+# conversion to fp32: per word a shift, four ands and four fma.rn.f16x2, where the one-word form above also pays per
+# word the halves' add, a conversion and an fp32 add of the K reduction (and more of that reduction across threads:
+# its 64-bit loads leave each row's 16 words on 8 threads, the chained form's 128-bit loads on 4). The dequant is the
+# same subnormal magic number (exponent 0: w & 0x000f000f read as an f16x2 is exactly two q * 2^-24, so no packed
+# subtract, unlike UNPACK 3's 1024.0 magic; the zero point stays in fp32). The fp16 sums span 4W products per half
+# (16 at W = 4) instead of 4: plane_major_f16 keeps the tile's |x| below 2^15, so a product is below 15 * 2^-9 and a
+# half's partial sum below 0.5, each of its roundings at most 2^-13 (the one-word form: below 0.125, 2^-15).
 def _chain_f16_ptx(words: int) -> str:
     """PTX for sum over words i and planes p of x_{i,p} * planes_p(word i) -> fp32 $0: the words are $1..$W, the
     activation word of word i and plane p is $(1 + W + 4i + p)."""
