@@ -171,6 +171,75 @@ def check_loader_order(order: str, n: int, k: int, group: int, tiles=None):
     assert_error_within(got, baseline, x.double() @ w.double().T, atol=1e-4)
 
 
+def _run_ptx(text: str, args: list[int]) -> float:
+    """A few PTX instructions (those of the F16_FMA asm blocks) run on one set of 32-bit operands, numpy fp16 math
+    (fma: exact product and sum in float64, one rounding to fp16) -> $0 read as fp32."""
+    import numpy as np
+
+    regs = {f"${i}": v & 0xFFFFFFFF for i, v in enumerate(args)}
+
+    def val(tok: str) -> int:
+        return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
+
+    def halves(v: int) -> np.ndarray:
+        return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16)
+
+    def pack(h: np.ndarray) -> int:
+        u = h.astype(np.float16).view(np.uint16)
+        return int(u[0]) | int(u[1]) << 16
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":  # mov.b32 {lo, hi}, acc
+            lo, hi = (r.strip() for r in rest[rest.index("{") + 1:rest.index("}")].split(","))
+            src = regs[rest.rsplit(",", 1)[1].strip()]
+            regs[lo], regs[hi] = src & 0xFFFF, src >> 16
+            continue
+        d, *src = (t.strip() for t in rest.split(","))
+        if op == "shr.u32":
+            regs[d] = val(src[0]) >> val(src[1])
+        elif op == "and.b32":
+            regs[d] = val(src[0]) & val(src[1])
+        elif op in ("mul.rn.f16x2", "fma.rn.f16x2"):
+            a, b = halves(val(src[0])).astype(np.float64), halves(val(src[1])).astype(np.float64)
+            c = halves(val(src[2])).astype(np.float64) if op.startswith("fma") else 0.0
+            regs[d] = pack(a * b + c)
+        elif op == "add.rn.f16":
+            h = np.array([val(src[0]), val(src[1])], dtype=np.uint16).view(np.float16).astype(np.float64)
+            regs[d] = int(np.array([h.sum()], dtype=np.float16).view(np.uint16)[0])
+        elif op == "cvt.f32.f16":
+            regs[d] = int(np.array([float(np.array([val(src[0])], dtype=np.uint16).view(np.float16)[0])],
+                                   dtype=np.float32).view(np.uint32)[0])
+        else:
+            raise AssertionError(f"unexpected PTX {op}")
+    return float(np.array([regs["$0"]], dtype=np.uint32).view(np.float32)[0])
+
+
+@pytest.mark.parametrize("words", [1, 2, 4])
+def test_f16_asm_pairs_nibbles_with_their_activations(words):
+    """The F16_FMA asm text (not runnable under the interpreter), run by _run_ptx on random words and activation
+    pairs: sum over the words' 8 nibbles q_j * 2^-24 times the activation of column j (plane_major_f16's pairing:
+    word c of pair-plane p holds columns p and p + 4, odd p divided by 16), within the fp16 sums' rounding."""
+    gen = torch.Generator().manual_seed(words)
+    text = qt._word_dot_f16_ptx() if words == 1 else qt._chain_f16_ptx(words)
+    for _ in range(20):
+        w = torch.randint(0, 2**32, (words,), generator=gen, dtype=torch.int64).tolist()
+        x = torch.empty(words, 8).uniform_(-2**15, 2**15, generator=gen).to(torch.float16).double()
+        want, xw = 0.0, []
+        for i in range(words):
+            for p in range(4):  # pair-plane p: low half column p, high half column p + 4
+                lo, hi = x[i, p] / (16 if p % 2 else 1), x[i, p + 4] / (16 if p % 2 else 1)
+                xw.append(int(torch.tensor([lo, hi]).to(torch.float16).view(torch.int16)[0]) & 0xFFFF
+                          | (int(torch.tensor([lo, hi]).to(torch.float16).view(torch.int16)[1]) & 0xFFFF) << 16)
+            want += sum(((w[i] >> (4 * j)) & 0xF) * 2.0**-24 * float(x[i, j]) for j in range(8))
+        got = _run_ptx(text, [0, *w, *xw])
+        bound = words * 8 * 15 * 2.0**-9 * 2.0**-10  # 8W products below 15 * 2^-9, fp16 sums' relative 2^-11 each
+        assert abs(got - want) <= bound, (got, want)
+
+
 @pytest.mark.parametrize("order", ["gptq", "awq"])
 def test_gemv_f16_loader_orders_interpreted(gemv_f16, order):
     """Both packing orders the loaders take (GPTQ along K, AutoAWQ along N interleaved) reach the GEMV in one order."""
