@@ -103,7 +103,7 @@ def quant_rows() -> list[dict]:
     for kind, types, f16, words in (("int4", {**int4, "x_ptr": "*fp32"}, False, 1),
                                     ("int4", {**int4, "x_ptr": "*i32"}, True, 1),
                                     ("int4", {**int4, "x_ptr": "*i32"}, True, 4), ("fp8", fp8, False, 1)):
-        for bn, warps in ((64, 4), (128 if kind == "int4" else 64, 8)):
+        for bn, warps in ((64, 4), (128 if kind == "int4" else 64, 8)) + (((256, 8),) if words > 1 else ()):
             consts = dict(GROUP=128, INT4=kind == "int4", BM=1, BN=bn, BK=128, EVEN_N=True, EVEN_K=True, F16_FMA=f16,
                           F16_WORDS=words)
             r = compile_one(quant._gemv_kernel, types, consts, warps, 3, loop=True)

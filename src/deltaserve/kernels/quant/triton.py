@@ -545,7 +545,12 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
               EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr, F16_WORDS: tl.constexpr = 1):
     """The GEMV's K loop -> fp32 [BM, BN, 1]. The next tile's loads are issued before this tile's math (a
     two-deep software pipeline: Triton does not pipeline loads that feed no dot), so each program keeps two tiles
-    of weight bytes in flight; past the end it reloads the last tile (no mask needed) and drops it."""
+    of weight bytes in flight; past the end it reloads the last tile (no mask needed) and drops it. F16_WORDS > 1:
+    only the words are carried to the next iteration; the tile's scale and zero point load in the iteration that
+    uses them (unused loads are dropped), so Triton may give them, and the per-row math after the K reduction, a
+    layout of their own instead of converting them in every iteration (sm_90a: 155 instructions per warp and
+    128 x 128 tile against 168 when they are carried too; past two rows per thread the carried ones went through
+    shared memory twice per tile, these once)."""
     acc = tl.zeros((rows.shape[0], cols.shape[1], 1), dtype=tl.float32)
     s, z, codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k_begin, GROUP, INT4, BK,
                              EVEN_N, EVEN_K, F16_WORDS > 1)
@@ -553,6 +558,9 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
     for k0 in range(k_begin, k_end, BK):
         s_n, z_n, codes_n = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
                                        tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, F16_WORDS > 1)
+        if F16_WORDS > 1:
+            s, z, _ = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP, INT4, BK,
+                                 EVEN_N, EVEN_K, True)
         acc += _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4, BK, ROW_MASK, EVEN_K, F16, F16_WORDS)
         s, z, codes = s_n, z_n, codes_n
     return acc
@@ -661,11 +669,13 @@ GEMV_SWEEP_ROWS = 4  # the most rows an explicit unpack=4 takes (benchmarks): it
 # weight), is a fraction of bf16's but as large as fp16's, past the tests' twice-the-reference for fp16 and fp32.
 GEMV_F16 = True
 # Words per fp16 accumulator in the F16_FMA GEMVs (F16_WORDS; 1, 2 or 4, at most BK/8): 4 chains a row's four
-# adjacent words through one fp16x2 accumulator in one asm block (_chain_f16_ptx) and loads them as 128-bit vectors;
-# by the sm_90a SASS (benchmarks/compile_check.py) its K loop issues 168 instructions per warp and 128 x 128 tile
-# against 222 with one word per accumulator (1, the F16_FMA of 4ac49b6): 2.63 instead of 3.47 per weight. Its fp16
-# sums span 16 products per half instead of 4 (the error bound: tests/kernels/test_quant_kernels.py, gemv_f16).
-# Benchmarks set it to 1 to compare.
+# adjacent words through one fp16x2 accumulator in one asm block (_chain_f16_ptx), loads them as 128-bit vectors and
+# loads each tile's scale and zero point in the iteration that uses them (_gemv_acc); by the sm_90a SASS
+# (benchmarks/compile_check.py) its K loop issues 155 instructions per warp and 128 x 128 tile against 222 with one
+# word per accumulator (1, the F16_FMA of 4ac49b6): 2.42 instead of 3.47 per weight (BN 256 and 8 warps: 1.80, with
+# one shared-memory round trip per tile; not yet timed). Its fp16 sums span 16 products per half instead of 4 (the
+# error bound: tests/kernels/test_quant_kernels.py, gemv_f16). Not yet timed on a GPU; benchmarks set it to 1 to
+# compare (bench_quant_kernels.py --gemv-variants).
 GEMV_F16_WORDS = 4
 
 
