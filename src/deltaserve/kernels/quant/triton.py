@@ -384,7 +384,7 @@ def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP:
     of BK (it always is), so the words load as 128-bit vectors where the row stride allows."""
     n_ok = cols < N
     if INT4 and ALIGNED:
-        offs = tl.multiple_of(k0 // 8, BK // 8) + tl.arange(0, BK // 8)[None, None, :]
+        offs = tl.multiple_of(tl.core.to_tensor(k0 // 8), BK // 8) + tl.arange(0, BK // 8)[None, None, :]
         k_ok = offs < (K + 7) // 8
     elif INT4:
         offs = k0 // 8 + tl.arange(0, BK // 8)[None, None, :]
@@ -440,7 +440,7 @@ def _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK: tl.constex
     chained form (_chain_dots_f16, WORDS words per fp16 accumulator; 2 or 4, at most BK/8) with aligned loads."""
     offs_c = tl.arange(0, BK // 8)[None, None, :]
     if WORDS > 1:
-        base = tl.multiple_of(k0 // 2, BK // 2)  # k0 is a multiple of BK: 128-bit loads of the pair-planes
+        base = tl.multiple_of(tl.core.to_tensor(k0 // 2), BK // 2)  # k0: a multiple of BK (128-bit loads)
     else:
         base = k0 // 2
     xw = (_gemv_words(x_ptr, rows, base + offs_c, M, stride_xm, ROW_MASK),
