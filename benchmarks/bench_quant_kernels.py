@@ -4,11 +4,14 @@ GEMM and the weight-read floor (bytes of the stored weight and scales over the m
 python benchmarks/bench_quant_kernels.py [--rows 1 16 64]            each kernel variant at the planned tiles
 python benchmarks/bench_quant_kernels.py --sweep [--rows 1 16 64]    tiles x warps x stages x split-K per shape; the
                                                                      best per (kind, shape, rows) and its error
-[--gemv-variants fp32 f16]   the int4 GEMVs timed: fp32 FMAs (the default kernel) and/or fp16 products (qt.GEMV_F16)
+[--gemv-variants fp32 f16 f16x4]   the int4 GEMVs timed: fp32 FMAs, fp16 products with one word per fp16
+                             accumulator (qt.GEMV_F16, GEMV_F16_WORDS 1) and/or four words chained (GEMV_F16_WORDS 4,
+                             the default)
 
 Variants (kernels/quant/triton.py UNPACK): int4 u2 = nibble planes dequantized in fp32 then rounded (the first
 kernels); u3 = planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot, u3 = scale after;
-u4 = the CUDA-core GEMV (up to 4 rows; int4 "u4 f16": its F16_FMA variant). The sweep's baseline ("plan") is what quant_gemm runs by default; it tries
+u4 = the CUDA-core GEMV (up to 4 rows; int4 "u4 f16" / "u4 f16x4": its F16_FMA variant, one or four words per fp16
+accumulator). The sweep's baseline ("plan") is what quant_gemm runs by default; it tries
 u3 tiles past 4 rows and GEMV tiles (BN x warps x split-K) up to 4 rows. Timings are CUDA-graph
 replays (triton.testing.do_bench_cudagraph), as the engine runs them, so launch overhead is not counted.
 """
@@ -54,19 +57,25 @@ def rel_error(kind: str, x: torch.Tensor, weights: tuple, got: torch.Tensor) -> 
     return ((got.double() - want).abs().max() / want.abs().max()).item()
 
 
+# --gemv-variants: (qt.GEMV_F16, qt.GEMV_F16_WORDS)
+GEMV_VARIANTS = {"fp32": (False, 1), "f16": (True, 1), "f16x4": (True, 4)}
+
+
 @contextlib.contextmanager
-def gemv_f16(on: bool):
-    """qt.GEMV_F16 (the int4 GEMVs' fp16-product variant) set inside: quant_gemm reads it as it launches."""
-    old, qt.GEMV_F16 = qt.GEMV_F16, on
+def gemv_f16(variant: str):
+    """qt.GEMV_F16 and GEMV_F16_WORDS (the int4 GEMVs' fp16-product variants) set inside for `variant` (a key of
+    GEMV_VARIANTS; "" = fp32): quant_gemm reads them as it launches."""
+    old = qt.GEMV_F16, qt.GEMV_F16_WORDS
+    qt.GEMV_F16, qt.GEMV_F16_WORDS = GEMV_VARIANTS[variant or "fp32"]
     try:
         yield
     finally:
-        qt.GEMV_F16 = old
+        qt.GEMV_F16, qt.GEMV_F16_WORDS = old
 
 
-def gemv_variants(args, kind: str) -> list[bool]:
-    """The GEMV variants (GEMV_F16 off / on) to time for `kind`: F16_FMA exists for int4 only."""
-    return [v == "f16" for v in args.gemv_variants if kind == "int4" or v == "fp32"]
+def gemv_variants(args, kind: str) -> list[str]:
+    """The GEMV variants to time for `kind` ("" for fp32 FMAs): F16_FMA exists for int4 only."""
+    return ["" if v == "fp32" else v for v in args.gemv_variants if kind == "int4" or v == "fp32"]
 
 
 def time_ms(fn) -> float:
@@ -87,9 +96,9 @@ def planned(args, bw: float) -> list[dict]:
                 for u in variants:
                     if u == 4 and m > qt.GEMV_SWEEP_ROWS:
                         continue
-                    for f16 in gemv_variants(args, kind) if u == 4 else [False]:
+                    for f16 in gemv_variants(args, kind) if u == 4 else [""]:
                         with gemv_f16(f16):
-                            t[f"{kind} u{u}{' f16' if f16 else ''}"] = time_ms(
+                            t[f"{kind} u{u}{' ' + f16 if f16 else ''}"] = time_ms(
                                 lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
             row = {"shape": name, "rows": m}
             for key, ms in t.items():
@@ -101,7 +110,7 @@ def planned(args, bw: float) -> list[dict]:
 
 
 def gemv_candidates(name, x, w, s, z, n, k, m, variants) -> list[tuple]:
-    """GEMV (u4) tiles: BN x warps x split-K around the plan's split, for each variant (GEMV_F16 off / on)."""
+    """GEMV (u4) tiles: BN x warps x split-K around the plan's split, for each variant (gemv_variants())."""
     out = []
     bm = triton.next_power_of_2(m)
     for bn, warps, f16 in itertools.product((32, 64, 128, 256), (8, 16), variants):
@@ -112,9 +121,9 @@ def gemv_candidates(name, x, w, s, z, n, k, m, variants) -> list[tuple]:
                 with gemv_f16(f16):
                     ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=4))
             except Exception as e:  # out of registers / shared memory: not a candidate
-                print(f"{name} m={m} gemv{' f16' if f16 else ''} {tiles}: {type(e).__name__}", flush=True)
+                print(f"{name} m={m} gemv {f16 or 'fp32'} {tiles}: {type(e).__name__}", flush=True)
                 continue
-            out.append(("u4 f16" if f16 else "u4", tiles, 4, ms))
+            out.append((f"u4 {f16}" if f16 else "u4", tiles, 4, ms))
     return out
 
 
@@ -153,16 +162,17 @@ def sweep(args, bw: float) -> list[dict]:
             else:
                 results += u3_candidates(name, x, w, s, z, n, k, m, bm, kind)
             label, tiles, u, ms = min(results, key=lambda r: r[3])
-            with gemv_f16(label.endswith("f16")):
+            variant = contextlib.nullcontext() if label == "plan" else gemv_f16(label[3:] if label != "u4" else "")
+            with variant:  # the best's error, in the variant it ran
                 got = qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=u)
             row = {"shape": name, "kind": kind, "rows": m, "floor us": floor_ms * 1e3,
                    "dot plan us": time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=dot_tiles,
                                                                 unpack=3 if kind == "int4" else 0)) * 1e3,
                    "plan us": results[0][3] * 1e3, "best us": ms * 1e3, "best/floor": ms / floor_ms,
                    "best": f"{label} {tiles}", "rel err": rel_error(kind, x, weights[kind], got)}
-            if kind == "int4" and m <= qt.GEMV_MAX_ROWS and "f16" in args.gemv_variants:
-                with gemv_f16(True):  # the F16_FMA GEMV at the default plan's tiles
-                    row["plan f16 us"] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)) * 1e3
+            for v in args.gemv_variants if kind == "int4" and m <= qt.GEMV_MAX_ROWS else []:
+                with gemv_f16(v):  # each GEMV variant at the default plan's tiles (the A/B)
+                    row[f"plan {v} us"] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)) * 1e3
             best_rows.append(row)
             print(row, flush=True)
     return best_rows
@@ -172,8 +182,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--sweep", action="store_true")
-    ap.add_argument("--gemv-variants", nargs="+", choices=["fp32", "f16"], default=["fp32", "f16"],
-                    help="int4 GEMVs to time: fp32 FMAs (the default kernel), fp16 products (qt.GEMV_F16)")
+    ap.add_argument("--gemv-variants", nargs="+", choices=list(GEMV_VARIANTS), default=list(GEMV_VARIANTS),
+                    help="int4 GEMVs to time: fp32 FMAs, fp16 products one word per accumulator (qt.GEMV_F16, "
+                         "GEMV_F16_WORDS 1), four words chained (GEMV_F16_WORDS 4, the default)")
     args = ap.parse_args()
     bw = measure_copy_bandwidth()
     rows = sweep(args, bw) if args.sweep else planned(args, bw)

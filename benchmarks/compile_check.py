@@ -98,13 +98,18 @@ def quant_rows() -> list[dict]:
     for name, types, consts, warps, stages in cases:
         consts = {"GROUP": 128, "IEEE": False, "BK": 128, "ACT_FP8": False, **consts}
         rows.append({"kernel": name, **compile_one(quant._gemm_kernel, types, consts, warps, stages)})
-    # int4: x plane-major fp32, or (F16_FMA) plane_major_f16's words
-    for kind, types, f16 in (("int4", {**int4, "x_ptr": "*fp32"}, False), ("int4", {**int4, "x_ptr": "*i32"}, True),
-                             ("fp8", fp8, False)):
-        for bn, warps in ((64, 4), (128 if kind == "int4" else 64, 8)):
-            consts = dict(GROUP=128, INT4=kind == "int4", BM=1, BN=bn, BK=128, EVEN_N=True, EVEN_K=True, F16_FMA=f16)
-            rows.append({"kernel": f"{kind} GEMV{' F16_FMA' if f16 else ''}, 1 row, BN {bn}, {warps} warps",
-                         **compile_one(quant._gemv_kernel, types, consts, warps, 3)})
+    # int4: x plane-major fp32, or (F16_FMA) plane_major_f16's words, one word (F16_WORDS 1) or four chained per
+    # fp16 accumulator; with the K loop's SASS per warp and per weight (a thread's share of the tile)
+    for kind, types, f16, words in (("int4", {**int4, "x_ptr": "*fp32"}, False, 1),
+                                    ("int4", {**int4, "x_ptr": "*i32"}, True, 1),
+                                    ("int4", {**int4, "x_ptr": "*i32"}, True, 4), ("fp8", fp8, False, 1)):
+        for bn, warps in ((64, 4), (128 if kind == "int4" else 64, 8)) + (((256, 8),) if words > 1 else ()):
+            consts = dict(GROUP=128, INT4=kind == "int4", BM=1, BN=bn, BK=128, EVEN_N=True, EVEN_K=True, F16_FMA=f16,
+                          F16_WORDS=words)
+            r = compile_one(quant._gemv_kernel, types, consts, warps, 3, loop=True)
+            label = f" F16_FMA words {words}" if f16 else ""
+            rows.append({"kernel": f"{kind} GEMV{label}, 1 row, BN {bn}, {warps} warps", **r,
+                         "loop SASS / weight": r["loop SASS"] / (bn * 128 / (32 * warps))})
     return rows
 
 

@@ -100,11 +100,16 @@ def test_gemv_ragged_k_interpreted(kind, n, k, group, tiles):
     check_gemm(kind, 1, n, k, group, torch.bfloat16, tiles=tiles, seed=k, unpack=4)
 
 
-@pytest.fixture
-def gemv_f16(monkeypatch):
-    """The int4 GEMVs with fp16 products (qt.GEMV_F16); fails the test if that variant never ran."""
+@pytest.fixture(params=[1, 4], ids=["words1", "words4"])
+def gemv_f16(monkeypatch, request):
+    """The int4 GEMVs with fp16 products (qt.GEMV_F16), one word per fp16 accumulator (words1, the asm of 4ac49b6)
+    or four chained (words4, F16_WORDS: at most BK/8, so the 16- and 32-column tiles chain 2 and 4); fails the test
+    if that variant never ran. Error bound for both: check_gemm's, twice the bf16 reference's error against the exact
+    product (about 3x its own: the interpreter measured 4.5e-4 (words1) and 7.5e-4 to 1e-3 (words4) of max |y| in fp32
+    at K 2048, where the bf16 reference errs by 2.4e-3 to 3.4e-3)."""
     calls, real = [], qt.plane_major_f16
     monkeypatch.setattr(qt, "GEMV_F16", True)
+    monkeypatch.setattr(qt, "GEMV_F16_WORDS", request.param)
     monkeypatch.setattr(qt, "plane_major_f16", lambda *a: calls.append(a) or real(*a))
     yield
     assert calls, "the F16_FMA GEMV did not run"
@@ -124,6 +129,121 @@ def test_gemv_f16_activation_range_interpreted(gemv_f16, x_scale):
     """Activations past fp16's largest value (65504) or below its normals (6e-5): the per-tile power-of-two scale
     of plane_major_f16 keeps them finite and exact."""
     check_gemm("int4", 1, 40, 256, 128, torch.bfloat16, tiles=(1, 16, 128, 2), seed=7, unpack=4, x_scale=x_scale)
+
+
+def _loader_codes(order: str, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int):
+    """codes [N, K], zeros and scales [N, K/G] stored as a GPTQ v1 or an AutoAWQ GEMM checkpoint, then converted by
+    the loader (layers/quant.py) -> (qweight, scales, zeros) in the kernels' layout."""
+    from types import SimpleNamespace
+
+    from deltaserve.layers.quant import AWQ_ORDER, _convert_int4
+    n, k = codes.shape
+    if order == "gptq":  # packed along K (qweight [K/8, N]), zeros stored minus one
+        t = {"qweight": ref.pack_int4(codes.cpu()).T.contiguous(),
+             "qzeros": ref.pack_int4((zeros.cpu().int() - 1).clamp(min=0).to(torch.uint8).T.contiguous()),
+             "scales": scales.cpu().T.contiguous()}
+        fmt = SimpleNamespace(checkpoint="gptq", zero_offset=1)
+    else:  # packed along N, column 8c + j in nibble AWQ_ORDER[j]
+        def awq(u: torch.Tensor) -> torch.Tensor:  # [R, N] -> [R, N/8]
+            v = torch.empty_like(u).view(u.shape[0], -1, 8)
+            v[..., list(AWQ_ORDER)] = u.view(u.shape[0], -1, 8)
+            return ref.pack_int4(v.reshape(u.shape))
+        t = {"qweight": awq(codes.cpu().T.contiguous()), "qzeros": awq(zeros.cpu().T.contiguous()),
+             "scales": scales.cpu().T.contiguous()}
+        fmt = SimpleNamespace(checkpoint="awq")
+    q, z, s, _ = _convert_int4(fmt, "w", t, n, k, group)
+    return ref.pack_int4(q).to(DEV), s.to(DEV), z.to(DEV)
+
+
+def check_loader_order(order: str, n: int, k: int, group: int, tiles=None):
+    """The F16_FMA GEMV on weights that went through the loader from `order`'s packing, against the reference."""
+    gen = torch.Generator().manual_seed(n + k)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    zeros = torch.randint(1, 16, (n, k // group), generator=gen, dtype=torch.uint8)  # GPTQ v1 stores zero - 1 >= 0
+    scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
+    qw, s, z = _loader_codes(order, codes, zeros, scales, group)
+    assert torch.equal(ref.unpack_int4(qw.cpu(), k), codes) and torch.equal(z.cpu(), zeros)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16).to(DEV)
+    w = ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=group, k=k)
+    baseline = ref.int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=group)
+    out = torch.full((1, n), float("nan"), dtype=torch.bfloat16, device=DEV)
+    got = qt.quant_gemm(x, qw, s, z, group, out=out, tiles=tiles, unpack=4)
+    assert_error_within(got, baseline, x.double() @ w.double().T, atol=1e-4)
+
+
+def _run_ptx(text: str, args: list[int]) -> float:
+    """A few PTX instructions (those of the F16_FMA asm blocks) run on one set of 32-bit operands, numpy fp16 math
+    (fma: exact product and sum in float64, one rounding to fp16) -> $0 read as fp32."""
+    import numpy as np
+
+    regs = {f"${i}": v & 0xFFFFFFFF for i, v in enumerate(args)}
+
+    def val(tok: str) -> int:
+        return int(tok, 16) if tok.startswith("0x") else int(tok) if tok.isdigit() else regs[tok]
+
+    def halves(v: int) -> np.ndarray:
+        return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16)
+
+    def pack(h: np.ndarray) -> int:
+        u = h.astype(np.float16).view(np.uint16)
+        return int(u[0]) | int(u[1]) << 16
+
+    for line in text.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        if op == "mov.b32":  # mov.b32 {lo, hi}, acc
+            lo, hi = (r.strip() for r in rest[rest.index("{") + 1:rest.index("}")].split(","))
+            src = regs[rest.rsplit(",", 1)[1].strip()]
+            regs[lo], regs[hi] = src & 0xFFFF, src >> 16
+            continue
+        d, *src = (t.strip() for t in rest.split(","))
+        if op == "shr.u32":
+            regs[d] = val(src[0]) >> val(src[1])
+        elif op == "and.b32":
+            regs[d] = val(src[0]) & val(src[1])
+        elif op in ("mul.rn.f16x2", "fma.rn.f16x2"):
+            a, b = halves(val(src[0])).astype(np.float64), halves(val(src[1])).astype(np.float64)
+            c = halves(val(src[2])).astype(np.float64) if op.startswith("fma") else 0.0
+            regs[d] = pack(a * b + c)
+        elif op == "add.rn.f16":
+            h = np.array([val(src[0]), val(src[1])], dtype=np.uint16).view(np.float16).astype(np.float64)
+            regs[d] = int(np.array([h.sum()], dtype=np.float16).view(np.uint16)[0])
+        elif op == "cvt.f32.f16":
+            regs[d] = int(np.array([float(np.array([val(src[0])], dtype=np.uint16).view(np.float16)[0])],
+                                   dtype=np.float32).view(np.uint32)[0])
+        else:
+            raise AssertionError(f"unexpected PTX {op}")
+    return float(np.array([regs["$0"]], dtype=np.uint32).view(np.float32)[0])
+
+
+@pytest.mark.parametrize("words", [1, 2, 4])
+def test_f16_asm_pairs_nibbles_with_their_activations(words):
+    """The F16_FMA asm text (not runnable under the interpreter), run by _run_ptx on random words and activation
+    pairs: sum over the words' 8 nibbles q_j * 2^-24 times the activation of column j (plane_major_f16's pairing:
+    word c of pair-plane p holds columns p and p + 4, odd p divided by 16), within the fp16 sums' rounding."""
+    gen = torch.Generator().manual_seed(words)
+    text = qt._word_dot_f16_ptx() if words == 1 else qt._chain_f16_ptx(words)
+    for _ in range(20):
+        w = torch.randint(0, 2**32, (words,), generator=gen, dtype=torch.int64).tolist()
+        x = torch.empty(words, 8).uniform_(-2**15, 2**15, generator=gen).to(torch.float16).double()
+        want, xw = 0.0, []
+        for i in range(words):
+            for p in range(4):  # pair-plane p: low half column p, high half column p + 4
+                lo, hi = x[i, p] / (16 if p % 2 else 1), x[i, p + 4] / (16 if p % 2 else 1)
+                xw.append(int(torch.tensor([lo, hi]).to(torch.float16).view(torch.int16)[0]) & 0xFFFF
+                          | (int(torch.tensor([lo, hi]).to(torch.float16).view(torch.int16)[1]) & 0xFFFF) << 16)
+            want += sum(((w[i] >> (4 * j)) & 0xF) * 2.0**-24 * float(x[i, j]) for j in range(8))
+        got = _run_ptx(text, [0, *w, *xw])
+        bound = words * 8 * 15 * 2.0**-9 * 2.0**-10  # 8W products below 15 * 2^-9, fp16 sums' relative 2^-11 each
+        assert abs(got - want) <= bound, (got, want)
+
+
+@pytest.mark.parametrize("order", ["gptq", "awq"])
+def test_gemv_f16_loader_orders_interpreted(gemv_f16, order):
+    """Both packing orders the loaders take (GPTQ along K, AutoAWQ along N interleaved) reach the GEMV in one order."""
+    check_loader_order(order, 48, 256, 64, tiles=(1, 16, 64, 2))
 
 
 def test_moe_f16_interpreted(gemv_f16):
@@ -275,6 +395,14 @@ def test_gemv_f16_gpu(gemv_f16, n, k, m):
 @pytest.mark.parametrize("x_scale", [1e5, 1e-7])
 def test_gemv_f16_activation_range_gpu(gemv_f16, x_scale):
     check_gemm("int4", 1, 5120, 17408, 128, torch.bfloat16, seed=3, unpack=4, x_scale=x_scale)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("order", ["gptq", "awq"])
+@pytest.mark.parametrize("n,k", [(5120, 17408), (520, 1152)])
+def test_gemv_f16_loader_orders_gpu(gemv_f16, order, n, k):
+    check_loader_order(order, n, k, 128)
 
 
 @gpu

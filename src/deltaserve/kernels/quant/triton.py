@@ -5,7 +5,8 @@ Two kernels serve both, accumulating in fp32:
     on tiles kept in one 3-D layout from their wide loads on, so no tile passes through shared memory. int4 nibbles
     become the exact fp32 1 + q/16 by a shift and a lop3 (no int-to-float conversion); the zero point and scale
     apply once per row and K tile. F16_FMA (int4, bf16 activations, GEMV_F16, the default): packed
-    fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two.
+    fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two;
+    F16_WORDS (GEMV_F16_WORDS, default 4): that many adjacent words per fp16x2 accumulator and asm block.
   - the tiled tl.dot kernel, for everything larger:
   - UNPACK 0 / 2 (fp32 activations, the interpreter): the weight tile is dequantized in registers and rounded to
     the activation dtype, as the reference does. fp8: a [BN, BK] e4m3 tile (contiguous along K) times the row's
@@ -305,14 +306,87 @@ def _word_dots_f16(words, xw, ASM: tl.constexpr):
         return (lo + hi).to(tl.float32)
 
 
+# F16_WORDS > 1 (the chained variant): one asm block takes W = F16_WORDS adjacent words of a row (and their 4W
+# activation words) and runs one fp16x2 accumulator through all 4W packed FMAs, then one add of the halves and one
+# conversion to fp32: per word a shift, four ands and four fma.rn.f16x2, where the one-word form above also pays per
+# word the halves' add, a conversion and an fp32 add of the K reduction (and more of that reduction across threads:
+# its 64-bit loads leave each row's 16 words on 8 threads, the chained form's 128-bit loads on 4). The dequant is the
+# same subnormal magic number (exponent 0: w & 0x000f000f read as an f16x2 is exactly two q * 2^-24, so no packed
+# subtract, unlike UNPACK 3's 1024.0 magic; the zero point stays in fp32). The fp16 sums span 4W products per half
+# (16 at W = 4) instead of 4: plane_major_f16 keeps the tile's |x| below 2^15, so a product is below 15 * 2^-9 and a
+# half's partial sum below 0.5, each of its roundings at most 2^-13 (the one-word form: below 0.125, 2^-15).
+def _chain_f16_ptx(words: int) -> str:
+    """PTX for sum over words i and planes p of x_{i,p} * planes_p(word i) -> fp32 $0: the words are $1..$W, the
+    activation word of word i and plane p is $(1 + W + 4i + p)."""
+    lines = ["{", ".reg .b32 p, t, acc;", ".reg .b16 lo, hi;"]
+    for i in range(words):
+        w = f"${1 + i}"
+        lines.append(f"shr.u32 t, {w}, 8;")
+        for p in range(4):
+            x = f"${1 + words + 4 * i + p}"
+            lines.append(f"and.b32 p, {'t' if p >= 2 else w}, {'0x00f000f0' if p % 2 else '0x000f000f'};")
+            lines.append(f"mul.rn.f16x2 acc, p, {x};" if i == 0 and p == 0 else f"fma.rn.f16x2 acc, p, {x}, acc;")
+    lines += ["mov.b32 {lo, hi}, acc;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
+    return "\n".join(lines)
+
+
+_CHAIN_F16_2 = tl.constexpr(_chain_f16_ptx(2))
+_CHAIN_F16_4 = tl.constexpr(_chain_f16_ptx(4))
+
+
+@triton.jit
+def _chain_dots_f16(ws, xs, W: tl.constexpr, ASM: tl.constexpr):
+    """ws: W int32 tensors (words of one row each), xs: 4W activation-word tensors (word i's plane p at 4i + p) ->
+    fp32: the 8W products of each word group summed in one fp16x2 accumulator (_chain_f16_ptx; the interpreter's
+    form: the same fp16 values in the same order, a rounded multiply and add where the GPU fuses them)."""
+    if ASM and W == 4:
+        return tl.inline_asm_elementwise(
+            _CHAIN_F16_4, "=r" + ",r" * 20,
+            [ws[0], ws[1], ws[2], ws[3], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7], xs[8], xs[9],
+             xs[10], xs[11], xs[12], xs[13], xs[14], xs[15]], dtype=tl.float32, is_pure=True, pack=1)
+    elif ASM:
+        return tl.inline_asm_elementwise(
+            _CHAIN_F16_2, "=r" + ",r" * 10, [ws[0], ws[1], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5], xs[6], xs[7]],
+            dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        lo = tl.zeros(ws[0].shape, dtype=tl.float16)
+        hi = tl.zeros(ws[0].shape, dtype=tl.float16)
+        for i in tl.static_range(W):
+            for p in tl.static_range(4):
+                q = (ws[i] >> (8 * (p // 2))) & (0x000f000f << (4 * (p % 2)))
+                lo += _half(q, False) * _half(xs[4 * i + p], False)
+                hi += _half(q, True) * _half(xs[4 * i + p], True)
+        return (lo + hi).to(tl.float32)
+
+
+@triton.jit
+def _split4(t):
+    """[A, B, C] -> 4 tensors [A, B, C/4]: element a of output i is t[..., 4a + i] (the words one chain takes are
+    adjacent along K, so one thread's vector load holds them)."""
+    a, b = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 4, 2, 2)))
+    a0, a1 = tl.split(a)
+    b0, b1 = tl.split(b)
+    return a0, b0, a1, b1
+
+
+@triton.jit
+def _split2(t):
+    """[A, B, C] -> 2 tensors [A, B, C/2]: element a of output i is t[..., 2a + i]."""
+    return tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)))
+
+
 @triton.jit
 def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr, INT4: tl.constexpr,
-               BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+               BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr = False):
     """The weight tile at columns [k0, k0 + BK) of rows cols ([1, BN, 1]), as stored, 3-D: (scale [1, BN, 1],
     zero point [1, BN, 1] fp32 (int4; fp8: the scale again), codes [1, BN, BK/8] int32 words or [1, BN, BK] e4m3).
-    EVEN_N / EVEN_K: no row / column masks (the steady state of the real shapes)."""
+    EVEN_N / EVEN_K: no row / column masks (the steady state of the real shapes). ALIGNED: k0 declared a multiple
+    of BK (it always is), so the words load as 128-bit vectors where the row stride allows."""
     n_ok = cols < N
-    if INT4:
+    if INT4 and ALIGNED:
+        offs = tl.multiple_of(tl.core.to_tensor(k0 // 8), BK // 8) + tl.arange(0, BK // 8)[None, None, :]
+        k_ok = offs < (K + 7) // 8
+    elif INT4:
         offs = k0 // 8 + tl.arange(0, BK // 8)[None, None, :]
         k_ok = offs < (K + 7) // 8
     else:
@@ -359,15 +433,33 @@ def _gemv_words(x_ptr, rows, offs, M, stride_xm, ROW_MASK: tl.constexpr):
 
 
 @triton.jit
-def _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK: tl.constexpr, ROW_MASK: tl.constexpr):
+def _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK: tl.constexpr, ROW_MASK: tl.constexpr,
+                   WORDS: tl.constexpr = 1):
     """The int4 tile's sum x (q - z) s with fp16 products (_word_dots_f16) on x from plane_major_f16(): its four
-    pair-planes of BK/8 words, then, past all tiles, each tile's 2^-n and scaled sum x as fp32 bits."""
+    pair-planes of BK/8 words, then, past all tiles, each tile's 2^-n and scaled sum x as fp32 bits. WORDS > 1: the
+    chained form (_chain_dots_f16, WORDS words per fp16 accumulator; 2 or 4, at most BK/8) with aligned loads."""
     offs_c = tl.arange(0, BK // 8)[None, None, :]
-    xw = (_gemv_words(x_ptr, rows, k0 // 2 + offs_c, M, stride_xm, ROW_MASK),
-          _gemv_words(x_ptr, rows, k0 // 2 + BK // 8 + offs_c, M, stride_xm, ROW_MASK),
-          _gemv_words(x_ptr, rows, k0 // 2 + BK // 4 + offs_c, M, stride_xm, ROW_MASK),
-          _gemv_words(x_ptr, rows, k0 // 2 + 3 * (BK // 8) + offs_c, M, stride_xm, ROW_MASK))
-    dot = tl.sum(_word_dots_f16(codes, xw, _COMPILED), axis=2, keep_dims=True)
+    if WORDS > 1:
+        base = tl.multiple_of(tl.core.to_tensor(k0 // 2), BK // 2)  # k0: a multiple of BK (128-bit loads)
+    else:
+        base = k0 // 2
+    xw = (_gemv_words(x_ptr, rows, base + offs_c, M, stride_xm, ROW_MASK),
+          _gemv_words(x_ptr, rows, base + BK // 8 + offs_c, M, stride_xm, ROW_MASK),
+          _gemv_words(x_ptr, rows, base + BK // 4 + offs_c, M, stride_xm, ROW_MASK),
+          _gemv_words(x_ptr, rows, base + 3 * (BK // 8) + offs_c, M, stride_xm, ROW_MASK))
+    if WORDS == 4:
+        ws = _split4(codes)
+        xp = (_split4(xw[0]), _split4(xw[1]), _split4(xw[2]), _split4(xw[3]))
+        xq = (xp[0][0], xp[1][0], xp[2][0], xp[3][0], xp[0][1], xp[1][1], xp[2][1], xp[3][1],
+              xp[0][2], xp[1][2], xp[2][2], xp[3][2], xp[0][3], xp[1][3], xp[2][3], xp[3][3])
+        dot = tl.sum(_chain_dots_f16(ws, xq, WORDS, _COMPILED), axis=2, keep_dims=True)
+    elif WORDS == 2:
+        ws = _split2(codes)
+        xp = (_split2(xw[0]), _split2(xw[1]), _split2(xw[2]), _split2(xw[3]))
+        xq = (xp[0][0], xp[1][0], xp[2][0], xp[3][0], xp[0][1], xp[1][1], xp[2][1], xp[3][1])
+        dot = tl.sum(_chain_dots_f16(ws, xq, WORDS, _COMPILED), axis=2, keep_dims=True)
+    else:
+        dot = tl.sum(_word_dots_f16(codes, xw, _COMPILED), axis=2, keep_dims=True)
     tail = (K + BK - 1) // BK * (BK // 2) + 2 * (k0 // BK)
     inv = _gemv_words(x_ptr, rows, tail, M, stride_xm, ROW_MASK).to(tl.float32, bitcast=True)
     xs = _gemv_words(x_ptr, rows, tail + 1, M, stride_xm, ROW_MASK).to(tl.float32, bitcast=True)
@@ -376,7 +468,7 @@ def _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK: tl.constex
 
 @triton.jit
 def _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4: tl.constexpr, BK: tl.constexpr,
-               ROW_MASK: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr):
+               ROW_MASK: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr, F16_WORDS: tl.constexpr = 1):
     """sum over the tile's columns of x[m, k] W[n, k] -> fp32 [BM, BN, 1], on CUDA cores, every tensor 3-D in one
     layout (nothing converted through shared memory); scale (and zero point) once per row and tile (BK divides the
     group). int4: x comes plane-major (plane_major(): the tile's columns 8c + j stored at j * BK/8 + c, fp32, padded
@@ -384,7 +476,7 @@ def _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4: tl.constexpr
     sum x (q - z) = 16 sum f x - (16 + z) sum x: per weight a shift, a lop3 and one FMA. F16 (int4 only): the
     fp16 variant, _gemv_math_f16."""
     if INT4 and F16:
-        return _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK, ROW_MASK)
+        return _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK, ROW_MASK, F16_WORDS)
     elif INT4:
         offs_c = tl.arange(0, BK // 8)[None, None, :]
         planes = _nibbles_as_float(codes, _COMPILED)
@@ -450,18 +542,26 @@ def plane_major_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
 @triton.jit
 def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
               GROUP: tl.constexpr, INT4: tl.constexpr, BK: tl.constexpr, ROW_MASK: tl.constexpr,
-              EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr):
+              EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr, F16_WORDS: tl.constexpr = 1):
     """The GEMV's K loop -> fp32 [BM, BN, 1]. The next tile's loads are issued before this tile's math (a
     two-deep software pipeline: Triton does not pipeline loads that feed no dot), so each program keeps two tiles
-    of weight bytes in flight; past the end it reloads the last tile (no mask needed) and drops it."""
+    of weight bytes in flight; past the end it reloads the last tile (no mask needed) and drops it. F16_WORDS > 1:
+    only the words are carried to the next iteration; the tile's scale and zero point load in the iteration that
+    uses them (unused loads are dropped), so Triton may give them, and the per-row math after the K reduction, a
+    layout of their own instead of converting them in every iteration (sm_90a: 155 instructions per warp and
+    128 x 128 tile against 168 when they are carried too; past two rows per thread the carried ones went through
+    shared memory twice per tile, these once)."""
     acc = tl.zeros((rows.shape[0], cols.shape[1], 1), dtype=tl.float32)
     s, z, codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k_begin, GROUP, INT4, BK,
-                             EVEN_N, EVEN_K)
+                             EVEN_N, EVEN_K, F16_WORDS > 1)
     last = k_end - BK if EVEN_K else k_end - 1 - (k_end - 1 - k_begin) % BK
     for k0 in range(k_begin, k_end, BK):
         s_n, z_n, codes_n = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
-                                       tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K)
-        acc += _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4, BK, ROW_MASK, EVEN_K, F16)
+                                       tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, F16_WORDS > 1)
+        if F16_WORDS > 1:
+            s, z, _ = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP, INT4, BK,
+                                 EVEN_N, EVEN_K, True)
+        acc += _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4, BK, ROW_MASK, EVEN_K, F16, F16_WORDS)
         s, z, codes = s_n, z_n, codes_n
     return acc
 
@@ -469,7 +569,8 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os, stride_om,
                  k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16_FMA: tl.constexpr = False):
+                 BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16_FMA: tl.constexpr = False,
+                 F16_WORDS: tl.constexpr = 1):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
     pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA (int4): packed fp16 products
@@ -480,7 +581,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
-                    GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA)
+                    GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA, F16_WORDS)
     dest = out_ptr + pid_k.to(tl.int64) * stride_os + rows.to(tl.int64) * stride_om + cols
     if EVEN_N and BM == 1:
         tl.store(dest, acc.to(out_ptr.dtype.element_ty))
@@ -567,6 +668,20 @@ GEMV_SWEEP_ROWS = 4  # the most rows an explicit unpack=4 takes (benchmarks): it
 # error, about 3e-4 of the output's largest value (five fp16 roundings per word against the reference's one per
 # weight), is a fraction of bf16's but as large as fp16's, past the tests' twice-the-reference for fp16 and fp32.
 GEMV_F16 = True
+# Words per fp16 accumulator in the F16_FMA GEMVs (F16_WORDS; 1, 2 or 4, at most BK/8): 4 chains a row's four
+# adjacent words through one fp16x2 accumulator in one asm block (_chain_f16_ptx), loads them as 128-bit vectors and
+# loads each tile's scale and zero point in the iteration that uses them (_gemv_acc); by the sm_90a SASS
+# (benchmarks/compile_check.py) its K loop issues 155 instructions per warp and 128 x 128 tile against 222 with one
+# word per accumulator (1, the F16_FMA of 4ac49b6): 2.42 instead of 3.47 per weight (BN 256 and 8 warps: 1.80, with
+# one shared-memory round trip per tile; not yet timed). Its fp16 sums span 16 products per half instead of 4 (the
+# error bound: tests/kernels/test_quant_kernels.py, gemv_f16). Not yet timed on a GPU; benchmarks set it to 1 to
+# compare (bench_quant_kernels.py --gemv-variants).
+GEMV_F16_WORDS = 4
+
+
+def _f16_words(bk: int) -> int:
+    """F16_WORDS for a K tile of bk columns: GEMV_F16_WORDS, at most the tile's bk / 8 words."""
+    return max(1, min(GEMV_F16_WORDS, bk // 8))
 
 
 def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool) -> tuple[int, ...]:
@@ -646,7 +761,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
             xp = plane_major_f16(x, bk) if f16 else plane_major(x, bk)
             common = (xp, *common[1:8], xp.stride(0), *common[9:])
         _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
-                                                  **consts)
+                                                  F16_WORDS=_f16_words(bk) if f16 else 1, **consts)
     else:
         _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8, **consts)
@@ -729,7 +844,7 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
 def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, stride_xt, stride_we, stride_wn,
                      stride_se, stride_sn, stride_op, X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr,
                      INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr,
-                     EVEN_K: tl.constexpr, F16_FMA: tl.constexpr = False):
+                     EVEN_K: tl.constexpr, F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1):
     """out[p, n] = sum_k x[row(p), k] * W_{ids[p]}[n, k] for one (token, expert) pair p (row: the token, or the pair
     itself when X_PER_PAIR), fp32 accumulation on CUDA cores (the GEMV's tiles); a negative id writes zeros."""
     p, pid_n = tl.program_id(0), tl.program_id(1)
@@ -743,7 +858,7 @@ def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, 
         e64 = e.to(tl.int64)
         wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
         acc = _gemv_acc(x_row, wp, sp, zp, rows, cols, 1, N, K, 0, stride_wn, stride_sn, 0, K, GROUP, INT4, BK,
-                        False, EVEN_N, EVEN_K, F16_FMA)
+                        False, EVEN_N, EVEN_K, F16_FMA, F16_WORDS)
     tl.store(out_ptr + p * stride_op + cols, acc, mask=cols < N)
 
 
@@ -761,7 +876,8 @@ def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
     _moe_pair_kernel[grid](x, ids, w, s, z if int4 else s, out, n, k, top_k, x.stride(0),
                            w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0),
                            X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk, INT4=int4,
-                           BN=bn, BK=bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16, num_warps=8)
+                           BN=bn, BK=bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
+                           F16_WORDS=_f16_words(bk) if f16 else 1, num_warps=8)
     return out
 
 
