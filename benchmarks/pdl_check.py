@@ -35,7 +35,7 @@ SPECS = [
     ("moe.triton", "_gate_up_kernel", {"ids_ptr": "*i64", "act_ptr": "*fp32"},
      dict(ACT_W=512, D=2048, TOP_K=8, HAS_SHARED=1, BLOCK_N=8, BLOCK_K=512, UNROLL_K=True), 4, 3),
     ("moe.triton", "_down_kernel", {"act_ptr": "*fp32", "ids_ptr": "*i64"},
-     dict(ACT_W=512, TOP_K=8, HAS_SHARED=1, BLOCK_N=4, BLOCK_K=512), 2, 3),
+     dict(ACT_W=512, TOP_K=8, HAS_SHARED=1, BLOCK_N=4, BLOCK_K=512, NUM_E=256), 2, 3),
     ("norm.triton", "_rms_norm_kernel", {"eps": "fp32"},
      dict(D=4096, BLOCK_R=1, BLOCK_D=4096, HAS_RESIDUAL=True), 8, 3),
     ("norm.triton", "_gated_rms_norm_kernel", {"eps": "fp32"}, dict(G_HEADS=32, D=128, BLOCK_R=32, BLOCK_D=128), 8, 3),
@@ -76,7 +76,7 @@ def compile_ptx(spec, pdl: bool | None) -> str:
 
     module, kernel, types, consts, warps, stages = spec
     fn = getattr(importlib.import_module(f"deltaserve.kernels.{module}"), kernel)
-    consts = dict(consts)
+    consts = {k: v for k, v in consts.items() if k in fn.arg_names}  # the other tree may lack some (NUM_E)
     # constexpr parameters with defaults the spec leaves out (F16_DOTS..., and PDL itself) take their defaults
     for p in fn.params:
         if p.is_constexpr and p.name not in consts and p.default is not p._param.empty:
@@ -153,7 +153,9 @@ def run_tree(src: str, with_pdl: bool) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.path.dirname(os.path.dirname(__file__))]),
            "TRITON_DISABLE_LINE_INFO": "1", "TRITON_INTERPRET": "0", "TRITON_CACHE_DIR": tempfile.mkdtemp()}
     res = subprocess.run([sys.executable, __file__, "--collect"] + (["--pdl"] if with_pdl else []), env=env,
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True)
+    if res.returncode:
+        raise RuntimeError(f"compiling the kernels of {src} failed:\n{res.stderr[-4000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 

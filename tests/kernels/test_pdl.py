@@ -27,6 +27,7 @@ def switch(monkeypatch):
     monkeypatch.setattr(_device, "_cuda_version", lambda: (12, 4))
     monkeypatch.setattr(_device, "_interpreting", lambda: False)
     monkeypatch.setattr(_device, "PDL", None)
+    monkeypatch.setattr(_device, "_launch_kwargs", {})  # pdl_launch's cache, filled under the fakes above
     return monkeypatch
 
 

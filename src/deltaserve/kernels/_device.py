@@ -86,7 +86,15 @@ def pdl_enabled(device: torch.device) -> bool:
     return PDL is not False and device.type == "cuda" and pdl_supported(device)
 
 
+_launch_kwargs: dict[tuple[str, int | None, bool | None], dict[str, bool]] = {}  # asked on every launch: cached
+
+
 def pdl_launch(device: torch.device) -> dict[str, bool]:
-    """Keyword arguments for a participating kernel's launch: `kernel[grid](..., **pdl_launch(x.device))`."""
-    on = pdl_enabled(device)
-    return {"PDL": on, "launch_pdl": on}
+    """Keyword arguments for a participating kernel's launch: `kernel[grid](..., **pdl_launch(x.device))` (a shared
+    dict: do not modify it)."""
+    key = (device.type, device.index, PDL)
+    kwargs = _launch_kwargs.get(key)
+    if kwargs is None:
+        on = pdl_enabled(device)
+        kwargs = _launch_kwargs[key] = {"PDL": on, "launch_pdl": on}
+    return kwargs

@@ -11,7 +11,11 @@ A kernel launched with PDL may be scheduled while its predecessor in the stream 
 
 The rules every participating kernel keeps (so the chain stays correct whatever runs before or after it):
 1. Before `wait`, no store and no load of anything an earlier kernel may have written (activations, step metadata,
-   caches, state pools): only index math and loads of weights.
+   caches, state pools): only index math and loads of weights. One exception, for hints only: the MoE down kernel
+   reads the expert ids (written by the routing kernel, two launches back: complete by rule 3, as its predecessor,
+   the gate/up kernel, released only after its own wait) to pick the weight rows it prefetches into L2; the ids it
+   computes with are loaded again after the wait, so even a stale value would only cost a useless prefetch (the
+   id is clamped to the expert range, so the hint's address is always inside the weights).
 2. Every program reaches `wait` (no early return before it): a grid then completes only after its predecessor has,
    so "predecessor complete" covers every kernel before it too.
 3. `launch_dependents` comes after `wait` (here: right after it), so the next kernel is scheduled only once ours
@@ -26,6 +30,15 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def prefetch_l2(ptrs, mask):
+    """`prefetch.global.L2` of every address where mask is set: a hint that holds no registers and returns
+    nothing, for a PDL prologue to pull weights into L2 while the previous kernel finishes (PTX only: never under
+    the interpreter, where PDL is off)."""
+    tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; }", "=r,l,r",
+                              [ptrs, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

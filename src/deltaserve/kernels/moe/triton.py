@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.kernels._device import pdl_launch
-from deltaserve.kernels._pdl import wait_then_release
+from deltaserve.kernels._pdl import prefetch_l2, wait_then_release
 
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -108,7 +108,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, ids_ptr, act_ptr, stride_x, stride
 def _down_kernel(act_ptr, w2_ptr, ws2_ptr, ids_ptr, weights_ptr, shared_gate_ptr, out_ptr, stride_w2_e, stride_w2_n,
                  stride_ws2_n, stride_sg, stride_out, I_R, I_S, ACT_W: tl.constexpr, D, TOP_K: tl.constexpr,
                  HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, NUM_E: tl.constexpr = 1):
     """out[t, n] = sum over the token's pairs of (weight * act[p]) . Down_e[n], fp32; the shared expert's weight is
     sigmoid(shared_gate[t]). Pairs and K are unrolled; one 2-D accumulator, reduced at the end."""
     pairs: tl.constexpr = TOP_K + HAS_SHARED
@@ -116,6 +116,21 @@ def _down_kernel(act_ptr, w2_ptr, ws2_ptr, ids_ptr, weights_ptr, shared_gate_ptr
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = n < D
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    if PDL:  # while the gate/up kernel finishes: this program's weight rows into L2, one hint per 128-byte line
+        LINE: tl.constexpr = 1024 // w2_ptr.dtype.element_ty.primitive_bitwidth  # elements per line
+        for j in tl.static_range(pairs):
+            if j < TOP_K:  # the ids are read again below, after the wait (kernels/_pdl.py, rule 1's exception)
+                e = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
+                inter = tl.where(e >= 0, I_R, 0)
+                w_ptr = w2_ptr + tl.minimum(tl.maximum(e, 0), NUM_E - 1) * stride_w2_e
+                stride_n = stride_w2_n
+            else:
+                inter = I_S
+                w_ptr = ws2_ptr
+                stride_n = stride_ws2_n
+            for k0 in tl.static_range(0, ACT_W, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K // LINE) * LINE
+                prefetch_l2(w_ptr + n[:, None] * stride_n + k[None, :], m_n[:, None] & (k < inter)[None, :])
     wait_then_release(PDL)  # act is the gate/up kernel's output
     for j in tl.static_range(pairs):
         if j < TOP_K:
@@ -182,7 +197,7 @@ def fused_moe_pairs(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     _down_kernel[(T, triton.cdiv(D, bn))](
         act, w2, shared_w2, ids, weights, shared_gate, out, w2.stride(0), w2.stride(1), shared_w2.stride(0),
         shared_gate.stride(0), out.stride(0), i_r, i_s, ACT_W=act_w, D=D, TOP_K=top_k, HAS_SHARED=int(has_shared),
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, **pdl_launch(x.device))
+        BLOCK_N=bn, BLOCK_K=bk, NUM_E=w2.shape[0], num_warps=warps, **pdl_launch(x.device))
     return out
 
 
