@@ -116,8 +116,8 @@ def _down_kernel(act_ptr, w2_ptr, ws2_ptr, ids_ptr, weights_ptr, shared_gate_ptr
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = n < D
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    if PDL:  # while the gate/up kernel finishes: this program's weight rows into L2, one hint per 128-byte line
-        LINE: tl.constexpr = 1024 // w2_ptr.dtype.element_ty.primitive_bitwidth  # elements per line
+    LINE: tl.constexpr = 1024 // w2_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+    if PDL and BLOCK_K >= LINE:  # while the gate/up kernel finishes: this program's weight rows into L2, a hint a line
         for j in tl.static_range(pairs):
             if j < TOP_K:  # the ids are read again below, after the wait (kernels/_pdl.py, rule 1's exception)
                 e = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
