@@ -15,6 +15,7 @@ PYTHONPATH=src:. python3 benchmarks/compile_check.py
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -38,6 +39,9 @@ _DIVISIBLE = ("N", "K", "stride_xm", "stride_wn", "stride_om", "k_per_split", "s
 def compile_one(fn, types: dict[str, str], constexprs: dict, num_warps: int, num_stages: int,
                 loop: bool = False) -> dict:
     """fn compiled for sm_90a: registers, spill bytes and PTX instruction counts (loop: and its main loop's SASS)."""
+    # constexprs the caller leaves out take their defaults (PDL: off, the launch as without it)
+    defaults = {p.name: p.default for p in fn.params if p.is_constexpr and p.default is not inspect.Parameter.empty}
+    constexprs = {**defaults, **constexprs}
     sig = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in fn.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n.endswith("_ptr") or n in _DIVISIBLE or n.startswith(("stride_k", "stride_v"))}

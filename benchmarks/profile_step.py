@@ -1,7 +1,7 @@
 """Where the GPU time of a step goes: the kernels of one decode step (or one GDN prefill call) by time, against the
 step's wall time, so launch gaps and slow kernels show apart.
 
-    PYTHONPATH=src:. python benchmarks/profile_step.py decode --model 9B --batch 1 [--context 1024]
+    PYTHONPATH=src:. python benchmarks/profile_step.py decode --model 9B --batch 1 [--context 1024] [--pdl off on]
     PYTHONPATH=src:. python benchmarks/profile_step.py gdn-prefill --model 27B --tokens 2048
     PYTHONPATH=src:. python benchmarks/profile_step.py mixed --model 9B --prompts 8 --tokens 1024 --batch 56
 
@@ -10,6 +10,10 @@ each plus `--batch` decode rows at `--context`, in one varlen batch (logits for 
 
 Kernel times come from an eager run under torch.profiler (the same kernels a graph replays); the wall times are
 medians of do_bench over the graph replay (decode) or the eager call (prefill).
+
+--pdl (decode): profile with Programmatic Dependent Launch off and/or on (bench_decode.set_pdl), one capture each.
+With PDL a kernel starts while its predecessor drains and waits inside (griddepcontrol.wait), so its profiled time
+includes that wait: compare the graph step times, and the kernel table with PDL off.
 """
 
 from __future__ import annotations
@@ -65,10 +69,11 @@ def profiled_kernels(prof: profile, calls: int, top: int = 25, skip: tuple[str, 
     return total, "\n".join(lines)
 
 
-def profile_decode(model_name: str, batch: int, context: int) -> None:
-    from benchmarks.bench_decode import setup_decode
+def profile_decode(model_name: str, batch: int, context: int, pdl: str = "auto", model=None):
+    from benchmarks.bench_decode import set_pdl, setup_decode
 
-    _, model, cache, fb, ids, graphs = setup_decode(model_name, batch, context)
+    pdl_on = set_pdl(pdl)
+    _, model, cache, fb, ids, graphs = setup_decode(model_name, batch, context, model)
     wall_ms = triton.testing.do_bench(lambda: graphs.run(ids, fb), warmup=20, rep=200, return_mode="median")
 
     @torch.no_grad()
@@ -76,10 +81,12 @@ def profile_decode(model_name: str, batch: int, context: int) -> None:
         model.compute_logits(model(ids, fb, cache))
 
     kernel_us, text = kernel_table(eager, calls=5)
-    print(f"decode {model_name} batch {batch} context {context}: graph step {wall_ms * 1e3:.0f} µs, "
+    print(f"decode {model_name} batch {batch} context {context}, PDL {'on' if pdl_on else 'off'}: "
+          f"graph step {wall_ms * 1e3:.0f} µs, "
           f"kernel time {kernel_us:.0f} µs ({kernel_us / (wall_ms * 1e3):.0%} of the step), "
           f"eager host time {host_us(eager, 10):.0f} µs")
     print(text)
+    return model
 
 
 def profile_mixed(model_name: str, prompts: int, tokens: int, decode_rows: int, context: int) -> None:
@@ -135,10 +142,13 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--pdl", nargs="+", default=["auto"], choices=["auto", "off", "on"])
     args = ap.parse_args()
     print(header(""))
     if args.what == "decode":
-        profile_decode(args.model, args.batch, args.context)
+        model = None
+        for pdl in args.pdl:  # one model, a capture per setting
+            model = profile_decode(args.model, args.batch, args.context, pdl, model)
     elif args.what == "mixed":
         profile_mixed(args.model, args.prompts, args.tokens, args.batch, args.context)
     else:

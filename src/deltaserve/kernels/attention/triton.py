@@ -29,6 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.attention._triton_common import _check_last_dim, _kv_quant
 from deltaserve.kernels.attention.ref import KV_QMAX
 from deltaserve.kernels.attention.triton_decode import (DECODE_CONFIG, MULTI_TOKEN_DECODE_CONFIG, QUANT_DECODE_CONFIG,
@@ -157,8 +159,10 @@ def _qk_norm_rope_write_kv_kernel(
     stride_kcp, stride_kcs, stride_kch, stride_vcp, stride_vcs, stride_vch, stride_sp, stride_ss,
     HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr, HALF: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
+    wait_then_release(PDL)  # q, k, v: the projection's output; positions, slots, pages: step data
     pos = tl.load(pos_ptr + t).to(tl.float32)
     cols = tl.arange(0, BLOCK_D)
     cos, sin, partner, is_rot, sign = rope_cos_sin(pos, inv_freq_ptr, cols, HALF)
@@ -233,7 +237,7 @@ def qk_norm_rope_write_kv(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_sp, stride_ss,
         HQ=Hq, HK=Hk, D=D, HALF=rotary_dim // 2, PAGE_SIZE=k_cache.shape[1],
         BLOCK_HQ=triton.next_power_of_2(Hq), BLOCK_HK=triton.next_power_of_2(Hk), BLOCK_D=triton.next_power_of_2(D),
-        QUANT=quant, QMAX=KV_QMAX.get(k_cache.dtype, 0.0), num_warps=4,
+        QUANT=quant, QMAX=KV_QMAX.get(k_cache.dtype, 0.0), num_warps=4, **pdl_launch(q.device),
     )
     return q_out, k_out
 

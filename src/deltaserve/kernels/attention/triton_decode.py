@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels._device import num_sms
+from deltaserve.kernels._device import num_sms, pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _check_last_dim, _config,
                                                         _kv_quant, _load_planes, _load_quantized, _load_words,
                                                         _precision)
@@ -67,6 +68,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr, F16_DOTS: tl.constexpr = False,
     PLANES: tl.constexpr = False, V_REGS: tl.constexpr = False, WORDS: tl.constexpr = 0, TOKENS: tl.constexpr = 1,
+    PDL: tl.constexpr = False,
 ):
     """Program (n, kv head g, split s): the GQA group's q heads are the rows of the tile, so each K/V tile is read
     once for all of them. Split s covers whole BLOCK_N tiles [lo, hi) of sequence n; writes the split's normalized
@@ -82,6 +84,7 @@ def _decode_split_kernel(
     g = tl.program_id(1)
     s = tl.program_id(2)
     n64 = tl.cast(n, tl.int64)
+    wait_then_release(PDL)  # q and the pages were written by the kernel before; seq_lens, tables: step data
     seq_len = tl.load(seq_lens_ptr + n)
     tiles_per_split = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), num_splits)
     lo = s * tiles_per_split * BLOCK_N
@@ -231,7 +234,7 @@ def _load_q(ptrs, mask, UPCAST: tl.constexpr, F16_DOTS: tl.constexpr):
 @triton.jit(do_not_specialize=["num_splits"])  # eager decode: changes as contexts grow
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, o_ptr, stride_on, stride_oh, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """Program (n, q head h): o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); zeros when every split is empty
     (a padding row, seq_lens 0)."""
@@ -242,6 +245,7 @@ def _decode_reduce_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
+    wait_then_release(PDL)  # the split kernel's partials
     lse = tl.load(part_lse_ptr + row * num_splits + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
@@ -344,11 +348,11 @@ def decode_into(
         UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
         F16_DOTS=q.dtype == torch.bfloat16 and q.is_cuda and (bool(cfg.get("F16_DOTS")) and quant == 1 or planes),
         PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")), WORDS=words, TOKENS=T,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q.device),
     )
     _decode_reduce_kernel[(N * T, Hq)](
         part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
         HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
-        num_warps=4,
+        num_warps=4, **pdl_launch(q.device),
     )
     return out

@@ -11,6 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
+
 
 @triton.jit
 def _conv_silu_window(x_row_ptr, w_ptr, cs_slot_ptr, stride_cs_w, ch, m_ch, valid,
@@ -45,10 +48,11 @@ def _roll_window(x_row_ptr, cs_slot_ptr, stride_cs_w, ch, m_ch, do_it, W: tl.con
 
 @triton.jit
 def _conv1d_update_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, C, stride_x, stride_y, stride_cs_s, stride_cs_w,
-                          W: tl.constexpr, WP: tl.constexpr, BC: tl.constexpr):
+                          W: tl.constexpr, WP: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr = False):
     n = tl.program_id(0)
     ch = tl.program_id(1) * BC + tl.arange(0, BC)
     m_ch = ch < C
+    wait_then_release(PDL)  # x is the input projection's output; slots, the window: step data
     slot = tl.load(slot_ptr + n).to(tl.int64)
     valid = slot >= 0
     cs_slot = cs_ptr + slot * stride_cs_s
@@ -148,7 +152,7 @@ def causal_conv1d_update(
     block_c = 256
     _conv1d_update_kernel[(n, triton.cdiv(c, block_c))](
         x, weight, conv_state, slots, y, c, x.stride(0), y.stride(0), conv_state.stride(0), conv_state.stride(1),
-        W=width, WP=triton.next_power_of_2(width - 1), BC=block_c, num_warps=2,
+        W=width, WP=triton.next_power_of_2(width - 1), BC=block_c, num_warps=2, **pdl_launch(x.device),
     )
     return y
 

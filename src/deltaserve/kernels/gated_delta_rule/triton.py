@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.conv1d.triton import causal_conv1d_update
 
 _L2_EPS = 1e-6
@@ -61,7 +63,7 @@ def _decode_recurrent_kernel(
     stride_y, stride_a, stride_b, stride_ss_s,
     scale, eps,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The recurrence of a decode step: one program per (row n, value head hv, V tile) over the post-conv
     activations y [N, 2*H*K + HV*V] that the conv-update kernel wrote; every load is independent of the others."""
@@ -71,6 +73,7 @@ def _decode_recurrent_kernel(
     n = i_nh // HV
     hv = i_nh % HV
     h = hv // (HV // H)
+    wait_then_release(PDL)  # y is the conv kernel's output; the slot and its state: step data
     slot = tl.load(slot_ptr + n).to(tl.int64)
     valid = slot >= 0
     o_k = tl.arange(0, BK)
@@ -136,7 +139,7 @@ def fused_gdn_decode_launch(
     _decode_recurrent_kernel[(n * hv * num_tiles,)](
         y, a, b, A_log, dt_bias, ssm_state, slots, o, y.stride(0), a.stride(0), b.stride(0), ssm_state.stride(0),
         float(scale), _L2_EPS, H=hk, HV=hv, K=dk, V=dv, BK=triton.next_power_of_2(dk), BV=block_v, NV=num_tiles,
-        num_warps=num_warps)
+        num_warps=num_warps, **pdl_launch(y.device))
     return o
 
 

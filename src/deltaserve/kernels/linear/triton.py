@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
+
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 64  # above this the call is no longer a weight stream: torch's GEMM
@@ -40,7 +43,8 @@ class Tile(NamedTuple):
 @triton.jit(do_not_specialize=["M"])  # the row count changes every step: one compiled kernel per row bucket
 def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_ym,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-                          SPLIT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr):
+                          SPLIT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+                          PDL: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)  # this program reduces K columns [pid_k * K_SPLIT, min(K, (pid_k + 1) * K_SPLIT))
     rn = pid_n * BN + tl.arange(0, BN)
@@ -52,7 +56,20 @@ def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPL
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_lo = pid_k * K_SPLIT  # K_SPLIT is a multiple of BK: only the last range can end in a partial tile
-    for k in tl.range(k_lo, tl.minimum(K, k_lo + K_SPLIT), BK, num_stages=STAGES):
+    k_first = k_lo
+    if PDL:  # the first W tile is loaded while the previous kernel still runs; x (its output) only after the wait
+        if EVEN_K:
+            w = tl.load(w_ptrs + k_lo, mask=m_n[:, None], other=0.0)
+            wait_then_release(PDL)
+            x = tl.load(x_ptrs + k_lo, mask=m_m[:, None], other=0.0)
+        else:
+            m_k = rk + k_lo < K
+            w = tl.load(w_ptrs + k_lo, mask=m_n[:, None] & m_k[None, :], other=0.0)
+            wait_then_release(PDL)
+            x = tl.load(x_ptrs + k_lo, mask=m_m[:, None] & m_k[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc)  # the loop's first step, peeled (PDL is never on under the interpreter)
+        k_first = k_lo + BK
+    for k in tl.range(k_first, tl.minimum(K, k_lo + K_SPLIT), BK, num_stages=STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs + k, mask=m_m[:, None], other=0.0)
             w = tl.load(w_ptrs + k, mask=m_n[:, None], other=0.0)
@@ -190,5 +207,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, ...],
     _skinny_linear_kernel[(blocks, split)](
         x, weight, y, ws, counts, m, n, k, k_split, x.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
         STAGES=_fit_stages(bm, bn, bk, stages), SPLIT=split, EVEN_K=k % bk == 0, UPCAST=not x.is_cuda,
-        num_warps=num_warps)
+        num_warps=num_warps, **pdl_launch(x.device))
     return y

@@ -12,12 +12,16 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import pdl_launch
+from deltaserve.kernels._pdl import prefetch_l2, wait_then_release
+
 @triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                         BLOCK_TOPK: tl.constexpr):
+                         BLOCK_TOPK: tl.constexpr, PDL: tl.constexpr = False):
     """One token per program: softmax over all E experts in fp32, the top_k (descending), renormalised."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
+    wait_then_release(PDL)  # the logits are the router projection's output
     logit = tl.load(logits_ptr + t * stride_l + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
     p = tl.exp(logit - tl.max(logit, 0))
     p = p / tl.sum(p, 0)
@@ -49,7 +53,7 @@ def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int,
     if T:
         _topk_softmax_kernel[(T,)](router_logits, w, ids, router_logits.stride(0), E, TOP_K=top_k,
                                    BLOCK_E=triton.next_power_of_2(E), BLOCK_TOPK=triton.next_power_of_2(top_k),
-                                   num_warps=4 if E > 512 else 1)
+                                   num_warps=4 if E > 512 else 1, **pdl_launch(router_logits.device))
     return w, ids
 
 
@@ -68,7 +72,8 @@ def _gate_up_block(acc_g, acc_u, x_row, w_ptr, stride_n, n, m_n, inter, k0, D, B
 @triton.jit
 def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, ids_ptr, act_ptr, stride_x, stride_w13_e, stride_w13_n, stride_ws13_n,
                     I_R, I_S, ACT_W: tl.constexpr, D: tl.constexpr, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UNROLL_K: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """act[p, n] = silu(x[t] . G_e[n]) * (x[t] . U_e[n]) in fp32 for pair p = (token t, slot j); a token has TOP_K
     routed slots, then (HAS_SHARED) one for the shared expert. Accumulates 2-D and reduces once at the end; with up
     to 4 K blocks the loop is unrolled (D is a model constant), so all of the program's weight loads are in flight."""
@@ -76,6 +81,7 @@ def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, ids_ptr, act_ptr, stride_x, stride
     p = tl.program_id(0).to(tl.int64)
     t, j = p // pairs, p % pairs
     shared = j >= TOP_K  # only ever true with HAS_SHARED
+    wait_then_release(PDL)  # the expert ids (and x) come from the kernels before: every weight read depends on them
     e = tl.load(ids_ptr + t * TOP_K + tl.minimum(j, TOP_K - 1)).to(tl.int64)
     # e < 0 marks a routing slot without an expert (e.g. owned by another rank): nothing to compute.
     inter = tl.where(shared, I_S, tl.where(e >= 0, I_R, 0))
@@ -101,7 +107,8 @@ def _gate_up_kernel(x_ptr, w13_ptr, ws13_ptr, ids_ptr, act_ptr, stride_x, stride
 @triton.jit
 def _down_kernel(act_ptr, w2_ptr, ws2_ptr, ids_ptr, weights_ptr, shared_gate_ptr, out_ptr, stride_w2_e, stride_w2_n,
                  stride_ws2_n, stride_sg, stride_out, I_R, I_S, ACT_W: tl.constexpr, D, TOP_K: tl.constexpr,
-                 HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 HAS_SHARED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr = False, NUM_E: tl.constexpr = 1):
     """out[t, n] = sum over the token's pairs of (weight * act[p]) . Down_e[n], fp32; the shared expert's weight is
     sigmoid(shared_gate[t]). Pairs and K are unrolled; one 2-D accumulator, reduced at the end."""
     pairs: tl.constexpr = TOP_K + HAS_SHARED
@@ -109,6 +116,22 @@ def _down_kernel(act_ptr, w2_ptr, ws2_ptr, ids_ptr, weights_ptr, shared_gate_ptr
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_n = n < D
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    LINE: tl.constexpr = 1024 // w2_ptr.dtype.element_ty.primitive_bitwidth  # elements per 128-byte line
+    if PDL and BLOCK_K >= LINE:  # while the gate/up kernel finishes: this program's weight rows into L2, a hint a line
+        for j in tl.static_range(pairs):
+            if j < TOP_K:  # the ids are read again below, after the wait (kernels/_pdl.py, rule 1's exception)
+                e = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
+                inter = tl.where(e >= 0, I_R, 0)
+                w_ptr = w2_ptr + tl.minimum(tl.maximum(e, 0), NUM_E - 1) * stride_w2_e
+                stride_n = stride_w2_n
+            else:
+                inter = I_S
+                w_ptr = ws2_ptr
+                stride_n = stride_ws2_n
+            for k0 in tl.static_range(0, ACT_W, BLOCK_K):
+                k = k0 + tl.arange(0, BLOCK_K // LINE) * LINE
+                prefetch_l2(w_ptr + n[:, None] * stride_n + k[None, :], m_n[:, None] & (k < inter)[None, :])
+    wait_then_release(PDL)  # act is the gate/up kernel's output
     for j in tl.static_range(pairs):
         if j < TOP_K:
             e = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
@@ -168,13 +191,13 @@ def fused_moe_pairs(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
     _gate_up_kernel[(T * pairs, triton.cdiv(act_w, bn))](
         x, w13, shared_w13, ids, act, x.stride(0), w13.stride(0), w13.stride(1), shared_w13.stride(0),
         i_r, i_s, ACT_W=act_w, D=D, TOP_K=top_k, HAS_SHARED=int(has_shared), BLOCK_N=bn, BLOCK_K=bk,
-        UNROLL_K=triton.cdiv(D, bk) <= 4, num_warps=warps)
+        UNROLL_K=triton.cdiv(D, bk) <= 4, num_warps=warps, **pdl_launch(x.device))
     bn, bk, warps = down_config or DOWN_CONFIG
     bk = min(bk, triton.next_power_of_2(act_w))
     _down_kernel[(T, triton.cdiv(D, bn))](
         act, w2, shared_w2, ids, weights, shared_gate, out, w2.stride(0), w2.stride(1), shared_w2.stride(0),
         shared_gate.stride(0), out.stride(0), i_r, i_s, ACT_W=act_w, D=D, TOP_K=top_k, HAS_SHARED=int(has_shared),
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+        BLOCK_N=bn, BLOCK_K=bk, NUM_E=w2.shape[0], num_warps=warps, **pdl_launch(x.device))
     return out
 
 

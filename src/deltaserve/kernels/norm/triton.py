@@ -10,17 +10,22 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
+
 
 @triton.jit(do_not_specialize=["n_rows"])  # the token count varies every step: one compiled kernel
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, n_rows, eps,
     stride_x, stride_r, stride_y, stride_h,
     D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rows64 = rows.to(tl.int64)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+    wait_then_release(PDL)
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(r_ptr + rows64[:, None] * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -38,11 +43,13 @@ def _rms_norm_kernel(
 def _gated_rms_norm_kernel(
     x_ptr, g_ptr, w_ptr, y_ptr, n_rows, eps, stride_x, stride_g_outer, stride_g_head, stride_y,
     G_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     rows64 = rows.to(tl.int64)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < D)
+    wait_then_release(PDL)
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     g_off = (rows64 // G_HEADS) * stride_g_outer + (rows64 % G_HEADS) * stride_g_head
     g = tl.load(g_ptr + g_off[:, None] + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -86,6 +93,7 @@ def rms_norm(
         _rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
             x2, r2, weight, y, h, n_rows, eps, x2.stride(0), r2.stride(0), D, D,
             D=D, BLOCK_R=block_r, BLOCK_D=block_d, HAS_RESIDUAL=residual is not None, num_warps=warps,
+            **pdl_launch(x.device),
         )
     return y if residual is None else (y, h)
 
@@ -108,6 +116,6 @@ def gated_rms_norm(*, x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor,
         block_r, block_d, warps = _tiling(D)
         _gated_rms_norm_kernel[(triton.cdiv(n_rows, block_r),)](
             x2, g3, weight, y, n_rows, eps, x2.stride(0), g3.stride(0), g3.stride(1), D,
-            G_HEADS=heads, D=D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
+            G_HEADS=heads, D=D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps, **pdl_launch(x.device),
         )
     return y
