@@ -5,6 +5,7 @@ options and the metrics."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 
@@ -155,6 +156,14 @@ def emulated_first_pass(runner, max_rows: int):
                     device=runner.device)
 
 
+def wide_tables(dev, pages: int):
+    """dev with its batch's page tables zero-padded to `pages` columns (pages past a row's length are never read)."""
+    tables = dev.batch.block_tables
+    wide = torch.zeros(tables.shape[0], pages, dtype=tables.dtype, device=tables.device)
+    wide[:, :tables.shape[1]] = tables
+    return dataclasses.replace(dev, batch=dataclasses.replace(dev.batch, block_tables=wide))
+
+
 class FirstPassChecker:
     """Runs the first draft pass of every verify step both eagerly and through `graphs` (a FirstPassGraphs; by
     default one whose captured body runs eagerly from its static buffers, since CPU has no graphs) and checks they
@@ -179,7 +188,10 @@ class FirstPassChecker:
             results = []
             for graphs in (None, self.graphs):
                 self.drafter.first_graphs = graphs
-                out = self.drafter.first_drafts(step, dev, input_ids, hidden, token_ids, kept, first_row)
+                # the eager pass over a page table as wide as the graphs' buffers: the split-KV attention kernel
+                # takes its split count from the table's width, and the same splits give the same sums
+                run_dev = dev if graphs is not None else wide_tables(dev, self.graphs.block_tables.shape[1])
+                out = self.drafter.first_drafts(step, run_dev, input_ids, hidden, token_ids, kept, first_row)
                 written = [c.flatten(0, 1)[slots].clone() for c in (kv.k, kv.v)]
                 results.append([t.clone() for t in out] + written)
             (d0, x0, p0, k0, v0), (d1, x1, p1, k1, v1) = results

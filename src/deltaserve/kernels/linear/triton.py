@@ -19,11 +19,16 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.config.common import env_flag
 from deltaserve.kernels._device import pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
 
 log = logging.getLogger(__name__)
 
+# With PDL: load the first weight tile before waiting on the previous kernel (1), or wait first (0). The peeled first
+# step holds more registers (96 -> 168 at sm_90a): an A/B knob until the H200 says which wins
+# (DELTASERVE_PDL_LINEAR_PREFETCH=0 at import).
+PDL_PREFETCH = env_flag("DELTASERVE_PDL_LINEAR_PREFETCH", "1") != "0"
 MAX_ROWS = 64  # above this the call is no longer a weight stream: torch's GEMM
 
 
@@ -44,7 +49,7 @@ class Tile(NamedTuple):
 def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_ym,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                           SPLIT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                          PDL: tl.constexpr = False):
+                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)  # this program reduces K columns [pid_k * K_SPLIT, min(K, (pid_k + 1) * K_SPLIT))
     rn = pid_n * BN + tl.arange(0, BN)
@@ -57,7 +62,9 @@ def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPL
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_lo = pid_k * K_SPLIT  # K_SPLIT is a multiple of BK: only the last range can end in a partial tile
     k_first = k_lo
-    if PDL:  # the first W tile is loaded while the previous kernel still runs; x (its output) only after the wait
+    if PDL and not PREFETCH:
+        wait_then_release(PDL)
+    if PDL and PREFETCH:  # the first W tile is loaded while the previous kernel still runs; x (its output) only after the wait
         if EVEN_K:
             w = tl.load(w_ptrs + k_lo, mask=m_n[:, None], other=0.0)
             wait_then_release(PDL)
@@ -207,5 +214,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, ...],
     _skinny_linear_kernel[(blocks, split)](
         x, weight, y, ws, counts, m, n, k, k_split, x.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
         STAGES=_fit_stages(bm, bn, bk, stages), SPLIT=split, EVEN_K=k % bk == 0, UPCAST=not x.is_cuda,
-        num_warps=num_warps, **pdl_launch(x.device))
+        num_warps=num_warps, PREFETCH=PDL_PREFETCH, **pdl_launch(x.device))
     return y
