@@ -3,7 +3,7 @@ kernel for sm_90a offline). For every kernel that takes part (`PDL` constexpr), 
 
 - PDL on: how many griddepcontrol.wait / griddepcontrol.launch_dependents the PTX holds (expected: >= 1 each), and
   the global loads / stores its SASS issues before the wait (ACQBULK): stores must be 0; loads only where the
-  kernel prefetches weights (the skinny linear's first W tile); registers and spills from ptxas, off and on;
+  kernel prefetches weights (none now: the skinny linear waits first); registers and spills from ptxas, off and on;
 - PDL off: the PTX must hold none, and be byte-identical to the same kernel compiled from another tree (default: the
   `main` branch, extracted with `git archive`), which has no PDL parameter. Line info is compiled out
   (TRITON_DISABLE_LINE_INFO=1) for that comparison: the added lines shift the kernels' source line numbers, which

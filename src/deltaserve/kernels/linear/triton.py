@@ -19,16 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.config.common import env_flag
 from deltaserve.kernels._device import pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
 
 log = logging.getLogger(__name__)
 
-# With PDL: load the first weight tile before waiting on the previous kernel (1), or wait first (0). The peeled first
-# step holds more registers (96 -> 168 at sm_90a): an A/B knob until the H200 says which wins
-# (DELTASERVE_PDL_LINEAR_PREFETCH=0 at import).
-PDL_PREFETCH = env_flag("DELTASERVE_PDL_LINEAR_PREFETCH", "1") != "0"
 MAX_ROWS = 64  # above this the call is no longer a weight stream: torch's GEMM
 
 
@@ -49,7 +44,7 @@ class Tile(NamedTuple):
 def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_ym,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                           SPLIT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                          PDL: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)  # this program reduces K columns [pid_k * K_SPLIT, min(K, (pid_k + 1) * K_SPLIT))
     rn = pid_n * BN + tl.arange(0, BN)
@@ -61,22 +56,11 @@ def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPL
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :]
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     k_lo = pid_k * K_SPLIT  # K_SPLIT is a multiple of BK: only the last range can end in a partial tile
-    k_first = k_lo
-    if PDL and not PREFETCH:
-        wait_then_release(PDL)
-    if PDL and PREFETCH:  # the first W tile is loaded while the previous kernel still runs; x (its output) only after the wait
-        if EVEN_K:
-            w = tl.load(w_ptrs + k_lo, mask=m_n[:, None], other=0.0)
-            wait_then_release(PDL)
-            x = tl.load(x_ptrs + k_lo, mask=m_m[:, None], other=0.0)
-        else:
-            m_k = rk + k_lo < K
-            w = tl.load(w_ptrs + k_lo, mask=m_n[:, None] & m_k[None, :], other=0.0)
-            wait_then_release(PDL)
-            x = tl.load(x_ptrs + k_lo, mask=m_m[:, None] & m_k[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc)  # the loop's first step, peeled (PDL is never on under the interpreter)
-        k_first = k_lo + BK
-    for k in tl.range(k_first, tl.minimum(K, k_lo + K_SPLIT), BK, num_stages=STAGES):
+    # PDL: wait for the previous kernel (x is its output) before any load. Loading the first W tile before the
+    # wait (a peeled first step) held 168 registers instead of 96 and lost on the H200: 9B batch 1 0.97x, 35B-A3B
+    # 1.07x against 1.00x / 1.09x waiting first (RESULTS.md, 2026-12-04).
+    wait_then_release(PDL)
+    for k in tl.range(k_lo, tl.minimum(K, k_lo + K_SPLIT), BK, num_stages=STAGES):
         if EVEN_K:
             x = tl.load(x_ptrs + k, mask=m_m[:, None], other=0.0)
             w = tl.load(w_ptrs + k, mask=m_n[:, None], other=0.0)
@@ -214,5 +198,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, ...],
     _skinny_linear_kernel[(blocks, split)](
         x, weight, y, ws, counts, m, n, k, k_split, x.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
         STAGES=_fit_stages(bm, bn, bk, stages), SPLIT=split, EVEN_K=k % bk == 0, UPCAST=not x.is_cuda,
-        num_warps=num_warps, PREFETCH=PDL_PREFETCH, **pdl_launch(x.device))
+        num_warps=num_warps, **pdl_launch(x.device))
     return y
