@@ -6,7 +6,8 @@ python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4
 
 --gemv-variants: int4 runs once per variant of its GEMVs (one-row projections, MoE per-pair): fp32 FMAs (rows
 "int4"), fp16 products one word per fp16 accumulator (kernels/quant/triton.py GEMV_F16 with GEMV_F16_WORDS 1, rows
-"int4 gemv-f16") and four words chained (GEMV_F16_WORDS 4, the engine's default; rows "int4 gemv-f16x4"); default
+"int4 gemv-f16") and four words chained (GEMV_F16_WORDS 4, the engine's default for dense layers; the MoE per-pair
+GEMV keeps 1 by default, both are set by the variant; rows "int4 gemv-f16x4"); default
 f16x4 only.
 
 fp8: Qwen's official layout (128x128 block scales; GDN in_proj_a/b, router, shared-expert gate, embedding and lm_head

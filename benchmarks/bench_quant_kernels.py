@@ -65,12 +65,13 @@ GEMV_VARIANTS = {"fp32": (False, 1), "f16": (True, 1), "f16x4": (True, 4)}
 def gemv_f16(variant: str):
     """qt.GEMV_F16 and GEMV_F16_WORDS (the int4 GEMVs' fp16-product variants) set inside for `variant` (a key of
     GEMV_VARIANTS; "" = fp32): quant_gemm reads them as it launches."""
-    old = qt.GEMV_F16, qt.GEMV_F16_WORDS
-    qt.GEMV_F16, qt.GEMV_F16_WORDS = GEMV_VARIANTS[variant or "fp32"]
+    old = qt.GEMV_F16, qt.GEMV_F16_WORDS, qt.MOE_PAIR_F16_WORDS
+    f16, words = GEMV_VARIANTS[variant or "fp32"]
+    qt.GEMV_F16, qt.GEMV_F16_WORDS, qt.MOE_PAIR_F16_WORDS = f16, words, words  # the MoE per-pair GEMV too
     try:
         yield
     finally:
-        qt.GEMV_F16, qt.GEMV_F16_WORDS = old
+        qt.GEMV_F16, qt.GEMV_F16_WORDS, qt.MOE_PAIR_F16_WORDS = old
 
 
 def gemv_variants(args, kind: str) -> list[str]:

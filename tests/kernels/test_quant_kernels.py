@@ -110,6 +110,7 @@ def gemv_f16(monkeypatch, request):
     calls, real = [], qt.plane_major_f16
     monkeypatch.setattr(qt, "GEMV_F16", True)
     monkeypatch.setattr(qt, "GEMV_F16_WORDS", request.param)
+    monkeypatch.setattr(qt, "MOE_PAIR_F16_WORDS", request.param)
     monkeypatch.setattr(qt, "plane_major_f16", lambda *a: calls.append(a) or real(*a))
     yield
     assert calls, "the F16_FMA GEMV did not run"

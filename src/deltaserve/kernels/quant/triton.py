@@ -674,14 +674,18 @@ GEMV_F16 = True
 # (benchmarks/compile_check.py) its K loop issues 155 instructions per warp and 128 x 128 tile against 222 with one
 # word per accumulator (1, the F16_FMA of 4ac49b6): 2.42 instead of 3.47 per weight (BN 256 and 8 warps: 1.80, with
 # one shared-memory round trip per tile; not yet timed). Its fp16 sums span 16 products per half instead of 4 (the
-# error bound: tests/kernels/test_quant_kernels.py, gemv_f16). Not yet timed on a GPU; benchmarks set it to 1 to
-# compare (bench_quant_kernels.py --gemv-variants).
+# error bound: tests/kernels/test_quant_kernels.py, gemv_f16). On the H200 (RESULTS.md, 2026-12-04) the dense GEMV
+# kernels took 45.8 / 21.9 / 17.4 us against 48.3 / 24.9 / 22.0 with one word (27B gate_up / down / in_proj, batch
+# 1) and the 27B int4 step 8.81 ms against 9.26; benchmarks set it to 1 to compare (--gemv-variants).
 GEMV_F16_WORDS = 4
+# The MoE per-(token, expert) GEMV keeps one word: with four the 35B-A3B int4 step (experts int4) went 4.36 -> 4.84
+# ms in the same run. Tests set it to 4 as well, so both stay correct.
+MOE_PAIR_F16_WORDS = 1
 
 
-def _f16_words(bk: int) -> int:
-    """F16_WORDS for a K tile of bk columns: GEMV_F16_WORDS, at most the tile's bk / 8 words."""
-    return max(1, min(GEMV_F16_WORDS, bk // 8))
+def _f16_words(bk: int, words: int | None = None) -> int:
+    """F16_WORDS for a K tile of bk columns: `words` (default GEMV_F16_WORDS), at most the tile's bk / 8 words."""
+    return max(1, min(GEMV_F16_WORDS if words is None else words, bk // 8))
 
 
 def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool) -> tuple[int, ...]:
@@ -877,7 +881,7 @@ def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
                            w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0),
                            X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk, INT4=int4,
                            BN=bn, BK=bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
-                           F16_WORDS=_f16_words(bk) if f16 else 1, num_warps=8)
+                           F16_WORDS=_f16_words(bk, MOE_PAIR_F16_WORDS) if f16 else 1, num_warps=8)
     return out
 
 
