@@ -608,6 +608,16 @@ def test_dispatch_selects_triton_on_cuda():
     assert o.dtype == torch.bfloat16 and (o.float() - o_ref.float()).abs().max() < 2e-2
 
 
+def capture_decode(decode, args: dict) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """decode(**args) run once (Triton compiles outside the capture), then captured: (graph, its output buffer)."""
+    decode(**args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = decode(**args)
+    return graph, out
+
+
 @GPU
 @needs_cuda
 @pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn, torch.uint8])
@@ -621,11 +631,7 @@ def test_decode_cuda_graph_replay_with_new_seq_lens(kv_dtype):
     seq_lens = torch.tensor([300, 2000, 1, 4000], dtype=torch.int32, device="cuda")
     args = dict(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=seq_lens,
                 block_tables=paged.block_tables, scale=256**-0.5, **paged.scales)
-    tk.paged_attention_decode(**args)  # warm up (compile) before capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = tk.paged_attention_decode(**args)
+    graph, out = capture_decode(tk.paged_attention_decode, args)
     for new in ([300, 2000, 1, 4000], [17, 0, 3999, 64], [0, 0, 0, 1]):
         seq_lens.copy_(torch.tensor(new, dtype=torch.int32))
         graph.replay()
@@ -700,11 +706,7 @@ def test_multi_token_decode_cuda_graph_replay(kv_dtype):
     seq_lens = torch.tensor([300, 2000, 4, 4000], dtype=torch.int32, device="cuda")
     args = dict(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=seq_lens,
                 block_tables=paged.block_tables, scale=scale, tokens_per_row=T, **paged.scales)
-    attention.paged_attention_decode(**args)  # warm up (compile) before capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = attention.paged_attention_decode(**args)
+    graph, out = capture_decode(attention.paged_attention_decode, args)
     for new in ([300, 2000, 4, 4000], [17, 0, 3999, 64], [0, 0, 0, 5]):
         seq_lens.copy_(torch.tensor(new, dtype=torch.int32))
         out.fill_(float("nan"))
