@@ -4,7 +4,8 @@ chunk and fused_recurrent kernels for GDN, SDPA for attention, the torch referen
 grouped-GEMM path for MoE).
 
     PYTHONPATH=src:. python3 benchmarks/bench_kernels.py [--skip-prefill] [--out FILE]
-    PYTHONPATH=src:. python3 benchmarks/bench_kernels.py --moe-paths [--moe-model 122B-A10B]  (MoE paths by batch)
+    PYTHONPATH=src:. python3 benchmarks/bench_kernels.py --moe-paths [--moe-model 122B-A10B] [--moe-batches 1 8]
+        (MoE paths by batch, and each path's tile configs)
 
 GDN decode rotates through enough layers that states come from HBM, as in a real step (see bench_gdn.py).
 """
@@ -95,47 +96,19 @@ def moe_rows(copy_gbs: float) -> list[Row]:
     return rows
 
 
-MOE_SWEEP = [(8, 512, 4), (16, 512, 4), (16, 256, 4), (32, 256, 8), (16, 512, 8), (32, 512, 8), (8, 256, 2),
-             (4, 512, 2)]
+MOE_PATH_BATCHES = (1, 4, 8, 16, 32, 64, 128, 256)
+# (BLOCK_N, BLOCK_K, warps) tried for each per-pair kernel (the other keeps its default) at up to this many pairs
+PAIR_SWEEP_MAX_PAIRS = 64
+PAIR_GATE_UP_SWEEP = [(4, 512, 2), (8, 512, 4), (16, 512, 8), (8, 1024, 4), (4, 1024, 4), (4, 2048, 8),
+                      (2, 2048, 4), (16, 256, 4)]
+PAIR_DOWN_SWEEP = [(4, 512, 2), (2, 512, 1), (4, 512, 4), (8, 512, 4), (8, 256, 2), (2, 512, 2), (16, 512, 8)]
 
 
-def sweep_moe(copy_gbs: float) -> list[str]:
-    """Time every (BLOCK_N, BLOCK_K, warps) of the gate_up and down kernels at 35B-A3B, batch 1 and 8."""
+def pairs_with(calls: list[dict], extra: dict):
+    """The per-pair kernels over every layer's call with one tile config overridden."""
     from deltaserve.kernels.moe import triton as moe
 
-    c, out = A3B, []
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    w13 = torch.randn(c["experts"], 2 * c["inter"], c["dim"], device="cuda", generator=gen).bfloat16()
-    w2 = torch.randn(c["experts"], c["dim"], c["inter"], device="cuda", generator=gen).bfloat16()
-    s13 = torch.randn(2 * c["shared"], c["dim"], device="cuda", generator=gen).bfloat16()
-    s2 = torch.randn(c["dim"], c["shared"], device="cuda", generator=gen).bfloat16()
-    for tokens in (1, 8):
-        x = torch.randn(tokens, c["dim"], device="cuda", generator=gen).bfloat16()
-        logits = torch.randn(tokens, c["experts"] + 1, device="cuda", generator=gen).bfloat16()
-        w, ids = moe.moe_topk_softmax(router_logits=logits[:, :c["experts"]], top_k=c["top_k"])
-        kw = dict(x=x, w13=w13, w2=w2, topk_weights=w.bfloat16(), topk_ids=ids, shared_w13=s13, shared_w2=s2,
-                  shared_gate=logits[:, c["experts"]:])
-        expected = moe.fused_moe_pairs(**kw)
-        nbytes = (ids.unique().numel() + 1) * 3 * c["dim"] * c["inter"] * 2
-        for which in ("gate_up", "down"):
-            for cfg in MOE_SWEEP:
-                other = moe.DOWN_CONFIG if which == "gate_up" else moe.GATE_UP_CONFIG
-                cfgs = {"gate_up_config": cfg, "down_config": other} if which == "gate_up" else \
-                    {"gate_up_config": other, "down_config": cfg}
-                try:
-                    got = moe.fused_moe_pairs(**kw, **cfgs)
-                    ok = torch.allclose(got.float(), expected.float(), rtol=1e-2, atol=1e-2)
-                    t = triton.testing.do_bench_cudagraph(lambda cfgs=cfgs: moe.fused_moe_pairs(**kw, **cfgs),
-                                                          rep=50, return_mode="median")
-                    out.append(f"moe sweep T={tokens} {which} {cfg}: {t * 1e3:.1f} us for both kernels "
-                               f"({nbytes / (t * 1e-3) / 1e9 / copy_gbs:.0%} of copy) {'ok' if ok else 'WRONG'}")
-                except Exception as e:  # noqa: BLE001
-                    out.append(f"moe sweep T={tokens} {which} {cfg}: {type(e).__name__} {str(e)[:100]}")
-                print(out[-1], flush=True)
-    return out
-
-
-MOE_PATH_BATCHES = (1, 4, 8, 16, 32, 64, 128, 256)
+    return lambda: [moe.fused_moe_pairs(**kw, **extra) for kw in calls]
 
 
 def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str = "cuda", shape=None,
@@ -178,6 +151,9 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
             mid_cfgs.append((f"mid gate_up={c}", {"gate_up_config": c}))
         if c != midbatch.DOWN_CONFIG:
             mid_cfgs.append((f"mid down={c}", {"down_config": c}))
+    pair_cfgs = [(f"per-pair gate_up={c}", {"gate_up_config": c}) for c in PAIR_GATE_UP_SWEEP
+                 if c != moe.GATE_UP_CONFIG]
+    pair_cfgs += [(f"per-pair down={c}", {"down_config": c}) for c in PAIR_DOWN_SWEEP if c != moe.DOWN_CONFIG]
     rows = []
     for tokens in batches:
         calls = []
@@ -204,6 +180,8 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
         variants = [("auto (" + moe_gpu.pick_path(tokens * top_k, True) + ")", forced(None)),
                     ("per-pair", forced("pairs")), ("grouped", forced("grouped"))]
         variants += [(name, forced("mid", extra)) for name, extra in mid_cfgs]
+        if tokens * top_k <= PAIR_SWEEP_MAX_PAIRS:
+            variants += [(name, pairs_with(calls, extra)) for name, extra in pair_cfgs]
         expected = forced("mid", {})()
         for name, fn in variants:
             row = {"batch": tokens, "path": name, "experts touched": f"{touched:.0f}", "MB": nbytes / 1e6,
@@ -229,20 +207,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-prefill", action="store_true", help="skip the GDN chunk prefill rows")
     parser.add_argument("--out", help="also write the table to this file")
-    parser.add_argument("--sweep-moe", action="store_true", help="only time the MoE kernels' tile configs")
     parser.add_argument("--moe-paths", action="store_true",
-                        help="only time the MoE paths (per-pair, expert-centric, grouped) at batches 1-256")
+                        help="only time the MoE paths (per-pair, expert-centric, grouped) and their tile configs")
+    parser.add_argument("--moe-batches", nargs="+", type=int, default=list(MOE_PATH_BATCHES))
     parser.add_argument("--moe-model", default="35B-A3B", help="benchmarks/common.py SHAPES entry for --moe-paths")
     args = parser.parse_args()
     if args.moe_paths:
-        moe_paths(args.moe_model)
+        moe_paths(args.moe_model, batches=args.moe_batches)
         return
     import fla
 
     copy_gbs, mm_tflops = attn_bench.ceilings()
-    if args.sweep_moe:
-        sweep_moe(copy_gbs)
-        return
     gen = torch.Generator().manual_seed(1)
     rows: list[Row] = []
     errors: list[str] = []

@@ -154,10 +154,14 @@ def _down_kernel(act_ptr, w2_ptr, ws2_ptr, ids_ptr, weights_ptr, shared_gate_ptr
     tl.store(out_ptr + t * stride_out + n, tl.sum(acc, 1).to(out_ptr.dtype.element_ty), mask=m_n)
 
 
-# (BLOCK_N, BLOCK_K, num_warps) of the two expert kernels, picked by `benchmarks/bench_kernels.py --sweep-moe` (H100,
-# 35B-A3B shape: both kernels 27.8 us at batch 1, 140 us at batch 8, 69% / 90% of copy bandwidth).
-GATE_UP_CONFIG = (8, 512, 4)
-DOWN_CONFIG = (4, 512, 2)
+# (BLOCK_N, BLOCK_K, num_warps) of the two expert kernels, from `benchmarks/bench_kernels.py --moe-paths --moe-batches
+# 1 4 8` (H200, 35B-A3B layer, 4 layers a call; benchmarks/RESULTS.md, 2026-12-04). gate_up: two rows by all of K at
+# once (18.9 us for both kernels at batch 1, 61.6 at 4, 110 at 8, against 21.2 / 63.5 / 114 with the H100's 8 x 512).
+# down: one warp per 2 rows at two tokens and more (60.5 / 104 us at 4 / 8 against 63.5 / 114), but at one token
+# 512 programs of 4 rows (21.2 us; 2 x 512 x 1 takes 24.1 there).
+GATE_UP_CONFIG = (2, 2048, 4)
+DOWN_CONFIG = (2, 512, 1)
+DOWN_CONFIG_ONE_TOKEN = (4, 512, 2)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
@@ -192,7 +196,7 @@ def fused_moe_pairs(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, top
         x, w13, shared_w13, ids, act, x.stride(0), w13.stride(0), w13.stride(1), shared_w13.stride(0),
         i_r, i_s, ACT_W=act_w, D=D, TOP_K=top_k, HAS_SHARED=int(has_shared), BLOCK_N=bn, BLOCK_K=bk,
         UNROLL_K=triton.cdiv(D, bk) <= 4, num_warps=warps, **pdl_launch(x.device))
-    bn, bk, warps = down_config or DOWN_CONFIG
+    bn, bk, warps = down_config or (DOWN_CONFIG_ONE_TOKEN if T == 1 else DOWN_CONFIG)
     bk = min(bk, triton.next_power_of_2(act_w))
     _down_kernel[(T, triton.cdiv(D, bn))](
         act, w2, shared_w2, ids, weights, shared_gate, out, w2.stride(0), w2.stride(1), shared_w2.stride(0),
