@@ -16,13 +16,9 @@ from deltaserve.kernels._device import pdl_launch
 from deltaserve.kernels._pdl import prefetch_l2, wait_then_release
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                         BLOCK_TOPK: tl.constexpr, PDL: tl.constexpr = False):
-    """One token per program: softmax over all E experts in fp32, the top_k (descending), renormalised."""
-    t = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_E)
-    wait_then_release(PDL)  # the logits are the router projection's output
-    logit = tl.load(logits_ptr + t * stride_l + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
+def top_k_softmax_row(logit, cols, E, TOP_K: tl.constexpr, BLOCK_TOPK: tl.constexpr):
+    """logit: [BLOCK_E] fp32 (-inf past E) -> (weights [BLOCK_TOPK] fp32, ids [BLOCK_TOPK] int64): softmax over the
+    E experts, the top_k (descending), renormalised; slots past TOP_K hold 0."""
     p = tl.exp(logit - tl.max(logit, 0))
     p = p / tl.sum(p, 0)
     slot = tl.arange(0, BLOCK_TOPK)
@@ -31,11 +27,23 @@ def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.cons
     for j in tl.static_range(TOP_K):  # k rounds of argmax; the lowest index wins a tie
         best = tl.max(p, 0)
         # clamped: with a NaN logit nothing equals the max, and an id >= E would read past the expert weights
-        idx = tl.minimum(tl.min(tl.where(p == best, cols, BLOCK_E), 0), E - 1)
+        idx = tl.minimum(tl.min(tl.where(p == best, cols, cols.shape[0]), 0), E - 1)
         picked_w = tl.where(slot == j, best, picked_w)
         picked_id = tl.where(slot == j, idx.to(tl.int64), picked_id)
         p = tl.where(cols == idx, -1.0, p)
-    picked_w = picked_w / tl.sum(picked_w, 0)
+    return picked_w / tl.sum(picked_w, 0), picked_id
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_TOPK: tl.constexpr, PDL: tl.constexpr = False):
+    """One token per program: softmax over all E experts in fp32, the top_k (descending), renormalised."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    wait_then_release(PDL)  # the logits are the router projection's output
+    logit = tl.load(logits_ptr + t * stride_l + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
+    picked_w, picked_id = top_k_softmax_row(logit, cols, E, TOP_K, BLOCK_TOPK)
+    slot = tl.arange(0, BLOCK_TOPK)
     tl.store(w_ptr + t * TOP_K + slot, picked_w.to(w_ptr.dtype.element_ty), mask=slot < TOP_K)
     tl.store(ids_ptr + t * TOP_K + slot, picked_id, mask=slot < TOP_K)
 
