@@ -42,7 +42,8 @@ def check_router(tokens, dim, rows, experts, top_k, device, seed, fn=router.rout
                                             dtype=torch.bfloat16)
     probs = torch.softmax(logits[:, :experts].cpu().double(), -1)
     torch.testing.assert_close(probs.gather(1, ids.cpu()), probs.gather(1, want_ids), rtol=0, atol=0)
-    torch.testing.assert_close(weights.cpu(), want_w, rtol=0, atol=0)
+    # the weights are exp(l - l_max) over the picks' sum, not softmax then renormalised: equal up to fp32 rounding
+    assert_close(weights.cpu(), want_w)
     assert int(counts[0]) == 0  # reset for the next call and every graph replay
 
 
