@@ -21,9 +21,12 @@ from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.linear.triton import _fit_stages, _scratch
 from deltaserve.kernels.moe.triton import top_k_softmax_rows
 
-MAX_ROWS = 16  # above this the router is no longer launch-bound: the projection and the top-k kernel apart
+# Up to this many rows one launch; above, the projection and the top-k kernel apart. The last program's routing
+# costs ~2.5 µs a row however the rows are grouped, while the two launches take ~8.4 µs at 1-16 rows: H200, 35B-A3B
+# router (`bench_kernels.py --moe-router`, benchmarks/RESULTS.md 2026-12-04): 5.1 / 7.6 / 11.4 / 19.6 µs fused at
+# 1 / 2 / 4 / 8 rows.
+MAX_ROWS = 2
 BN, BK, WARPS, STAGES = 32, 256, 4, 3
-ROWS_AT_ONCE = 4  # rows the last program routes together: [4, 512] int64 keys fit the registers of 4 warps
 MAX_SPLIT = 8  # K ranges: D = 2048 -> 8 ranges of 256, so a [264, 2048] router runs as 9 x 8 programs of 16 KB
 
 
@@ -31,7 +34,7 @@ MAX_SPLIT = 8  # K ranges: D = 2048 -> 8 ranges of 256, so a [264, 2048] router 
 def _router_topk_kernel(x_ptr, w_ptr, logits_ptr, weights_ptr, ids_ptr, ws_ptr, count_ptr, M, N, E, K, K_SPLIT,
                         stride_xm, stride_l, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                         STAGES: tl.constexpr, SPLIT: tl.constexpr, EVEN_K: tl.constexpr, TOP_K: tl.constexpr,
-                        BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr, ROWS_AT_ONCE: tl.constexpr,
+                        BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr, BLOCK_M: tl.constexpr,
                         UPCAST: tl.constexpr, PDL: tl.constexpr = False):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -61,21 +64,19 @@ def _router_topk_kernel(x_ptr, w_ptr, logits_ptr, weights_ptr, ids_ptr, ws_ptr, 
     programs = tl.num_programs(0) * tl.num_programs(1)
     if tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu") == programs - 1:  # the last: all partials visible
         cols = tl.arange(0, BLOCK_E)
+        rows = tl.arange(0, BLOCK_M)[:, None]
         slot = tl.arange(0, BLOCK_TOPK)[None, :]
-        for r0 in range(0, M, ROWS_AT_ONCE):  # rows routed together: one set of reductions for all of them
-            rows = r0 + tl.arange(0, ROWS_AT_ONCE)[:, None]
-            m_l = (rows < M) & (cols < N)[None, :]
-            total = tl.zeros([ROWS_AT_ONCE, BLOCK_E], dtype=tl.float32)
-            for s in tl.static_range(SPLIT):  # fixed order, whichever program got here
-                total += tl.load(ws_ptr + s * BM * N + rows * N + cols[None, :], mask=m_l, other=0.0,
-                                 cache_modifier=".cg")
-            logit = total.to(logits_ptr.dtype.element_ty)  # rounded as the projection's output is
-            tl.store(logits_ptr + rows * stride_l + cols[None, :], logit, mask=m_l)
-            logit = tl.where((cols < E)[None, :], logit.to(tl.float32), float("-inf"))
-            picked_w, picked_id = top_k_softmax_rows(logit, cols, E, TOP_K, BLOCK_E, BLOCK_TOPK)
-            m_k = (rows < M) & (slot < TOP_K)
-            tl.store(weights_ptr + rows * TOP_K + slot, picked_w.to(weights_ptr.dtype.element_ty), mask=m_k)
-            tl.store(ids_ptr + rows * TOP_K + slot, picked_id, mask=m_k)
+        m_l = (rows < M) & (cols < N)[None, :]
+        total = tl.zeros([BLOCK_M, BLOCK_E], dtype=tl.float32)
+        for s in tl.static_range(SPLIT):  # fixed order, whichever program got here
+            total += tl.load(ws_ptr + s * BM * N + rows * N + cols[None, :], mask=m_l, other=0.0, cache_modifier=".cg")
+        logit = total.to(logits_ptr.dtype.element_ty)  # rounded as the projection's output is
+        tl.store(logits_ptr + rows * stride_l + cols[None, :], logit, mask=m_l)
+        logit = tl.where((cols < E)[None, :], logit.to(tl.float32), float("-inf"))
+        picked_w, picked_id = top_k_softmax_rows(logit, cols, E, TOP_K, BLOCK_E, BLOCK_TOPK)
+        m_k = (rows < M) & (slot < TOP_K)
+        tl.store(weights_ptr + rows * TOP_K + slot, picked_w.to(weights_ptr.dtype.element_ty), mask=m_k)
+        tl.store(ids_ptr + rows * TOP_K + slot, picked_id, mask=m_k)
         tl.store(count_ptr, 0)
 
 
@@ -107,6 +108,6 @@ def router_topk(*, x: torch.Tensor, weight: torch.Tensor, num_experts: int, top_
         x, weight, logits, weights, ids, ws, counts, m, n, num_experts, k, k_split, x.stride(0), logits.stride(0),
         BM=bm, BN=BN, BK=BK, STAGES=_fit_stages(bm, BN, BK, STAGES), SPLIT=split, EVEN_K=k % BK == 0, TOP_K=top_k,
         BLOCK_E=triton.next_power_of_2(n), BLOCK_TOPK=triton.next_power_of_2(top_k),
-        ROWS_AT_ONCE=min(ROWS_AT_ONCE, triton.next_power_of_2(m)), UPCAST=not x.is_cuda,
+        BLOCK_M=triton.next_power_of_2(m), UPCAST=not x.is_cuda,
         num_warps=WARPS, **pdl_launch(x.device))
     return logits, weights, ids
