@@ -240,7 +240,7 @@ def test_conv_prefill_rows_past_the_batch_interpreter():
     assert_same(pool, ref_pool)
 
 
-# the tiles bench_gdn.py --sweep times (CONV_PREFILL_SWEEP there)
+# some of the tiles bench_gdn.py --conv-prefill --sweep times (CONV_PREFILL_SWEEP there), the default first
 GPU_TILES = [(128, 512, 2), (64, 512, 2), (256, 512, 2), (128, 256, 1), (128, 1024, 4), (64, 1024, 2)]
 
 
