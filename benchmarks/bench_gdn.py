@@ -4,6 +4,7 @@ bandwidth measured in the same run and against fla-core's fused_recurrent / chun
     PYTHONPATH=src:. python benchmarks/bench_gdn.py [--sweep] [--skip-prefill]
     PYTHONPATH=src:. python benchmarks/bench_gdn.py --multistep [--sweep]   # verify-step GDN layer: fused vs chained
     PYTHONPATH=src:. python benchmarks/bench_gdn.py --commit   # verify-step commit, 27B: index_copy vs copy kernel
+    PYTHONPATH=src:. python benchmarks/bench_gdn.py --conv-prefill [--sweep]   # conv prefill only (and its tiles)
 
 Decode rotates through enough separate layers (state pools) per timed pass that the states do not sit in L2, as in a
 real step, and reports per-layer time. 'state GB/s' counts the fp32 state bytes read + written (2 * B * HV * K * V * 4).
@@ -154,34 +155,59 @@ def conv_update_shape(rows: list[dict[str, Any]], copy_bw: float, batch: int) ->
                  "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6, "pct_copy": 100 * nbytes / ms / 1e-3 / copy_bw})
 
 
-CONV_PREFILL_SWEEP = [(32, 128, 4), (64, 128, 4), (64, 256, 8), (128, 128, 8), (32, 256, 4), (16, 256, 4),
-                      (128, 64, 4), (256, 64, 8)]
+# (BT tokens, BC channels, num_warps) of the conv prefill programs timed with --sweep (each program walks BT tokens of
+# BC channels; BC = 256 x warps puts one 16-byte vector per thread and row, 512 x warps two)
+CONV_PREFILL_SWEEP = [(128, 512, 2), (64, 512, 2), (256, 512, 2), (32, 512, 2), (512, 512, 2), (128, 256, 1),
+                      (256, 256, 1), (64, 1024, 4), (128, 1024, 4), (64, 1024, 2), (128, 1024, 2)]
 
 
-def conv_prefill_shape(rows: list[dict[str, Any]], copy_bw: float, total: int, sweep: bool, seqs: int) -> None:
-    from deltaserve.kernels.conv1d import causal_conv1d_prefill
+def conv_prefill_inputs(model: str, total: int, seqs: int, device: str = "cuda") -> tuple[dict[str, Any], int]:
+    """Inputs of causal_conv1d_prefill_split as the GDN layer passes them at a model's shape: x a column slice of the
+    merged in-projection output (qkv | z | b | a, so its row stride is wider than its C channels), `seqs` sequences
+    of about total / seqs tokens from their slot's history; and the split (q and k channels | v channels)."""
+    h, hv = MODELS[model]
+    conv_dim = 2 * h * K + hv * V
+    merged = torch.randn(total, conv_dim + hv * V + 2 * hv, device=device).bfloat16()
+    args = {"x": merged[:, :conv_dim], "weight": torch.randn(conv_dim, WIDTH, device=device).bfloat16(),
+            "conv_state": torch.randn(seqs + 4, WIDTH - 1, conv_dim, device=device).bfloat16(),
+            "cu_seqlens": torch.linspace(0, total, seqs + 1, device=device).round().int(),
+            "slots": torch.arange(seqs, device=device),
+            "has_initial_state": torch.ones(seqs, dtype=torch.bool, device=device)}
+    return args, 2 * h * K
+
+
+def conv_prefill_shape(rows: list[dict[str, Any]], copy_bw: float, model: str, total: int, seqs: int,
+                       sweep: bool) -> None:
+    """The conv prefill (with its final-state launch) against copy bandwidth: 'pct_copy' counts x read + y written."""
+    from deltaserve.kernels.conv1d import causal_conv1d_prefill_split
     from deltaserve.kernels.conv1d import triton as conv_triton
 
-    h, hv = MODELS["27B"]
-    conv_dim = 2 * h * K + hv * V
-    x = torch.randn(total, conv_dim, device="cuda").bfloat16()
-    args = {"x": x, "weight": torch.randn(conv_dim, WIDTH, device="cuda").bfloat16(),
-            "conv_state": torch.randn(seqs + 4, WIDTH - 1, conv_dim, device="cuda").bfloat16(),
-            "cu_seqlens": torch.linspace(0, total, seqs + 1, device="cuda").round().int(),
-            "slots": torch.arange(seqs, device="cuda"), "has_initial_state": torch.ones(seqs, dtype=torch.bool,
-                                                                                       device="cuda")}
-    nbytes = 2 * x.numel() * 2  # x read, y written
-    shape = f"27B C={conv_dim} T={total} N={seqs}"
+    args, split = conv_prefill_inputs(model, total, seqs)
+    nbytes = 2 * args["x"].numel() * 2
+    shape = f"{model} C={args['x'].shape[1]} T={total} N={seqs}"
 
     def add(name: str, ms: float) -> None:
         rows.append({"kernel": name, "shape": shape, "mode": "eager", "us": ms * 1e3, "state_GBps": nbytes / ms / 1e6,
                      "pct_copy": 100 * nbytes / ms / 1e-3 / copy_bw})
 
-    add("causal_conv1d_prefill", bench(lambda: causal_conv1d_prefill(**args)))
+    default = conv_triton.PREFILL_TILE
+    add(f"causal_conv1d_prefill_split BT={default[0]} BC={default[1]} w={default[2]} (default)",
+        bench(lambda: causal_conv1d_prefill_split(**args, split=split)))
     for tile in CONV_PREFILL_SWEEP if sweep else []:
-        if tile != conv_triton.PREFILL_TILE:
-            add(f"causal_conv1d_prefill BT={tile[0]} BC={tile[1]} w={tile[2]}",
-                bench(lambda tile=tile: conv_triton.causal_conv1d_prefill_launch(**args, tile=tile)))
+        if tile != default:
+            add(f"causal_conv1d_prefill_split BT={tile[0]} BC={tile[1]} w={tile[2]}",
+                bench(lambda tile=tile: conv_triton.causal_conv1d_prefill_launch(**args, split=split, tile=tile)))
+    args.clear()
+    torch.cuda.empty_cache()
+
+
+def conv_prefill_table(sweep: bool, copy_bw: float) -> list[dict[str, Any]]:
+    """Both models' channels at T = 2048 and 8192 (one sequence) and 8192 over 64 sequences; the sweep at T = 8192."""
+    rows: list[dict[str, Any]] = []
+    for model in MODELS:
+        for total, seqs in ((2048, 1), (8192, 1), (8192, 64)):
+            conv_prefill_shape(rows, copy_bw, model, total, seqs, sweep and total == 8192)
+    return rows
 
 
 def prefill_inputs(model: str, total: int) -> tuple[Callable[[], None], Callable[[], None]]:
@@ -350,7 +376,14 @@ def main() -> None:
                              "9B and 27B, batches 1 8 32, T 2 4 (with --sweep: the fused recurrence's tilings too)")
     parser.add_argument("--commit", action="store_true",
                         help="only the verify step's commit at 27B, batches 1 8 32, 1 + K = 4: index_copy vs kernel")
+    parser.add_argument("--conv-prefill", action="store_true",
+                        help="only the conv prefill, 27B and 35B-A3B channels (with --sweep: its tiles at T = 8192)")
     args = parser.parse_args()
+    if args.conv_prefill:
+        copy_bw = measure_copy_bandwidth()
+        print(header(" ".join(sys.argv)) + f" | copy bandwidth (read + write): {copy_bw / 1e12:.3f} TB/s")
+        print(table(conv_prefill_table(args.sweep, copy_bw)))
+        return
     if args.commit:
         copy_bw = measure_copy_bandwidth()
         print(header(" ".join(sys.argv)) + f" | copy bandwidth (read + write): {copy_bw / 1e12:.3f} TB/s")
@@ -372,8 +405,7 @@ def main() -> None:
             decode_shape(rows, copy_bw, args.sweep, model, batch)
     for batch in (1, 64):
         conv_update_shape(rows, copy_bw, batch)
-    for total, seqs in ((2048, 1), (8192, 1), (8192, 64)):
-        conv_prefill_shape(rows, copy_bw, total, args.sweep, seqs)
+    rows += conv_prefill_table(args.sweep, copy_bw)
     if not args.skip_prefill:
         for model in MODELS:
             for total in (2048, 8192):

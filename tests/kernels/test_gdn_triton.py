@@ -176,16 +176,103 @@ def test_conv_prefill_gpu(case):
     check_conv_prefill(causal_conv1d_prefill, *PREFILL_CASES[case], 10240, 4, torch.bfloat16, "cuda", seed=case)
 
 
-@gpu
-@pytest.mark.parametrize("tile", [(64, 256, 8), (128, 128, 8), (16, 256, 4), (256, 64, 8)])
-def test_conv_prefill_gpu_tiles(tile):
-    """The tiles bench_gdn.py --sweep times, on the varlen mix (tiles span sequences)."""
-    mod = conv_mod()
-
+def split_prefill(mod, split, tile=None):
+    """The split conv as a function returning y: checks both sections are contiguous and cover [T, C]."""
     def fn(**kw):
-        return mod.causal_conv1d_prefill_launch(**kw, tile=tile)
+        if tile is None:
+            head, tail = mod.causal_conv1d_prefill_split(**kw, split=split)
+        else:
+            head, tail = mod.causal_conv1d_prefill_launch(**kw, split=split, tile=tile)
+        assert head.is_contiguous() and tail.is_contiguous()
+        assert head.shape[1] == split and tail.shape[1] == kw["x"].shape[1] - split
+        return torch.cat([head, tail], dim=1)
+    return fn
 
-    check_conv_prefill(fn, *PREFILL_CASES[3], 1000, 4, torch.bfloat16, "cuda", seed=tile[0])
+
+# Small tiles make the prefill programs start inside sequences and walk across several: BT = 4 and 5 are not
+# multiples of the W-1 = 3 tokens a loop step takes; BC = 16 leaves a partial channel block of C = 37.
+# (lengths, has_initial_state, slots): a tile spanning three sequences and more (2, 1, 1, 3 tokens, a skipped slot);
+# empty sequences inside a tile and at the end; sequences shorter than W-1 with history
+TILE_CASES = [
+    ([2, 1, 1, 3, 9, 2], [True, False, True, True, False, True], [3, 0, -1, 5, 1, 2]),
+    ([1, 0, 0, 6, 2, 0], [True, True, False, True, True, False], [2, 4, 1, 0, 3, 5]),
+]
+
+
+@pytest.mark.parametrize("tile", [(4, 16, 1), (5, 32, 1)])
+@pytest.mark.parametrize("case", range(len(TILE_CASES)))
+def test_conv_prefill_small_tiles_interpreter(case, tile):
+    mod = conv_mod()
+    check_conv_prefill(split_prefill(mod, 37, tile), *TILE_CASES[case], 37, 4, torch.bfloat16, "cpu", seed=case)
+
+
+@pytest.mark.parametrize("split", [0, 13, 16, 37])
+def test_conv_prefill_split_interpreter(split):
+    """Column sections at an odd split, one inside a channel block, one at its edge, and the two empty ones."""
+    mod = conv_mod()
+    check_conv_prefill(split_prefill(mod, split, (4, 16, 1)), *TILE_CASES[0], 37, 4, torch.float32, "cpu", seed=split)
+
+
+def test_conv_prefill_split_reference():
+    """The reference's split returns the reference's y, cut in two contiguous tensors."""
+    x, weight, pool, cu, sl, hi = conv_prefill_case(*TILE_CASES[0], 37, 4, torch.float32, "cpu", 0)
+    kw = dict(x=x, weight=weight, cu_seqlens=cu, slots=sl, has_initial_state=hi)
+    head, tail = conv_ref.causal_conv1d_prefill_split(**kw, conv_state=pool.clone(), split=13)
+    y = conv_ref.causal_conv1d_prefill(**kw, conv_state=pool.clone())
+    assert head.is_contiguous() and tail.is_contiguous()
+    assert_same(torch.cat([head, tail], dim=1), y)
+
+
+def test_conv_prefill_rows_past_the_batch_interpreter():
+    """x longer than cu_seqlens[-1]: the rows past the last sequence are zeros, as in the reference."""
+    mod = conv_mod()
+    lengths, init, slots = TILE_CASES[0]
+    x, weight, pool, cu, sl, hi = conv_prefill_case(lengths + [5], init + [True], slots + [7], 37, 4,
+                                                    torch.float32, "cpu", 1)
+    cu, sl, hi = cu[:-1], sl[:-1], hi[:-1]  # the last 5 rows belong to no sequence
+    ref_pool = pool.clone()
+    y_ref = conv_ref.causal_conv1d_prefill(x=x, weight=weight, conv_state=ref_pool, cu_seqlens=cu, slots=sl,
+                                           has_initial_state=hi)
+    y, _ = mod.causal_conv1d_prefill_launch(x=x, weight=weight, conv_state=pool, cu_seqlens=cu, slots=sl,
+                                            has_initial_state=hi, split=37, tile=(4, 16, 1))
+    assert_close(y, y_ref)
+    assert (y[-5:] == 0).all()
+    assert_same(pool, ref_pool)
+
+
+# some of the tiles bench_gdn.py --conv-prefill --sweep times (CONV_PREFILL_SWEEP there), the default first
+GPU_TILES = [(128, 512, 2), (64, 512, 2), (256, 512, 2), (128, 256, 1), (128, 1024, 4), (64, 1024, 2)]
+
+
+@gpu
+@pytest.mark.parametrize("tile", GPU_TILES)
+def test_conv_prefill_gpu_tiles(tile):
+    """The swept tiles on the varlen mix (tiles span sequences), at a split inside a channel block."""
+    check_conv_prefill(split_prefill(conv_mod(), 700, tile), *PREFILL_CASES[3], 1000, 4, torch.bfloat16, "cuda",
+                       seed=tile[0])
+
+
+@gpu
+@pytest.mark.parametrize("tile", [None, (64, 1024, 2)])
+def test_conv_prefill_split_gpu_model_shape(tile):
+    """35B-A3B's layer: x a column slice of the merged projection's output (row stride 12352), q/k | v split at
+    4096, 3000 tokens over 3 sequences; against the reference."""
+    gen = torch.Generator().manual_seed(5)
+    channels, split, lengths = 8192, 4096, [1000, 3, 1997]
+    total = sum(lengths)
+    wide = torch.randn(total, 12352, generator=gen).bfloat16().cuda()
+    x = wide[:, :channels]
+    weight = (torch.randn(channels, 4, generator=gen) * 0.5).bfloat16().cuda()
+    pool = torch.randn(6, 3, channels, generator=gen).bfloat16().cuda()
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    slots, init = torch.tensor([4, 0, 2], device="cuda"), torch.tensor([True, False, True], device="cuda")
+    ref_pool = pool.cpu().clone()
+    y_ref = conv_ref.causal_conv1d_prefill(x=x.cpu(), weight=weight.cpu(), conv_state=ref_pool, cu_seqlens=cu.cpu(),
+                                           slots=slots.cpu(), has_initial_state=init.cpu())
+    y = split_prefill(conv_mod(), split, tile)(x=x, weight=weight, conv_state=pool, cu_seqlens=cu, slots=slots,
+                                               has_initial_state=init)
+    assert_close(y, y_ref)
+    assert_same(pool, ref_pool)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,23 @@ def causal_conv1d_prefill(
     return y
 
 
+def causal_conv1d_prefill_split(
+    *,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slots: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    split: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv1d_prefill with y returned as two contiguous tensors, y[:, :split] and y[:, split:] (the GDN layer
+    splits q/k from v this way, because fla-core needs v contiguous)."""
+    y = causal_conv1d_prefill(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens, slots=slots,
+                              has_initial_state=has_initial_state)
+    return y[:, :split].contiguous(), y[:, split:].contiguous()
+
+
 def causal_conv1d_update(
     *, x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tensor
 ) -> torch.Tensor:

@@ -61,43 +61,119 @@ def _conv1d_update_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, C, stride_x, st
     _roll_window(x_ptr + n * stride_x, cs_slot, stride_cs_w, ch, m_ch, valid, W, WP)
 
 
+@triton.jit
+def _conv_taps(w_ptr, ch, m_ch, W: tl.constexpr):
+    """The W taps of channels ch, oldest input's first, as a tuple of fp32 [BC] vectors."""
+    taps = ()
+    for j in tl.static_range(W):
+        taps = taps + (tl.load(w_ptr + ch * W + j, mask=m_ch, other=0.0).to(tl.float32),)
+    return taps
+
+
+@triton.jit
+def _sequence_of(cu_ptr, t, N, BLOCK: tl.constexpr):
+    """The sequence holding token t: the largest n < N with cu[n] <= t (an empty sequence starts where the next one
+    does, so it is never the answer). A count over cu rather than a binary search: one round trip for N <= BLOCK."""
+    count = 0
+    for base in range(0, N, BLOCK):
+        n = base + tl.arange(0, BLOCK)
+        count += tl.sum(((tl.load(cu_ptr + n, mask=n < N, other=0) <= t) & (n < N)).to(tl.int32), 0)
+    return count - 1
+
+
+@triton.jit
+def _next_sequence(cu_ptr, seq, end, t, N):
+    """(sequence, its end) of token t, walking on from sequence seq, which ends at t, past empty sequences. Past the
+    last sequence (x longer than the batch) it stays on the last one, whose end is then <= t: those rows are zeros."""
+    while (end <= t) & (seq < N - 1):
+        seq += 1
+        end = tl.load(cu_ptr + seq + 1)
+    return seq, end
+
+
+@triton.jit
+def _window_before(x_ptr, hist_ptr, t, start, use_hist, stride_x, stride_cs_w, ch, m_ch, W: tl.constexpr):
+    """The W-1 inputs before token t of the sequence starting at token `start`, oldest first, as fp32 [BC] vectors:
+    rows of x from `start` on, rows of the slot's history (hist_ptr) before it, zeros there if not use_hist."""
+    win = ()
+    for k in tl.static_range(W - 1):
+        p = t - (W - 1) + k
+        in_seq = p >= start
+        xv = tl.load(x_ptr + tl.cast(p, tl.int64) * stride_x + ch, mask=m_ch & in_seq, other=0.0).to(tl.float32)
+        hv = tl.load(hist_ptr + (p - start + (W - 1)) * stride_cs_w + ch, mask=m_ch & ~in_seq & use_hist,
+                     other=0.0).to(tl.float32)
+        win = win + (tl.where(in_seq, xv, hv),)
+    return win
+
+
+@triton.jit
+def _rows(x_ptr, t, t_end, stride_x, ch, m_ch, R: tl.constexpr):
+    """Rows t .. t+R-1 of x (those before t_end; zeros past it), raw, as a tuple of [BC] vectors."""
+    rows = ()
+    for r in tl.static_range(R):
+        rows = rows + (tl.load(x_ptr + tl.cast(t + r, tl.int64) * stride_x + ch, mask=m_ch & (t + r < t_end),
+                               other=0.0),)
+    return rows
+
+
+@triton.jit
+def _conv_silu_row(win, x, taps, W: tl.constexpr):
+    """silu(sum_j taps[j] * input_j) in fp32 for one token, accumulated in tap order (the reference's windows)."""
+    acc = tl.zeros_like(x)
+    for j in tl.static_range(W - 1):
+        acc += win[j] * taps[j]
+    acc += x * taps[W - 1]
+    return _silu(acc)
+
+
+@triton.jit
+def _silu(x):
+    """x * tl.sigmoid(x), bit for bit, in 4 fewer instructions an element on sm_90 (13 -> 9 of a row's ~22):
+    tl.sigmoid computes exp(-x) as ex2.approx(-x * log2 e), with a negation and an ex2 that keeps subnormals (3
+    instructions of range fix-up); exp2(x * -log2 e) is the same product, and its ex2 flushes subnormals, which
+    changes nothing here: a subnormal exp added to 1 rounds to 1 either way."""
+    return x * (1 / (1 + tl.exp2(x * -1.4426950408889634)))
+
+
 # The per-step counts are not specialised on (T, N vary every step: each new divisibility class would recompile).
 @triton.jit(do_not_specialize=["T", "N"])
-def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_ptr, T, C, N,
-                           stride_x, stride_y, stride_cs_s, stride_cs_w,
-                           W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, LOG_N: tl.constexpr):
-    """One [BT tokens, BC channels] tile of the flat batch; tiles may span sequences."""
-    t = tl.program_id(0) * BT + tl.arange(0, BT)
-    ch = tl.program_id(1) * BC + tl.arange(0, BC)
-    m_t = t < T
+def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_ptr, y2_ptr, T, C, SPLIT, N,
+                           stride_x, stride_y, stride_y2, stride_cs_s, stride_cs_w,
+                           W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+    """BC channels of the BT tokens [t0, t0 + BT) of the flat batch (which may span sequences), one token after the
+    other: the W-1 previous inputs stay in registers, so each x row is read from memory once, and the slot's history
+    is read only where a sequence starts (and for the program's first token). Channels < SPLIT go to y, the rest to
+    y2 (its column ch - SPLIT). The channel block is program_id(0), so the programs running together read whole rows
+    of x rather than narrow column strips a row stride (25-33 kB) apart."""
+    ch = tl.program_id(0) * BC + tl.arange(0, BC)
     m_ch = ch < C
-    t64 = t.to(tl.int64)  # token * row stride passes 2^31 at ~130k tokens of the merged projection's rows
-    # each token's sequence: the largest n with cu[n] <= t (an empty sequence shares its start with the next one)
-    lo = tl.zeros([BT], dtype=tl.int32)
-    hi = tl.zeros([BT], dtype=tl.int32) + (N - 1)
-    for _ in tl.static_range(LOG_N):
-        mid = (lo + hi + 1) // 2
-        up = tl.load(cu_ptr + mid) <= t
-        lo = tl.where(up, mid, lo)
-        hi = tl.where(up, hi, mid - 1)
-    start = tl.load(cu_ptr + lo)
-    slot = tl.load(slot_ptr + lo).to(tl.int64)
-    init = tl.load(init_ptr + lo) != 0
-    valid = m_t & (slot >= 0)
-    pos = t - start
-    acc = tl.zeros([BT, BC], dtype=tl.float32)
-    for j in tl.static_range(W):
-        src = pos + (j - (W - 1))  # position of tap j inside the sequence; < 0 reads the history
-        in_seq = src >= 0
-        xv = tl.load(x_ptr + (t64 + (j - (W - 1)))[:, None] * stride_x + ch[None, :],
-                     mask=(valid & in_seq)[:, None] & m_ch[None, :], other=0.0).to(tl.float32)
-        hv = tl.load(cs_ptr + slot[:, None] * stride_cs_s + (src + (W - 1))[:, None] * stride_cs_w + ch[None, :],
-                     mask=(valid & init & (src < 0))[:, None] & m_ch[None, :], other=0.0).to(tl.float32)
-        w_j = tl.load(w_ptr + ch * W + j, mask=m_ch, other=0.0).to(tl.float32)
-        acc += tl.where(in_seq[:, None], xv, hv) * w_j[None, :]
-    y = tl.where(valid[:, None], acc * tl.sigmoid(acc), 0.0)
-    tl.store(y_ptr + t64[:, None] * stride_y + ch[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=m_t[:, None] & m_ch[None, :])
+    t0 = tl.program_id(1) * BT
+    t_end = tl.minimum(t0 + BT, T)
+    taps = _conv_taps(w_ptr, ch, m_ch, W)
+    seq = _sequence_of(cu_ptr, t0, N, 256)
+    end = tl.load(cu_ptr + seq + 1)
+    slot = tl.load(slot_ptr + seq).to(tl.int64)
+    use_hist = (slot >= 0) & (tl.load(init_ptr + seq) != 0)
+    win = _window_before(x_ptr, cs_ptr + slot * stride_cs_s, t0, tl.load(cu_ptr + seq), use_hist, stride_x,
+                         stride_cs_w, ch, m_ch, W)
+    in_y, in_y2 = m_ch & (ch < SPLIT), m_ch & (ch >= SPLIT)
+    # W-1 tokens a step: their loads are in flight together, and shifting the window by W-1 is a register renaming
+    for tb in range(t0, t_end, W - 1):
+        xs = _rows(x_ptr, tb, t_end, stride_x, ch, m_ch, W - 1)
+        for u in tl.static_range(W - 1):
+            t = tb + u
+            if (t == end) & (t < t_end):  # a sequence starts here: its window is its slot's history
+                seq, end = _next_sequence(cu_ptr, seq, end, t, N)
+                slot = tl.load(slot_ptr + seq).to(tl.int64)
+                use_hist = (slot >= 0) & (tl.load(init_ptr + seq) != 0)
+                win = _window_before(x_ptr, cs_ptr + slot * stride_cs_s, t, t, use_hist, stride_x, stride_cs_w, ch,
+                                     m_ch, W)
+            x = xs[u].to(tl.float32)
+            y = tl.where((slot >= 0) & (t < end), _conv_silu_row(win, x, taps, W), 0.0)
+            t64 = tl.cast(t, tl.int64)  # token * row stride passes 2^31 at ~130k tokens
+            tl.store(y_ptr + t64 * stride_y + ch, y.to(y_ptr.dtype.element_ty), mask=in_y & (t < t_end))
+            tl.store(y2_ptr + t64 * stride_y2 + (ch - SPLIT), y.to(y2_ptr.dtype.element_ty), mask=in_y2 & (t < t_end))
+            win = win[1:] + (x,)
 
 
 @triton.jit
@@ -157,9 +233,10 @@ def causal_conv1d_update(
     return y
 
 
-# (BT tokens, BC channels, num_warps) of the prefill kernel's tiles: the fastest of the sweep at 27B channels, T=8192
-# (benchmarks/RESULTS.md, 2026-11-27, H100, `bench_gdn.py --sweep`; 1.2x faster than 32 x 128, larger tiles slower).
-PREFILL_TILE = (16, 256, 4)
+# (BT tokens, BC channels, num_warps) of the prefill kernel's programs: each walks BT tokens of BC channels, 8
+# channels (16 bytes of bf16) per thread. Not yet swept on the H200 (`bench_gdn.py --sweep`); at 35B-A3B, T = 8192
+# this gives 16 x 64 programs of 2 warps, about 8 per SM, all in one wave.
+PREFILL_TILE = (128, 512, 2)
 
 
 def causal_conv1d_prefill(
@@ -176,32 +253,50 @@ def causal_conv1d_prefill(
     x: [T, C]; weight: [C, W]; conv_state: [S, W-1, C]; cu_seqlens: [N+1] int32; slots: [N] int64 (< 0: skip,
     rows stay zero, no state write); has_initial_state: [N] bool. Returns y: [T, C] in x.dtype."""
     return causal_conv1d_prefill_launch(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens, slots=slots,
-                                        has_initial_state=has_initial_state, tile=PREFILL_TILE)
+                                        has_initial_state=has_initial_state, split=x.shape[1], tile=PREFILL_TILE)[0]
+
+
+def causal_conv1d_prefill_split(
+    *,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slots: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    split: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv1d_prefill whose y comes back as two contiguous tensors, y[:, :split] and y[:, split:], each
+    written by the kernel in place (no copy)."""
+    return causal_conv1d_prefill_launch(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens, slots=slots,
+                                        has_initial_state=has_initial_state, split=split, tile=PREFILL_TILE)
 
 
 def causal_conv1d_prefill_launch(
     *, x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, cu_seqlens: torch.Tensor,
-    slots: torch.Tensor, has_initial_state: torch.Tensor, tile: tuple[int, int, int],
-) -> torch.Tensor:
-    """causal_conv1d_prefill with an explicit (BT, BC, num_warps) tile (the benchmark sweeps them)."""
+    slots: torch.Tensor, has_initial_state: torch.Tensor, split: int, tile: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """causal_conv1d_prefill_split with an explicit (BT, BC, num_warps) tile (the benchmark sweeps them)."""
     _check_pool(x, weight, conv_state)
     total, c = x.shape
+    if not 0 <= split <= c:
+        raise ValueError(f"split {split} must lie in [0, C={c}]")
     n = slots.shape[0]
     width = weight.shape[1]
-    y = x.new_empty(x.shape)
+    head, tail = x.new_empty(total, split), x.new_empty(total, c - split)
     if n == 0:
-        return y.zero_()
+        return head.zero_(), tail.zero_()
     init = has_initial_state.view(torch.int8) if has_initial_state.dtype == torch.bool else has_initial_state
     block_t, block_c, num_warps = tile
     if total > 0:
-        _conv1d_prefill_kernel[(triton.cdiv(total, block_t), triton.cdiv(c, block_c))](
-            x, weight, conv_state, cu_seqlens, slots, init, y, total, c, n,
-            x.stride(0), y.stride(0), conv_state.stride(0), conv_state.stride(1),
-            W=width, BT=block_t, BC=block_c, LOG_N=max(8, n.bit_length()), num_warps=num_warps,
+        _conv1d_prefill_kernel[(triton.cdiv(c, block_c), triton.cdiv(total, block_t))](
+            x, weight, conv_state, cu_seqlens, slots, init, head, tail, total, c, split, n,
+            x.stride(0), head.stride(0), tail.stride(0), conv_state.stride(0), conv_state.stride(1),
+            W=width, BT=block_t, BC=block_c, num_warps=num_warps,
         )
     block_s = 256
     _conv1d_final_state_kernel[(n, triton.cdiv(c, block_s))](
         x, conv_state, cu_seqlens, slots, init, c, x.stride(0), conv_state.stride(0), conv_state.stride(1),
         W=width, WP=triton.next_power_of_2(width - 1), BC=block_s, num_warps=2,
     )
-    return y
+    return head, tail
