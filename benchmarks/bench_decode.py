@@ -2,7 +2,6 @@
 
 python benchmarks/bench_decode.py [--models 9B 27B 35B-A3B] [--batches 1 8 64] [--context 1024]
     [--kv-cache-dtype auto fp8 int8 int4] [--state-dtype float32 bfloat16] [--pdl off on]
-    [--norm-fold off on] [--fold-wide-tile 64,128,4,6]
 
 Each (--kv-cache-dtype, --state-dtype) pair gets its own caches and graph on the same loaded model; the floor counts
 the bytes each format reads (quantized pages and their scales, the state in its dtype), and "vs first" is the step
@@ -11,11 +10,6 @@ time of the first pair (default: auto / float32) over this one's.
 --pdl off on: an A/B of Programmatic Dependent Launch in one process (kernels/_device.py: "off" sets the switch to
 False, "on" to True, "auto" leaves it to DELTASERVE_PDL / the device); each setting gets its own graph capture, and
 "pdl" in the table is what the kernels actually got (on only at sm_90+). Listed first, "off" is the "vs first" base.
-
---norm-fold off on: an A/B of folding each decoder layer's input RMSNorm into its mixer's input projection
-(models/qwen3_5.py FOLD_INPUT_NORM; default: DELTASERVE_FOLD_NORM, on unless 0), each setting with its own graph.
---fold-wide-tile BN,BK,warps,stages: the tile of folded calls that tile_config leaves to torch (35B-A3B's
-in-projections at K = 2048; kernels/linear/triton.py FOLD_WIDE_TILE); give several to sweep them (with the fold on).
 """
 
 from __future__ import annotations
@@ -33,13 +27,10 @@ from deltaserve.config.engine import KV_CACHE_DTYPES, STATE_DTYPES
 from deltaserve.engine.cuda_graph import StepGraphs
 from deltaserve.engine.device_inputs import build_forward_batch
 from deltaserve.kernels import _device
-from deltaserve.kernels.linear import triton as linear_triton
-from deltaserve.models import qwen3_5
 from deltaserve.models.loader import load_model
 
 PAGE = 16
 PDL_SETTINGS = {"auto": None, "off": False, "on": True}
-FOLD_SETTINGS = {"env": qwen3_5.FOLD_INPUT_NORM, "off": False, "on": True}
 
 
 def set_pdl(setting: str) -> bool:
@@ -113,15 +104,6 @@ def _oom_row(name: str, batch: int, context: int, kv: str, state: str) -> dict:
             "floor ms": nan, "graph ms": nan, "eager ms": nan, "graph/floor": nan, "tok/s": "OOM"}
 
 
-def _settings(args) -> list[tuple]:
-    """(kv, state, pdl, fold, wide tile) to run: every combination, the wide tiles only with the fold on."""
-    runs = []
-    for kv, state, pdl, fold in itertools.product(args.kv_cache_dtype, args.state_dtype, args.pdl, args.norm_fold):
-        tiles = args.fold_wide_tile if FOLD_SETTINGS[fold] else args.fold_wide_tile[:1]
-        runs += [(kv, state, pdl, fold, tile) for tile in tiles]
-    return runs
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["9B", "27B", "35B-A3B"])
@@ -131,10 +113,6 @@ def main() -> None:
     ap.add_argument("--state-dtype", nargs="+", default=["float32"], choices=STATE_DTYPES)
     ap.add_argument("--pdl", nargs="+", default=["auto"], choices=list(PDL_SETTINGS),
                     help="Programmatic Dependent Launch settings to A/B (each captures its own graph)")
-    ap.add_argument("--norm-fold", nargs="+", default=["env"], choices=list(FOLD_SETTINGS),
-                    help="input-norm fold settings to A/B (each captures its own graph)")
-    ap.add_argument("--fold-wide-tile", nargs="+", type=linear_triton.parse_tile,
-                    default=[linear_triton.FOLD_WIDE_TILE], help="BN,BK,warps,stages[,split] tiles to sweep")
     args = ap.parse_args()
     bw = measure_copy_bandwidth()
     rows = []
@@ -143,18 +121,14 @@ def main() -> None:
                            with_mtp=False)
         for b in args.batches:
             first = None
-            for kv, state, pdl, fold, tile in _settings(args):
+            for kv, state, pdl in itertools.product(args.kv_cache_dtype, args.state_dtype, args.pdl):
                 pdl_on = set_pdl(pdl)
-                qwen3_5.FOLD_INPUT_NORM = FOLD_SETTINGS[fold]
-                linear_triton.FOLD_WIDE_TILE = tile
                 try:
                     row = bench_one(name, b, args.context, bw, model, kv, state)
                 except torch.OutOfMemoryError:
                     row = None
                 # outside the except block, so the traceback no longer holds the failed run's caches
-                rows.append({**(row or _oom_row(name, b, args.context, kv, state)), "pdl": "on" if pdl_on else "off",
-                             "fold": "on" if FOLD_SETTINGS[fold] else "off",
-                             "wide tile": str(tile) if FOLD_SETTINGS[fold] else "-"})
+                rows.append({**(row or _oom_row(name, b, args.context, kv, state)), "pdl": "on" if pdl_on else "off"})
                 first = first or rows[-1]
                 rows[-1]["vs first"] = first["graph ms"] / rows[-1]["graph ms"]
                 print(rows[-1], flush=True)

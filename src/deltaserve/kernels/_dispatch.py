@@ -24,11 +24,6 @@ def _first_tensor(kwargs: dict[str, Any]) -> torch.Tensor | None:
     return None
 
 
-def runs_reference(t: torch.Tensor) -> bool:
-    """Whether a dispatched op whose first tensor is t runs its reference (CPU tensors, or DELTASERVE_KERNELS=ref)."""
-    return _FORCE_REF or not t.is_cuda
-
-
 def dispatch(ref_fn: Callable[..., Any], triton_module: str) -> Callable[..., Any]:
     """Return a function with ref_fn's keyword-only signature that runs `triton_module.<same name>` on CUDA."""
     name = ref_fn.__name__
@@ -37,7 +32,7 @@ def dispatch(ref_fn: Callable[..., Any], triton_module: str) -> Callable[..., An
     @functools.wraps(ref_fn)
     def run(**kwargs: Any) -> Any:
         t = _first_tensor(kwargs)
-        if t is None or runs_reference(t):
+        if _FORCE_REF or t is None or not t.is_cuda:
             return ref_fn(**kwargs)
         if not fast:
             fast.append(getattr(importlib.import_module(triton_module), name))

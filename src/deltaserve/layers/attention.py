@@ -10,7 +10,7 @@ from deltaserve.cache.tensors import KVPages
 from deltaserve.config import ModelConfig, RankShapes, env_flag
 from deltaserve.kernels.activation import sigmoid_gate_mul
 from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, qk_norm_rope_write_kv
-from deltaserve.layers.linear import Linear, MergedLinear, PendingNorm
+from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import RMSNorm
 from deltaserve.parallel import sharding
@@ -47,10 +47,10 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor | PendingNorm, batch: ForwardBatch, kv: KVPages) -> torch.Tensor:
-        """x: [T, D] (or its pending input norm, which qkv_proj folds in) -> [T, D]."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPages) -> torch.Tensor:
+        """x: [T, D] -> [T, D]."""
+        T = x.shape[0]
         q_gate, k, v = self.qkv_proj.forward_split(x)
-        T = q_gate.shape[0]
         # q_proj rows are per head [query(hd) | gate(hd)], not [all queries | all gates].
         q, gate = q_gate.view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         k = k.view(T, self.num_kv_heads, self.head_dim)

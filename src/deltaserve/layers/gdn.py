@@ -11,7 +11,7 @@ from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.conv1d import causal_conv1d_prefill_split
 from deltaserve.kernels.gated_delta_rule import (chunk_gated_delta_rule, fused_gdn_decode, fused_gdn_multistep,
                                                  gdn_gating)
-from deltaserve.layers.linear import Linear, MergedLinear, PendingNorm, new_param
+from deltaserve.layers.linear import Linear, MergedLinear, new_param
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.norm import GatedRMSNorm
 from deltaserve.layers.weights import seeded
@@ -57,11 +57,10 @@ class GatedDeltaNet(nn.Module):
             self.A_log.uniform_(1.0, 16.0, generator=seeded(prefix + "A_log", seed, self.A_log.device)).log_()
             self.dt_bias.uniform_(0.0, 1.0, generator=seeded(prefix + "dt_bias", seed, self.dt_bias.device))
 
-    def forward(self, x: torch.Tensor | PendingNorm, batch: ForwardBatch, state: GDNState) -> torch.Tensor:
-        """x: [T, D] (or its pending input norm, which in_proj folds in) -> [T, D]; reads and writes this layer's
-        conv/ssm state of each sequence in place."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, state: GDNState) -> torch.Tensor:
+        """x: [T, D] -> [T, D]; reads and writes this layer's conv/ssm state of each sequence in place."""
+        T = x.shape[0]
         mixed_qkv, z, b, a = self.in_proj.forward_split(x)  # column views of one GEMM output
-        T = mixed_qkv.shape[0]
         o = self._core(mixed_qkv, a, b, batch, state)
         z = z.view(T, self.num_v_heads, self.head_v_dim)
         return self.out_proj(self.norm(o, z).reshape(T, self.value_dim))

@@ -5,12 +5,12 @@ so models never branch on the format. Qwen3.5 projections have no bias."""
 from __future__ import annotations
 
 from collections.abc import Set
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from deltaserve.kernels.linear import can_fold_norm, linear, rms_norm_linear
+from deltaserve.kernels.linear import linear
 from deltaserve.layers.weights import TensorSource, WeightSlot, init_dummy_param
 
 if TYPE_CHECKING:
@@ -37,18 +37,6 @@ def tp_shard(module: nn.Module, key: str) -> Shard | None:
     return (getattr(module, "tp_shards", None) or {}).get(key)
 
 
-class PendingNorm(NamedTuple):
-    """A linear's input whose zero-centred RMSNorm has not run yet: the input is rms_norm(h + residual) (of h alone
-    without a residual) with weight 1 + norm_weight, and the linear that takes it writes h + residual, the next
-    residual stream, into residual_out. A decoder layer hands one only to a linear whose can_fold_norm(h) said yes,
-    which runs the norm inside its GEMV (one launch fewer)."""
-    h: torch.Tensor
-    residual: torch.Tensor | None
-    norm_weight: torch.Tensor
-    eps: float
-    residual_out: torch.Tensor | None  # with residual only
-
-
 class LinearMethod:
     """How a linear layer stores and applies its weight. This one: a plain [out, in] weight in the model dtype, as
     Hugging Face checkpoints store it."""
@@ -62,10 +50,7 @@ class LinearMethod:
             with torch.no_grad():
                 layer.weight[-pad:].zero_()
 
-    def apply(self, layer: Linear, x: torch.Tensor | PendingNorm) -> torch.Tensor:
-        if isinstance(x, PendingNorm):
-            return rms_norm_linear(x=x.h, weight=layer.weight, norm_weight=x.norm_weight, eps=x.eps,
-                                   residual=x.residual, residual_out=x.residual_out)
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return linear(x=x, weight=layer.weight)
 
     def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
@@ -95,15 +80,8 @@ class Linear(nn.Module):
         self.method = method or LinearMethod()
         self.method.create_weights(self, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor | PendingNorm) -> torch.Tensor:
-        """x: [..., in], or a PendingNorm where can_fold_norm said yes."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
-
-    def can_fold_norm(self, h: torch.Tensor) -> bool:
-        """Whether forward takes a PendingNorm of input h and folds the norm into its own kernel: a plain
-        bf16 / fp16 weight (quantized methods keep theirs), a CUDA input of few rows, and a kernel tile for the
-        shape (kernels/linear)."""
-        return self.method.name == LinearMethod.name and can_fold_norm(x=h, weight=self.weight)
 
     def weight_layout(self, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
         return self.method.shard_layout(self, prefix.rstrip("."), slice(0, self.out_features),
@@ -149,7 +127,7 @@ class MergedLinear(Linear):
                                                    tp_shard(self, f"{shard}.weight")))
         return layout
 
-    def forward_split(self, x: torch.Tensor | PendingNorm) -> tuple[torch.Tensor, ...]:
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The shards' outputs, in order: column views of one [T, out] result (padding rows dropped)."""
         sizes = list(self.shards.values())
         parts = self(x).split(sizes + [self.padding_rows] if self.padding_rows else sizes, dim=-1)

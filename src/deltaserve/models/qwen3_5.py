@@ -10,22 +10,17 @@ import torch
 from torch import nn
 
 from deltaserve.cache.tensors import MTP_LAYER, GDNState, KVPages, ModelCache
-from deltaserve.config import ModelConfig, RankShapes, env_flag
+from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.linear import linear
 from deltaserve.layers.attention import GatedAttention
 from deltaserve.layers.embedding import LMHead, TiedLMHead
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.gdn import GatedDeltaNet
-from deltaserve.layers.linear import Linear, PendingNorm
+from deltaserve.layers.linear import Linear
 from deltaserve.layers.mlp import MLP
 from deltaserve.layers.moe import SparseMoE
 from deltaserve.layers.norm import RMSNorm
 from deltaserve.parallel.layers import lm_head, reducer, vocab_embedding
-
-# Fold each decoder layer's input RMSNorm into its mixer's input projection where that can take it
-# (DecoderLayer._mixer_input): read at every forward, so a benchmark can flip it in-process (bench_decode.py
-# --norm-fold off on); CUDA graphs keep what they were captured with. DELTASERVE_FOLD_NORM=0 turns it off.
-FOLD_INPUT_NORM = env_flag("DELTASERVE_FOLD_NORM", "1").strip().lower() not in ("0", "off", "false", "no")
 
 __all__ = ["MTP_LAYER", "DecoderLayer", "MTPHead", "Qwen3_5ForCausalLM", "Qwen3_5Model"]
 
@@ -51,7 +46,10 @@ class DecoderLayer(nn.Module):
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
                 layer_cache: KVPages | GDNState) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (this layer's output before its residual add, the residual stream); the next norm fuses the add."""
-        x, residual = self._mixer_input(h, residual)
+        if residual is None:
+            x, residual = self.input_layernorm(h), h
+        else:
+            x, residual = self.input_layernorm(h, residual)
         if self.layer_type == "linear_attention":
             x = self.linear_attn(x, batch, layer_cache)  # type: ignore[arg-type]
         else:
@@ -61,24 +59,6 @@ class DecoderLayer(nn.Module):
         x, residual = self.post_attention_layernorm(x, residual)
         x = self.mlp(x)
         return (x if self.reduce is None else self.reduce(x)), residual
-
-    @property
-    def mixer_in_proj(self) -> Linear:
-        """The mixer's merged input projection, which reads the input norm's output."""
-        return self.linear_attn.in_proj if self.layer_type == "linear_attention" else self.self_attn.qkv_proj
-
-    def _mixer_input(self, h: torch.Tensor,
-                     residual: torch.Tensor | None) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
-        """(the mixer's input, the residual stream h + residual). Where the mixer's input projection can fold the
-        input norm into its GEMV (decode steps of few rows on the GPU, a plain bf16 weight, one rank) the norm is
-        handed to it undone, sparing a launch per layer; otherwise it runs here."""
-        norm = self.input_layernorm
-        if FOLD_INPUT_NORM and self.reduce is None and self.mixer_in_proj.can_fold_norm(h):
-            stream = h if residual is None else torch.empty_like(h)
-            return PendingNorm(h, residual, norm.weight, norm.eps, None if residual is None else stream), stream
-        if residual is None:
-            return norm(h), h
-        return norm(h, residual)
 
 
 class Qwen3_5Model(nn.Module):
