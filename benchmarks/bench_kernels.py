@@ -203,35 +203,6 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
     return rows
 
 
-def router_paths(batches=(1, 2, 4, 8, 16)) -> list[dict]:
-    """The 35B-A3B router ([264, 2048]: 256 experts + the shared expert's gate, padded) with its top-8: one launch
-    (kernels/moe/router.py, at every batch here, whatever router.MAX_ROWS says) against the projection then the
-    top-k kernel (two launches). CUDA graph replay of 4 layers' calls (distinct weights), µs per layer."""
-    from benchmarks.common import table
-    from deltaserve.kernels.linear import linear
-    from deltaserve.kernels.moe import router
-    from deltaserve.kernels.moe import triton as moe
-
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    layers = [(torch.randn(264, 2048, device="cuda", generator=gen) * 0.05).bfloat16() for _ in range(4)]
-    rows = []
-    for m in batches:
-        x = torch.randn(m, 2048, device="cuda", generator=gen).bfloat16()
-
-        def apart():
-            for w in layers:
-                moe.moe_topk_softmax(router_logits=linear(x=x, weight=w)[:, :256], top_k=8, dtype=x.dtype)
-
-        def fused():
-            for w in layers:
-                router.router_topk(x=x, weight=w, num_experts=256, top_k=8, dtype=x.dtype)
-        t_apart, t_fused = (triton.testing.do_bench_cudagraph(fn, rep=100) * 1e3 / 4 for fn in (apart, fused))
-        rows.append({"batch": m, "apart us": t_apart, "fused us": t_fused, "apart / fused": t_apart / t_fused})
-        print(rows[-1], flush=True)
-    print(table(rows))
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-prefill", action="store_true", help="skip the GDN chunk prefill rows")
@@ -240,11 +211,7 @@ def main() -> None:
                         help="only time the MoE paths (per-pair, expert-centric, grouped) and their tile configs")
     parser.add_argument("--moe-batches", nargs="+", type=int, default=list(MOE_PATH_BATCHES))
     parser.add_argument("--moe-model", default="35B-A3B", help="benchmarks/common.py SHAPES entry for --moe-paths")
-    parser.add_argument("--moe-router", action="store_true", help="only time the router + top-k, fused and apart")
     args = parser.parse_args()
-    if args.moe_router:
-        router_paths()
-        return
     if args.moe_paths:
         moe_paths(args.moe_model, batches=args.moe_batches)
         return

@@ -1,9 +1,8 @@
 """Mixture-of-experts: top-k softmax routing and the routed (+ shared) expert FFN.
 
 CUDA tensors run ``gpu.py`` (Triton per-pair kernels from ``triton.py`` at small batch, grouped GEMMs from
-``grouped.py`` past it; moe_combine, the grouped path's gather-sum, from ``triton.py``; router_topk, the router
-projection with its top-k in one launch at decode batches, from ``router.py``); anything else runs the references
-in ``ref.py``."""
+``grouped.py`` past it; moe_combine, the grouped path's gather-sum, from ``triton.py``); anything else runs the
+references in ``ref.py``."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from . import ref
 
 moe_topk_softmax = dispatch(ref.moe_topk_softmax, "deltaserve.kernels.moe.gpu")
 fused_moe = dispatch(ref.fused_moe, "deltaserve.kernels.moe.gpu")
-router_topk = dispatch(ref.router_topk, "deltaserve.kernels.moe.gpu")
 moe_combine = dispatch(ref.moe_combine, "deltaserve.kernels.moe.triton")
 
-__all__ = ["fused_moe", "moe_combine", "moe_topk_softmax", "router_topk"]
+__all__ = ["fused_moe", "moe_combine", "moe_topk_softmax"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from deltaserve.kernels.moe import grouped, midbatch, router, triton
+from deltaserve.kernels.moe import grouped, midbatch, triton
 from deltaserve.kernels.moe.triton import moe_topk_softmax
 
 # Routed pairs (tokens x top_k) up to which the per-pair kernels run. 35B-A3B (top-8 of 256): 64 pairs = 8 tokens,
@@ -32,21 +32,6 @@ def pick_path(pairs: int, has_grouped: bool) -> str:
     if pairs <= MID_BATCH_MAX_PAIRS or (not has_grouped and pairs <= NO_GROUPED_MAX_PAIRS):
         return "mid"
     return "grouped" if has_grouped else "ref"
-
-
-def router_topk(*, x: torch.Tensor, weight: torch.Tensor, num_experts: int, top_k: int,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As ref.router_topk: one launch at decode batches (router.py), the projection and the top-k kernel apart
-    otherwise."""
-    if router.fits(x, weight):
-        fused = router.router_topk(x=x, weight=weight, num_experts=num_experts, top_k=top_k, dtype=dtype)
-        if fused is not None:
-            return fused
-    from deltaserve.kernels.linear import linear
-
-    logits = linear(x=x, weight=weight)
-    weights, ids = moe_topk_softmax(router_logits=logits[:, :num_experts], top_k=top_k, dtype=dtype)
-    return logits, weights, ids
 
 
 def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -78,4 +63,4 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
 
 
 __all__ = ["FORCE_PATH", "MID_BATCH_MAX_PAIRS", "NO_GROUPED_MAX_PAIRS", "SMALL_BATCH_PAIRS", "fused_moe",
-           "moe_topk_softmax", "pick_path", "router_topk"]
+           "moe_topk_softmax", "pick_path"]

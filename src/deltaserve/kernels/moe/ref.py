@@ -17,18 +17,6 @@ def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int,
     return (weights / weights.sum(dim=-1, keepdim=True)).to(dtype), ids.to(torch.int64)
 
 
-def router_topk(*, x: torch.Tensor, weight: torch.Tensor, num_experts: int, top_k: int,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The router projection and its routing: logits = x @ weight^T in x.dtype ([T, N], N >= num_experts: the
-    columns past the experts are other gates sharing the projection, e.g. the shared expert's), then
-    moe_topk_softmax over the first num_experts columns. Returns (logits, weights [T, top_k] in dtype, ids)."""
-    from deltaserve.kernels.linear import ref as linear_ref
-
-    logits = linear_ref.linear(x=x, weight=weight)
-    weights, ids = moe_topk_softmax(router_logits=logits[:, :num_experts], top_k=top_k, dtype=dtype)
-    return logits, weights, ids
-
-
 def fused_moe(
     *,
     x: torch.Tensor,

@@ -16,33 +16,6 @@ from deltaserve.kernels._device import pdl_launch
 from deltaserve.kernels._pdl import prefetch_l2, wait_then_release
 
 @triton.jit
-def top_k_softmax_rows(logit, cols, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TOPK: tl.constexpr):
-    """logit: [R, BLOCK_E] fp32 (-inf past E), cols = arange(BLOCK_E) -> (weights [R, BLOCK_TOPK] fp32, ids
-    [R, BLOCK_TOPK] int64), every row at once: the top_k experts by softmax probability (descending; the lowest
-    index wins a tie), their probabilities renormalised to sum to 1; slots past TOP_K hold 0.
-
-    Softmax is monotonic and the renormalisation cancels its denominator, so the picks are the top logits and
-    the weights exp(l - l_max) over their sum. One reduction a round: each logit becomes an int64 key, its value's
-    bits made order-preserving as a signed integer above, (BLOCK_E - 1 - its index) below; the max key is the
-    largest logit, lowest index first."""
-    bits = logit.to(tl.int32, bitcast=True)
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip all but the sign, so the order is numeric
-    key = (ordered.to(tl.int64) << 32) | (BLOCK_E - 1 - cols)[None, :].to(tl.int64)
-    slot = tl.arange(0, BLOCK_TOPK)[None, :]
-    picked = tl.zeros((logit.shape[0], BLOCK_TOPK), dtype=tl.int64)
-    for j in tl.static_range(TOP_K):
-        best = tl.max(key, 1)
-        picked = tl.where(slot == j, best[:, None], picked)
-        key = tl.where(key == best[:, None], -(1 << 62), key)  # keys are unique (the index is in them)
-    # clamped: a NaN logit orders above +inf, and an id >= E would read past the expert weights
-    ids = tl.minimum(BLOCK_E - 1 - (picked & 0xFFFFFFFF), E - 1)
-    top = (picked >> 32).to(tl.int32)
-    value = (top ^ ((top >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
-    w = tl.where(slot < TOP_K, tl.exp(value - tl.max(tl.where(slot < TOP_K, value, float("-inf")), 1)[:, None]), 0.0)
-    return w / tl.sum(w, 1)[:, None], ids
-
-
-@triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
                          BLOCK_TOPK: tl.constexpr, PDL: tl.constexpr = False):
     """One token per program: softmax over all E experts in fp32, the top_k (descending), renormalised."""
@@ -50,8 +23,19 @@ def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.cons
     cols = tl.arange(0, BLOCK_E)
     wait_then_release(PDL)  # the logits are the router projection's output
     logit = tl.load(logits_ptr + t * stride_l + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
-    picked_w, picked_id = top_k_softmax_rows(logit[None, :], cols, E, TOP_K, BLOCK_E, BLOCK_TOPK)
-    slot = tl.arange(0, BLOCK_TOPK)[None, :]
+    p = tl.exp(logit - tl.max(logit, 0))
+    p = p / tl.sum(p, 0)
+    slot = tl.arange(0, BLOCK_TOPK)
+    picked_w = tl.zeros((BLOCK_TOPK,), dtype=tl.float32)
+    picked_id = tl.zeros((BLOCK_TOPK,), dtype=tl.int64)
+    for j in tl.static_range(TOP_K):  # k rounds of argmax; the lowest index wins a tie
+        best = tl.max(p, 0)
+        # clamped: with a NaN logit nothing equals the max, and an id >= E would read past the expert weights
+        idx = tl.minimum(tl.min(tl.where(p == best, cols, BLOCK_E), 0), E - 1)
+        picked_w = tl.where(slot == j, best, picked_w)
+        picked_id = tl.where(slot == j, idx.to(tl.int64), picked_id)
+        p = tl.where(cols == idx, -1.0, p)
+    picked_w = picked_w / tl.sum(picked_w, 0)
     tl.store(w_ptr + t * TOP_K + slot, picked_w.to(w_ptr.dtype.element_ty), mask=slot < TOP_K)
     tl.store(ids_ptr + t * TOP_K + slot, picked_id, mask=slot < TOP_K)
 
