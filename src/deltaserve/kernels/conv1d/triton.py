@@ -234,8 +234,9 @@ def causal_conv1d_update(
 
 
 # (BT tokens, BC channels, num_warps) of the prefill kernel's programs: each walks BT tokens of BC channels, 8
-# channels (16 bytes of bf16) per thread. Not yet swept on the H200 (`bench_gdn.py --sweep`); at 35B-A3B, T = 8192
-# this gives 16 x 64 programs of 2 warps, about 8 per SM, all in one wave.
+# channels (16 bytes of bf16) per thread; at 35B-A3B, T = 8192, 16 x 64 programs of 2 warps, ~8 per SM, one wave.
+# H200 sweep (`bench_gdn.py --conv-prefill --sweep`, benchmarks/RESULTS.md 2026-12-04): the fastest at 35B-A3B
+# (101 us, 63% of copy; the previous kernel took 220), 152 us at 27B where 32 x 512 takes 132 (but 109 at 35B-A3B).
 PREFILL_TILE = (128, 512, 2)
 
 
