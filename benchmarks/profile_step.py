@@ -2,6 +2,7 @@
 step's wall time, so launch gaps and slow kernels show apart.
 
     PYTHONPATH=src:. python benchmarks/profile_step.py decode --model 9B --batch 1 [--context 1024] [--pdl off on]
+                                                      [--format bf16|fp8|int4]
     PYTHONPATH=src:. python benchmarks/profile_step.py gdn-prefill --model 27B --tokens 2048
     PYTHONPATH=src:. python benchmarks/profile_step.py mixed --model 9B --prompts 8 --tokens 1024 --batch 56
 
@@ -14,6 +15,8 @@ medians of do_bench over the graph replay (decode) or the eager call (prefill).
 --pdl (decode): profile with Programmatic Dependent Launch off and/or on (bench_decode.set_pdl), one capture each.
 With PDL a kernel starts while its predecessor drains and waits inside (griddepcontrol.wait), so its profiled time
 includes that wait: compare the graph step times, and the kernel table with PDL off.
+
+--format (decode): the weights in one of bench_quant.py's formats (dummy weights quantized at load).
 """
 
 from __future__ import annotations
@@ -69,10 +72,13 @@ def profiled_kernels(prof: profile, calls: int, top: int = 25, skip: tuple[str, 
     return total, "\n".join(lines)
 
 
-def profile_decode(model_name: str, batch: int, context: int, pdl: str = "auto", model=None):
+def profile_decode(model_name: str, batch: int, context: int, pdl: str = "auto", model=None, fmt: str = "bf16"):
     from benchmarks.bench_decode import set_pdl, setup_decode
+    from benchmarks.bench_quant import load
 
     pdl_on = set_pdl(pdl)
+    if model is None and fmt != "bf16":
+        model = load(model_name, fmt)
     _, model, cache, fb, ids, graphs = setup_decode(model_name, batch, context, model)
     wall_ms = triton.testing.do_bench(lambda: graphs.run(ids, fb), warmup=20, rep=200, return_mode="median")
 
@@ -81,7 +87,7 @@ def profile_decode(model_name: str, batch: int, context: int, pdl: str = "auto",
         model.compute_logits(model(ids, fb, cache))
 
     kernel_us, text = kernel_table(eager, calls=5)
-    print(f"decode {model_name} batch {batch} context {context}, PDL {'on' if pdl_on else 'off'}: "
+    print(f"decode {model_name} {fmt} batch {batch} context {context}, PDL {'on' if pdl_on else 'off'}: "
           f"graph step {wall_ms * 1e3:.0f} µs, "
           f"kernel time {kernel_us:.0f} µs ({kernel_us / (wall_ms * 1e3):.0%} of the step), "
           f"eager host time {host_us(eager, 10):.0f} µs")
@@ -143,12 +149,13 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--pdl", nargs="+", default=["auto"], choices=["auto", "off", "on"])
+    ap.add_argument("--format", default="bf16", choices=["bf16", "fp8", "fp8-w8a8", "int4"])
     args = ap.parse_args()
     print(header(""))
     if args.what == "decode":
         model = None
         for pdl in args.pdl:  # one model, a capture per setting
-            model = profile_decode(args.model, args.batch, args.context, pdl, model)
+            model = profile_decode(args.model, args.batch, args.context, pdl, model, args.format)
     elif args.what == "mixed":
         profile_mixed(args.model, args.prompts, args.tokens, args.batch, args.context)
     else:
