@@ -5,7 +5,8 @@
 At decode a linear layer reads its whole weight for a few rows, so its floor is weight bytes / copy bandwidth
 (measured in the same run). Each timing is a CUDA graph over enough copies of the weight that they do not fit in
 L2, as in a model where every layer has its own. Columns: torch's GEMM (cuBLAS); `pick`, the call as the engine
-routes it (the tile `tile_config` picks, "k<S>" its split over K, or torch); TB/s = weight bytes / time. For the
+routes it (the tile kernels/linear/tuned.py lists for this card and shape, else the one `tile_config` picks; "k<S>"
+its split over K, or torch); TB/s = weight bytes / time. For the
 narrow outputs that split-K is for (rows <= 16, N <= SPLIT_MAX_N) also the Triton kernel at the picked column tile
 with no split (k1) and split 2 / 4 / 8 (k2, k4, k8), and `best` the fastest of all the columns. With --sweep also the
 best of SWEEP_TILES (and of SPLIT_TILES for narrow outputs).
@@ -79,9 +80,10 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--sweep", action="store_true", help="also time every tile of SWEEP_TILES / SPLIT_TILES")
     args = parser.parse_args()
-    from deltaserve.kernels._device import num_sms
+    from deltaserve.kernels._device import device_name, num_sms
     from deltaserve.kernels.linear import gpu as linear_gpu
     from deltaserve.kernels.linear import triton as linear_triton
+    from deltaserve.kernels.linear.tuned import _MISSING, tuned_tile
 
     sms = num_sms(torch.device("cuda"))
     bw = measure_copy_bandwidth()
@@ -97,7 +99,9 @@ def main() -> None:
                                        "floor_us": floor_us}
                 timed: dict[str, float] = {"torch": time_linear(k, n, batch, torch.nn.functional.linear)}
                 row.update(torch_us=timed["torch"], torch_TBs=tbs(timed["torch"]))
-                tile = linear_triton.tile_config(batch, n, k, sms)
+                tile = tuned_tile(device_name(torch.device("cuda")), batch, n, k)
+                if tile is _MISSING:
+                    tile = linear_triton.tile_config(batch, n, k, sms)
                 pick = str(tile) if tile else "torch"
                 us = time_linear(k, n, batch, lambda x, w: linear_gpu.linear(x=x, weight=w))
                 row.update(pick=pick, pick_us=us, pick_TBs=tbs(us), **{f"k{s}_us": "" for s in SPLITS})

@@ -27,6 +27,7 @@ from deltaserve.kernels.linear import linear  # noqa: E402
 from deltaserve.kernels.linear import ref as linear_ref  # noqa: E402
 from deltaserve.kernels.linear import gpu as linear_gpu  # noqa: E402
 from deltaserve.kernels.linear import triton as linear_triton  # noqa: E402
+from deltaserve.kernels.linear.tuned import _MISSING, TUNED_TILES, tuned_tile  # noqa: E402
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -120,6 +121,13 @@ def test_many_rows_and_fp32_fall_back_to_torch():
     assert torch.equal(linear_gpu.linear(x=x, weight=w), torch.nn.functional.linear(x, w))
 
 
+def test_tuned_tiles_are_looked_up_by_card_and_exact_shape():
+    assert tuned_tile("NVIDIA H200", 1, 2048, 4096) == (64, 256, 4, 4, 4)
+    assert tuned_tile("NVIDIA H200", 1, 5120, 6144) is None  # measured: torch's GEMM
+    assert tuned_tile("NVIDIA H200", 2, 2048, 4096) is _MISSING  # only one-row calls were swept
+    assert tuned_tile("NVIDIA H100 80GB HBM3", 1, 2048, 4096) is _MISSING  # another card: the rule
+
+
 def test_dispatch_runs_the_reference_on_cpu():
     assert linear.reference is linear_ref.linear
     x, w = torch.randn(2, 8), torch.randn(4, 8)
@@ -149,6 +157,20 @@ def test_linear_gpu_model_shapes(in_features, out_features, rows):
 def test_skinny_linear_gpu_tiles(tile, rows):
     check_linear(lambda x, w: linear_triton.skinny_linear(x, w, tile), rows, 4096, 4104, torch.bfloat16, "cuda",
                  seed=tile[0] + rows)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("key,tile", [(key, tile) for table in TUNED_TILES.values() for key, tile in table.items()
+                                      if tile is not None])
+def test_tuned_tiles_gpu(key, tile):
+    """Every tile of the per-card tables at its own shape, on whatever GPU runs the tests."""
+    rows, out_features, in_features = key
+    if tile.split > 1:
+        check_split(rows, in_features, out_features, tile, "cuda", seed=rows)
+    else:
+        check_linear(lambda x, w: linear_triton.skinny_linear(x, w, tile), rows, in_features, out_features,
+                     torch.bfloat16, "cuda", seed=out_features)
 
 
 @gpu

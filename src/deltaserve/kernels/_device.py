@@ -21,6 +21,16 @@ def num_sms(device: torch.device) -> int:
 
 
 @functools.lru_cache(maxsize=8)
+def _name(device_index: int) -> str:
+    return torch.cuda.get_device_name(device_index)
+
+
+def device_name(device: torch.device) -> str:
+    """The CUDA device's name, e.g. "NVIDIA H200" (the key of per-card tuned tables)."""
+    return _name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=8)
 def _capability(device_index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device_index)
 

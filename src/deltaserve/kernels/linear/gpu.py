@@ -1,13 +1,15 @@
 """The GPU linear: the Triton weight-streaming kernel (triton.py) for few-row bf16/fp16 calls where it beats
-torch's GEMM (`tile_config` decides the tile and whether K is split), torch's GEMM (cuBLAS) for everything else.
+torch's GEMM (`tile_config` decides the tile and whether K is split, unless tuned.py lists a tile measured on this card
+for the call's shape), torch's GEMM (cuBLAS) for everything else.
 Split-K calls share one workspace per device: they must run on one stream at a time (triton.py)."""
 
 from __future__ import annotations
 
 import torch
 
-from deltaserve.kernels._device import num_sms
+from deltaserve.kernels._device import device_name, num_sms
 from deltaserve.kernels.linear.triton import skinny_linear, tile_config
+from deltaserve.kernels.linear.tuned import _MISSING, tuned_tile
 
 
 def linear(*, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -16,7 +18,10 @@ def linear(*, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or not weight.is_contiguous() or \
             x.shape[-1] % 8:
         return torch.nn.functional.linear(x, weight)
-    tile = tile_config(rows, weight.shape[0], weight.shape[1], num_sms(x.device) if x.is_cuda else 132)
+    n, k = weight.shape
+    tile = tuned_tile(device_name(x.device), rows, n, k) if x.is_cuda else _MISSING
+    if tile is _MISSING:
+        tile = tile_config(rows, n, k, num_sms(x.device) if x.is_cuda else 132)
     if tile is None:
         return torch.nn.functional.linear(x, weight)
     x2 = x.reshape(rows, x.shape[-1])
