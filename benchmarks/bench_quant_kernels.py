@@ -4,6 +4,9 @@ GEMM and the weight-read floor (bytes of the stored weight and scales over the m
 python benchmarks/bench_quant_kernels.py [--rows 1 16 64]            each kernel variant at the planned tiles
 python benchmarks/bench_quant_kernels.py --sweep [--rows 1 16 64]    tiles x warps x stages x split-K per shape; the
                                                                      best per (kind, shape, rows) and its error
+python benchmarks/bench_quant_kernels.py --moe-tiles [--rows 1 8]  the fused per-pair MoE (35B-A3B layer with its
+                                                                     shared expert, 4 layers of distinct weights a
+                                                                     graph): each gate_up / down tile in turn
 [--gemv-variants fp32 f16 f16x4]   the int4 GEMVs timed: fp32 FMAs, fp16 products with one word per fp16
                              accumulator (qt.GEMV_F16, GEMV_F16_WORDS 1) and/or four words chained (GEMV_F16_WORDS 4,
                              the default)
@@ -179,16 +182,74 @@ def sweep(args, bw: float) -> list[dict]:
     return best_rows
 
 
+MOE_SHAPE = (256, 8, 2048, 512)  # 35B-A3B: experts, top_k, hidden, expert (and shared expert) intermediate
+MOE_GATE_UP_TILES = [(bn, warps, k_tiles) for bn in (16, 32, 64) for warps in (4, 8) for k_tiles in (1, 2, 4, 16)]
+MOE_DOWN_TILES = [(bn, warps) for bn in (32, 64, 128) for warps in (4, 8)]
+MOE_LAYERS = 4
+
+
+def moe_layer(kind: str, experts: int, d: int, inter: int) -> dict:
+    """One layer's int4 (g128) or fp8 (128-column blocks) experts and shared expert, random codes."""
+    def part(n: int, k: int, e: int | None) -> tuple:
+        lead = (e,) if e else ()
+        s = torch.rand(*lead, n, k // 128, device="cuda") * 0.01 + 1e-3
+        if kind == "fp8":
+            return torch.randn(*lead, n, k, device="cuda").to(torch.float8_e4m3fn), s
+        codes = torch.randint(0, 16, (*lead, n, k), dtype=torch.uint8, device="cuda")
+        return ref.pack_int4(codes), s, torch.randint(0, 16, (*lead, n, k // 128), dtype=torch.uint8, device="cuda")
+    w13, w2 = part(2 * inter, d, experts), part(d, inter, experts)
+    names = ("w13_qweight", "w13_scales", "w13_zeros") if kind == "int4" else ("w13", "w13_scale")
+    kw = dict(zip(names, w13)) | dict(zip([n.replace("w13", "w2") for n in names], w2))
+    kw["group_size" if kind == "int4" else "block_k"] = 128
+    return kw | dict(shared_w13=part(2 * inter, d, None), shared_w2=part(d, inter, None))
+
+
+def moe_tiles(args, bw: float) -> list[dict]:
+    """Each gate_up tile (down at its default), then each down tile (gate_up at its default), per kind and rows."""
+    experts, top_k, d, inter = MOE_SHAPE
+    rows = []
+    for kind in ("int4", "fp8"):
+        layers = [moe_layer(kind, experts, d, inter) for _ in range(MOE_LAYERS)]
+        op = qt.int4_fused_moe if kind == "int4" else qt.fp8_fused_moe
+        per_weight = 0.5 + 5 / 128 if kind == "int4" else 1 + 4 / 128
+        for m in args.rows:
+            x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+            ids = torch.stack([torch.randperm(experts, device="cuda")[:top_k] for _ in range(m)])
+            w = torch.softmax(torch.randn(m, top_k, device="cuda"), -1).to(torch.bfloat16)
+            gate = torch.randn(m, 1, device="cuda", dtype=torch.bfloat16)
+            touched = ids.unique().numel() + 1  # the shared expert
+            floor_us = touched * 3 * d * inter * per_weight / bw * 1e6
+            default = qt.MOE_GATE_UP_TILE, qt.MOE_DOWN_TILE
+            for which, tile in [("gate_up", t) for t in MOE_GATE_UP_TILES] + [("down", t) for t in MOE_DOWN_TILES]:
+                qt.MOE_GATE_UP_TILE, qt.MOE_DOWN_TILE = (tile, default[1]) if which == "gate_up" else (default[0], tile)
+                try:
+                    ms = time_ms(lambda: [op(x=x, topk_weights=w, topk_ids=ids, shared_gate=gate, **kw)
+                                          for kw in layers])
+                except Exception as e:  # out of registers / shared memory: not a candidate
+                    print(f"moe {kind} m={m} {which} {tile}: {type(e).__name__}", flush=True)
+                    continue
+                finally:
+                    qt.MOE_GATE_UP_TILE, qt.MOE_DOWN_TILE = default
+                us = ms * 1e3 / MOE_LAYERS
+                row = {"kind": kind, "rows": m, "tile of": which, "tile": str(tile),
+                       "default": tile == default[0 if which == "gate_up" else 1], "us/layer": us,
+                       "floor us": floor_us, "/floor": us / floor_us}
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--moe-tiles", action="store_true")
     ap.add_argument("--gemv-variants", nargs="+", choices=list(GEMV_VARIANTS), default=list(GEMV_VARIANTS),
                     help="int4 GEMVs to time: fp32 FMAs, fp16 products one word per accumulator (qt.GEMV_F16, "
                          "GEMV_F16_WORDS 1), four words chained (GEMV_F16_WORDS 4, the default)")
     args = ap.parse_args()
     bw = measure_copy_bandwidth()
-    rows = sweep(args, bw) if args.sweep else planned(args, bw)
+    rows = moe_tiles(args, bw) if args.moe_tiles else sweep(args, bw) if args.sweep else planned(args, bw)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     print(table(rows))
 

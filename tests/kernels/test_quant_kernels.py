@@ -293,28 +293,50 @@ def test_moe_interpreted(kind):
     check_moe(kind, tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16)
 
 
-def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0):
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_shared_folded_interpreted(kind, monkeypatch):
+    """The shared expert run as one more pair per token; every token's first slot on expert 0 (its programs
+    finish the token's sums as often as the others); gate/up and down tiles that do not divide the intermediate
+    size (48 in halves of 32) or the hidden size (96 in 64); gate/up split over K."""
+    monkeypatch.setattr(qt, "MOE_GATE_UP_TILE", (64, 4, 2))  # 6 K tiles of 16 in 3 ranges
+    monkeypatch.setattr(qt, "MOE_DOWN_TILE", (64, 4))
+    check_moe(kind, tokens=3, experts=4, top_k=2, d=96, inter=48, group=16, dtype=torch.bfloat16, shared=True,
+              first_slot_expert=0)
+
+
+def moe_weights(kind, n, k, group, gen, experts=None):
+    """(qweight, scales, zeros) int4 or (weight, scale) fp8 of `experts` stacked experts, or one matrix."""
+    make = int4_weight if kind == "int4" else fp8_weight
+    if experts is None:
+        return make(n, k, group, gen)
+    parts = [make(n, k, group, gen) for _ in range(experts)]
+    return tuple(torch.stack(t) for t in zip(*parts))
+
+
+def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0, shared=False, first_slot_expert=None):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d, generator=gen).to(dtype).to(DEV)
     logits = torch.randn(tokens, experts, generator=gen)
+    if first_slot_expert is not None:
+        logits[:, first_slot_expert] = 1e3
     w, ids = logits.softmax(-1).topk(top_k, dim=-1)
     ids[0, -1] = -1  # a routing slot with no expert (another rank's)
     w, ids = (w / w.sum(-1, keepdim=True)).to(DEV), ids.to(DEV)
+    w13, w2 = moe_weights(kind, 2 * inter, d, group, gen, experts), moe_weights(kind, d, inter, group, gen, experts)
     if kind == "int4":
-        a = [int4_weight(2 * inter, d, group, gen) for _ in range(experts)]
-        b = [int4_weight(d, inter, group, gen) for _ in range(experts)]
-        args = dict(w13_qweight=torch.stack([t[0] for t in a]), w13_scales=torch.stack([t[1] for t in a]),
-                    w13_zeros=torch.stack([t[2] for t in a]), w2_qweight=torch.stack([t[0] for t in b]),
-                    w2_scales=torch.stack([t[1] for t in b]), w2_zeros=torch.stack([t[2] for t in b]),
-                    group_size=group)
+        args = dict(w13_qweight=w13[0], w13_scales=w13[1], w13_zeros=w13[2], w2_qweight=w2[0], w2_scales=w2[1],
+                    w2_zeros=w2[2], group_size=group)
         fn_ref, fn = ref.int4_fused_moe, qt.int4_fused_moe
     else:
-        a = [fp8_weight(2 * inter, d, group, gen) for _ in range(experts)]
-        b = [fp8_weight(d, inter, group, gen) for _ in range(experts)]
-        args = dict(w13=torch.stack([t[0] for t in a]), w13_scale=torch.stack([t[1] for t in a]),
-                    w2=torch.stack([t[0] for t in b]), w2_scale=torch.stack([t[1] for t in b]), block_k=group)
+        args = dict(w13=w13[0], w13_scale=w13[1], w2=w2[0], w2_scale=w2[1], block_k=group)
         fn_ref, fn = ref.fp8_fused_moe, qt.fp8_fused_moe
+    if shared:
+        args.update(shared_w13=moe_weights(kind, 2 * inter, d, group, gen),
+                    shared_w2=moe_weights(kind, d, inter, group, gen),
+                    shared_gate=torch.randn(tokens, 1, generator=gen).to(dtype).to(DEV))
     baseline = fn_ref(x=x, topk_weights=w, topk_ids=ids, **args)
+    if DEV != "cpu":  # NaN where the output will be allocated: every element must be written
+        torch.full((tokens * d * 64,), float("nan"), device=DEV)
     got = fn(x=x, topk_weights=w, topk_ids=ids, **args)
     assert torch.isfinite(got).all()
     # the reference is fp32 math with dtype-rounded weights: the kernel may differ by fp32 ordering and the final
@@ -322,6 +344,7 @@ def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0):
     err = (got.double().cpu() - baseline.double().cpu()).abs().max().item()
     scale = baseline.double().abs().max().item()
     assert err <= 1.6e-2 * scale + 1e-4, f"max error {err:.3g} (scale {scale:.3g})"
+    assert torch.equal(fn(x=x, topk_weights=w, topk_ids=ids, **args), got)  # deterministic; counters back to 0
 
 
 # ---- compiled, at the models' real shapes ----------------------------------------------------------------------
@@ -377,9 +400,11 @@ def test_linear_dispatch_gpu(kind, m):
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 @pytest.mark.parametrize("tokens", [1, 64, 300])
 @pytest.mark.parametrize("shape", [(256, 8, 2048, 512), (256, 8, 3072, 1024)], ids=["35B-A3B", "122B-A10B"])
-def test_moe_gpu(kind, tokens, shape):
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])
+def test_moe_gpu(kind, tokens, shape, shared):
     experts, top_k, d, inter = shape
-    check_moe(kind, tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens)
+    check_moe(kind, tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens, shared=shared,
+              first_slot_expert=3 if tokens == 64 else None)
 
 
 @gpu
@@ -417,9 +442,12 @@ def test_moe_f16_gpu(gemv_f16, tokens, shape):
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_moe_grouped_blocks_interpreted(kind, monkeypatch):
-    """Past PAIR_GEMV_MAX pairs: blocks of pairs routed to one expert share each weight tile."""
+    """Past PAIR_GEMV_MAX pairs: blocks of pairs routed to one expert share each weight tile (the shared expert
+    through quant_gemm); past PAIR_MAX, every expert and the shared one dequantized for the bf16 MoE."""
     monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
-    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=3)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=3, shared=True)
+    monkeypatch.setattr(qt, "PAIR_MAX", 8)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=4, shared=True)
 
 
 def test_moe_blocks_layout():

@@ -35,6 +35,7 @@ from deltaserve.kernels._device import capability
 from deltaserve.kernels.quant import fp8_fused_moe, fp8_linear, int4_fused_moe, int4_linear
 from deltaserve.kernels.quant.ref import ACT_GROUP, pack_int4, unpack_int4
 from deltaserve.layers.linear import Linear, LinearMethod, MergedLinear, new_param, tp_shard
+from deltaserve.layers.mlp import MLP
 from deltaserve.layers.moe import Experts, ExpertsMethod
 from deltaserve.layers.weights import TensorSource, WeightSlot, seeded
 from deltaserve.parallel.sharding import Shard, read_part
@@ -836,15 +837,16 @@ class Int4ExpertsMethod(ExpertsMethod):
             setattr(layer, f"{w}_scales", new_param(e, n, groups, dtype=torch.float32, device=device))
             setattr(layer, f"{w}_zeros", new_param(e, n, groups, dtype=torch.uint8, device=device))
 
-    def routed(self, layer: Experts, x: torch.Tensor, topk_weights: torch.Tensor,
-               topk_ids: torch.Tensor) -> torch.Tensor:
-        return int4_fused_moe(x=x, w13_qweight=layer.w13_qweight, w13_scales=layer.w13_scales,
-                              w13_zeros=layer.w13_zeros, w2_qweight=layer.w2_qweight, w2_scales=layer.w2_scales,
-                              w2_zeros=layer.w2_zeros, group_size=layer.group_size, topk_weights=topk_weights,
-                              topk_ids=topk_ids)
-
     def apply(self, layer, x, topk_weights, topk_ids, shared, shared_gate):
-        return _with_shared(self.routed(layer, x, topk_weights, topk_ids), x, shared, shared_gate)
+        fold = _foldable_shared(layer, shared, Int4LinearMethod)
+        kw = dict(shared_w13=(fold.gate_up_proj.qweight, fold.gate_up_proj.scales, fold.gate_up_proj.zeros),
+                  shared_w2=(fold.down_proj.qweight, fold.down_proj.scales, fold.down_proj.zeros),
+                  shared_gate=shared_gate) if fold else {}
+        out = int4_fused_moe(x=x, w13_qweight=layer.w13_qweight, w13_scales=layer.w13_scales,
+                             w13_zeros=layer.w13_zeros, w2_qweight=layer.w2_qweight, w2_scales=layer.w2_scales,
+                             w2_zeros=layer.w2_zeros, group_size=layer.group_size, topk_weights=topk_weights,
+                             topk_ids=topk_ids, **kw)
+        return out if fold else _with_shared(out, x, shared, shared_gate)
 
     def layout(self, layer: Experts, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
         out = {}
@@ -882,9 +884,13 @@ class Fp8ExpertsMethod(ExpertsMethod):
         layer.w2_scale = new_param(e, d, _cdiv(i, layer.block_k), dtype=torch.float32, device=device)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared, shared_gate):
+        fold = _foldable_shared(layer, shared, Fp8LinearMethod)
+        kw = dict(shared_w13=(fold.gate_up_proj.weight, fold.gate_up_proj.weight_scale),
+                  shared_w2=(fold.down_proj.weight, fold.down_proj.weight_scale), shared_gate=shared_gate) \
+            if fold else {}
         out = fp8_fused_moe(x=x, w13=layer.w13, w13_scale=layer.w13_scale, w2=layer.w2, w2_scale=layer.w2_scale,
-                            block_k=layer.block_k, topk_weights=topk_weights, topk_ids=topk_ids)
-        return _with_shared(out, x, shared, shared_gate)
+                            block_k=layer.block_k, topk_weights=topk_weights, topk_ids=topk_ids, **kw)
+        return out if fold else _with_shared(out, x, shared, shared_gate)
 
     def layout(self, layer: Experts, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
         fmt = self.fmt
@@ -911,6 +917,23 @@ class Fp8ExpertsMethod(ExpertsMethod):
     def init_dummy(self, layer: Experts, prefix: str, seed: int) -> None:
         _dummy_fp8(layer.w13, layer.w13_scale, layer.hidden_size, prefix + "w13", seed)
         _dummy_fp8(layer.w2, layer.w2_scale, layer.intermediate_size, prefix + "w2", seed)
+
+
+def _foldable_shared(layer: Experts, shared, method: type) -> MLP | None:
+    """The shared expert when the routed experts' op can run it as one more expert per token: both its projections
+    in the experts' format (`method`, FP8 without dynamic activations, int4 without act-order) with the same
+    intermediate size and the same group (or block) along each K. Otherwise None: it runs through its own layers."""
+    if shared is None or shared.down_proj.in_features != layer.intermediate_size:
+        return None
+    group = layer.group_size if method is Int4LinearMethod else layer.block_k
+    for proj, k in ((shared.gate_up_proj, layer.hidden_size), (shared.down_proj, layer.intermediate_size)):
+        if type(proj.method) is not method:
+            return None
+        if method is Int4LinearMethod and (proj.perm is not None or min(proj.group_size, k) != min(group, k)):
+            return None
+        if method is Fp8LinearMethod and (proj.method.fmt.act_fp8 or min(proj.block_k, k) != min(group, k)):
+            return None
+    return shared
 
 
 def _with_shared(out: torch.Tensor, x: torch.Tensor, shared, shared_gate) -> torch.Tensor:

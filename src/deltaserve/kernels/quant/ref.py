@@ -97,45 +97,63 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
     return F.linear(dequant_fp8_act(xq, sx), w).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
-def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, inter: int, expert) -> torch.Tensor:
-    """The routed-expert sum of kernels/moe/ref.fused_moe with expert e's weights from expert(e) -> (w13, w2)."""
+def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, inter: int, expert,
+         shared=None, shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed-expert sum of kernels/moe/ref.fused_moe with expert e's weights from expert(e) -> (w13, w2), and
+    with `shared` ((w13, w2) dequantized) one more expert per token weighted by sigmoid(shared_gate)."""
     x32 = x.float()
     y = torch.zeros_like(x32)
+
+    def ffn(rows: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+        gate_up = rows @ w13.to(x.dtype).float().T
+        half = w13.shape[0] // 2
+        return (F.silu(gate_up[:, :half]) * gate_up[:, half:]) @ w2.to(x.dtype).float().T
+
+    if shared is not None:
+        y += torch.sigmoid(shared_gate.float()) * ffn(x32, *shared)
     for e in torch.unique(topk_ids).tolist():
         if e < 0:
             continue
         tokens, picks = (topk_ids == e).nonzero(as_tuple=True)
-        w13, w2 = expert(e)
-        gate_up = x32[tokens] @ w13.to(x.dtype).float().T
-        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        out = hidden @ w2.to(x.dtype).float().T
-        y.index_add_(0, tokens, out * topk_weights[tokens, picks].float().unsqueeze(-1))
+        y.index_add_(0, tokens, ffn(x32[tokens], *expert(e)) * topk_weights[tokens, picks].float().unsqueeze(-1))
     return y.to(x.dtype)
 
 
 def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
                    w13_zeros: torch.Tensor, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
                    w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
-                   topk_ids: torch.Tensor) -> torch.Tensor:
+                   topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
+                   shared_w2: tuple[torch.Tensor, ...] | None = None,
+                   shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts with int4 weights: w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I], in the int4
-    layout above. x: [T, D]; topk_*: [T, top_k] -> [T, D] in x.dtype."""
+    layout above. x: [T, D]; topk_*: [T, top_k] -> [T, D] in x.dtype. shared_w13 / shared_w2: the shared expert's
+    (qweight, scales, zeros) [2I, ...] / [D, ...] in the same format and group size, added as one more expert per
+    token weighted by sigmoid(shared_gate [T, 1])."""
     d, inter = x.shape[-1], w13_qweight.shape[1] // 2
 
+    def dequant(w: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
+        return dequant_int4(qweight=w[0], scales=w[1], zeros=w[2], group_size=group_size, k=k)
+
     def expert(e: int):
-        return (dequant_int4(qweight=w13_qweight[e], scales=w13_scales[e], zeros=w13_zeros[e],
-                             group_size=group_size, k=d),
-                dequant_int4(qweight=w2_qweight[e], scales=w2_scales[e], zeros=w2_zeros[e],
-                             group_size=group_size, k=inter))
-    return _moe(x, topk_weights, topk_ids, inter, expert)
+        return (dequant((w13_qweight[e], w13_scales[e], w13_zeros[e]), d),
+                dequant((w2_qweight[e], w2_scales[e], w2_zeros[e]), inter))
+    shared = (dequant(shared_w13, d), dequant(shared_w2, inter)) if shared_w13 is not None else None
+    return _moe(x, topk_weights, topk_ids, inter, expert, shared, shared_gate)
 
 
 def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, block_k: int, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    """The routed experts with fp8 weights (layout above): w13 [E, 2I, D], w2 [E, D, I]."""
+                  topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
+                  shared_w2: tuple[torch.Tensor, ...] | None = None,
+                  shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts with fp8 weights (layout above): w13 [E, 2I, D], w2 [E, D, I]; shared_w13 / shared_w2:
+    the shared expert's (weight, scale) with the same block_k, as in int4_fused_moe."""
     inter = w2.shape[2]
 
+    def dequant(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return dequant_fp8(weight=w[0], scale=w[1], block_k=block_k)
+
     def expert(e: int):
-        return (dequant_fp8(weight=w13[e], scale=w13_scale[e], block_k=block_k),
-                dequant_fp8(weight=w2[e], scale=w2_scale[e], block_k=block_k))
-    return _moe(x, topk_weights, topk_ids, inter, expert)
+        return dequant((w13[e], w13_scale[e])), dequant((w2[e], w2_scale[e]))
+    shared = (dequant(shared_w13), dequant(shared_w2)) if shared_w13 is not None else None
+    return _moe(x, topk_weights, topk_ids, inter, expert, shared, shared_gate)

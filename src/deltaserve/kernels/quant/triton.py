@@ -845,43 +845,172 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
 # ---- MoE ------------------------------------------------------------------------------------------------------------
 
 @triton.jit
-def _moe_pair_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K, TOP_K, stride_xt, stride_we, stride_wn,
-                     stride_se, stride_sn, stride_op, X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr,
-                     INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr,
-                     EVEN_K: tl.constexpr, F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1):
-    """out[p, n] = sum_k x[row(p), k] * W_{ids[p]}[n, k] for one (token, expert) pair p (row: the token, or the pair
-    itself when X_PER_PAIR), fp32 accumulation on CUDA cores (the GEMV's tiles); a negative id writes zeros."""
-    p, pid_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(ids_ptr + p)
-    row = p if X_PER_PAIR else p // TOP_K
-    x_row = x_ptr + row.to(tl.int64) * stride_xt
-    rows = tl.zeros((1, 1, 1), dtype=tl.int32)
-    cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
+def _store_act(acc, act_ptr, p, n, stride_act, ACT_W, BN: tl.constexpr, ACT_BK: tl.constexpr, INT4: tl.constexpr):
+    """silu(gate) * up of the interleaved gate/up sums acc [1, BN, 1] into act row p, columns n [BN/2]. int4: stored
+    plane-major by tiles of ACT_BK columns (column 8c + i of a tile at i * ACT_BK/8 + c, plane_major()'s order)."""
+    gate, up = tl.split(tl.reshape(acc, (BN // 2, 2)))
+    if INT4:
+        dest = n // ACT_BK * ACT_BK + n % 8 * (ACT_BK // 8) + n % ACT_BK // 8
+    else:
+        dest = n
+    tl.store(act_ptr + p.to(tl.int64) * stride_act + dest, gate * tl.sigmoid(gate) * up, mask=n < ACT_W)
+
+
+@triton.jit
+def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_ptr, act_ptr, ws_ptr, count_ptr, D,
+                        INTER, ACT_W, K_SPLIT, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_swn,
+                        stride_ssn, stride_act, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, GROUP: tl.constexpr,
+                        INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
+                        ACT_BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr,
+                        F16_WORDS: tl.constexpr):
+    """act[p, n] = silu(x[t] . G[n]) * (x[t] . U[n]) in fp32 for pair p = (token t, slot j), slot TOP_K being the
+    shared expert. A program takes BN/2 gate rows and the same up rows, interleaved in one tile so one K loop reads
+    both (the GEMV's tiles, _gemv_acc), over K range program_id(2) of SPLIT: a GEMV keeps two K tiles in flight, so a
+    long K loop waits on memory latency once per tile, and a split shortens it. The split's partial sums meet as the
+    split-K linear's do: each stored in the workspace, a counter per (pair, column block), and the last program to
+    arrive adds them in split order, stores act and resets the counter. Every column of act up to ACT_W is written
+    (zeros past INTER and for slots without an expert)."""
+    pairs: tl.constexpr = TOP_K + HAS_SHARED
+    half: tl.constexpr = BN // 2
+    p, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    t, j = p // pairs, p % pairs
+    e = tl.load(ids_ptr + t * TOP_K + tl.minimum(j, TOP_K - 1)).to(tl.int64)
+    n = pid_n * half + tl.arange(0, half)
+    lane = tl.arange(0, BN)
+    row = pid_n * half + lane // 2  # even lanes the gate row, odd lanes its up row
+    cols = tl.where(row < INTER, row + (lane % 2) * INTER, 2 * INTER)[None, :, None]  # 2 * INTER: masked off
+    x_row = x_ptr + t.to(tl.int64) * stride_xt
+    k_begin = pid_k * K_SPLIT
+    k_end = tl.minimum(k_begin + K_SPLIT, D)
+    one = tl.zeros((1, 1, 1), dtype=tl.int32)
     acc = tl.zeros((1, BN, 1), dtype=tl.float32)
-    if e >= 0:
-        e64 = e.to(tl.int64)
-        wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
-        acc = _gemv_acc(x_row, wp, sp, zp, rows, cols, 1, N, K, 0, stride_wn, stride_sn, 0, K, GROUP, INT4, BK,
-                        False, EVEN_N, EVEN_K, F16_FMA, F16_WORDS)
-    tl.store(out_ptr + p * stride_op + cols, acc, mask=cols < N)
+    # Routed and shared weights in separate branches, each addressed straight from the kernel's arguments: a pointer
+    # or stride chosen by tl.where loses the divisibility Triton specialises them on, and with it the vector loads.
+    if pid_n * half < INTER:
+        if j < TOP_K:
+            if e >= 0:
+                acc = _gemv_acc(x_row, w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, one, cols,
+                                1, 2 * INTER, D, 0, stride_wn, stride_sn, k_begin, k_end, GROUP, INT4, BK, False,
+                                EVEN_N, EVEN_K, F16, F16_WORDS)
+        else:
+            acc = _gemv_acc(x_row, sw_ptr, ss_ptr, sz_ptr, one, cols, 1, 2 * INTER, D, 0, stride_swn, stride_ssn,
+                            k_begin, k_end, GROUP, INT4, BK, False, EVEN_N, EVEN_K, F16, F16_WORDS)
+    if SPLIT == 1:
+        _store_act(acc, act_ptr, p, n, stride_act, ACT_W, BN, ACT_BK, INT4)
+    else:
+        slot = p.to(tl.int64) * tl.num_programs(1) + pid_n
+        part = ws_ptr + slot * (SPLIT * BN) + lane[None, :, None]
+        tl.store(part + pid_k * BN, acc)
+        tl.debug_barrier()  # every thread's partial is stored before thread 0's release below publishes them
+        if tl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
+            total = tl.zeros((1, BN, 1), dtype=tl.float32)
+            for i in tl.static_range(SPLIT):  # split order, whichever program got here last
+                total += tl.load(part + i * BN, cache_modifier=".cg")
+            _store_act(total, act_ptr, p, n, stride_act, ACT_W, BN, ACT_BK, INT4)
+            tl.store(count_ptr + slot, 0)
 
 
-def _pairs(x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None,
-           group: int, n: int, k: int, x_per_pair: bool, top_k: int, f16: bool = False) -> torch.Tensor:
-    pairs = ids.numel()
-    out = torch.empty(pairs, n, dtype=torch.float32, device=x.device)
-    group = min(group, k) if group else k
-    int4 = z is not None
-    bn, bk = 64, _k_tile(group, k, 128)
-    f16 = int4 and f16
-    if int4:
-        x = plane_major_f16(x, bk) if f16 else plane_major(x, bk)
-    grid = (pairs, triton.cdiv(n, bn))
-    _moe_pair_kernel[grid](x, ids, w, s, z if int4 else s, out, n, k, top_k, x.stride(0),
-                           w.stride(0), w.stride(1), s.stride(0), s.stride(1), out.stride(0),
-                           X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk, INT4=int4,
-                           BN=bn, BK=bk, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
-                           F16_WORDS=_f16_words(bk, MOE_PAIR_F16_WORDS) if f16 else 1, num_warps=8)
+@triton.jit
+def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_ptr, ws_ptr,
+                     count_ptr, out_ptr, D, INTER, stride_act, stride_we, stride_wn, stride_se, stride_sn, stride_swn,
+                     stride_ssn, stride_g, stride_out, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr,
+                     GROUP: tl.constexpr, INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+    """out[t] = sum over token t's pairs of weight * (act[p] . Down[n]), the shared expert's weight being
+    sigmoid(gate[t]). One program per pair and BN output columns (fp32 CUDA-core GEMV, act as the gate/up kernel
+    stored it); each stores its weighted partial in the workspace [T * pairs, D], and the last of a token's programs
+    for these columns to arrive (a counter per token and column block, as the split-K linear's) adds the partials in
+    slot order, stores the row in out's dtype and resets the counter: one launch, deterministic, no spin."""
+    pairs: tl.constexpr = TOP_K + HAS_SHARED
+    p, pid_n = tl.program_id(0), tl.program_id(1)
+    t, j = p // pairs, p % pairs
+    cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
+    a_row = act_ptr + p.to(tl.int64) * stride_act
+    one = tl.zeros((1, 1, 1), dtype=tl.int32)
+    acc = tl.zeros((1, BN, 1), dtype=tl.float32)
+    if j < TOP_K:  # separate branches: see the gate/up kernel
+        e = tl.load(ids_ptr + t * TOP_K + j).to(tl.int64)
+        if e >= 0:
+            acc = tl.load(weights_ptr + t * TOP_K + j).to(tl.float32) * _gemv_acc(
+                a_row, w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, one, cols, 1, D, INTER,
+                0, stride_wn, stride_sn, 0, INTER, GROUP, INT4, BK, False, EVEN_N, EVEN_K, False, 1)
+    else:
+        acc = tl.sigmoid(tl.load(gate_ptr + t * stride_g).to(tl.float32)) * _gemv_acc(
+            a_row, sw_ptr, ss_ptr, sz_ptr, one, cols, 1, D, INTER, 0, stride_swn, stride_ssn, 0, INTER, GROUP, INT4,
+            BK, False, EVEN_N, EVEN_K, False, 1)
+    ws = ws_ptr + t.to(tl.int64) * pairs * D + cols
+    tl.store(ws + j * D, acc, mask=cols < D)
+    tl.debug_barrier()  # every thread's partial is stored before thread 0's release below publishes them
+    counter = count_ptr + t * tl.num_programs(1) + pid_n
+    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == pairs - 1:
+        total = tl.zeros((1, BN, 1), dtype=tl.float32)
+        for i in tl.static_range(pairs):  # slot order, whichever program got here last
+            total += tl.load(ws + i * D, mask=cols < D, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr + t.to(tl.int64) * stride_out + cols, total.to(out_ptr.dtype.element_ty), mask=cols < D)
+        tl.store(counter, 0)
+
+
+# Fused per-pair MoE tiles: gate_up (BN counting its gate and up rows together, num_warps, K tiles per program: the
+# split), down (BN, num_warps).
+MOE_GATE_UP_TILE = (32, 8, 4)
+MOE_DOWN_TILE = (64, 8)
+
+
+def _moe_scratch(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split-K linear's per-device workspace and self-resetting counters; fresh ones (zeroed in the graph) when
+    a CUDA-graph capture meets a size no eager call has grown them to."""
+    from deltaserve.kernels.linear.triton import _scratch
+
+    scratch = _scratch(device, floats, counters)
+    if scratch is not None:
+        return scratch
+    return (torch.empty(floats, dtype=torch.float32, device=device),
+            torch.zeros(counters, dtype=torch.int32, device=device))
+
+
+def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor, w13, s13, z13, w2, s2, z2,
+                 group: int, inter: int, shared, shared_gate: torch.Tensor | None,
+                 gate_up_tile: tuple[int, int, int] | None = None, down_tile: tuple[int, int] | None = None) -> torch.Tensor:
+    """The per-pair MoE in two launches (plus the int4 activations' plane-major copy): gate|up with SiLU-and-mul,
+    then down with the routing-weighted sum, the shared expert (shared: its (w13, s13, z13, w2, s2, z2), or None)
+    as one more pair per token."""
+    t, d = x.shape
+    top_k = ids.shape[1]
+    int4 = z13 is not None
+    has_shared = shared is not None
+    sw13, ss13, sz13, sw2, ss2, sz2 = shared if has_shared else (w13[0], s13[0], z13, w2[0], s2[0], z2)
+    sz13 = sz13 if int4 else ss13
+    sz2 = sz2 if int4 else ss2
+    pairs = top_k + int(has_shared)
+    g1, g2 = min(group, d) if group else d, min(group, inter) if group else inter
+    bk1, bk2 = _k_tile(g1, d, 128), _k_tile(g2, inter, 128)
+    act_w = triton.cdiv(inter, bk2) * bk2 if int4 else inter
+    f16 = int4 and GEMV_F16 and x.dtype == torch.bfloat16
+    xin = (plane_major_f16(x, bk1) if f16 else plane_major(x, bk1)) if int4 else x
+    act = torch.empty(t * pairs, act_w, dtype=torch.float32, device=x.device)
+    out = torch.empty_like(x)
+    if t == 0:
+        return out
+    bn, warps, k_tiles = gate_up_tile or MOE_GATE_UP_TILE
+    k_split = min(k_tiles, triton.cdiv(d, bk1)) * bk1
+    split = triton.cdiv(d, k_split)
+    blocks = triton.cdiv(act_w, bn // 2)
+    ws, counts = _moe_scratch(x.device, t * pairs * blocks * split * bn, t * pairs * blocks)
+    _moe_gate_up_kernel[(t * pairs, blocks, split)](
+        xin, ids, w13, s13, z13 if int4 else s13, sw13, ss13, sz13, act, ws, counts, d, inter, act_w, k_split,
+        xin.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), sw13.stride(0), ss13.stride(0),
+        act.stride(0), TOP_K=top_k, HAS_SHARED=int(has_shared), GROUP=g1 if g1 < d else d + bk1, INT4=int4, BN=bn,
+        BK=bk1, SPLIT=split, ACT_BK=bk2, EVEN_N=inter % (bn // 2) == 0, EVEN_K=d % bk1 == 0, F16=f16,
+        F16_WORDS=_f16_words(bk1, MOE_PAIR_F16_WORDS) if f16 else 1, num_warps=warps)
+    bn, warps = down_tile or MOE_DOWN_TILE
+    blocks = triton.cdiv(d, bn)
+    ws, counts = _moe_scratch(x.device, t * pairs * d, t * blocks)
+    gate = shared_gate if has_shared else topk_weights
+    _moe_down_kernel[(t * pairs, blocks)](
+        act, ids, topk_weights, gate, w2, s2, z2 if int4 else s2, sw2, ss2, sz2, ws, counts, out, d, inter,
+        act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), sw2.stride(0), ss2.stride(0),
+        gate.stride(0), out.stride(0), TOP_K=top_k, HAS_SHARED=int(has_shared), GROUP=g2 if g2 < inter else inter + bk2,
+        INT4=int4, BN=bn, BK=bk2, EVEN_N=d % bn == 0, EVEN_K=inter % bk2 == 0, num_warps=warps)
     return out
 
 
@@ -985,45 +1114,63 @@ PAIR_GEMV_MAX = 64
 PAIR_MAX = 1024
 
 
-def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter):
+def _shared_term(x: torch.Tensor, shared, shared_gate: torch.Tensor, group: int, inter: int) -> torch.Tensor:
+    """sigmoid(shared_gate) * SharedExpert(x) in fp32, through quant_gemm (the grouped path's batch sizes)."""
+    sw13, ss13, sz13, sw2, ss2, sz2 = shared
+    gate_up = quant_gemm(x, sw13, ss13, sz13, group).float()
+    hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)
+    return torch.sigmoid(shared_gate.float()) * quant_gemm(hidden, sw2, ss2, sz2, group).float()
+
+
+def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared=None, shared_gate=None):
     t, d = x.shape
     if topk_ids.numel() > PAIR_MAX:
         from deltaserve.kernels.moe import fused_moe
+        folded = {}
+        if shared is not None:
+            folded = dict(shared_w13=dequantize(shared[0], shared[1], shared[2], group, d, x.dtype),
+                          shared_w2=dequantize(shared[3], shared[4], shared[5], group, inter, x.dtype),
+                          shared_gate=shared_gate)
         return fused_moe(x=x, w13=dequantize(w13, s13, z13, group, d, x.dtype),
                          w2=dequantize(w2, s2, z2, group, inter, x.dtype), topk_weights=topk_weights,
-                         topk_ids=topk_ids)
+                         topk_ids=topk_ids, **folded)
     ids = topk_ids.to(torch.int32).contiguous()
     x = x.contiguous()
     k = ids.shape[-1]
     grouped = ids.numel() > PAIR_GEMV_MAX and (z13 is None or group % 128 == 0 or _INTERPRET)
-    if grouped:
-        bm = 16
-        plan = moe_blocks(ids, w13.shape[0], bm)
-        gate_up = _blocks(x, plan, w13, s13, z13, group, 2 * inter, d, False, k, ids.numel(), bm)
-    else:
-        f16 = GEMV_F16 and x.dtype == torch.bfloat16
-        gate_up = _pairs(x, ids.view(-1), w13, s13, z13, group, 2 * inter, d, False, k, f16)  # [T*k, 2I] fp32
-    # The reference computes silu(gate) * up in fp32 and feeds it to the down GEMM as fp32 (the grouped path rounds
-    # it to the activation dtype for the tensor cores, as the bf16 grouped MoE does).
-    hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).contiguous()
-    if grouped:
-        down = _blocks(hidden.to(x.dtype), plan, w2, s2, z2, group, d, inter, True, k, ids.numel(), bm)
-    else:
-        down = _pairs(hidden, ids.view(-1), w2, s2, z2, group, d, inter, True, 1, f16)  # [T*k, D]
+    if not grouped:
+        return _fused_pairs(x, topk_weights.contiguous(), ids, w13, s13, z13, w2, s2, z2, group, inter, shared,
+                            shared_gate)
+    bm = 16
+    plan = moe_blocks(ids, w13.shape[0], bm)
+    gate_up = _blocks(x, plan, w13, s13, z13, group, 2 * inter, d, False, k, ids.numel(), bm)
+    # silu(gate) * up in fp32, rounded to the activation dtype for the tensor cores, as the bf16 grouped MoE does
+    hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)
+    down = _blocks(hidden, plan, w2, s2, z2, group, d, inter, True, k, ids.numel(), bm)
     y = (down.view(t, -1, d) * topk_weights.float().unsqueeze(-1)).sum(dim=1)
+    if shared is not None:
+        y += _shared_term(x, shared, shared_gate, group, inter)
     return y.to(x.dtype)
 
 
 def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
                    w13_zeros: torch.Tensor, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
                    w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
-                   topk_ids: torch.Tensor) -> torch.Tensor:
+                   topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
+                   shared_w2: tuple[torch.Tensor, ...] | None = None,
+                   shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     inter = w13_qweight.shape[1] // 2
+    shared = (*shared_w13, *shared_w2) if shared_w13 is not None else None
     return _moe(x, topk_weights, topk_ids, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
-                group_size, inter)
+                group_size, inter, shared, shared_gate)
 
 
 def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, block_k: int, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor) -> torch.Tensor:
-    return _moe(x, topk_weights, topk_ids, w13, w13_scale, None, w2, w2_scale, None, block_k, w2.shape[2])
+                  topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
+                  shared_w2: tuple[torch.Tensor, ...] | None = None,
+                  shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+    shared = (shared_w13[0], shared_w13[1], None, shared_w2[0], shared_w2[1], None) if shared_w13 is not None \
+        else None
+    return _moe(x, topk_weights, topk_ids, w13, w13_scale, None, w2, w2_scale, None, block_k, w2.shape[2], shared,
+                shared_gate)
