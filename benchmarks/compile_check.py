@@ -89,7 +89,8 @@ def loop_counts(sass: str) -> dict:
 
 def quant_rows() -> list[dict]:
     """The quantized GEMM's variants at the tiles the plan gives them."""
-    int4 = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*bf16"}
+    int4 = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*bf16", "ws_ptr": "*fp32",
+            "count_ptr": "*i32"}
     fp8 = {**int4, "w_ptr": "*fp8e4nv", "z_ptr": "*fp32"}
     cases = [("int4 UNPACK 3, 1-8 rows", int4, dict(INT4=True, UNPACK=3, BM=16, BN=64), 4, 5),
              ("int4 UNPACK 3 fp16, 9-16 rows", {**int4, "x_ptr": "*fp16", "out_ptr": "*fp16"},

@@ -55,8 +55,9 @@ def fp8_weight(n: int, k: int, block: int, gen: torch.Generator, device=DEV):
     return w, scale
 
 
-def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, tiles=None, seed: int = 0,
-               unpack=None, x_scale: float = 1.0):
+def gemm_case(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, seed: int = 0,
+              x_scale: float = 1.0):
+    """x and a random int4 or fp8 weight -> (x, weight, scale, zeros, the reference's product, the exact one)."""
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(m, k, generator=gen) * x_scale).to(dtype).to(DEV)
     if kind == "int4":
@@ -69,13 +70,23 @@ def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype
         w = ref.dequant_fp8(weight=weight, scale=s, block_k=group)
         baseline = ref.fp8_linear(x=x, weight=weight, scale=s, block_k=group)
         zeros = None
-    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)  # NaN-poisoned: every element must be written
-    got = qt.quant_gemm(x, weight, s, zeros, group, out=out, tiles=tiles, unpack=unpack)
     # Against the exact dequantized weight: the reference rounds it to x.dtype first (the model dequantized ahead of
     # time); the GPU kernels scale after the dot and skip that rounding, so they must be at least as close.
-    expected = x.double() @ w.double().T
-    assert got is out
-    assert_error_within(got, baseline, expected, atol=(1e-4 if dtype != torch.float32 else 1e-6) * x_scale)
+    return x, weight, s, zeros, baseline, x.double() @ w.double().T
+
+
+def check_gemm(kind: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, tiles=None, seed: int = 0,
+               unpack=None, x_scale: float = 1.0, calls: int = 1) -> list[torch.Tensor]:
+    """`calls` calls, each within tolerance -> their results."""
+    x, weight, s, zeros, baseline, expected = gemm_case(kind, m, n, k, group, dtype, seed, x_scale)
+    results = []
+    for _ in range(calls):
+        out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)  # NaN-poisoned: every element must be written
+        got = qt.quant_gemm(x, weight, s, zeros, group, out=out, tiles=tiles, unpack=unpack)
+        assert got is out
+        assert_error_within(got, baseline, expected, atol=(1e-4 if dtype != torch.float32 else 1e-6) * x_scale)
+        results.append(got)
+    return results
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
@@ -130,6 +141,48 @@ def test_gemv_f16_activation_range_interpreted(gemv_f16, x_scale):
     """Activations past fp16's largest value (65504) or below its normals (6e-5): the per-tile power-of-two scale
     of plane_major_f16 keeps them finite and exact."""
     check_gemm("int4", 1, 40, 256, 128, torch.bfloat16, tiles=(1, 16, 128, 2), seed=7, unpack=4, x_scale=x_scale)
+
+
+# Split-K reduced in the launch (_reduce_splits): workspace and counters are the linear kernel's, one pair per device.
+
+def check_split(kind: str, m: int, dtype: torch.dtype, tiles, unpack=None):
+    """A split-K call (72 columns: ragged N tiles; K 96 in three or two ranges over three groups) with a NaN-filled
+    workspace, twice: both within tolerance and bitwise equal (the counters came back to 0, the reduction is
+    deterministic), every counter 0 after, the workspace written (the in-launch reduction ran)."""
+    from deltaserve.kernels.linear import triton as linear_triton
+    check_gemm(kind, m, 72, 96, 32, dtype, tiles=tiles, seed=m, unpack=unpack)  # compiles, allocates the scratch
+    ws, counts = linear_triton._split_buffers[str(torch.device(DEV))]
+    ws.fill_(float("nan"))
+    first, second = check_gemm(kind, m, 72, 96, 32, dtype, tiles=tiles, seed=m, unpack=unpack, calls=2)
+    assert torch.equal(first, second)
+    assert not counts.any()
+    assert not ws.isnan().all()
+
+
+@pytest.mark.parametrize("kind,m,dtype", [("int4", 1, torch.bfloat16), ("fp8", 1, torch.bfloat16),
+                                          ("int4", 3, torch.float32), ("fp8", 3, torch.float32)])
+def test_gemv_split_interpreted(kind, m, dtype):
+    """The GEMV (one row, or three in a tile of 4), 5 N tiles x 3 K ranges reduced in one launch."""
+    check_split(kind, m, dtype, (1 if m == 1 else 4, 16, 16, 3), unpack=4)
+
+
+@pytest.mark.parametrize("kind,m,dtype,tiles", [("int4", 20, torch.bfloat16, (16, 32, 16, 3)),
+                                                ("fp8", 20, torch.float32, (16, 32, 16, 3)),
+                                                ("int4", 40, torch.float32, (32, 16, 32, 2)),
+                                                ("fp8", 3, torch.bfloat16, (16, 16, 16, 2))])
+def test_gemm_split_interpreted(kind, m, dtype, tiles):
+    """The tiled kernel: 1-2 M tiles (the last one padded) x 3-5 N tiles x 2-3 K ranges reduced in one launch."""
+    check_split(kind, m, dtype, tiles)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_split_without_scratch_interpreted(kind, monkeypatch):
+    """No workspace (a capture's first call of its size): the partials go to a temporary and torch adds them."""
+    asked = []
+    monkeypatch.setattr(qt, "_scratch", lambda *args: asked.append(args))  # None: as in a capture
+    check_gemm(kind, 1, 72, 96, 32, torch.bfloat16, tiles=(1, 16, 16, 3), seed=1, unpack=4)
+    check_gemm(kind, 20, 72, 96, 32, torch.bfloat16, tiles=(16, 32, 16, 3), seed=20)
+    assert len(asked) == 2
 
 
 def _loader_codes(order: str, codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int):
@@ -555,3 +608,37 @@ def test_w8a8_captures_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m", [1, 8])
+def test_split_captures_in_a_cuda_graph(kind, m, monkeypatch):
+    """A split-K call (N 5120, K 4096: the plan splits K 3 to 11 ways) captured in a CUDA graph replays bitwise equal
+    to the eager call over replays with new inputs, and leaves every counter at 0; a capture that finds no scratch
+    (no eager call of its size before it) adds the partials with torch inside the graph instead."""
+    from deltaserve.kernels.linear import triton as linear_triton
+    gen = torch.Generator().manual_seed(m)
+    if kind == "int4":
+        w, s, z = int4_weight(5120, 4096, 128, gen)
+    else:
+        (w, s), z = fp8_weight(5120, 4096, 128, gen), None
+    xs = [torch.randn(m, 4096, generator=gen).to(torch.bfloat16).to(DEV) for _ in range(3)]
+    x = xs[0].clone()
+    qt.quant_gemm(x, w, s, z, 128)  # warm-up: compiles, allocates the scratch
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = qt.quant_gemm(x, w, s, z, 128)
+    for xi in xs:
+        x.copy_(xi)
+        graph.replay()
+        assert torch.equal(y, qt.quant_gemm(xi, w, s, z, 128))
+    assert not linear_triton._split_buffers[str(x.device)][1].any()
+    monkeypatch.setattr(linear_triton, "_split_buffers", {})
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = qt.quant_gemm(x, w, s, z, 128)
+    graph.replay()
+    torch.testing.assert_close(y, qt.quant_gemm(x, w, s, z, 128))

@@ -13,13 +13,17 @@ Two kernels serve both, accumulating in fp32:
     scale for that K block. int4 (2): the tile's packed words are loaded once ([BN, BK/8], contiguous along K) and
     never interleaved: nibble plane j holds columns k0 + 8c + j, which are dotted with the same columns of x (a
     strided load of the small activation tile), eight K = BK/8 dots per tile.
-  - decode-sized calls: one M tile (16/32/64 rows) and split-K until about two waves of programs run; the partial
-    sums go to an fp32 workspace and are added by one torch op.
+  - decode-sized calls: one M tile (16/32/64 rows) and split-K until about two waves of programs run.
   - UNPACK 3 (int4 up to 32 rows on the GPU with 16-bit activations): the scale multiplies each tile's partial
     sum, so the tensor cores take the exact q - z, two nibbles per lop3 (the FasterTransformer trick, in inline
     PTX), with no per-value scaling; the kernels skip the reference's rounding of the weight to the activation dtype
     and land closer to the exact product. For fp8 (the exact e4m3 values) it is a benchmark variant only.
   - larger calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
+Split-K (both kernels) is reduced in the same launch, as in the bf16 skinny linear (kernels/linear/triton.py), on
+its per-device workspace and counters (so, as there, calls run on one stream at a time): each program stores its fp32
+partial, and the last of an output tile's programs to arrive adds them in split order (deterministic), stores the
+result and resets the tile's counter. A capture that finds the scratch too small (no eager call of its size before
+it) writes the partials to a temporary instead and adds them with one torch op (two more launches).
 MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX routed pairs, a GEMV per (token,
 expert) pair that reads the expert id on the device (the GEMV's tiles); up to PAIR_MAX, pairs sorted into blocks of
 16 that share one expert (moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up,
@@ -29,6 +33,7 @@ dequantized once and the bf16 MoE path runs.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -36,7 +41,10 @@ import triton
 import triton.language as tl
 
 from deltaserve.kernels._device import capability, num_sms
+from deltaserve.kernels.linear.triton import _scratch
 from deltaserve.kernels.quant import ref
+
+log = logging.getLogger(__name__)
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _COMPILED = tl.constexpr(not _INTERPRET)  # inline PTX can run
@@ -567,14 +575,34 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os, stride_om,
-                 k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16_FMA: tl.constexpr = False,
-                 F16_WORDS: tl.constexpr = 1):
+def _reduce_splits(acc, out_ptrs, ws_ptrs, ws_split_stride, count_ptr, tile, pid_k, mask, SPLIT: tl.constexpr):
+    """Split-K in the launch (kernels/linear/triton.py's scheme): this program's fp32 partial acc goes to ws_ptrs +
+    pid_k * ws_split_stride, then it bumps output tile `tile`'s counter (acq_rel); the last of the tile's SPLIT
+    programs to arrive adds the partials in split order (whichever program it is: deterministic), stores them to
+    out_ptrs in out's dtype and sets the counter back to 0, so the next call and every CUDA-graph replay start
+    clean. No program waits on another (no spin)."""
+    tl.store(ws_ptrs + pid_k * ws_split_stride, acc, mask=mask)
+    tl.debug_barrier()  # every thread's partial is stored before thread 0's release below publishes them
+    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT - 1:  # the others' partials are visible
+        total = tl.zeros(acc.shape, dtype=tl.float32)
+        for s in tl.static_range(SPLIT):  # fixed order, whichever program got here
+            total += tl.load(ws_ptrs + s * ws_split_stride, mask=mask, other=0.0, cache_modifier=".cg")  # L2, not L1
+        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+        tl.store(count_ptr + tile, 0)  # every program of the tile has arrived: nobody else touches it now
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                 stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                 F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
     pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA (int4): packed fp16 products
-    on plane_major_f16()'s activations instead of fp32 FMAs on plane_major()'s."""
+    on plane_major_f16()'s activations instead of fp32 FMAs on plane_major()'s. SPLIT > 1: the grid's SPLIT K
+    ranges are added in this launch (_reduce_splits, workspace [SPLIT, BM, N]); 1: each program stores its own
+    sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BM)[:, None, None]
     cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
@@ -582,18 +610,26 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
     k_end = tl.minimum(k_begin + k_per_split, K)
     acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
                     GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA, F16_WORDS)
-    dest = out_ptr + pid_k.to(tl.int64) * stride_os + rows.to(tl.int64) * stride_om + cols
-    if EVEN_N and BM == 1:
-        tl.store(dest, acc.to(out_ptr.dtype.element_ty))
+    if SPLIT > 1:
+        # workspace [SPLIT, BM, N] fp32: strides from BM and N only, nothing that changes with every call
+        _reduce_splits(acc, out_ptr + rows.to(tl.int64) * stride_om + cols, ws_ptr + rows * N + cols, BM * N,
+                       count_ptr, pid_n, pid_k, (rows < M) & (cols < N), SPLIT)
     else:
-        tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=(rows < M) & (cols < N))
+        dest = out_ptr + pid_k.to(tl.int64) * stride_os + rows.to(tl.int64) * stride_om + cols
+        if EVEN_N and BM == 1:
+            tl.store(dest, acc.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=(rows < M) & (cols < N))
 
 
 @triton.jit
-def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride_wn, stride_sn, stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
+def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
+                 stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0,
-                 ACT_FP8: tl.constexpr = False):
-    """One [BM, BN] output tile over the K range of split pid_k (a partial sum when K is split)."""
+                 ACT_FP8: tl.constexpr = False, SPLIT: tl.constexpr = 1):
+    """One [BM, BN] output tile over the K range of split pid_k. SPLIT > 1: the grid's SPLIT K ranges are added in
+    this launch (_reduce_splits); 1: each program stores its own sum at out + pid_k * stride_os (the result, or
+    without a workspace a partial that torch adds)."""
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -609,8 +645,16 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, stride_xm, stride
         acc = _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
                            k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    rows = pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64) * stride_om
-    tl.store(out_ptr + rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    if SPLIT > 1:
+        # workspace [SPLIT, M padded to the grid's M tiles, N] fp32: strides from the grid, BM and N, never from M
+        # (no new argument that changes with every call); one counter per output tile
+        rows_pad = tl.num_programs(0) * BM
+        _reduce_splits(acc, out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :],
+                       ws_ptr + offs_m[:, None] * N + offs_n[None, :], rows_pad * N, count_ptr,
+                       pid_m * tl.num_programs(1) + pid_n, pid_k, mask, SPLIT)
+    else:
+        rows = pid_k.to(tl.int64) * stride_os + offs_m.to(tl.int64) * stride_om
+        tl.store(out_ptr + rows[:, None] + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _k_tile(group: int, k: int, want: int) -> int:
@@ -703,6 +747,9 @@ def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: b
     return bm, bn, bk, split, 8, 3
 
 
+_warned: set[tuple[int, int, int]] = set()  # shapes whose split-K call fell back to torch's sum (logged once)
+
+
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
                group: int, out: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None,
                unpack: int | None = None, act_fp8: bool = False) -> torch.Tensor:
@@ -755,21 +802,32 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    dest = out if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    common = (x, weight, scale, zeros if int4 else scale, dest, m, n, k, x.stride(0), weight.stride(0),
-              scale.stride(0), dest.stride(0) if split > 1 else 0, dest.stride(-2), k_per_split)
-    consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, **_launch(*launch))
+    m_tiles = 1 if unpack == 4 else triton.cdiv(m, bm)  # (the GEMV holds every row in one tile)
+    dest = ws = counts = out  # the kernel stores the result; workspace and counters unused
+    reduce = 1  # the kernel's SPLIT: K ranges it adds itself
+    if split > 1:
+        scratch = _scratch(x.device, split * m_tiles * bm * n, m_tiles * triton.cdiv(n, bn))
+        if scratch is not None:
+            (ws, counts), reduce = scratch, split
+        else:  # first call of this size inside a capture: the partials go to a temporary, torch adds them
+            if (m, n, k) not in _warned:
+                _warned.add((m, n, k))
+                log.warning("split-K quantized GEMM [%d, %d] x [%d, %d]^T first called inside a CUDA-graph capture: "
+                            "torch adds its partial sums (two more launches; warm up eagerly first)", m, k, n, k)
+            dest = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+    f16 = unpack == 4 and int4 and GEMV_F16 and x.dtype == torch.bfloat16
+    xk = (plane_major_f16(x, bk) if f16 else plane_major(x, bk)) if unpack == 4 and int4 else x
+    common = (xk, weight, scale, zeros if int4 else scale, dest, ws, counts, m, n, k, xk.stride(0), weight.stride(0),
+              scale.stride(0), dest.stride(0) if dest is not out else 0, dest.stride(-2), k_per_split)
+    consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, SPLIT=reduce,
+                  **_launch(*launch))
     if unpack == 4:
-        f16 = int4 and GEMV_F16 and x.dtype == torch.bfloat16
-        if int4:
-            xp = plane_major_f16(x, bk) if f16 else plane_major(x, bk)
-            common = (xp, *common[1:8], xp.stride(0), *common[9:])
         _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
                                                   F16_WORDS=_f16_words(bk) if f16 else 1, **consts)
     else:
-        _gemm_kernel[(triton.cdiv(m, bm), triton.cdiv(n, bn), split)](
+        _gemm_kernel[(m_tiles, triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8, **consts)
-    if split > 1:
+    if dest is not out:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
 
