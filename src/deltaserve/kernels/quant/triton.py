@@ -24,11 +24,14 @@ its per-device workspace and counters (so, as there, calls run on one stream at 
 partial, and the last of an output tile's programs to arrive adds them in split order (deterministic), stores the
 result and resets the tile's counter. A capture that finds the scratch too small (no eager call of its size before
 it) writes the partials to a temporary instead and adds them with one torch op (two more launches).
-MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX routed pairs, a GEMV per (token,
-expert) pair that reads the expert id on the device (the GEMV's tiles); up to PAIR_MAX, pairs sorted into blocks of
-16 that share one expert (moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up,
-SiLU-and-mul in torch, down, then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are
-dequantized once and the bf16 MoE path runs.
+MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX routed pairs, two launches per layer
+(_fused_pairs): gate|up with SiLU-and-mul for every (token, expert) pair, the GEMV's tiles with the expert id read on
+the device and K split as the linear's split-K (last program adds), then down with the routing-weighted sum over a
+token's pairs in the same launch; the shared expert, when its format and sizes match the experts', runs as one more
+pair weighted by sigmoid(its gate). Up to PAIR_MAX, pairs sorted into blocks of 16 that share one expert
+(moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in torch, down,
+then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the bf16 MoE path
+runs.
 """
 
 from __future__ import annotations
@@ -1017,8 +1020,6 @@ MOE_DOWN_TILE = (64, 8)
 def _moe_scratch(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The split-K linear's per-device workspace and self-resetting counters; fresh ones (zeroed in the graph) when
     a CUDA-graph capture meets a size no eager call has grown them to."""
-    from deltaserve.kernels.linear.triton import _scratch
-
     scratch = _scratch(device, floats, counters)
     if scratch is not None:
         return scratch
