@@ -219,9 +219,9 @@ def moe_tiles(args, bw: float) -> list[dict]:
             gate = torch.randn(m, 1, device="cuda", dtype=torch.bfloat16)
             touched = ids.unique().numel() + 1  # the shared expert
             floor_us = touched * 3 * d * inter * per_weight / bw * 1e6
-            default = qt.MOE_GATE_UP_TILE, qt.MOE_DOWN_TILE
+            default = qt.MOE_TILES[kind]
             for which, tile in [("gate_up", t) for t in MOE_GATE_UP_TILES] + [("down", t) for t in MOE_DOWN_TILES]:
-                qt.MOE_GATE_UP_TILE, qt.MOE_DOWN_TILE = (tile, default[1]) if which == "gate_up" else (default[0], tile)
+                qt.MOE_TILES[kind] = (tile, default[1]) if which == "gate_up" else (default[0], tile)
                 try:
                     ms = time_ms(lambda: [op(x=x, topk_weights=w, topk_ids=ids, shared_gate=gate, **kw)
                                           for kw in layers])
@@ -229,7 +229,7 @@ def moe_tiles(args, bw: float) -> list[dict]:
                     print(f"moe {kind} m={m} {which} {tile}: {type(e).__name__}", flush=True)
                     continue
                 finally:
-                    qt.MOE_GATE_UP_TILE, qt.MOE_DOWN_TILE = default
+                    qt.MOE_TILES[kind] = default
                 us = ms * 1e3 / MOE_LAYERS
                 row = {"kind": kind, "rows": m, "tile of": which, "tile": str(tile),
                        "default": tile == default[0 if which == "gate_up" else 1], "us/layer": us,

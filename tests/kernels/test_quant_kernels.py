@@ -351,8 +351,7 @@ def test_moe_shared_folded_interpreted(kind, monkeypatch):
     """The shared expert run as one more pair per token; every token's first slot on expert 0 (its programs
     finish the token's sums as often as the others); gate/up and down tiles that do not divide the intermediate
     size (48 in halves of 32) or the hidden size (96 in 64); gate/up split over K."""
-    monkeypatch.setattr(qt, "MOE_GATE_UP_TILE", (64, 4, 2))  # 6 K tiles of 16 in 3 ranges
-    monkeypatch.setattr(qt, "MOE_DOWN_TILE", (64, 4))
+    monkeypatch.setitem(qt.MOE_TILES, kind, ((64, 4, 2), (64, 4)))  # gate/up: 6 K tiles of 16 in 3 ranges
     check_moe(kind, tokens=3, experts=4, top_k=2, d=96, inter=48, group=16, dtype=torch.bfloat16, shared=True,
               first_slot_expert=0)
 

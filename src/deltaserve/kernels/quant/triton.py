@@ -1011,10 +1011,11 @@ def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, s_ptr, z_pt
         tl.store(counter, 0)
 
 
-# Fused per-pair MoE tiles: gate_up (BN counting its gate and up rows together, num_warps, K tiles per program: the
-# split), down (BN, num_warps).
-MOE_GATE_UP_TILE = (32, 8, 4)
-MOE_DOWN_TILE = (64, 8)
+# Fused per-pair MoE tiles per weight format: gate_up (BN counting its gate and up rows together, num_warps, K tiles
+# per program: the split), down (BN, num_warps). From `benchmarks/bench_quant_kernels.py --moe-tiles --rows 1 8`
+# (H200, 35B-A3B layer with its shared expert, RESULTS.md 2026-12-04): one tile per format that is within 4% of the
+# best at one token and 9% at eight. Four warps spill for fp8 (and for int4's down GEMV).
+MOE_TILES = {"int4": ((64, 4, 4), (64, 8)), "fp8": ((64, 8, 4), (64, 8))}
 
 
 def _moe_scratch(device: torch.device, floats: int, counters: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -1050,7 +1051,7 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
     out = torch.empty_like(x)
     if t == 0:
         return out
-    bn, warps, k_tiles = gate_up_tile or MOE_GATE_UP_TILE
+    bn, warps, k_tiles = gate_up_tile or MOE_TILES["int4" if int4 else "fp8"][0]
     k_split = min(k_tiles, triton.cdiv(d, bk1)) * bk1
     split = triton.cdiv(d, k_split)
     blocks = triton.cdiv(act_w, bn // 2)
@@ -1061,7 +1062,7 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
         act.stride(0), TOP_K=top_k, HAS_SHARED=int(has_shared), GROUP=g1 if g1 < d else d + bk1, INT4=int4, BN=bn,
         BK=bk1, SPLIT=split, ACT_BK=bk2, EVEN_N=inter % (bn // 2) == 0, EVEN_K=d % bk1 == 0, F16=f16,
         F16_WORDS=_f16_words(bk1, MOE_PAIR_F16_WORDS) if f16 else 1, num_warps=warps)
-    bn, warps = down_tile or MOE_DOWN_TILE
+    bn, warps = down_tile or MOE_TILES["int4" if int4 else "fp8"][1]
     blocks = triton.cdiv(d, bn)
     ws, counts = _moe_scratch(x.device, t * pairs * d, t * blocks)
     gate = shared_gate if has_shared else topk_weights
