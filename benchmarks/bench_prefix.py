@@ -4,6 +4,7 @@ workload's ideal, TTFT percentiles (and on resumed turns), throughput.
 python benchmarks/bench_prefix.py [--model 9B] [--workloads chat chat-rewrite system] [--concurrency 1 16]
                                   [--conversations 4] [--turns 8] [--first-len 8192] [--turn-len 200]
                                   [--system-len 4096] [--requests 16] [--output-len 64] [--num-checkpoints N]
+                                  [--prefix-cache on off] [--prefill-graph-tokens N]
 
 chat: `conversations` conversations of `turns` turns each, interleaved: turn 1 sends a first-len history, each
 later turn the previous prompt, the reply and a new turn-len message (the history is resent as it was: the shape
@@ -199,11 +200,13 @@ def main() -> None:
                     help="the checkpoint pool's size (default: the planner's); small: eviction under pressure")
     ap.add_argument("--prefill-graph-tokens", type=int, default=None,
                     help="the engine option (default: the engine's); 0 runs short prefill steps eagerly")
+    ap.add_argument("--prefix-cache", nargs="+", default=["on", "off"], choices=["on", "off"],
+                    help="run with the prefix cache on and/or off (default both)")
     args = ap.parse_args()
     rows = []
     for workload in args.workloads:
         for conc in args.concurrency:
-            for cached in (True, False):
+            for cached in (c == "on" for c in args.prefix_cache):
                 rows.append(run(args, workload, conc, cached))
                 print(rows[-1], flush=True)
     print(header(""))

@@ -55,6 +55,10 @@ def test_padded_arrays_keep_the_key_shapes_and_send_padding_nowhere() -> None:
     assert chunks[:4].tolist() == [[0, 0], [0, 1], [1, 0], [2, 0]] and (chunks[4:] == [2, 0]).all()
     assert logits.tolist() == [69, 70, 0, 0]
     assert token_sizes(512) == [64, 128, 256, 512] and token_sizes(100) == [64]
+    # with the scheduler's step size: powers of two below a full step, then the full step plus its padding row
+    assert token_sizes(4096, 2048) == [64, 128, 256, 512, 1024, 2048, 2112]
+    assert token_sizes(512, 2048) == [64, 128, 256, 512]  # the full step is above the limit: it runs eagerly
+    assert token_sizes(4096, 256) == [64, 128, 256, 320] and token_sizes(4096, 255) == [64, 128, 256]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -191,3 +195,22 @@ def test_graph_replays_equal_eager_steps(moe: bool) -> None:
             torch.testing.assert_close(a.k, b.k, **tol)
             torch.testing.assert_close(a.v, b.v, **tol)
     assert graphs.replays == 3
+
+
+def test_a_full_step_replays_its_own_bucket_and_the_planner_reserves_the_pool() -> None:
+    from types import SimpleNamespace
+
+    from deltaserve.config.engine import RunnerConfig, SchedulerConfig
+    from deltaserve.engine.memory import _graphed_share
+
+    graphs = VarlenGraphs(None, None, max_tokens=4096, max_rows=4, max_pages=4096 // PAGE, page_size=PAGE,  # type: ignore
+                          device=torch.device("cpu"), step_tokens=2048)
+    graphs.graphs = {key: None for key in graphs.keys}  # type: ignore[misc]
+    assert graphs.key_for(step_of([2048], [0], [0], [2047])) == (1, 2112)  # a whole prompt chunk
+    assert graphs.key_for(step_of([1500], [0], [0], [1499])) == (1, 2048)
+
+    def share(**runner) -> float:
+        sched = SchedulerConfig(max_model_len=8192, max_num_batched_tokens=2048)
+        return _graphed_share(SimpleNamespace(runner=RunnerConfig(**runner), scheduler=sched))  # type: ignore
+    assert share() == 1.0 and share(prefill_graph_tokens=512) == 0.25
+    assert share(prefill_graph_tokens=0) == 0.0 and share(enforce_eager=True) == 0.0

@@ -40,7 +40,7 @@ class RunnerConfig:
     dtype: str | None = None        # None: the checkpoint's dtype
     load_format: str = "auto"
     enforce_eager: bool = False     # no CUDA graphs
-    prefill_graph_tokens: int = 512  # varlen graphs at 64, 128, ... tokens up to this value; < 64: none
+    prefill_graph_tokens: int = 4096  # varlen graphs at 64, 128, ... tokens (and a full step's) up to this; < 64: none
 
     def __post_init__(self) -> None:
         require(self.device is None or (isinstance(self.device, str) and self.device.split(":")[0] in ("cuda", "cpu")),

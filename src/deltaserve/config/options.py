@@ -69,10 +69,11 @@ class EngineArgs:
                                section="runner", type=str, choices=LOAD_FORMATS)
     enforce_eager: bool = _option(False, "disable CUDA graphs (on by default on GPU)", section="runner")
     prefill_graph_tokens: int = _option(
-        512, "steps with prefill chunks and at most 16 rows (a resumed chat turn, a short prompt beside a few decode "
-             "rows) replay CUDA graphs captured at 64, 128, ... tokens, the largest a power of two not above this "
-             "value, instead of launching every kernel from Python (a step fits a graph of more tokens than it has); "
-             "below 64: they run eagerly", section="runner", type=int)
+        4096, "steps with prefill chunks and at most 16 rows (a prompt's chunks, a resumed chat turn, a short prompt "
+              "beside a few decode rows) replay CUDA graphs captured at 64, 128, ... tokens and at a full step "
+              "(--max-num-batched-tokens + 1, to a multiple of 64), none above this value, instead of launching every "
+              "kernel from Python (a step fits a graph of more tokens than it has); their memory is reserved beside "
+              "the activations'; below 64: they run eagerly", section="runner", type=int)
     async_scheduling: bool | None = _option(
         None, "make every step wait for its own tokens before the next is scheduled (by default on GPU the next "
               "step is launched first, so host work overlaps the GPU)", section="scheduler",

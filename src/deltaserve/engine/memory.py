@@ -11,6 +11,7 @@ from deltaserve.cache.planner import MemoryPlan, plan_memory
 from deltaserve.cache.tensors import CacheShape, ModelCache, kv_bytes_per_page, kv_page_dtype, state_bytes_per_slot
 from deltaserve.config import EngineConfig
 from deltaserve.engine.device_inputs import build_forward_batch
+from deltaserve.engine.varlen_graph import token_sizes
 
 
 def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torch.device,
@@ -75,10 +76,22 @@ def _budget_bytes(model: torch.nn.Module, config: EngineConfig, device: torch.de
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         in_use = total - free
-        return int(total * util) - in_use - _activation_peak_cuda(model, config, device, dtype)
+        peak = _activation_peak_cuda(model, config, device, dtype)
+        return int(total * util) - in_use - peak - int(peak * _graphed_share(config))
     # CPU: a share of the RAM that is available now (weights are already resident).
     act = sched.max_num_batched_tokens * config.model.hidden_size * 4 * 32
     return int(psutil.virtual_memory().available * util * 0.5) - act
+
+
+def _graphed_share(config: EngineConfig) -> float:
+    """The varlen CUDA graphs' memory pool as a share of the profiled activation peak: their largest token bucket
+    over the profiled step's tokens (activations grow about linearly with tokens); it stays allocated beside the
+    eager steps' activations."""
+    runner, sched = config.runner, config.scheduler
+    if runner.enforce_eager or runner.prefill_graph_tokens < 64:
+        return 0.0
+    sizes = token_sizes(runner.prefill_graph_tokens, sched.max_num_batched_tokens)
+    return min(1.0, sizes[-1] / max(1, min(sched.max_num_batched_tokens, sched.max_model_len))) if sizes else 0.0
 
 
 @torch.no_grad()

@@ -191,8 +191,8 @@ class ModelRunner:
         sched, tokens = self.config.scheduler, self.config.runner.prefill_graph_tokens
         if tokens < 64:
             return None
-        graphs = VarlenGraphs(self.model, self.cache, max_tokens=min(tokens, sched.max_num_batched_tokens + 1,
-                                                                    self._moe_graph_tokens()),
+        graphs = VarlenGraphs(self.model, self.cache, max_tokens=min(tokens, self._moe_graph_tokens()),
+                              step_tokens=sched.max_num_batched_tokens,
                               max_rows=min(sched.max_num_seqs, self.plan.num_slots),
                               max_pages=pages_for_tokens(sched.max_model_len, self.config.cache.page_size),
                               page_size=self.config.cache.page_size, device=self.device)

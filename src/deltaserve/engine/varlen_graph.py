@@ -34,12 +34,19 @@ log = logging.getLogger(__name__)
 ROW_SIZES = (1, 4, 16)
 
 
-def token_sizes(max_tokens: int) -> list[int]:
-    """Token buckets from 64 doubling up to max_tokens (a step of t tokens needs a bucket T > t)."""
+def token_sizes(max_tokens: int, step_tokens: int | None = None) -> list[int]:
+    """Token buckets (a step of t tokens needs a bucket T > t), none above max_tokens: 64 doubling, and with
+    step_tokens (the scheduler's token budget) only while below a step of that many tokens, then one bucket that
+    fits such a step with its padding row: step_tokens + 1 rounded up to a multiple of 64 (a full 2,048-token prefill
+    chunk replays 2,112 tokens instead of launching the whole model from Python, which costs an MoE model's chunk
+    three times its GPU time)."""
+    full = None if step_tokens is None else -(-(step_tokens + 1) // GDN_CHUNK_SIZE) * GDN_CHUNK_SIZE
     sizes, t = [], 64
-    while t <= max_tokens:
+    while t <= max_tokens and (full is None or t < full):
         sizes.append(t)
         t *= 2
+    if full is not None and full <= max_tokens:
+        sizes.append(full)
     return sizes
 
 
@@ -90,10 +97,10 @@ class VarlenGraphs:
     """Owns one static buffer and one graph per (rows, tokens) key; used only by the ModelRunner."""
 
     def __init__(self, model: torch.nn.Module, cache: ModelCache, *, max_tokens: int, max_rows: int,
-                 max_pages: int, page_size: int, device: torch.device) -> None:
+                 max_pages: int, page_size: int, device: torch.device, step_tokens: int | None = None) -> None:
         self.model, self.cache, self.device = model, cache, device
         self.row_sizes = sorted({r for r in ROW_SIZES if r < max_rows} | {min(max_rows, ROW_SIZES[-1])})
-        self.token_sizes = token_sizes(max_tokens)
+        self.token_sizes = token_sizes(max_tokens, step_tokens)
         # the padding row's positions reach T - 1: its block-table row must be that wide even where max_model_len
         # is shorter (real rows are held to max_pages by key_for)
         self.page_size, self.max_pages = page_size, max_pages
