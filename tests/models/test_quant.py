@@ -348,6 +348,25 @@ def test_dummy_quantized_model_runs(method):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name,folded", [("gptq_moe", False), ("qwen_fp8_moe", True), ("awq_mixed_moe", True)])
+def test_shared_expert_folds_into_the_experts_op_only_when_formats_match(name, folded, monkeypatch):
+    """A quantized shared expert in the experts' format runs inside their op as one more expert per token; the
+    MoE block's output is the same (fp32) as running it through its own layers. An act-order GPTQ shared expert
+    (its input permuted) keeps its own layers."""
+    from deltaserve.layers import quant as layer_quant
+
+    model = load_model(ModelConfig.from_hf(FIXTURES / name), dtype="float32")
+    moe = model.model.layers[0].mlp
+    method = type(moe.shared_expert.down_proj.method)
+    assert (layer_quant._foldable_shared(moe.experts, moe.shared_expert, method) is not None) == folded
+    x = torch.randn(5, moe.experts.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = moe(x)
+        monkeypatch.setattr(layer_quant, "_foldable_shared", lambda *args: None)
+        want = moe(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
     from deltaserve.cli import main
     out = tmp_path / "cli_fp8"

@@ -97,8 +97,8 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
     return F.linear(dequant_fp8_act(xq, sx), w).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
-def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, inter: int, expert,
-         shared=None, shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert, shared=None,
+         shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     """The routed-expert sum of kernels/moe/ref.fused_moe with expert e's weights from expert(e) -> (w13, w2), and
     with `shared` ((w13, w2) dequantized) one more expert per token weighted by sigmoid(shared_gate)."""
     x32 = x.float()
@@ -138,7 +138,7 @@ def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: to
         return (dequant((w13_qweight[e], w13_scales[e], w13_zeros[e]), d),
                 dequant((w2_qweight[e], w2_scales[e], w2_zeros[e]), inter))
     shared = (dequant(shared_w13, d), dequant(shared_w2, inter)) if shared_w13 is not None else None
-    return _moe(x, topk_weights, topk_ids, inter, expert, shared, shared_gate)
+    return _moe(x, topk_weights, topk_ids, expert, shared, shared_gate)
 
 
 def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
@@ -148,12 +148,10 @@ def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor
                   shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts with fp8 weights (layout above): w13 [E, 2I, D], w2 [E, D, I]; shared_w13 / shared_w2:
     the shared expert's (weight, scale) with the same block_k, as in int4_fused_moe."""
-    inter = w2.shape[2]
-
     def dequant(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return dequant_fp8(weight=w[0], scale=w[1], block_k=block_k)
 
     def expert(e: int):
         return dequant((w13[e], w13_scale[e])), dequant((w2[e], w2_scale[e]))
     shared = (dequant(shared_w13), dequant(shared_w2)) if shared_w13 is not None else None
-    return _moe(x, topk_weights, topk_ids, inter, expert, shared, shared_gate)
+    return _moe(x, topk_weights, topk_ids, expert, shared, shared_gate)

@@ -708,12 +708,13 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
 # unpacking, which no longer hides behind the weight read.
 GEMV_MAX_ROWS = 1
 GEMV_SWEEP_ROWS = 4  # the most rows an explicit unpack=4 takes (benchmarks): its 3-D tiles grow with the rows
-# The int4 GEMVs (quant_gemm's and the MoE's per-pair) with fp16 products (F16_FMA): by the sm_90a SASS 368
+# The int4 GEMVs (quant_gemm's and the MoE's gate|up) with fp16 products (F16_FMA): by the sm_90a SASS 368
 # instructions per 128-row tile against 496 (benchmarks/compile_check.py); on the H200 the 27B int4 decode step at
 # batch 1 took 9.23 ms against 11.2 with fp32 FMAs (bench_quant.py --gemv-variants fp32 f16, RESULTS.md
-# 2026-12-03), so it is the default; benchmarks switch it to compare. Only for bf16 activations (the MoE's down GEMVs too: their fp32 input the grouped path rounds to bf16 anyway): its
-# error, about 3e-4 of the output's largest value (five fp16 roundings per word against the reference's one per
-# weight), is a fraction of bf16's but as large as fp16's, past the tests' twice-the-reference for fp16 and fp32.
+# 2026-12-03), so it is the default; benchmarks switch it to compare. Only for bf16 activations (and the fused
+# MoE's gate|up GEMVs; its down GEMVs run fp32 FMAs on the fp32 SiLU output the gate|up kernel stores): its error,
+# about 3e-4 of the output's largest value (five fp16 roundings per word against the reference's one per weight), is
+# a fraction of bf16's but as large as fp16's, past the tests' twice-the-reference for fp16 and fp32.
 GEMV_F16 = True
 # Words per fp16 accumulator in the F16_FMA GEMVs (F16_WORDS; 1, 2 or 4, at most BK/8): 4 chains a row's four
 # adjacent words through one fp16x2 accumulator in one asm block (_chain_f16_ptx), loads them as 128-bit vectors and
@@ -725,8 +726,9 @@ GEMV_F16 = True
 # kernels took 45.8 / 21.9 / 17.4 us against 48.3 / 24.9 / 22.0 with one word (27B gate_up / down / in_proj, batch
 # 1) and the 27B int4 step 8.81 ms against 9.26; benchmarks set it to 1 to compare (--gemv-variants).
 GEMV_F16_WORDS = 4
-# The MoE per-(token, expert) GEMV keeps one word: with four the 35B-A3B int4 step (experts int4) went 4.36 -> 4.84
-# ms in the same run. Tests set it to 4 as well, so both stay correct.
+# The MoE's per-(token, expert) gate|up GEMV keeps one word: with four the 35B-A3B int4 step (experts int4) went
+# 4.36 -> 4.84 ms in the same run (the per-pair kernel before the fused one; not re-measured on it). Tests set it to
+# 4 as well, so both stay correct.
 MOE_PAIR_F16_WORDS = 1
 
 
@@ -1030,7 +1032,8 @@ def _moe_scratch(device: torch.device, floats: int, counters: int) -> tuple[torc
 
 def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor, w13, s13, z13, w2, s2, z2,
                  group: int, inter: int, shared, shared_gate: torch.Tensor | None,
-                 gate_up_tile: tuple[int, int, int] | None = None, down_tile: tuple[int, int] | None = None) -> torch.Tensor:
+                 gate_up_tile: tuple[int, int, int] | None = None,
+                 down_tile: tuple[int, int] | None = None) -> torch.Tensor:
     """The per-pair MoE in two launches (plus the int4 activations' plane-major copy): gate|up with SiLU-and-mul,
     then down with the routing-weighted sum, the shared expert (shared: its (w13, s13, z13, w2, s2, z2), or None)
     as one more pair per token."""
