@@ -1197,7 +1197,8 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, sha
         return fused_moe(x=x, w13=dequantize(w13, s13, z13, group, d, x.dtype),
                          w2=dequantize(w2, s2, z2, group, inter, x.dtype), topk_weights=topk_weights,
                          topk_ids=topk_ids, **folded)
-    ids = topk_ids.to(torch.int32).contiguous()
+    # the ids as the top-k kernel writes them (int64): the kernels widen what they load, so no cast launch
+    ids = topk_ids.contiguous()
     x = x.contiguous()
     k = ids.shape[-1]
     grouped = ids.numel() > PAIR_GEMV_MAX and (z13 is None or group % 128 == 0 or _INTERPRET)
