@@ -367,6 +367,20 @@ def test_shared_expert_folds_into_the_experts_op_only_when_formats_match(name, f
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def test_split_format_projection_gives_its_shards_without_concatenating(monkeypatch):
+    """FP8 GDN in_proj qkv|z beside bf16 b|a: forward_split returns each part's shards (the same values as the
+    concatenated output's columns) and never concatenates them."""
+    model = load_model(ModelConfig.from_hf(FIXTURES / "qwen_fp8_moe"), dtype="float32")
+    proj = model.model.layers[0].linear_attn.in_proj
+    assert proj.method.name.startswith("split(")
+    x = torch.randn(3, proj.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = proj(x).split(list(proj.shards.values()), dim=-1)
+        monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: pytest.fail("forward_split concatenated"))
+        got = proj.forward_split(x)
+    assert len(got) == len(want) == 4 and all(torch.equal(g, w) for g, w in zip(got, want))
+
+
 def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
     from deltaserve.cli import main
     out = tmp_path / "cli_fp8"

@@ -53,6 +53,10 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return linear(x=x, weight=layer.weight)
 
+    def apply_split(self, layer: MergedLinear, x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        """A merged layer's output as its column groups `sizes`: here column views of apply's one result."""
+        return self.apply(layer, x).split(sizes, dim=-1)
+
     def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         """The checkpoint tensors of one projection stored in `rows` of the layer's output (name: the projection's
         checkpoint path, without the tensor suffix). tp: under tensor parallelism, the rank's part of the
@@ -128,9 +132,10 @@ class MergedLinear(Linear):
         return layout
 
     def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The shards' outputs, in order: column views of one [T, out] result (padding rows dropped)."""
+        """The shards' outputs, in order: column views of one [T, out] result (padding rows dropped), or of one per
+        part where the shards differ in format (SplitLinearMethod)."""
         sizes = list(self.shards.values())
-        parts = self(x).split(sizes + [self.padding_rows] if self.padding_rows else sizes, dim=-1)
+        parts = self.method.apply_split(self, x, sizes + [self.padding_rows] if self.padding_rows else sizes)
         return parts[:len(sizes)]
 
     def extra_repr(self) -> str:

@@ -772,7 +772,8 @@ class _Part(MergedLinear):
 class SplitLinearMethod(LinearMethod):
     """A merged projection whose shards are stored in different formats (e.g. the mixed AWQ layout, or FP8 GDN in_proj
     qkv|z next to bf16 b|a): consecutive shards of one format stay merged (one GEMM each) and the outputs are
-    concatenated, so the layer's output is the same [T, sum of shards] as before."""
+    concatenated, so the layer's output is the same [T, sum of shards] as before; forward_split skips the
+    concatenation."""
 
     def __init__(self, groups: list[tuple[dict[str, int], LinearMethod]]) -> None:
         self.groups = groups
@@ -784,6 +785,13 @@ class SplitLinearMethod(LinearMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([part(x) for part in layer.parts], dim=-1)
+
+    def apply_split(self, layer: MergedLinear, x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
+        """Each part's shards as column views of its own GEMM's output: no concatenation (a copy launch a layer)
+        when the caller wants the shards apart anyway (the parts hold consecutive shards, in order)."""
+        if sizes != [rows for part in layer.parts for rows in part.shards.values()]:
+            return super().apply_split(layer, x, sizes)
+        return tuple(out for part in layer.parts for out in part.forward_split(x))
 
     def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         shard = name.rpartition(".")[2]
