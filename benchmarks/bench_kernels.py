@@ -153,7 +153,6 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
             mid_cfgs.append((f"mid down={c}", {"down_config": c}))
     pair_cfgs = [(f"per-pair gate_up={c}", {"gate_up_config": c}) for c in PAIR_GATE_UP_SWEEP
                  if c != moe.GATE_UP_CONFIG]
-    pair_cfgs += [(f"per-pair down={c}", {"down_config": c}) for c in PAIR_DOWN_SWEEP if c != moe.DOWN_CONFIG]
     rows = []
     for tokens in batches:
         calls = []
@@ -181,7 +180,9 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
                     ("per-pair", forced("pairs")), ("grouped", forced("grouped"))]
         variants += [(name, forced("mid", extra)) for name, extra in mid_cfgs]
         if tokens * top_k <= PAIR_SWEEP_MAX_PAIRS:
-            variants += [(name, pairs_with(calls, extra)) for name, extra in pair_cfgs]
+            down_default = moe.DOWN_CONFIG_ONE_TOKEN if tokens == 1 else moe.DOWN_CONFIG  # the kernel's pick here
+            down_cfgs = [(f"per-pair down={c}", {"down_config": c}) for c in PAIR_DOWN_SWEEP if c != down_default]
+            variants += [(name, pairs_with(calls, extra)) for name, extra in pair_cfgs + down_cfgs]
         expected = forced("mid", {})()
         for name, fn in variants:
             row = {"batch": tokens, "path": name, "experts touched": f"{touched:.0f}", "MB": nbytes / 1e6,

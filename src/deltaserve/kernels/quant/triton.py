@@ -578,21 +578,30 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
 
 
 @triton.jit
-def _reduce_splits(acc, out_ptrs, ws_ptrs, ws_split_stride, count_ptr, tile, pid_k, mask, SPLIT: tl.constexpr):
-    """Split-K in the launch (kernels/linear/triton.py's scheme): this program's fp32 partial acc goes to ws_ptrs +
-    pid_k * ws_split_stride, then it bumps output tile `tile`'s counter (acq_rel); the last of the tile's SPLIT
-    programs to arrive adds the partials in split order (whichever program it is: deterministic), stores them to
-    out_ptrs in out's dtype and sets the counter back to 0, so the next call and every CUDA-graph replay start
-    clean. No program waits on another (no spin)."""
+def _split_sum(acc, ws_ptrs, ws_split_stride, count_ptr, tile, pid_k, mask, SPLIT: tl.constexpr):
+    """Partial sums added in the launch (kernels/linear/triton.py's scheme): this program's fp32 partial acc goes to
+    ws_ptrs + pid_k * ws_split_stride, then it bumps `tile`'s counter (acq_rel); the last of the tile's SPLIT
+    programs to arrive adds the partials in split order (whichever program it is: deterministic) and sets the
+    counter back to 0, so the next call and every CUDA-graph replay start clean. No program waits on another (no
+    spin). -> (whether this program is the last, the total there; zeros elsewhere)."""
     tl.store(ws_ptrs + pid_k * ws_split_stride, acc, mask=mask)
     tl.debug_barrier()  # every thread's partial is stored before thread 0's release below publishes them
-    arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT - 1:  # the others' partials are visible
-        total = tl.zeros(acc.shape, dtype=tl.float32)
+    last = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    total = tl.zeros(acc.shape, dtype=tl.float32)
+    if last:  # the others' partials are visible
         for s in tl.static_range(SPLIT):  # fixed order, whichever program got here
             total += tl.load(ws_ptrs + s * ws_split_stride, mask=mask, other=0.0, cache_modifier=".cg")  # L2, not L1
-        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
         tl.store(count_ptr + tile, 0)  # every program of the tile has arrived: nobody else touches it now
+    return last, total
+
+
+@triton.jit
+def _reduce_splits(acc, out_ptrs, ws_ptrs, ws_split_stride, count_ptr, tile, pid_k, mask, SPLIT: tl.constexpr):
+    """Split-K in the launch (_split_sum): the last of an output tile's SPLIT programs stores the sum to out_ptrs
+    in out's dtype."""
+    last, total = _split_sum(acc, ws_ptrs, ws_split_stride, count_ptr, tile, pid_k, mask, SPLIT)
+    if last:
+        tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -962,15 +971,10 @@ def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_
         _store_act(acc, act_ptr, p, n, stride_act, ACT_W, BN, ACT_BK, INT4)
     else:
         slot = p.to(tl.int64) * tl.num_programs(1) + pid_n
-        part = ws_ptr + slot * (SPLIT * BN) + lane[None, :, None]
-        tl.store(part + pid_k * BN, acc)
-        tl.debug_barrier()  # every thread's partial is stored before thread 0's release below publishes them
-        if tl.atomic_add(count_ptr + slot, 1, sem="acq_rel", scope="gpu") == SPLIT - 1:
-            total = tl.zeros((1, BN, 1), dtype=tl.float32)
-            for i in tl.static_range(SPLIT):  # split order, whichever program got here last
-                total += tl.load(part + i * BN, cache_modifier=".cg")
+        last, total = _split_sum(acc, ws_ptr + slot * (SPLIT * BN) + lane[None, :, None], BN, count_ptr, slot, pid_k,
+                                 (lane < BN)[None, :, None], SPLIT)
+        if last:
             _store_act(total, act_ptr, p, n, stride_act, ACT_W, BN, ACT_BK, INT4)
-            tl.store(count_ptr + slot, 0)
 
 
 @triton.jit
@@ -1001,16 +1005,9 @@ def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, s_ptr, z_pt
         acc = tl.sigmoid(tl.load(gate_ptr + t * stride_g).to(tl.float32)) * _gemv_acc(
             a_row, sw_ptr, ss_ptr, sz_ptr, one, cols, 1, D, INTER, 0, stride_swn, stride_ssn, 0, INTER, GROUP, INT4,
             BK, False, EVEN_N, EVEN_K, False, 1)
-    ws = ws_ptr + t.to(tl.int64) * pairs * D + cols
-    tl.store(ws + j * D, acc, mask=cols < D)
-    tl.debug_barrier()  # every thread's partial is stored before thread 0's release below publishes them
-    counter = count_ptr + t * tl.num_programs(1) + pid_n
-    if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == pairs - 1:
-        total = tl.zeros((1, BN, 1), dtype=tl.float32)
-        for i in tl.static_range(pairs):  # slot order, whichever program got here last
-            total += tl.load(ws + i * D, mask=cols < D, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr + t.to(tl.int64) * stride_out + cols, total.to(out_ptr.dtype.element_ty), mask=cols < D)
-        tl.store(counter, 0)
+    # the token's pairs are the splits: the last of its programs for these columns adds them in slot order
+    _reduce_splits(acc, out_ptr + t.to(tl.int64) * stride_out + cols, ws_ptr + t.to(tl.int64) * pairs * D + cols, D,
+                   count_ptr, t * tl.num_programs(1) + pid_n, j, cols < D, pairs)
 
 
 # Fused per-pair MoE tiles per weight format: gate_up (BN counting its gate and up rows together, num_warps, K tiles
