@@ -194,3 +194,21 @@ def test_rank_shapes_split_heads_and_replicate_kv():
         RankShapes.for_rank(dense, 5)
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         RankShapes.for_rank(dense, 0)
+
+
+@pytest.mark.parametrize("device, gib, want", [("cpu", 80, 2048), (None, 141, 8192), ("cuda", 80, 8192),
+                                               ("cuda:0", 24, 2048), ("cuda:3", 80, 2048)])
+def test_default_step_tokens_follow_the_gpu_memory(monkeypatch, device, gib, want):
+    """Unset, max_num_batched_tokens is 8192 on a GPU of >= 70 GiB (an 8k prompt in one step), else 2048; a device
+    that is not there (cuda:3 of one) keeps 2048 and is left for the runner to name."""
+    import torch
+
+    from deltaserve.config.options import default_batched_tokens
+
+    class Props:
+        total_memory = gib * 2**30
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props)
+    assert default_batched_tokens(device) == want

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltaserve.config.common import ConfigError
-from deltaserve.config.engine import (FP8_ACTIVATIONS, KV_CACHE_DTYPES, LOAD_FORMATS, MODEL_DTYPES, SPECULATIVE_MAX_BATCH,
-                                      STATE_DTYPES, CacheConfig, EngineConfig, ParallelConfig, QuantizationConfig,
-                                      RunnerConfig, SchedulerConfig, SpeculativeConfig, parse_speculative_config)
+from deltaserve.config.engine import (BATCHED_TOKENS, FP8_ACTIVATIONS, KV_CACHE_DTYPES, LARGE_GPU_BATCHED_TOKENS,
+                                      LARGE_GPU_GIB, LOAD_FORMATS, MODEL_DTYPES, SPECULATIVE_MAX_BATCH, STATE_DTYPES,
+                                      CacheConfig, EngineConfig, ParallelConfig, QuantizationConfig, RunnerConfig,
+                                      SchedulerConfig, SpeculativeConfig, parse_speculative_config)
 from deltaserve.config.model import ModelConfig
 
 
@@ -22,6 +23,20 @@ def _option(default: Any, help: str, *, section: str, type: type | None = None, 
     generated --flag-name (for switches that turn a default-on feature off)."""
     meta = {"help": help, "section": section, "type": type, "choices": choices, "flag": flag}
     return field(default=default, metadata=meta)
+
+
+def default_batched_tokens(device: str | None) -> int:
+    """max_num_batched_tokens when not given: LARGE_GPU_BATCHED_TOKENS on a CUDA device of at least LARGE_GPU_GIB
+    (device None: the first visible GPU, as the runner resolves it), else BATCHED_TOKENS."""
+    import torch
+
+    if device is not None and not device.startswith("cuda") or not torch.cuda.is_available():
+        return BATCHED_TOKENS
+    index = torch.device(device or "cuda").index or 0
+    if index >= torch.cuda.device_count():
+        return BATCHED_TOKENS  # the runner names the missing device
+    large = torch.cuda.get_device_properties(index).total_memory >= LARGE_GPU_GIB * 2**30
+    return LARGE_GPU_BATCHED_TOKENS if large else BATCHED_TOKENS
 
 
 @dataclass(frozen=True)
@@ -37,8 +52,9 @@ class EngineArgs:
         None, "longest prompt + output in tokens (default: the model's max_position_embeddings)",
         section="scheduler", type=int)
     max_num_seqs: int = _option(64, "most sequences running at once", section="scheduler", type=int)
-    max_num_batched_tokens: int = _option(
-        2048, "token budget of one step; longer prompts are prefilled in chunks", section="scheduler", type=int)
+    max_num_batched_tokens: int | None = _option(
+        None, "token budget of one step; longer prompts are prefilled in chunks (default: 8192 on GPUs of at least "
+              "70 GiB, else 2048)", section="scheduler", type=int)
     max_step_ms: float | None = _option(
         None, "per-step time budget in ms for steps that carry decode rows: their prefill chunks are sized so the "
               "step's predicted time (a cost model fitted to measured steps) stays within it, bounding inter-token "
@@ -117,6 +133,8 @@ class EngineArgs:
         scheduler = sections["scheduler"]
         if scheduler["max_model_len"] is None:
             scheduler["max_model_len"] = model.max_position_embeddings
+        if scheduler["max_num_batched_tokens"] is None:
+            scheduler["max_num_batched_tokens"] = default_batched_tokens(self.device)
         return EngineConfig(model=model, runner=RunnerConfig(**sections["runner"]),
                             cache=CacheConfig(**sections["cache"]), scheduler=SchedulerConfig(**scheduler),
                             speculative=self._speculative(sections["speculative"]),
