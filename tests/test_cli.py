@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -79,3 +80,20 @@ def test_help_documents_every_option(cache, command):
     assert out.returncode == 0
     for option in ("--max-model-len", "--device", "--dtype", "--gpu-memory-utilization", "--max-num-seqs"):
         assert option in out.stdout
+
+
+def test_serve_names_a_missing_server_dependency(monkeypatch, capsys):
+    """Without a module the server imports, `serve --port 8011 ...` says which module is missing (its flags would
+    otherwise be reported as unrecognized arguments) and exits 2; other commands still parse."""
+    from deltaserve import cli
+
+    monkeypatch.setitem(sys.modules, "deltaserve.server.app", None)  # importing it now raises ModuleNotFoundError
+    assert cli.main(["serve", "--port", "8011", "MODEL"]) == 2
+    err = capsys.readouterr().err
+    assert "a module it imports is missing" in err and "deltaserve.server.app" in err and "pip install -e ." in err
+    assert cli.server_import_error(cli.build_parser(), ["generate", "--max-tokens", "1"]) is None
+
+    third_party = argparse.ArgumentParser()
+    third_party.add_subparsers().add_parser("serve").set_defaults(
+        server_import_error=ModuleNotFoundError("No module named 'httptools'", name="httptools"))
+    assert "pip install httptools, or reinstall" in cli.server_import_error(third_party, ["serve", "--port", "1"])

@@ -163,13 +163,34 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def add_serve_options(p: argparse.ArgumentParser) -> None:
     try:
         from deltaserve.server.app import add_server_options
-    except ImportError:  # the server's dependencies are missing: say so when `serve` actually runs
+    except ImportError as e:  # a dependency of the server is missing: `serve` says which before parsing its flags
+        p.set_defaults(server_import_error=e)
         return
     add_server_options(p)
 
 
+def server_import_error(parser: argparse.ArgumentParser, argv: list[str] | None) -> str | None:
+    """Why `deltaserve serve` cannot run here (a module the server imports is missing), or None. Checked before the
+    flags are parsed: without the server's options, its flags would only be reported as unrecognized."""
+    args = sys.argv[1:] if argv is None else argv
+    if "serve" not in args[:1]:
+        return None
+    error = parser.parse_known_args(["serve"])[0].__dict__.get("server_import_error")
+    if error is None:
+        return None
+    name = (getattr(error, "name", None) or "").split(".")[0]
+    install = f"pip install {name}, or " if name and name != "deltaserve" else ""
+    return (f"deltaserve serve: the server cannot start, a module it imports is missing ({error}); {install}"
+            "reinstall deltaserve with its dependencies (pip install -e . in a clone)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    missing = server_import_error(parser, argv)
+    if missing:
+        print(missing, file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
