@@ -29,8 +29,9 @@ MIN_PREFILL_CHUNK_DIVISOR = 16
 # instead of once per chunk. H200, the published 8k-in / 1k-out workload through the server (RESULTS.md 2026-12-04),
 # 2048 -> 8192: 35B-A3B time per output token at concurrency 16 13.3 -> 11.8 ms, 10,205 -> 11,366 tok/s, inter-token
 # p99 63 -> 21 ms; 27B 28.7 -> 25.3 ms, 4,615 -> 4,854 tok/s, p99 214 -> 47 ms. The cost: at concurrency 16 a new
-# prompt waits behind whole 8k prefills (TTFT p50 35B-A3B 680 -> 828 ms, 27B 2.3 -> 4.2 s). Smaller GPUs keep 2048
-# (less activation memory; vLLM splits its default the same way); --max-step-ms bounds mixed steps either way.
+# prompt waits behind whole 8k prefills (TTFT p50 35B-A3B 680 -> 828 ms though its mean fell, 27B 2.3 -> 4.2 s).
+# Smaller GPUs keep 2048 (less activation memory; vLLM splits its default the same way); --max-step-ms bounds mixed
+# steps either way.
 LARGE_GPU_GIB = 70
 LARGE_GPU_BATCHED_TOKENS = 8192
 BATCHED_TOKENS = 2048
