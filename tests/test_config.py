@@ -212,3 +212,25 @@ def test_default_step_tokens_follow_the_gpu_memory(monkeypatch, device, gib, wan
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props)
     assert default_batched_tokens(device) == want
+
+
+@pytest.mark.parametrize("step, page, want", [(2048, 16, 4096), (8192, 16, 8192), (5000, 16, 5008), (4096, 64, 4096),
+                                              (0, 16, 4096)])
+def test_default_checkpoint_interval_is_at_least_a_step(step, page, want):
+    """Unset, checkpoint_interval is 4096 or one step of max_num_batched_tokens rounded up to a page, whichever is
+    larger (invalid inputs fall back, for the configs to name)."""
+    from deltaserve.config.options import default_checkpoint_interval
+
+    assert default_checkpoint_interval(step, page) == want
+
+
+def test_engine_args_resolve_the_checkpoint_interval_from_the_step(tmp_path):
+    from deltaserve.config.options import EngineArgs
+
+    path = write(tmp_path, DENSE_27B)
+    big = EngineArgs(model=str(path), device="cpu", max_num_batched_tokens=8192).create_engine_config()
+    assert big.cache.checkpoint_interval == 8192
+    given = EngineArgs(model=str(path), device="cpu", max_num_batched_tokens=8192,
+                       checkpoint_interval=1024).create_engine_config()
+    assert given.cache.checkpoint_interval == 1024
+    assert EngineArgs(model=str(path), device="cpu").create_engine_config().cache.checkpoint_interval == 4096

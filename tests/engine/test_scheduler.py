@@ -474,3 +474,19 @@ def test_random_workload_matches_requests_run_alone(name: str, seed: int, overla
     assert (model.pending_inputs > 0) == overlap
     if name == "tight" and overlap:
         assert preempted_pending > 0, "the tight config should preempt requests whose token is in flight"
+
+
+@pytest.mark.parametrize("interval, want", [(16, [16, 16, 16, 6, 1]), (32, [32, 22, 1])])
+def test_checkpoint_interval_cuts_prefill_chunks(interval: int, want: list[int]) -> None:
+    """With prefix caching, a prompt's chunks end at every multiple of checkpoint_interval and before its last
+    token (whose logits are needed when the prompt comes again): an interval below the step budget splits steps,
+    one of a whole step (the engine's default on large steps) only cuts at the last token."""
+    config = SchedulerConfig(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32)
+    cache = CacheManager(num_pages=64, num_slots=8, page_size=4, num_checkpoints=8)
+    sched = Scheduler(config, cache, checkpoint_interval=interval)
+    sched.add_request(req("a", 55))
+    got = []
+    while sched.has_unfinished() and len(got) < len(want):
+        out, _ = step(sched)
+        got.append(chunks(out)["a"])
+    assert got == want

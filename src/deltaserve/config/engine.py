@@ -35,6 +35,11 @@ MIN_PREFILL_CHUNK_DIVISOR = 16
 LARGE_GPU_GIB = 70
 LARGE_GPU_BATCHED_TOKENS = 8192
 BATCHED_TOKENS = 2048
+# Prefix-cache checkpoints along a long prompt: every this many tokens at least. A checkpoint position ends its
+# prefill chunk (the state there must be a step's end state), so EngineArgs makes the interval a whole step when the
+# step is larger: with 8192-token steps and a 4096 interval, every fresh 8k prompt ran as two 4096-token steps (and
+# a 35B-A3B step reads every expert's weights once per step).
+CHECKPOINT_INTERVAL = 4096
 # Share of the cache memory given to prefix-cache checkpoints when their number is not set.
 CHECKPOINT_FRACTION = 0.1
 
@@ -76,7 +81,7 @@ class CacheConfig:
     state_dtype: str = "float32"
     enable_prefix_caching: bool = True
     num_checkpoints: int | None = None   # prefix-cache GDN state checkpoints; None: CHECKPOINT_FRACTION of memory
-    checkpoint_interval: int = 4096      # a checkpoint every this many tokens along long prompts
+    checkpoint_interval: int = CHECKPOINT_INTERVAL  # a checkpoint every this many tokens along long prompts
     kv_cache_dtype: str = "auto"
 
     @property

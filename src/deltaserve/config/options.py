@@ -9,11 +9,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from deltaserve.config.common import ConfigError
-from deltaserve.config.engine import (BATCHED_TOKENS, FP8_ACTIVATIONS, KV_CACHE_DTYPES, LARGE_GPU_BATCHED_TOKENS,
-                                      LARGE_GPU_GIB, LOAD_FORMATS, MODEL_DTYPES, SPECULATIVE_MAX_BATCH, STATE_DTYPES,
-                                      CacheConfig, EngineConfig, ParallelConfig, QuantizationConfig, RunnerConfig,
-                                      SchedulerConfig, SpeculativeConfig, parse_speculative_config)
+from deltaserve.config.common import ConfigError, is_int
+from deltaserve.config.engine import (BATCHED_TOKENS, CHECKPOINT_INTERVAL, FP8_ACTIVATIONS, KV_CACHE_DTYPES,
+                                      LARGE_GPU_BATCHED_TOKENS, LARGE_GPU_GIB, LOAD_FORMATS, MODEL_DTYPES,
+                                      SPECULATIVE_MAX_BATCH, STATE_DTYPES, CacheConfig, EngineConfig, ParallelConfig,
+                                      QuantizationConfig, RunnerConfig, SchedulerConfig, SpeculativeConfig,
+                                      parse_speculative_config)
 from deltaserve.config.model import ModelConfig
 
 
@@ -37,6 +38,15 @@ def default_batched_tokens(device: str | None) -> int:
         return BATCHED_TOKENS  # the runner names the missing device
     large = torch.cuda.get_device_properties(index).total_memory >= LARGE_GPU_GIB * 2**30
     return LARGE_GPU_BATCHED_TOKENS if large else BATCHED_TOKENS
+
+
+def default_checkpoint_interval(step_tokens: object, page_size: object) -> object:
+    """checkpoint_interval when not given: CHECKPOINT_INTERVAL, or step_tokens rounded up to a whole page when
+    larger, so the interval's checkpoints fall on the ends of full steps. Invalid inputs pass through for the
+    configs to reject by name."""
+    if not (is_int(step_tokens) and is_int(page_size) and step_tokens > 0 and page_size > 0):
+        return CHECKPOINT_INTERVAL
+    return max(CHECKPOINT_INTERVAL, -(-step_tokens // page_size) * page_size)
 
 
 @dataclass(frozen=True)
@@ -79,8 +89,10 @@ class EngineArgs:
     num_checkpoints: int | None = _option(
         None, "GDN state checkpoints the prefix cache may keep (default: 10%% of the cache memory)", section="cache",
         type=int)
-    checkpoint_interval: int = _option(4096, "a prefix-cache checkpoint every this many tokens of a long prompt",
-                                       section="cache", type=int)
+    checkpoint_interval: int | None = _option(
+        None, "a prefix-cache checkpoint every this many tokens of a long prompt; a multiple of --page-size (default: "
+              "4096, or one step of --max-num-batched-tokens rounded up to a page when that is larger: a checkpoint "
+              "inside a step's chunk would split the step)", section="cache", type=int)
     load_format: str = _option("auto", "dummy: random weights at the checkpoint's shapes, for benchmarks",
                                section="runner", type=str, choices=LOAD_FORMATS)
     enforce_eager: bool = _option(False, "disable CUDA graphs (on by default on GPU)", section="runner")
@@ -135,6 +147,10 @@ class EngineArgs:
             scheduler["max_model_len"] = model.max_position_embeddings
         if scheduler["max_num_batched_tokens"] is None:
             scheduler["max_num_batched_tokens"] = default_batched_tokens(self.device)
+        cache = sections["cache"]
+        if cache["checkpoint_interval"] is None:
+            cache["checkpoint_interval"] = default_checkpoint_interval(scheduler["max_num_batched_tokens"],
+                                                                       cache["page_size"])
         return EngineConfig(model=model, runner=RunnerConfig(**sections["runner"]),
                             cache=CacheConfig(**sections["cache"]), scheduler=SchedulerConfig(**scheduler),
                             speculative=self._speculative(sections["speculative"]),
