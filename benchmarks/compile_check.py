@@ -115,6 +115,12 @@ def quant_rows() -> list[dict]:
             label = f" F16_FMA words {words}" if f16 else ""
             rows.append({"kernel": f"{kind} GEMV{label}, 1 row, BN {bn}, {warps} warps", **r,
                          "loop SASS / weight": r["loop SASS"] / (bn * 128 / (32 * warps))})
+    # the one-pass dequantize of prefill-sized quantized MoE calls (every expert, every layer), at dequantize()'s tile
+    for kind, types in (("int4", {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*bf16"}),
+                        ("fp8", {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"})):
+        consts = dict(GROUP=128, INT4=kind == "int4", BN=64, BK=64)
+        rows.append({"kernel": f"{kind} dequantize, 64 x 64 tile", **compile_one(quant._dequant_kernel, types,
+                                                                                  consts, 4, 3)})
     return rows
 
 

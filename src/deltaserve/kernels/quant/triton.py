@@ -847,13 +847,37 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
 
 
 @triton.jit
+def _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr,
+                   BK: tl.constexpr):
+    """Columns [k0, k0 + BK) of the int4 rows offs_n as (q - z) s in fp32 [BN, BK], each packed word loaded once
+    (_dequant_tile loads it once per column, eight times): the eight nibble planes, interleaved back into column
+    order (column 8c + j is nibble j of word c: planes j and j + 4 first, then j + 2, then j + 1)."""
+    s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
+    z, s = z[:, None], s[:, None]
+    even = tl.interleave(tl.interleave(_nibble_plane(words, 0, z, s), _nibble_plane(words, 4, z, s)),
+                         tl.interleave(_nibble_plane(words, 2, z, s), _nibble_plane(words, 6, z, s)))
+    odd = tl.interleave(tl.interleave(_nibble_plane(words, 1, z, s), _nibble_plane(words, 5, z, s)),
+                        tl.interleave(_nibble_plane(words, 3, z, s), _nibble_plane(words, 7, z, s)))
+    return tl.interleave(even, odd)
+
+
+@triton.jit
+def _nibble_plane(words, j: tl.constexpr, z, s):
+    """(nibble j of each word - z) s in fp32, as the reference dequantizes."""
+    return (((words >> (4 * j)) & 0xF) - z).to(tl.float32) * s
+
+
+@triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
                     INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     k0 = pid_k * BK
     offs_k = k0 + tl.arange(0, BK)
-    w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+    if INT4:
+        w = _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
+    else:
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :],
              w.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
