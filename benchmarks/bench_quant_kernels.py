@@ -1,7 +1,9 @@
 """Kernel-only timing of the quantized GEMMs at decode sizes (27B / 35B-A3B projection shapes) against torch's bf16
 GEMM and the weight-read floor (bytes of the stored weight and scales over the measured copy bandwidth).
 
-python benchmarks/bench_quant_kernels.py [--rows 1 16 64]            each kernel variant at the planned tiles
+python benchmarks/bench_quant_kernels.py [--rows 1 16 64]            each kernel variant at the planned tiles, and
+                                                                     the dequantize pass + bf16 GEMM (calls past
+                                                                     FUSED_MAX_ROWS), the pass alone at the first rows
 python benchmarks/bench_quant_kernels.py --sweep [--rows 1 16 64]    tiles x warps x stages x split-K per shape; the
                                                                      best per (kind, shape, rows) and its error
 python benchmarks/bench_quant_kernels.py --moe-tiles [--rows 1 8]  the fused per-pair MoE (35B-A3B layer with its
@@ -104,10 +106,19 @@ def planned(args, bw: float) -> list[dict]:
                         with gemv_f16(f16):
                             t[f"{kind} u{u}{' ' + f16 if f16 else ''}"] = time_ms(
                                 lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
+                # what calls past qt.FUSED_MAX_ROWS run instead: one dequantize pass, then torch's bf16 GEMM
+                t[f"{kind} dequant+bf16"] = time_ms(
+                    lambda: torch.nn.functional.linear(x, qt.dequantize(w, s, z, 128, k, x.dtype)))
             row = {"shape": name, "rows": m}
             for key, ms in t.items():
                 row[f"{key} us"] = ms * 1e3
                 row[f"{key} /floor"] = ms / (floor_bytes(key.split()[0], n, k) / bw * 1e3)
+            if m == args.rows[0]:  # the dequantize pass alone: its bytes (stored weight in, bf16 out) per second
+                for kind in VARIANTS:
+                    w, s, z = weights[kind]
+                    us = time_ms(lambda: qt.dequantize(w, s, z, 128, k, torch.bfloat16)) * 1e3
+                    row[f"{kind} dequantize us"] = us
+                    row[f"{kind} dequantize TB/s"] = (floor_bytes(kind, n, k) + n * k * 2) / us / 1e6
             rows.append(row)
             print(row, flush=True)
     return rows
