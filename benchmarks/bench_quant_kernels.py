@@ -13,8 +13,9 @@ python benchmarks/bench_quant_kernels.py --moe-tiles [--rows 1 8]  the fused per
                              accumulator (qt.GEMV_F16, GEMV_F16_WORDS 1) and/or four words chained (GEMV_F16_WORDS 4,
                              the default)
 
-Variants (kernels/quant/triton.py UNPACK): int4 u2 = nibble planes dequantized in fp32 then rounded (the first
-kernels); u3 = planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot, u3 = scale after;
+Variants (kernels/quant/triton.py UNPACK): int4 u0 = each tile dequantized into column order, one dot (the default
+past 32 rows); u2 = nibble planes dequantized in fp32 then rounded, eight dots per tile (the first kernels); u3 =
+planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot, u3 = scale after;
 u4 = the CUDA-core GEMV (up to 4 rows; int4 "u4 f16" / "u4 f16x4": its F16_FMA variant, one or four words per fp16
 accumulator). The sweep's baseline ("plan") is what quant_gemm runs by default; it tries
 u3 tiles past 4 rows and GEMV tiles (BN x warps x split-K) up to 4 rows. Timings are CUDA-graph
@@ -38,7 +39,7 @@ from deltaserve.kernels.quant import triton as qt
 SHAPES = {"27B gate_up": (34816, 5120), "27B down": (5120, 17408), "27B in_proj": (16384, 5120),
           "35B in_proj": (12288, 2048), "35B o_proj": (2048, 4096)}
 SWEEP_SHAPES = ["27B gate_up", "27B down", "35B in_proj"]
-VARIANTS = {"int4": (2, 3, 4), "fp8": (0, 3, 4)}
+VARIANTS = {"int4": (0, 2, 3, 4), "fp8": (0, 3, 4)}
 
 
 def make_weights(n: int, k: int) -> dict:

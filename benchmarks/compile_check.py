@@ -96,6 +96,8 @@ def quant_rows() -> list[dict]:
              ("int4 UNPACK 3 fp16, 9-16 rows", {**int4, "x_ptr": "*fp16", "out_ptr": "*fp16"},
               dict(INT4=True, UNPACK=3, BM=16, BN=128), 4, 5),
              ("int4 UNPACK 2, 64 rows", int4, dict(INT4=True, UNPACK=2, BM=64, BN=128), 4, 3),
+             ("int4 UNPACK 0, 16 rows", int4, dict(INT4=True, UNPACK=0, BM=16, BN=64), 4, 3),
+             ("int4 UNPACK 0, 64 rows", int4, dict(INT4=True, UNPACK=0, BM=64, BN=128), 4, 3),
              ("fp8 UNPACK 0, 1-16 rows", fp8, dict(INT4=False, UNPACK=0, BM=16, BN=64), 4, 3),
              ("fp8 W8A8, 1-16 rows", fp8, dict(INT4=False, UNPACK=3, ACT_FP8=True, BM=16, BN=64), 4, 3),
              ("fp8 W8A8, prefill tile", fp8, dict(INT4=False, UNPACK=3, ACT_FP8=True, BM=64, BN=128), 4, 3)]

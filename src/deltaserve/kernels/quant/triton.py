@@ -90,6 +90,27 @@ def _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROU
     return s, z, words
 
 
+@triton.jit
+def _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr,
+                   BK: tl.constexpr):
+    """Columns [k0, k0 + BK) of the int4 rows offs_n as (q - z) s in fp32 [BN, BK], each packed word loaded once
+    (_dequant_tile loads it once per column, eight times): the eight nibble planes, interleaved back into column
+    order (column 8c + j is nibble j of word c: planes j and j + 4 first, then j + 2, then j + 1)."""
+    s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
+    z, s = z[:, None], s[:, None]
+    even = tl.interleave(tl.interleave(_nibble_plane(words, 0, z, s), _nibble_plane(words, 4, z, s)),
+                         tl.interleave(_nibble_plane(words, 2, z, s), _nibble_plane(words, 6, z, s)))
+    odd = tl.interleave(tl.interleave(_nibble_plane(words, 1, z, s), _nibble_plane(words, 5, z, s)),
+                        tl.interleave(_nibble_plane(words, 3, z, s), _nibble_plane(words, 7, z, s)))
+    return tl.interleave(even, odd)
+
+
+@triton.jit
+def _nibble_plane(words, j: tl.constexpr, z, s):
+    """(nibble j of each word - z) s in fp32, as the reference dequantizes."""
+    return (((words >> (4 * j)) & 0xF) - z).to(tl.float32) * s
+
+
 # int4 -> 16-bit float without per-value arithmetic (the FasterTransformer trick): OR-ing a nibble into the mantissa of
 # 128.0 (bf16 0x4300; fp16 1024.0, 0x6400) gives exactly 128 + q, so one lop3 turns two nibbles of a word (q_j in the
 # low half, q_{j+4} in the high half) into two 16-bit floats, and one packed subtract of 128 + z leaves the exact
@@ -217,13 +238,17 @@ def _acc_int4_planes(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride
 def _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn, k_begin,
                  k_end, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr):
-    """UNPACK 0: the weight tile dequantized in fp32, rounded to the activation dtype as the reference does."""
+    """UNPACK 0: the weight tile dequantized in fp32, rounded to the activation dtype as the reference does, then
+    one dot of K = BK (int4: each packed word loaded once, its nibbles put back in column order, _int4_in_order)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+        if INT4:
+            w = _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
+        else:
+            w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
         w = tl.trans(w.to(x_ptr.dtype.element_ty))
         if IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot multiplies raw bits)
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
@@ -712,6 +737,13 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
     return {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
 
 
+# int4 past 32 rows (and wherever UNPACK 3 cannot run) dequantizes each tile into column order and makes one dot of
+# K = BK (UNPACK 0, _int4_in_order: each packed word loaded once) instead of UNPACK 2's eight K = BK/8 dots on strided
+# activation loads. Chosen from the sm_90a SASS (benchmarks/compile_check.py, RESULTS.md 2026-12-04) before being
+# timed: at 64 rows its K loop issues 964 instructions per warp against 1,398, with 17 shared-memory stores and 5
+# barriers against 81 and 18, the shape of the fp8 UNPACK 0 kernel (600 instructions) that ran the 27B gate_up at 64
+# rows in 120 us where int4 UNPACK 2 took 785 (bench_quant_kernels.py, RESULTS.md 2026-12-03). Not yet measured:
+# bench_quant_kernels.py --rows 16 64 times u0 beside u2 and u3.
 # Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: decode at batch 1. At 4 rows it lost
 # to the tensor-core variants on the H200 (bench_quant_kernels.py --sweep, RESULTS.md): the rows' FMAs add to the
 # unpacking, which no longer hides behind the weight read.
@@ -771,9 +803,9 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
     num_warps, num_stages]) instead of the plan; `unpack`: the kernel variant (benchmarks; default: the fastest one
     the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows (int4: 16-bit activations); 3 for int4 up to
-    32 rows where _lop3_ok, else 2 for int4 (nibble planes dequantized in fp32 and rounded as the reference does)
-    and 0 for fp8 (dequantize-then-dot: faster in the whole-model step than UNPACK 3's scale-after-dot, which stays
-    for the benchmark)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and ACT_GROUP columns as it is
+    32 rows where _lop3_ok, else 0, dequantize-then-dot (the tile dequantized in fp32 and rounded as the reference
+    does; for fp8 faster in the whole-model step than UNPACK 3's scale-after-dot, which stays for the benchmark, as
+    does int4's UNPACK 2)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and ACT_GROUP columns as it is
     loaded (the codes and scales of ref.quantize_fp8_act)."""
     m, k = x.shape
     n = weight.shape[0]
@@ -800,7 +832,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                              f"{'int4' if int4 else 'fp8'} weights in groups of {group} (K tile {bk})")
         unpack = 3
     elif unpack is None:
-        unpack = 3 if lop3 and m <= 32 and bk >= 128 else 2 if int4 and (bk >= 128 or _INTERPRET) else 0
+        unpack = 3 if lop3 and m <= 32 and bk >= 128 else 0  # int4: see the note above GEMV_MAX_ROWS
     elif unpack not in (0, 2, 3, 4):
         raise ValueError(f"unpack must be 0, 2, 3 or 4 (kernel variants), got {unpack}")
     elif unpack == 3 and (x.dtype not in (torch.bfloat16, torch.float16) or int4 and not lop3):
@@ -844,27 +876,6 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     if dest is not out:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
-
-
-@triton.jit
-def _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr,
-                   BK: tl.constexpr):
-    """Columns [k0, k0 + BK) of the int4 rows offs_n as (q - z) s in fp32 [BN, BK], each packed word loaded once
-    (_dequant_tile loads it once per column, eight times): the eight nibble planes, interleaved back into column
-    order (column 8c + j is nibble j of word c: planes j and j + 4 first, then j + 2, then j + 1)."""
-    s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
-    z, s = z[:, None], s[:, None]
-    even = tl.interleave(tl.interleave(_nibble_plane(words, 0, z, s), _nibble_plane(words, 4, z, s)),
-                         tl.interleave(_nibble_plane(words, 2, z, s), _nibble_plane(words, 6, z, s)))
-    odd = tl.interleave(tl.interleave(_nibble_plane(words, 1, z, s), _nibble_plane(words, 5, z, s)),
-                        tl.interleave(_nibble_plane(words, 3, z, s), _nibble_plane(words, 7, z, s)))
-    return tl.interleave(even, odd)
-
-
-@triton.jit
-def _nibble_plane(words, j: tl.constexpr, z, s):
-    """(nibble j of each word - z) s in fp32, as the reference dequantizes."""
-    return (((words >> (4 * j)) & 0xF) - z).to(tl.float32) * s
 
 
 @triton.jit
