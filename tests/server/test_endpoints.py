@@ -52,7 +52,8 @@ def test_server_options_are_validated_and_defaulted():
     off = add_serve_args(argparse.ArgumentParser()).parse_args(["m", "--no-async-scheduling"])
     assert engine_args_from(off, off.model).async_scheduling is False
     # a namespace without the engine options still works (the CLI may define them differently)
-    assert engine_args_from(argparse.Namespace(), "m").max_num_batched_tokens == 2048
+    defaults = engine_args_from(argparse.Namespace(), "m")
+    assert defaults.max_num_seqs == 64 and defaults.max_num_batched_tokens is None  # None: by the GPU's memory
     with pytest.raises(ServerConfigError, match="--shutdown-timeout"):
         server_config_from(argparse.Namespace(shutdown_timeout=-1), "m")
 
