@@ -90,10 +90,10 @@ def test_serve_names_a_missing_server_dependency(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "deltaserve.server.app", None)  # importing it now raises ModuleNotFoundError
     assert cli.main(["serve", "--port", "8011", "MODEL"]) == 2
     err = capsys.readouterr().err
-    assert "a module it imports is missing" in err and "deltaserve.server.app" in err and "pip install -e ." in err
+    assert "a module it imports is missing or too old" in err and "deltaserve.server.app" in err and "pip install -e ." in err
     assert cli.server_import_error(cli.build_parser(), ["generate", "--max-tokens", "1"]) is None
 
     third_party = argparse.ArgumentParser()
     third_party.add_subparsers().add_parser("serve").set_defaults(
         server_import_error=ModuleNotFoundError("No module named 'httptools'", name="httptools"))
-    assert "pip install httptools, or reinstall" in cli.server_import_error(third_party, ["serve", "--port", "1"])
+    assert "pip install -U httptools, or reinstall" in cli.server_import_error(third_party, ["serve", "--port", "1"])

@@ -196,29 +196,30 @@ def test_rank_shapes_split_heads_and_replicate_kv():
         RankShapes.for_rank(dense, 0)
 
 
-@pytest.mark.parametrize("device, gib, want", [("cpu", 80, 2048), (None, 141, 8192), ("cuda", 80, 8192),
-                                               ("cuda:0", 24, 2048), ("cuda:3", 80, 2048)])
-def test_default_step_tokens_follow_the_gpu_memory(monkeypatch, device, gib, want):
-    """Unset, max_num_batched_tokens is 8192 on a GPU of >= 70 GiB (an 8k prompt in one step), else 2048; a device
-    that is not there (cuda:3 of one) keeps 2048 and is left for the runner to name."""
+@pytest.mark.parametrize("device, want", [("cpu", 2048), (None, 8192), ("cuda", 8192), ("cuda:0", 8192),
+                                          ("cuda:1", 2048), ("cuda:3", 2048), ("cuda:x", 2048), ("gpu", 2048)])
+def test_default_step_tokens_follow_the_gpu_memory(monkeypatch, device, want):
+    """Unset, max_num_batched_tokens is 8192 on a GPU of >= 70 GiB (an 8k prompt in one step), else 2048, read from
+    the GPU the engine runs on (here GPU 0 has 80 GiB, GPU 1 24); a device that is not there (cuda:3 of two) or does
+    not parse keeps 2048 and is left for the configs or the runner to name."""
     import torch
 
     from deltaserve.config.options import default_batched_tokens
 
-    class Props:
-        total_memory = gib * 2**30
+    def props(index):
+        return type("Props", (), {"total_memory": (80, 24)[index] * 2**30})
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", props)
     assert default_batched_tokens(device) == want
 
 
-@pytest.mark.parametrize("step, page, want", [(2048, 16, 4096), (8192, 16, 8192), (5000, 16, 5008), (4096, 64, 4096),
+@pytest.mark.parametrize("step, page, want", [(2048, 16, 4096), (8192, 16, 8192), (5000, 16, 4992), (8190, 16, 8176), (4096, 64, 4096),
                                               (0, 16, 4096)])
 def test_default_checkpoint_interval_is_at_least_a_step(step, page, want):
-    """Unset, checkpoint_interval is 4096 or one step of max_num_batched_tokens rounded up to a page, whichever is
-    larger (invalid inputs fall back, for the configs to name)."""
+    """Unset, checkpoint_interval is 4096 or one step of max_num_batched_tokens rounded down to whole pages,
+    whichever is larger (invalid inputs fall back, for the configs to name)."""
     from deltaserve.config.options import default_checkpoint_interval
 
     assert default_checkpoint_interval(step, page) == want

@@ -179,9 +179,9 @@ def server_import_error(parser: argparse.ArgumentParser, argv: list[str] | None)
     if error is None:
         return None
     name = (getattr(error, "name", None) or "").split(".")[0]
-    install = f"pip install {name}, or " if name and name != "deltaserve" else ""
-    return (f"deltaserve serve: the server cannot start, a module it imports is missing ({error}); {install}"
-            "reinstall deltaserve with its dependencies (pip install -e . in a clone)")
+    install = f"pip install -U {name}, or " if name and name != "deltaserve" else ""
+    return (f"deltaserve serve: the server cannot start, a module it imports is missing or too old ({error}); "
+            f"{install}reinstall deltaserve with its dependencies (pip install -e . in a clone)")
 
 
 def main(argv: list[str] | None = None) -> int:

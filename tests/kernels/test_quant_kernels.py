@@ -98,10 +98,12 @@ def test_gemm_interpreted(kind, m, tiles):
 @pytest.mark.parametrize("m,n,k,group,tiles,dtype", [(3, 72, 96, 32, (16, 32, 32, 3), torch.bfloat16),
                                                       (20, 40, 99, 99, (16, 16, 16, 2), torch.float32),
                                                       (40, 24, 160, 32, (32, 16, 32, 1), torch.bfloat16)])
-def test_int4_dequantize_then_dot_interpreted(m, n, k, group, tiles, dtype):
-    """int4 UNPACK 0 (the GPU default for K tiles under 128: groups of 32 or 64, per-channel ragged K): each word
-    loaded once, its nibbles interleaved back into column order, one dot per tile; ragged N and K, split-K."""
-    check_gemm("int4", m, n, k, group, dtype, tiles=tiles, seed=m + k, unpack=0)
+@pytest.mark.parametrize("unpack", [0, 2])
+def test_int4_dequantize_then_dot_interpreted(m, n, k, group, tiles, dtype, unpack):
+    """int4 UNPACK 0 (the default past 32 rows and wherever UNPACK 3 cannot run): each word loaded once, its nibbles
+    interleaved back into column order, one dot per tile; and UNPACK 2 (benchmarks: eight nibble-plane dots per
+    tile); ragged N and K, split-K."""
+    check_gemm("int4", m, n, k, group, dtype, tiles=tiles, seed=m + k, unpack=unpack)
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])

@@ -26,27 +26,32 @@ def _option(default: Any, help: str, *, section: str, type: type | None = None, 
     return field(default=default, metadata=meta)
 
 
-def default_batched_tokens(device: str | None) -> int:
+def default_batched_tokens(device: object) -> int:
     """max_num_batched_tokens when not given: LARGE_GPU_BATCHED_TOKENS on a CUDA device of at least LARGE_GPU_GIB
-    (device None: the first visible GPU, as the runner resolves it), else BATCHED_TOKENS."""
+    (device None: the first visible GPU, as the runner resolves it), else BATCHED_TOKENS (also for a device string
+    that does not parse: RunnerConfig names what is wrong with it)."""
     import torch
 
-    if device is not None and not device.startswith("cuda") or not torch.cuda.is_available():
+    if not torch.cuda.is_available():
         return BATCHED_TOKENS
-    index = torch.device(device or "cuda").index or 0
-    if index >= torch.cuda.device_count():
-        return BATCHED_TOKENS  # the runner names the missing device
+    try:
+        resolved = torch.device("cuda" if device is None else device)
+    except (RuntimeError, TypeError, ValueError):
+        return BATCHED_TOKENS
+    index = resolved.index or 0
+    if resolved.type != "cuda" or index >= torch.cuda.device_count():
+        return BATCHED_TOKENS  # the runner names a missing device
     large = torch.cuda.get_device_properties(index).total_memory >= LARGE_GPU_GIB * 2**30
     return LARGE_GPU_BATCHED_TOKENS if large else BATCHED_TOKENS
 
 
 def default_checkpoint_interval(step_tokens: object, page_size: object) -> object:
-    """checkpoint_interval when not given: CHECKPOINT_INTERVAL, or step_tokens rounded up to a whole page when
-    larger, so the interval's checkpoints fall on the ends of full steps. Invalid inputs pass through for the
-    configs to reject by name."""
+    """checkpoint_interval when not given: CHECKPOINT_INTERVAL, or step_tokens rounded down to whole pages when
+    larger, so a long prompt's chunks end on the interval's checkpoints (rounded up, a step of 8190 tokens would
+    leave 2-token chunks before every checkpoint at 8192). Invalid inputs fall back for the configs to name."""
     if not (is_int(step_tokens) and is_int(page_size) and step_tokens > 0 and page_size > 0):
         return CHECKPOINT_INTERVAL
-    return max(CHECKPOINT_INTERVAL, -(-step_tokens // page_size) * page_size)
+    return max(CHECKPOINT_INTERVAL, step_tokens // page_size * page_size)
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,7 @@ class EngineArgs:
         type=int)
     checkpoint_interval: int | None = _option(
         None, "a prefix-cache checkpoint every this many tokens of a long prompt; a multiple of --page-size (default: "
-              "4096, or one step of --max-num-batched-tokens rounded up to a page when that is larger: a checkpoint "
+              "4096, or one step of --max-num-batched-tokens rounded down to whole pages when that is larger: a checkpoint "
               "inside a step's chunk would split the step)", section="cache", type=int)
     load_format: str = _option("auto", "dummy: random weights at the checkpoint's shapes, for benchmarks",
                                section="runner", type=str, choices=LOAD_FORMATS)

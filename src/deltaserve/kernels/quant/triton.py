@@ -8,11 +8,12 @@ Two kernels serve both, accumulating in fp32:
     fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two;
     F16_WORDS (GEMV_F16_WORDS, default 4): that many adjacent words per fp16x2 accumulator and asm block.
   - the tiled tl.dot kernel, for everything larger:
-  - UNPACK 0 / 2 (fp32 activations, the interpreter): the weight tile is dequantized in registers and rounded to
-    the activation dtype, as the reference does. fp8: a [BN, BK] e4m3 tile (contiguous along K) times the row's
-    scale for that K block. int4 (2): the tile's packed words are loaded once ([BN, BK/8], contiguous along K) and
-    never interleaved: nibble plane j holds columns k0 + 8c + j, which are dotted with the same columns of x (a
-    strided load of the small activation tile), eight K = BK/8 dots per tile.
+  - UNPACK 0 (fp8; int4 past 32 rows, with fp32 activations, in the interpreter): the weight tile is dequantized in
+    registers and rounded to the activation dtype, as the reference does, then one dot of K = BK. fp8: a [BN, BK]
+    e4m3 tile (contiguous along K) times the row's scale for that K block. int4: the tile's packed words are loaded
+    once ([BN, BK/8], contiguous along K) and their nibble planes interleaved back into column order. UNPACK 2
+    (int4, benchmarks): the planes never interleaved, nibble plane j (columns k0 + 8c + j) dotted with the same
+    strided columns of x, eight K = BK/8 dots per tile.
   - decode-sized calls: one M tile (16/32/64 rows) and split-K until about two waves of programs run.
   - UNPACK 3 (int4 up to 32 rows on the GPU with 16-bit activations): the scale multiplies each tile's partial
     sum, so the tensor cores take the exact q - z, two nibbles per lop3 (the FasterTransformer trick, in inline
@@ -56,24 +57,17 @@ _COMPILED = tl.constexpr(not _INTERPRET)  # inline PTX can run
 @triton.jit
 def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
                   INT4: tl.constexpr, BK: tl.constexpr):
-    """Rows offs_n, columns [k0, k0 + BK) of W in fp32 ([BN, BK]). BK divides GROUP (or GROUP >= K), so the tile
-    has one scale (and zero point) per row: loaded once, broadcast over BK. int4: each column loads its own word
-    (8 columns share one: served by L1), then shifts."""
-    n_ok = offs_n < N
-    g = k0 // GROUP
-    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+    """Rows offs_n, columns [k0, k0 + BK) of W in fp32 ([BN, BK]), as the reference dequantizes. BK divides GROUP (or
+    GROUP >= K), so the tile has one scale (and zero point) per row: loaded once, broadcast over BK. int4:
+    _int4_in_order (each packed word loaded once)."""
     if INT4:
-        offs_k = k0 + tl.arange(0, BK)
-        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] // 8,
-                        mask=n_ok[:, None] & (offs_k[None, :] < K), other=0)
-        q = (words >> ((offs_k[None, :] % 8) * 4)) & 0xF
-        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
-        return (q - z[:, None]).to(tl.float32) * s[:, None]
-    else:
-        offs_k = k0 + tl.arange(0, BK)
-        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                    mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
-        return w.to(tl.float32) * s[:, None]
+        return _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
+    n_ok = offs_n < N
+    s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
+    offs_k = k0 + tl.arange(0, BK)
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+    return w.to(tl.float32) * s[:, None]
 
 
 @triton.jit
@@ -93,9 +87,9 @@ def _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROU
 @triton.jit
 def _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr,
                    BK: tl.constexpr):
-    """Columns [k0, k0 + BK) of the int4 rows offs_n as (q - z) s in fp32 [BN, BK], each packed word loaded once
-    (_dequant_tile loads it once per column, eight times): the eight nibble planes, interleaved back into column
-    order (column 8c + j is nibble j of word c: planes j and j + 4 first, then j + 2, then j + 1)."""
+    """Columns [k0, k0 + BK) of the int4 rows offs_n as (q - z) s in fp32 [BN, BK], each packed word loaded once (it
+    used to be loaded once per column, eight times): the eight nibble planes, interleaved back into column order
+    (column 8c + j is nibble j of word c: planes j and j + 4 first, then j + 2, then j + 1)."""
     s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
     z, s = z[:, None], s[:, None]
     even = tl.interleave(tl.interleave(_nibble_plane(words, 0, z, s), _nibble_plane(words, 4, z, s)),
@@ -239,16 +233,14 @@ def _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm,
                  k_end, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr):
     """UNPACK 0: the weight tile dequantized in fp32, rounded to the activation dtype as the reference does, then
-    one dot of K = BK (int4: each packed word loaded once, its nibbles put back in column order, _int4_in_order)."""
+    one dot of K = BK (int4: each packed word loaded once, its nibbles put back in column order, _int4_in_order). The
+    int4 default past 32 rows and wherever UNPACK 3 cannot run (fp32 activations, before sm_90)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        if INT4:
-            w = _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
-        else:
-            w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
         w = tl.trans(w.to(x_ptr.dtype.element_ty))
         if IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot multiplies raw bits)
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
@@ -743,7 +735,9 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
 # timed: at 64 rows its K loop issues 964 instructions per warp against 1,398, with 17 shared-memory stores and 5
 # barriers against 81 and 18, the shape of the fp8 UNPACK 0 kernel (600 instructions) that ran the 27B gate_up at 64
 # rows in 120 us where int4 UNPACK 2 took 785 (bench_quant_kernels.py, RESULTS.md 2026-12-03). Not yet measured:
-# bench_quant_kernels.py --rows 16 64 times u0 beside u2 and u3.
+# bench_quant_kernels.py --rows 16 64 times u0 beside u2 and u3 (_plan's K tile for it, 128, is UNPACK 2's; fp8's
+# UNPACK 0 takes 64 past 32 rows: worth timing both).
+
 # Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: decode at batch 1. At 4 rows it lost
 # to the tensor-core variants on the H200 (bench_quant_kernels.py --sweep, RESULTS.md): the rows' FMAs add to the
 # unpacking, which no longer hides behind the weight read.
@@ -813,7 +807,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     group = min(group, k) if group else k
     lop3 = int4 and _lop3_ok(x)
     if unpack is None and not act_fp8 and m <= GEMV_MAX_ROWS and not (int4 and x.dtype == torch.float32):
-        unpack = 4  # (int4 with fp32 activations keeps UNPACK 2: the GEMV's 16 sum f x - (16 + z) sum x cancels
+        unpack = 4  # (int4 with fp32 activations takes UNPACK 0: the GEMV's 16 sum f x - (16 + z) sum x cancels
         # terms of size (16 + z) |sum x|, about 3x the fp32 error of summing (q - z) x directly)
     if unpack == 4:
         if act_fp8:
@@ -885,10 +879,7 @@ def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, st
     offs_n = pid_n * BN + tl.arange(0, BN)
     k0 = pid_k * BK
     offs_k = k0 + tl.arange(0, BK)
-    if INT4:
-        w = _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
-    else:
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+    w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
     tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :],
              w.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
