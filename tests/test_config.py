@@ -215,8 +215,8 @@ def test_default_step_tokens_follow_the_gpu_memory(monkeypatch, device, want):
     assert default_batched_tokens(device) == want
 
 
-@pytest.mark.parametrize("step, page, want", [(2048, 16, 4096), (8192, 16, 8192), (5000, 16, 4992), (8190, 16, 8176), (4096, 64, 4096),
-                                              (0, 16, 4096)])
+@pytest.mark.parametrize("step, page, want", [(2048, 16, 4096), (8192, 16, 8192), (5000, 16, 4992), (8190, 16, 8176),
+                                              (4096, 64, 4096), (0, 16, 4096)])
 def test_default_checkpoint_interval_is_at_least_a_step(step, page, want):
     """Unset, checkpoint_interval is 4096 or one step of max_num_batched_tokens rounded down to whole pages,
     whichever is larger (invalid inputs fall back, for the configs to name)."""
