@@ -48,6 +48,7 @@ class RequestResult:
     latency: float = 0.0  # seconds from send to [DONE]
     itl: list[float] = field(default_factory=list)  # gaps between chunks carrying text
     error: str = ""
+    sent: float = 0.0  # time.perf_counter() when the request was sent
 
 
 def make_payload(args: argparse.Namespace, model: str, rnd: random.Random) -> dict[str, Any]:
@@ -76,8 +77,8 @@ def _chunk_text(event: dict[str, Any]) -> str:
 
 
 async def one_request(client: httpx.AsyncClient, path: str, payload: dict[str, Any]) -> RequestResult:
-    result = RequestResult(ok=False)
     start = time.perf_counter()
+    result = RequestResult(ok=False, sent=start)
     last = None
     try:
         async with client.stream("POST", path, json=payload) as r:
@@ -139,6 +140,15 @@ async def run_load(args: argparse.Namespace) -> tuple[list[RequestResult], float
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
         return results, time.perf_counter() - start, model
+
+
+def timeline(results: list[RequestResult]) -> list[dict[str, float]]:
+    """Each request in the order sent: when (ms after the run's first request), its TTFT and end-to-end latency, its
+    output tokens and whether it succeeded; the JSON keeps them, so a percentile that falls between groups (e.g. a
+    burst that queues, then arrivals one by one) can be read off the requests themselves."""
+    t0 = min((r.sent for r in results), default=0.0)
+    return [{"sent_ms": 1000 * (r.sent - t0), "ttft_ms": 1000 * r.ttft, "e2e_ms": 1000 * r.latency,
+             "output_tokens": r.output_tokens, "ok": r.ok} for r in sorted(results, key=lambda r: r.sent)]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -338,12 +348,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         version = "?"
     baseline = json.loads(open(args.baseline).read())["stats"] if args.baseline else None
     runs: list[tuple[int, dict[str, float]]] = []
+    timelines: list[list[dict[str, float]]] = []
     for concurrency in args.concurrency:
         one = argparse.Namespace(**{**vars(args), "concurrency": concurrency,
                                     "num_requests": requests_for(args, concurrency)})
         results, duration, model = asyncio.run(run_load(one))
         stats = summarize(results, duration)
         runs.append((concurrency, stats))
+        timelines.append(timeline(results))
         print(report(one, stats, model, version, baseline), flush=True)
         failures = [r.error for r in results if not r.ok]
         if failures:
@@ -363,7 +375,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         with open(args.json_out, "w") as f:
             settings = {k: v for k, v in vars(args).items() if k != "api_key"}
             record = {"settings": settings, "model": model, "card": card, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-                      "stats": runs[-1][1], "runs": [{"concurrency": c, "stats": st} for c, st in runs]}
+                      "stats": runs[-1][1],
+                      "runs": [{"concurrency": c, "stats": st, "requests": t} for (c, st), t in zip(runs, timelines)]}
             json.dump(record, f, indent=2)
     return [st for _, st in runs]
 

@@ -40,7 +40,12 @@ def test_a_sweep_beside_the_published_cells(server, tmp_path, capsys):
     row16 = next(line for line in printed.splitlines() if line.startswith("| 16 |"))
     assert row16.endswith("| 1,198 / 17.28 / 7,083 (LL) |")  # the published cell, as published
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert [r["concurrency"] for r in json.loads(out.read_text())["runs"]] == [1, 16]
+    record = json.loads(out.read_text())
+    assert [r["concurrency"] for r in record["runs"]] == [1, 16]
+    for run in record["runs"]:  # every request's timeline, in the order sent
+        reqs = run["requests"]
+        assert len(reqs) == 2 and reqs[0]["sent_ms"] == 0 and reqs[1]["sent_ms"] >= 0
+        assert all(r["ok"] and 0 < r["ttft_ms"] <= r["e2e_ms"] and r["output_tokens"] == 4 for r in reqs)
 
 
 def test_the_preset_sets_the_published_lengths_and_unknown_models_are_named():
