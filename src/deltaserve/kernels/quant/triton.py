@@ -216,8 +216,7 @@ def _acc_int4_planes(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride
     for k0 in range(k_begin, k_end, BK):
         s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
         for j in tl.static_range(8):
-            q = (words >> (4 * j)) & 0xF
-            w = ((q - z[:, None]).to(tl.float32) * s[:, None]).to(x_ptr.dtype.element_ty)
+            w = _nibble_plane(words, j, z[:, None], s[:, None]).to(x_ptr.dtype.element_ty)
             offs_k = k0 + offs_c * 8 + j
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
@@ -1128,7 +1127,7 @@ def _moe_block_kernel(x_ptr, rows_ptr, block_expert_ptr, block_first_ptr, w_ptr,
                 s, z, words = _int4_tile(wp, sp, zp, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
                 offs_c = tl.arange(0, BK // 8)
                 for j in tl.static_range(8):
-                    w = ((((words >> (4 * j)) & 0xF) - z[:, None]).to(tl.float32) * s[:, None])
+                    w = _nibble_plane(words, j, z[:, None], s[:, None])
                     offs_k = k0 + offs_c * 8 + j
                     x = tl.load(x_ptr + xrow[:, None] * stride_xt + offs_k[None, :],
                                 mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
