@@ -14,11 +14,12 @@ python benchmarks/bench_quant_kernels.py --moe-tiles [--rows 1 8]  the fused per
                              the default)
 
 Variants (kernels/quant/triton.py UNPACK): int4 u0 = each tile dequantized into column order, one dot (the default
-past 32 rows); u2 = nibble planes dequantized in fp32 then rounded, eight dots per tile (the first kernels); u3 =
-planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot, u3 = scale after;
-u4 = the CUDA-core GEMV (up to 4 rows; int4 "u4 f16" / "u4 f16x4": its F16_FMA variant, one or four words per fp16
-accumulator). The sweep's baseline ("plan") is what quant_gemm runs by default; it tries
-u3 tiles past 4 rows and GEMV tiles (BN x warps x split-K) up to 4 rows. Timings are CUDA-graph
+past the GEMV's rows); u2 = nibble planes dequantized in fp32 then rounded, eight dots per tile (the first kernels);
+u3 = planes built by the lop3 trick, scale after the dot; fp8 u0 = dequantize-then-dot (the default), u3 = scale
+after; u4 = the CUDA-core GEMV (up to GEMV_SWEEP_ROWS rows; int4 "u4 f16" / "u4 f16x4": its F16_FMA variant, one or
+four words per fp16 accumulator; past one row only those, the fp32-FMA GEMVs spill). The sweep's baseline ("plan")
+is what quant_gemm runs by default; it tries GEMV tiles (BN x warps x split-K) up to GEMV_SWEEP_ROWS rows and
+tl.dot tiles (--sweep-unpack: BN x BK x warps x stages) past them. Timings are CUDA-graph
 replays (triton.testing.do_bench_cudagraph), as the engine runs them, so launch overhead is not counted.
 """
 
@@ -103,7 +104,8 @@ def planned(args, bw: float) -> list[dict]:
                 for u in variants:
                     if u == 4 and m > qt.GEMV_SWEEP_ROWS:
                         continue
-                    for f16 in gemv_variants(args, kind) if u == 4 else [""]:
+                    # past one row only the fp16-product GEMV: the fp32-FMA ones spill (8.5 ms at 2 rows)
+                    for f16 in [v for v in gemv_variants(args, kind) if m == 1 or v] if u == 4 else [""]:
                         with gemv_f16(f16):
                             t[f"{kind} u{u}{' ' + f16 if f16 else ''}"] = time_ms(
                                 lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
@@ -143,20 +145,22 @@ def gemv_candidates(name, x, w, s, z, n, k, m, variants) -> list[tuple]:
     return out
 
 
-def u3_candidates(name, x, w, s, z, n, k, m, bm, kind) -> list[tuple]:
-    """UNPACK 3 tiles: BN x warps x stages x split-K around the plan's split."""
+def dot_candidates(name, x, w, s, z, n, k, m, bm, kind, unpack) -> list[tuple]:
+    """tl.dot kernel tiles of variant `unpack`: BN x BK x warps x stages, split-K as the plan splits (UNPACK 3 keeps
+    BK 128: its planes need K = BK / 8 >= 16)."""
     out = []
-    for bn, warps, stages in itertools.product((32, 64, 128), (4, 8), (3, 5)):
+    for bn, bk, warps, stages in itertools.product((64, 128), (64, 128), (4, 8), (3, 5)):
+        if unpack == 3 and bk != 128:
+            continue
         tiles_n = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-        plan_split = max(1, min(k // 128, (2 * qt.num_sms(x.device)) // tiles_n))
-        for split in sorted({1, plan_split, 2 * plan_split}):
-            tiles = (bm, bn, 128, split, warps, stages)
+        for split in [max(1, min(k // bk, (2 * qt.num_sms(x.device)) // tiles_n))]:  # the plan's rule
+            tiles = (bm, bn, bk, split, warps, stages)
             try:
-                ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=3))
+                ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=unpack))
             except Exception as e:  # out of shared memory / registers: not a candidate
                 print(f"{name} m={m} {kind} {tiles}: {type(e).__name__}", flush=True)
                 continue
-            out.append(("u3", tiles, 3, ms))
+            out.append((f"u{unpack}", tiles, unpack, ms))
     return out
 
 
@@ -169,24 +173,26 @@ def sweep(args, bw: float) -> list[dict]:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             w, s, z = weights[kind]
             dot_tiles = qt._plan(m, n, k, 128, x.device, kind == "int4", lop3=qt._lop3_ok(x))
-            base_tiles = qt._gemv_plan(m, n, k, 128, x.device, kind == "int4") if m <= qt.GEMV_MAX_ROWS else dot_tiles
+            gemv = qt._gemv_default(m, kind == "int4", x.dtype, False)
+            base_tiles = qt._gemv_plan(m, n, k, 128, x.device, kind == "int4") if gemv else dot_tiles
             bm = dot_tiles[0]
             floor_ms = floor_bytes(kind, n, k) / bw * 1e3
             results = [("plan", base_tiles, None, time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)))]
-            if m <= qt.GEMV_SWEEP_ROWS:  # the u3 tiles at these rows were swept before (RESULTS.md, 2026-12-03)
-                results += gemv_candidates(name, x, w, s, z, n, k, m, gemv_variants(args, kind))
+            if m <= qt.GEMV_SWEEP_ROWS:
+                variants = [v for v in gemv_variants(args, kind) if m == 1 or v]  # (as in planned())
+                results += gemv_candidates(name, x, w, s, z, n, k, m, variants)
             else:
-                results += u3_candidates(name, x, w, s, z, n, k, m, bm, kind)
+                results += dot_candidates(name, x, w, s, z, n, k, m, bm, kind, args.sweep_unpack)
             label, tiles, u, ms = min(results, key=lambda r: r[3])
             variant = contextlib.nullcontext() if label == "plan" else gemv_f16(label[3:] if label != "u4" else "")
             with variant:  # the best's error, in the variant it ran
                 got = qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=u)
             row = {"shape": name, "kind": kind, "rows": m, "floor us": floor_ms * 1e3,
                    "dot plan us": time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=dot_tiles,
-                                                                unpack=3 if kind == "int4" else 0)) * 1e3,
+                                                                unpack=0)) * 1e3,
                    "plan us": results[0][3] * 1e3, "best us": ms * 1e3, "best/floor": ms / floor_ms,
                    "best": f"{label} {tiles}", "rel err": rel_error(kind, x, weights[kind], got)}
-            for v in args.gemv_variants if kind == "int4" and m <= qt.GEMV_MAX_ROWS else []:
+            for v in args.gemv_variants if kind == "int4" and gemv else []:
                 with gemv_f16(v):  # each GEMV variant at the default plan's tiles (the A/B)
                     row[f"plan {v} us"] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)) * 1e3
             best_rows.append(row)
@@ -255,6 +261,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-unpack", type=int, choices=[0, 3], default=0,
+                    help="the tl.dot variant --sweep tries past GEMV_SWEEP_ROWS rows (0: the default; 3: scale after "
+                         "the dot)")
     ap.add_argument("--moe-tiles", action="store_true")
     ap.add_argument("--gemv-variants", nargs="+", choices=list(GEMV_VARIANTS), default=list(GEMV_VARIANTS),
                     help="int4 GEMVs to time: fp32 FMAs, fp16 products one word per accumulator (qt.GEMV_F16, "

@@ -84,7 +84,7 @@ def loop_counts(sass: str) -> dict:
 
     return {"loop SASS": sum(ops.values()), "loop HMMA": n("HMMA"), "loop LDS": n("LDS.") + ops["LDS"],
             "of them LDS.U8": n("LDS.U8"), "loop LDSM": n("LDSM"), "loop STS": n("STS"),
-            "loop cvt (F2FP, I2F)": n("F2FP", "I2F", "F2F"), "loop BAR": n("BAR")}
+            "loop cvt (F2FP, I2F)": n("F2FP", "I2F", "F2F"), "of them I2F": n("I2F"), "loop BAR": n("BAR")}
 
 
 def quant_rows() -> list[dict]:
@@ -104,7 +104,7 @@ def quant_rows() -> list[dict]:
     rows = []
     for name, types, consts, warps, stages in cases:
         consts = {"GROUP": 128, "IEEE": False, "BK": 128, "ACT_FP8": False, **consts}
-        rows.append({"kernel": name, **compile_one(quant._gemm_kernel, types, consts, warps, stages)})
+        rows.append({"kernel": name, **compile_one(quant._gemm_kernel, types, consts, warps, stages, loop=True)})
     # int4: x plane-major fp32, or (F16_FMA) plane_major_f16's words, one word (F16_WORDS 1) or four chained per
     # fp16 accumulator; with the K loop's SASS per warp and per weight (a thread's share of the tile)
     for kind, types, f16, words in (("int4", {**int4, "x_ptr": "*fp32"}, False, 1),

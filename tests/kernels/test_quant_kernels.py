@@ -317,9 +317,9 @@ def test_moe_f16_interpreted(gemv_f16):
 
 
 def test_gemv_refuses_more_rows_than_it_tiles():
-    x = torch.zeros(5, 64, dtype=torch.bfloat16, device=DEV)
+    x = torch.zeros(qt.GEMV_SWEEP_ROWS + 1, 64, dtype=torch.bfloat16, device=DEV)
     w, s = fp8_weight(16, 64, 32, torch.Generator().manual_seed(0))
-    with pytest.raises(ValueError, match="at most 4 rows, got 5"):
+    with pytest.raises(ValueError, match=f"at most {qt.GEMV_SWEEP_ROWS} rows, got {qt.GEMV_SWEEP_ROWS + 1}"):
         qt.quant_gemm(x, w, s, None, 32, unpack=4)
 
 
@@ -422,7 +422,7 @@ ODD = [(136, 384), (4104, 2048 + 128), (520, 1152), (520, 1000)]
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
-@pytest.mark.parametrize("m", [1, 3, 7, 24, 64, 300])
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 24, 64, 300])
 @pytest.mark.parametrize("n,k", SHAPES_27B + SHAPES_35B + SHAPES_122B + ODD)
 def test_gemm_gpu(kind, m, n, k):
     check_gemm(kind, m, n, k, 128, torch.bfloat16, seed=n + k + m)
@@ -430,11 +430,22 @@ def test_gemm_gpu(kind, m, n, k):
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m", [3, 24])
+@pytest.mark.parametrize("n,k", SHAPES_27B[:1] + ODD)
+def test_gemm_scale_after_dot_gpu(kind, m, n, k):
+    """UNPACK 3 (scale after the dot; a benchmark variant since UNPACK 0 beat it) stays correct."""
+    check_gemm(kind, m, n, k, 128, torch.bfloat16, seed=n + k + m, unpack=3)
+
+
+@gpu
+@needs_cuda
 @pytest.mark.parametrize("m", [1, 24])
+@pytest.mark.parametrize("unpack", [None, 3])
 @pytest.mark.parametrize("n,k", [(16384, 5120), (2048, 4096)] + ODD)
-def test_gemm_fp16_gpu(m, n, k):
-    """fp16 activations: UNPACK 3's other magic number (1024.0) and packed subtract."""
-    check_gemm("int4", m, n, k, 128, torch.float16, seed=n + k + m)
+def test_gemm_fp16_gpu(m, unpack, n, k):
+    """fp16 activations: the default kernels, and UNPACK 3's other magic number (1024.0) and packed subtract."""
+    check_gemm("int4", m, n, k, 128, torch.float16, seed=n + k + m, unpack=unpack)
 
 
 @gpu

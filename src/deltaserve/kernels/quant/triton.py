@@ -1,24 +1,25 @@
 """Triton kernels for weight-quantized GEMMs (int4 W4A16, fp8 block-scaled), same signatures as ref.py.
 
 Two kernels serve both, accumulating in fp32:
-  - GEMV (variant 4, up to GEMV_MAX_ROWS rows: decode at batch 1; the MoE per-pair GEMVs): CUDA-core FMAs
-    on tiles kept in one 3-D layout from their wide loads on, so no tile passes through shared memory. int4 nibbles
+  - GEMV (variant 4, up to GEMV_MAX_ROWS / GEMV_F16_MAX_ROWS rows: decode at batch 1, and 2 for int4; the MoE
+    per-pair GEMVs): CUDA-core FMAs on tiles kept in one 3-D layout from their wide loads on, so no tile passes
+    through shared memory. int4 nibbles
     become the exact fp32 1 + q/16 by a shift and a lop3 (no int-to-float conversion); the zero point and scale
     apply once per row and K tile. F16_FMA (int4, bf16 activations, GEMV_F16, the default): packed
     fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two;
     F16_WORDS (GEMV_F16_WORDS, default 4): that many adjacent words per fp16x2 accumulator and asm block.
   - the tiled tl.dot kernel, for everything larger:
-  - UNPACK 0 (fp8; int4 past 32 rows, with fp32 activations, in the interpreter): the weight tile is dequantized in
+  - UNPACK 0 (the default for both formats): the weight tile is dequantized in
     registers and rounded to the activation dtype, as the reference does, then one dot of K = BK. fp8: a [BN, BK]
     e4m3 tile (contiguous along K) times the row's scale for that K block. int4: the tile's packed words are loaded
     once ([BN, BK/8], contiguous along K) and their nibble planes interleaved back into column order. UNPACK 2
     (int4, benchmarks): the planes never interleaved, nibble plane j (columns k0 + 8c + j) dotted with the same
     strided columns of x, eight K = BK/8 dots per tile.
   - decode-sized calls: one M tile (16/32/64 rows) and split-K until about two waves of programs run.
-  - UNPACK 3 (int4 up to 32 rows on the GPU with 16-bit activations): the scale multiplies each tile's partial
+  - UNPACK 3 (benchmarks; int4 needs 16-bit activations on sm_90+): the scale multiplies each tile's partial
     sum, so the tensor cores take the exact q - z, two nibbles per lop3 (the FasterTransformer trick, in inline
     PTX), with no per-value scaling; the kernels skip the reference's rounding of the weight to the activation dtype
-    and land closer to the exact product. For fp8 (the exact e4m3 values) it is a benchmark variant only.
+    and land closer to the exact product. Slower than UNPACK 0 for both formats at every size timed.
   - larger calls (more than FUSED_MAX_ROWS rows): one dequantize pass into a temporary, then torch's GEMM.
 Split-K (both kernels) is reduced in the same launch, as in the bf16 skinny linear (kernels/linear/triton.py), on
 its per-device workspace and counters (so, as there, calls run on one stream at a time): each program stores its fp32
@@ -699,10 +700,11 @@ def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool =
           lop3: bool = False) -> tuple[int, ...]:
     """(BM, BN, BK, split[, num_warps, num_stages]) for an [m, k] x [k, n] call: one M tile where the rows allow (the
     weight is read once per M tile), and split-K until about two waves of programs run (the N = hidden-size
-    projections have few N tiles). lop3 (the call may run UNPACK 3): int4 up to 32 rows pipelines the packed words 5
-    deep with 4 warps, the best of the H200 sweep (benchmarks/bench_quant_kernels.py --sweep, RESULTS.md): 27B int4
-    decode at batch 1 went from 21.4 to 18.0 ms a step. The sweep's other picks (fp8, and int4 past 32 rows) lost
-    in the whole-model step, so those keep Triton's default launch."""
+    projections have few N tiles). lop3 (16-bit activations on sm_90+, _lop3_ok): int4 up to 32 rows pipelines the
+    packed words 5 deep with 4 warps, the best of the H200 sweep for UNPACK 3 (benchmarks/bench_quant_kernels.py
+    --sweep, RESULTS.md): 27B int4 decode at batch 1 went from 21.4 to 18.0 ms a step; UNPACK 0, the default now,
+    was timed on these tiles (RESULTS.md 2026-12-04, session 11). The sweep's other picks (fp8, and int4 past 32
+    rows) lost in the whole-model step, so those keep Triton's default launch."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bk = _k_tile(group, k, 128 if m <= 32 or int4 or act_fp8 else 64)
     lop3 = lop3 and int4 and m <= 32 and bk >= 128
@@ -728,20 +730,21 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
     return {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
 
 
-# int4 past 32 rows (and wherever UNPACK 3 cannot run) dequantizes each tile into column order and makes one dot of
-# K = BK (UNPACK 0, _int4_in_order: each packed word loaded once) instead of UNPACK 2's eight K = BK/8 dots on strided
-# activation loads. Chosen from the sm_90a SASS (benchmarks/compile_check.py, RESULTS.md 2026-12-04) before being
-# timed: at 64 rows its K loop issues 964 instructions per warp against 1,398, with 17 shared-memory stores and 5
-# barriers against 81 and 18, the shape of the fp8 UNPACK 0 kernel (600 instructions) that ran the 27B gate_up at 64
-# rows in 120 us where int4 UNPACK 2 took 785 (bench_quant_kernels.py, RESULTS.md 2026-12-03). Not yet measured:
-# bench_quant_kernels.py --rows 16 64 times u0 beside u2 and u3 (_plan's K tile for it, 128, is UNPACK 2's; fp8's
-# UNPACK 0 takes 64 past 32 rows: worth timing both).
+# int4 past GEMV_MAX_ROWS rows dequantizes each tile into column order and makes one dot of K = BK (UNPACK 0,
+# _int4_in_order: each packed word loaded once), not UNPACK 3's scale-after-dot nor UNPACK 2's eight K = BK/8 dots.
+# Timed on the H200 (bench_quant_kernels.py --rows 2 16 64, RESULTS.md 2026-12-04, session 11), u0 against u3 (the
+# previous default up to 32 rows, same tiles): 27B gate_up 100 / 100 us at 2 rows, 118 / 149 at 16, 193 / 792 at 64;
+# 27B down 52 / 71 at 16, 81 / 327 at 64; never slower. The 27B int4 decode step at batch 64 went from 98.8 to 32.0
+# ms (bench_quant.py, same call, with u0 past 32 rows only).
 
-# Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: decode at batch 1. At 4 rows it lost
-# to the tensor-core variants on the H200 (bench_quant_kernels.py --sweep, RESULTS.md): the rows' FMAs add to the
-# unpacking, which no longer hides behind the weight read.
+# Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: GEMV_MAX_ROWS for fp32 FMAs (fp8, int4
+# with fp16 activations), GEMV_F16_MAX_ROWS for the int4 GEMV with fp16 products (bf16 activations). At 2 rows
+# (RESULTS.md 2026-12-04, session 11) the fp16-product GEMV beat every tensor-core variant on every shape timed (27B
+# gate_up 48.7 us against u0's 101, 35B in_proj 8.4 against 19.4), while the fp32-FMA GEMVs spilled (27B gate_up:
+# fp8 700 us against u0's 66, int4 8.5 ms).
 GEMV_MAX_ROWS = 1
-GEMV_SWEEP_ROWS = 4  # the most rows an explicit unpack=4 takes (benchmarks): its 3-D tiles grow with the rows
+GEMV_F16_MAX_ROWS = 2
+GEMV_SWEEP_ROWS = 8  # the most rows an explicit unpack=4 takes (benchmarks): its 3-D tiles grow with the rows
 # The int4 GEMVs (quant_gemm's and the MoE's gate|up) with fp16 products (F16_FMA): by the sm_90a SASS 368
 # instructions per 128-row tile against 496 (benchmarks/compile_check.py); on the H200 the 27B int4 decode step at
 # batch 1 took 9.23 ms against 11.2 with fp32 FMAs (bench_quant.py --gemv-variants fp32 f16, RESULTS.md
@@ -786,6 +789,15 @@ def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: b
     return bm, bn, bk, split, 8, 3
 
 
+def _gemv_default(m: int, int4: bool, dtype: torch.dtype, act_fp8: bool) -> bool:
+    """Whether quant_gemm's default for m rows is the GEMV (GEMV_MAX_ROWS, GEMV_F16_MAX_ROWS). int4 with fp32
+    activations never: the GEMV's 16 sum f x - (16 + z) sum x cancels terms of size (16 + z) |sum x|, about 3x the fp32
+    error of summing (q - z) x directly."""
+    if act_fp8 or int4 and dtype == torch.float32:
+        return False
+    return m <= (GEMV_F16_MAX_ROWS if int4 and GEMV_F16 and dtype == torch.bfloat16 else GEMV_MAX_ROWS)
+
+
 _warned: set[tuple[int, int, int]] = set()  # shapes whose split-K call fell back to torch's sum (logged once)
 
 
@@ -795,19 +807,17 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
     result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
     num_warps, num_stages]) instead of the plan; `unpack`: the kernel variant (benchmarks; default: the fastest one
-    the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows (int4: 16-bit activations); 3 for int4 up to
-    32 rows where _lop3_ok, else 0, dequantize-then-dot (the tile dequantized in fp32 and rounded as the reference
-    does; for fp8 faster in the whole-model step than UNPACK 3's scale-after-dot, which stays for the benchmark, as
-    does int4's UNPACK 2)); `act_fp8`: W8A8, each x tile quantized to e4m3 per row and ACT_GROUP columns as it is
-    loaded (the codes and scales of ref.quantize_fp8_act)."""
+    the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows (_gemv_default), else 0,
+    dequantize-then-dot (the tile dequantized in fp32 and rounded as the reference does; faster than UNPACK 3's
+    scale-after-dot and int4's UNPACK 2, which stay for the benchmark)); `act_fp8`: W8A8, each x tile quantized to
+    e4m3 per row and ACT_GROUP columns as it is loaded (the codes and scales of ref.quantize_fp8_act)."""
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
     group = min(group, k) if group else k
     lop3 = int4 and _lop3_ok(x)
-    if unpack is None and not act_fp8 and m <= GEMV_MAX_ROWS and not (int4 and x.dtype == torch.float32):
-        unpack = 4  # (int4 with fp32 activations takes UNPACK 0: the GEMV's 16 sum f x - (16 + z) sum x cancels
-        # terms of size (16 + z) |sum x|, about 3x the fp32 error of summing (q - z) x directly)
+    if unpack is None and _gemv_default(m, int4, x.dtype, act_fp8):
+        unpack = 4
     if unpack == 4:
         if act_fp8:
             raise ValueError("the GEMV (unpack 4) takes 16-bit or fp32 activations, not fp8 ones")
@@ -825,7 +835,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                              f"{'int4' if int4 else 'fp8'} weights in groups of {group} (K tile {bk})")
         unpack = 3
     elif unpack is None:
-        unpack = 3 if lop3 and m <= 32 and bk >= 128 else 0  # int4: see the note above GEMV_MAX_ROWS
+        unpack = 0  # int4 too: see the note above GEMV_MAX_ROWS
     elif unpack not in (0, 2, 3, 4):
         raise ValueError(f"unpack must be 0, 2, 3 or 4 (kernel variants), got {unpack}")
     elif unpack == 3 and (x.dtype not in (torch.bfloat16, torch.float16) or int4 and not lop3):
