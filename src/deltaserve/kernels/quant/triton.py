@@ -102,8 +102,12 @@ def _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, 
 
 @triton.jit
 def _nibble_plane(words, j: tl.constexpr, z, s):
-    """(nibble j of each word - z) s in fp32, as the reference dequantizes."""
-    return (((words >> (4 * j)) & 0xF) - z).to(tl.float32) * s
+    """(nibble j of each word - z) s in fp32, as the reference dequantizes (the same bits). The nibble OR-ed into the
+    mantissa of 2^23 is the fp32 2^23 + q exactly (a shift and a lop3), and minus 2^23 + z leaves the exact q - z:
+    no int-to-float conversion per value, which sm_90 issues at a quarter of the FP32 rate (the UNPACK 0 K loop at
+    16 rows had 64 of them per thread and 64 x 128 tile)."""
+    biased = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
+    return (biased - (z.to(tl.float32) + 8388608.0)) * s
 
 
 # int4 -> 16-bit float without per-value arithmetic (the FasterTransformer trick): OR-ing a nibble into the mantissa of
