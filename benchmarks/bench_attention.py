@@ -201,31 +201,32 @@ def quantized_case(n: int, length: int, fmt: str, gen: torch.Generator):
     return args, 2 * n * length * hkv * per_head
 
 
-# (BLOCK_N, num_warps, num_stages) for quantized pages; WAVES and MAX_SPLITS stay as DECODE_CONFIG's
-QUANT_SWEEP = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (128, 4, 4), (64, 8, 4), (256, 8, 2), (32, 4, 4)]
-# kernel variants per format, (F16_DOTS, PLANES, V_REGS) (triton_decode.py's QUANT_DECODE_CONFIG says what they do;
-# benchmarks/compile_check.py counts their SASS): the current default first, at every QUANT_SWEEP tile, then the
-# PLANES variants at the tiles in PLANES_SWEEP (fewer: the whole sweep stays within one 10-minute device call)
-QUANT_VARIANTS = {"fp8": [(1, 0, 0), (1, 1, 0), (1, 1, 1)],
-                  "int8": [(0, 0, 0), (1, 1, 0), (1, 1, 1)],
-                  "int4": [(0, 0, 0), (1, 1, 0), (1, 1, 1)]}
-PLANES_SWEEP = [(64, 4, 3), (128, 4, 3), (128, 8, 3), (64, 4, 4)]
+# Tile configs tried per quantized format: the current default first (QUANT_DECODE_CONFIG, its kernel variant: PLANES,
+# and INT4_WORDS 2 for int4), then the same variant at other (BLOCK_N, num_warps, num_stages) and WAVES (programs per
+# SM the split-KV grid aims at; DECODE_CONFIG's MAX_SPLITS stays). The variants' SASS: benchmarks/compile_check.py.
+QUANT_SWEEP = [(128, 4, 3, 4), (128, 4, 2, 4), (128, 4, 4, 4), (64, 4, 3, 4), (64, 4, 4, 4), (64, 4, 6, 4),
+               (128, 8, 3, 4), (128, 4, 3, 2), (128, 4, 3, 8)]
+
+
+def quant_sweep_configs(code: int) -> list[dict]:
+    """QUANT_SWEEP as full configs of format `code` (1 fp8, 2 int8, 3 int4), the current default first."""
+    default = attn.QUANT_DECODE_CONFIG[code]
+    return [{**default, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "WAVES": waves}
+            for bn, warps, stages, waves in QUANT_SWEEP]
+
+
 QUANT_SWEEP_CASES = [(32, 32768), (1, 131072)]
 
 
 def sweep_kv_quant(log, copy_gbs: float) -> None:
-    """Per quantized format: time QUANT_SWEEP's tiles x QUANT_VARIANTS on QUANT_SWEEP_CASES, keep the fastest (summed
-    ratio to the first config) whose output equals the first config's within 1e-2, in attn.QUANT_DECODE_CONFIG."""
+    """Per quantized format: time quant_sweep_configs() on QUANT_SWEEP_CASES, keep the fastest (summed ratio to the
+    first config) whose output equals the first config's within 1e-2, in attn.QUANT_DECODE_CONFIG."""
     gen = torch.Generator().manual_seed(4)
     for fmt, code in (("fp8", 1), ("int8", 2), ("int4", 3)):
         cases = [quantized_case(n, length, fmt, gen) for n, length in QUANT_SWEEP_CASES]
         best, best_score, first = None, float("inf"), None
-        grid = [(v, tile) for v in QUANT_VARIANTS[fmt] for tile in (PLANES_SWEEP if v[1] else QUANT_SWEEP)]
-        for (f16, planes, v_regs), (block_n, warps, stages) in grid:
-            cfg = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages, F16_DOTS=f16, PLANES=planes,
-                       V_REGS=v_regs)
-            name = (f"sweep {fmt} BLOCK_N={block_n} warps={warps} stages={stages} f16={f16} planes={planes} "
-                    f"v_regs={v_regs}")
+        for cfg in quant_sweep_configs(code):
+            name = f"sweep {fmt} " + " ".join(f"{k}={v}" for k, v in cfg.items())
             attn.QUANT_DECODE_CONFIG[code] = cfg
             try:
                 outs = [attn.paged_attention_decode(**args) for args, _ in cases]
