@@ -2,13 +2,14 @@
 same run.
 
 python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4 fp8-w8a8] [--batches 1 64]
-                                 [--context 1024] [--gemv-variants fp32 f16 f16x4]
+                                 [--context 1024] [--gemv-variants fp32 f16 f16x4] [--fp8-gemv fp32 f16]
 
 --gemv-variants: int4 runs once per variant of its GEMVs (one-row projections, MoE per-pair): fp32 FMAs (rows
 "int4"), fp16 products one word per fp16 accumulator (kernels/quant/triton.py GEMV_F16 with GEMV_F16_WORDS 1, rows
 "int4 gemv-f16") and four words chained (GEMV_F16_WORDS 4, the engine's default for dense layers; the MoE per-pair
 GEMV keeps 1 by default, both are set by the variant; rows "int4 gemv-f16x4"); default
-f16x4 only.
+f16x4 only. --fp8-gemv: fp8 runs once per variant of its one-row GEMV (fp32 FMAs, the default; f16: fp16 products,
+kernels/quant/triton.py GEMV_FP8_F16; rows "fp8 gemv-fp32" / "fp8 gemv-f16" when both run).
 
 fp8: Qwen's official layout (128x128 block scales; GDN in_proj_a/b, router, shared-expert gate, embedding and lm_head
 kept bf16); fp8-w8a8: the same with --fp8-activations dynamic. int4: AWQ-style W4A16 g128 on every projection
@@ -27,7 +28,7 @@ import itertools
 import torch
 
 from benchmarks.bench_decode import _oom_row, bench_one
-from benchmarks.bench_quant_kernels import GEMV_VARIANTS, gemv_f16
+from benchmarks.bench_quant_kernels import GEMV_VARIANTS, fp8_gemv, gemv_f16
 from benchmarks.common import measure_copy_bandwidth, model_config, print_report
 from deltaserve.config import QuantizationConfig
 from deltaserve.models.loader import load_model
@@ -60,6 +61,8 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--gemv-variants", nargs="+", choices=list(GEMV_VARIANTS), default=["f16x4"])
+    ap.add_argument("--fp8-gemv", nargs="+", choices=["fp32", "f16"], default=["fp32"],
+                    help="fp8 (not fp8-w8a8) runs once per variant of its one-row GEMV: fp32 FMAs, fp16 products")
     args = ap.parse_args()
     bw = measure_copy_bandwidth()
     rows = []
@@ -67,15 +70,16 @@ def main() -> None:
         base: dict[int, float] = {}
         for fmt in args.formats:
             model = load(name, fmt)
-            variants = ["" if v == "fp32" else v for v in args.gemv_variants] if fmt == "int4" else [""]
+            variants = (["" if v == "fp32" else v for v in args.gemv_variants] if fmt == "int4" else
+                        args.fp8_gemv if fmt == "fp8" else [""])
             for b, f16 in itertools.product(args.batches, variants):
-                try:
-                    with gemv_f16(f16):  # read as the step's CUDA graph is captured
+                try:  # the variant is read as the step's CUDA graph is captured
+                    with gemv_f16(f16) if fmt == "int4" else fp8_gemv(f16):
                         row = bench_one(name, b, args.context, bw, model)
                 except torch.OutOfMemoryError:
                     row = None
                 row = row or _oom_row(name, b, args.context, "auto", "float32")
-                row["format"] = fmt + (f" gemv-{f16}" if f16 else "")
+                row["format"] = fmt + (f" gemv-{f16}" if f16 and (fmt == "int4" or len(variants) > 1) else "")
                 if fmt == "bf16":
                     base[b] = row["graph ms"]
                 row["vs bf16"] = base.get(b, float("nan")) / row["graph ms"]

@@ -9,6 +9,7 @@ python benchmarks/bench_quant_kernels.py --sweep [--rows 1 16 64]    tiles x war
 python benchmarks/bench_quant_kernels.py --moe-tiles [--rows 1 8]  the fused per-pair MoE (35B-A3B layer with its
                                                                      shared expert, 4 layers of distinct weights a
                                                                      graph): each gate_up / down tile in turn
+[--fp8-gemv fp32 f16]   the fp8 GEMVs timed: fp32 FMAs ("fp8 u4"), fp16 products ("fp8 u4 f16", qt.GEMV_FP8_F16)
 [--gemv-variants fp32 f16 f16x4]   the int4 GEMVs timed: fp32 FMAs, fp16 products with one word per fp16
                              accumulator (qt.GEMV_F16, GEMV_F16_WORDS 1) and/or four words chained (GEMV_F16_WORDS 4,
                              the default)
@@ -81,6 +82,17 @@ def gemv_f16(variant: str):
         qt.GEMV_F16, qt.GEMV_F16_WORDS, qt.MOE_PAIR_F16_WORDS = old
 
 
+@contextlib.contextmanager
+def fp8_gemv(variant: str):
+    """qt.GEMV_FP8_F16 set inside for `variant` ("f16": the fp8 GEMV with fp16 products; "fp32" or "": without)."""
+    old = qt.GEMV_FP8_F16
+    qt.GEMV_FP8_F16 = variant == "f16"
+    try:
+        yield
+    finally:
+        qt.GEMV_FP8_F16 = old
+
+
 def gemv_variants(args, kind: str) -> list[str]:
     """The GEMV variants to time for `kind` ("" for fp32 FMAs): F16_FMA exists for int4 only."""
     return ["" if v == "fp32" else v for v in args.gemv_variants if kind == "int4" or v == "fp32"]
@@ -104,11 +116,12 @@ def planned(args, bw: float) -> list[dict]:
                 for u in variants:
                     if u == 4 and m > qt.GEMV_SWEEP_ROWS:
                         continue
-                    # past one row only the fp16-product GEMV: the fp32-FMA ones spill (8.5 ms at 2 rows)
-                    for f16 in [v for v in gemv_variants(args, kind) if m == 1 or v] if u == 4 else [""]:
-                        with gemv_f16(f16):
-                            t[f"{kind} u{u}{' ' + f16 if f16 else ''}"] = time_ms(
-                                lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
+                    # past one row only the fp16-product GEMVs: the fp32-FMA ones spill (8.5 ms at 2 rows)
+                    variants = gemv_variants(args, kind) if kind == "int4" else args.fp8_gemv
+                    for f16 in [v for v in variants if m == 1 or v not in ("", "fp32")] if u == 4 else [""]:
+                        with gemv_f16(f16) if kind == "int4" else fp8_gemv(f16):
+                            label = f"{kind} u{u}{' ' + f16 if f16 and f16 != 'fp32' else ''}"
+                            t[label] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
                 # what calls past qt.FUSED_MAX_ROWS run instead: one dequantize pass, then torch's bf16 GEMM
                 t[f"{kind} dequant+bf16"] = time_ms(
                     lambda: torch.nn.functional.linear(x, qt.dequantize(w, s, z, 128, k, x.dtype)))
@@ -261,6 +274,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64])
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--fp8-gemv", nargs="+", choices=["fp32", "f16"], default=["fp32", "f16"],
+                    help="the fp8 GEMV variants timed: fp32 FMAs, fp16 products (qt.GEMV_FP8_F16)")
     ap.add_argument("--sweep-unpack", type=int, choices=[0, 3], default=0,
                     help="the tl.dot variant --sweep tries past GEMV_SWEEP_ROWS rows (0: the default; 3: scale after "
                          "the dot)")

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 from tests.tolerances import assert_error_within  # noqa: E402
 
@@ -152,6 +153,52 @@ def test_gemv_f16_activation_range_interpreted(gemv_f16, x_scale):
     """Activations past fp16's largest value (65504) or below its normals (6e-5): the per-tile power-of-two scale
     of plane_major_f16 keeps them finite and exact."""
     check_gemm("int4", 1, 40, 256, 128, torch.bfloat16, tiles=(1, 16, 128, 2), seed=7, unpack=4, x_scale=x_scale)
+
+
+@pytest.fixture
+def gemv_fp8_f16(monkeypatch):
+    """The fp8 GEMV with fp16 products (qt.GEMV_FP8_F16) -> the list of its act_f16 calls. Error bound: check_gemm's,
+    twice the bf16 reference's error against the exact product."""
+    calls, real = [], qt.act_f16
+    monkeypatch.setattr(qt, "GEMV_FP8_F16", True)
+    monkeypatch.setattr(qt, "act_f16", lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("m,n,k,group,tiles", [(1, 72, 96, 32, (1, 32, 32, 2)), (2, 72, 96, 32, (2, 16, 16, 3)),
+                                               (1, 40, 128, 128, (1, 16, 64, 1)), (1, 24, 160, 32, None)])
+def test_gemv_fp8_f16_interpreted(gemv_fp8_f16, m, n, k, group, tiles):
+    """The fp8 GEMV with fp16 products: padded row tile, ragged N, split-K, the default plan."""
+    check_gemm("fp8", m, n, k, group, torch.bfloat16, tiles=tiles, seed=k + m, unpack=4)
+    assert gemv_fp8_f16, "the fp16-product fp8 GEMV did not run"
+
+
+@pytest.mark.parametrize("x_scale", [1e5, 1e-7])
+def test_gemv_fp8_f16_activation_range_interpreted(gemv_fp8_f16, x_scale):
+    """Activations past fp16's range either way: act_f16's per-tile power of two keeps them finite and exact."""
+    check_gemm("fp8", 1, 40, 256, 128, torch.bfloat16, tiles=(1, 16, 128, 2), seed=7, unpack=4, x_scale=x_scale)
+    assert gemv_fp8_f16
+
+
+def test_gemv_fp8_f16_falls_back_on_unaligned_rows(gemv_fp8_f16):
+    """Rows of 100 bytes are not whole 16-byte vectors: the fp32 GEMV runs instead, as correct."""
+    check_gemm("fp8", 1, 40, 100, 100, torch.bfloat16, tiles=(1, 16, 32, 1), seed=5, unpack=4)
+    assert not gemv_fp8_f16
+
+
+def test_e4m3_decode_matches_torch():
+    """The interpreter's e4m3 decode (_e4m3_bits_to_f16, what cvt.rn.f16x2.e4m3x2 does on the GPU) against torch's
+    float8_e4m3fn for every non-NaN code."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.int32, device=DEV)
+    out = torch.empty(len(codes), dtype=torch.float16, device=DEV)
+    _e4m3_kernel[(1,)](codes, out, len(codes), BLOCK=256)
+    assert torch.equal(out, codes.to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float16))
+
+
+@triton.jit
+def _e4m3_kernel(c_ptr, o_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(o_ptr + offs, qt._e4m3_bits_to_f16(tl.load(c_ptr + offs, mask=offs < n, other=0)), mask=offs < n)
 
 
 # Split-K reduced in the launch (_reduce_splits): workspace and counters are the linear kernel's, one pair per device.
@@ -426,6 +473,15 @@ ODD = [(136, 384), (4104, 2048 + 128), (520, 1152), (520, 1000)]
 @pytest.mark.parametrize("n,k", SHAPES_27B + SHAPES_35B + SHAPES_122B + ODD)
 def test_gemm_gpu(kind, m, n, k):
     check_gemm(kind, m, n, k, 128, torch.bfloat16, seed=n + k + m)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("n,k", SHAPES_27B + SHAPES_35B + ODD)
+def test_gemv_fp8_f16_gpu(gemv_fp8_f16, n, k):
+    """The fp8 GEMV with fp16 products at the real shapes (ODD's 1000 columns take the fp32 GEMV)."""
+    check_gemm("fp8", 1, n, k, 128, torch.bfloat16, seed=n + k, unpack=4)
+    assert bool(gemv_fp8_f16) == (k % 16 == 0)
 
 
 @gpu

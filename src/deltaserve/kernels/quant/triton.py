@@ -409,13 +409,20 @@ def _split2(t):
 
 @triton.jit
 def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr, INT4: tl.constexpr,
-               BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr = False):
+               BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr = False,
+               F16: tl.constexpr = False):
     """The weight tile at columns [k0, k0 + BK) of rows cols ([1, BN, 1]), as stored, 3-D: (scale [1, BN, 1],
-    zero point [1, BN, 1] fp32 (int4; fp8: the scale again), codes [1, BN, BK/8] int32 words or [1, BN, BK] e4m3).
+    zero point [1, BN, 1] fp32 (int4; fp8: the scale again), codes [1, BN, BK/8] int32 words or [1, BN, BK] e4m3;
+    fp8 with F16: [1, BN, BK/4] int32 words, four e4m3 each, K a multiple of 4 and the row stride of 16 bytes).
     EVEN_N / EVEN_K: no row / column masks (the steady state of the real shapes). ALIGNED: k0 declared a multiple
     of BK (it always is), so the words load as 128-bit vectors where the row stride allows."""
     n_ok = cols < N
-    if INT4 and ALIGNED:
+    if not INT4 and F16:
+        w_ptr = w_ptr.to(tl.pointer_type(tl.int32))
+        stride_wn = stride_wn // 4
+        offs = tl.multiple_of(tl.core.to_tensor(k0 // 4), BK // 4) + tl.arange(0, BK // 4)[None, None, :]
+        k_ok = offs < K // 4
+    elif INT4 and ALIGNED:
         offs = tl.multiple_of(tl.core.to_tensor(k0 // 8), BK // 8) + tl.arange(0, BK // 8)[None, None, :]
         k_ok = offs < (K + 7) // 8
     elif INT4:
@@ -433,7 +440,7 @@ def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP:
         z = tl.load(z_ptr + sz, mask=n_ok, other=0).to(tl.float32) if INT4 else s
     if EVEN_N and EVEN_K:
         codes = tl.load(w_ptr + cols * stride_wn + offs)
-    elif INT4:
+    elif INT4 or F16:
         codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0)
     else:
         codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0.0)
@@ -499,16 +506,95 @@ def _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK: tl.constex
 
 
 @triton.jit
+def _split8(t):
+    """[A, B, C] -> 8 tensors [A, B, C/8]: element a of output i is t[..., 8a + i]."""
+    e, o = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 8, 2, 2, 2)))
+    e0, e1 = tl.split(e)
+    o0, o1 = tl.split(o)
+    m0, m4 = tl.split(e0)
+    m2, m6 = tl.split(e1)
+    m1, m5 = tl.split(o0)
+    m3, m7 = tl.split(o1)
+    return m0, m1, m2, m3, m4, m5, m6, m7
+
+
+# The fp8 GEMV with fp16 products (GEMV_FP8_F16): a word holds four e4m3 weights (columns 4i..4i+3); each 16-bit half
+# becomes an exact f16x2 by one cvt.rn.f16x2.e4m3x2 and meets the activation word holding the same two columns
+# (act_f16(): x as fp16 pairs in column order, scaled per K tile) in one fma.rn.f16x2. Four words (16 weights) run
+# through one fp16x2 accumulator, then its halves are added and widened to fp32, as the int4 chains do: per four
+# weights two cvts and two packed FMAs, where the fp32 GEMV converts and multiplies each weight on its own (its K loop
+# issued 0.22 warp-instructions per weight byte, the H200's whole issue rate at its copy bandwidth). Range: act_f16
+# keeps the tile's |x| below 16 and |w| <= 448, so a half's sum of 8 products stays below 57,344 (fp16 max 65,504).
+def _chain_fp8_f16_ptx(words: int) -> str:
+    """PTX for sum over words i of x . w (word i's weights $(1 + i), its activation words $(1 + W + 2i), and
+    $(2 + W + 2i)) -> fp32 $0."""
+    lines = ["{", ".reg .b32 w, acc;", ".reg .b16 lo, hi;"]
+    for i in range(words):
+        lines.append(f"mov.b32 {{lo, hi}}, ${1 + i};")
+        for h, half in enumerate(("lo", "hi")):
+            x = f"${1 + words + 2 * i + h}"
+            lines.append(f"cvt.rn.f16x2.e4m3x2 w, {half};")
+            lines.append(f"mul.rn.f16x2 acc, w, {x};" if i == 0 and h == 0 else f"fma.rn.f16x2 acc, w, {x}, acc;")
+    lines += ["mov.b32 {lo, hi}, acc;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
+    return "\n".join(lines)
+
+
+_CHAIN_FP8_F16 = tl.constexpr(_chain_fp8_f16_ptx(4))
+
+
+@triton.jit
+def _e4m3_bits_to_f16(b):
+    """e4m3 bits (int32 in [0, 255]) -> fp16, exactly (the interpreter's cvt.rn.f16x2.e4m3x2; no NaN codes in
+    quantized weights)."""
+    e = (b >> 3) & 15
+    m = (b & 7).to(tl.float32)
+    mag = tl.where(e == 0, m * 0.001953125, (8.0 + m) * ((e + 117) << 23).to(tl.float32, bitcast=True))  # 2^(e-10)
+    return tl.where(b >= 128, -mag, mag).to(tl.float16)
+
+
+@triton.jit
+def _chain_fp8_dots_f16(ws, xs, ASM: tl.constexpr):
+    """ws: 4 int32 tensors of fp8 words (word j of each group), xs: their 8 activation words (word j's at 2j, 2j + 1)
+    -> fp32, each group's 16 products in one fp16x2 accumulator (the interpreter's form: the same fp16 values in the
+    same order, a rounded multiply and add where the GPU fuses them)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            _CHAIN_FP8_F16, "=r" + ",r" * 12, [ws[0], ws[1], ws[2], ws[3], xs[0], xs[1], xs[2], xs[3], xs[4], xs[5],
+                                               xs[6], xs[7]], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        lo = tl.zeros(ws[0].shape, dtype=tl.float16)
+        hi = tl.zeros(ws[0].shape, dtype=tl.float16)
+        for i in tl.static_range(4):
+            for h in tl.static_range(2):
+                lo += _e4m3_bits_to_f16((ws[i] >> (16 * h)) & 255) * _half(xs[2 * i + h], False)
+                hi += _e4m3_bits_to_f16((ws[i] >> (16 * h + 8)) & 255) * _half(xs[2 * i + h], True)
+        return (lo + hi).to(tl.float32)
+
+
+@triton.jit
+def _gemv_math_fp8_f16(x_ptr, rows, M, K, stride_xm, k0, s, codes, BK: tl.constexpr, ROW_MASK: tl.constexpr):
+    """The fp8 tile's sum x w s with fp16 products (_chain_fp8_dots_f16) on x from act_f16(): its BK/2 words, then,
+    past all tiles, each tile's 2^-n as fp32 bits."""
+    offs = tl.multiple_of(tl.core.to_tensor(k0 // 2), BK // 2) + tl.arange(0, BK // 2)[None, None, :]
+    xs = _split8(_gemv_words(x_ptr, rows, offs, M, stride_xm, ROW_MASK))
+    dot = tl.sum(_chain_fp8_dots_f16(_split4(codes), xs, _COMPILED), axis=2, keep_dims=True)
+    inv = _gemv_words(x_ptr, rows, (K + BK - 1) // BK * (BK // 2) + k0 // BK, M, stride_xm, ROW_MASK)
+    return dot * (s * inv.to(tl.float32, bitcast=True))
+
+
+@triton.jit
 def _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4: tl.constexpr, BK: tl.constexpr,
                ROW_MASK: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr, F16_WORDS: tl.constexpr = 1):
     """sum over the tile's columns of x[m, k] W[n, k] -> fp32 [BM, BN, 1], on CUDA cores, every tensor 3-D in one
     layout (nothing converted through shared memory); scale (and zero point) once per row and tile (BK divides the
     group). int4: x comes plane-major (plane_major(): the tile's columns 8c + j stored at j * BK/8 + c, fp32, padded
     to whole tiles), so nibble plane j of the words meets a contiguous slice of x; with f = 1 + q/16 (exact),
-    sum x (q - z) = 16 sum f x - (16 + z) sum x: per weight a shift, a lop3 and one FMA. F16 (int4 only): the
-    fp16 variant, _gemv_math_f16."""
+    sum x (q - z) = 16 sum f x - (16 + z) sum x: per weight a shift, a lop3 and one FMA. F16: the fp16-product
+    variants, _gemv_math_f16 (int4) and _gemv_math_fp8_f16."""
     if INT4 and F16:
         return _gemv_math_f16(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, BK, ROW_MASK, F16_WORDS)
+    elif F16:
+        return _gemv_math_fp8_f16(x_ptr, rows, M, K, stride_xm, k0, s, codes, BK, ROW_MASK)
     elif INT4:
         offs_c = tl.arange(0, BK // 8)[None, None, :]
         planes = _nibbles_as_float(codes, _COMPILED)
@@ -572,6 +658,33 @@ def plane_major_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
 
 
 @triton.jit
+def _act_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr):
+    """Row program_id(0), K tile program_id(1) of act_f16()."""
+    row, t = tl.program_id(0), tl.program_id(1)
+    col = t * BK + tl.arange(0, BK)
+    x = tl.load(x_ptr + row * stride_xm + col, mask=col < K, other=0.0).to(tl.float32)
+    e = (tl.max(tl.abs(x)).to(tl.int32, bitcast=True) >> 23) & 0xFF  # the tile's largest |x| is in [2^(e-127), ..)
+    n = tl.minimum(130 - e, 126)  # 2^n x: largest in [8, 16) (inf, NaN: stay so; 2^n and 2^-n stay normal)
+    y = (x * ((n + 127) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
+    tl.store(h_ptr + row * (2 * stride_om) + col, y)
+    tl.store(f_ptr + row * stride_om + tl.cdiv(K, BK) * (BK // 2) + t, ((127 - n) << 23).to(tl.float32, bitcast=True))
+
+
+def act_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
+    """x [M, K] (contiguous rows) -> int32 [M, W], the fp8 fp16-product GEMV's activations: per tile of bk columns,
+    x times the power of two 2^n that brings the tile's largest |x| to [8, 16), as fp16 pairs in column order (word c:
+    columns 2c, 2c + 1), zeros past K; after the ceil(K/bk) * bk/2 words, each tile's 2^-n as fp32 bits; rows padded
+    to 16 words (aligned vector loads). One kernel."""
+    m, k = x.shape
+    tiles = triton.cdiv(k, bk)
+    out = torch.empty(m, tiles * bk // 2 + triton.cdiv(tiles, 16) * 16, dtype=torch.int32, device=x.device)
+    if m:
+        _act_f16_kernel[(m, tiles)](x, out.view(torch.float16), out.view(torch.float32), k, x.stride(0),
+                                    out.stride(0), BK=bk, num_warps=1)
+    return out
+
+
+@triton.jit
 def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
               GROUP: tl.constexpr, INT4: tl.constexpr, BK: tl.constexpr, ROW_MASK: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr, F16_WORDS: tl.constexpr = 1):
@@ -585,14 +698,15 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
     shared memory twice per tile, these once)."""
     acc = tl.zeros((rows.shape[0], cols.shape[1], 1), dtype=tl.float32)
     s, z, codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k_begin, GROUP, INT4, BK,
-                             EVEN_N, EVEN_K, F16_WORDS > 1)
+                             EVEN_N, EVEN_K, F16_WORDS > 1, F16)
     last = k_end - BK if EVEN_K else k_end - 1 - (k_end - 1 - k_begin) % BK
     for k0 in range(k_begin, k_end, BK):
         s_n, z_n, codes_n = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
-                                       tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, F16_WORDS > 1)
+                                       tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, F16_WORDS > 1,
+                                       F16)
         if F16_WORDS > 1:
             s, z, _ = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP, INT4, BK,
-                                 EVEN_N, EVEN_K, True)
+                                 EVEN_N, EVEN_K, True, F16)
         acc += _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4, BK, ROW_MASK, EVEN_K, F16, F16_WORDS)
         s, z, codes = s_n, z_n, codes_n
     return acc
@@ -771,6 +885,11 @@ GEMV_F16_WORDS = 4
 # 4.36 -> 4.84 ms in the same run (the per-pair kernel before the fused one; not re-measured on it). Tests set it to
 # 4 as well, so both stay correct.
 MOE_PAIR_F16_WORDS = 1
+# The fp8 GEMV with fp16 products (_chain_fp8_f16_ptx, act_f16()) instead of fp32 FMAs: off until timed on a GPU
+# (bench_quant_kernels.py --fp8-gemv fp32 f16, bench_quant.py --fp8-gemv fp32 f16). Its error: fp16 products of the
+# exact e4m3 weights and bf16 activations (an 11-bit rounding where the product has 12), summed in fp16 over 8
+# products per half, all else in fp32; the reference rounds each dequantized weight to bf16 (8 bits).
+GEMV_FP8_F16 = False
 
 
 def _f16_words(bk: int, words: int | None = None) -> int:
@@ -791,6 +910,13 @@ def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: b
     k_tiles = triton.cdiv(k, bk)
     split = max(1, min(k_tiles, max((4 * sms) // triton.cdiv(n, bn), k_tiles // 10)))
     return bm, bn, bk, split, 8, 3
+
+
+def _fp8_f16_ok(x: torch.Tensor, weight: torch.Tensor, bk: int) -> bool:
+    """The fp8 GEMV can take fp16 products (GEMV_FP8_F16): bf16 activations, and weight rows of whole 16-byte vectors
+    (it loads four e4m3 a word) on a 16-byte aligned base."""
+    return (GEMV_FP8_F16 and x.dtype == torch.bfloat16 and weight.shape[1] % 4 == 0 and weight.stride(0) % 16 == 0
+            and weight.data_ptr() % 16 == 0 and bk >= 16)
 
 
 def _gemv_default(m: int, int4: bool, dtype: torch.dtype, act_fp8: bool) -> bool:
@@ -868,8 +994,11 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                 log.warning("split-K quantized GEMM [%d, %d] x [%d, %d]^T first called inside a CUDA-graph capture: "
                             "torch adds its partial sums (two more launches; warm up eagerly first)", m, k, n, k)
             dest = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    f16 = unpack == 4 and int4 and GEMV_F16 and x.dtype == torch.bfloat16
-    xk = (plane_major_f16(x, bk) if f16 else plane_major(x, bk)) if unpack == 4 and int4 else x
+    f16 = unpack == 4 and (GEMV_F16 if int4 else _fp8_f16_ok(x, weight, bk)) and x.dtype == torch.bfloat16
+    if unpack == 4 and int4:
+        xk = plane_major_f16(x, bk) if f16 else plane_major(x, bk)
+    else:
+        xk = act_f16(x, bk) if f16 else x
     common = (xk, weight, scale, zeros if int4 else scale, dest, ws, counts, m, n, k, xk.stride(0), weight.stride(0),
               scale.stride(0), dest.stride(0) if dest is not out else 0, dest.stride(-2), k_per_split)
     consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, SPLIT=reduce,
