@@ -363,6 +363,12 @@ def test_moe_f16_interpreted(gemv_f16):
     check_moe("int4", tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16)
 
 
+def test_moe_fp8_f16_interpreted(gemv_fp8_f16):
+    """The fp8 MoE's gate|up GEMVs with fp16 products, the shared expert folded in."""
+    check_moe("fp8", tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, shared=True)
+    assert gemv_fp8_f16
+
+
 def test_gemv_refuses_more_rows_than_it_tiles():
     x = torch.zeros(qt.GEMV_SWEEP_ROWS + 1, 64, dtype=torch.bfloat16, device=DEV)
     w, s = fp8_weight(16, 64, 32, torch.Generator().manual_seed(0))
@@ -568,6 +574,16 @@ def test_gemv_f16_loader_orders_gpu(gemv_f16, order, n, k):
 def test_moe_f16_gpu(gemv_f16, tokens, shape):
     experts, top_k, d, inter = shape
     check_moe("int4", tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 8])
+@pytest.mark.parametrize("shape", [(256, 8, 2048, 512), (256, 8, 3072, 1024)], ids=["35B-A3B", "122B-A10B"])
+def test_moe_fp8_f16_gpu(gemv_fp8_f16, tokens, shape):
+    experts, top_k, d, inter = shape
+    check_moe("fp8", tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens, shared=True)
+    assert gemv_fp8_f16
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])

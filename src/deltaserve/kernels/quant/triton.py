@@ -912,11 +912,12 @@ def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: b
     return bm, bn, bk, split, 8, 3
 
 
-def _fp8_f16_ok(x: torch.Tensor, weight: torch.Tensor, bk: int) -> bool:
-    """The fp8 GEMV can take fp16 products (GEMV_FP8_F16): bf16 activations, and weight rows of whole 16-byte vectors
-    (it loads four e4m3 a word) on a 16-byte aligned base."""
-    return (GEMV_FP8_F16 and x.dtype == torch.bfloat16 and weight.shape[1] % 4 == 0 and weight.stride(0) % 16 == 0
-            and weight.data_ptr() % 16 == 0 and bk >= 16)
+def _fp8_f16_ok(x: torch.Tensor, bk: int, *weights: torch.Tensor) -> bool:
+    """The fp8 GEMV can take fp16 products (GEMV_FP8_F16): bf16 activations, and weights ([N, K], or experts
+    [E, N, K]) whose rows (and experts) are whole 16-byte vectors (it loads four e4m3 a word) on a 16-byte aligned
+    base."""
+    return GEMV_FP8_F16 and x.dtype == torch.bfloat16 and bk >= 16 and all(
+        w.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in w.stride()[:-1]) for w in weights)
 
 
 def _gemv_default(m: int, int4: bool, dtype: torch.dtype, act_fp8: bool) -> bool:
@@ -994,7 +995,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                 log.warning("split-K quantized GEMM [%d, %d] x [%d, %d]^T first called inside a CUDA-graph capture: "
                             "torch adds its partial sums (two more launches; warm up eagerly first)", m, k, n, k)
             dest = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
-    f16 = unpack == 4 and (GEMV_F16 if int4 else _fp8_f16_ok(x, weight, bk)) and x.dtype == torch.bfloat16
+    f16 = unpack == 4 and (GEMV_F16 if int4 else _fp8_f16_ok(x, bk, weight)) and x.dtype == torch.bfloat16
     if unpack == 4 and int4:
         xk = plane_major_f16(x, bk) if f16 else plane_major(x, bk)
     else:
@@ -1199,7 +1200,8 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
                  group: int, inter: int, shared, shared_gate: torch.Tensor | None,
                  gate_up_tile: tuple[int, int, int] | None = None,
                  down_tile: tuple[int, int] | None = None) -> torch.Tensor:
-    """The per-pair MoE in two launches (plus the int4 activations' plane-major copy): gate|up with SiLU-and-mul,
+    """The per-pair MoE in two launches (plus the activations' copy for the GEMVs: int4, fp8 with GEMV_FP8_F16):
+    gate|up with SiLU-and-mul,
     then down with the routing-weighted sum, the shared expert (shared: its (w13, s13, z13, w2, s2, z2), or None)
     as one more pair per token."""
     t, d = x.shape
@@ -1213,8 +1215,12 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
     g1, g2 = min(group, d) if group else d, min(group, inter) if group else inter
     bk1, bk2 = _k_tile(g1, d, 128), _k_tile(g2, inter, 128)
     act_w = triton.cdiv(inter, bk2) * bk2 if int4 else inter
-    f16 = int4 and GEMV_F16 and x.dtype == torch.bfloat16
-    xin = (plane_major_f16(x, bk1) if f16 else plane_major(x, bk1)) if int4 else x
+    if int4:
+        f16 = GEMV_F16 and x.dtype == torch.bfloat16
+        xin = plane_major_f16(x, bk1) if f16 else plane_major(x, bk1)
+    else:  # the fp8 gate|up GEMVs with fp16 products (GEMV_FP8_F16) where the weights allow
+        f16 = _fp8_f16_ok(x, bk1, w13, *([sw13] if has_shared else []))
+        xin = act_f16(x, bk1) if f16 else x
     act = torch.empty(t * pairs, act_w, dtype=torch.float32, device=x.device)
     out = torch.empty_like(x)
     if t == 0:
