@@ -916,8 +916,11 @@ def _fp8_f16_ok(x: torch.Tensor, bk: int, *weights: torch.Tensor) -> bool:
     """The fp8 GEMV can take fp16 products (GEMV_FP8_F16): bf16 activations, and weights ([N, K], or experts
     [E, N, K]) whose rows (and experts) are whole 16-byte vectors (it loads four e4m3 a word) on a 16-byte aligned
     base."""
-    return GEMV_FP8_F16 and x.dtype == torch.bfloat16 and bk >= 16 and all(
-        w.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in w.stride()[:-1]) for w in weights)
+    if not (GEMV_FP8_F16 and x.dtype == torch.bfloat16 and bk >= 16):
+        return False
+    if x.is_cuda and not _INTERPRET and capability(x.device) < (8, 9):  # cvt.rn.f16x2.e4m3x2 needs sm_89
+        return False
+    return all(w.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in w.stride()[:-1]) for w in weights)
 
 
 def _gemv_default(m: int, int4: bool, dtype: torch.dtype, act_fp8: bool) -> bool:
