@@ -93,6 +93,11 @@ def fp8_gemv(variant: str):
         qt.GEMV_FP8_F16 = old
 
 
+def variant_context(kind: str, variant: str):
+    """The GEMV variant's switch for `kind`: gemv_f16 (int4) or fp8_gemv."""
+    return gemv_f16(variant) if kind == "int4" else fp8_gemv(variant)
+
+
 def gemv_variants(args, kind: str) -> list[str]:
     """The GEMV variants to time for `kind` ("" for fp32 FMAs): F16_FMA exists for int4 only."""
     return ["" if v == "fp32" else v for v in args.gemv_variants if kind == "int4" or v == "fp32"]
@@ -119,7 +124,7 @@ def planned(args, bw: float) -> list[dict]:
                     # past one row only the fp16-product GEMVs: the fp32-FMA ones spill (8.5 ms at 2 rows)
                     variants = gemv_variants(args, kind) if kind == "int4" else args.fp8_gemv
                     for f16 in [v for v in variants if m == 1 or v not in ("", "fp32")] if u == 4 else [""]:
-                        with gemv_f16(f16) if kind == "int4" else fp8_gemv(f16):
+                        with variant_context(kind, f16):
                             label = f"{kind} u{u}{' ' + f16 if f16 and f16 != 'fp32' else ''}"
                             t[label] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
                 # what calls past qt.FUSED_MAX_ROWS run instead: one dequantize pass, then torch's bf16 GEMM
@@ -140,8 +145,9 @@ def planned(args, bw: float) -> list[dict]:
     return rows
 
 
-def gemv_candidates(name, x, w, s, z, n, k, m, variants) -> list[tuple]:
-    """GEMV (u4) tiles: BN x warps x split-K around the plan's split, for each variant (gemv_variants())."""
+def gemv_candidates(name, x, w, s, z, n, k, m, variants, kind="int4") -> list[tuple]:
+    """GEMV (u4) tiles: BN x warps x split-K around the plan's split, for each variant (int4: gemv_variants(); fp8:
+    --fp8-gemv's, "" or "fp32" for fp32 FMAs)."""
     out = []
     bm = triton.next_power_of_2(m)
     for bn, warps, f16 in itertools.product((32, 64, 128, 256), (8, 16), variants):
@@ -149,12 +155,12 @@ def gemv_candidates(name, x, w, s, z, n, k, m, variants) -> list[tuple]:
         for split in sorted({1, base, 2 * base, 4 * base} & set(range(1, k // 128 + 1))):
             tiles = (bm, bn, 128, split, warps, 3)
             try:
-                with gemv_f16(f16):
+                with variant_context(kind, f16):
                     ms = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=4))
             except Exception as e:  # out of registers / shared memory: not a candidate
                 print(f"{name} m={m} gemv {f16 or 'fp32'} {tiles}: {type(e).__name__}", flush=True)
                 continue
-            out.append((f"u4 {f16}" if f16 else "u4", tiles, 4, ms))
+            out.append((f"u4 {f16}" if f16 and f16 != "fp32" else "u4", tiles, 4, ms))
     return out
 
 
@@ -192,12 +198,13 @@ def sweep(args, bw: float) -> list[dict]:
             floor_ms = floor_bytes(kind, n, k) / bw * 1e3
             results = [("plan", base_tiles, None, time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)))]
             if m <= qt.GEMV_SWEEP_ROWS:
-                variants = [v for v in gemv_variants(args, kind) if m == 1 or v]  # (as in planned())
-                results += gemv_candidates(name, x, w, s, z, n, k, m, variants)
+                variants = gemv_variants(args, kind) if kind == "int4" else args.fp8_gemv
+                variants = [v for v in variants if m == 1 or v not in ("", "fp32")]  # (as in planned())
+                results += gemv_candidates(name, x, w, s, z, n, k, m, variants, kind)
             else:
                 results += dot_candidates(name, x, w, s, z, n, k, m, bm, kind, args.sweep_unpack)
             label, tiles, u, ms = min(results, key=lambda r: r[3])
-            variant = contextlib.nullcontext() if label == "plan" else gemv_f16(label[3:] if label != "u4" else "")
+            variant = contextlib.nullcontext() if label == "plan" else variant_context(kind, label[3:])
             with variant:  # the best's error, in the variant it ran
                 got = qt.quant_gemm(x, w, s, z, 128, tiles=tiles, unpack=u)
             row = {"shape": name, "kind": kind, "rows": m, "floor us": floor_ms * 1e3,
