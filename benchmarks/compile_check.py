@@ -106,15 +106,19 @@ def quant_rows() -> list[dict]:
         consts = {"GROUP": 128, "IEEE": False, "BK": 128, "ACT_FP8": False, **consts}
         rows.append({"kernel": name, **compile_one(quant._gemm_kernel, types, consts, warps, stages, loop=True)})
     # int4: x plane-major fp32, or (F16_FMA) plane_major_f16's words, one word (F16_WORDS 1) or four chained per
-    # fp16 accumulator; with the K loop's SASS per warp and per weight (a thread's share of the tile)
+    # fp16 accumulator; fp8: bf16 x and fp32 FMAs, or act_f16's fp16 words and fp16 products (GEMV_FP8_F16, four
+    # words a chain); with the K loop's SASS per warp and per weight (a thread's share of the tile)
     for kind, types, f16, words in (("int4", {**int4, "x_ptr": "*fp32"}, False, 1),
                                     ("int4", {**int4, "x_ptr": "*i32"}, True, 1),
-                                    ("int4", {**int4, "x_ptr": "*i32"}, True, 4), ("fp8", fp8, False, 1)):
-        for bn, warps in ((64, 4), (128 if kind == "int4" else 64, 8)) + (((256, 8),) if words > 1 else ()):
+                                    ("int4", {**int4, "x_ptr": "*i32"}, True, 4), ("fp8", fp8, False, 1),
+                                    ("fp8", {**fp8, "x_ptr": "*i32"}, True, 4)):
+        tiles = ((64, 4), (128 if kind == "int4" else 64, 8)) + (((256, 8),) if words > 1 and kind == "int4" else
+                                                                   ((128, 8),) if f16 and kind == "fp8" else ())
+        for bn, warps in tiles:
             consts = dict(GROUP=128, INT4=kind == "int4", BM=1, BN=bn, BK=128, EVEN_N=True, EVEN_K=True, F16_FMA=f16,
                           F16_WORDS=words)
             r = compile_one(quant._gemv_kernel, types, consts, warps, 3, loop=True)
-            label = f" F16_FMA words {words}" if f16 else ""
+            label = (f" F16_FMA words {words}" if kind == "int4" else " fp16 products (GEMV_FP8_F16)") if f16 else ""
             rows.append({"kernel": f"{kind} GEMV{label}, 1 row, BN {bn}, {warps} warps", **r,
                          "loop SASS / weight": r["loop SASS"] / (bn * 128 / (32 * warps))})
     # the one-pass dequantize of prefill-sized quantized MoE calls (every expert, every layer), at dequantize()'s tile
