@@ -79,7 +79,8 @@ def main() -> None:
                 except torch.OutOfMemoryError:
                     row = None
                 row = row or _oom_row(name, b, args.context, "auto", "float32")
-                row["format"] = fmt + (f" gemv-{f16}" if f16 and (fmt == "int4" or len(variants) > 1) else "")
+                row["format"] = fmt + (f" gemv-{f16}" if f16 and (fmt == "int4" or f16 == "f16" or len(variants) > 1)
+                                       else "")
                 if fmt == "bf16":
                     base[b] = row["graph ms"]
                 row["vs bf16"] = base.get(b, float("nan")) / row["graph ms"]

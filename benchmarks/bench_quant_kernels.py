@@ -99,7 +99,7 @@ def variant_context(kind: str, variant: str):
 
 
 def gemv_variants(args, kind: str) -> list[str]:
-    """The GEMV variants to time for `kind` ("" for fp32 FMAs): F16_FMA exists for int4 only."""
+    """The int4 GEMV variants to time for `kind` ("" for fp32 FMAs; fp8's come from --fp8-gemv)."""
     return ["" if v == "fp32" else v for v in args.gemv_variants if kind == "int4" or v == "fp32"]
 
 
@@ -122,8 +122,8 @@ def planned(args, bw: float) -> list[dict]:
                     if u == 4 and m > qt.GEMV_SWEEP_ROWS:
                         continue
                     # past one row only the fp16-product GEMVs: the fp32-FMA ones spill (8.5 ms at 2 rows)
-                    variants = gemv_variants(args, kind) if kind == "int4" else args.fp8_gemv
-                    for f16 in [v for v in variants if m == 1 or v not in ("", "fp32")] if u == 4 else [""]:
+                    gemv_vars = gemv_variants(args, kind) if kind == "int4" else args.fp8_gemv
+                    for f16 in [v for v in gemv_vars if m == 1 or v not in ("", "fp32")] if u == 4 else [""]:
                         with variant_context(kind, f16):
                             label = f"{kind} u{u}{' ' + f16 if f16 and f16 != 'fp32' else ''}"
                             t[label] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=u))
@@ -212,9 +212,10 @@ def sweep(args, bw: float) -> list[dict]:
                                                                 unpack=0)) * 1e3,
                    "plan us": results[0][3] * 1e3, "best us": ms * 1e3, "best/floor": ms / floor_ms,
                    "best": f"{label} {tiles}", "rel err": rel_error(kind, x, weights[kind], got)}
-            for v in args.gemv_variants if kind == "int4" and gemv else []:
+            for v in [v for v in args.gemv_variants if m == 1 or v != "fp32"] if kind == "int4" and gemv else []:
                 with gemv_f16(v):  # each GEMV variant at the default plan's tiles (the A/B)
-                    row[f"plan {v} us"] = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128)) * 1e3
+                    row[f"plan {v} us"] = time_ms(
+                        lambda: qt.quant_gemm(x, w, s, z, 128, tiles=base_tiles, unpack=4)) * 1e3
             best_rows.append(row)
             print(row, flush=True)
     return best_rows

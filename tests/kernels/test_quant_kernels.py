@@ -180,10 +180,33 @@ def test_gemv_fp8_f16_activation_range_interpreted(gemv_fp8_f16, x_scale):
     assert gemv_fp8_f16
 
 
+def test_gemv_fp8_f16_largest_products_stay_finite(gemv_fp8_f16):
+    """Every weight at e4m3's largest value (448) and every activation equal, the tile's |x| scaled to its top of
+    range: each fp16 chain of 16 products and the sum of its halves stay below fp16's largest value."""
+    n, k = 16, 128
+    w = torch.full((n, k), 448.0).to(torch.float8_e4m3fn).to(DEV)
+    s = torch.ones(n, 1, device=DEV)
+    x = torch.full((1, k), 7.96875, dtype=torch.bfloat16, device=DEV)
+    got = qt.quant_gemm(x, w, s, None, k, unpack=4).float()
+    assert gemv_fp8_f16
+    assert torch.allclose(got, torch.full_like(got, 448.0 * 7.96875 * k), rtol=1e-2)
+
+
 def test_gemv_fp8_f16_falls_back_on_unaligned_rows(gemv_fp8_f16):
     """Rows of 100 bytes are not whole 16-byte vectors: the fp32 GEMV runs instead, as correct."""
     check_gemm("fp8", 1, 40, 100, 100, torch.bfloat16, tiles=(1, 16, 32, 1), seed=5, unpack=4)
     assert not gemv_fp8_f16
+
+
+def test_gemv_fp8_f16_falls_back_on_ragged_k_views(gemv_fp8_f16):
+    """A column slice of 102 of a weight with 16-byte rows: the words would drop its last two columns, so the fp32
+    GEMV runs, as correct as on a contiguous copy."""
+    w, s = fp8_weight(16, 112, 102, torch.Generator().manual_seed(2))
+    x = torch.randn(1, 102, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16).to(DEV)
+    got = qt.quant_gemm(x, w[:, :102], s, None, 102, unpack=4)
+    want = qt.quant_gemm(x, w[:, :102].contiguous(), s, None, 102, unpack=4)
+    assert not gemv_fp8_f16
+    assert torch.equal(got, want)
 
 
 def test_e4m3_decode_matches_torch():

@@ -238,7 +238,7 @@ def _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm,
                  BN: tl.constexpr, BK: tl.constexpr):
     """UNPACK 0: the weight tile dequantized in fp32, rounded to the activation dtype as the reference does, then
     one dot of K = BK (int4: each packed word loaded once, its nibbles put back in column order, _int4_in_order). The
-    int4 default past 32 rows and wherever UNPACK 3 cannot run (fp32 activations, before sm_90)."""
+    default past the GEMV's rows, for both formats."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
@@ -464,7 +464,7 @@ def _gemv_x(x_ptr, rows, offs_k, M, K, stride_xm, ROW_MASK: tl.constexpr, EVEN_K
 
 @triton.jit
 def _gemv_words(x_ptr, rows, offs, M, stride_xm, ROW_MASK: tl.constexpr):
-    """int32 words offs ([1, 1, C], or a scalar) of rows ([BM, 1, 1]) of plane_major_f16()'s buffer."""
+    """int32 words offs ([1, 1, C], or a scalar) of rows ([BM, 1, 1]) of plane_major_f16()'s or act_f16()'s buffer."""
     if ROW_MASK:
         return tl.load(x_ptr + rows * stride_xm + offs, mask=rows < M, other=0)
     else:
@@ -524,7 +524,8 @@ def _split8(t):
 # through one fp16x2 accumulator, then its halves are added and widened to fp32, as the int4 chains do: per four
 # weights two cvts and two packed FMAs, where the fp32 GEMV converts and multiplies each weight on its own (its K loop
 # issued 0.22 warp-instructions per weight byte, the H200's whole issue rate at its copy bandwidth). Range: act_f16
-# keeps the tile's |x| below 16 and |w| <= 448, so a half's sum of 8 products stays below 57,344 (fp16 max 65,504).
+# keeps the tile's |x| below 8 and |w| <= 448, so a half's sum of 8 products stays below 28,672 and the two halves'
+# sum below 57,344 (fp16 max 65,504).
 def _chain_fp8_f16_ptx(words: int) -> str:
     """PTX for sum over words i of x . w (word i's weights $(1 + i), its activation words $(1 + W + 2i), and
     $(2 + W + 2i)) -> fp32 $0."""
@@ -664,7 +665,7 @@ def _act_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constex
     col = t * BK + tl.arange(0, BK)
     x = tl.load(x_ptr + row * stride_xm + col, mask=col < K, other=0.0).to(tl.float32)
     e = (tl.max(tl.abs(x)).to(tl.int32, bitcast=True) >> 23) & 0xFF  # the tile's largest |x| is in [2^(e-127), ..)
-    n = tl.minimum(130 - e, 126)  # 2^n x: largest in [8, 16) (inf, NaN: stay so; 2^n and 2^-n stay normal)
+    n = tl.minimum(129 - e, 126)  # 2^n x: largest in [4, 8) (inf, NaN: stay so; 2^n and 2^-n stay normal)
     y = (x * ((n + 127) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
     tl.store(h_ptr + row * (2 * stride_om) + col, y)
     tl.store(f_ptr + row * stride_om + tl.cdiv(K, BK) * (BK // 2) + t, ((127 - n) << 23).to(tl.float32, bitcast=True))
@@ -672,7 +673,7 @@ def _act_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constex
 
 def act_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
     """x [M, K] (contiguous rows) -> int32 [M, W], the fp8 fp16-product GEMV's activations: per tile of bk columns,
-    x times the power of two 2^n that brings the tile's largest |x| to [8, 16), as fp16 pairs in column order (word c:
+    x times the power of two 2^n that brings the tile's largest |x| to [4, 8), as fp16 pairs in column order (word c:
     columns 2c, 2c + 1), zeros past K; after the ceil(K/bk) * bk/2 words, each tile's 2^-n as fp32 bits; rows padded
     to 16 words (aligned vector loads). One kernel."""
     m, k = x.shape
@@ -746,8 +747,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
                  F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
-    pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA (int4): packed fp16 products
-    on plane_major_f16()'s activations instead of fp32 FMAs on plane_major()'s. SPLIT > 1: the grid's SPLIT K
+    pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA: packed fp16 products on
+    plane_major_f16()'s activations (int4) or act_f16()'s (fp8) instead of fp32 FMAs. SPLIT > 1: the grid's SPLIT K
     ranges are added in this launch (_reduce_splits, workspace [SPLIT, BM, N]); 1: each program stores its own
     sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds)."""
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
@@ -848,7 +849,7 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
     return {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
 
 
-# int4 past GEMV_MAX_ROWS rows dequantizes each tile into column order and makes one dot of K = BK (UNPACK 0,
+# int4 past the GEMV's rows (GEMV_F16_MAX_ROWS with bf16 activations) dequantizes each tile into column order and makes one dot of K = BK (UNPACK 0,
 # _int4_in_order: each packed word loaded once), not UNPACK 3's scale-after-dot nor UNPACK 2's eight K = BK/8 dots.
 # Timed on the H200 (bench_quant_kernels.py --rows 2 16 64, RESULTS.md 2026-12-04, session 11), u0 against u3 (the
 # previous default up to 32 rows, same tiles): 27B gate_up 100 / 100 us at 2 rows, 118 / 149 at 16, 193 / 792 at 64;
@@ -920,7 +921,8 @@ def _fp8_f16_ok(x: torch.Tensor, bk: int, *weights: torch.Tensor) -> bool:
         return False
     if x.is_cuda and not _INTERPRET and capability(x.device) < (8, 9):  # cvt.rn.f16x2.e4m3x2 needs sm_89
         return False
-    return all(w.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in w.stride()[:-1]) for w in weights)
+    return all(w.shape[-1] % 4 == 0 and w.data_ptr() % 16 == 0 and all(st % 16 == 0 for st in w.stride()[:-1])
+               for w in weights)
 
 
 def _gemv_default(m: int, int4: bool, dtype: torch.dtype, act_fp8: bool) -> bool:
