@@ -350,14 +350,23 @@ def _word_dots_f16(words, xw, ASM: tl.constexpr):
 def _chain_f16_ptx(words: int) -> str:
     """PTX for sum over words i and planes p of x_{i,p} * planes_p(word i) -> fp32 $0: the words are $1..$W, the
     activation word of word i and plane p is $(1 + W + 4i + p)."""
-    lines = ["{", ".reg .b32 p, t, acc;", ".reg .b16 lo, hi;"]
+    steps = []
     for i in range(words):
         w = f"${1 + i}"
-        lines.append(f"shr.u32 t, {w}, 8;")
         for p in range(4):
-            x = f"${1 + words + 4 * i + p}"
-            lines.append(f"and.b32 p, {'t' if p >= 2 else w}, {'0x00f000f0' if p % 2 else '0x000f000f'};")
-            lines.append(f"mul.rn.f16x2 acc, p, {x};" if i == 0 and p == 0 else f"fma.rn.f16x2 acc, p, {x}, acc;")
+            pre = [f"shr.u32 t, {w}, 8;"] if p == 0 else []
+            pre.append(f"and.b32 p, {'t' if p >= 2 else w}, {'0x00f000f0' if p % 2 else '0x000f000f'};")
+            steps.append((pre, "p", f"${1 + words + 4 * i + p}"))
+    return _fp16_chain_ptx(".reg .b32 p, t, acc;", steps)
+
+
+def _fp16_chain_ptx(regs: str, steps: list[tuple[list[str], str, str]]) -> str:
+    """An asm block that runs one fp16x2 accumulator through the packed products of `steps` ((PTX making the weight
+    register, weight register, activation operand) each), then adds its halves and widens the sum to fp32 $0."""
+    lines = ["{", regs, ".reg .b16 lo, hi;"]
+    for i, (pre, w, x) in enumerate(steps):
+        lines += pre
+        lines.append(f"mul.rn.f16x2 acc, {w}, {x};" if i == 0 else f"fma.rn.f16x2 acc, {w}, {x}, acc;")
     lines += ["mov.b32 {lo, hi}, acc;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
     return "\n".join(lines)
 
@@ -529,15 +538,13 @@ def _split8(t):
 def _chain_fp8_f16_ptx(words: int) -> str:
     """PTX for sum over words i of x . w (word i's weights $(1 + i), its activation words $(1 + W + 2i), and
     $(2 + W + 2i)) -> fp32 $0."""
-    lines = ["{", ".reg .b32 w, acc;", ".reg .b16 lo, hi;"]
+    steps = []
     for i in range(words):
-        lines.append(f"mov.b32 {{lo, hi}}, ${1 + i};")
         for h, half in enumerate(("lo", "hi")):
-            x = f"${1 + words + 2 * i + h}"
-            lines.append(f"cvt.rn.f16x2.e4m3x2 w, {half};")
-            lines.append(f"mul.rn.f16x2 acc, w, {x};" if i == 0 and h == 0 else f"fma.rn.f16x2 acc, w, {x}, acc;")
-    lines += ["mov.b32 {lo, hi}, acc;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
-    return "\n".join(lines)
+            pre = [f"mov.b32 {{lo, hi}}, ${1 + i};"] if h == 0 else []
+            pre.append(f"cvt.rn.f16x2.e4m3x2 w, {half};")
+            steps.append((pre, "w", f"${1 + words + 2 * i + h}"))
+    return _fp16_chain_ptx(".reg .b32 w, acc;", steps)
 
 
 _CHAIN_FP8_F16 = tl.constexpr(_chain_fp8_f16_ptx(4))
