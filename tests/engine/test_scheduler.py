@@ -476,6 +476,37 @@ def test_random_workload_matches_requests_run_alone(name: str, seed: int, overla
         assert preempted_pending > 0, "the tight config should preempt requests whose token is in flight"
 
 
+def test_queued_prompt_skips_its_tail_checkpoint() -> None:
+    """Prompts queued together: the first one's rest fits the step and another waits, so its chunk runs to its end
+    (no checkpoint before its last token) and it samples its first token in that step; the last one, with nobody
+    behind it, keeps the checkpoint before its last token."""
+    config = SchedulerConfig(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32)
+    sched = Scheduler(config, CacheManager(num_pages=64, num_slots=8, page_size=4, num_checkpoints=8),
+                      checkpoint_interval=32)
+    sched.add_request(req("a", 20))
+    sched.add_request(req("b", 20, first=40))
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 20, "b": 12}
+    assert sched.get_request("a").num_output_tokens == 1
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 1, "b": 7}
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 1, "b": 1}
+    assert sched.get_request("b").num_output_tokens == 1
+
+
+def test_identical_queued_prompt_keeps_the_tail_checkpoint() -> None:
+    """A prompt queued behind an identical one: the first keeps its checkpoint before its last token, so the second
+    resumes there with one token to compute."""
+    config = SchedulerConfig(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=128)
+    sched = Scheduler(config, CacheManager(num_pages=128, num_slots=8, page_size=4, num_checkpoints=8),
+                      checkpoint_interval=128)
+    sched.add_request(req("a", 100))
+    sched.add_request(req("b", 100))
+    seen = [chunks(step(sched)[0]) for _ in range(2)]
+    assert seen == [{"a": 99}, {"a": 1, "b": 1}]  # b waited for a's checkpoint at 99, then resumed there
+
+
 @pytest.mark.parametrize("interval, want", [(16, [16, 16, 16, 6, 1]), (32, [32, 22, 1])])
 def test_checkpoint_interval_cuts_prefill_chunks(interval: int, want: list[int]) -> None:
     """With prefix caching, a prompt's chunks end at every multiple of checkpoint_interval and before its last

@@ -32,3 +32,10 @@ def next_checkpoint(positions: Sequence[int], computed: int, num_new: int) -> in
         if computed < p < computed + num_new:
             return p
     return computed + num_new
+
+
+def without_tail(positions: Sequence[int], num_prompt_tokens: int, page_size: int) -> list[int]:
+    """positions less those within a page of the prompt's end (the last prompt position, a chat's history end before
+    its generation prompt): a checkpoint there splits the prompt's last chunk into two steps, and when other prompts
+    wait the second (a few tokens, the one that samples the first token) rides with the next prompt's whole chunk."""
+    return [p for p in positions if p < num_prompt_tokens - page_size]

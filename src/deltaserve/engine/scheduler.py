@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from deltaserve.cache.manager import CacheManager, PageCopy, PendingCheckpoint, StateCopy, StateSource
 from deltaserve.config import SchedulerConfig
-from deltaserve.engine.prefix_plan import checkpoint_positions, next_checkpoint
+from deltaserve.engine.prefix_plan import checkpoint_positions, next_checkpoint, without_tail
 from deltaserve.engine.request import Request, RequestStatus
 from deltaserve.engine.step_cost import StepCostModel, StepShape
 
@@ -121,7 +121,11 @@ class Scheduler:
        request that cannot get the pages for its chunk preempts the newest running request (possibly itself)
        until it can.
     2. If nothing was preempted: admit waiting requests strictly FCFS (preempted ones sit at the front) while
-       there is budget, a free slot, fewer than `max_num_seqs` running, and free pages for the first chunk.
+       there is budget, a free slot, fewer than `max_num_seqs` running, and free pages for the first chunk. With
+       prefix caching a chunk ends at the request's planned checkpoints, except that an admitted prompt whose rest
+       fits the step while others wait behind it drops those within a page of its end (prefix_plan.without_tail),
+       unless one of them has the same prompt: under a queue its first token then comes with this step instead of
+       a step later, beside the next prompt's whole chunk.
 
     With a per-step time budget (`max_step_ms`) and running decode rows (requests with one token left to
     compute), the decode rows are counted first: their tokens are reserved from the token budget and their cost is
@@ -440,7 +444,17 @@ class Scheduler:
     def _admission_chunk(self, request: Request, tokens: list[int], matched: int, budget: int) -> int:
         request.checkpoint_positions = self._plan_checkpoints(request, tokens, matched)
         num_new = min(request.num_tokens - matched, budget)
+        if matched + num_new == request.num_tokens and self._queued_behind(request):
+            # the rest of the prompt fits this step and others wait: its first token now, not a step later
+            request.checkpoint_positions = without_tail(request.checkpoint_positions, request.num_prompt_tokens,
+                                                        self.cache.page_size)
         return next_checkpoint(request.checkpoint_positions, matched, num_new) - matched
+
+    def _queued_behind(self, request: Request) -> bool:
+        """Other requests wait to be admitted, none with the same prompt (which would resume at its tail
+        checkpoint)."""
+        others = [r for r in self._waiting if r is not request]
+        return bool(others) and all(r.prompt_token_ids != request.prompt_token_ids for r in others)
 
     def _on_admitted(self, request: Request, tokens: list[int], matched: int) -> None:
         request.num_computed_tokens = matched
