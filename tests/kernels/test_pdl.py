@@ -161,3 +161,77 @@ def test_pdl_chain_eager_and_graph_replays_equal_no_pdl(monkeypatch, rows):
                 graph.replay()
                 for got, e in zip(outs, exp):
                     assert torch.equal(got, e)
+
+
+def _quant_chain_weights(seed: int = 0) -> dict[str, torch.Tensor]:
+    """int4 (g128) and fp8 (128-column blocks) weights at decode-like shapes: GEMV and tl.dot paths, split-K, and the
+    fused per-pair MoE with its shared expert."""
+    from deltaserve.kernels.quant import ref
+
+    g = torch.Generator(device="cuda").manual_seed(seed)
+
+    def int4(*lead_n_k):
+        *lead, n, k = lead_n_k
+        codes = torch.randint(0, 16, (*lead, n, k), dtype=torch.uint8, device="cuda", generator=g)
+        return (ref.pack_int4(codes), torch.rand(*lead, n, k // 128, device="cuda", generator=g) * 2e-3 + 1e-4,
+                torch.randint(0, 16, (*lead, n, k // 128), dtype=torch.uint8, device="cuda", generator=g))
+
+    def fp8(n, k):
+        return ((torch.randn(n, k, device="cuda", generator=g) * 8).to(torch.float8_e4m3fn),
+                torch.rand(n, k // 128, device="cuda", generator=g) * 1e-3 + 1e-4)
+
+    E, D, I = 64, 2048, 512
+    return {"wide": int4(12288, 4096), "fp8": fp8(4096, 12288), "down": int4(2048, 4096),
+            "w13": int4(E, 2 * I, D), "w2": int4(E, D, I), "sw13": int4(2 * I, D), "sw2": int4(D, I),
+            "router": torch.randn(E, D, device="cuda", generator=g).to(torch.bfloat16) * 0.02}
+
+
+def _quant_chain(x: torch.Tensor, w: dict) -> list[torch.Tensor]:
+    """Each quantized kernel reads what the one before it wrote."""
+    from deltaserve.kernels.quant import triton as qt
+
+    def lin(h, name):
+        qw, s, z = w[name]
+        return qt.int4_linear(x=h, qweight=qw, scales=s, zeros=z, group_size=128)
+
+    a = lin(x, "wide")
+    b = qt.fp8_linear(x=a, weight=w["fp8"][0], scale=w["fp8"][1], block_k=128)
+    c = lin(b, "down")
+    weights, ids = torch.topk(torch.softmax(c.float() @ w["router"].float().T, -1), 8)
+    (q13, s13, z13), (q2, s2, z2) = w["w13"], w["w2"]
+    m = qt.int4_fused_moe(x=c, w13_qweight=q13, w13_scales=s13, w13_zeros=z13, w2_qweight=q2, w2_scales=s2,
+                          w2_zeros=z2, group_size=128, topk_weights=weights, topk_ids=ids, shared_w13=w["sw13"],
+                          shared_w2=w["sw2"], shared_gate=c[:, :1])
+    return [a, b, c, m]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_pdl_quantized_chain_equals_no_pdl(monkeypatch, rows):
+    """The quantized kernels (GEMV and its activations' copy, tl.dot GEMM, fused MoE) launched with PDL, eagerly and
+    replayed in a CUDA graph, give what they give without it."""
+    if not torch.cuda.is_available() or not _device.pdl_supported(CUDA):
+        pytest.skip("needs a GPU that supports PDL (sm_90+, CUDA >= 12.3)")
+    w = _quant_chain_weights()
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    inputs = [torch.randn(rows, 4096, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4)]
+    monkeypatch.setattr(_device, "PDL", False)
+    with torch.no_grad():
+        want = [[t.clone() for t in _quant_chain(x, w)] for x in inputs]
+    monkeypatch.setattr(_device, "PDL", None)
+    with torch.no_grad():
+        for x, exp in zip(inputs, want):
+            for got, e in zip(_quant_chain(x, w), exp):
+                assert torch.equal(got, e)
+        sx = inputs[0].clone()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = _quant_chain(sx, w)
+        for _ in range(3):
+            for x, exp in zip(inputs, want):
+                sx.copy_(x)
+                graph.replay()
+                for got, e in zip(outs, exp):
+                    assert torch.equal(got, e)
+

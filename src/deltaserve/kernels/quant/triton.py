@@ -1,5 +1,8 @@
 """Triton kernels for weight-quantized GEMMs (int4 W4A16, fp8 block-scaled), same signatures as ref.py.
 
+The decode-path kernels (GEMV, tl.dot GEMM, the GEMVs' activation copies, the fused MoE's two kernels) take part in
+Programmatic Dependent Launch as the bf16 ones do (kernels/_pdl.py): each waits for its predecessor first.
+
 Two kernels serve both, accumulating in fp32:
   - GEMV (variant 4, up to GEMV_MAX_ROWS / GEMV_F16_MAX_ROWS rows: decode at batch 1, and 2 for int4; the MoE
     per-pair GEMVs): CUDA-core FMAs on tiles kept in one 3-D layout from their wide loads on, so no tile passes
@@ -45,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels._device import capability, num_sms
+from deltaserve.kernels._device import capability, num_sms, pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.linear.triton import _scratch
 from deltaserve.kernels.quant import ref
 
@@ -632,8 +636,10 @@ def plane_major(x: torch.Tensor, bk: int) -> torch.Tensor:
 
 
 @triton.jit
-def _plane_major_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr):
+def _plane_major_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr,
+                            PDL: tl.constexpr = False):
     """Row program_id(0), K tile program_id(1) of plane_major_f16()."""
+    wait_then_release(PDL)  # x: the previous kernel's output
     row, t = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, BK)  # the fp16 slot: half j % 2 of word j // 2 = (pair-plane p, column group c)
     p, c = (j // 2) // (BK // 8), (j // 2) % (BK // 8)
@@ -661,13 +667,14 @@ def plane_major_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
     out = torch.empty(m, tiles * bk // 2 + triton.cdiv(2 * tiles, 16) * 16, dtype=torch.int32, device=x.device)
     if m:
         _plane_major_f16_kernel[(m, tiles)](x, out.view(torch.float16), out.view(torch.float32), k, x.stride(0),
-                                            out.stride(0), BK=bk, num_warps=1)
+                                            out.stride(0), BK=bk, num_warps=1, **pdl_launch(x.device))
     return out
 
 
 @triton.jit
-def _act_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr):
+def _act_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr, PDL: tl.constexpr = False):
     """Row program_id(0), K tile program_id(1) of act_f16()."""
+    wait_then_release(PDL)  # x: the previous kernel's output
     row, t = tl.program_id(0), tl.program_id(1)
     col = t * BK + tl.arange(0, BK)
     x = tl.load(x_ptr + row * stride_xm + col, mask=col < K, other=0.0).to(tl.float32)
@@ -688,7 +695,7 @@ def act_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
     out = torch.empty(m, tiles * bk // 2 + triton.cdiv(tiles, 16) * 16, dtype=torch.int32, device=x.device)
     if m:
         _act_f16_kernel[(m, tiles)](x, out.view(torch.float16), out.view(torch.float32), k, x.stride(0),
-                                    out.stride(0), BK=bk, num_warps=1)
+                                    out.stride(0), BK=bk, num_warps=1, **pdl_launch(x.device))
     return out
 
 
@@ -751,13 +758,16 @@ def _reduce_splits(acc, out_ptrs, ws_ptrs, ws_split_stride, count_ptr, tile, pid
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                  stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
-                 F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1):
+                 F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
+                 PDL: tl.constexpr = False):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
     pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA: packed fp16 products on
     plane_major_f16()'s activations (int4) or act_f16()'s (fp8) instead of fp32 FMAs. SPLIT > 1: the grid's SPLIT K
     ranges are added in this launch (_reduce_splits, workspace [SPLIT, BM, N]); 1: each program stores its own
-    sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds)."""
+    sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds). PDL: waits
+    first (x, the workspace and counters are the previous kernels')."""
+    wait_then_release(PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BM)[:, None, None]
     cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
@@ -781,10 +791,11 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                  stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0,
-                 ACT_FP8: tl.constexpr = False, SPLIT: tl.constexpr = 1):
+                 ACT_FP8: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False):
     """One [BM, BN] output tile over the K range of split pid_k. SPLIT > 1: the grid's SPLIT K ranges are added in
     this launch (_reduce_splits); 1: each program stores its own sum at out + pid_k * stride_os (the result, or
-    without a workspace a partial that torch adds)."""
+    without a workspace a partial that torch adds). PDL: waits first, as the GEMV."""
+    wait_then_release(PDL)
     pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_m = pid_m * BM + tl.arange(0, BM)
     offs_n = pid_n * BN + tl.arange(0, BN)
@@ -856,8 +867,9 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
     return {k: v for k, v in (("num_warps", num_warps), ("num_stages", num_stages)) if v is not None}
 
 
-# int4 past the GEMV's rows (GEMV_F16_MAX_ROWS with bf16 activations) dequantizes each tile into column order and makes one dot of K = BK (UNPACK 0,
-# _int4_in_order: each packed word loaded once), not UNPACK 3's scale-after-dot nor UNPACK 2's eight K = BK/8 dots.
+# int4 past the GEMV's rows (GEMV_F16_MAX_ROWS with bf16 activations) dequantizes each tile into column order and
+# makes one dot of K = BK (UNPACK 0, _int4_in_order: each packed word loaded once), not UNPACK 3's scale-after-dot nor
+# UNPACK 2's eight K = BK/8 dots.
 # Timed on the H200 (bench_quant_kernels.py --rows 2 16 64, RESULTS.md 2026-12-04, session 11), u0 against u3 (the
 # previous default up to 32 rows, same tiles): 27B gate_up 100 / 100 us at 2 rows, 118 / 149 at 16, 193 / 792 at 64;
 # 27B down 52 / 71 at 16, 81 / 327 at 64; never slower. The 27B int4 decode step at batch 64 went from 98.8 to 32.0
@@ -1015,7 +1027,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     common = (xk, weight, scale, zeros if int4 else scale, dest, ws, counts, m, n, k, xk.stride(0), weight.stride(0),
               scale.stride(0), dest.stride(0) if dest is not out else 0, dest.stride(-2), k_per_split)
     consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, SPLIT=reduce,
-                  **_launch(*launch))
+                  **_launch(*launch), **pdl_launch(x.device))
     if unpack == 4:
         _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
                                                   F16_WORDS=_f16_words(bk) if f16 else 1, **consts)
@@ -1115,14 +1127,15 @@ def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_
                         stride_ssn, stride_act, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, GROUP: tl.constexpr,
                         INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                         ACT_BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr,
-                        F16_WORDS: tl.constexpr):
+                        F16_WORDS: tl.constexpr, PDL: tl.constexpr = False):
     """act[p, n] = silu(x[t] . G[n]) * (x[t] . U[n]) in fp32 for pair p = (token t, slot j), slot TOP_K being the
     shared expert. A program takes BN/2 gate rows and the same up rows, interleaved in one tile so one K loop reads
     both (the GEMV's tiles, _gemv_acc), over K range program_id(2) of SPLIT: a GEMV keeps two K tiles in flight, so a
     long K loop waits on memory latency once per tile, and a split shortens it. The split's partial sums meet as the
     split-K linear's do: each stored in the workspace, a counter per (pair, column block), and the last program to
     arrive adds them in split order, stores act and resets the counter. Every column of act up to ACT_W is written
-    (zeros past INTER and for slots without an expert)."""
+    (zeros past INTER and for slots without an expert). PDL: waits first (x, ids, the workspace and counters)."""
+    wait_then_release(PDL)
     pairs: tl.constexpr = TOP_K + HAS_SHARED
     half: tl.constexpr = BN // 2
     p, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -1163,12 +1176,14 @@ def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, s_ptr, z_pt
                      count_ptr, out_ptr, D, INTER, stride_act, stride_we, stride_wn, stride_se, stride_sn, stride_swn,
                      stride_ssn, stride_g, stride_out, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr,
                      GROUP: tl.constexpr, INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr):
+                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
     """out[t] = sum over token t's pairs of weight * (act[p] . Down[n]), the shared expert's weight being
     sigmoid(gate[t]). One program per pair and BN output columns (fp32 CUDA-core GEMV, act as the gate/up kernel
     stored it); each stores its weighted partial in the workspace [T * pairs, D], and the last of a token's programs
     for these columns to arrive (a counter per token and column block, as the split-K linear's) adds the partials in
-    slot order, stores the row in out's dtype and resets the counter: one launch, deterministic, no spin."""
+    slot order, stores the row in out's dtype and resets the counter: one launch, deterministic, no spin. PDL: waits
+    first (act, ids, the routing weights)."""
+    wait_then_release(PDL)
     pairs: tl.constexpr = TOP_K + HAS_SHARED
     p, pid_n = tl.program_id(0), tl.program_id(1)
     t, j = p // pairs, p % pairs
@@ -1247,7 +1262,7 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
         xin.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), sw13.stride(0), ss13.stride(0),
         act.stride(0), TOP_K=top_k, HAS_SHARED=int(has_shared), GROUP=g1 if g1 < d else d + bk1, INT4=int4, BN=bn,
         BK=bk1, SPLIT=split, ACT_BK=bk2, EVEN_N=inter % (bn // 2) == 0, EVEN_K=d % bk1 == 0, F16=f16,
-        F16_WORDS=_f16_words(bk1, MOE_PAIR_F16_WORDS) if f16 else 1, num_warps=warps)
+        F16_WORDS=_f16_words(bk1, MOE_PAIR_F16_WORDS) if f16 else 1, num_warps=warps, **pdl_launch(x.device))
     bn, warps = down_tile or MOE_TILES["int4" if int4 else "fp8"][1]
     blocks = triton.cdiv(d, bn)
     ws, counts = _moe_scratch(x.device, t * pairs * d, t * blocks)
@@ -1256,7 +1271,8 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
         act, ids, topk_weights, gate, w2, s2, z2 if int4 else s2, sw2, ss2, sz2, ws, counts, out, d, inter,
         act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), sw2.stride(0), ss2.stride(0),
         gate.stride(0), out.stride(0), TOP_K=top_k, HAS_SHARED=int(has_shared), GROUP=g2 if g2 < inter else inter + bk2,
-        INT4=int4, BN=bn, BK=bk2, EVEN_N=d % bn == 0, EVEN_K=inter % bk2 == 0, num_warps=warps)
+        INT4=int4, BN=bn, BK=bk2, EVEN_N=d % bn == 0, EVEN_K=inter % bk2 == 0, num_warps=warps,
+        **pdl_launch(x.device))
     return out
 
 
