@@ -507,6 +507,32 @@ def test_identical_queued_prompt_keeps_the_tail_checkpoint() -> None:
     assert seen == [{"a": 99}, {"a": 1, "b": 1}]  # b waited for a's checkpoint at 99, then resumed there
 
 
+def test_queued_prompt_keeps_marked_tail_points() -> None:
+    """A chat prompt's marked history end (two tokens before its end) is kept even under a queue: the next turn
+    resumes there."""
+    config = SchedulerConfig(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32)
+    sched = Scheduler(config, CacheManager(num_pages=64, num_slots=8, page_size=4, num_checkpoints=8),
+                      checkpoint_interval=32)
+    chat = req("a", 20)
+    chat.cache_points = (18,)
+    sched.add_request(chat)
+    sched.add_request(req("b", 20, first=40))
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 18, "b": 14}
+
+
+def test_queue_that_cannot_run_beside_keeps_the_tail_checkpoint() -> None:
+    """One sequence at a time: the request queued behind could not run in the next step anyway, so the prompt keeps
+    its checkpoint before its last token."""
+    config = SchedulerConfig(max_model_len=64, max_num_seqs=1, max_num_batched_tokens=32)
+    sched = Scheduler(config, CacheManager(num_pages=64, num_slots=8, page_size=4, num_checkpoints=8),
+                      checkpoint_interval=32)
+    sched.add_request(req("a", 20))
+    sched.add_request(req("b", 20, first=40))
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 19}
+
+
 @pytest.mark.parametrize("interval, want", [(16, [16, 16, 16, 6, 1]), (32, [32, 22, 1])])
 def test_checkpoint_interval_cuts_prefill_chunks(interval: int, want: list[int]) -> None:
     """With prefix caching, a prompt's chunks end at every multiple of checkpoint_interval and before its last

@@ -34,8 +34,11 @@ def next_checkpoint(positions: Sequence[int], computed: int, num_new: int) -> in
     return computed + num_new
 
 
-def without_tail(positions: Sequence[int], num_prompt_tokens: int, page_size: int) -> list[int]:
-    """positions less those within a page of the prompt's end (the last prompt position, a chat's history end before
-    its generation prompt): a checkpoint there splits the prompt's last chunk into two steps, and when other prompts
-    wait the second (a few tokens, the one that samples the first token) rides with the next prompt's whole chunk."""
-    return [p for p in positions if p < num_prompt_tokens - page_size]
+def without_tail(positions: Sequence[int], num_prompt_tokens: int, page_size: int, keep: Sequence[int] = ()
+                 ) -> list[int]:
+    """positions less those within a page of the prompt's end (the default checkpoint at its last position, an
+    interval's that falls there), except those in `keep` (the points whoever rendered the prompt marked, such as a
+    chat's history end before its generation prompt, where the next turn resumes): a checkpoint there splits the
+    prompt's last chunk into two steps, and when other prompts wait the second (a few tokens, the one that samples
+    the first token) rides with the next prompt's whole chunk."""
+    return [p for p in positions if p < num_prompt_tokens - page_size or p in keep]

@@ -75,6 +75,14 @@ class Request:
         # Copies, so that the caller's lists are never mutated or aliased.
         self.prompt_token_ids = list(self.prompt_token_ids)
         self.output_token_ids = list(self.output_token_ids)
+        self._prompt_key: tuple[int, int] | None = None
+
+    @property
+    def prompt_key(self) -> tuple[int, int]:
+        """(length, hash) of the prompt, computed once: requests with different keys have different prompts."""
+        if self._prompt_key is None:
+            self._prompt_key = (len(self.prompt_token_ids), hash(tuple(self.prompt_token_ids)))
+        return self._prompt_key
 
     @property
     def num_prompt_tokens(self) -> int:

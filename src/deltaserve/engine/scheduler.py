@@ -123,9 +123,10 @@ class Scheduler:
     2. If nothing was preempted: admit waiting requests strictly FCFS (preempted ones sit at the front) while
        there is budget, a free slot, fewer than `max_num_seqs` running, and free pages for the first chunk. With
        prefix caching a chunk ends at the request's planned checkpoints, except that an admitted prompt whose rest
-       fits the step while others wait behind it drops those within a page of its end (prefix_plan.without_tail),
-       unless one of them has the same prompt: under a queue its first token then comes with this step instead of
-       a step later, beside the next prompt's whole chunk.
+       fits the step while others wait that could run beside it drops the unmarked ones within a page of its end
+       (prefix_plan.without_tail; the points the prompt's renderer marked stay), unless one of those waiting has
+       the same prompt: under a queue its first token then comes with this step instead of a step later, beside
+       the next prompt's whole chunk.
 
     With a per-step time budget (`max_step_ms`) and running decode rows (requests with one token left to
     compute), the decode rows are counted first: their tokens are reserved from the token budget and their cost is
@@ -447,14 +448,17 @@ class Scheduler:
         if matched + num_new == request.num_tokens and self._queued_behind(request):
             # the rest of the prompt fits this step and others wait: its first token now, not a step later
             request.checkpoint_positions = without_tail(request.checkpoint_positions, request.num_prompt_tokens,
-                                                        self.cache.page_size)
+                                                        self.cache.page_size, keep=request.cache_points)
         return next_checkpoint(request.checkpoint_positions, matched, num_new) - matched
 
     def _queued_behind(self, request: Request) -> bool:
-        """Other requests wait to be admitted, none with the same prompt (which would resume at its tail
-        checkpoint)."""
-        others = [r for r in self._waiting if r is not request]
-        return bool(others) and all(r.prompt_token_ids != request.prompt_token_ids for r in others)
+        """Another request waits that could run beside it (a sequence and a slot are free for it after this one),
+        and none has the same prompt (it would resume at the tail checkpoint)."""
+        if len(self._waiting) < 2 or len(self._running) + 2 > self._config.max_num_seqs \
+                or self.cache.num_free_slots < 2:
+            return False
+        key = request.prompt_key
+        return all(r.prompt_key != key for r in self._waiting if r is not request)
 
     def _on_admitted(self, request: Request, tokens: list[int], matched: int) -> None:
         request.num_computed_tokens = matched
