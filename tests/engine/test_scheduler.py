@@ -476,15 +476,23 @@ def test_random_workload_matches_requests_run_alone(name: str, seed: int, overla
         assert preempted_pending > 0, "the tight config should preempt requests whose token is in flight"
 
 
+def caching(*, budget: int = 32, max_num_seqs: int = 8, a: Request | None = None, b: Request | None = None
+            ) -> Scheduler:
+    """A prefix-caching scheduler (pages of 4, one checkpoint interval per step) with requests a and b queued (by
+    default two different 20-token prompts)."""
+    config = SchedulerConfig(max_model_len=2 * budget, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    sched = Scheduler(config, CacheManager(num_pages=2 * budget, num_slots=8, page_size=4, num_checkpoints=8),
+                      checkpoint_interval=budget)
+    sched.add_request(a or req("a", 20))
+    sched.add_request(b or req("b", 20, first=40))
+    return sched
+
+
 def test_queued_prompt_skips_its_tail_checkpoint() -> None:
     """Prompts queued together: the first one's rest fits the step and another waits, so its chunk runs to its end
     (no checkpoint before its last token) and it samples its first token in that step; the last one, with nobody
     behind it, keeps the checkpoint before its last token."""
-    config = SchedulerConfig(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32)
-    sched = Scheduler(config, CacheManager(num_pages=64, num_slots=8, page_size=4, num_checkpoints=8),
-                      checkpoint_interval=32)
-    sched.add_request(req("a", 20))
-    sched.add_request(req("b", 20, first=40))
+    sched = caching()
     out, _ = step(sched)
     assert chunks(out) == {"a": 20, "b": 12}
     assert sched.get_request("a").num_output_tokens == 1
@@ -498,11 +506,7 @@ def test_queued_prompt_skips_its_tail_checkpoint() -> None:
 def test_identical_queued_prompt_keeps_the_tail_checkpoint() -> None:
     """A prompt queued behind an identical one: the first keeps its checkpoint before its last token, so the second
     resumes there with one token to compute."""
-    config = SchedulerConfig(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=128)
-    sched = Scheduler(config, CacheManager(num_pages=128, num_slots=8, page_size=4, num_checkpoints=8),
-                      checkpoint_interval=128)
-    sched.add_request(req("a", 100))
-    sched.add_request(req("b", 100))
+    sched = caching(budget=128, a=req("a", 100), b=req("b", 100))
     seen = [chunks(step(sched)[0]) for _ in range(2)]
     assert seen == [{"a": 99}, {"a": 1, "b": 1}]  # b waited for a's checkpoint at 99, then resumed there
 
@@ -510,26 +514,16 @@ def test_identical_queued_prompt_keeps_the_tail_checkpoint() -> None:
 def test_queued_prompt_keeps_marked_tail_points() -> None:
     """A chat prompt's marked history end (two tokens before its end) is kept even under a queue: the next turn
     resumes there."""
-    config = SchedulerConfig(max_model_len=64, max_num_seqs=8, max_num_batched_tokens=32)
-    sched = Scheduler(config, CacheManager(num_pages=64, num_slots=8, page_size=4, num_checkpoints=8),
-                      checkpoint_interval=32)
     chat = req("a", 20)
     chat.cache_points = (18,)
-    sched.add_request(chat)
-    sched.add_request(req("b", 20, first=40))
-    out, _ = step(sched)
+    out, _ = step(caching(a=chat))
     assert chunks(out) == {"a": 18, "b": 14}
 
 
 def test_queue_that_cannot_run_beside_keeps_the_tail_checkpoint() -> None:
     """One sequence at a time: the request queued behind could not run in the next step anyway, so the prompt keeps
     its checkpoint before its last token."""
-    config = SchedulerConfig(max_model_len=64, max_num_seqs=1, max_num_batched_tokens=32)
-    sched = Scheduler(config, CacheManager(num_pages=64, num_slots=8, page_size=4, num_checkpoints=8),
-                      checkpoint_interval=32)
-    sched.add_request(req("a", 20))
-    sched.add_request(req("b", 20, first=40))
-    out, _ = step(sched)
+    out, _ = step(caching(max_num_seqs=1))
     assert chunks(out) == {"a": 19}
 
 

@@ -590,19 +590,22 @@ def test_gemv_f16_loader_orders_gpu(gemv_f16, order, n, k):
     check_loader_order(order, n, k, 128)
 
 
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("tokens", [1, 8])
-@pytest.mark.parametrize("shape", [(256, 8, 2048, 512), (256, 8, 3072, 1024)], ids=["35B-A3B", "122B-A10B"])
+def moe_f16_gpu(test):
+    """The fp16-product MoE GPU tests' cases: 1 and 8 tokens on the 35B-A3B and 122B-A10B expert shapes."""
+    for mark in (gpu, needs_cuda, pytest.mark.parametrize("tokens", [1, 8]),
+                 pytest.mark.parametrize("shape", [(256, 8, 2048, 512), (256, 8, 3072, 1024)],
+                                         ids=["35B-A3B", "122B-A10B"])):
+        test = mark(test)
+    return test
+
+
+@moe_f16_gpu
 def test_moe_f16_gpu(gemv_f16, tokens, shape):
     experts, top_k, d, inter = shape
     check_moe("int4", tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens)
 
 
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("tokens", [1, 8])
-@pytest.mark.parametrize("shape", [(256, 8, 2048, 512), (256, 8, 3072, 1024)], ids=["35B-A3B", "122B-A10B"])
+@moe_f16_gpu
 def test_moe_fp8_f16_gpu(gemv_fp8_f16, tokens, shape):
     experts, top_k, d, inter = shape
     check_moe("fp8", tokens, experts, top_k, d, inter, 128, torch.bfloat16, seed=tokens, shared=True)
