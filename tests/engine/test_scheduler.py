@@ -503,6 +503,19 @@ def test_queued_prompt_skips_its_tail_checkpoint() -> None:
     assert sched.get_request("b").num_output_tokens == 1
 
 
+def test_long_prompt_last_chunk_skips_its_tail_checkpoint_under_a_queue() -> None:
+    """A prompt longer than a step: its last chunk, with another request queued that can run beside it, runs to the
+    prompt's end, and the claim on the dropped position is given back."""
+    sched = caching(a=req("a", 40))
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 32}
+    assert sched.cache.claimed_position(list(range(1, 41))) == 36  # a's planned checkpoint at 39, in page 9
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 8, "b": 19}  # b, with nobody behind it, keeps its own
+    assert sched.get_request("a").num_output_tokens == 1
+    assert sched.cache.claimed_position(list(range(1, 41))) == 0
+
+
 def test_identical_queued_prompt_keeps_the_tail_checkpoint() -> None:
     """A prompt queued behind an identical one: the first keeps its checkpoint before its last token, so the second
     resumes there with one token to compute."""

@@ -324,6 +324,16 @@ class CacheManager:
             self._claimed[digest] = self._claimed.get(digest, 0) + 1
         self._claims.setdefault(request_id, []).extend(mine)
 
+    def unclaim(self, request_id: str, tokens: Sequence[int], positions: Sequence[int]) -> None:
+        """The request will not checkpoint these positions of `tokens` after all (claim_prefixes' inverse):
+        requests sharing that prefix stop waiting for them."""
+        positions = [p for p in positions if p >= self.page_size]
+        if not positions:
+            return
+        digests = self._index.digests(tokens, max(positions), self._chain(request_id))
+        for p in positions:
+            self._release_claim(request_id, digests[p // self.page_size])
+
     def _release_claims(self, request_id: str) -> None:
         for digest in list(self._claims.get(request_id, [])):
             self._release_claim(request_id, digest)

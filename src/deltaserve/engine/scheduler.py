@@ -122,11 +122,11 @@ class Scheduler:
        until it can.
     2. If nothing was preempted: admit waiting requests strictly FCFS (preempted ones sit at the front) while
        there is budget, a free slot, fewer than `max_num_seqs` running, and free pages for the first chunk. With
-       prefix caching a chunk ends at the request's planned checkpoints, except that an admitted prompt whose rest
-       fits the step while others wait that could run beside it drops the unmarked ones within a page of its end
-       (prefix_plan.without_tail; the points the prompt's renderer marked stay), unless one of those waiting has
-       the same prompt: under a queue its first token then comes with this step instead of a step later, beside
-       the next prompt's whole chunk.
+       prefix caching a chunk ends at the request's planned checkpoints, except that a prompt whose rest fits the
+       step (its first chunk at admission, or a later last one) while others wait that could run beside it drops
+       the unmarked ones within a page of its end (prefix_plan.without_tail; the points the prompt's renderer
+       marked stay), unless one of those waiting has the same prompt: under a queue its first token then comes
+       with this step instead of a step later, beside the next prompt's whole chunk.
 
     With a per-step time budget (`max_step_ms`) and running decode rows (requests with one token left to
     compute), the decode rows are counted first: their tokens are reserved from the token budget and their cost is
@@ -445,17 +445,20 @@ class Scheduler:
     def _admission_chunk(self, request: Request, tokens: list[int], matched: int, budget: int) -> int:
         request.checkpoint_positions = self._plan_checkpoints(request, tokens, matched)
         num_new = min(request.num_tokens - matched, budget)
-        if matched + num_new == request.num_tokens and self._queued_behind(request):
-            # the rest of the prompt fits this step and others wait: its first token now, not a step later
+        if matched + num_new == request.num_tokens and self._queued_behind(request, admitting=True):
+            # the rest of the prompt fits this step and others wait: its first token now, not a step later (before
+            # the positions are claimed, below)
             request.checkpoint_positions = without_tail(request.checkpoint_positions, request.num_prompt_tokens,
                                                         self.cache.page_size, keep=request.cache_points)
         return next_checkpoint(request.checkpoint_positions, matched, num_new) - matched
 
-    def _queued_behind(self, request: Request) -> bool:
-        """Another request waits that could run beside it (a sequence and a slot are free for it after this one),
-        and none has the same prompt (it would resume at the tail checkpoint)."""
-        if len(self._waiting) < 2 or len(self._running) + 2 > self._config.max_num_seqs \
-                or self.cache.num_free_slots < 2:
+    def _queued_behind(self, request: Request, admitting: bool) -> bool:
+        """Another request waits that could run beside it (a sequence and a slot are free for it besides this one,
+        which takes its own when `admitting`), and none has the same prompt (it would resume at the tail
+        checkpoint)."""
+        need = 2 if admitting else 1
+        if len(self._waiting) < need or len(self._running) + need > self._config.max_num_seqs \
+                or self.cache.num_free_slots < need:
             return False
         key = request.prompt_key
         return all(r.prompt_key != key for r in self._waiting if r is not request)
@@ -500,9 +503,18 @@ class Scheduler:
         return checkpoint_positions(request, matched, branch, self._checkpoint_interval, self.cache.page_size)
 
     def _cap_at_checkpoint(self, request: Request, num_new: int) -> int:
-        """A chunk ends at the next planned checkpoint position, so the state there is a step's end state."""
-        return next_checkpoint(request.checkpoint_positions, request.num_computed_tokens,
-                               num_new) - request.num_computed_tokens
+        """A chunk ends at the next planned checkpoint position, so the state there is a step's end state; the last
+        chunk of a long prompt under a queue first drops the unmarked tail positions, as an admission would
+        (_admission_chunk), and gives back their claims."""
+        computed = request.num_computed_tokens
+        if computed + num_new == request.num_tokens and num_new > 1 and self._queued_behind(request, admitting=False):
+            kept = without_tail(request.checkpoint_positions, request.num_prompt_tokens, self.cache.page_size,
+                                keep=request.cache_points)
+            dropped = [p for p in request.checkpoint_positions if p not in kept and p > computed]
+            if dropped:
+                self.cache.unclaim(request.request_id, request.token_ids(0, request.num_prompt_tokens), dropped)
+                request.checkpoint_positions = [p for p in request.checkpoint_positions if p not in dropped]
+        return next_checkpoint(request.checkpoint_positions, computed, num_new) - computed
 
     def _checkpoint(self, entry: ScheduledRequest) -> PendingCheckpoint | None:
         end = entry.num_computed_tokens + entry.num_new_tokens - len(entry.draft_token_ids)
