@@ -103,7 +103,7 @@ def quant_rows() -> list[dict]:
              ("fp8 W8A8, prefill tile", fp8, dict(INT4=False, UNPACK=3, ACT_FP8=True, BM=64, BN=128), 4, 3)]
     rows = []
     for name, types, consts, warps, stages in cases:
-        consts = {"GROUP": 128, "IEEE": False, "BK": 128, "ACT_FP8": False, **consts}
+        consts = {"GROUP": 128, "IEEE": False, "BK": 128, "ACT_FP8": False, "EVEN": True, **consts}  # real shapes
         rows.append({"kernel": name, **compile_one(quant._gemm_kernel, types, consts, warps, stages, loop=True)})
     # int4: x plane-major fp32, or (F16_FMA) plane_major_f16's words, one word (F16_WORDS 1) or four chained per
     # fp16 accumulator; fp8: bf16 x and fp32 FMAs, or act_f16's fp16 words and fp16 products (GEMV_FP8_F16, four
@@ -124,7 +124,7 @@ def quant_rows() -> list[dict]:
     # the one-pass dequantize of prefill-sized quantized MoE calls (every expert, every layer), at dequantize()'s tile
     for kind, types in (("int4", {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*bf16"}),
                         ("fp8", {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"})):
-        consts = dict(GROUP=128, INT4=kind == "int4", BN=64, BK=64)
+        consts = dict(GROUP=128, INT4=kind == "int4", BN=64, BK=64, EVEN=True)
         rows.append({"kernel": f"{kind} dequantize, 64 x 64 tile", **compile_one(quant._dequant_kernel, types,
                                                                                   consts, 4, 3)})
     return rows

@@ -96,14 +96,21 @@ def test_gemm_interpreted(kind, m, tiles):
     check_gemm(kind, m, 72, 96, 32, torch.bfloat16 if m != 20 else torch.float32, tiles=tiles, seed=m)
 
 
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_gemm_whole_tiles_interpreted(kind):
+    """N and K whole tiles: the tl.dot kernel's unmasked weight loads (EVEN), split-K."""
+    check_gemm(kind, 5, 64, 128, 32, torch.bfloat16, tiles=(16, 32, 32, 2), seed=9, unpack=0)
+
+
 @pytest.mark.parametrize("m,n,k,group,tiles,dtype", [(3, 72, 96, 32, (16, 32, 32, 3), torch.bfloat16),
                                                       (20, 40, 99, 99, (16, 16, 16, 2), torch.float32),
-                                                      (40, 24, 160, 32, (32, 16, 32, 1), torch.bfloat16)])
+                                                      (40, 24, 160, 32, (32, 16, 32, 1), torch.bfloat16),
+                                                      (5, 64, 128, 32, (16, 32, 32, 2), torch.bfloat16)])
 @pytest.mark.parametrize("unpack", [0, 2])
 def test_int4_dequantize_then_dot_interpreted(m, n, k, group, tiles, dtype, unpack):
-    """int4 UNPACK 0 (the default past 32 rows and wherever UNPACK 3 cannot run): each word loaded once, its nibbles
-    interleaved back into column order, one dot per tile; and UNPACK 2 (benchmarks: eight nibble-plane dots per
-    tile); ragged N and K, split-K."""
+    """int4 UNPACK 0 (the default past the GEMV's rows): each word loaded once, its nibbles interleaved back into
+    column order, one dot per tile; and UNPACK 2 (benchmarks: eight nibble-plane dots per tile); ragged N and K,
+    split-K, and whole tiles (the unmasked loads, EVEN)."""
     check_gemm("int4", m, n, k, group, dtype, tiles=tiles, seed=m + k, unpack=unpack)
 
 
@@ -413,15 +420,16 @@ def test_gemm_per_channel_ragged_k_interpreted(kind):
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
-def test_dequantize_interpreted(kind):
+@pytest.mark.parametrize("rows", [24, 64])  # 64: whole 64-row tiles, the unmasked loads (EVEN)
+def test_dequantize_interpreted(kind, rows):
     gen = torch.Generator().manual_seed(9)
     if kind == "int4":
-        qw, s, z = int4_weight(2 * 24, 96, 32, gen)
-        qw, s, z = qw.view(2, 24, -1), s.view(2, 24, -1), z.view(2, 24, -1)
+        qw, s, z = int4_weight(2 * rows, 96, 32, gen)
+        qw, s, z = qw.view(2, rows, -1), s.view(2, rows, -1), z.view(2, rows, -1)
         want = ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=32, k=96)
     else:
-        w, s = fp8_weight(48, 96, 32, gen)
-        w, s, z = w.view(2, 24, 96), s.view(2, 24, -1), None
+        w, s = fp8_weight(2 * rows, 96, 32, gen)
+        w, s, z = w.view(2, rows, 96), s.view(2, rows, -1), None
         want = ref.dequant_fp8(weight=w, scale=s, block_k=32)
         qw = w
     got = qt.dequantize(qw, s, z, 32, 96, torch.float32)

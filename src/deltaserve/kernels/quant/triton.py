@@ -61,52 +61,66 @@ _COMPILED = tl.constexpr(not _INTERPRET)  # inline PTX can run
 
 @triton.jit
 def _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
-                  INT4: tl.constexpr, BK: tl.constexpr):
+                  INT4: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr = False):
     """Rows offs_n, columns [k0, k0 + BK) of W in fp32 ([BN, BK]), as the reference dequantizes. BK divides GROUP (or
     GROUP >= K), so the tile has one scale (and zero point) per row: loaded once, broadcast over BK. int4:
-    _int4_in_order (each packed word loaded once)."""
+    _int4_in_order (each packed word loaded once). EVEN: the tile lies inside W (no masks)."""
     if INT4:
-        return _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
-    n_ok = offs_n < N
-    s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
+        return _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK, EVEN)
     offs_k = k0 + tl.arange(0, BK)
-    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
-                mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
+    if EVEN:
+        s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :])
+    else:
+        n_ok = offs_n < N
+        s = tl.load(s_ptr + offs_n * stride_sn + k0 // GROUP, mask=n_ok, other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                    mask=n_ok[:, None] & (offs_k[None, :] < K), other=0.0)
     return w.to(tl.float32) * s[:, None]
 
 
 @triton.jit
-def _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr, BK: tl.constexpr):
+def _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr, BK: tl.constexpr,
+               EVEN: tl.constexpr = False):
     """Columns [k0, k0 + BK) of the int4 rows offs_n, as stored: (scale [BN] fp32, zero point [BN] int32, packed words
-    [BN, BK/8], each word loaded once, contiguous along K). BK divides the group: one scale and zero per row."""
-    n_ok = offs_n < N
+    [BN, BK/8], each word loaded once, contiguous along K). BK divides the group: one scale and zero per row. EVEN:
+    the tile lies inside W (no masks)."""
     g = k0 // GROUP
-    s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
-    z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
     offs_w = k0 // 8 + tl.arange(0, BK // 8)
-    words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
-                    mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
+    if EVEN:
+        s = tl.load(s_ptr + offs_n * stride_sn + g)
+        z = tl.load(z_ptr + offs_n * stride_sn + g).to(tl.int32)
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :])
+    else:
+        n_ok = offs_n < N
+        s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0)
+        z = tl.load(z_ptr + offs_n * stride_sn + g, mask=n_ok, other=0).to(tl.int32)
+        words = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_w[None, :],
+                        mask=n_ok[:, None] & (offs_w[None, :] < (K + 7) // 8), other=0)
     return s, z, words
 
 
 @triton.jit
 def _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr,
-                   BK: tl.constexpr):
+                   BK: tl.constexpr, EVEN: tl.constexpr = False):
     """Columns [k0, k0 + BK) of the int4 rows offs_n as (q - z) s in fp32 [BN, BK], each packed word loaded once (it
-    used to be loaded once per column, eight times): the eight nibble planes, interleaved back into column order
-    (column 8c + j is nibble j of word c: planes j and j + 4 first, then j + 2, then j + 1)."""
-    s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
-    z, s = z[:, None], s[:, None]
-    even = tl.interleave(tl.interleave(_nibble_plane(words, 0, z, s), _nibble_plane(words, 4, z, s)),
-                         tl.interleave(_nibble_plane(words, 2, z, s), _nibble_plane(words, 6, z, s)))
-    odd = tl.interleave(tl.interleave(_nibble_plane(words, 1, z, s), _nibble_plane(words, 5, z, s)),
-                        tl.interleave(_nibble_plane(words, 3, z, s), _nibble_plane(words, 7, z, s)))
+    used to be loaded once per column, eight times): the eight nibble planes as f = 1 + q/16 (_nibbles_as_float: a
+    shift and a lop3 each, no int-to-float conversion), q - z = 16 f - (16 + z) exactly (one FMA), interleaved back
+    into column order (column 8c + j is nibble j of word c: planes j and j + 4 first, then j + 2, then j + 1)."""
+    s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK, EVEN)
+    z16, s = z[:, None].to(tl.float32) + 16.0, s[:, None]
+    f = _nibbles_as_float(words, _COMPILED)  # 1 + q/16 per plane: 16 f - (16 + z) = q - z exactly
+    even = tl.interleave(tl.interleave((f[0] * 16.0 - z16) * s, (f[4] * 16.0 - z16) * s),
+                         tl.interleave((f[2] * 16.0 - z16) * s, (f[6] * 16.0 - z16) * s))
+    odd = tl.interleave(tl.interleave((f[1] * 16.0 - z16) * s, (f[5] * 16.0 - z16) * s),
+                        tl.interleave((f[3] * 16.0 - z16) * s, (f[7] * 16.0 - z16) * s))
     return tl.interleave(even, odd)
 
 
 @triton.jit
 def _nibble_plane(words, j: tl.constexpr, z, s):
-    """(nibble j of each word - z) s in fp32, as the reference dequantizes (the same bits). The nibble OR-ed into the
+    """(nibble j of each word - z) s in fp32, as the reference dequantizes (the same bits), one plane at a time (UNPACK
+    2 and the MoE block kernel; _int4_in_order makes all eight at once). The nibble OR-ed into the
     mantissa of 2^23 is the fp32 2^23 + q exactly (a shift and a lop3), and minus 2^23 + z leaves the exact q - z:
     no int-to-float conversion per value, which sm_90 issues at a quarter of the FP32 rate (the UNPACK 0 K loop at
     16 rows had 64 of them per thread and 64 x 128 tile)."""
@@ -239,16 +253,19 @@ def _acc_int4_planes(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride
 @triton.jit
 def _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn, k_begin,
                  k_end, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, BK: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr = False):
     """UNPACK 0: the weight tile dequantized in fp32, rounded to the activation dtype as the reference does, then
     one dot of K = BK (int4: each packed word loaded once, its nibbles put back in column order, _int4_in_order). The
-    default past the GEMV's rows, for both formats."""
+    default past the GEMV's rows, for both formats. EVEN: N and K whole tiles (no weight masks)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BK):
         offs_k = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
+        if EVEN:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK, EVEN)
         w = tl.trans(w.to(x_ptr.dtype.element_ty))
         if IEEE:  # fp32 activations, or the interpreter (its bf16 tl.dot multiplies raw bits)
             acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
@@ -791,7 +808,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
 def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
                  stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, UNPACK: tl.constexpr = 0,
-                 ACT_FP8: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False):
+                 ACT_FP8: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
+                 EVEN: tl.constexpr = False):
     """One [BM, BN] output tile over the K range of split pid_k. SPLIT > 1: the grid's SPLIT K ranges are added in
     this launch (_reduce_splits); 1: each program stores its own sum at out + pid_k * stride_os (the result, or
     without a workspace a partial that torch adds). PDL: waits first, as the GEMV."""
@@ -809,7 +827,7 @@ def _gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
                                k_begin, k_end, GROUP, IEEE, BM, BN, BK)
     else:
         acc = _acc_dequant(x_ptr, w_ptr, s_ptr, z_ptr, offs_m, offs_n, M, N, K, stride_xm, stride_wn, stride_sn,
-                           k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK)
+                           k_begin, k_end, GROUP, INT4, IEEE, BM, BN, BK, EVEN)
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if SPLIT > 1:
         # workspace [SPLIT, M padded to the grid's M tiles, N] fp32: strides from the grid, BM and N, never from M
@@ -1033,7 +1051,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                                                   F16_WORDS=_f16_words(bk) if f16 else 1, **consts)
     else:
         _gemm_kernel[(m_tiles, triton.cdiv(n, bn), split)](
-            *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8, **consts)
+            *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8,
+            EVEN=n % bn == 0 and k % bk == 0, **consts)
     if dest is not out:
         torch.sum(dest, dim=0, out=out) if out.dtype == torch.float32 else out.copy_(dest.sum(dim=0))
     return out
@@ -1041,14 +1060,17 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
 
 @triton.jit
 def _dequant_kernel(w_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_wn, stride_sn, stride_on, GROUP: tl.constexpr,
-                    INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                    INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr = False):
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     offs_n = pid_n * BN + tl.arange(0, BN)
     k0 = pid_k * BK
     offs_k = k0 + tl.arange(0, BK)
-    w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
-    tl.store(out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :],
-             w.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+    w = _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK, EVEN)
+    dest = out_ptr + offs_n[:, None].to(tl.int64) * stride_on + offs_k[None, :]
+    if EVEN:
+        tl.store(dest, w.to(out_ptr.dtype.element_ty))
+    else:
+        tl.store(dest, w.to(out_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
 
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None, group: int, k: int,
@@ -1063,7 +1085,7 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | 
     out = torch.empty(n, k, dtype=dtype, device=weight.device)
     _dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         w2, s2, z2, out, n, k, w2.stride(0), s2.stride(0), out.stride(0),
-        GROUP=group if group < k else k + bk, INT4=zeros is not None, BN=bn, BK=bk)
+        GROUP=group if group < k else k + bk, INT4=zeros is not None, BN=bn, BK=bk, EVEN=n % bn == 0 and k % bk == 0)
     return out.view(*lead, k)
 
 
