@@ -626,6 +626,8 @@ def test_moe_grouped_blocks_interpreted(kind, monkeypatch):
     through quant_gemm); past PAIR_MAX, every expert and the shared one dequantized for the bf16 MoE."""
     monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
     check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=3, shared=True)
+    # ragged: no whole 64-row tiles (the masked loads), K of the down projection not a multiple of the group
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=96, inter=40, group=32, dtype=torch.bfloat16, seed=5)
     monkeypatch.setattr(qt, "PAIR_MAX", 8)
     check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=4, shared=True)
 

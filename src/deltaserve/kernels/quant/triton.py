@@ -1302,9 +1302,10 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
 def _moe_block_kernel(x_ptr, rows_ptr, block_expert_ptr, block_first_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                       TOP_K, E, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_op,
                       X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr = False):
     """One block of up to BM (token, expert) pairs routed to the same expert, times that expert's weight: the weight
-    tile is read once per block instead of once per pair. rows_ptr: pair ids sorted by expert (-1 pads each expert's
+    tile is read once per block instead of once per pair, dequantized as UNPACK 0 does (_dequant_tile; EVEN: whole
+    tiles, no weight masks). rows_ptr: pair ids sorted by expert (-1 pads each expert's
     rows to a multiple of BM); block_expert: each block's expert (E: no block); block_first: its first sorted row."""
     b, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(block_expert_ptr + b)
@@ -1322,29 +1323,18 @@ def _moe_block_kernel(x_ptr, rows_ptr, block_expert_ptr, block_first_ptr, w_ptr,
         wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            if INT4:
-                s, z, words = _int4_tile(wp, sp, zp, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK)
-                offs_c = tl.arange(0, BK // 8)
-                for j in tl.static_range(8):
-                    w = _nibble_plane(words, j, z[:, None], s[:, None])
-                    offs_k = k0 + offs_c * 8 + j
-                    x = tl.load(x_ptr + xrow[:, None] * stride_xt + offs_k[None, :],
-                                mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
-                    w = tl.trans(w.to(x_ptr.dtype.element_ty))
-                    if IEEE:
-                        acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                    else:
-                        acc += tl.dot(x, w)
+            offs_k = k0 + tl.arange(0, BK)
+            if EVEN:
+                x = tl.load(x_ptr + xrow[:, None] * stride_xt + offs_k[None, :], mask=valid[:, None], other=0.0)
             else:
-                offs_k = k0 + tl.arange(0, BK)
                 x = tl.load(x_ptr + xrow[:, None] * stride_xt + offs_k[None, :],
                             mask=valid[:, None] & (offs_k[None, :] < K), other=0.0)
-                w = _dequant_tile(wp, sp, zp, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK)
-                w = tl.trans(w.to(x_ptr.dtype.element_ty))
-                if IEEE:
-                    acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
-                else:
-                    acc += tl.dot(x, w)
+            w = _dequant_tile(wp, sp, zp, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, INT4, BK, EVEN)
+            w = tl.trans(w.to(x_ptr.dtype.element_ty))
+            if IEEE:
+                acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+            else:
+                acc += tl.dot(x, w)
         tl.store(out_ptr + tl.where(valid, pairs, 0)[:, None] * stride_op + offs_n[None, :], acc,
                  mask=valid[:, None] & n_ok[None, :])
 
@@ -1380,14 +1370,13 @@ def _blocks(x: torch.Tensor, plan, w, s, z, group: int, n: int, k: int, x_per_pa
     out = torch.zeros(num_pairs, n, dtype=torch.float32, device=x.device)  # unrouted pairs (id < 0) stay 0
     group = min(group, k) if group else k
     bk = _k_tile(group, k, 128 if z is not None else 64)
-    if z is not None and bk < 128 and not _INTERPRET:
-        raise ValueError("grouped int4 MoE needs a group size that is a multiple of 128")
     bn = 64
     grid = (block_expert.numel(), triton.cdiv(n, bn))
     _moe_block_kernel[grid](x, rows, block_expert, block_first, w, s, z if z is not None else s, out, n, k, top_k,
                             w.shape[0], x.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
                             out.stride(0), X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk,
-                            INT4=z is not None, IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk)
+                            INT4=z is not None, IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk,
+                            EVEN=n % bn == 0 and k % bk == 0)
     return out
 
 
@@ -1422,8 +1411,7 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, sha
     ids = topk_ids.contiguous()
     x = x.contiguous()
     k = ids.shape[-1]
-    grouped = ids.numel() > PAIR_GEMV_MAX and (z13 is None or group % 128 == 0 or _INTERPRET)
-    if not grouped:
+    if ids.numel() <= PAIR_GEMV_MAX:
         return _fused_pairs(x, topk_weights.contiguous(), ids, w13, s13, z13, w2, s2, z2, group, inter, shared,
                             shared_gate)
     bm = 16
