@@ -476,13 +476,14 @@ def test_random_workload_matches_requests_run_alone(name: str, seed: int, overla
         assert preempted_pending > 0, "the tight config should preempt requests whose token is in flight"
 
 
-def caching(*, budget: int = 32, max_num_seqs: int = 8, a: Request | None = None, b: Request | None = None
-            ) -> Scheduler:
-    """A prefix-caching scheduler (pages of 4, one checkpoint interval per step) with requests a and b queued (by
-    default two different 20-token prompts)."""
-    config = SchedulerConfig(max_model_len=2 * budget, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
-    sched = Scheduler(config, CacheManager(num_pages=2 * budget, num_slots=8, page_size=4, num_checkpoints=8),
-                      checkpoint_interval=budget)
+def caching(*, budget: int = 32, max_num_seqs: int = 8, a: Request | None = None, b: Request | None = None,
+            interval: int | None = None, max_model_len: int | None = None) -> Scheduler:
+    """A prefix-caching scheduler (pages of 4, by default one checkpoint interval per step) with requests a and b
+    queued (by default two different 20-token prompts)."""
+    length = max_model_len or 2 * budget
+    config = SchedulerConfig(max_model_len=length, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    sched = Scheduler(config, CacheManager(num_pages=length, num_slots=8, page_size=4, num_checkpoints=8),
+                      checkpoint_interval=interval or budget)
     sched.add_request(a or req("a", 20))
     sched.add_request(b or req("b", 20, first=40))
     return sched
@@ -514,6 +515,17 @@ def test_long_prompt_last_chunk_skips_its_tail_checkpoint_under_a_queue() -> Non
     assert chunks(out) == {"a": 8, "b": 19}  # b, with nobody behind it, keeps its own
     assert sched.get_request("a").num_output_tokens == 1
     assert sched.cache.claimed_position(list(range(1, 41))) == 0
+
+
+def test_long_prompt_keeps_its_tail_checkpoint_for_a_request_waiting_on_it() -> None:
+    """A queued prompt extending a long one waits for the long one's claimed checkpoint before its last token: the
+    long prompt's last chunk keeps it, and the waiter resumes there (11 tokens to compute, not 210)."""
+    a = req("a", 200)
+    sched = caching(budget=64, interval=1024, max_model_len=256, a=a, b=Request("b", a.prompt_token_ids + [7] * 10))
+    computed_b = 0
+    while sched.get_request("b").num_output_tokens == 0:
+        computed_b += chunks(step(sched)[0]).get("b", 0)
+    assert computed_b == 11
 
 
 def test_identical_queued_prompt_keeps_the_tail_checkpoint() -> None:

@@ -452,6 +452,10 @@ class Scheduler:
                                                         self.cache.page_size, keep=request.cache_points)
         return next_checkpoint(request.checkpoint_positions, matched, num_new) - matched
 
+    def _waits_on_a_claim(self) -> bool:
+        """A waiting request shares a prefix that a running request has claimed (it may wait for that checkpoint)."""
+        return any(self.cache.claimed_position(r.token_ids(0, r.num_tokens), r.request_id) > 0 for r in self._waiting)
+
     def _queued_behind(self, request: Request, admitting: bool) -> bool:
         """Another request waits that could run beside it (a sequence and a slot are free for it besides this one,
         which takes its own when `admitting`), and none has the same prompt (it would resume at the tail
@@ -505,9 +509,11 @@ class Scheduler:
     def _cap_at_checkpoint(self, request: Request, num_new: int) -> int:
         """A chunk ends at the next planned checkpoint position, so the state there is a step's end state; the last
         chunk of a long prompt under a queue first drops the unmarked tail positions, as an admission would
-        (_admission_chunk), and gives back their claims."""
+        (_admission_chunk), and gives back their claims, unless a waiting request waits for a claimed prefix (it may
+        be one of these: a prompt extending this one)."""
         computed = request.num_computed_tokens
-        if computed + num_new == request.num_tokens and num_new > 1 and self._queued_behind(request, admitting=False):
+        if computed + num_new == request.num_tokens and num_new > 1 \
+                and self._queued_behind(request, admitting=False) and not self._waits_on_a_claim():
             kept = without_tail(request.checkpoint_positions, request.num_prompt_tokens, self.cache.page_size,
                                 keep=request.cache_points)
             dropped = [p for p in request.checkpoint_positions if p not in kept and p > computed]

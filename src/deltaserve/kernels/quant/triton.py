@@ -120,7 +120,7 @@ def _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, 
 @triton.jit
 def _nibble_plane(words, j: tl.constexpr, z, s):
     """(nibble j of each word - z) s in fp32, as the reference dequantizes (the same bits), one plane at a time (UNPACK
-    2 and the MoE block kernel; _int4_in_order makes all eight at once). The nibble OR-ed into the
+    2; _int4_in_order makes all eight at once). The nibble OR-ed into the
     mantissa of 2^23 is the fp32 2^23 + q exactly (a shift and a lop3), and minus 2^23 + z leaves the exact q - z:
     no int-to-float conversion per value, which sm_90 issues at a quarter of the FP32 rate (the UNPACK 0 K loop at
     16 rows had 64 of them per thread and 64 x 128 tile)."""
