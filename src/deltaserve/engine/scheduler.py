@@ -512,12 +512,11 @@ class Scheduler:
         (_admission_chunk), and gives back their claims, unless a waiting request waits for a claimed prefix (it may
         be one of these: a prompt extending this one)."""
         computed = request.num_computed_tokens
-        if computed + num_new == request.num_tokens and num_new > 1 \
-                and self._queued_behind(request, admitting=False) and not self._waits_on_a_claim():
+        if computed + num_new == request.num_tokens:  # the last chunk: the queue checks only if it has a tail to drop
             kept = without_tail(request.checkpoint_positions, request.num_prompt_tokens, self.cache.page_size,
                                 keep=request.cache_points)
             dropped = [p for p in request.checkpoint_positions if p not in kept and p > computed]
-            if dropped:
+            if dropped and self._queued_behind(request, admitting=False) and not self._waits_on_a_claim():
                 self.cache.unclaim(request.request_id, request.token_ids(0, request.num_prompt_tokens), dropped)
                 request.checkpoint_positions = [p for p in request.checkpoint_positions if p not in dropped]
         return next_checkpoint(request.checkpoint_positions, computed, num_new) - computed

@@ -108,24 +108,27 @@ def _int4_in_order(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, 
     shift and a lop3 each, no int-to-float conversion), q - z = 16 f - (16 + z) exactly (one FMA), interleaved back
     into column order (column 8c + j is nibble j of word c: planes j and j + 4 first, then j + 2, then j + 1)."""
     s, z, words = _int4_tile(w_ptr, s_ptr, z_ptr, offs_n, N, K, stride_wn, stride_sn, k0, GROUP, BK, EVEN)
-    z16, s = z[:, None].to(tl.float32) + 16.0, s[:, None]
-    f = _nibbles_as_float(words, _COMPILED)  # 1 + q/16 per plane: 16 f - (16 + z) = q - z exactly
-    even = tl.interleave(tl.interleave((f[0] * 16.0 - z16) * s, (f[4] * 16.0 - z16) * s),
-                         tl.interleave((f[2] * 16.0 - z16) * s, (f[6] * 16.0 - z16) * s))
-    odd = tl.interleave(tl.interleave((f[1] * 16.0 - z16) * s, (f[5] * 16.0 - z16) * s),
-                        tl.interleave((f[3] * 16.0 - z16) * s, (f[7] * 16.0 - z16) * s))
+    z, s = z[:, None], s[:, None]
+    f = _nibbles_as_float(words, _COMPILED)
+    even = tl.interleave(tl.interleave(_dequant_plane(f[0], z, s), _dequant_plane(f[4], z, s)),
+                         tl.interleave(_dequant_plane(f[2], z, s), _dequant_plane(f[6], z, s)))
+    odd = tl.interleave(tl.interleave(_dequant_plane(f[1], z, s), _dequant_plane(f[5], z, s)),
+                        tl.interleave(_dequant_plane(f[3], z, s), _dequant_plane(f[7], z, s)))
     return tl.interleave(even, odd)
 
 
 @triton.jit
+def _dequant_plane(f, z, s):
+    """A nibble plane given as f = 1 + q/16 (_nibble_as_float) -> (q - z) s in fp32, as the reference dequantizes
+    (the same bits): 16 f - (16 + z) = q - z exactly, in one FMA."""
+    return (f * 16.0 - (z.to(tl.float32) + 16.0)) * s
+
+
+@triton.jit
 def _nibble_plane(words, j: tl.constexpr, z, s):
-    """(nibble j of each word - z) s in fp32, as the reference dequantizes (the same bits), one plane at a time (UNPACK
-    2; _int4_in_order makes all eight at once). The nibble OR-ed into the
-    mantissa of 2^23 is the fp32 2^23 + q exactly (a shift and a lop3), and minus 2^23 + z leaves the exact q - z:
-    no int-to-float conversion per value, which sm_90 issues at a quarter of the FP32 rate (the UNPACK 0 K loop at
-    16 rows had 64 of them per thread and 64 x 128 tile)."""
-    biased = (((words >> (4 * j)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True)
-    return (biased - (z.to(tl.float32) + 8388608.0)) * s
+    """(nibble j of each word - z) s in fp32, one plane at a time (UNPACK 2; _int4_in_order makes all eight at
+    once)."""
+    return _dequant_plane(_nibble_as_float(words, j), z, s)
 
 
 # int4 -> 16-bit float without per-value arithmetic (the FasterTransformer trick): OR-ing a nibble into the mantissa of
