@@ -349,6 +349,74 @@ def test_turn_down_above_max_batch_and_metrics(tiny):
     assert 'spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"}' in text
 
 
+# ---- simulated acceptance (benchmarks with dummy weights) -----------------------------------------------------------
+
+def test_acceptance_probability():
+    from deltaserve.engine.speculative import acceptance_probability
+
+    assert acceptance_probability(1.0, 3) < 1e-12 and acceptance_probability(4.0, 3) > 1 - 1e-12
+    for mean, k in ((3.39, 3), (1.93, 1), (2.5, 4)):
+        p = acceptance_probability(mean, k)
+        assert math.isclose(sum(p ** j for j in range(k + 1)), mean, rel_tol=1e-12)
+
+
+def test_simulated_acceptance_options(tiny):
+    dense = str(tiny["dense"])
+    cfg = EngineArgs(model=dense, speculative_tokens=3, speculative_simulated_acceptance=3.39,
+                     load_format="dummy").create_engine_config()
+    assert cfg.speculative.simulated_acceptance == 3.39
+    for bad, match in ((dict(speculative_tokens=3, speculative_simulated_acceptance=4.5, load_format="dummy"),
+                        "is 4.5; use a mean number of tokens a verify step keeps, 1 to 4"),
+                       (dict(speculative_simulated_acceptance=2.0, load_format="dummy"), "speculative decoding, which "
+                        "is off"),
+                       (dict(speculative_tokens=2, speculative_simulated_acceptance=2.0), "needs load_format 'dummy'")):
+        with pytest.raises(ConfigError, match=match):
+            EngineArgs(model=dense, **bad).create_engine_config()
+
+
+class ForcedPositions:
+    """Records, for each prompt, the output positions whose token a verify step's simulated acceptance replaced by
+    a draft (every draft is accepted at a mean of 1 + K)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.engine, self.forced = llm.engine, {}
+        simulated = llm.engine.runner.simulated
+        self.force, simulated.force = simulated.force, self
+
+    def __call__(self, step, input_ids, token_ids):
+        self.force(step, input_ids, token_ids)
+        for s in step.sampling if step.is_verify else ():
+            prompt = tuple(self.engine.scheduler.get_request(s.request_id).prompt_token_ids)
+            self.forced.setdefault(prompt, set()).update(s.num_output_tokens + j for j in range(step.num_drafts))
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_simulated_acceptance_keeps_the_engine_consistent(tiny, kind):
+    """Every draft accepted (mean 1 + K): each verify step keeps its drafts and the target's token after them. Every
+    token that is not a draft must be what the model without drafts picks after the same tokens (the KV and GDN
+    states the verify forward left are those of the kept tokens). Then a mean of 2.5: the tokens kept per verify
+    step average near it."""
+    ps, n = prompts(3, seed=6), 17
+    params = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+    llm = make_llm(tiny[kind], 3, load_format="dummy", speculative_simulated_acceptance=4.0)
+    forced = ForcedPositions(llm)
+    outs = token_ids(llm.generate(ps, params))
+    counters = llm.engine.spec_counters
+    assert counters["spec_accepted_tokens"] == counters["spec_draft_tokens"] >= 3 * len(ps) * 3
+    targets = [(p + o[:t], o[t]) for p, o in zip(ps, outs) for t in range(n) if t not in forced.forced[tuple(p)]]
+    assert len(targets) >= len(ps) * 4
+    plain = make_llm(tiny[kind], load_format="dummy")
+    first = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    assert token_ids(plain.generate([prefix for prefix, _ in targets], first)) == [[t] for _, t in targets]
+
+    llm = make_llm(tiny[kind], 3, load_format="dummy", speculative_simulated_acceptance=2.5)
+    llm.generate(prompts(6, seed=7), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    drafted, accepted = llm.engine.spec_drafted_per_position, llm.engine.spec_accepted_per_position
+    rows = drafted[0]  # verify rows: every one has a first draft
+    mean = 1 + sum(accepted) / rows
+    assert rows > 60 and abs(mean - 2.5) < 0.4, (rows, mean)
+
+
 # ---- the sampled distribution ----------------------------------------------------------------------------------------
 
 def _chi2_pvalue(observed: list[int], expected: list[float]) -> float:

@@ -53,7 +53,7 @@ def test_the_preset_sets_the_published_lengths_and_unknown_models_are_named():
 
     args = parse_args(["--preset", "published-8k1k"])
     assert (args.input_len, args.output_len, args.concurrency) == (8192, 1024, [1, 16, 64])
-    assert [requests_for(args, c) for c in args.concurrency] == [2, 32, 128]
+    assert [requests_for(args, c) for c in args.concurrency] == [8, 64, 128]
     with pytest.raises(SystemExit):
         parse_args(["--published", "9B"])
 

@@ -182,11 +182,14 @@ class SpeculativeConfig:
     (0: off). The MTP head is loaded, and given KV pages, only when this section enables it. Verify steps run only
     while at most `max_batch` requests are running (above that, drafting costs more than it saves). `draft_vocab`
     N: the draft passes compute logits over the first N token ids only (None: the whole vocabulary); the range
-    1..vocab_size is checked by EngineConfig, which knows the model."""
+    1..vocab_size is checked by EngineConfig, which knows the model. `simulated_acceptance` (benchmarks with dummy
+    weights only, checked by EngineConfig): the mean tokens a verify step keeps, drafts accepted at random instead of
+    by the target's samples (engine/speculative.py SimulatedAcceptance)."""
 
     num_speculative_tokens: int = 0
     max_batch: int = SPECULATIVE_MAX_BATCH
     draft_vocab: int | None = None
+    simulated_acceptance: float | None = None
 
     def __post_init__(self) -> None:
         k = self.num_speculative_tokens
@@ -196,6 +199,12 @@ class SpeculativeConfig:
         _positive_int(self.max_batch, "speculative_max_batch")
         require(self.draft_vocab is None or is_int(self.draft_vocab),
                 f"'speculative_draft_vocab' must be an integer number of token ids, got {self.draft_vocab!r}")
+        al, k = self.simulated_acceptance, self.num_speculative_tokens
+        require(al is None or (self.enabled and isinstance(al, (int, float)) and 1 <= al <= 1 + k),
+                f"'speculative_simulated_acceptance' is {al!r}" + (
+                    f"; use a mean number of tokens a verify step keeps, 1 to {1 + k} (1 + speculative_tokens)"
+                    if self.enabled else ": it applies to MTP speculative decoding, which is off; set "
+                    "speculative_tokens too"))
 
     @property
     def enabled(self) -> bool:
@@ -285,6 +294,10 @@ class EngineConfig:
         require(n is None or self.speculative.enabled,
                 "'speculative_draft_vocab' applies to MTP speculative decoding, which is off; set speculative_tokens "
                 "too, or leave speculative_draft_vocab unset")
+        require(self.speculative.simulated_acceptance is None or self.runner.load_format == "dummy",
+                "'speculative_simulated_acceptance' replaces the model's tokens by its drafts, to time serving at a "
+                "chosen acceptance length with random weights: it needs load_format 'dummy'. With real weights the "
+                "acceptance is measured, not simulated: leave it unset")
 
     def rank_shapes(self, rank: int | None = None) -> RankShapes:
         """The shapes of `rank` (default: this process's rank, parallel.rank)."""

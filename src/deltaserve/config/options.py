@@ -125,6 +125,12 @@ class EngineArgs:
               "passes read N rows of the lm_head instead of all of them. Outputs are unchanged (a draft outside the "
               "subset is never proposed; verification is exact); acceptance may drop. Default: the whole vocabulary",
         section="speculative", type=int)
+    speculative_simulated_acceptance: float | None = _option(
+        None, "benchmarks with --load-format dummy only (random weights draft nothing the model accepts): accept each "
+              "draft at random so that a verify step keeps this many tokens on average, 1 to 1 + "
+              "--speculative-tokens (Qwen3.5's published MTP acceptance length is 3.39 at 3 drafts), to time serving "
+              "at that acceptance length; the output is then made of the drafts, not the model's choices",
+        section="speculative", type=float)
     fp8_activations: str = _option(
         "off", "FP8 checkpoints: 'dynamic' quantizes each linear layer's input to FP8 per token and 128 columns as it "
                "runs and multiplies on FP8 tensor cores (W8A8, as the peers serve Qwen's FP8 releases; routed experts "
@@ -172,7 +178,8 @@ class EngineArgs:
             k = from_json
         return SpeculativeConfig(num_speculative_tokens=0 if k is None else k,
                                  max_batch=options["speculative_max_batch"],
-                                 draft_vocab=options["speculative_draft_vocab"])
+                                 draft_vocab=options["speculative_draft_vocab"],
+                                 simulated_acceptance=options["speculative_simulated_acceptance"])
 
     @classmethod
     def from_kwargs(cls, model: str, **options: Any) -> EngineArgs:

@@ -27,7 +27,7 @@ from deltaserve.engine.device_inputs import DeviceStep, upload_step
 from deltaserve.engine.memory import new_cache, plan_cache_memory
 from deltaserve.engine.prompt_logprobs import PromptScores, prompt_logprobs, prompt_logprobs_lists
 from deltaserve.engine.sampler import GrammarBitmask, Sampler, SamplerOutput, SamplingRow
-from deltaserve.engine.speculative import MTPDrafter, first_logits_rows, kept_counts
+from deltaserve.engine.speculative import MTPDrafter, SimulatedAcceptance, first_logits_rows, kept_counts
 from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, needs_grammar
 from deltaserve.engine.varlen_graph import VarlenGraphs
 from deltaserve.kernels.moe.gpu import NO_GROUPED_MAX_PAIRS
@@ -145,6 +145,8 @@ class ModelRunner:
         self.drafter = MTPDrafter(self.model, self.cache, num_tokens=self.num_speculative_tokens,
                                   page_size=config.cache.page_size, device=self.device,
                                   draft_vocab=config.speculative.draft_vocab) if config.with_mtp else None
+        al = config.speculative.simulated_acceptance
+        self.simulated = None if al is None else SimulatedAcceptance(al, self.num_speculative_tokens, self.device)
         self.graphs = None if config.runner.enforce_eager or self.device.type != "cuda" else self._capture()
         self.varlen_graphs = self._capture_varlen() if self.graphs is not None else None
         if self.graphs is not None and self.drafter is not None:
@@ -282,6 +284,8 @@ class ModelRunner:
         committed at the last kept position (verify steps), each slot's last kept token, and the next drafts."""
         step, dev = launched.step, launched.dev
         assert dev is not None and launched.input_ids is not None and launched.hidden is not None
+        if self.simulated is not None:
+            self.simulated.force(step, launched.input_ids, token_ids)
         kept = kept_counts(step, launched.input_ids, token_ids)
         if step.is_verify:
             self.cache.commit_verified(dev.batch.state_slots, kept)

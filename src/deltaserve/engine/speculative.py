@@ -33,7 +33,7 @@ import torch
 
 from deltaserve.cache.tensors import ModelCache
 from deltaserve.engine.device_inputs import DeviceStep, upload_arrays
-from deltaserve.engine.step_input import PENDING, StepInput
+from deltaserve.engine.step_input import PENDING, StepInput, needs_grammar
 from deltaserve.layers.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,44 @@ def kept_counts(step: StepInput, input_ids: torch.Tensor, token_ids: torch.Tenso
     drafts = input_ids.view(r, k)[:, 1:]
     match = (sampled[:, :-1] == drafts).long()
     return 1 + match.cumprod(dim=1).sum(dim=1)
+
+
+def acceptance_probability(mean_tokens: float, k: int) -> float:
+    """p such that a verify step of k drafts, each accepted with probability p once every draft before it was, keeps
+    mean_tokens tokens on average: 1 + p + p^2 + ... + p^k = mean_tokens (bisection: the sum rises with p)."""
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid ** j for j in range(k + 1)) < mean_tokens else (lo, mid)
+    return (lo + hi) / 2
+
+
+class SimulatedAcceptance:
+    """Benchmarks with dummy weights only: a verify step accepts its drafts at random, as if they had matched, so
+    that serving can be timed at a chosen acceptance length (random weights draft nothing the target accepts). Each
+    draft is accepted with the probability p of `acceptance_probability` once all before it were; an accepted draft
+    replaces the target's sample at its position, so the kept tokens are [d1 .. da, the target's token after da],
+    whose KV and GDN states the verify forward computed: the engine stays consistent, only the text is the drafts'.
+    The sampled logprobs of replaced positions stay the target's. Requests with a grammar are left alone (a draft
+    may break it). Seeded: the same run accepts the same drafts."""
+
+    def __init__(self, mean_tokens: float, k: int, device: torch.device, seed: int = 0) -> None:
+        self.p = acceptance_probability(mean_tokens, k)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
+        self.device = device
+
+    def force(self, step: StepInput, input_ids: torch.Tensor, token_ids: torch.Tensor) -> None:
+        """Overwrite, in place, the sampled tokens of a verify step's accepted draft positions with the drafts."""
+        if not step.is_verify:
+            return
+        r, k = len(step.sampling), 1 + step.num_drafts
+        draws = torch.rand(r, k - 1, generator=self.generator, device=self.device)
+        accept = (draws < self.p).cumprod(dim=1).bool()
+        if needs_grammar(step):
+            free = [s.params.structured is None for s in step.sampling]
+            accept &= torch.tensor(free, device=self.device).unsqueeze(1)
+        sampled = token_ids.view(r, k)
+        sampled[:, :-1] = torch.where(accept, input_ids.view(r, k)[:, 1:], sampled[:, :-1])
 
 
 def first_logits_rows(step: StepInput) -> np.ndarray:
