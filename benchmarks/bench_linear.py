@@ -29,8 +29,8 @@ L2_BYTES = 50 << 20
 SWEEP_TILES = [(16, 256, 4, 4), (32, 256, 4, 4), (64, 256, 4, 4), (32, 128, 4, 6), (64, 128, 8, 4),
                (128, 128, 8, 3), (32, 512, 8, 3)]
 # (BN, BK, num_warps, stages, split) split-K tiles timed with --sweep on narrow outputs
-SPLIT_TILES = [(16, 256, 4, 4, 4), (32, 256, 4, 4, 4), (64, 256, 4, 4, 4), (32, 128, 4, 6, 4), (32, 256, 8, 4, 8),
-               (64, 256, 4, 4, 8)]
+SPLIT_TILES = [(16, 256, 4, 4, 4), (16, 256, 4, 4, 8), (32, 256, 4, 4, 4), (64, 256, 4, 4, 4), (32, 128, 4, 6, 4),
+               (32, 256, 8, 4, 8), (64, 256, 4, 4, 8)]
 SPLITS = (1, 2, 4, 8)  # timed at the picked column tile on narrow outputs
 
 
@@ -40,6 +40,8 @@ def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
     d = cfg.hidden_size
     shapes = {
         "gdn in_proj (qkv|z|b|a)": (d, cfg.conv_dim + cfg.value_dim + 2 * cfg.linear_num_value_heads),
+        # quantized checkpoints keep b|a in the model dtype beside an int4 / FP8 qkv|z: a call of its own
+        "gdn in_proj b|a (quantized checkpoints)": (d, 2 * cfg.linear_num_value_heads),
         "gdn out_proj": (cfg.value_dim, d),
         "attn qkv (q|gate|k|v)": (d, 2 * cfg.num_attention_heads * cfg.head_dim
                                   + 2 * cfg.num_key_value_heads * cfg.head_dim),

@@ -40,7 +40,7 @@ from deltaserve.kernels.quant import triton as qt
 
 SHAPES = {"27B gate_up": (34816, 5120), "27B down": (5120, 17408), "27B in_proj": (16384, 5120),
           "35B in_proj": (12288, 2048), "35B o_proj": (2048, 4096)}
-SWEEP_SHAPES = ["27B gate_up", "27B down", "35B in_proj"]
+SWEEP_SHAPES = ["27B gate_up", "27B down", "35B in_proj", "35B o_proj"]
 VARIANTS = {"int4": (0, 2, 3, 4), "fp8": (0, 3, 4)}
 
 
