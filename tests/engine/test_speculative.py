@@ -360,6 +360,31 @@ def test_acceptance_probability():
         assert math.isclose(sum(p ** j for j in range(k + 1)), mean, rel_tol=1e-12)
 
 
+def test_simulated_acceptance_forces_a_prefix_of_the_drafts():
+    """force() on a verify step's rows [last token, d1 .. dK]: the sampled tokens at accepted positions become the
+    drafts, accepted positions form a prefix (d_j only after d_1 .. d_j-1), the last position (the token after the
+    last draft) is never touched, and kept_counts then averages the chosen mean; a plain step is left alone."""
+    from types import SimpleNamespace
+
+    from deltaserve.engine.speculative import SimulatedAcceptance, kept_counts
+
+    rows, k = 20000, 4
+    step = SimpleNamespace(is_verify=True, num_drafts=k - 1, sampling=[None] * rows)
+    inputs = torch.arange(rows * k).view(rows, k) + 1  # drafts: columns 1 .. K of each row
+    for mean in (1.0, 2.5, 4.0):
+        sampled = -torch.arange(rows * k).view(rows, k)  # nothing matches a draft by chance
+        SimulatedAcceptance(mean, k - 1, torch.device("cpu")).force(step, inputs.flatten(), sampled.view(-1))
+        forced = sampled[:, :-1] == inputs[:, 1:]
+        assert torch.equal(forced, forced.long().cumprod(dim=1).bool())  # a prefix
+        assert torch.equal(sampled[:, -1], -torch.arange(rows * k).view(rows, k)[:, -1])
+        kept = kept_counts(step, inputs.flatten(), sampled.view(-1)).double()
+        assert abs(float(kept.mean()) - mean) < 0.03, (mean, float(kept.mean()))
+    plain = SimpleNamespace(is_verify=False, num_drafts=0, sampling=[None] * 2)
+    tokens = torch.tensor([7, 9])
+    SimulatedAcceptance(4.0, 3, torch.device("cpu")).force(plain, torch.tensor([1, 2]), tokens)
+    assert tokens.tolist() == [7, 9]
+
+
 def test_simulated_acceptance_options(tiny):
     dense = str(tiny["dense"])
     cfg = EngineArgs(model=dense, speculative_tokens=3, speculative_simulated_acceptance=3.39,

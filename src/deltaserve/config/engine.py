@@ -200,7 +200,8 @@ class SpeculativeConfig:
         require(self.draft_vocab is None or is_int(self.draft_vocab),
                 f"'speculative_draft_vocab' must be an integer number of token ids, got {self.draft_vocab!r}")
         al, k = self.simulated_acceptance, self.num_speculative_tokens
-        require(al is None or (self.enabled and isinstance(al, (int, float)) and 1 <= al <= 1 + k),
+        require(al is None or (self.enabled and isinstance(al, (int, float)) and not isinstance(al, bool)
+                               and 1 <= al <= 1 + k),
                 f"'speculative_simulated_acceptance' is {al!r}" + (
                     f"; use a mean number of tokens a verify step keeps, 1 to {1 + k} (1 + speculative_tokens)"
                     if self.enabled else ": it applies to MTP speculative decoding, which is off; set "

@@ -129,7 +129,8 @@ class EngineArgs:
         None, "benchmarks with --load-format dummy only (random weights draft nothing the model accepts): accept each "
               "draft at random so that a verify step keeps this many tokens on average, 1 to 1 + "
               "--speculative-tokens (Qwen3.5's published MTP acceptance length is 3.39 at 3 drafts), to time serving "
-              "at that acceptance length; the output is then made of the drafts, not the model's choices",
+              "at that acceptance length; the output is then made of the drafts, not the model's choices (sampling "
+              "parameters and logprobs do not apply to a forced draft)",
         section="speculative", type=float)
     fp8_activations: str = _option(
         "off", "FP8 checkpoints: 'dynamic' quantizes each linear layer's input to FP8 per token and 128 columns as it "

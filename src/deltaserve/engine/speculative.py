@@ -33,7 +33,7 @@ import torch
 
 from deltaserve.cache.tensors import ModelCache
 from deltaserve.engine.device_inputs import DeviceStep, upload_arrays
-from deltaserve.engine.step_input import PENDING, StepInput, needs_grammar
+from deltaserve.engine.step_input import PENDING, StepInput
 from deltaserve.layers.forward_batch import ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,10 @@ class SimulatedAcceptance:
     draft is accepted with the probability p of `acceptance_probability` once all before it were; an accepted draft
     replaces the target's sample at its position, so the kept tokens are [d1 .. da, the target's token after da],
     whose KV and GDN states the verify forward computed: the engine stays consistent, only the text is the drafts'.
-    The sampled logprobs of replaced positions stay the target's. Requests with a grammar are left alone (a draft
-    may break it). Seeded: the same run accepts the same drafts."""
+    What the sampler enforces does not bind a forced draft (logit bias, min_tokens, a stop id's suppression), and the
+    logprobs reported at its position stay those of the target's own sample. A step with fewer drafts than K (near a
+    length limit) keeps fewer tokens on average, as real acceptance would. Requests with a grammar never get drafts
+    (engine.py), so no forced draft can break one. Seeded: the same run accepts the same drafts."""
 
     def __init__(self, mean_tokens: float, k: int, device: torch.device, seed: int = 0) -> None:
         self.p = acceptance_probability(mean_tokens, k)
@@ -83,9 +85,6 @@ class SimulatedAcceptance:
         r, k = len(step.sampling), 1 + step.num_drafts
         draws = torch.rand(r, k - 1, generator=self.generator, device=self.device)
         accept = (draws < self.p).cumprod(dim=1).bool()
-        if needs_grammar(step):
-            free = [s.params.structured is None for s in step.sampling]
-            accept &= torch.tensor(free, device=self.device).unsqueeze(1)
         sampled = token_ids.view(r, k)
         sampled[:, :-1] = torch.where(accept, input_ids.view(r, k)[:, 1:], sampled[:, :-1])
 

@@ -735,8 +735,9 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
     128 x 128 tile against 168 when they are carried too; past two rows per thread the carried ones went through
     shared memory twice per tile, these once). UNROLL: two tiles an iteration, each tile's words loaded into the
     registers the other's math has just freed, so nothing is copied between iterations (sm_90a, per tile and warp:
-    int4 fp16 products 148 -> 140 instructions, fp8 fp32 FMAs 221 -> 184, fp8 fp16 products 105 -> 97; the MoE
-    down GEMV's four-tile loop got longer, so the MoE kernels keep the one-tile loop)."""
+    int4 fp16 products 148 -> 140 instructions (155 before its sums were kept per thread), fp8 fp32 FMAs 221 -> 184,
+    fp8 fp16 products 105 -> 97; two rows without split-K spill a register in the loop, a plan no real shape gets;
+    the MoE down GEMV's four-tile loop got longer, so the MoE kernels keep the one-tile loop)."""
     acc = tl.zeros((rows.shape[0], cols.shape[1], BK // 32 if INT4 and F16 and F16_WORDS == 4 else 1),
                    dtype=tl.float32)  # the chained int4 form's partial sums stay per thread until the end
     ALIGNED: tl.constexpr = F16_WORDS > 1
