@@ -122,6 +122,13 @@ def quant_rows() -> list[dict]:
             # the K loop takes two tiles an iteration (_gemv_acc's UNROLL): per tile, half of it
             rows.append({"kernel": f"{kind} GEMV{label}, 1 row, BN {bn}, {warps} warps", **r,
                          "loop SASS / weight": r["loop SASS"] / 2 / (bn * 128 / (32 * warps))})
+    # the MoE block kernel (65-1024 routed pairs: blocks of 16 pairs of one expert share a weight tile), as _blocks
+    # launches it
+    types = {"x_ptr": "*bf16", "rows_ptr": "*i32", "block_expert_ptr": "*i32", "block_first_ptr": "*i32",
+             "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*fp32"}
+    consts = dict(X_PER_PAIR=False, GROUP=128, INT4=True, IEEE=False, BM=16, BN=64, BK=128, EVEN=True)
+    rows.append({"kernel": "int4 MoE block kernel, 16 pairs x 64 rows", **compile_one(quant._moe_block_kernel, types,
+                                                                                       consts, 4, 3, loop=True)})
     # the one-pass dequantize of prefill-sized quantized MoE calls (every expert, every layer), at dequantize()'s tile
     for kind, types in (("int4", {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*bf16"}),
                         ("fp8", {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"})):
@@ -146,12 +153,12 @@ DECODE_CASES = [("bf16 pages (default)", 0, 64, 4, 3, 0, 0, 0),
                 ("int8 PLANES (default)", 2, 128, 4, 3, 1, 1, 0),
                 ("int4 (old default)", 3, 128, 4, 3, 0, 0, 0),
                 ("int4 PLANES", 3, 128, 4, 3, 1, 1, 0),
-                ("int4 PLANES V_REGS (default)", 3, 128, 4, 3, 1, 1, 1),
+                ("int4 PLANES V_REGS", 3, 128, 4, 3, 1, 1, 1),
                 ("int4 PLANES V_REGS", 3, 64, 4, 3, 1, 1, 1),
                 ("int4 PLANES V_REGS", 3, 256, 8, 3, 1, 1, 1),
                 ("int4 INT4_WORDS 1", 3, 128, 4, 3, 1, 1, 0, 1),
                 ("int4 INT4_WORDS 1 V_REGS", 3, 128, 4, 3, 1, 1, 1, 1),
-                ("int4 INT4_WORDS 2", 3, 128, 4, 3, 1, 1, 0, 2),
+                ("int4 INT4_WORDS 2 (default)", 3, 128, 4, 3, 1, 1, 0, 2),
                 ("int4 INT4_WORDS 2", 3, 64, 4, 3, 1, 1, 0, 2),
                 ("int4 INT4_WORDS 2", 3, 256, 8, 3, 1, 1, 0, 2)]
 _PAGES = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8", 3: "*u8"}

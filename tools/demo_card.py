@@ -66,7 +66,7 @@ deltaserve's Qwen3.5-style ChatML template (thinking switch, tool listing, `<too
 
 `/tmp/lib` held the `Lib/` tree above (the `*.py` files of a CPython 3.11.7 install plus a `CORPUS_VERSION` file);
 without `--corpus-root` the script reads the running interpreter's own standard library. `--total-budget` is the
-wall-clock budget of the whole command (one device call): training gets what setup leaves, minus 45 s for evaluation
+wall-clock budget of the whole command: training gets what setup leaves, minus 45 s for evaluation
 and saving. From scratch on one {device}: {steps} steps of {batch_size} x {seq_len}
 tokens ({tokens_m:.0f} M tokens, {epochs:.1f} epochs) in {train_seconds:.0f} s; AdamW (lr {lr:g}, betas 0.9/0.95, weight
 decay {weight_decay:g}, {warmup} warmup steps, cosine to {min_lr_ratio:g} x lr over the time budget), bf16 autocast,
@@ -85,8 +85,8 @@ torch {torch}.
 | held-out MTP next-next-token accuracy | **{heldout_mtp_acc:.1%}** (MTP loss {heldout_mtp_loss:.3f}); chance (always the most frequent token): {most_frequent_token_acc:.1%} |
 | MTP accuracy measured through deltaserve | {ds_mtp_acc} on `heldout.txt` in {verify_windows} windows of {verify_seq_len} tokens ({verify_tokens} predictions; less context than the 1024-token windows above) |
 | deltaserve vs the training code (fp32 logits, max abs diff) | main {verify_main}, MTP {verify_mtp} |
-
-`python tools/verify_demo.py DIR` reproduces the last two rows (deltaserve's loader, model, caches and
+{acceptance_row}
+`python tools/verify_demo.py DIR` reproduces the two rows above the acceptance lengths (deltaserve's loader, model, caches and
 `mtp_forward` against transformers + tools/train_demo.py's MTP module, both fp32 on CPU); `tests/test_demo_model.py` checks
 them. An earlier run of the same recipe without the prompt-boundary cuts (420 s on an H200, 95 M tokens) reached
 held-out perplexity 5.99 and MTP accuracy 62.5%, but continued the prompt `"def "` with digits (`def 2`), which
@@ -125,6 +125,8 @@ as the step's chats; {ft_code_files} training files, {ft_code_m:.2f} M tokens), 
 {ft_command}
 ```
 
+(`--from` defaults to `src/deltaserve/demo_model`, which held the pretrained weights when this ran and now holds the
+fine-tuned ones: to reproduce, pass `--from /tmp/demo_model`, the training command's output.)
 From the pretrained checkpoint, on a CPU with one thread (torch {ft_torch}): {ft_steps} steps of {ft_chat_rows} chats +
 {ft_code_rows} code windows in {ft_seconds:.0f} s; AdamW (lr {ft_lr:g}, {ft_warmup} warmup steps, cosine to {ft_min_lr:g} x lr
 over the time budget), the pretraining's losses (next token + {ft_mtp:g} x MTP + load balancing) on the labelled
@@ -210,7 +212,19 @@ def card_fields(cfg: dict, m: dict, weights_bytes: int) -> dict:
         "verify_main": f"{m.get('verify_max_abs_diff_main_logits', float('nan')):.1e}",
         "verify_mtp": f"{m.get('verify_max_abs_diff_mtp_logits', float('nan')):.1e}",
         "curve": ", ".join(f"{r['heldout_loss']:.2f} @ {r['step']}" for r in m["history"] if "heldout_loss" in r)
-        or "-", "prompt_cut_every": a.get("prompt_cut_every", 0)} | chat_fields(m)
+        or "-", "prompt_cut_every": a.get("prompt_cut_every", 0), "acceptance_row": acceptance_row(m)} | chat_fields(m)
+
+
+def acceptance_row(m: dict) -> str:
+    """The MTP acceptance-length row (benchmarks/bench_mtp.py --demo, recorded in metrics.json), or nothing."""
+    acc = m.get("mtp_acceptance")
+    if acc is None:
+        return ""
+    lengths = " / ".join(f"{x:.2f}" for x in acc["acceptance_lengths"])
+    ks = " / ".join(str(k + 1) for k in range(len(acc["acceptance_lengths"])))
+    return (f"| MTP speculative decoding, acceptance length (tokens kept per step) at K = {ks} drafts | **{lengths}**; "
+            f"first / second / third draft accepted {acc['accepted_by_position']} ({acc['setup']}; "
+            f"`{acc['command']}`, {acc['date']}) |\n")
 
 
 def chat_fields(m: dict) -> dict:

@@ -375,7 +375,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # any size, so each rank uses groups of gcd(group, K / tp) columns, each inside one checkpoint group, with that
 # group's scale. The weights stay exactly the checkpoint's, no rank stores or multiplies padding, and the activations
 # keep their shape (padding K would pad every rank's input as well). The cost: smaller K groups where the split is
-# uneven (more scales, and kernels need groups of at least 16 columns, int4 MoE of 128).
+# uneven (more scales, and kernels need groups of a multiple of 16 columns).
 
 
 @dataclass(frozen=True)
@@ -434,7 +434,7 @@ def _split_error(name: str, what: str, full: int, local: int, why: str, ok) -> Q
         f"tensor_parallel_size values that work for it: {_sizes_that_work(full, ok)}")
 
 
-def k_group(kind: str, group: int, k_local: int, tp: Shard | None, *, experts: bool = False) -> int:
+def k_group(kind: str, group: int, k_local: int, tp: Shard | None) -> int:
     """The K group a rank uses for a quantized projection whose input columns `tp` may split (row-parallel):
     QuantizationError naming the dimension and the sizes that work when the split cannot be loaded (quantize_model
     adds the module's path)."""
@@ -450,15 +450,15 @@ def k_group(kind: str, group: int, k_local: int, tp: Shard | None, *, experts: b
             return False
         if g >= local:
             return True
-        return g % (128 if experts and kind == "int4" else 16) == 0
+        return g % 16 == 0
 
     if not ok(k_local):
-        g, need = local_group(group, k_local, True), 128 if experts and kind == "int4" else 16
+        g = local_group(group, k_local, True)
         if kind == "int4" and k_local % 8:
             why = f"int4 codes are packed 8 per word and {k_local} is not a multiple of 8"
         else:
             why = (f"a rank would use {kind} groups of {g} columns (the checkpoint's {group} split to fit) and the "
-                   f"{'MoE ' if experts else ''}kernels need groups of a multiple of {need}")
+                   "kernels need groups of a multiple of 16")
         raise _split_error(kind + " weights", "input dimension K", full, k_local, why, ok)
     return local_group(group, k_local, True)
 
@@ -832,7 +832,7 @@ class Int4ExpertsMethod(ExpertsMethod):
     def create_weights(self, layer: Experts, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
         e, d, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
         tp = tp_shard(layer, "down_proj.weight")  # tensor-parallel slices of every expert: down_proj's K split
-        g = k_group("int4", self.fmt.group_size, i, tp, experts=True) if self.fmt.group_size else 0
+        g = k_group("int4", self.fmt.group_size, i, tp) if self.fmt.group_size else 0
         if g and (d % g or (i % g if tp is None else i % g and g % i)):
             raise QuantizationError(f"int4 experts with group size {g} need hidden size ({d}) and expert "
                                     f"intermediate size ({i}) to be multiples of it")
@@ -884,7 +884,7 @@ class Fp8ExpertsMethod(ExpertsMethod):
         if not bk and d != i:
             raise QuantizationError("per-channel FP8 experts need hidden size == intermediate size")
         tp = tp_shard(layer, "down_proj.weight") or tp_shard(layer, "down_proj")  # per-expert or fused, if split
-        layer.block_k = k_group("fp8", bk, i, tp if tp is not None and tp.dim > 0 else None, experts=True) \
+        layer.block_k = k_group("fp8", bk, i, tp if tp is not None and tp.dim > 0 else None) \
             if bk else d
         layer.w13 = new_param(e, 2 * i, d, dtype=_FP8, device=device)
         layer.w13_scale = new_param(e, 2 * i, _cdiv(d, layer.block_k), dtype=torch.float32, device=device)

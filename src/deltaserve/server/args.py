@@ -98,7 +98,8 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 for all interfaces)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port; the log says which)")
-    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the /v1 routes")
+    g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and "
+                                                    "/version (docs pages and /metrics included)")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="model name(s) clients send in 'model' (default: the model directory's name)")
     g.add_argument("--reasoning-parser", choices=REASONING_PARSERS, default="qwen3",

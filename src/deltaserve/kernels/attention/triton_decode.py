@@ -47,11 +47,12 @@ QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps
                                                   3: {"BLOCK_N": 128, "num_warps": 4, **_PLANES, "INT4_WORDS": 2}}
 # Overrides for verify steps (tokens_per_row > 1: the tile's rows are the 1 + K queries of the whole GQA group, e.g.
 # 24 of 32 at 27B K = 3, against 6 of 16 for decode), by the tile's rows (BLOCK_H), on top of the above; 16-row tiles
-# (9B up to K = 3) keep the decode tile. Not yet timed on a GPU (bench_attention.py --verify [--sweep]); chosen from
-# benchmarks/compile_check.py (sm_90a, 27B T = 4): 32 rows with 4 warps spill (bf16 pages 228 bytes, fp8 PLANES 320,
-# int4 60), with 8 warps none (bf16 168 registers, 0.094 warp-instructions per KV byte in the tile loop against 0.067
-# for decode). 64 rows (35B-A3B K = 4) with 8 warps: bf16 no spill, quantized pages still spill.
-MULTI_TOKEN_DECODE_CONFIG: dict[int, dict[str, int]] = {32: {"num_warps": 8}, 64: {"num_warps": 8}}
+# (9B up to K = 3) keep the decode tile. 8 warps from benchmarks/compile_check.py (sm_90a, 27B T = 4): 32 rows with
+# 4 warps spill (bf16 pages 228 bytes, fp8 PLANES 320, int4 60), with 8 warps none (bf16 168 registers, 0.094
+# warp-instructions per KV byte in the tile loop against 0.067 for decode). 2 stages at 32 rows: the pick of the H200
+# sweep (bench_attention.py --verify --sweep, RESULTS.md 2026-12-04, bf16 pages, 27B heads), over BLOCK_N, warps and
+# stages. 64 rows (35B-A3B K = 4) with 8 warps: bf16 no spill, quantized pages still spill; not timed.
+MULTI_TOKEN_DECODE_CONFIG: dict[int, dict[str, int]] = {32: {"num_warps": 8, "num_stages": 2}, 64: {"num_warps": 8}}
 # The interpreter (CPU tensors) runs programs serially in numpy: the smallest tiles tl.dot takes keep tests fast.
 _INTERPRET_DECODE: dict[str, int] = {"BLOCK_N": 16, "num_warps": 1, "num_stages": 1, "WAVES": 2, "MAX_SPLITS": 4}
 
