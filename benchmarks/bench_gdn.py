@@ -2,8 +2,8 @@
 bandwidth measured in the same run and against fla-core's fused_recurrent / chunk kernels at the same shapes.
 
     PYTHONPATH=src:. python benchmarks/bench_gdn.py [--sweep] [--skip-prefill]
-    PYTHONPATH=src:. python benchmarks/bench_gdn.py --multistep [--sweep]   # verify-step GDN layer: fused vs chained
-    PYTHONPATH=src:. python benchmarks/bench_gdn.py --commit   # verify-step commit, 27B: index_copy vs copy kernel
+    PYTHONPATH=src:. python benchmarks/bench_gdn.py --multistep [--sweep]   # verify-step GDN layer and its replay
+    PYTHONPATH=src:. python benchmarks/bench_gdn.py --commit   # verify-step commit, 27B: conv install, ssm replay
     PYTHONPATH=src:. python benchmarks/bench_gdn.py --conv-prefill [--sweep]   # conv prefill only (and its tiles)
 
 Decode rotates through enough separate layers (state pools) per timed pass that the states do not sit in L2, as in a
@@ -270,19 +270,20 @@ def multistep_layers(h: int, hv: int, batch: int, tokens: int, layers: int) -> l
         kw["slots"] = torch.randperm(slots_n, device="cuda", generator=gen)[:batch].contiguous()
         kw["tokens_per_row"] = tokens
         kw["conv_states_out"] = torch.empty(batch, tokens, WIDTH - 1, conv_dim, device="cuda", dtype=torch.bfloat16)
-        kw["ssm_states_out"] = torch.empty(batch, tokens, hv, K, V, device="cuda")
+        kw["y_out"] = torch.empty(batch, tokens, conv_dim, device="cuda", dtype=torch.bfloat16)
+        kw["gates_out"] = torch.empty(batch, tokens, 2, hv, device="cuda")
         out.append(kw)
     return out
 
 
 def multistep_shape(rows: list[dict[str, Any]], copy_bw: float, model: str, h: int, hv: int, batch: int,
                     tokens: int, sweep: bool = False) -> None:
-    """One GDN layer's verify step (`tokens` = 1 + K per row): the fused kernels against the chained decode kernels,
-    CUDA graph replay, per layer. 'state GB/s' counts the fp32 state read once and written `tokens` times."""
+    """One GDN layer's verify step (`tokens` = 1 + K per row) and its commit's replay of all `tokens` positions, CUDA
+    graph replay, per layer. 'state GB/s' counts the fp32 state read once (verify), read and written once (replay)."""
     from deltaserve.kernels.gated_delta_rule import triton as gdn_triton
 
-    state_bytes = (1 + tokens) * batch * hv * K * V * 4
-    layers = max(2, -(-L2_BYTES // state_bytes))
+    state_bytes = batch * hv * K * V * 4
+    layers = max(2, -(-L2_BYTES // state_bytes))  # enough layers that their states overflow L2
     lays = multistep_layers(h, hv, batch, tokens, layers)
 
     def add(kernel: str, ms_per_layer: float) -> None:
@@ -296,13 +297,27 @@ def multistep_shape(rows: list[dict[str, Any]], copy_bw: float, model: str, h: i
                 fn(**kw)
         return step
 
-    add("fused_gdn_multistep fused", bench(graph_of(run(gdn_triton.fused_gdn_multistep_fused)).replay) / layers)
-    add("fused_gdn_multistep chained", bench(graph_of(run(gdn_triton.fused_gdn_multistep_chained)).replay) / layers)
+    def add_replay() -> None:
+        rows_, kept = torch.arange(batch, device="cuda"), torch.full((batch,), tokens, device="cuda")
+
+        def step() -> None:
+            for kw in lays:
+                gdn_triton.replay_kept_states(
+                    states=kw["ssm_state"].unsqueeze(0), ys=kw["y_out"].unsqueeze(0),
+                    gates=kw["gates_out"].unsqueeze(0), slots=kw["slots"], rows=rows_, num_kept=kept, num_k_heads=h,
+                    head_k_dim=K, num_v_heads=hv, head_v_dim=V)
+        ms = bench(graph_of(step).replay) / layers
+        gbs = 2 * state_bytes / (ms * 1e-3) / 1e9
+        rows.append({"kernel": f"replay_kept_states ({tokens} positions)", "shape": f"{model} H{h}/HV{hv} B={batch}",
+                     "mode": "graph", "us": ms * 1e3, "state_GBps": gbs, "pct_copy": 100 * gbs * 1e9 / copy_bw})
+
+    add("fused_gdn_multistep", bench(graph_of(run(gdn_triton.fused_gdn_multistep)).replay) / layers)
+    add_replay()
     if sweep:
         for block_v, warps in SWEEP[min(SWEEP, key=lambda b: abs(b - batch))]:
             def fn(**kw: Any) -> Any:
                 return gdn_triton.fused_gdn_multistep_launch(block_v=block_v, num_warps=warps, **kw)
-            add(f"fused_gdn_multistep fused BV={block_v} w={warps}", bench(graph_of(run(fn)).replay) / layers)
+            add(f"fused_gdn_multistep BV={block_v} w={warps}", bench(graph_of(run(fn)).replay) / layers)
     lays.clear()
     torch.cuda.empty_cache()
 
@@ -324,10 +339,11 @@ PREDICT_BW = 4e12  # bytes read + written per second an H200 copy reaches (~85% 
 
 
 def commit_table(batches: list[int], positions: int, copy_bw: float) -> list[dict[str, Any]]:
-    """The verify step's commit (ModelCache.commit_verified: both install_kept_states calls over every GDN layer of
-    27B), the reference's gather + index_copy against the copy kernel, eager as the engine runs it. 'MB' = kept
-    states installed (each read once and written once by the kernel, twice by the reference); 'predicted' = 2 x MB
-    at PREDICT_BW; 'pct_copy' = 2 x MB / time against the copy bandwidth measured in the same run."""
+    """The verify step's commit at 27B (ModelCache.commit_verified over every GDN layer): the conv windows'
+    install_kept_states (the reference's gather + index_copy against the copy kernel) and the recurrent states'
+    replay_kept_states kernel, eager as the engine runs them. 'MB' = states written (the kernels read each once and
+    write it once; the reference moves it twice); 'predicted' = 2 x MB at PREDICT_BW; 'pct_copy' = 2 x MB / time
+    against the copy bandwidth measured in the same run."""
     from deltaserve.kernels.gated_delta_rule import ref as gdn_ref
     from deltaserve.kernels.gated_delta_rule import triton as gdn_triton
 
@@ -337,33 +353,32 @@ def commit_table(batches: list[int], positions: int, copy_bw: float) -> list[dic
     for batch in batches:
         gen = torch.Generator(device="cuda").manual_seed(batch)
         num_slots = batch + 8
-        kinds = {"conv": ((WIDTH - 1, conv_dim), torch.bfloat16), "ssm": ((hv, K, V), torch.float32)}
-        tensors = {name: (torch.randn(layers, num_slots, *shape, device="cuda", generator=gen).to(dtype),
-                          torch.randn(layers, batch, positions, *shape, device="cuda", generator=gen).to(dtype))
-                   for name, (shape, dtype) in kinds.items()}
+        r = lambda *shape: torch.randn(*shape, device="cuda", generator=gen)  # noqa: E731
+        conv = r(layers, num_slots, WIDTH - 1, conv_dim).bfloat16()
+        conv_steps = r(layers, batch, positions, WIDTH - 1, conv_dim).bfloat16()
+        ssm = r(layers, num_slots, hv, K, V) * 0.1
+        ys = r(layers, batch, positions, conv_dim).bfloat16()
+        gates = torch.stack([-r(layers, batch, positions, hv).abs(), r(layers, batch, positions, hv).sigmoid()], 3)
         slots = torch.randperm(num_slots, device="cuda", generator=gen)[:batch]
         rows = torch.arange(batch, device="cuda")
         kept = torch.randint(1, positions + 1, (batch,), device="cuda", generator=gen)
-        for impl, fn in (("index_copy (ref)", gdn_ref.install_kept_states), ("kernel", gdn_triton.install_kept_states)):
-            def install(names: tuple[str, ...], fn: Callable[..., None] = fn) -> None:
-                for name in names:
-                    states, steps = tensors[name]
-                    fn(states=states, kept_states=steps, slots=slots, rows=rows, num_kept=kept)
+        shape = f"27B L={layers} B={batch} k={positions}"
 
-            for names in (("conv",), ("ssm",), ("conv", "ssm")):
-                nbytes = sum(tensors[name][0][:, 0].nbytes for name in names) * batch
-                ms = bench(lambda names=names: install(names))
-                out.append({"commit": "+".join(names), "impl": impl, "shape": f"27B L={layers} B={batch} k={positions}",
-                            "MB": nbytes / 1e6, "us": ms * 1e3, "predicted us": 2 * nbytes / PREDICT_BW * 1e6,
-                            "pct_copy": 100 * 2 * nbytes / (ms * 1e-3) / copy_bw})
-        expected = {name: states.clone() for name, (states, _) in tensors.items()}
-        for name, (states, steps) in tensors.items():
-            gdn_ref.install_kept_states(states=expected[name], kept_states=steps, slots=slots, rows=rows, num_kept=kept)
-            gdn_triton.install_kept_states(states=states, kept_states=steps, slots=slots, rows=rows, num_kept=kept)
-            out[-1][f"{name} same"] = bool(torch.equal(states, expected[name]))
-        tensors.clear()
-        expected.clear()
-        torch.cuda.empty_cache()
+        def row(commit: str, impl: str, nbytes: int, ms: float) -> dict[str, Any]:
+            return {"commit": commit, "impl": impl, "shape": shape, "MB": nbytes / 1e6, "us": ms * 1e3,
+                    "predicted us": 2 * nbytes / PREDICT_BW * 1e6, "pct_copy": 100 * 2 * nbytes / (ms * 1e-3) / copy_bw}
+
+        for impl, fn in (("index_copy (ref)", gdn_ref.install_kept_states), ("kernel", gdn_triton.install_kept_states)):
+            ms = bench(lambda fn=fn: fn(states=conv, kept_states=conv_steps, slots=slots, rows=rows, num_kept=kept))
+            out.append(row("conv install", impl, conv[:, 0].nbytes * batch, ms))
+        ms = bench(lambda: gdn_triton.replay_kept_states(states=ssm, ys=ys, gates=gates, slots=slots, rows=rows,
+                                                         num_kept=kept, num_k_heads=h, head_k_dim=K, num_v_heads=hv,
+                                                         head_v_dim=V))
+        out.append(row("ssm replay", "kernel", ssm[:, 0].nbytes * batch, ms))
+        expected = conv.clone()
+        gdn_ref.install_kept_states(states=expected, kept_states=conv_steps, slots=slots, rows=rows, num_kept=kept)
+        gdn_triton.install_kept_states(states=conv, kept_states=conv_steps, slots=slots, rows=rows, num_kept=kept)
+        out[-1]["conv same"] = bool(torch.equal(conv, expected))
     return out
 
 
@@ -372,10 +387,10 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true", help="also time every decode tile config")
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--multistep", action="store_true",
-                        help="only the verify step's GDN layer (1 + K tokens per row): fused vs chained kernels, "
-                             "9B and 27B, batches 1 8 32, T 2 4 (with --sweep: the fused recurrence's tilings too)")
+                        help="only the verify step's GDN layer (1 + K tokens per row) and the commit's replay, 9B and "
+                             "27B, batches 1 8 32, T 2 4 (with --sweep: the recurrence's tilings too)")
     parser.add_argument("--commit", action="store_true",
-                        help="only the verify step's commit at 27B, batches 1 8 32, 1 + K = 4: index_copy vs kernel")
+                        help="only the verify step's commit at 27B, batches 1 8 32, 1 + K = 4: conv install, ssm replay")
     parser.add_argument("--conv-prefill", action="store_true",
                         help="only the conv prefill, 27B and 35B-A3B channels (with --sweep: its tiles at T = 8192)")
     args = parser.parse_args()

@@ -5,7 +5,7 @@ token with and without MTP.
 
 python benchmarks/bench_mtp.py [--models 9B 27B] [--batches 1 8 32] [--k 3] [--context 1024]   # GPU, ~2 min
 python benchmarks/bench_mtp.py --demo [--device cuda|cpu] [--demo-k 1 2 3]                       # ~20 s on a GPU
-python benchmarks/bench_mtp.py --models 27B --batches 1 8 --k 3 --multistep-kernels fused chained   # GDN verify A/B
+python benchmarks/bench_mtp.py --models 27B --batches 1 8 --k 3 --gdn-layer   # + one GDN layer's verify and replay
 
 Both modes take --draft-vocab N [N ...]: rows with the drafts scoring only the first N token ids
 (speculative_draft_vocab) besides the rows with the whole vocabulary ("draft vocab": all). In --demo mode that
@@ -207,10 +207,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--profile", action="store_true",
                     help="also print the kernels of the decode and the verify step by time (torch.profiler, eager)")
     ap.add_argument("--demo-k", nargs="+", type=int, default=[1, 2, 3], help="--demo: the K values (K = 0 is run too)")
-    ap.add_argument("--multistep-kernels", nargs="+", choices=["fused", "chained"], default=None,
-                    help="measure the verify step once per GDN multistep path (gated_delta_rule.triton."
-                         "MULTISTEP_KERNEL, set before the graphs are captured), and time one GDN layer's verify "
-                         "kernels both ways (bench_gdn.py --multistep's table at these models, batches and 1 + K)")
+    ap.add_argument("--gdn-layer", action="store_true",
+                    help="also time one GDN layer's verify kernels and the commit's replay (bench_gdn.py "
+                         "--multistep's table at these models, batches and 1 + K)")
     args = ap.parse_args(argv)
     vocabs = [None, *args.draft_vocab]
     if args.demo:
@@ -218,10 +217,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(header("demo model, held-out text, greedy, batch 1"))
         print(table(rows))
         return rows
-    from deltaserve.kernels.gated_delta_rule import triton as gdn_triton
     from deltaserve.models.loader import load_model
 
-    default_kernel = gdn_triton.MULTISTEP_KERNEL
     rows = []
     for name in args.models:
         model = load_model(model_config(name), load_format="dummy", device="cuda", dtype=torch.bfloat16,
@@ -229,27 +226,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for b in args.batches:
             for k in args.k:
                 for vocab in vocabs:
-                    for kernel in args.multistep_kernels or [None]:
-                        if kernel is not None:
-                            gdn_triton.MULTISTEP_KERNEL = kernel
-                        try:
-                            row = bench_shape(name, model, b, k, args.context, vocab, args.profile)
-                        except torch.OutOfMemoryError:
-                            row = {"model": name, "batch": b, "K": k, "draft vocab": vocab or "all",
-                                   "decode ms": "OOM"}
-                        if kernel is not None:
-                            row = {"gdn multistep": kernel, **row}
-                        gc.collect()
-                        torch.cuda.empty_cache()
-                        rows.append(row)
-                        print(row, flush=True)
+                    try:
+                        row = bench_shape(name, model, b, k, args.context, vocab, args.profile)
+                    except torch.OutOfMemoryError:
+                        row = {"model": name, "batch": b, "K": k, "draft vocab": vocab or "all", "decode ms": "OOM"}
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(row, flush=True)
         del model
         gc.collect()
         torch.cuda.empty_cache()
-    gdn_triton.MULTISTEP_KERNEL = default_kernel
     print(header(f"context {args.context}, dummy bf16 weights, fp32 GDN state; TPOT@AL derived at the published AL"))
     print(table(rows))
-    if args.multistep_kernels:
+    if args.gdn_layer:
         from benchmarks.bench_gdn import MULTISTEP_MODELS, multistep_table
 
         models = [m for m in args.models if m in MULTISTEP_MODELS]

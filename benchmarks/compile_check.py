@@ -205,9 +205,32 @@ def verify_rows() -> list[dict]:
     return rows
 
 
+def gdn_verify_rows() -> list[dict]:
+    """The verify step's GDN recurrence (27B heads, 1 + K = 4 tokens) and the commit's replay, at the decode tiles
+    of few rows (BV 16, 1 warp) and of many (BV 64, 4 warps), fp32 state pool."""
+    from deltaserve.kernels.gated_delta_rule import triton as gdn
+
+    heads = dict(T=4, H=16, HV=48, K=128, V=128, BK=128)
+    scalars = {"scale": "fp32", "eps": "fp32"}
+    verify = {"y_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "alog_ptr": "*fp32", "dtb_ptr": "*bf16",
+              "ss_ptr": "*fp32", "slot_ptr": "*i64", "o_ptr": "*bf16", "gates_ptr": "*fp32", **scalars}
+    replay = {"ss_ptr": "*fp32", "y_ptr": "*bf16", "gates_ptr": "*fp32", "slot_ptr": "*i64", "row_ptr": "*i64",
+              "kept_ptr": "*i64", **scalars}
+    rows = []
+    for bv, warps in ((16, 1), (64, 4)):
+        for name, fn, types in (("verify recurrence", gdn._multistep_recurrent_kernel, verify),
+                                ("commit replay", gdn._replay_kernel, replay)):
+            r = compile_one(fn, types, {**heads, "BV": bv, "NV": 128 // bv}, warps, 1)
+            rows.append({"kernel": f"GDN {name}, BV {bv}, {warps} warps", "registers": r["registers"],
+                         "spill store bytes": r["spill store bytes"], "instructions": r["instructions"]})
+    return rows
+
+
 def main() -> None:
     print(f"triton {triton.__version__}, target sm_90a (compile only, no GPU)")
     print(table(quant_rows()))
+    print()
+    print(table(gdn_verify_rows()))
     print()
     print(table(decode_rows()))
     print()

@@ -62,10 +62,12 @@ def test_commit_verified_is_the_kernels_commit_for_every_layer():
     slots, kept = torch.tensor([4, 0, 2]), torch.tensor([2, 4, 1])
     before = layers[0].ssm.clone()
     expected = [(gdn.conv.clone(), gdn.ssm.clone()) for gdn in layers]
+    heads = dict(num_k_heads=cfg.linear_num_key_heads, head_k_dim=cfg.linear_key_head_dim,
+                 num_v_heads=cfg.linear_num_value_heads, head_v_dim=cfg.linear_value_head_dim)
     for (conv, ssm), gdn in zip(expected, layers):
         commit_gdn_states(conv_state=conv, ssm_state=ssm, slots=slots, conv_states_out=gdn.conv_steps,
-                          ssm_states_out=gdn.ssm_steps, num_accepted=kept)
+                          y_out=gdn.y_steps, gates_out=gdn.gate_steps, num_accepted=kept, **heads)
     cache.commit_verified(slots, kept)
     for (conv, ssm), gdn in zip(expected, layers):
         assert torch.equal(gdn.conv, conv) and torch.equal(gdn.ssm, ssm)
-    assert torch.equal(layers[0].ssm[4], layers[0].ssm_steps[0, 1]) and not torch.equal(layers[0].ssm, before)
+    assert torch.equal(layers[0].conv[4], layers[0].conv_steps[0, 1]) and not torch.equal(layers[0].ssm, before)

@@ -41,17 +41,22 @@ def test_multistep_gdn_on_gpu_matches_the_reference():
     for impl in (ref, gpu):
         conv, ssm = r(4, w - 1, conv_dim) * 0 + 0.1, torch.zeros(4, hv, dk, dv, device="cuda") + 0.01
         conv_out = torch.zeros(n, k, w - 1, conv_dim, device="cuda")
-        ssm_out = torch.zeros(n, k, hv, dk, dv, device="cuda")
+        y_out = torch.zeros(n, k, conv_dim, device="cuda")
+        gates_out = torch.zeros(n, k, 2, hv, device="cuda")
         o = impl.fused_gdn_multistep(**args, conv_state=conv, ssm_state=ssm, slots=slots, conv_states_out=conv_out,
-                                     ssm_states_out=ssm_out)
-        outs.append((o, conv_out[[0, 2]], ssm_out[[0, 2]], conv.clone(), ssm.clone()))
+                                     y_out=y_out, gates_out=gates_out)
+        live = torch.tensor([0, 2], device="cuda")
+        impl.replay_kept_states(states=ssm.unsqueeze(0), ys=y_out.unsqueeze(0), gates=gates_out.unsqueeze(0),
+                                slots=slots[live], rows=live, num_kept=torch.tensor([3, 4], device="cuda"),
+                                num_k_heads=hk, head_k_dim=dk, num_v_heads=hv, head_v_dim=dv)
+        outs.append((o, conv_out[live], y_out[live], gates_out[live], conv.clone(), ssm.clone()))
     for x, y in zip(*outs):
         torch.testing.assert_close(x, y, rtol=2e-3, atol=2e-3)
 
 
 def test_verify_graph_equals_eager(tiny):  # noqa: F811
-    """A verify step (1 + K tokens per row, per-position GDN states) replayed from its CUDA graph gives the eager
-    step's logits and the same per-position states."""
+    """A verify step (1 + K tokens per row, per-position GDN buffers) replayed from its CUDA graph gives the eager
+    step's logits and the same per-position post-conv rows."""
     from deltaserve.engine.device_inputs import build_forward_batch
 
     llm = LLM(str(tiny["moe"]), dtype="float32", device="cuda", max_model_len=512, speculative_tokens=3,
@@ -78,7 +83,7 @@ def test_verify_graph_equals_eager(tiny):  # noqa: F811
         else:
             with torch.no_grad():
                 logits = model.compute_logits(model(ids, fb, cache), upcast=False)
-        steps = cache.gdn(config.model.linear_attention_layers[0]).ssm_steps[:2].clone()
+        steps = cache.gdn(config.model.linear_attention_layers[0]).y_steps[:2].clone()
         results.append((logits, steps))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)

@@ -246,8 +246,12 @@ def gdn_decode_case(n: int, hv: int, gen: torch.Generator, tokens: int = 1):
             "num_k_heads": H, "head_k_dim": K, "num_v_heads": hv, "head_v_dim": K, "scale": SCALE}
 
 
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [1, 2, 4])
-def test_multistep_keeps_the_state_after_every_position_and_commit_installs_one(tokens):
+def test_multistep_keeps_each_positions_inputs_and_commit_replays_to_its_state(tokens, state_dtype):
+    """fused_gdn_multistep = `tokens` successive fused_gdn_decode steps (outputs, conv windows bit for bit; the
+    post-conv rows and gates kept), the pools untouched; commit_gdn_states then leaves in each slot exactly the state
+    those decode steps left after its last accepted position (replayed), or its own state at 0 accepted."""
     from deltaserve.kernels.gated_delta_rule import commit_gdn_states, fused_gdn_decode, fused_gdn_multistep
 
     gen = torch.Generator().manual_seed(40 + tokens)
@@ -256,28 +260,32 @@ def test_multistep_keeps_the_state_after_every_position_and_commit_installs_one(
     case = gdn_decode_case(n, hv, gen, tokens)
     conv_dim = case["mixed_qkv"].shape[1]
     conv = torch.randn(5, 3, conv_dim, generator=gen)
-    ssm = torch.randn(5, hv, K, K, generator=gen) * 0.5
+    ssm = (torch.randn(5, hv, K, K, generator=gen) * 0.5).to(state_dtype)
     conv_out = torch.full((n, tokens, 3, conv_dim), float("nan"))
-    ssm_out = torch.full((n, tokens, hv, K, K), float("nan"))
+    y_out = torch.full((n, tokens, conv_dim), float("nan"))
+    gates_out = torch.full((n, tokens, 2, hv), float("nan"))
     pools = (conv.clone(), ssm.clone())
     o = fused_gdn_multistep(**case, conv_state=pools[0], ssm_state=pools[1], slots=slots, tokens_per_row=tokens,
-                            conv_states_out=conv_out, ssm_states_out=ssm_out)
+                            conv_states_out=conv_out, y_out=y_out, gates_out=gates_out)
     assert torch.equal(pools[0], conv) and torch.equal(pools[1], ssm)  # the pools are only read
     # the same tokens through `tokens` successive single-token decode steps
     seq_conv, seq_ssm = conv.clone(), ssm.clone()
+    states_after = []
     rows = lambda t, j: t.view(n, tokens, *t.shape[1:])[:, j]  # noqa: E731
+    live = slots >= 0
     for j in range(tokens):
         step = {key: rows(val, j) if key in ("mixed_qkv", "a", "b") else val for key, val in case.items()}
         o_j = fused_gdn_decode(**step, conv_state=seq_conv, ssm_state=seq_ssm, slots=slots)
         assert torch.equal(rows(o, j), o_j)
-        live = slots >= 0
         assert torch.equal(conv_out[live, j], seq_conv[slots[live]])
-        assert torch.equal(ssm_out[live, j], seq_ssm[slots[live]])
-    assert (rows(o, 0)[1] == 0).all() and conv_out[1].isnan().all() and ssm_out[1].isnan().all()
+        states_after.append(seq_ssm.clone())
+    assert not y_out[live].isnan().any() and not gates_out[live].isnan().any()
+    assert (rows(o, 0)[1] == 0).all() and conv_out[1].isnan().all() and y_out[1].isnan().all()
     accepted = torch.tensor([tokens, 1, 0, max(tokens - 1, 1)])
-    commit_gdn_states(conv_state=pools[0], ssm_state=pools[1], slots=slots, conv_states_out=conv_out,
-                      ssm_states_out=ssm_out, num_accepted=accepted)
-    assert torch.equal(pools[1][3], ssm_out[0, tokens - 1]) and torch.equal(pools[0][3], conv_out[0, tokens - 1])
+    commit_gdn_states(conv_state=pools[0], ssm_state=pools[1], slots=slots, conv_states_out=conv_out, y_out=y_out,
+                      gates_out=gates_out, num_accepted=accepted, num_k_heads=H, head_k_dim=K, num_v_heads=hv,
+                      head_v_dim=K)
+    assert torch.equal(pools[1][3], states_after[tokens - 1][3]) and torch.equal(pools[0][3], conv_out[0, tokens - 1])
     assert torch.equal(pools[1][0], ssm[0]) and torch.equal(pools[0][0], conv[0])  # 0 accepted: unchanged
-    assert torch.equal(pools[1][2], ssm_out[3, accepted[3] - 1])
+    assert torch.equal(pools[1][2], states_after[accepted[3] - 1][2])
     assert torch.equal(pools[1][[1, 4]], ssm[[1, 4]])  # slots of no row: untouched

@@ -683,10 +683,11 @@ def test_chunk_states_and_multistep_run_on_cuda_tensors():
             "conv_state": torch.randn(3, 3, conv_dim, generator=gen), "ssm_state": torch.randn(3, hv, d, d,
                                                                                           generator=gen),
             "slots": torch.tensor([1, -1, 0]), "conv_states_out": torch.zeros(3, 2, 3, conv_dim),
-            "ssm_states_out": torch.zeros(3, 2, hv, d, d)}
+            "y_out": torch.zeros(3, 2, conv_dim), "gates_out": torch.zeros(3, 2, 2, hv)}
     fixed = dict(tokens_per_row=2, num_k_heads=hk, head_k_dim=d, num_v_heads=hv, head_v_dim=d, scale=d ** -0.5)
     on_gpu = {n: t.cuda() for n, t in case.items()}
     o_cpu = fused_gdn_multistep(**case, **fixed)
     o_gpu = fused_gdn_multistep(**on_gpu, **fixed)
     assert_close(o_gpu.cpu(), o_cpu, dtype=torch.float32)
-    assert_close(on_gpu["ssm_states_out"].cpu(), case["ssm_states_out"], dtype=torch.float32)
+    for name in ("conv_states_out", "y_out", "gates_out"):
+        assert_close(on_gpu[name].cpu(), case[name], dtype=torch.float32)

@@ -13,7 +13,7 @@ import torch
 
 from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.attention.ref import is_quantized_kv, kv_stored_dim
-from deltaserve.kernels.gated_delta_rule import install_kept_states
+from deltaserve.kernels.gated_delta_rule import install_kept_states, replay_kept_states
 
 MTP_LAYER = "mtp.0"  # cache key of the MTP head's own attention layer
 # Page dtypes of the quantized kv_cache_dtype options; "auto" keeps the model dtype. uint8 pages hold int4 pairs.
@@ -46,13 +46,16 @@ class KVPages(NamedTuple):
 class GDNState(NamedTuple):
     """One GDN layer's state slots: conv [S, W-1, conv_dim] (pre-conv inputs, model dtype), ssm [S, HV, K, V].
 
-    With speculative decoding, conv_steps [R, k, W-1, conv_dim] and ssm_steps [R, k, HV, K, V] receive the state after
-    each of the k positions of the first R rows of a verify step (the runner then commits the last kept one)."""
+    With speculative decoding, for each of the k positions of the first R rows of a verify step: conv_steps
+    [R, k, W-1, conv_dim] receives the conv window after it, y_steps [R, k, conv_dim] its post-conv row and
+    gate_steps [R, k, 2, HV] fp32 its gates, from which the runner's commit replays the recurrent state up to the
+    last kept position (gated_delta_rule.replay_kept_states)."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
     conv_steps: torch.Tensor | None = None
-    ssm_steps: torch.Tensor | None = None
+    y_steps: torch.Tensor | None = None
+    gate_steps: torch.Tensor | None = None
 
 
 def _elem(dtype: torch.dtype) -> int:
@@ -70,6 +73,13 @@ def kv_bytes_per_page(shapes: RankShapes, page_size: int, dtype: torch.dtype, *,
     return num_layers * 2 * page_size * shapes.num_kv_heads * per_head
 
 
+def verify_bytes_per_position(shapes: RankShapes, num_layers: int, conv_dtype: torch.dtype) -> int:
+    """What a verify step keeps of one row's position for the commit, over num_layers GDN layers: the conv window,
+    the post-conv row (both conv_dtype) and the fp32 gates."""
+    conv = shapes.conv_kernel * shapes.conv_dim * _elem(conv_dtype)  # W-1 window rows + the post-conv row
+    return num_layers * (conv + 2 * shapes.linear_num_value_heads * 4)
+
+
 def state_bytes_per_slot(shapes: RankShapes, num_layers: int, conv_dtype: torch.dtype,
                          state_dtype: torch.dtype) -> int:
     conv = (shapes.conv_kernel - 1) * shapes.conv_dim * _elem(conv_dtype)
@@ -84,7 +94,7 @@ class ModelCache:
     def __init__(self, config: ModelConfig, shape: CacheShape, *, device: torch.device | str, with_mtp: bool = False,
                  shapes: RankShapes | None = None, verify_rows: int = 0, verify_positions: int = 0) -> None:
         """shapes: the rank's shapes (default: the whole model, one rank); verify_rows x verify_positions: the
-        per-position GDN states a verify step keeps (speculative decoding; 0: none)."""
+        per-position GDN buffers a verify step keeps for the commit (speculative decoding; 0: none)."""
         shapes = shapes or RankShapes.for_rank(config)
         self.shape = shape
         self._kv: dict[int | str, KVPages] = {}
@@ -104,16 +114,19 @@ class ModelCache:
         n = len(layers)
         self._conv = torch.zeros((n, *conv_shape), dtype=shape.conv_dtype, device=device)
         self._ssm = torch.zeros((n, *ssm_shape), dtype=shape.state_dtype, device=device)
-        self._conv_steps = self._ssm_steps = None
+        self._conv_steps = self._y_steps = self._gate_steps = None
         self._rows: torch.Tensor | None = None  # 0 .. verify_rows - 1: the buffers' rows that commit_verified reads
+        self._heads = (shapes.linear_num_key_heads, shapes.linear_key_head_dim, shapes.linear_num_value_heads,
+                       shapes.linear_value_head_dim)
         if keep:
             self._rows = torch.arange(verify_rows, device=device)
-            self._conv_steps = torch.zeros((n, verify_rows, verify_positions, *conv_shape[1:]), dtype=shape.conv_dtype,
+            lead = (n, verify_rows, verify_positions)
+            self._conv_steps = torch.zeros((*lead, *conv_shape[1:]), dtype=shape.conv_dtype, device=device)
+            self._y_steps = torch.zeros((*lead, shapes.conv_dim), dtype=shape.conv_dtype, device=device)
+            self._gate_steps = torch.zeros((*lead, 2, shapes.linear_num_value_heads), dtype=torch.float32,
                                            device=device)
-            self._ssm_steps = torch.zeros((n, verify_rows, verify_positions, *ssm_shape[1:]), dtype=shape.state_dtype,
-                                          device=device)
         for j, i in enumerate(layers):
-            steps = (self._conv_steps[j], self._ssm_steps[j]) if keep else (None, None)  # type: ignore[index]
+            steps = (self._conv_steps[j], self._y_steps[j], self._gate_steps[j]) if keep else ()  # type: ignore
             self._gdn[i] = GDNState(self._conv[j], self._ssm[j], *steps)
 
     def attention(self, key: int | str) -> KVPages:
@@ -134,16 +147,20 @@ class ModelCache:
             self._ssm.index_copy_(1, dst, self._ssm.index_select(1, src))
 
     def commit_verified(self, slots: torch.Tensor, kept: torch.Tensor) -> None:
-        """After a verify step: install in each row's slot the GDN states kept after its kept[i]-th position
-        (slots [n] int64, all real; kept [n] int64 in [1, k]; row i of the step is row i of the buffers). The math
-        is the kernels' commit (gated_delta_rule.install_kept_states), here over every layer at once: on the GPU one
-        copy launch per kind, no host sync."""
+        """After a verify step: put in each row's slot the GDN states after its kept[i]-th position (slots [n]
+        int64, all real; kept [n] int64 in [1, k]; row i of the step is row i of the buffers): the conv window as
+        kept, the recurrent state replayed from the slot's through the kept positions. The math is the kernels'
+        commit (gated_delta_rule.commit_gdn_states), here over every layer at once: on the GPU two launches, no host
+        sync."""
         if not self._gdn:
             return
-        assert self._conv_steps is not None and self._ssm_steps is not None and self._rows is not None
+        assert self._conv_steps is not None and self._y_steps is not None and self._gate_steps is not None
+        assert self._rows is not None
         rows = self._rows[:slots.shape[0]]
         install_kept_states(states=self._conv, kept_states=self._conv_steps, slots=slots, rows=rows, num_kept=kept)
-        install_kept_states(states=self._ssm, kept_states=self._ssm_steps, slots=slots, rows=rows, num_kept=kept)
+        hk, dk, hv, dv = self._heads
+        replay_kept_states(states=self._ssm, ys=self._y_steps, gates=self._gate_steps, slots=slots, rows=rows,
+                           num_kept=kept, num_k_heads=hk, head_k_dim=dk, num_v_heads=hv, head_v_dim=dv)
 
     def copy_pages(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Every attention layer's K/V (and their scales, when quantized) of pages `src` into pages `dst` ([n] int64
@@ -155,7 +172,7 @@ class ModelCache:
 
     def nbytes(self) -> int:
         tensors = [t for pair in self._kv.values() for t in pair] + [self._conv, self._ssm, self._conv_steps,
-                                                                     self._ssm_steps]
+                                                                     self._y_steps, self._gate_steps]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

@@ -4,8 +4,8 @@ A step whose rows all carry the same number k of new tokens after an existing st
 the graph of the smallest captured batch size that fits. Padding rows have state slot -1, KV slot -1 and sequence
 length 0: every kernel skips them, so a padded replay computes exactly the real rows. Varlen steps (prefill chunks,
 mixed batches) have graphs of their own when short (varlen_graph.py) and run eagerly otherwise. k = 1 is always captured; with speculative decoding the
-verify steps (k = 2 .. 1 + K, GDN layers keeping the state after every position) are captured up to the batch size
-the per-position state buffers hold.
+verify steps (k = 2 .. 1 + K, GDN layers keeping each position's recurrence inputs) are captured up to the batch
+size the per-position buffers hold.
 """
 
 from __future__ import annotations

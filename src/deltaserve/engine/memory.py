@@ -8,7 +8,8 @@ import torch
 
 from deltaserve.cache.allocator import pages_for_tokens
 from deltaserve.cache.planner import MemoryPlan, plan_memory
-from deltaserve.cache.tensors import CacheShape, ModelCache, kv_bytes_per_page, kv_page_dtype, state_bytes_per_slot
+from deltaserve.cache.tensors import (CacheShape, ModelCache, kv_bytes_per_page, kv_page_dtype, state_bytes_per_slot,
+                                      verify_bytes_per_position)
 from deltaserve.config import EngineConfig
 from deltaserve.engine.device_inputs import build_forward_batch
 from deltaserve.engine.varlen_graph import token_sizes
@@ -53,10 +54,11 @@ def verify_shape(config: EngineConfig) -> tuple[int, int]:
 
 
 def verify_state_bytes(config: EngineConfig, dtype: torch.dtype) -> int:
-    """Memory of the per-position GDN states of verify steps (strategy "keep every state": 1 + K states per row)."""
+    """Memory of what verify steps keep per position for the commit (1 + K per row: the conv window, the post-conv
+    row and the gates of every GDN layer; the recurrent state is replayed, not kept)."""
     rows, positions = verify_shape(config)
-    return rows * positions * state_bytes_per_slot(config.rank_shapes(), len(config.model.linear_attention_layers),
-                                                   dtype, getattr(torch, config.cache.state_dtype))
+    return rows * positions * verify_bytes_per_position(config.rank_shapes(),
+                                                        len(config.model.linear_attention_layers), dtype)
 
 
 def new_cache(config: EngineConfig, *, num_pages: int, num_slots: int, dtype: torch.dtype,

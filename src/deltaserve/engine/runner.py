@@ -230,13 +230,13 @@ class ModelRunner:
         if step.is_verify:
             if self.drafter is None:
                 raise ValueError("this runner cannot verify draft tokens: speculative decoding is off "
-                                 "(speculative_tokens=0), so its GDN layers keep no per-position states")
+                                 "(speculative_tokens=0), so its GDN layers keep no per-position buffers")
             if step.state_snapshots:  # checkpoints lie in prompts, verify steps decode: never both
                 raise ValueError("a verify step cannot take prefix-cache snapshots (its slots are committed only "
                                  "after sampling)")
             if step.num_rows > self.cache.verify_rows or step.num_drafts > self.num_speculative_tokens:
                 raise ValueError(f"a verify step of {step.num_rows} rows x {step.num_drafts} drafts exceeds the "
-                                 f"per-position state buffers ({self.cache.verify_rows} rows x "
+                                 f"per-position buffers ({self.cache.verify_rows} rows x "
                                  f"{self.num_speculative_tokens} drafts)")
         started = None
         if self.device.type == "cuda":

@@ -29,8 +29,9 @@ class ForwardBatch:
     cu_seqlens_long:   [N+1] int64 copy of cu_seqlens for the chunked delta rule; None when unused
     any_padding:       some state slot may be < 0 (False only when the builder knows every slot is real)
     keep_states:       a verify step (speculative decoding; tokens_per_row = 1 + drafts): GDN layers leave the
-                       slots unchanged and keep the state after every position in the cache's per-position buffers
-                       (row i in buffer row i); the runner commits the last kept one after sampling
+                       slots unchanged and keep, per position, the conv window and the recurrence's inputs in the
+                       cache's per-position buffers (row i in buffer row i); after sampling the runner commits the
+                       states after the last kept position (the recurrent one replayed)
     """
 
     positions: torch.Tensor

@@ -69,18 +69,19 @@ class GatedDeltaNet(nn.Module):
               state: GDNState) -> torch.Tensor:
         """The kernels for the step's kind: one token per row after an existing state runs the fused decode step
         (conv update, gating, l2-norm and the recurrence on the slot's state in place); anything else the chunked
-        path. A verify step (speculative decoding) runs the decode step once per position, keeping every state
-        (fused_gdn_multistep)."""
+        path. A verify step (speculative decoding) runs the decode step once per position, keeping what the commit
+        needs of each (fused_gdn_multistep)."""
         if batch.keep_states:
-            assert batch.tokens_per_row is not None and state.conv_steps is not None and state.ssm_steps is not None
-            n = batch.num_seqs
+            assert batch.tokens_per_row is not None and state.conv_steps is not None and state.y_steps is not None
+            assert state.gate_steps is not None
+            n, k = batch.num_seqs, batch.tokens_per_row
             return fused_gdn_multistep(
                 mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,
                 conv_weight=self.conv1d.weight.squeeze(1), conv_state=state.conv, ssm_state=state.ssm,
                 slots=batch.state_slots, tokens_per_row=batch.tokens_per_row, num_k_heads=self.num_k_heads,
                 head_k_dim=self.head_k_dim, num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim,
-                scale=self.head_k_dim ** -0.5, conv_states_out=state.conv_steps[:n, :batch.tokens_per_row],
-                ssm_states_out=state.ssm_steps[:n, :batch.tokens_per_row])
+                scale=self.head_k_dim ** -0.5, conv_states_out=state.conv_steps[:n, :k], y_out=state.y_steps[:n, :k],
+                gates_out=state.gate_steps[:n, :k])
         if batch.tokens_per_row == 1:
             return fused_gdn_decode(
                 mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,

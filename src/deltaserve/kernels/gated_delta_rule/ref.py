@@ -215,16 +215,10 @@ def fused_gdn_decode(
     # the sibling op's reference, imported here so that neither op package imports the other at load time
     from deltaserve.kernels.conv1d.ref import causal_conv1d_update
 
-    n = mixed_qkv.shape[0]
-    key_dim = num_k_heads * head_k_dim
-    mixed = causal_conv1d_update(x=mixed_qkv, weight=conv_weight, conv_state=conv_state, slots=slots)
-    q, k, v = mixed.split([key_dim, key_dim, num_v_heads * head_v_dim], dim=-1)
+    y = causal_conv1d_update(x=mixed_qkv, weight=conv_weight, conv_state=conv_state, slots=slots)
     g, beta = gdn_gating(a=a, b=b, A_log=A_log, dt_bias=dt_bias)
-    return fused_recurrent_gated_delta_rule(
-        q=q.reshape(n, num_k_heads, head_k_dim), k=k.reshape(n, num_k_heads, head_k_dim),
-        v=v.reshape(n, num_v_heads, head_v_dim), g=g, beta=beta.to(mixed_qkv.dtype), state=ssm_state, slots=slots,
-        scale=scale, use_qk_l2norm=True,
-    )
+    return _recurrent_from_rows(y, g, beta.to(mixed_qkv.dtype), ssm_state, slots, num_k_heads, head_k_dim,
+                                num_v_heads, head_v_dim, scale)
 
 
 def fused_gdn_multistep(
@@ -245,17 +239,23 @@ def fused_gdn_multistep(
     head_v_dim: int,
     scale: float,
     conv_states_out: torch.Tensor,
-    ssm_states_out: torch.Tensor,
+    y_out: torch.Tensor,
+    gates_out: torch.Tensor,
 ) -> torch.Tensor:
-    """k = tokens_per_row decode steps of a GDN layer's core for each of N rows, keeping the state after every
-    position (the verify step of speculative decoding: which of the k states to keep is known only after sampling).
+    """k = tokens_per_row decode steps of a GDN layer's core for each of N rows, leaving the pools as they were (the
+    verify step of speculative decoding: how many positions to keep is known only after sampling). What the commit
+    needs is kept per position: the conv window after it (small), and instead of the recurrent state the inputs of
+    its recurrence step, from which replay_kept_states recomputes the kept state.
 
     mixed_qkv: [N*k, conv_dim] and a, b: [N*k, HV], row n's tokens at [n*k, (n+1)*k); conv_state, ssm_state: the
     pools as in fused_gdn_decode, read and left unchanged; slots: [N] int64 (< 0: padding row, output zero, nothing
-    written); conv_states_out: [N, k, W-1, conv_dim] and ssm_states_out: [N, k, HV, K, V] receive the conv window
-    and the recurrent state after each position (commit_gdn_states installs one of them in the slot). Returns
-    o: [N*k, HV, V] in mixed_qkv.dtype, equal to k successive fused_gdn_decode calls.
+    written); conv_states_out: [N, k, W-1, conv_dim] receives the conv window after each position, y_out:
+    [N, k, conv_dim] (mixed_qkv's dtype) each position's post-conv activations (q | k | v), gates_out: [N, k, 2, HV]
+    fp32 its log-decay g and its beta (rounded to the activation dtype, as the step used it). Returns o:
+    [N*k, HV, V] in mixed_qkv.dtype, equal to k successive fused_gdn_decode calls.
     """
+    from deltaserve.kernels.conv1d.ref import causal_conv1d_update
+
     n, k = slots.shape[0], tokens_per_row
     valid = slots >= 0
     rows = torch.where(valid, torch.arange(n, device=slots.device), torch.full_like(slots, -1))
@@ -264,42 +264,83 @@ def fused_gdn_multistep(
     ssm = ssm_state[slots.clamp(min=0)].clone()
     o = mixed_qkv.new_zeros(n, k, num_v_heads, head_v_dim)
     step = (lambda t: t.view(n, k, *t.shape[1:]))
-    for j in range(k):
-        o[:, j] = fused_gdn_decode(
-            mixed_qkv=step(mixed_qkv)[:, j], a=step(a)[:, j], b=step(b)[:, j], A_log=A_log, dt_bias=dt_bias,
-            conv_weight=conv_weight, conv_state=conv, ssm_state=ssm, slots=rows, num_k_heads=num_k_heads,
-            head_k_dim=head_k_dim, num_v_heads=num_v_heads, head_v_dim=head_v_dim, scale=scale)
+    for j in range(k):  # fused_gdn_decode's body, keeping its intermediates
+        y = causal_conv1d_update(x=step(mixed_qkv)[:, j], weight=conv_weight, conv_state=conv, slots=rows)
+        g, beta = gdn_gating(a=step(a)[:, j], b=step(b)[:, j], A_log=A_log, dt_bias=dt_bias)
+        beta = beta.to(mixed_qkv.dtype)
+        o[:, j] = _recurrent_from_rows(y, g, beta, ssm, rows, num_k_heads, head_k_dim, num_v_heads, head_v_dim,
+                                       scale)
         conv_states_out[valid, j] = conv[valid].to(conv_states_out.dtype)
-        ssm_states_out[valid, j] = ssm[valid].to(ssm_states_out.dtype)
+        y_out[valid, j] = y[valid].to(y_out.dtype)
+        gates_out[valid, j] = torch.stack([g, beta.float()], dim=1)[valid]
     return o.view(n * k, num_v_heads, head_v_dim)
+
+
+def _recurrent_from_rows(y: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, state: torch.Tensor,
+                         slots: torch.Tensor, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int,
+                         scale: float) -> torch.Tensor:
+    """One recurrence step of post-conv rows y [N, conv_dim] (q | k | v) on state[slots] (< 0: skipped)."""
+    n, key_dim = y.shape[0], num_k_heads * head_k_dim
+    q, k, v = y.split([key_dim, key_dim, num_v_heads * head_v_dim], dim=-1)
+    return fused_recurrent_gated_delta_rule(
+        q=q.reshape(n, num_k_heads, head_k_dim), k=k.reshape(n, num_k_heads, head_k_dim),
+        v=v.reshape(n, num_v_heads, head_v_dim), g=g, beta=beta, state=state, slots=slots, scale=scale,
+        use_qk_l2norm=True)
 
 
 def commit_gdn_states(
     *, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor, conv_states_out: torch.Tensor,
-    ssm_states_out: torch.Tensor, num_accepted: torch.Tensor,
+    y_out: torch.Tensor, gates_out: torch.Tensor, num_accepted: torch.Tensor, num_k_heads: int, head_k_dim: int,
+    num_v_heads: int, head_v_dim: int,
 ) -> None:
-    """Install in each row's slot the states fused_gdn_multistep kept after its num_accepted-th position.
+    """Install in each row's slot the states after its num_accepted-th position of a fused_gdn_multistep call (one
+    layer; the cache commits all layers at once with install_kept_states and replay_kept_states).
 
-    slots: [N] int64 (< 0: skipped); num_accepted: [N] int64 in [0, k] (0: the slot keeps its state); the *_out
-    buffers as fused_gdn_multistep filled them."""
+    slots: [N] int64 (< 0: skipped); num_accepted: [N] int64 in [0, k] (0: the slot keeps its state); the buffers as
+    fused_gdn_multistep filled them."""
     keep = (slots >= 0) & (num_accepted > 0)
     rows = keep.nonzero().squeeze(1)
     if rows.numel() == 0:
         return
-    for pool, kept_states in ((conv_state, conv_states_out), (ssm_state, ssm_states_out)):
-        # one layer: a stack of one (views, so the pool itself is written)
-        install_kept_states(states=pool.unsqueeze(0), kept_states=kept_states.unsqueeze(0), slots=slots[rows],
-                            rows=rows, num_kept=num_accepted[rows])
+    slots, num_kept = slots[rows], num_accepted[rows]
+    # one layer: a stack of one (views, so the pools themselves are written)
+    install_kept_states(states=conv_state.unsqueeze(0), kept_states=conv_states_out.unsqueeze(0), slots=slots,
+                        rows=rows, num_kept=num_kept)
+    replay_kept_states(states=ssm_state.unsqueeze(0), ys=y_out.unsqueeze(0), gates=gates_out.unsqueeze(0),
+                       slots=slots, rows=rows, num_kept=num_kept, num_k_heads=num_k_heads, head_k_dim=head_k_dim,
+                       num_v_heads=num_v_heads, head_v_dim=head_v_dim)
 
 
 def install_kept_states(*, states: torch.Tensor, kept_states: torch.Tensor, slots: torch.Tensor, rows: torch.Tensor,
                         num_kept: torch.Tensor) -> None:
-    """states[:, slots[i]] = kept_states[:, rows[i], num_kept[i] - 1] for every i: the core of commit_gdn_states,
-    over a stack of L layers at once (the cache keeps every GDN layer's slots in one tensor and commits them in one
-    op per kind).
+    """states[:, slots[i]] = kept_states[:, rows[i], num_kept[i] - 1] for every i: the conv windows' commit, over a
+    stack of L layers at once (the cache keeps every GDN layer's slots in one tensor and commits them in one op per
+    kind).
 
     states: [L, S, ...]; kept_states: [L, R, k, ...] as fused_gdn_multistep filled them per layer; slots, rows,
     num_kept: [n] int64 on the states' device, every slot real and distinct, num_kept in [1, k]. No host sync, so the
     caller that already knows its rows are all real (ModelCache.commit_verified) pays none. (This gather + index
     copy moves the bytes twice; the GPU kernel, triton.install_kept_states, copies each state once.)"""
     states.index_copy_(1, slots, kept_states[:, rows, num_kept - 1].to(states.dtype))
+
+
+def replay_kept_states(*, states: torch.Tensor, ys: torch.Tensor, gates: torch.Tensor, slots: torch.Tensor,
+                       rows: torch.Tensor, num_kept: torch.Tensor, num_k_heads: int, head_k_dim: int,
+                       num_v_heads: int, head_v_dim: int) -> None:
+    """The recurrent states' commit, over a stack of L layers: each slot's state advanced by the first num_kept[i]
+    positions of verify row rows[i], recomputed from what fused_gdn_multistep kept of them (the same steps on the
+    same values as the verify step ran, rounded to the pool dtype between positions: the same state it computed
+    there, without storing one per position).
+
+    states: [L, S, HV, K, V]; ys: [L, R, k, conv_dim]; gates: [L, R, k, 2, HV] fp32 (g, beta); slots, rows,
+    num_kept: [n] int64 on the states' device, every slot real and distinct, num_kept in [1, k]. No host sync."""
+    n, k = slots.shape[0], ys.shape[2]
+    scratch_rows = torch.arange(n, device=slots.device)
+    for layer in range(states.shape[0]):
+        state = states[layer][slots].clone()
+        y, gate = ys[layer][rows], gates[layer][rows]
+        for t in range(k):
+            live = torch.where(num_kept > t, scratch_rows, torch.full_like(scratch_rows, -1))
+            _recurrent_from_rows(y[:, t], gate[:, t, 0], gate[:, t, 1], state, live, num_k_heads, head_k_dim,
+                                 num_v_heads, head_v_dim, 1.0)
+        states[layer].index_copy_(0, slots, state)

@@ -1,5 +1,6 @@
 """GPU gated delta rule: a single-token decode step and a k-token verify step (two Triton launches each) with the
-verify step's commit (one copy launch per state kind for all layers), the gating and q/k-norm kernels of the prefill,
+verify step's commit (for all layers at once: one copy launch for the conv windows, one replay launch for the
+recurrent states), the gating and q/k-norm kernels of the prefill,
 and the chunked prefill itself through fla-core (fla_chunk.py).
 
 Same contracts as ``ref.py``. The recurrent state pool [S, HV, K, V] (fp32, or bf16 to halve its memory and traffic)
@@ -40,11 +41,19 @@ def _softplus(x):
 
 
 @triton.jit
-def _gates(a_row, b_row, alog_ptr, dtb_ptr, hv, act: tl.constexpr):
-    """(decay = exp(g), beta) of value head hv, fp32 scalars; beta rounded to the activation dtype."""
+def _log_gates(a_row, b_row, alog_ptr, dtb_ptr, hv, act: tl.constexpr):
+    """(g = -exp(A_log) softplus(a + dt_bias), beta) of value head hv, fp32 scalars; beta rounded to the activation
+    dtype."""
     a = tl.load(a_row + hv).to(tl.float32)
     g = -tl.exp(tl.load(alog_ptr + hv).to(tl.float32)) * _softplus(a + tl.load(dtb_ptr + hv).to(tl.float32))
     beta = tl.sigmoid(tl.load(b_row + hv).to(tl.float32)).to(act).to(tl.float32)
+    return g, beta
+
+
+@triton.jit
+def _gates(a_row, b_row, alog_ptr, dtb_ptr, hv, act: tl.constexpr):
+    """(decay = exp(g), beta) of value head hv, fp32 scalars; beta rounded to the activation dtype."""
+    g, beta = _log_gates(a_row, b_row, alog_ptr, dtb_ptr, hv, act)
     return tl.exp(g), beta
 
 
@@ -352,20 +361,17 @@ def chunk_gated_delta_rule(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Verify steps of speculative decoding: k decode steps per row, keeping the state after each.
+# Verify steps of speculative decoding: k decode steps per row; the commit replays the kept ones.
 #
-# Verify (``fused_gdn_multistep``, MULTISTEP_KERNEL = "fused") is the same pair for T tokens per row: the conv kernel
-# computes each token's window from the slot's stored window and the row's earlier inputs (the pool is only read, so
-# nothing is rolled) and writes the window after each token to conv_states_out[n, t]; the recurrence program loads its
-# state tile once and runs the decode program's step per token (same device functions, the state rounded to the pool
-# dtype between tokens as stored-and-reloaded decode steps round it), writing o and the tile after each token to
-# ssm_states_out[n, t]. Same results as T chained decode steps; none of their scratch gathers and copies.
-
-
-# "fused": two launches per layer (the conv of all T tokens, then the recurrence over them), each loading its state
-# once and writing every position's state straight into the caller's buffers; "chained": the decode kernels once per
-# token over a scratch pool, with a copy of the scratch after each (the path the fused one replaced; kept to A/B them).
-MULTISTEP_KERNEL = "fused"
+# Verify (``fused_gdn_multistep``) is the decode pair for T tokens per row: the conv kernel computes each token's
+# window from the slot's stored window and the row's earlier inputs (the pool is only read, so nothing is rolled),
+# writes the window after each token to conv_states_out[n, t] and the post-conv row to y_out[n, t]; the recurrence
+# program loads its state tile once and runs the decode program's step per token (same device functions, the state
+# rounded to the pool dtype between tokens as stored-and-reloaded decode steps round it), writing o and the token's
+# (g, beta) to gates_out[n, t], but no state: which position's state to keep is known only after sampling, and a
+# state per position would cost T state writes a row (27B: 147 MiB each over its 48 GDN layers). The commit
+# (``replay_kept_states``) reruns the kept positions' steps from the slot's state, from y and the gates, and
+# writes the state once.
 
 
 @triton.jit
@@ -386,12 +392,13 @@ def _multistep_window(x_ptr, cs_slot, n, pos0, ch, m_ch, valid, stride_x, stride
 
 
 @triton.jit
-def _multistep_conv_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, cso_ptr, C, stride_x, stride_y, stride_cs_s,
-                           stride_cs_w, stride_cso_n, stride_cso_t, stride_cso_w,
+def _multistep_conv_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, cso_ptr, C, stride_x, stride_yn, stride_yt,
+                           stride_cs_s, stride_cs_w, stride_cso_n, stride_cso_t, stride_cso_w,
                            T: tl.constexpr, W: tl.constexpr, WP: tl.constexpr, BC: tl.constexpr):
     """Conv + SiLU of row n's T tokens over BC channels, as T conv-update steps would compute them: token t's window
     is the slot's stored window followed by the row's inputs 0..t (raw inputs rounded to the pool dtype, as the
-    rolled window holds them); the window after token t goes to conv_states_out[n, t]. The pool is only read."""
+    rolled window holds them); its output goes to y[n, t], the window after it to conv_states_out[n, t]. The pool is
+    only read."""
     n = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1) * BC + tl.arange(0, BC)
     m_ch = ch < C
@@ -408,7 +415,7 @@ def _multistep_conv_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, cso_ptr, C, st
         x = tl.load(x_ptr + (n * T + t) * stride_x + ch, mask=m_ch & valid, other=0.0).to(tl.float32)
         acc = tl.sum(win.to(tl.float32) * w_hist, 0) + x * w_last
         y = acc * tl.sigmoid(acc)
-        tl.store(y_ptr + (n * T + t) * stride_y + ch, tl.where(valid, y, 0.0).to(y_ptr.dtype.element_ty), mask=m_ch)
+        tl.store(y_ptr + n * stride_yn + t * stride_yt + ch, y.to(y_ptr.dtype.element_ty), mask=m_ch & valid)
         win = _multistep_window(x_ptr, cs_slot, n, t + 2 - W, ch, m_ch, valid, stride_x, stride_cs_w, T, W, WP)
         tl.store(cso_ptr + n * stride_cso_n + t * stride_cso_t + row[:, None] * stride_cso_w + ch[None, :],
                  win.to(cso_ptr.dtype.element_ty), mask=valid & m_row[:, None] & m_ch[None, :])
@@ -430,16 +437,16 @@ def _token_qkv(y_row, h, hv, o_k, m_k, o_v, m_v, scale, eps, H: tl.constexpr, K:
 
 @triton.jit
 def _multistep_recurrent_kernel(
-    y_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, ss_ptr, slot_ptr, o_ptr, sso_ptr,
-    stride_y, stride_a, stride_b, stride_ss_s, stride_sso_n, stride_sso_t,
+    y_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, ss_ptr, slot_ptr, o_ptr, gates_ptr,
+    stride_yn, stride_yt, stride_a, stride_b, stride_ss_s, stride_gn, stride_gt,
     scale, eps,
     T: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr,
 ):
     """The decode recurrence for T tokens of row n: one program per (row n, value head hv, V tile) loads the state
     tile once, then per token runs exactly the decode program's step (the state rounded to the pool dtype between
-    tokens, as a chain of decode steps stores and reloads it) and writes o and the state after it
-    (ssm_states_out[n, t]). The pool is only read."""
+    tokens, as a chain of decode steps stores and reloads it) and writes o; the V tile-0 program also writes the
+    token's (g, beta) to gates[n, t] for the commit's replay. The pool is only read."""
     pid = tl.program_id(0)
     i_v = pid % NV
     i_nh = pid // NV
@@ -457,56 +464,62 @@ def _multistep_recurrent_kernel(
     s = tl.load(ss_ptr + slot * stride_ss_s + tile, mask=m_s, other=0.0).to(tl.float32)
     for t in tl.static_range(T):
         tok = n * T + t
-        q, k, v = _token_qkv(y_ptr + tok * stride_y, h, hv, o_k, m_k, o_v, m_v, scale, eps, H, K, V)
-        decay, beta = _gates(a_ptr + tok * stride_a, b_ptr + tok * stride_b, alog_ptr, dtb_ptr, hv,
+        q, k, v = _token_qkv(y_ptr + n * stride_yn + t * stride_yt, h, hv, o_k, m_k, o_v, m_v, scale, eps, H, K, V)
+        g, beta = _log_gates(a_ptr + tok * stride_a, b_ptr + tok * stride_b, alog_ptr, dtb_ptr, hv,
                              y_ptr.dtype.element_ty)
-        s, o = _step(s, q, k, v, decay, beta)
+        s, o = _step(s, q, k, v, tl.exp(g), beta)
         tl.store(o_ptr + (tok * HV + hv) * V + o_v, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty), mask=m_v)
-        s = s.to(ss_ptr.dtype.element_ty)
-        tl.store(sso_ptr + n * stride_sso_n + t * stride_sso_t + tile, s.to(sso_ptr.dtype.element_ty), mask=m_s)
-        s = s.to(tl.float32)
+        gate_row = gates_ptr + n * stride_gn + t * stride_gt + hv
+        tl.store(gate_row, g, mask=valid & (i_v == 0))
+        tl.store(gate_row + HV, beta, mask=valid & (i_v == 0))
+        s = s.to(ss_ptr.dtype.element_ty).to(tl.float32)
 
 
-def _check_multistep_outs(conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor, n: int, k: int,
-                          conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
+def _check_multistep_outs(conv_states_out: torch.Tensor, y_out: torch.Tensor, gates_out: torch.Tensor, n: int,
+                          k: int, conv_state: torch.Tensor, conv_dim: int, num_v_heads: int) -> None:
     if conv_states_out.shape != (n, k, *conv_state.shape[1:]) or conv_states_out.stride(3) != 1:
         raise ValueError(f"conv_states_out must be [{n}, {k}, {', '.join(map(str, conv_state.shape[1:]))}] with unit "
                          f"stride in channels, got {tuple(conv_states_out.shape)} strides {conv_states_out.stride()}")
-    if ssm_states_out.shape != (n, k, *ssm_state.shape[1:]) or ssm_states_out.stride()[2:] != ssm_state.stride()[1:]:
-        raise ValueError(f"ssm_states_out must be [{n}, {k}, {', '.join(map(str, ssm_state.shape[1:]))}] contiguous "
-                         f"per position, got {tuple(ssm_states_out.shape)} strides {ssm_states_out.stride()}")
+    if y_out.shape != (n, k, conv_dim) or y_out.stride(2) != 1:
+        raise ValueError(f"y_out must be [{n}, {k}, {conv_dim}] with unit stride in channels, got "
+                         f"{tuple(y_out.shape)} strides {y_out.stride()}")
+    if gates_out.shape != (n, k, 2, num_v_heads) or gates_out.dtype != torch.float32 or \
+            gates_out.stride()[2:] != (num_v_heads, 1):
+        raise ValueError(f"gates_out must be fp32 [{n}, {k}, 2, {num_v_heads}], contiguous per position, got "
+                         f"{gates_out.dtype} {tuple(gates_out.shape)} strides {gates_out.stride()}")
 
 
 def fused_gdn_multistep_launch(
     *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
     conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
     tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
-    conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor, block_v: int, num_warps: int,
+    conv_states_out: torch.Tensor, y_out: torch.Tensor, gates_out: torch.Tensor, block_v: int, num_warps: int,
     block_c: int = 256,
 ) -> torch.Tensor:
-    """The fused multistep with an explicit recurrence tiling (the tests and the benchmark sweep them)."""
+    """The multistep with an explicit recurrence tiling (the tests and the benchmark sweep them)."""
     hk, hv, dk, dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
     _check_decode_args(mixed_qkv, conv_weight, conv_state, ssm_state, hk, dk, hv, dv)
     n, k = slots.shape[0], tokens_per_row
     if mixed_qkv.shape[0] != n * k or a.shape[0] != n * k or b.shape[0] != n * k:
         raise ValueError(f"mixed_qkv, a and b need {n} rows x {k} tokens = {n * k} rows, got {mixed_qkv.shape[0]}, "
                          f"{a.shape[0]}, {b.shape[0]}")
-    _check_multistep_outs(conv_states_out, ssm_states_out, n, k, conv_state, ssm_state)
+    conv_dim = mixed_qkv.shape[1]
+    _check_multistep_outs(conv_states_out, y_out, gates_out, n, k, conv_state, conv_dim, hv)
     mixed_qkv, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (mixed_qkv, a, b))
     o = mixed_qkv.new_empty(n * k, hv, dv)
     if n == 0 or k == 0:
         return o
     conv_weight = conv_weight.contiguous()
-    conv_dim, width = mixed_qkv.shape[1], conv_weight.shape[1]
-    y = mixed_qkv.new_empty(n * k, conv_dim)
+    width = conv_weight.shape[1]
     _multistep_conv_kernel[(n, triton.cdiv(conv_dim, block_c))](
-        mixed_qkv, conv_weight, conv_state, slots, y, conv_states_out, conv_dim, mixed_qkv.stride(0), y.stride(0),
-        conv_state.stride(0), conv_state.stride(1), conv_states_out.stride(0), conv_states_out.stride(1),
-        conv_states_out.stride(2), T=k, W=width, WP=triton.next_power_of_2(width), BC=block_c, num_warps=4)
+        mixed_qkv, conv_weight, conv_state, slots, y_out, conv_states_out, conv_dim, mixed_qkv.stride(0),
+        y_out.stride(0), y_out.stride(1), conv_state.stride(0), conv_state.stride(1), conv_states_out.stride(0),
+        conv_states_out.stride(1), conv_states_out.stride(2), T=k, W=width, WP=triton.next_power_of_2(width),
+        BC=block_c, num_warps=4)
     num_tiles = triton.cdiv(dv, block_v)
     _multistep_recurrent_kernel[(n * hv * num_tiles,)](
-        y, a, b, A_log, dt_bias, ssm_state, slots, o, ssm_states_out, y.stride(0), a.stride(0), b.stride(0),
-        ssm_state.stride(0), ssm_states_out.stride(0), ssm_states_out.stride(1), float(scale), _L2_EPS,
+        y_out, a, b, A_log, dt_bias, ssm_state, slots, o, gates_out, y_out.stride(0), y_out.stride(1), a.stride(0),
+        b.stride(0), ssm_state.stride(0), gates_out.stride(0), gates_out.stride(1), float(scale), _L2_EPS,
         T=k, H=hk, HV=hv, K=dk, V=dv, BK=triton.next_power_of_2(dk), BV=block_v, NV=num_tiles, num_warps=num_warps)
     return o
 
@@ -515,63 +528,17 @@ def fused_gdn_multistep(
     *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
     conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
     tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
-    conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor,
+    conv_states_out: torch.Tensor, y_out: torch.Tensor, gates_out: torch.Tensor,
 ) -> torch.Tensor:
-    """ref.fused_gdn_multistep on the GPU, CUDA-graph safe (no host sync), by MULTISTEP_KERNEL: "fused" (two
-    launches, the recurrence tiled as the decode step of as many rows) or "chained" (the decode kernels per token)."""
-    kw = dict(mixed_qkv=mixed_qkv, a=a, b=b, A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight,
-              conv_state=conv_state, ssm_state=ssm_state, slots=slots, tokens_per_row=tokens_per_row,
-              num_k_heads=num_k_heads, head_k_dim=head_k_dim, num_v_heads=num_v_heads, head_v_dim=head_v_dim,
-              scale=scale, conv_states_out=conv_states_out, ssm_states_out=ssm_states_out)
-    if MULTISTEP_KERNEL == "chained":
-        return fused_gdn_multistep_chained(**kw)
-    if MULTISTEP_KERNEL != "fused":
-        raise ValueError(f"MULTISTEP_KERNEL must be 'fused' or 'chained', got {MULTISTEP_KERNEL!r}")
-    return fused_gdn_multistep_fused(**kw)
-
-
-def fused_gdn_multistep_fused(
-    *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-    conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
-    tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
-    conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor,
-) -> torch.Tensor:
-    """The fused path (fused_gdn_multistep's arguments) whatever MULTISTEP_KERNEL says, with the recurrence tiled as
+    """ref.fused_gdn_multistep on the GPU in two launches, CUDA-graph safe (no host sync), the recurrence tiled as
     decode_config tiles a decode step of as many rows."""
     block_v, num_warps = decode_config(slots.shape[0], num_v_heads)
     return fused_gdn_multistep_launch(
         mixed_qkv=mixed_qkv, a=a, b=b, A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight, conv_state=conv_state,
         ssm_state=ssm_state, slots=slots, tokens_per_row=tokens_per_row, num_k_heads=num_k_heads,
         head_k_dim=head_k_dim, num_v_heads=num_v_heads, head_v_dim=head_v_dim, scale=scale,
-        conv_states_out=conv_states_out, ssm_states_out=ssm_states_out,
+        conv_states_out=conv_states_out, y_out=y_out, gates_out=gates_out,
         block_v=min(block_v, triton.next_power_of_2(head_v_dim)), num_warps=num_warps)
-
-
-def fused_gdn_multistep_chained(
-    *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
-    conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
-    tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
-    conv_states_out: torch.Tensor, ssm_states_out: torch.Tensor,
-) -> torch.Tensor:
-    """The chained multistep: the rows' states are gathered into a scratch pool (row i in scratch slot i, padding
-    rows marked -1), the decode kernels run k times on it, and the scratch is copied to the per-position buffers
-    after each step (padding rows get a copy of slot 0's states there, which nothing reads). Costs k decode launches
-    plus k state copies; the fused path spares the copies."""
-    n, k = slots.shape[0], tokens_per_row
-    rows = torch.where(slots >= 0, torch.arange(n, device=slots.device), torch.full_like(slots, -1))
-    safe = slots.clamp(min=0)
-    conv = conv_state.index_select(0, safe)
-    ssm = ssm_state.index_select(0, safe)
-    o = mixed_qkv.new_empty(n, k, num_v_heads, head_v_dim)
-    mixed, a3, b3 = (t.view(n, k, t.shape[-1]) for t in (mixed_qkv, a, b))
-    for j in range(k):
-        o[:, j] = fused_gdn_decode(
-            mixed_qkv=mixed[:, j], a=a3[:, j], b=b3[:, j], A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight,
-            conv_state=conv, ssm_state=ssm, slots=rows, num_k_heads=num_k_heads, head_k_dim=head_k_dim,
-            num_v_heads=num_v_heads, head_v_dim=head_v_dim, scale=scale)
-        conv_states_out[:, j].copy_(conv)
-        ssm_states_out[:, j].copy_(ssm)
-    return o.view(n * k, num_v_heads, head_v_dim)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -640,3 +607,68 @@ def install_kept_states(*, states: torch.Tensor, kept_states: torch.Tensor, slot
     numel = math.prod(states.shape[2:])
     install_kept_states_launch(states=states, kept_states=kept_states, slots=slots, rows=rows, num_kept=num_kept,
                                block=min(_INSTALL_BLOCK, triton.next_power_of_2(max(numel, 1))))
+
+
+@triton.jit
+def _replay_kernel(ss_ptr, y_ptr, gates_ptr, slot_ptr, row_ptr, kept_ptr, N, stride_sl, stride_ss, stride_yl,
+                   stride_yr, stride_yt, stride_gl, stride_gr, stride_gt, eps,
+                   T: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
+    """states[l, slot[i]] advanced by the first kept[i] positions of verify row row[i], for program_id(1) = layer
+    l and program_id(0) = (i, value head hv, V tile): the multistep recurrence program's steps on the same values
+    (y and the stored gates), the state rounded to the pool dtype between positions, loaded once, stored once."""
+    pid = tl.program_id(0)
+    layer = tl.program_id(1).to(tl.int64)
+    i_v = pid % NV
+    i_nh = pid // NV
+    i = i_nh // HV
+    hv = i_nh % HV
+    h = hv // (HV // H)
+    slot = tl.load(slot_ptr + i).to(tl.int64)
+    row = tl.load(row_ptr + i).to(tl.int64)
+    kept = tl.load(kept_ptr + i)
+    o_k = tl.arange(0, BK)
+    m_k = o_k < K
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_s = ss_ptr + layer * stride_sl + slot * stride_ss + hv * (K * V) + o_k[:, None] * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    s = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
+    for t in tl.static_range(T):
+        if t < kept:
+            y_row = y_ptr + layer * stride_yl + row * stride_yr + t * stride_yt
+            q, k, v = _token_qkv(y_row, h, hv, o_k, m_k, o_v, m_v, 1.0, eps, H, K, V)
+            gate_row = gates_ptr + layer * stride_gl + row * stride_gr + t * stride_gt + hv
+            s, _ = _step(s, q, k, v, tl.exp(tl.load(gate_row)), tl.load(gate_row + HV))
+            s = s.to(ss_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(p_s, s.to(ss_ptr.dtype.element_ty), mask=m_s)
+
+
+def replay_kept_states(*, states: torch.Tensor, ys: torch.Tensor, gates: torch.Tensor, slots: torch.Tensor,
+                       rows: torch.Tensor, num_kept: torch.Tensor, num_k_heads: int, head_k_dim: int,
+                       num_v_heads: int, head_v_dim: int) -> None:
+    """ref.replay_kept_states in one launch over every layer, the recurrence tiled as the multistep's of as many
+    rows; no host sync, CUDA-graph safe (slots, rows and num_kept are read on the device)."""
+    num_layers, n, k = states.shape[0], slots.shape[0], ys.shape[2]
+    hk, hv, dk, dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
+    if states.shape[2:] != (hv, dk, dv) or not _inner_contiguous(states, 2):
+        raise ValueError(f"states must be [L, S, {hv}, {dk}, {dv}] with each state contiguous, got "
+                         f"{tuple(states.shape)} strides {states.stride()}")
+    if ys.shape[0] != num_layers or ys.stride(3) != 1 or gates.shape[:3] != ys.shape[:3] or \
+            gates.shape[3:] != (2, hv) or gates.stride()[3:] != (hv, 1):
+        raise ValueError(f"ys must be [L, R, k, conv_dim] and gates [L, R, k, 2, {hv}] with the states' L, got "
+                         f"{tuple(ys.shape)} and {tuple(gates.shape)}")
+    if rows.shape != (n,) or num_kept.shape != (n,) or slots.dim() != 1:
+        raise ValueError(f"slots, rows and num_kept must be [n], got {tuple(slots.shape)}, {tuple(rows.shape)}, "
+                         f"{tuple(num_kept.shape)}")
+    if n == 0 or num_layers == 0:
+        return
+    if num_layers > _MAX_GRID_Y:
+        raise ValueError(f"{num_layers} layers exceed the grid ({_MAX_GRID_Y})")
+    block_v, num_warps = decode_config(n, hv)
+    block_v = min(block_v, triton.next_power_of_2(dv))
+    num_tiles = triton.cdiv(dv, block_v)
+    _replay_kernel[(n * hv * num_tiles, num_layers)](
+        states, ys, gates, slots, rows, num_kept, n, states.stride(0), states.stride(1), ys.stride(0), ys.stride(1),
+        ys.stride(2), gates.stride(0), gates.stride(1), gates.stride(2), _L2_EPS, T=k, H=hk, HV=hv, K=dk, V=dv,
+        BK=triton.next_power_of_2(dk), BV=block_v, NV=num_tiles, num_warps=num_warps)
