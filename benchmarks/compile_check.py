@@ -1,4 +1,5 @@
-"""Registers, spills and instruction counts of the quantized kernels for sm_90a, without a GPU: Triton compiles each
+"""Registers, spills and instruction counts of the quantized kernels (and of the GDN verify step's recurrence and
+commit replay, a table of their own) for sm_90a, without a GPU: Triton compiles each
 kernel variant to PTX for a Hopper target and ptxas (shipped with Triton) assembles it with -v. Pointers, N, K and
 the row strides are marked divisible by 16, as Triton specializes them at real shapes (without the hint the counts
 come out pessimistic). A check before a device call, not a timing.

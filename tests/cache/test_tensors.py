@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.common import model_config
 from deltaserve.cache.tensors import (CacheShape, ModelCache, kv_bytes_per_page, kv_page_dtype,
-                                      state_bytes_per_slot)
+                                      state_bytes_per_slot, verify_bytes_per_position)
 from deltaserve.config import RankShapes
 
 
@@ -71,3 +71,17 @@ def test_commit_verified_is_the_kernels_commit_for_every_layer():
     for (conv, ssm), gdn in zip(expected, layers):
         assert torch.equal(gdn.conv, conv) and torch.equal(gdn.ssm, ssm)
     assert torch.equal(layers[0].conv[4], layers[0].conv_steps[0, 1]) and not torch.equal(layers[0].ssm, before)
+
+
+def test_verify_buffers_are_what_the_planner_counts():
+    """The per-position buffers a verify step keeps (conv windows, post-conv rows, gates) take exactly rows x positions
+    x verify_bytes_per_position, the planner's figure; at 27B that is ~4 MB a position (not a 147 MiB state)."""
+    cfg = model_config("tiny")
+    shape = CacheShape(num_pages=1, page_size=4, num_slots=2, kv_dtype=torch.bfloat16, conv_dtype=torch.bfloat16)
+    plain = ModelCache(cfg, shape, device="cpu").nbytes()
+    verify = ModelCache(cfg, shape, device="cpu", verify_rows=3, verify_positions=4).nbytes()
+    per_position = verify_bytes_per_position(RankShapes.for_rank(cfg), len(cfg.linear_attention_layers), torch.bfloat16)
+    assert verify - plain == 3 * 4 * per_position > 0
+    big = model_config("27B")
+    assert verify_bytes_per_position(RankShapes.for_rank(big), 48, torch.bfloat16) == 48 * (4 * 10240 * 2 + 2 * 48 * 4)
+

@@ -56,7 +56,7 @@ def test_multistep_gdn_on_gpu_matches_the_reference():
 
 def test_verify_graph_equals_eager(tiny):  # noqa: F811
     """A verify step (1 + K tokens per row, per-position GDN buffers) replayed from its CUDA graph gives the eager
-    step's logits and the same per-position post-conv rows."""
+    step's logits and the same per-position buffers (conv windows, post-conv rows, gates)."""
     from deltaserve.engine.device_inputs import build_forward_batch
 
     llm = LLM(str(tiny["moe"]), dtype="float32", device="cuda", max_model_len=512, speculative_tokens=3,
@@ -83,7 +83,8 @@ def test_verify_graph_equals_eager(tiny):  # noqa: F811
         else:
             with torch.no_grad():
                 logits = model.compute_logits(model(ids, fb, cache), upcast=False)
-        steps = cache.gdn(config.model.linear_attention_layers[0]).y_steps[:2].clone()
+        gdn = cache.gdn(config.model.linear_attention_layers[0])
+        steps = torch.cat([t[:2].flatten(2) for t in (gdn.conv_steps, gdn.y_steps, gdn.gate_steps)], dim=2).clone()
         results.append((logits, steps))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-4)

@@ -205,6 +205,53 @@ def test_replay_kept_counts_per_row_interpreter():
     assert_same(got[untouched], ssm_pool[untouched])
 
 
+def test_cache_commit_through_the_kernels_reaches_sequential_decode_interpreter(monkeypatch):
+    """Every GDN layer of the tiny model: the kernels' verify of k = 3 tokens into the cache's own buffers (4
+    positions, a padding row), then ModelCache.commit_verified with the kernels' commit (install + replay over the
+    stacked buffers): each slot's conv window and state equal those of its kept number of sequential decode steps
+    (the decode kernels on copies of the pools), bit for bit."""
+    from benchmarks.common import model_config
+    from deltaserve.cache import tensors
+    from deltaserve.cache.tensors import CacheShape, ModelCache
+    from deltaserve.config import RankShapes
+
+    mod = gdn_mod()
+    monkeypatch.setattr(tensors, "install_kept_states", mod.install_kept_states)
+    monkeypatch.setattr(tensors, "replay_kept_states", mod.replay_kept_states)
+    cfg = model_config("tiny")
+    shapes = RankShapes.for_rank(cfg)
+    dims = (shapes.linear_num_key_heads, shapes.linear_key_head_dim, shapes.linear_num_value_heads,
+            shapes.linear_value_head_dim)
+    cache = ModelCache(cfg, CacheShape(num_pages=2, page_size=4, num_slots=6, kv_dtype=torch.float32,
+                                       conv_dtype=torch.float32), device="cpu", verify_rows=3, verify_positions=4)
+    slots, n, k = torch.tensor([4, 1, -1]), 3, 3
+    kept = torch.tensor([3, 2])  # the live rows' kept counts
+    expected = []
+    for i, layer in enumerate(cfg.linear_attention_layers):
+        gdn = cache.gdn(layer)
+        kw, conv_pool, ssm_pool = decode_case(n * k, dims, torch.float32, "cpu", seed=80 + i, pad=False,
+                                              width=shapes.conv_kernel)
+        gdn.conv.copy_(conv_pool[:6].nan_to_num())
+        gdn.ssm.copy_(ssm_pool[:6].nan_to_num())
+        kw.update(slots=slots, tokens_per_row=k)
+        mod.fused_gdn_multistep(**kw, conv_state=gdn.conv, ssm_state=gdn.ssm, conv_states_out=gdn.conv_steps[:n, :k],
+                                y_out=gdn.y_steps[:n, :k], gates_out=gdn.gate_steps[:n, :k])
+        seq_conv, seq_ssm, after = gdn.conv.clone(), gdn.ssm.clone(), []
+        per_token = {key: kw[key].view(n, k, -1) for key in ("mixed_qkv", "a", "b")}
+        fixed = {key: val for key, val in kw.items() if key not in per_token and key != "tokens_per_row"}
+        for j in range(k):
+            mod.fused_gdn_decode(**{key: val[:, j] for key, val in per_token.items()}, **fixed, conv_state=seq_conv,
+                                 ssm_state=seq_ssm)
+            after.append((seq_conv.clone(), seq_ssm.clone()))
+        expected.append(after)
+    cache.commit_verified(slots[:2], kept)
+    for layer, after in zip(cfg.linear_attention_layers, expected):
+        gdn = cache.gdn(layer)
+        for slot, count in zip(slots[:2].tolist(), kept.tolist()):
+            assert_same(gdn.conv[slot], after[count - 1][0][slot])
+            assert_same(gdn.ssm[slot], after[count - 1][1][slot])
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # GPU: model shapes (K = V = 128, 16 key heads) against the reference
 

@@ -167,12 +167,12 @@ class ParallelConfig:
 
 MAX_SPECULATIVE_TOKENS = 4
 # Largest batch a verify step is run for by default: above it every step is a plain decode step (MTP turns itself
-# down). It also sizes the per-position GDN state buffers (memory: at the 27B shape with K = 3, 1 + K fp32 states of
-# ~151 MB per request, ~9.9 GB at 16). From benchmarks/bench_mtp.py on an H200 at the 27B shape with K = 3, derived
-# speedups at the published acceptance length: 1.95x / 1.45x / 0.91x at batch 1 / 8 / 32 (RESULTS.md, 2026-12-03),
-# then, with the fused verify kernels, 2.65x / 2.26x / 1.47x (2026-12-04; the commit kernel since cut the batch-32
-# commit from 11.4 to ~2.5 ms). Drafting now pays past 32 as well; 16 stays for the state buffers' memory until a
-# batch-64 run says where the break-even moved.
+# down). It also sizes the per-position GDN buffers (27B, K = 3: ~16 MB per request since the commit replays the
+# recurrent state; ~151 MB when each position's state was kept). From benchmarks/bench_mtp.py on an H200 at the 27B
+# shape with K = 3, derived speedups at the published acceptance length: 1.95x / 1.45x / 0.91x at batch 1 / 8 / 32
+# (RESULTS.md, 2026-12-03), then, with the fused verify kernels, 2.65x / 2.26x / 1.47x (2026-12-04; the commit kernel
+# since cut the batch-32 commit from 11.4 to ~2.5 ms). Drafting pays past 32 as well; 16 stays until a batch-64 run
+# says where the break-even moved.
 SPECULATIVE_MAX_BATCH = 16
 
 

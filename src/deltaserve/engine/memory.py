@@ -47,7 +47,7 @@ def _kv_layers(config: EngineConfig) -> int:
 
 
 def verify_shape(config: EngineConfig) -> tuple[int, int]:
-    """(rows, positions) of the per-position GDN states verify steps keep: (0, 0) without speculative decoding."""
+    """(rows, positions) of the per-position GDN buffers verify steps keep: (0, 0) without speculative decoding."""
     if not config.with_mtp:
         return 0, 0
     return min(config.speculative.max_batch, config.scheduler.max_num_seqs), 1 + config.num_speculative_tokens

@@ -144,7 +144,7 @@ class Scheduler:
 
         speculative_tokens (K > 0: MTP speculative decoding): drafts are verified only in uniform steps, where every
         scheduled request is a one-token decode with the same number of drafts (the GDN layers keep per-position
-        states only for such steps), at most speculative_max_batch requests run and no waiting request could be
+        buffers only for such steps), at most speculative_max_batch requests run and no waiting request could be
         admitted; any other step strips the drafts. Each sampling request also gets pages for K - 1 positions past
         its step, where the drafter writes the MTP head's KV.
 

@@ -476,13 +476,13 @@ def _multistep_recurrent_kernel(
 
 
 def _check_multistep_outs(conv_states_out: torch.Tensor, y_out: torch.Tensor, gates_out: torch.Tensor, n: int,
-                          k: int, conv_state: torch.Tensor, conv_dim: int, num_v_heads: int) -> None:
+                          k: int, conv_state: torch.Tensor, conv_dim: int, num_v_heads: int, dtype: torch.dtype) -> None:
     if conv_states_out.shape != (n, k, *conv_state.shape[1:]) or conv_states_out.stride(3) != 1:
         raise ValueError(f"conv_states_out must be [{n}, {k}, {', '.join(map(str, conv_state.shape[1:]))}] with unit "
                          f"stride in channels, got {tuple(conv_states_out.shape)} strides {conv_states_out.stride()}")
-    if y_out.shape != (n, k, conv_dim) or y_out.stride(2) != 1:
-        raise ValueError(f"y_out must be [{n}, {k}, {conv_dim}] with unit stride in channels, got "
-                         f"{tuple(y_out.shape)} strides {y_out.stride()}")
+    if y_out.shape != (n, k, conv_dim) or y_out.stride(2) != 1 or y_out.dtype != dtype:
+        raise ValueError(f"y_out must be {dtype} [{n}, {k}, {conv_dim}] (mixed_qkv's dtype: y and beta round to it) with "
+                         f"unit stride in channels, got {y_out.dtype} {tuple(y_out.shape)} strides {y_out.stride()}")
     if gates_out.shape != (n, k, 2, num_v_heads) or gates_out.dtype != torch.float32 or \
             gates_out.stride()[2:] != (num_v_heads, 1):
         raise ValueError(f"gates_out must be fp32 [{n}, {k}, 2, {num_v_heads}], contiguous per position, got "
@@ -504,7 +504,7 @@ def fused_gdn_multistep_launch(
         raise ValueError(f"mixed_qkv, a and b need {n} rows x {k} tokens = {n * k} rows, got {mixed_qkv.shape[0]}, "
                          f"{a.shape[0]}, {b.shape[0]}")
     conv_dim = mixed_qkv.shape[1]
-    _check_multistep_outs(conv_states_out, y_out, gates_out, n, k, conv_state, conv_dim, hv)
+    _check_multistep_outs(conv_states_out, y_out, gates_out, n, k, conv_state, conv_dim, hv, mixed_qkv.dtype)
     mixed_qkv, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (mixed_qkv, a, b))
     o = mixed_qkv.new_empty(n * k, hv, dv)
     if n == 0 or k == 0:
@@ -610,7 +610,7 @@ def install_kept_states(*, states: torch.Tensor, kept_states: torch.Tensor, slot
 
 
 @triton.jit
-def _replay_kernel(ss_ptr, y_ptr, gates_ptr, slot_ptr, row_ptr, kept_ptr, N, stride_sl, stride_ss, stride_yl,
+def _replay_kernel(ss_ptr, y_ptr, gates_ptr, slot_ptr, row_ptr, kept_ptr, stride_sl, stride_ss, stride_yl,
                    stride_yr, stride_yt, stride_gl, stride_gr, stride_gt, eps,
                    T: tl.constexpr, H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr):
@@ -647,17 +647,22 @@ def _replay_kernel(ss_ptr, y_ptr, gates_ptr, slot_ptr, row_ptr, kept_ptr, N, str
 def replay_kept_states(*, states: torch.Tensor, ys: torch.Tensor, gates: torch.Tensor, slots: torch.Tensor,
                        rows: torch.Tensor, num_kept: torch.Tensor, num_k_heads: int, head_k_dim: int,
                        num_v_heads: int, head_v_dim: int) -> None:
-    """ref.replay_kept_states in one launch over every layer, the recurrence tiled as the multistep's of as many
-    rows; no host sync, CUDA-graph safe (slots, rows and num_kept are read on the device)."""
+    """ref.replay_kept_states in one launch over every layer, the recurrence tiled as decode_config tiles as many
+    rows (the verify step's own tiling follows its padded row count, so the two may round the K reductions in another
+    order: the last fp32 ulps, as decode steps at other batch sizes); no host sync, CUDA-graph safe (slots, rows and
+    num_kept are read on the device)."""
     num_layers, n, k = states.shape[0], slots.shape[0], ys.shape[2]
     hk, hv, dk, dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
-    if states.shape[2:] != (hv, dk, dv) or not _inner_contiguous(states, 2):
-        raise ValueError(f"states must be [L, S, {hv}, {dk}, {dv}] with each state contiguous, got "
-                         f"{tuple(states.shape)} strides {states.stride()}")
-    if ys.shape[0] != num_layers or ys.stride(3) != 1 or gates.shape[:3] != ys.shape[:3] or \
-            gates.shape[3:] != (2, hv) or gates.stride()[3:] != (hv, 1):
-        raise ValueError(f"ys must be [L, R, k, conv_dim] and gates [L, R, k, 2, {hv}] with the states' L, got "
-                         f"{tuple(ys.shape)} and {tuple(gates.shape)}")
+    if hv % hk or states.dtype not in _STATE_DTYPES or states.shape[2:] != (hv, dk, dv) or \
+            not _inner_contiguous(states, 2):
+        raise ValueError(f"states must be float32 or bfloat16 [L, S, {hv}, {dk}, {dv}] with each state contiguous "
+                         f"({hv} value heads over {hk} key heads), got {states.dtype} {tuple(states.shape)} strides "
+                         f"{states.stride()}")
+    conv_dim = 2 * hk * dk + hv * dv
+    if ys.shape[0] != num_layers or ys.shape[3] != conv_dim or ys.stride(3) != 1 or gates.dtype != torch.float32 or \
+            gates.shape[:3] != ys.shape[:3] or gates.shape[3:] != (2, hv) or gates.stride()[3:] != (hv, 1):
+        raise ValueError(f"ys must be [L, R, k, {conv_dim}] and gates float32 [L, R, k, 2, {hv}] with the states' L, "
+                         f"got {tuple(ys.shape)} and {gates.dtype} {tuple(gates.shape)}")
     if rows.shape != (n,) or num_kept.shape != (n,) or slots.dim() != 1:
         raise ValueError(f"slots, rows and num_kept must be [n], got {tuple(slots.shape)}, {tuple(rows.shape)}, "
                          f"{tuple(num_kept.shape)}")
@@ -669,6 +674,6 @@ def replay_kept_states(*, states: torch.Tensor, ys: torch.Tensor, gates: torch.T
     block_v = min(block_v, triton.next_power_of_2(dv))
     num_tiles = triton.cdiv(dv, block_v)
     _replay_kernel[(n * hv * num_tiles, num_layers)](
-        states, ys, gates, slots, rows, num_kept, n, states.stride(0), states.stride(1), ys.stride(0), ys.stride(1),
+        states, ys, gates, slots, rows, num_kept, states.stride(0), states.stride(1), ys.stride(0), ys.stride(1),
         ys.stride(2), gates.stride(0), gates.stride(1), gates.stride(2), _L2_EPS, T=k, H=hk, HV=hv, K=dk, V=dv,
         BK=triton.next_power_of_2(dk), BV=block_v, NV=num_tiles, num_warps=num_warps)
