@@ -390,7 +390,8 @@ def main() -> None:
                         help="only the verify step's GDN layer (1 + K tokens per row) and the commit's replay, 9B and "
                              "27B, batches 1 8 32, T 2 4 (with --sweep: the recurrence's tilings too)")
     parser.add_argument("--commit", action="store_true",
-                        help="only the verify step's commit at 27B, batches 1 8 32, 1 + K = 4: conv install, ssm replay")
+                        help="only the verify step's commit at 27B, batches 1 8 32, 1 + K = 4: conv install, "
+                             "ssm replay")
     parser.add_argument("--conv-prefill", action="store_true",
                         help="only the conv prefill, 27B and 35B-A3B channels (with --sweep: its tiles at T = 8192)")
     args = parser.parse_args()

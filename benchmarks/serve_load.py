@@ -301,7 +301,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a published workload's lengths and concurrencies (explicit flags override it)")
     p.add_argument("--concurrency", type=int, nargs="+", default=None,
                    help="clients streaming at once; several values: a sweep (default 64)")
-    p.add_argument("--num-requests", type=int, default=None, help="default: 4 x concurrency (a preset: its own counts, e.g. 8 / 64 / 128 at 1 / 16 / 64)")
+    p.add_argument("--num-requests", type=int, default=None, help="default: 4 x concurrency (a preset: its own counts, e.g. "
+                                                                          "8 / 64 / 128 at 1 / 16 / 64)")
     p.add_argument("--input-len", type=int, default=None, help="default 1024")
     p.add_argument("--output-len", type=int, default=None, help="default 256")
     p.add_argument("--temperature", type=float, default=0.0)

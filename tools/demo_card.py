@@ -86,8 +86,8 @@ torch {torch}.
 | MTP accuracy measured through deltaserve | {ds_mtp_acc} on `heldout.txt` in {verify_windows} windows of {verify_seq_len} tokens ({verify_tokens} predictions; less context than the 1024-token windows above) |
 | deltaserve vs the training code (fp32 logits, max abs diff) | main {verify_main}, MTP {verify_mtp} |
 {acceptance_row}
-`python tools/verify_demo.py DIR` reproduces the two rows above the acceptance lengths (deltaserve's loader, model, caches and
-`mtp_forward` against transformers + tools/train_demo.py's MTP module, both fp32 on CPU); `tests/test_demo_model.py` checks
+`python tools/verify_demo.py DIR` reproduces the two rows above the acceptance lengths (deltaserve's loader, model,
+caches and `mtp_forward` against transformers + tools/train_demo.py's MTP module, both fp32 on CPU); `tests/test_demo_model.py` checks
 them. An earlier run of the same recipe without the prompt-boundary cuts (420 s on an H200, 95 M tokens) reached
 held-out perplexity 5.99 and MTP accuracy 62.5%, but continued the prompt `"def "` with digits (`def 2`), which
 the cuts fixed.

@@ -75,8 +75,8 @@ class EngineArgs:
               "step's predicted time (a cost model fitted to measured steps) stays within it, bounding inter-token "
               "latency while long prompts prefill (at least max_num_batched_tokens/16 prefill tokens per step; steps "
               "without decode rows keep the full token budget). Off (None/0) by default: on an H200 a 50 ms budget cut "
-              "the inter-token p99 by 19%% but grew long prompts' TTFT 24x (RESULTS.md; benchmarks/bench_step_budget.py "
-              "measures it)", section="scheduler", type=float)
+              "the inter-token p99 by 19%% but grew long prompts' TTFT 24x (RESULTS.md; "
+              "benchmarks/bench_step_budget.py measures it)", section="scheduler", type=float)
     gpu_memory_utilization: float = _option(0.9, "fraction of device memory deltaserve may use", section="cache",
                                             type=float)
     page_size: int = _option(16, "tokens per KV page", section="cache", type=int)

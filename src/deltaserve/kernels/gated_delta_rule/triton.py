@@ -476,13 +476,14 @@ def _multistep_recurrent_kernel(
 
 
 def _check_multistep_outs(conv_states_out: torch.Tensor, y_out: torch.Tensor, gates_out: torch.Tensor, n: int,
-                          k: int, conv_state: torch.Tensor, conv_dim: int, num_v_heads: int, dtype: torch.dtype) -> None:
+                          k: int, conv_state: torch.Tensor, conv_dim: int, num_v_heads: int,
+                          dtype: torch.dtype) -> None:
     if conv_states_out.shape != (n, k, *conv_state.shape[1:]) or conv_states_out.stride(3) != 1:
         raise ValueError(f"conv_states_out must be [{n}, {k}, {', '.join(map(str, conv_state.shape[1:]))}] with unit "
                          f"stride in channels, got {tuple(conv_states_out.shape)} strides {conv_states_out.stride()}")
     if y_out.shape != (n, k, conv_dim) or y_out.stride(2) != 1 or y_out.dtype != dtype:
-        raise ValueError(f"y_out must be {dtype} [{n}, {k}, {conv_dim}] (mixed_qkv's dtype: y and beta round to it) with "
-                         f"unit stride in channels, got {y_out.dtype} {tuple(y_out.shape)} strides {y_out.stride()}")
+        raise ValueError(f"y_out must be {dtype} [{n}, {k}, {conv_dim}] (mixed_qkv's dtype: y and beta round to it) "
+                         f"with unit stride in channels, got {y_out.dtype} {tuple(y_out.shape)} strides {y_out.stride()}")
     if gates_out.shape != (n, k, 2, num_v_heads) or gates_out.dtype != torch.float32 or \
             gates_out.stride()[2:] != (num_v_heads, 1):
         raise ValueError(f"gates_out must be fp32 [{n}, {k}, 2, {num_v_heads}], contiguous per position, got "
