@@ -204,8 +204,8 @@ def quantized_case(n: int, length: int, fmt: str, gen: torch.Generator):
 # Tile configs tried per quantized format: the current default first (QUANT_DECODE_CONFIG, its kernel variant: PLANES,
 # and INT4_WORDS 2 for int4), then the same variant at other (BLOCK_N, num_warps, num_stages) and WAVES (programs per
 # SM the split-KV grid aims at; DECODE_CONFIG's MAX_SPLITS stays). The variants' SASS: benchmarks/compile_check.py.
-QUANT_SWEEP = [(128, 4, 3, 4), (128, 4, 2, 4), (128, 4, 4, 4), (64, 4, 3, 4), (64, 4, 4, 4), (64, 4, 6, 4),
-               (128, 8, 3, 4), (256, 8, 2, 4), (128, 4, 3, 2), (128, 4, 3, 8)]
+QUANT_SWEEP = [(128, 4, 3, 8), (128, 4, 2, 8), (128, 4, 4, 8), (64, 4, 6, 8), (128, 8, 3, 8), (256, 8, 2, 8),
+               (128, 4, 3, 4), (128, 4, 3, 16), (64, 4, 6, 16)]  # (BLOCK_N, warps, stages, WAVES), the default first
 
 
 def quant_sweep_configs(code: int) -> list[dict]:

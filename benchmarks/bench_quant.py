@@ -8,7 +8,7 @@ python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4
 "int4"), fp16 products one word per fp16 accumulator (kernels/quant/triton.py GEMV_F16 with GEMV_F16_WORDS 1, rows
 "int4 gemv-f16") and four words chained (GEMV_F16_WORDS 4, the engine's default for dense layers; the MoE per-pair
 GEMV keeps 1 by default, both are set by the variant; rows "int4 gemv-f16x4"); default
-f16x4 only. --fp8-gemv: fp8 runs once per variant of its one-row GEMV (fp32 FMAs, the default; f16: fp16 products,
+f16x4 only. --fp8-gemv: fp8 runs once per variant of its one-row GEMV (fp32 FMAs; f16: fp16 products, the default,
 kernels/quant/triton.py GEMV_FP8_F16; rows "fp8 gemv-fp32" / "fp8 gemv-f16" when both run).
 
 fp8: Qwen's official layout (128x128 block scales; GDN in_proj_a/b, router, shared-expert gate, embedding and lm_head
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--gemv-variants", nargs="+", choices=list(GEMV_VARIANTS), default=["f16x4"])
-    ap.add_argument("--fp8-gemv", nargs="+", choices=["fp32", "f16"], default=["fp32"],
+    ap.add_argument("--fp8-gemv", nargs="+", choices=["fp32", "f16"], default=["f16"],
                     help="fp8 (not fp8-w8a8) runs once per variant of its one-row GEMV: fp32 FMAs, fp16 products")
     args = ap.parse_args()
     bw = measure_copy_bandwidth()

@@ -191,7 +191,7 @@ def sweep(args, bw: float) -> list[dict]:
         for m, kind in itertools.product(args.rows, VARIANTS):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             w, s, z = weights[kind]
-            dot_tiles = qt._plan(m, n, k, 128, x.device, kind == "int4", lop3=qt._lop3_ok(x))
+            dot_tiles = qt._plan(m, n, k, 128, x.device, kind == "int4", sm90=qt._lop3_ok(x))
             gemv = qt._gemv_default(m, kind == "int4", x.dtype, False)
             base_tiles = qt._gemv_plan(m, n, k, 128, x.device, kind == "int4") if gemv else dot_tiles
             bm = dot_tiles[0]

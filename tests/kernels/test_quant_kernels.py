@@ -102,6 +102,23 @@ def test_gemm_whole_tiles_interpreted(kind):
     check_gemm(kind, 5, 64, 128, 32, torch.bfloat16, tiles=(16, 32, 32, 2), seed=9, unpack=0)
 
 
+# The H200 sweep's best tl.dot tiles (bench_quant_kernels.py --sweep --rows 16 64, RESULTS.md 2026-12-05) that
+# _plan_sm90's rule reproduces: (shape, kind, rows) -> (BM, BN, BK, split, num_warps, num_stages).
+H200_SWEEP_PICKS = [((34816, 5120), "int4", 16, (16, 64, 128, 1, 4, 3)),
+                    ((5120, 17408), "int4", 16, (16, 128, 128, 6, 8, 3)),
+                    ((12288, 2048), "int4", 16, (16, 128, 128, 2, 4, 3)),
+                    ((5120, 17408), "fp8", 16, (16, 128, 128, 6, 4, 3)),
+                    ((12288, 2048), "fp8", 16, (16, 128, 128, 2, 4, 3)),
+                    ((34816, 5120), "int4", 64, (64, 64, 64, 1, 4, 3))]
+
+
+@pytest.mark.parametrize("shape,kind,m,picked", H200_SWEEP_PICKS)
+def test_sm90_plan_is_the_sweeps_pick(shape, kind, m, picked):
+    """The tile rule gives the sweep's best at 132 SMs (the H200) where the sweep's pick is what it timed best."""
+    n, k = shape
+    assert qt._plan_sm90(m, n, k, 128, picked[0], 132, kind == "int4") == picked
+
+
 @pytest.mark.parametrize("m,n,k,group,tiles,dtype", [(3, 72, 96, 32, (16, 32, 32, 3), torch.bfloat16),
                                                       (20, 40, 99, 99, (16, 16, 16, 2), torch.float32),
                                                       (40, 24, 160, 32, (32, 16, 32, 1), torch.bfloat16),

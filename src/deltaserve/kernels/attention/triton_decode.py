@@ -41,7 +41,10 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # 128, 4 warps): 0.236 (PLANES V_REGS) -> 0.169 (1) / 0.155 (2). Timed (bench_attention.py --kv-quant
 # --kv-quant-variants, RESULTS.md 2026-12-04, H200, 27B heads, N=32 L=32k / N=8 L=128k): PLANES V_REGS 758 / 876 us
 # (35% / 31% of copy), INT4_WORDS 1 513 / 529 us, INT4_WORDS 2 494 / 500 us (54% / 53%; BLOCK_N 64 or 256: slower).
-_PLANES = {"num_stages": 3, "F16_DOTS": 1, "PLANES": 1}
+# WAVES 8 (twice the bf16 pages' splits): the pick of the H200 sweep for every quantized format (bench_attention.py
+# --kv-quant --sweep, RESULTS.md 2026-12-05): 27B heads N=32 L=32k fp8 678 -> 646 us (77% -> 81% of copy), int8
+# 705 -> 681, int4 495 -> 464; N=1 L=128k the same either way (98 / 102 / 69 us).
+_PLANES = {"num_stages": 3, "F16_DOTS": 1, "PLANES": 1, "WAVES": 8}
 QUANT_DECODE_CONFIG: dict[int, dict[str, int]] = {1: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
                                                   2: {"BLOCK_N": 128, "num_warps": 4, **_PLANES},
                                                   3: {"BLOCK_N": 128, "num_warps": 4, **_PLANES, "INT4_WORDS": 2}}

@@ -880,25 +880,41 @@ def _k_tile(group: int, k: int, want: int) -> int:
 
 
 def _plan(m: int, n: int, k: int, group: int, device: torch.device, int4: bool = False, act_fp8: bool = False,
-          lop3: bool = False) -> tuple[int, ...]:
+          sm90: bool = False) -> tuple[int, ...]:
     """(BM, BN, BK, split[, num_warps, num_stages]) for an [m, k] x [k, n] call: one M tile where the rows allow (the
     weight is read once per M tile), and split-K until about two waves of programs run (the N = hidden-size
-    projections have few N tiles). lop3 (16-bit activations on sm_90+, _lop3_ok): int4 up to 32 rows pipelines the
-    packed words 5 deep with 4 warps, the best of the H200 sweep for UNPACK 3 (benchmarks/bench_quant_kernels.py
-    --sweep, RESULTS.md): 27B int4 decode at batch 1 went from 21.4 to 18.0 ms a step; UNPACK 0, the default now,
-    was timed on these tiles (RESULTS.md 2026-12-04, session 11). The sweep's other picks (fp8, and int4 past 32
-    rows) lost in the whole-model step, so those keep Triton's default launch."""
+    projections have few N tiles). sm90 (compiled, 16-bit activations, sm_90+: _lop3_ok): the H200 sweep's tiles
+    (_plan_sm90)."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    bk = _k_tile(group, k, 128 if m <= 32 or int4 or act_fp8 else 64)
-    lop3 = lop3 and int4 and m <= 32 and bk >= 128
-    if lop3:
-        bn = 64 if m <= 8 else 128
-    else:
-        bn = 64 if m <= 32 else 128
     sms = num_sms(device) if device.type == "cuda" else 4
-    tiles = triton.cdiv(n, bn) * triton.cdiv(m, bm)
-    split = max(1, min(triton.cdiv(k, bk), (2 * sms) // max(tiles, 1)))
-    return (bm, bn, bk, split, 4, 5) if lop3 else (bm, bn, bk, split)
+    if sm90 and not act_fp8:
+        return _plan_sm90(m, n, k, group, bm, sms, int4)
+    bk = _k_tile(group, k, 128 if m <= 32 or int4 or act_fp8 else 64)
+    bn = 64 if m <= 32 else 128
+    return bm, bn, bk, _split(k, bk, triton.cdiv(n, bn) * triton.cdiv(m, bm), sms)
+
+
+def _split(k: int, bk: int, tiles: int, sms: int) -> int:
+    """Split-K ways: about two waves of programs over the SMs, at most one K tile each."""
+    return max(1, min(triton.cdiv(k, bk), (2 * sms) // max(tiles, 1)))
+
+
+def _plan_sm90(m: int, n: int, k: int, group: int, bm: int, sms: int, int4: bool) -> tuple[int, ...]:
+    """The tl.dot tiles (UNPACK 0) the H200 sweep picked (bench_quant_kernels.py --sweep --rows 16 64, RESULTS.md
+    2026-12-05), as one rule: 3 stages; BN 64 where 128-column N tiles alone fill two waves (27B gate_up), else BN
+    128 with split-K; int4 with a split of 4 or more (27B down) on 8 warps. Past 32 rows int4's wide shapes also
+    take BK 64, everything else BK 128 (fp8's was 64). Kernel-only at 16 rows, against the tiles before (4 warps, 5
+    stages, BN 128 past 8 rows): int4 27B gate_up 101.6 -> 74.0 us, 27B down 66.1 -> 39.5, 35B in_proj 15.2 ->
+    13.3; fp8 27B down 36.5 -> 30.1, 35B in_proj 11.7 -> 10.7. At 64 rows int4 27B gate_up 183.6 -> 138.3, fp8 27B
+    down 57.6 -> 52.0; the others within 5% of the sweep's best. (The sweep's picks of session 5 for UNPACK 3 lost
+    in the whole-model step; these are for UNPACK 0 and not yet timed in it.)"""
+    wide = triton.cdiv(n, 128) * triton.cdiv(m, bm) >= 2 * sms
+    bn = 64 if wide else 128
+    bk = _k_tile(group, k, 64 if m > 32 and int4 and wide else 128)
+    split = _split(k, bk, triton.cdiv(n, bn) * triton.cdiv(m, bm), sms)
+    if m > 32:
+        return (bm, bn, bk, split, 4, 3) if int4 and wide else (bm, bn, bk, split)
+    return bm, bn, bk, split, 8 if int4 and split >= 4 else 4, 3
 
 
 def _lop3_ok(x: torch.Tensor) -> bool:
@@ -951,11 +967,13 @@ GEMV_F16_WORDS = 4
 # 4.36 -> 4.84 ms in the same run (the per-pair kernel before the fused one; not re-measured on it). Tests set it to
 # 4 as well, so both stay correct.
 MOE_PAIR_F16_WORDS = 1
-# The fp8 GEMV with fp16 products (_chain_fp8_f16_ptx, act_f16()) instead of fp32 FMAs: off until timed on a GPU
-# (bench_quant_kernels.py --fp8-gemv fp32 f16, bench_quant.py --fp8-gemv fp32 f16). Its error: fp16 products of the
-# exact e4m3 weights and bf16 activations (an 11-bit rounding where the product has 12), summed in fp16 over 8
-# products per half, all else in fp32; the reference rounds each dequantized weight to bf16 (8 bits).
-GEMV_FP8_F16 = False
+# The fp8 GEMV with fp16 products (_chain_fp8_f16_ptx, act_f16()) instead of fp32 FMAs, the default since timed on
+# the H200 (bench_quant.py --fp8-gemv fp32 f16, RESULTS.md 2026-12-05, one call): the 27B fp8 decode step at batch 1
+# 11.47 -> 9.58 ms (1.75x -> 1.46x its floor), 35B-A3B 2.57 -> 2.49; kernel-only 27B gate_up / down / in_proj 64.5 /
+# 35.5 / 32.7 -> 52.5 / 30.8 / 28.1 us. Its error: fp16 products of the exact e4m3 weights and bf16 activations (an
+# 11-bit rounding where the product has 12), summed in fp16 over 8 products per half, all else in fp32; the
+# reference rounds each dequantized weight to bf16 (8 bits). Benchmarks set it off to compare (--fp8-gemv fp32).
+GEMV_FP8_F16 = True
 
 
 def _f16_words(bk: int, words: int | None = None) -> int:
@@ -1029,7 +1047,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         if bm < m:
             raise ValueError(f"the GEMV runs all rows in one program: BM {bm} must be at least M = {m}")
     else:
-        bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_fp8, lop3)
+        bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_fp8, _lop3_ok(x))
     if act_fp8:
         if int4 or bk != ref.ACT_GROUP:
             raise ValueError(f"fp8 activations need fp8 weights and K tiles of {ref.ACT_GROUP} columns; this call has "
