@@ -4,6 +4,7 @@ the wall time of a generate call goes when it is far from the GPU-time floor.
     PYTHONPATH=src:. python3 benchmarks/profile_engine.py [--model 9B] [--num-prompts 64] [--input-len 1024]
                                                           [--output-len 32] [--no-model] [--timeline]
                                                           [--kernels] [--find-syncs]
+                                                          [--speculative-tokens 3 --simulated-acceptance 3.39]
 
 --no-model replaces the model run by fixed logits, so what is left is the engine's own host time per step
 (scheduler, batch building, sampler, output processing): on the GPU it runs in series with every step.
@@ -12,6 +13,8 @@ the wall time of a generate call goes when it is far from the GPU-time floor.
 --kernels profiles the generate call with torch.profiler instead: the kernels per prefill/mixed step (to compare with
 profile_step.py mixed, the same kind of step outside the engine), the CUDA runtime calls that block the host, and the
 batch shapes of the prefill/mixed steps. --find-syncs lists every place that made the host wait for the device.
+--speculative-tokens K runs MTP (verify steps are their own kind in --timeline and --kernels), at the acceptance
+length --simulated-acceptance sets.
 """
 
 from __future__ import annotations
@@ -89,10 +92,10 @@ class StepTimeline:
             finally:
                 marks["wait"] += now() - t0
 
-        def timed_finish(out, launched):
+        def timed_finish(*args):
             t0, waited = now(), marks["wait"]
             try:
-                return finish(out, launched)
+                return finish(*args)
             finally:
                 marks["outputs"] += now() - t0 - (marks["wait"] - waited)
 
@@ -115,6 +118,8 @@ class StepTimeline:
 
     @staticmethod
     def kind(step_input) -> str:
+        if step_input.is_verify:
+            return f"verify x{step_input.num_rows}"
         if step_input.tokens_per_row == 1:
             return f"decode x{step_input.num_rows}"
         return "prefill/mixed"
@@ -167,7 +172,7 @@ def profile_kernels(llm, prompts: list[list[int]], sp) -> None:
     def labelled_execute(dev, step_input):
         q = step_input.query_lens.tolist()
         prefill = [n for n in q if n > 1]
-        labels.append(f"decode x{len(q)}" if step_input.tokens_per_row == 1
+        labels.append(StepTimeline.kind(step_input) if step_input.is_verify or step_input.tokens_per_row == 1
                       else f"{len(q) - len(prefill)} decode + {prefill}")
         with record_function("runner.execute"):
             return run_model(dev, step_input)
@@ -190,20 +195,21 @@ def profile_kernels(llm, prompts: list[list[int]], sp) -> None:
         (e for e in events if e.name == "runner.execute"), key=lambda e: e.time_range.start)]
     print(f"generate under the profiler: {wall:.2f} s, {len(steps)} steps")
     print(f"{'step':>28} | {'wall ms':>8} | {'launch ms':>9} | {'kernel ms':>9} | GPU busy")
-    decode = [0.0, 0.0, 0.0, 0]
+    summed: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0, 0.0, 0])  # decode / verify: wall, launch, busy, n
     for (lo, hi), launch, label in zip(steps, launches, labels):
         busy = sum(min(b, hi) - max(a, lo) for a, b in kernels if a < hi and b > lo)
-        if label.startswith("decode"):
-            decode = [decode[0] + hi - lo, decode[1] + launch, decode[2] + busy, decode[3] + 1]
+        kind = label.split(" x")[0]
+        if kind in ("decode", "verify"):
+            summed[kind] = [summed[kind][0] + hi - lo, summed[kind][1] + launch, summed[kind][2] + busy,
+                            summed[kind][3] + 1]
             continue
         print(f"{label[:28]:>28} | {(hi - lo) / 1e3:8.1f} | {launch / 1e3:9.1f} | {busy / 1e3:9.1f} | "
               f"{busy / (hi - lo):.0%}")
-    if decode[3]:
-        n = decode[3]
-        print(f"{f'decode steps (mean of {n})':>28} | {decode[0] / n / 1e3:8.2f} | {decode[1] / n / 1e3:9.2f} | "
-              f"{decode[2] / n / 1e3:9.2f} | {decode[2] / decode[0]:.0%}")
-    mixed = sum(not label.startswith("decode") for label in labels)
-    print("kernels of the whole run per prefill/mixed step (decode-step kernels included):\n"
+    for kind, (wall_us, launch_us, busy_us, n) in summed.items():
+        print(f"{f'{kind} steps (mean of {n})':>28} | {wall_us / n / 1e3:8.2f} | {launch_us / n / 1e3:9.2f} | "
+              f"{busy_us / n / 1e3:9.2f} | {busy_us / wall_us:.0%}")
+    mixed = sum(label.split(" x")[0] not in ("decode", "verify") for label in labels)
+    print("kernels of the whole run per prefill/mixed step (decode and verify steps' kernels included):\n"
           + profiled_kernels(prof, max(mixed, 1), top=25, skip=marks)[1])
     runtime = [e for e in prof.key_averages() if e.key.startswith("cuda") and e.device_type != DeviceType.CUDA]
     runtime.sort(key=lambda e: -e.cpu_time_total)
@@ -244,6 +250,11 @@ def main() -> None:
     ap.add_argument("--kernels", action="store_true", help="torch.profiler over the run instead of cProfile")
     ap.add_argument("--find-syncs", action="store_true", help="list the places the host waited for the device")
     ap.add_argument("--sync-scheduling", action="store_true", help="turn the engine's async scheduling off")
+    ap.add_argument("--speculative-tokens", type=int, default=0,
+                    help="MTP drafts per step (the shape gets one MTP layer); async scheduling is then off")
+    ap.add_argument("--simulated-acceptance", type=float, default=None,
+                    help="with --speculative-tokens: the mean tokens a verify step keeps (random weights accept "
+                         "nothing otherwise), e.g. the published 3.39 at K = 3")
     args = ap.parse_args()
     from deltaserve import LLM, SamplingParams
 
@@ -251,11 +262,14 @@ def main() -> None:
     vocab = SHAPES[args.model]["vocab_size"]
     prompts = torch.randint(10, vocab - 10, (args.num_prompts, args.input_len), generator=g).tolist()
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(json.dumps(SHAPES[args.model]))
+        mtp = {"mtp_num_hidden_layers": 1} if args.speculative_tokens else {}
+        (Path(d) / "config.json").write_text(json.dumps({**SHAPES[args.model], **mtp}))
         t0 = time.perf_counter()
         llm = LLM(d, load_format="dummy", max_model_len=args.input_len + args.output_len + 16,
                   max_num_seqs=args.num_prompts, max_num_batched_tokens=8192,
-                  async_scheduling=False if args.sync_scheduling else None)
+                  async_scheduling=False if args.sync_scheduling else None,
+                  speculative_tokens=args.speculative_tokens,
+                  speculative_simulated_acceptance=args.simulated_acceptance)
         print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
         if args.no_model:
             skip_model(llm)

@@ -41,6 +41,19 @@ def test_profile_engine_plumbing_without_the_model(monkeypatch, capsys):
     assert "engine host time without the model" in out and "Triton compiles during it: 0" in out
 
 
+def test_profile_engine_timeline_with_mtp(monkeypatch, capsys):
+    """The per-step phase timeline runs through the engine's step (its finish takes the launch time) and gives
+    verify steps a kind of their own."""
+    from benchmarks import profile_engine
+
+    monkeypatch.setattr("sys.argv", ["profile_engine.py", "--model", "tiny", "--num-prompts", "2", "--input-len", "8",
+                                     "--output-len", "12", "--timeline", "--speculative-tokens", "3",
+                                     "--simulated-acceptance", "3.39"])
+    profile_engine.main()
+    out = capsys.readouterr().out
+    assert "verify x2 |" in out and "prefill/mixed |" in out
+
+
 def test_batch_build_plumbing(monkeypatch, capsys):
     from benchmarks import bench_batch_build
 
