@@ -228,20 +228,22 @@ def sweep_table(runs: list[tuple[int, dict[str, float]]], num_gpus: int, label: 
     return "\n".join("| " + r + " |" for r in rows)
 
 
-def plot_sweep(path: str, runs: list[tuple[int, dict[str, float]]], num_gpus: int, label: str,
+def plot_sweep(path: str, lines: list[tuple[str, list[tuple[int, dict[str, float]]]]], num_gpus: int, label: str,
                cells: dict[int, tuple[float, float, float, str]], title: str) -> None:
-    """Total tok/s per GPU against P50 time per output token: our sweep as a line, the published cells as points."""
+    """Total tok/s per GPU against P50 time per output token: each (name, runs) of ours as a line (several: e.g. with
+    and without MTP, from saved --json-out files), the published cells as points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    xs = [st["tpot_ms_p50"] for _, st in runs]
-    ys = [st["total_tok_s"] / num_gpus for _, st in runs]
-    ax.plot(xs, ys, "o-", label="deltaserve (measured)")
-    for (conc, _), x, y in zip(runs, xs, ys):
-        ax.annotate(f"c={conc}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    for name, runs in lines:
+        xs = [st["tpot_ms_p50"] for _, st in runs]
+        ys = [st["total_tok_s"] / num_gpus for _, st in runs]
+        ax.plot(xs, ys, "o-", label=name)
+        for (conc, _), x, y in zip(runs, xs, ys):
+            ax.annotate(f"c={conc}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
     if cells:
         for conc, (_, tpot, tok_s, strategy) in sorted(cells.items()):
             ax.plot([tpot], [tok_s], "s", color="tab:red")
@@ -374,7 +376,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
         print(f"sweep: {model} | {card} | input {args.input_len} | output {args.output_len}")
         print(sweep_table(runs, args.num_gpus, label, cells))
     if args.plot:
-        plot_sweep(args.plot, runs, args.num_gpus, label, cells,
+        plot_sweep(args.plot, [("deltaserve (measured)", runs)], args.num_gpus, label, cells,
                    f"{model} on {card}: random {args.input_len} in / {args.output_len} out")
     if args.json_out:
         with open(args.json_out, "w") as f:
