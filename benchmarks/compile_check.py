@@ -85,7 +85,8 @@ def loop_counts(sass: str) -> dict:
 
     return {"loop SASS": sum(ops.values()), "loop HMMA": n("HMMA"), "loop LDS": n("LDS.") + ops["LDS"],
             "of them LDS.U8": n("LDS.U8"), "loop LDSM": n("LDSM"), "loop STS": n("STS"),
-            "loop cvt (F2FP, I2F)": n("F2FP", "I2F", "F2F"), "of them I2F": n("I2F"), "loop BAR": n("BAR")}
+            "loop cvt (F2FP, I2F)": n("F2FP", "I2F", "F2F"), "of them I2F": n("I2F"), "loop BAR": n("BAR"),
+            "loop LDL/STL": n("LDL", "STL")}  # local-memory (spill) traffic inside the loop
 
 
 def quant_rows() -> list[dict]:
