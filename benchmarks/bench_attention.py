@@ -274,7 +274,8 @@ def bench_kv_quant(log, copy_gbs: float) -> None:
 
 # (format, QUANT_DECODE_CONFIG entry) pairs --kv-quant-variants compares on the same pages: the session-4 defaults
 # (no PLANES) against the PLANES tiles, and for int4 the session-5 default (PLANES V_REGS) against INT4_WORDS 1 and 2
-# (16-bit words, four planes; 2 with BLOCK_N 128 the default since session 7) (triton_decode.py says what they are)
+# (16-bit words, four planes; 2 with BLOCK_N 128 the default since session 7) and 3 (V as subnormals too, session 13;
+# the last three rows with WAVES 8, the default since then) (triton_decode.py says what they are)
 KV_VARIANTS = [("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1)),
                ("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
                ("fp8", dict(BLOCK_N=128, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1)),
@@ -288,7 +289,10 @@ KV_VARIANTS = [("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1)),
                ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=1)),
                ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2)),
                ("int4", dict(BLOCK_N=256, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2)),
-               ("int4", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2))]
+               ("int4", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2)),
+               ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=3, WAVES=8)),
+               ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2, WAVES=8)),
+               ("int4", dict(BLOCK_N=256, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=3, WAVES=8))]
 KV_VARIANT_CASES = [(32, 32768), (8, 131072)]
 
 

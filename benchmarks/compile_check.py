@@ -162,7 +162,9 @@ DECODE_CASES = [("bf16 pages (default)", 0, 64, 4, 3, 0, 0, 0),
                 ("int4 INT4_WORDS 1 V_REGS", 3, 128, 4, 3, 1, 1, 1, 1),
                 ("int4 INT4_WORDS 2 (default)", 3, 128, 4, 3, 1, 1, 0, 2),
                 ("int4 INT4_WORDS 2", 3, 64, 4, 3, 1, 1, 0, 2),
-                ("int4 INT4_WORDS 2", 3, 256, 8, 3, 1, 1, 0, 2)]
+                ("int4 INT4_WORDS 2", 3, 256, 8, 3, 1, 1, 0, 2),
+                ("int4 INT4_WORDS 3", 3, 128, 4, 3, 1, 1, 0, 3),
+                ("int4 INT4_WORDS 3", 3, 256, 8, 3, 1, 1, 0, 3)]
 _PAGES = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8", 3: "*u8"}
 _BYTES_PER_DIM = {0: 2, 1: 1, 2: 1, 3: 0.5}
 

@@ -351,11 +351,11 @@ def test_quantized_decode_planes_interpreted(fmt, monkeypatch):
 
 
 
-@pytest.mark.parametrize("words", [1, 2])
+@pytest.mark.parametrize("words", [1, 2, 3])
 @pytest.mark.parametrize("head_dim", [64, 48])
 def test_quantized_decode_int4_words_interpreted(words, head_dim, monkeypatch):
     """int4 pages read as 16-bit words into four planes, head dims 4i + j (INT4_WORDS; 2: K's nibbles as n 2^-24
-    with the +8 taken off as 8 sum(q)); head_dim 48: planes of 12 dims in 16 columns. Its PTX conversions only run
+    with the +8 taken off as 8 sum(q); 3: V's too, its +8 taken off as 8 sum(p)); head_dim 48: planes of 12 dims in 16 columns. Its PTX conversions only run
     compiled: test_quantized_decode_int4_words_gpu."""
     from deltaserve.kernels.attention import triton_decode
     monkeypatch.setattr(triton_decode, "_INTERPRET_DECODE", {**triton_decode._INTERPRET_DECODE, "PLANES": 1,
@@ -412,10 +412,11 @@ def test_quantized_multi_token_decode_planes_interpreted(fmt, monkeypatch):
                        num_splits=3, kv_dtype=KV_FORMATS[fmt])
 
 
-def test_multi_token_decode_int4_words_interpreted(monkeypatch):
+@pytest.mark.parametrize("words", [2, 3])
+def test_multi_token_decode_int4_words_interpreted(words, monkeypatch):
     from deltaserve.kernels.attention import triton_decode
     monkeypatch.setattr(triton_decode, "_INTERPRET_DECODE", {**triton_decode._INTERPRET_DECODE, "PLANES": 1,
-                                                             "INT4_WORDS": 2})
+                                                             "INT4_WORDS": words})
     check_multi_decode([3, 0, 33, 13], 3, (4, 2), 64, PAGE, torch.bfloat16, "cpu", torch.Generator().manual_seed(51),
                        num_splits=3, kv_dtype=KV_FORMATS["int4"])
 
@@ -570,11 +571,11 @@ def test_quantized_decode_planes_gpu(fmt, v_regs, monkeypatch):
 
 @GPU
 @needs_cuda
-@pytest.mark.parametrize("words", [1, 2])
+@pytest.mark.parametrize("words", [1, 2, 3])
 @pytest.mark.parametrize("v_regs", [0, 1])
 def test_quantized_decode_int4_words_gpu(words, v_regs, monkeypatch):
     """int4 pages as 16-bit words in four planes (QUANT_DECODE_CONFIG INT4_WORDS, PTX conversions; 2: K as fp16
-    subnormals, which the tensor cores must take as they are) against the reference at the 27B heads, odd lengths,
+    subnormals, which the tensor cores must take as they are; 3: V as well) against the reference at the 27B heads, odd lengths,
     a padding row, forced splits."""
     from deltaserve.kernels.attention import triton_decode
     cfg = {**triton_decode.DECODE_CONFIG, **triton_decode.QUANT_DECODE_CONFIG.get(3, {}), "PLANES": 1,

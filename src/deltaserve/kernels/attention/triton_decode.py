@@ -33,7 +33,7 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # 5, 27B heads, N=32 L=32k / N=8 L=128k, CUDA graphs): fp8 PLANES with BLOCK_N 128 / 4 warps 75% / 71% of copy
 # bandwidth (the previous default 47% / 42%), 1.63x / 1.71x the bf16 pages' time; int8 PLANES (BLOCK_N 64) 58% / 50%
 # (was 46% / 39%), int4 PLANES V_REGS 34% / 30% (was 22% / 19%).
-# INT4_WORDS (int4 only, 0/1/2; implies PLANES; 2 is the default since session 7): int4 pages read as 16-bit words (4
+# INT4_WORDS (int4 only, 0/1/2/3; implies PLANES; 2 is the default since session 7): int4 pages read as 16-bit words (4
 # head dims each) into four planes, dims 4i + j, converted by _INT4_WORDS_PTX (1: magic-number lop3 + sub/fma, exact)
 # or with K as fp16 subnormals (2: one AND per plane register, the +8 offset removed as 8 * sum(q) per head in the
 # scores' accumulator; V as in 1). Every operand stays 16-bit (kWidth 2): no kWidth-4 q reloads and register shuffles,
@@ -41,6 +41,9 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # 128, 4 warps): 0.236 (PLANES V_REGS) -> 0.169 (1) / 0.155 (2). Timed (bench_attention.py --kv-quant
 # --kv-quant-variants, RESULTS.md 2026-12-04, H200, 27B heads, N=32 L=32k / N=8 L=128k): PLANES V_REGS 758 / 876 us
 # (35% / 31% of copy), INT4_WORDS 1 513 / 529 us, INT4_WORDS 2 494 / 500 us (54% / 53%; BLOCK_N 64 or 256: slower).
+# INT4_WORDS 3: V as subnormals too (the +8 off as 8 sum(p) per row, p already scaled per token, accumulated like
+# l_i): sm_90a tile loop 1270 -> 1177 SASS per warp (0.155 -> 0.144 per byte), 255 -> 166 registers (RESULTS.md
+# 2026-12-05 CPU); not yet timed, so 2 stays the default.
 # WAVES 8 (twice the bf16 pages' splits): the pick of the H200 sweep for every quantized format (bench_attention.py
 # --kv-quant --sweep, RESULTS.md 2026-12-05): 27B heads N=32 L=32k fp8 678 -> 646 us (77% -> 81% of copy), int8
 # 705 -> 681, int4 495 -> 464; N=1 L=128k the same either way (98 / 102 / 69 us).
@@ -120,8 +123,8 @@ def _decode_split_kernel(
         q_2 = _load_q(q_cols + 2, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
         q_3 = _load_q(q_cols + 3, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
     k_scale_mul = qk_scale
-    k_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 2: K's +8 over all dims, in the dot's 2^-24 units
-    if WORDS == 2:
+    k_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 2, 3: K's +8 over all dims, in the dot's 2^-24 units
+    if WORDS >= 2:
         k_scale_mul = qk_scale * 16777216.0
         q_sum = tl.sum(q.to(tl.float32) + q_hi.to(tl.float32) + q_2.to(tl.float32) + q_3.to(tl.float32), 1)
         k_bias = q_sum * (8.0 * 2.0**-24)
@@ -132,6 +135,7 @@ def _decode_split_kernel(
     acc_hi = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)  # loop-invariant (dropped) unless PLANES
     acc_2 = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)  # and these unless WORDS
     acc_3 = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)
+    v_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 3: sum of the rows' scaled p, for V's +8
     bt_row = bt_ptr + n64 * stride_btn
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
@@ -153,9 +157,10 @@ def _decode_split_kernel(
         else:
             if WORDS:
                 k, k_hi, k_2, k_3 = _load_words(kc_ptr, k_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, False,
-                                                WORDS == 2)
-                v, v_hi, v_2, v_3 = _load_words(vc_ptr, v_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, V_REGS)
-                if WORDS == 2:  # planes 1 and 3 are 16 n 2^-24, 0 and 2 n 2^-24 (n = q + 8)
+                                                WORDS >= 2)
+                v, v_hi, v_2, v_3 = _load_words(vc_ptr, v_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, V_REGS,
+                                                WORDS == 3)
+                if WORDS >= 2:  # planes 1 and 3 are 16 n 2^-24, 0 and 2 n 2^-24 (n = q + 8)
                     scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
                     scores = tl.dot(q_3, tl.trans(k_3), scores, input_precision=PREC)
                     scores = scores * 0.0625 - k_bias[:, None]
@@ -195,12 +200,15 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         if QUANT != 0:
             p = p * v_sc[None, :]  # l_i above sums the unscaled probabilities
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        pv = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
         if PLANES:
-            acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v.dtype), v_hi, input_precision=PREC)
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, v_hi, input_precision=PREC)
         if WORDS:
-            acc_2 = acc_2 * alpha[:, None] + tl.dot(p.to(v.dtype), v_2, input_precision=PREC)
-            acc_3 = acc_3 * alpha[:, None] + tl.dot(p.to(v.dtype), v_3, input_precision=PREC)
+            acc_2 = acc_2 * alpha[:, None] + tl.dot(pv, v_2, input_precision=PREC)
+            acc_3 = acc_3 * alpha[:, None] + tl.dot(pv, v_3, input_precision=PREC)
+        if WORDS == 3:  # the dots took V's stored n = q + 8 as n 2^-24: the -8 is 8 sum(p) per row
+            v_bias = v_bias * alpha + tl.sum(pv.to(tl.float32), 1)
         m_i = m_new
 
     nonempty = l_i > 0
@@ -211,6 +219,12 @@ def _decode_split_kernel(
     else:
         row = (q_tok * (GROUP * tl.num_programs(1)) + heads) * num_splits + s  # [N * TOKENS, Hq, S]
     tl.store(part_lse_ptr + row, lse, mask=h_mask)
+    if WORDS == 3:  # planes 0 and 2 hold n 2^-24, 1 and 3 16 n 2^-24 (n = q + 8)
+        bias = 8.0 * v_bias[:, None]
+        acc = acc * 16777216.0 - bias
+        acc_hi = acc_hi * 1048576.0 - bias
+        acc_2 = acc_2 * 16777216.0 - bias
+        acc_3 = acc_3 * 1048576.0 - bias
     o_cols = part_o_ptr + row[:, None] * HEAD_DIM + STEP * offs_d[None, :]
     tl.store(o_cols, acc / denom, mask=h_mask[:, None] & d_mask[None, :])
     if PLANES:
