@@ -274,8 +274,9 @@ def bench_kv_quant(log, copy_gbs: float) -> None:
 
 # (format, QUANT_DECODE_CONFIG entry) pairs --kv-quant-variants compares on the same pages: the session-4 defaults
 # (no PLANES) against the PLANES tiles, and for int4 the session-5 default (PLANES V_REGS) against INT4_WORDS 1 and 2
-# (16-bit words, four planes; 2 with BLOCK_N 128 the default since session 7) and 3 (V as subnormals too, session 13;
-# the last three rows with WAVES 8, the default since then) (triton_decode.py says what they are)
+# (16-bit words, four planes; 2 with BLOCK_N 128 the default since session 7) and 3 (V as subnormals too, session 13),
+# int8 PLANES against INT8_SUBNORMAL (session 13); rows with WAVES 8 set it as the defaults do since session 13
+# (triton_decode.py says what the variants are)
 KV_VARIANTS = [("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1)),
                ("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
                ("fp8", dict(BLOCK_N=128, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1)),
@@ -284,6 +285,8 @@ KV_VARIANTS = [("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1)),
                ("int8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
                ("int8", dict(BLOCK_N=128, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1)),
                ("int8", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
+               ("int8", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, WAVES=8)),
+               ("int8", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT8_SUBNORMAL=1, WAVES=8)),
                ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3)),
                ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, V_REGS=1)),
                ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=1)),

@@ -351,6 +351,23 @@ def test_quantized_decode_planes_interpreted(fmt, monkeypatch):
 
 
 
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_quantized_decode_int8_subnormal_interpreted(tokens, monkeypatch):
+    """int8 pages as (q + 128) 2^-24 (INT8_SUBNORMAL: the +128 off as 128 sum(q) per head for K, 128 sum(p) per row
+    for V), in decode and verify (3 queries a row) calls. Its PTX only runs compiled:
+    test_quantized_decode_int8_subnormal_gpu."""
+    from deltaserve.kernels.attention import triton_decode
+    monkeypatch.setattr(triton_decode, "_INTERPRET_DECODE", {**triton_decode._INTERPRET_DECODE, "PLANES": 1,
+                                                             "INT8_SUBNORMAL": 1})
+    gen = torch.Generator().manual_seed(27)
+    if tokens == 1:
+        check_decode([3, 0, 23, 13], (4, 2), 32, PAGE, torch.bfloat16, "cpu", gen, num_splits=2,
+                     kv_dtype=KV_FORMATS["int8"])
+    else:
+        check_multi_decode([3, 0, 23, 13], tokens, (4, 2), 32, PAGE, torch.bfloat16, "cpu", gen, num_splits=2,
+                           kv_dtype=KV_FORMATS["int8"])
+
+
 @pytest.mark.parametrize("words", [1, 2, 3])
 @pytest.mark.parametrize("head_dim", [64, 48])
 def test_quantized_decode_int4_words_interpreted(words, head_dim, monkeypatch):
@@ -567,6 +584,20 @@ def test_quantized_decode_planes_gpu(fmt, v_regs, monkeypatch):
     check_decode([1, 0, 17, 1000, 4097, 63], (24, 4), 256, 16, torch.bfloat16, "cuda",
                  torch.Generator().manual_seed(34), num_splits=7, kv_dtype=KV_FORMATS[fmt])
 
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("v_regs", [0, 1])
+def test_quantized_decode_int8_subnormal_gpu(v_regs, monkeypatch):
+    """int8 pages as fp16 subnormals (INT8_SUBNORMAL; the tensor cores must take them as they are) against the
+    reference at the 27B heads, odd lengths, a padding row, forced splits."""
+    from deltaserve.kernels.attention import triton_decode
+    cfg = {**triton_decode.DECODE_CONFIG, **triton_decode.QUANT_DECODE_CONFIG.get(2, {}), "PLANES": 1,
+           "V_REGS": v_regs, "INT8_SUBNORMAL": 1}
+    monkeypatch.setitem(triton_decode.QUANT_DECODE_CONFIG, 2, cfg)
+    check_decode([1, 0, 17, 1000, 4097, 63], (24, 4), 256, 16, torch.bfloat16, "cuda",
+                 torch.Generator().manual_seed(36), num_splits=7, kv_dtype=KV_FORMATS["int8"])
 
 
 @GPU

@@ -44,6 +44,10 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # INT4_WORDS 3: V as subnormals too (the +8 off as 8 sum(p) per row, p already scaled per token, accumulated like
 # l_i): sm_90a tile loop 1270 -> 1177 SASS per warp (0.155 -> 0.144 per byte), 255 -> 166 registers (RESULTS.md
 # 2026-12-05 CPU); not yet timed, so 2 stays the default.
+# INT8_SUBNORMAL (int8 PLANES, 0/1): the pages' bytes with the sign bit flipped, as fp16 subnormals (q + 128) 2^-24
+# (_INT8_SUBNORMAL_PTX: 4 instructions per 4 values instead of 6), the +128 taken off as 128 sum(q) per head (K)
+# and 128 sum(p) per row (V): sm_90a tile loop 1918 -> 1686 SASS per warp (0.117 -> 0.103 per byte), 255 -> 168
+# registers and the loop's 19 spill loads and stores gone (RESULTS.md 2026-12-05 CPU); not yet timed: off.
 # WAVES 8 (twice the bf16 pages' splits): the pick of the H200 sweep for every quantized format (bench_attention.py
 # --kv-quant --sweep, RESULTS.md 2026-12-05): 27B heads N=32 L=32k fp8 678 -> 646 us (77% -> 81% of copy), int8
 # 705 -> 681, int4 495 -> 464; N=1 L=128k the same either way (98 / 102 / 69 us).
@@ -75,7 +79,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr, F16_DOTS: tl.constexpr = False,
     PLANES: tl.constexpr = False, V_REGS: tl.constexpr = False, WORDS: tl.constexpr = 0, TOKENS: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
+    PDL: tl.constexpr = False, SUBNORMAL: tl.constexpr = False,
 ):
     """Program (n, kv head g, split s): the GQA group's q heads are the rows of the tile, so each K/V tile is read
     once for all of them. Split s covers whole BLOCK_N tiles [lo, hi) of sequence n; writes the split's normalized
@@ -86,7 +90,8 @@ def _decode_split_kernel(
     [N * TOKENS, Hq, num_splits, (D)]. TOKENS == 1 compiles the single-query kernel exactly as before. With
     PLANES every head-dim tile is split in two: even dims (q, acc, k, v) and odd dims (q_hi, acc_hi, k_hi, v_hi);
     with WORDS too (int4 read as 16-bit words) in four, dims 4i + j: j = 0 (q, acc, k, v), 1 (the _hi names), 2 and
-    3 (the _2 and _3 names)."""
+    3 (the _2 and _3 names). SUBNORMAL (int8 PLANES): K and V as the stored q + 128 times 2^-24, the +128 taken off
+    per head (K) and per row (V) as WORDS 2 and 3 do int4's +8."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -128,6 +133,9 @@ def _decode_split_kernel(
         k_scale_mul = qk_scale * 16777216.0
         q_sum = tl.sum(q.to(tl.float32) + q_hi.to(tl.float32) + q_2.to(tl.float32) + q_3.to(tl.float32), 1)
         k_bias = q_sum * (8.0 * 2.0**-24)
+    elif SUBNORMAL:
+        k_scale_mul = qk_scale * 16777216.0
+        k_bias = tl.sum(q.to(tl.float32) + q_hi.to(tl.float32), 1) * (128.0 * 2.0**-24)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -170,11 +178,13 @@ def _decode_split_kernel(
                     scores = tl.dot(q_2, tl.trans(k_2), scores, input_precision=PREC)
                     scores = tl.dot(q_3, tl.trans(k_3), scores, input_precision=PREC)
             elif PLANES:
-                k, k_hi = _load_planes(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False)
-                v, v_hi = _load_planes(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, V_REGS)
+                k, k_hi = _load_planes(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False, SUBNORMAL)
+                v, v_hi = _load_planes(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, V_REGS, SUBNORMAL)
                 scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
                 if QUANT == 3:
                     scores = scores * 0.0625  # two-plane int4's k_hi is 16 (q - 8)
+                if SUBNORMAL:
+                    scores = scores - k_bias[:, None]
             else:
                 k = _load_quantized(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
                 v = _load_quantized(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -207,7 +217,8 @@ def _decode_split_kernel(
         if WORDS:
             acc_2 = acc_2 * alpha[:, None] + tl.dot(pv, v_2, input_precision=PREC)
             acc_3 = acc_3 * alpha[:, None] + tl.dot(pv, v_3, input_precision=PREC)
-        if WORDS == 3:  # the dots took V's stored n = q + 8 as n 2^-24: the -8 is 8 sum(p) per row
+        if WORDS == 3 or SUBNORMAL:  # the dots took V's stored code c (q + 8, q + 128) as c 2^-24: the offset
+            # comes off as offset * sum(p) per row
             v_bias = v_bias * alpha + tl.sum(pv.to(tl.float32), 1)
         m_i = m_new
 
@@ -225,6 +236,9 @@ def _decode_split_kernel(
         acc_hi = acc_hi * 1048576.0 - bias
         acc_2 = acc_2 * 16777216.0 - bias
         acc_3 = acc_3 * 1048576.0 - bias
+    if SUBNORMAL:  # both planes hold (q + 128) 2^-24
+        acc = acc * 16777216.0 - 128.0 * v_bias[:, None]
+        acc_hi = acc_hi * 16777216.0 - 128.0 * v_bias[:, None]
     o_cols = part_o_ptr + row[:, None] * HEAD_DIM + STEP * offs_d[None, :]
     tl.store(o_cols, acc / denom, mask=h_mask[:, None] & d_mask[None, :])
     if PLANES:
@@ -354,6 +368,7 @@ def decode_into(
               and all(st % 2 == 0 for st in (*k_cache.stride()[:3], *v_cache.stride()[:3])))
     # int4 as 16-bit words: four planes of >= 16 columns, a row of whole words (the strides are even: planes)
     words = (int(cfg.get("INT4_WORDS", 0)) if planes and quant == 3 and BLOCK_D >= 64 and D % 4 == 0 else 0)
+    subnormal = planes and quant == 2 and bool(cfg.get("INT8_SUBNORMAL"))
     _decode_split_kernel[(N, Hkv, num_splits)](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_o, part_lse,
         scale * _LOG2E, num_splits,
@@ -365,7 +380,7 @@ def decode_into(
         BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
         UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
         F16_DOTS=q.dtype == torch.bfloat16 and q.is_cuda and (bool(cfg.get("F16_DOTS")) and quant == 1 or planes),
-        PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")), WORDS=words, TOKENS=T,
+        PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")), WORDS=words, TOKENS=T, SUBNORMAL=subnormal,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q.device),
     )
     _decode_reduce_kernel[(N * T, Hq)](
