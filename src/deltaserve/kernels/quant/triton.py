@@ -10,7 +10,8 @@ Two kernels serve both, accumulating in fp32:
     become the exact fp32 1 + q/16 by a shift and a lop3 (no int-to-float conversion); the zero point and scale
     apply once per row and K tile. F16_FMA (int4, bf16 activations, GEMV_F16, the default): packed
     fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two;
-    F16_WORDS (GEMV_F16_WORDS, default 4): that many adjacent words per fp16x2 accumulator and asm block.
+    F16_WORDS (GEMV_F16_WORDS, default 4): that many adjacent words per fp16x2 accumulator and asm block. The fp8
+    GEMV the same way with bf16 activations (GEMV_FP8_F16, the default since 2026-12-05; fp32 FMAs otherwise).
   - the tiled tl.dot kernel, for everything larger:
   - UNPACK 0 (the default for both formats): the weight tile is dequantized in
     registers and rounded to the activation dtype, as the reference does, then one dot of K = BK. fp8: a [BN, BK]
@@ -946,8 +947,9 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
 # 27B down 52 / 71 at 16, 81 / 327 at 64; never slower. The 27B int4 decode step at batch 64 went from 98.8 to 32.0
 # ms (bench_quant.py, same call, with u0 past 32 rows only).
 
-# Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: GEMV_MAX_ROWS for fp32 FMAs (fp8, int4
-# with fp16 activations), GEMV_F16_MAX_ROWS for the int4 GEMV with fp16 products (bf16 activations). At 2 rows
+# Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: GEMV_MAX_ROWS for fp8 (fp16 products
+# with bf16 activations, GEMV_FP8_F16; fp32 FMAs otherwise) and int4 with fp16 activations, GEMV_F16_MAX_ROWS for the
+# int4 GEMV with fp16 products (bf16 activations). At 2 rows
 # (RESULTS.md 2026-12-04, session 11) the fp16-product GEMV beat every tensor-core variant on every shape timed (27B
 # gate_up 48.7 us against u0's 101, 35B in_proj 8.4 against 19.4), while the fp32-FMA GEMVs spilled (27B gate_up:
 # fp8 700 us against u0's 66, int4 8.5 ms).
