@@ -10,7 +10,8 @@ Two kernels serve both, accumulating in fp32:
     become the exact fp32 1 + q/16 by a shift and a lop3 (no int-to-float conversion); the zero point and scale
     apply once per row and K tile. F16_FMA (int4, bf16 activations, GEMV_F16, the default): packed
     fp16 products, two weights per and + fma.rn.f16x2, on activations scaled per K tile by a power of two;
-    F16_WORDS (GEMV_F16_WORDS, default 4): that many adjacent words per fp16x2 accumulator and asm block.
+    F16_WORDS (GEMV_F16_WORDS, default 4): that many adjacent words per fp16x2 accumulator and asm block. The fp8
+    GEMV the same way with bf16 activations (GEMV_FP8_F16, the default since 2026-12-05; fp32 FMAs otherwise).
   - the tiled tl.dot kernel, for everything larger:
   - UNPACK 0 (the default for both formats): the weight tile is dequantized in
     registers and rounded to the activation dtype, as the reference does, then one dot of K = BK. fp8: a [BN, BK]
@@ -902,18 +903,27 @@ def _split(k: int, bk: int, tiles: int, sms: int) -> int:
 def _plan_sm90(m: int, n: int, k: int, group: int, bm: int, sms: int, int4: bool) -> tuple[int, ...]:
     """The tl.dot tiles (UNPACK 0) the H200 sweep picked (bench_quant_kernels.py --sweep --rows 16 64, RESULTS.md
     2026-12-05), as one rule: 3 stages; BN 64 where 128-column N tiles alone fill two waves (27B gate_up), else BN
-    128 with split-K; int4 with a split of 4 or more (27B down) on 8 warps. Past 32 rows int4's wide shapes also
-    take BK 64, everything else BK 128 (fp8's was 64). Kernel-only at 16 rows, against the tiles before (4 warps, 5
-    stages, BN 128 past 8 rows): int4 27B gate_up 101.6 -> 74.0 us, 27B down 66.1 -> 39.5, 35B in_proj 15.2 ->
-    13.3; fp8 27B down 36.5 -> 30.1, 35B in_proj 11.7 -> 10.7. At 64 rows int4 27B gate_up 183.6 -> 138.3, fp8 27B
-    down 57.6 -> 52.0; the others within 5% of the sweep's best. (The sweep's picks of session 5 for UNPACK 3 lost
-    in the whole-model step; these are for UNPACK 0 and not yet timed in it.)"""
-    wide = triton.cdiv(n, 128) * triton.cdiv(m, bm) >= 2 * sms
+    128 with split-K; up to 32 rows, int4 with a split of 4 or more (27B down) on 8 warps. Past 32 rows int4's wide
+    shapes also take BK 64, its others BK 128; fp8 keeps BN 128 and BK 64 (the plan before, the sweep's pick for 27B
+    gate_up and 35B in_proj) except where split-K runs 4 or more ways (27B down: BK 128). Kernel-only at 16 rows,
+    against the tiles before (int4: 4 warps, 5 stages, BN 128 past 8 rows; fp8: BN 64): int4 27B gate_up 101.6 ->
+    74.0 us, 27B down 66.1 -> 39.5, 35B in_proj 15.2 -> 13.3; fp8 27B down 36.5 -> 30.1, 35B in_proj 11.7 -> 10.7.
+    At 64 rows int4 27B gate_up 183.6 -> 138.3, fp8 27B down 57.6 -> 52.0. Where the rule is not the sweep's pick it
+    gives the tiles before, within 5% of the pick (fp8 27B gate_up at 16 rows 69.4 against 67.1; int4 27B down and
+    35B in_proj at 64 rows 73.3 / 23.2 against 72.1 / 22.1). (The sweep's picks of session 5 for UNPACK 3 lost in
+    the whole-model step; these are for UNPACK 0 and not yet timed in it.)"""
+    m_tiles = triton.cdiv(m, bm)
+    if m > 32 and not int4:
+        bk = _k_tile(group, k, 64)
+        if _split(k, bk, triton.cdiv(n, 128) * m_tiles, sms) >= 4:
+            bk = _k_tile(group, k, 128)
+        return bm, 128, bk, _split(k, bk, triton.cdiv(n, 128) * m_tiles, sms), 4, 3
+    wide = triton.cdiv(n, 128) * m_tiles >= 2 * sms
     bn = 64 if wide else 128
-    bk = _k_tile(group, k, 64 if m > 32 and int4 and wide else 128)
-    split = _split(k, bk, triton.cdiv(n, bn) * triton.cdiv(m, bm), sms)
+    bk = _k_tile(group, k, 64 if m > 32 and wide else 128)
+    split = _split(k, bk, triton.cdiv(n, bn) * m_tiles, sms)
     if m > 32:
-        return (bm, bn, bk, split, 4, 3) if int4 and wide else (bm, bn, bk, split)
+        return (bm, bn, bk, split, 4, 3) if wide else (bm, bn, bk, split)
     return bm, bn, bk, split, 8 if int4 and split >= 4 else 4, 3
 
 
@@ -937,8 +947,9 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
 # 27B down 52 / 71 at 16, 81 / 327 at 64; never slower. The 27B int4 decode step at batch 64 went from 98.8 to 32.0
 # ms (bench_quant.py, same call, with u0 past 32 rows only).
 
-# Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: GEMV_MAX_ROWS for fp32 FMAs (fp8, int4
-# with fp16 activations), GEMV_F16_MAX_ROWS for the int4 GEMV with fp16 products (bf16 activations). At 2 rows
+# Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: GEMV_MAX_ROWS for fp8 (fp16 products
+# with bf16 activations, GEMV_FP8_F16; fp32 FMAs otherwise) and int4 with fp16 activations, GEMV_F16_MAX_ROWS for the
+# int4 GEMV with fp16 products (bf16 activations). At 2 rows
 # (RESULTS.md 2026-12-04, session 11) the fp16-product GEMV beat every tensor-core variant on every shape timed (27B
 # gate_up 48.7 us against u0's 101, 35B in_proj 8.4 against 19.4), while the fp32-FMA GEMVs spilled (27B gate_up:
 # fp8 700 us against u0's 66, int4 8.5 ms).
