@@ -91,6 +91,22 @@ def test_same_prompt_again_and_longer_prompts_resume_from_the_cache(engines):
     clean(engines[0])
 
 
+def test_a_prompt_logprobs_request_is_computed_whole_not_resumed(dense_engines):
+    """A cached prefix would skip the positions it covers, leaving them unscored (prompt_logprobs came back None):
+    such a request computes its prompt whole and gets every prompt token's score, as without the cache."""
+    with_cache, without = dense_engines
+    prompt = tokens(40, 4)
+    with_cache.generate([prompt], GREEDY)  # leaves a checkpoint the next request could resume from
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True, logprobs=0, prompt_logprobs=1)
+    got, want = with_cache.generate([prompt], params)[0], without.generate([prompt], params)[0]
+    assert got.num_cached_tokens == 0 and got.prompt_logprobs is not None
+    assert len(got.prompt_logprobs) == len(prompt) and got.prompt_logprobs[0] is None
+    for p, q in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+        assert p.token_id == q.token_id and math.isclose(p.logprob, q.logprob, abs_tol=1e-4)
+    assert with_cache.generate([prompt], GREEDY)[0].num_cached_tokens == len(prompt) - 1  # the cache still serves
+    clean(with_cache)
+
+
 def test_branching_conversations_share_their_common_part(engines):
     trunk = tokens(150, 2)
     outs = [run(engines, [trunk + tokens(40, 10 + i)])[0] for i in range(3)]

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from deltaserve.cache.manager import CacheManager, PageCopy, PendingCheckpoint, StateCopy, StateSource
+from deltaserve.cache.manager import NO_MATCH, CacheManager, PageCopy, PendingCheckpoint, StateCopy, StateSource
 from deltaserve.config import SchedulerConfig
 from deltaserve.engine.prefix_plan import checkpoint_positions, next_checkpoint, without_tail
 from deltaserve.engine.request import Request, RequestStatus
@@ -104,6 +104,12 @@ def _tokens_to_compute(request: Request) -> int:
     if request.reached_max_output or request.num_pending_drafts:
         return 0
     return max(request.num_tokens_with_pending - request.num_computed_tokens, 0)
+
+
+def _scores_prompt(request: Request) -> bool:
+    """The request asks for prompt logprobs: its prompt is computed whole, never resumed from the prefix cache (the
+    positions a match skips would never be scored)."""
+    return getattr(request.sampling_params, "prompt_logprobs", None) is not None
 
 
 def _is_decode_row(request: Request) -> bool:
@@ -421,9 +427,13 @@ class Scheduler:
                 # engine resolves the token before the next one, so this is a guard): recompute once it is known.
                 break
             tokens = request.token_ids(0, request.num_tokens)
-            match = self.cache.match_prefix(tokens, request.request_id)
-            if self.cache.claimed_position(tokens, request.request_id) >= match.num_tokens + WAIT_FOR_PREFIX_TOKENS:
-                continue
+            if _scores_prompt(request):
+                match = NO_MATCH  # every prompt position must run through the model to be scored
+            else:
+                match = self.cache.match_prefix(tokens, request.request_id)
+                if self.cache.claimed_position(tokens, request.request_id) >= \
+                        match.num_tokens + WAIT_FOR_PREFIX_TOKENS:
+                    continue
             limit = budget
             if self._shape is not None:
                 limit = self._prefill_chunk(match.num_tokens, min(request.num_tokens - match.num_tokens, budget),
