@@ -126,6 +126,19 @@ def test_vllm_named_metrics(http):
     assert f'deltaserve_kv_cache_usage_perc{{model_name="{MODEL_NAME}"}}' in text
 
 
+def test_mtp_metrics_carry_vllms_names():
+    """vLLM's dashboards read the acceptance length as 1 + num_accepted_tokens / num_drafts: both exist, per request-
+    step (the first position's draft count), beside the per-position counters."""
+    from deltaserve.server.metrics import ServerMetrics
+
+    stats = {"spec_draft_tokens": 9, "spec_accepted_tokens": 5, "spec_verify_steps": 2, "spec_drafted_pos_0": 3,
+             "spec_drafted_pos_1": 3, "spec_drafted_pos_2": 3, "spec_accepted_pos_0": 3, "spec_accepted_pos_1": 2,
+             "spec_accepted_pos_2": 0}
+    text = ServerMetrics("m").render(stats).decode()
+    assert 'deltaserve_spec_decode_num_drafts_total{model_name="m"} 3.0' in text
+    assert 'deltaserve_spec_decode_num_accepted_tokens_total{model_name="m"} 5.0' in text
+
+
 def test_every_response_carries_a_request_id(http):
     ok = http.get("/health")
     bad = http.post(COMPLETIONS, json={"prompt": "hi", "temperature": -1})

@@ -74,6 +74,10 @@ class _EngineCollector(Collector):
             yield self._metric("kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = full)", "gauge",
                                used / total)
         yield from self._per_position()
+        if "spec_drafted_pos_0" in self.snapshot:  # every request-step that drafted has a first draft
+            yield self._metric("spec_decode_num_drafts", "MTP drafts: request-steps that verified drafts (as vLLM "
+                               "counts them; mean acceptance length = 1 + accepted tokens / drafts)", "counter",
+                               float(self.snapshot["spec_drafted_pos_0"]))
         cached, prompt = self.snapshot.get("prompt_tokens_cached"), self.snapshot.get("prompt_tokens")
         if cached is not None and prompt:
             yield self._metric("prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache",
