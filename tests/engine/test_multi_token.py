@@ -202,3 +202,36 @@ def test_min_tokens_holds_inside_a_multi_token_delta() -> None:
     state = sequence(SamplingParams(max_tokens=50, min_tokens=3, stop_token_ids=[ord("!")]))
     delta = feed(state, "a!b!c")  # the first "!" is output 2 (< min_tokens): it does not stop
     assert delta.finished and "".join(map(chr, delta.token_ids)) == "a!b!"
+
+
+def test_rows_without_drafts_ride_a_verify_step_with_placeholders() -> None:
+    """With speculative decoding on, a decode row with no draft it can verify (none proposed: a constrained
+    request; or one token short of its length limit) gets K placeholder drafts in a step where another row verifies
+    real ones, so the step stays uniform; it may keep only its first token, and its positions roll back as for
+    rejected drafts. Without any real drafts the step decodes plainly."""
+    from deltaserve.engine.scheduler import PLACEHOLDER_DRAFT
+
+    config = SchedulerConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
+    sched = Scheduler(config, CacheManager(num_pages=32, num_slots=4, page_size=4), speculative_tokens=2,
+                      speculative_max_batch=4)
+    a, b, c = Request("a", [1, 2, 3]), Request("b", [4, 5]), Request("c", [6, 7, 8, 9])
+    c.max_output_tokens = 3
+    for r in (a, b, c):
+        sched.add_request(r)
+    sched.update_from_step(sched.schedule(), {"a": [11], "b": [12], "c": [13]})
+    out = sched.schedule()
+    assert all(not s.draft_token_ids for s in out.scheduled)  # nobody has drafts: a plain step
+    sched.update_from_step(out, {"a": [11], "b": [12], "c": [13]})
+    a.draft_token_ids, c.draft_token_ids = [21, 22, 23], [31, 32]  # c: 1 output left, so no draft fits
+    out = sched.schedule()
+    entries = {s.request_id: s for s in out.scheduled}
+    assert entries["a"].draft_token_ids == (21, 22) and not entries["a"].placeholder_drafts
+    for rid in ("b", "c"):
+        assert entries[rid].draft_token_ids == (PLACEHOLDER_DRAFT,) * 2 and entries[rid].placeholder_drafts
+        assert entries[rid].num_new_tokens == 3 and entries[rid].num_samples == 3
+    with pytest.raises(ValueError, match="expected 1 to 1 ints"):
+        sched.update_from_step(out, {"a": [21, 22, 40], "b": [14, 15], "c": [16]})  # a placeholder kept
+    got = sched.update_from_step(out, {"a": [21, 22, 40], "b": [14], "c": [16]})
+    assert got == [a, b, c] and b.output_token_ids == [12, 12, 14] and a.output_token_ids == [11, 11, 21, 22, 40]
+    assert (b.num_computed_tokens, b.num_tokens, b.num_pending_drafts) == (4, 5, 0)  # rolled back past the drafts
+    assert (c.num_computed_tokens, c.num_tokens) == (6, 7)

@@ -1,7 +1,7 @@
 """MTP speculative decoding on CPU: outputs with K = 1, 2, 3 draft tokens equal the outputs without drafts (greedy on
 tiny dense and MoE checkpoints and on the demo model; seeded sampling token for token), the sampled distribution
 is the target's (a chi-square test), stops / limits / logprobs / n > 1 / preemption inside accepted runs, the
-options and the metrics."""
+options and the metrics; constrained requests riding verify steps with placeholder drafts."""
 
 from __future__ import annotations
 
@@ -367,9 +367,11 @@ def test_simulated_acceptance_forces_a_prefix_of_the_drafts():
     from types import SimpleNamespace
 
     from deltaserve.engine.speculative import SimulatedAcceptance, kept_counts
+    from deltaserve.engine.step_input import SamplingRequest
 
     rows, k = 20000, 4
-    step = SimpleNamespace(is_verify=True, num_drafts=k - 1, sampling=[None] * rows)
+    row = SamplingRequest("r", SamplingParams(), 0)
+    step = SimpleNamespace(is_verify=True, num_drafts=k - 1, sampling=[row] * rows)
     inputs = torch.arange(rows * k).view(rows, k) + 1  # drafts: columns 1 .. K of each row
     for mean in (1.0, 2.5, 4.0):
         sampled = -torch.arange(rows * k).view(rows, k)  # nothing matches a draft by chance
@@ -528,3 +530,146 @@ def test_sampled_distribution_is_the_targets(tiny):
     assert p > 1e-3, p
     c = llm.engine.spec_counters
     assert c["spec_draft_tokens"] > 0 and 0.2 < c["spec_accepted_tokens"] / c["spec_draft_tokens"] < 0.95
+
+
+# ---- constrained requests in verify steps ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_eos(tmp_path_factory):
+    """A tiny MoE checkpoint with an MTP head and end tokens (a grammar needs them to end)."""
+    path = tmp_path_factory.mktemp("spec_structured")
+    save_checkpoint(TinySpec("spec_structured", moe=True, mtp=True, extra={"vocab_size": VOCAB}), path, seed=5)
+    write_byte_tokenizer(path)
+    (path / "generation_config.json").write_text('{"eos_token_id": [256, 258]}')
+    return path
+
+
+class VerifyRows:
+    """Records each verify step's sampling rows as (request id, placeholder drafts?, constrained?), and the drafts
+    its real rows verify."""
+
+    def __init__(self, llm: LLM) -> None:
+        runner = llm.engine.runner
+        self.launch, runner.launch, self.steps, self.real_drafts = runner.launch, self, [], 0
+
+    def __call__(self, step):
+        if step.is_verify:
+            self.steps.append([(s.request_id, s.placeholder_drafts, s.params.structured is not None)
+                               for s in step.sampling])
+            self.real_drafts += sum(len(s.draft_token_ids) for s in step.sampling if not s.placeholder_drafts)
+        return self.launch(step)
+
+
+class BatchSamplingFails:
+    """A sampler that fails on any batch wider than one request's verify rows: the runner then samples request by
+    request, each constrained request with its own rows of the grammar mask."""
+
+    def __init__(self, llm: LLM, rows: int) -> None:
+        runner = llm.engine.runner
+        self.sampler, self.rows, runner.sampler = runner.sampler, rows, self
+
+    def __call__(self, logits, rows, grammar=None):
+        if len(rows) > self.rows:
+            raise RuntimeError("a batch the test refuses")
+        return self.sampler(logits, rows, grammar)
+
+
+def mixed_params() -> list[SamplingParams]:
+    from deltaserve.structured import StructuredSpec
+    from tests.structured.schemas import SCHEMAS
+
+    bounded = StructuredSpec.json_schema(SCHEMAS["bounded"])
+    return [SamplingParams(structured=StructuredSpec.regex(r"[a-z]{2,6}\([0-9]{1,3}(, [0-9]{1,3}){0,4}\)"),
+                           temperature=0, max_tokens=24, logprobs=2),
+            SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=1),
+            SamplingParams(structured=bounded, temperature=1.0, seed=3, repetition_penalty=1.2, max_tokens=24,
+                           logprobs=1),
+            SamplingParams(temperature=0.9, top_k=20, seed=4, max_tokens=24, ignore_eos=True, logprobs=2),
+            SamplingParams(structured=bounded, temperature=0, presence_penalty=0.5, max_tokens=24),
+            SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)]
+
+
+@pytest.mark.parametrize("row_by_row", [False, True], ids=["batch", "row_by_row"])
+def test_constrained_requests_ride_verify_steps_with_placeholder_drafts(tiny_eos, row_by_row):
+    """Regex- and json_schema-constrained requests (greedy, seeded with penalties, logprobs) batched with plain
+    ones: with MTP every output (tokens, logprobs, finish) is that of the run without MTP, verify steps run while the
+    constrained requests do (their rows carry placeholder drafts), and the metrics count only the real drafts. With
+    `row_by_row` the sampler refuses whole batches, so each request samples alone with its rows of the mask."""
+    k = 3
+    ps, params = prompts(6, seed=11), mixed_params()
+    ref = make_llm(tiny_eos).generate(ps, params)
+    llm = make_llm(tiny_eos, k)
+    Oracle(llm, {tuple(p): list(o.outputs[0].token_ids) for p, o in zip(ps, ref)})  # plain rows' drafts: 60% right
+    rows = VerifyRows(llm)
+    if row_by_row:
+        BatchSamplingFails(llm, 1 + k)
+    got = llm.generate(ps, params)
+    for a, b in zip(ref, got):
+        x, y = a.outputs[0], b.outputs[0]
+        assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
+        assert (x.logprobs is None) == (y.logprobs is None)
+        for u, v in zip(x.logprobs or (), y.logprobs or ()):
+            assert u.token_id == v.token_id and [t for t, _ in u.top] == [t for t, _ in v.top]
+            assert abs(u.logprob - v.logprob) < 1e-5
+            assert all(abs(p - q) < 1e-5 for (_, p), (_, q) in zip(u.top, v.top))
+    assert any(o.outputs[0].finish_reason == "stop" for o, p in zip(got, params) if p.structured is not None)
+    # verify steps ran beside constrained requests, whose rows had placeholder drafts (so had the rows of plain
+    # requests one token short of max_tokens, which can verify no draft)
+    mixed = [step for step in rows.steps if any(constrained for _, _, constrained in step)]
+    assert len(mixed) >= 3
+    assert all(placeholder for step in rows.steps for _, placeholder, constrained in step if constrained)
+    real = sum(not placeholder for step in rows.steps for _, placeholder, _ in step)
+    stats = llm.engine.stats()
+    assert stats["spec_verify_steps"] == len(rows.steps)
+    assert stats["spec_draft_tokens"] == rows.real_drafts and stats["spec_drafted_pos_0"] == real
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_simulated_acceptance_never_forces_a_placeholder(tiny_eos):
+    """Every real draft accepted (mean 1 + K) with dummy weights: the constrained requests' outputs are still those
+    the model gives without MTP under their grammars, and drafted = accepted (placeholders count as neither)."""
+    from deltaserve.structured import StructuredSpec
+
+    ps = prompts(4, seed=12)
+    regex = SamplingParams(structured=StructuredSpec.regex(r"[a-z]{3,8}=[0-9]{1,4};"), temperature=0, max_tokens=16)
+    params = [regex, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)] * 2
+    ref = make_llm(tiny_eos, load_format="dummy").generate(ps, params)
+    llm = make_llm(tiny_eos, 3, load_format="dummy", speculative_simulated_acceptance=4.0)
+    rows = VerifyRows(llm)
+    got = llm.generate(ps, params)
+    for i in (0, 2):
+        assert got[i].outputs[0].token_ids == ref[i].outputs[0].token_ids
+    assert any(constrained for step in rows.steps for _, _, constrained in step)
+    c = llm.engine.spec_counters
+    assert c["spec_accepted_tokens"] == c["spec_draft_tokens"] > 0
+
+
+def test_demo_constrained_and_plain_requests_equal_no_mtp(demo):
+    """The demo model (a trained MTP head: real acceptance), json_schema / regex constrained requests beside plain
+    ones: every output and logprob as without MTP, verify steps while the constrained requests run, drafts
+    accepted, placeholders not counted."""
+    from deltaserve.structured import StructuredSpec
+    from tests.structured.schemas import SCHEMAS
+
+    base, ps = demo
+    params = [SamplingParams(structured=StructuredSpec.json_schema(SCHEMAS["bounded"]), seed=1, temperature=1.0,
+                             logprobs=2, max_tokens=40),
+              SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=1),
+              SamplingParams(structured=StructuredSpec.regex(r"[a-z_]{2,10}\([0-9]{1,3}(, [0-9]{1,3}){0,3}\)"),
+                             temperature=0, max_tokens=30, logprobs=1),
+              SamplingParams(temperature=0.8, top_p=0.9, seed=5, max_tokens=32, ignore_eos=True, logprobs=2),
+              SamplingParams(structured=StructuredSpec.json_schema(SCHEMAS["nested"]), seed=2, temperature=0.7,
+                             repetition_penalty=1.1, max_tokens=40),
+              SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)]
+    ref = base.generate(ps, params)
+    llm = LLM(str(SHIPPED_DEMO_DIR), dtype="float32", device="cpu", max_model_len=1024, speculative_tokens=3)
+    rows = VerifyRows(llm)
+    got = llm.generate(ps, params)
+    for a, b in zip(ref, got):
+        x, y = a.outputs[0], b.outputs[0]
+        assert (x.token_ids, x.text, x.finish_reason) == (y.token_ids, y.text, y.finish_reason)
+        for u, v in zip(x.logprobs or (), y.logprobs or ()):
+            assert u.token_id == v.token_id and abs(u.logprob - v.logprob) < 1e-4
+    assert sum(any(c for _, _, c in step) for step in rows.steps) >= 5
+    assert llm.engine.spec_counters["spec_draft_tokens"] == rows.real_drafts
+    assert llm.engine.acceptance_length() > 1.5

@@ -297,12 +297,14 @@ class LLMEngine:
         self.scheduler.step_cost.observe(shape, ms)
 
     def _count_verified(self, launched: LaunchedStep, result: StepResult) -> None:
+        """Drafts verified and accepted, overall and by position; a row's placeholder drafts (it had none to
+        verify) count for nothing."""
         c = self.spec_counters
         c["spec_verify_steps"] += 1
         k = launched.step.num_drafts
         for s in launched.step.sampling:
             kept = result.tokens.get(s.request_id)
-            if kept is None:
+            if kept is None or s.placeholder_drafts:
                 continue
             accepted = len(kept) - 1
             c["spec_draft_tokens"] += k

@@ -59,14 +59,15 @@ def grammar_to_device(mask: GrammarMask | None, device: torch.device) -> Grammar
     return GrammarBitmask(rows.to(device, non_blocking=pinned), bitmask.to(device, non_blocking=pinned))
 
 
-def _grammar_row(grammar: GrammarBitmask | None, row: int) -> GrammarBitmask | None:
-    """The mask of one batch row as the mask of a one-row batch (None if the row is not constrained)."""
+def _grammar_rows(grammar: GrammarBitmask | None, first: int, count: int) -> GrammarBitmask | None:
+    """The mask of batch rows [first, first + count) (one request's logits rows) as the mask of a batch of those
+    rows (None if none of them is constrained)."""
     if grammar is None:
         return None
-    hit = (grammar.rows == row).nonzero().flatten()  # a sync, but only on the row-by-row error path
-    if hit.numel() == 0:
+    hit = ((grammar.rows >= first) & (grammar.rows < first + count)).nonzero().flatten()  # a sync, but only on
+    if hit.numel() == 0:                                                                   # the row-by-row error path
         return None
-    return GrammarBitmask(torch.zeros(1, dtype=torch.long, device=hit.device), grammar.bitmask[hit[:1]])
+    return GrammarBitmask(grammar.rows[hit] - first, grammar.bitmask[hit])
 
 
 def _to_host(t: torch.Tensor) -> torch.Tensor:
@@ -313,7 +314,7 @@ class ModelRunner:
         for group, s in zip(per_request, step.sampling):
             sl = slice(i, i + len(group))
             try:
-                outputs.append(self.sampler(logits[sl], group, _grammar_row(grammar, i) if len(group) == 1 else None))
+                outputs.append(self.sampler(logits[sl], group, _grammar_rows(grammar, i, len(group))))
             except Exception as e:  # noqa: BLE001 - this request's error, reported to it alone
                 failed[s.request_id] = f"{type(e).__name__}: {e}"
                 outputs.append(self.sampler(logits[sl], [SamplingRow(SamplingParams(temperature=0))] * len(group)))
@@ -360,7 +361,8 @@ class ModelRunner:
 
     def _sampling_rows(self, s: SamplingRequest) -> list[SamplingRow]:
         """One row per logits row of the request: row j samples as if drafts 1..j had been appended (its output
-        position, hence its seeded noise and min_tokens, and the history its penalties read)."""
+        position, hence its seeded noise and min_tokens, and the history its penalties read). Rows after the first
+        of a request with placeholder drafts sample too (the step's shape is uniform); nothing reads their tokens."""
         first = self._sampling_row(s)
         if not s.draft_token_ids:
             return [first]

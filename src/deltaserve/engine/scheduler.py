@@ -50,6 +50,9 @@ class ScheduledRequest:
     state_source: StateSource  # where the step's state starts from
     samples_token: bool        # the chunk reaches the last token (a pending one included): the engine samples
     draft_token_ids: tuple[int, ...] = ()
+    # the drafts are placeholders (PLACEHOLDER_DRAFT): the request had none it could verify but rides in a verify
+    # step beside requests that do; none of them is kept (the step keeps the token sampled at its last known position)
+    placeholder_drafts: bool = False
 
     @property
     def request_id(self) -> str:
@@ -91,6 +94,9 @@ class SchedulerOutput:
     def is_empty(self) -> bool:
         return not self.scheduled
 
+
+# The token id given to a verify row's placeholder drafts (any id would do: none of them is ever kept).
+PLACEHOLDER_DRAFT = 0
 
 # A waiting request defers to a running one that is computing at least this many more tokens of its prefix.
 WAIT_FOR_PREFIX_TOKENS = 64
@@ -151,8 +157,10 @@ class Scheduler:
         speculative_tokens (K > 0: MTP speculative decoding): drafts are verified only in uniform steps, where every
         scheduled request is a one-token decode with the same number of drafts (the GDN layers keep per-position
         buffers only for such steps), at most speculative_max_batch requests run and no waiting request could be
-        admitted; any other step strips the drafts. Each sampling request also gets pages for K - 1 positions past
-        its step, where the drafter writes the MTP head's KV.
+        admitted; any other step strips the drafts. A decode row with no draft it could verify (a constrained
+        request never gets any; a request one token short of its length limit can verify none) rides in such a step
+        with placeholder drafts, none of which is kept, as long as another row verifies real ones. Each sampling
+        request also gets pages for K - 1 positions past its step, where the drafter writes the MTP head's KV.
 
         step_cost: the step-time model consulted under `config.max_step_ms` (default: one with the generic prior;
         the engine passes one with a prior from the model's size and feeds it measured steps)."""
@@ -308,10 +316,13 @@ class Scheduler:
                 i += 1
                 continue
             num_new = self._cap_at_checkpoint(request, num_new)
+            placeholder = False
             if uniform is None:
                 drafts = self._drafts_for(request, num_new, budget)
             else:
-                drafts = tuple(request.draft_token_ids[:uniform])
+                k, placeholders = uniform
+                placeholder = request.request_id in placeholders
+                drafts = (PLACEHOLDER_DRAFT,) * k if placeholder else tuple(request.draft_token_ids[:k])
             request.draft_token_ids = []  # proposals are for one step: used now or stale
             if not self._allocate_or_preempt(request, num_new + len(drafts), preempted,
                                              lookahead=self._lookahead(request, num_new)):
@@ -319,7 +330,7 @@ class Scheduler:
             if timed_chunk:
                 self._add_chunk(num_new, request.num_computed_tokens)
             self._owed.discard(request.request_id)
-            scheduled.append(self._entry(request, num_new, drafts))
+            scheduled.append(self._entry(request, num_new, drafts, placeholder=placeholder))
             budget -= num_new + len(drafts)
             i += 1
         return budget
@@ -364,23 +375,34 @@ class Scheduler:
             room = min(room, request.max_output_tokens - request.num_output_tokens - request.num_pending_tokens - 1)
         return tuple(request.draft_token_ids[:max(room, 0)])
 
-    def _uniform_drafts(self, budget: int) -> int:
-        """With speculative decoding: the drafts every running request verifies this step (0: a step without
-        drafts; see __init__)."""
+    def _uniform_drafts(self, budget: int) -> tuple[int, frozenset[str]]:
+        """With speculative decoding: the drafts k every running request verifies this step (0: a step without
+        drafts; see __init__), and the requests that carry k placeholder drafts instead (decode rows with no draft
+        they could verify: none proposed, or none within their length limit). A step verifies only if some request
+        has real drafts, and at least half the rows do; a placeholder row needs room for k positions within
+        max_model_len (its KV is written there, then rolled back)."""
         if len(self._running) > self._spec_max_batch:
             self.spec_turned_down += 1  # (and the runner proposes no drafts: SchedulerOutput.propose_drafts)
-            return 0
+            return 0, frozenset()
         rows = [r for r in self._running if _tokens_to_compute(r)]  # those the step would schedule
-        if not rows or any(not r.draft_token_ids for r in rows):
-            return 0
+        if not rows or not any(r.draft_token_ids for r in rows):
+            return 0, frozenset()
         if self._waiting and len(self._running) < self._config.max_num_seqs:
-            return 0  # admit first: a verify step cannot carry prefill chunks
+            return 0, frozenset()  # admit first: a verify step cannot carry prefill chunks
+        if not all(_is_decode_row(r) for r in rows):
+            return 0, frozenset()
         k = min(budget // len(rows) - 1, self._spec_k)
-        for r in rows:
-            if not _is_decode_row(r):
-                return 0
-            k = min(k, len(self._drafts_for(r, 1, k + 1)))
-        return max(k, 0)
+        verifiable = [len(self._drafts_for(r, 1, k + 1)) for r in rows]
+        if k <= 0 or not any(verifiable):
+            return 0, frozenset()
+        placeholders = [r for r, n in zip(rows, verifiable) if n == 0]
+        if 2 * len(placeholders) > len(rows):  # each placeholder row waits a verify step for one token: only while
+            return 0, frozenset()  # at least half the rows draft does the step pay for them
+        k = min([k, *(n for n in verifiable if n),
+                 *(self._config.max_model_len - r.num_tokens_with_pending for r in placeholders)])
+        if k <= 0:
+            return 0, frozenset()
+        return k, frozenset(r.request_id for r in placeholders)
 
     def _lookahead(self, request: Request, num_new: int) -> int:
         """Positions past the step to allocate for the drafter's MTP KV (K - 1 when the step samples)."""
@@ -486,7 +508,8 @@ class Scheduler:
             request.num_cached_tokens = matched
             self.cache.counters["prompt_tokens_cached"] += matched
 
-    def _entry(self, request: Request, num_new: int, drafts: tuple[int, ...]) -> ScheduledRequest:
+    def _entry(self, request: Request, num_new: int, drafts: tuple[int, ...], *,
+               placeholder: bool = False) -> ScheduledRequest:
         allocation = self.cache.allocation(request.request_id)
         assert allocation is not None
         computed = request.num_computed_tokens
@@ -495,7 +518,7 @@ class Scheduler:
                                 pages=tuple(allocation.pages), slot=allocation.slot,
                                 state_source=StateSource.ZEROS if fresh else StateSource.SLOT,
                                 samples_token=computed + num_new == request.num_tokens_with_pending,
-                                draft_token_ids=drafts)
+                                draft_token_ids=drafts, placeholder_drafts=placeholder)
 
     def _take_copies(self, scheduled: list[ScheduledRequest]) -> tuple[tuple[StateCopy, ...], tuple[PageCopy, ...]]:
         """The copies a matched prefix brings, taken once (by the request's first step after admission)."""
@@ -614,12 +637,13 @@ class Scheduler:
             if not s.samples_token or s.request.status.is_finished:
                 continue
             tokens = sampled.get(s.request_id)
+            most = 1 if s.placeholder_drafts else s.num_samples  # a placeholder draft is never kept
             ok = isinstance(tokens, int) or (
-                isinstance(tokens, (list, tuple)) and 1 <= len(tokens) <= s.num_samples
+                isinstance(tokens, (list, tuple)) and 1 <= len(tokens) <= most
                 and all(isinstance(t, int) for t in tokens))
             if not ok:
                 raise ValueError(f"request {s.request_id!r} reached its last token this step but `sampled` has "
-                                 f"no valid tokens for it (got {tokens!r}; expected 1 to {s.num_samples} ints)")
+                                 f"no valid tokens for it (got {tokens!r}; expected 1 to {most} ints)")
 
 
 def _as_list(tokens: Sequence[int] | int | None) -> list[int]:

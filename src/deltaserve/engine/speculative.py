@@ -41,15 +41,29 @@ log = logging.getLogger(__name__)
 
 def kept_counts(step: StepInput, input_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """[R] int64 tokens each sampling request keeps: 1 + the drafts that match the tokens sampled before them (a
-    verify step: every request has k = 1 + drafts logits rows, its row's inputs are [last token, drafts...])."""
+    verify step: every request has k = 1 + drafts logits rows, its row's inputs are [last token, drafts...]); a
+    request whose drafts are placeholders keeps 1."""
     r = len(step.sampling)
     if not step.is_verify:
         return torch.ones(r, dtype=torch.long, device=token_ids.device)
     k = 1 + step.num_drafts
     sampled = token_ids.view(r, k)
     drafts = input_ids.view(r, k)[:, 1:]
-    match = (sampled[:, :-1] == drafts).long()
-    return 1 + match.cumprod(dim=1).sum(dim=1)
+    match = sampled[:, :-1] == drafts
+    real = real_draft_rows(step, token_ids.device)
+    if real is not None:
+        match &= real
+    return 1 + match.long().cumprod(dim=1).sum(dim=1)
+
+
+def real_draft_rows(step: StepInput, device: torch.device) -> torch.Tensor | None:
+    """[R, 1] bool on the device, False for the sampling requests whose drafts are placeholders (SamplingRequest);
+    None when there are none (nothing to mask, nothing uploaded)."""
+    placeholders = [s.placeholder_drafts for s in step.sampling]
+    if not any(placeholders):
+        return None
+    (real,) = upload_arrays([~np.array(placeholders, dtype=np.bool_).reshape(-1, 1)], device)
+    return real
 
 
 def acceptance_probability(mean_tokens: float, k: int) -> float:
@@ -71,7 +85,8 @@ class SimulatedAcceptance:
     What the sampler enforces does not bind a forced draft (logit bias, min_tokens, a stop id's suppression), and the
     logprobs reported at its position stay those of the target's own sample. A step with fewer drafts than K (near a
     length limit) keeps fewer tokens on average, as real acceptance would. Requests with a grammar never get drafts
-    (engine.py), so no forced draft can break one. Seeded: the same run accepts the same drafts."""
+    (engine.py): in a verify step their rows carry placeholder drafts, which are never forced, so no forced draft
+    can break a grammar. Seeded: the same run accepts the same drafts."""
 
     def __init__(self, mean_tokens: float, k: int, device: torch.device, seed: int = 0) -> None:
         self.p = acceptance_probability(mean_tokens, k)
@@ -85,6 +100,9 @@ class SimulatedAcceptance:
         r, k = len(step.sampling), 1 + step.num_drafts
         draws = torch.rand(r, k - 1, generator=self.generator, device=self.device)
         accept = (draws < self.p).cumprod(dim=1).bool()
+        real = real_draft_rows(step, self.device)
+        if real is not None:
+            accept &= real  # a placeholder draft is never forced
         sampled = token_ids.view(r, k)
         sampled[:, :-1] = torch.where(accept, input_ids.view(r, k)[:, 1:], sampled[:, :-1])
 

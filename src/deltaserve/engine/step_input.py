@@ -26,7 +26,12 @@ class SamplingRequest(NamedTuple):
     """A request that samples this step: 1 + len(draft_token_ids) consecutive logits rows (the last positions of its
     row). num_output_tokens counts its outputs before this step, pending ones included: the position its seeded
     noise and min_tokens read. The histories are sent only when a penalty reads them (None otherwise). A NamedTuple:
-    one is built per sampling row per step, and a frozen dataclass costs several times more to build."""
+    one is built per sampling row per step, and a frozen dataclass costs several times more to build.
+
+    placeholder_drafts: its drafts only give a verify step's row its uniform width (the request had none to
+    verify): it keeps exactly the token sampled at its first logits row, as a plain decode step would sample it,
+    and nothing computed at the later positions (the KV there is overwritten later, the GDN state is committed at
+    the first). Such drafts are neither verified nor counted."""
 
     request_id: str
     params: SamplingParams
@@ -34,6 +39,7 @@ class SamplingRequest(NamedTuple):
     draft_token_ids: tuple[int, ...] = ()
     prompt_token_ids: Sequence[int] | None = None
     output_token_ids: Sequence[int] | None = None
+    placeholder_drafts: bool = False
 
     @property
     def num_logits_rows(self) -> int:
@@ -242,7 +248,7 @@ def _sampling_request(entry: ScheduledRequest) -> SamplingRequest:
     return SamplingRequest(
         request_id=request.request_id, params=params,
         num_output_tokens=request.num_output_tokens + request.num_pending_tokens,
-        draft_token_ids=entry.draft_token_ids,
+        draft_token_ids=entry.draft_token_ids, placeholder_drafts=entry.placeholder_drafts,
         # references, not copies: in one process nothing is serialised; a broadcast copies them
         prompt_token_ids=request.prompt_token_ids if params.repetition_penalty != 1.0 else None,
         output_token_ids=request.output_token_ids if reads_outputs else None)
