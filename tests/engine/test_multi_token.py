@@ -206,32 +206,39 @@ def test_min_tokens_holds_inside_a_multi_token_delta() -> None:
 
 def test_rows_without_drafts_ride_a_verify_step_with_placeholders() -> None:
     """With speculative decoding on, a decode row with no draft it can verify (none proposed: a constrained
-    request; or one token short of its length limit) gets K placeholder drafts in a step where another row verifies
-    real ones, so the step stays uniform; it may keep only its first token, and its positions roll back as for
-    rejected drafts. Without any real drafts the step decodes plainly."""
+    request; or one token short of its length limit) gets K placeholder drafts in a step where other rows verify
+    real ones (at least half of the rows), so the step stays uniform; it may keep only its first token, and its
+    positions roll back as for rejected drafts. With fewer real drafts, or none, the step decodes plainly."""
     from deltaserve.engine.scheduler import PLACEHOLDER_DRAFT
 
     config = SchedulerConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
     sched = Scheduler(config, CacheManager(num_pages=32, num_slots=4, page_size=4), speculative_tokens=2,
                       speculative_max_batch=4)
-    a, b, c = Request("a", [1, 2, 3]), Request("b", [4, 5]), Request("c", [6, 7, 8, 9])
-    c.max_output_tokens = 3
-    for r in (a, b, c):
+    a, b, c, d = Request("a", [1, 2, 3]), Request("b", [4, 5]), Request("c", [6, 7, 8, 9]), Request("d", [10, 11])
+    c.max_output_tokens = 4
+    for r in (a, b, c, d):
         sched.add_request(r)
-    sched.update_from_step(sched.schedule(), {"a": [11], "b": [12], "c": [13]})
+    first = {"a": [11], "b": [12], "c": [13], "d": [14]}
+    sched.update_from_step(sched.schedule(), first)
     out = sched.schedule()
     assert all(not s.draft_token_ids for s in out.scheduled)  # nobody has drafts: a plain step
-    sched.update_from_step(out, {"a": [11], "b": [12], "c": [13]})
-    a.draft_token_ids, c.draft_token_ids = [21, 22, 23], [31, 32]  # c: 1 output left, so no draft fits
-    out = sched.schedule()
+    sched.update_from_step(out, first)
+    a.draft_token_ids = [21, 22, 23]
+    out = sched.schedule()  # one row of four with real drafts: a plain step
+    assert all(not s.draft_token_ids and not s.placeholder_drafts for s in out.scheduled)
+    sched.update_from_step(out, {"a": [11], "b": [12], "c": [13], "d": [14]})
+    a.draft_token_ids, c.draft_token_ids, d.draft_token_ids = [21, 22, 23], [31, 32], [41, 42]
+    out = sched.schedule()  # two of four: b (none proposed) and c (1 output left: no draft fits) ride as placeholders
     entries = {s.request_id: s for s in out.scheduled}
     assert entries["a"].draft_token_ids == (21, 22) and not entries["a"].placeholder_drafts
+    assert entries["d"].draft_token_ids == (41, 42) and not entries["d"].placeholder_drafts
     for rid in ("b", "c"):
         assert entries[rid].draft_token_ids == (PLACEHOLDER_DRAFT,) * 2 and entries[rid].placeholder_drafts
         assert entries[rid].num_new_tokens == 3 and entries[rid].num_samples == 3
     with pytest.raises(ValueError, match="expected 1 to 1 ints"):
-        sched.update_from_step(out, {"a": [21, 22, 40], "b": [14, 15], "c": [16]})  # a placeholder kept
-    got = sched.update_from_step(out, {"a": [21, 22, 40], "b": [14], "c": [16]})
-    assert got == [a, b, c] and b.output_token_ids == [12, 12, 14] and a.output_token_ids == [11, 11, 21, 22, 40]
-    assert (b.num_computed_tokens, b.num_tokens, b.num_pending_drafts) == (4, 5, 0)  # rolled back past the drafts
-    assert (c.num_computed_tokens, c.num_tokens) == (6, 7)
+        sched.update_from_step(out, {"a": [21, 22, 40], "b": [14, 15], "c": [16], "d": [43]})  # a placeholder kept
+    got = sched.update_from_step(out, {"a": [21, 22, 40], "b": [14], "c": [16], "d": [41, 44]})
+    assert got == [a, b, c, d] and b.output_token_ids == [12, 12, 12, 14]
+    assert a.output_token_ids == [11, 11, 11, 21, 22, 40] and d.output_token_ids == [14, 14, 14, 41, 44]
+    assert (b.num_computed_tokens, b.num_tokens) == (5, 6) and b.num_pending_drafts == 0  # rolled back
+    assert (c.num_computed_tokens, c.num_tokens) == (7, 8)
