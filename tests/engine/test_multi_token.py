@@ -242,3 +242,22 @@ def test_rows_without_drafts_ride_a_verify_step_with_placeholders() -> None:
     assert a.output_token_ids == [11, 11, 11, 21, 22, 40] and d.output_token_ids == [14, 14, 14, 41, 44]
     assert (b.num_computed_tokens, b.num_tokens) == (5, 6) and b.num_pending_drafts == 0  # rolled back
     assert (c.num_computed_tokens, c.num_tokens) == (7, 8)
+
+
+def test_a_preemption_that_takes_the_drafted_rows_leaves_a_plain_step() -> None:
+    """The drafted row preempts itself for the pages of its drafts: the placeholder row left would wait a whole
+    verify step that verifies nothing, so the step decodes it plainly (no drafts, no placeholders)."""
+    config = SchedulerConfig(max_model_len=12, max_num_seqs=2, max_num_batched_tokens=32)
+    sched = Scheduler(config, CacheManager(num_pages=3, num_slots=2, page_size=4), speculative_tokens=2,
+                      speculative_max_batch=4)
+    p, r = Request("p", [1, 2, 3]), Request("r", [4, 5, 6])
+    for x in (p, r):
+        sched.add_request(x)
+    sched.update_from_step(sched.schedule(), {"p": [7], "r": [8]})
+    r.draft_token_ids = [9, 10]  # p has none (a constrained request): a placeholder row beside r
+    out = sched.schedule()
+    assert out.preempted == ("r",)
+    (entry,) = out.scheduled
+    assert entry.request_id == "p" and not entry.draft_token_ids and not entry.placeholder_drafts
+    assert entry.num_new_tokens == 1 and out.num_batched_tokens == 1
+    assert sched.update_from_step(out, {"p": [11]}) == [p] and (p.num_computed_tokens, p.num_tokens) == (4, 5)

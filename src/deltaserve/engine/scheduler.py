@@ -333,7 +333,23 @@ class Scheduler:
             scheduled.append(self._entry(request, num_new, drafts, placeholder=placeholder))
             budget -= num_new + len(drafts)
             i += 1
+        if uniform is not None and uniform[1] and preempted:
+            budget += self._drop_unpaid_placeholders(scheduled)
         return budget
+
+    def _drop_unpaid_placeholders(self, scheduled: list[ScheduledRequest]) -> int:
+        """After a preemption in a verify step with placeholder rows (the victims may be the rows with real drafts):
+        if the rows left no longer meet _uniform_drafts's rule (some real drafts, at least half the rows), the step
+        decodes plainly, every row without drafts (a verify step must stay uniform). Returns the tokens freed."""
+        placeholders = sum(s.placeholder_drafts for s in scheduled)
+        if placeholders < len(scheduled) and 2 * placeholders <= len(scheduled):
+            return 0
+        freed = 0
+        for j, s in enumerate(scheduled):
+            if s.draft_token_ids:
+                freed += len(s.draft_token_ids)
+                scheduled[j] = self._entry(s.request, s.num_new_tokens - len(s.draft_token_ids), ())
+        return freed
 
     # ---- the per-step time budget -------------------------------------------------------------------------------
     def _decode_rows(self) -> list[Request]:
