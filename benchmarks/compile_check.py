@@ -140,9 +140,10 @@ def quant_rows() -> list[dict]:
     return rows
 
 
-# (label, QUANT, BLOCK_N, warps, stages, F16_DOTS, PLANES, V_REGS[, INT4_WORDS]): the defaults (DECODE_CONFIG,
-# QUANT_DECODE_CONFIG) and the variants bench_attention.py --kv-quant --sweep / --kv-quant-variants times; 27B's GQA
-# group (6 q heads per KV head), head_dim 256, pages of 16 tokens
+# (label, QUANT, BLOCK_N, warps, stages, F16_DOTS, PLANES, V_REGS[, INT4_WORDS, group, tokens, INT8_SUBNORMAL]:
+# _decode_row's arguments): the defaults (DECODE_CONFIG, QUANT_DECODE_CONFIG) and the variants bench_attention.py
+# --kv-quant --sweep / --kv-quant-variants times; 27B's GQA group (6 q heads per KV head), head_dim 256, pages of 16
+# tokens
 DECODE_CASES = [("bf16 pages (default)", 0, 64, 4, 3, 0, 0, 0),
                 ("fp8, bf16 dots", 1, 64, 4, 3, 0, 0, 0),
                 ("fp8, fp16 dots (old default)", 1, 64, 4, 3, 1, 0, 0),
