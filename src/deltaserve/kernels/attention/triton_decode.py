@@ -128,7 +128,7 @@ def _decode_split_kernel(
         q_2 = _load_q(q_cols + 2, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
         q_3 = _load_q(q_cols + 3, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
     k_scale_mul = qk_scale
-    k_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 2, 3: K's +8 over all dims, in the dot's 2^-24 units
+    k_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 2, 3 (SUBNORMAL): K's +8 (+128) over all dims, in 2^-24 units
     if WORDS >= 2:
         k_scale_mul = qk_scale * 16777216.0
         q_sum = tl.sum(q.to(tl.float32) + q_hi.to(tl.float32) + q_2.to(tl.float32) + q_3.to(tl.float32), 1)
@@ -143,7 +143,7 @@ def _decode_split_kernel(
     acc_hi = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)  # loop-invariant (dropped) unless PLANES
     acc_2 = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)  # and these unless WORDS
     acc_3 = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)
-    v_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 3: sum of the rows' scaled p, for V's +8
+    v_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 3 (SUBNORMAL): sum of the rows' scaled p, for V's +8 (+128)
     bt_row = bt_ptr + n64 * stride_btn
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
