@@ -141,12 +141,13 @@ def check_write_kv(num_tokens, num_kv_heads, head_dim, page_size, dtype, device,
     assert torch.equal(caches[1].nan_to_num(), caches[3].nan_to_num())
 
 
-def check_decode(lengths, heads, head_dim, page_size, dtype, device, gen, num_splits=None, kv_dtype=None):
+def check_decode(lengths, heads, head_dim, page_size, dtype, device, gen, num_splits=None, kv_dtype=None,
+                 q_scale=1.0):
     num_q_heads, num_kv_heads = heads
     paged = Paged([max(n, 1) for n in lengths], num_kv_heads, head_dim, page_size, dtype, device, gen,
                   kv_dtype=kv_dtype)
     seq_lens = torch.tensor(lengths, dtype=torch.int32, device=device)  # 0: a padding row
-    q = torch.randn(len(lengths), num_q_heads, head_dim, generator=gen).to(dtype).to(device)
+    q = (torch.randn(len(lengths), num_q_heads, head_dim, generator=gen) * q_scale).to(dtype).to(device)
     scale = head_dim**-0.5
     out = torch.full_like(q, float("nan"))
     tk.decode_into(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=seq_lens,
@@ -584,6 +585,21 @@ def test_quantized_decode_planes_gpu(fmt, v_regs, monkeypatch):
     check_decode([1, 0, 17, 1000, 4097, 63], (24, 4), 256, 16, torch.bfloat16, "cuda",
                  torch.Generator().manual_seed(34), num_splits=7, kv_dtype=KV_FORMATS[fmt])
 
+
+
+@GPU
+@needs_cuda
+@pytest.mark.parametrize("fmt,variant", [("int8", {"INT8_SUBNORMAL": 1}), ("int4", {"INT4_WORDS": 3})])
+def test_subnormal_v_over_a_long_flat_context_gpu(fmt, variant, monkeypatch):
+    """The subnormal variants take V's offset (+128, +8) off as offset * sum(p) after the loop: with attention
+    spread evenly over a long split (q near 0: flat softmax, the output much smaller than the offset term), the
+    cancellation must still leave the output within the bf16 baseline's error. 128k tokens in 4 splits."""
+    from deltaserve.kernels.attention import triton_decode
+    code = {"int8": 2, "int4": 3}[fmt]
+    cfg = {**triton_decode.DECODE_CONFIG, **triton_decode.QUANT_DECODE_CONFIG.get(code, {}), "PLANES": 1, **variant}
+    monkeypatch.setitem(triton_decode.QUANT_DECODE_CONFIG, code, cfg)
+    check_decode([131072, 777], (24, 4), 256, 16, torch.bfloat16, "cuda", torch.Generator().manual_seed(37),
+                 num_splits=4, kv_dtype=KV_FORMATS[fmt], q_scale=1e-3)
 
 
 @GPU
