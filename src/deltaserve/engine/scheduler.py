@@ -118,6 +118,12 @@ def _scores_prompt(request: Request) -> bool:
     return getattr(request.sampling_params, "prompt_logprobs", None) is not None
 
 
+def _placeholders_pay(placeholders: int, rows: int) -> bool:
+    """A verify step with this many placeholder rows out of `rows` is worth running: some row verifies real drafts
+    and at least half do (each placeholder row waits a whole verify step for its one token)."""
+    return placeholders < rows and 2 * placeholders <= rows
+
+
 def _is_decode_row(request: Request) -> bool:
     """A running request whose next step computes one token (its last, or a pending one's successor)."""
     return _tokens_to_compute(request) == 1
@@ -341,8 +347,7 @@ class Scheduler:
         """After a preemption in a verify step with placeholder rows (the victims may be the rows with real drafts):
         if the rows left no longer meet _uniform_drafts's rule (some real drafts, at least half the rows), the step
         decodes plainly, every row without drafts (a verify step must stay uniform). Returns the tokens freed."""
-        placeholders = sum(s.placeholder_drafts for s in scheduled)
-        if placeholders < len(scheduled) and 2 * placeholders <= len(scheduled):
+        if _placeholders_pay(sum(s.placeholder_drafts for s in scheduled), len(scheduled)):
             return 0
         freed = 0
         for j, s in enumerate(scheduled):
@@ -409,11 +414,9 @@ class Scheduler:
             return 0, frozenset()
         k = min(budget // len(rows) - 1, self._spec_k)
         verifiable = [len(self._drafts_for(r, 1, k + 1)) for r in rows]
-        if k <= 0 or not any(verifiable):
-            return 0, frozenset()
         placeholders = [r for r, n in zip(rows, verifiable) if n == 0]
-        if 2 * len(placeholders) > len(rows):  # each placeholder row waits a verify step for one token: only while
-            return 0, frozenset()  # at least half the rows draft does the step pay for them
+        if k <= 0 or not _placeholders_pay(len(placeholders), len(rows)):
+            return 0, frozenset()
         k = min([k, *(n for n in verifiable if n),
                  *(self._config.max_model_len - r.num_tokens_with_pending for r in placeholders)])
         if k <= 0:
