@@ -1045,7 +1045,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     n = weight.shape[0]
     int4 = zeros is not None
     group = min(group, k) if group else k
-    lop3 = int4 and _lop3_ok(x)
+    sm90 = _lop3_ok(x)  # compiled, 16-bit activations, sm_90+: UNPACK 3 can run and the sm_90 tiles apply
+    lop3 = int4 and sm90
     if unpack is None and _gemv_default(m, int4, x.dtype, act_fp8):
         unpack = 4
     if unpack == 4:
@@ -1058,7 +1059,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         if bm < m:
             raise ValueError(f"the GEMV runs all rows in one program: BM {bm} must be at least M = {m}")
     else:
-        bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_fp8, _lop3_ok(x))
+        bm, bn, bk, split, *launch = tiles or _plan(m, n, k, group, x.device, int4, act_fp8, sm90)
     if act_fp8:
         if int4 or bk != ref.ACT_GROUP:
             raise ValueError(f"fp8 activations need fp8 weights and K tiles of {ref.ACT_GROUP} columns; this call has "
