@@ -6,6 +6,7 @@ grouped-GEMM path for MoE).
     PYTHONPATH=src:. python3 benchmarks/bench_kernels.py [--skip-prefill] [--out FILE]
     PYTHONPATH=src:. python3 benchmarks/bench_kernels.py --moe-paths [--moe-model 122B-A10B] [--moe-batches 1 8]
         (MoE paths by batch, and each path's tile configs)
+    PYTHONPATH=src:. python3 benchmarks/bench_kernels.py --moe-sort   (the grouped path's pair sort at prefill sizes)
 
 GDN decode rotates through enough layers that states come from HBM, as in a real step (see bench_gdn.py).
 """
@@ -204,6 +205,20 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
     return rows
 
 
+def moe_sort(tokens=(2048, 8192), experts: int = 256, top_k: int = 8) -> None:
+    """The grouped MoE path's sort of the routed pairs (grouped.sort_pairs: sort, searchsorted, inverse permutation)
+    at prefill sizes, median us of eager calls and of CUDA-graph replays; the tree on PYTHONPATH is timed."""
+    from deltaserve.kernels.moe import grouped
+
+    for t in tokens:
+        ids = torch.randint(experts, (t, top_k), device="cuda")
+        call = lambda: grouped.sort_pairs(ids, experts)  # noqa: E731
+        graph = gdn_bench.graph_of(call)
+        eager, replay = gdn_bench.bench(call), gdn_bench.bench(graph.replay)
+        print(f"sort_pairs: {t} tokens x top-{top_k} of {experts} experts ({t * top_k} pairs): eager "
+              f"{1e3 * eager:.1f} us, graph {1e3 * replay:.1f} us", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-prefill", action="store_true", help="skip the GDN chunk prefill rows")
@@ -212,7 +227,11 @@ def main() -> None:
                         help="only time the MoE paths (per-pair, expert-centric, grouped) and their tile configs")
     parser.add_argument("--moe-batches", nargs="+", type=int, default=list(MOE_PATH_BATCHES))
     parser.add_argument("--moe-model", default="35B-A3B", help="benchmarks/common.py SHAPES entry for --moe-paths")
+    parser.add_argument("--moe-sort", action="store_true", help="only time the grouped path's pair sort")
     args = parser.parse_args()
+    if args.moe_sort:
+        moe_sort()
+        return
     if args.moe_paths:
         moe_paths(args.moe_model, batches=args.moe_batches)
         return

@@ -68,6 +68,21 @@ def test_sort_pairs(kind):
     assert torch.equal(expert_of_row[pos][ids >= 0], ids[ids >= 0])
 
 
+
+def test_sort_pairs_radix_sized():
+    """Past 4,096 pairs torch sorts by radix (the int16 keys): the groups keep their rows in token order, as the
+    stable int64 sort of the ids gives them, with 512 experts (397B-A17B's count) and dropped pairs."""
+    gen = torch.Generator().manual_seed(2)
+    experts, tokens, top_k = 512, 1100, 8
+    ids = torch.randint(experts, (tokens, top_k), generator=gen)
+    ids[::7, 3] = -1
+    token_of_row, offs, pos = grouped.sort_pairs(ids, experts)
+    order = torch.sort(ids.reshape(-1), stable=True).indices
+    assert torch.equal(token_of_row, order // top_k)
+    assert torch.equal(offs.long(), torch.searchsorted(ids.reshape(-1)[order], torch.arange(experts), right=True))
+    with pytest.raises(ValueError, match="int16"):
+        grouped.sort_pairs(ids, 40000)
+
 def combine_case(tokens, dim, top_k, kind, dtype, shared, device, seed, extra_rows=5):
     """moe_combine's inputs: y with the pairs' rows in a random order plus NaN rows that no valid pair reads (slots
     with ids < 0 point at them), and the shared gate as a column view of a wider router output, as the layer has it."""
