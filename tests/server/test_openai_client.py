@@ -137,6 +137,31 @@ def test_stop_strings(client, reference, stream):
     assert (got, reason) == (text[:4], "stop")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_defers_stop_strings(client, reference, stream):
+    """As in vLLM, a stop string ends nothing before min_tokens tokens: the first match that completes at output
+    token min_tokens or later does."""
+    ref = reference.generate(["Hello world"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    ids, text = ref[0].outputs[0].token_ids, ref[0].outputs[0].text
+    tok = reference.get_tokenizer()
+    ends = [len(tok.decode(ids[:j + 1])) for j in range(len(ids))]  # text length after each output token
+    stop, min_tokens = text[:2], 4
+    matches = [i for i in range(len(text)) if text.startswith(stop, i)]
+    assert matches[0] == 0 and len(matches) > 1, f"the test needs a stop string that recurs: {text!r}"
+    first_counted = next(i for i in matches if next(j for j, e in enumerate(ends) if e >= i + len(stop)) + 1 >=
+                         min_tokens)
+    kw = dict(model=MODEL_NAME, prompt="Hello world", max_tokens=16, temperature=0, stop=[stop],
+              extra_body={"ignore_eos": True, "min_tokens": min_tokens})
+    if stream:
+        texts, finish, usage = _stream_completion(client, **kw)
+        got, reason = texts[0], finish[0]
+    else:
+        out = client.completions.create(**kw)
+        got, reason, usage = out.choices[0].text, out.choices[0].finish_reason, out.usage
+    assert (got, reason) == (text[:first_counted], "stop")
+    assert usage.completion_tokens >= min_tokens
+
+
 def test_chat_max_completion_tokens_and_stop(client):
     body = NO_THINK_CHAT.request()
     kw = dict(model=MODEL_NAME, messages=body["messages"], temperature=0,

@@ -110,7 +110,9 @@ class StopChecker:
         self.stopped = False
         self.matched: str | None = None
 
-    def feed(self, delta: str) -> StopResult:
+    def feed(self, delta: str, can_stop: bool = True) -> StopResult:
+        """can_stop=False (an output still short of min_tokens): a stop string completed in this text does not end
+        the output, though text that may begin one is still held back, as it may complete once stops count."""
         if self.stopped:
             return StopResult("", True, self.matched)
         if not self.stop:
@@ -119,7 +121,7 @@ class StopChecker:
         base = len(self._held)
         for i, ch in enumerate(delta):
             done = self._advance(ch)
-            if done is not None:
+            if done is not None and can_stop:
                 end = base + i + 1
                 emit_end = end if self.include_stop_str_in_output else end - len(done)
                 self.stopped, self.matched, self._held = True, done, ""
