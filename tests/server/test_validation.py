@@ -79,6 +79,20 @@ BAD = [
      400, "chat_template_kwargs.chat_template", "chat_template_not_allowed"),
     ("tokenize_chat_template", "/v1/tokenize", _json({"messages": MSG, "chat_template": "{{ 1 }}"}), 400,
      "chat_template", "chat_template_not_allowed"),
+    # vLLM fields that change the output and that this server does not implement: refused, never dropped
+    ("bad_words", COMPLETIONS, _json({"prompt": "hi", "bad_words": ["The"]}), 400, "bad_words",
+     "unsupported_parameter"),
+    ("allowed_token_ids", CHAT, _json({"messages": MSG, "allowed_token_ids": [5, 6]}), 400, "allowed_token_ids",
+     "unsupported_parameter"),
+    ("truncate_prompt_tokens", COMPLETIONS, _json({"prompt": "hi", "truncate_prompt_tokens": 8}), 400,
+     "truncate_prompt_tokens", "unsupported_parameter"),
+    ("prompt_logprobs", COMPLETIONS, _json({"prompt": "hi", "prompt_logprobs": 1}), 400, "prompt_logprobs",
+     "unsupported_parameter"),
+    ("chat_echo", CHAT, _json({"messages": MSG, "echo": True}), 400, "echo", "unsupported_parameter"),
+    ("continue_final_message", CHAT, _json({"messages": MSG, "continue_final_message": True}), 400,
+     "continue_final_message", "unsupported_parameter"),
+    ("beam_search", COMPLETIONS, _json({"prompt": "hi", "use_beam_search": True}), 400, "use_beam_search",
+     "unsupported_parameter"),
 ]
 
 
@@ -142,9 +156,11 @@ def test_no_integer_past_int64_reaches_the_engine(http):
 
 
 def test_valid_edges_are_accepted(http):
-    """The bounds are inclusive where OpenAI's are: temperature 2, top_k = vocabulary size, int64 seeds."""
+    """The bounds are inclusive where OpenAI's are: temperature 2, top_k = vocabulary size, int64 seeds; the
+    unsupported vLLM fields pass at their inactive values (completions' own echo is supported)."""
     for extra in ({"temperature": 2.0}, {"top_k": VOCAB}, {"seed": 2**63 - 1}, {"seed": -(2**63)},
-                  {"logit_bias": {"0005": 1.5}}, {"repetition_penalty": 100.0}, {"stop": ["a"] * 16}):
+                  {"logit_bias": {"0005": 1.5}}, {"repetition_penalty": 100.0}, {"stop": ["a"] * 16},
+                  {"echo": True}, {"bad_words": []}, {"use_beam_search": False}, {"truncate_prompt_tokens": None}):
         r = http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 3, **extra})
         assert r.status_code == 200, (extra, r.text)
 

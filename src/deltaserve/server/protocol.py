@@ -197,6 +197,7 @@ def parse_body(raw: bytes, model: type[M]) -> M:
     if not isinstance(obj, dict):
         raise bad_request(f"the request body must be a JSON object, got a JSON {type(obj).__name__}",
                           code="invalid_json")
+    _refuse_unsupported(obj, model)
     bad = find_invalid_text(obj)
     if bad is not None:
         path, why = bad
@@ -205,6 +206,31 @@ def parse_body(raw: bytes, model: type[M]) -> M:
         return model.model_validate(obj)
     except ValidationError as e:
         raise validation_error(e) from None
+
+
+# vLLM request fields this server does not implement, with what to do instead. Unknown fields are ignored (the SDKs
+# send some), but these change what comes back, so one sent with an active value is refused rather than dropped.
+_UNSUPPORTED = {
+    "bad_words": "ban single tokens with logit_bias (-100)",
+    "allowed_token_ids": "restrict the output with logit_bias or structured outputs (guided_choice, guided_regex)",
+    "truncate_prompt_tokens": "shorten the prompt on the client",
+    "prompt_logprobs": "on /v1/completions send echo with logprobs: the prompt's tokens get logprobs too",
+    "echo": "use /v1/completions with echo",
+    "use_beam_search": "beam search is not implemented; sample n choices instead",
+    "length_penalty": "beam search is not implemented; sample n choices instead",
+    "continue_final_message": "send the conversation with the partial reply to /v1/completions as one prompt",
+    "logits_processors": "use logit_bias, the penalties or structured outputs",
+    "return_tokens_as_token_ids": "tokenize the returned text with /v1/tokenize",
+}
+
+
+def _refuse_unsupported(obj: dict[str, Any], model: type[BaseModel]) -> None:
+    if not issubclass(model, _SamplingFields):
+        return
+    for name, instead in _UNSUPPORTED.items():
+        if name not in model.model_fields and obj.get(name) not in (None, False, [], {}):
+            raise bad_request(f"'{name}' is not supported by this server: {instead}", param=name,
+                              code="unsupported_parameter")
 
 
 class _NotJSON(ValueError):
