@@ -488,7 +488,7 @@ class Scheduler:
                     break  # strict FCFS: nobody overtakes the head of the queue
                 # resuming needs more pages than the pool has besides the matched checkpoint's (admission keeps it),
                 # and nothing runs that would free one: waiting would be forever, computing from the start is not
-                match = NO_MATCH
+                match = NO_MATCH  # (with nothing running there are no decode rows: `limit` is the whole budget)
                 num_new = self._admission_chunk(request, tokens, 0, limit)
                 if not self.cache.can_admit(num_new):
                     break
