@@ -69,11 +69,12 @@ class Lockstep:
         self.context = 0
 
     @torch.no_grad()
-    def step(self, tokens: list[torch.Tensor]) -> list[torch.Tensor]:
+    def step(self, tokens: list[torch.Tensor], *, prefill: bool = False) -> list[torch.Tensor]:
         """tokens[i]: [S, q] new tokens of every sequence for option i -> next-token log-probs [S, V] (fp32) each.
-        q > 1 prefills from position 0 (fresh state); q == 1 is a decode step."""
+        prefill: the tokens start at position 0 (fresh state), else they follow the sequences' context. Told, not
+        guessed from q: a one-token prompt is a prefill too."""
         S, q = tokens[0].shape
-        context = 0 if q > 1 else self.context
+        context = 0 if prefill else self.context
         batch = build_forward_batch(query_lens=[q] * S, context_lens=[context] * S, state_slots=list(range(S)),
                                     block_tables=self.tables, page_size=self.page_size, device=self.device)
         out = []
@@ -93,7 +94,7 @@ def teacher_forced(run: Lockstep, segments: torch.Tensor, prompt_len: int) -> No
     """Prefill the prompts, then feed the held-out tokens one decode step at a time; accumulate KL against the
     baseline (option 0) and the NLL of each true next token."""
     n = len(run.options)
-    logp = run.step([segments[:, :prompt_len]] * n)
+    logp = run.step([segments[:, :prompt_len]] * n, prefill=True)
     for t in range(prompt_len, segments.shape[1]):
         target = segments[:, t].to(run.device)
         base = logp[0]
@@ -109,7 +110,7 @@ def teacher_forced(run: Lockstep, segments: torch.Tensor, prompt_len: int) -> No
 
 def greedy(run: Lockstep, prompts: torch.Tensor, num_tokens: int) -> None:
     """N greedy tokens from each prompt, each option following its own choices."""
-    logp = run.step([prompts] * len(run.options))
+    logp = run.step([prompts] * len(run.options), prefill=True)
     for opt in run.options:
         opt.greedy = [[] for _ in range(prompts.shape[0])]
     for t in range(num_tokens):
@@ -138,7 +139,8 @@ def report(run: Lockstep, config: EngineConfig, dtype: torch.dtype, gen_len: int
         prefix = [common_prefix(a, b) / gen_len for a, b in zip(opt.greedy, base.greedy)]
         rows.append({
             "kv_cache_dtype": opt.kv if opt.kv != "auto" else f"auto ({str(dtype).removeprefix('torch.')})",
-            "state_dtype": opt.state, **({"fp8_activations": opt.fp8_activations} if config.quantization else {}), "KV B/token": kv_tok, "state MiB/seq": state / 2**20,
+            "state_dtype": opt.state, **({"fp8_activations": opt.fp8_activations} if config.quantization else {}),
+            "KV B/token": kv_tok, "state MiB/seq": state / 2**20,
             "mean KL": opt.kl_sum / opt.scored, "max KL": opt.kl_max,
             "greedy identical": f"{sum(p == 1.0 for p in prefix)}/{len(prefix)}",
             "greedy prefix": f"{sum(prefix) / len(prefix):.1%}",
@@ -195,7 +197,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fp8-activations", action="store_true",
                     help="an FP8 checkpoint: also the model with --fp8-activations dynamic (W8A8), default caches")
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    for name in ("num_seqs", "prompt_len", "score_len", "gen_len"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} is {getattr(args, name)}; it must be at least 1")
+    return args
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

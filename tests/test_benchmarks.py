@@ -170,3 +170,17 @@ def test_moe_paths_plumbing_on_cpu(capsys):
     assert all(r["vs mid"] == "ok" for r in rows if r["path"].startswith("per-pair "))
     assert "ValueError" in by_path["grouped"]["us"]
     assert "per-pair" in capsys.readouterr().out
+
+
+def test_accuracy_report_with_one_token_prompts():
+    """A one-token prompt is a prefill from position 0 like any other (it was taken for a decode step after the
+    scored tokens, past the sequences' pages), and sizes below 1 are refused by name."""
+    import pytest
+
+    from benchmarks import bench_accuracy
+
+    rows = bench_accuracy.main(["--num-seqs", "2", "--prompt-len", "1", "--score-len", "20", "--gen-len", "20",
+                                "--device", "cpu", "--kv-cache-dtypes", "auto", "int4", "--state-dtypes", "float32"])
+    assert len(rows) == 2 and rows[0]["mean KL"] == 0 and rows[1]["mean KL"] > 0
+    with pytest.raises(SystemExit):
+        bench_accuracy.parse_args(["--gen-len", "0"])

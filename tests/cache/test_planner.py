@@ -48,9 +48,23 @@ def test_log_line_names_the_cache_formats():
 
 
 def test_out_of_memory_suggests_the_compressed_caches():
-    with pytest.raises(OutOfMemoryError, match="--kv-cache-dtype fp8, --state-dtype bfloat16"):
+    with pytest.raises(OutOfMemoryError, match=r"--kv-cache-dtype fp8 or int4, --state-dtype bfloat16"):
         plan_memory(budget_bytes=10 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16, max_num_seqs=4,
                     max_model_len=1600)
+
+
+@pytest.mark.parametrize("kv,state,hint", [
+    ("auto", "float32", "smaller caches (--kv-cache-dtype fp8 or int4, --state-dtype bfloat16), or"),
+    ("fp8", "bfloat16", "smaller caches (--kv-cache-dtype int4), or"),
+    ("int4", "float32", "smaller caches (--state-dtype bfloat16), or"),
+    ("int4", "bfloat16", "(less activation memory), or a GPU")])
+def test_out_of_memory_suggests_only_caches_smaller_than_the_ones_in_use(kv, state, hint):
+    """An int4 KV cache was told to try fp8 (twice its size), a bf16 state to try bf16."""
+    with pytest.raises(OutOfMemoryError) as e:
+        plan_memory(budget_bytes=10 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16, max_num_seqs=4,
+                    max_model_len=1600, kv_cache_dtype=kv, state_format=state)
+    assert hint in str(e.value)
+    assert ("fp8" in str(e.value)) == (kv == "auto")
 
 
 def test_max_full_length_sequences():

@@ -83,6 +83,22 @@ def test_quantized_kv_keeps_batch_invariance(ckpt, kv):
     assert [o.outputs[0].token_ids for o in chunked.generate(ps, GREEDY)] == expected
 
 
+
+@pytest.mark.parametrize("kv", ["auto", "fp8", "int8", "int4"])
+def test_a_prefix_cache_hit_gives_the_uncached_tokens(ckpt, kv):
+    """A prompt resumed from its checkpoint (full pages shared, the partial last page copied with its scales) continues
+    with the uncached run's tokens, and gives every page back; fp8 pages once failed to copy on the CPU."""
+    prompt = prompts(1)[0]
+    assert len(prompt) % 16, "a partial last page, so the hit copies a page"
+    kw = dict(dtype="float32", device="cpu", max_model_len=256, kv_cache_dtype=kv)
+    plain = LLM(str(ckpt[1]), enable_prefix_caching=False, **kw).generate([prompt], GREEDY)[0]
+    cached = LLM(str(ckpt[1]), **kw)
+    cached.generate([prompt], GREEDY)
+    hit = cached.generate([prompt], GREEDY)[0]
+    assert hit.num_cached_tokens == len(prompt) - 1 and hit.outputs[0].token_ids == plain.outputs[0].token_ids
+    cached.engine.reset_prefix_cache()
+    assert cached.engine.cache.num_free_pages == cached.engine.cache.num_pages
+
 def test_plan_counts_the_compressed_sizes_and_logs_them(ckpt, caplog):
     with caplog.at_level(logging.INFO, logger="deltaserve.engine.runner"):
         plain = LLM(str(ckpt[1]), dtype="bfloat16", device="cpu", max_model_len=256)

@@ -169,6 +169,25 @@ def test_eviction_preemption_and_aborts_stay_exact_and_leak_nothing(dense):
     clean(cached)
 
 
+
+def test_a_resume_blocked_only_by_its_own_checkpoint_computes_the_prompt_instead(dense):
+    """A pool of exactly max_model_len tokens, all of it held by the checkpoint at a 127-token prompt's last position
+    (its full pages and its partial one): the same prompt again cannot resume there (the copy of the partial page
+    needs a page besides the checkpoint's, and nothing runs that could free one). It once waited forever, the engine
+    stepping idle; it computes the prompt from the start instead, evicting the checkpoint, with the same tokens."""
+    kw = dict(max_model_len=128, num_pages=8)
+    prompt, params = tokens(127, 21), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, logprobs=0)
+    want = make(dense, False, **kw).generate([prompt], params)[0]
+    cached = make(dense, True, **kw)
+    same([cached.generate([prompt], params)[0]], [want])
+    assert cached.engine.cache.num_free_pages == 0, "the checkpoint holds the whole pool"
+    engine = cached.engine
+    engine.add_request("again", prompt, params)
+    deltas = [d for _ in range(8) if engine.has_unfinished() for d in engine.step()]
+    assert not engine.has_unfinished(), "still waiting after 8 steps"
+    assert [t for d in deltas for t in d.token_ids] == want.outputs[0].token_ids
+    clean(cached)
+
 def test_prefix_caching_off_keeps_no_checkpoint(dense):
     llm = make(dense, False)
     out = llm.generate([tokens(100, 9)] * 2, GREEDY)

@@ -51,13 +51,15 @@ class MemoryPlan:
 def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_size: int, max_num_seqs: int,
                 max_model_len: int, num_pages: int | None = None, num_slots: int | None = None,
                 num_checkpoints: int | None = None, checkpoint_fraction: float = 0.0,
-                kv_format: str = "model dtype", state_format: str = "float32") -> MemoryPlan:
+                kv_format: str = "model dtype", state_format: str = "float32",
+                kv_cache_dtype: str = "auto") -> MemoryPlan:
     """Give every one of max_num_seqs sequences a state slot, `checkpoint_fraction` of the budget (or
     num_checkpoints) to prefix-cache checkpoints (at most max(64, 4 per sequence)), and the rest to KV pages, never
     more pages than max_num_seqs full-length sequences plus the checkpoints' prefixes can use (the checkpoints hold
-    their pages after their requests end: capped at the running sequences alone, a new request evicts them). If that leaves less than one max_model_len of KV,
-    trade slots and checkpoints for pages; if even one slot plus one full sequence does not fit, raise with the
-    numbers and the options. kv_format and state_format only label the plan's log line."""
+    their pages after their requests end: capped at the running sequences alone, a new request evicts them). If
+    that leaves less than one max_model_len of KV, trade slots and checkpoints for pages; if even one slot plus one
+    full sequence does not fit, raise with the numbers and the options. kv_format and state_format only label the plan's log line; state_format (the
+    state_dtype option) and kv_cache_dtype also say which cache options the error suggests."""
     pages_per_seq = pages_for_tokens(max_model_len, page_size)
     one_seq = slot_bytes + pages_per_seq * page_bytes
     labels = dict(kv_format=kv_format, state_format=state_format)
@@ -71,8 +73,8 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
             f"{one_seq / GiB:.2f} GiB ({slot_bytes / 2**20:.1f} MiB of GDN state + {pages_per_seq} KV pages of "
             f"{page_bytes / 2**20:.2f} MiB) but only {max(budget_bytes, 0) / GiB:.2f} GiB is left after the weights "
             "and activations. Options: a smaller --max-model-len, a larger --gpu-memory-utilization, a smaller "
-            "--max-num-batched-tokens (less activation memory), smaller caches (--kv-cache-dtype fp8, "
-            "--state-dtype bfloat16), or a GPU with more memory.")
+            "--max-num-batched-tokens (less activation memory), "
+            f"{_smaller_caches(kv_cache_dtype, state_format)}or a GPU with more memory.")
     slots = num_slots if num_slots is not None else max_num_seqs
     slots = max(1, min(slots, (budget_bytes - pages_per_seq * page_bytes) // slot_bytes))
     left = budget_bytes - slots * slot_bytes
@@ -81,6 +83,16 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
     if num_pages is None:
         num_pages = min(left // page_bytes, pages_per_seq * (max_num_seqs + checkpoints))
     return MemoryPlan(int(num_pages), int(slots), page_bytes, slot_bytes, budget_bytes, int(checkpoints), **labels)
+
+
+def _smaller_caches(kv_cache_dtype: str, state_dtype: str) -> str:
+    """The error's hint at cache options smaller than the ones in use (none once both are at their smallest: fp8
+    suggested to an int4 KV cache would be twice its size)."""
+    options = [{"auto": "--kv-cache-dtype fp8 or int4", "fp8": "--kv-cache-dtype int4",
+                "int8": "--kv-cache-dtype int4"}.get(kv_cache_dtype),
+               "--state-dtype bfloat16" if state_dtype == "float32" else None]
+    given = [o for o in options if o is not None]
+    return f"smaller caches ({', '.join(given)}), " if given else ""
 
 
 def max_full_length_sequences(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_size: int,

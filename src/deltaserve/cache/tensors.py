@@ -168,7 +168,9 @@ class ModelCache:
         for pages in self._kv.values():
             for t in pages:
                 if t is not None:
-                    t.index_copy_(0, dst, t.index_select(0, src))
+                    # as bytes: index_copy_ has no fp8 kernel on the CPU, and a byte copy is exact for every format
+                    raw = t.view(torch.uint8)
+                    raw.index_copy_(0, dst, raw.index_select(0, src))
 
     def nbytes(self) -> int:
         tensors = [t for pair in self._kv.values() for t in pair] + [self._conv, self._ssm, self._conv_steps,

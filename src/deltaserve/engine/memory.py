@@ -31,7 +31,8 @@ def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torc
                        max_model_len=sched.max_model_len, num_pages=cc.num_pages, num_slots=explicit_slots,
                        num_checkpoints=cc.num_checkpoints if cc.enable_prefix_caching else 0,
                        checkpoint_fraction=cc.checkpoint_fraction,
-                       kv_format=kv_format_label(cc.kv_cache_dtype, dtype), state_format=cc.state_dtype)
+                       kv_format=kv_format_label(cc.kv_cache_dtype, dtype), state_format=cc.state_dtype,
+                       kv_cache_dtype=cc.kv_cache_dtype)
 
 
 def kv_format_label(kv_cache_dtype: str, model_dtype: torch.dtype) -> str:

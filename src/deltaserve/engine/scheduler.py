@@ -27,7 +27,8 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from deltaserve.cache.manager import NO_MATCH, CacheManager, PageCopy, PendingCheckpoint, StateCopy, StateSource
+from deltaserve.cache.manager import (NO_MATCH, CacheManager, PageCopy, PendingCheckpoint, PrefixMatch, StateCopy,
+                                      StateSource)
 from deltaserve.config import SchedulerConfig
 from deltaserve.engine.prefix_plan import checkpoint_positions, next_checkpoint, without_tail
 from deltaserve.engine.request import Request, RequestStatus
@@ -483,7 +484,14 @@ class Scheduler:
                     break  # strict FCFS, as below
             num_new = self._admission_chunk(request, tokens, match.num_tokens, limit)
             if not self.cache.can_admit(match.num_tokens + num_new, match):
-                break  # strict FCFS: nobody overtakes the head of the queue
+                if not self._blocked_by_own_match(match):
+                    break  # strict FCFS: nobody overtakes the head of the queue
+                # resuming needs more pages than the pool has besides the matched checkpoint's (admission keeps it),
+                # and nothing runs that would free one: waiting would be forever, computing from the start is not
+                match = NO_MATCH  # (with nothing running there are no decode rows: `limit` is the whole budget)
+                num_new = self._admission_chunk(request, tokens, 0, limit)
+                if not self.cache.can_admit(num_new):
+                    break
             self._waiting.remove(request)
             self.cache.admit(request.request_id, match.num_tokens + num_new, match)
             self._on_admitted(request, tokens, match.num_tokens)
@@ -492,6 +500,11 @@ class Scheduler:
             scheduled.append(self._entry(request, num_new, ()))
             budget -= num_new
         return budget
+
+    def _blocked_by_own_match(self, match: PrefixMatch) -> bool:
+        """A resume from `match` that does not fit never will: nothing runs, so every page but the matched
+        checkpoint's is free or evictable already."""
+        return match.checkpoint is not None and not self._running
 
     def _admission_chunk(self, request: Request, tokens: list[int], matched: int, budget: int) -> int:
         request.checkpoint_positions = self._plan_checkpoints(request, tokens, matched)
