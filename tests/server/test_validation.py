@@ -67,6 +67,7 @@ BAD = [
      "invalid_json"),
     ("too_many_stop_strings", COMPLETIONS, _json({"prompt": "hi", "stop": [f"s{i}" for i in range(17)]}), 400,
      "stop", None),
+    ("empty_stop_string", COMPLETIONS, _json({"prompt": "hi", "stop": ""}), 400, "stop", None),
     ("stop_string_too_long", COMPLETIONS, _json({"prompt": "hi", "stop": ["ok", "x" * 1025]}), 400, "stop.1", None),
     ("min_tokens_past_context", COMPLETIONS, _json({"prompt": "hi", "max_tokens": None, "min_tokens": 2**62}), 400,
      "min_tokens", "context_length_exceeded"),

@@ -79,7 +79,7 @@ def _build(req: _SamplingFields, *, max_tokens: int | None, max_tokens_field: st
            logprobs_field: str, limits: Limits, skip_special_tokens: bool) -> SamplingParams:
     _check_edge(req, limits)
     kwargs: dict[str, Any] = dict(
-        n=req.n, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=req.stop or [],
+        n=req.n, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=[] if req.stop is None else req.stop,
         stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
         logit_bias=_logit_bias(req.logit_bias, limits.vocab_size), skip_special_tokens=skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output)
