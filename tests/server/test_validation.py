@@ -92,6 +92,8 @@ BAD = [
     ("chat_echo", CHAT, _json({"messages": MSG, "echo": True}), 400, "echo", "unsupported_parameter"),
     ("continue_final_message", CHAT, _json({"messages": MSG, "continue_final_message": True}), 400,
      "continue_final_message", "unsupported_parameter"),
+    ("prompt_logprobs_0", CHAT, _json({"messages": MSG, "prompt_logprobs": 0}), 400, "prompt_logprobs",
+     "unsupported_parameter"),
     ("beam_search", COMPLETIONS, _json({"prompt": "hi", "use_beam_search": True}), 400, "use_beam_search",
      "unsupported_parameter"),
 ]
@@ -161,7 +163,8 @@ def test_valid_edges_are_accepted(http):
     unsupported vLLM fields pass at their inactive values (completions' own echo is supported)."""
     for extra in ({"temperature": 2.0}, {"top_k": VOCAB}, {"seed": 2**63 - 1}, {"seed": -(2**63)},
                   {"logit_bias": {"0005": 1.5}}, {"repetition_penalty": 100.0}, {"stop": ["a"] * 16},
-                  {"echo": True}, {"bad_words": []}, {"use_beam_search": False}, {"truncate_prompt_tokens": None}):
+                  {"echo": True}, {"bad_words": []}, {"use_beam_search": False}, {"truncate_prompt_tokens": None},
+                  {"length_penalty": 1.0}):
         r = http.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 3, **extra})
         assert r.status_code == 200, (extra, r.text)
 

@@ -217,7 +217,6 @@ _UNSUPPORTED = {
     "prompt_logprobs": "on /v1/completions send echo with logprobs: the prompt's tokens get logprobs too",
     "echo": "use /v1/completions with echo",
     "use_beam_search": "beam search is not implemented; sample n choices instead",
-    "length_penalty": "beam search is not implemented; sample n choices instead",
     "continue_final_message": "send the conversation with the partial reply to /v1/completions as one prompt",
     "logits_processors": "use logit_bias, the penalties or structured outputs",
     "return_tokens_as_token_ids": "tokenize the returned text with /v1/tokenize",
@@ -228,7 +227,9 @@ def _refuse_unsupported(obj: dict[str, Any], model: type[BaseModel]) -> None:
     if not issubclass(model, _SamplingFields):
         return
     for name, instead in _UNSUPPORTED.items():
-        if name not in model.model_fields and obj.get(name) not in (None, False, [], {}):
+        value = obj.get(name)
+        inactive = value is None or value is False or value == [] or value == {}  # (0 is active: prompt_logprobs)
+        if name not in model.model_fields and not inactive:
             raise bad_request(f"'{name}' is not supported by this server: {instead}", param=name,
                               code="unsupported_parameter")
 
