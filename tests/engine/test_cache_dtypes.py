@@ -73,8 +73,10 @@ def test_each_option_runs_end_to_end_close_to_the_baseline(ckpt, baseline, kv, s
 
 @pytest.mark.parametrize("kv", ["fp8", "int8", "int4"])
 def test_quantized_kv_keeps_batch_invariance(ckpt, kv):
-    """Scales are per token and head, so chunked prefill and mixed batches give exactly the tokens of each prompt run
-    alone (with an fp32 state; a bf16 state is rounded at every chunk boundary, so chunking changes it)."""
+    """Scales are per token and head, so chunked prefill and mixed batches give the tokens of each prompt run alone
+    (with an fp32 state; a bf16 state is rounded at every chunk boundary, so chunking changes it). Exact for these
+    prompts, not for every prompt: chunking changes fp32 sums in their last bits, and where that moves a value across
+    a rounding boundary of the quantized page, a near-tie between two tokens can flip."""
     ps = prompts(4)
     alone = LLM(str(ckpt[1]), dtype="float32", device="cpu", max_model_len=256, kv_cache_dtype=kv)
     expected = [alone.generate([p], GREEDY)[0].outputs[0].token_ids for p in ps]
