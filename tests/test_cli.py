@@ -89,6 +89,15 @@ def test_bad_engine_options_are_one_clear_line(cache, bad, needle):
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_sampling_options_fail_before_the_model_loads(cache, tmp_path, command):
+    """A bad --temperature is reported before any checkpoint is read (here: a directory with no config.json, which
+    loading would report instead), so a large model is not loaded for minutes only to refuse the flag."""
+    out = run(command, str(tmp_path / "missing"), "--temperature", "-1", stdin="", cache=cache)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "SamplingParams.temperature=-1.0 is invalid" in out.stderr
+
+
 def test_truncated_checkpoint_is_one_line_naming_the_file(cache, tmp_path):
     save_checkpoint(TinySpec("trunc"), tmp_path)
     data = (tmp_path / "model.safetensors").read_bytes()

@@ -54,8 +54,8 @@ def build_llm(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_from(args)  # a bad sampling option fails before the model loads
     llm = build_llm(args)
-    params = sampling_from(args)
     prompts: list[Any] = args.prompt or ["def "]
     if args.chat_template:
         outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
@@ -73,8 +73,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from deltaserve.engine.output_processor import RequestError
     from deltaserve.engine.tokenizer import render_chat, require_chat_template
 
-    llm = build_llm(args)
-    engine, params = llm.engine, sampling_from(args)
+    params = sampling_from(args)  # a bad sampling option fails before the model loads
+    engine = build_llm(args).engine
     require_chat_template(engine.tokenizer)  # before the first prompt, not after the first message
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print("deltaserve chat: type a message, /reset to clear the history, /exit or Ctrl-D to quit.", file=sys.stderr)
