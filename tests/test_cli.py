@@ -51,6 +51,30 @@ def test_chat_streams_and_exits_on_eof(cache):
     assert "/reset" in out.stderr
 
 
+def test_chat_skips_empty_lines(cache):
+    """A blank line is no message: the prompt comes back without a reply being generated."""
+    out = run("chat", "--max-tokens", "4", "--temperature", "0", stdin="\n   \n/exit\n", cache=cache)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "> > > "
+
+
+def test_chat_survives_a_turn_longer_than_the_context(cache):
+    """A turn the engine refuses (the history outgrew max_model_len) is reported and dropped; the session goes on."""
+    out = run("chat", "--max-tokens", "4", "--temperature", "0", "--max-model-len", "64",
+              stdin="word " * 100 + "\nHi\n", cache=cache)
+    assert out.returncode == 0, out.stderr
+    assert "max_model_len is 64" in out.stderr and "/reset" in out.stderr and "Traceback" not in out.stderr
+    assert out.stdout.count("> ") == 3  # the long line, "Hi" (answered), then EOF
+    assert len(out.stdout.split("> ")[2]) > 1  # "Hi" got a reply
+
+
+def test_chat_without_a_tokenizer_fails_before_the_first_prompt(cache, tmp_path):
+    save_checkpoint(TinySpec("notok"), tmp_path)
+    out = run("chat", str(tmp_path), stdin="", cache=cache)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "chat needs a tokenizer" in out.stderr and "> " not in out.stdout
+
+
 def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
     out = run("generate", str(tmp_path / "missing"), cache=cache)
     assert out.returncode == 2
@@ -63,6 +87,15 @@ def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
 def test_bad_engine_options_are_one_clear_line(cache, bad, needle):
     out = run("generate", *bad, cache=cache)
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_bad_sampling_options_fail_before_the_model_loads(cache, tmp_path, command):
+    """A bad --temperature is reported before any checkpoint is read (here: a directory with no config.json, which
+    loading would report instead), so a large model is not loaded for minutes only to refuse the flag."""
+    out = run(command, str(tmp_path / "missing"), "--temperature", "-1", stdin="", cache=cache)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "SamplingParams.temperature=-1.0 is invalid" in out.stderr
 
 
 def test_truncated_checkpoint_is_one_line_naming_the_file(cache, tmp_path):

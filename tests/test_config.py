@@ -101,6 +101,41 @@ def test_missing_and_broken_config_json(tmp_path):
         ModelConfig.from_hf(tmp_path)
 
 
+@pytest.mark.parametrize("name, text, needle", [
+    ("config.json", "[1, 2]", "config.json must hold a JSON object, got a list"),
+    ("config.json", "null", "config.json must hold a JSON object, got a NoneType"),
+    ("config.json", b'{"model_type": "\xff"}', "config.json is not valid JSON"),
+    ("generation_config.json", "{not json", "generation_config.json is not valid JSON"),
+    ("generation_config.json", '"eos"', "generation_config.json must hold a JSON object, got a str"),
+])
+def test_malformed_json_files_name_the_file(tmp_path, name, text, needle):
+    """Every malformed file is a ConfigError naming it (the CLI's one-line error), never an AttributeError from
+    reading a list as a dict or a bare JSON error without the file."""
+    write(tmp_path, DENSE_27B)
+    (tmp_path / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=needle):
+        ModelConfig.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda t: t.update(max_position_embeddings="262144"), "'max_position_embeddings' must be a positive integer"),
+    (lambda t: t.update(max_position_embeddings=0), "'max_position_embeddings' must be a positive integer"),
+    (lambda t: t.update(rms_norm_eps="1e-6"), "'rms_norm_eps' must be a number, got '1e-6'"),
+    (lambda t: t.update(rms_norm_eps=None), "'rms_norm_eps' must be a number, got None"),
+    (lambda t: t["rope_parameters"].update(rope_theta=[1]), "'rope_theta' must be a number"),
+])
+def test_mistyped_model_fields_name_the_field(mutate, needle):
+    cfg = copy.deepcopy(DENSE_27B)
+    mutate(cfg["text_config"])
+    with pytest.raises(ConfigError, match=needle):
+        ModelConfig.from_dict(cfg)
+
+
+def test_non_string_architectures_are_unsupported_not_a_crash():
+    with pytest.raises(ConfigError, match="unsupported architecture"):
+        ModelConfig.from_dict({**DENSE_27B, "architectures": [["Qwen3_5ForCausalLM"]]})
+
+
 def test_moe_missing_field(tmp_path):
     cfg = dict(MOE_35B_FLAT)
     cfg.pop("num_experts")

@@ -54,8 +54,8 @@ def build_llm(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    params = sampling_from(args)  # a bad sampling option fails before the model loads
     llm = build_llm(args)
-    params = sampling_from(args)
     prompts: list[Any] = args.prompt or ["def "]
     if args.chat_template:
         outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
@@ -70,10 +70,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from deltaserve.engine.tokenizer import render_chat
+    from deltaserve.engine.output_processor import RequestError
+    from deltaserve.engine.tokenizer import render_chat, require_chat_template
 
-    llm = build_llm(args)
-    engine, params = llm.engine, sampling_from(args)
+    params = sampling_from(args)  # a bad sampling option fails before the model loads
+    engine = build_llm(args).engine
+    require_chat_template(engine.tokenizer)  # before the first prompt, not after the first message
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print("deltaserve chat: type a message, /reset to clear the history, /exit or Ctrl-D to quit.", file=sys.stderr)
     for turn in range(1 << 62):
@@ -81,14 +83,22 @@ def cmd_chat(args: argparse.Namespace) -> int:
             line = input("> ")
         except EOFError:
             return 0
+        if not line.strip():
+            continue  # an empty line is not a message
         if line.strip() in ("/exit", "/quit"):
             return 0
         if line.strip() == "/reset":
             history = history[:1] if args.system else []
             continue
         history.append({"role": "user", "content": line})
-        ids = render_chat(engine.tokenizer, history, chat_template_kwargs={"enable_thinking": not args.no_thinking})
-        reply = stream_reply(engine, f"chat-{turn}", ids, params)
+        try:
+            ids = render_chat(engine.tokenizer, history,
+                              chat_template_kwargs={"enable_thinking": not args.no_thinking})
+            reply = stream_reply(engine, f"chat-{turn}", ids, params)
+        except RequestError as e:  # e.g. the history outgrew max_model_len: say so and keep the session
+            history.pop()
+            print(f"deltaserve chat: {e} (/reset clears the history)", file=sys.stderr)
+            continue
         history.append({"role": "assistant", "content": reply})
     return 0
 

@@ -99,7 +99,12 @@ def _as_params_list(params, n: int) -> list[SamplingParams]:
         return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
+    if isinstance(params, (str, dict)) or not hasattr(params, "__iter__"):
+        raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got {type(params).__name__}")
     params = list(params)
+    wrong = [type(p).__name__ for p in params if not isinstance(p, SamplingParams)]
+    if wrong:
+        raise TypeError(f"sampling_params must be a SamplingParams or a list of them; the list holds {wrong[0]}")
     if len(params) != n:
         raise ValueError(f"got {len(params)} SamplingParams for {n} prompts; give one, or one per prompt")
     return params

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from deltaserve.config import ModelConfig
 from deltaserve.kernels.quant.ref import FP8_MAX, pack_int4
 
 FP8_KEEP = (r".*linear_attn\.in_proj_[ab]$", r".*mlp\.gate$", r".*shared_expert_gate$", r".*embed_tokens$",
@@ -95,11 +96,20 @@ def quantize_checkpoint(src: str | Path, out: str | Path, *, method: str, group_
     src, out = Path(src), Path(out)
     if method not in ("fp8", "int4"):
         raise ValueError(f"method {method!r}: use fp8 or int4")
-    config = json.loads((src / "config.json").read_text())
-    if config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config"):
+    if method == "int4" and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
+        raise ValueError(f"group size {group_size!r}: use a positive integer that divides the layers' input sizes "
+                         "(128 is Qwen's)")
+    model = ModelConfig.from_hf(src)  # a Qwen3.5 checkpoint's config.json, or a ConfigError naming the problem
+    if model.quantization_config:
         raise ValueError(f"{src} is already quantized; quantize the bf16 checkpoint")
-    out.mkdir(parents=True, exist_ok=True)
     files = sorted(src.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {src}; quantize a Hugging Face safetensors checkpoint")
+    if out.exists() and out.resolve() == src.resolve():
+        raise ValueError(f"the output directory {out} is the source checkpoint; quantizing in place would overwrite "
+                         "its bf16 weights: name a new directory")
+    config = json.loads((src / "config.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
     keep = [re.compile(p) for p in FP8_KEEP]
     skipped: list[str] = []
     weight_map: dict[str, str] = {}

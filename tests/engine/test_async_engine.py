@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from deltaserve import LLM, SamplingParams
+from deltaserve import SamplingParams
 from deltaserve.engine.async_engine import AsyncLLM
 from deltaserve.engine.engine import RequestError
 from tests.engine.test_engine import ckpt, make_llm, pools_full, prompts  # noqa: F401 (fixture)
@@ -68,6 +68,21 @@ def test_bad_request_raises_and_engine_keeps_serving(engines):
             await collect(alng, "long", list(range(1, 600)), sp)
         return await collect(alng, "ok", [1, 2, 3], sp)
     assert len(asyncio.run(main())[0]) == 4
+
+
+def test_duplicate_request_id_is_refused_and_the_first_stream_finishes(engines):
+    """A second stream under a live request's id is refused; the first one still gets all its tokens (replacing its
+    stream left its caller waiting forever, and the refused one's cleanup aborted the first request)."""
+    _, alng = engines
+    sp = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+
+    async def main():
+        first = asyncio.create_task(collect(alng, "same", [1, 2, 3], sp))
+        await asyncio.sleep(0.05)  # the first stream is registered and running
+        with pytest.raises(RequestError, match="already in use"):
+            await collect(alng, "same", [4, 5, 6], sp)
+        return await asyncio.wait_for(first, 30)
+    assert len(asyncio.run(main())[0]) == 30
 
 
 def test_shutdown_fails_waiting_callers(ckpt):  # noqa: F811

@@ -407,3 +407,18 @@ def test_a_device_error_seen_when_reading_tokens_fails_that_step_only(ckpt):
     eng.runner.launch = real
     assert pools_full(llm) and eng._inflight is None
     assert llm.generate([prompts(1, 55)[0]], GREEDY)[0].outputs[0].finish_reason == "length"
+
+
+def test_generate_names_mistyped_sampling_params(ckpt):
+    """A dict (vLLM-style kwargs) or a list holding something else is a TypeError naming sampling_params, before
+    any request is queued (a dict was read as a list of its keys: AttributeError "'str' object has no attribute
+    'n'"); a list of the wrong length still says how many were given."""
+    llm = make_llm(ckpt[0])
+    with pytest.raises(TypeError, match="sampling_params must be a SamplingParams or a list of them, got dict"):
+        llm.generate([1, 2, 3], {"max_tokens": 3})
+    with pytest.raises(TypeError, match="the list holds NoneType"):
+        llm.generate([[1, 2, 3]], [None])
+    with pytest.raises(ValueError, match="got 1 SamplingParams for 2 prompts"):
+        llm.generate([[1, 2], [3]], [SamplingParams(max_tokens=2)])
+    assert pools_full(llm)
+    assert len(llm.generate([[1, 2], [3]], [GREEDY, GREEDY])) == 2

@@ -396,6 +396,40 @@ def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
     assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
 
 
+def test_quantize_refuses_to_write_over_its_source(bf16_dirs, tmp_path, capsys):
+    """OUT = SRC is refused before anything is written (it overwrote the bf16 weights and config.json with the
+    quantized ones, then failed copying the tokenizer onto itself)."""
+    from deltaserve.cli import main
+    src = tmp_path / "src"
+    shutil.copytree(bf16_dirs["q_dense"], src)
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    assert main(["quantize", str(src), str(src / ".." / "src"), "--method", "fp8"]) == 2
+    assert "is the source checkpoint" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+
+
+@pytest.mark.parametrize("make_src, args, needle", [
+    (lambda d, bf16: None, ("--method", "fp8"), "no config.json in"),
+    (lambda d, bf16: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}'), ("--method", "fp8"),
+     "unsupported architecture"),
+    (lambda d, bf16: shutil.copy(bf16 / "config.json", d / "config.json"), ("--method", "fp8"),
+     "no *.safetensors files in"),
+    (lambda d, bf16: shutil.copytree(bf16, d, dirs_exist_ok=True), ("--method", "int4", "--group-size", "0"),
+     "group size 0"),
+])
+def test_quantize_bad_sources_are_one_line(bf16_dirs, tmp_path, capsys, make_src, args, needle):
+    """A source that is not a bf16 Qwen3.5 safetensors checkpoint, or a zero group size, is a one-line error with
+    exit 2 and no output directory (a Llama config or a directory without weights "quantized" into a lone
+    config.json; --group-size 0 was a ZeroDivisionError traceback)."""
+    from deltaserve.cli import main
+    src = tmp_path / "src"
+    src.mkdir()
+    make_src(src, bf16_dirs["q_dense"])
+    assert main(["quantize", str(src), str(tmp_path / "out"), *args]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["qwen_fp8_dense", "gptq_dense", "awq_dense", "ct_w4a16_asym_dense",

@@ -102,6 +102,9 @@ class ModelConfig(LinearAttentionSizes):
                      "linear_value_head_dim", "linear_conv_kernel_dim"):
             value = getattr(self, name)
             _require(isinstance(value, int) and value > 0, f"config field '{name}' must be a positive integer, got {value!r}")
+        value = self.max_position_embeddings
+        _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                 f"config field 'max_position_embeddings' must be a positive integer, got {value!r}")
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
             _require(isinstance(value, (int, float)) and math.isfinite(value) and value > 0,
@@ -144,12 +147,9 @@ class ModelConfig(LinearAttentionSizes):
         path = Path(model_dir) / "config.json"
         if not path.is_file():
             raise ConfigError(f"no config.json in {model_dir!s}: pass the directory of a Hugging Face checkpoint")
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        raw = _read_json_object(path)
         gen_path = Path(model_dir) / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        gen = _read_json_object(gen_path) if gen_path.is_file() else {}
         return cls.from_dict(raw, generation_config=gen, model_dir=str(model_dir))
 
     @classmethod
@@ -182,7 +182,7 @@ class ModelConfig(LinearAttentionSizes):
             linear_num_key_heads=get("linear_num_key_heads"), linear_num_value_heads=get("linear_num_value_heads"),
             linear_key_head_dim=get("linear_key_head_dim"), linear_value_head_dim=get("linear_value_head_dim"),
             linear_conv_kernel_dim=get("linear_conv_kernel_dim", 4),
-            rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_float("rms_norm_eps", get("rms_norm_eps", 1e-6)),
             rope_theta=rope["rope_theta"], partial_rotary_factor=rope["partial_rotary_factor"],
             max_position_embeddings=get("max_position_embeddings", 262144),
             tie_word_embeddings=bool(tie),
@@ -201,12 +201,23 @@ class ModelConfig(LinearAttentionSizes):
         )
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold one object (config.json, generation_config.json); a ConfigError names the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def _architecture(raw: dict[str, Any]) -> tuple[str, bool]:
     archs = raw.get("architectures") or []
     if not isinstance(archs, list):
         raise ConfigError(f"config field 'architectures' must be a list, got {archs!r}")
     for arch in archs:
-        if arch in SUPPORTED_ARCHITECTURES:
+        if isinstance(arch, str) and arch in SUPPORTED_ARCHITECTURES:
             return arch, SUPPORTED_ARCHITECTURES[arch]
     model_type = raw.get("model_type")
     if not archs and model_type in SUPPORTED_MODEL_TYPES:
@@ -238,7 +249,14 @@ def _rope(text: dict[str, Any]) -> dict[str, float]:
                           "supported (YaRN beyond 256K context is not implemented)")
     theta = params.get("rope_theta", text.get("rope_theta", 10_000_000.0))
     factor = params.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
-    return {"rope_theta": float(theta), "partial_rotary_factor": float(factor)}
+    return {"rope_theta": _float("rope_theta", theta), "partial_rotary_factor": _float("partial_rotary_factor", factor)}
+
+
+def _float(name: str, value: Any) -> float:
+    """A numeric config field as a float (validated further by ModelConfig); a ConfigError names a non-number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config field '{name}' must be a number, got {value!r}")
+    return float(value)
 
 
 def _eos_ids(text: dict[str, Any], raw: dict[str, Any], gen: dict[str, Any]) -> tuple[int, ...]:

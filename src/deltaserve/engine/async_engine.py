@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from deltaserve.engine.engine import EngineArgs, LLMEngine
+from deltaserve.engine.engine import EngineArgs, LLMEngine, RequestError
 from deltaserve.outputs import SequenceDelta
 from deltaserve.sampling_params import SamplingParams
 
@@ -58,7 +58,10 @@ class AsyncLLM:
         if self._dead is not None:
             raise EngineDeadError(self._dead)
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), params.n)
-        self._streams[request_id] = stream
+        if self._streams.setdefault(request_id, stream) is not stream:
+            # replacing the live stream would strand its caller, and this one's cleanup would abort its request
+            raise RequestError(f"request id {request_id!r} is already in use by a running stream; give each request "
+                               "a unique id")
         self._commands.put((self._add, request_id, list(prompt_token_ids), params, tuple(cache_points)))
         finished = False
         try:

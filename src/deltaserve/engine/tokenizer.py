@@ -30,14 +30,20 @@ def require_tokenizer(tokenizer, what: str):
     return tokenizer
 
 
+def require_chat_template(tokenizer):
+    """The tokenizer, if it can render chats (it exists and has a chat template); else a TokenizerError saying why."""
+    tokenizer = require_tokenizer(tokenizer, "chat")
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise TokenizerError("the checkpoint's tokenizer has no chat template; use completions (plain prompts)")
+    return tokenizer
+
+
 def render_chat(tokenizer, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
                 add_generation_prompt: bool = True, chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Render messages with the checkpoint's chat template (enable_thinking etc. via chat_template_kwargs)."""
-    tokenizer = require_tokenizer(tokenizer, "chat")
+    tokenizer = require_chat_template(tokenizer)
     if not messages:
         raise TokenizerError("messages is empty; a chat request needs at least one message")
-    if getattr(tokenizer, "chat_template", None) is None:
-        raise TokenizerError("the checkpoint's tokenizer has no chat template; use completions (plain prompts)")
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
                                              tokenize=False, **(chat_template_kwargs or {}))
