@@ -58,6 +58,13 @@ def test_chat_skips_empty_lines(cache):
     assert out.stdout == "> > > "
 
 
+def test_chat_answers_an_unknown_command_with_the_commands(cache):
+    """/help or a mistyped command is not sent to the model: the commands are listed and no reply is generated."""
+    out = run("chat", "--max-tokens", "4", "--temperature", "0", stdin="/help\n/exti\n/exit\n", cache=cache)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "> > > " and out.stderr.count("/reset clears the history") == 3  # banner + two answers
+
+
 def test_chat_survives_a_turn_longer_than_the_context(cache):
     """A turn the engine refuses (the history outgrew max_model_len) is reported and dropped; the session goes on."""
     out = run("chat", "--max-tokens", "4", "--temperature", "0", "--max-model-len", "64",

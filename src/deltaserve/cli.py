@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from typing import Any
 
@@ -69,6 +70,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+CHAT_COMMANDS = "/reset clears the history, /exit or Ctrl-D quits"
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from deltaserve.engine.output_processor import RequestError
     from deltaserve.engine.tokenizer import render_chat, require_chat_template
@@ -77,7 +81,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine = build_llm(args).engine
     require_chat_template(engine.tokenizer)  # before the first prompt, not after the first message
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
-    print("deltaserve chat: type a message, /reset to clear the history, /exit or Ctrl-D to quit.", file=sys.stderr)
+    print(f"deltaserve chat: type a message; {CHAT_COMMANDS}.", file=sys.stderr)
     for turn in range(1 << 62):
         try:
             line = input("> ")
@@ -89,6 +93,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
             return 0
         if line.strip() == "/reset":
             history = history[:1] if args.system else []
+            continue
+        if re.fullmatch(r"/\w+", line.strip()):  # a mistyped command is not a message (/help lands here too)
+            print(f"deltaserve chat: {CHAT_COMMANDS}", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         try:
