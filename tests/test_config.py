@@ -270,3 +270,16 @@ def test_engine_args_resolve_the_checkpoint_interval_from_the_step(tmp_path):
                        checkpoint_interval=1024).create_engine_config()
     assert given.cache.checkpoint_interval == 1024
     assert EngineArgs(model=str(path), device="cpu").create_engine_config().cache.checkpoint_interval == 4096
+
+
+def test_max_model_len_past_the_trained_positions_is_warned(tmp_path, caplog):
+    """Allowed (a config may understate its reach, e.g. with RoPE scaling), but said at start, with both values."""
+    from deltaserve.config.options import EngineArgs
+
+    path = write(tmp_path, DENSE_27B)
+    with caplog.at_level("WARNING", logger="deltaserve.config.options"):
+        EngineArgs(model=str(path), device="cpu", max_model_len=262144).create_engine_config()
+        assert not caplog.records
+        config = EngineArgs(model=str(path), device="cpu", max_model_len=300000).create_engine_config()
+    assert config.max_model_len == 300000
+    assert "300000" in caplog.text and "max_position_embeddings 262144" in caplog.text

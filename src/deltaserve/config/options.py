@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +17,8 @@ from deltaserve.config.engine import (BATCHED_TOKENS, CHECKPOINT_INTERVAL, FP8_A
                                       QuantizationConfig, RunnerConfig, SchedulerConfig, SpeculativeConfig,
                                       parse_speculative_config)
 from deltaserve.config.model import ModelConfig
+
+log = logging.getLogger(__name__)
 
 
 def _option(default: Any, help: str, *, section: str, type: type | None = None, choices: tuple | None = None,
@@ -158,6 +161,10 @@ class EngineArgs:
         scheduler = sections["scheduler"]
         if scheduler["max_model_len"] is None:
             scheduler["max_model_len"] = model.max_position_embeddings
+        elif scheduler["max_model_len"] > model.max_position_embeddings:  # allowed: a config may understate it
+            log.warning("max_model_len %d is longer than the model's max_position_embeddings %d: positions past it "
+                        "were never trained and outputs there may be garbage", scheduler["max_model_len"],
+                        model.max_position_embeddings)
         if scheduler["max_num_batched_tokens"] is None:
             scheduler["max_num_batched_tokens"] = default_batched_tokens(self.device)
         cache = sections["cache"]
