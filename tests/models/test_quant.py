@@ -396,6 +396,45 @@ def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
     assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
 
 
+def test_quantize_refuses_an_output_dir_in_use(bf16_dirs, tmp_path, capsys):
+    """`deltaserve quantize SRC SRC` used to overwrite the bf16 checkpoint with its quantized copy; a non-empty OUT
+    mixed stale files into the new checkpoint ('tensor given more than once' at load). Both are refused, and
+    nothing is written."""
+    from deltaserve.cli import main
+    src = tmp_path / "src"
+    shutil.copytree(bf16_dirs["q_dense"], src)
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    assert main(["quantize", str(src), str(src), "--method", "fp8"]) == 2
+    assert "exists and is not an empty directory" in capsys.readouterr().err
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        quantize_checkpoint(src, out, method="int4")
+    assert [f.name for f in out.iterdir()] == ["model-00001-of-00002.safetensors"]
+
+
+def test_quantize_bad_requests_fail_before_writing(bf16_dirs, tmp_path, capsys):
+    """Arguments that cannot give a loadable checkpoint fail with a message and leave no partial output: a group
+    size of 0 (was a ZeroDivisionError traceback) or -1, one that does not divide the MLP's 384 inputs (failed
+    half-way, leaving an empty OUT), --desc-act on a MoE model (wrote act-order experts that deltaserve then refused
+    to load), a source without weights (wrote a config alone)."""
+    from deltaserve.cli import main
+    for size, why in (("0", "positive group size"), ("-1", "positive group size"), ("100", "multiple of the group")):
+        out = tmp_path / f"g{size}"
+        assert main(["quantize", str(bf16_dirs["q_dense"]), str(out), "--method", "int4", "--group-size", size]) == 2
+        assert why in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ValueError, match="--desc-act: a MoE model"):
+        quantize_checkpoint(bf16_dirs["q_moe"], tmp_path / "moe", method="int4", desc_act=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(bf16_dirs["q_dense"] / "config.json", empty)
+    with pytest.raises(ValueError, match="no \\*.safetensors files"):
+        quantize_checkpoint(empty, tmp_path / "none", method="fp8")
+    assert not (tmp_path / "moe").exists() and not (tmp_path / "none").exists()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name", ["qwen_fp8_dense", "gptq_dense", "awq_dense", "ct_w4a16_asym_dense",
