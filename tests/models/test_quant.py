@@ -348,11 +348,11 @@ def test_dummy_quantized_model_runs(method):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name,folded", [("gptq_moe", False), ("qwen_fp8_moe", True), ("awq_mixed_moe", True)])
+@pytest.mark.parametrize("name,folded", [("gptq_moe", True), ("qwen_fp8_moe", True), ("awq_mixed_moe", True)])
 def test_shared_expert_folds_into_the_experts_op_only_when_formats_match(name, folded, monkeypatch):
     """A quantized shared expert in the experts' format runs inside their op as one more expert per token; the
-    MoE block's output is the same (fp32) as running it through its own layers. An act-order GPTQ shared expert
-    (its input permuted) keeps its own layers."""
+    MoE block's output is the same (fp32) as running it through its own layers. (An act-order GPTQ shared expert,
+    its input permuted, keeps its own layers: test_only_a_permuted_g_idx_is_act_order.)"""
     from deltaserve.layers import quant as layer_quant
 
     model = load_model(ModelConfig.from_hf(FIXTURES / name), dtype="float32")
@@ -365,6 +365,33 @@ def test_shared_expert_folds_into_the_experts_op_only_when_formats_match(name, f
         monkeypatch.setattr(layer_quant, "_foldable_shared", lambda *args: None)
         want = moe(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_only_a_permuted_g_idx_is_act_order(tmp_path, caplog):
+    """GPTQ writes a g_idx with desc_act false too (k // group_size). Every module holding one used to be taken as
+    act-order: logged so, gate|up and q|k|v split into one GEMM per projection, an identity permutation of the
+    input before each, the shared expert never folded into the experts' op. Only a g_idx that permutes K is."""
+    from deltaserve.layers.quant import Int4LinearMethod, _foldable_shared
+
+    with caplog.at_level("INFO", logger="deltaserve.models.loader"):
+        model = load_model(ModelConfig.from_hf(FIXTURES / "gptq_moe"), dtype="float32")
+    line = next(r.getMessage() for r in caplog.records if "weight formats" in r.getMessage())
+    assert "int4 g128" in line and "act-order" not in line
+    moe = model.model.layers[0].mlp
+    assert type(moe.shared_expert.gate_up_proj.method) is Int4LinearMethod
+    assert moe.shared_expert.down_proj.perm is None and _foldable_shared(moe.experts, moe.shared_expert,
+                                                                         Int4LinearMethod) is not None
+
+    def permute(t):
+        name = "model.layers.0.mlp.shared_expert.gate_proj.g_idx"  # 256 inputs: two groups
+        t[name] = t[name][torch.randperm(256, generator=torch.Generator().manual_seed(0))].contiguous()
+    model = load_model(ModelConfig.from_hf(_with_config(FIXTURES / "gptq_moe", tmp_path / "perm", None, permute)),
+                       dtype="float32")
+    moe = model.model.layers[0].mlp
+    gate, up = moe.shared_expert.gate_up_proj.parts
+    assert gate.method.name == "int4 g128 act-order" and gate.perm is not None and up.perm is None
+    assert _foldable_shared(moe.experts, moe.shared_expert, Int4LinearMethod) is None
+    assert type(model.model.layers[1].mlp.shared_expert.gate_up_proj.method) is Int4LinearMethod
 
 
 def test_split_format_projection_gives_its_shards_without_concatenating(monkeypatch):
