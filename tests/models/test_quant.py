@@ -295,6 +295,29 @@ def test_quantized_tensors_of_an_excluded_module_are_an_error(tmp_path):
         load_model(ModelConfig.from_hf(bad), dtype="float32")
 
 
+def test_gptq_zero_points_must_match_checkpoint_format(tmp_path):
+    """A symmetric GPTQ checkpoint whose zero points contradict its checkpoint_format (v1 stores zero - 1 = 7, v2
+    stores 8) used to load with every weight one scale step off; it fails naming the tensor. Labelled right, the
+    v2 copy gives the v1 fixture's logits."""
+    src = FIXTURES / "gptq_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    v1_as_v2 = _with_config(src, tmp_path / "v1_as_v2", {**qc, "checkpoint_format": "gptq_v2"})
+    with pytest.raises(CheckpointError, match=r"linear_attn\.in_proj_qkv\.qzeros: quantization_config\.sym is true, "
+                                              r"so every zero point is 8, but .* gives \[7\]"):
+        load_model(ModelConfig.from_hf(v1_as_v2), dtype="float32")
+
+    def to_v2(t):
+        for name in [n for n in t if n.endswith(".qzeros")]:
+            t[name] = pack_int4(unpack_int4(t[name], t[name].shape[1] * 8) + 1)
+    v2_as_v1 = _with_config(src, tmp_path / "v2_as_v1", None, to_v2)
+    with pytest.raises(CheckpointError, match=r"qzeros: .* gives \[9\]"):
+        load_model(ModelConfig.from_hf(v2_as_v1), dtype="float32")
+    v2 = _with_config(v2_as_v1, tmp_path / "v2", {**qc, "checkpoint_format": "gptq_v2"})
+    prompt = list(range(3, 20))
+    assert torch.equal(SimpleRunner(load_model(ModelConfig.from_hf(v2), dtype="float32")).step({0: prompt})[0],
+                       SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
+
+
 def test_fp8_weight_without_scale_is_not_read_as_bf16(tmp_path):
     def edit(t):
         del t["model.layers.0.mlp.down_proj.weight_scale_inv"]

@@ -604,6 +604,20 @@ def _unpack_along_rows(packed: torch.Tensor, rows: int) -> torch.Tensor:
     return unpack_int4(packed.T.contiguous(), rows).T
 
 
+def _check_gptq_zeros(fmt: WeightFormat, name: str, z: torch.Tensor) -> None:
+    """GPTQ zero points (stored + the checkpoint_format's offset) in the 4-bit range, and all 8 when sym: a v1
+    checkpoint labelled gptq_v2 (or the reverse) would otherwise load every weight one scale step off."""
+    offset = f"checkpoint_format {'gptq' if fmt.zero_offset else 'gptq_v2'}'s offset of {fmt.zero_offset}"
+    if z.max() > 15:
+        raise QuantizationError(f"{name}.qzeros: stored zero point 15 plus {offset} is out of the 4-bit range; is "
+                                "this a gptq_v2 checkpoint (set checkpoint_format)?")
+    if fmt.symmetric and not bool((z == 8).all()):
+        found = sorted(set(z.unique().tolist()) - {8})
+        raise QuantizationError(f"{name}.qzeros: quantization_config.sym is true, so every zero point is 8, but "
+                                f"stored + {offset} gives {found[:4]}; a v1 checkpoint stores 7 (checkpoint_format "
+                                "gptq), a v2 one 8 (gptq_v2), an asymmetric one needs sym false")
+
+
 def _convert_int4(fmt: WeightFormat, name: str, t: dict[str, torch.Tensor], n: int, k: int, g: int):
     """Checkpoint tensors -> (codes [n, k] uint8, zeros [n, groups] uint8, scales [n, groups] fp32, g_idx|None)."""
     gidx = None
@@ -612,9 +626,7 @@ def _convert_int4(fmt: WeightFormat, name: str, t: dict[str, torch.Tensor], n: i
         z = unpack_int4(t["qzeros"], n).T.int() + fmt.zero_offset     # [n, groups]
         s = t["scales"].float().T
         gidx = t.get("g_idx")
-        if z.max() > 15:
-            raise QuantizationError(f"{name}.qzeros: stored zero point 15 plus GPTQ v1's offset of 1 is out of "
-                                    "the 4-bit range; is this a gptq_v2 checkpoint (set checkpoint_format)?")
+        _check_gptq_zeros(fmt, name, z)
     elif fmt.checkpoint == "awq":
         order = torch.tensor(AWQ_ORDER)
 
