@@ -90,26 +90,48 @@ def _module_name(tensor_name: str) -> str:
     return re.sub(r"^model\.language_model\.", "model.", name)
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, *, method: str, group_size: int = 128,
-                        desc_act: bool = False, block: tuple[int, int] = (128, 128)) -> Path:
-    """Quantize the bf16 checkpoint in `src` into `out` ("fp8": Qwen FP8 block; "int4": GPTQ v1)."""
-    src, out = Path(src), Path(out)
+def _check_request(src: Path, out: Path, *, method: str, group_size: int, desc_act: bool) -> dict:
+    """src's config.json, or a ValueError (ConfigError) before anything is written, for a request that cannot give a
+    checkpoint deltaserve loads."""
     if method not in ("fp8", "int4"):
         raise ValueError(f"method {method!r}: use fp8 or int4")
     if method == "int4" and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
-        raise ValueError(f"group size {group_size!r}: use a positive integer that divides the layers' input sizes "
+        raise ValueError(f"--group-size {group_size!r}: int4 needs a positive group size dividing the MLP input sizes "
                          "(128 is Qwen's)")
     model = ModelConfig.from_hf(src)  # a Qwen3.5 checkpoint's config.json, or a ConfigError naming the problem
     if model.quantization_config:
         raise ValueError(f"{src} is already quantized; quantize the bf16 checkpoint")
-    files = sorted(src.glob("*.safetensors"))
-    if not files:
+    if method == "int4" and desc_act and model.num_experts:
+        # int4 quantizes only the routed experts of a MoE model, and their g_idx must be k // group_size
+        raise ValueError("--desc-act: a MoE model's int4 weights are its routed experts, which deltaserve loads only "
+                         "without act-order; quantize without --desc-act")
+    if not any(src.glob("*.safetensors")):
         raise ValueError(f"no *.safetensors files in {src}; quantize a Hugging Face safetensors checkpoint")
-    if out.exists() and out.resolve() == src.resolve():
-        raise ValueError(f"the output directory {out} is the source checkpoint; quantizing in place would overwrite "
-                         "its bf16 weights: name a new directory")
-    config = json.loads((src / "config.json").read_text())
+    # files already in `out` would be read with the new ones as one checkpoint (and `out` may be `src` itself)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} exists and is not an empty directory; write the quantized checkpoint into a new "
+                         "one")
+    return json.loads((src / "config.json").read_text())
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, *, method: str, group_size: int = 128,
+                        desc_act: bool = False, block: tuple[int, int] = (128, 128)) -> Path:
+    """Quantize the bf16 checkpoint in `src` into `out` ("fp8": Qwen FP8 block; "int4": GPTQ v1), a directory that
+    must not exist or be empty. On failure nothing is left in `out`."""
+    src, out = Path(src), Path(out)
+    config = _check_request(src, out, method=method, group_size=group_size, desc_act=desc_act)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write(src, out, config, method=method, group_size=group_size, desc_act=desc_act, block=block)
+    except BaseException:
+        shutil.rmtree(out)  # empty before this call: only the partial checkpoint goes
+        raise
+    return out
+
+
+def _write(src: Path, out: Path, config: dict, *, method: str, group_size: int, desc_act: bool,
+           block: tuple[int, int]) -> None:
+    files = sorted(src.glob("*.safetensors"))
     keep = [re.compile(p) for p in FP8_KEEP]
     skipped: list[str] = []
     weight_map: dict[str, str] = {}
@@ -147,7 +169,6 @@ def quantize_checkpoint(src: str | Path, out: str | Path, *, method: str, group_
         if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (
                 "config.json", "model.safetensors.index.json"):
             shutil.copy(extra, out / extra.name)
-    return out
 
 
 if __name__ == "__main__":

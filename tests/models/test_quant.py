@@ -295,6 +295,29 @@ def test_quantized_tensors_of_an_excluded_module_are_an_error(tmp_path):
         load_model(ModelConfig.from_hf(bad), dtype="float32")
 
 
+def test_gptq_zero_points_must_match_checkpoint_format(tmp_path):
+    """A symmetric GPTQ checkpoint whose zero points contradict its checkpoint_format (v1 stores zero - 1 = 7, v2
+    stores 8) used to load with every weight one scale step off; it fails naming the tensor. Labelled right, the
+    v2 copy gives the v1 fixture's logits."""
+    src = FIXTURES / "gptq_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    v1_as_v2 = _with_config(src, tmp_path / "v1_as_v2", {**qc, "checkpoint_format": "gptq_v2"})
+    with pytest.raises(CheckpointError, match=r"linear_attn\.in_proj_qkv\.qzeros: quantization_config\.sym is true, "
+                                              r"so every zero point is 8, but .* gives \[7\]"):
+        load_model(ModelConfig.from_hf(v1_as_v2), dtype="float32")
+
+    def to_v2(t):
+        for name in [n for n in t if n.endswith(".qzeros")]:
+            t[name] = pack_int4(unpack_int4(t[name], t[name].shape[1] * 8) + 1)
+    v2_as_v1 = _with_config(src, tmp_path / "v2_as_v1", None, to_v2)
+    with pytest.raises(CheckpointError, match=r"qzeros: .* gives \[9\]"):
+        load_model(ModelConfig.from_hf(v2_as_v1), dtype="float32")
+    v2 = _with_config(v2_as_v1, tmp_path / "v2", {**qc, "checkpoint_format": "gptq_v2"})
+    prompt = list(range(3, 20))
+    assert torch.equal(SimpleRunner(load_model(ModelConfig.from_hf(v2), dtype="float32")).step({0: prompt})[0],
+                       SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
+
+
 def test_fp8_weight_without_scale_is_not_read_as_bf16(tmp_path):
     def edit(t):
         del t["model.layers.0.mlp.down_proj.weight_scale_inv"]
@@ -348,11 +371,11 @@ def test_dummy_quantized_model_runs(method):
     assert torch.isfinite(out).all()
 
 
-@pytest.mark.parametrize("name,folded", [("gptq_moe", False), ("qwen_fp8_moe", True), ("awq_mixed_moe", True)])
+@pytest.mark.parametrize("name,folded", [("gptq_moe", True), ("qwen_fp8_moe", True), ("awq_mixed_moe", True)])
 def test_shared_expert_folds_into_the_experts_op_only_when_formats_match(name, folded, monkeypatch):
     """A quantized shared expert in the experts' format runs inside their op as one more expert per token; the
-    MoE block's output is the same (fp32) as running it through its own layers. An act-order GPTQ shared expert
-    (its input permuted) keeps its own layers."""
+    MoE block's output is the same (fp32) as running it through its own layers. (An act-order GPTQ shared expert,
+    its input permuted, keeps its own layers: test_only_a_permuted_g_idx_is_act_order.)"""
     from deltaserve.layers import quant as layer_quant
 
     model = load_model(ModelConfig.from_hf(FIXTURES / name), dtype="float32")
@@ -365,6 +388,33 @@ def test_shared_expert_folds_into_the_experts_op_only_when_formats_match(name, f
         monkeypatch.setattr(layer_quant, "_foldable_shared", lambda *args: None)
         want = moe(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_only_a_permuted_g_idx_is_act_order(tmp_path, caplog):
+    """GPTQ writes a g_idx with desc_act false too (k // group_size). Every module holding one used to be taken as
+    act-order: logged so, gate|up and q|k|v split into one GEMM per projection, an identity permutation of the
+    input before each, the shared expert never folded into the experts' op. Only a g_idx that permutes K is."""
+    from deltaserve.layers.quant import Int4LinearMethod, _foldable_shared
+
+    with caplog.at_level("INFO", logger="deltaserve.models.loader"):
+        model = load_model(ModelConfig.from_hf(FIXTURES / "gptq_moe"), dtype="float32")
+    line = next(r.getMessage() for r in caplog.records if "weight formats" in r.getMessage())
+    assert "int4 g128" in line and "act-order" not in line
+    moe = model.model.layers[0].mlp
+    assert type(moe.shared_expert.gate_up_proj.method) is Int4LinearMethod
+    assert moe.shared_expert.down_proj.perm is None and _foldable_shared(moe.experts, moe.shared_expert,
+                                                                         Int4LinearMethod) is not None
+
+    def permute(t):
+        name = "model.layers.0.mlp.shared_expert.gate_proj.g_idx"  # 256 inputs: two groups
+        t[name] = t[name][torch.randperm(256, generator=torch.Generator().manual_seed(0))].contiguous()
+    model = load_model(ModelConfig.from_hf(_with_config(FIXTURES / "gptq_moe", tmp_path / "perm", None, permute)),
+                       dtype="float32")
+    moe = model.model.layers[0].mlp
+    gate, up = moe.shared_expert.gate_up_proj.parts
+    assert gate.method.name == "int4 g128 act-order" and gate.perm is not None and up.perm is None
+    assert _foldable_shared(moe.experts, moe.shared_expert, Int4LinearMethod) is None
+    assert type(model.model.layers[1].mlp.shared_expert.gate_up_proj.method) is Int4LinearMethod
 
 
 def test_split_format_projection_gives_its_shards_without_concatenating(monkeypatch):
@@ -396,16 +446,43 @@ def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
     assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
 
 
-def test_quantize_refuses_to_write_over_its_source(bf16_dirs, tmp_path, capsys):
-    """OUT = SRC is refused before anything is written (it overwrote the bf16 weights and config.json with the
-    quantized ones, then failed copying the tokenizer onto itself)."""
+def test_quantize_refuses_an_output_dir_in_use(bf16_dirs, tmp_path, capsys):
+    """`deltaserve quantize SRC SRC` used to overwrite the bf16 checkpoint with its quantized copy; a non-empty OUT
+    mixed stale files into the new checkpoint ('tensor given more than once' at load). Both are refused, and
+    nothing is written."""
     from deltaserve.cli import main
     src = tmp_path / "src"
     shutil.copytree(bf16_dirs["q_dense"], src)
     before = {f.name: f.read_bytes() for f in src.iterdir()}
-    assert main(["quantize", str(src), str(src / ".." / "src"), "--method", "fp8"]) == 2
-    assert "is the source checkpoint" in capsys.readouterr().err
+    assert main(["quantize", str(src), str(src), "--method", "fp8"]) == 2
+    assert "exists and is not an empty directory" in capsys.readouterr().err
     assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"stale")
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        quantize_checkpoint(src, out, method="int4")
+    assert [f.name for f in out.iterdir()] == ["model-00001-of-00002.safetensors"]
+
+
+def test_quantize_bad_requests_fail_before_writing(bf16_dirs, tmp_path, capsys):
+    """Arguments that cannot give a loadable checkpoint fail with a message and leave no partial output: a group
+    size of 0 (was a ZeroDivisionError traceback) or -1, one that does not divide the MLP's 384 inputs (failed
+    half-way, leaving an empty OUT), --desc-act on a MoE model (wrote act-order experts that deltaserve then refused
+    to load), a source without weights (wrote a config alone)."""
+    from deltaserve.cli import main
+    for size, why in (("0", "positive group size"), ("-1", "positive group size"), ("100", "multiple of the group")):
+        out = tmp_path / f"g{size}"
+        assert main(["quantize", str(bf16_dirs["q_dense"]), str(out), "--method", "int4", "--group-size", size]) == 2
+        assert why in capsys.readouterr().err and not out.exists()
+    with pytest.raises(ValueError, match="--desc-act: a MoE model"):
+        quantize_checkpoint(bf16_dirs["q_moe"], tmp_path / "moe", method="int4", desc_act=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(bf16_dirs["q_dense"] / "config.json", empty)
+    with pytest.raises(ValueError, match="no \\*.safetensors files"):
+        quantize_checkpoint(empty, tmp_path / "none", method="fp8")
+    assert not (tmp_path / "moe").exists() and not (tmp_path / "none").exists()
 
 
 @pytest.mark.parametrize("make_src, args, needle", [
@@ -415,7 +492,7 @@ def test_quantize_refuses_to_write_over_its_source(bf16_dirs, tmp_path, capsys):
     (lambda d, bf16: shutil.copy(bf16 / "config.json", d / "config.json"), ("--method", "fp8"),
      "no *.safetensors files in"),
     (lambda d, bf16: shutil.copytree(bf16, d, dirs_exist_ok=True), ("--method", "int4", "--group-size", "0"),
-     "group size 0"),
+     "positive group size"),
 ])
 def test_quantize_bad_sources_are_one_line(bf16_dirs, tmp_path, capsys, make_src, args, needle):
     """A source that is not a bf16 Qwen3.5 safetensors checkpoint, or a zero group size, is a one-line error with

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Set
+from collections.abc import Callable, Set
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -60,7 +60,8 @@ class WeightFormat:
     (compressed-tensors float-quantized), "gptq", "awq" or "ct-int4" (compressed-tensors pack-quantized).
     group_size: int4 K-group, fp8 K-block (0: the whole row, i.e. per channel). block_n: rows per fp8 scale in the
     checkpoint (1: per channel). zero_offset: added to stored zero points (GPTQ v1 stores zero - 1). act_order: the
-    checkpoint may carry a g_idx that permutes K (GPTQ desc_act, compressed-tensors actorder "group")."""
+    checkpoint's g_idx permutes K (GPTQ desc_act, compressed-tensors actorder "group"; from the config alone for
+    dummy weights)."""
 
     kind: str = "unquantized"
     checkpoint: str = "plain"
@@ -124,11 +125,12 @@ class _ModuleSet:
 
 class QuantResolver:
     """Chooses each module's WeightFormat from the quantization_config and the checkpoint's tensor names (our module
-    paths; None for dummy weights, when the config alone decides)."""
+    paths; None for dummy weights, when the config alone decides). read: a checkpoint tensor by name (ours), to
+    tell an act-order g_idx from the trivial one that GPTQ writes with desc_act false too."""
 
     def __init__(self, method: str, raw: dict[str, Any], present: Set[str] | None,
-                 fp8_activations: str = "off") -> None:
-        self.method, self.raw, self.present = method, raw, present
+                 fp8_activations: str = "off", read: Callable[[str], torch.Tensor] | None = None) -> None:
+        self.method, self.raw, self.present, self.read = method, raw, present, read
         self.fp8_activations = fp8_activations
         if method not in SUPPORTED_METHODS:
             raise QuantizationError(f"quantization_config.quant_method {method!r} is not supported; deltaserve loads "
@@ -275,8 +277,9 @@ class QuantResolver:
             fmt = replace(fmt, act_fp8=True)
         return fmt
 
-    def _stored(self, name: str, dummy_default: bool) -> WeightFormat:
-        """How the linear projection `name` is stored, from the config and the tensors the checkpoint holds."""
+    def _stored(self, name: str, dummy_default: bool, read_order: bool = True) -> WeightFormat:
+        """How the linear projection `name` is stored, from the config and the tensors the checkpoint holds
+        (read_order: read its g_idx to see whether it permutes K)."""
         conf = self.configured(name)
         if self.present is None:
             return conf if dummy_default else UNQUANTIZED
@@ -302,11 +305,21 @@ class QuantResolver:
                     "config group)")
             raise QuantizationError(f"{name}: the checkpoint holds {found} tensors, which quant_method "
                                     f"{self.method!r} ({conf.describe()}) does not use")
-        if conf.kind == "int4" and conf.checkpoint in ("gptq", "ct-int4"):
-            g = "g_idx" if conf.checkpoint == "gptq" else "weight_g_idx"
-            if has(g) and not conf.act_order:
-                conf = replace(conf, act_order=True)  # a g_idx to check (trivial unless desc_act)
+        if conf.kind == "int4" and conf.checkpoint in ("gptq", "ct-int4") and read_order:
+            g = f"{name}.{'g_idx' if conf.checkpoint == 'gptq' else 'weight_g_idx'}"
+            # act-order (a K permutation, its own GEMM) only where the g_idx permutes K, whatever desc_act says:
+            # GPTQ writes a trivial g_idx with desc_act false too
+            conf = replace(conf, act_order=g in self.present and self._permutes(g, conf.group_size))
         return conf
+
+    def _permutes(self, name: str, group: int) -> bool:
+        """Whether g_idx `name` differs from k // group (an unreadable one is kept to be checked at load)."""
+        if self.read is None:
+            return True
+        g_idx = self.read(name)
+        if g_idx.dim() != 1 or g_idx.dtype not in (torch.int32, torch.int64):
+            return True  # the load reports it
+        return not torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // (group or g_idx.numel()))
 
     def experts(self, prefix: str, num_experts: int) -> WeightFormat:
         """The format shared by all routed experts under `prefix` (ours, with a trailing dot). Their inputs stay in
@@ -328,7 +341,7 @@ class QuantResolver:
             return UNQUANTIZED
         for e in range(num_experts):
             for proj in ("gate_proj", "up_proj", "down_proj"):
-                formats[f"{e}.{proj}"] = self._stored(f"{prefix}{e}.{proj}", True)
+                formats[f"{e}.{proj}"] = self._stored(f"{prefix}{e}.{proj}", True, read_order=False)
         kinds = set(formats.values())
         if len(kinds) > 1:
             by = {}
@@ -535,8 +548,8 @@ def int4_slots(fmt: WeightFormat, name: str, dest: Int4Dest, n: int, k: int,
                 gidx = None
             elif dest.perm is None:
                 raise QuantizationError(f"{name}.g_idx: a permuted (act-order) g_idx, but this module's weights "
-                                        "cannot take one (a merged projection or MoE experts need g_idx = k // "
-                                        "group_size, i.e. desc_act false)")
+                                        "cannot take one (MoE experts need g_idx = k // group_size, "
+                                        "i.e. desc_act false)")
             else:
                 perm = torch.argsort(gidx.long(), stable=True)
                 if not torch.equal(gidx.long()[perm], trivial):
@@ -591,6 +604,20 @@ def _unpack_along_rows(packed: torch.Tensor, rows: int) -> torch.Tensor:
     return unpack_int4(packed.T.contiguous(), rows).T
 
 
+def _check_gptq_zeros(fmt: WeightFormat, name: str, z: torch.Tensor) -> None:
+    """GPTQ zero points (stored + the checkpoint_format's offset) in the 4-bit range, and all 8 when sym: a v1
+    checkpoint labelled gptq_v2 (or the reverse) would otherwise load every weight one scale step off."""
+    offset = f"checkpoint_format {'gptq' if fmt.zero_offset else 'gptq_v2'}'s offset of {fmt.zero_offset}"
+    if z.max() > 15:
+        raise QuantizationError(f"{name}.qzeros: stored zero point 15 plus {offset} is out of the 4-bit range; is "
+                                "this a gptq_v2 checkpoint (set checkpoint_format)?")
+    if fmt.symmetric and not bool((z == 8).all()):
+        found = sorted(set(z.unique().tolist()) - {8})
+        raise QuantizationError(f"{name}.qzeros: quantization_config.sym is true, so every zero point is 8, but "
+                                f"stored + {offset} gives {found[:4]}; a v1 checkpoint stores 7 (checkpoint_format "
+                                "gptq), a v2 one 8 (gptq_v2), an asymmetric one needs sym false")
+
+
 def _convert_int4(fmt: WeightFormat, name: str, t: dict[str, torch.Tensor], n: int, k: int, g: int):
     """Checkpoint tensors -> (codes [n, k] uint8, zeros [n, groups] uint8, scales [n, groups] fp32, g_idx|None)."""
     gidx = None
@@ -599,9 +626,7 @@ def _convert_int4(fmt: WeightFormat, name: str, t: dict[str, torch.Tensor], n: i
         z = unpack_int4(t["qzeros"], n).T.int() + fmt.zero_offset     # [n, groups]
         s = t["scales"].float().T
         gidx = t.get("g_idx")
-        if z.max() > 15:
-            raise QuantizationError(f"{name}.qzeros: stored zero point 15 plus GPTQ v1's offset of 1 is out of "
-                                    "the 4-bit range; is this a gptq_v2 checkpoint (set checkpoint_format)?")
+        _check_gptq_zeros(fmt, name, z)
     elif fmt.checkpoint == "awq":
         order = torch.tensor(AWQ_ORDER)
 

@@ -253,9 +253,11 @@ def _build_quantized(config: ModelConfig, quantization: QuantizationConfig, entr
                      dummy: bool) -> Qwen3_5ForCausalLM:
     """Built on the meta device, then each linear layer and experts block takes the method of its checkpoint format
     (layers/quant.py) and only then gets its storage, so no bf16 copy of a quantized weight is ever allocated."""
-    present = None if dummy else set(named_entries(entries, with_mtp))
+    named = named_entries(entries, with_mtp)
+    present = None if dummy else set(named)
     try:
-        resolver = QuantResolver(quantization.method, quantization.raw, present, quantization.fp8_activations)
+        resolver = QuantResolver(quantization.method, quantization.raw, present, quantization.fp8_activations,
+                                 read=lambda name: read_entry(named[name][0]))
         model = Qwen3_5ForCausalLM(config, dtype=dtype, device="meta", with_mtp=with_mtp, shapes=shapes)
         summary = quantize_model(model, resolver, dtype=dtype, device=device)
     except QuantizationError as e:
