@@ -66,7 +66,12 @@ class LLM:
              sampling_params: SamplingParams | None = None, *, tools: list[dict[str, Any]] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Render each conversation with the checkpoint's chat template and generate the assistant's reply."""
-        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        conversations = [] if isinstance(messages, (str, dict)) else \
+            [messages] if messages and isinstance(messages[0], dict) else messages
+        if not conversations or not all(isinstance(c, list) and c and all(isinstance(m, dict) for m in c)
+                                        for c in conversations):
+            raise TypeError("messages must be a conversation (a non-empty list of {'role': ..., 'content': ...} "
+                            f"dicts) or a list of them, got {_shown(messages)}; for plain text use LLM.generate")
         prompts = [{"prompt_token_ids": render_chat(self.engine.tokenizer, conv, tools=tools,
                                                     chat_template_kwargs=chat_template_kwargs)}
                    for conv in conversations]
@@ -83,6 +88,11 @@ class LLM:
                 return self._tokenize(item["prompt"])
             raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(item)}")
         return None, list(item)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
 def _as_prompt_list(prompts) -> list[PromptType]:

@@ -311,6 +311,11 @@ def test_chat_renders_template_with_enable_thinking(ckpt):
     tok = llm.get_tokenizer()
     assert tok.decode(on.prompt_token_ids).endswith("<|im_start|>assistant\n<think>\n")
     assert tok.decode(off.prompt_token_ids).endswith("<think>\n\n</think>\n\n")
+    both = llm.chat([msgs, msgs], SamplingParams(temperature=0, max_tokens=2))
+    assert [o.outputs[0].token_ids for o in both] == [on.outputs[0].token_ids] * 2
+    for bad in ("hello", msgs[0], [], [[]], [msgs, "hi"]):  # each failed deep inside, naming a character or a key
+        with pytest.raises(TypeError, match="messages must be a conversation"):
+            llm.chat(bad)
 
 
 # ---- async scheduling (step n+1 launched before step n's tokens are read) -------------------------------------------
