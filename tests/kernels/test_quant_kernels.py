@@ -304,7 +304,7 @@ def _loader_codes(order: str, codes: torch.Tensor, zeros: torch.Tensor, scales: 
         t = {"qweight": ref.pack_int4(codes.cpu()).T.contiguous(),
              "qzeros": ref.pack_int4((zeros.cpu().int() - 1).clamp(min=0).to(torch.uint8).T.contiguous()),
              "scales": scales.cpu().T.contiguous()}
-        fmt = SimpleNamespace(checkpoint="gptq", zero_offset=1)
+        fmt = SimpleNamespace(checkpoint="gptq", zero_offset=1, symmetric=False)
     else:  # packed along N, column 8c + j in nibble AWQ_ORDER[j]
         def awq(u: torch.Tensor) -> torch.Tensor:  # [R, N] -> [R, N/8]
             v = torch.empty_like(u).view(u.shape[0], -1, 8)
