@@ -58,8 +58,9 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
     more pages than max_num_seqs full-length sequences plus the checkpoints' prefixes can use (the checkpoints hold
     their pages after their requests end: capped at the running sequences alone, a new request evicts them). If
     that leaves less than one max_model_len of KV, trade slots and checkpoints for pages; if even one slot plus one
-    full sequence does not fit, raise with the numbers and the options. kv_format and state_format only label the plan's log line; state_format (the
-    state_dtype option) and kv_cache_dtype also say which cache options the error suggests."""
+    full sequence does not fit, raise with the numbers and the options. kv_format and state_format label the plan's
+    log line; state_format (the state_dtype option) and kv_cache_dtype also say which cache options the error
+    suggests."""
     pages_per_seq = pages_for_tokens(max_model_len, page_size)
     one_seq = slot_bytes + pages_per_seq * page_bytes
     labels = dict(kv_format=kv_format, state_format=state_format)
