@@ -96,8 +96,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def add_server_options(parser: argparse.ArgumentParser) -> None:
     """The server's own options (the CLI adds the engine options and --log-level)."""
     g = parser.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
-    g.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0: any free port, the log says which)")
+    g.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1; 0.0.0.0 for all interfaces)")
+    g.add_argument("--port", type=int, default=8000,
+                   help="TCP port (default 8000; 0: any free port, the log says which)")
     g.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every route but /health and "
                                                     "/version (docs pages and /metrics included)")
     g.add_argument("--served-model-name", nargs="+", default=None,
