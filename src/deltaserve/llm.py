@@ -66,8 +66,12 @@ class LLM:
              sampling_params: SamplingParams | None = None, *, tools: list[dict[str, Any]] | None = None,
              chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
         """Render each conversation with the checkpoint's chat template and generate the assistant's reply."""
-        conversations = [] if isinstance(messages, (str, dict)) else \
-            [messages] if messages and isinstance(messages[0], dict) else messages
+        if isinstance(messages, (str, dict)):
+            conversations = []  # refused below: not a list of messages
+        elif messages and isinstance(messages[0], dict):
+            conversations = [messages]
+        else:
+            conversations = messages
         if not conversations or not all(isinstance(c, list) and c and all(isinstance(m, dict) for m in c)
                                         for c in conversations):
             raise TypeError("messages must be a conversation (a non-empty list of {'role': ..., 'content': ...} "

@@ -373,8 +373,8 @@ def test_quantized_decode_int8_subnormal_interpreted(tokens, monkeypatch):
 @pytest.mark.parametrize("head_dim", [64, 48])
 def test_quantized_decode_int4_words_interpreted(words, head_dim, monkeypatch):
     """int4 pages read as 16-bit words into four planes, head dims 4i + j (INT4_WORDS; 2: K's nibbles as n 2^-24
-    with the +8 taken off as 8 sum(q); 3: V's too, its +8 taken off as 8 sum(p)); head_dim 48: planes of 12 dims in 16 columns. Its PTX conversions only run
-    compiled: test_quantized_decode_int4_words_gpu."""
+    with the +8 taken off as 8 sum(q); 3: V's too, its +8 taken off as 8 sum(p)); head_dim 48: planes of 12 dims in
+    16 columns. Its PTX conversions only run compiled: test_quantized_decode_int4_words_gpu."""
     from deltaserve.kernels.attention import triton_decode
     monkeypatch.setattr(triton_decode, "_INTERPRET_DECODE", {**triton_decode._INTERPRET_DECODE, "PLANES": 1,
                                                              "INT4_WORDS": words})
@@ -622,8 +622,8 @@ def test_quantized_decode_int8_subnormal_gpu(v_regs, monkeypatch):
 @pytest.mark.parametrize("v_regs", [0, 1])
 def test_quantized_decode_int4_words_gpu(words, v_regs, monkeypatch):
     """int4 pages as 16-bit words in four planes (QUANT_DECODE_CONFIG INT4_WORDS, PTX conversions; 2: K as fp16
-    subnormals, which the tensor cores must take as they are; 3: V as well) against the reference at the 27B heads, odd lengths,
-    a padding row, forced splits."""
+    subnormals, which the tensor cores must take as they are; 3: V as well) against the reference at the 27B heads,
+    odd lengths, a padding row, forced splits."""
     from deltaserve.kernels.attention import triton_decode
     cfg = {**triton_decode.DECODE_CONFIG, **triton_decode.QUANT_DECODE_CONFIG.get(3, {}), "PLANES": 1,
            "V_REGS": v_regs, "INT4_WORDS": words}
