@@ -78,8 +78,9 @@ class SequenceState:
         status, stop_reason = self._token_stop(token_id, num_out)
         text = ""
         if status is None and self.detokenizer is not None:
-            # as for stop ids, a stop string ends nothing before min_tokens (vLLM's rule)
-            result = self.stop_checker.feed(self.detokenizer.add(token_id), can_stop=num_out >= self.params.min_tokens)
+            # as for stop ids (which the sampler suppresses at outputs 1..min_tokens), a stop string completed by
+            # one of the first min_tokens outputs ends nothing (vLLM's rule)
+            result = self.stop_checker.feed(self.detokenizer.add(token_id), can_stop=num_out > self.params.min_tokens)
             text = result.text
             if result.stopped:
                 status, stop_reason = RequestStatus.FINISHED_STOPPED, result.matched
