@@ -49,3 +49,19 @@ def test_a_stop_string_ends_nothing_within_the_first_min_tokens() -> None:
     # a stop string spanning the boundary counts once the token that completes it is past min_tokens
     text, deltas = run(SamplingParams(min_tokens=2, stop=["bc"], max_tokens=10), list(map(ord, "abcd")))
     assert text == "a" and len(deltas) == 3 and deltas[-1].stop_reason == "bc"
+
+
+def test_include_stop_str_in_output_shows_the_stop_token_text() -> None:
+    # vLLM renders the token that ended the output (a stop_token_ids entry, or EOS) only with
+    # include_stop_str_in_output; text held back for a possible stop string comes out before it.
+    ids = [ord("h"), ord("x"), ord("!"), ord("z")]
+    for include, want in ((False, "hx"), (True, "hx!")):
+        text, deltas = run(SamplingParams(stop=["xy"], stop_token_ids=[ord("!")], include_stop_str_in_output=include),
+                           ids)
+        assert (text, deltas[-1].stop_reason, len(deltas)) == (want, ord("!"), 3)
+    text, deltas = run(SamplingParams(include_stop_str_in_output=True, skip_special_tokens=False), [ord("a"), EOS])
+    assert text == "a<eos>" and deltas[-1].finish_reason == "stop"
+    text, _ = run(SamplingParams(include_stop_str_in_output=True), [ord("a"), EOS])  # EOS skipped as special
+    assert text == "a"
+    text, _ = run(SamplingParams(skip_special_tokens=False), [ord("a"), EOS])
+    assert text == "a"
