@@ -3,7 +3,10 @@ vLLM's SamplingParams document them."""
 
 from __future__ import annotations
 
+import pytest
+
 from deltaserve.engine.detokenizer import IncrementalDetokenizer, StopChecker
+from deltaserve.engine.output_processor import OutputProcessor, RequestError
 from deltaserve.engine.request import Request
 from deltaserve.engine.sequence import SequenceState
 from deltaserve.outputs import SequenceDelta
@@ -65,3 +68,13 @@ def test_include_stop_str_in_output_shows_the_stop_token_text() -> None:
     assert text == "a"
     text, _ = run(SamplingParams(skip_special_tokens=False), [ord("a"), EOS])
     assert text == "a"
+
+
+def test_stop_strings_without_a_tokenizer_are_refused() -> None:
+    # Without a tokenizer no text exists to match: a stop string would be silently ignored, so the request is refused.
+    outputs = OutputProcessor(None, frozenset({EOS}), max_model_len=100)
+    with pytest.raises(RequestError, match="stop strings.*tokenizer"):
+        outputs.new_children("a", [65, 66], SamplingParams(stop=["x"]))
+    assert not outputs.num_live_samples and "a" not in outputs
+    (child,) = outputs.new_children("a", [65, 66], SamplingParams(stop_token_ids=[7]))  # ids need no tokenizer
+    assert child.request_id == "a"
