@@ -17,6 +17,7 @@ GREEDY_TEMPERATURE = 1e-5
 # repetition_penalty divides (or multiplies) logits: within these bounds a logit stays far inside float range.
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's documented range is [-100, 100]; 1e308 would make the logit inf
+_COLLECTIONS = (list, tuple, set, frozenset)  # what `stop` / `stop_token_ids` may be given as (a str is one stop)
 
 
 def _check(cond: bool, name: str, value: object, valid: str) -> None:
@@ -44,7 +45,7 @@ class SamplingParams:
     under the model, with its alternatives, as vLLM's option of that name does. max_tokens=None means "until the context window is full" (the engine caps it).
     structured: constrain the output to a JSON schema, regex, choice, grammar or tool call (StructuredSpec); the
     output then ends with an end token once the structure is complete, or at max_tokens ("length") before that.
-    `stop` accepts a single string and is normalised to a list. Lists are copied, so the caller's later
+    `stop` accepts a single string (or None) and is normalised to a list. Lists are copied, so the caller's later
     mutations do not leak in; the instance is never mutated afterwards (derive with dataclasses.replace).
     """
 
@@ -82,13 +83,17 @@ class SamplingParams:
         return self.temperature == 0.0
 
     def _normalise(self) -> None:
-        stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        _check(stop is not None and all(isinstance(s, str) for s in stop), "stop", self.stop,
+        # None (vLLM's default) means no stop strings, as it means no stop ids below
+        stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
+        _check(isinstance(stop, _COLLECTIONS) and all(isinstance(s, str) for s in stop), "stop", self.stop,
                "a string or a list of strings")
         object.__setattr__(self, "stop", list(stop))
         ids = self.stop_token_ids if self.stop_token_ids is not None else []
+        _check(isinstance(ids, _COLLECTIONS), "stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
         object.__setattr__(self, "stop_token_ids", list(ids))
         if self.logit_bias is not None:
+            _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
+                   "a dict from token id to bias, or None")
             object.__setattr__(self, "logit_bias", dict(self.logit_bias))
         if _is_number(self.temperature) and 0 < self.temperature < GREEDY_TEMPERATURE:
             object.__setattr__(self, "temperature", 0.0)

@@ -148,6 +148,16 @@ def test_min_p_is_applied_after_temperature() -> None:
     assert torch.isfinite(out).tolist() == [True, True, True, False]
 
 
+
+def test_min_p_runs_before_top_p_as_in_vllm() -> None:
+    # vLLM applies min-p (after temperature) before top-k/top-p. min_p 0.3 keeps 0.5 and 0.3 (renormalised 0.625,
+    # 0.375); top_p 0.6 over that renormalised mass keeps only the first. Top-p first would keep two tokens.
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.1])
+    out = _filter(probs.log(), top_p=0.6, min_p=0.3)
+    assert torch.isfinite(out).tolist() == [True, False, False, False]
+    freq = _frequencies(probs.log(), top_p=0.6, min_p=0.3)
+    _assert_matches(freq, torch.tensor([1.0, 0.0, 0.0, 0.0]))
+
 # ---- penalties, bias, min_tokens ----------------------------------------------------------------------------------
 
 def test_penalties_follow_the_formulas_exactly() -> None:

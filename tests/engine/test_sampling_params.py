@@ -19,6 +19,9 @@ def test_defaults_match_vllm() -> None:
 
 def test_stop_accepts_a_string_and_copies_lists() -> None:
     assert SamplingParams(stop="###").stop == ["###"]
+    # None is vLLM's default for both (no stop strings / ids), so code written for vLLM may pass it explicitly
+    p = SamplingParams(stop=None, stop_token_ids=None)  # type: ignore[arg-type]
+    assert p.stop == [] and p.stop_token_ids == []
     stops = ["a", "b"]
     p = SamplingParams(stop=stops)
     stops.append("c")
@@ -45,9 +48,9 @@ def test_frozen() -> None:
     ("frequency_penalty", 3.0), ("frequency_penalty", -2.5),
     ("logprobs", -1), ("logprobs", 21),
     ("seed", 1.5),
-    ("stop", [""]), ("stop", [1]),
-    ("stop_token_ids", [-1]), ("stop_token_ids", ["x"]),
-    ("logit_bias", {-1: 1.0}), ("logit_bias", {3: float("nan")}), ("logit_bias", {"3": 1.0}),
+    ("stop", [""]), ("stop", [1]), ("stop", 5),
+    ("stop_token_ids", [-1]), ("stop_token_ids", ["x"]), ("stop_token_ids", 7), ("stop_token_ids", "12"),
+    ("logit_bias", {-1: 1.0}), ("logit_bias", {3: float("nan")}), ("logit_bias", {"3": 1.0}), ("logit_bias", [1]),
     ("ignore_eos", "yes"),
 ])
 def test_invalid_values_name_field_value_and_range(field: str, value: object) -> None:

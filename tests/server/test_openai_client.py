@@ -139,8 +139,8 @@ def test_stop_strings(client, reference, stream):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_min_tokens_defers_stop_strings(client, reference, stream):
-    """As in vLLM, a stop string ends nothing before min_tokens tokens: the first match that completes at output
-    token min_tokens or later does."""
+    """As in vLLM, a stop string completed by one of the first min_tokens output tokens ends nothing: the first
+    match that completes after output token min_tokens does."""
     ref = reference.generate(["Hello world"], SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
     ids, text = ref[0].outputs[0].token_ids, ref[0].outputs[0].text
     tok = reference.get_tokenizer()
@@ -148,7 +148,7 @@ def test_min_tokens_defers_stop_strings(client, reference, stream):
     stop, min_tokens = text[:2], 4
     matches = [i for i in range(len(text)) if text.startswith(stop, i)]
     assert matches[0] == 0 and len(matches) > 1, f"the test needs a stop string that recurs: {text!r}"
-    first_counted = next(i for i in matches if next(j for j, e in enumerate(ends) if e >= i + len(stop)) + 1 >=
+    first_counted = next(i for i in matches if next(j for j, e in enumerate(ends) if e >= i + len(stop)) + 1 >
                          min_tokens)
     kw = dict(model=MODEL_NAME, prompt="Hello world", max_tokens=16, temperature=0, stop=[stop],
               extra_body={"ignore_eos": True, "min_tokens": min_tokens})

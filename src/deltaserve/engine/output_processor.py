@@ -53,7 +53,10 @@ class OutputProcessor:
     # ---- in --------------------------------------------------------------------------------------------------------
     def new_children(self, request_id: str, prompt: list[int], params: SamplingParams) -> list[Request]:
         """The scheduler requests of a new user request (not registered yet). RequestError, changing nothing, when
-        its id or one of its children's ids is in use."""
+        its id or one of its children's ids is in use, or when it has stop strings but there is no tokenizer."""
+        if params.stop and self.tokenizer is None:  # no text to match: the stop strings would be silently ignored
+            raise RequestError(f"stop strings {params.stop[:3]!r} need a tokenizer, but the model directory has none; "
+                               "use stop_token_ids instead, or add the checkpoint's tokenizer files")
         ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         taken = [i for i in dict.fromkeys([request_id, *ids]) if i in self._records or i in self._children]
         if taken:

@@ -8,7 +8,8 @@ Processing order (each step only touches the rows that need it):
   5. grammar mask                    (structured outputs: tokens the row's grammar forbids -> -inf)
   -- greedy rows (temperature 0) take the argmax here --
   6. temperature
-  7. top-k (ties with the k-th logit are kept), top-p (smallest set with mass >= p), min-p (p >= min_p * p_max)
+  7. min-p (p >= min_p * p_max), then top-k (ties with the k-th logit are kept), top-p (smallest set with mass >= p
+     of what min-p and top-k left), in vLLM's order
   8. sample with the exponential race: argmax(probs / q), q ~ Exp(1)
 
 Returned logprobs are those of the model's raw distribution (log_softmax of the unprocessed logits), as vLLM
@@ -249,7 +250,7 @@ def apply_grammar(logits: torch.Tensor, grammar: GrammarBitmask, *, copy: bool) 
 
 def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                   min_p: torch.Tensor) -> torch.Tensor:
-    """Steps 5-6: temperature, then top-k, top-p and min-p as -inf masks; returns new logits [R, V], shifted so
+    """Steps 6-7: temperature, then min-p, top-k and top-p as -inf masks; returns new logits [R, V], shifted so
     each row's max is 0 (same softmax).
 
     temperature: [R] > 0; top_k: [R] int64 (<= 0 or >= V: off); top_p: [R] in (0, 1]; min_p: [R] in [0, 1].
@@ -261,13 +262,13 @@ def filter_logits(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     use_min_p = bool((min_p > 0).any())
     # Subtracting the row max first keeps a tiny temperature from overflowing to inf (and softmax to NaN).
     out = (logits - logits.max(dim=1, keepdim=True).values) / _upload(temperature, dev).unsqueeze(1)
-    if use_top_k_top_p:
-        out = _top_k_top_p(out, _upload(k, dev), _upload(top_p, dev))
     if use_min_p:
-        # p_i < min_p * p_max  <=>  logit_i < logit_max + log(min_p): no softmax needed, and top-k/top-p
-        # renormalisation does not change the ratio p_i / p_max, so the order of the two filters is moot.
+        # Before top-k/top-p, as vLLM does: top-p then measures mass over the renormalised survivors, so the
+        # order changes which tokens top-p keeps. p_i < min_p * p_max <=> logit_i < logit_max + log(min_p).
         threshold = out.max(dim=1, keepdim=True).values + _upload(torch.log(min_p), dev).unsqueeze(1)
         out = out.masked_fill(out < threshold, float("-inf"))
+    if use_top_k_top_p:
+        out = _top_k_top_p(out, _upload(k, dev), _upload(top_p, dev))
     return out
 
 

@@ -77,9 +77,12 @@ class SequenceState:
         """Stop checks for the num_out-th output token: (status if it ends the sequence, stop reason, text)."""
         status, stop_reason = self._token_stop(token_id, num_out)
         text = ""
-        if status is None and self.detokenizer is not None:
-            # as for stop ids, a stop string ends nothing before min_tokens (vLLM's rule)
-            result = self.stop_checker.feed(self.detokenizer.add(token_id), can_stop=num_out >= self.params.min_tokens)
+        # a stop token's own text shows only with include_stop_str_in_output (vLLM's rule)
+        if self.detokenizer is not None and (status is None or self.params.include_stop_str_in_output):
+            # as for stop ids (which the sampler suppresses at outputs 1..min_tokens), a stop string completed by
+            # one of the first min_tokens outputs ends nothing (vLLM's rule)
+            can_stop = status is None and num_out > self.params.min_tokens
+            result = self.stop_checker.feed(self.detokenizer.add(token_id), can_stop=can_stop)
             text = result.text
             if result.stopped:
                 status, stop_reason = RequestStatus.FINISHED_STOPPED, result.matched
