@@ -173,12 +173,16 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
     strings = state.token_strings
     head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
     opts = job.req.stream_options
-    continuous = opts is not None and opts.continuous_usage_stats
+    include_usage = opts is not None and opts.include_usage
+    # vLLM's rule: continuous_usage_stats counts only together with include_usage
+    continuous = include_usage and opts is not None and opts.continuous_usage_stats
 
     def chunk(choice: dict[str, Any]) -> str:
         body = {**head, "choices": [choice]}
-        if continuous:  # the usage so far, on every chunk
-            body["usage"] = _usage(job, choices)
+        if continuous:  # as vLLM: each chunk carries its own choice's usage so far (its prompt's tokens)
+            k = choice["index"]
+            c = choices[k]
+            body["usage"] = usage(len(job.prompts[k // n].ids), c.num_tokens, cached_tokens=c.cached_tokens)
         return sse(body)
 
     echo_with_logprobs = job.req.echo and job.params.prompt_logprobs is not None
@@ -196,7 +200,7 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
             if delta.text or piece is not None or delta.finished:
                 yield chunk(_chunk_choice(k, delta.text, piece, delta.finish_reason if delta.finished else None,
                                           delta.stop_reason))
-        if opts is not None and opts.include_usage:
+        if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(job, choices)})
     except APIError as e:
         yield sse_error(e.status, e.message, e.code)
