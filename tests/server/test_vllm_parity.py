@@ -81,3 +81,25 @@ def test_continuous_usage_stats_needs_include_usage(http, route, body):
     events = _events(http.post(route, json={**body, "stream": True,
                                             "stream_options": {"continuous_usage_stats": True}}))
     assert events and all("usage" not in e for e in events)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_zero_returns_the_scored_prompt(http, stream):
+    """OpenAI's legacy API and vLLM: echo with max_tokens=0 scores the prompt and generates nothing."""
+    prompt = "Hello world"
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None}
+    r = http.post(COMPLETIONS, json=body)
+    if stream:
+        events = _events(r)
+        chunks = [c for e in events for c in e["choices"]]
+        text, usage = "".join(c["text"] for c in chunks), events[-1]["usage"]
+        pieces = [c["logprobs"] for c in chunks if c["logprobs"]]
+    else:
+        assert r.status_code == 200, r.text
+        chunks, usage = r.json()["choices"], r.json()["usage"]
+        text, pieces = chunks[0]["text"], [chunks[0]["logprobs"]]
+    tokens = [t for p in pieces for t in p["tokens"]]
+    assert text == prompt and "".join(tokens) == prompt and len(tokens) == usage["prompt_tokens"]
+    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == ["length"]
+    assert usage["completion_tokens"] == 0
