@@ -21,7 +21,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] | None = None
     finish_reason: str | None = None   # "stop" | "length" | "abort" | "error"
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    stop_reason: str | int | None = None  # the stop string or stop_token_ids id that ended it; None on the end token
 
     @property
     def cumulative_logprob(self) -> float | None:

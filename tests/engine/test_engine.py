@@ -159,6 +159,7 @@ def test_eos_ids_from_config_and_generation_config_stop(ckpt):
     llm.engine.outputs.eos_ids = frozenset({free[3]})  # the output side decides stops
     out = llm.generate([p], SamplingParams(temperature=0, max_tokens=30))[0].outputs[0]
     assert out.finish_reason == "stop" and out.token_ids == free[:free.index(free[3]) + 1]
+    assert out.stop_reason is None  # the end token is no stop the request asked for (vLLM gives None too)
 
 
 def test_stop_strings_across_token_boundaries(ckpt):

@@ -31,8 +31,12 @@ def test_continuous_usage_stats_puts_usage_on_every_chunk(http, route, body):
     assert r.status_code == 200 and len(events) >= 3
     final = events[-1]
     assert final["choices"] == [] and final["usage"]["completion_tokens"] > 0
-    seen = [e["usage"]["completion_tokens"] for e in events[:-1]]  # every chunk, the role chunk included
-    assert seen == sorted(seen) and seen[-1] == final["usage"]["completion_tokens"]
+    seen: dict[int, list[int]] = {}  # as vLLM: each chunk counts its own choice's tokens so far
+    for e in events[:-1]:  # every chunk, the role chunk included
+        [choice] = e["choices"]
+        seen.setdefault(choice["index"], []).append(e["usage"]["completion_tokens"])
+    assert len(seen) == body.get("n", 1) and all(counts == sorted(counts) for counts in seen.values())
+    assert sum(counts[-1] for counts in seen.values()) == final["usage"]["completion_tokens"]
     assert all(e["usage"]["prompt_tokens"] == final["usage"]["prompt_tokens"] for e in events)
     plain = _events(http.post(route, json={**body, "stream": True}))  # without stream_options: no usage anywhere
     assert all("usage" not in e for e in plain)

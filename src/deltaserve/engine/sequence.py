@@ -94,8 +94,12 @@ class SequenceState:
     def _token_stop(self, token_id: int, num_out: int) -> tuple[RequestStatus | None, int | None]:
         if num_out < self.params.min_tokens:
             return None, None
-        if token_id in self.params.stop_token_ids or (token_id in self.eos_ids and not self.params.ignore_eos):
+        if token_id in self.params.stop_token_ids:
             return RequestStatus.FINISHED_STOPPED, token_id
+        if token_id in self.eos_ids and not self.params.ignore_eos:
+            # stop_reason names only a stop the request asked for (a stop string or stop_token_ids); the end
+            # token gives None, as in vLLM and its API docs
+            return RequestStatus.FINISHED_STOPPED, None
         return None, None
 
     def _flush_text(self) -> str:

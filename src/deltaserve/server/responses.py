@@ -104,8 +104,7 @@ def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], string
 def completion_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], strings: TokenStrings,
                         offset: int) -> tuple[dict[str, Any], int]:
     """The legacy completions shape; `offset` is where this piece's text starts in the choice's text. Returns the
-    piece and the offset after it. Each token has a top_logprobs entry: its k alternatives, or with logprobs=0 the
-    sampled token alone (as OpenAI's legacy API and vLLM answer)."""
+    piece and the offset after it. Each token has a top_logprobs entry (_legacy_top)."""
     tokens, token_logprobs, tops, offsets = [], [], [], []
     for entry in entries:
         text, _ = strings.get(entry.token_id)
@@ -113,10 +112,17 @@ def completion_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], 
         token_logprobs.append(_clamp(entry.logprob))
         offsets.append(offset)
         offset += len(text)
-        top = entry.top or ((entry.token_id, entry.logprob),)
-        tops.append({strings.get(t)[0]: _clamp(lp) for t, lp in top})
+        tops.append(_legacy_top(entry, strings))
     piece = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}
     return piece, offset
+
+
+def _legacy_top(entry: TokenLogprob, strings: TokenStrings) -> dict[str, float]:
+    """A token's top_logprobs in the legacy completions shape: the token itself (first) and its k most likely
+    alternatives, so k + 1 entries when the token is not among them (OpenAI's legacy API documents up to
+    logprobs + 1, and vLLM answers so); with logprobs=0 the token alone."""
+    top = {entry.token_id: entry.logprob, **dict(entry.top)}
+    return {strings.get(t)[0]: _clamp(lp) for t, lp in top.items()}
 
 
 def prompt_completion_logprobs(prompt_ids: list[int], entries: tuple[TokenLogprob | None, ...],
@@ -134,8 +140,7 @@ def prompt_completion_logprobs(prompt_ids: list[int], entries: tuple[TokenLogpro
             tops.append(None)
             continue
         token_logprobs.append(_clamp(entry.logprob))
-        top = entry.top or ((entry.token_id, entry.logprob),)
-        tops.append({strings.get(t)[0]: _clamp(lp) for t, lp in top})
+        tops.append(_legacy_top(entry, strings))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, offset
 
 

@@ -36,9 +36,16 @@ class Limits:
     vocab_size: int
 
 
+def echo_only(req: CompletionRequest) -> bool:
+    """echo with max_tokens=0: the prompt comes back (scored, with logprobs) and nothing is generated, as OpenAI's
+    legacy API and vLLM answer; the engine runs one token, which is dropped."""
+    return req.echo and req.max_tokens == 0
+
+
 def completion_params(req: CompletionRequest, limits: Limits) -> SamplingParams:
     _reject_unsupported_completion(req)
-    params = _build(req, max_tokens=req.max_tokens, max_tokens_field="max_tokens", logprobs=req.logprobs,
+    max_tokens = 1 if echo_only(req) else req.max_tokens
+    params = _build(req, max_tokens=max_tokens, max_tokens_field="max_tokens", logprobs=req.logprobs,
                     logprobs_field="logprobs", limits=limits, skip_special_tokens=req.skip_special_tokens)
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too (the first: null)
         params = dataclasses.replace(params, prompt_logprobs=req.logprobs)

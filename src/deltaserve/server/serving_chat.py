@@ -17,7 +17,7 @@ from deltaserve.server.chat_prompt import ChatRequestParts, render_prompt
 from deltaserve.server.errors import APIError, unexpected_error
 from deltaserve.server.generation import ClientDisconnected, generate, raise_for_failure, unless_disconnected
 from deltaserve.server.output_parser import OutputParser, ParsedDelta
-from deltaserve.server.protocol import ChatCompletionRequest, read_json
+from deltaserve.server.protocol import ChatCompletionRequest, NamedToolChoice, read_json
 from deltaserve.server.responses import DONE, TokenStrings, chat_logprobs, random_id, sse, sse_error, usage
 from deltaserve.server.sampling import chat_params, check_lengths, with_structured
 from deltaserve.server.serving_completions import SSE_HEADERS
@@ -35,9 +35,12 @@ class _Choice:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     cached_tokens: int = 0  # prompt tokens the prefix cache served (from the first delta)
+    named_tool: bool = False  # tool_choice named the function: the call was forced, not the model's choice
 
     def finish_reason_out(self) -> str | None:
-        if self.finish_reason == "stop" and self.parser.num_tool_calls:
+        # OpenAI (and vLLM): "tool_calls" when the model chose to call ("auto", "required"); a call forced by a
+        # named tool_choice ends with "stop"
+        if self.finish_reason == "stop" and self.parser.num_tool_calls and not self.named_tool:
             return "tool_calls"
         return self.finish_reason
 
@@ -57,6 +60,10 @@ class _Job:
     def stream(self, state: ServerState) -> AsyncIterator[SequenceDelta]:
         return generate(state, self.prompt, self.params, self.id, "chat", prompt_field="messages",
                         cache_points=self.cache_points)
+
+    def new_choices(self) -> list[_Choice]:
+        named = isinstance(self.req.tool_choice, NamedToolChoice)
+        return [_Choice(self.new_parser(), named_tool=named) for _ in range(self.params.n)]
 
 
 async def create_chat_completion(state: ServerState, request: Request) -> Response:
@@ -112,7 +119,7 @@ def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings | None) 
 
 
 async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
-    choices = [_Choice(job.new_parser()) for _ in range(job.params.n)]
+    choices = job.new_choices()
     strings = state.token_strings if job.req.logprobs else None
     async for delta in job.stream(state):
         raise_for_failure(delta)
@@ -147,16 +154,19 @@ def _message(m: ParsedDelta, show_reasoning: bool) -> dict[str, Any]:
 
 
 async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
-    choices = [_Choice(job.new_parser()) for _ in range(job.params.n)]
+    choices = job.new_choices()
     strings = state.token_strings if job.req.logprobs else None
     head = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
     opts = job.req.stream_options
-    continuous = opts is not None and opts.continuous_usage_stats
+    include_usage = opts is not None and opts.include_usage
+    # vLLM's rule: continuous_usage_stats counts only together with include_usage
+    continuous = include_usage and opts is not None and opts.continuous_usage_stats
 
     def chunk(choice: dict[str, Any]) -> str:
         body = {**head, "choices": [choice]}
-        if continuous:  # the usage so far, on every chunk
-            body["usage"] = _usage(job, choices)
+        if continuous:  # as vLLM: each chunk carries its own choice's usage so far
+            c = choices[choice["index"]]
+            body["usage"] = usage(len(job.prompt), c.num_tokens, c.reasoning_tokens, cached_tokens=c.cached_tokens)
         return sse(body)
 
     try:
@@ -173,7 +183,7 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
                              "logprobs": {"content": logprobs} if logprobs else None,
                              "finish_reason": choice.finish_reason_out() if delta.finished else None,
                              "stop_reason": choice.stop_reason if delta.finished else None})
-        if opts is not None and opts.include_usage:
+        if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(job, choices)})
     except APIError as e:
         yield sse_error(e.status, e.message, e.code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from deltaserve.server.generation import ClientDisconnected, generate, merge, ra
 from deltaserve.server.protocol import CompletionRequest, read_json
 from deltaserve.server.responses import (DONE, TokenStrings, completion_logprobs, merge_completion_logprobs,
                                          prompt_completion_logprobs, random_id, sse, sse_error, usage)
-from deltaserve.server.sampling import check_lengths, check_token_ids, completion_params, with_structured
+from deltaserve.server.sampling import check_lengths, check_token_ids, completion_params, echo_only, with_structured
 from deltaserve.server.state import ServerState
 from deltaserve.server.structured import compile_spec, output_spec
 from deltaserve.server.tokens import encode_bounded
@@ -54,6 +55,7 @@ class _Job:
     req: CompletionRequest
     params: SamplingParams
     prompts: list[_Prompt]
+    echo_only: bool = False  # echo with max_tokens=0: the generated token is dropped
 
     def streams(self, state: ServerState) -> list[AsyncIterator[SequenceDelta]]:
         return [generate(state, p.ids, self.params, self.id if len(self.prompts) == 1 else f"{self.id}-{i}",
@@ -71,7 +73,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     params = completion_params(req, state.limits)
     params = with_structured(params, await compile_spec(state, output_spec(req, reasoning=False)))
     prompts = await asyncio.to_thread(_prompts, state, req, params)  # large prompts: off the event loop
-    job = _Job(random_id("cmpl"), model, int(time.time()), req, params, prompts)
+    job = _Job(random_id("cmpl"), model, int(time.time()), req, params, prompts, echo_only(req))
     if req.stream:
         return StreamingResponse(_stream(state, job), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
@@ -134,7 +136,7 @@ async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
         raise_for_failure(delta)
         choice = choices[i * n + delta.index]
         _echo_logprobs(choice, job.prompts[i], delta, strings)
-        _apply(choice, delta, strings, job.req.logprobs)
+        _apply(choice, _dropped(delta) if job.echo_only else delta, strings, job.req.logprobs)
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
             "choices": [{"index": k, "text": c.text, "logprobs": merge_completion_logprobs(c.logprobs),
                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
@@ -150,6 +152,12 @@ def _echo_logprobs(choice: _Choice, prompt: _Prompt, delta: SequenceDelta, strin
     piece, choice.offset = prompt_completion_logprobs(prompt.ids, delta.prompt_logprobs, strings)
     choice.logprobs.insert(0, piece)
     return piece
+
+
+def _dropped(delta: SequenceDelta) -> SequenceDelta:
+    """An echo-only request's delta without its generated token: max_tokens=0 ends it at once, by length."""
+    return dataclasses.replace(delta, token_ids=(), text="", logprobs=None,
+                               finish_reason="length" if delta.finished else None, stop_reason=None)
 
 
 def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings, logprobs: int | None) -> dict | None:
@@ -173,12 +181,16 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
     strings = state.token_strings
     head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
     opts = job.req.stream_options
-    continuous = opts is not None and opts.continuous_usage_stats
+    include_usage = opts is not None and opts.include_usage
+    # vLLM's rule: continuous_usage_stats counts only together with include_usage
+    continuous = include_usage and opts is not None and opts.continuous_usage_stats
 
     def chunk(choice: dict[str, Any]) -> str:
         body = {**head, "choices": [choice]}
-        if continuous:  # the usage so far, on every chunk
-            body["usage"] = _usage(job, choices)
+        if continuous:  # as vLLM: each chunk carries its own choice's usage so far (its prompt's tokens)
+            k = choice["index"]
+            c = choices[k]
+            body["usage"] = usage(len(job.prompts[k // n].ids), c.num_tokens, cached_tokens=c.cached_tokens)
         return sse(body)
 
     echo_with_logprobs = job.req.echo and job.params.prompt_logprobs is not None
@@ -192,11 +204,13 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
             prompt_piece = _echo_logprobs(choices[k], job.prompts[i], delta, strings)
             if prompt_piece is not None:  # the echo chunk waits for the prompt's logprobs
                 yield chunk(_chunk_choice(k, _prompt_text(state, job.prompts[i]), prompt_piece, None, None))
+            if job.echo_only:
+                delta = _dropped(delta)
             piece = _apply(choices[k], delta, strings, job.req.logprobs)
             if delta.text or piece is not None or delta.finished:
                 yield chunk(_chunk_choice(k, delta.text, piece, delta.finish_reason if delta.finished else None,
                                           delta.stop_reason))
-        if opts is not None and opts.include_usage:
+        if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(job, choices)})
     except APIError as e:
         yield sse_error(e.status, e.message, e.code)

@@ -1,0 +1,105 @@
+"""Response details where this server follows vLLM and OpenAI: finish_reason of a forced tool call, stop_reason on
+the end token, the legacy completions top_logprobs, and when continuous usage stats are sent."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+from tests.server.chat_model import NO_THINK_CHAT, TOOL_CHAT
+
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+IM_END = 258  # <|im_end|>, one of the chat model's end tokens (generation_config eos_token_id)
+
+
+def _events(r: httpx.Response) -> list[dict]:
+    assert r.status_code == 200, r.text
+    return [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+
+
+def _finals(r: httpx.Response, stream: bool) -> list[dict]:
+    """The choices that carry a finish_reason: the response's, or the streamed chunks'."""
+    if not stream:
+        assert r.status_code == 200, r.text
+        return r.json()["choices"]
+    return [c for e in _events(r) for c in e["choices"] if c["finish_reason"] is not None]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_forced_named_tool_call_ends_with_stop(http, stream):
+    """OpenAI and vLLM: "tool_calls" when the model chose to call a tool, "stop" when tool_choice named it."""
+    body = {**TOOL_CHAT.request(), "max_tokens": 200, "temperature": 0, "stream": stream}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    forced = _finals(http.post(CHAT, json={**body, "tool_choice": named}), stream)
+    chosen = _finals(http.post(CHAT, json=body), stream)
+    assert [c["finish_reason"] for c in forced] == ["stop"]
+    assert [c["finish_reason"] for c in chosen] == ["tool_calls"]
+    if not stream:
+        assert forced[0]["message"]["tool_calls"][0]["function"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_reason_is_null_on_the_end_token(http, stream):
+    """stop_reason names a stop the request asked for; ending on the model's end token gives null (vLLM)."""
+    body = {**NO_THINK_CHAT.request(), "max_tokens": 10, "temperature": 0, "stream": stream}
+    plain = _finals(http.post(CHAT, json=body), stream)
+    asked = _finals(http.post(CHAT, json={**body, "stop_token_ids": [IM_END]}), stream)
+    assert [(c["finish_reason"], c["stop_reason"]) for c in plain] == [("stop", None)]
+    assert [(c["finish_reason"], c["stop_reason"]) for c in asked] == [("stop", IM_END)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_top_logprobs_include_the_sampled_token(http, stream):
+    """logprobs=k: each token's top_logprobs holds its k alternatives and the sampled token itself, so k + 1
+    entries when the sample was not among the k (OpenAI's legacy API, vLLM)."""
+    body = {"prompt": "Hello", "max_tokens": 40, "temperature": 2.0, "seed": 3, "logprobs": 1, "ignore_eos": True,
+            "stream": stream}
+    r = http.post(COMPLETIONS, json=body)
+    pieces = [c["logprobs"] for e in _events(r) for c in e["choices"] if c["logprobs"]] if stream else \
+        [r.json()["choices"][0]["logprobs"]]
+    tokens = [t for p in pieces for t in p["tokens"]]
+    chosen = [lp for p in pieces for lp in p["token_logprobs"]]
+    tops = [t for p in pieces for t in p["top_logprobs"]]
+    assert len(tokens) == len(tops) == 40
+    unlikely = 0
+    for token, logprob, top in zip(tokens, chosen, tops):
+        assert token in top and top[token] == logprob and 1 <= len(top) <= 2
+        if logprob < max(top.values()):  # sampled below the most likely token: both are listed
+            unlikely += 1
+            assert len(top) == 2
+    assert unlikely > 0, "the test needs a sample outside the top 1; raise the temperature or change the seed"
+
+
+@pytest.mark.parametrize("route,body", [
+    (COMPLETIONS, {"prompt": "abc", "max_tokens": 6, "n": 2, "ignore_eos": True}),
+    (CHAT, {**NO_THINK_CHAT.request(), "max_tokens": 6, "temperature": 0})])
+def test_continuous_usage_stats_needs_include_usage(http, route, body):
+    """vLLM sends per-chunk usage only when include_usage is on too; continuous_usage_stats alone sends none."""
+    events = _events(http.post(route, json={**body, "stream": True,
+                                            "stream_options": {"continuous_usage_stats": True}}))
+    assert events and all("usage" not in e for e in events)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_with_max_tokens_zero_returns_the_scored_prompt(http, stream):
+    """OpenAI's legacy API and vLLM: echo with max_tokens=0 scores the prompt and generates nothing."""
+    prompt = "Hello world"
+    body = {"prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 1, "stream": stream,
+            "stream_options": {"include_usage": True} if stream else None}
+    r = http.post(COMPLETIONS, json=body)
+    if stream:
+        events = _events(r)
+        chunks = [c for e in events for c in e["choices"]]
+        text, usage = "".join(c["text"] for c in chunks), events[-1]["usage"]
+        pieces = [c["logprobs"] for c in chunks if c["logprobs"]]
+    else:
+        assert r.status_code == 200, r.text
+        chunks, usage = r.json()["choices"], r.json()["usage"]
+        text, pieces = chunks[0]["text"], [chunks[0]["logprobs"]]
+    tokens = [t for p in pieces for t in p["tokens"]]
+    assert text == prompt and "".join(tokens) == prompt and len(tokens) == usage["prompt_tokens"]
+    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == ["length"]
+    assert usage["completion_tokens"] == 0
