@@ -318,6 +318,27 @@ def test_gptq_zero_points_must_match_checkpoint_format(tmp_path):
                        SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
 
 
+def test_gptq_v1_asymmetric_zero_point_zero_reads_as_vllm_does(tmp_path):
+    """An asymmetric GPTQ v1 group whose zero point is 0 is written as 15 (zero - 1 in 4 bits) and was refused as out
+    of range. v1 readers (vLLM's gptq_gemm, AutoGPTQ's kernels) add 1 to the stored nibble without wrapping and
+    dequantize that group as (q - 16) * scale; so does deltaserve (dequant_gptq_file is that formula)."""
+    src = FIXTURES / "gptq_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    base = "model.layers.0.mlp.down_proj"
+    gen = torch.Generator().manual_seed(5)
+
+    def v1_writer(t):
+        zeros = torch.randint(0, 16, (3, 256), generator=gen, dtype=torch.int32)  # [K/G, N], true zero points
+        zeros[:, ::7] = 0
+        t[base + ".qzeros"] = pack_int4(((zeros - 1) & 0xF).to(torch.uint8))
+    path = _with_config(src, tmp_path / "asym", {**qc, "sym": False}, v1_writer)
+    stored = unpack_int4(load_file(path / "model.safetensors")[base + ".qzeros"], 256)
+    assert (stored == 15).sum() >= 3 * 37
+    cfg = json.loads((path / "config.json").read_text())
+    assert_matches_plain(load_model(ModelConfig.from_hf(path), dtype="float32"), tmp_path, dequant_state(path), cfg,
+                         list(range(3, 20)))
+
+
 def test_fp8_weight_without_scale_is_not_read_as_bf16(tmp_path):
     def edit(t):
         del t["model.layers.0.mlp.down_proj.weight_scale_inv"]

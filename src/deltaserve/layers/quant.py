@@ -12,11 +12,12 @@ Every format is converted at load time into one of two internal layouts (kernels
 along K with fp32 group scales and uint8 zero points, or e4m3 weights with an fp32 scale per row and K block. So the
 kernels do not care whether a weight came from GPTQ, AWQ or compressed-tensors.
 
-Checkpoint layouts (wave2.md A.0): GPTQ v1 qweight [K/8, N] (packed along K), qzeros [K/G, N/8] stored as zero - 1,
-scales [K/G, N], g_idx [K]; AutoAWQ GEMM qweight [K, N/8] and qzeros [K/G, N/8] packed along N in the nibble order
-0,4,1,5,2,6,3,7; compressed-tensors weight_packed [N, K/8] (codes + 8), weight_scale [N, K/G], weight_zero_point
-[N/8, K/G] (packed along N), weight_shape, weight_g_idx; FP8 weight e4m3 [N, K] with weight_scale_inv (Qwen) or
-weight_scale (compressed-tensors) [ceil(N/bn), ceil(K/bk)] block scales, or [N, 1] per channel, all multipliers.
+Checkpoint layouts (wave2.md A.0): GPTQ v1 qweight [K/8, N] (packed along K), qzeros [K/G, N/8] stored as zero - 1
+(a stored 15 reads as 16, as v1 readers do: _check_gptq_zeros), scales [K/G, N], g_idx [K]; AutoAWQ GEMM qweight
+[K, N/8] and qzeros [K/G, N/8] packed along N in the nibble order 0,4,1,5,2,6,3,7; compressed-tensors weight_packed
+[N, K/8] (codes + 8), weight_scale [N, K/G], weight_zero_point [N/8, K/G] (packed along N), weight_shape,
+weight_g_idx; FP8 weight e4m3 [N, K] with weight_scale_inv (Qwen) or weight_scale (compressed-tensors)
+[ceil(N/bn), ceil(K/bk)] block scales, or [N, 1] per channel, all multipliers.
 """
 
 from __future__ import annotations
@@ -605,13 +606,13 @@ def _unpack_along_rows(packed: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _check_gptq_zeros(fmt: WeightFormat, name: str, z: torch.Tensor) -> None:
-    """GPTQ zero points (stored + the checkpoint_format's offset) in the 4-bit range, and all 8 when sym: a v1
-    checkpoint labelled gptq_v2 (or the reverse) would otherwise load every weight one scale step off."""
-    offset = f"checkpoint_format {'gptq' if fmt.zero_offset else 'gptq_v2'}'s offset of {fmt.zero_offset}"
-    if z.max() > 15:
-        raise QuantizationError(f"{name}.qzeros: stored zero point 15 plus {offset} is out of the 4-bit range; is "
-                                "this a gptq_v2 checkpoint (set checkpoint_format)?")
+    """Symmetric GPTQ zero points (stored + the checkpoint_format's offset) must all be 8: a v1 checkpoint labelled
+    gptq_v2 (or the reverse) would otherwise load every weight one scale step off. Asymmetric v1 zero points may
+    read 16: a group whose zero point was 0 is stored as 15 (zero - 1 wraps in 4 bits), and v1 readers (vLLM's
+    gptq_gemm, AutoGPTQ's kernels) add 1 without wrapping, so they dequantize it as (q - 16) * scale; the internal
+    uint8 zero points hold 16 and the kernels compute the same."""
     if fmt.symmetric and not bool((z == 8).all()):
+        offset = f"checkpoint_format {'gptq' if fmt.zero_offset else 'gptq_v2'}'s offset of {fmt.zero_offset}"
         found = sorted(set(z.unique().tolist()) - {8})
         raise QuantizationError(f"{name}.qzeros: quantization_config.sym is true, so every zero point is 8, but "
                                 f"stored + {offset} gives {found[:4]}; a v1 checkpoint stores 7 (checkpoint_format "
