@@ -679,3 +679,35 @@ def test_engine_runs_with_fp8_activations(tmp_path, caplog):
     assert "self_attn.o_proj fp8 block 128x128 w8a8" in line and "lm_head float32" in line
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_step_cost_prior_counts_int4_weights_as_multiplied(tmp_path):
+    """The scheduler's step-time prior (engine/step_cost.py) read each packed int32 word of 8 int4 codes as one
+    parameter, and scales and zero points as parameters too: an int4 model's per-token cost came out about 8x too
+    low (the unsafe side: chunks too large until measurements came in). Its matmul work per token is the plain
+    model's; only the bytes a step reads differ (those stored: int4 words, scales and zero points). The input
+    embedding is a row gather: in neither (the tied case multiplies by it in the lm_head)."""
+    from deltaserve import LLM
+    from deltaserve.demo import write_byte_tokenizer
+    from deltaserve.engine.step_cost import PRIOR_BYTES_PER_MS, PRIOR_FLOPS_PER_MS
+    src = FIXTURES / "gptq_dense"
+    cfg = json.loads((src / "config.json").read_text())
+    quant, plain = tmp_path / "int4", tmp_path / "plain"
+    shutil.copytree(src, quant)
+    plain.mkdir()
+    state = dequant_state(src)
+    save_file({k: v.float().contiguous() for k, v in state.items()}, plain / "model.safetensors")
+    (plain / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
+    priors = {}
+    for path in (quant, plain):
+        write_byte_tokenizer(path)
+        priors[path.name] = LLM(str(path), dtype="float32", device="cpu", max_model_len=64).engine.scheduler \
+            .step_cost.prior
+    multiplied = sum(v.numel() for k, v in state.items() if not k.endswith("embed_tokens.weight"))
+    assert priors["int4"][1] == pytest.approx(priors["plain"][1], rel=1e-9)
+    assert priors["plain"][1] * PRIOR_FLOPS_PER_MS / 2 == pytest.approx(multiplied, rel=1e-9)
+    assert priors["plain"][0] * PRIOR_BYTES_PER_MS == pytest.approx(4 * multiplied, rel=1e-9)
+    # as loaded: int32 words as stored, fp32 scales, a uint8 zero point per row and group, fp32 plain weights
+    int4_bytes = sum(v.numel() * (8 if k.endswith(".qzeros") else 4) for k, v in load_file(src / "model.safetensors")
+                     .items() if not k.endswith(("embed_tokens.weight", ".g_idx")))
+    assert priors["int4"][0] * PRIOR_BYTES_PER_MS == pytest.approx(int4_bytes, rel=1e-9)

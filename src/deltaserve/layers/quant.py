@@ -1085,5 +1085,43 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-__all__ = ["QuantResolver", "QuantizationError", "WeightFormat", "describe_summary", "quantize_model",
-           "weight_bytes"]
+# the internal layouts' tensors (the methods above): int32 words of 8 int4 codes, and what only scales the codes
+_INT4_WORDS = ("qweight", "w13_qweight", "w2_qweight")
+_QUANT_METADATA = ("scales", "zeros", "perm", "weight_scale", "w13_scales", "w13_zeros", "w2_scales", "w2_zeros",
+                   "w13_scale", "w2_scale")
+
+
+@dataclass(frozen=True)
+class StepWeights:
+    """What one forward step reads of a model's weights, for the step-time prior (engine/step_cost.py).
+
+    bytes: bytes as stored (packed int4 words, fp8, scales and zero points included). params: the weights the
+    matmuls multiply by, as they are used (8 per packed int4 word; none for scales, zero points or act-order
+    permutations), so 2 flops each per token; expert_params: those of the routed experts (a token reaches top-k of
+    them). The input embedding is a row gather: neither (unless tied, when the lm_head multiplies by it)."""
+
+    bytes: int
+    params: int
+    expert_params: int
+
+
+def step_weights(model: nn.Module) -> StepWeights:
+    from deltaserve.layers.embedding import TiedLMHead, VocabEmbedding
+    tied = {id(m._embedding[0]) for m in model.modules() if isinstance(m, TiedLMHead)}
+    gathered = {id(p) for m in model.modules() if isinstance(m, VocabEmbedding) and id(m) not in tied
+                for p in m.parameters(recurse=False)}
+    nbytes = params = experts = 0
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(p) in gathered:
+            continue
+        leaf = name.rpartition(".")[2]
+        nbytes += p.numel() * p.element_size()
+        n = 0 if leaf in _QUANT_METADATA else p.numel() * (8 if leaf in _INT4_WORDS else 1)
+        params += n
+        if ".experts." in name:
+            experts += n
+    return StepWeights(nbytes, params, experts)
+
+
+__all__ = ["QuantResolver", "QuantizationError", "StepWeights", "WeightFormat", "describe_summary", "quantize_model",
+           "step_weights", "weight_bytes"]
