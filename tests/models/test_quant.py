@@ -506,6 +506,18 @@ def test_quantize_bad_requests_fail_before_writing(bf16_dirs, tmp_path, capsys):
     assert not (tmp_path / "moe").exists() and not (tmp_path / "none").exists()
 
 
+@pytest.mark.parametrize("args, needle", [(("--group-size", "64"), "--group-size: int4 options"),
+                                           (("--desc-act",), "--desc-act: int4 options"),
+                                           (("--group-size", "128", "--desc-act"), "--group-size and --desc-act")])
+def test_quantize_fp8_refuses_int4_options(bf16_dirs, tmp_path, capsys, args, needle):
+    """`--method fp8` writes 128x128 block scales; --group-size and --desc-act were silently ignored with it (a
+    user asking for FP8 groups of 64 got 128). They are refused, nothing written."""
+    from deltaserve.cli import main
+    out = tmp_path / "fp8"
+    assert main(["quantize", str(bf16_dirs["q_dense"]), str(out), "--method", "fp8", *args]) == 2
+    assert needle in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("make_src, args, needle", [
     (lambda d, bf16: None, ("--method", "fp8"), "no config.json in"),
     (lambda d, bf16: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}'), ("--method", "fp8"),
