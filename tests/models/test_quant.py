@@ -577,6 +577,69 @@ def test_nested_checkpoint_names_and_exclusions(tmp_path):
                          list(range(7, 40)))
 
 
+NESTED_MOE = TinySpec("q_nested", nested=True, moe=True, per_expert=False, mtp=True,
+                      extra=dict(hidden_size=128, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+                                 moe_intermediate_size=128, shared_expert_intermediate_size=128, num_experts=4))
+
+
+def test_short_exclusion_names_match_whole_components_of_decoder_paths():
+    """A short modules_to_not_convert entry matches whole trailing components of a module path (or an enclosing
+    one), never part of a component, and reaches the MTP head only when it names it: `layers.0.mlp` used to
+    exclude `mtp.layers.0.mlp` too (the lists are written against transformers' model, which has no MTP head)."""
+    from deltaserve.layers.quant import QuantResolver
+    raw = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
+           "modules_to_not_convert": ["layers.0.mlp", "layers.1", "attn", "mtp.fc", "model.language_model.layers.2"]}
+    skip = QuantResolver("awq", raw, None).skip
+    excluded = ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.experts.3.up_proj", "model.layers.1.mlp.gate",
+                "model.layers.2.self_attn.qkv_proj", "mtp.fc"]
+    kept = ["mtp.layers.0.mlp.down_proj", "mtp.layers.0.mlp.experts.3.up_proj", "model.layers.10.mlp.down_proj",
+            "model.layers.3.self_attn.qkv_proj", "mtp.layers.1.mlp.gate", "model.layers.20.mlp.down_proj"]
+    assert [n for n in excluded if n not in skip] == [] and [n for n in kept if n in skip] == []
+    mtp_named = QuantResolver("awq", {**raw, "modules_to_not_convert": ["mtp.layers.0.mlp", "mtp"]}, None).skip
+    assert "mtp.layers.0.mlp.down_proj" in mtp_named and "model.layers.0.mlp.down_proj" not in mtp_named
+
+
+def test_decoder_exclusion_loads_a_quantized_mtp_layer_of_the_same_index(tmp_path):
+    """A checkpoint whose decoder layer 0 MLP is bf16 (listed as `layers.0.mlp`) and whose MTP layer 0 MLP is FP8
+    was refused (the short name reached `mtp.layers.0.mlp`, which holds FP8 tensors); it loads, MTP in FP8."""
+    src = tmp_path / "bf16"
+    save_checkpoint(NESTED_MOE, src)
+    out = quantize_checkpoint(src, tmp_path / "fp8", method="fp8")
+    prefix = "model.language_model.layers.0.mlp."
+
+    def decoder_mlp_in_bf16(t):
+        for k in [k for k in t if k.startswith(prefix) and k.endswith("_scale_inv")]:
+            w, s = t[k[:-len("_scale_inv")]].float(), t.pop(k).float()
+            bn, bk = -(-w.shape[0] // s.shape[0]), -(-w.shape[1] // s.shape[1])
+            t[k[:-len("_scale_inv")]] = (w * s.repeat_interleave(bn, 0)[:w.shape[0]].repeat_interleave(bk, 1)
+                                         [:, :w.shape[1]]).to(torch.bfloat16)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    qc["modules_to_not_convert"] = [*qc["modules_to_not_convert"], "layers.0.mlp"]
+    path = _with_config(out, tmp_path / "mixed", qc, decoder_mlp_in_bf16)
+    model = load_model(ModelConfig.from_hf(path), dtype="float32", with_mtp=True)
+    assert model.model.layers[0].mlp.experts.method.name == "unquantized"
+    assert model.mtp.layers[0].mlp.experts.method.name.startswith("fp8")
+
+
+def test_unmatched_exclusions_are_named_at_startup(tmp_path, caplog):
+    """An exclusion entry that names no module of the model or the checkpoint (a typo) used to be ignored
+    silently; the start-up log names it. Entries that match (a short name, a module of the vision tower or of the
+    MTP head not loaded) are not named."""
+    src = tmp_path / "bf16"
+    save_checkpoint(NESTED_MOE, src)
+    out = quantize_checkpoint(src, tmp_path / "fp8", method="fp8")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    qc["modules_to_not_convert"] = [*qc["modules_to_not_convert"], "in_proj_a", "visual", "mtp.fc",
+                                    "model.language_model.layers.0.linear_attn.in_proj_bb", "shared_expert_gat"]
+    path = _with_config(out, tmp_path / "typo", qc)
+    with caplog.at_level("WARNING", logger="deltaserve.models.loader"):
+        load_model(ModelConfig.from_hf(path), dtype="float32")
+    warned = [r.getMessage() for r in caplog.records if "match no module" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].endswith("modules_to_not_convert 'model.language_model.layers.0.linear_attn.in_proj_bb', "
+                              "modules_to_not_convert 'shared_expert_gat'")
+
+
 def test_compressed_tensors_actorder_group(bf16_dirs, tmp_path):
     """compressed-tensors W4A16 with actorder "group" (weight_g_idx a permutation): the same weights as the
     act-order GPTQ checkpoint they are converted from, so the same logits."""

@@ -109,19 +109,49 @@ def _name_forms(name: str) -> tuple[str, ...]:
 
 
 class _ModuleSet:
-    """Module names given as exact names, enclosing modules (a whole layer) or dotted suffixes (`lm_head`,
-    `mlp.gate`), plus regexes matched from the start of the name."""
+    """The modules a quantization_config leaves unquantized (modules_to_not_convert, ignored_layers, ignore, GPTQ
+    dynamic "-:" keys), entries matched against our module paths (the text decoder's checkpoint prefixes read as
+    `model.`):
 
-    def __init__(self, names: list[str] | None = None, regexes: list[str] | None = None) -> None:
-        self.names = [_our_name(n.rstrip(".")) for n in names or []]
-        self.regexes = [re.compile(r) for r in regexes or []]
+    - a name matches the module it names and every module inside it (`model.layers.3.mlp`, `lm_head`, `mtp.fc`);
+    - a shorter name matches whole trailing components of a module's path or of an enclosing one (`mlp.gate`,
+      `in_proj_a`, `layers.1.mlp`), never part of a component (`layers.1` is not `layers.10`, `attn` not
+      `self_attn`), and reaches the MTP head (`mtp.*`) only when it names it: the lists are written against
+      transformers' model, which has no MTP head, so `layers.1.mlp` is the decoder's layer 1, not `mtp.layers.1`;
+    - a regex (compressed-tensors `re:`, GPTQ dynamic) matches from the start of the path, in our form or the
+      nested checkpoint form (`model.language_model.`).
+
+    Only whole-component matches are taken (vLLM's AWQ and GPTQ configs match any substring, transformers a prefix
+    or a raw suffix): a stray match excludes a module the checkpoint may hold quantized, which is then refused.
+
+    entries: (entry as written, the config key it came from); regexes likewise."""
+
+    def __init__(self, names: list[tuple[str, str]] | None = None,
+                 regexes: list[tuple[str, str]] | None = None) -> None:
+        self.names = [(raw, key, _our_name(raw.rstrip("."))) for raw, key in names or []]
+        self.regexes = [(raw, key, re.compile(raw)) for raw, key in regexes or []]
+
+    @staticmethod
+    def _name_matches(n: str, name: str) -> bool:
+        if n == name or name.startswith(n + "."):
+            return True
+        if name.startswith("mtp.") and "mtp" not in n.split("."):
+            return False
+        return f".{n}." in f".{name}."
 
     def __contains__(self, name: str) -> bool:
-        dotted = f".{name}."
-        for n in self.names:
-            if n == name or name.startswith(n + ".") or f".{n}." in dotted:
-                return True
-        return any(r.match(form) for r in self.regexes for form in _name_forms(name))
+        return any(self._name_matches(n, name) for _, _, n in self.names) or \
+            any(r.match(form) for _, _, r in self.regexes for form in _name_forms(name))
+
+    def unmatched(self, paths: Set[str]) -> list[str]:
+        """The entries that match none of `paths`, as `key entry` (each matches nothing: likely a typo)."""
+        out = [f"{key} {raw!r}" for raw, key, n in self.names if not any(self._name_matches(n, p) for p in paths)]
+        return out + [f"{key} {raw!r}" for raw, key, r in self.regexes
+                      if not any(r.match(form) for p in paths for form in _name_forms(p))]
+
+
+def _entries(raw: dict[str, Any], *keys: str) -> list[tuple[str, str]]:
+    return [(str(n), key) for key in keys for n in raw.get(key) or []]
 
 
 class QuantResolver:
@@ -155,7 +185,7 @@ class QuantResolver:
                 raise QuantizationError(f"quantization_config.weight_block_size {block!r}: expected [block_n, "
                                         "block_k], e.g. [128, 128]")
             self.default = WeightFormat("fp8", "fp8", block[1], block[0], scale_name="weight_scale_inv")
-        self.skip = _ModuleSet(list(raw.get("modules_to_not_convert") or []) + list(raw.get("ignored_layers") or []))
+        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert", "ignored_layers"))
 
     def _int4_bits(self, bits: Any, where: str) -> None:
         if bits != 4:
@@ -178,7 +208,7 @@ class QuantResolver:
                 continue
             pattern = key[2:] if key.startswith("+:") else key
             self.positive.append((re.compile(pattern), dict(override or {})))
-        self.skip = _ModuleSet(list(raw.get("modules_to_not_convert") or []), negative)
+        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"), [(k, "dynamic '-:'") for k in negative])
 
     def _parse_awq(self, raw: dict[str, Any]) -> None:
         self._int4_bits(raw.get("bits", raw.get("w_bit")), "quantization_config.bits")
@@ -191,7 +221,7 @@ class QuantResolver:
                                     "not supported")
         group = raw.get("group_size", raw.get("q_group_size", 128))
         self.default = WeightFormat("int4", "awq", 0 if group in (-1, None) else int(group), symmetric=False)
-        self.skip = _ModuleSet(list(raw.get("modules_to_not_convert") or []))
+        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"))
 
     def _parse_compressed_tensors(self, raw: dict[str, Any]) -> None:
         top = raw.get("format")
@@ -235,8 +265,8 @@ class QuantResolver:
                                         "(8-bit)")
             self.ct_groups.append((list(group.get("targets") or ["Linear"]), wf))
         ignore = list(raw.get("ignore") or [])
-        self.skip = _ModuleSet([n for n in ignore if not n.startswith("re:")],
-                               [n[3:] for n in ignore if n.startswith("re:")])
+        self.skip = _ModuleSet([(n, "ignore") for n in ignore if not n.startswith("re:")],
+                               [(n[3:], "ignore 're:'") for n in ignore if n.startswith("re:")])
         self.default = self.ct_groups[0][1]
 
     def configured(self, name: str) -> WeightFormat:

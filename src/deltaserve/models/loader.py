@@ -263,7 +263,21 @@ def _build_quantized(config: ModelConfig, quantization: QuantizationConfig, entr
     except QuantizationError as e:
         raise CheckpointError(f"quantized checkpoint in {config.model_dir}: {e}") from None
     log.info("%s; %.2f GiB of weights", describe_summary(quantization.method, summary), weight_bytes(model) / 2**30)
+    if not dummy:
+        _warn_unmatched_exclusions(resolver, model, entries)
     return model
+
+
+def _warn_unmatched_exclusions(resolver: QuantResolver, model: torch.nn.Module, entries: list[TensorEntry]) -> None:
+    """quantization_config entries that leave modules unquantized but name no module of the model or the checkpoint
+    (vision tower and MTP head included) exclude nothing: a typo, most likely. Not an error: the tensors decide
+    which modules are quantized, and a module that holds quantized tensors but is excluded is refused anyway."""
+    paths = {path for path, _ in model.named_modules()}
+    paths |= {(text_model_name(e.name) or e.name).rpartition(".")[0] for e in entries}
+    unmatched = resolver.skip.unmatched(paths)
+    if unmatched:
+        log.warning("quantization_config entries that match no module of the model or the checkpoint (a typo?): %s",
+                    ", ".join(unmatched))
 
 
 def _dtype(name: str) -> torch.dtype:
