@@ -348,6 +348,17 @@ def test_fp8_weight_without_scale_is_not_read_as_bf16(tmp_path):
         load_model(ModelConfig.from_hf(bad), dtype="float32")
 
 
+def test_fp8_embedding_is_not_read_as_bf16(tmp_path):
+    """A quantized tensor for a parameter no quantized method loads (the embedding, norms, conv1d) was converted
+    to the model dtype silently, i.e. loaded without its scales; it is refused naming the tensor."""
+    def edit(t):
+        t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"].to(torch.float8_e4m3fn)
+    bad = _with_config(FIXTURES / "qwen_fp8_dense", tmp_path / "fp8_embed", None, edit)
+    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight: a torch\.float8_e4m3fn tensor where a "
+                                               r"full-precision torch\.float32 one was expected"):
+        load_model(ModelConfig.from_hf(bad), dtype="float32")
+
+
 def test_mixed_experts_are_an_error(tmp_path):
     def edit(t):
         p = "model.layers.0.mlp.experts.1.up_proj."
