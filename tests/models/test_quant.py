@@ -278,6 +278,39 @@ def test_unknown_method_and_bits_are_errors(tmp_path):
         load_model(ModelConfig.from_hf(gemv), dtype="float32")
 
 
+def test_fp8_static_activation_scales_are_refused_by_name(tmp_path):
+    """quant_method fp8 with activation_scheme static (an input_scale per layer) failed as a list of unexpected
+    input_scale tensors without saying why; it is refused by its config key, as compressed-tensors static schemes
+    are."""
+    src = FIXTURES / "qwen_fp8_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+
+    def input_scales(t):
+        for k in [k for k in t if k.endswith(".weight_scale_inv")]:
+            t[k[:-len("weight_scale_inv")] + "input_scale"] = torch.tensor(0.01)
+    bad = _with_config(src, tmp_path / "static", {**qc, "activation_scheme": "static"}, input_scales)
+    with pytest.raises(CheckpointError, match="activation_scheme 'static': static activation scales"):
+        load_model(ModelConfig.from_hf(bad), dtype="float32")
+
+
+def test_quantized_lm_head_with_tied_embeddings_says_why(tmp_path):
+    """A quantized lm_head in a checkpoint whose config ties it to the embedding: the unexpected lm_head.* tensors
+    are listed with the reason (the tie), not alone."""
+    from deltaserve.quantize import quantize_gptq
+    src = FIXTURES / "gptq_dense"
+    cfg = json.loads((src / "config.json").read_text())
+
+    def quantized_head(t):
+        for k, v in quantize_gptq(t.pop("lm_head.weight").float(), 128).items():
+            t["lm_head." + k] = v
+    path = _with_config(src, tmp_path / "tied", {**cfg["quantization_config"], "lm_head": True}, quantized_head)
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()),
+                                                  "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match=r"(?s)lm_head\.qweight.*ties the lm_head to the embedding "
+                                              r"\(tie_word_embeddings true\)"):
+        load_model(ModelConfig.from_hf(path), dtype="float32")
+
+
 def test_wrong_shape_names_module_tensor_and_expectation(tmp_path):
     def edit(t):
         name = "model.layers.0.mlp.down_proj.scales"

@@ -176,6 +176,11 @@ class QuantResolver:
         fmt = raw.get("fmt", "e4m3")
         if fmt != "e4m3":
             raise QuantizationError(f"quantization_config.fmt {fmt!r}: only e4m3 FP8 weights are supported")
+        scheme = raw.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":  # static: input_scale tensors, as compressed-tensors static schemes are refused
+            raise QuantizationError(f"quantization_config.activation_scheme {scheme!r}: static activation scales "
+                                    "(input_scale tensors) are not supported; FP8 checkpoints with activation_scheme "
+                                    "'dynamic' are")
         block = raw.get("weight_block_size")
         if block is None:
             self.default = WeightFormat("fp8", "fp8", 0, 1, scale_name="weight_scale_inv")

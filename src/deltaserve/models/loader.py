@@ -210,6 +210,10 @@ def plan_load(entries: list[TensorEntry], model: Qwen3_5ForCausalLM,
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s) that this model has no parameter for:\n  "
                         + "\n  ".join(unexpected[:50]) + ("\n  ..." if len(unexpected) > 50 else ""))
+        if config.tie_word_embeddings and any(n.startswith("lm_head.") for n in unexpected):
+            problems.append("the config ties the lm_head to the embedding (tie_word_embeddings true), so the "
+                            "checkpoint's lm_head.* tensors have no module to load them; a checkpoint with its own "
+                            "(e.g. quantized) lm_head needs tie_word_embeddings false")
     if missing:
         problems.append(f"{len(missing)} missing tensor(s):\n  " + "\n  ".join(missing[:50]))
     if problems:
