@@ -248,6 +248,44 @@ def test_fp8_per_channel_compressed_tensors(bf16_dirs, tmp_path):
     assert_matches_plain(model, tmp_path, deq, cfg, list(range(5, 30)))
 
 
+@pytest.mark.parametrize("layout", ["autofp8", "ct-tensor"])
+def test_fp8_per_tensor_scales(tmp_path, layout):
+    """FP8 weights with one scale per tensor (AutoFP8: quant_method fp8 without weight_block_size, a scalar
+    weight_scale; compressed-tensors strategy "tensor", weight_scale [1]) were refused (a shape mismatch against
+    per-channel [N, 1] scales, or the strategy); they load and give the logits of their dequantized weights."""
+    src = FIXTURES / "qwen_fp8_dense"
+    t = load_file(src / "model.safetensors")
+    out = {}
+    for k, v in t.items():
+        if k.endswith("_scale_inv"):
+            continue
+        if v.dtype == torch.float8_e4m3fn:
+            s = t[k + "_scale_inv"].float()
+            bn, bk = -(-v.shape[0] // s.shape[0]), -(-v.shape[1] // s.shape[1])
+            w = v.float() * s.repeat_interleave(bn, 0)[:v.shape[0]].repeat_interleave(bk, 1)[:, :v.shape[1]]
+            scale = w.abs().max() / 448
+            out[k] = (w / scale).to(torch.float8_e4m3fn)
+            out[k + "_scale"] = scale.reshape(() if layout == "autofp8" else (1,))
+        else:
+            out[k] = v
+    path = tmp_path / layout
+    path.mkdir()
+    save_file(out, path / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    skipped = cfg["quantization_config"]["modules_to_not_convert"]
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "modules_to_not_convert": skipped} if layout == "autofp8" else {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": skipped,
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": {"dynamic": True},
+                                      "weights": {"type": "float", "num_bits": 8, "strategy": "tensor"}}}}
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.down_proj.method.name == "fp8 per-tensor"
+    plain = {k: (v.float() * out[k + "_scale"].float() if v.dtype == torch.float8_e4m3fn else v)
+             for k, v in out.items() if not k.endswith("_scale")}
+    assert_matches_plain(model, tmp_path, plain, cfg, list(range(3, 30)))
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 def _with_config(src: Path, dst: Path, qc: dict | None, edit=None) -> Path:

@@ -17,7 +17,7 @@ Checkpoint layouts (wave2.md A.0): GPTQ v1 qweight [K/8, N] (packed along K), qz
 [K, N/8] and qzeros [K/G, N/8] packed along N in the nibble order 0,4,1,5,2,6,3,7; compressed-tensors weight_packed
 [N, K/8] (codes + 8), weight_scale [N, K/G], weight_zero_point [N/8, K/G] (packed along N), weight_shape,
 weight_g_idx; FP8 weight e4m3 [N, K] with weight_scale_inv (Qwen) or weight_scale (compressed-tensors)
-[ceil(N/bn), ceil(K/bk)] block scales, or [N, 1] per channel, all multipliers.
+[ceil(N/bn), ceil(K/bk)] block scales, [N, 1] per channel or [] / [1] per tensor, all multipliers.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ class WeightFormat:
     group_size: int4 K-group, fp8 K-block (0: the whole row, i.e. per channel). block_n: rows per fp8 scale in the
     checkpoint (1: per channel). zero_offset: added to stored zero points (GPTQ v1 stores zero - 1). act_order: the
     checkpoint's g_idx permutes K (GPTQ desc_act, compressed-tensors actorder "group"; from the config alone for
-    dummy weights)."""
+    dummy weights). scale_dims: a per-tensor FP8 scale (one for the whole weight) and its rank in the checkpoint (0:
+    a scalar, 1: [1]); -1 where the scales are per channel or block."""
 
     kind: str = "unquantized"
     checkpoint: str = "plain"
@@ -73,6 +74,7 @@ class WeightFormat:
     act_order: bool = False
     scale_name: str = ""
     act_fp8: bool = False  # run with dynamic FP8 activations (W8A8; fp8 weights only, --fp8-activations dynamic)
+    scale_dims: int = -1
 
     @property
     def quantized(self) -> bool:
@@ -82,7 +84,7 @@ class WeightFormat:
         if self.kind == "fp8":
             act = " w8a8" if self.act_fp8 else ""
             if self.group_size == 0:
-                return "fp8 per-channel" + act
+                return ("fp8 per-tensor" if self.scale_dims >= 0 else "fp8 per-channel") + act
             return f"fp8 block {self.block_n}x{self.group_size}" + act
         if self.kind == "int4":
             g = f"g{self.group_size}" if self.group_size else "per-channel"
@@ -260,11 +262,11 @@ class QuantResolver:
                 if strategy == "block":
                     bn, bk = w.get("block_structure") or (128, 128)
                     wf = WeightFormat("fp8", "ct-fp8", int(bk), int(bn), scale_name="weight_scale")
-                elif strategy == "channel":
+                elif strategy in ("channel", "tensor"):  # one scale per tensor: found so in the checkpoint
                     wf = WeightFormat("fp8", "ct-fp8", 0, 1, scale_name="weight_scale")
                 else:
-                    raise QuantizationError(f"{where}.weights.strategy {strategy!r}: FP8 weights must be block or "
-                                            "channel scaled")
+                    raise QuantizationError(f"{where}.weights.strategy {strategy!r}: FP8 weights must be block, "
+                                            "channel or tensor scaled")
             else:
                 raise QuantizationError(f"{where}.weights.type {w.get('type')!r}: expected int (4-bit) or float "
                                         "(8-bit)")
@@ -331,6 +333,7 @@ class QuantResolver:
             ok = conf.kind == "fp8"
             if ok:
                 conf = replace(conf, scale_name="weight_scale_inv" if has("weight_scale_inv") else "weight_scale")
+                conf = self._per_tensor(name, conf)
         else:
             return UNQUANTIZED  # a plain weight (or nothing: the loader reports the missing tensor)
         if not ok:
@@ -347,6 +350,14 @@ class QuantResolver:
             # GPTQ writes a trivial g_idx with desc_act false too
             conf = replace(conf, act_order=g in self.present and self._permutes(g, conf.group_size))
         return conf
+
+    def _per_tensor(self, name: str, conf: WeightFormat) -> WeightFormat:
+        """A per-channel FP8 format whose checkpoint holds one scale for the whole weight (a scalar or [1], as AutoFP8
+        and compressed-tensors strategy "tensor" write) reads it per tensor (each row takes that scale)."""
+        if conf.group_size or self.read is None:
+            return conf
+        scale = self.read(f"{name}.{conf.scale_name}")
+        return replace(conf, scale_dims=scale.dim()) if scale.numel() == 1 and scale.dim() <= 1 else conf
 
     def _permutes(self, name: str, group: int) -> bool:
         """Whether g_idx `name` differs from k // group (an unreadable one is kept to be checked at load)."""
@@ -711,7 +722,10 @@ def _fp8_layout(fmt: WeightFormat, weight_name: str, scale_name: str, weight: to
     group = group or bk
     w_axes = {d: Axis(d) for d in range(len(sizes))}
     s_axes = {d: Axis(d) for d in range(n_dim)}
-    if fmt.group_size == 0:
+    if fmt.scale_dims >= 0:  # one scale for the weight: every rank reads it whole, every row takes it
+        s_axes = {}
+        s_shape = (1,) * fmt.scale_dims
+    elif fmt.group_size == 0:
         s_axes[n_dim] = Axis(n_dim)
         s_shape = (*full[:k_dim], 1)
     else:
@@ -724,7 +738,8 @@ def _fp8_layout(fmt: WeightFormat, weight_name: str, scale_name: str, weight: to
 
     def load_scale(source: TensorSource) -> None:
         t = read_sharded(source, s_axes, tp, sizes, group, k_dim)
-        scale.copy_(_check_dtype(source.name, t, _FLOATS, "floating-point scales").float())
+        t = _check_dtype(source.name, t, _FLOATS, "floating-point scales").float()
+        scale.copy_(t.reshape(()).expand(scale.shape) if fmt.scale_dims >= 0 else t)
     return {weight_name: WeightSlot(tuple(full), load_weight, sharded=tp is not None),
             scale_name: WeightSlot(s_shape, load_scale, sharded=tp is not None)}
 
