@@ -90,12 +90,18 @@ def _module_name(tensor_name: str) -> str:
     return re.sub(r"^model\.language_model\.", "model.", name)
 
 
-def _check_request(src: Path, out: Path, *, method: str, group_size: int, desc_act: bool) -> dict:
+def _check_request(src: Path, out: Path, *, method: str, group_size: int | None, desc_act: bool) -> dict:
     """src's config.json, or a ValueError (ConfigError) before anything is written, for a request that cannot give a
     checkpoint deltaserve loads."""
     if method not in ("fp8", "int4"):
         raise ValueError(f"method {method!r}: use fp8 or int4")
-    if method == "int4" and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
+    # FP8 is written with 128x128 block scales: an int4 option given with it would be silently ignored
+    if method == "fp8" and (group_size is not None or desc_act):
+        given = [f for f, on in (("--group-size", group_size is not None), ("--desc-act", desc_act)) if on]
+        raise ValueError(f"{' and '.join(given)}: int4 options; --method fp8 writes 128x128 block scales and takes "
+                         "neither (drop them, or use --method int4)")
+    bad_size = isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0
+    if method == "int4" and group_size is not None and bad_size:
         raise ValueError(f"--group-size {group_size!r}: int4 needs a positive group size dividing the MLP input sizes "
                          "(128 is Qwen's)")
     model = ModelConfig.from_hf(src)  # a Qwen3.5 checkpoint's config.json, or a ConfigError naming the problem
@@ -114,12 +120,13 @@ def _check_request(src: Path, out: Path, *, method: str, group_size: int, desc_a
     return json.loads((src / "config.json").read_text())
 
 
-def quantize_checkpoint(src: str | Path, out: str | Path, *, method: str, group_size: int = 128,
+def quantize_checkpoint(src: str | Path, out: str | Path, *, method: str, group_size: int | None = None,
                         desc_act: bool = False, block: tuple[int, int] = (128, 128)) -> Path:
-    """Quantize the bf16 checkpoint in `src` into `out` ("fp8": Qwen FP8 block; "int4": GPTQ v1), a directory that
-    must not exist or be empty. On failure nothing is left in `out`."""
+    """Quantize the bf16 checkpoint in `src` into `out` ("fp8": Qwen FP8 block; "int4": GPTQ v1, group_size
+    default 128), a directory that must not exist or be empty. On failure nothing is left in `out`."""
     src, out = Path(src), Path(out)
     config = _check_request(src, out, method=method, group_size=group_size, desc_act=desc_act)
+    group_size = 128 if group_size is None else group_size
     out.mkdir(parents=True, exist_ok=True)
     try:
         _write(src, out, config, method=method, group_size=group_size, desc_act=desc_act, block=block)

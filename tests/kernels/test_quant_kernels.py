@@ -300,9 +300,9 @@ def _loader_codes(order: str, codes: torch.Tensor, zeros: torch.Tensor, scales: 
 
     from deltaserve.layers.quant import AWQ_ORDER, _convert_int4
     n, k = codes.shape
-    if order == "gptq":  # packed along K (qweight [K/8, N]), zeros stored minus one
+    if order == "gptq":  # packed along K (qweight [K/8, N]), zeros stored minus one in 4 bits (0 as 15)
         t = {"qweight": ref.pack_int4(codes.cpu()).T.contiguous(),
-             "qzeros": ref.pack_int4((zeros.cpu().int() - 1).clamp(min=0).to(torch.uint8).T.contiguous()),
+             "qzeros": ref.pack_int4(((zeros.cpu().int() - 1) & 0xF).to(torch.uint8).T.contiguous()),
              "scales": scales.cpu().T.contiguous()}
         fmt = SimpleNamespace(checkpoint="gptq", zero_offset=1, symmetric=False)
     else:  # packed along N, column 8c + j in nibble AWQ_ORDER[j]
@@ -321,10 +321,13 @@ def check_loader_order(order: str, n: int, k: int, group: int, tiles=None):
     """The F16_FMA GEMV on weights that went through the loader from `order`'s packing, against the reference."""
     gen = torch.Generator().manual_seed(n + k)
     codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
-    zeros = torch.randint(1, 16, (n, k // group), generator=gen, dtype=torch.uint8)  # GPTQ v1 stores zero - 1 >= 0
+    zeros = torch.randint(0, 16, (n, k // group), generator=gen, dtype=torch.uint8)
+    assert (zeros == 0).any()
     scales = torch.rand(n, k // group, generator=gen) * 0.02 + 0.001
     qw, s, z = _loader_codes(order, codes, zeros, scales, group)
-    assert torch.equal(ref.unpack_int4(qw.cpu(), k), codes) and torch.equal(z.cpu(), zeros)
+    # GPTQ v1 readers add 1 to the stored zero - 1 without wrapping: a zero point of 0 (stored 15) reads as 16
+    loaded = torch.where(zeros == 0, 16, zeros) if order == "gptq" else zeros
+    assert torch.equal(ref.unpack_int4(qw.cpu(), k), codes) and torch.equal(z.cpu(), loaded)
     x = torch.randn(1, k, generator=gen).to(torch.bfloat16).to(DEV)
     w = ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=group, k=k)
     baseline = ref.int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=group)

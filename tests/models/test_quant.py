@@ -248,6 +248,44 @@ def test_fp8_per_channel_compressed_tensors(bf16_dirs, tmp_path):
     assert_matches_plain(model, tmp_path, deq, cfg, list(range(5, 30)))
 
 
+@pytest.mark.parametrize("layout", ["autofp8", "ct-tensor"])
+def test_fp8_per_tensor_scales(tmp_path, layout):
+    """FP8 weights with one scale per tensor (AutoFP8: quant_method fp8 without weight_block_size, a scalar
+    weight_scale; compressed-tensors strategy "tensor", weight_scale [1]) were refused (a shape mismatch against
+    per-channel [N, 1] scales, or the strategy); they load and give the logits of their dequantized weights."""
+    src = FIXTURES / "qwen_fp8_dense"
+    t = load_file(src / "model.safetensors")
+    out = {}
+    for k, v in t.items():
+        if k.endswith("_scale_inv"):
+            continue
+        if v.dtype == torch.float8_e4m3fn:
+            s = t[k + "_scale_inv"].float()
+            bn, bk = -(-v.shape[0] // s.shape[0]), -(-v.shape[1] // s.shape[1])
+            w = v.float() * s.repeat_interleave(bn, 0)[:v.shape[0]].repeat_interleave(bk, 1)[:, :v.shape[1]]
+            scale = w.abs().max() / 448
+            out[k] = (w / scale).to(torch.float8_e4m3fn)
+            out[k + "_scale"] = scale.reshape(() if layout == "autofp8" else (1,))
+        else:
+            out[k] = v
+    path = tmp_path / layout
+    path.mkdir()
+    save_file(out, path / "model.safetensors")
+    cfg = json.loads((src / "config.json").read_text())
+    skipped = cfg["quantization_config"]["modules_to_not_convert"]
+    cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                  "modules_to_not_convert": skipped} if layout == "autofp8" else {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": skipped,
+        "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": {"dynamic": True},
+                                      "weights": {"type": "float", "num_bits": 8, "strategy": "tensor"}}}}
+    (path / "config.json").write_text(json.dumps(cfg))
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.down_proj.method.name == "fp8 per-tensor"
+    plain = {k: (v.float() * out[k + "_scale"].float() if v.dtype == torch.float8_e4m3fn else v)
+             for k, v in out.items() if not k.endswith("_scale")}
+    assert_matches_plain(model, tmp_path, plain, cfg, list(range(3, 30)))
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 def _with_config(src: Path, dst: Path, qc: dict | None, edit=None) -> Path:
@@ -276,6 +314,39 @@ def test_unknown_method_and_bits_are_errors(tmp_path):
     gemv = _with_config(FIXTURES / "awq_dense", tmp_path / "gemv", {**awq, "version": "gemv"})
     with pytest.raises(CheckpointError, match="version 'gemv'"):
         load_model(ModelConfig.from_hf(gemv), dtype="float32")
+
+
+def test_fp8_static_activation_scales_are_refused_by_name(tmp_path):
+    """quant_method fp8 with activation_scheme static (an input_scale per layer) failed as a list of unexpected
+    input_scale tensors without saying why; it is refused by its config key, as compressed-tensors static schemes
+    are."""
+    src = FIXTURES / "qwen_fp8_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+
+    def input_scales(t):
+        for k in [k for k in t if k.endswith(".weight_scale_inv")]:
+            t[k[:-len("weight_scale_inv")] + "input_scale"] = torch.tensor(0.01)
+    bad = _with_config(src, tmp_path / "static", {**qc, "activation_scheme": "static"}, input_scales)
+    with pytest.raises(CheckpointError, match="activation_scheme 'static': static activation scales"):
+        load_model(ModelConfig.from_hf(bad), dtype="float32")
+
+
+def test_quantized_lm_head_with_tied_embeddings_says_why(tmp_path):
+    """A quantized lm_head in a checkpoint whose config ties it to the embedding: the unexpected lm_head.* tensors
+    are listed with the reason (the tie), not alone."""
+    from deltaserve.quantize import quantize_gptq
+    src = FIXTURES / "gptq_dense"
+    cfg = json.loads((src / "config.json").read_text())
+
+    def quantized_head(t):
+        for k, v in quantize_gptq(t.pop("lm_head.weight").float(), 128).items():
+            t["lm_head." + k] = v
+    path = _with_config(src, tmp_path / "tied", {**cfg["quantization_config"], "lm_head": True}, quantized_head)
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()),
+                                                  "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match=r"(?s)lm_head\.qweight.*ties the lm_head to the embedding "
+                                              r"\(tie_word_embeddings true\)"):
+        load_model(ModelConfig.from_hf(path), dtype="float32")
 
 
 def test_wrong_shape_names_module_tensor_and_expectation(tmp_path):
@@ -318,12 +389,44 @@ def test_gptq_zero_points_must_match_checkpoint_format(tmp_path):
                        SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
 
 
+def test_gptq_v1_asymmetric_zero_point_zero_reads_as_vllm_does(tmp_path):
+    """An asymmetric GPTQ v1 group whose zero point is 0 is written as 15 (zero - 1 in 4 bits) and was refused as out
+    of range. v1 readers (vLLM's gptq_gemm, AutoGPTQ's kernels) add 1 to the stored nibble without wrapping and
+    dequantize that group as (q - 16) * scale; so does deltaserve (dequant_gptq_file is that formula)."""
+    src = FIXTURES / "gptq_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    base = "model.layers.0.mlp.down_proj"
+    gen = torch.Generator().manual_seed(5)
+
+    def v1_writer(t):
+        zeros = torch.randint(0, 16, (3, 256), generator=gen, dtype=torch.int32)  # [K/G, N], true zero points
+        zeros[:, ::7] = 0
+        t[base + ".qzeros"] = pack_int4(((zeros - 1) & 0xF).to(torch.uint8))
+    path = _with_config(src, tmp_path / "asym", {**qc, "sym": False}, v1_writer)
+    stored = unpack_int4(load_file(path / "model.safetensors")[base + ".qzeros"], 256)
+    assert (stored == 15).sum() >= 3 * 37
+    cfg = json.loads((path / "config.json").read_text())
+    assert_matches_plain(load_model(ModelConfig.from_hf(path), dtype="float32"), tmp_path, dequant_state(path), cfg,
+                         list(range(3, 20)))
+
+
 def test_fp8_weight_without_scale_is_not_read_as_bf16(tmp_path):
     def edit(t):
         del t["model.layers.0.mlp.down_proj.weight_scale_inv"]
     bad = _with_config(FIXTURES / "qwen_fp8_dense", tmp_path / "noscale", None, edit)
     with pytest.raises(CheckpointError, match=r"down_proj\.weight: a torch\.float8_e4m3fn tensor where a "
                                                "full-precision weight was expected"):
+        load_model(ModelConfig.from_hf(bad), dtype="float32")
+
+
+def test_fp8_embedding_is_not_read_as_bf16(tmp_path):
+    """A quantized tensor for a parameter no quantized method loads (the embedding, norms, conv1d) was converted
+    to the model dtype silently, i.e. loaded without its scales; it is refused naming the tensor."""
+    def edit(t):
+        t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"].to(torch.float8_e4m3fn)
+    bad = _with_config(FIXTURES / "qwen_fp8_dense", tmp_path / "fp8_embed", None, edit)
+    with pytest.raises(CheckpointError, match=r"model\.embed_tokens\.weight: a torch\.float8_e4m3fn tensor where a "
+                                               r"full-precision torch\.float32 one was expected"):
         load_model(ModelConfig.from_hf(bad), dtype="float32")
 
 
@@ -485,6 +588,18 @@ def test_quantize_bad_requests_fail_before_writing(bf16_dirs, tmp_path, capsys):
     assert not (tmp_path / "moe").exists() and not (tmp_path / "none").exists()
 
 
+@pytest.mark.parametrize("args, needle", [(("--group-size", "64"), "--group-size: int4 options"),
+                                           (("--desc-act",), "--desc-act: int4 options"),
+                                           (("--group-size", "128", "--desc-act"), "--group-size and --desc-act")])
+def test_quantize_fp8_refuses_int4_options(bf16_dirs, tmp_path, capsys, args, needle):
+    """`--method fp8` writes 128x128 block scales; --group-size and --desc-act were silently ignored with it (a
+    user asking for FP8 groups of 64 got 128). They are refused, nothing written."""
+    from deltaserve.cli import main
+    out = tmp_path / "fp8"
+    assert main(["quantize", str(bf16_dirs["q_dense"]), str(out), "--method", "fp8", *args]) == 2
+    assert needle in capsys.readouterr().err and not out.exists()
+
+
 @pytest.mark.parametrize("make_src, args, needle", [
     (lambda d, bf16: None, ("--method", "fp8"), "no config.json in"),
     (lambda d, bf16: (d / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}'), ("--method", "fp8"),
@@ -542,6 +657,69 @@ def test_nested_checkpoint_names_and_exclusions(tmp_path):
     assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
     assert_matches_plain(model, tmp_path, dequant_state(out), json.loads((out / "config.json").read_text()),
                          list(range(7, 40)))
+
+
+NESTED_MOE = TinySpec("q_nested", nested=True, moe=True, per_expert=False, mtp=True,
+                      extra=dict(hidden_size=128, head_dim=64, linear_key_head_dim=64, linear_value_head_dim=64,
+                                 moe_intermediate_size=128, shared_expert_intermediate_size=128, num_experts=4))
+
+
+def test_short_exclusion_names_match_whole_components_of_decoder_paths():
+    """A short modules_to_not_convert entry matches whole trailing components of a module path (or an enclosing
+    one), never part of a component, and reaches the MTP head only when it names it: `layers.0.mlp` used to
+    exclude `mtp.layers.0.mlp` too (the lists are written against transformers' model, which has no MTP head)."""
+    from deltaserve.layers.quant import QuantResolver
+    raw = {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm",
+           "modules_to_not_convert": ["layers.0.mlp", "layers.1", "attn", "mtp.fc", "model.language_model.layers.2"]}
+    skip = QuantResolver("awq", raw, None).skip
+    excluded = ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.experts.3.up_proj", "model.layers.1.mlp.gate",
+                "model.layers.2.self_attn.qkv_proj", "mtp.fc"]
+    kept = ["mtp.layers.0.mlp.down_proj", "mtp.layers.0.mlp.experts.3.up_proj", "model.layers.10.mlp.down_proj",
+            "model.layers.3.self_attn.qkv_proj", "mtp.layers.1.mlp.gate", "model.layers.20.mlp.down_proj"]
+    assert [n for n in excluded if n not in skip] == [] and [n for n in kept if n in skip] == []
+    mtp_named = QuantResolver("awq", {**raw, "modules_to_not_convert": ["mtp.layers.0.mlp", "mtp"]}, None).skip
+    assert "mtp.layers.0.mlp.down_proj" in mtp_named and "model.layers.0.mlp.down_proj" not in mtp_named
+
+
+def test_decoder_exclusion_loads_a_quantized_mtp_layer_of_the_same_index(tmp_path):
+    """A checkpoint whose decoder layer 0 MLP is bf16 (listed as `layers.0.mlp`) and whose MTP layer 0 MLP is FP8
+    was refused (the short name reached `mtp.layers.0.mlp`, which holds FP8 tensors); it loads, MTP in FP8."""
+    src = tmp_path / "bf16"
+    save_checkpoint(NESTED_MOE, src)
+    out = quantize_checkpoint(src, tmp_path / "fp8", method="fp8")
+    prefix = "model.language_model.layers.0.mlp."
+
+    def decoder_mlp_in_bf16(t):
+        for k in [k for k in t if k.startswith(prefix) and k.endswith("_scale_inv")]:
+            w, s = t[k[:-len("_scale_inv")]].float(), t.pop(k).float()
+            bn, bk = -(-w.shape[0] // s.shape[0]), -(-w.shape[1] // s.shape[1])
+            t[k[:-len("_scale_inv")]] = (w * s.repeat_interleave(bn, 0)[:w.shape[0]].repeat_interleave(bk, 1)
+                                         [:, :w.shape[1]]).to(torch.bfloat16)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    qc["modules_to_not_convert"] = [*qc["modules_to_not_convert"], "layers.0.mlp"]
+    path = _with_config(out, tmp_path / "mixed", qc, decoder_mlp_in_bf16)
+    model = load_model(ModelConfig.from_hf(path), dtype="float32", with_mtp=True)
+    assert model.model.layers[0].mlp.experts.method.name == "unquantized"
+    assert model.mtp.layers[0].mlp.experts.method.name.startswith("fp8")
+
+
+def test_unmatched_exclusions_are_named_at_startup(tmp_path, caplog):
+    """An exclusion entry that names no module of the model or the checkpoint (a typo) used to be ignored
+    silently; the start-up log names it. Entries that match (a short name, a module of the vision tower or of the
+    MTP head not loaded) are not named."""
+    src = tmp_path / "bf16"
+    save_checkpoint(NESTED_MOE, src)
+    out = quantize_checkpoint(src, tmp_path / "fp8", method="fp8")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    qc["modules_to_not_convert"] = [*qc["modules_to_not_convert"], "in_proj_a", "visual", "mtp.fc",
+                                    "model.language_model.layers.0.linear_attn.in_proj_bb", "shared_expert_gat"]
+    path = _with_config(out, tmp_path / "typo", qc)
+    with caplog.at_level("WARNING", logger="deltaserve.models.loader"):
+        load_model(ModelConfig.from_hf(path), dtype="float32")
+    warned = [r.getMessage() for r in caplog.records if "match no module" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert warned[0].endswith("modules_to_not_convert 'model.language_model.layers.0.linear_attn.in_proj_bb', "
+                              "modules_to_not_convert 'shared_expert_gat'")
 
 
 def test_compressed_tensors_actorder_group(bf16_dirs, tmp_path):
@@ -658,3 +836,35 @@ def test_engine_runs_with_fp8_activations(tmp_path, caplog):
     assert "self_attn.o_proj fp8 block 128x128 w8a8" in line and "lm_head float32" in line
     out = llm.generate([[5, 6, 7, 8]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert len(out[0].outputs[0].token_ids) == 8
+
+
+def test_step_cost_prior_counts_int4_weights_as_multiplied(tmp_path):
+    """The scheduler's step-time prior (engine/step_cost.py) read each packed int32 word of 8 int4 codes as one
+    parameter, and scales and zero points as parameters too: an int4 model's per-token cost came out about 8x too
+    low (the unsafe side: chunks too large until measurements came in). Its matmul work per token is the plain
+    model's; only the bytes a step reads differ (those stored: int4 words, scales and zero points). The input
+    embedding is a row gather: in neither (the tied case multiplies by it in the lm_head)."""
+    from deltaserve import LLM
+    from deltaserve.demo import write_byte_tokenizer
+    from deltaserve.engine.step_cost import PRIOR_BYTES_PER_MS, PRIOR_FLOPS_PER_MS
+    src = FIXTURES / "gptq_dense"
+    cfg = json.loads((src / "config.json").read_text())
+    quant, plain = tmp_path / "int4", tmp_path / "plain"
+    shutil.copytree(src, quant)
+    plain.mkdir()
+    state = dequant_state(src)
+    save_file({k: v.float().contiguous() for k, v in state.items()}, plain / "model.safetensors")
+    (plain / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
+    priors = {}
+    for path in (quant, plain):
+        write_byte_tokenizer(path)
+        priors[path.name] = LLM(str(path), dtype="float32", device="cpu", max_model_len=64).engine.scheduler \
+            .step_cost.prior
+    multiplied = sum(v.numel() for k, v in state.items() if not k.endswith("embed_tokens.weight"))
+    assert priors["int4"][1] == pytest.approx(priors["plain"][1], rel=1e-9)
+    assert priors["plain"][1] * PRIOR_FLOPS_PER_MS / 2 == pytest.approx(multiplied, rel=1e-9)
+    assert priors["plain"][0] * PRIOR_BYTES_PER_MS == pytest.approx(4 * multiplied, rel=1e-9)
+    # as loaded: int32 words as stored, fp32 scales, a uint8 zero point per row and group, fp32 plain weights
+    int4_bytes = sum(v.numel() * (8 if k.endswith(".qzeros") else 4) for k, v in load_file(src / "model.safetensors")
+                     .items() if not k.endswith(("embed_tokens.weight", ".g_idx")))
+    assert priors["int4"][0] * PRIOR_BYTES_PER_MS == pytest.approx(int4_bytes, rel=1e-9)

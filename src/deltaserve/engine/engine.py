@@ -81,15 +81,12 @@ class LLMEngine:
         model = getattr(self.runner, "model", None)
         if model is None:
             return StepCostModel()
+        from deltaserve.layers.quant import step_weights
         cfg, tp = self.model_config, self.config.parallel.tensor_parallel_size
-        weight_bytes = params = expert_params = 0
-        for name, p in list(model.named_parameters()) + list(model.named_buffers()):
-            weight_bytes += p.numel() * p.element_size()
-            params += p.numel()
-            if ".experts." in name:
-                expert_params += p.numel()
+        weights = step_weights(model)  # bytes as stored, params as multiplied (8 per packed int4 word)
+        params = weights.params
         if cfg.num_experts:
-            params -= expert_params * (1 - cfg.num_experts_per_tok / cfg.num_experts)  # type: ignore[operator]
+            params -= weights.expert_params * (1 - cfg.num_experts_per_tok / cfg.num_experts)  # type: ignore[operator]
         layers = len(cfg.full_attention_layers)
         heads, kv_heads = max(cfg.num_attention_heads // tp, 1), max(cfg.num_key_value_heads // tp, 1)
         # the KV bytes a cached token costs to read, from the planned pages (the KV cache dtype, its scales, the MTP
@@ -97,7 +94,7 @@ class LLMEngine:
         plan = getattr(self.runner, "plan", None)
         kv_bytes = plan.page_bytes / self.config.cache.page_size if plan is not None else \
             2 * kv_heads * cfg.head_dim * 2 * layers
-        prior = prior_coefficients(weight_bytes=weight_bytes, active_params=params,
+        prior = prior_coefficients(weight_bytes=weights.bytes, active_params=params,
                                    attention_flops_per_pair=4 * cfg.head_dim * heads * layers,
                                    kv_bytes_per_token=kv_bytes)
         return StepCostModel(prior)

@@ -12,11 +12,12 @@ Every format is converted at load time into one of two internal layouts (kernels
 along K with fp32 group scales and uint8 zero points, or e4m3 weights with an fp32 scale per row and K block. So the
 kernels do not care whether a weight came from GPTQ, AWQ or compressed-tensors.
 
-Checkpoint layouts (wave2.md A.0): GPTQ v1 qweight [K/8, N] (packed along K), qzeros [K/G, N/8] stored as zero - 1,
-scales [K/G, N], g_idx [K]; AutoAWQ GEMM qweight [K, N/8] and qzeros [K/G, N/8] packed along N in the nibble order
-0,4,1,5,2,6,3,7; compressed-tensors weight_packed [N, K/8] (codes + 8), weight_scale [N, K/G], weight_zero_point
-[N/8, K/G] (packed along N), weight_shape, weight_g_idx; FP8 weight e4m3 [N, K] with weight_scale_inv (Qwen) or
-weight_scale (compressed-tensors) [ceil(N/bn), ceil(K/bk)] block scales, or [N, 1] per channel, all multipliers.
+Checkpoint layouts (wave2.md A.0): GPTQ v1 qweight [K/8, N] (packed along K), qzeros [K/G, N/8] stored as zero - 1
+(a stored 15 reads as 16, as v1 readers do: _check_gptq_zeros), scales [K/G, N], g_idx [K]; AutoAWQ GEMM qweight
+[K, N/8] and qzeros [K/G, N/8] packed along N in the nibble order 0,4,1,5,2,6,3,7; compressed-tensors weight_packed
+[N, K/8] (codes + 8), weight_scale [N, K/G], weight_zero_point [N/8, K/G] (packed along N), weight_shape,
+weight_g_idx; FP8 weight e4m3 [N, K] with weight_scale_inv (Qwen) or weight_scale (compressed-tensors)
+[ceil(N/bn), ceil(K/bk)] block scales, [N, 1] per channel or [] / [1] per tensor, all multipliers.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ class WeightFormat:
     group_size: int4 K-group, fp8 K-block (0: the whole row, i.e. per channel). block_n: rows per fp8 scale in the
     checkpoint (1: per channel). zero_offset: added to stored zero points (GPTQ v1 stores zero - 1). act_order: the
     checkpoint's g_idx permutes K (GPTQ desc_act, compressed-tensors actorder "group"; from the config alone for
-    dummy weights)."""
+    dummy weights). scale_dims: a per-tensor FP8 scale (one for the whole weight) and its rank in the checkpoint (0:
+    a scalar, 1: [1]); -1 where the scales are per channel or block."""
 
     kind: str = "unquantized"
     checkpoint: str = "plain"
@@ -72,6 +74,7 @@ class WeightFormat:
     act_order: bool = False
     scale_name: str = ""
     act_fp8: bool = False  # run with dynamic FP8 activations (W8A8; fp8 weights only, --fp8-activations dynamic)
+    scale_dims: int = -1
 
     @property
     def quantized(self) -> bool:
@@ -81,7 +84,7 @@ class WeightFormat:
         if self.kind == "fp8":
             act = " w8a8" if self.act_fp8 else ""
             if self.group_size == 0:
-                return "fp8 per-channel" + act
+                return ("fp8 per-tensor" if self.scale_dims >= 0 else "fp8 per-channel") + act
             return f"fp8 block {self.block_n}x{self.group_size}" + act
         if self.kind == "int4":
             g = f"g{self.group_size}" if self.group_size else "per-channel"
@@ -108,19 +111,49 @@ def _name_forms(name: str) -> tuple[str, ...]:
 
 
 class _ModuleSet:
-    """Module names given as exact names, enclosing modules (a whole layer) or dotted suffixes (`lm_head`,
-    `mlp.gate`), plus regexes matched from the start of the name."""
+    """The modules a quantization_config leaves unquantized (modules_to_not_convert, ignored_layers, ignore, GPTQ
+    dynamic "-:" keys), entries matched against our module paths (the text decoder's checkpoint prefixes read as
+    `model.`):
 
-    def __init__(self, names: list[str] | None = None, regexes: list[str] | None = None) -> None:
-        self.names = [_our_name(n.rstrip(".")) for n in names or []]
-        self.regexes = [re.compile(r) for r in regexes or []]
+    - a name matches the module it names and every module inside it (`model.layers.3.mlp`, `lm_head`, `mtp.fc`);
+    - a shorter name matches whole trailing components of a module's path or of an enclosing one (`mlp.gate`,
+      `in_proj_a`, `layers.1.mlp`), never part of a component (`layers.1` is not `layers.10`, `attn` not
+      `self_attn`), and reaches the MTP head (`mtp.*`) only when it names it: the lists are written against
+      transformers' model, which has no MTP head, so `layers.1.mlp` is the decoder's layer 1, not `mtp.layers.1`;
+    - a regex (compressed-tensors `re:`, GPTQ dynamic) matches from the start of the path, in our form or the
+      nested checkpoint form (`model.language_model.`).
+
+    Only whole-component matches are taken (vLLM's AWQ and GPTQ configs match any substring, transformers a prefix
+    or a raw suffix): a stray match excludes a module the checkpoint may hold quantized, which is then refused.
+
+    entries: (entry as written, the config key it came from); regexes likewise."""
+
+    def __init__(self, names: list[tuple[str, str]] | None = None,
+                 regexes: list[tuple[str, str]] | None = None) -> None:
+        self.names = [(raw, key, _our_name(raw.rstrip("."))) for raw, key in names or []]
+        self.regexes = [(raw, key, re.compile(raw)) for raw, key in regexes or []]
+
+    @staticmethod
+    def _name_matches(n: str, name: str) -> bool:
+        if n == name or name.startswith(n + "."):
+            return True
+        if name.startswith("mtp.") and "mtp" not in n.split("."):
+            return False
+        return f".{n}." in f".{name}."
 
     def __contains__(self, name: str) -> bool:
-        dotted = f".{name}."
-        for n in self.names:
-            if n == name or name.startswith(n + ".") or f".{n}." in dotted:
-                return True
-        return any(r.match(form) for r in self.regexes for form in _name_forms(name))
+        return any(self._name_matches(n, name) for _, _, n in self.names) or \
+            any(r.match(form) for _, _, r in self.regexes for form in _name_forms(name))
+
+    def unmatched(self, paths: Set[str]) -> list[str]:
+        """The entries that match none of `paths`, as `key entry` (each matches nothing: likely a typo)."""
+        out = [f"{key} {raw!r}" for raw, key, n in self.names if not any(self._name_matches(n, p) for p in paths)]
+        return out + [f"{key} {raw!r}" for raw, key, r in self.regexes
+                      if not any(r.match(form) for p in paths for form in _name_forms(p))]
+
+
+def _entries(raw: dict[str, Any], *keys: str) -> list[tuple[str, str]]:
+    return [(str(n), key) for key in keys for n in raw.get(key) or []]
 
 
 class QuantResolver:
@@ -145,6 +178,11 @@ class QuantResolver:
         fmt = raw.get("fmt", "e4m3")
         if fmt != "e4m3":
             raise QuantizationError(f"quantization_config.fmt {fmt!r}: only e4m3 FP8 weights are supported")
+        scheme = raw.get("activation_scheme", "dynamic")
+        if scheme != "dynamic":  # static: input_scale tensors, as compressed-tensors static schemes are refused
+            raise QuantizationError(f"quantization_config.activation_scheme {scheme!r}: static activation scales "
+                                    "(input_scale tensors) are not supported; FP8 checkpoints with activation_scheme "
+                                    "'dynamic' are")
         block = raw.get("weight_block_size")
         if block is None:
             self.default = WeightFormat("fp8", "fp8", 0, 1, scale_name="weight_scale_inv")
@@ -154,7 +192,7 @@ class QuantResolver:
                 raise QuantizationError(f"quantization_config.weight_block_size {block!r}: expected [block_n, "
                                         "block_k], e.g. [128, 128]")
             self.default = WeightFormat("fp8", "fp8", block[1], block[0], scale_name="weight_scale_inv")
-        self.skip = _ModuleSet(list(raw.get("modules_to_not_convert") or []) + list(raw.get("ignored_layers") or []))
+        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert", "ignored_layers"))
 
     def _int4_bits(self, bits: Any, where: str) -> None:
         if bits != 4:
@@ -177,7 +215,7 @@ class QuantResolver:
                 continue
             pattern = key[2:] if key.startswith("+:") else key
             self.positive.append((re.compile(pattern), dict(override or {})))
-        self.skip = _ModuleSet(list(raw.get("modules_to_not_convert") or []), negative)
+        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"), [(k, "dynamic '-:'") for k in negative])
 
     def _parse_awq(self, raw: dict[str, Any]) -> None:
         self._int4_bits(raw.get("bits", raw.get("w_bit")), "quantization_config.bits")
@@ -190,7 +228,7 @@ class QuantResolver:
                                     "not supported")
         group = raw.get("group_size", raw.get("q_group_size", 128))
         self.default = WeightFormat("int4", "awq", 0 if group in (-1, None) else int(group), symmetric=False)
-        self.skip = _ModuleSet(list(raw.get("modules_to_not_convert") or []))
+        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"))
 
     def _parse_compressed_tensors(self, raw: dict[str, Any]) -> None:
         top = raw.get("format")
@@ -224,18 +262,18 @@ class QuantResolver:
                 if strategy == "block":
                     bn, bk = w.get("block_structure") or (128, 128)
                     wf = WeightFormat("fp8", "ct-fp8", int(bk), int(bn), scale_name="weight_scale")
-                elif strategy == "channel":
+                elif strategy in ("channel", "tensor"):  # one scale per tensor: found so in the checkpoint
                     wf = WeightFormat("fp8", "ct-fp8", 0, 1, scale_name="weight_scale")
                 else:
-                    raise QuantizationError(f"{where}.weights.strategy {strategy!r}: FP8 weights must be block or "
-                                            "channel scaled")
+                    raise QuantizationError(f"{where}.weights.strategy {strategy!r}: FP8 weights must be block, "
+                                            "channel or tensor scaled")
             else:
                 raise QuantizationError(f"{where}.weights.type {w.get('type')!r}: expected int (4-bit) or float "
                                         "(8-bit)")
             self.ct_groups.append((list(group.get("targets") or ["Linear"]), wf))
         ignore = list(raw.get("ignore") or [])
-        self.skip = _ModuleSet([n for n in ignore if not n.startswith("re:")],
-                               [n[3:] for n in ignore if n.startswith("re:")])
+        self.skip = _ModuleSet([(n, "ignore") for n in ignore if not n.startswith("re:")],
+                               [(n[3:], "ignore 're:'") for n in ignore if n.startswith("re:")])
         self.default = self.ct_groups[0][1]
 
     def configured(self, name: str) -> WeightFormat:
@@ -295,6 +333,7 @@ class QuantResolver:
             ok = conf.kind == "fp8"
             if ok:
                 conf = replace(conf, scale_name="weight_scale_inv" if has("weight_scale_inv") else "weight_scale")
+                conf = self._per_tensor(name, conf)
         else:
             return UNQUANTIZED  # a plain weight (or nothing: the loader reports the missing tensor)
         if not ok:
@@ -311,6 +350,14 @@ class QuantResolver:
             # GPTQ writes a trivial g_idx with desc_act false too
             conf = replace(conf, act_order=g in self.present and self._permutes(g, conf.group_size))
         return conf
+
+    def _per_tensor(self, name: str, conf: WeightFormat) -> WeightFormat:
+        """A per-channel FP8 format whose checkpoint holds one scale for the whole weight (a scalar or [1], as AutoFP8
+        and compressed-tensors strategy "tensor" write) reads it per tensor (each row takes that scale)."""
+        if conf.group_size or self.read is None:
+            return conf
+        scale = self.read(f"{name}.{conf.scale_name}")
+        return replace(conf, scale_dims=scale.dim()) if scale.numel() == 1 and scale.dim() <= 1 else conf
 
     def _permutes(self, name: str, group: int) -> bool:
         """Whether g_idx `name` differs from k // group (an unreadable one is kept to be checked at load)."""
@@ -605,13 +652,13 @@ def _unpack_along_rows(packed: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _check_gptq_zeros(fmt: WeightFormat, name: str, z: torch.Tensor) -> None:
-    """GPTQ zero points (stored + the checkpoint_format's offset) in the 4-bit range, and all 8 when sym: a v1
-    checkpoint labelled gptq_v2 (or the reverse) would otherwise load every weight one scale step off."""
-    offset = f"checkpoint_format {'gptq' if fmt.zero_offset else 'gptq_v2'}'s offset of {fmt.zero_offset}"
-    if z.max() > 15:
-        raise QuantizationError(f"{name}.qzeros: stored zero point 15 plus {offset} is out of the 4-bit range; is "
-                                "this a gptq_v2 checkpoint (set checkpoint_format)?")
+    """Symmetric GPTQ zero points (stored + the checkpoint_format's offset) must all be 8: a v1 checkpoint labelled
+    gptq_v2 (or the reverse) would otherwise load every weight one scale step off. Asymmetric v1 zero points may
+    read 16: a group whose zero point was 0 is stored as 15 (zero - 1 wraps in 4 bits), and v1 readers (vLLM's
+    gptq_gemm, AutoGPTQ's kernels) add 1 without wrapping, so they dequantize it as (q - 16) * scale; the internal
+    uint8 zero points hold 16 and the kernels compute the same."""
     if fmt.symmetric and not bool((z == 8).all()):
+        offset = f"checkpoint_format {'gptq' if fmt.zero_offset else 'gptq_v2'}'s offset of {fmt.zero_offset}"
         found = sorted(set(z.unique().tolist()) - {8})
         raise QuantizationError(f"{name}.qzeros: quantization_config.sym is true, so every zero point is 8, but "
                                 f"stored + {offset} gives {found[:4]}; a v1 checkpoint stores 7 (checkpoint_format "
@@ -675,7 +722,10 @@ def _fp8_layout(fmt: WeightFormat, weight_name: str, scale_name: str, weight: to
     group = group or bk
     w_axes = {d: Axis(d) for d in range(len(sizes))}
     s_axes = {d: Axis(d) for d in range(n_dim)}
-    if fmt.group_size == 0:
+    if fmt.scale_dims >= 0:  # one scale for the weight: every rank reads it whole, every row takes it
+        s_axes = {}
+        s_shape = (1,) * fmt.scale_dims
+    elif fmt.group_size == 0:
         s_axes[n_dim] = Axis(n_dim)
         s_shape = (*full[:k_dim], 1)
     else:
@@ -688,7 +738,8 @@ def _fp8_layout(fmt: WeightFormat, weight_name: str, scale_name: str, weight: to
 
     def load_scale(source: TensorSource) -> None:
         t = read_sharded(source, s_axes, tp, sizes, group, k_dim)
-        scale.copy_(_check_dtype(source.name, t, _FLOATS, "floating-point scales").float())
+        t = _check_dtype(source.name, t, _FLOATS, "floating-point scales").float()
+        scale.copy_(t.reshape(()).expand(scale.shape) if fmt.scale_dims >= 0 else t)
     return {weight_name: WeightSlot(tuple(full), load_weight, sharded=tp is not None),
             scale_name: WeightSlot(s_shape, load_scale, sharded=tp is not None)}
 
@@ -1084,5 +1135,43 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-__all__ = ["QuantResolver", "QuantizationError", "WeightFormat", "describe_summary", "quantize_model",
-           "weight_bytes"]
+# the internal layouts' tensors (the methods above): int32 words of 8 int4 codes, and what only scales the codes
+_INT4_WORDS = ("qweight", "w13_qweight", "w2_qweight")
+_QUANT_METADATA = ("scales", "zeros", "perm", "weight_scale", "w13_scales", "w13_zeros", "w2_scales", "w2_zeros",
+                   "w13_scale", "w2_scale")
+
+
+@dataclass(frozen=True)
+class StepWeights:
+    """What one forward step reads of a model's weights, for the step-time prior (engine/step_cost.py).
+
+    bytes: bytes as stored (packed int4 words, fp8, scales and zero points included). params: the weights the
+    matmuls multiply by, as they are used (8 per packed int4 word; none for scales, zero points or act-order
+    permutations), so 2 flops each per token; expert_params: those of the routed experts (a token reaches top-k of
+    them). The input embedding is a row gather: neither (unless tied, when the lm_head multiplies by it)."""
+
+    bytes: int
+    params: int
+    expert_params: int
+
+
+def step_weights(model: nn.Module) -> StepWeights:
+    from deltaserve.layers.embedding import TiedLMHead, VocabEmbedding
+    tied = {id(m._embedding[0]) for m in model.modules() if isinstance(m, TiedLMHead)}
+    gathered = {id(p) for m in model.modules() if isinstance(m, VocabEmbedding) and id(m) not in tied
+                for p in m.parameters(recurse=False)}
+    nbytes = params = experts = 0
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if id(p) in gathered:
+            continue
+        leaf = name.rpartition(".")[2]
+        nbytes += p.numel() * p.element_size()
+        n = 0 if leaf in _QUANT_METADATA else p.numel() * (8 if leaf in _INT4_WORDS else 1)
+        params += n
+        if ".experts." in name:
+            experts += n
+    return StepWeights(nbytes, params, experts)
+
+
+__all__ = ["QuantResolver", "QuantizationError", "StepWeights", "WeightFormat", "describe_summary", "quantize_model",
+           "step_weights", "weight_bytes"]

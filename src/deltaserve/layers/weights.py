@@ -56,10 +56,18 @@ class WeightSlot:
 
 
 def copy_into(dest: torch.Tensor) -> Callable[[TensorSource], None]:
-    """A load function that copies the whole tensor into `dest` (converting dtype and device)."""
+    """A load function that copies the whole tensor into `dest` (converting dtype and device). A quantized tensor
+    (FP8 or integer) for a full-precision parameter is an error: converted, it would load as values without their
+    scales (the linear layers and experts check the same, layers/linear.check_unquantized)."""
     def load(source: TensorSource) -> None:
+        t = source.read()
+        if dest.is_floating_point() and dest.element_size() > 1 and (not t.is_floating_point()
+                                                                      or t.element_size() == 1):
+            raise ValueError(f"{source.name}: a {t.dtype} tensor where a full-precision {dest.dtype} one was "
+                             "expected (a quantized tensor, which deltaserve loads only for linear layers and "
+                             "experts with their scales)")
         with torch.no_grad():
-            dest.copy_(source.read())
+            dest.copy_(t)
     return load
 
 

@@ -210,6 +210,10 @@ def plan_load(entries: list[TensorEntry], model: Qwen3_5ForCausalLM,
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s) that this model has no parameter for:\n  "
                         + "\n  ".join(unexpected[:50]) + ("\n  ..." if len(unexpected) > 50 else ""))
+        if config.tie_word_embeddings and any(n.startswith("lm_head.") for n in unexpected):
+            problems.append("the config ties the lm_head to the embedding (tie_word_embeddings true), so the "
+                            "checkpoint's lm_head.* tensors have no module to load them; a checkpoint with its own "
+                            "(e.g. quantized) lm_head needs tie_word_embeddings false")
     if missing:
         problems.append(f"{len(missing)} missing tensor(s):\n  " + "\n  ".join(missing[:50]))
     if problems:
@@ -263,7 +267,21 @@ def _build_quantized(config: ModelConfig, quantization: QuantizationConfig, entr
     except QuantizationError as e:
         raise CheckpointError(f"quantized checkpoint in {config.model_dir}: {e}") from None
     log.info("%s; %.2f GiB of weights", describe_summary(quantization.method, summary), weight_bytes(model) / 2**30)
+    if not dummy:
+        _warn_unmatched_exclusions(resolver, model, entries)
     return model
+
+
+def _warn_unmatched_exclusions(resolver: QuantResolver, model: torch.nn.Module, entries: list[TensorEntry]) -> None:
+    """quantization_config entries that leave modules unquantized but name no module of the model or the checkpoint
+    (vision tower and MTP head included) exclude nothing: a typo, most likely. Not an error: the tensors decide
+    which modules are quantized, and a module that holds quantized tensors but is excluded is refused anyway."""
+    paths = {path for path, _ in model.named_modules()}
+    paths |= {(text_model_name(e.name) or e.name).rpartition(".")[0] for e in entries}
+    unmatched = resolver.skip.unmatched(paths)
+    if unmatched:
+        log.warning("quantization_config entries that match no module of the model or the checkpoint (a typo?): %s",
+                    ", ".join(unmatched))
 
 
 def _dtype(name: str) -> torch.dtype:
