@@ -201,6 +201,9 @@ def test_too_long_prompt_rejected_without_disturbing_others(ckpt):
     assert llm.generate([p], GREEDY)[0].outputs[0].token_ids == before
     with pytest.raises(RequestError, match="outside the vocabulary"):
         llm.generate([[1, 2, VOCAB + 5]], GREEDY)
+    with pytest.raises(RequestError, match=rf"logit_bias token ids \[{VOCAB}\] are outside"):  # was dropped
+        llm.generate([p], SamplingParams(max_tokens=2, logit_bias={3: 1.0, VOCAB: 5.0}))
+    assert pools_full(llm)
 
 
 def test_duplicate_and_colliding_request_ids_are_refused_whole(ckpt):

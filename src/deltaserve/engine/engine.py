@@ -114,7 +114,7 @@ class LLMEngine:
 
         cache_points: prompt positions where a stable prefix ends (e.g. a chat history before its generation
         prompt): the prefix cache keeps the state there, where a later prompt is likely to resume."""
-        self._validate(prompt_token_ids)
+        self._validate(prompt_token_ids, params)
         children = self.outputs.new_children(request_id, prompt_token_ids, params)
         points = tuple(sorted({p for p in cache_points if 0 < p < len(prompt_token_ids)}))
         for child in children:
@@ -132,7 +132,7 @@ class LLMEngine:
             self.scheduler.add_request(child)
         self.counters["prompt_tokens"] += len(prompt_token_ids)
 
-    def _validate(self, prompt: list[int]) -> None:
+    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
         if not prompt:
             raise RequestError("the prompt is empty; give at least one token")
         if len(prompt) >= self.max_model_len:
@@ -142,6 +142,10 @@ class LLMEngine:
         bad = [t for t in prompt if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
         if bad:
             raise RequestError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        # a bias on an id the logits do not have would be silently dropped (the server refuses it as well)
+        bad = [t for t in params.logit_bias or {} if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
     def _compile(self, params: SamplingParams) -> None:
         """The request's grammar into the cache (the server compiled it already; the offline API compiles here)."""
