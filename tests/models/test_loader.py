@@ -54,6 +54,27 @@ def test_unexpected_tensors_are_listed(dense_dir, tmp_path):
     assert "model.layers.0.mlp.bogus.weight" in str(e.value) and "something_else" in str(e.value)
 
 
+def test_static_kv_scales_are_skipped_and_nothing_else(dense_dir, tmp_path, caplog):
+    """A checkpoint's calibrated KV-cache scales (compressed-tensors kv_cache_scheme, ModelOpt exports) are skipped
+    with a log line, not refused as unexpected (the quantized KV cache computes its own scales); the weights load
+    as without them, and any other stray tensor under self_attn is still refused."""
+    i = next(n for n, kind in enumerate(ModelConfig.from_hf(dense_dir).layer_types) if kind == "full_attention")
+    attn = f"model.layers.{i}.self_attn"
+
+    def add(t):
+        t.update({f"{attn}.k_scale": torch.tensor(0.5), f"{attn}.v_scale": torch.tensor([0.25]),
+                  f"{attn}.k_proj.output_scale": torch.tensor(1.0)})
+    path = copy_ckpt(dense_dir, tmp_path / "c", add)
+    with caplog.at_level("INFO", logger="deltaserve.models.loader"):
+        model = load(path)
+    assert "skipping 3 static KV-cache scale" in caplog.text
+    ref = load(dense_dir)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+    path = copy_ckpt(dense_dir, tmp_path / "d", lambda t: t.update({f"{attn}.k_bogus_scale": torch.tensor(1.0)}))
+    with pytest.raises(CheckpointError, match=r"1 unexpected.*\n.*k_bogus_scale"):
+        load(path)
+
+
 def test_shape_mismatch_names_expected_and_found(dense_dir, tmp_path):
     path = copy_ckpt(dense_dir, tmp_path / "c", lambda t: t.update({"model.norm.weight": torch.zeros(65)}))
     with pytest.raises(CheckpointError, match=r"model\.norm\.weight: expected \[64\], found \[65\]"):

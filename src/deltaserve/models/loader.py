@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import mmap
 import struct
 from dataclasses import dataclass, replace
@@ -206,6 +207,7 @@ def plan_load(entries: list[TensorEntry], model: Qwen3_5ForCausalLM,
         else:
             plan.append((found[0], name, slot))
     unexpected = [e.name for n, es in named.items() if n not in layout for e in es]
+    unexpected = _without_static_kv_scales(unexpected)
     missing = [n for n, slot in layout.items() if n not in named and not slot.optional]
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s) that this model has no parameter for:\n  "
@@ -220,6 +222,22 @@ def plan_load(entries: list[TensorEntry], model: Qwen3_5ForCausalLM,
         raise CheckpointError(f"checkpoint in {config.model_dir} does not match the {config.architecture} config:\n"
                               + "\n".join(problems))
     return plan
+
+
+# Static KV-cache scales a checkpoint may carry (compressed-tensors kv_cache_scheme, ModelOpt / AutoFP8 exports):
+# one calibrated scale per layer for an fp8 KV cache. The engine's quantized KV cache computes a scale per token and
+# head as it writes (--kv-cache-dtype), so it has no use for them.
+_STATIC_KV_SCALE = re.compile(r".*\.self_attn\.((k|v|q|prob)_scale|[kv]_proj\.(output_scale|[kv]_scale))$")
+
+
+def _without_static_kv_scales(names: list[str]) -> list[str]:
+    """`names` less the static KV scales, which are skipped with one log line (they are not weights of this model,
+    and refusing them would refuse checkpoints whose weights load fine)."""
+    scales = [n for n in names if _STATIC_KV_SCALE.match(n)]
+    if scales:
+        log.info("skipping %d static KV-cache scale tensor(s) (e.g. %s): --kv-cache-dtype fp8 / int8 / int4 computes "
+                 "a scale per token and head when the KV is written", len(scales), scales[0])
+    return [n for n in names if not _STATIC_KV_SCALE.match(n)]
 
 
 def load_weights(model: Qwen3_5ForCausalLM, entries: list[TensorEntry]) -> None:
