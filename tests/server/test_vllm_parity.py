@@ -83,6 +83,18 @@ def test_continuous_usage_stats_needs_include_usage(http, route, body):
     assert events and all("usage" not in e for e in events)
 
 
+@pytest.mark.parametrize("route,body", [
+    (COMPLETIONS, {"prompt": "abc", "max_tokens": 6, "n": 2, "ignore_eos": True}),
+    (CHAT, {**NO_THINK_CHAT.request(), "max_tokens": 6, "temperature": 0})])
+def test_include_usage_puts_a_null_usage_on_every_other_chunk(http, route, body):
+    """OpenAI's stream_options.include_usage: the last chunk (no choices) has the usage, every other chunk a
+    usage field that is null."""
+    events = _events(http.post(route, json={**body, "stream": True, "stream_options": {"include_usage": True}}))
+    assert len(events) > 2 and all("usage" in e for e in events)
+    assert all(e["usage"] is None and e["choices"] for e in events[:-1])
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] > 0
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_echo_with_max_tokens_zero_returns_the_scored_prompt(http, stream):
     """OpenAI's legacy API and vLLM: echo with max_tokens=0 scores the prompt and generates nothing."""

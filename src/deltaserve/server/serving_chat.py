@@ -167,6 +167,8 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
         if continuous:  # as vLLM: each chunk carries its own choice's usage so far
             c = choices[choice["index"]]
             body["usage"] = usage(len(job.prompt), c.num_tokens, c.reasoning_tokens, cached_tokens=c.cached_tokens)
+        elif include_usage:  # OpenAI: with include_usage every chunk has the field, null but on the last
+            body["usage"] = None
         return sse(body)
 
     try:

@@ -191,6 +191,8 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
             k = choice["index"]
             c = choices[k]
             body["usage"] = usage(len(job.prompts[k // n].ids), c.num_tokens, cached_tokens=c.cached_tokens)
+        elif include_usage:  # OpenAI: with include_usage every chunk has the field, null but on the last
+            body["usage"] = None
         return sse(body)
 
     echo_with_logprobs = job.req.echo and job.params.prompt_logprobs is not None
