@@ -153,3 +153,12 @@ def test_compiled_once_per_spec(compiler):
     b = compiler.compile(StructuredSpec.json_schema('{"type":"object","properties":{"q":{"type":"integer"}}}'))
     assert a is b
     assert a.new_matcher() is not a.new_matcher()
+
+
+@pytest.mark.parametrize("grammar", ['?start: answer\n?answer: "y" NUM | "z" NUM\nNUM: /[0-9]{1,3}/',
+                                     '// a comment first\n!start: ("y" | "z") /[0-9]{1,3}/'])
+def test_lark_grammar_with_a_rule_modifier_on_start(compiler, tokenizer, grammar):
+    """Lark's `?start:` / `!start:` (vLLM's Lark examples write `?start:`) is Lark, not GBNF to convert."""
+    import re
+    for text in walks(compiler, tokenizer, StructuredSpec.grammar(grammar), 20):
+        assert re.fullmatch(r"[yz][0-9]{1,3}", text), text
