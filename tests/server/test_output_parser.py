@@ -166,3 +166,20 @@ def _qwen_style(path):
     assert "<think>" not in loaded.all_special_tokens
     assert "<think>" in loaded.decode(loaded.encode("<think>", add_special_tokens=False), skip_special_tokens=True)
     return loaded
+
+
+@pytest.mark.parametrize("text", [
+    "<tool_call>\n<function=get_weather\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>",
+    "<tool_call>\n<function=>\n</function>\n</tool_call>",
+    "<tool_call>\n<function=get weather>\n</function>\n</tool_call>",
+    '<tool_call>\n{"name": "noop", "arguments": [1, 2]}\n</tool_call>',
+    '<tool_call>\n{"name": "noop", "arguments": "not json"}\n</tool_call>',
+    '<tool_call>\n{"name": "", "arguments": {}}\n</tool_call>',
+], ids=["header_without_close", "empty_name", "name_with_space", "args_array", "args_not_json", "json_empty_name"])
+def test_malformed_call_headers_and_arguments_come_back_as_content(text):
+    """A call whose function name could not be a name, or whose arguments are not a JSON object, is not a call:
+    the client gets the model's text as content (never a call it cannot use), streamed or not."""
+    one_shot = run(["Sure. " + text])
+    assert one_shot.tool_calls == [] and one_shot.content == "Sure. " + text
+    for chunks in splits("Sure. " + text, seed=1, trials=30):
+        assert run(chunks) == one_shot

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ _PARAMETER = "<parameter="
 _PARAMETER_END = "</parameter>"
 _VALUE_ENDS = (_PARAMETER_END, _FUNCTION_END, TOOL_CALL_END)  # a missing </parameter> still ends the value
 _MAX_TAG = 512  # a tag name longer than this is not a tag: give the text back as content
+NAME = re.compile(r"[^<>\s]+")  # a function or parameter name: a call whose name is not one is not a call
 
 ToolSchemas = dict[str, dict[str, Any]]  # function name -> JSON schema of its parameters ("properties" inside)
 
@@ -138,7 +140,11 @@ class ToolCallParser:
                 if len(s) > _MAX_TAG or final:
                     self._give_back(step, s)
                 return False
-            self._start_function(step, s[len(_FUNCTION):end].strip())
+            name = s[len(_FUNCTION):end].strip()
+            if not NAME.fullmatch(name):  # e.g. a header missing its ">": the name runs into the next tag
+                self._give_back(step, s)
+                return False
+            self._start_function(step, name)
             self._buf = s[end + 1:]
             return True
         if _FUNCTION.startswith(s) and not final:
@@ -288,10 +294,15 @@ def _parse_json_call(body: str) -> tuple[str, str] | None:
         obj = json.loads(body)
     except json.JSONDecodeError:
         return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not NAME.fullmatch(obj["name"]):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    return obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    if isinstance(args, str):  # arguments already encoded as a JSON string: kept if they hold an object
+        try:
+            return (obj["name"], args) if isinstance(json.loads(args), dict) else None
+        except json.JSONDecodeError:
+            return None
+    return (obj["name"], json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
 
 
 def schema_types(schema: dict[str, Any] | None) -> set[str]:

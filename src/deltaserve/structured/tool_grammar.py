@@ -26,14 +26,12 @@ function or parallel_tool_calls=false, else one or more. "auto": free text in wh
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from deltaserve.server.tool_parser import is_string_schema, schema_types
+from deltaserve.server.tool_parser import NAME, is_string_schema, schema_types
 from deltaserve.structured.grammars import Markup, inline_json, lark_string, regex_terminal, with_prefix
 from deltaserve.structured.spec import StructuredError
 
-_NAME = re.compile(r"[^<>\s]+")  # what the parser reads back between "=" and ">"
 _NO_END_TAG = r"~/(?s:.*)<\/(parameter|function|tool_call)>(?s:.*)/"
 _FREE_TEXT = f"/(?s:.*)/ & {_NO_END_TAG}"
 _VALUE_END = r'"\n</parameter>\n"'
@@ -137,9 +135,9 @@ class _Builder:
 
 
 def _checked_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise StructuredError(f"{what} {name!r} cannot be written as a Qwen3-Coder tool call; use a name without "
-                              "spaces, '<', '>' or '='")
+                              "whitespace, '<' or '>'")
     return name
 
 
