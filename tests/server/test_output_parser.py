@@ -183,3 +183,13 @@ def test_malformed_call_headers_and_arguments_come_back_as_content(text):
     assert one_shot.tool_calls == [] and one_shot.content == "Sure. " + text
     for chunks in splits("Sure. " + text, seed=1, trials=30):
         assert run(chunks) == one_shot
+
+
+def test_parameters_referring_to_defs_are_typed_by_their_target():
+    from tests.structured.schemas import PLACES
+
+    text = ("<tool_call>\n<function=plan_trip>\n<parameter=start>\n{\"city\": \"Rome\", \"stars\": 4}\n</parameter>\n"
+            "<parameter=mode>\ntrain\n</parameter>\n<parameter=back>\nnull\n</parameter>\n</function>\n</tool_call>")
+    out = run([text], tools={"plan_trip": PLACES["function"]["parameters"]})
+    assert json.loads(out.tool_calls[0].arguments) == {"start": {"city": "Rome", "stars": 4}, "mode": "train",
+                                                       "back": None}

@@ -12,7 +12,7 @@ import pytest
 from deltaserve.server.output_parser import OutputParser
 from deltaserve.structured import StructuredError, StructuredSpec
 from deltaserve.structured.compiler import GrammarCompiler
-from tests.structured.schemas import PING, SCHEMAS, TOOLS, WEATHER, walk
+from tests.structured.schemas import PING, PLACES, SCHEMAS, TOOLS, WEATHER, walk
 
 VOCAB = 4096
 EOS = {4087, 4089}
@@ -162,3 +162,15 @@ def test_lark_grammar_with_a_rule_modifier_on_start(compiler, tokenizer, grammar
     import re
     for text in walks(compiler, tokenizer, StructuredSpec.grammar(grammar), 20):
         assert re.fullmatch(r"[yz][0-9]{1,3}", text), text
+
+
+def test_tool_call_walks_with_refs_to_defs_validate(compiler, tokenizer):
+    """Parameters that refer to $defs (pydantic models as arguments): the grammar resolves them, and the parser
+    reads a referenced object as an object, an enum of strings as text."""
+    schema = PLACES["function"]["parameters"]
+    spec = StructuredSpec.tool_calls([PLACES], "required", parallel=False)
+    texts = walks(compiler, tokenizer, spec, 30, seed=2)
+    for text in texts:
+        calls = _tool_calls(text, {"plan_trip": schema}).tool_calls
+        assert len(calls) == 1, text
+        jsonschema.validate(json.loads(calls[0].arguments), schema)

@@ -191,8 +191,7 @@ class ToolCallParser:
         return nxt > 0
 
     def _start_param(self, step: ToolStep, name: str) -> None:
-        properties = (self.schemas.get(self._function or "") or {}).get("properties") or {}
-        self._param_schema = properties.get(name) if isinstance(properties, dict) else None
+        self._param_schema = parameter_schema(self.schemas.get(self._function or ""), name)
         sep = "{" if self._num_params == 0 else ", "
         self._num_params += 1
         opening = '"' if is_string_schema(self._param_schema) else ""
@@ -303,6 +302,39 @@ def _parse_json_call(body: str) -> tuple[str, str] | None:
         except json.JSONDecodeError:
             return None
     return (obj["name"], json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
+
+
+def parameter_schema(parameters: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """The schema of one parameter of a function, with its local `$ref`s (pydantic's models and enums in `$defs`)
+    resolved as far as its type needs: the reference itself and those of its anyOf / oneOf branches."""
+    properties = parameters.get("properties") if isinstance(parameters, dict) else None
+    schema = properties.get(name) if isinstance(properties, dict) else None
+    return _resolved(schema, parameters, _MAX_REF_DEPTH) if isinstance(schema, dict) else None
+
+
+_MAX_REF_DEPTH = 8  # a recursive model refers to itself: its type is known long before this
+
+
+def _resolved(schema: Any, root: Any, depth: int) -> Any:
+    if not isinstance(schema, dict) or depth <= 0:
+        return schema
+    target = _local_ref(root, schema.get("$ref"))
+    if target is not None:  # the reference's own siblings (description, default) stay beside its target
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return _resolved(schema, root, depth - 1)
+    branches = {key: [_resolved(b, root, depth - 1) for b in schema[key]]
+                for key in ("anyOf", "oneOf") if isinstance(schema.get(key), list)}
+    return {**schema, **branches}
+
+
+def _local_ref(root: Any, ref: Any) -> dict[str, Any] | None:
+    """The target of a JSON pointer into the parameters schema ("#/$defs/Place"), None if it is not one."""
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/"):
+        node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
 
 
 def schema_types(schema: dict[str, Any] | None) -> set[str]:
