@@ -136,6 +136,9 @@ def test_markup_that_is_text_in_the_tokenizer(tmp_path):
     (StructuredSpec.json_schema({"type": "strng"}), "strng"),
     (StructuredSpec.json_schema({"type": "integer", "minimum": 5, "maximum": 1}), "minimum"),
     (StructuredSpec.json_schema({"$ref": "#/$defs/missing"}), "missing"),
+    # oneOf branches a value may match both of: the fix is anyOf, or llguidance's option set in the schema
+    (StructuredSpec.json_schema({"oneOf": [{"type": "integer"}, {"type": "number"}]}),
+     r'oneOf.*use anyOf.*"x-guidance": \{"coerce_one_of": true\}'),
     (StructuredSpec.regex("(unclosed"), "unclosed"),
     (StructuredSpec.grammar("start: undefined_rule"), "undefined_rule"),
     (StructuredSpec.tool_calls([{"type": "function", "function": {"name": "f", "parameters": {
