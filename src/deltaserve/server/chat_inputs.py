@@ -32,6 +32,11 @@ def resolve_tools(req: ChatCompletionRequest, *, parse: bool) -> ToolsPlan:
         return ToolsPlan(None, None, False)
     if choice == "none":
         return ToolsPlan(None, None, False)
+    if not parse and (choice == "required" or isinstance(choice, NamedToolChoice)):
+        # the call would be forced, then reach the client as raw markup in `content`
+        raise bad_request("a forced tool call (tool_choice 'required' or a named function) needs the tool-call parser, "
+                          "and this server runs with --tool-call-parser none; send tool_choice 'auto' or 'none', or "
+                          "restart the server with --tool-call-parser qwen3_coder", "tool_choice")
     if isinstance(choice, NamedToolChoice):
         tools = [t for t in tools if t.function.name == choice.function.name]
         if not tools:
