@@ -177,3 +177,14 @@ def test_tool_call_walks_with_refs_to_defs_validate(compiler, tokenizer):
         calls = _tool_calls(text, {"plan_trip": schema}).tool_calls
         assert len(calls) == 1, text
         jsonschema.validate(json.loads(calls[0].arguments), schema)
+
+
+def test_auto_without_parallel_calls_allows_one_call(compiler, tokenizer):
+    """parallel_tool_calls=false under "auto" with a strict tool: text, at most one call, text."""
+    strict = {"type": "function", "function": {**PING["function"], "strict": True}}
+    call = "<tool_call>\n<function=ping>\n</function>\n</tool_call>"
+    for parallel, second_call_allowed in ((True, True), (False, False)):
+        matcher = compiler.compile(StructuredSpec.tool_calls([strict], "auto", parallel=parallel)).new_matcher()
+        for token in tokenizer.encode("Sure." + call + " Done.", add_special_tokens=False):
+            assert matcher.consume_token(token), matcher.get_error()
+        assert matcher.consume_token(tokenizer.convert_tokens_to_ids("<tool_call>")) == second_call_allowed

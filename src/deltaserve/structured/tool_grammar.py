@@ -21,7 +21,7 @@ anywhere else, so it ends exactly there.
 
 "required" and a named function: only tool calls (after the reasoning block, if open); one call for a named
 function or parallel_tool_calls=false, else one or more. "auto": free text in which any call follows the grammar
-(strict tools' arguments their schema, other tools' arguments free).
+(strict tools' arguments their schema, other tools' arguments free), at most one call with parallel_tool_calls=false.
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def tool_call_grammar(tools: list[dict[str, Any]], choice: str | dict[str, Any],
     builder.rules += [f"call: {markup('<tool_call>')} call_rest", f"call_rest: {rest}"]
     if choice == "auto":
         builder.rules.append(_auto_text(markup))
-        body = "body: TEXT (call TEXT)*" if markup.is_special("<tool_call>") else "body: (TEXT_OPEN call_rest)* TEXT"
+        calls = "*" if parallel else "?"  # parallel_tool_calls=false: at most one call
+        body = (f"body: TEXT (call TEXT){calls}" if markup.is_special("<tool_call>")
+                else f"body: (TEXT_OPEN call_rest){calls} TEXT")
     elif parallel and not isinstance(choice, dict):
         body = 'body: call ("\\n" call)*'
     else:
