@@ -28,3 +28,8 @@ def test_forced_tool_calls_need_the_parser(choice):
 def test_unforced_tool_choices_do_not_need_it(choice):
     plan = resolve_tools(_request(tool_choice=choice), parse=False)
     assert not plan.parse and (plan.for_template is None) == (choice == "none")
+
+
+@pytest.mark.parametrize("parallel, most", [(None, None), (True, None), (False, 1)])
+def test_parallel_tool_calls_false_allows_one_call(parallel, most):
+    assert resolve_tools(_request(parallel_tool_calls=parallel), parse=True).max_calls == most

@@ -193,3 +193,14 @@ def test_parameters_referring_to_defs_are_typed_by_their_target():
     out = run([text], tools={"plan_trip": PLACES["function"]["parameters"]})
     assert json.loads(out.tool_calls[0].arguments) == {"start": {"city": "Rome", "stars": 4}, "mode": "train",
                                                        "back": None}
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_only():
+    """parallel_tool_calls=false (vLLM drops the calls after the first, as here): one call reaches the client,
+    streamed or not, and the text around the calls is kept."""
+    text = TOOL_TEXT + " after"
+    one_shot = run([text], starts_in_reasoning=True, max_tool_calls=1)
+    assert [c.name for c in one_shot.tool_calls] == ["get_weather"] and one_shot.content == "Let me check.after"
+    assert json.loads(one_shot.tool_calls[0].arguments)["days"] == 3
+    for chunks in splits(text, seed=3, trials=50):
+        assert run(chunks, starts_in_reasoning=True, max_tool_calls=1) == one_shot
