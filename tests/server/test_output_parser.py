@@ -204,3 +204,16 @@ def test_parallel_tool_calls_false_keeps_the_first_call_only():
     assert json.loads(one_shot.tool_calls[0].arguments)["days"] == 3
     for chunks in splits(text, seed=3, trials=50):
         assert run(chunks, starts_in_reasoning=True, max_tool_calls=1) == one_shot
+
+
+@pytest.mark.parametrize("header", ["<parameter=city\nParis\n</parameter>", "<parameter=>\nParis\n</parameter>"],
+                         ids=["missing_close", "empty_name"])
+def test_a_malformed_parameter_is_skipped_and_the_next_one_kept(header):
+    """A parameter header that is not one (its '>' missing, its name empty) would make a key of the text up to the
+    next '>' and swallow the parameter after it: it is skipped instead."""
+    text = (f"<tool_call>\n<function=get_weather>\n{header}\n<parameter=days>\n3\n</parameter>\n</function>\n"
+            "</tool_call>")
+    one_shot = run([text])
+    assert [(c.name, json.loads(c.arguments)) for c in one_shot.tool_calls] == [("get_weather", {"days": 3})]
+    for chunks in splits(text, seed=4, trials=30):
+        assert run(chunks) == one_shot

@@ -176,9 +176,12 @@ class ToolCallParser:
             end = s.find(">")
             if end < 0:
                 return False
-            self._start_param(step, s[len(_PARAMETER):end].strip())
-            self._buf = s[end + 1:]
-            return True
+            name = s[len(_PARAMETER):end].strip()
+            if NAME.fullmatch(name):
+                self._start_param(step, name)
+                self._buf = s[end + 1:]
+                return True
+            # not a header (its ">" missing, or no name): skipped below like other text between parameters
         for tag in (_FUNCTION_END, TOOL_CALL_END):
             if s.startswith(tag):
                 self._close_function(step)
