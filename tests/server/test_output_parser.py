@@ -166,3 +166,54 @@ def _qwen_style(path):
     assert "<think>" not in loaded.all_special_tokens
     assert "<think>" in loaded.decode(loaded.encode("<think>", add_special_tokens=False), skip_special_tokens=True)
     return loaded
+
+
+@pytest.mark.parametrize("text", [
+    "<tool_call>\n<function=get_weather\n<parameter=city>\nRome\n</parameter>\n</function>\n</tool_call>",
+    "<tool_call>\n<function=>\n</function>\n</tool_call>",
+    "<tool_call>\n<function=get weather>\n</function>\n</tool_call>",
+    '<tool_call>\n{"name": "noop", "arguments": [1, 2]}\n</tool_call>',
+    '<tool_call>\n{"name": "noop", "arguments": "not json"}\n</tool_call>',
+    '<tool_call>\n{"name": "", "arguments": {}}\n</tool_call>',
+], ids=["header_without_close", "empty_name", "name_with_space", "args_array", "args_not_json", "json_empty_name"])
+def test_malformed_call_headers_and_arguments_come_back_as_content(text):
+    """A call whose function name could not be a name, or whose arguments are not a JSON object, is not a call:
+    the client gets the model's text as content (never a call it cannot use), streamed or not."""
+    one_shot = run(["Sure. " + text])
+    assert one_shot.tool_calls == [] and one_shot.content == "Sure. " + text
+    for chunks in splits("Sure. " + text, seed=1, trials=30):
+        assert run(chunks) == one_shot
+
+
+def test_parameters_referring_to_defs_are_typed_by_their_target():
+    from tests.structured.schemas import PLACES
+
+    text = ("<tool_call>\n<function=plan_trip>\n<parameter=start>\n{\"city\": \"Rome\", \"stars\": 4}\n</parameter>\n"
+            "<parameter=mode>\ntrain\n</parameter>\n<parameter=back>\nnull\n</parameter>\n</function>\n</tool_call>")
+    out = run([text], tools={"plan_trip": PLACES["function"]["parameters"]})
+    assert json.loads(out.tool_calls[0].arguments) == {"start": {"city": "Rome", "stars": 4}, "mode": "train",
+                                                       "back": None}
+
+
+def test_parallel_tool_calls_false_keeps_the_first_call_only():
+    """parallel_tool_calls=false (vLLM drops the calls after the first, as here): one call reaches the client,
+    streamed or not, and the text around the calls is kept."""
+    text = TOOL_TEXT + " after"
+    one_shot = run([text], starts_in_reasoning=True, max_tool_calls=1)
+    assert [c.name for c in one_shot.tool_calls] == ["get_weather"] and one_shot.content == "Let me check.after"
+    assert json.loads(one_shot.tool_calls[0].arguments)["days"] == 3
+    for chunks in splits(text, seed=3, trials=50):
+        assert run(chunks, starts_in_reasoning=True, max_tool_calls=1) == one_shot
+
+
+@pytest.mark.parametrize("header", ["<parameter=city\nParis\n</parameter>", "<parameter=>\nParis\n</parameter>"],
+                         ids=["missing_close", "empty_name"])
+def test_a_malformed_parameter_is_skipped_and_the_next_one_kept(header):
+    """A parameter header that is not one (its '>' missing, its name empty) would make a key of the text up to the
+    next '>' and swallow the parameter after it: it is skipped instead."""
+    text = (f"<tool_call>\n<function=get_weather>\n{header}\n<parameter=days>\n3\n</parameter>\n</function>\n"
+            "</tool_call>")
+    one_shot = run([text])
+    assert [(c.name, json.loads(c.arguments)) for c in one_shot.tool_calls] == [("get_weather", {"days": 3})]
+    for chunks in splits(text, seed=4, trials=30):
+        assert run(chunks) == one_shot

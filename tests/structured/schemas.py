@@ -56,6 +56,19 @@ WEATHER = {"type": "function", "function": {
 PING = {"type": "function", "function": {"name": "ping", "parameters": {"type": "object", "properties": {},
                                                                         "additionalProperties": False}}}
 TOOLS = [WEATHER, PING]
+# as pydantic writes a function whose arguments are models: $defs, $ref, Optional[...] as anyOf with null
+PLACES = {"type": "function", "function": {"name": "plan_trip", "parameters": {
+    "$defs": {"Place": {"title": "Place", "type": "object",
+                        "properties": {"city": {"title": "City", "type": "string", "maxLength": 10},
+                                       "stars": {"title": "Stars", "type": "integer", "minimum": 1, "maximum": 5}},
+                        "required": ["city", "stars"], "additionalProperties": False},
+              "Mode": {"title": "Mode", "type": "string", "enum": ["train", "car"]}},
+    "title": "plan_trip", "type": "object",
+    "properties": {"start": {"$ref": "#/$defs/Place"},
+                   "stops": {"title": "Stops", "type": "array", "items": {"$ref": "#/$defs/Place"}, "maxItems": 2},
+                   "mode": {"$ref": "#/$defs/Mode"},
+                   "back": {"anyOf": [{"$ref": "#/$defs/Place"}, {"type": "null"}], "default": None}},
+    "required": ["start", "stops", "mode"], "additionalProperties": False}}}
 
 
 def allowed(bitmask_row: np.ndarray, vocab: int) -> np.ndarray:

@@ -12,7 +12,7 @@ import pytest
 from deltaserve.server.output_parser import OutputParser
 from deltaserve.structured import StructuredError, StructuredSpec
 from deltaserve.structured.compiler import GrammarCompiler
-from tests.structured.schemas import PING, SCHEMAS, TOOLS, WEATHER, walk
+from tests.structured.schemas import PING, PLACES, SCHEMAS, TOOLS, WEATHER, walk
 
 VOCAB = 4096
 EOS = {4087, 4089}
@@ -136,6 +136,9 @@ def test_markup_that_is_text_in_the_tokenizer(tmp_path):
     (StructuredSpec.json_schema({"type": "strng"}), "strng"),
     (StructuredSpec.json_schema({"type": "integer", "minimum": 5, "maximum": 1}), "minimum"),
     (StructuredSpec.json_schema({"$ref": "#/$defs/missing"}), "missing"),
+    # oneOf branches a value may match both of: the fix is anyOf, or llguidance's option set in the schema
+    (StructuredSpec.json_schema({"oneOf": [{"type": "integer"}, {"type": "number"}]}),
+     r'oneOf.*use anyOf.*"x-guidance": \{"coerce_one_of": true\}'),
     (StructuredSpec.regex("(unclosed"), "unclosed"),
     (StructuredSpec.grammar("start: undefined_rule"), "undefined_rule"),
     (StructuredSpec.tool_calls([{"type": "function", "function": {"name": "f", "parameters": {
@@ -153,3 +156,35 @@ def test_compiled_once_per_spec(compiler):
     b = compiler.compile(StructuredSpec.json_schema('{"type":"object","properties":{"q":{"type":"integer"}}}'))
     assert a is b
     assert a.new_matcher() is not a.new_matcher()
+
+
+@pytest.mark.parametrize("grammar", ['?start: answer\n?answer: "y" NUM | "z" NUM\nNUM: /[0-9]{1,3}/',
+                                     '// a comment first\n!start: ("y" | "z") /[0-9]{1,3}/'])
+def test_lark_grammar_with_a_rule_modifier_on_start(compiler, tokenizer, grammar):
+    """Lark's `?start:` / `!start:` (vLLM's Lark examples write `?start:`) is Lark, not GBNF to convert."""
+    import re
+    for text in walks(compiler, tokenizer, StructuredSpec.grammar(grammar), 20):
+        assert re.fullmatch(r"[yz][0-9]{1,3}", text), text
+
+
+def test_tool_call_walks_with_refs_to_defs_validate(compiler, tokenizer):
+    """Parameters that refer to $defs (pydantic models as arguments): the grammar resolves them, and the parser
+    reads a referenced object as an object, an enum of strings as text."""
+    schema = PLACES["function"]["parameters"]
+    spec = StructuredSpec.tool_calls([PLACES], "required", parallel=False)
+    texts = walks(compiler, tokenizer, spec, 30, seed=2)
+    for text in texts:
+        calls = _tool_calls(text, {"plan_trip": schema}).tool_calls
+        assert len(calls) == 1, text
+        jsonschema.validate(json.loads(calls[0].arguments), schema)
+
+
+def test_auto_without_parallel_calls_allows_one_call(compiler, tokenizer):
+    """parallel_tool_calls=false under "auto" with a strict tool: text, at most one call, text."""
+    strict = {"type": "function", "function": {**PING["function"], "strict": True}}
+    call = "<tool_call>\n<function=ping>\n</function>\n</tool_call>"
+    for parallel, second_call_allowed in ((True, True), (False, False)):
+        matcher = compiler.compile(StructuredSpec.tool_calls([strict], "auto", parallel=parallel)).new_matcher()
+        for token in tokenizer.encode("Sure." + call + " Done.", add_special_tokens=False):
+            assert matcher.consume_token(token), matcher.get_error()
+        assert matcher.consume_token(tokenizer.convert_tokens_to_ids("<tool_call>")) == second_call_allowed

@@ -14,11 +14,13 @@ from deltaserve.server.tool_parser import ToolSchemas
 
 @dataclass(frozen=True)
 class ToolsPlan:
-    """Which tools the template lists, the schemas that type parsed arguments, and whether to parse at all."""
+    """Which tools the template lists, the schemas that type parsed arguments, whether to parse at all, and how
+    many calls a reply may make (1 with parallel_tool_calls=false: later ones are dropped, as vLLM does)."""
 
     for_template: list[dict[str, Any]] | None
     schemas: ToolSchemas | None
     parse: bool
+    max_calls: int | None = None
 
 
 def resolve_tools(req: ChatCompletionRequest, *, parse: bool) -> ToolsPlan:
@@ -32,13 +34,18 @@ def resolve_tools(req: ChatCompletionRequest, *, parse: bool) -> ToolsPlan:
         return ToolsPlan(None, None, False)
     if choice == "none":
         return ToolsPlan(None, None, False)
+    if not parse and (choice == "required" or isinstance(choice, NamedToolChoice)):
+        # the call would be forced, then reach the client as raw markup in `content`
+        raise bad_request("a forced tool call (tool_choice 'required' or a named function) needs the tool-call parser, "
+                          "and this server runs with --tool-call-parser none; send tool_choice 'auto' or 'none', or "
+                          "restart the server with --tool-call-parser qwen3_coder", "tool_choice")
     if isinstance(choice, NamedToolChoice):
         tools = [t for t in tools if t.function.name == choice.function.name]
         if not tools:
             raise bad_request(f"'tool_choice' names function {choice.function.name!r}, which is not in 'tools'",
                               "tool_choice.function.name")
     schemas = {t.function.name: t.function.parameters or {} for t in tools}
-    return ToolsPlan([_tool_dict(t) for t in tools], schemas, parse)
+    return ToolsPlan([_tool_dict(t) for t in tools], schemas, parse, 1 if req.parallel_tool_calls is False else None)
 
 
 def _tool_dict(tool: Tool) -> dict[str, Any]:

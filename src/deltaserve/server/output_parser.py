@@ -72,8 +72,9 @@ class OutputParser:
 
     def __init__(self, *, parse_reasoning: bool = True, starts_in_reasoning: bool = False,
                  tools: ToolSchemas | None = None, parse_tools: bool = False, strip: Iterable[str] = (),
-                 id_factory: Callable[[], str] = new_call_id) -> None:
+                 id_factory: Callable[[], str] = new_call_id, max_tool_calls: int | None = None) -> None:
         self.parse_reasoning = parse_reasoning
+        self.max_tool_calls = max_tool_calls  # parallel_tool_calls=false: 1; calls past it are dropped
         self.tools = ToolCallParser(tools, id_factory) if parse_tools else None
         self.strip = tuple(strip)
         self.mode = _Mode.REASONING if parse_reasoning and starts_in_reasoning else _Mode.CONTENT
@@ -156,7 +157,8 @@ class OutputParser:
     def _after_tool_step(self, out: ParsedDelta, step: ToolStep) -> bool:
         """Apply a tool-parser step; True when the block ended and scanning goes on in content mode."""
         for call in step.deltas:
-            out.extend(ParsedDelta(tool_calls=[call]))
+            if self.max_tool_calls is None or call.index < self.max_tool_calls:
+                out.extend(ParsedDelta(tool_calls=[call]))
         if step.malformed is not None:
             self.mode, self._lstrip = _Mode.CONTENT, False
             self._put(out, self._dropped_ws + TOOL_CALL_START)  # it was not markup after all: restore it

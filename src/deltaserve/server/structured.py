@@ -10,6 +10,7 @@ Compiling runs on a worker thread; a constraint that cannot be enforced is a 400
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from deltaserve.server.errors import APIError, bad_request
@@ -18,9 +19,13 @@ from deltaserve.server.state import ServerState
 from deltaserve.structured import StructuredError, StructuredSpec
 
 _STRUCTURED_OUTPUTS_KINDS = ("json", "regex", "choice", "grammar", "json_object")
-# vLLM options of structured_outputs that change nothing here (the backend is llguidance, JSON is compact)
-_IGNORED_OPTIONS = frozenset({"backend", "disable_fallback", "disable_any_whitespace",
-                              "disable_additional_properties"})
+# vLLM options of structured_outputs that change nothing here (the backend is llguidance, JSON is compact), and
+# disable_additional_properties, which changes the schema (_closed_objects)
+_IGNORED_OPTIONS = frozenset({"backend", "disable_fallback", "disable_any_whitespace"})
+_OPTIONS = _IGNORED_OPTIONS | {"disable_additional_properties"}
+# keys whose value maps names to schemas, and keys whose value is a JSON value rather than a schema
+_SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+_VALUE_KEYS = frozenset({"enum", "const", "default", "examples", "x-guidance"})
 
 
 def output_spec(req: _SamplingFields, *, reasoning: bool) -> tuple[StructuredSpec, str] | None:
@@ -95,12 +100,41 @@ def _structured_outputs(req: _SamplingFields, reasoning: bool) -> list[tuple[Str
     options = req.structured_outputs
     if options is None:
         return []
-    unknown = sorted(set(options) - set(_STRUCTURED_OUTPUTS_KINDS) - _IGNORED_OPTIONS)
+    unknown = sorted(set(options) - set(_STRUCTURED_OUTPUTS_KINDS) - _OPTIONS)
     if unknown:
         raise bad_request(f"'structured_outputs' has fields this server does not support: {unknown}; supported: "
                           f"{list(_STRUCTURED_OUTPUTS_KINDS)}", f"structured_outputs.{unknown[0]}")
     given = [k for k in _STRUCTURED_OUTPUTS_KINDS if options.get(k) not in (None, False)]
-    return [_one_kind(k, options[k], f"structured_outputs.{k}", reasoning) for k in given]
+    close = bool(options.get("disable_additional_properties"))
+    return [_one_kind(k, _closed_schema(options[k]) if close and k == "json" else options[k],
+                      f"structured_outputs.{k}", reasoning) for k in given]
+
+
+def _closed_schema(schema: Any) -> Any:
+    """vLLM's disable_additional_properties: every object schema that does not say whether it takes other keys
+    takes none. Text that is not JSON is left for the schema's own error."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError:
+            return schema
+    return _closed_objects(schema)
+
+
+def _closed_objects(schema: Any) -> Any:
+    if isinstance(schema, list):  # anyOf, allOf, prefixItems, ...
+        return [_closed_objects(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            out[key] = {name: _closed_objects(sub) for name, sub in value.items()}
+        else:
+            out[key] = value if key in _VALUE_KEYS else _closed_objects(value)
+    if (schema.get("type") == "object" or "properties" in schema) and "additionalProperties" not in schema:
+        out["additionalProperties"] = False
+    return out
 
 
 def _guided(req: _SamplingFields, reasoning: bool) -> list[tuple[StructuredSpec, str] | None]:

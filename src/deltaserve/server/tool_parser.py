@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ _PARAMETER = "<parameter="
 _PARAMETER_END = "</parameter>"
 _VALUE_ENDS = (_PARAMETER_END, _FUNCTION_END, TOOL_CALL_END)  # a missing </parameter> still ends the value
 _MAX_TAG = 512  # a tag name longer than this is not a tag: give the text back as content
+NAME = re.compile(r"[^<>\s]+")  # a function or parameter name: a call whose name is not one is not a call
 
 ToolSchemas = dict[str, dict[str, Any]]  # function name -> JSON schema of its parameters ("properties" inside)
 
@@ -138,7 +140,11 @@ class ToolCallParser:
                 if len(s) > _MAX_TAG or final:
                     self._give_back(step, s)
                 return False
-            self._start_function(step, s[len(_FUNCTION):end].strip())
+            name = s[len(_FUNCTION):end].strip()
+            if not NAME.fullmatch(name):  # e.g. a header missing its ">": the name runs into the next tag
+                self._give_back(step, s)
+                return False
+            self._start_function(step, name)
             self._buf = s[end + 1:]
             return True
         if _FUNCTION.startswith(s) and not final:
@@ -170,9 +176,12 @@ class ToolCallParser:
             end = s.find(">")
             if end < 0:
                 return False
-            self._start_param(step, s[len(_PARAMETER):end].strip())
-            self._buf = s[end + 1:]
-            return True
+            name = s[len(_PARAMETER):end].strip()
+            if NAME.fullmatch(name):
+                self._start_param(step, name)
+                self._buf = s[end + 1:]
+                return True
+            # not a header (its ">" missing, or no name): skipped below like other text between parameters
         for tag in (_FUNCTION_END, TOOL_CALL_END):
             if s.startswith(tag):
                 self._close_function(step)
@@ -185,8 +194,7 @@ class ToolCallParser:
         return nxt > 0
 
     def _start_param(self, step: ToolStep, name: str) -> None:
-        properties = (self.schemas.get(self._function or "") or {}).get("properties") or {}
-        self._param_schema = properties.get(name) if isinstance(properties, dict) else None
+        self._param_schema = parameter_schema(self.schemas.get(self._function or ""), name)
         sep = "{" if self._num_params == 0 else ", "
         self._num_params += 1
         opening = '"' if is_string_schema(self._param_schema) else ""
@@ -288,10 +296,48 @@ def _parse_json_call(body: str) -> tuple[str, str] | None:
         obj = json.loads(body)
     except json.JSONDecodeError:
         return None
-    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not NAME.fullmatch(obj["name"]):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
-    return obj["name"], args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    if isinstance(args, str):  # arguments already encoded as a JSON string: kept if they hold an object
+        try:
+            return (obj["name"], args) if isinstance(json.loads(args), dict) else None
+        except json.JSONDecodeError:
+            return None
+    return (obj["name"], json.dumps(args, ensure_ascii=False)) if isinstance(args, dict) else None
+
+
+def parameter_schema(parameters: dict[str, Any] | None, name: str) -> dict[str, Any] | None:
+    """The schema of one parameter of a function, with its local `$ref`s (pydantic's models and enums in `$defs`)
+    resolved as far as its type needs: the reference itself and those of its anyOf / oneOf branches."""
+    properties = parameters.get("properties") if isinstance(parameters, dict) else None
+    schema = properties.get(name) if isinstance(properties, dict) else None
+    return _resolved(schema, parameters, _MAX_REF_DEPTH) if isinstance(schema, dict) else None
+
+
+_MAX_REF_DEPTH = 8  # a recursive model refers to itself: its type is known long before this
+
+
+def _resolved(schema: Any, root: Any, depth: int) -> Any:
+    if not isinstance(schema, dict) or depth <= 0:
+        return schema
+    target = _local_ref(root, schema.get("$ref"))
+    if target is not None:  # the reference's own siblings (description, default) stay beside its target
+        schema = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return _resolved(schema, root, depth - 1)
+    branches = {key: [_resolved(b, root, depth - 1) for b in schema[key]]
+                for key in ("anyOf", "oneOf") if isinstance(schema.get(key), list)}
+    return {**schema, **branches}
+
+
+def _local_ref(root: Any, ref: Any) -> dict[str, Any] | None:
+    """The target of a JSON pointer into the parameters schema ("#/$defs/Place"), None if it is not one."""
+    if not isinstance(ref, str) or not ref.startswith("#/"):
+        return None
+    node = root
+    for part in ref[2:].split("/"):
+        node = node.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(node, dict) else None
+    return node if isinstance(node, dict) else None
 
 
 def schema_types(schema: dict[str, Any] | None) -> set[str]:

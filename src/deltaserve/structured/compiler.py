@@ -126,7 +126,13 @@ def _clean(message: str, keep_excerpt: bool) -> str:
     text = message.split("\n<state>", 1)[0].strip()
     if not keep_excerpt:
         text = _POSITION.sub("", text.split("\n   1 | ", 1)[0]).strip()
+    for hint, fix in _FIXES:
+        text = text.replace(hint, fix)
     return text[:1000] or "the grammar does not compile"
 
 
 _POSITION = re.compile(r"^at \d+\(\d+\): ")
+# llguidance's advice names its own options; the client sets them in the schema ("x-guidance", grammars.py)
+_FIXES = (("oneOf constraints are not supported. Enable 'coerce_one_of' option to approximate oneOf with anyOf",
+           "oneOf is enforced only where a value can match just one branch, and here a value could match several; "
+           "use anyOf, or add \"x-guidance\": {\"coerce_one_of\": true} to the schema to enforce oneOf as anyOf"),)

@@ -11,6 +11,7 @@ text is written as a string literal and matches its bytes. `Markup` decides from
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -101,13 +102,20 @@ def _choice(spec: StructuredSpec, markup: Markup) -> str:
     return with_prefix("body: " + " | ".join(lark_string(c) for c in choices) + "\n", spec.reasoning, markup)
 
 
+# Lark text: a start rule, possibly with Lark's `?` (inline) or `!` (keep tokens) modifier, or llguidance's
+# directive. llguidance's own test misses the modifiers and would read `?start:` grammars as GBNF.
+_LARK = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:)")
+
+
 def _grammar(spec: StructuredSpec, markup: Markup) -> str:
-    from llguidance.gbnf_to_lark import GbnfToLarkError, any_to_lark
+    from llguidance.gbnf_to_lark import GbnfToLarkError, gbnf_to_lark
 
     try:
-        lark = any_to_lark(spec.spec)  # GBNF (llama.cpp, vLLM's EBNF examples) becomes Lark; Lark stays
+        # GBNF (llama.cpp, vLLM's EBNF examples) becomes Lark; Lark stays
+        lark = spec.spec if _LARK.search(spec.spec) else gbnf_to_lark(spec.spec)
     except (GbnfToLarkError, ValueError) as e:
-        raise StructuredError(f"the grammar could not be read as GBNF: {e}") from None
+        raise StructuredError(f"the grammar is not Lark (it has no `start:` rule) and could not be read as GBNF "
+                              f"(`root ::= ...`): {e}") from None
     if not spec.reasoning:
         return lark
     # The client's grammar keeps its own rule names: it becomes a subgrammar behind the reasoning block.

@@ -21,19 +21,17 @@ anywhere else, so it ends exactly there.
 
 "required" and a named function: only tool calls (after the reasoning block, if open); one call for a named
 function or parallel_tool_calls=false, else one or more. "auto": free text in which any call follows the grammar
-(strict tools' arguments their schema, other tools' arguments free).
+(strict tools' arguments their schema, other tools' arguments free), at most one call with parallel_tool_calls=false.
 """
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
-from deltaserve.server.tool_parser import is_string_schema, schema_types
+from deltaserve.server.tool_parser import NAME, is_string_schema, parameter_schema, schema_types
 from deltaserve.structured.grammars import Markup, inline_json, lark_string, regex_terminal, with_prefix
 from deltaserve.structured.spec import StructuredError
 
-_NAME = re.compile(r"[^<>\s]+")  # what the parser reads back between "=" and ">"
 _NO_END_TAG = r"~/(?s:.*)<\/(parameter|function|tool_call)>(?s:.*)/"
 _FREE_TEXT = f"/(?s:.*)/ & {_NO_END_TAG}"
 _VALUE_END = r'"\n</parameter>\n"'
@@ -66,7 +64,9 @@ def tool_call_grammar(tools: list[dict[str, Any]], choice: str | dict[str, Any],
     builder.rules += [f"call: {markup('<tool_call>')} call_rest", f"call_rest: {rest}"]
     if choice == "auto":
         builder.rules.append(_auto_text(markup))
-        body = "body: TEXT (call TEXT)*" if markup.is_special("<tool_call>") else "body: (TEXT_OPEN call_rest)* TEXT"
+        calls = "*" if parallel else "?"  # parallel_tool_calls=false: at most one call
+        body = (f"body: TEXT (call TEXT){calls}" if markup.is_special("<tool_call>")
+                else f"body: (TEXT_OPEN call_rest){calls} TEXT")
     elif parallel and not isinstance(choice, dict):
         body = 'body: call ("\\n" call)*'
     else:
@@ -98,7 +98,7 @@ class _Builder:
             raise StructuredError(f"function {name!r}: 'parameters' must be an object schema")
         properties = schema.get("properties")
         if enforce and isinstance(properties, dict) and properties:
-            params = self._declared_params(i, name, properties, set(schema.get("required") or ()))
+            params = self._declared_params(i, name, schema, set(schema.get("required") or ()))
         elif enforce and schema.get("additionalProperties") is False:
             params = ""  # a function without parameters
         else:
@@ -114,7 +114,10 @@ class _Builder:
             self._has_free_value = True
         return f"param_any_{i}*"
 
-    def _declared_params(self, i: int, fn_name: str, properties: dict[str, Any], required: set[str]) -> str:
+    def _declared_params(self, i: int, fn_name: str, schema: dict[str, Any], required: set[str]) -> str:
+        properties = schema["properties"]
+        # a JSON value is compiled on its own: it takes the definitions its $refs point into along
+        defs = {k: schema[k] for k in ("$defs", "definitions") if k in schema}
         unknown = sorted(required - set(properties))
         if unknown:
             raise StructuredError(f"function {fn_name!r}: required parameters {unknown} are not in 'properties'")
@@ -122,24 +125,27 @@ class _Builder:
         for j, (key, prop) in enumerate(properties.items()):
             _checked_name(key, f"function {fn_name!r} parameter name")
             rule = f"param_{i}_{j}"
-            value = self._value(f"{i}_{j}", prop if isinstance(prop, dict) else {}, f"{fn_name}.{key}")
+            prop = prop if isinstance(prop, dict) else {}
+            value = self._value(f"{i}_{j}", prop, parameter_schema(schema, key) or {}, defs, f"{fn_name}.{key}")
             self.rules.append(f'{rule}: {lark_string(f"<parameter={key}>" + chr(10))} {value}')
             parts.append(rule if key in required else f"{rule}?")
         return " ".join(parts)
 
-    def _value(self, suffix: str, schema: dict[str, Any], where: str) -> str:
-        """The value and the "</parameter>" line after it."""
-        if not is_string_schema(schema):
-            return f"{inline_json(schema)} {_VALUE_END}"
+    def _value(self, suffix: str, schema: dict[str, Any], resolved: dict[str, Any], defs: dict[str, Any],
+               where: str) -> str:
+        """The value and the "</parameter>" line after it. resolved: the schema with its $refs resolved as far as
+        the parser's typing goes (tool_parser.parameter_schema), which decides text or JSON as the parser does."""
+        if not is_string_schema(resolved):
+            return f"{inline_json({**defs, **schema})} {_VALUE_END}"
         terminal = f"V_{suffix.upper()}"
-        self.rules.append(f"{terminal}: ({_string_terminal(_string_branch(schema), where)}) {_VALUE_END}")
+        self.rules.append(f"{terminal}: ({_string_terminal(_string_branch(resolved), where)}) {_VALUE_END}")
         return terminal
 
 
 def _checked_name(name: Any, what: str) -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
+    if not isinstance(name, str) or not NAME.fullmatch(name):
         raise StructuredError(f"{what} {name!r} cannot be written as a Qwen3-Coder tool call; use a name without "
-                              "spaces, '<', '>' or '='")
+                              "whitespace, '<' or '>'")
     return name
 
 

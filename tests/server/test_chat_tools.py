@@ -1,0 +1,35 @@
+"""tool_choice against the server's tool-call parser, without a server: what resolve_tools accepts and refuses."""
+
+from __future__ import annotations
+
+import pytest
+
+from deltaserve.server.chat_inputs import resolve_tools
+from deltaserve.server.errors import APIError
+from deltaserve.server.protocol import ChatCompletionRequest
+from tests.structured.schemas import PING, WEATHER
+
+
+def _request(**kw) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER, PING],
+                                 **kw)
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "ping"}}])
+def test_forced_tool_calls_need_the_parser(choice):
+    """Without the tool-call parser a forced call would reach the client as raw markup in `content`: refused."""
+    with pytest.raises(APIError, match="--tool-call-parser") as e:
+        resolve_tools(_request(tool_choice=choice), parse=False)
+    assert e.value.status == 400 and e.value.param == "tool_choice"
+    assert resolve_tools(_request(tool_choice=choice), parse=True).parse
+
+
+@pytest.mark.parametrize("choice", [None, "auto", "none"])
+def test_unforced_tool_choices_do_not_need_it(choice):
+    plan = resolve_tools(_request(tool_choice=choice), parse=False)
+    assert not plan.parse and (plan.for_template is None) == (choice == "none")
+
+
+@pytest.mark.parametrize("parallel, most", [(None, None), (True, None), (False, 1)])
+def test_parallel_tool_calls_false_allows_one_call(parallel, most):
+    assert resolve_tools(_request(parallel_tool_calls=parallel), parse=True).max_calls == most
