@@ -1,0 +1,75 @@
+"""How a chat request's messages become the prompt: the shipped demo model's app, in this process, rendering through
+/v1/tokenize (and /v1/detokenize to read the prompt back) and /v1/chat/completions. Requests may bring their own
+template here (--trust-request-chat-template), so each case can show exactly what the template was given."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from deltaserve.demo import SHIPPED_DEMO_DIR
+
+# Shows each message's role, content and reasoning as the template sees them.
+SHOW = "{% for m in messages %}[{{ m.role }}|{{ m.content }}|{{ m.reasoning_content }}]{% endfor %}"
+USER = {"role": "user", "content": "hi"}
+
+
+class App:
+    """The app and one event loop for the whole module (the template workers outlive single requests)."""
+
+    def __init__(self) -> None:
+        from deltaserve.config import EngineArgs
+        from deltaserve.engine.async_engine import AsyncLLM
+        from deltaserve.server.app import build_app
+        from deltaserve.server.args import ServerConfig
+
+        self.engine = AsyncLLM(EngineArgs(model=str(SHIPPED_DEMO_DIR), device="cpu", dtype="float32",
+                                          max_model_len=512))
+        self.app = build_app(self.engine, ServerConfig(served_model_names=("m",), trust_request_chat_template=True),
+                             shutdown_engine=False)
+        self.loop = asyncio.new_event_loop()
+
+    def post(self, route: str, body: dict[str, Any]) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as c:
+                return await c.post(route, json=body)
+        return self.loop.run_until_complete(go())
+
+    def prompt(self, **body: Any) -> str:
+        """The rendered prompt's text."""
+        r = self.post("/v1/tokenize", body)
+        assert r.status_code == 200, r.text
+        return self.post("/v1/detokenize", {"tokens": r.json()["tokens"]}).json()["prompt"]
+
+    def close(self) -> None:
+        self.app.state.server.templates.close()
+        self.engine.shutdown()
+        self.loop.close()
+
+
+@pytest.fixture(scope="module")
+def app() -> Iterator[App]:
+    a = App()
+    yield a
+    a.close()
+
+
+def _error(r: httpx.Response) -> dict[str, Any]:
+    assert r.status_code == 400, r.text
+    return r.json()["error"]
+
+
+@pytest.mark.parametrize("template, shown", [
+    ("{{ messages[0].content + 1 }}", "TypeError: can only concatenate str"),
+    ("{% for k, v in messages[0].content|items %}{% endfor %}", "TypeError: Can only get item pairs from a mapping"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError: division by zero"),
+])
+def test_template_code_failing_on_the_messages_is_a_400_with_its_message(app, template, shown):
+    for route in ("/v1/tokenize", "/v1/chat/completions"):
+        err = _error(app.post(route, {"messages": [USER], "chat_template": template, "max_tokens": 1}))
+        assert shown in err["message"] and err["param"] == "messages", err
