@@ -73,3 +73,9 @@ def test_template_code_failing_on_the_messages_is_a_400_with_its_message(app, te
     for route in ("/v1/tokenize", "/v1/chat/completions"):
         err = _error(app.post(route, {"messages": [USER], "chat_template": template, "max_tokens": 1}))
         assert shown in err["message"] and err["param"] == "messages", err
+
+
+def test_template_that_renders_nothing_is_named(app):
+    err = _error(app.post("/v1/chat/completions", {"messages": [USER], "chat_template": "{# nothing #}",
+                                                   "max_tokens": 1}))
+    assert "rendered these messages to an empty prompt" in err["message"] and err["param"] == "messages"

@@ -73,6 +73,9 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
         raise _render_error(e, prompt_field) from None
     ids = await asyncio.to_thread(encode_bounded, tokenizer, text, state.limits.max_model_len - 1,
                                   add_special_tokens=False, field=prompt_field)
+    if not ids:  # else the length check would call the (non-empty) messages empty
+        raise bad_request("the chat template rendered these messages to an empty prompt; check the template and the "
+                          "messages' roles", prompt_field)
     points = await _cache_points(state, parts, template, kwargs, ids) if parts.add_generation_prompt else ()
     return ChatPrompt(ids, prompt_opens_reasoning(text), points)
 
