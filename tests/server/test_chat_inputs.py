@@ -64,6 +64,18 @@ def _error(r: httpx.Response) -> dict[str, Any]:
     return r.json()["error"]
 
 
+def test_reasoning_sent_back_under_either_name_reaches_the_template(app):
+    # the server answers with both reasoning_content and reasoning; a client may echo either
+    for name in ("reasoning_content", "reasoning"):
+        reply = {"role": "assistant", "content": "yo", name: "R"}
+        assert app.prompt(messages=[USER, reply], chat_template=SHOW) == "[user|hi|][assistant|yo|R]"
+    both = {"role": "assistant", "content": "yo", "reasoning": "R", "reasoning_content": "R"}
+    assert app.prompt(messages=[USER, both], chat_template=SHOW) == "[user|hi|][assistant|yo|R]"
+    differ = {"role": "assistant", "content": "yo", "reasoning": "R", "reasoning_content": "S"}
+    err = _error(app.post("/v1/tokenize", {"messages": [USER, differ], "chat_template": SHOW}))
+    assert err["param"] == "messages.1.reasoning" and "differ" in err["message"]
+
+
 @pytest.mark.parametrize("template, shown", [
     ("{{ messages[0].content + 1 }}", "TypeError: can only concatenate str"),
     ("{% for k, v in messages[0].content|items %}{% endfor %}", "TypeError: Can only get item pairs from a mapping"),

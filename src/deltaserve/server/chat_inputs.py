@@ -57,14 +57,24 @@ def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
         out["name"] = m.name
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
-    if m.reasoning_content is not None:
-        out["reasoning_content"] = m.reasoning_content
+    reasoning = _reasoning(m, i)
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning  # the name Qwen templates read
     if m.tool_calls:
         out["tool_calls"] = [{"id": c.id, "type": "function",
                               "function": {"name": c.function.name,
                                            "arguments": _arguments(c.function.arguments, i, j)}}
                              for j, c in enumerate(m.tool_calls)]
     return out
+
+
+def _reasoning(m: ChatMessage, i: int) -> str | None:
+    """A reply's reasoning sent back in the history, under either name (the server answers with both)."""
+    if m.reasoning is not None and m.reasoning_content is not None and m.reasoning != m.reasoning_content:
+        param = f"messages.{i}.reasoning"
+        raise bad_request(f"'messages.{i}.reasoning_content' and '{param}' differ; they are two names for the same "
+                          "text: send one of them", param)
+    return m.reasoning_content if m.reasoning_content is not None else m.reasoning
 
 
 def _text(m: ChatMessage, i: int) -> str:

@@ -109,6 +109,7 @@ class ChatMessage(_Model):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for reasoning_content (this server returns both)
     function_call: Any = None  # legacy (before tool_calls): rejected with a pointer to tool_calls
 
 
