@@ -76,6 +76,19 @@ def test_reasoning_sent_back_under_either_name_reaches_the_template(app):
     assert err["param"] == "messages.1.reasoning" and "differ" in err["message"]
 
 
+def test_assistant_refusal_part_is_its_text(app):
+    # OpenAI's assistant content may be [{"type": "refusal", "refusal": ...}] (a reply that declined)
+    reply = {"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]}
+    assert app.prompt(messages=[USER, reply], chat_template=SHOW) == "[user|hi|][assistant|I can't.|]"
+    err = _error(app.post("/v1/tokenize", {"messages": [USER, {"role": "assistant", "content": [
+        {"type": "refusal"}]}]}))
+    assert err["param"] == "messages.1.content.0.refusal" and err["code"] == "missing_required_parameter"
+    # only an assistant refuses: elsewhere it is an unsupported part, named
+    err = _error(app.post("/v1/tokenize", {"messages": [{"role": "user", "content": [
+        {"type": "refusal", "refusal": "x"}]}]}))
+    assert err["param"] == "messages.0.content.0.type" and "'refusal'" in err["message"]
+
+
 @pytest.mark.parametrize("template, shown", [
     ("{{ messages[0].content + 1 }}", "TypeError: can only concatenate str"),
     ("{% for k, v in messages[0].content|items %}{% endfor %}", "TypeError: Can only get item pairs from a mapping"),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltaserve.server.errors import bad_request
-from deltaserve.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
+from deltaserve.server.protocol import ChatCompletionRequest, ChatMessage, ContentPart, NamedToolChoice, Tool
 from deltaserve.server.tool_parser import ToolSchemas
 
 
@@ -84,6 +84,8 @@ def _text(m: ChatMessage, i: int) -> str:
         return m.content
     parts = []
     for j, part in enumerate(m.content):
+        if part.type == "refusal" and m.role == "assistant":  # an earlier reply that declined: its words
+            part = _refusal_text(part, i, j)
         if part.type != "text":
             param = f"messages.{i}.content.{j}.type"
             raise bad_request(f"'{param}': content part type {part.type!r} is not supported (this server serves text "
@@ -94,6 +96,14 @@ def _text(m: ChatMessage, i: int) -> str:
                               code="missing_required_parameter")
         parts.append(part.text)
     return "".join(parts)
+
+
+def _refusal_text(part: ContentPart, i: int, j: int) -> ContentPart:
+    if part.refusal is None:
+        param = f"messages.{i}.content.{j}.refusal"
+        raise bad_request(f"'{param}' is missing: a content part of type 'refusal' needs its 'refusal' string", param,
+                          code="missing_required_parameter")
+    return ContentPart(type="text", text=part.refusal)
 
 
 def _arguments(arguments: str | dict[str, Any], i: int, j: int) -> dict[str, Any]:

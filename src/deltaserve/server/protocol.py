@@ -89,6 +89,7 @@ class CompletionRequest(_SamplingFields):
 class ContentPart(_Model):
     type: str
     text: str | None = None
+    refusal: str | None = None  # OpenAI's "refusal" part, in an assistant message of the history
 
 
 class FunctionCallIn(_Model):
