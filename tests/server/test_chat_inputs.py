@@ -104,3 +104,15 @@ def test_template_that_renders_nothing_is_named(app):
     err = _error(app.post("/v1/chat/completions", {"messages": [USER], "chat_template": "{# nothing #}",
                                                    "max_tokens": 1}))
     assert "rendered these messages to an empty prompt" in err["message"] and err["param"] == "messages"
+
+
+def test_documents_reach_the_template(app):
+    # vLLM's `documents` field, for templates that render retrieval documents; it was dropped without a word
+    docs = "{% for d in documents or [] %}<{{ d.title }}:{{ d.text }}>{% endfor %}{{ messages[0].content }}"
+    documents = [{"title": "T", "text": "X"}]
+    assert app.prompt(messages=[USER], documents=documents, chat_template=docs) == "<T:X>hi"
+    r = app.post("/v1/chat/completions", {"messages": [USER], "documents": documents, "max_tokens": 1,
+                                          "chat_template": docs + "{{ raise_exception(documents[0].text) }}"})
+    assert "X" in _error(r)["message"]  # the chat route passes them too
+    err = _error(app.post("/v1/tokenize", {"messages": [USER], "documents": "T"}))
+    assert err["param"] == "documents"

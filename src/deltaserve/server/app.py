@@ -205,7 +205,7 @@ async def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
     tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in req.tools] \
         if req.tools else None
     parts = ChatRequestParts(req.messages, tools, req.add_generation_prompt, req.chat_template,
-                             req.chat_template_kwargs)
+                             req.chat_template_kwargs, req.documents)
     return (await render_prompt(state, parts)).ids
 
 

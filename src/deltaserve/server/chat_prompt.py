@@ -43,6 +43,7 @@ class ChatRequestParts:
     add_generation_prompt: bool
     chat_template: str | None
     chat_template_kwargs: dict[str, Any] | None
+    documents: list[dict[str, Any]] | None = None  # the template's `documents` (render_jinja_template's argument)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
     if reserved:
         raise bad_request(f"'chat_template_kwargs' may not set {reserved}: use the request's own fields",
                           "chat_template_kwargs")
+    if parts.documents is not None:
+        kwargs["documents"] = parts.documents
     try:
         text = await state.templates.render_async(
             template, template_messages(parts.messages), tools=parts.tools,

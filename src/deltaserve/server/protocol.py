@@ -149,6 +149,7 @@ class ChatCompletionRequest(_SamplingFields):
     # vLLM-style extras
     chat_template: str | None = None  # only with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None  # for templates that render retrieval documents (RAG)
     add_generation_prompt: bool = True
     include_reasoning: bool = True
 
@@ -162,6 +163,7 @@ class TokenizeRequest(_Model):
     add_generation_prompt: bool = True
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
 
 
 class DetokenizeRequest(_Model):
