@@ -116,3 +116,12 @@ def test_documents_reach_the_template(app):
     assert "X" in _error(r)["message"]  # the chat route passes them too
     err = _error(app.post("/v1/tokenize", {"messages": [USER], "documents": "T"}))
     assert err["param"] == "documents"
+
+
+def test_text_parts_join_with_newlines_as_in_vllm(app):
+    # the model's own template: two text parts render as the string of both, a newline between (vLLM's join)
+    parts = [{"type": "text", "text": "first"}, {"type": "text", "text": "second"}]
+    joined = [{"role": "user", "content": "first\nsecond"}]
+    assert app.prompt(messages=[{"role": "user", "content": parts}]) == app.prompt(messages=joined)
+    tool = [USER, {"role": "tool", "tool_call_id": "c", "content": parts}]
+    assert app.prompt(messages=tool, chat_template=SHOW) == "[user|hi|][tool|first\nsecond|]"

@@ -95,7 +95,9 @@ def _text(m: ChatMessage, i: int) -> str:
             raise bad_request(f"'{param}' is missing: a content part of type 'text' needs its 'text' string", param,
                               code="missing_required_parameter")
         parts.append(part.text)
-    return "".join(parts)
+    # vLLM joins a message's text parts with newlines before a template that takes string content (as Qwen3.5's
+    # does: it iterates content only inside its render_content macro, which vLLM's detection does not count)
+    return "\n".join(parts)
 
 
 def _refusal_text(part: ContentPart, i: int, j: int) -> ContentPart:
