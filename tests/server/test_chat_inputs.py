@@ -125,3 +125,14 @@ def test_text_parts_join_with_newlines_as_in_vllm(app):
     assert app.prompt(messages=[{"role": "user", "content": parts}]) == app.prompt(messages=joined)
     tool = [USER, {"role": "tool", "tool_call_id": "c", "content": parts}]
     assert app.prompt(messages=tool, chat_template=SHOW) == "[user|hi|][tool|first\nsecond|]"
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([], "messages"),
+    ([USER, {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}}],
+     "messages.1.function_call"),
+])
+def test_tokenize_refuses_the_chats_that_chat_refuses(app, messages, param):
+    # /v1/tokenize rendered these (an empty chat; a legacy function_call dropped), counting prompts chat never runs
+    for route in ("/v1/tokenize", "/v1/chat/completions"):
+        assert _error(app.post(route, {"messages": messages, "max_tokens": 1}))["param"] == param

@@ -47,10 +47,17 @@ def _tool_dict(tool: Tool) -> dict[str, Any]:
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the template sees them. Checked here, where every chat-shaped route (chat completions,
+    /v1/tokenize) passes, so that tokenize counts only prompts that chat would run."""
+    if not messages:
+        raise bad_request("'messages' is empty; a chat request needs at least one message", "messages")
     return [_message_dict(m, i) for i, m in enumerate(messages)]
 
 
 def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
+    if m.function_call is not None:
+        param = f"messages.{i}.function_call"
+        raise bad_request(f"'{param}' (legacy function calling) is not supported; send 'tool_calls' instead", param)
     # Qwen templates know system/user/assistant/tool; OpenAI's "developer" is their system role.
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m, i)}
     if m.name is not None:
@@ -124,12 +131,8 @@ def _arguments(arguments: str | dict[str, Any], i: int, j: int) -> dict[str, Any
 
 def reject_legacy_functions(req: ChatCompletionRequest) -> None:
     """The pre-tools function-calling fields: answering them as tool_calls would break a client that reads
-    message.function_call, so they get a 400 that points to the current fields."""
+    message.function_call, so they get a 400 that points to the current fields (a message's function_call: in
+    template_messages)."""
     for name, new in (("functions", "tools"), ("function_call", "tool_choice")):
         if getattr(req, name) is not None:
             raise bad_request(f"'{name}' (legacy function calling) is not supported; send '{new}' instead", name)
-    for i, m in enumerate(req.messages):
-        if m.function_call is not None:
-            param = f"messages.{i}.function_call"
-            raise bad_request(f"'{param}' (legacy function calling) is not supported; send 'tool_calls' instead",
-                              param)
