@@ -136,3 +136,11 @@ def test_tokenize_refuses_the_chats_that_chat_refuses(app, messages, param):
     # /v1/tokenize rendered these (an empty chat; a legacy function_call dropped), counting prompts chat never runs
     for route in ("/v1/tokenize", "/v1/chat/completions"):
         assert _error(app.post(route, {"messages": messages, "max_tokens": 1}))["param"] == param
+
+
+def test_chat_past_the_context_names_both_lengths(app):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello world " * 300}]
+    count = app.post("/v1/tokenize", {"messages": messages}).json()["count"]
+    err = _error(app.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1}))
+    assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
+    assert f"is {count} tokens" in err["message"] and "context is 512 tokens" in err["message"], err
