@@ -8,8 +8,8 @@ starts in well under a second, and renders with transformers' own function, so t
 
 Protocol on stdin/stdout: each message is a 4-byte big-endian length and that many bytes of JSON. A job is
 {"template", "messages", "tools", "add_generation_prompt", "kwargs"}; a reply is {"ok": text} or {"error": kind,
-"message": text}, kind one of "template" (the template's own error: its message is meant for the user), "size",
-"memory", "internal".
+"message": text}, kind one of "template" (the template's own error, or an exception its code raised: its message is
+meant for the user), "size", "memory", "internal".
 """
 
 from __future__ import annotations
