@@ -144,3 +144,15 @@ def test_chat_past_the_context_names_both_lengths(app):
     err = _error(app.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1}))
     assert err["code"] == "context_length_exceeded" and err["param"] == "messages"
     assert f"is {count} tokens" in err["message"] and "context is 512 tokens" in err["message"], err
+
+
+TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}} for n in ("f", "g")]
+
+
+@pytest.mark.parametrize("tool_choice", ["none", {"type": "function", "function": {"name": "g"}}, "auto"])
+def test_tokenize_counts_the_tools_chat_lists(app, tool_choice):
+    # chat hides the tools for "none" and lists only the named one; tokenize listed them all whatever the choice
+    body = {"messages": [USER], "tools": TOOLS, "tool_choice": tool_choice}
+    chat = app.post("/v1/chat/completions", {**body, "max_tokens": 1})
+    assert chat.status_code == 200, chat.text
+    assert app.post("/v1/tokenize", body).json()["count"] == chat.json()["usage"]["prompt_tokens"]

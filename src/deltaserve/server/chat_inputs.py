@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltaserve.server.errors import bad_request
-from deltaserve.server.protocol import ChatCompletionRequest, ChatMessage, ContentPart, NamedToolChoice, Tool
+from deltaserve.server.protocol import (ChatCompletionRequest, ChatMessage, ContentPart, NamedToolChoice,
+                                        TokenizeRequest, Tool)
 from deltaserve.server.tool_parser import ToolSchemas
 
 
@@ -21,7 +22,7 @@ class ToolsPlan:
     parse: bool
 
 
-def resolve_tools(req: ChatCompletionRequest, *, parse: bool) -> ToolsPlan:
+def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool) -> ToolsPlan:
     """tool_choice: "none" hides the tools and parses nothing; a named function lists only that tool; "auto" and
     "required" list them all (server/structured.py enforces "required", a named function and strict tools)."""
     tools = req.tools or []

@@ -159,6 +159,7 @@ class TokenizeRequest(_Model):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # which tools chat would list
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
     chat_template: str | None = None
