@@ -156,3 +156,17 @@ def test_tokenize_counts_the_tools_chat_lists(app, tool_choice):
     chat = app.post("/v1/chat/completions", {**body, "max_tokens": 1})
     assert chat.status_code == 200, chat.text
     assert app.post("/v1/tokenize", body).json()["count"] == chat.json()["usage"]["prompt_tokens"]
+
+
+def test_template_workers_that_died_while_idle_are_replaced(app):
+    # one died between jobs (the OOM killer, a signal) failed every request it was handed, for good: closing it
+    # raised BrokenPipeError, so it went back to the pool instead of being replaced
+    renderer = app.app.state.server.templates
+    app.prompt(messages=[USER])  # the workers are up
+    for worker in list(renderer._all):
+        worker.proc.kill()
+        worker.proc.wait()
+    for _ in range(3):
+        assert "hi" in app.prompt(messages=[USER])
+    assert len(renderer._all) == renderer.limits.workers and all(w.proc.poll() is None for w in renderer._all)
+
