@@ -170,3 +170,11 @@ def test_template_workers_that_died_while_idle_are_replaced(app):
         assert "hi" in app.prompt(messages=[USER])
     assert len(renderer._all) == renderer.limits.workers and all(w.proc.poll() is None for w in renderer._all)
 
+
+def test_a_renderer_failure_is_a_server_error():
+    # the renderer's own failure (kind "internal": a worker that exited or would not start) is not the client's
+    from deltaserve.server.chat_prompt import _render_error
+    from deltaserve.server.templates import TemplateRenderError
+
+    err = _render_error(TemplateRenderError("internal", "the template worker exited"), "messages")
+    assert err.status == 500 and err.code == "chat_template_error"

@@ -131,7 +131,6 @@ def _template(state: ServerState, parts: ChatRequestParts, from_kwargs: Any) -> 
 def _render_error(e: TemplateRenderError, field: str) -> APIError:
     if e.kind == "template":  # the template's own words (e.g. "roles must alternate"): meant for the client
         return bad_request(f"the chat template could not render these messages: {e.message}", field)
-    if e.kind == "internal":
-        return server_error("the chat template failed on these messages", e.message, status=400,
-                            code="chat_template_error")
+    if e.kind == "internal":  # the renderer's own failure (a worker that died or would not start): not the client's
+        return server_error("the chat template renderer failed", e.message, code="chat_template_error")
     return bad_request(f"the chat template exceeded its bounds: {e.message}", field, code="chat_template_bounds")
