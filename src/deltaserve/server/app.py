@@ -24,6 +24,7 @@ from deltaserve import __version__
 from deltaserve.engine.async_engine import AsyncLLM
 from deltaserve.engine.tokenizer import TokenizerError, require_tokenizer
 from deltaserve.server.args import ServerConfig, add_server_options
+from deltaserve.server.chat_inputs import resolve_tools
 from deltaserve.server.chat_prompt import ChatRequestParts, render_prompt
 from deltaserve.server.errors import APIError, bad_request, install_error_handlers
 from deltaserve.server.http_guard import RequestGuard
@@ -202,10 +203,9 @@ async def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
         tok = _tokenizer(state, "prompt")
         return await asyncio.to_thread(encode_bounded, tok, req.prompt or "", state.limits.max_model_len - 1,
                                        add_special_tokens=req.add_special_tokens, field="prompt")
-    tools = [{"type": "function", "function": t.function.model_dump(exclude_none=True)} for t in req.tools] \
-        if req.tools else None
+    tools = resolve_tools(req, parse=False).for_template  # the tools chat would list for this tool_choice
     parts = ChatRequestParts(req.messages, tools, req.add_generation_prompt, req.chat_template,
-                             req.chat_template_kwargs)
+                             req.chat_template_kwargs, req.documents)
     return (await render_prompt(state, parts)).ids
 
 

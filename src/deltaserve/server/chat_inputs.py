@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deltaserve.server.errors import bad_request
-from deltaserve.server.protocol import ChatCompletionRequest, ChatMessage, NamedToolChoice, Tool
+from deltaserve.server.protocol import (ChatCompletionRequest, ChatMessage, ContentPart, NamedToolChoice,
+                                        TokenizeRequest, Tool)
 from deltaserve.server.tool_parser import ToolSchemas
 
 
@@ -23,7 +24,7 @@ class ToolsPlan:
     max_calls: int | None = None
 
 
-def resolve_tools(req: ChatCompletionRequest, *, parse: bool) -> ToolsPlan:
+def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool) -> ToolsPlan:
     """tool_choice: "none" hides the tools and parses nothing; a named function lists only that tool; "auto" and
     "required" list them all (server/structured.py enforces "required", a named function and strict tools)."""
     tools = req.tools or []
@@ -54,24 +55,41 @@ def _tool_dict(tool: Tool) -> dict[str, Any]:
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The messages as the template sees them. Checked here, where every chat-shaped route (chat completions,
+    /v1/tokenize) passes, so that tokenize counts only prompts that chat would run."""
+    if not messages:
+        raise bad_request("'messages' is empty; a chat request needs at least one message", "messages")
     return [_message_dict(m, i) for i, m in enumerate(messages)]
 
 
 def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
+    if m.function_call is not None:
+        param = f"messages.{i}.function_call"
+        raise bad_request(f"'{param}' (legacy function calling) is not supported; send 'tool_calls' instead", param)
     # Qwen templates know system/user/assistant/tool; OpenAI's "developer" is their system role.
     out: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": _text(m, i)}
     if m.name is not None:
         out["name"] = m.name
     if m.tool_call_id is not None:
         out["tool_call_id"] = m.tool_call_id
-    if m.reasoning_content is not None:
-        out["reasoning_content"] = m.reasoning_content
+    reasoning = _reasoning(m, i)
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning  # the name Qwen templates read
     if m.tool_calls:
         out["tool_calls"] = [{"id": c.id, "type": "function",
                               "function": {"name": c.function.name,
                                            "arguments": _arguments(c.function.arguments, i, j)}}
                              for j, c in enumerate(m.tool_calls)]
     return out
+
+
+def _reasoning(m: ChatMessage, i: int) -> str | None:
+    """A reply's reasoning sent back in the history, under either name (the server answers with both)."""
+    if m.reasoning is not None and m.reasoning_content is not None and m.reasoning != m.reasoning_content:
+        param = f"messages.{i}.reasoning"
+        raise bad_request(f"'messages.{i}.reasoning_content' and '{param}' differ; they are two names for the same "
+                          "text: send one of them", param)
+    return m.reasoning_content if m.reasoning_content is not None else m.reasoning
 
 
 def _text(m: ChatMessage, i: int) -> str:
@@ -81,6 +99,8 @@ def _text(m: ChatMessage, i: int) -> str:
         return m.content
     parts = []
     for j, part in enumerate(m.content):
+        if part.type == "refusal" and m.role == "assistant":  # an earlier reply that declined: its words
+            part = _refusal_text(part, i, j)
         if part.type != "text":
             param = f"messages.{i}.content.{j}.type"
             raise bad_request(f"'{param}': content part type {part.type!r} is not supported (this server serves text "
@@ -90,7 +110,17 @@ def _text(m: ChatMessage, i: int) -> str:
             raise bad_request(f"'{param}' is missing: a content part of type 'text' needs its 'text' string", param,
                               code="missing_required_parameter")
         parts.append(part.text)
-    return "".join(parts)
+    # vLLM joins a message's text parts with newlines before a template that takes string content (as Qwen3.5's
+    # does: it iterates content only inside its render_content macro, which vLLM's detection does not count)
+    return "\n".join(parts)
+
+
+def _refusal_text(part: ContentPart, i: int, j: int) -> ContentPart:
+    if part.refusal is None:
+        param = f"messages.{i}.content.{j}.refusal"
+        raise bad_request(f"'{param}' is missing: a content part of type 'refusal' needs its 'refusal' string", param,
+                          code="missing_required_parameter")
+    return ContentPart(type="text", text=part.refusal)
 
 
 def _arguments(arguments: str | dict[str, Any], i: int, j: int) -> dict[str, Any]:
@@ -109,12 +139,8 @@ def _arguments(arguments: str | dict[str, Any], i: int, j: int) -> dict[str, Any
 
 def reject_legacy_functions(req: ChatCompletionRequest) -> None:
     """The pre-tools function-calling fields: answering them as tool_calls would break a client that reads
-    message.function_call, so they get a 400 that points to the current fields."""
+    message.function_call, so they get a 400 that points to the current fields (a message's function_call: in
+    template_messages)."""
     for name, new in (("functions", "tools"), ("function_call", "tool_choice")):
         if getattr(req, name) is not None:
             raise bad_request(f"'{name}' (legacy function calling) is not supported; send '{new}' instead", name)
-    for i, m in enumerate(req.messages):
-        if m.function_call is not None:
-            param = f"messages.{i}.function_call"
-            raise bad_request(f"'{param}' (legacy function calling) is not supported; send 'tool_calls' instead",
-                              param)

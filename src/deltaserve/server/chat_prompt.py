@@ -43,6 +43,7 @@ class ChatRequestParts:
     add_generation_prompt: bool
     chat_template: str | None
     chat_template_kwargs: dict[str, Any] | None
+    documents: list[dict[str, Any]] | None = None  # the template's `documents` (render_jinja_template's argument)
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
     if reserved:
         raise bad_request(f"'chat_template_kwargs' may not set {reserved}: use the request's own fields",
                           "chat_template_kwargs")
+    if parts.documents is not None:
+        kwargs["documents"] = parts.documents
     try:
         text = await state.templates.render_async(
             template, template_messages(parts.messages), tools=parts.tools,
@@ -73,6 +76,9 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
         raise _render_error(e, prompt_field) from None
     ids = await asyncio.to_thread(encode_bounded, tokenizer, text, state.limits.max_model_len - 1,
                                   add_special_tokens=False, field=prompt_field)
+    if not ids:  # else the length check would call the (non-empty) messages empty
+        raise bad_request("the chat template rendered these messages to an empty prompt; check the template and the "
+                          "messages' roles", prompt_field)
     points = await _cache_points(state, parts, template, kwargs, ids) if parts.add_generation_prompt else ()
     return ChatPrompt(ids, prompt_opens_reasoning(text), points)
 
@@ -125,7 +131,6 @@ def _template(state: ServerState, parts: ChatRequestParts, from_kwargs: Any) -> 
 def _render_error(e: TemplateRenderError, field: str) -> APIError:
     if e.kind == "template":  # the template's own words (e.g. "roles must alternate"): meant for the client
         return bad_request(f"the chat template could not render these messages: {e.message}", field)
-    if e.kind == "internal":
-        return server_error("the chat template failed on these messages", e.message, status=400,
-                            code="chat_template_error")
+    if e.kind == "internal":  # the renderer's own failure (a worker that died or would not start): not the client's
+        return server_error("the chat template renderer failed", e.message, code="chat_template_error")
     return bad_request(f"the chat template exceeded its bounds: {e.message}", field, code="chat_template_bounds")

@@ -89,6 +89,7 @@ class CompletionRequest(_SamplingFields):
 class ContentPart(_Model):
     type: str
     text: str | None = None
+    refusal: str | None = None  # OpenAI's "refusal" part, in an assistant message of the history
 
 
 class FunctionCallIn(_Model):
@@ -109,6 +110,7 @@ class ChatMessage(_Model):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    reasoning: str | None = None  # vLLM's newer name for reasoning_content (this server returns both)
     function_call: Any = None  # legacy (before tool_calls): rejected with a pointer to tool_calls
 
 
@@ -147,6 +149,7 @@ class ChatCompletionRequest(_SamplingFields):
     # vLLM-style extras
     chat_template: str | None = None  # only with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None  # for templates that render retrieval documents (RAG)
     add_generation_prompt: bool = True
     include_reasoning: bool = True
 
@@ -156,10 +159,12 @@ class TokenizeRequest(_Model):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # which tools chat would list
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, Any]] | None = None
 
 
 class DetokenizeRequest(_Model):

@@ -77,7 +77,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     params = chat_params(req, state.limits)
     tools = resolve_tools(req, parse=state.config.tool_call_parser != "none")
     rendered = await render_prompt(state, ChatRequestParts(req.messages, tools.for_template, req.add_generation_prompt,
-                                                           req.chat_template, req.chat_template_kwargs))
+                                                           req.chat_template, req.chat_template_kwargs,
+                                                           req.documents))
     prompt, opens_reasoning = rendered.ids, rendered.opens_reasoning
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     check_lengths(len(prompt), params, state.limits, prompt_field="messages", max_tokens_field=max_field)

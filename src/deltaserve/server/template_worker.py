@@ -8,8 +8,8 @@ starts in well under a second, and renders with transformers' own function, so t
 
 Protocol on stdin/stdout: each message is a 4-byte big-endian length and that many bytes of JSON. A job is
 {"template", "messages", "tools", "add_generation_prompt", "kwargs"}; a reply is {"ok": text} or {"error": kind,
-"message": text}, kind one of "template" (the template's own error: its message is meant for the user), "size",
-"memory", "internal".
+"message": text}, kind one of "template" (the template's own error, or an exception its code raised: its message is
+meant for the user), "size", "memory", "internal".
 """
 
 from __future__ import annotations
@@ -62,12 +62,25 @@ def _render(job: dict[str, Any], max_chars: int) -> dict[str, Any]:
         return {"error": "memory", "message": "the chat template used more memory than allowed"}
     except jinja2.TemplateError as e:  # syntax errors and the template's raise_exception(...): meant for users
         return {"error": "template", "message": str(e)}
-    except Exception as e:  # noqa: BLE001 - the server logs it; the client gets no Python internals
-        return {"error": "internal", "message": f"{type(e).__name__}: {e}"}
+    except Exception as e:  # noqa: BLE001
+        # Raised by the template's own code (a TypeError on a message shape it did not expect): the client must
+        # learn why its messages failed. Anything else is the server's: logged, not shown.
+        kind = "template" if _raised_in_template(e) else "internal"
+        return {"error": kind, "message": f"{type(e).__name__}: {e}"}
     text = rendered[0]
     if len(text) > max_chars:
         return {"error": "size", "message": f"the rendered prompt is {len(text)} characters; at most {max_chars}"}
     return {"ok": text}
+
+
+def _raised_in_template(e: BaseException) -> bool:
+    """Whether the traceback passes through template code (jinja2 names those frames "<template>")."""
+    tb = e.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == "<template>":
+            return True
+        tb = tb.tb_next
+    return False
 
 
 def _die_with_parent() -> None:

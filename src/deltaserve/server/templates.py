@@ -82,7 +82,10 @@ class _Worker:
         self.proc.wait()
         for stream in (self.proc.stdin, self.proc.stdout):
             if stream is not None:
-                stream.close()
+                try:
+                    stream.close()
+                except OSError:  # a job left in stdin's buffer by a failed write: closing flushes it again
+                    pass
 
 
 def _read_exact(fd: int, n: int, deadline: float, what: str) -> bytes:
@@ -131,6 +134,8 @@ class TemplateRenderer:
         job = {"template": template, "messages": messages, "tools": tools,
                "add_generation_prompt": add_generation_prompt, "kwargs": kwargs}
         worker = self._idle.get()
+        if worker.proc.poll() is not None:  # it died while idle (the OOM killer, a signal): a fresh one takes the job
+            worker = self._respawn(worker)
         try:
             reply = worker.render(job)
         except TemplateRenderError as e:
@@ -158,10 +163,16 @@ class TemplateRenderer:
                                            add_generation_prompt=add_generation_prompt, kwargs=kwargs)
 
     def _replace(self, worker: _Worker) -> None:
+        self._idle.put(self._respawn(worker))
+
+    def _respawn(self, worker: _Worker) -> _Worker:
+        """A fresh worker in place of `worker` (closed), not yet idle."""
         worker.close()
+        fresh = _Worker(self.limits)
         with self._lock:
             self._all.remove(worker)
-            self._add_worker()
+            self._all.append(fresh)
+        return fresh
 
     def close(self) -> None:
         with self._lock:
