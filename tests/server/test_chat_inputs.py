@@ -178,3 +178,32 @@ def test_a_renderer_failure_is_a_server_error():
 
     err = _render_error(TemplateRenderError("internal", "the template worker exited"), "messages")
     assert err.status == 500 and err.code == "chat_template_error"
+
+
+# Qwen3.5's rule: messages without a user query are refused (so a system message cannot be rendered alone).
+NEEDS_USER = ("{% if not (messages | selectattr('role', 'equalto', 'user') | list) %}"
+              "{{ raise_exception('No user query found in messages.') }}{% endif %}"
+              "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.mark.parametrize("template", [None, NEEDS_USER])
+def test_a_system_message_gets_a_cache_point_where_its_conversations_part(app, template):
+    """The prefix cache keeps a GDN state where every conversation opening with the same system message parts: the
+    point is the same for different user turns and their prompts agree up to it, also with a template that refuses
+    to render a system message alone (as Qwen3.5's does; the point was then never made)."""
+    from deltaserve.server.chat_prompt import ChatRequestParts, render_prompt
+    from deltaserve.server.protocol import ChatMessage
+
+    state = app.app.state.server
+    system = ChatMessage(role="system", content="You are terse.")
+
+    def render(user: str):
+        parts = ChatRequestParts([system, ChatMessage(role="user", content=user)], None, True, template, None)
+        return app.loop.run_until_complete(render_prompt(state, parts))
+
+    one, two = render("What is 2 + 2?"), render("Name a colour.")
+    shared = next(i for i, (x, y) in enumerate(zip(one.ids, two.ids)) if x != y)
+    point = max(p for p in one.cache_points if p <= shared)
+    assert point in two.cache_points and one.ids[:point] == two.ids[:point]
+    assert "You are terse." in state.tokenizer.decode(one.ids[:point])

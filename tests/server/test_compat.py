@@ -251,7 +251,9 @@ def test_prefix_cache_serves_a_shared_system_prompt_and_the_previous_turn(http):
     first = chat([system, {"role": "user", "content": "First question, about apples."}])
     second = chat([system, {"role": "user", "content": "Another one, about pears and plums."}])
     system_only = http.post("/v1/tokenize", json={"messages": [system], "add_generation_prompt": False}).json()
-    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == system_only["count"]
+    # the point is where conversations opening with this system prompt part: after it and the next turn's header
+    user_header = http.post("/v1/tokenize", json={"prompt": "<|im_start|>user\n"}).json()
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == system_only["count"] + user_header["count"]
     history = [system, {"role": "user", "content": "First question, about apples."},
                {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
                {"role": "user", "content": "And a follow-up."}]

@@ -46,7 +46,8 @@ def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool) 
             raise bad_request(f"'tool_choice' names function {choice.function.name!r}, which is not in 'tools'",
                               "tool_choice.function.name")
     schemas = {t.function.name: t.function.parameters or {} for t in tools}
-    return ToolsPlan([_tool_dict(t) for t in tools], schemas, parse, 1 if req.parallel_tool_calls is False else None)
+    one_call = getattr(req, "parallel_tool_calls", None) is False  # (a tokenize request has no such field)
+    return ToolsPlan([_tool_dict(t) for t in tools], schemas, parse, 1 if one_call else None)
 
 
 def _tool_dict(tool: Tool) -> dict[str, Any]:

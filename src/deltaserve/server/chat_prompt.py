@@ -10,6 +10,7 @@ and output size (templates.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -86,23 +87,53 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
 async def _cache_points(state: ServerState, parts: ChatRequestParts, template: str, kwargs: dict[str, Any],
                         ids: list[int]) -> tuple[int, ...]:
     """Token counts of the stable prefixes of the prompt: the messages rendered without the generation prompt, and
-    the system message alone. A prefix counts only if its tokens are exactly the prompt's first tokens (a BPE merge
-    across the boundary would make it useless for matching)."""
-    prefixes = [parts.messages]
+    what every conversation that opens with this system message shares. A prefix counts only if its tokens are
+    exactly the prompt's first tokens (a BPE merge across the boundary would make it useless for matching)."""
+    prefixes = [await _render_ids(state, parts, template, kwargs, parts.messages)]
     if len(parts.messages) > 1 and parts.messages[0].role in ("system", "developer"):
-        prefixes.append(parts.messages[:1])
-    points = []
-    for messages in prefixes:
-        try:
-            text = await state.templates.render_async(template, template_messages(messages), tools=parts.tools,
-                                                      add_generation_prompt=False,
-                                                      kwargs={**state.special_tokens, **kwargs})
-        except TemplateRenderError:
-            continue  # a template that cannot render this prefix alone: no cache point there
-        prefix = await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=False)
-        if 0 < len(prefix) < len(ids) and ids[:len(prefix)] == prefix:
-            points.append(len(prefix))
-    return tuple(sorted(set(points)))
+        prefixes.append(await _system_prefix(state, parts, template, kwargs))
+    points = {len(p) for p in prefixes if p and len(p) < len(ids) and ids[:len(p)] == p}
+    return tuple(sorted(points))
+
+
+# Two user turns that differ from their first token: what the system message renders to before either is shared by
+# every conversation that opens with it.
+_PROBES = ("a", "b")
+_SYSTEM_PREFIX_CACHE = 64  # system prefixes a server keeps (least recently used dropped)
+
+
+async def _system_prefix(state: ServerState, parts: ChatRequestParts, template: str,
+                         kwargs: dict[str, Any]) -> list[int] | None:
+    """The tokens every conversation opening with this system message (and these tools) starts with: the common
+    prefix of two renders with different user turns after it. A system message alone will not do: Qwen3.5's own
+    template refuses to render messages without a user query."""
+    key = json.dumps([template, parts.messages[0].model_dump(), parts.tools, kwargs], sort_keys=True, default=str)
+    if key in state.system_prefixes:
+        state.system_prefixes.move_to_end(key)
+        return state.system_prefixes[key]
+    renders = [await _render_ids(state, parts, template, kwargs, [parts.messages[0], ChatMessage(role="user",
+                                                                                               content=probe)])
+               for probe in _PROBES]
+    prefix = None
+    if None not in renders:
+        a, b = renders
+        prefix = a[:next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))]
+    state.system_prefixes[key] = prefix
+    if len(state.system_prefixes) > _SYSTEM_PREFIX_CACHE:
+        state.system_prefixes.popitem(last=False)
+    return prefix
+
+
+async def _render_ids(state: ServerState, parts: ChatRequestParts, template: str, kwargs: dict[str, Any],
+                      messages: list[ChatMessage]) -> list[int] | None:
+    """`messages` rendered without the generation prompt and tokenized; None where the template cannot render them."""
+    try:
+        text = await state.templates.render_async(template, template_messages(messages), tools=parts.tools,
+                                                  add_generation_prompt=False,
+                                                  kwargs={**state.special_tokens, **kwargs})
+    except TemplateRenderError:
+        return None  # a template that cannot render this prefix: no cache point there
+    return await asyncio.to_thread(state.tokenizer.encode, text, add_special_tokens=False)
 
 
 def _template(state: ServerState, parts: ChatRequestParts, from_kwargs: Any) -> str:

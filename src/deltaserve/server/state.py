@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +43,9 @@ class ServerState:
     idle: asyncio.Event | None = None  # set whenever nothing is in flight (created on the server's loop)
     templates: TemplateRenderer | None = None  # type: ignore[assignment] - set by create
     special_tokens: dict[str, Any] = field(default_factory=dict)  # bos_token, eos_token, ... for chat templates
+    # the token prefix each recently seen system message (with its tools, template, kwargs) opens a prompt with:
+    # chat_prompt's cache points; servers see the same few system prompts again and again
+    system_prefixes: OrderedDict[str, list[int] | None] = field(default_factory=OrderedDict)
 
     @classmethod
     def create(cls, engine: AsyncLLM, config: ServerConfig, templates: TemplateRenderer | None = None
