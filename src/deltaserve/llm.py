@@ -87,11 +87,28 @@ class LLM:
             return item, tok.encode(item, add_special_tokens=False)
         if isinstance(item, dict):
             if "prompt_token_ids" in item:
-                return item.get("prompt"), list(item["prompt_token_ids"])
+                return item.get("prompt"), _token_ids(item["prompt_token_ids"])
             if "prompt" in item:
                 return self._tokenize(item["prompt"])
             raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(item)}")
-        return None, list(item)
+        return None, _token_ids(item)
+
+
+PROMPT_KINDS = "a str, a list of int token ids, or a dict with 'prompt' or 'prompt_token_ids'"
+
+
+def _token_ids(item: Any) -> list[int]:
+    """A token-id prompt as a list of Python ints; anything else is a TypeError naming the accepted kinds (bytes
+    would otherwise be read as byte values, an int or None fail deep inside list())."""
+    if hasattr(item, "tolist"):  # a numpy array or torch tensor of ids
+        item = item.tolist()
+    if isinstance(item, (str, bytes, bytearray)) or not isinstance(item, (list, tuple)):
+        raise TypeError(f"a prompt must be {PROMPT_KINDS}; got {_shown(item)}"
+                        + ("; decode bytes to str first" if isinstance(item, (bytes, bytearray)) else ""))
+    wrong = next((t for t in item if not isinstance(t, int) or isinstance(t, bool)), None)
+    if wrong is not None:
+        raise TypeError(f"token ids must be ints; the prompt holds {_shown(wrong)} (a prompt must be {PROMPT_KINDS})")
+    return list(item)
 
 
 def _shown(value: Any) -> str:
@@ -102,6 +119,10 @@ def _shown(value: Any) -> str:
 def _as_prompt_list(prompts) -> list[PromptType]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if hasattr(prompts, "tolist"):  # a numpy array or torch tensor: 1-D is one prompt, 2-D a batch
+        prompts = prompts.tolist()
+    if isinstance(prompts, (bytes, bytearray)) or not hasattr(prompts, "__iter__"):
+        _token_ids(prompts)  # raises the TypeError naming what a prompt may be
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # a single token-id prompt
