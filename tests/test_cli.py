@@ -138,3 +138,137 @@ def test_serve_names_a_missing_server_dependency(monkeypatch, capsys):
     third_party.add_subparsers().add_parser("serve").set_defaults(
         server_import_error=ModuleNotFoundError("No module named 'httptools'", name="httptools"))
     assert "pip install -U httptools, or reinstall" in cli.server_import_error(third_party, ["serve", "--port", "1"])
+
+
+LOOPING_PROMPT = "Write a long Python module with many functions"  # greedy, the demo model repeats a line to the end
+
+
+def read_until(stream, needle: str, timeout: float = 120.0) -> str:
+    """Read a subprocess's unbuffered pipe until `needle` shows up (or fail after `timeout` seconds)."""
+    import selectors
+    import time
+
+    seen, deadline = "", time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        while needle not in seen:
+            assert time.monotonic() < deadline and sel.select(deadline - time.monotonic()), f"no {needle!r}: {seen!r}"
+            chunk = os.read(stream.fileno(), 4096).decode(errors="replace")
+            assert chunk, f"the process ended before {needle!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+def start_chat(cache: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "DELTASERVE_CACHE_DIR": cache}
+    return subprocess.Popen([sys.executable, "-m", "deltaserve.cli", "chat", "--log-level", "WARNING", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+
+
+def test_ctrl_c_in_a_reply_stops_only_the_reply(cache):
+    """Ctrl-C while a reply streams stops it and returns to the prompt; the next turn is answered; the session then
+    ends as usual (exit 0, no traceback)."""
+    import signal
+
+    proc = start_chat(cache, "--temperature", "0", "--max-tokens", "4000")
+    try:
+        read_until(proc.stdout, "> ")
+        proc.stdin.write(f"{LOOPING_PROMPT}\n".encode())
+        read_until(proc.stdout, "many_args")  # the reply is streaming
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(b"/reset\nCount from 1 to 1000\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"reply stopped (Ctrl-C)" in err
+    assert b"1, 2, 3" in out  # the next turn got its reply: the engine was left clean
+
+
+def test_ctrl_c_at_the_prompt_ends_the_session_cleanly(cache):
+    import signal
+
+    proc = start_chat(cache)
+    try:
+        read_until(proc.stdout, "> ")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and b"Traceback" not in err, err
+
+
+def test_interrupted_reply_is_kept_and_frees_its_pages(capsys):
+    """In-process: the partial reply stays in the history, the request holds no pages or slot afterwards, and the
+    next turn is answered."""
+    import contextlib
+    import io
+    import signal
+    import threading
+    import time
+
+    from deltaserve import LLM, SamplingParams
+    from deltaserve.cli import chat_turn
+
+    engine = LLM(device="cpu").engine
+    history: list[dict[str, str]] = []
+    shown = io.StringIO()
+
+    def interrupt_once_streaming() -> None:
+        while "many_args" not in shown.getvalue():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_streaming, daemon=True).start()
+    with contextlib.redirect_stdout(shown):
+        chat_turn(engine, "t0", history, LOOPING_PROMPT, SamplingParams(temperature=0, max_tokens=4000), False)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert "many_args" in history[1]["content"] and history[1]["content"] in shown.getvalue()
+    assert "partial reply is kept" in capsys.readouterr().err
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == stats["slots_used"] == 0
+    assert stats["pages_used"] == stats["pages_cached"]  # no page held by a request, only by the prefix cache
+    chat_turn(engine, "t1", history, "hi", SamplingParams(temperature=0, max_tokens=8), False)
+    assert len(history) == 4 and history[3]["content"]
+
+
+def test_no_thinking_without_chat_template_is_refused_before_the_model_loads(cache, tmp_path):
+    """generate --no-thinking on plain prompts would be silently ignored (nothing renders enable_thinking)."""
+    out = run("generate", str(tmp_path / "missing"), "--no-thinking", cache=cache)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--no-thinking works through the chat template: add --chat-template" in out.stderr
+
+
+def template_without_thinking_switch() -> str:
+    from deltaserve.demo import CHAT_TEMPLATE
+
+    cut = CHAT_TEMPLATE.index("{% if enable_thinking")
+    return CHAT_TEMPLATE[:cut] + "{% endif %}"  # the generation prompt ends after '<|im_start|>assistant\n'
+
+
+def test_thinking_switch_ignored_tells_the_templates_apart():
+    from transformers import AutoTokenizer
+
+    from deltaserve.cli import thinking_switch_ignored
+    from deltaserve.demo import SHIPPED_DEMO_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED_DEMO_DIR))
+    assert not thinking_switch_ignored(tok)
+    tok.chat_template = template_without_thinking_switch()
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True) \
+        .endswith("<|im_start|>assistant\n")
+    assert thinking_switch_ignored(tok)
+
+
+def test_no_thinking_with_a_template_that_ignores_it_warns(tmp_path, capsys):
+    """The reply is still generated (the model may not think at all), with a warning saying the flag did nothing."""
+    from deltaserve import cli
+
+    save_checkpoint(TinySpec("nothink", extra={"vocab_size": 320}), tmp_path)
+    write_byte_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(template_without_thinking_switch())
+    base = ["generate", str(tmp_path), "--device", "cpu", "--chat-template", "--max-tokens", "2",
+            "--log-level", "ERROR"]
+    assert cli.main([*base, "--no-thinking"]) == 0
+    assert "--no-thinking has no effect" in capsys.readouterr().err
+    assert cli.main(base) == 0
+    assert "--no-thinking" not in capsys.readouterr().err

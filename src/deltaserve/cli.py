@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
 from typing import Any
 
@@ -54,9 +55,37 @@ def build_llm(args: argparse.Namespace):
     return LLM(args.model, **options)
 
 
+def thinking_switch_ignored(tokenizer) -> bool:
+    """Whether the chat template renders the same prompt with enable_thinking true and false (it has no thinking
+    switch, so --no-thinking cannot act). A template that cannot render a one-message probe is left for the real
+    turn to report."""
+    from deltaserve.engine.tokenizer import TokenizerError, render_chat
+
+    probe = [{"role": "user", "content": "hi"}]
+    try:
+        on, off = (render_chat(tokenizer, probe, chat_template_kwargs={"enable_thinking": v}) for v in (True, False))
+    except TokenizerError:
+        return False
+    return on == off
+
+
+def warn_if_no_thinking_ignored(tokenizer, args: argparse.Namespace) -> None:
+    """A warning, not a refusal: a template without the switch belongs to a model that may never think, and there
+    the flag's intent holds anyway; where the model does think, the user learns why it still does."""
+    if args.no_thinking and thinking_switch_ignored(tokenizer):
+        print("deltaserve: warning: --no-thinking has no effect: this model's chat template ignores enable_thinking "
+              "(the model may still think)", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.no_thinking and not args.chat_template:  # plain prompts go to the model as written: nothing to switch
+        raise ValueError("--no-thinking works through the chat template: add --chat-template, or drop --no-thinking")
     params = sampling_from(args)  # a bad sampling option fails before the model loads
     llm = build_llm(args)
+    if args.chat_template:
+        from deltaserve.engine.tokenizer import require_chat_template
+
+        warn_if_no_thinking_ignored(require_chat_template(llm.get_tokenizer()), args)
     prompts: list[Any] = args.prompt or ["def "]
     if args.chat_template:
         outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
@@ -70,22 +99,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-CHAT_COMMANDS = "/reset clears the history, /exit or Ctrl-D quits"
+CHAT_COMMANDS = "/reset clears the history, /exit, Ctrl-D or Ctrl-C at the prompt quits; Ctrl-C in a reply stops it"
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from deltaserve.engine.output_processor import RequestError
-    from deltaserve.engine.tokenizer import render_chat, require_chat_template
+    from deltaserve.engine.tokenizer import require_chat_template
 
     params = sampling_from(args)  # a bad sampling option fails before the model loads
     engine = build_llm(args).engine
     require_chat_template(engine.tokenizer)  # before the first prompt, not after the first message
+    warn_if_no_thinking_ignored(engine.tokenizer, args)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
     print(f"deltaserve chat: type a message; {CHAT_COMMANDS}.", file=sys.stderr)
     for turn in range(1 << 62):
         try:
             line = input("> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: the session ends, no traceback
+            print()
             return 0
         if not line.strip():
             continue  # an empty line is not a message
@@ -97,29 +127,75 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if re.fullmatch(r"/\w+", line.strip()):  # a mistyped command is not a message (/help lands here too)
             print(f"deltaserve chat: {CHAT_COMMANDS}", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        try:
-            ids = render_chat(engine.tokenizer, history,
-                              chat_template_kwargs={"enable_thinking": not args.no_thinking})
-            reply = stream_reply(engine, f"chat-{turn}", ids, params)
-        except RequestError as e:  # e.g. the history outgrew max_model_len: say so and keep the session
-            history.pop()
-            print(f"deltaserve chat: {e} (/reset clears the history)", file=sys.stderr)
-            continue
-        history.append({"role": "assistant", "content": reply})
+        chat_turn(engine, f"chat-{turn}", history, line, params, args.no_thinking)
     return 0
 
 
-def stream_reply(engine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> str:
-    """Run one request on the engine, printing its text as it arrives."""
+def chat_turn(engine, request_id: str, history: list[dict[str, str]], line: str, params: SamplingParams,
+              no_thinking: bool) -> None:
+    """Answer one message, appending the message and the reply to `history`. A reply stopped by Ctrl-C stays in the
+    history as far as it was shown (what the user saw is what the model remembers); one stopped before any text
+    drops the message too, as if it had not been sent. A refused turn is reported and dropped; the session goes on."""
+    from deltaserve.engine.output_processor import RequestError
+    from deltaserve.engine.tokenizer import render_chat
+
+    history.append({"role": "user", "content": line})
+    try:
+        ids = render_chat(engine.tokenizer, history, chat_template_kwargs={"enable_thinking": not no_thinking})
+        reply, interrupted = stream_reply(engine, request_id, ids, params)
+    except RequestError as e:  # e.g. the history outgrew max_model_len: say so and keep the session
+        history.pop()
+        print(f"deltaserve chat: {e} (/reset clears the history)", file=sys.stderr)
+        return
+    if interrupted:
+        kept = "the partial reply is kept in the history" if reply else "the message is dropped from the history"
+        print(f"deltaserve chat: reply stopped (Ctrl-C); {kept}", file=sys.stderr)
+        if not reply:
+            history.pop()
+            return
+    history.append({"role": "assistant", "content": reply})
+
+
+class ReplyInterrupt:
+    """While a reply streams, Ctrl-C sets `hit` and the reply stops at the next step boundary: a KeyboardInterrupt
+    raised inside engine.step() could leave the scheduler or the cache half-updated. A second Ctrl-C raises
+    KeyboardInterrupt as usual (a step that hangs can still be left). Outside the main thread, where no signal handler
+    can be installed, Ctrl-C is left alone."""
+
+    def __enter__(self) -> ReplyInterrupt:
+        self.hit = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def stream_reply(engine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> tuple[str, bool]:
+    """Run one request on the engine, printing its text as it arrives. Returns the text and whether Ctrl-C stopped
+    it; the request is aborted whenever it did not finish, so its pages and slot are free for the next turn."""
     engine.add_request(request_id, prompt_ids, params)
     text = ""
-    while engine.has_unfinished():
-        for delta in engine.step():
-            print(delta.text, end="", flush=True)
-            text += delta.text
-    print()
-    return text
+    with ReplyInterrupt() as stop:
+        try:
+            while engine.has_unfinished() and not stop.hit:
+                for delta in engine.step():
+                    if delta.request_id == request_id:
+                        print(delta.text, end="", flush=True)
+                        text += delta.text
+        finally:
+            engine.abort_request(request_id)  # a no-op for a finished request
+            print()
+    return text, stop.hit
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
