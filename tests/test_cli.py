@@ -102,7 +102,20 @@ def test_bad_sampling_options_fail_before_the_model_loads(cache, tmp_path, comma
     loading would report instead), so a large model is not loaded for minutes only to refuse the flag."""
     out = run(command, str(tmp_path / "missing"), "--temperature", "-1", stdin="", cache=cache)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "SamplingParams.temperature=-1.0 is invalid" in out.stderr
+    assert "error: --temperature: SamplingParams.temperature=-1.0 is invalid" in out.stderr  # names the flag typed
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "quantize"])
+def test_an_unknown_log_level_is_a_usage_error(capsys, command):
+    """--log-level bogus fell back to WARNING silently (generate, chat, quantize); now argparse names it."""
+    from deltaserve import cli
+
+    extra = ["src", "out", "--method", "fp8"] if command == "quantize" else []
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, *extra, "--log-level", "bogus"])
+    assert e.value.code == 2
+    assert "argument --log-level: 'bogus' is unknown: use one of critical, error" in capsys.readouterr().err
+    assert cli.build_parser().parse_args([command, *extra, "--log-level", "Trace"]).log_level == "Trace"
 
 
 def test_truncated_checkpoint_is_one_line_naming_the_file(cache, tmp_path):
@@ -272,3 +285,10 @@ def test_no_thinking_with_a_template_that_ignores_it_warns(tmp_path, capsys):
     assert "--no-thinking has no effect" in capsys.readouterr().err
     assert cli.main(base) == 0
     assert "--no-thinking" not in capsys.readouterr().err
+
+
+def test_python_m_deltaserve_is_the_cli(cache):
+    """`python -m deltaserve` (no console script needed) failed: "No module named deltaserve.__main__"."""
+    out = subprocess.run([sys.executable, "-m", "deltaserve", "generate", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "DELTASERVE_CACHE_DIR": cache}, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: deltaserve generate"), out.stderr

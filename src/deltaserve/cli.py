@@ -17,10 +17,21 @@ from deltaserve.sampling_params import SamplingParams
 def add_model_and_engine_options(p: argparse.ArgumentParser) -> None:
     """MODEL, every engine option (generated from config.EngineArgs) and --log-level."""
     p.add_argument("model", nargs="?", default=None,
-                   help="Hugging Face checkpoint directory (config.json + *.safetensors). Default: the bundled demo model")
+                   help="Hugging Face checkpoint directory (config.json + *.safetensors). "
+                        "Default: the bundled demo model")
     add_engine_options(p)
-    p.add_argument("--log-level", default="INFO",
+    p.add_argument("--log-level", default="INFO", type=log_level,
                    help="logging level (DEBUG, INFO, WARNING, ...); INFO shows the memory plan (default)")
+
+
+def log_level(text: str) -> str:
+    """--log-level, any case, one of uvicorn's names (trace: DEBUG outside the server); an unknown name is an
+    argparse error (it used to fall back to WARNING silently)."""
+    from deltaserve.server.args import LOG_LEVELS  # no server dependency: args.py imports the config only
+
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is unknown: use one of {', '.join(LOG_LEVELS)}")
+    return text
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -36,9 +47,16 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=list(args.stop))
+    """The sampling flags as SamplingParams; a bad value's error starts with the flag the user typed."""
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              seed=args.seed, stop=list(args.stop))
+    except ValueError as e:
+        field = re.match(r"SamplingParams\.(\w+)=", str(e))
+        if field is None:
+            raise
+        raise ValueError(f"--{field.group(1).replace('_', '-')}: {e}") from None
 
 
 def build_llm(args: argparse.Namespace):
@@ -241,7 +259,7 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
                    help="fp8: e4m3 with 128x128 block scales (Qwen's -FP8 layout); int4: GPTQ v1, MLP/experts only")
     p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
     p.add_argument("--desc-act", action="store_true", help="int4: act-order groups (g_idx a permutation)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=log_level, help="logging level (default info)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -284,14 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         print(missing, file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+    level = str(args.log_level).upper()
+    logging.basicConfig(level=logging.DEBUG if level == "TRACE" else getattr(logging, level),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, RuntimeError, OSError) as e:  # user errors: one clear line, no traceback
-        if args.log_level.upper() == "DEBUG":
+        if level in ("DEBUG", "TRACE"):
             raise
         print(f"deltaserve: error: {e}", file=sys.stderr)
         return 2
