@@ -292,3 +292,13 @@ def test_python_m_deltaserve_is_the_cli(cache):
     out = subprocess.run([sys.executable, "-m", "deltaserve", "generate", "--help"], capture_output=True, text=True,
                          env={**os.environ, "DELTASERVE_CACHE_DIR": cache}, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith("usage: deltaserve generate"), out.stderr
+
+
+@pytest.mark.parametrize("flags,named", [(["--desc-act"], "--desc-act"), (["--group-size", "64"], "--group-size")])
+def test_quantize_fp8_refuses_the_int4_flags(tmp_path, capsys, flags, named):
+    """fp8 ignored --group-size and --desc-act silently; now they are refused before anything is read or written."""
+    from deltaserve import cli
+
+    out = tmp_path / "out"
+    assert cli.main(["quantize", str(tmp_path / "src"), str(out), "--method", "fp8", *flags]) == 2
+    assert f"{named} applies to --method int4" in capsys.readouterr().err and not out.exists()

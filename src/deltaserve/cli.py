@@ -257,7 +257,7 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="directory to write the quantized checkpoint into")
     p.add_argument("--method", choices=("fp8", "int4"), required=True,
                    help="fp8: e4m3 with 128x128 block scales (Qwen's -FP8 layout); int4: GPTQ v1, MLP/experts only")
-    p.add_argument("--group-size", type=int, default=128, help="int4 group size (default 128)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128)")
     p.add_argument("--desc-act", action="store_true", help="int4: act-order groups (g_idx a permutation)")
     p.add_argument("--log-level", default="info", type=log_level, help="logging level (default info)")
 
@@ -265,8 +265,11 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from deltaserve.quantize import quantize_checkpoint
 
-    out = quantize_checkpoint(args.src, args.out, method=args.method, group_size=args.group_size,
-                              desc_act=args.desc_act)
+    if args.method == "fp8" and (args.group_size is not None or args.desc_act):  # they would be ignored
+        given = "--group-size" if args.group_size is not None else "--desc-act"
+        raise ValueError(f"{given} applies to --method int4; fp8 has fixed 128x128 block scales: drop {given}")
+    group_size = 128 if args.group_size is None else args.group_size
+    out = quantize_checkpoint(args.src, args.out, method=args.method, group_size=group_size, desc_act=args.desc_act)
     print(f"wrote {out}")
     return 0
 
