@@ -242,6 +242,7 @@ def test_interrupted_reply_is_kept_and_frees_its_pages(capsys):
     assert stats["pages_used"] == stats["pages_cached"]  # no page held by a request, only by the prefix cache
     chat_turn(engine, "t1", history, "hi", SamplingParams(temperature=0, max_tokens=8), False)
     assert len(history) == 4 and history[3]["content"]
+    assert "the reply reached --max-tokens 8 or" in capsys.readouterr().err  # a cut reply is said to be cut
 
 
 def test_no_thinking_without_chat_template_is_refused_before_the_model_loads(cache, tmp_path):

@@ -160,12 +160,15 @@ def chat_turn(engine, request_id: str, history: list[dict[str, str]], line: str,
     history.append({"role": "user", "content": line})
     try:
         ids = render_chat(engine.tokenizer, history, chat_template_kwargs={"enable_thinking": not no_thinking})
-        reply, interrupted = stream_reply(engine, request_id, ids, params)
+        reply, finish = stream_reply(engine, request_id, ids, params)
     except RequestError as e:  # e.g. the history outgrew max_model_len: say so and keep the session
         history.pop()
         print(f"deltaserve chat: {e} (/reset clears the history)", file=sys.stderr)
         return
-    if interrupted:
+    if finish == "length":  # else a cut reply looks like the model's whole answer
+        print(f"deltaserve chat: the reply reached --max-tokens {params.max_tokens} or the context's end "
+              "(--max-model-len); raise them for longer replies", file=sys.stderr)
+    if finish == "interrupted":
         kept = "the partial reply is kept in the history" if reply else "the message is dropped from the history"
         print(f"deltaserve chat: reply stopped (Ctrl-C); {kept}", file=sys.stderr)
         if not reply:
@@ -198,11 +201,12 @@ class ReplyInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def stream_reply(engine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> tuple[str, bool]:
-    """Run one request on the engine, printing its text as it arrives. Returns the text and whether Ctrl-C stopped
-    it; the request is aborted whenever it did not finish, so its pages and slot are free for the next turn."""
+def stream_reply(engine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> tuple[str, str | None]:
+    """Run one request on the engine, printing its text as it arrives. Returns the text and why it ended (the
+    finish reason, or "interrupted" when Ctrl-C stopped it); the request is aborted whenever it did not finish, so
+    its pages and slot are free for the next turn."""
     engine.add_request(request_id, prompt_ids, params)
-    text = ""
+    text, finish = "", None
     with ReplyInterrupt() as stop:
         try:
             while engine.has_unfinished() and not stop.hit:
@@ -210,10 +214,11 @@ def stream_reply(engine, request_id: str, prompt_ids: list[int], params: Samplin
                     if delta.request_id == request_id:
                         print(delta.text, end="", flush=True)
                         text += delta.text
+                        finish = delta.finish_reason or finish
         finally:
             engine.abort_request(request_id)  # a no-op for a finished request
             print()
-    return text, stop.hit
+    return text, "interrupted" if stop.hit else finish
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
