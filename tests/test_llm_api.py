@@ -46,3 +46,14 @@ def test_a_prompt_of_another_kind_is_a_type_error_naming_the_kinds(llm, prompt, 
     assert needle in str(e.value)
     stats = llm.engine.stats()
     assert stats["running"] == stats["waiting"] == stats["slots_used"] == 0  # a prompt queued before it was aborted
+
+
+@pytest.mark.parametrize("message", [{"content": "hi"}, {"role": "User", "content": "hi"}, {"role": None}])
+def test_chat_message_without_a_known_role_is_refused(llm, message):
+    """The chat template renders messages by role: one without a known role was silently left out of the prompt
+    (llm.chat([{"content": "hi"}]) generated from an empty conversation)."""
+    with pytest.raises(ValueError, match=r"message 1 has role .*; use 'system', 'user', 'assistant'"):
+        llm.chat([{"role": "system", "content": "be brief"}, message], GREEDY)
+    developer = llm.chat([{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}], GREEDY)
+    system = llm.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], GREEDY)
+    assert developer[0].prompt_token_ids == system[0].prompt_token_ids  # OpenAI's developer is the system role

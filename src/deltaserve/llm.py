@@ -76,6 +76,7 @@ class LLM:
                                         for c in conversations):
             raise TypeError("messages must be a conversation (a non-empty list of {'role': ..., 'content': ...} "
                             f"dicts) or a list of them, got {_shown(messages)}; for plain text use LLM.generate")
+        conversations = [_with_known_roles(c) for c in conversations]
         prompts = [{"prompt_token_ids": render_chat(self.engine.tokenizer, conv, tools=tools,
                                                     chat_template_kwargs=chat_template_kwargs)}
                    for conv in conversations]
@@ -109,6 +110,20 @@ def _token_ids(item: Any) -> list[int]:
     if wrong is not None:
         raise TypeError(f"token ids must be ints; the prompt holds {_shown(wrong)} (a prompt must be {PROMPT_KINDS})")
     return list(item)
+
+
+def _with_known_roles(conv: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with OpenAI's 'developer' role as 'system' (as the server reads it: Qwen templates know
+    system/user/assistant/tool). A message without one of those roles is a ValueError: the template renders messages
+    by role, and such a message was left out of the prompt without a word."""
+    out = []
+    for i, m in enumerate(conv):
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"message {i} has role {m.get('role')!r}; use 'system', 'user', 'assistant', 'tool' "
+                             f"or 'developer' (the message: {_shown(m)})")
+        out.append(m if role == m["role"] else {**m, "role": role})
+    return out
 
 
 def _shown(value: Any) -> str:
