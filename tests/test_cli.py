@@ -212,7 +212,7 @@ def test_ctrl_c_at_the_prompt_ends_the_session_cleanly(cache):
 
 def test_interrupted_reply_is_kept_and_frees_its_pages(capsys):
     """In-process: the partial reply stays in the history, the request holds no pages or slot afterwards, and the
-    next turn is answered."""
+    next turn is answered; the history keeps a reply's answer without its reasoning."""
     import contextlib
     import io
     import signal
@@ -240,9 +240,14 @@ def test_interrupted_reply_is_kept_and_frees_its_pages(capsys):
     stats = engine.stats()
     assert stats["running"] == stats["waiting"] == stats["slots_used"] == 0
     assert stats["pages_used"] == stats["pages_cached"]  # no page held by a request, only by the prefix cache
-    chat_turn(engine, "t1", history, "hi", SamplingParams(temperature=0, max_tokens=8), False)
-    assert len(history) == 4 and history[3]["content"]
-    assert "the reply reached --max-tokens 8 or" in capsys.readouterr().err  # a cut reply is said to be cut
+    shown.seek(0), shown.truncate()
+    with contextlib.redirect_stdout(shown):
+        chat_turn(engine, "t1", history, "hi", SamplingParams(temperature=0, max_tokens=64), False)
+    reasoning, _, answer = shown.getvalue().partition("</think>")  # shown, though the demo's </think> is special
+    assert len(history) == 4 and history[3]["content"] == answer.strip() and answer.strip()
+    assert reasoning.strip() and reasoning.strip() not in history[3]["content"]  # the reasoning is not remembered
+    chat_turn(engine, "t2", history, "hi", SamplingParams(temperature=0, max_tokens=4), False)
+    assert "the reply reached --max-tokens 4 or" in capsys.readouterr().err  # a cut reply is said to be cut
 
 
 def test_no_thinking_without_chat_template_is_refused_before_the_model_loads(cache, tmp_path):
@@ -303,3 +308,21 @@ def test_quantize_fp8_refuses_the_int4_flags(tmp_path, capsys, flags, named):
     out = tmp_path / "out"
     assert cli.main(["quantize", str(tmp_path / "src"), str(out), "--method", "fp8", *flags]) == 2
     assert f"{named} applies to --method int4" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_answer_is_the_text_after_the_reasoning():
+    """With --no-thinking the template closes the think block itself: the whole reply is the answer, also when it
+    was interrupted; with thinking on, a reply stopped before </think> has no answer yet."""
+    from transformers import AutoTokenizer
+
+    from deltaserve.cli import answer_of, opens_think_block
+    from deltaserve.demo import SHIPPED_DEMO_DIR
+    from deltaserve.engine.tokenizer import render_chat
+
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED_DEMO_DIR))
+    hi = [{"role": "user", "content": "hi"}]
+    thinking, plain = (opens_think_block(tok, render_chat(tok, hi, chat_template_kwargs={"enable_thinking": on}))
+                       for on in (True, False))
+    assert thinking and not plain
+    assert answer_of("I greet back.\n</think>\n\nHello!", thinking) == "Hello!"
+    assert answer_of("I greet", thinking) == "" and answer_of(" Hel", plain) == "Hel"

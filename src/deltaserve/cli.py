@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 import signal
@@ -151,16 +152,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def chat_turn(engine, request_id: str, history: list[dict[str, str]], line: str, params: SamplingParams,
               no_thinking: bool) -> None:
-    """Answer one message, appending the message and the reply to `history`. A reply stopped by Ctrl-C stays in the
-    history as far as it was shown (what the user saw is what the model remembers); one stopped before any text
-    drops the message too, as if it had not been sent. A refused turn is reported and dropped; the session goes on."""
+    """Answer one message, appending the message and the reply to `history`. The history keeps a reply's answer, not
+    its reasoning (the text up to </think>), as the server's clients send it back and Qwen's templates render past
+    turns. A reply stopped by Ctrl-C stays in the history as far as its answer was shown; one stopped before any
+    answer drops the message too, as if it had not been sent. A refused turn is reported and dropped; the session
+    goes on."""
     from deltaserve.engine.output_processor import RequestError
     from deltaserve.engine.tokenizer import render_chat
 
     history.append({"role": "user", "content": line})
     try:
         ids = render_chat(engine.tokenizer, history, chat_template_kwargs={"enable_thinking": not no_thinking})
-        reply, finish = stream_reply(engine, request_id, ids, params)
+        # special tokens shown: a tokenizer that marks </think> special would hide where the reasoning ends
+        reply, finish = stream_reply(engine, request_id, ids, dataclasses.replace(params, skip_special_tokens=False))
     except RequestError as e:  # e.g. the history outgrew max_model_len: say so and keep the session
         history.pop()
         print(f"deltaserve chat: {e} (/reset clears the history)", file=sys.stderr)
@@ -168,13 +172,28 @@ def chat_turn(engine, request_id: str, history: list[dict[str, str]], line: str,
     if finish == "length":  # else a cut reply looks like the model's whole answer
         print(f"deltaserve chat: the reply reached --max-tokens {params.max_tokens} or the context's end "
               "(--max-model-len); raise them for longer replies", file=sys.stderr)
+    answer = answer_of(reply, opens_think_block(engine.tokenizer, ids))
     if finish == "interrupted":
-        kept = "the partial reply is kept in the history" if reply else "the message is dropped from the history"
+        kept = "the partial reply is kept in the history" if answer else "the message is dropped from the history"
         print(f"deltaserve chat: reply stopped (Ctrl-C); {kept}", file=sys.stderr)
-        if not reply:
+        if not answer:
             history.pop()
             return
-    history.append({"role": "assistant", "content": reply})
+    history.append({"role": "assistant", "content": answer})
+
+
+def opens_think_block(tokenizer, prompt_ids: list[int]) -> bool:
+    """Whether the rendered prompt ends inside <think> (the reply starts with reasoning), as a thinking template's
+    generation prompt does; --no-thinking's empty <think></think> block closes it."""
+    tail = tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
+    return tail.rfind("<think>") > tail.rfind("</think>")
+
+
+def answer_of(reply: str, thinking: bool) -> str:
+    """The reply without its reasoning: the text after the last </think>; none yet while still reasoning."""
+    if "</think>" in reply:
+        return reply.rpartition("</think>")[2].strip()
+    return "" if thinking else reply.strip()
 
 
 class ReplyInterrupt:
