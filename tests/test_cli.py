@@ -88,9 +88,11 @@ def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
     assert "no config.json" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("bad,needle", [(("--max-model-len", "0"), "'max_model_len' must be a positive integer"),
-                                        (("--gpu-memory-utilization", "nan"), "'gpu_memory_utilization' is nan"),
-                                        (("--num-pages", "-3"), "'num_pages' must be a positive integer")])
+@pytest.mark.parametrize("bad,needle", [  # the error starts with the flag typed, then the option's own message
+    (("--max-model-len", "0"), "error: --max-model-len: 'max_model_len' must be a positive integer"),
+    (("--gpu-memory-utilization", "nan"), "error: --gpu-memory-utilization: 'gpu_memory_utilization' is nan"),
+    (("--num-pages", "-3"), "error: --num-pages: 'num_pages' must be a positive integer"),
+    (("--device", "tpu"), "error: --device: 'device' is 'tpu'")])
 def test_bad_engine_options_are_one_clear_line(cache, bad, needle):
     out = run("generate", *bad, cache=cache)
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr

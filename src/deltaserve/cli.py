@@ -322,6 +322,19 @@ def server_import_error(parser: argparse.ArgumentParser, argv: list[str] | None)
             f"{install}reinstall deltaserve with its dependencies (pip install -e . in a clone)")
 
 
+def with_flag(error: Exception) -> str:
+    """An engine option's error (it names the option as LLM(...) spells it: 'max_model_len' must be ...) led by the
+    command line's flag for it (--max-model-len: ...)."""
+    from deltaserve.config import ConfigError, EngineArgs
+
+    named = re.match(r"'?(\w+)'?[ =(]", str(error))
+    fields = {f.name: f for f in dataclasses.fields(EngineArgs) if f.metadata}
+    if not isinstance(error, ConfigError) or named is None or named.group(1) not in fields:
+        return str(error)
+    field = fields[named.group(1)]
+    return f"{field.metadata['flag'] or '--' + field.name.replace('_', '-')}: {error}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     missing = server_import_error(parser, argv)
@@ -339,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, OSError) as e:  # user errors: one clear line, no traceback
         if level in ("DEBUG", "TRACE"):
             raise
-        print(f"deltaserve: error: {e}", file=sys.stderr)
+        print(f"deltaserve: error: {with_flag(e)}", file=sys.stderr)
         return 2
 
 
