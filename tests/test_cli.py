@@ -328,3 +328,17 @@ def test_the_answer_is_the_text_after_the_reasoning():
     assert thinking and not plain
     assert answer_of("I greet back.\n</think>\n\nHello!", thinking) == "Hello!"
     assert answer_of("I greet", thinking) == "" and answer_of(" Hel", plain) == "Hel"
+
+
+def test_generate_chat_template_shows_where_the_reasoning_ends(capsys):
+    """The demo tokenizer marks </think> special (Qwen's do not): with special tokens skipped, the reasoning and the
+    answer ran together in the output."""
+    from deltaserve import cli
+
+    args = ["generate", "--device", "cpu", "--chat-template", "--prompt", "hi", "--temperature", "0", "--max-tokens",
+            "48", "--log-level", "ERROR"]
+    assert cli.main(args) == 0
+    reasoning, end, answer = capsys.readouterr().out.partition("</think>")
+    assert end and reasoning.strip() and answer.strip()
+    assert cli.main([*args, "--no-thinking"]) == 0
+    assert "</think>" not in capsys.readouterr().out  # the template closed the think block itself

@@ -107,7 +107,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         warn_if_no_thinking_ignored(require_chat_template(llm.get_tokenizer()), args)
     prompts: list[Any] = args.prompt or ["def "]
     if args.chat_template:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+        # special tokens shown, as in chat: a tokenizer that marks </think> special hides where the reasoning ends
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts],
+                        dataclasses.replace(params, skip_special_tokens=False),
                         chat_template_kwargs={"enable_thinking": not args.no_thinking})
     else:
         outs = llm.generate(prompts, params)
