@@ -342,3 +342,31 @@ def test_generate_chat_template_shows_where_the_reasoning_ends(capsys):
     assert end and reasoning.strip() and answer.strip()
     assert cli.main([*args, "--no-thinking"]) == 0
     assert "</think>" not in capsys.readouterr().out  # the template closed the think block itself
+
+
+def test_chat_at_a_terminal_edits_lines(cache):
+    """At a terminal the arrow keys edit the line: '/et', Left, 'xi' is '/exit' (without readline the escape code
+    stayed in the line, which went to the model as a message)."""
+    import contextlib
+    import pty
+    import select
+    import time
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "DELTASERVE_CACHE_DIR": cache}
+    proc = subprocess.Popen([sys.executable, "-m", "deltaserve.cli", "chat", "--log-level", "WARNING",
+                             "--max-tokens", "4"], stdin=follower, stdout=follower, stderr=subprocess.PIPE, env=env)
+    os.close(follower)
+    try:
+        read_until(proc.stderr, "type a message")  # the banner, printed just before the first prompt
+        os.write(leader, b"/et\x1b[Dxi\r")
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):  # EIO once the chat has exited and closed the terminal
+                if select.select([leader], [], [], 0.1)[0]:
+                    os.read(leader, 4096)  # drained: a full terminal would block the chat's output
+        assert proc.returncode == 0, "the edited line was not read as /exit"
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(leader)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import logging
 import re
 import signal
@@ -131,6 +132,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     require_chat_template(engine.tokenizer)  # before the first prompt, not after the first message
     warn_if_no_thinking_ignored(engine.tokenizer, args)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    enable_line_editing()
     print(f"deltaserve chat: type a message; {CHAT_COMMANDS}.", file=sys.stderr)
     for turn in range(1 << 62):
         try:
@@ -150,6 +152,16 @@ def cmd_chat(args: argparse.Namespace) -> int:
             continue
         chat_turn(engine, f"chat-{turn}", history, line, params, args.no_thinking)
     return 0
+
+
+def enable_line_editing() -> None:
+    """At a terminal, input() edits lines (arrow keys, history) only once readline is imported; without it the arrow
+    keys' escape codes became part of the message. Piped input is left alone; readline may be missing (Windows)."""
+    if sys.stdin.isatty():
+        try:
+            importlib.import_module("readline")  # importing it is what hooks it into input()
+        except ImportError:
+            pass
 
 
 def chat_turn(engine, request_id: str, history: list[dict[str, str]], line: str, params: SamplingParams,
