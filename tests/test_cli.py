@@ -88,9 +88,11 @@ def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
     assert "no config.json" in out.stderr and "Traceback" not in out.stderr
 
 
-@pytest.mark.parametrize("bad,needle", [(("--max-model-len", "0"), "'max_model_len' must be a positive integer"),
-                                        (("--gpu-memory-utilization", "nan"), "'gpu_memory_utilization' is nan"),
-                                        (("--num-pages", "-3"), "'num_pages' must be a positive integer")])
+@pytest.mark.parametrize("bad,needle", [  # the error starts with the flag typed, then the option's own message
+    (("--max-model-len", "0"), "error: --max-model-len: 'max_model_len' must be a positive integer"),
+    (("--gpu-memory-utilization", "nan"), "error: --gpu-memory-utilization: 'gpu_memory_utilization' is nan"),
+    (("--num-pages", "-3"), "error: --num-pages: 'num_pages' must be a positive integer"),
+    (("--device", "tpu"), "error: --device: 'device' is 'tpu'")])
 def test_bad_engine_options_are_one_clear_line(cache, bad, needle):
     out = run("generate", *bad, cache=cache)
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
@@ -102,7 +104,20 @@ def test_bad_sampling_options_fail_before_the_model_loads(cache, tmp_path, comma
     loading would report instead), so a large model is not loaded for minutes only to refuse the flag."""
     out = run(command, str(tmp_path / "missing"), "--temperature", "-1", stdin="", cache=cache)
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "SamplingParams.temperature=-1.0 is invalid" in out.stderr
+    assert "error: --temperature: SamplingParams.temperature=-1.0 is invalid" in out.stderr  # names the flag typed
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "serve", "quantize"])
+def test_an_unknown_log_level_is_a_usage_error(capsys, command):
+    """--log-level bogus fell back to WARNING silently (generate, chat, quantize); now argparse names it."""
+    from deltaserve import cli
+
+    extra = ["src", "out", "--method", "fp8"] if command == "quantize" else []
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, *extra, "--log-level", "bogus"])
+    assert e.value.code == 2
+    assert "argument --log-level: 'bogus' is unknown: use one of critical, error" in capsys.readouterr().err
+    assert cli.build_parser().parse_args([command, *extra, "--log-level", "Trace"]).log_level == "Trace"
 
 
 def test_truncated_checkpoint_is_one_line_naming_the_file(cache, tmp_path):
@@ -138,3 +153,210 @@ def test_serve_names_a_missing_server_dependency(monkeypatch, capsys):
     third_party.add_subparsers().add_parser("serve").set_defaults(
         server_import_error=ModuleNotFoundError("No module named 'httptools'", name="httptools"))
     assert "pip install -U httptools, or reinstall" in cli.server_import_error(third_party, ["serve", "--port", "1"])
+
+
+LOOPING_PROMPT = "Write a long Python module with many functions"  # greedy, the demo model repeats a line to the end
+
+
+def read_until(stream, needle: str, timeout: float = 120.0) -> str:
+    """Read a subprocess's unbuffered pipe until `needle` shows up (or fail after `timeout` seconds)."""
+    import selectors
+    import time
+
+    seen, deadline = "", time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(stream, selectors.EVENT_READ)
+        while needle not in seen:
+            assert time.monotonic() < deadline and sel.select(deadline - time.monotonic()), f"no {needle!r}: {seen!r}"
+            chunk = os.read(stream.fileno(), 4096).decode(errors="replace")
+            assert chunk, f"the process ended before {needle!r}: {seen!r}"
+            seen += chunk
+    return seen
+
+
+def start_chat(cache: str, *args: str) -> subprocess.Popen:
+    env = {**os.environ, "DELTASERVE_CACHE_DIR": cache}
+    return subprocess.Popen([sys.executable, "-m", "deltaserve.cli", "chat", "--log-level", "WARNING", *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, bufsize=0)
+
+
+def test_ctrl_c_in_a_reply_stops_only_the_reply(cache):
+    """Ctrl-C while a reply streams stops it and returns to the prompt; the next turn is answered; the session then
+    ends as usual (exit 0, no traceback)."""
+    import signal
+
+    proc = start_chat(cache, "--temperature", "0", "--max-tokens", "4000")
+    try:
+        read_until(proc.stdout, "> ")
+        proc.stdin.write(f"{LOOPING_PROMPT}\n".encode())
+        read_until(proc.stdout, "many_args")  # the reply is streaming
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(b"/reset\nCount from 1 to 1000\n", timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err and b"reply stopped (Ctrl-C)" in err
+    assert b"1, 2, 3" in out  # the next turn got its reply: the engine was left clean
+
+
+def test_ctrl_c_at_the_prompt_ends_the_session_cleanly(cache):
+    import signal
+
+    proc = start_chat(cache)
+    try:
+        read_until(proc.stdout, "> ")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and b"Traceback" not in err, err
+
+
+def test_interrupted_reply_is_kept_and_frees_its_pages(capsys):
+    """In-process: the partial reply stays in the history, the request holds no pages or slot afterwards, and the
+    next turn is answered; the history keeps a reply's answer without its reasoning."""
+    import contextlib
+    import io
+    import signal
+    import threading
+    import time
+
+    from deltaserve import LLM, SamplingParams
+    from deltaserve.cli import chat_turn
+
+    engine = LLM(device="cpu").engine
+    history: list[dict[str, str]] = []
+    shown = io.StringIO()
+
+    def interrupt_once_streaming() -> None:
+        while "many_args" not in shown.getvalue():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_streaming, daemon=True).start()
+    with contextlib.redirect_stdout(shown):
+        chat_turn(engine, "t0", history, LOOPING_PROMPT, SamplingParams(temperature=0, max_tokens=4000), False)
+    assert [m["role"] for m in history] == ["user", "assistant"]
+    assert "many_args" in history[1]["content"] and history[1]["content"] in shown.getvalue()
+    assert "partial reply is kept" in capsys.readouterr().err
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == stats["slots_used"] == 0
+    assert stats["pages_used"] == stats["pages_cached"]  # no page held by a request, only by the prefix cache
+    shown.seek(0), shown.truncate()
+    with contextlib.redirect_stdout(shown):
+        chat_turn(engine, "t1", history, "hi", SamplingParams(temperature=0, max_tokens=64), False)
+    reasoning, _, answer = shown.getvalue().partition("</think>")  # shown, though the demo's </think> is special
+    assert len(history) == 4 and history[3]["content"] == answer.strip() and answer.strip()
+    assert reasoning.strip() and reasoning.strip() not in history[3]["content"]  # the reasoning is not remembered
+    chat_turn(engine, "t2", history, "hi", SamplingParams(temperature=0, max_tokens=4), False)
+    assert "the reply reached --max-tokens 4 or" in capsys.readouterr().err  # a cut reply is said to be cut
+
+
+def test_no_thinking_without_chat_template_is_refused_before_the_model_loads(cache, tmp_path):
+    """generate --no-thinking on plain prompts would be silently ignored (nothing renders enable_thinking)."""
+    out = run("generate", str(tmp_path / "missing"), "--no-thinking", cache=cache)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--no-thinking works through the chat template: add --chat-template" in out.stderr
+
+
+def template_without_thinking_switch() -> str:
+    from deltaserve.demo import CHAT_TEMPLATE
+
+    cut = CHAT_TEMPLATE.index("{% if enable_thinking")
+    return CHAT_TEMPLATE[:cut] + "{% endif %}"  # the generation prompt ends after '<|im_start|>assistant\n'
+
+
+def test_thinking_switch_ignored_tells_the_templates_apart():
+    from transformers import AutoTokenizer
+
+    from deltaserve.cli import thinking_switch_ignored
+    from deltaserve.demo import SHIPPED_DEMO_DIR
+
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED_DEMO_DIR))
+    assert not thinking_switch_ignored(tok)
+    tok.chat_template = template_without_thinking_switch()
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False, add_generation_prompt=True) \
+        .endswith("<|im_start|>assistant\n")
+    assert thinking_switch_ignored(tok)
+
+
+def test_no_thinking_with_a_template_that_ignores_it_warns(tmp_path, capsys):
+    """The reply is still generated (the model may not think at all), with a warning saying the flag did nothing."""
+    from deltaserve import cli
+
+    save_checkpoint(TinySpec("nothink", extra={"vocab_size": 320}), tmp_path)
+    write_byte_tokenizer(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text(template_without_thinking_switch())
+    base = ["generate", str(tmp_path), "--device", "cpu", "--chat-template", "--max-tokens", "2",
+            "--log-level", "ERROR"]
+    assert cli.main([*base, "--no-thinking"]) == 0
+    assert "--no-thinking has no effect" in capsys.readouterr().err
+    assert cli.main(base) == 0
+    assert "--no-thinking" not in capsys.readouterr().err
+
+
+def test_python_m_deltaserve_is_the_cli(cache):
+    """`python -m deltaserve` (no console script needed) failed: "No module named deltaserve.__main__"."""
+    out = subprocess.run([sys.executable, "-m", "deltaserve", "generate", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "DELTASERVE_CACHE_DIR": cache}, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: deltaserve generate"), out.stderr
+
+
+def test_the_answer_is_the_text_after_the_reasoning():
+    """With --no-thinking the template closes the think block itself: the whole reply is the answer, also when it
+    was interrupted; with thinking on, a reply stopped before </think> has no answer yet."""
+    from transformers import AutoTokenizer
+
+    from deltaserve.cli import answer_of, opens_think_block
+    from deltaserve.demo import SHIPPED_DEMO_DIR
+    from deltaserve.engine.tokenizer import render_chat
+
+    tok = AutoTokenizer.from_pretrained(str(SHIPPED_DEMO_DIR))
+    hi = [{"role": "user", "content": "hi"}]
+    thinking, plain = (opens_think_block(tok, render_chat(tok, hi, chat_template_kwargs={"enable_thinking": on}))
+                       for on in (True, False))
+    assert thinking and not plain
+    assert answer_of("I greet back.\n</think>\n\nHello!", thinking) == "Hello!"
+    assert answer_of("I greet", thinking) == "" and answer_of(" Hel", plain) == "Hel"
+
+
+def test_generate_chat_template_shows_where_the_reasoning_ends(capsys):
+    """The demo tokenizer marks </think> special (Qwen's do not): with special tokens skipped, the reasoning and the
+    answer ran together in the output."""
+    from deltaserve import cli
+
+    args = ["generate", "--device", "cpu", "--chat-template", "--prompt", "hi", "--temperature", "0", "--max-tokens",
+            "48", "--log-level", "ERROR"]
+    assert cli.main(args) == 0
+    reasoning, end, answer = capsys.readouterr().out.partition("</think>")
+    assert end and reasoning.strip() and answer.strip()
+    assert cli.main([*args, "--no-thinking"]) == 0
+    assert "</think>" not in capsys.readouterr().out  # the template closed the think block itself
+
+
+def test_chat_at_a_terminal_edits_lines(cache):
+    """At a terminal the arrow keys edit the line: '/et', Left, 'xi' is '/exit' (without readline the escape code
+    stayed in the line, which went to the model as a message)."""
+    import contextlib
+    import pty
+    import select
+    import time
+
+    leader, follower = pty.openpty()
+    env = {**os.environ, "DELTASERVE_CACHE_DIR": cache}
+    proc = subprocess.Popen([sys.executable, "-m", "deltaserve.cli", "chat", "--log-level", "WARNING",
+                             "--max-tokens", "4"], stdin=follower, stdout=follower, stderr=subprocess.PIPE, env=env)
+    os.close(follower)
+    try:
+        read_until(proc.stderr, "type a message")  # the banner, printed just before the first prompt
+        os.write(leader, b"/et\x1b[Dxi\r")
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):  # EIO once the chat has exited and closed the terminal
+                if select.select([leader], [], [], 0.1)[0]:
+                    os.read(leader, 4096)  # drained: a full terminal would block the chat's output
+        assert proc.returncode == 0, "the edited line was not read as /exit"
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(leader)

@@ -200,7 +200,7 @@ def test_engine_config_composes_validated_sections(tmp_path):
     for bad, needle in ((dict(max_model_len=0), "max_model_len"), (dict(gpu_memory_utilization=float("nan")),
                         "gpu_memory_utilization"), (dict(max_num_seqs=True), "max_num_seqs"),
                         (dict(dtype="float8"), "dtype"), (dict(load_format="pt"), "load_format"),
-                        (dict(device="tpu"), "device")):
+                        (dict(device="tpu"), "device"), (dict(max_model_len="8192"), "max_model_len")):
         with pytest.raises(ConfigError, match=needle):
             EngineArgs(model=str(path), **bad).create_engine_config()
 

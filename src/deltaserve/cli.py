@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import logging
 import re
+import signal
 import sys
 from typing import Any
 
@@ -16,10 +19,21 @@ from deltaserve.sampling_params import SamplingParams
 def add_model_and_engine_options(p: argparse.ArgumentParser) -> None:
     """MODEL, every engine option (generated from config.EngineArgs) and --log-level."""
     p.add_argument("model", nargs="?", default=None,
-                   help="Hugging Face checkpoint directory (config.json + *.safetensors). Default: the bundled demo model")
+                   help="Hugging Face checkpoint directory (config.json + *.safetensors). "
+                        "Default: the bundled demo model")
     add_engine_options(p)
-    p.add_argument("--log-level", default="INFO",
+    p.add_argument("--log-level", default="INFO", type=log_level,
                    help="logging level (DEBUG, INFO, WARNING, ...); INFO shows the memory plan (default)")
+
+
+def log_level(text: str) -> str:
+    """--log-level, any case, one of uvicorn's names (trace: DEBUG outside the server); an unknown name is an
+    argparse error (it used to fall back to WARNING silently)."""
+    from deltaserve.server.args import LOG_LEVELS  # no server dependency: args.py imports the config only
+
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is unknown: use one of {', '.join(LOG_LEVELS)}")
+    return text
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -35,9 +49,16 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
 
 
 def sampling_from(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                          seed=args.seed, stop=list(args.stop))
+    """The sampling flags as SamplingParams; a bad value's error starts with the flag the user typed."""
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              seed=args.seed, stop=list(args.stop))
+    except ValueError as e:
+        field = re.match(r"SamplingParams\.(\w+)=", str(e))
+        if field is None:
+            raise
+        raise ValueError(f"--{field.group(1).replace('_', '-')}: {e}") from None
 
 
 def build_llm(args: argparse.Namespace):
@@ -54,12 +75,42 @@ def build_llm(args: argparse.Namespace):
     return LLM(args.model, **options)
 
 
+def thinking_switch_ignored(tokenizer) -> bool:
+    """Whether the chat template renders the same prompt with enable_thinking true and false (it has no thinking
+    switch, so --no-thinking cannot act). A template that cannot render a one-message probe is left for the real
+    turn to report."""
+    from deltaserve.engine.tokenizer import TokenizerError, render_chat
+
+    probe = [{"role": "user", "content": "hi"}]
+    try:
+        on, off = (render_chat(tokenizer, probe, chat_template_kwargs={"enable_thinking": v}) for v in (True, False))
+    except TokenizerError:
+        return False
+    return on == off
+
+
+def warn_if_no_thinking_ignored(tokenizer, args: argparse.Namespace) -> None:
+    """A warning, not a refusal: a template without the switch belongs to a model that may never think, and there
+    the flag's intent holds anyway; where the model does think, the user learns why it still does."""
+    if args.no_thinking and thinking_switch_ignored(tokenizer):
+        print("deltaserve: warning: --no-thinking has no effect: this model's chat template ignores enable_thinking "
+              "(the model may still think)", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    if args.no_thinking and not args.chat_template:  # plain prompts go to the model as written: nothing to switch
+        raise ValueError("--no-thinking works through the chat template: add --chat-template, or drop --no-thinking")
     params = sampling_from(args)  # a bad sampling option fails before the model loads
     llm = build_llm(args)
+    if args.chat_template:
+        from deltaserve.engine.tokenizer import require_chat_template
+
+        warn_if_no_thinking_ignored(require_chat_template(llm.get_tokenizer()), args)
     prompts: list[Any] = args.prompt or ["def "]
     if args.chat_template:
-        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params,
+        # special tokens shown, as in chat: a tokenizer that marks </think> special hides where the reasoning ends
+        outs = llm.chat([[{"role": "user", "content": p}] for p in prompts],
+                        dataclasses.replace(params, skip_special_tokens=False),
                         chat_template_kwargs={"enable_thinking": not args.no_thinking})
     else:
         outs = llm.generate(prompts, params)
@@ -70,22 +121,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-CHAT_COMMANDS = "/reset clears the history, /exit or Ctrl-D quits"
+CHAT_COMMANDS = "/reset clears the history, /exit, Ctrl-D or Ctrl-C at the prompt quits; Ctrl-C in a reply stops it"
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from deltaserve.engine.output_processor import RequestError
-    from deltaserve.engine.tokenizer import render_chat, require_chat_template
+    from deltaserve.engine.tokenizer import require_chat_template
 
     params = sampling_from(args)  # a bad sampling option fails before the model loads
     engine = build_llm(args).engine
     require_chat_template(engine.tokenizer)  # before the first prompt, not after the first message
+    warn_if_no_thinking_ignored(engine.tokenizer, args)
     history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    enable_line_editing()
     print(f"deltaserve chat: type a message; {CHAT_COMMANDS}.", file=sys.stderr)
     for turn in range(1 << 62):
         try:
             line = input("> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: the session ends, no traceback
+            print()
             return 0
         if not line.strip():
             continue  # an empty line is not a message
@@ -97,29 +150,108 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if re.fullmatch(r"/\w+", line.strip()):  # a mistyped command is not a message (/help lands here too)
             print(f"deltaserve chat: {CHAT_COMMANDS}", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": line})
-        try:
-            ids = render_chat(engine.tokenizer, history,
-                              chat_template_kwargs={"enable_thinking": not args.no_thinking})
-            reply = stream_reply(engine, f"chat-{turn}", ids, params)
-        except RequestError as e:  # e.g. the history outgrew max_model_len: say so and keep the session
-            history.pop()
-            print(f"deltaserve chat: {e} (/reset clears the history)", file=sys.stderr)
-            continue
-        history.append({"role": "assistant", "content": reply})
+        chat_turn(engine, f"chat-{turn}", history, line, params, args.no_thinking)
     return 0
 
 
-def stream_reply(engine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> str:
-    """Run one request on the engine, printing its text as it arrives."""
+def enable_line_editing() -> None:
+    """At a terminal, input() edits lines (arrow keys, history) only once readline is imported; without it the arrow
+    keys' escape codes became part of the message. Piped input is left alone; readline may be missing (Windows)."""
+    if sys.stdin.isatty():
+        try:
+            importlib.import_module("readline")  # importing it is what hooks it into input()
+        except ImportError:
+            pass
+
+
+def chat_turn(engine, request_id: str, history: list[dict[str, str]], line: str, params: SamplingParams,
+              no_thinking: bool) -> None:
+    """Answer one message, appending the message and the reply to `history`. The history keeps a reply's answer, not
+    its reasoning (the text up to </think>), as the server's clients send it back and Qwen's templates render past
+    turns. A reply stopped by Ctrl-C stays in the history as far as its answer was shown; one stopped before any
+    answer drops the message too, as if it had not been sent. A refused turn is reported and dropped; the session
+    goes on."""
+    from deltaserve.engine.output_processor import RequestError
+    from deltaserve.engine.tokenizer import render_chat
+
+    history.append({"role": "user", "content": line})
+    try:
+        ids = render_chat(engine.tokenizer, history, chat_template_kwargs={"enable_thinking": not no_thinking})
+        # special tokens shown: a tokenizer that marks </think> special would hide where the reasoning ends
+        reply, finish = stream_reply(engine, request_id, ids, dataclasses.replace(params, skip_special_tokens=False))
+    except RequestError as e:  # e.g. the history outgrew max_model_len: say so and keep the session
+        history.pop()
+        print(f"deltaserve chat: {e} (/reset clears the history)", file=sys.stderr)
+        return
+    if finish == "length":  # else a cut reply looks like the model's whole answer
+        print(f"deltaserve chat: the reply reached --max-tokens {params.max_tokens} or the context's end "
+              "(--max-model-len); raise them for longer replies", file=sys.stderr)
+    answer = answer_of(reply, opens_think_block(engine.tokenizer, ids))
+    if finish == "interrupted":
+        kept = "the partial reply is kept in the history" if answer else "the message is dropped from the history"
+        print(f"deltaserve chat: reply stopped (Ctrl-C); {kept}", file=sys.stderr)
+        if not answer:
+            history.pop()
+            return
+    history.append({"role": "assistant", "content": answer})
+
+
+def opens_think_block(tokenizer, prompt_ids: list[int]) -> bool:
+    """Whether the rendered prompt ends inside <think> (the reply starts with reasoning), as a thinking template's
+    generation prompt does; --no-thinking's empty <think></think> block closes it."""
+    tail = tokenizer.decode(prompt_ids[-16:], skip_special_tokens=False)
+    return tail.rfind("<think>") > tail.rfind("</think>")
+
+
+def answer_of(reply: str, thinking: bool) -> str:
+    """The reply without its reasoning: the text after the last </think>; none yet while still reasoning."""
+    if "</think>" in reply:
+        return reply.rpartition("</think>")[2].strip()
+    return "" if thinking else reply.strip()
+
+
+class ReplyInterrupt:
+    """While a reply streams, Ctrl-C sets `hit` and the reply stops at the next step boundary: a KeyboardInterrupt
+    raised inside engine.step() could leave the scheduler or the cache half-updated. A second Ctrl-C raises
+    KeyboardInterrupt as usual (a step that hangs can still be left). Outside the main thread, where no signal handler
+    can be installed, Ctrl-C is left alone."""
+
+    def __enter__(self) -> ReplyInterrupt:
+        self.hit = False
+        try:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread
+            self.previous = None
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.hit:
+            raise KeyboardInterrupt
+        self.hit = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def stream_reply(engine, request_id: str, prompt_ids: list[int], params: SamplingParams) -> tuple[str, str | None]:
+    """Run one request on the engine, printing its text as it arrives. Returns the text and why it ended (the
+    finish reason, or "interrupted" when Ctrl-C stopped it); the request is aborted whenever it did not finish, so
+    its pages and slot are free for the next turn."""
     engine.add_request(request_id, prompt_ids, params)
-    text = ""
-    while engine.has_unfinished():
-        for delta in engine.step():
-            print(delta.text, end="", flush=True)
-            text += delta.text
-    print()
-    return text
+    text, finish = "", None
+    with ReplyInterrupt() as stop:
+        try:
+            while engine.has_unfinished() and not stop.hit:
+                for delta in engine.step():
+                    if delta.request_id == request_id:
+                        print(delta.text, end="", flush=True)
+                        text += delta.text
+                        finish = delta.finish_reason or finish
+        finally:
+            engine.abort_request(request_id)  # a no-op for a finished request
+            print()
+    return text, "interrupted" if stop.hit else finish
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -165,12 +297,13 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
                    help="fp8: e4m3 with 128x128 block scales (Qwen's -FP8 layout); int4: GPTQ v1, MLP/experts only")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128)")
     p.add_argument("--desc-act", action="store_true", help="int4: act-order groups (g_idx a permutation)")
-    p.add_argument("--log-level", default="info")
+    p.add_argument("--log-level", default="info", type=log_level, help="logging level (default info)")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from deltaserve.quantize import quantize_checkpoint
 
+    # (int4 options given with fp8 are refused there, as for the Python API)
     out = quantize_checkpoint(args.src, args.out, method=args.method, group_size=args.group_size,
                               desc_act=args.desc_act)
     print(f"wrote {out}")
@@ -201,6 +334,19 @@ def server_import_error(parser: argparse.ArgumentParser, argv: list[str] | None)
             f"{install}reinstall deltaserve with its dependencies (pip install -e . in a clone)")
 
 
+def with_flag(error: Exception) -> str:
+    """An engine option's error (it names the option as LLM(...) spells it: 'max_model_len' must be ...) led by the
+    command line's flag for it (--max-model-len: ...)."""
+    from deltaserve.config import ConfigError, EngineArgs
+
+    named = re.match(r"'?(\w+)'?[ =(]", str(error))
+    fields = {f.name: f for f in dataclasses.fields(EngineArgs) if f.metadata}
+    if not isinstance(error, ConfigError) or named is None or named.group(1) not in fields:
+        return str(error)
+    field = fields[named.group(1)]
+    return f"{field.metadata['flag'] or '--' + field.name.replace('_', '-')}: {error}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     missing = server_import_error(parser, argv)
@@ -208,16 +354,17 @@ def main(argv: list[str] | None = None) -> int:
         print(missing, file=sys.stderr)
         return 2
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
+    level = str(args.log_level).upper()
+    logging.basicConfig(level=logging.DEBUG if level == "TRACE" else getattr(logging, level),
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
     except (ValueError, RuntimeError, OSError) as e:  # user errors: one clear line, no traceback
-        if args.log_level.upper() == "DEBUG":
+        if level in ("DEBUG", "TRACE"):
             raise
-        print(f"deltaserve: error: {e}", file=sys.stderr)
+        print(f"deltaserve: error: {with_flag(e)}", file=sys.stderr)
         return 2
 
 

@@ -76,6 +76,7 @@ class LLM:
                                         for c in conversations):
             raise TypeError("messages must be a conversation (a non-empty list of {'role': ..., 'content': ...} "
                             f"dicts) or a list of them, got {_shown(messages)}; for plain text use LLM.generate")
+        conversations = [_with_known_roles(c) for c in conversations]
         prompts = [{"prompt_token_ids": render_chat(self.engine.tokenizer, conv, tools=tools,
                                                     chat_template_kwargs=chat_template_kwargs)}
                    for conv in conversations]
@@ -87,11 +88,42 @@ class LLM:
             return item, tok.encode(item, add_special_tokens=False)
         if isinstance(item, dict):
             if "prompt_token_ids" in item:
-                return item.get("prompt"), list(item["prompt_token_ids"])
+                return item.get("prompt"), _token_ids(item["prompt_token_ids"])
             if "prompt" in item:
                 return self._tokenize(item["prompt"])
             raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(item)}")
-        return None, list(item)
+        return None, _token_ids(item)
+
+
+PROMPT_KINDS = "a str, a list of int token ids, or a dict with 'prompt' or 'prompt_token_ids'"
+
+
+def _token_ids(item: Any) -> list[int]:
+    """A token-id prompt as a list of Python ints; anything else is a TypeError naming the accepted kinds (bytes
+    would otherwise be read as byte values, an int or None fail deep inside list())."""
+    if hasattr(item, "tolist"):  # a numpy array or torch tensor of ids
+        item = item.tolist()
+    if isinstance(item, (str, bytes, bytearray)) or not isinstance(item, (list, tuple)):
+        raise TypeError(f"a prompt must be {PROMPT_KINDS}; got {_shown(item)}"
+                        + ("; decode bytes to str first" if isinstance(item, (bytes, bytearray)) else ""))
+    wrong = next((t for t in item if not isinstance(t, int) or isinstance(t, bool)), None)
+    if wrong is not None:
+        raise TypeError(f"token ids must be ints; the prompt holds {_shown(wrong)} (a prompt must be {PROMPT_KINDS})")
+    return list(item)
+
+
+def _with_known_roles(conv: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation with OpenAI's 'developer' role as 'system' (as the server reads it: Qwen templates know
+    system/user/assistant/tool). A message without one of those roles is a ValueError: the template renders messages
+    by role, and such a message was left out of the prompt without a word."""
+    out = []
+    for i, m in enumerate(conv):
+        role = "system" if m.get("role") == "developer" else m.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            raise ValueError(f"message {i} has role {m.get('role')!r}; use 'system', 'user', 'assistant', 'tool' "
+                             f"or 'developer' (the message: {_shown(m)})")
+        out.append(m if role == m["role"] else {**m, "role": role})
+    return out
 
 
 def _shown(value: Any) -> str:
@@ -102,6 +134,10 @@ def _shown(value: Any) -> str:
 def _as_prompt_list(prompts) -> list[PromptType]:
     if isinstance(prompts, (str, dict)):
         return [prompts]
+    if hasattr(prompts, "tolist"):  # a numpy array or torch tensor: 1-D is one prompt, 2-D a batch
+        prompts = prompts.tolist()
+    if isinstance(prompts, (bytes, bytearray)) or not hasattr(prompts, "__iter__"):
+        _token_ids(prompts)  # raises the TypeError naming what a prompt may be
     prompts = list(prompts)
     if prompts and all(isinstance(t, int) for t in prompts):
         return [prompts]  # a single token-id prompt

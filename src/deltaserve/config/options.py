@@ -161,7 +161,8 @@ class EngineArgs:
         scheduler = sections["scheduler"]
         if scheduler["max_model_len"] is None:
             scheduler["max_model_len"] = model.max_position_embeddings
-        elif scheduler["max_model_len"] > model.max_position_embeddings:  # allowed: a config may understate it
+        elif is_int(scheduler["max_model_len"]) and scheduler["max_model_len"] > model.max_position_embeddings:
+            # allowed (a config may understate it); a value that is no int is named by SchedulerConfig
             log.warning("max_model_len %d is longer than the model's max_position_embeddings %d: positions past it "
                         "were never trained and outputs there may be garbage", scheduler["max_model_len"],
                         model.max_position_embeddings)

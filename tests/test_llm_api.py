@@ -1,0 +1,59 @@
+"""LLM.generate's prompt shapes: what it accepts, and a clear TypeError for what it does not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from deltaserve import LLM, SamplingParams
+from deltaserve.demo import write_byte_tokenizer
+from tests.models.factory import TinySpec, save_checkpoint
+
+GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llm_api")
+    save_checkpoint(TinySpec("llm_api", extra={"vocab_size": 320}), path)
+    write_byte_tokenizer(path)
+    return LLM(str(path), dtype="float32", device="cpu", max_model_len=64)
+
+
+def texts(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+def test_arrays_and_tensors_of_ids_are_prompts(llm):
+    """A 1-D numpy array or tensor is one prompt, a 2-D one a batch (they used to fail inside list(): "'numpy.int64'
+    object is not iterable", "iteration over a 0-d tensor")."""
+    want = texts(llm.generate([[10, 11, 12], [13, 14, 15]], GREEDY))
+    assert texts(llm.generate(np.array([10, 11, 12]), GREEDY)) == want[:1]
+    assert texts(llm.generate(torch.tensor([[10, 11, 12], [13, 14, 15]]), GREEDY)) == want
+    assert texts(llm.generate({"prompt_token_ids": torch.tensor([13, 14, 15])}, GREEDY)) == want[1:]
+
+
+@pytest.mark.parametrize("prompt,needle", [
+    (None, "got NoneType None"), (5, "got int 5"), ([1.5, 2.0], "got float 1.5"),
+    (b"abc", "decode bytes to str first"),  # was read as the token ids [97, 98, 99]
+    ({"prompt": None}, "got NoneType None"), ({"prompt_token_ids": [1, "x"]}, "the prompt holds str 'x'"),
+    (["fine", 7], "got int 7"),
+])
+def test_a_prompt_of_another_kind_is_a_type_error_naming_the_kinds(llm, prompt, needle):
+    with pytest.raises(TypeError, match="a prompt must be a str, a list of int token ids") as e:
+        llm.generate(prompt, GREEDY)
+    assert needle in str(e.value)
+    stats = llm.engine.stats()
+    assert stats["running"] == stats["waiting"] == stats["slots_used"] == 0  # a prompt queued before it was aborted
+
+
+@pytest.mark.parametrize("message", [{"content": "hi"}, {"role": "User", "content": "hi"}, {"role": None}])
+def test_chat_message_without_a_known_role_is_refused(llm, message):
+    """The chat template renders messages by role: one without a known role was silently left out of the prompt
+    (llm.chat([{"content": "hi"}]) generated from an empty conversation)."""
+    with pytest.raises(ValueError, match=r"message 1 has role .*; use 'system', 'user', 'assistant'"):
+        llm.chat([{"role": "system", "content": "be brief"}, message], GREEDY)
+    developer = llm.chat([{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}], GREEDY)
+    system = llm.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], GREEDY)
+    assert developer[0].prompt_token_ids == system[0].prompt_token_ids  # OpenAI's developer is the system role
