@@ -7,6 +7,7 @@ command queue, and it answers through one asyncio queue per request (thread-safe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -43,6 +44,7 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._stopping = threading.Event()
         self._dead: str | None = None
+        self._calls: set[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = set()  # call()s not answered yet
         self._thread = threading.Thread(target=self._run_loop, name="deltaserve-engine", daemon=True)
         self._thread.start()
 
@@ -82,19 +84,33 @@ class AsyncLLM:
         self._commands.put((self._abort, request_id))
 
     def call(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]":
-        """Run fn() on the engine thread (e.g. to read stats consistently) and await its result."""
+        """Run fn() on the engine thread (e.g. to read stats consistently) and await its result. Fails with
+        EngineDeadError at once when the loop has stopped (a queued command would never run)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        pending = (loop, fut)
+        self._calls.add(pending)
+
+        def answer(result: Any = None, error: BaseException | None = None) -> None:
+            self._calls.discard(pending)
+            if not fut.done():
+                fut.set_result(result) if error is None else fut.set_exception(error)
 
         def task() -> None:
             try:
                 result = fn()
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+                loop.call_soon_threadsafe(answer, result)
             except Exception as e:  # noqa: BLE001 - handed to the awaiting caller
-                # bound now: the name `e` is deleted when the except block ends, before the loop runs the callback
-                loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
+                loop.call_soon_threadsafe(answer, None, e)
         self._commands.put((task,))
+        if self._dead is not None:  # after registering: either this sees it or the dying loop fails the call
+            answer(None, EngineDeadError(self._dead))
         return fut
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine loop stopped (None while it runs)."""
+        return self._dead
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort everything in flight and stop the loop thread."""
@@ -151,6 +167,10 @@ class AsyncLLM:
             for request_id in list(self._streams):
                 self.engine.abort_request(request_id)
                 self._deliver(request_id, EngineDeadError(self._dead))
+            for loop, fut in list(self._calls):  # their commands will never run
+                with contextlib.suppress(RuntimeError):  # that caller's event loop is closed: nobody waits
+                    loop.call_soon_threadsafe(lambda f=fut, why=self._dead: f.done() or
+                                              f.set_exception(EngineDeadError(why)))
 
 
 class StatsLog:

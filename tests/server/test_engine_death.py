@@ -1,0 +1,78 @@
+"""The server and AsyncLLM after the engine loop died (a fault outside a step's own error handling, such as a
+tensor-parallel rank gone): in-flight and new requests get a 503, probes answer at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import httpx
+import pytest
+
+from deltaserve.demo import SHIPPED_DEMO_DIR
+
+
+@pytest.fixture()
+def dying_app():
+    """The demo model in this process; its scheduler raises (outside step()'s handling) once `boom` is set."""
+    from deltaserve.config import EngineArgs
+    from deltaserve.engine.async_engine import AsyncLLM
+    from deltaserve.server.app import build_app
+    from deltaserve.server.args import ServerConfig
+
+    engine = AsyncLLM(EngineArgs(model=str(SHIPPED_DEMO_DIR), device="cpu", dtype="float32", max_model_len=512))
+    scheduler = engine.engine.scheduler
+    real_schedule = scheduler.schedule
+    boom = threading.Event()
+
+    def schedule(*args, **kwargs):
+        if boom.is_set():
+            raise RuntimeError("injected fatal fault")
+        return real_schedule(*args, **kwargs)
+
+    scheduler.schedule = schedule
+    app = build_app(engine, ServerConfig(served_model_names=("m",)), shutdown_engine=False)
+    yield app, engine, boom
+    engine.shutdown()
+
+
+def test_engine_death_fails_requests_and_probes_answer_at_once(dying_app):
+    app, engine, boom = dying_app
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+                running = asyncio.create_task(c.post("/v1/completions", json={
+                    "prompt": "def f", "max_tokens": 400, "ignore_eos": True}))
+                await asyncio.sleep(0.3)
+                boom.set()
+                inflight = await running
+                timed = []
+                for path in ("/health", "/metrics"):
+                    t0 = time.monotonic()
+                    timed.append((await c.get(path), time.monotonic() - t0))
+                late = await c.post("/v1/completions", json={"prompt": "def f", "max_tokens": 2})
+                return inflight, timed, late
+
+    inflight, ((health, health_s), (metrics, metrics_s)), late = asyncio.run(main())
+    assert engine.dead is not None and "injected fatal fault" in engine.dead
+    assert inflight.status_code == late.status_code == 503
+    assert inflight.json()["error"]["code"] == late.json()["error"]["code"] == "engine_unavailable"
+    # before: both waited for an engine thread that no longer exists (10 s each; a scrape times out first)
+    assert health.status_code == 503 and health.json() == {"status": "engine dead"} and health_s < 2
+    assert metrics.status_code == 200 and "deltaserve_time_to_first_token_seconds" in metrics.text and metrics_s < 2
+
+
+def test_async_llm_call_after_death_fails_at_once(dying_app):
+    from deltaserve.engine.async_engine import EngineDeadError
+
+    _, engine, _ = dying_app
+    engine.shutdown()
+
+    async def main():
+        return await asyncio.wait_for(engine.call(lambda: 1), 5)
+
+    with pytest.raises(EngineDeadError, match="shut down"):
+        asyncio.run(main())
