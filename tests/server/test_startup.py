@@ -55,3 +55,11 @@ def test_second_sigterm_exits_at_once_non_zero_without_tracebacks(chat_ckpt, tmp
     log = srv.log()
     assert code == 1 and "Traceback" not in log, log[-3000:]
     assert "second signal" in log
+
+
+def test_a_model_directory_that_is_not_a_checkpoint_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    for model in (tmp_path, tmp_path / "missing"):
+        done = _serve(str(model), timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert f"error: no config.json in {model}" in done.stderr

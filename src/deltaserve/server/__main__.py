@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     except ServerConfigError as e:
         parser.error(str(e))
         return 2
+    except (ValueError, RuntimeError, OSError) as e:  # as `deltaserve serve`: a bad model dir is one line, no traceback
+        if str(getattr(args, "log_level", "")).lower() in ("debug", "trace"):
+            raise
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
