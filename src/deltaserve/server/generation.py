@@ -52,7 +52,9 @@ class _RequestTimer:
                 self.first_token = now
                 self.metrics.ttft.observe(now - self.arrival)
             elif delta.index in self.last_token:
-                self.metrics.itl.observe((now - self.last_token[delta.index]) / len(delta.token_ids))
+                gap = (now - self.last_token[delta.index]) / len(delta.token_ids)
+                self.metrics.itl.observe(gap)
+                self.metrics.tpot.observe(gap)
             self.last_token[delta.index] = now
             self.tokens[delta.index] += len(delta.token_ids)
         if delta.finished:

@@ -55,7 +55,8 @@ _ENGINE_METRICS = {
     "spec_turned_down_steps": ("spec_decode_num_turned_down_steps", "Steps decoded without drafts because more "
                                "than speculative_max_batch requests ran", "counter"),
 }
-FINISH_REASONS = ("stop", "length", "abort")
+# vLLM's finish reasons ("error": the engine failed the sequence), so request_success_total counts every ending
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class _EngineCollector(Collector):
@@ -117,6 +118,9 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Request arrival to its first token", _TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens of a sequence",
                              _ITL_BUCKETS)
+        # vLLM's older name for the same observations, still what many dashboards and autoscalers query
+        self.tpot = histogram("time_per_output_token_seconds", "Time between consecutive tokens of a sequence "
+                              "(the same observations as inter_token_latency_seconds)", _ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Request arrival to its last token",
                              _REQUEST_TIME_BUCKETS)
         self.queue = histogram("request_queue_time_seconds", "Request arrival to its hand-over to the engine "

@@ -1,0 +1,90 @@
+"""/metrics against what happened, on the demo model in this process: finish reasons (an engine failure too),
+token totals with n > 1, the latency histograms' counts, vLLM's older TPOT name, and Prometheus text format."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from deltaserve.demo import SHIPPED_DEMO_DIR
+
+
+@pytest.fixture(scope="module")
+def faulty_app():
+    """The real engine; its runner fails the next step when `fail` is set (the step's requests end with 'error')."""
+    from deltaserve.config import EngineArgs
+    from deltaserve.engine.async_engine import AsyncLLM
+    from deltaserve.server.app import build_app
+    from deltaserve.server.args import ServerConfig
+
+    engine = AsyncLLM(EngineArgs(model=str(SHIPPED_DEMO_DIR), device="cpu", dtype="float32", max_model_len=512))
+    runner = engine.engine.runner
+    real_launch = runner.launch
+    fail = threading.Event()
+
+    def launch(*args, **kwargs):
+        if fail.is_set():
+            fail.clear()
+            raise RuntimeError("injected device fault")
+        return real_launch(*args, **kwargs)
+
+    runner.launch = launch
+    app = build_app(engine, ServerConfig(served_model_names=("m",)), shutdown_engine=False)
+    yield app, fail
+    engine.shutdown()
+
+
+def _samples(text: str) -> dict[tuple[str, tuple], float]:
+    """Every sample, keyed by name and labels other than model_name; parsing rejects malformed exposition text."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            assert s.labels.get("model_name") == "m", s
+            out[s.name, tuple(sorted((k, v) for k, v in s.labels.items() if k != "model_name"))] = s.value
+    return out
+
+
+def _run(app, body: dict) -> tuple[httpx.Response, dict[str, float]]:
+    """POST body to /v1/completions; returns the response and how each sample changed."""
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            before = _samples((await c.get("/metrics")).text)
+            r = await c.post("/v1/completions", json=body)
+            after = _samples((await c.get("/metrics")).text)
+            return r, {name + "".join(f"[{v}]" for _, v in labels): value - before.get((name, labels), 0.0)
+                       for (name, labels), value in after.items()}
+    return asyncio.run(main())
+
+
+def test_n_samples_counted_per_sequence_and_per_request(faulty_app):
+    app, _ = faulty_app
+    r, d = _run(app, {"prompt": "def f", "max_tokens": 4, "n": 3, "ignore_eos": True, "temperature": 1,
+                      "stream": True})
+    assert r.status_code == 200 and r.text.rstrip().endswith("[DONE]")
+    assert d["deltaserve_request_success_total[length]"] == 3
+    assert d["deltaserve_prompt_tokens_total"] == 2  # the prompt is computed once for its 3 samples
+    assert d["deltaserve_generation_tokens_total"] == 12
+    assert d["deltaserve_request_generation_tokens_sum"] == 12 and d["deltaserve_request_generation_tokens_count"] == 1
+    assert d["deltaserve_request_max_num_generation_tokens_sum"] == 4
+    assert d["deltaserve_time_to_first_token_seconds_count"] == 1
+    assert d["deltaserve_e2e_request_latency_seconds_count"] == 1
+    assert d["deltaserve_inter_token_latency_seconds_count"] == 9  # 3 gaps in each of 3 samples
+    for stat in ("count", "sum"):  # vLLM's older name carries the same observations
+        tpot, itl = (d[f"deltaserve_{name}_seconds_{stat}"] for name in ("time_per_output_token", "inter_token_latency"))
+        assert tpot == itl
+    assert d["deltaserve_requests_total[completions][ok]"] == 1
+
+
+def test_a_sequence_the_engine_failed_counts_as_finish_reason_error(faulty_app):
+    app, fail = faulty_app
+    fail.set()
+    r, d = _run(app, {"prompt": "def f", "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+    assert d["deltaserve_request_success_total[error]"] == 1  # before: counted under no finished_reason at all
+    assert d["deltaserve_requests_total[completions][error]"] == 1
+    assert sum(v for k, v in d.items() if k.startswith("deltaserve_request_success_total[")) == 1
