@@ -1,5 +1,6 @@
 """The server and AsyncLLM after the engine loop died (a fault outside a step's own error handling, such as a
-tensor-parallel rank gone): in-flight and new requests get a 503, probes answer at once."""
+tensor-parallel rank gone): in-flight and new requests get a 503, probes answer at once, callers always hear of it;
+and what must not end the loop: a caller whose event loop closed under its request."""
 
 from __future__ import annotations
 
@@ -75,4 +76,54 @@ def test_async_llm_call_after_death_fails_at_once(dying_app):
         return await asyncio.wait_for(engine.call(lambda: 1), 5)
 
     with pytest.raises(EngineDeadError, match="shut down"):
+        asyncio.run(main())
+
+
+def test_a_callers_closed_event_loop_does_not_end_the_engine_for_others():
+    from deltaserve.config import EngineArgs
+    from deltaserve.engine.async_engine import AsyncLLM
+    from deltaserve.sampling_params import SamplingParams
+
+    engine = AsyncLLM(EngineArgs(model=str(SHIPPED_DEMO_DIR), device="cpu", dtype="float32", max_model_len=512))
+    try:
+        loop = asyncio.new_event_loop()
+        stream = engine.generate([1, 2, 3], SamplingParams(max_tokens=300, ignore_eos=True), "orphan")
+        assert loop.run_until_complete(stream.__anext__()).token_ids
+        loop.close()  # a caller's loop gone with its request running (closed without shutdown_asyncgens)
+
+        async def other():
+            return [d async for d in engine.generate([1, 2], SamplingParams(max_tokens=3, ignore_eos=True), "b")]
+
+        time.sleep(0.3)  # the engine steps the orphan meanwhile: before, its next delivery ended the engine loop
+        assert engine.dead is None
+        assert sum(len(d.token_ids) for d in asyncio.run(other())) == 3
+        stats = asyncio.run(_stats(engine))
+        assert stats["running"] == stats["waiting"] == stats["slots_used"] == 0  # the orphan was aborted
+    finally:
+        engine.shutdown()
+
+
+async def _stats(engine):
+    return await engine.call(engine.engine.stats)
+
+
+def test_in_flight_callers_get_the_error_even_when_the_broken_engine_cannot_abort(dying_app):
+    from deltaserve.engine.async_engine import EngineDeadError
+    from deltaserve.sampling_params import SamplingParams
+
+    _, engine, boom = dying_app
+
+    def abort_fails(*args, **kwargs):
+        raise RuntimeError("scheduler state is corrupt")
+
+    engine.engine.scheduler.abort_request = abort_fails
+
+    async def consume():
+        async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=300, ignore_eos=True), "r"):
+            boom.set()
+
+    async def main():
+        await asyncio.wait_for(consume(), 10)  # before: the dying loop raised on the abort and never told it
+
+    with pytest.raises(EngineDeadError, match="injected fatal fault"):
         asyncio.run(main())

@@ -134,8 +134,14 @@ class AsyncLLM:
 
     def _deliver(self, request_id: str, item: SequenceDelta | BaseException) -> None:
         stream = self._streams.get(request_id)
-        if stream is not None:
+        if stream is None:
+            return
+        try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop was closed under a running request: nobody will read it,
+            # and raising here would end the engine loop for every other caller
+            self._streams.pop(request_id, None)
+            self.engine.abort_request(request_id)
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -165,8 +171,11 @@ class AsyncLLM:
         finally:
             self._dead = self._dead or "engine was shut down"
             for request_id in list(self._streams):
-                self.engine.abort_request(request_id)
-                self._deliver(request_id, EngineDeadError(self._dead))
+                self._deliver(request_id, EngineDeadError(self._dead))  # first: a broken engine may fail to abort
+                try:
+                    self.engine.abort_request(request_id)
+                except Exception:  # noqa: BLE001 - the engine is gone either way; its caller already has the error
+                    log.debug("aborting %s in a stopped engine failed", request_id, exc_info=True)
             for loop, fut in list(self._calls):  # their commands will never run
                 with contextlib.suppress(RuntimeError):  # that caller's event loop is closed: nobody waits
                     loop.call_soon_threadsafe(lambda f=fut, why=self._dead: f.done() or
