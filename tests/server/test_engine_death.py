@@ -127,3 +127,24 @@ def test_in_flight_callers_get_the_error_even_when_the_broken_engine_cannot_abor
 
     with pytest.raises(EngineDeadError, match="injected fatal fault"):
         asyncio.run(main())
+
+
+def test_a_request_registered_while_the_loop_stops_fails_instead_of_waiting_forever():
+    from deltaserve.config import EngineArgs
+    from deltaserve.engine.async_engine import AsyncLLM, EngineDeadError
+    from deltaserve.sampling_params import SamplingParams
+
+    engine = AsyncLLM(EngineArgs(model=str(SHIPPED_DEMO_DIR), device="cpu", dtype="float32", max_model_len=512))
+
+    class StopsMidRegistration(dict):
+        def setdefault(self, key, value):
+            engine.shutdown()  # the loop ends (and fails the streams it knows) between generate's check and this
+            return super().setdefault(key, value)
+
+    engine._streams = StopsMidRegistration()
+
+    async def main():
+        await asyncio.wait_for(anext(engine.generate([1, 2], SamplingParams(max_tokens=2), "late")), 10)
+
+    with pytest.raises(EngineDeadError, match="shut down"):
+        asyncio.run(main())

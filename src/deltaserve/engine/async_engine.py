@@ -64,6 +64,9 @@ class AsyncLLM:
             # replacing the live stream would strand its caller, and this one's cleanup would abort its request
             raise RequestError(f"request id {request_id!r} is already in use by a running stream; give each request "
                                "a unique id")
+        if self._dead is not None:  # the loop stopped after the check above: its last sweep may have missed us
+            self._streams.pop(request_id, None)
+            raise EngineDeadError(self._dead)
         self._commands.put((self._add, request_id, list(prompt_token_ids), params, tuple(cache_points)))
         finished = False
         try:
