@@ -88,3 +88,19 @@ def test_a_sequence_the_engine_failed_counts_as_finish_reason_error(faulty_app):
     assert d["deltaserve_request_success_total[error]"] == 1  # before: counted under no finished_reason at all
     assert d["deltaserve_requests_total[completions][error]"] == 1
     assert sum(v for k, v in d.items() if k.startswith("deltaserve_request_success_total[")) == 1
+
+
+def test_kv_cache_usage_counts_pages_requests_hold_not_the_prefix_caches(faulty_app):
+    app, _ = faulty_app
+    prompt = list(range(1, 200))  # 13 pages of 16 tokens, kept by the prompt's checkpoint after the request ends
+    r, _ = _run(app, {"prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 200
+
+    async def scrape():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return _samples((await c.get("/metrics")).text)
+
+    m = {name: v for (name, labels), v in asyncio.run(scrape()).items() if not labels}
+    assert m["deltaserve_kv_pages_cached"] >= 12 and m["deltaserve_num_requests_running"] == 0
+    # before: the cached pages counted as used, so an idle server with a warm cache read as filling up
+    assert m["deltaserve_kv_cache_usage_perc"] == 0

@@ -72,8 +72,11 @@ class _EngineCollector(Collector):
                 yield self._metric(name, doc, kind, float(self.snapshot[key]))
         used, total = self.snapshot.get("pages_used"), self.snapshot.get("pages_total")
         if used is not None and total:
-            yield self._metric("kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = full)", "gauge",
-                               used / total)
+            # as vLLM counts it: pages only the prefix cache holds are reclaimable, so free (else an idle server
+            # with a warm cache reads as full to the dashboards and autoscalers that watch this gauge)
+            in_requests = used - self.snapshot.get("pages_cached", 0)
+            yield self._metric("kv_cache_usage_perc", "Fraction of KV cache pages held by requests (1 = full; "
+                               "pages only the prefix cache holds count as free)", "gauge", in_requests / total)
         yield from self._per_position()
         if "spec_drafted_pos_0" in self.snapshot:  # every request-step that drafted has a first draft
             yield self._metric("spec_decode_num_drafts", "MTP drafts: request-steps that verified drafts (as vLLM "
