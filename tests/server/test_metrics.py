@@ -75,7 +75,8 @@ def test_n_samples_counted_per_sequence_and_per_request(faulty_app):
     assert d["deltaserve_e2e_request_latency_seconds_count"] == 1
     assert d["deltaserve_inter_token_latency_seconds_count"] == 9  # 3 gaps in each of 3 samples
     for stat in ("count", "sum"):  # vLLM's older name carries the same observations
-        tpot, itl = (d[f"deltaserve_{name}_seconds_{stat}"] for name in ("time_per_output_token", "inter_token_latency"))
+        names = ("time_per_output_token", "inter_token_latency")
+        tpot, itl = (d[f"deltaserve_{name}_seconds_{stat}"] for name in names)
         assert tpot == itl
     assert d["deltaserve_requests_total[completions][ok]"] == 1
 
@@ -104,3 +105,31 @@ def test_kv_cache_usage_counts_pages_requests_hold_not_the_prefix_caches(faulty_
     assert m["deltaserve_kv_pages_cached"] >= 12 and m["deltaserve_num_requests_running"] == 0
     # before: the cached pages counted as used, so an idle server with a warm cache read as filling up
     assert m["deltaserve_kv_cache_usage_perc"] == 0
+
+
+def test_every_sample_of_a_request_aborted_at_shutdown_counts_as_aborted(faulty_app):
+    app, _ = faulty_app
+    state = app.state.server
+
+    async def abort_when_running():
+        while not state.inflight:  # httpx's ASGI transport returns the body whole: abort from beside it
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        for request_id in list(state.inflight):  # as the drain does when its time is up
+            state.engine.abort(request_id)
+
+    async def main():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+            before = _samples((await c.get("/metrics")).text)
+            body = {"prompt": "def f", "max_tokens": 400, "n": 3, "ignore_eos": True, "temperature": 1,
+                    "stream": True}
+            r, _ = await asyncio.gather(c.post("/v1/completions", json=body), abort_when_running())
+            after = _samples((await c.get("/metrics")).text)
+            return r, {key: after[key] - before.get(key, 0.0) for key in after}
+
+    r, d = asyncio.run(main())
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]" and "request_aborted" in events[-2]
+    assert d["deltaserve_request_success_total", (("finished_reason", "abort"),)] == 3  # before: 1, the first seen
+    assert d["deltaserve_requests_total", (("endpoint", "completions"), ("outcome", "abort"))] == 1

@@ -64,10 +64,11 @@ class _RequestTimer:
                 success.inc()
 
     def on_end(self, outcome: str) -> None:
-        """Latencies are observed for requests that ran to the end ("ok"); a client that went away ("cancelled")
-        aborted its unfinished samples."""
+        """Latencies are observed for requests that ran to the end ("ok"). A client that went away ("cancelled")
+        aborted its unfinished samples; an abort ("abort", at shutdown) ends every sample at once, but the stream
+        closes on the first one's delta, so the others' are never seen here."""
         m = self.metrics
-        if outcome == "cancelled":
+        if outcome in ("cancelled", "abort"):
             for _ in range(len(self.tokens) - len(self.finished)):
                 m.success["abort"].inc()
         if outcome != "ok":
