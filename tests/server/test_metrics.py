@@ -133,3 +133,25 @@ def test_every_sample_of_a_request_aborted_at_shutdown_counts_as_aborted(faulty_
     assert events[-1] == "data: [DONE]" and "request_aborted" in events[-2]
     assert d["deltaserve_request_success_total", (("finished_reason", "abort"),)] == 3  # before: 1, the first seen
     assert d["deltaserve_requests_total", (("endpoint", "completions"), ("outcome", "abort"))] == 1
+
+
+def test_prefix_cache_hit_rate_is_over_the_tokens_each_sample_looked_up(faulty_app):
+    app, _ = faulty_app
+    prompt = list(range(300, 399))  # 99 tokens no other test sends
+    body = {"prompt": prompt, "max_tokens": 2, "n": 8, "temperature": 1}
+    _run(app, body)
+    r, d = _run(app, body)  # every sample resumes from the prompt's checkpoint
+    cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached > 0
+    assert d["deltaserve_prompt_tokens_total"] == 99  # the prompt once, as in usage
+    assert d["deltaserve_prefix_cache_hit_tokens_total"] == 8 * cached  # but each sample hits
+
+    async def scrape():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            return _samples((await c.get("/metrics")).text)
+
+    m = {name: v for (name, labels), v in asyncio.run(scrape()).items() if not labels}
+    rate = m["deltaserve_prefix_cache_hit_rate"]
+    assert 0 < rate <= 1  # before: hit tokens over prompt_tokens_total, which passed 1 here
+    assert d["deltaserve_prefix_cache_query_tokens_total"] == 8 * 99
+    assert rate == m["deltaserve_prefix_cache_hit_tokens_total"] / m["deltaserve_prefix_cache_query_tokens_total"]

@@ -202,8 +202,9 @@ class StatsLog:
             return  # idle: nothing new to say
         prompt = s["prompt_tokens"] - prev["prompt_tokens"]
         cached = s.get("prompt_tokens_cached", 0) - prev.get("prompt_tokens_cached", 0)
+        queried = s.get("prompt_tokens_queried", 0) - prev.get("prompt_tokens_queried", 0)
         log.info("running %d, waiting %d; KV %.0f%% used; prompt %.0f tok/s, generation %.0f tok/s; prefix cache: "
                  "%.0f%% of prompt tokens hit, %d/%d checkpoints, %d evictions", s["running"], s["waiting"],
                  100 * s["pages_used"] / max(s["pages_total"], 1), prompt / dt,
-                 (s["generation_tokens"] - prev["generation_tokens"]) / dt, 100 * cached / max(prompt, 1),
+                 (s["generation_tokens"] - prev["generation_tokens"]) / dt, 100 * cached / max(queried, 1),
                  s.get("checkpoints_used", 0), s.get("checkpoints_total", 0), s.get("checkpoint_evictions", 0))

@@ -43,6 +43,8 @@ _ENGINE_METRICS = {
     "requests_finished": ("engine_sequences_finished", "Sequences that ended by stop or length", "counter"),
     "preemptions": ("num_preemptions", "Sequences preempted (freed and recomputed) for lack of memory", "counter"),
     "prompt_tokens_cached": ("prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", "counter"),
+    "prompt_tokens_queried": ("prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache (each "
+                              "sequence's, at its admission: a request with n samples counts n times)", "counter"),
     "prefix_hits": ("prefix_cache_hits", "Requests admitted on a prefix-cache match", "counter"),
     "checkpoints_used": ("prefix_cache_checkpoints_used", "GDN state checkpoints held by the prefix cache", "gauge"),
     "checkpoints_total": ("prefix_cache_checkpoints_total", "GDN state checkpoints the prefix cache may hold",
@@ -82,10 +84,12 @@ class _EngineCollector(Collector):
             yield self._metric("spec_decode_num_drafts", "MTP drafts: request-steps that verified drafts (as vLLM "
                                "counts them; mean acceptance length = 1 + accepted tokens / drafts)", "counter",
                                float(self.snapshot["spec_drafted_pos_0"]))
-        cached, prompt = self.snapshot.get("prompt_tokens_cached"), self.snapshot.get("prompt_tokens")
-        if cached is not None and prompt:
-            yield self._metric("prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache",
-                               "gauge", cached / prompt)
+        # over the tokens looked up, not prompt_tokens: that counts a prompt once for its n samples, each of which
+        # may hit, so the share could pass 1
+        cached, queried = self.snapshot.get("prompt_tokens_cached"), self.snapshot.get("prompt_tokens_queried")
+        if cached is not None and queried:
+            yield self._metric("prefix_cache_hit_rate", "Share of the prompt tokens looked up that the prefix cache "
+                               "served", "gauge", cached / queried)
 
     def _per_position(self) -> Iterator[Metric]:
         """MTP drafts verified and accepted at each draft position (0: the first draft of a step)."""
