@@ -148,3 +148,39 @@ def test_a_request_registered_while_the_loop_stops_fails_instead_of_waiting_fore
 
     with pytest.raises(EngineDeadError, match="shut down"):
         asyncio.run(main())
+
+
+def test_a_call_whose_callers_loop_closed_does_not_end_the_engine():
+    from deltaserve.config import EngineArgs
+    from deltaserve.engine.async_engine import AsyncLLM
+    from deltaserve.sampling_params import SamplingParams
+
+    engine = AsyncLLM(EngineArgs(model=str(SHIPPED_DEMO_DIR), device="cpu", dtype="float32", max_model_len=512))
+    try:
+        started = threading.Event()
+        busy = threading.Thread(target=asyncio.run, args=(_slow_call(engine, started),))
+        busy.start()  # holds the engine thread for a moment, so the next call is still queued when its loop ends
+        assert started.wait(10)
+
+        async def impatient():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(engine.call(lambda: 1), 0.05)
+
+        asyncio.run(impatient())  # its loop is closed when the engine thread gets to the call
+        busy.join()
+
+        async def other():
+            return [d async for d in engine.generate([1, 2], SamplingParams(max_tokens=2, ignore_eos=True), "b")]
+
+        assert engine.dead is None  # before: answering the closed loop raised on the engine thread and ended it
+        assert sum(len(d.token_ids) for d in asyncio.run(other())) == 2
+    finally:
+        engine.shutdown()
+
+
+async def _slow_call(engine, started: threading.Event):
+    def slow() -> None:
+        started.set()
+        time.sleep(0.5)
+
+    await engine.call(slow)

@@ -101,10 +101,11 @@ class AsyncLLM:
 
         def task() -> None:
             try:
-                result = fn()
-                loop.call_soon_threadsafe(answer, result)
+                outcome: tuple[Any, BaseException | None] = (fn(), None)
             except Exception as e:  # noqa: BLE001 - handed to the awaiting caller
-                loop.call_soon_threadsafe(answer, None, e)
+                outcome = (None, e)
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits for this
+                loop.call_soon_threadsafe(answer, *outcome)
         self._commands.put((task,))
         if self._dead is not None:  # after registering: either this sees it or the dying loop fails the call
             answer(None, EngineDeadError(self._dead))
