@@ -145,7 +145,7 @@ class AsyncLLM:
         except RuntimeError:  # the caller's event loop was closed under a running request: nobody will read it,
             # and raising here would end the engine loop for every other caller
             self._streams.pop(request_id, None)
-            self.engine.abort_request(request_id)
+            self._commands.put((self.engine.abort_request, request_id))  # queued: this may be mid-step or dying
 
     def _drain_commands(self, block: bool) -> None:
         try:
