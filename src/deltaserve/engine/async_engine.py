@@ -100,6 +100,7 @@ class AsyncLLM:
                 fut.set_result(result) if error is None else fut.set_exception(error)
 
         def task() -> None:
+            self._calls.discard(pending)  # answered from here on (or nobody waits): the dying sweep need not
             try:
                 outcome: tuple[Any, BaseException | None] = (fn(), None)
             except Exception as e:  # noqa: BLE001 - handed to the awaiting caller
