@@ -155,3 +155,12 @@ def test_prefix_cache_hit_rate_is_over_the_tokens_each_sample_looked_up(faulty_a
     assert 0 < rate <= 1  # before: hit tokens over prompt_tokens_total, which passed 1 here
     assert d["deltaserve_prefix_cache_query_tokens_total"] == 8 * 99
     assert rate == m["deltaserve_prefix_cache_hit_tokens_total"] / m["deltaserve_prefix_cache_query_tokens_total"]
+
+
+def test_every_sample_of_a_request_the_engine_failed_counts_as_error(faulty_app):
+    app, fail = faulty_app
+    fail.set()
+    r, d = _run(app, {"prompt": "def f", "max_tokens": 4, "n": 3, "temperature": 1})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_error"
+    assert d["deltaserve_request_success_total[error]"] == 3  # before: 1, the first sample's seen
+    assert sum(v for k, v in d.items() if k.startswith("deltaserve_request_success_total[")) == 3

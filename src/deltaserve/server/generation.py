@@ -66,11 +66,12 @@ class _RequestTimer:
     def on_end(self, outcome: str) -> None:
         """Latencies are observed for requests that ran to the end ("ok"). A client that went away ("cancelled")
         aborted its unfinished samples; an abort ("abort", at shutdown) ends every sample at once, but the stream
-        closes on the first one's delta, so the others' are never seen here."""
+        closes on the first one's delta, so the others' are never seen here. So does a failure ("error": the
+        engine fails every sequence of the step, or its loop died), whose other samples count as failed."""
         m = self.metrics
-        if outcome in ("cancelled", "abort"):
-            for _ in range(len(self.tokens) - len(self.finished)):
-                m.success["abort"].inc()
+        unseen = m.success.get({"cancelled": "abort", "abort": "abort", "error": "error"}.get(outcome, ""))
+        if unseen is not None:
+            unseen.inc(len(self.tokens) - len(self.finished))
         if outcome != "ok":
             return
         now = time.monotonic()
