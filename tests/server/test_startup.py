@@ -4,6 +4,7 @@ a model whose chat template is broken does not start; a second SIGTERM exits at 
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -55,3 +56,25 @@ def test_second_sigterm_exits_at_once_non_zero_without_tracebacks(chat_ckpt, tmp
     log = srv.log()
     assert code == 1 and "Traceback" not in log, log[-3000:]
     assert "second signal" in log
+
+
+def test_a_model_directory_that_is_not_a_checkpoint_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    for model in (tmp_path, tmp_path / "missing"):
+        done = _serve(str(model), timeout=60)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+        assert f"error: no config.json in {model}" in done.stderr
+
+
+def test_a_busy_port_is_one_line_and_exit_2():
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "deltaserve.server", "--device", "cpu", "--port", str(port)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    # before: argparse's whole usage text came first
+    assert done.stderr.strip().splitlines() == [f"python -m deltaserve.server: error: cannot listen on "
+                                                f"127.0.0.1:{port}: Address already in use; choose another --port "
+                                                "(or stop what is using it)"]

@@ -158,7 +158,7 @@ class CacheManager:
         self._state_tokens = state_tokens
         self.tick = 0  # advanced by the scheduler once per step: the clock of checkpoint recency
         self.counters = {"checkpoints_taken": 0, "checkpoint_evictions": 0, "prefix_hits": 0,
-                         "prompt_tokens_cached": 0}
+                         "prompt_tokens_cached": 0, "prompt_tokens_queried": 0}
 
     # ---- geometry and gauges ---------------------------------------------------------------------------------------
     def pages_needed(self, num_tokens: int) -> int:

@@ -7,6 +7,7 @@ command queue, and it answers through one asyncio queue per request (thread-safe
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -43,6 +44,7 @@ class AsyncLLM:
         self._streams: dict[str, _Stream] = {}
         self._stopping = threading.Event()
         self._dead: str | None = None
+        self._calls: set[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = set()  # call()s not answered yet
         self._thread = threading.Thread(target=self._run_loop, name="deltaserve-engine", daemon=True)
         self._thread.start()
 
@@ -62,6 +64,9 @@ class AsyncLLM:
             # replacing the live stream would strand its caller, and this one's cleanup would abort its request
             raise RequestError(f"request id {request_id!r} is already in use by a running stream; give each request "
                                "a unique id")
+        if self._dead is not None:  # the loop stopped after the check above: its last sweep may have missed us
+            self._streams.pop(request_id, None)
+            raise EngineDeadError(self._dead)
         self._commands.put((self._add, request_id, list(prompt_token_ids), params, tuple(cache_points)))
         finished = False
         try:
@@ -82,19 +87,35 @@ class AsyncLLM:
         self._commands.put((self._abort, request_id))
 
     def call(self, fn: Callable[[], Any]) -> "asyncio.Future[Any]":
-        """Run fn() on the engine thread (e.g. to read stats consistently) and await its result."""
+        """Run fn() on the engine thread (e.g. to read stats consistently) and await its result. Fails with
+        EngineDeadError at once when the loop has stopped (a queued command would never run)."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
+        pending = (loop, fut)
+        self._calls.add(pending)
+
+        def answer(result: Any = None, error: BaseException | None = None) -> None:
+            self._calls.discard(pending)
+            if not fut.done():
+                fut.set_result(result) if error is None else fut.set_exception(error)
 
         def task() -> None:
+            self._calls.discard(pending)  # answered from here on (or nobody waits): the dying sweep need not
             try:
-                result = fn()
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(result))
+                outcome: tuple[Any, BaseException | None] = (fn(), None)
             except Exception as e:  # noqa: BLE001 - handed to the awaiting caller
-                # bound now: the name `e` is deleted when the except block ends, before the loop runs the callback
-                loop.call_soon_threadsafe(lambda err=e: fut.done() or fut.set_exception(err))
+                outcome = (None, e)
+            with contextlib.suppress(RuntimeError):  # the caller's event loop is closed: nobody waits for this
+                loop.call_soon_threadsafe(answer, *outcome)
         self._commands.put((task,))
+        if self._dead is not None:  # after registering: either this sees it or the dying loop fails the call
+            answer(None, EngineDeadError(self._dead))
         return fut
+
+    @property
+    def dead(self) -> str | None:
+        """Why the engine loop stopped (None while it runs)."""
+        return self._dead
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort everything in flight and stop the loop thread."""
@@ -118,8 +139,14 @@ class AsyncLLM:
 
     def _deliver(self, request_id: str, item: SequenceDelta | BaseException) -> None:
         stream = self._streams.get(request_id)
-        if stream is not None:
+        if stream is None:
+            return
+        try:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's event loop was closed under a running request: nobody will read it,
+            # and raising here would end the engine loop for every other caller
+            self._streams.pop(request_id, None)
+            self._commands.put((self.engine.abort_request, request_id))  # queued: this may be mid-step or dying
 
     def _drain_commands(self, block: bool) -> None:
         try:
@@ -149,8 +176,15 @@ class AsyncLLM:
         finally:
             self._dead = self._dead or "engine was shut down"
             for request_id in list(self._streams):
-                self.engine.abort_request(request_id)
-                self._deliver(request_id, EngineDeadError(self._dead))
+                self._deliver(request_id, EngineDeadError(self._dead))  # first: a broken engine may fail to abort
+                try:
+                    self.engine.abort_request(request_id)
+                except Exception:  # noqa: BLE001 - the engine is gone either way; its caller already has the error
+                    log.debug("aborting %s in a stopped engine failed", request_id, exc_info=True)
+            for loop, fut in list(self._calls):  # their commands will never run
+                with contextlib.suppress(RuntimeError):  # that caller's event loop is closed: nobody waits
+                    loop.call_soon_threadsafe(lambda f=fut, why=self._dead: f.done() or
+                                              f.set_exception(EngineDeadError(why)))
 
 
 class StatsLog:
@@ -170,8 +204,9 @@ class StatsLog:
             return  # idle: nothing new to say
         prompt = s["prompt_tokens"] - prev["prompt_tokens"]
         cached = s.get("prompt_tokens_cached", 0) - prev.get("prompt_tokens_cached", 0)
+        queried = s.get("prompt_tokens_queried", 0) - prev.get("prompt_tokens_queried", 0)
         log.info("running %d, waiting %d; KV %.0f%% used; prompt %.0f tok/s, generation %.0f tok/s; prefix cache: "
                  "%.0f%% of prompt tokens hit, %d/%d checkpoints, %d evictions", s["running"], s["waiting"],
                  100 * s["pages_used"] / max(s["pages_total"], 1), prompt / dt,
-                 (s["generation_tokens"] - prev["generation_tokens"]) / dt, 100 * cached / max(prompt, 1),
+                 (s["generation_tokens"] - prev["generation_tokens"]) / dt, 100 * cached / max(queried, 1),
                  s.get("checkpoints_used", 0), s.get("checkpoints_total", 0), s.get("checkpoint_evictions", 0))

@@ -539,6 +539,7 @@ class Scheduler:
         if request.num_cached_tokens is None:  # the first admission is the one users see
             request.num_cached_tokens = matched
             self.cache.counters["prompt_tokens_cached"] += matched
+            self.cache.counters["prompt_tokens_queried"] += len(tokens)  # per sequence, as the hits: n > 1 counts n
 
     def _entry(self, request: Request, num_new: int, drafts: tuple[int, ...], *,
                placeholder: bool = False) -> ScheduledRequest:

@@ -16,8 +16,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run_server(args)
-    except ServerConfigError as e:
-        parser.error(str(e))
+    except (ValueError, RuntimeError, OSError) as e:  # as `deltaserve serve`: one line (a busy port, a bad model
+        # dir or option), not a traceback nor the whole usage text above it
+        if not isinstance(e, ServerConfigError) and str(getattr(args, "log_level", "")).lower() in ("debug", "trace"):
+            raise
+        print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -149,6 +149,8 @@ def _open_router(state: ServerState) -> APIRouter:
     async def health() -> Response:
         if state.draining:
             return JSONResponse({"status": "shutting down"}, status_code=503)
+        if state.engine.dead is not None:  # for good: the log has the cause (logged once, when it died)
+            return JSONResponse({"status": "engine dead"}, status_code=503)
         try:
             await asyncio.wait_for(state.engine.call(lambda: True), _ENGINE_PROBE_TIMEOUT_S)
         except Exception:  # noqa: BLE001 - any failure to answer means unhealthy

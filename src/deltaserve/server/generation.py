@@ -52,7 +52,9 @@ class _RequestTimer:
                 self.first_token = now
                 self.metrics.ttft.observe(now - self.arrival)
             elif delta.index in self.last_token:
-                self.metrics.itl.observe((now - self.last_token[delta.index]) / len(delta.token_ids))
+                gap = (now - self.last_token[delta.index]) / len(delta.token_ids)
+                self.metrics.itl.observe(gap)
+                self.metrics.tpot.observe(gap)
             self.last_token[delta.index] = now
             self.tokens[delta.index] += len(delta.token_ids)
         if delta.finished:
@@ -62,12 +64,14 @@ class _RequestTimer:
                 success.inc()
 
     def on_end(self, outcome: str) -> None:
-        """Latencies are observed for requests that ran to the end ("ok"); a client that went away ("cancelled")
-        aborted its unfinished samples."""
+        """Latencies are observed for requests that ran to the end ("ok"). A client that went away ("cancelled")
+        aborted its unfinished samples; an abort ("abort", at shutdown) ends every sample at once, but the stream
+        closes on the first one's delta, so the others' are never seen here. So does a failure ("error": the
+        engine fails every sequence of the step, or its loop died), whose other samples count as failed."""
         m = self.metrics
-        if outcome == "cancelled":
-            for _ in range(len(self.tokens) - len(self.finished)):
-                m.success["abort"].inc()
+        unseen = m.success.get({"cancelled": "abort", "abort": "abort", "error": "error"}.get(outcome, ""))
+        if unseen is not None:
+            unseen.inc(len(self.tokens) - len(self.finished))
         if outcome != "ok":
             return
         now = time.monotonic()

@@ -43,6 +43,8 @@ _ENGINE_METRICS = {
     "requests_finished": ("engine_sequences_finished", "Sequences that ended by stop or length", "counter"),
     "preemptions": ("num_preemptions", "Sequences preempted (freed and recomputed) for lack of memory", "counter"),
     "prompt_tokens_cached": ("prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache", "counter"),
+    "prompt_tokens_queried": ("prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache (each "
+                              "sequence's, at its admission: a request with n samples counts n times)", "counter"),
     "prefix_hits": ("prefix_cache_hits", "Requests admitted on a prefix-cache match", "counter"),
     "checkpoints_used": ("prefix_cache_checkpoints_used", "GDN state checkpoints held by the prefix cache", "gauge"),
     "checkpoints_total": ("prefix_cache_checkpoints_total", "GDN state checkpoints the prefix cache may hold",
@@ -55,7 +57,8 @@ _ENGINE_METRICS = {
     "spec_turned_down_steps": ("spec_decode_num_turned_down_steps", "Steps decoded without drafts because more "
                                "than speculative_max_batch requests ran", "counter"),
 }
-FINISH_REASONS = ("stop", "length", "abort")
+# vLLM's finish reasons ("error": the engine failed the sequence), so request_success_total counts every ending
+FINISH_REASONS = ("stop", "length", "abort", "error")
 
 
 class _EngineCollector(Collector):
@@ -71,17 +74,22 @@ class _EngineCollector(Collector):
                 yield self._metric(name, doc, kind, float(self.snapshot[key]))
         used, total = self.snapshot.get("pages_used"), self.snapshot.get("pages_total")
         if used is not None and total:
-            yield self._metric("kv_cache_usage_perc", "Fraction of KV cache pages in use (1 = full)", "gauge",
-                               used / total)
+            # as vLLM counts it: pages only the prefix cache holds are reclaimable, so free (else an idle server
+            # with a warm cache reads as full to the dashboards and autoscalers that watch this gauge)
+            in_requests = used - self.snapshot.get("pages_cached", 0)
+            yield self._metric("kv_cache_usage_perc", "Fraction of KV cache pages held by requests (1 = full; "
+                               "pages only the prefix cache holds count as free)", "gauge", in_requests / total)
         yield from self._per_position()
         if "spec_drafted_pos_0" in self.snapshot:  # every request-step that drafted has a first draft
             yield self._metric("spec_decode_num_drafts", "MTP drafts: request-steps that verified drafts (as vLLM "
                                "counts them; mean acceptance length = 1 + accepted tokens / drafts)", "counter",
                                float(self.snapshot["spec_drafted_pos_0"]))
-        cached, prompt = self.snapshot.get("prompt_tokens_cached"), self.snapshot.get("prompt_tokens")
-        if cached is not None and prompt:
-            yield self._metric("prefix_cache_hit_rate", "Share of prompt tokens served from the prefix cache",
-                               "gauge", cached / prompt)
+        # over the tokens looked up, not prompt_tokens: that counts a prompt once for its n samples, each of which
+        # may hit, so the share could pass 1
+        cached, queried = self.snapshot.get("prompt_tokens_cached"), self.snapshot.get("prompt_tokens_queried")
+        if cached is not None and queried:
+            yield self._metric("prefix_cache_hit_rate", "Share of the prompt tokens looked up that the prefix cache "
+                               "served", "gauge", cached / queried)
 
     def _per_position(self) -> Iterator[Metric]:
         """MTP drafts verified and accepted at each draft position (0: the first draft of a step)."""
@@ -117,6 +125,9 @@ class ServerMetrics:
         self.ttft = histogram("time_to_first_token_seconds", "Request arrival to its first token", _TTFT_BUCKETS)
         self.itl = histogram("inter_token_latency_seconds", "Time between consecutive tokens of a sequence",
                              _ITL_BUCKETS)
+        # vLLM's older name for the same observations, still what many dashboards and autoscalers query
+        self.tpot = histogram("time_per_output_token_seconds", "Time between consecutive tokens of a sequence "
+                              "(the same observations as inter_token_latency_seconds)", _ITL_BUCKETS)
         self.e2e = histogram("e2e_request_latency_seconds", "Request arrival to its last token",
                              _REQUEST_TIME_BUCKETS)
         self.queue = histogram("request_queue_time_seconds", "Request arrival to its hand-over to the engine "
