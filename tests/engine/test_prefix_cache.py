@@ -212,6 +212,8 @@ def test_the_periodic_log_line_reports_the_prefix_cache(dense, caplog, monkeypat
     assert "prefix cache:" in line and "% of prompt tokens hit" in line and "checkpoints" in line
     hit = llm.engine.stats()["prompt_tokens_cached"] / llm.engine.stats()["prompt_tokens"]
     assert f"{100 * hit:.0f}% of prompt tokens hit" in line and hit > 0.3
+    # idle, with pages only the cache holds: they count as free, as in kv_cache_usage_perc (they read as used)
+    assert llm.engine.stats()["pages_cached"] > 0 and "KV 0% used by requests" in line
 
 
 @pytest.mark.gpu

@@ -205,8 +205,9 @@ class StatsLog:
         prompt = s["prompt_tokens"] - prev["prompt_tokens"]
         cached = s.get("prompt_tokens_cached", 0) - prev.get("prompt_tokens_cached", 0)
         queried = s.get("prompt_tokens_queried", 0) - prev.get("prompt_tokens_queried", 0)
-        log.info("running %d, waiting %d; KV %.0f%% used; prompt %.0f tok/s, generation %.0f tok/s; prefix cache: "
-                 "%.0f%% of prompt tokens hit, %d/%d checkpoints, %d evictions", s["running"], s["waiting"],
-                 100 * s["pages_used"] / max(s["pages_total"], 1), prompt / dt,
+        in_requests = s["pages_used"] - s.get("pages_cached", 0)  # as kv_cache_usage_perc: cache-only pages are free
+        log.info("running %d, waiting %d; KV %.0f%% used by requests; prompt %.0f tok/s, generation %.0f tok/s; prefix "
+                 "cache: %.0f%% of prompt tokens hit, %d/%d checkpoints, %d evictions", s["running"], s["waiting"],
+                 100 * in_requests / max(s["pages_total"], 1), prompt / dt,
                  (s["generation_tokens"] - prev["generation_tokens"]) / dt, 100 * cached / max(queried, 1),
                  s.get("checkpoints_used", 0), s.get("checkpoints_total", 0), s.get("checkpoint_evictions", 0))
