@@ -67,7 +67,8 @@ def call_ok(sample: chats.Sample, calls) -> tuple[bool, bool]:
 
 def score(tokenizer, sample: chats.Sample, completion, im_end: int) -> dict[str, bool]:
     parsed, open_think = parse_reply(tokenizer, sample, completion.text)
-    ended = completion.finish_reason == "stop" and completion.stop_reason == im_end  # not <|endoftext|>, not length
+    # the end token itself, not <|endoftext|> or the length limit (stop_reason is None on an end token, as in vLLM)
+    ended = completion.finish_reason == "stop" and completion.token_ids[-1:] == [im_end]
     row = {"ended": ended}
     if sample.thinking:
         row["think_closed"] = not open_think
