@@ -1,0 +1,78 @@
+"""config.json variants that real Qwen3.5 / Qwen3.6 checkpoints use or could use, each loaded by transformers and by
+deltaserve from the same directory and compared (fp32 logits, greedy tokens); fields deltaserve does not implement
+are refused at start, naming the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from deltaserve.config import ConfigError, ModelConfig
+from deltaserve.models.loader import load_model
+from tests.models.factory import TinySpec, save_checkpoint
+from tests.models.simple_runner import SimpleRunner
+from tests.models.test_qwen3_5_vs_hf import assert_logits_close, hf_logits, prompt
+
+L, F = "linear_attention", "full_attention"
+Patch = Callable[[dict[str, Any], Path], None]
+
+
+def _text(cfg: dict[str, Any]) -> dict[str, Any]:
+    return cfg.get("text_config") or cfg
+
+
+def no_rope_theta(cfg: dict[str, Any], _: Path) -> None:
+    _text(cfg)["rope_parameters"].pop("rope_theta")
+
+
+def rope_scaling_beside_rope_parameters(cfg: dict[str, Any], _: Path) -> None:
+    _text(cfg)["rope_scaling"] = {"rope_type": "default", "rope_theta": 1e5, "partial_rotary_factor": 0.5}
+
+
+CASES: list[tuple[str, TinySpec, Patch | None]] = [
+    # mismatches found by fuzzing the config fields against transformers
+    ("no_rope_theta", TinySpec("a"), no_rope_theta),
+    ("rope_scaling_beside_rope_parameters", TinySpec("a"), rope_scaling_beside_rope_parameters),
+    # representative variants that agree
+    ("attention_first_kv1_full_rotary", TinySpec("a", layer_types=(F, L, L), extra=dict(
+        num_key_value_heads=1, head_dim=64,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 1.0})), None),
+    ("gdn_key_dim_ne_value_dim_conv2_one_key_head", TinySpec("a", gva=4, extra=dict(
+        linear_num_key_heads=1, linear_key_head_dim=8, linear_value_head_dim=24, linear_conv_kernel_dim=2)), None),
+    ("moe_top1_kv_eq_heads", TinySpec("a", moe=True, extra=dict(num_experts_per_tok=1, num_key_value_heads=4)), None),
+]
+
+
+@pytest.mark.parametrize("spec,patch", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_config_variant_matches_transformers(tmp_path, spec: TinySpec, patch: Patch | None):
+    hf = save_checkpoint(spec, tmp_path)
+    if patch is not None:
+        cfg = json.loads((tmp_path / "config.json").read_text())
+        patch(cfg, tmp_path)
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        hf = type(hf).from_pretrained(tmp_path).eval()  # transformers' own reading of the patched config
+    ours = load_model(ModelConfig.from_hf(tmp_path), dtype="float32")
+    ids = prompt(70, seed=4)
+    assert_logits_close(SimpleRunner(ours).step({0: ids}, all_logits=True)[0], hf_logits(hf, ids))
+    ids = prompt(5, seed=5)
+    expected = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                           pad_token_id=0)[0, len(ids):].tolist()
+    assert SimpleRunner(ours).generate_greedy(0, ids, 16) == expected
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("attention_bias", True, r"config field 'attention_bias' is True; only false is supported"),
+    ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
+     r"config field 'rope_scaling.rope_type' is 'yarn'; only 'default' RoPE"),
+])
+def test_unsupported_field_is_refused_naming_it(tmp_path, field, value, message):
+    """transformers applies these; deltaserve must refuse them rather than serve different logits."""
+    save_checkpoint(TinySpec("a"), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg[field] = value
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict(cfg)
