@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from deltaserve.config import ConfigError, ModelConfig
 from deltaserve.models.loader import load_model
@@ -33,10 +34,24 @@ def rope_scaling_beside_rope_parameters(cfg: dict[str, Any], _: Path) -> None:
     _text(cfg)["rope_scaling"] = {"rope_type": "default", "rope_theta": 1e5, "partial_rotary_factor": 0.5}
 
 
+def tie_at_top_level_only(cfg: dict[str, Any], _: Path) -> None:
+    """As transformers saves Qwen3_5Config(tie_word_embeddings=True) with a default text_config."""
+    cfg["tie_word_embeddings"], cfg["text_config"]["tie_word_embeddings"] = True, False
+
+
+def tie_with_distinct_lm_head(cfg: dict[str, Any], path: Path) -> None:
+    """The config ties, but the checkpoint carries its own lm_head (transformers then does not tie)."""
+    _text(cfg)["tie_word_embeddings"] = True
+    tensors = load_file(path / "model.safetensors")
+    assert not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"])
+
+
 CASES: list[tuple[str, TinySpec, Patch | None]] = [
     # mismatches found by fuzzing the config fields against transformers
     ("no_rope_theta", TinySpec("a"), no_rope_theta),
     ("rope_scaling_beside_rope_parameters", TinySpec("a"), rope_scaling_beside_rope_parameters),
+    ("nested_tie_at_top_level_only", TinySpec("a", nested=True, tie=True), tie_at_top_level_only),
+    ("tie_with_distinct_lm_head", TinySpec("a"), tie_with_distinct_lm_head),
     # representative variants that agree
     ("attention_first_kv1_full_rotary", TinySpec("a", layer_types=(F, L, L), extra=dict(
         num_key_value_heads=1, head_dim=64,
@@ -62,6 +77,17 @@ def test_config_variant_matches_transformers(tmp_path, spec: TinySpec, patch: Pa
     expected = hf.generate(torch.tensor([ids]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
                            pad_token_id=0)[0, len(ids):].tolist()
     assert SimpleRunner(ours).generate_greedy(0, ids, 16) == expected
+
+
+def test_redundant_lm_head_equal_to_embedding_stays_tied(tmp_path):
+    """A tied checkpoint that also ships lm_head.weight (a copy of the embedding) keeps one shared weight."""
+    save_checkpoint(TinySpec("a", tie=True), tmp_path)
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, weights, metadata={"format": "pt"})
+    ours = load_model(ModelConfig.from_hf(tmp_path), dtype="float32")
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -177,7 +177,9 @@ class ModelConfig(LinearAttentionSizes):
 
         num_layers = get("num_hidden_layers")
         rope = _rope(text)
-        tie = text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+        # Either level may say so: transformers ties a nested checkpoint by the top-level flag and saves the
+        # text_config's own (default false) beside it; older exports set only the text_config's.
+        tie = bool(text.get("tie_word_embeddings")) or bool(raw.get("tie_word_embeddings"))
         return cls(
             architecture=architecture, is_moe=is_moe,
             vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_hidden_layers=num_layers,
