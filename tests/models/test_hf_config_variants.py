@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from deltaserve.config import ConfigError, ModelConfig
 from deltaserve.models.loader import load_model
-from tests.models.factory import TinySpec, save_checkpoint
+from tests.models.factory import TinySpec, save_checkpoint, text_kwargs
 from tests.models.simple_runner import SimpleRunner
 from tests.models.test_qwen3_5_vs_hf import assert_logits_close, hf_logits, prompt
 
@@ -94,11 +94,13 @@ def test_redundant_lm_head_equal_to_embedding_stays_tied(tmp_path):
     ("attention_bias", True, r"config field 'attention_bias' is True; only false is supported"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},
      r"config field 'rope_scaling.rope_type' is 'yarn'; only 'default' RoPE"),
+    ("rope_parameters", {"full_attention": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5}},
+     r"config field 'rope_parameters' holds per-layer-type RoPE parameters \(\['full_attention'\]\)"),
 ])
-def test_unsupported_field_is_refused_naming_it(tmp_path, field, value, message):
-    """transformers applies these; deltaserve must refuse them rather than serve different logits."""
-    save_checkpoint(TinySpec("a"), tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
+def test_unsupported_field_is_refused_naming_it(field, value, message):
+    """Fields transformers applies (or fails on): deltaserve refuses them rather than serve different logits."""
+    import transformers as tf
+    cfg = {**tf.Qwen3_5TextConfig(**text_kwargs(TinySpec("a"))).to_dict(), "architectures": ["Qwen3_5ForCausalLM"]}
     cfg[field] = value
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict(cfg)

@@ -253,6 +253,10 @@ def _rope(text: dict[str, Any]) -> dict[str, float]:
     params = text.get(key) or {}
     if not isinstance(params, dict):
         raise ConfigError(f"config field '{key}' must be an object, got {params!r}")
+    nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if nested:  # transformers' per-layer-type form; read flat, its theta and rotary factor would fall to defaults
+        raise ConfigError(f"config field '{key}' holds per-layer-type RoPE parameters ({nested}); only one flat "
+                          "object for all layers is supported (rope_type, rope_theta, partial_rotary_factor)")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", None):
         raise ConfigError(f"config field '{key}.rope_type' is {rope_type!r}; only 'default' RoPE is "
