@@ -90,6 +90,17 @@ def test_redundant_lm_head_equal_to_embedding_stays_tied(tmp_path):
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
+def test_nested_dtype_is_read_as_transformers_reads_it(tmp_path):
+    """A nested config whose top level and text_config name different dtypes: transformers' dtype="auto" (its
+    from_pretrained default) takes the top-level one."""
+    hf = save_checkpoint(TinySpec("a", nested=True), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["dtype"], cfg["text_config"]["dtype"] = "float32", "bfloat16"
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = type(hf).from_pretrained(tmp_path)
+    assert str(hf.dtype) == "torch." + ModelConfig.from_hf(tmp_path).dtype == "torch.float32"
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("attention_bias", True, r"config field 'attention_bias' is True; only false is supported"),
     ("rope_scaling", {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 1024},

@@ -202,7 +202,7 @@ class ModelConfig(LinearAttentionSizes):
             hidden_act=get("hidden_act", "silu"),
             attn_output_gate=get("attn_output_gate", True),
             attention_bias=get("attention_bias", False),
-            dtype=str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+            dtype=_dtype_name(raw, text),
             eos_token_ids=_eos_ids(text, raw, generation_config or {}),
             quantization_config=raw.get("quantization_config") or text.get("quantization_config"),
             model_dir=model_dir,
@@ -265,6 +265,15 @@ def _rope(text: dict[str, Any]) -> dict[str, float]:
     theta = params.get("rope_theta", text.get("rope_theta", HF_DEFAULT_ROPE_THETA))
     factor = params.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     return {"rope_theta": _float("rope_theta", theta), "partial_rotary_factor": _float("partial_rotary_factor", factor)}
+
+
+def _dtype_name(raw: dict[str, Any], text: dict[str, Any]) -> str:
+    """The checkpoint's dtype: the top-level one first, as transformers' dtype="auto" reads a nested config."""
+    for level in (raw, text):
+        for key in ("dtype", "torch_dtype"):
+            if level.get(key):
+                return str(level[key])
+    return "bfloat16"
 
 
 def _float(name: str, value: Any) -> float:
