@@ -20,6 +20,7 @@ SUPPORTED_ARCHITECTURES = {
 }
 SUPPORTED_MODEL_TYPES = {"qwen3_5": False, "qwen3_5_text": False, "qwen3_5_moe": True, "qwen3_5_moe_text": True}
 LAYER_TYPES = ("linear_attention", "full_attention")
+HF_DEFAULT_ROPE_THETA = 10_000.0  # transformers' RotaryEmbeddingConfigMixin.default_theta
 
 
 class LinearAttentionSizes:
@@ -74,6 +75,7 @@ class ModelConfig(LinearAttentionSizes):
     mtp_num_hidden_layers: int = 0
     hidden_act: str = "silu"
     attn_output_gate: bool = True
+    attention_bias: bool = False
     dtype: str = "bfloat16"
     eos_token_ids: tuple[int, ...] = ()
     quantization_config: dict[str, Any] | None = field(default=None, compare=False, hash=False)
@@ -128,6 +130,9 @@ class ModelConfig(LinearAttentionSizes):
                  f"must give an even number of rotary dims")
         _require(self.hidden_act == "silu", f"config field 'hidden_act' is {self.hidden_act!r}; only 'silu' is supported")
         _require(self.attn_output_gate, "config field 'attn_output_gate' is false; Qwen3.5 checkpoints always gate")
+        _require(self.attention_bias is False,
+                 f"config field 'attention_bias' is {self.attention_bias!r}; only false is supported (the attention "
+                 "layers have no q/k/v/o_proj biases, as in the published Qwen3.5 checkpoints)")
         _require(self.mtp_num_hidden_layers in (0, 1),
                  f"config field 'mtp_num_hidden_layers' is {self.mtp_num_hidden_layers}; only 0 or 1 is supported")
         if self.is_moe:
@@ -172,7 +177,9 @@ class ModelConfig(LinearAttentionSizes):
 
         num_layers = get("num_hidden_layers")
         rope = _rope(text)
-        tie = text.get("tie_word_embeddings", raw.get("tie_word_embeddings", False))
+        # Either level may say so: transformers ties a nested checkpoint by the top-level flag and saves the
+        # text_config's own (default false) beside it; older exports set only the text_config's.
+        tie = bool(text.get("tie_word_embeddings")) or bool(raw.get("tie_word_embeddings"))
         return cls(
             architecture=architecture, is_moe=is_moe,
             vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), num_hidden_layers=num_layers,
@@ -194,7 +201,8 @@ class ModelConfig(LinearAttentionSizes):
             mtp_num_hidden_layers=get("mtp_num_hidden_layers", 0, also_top=True),
             hidden_act=get("hidden_act", "silu"),
             attn_output_gate=get("attn_output_gate", True),
-            dtype=str(text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype") or "bfloat16"),
+            attention_bias=get("attention_bias", False),
+            dtype=_dtype_name(raw, text),
             eos_token_ids=_eos_ids(text, raw, generation_config or {}),
             quantization_config=raw.get("quantization_config") or text.get("quantization_config"),
             model_dir=model_dir,
@@ -240,16 +248,32 @@ def _layer_types(text: dict[str, Any], num_layers: int) -> tuple[str, ...]:
 
 
 def _rope(text: dict[str, Any]) -> dict[str, float]:
-    params = text.get("rope_parameters") or text.get("rope_scaling") or {}
+    # transformers reads a legacy `rope_scaling` in preference to `rope_parameters` when a config has both.
+    key = "rope_scaling" if text.get("rope_scaling") else "rope_parameters"
+    params = text.get(key) or {}
     if not isinstance(params, dict):
-        raise ConfigError(f"config field 'rope_parameters' must be an object, got {params!r}")
+        raise ConfigError(f"config field '{key}' must be an object, got {params!r}")
+    nested = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if nested:  # transformers' per-layer-type form; read flat, its theta and rotary factor would fall to defaults
+        raise ConfigError(f"config field '{key}' holds per-layer-type RoPE parameters ({nested}); only one flat "
+                          "object for all layers is supported (rope_type, rope_theta, partial_rotary_factor)")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in ("default", None):
-        raise ConfigError(f"config field 'rope_parameters.rope_type' is {rope_type!r}; only 'default' RoPE is "
+        raise ConfigError(f"config field '{key}.rope_type' is {rope_type!r}; only 'default' RoPE is "
                           "supported (YaRN beyond 256K context is not implemented)")
-    theta = params.get("rope_theta", text.get("rope_theta", 10_000_000.0))
+    # No rope_theta anywhere: transformers' default base (10000), not the published checkpoints' 1e7.
+    theta = params.get("rope_theta", text.get("rope_theta", HF_DEFAULT_ROPE_THETA))
     factor = params.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     return {"rope_theta": _float("rope_theta", theta), "partial_rotary_factor": _float("partial_rotary_factor", factor)}
+
+
+def _dtype_name(raw: dict[str, Any], text: dict[str, Any]) -> str:
+    """The checkpoint's dtype: the top-level one first, as transformers' dtype="auto" reads a nested config."""
+    for level in (raw, text):
+        for key in ("dtype", "torch_dtype"):
+            if level.get(key):
+                return str(level[key])
+    return "bfloat16"
 
 
 def _float(name: str, value: Any) -> float:

@@ -302,6 +302,22 @@ def _warn_unmatched_exclusions(resolver: QuantResolver, model: torch.nn.Module, 
                     ", ".join(unmatched))
 
 
+def _untie_distinct_lm_head(config: ModelConfig, entries: list[TensorEntry]) -> ModelConfig:
+    """A config that ties the lm_head to the embedding, over a checkpoint that carries an lm_head.weight with other
+    values: transformers then does not tie them and computes logits with that lm_head, so deltaserve does the same
+    (a redundant copy equal to the embedding stays unread, the lm_head tied)."""
+    if not config.tie_word_embeddings:
+        return config
+    named = {text_model_name(e.name): e for e in entries}
+    head, embed = named.get("lm_head.weight"), named.get("model.embed_tokens.weight")
+    if head is None or embed is None or torch.equal(read_entry(head), read_entry(embed)):
+        return config
+    log.warning("the config ties the lm_head to the embedding (tie_word_embeddings true) but the checkpoint's "
+                "lm_head.weight differs from its embedding: using the lm_head, as transformers does; set "
+                "tie_word_embeddings false in config.json to silence this")
+    return replace(config, tie_word_embeddings=False)
+
+
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
@@ -327,6 +343,7 @@ def load_model(config: ModelConfig, *, dtype: torch.dtype | str | None = None, d
         if with_mtp and not any(e.name.startswith("mtp.") for e in entries):
             raise CheckpointError(f"the MTP head was asked for (speculative decoding) but the checkpoint in "
                                   f"{config.model_dir} has no mtp.* tensors; use a checkpoint that ships them")
+    config = _untie_distinct_lm_head(config, entries)
     if quantization is None:
         model = Qwen3_5ForCausalLM(config, dtype=dtype, device=device, with_mtp=with_mtp, shapes=shapes)
     else:
