@@ -115,3 +115,12 @@ def test_unsupported_field_is_refused_naming_it(field, value, message):
     cfg[field] = value
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict(cfg)
+
+
+def test_mrope_rope_scaling_reads_as_default_rope():
+    """A Qwen-VL-style `rope_scaling: {"type": "mrope", "mrope_section": ...}` beside rope_parameters: on text the
+    multimodal RoPE is the default one, so the config loads (it was refused as an unsupported RoPE type)."""
+    import transformers as tf
+    cfg = {**tf.Qwen3_5TextConfig(**text_kwargs(TinySpec("a"))).to_dict(), "architectures": ["Qwen3_5ForCausalLM"]}
+    cfg["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 1, 1], "rope_theta": 1e6}
+    assert ModelConfig.from_dict(cfg).rope_theta == 1e6

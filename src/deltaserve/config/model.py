@@ -258,7 +258,9 @@ def _rope(text: dict[str, Any]) -> dict[str, float]:
         raise ConfigError(f"config field '{key}' holds per-layer-type RoPE parameters ({nested}); only one flat "
                           "object for all layers is supported (rope_type, rope_theta, partial_rotary_factor)")
     rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type not in ("default", None):
+    # Qwen-VL-style configs name their multimodal RoPE "mrope": on text every section sees the same position, so it
+    # is the default RoPE (the published Qwen3.5 configs carry mrope_section under rope_type "default" likewise)
+    if rope_type not in ("default", "mrope", None):
         raise ConfigError(f"config field '{key}.rope_type' is {rope_type!r}; only 'default' RoPE is "
                           "supported (YaRN beyond 256K context is not implemented)")
     # No rope_theta anywhere: transformers' default base (10000), not the published checkpoints' 1e7.
