@@ -476,6 +476,119 @@ def test_random_workload_matches_requests_run_alone(name: str, seed: int, overla
         assert preempted_pending > 0, "the tight config should preempt requests whose token is in flight"
 
 
+class CachingHybridModel(FakeHybridModel):
+    """The fake model with the prefix cache's copies applied as the runner applies them: matched checkpoints'
+    states and partial pages before the step, the step's snapshots after it (checkpoint slots follow the running
+    slots)."""
+
+    def __init__(self, num_pages: int, page_size: int, num_slots: int, num_checkpoints: int) -> None:
+        super().__init__(num_pages, page_size, num_slots + num_checkpoints)
+
+    def copy_states(self, copies) -> None:
+        for c in copies:
+            self.state[c.dst] = self.state[c.src]
+
+    def step(self, out: SchedulerOutput) -> dict[str, int]:
+        self.copy_states(out.state_copies)
+        for c in out.page_copies:
+            self.kv[c.dst] = list(self.kv[c.src])
+        sampled = super().step(out)
+        self.copy_states(out.state_snapshots)
+        return sampled
+
+
+def check_page_refs(cache: CacheManager) -> None:
+    """Each page's reference count is the number of its holders (requests, checkpoints, pending snapshots); each
+    pool's free list holds each free id once."""
+    holders: dict[int, int] = {}
+    pages = [a.pages for a in cache._held.values()] + [c.pages for c in cache._index.checkpoints] + \
+        [p.checkpoint.pages for p in cache._pending]
+    for p in (p for ps in pages for p in ps):
+        holders[p] = holders.get(p, 0) + 1
+    assert all(cache._pages.ref_count(p) == holders.get(p, 0) for p in range(cache.num_pages))
+    for pool in (cache._pages, cache._slots, cache._checkpoint_slots):
+        assert len(set(pool._free)) == len(pool._free) == sum(1 for r in pool._refs if r == 0)
+
+
+def caching_workload(rng: random.Random, max_len: int) -> list[Request]:
+    """Prompts cut from three shared bases (plus a tail), repeats of earlier prompts, and unrelated ones."""
+    bases = [[rng.randrange(1, 50) for _ in range(rng.randint(1, max_len - 1))] for _ in range(3)]
+    todo: list[Request] = []
+    for i in range(40):
+        kind = rng.random()
+        if kind < 0.4:
+            base = rng.choice(bases)
+            prompt = base[:rng.randint(1, len(base))] + [rng.randrange(1, 50) for _ in range(rng.randint(0, 10))]
+        elif kind < 0.6 and todo:
+            prompt = list(rng.choice(todo).prompt_token_ids)
+        else:
+            prompt = [rng.randrange(1, 50) for _ in range(rng.randint(1, max_len - 1))]
+        todo.append(Request(f"r{i}", prompt[:max_len - 1]))
+    return todo
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "overlap"])
+@pytest.mark.parametrize("seed", range(4))
+def test_random_workload_with_prefix_caching_matches_requests_run_alone(seed: int, overlap: bool) -> None:
+    """Shared prefixes and repeats resume from checkpoints (states and partial pages copied), finished requests
+    leave their generation's end and a follow-up turn extends it, the cache is reset now and then, and tight pools
+    force preemption and eviction: every output is still the request's output alone, and no page or slot leaks."""
+    rng = random.Random(seed)
+    max_len, ps, seqs, checkpoints = 48, rng.choice([1, 4, 8]), rng.choice([2, 4]), rng.choice([2, 8])
+    num_pages = max_len // ps + rng.choice([0, 4])
+    config = SchedulerConfig(max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=rng.choice([8, 16]))
+    cache = CacheManager(num_pages=num_pages, num_slots=seqs, page_size=ps, num_checkpoints=checkpoints)
+    sched = Scheduler(config, cache, checkpoint_interval=2 * ps)
+    model = CachingHybridModel(num_pages, ps, seqs, checkpoints)
+    todo = caching_workload(rng, max_len)
+    max_new: dict[str, int] = {}
+    ended: list[Request] = []
+    inflight = None
+
+    def resolve(got: list[Request]) -> None:
+        for r in got:
+            done = r.output_token_ids[-1] == 0 or r.num_output_tokens >= max_new[r.request_id] or \
+                r.num_tokens >= max_len
+            if not done:
+                continue
+            snapshot = sched.checkpoint_finished(r.request_id)
+            model.copy_states([snapshot] if snapshot is not None else [])
+            ended.append(sched.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH))
+            if len(ended) < 20 and r.num_tokens < max_len - 2:  # the next turn: the whole sequence and more
+                todo.append(Request(f"{r.request_id}+", (r.all_token_ids + [7, 8])[:max_len - 1]))
+
+    for _ in range(5000):
+        for _ in range(rng.choice([0, 0, 1, 2])):
+            if todo:
+                r = todo.pop(0)
+                max_new[r.request_id] = rng.randint(1, 12)
+                r.max_output_tokens = min(max_new[r.request_id], max_len - r.num_prompt_tokens)
+                sched.add_request(r)
+        live = [r.request_id for r in sched.running + sched.waiting]
+        if live and rng.random() < 0.03:
+            ended.append(sched.abort_request(rng.choice(live)))
+        if rng.random() < 0.01:
+            cache.reset_prefix_cache()
+        out = sched.schedule()
+        sampled = model.step(out)
+        if overlap:
+            sched.commit_step(out)
+            if inflight is not None:
+                resolve(sched.resolve_step(*inflight))
+            inflight = (out, sampled) if out.scheduled else None
+        else:
+            resolve(sched.update_from_step(out, sampled))
+        check_page_refs(cache)
+        if not todo and not sched.has_unfinished():
+            break
+    assert not todo and not sched.has_unfinished(), "workload did not drain (livelock?)"
+    assert cache.is_empty() and cache.counters["prefix_hits"] > 0
+    for r in ended:
+        expected = generate_alone(r.prompt_token_ids, max_new[r.request_id], max_len)
+        aborted = r.status is RequestStatus.FINISHED_ABORTED  # its outputs so far
+        assert r.output_token_ids == expected[:r.num_output_tokens if aborted else None]
+
+
 def caching(*, budget: int = 32, max_num_seqs: int = 8, a: Request | None = None, b: Request | None = None,
             interval: int | None = None, max_model_len: int | None = None) -> Scheduler:
     """A prefix-caching scheduler (pages of 4, by default one checkpoint interval per step) with requests a and b

@@ -216,11 +216,11 @@ class LLMEngine:
                 t0 = time.perf_counter()
                 launched = self.runner.launch(build_step_input(out, block_tables=self.block_tables))
                 launch_ms = (time.perf_counter() - t0) * 1e3
-            except RankFailure:
-                raise  # a tensor-parallel rank is gone: no step can run any more
             except Exception as e:  # a failing step fails the requests in it, never the engine
+                self.scheduler.abandon(out)  # it never runs: its checkpoint reservations go back to the pools
+                if isinstance(e, RankFailure):
+                    raise  # a tensor-parallel rank is gone: no step can run any more
                 log.exception("engine step failed")
-                self.scheduler.abandon(out)
                 return self._finish_inflight() + self._fail(out, f"{type(e).__name__}: {e}")
             self.scheduler.commit_step(out)
             self.counters["preemptions"] += len(out.preempted)
