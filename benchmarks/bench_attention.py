@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from benchmarks.common import require_cuda
+
 from deltaserve.kernels.activation import ref as act_ref
 from deltaserve.kernels.activation import triton as act
 from deltaserve.kernels.attention import ref as attn_ref
@@ -544,6 +546,7 @@ def main() -> None:
                         help="with --verify: tokens per row (1 + K), default 4")
     parser.add_argument("--out", help="also write the output to this file")
     args = parser.parse_args()
+    require_cuda("bench_attention.py")
     lines: list[str] = []
 
     def log(s: str) -> None:

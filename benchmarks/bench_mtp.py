@@ -20,7 +20,8 @@ without graphs). The drafts are split into "prep" (the host-side inputs of the c
 (the first pass with draft 1) and "chain" (the K - 1 chained passes), each timed alone, with graphs and eager
 ("drafts" ~ prep + first + chain). "step" = verify + commit + drafts. TPOT at
 acceptance length AL = step / AL: AL is the mean number of tokens a step keeps, 1.93 / 2.73 / 3.39 / 3.97 at
-K = 1 / 2 / 3 / 4 (Qwen3.5 MTP, published, wave2.md C.2).
+K = 1 / 2 / 3 / 4 (published for Qwen3.5-397B-A17B with vLLM's MTP, SPEED-Bench coding prompts, thinking on:
+SemiAnalysisAI/InferenceX on GitHub, golden_al_distribution/qwen3.5_mtp.yaml).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import header, model_config, table
+from benchmarks.common import header, model_config, require_cuda, table
 
 PAGE = 16
 PUBLISHED_AL = {1: 1.93, 2: 2.73, 3: 3.39, 4: 3.97}
@@ -198,7 +199,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--k", nargs="+", type=int, default=[3])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--demo", action="store_true", help="the demo model's acceptance length and TPOT instead")
-    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                    help="--demo: where the demo model runs (default: cuda when a GPU is visible, else cpu)")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--num-prompts", type=int, default=8)
     ap.add_argument("--draft-vocab", nargs="+", type=int, default=[],
@@ -213,10 +215,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = ap.parse_args(argv)
     vocabs = [None, *args.draft_vocab]
     if args.demo:
-        rows = demo(args.device, args.max_tokens, args.num_prompts, tuple(args.demo_k), tuple(vocabs))
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda":
+            require_cuda("bench_mtp.py --demo --device cuda", cpu_alternative="--device cpu")
+        rows = demo(device, args.max_tokens, args.num_prompts, tuple(args.demo_k), tuple(vocabs))
         print(header("demo model, held-out text, greedy, batch 1"))
         print(table(rows))
         return rows
+    require_cuda("bench_mtp.py (shapes mode)", cpu_alternative="bench_mtp.py --demo --device cpu")
     from deltaserve.models.loader import load_model
 
     rows = []

@@ -39,6 +39,19 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+def require_cuda(script: str, *, fla: bool = False, cpu_alternative: str = "") -> None:
+    """Stops a GPU-only benchmark in one line on a machine without CUDA (or without fla-core where it times fla),
+    before it fails deep inside torch with "Torch not compiled with CUDA enabled" or an ImportError."""
+    if not torch.cuda.is_available():
+        hint = f"; on CPU: {cpu_alternative}" if cpu_alternative else ""
+        raise SystemExit(f"{script} needs a CUDA GPU (torch.cuda.is_available() is False here){hint}")
+    if fla:
+        try:
+            import fla  # noqa: F401
+        except ImportError:
+            raise SystemExit(f"{script} compares against fla-core, which is not installed: pip install -e '.[gpu]'")
+
+
 def model_config(name: str):
     from deltaserve.config import ModelConfig
 

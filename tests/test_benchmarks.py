@@ -184,3 +184,33 @@ def test_accuracy_report_with_one_token_prompts():
     assert len(rows) == 2 and rows[0]["mean KL"] == 0 and rows[1]["mean KL"] > 0
     with pytest.raises(SystemExit):
         bench_accuracy.parse_args(["--gen-len", "0"])
+
+
+GPU_ONLY = ["bench_attention", "bench_decode", "bench_e2e", "bench_gdn", "bench_kernels", "bench_linear",
+            "bench_prefill", "bench_quant", "bench_quant_kernels", "profile_step"]
+
+
+def test_gpu_only_scripts_say_so_in_one_line_on_cpu(monkeypatch):
+    """Without CUDA each GPU-only script stops with one line naming what it needs (it failed deep inside torch with
+    "Torch not compiled with CUDA enabled", or on `import fla`); bench_mtp's shapes mode points to its CPU mode."""
+    import importlib
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the scripts run for real where CUDA is visible")
+    for name in GPU_ONLY:
+        module = importlib.import_module(f"benchmarks.{name}")
+        monkeypatch.setattr("sys.argv", [f"{name}.py", *(["decode"] if name == "profile_step" else [])])
+        with pytest.raises(SystemExit) as stop:
+            module.main()
+        assert str(stop.value) == f"{name}.py needs a CUDA GPU (torch.cuda.is_available() is False here)", name
+    from benchmarks import bench_mtp
+
+    hint = r"shapes mode\) needs a CUDA GPU .*; on CPU: bench_mtp.py --demo --device cpu"
+    with pytest.raises(SystemExit, match=hint):
+        bench_mtp.main(["--models", "9B"])
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench_mtp.main(["--demo", "--device", "cuda"])
+
