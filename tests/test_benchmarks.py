@@ -214,3 +214,14 @@ def test_gpu_only_scripts_say_so_in_one_line_on_cpu(monkeypatch):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         bench_mtp.main(["--demo", "--device", "cuda"])
 
+
+def test_compile_check_help_compiles_nothing(capsys):
+    """--help prints the usage (it was ignored and the minutes-long compile ran)."""
+    import pytest
+
+    from benchmarks import compile_check
+
+    with pytest.raises(SystemExit) as stop:
+        compile_check.main(["--help"])
+    assert stop.value.code == 0 and "Registers, spills and instruction counts" in capsys.readouterr().out
+
