@@ -225,3 +225,19 @@ def test_compile_check_help_compiles_nothing(capsys):
         compile_check.main(["--help"])
     assert stop.value.code == 0 and "Registers, spills and instruction counts" in capsys.readouterr().out
 
+
+def test_grammar_comparison_names_a_missing_library_first(capsys):
+    """Without xgrammar the comparison stops in one line naming it, before the minutes-long tokenizer build (it
+    built the tokenizer, then failed with a traceback)."""
+    import importlib.util
+
+    import pytest
+
+    from benchmarks import compare_grammar_libraries
+
+    if importlib.util.find_spec("xgrammar") is not None:
+        pytest.skip("xgrammar is installed here")
+    with pytest.raises(SystemExit) as stop:
+        compare_grammar_libraries.main(["--walks", "1"])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith("compare_grammar_libraries.py needs xgrammar: pip install xgrammar")
