@@ -210,3 +210,18 @@ def test_model_card_states_the_chat_rates(metrics):
     for key in ("think_closed", "ended", "tool_call"):
         assert f"**{scores[key]['rate']:.0%}** | {scores[key]['hits']} / {scores[key]['n']}" in card, key
     assert metrics["finetune"]["command"] in card and metrics["chat_eval"]["command"] in card
+
+
+def test_model_card_is_what_demo_card_writes(tmp_path, capsys):
+    """The shipped card is tools/demo_card.py's output for the shipped files (so a change goes through its
+    template), and a directory that is not a model is refused by argparse in one line, not a traceback."""
+    from tools import demo_card
+
+    for name in ("config.json", "metrics.json"):
+        (tmp_path / name).write_bytes((DEMO / name).read_bytes())
+    (tmp_path / "model.safetensors").symlink_to(DEMO / "model.safetensors")
+    demo_card.main([str(tmp_path)])
+    assert (tmp_path / "README.md").read_text() == (DEMO / "README.md").read_text()
+    with pytest.raises(SystemExit) as stop:
+        demo_card.main([str(tmp_path / "missing")])
+    assert stop.value.code == 2 and "missing/config.json not found" in capsys.readouterr().err
