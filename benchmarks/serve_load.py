@@ -5,8 +5,9 @@ python benchmarks/serve_load.py --url http://127.0.0.1:8000 --concurrency 64 --n
     [--baseline other_run.json]
 
 Each client sends its requests one after another (closed loop), so `concurrency` requests are in flight at all
-times. Completions prompts are random token ids of exactly input-len tokens, drawn from [1000, 100000) or, for a
-smaller vocabulary (the demo model's 4096), from its upper half (chat prompts are random words, about input-len tokens); every request asks for exactly output-len tokens (ignore_eos). Prints request and token
+times. Completions prompts are random token ids of exactly input-len tokens, drawn from [1000, 100000), or from
+[min(1000, V / 2), V) when the server's vocabulary V is smaller (the demo model's is 4096); chat prompts are random
+words, about input-len tokens. Every request asks for exactly output-len tokens (ignore_eos). Prints request and token
 throughput and TTFT / inter-token latency / TPOT / end-to-end percentiles. With --baseline (a --json-out file of
 another run, e.g. a peer server driven by this same script) it adds the ratio of each figure to that run's.
 Needs only httpx (pip install -e '.[bench]').
