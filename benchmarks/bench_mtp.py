@@ -33,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import header, model_config, require_cuda, table
+from benchmarks.common import SHAPES, header, model_config, positive_int, require_cuda, table
 
 PAGE = 16
 PUBLISHED_AL = {1: 1.93, 2: 2.73, 3: 3.39, 4: 3.97}
@@ -194,21 +194,22 @@ def demo(device: str, max_tokens: int, num_prompts: int, ks: tuple[int, ...] = (
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["9B", "27B"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
-    ap.add_argument("--k", nargs="+", type=int, default=[3])
-    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--models", nargs="+", default=["9B", "27B"], choices=sorted(SHAPES))
+    ap.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 32])
+    ap.add_argument("--k", nargs="+", type=int, default=[3], choices=range(1, 5))
+    ap.add_argument("--context", type=positive_int, default=1024)
     ap.add_argument("--demo", action="store_true", help="the demo model's acceptance length and TPOT instead")
     ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
                     help="--demo: where the demo model runs (default: cuda when a GPU is visible, else cpu)")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--num-prompts", type=int, default=8)
-    ap.add_argument("--draft-vocab", nargs="+", type=int, default=[],
+    ap.add_argument("--max-tokens", type=positive_int, default=128)
+    ap.add_argument("--num-prompts", type=positive_int, default=8)
+    ap.add_argument("--draft-vocab", nargs="+", type=positive_int, default=[],
                     help="also measure with the drafts scoring only the first N token ids (speculative_draft_vocab); "
                          "the whole vocabulary is always measured too")
     ap.add_argument("--profile", action="store_true",
                     help="also print the kernels of the decode and the verify step by time (torch.profiler, eager)")
-    ap.add_argument("--demo-k", nargs="+", type=int, default=[1, 2, 3], help="--demo: the K values (K = 0 is run too)")
+    ap.add_argument("--demo-k", nargs="+", type=int, default=[1, 2, 3], choices=range(1, 5),
+                    help="--demo: the K values (K = 0 is run too)")
     ap.add_argument("--gdn-layer", action="store_true",
                     help="also time one GDN layer's verify kernels and the commit's replay (bench_gdn.py "
                          "--multistep's table at these models, batches and 1 + K)")

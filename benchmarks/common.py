@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import platform
 import sys
@@ -37,6 +38,17 @@ SHAPES: dict[str, dict[str, Any]] = {
              "head_dim": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
              "linear_value_head_dim": 16, "dtype": "float32"},
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count or length: an integer >= 1 (a 0 failed deep inside a run, or looped for ever)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give a positive integer")
+    return value
 
 
 def require_cuda(script: str, *, fla: bool = False, cpu_alternative: str = "") -> None:

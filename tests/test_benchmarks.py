@@ -241,3 +241,41 @@ def test_grammar_comparison_names_a_missing_library_first(capsys):
         compare_grammar_libraries.main(["--walks", "1"])
     assert stop.value.code == 1
     assert capsys.readouterr().err.startswith("compare_grammar_libraries.py needs xgrammar: pip install xgrammar")
+
+
+BAD_ARGUMENTS = [  # each failed deep inside the run (a traceback, or a loop that never ended) before it was refused
+    ("bench_prefix", ["--model", "tiny", "--concurrency", "0"], "argument --concurrency: 0 is below 1"),
+    ("bench_host_prefix", ["--repeats", "0"], "argument --repeats: 0 is below 1"),
+    ("bench_batch_build", ["--reps", "x"], "argument --reps: 'x' is not an integer"),
+    ("profile_engine", ["--model", "tiny", "--output-len", "0", "--no-model"], "argument --output-len: 0 is below 1"),
+    ("profile_resume", ["--model", "tiny", "--turns", "0"], "argument --turns: 0 is below 1"),
+    ("project_tp", ["--batches", "0"], "argument --batches: 0 is below 1"),
+    ("capacity", ["--models", "7B"], "argument --models: invalid choice: '7B'"),
+    ("bench_mtp", ["--demo", "--demo-k", "9"], "argument --demo-k: invalid choice: 9"),
+    ("bench_mtp", ["--demo", "--num-prompts", "0"], "argument --num-prompts: 0 is below 1"),
+    ("bench_structured", ["--constrained", "9", "--batch", "4"], "--constrained 9: give 0 to --batch (4) rows"),
+    ("bench_step_budget", ["--model", "tiny", "--budgets", "abc"], "--budgets 'abc': give milliseconds above 0"),
+]
+
+
+def test_bad_arguments_are_argparse_errors(monkeypatch, capsys):
+    import importlib
+
+    import pytest
+
+    for name, argv, message in BAD_ARGUMENTS:
+        monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+        with pytest.raises(SystemExit) as stop:
+            importlib.import_module(f"benchmarks.{name}").main()
+        assert stop.value.code == 2, name
+        assert f"{name}.py: error: {message}" in capsys.readouterr().err, name
+
+
+def test_host_prefix_bench_takes_histories_below_its_warm_up(capsys):
+    """The warm-up turn's 256-token history counts in the engine's length limit (a shorter --histories failed with
+    'the prompt has 488 tokens but max_model_len is 344')."""
+    from benchmarks import bench_host_prefix
+
+    bench_host_prefix.main(["--histories", "16", "--repeats", "1", "--turn-len", "8", "--output-len", "4"])
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:2] == ["16", "19"]  # 16 history + 3 of the reply's 4 tokens cached
