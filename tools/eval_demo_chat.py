@@ -67,7 +67,8 @@ def call_ok(sample: chats.Sample, calls) -> tuple[bool, bool]:
 
 def score(tokenizer, sample: chats.Sample, completion, im_end: int) -> dict[str, bool]:
     parsed, open_think = parse_reply(tokenizer, sample, completion.text)
-    ended = completion.finish_reason == "stop" and completion.stop_reason == im_end  # not <|endoftext|>, not length
+    # the last token, not stop_reason: as in vLLM, stop_reason is None when a sequence ends on an end token
+    ended = completion.finish_reason == "stop" and list(completion.token_ids[-1:]) == [im_end]  # not <|endoftext|>
     row = {"ended": ended}
     if sample.thinking:
         row["think_closed"] = not open_think
