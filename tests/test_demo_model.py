@@ -225,3 +225,24 @@ def test_model_card_is_what_demo_card_writes(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         demo_card.main([str(tmp_path / "missing")])
     assert stop.value.code == 2 and "missing/config.json not found" in capsys.readouterr().err
+
+
+def test_demo_tools_refuse_a_bad_path_or_size_in_one_line(tmp_path, capsys):
+    """A directory without config.json, a corpus without Python files or a size of 0 is a usage error naming the
+    argument (they failed with tracebacks from huggingface_hub, torch.randint or SamplingParams)."""
+    from tools import eval_demo_chat, finetune_demo_chat, train_demo, verify_demo
+
+    cases = [
+        (verify_demo.main, [str(tmp_path)], f"argument ckpt: {tmp_path} has no config.json"),
+        (eval_demo_chat.main, [str(tmp_path)], f"argument ckpt: {tmp_path} has no config.json"),
+        (eval_demo_chat.main, [str(DEMO), "--max-tokens", "0"], "argument --max-tokens: 0 is below 1"),
+        (finetune_demo_chat.main, ["--from", str(tmp_path), "--out", str(tmp_path / "out")],
+         f"argument --from: {tmp_path} has no config.json"),
+        (train_demo.main, ["train", "--out", str(tmp_path / "out"), "--corpus-root", str(tmp_path)],
+         f"argument --corpus-root: {tmp_path} holds no *.py files"),
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not (tmp_path / "out").exists()
