@@ -240,6 +240,9 @@ def test_demo_tools_refuse_a_bad_path_or_size_in_one_line(tmp_path, capsys):
          f"argument --from: {tmp_path} has no config.json"),
         (train_demo.main, ["train", "--out", str(tmp_path / "out"), "--corpus-root", str(tmp_path)],
          f"argument --corpus-root: {tmp_path} holds no *.py files"),
+        # the held-out code is measured after training in 1025-token windows: fewer tokens divided by zero there
+        (finetune_demo_chat.main, ["--out", str(tmp_path / "out"), "--eval-tokens", "512"],
+         "--eval-tokens 512: the held-out code is measured in windows of 1024 + 1 tokens"),
     ]
     for main, argv, message in cases:
         with pytest.raises(SystemExit) as stop:

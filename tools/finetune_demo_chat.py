@@ -40,6 +40,7 @@ from tools.train_demo import (ARCH, RouterLogits, checkpoint_dir, corpus_dir, de
 
 MAX_FUNCTION_CHARS = 400  # "write a function" replies stay short enough to end well inside the eval's max_tokens
 WEIGHTS = "model.safetensors"
+EVAL_WINDOW = 1024  # held-out code is measured in windows of this many tokens (+ 1 target)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def cmd_finetune(args) -> int:
     log(f"setup {time.time() - t0:.0f}s; training budget {args.time_budget:.0f}s")
     result = train(model, mtp, data, args)
     write_checkpoint(src, out, model, mtp)
-    code_eval = evaluate(model, mtp, data["heldout_code"][: args.eval_tokens], 1024, torch.device("cpu"))
+    code_eval = evaluate(model, mtp, data["heldout_code"][: args.eval_tokens], EVAL_WINDOW, torch.device("cpu"))
     metrics = {**metrics, **code_eval, **finetune_facts(args, data, result, before)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"held-out code after fine-tuning: {json.dumps(code_eval)} (before: {json.dumps(before)})")
@@ -230,7 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat-eval-max-tokens", type=positive_int, default=256)
     p.add_argument("--log-every", type=positive_int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    return cmd_finetune(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.eval_tokens <= EVAL_WINDOW:  # else the evaluation after training divides by zero windows
+        p.error(f"--eval-tokens {args.eval_tokens}: the held-out code is measured in windows of {EVAL_WINDOW} + 1 "
+                f"tokens; give more than {EVAL_WINDOW}")
+    return cmd_finetune(args)
 
 
 if __name__ == "__main__":

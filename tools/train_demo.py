@@ -453,6 +453,9 @@ def evaluate(model, mtp, ids: torch.Tensor, seq_len: int, device: torch.device, 
     tokens that do not overlap; every window's first tokens have less context, as in training)."""
     model.eval(), mtp.eval()
     n = (len(ids) - 1) // (seq_len + 1)
+    if n == 0:
+        raise ValueError(f"{len(ids)} held-out tokens make no window of {seq_len} + 1 tokens: raise --eval-tokens, "
+                         "or use a larger corpus")
     windows = ids[: n * (seq_len + 1)].view(n, seq_len + 1).to(device=device, dtype=torch.long)
     tot = {"main": 0.0, "mtp": 0.0, "acc": 0.0, "mtp_acc": 0.0, "n": 0, "n2": 0}
     for i in range(0, n, batch):
