@@ -249,3 +249,14 @@ def test_demo_tools_refuse_a_bad_path_or_size_in_one_line(tmp_path, capsys):
             main(argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err, argv
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_demo_names_a_held_out_text_shorter_than_a_window(tmp_path):
+    """A small corpus's heldout.txt can be shorter than --seq-len: that is named, not a ZeroDivisionError."""
+    from tools import verify_demo
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((DEMO / name).read_bytes())
+    (tmp_path / "heldout.txt").write_text("def f():\n    return 1\n")
+    with pytest.raises(SystemExit, match=r"heldout.txt is shorter than one window of --seq-len 512 tokens"):
+        verify_demo.main([str(tmp_path)])

@@ -67,6 +67,9 @@ def heldout_windows(ckpt: Path, seq_len: int) -> list[list[int]]:
 def cmd_verify(args) -> int:
     ckpt = Path(args.ckpt)
     windows = heldout_windows(ckpt, args.seq_len)[: args.windows]
+    if not windows:  # else the accuracy below divides by zero
+        sys.exit(f"{ckpt / 'heldout.txt'} is shorter than one window of --seq-len {args.seq_len} tokens: pass a "
+                 "smaller --seq-len")
     worst_main = worst_mtp = 0.0
     hits = hits_ref = total = 0
     for ids in windows:
