@@ -28,6 +28,8 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
+from benchmarks.common import require_cuda
+
 from deltaserve.kernels.activation import ref as act_ref
 from deltaserve.kernels.activation import triton as act
 from deltaserve.kernels.attention import ref as attn_ref
@@ -272,11 +274,11 @@ def bench_kv_quant(log, copy_gbs: float) -> None:
             torch.cuda.empty_cache()
 
 
-# (format, QUANT_DECODE_CONFIG entry) pairs --kv-quant-variants compares on the same pages: the session-4 defaults
-# (no PLANES) against the PLANES tiles, and for int4 the session-5 default (PLANES V_REGS) against INT4_WORDS 1 and 2
-# (16-bit words, four planes; 2 with BLOCK_N 128 the default since session 7) and 3 (V as subnormals too, session 13),
-# int8 PLANES against INT8_SUBNORMAL (session 13); rows with WAVES 8 set it as the defaults do since session 13
-# (triton_decode.py says what the variants are)
+# (format, QUANT_DECODE_CONFIG entry) pairs --kv-quant-variants compares on the same pages: the first defaults
+# (no PLANES) against the PLANES tiles, and for int4 an earlier default (PLANES V_REGS) against INT4_WORDS 1 and 2
+# (16-bit words, four planes; 2 with BLOCK_N 128 is the current default) and 3 (V as subnormals too), int8 PLANES
+# against INT8_SUBNORMAL; rows with WAVES 8 set it as the current defaults do (triton_decode.py says what the
+# variants are; benchmarks/RESULTS.md has their timings by date)
 KV_VARIANTS = [("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1)),
                ("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
                ("fp8", dict(BLOCK_N=128, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1)),
@@ -544,6 +546,7 @@ def main() -> None:
                         help="with --verify: tokens per row (1 + K), default 4")
     parser.add_argument("--out", help="also write the output to this file")
     args = parser.parse_args()
+    require_cuda("bench_attention.py")
     lines: list[str] = []
 
     def log(s: str) -> None:

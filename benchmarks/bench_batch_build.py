@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks.common import header, table
+from benchmarks.common import header, positive_int, table
 from deltaserve.cache.manager import CacheManager
 from deltaserve.config import SchedulerConfig
 from deltaserve.engine.device_inputs import upload_step
@@ -47,9 +47,9 @@ def time_us(fn, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--contexts", nargs="+", type=int, default=[512, 8192])
-    ap.add_argument("--reps", type=int, default=200)
+    ap.add_argument("--batch", type=positive_int, default=64)
+    ap.add_argument("--contexts", nargs="+", type=positive_int, default=[512, 8192])
+    ap.add_argument("--reps", type=positive_int, default=200)
     args = ap.parse_args()
     rows = []
     for context in args.contexts:

@@ -22,6 +22,7 @@ import torch
 import triton.testing
 
 from benchmarks.common import kv_bytes_per_token, measure_copy_bandwidth, model_config, print_report, state_bytes
+from benchmarks.common import require_cuda
 from deltaserve.cache.tensors import CacheShape, ModelCache, kv_page_dtype
 from deltaserve.config.engine import KV_CACHE_DTYPES, STATE_DTYPES
 from deltaserve.engine.cuda_graph import StepGraphs
@@ -114,6 +115,7 @@ def main() -> None:
     ap.add_argument("--pdl", nargs="+", default=["auto"], choices=list(PDL_SETTINGS),
                     help="Programmatic Dependent Launch settings to A/B (each captures its own graph)")
     args = ap.parse_args()
+    require_cuda("bench_decode.py")
     bw = measure_copy_bandwidth()
     rows = []
     for name in args.models:

@@ -23,6 +23,7 @@ from benchmarks.common import (
     header,
     measure_copy_bandwidth,
     measure_matmul_rate,
+    require_cuda,
     kv_bytes_per_token,
     model_config,
     state_bytes,
@@ -123,6 +124,7 @@ def main() -> None:
     ap.add_argument("--ablate-async", action="store_true",
                     help="also run deltaserve with async scheduling off (each step waits for its own tokens)")
     args = ap.parse_args()
+    require_cuda("bench_e2e.py")
     args.hf_output_len = args.hf_output_len or args.output_len
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(10, 240000, (args.num_prompts, args.input_len), generator=g).tolist()

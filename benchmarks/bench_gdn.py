@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.testing
 
-from benchmarks.common import header, measure_copy_bandwidth, table
+from benchmarks.common import header, measure_copy_bandwidth, require_cuda, table
 
 MODELS = {"27B": (16, 48), "35B-A3B": (16, 32)}  # (H, HV); K = V = 128, conv width 4
 K = V = 128
@@ -395,6 +395,8 @@ def main() -> None:
     parser.add_argument("--conv-prefill", action="store_true",
                         help="only the conv prefill, 27B and 35B-A3B channels (with --sweep: its tiles at T = 8192)")
     args = parser.parse_args()
+    # only the default table times fla-core's kernels
+    require_cuda("bench_gdn.py", fla=not (args.conv_prefill or args.commit or args.multistep))
     if args.conv_prefill:
         copy_bw = measure_copy_bandwidth()
         print(header(" ".join(sys.argv)) + f" | copy bandwidth (read + write): {copy_bw / 1e12:.3f} TB/s")

@@ -23,7 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import SHAPES
+from benchmarks.common import SHAPES, positive_int
+
+WARMUP_HISTORY = 256
 
 
 def make_engine(max_len: int):
@@ -85,17 +87,19 @@ def resumed(engine, history: int, turn_len: int, output_len: int, seed: int) -> 
     return ttft, sum(steps) / max(len(steps), 1), cached
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--histories", nargs="+", type=int, default=[2048, 8192, 32768])
-    ap.add_argument("--turn-len", type=int, default=200)
-    ap.add_argument("--output-len", type=int, default=32)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--histories", nargs="+", type=positive_int, default=[2048, 8192, 32768])
+    ap.add_argument("--turn-len", type=positive_int, default=200)
+    ap.add_argument("--output-len", type=positive_int, default=32)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--profile", type=int, default=0, help="history length of one cProfiled resumed turn")
     ap.add_argument("--sort", default="cumulative", help="cProfile sort key of --profile")
-    args = ap.parse_args()
-    engine = make_engine(max(args.histories + [args.profile]) + args.turn_len + 2 * args.output_len + 64)
-    resumed(engine, 256, args.turn_len, args.output_len, seed=99)  # warm up
+    args = ap.parse_args(argv)
+    # the warm-up turn counts in the length limit too (histories below it failed as too long)
+    longest = max(args.histories + [args.profile, WARMUP_HISTORY])
+    engine = make_engine(longest + args.turn_len + 2 * args.output_len + 64)
+    resumed(engine, WARMUP_HISTORY, args.turn_len, args.output_len, seed=99)
     print(f"{'history':>8} {'cached':>8} {'host ms to 1st token':>21} {'host ms/decode step':>20}")
     for h in args.histories:
         runs = [resumed(engine, h, args.turn_len, args.output_len, seed=i) for i in range(args.repeats)]

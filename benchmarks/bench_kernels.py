@@ -23,6 +23,7 @@ import triton
 from benchmarks import bench_attention as attn_bench
 from benchmarks import bench_gdn as gdn_bench
 from benchmarks.bench_attention import Row
+from benchmarks.common import require_cuda
 
 A3B = {"dim": 2048, "inter": 512, "experts": 256, "top_k": 8, "shared": 512}
 
@@ -229,6 +230,7 @@ def main() -> None:
     parser.add_argument("--moe-model", default="35B-A3B", help="benchmarks/common.py SHAPES entry for --moe-paths")
     parser.add_argument("--moe-sort", action="store_true", help="only time the grouped path's pair sort")
     args = parser.parse_args()
+    require_cuda("bench_kernels.py", fla=not (args.moe_sort or args.moe_paths))
     if args.moe_sort:
         moe_sort()
         return

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import header, measure_copy_bandwidth, model_config, table
+from benchmarks.common import header, measure_copy_bandwidth, model_config, require_cuda, table
 
 L2_BYTES = 50 << 20
 # (BN, BK, num_warps, stages) tiles of the Triton kernel timed with --sweep
@@ -82,6 +82,7 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     parser.add_argument("--sweep", action="store_true", help="also time every tile of SWEEP_TILES / SPLIT_TILES")
     args = parser.parse_args()
+    require_cuda("bench_linear.py")
     from deltaserve.kernels._device import device_name, num_sms
     from deltaserve.kernels.linear import gpu as linear_gpu
     from deltaserve.kernels.linear import triton as linear_triton

@@ -20,7 +20,8 @@ without graphs). The drafts are split into "prep" (the host-side inputs of the c
 (the first pass with draft 1) and "chain" (the K - 1 chained passes), each timed alone, with graphs and eager
 ("drafts" ~ prep + first + chain). "step" = verify + commit + drafts. TPOT at
 acceptance length AL = step / AL: AL is the mean number of tokens a step keeps, 1.93 / 2.73 / 3.39 / 3.97 at
-K = 1 / 2 / 3 / 4 (Qwen3.5 MTP, published, wave2.md C.2).
+K = 1 / 2 / 3 / 4 (published for Qwen3.5-397B-A17B with vLLM's MTP, SPEED-Bench coding prompts, thinking on:
+SemiAnalysisAI/InferenceX on GitHub, golden_al_distribution/qwen3.5_mtp.yaml).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import time
 import numpy as np
 import torch
 
-from benchmarks.common import header, model_config, table
+from benchmarks.common import SHAPES, header, model_config, positive_int, require_cuda, table
 
 PAGE = 16
 PUBLISHED_AL = {1: 1.93, 2: 2.73, 3: 3.39, 4: 3.97}
@@ -193,30 +194,36 @@ def demo(device: str, max_tokens: int, num_prompts: int, ks: tuple[int, ...] = (
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", nargs="+", default=["9B", "27B"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
-    ap.add_argument("--k", nargs="+", type=int, default=[3])
-    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--models", nargs="+", default=["9B", "27B"], choices=sorted(SHAPES))
+    ap.add_argument("--batches", nargs="+", type=positive_int, default=[1, 8, 32])
+    ap.add_argument("--k", nargs="+", type=int, default=[3], choices=range(1, 5))
+    ap.add_argument("--context", type=positive_int, default=1024)
     ap.add_argument("--demo", action="store_true", help="the demo model's acceptance length and TPOT instead")
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--num-prompts", type=int, default=8)
-    ap.add_argument("--draft-vocab", nargs="+", type=int, default=[],
+    ap.add_argument("--device", default=None, choices=["cuda", "cpu"],
+                    help="--demo: where the demo model runs (default: cuda when a GPU is visible, else cpu)")
+    ap.add_argument("--max-tokens", type=positive_int, default=128)
+    ap.add_argument("--num-prompts", type=positive_int, default=8)
+    ap.add_argument("--draft-vocab", nargs="+", type=positive_int, default=[],
                     help="also measure with the drafts scoring only the first N token ids (speculative_draft_vocab); "
                          "the whole vocabulary is always measured too")
     ap.add_argument("--profile", action="store_true",
                     help="also print the kernels of the decode and the verify step by time (torch.profiler, eager)")
-    ap.add_argument("--demo-k", nargs="+", type=int, default=[1, 2, 3], help="--demo: the K values (K = 0 is run too)")
+    ap.add_argument("--demo-k", nargs="+", type=int, default=[1, 2, 3], choices=range(1, 5),
+                    help="--demo: the K values (K = 0 is run too)")
     ap.add_argument("--gdn-layer", action="store_true",
                     help="also time one GDN layer's verify kernels and the commit's replay (bench_gdn.py "
                          "--multistep's table at these models, batches and 1 + K)")
     args = ap.parse_args(argv)
     vocabs = [None, *args.draft_vocab]
     if args.demo:
-        rows = demo(args.device, args.max_tokens, args.num_prompts, tuple(args.demo_k), tuple(vocabs))
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if device == "cuda":
+            require_cuda("bench_mtp.py --demo --device cuda", cpu_alternative="--device cpu")
+        rows = demo(device, args.max_tokens, args.num_prompts, tuple(args.demo_k), tuple(vocabs))
         print(header("demo model, held-out text, greedy, batch 1"))
         print(table(rows))
         return rows
+    require_cuda("bench_mtp.py (shapes mode)", cpu_alternative="bench_mtp.py --demo --device cpu")
     from deltaserve.models.loader import load_model
 
     rows = []

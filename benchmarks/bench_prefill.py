@@ -16,7 +16,7 @@ import gc
 import torch
 import triton.testing
 
-from benchmarks.common import header, measure_matmul_rate, model_config, table
+from benchmarks.common import header, measure_matmul_rate, model_config, require_cuda, table
 from deltaserve.cache.tensors import CacheShape, ModelCache
 from deltaserve.engine.device_inputs import build_forward_batch
 from deltaserve.models.loader import load_model
@@ -79,6 +79,7 @@ def main() -> None:
     ap.add_argument("--lengths", nargs="+", type=int, default=[1024, 8192, 32768])
     ap.add_argument("--formats", nargs="+", default=["bf16"], choices=["bf16", "fp8", "int4", "fp8-w8a8"])
     args = ap.parse_args()
+    require_cuda("bench_prefill.py")
     rate = measure_matmul_rate()
     rows = []
     for name in args.models:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SHAPES, header, table
+from benchmarks.common import SHAPES, header, positive_int, table
 
 
 @dataclass
@@ -187,15 +187,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="9B", choices=list(SHAPES))
     ap.add_argument("--workloads", nargs="+", default=["chat", "system"], choices=["chat", "chat-rewrite", "system"])
-    ap.add_argument("--concurrency", nargs="+", type=int, default=[1, 16])
-    ap.add_argument("--conversations", type=int, default=4)
-    ap.add_argument("--turns", type=int, default=8)
-    ap.add_argument("--first-len", type=int, default=8192)
-    ap.add_argument("--turn-len", type=int, default=200)
-    ap.add_argument("--system-len", type=int, default=4096)
-    ap.add_argument("--requests", type=int, default=16)
-    ap.add_argument("--output-len", type=int, default=64)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--concurrency", nargs="+", type=positive_int, default=[1, 16])
+    ap.add_argument("--conversations", type=positive_int, default=4)
+    ap.add_argument("--turns", type=positive_int, default=8)
+    ap.add_argument("--first-len", type=positive_int, default=8192)
+    ap.add_argument("--turn-len", type=positive_int, default=200)
+    ap.add_argument("--system-len", type=positive_int, default=4096)
+    ap.add_argument("--requests", type=positive_int, default=16)
+    ap.add_argument("--output-len", type=positive_int, default=64)
+    ap.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
     ap.add_argument("--num-checkpoints", type=int, default=None,
                     help="the checkpoint pool's size (default: the planner's); small: eviction under pressure")
     ap.add_argument("--prefill-graph-tokens", type=int, default=None,

@@ -29,7 +29,7 @@ import torch
 
 from benchmarks.bench_decode import _oom_row, bench_one
 from benchmarks.bench_quant_kernels import GEMV_VARIANTS, fp8_gemv, gemv_f16
-from benchmarks.common import measure_copy_bandwidth, model_config, print_report
+from benchmarks.common import measure_copy_bandwidth, model_config, print_report, require_cuda
 from deltaserve.config import QuantizationConfig
 from deltaserve.models.loader import load_model
 
@@ -64,6 +64,7 @@ def main() -> None:
     ap.add_argument("--fp8-gemv", nargs="+", choices=["fp32", "f16"], default=["f16"],
                     help="fp8 (not fp8-w8a8) runs once per variant of its one-row GEMV: fp32 FMAs, fp16 products")
     args = ap.parse_args()
+    require_cuda("bench_quant.py")
     bw = measure_copy_bandwidth()
     rows = []
     for name in args.models:

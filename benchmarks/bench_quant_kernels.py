@@ -34,7 +34,7 @@ import torch
 import triton
 import triton.testing
 
-from benchmarks.common import measure_copy_bandwidth, table
+from benchmarks.common import measure_copy_bandwidth, require_cuda, table
 from deltaserve.kernels.quant import ref
 from deltaserve.kernels.quant import triton as qt
 
@@ -292,6 +292,7 @@ def main() -> None:
                     help="int4 GEMVs to time: fp32 FMAs, fp16 products one word per accumulator (qt.GEMV_F16, "
                          "GEMV_F16_WORDS 1), four words chained (GEMV_F16_WORDS 4, the default)")
     args = ap.parse_args()
+    require_cuda("bench_quant_kernels.py")
     bw = measure_copy_bandwidth()
     rows = moe_tiles(args, bw) if args.moe_tiles else sweep(args, bw) if args.sweep else planned(args, bw)
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")

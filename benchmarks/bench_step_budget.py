@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import SHAPES, table, triton_compiles
+from benchmarks.common import SHAPES, positive_int, table, triton_compiles
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -43,7 +43,15 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _budget(text: str) -> float | None:
-    return None if text in ("off", "0", "none", "None") else float(text)
+    if text in ("off", "0", "none", "None"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise ValueError(f"--budgets {text!r}: give milliseconds above 0, or 'off'")
+    return value
 
 
 DECODE_MAX_TOKENS = 32_768  # the decoding requests' length limit: far beyond any run
@@ -172,10 +180,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--budgets", nargs="+", default=["off", "30", "50", "80"],
                     help="max_step_ms values to compare ('off': fixed token budget)")
     ap.add_argument("--decodes", type=int, default=16, help="requests decoding throughout")
-    ap.add_argument("--decode-prompt-len", type=int, default=1024)
-    ap.add_argument("--prompts", type=int, default=8, help="long prompts in the stream")
-    ap.add_argument("--prompt-len", type=int, default=8192)
-    ap.add_argument("--prompt-output-len", type=int, default=16)
+    ap.add_argument("--decode-prompt-len", type=positive_int, default=1024)
+    ap.add_argument("--prompts", type=positive_int, default=8, help="long prompts in the stream")
+    ap.add_argument("--prompt-len", type=positive_int, default=8192)
+    ap.add_argument("--prompt-output-len", type=positive_int, default=16)
     ap.add_argument("--interval", type=float, default=1.5,
                     help="seconds between long-prompt arrivals (1.5: about the published 8k/1k workload at concurrency "
                          "16 on 27B, where 16 requests of ~25 s each start a new 8k prompt every ~1.6 s)")
@@ -183,7 +191,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     ap.add_argument("--device", default=None)
     ap.add_argument("--json-out", default=None)
     args = ap.parse_args(argv)
-    budgets = [_budget(b) for b in args.budgets]
+    try:
+        budgets = [_budget(b) for b in args.budgets]
+    except ValueError as e:
+        ap.error(str(e))
     with tempfile.TemporaryDirectory() as d:
         engine = build_engine(args.model, args, d)
         cuda = engine.runner.device.type == "cuda"

@@ -25,7 +25,7 @@ from statistics import median
 
 import torch
 
-from benchmarks.common import SHAPES, header, table
+from benchmarks.common import SHAPES, header, positive_int, table
 
 SCHEMA = {  # a typical extraction schema: nested object, enum, bounded numbers, an array of objects
     "type": "object",
@@ -196,13 +196,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--shape", default=None, choices=list(SHAPES), help="default: tiny on cpu, 9B on cuda")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--batch", type=positive_int, default=64)
     p.add_argument("--constrained", type=int, default=32)
-    p.add_argument("--context", type=int, default=1024)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--context", type=positive_int, default=1024)
+    p.add_argument("--steps", type=positive_int, default=60)
     p.add_argument("--tokenizer", help="checkpoint directory whose tokenizer to use (default: see above)")
     p.add_argument("--vocab", type=int, help="vocabulary size of the model (default: the shape's)")
     args = p.parse_args()
+    if not 0 <= args.constrained <= args.batch:
+        p.error(f"--constrained {args.constrained}: give 0 to --batch ({args.batch}) rows")
     shape = args.shape or ("9B" if args.device == "cuda" else "tiny")
     print(header(""))
     vocab = args.vocab or SHAPES[shape]["vocab_size"]

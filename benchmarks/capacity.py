@@ -16,7 +16,7 @@ import itertools
 
 import torch
 
-from benchmarks.common import model_config, table
+from benchmarks.common import SHAPES, model_config, table
 from deltaserve.cache.planner import GiB, max_full_length_sequences
 from deltaserve.cache.tensors import kv_bytes_per_page, kv_page_dtype, state_bytes_per_slot
 from deltaserve.config import RankShapes
@@ -56,7 +56,7 @@ def capacity_rows(models: list[str], memory_gib: float, utilization: float, rese
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", default=["27B", "35B-A3B"])
+    ap.add_argument("--models", nargs="+", default=["27B", "35B-A3B"], choices=sorted(SHAPES))
     ap.add_argument("--memory-gib", type=float, default=143771 / 1024, help="device memory (H200: 143,771 MiB)")
     ap.add_argument("--utilization", type=float, default=0.9, help="--gpu-memory-utilization (engine default)")
     ap.add_argument("--reserve-gib", type=float, default=3.0, help="CUDA context + activation peak + graphs")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import platform
 import sys
@@ -37,6 +38,30 @@ SHAPES: dict[str, dict[str, Any]] = {
              "head_dim": 32, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
              "linear_value_head_dim": 16, "dtype": "float32"},
 }
+
+
+def positive_int(text: str) -> int:
+    """argparse type of a count or length: an integer >= 1 (a 0 failed deep inside a run, or looped for ever)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give a positive integer")
+    return value
+
+
+def require_cuda(script: str, *, fla: bool = False, cpu_alternative: str = "") -> None:
+    """Stops a GPU-only benchmark in one line on a machine without CUDA (or without fla-core where it times fla),
+    before it fails deep inside torch with "Torch not compiled with CUDA enabled" or an ImportError."""
+    if not torch.cuda.is_available():
+        hint = f"; on CPU: {cpu_alternative}" if cpu_alternative else ""
+        raise SystemExit(f"{script} needs a CUDA GPU (torch.cuda.is_available() is False here){hint}")
+    if fla:
+        try:
+            import fla  # noqa: F401
+        except ImportError:
+            raise SystemExit(f"{script} compares against fla-core, which is not installed: pip install -e '.[gpu]'")
 
 
 def model_config(name: str):

@@ -15,6 +15,7 @@ Needs both libraries (`pip install xgrammar llguidance jsonschema`). Two measure
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import time
@@ -229,12 +230,16 @@ def run_library(lib, tokenizer, stop: set[int], vocab: int, walks: int, max_step
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer", help="a checkpoint directory with tokenizer.json (default: synthetic 248k BPE)")
     p.add_argument("--walks", type=int, default=40)
     p.add_argument("--max-steps", type=int, default=200)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    # before the tokenizer, whose first build takes minutes
+    missing = [m for m in ("xgrammar", "llguidance", "jsonschema") if importlib.util.find_spec(m) is None]
+    if missing:
+        p.exit(1, f"compare_grammar_libraries.py needs {', '.join(missing)}: pip install {' '.join(missing)}\n")
     tokenizer = load_tokenizer(args.tokenizer)
     vocab = len(tokenizer)
     stop = [tokenizer.convert_tokens_to_ids("<|im_end|>")]

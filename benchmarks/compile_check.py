@@ -16,6 +16,7 @@ PYTHONPATH=src:. python3 benchmarks/compile_check.py
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import os
 import re
@@ -233,7 +234,8 @@ def gdn_verify_rows() -> list[dict]:
     return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options; --help
     print(f"triton {triton.__version__}, target sm_90a (compile only, no GPU)")
     print(table(quant_rows()))
     print()

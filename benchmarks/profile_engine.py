@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SHAPES, triton_compiles
+from benchmarks.common import SHAPES, positive_int, triton_compiles
 
 
 def skip_model(llm) -> None:
@@ -242,9 +242,9 @@ def find_syncs(llm, prompts: list[list[int]], sp) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="9B", choices=list(SHAPES))
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--input-len", type=int, default=1024)
-    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--num-prompts", type=positive_int, default=64)
+    ap.add_argument("--input-len", type=positive_int, default=1024)
+    ap.add_argument("--output-len", type=positive_int, default=32)
     ap.add_argument("--no-model", action="store_true", help="fixed logits instead of the model: engine host time")
     ap.add_argument("--timeline", action="store_true", help="phase times per step instead of the cProfile run")
     ap.add_argument("--kernels", action="store_true", help="torch.profiler over the run instead of cProfile")

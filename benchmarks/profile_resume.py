@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import SHAPES, header
+from benchmarks.common import SHAPES, header, positive_int
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="9B", choices=list(SHAPES))
-    ap.add_argument("--turns", type=int, default=4)
-    ap.add_argument("--first-len", type=int, default=8192)
-    ap.add_argument("--turn-len", type=int, default=200)
-    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--turns", type=positive_int, default=4)
+    ap.add_argument("--first-len", type=positive_int, default=8192)
+    ap.add_argument("--turn-len", type=positive_int, default=200)
+    ap.add_argument("--output-len", type=positive_int, default=32)
     ap.add_argument("--prefill-graph-tokens", type=int, default=None,
                     help="the engine option (default: the engine's); 0 runs short prefill steps eagerly")
     args = ap.parse_args()

@@ -29,7 +29,7 @@ import torch
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import header
+from benchmarks.common import header, require_cuda
 
 
 def host_us(fn: Callable[[], object], calls: int = 50) -> float:
@@ -151,6 +151,7 @@ def main() -> None:
     ap.add_argument("--pdl", nargs="+", default=["auto"], choices=["auto", "off", "on"])
     ap.add_argument("--format", default="bf16", choices=["bf16", "fp8", "fp8-w8a8", "int4"])
     args = ap.parse_args()
+    require_cuda("profile_step.py")
     print(header(""))
     if args.what == "decode":
         model = None

@@ -25,7 +25,7 @@ import argparse
 import torch
 
 from benchmarks.bench_decode import weight_bytes_read
-from benchmarks.common import SHAPES, kv_bytes_per_token, model_config, state_bytes, table
+from benchmarks.common import SHAPES, kv_bytes_per_token, model_config, positive_int, state_bytes, table
 
 # One H200, 2026-12-03 (benchmarks/RESULTS.md, bench_decode.py, context 1,024, CUDA graphs): graph ms - floor ms.
 MEASURED_FIXED_MS = {("27B", 1): 14.3 - 12.1, ("27B", 64): 21.5 - 17.6,
@@ -80,8 +80,8 @@ def parse_fixed(values: list[str]) -> dict[tuple[str, int], float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="+", default=["27B", "122B-A10B"], choices=[m for m in SHAPES if m != "tiny"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
-    ap.add_argument("--tp", nargs="+", type=int, default=[1, 2, 4, 8])
+    ap.add_argument("--batches", nargs="+", type=positive_int, default=[1, 64])
+    ap.add_argument("--tp", nargs="+", type=positive_int, default=[1, 2, 4, 8])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--bandwidth", type=float, default=4.27e12, help="HBM bytes/s (H200 copy, measured)")
     ap.add_argument("--allreduce-us", nargs="+", type=float, default=[8.0, 15.0, 25.0])

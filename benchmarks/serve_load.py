@@ -5,8 +5,9 @@ python benchmarks/serve_load.py --url http://127.0.0.1:8000 --concurrency 64 --n
     [--baseline other_run.json]
 
 Each client sends its requests one after another (closed loop), so `concurrency` requests are in flight at all
-times. Completions prompts are random token ids of exactly input-len tokens (chat prompts are random words, about
-input-len tokens); every request asks for exactly output-len tokens (ignore_eos). Prints request and token
+times. Completions prompts are random token ids of exactly input-len tokens, drawn from [1000, 100000), or from
+[min(1000, V / 2), V) when the server's vocabulary V is smaller (the demo model's is 4096); chat prompts are random
+words, about input-len tokens. Every request asks for exactly output-len tokens (ignore_eos). Prints request and token
 throughput and TTFT / inter-token latency / TPOT / end-to-end percentiles. With --baseline (a --json-out file of
 another run, e.g. a peer server driven by this same script) it adds the ratio of each figure to that run's.
 Needs only httpx (pip install -e '.[bench]').
@@ -37,6 +38,7 @@ from typing import Any
 import httpx
 
 PERCENTILES = (50, 90, 99)
+DEFAULT_MAX_TOKEN_ID = 100000
 
 
 @dataclass
@@ -308,8 +310,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=None, help="default 1024")
     p.add_argument("--output-len", type=int, default=None, help="default 256")
     p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--min-token-id", type=int, default=1000, help="random prompt ids are drawn from [min, max)")
-    p.add_argument("--max-token-id", type=int, default=100000)
+    p.add_argument("--min-token-id", type=int, default=None,
+                   help="random prompt ids are drawn from [min, max) (default 1000, or half of max when max is "
+                        "smaller)")
+    p.add_argument("--max-token-id", type=int, default=None,
+                   help="default: 100000, or the server's vocabulary size when that is smaller (asked of its "
+                        "/v1/detokenize route)")
     p.add_argument("--warmup", type=int, default=2, help="short requests sent before timing starts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1800.0, help="per-request seconds")
@@ -334,9 +340,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if min(args.concurrency) < 1 or (args.num_requests is not None and args.num_requests < 1) or \
             args.input_len < 1 or args.output_len < 1 or args.num_gpus < 1:
         p.error("--concurrency, --num-requests, --input-len, --output-len and --num-gpus must be >= 1")
+    # main() lowers the defaults to a smaller vocabulary; these record which of the two were defaults
+    args.default_token_ids = (args.min_token_id is None, args.max_token_id is None)
+    args.max_token_id = DEFAULT_MAX_TOKEN_ID if args.max_token_id is None else args.max_token_id
+    if args.min_token_id is None:
+        args.min_token_id = min(1000, args.max_token_id // 2)
     if args.min_token_id >= args.max_token_id:
         p.error("--min-token-id must be below --max-token-id (use the model's vocabulary range)")
     return args
+
+
+def vocab_size(url: str, headers: dict[str, str], cap: int) -> int | None:
+    """The server's vocabulary size if below cap, else cap; None if it has no /v1/detokenize (a peer server). The
+    route refuses an id outside the vocabulary with a 400, so a bisection over one-id requests finds the size."""
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as client:
+        def known(token_id: int) -> bool:
+            return client.post("/v1/detokenize", json={"tokens": [token_id]}).status_code == 200
+
+        try:
+            if not known(0):
+                return None
+            if known(cap - 1):
+                return cap
+            lo, hi = 0, cap - 1  # known(lo), not known(hi)
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                lo, hi = (mid, hi) if known(mid) else (lo, mid)
+            return hi
+        except httpx.HTTPError:
+            return None
+
+
+def fit_token_ids(args: argparse.Namespace) -> None:
+    """Random completions prompts must stay inside the served vocabulary (a small model's is far below 100000, and
+    every request failed with a 400): lower the default range to it."""
+    default_min, default_max = args.default_token_ids
+    if not default_max or args.endpoint != "completions":
+        return
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    vocab = vocab_size(args.url, headers, args.max_token_id)
+    if vocab is None or vocab >= args.max_token_id:
+        return
+    args.max_token_id = vocab
+    if default_min:
+        args.min_token_id = min(1000, vocab // 2)
+    elif args.min_token_id >= vocab:
+        sys.exit(f"--min-token-id {args.min_token_id} is not below the server's vocabulary size {vocab}: "
+                 f"pass a smaller --min-token-id")
+    print(f"prompt token ids drawn from [{args.min_token_id}, {vocab}): the server's vocabulary is {vocab} tokens")
 
 
 def requests_for(args: argparse.Namespace, concurrency: int) -> int:
@@ -349,6 +400,7 @@ def requests_for(args: argparse.Namespace, concurrency: int) -> int:
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     """One run per --concurrency value; returns their figures in that order."""
     args = parse_args(argv)
+    fit_token_ids(args)
     try:
         version = httpx.get(args.url + "/version", timeout=10).json().get("version", "?")
     except (httpx.HTTPError, ValueError):

@@ -184,3 +184,98 @@ def test_accuracy_report_with_one_token_prompts():
     assert len(rows) == 2 and rows[0]["mean KL"] == 0 and rows[1]["mean KL"] > 0
     with pytest.raises(SystemExit):
         bench_accuracy.parse_args(["--gen-len", "0"])
+
+
+GPU_ONLY = ["bench_attention", "bench_decode", "bench_e2e", "bench_gdn", "bench_kernels", "bench_linear",
+            "bench_prefill", "bench_quant", "bench_quant_kernels", "profile_step"]
+
+
+def test_gpu_only_scripts_say_so_in_one_line_on_cpu(monkeypatch):
+    """Without CUDA each GPU-only script stops with one line naming what it needs (it failed deep inside torch with
+    "Torch not compiled with CUDA enabled", or on `import fla`); bench_mtp's shapes mode points to its CPU mode."""
+    import importlib
+
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the scripts run for real where CUDA is visible")
+    for name in GPU_ONLY:
+        module = importlib.import_module(f"benchmarks.{name}")
+        monkeypatch.setattr("sys.argv", [f"{name}.py", *(["decode"] if name == "profile_step" else [])])
+        with pytest.raises(SystemExit) as stop:
+            module.main()
+        assert str(stop.value) == f"{name}.py needs a CUDA GPU (torch.cuda.is_available() is False here)", name
+    from benchmarks import bench_mtp
+
+    hint = r"shapes mode\) needs a CUDA GPU .*; on CPU: bench_mtp.py --demo --device cpu"
+    with pytest.raises(SystemExit, match=hint):
+        bench_mtp.main(["--models", "9B"])
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        bench_mtp.main(["--demo", "--device", "cuda"])
+
+
+def test_compile_check_help_compiles_nothing(capsys):
+    """--help prints the usage (it was ignored and the minutes-long compile ran)."""
+    import pytest
+
+    from benchmarks import compile_check
+
+    with pytest.raises(SystemExit) as stop:
+        compile_check.main(["--help"])
+    assert stop.value.code == 0 and "Registers, spills and instruction counts" in capsys.readouterr().out
+
+
+def test_grammar_comparison_names_a_missing_library_first(capsys):
+    """Without xgrammar the comparison stops in one line naming it, before the minutes-long tokenizer build (it
+    built the tokenizer, then failed with a traceback)."""
+    import importlib.util
+
+    import pytest
+
+    from benchmarks import compare_grammar_libraries
+
+    if importlib.util.find_spec("xgrammar") is not None:
+        pytest.skip("xgrammar is installed here")
+    with pytest.raises(SystemExit) as stop:
+        compare_grammar_libraries.main(["--walks", "1"])
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.startswith("compare_grammar_libraries.py needs xgrammar: pip install xgrammar")
+
+
+BAD_ARGUMENTS = [  # each failed deep inside the run (a traceback, or a loop that never ended) before it was refused
+    ("bench_prefix", ["--model", "tiny", "--concurrency", "0"], "argument --concurrency: 0 is below 1"),
+    ("bench_host_prefix", ["--repeats", "0"], "argument --repeats: 0 is below 1"),
+    ("bench_batch_build", ["--reps", "x"], "argument --reps: 'x' is not an integer"),
+    ("profile_engine", ["--model", "tiny", "--output-len", "0", "--no-model"], "argument --output-len: 0 is below 1"),
+    ("profile_resume", ["--model", "tiny", "--turns", "0"], "argument --turns: 0 is below 1"),
+    ("project_tp", ["--batches", "0"], "argument --batches: 0 is below 1"),
+    ("capacity", ["--models", "7B"], "argument --models: invalid choice: '7B'"),
+    ("bench_mtp", ["--demo", "--demo-k", "9"], "argument --demo-k: invalid choice: 9"),
+    ("bench_mtp", ["--demo", "--num-prompts", "0"], "argument --num-prompts: 0 is below 1"),
+    ("bench_structured", ["--constrained", "9", "--batch", "4"], "--constrained 9: give 0 to --batch (4) rows"),
+    ("bench_step_budget", ["--model", "tiny", "--budgets", "abc"], "--budgets 'abc': give milliseconds above 0"),
+]
+
+
+def test_bad_arguments_are_argparse_errors(monkeypatch, capsys):
+    import importlib
+
+    import pytest
+
+    for name, argv, message in BAD_ARGUMENTS:
+        monkeypatch.setattr("sys.argv", [f"{name}.py", *argv])
+        with pytest.raises(SystemExit) as stop:
+            importlib.import_module(f"benchmarks.{name}").main()
+        assert stop.value.code == 2, name
+        assert f"{name}.py: error: {message}" in capsys.readouterr().err, name
+
+
+def test_host_prefix_bench_takes_histories_below_its_warm_up(capsys):
+    """The warm-up turn's 256-token history counts in the engine's length limit (a shorter --histories failed with
+    'the prompt has 488 tokens but max_model_len is 344')."""
+    from benchmarks import bench_host_prefix
+
+    bench_host_prefix.main(["--histories", "16", "--repeats", "1", "--turn-len", "8", "--output-len", "4"])
+    row = capsys.readouterr().out.splitlines()[-1].split()
+    assert row[:2] == ["16", "19"]  # 16 history + 3 of the reply's 4 tokens cached

@@ -210,3 +210,53 @@ def test_model_card_states_the_chat_rates(metrics):
     for key in ("think_closed", "ended", "tool_call"):
         assert f"**{scores[key]['rate']:.0%}** | {scores[key]['hits']} / {scores[key]['n']}" in card, key
     assert metrics["finetune"]["command"] in card and metrics["chat_eval"]["command"] in card
+
+
+def test_model_card_is_what_demo_card_writes(tmp_path, capsys):
+    """The shipped card is tools/demo_card.py's output for the shipped files (so a change goes through its
+    template), and a directory that is not a model is refused by argparse in one line, not a traceback."""
+    from tools import demo_card
+
+    for name in ("config.json", "metrics.json"):
+        (tmp_path / name).write_bytes((DEMO / name).read_bytes())
+    (tmp_path / "model.safetensors").symlink_to(DEMO / "model.safetensors")
+    demo_card.main([str(tmp_path)])
+    assert (tmp_path / "README.md").read_text() == (DEMO / "README.md").read_text()
+    with pytest.raises(SystemExit) as stop:
+        demo_card.main([str(tmp_path / "missing")])
+    assert stop.value.code == 2 and "missing/config.json not found" in capsys.readouterr().err
+
+
+def test_demo_tools_refuse_a_bad_path_or_size_in_one_line(tmp_path, capsys):
+    """A directory without config.json, a corpus without Python files or a size of 0 is a usage error naming the
+    argument (they failed with tracebacks from huggingface_hub, torch.randint or SamplingParams)."""
+    from tools import eval_demo_chat, finetune_demo_chat, train_demo, verify_demo
+
+    cases = [
+        (verify_demo.main, [str(tmp_path)], f"argument ckpt: {tmp_path} has no config.json"),
+        (eval_demo_chat.main, [str(tmp_path)], f"argument ckpt: {tmp_path} has no config.json"),
+        (eval_demo_chat.main, [str(DEMO), "--max-tokens", "0"], "argument --max-tokens: 0 is below 1"),
+        (finetune_demo_chat.main, ["--from", str(tmp_path), "--out", str(tmp_path / "out")],
+         f"argument --from: {tmp_path} has no config.json"),
+        (train_demo.main, ["train", "--out", str(tmp_path / "out"), "--corpus-root", str(tmp_path)],
+         f"argument --corpus-root: {tmp_path} holds no *.py files"),
+        # the held-out code is measured after training in 1025-token windows: fewer tokens divided by zero there
+        (finetune_demo_chat.main, ["--out", str(tmp_path / "out"), "--eval-tokens", "512"],
+         "--eval-tokens 512: the held-out code is measured in windows of 1024 + 1 tokens"),
+    ]
+    for main, argv, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not (tmp_path / "out").exists()
+
+
+def test_verify_demo_names_a_held_out_text_shorter_than_a_window(tmp_path):
+    """A small corpus's heldout.txt can be shorter than --seq-len: that is named, not a ZeroDivisionError."""
+    from tools import verify_demo
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((DEMO / name).read_bytes())
+    (tmp_path / "heldout.txt").write_text("def f():\n    return 1\n")
+    with pytest.raises(SystemExit, match=r"heldout.txt is shorter than one window of --seq-len 512 tokens"):
+        verify_demo.main([str(tmp_path)])

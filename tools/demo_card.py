@@ -3,6 +3,7 @@ after training, tools/verify_demo.py after verification; `python tools/demo_card
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -255,6 +256,17 @@ def eval_rows(ev: dict | None) -> str:
                      for k, label in EVAL_ROWS)
 
 
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir", type=Path, help="the model directory (config.json, metrics.json, model.safetensors); "
+                    "README.md is written there")
+    args = ap.parse_args(argv)
+    for name in ("config.json", "metrics.json", "model.safetensors"):
+        if not (args.dir / name).is_file():
+            ap.error(f"{args.dir / name} not found: DIR must be a model directory written by tools/train_demo.py")
+    write_card(args.dir)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    write_card(Path(sys.argv[1]))
+    main()

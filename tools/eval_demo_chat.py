@@ -27,6 +27,7 @@ for path in (REPO, REPO / "src"):
         sys.path.insert(0, str(path))
 
 from tools import demo_chat_data as chats
+from tools.train_demo import checkpoint_dir, positive_int
 
 MAX_TOKENS = 256
 
@@ -67,8 +68,8 @@ def call_ok(sample: chats.Sample, calls) -> tuple[bool, bool]:
 
 def score(tokenizer, sample: chats.Sample, completion, im_end: int) -> dict[str, bool]:
     parsed, open_think = parse_reply(tokenizer, sample, completion.text)
-    # the end token itself, not <|endoftext|> or the length limit (stop_reason is None on an end token, as in vLLM)
-    ended = completion.finish_reason == "stop" and completion.token_ids[-1:] == [im_end]
+    # the last token, not stop_reason: as in vLLM, stop_reason is None when a sequence ends on an end token
+    ended = completion.finish_reason == "stop" and list(completion.token_ids[-1:]) == [im_end]  # not <|endoftext|>
     row = {"ended": ended}
     if sample.thinking:
         row["think_closed"] = not open_think
@@ -115,8 +116,8 @@ def evaluate_chat(ckpt: Path, max_tokens: int = MAX_TOKENS, samples: list[chats.
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="checkpoint directory")
-    p.add_argument("--max-tokens", type=int, default=MAX_TOKENS)
+    p.add_argument("ckpt", type=checkpoint_dir, help="checkpoint directory")
+    p.add_argument("--max-tokens", type=positive_int, default=MAX_TOKENS)
     p.add_argument("--update-metrics", action="store_true", help="merge into DIR/metrics.json, rewrite DIR/README.md")
     args = p.parse_args(argv)
     ckpt, t0 = Path(args.ckpt), time.time()

@@ -34,12 +34,13 @@ for path in (REPO, REPO / "src"):
         sys.path.insert(0, str(path))
 
 from tools import demo_chat_data as chats
-from tools.train_demo import (ARCH, RouterLogits, default_corpus_root, documented_functions, encode_documents,
-                              evaluate, export_tensors, is_heldout, load_training_modules, log, mtp_hidden,
-                              optimizer, read_sources)
+from tools.train_demo import (ARCH, RouterLogits, checkpoint_dir, corpus_dir, default_corpus_root, documented_functions,
+                              encode_documents, evaluate, export_tensors, is_heldout, load_training_modules, log,
+                              mtp_hidden, optimizer, positive_int, read_sources)
 
 MAX_FUNCTION_CHARS = 400  # "write a function" replies stay short enough to end well inside the eval's max_tokens
 WEIGHTS = "model.safetensors"
+EVAL_WINDOW = 1024  # held-out code is measured in windows of this many tokens (+ 1 target)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def cmd_finetune(args) -> int:
     log(f"setup {time.time() - t0:.0f}s; training budget {args.time_budget:.0f}s")
     result = train(model, mtp, data, args)
     write_checkpoint(src, out, model, mtp)
-    code_eval = evaluate(model, mtp, data["heldout_code"][: args.eval_tokens], 1024, torch.device("cpu"))
+    code_eval = evaluate(model, mtp, data["heldout_code"][: args.eval_tokens], EVAL_WINDOW, torch.device("cpu"))
     metrics = {**metrics, **code_eval, **finetune_facts(args, data, result, before)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
     log(f"held-out code after fine-tuning: {json.dumps(code_eval)} (before: {json.dumps(before)})")
@@ -206,28 +207,35 @@ def cmd_finetune(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--from", dest="src", default=str(REPO / "src/deltaserve/demo_model"), help="checkpoint to tune")
+    p.add_argument("--from", dest="src", type=checkpoint_dir, default=str(REPO / "src/deltaserve/demo_model"),
+                   help="checkpoint to tune")
     p.add_argument("--out", required=True, help="checkpoint directory to write")
-    p.add_argument("--corpus-root", default=str(default_corpus_root()), help="CPython Lib/ directory")
-    p.add_argument("--chat-samples", type=int, default=8000, help="training chats generated (seeded)")
-    p.add_argument("--code-files", type=int, default=400, help="training stdlib files in the code mix")
+    p.add_argument("--corpus-root", type=corpus_dir, default=str(default_corpus_root()),
+                   help="CPython Lib/ directory")
+    p.add_argument("--chat-samples", type=positive_int, default=8000, help="training chats generated (seeded)")
+    p.add_argument("--code-files", type=positive_int, default=400, help="training stdlib files in the code mix")
     p.add_argument("--prompt-cut-every", type=int, default=400)
-    p.add_argument("--chat-rows", type=int, default=6, help="chat samples per step")
+    p.add_argument("--chat-rows", type=positive_int, default=6, help="chat samples per step")
     p.add_argument("--code-rows", type=int, default=2, help="code windows per step, as long as the step's chats")
     p.add_argument("--lr", type=float, default=8e-4)
     p.add_argument("--min-lr-ratio", type=float, default=0.1)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--mtp-weight", type=float, default=0.5)
-    p.add_argument("--max-steps", type=int, default=1_000_000)
+    p.add_argument("--max-steps", type=positive_int, default=1_000_000)
     p.add_argument("--time-budget", type=float, default=2400.0, help="seconds of training (the schedule follows it)")
     p.add_argument("--total-budget", type=float, default=1e9, help="seconds for setup + training (+ reserve)")
     p.add_argument("--reserve", type=float, default=0.0, help="seconds of --total-budget kept for after training")
-    p.add_argument("--eval-tokens", type=int, default=400_000, help="held-out code tokens measured after training")
-    p.add_argument("--chat-eval-max-tokens", type=int, default=256)
-    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--eval-tokens", type=positive_int, default=400_000,
+                   help="held-out code tokens measured after training")
+    p.add_argument("--chat-eval-max-tokens", type=positive_int, default=256)
+    p.add_argument("--log-every", type=positive_int, default=25)
     p.add_argument("--seed", type=int, default=0)
-    return cmd_finetune(p.parse_args(argv))
+    args = p.parse_args(argv)
+    if args.eval_tokens <= EVAL_WINDOW:  # else the evaluation after training divides by zero windows
+        p.error(f"--eval-tokens {args.eval_tokens}: the held-out code is measured in windows of {EVAL_WINDOW} + 1 "
+                f"tokens; give more than {EVAL_WINDOW}")
+    return cmd_finetune(args)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,29 @@ def default_corpus_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+# argparse types of the demo tools: a wrong path or size is a usage error naming it, not a traceback from deep inside
+def corpus_dir(text: str) -> str:
+    if not any(Path(text).rglob("*.py")):
+        raise argparse.ArgumentTypeError(f"{text} holds no *.py files: give a CPython Lib/ directory")
+    return text
+
+
+def checkpoint_dir(text: str) -> str:
+    if not (Path(text) / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text} has no config.json: give a checkpoint directory")
+    return text
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is below 1; give a positive integer")
+    return value
+
+
 def read_sources(root: Path, max_files: int | None = None) -> list[tuple[str, str]]:
     """(relative path, text) of every readable UTF-8 .py file under root, sorted by path."""
     out = []
@@ -430,6 +453,9 @@ def evaluate(model, mtp, ids: torch.Tensor, seq_len: int, device: torch.device, 
     tokens that do not overlap; every window's first tokens have less context, as in training)."""
     model.eval(), mtp.eval()
     n = (len(ids) - 1) // (seq_len + 1)
+    if n == 0:
+        raise ValueError(f"{len(ids)} held-out tokens make no window of {seq_len} + 1 tokens: raise --eval-tokens, "
+                         "or use a larger corpus")
     windows = ids[: n * (seq_len + 1)].view(n, seq_len + 1).to(device=device, dtype=torch.long)
     tot = {"main": 0.0, "mtp": 0.0, "acc": 0.0, "mtp_acc": 0.0, "n": 0, "n2": 0}
     for i in range(0, n, batch):
@@ -545,26 +571,28 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="build corpus and tokenizer, train, evaluate, write the checkpoint")
     t.add_argument("--out", required=True, help="checkpoint directory to write")
-    t.add_argument("--corpus-root", default=str(default_corpus_root()), help="CPython Lib/ directory")
-    t.add_argument("--max-files", type=int, default=None, help="use only the first N files (smoke tests)")
+    t.add_argument("--corpus-root", type=corpus_dir, default=str(default_corpus_root()),
+                   help="CPython Lib/ directory")
+    t.add_argument("--max-files", type=positive_int, default=None, help="use only the first N files (smoke tests)")
     t.add_argument("--vocab-size", type=int, default=4096)
     t.add_argument("--chat-samples", type=int, default=6000)
     t.add_argument("--prompt-cut-every", type=int, default=400,
                    help="about one prompt-boundary cut (see prompt_cuts) per this many training characters; 0: none")
-    t.add_argument("--seq-len", type=int, default=1024)
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--seq-len", type=positive_int, default=1024)
+    t.add_argument("--batch-size", type=positive_int, default=64)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--min-lr-ratio", type=float, default=0.05)
     t.add_argument("--warmup", type=int, default=100)
     t.add_argument("--weight-decay", type=float, default=0.1)
     t.add_argument("--mtp-weight", type=float, default=0.5, help="weight of the next-next-token loss")
-    t.add_argument("--max-steps", type=int, default=1_000_000)
+    t.add_argument("--max-steps", type=positive_int, default=1_000_000)
     t.add_argument("--time-budget", type=float, default=420.0, help="seconds of training (the schedule follows it)")
     t.add_argument("--total-budget", type=float, default=None,
                    help="seconds for the whole command: shortens the training budget by the setup time + 45 s")
-    t.add_argument("--eval-tokens", type=int, default=400_000)
-    t.add_argument("--log-every", type=int, default=50)
-    t.add_argument("--eval-every", type=int, default=200, help="held-out loss (first 32 windows) every N steps")
+    t.add_argument("--eval-tokens", type=positive_int, default=400_000)
+    t.add_argument("--log-every", type=positive_int, default=50)
+    t.add_argument("--eval-every", type=positive_int, default=200,
+                   help="held-out loss (first 32 windows) every N steps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default=None)
     t.set_defaults(func=cmd_train)

@@ -21,7 +21,7 @@ for path in (REPO, REPO / "src"):
         sys.path.insert(0, str(path))
 
 from tools.demo_card import write_card
-from tools.train_demo import load_training_modules, mtp_hidden
+from tools.train_demo import checkpoint_dir, load_training_modules, mtp_hidden, positive_int
 
 
 @torch.no_grad()
@@ -67,6 +67,9 @@ def heldout_windows(ckpt: Path, seq_len: int) -> list[list[int]]:
 def cmd_verify(args) -> int:
     ckpt = Path(args.ckpt)
     windows = heldout_windows(ckpt, args.seq_len)[: args.windows]
+    if not windows:  # else the accuracy below divides by zero
+        sys.exit(f"{ckpt / 'heldout.txt'} is shorter than one window of --seq-len {args.seq_len} tokens: pass a "
+                 "smaller --seq-len")
     worst_main = worst_mtp = 0.0
     hits = hits_ref = total = 0
     for ids in windows:
@@ -92,9 +95,10 @@ def cmd_verify(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("ckpt", help="checkpoint directory written by tools/train_demo.py (with heldout.txt)")
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("ckpt", type=checkpoint_dir,
+                   help="checkpoint directory written by tools/train_demo.py (with heldout.txt)")
+    p.add_argument("--seq-len", type=positive_int, default=512)
+    p.add_argument("--windows", type=positive_int, default=8)
     p.add_argument("--update-metrics", action="store_true",
                    help="merge the results into DIR/metrics.json and rewrite DIR/README.md")
     return cmd_verify(p.parse_args(argv))

@@ -71,3 +71,20 @@ def test_no_prompt_repeats_across_warmup_timed_requests_and_sweep_runs():
         assert len(timed) == 4 and len(warmup) == args.warmup
         seen += [tuple(p["prompt"]) for p in timed + warmup]
     assert len(set(seen)) == len(seen)
+
+
+def test_default_prompt_ids_fit_a_small_vocabulary(server, capsys):
+    """Without --min/--max-token-id the random prompts stay inside the served vocabulary (320 tokens here): the
+    default range [1000, 100000) made every request to a small model fail with a 400."""
+    from benchmarks.serve_load import vocab_size
+    from tests.server.chat_model import CONFIG
+
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    assert vocab_size(server.url, headers, 100000) == CONFIG["vocab_size"] == 320
+    assert vocab_size(server.url, headers, 200) == 200  # a vocabulary above the cap keeps the cap
+    [stats] = main(["--url", server.url, "--api-key", API_KEY, "--concurrency", "2", "--num-requests", "2",
+                    "--input-len", "8", "--output-len", "3", "--warmup", "0", "--card", "cpu"])
+    assert stats["requests_ok"] == 2 and stats["requests_failed"] == 0
+    assert "prompt token ids drawn from [160, 320)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--min-token-id 400 is not below the server's vocabulary size 320"):
+        main(["--url", server.url, "--api-key", API_KEY, "--min-token-id", "400", "--num-requests", "1"])
