@@ -2,10 +2,10 @@
 (GPTQ v1, the layout of Qwen's GPTQ-Int4 releases), by round-to-nearest: no calibration data, so int4 quality is
 below a calibrated GPTQ / AWQ run; FP8 block scaling loses little.
 
-Which projections are quantized follows the official releases (wave2.md A.1, A.2): FP8 quantizes every linear
-projection except the GDN in_proj_a/b, the MoE router and shared-expert gate, the embedding, lm_head and mtp.fc;
-int4 quantizes only the MLP / routed experts (attention, GDN, shared experts and MTP stay bf16). Routed experts are
-written per expert. Tensors not quantized are copied as they are.
+Which projections are quantized follows the official releases (the quantization_config of Qwen's Qwen3.5-*-FP8 and
+-GPTQ-Int4 checkpoints): FP8 quantizes every linear projection except the GDN in_proj_a/b, the MoE router and
+shared-expert gate, the embedding, lm_head and mtp.fc; int4 quantizes only the MLP / routed experts (attention, GDN,
+shared experts and MTP stay bf16). Routed experts are written per expert. Tensors not quantized are copied as they are.
 """
 
 from __future__ import annotations

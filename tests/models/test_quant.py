@@ -101,7 +101,7 @@ def hf_over(src: Path, state: dict[str, torch.Tensor]):
 
 
 def dequant_gptq_file(t: dict[str, torch.Tensor], base: str, group: int) -> torch.Tensor:
-    """GPTQ v1 by the formula of wave2.md A.0, written out independently of the loader."""
+    """GPTQ v1 by its dequantization formula, written out independently of the loader."""
     qw = t[base + ".qweight"]
     k = qw.shape[0] * 8
     q = torch.stack([(qw >> (4 * j)) & 0xF for j in range(8)], dim=1).reshape(k, -1)

@@ -12,11 +12,11 @@ Every format is converted at load time into one of two internal layouts (kernels
 along K with fp32 group scales and uint8 zero points, or e4m3 weights with an fp32 scale per row and K block. So the
 kernels do not care whether a weight came from GPTQ, AWQ or compressed-tensors.
 
-Checkpoint layouts (wave2.md A.0): GPTQ v1 qweight [K/8, N] (packed along K), qzeros [K/G, N/8] stored as zero - 1
-(a stored 15 reads as 16, as v1 readers do: _check_gptq_zeros), scales [K/G, N], g_idx [K]; AutoAWQ GEMM qweight
-[K, N/8] and qzeros [K/G, N/8] packed along N in the nibble order 0,4,1,5,2,6,3,7; compressed-tensors weight_packed
-[N, K/8] (codes + 8), weight_scale [N, K/G], weight_zero_point [N/8, K/G] (packed along N), weight_shape,
-weight_g_idx; FP8 weight e4m3 [N, K] with weight_scale_inv (Qwen) or weight_scale (compressed-tensors)
+Checkpoint layouts (as GPTQ, AutoAWQ and compressed-tensors write them): GPTQ v1 qweight [K/8, N] (packed along K),
+qzeros [K/G, N/8] stored as zero - 1 (a stored 15 reads as 16, as v1 readers do: _check_gptq_zeros), scales [K/G, N],
+g_idx [K]; AutoAWQ GEMM qweight [K, N/8] and qzeros [K/G, N/8] packed along N in the nibble order 0,4,1,5,2,6,3,7;
+compressed-tensors weight_packed [N, K/8] (codes + 8), weight_scale [N, K/G], weight_zero_point [N/8, K/G] (packed along
+N), weight_shape, weight_g_idx; FP8 weight e4m3 [N, K] with weight_scale_inv (Qwen) or weight_scale (compressed-tensors)
 [ceil(N/bn), ceil(K/bk)] block scales, [N, 1] per channel or [] / [1] per tensor, all multipliers.
 """
 

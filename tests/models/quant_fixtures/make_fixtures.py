@@ -6,12 +6,12 @@ Run once, in a venv of its own (these pins conflict with the project's transform
 Tools: llm-compressor 0.14.0.1 (`model_free_ptq`, compressed-tensors 0.19.0) for compressed-tensors W4A16 sym/asym
 and FP8_BLOCK; auto-round 0.15.1 (RTN, iters=0) for GPTQ v1 (`auto_gptq`) and AutoAWQ GEMM (`auto_awq`), including
 the mixed AWQ layout through its layer_config; Qwen official FP8 is the compressed-tensors FP8_BLOCK output renamed
-(`weight_scale` -> `weight_scale_inv`, `quant_method: fp8` config), as wave2.md A.5 describes.
+(`weight_scale` -> `weight_scale_inv`, `quant_method: fp8` config): the two differ only in those names.
 
 Oracle (`oracle/expected.safetensors` in each checkpoint's folder): the logits of transformers' own Qwen3.5 model in fp32 over a
 fixed prompt and its 32 greedy tokens, with the weights dequantized independently of deltaserve: by transformers
 itself where it loads the format (compressed-tensors int4, Qwen FP8 with FineGrainedFP8Config(dequantize=True)),
-else by compressed_tensors' own unpacker / the formulas of wave2.md A.0 written out below.
+else by compressed_tensors' own unpacker / the formats' dequantization formulas written out below.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def to_qwen_fp8(ct_dir: Path, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
 
 
-# ---- independent dequantization (wave2.md A.0) for the formats transformers cannot load on CPU --------------------
+# ---- independent dequantization (the writers' formulas) for the formats transformers cannot load on CPU ---------
 
 def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     """int32 [R, C] packed along dim 0 (8 per word, low nibble first) -> [8R, C]."""
