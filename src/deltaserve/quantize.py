@@ -173,9 +173,23 @@ def _write(src: Path, out: Path, config: dict, *, method: str, group_size: int, 
     config["quantization_config"] = qc
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for extra in src.iterdir():
-        if extra.is_file() and extra.suffix != ".safetensors" and extra.name not in (
-                "config.json", "model.safetensors.index.json"):
+        if extra.name == "README.md":
+            _write_card(extra, out / extra.name, src, qc)
+        elif extra.is_file() and extra.suffix != ".safetensors" and extra.name not in _NOT_COPIED:
             shutil.copy(extra, out / extra.name)
+
+
+# The source's weights and config are rewritten above; measured figures (the demo model's metrics.json) are the bf16
+# model's and do not hold for the quantized one.
+_NOT_COPIED = ("config.json", "model.safetensors.index.json", "metrics.json")
+
+
+def _write_card(card: Path, to: Path, src: Path, qc: dict) -> None:
+    """The source's model card under a note saying it describes the bf16 model this one was quantized from."""
+    method = "FP8 (128x128 block scales)" if qc["quant_method"] == "fp8" else f"GPTQ int4 g{qc['group_size']}"
+    note = (f"> Quantized to {method} by `deltaserve quantize` (round to nearest, no calibration) from `{src.name}`. "
+            "The card below is the source model's: its figures were measured before quantization.\n\n")
+    to.write_text(note + card.read_text())
 
 
 if __name__ == "__main__":

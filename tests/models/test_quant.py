@@ -537,7 +537,15 @@ def test_split_format_projection_gives_its_shards_without_concatenating(monkeypa
 def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
     from deltaserve.cli import main
     out = tmp_path / "cli_fp8"
-    assert main(["quantize", str(bf16_dirs["q_moe"]), str(out), "--method", "fp8"]) == 0
+    src = tmp_path / "src"  # with a model card and measured figures, as the demo model has
+    shutil.copytree(bf16_dirs["q_moe"], src)
+    (src / "README.md").write_text("# A card\n")
+    (src / "metrics.json").write_text("{}")
+    assert main(["quantize", str(src), str(out), "--method", "fp8"]) == 0
+    # the card says it is the bf16 source's; the source's measured figures are not carried over
+    card = (out / "README.md").read_text()
+    assert card.startswith("> Quantized to FP8") and "# A card" in card
+    assert not (out / "metrics.json").exists()
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "fp8" and any(n.endswith("in_proj_a") for n in cfg["modules_to_not_convert"])
     with caplog.at_level("INFO", logger="deltaserve.models.loader"):
