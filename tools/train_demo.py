@@ -58,6 +58,7 @@ for path in (REPO, REPO / "src"):  # tools.demo_card; deltaserve.demo holds the 
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from benchmarks.common import positive_int
 from deltaserve.demo import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 QWEN_PRETOKENIZE = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
@@ -115,16 +116,6 @@ def checkpoint_dir(text: str) -> str:
     if not (Path(text) / "config.json").is_file():
         raise argparse.ArgumentTypeError(f"{text} has no config.json: give a checkpoint directory")
     return text
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is below 1; give a positive integer")
-    return value
 
 
 def read_sources(root: Path, max_files: int | None = None) -> list[tuple[str, str]]:
