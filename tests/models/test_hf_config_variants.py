@@ -124,3 +124,13 @@ def test_mrope_rope_scaling_reads_as_default_rope():
     cfg = {**tf.Qwen3_5TextConfig(**text_kwargs(TinySpec("a"))).to_dict(), "architectures": ["Qwen3_5ForCausalLM"]}
     cfg["rope_scaling"] = {"type": "mrope", "mrope_section": [2, 1, 1], "rope_theta": 1e6}
     assert ModelConfig.from_dict(cfg).rope_theta == 1e6
+
+
+def test_swish_reads_as_silu():
+    """transformers' ACT2FN gives "swish" the SiLU of "silu": the config loads as SiLU (it was refused)."""
+    import transformers as tf
+    cfg = {**tf.Qwen3_5TextConfig(**text_kwargs(TinySpec("a"))).to_dict(), "architectures": ["Qwen3_5ForCausalLM"]}
+    cfg["hidden_act"] = "swish"
+    assert ModelConfig.from_dict(cfg).hidden_act == "silu"
+    x = torch.linspace(-8, 8, 101)
+    torch.testing.assert_close(tf.activations.ACT2FN["swish"](x), tf.activations.ACT2FN["silu"](x))

@@ -199,7 +199,7 @@ class ModelConfig(LinearAttentionSizes):
             moe_intermediate_size=get("moe_intermediate_size") if is_moe else None,
             shared_expert_intermediate_size=get("shared_expert_intermediate_size") if is_moe else None,
             mtp_num_hidden_layers=get("mtp_num_hidden_layers", 0, also_top=True),
-            hidden_act=get("hidden_act", "silu"),
+            hidden_act=_activation(get("hidden_act", "silu")),
             attn_output_gate=get("attn_output_gate", True),
             attention_bias=get("attention_bias", False),
             dtype=_dtype_name(raw, text),
@@ -267,6 +267,11 @@ def _rope(text: dict[str, Any]) -> dict[str, float]:
     theta = params.get("rope_theta", text.get("rope_theta", HF_DEFAULT_ROPE_THETA))
     factor = params.get("partial_rotary_factor", text.get("partial_rotary_factor", 0.25))
     return {"rope_theta": _float("rope_theta", theta), "partial_rotary_factor": _float("partial_rotary_factor", factor)}
+
+
+def _activation(name: Any) -> Any:
+    """transformers' ACT2FN maps "swish" to the same SiLU as "silu"."""
+    return "silu" if name == "swish" else name
 
 
 def _dtype_name(raw: dict[str, Any], text: dict[str, Any]) -> str:
