@@ -7,6 +7,7 @@ One server process serves most tests (session scope); tests that need their own 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -154,3 +155,17 @@ def wait_pools_free(http: httpx.Client, timeout: float = 20.0) -> dict[str, floa
         if time.monotonic() > deadline:
             raise AssertionError(f"pools still in use after {timeout}s: {stats}")
         time.sleep(0.05)
+
+
+def completion_logprobs(r: httpx.Response, stream: bool) -> tuple[list[str], list[float], list[dict[str, float]]]:
+    """A /v1/completions response's (first choice's) legacy logprobs, streamed or not: tokens, their logprobs and
+    top_logprobs, one entry per token."""
+    assert r.status_code == 200, r.text
+    if stream:
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+        pieces = [c["logprobs"] for e in events for c in e["choices"] if c["logprobs"]]
+    else:
+        pieces = [r.json()["choices"][0]["logprobs"]]
+    return ([t for p in pieces for t in p["tokens"]], [lp for p in pieces for lp in p["token_logprobs"]],
+            [t for p in pieces for t in p["top_logprobs"]])
+

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.server.chat_model import NO_THINK_CHAT, THINK_CHAT
-from tests.server.conftest import API_KEY, MODEL_NAME, engine_stats, metric_value
+from tests.server.conftest import API_KEY, MODEL_NAME, completion_logprobs, engine_stats, metric_value
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -98,12 +98,7 @@ def test_streamed_deltas_always_carry_reasoning_fields(http, chat_ckpt):
 @pytest.mark.parametrize("stream", [False, True])
 def test_completion_logprobs_zero_gives_the_sampled_token(http, stream):
     body = {"prompt": "Hello", "max_tokens": 5, "temperature": 0, "logprobs": 0, "ignore_eos": True, "stream": stream}
-    r = http.post(COMPLETIONS, json=body)
-    pieces = [c["logprobs"] for e in _events(r) for c in e["choices"] if c["logprobs"]] if stream else \
-        [r.json()["choices"][0]["logprobs"]]
-    tokens = [t for p in pieces for t in p["tokens"]]
-    chosen = [lp for p in pieces for lp in p["token_logprobs"]]
-    tops = [t for p in pieces for t in p["top_logprobs"]]
+    tokens, chosen, tops = completion_logprobs(http.post(COMPLETIONS, json=body), stream)
     assert len(tokens) == len(tops) == 5
     assert tops == [{token: lp} for token, lp in zip(tokens, chosen)]
 

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from tests.server.chat_model import NO_THINK_CHAT, TOOL_CHAT
+from tests.server.conftest import completion_logprobs
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -57,12 +58,7 @@ def test_completion_top_logprobs_include_the_sampled_token(http, stream):
     entries when the sample was not among the k (OpenAI's legacy API, vLLM)."""
     body = {"prompt": "Hello", "max_tokens": 40, "temperature": 2.0, "seed": 3, "logprobs": 1, "ignore_eos": True,
             "stream": stream}
-    r = http.post(COMPLETIONS, json=body)
-    pieces = [c["logprobs"] for e in _events(r) for c in e["choices"] if c["logprobs"]] if stream else \
-        [r.json()["choices"][0]["logprobs"]]
-    tokens = [t for p in pieces for t in p["tokens"]]
-    chosen = [lp for p in pieces for lp in p["token_logprobs"]]
-    tops = [t for p in pieces for t in p["top_logprobs"]]
+    tokens, chosen, tops = completion_logprobs(http.post(COMPLETIONS, json=body), stream)
     assert len(tokens) == len(tops) == 40
     unlikely = 0
     for token, logprob, top in zip(tokens, chosen, tops):
