@@ -12,8 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import mmap
+import re
 import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
