@@ -1,7 +1,8 @@
 """Tensor and expert parallelism on CPU (gloo, worker processes spawned by the engine): the same greedy tokens as one
 process and logprobs within LOGPROB_ATOL, on tiny dense (tied embedding) and MoE (fused and per-expert experts)
 checkpoints; each rank reads only its part of the sharded tensors; impossible sizes fail at start naming the
-dimension; a killed or hung worker stops the engine with an error (naming the rank when it died) in bounded time."""
+dimension; a killed or hung worker stops the engine with an error (naming the rank when it died) in bounded time, and
+one whose load or step raises at once with its error."""
 
 from __future__ import annotations
 
@@ -227,6 +228,54 @@ def test_hung_worker_stops_the_engine_after_the_timeout(dense, monkeypatch):
         assert time.monotonic() - start < 12
     finally:
         llm.engine.shutdown()  # kills the stopped worker
+
+
+# Rank 1 of a torchrun-style launch whose own model runner fails (a fault of its device, say) while rank 0's does
+# not: its load, or each of its steps. The error path under test (the worker loop, rank 0's driver) is the real one.
+RANK1_FAULT = """
+import sys
+from deltaserve.parallel.runner import TPModelRunner
+
+def fail(*args, **kwargs):
+    raise RuntimeError("injected fault on rank 1")
+
+setattr(TPModelRunner, sys.argv.pop(1), fail)
+from deltaserve.cli import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize("where", ["__init__", "launch"])
+def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, monkeypatch, where):
+    """Before: a step that failed on rank 1 alone left rank 0 in the step's collectives until their timeout, then
+    reported a collective failure without the rank's error."""
+    import subprocess
+    import sys
+
+    from deltaserve.parallel.launch import _free_port
+
+    monkeypatch.setenv("DELTASERVE_DIST_TIMEOUT", "20")
+    launch = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    args = ["generate", str(dense), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
+            "--num-pages", "64", "--max-num-seqs", "8", "--tensor-parallel-size", "2", "--log-level", "ERROR"]
+    worker = subprocess.Popen([sys.executable, "-c", RANK1_FAULT, where, *args], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **launch, "RANK": "1", "LOCAL_RANK": "1"})
+    for name, value in {**launch, "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    llm = None
+    try:
+        with pytest.raises(RankFailure, match=r"tensor-parallel rank 1 failed.*RuntimeError: injected fault on rank 1"):
+            llm = make_llm(dense, 2)
+            start = time.monotonic()
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        if llm is not None:
+            assert time.monotonic() - start < 10  # the worker's error, not the collective's timeout (20 s)
+        assert worker.wait(10) == 1
+    finally:
+        if llm is not None:
+            llm.engine.shutdown()
+        worker.kill()
+        worker.communicate()
 
 
 def test_torchrun_style_launch(dense, tmp_path):

@@ -135,26 +135,33 @@ def test_every_sample_of_a_request_aborted_at_shutdown_counts_as_aborted(faulty_
     assert d["deltaserve_requests_total", (("endpoint", "completions"), ("outcome", "abort"))] == 1
 
 
-def test_prefix_cache_hit_rate_is_over_the_tokens_each_sample_looked_up(faulty_app):
+def test_prefix_cache_hits_and_queries_count_tokens_under_vllms_names(faulty_app):
+    """vLLM's prefix_cache_queries / prefix_cache_hits count prompt tokens looked up / served from the cache, so a
+    dashboard's hit rate is hits / queries (before: prefix_cache_hits counted requests, and the tokens went under
+    names of our own)."""
     app, _ = faulty_app
     prompt = list(range(300, 399))  # 99 tokens no other test sends
     body = {"prompt": prompt, "max_tokens": 2, "n": 8, "temperature": 1}
     _run(app, body)
     r, d = _run(app, body)  # every sample resumes from the prompt's checkpoint
     cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert cached > 0
+    assert 0 < cached < 99
     assert d["deltaserve_prompt_tokens_total"] == 99  # the prompt once, as in usage
-    assert d["deltaserve_prefix_cache_hit_tokens_total"] == 8 * cached  # but each sample hits
+    assert d["deltaserve_prefix_cache_hits_total"] == 8 * cached  # but each sample hits
+    assert d["deltaserve_prefix_cache_queries_total"] == 8 * 99
 
     async def scrape():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
-            return _samples((await c.get("/metrics")).text)
+            return (await c.get("/metrics")).text
 
-    m = {name: v for (name, labels), v in asyncio.run(scrape()).items() if not labels}
+    text = asyncio.run(scrape())
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("deltaserve_prefix_cache_hits", "deltaserve_prefix_cache_queries"):
+        assert families[name].type == "counter" and "tokens" in families[name].documentation
+    m = {name: v for (name, labels), v in _samples(text).items() if not labels}
     rate = m["deltaserve_prefix_cache_hit_rate"]
-    assert 0 < rate <= 1  # before: hit tokens over prompt_tokens_total, which passed 1 here
-    assert d["deltaserve_prefix_cache_query_tokens_total"] == 8 * 99
-    assert rate == m["deltaserve_prefix_cache_hit_tokens_total"] / m["deltaserve_prefix_cache_query_tokens_total"]
+    assert 0 < rate <= 1  # hit tokens over prompt_tokens_total would pass 1 here
+    assert rate == m["deltaserve_prefix_cache_hits_total"] / m["deltaserve_prefix_cache_queries_total"]
 
 
 def test_every_sample_of_a_request_the_engine_failed_counts_as_error(faulty_app):

@@ -26,6 +26,7 @@ DEFAULT_TIMEOUT_S = 300.0
 IDLE_TIMEOUT = timedelta(days=365)  # the command group: workers wait for rank 0 as long as it lives
 JOIN_TIMEOUT = timedelta(seconds=600)  # every rank joins within this (or the collective timeout, if longer)
 JOINED = "deltaserve/joined"  # store counter of the ranks that joined
+FAILED = "deltaserve/failed/"  # + rank: the error a worker's command raised, for rank 0 to report
 
 
 def collective_timeout() -> timedelta:
@@ -39,6 +40,7 @@ class TPGroup:
     world_size: int
     device: torch.device
     commands: dist.ProcessGroup  # gloo, host objects from rank 0
+    store: dist.Store  # hosted by rank 0: where a worker leaves its error when it gives up
 
     @property
     def nccl(self) -> bool:
@@ -71,7 +73,7 @@ def init_group(*, rank: int, world_size: int, master_addr: str, master_port: int
         time.sleep(0.05)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
     commands = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
-    _GROUP = TPGroup(rank, world_size, device, commands)
+    _GROUP = TPGroup(rank, world_size, device, commands, store)
     log.info("rank %d of %d joined the tensor-parallel group (%s, %s:%d)", rank, world_size, backend, master_addr,
              master_port)
     return _GROUP
@@ -166,3 +168,30 @@ def gather_status(status: object) -> list[object]:
     out: list[object] = [None] * current_group().world_size
     dist.all_gather_object(out, status, group=current_group().commands)
     return out
+
+
+# ---- a worker's failure (worker -> rank 0) -------------------------------------------------------------------------
+
+def is_collective_error(e: BaseException) -> bool:
+    """Whether `e` is a failure of the group itself (a peer gone or hung), not of this rank's own work."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    text = str(e).lower()
+    return any(w in text for w in ("gloo", "nccl", "timed out", "timeout", "connection", "peer"))
+
+
+def report_failure(message: str) -> None:
+    """A worker: leave `message` for rank 0 (which reports it when the worker's leaving fails its collectives)."""
+    group = current_group()
+    try:
+        group.store.set(f"{FAILED}{group.rank}", message)
+    except Exception as e:  # noqa: BLE001 - rank 0 is gone as well: nobody to tell
+        log.warning("could not report the failure to rank 0: %s", e)
+
+
+def reported_failures() -> dict[int, str]:
+    """Rank 0: the errors workers reported, by rank."""
+    group = current_group()
+    keys = {rank: f"{FAILED}{rank}" for rank in range(1, group.world_size)}
+    return {rank: group.store.get(key).decode(errors="replace") for rank, key in keys.items()
+            if group.store.check([key])}

@@ -9,7 +9,8 @@ pending on the host (async scheduling).
 
 A rank that dies or hangs: the next collective or command fails (the peer's connection closes, or the collective
 times out after DELTASERVE_DIST_TIMEOUT seconds) and the driver raises `RankFailure` naming the rank when it can
-tell (the spawned workers' exit codes), which stops the engine.
+tell (the spawned workers' exit codes), which stops the engine. A worker whose command raises leaves its error in the
+group's store and exits: rank 0, waiting for it in the step's collectives, then fails at once and reports that error.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def serve_commands(runner: TPModelRunner) -> None:
     while True:
         command: Any = group.recv_command()
         kind = command[0]
+        if kind == "stop":
+            return
         try:
             if kind == "launch":
                 launched = runner.launch(command[1])
@@ -82,11 +85,13 @@ def serve_commands(runner: TPModelRunner) -> None:
                 awaiting = None
             elif kind == "copies":
                 runner.apply_copies(command[1], command[2])
-            elif kind == "stop":
-                return
-        except Exception:  # noqa: BLE001 - rank 0 meets the same error on the same step and fails its requests
+        except Exception as e:
+            # Rank 0 may be waiting in this step's collectives for this rank (until their timeout), and the ranks'
+            # collectives no longer line up: say why, then leave (the caller exits), which fails them at once.
             log.exception("rank %d: %s failed", runner.rank, kind)
-            awaiting = None
+            if not group.is_collective_error(e):  # else rank 0 meets the same failure of the group
+                group.report_failure(f"{kind}: {type(e).__name__}: {e}")
+            raise
 
 
 class TPDriver:
@@ -126,17 +131,18 @@ class TPDriver:
             raise RankFailure(self.failed) from e
 
     def _distributed_failure(self, e: Exception) -> bool:
-        if isinstance(e, getattr(dist, "DistError", ())) or self._dead_workers():
-            return True
-        text = str(e).lower()
-        return any(w in text for w in ("gloo", "nccl", "timed out", "timeout", "connection", "peer"))
+        return group.is_collective_error(e) or bool(self._dead_workers()) or bool(group.reported_failures())
 
     def _dead_workers(self) -> list[tuple[int, int | None]]:
         return [(rank, p.exitcode) for rank, p in enumerate(self.workers, start=1) if not p.is_alive()]
 
     def _diagnose(self, e: Exception) -> str:
-        """Which rank failed: a spawned worker that exited (waiting briefly for its exit to be seen), else what the
-        collective said."""
+        """Which rank failed: a worker that reported its error, a spawned worker that exited (waiting briefly for its
+        exit to be seen), else what the collective said."""
+        reported = group.reported_failures()
+        if reported:
+            return "; ".join(f"tensor-parallel rank {r} failed ({error}; its log has the traceback); the engine "
+                             "stopped" for r, error in reported.items())
         deadline = time.monotonic() + (0.0 if isinstance(e, group.CommandTimeout) else 3.0)
         dead = self._dead_workers()
         while not dead and self.workers and time.monotonic() < deadline:
