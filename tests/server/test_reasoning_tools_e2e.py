@@ -85,7 +85,7 @@ def test_include_reasoning_false_hides_it(client):
 def test_named_tool_choice_and_tool_choice_none(client):
     forced = _create(client, TOOL_CHAT, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
-    # "none": the template lists no tools (so the prompt differs) and nothing is parsed as a call
+    # "none": the template still lists the tools (as in vLLM) but nothing is parsed as a call
     none = _create(client, TOOL_CHAT, tool_choice="none", max_tokens=30)
     assert none.choices[0].message.tool_calls is None
 
