@@ -12,7 +12,7 @@ Arguments are typed by the tool's JSON schema (integer, number, boolean, object,
 kept). The JSON arguments string is built as the text streams in: string values flow out character by character,
 other values once their closing tag arrives. The fragments concatenate to exactly json.dumps(arguments), so a
 streaming client and a non-streaming one see the same arguments. A closing tag ends a value only where the
-format's next tag (or the end of the output) follows it, as vLLM's qwen3_coder parser reads it: a value may hold
+format's next tag (or the end of the output) follows it, as recent vLLM's qwen3_coder parser reads it: a value may hold
 the text "</parameter>" (though not "</parameter>" then "<parameter=", which reads as two). Older Qwen3 JSON bodies
 (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) are accepted too.
 
