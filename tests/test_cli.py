@@ -159,16 +159,18 @@ LOOPING_PROMPT = "Write a long Python module with many functions"  # greedy, the
 
 
 def read_until(stream, needle: str, timeout: float = 120.0) -> str:
-    """Read a subprocess's unbuffered pipe until `needle` shows up (or fail after `timeout` seconds)."""
+    """Read a subprocess's unbuffered pipe (or a terminal's file descriptor) until `needle` shows up (or fail after
+    `timeout` seconds)."""
     import selectors
     import time
 
     seen, deadline = "", time.monotonic() + timeout
+    fd = stream if isinstance(stream, int) else stream.fileno()
     with selectors.DefaultSelector() as sel:
-        sel.register(stream, selectors.EVENT_READ)
+        sel.register(fd, selectors.EVENT_READ)
         while needle not in seen:
             assert time.monotonic() < deadline and sel.select(deadline - time.monotonic()), f"no {needle!r}: {seen!r}"
-            chunk = os.read(stream.fileno(), 4096).decode(errors="replace")
+            chunk = os.read(fd, 4096).decode(errors="replace")
             assert chunk, f"the process ended before {needle!r}: {seen!r}"
             seen += chunk
     return seen
@@ -199,17 +201,45 @@ def test_ctrl_c_in_a_reply_stops_only_the_reply(cache):
     assert b"1, 2, 3" in out  # the next turn got its reply: the engine was left clean
 
 
-def test_ctrl_c_at_the_prompt_ends_the_session_cleanly(cache):
+def test_ctrl_c_at_the_prompt_discards_the_line(cache):
+    """As in Python's REPL, Ctrl-C at the prompt drops the text typed so far and gives a fresh prompt (it ended the
+    whole session, history and all); Ctrl-D or /exit ends it. At a terminal: 'hello', Ctrl-C, then '/exit' is read
+    as /exit alone (a kept 'hello' would make 'hello/exit' a message, and the session would go on)."""
+    import contextlib
+    import pty
+    import select
     import signal
+    import time
 
-    proc = start_chat(cache)
+    leader, follower = pty.openpty()
+    env = {**os.environ, "DELTASERVE_CACHE_DIR": cache}
+    proc = subprocess.Popen([sys.executable, "-m", "deltaserve.cli", "chat", "--log-level", "WARNING",
+                             "--max-tokens", "4"], stdin=follower, stdout=follower, stderr=subprocess.PIPE, env=env)
+    os.close(follower)
     try:
-        read_until(proc.stdout, "> ")
+        read_until(leader, "> ")
+        # 'hello', then Left: the line editor answers Left with a backspace, so once it shows, the line editor (not
+        # the terminal, which echoes typed text itself while no one reads) holds the line and waits for more
+        os.write(leader, b"hello\x1b[D")
+        read_until(leader, "hello\b")
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            read_until(leader, "> ")  # a fresh prompt
+        except OSError:  # EIO: the chat exited and closed the terminal
+            pytest.fail("Ctrl-C at the prompt ended the session")
+        os.write(leader, b"/exit\r")
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            with contextlib.suppress(OSError):  # EIO once the chat has exited and closed the terminal
+                if select.select([leader], [], [], 0.1)[0]:
+                    os.read(leader, 4096)  # drained: a full terminal would block the chat's output
+        assert proc.returncode == 0, "'hello' was kept in the line: '/exit' was not read as /exit"
+        err = proc.stderr.read()
+        assert b"line dropped (Ctrl-C); Ctrl-D or /exit quits" in err and b"Traceback" not in err, err
     finally:
         proc.kill()
-    assert proc.returncode == 0 and b"Traceback" not in err, err
+        proc.wait()
+        os.close(leader)
 
 
 def test_interrupted_reply_is_kept_and_frees_its_pages(capsys):

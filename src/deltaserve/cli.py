@@ -121,7 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-CHAT_COMMANDS = "/reset clears the history, /exit, Ctrl-D or Ctrl-C at the prompt quits; Ctrl-C in a reply stops it"
+CHAT_COMMANDS = ("/reset clears the history, /exit or Ctrl-D quits; Ctrl-C drops the line typed at the prompt and "
+                 "stops a reply")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -137,9 +138,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
     for turn in range(1 << 62):
         try:
             line = input("> ")
-        except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: the session ends, no traceback
+        except EOFError:  # Ctrl-D on an empty line, or the end of piped input: the session ends
             print()
             return 0
+        except KeyboardInterrupt:  # as in Python's REPL: the typed line is dropped (the line editor and the
+            print()                # terminal discard it), not the session and its history
+            print("deltaserve chat: line dropped (Ctrl-C); Ctrl-D or /exit quits", file=sys.stderr)
+            continue
         if not line.strip():
             continue  # an empty line is not a message
         if line.strip() in ("/exit", "/quit"):

@@ -5,6 +5,7 @@ template here (--trust-request-chat-template), so each case can show exactly wha
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
@@ -151,11 +152,28 @@ TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "ob
 
 @pytest.mark.parametrize("tool_choice", ["none", {"type": "function", "function": {"name": "g"}}, "auto"])
 def test_tokenize_counts_the_tools_chat_lists(app, tool_choice):
-    # chat hides the tools for "none" and lists only the named one; tokenize listed them all whatever the choice
+    # chat lists only the named one; tokenize listed them all whatever the choice
     body = {"messages": [USER], "tools": TOOLS, "tool_choice": tool_choice}
     chat = app.post("/v1/chat/completions", {**body, "max_tokens": 1})
     assert chat.status_code == 200, chat.text
     assert app.post("/v1/tokenize", body).json()["count"] == chat.json()["usage"]["prompt_tokens"]
+
+
+def test_tool_choice_none_keeps_the_tools_in_the_prompt(app):
+    # vLLM renders the tools for "none" too (the model is only not asked to call them); they were dropped.
+    # --exclude-tools-when-tool-choice-none drops them, on chat and tokenize alike
+    body = {"messages": [USER], "tools": TOOLS, "tool_choice": "none"}
+    assert app.prompt(**body) == app.prompt(messages=[USER], tools=TOOLS) != app.prompt(messages=[USER])
+    state = app.app.state.server
+    default = state.config
+    state.config = dataclasses.replace(default, exclude_tools_when_tool_choice_none=True)
+    try:
+        assert app.prompt(**body) == app.prompt(messages=[USER])
+        chat = app.post("/v1/chat/completions", {**body, "max_tokens": 1}).json()
+        assert chat["usage"]["prompt_tokens"] == app.post("/v1/tokenize", {"messages": [USER]}).json()["count"]
+        assert app.prompt(messages=[USER], tools=TOOLS, tool_choice="auto") != app.prompt(messages=[USER])
+    finally:
+        state.config = default
 
 
 def test_template_workers_that_died_while_idle_are_replaced(app):

@@ -27,7 +27,19 @@ def test_forced_tool_calls_need_the_parser(choice):
 @pytest.mark.parametrize("choice", [None, "auto", "none"])
 def test_unforced_tool_choices_do_not_need_it(choice):
     plan = resolve_tools(_request(tool_choice=choice), parse=False)
-    assert not plan.parse and (plan.for_template is None) == (choice == "none")
+    assert not plan.parse and [t["function"]["name"] for t in plan.for_template] == ["get_weather", "ping"]
+
+
+def test_tool_choice_none_lists_the_tools_but_parses_no_call():
+    # as vLLM: the prompt still shows the tools (the model only is not asked to call them), unless the server
+    # runs with --exclude-tools-when-tool-choice-none; either way a call the model writes stays content
+    plan = resolve_tools(_request(tool_choice="none"), parse=True)
+    assert [t["function"]["name"] for t in plan.for_template] == ["get_weather", "ping"]
+    assert not plan.parse and plan.schemas is None
+    hidden = resolve_tools(_request(tool_choice="none"), parse=True, exclude_tools_when_none=True)
+    assert hidden.for_template is None and not hidden.parse
+    # the server option hides nothing for the other choices
+    assert resolve_tools(_request(tool_choice="auto"), parse=True, exclude_tools_when_none=True).for_template
 
 
 @pytest.mark.parametrize("parallel, most", [(None, None), (True, None), (False, 1)])

@@ -63,10 +63,13 @@ def test_cli_serve_subcommand_feeds_run_server():
     from deltaserve.server.args import engine_args_from, server_config_from
 
     args = build_parser().parse_args(["serve", "/m/Qwen3.5-9B", "--api-key", "k", "--served-model-name", "a", "b",
-                                      "--enforce-eager", "--log-level", "INFO", "--tool-call-parser", "none"])
+                                      "--enforce-eager", "--log-level", "INFO", "--tool-call-parser", "none",
+                                      "--exclude-tools-when-tool-choice-none"])
     config = server_config_from(args, args.model)
     assert (config.api_key, config.served_model_names, config.log_level) == ("k", ("a", "b"), "info")
     assert config.tool_call_parser == "none" and engine_args_from(args, args.model).enforce_eager
+    assert config.exclude_tools_when_tool_choice_none
+    assert not server_config_from(build_parser().parse_args(["serve", "m"]), "m").exclude_tools_when_tool_choice_none
 
 
 def test_limit_options_reach_the_server_config():

@@ -217,3 +217,43 @@ def test_a_malformed_parameter_is_skipped_and_the_next_one_kept(header):
     assert [(c.name, json.loads(c.arguments)) for c in one_shot.tool_calls] == [("get_weather", {"days": 3})]
     for chunks in splits(text, seed=4, trials=30):
         assert run(chunks) == one_shot
+
+
+WRITE_FILE = {"write_file": {"type": "object", "properties": {"path": {"type": "string"},
+                                                              "content": {"type": "string"},
+                                                              "meta": {"type": "object"}}}}
+
+
+@pytest.mark.parametrize("value", [
+    "<a>x</parameter> y</a>",           # the tag inside a line
+    "line 1\n</parameter>\nline 2",     # on a line of its own, as the format writes it, then more text
+    "a </function> b </parameter>!",    # a literal </function> too
+    "ends with the tag </parameter>",   # the last one before the real end
+], ids=["inline", "own_line", "function_end", "at_the_end"])
+def test_a_closing_tag_inside_a_string_value_is_text(value):
+    """A value that holds the text "</parameter>" (an agent writing XML, or this very format) was cut at it and the
+    rest dropped. A closing tag ends the value only where the format's next tag (<parameter=, </function>,
+    </tool_call>) or the end of the output follows it, as vLLM's qwen3_coder parser decides; streamed or not."""
+    text = ("<tool_call>\n<function=write_file>\n<parameter=content>\n" + value + "\n</parameter>\n"
+            "<parameter=meta>\n{\"s\": \"</parameter>\", \"n\": 1}\n</parameter>\n<parameter=path>\na.xml\n"
+            "</parameter>\n</function>\n</tool_call> after")
+    one_shot = run([text], tools=WRITE_FILE)
+    assert [(c.name, json.loads(c.arguments)) for c in one_shot.tool_calls] == [
+        ("write_file", {"content": value, "meta": {"s": "</parameter>", "n": 1}, "path": "a.xml"})]
+    assert one_shot.content == "after"
+    for i, chunks in enumerate(splits(text, seed=5, trials=60)):
+        assert run(chunks, tools=WRITE_FILE) == one_shot, f"split {i}: {chunks}"
+
+
+@pytest.mark.parametrize("text, args", [
+    ("<parameter=content>\nx\n</parameter>", {"content": "x"}),  # cut after the value: the tag closed it
+    ("<parameter=content>\nx</parameter>y", {"content": "x</parameter>y"}),  # cut after literal text
+    ("<parameter=content>\nx\n</function>\n</tool_call>", {"content": "x"}),  # </parameter> missing
+    ("<parameter=content>\nx\n</function>", {"content": "x"}),
+], ids=["cut_after_close", "cut_after_literal", "missing_close", "missing_close_cut"])
+def test_where_a_value_ends_without_what_follows_its_tag(text, args):
+    text = "<tool_call>\n<function=write_file>\n" + text
+    one_shot = run([text], tools=WRITE_FILE)
+    assert [json.loads(c.arguments) for c in one_shot.tool_calls] == [args] and one_shot.content == ""
+    for chunks in splits(text, seed=6, trials=30):
+        assert run(chunks, tools=WRITE_FILE) == one_shot

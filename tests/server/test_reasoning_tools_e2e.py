@@ -85,9 +85,12 @@ def test_include_reasoning_false_hides_it(client):
 def test_named_tool_choice_and_tool_choice_none(client):
     forced = _create(client, TOOL_CHAT, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert forced.choices[0].message.tool_calls[0].function.name == "get_weather"
-    # "none": the template lists no tools (so the prompt differs) and nothing is parsed as a call
-    none = _create(client, TOOL_CHAT, tool_choice="none", max_tokens=30)
-    assert none.choices[0].message.tool_calls is None
+    # "none": the template still lists the tools (as in vLLM), so the prompt is the one "auto" renders and the model
+    # writes its call anyway; nothing is parsed as a call: the markup is content, and the reply ends with "stop"
+    none = _create(client, TOOL_CHAT, tool_choice="none").choices[0]
+    assert none.message.tool_calls is None and none.finish_reason == "stop"
+    assert none.message.content == ("Let me check.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n"
+                                    "</parameter>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>")
 
 
 def test_tokenize_chat_lists_the_tools(http):

@@ -206,7 +206,8 @@ async def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
         return await asyncio.to_thread(encode_bounded, tok, req.prompt or "", state.limits.max_model_len - 1,
                                        add_special_tokens=req.add_special_tokens, field="prompt")
     # the tools chat would list for this tool_choice (and chat's refusals: a forced call without a tool parser)
-    tools = resolve_tools(req, parse=state.config.tool_call_parser != "none").for_template
+    tools = resolve_tools(req, parse=state.config.tool_call_parser != "none",
+                          exclude_tools_when_none=state.config.exclude_tools_when_tool_choice_none).for_template
     parts = ChatRequestParts(req.messages, tools, req.add_generation_prompt, req.chat_template,
                              req.chat_template_kwargs, req.documents)
     return (await render_prompt(state, parts)).ids

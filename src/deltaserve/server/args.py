@@ -36,6 +36,7 @@ class ServerConfig:
     model_path: str = ""
     reasoning_parser: str = "qwen3"
     tool_call_parser: str = "qwen3_coder"
+    exclude_tools_when_tool_choice_none: bool = False  # vLLM's option of that name
     shutdown_timeout: float = 30.0
     log_level: str = "warning"
     # Hardening: what one client may cost the server (README, "Limits")
@@ -108,6 +109,9 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
                    help="qwen3: <think>...</think> goes to reasoning_content (default); none: left in content")
     g.add_argument("--tool-call-parser", choices=TOOL_CALL_PARSERS, default="qwen3_coder",
                    help="qwen3_coder: <tool_call> blocks become OpenAI tool_calls (default); none: left in content")
+    g.add_argument("--exclude-tools-when-tool-choice-none", action="store_true",
+                   help="leave the request's tools out of the prompt when tool_choice is 'none' (by default they are "
+                        "listed, as in vLLM, and the model is only not asked to call them)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may run before they are aborted (default 30)")
     _add_limit_options(parser.add_argument_group("server limits"))

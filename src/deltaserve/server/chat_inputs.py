@@ -24,9 +24,13 @@ class ToolsPlan:
     max_calls: int | None = None
 
 
-def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool) -> ToolsPlan:
-    """tool_choice: "none" hides the tools and parses nothing; a named function lists only that tool; "auto" and
-    "required" list them all (server/structured.py enforces "required", a named function and strict tools)."""
+def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool,
+                  exclude_tools_when_none: bool = False) -> ToolsPlan:
+    """tool_choice: "none" parses nothing (a call the model writes stays content) but, as in vLLM, still lists the
+    tools, so that the prompt, and its cached prefix, is the one the other choices render; the server option
+    --exclude-tools-when-tool-choice-none (exclude_tools_when_none) leaves them out. A named function lists only
+    that tool; "auto" and "required" list them all (server/structured.py enforces "required", a named function and
+    strict tools)."""
     tools = req.tools or []
     choice = req.tool_choice
     if not tools:
@@ -34,7 +38,7 @@ def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool) 
             raise bad_request("'tool_choice' needs 'tools'; list the tools the model may call", "tool_choice")
         return ToolsPlan(None, None, False)
     if choice == "none":
-        return ToolsPlan(None, None, False)
+        return ToolsPlan(None if exclude_tools_when_none else [_tool_dict(t) for t in tools], None, False)
     if not parse and (choice == "required" or isinstance(choice, NamedToolChoice)):
         # the call would be forced, then reach the client as raw markup in `content`
         raise bad_request("a forced tool call (tool_choice 'required' or a named function) needs the tool-call parser, "

@@ -75,7 +75,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
                        code="invalid_value")
     reject_legacy_functions(req)
     params = chat_params(req, state.limits)
-    tools = resolve_tools(req, parse=state.config.tool_call_parser != "none")
+    tools = resolve_tools(req, parse=state.config.tool_call_parser != "none",
+                          exclude_tools_when_none=state.config.exclude_tools_when_tool_choice_none)
     rendered = await render_prompt(state, ChatRequestParts(req.messages, tools.for_template, req.add_generation_prompt,
                                                            req.chat_template, req.chat_template_kwargs,
                                                            req.documents))

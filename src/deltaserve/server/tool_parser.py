@@ -11,7 +11,9 @@
 Arguments are typed by the tool's JSON schema (integer, number, boolean, object, array, null are parsed; strings
 kept). The JSON arguments string is built as the text streams in: string values flow out character by character,
 other values once their closing tag arrives. The fragments concatenate to exactly json.dumps(arguments), so a
-streaming client and a non-streaming one see the same arguments. Older Qwen3 JSON bodies
+streaming client and a non-streaming one see the same arguments. A closing tag ends a value only where the
+format's next tag (or the end of the output) follows it, as recent vLLM's qwen3_coder parser reads it: a value may hold
+the text "</parameter>" (though not "</parameter>" then "<parameter=", which reads as two). Older Qwen3 JSON bodies
 (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) are accepted too.
 
 Every decision depends only on the text seen so far, never on how it was split into deltas.
@@ -35,6 +37,10 @@ _FUNCTION_END = "</function>"
 _PARAMETER = "<parameter="
 _PARAMETER_END = "</parameter>"
 _VALUE_ENDS = (_PARAMETER_END, _FUNCTION_END, TOOL_CALL_END)  # a missing </parameter> still ends the value
+_PARTIAL_ENDS = [*("\n" + t for t in _VALUE_ENDS), *_VALUE_ENDS]  # a value's text ending in one may be its end
+# What the format writes after a closing tag (whitespace aside): a closing tag followed by anything else is text of
+# the value, such as a file an agent writes that holds "</parameter>". </tool_call> always ends it.
+_FOLLOWERS = {_PARAMETER_END: (_PARAMETER, _FUNCTION_END, TOOL_CALL_END), _FUNCTION_END: (TOOL_CALL_END, _FUNCTION)}
 _MAX_TAG = 512  # a tag name longer than this is not a tag: give the text back as content
 NAME = re.compile(r"[^<>\s]+")  # a function or parameter name: a call whose name is not one is not a call
 
@@ -208,18 +214,17 @@ class ToolCallParser:
             self._value_started = True
             if self._buf.startswith("\n"):  # the format puts the value on its own line
                 self._buf = self._buf[1:]
-        ends = [(self._buf.find(t), t) for t in _VALUE_ENDS]
-        found = [(i, t) for i, t in ends if i >= 0]
-        if found:
-            i, tag = min(found)
+        i, tag = _value_end(self._buf, final)
+        if tag is not None:
             value, rest = self._buf[:i], self._buf[i + len(tag):] if tag == _PARAMETER_END else self._buf[i:]
             self._end_value(step, value)
             self._buf, self._state = rest, _State.BODY
             return True
         if is_string_schema(self._param_schema) and not final:
-            hold = _partial_len(self._buf, [("\n" + t) for t in _VALUE_ENDS] + list(_VALUE_ENDS))
-            self._emit(step, _json_chars(self._buf[:len(self._buf) - hold]))
-            self._buf = self._buf[len(self._buf) - hold:]
+            if i < len(self._buf) and self._buf[:i].endswith("\n"):  # before a closing tag: not the value's
+                i -= 1
+            self._emit(step, _json_chars(self._buf[:i]))
+            self._buf = self._buf[i:]
         return False
 
     def _end_value(self, step: ToolStep, text: str) -> None:
@@ -274,6 +279,37 @@ class ToolCallParser:
             last.arguments += arguments
         else:
             step.deltas.append(ToolCallDelta(self.count - 1, arguments=arguments))
+
+
+def _value_end(buf: str, final: bool) -> tuple[int, str | None]:
+    """Where a value's text in buf ends: (index, closing tag) once a tag that closes it is found, else (index, None)
+    with buf[:index] surely the value's (what follows may be, or begin, a closing tag still to be decided)."""
+    pos = 0
+    while True:
+        found = [(i, t) for t in _VALUE_ENDS if (i := buf.find(t, pos)) >= 0]
+        if not found:
+            break
+        i, tag = min(found)
+        closes = _closes(tag, buf[i + len(tag):], final)
+        if closes is None:
+            return i, None
+        if closes:
+            return i, tag
+        pos = i + 1
+    return len(buf) - (0 if final else _partial_len(buf, _PARTIAL_ENDS)), None
+
+
+def _closes(tag: str, after: str, final: bool) -> bool | None:
+    """Whether a closing tag ends the value, by the text after it; None while that text cannot tell yet."""
+    followers = _FOLLOWERS.get(tag)
+    if followers is None:
+        return True
+    s = after.lstrip()
+    if not s:
+        return True if final else None  # the output ended after the tag: it closed the value
+    if s.startswith(followers):
+        return True
+    return None if not final and any(f.startswith(s) for f in followers) else False
 
 
 def _json_chars(text: str) -> str:

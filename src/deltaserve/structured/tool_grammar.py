@@ -12,7 +12,8 @@ and server/tool_parser.py reads back:
 Parameters come in the schema's property order (required ones present). A value whose schema the parser keeps as
 text (strings, and untyped values: tool_parser.is_string_schema) is raw text, constrained by the string keywords
 below; every other value is JSON (`%json`), which the parser converts back. Raw text may not contain
-`</parameter>`, `</function>` or `</tool_call>`: the parser ends a value at the first of them.
+`</parameter>`, `</function>` or `</tool_call>` (the parser keeps such text in a value where no tag of the format
+follows it, but the simple rule keeps each text lexeme ending at its delimiter, as below).
 
 llguidance's lexemes are greedy (a lexeme ends only where it cannot go on), so free text cannot be a lexeme
 followed by its delimiter: text that may hold "\n</par" would swallow the delimiter's start. Each text lexeme
