@@ -144,6 +144,30 @@ def test_random_admissions_checkpoints_and_ends_leave_the_pools_full() -> None:
 
 
 # ---- eviction order under pressure ----------------------------------------------------------------------------------
+def test_with_a_lookahead_a_checkpoint_serves_only_prompts_that_go_on_with_its_next_token() -> None:
+    """Lookahead 1 (an MTP head: its KV at a checkpoint's last position was computed from the token after it): a
+    checkpoint serves the prompts that go on with that token; the same position followed by another token is another
+    checkpoint; one whose next token is not known is not taken."""
+    cache = CacheManager(num_pages=16, num_slots=3, page_size=4, num_checkpoints=4, lookahead=1)
+    tokens = list(range(100, 120))
+    cache.admit("owner", 12)
+    assert cache.reserve_checkpoint("owner", tokens[:8], 8) is None  # the token at 8 is not given
+    for position in (8, 10):
+        cache.publish(cache.reserve_checkpoint("owner", tokens, position))
+    assert cache.match_prefix(tokens[:11]).num_tokens == 10
+    assert cache.match_prefix(tokens[:10]).num_tokens == 8  # 10 is the last token: the one to compute
+    assert cache.match_prefix(tokens[:10] + [1, 2]).num_tokens == 8  # another token at 10
+    assert cache.match_prefix(tokens[:8] + [1, 2]).num_tokens == 0
+    other = tokens[:10] + [1, 2]
+    cache.admit("other", 12)
+    pending = cache.reserve_checkpoint("other", other, 10)
+    assert pending is not None  # not the owner's checkpoint at 10: another next token
+    cache.publish(pending)
+    assert cache.match_prefix(other).checkpoint is pending.checkpoint
+    assert cache.match_prefix(tokens[:12]).checkpoint is not pending.checkpoint
+    assert cache.match_prefix(tokens[:12]).num_tokens == 10
+
+
 def _checkpoint(cache: CacheManager, rid: str, tokens: list[int], position: int, generated: bool = False) -> bool:
     pending = cache.reserve_checkpoint(rid, tokens, position, generated=generated)
     if pending is not None:
@@ -176,9 +200,10 @@ def _eviction_order(cache: CacheManager) -> list[int]:
     return order
 
 
-def test_a_generation_end_goes_before_its_prompt_until_a_turn_resumes_from_one() -> None:
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_a_generation_end_goes_before_its_prompt_until_a_turn_resumes_from_one(lookahead: int) -> None:
     rng = random.Random(0)
-    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8)
+    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8, lookahead=lookahead)
     first = [rng.randrange(50) for _ in range(20)]
     reply = [rng.randrange(50) for _ in range(4)]
     assert _turn(cache, "t1", first, reply) == 0  # checkpoints at 19 and 23 (the template is not known yet)
@@ -188,6 +213,20 @@ def test_a_generation_end_goes_before_its_prompt_until_a_turn_resumes_from_one()
     # (the template resends replies), so its own prompt checkpoint (31) is demoted for its generation's end (35); 23
     # outlives 31, being the one turn 2 resumed from (used until turn 2 ended)
     assert _eviction_order(cache) == [19, 31, 23, 35]
+
+
+@pytest.mark.parametrize("lookahead", [0, 1])
+def test_a_prompt_through_an_evicted_generation_end_resends_the_reply(lookahead: int) -> None:
+    """Resuming from a prompt checkpoint whose generation end is gone, a prompt passing through that end (its key:
+    the lookahead's tokens too) is seen to resend the reply; one that does not pass through it is not."""
+    rng = random.Random(2)
+    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8, lookahead=lookahead)
+    first, reply = [rng.randrange(50) for _ in range(20)], [rng.randrange(50) for _ in range(4)]
+    _turn(cache, "t1", first, reply)  # checkpoints at 19 and 23 (the generation end, evicted first)
+    assert cache._evict_one() and [c.position for c in cache._index.checkpoints] == [19]
+    match = cache.match_prefix(first + reply + [1, 2])
+    assert match.num_tokens == 19 and match.keeps_replies is True
+    assert cache.match_prefix(first + [1, 2, 3, 4, 5]).keeps_replies is False
 
 
 def test_a_template_that_drops_the_reply_keeps_the_prompt_checkpoint() -> None:

@@ -349,6 +349,79 @@ def test_turn_down_above_max_batch_and_metrics(tiny):
     assert 'spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"}' in text
 
 
+# ---- prefix caching: the MTP head's KV where a request resumes -------------------------------------------------------
+
+class MTPTrace:
+    """Runs one request alone and records what its MTP head saw: after every MTP head call (the real one), the head's
+    KV at each position of the sequence; every draft proposed; the prompt tokens the prefix cache served."""
+
+    def __init__(self, llm: LLM, prompt: list[int], params: SamplingParams) -> None:
+        runner = llm.engine.runner
+        model, drafter = runner.model, runner.drafter
+        self.kv, self.drafts = None, []
+        mtp_forward, propose = model.mtp_forward, drafter.propose
+
+        def traced_forward(next_ids, hidden, batch, cache):
+            out = mtp_forward(next_ids, hidden, batch, cache)
+            self.kv = self.read_kv(batch, cache)
+            return out
+
+        def traced_propose(*args):
+            drafts = propose(*args)
+            self.drafts.append(drafts.tolist())
+            return drafts
+
+        model.mtp_forward, drafter.propose = traced_forward, traced_propose
+        try:
+            llm.engine.add_request("traced", prompt, params)
+            deltas = []
+            while llm.engine.has_unfinished():
+                deltas += llm.engine.step()
+        finally:
+            model.mtp_forward, drafter.propose = mtp_forward, propose
+        self.output = [t for d in deltas for t in d.token_ids]
+        self.num_cached = next(d.num_cached_tokens for d in deltas if d.num_cached_tokens is not None)
+        self.num_computed = len(prompt) + len(self.output) - 1  # the last token is sampled, never an input
+
+    @staticmethod
+    def read_kv(batch, cache) -> torch.Tensor:
+        """[positions, 2, heads * head_dim]: the MTP head's K and V at every position of the batch's one sequence."""
+        from deltaserve.cache.tensors import MTP_LAYER
+
+        assert batch.block_tables.shape[0] == 1
+        kv, n = cache.attention(MTP_LAYER), int(batch.seq_lens[0])
+        pages = batch.block_tables[0, :-(-n // kv.k.shape[1])].long()
+        return torch.stack([t[pages].flatten(0, 1)[:n].flatten(1) for t in (kv.k, kv.v)], dim=1).clone()
+
+    def positions_unlike(self, other: "MTPTrace", tol: float = 1e-4) -> dict[int, float]:
+        """Positions of the computed sequence whose MTP KV differs by more than tol, with the difference."""
+        n = self.num_computed
+        diff = (self.kv[:n] - other.kv[:n]).abs().flatten(1).amax(dim=1)
+        return {i: round(float(diff[i]), 4) for i in (diff > tol).nonzero().flatten().tolist()}
+
+
+def test_a_resumed_request_has_the_mtp_kv_and_drafts_of_an_uncached_run(tiny):
+    """The MTP head's KV at position i is computed from the target's hidden state at i and the token at i + 1. A
+    request resuming from a checkpoint at p reuses the KV of positions < p, that at p - 1 computed from the token the
+    checkpoint's own request had at p: it must equal the uncached run's at every position (and so must the drafts),
+    whatever token follows p. Checkpoints at 32 (the interval) and 39 (the prompt's last position) of a 40-token
+    prompt, then: the same prompt, a longer one, one with another token at 39, the next turn of a chat."""
+    g = torch.Generator().manual_seed(11)
+    base, tail = torch.randint(1, VOCAB, (40,), generator=g).tolist(), torch.randint(1, VOCAB, (9,), generator=g)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    cached = make_llm(tiny["dense"], 2, checkpoint_interval=32)
+    plain = make_llm(tiny["dense"], 2, enable_prefix_caching=False)
+    first = MTPTrace(cached, base, params)
+    assert first.num_cached == 0 and not first.positions_unlike(MTPTrace(plain, base, params))
+    other = (base[39] + 1) % VOCAB
+    for prompt, resumed_at in ((base, 39), (base + tail.tolist(), 39), (base[:39] + [other] + tail.tolist(), 32),
+                               (base + first.output + tail.tolist(), first.num_computed)):
+        got, want = MTPTrace(cached, prompt, params), MTPTrace(plain, prompt, params)
+        assert got.output == want.output
+        assert got.positions_unlike(want) == {} and got.drafts == want.drafts
+        assert got.num_cached == resumed_at  # the prompt going on with another token resumes further back
+
+
 # ---- simulated acceptance (benchmarks with dummy weights) -----------------------------------------------------------
 
 def test_acceptance_probability():

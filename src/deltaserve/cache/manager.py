@@ -132,17 +132,21 @@ class CacheManager:
     `reset_prefix_cache`)."""
 
     def __init__(self, *, num_pages: int, num_slots: int, page_size: int, num_checkpoints: int = 0,
-                 namespace: bytes = b"", state_tokens: int = 1024) -> None:
+                 namespace: bytes = b"", state_tokens: int = 1024, lookahead: int = 0) -> None:
         """num_checkpoints: size of the checkpoint pool (0: no prefix caching); their slot ids follow the running
         slots'. namespace: what else the KV depends on (the model). state_tokens: a checkpoint's state size in KV
-        tokens (what it costs to keep, against what it saves)."""
+        tokens (what it costs to keep, against what it saves). lookahead: tokens past a checkpoint's position that
+        its cached data depend on, so that a prompt resumes from it only if it goes on with them (1 with an MTP
+        head: its KV at the last cached position was computed from the next token)."""
         if not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
+        if not isinstance(lookahead, int) or lookahead < 0:
+            raise ValueError(f"lookahead must be an integer >= 0 (1 with an MTP head), got {lookahead!r}")
         self.page_size = page_size
         self._pages = PageAllocator(num_pages)
         self._slots = SlotAllocator(num_slots)
         self._checkpoint_slots = SlotAllocator(num_checkpoints) if num_checkpoints else None
-        self._index = PrefixIndex(page_size, namespace)
+        self._index = PrefixIndex(page_size, namespace, lookahead)
         self._held: dict[str, Allocation] = {}
         self._pending: list[PendingCheckpoint] = []
         # page-chain digests that running requests will checkpoint (their planned positions), and who claimed them
@@ -248,10 +252,11 @@ class CacheManager:
         if c.tail is None:
             return c.keeps_replies
         position, digest, partial = c.tail
-        if position > len(tokens):
+        end = position + self._index.lookahead  # a key holds the lookahead's tokens past its position
+        if end > len(tokens):
             return False
         full = position // self.page_size * self.page_size
-        return self._index.digests(tokens, position, chain)[-1] == digest and tuple(tokens[full:position]) == partial
+        return self._index.digests(tokens, position, chain)[-1] == digest and tuple(tokens[full:end]) == partial
 
     def branch_position(self, token_ids: Sequence[int], limit: int, request_id: str | None = None) -> int:
         """The page-aligned position up to which `token_ids` shares pages with some checkpoint's prefix (where a new
@@ -361,11 +366,16 @@ class CacheManager:
     def reserve_checkpoint(self, request_id: str, tokens: Sequence[int], position: int,
                            generated: bool = False) -> PendingCheckpoint | None:
         """A checkpoint of the state the request's slot will hold once the current step has run (its first
-        `position` tokens are `tokens[:position]`; generated: the position ends the request's generation); None when
-        one exists already, the pool is off, or the pool is full of checkpoints worth more. Its snapshot copy goes
-        with the step; `publish` once the step is launched."""
+        `position` tokens are `tokens[:position]`, which hold the lookahead's tokens past it too; generated: the
+        position ends the request's generation); None when one exists already, the pool is off, the pool is full of
+        checkpoints worth more, or the lookahead's tokens are not known (an MTP head's KV at the last position was
+        computed from a token that was dropped). Its snapshot copy goes with the step; `publish` once the step is
+        launched."""
         allocation = self._held.get(request_id)
         if self._checkpoint_slots is None or allocation is None or position <= 0:
+            return None
+        if len(tokens) < position + self._index.lookahead:
+            self._release_claim(request_id, self._index.digests(tokens, position, self._chain(request_id))[-1])
             return None
         depth_digest, partial, digests = self._index.key_of(tokens, position, self._chain(request_id))
         existing = self._index.get(depth_digest, partial)

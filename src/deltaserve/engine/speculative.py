@@ -16,7 +16,9 @@ Drafting (`MTPDrafter.propose`): the MTP head runs once over every token of the 
 same positions: position i takes the target's final-normed hidden state at i and the token at i + 1, i.e. the next
 input, the sampled token at a sampling position, or the known prompt token after a prefill chunk), then K - 1 more
 times one token per request, chained on its own output, from the last kept position. Positions past the last kept
-one get KV that the next step's first pass overwrites before anything reads it.
+one get KV that the next step's first pass overwrites before anything reads it. A request resuming from a prefix-cache
+checkpoint keeps the head's KV below the checkpoint's position; the entry at its last position was computed from the
+token after it, so with an MTP head checkpoints are keyed by that token too (CacheManager's lookahead).
 
 On CUDA both parts replay CUDA graphs when one fits: the first pass of a verify step with draft 1
 (`FirstPassGraphs`, keyed by padded rows at the width 1 + K) and the K - 1 chained passes (`ChainGraphs`, keyed by
