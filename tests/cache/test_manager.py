@@ -143,31 +143,30 @@ def test_random_admissions_checkpoints_and_ends_leave_the_pools_full() -> None:
     assert cache.num_free_pages == cache.num_pages and cache.num_checkpoints == 0
 
 
-# ---- eviction order under pressure ----------------------------------------------------------------------------------
-def test_with_a_lookahead_a_checkpoint_serves_only_prompts_that_go_on_with_its_next_token() -> None:
-    """Lookahead 1 (an MTP head: its KV at a checkpoint's last position was computed from the token after it): a
-    checkpoint serves the prompts that go on with that token; the same position followed by another token is another
-    checkpoint; one whose next token is not known is not taken."""
-    cache = CacheManager(num_pages=16, num_slots=3, page_size=4, num_checkpoints=4, lookahead=1)
+@pytest.mark.parametrize("position", [8, 10])
+def test_a_resume_that_rewrites_the_last_position_copies_its_page(position: int) -> None:
+    """rewrites_last (an MTP head: a resumed request computes the head's KV at the checkpoint's last position again,
+    from its own next token): the page holding that position is copied into the request's own, never shared, also
+    when the position is a page multiple; the pages before it are shared as always."""
     tokens = list(range(100, 120))
-    cache.admit("owner", 12)
-    assert cache.reserve_checkpoint("owner", tokens[:8], 8) is None  # the token at 8 is not given
-    for position in (8, 10):
+    for rewrites in (False, True):
+        cache = CacheManager(num_pages=16, num_slots=3, page_size=4, num_checkpoints=2, rewrites_last=rewrites)
+        owner = cache.admit("owner", 12)
         cache.publish(cache.reserve_checkpoint("owner", tokens, position))
-    assert cache.match_prefix(tokens[:11]).num_tokens == 10
-    assert cache.match_prefix(tokens[:10]).num_tokens == 8  # 10 is the last token: the one to compute
-    assert cache.match_prefix(tokens[:10] + [1, 2]).num_tokens == 8  # another token at 10
-    assert cache.match_prefix(tokens[:8] + [1, 2]).num_tokens == 0
-    other = tokens[:10] + [1, 2]
-    cache.admit("other", 12)
-    pending = cache.reserve_checkpoint("other", other, 10)
-    assert pending is not None  # not the owner's checkpoint at 10: another next token
-    cache.publish(pending)
-    assert cache.match_prefix(other).checkpoint is pending.checkpoint
-    assert cache.match_prefix(tokens[:12]).checkpoint is not pending.checkpoint
-    assert cache.match_prefix(tokens[:12]).num_tokens == 10
+        match = cache.match_prefix(tokens)
+        shared = (position - 1 if rewrites else position) // 4  # the pages wholly before (the last) position
+        copied = owner.pages[shared] if rewrites or position % 4 else None
+        assert (match.num_tokens, match.pages, match.partial_page) == (position, tuple(owner.pages[:shared]), copied)
+        hit = cache.admit("hit", 16, match)
+        assert hit.pages[:shared] == owner.pages[:shared] and len(set(hit.pages) & set(owner.pages)) == shared
+        assert hit.page_copy == (None if copied is None else PageCopy(copied, hit.pages[shared]))
+        cache.free("owner")
+        cache.free("hit")
+        cache.reset_prefix_cache()
+        assert cache.is_empty() and cache.num_free_pages == 16
 
 
+# ---- eviction order under pressure ----------------------------------------------------------------------------------
 def _checkpoint(cache: CacheManager, rid: str, tokens: list[int], position: int, generated: bool = False) -> bool:
     pending = cache.reserve_checkpoint(rid, tokens, position, generated=generated)
     if pending is not None:
@@ -200,10 +199,9 @@ def _eviction_order(cache: CacheManager) -> list[int]:
     return order
 
 
-@pytest.mark.parametrize("lookahead", [0, 1])
-def test_a_generation_end_goes_before_its_prompt_until_a_turn_resumes_from_one(lookahead: int) -> None:
+def test_a_generation_end_goes_before_its_prompt_until_a_turn_resumes_from_one() -> None:
     rng = random.Random(0)
-    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8, lookahead=lookahead)
+    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8)
     first = [rng.randrange(50) for _ in range(20)]
     reply = [rng.randrange(50) for _ in range(4)]
     assert _turn(cache, "t1", first, reply) == 0  # checkpoints at 19 and 23 (the template is not known yet)
@@ -213,20 +211,6 @@ def test_a_generation_end_goes_before_its_prompt_until_a_turn_resumes_from_one(l
     # (the template resends replies), so its own prompt checkpoint (31) is demoted for its generation's end (35); 23
     # outlives 31, being the one turn 2 resumed from (used until turn 2 ended)
     assert _eviction_order(cache) == [19, 31, 23, 35]
-
-
-@pytest.mark.parametrize("lookahead", [0, 1])
-def test_a_prompt_through_an_evicted_generation_end_resends_the_reply(lookahead: int) -> None:
-    """Resuming from a prompt checkpoint whose generation end is gone, a prompt passing through that end (its key:
-    the lookahead's tokens too) is seen to resend the reply; one that does not pass through it is not."""
-    rng = random.Random(2)
-    cache = CacheManager(num_pages=64, num_slots=2, page_size=4, num_checkpoints=8, lookahead=lookahead)
-    first, reply = [rng.randrange(50) for _ in range(20)], [rng.randrange(50) for _ in range(4)]
-    _turn(cache, "t1", first, reply)  # checkpoints at 19 and 23 (the generation end, evicted first)
-    assert cache._evict_one() and [c.position for c in cache._index.checkpoints] == [19]
-    match = cache.match_prefix(first + reply + [1, 2])
-    assert match.num_tokens == 19 and match.keeps_replies is True
-    assert cache.match_prefix(first + [1, 2, 3, 4, 5]).keeps_replies is False
 
 
 def test_a_template_that_drops_the_reply_keeps_the_prompt_checkpoint() -> None:

@@ -402,10 +402,12 @@ class MTPTrace:
 
 def test_a_resumed_request_has_the_mtp_kv_and_drafts_of_an_uncached_run(tiny):
     """The MTP head's KV at position i is computed from the target's hidden state at i and the token at i + 1. A
-    request resuming from a checkpoint at p reuses the KV of positions < p, that at p - 1 computed from the token the
-    checkpoint's own request had at p: it must equal the uncached run's at every position (and so must the drafts),
-    whatever token follows p. Checkpoints at 32 (the interval) and 39 (the prompt's last position) of a 40-token
-    prompt, then: the same prompt, a longer one, one with another token at 39, the next turn of a chat."""
+    request resuming from a checkpoint at p reuses the KV of positions < p, that at p - 1 first computed from the
+    token the checkpoint's own request had at p: at every position it must equal the uncached run's (and so must the
+    drafts), whatever token follows p, without touching the pages other requests share. Checkpoints at 32 (the
+    interval, a page multiple) and 39 (the last position) of a 40-token prompt, then: the same prompt, a longer one,
+    one with another token at 39, one with another token at 32, the same prompt again (its pages up to 32 shared with
+    the previous one), the next turn of a chat (from the end of the first generation)."""
     g = torch.Generator().manual_seed(11)
     base, tail = torch.randint(1, VOCAB, (40,), generator=g).tolist(), torch.randint(1, VOCAB, (9,), generator=g)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -413,13 +415,35 @@ def test_a_resumed_request_has_the_mtp_kv_and_drafts_of_an_uncached_run(tiny):
     plain = make_llm(tiny["dense"], 2, enable_prefix_caching=False)
     first = MTPTrace(cached, base, params)
     assert first.num_cached == 0 and not first.positions_unlike(MTPTrace(plain, base, params))
-    other = (base[39] + 1) % VOCAB
-    for prompt, resumed_at in ((base, 39), (base + tail.tolist(), 39), (base[:39] + [other] + tail.tolist(), 32),
-                               (base + first.output + tail.tolist(), first.num_computed)):
+    tail = tail.tolist()
+    for prompt, resumed_at in ((base, 39), (base + tail, 39), (base[:39] + [base[39] % (VOCAB - 1) + 1] + tail, 39),
+                               (base[:32] + [base[32] % (VOCAB - 1) + 1] + tail, 32), (base, 39),
+                               (base + first.output + tail, first.num_computed)):
         got, want = MTPTrace(cached, prompt, params), MTPTrace(plain, prompt, params)
-        assert got.output == want.output
+        assert got.output == want.output and got.num_cached == resumed_at
         assert got.positions_unlike(want) == {} and got.drafts == want.drafts
-        assert got.num_cached == resumed_at  # the prompt going on with another token resumes further back
+
+
+def test_the_next_turn_after_accepted_drafts_and_a_stop_token_has_the_uncached_mtp_kv(tiny):
+    """A generation whose verify steps kept drafts (oracle drafts), ended by a stop token that was an accepted draft
+    (the token sampled after it is dropped, yet the slot's state is past the stop token): the next turn resumes from
+    the end of the generation with the uncached run's MTP KV and drafts (the kept hidden state is the last kept
+    position's, not the verify row's last)."""
+    g = torch.Generator().manual_seed(12)
+    prompt, tail = torch.randint(1, VOCAB, (30,), generator=g).tolist(), torch.randint(1, VOCAB, (6,), generator=g)
+    ref = token_ids(make_llm(tiny["dense"]).generate([prompt], SamplingParams(temperature=0, max_tokens=16,
+                                                                               ignore_eos=True)))[0]
+    cached = make_llm(tiny["dense"], 2)
+    oracle = Oracle(cached, {tuple(prompt): ref})
+    first = MTPTrace(cached, prompt, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[ref[5]]))
+    assert first.output == ref[:6] and cached.engine.spec_counters["spec_accepted_tokens"] > 0
+    cached.engine.runner.drafter.propose = oracle.propose
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    turn = prompt + first.output + tail.tolist()
+    got, want = MTPTrace(cached, turn, params), MTPTrace(make_llm(tiny["dense"], 2, enable_prefix_caching=False),
+                                                         turn, params)
+    assert got.output == want.output and got.num_cached == len(prompt) + 6  # the stop token computed too
+    assert got.positions_unlike(want) == {} and got.drafts == want.drafts
 
 
 # ---- simulated acceptance (benchmarks with dummy weights) -----------------------------------------------------------

@@ -59,7 +59,7 @@ class StateSource(enum.Enum):
 
 
 class StateCopy(NamedTuple):
-    """Copy every GDN layer's state of slot `src` into slot `dst`."""
+    """Copy every GDN layer's state of slot `src` into slot `dst` (and the MTP head's input kept with it)."""
 
     src: int
     dst: int
@@ -75,7 +75,8 @@ class PageCopy(NamedTuple):
 @dataclass(frozen=True)
 class PrefixMatch:
     """Leading tokens of a prompt whose KV pages and GDN state are cached: the full pages to share, the partial last
-    page to copy (if num_tokens is not a page multiple) and the checkpoint slot to copy the state from."""
+    page to copy (if num_tokens is not a page multiple; with `rewrites_last`, the page of its last position) and the
+    checkpoint slot to copy the state from."""
 
     num_tokens: int = 0
     pages: tuple[int, ...] = ()
@@ -132,21 +133,19 @@ class CacheManager:
     `reset_prefix_cache`)."""
 
     def __init__(self, *, num_pages: int, num_slots: int, page_size: int, num_checkpoints: int = 0,
-                 namespace: bytes = b"", state_tokens: int = 1024, lookahead: int = 0) -> None:
+                 namespace: bytes = b"", state_tokens: int = 1024, rewrites_last: bool = False) -> None:
         """num_checkpoints: size of the checkpoint pool (0: no prefix caching); their slot ids follow the running
         slots'. namespace: what else the KV depends on (the model). state_tokens: a checkpoint's state size in KV
-        tokens (what it costs to keep, against what it saves). lookahead: tokens past a checkpoint's position that
-        its cached data depend on, so that a prompt resumes from it only if it goes on with them (1 with an MTP
-        head: its KV at the last cached position was computed from the next token)."""
+        tokens (what it costs to keep, against what it saves). rewrites_last: a resumed request rewrites the KV at
+        the checkpoint's last position (an MTP head's, computed from the next token, which only the resumed request
+        knows), so the page holding it is always copied, never shared (when the position is a page multiple too)."""
         if not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
-        if not isinstance(lookahead, int) or lookahead < 0:
-            raise ValueError(f"lookahead must be an integer >= 0 (1 with an MTP head), got {lookahead!r}")
-        self.page_size = page_size
+        self.page_size, self._rewrites_last = page_size, rewrites_last
         self._pages = PageAllocator(num_pages)
         self._slots = SlotAllocator(num_slots)
         self._checkpoint_slots = SlotAllocator(num_checkpoints) if num_checkpoints else None
-        self._index = PrefixIndex(page_size, namespace, lookahead)
+        self._index = PrefixIndex(page_size, namespace)
         self._held: dict[str, Allocation] = {}
         self._pending: list[PendingCheckpoint] = []
         # page-chain digests that running requests will checkpoint (their planned positions), and who claimed them
@@ -231,8 +230,9 @@ class CacheManager:
         c = self._index.find(token_ids, len(token_ids) - 1, self._chain(request_id))
         if c is None:
             return PrefixMatch(ghost_hits=self._ghost_hits(token_ids, self._chain(request_id)))
-        full = c.position // self.page_size
-        partial = c.pages[full] if c.position % self.page_size else None
+        # the page holding the last cached position is copied, not shared, when the request rewrites that position
+        full = -(-c.position // self.page_size) - 1 if self._rewrites_last else c.position // self.page_size
+        partial = c.pages[full] if full < len(c.pages) else None
         return PrefixMatch(c.position, c.pages[:full], partial, c.slot, c,
                            self._resends_reply(c, token_ids, self._chain(request_id)))
 
@@ -252,11 +252,10 @@ class CacheManager:
         if c.tail is None:
             return c.keeps_replies
         position, digest, partial = c.tail
-        end = position + self._index.lookahead  # a key holds the lookahead's tokens past its position
-        if end > len(tokens):
+        if position > len(tokens):
             return False
         full = position // self.page_size * self.page_size
-        return self._index.digests(tokens, position, chain)[-1] == digest and tuple(tokens[full:end]) == partial
+        return self._index.digests(tokens, position, chain)[-1] == digest and tuple(tokens[full:position]) == partial
 
     def branch_position(self, token_ids: Sequence[int], limit: int, request_id: str | None = None) -> int:
         """The page-aligned position up to which `token_ids` shares pages with some checkpoint's prefix (where a new
@@ -366,16 +365,11 @@ class CacheManager:
     def reserve_checkpoint(self, request_id: str, tokens: Sequence[int], position: int,
                            generated: bool = False) -> PendingCheckpoint | None:
         """A checkpoint of the state the request's slot will hold once the current step has run (its first
-        `position` tokens are `tokens[:position]`, which hold the lookahead's tokens past it too; generated: the
-        position ends the request's generation); None when one exists already, the pool is off, the pool is full of
-        checkpoints worth more, or the lookahead's tokens are not known (an MTP head's KV at the last position was
-        computed from a token that was dropped). Its snapshot copy goes with the step; `publish` once the step is
-        launched."""
+        `position` tokens are `tokens[:position]`; generated: the position ends the request's generation); None when
+        one exists already, the pool is off, or the pool is full of checkpoints worth more. Its snapshot copy goes
+        with the step; `publish` once the step is launched."""
         allocation = self._held.get(request_id)
         if self._checkpoint_slots is None or allocation is None or position <= 0:
-            return None
-        if len(tokens) < position + self._index.lookahead:
-            self._release_claim(request_id, self._index.digests(tokens, position, self._chain(request_id))[-1])
             return None
         depth_digest, partial, digests = self._index.key_of(tokens, position, self._chain(request_id))
         existing = self._index.get(depth_digest, partial)

@@ -8,9 +8,7 @@ tensors.
 
 Keys: page d of a prefix is identified by a digest chained over the digests of pages 0..d (blake2b over the token
 ids, so equal digests mean equal prefixes); a checkpoint at a position inside page d is keyed by the digest of its
-d full pages and the tuple of its tokens after them, through `lookahead` tokens past its position: the cached data
-of a model with an MTP head depend on the token after the prefix too (the head's KV at the prefix's last position
-was computed from it), so such a checkpoint serves only prompts that go on with that token.
+d full pages and the tuple of its tokens in the partial page.
 """
 
 from __future__ import annotations
@@ -73,7 +71,7 @@ class Checkpoint:
     slot: int
     pages: tuple[int, ...]
     depth_digest: bytes                 # digest of its floor(position / page_size) full pages
-    partial: tuple[int, ...]            # its tokens after its full pages, through the index's lookahead
+    partial: tuple[int, ...]            # its tokens in the partial page
     last_access: int = 0
     used_at: int = 0  # the cache manager's count of checkpoint reservations when it was last used
     hits: int = 0
@@ -98,9 +96,8 @@ class PrefixIndex:
     """Checkpoints by key, and the set of page-chain digests they extend (so a lookup stops where nothing can
     match). Owns no pages or slots: the cache manager does the accounting."""
 
-    def __init__(self, page_size: int, namespace: bytes = b"", lookahead: int = 0) -> None:
-        """lookahead: tokens past a checkpoint's position that its key holds (see the module docstring)."""
-        self.page_size, self.namespace, self.lookahead = page_size, namespace, lookahead
+    def __init__(self, page_size: int, namespace: bytes = b"") -> None:
+        self.page_size, self.namespace = page_size, namespace
         self._by_digest: dict[bytes, list[Checkpoint]] = {}
         self._chain_refs: dict[bytes, int] = {}  # digest -> checkpoints whose prefix passes through it
         self.checkpoints: list[Checkpoint] = []
@@ -120,8 +117,7 @@ class PrefixIndex:
         return chain.digests(tokens, position)
 
     def find(self, tokens: Sequence[int], max_position: int, chain: PageChain | None = None) -> Checkpoint | None:
-        """The deepest checkpoint whose tokens (through its lookahead) are a prefix of `tokens` with position <=
-        max_position."""
+        """The deepest checkpoint whose tokens are a prefix of `tokens` with position <= max_position."""
         if max_position <= 0 or not self.checkpoints:
             return None
         best = None
@@ -157,14 +153,9 @@ class PrefixIndex:
 
     def key_of(self, tokens: Sequence[int], position: int,
                chain: PageChain | None = None) -> tuple[bytes, tuple[int, ...], list[bytes]]:
-        """(depth digest, partial, digests) of the checkpoint at `position` of `tokens`, which must hold the
-        lookahead's tokens past it."""
         digests = self.digests(tokens, position, chain)
         full = (position // self.page_size) * self.page_size
-        if len(tokens) < position + self.lookahead:
-            raise ValueError(f"a checkpoint at position {position} is keyed by the tokens through position "
-                             f"{position + self.lookahead - 1}; only {len(tokens)} tokens were given")
-        return digests[-1], tuple(tokens[full:position + self.lookahead]), digests
+        return digests[-1], tuple(tokens[full:position]), digests
 
     def get(self, depth_digest: bytes, partial: tuple[int, ...]) -> Checkpoint | None:
         return next((c for c in self._by_digest.get(depth_digest, ()) if c.partial == partial), None)

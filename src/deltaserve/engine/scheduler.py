@@ -592,8 +592,7 @@ class Scheduler:
         request = entry.request
         if end not in request.checkpoint_positions or end > request.num_tokens:
             return None
-        # one token past `end` too: the key of a model with an MTP head holds it (CacheManager's lookahead)
-        return self.cache.reserve_checkpoint(request.request_id, request.token_ids(0, end + 1), end)
+        return self.cache.reserve_checkpoint(request.request_id, request.token_ids(0, end), end)
 
     def checkpoint_finished(self, request_id: str) -> StateCopy | None:
         """A request that ends normally leaves a checkpoint of its whole sequence (the next turn of a conversation
@@ -603,7 +602,7 @@ class Scheduler:
         if request is None or request.status is not RequestStatus.RUNNING or \
                 request.num_computed_tokens > request.num_tokens:
             return None
-        pending = self.cache.reserve_checkpoint(request_id, request.token_ids(0, request.num_computed_tokens + 1),
+        pending = self.cache.reserve_checkpoint(request_id, request.token_ids(0, request.num_computed_tokens),
                                                 request.num_computed_tokens, generated=True)
         if pending is None:
             return None
