@@ -400,19 +400,22 @@ class MTPTrace:
         return {i: round(float(diff[i]), 4) for i in (diff > tol).nonzero().flatten().tolist()}
 
 
-def test_a_resumed_request_has_the_mtp_kv_and_drafts_of_an_uncached_run(tiny):
+@pytest.mark.parametrize("step_tokens", [None, 16])
+def test_a_resumed_request_has_the_mtp_kv_and_drafts_of_an_uncached_run(tiny, step_tokens):
     """The MTP head's KV at position i is computed from the target's hidden state at i and the token at i + 1. A
     request resuming from a checkpoint at p reuses the KV of positions < p, that at p - 1 first computed from the
     token the checkpoint's own request had at p: at every position it must equal the uncached run's (and so must the
     drafts), whatever token follows p, without touching the pages other requests share. Checkpoints at 32 (the
     interval, a page multiple) and 39 (the last position) of a 40-token prompt, then: the same prompt, a longer one,
     one with another token at 39, one with another token at 32, the same prompt again (its pages up to 32 shared with
-    the previous one), the next turn of a chat (from the end of the first generation)."""
+    the previous one), the next turn of a chat (from the end of the first generation). Whole prompts in one step, or
+    chunked prefill (16 tokens a step)."""
     g = torch.Generator().manual_seed(11)
     base, tail = torch.randint(1, VOCAB, (40,), generator=g).tolist(), torch.randint(1, VOCAB, (9,), generator=g)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    cached = make_llm(tiny["dense"], 2, checkpoint_interval=32)
-    plain = make_llm(tiny["dense"], 2, enable_prefix_caching=False)
+    budget = {} if step_tokens is None else {"max_num_batched_tokens": step_tokens}
+    cached = make_llm(tiny["dense"], 2, checkpoint_interval=32, **budget)
+    plain = make_llm(tiny["dense"], 2, enable_prefix_caching=False, **budget)
     first = MTPTrace(cached, base, params)
     assert first.num_cached == 0 and not first.positions_unlike(MTPTrace(plain, base, params))
     tail = tail.tolist()
