@@ -143,6 +143,29 @@ def test_random_admissions_checkpoints_and_ends_leave_the_pools_full() -> None:
     assert cache.num_free_pages == cache.num_pages and cache.num_checkpoints == 0
 
 
+@pytest.mark.parametrize("position", [8, 10])
+def test_a_resume_that_rewrites_the_last_position_copies_its_page(position: int) -> None:
+    """rewrites_last (an MTP head: a resumed request computes the head's KV at the checkpoint's last position again,
+    from its own next token): the page holding that position is copied into the request's own, never shared, also
+    when the position is a page multiple; the pages before it are shared as always."""
+    tokens = list(range(100, 120))
+    for rewrites in (False, True):
+        cache = CacheManager(num_pages=16, num_slots=3, page_size=4, num_checkpoints=2, rewrites_last=rewrites)
+        owner = cache.admit("owner", 12)
+        cache.publish(cache.reserve_checkpoint("owner", tokens, position))
+        match = cache.match_prefix(tokens)
+        shared = (position - 1 if rewrites else position) // 4  # the pages wholly before (the last) position
+        copied = owner.pages[shared] if rewrites or position % 4 else None
+        assert (match.num_tokens, match.pages, match.partial_page) == (position, tuple(owner.pages[:shared]), copied)
+        hit = cache.admit("hit", 16, match)
+        assert hit.pages[:shared] == owner.pages[:shared] and len(set(hit.pages) & set(owner.pages)) == shared
+        assert hit.page_copy == (None if copied is None else PageCopy(copied, hit.pages[shared]))
+        cache.free("owner")
+        cache.free("hit")
+        cache.reset_prefix_cache()
+        assert cache.is_empty() and cache.num_free_pages == 16
+
+
 # ---- eviction order under pressure ----------------------------------------------------------------------------------
 def _checkpoint(cache: CacheManager, rid: str, tokens: list[int], position: int, generated: bool = False) -> bool:
     pending = cache.reserve_checkpoint(rid, tokens, position, generated=generated)

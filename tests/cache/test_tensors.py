@@ -85,3 +85,24 @@ def test_verify_buffers_are_what_the_planner_counts():
     big = model_config("27B")
     assert verify_bytes_per_position(RankShapes.for_rank(big), 48, torch.bfloat16) == 48 * (4 * 10240 * 2 + 2 * 48 * 4)
 
+
+
+def test_the_mtp_heads_hidden_state_is_a_slots_state():
+    """With an MTP head each slot keeps one hidden state (model dtype): counted in the planner's slot bytes, in the
+    cache's bytes with the head's KV pages, and copied with the GDN states (into and out of checkpoints)."""
+    cfg = model_config("tiny")
+    shapes = RankShapes.for_rank(cfg)
+    shape = CacheShape(num_pages=2, page_size=4, num_slots=3, kv_dtype=torch.float32, conv_dtype=torch.float32)
+    plain, mtp = ModelCache(cfg, shape, device="cpu"), ModelCache(cfg, shape, device="cpu", with_mtp=True)
+    layers = len(cfg.linear_attention_layers)
+    slot_bytes = state_bytes_per_slot(shapes, layers, torch.float32, torch.float32, cfg.hidden_size)
+    assert slot_bytes - state_bytes_per_slot(shapes, layers, torch.float32, torch.float32) == cfg.hidden_size * 4
+    assert mtp.nbytes() - plain.nbytes() == kv_bytes_per_page(shapes, 4, torch.float32, num_layers=1) * 2 + \
+        cfg.hidden_size * 4 * 3
+    assert plain.mtp_hidden is None and mtp.mtp_hidden.shape == (3, cfg.hidden_size)
+    mtp.mtp_hidden.copy_(torch.randn(3, cfg.hidden_size))
+    ssm = mtp.gdn(cfg.linear_attention_layers[0]).ssm
+    ssm.copy_(torch.randn_like(ssm))
+    want_hidden, want_ssm = mtp.mtp_hidden[0].clone(), ssm[0].clone()
+    mtp.copy_states(torch.tensor([0]), torch.tensor([2]))
+    assert torch.equal(mtp.mtp_hidden[2], want_hidden) and torch.equal(ssm[2], want_ssm)

@@ -349,6 +349,106 @@ def test_turn_down_above_max_batch_and_metrics(tiny):
     assert 'spec_decode_num_accepted_tokens_per_pos_total{model_name="m",position="1"}' in text
 
 
+# ---- prefix caching: the MTP head's KV where a request resumes -------------------------------------------------------
+
+class MTPTrace:
+    """Runs one request alone and records what its MTP head saw: after every MTP head call (the real one), the head's
+    KV at each position of the sequence; every draft proposed; the prompt tokens the prefix cache served."""
+
+    def __init__(self, llm: LLM, prompt: list[int], params: SamplingParams) -> None:
+        runner = llm.engine.runner
+        model, drafter = runner.model, runner.drafter
+        self.kv, self.drafts = None, []
+        mtp_forward, propose = model.mtp_forward, drafter.propose
+
+        def traced_forward(next_ids, hidden, batch, cache):
+            out = mtp_forward(next_ids, hidden, batch, cache)
+            self.kv = self.read_kv(batch, cache)
+            return out
+
+        def traced_propose(*args):
+            drafts = propose(*args)
+            self.drafts.append(drafts.tolist())
+            return drafts
+
+        model.mtp_forward, drafter.propose = traced_forward, traced_propose
+        try:
+            llm.engine.add_request("traced", prompt, params)
+            deltas = []
+            while llm.engine.has_unfinished():
+                deltas += llm.engine.step()
+        finally:
+            model.mtp_forward, drafter.propose = mtp_forward, propose
+        self.output = [t for d in deltas for t in d.token_ids]
+        self.num_cached = next(d.num_cached_tokens for d in deltas if d.num_cached_tokens is not None)
+        self.num_computed = len(prompt) + len(self.output) - 1  # the last token is sampled, never an input
+
+    @staticmethod
+    def read_kv(batch, cache) -> torch.Tensor:
+        """[positions, 2, heads * head_dim]: the MTP head's K and V at every position of the batch's one sequence."""
+        from deltaserve.cache.tensors import MTP_LAYER
+
+        assert batch.block_tables.shape[0] == 1
+        kv, n = cache.attention(MTP_LAYER), int(batch.seq_lens[0])
+        pages = batch.block_tables[0, :-(-n // kv.k.shape[1])].long()
+        return torch.stack([t[pages].flatten(0, 1)[:n].flatten(1) for t in (kv.k, kv.v)], dim=1).clone()
+
+    def positions_unlike(self, other: "MTPTrace", tol: float = 1e-4) -> dict[int, float]:
+        """Positions of the computed sequence whose MTP KV differs by more than tol, with the difference."""
+        n = self.num_computed
+        diff = (self.kv[:n] - other.kv[:n]).abs().flatten(1).amax(dim=1)
+        return {i: round(float(diff[i]), 4) for i in (diff > tol).nonzero().flatten().tolist()}
+
+
+@pytest.mark.parametrize("step_tokens", [None, 16])
+def test_a_resumed_request_has_the_mtp_kv_and_drafts_of_an_uncached_run(tiny, step_tokens):
+    """The MTP head's KV at position i is computed from the target's hidden state at i and the token at i + 1. A
+    request resuming from a checkpoint at p reuses the KV of positions < p, that at p - 1 first computed from the
+    token the checkpoint's own request had at p: at every position it must equal the uncached run's (and so must the
+    drafts), whatever token follows p, without touching the pages other requests share. Checkpoints at 32 (the
+    interval, a page multiple) and 39 (the last position) of a 40-token prompt, then: the same prompt, a longer one,
+    one with another token at 39, one with another token at 32, the same prompt again (its pages up to 32 shared with
+    the previous one), the next turn of a chat (from the end of the first generation). Whole prompts in one step, or
+    chunked prefill (16 tokens a step)."""
+    g = torch.Generator().manual_seed(11)
+    base, tail = torch.randint(1, VOCAB, (40,), generator=g).tolist(), torch.randint(1, VOCAB, (9,), generator=g)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    budget = {} if step_tokens is None else {"max_num_batched_tokens": step_tokens}
+    cached = make_llm(tiny["dense"], 2, checkpoint_interval=32, **budget)
+    plain = make_llm(tiny["dense"], 2, enable_prefix_caching=False, **budget)
+    first = MTPTrace(cached, base, params)
+    assert first.num_cached == 0 and not first.positions_unlike(MTPTrace(plain, base, params))
+    tail = tail.tolist()
+    for prompt, resumed_at in ((base, 39), (base + tail, 39), (base[:39] + [base[39] % (VOCAB - 1) + 1] + tail, 39),
+                               (base[:32] + [base[32] % (VOCAB - 1) + 1] + tail, 32), (base, 39),
+                               (base + first.output + tail, first.num_computed)):
+        got, want = MTPTrace(cached, prompt, params), MTPTrace(plain, prompt, params)
+        assert got.output == want.output and got.num_cached == resumed_at
+        assert got.positions_unlike(want) == {} and got.drafts == want.drafts
+
+
+def test_the_next_turn_after_accepted_drafts_and_a_stop_token_has_the_uncached_mtp_kv(tiny):
+    """A generation whose verify steps kept drafts (oracle drafts), ended by a stop token that was an accepted draft
+    (the token sampled after it is dropped, yet the slot's state is past the stop token): the next turn resumes from
+    the end of the generation with the uncached run's MTP KV and drafts (the kept hidden state is the last kept
+    position's, not the verify row's last)."""
+    g = torch.Generator().manual_seed(12)
+    prompt, tail = torch.randint(1, VOCAB, (30,), generator=g).tolist(), torch.randint(1, VOCAB, (6,), generator=g)
+    ref = token_ids(make_llm(tiny["dense"]).generate([prompt], SamplingParams(temperature=0, max_tokens=16,
+                                                                               ignore_eos=True)))[0]
+    cached = make_llm(tiny["dense"], 2)
+    oracle = Oracle(cached, {tuple(prompt): ref})
+    first = MTPTrace(cached, prompt, SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[ref[5]]))
+    assert first.output == ref[:6] and cached.engine.spec_counters["spec_accepted_tokens"] > 0
+    cached.engine.runner.drafter.propose = oracle.propose
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    turn = prompt + first.output + tail.tolist()
+    got, want = MTPTrace(cached, turn, params), MTPTrace(make_llm(tiny["dense"], 2, enable_prefix_caching=False),
+                                                         turn, params)
+    assert got.output == want.output and got.num_cached == len(prompt) + 6  # the stop token computed too
+    assert got.positions_unlike(want) == {} and got.drafts == want.drafts
+
+
 # ---- simulated acceptance (benchmarks with dummy weights) -----------------------------------------------------------
 
 def test_acceptance_probability():

@@ -59,7 +59,7 @@ class StateSource(enum.Enum):
 
 
 class StateCopy(NamedTuple):
-    """Copy every GDN layer's state of slot `src` into slot `dst`."""
+    """Copy every GDN layer's state of slot `src` into slot `dst` (and the MTP head's input kept with it)."""
 
     src: int
     dst: int
@@ -75,7 +75,8 @@ class PageCopy(NamedTuple):
 @dataclass(frozen=True)
 class PrefixMatch:
     """Leading tokens of a prompt whose KV pages and GDN state are cached: the full pages to share, the partial last
-    page to copy (if num_tokens is not a page multiple) and the checkpoint slot to copy the state from."""
+    page to copy (if num_tokens is not a page multiple; with `rewrites_last`, the page of its last position) and the
+    checkpoint slot to copy the state from."""
 
     num_tokens: int = 0
     pages: tuple[int, ...] = ()
@@ -132,13 +133,15 @@ class CacheManager:
     `reset_prefix_cache`)."""
 
     def __init__(self, *, num_pages: int, num_slots: int, page_size: int, num_checkpoints: int = 0,
-                 namespace: bytes = b"", state_tokens: int = 1024) -> None:
+                 namespace: bytes = b"", state_tokens: int = 1024, rewrites_last: bool = False) -> None:
         """num_checkpoints: size of the checkpoint pool (0: no prefix caching); their slot ids follow the running
         slots'. namespace: what else the KV depends on (the model). state_tokens: a checkpoint's state size in KV
-        tokens (what it costs to keep, against what it saves)."""
+        tokens (what it costs to keep, against what it saves). rewrites_last: a resumed request rewrites the KV at
+        the checkpoint's last position (an MTP head's, computed from the next token, which only the resumed request
+        knows), so the page holding it is always copied, never shared (when the position is a page multiple too)."""
         if not isinstance(page_size, int) or page_size <= 0:
             raise ValueError(f"page_size must be a positive integer, got {page_size!r}")
-        self.page_size = page_size
+        self.page_size, self._rewrites_last = page_size, rewrites_last
         self._pages = PageAllocator(num_pages)
         self._slots = SlotAllocator(num_slots)
         self._checkpoint_slots = SlotAllocator(num_checkpoints) if num_checkpoints else None
@@ -227,8 +230,9 @@ class CacheManager:
         c = self._index.find(token_ids, len(token_ids) - 1, self._chain(request_id))
         if c is None:
             return PrefixMatch(ghost_hits=self._ghost_hits(token_ids, self._chain(request_id)))
-        full = c.position // self.page_size
-        partial = c.pages[full] if c.position % self.page_size else None
+        # the page holding the last cached position is copied, not shared, when the request rewrites that position
+        full = -(-c.position // self.page_size) - 1 if self._rewrites_last else c.position // self.page_size
+        partial = c.pages[full] if full < len(c.pages) else None
         return PrefixMatch(c.position, c.pages[:full], partial, c.slot, c,
                            self._resends_reply(c, token_ids, self._chain(request_id)))
 

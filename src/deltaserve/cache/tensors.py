@@ -81,10 +81,12 @@ def verify_bytes_per_position(shapes: RankShapes, num_layers: int, conv_dtype: t
 
 
 def state_bytes_per_slot(shapes: RankShapes, num_layers: int, conv_dtype: torch.dtype,
-                         state_dtype: torch.dtype) -> int:
+                         state_dtype: torch.dtype, mtp_hidden_size: int = 0) -> int:
+    """One slot's GDN states over num_layers layers, and with an MTP head (mtp_hidden_size: the model's hidden size)
+    the hidden state it keeps (conv_dtype, the model's)."""
     conv = (shapes.conv_kernel - 1) * shapes.conv_dim * _elem(conv_dtype)
     ssm = shapes.linear_num_value_heads * shapes.linear_key_head_dim * shapes.linear_value_head_dim * _elem(state_dtype)
-    return num_layers * (conv + ssm)
+    return num_layers * (conv + ssm) + mtp_hidden_size * _elem(conv_dtype)
 
 
 class ModelCache:
@@ -128,6 +130,11 @@ class ModelCache:
         for j, i in enumerate(layers):
             steps = (self._conv_steps[j], self._y_steps[j], self._gate_steps[j]) if keep else ()  # type: ignore
             self._gdn[i] = GDNState(self._conv[j], self._ssm[j], *steps)
+        # With an MTP head, each slot keeps the target's final-normed hidden state at its last computed position, as
+        # part of its state (copied with it): the head's input there, for a request that resumes from a checkpoint
+        # of the slot (MTPDrafter.rewrite_resume_kv).
+        self.mtp_hidden = torch.zeros((shape.num_slots, config.hidden_size), dtype=shape.conv_dtype,
+                                      device=device) if with_mtp else None
 
     def attention(self, key: int | str) -> KVPages:
         return self._kv[key]
@@ -140,11 +147,13 @@ class ModelCache:
         return self._gdn[key] if key in self._gdn else self._kv[key]  # type: ignore[index]
 
     def copy_states(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Every GDN layer's state (conv window and recurrent state) of slots `src` into slots `dst` ([n] int64,
-        on the cache's device; a slot appears at most once in dst)."""
+        """Every GDN layer's state (conv window and recurrent state), and the MTP head's kept hidden state, of slots
+        `src` into slots `dst` ([n] int64, on the cache's device; a slot appears at most once in dst)."""
         if self._gdn:
             self._conv.index_copy_(1, dst, self._conv.index_select(1, src))
             self._ssm.index_copy_(1, dst, self._ssm.index_select(1, src))
+        if self.mtp_hidden is not None:
+            self.mtp_hidden.index_copy_(0, dst, self.mtp_hidden.index_select(0, src))
 
     def commit_verified(self, slots: torch.Tensor, kept: torch.Tensor) -> None:
         """After a verify step: put in each row's slot the GDN states after its kept[i]-th position (slots [n]
@@ -174,7 +183,7 @@ class ModelCache:
 
     def nbytes(self) -> int:
         tensors = [t for pair in self._kv.values() for t in pair] + [self._conv, self._ssm, self._conv_steps,
-                                                                     self._y_steps, self._gate_steps]
+                                                                     self._y_steps, self._gate_steps, self.mtp_hidden]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

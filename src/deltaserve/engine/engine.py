@@ -47,7 +47,8 @@ class LLMEngine:
         plan = self.runner.plan
         self.cache = CacheManager(num_pages=plan.num_pages, num_slots=plan.num_slots, page_size=page_size,
                                   num_checkpoints=plan.num_checkpoints, namespace=self._cache_namespace(),
-                                  state_tokens=plan.slot_bytes * page_size // max(plan.page_bytes, 1))
+                                  state_tokens=plan.slot_bytes * page_size // max(plan.page_bytes, 1),
+                                  rewrites_last=self.config.with_mtp)  # MTPDrafter.rewrite_resume_kv
         spec = self.config.speculative
         self.scheduler = Scheduler(self.config.scheduler, self.cache,
                                    checkpoint_interval=self.config.cache.checkpoint_interval,

@@ -22,7 +22,8 @@ def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torc
     page_bytes = kv_bytes_per_page(shapes, cc.page_size, kv_page_dtype(cc.kv_cache_dtype, dtype),
                                    num_layers=_kv_layers(config))
     slot_bytes = state_bytes_per_slot(shapes, len(config.model.linear_attention_layers), dtype,
-                                      getattr(torch, cc.state_dtype))
+                                      getattr(torch, cc.state_dtype),
+                                      config.model.hidden_size if config.with_mtp else 0)
     explicit_slots = cc.num_state_slots if cc.num_state_slots is not None else (
         sched.max_num_seqs if cc.num_pages is not None else None)
     budget = _budget_bytes(model, config, device, dtype) - verify_state_bytes(config, dtype)

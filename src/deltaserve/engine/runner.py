@@ -246,6 +246,10 @@ class ModelRunner:
         dev = upload_step(step, page_size=self.config.cache.page_size, device=self.device)
         self.apply_copies(step.state_copies, step.page_copies)
         logits = self.execute_model(dev, step)
+        if self.drafter is not None:  # before the snapshots: a checkpoint keeps the slot's hidden state too
+            self.drafter.rewrite_resume_kv(step, self._input_ids)
+            if not step.is_verify:
+                self.drafter.keep_hidden(step, dev, self._hidden)
         self.apply_copies(step.state_snapshots)
         if logits is None:
             if self.drafter is not None:  # nothing samples, but the MTP head's KV must cover these positions
@@ -282,17 +286,19 @@ class ModelRunner:
 
     def _speculate(self, launched: LaunchedStep, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """After sampling a step with speculative decoding on: the tokens each request keeps, the GDN states
-        committed at the last kept position (verify steps), each slot's last kept token, and the next drafts."""
+        committed at the last kept position (verify steps; with the hidden state there, for the MTP head), each slot's
+        last kept token, and the next drafts."""
         step, dev = launched.step, launched.dev
         assert dev is not None and launched.input_ids is not None and launched.hidden is not None
         if self.simulated is not None:
             self.simulated.force(step, launched.input_ids, token_ids)
         kept = kept_counts(step, launched.input_ids, token_ids)
+        last = self._ids(first_logits_rows(step).tolist()) + kept - 1  # each request's last kept logits row
+        assert self.drafter is not None
         if step.is_verify:
             self.cache.commit_verified(dev.batch.state_slots, kept)
-        first = self._ids(first_logits_rows(step).tolist())
-        self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[first + kept - 1])
-        assert self.drafter is not None
+            self.drafter.keep_kept_hidden(dev, launched.hidden, last)
+        self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[last])
         if not step.propose_drafts:  # the next step will not verify: only the MTP head's KV, for later drafts
             self.drafter.first_pass(step, dev, launched.input_ids, launched.hidden, token_ids)
             return kept, None

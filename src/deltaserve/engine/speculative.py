@@ -18,6 +18,12 @@ input, the sampled token at a sampling position, or the known prompt token after
 times one token per request, chained on its own output, from the last kept position. Positions past the last kept
 one get KV that the next step's first pass overwrites before anything reads it.
 
+Prefix caching: a request resuming from a checkpoint at position p keeps the head's KV below p, but the entry at p - 1
+was computed from the token at p of the checkpoint's own request, which may not be this one's. So each slot keeps the
+target's hidden state at its last computed position (`ModelCache.mtp_hidden`, copied with the GDN state into and out
+of checkpoints), and the resumed request's first step computes the head's KV at p - 1 again from it and its own token
+at p (`rewrite_resume_kv`), into its own copy of that page (the cache manager's `rewrites_last`).
+
 On CUDA both parts replay CUDA graphs when one fits: the first pass of a verify step with draft 1
 (`FirstPassGraphs`, keyed by padded rows at the width 1 + K) and the K - 1 chained passes (`ChainGraphs`, keyed by
 padded rows); other steps (prefill chunks, plain decode steps, verify steps with fewer drafts) run the first pass
@@ -146,6 +152,47 @@ class MTPDrafter:
         if token_ids is not None:
             nxt[batch.logits_indices[:token_ids.shape[0]]] = token_ids
         return self.model.mtp_forward(nxt, hidden, batch, self.cache)
+
+    @torch.no_grad()
+    def rewrite_resume_kv(self, step: StepInput, input_ids: torch.Tensor) -> None:
+        """The head's KV at position p - 1 of each row that resumes from a prefix-cache checkpoint at p this step
+        (its slot is the destination of one of the step's state copies), from the hidden state the checkpoint kept
+        and the row's first input (its token at p). input_ids [T] on the device. Before anything reads that KV."""
+        copied = np.array([c.dst for c in step.state_copies], dtype=np.int64)
+        rows = np.flatnonzero(np.isin(step.state_slots, copied) & (step.context_lens > 0))
+        if rows.size == 0:
+            return
+        ps, r = self.page_size, rows.size
+        pos = step.context_lens[rows].astype(np.int64) - 1
+        first = (np.cumsum(step.query_lens.astype(np.int64)) - step.query_lens)[rows]
+        table = np.ascontiguousarray(step.block_table[rows], dtype=np.int32)
+        mapping = table[np.arange(r), pos // ps].astype(np.int64) * ps + pos % ps
+        pos_d, first_d, table_d, mapping_d, slots_d = upload_arrays(
+            [pos, first, table, mapping, step.state_slots[rows].astype(np.int64)], self.device)
+        one = torch.arange(r, device=self.device)
+        batch = ForwardBatch(positions=pos_d, cu_seqlens=torch.arange(r + 1, dtype=torch.int32, device=self.device),
+                             seq_lens=(pos_d + 1).to(torch.int32), state_slots=one,
+                             has_initial_state=torch.ones(r, dtype=torch.bool, device=self.device),
+                             block_tables=table_d, slot_mapping=mapping_d, logits_indices=one, tokens_per_row=1,
+                             any_padding=False)
+        self.model.mtp_forward(input_ids[first_d], self.cache.mtp_hidden[slots_d], batch, self.cache)
+
+    @torch.no_grad()
+    def keep_hidden(self, step: StepInput, dev: DeviceStep, hidden: torch.Tensor) -> None:
+        """Each row's slot keeps the target's hidden state at the row's last token (a verify step's: at the last
+        kept one, `keep_kept_hidden` once sampled)."""
+        batch = dev.batch
+        last, slots = batch.cu_seqlens[1:].long() - 1, batch.state_slots
+        if batch.any_padding:
+            (real,) = upload_arrays([np.flatnonzero(step.state_slots >= 0)], self.device)
+            last, slots = last[real], slots[real]
+        self.cache.mtp_hidden.index_copy_(0, slots, hidden[last])
+
+    @torch.no_grad()
+    def keep_kept_hidden(self, dev: DeviceStep, hidden: torch.Tensor, last_rows: torch.Tensor) -> None:
+        """After a verify step: each sampling request's slot keeps the hidden state at its last kept position
+        (last_rows [R]: its logits row)."""
+        self.cache.mtp_hidden.index_copy_(0, dev.sample_slots, hidden[dev.batch.logits_indices[last_rows]])
 
     @torch.no_grad()
     def propose(self, step: StepInput, dev: DeviceStep, input_ids: torch.Tensor, hidden: torch.Tensor,
