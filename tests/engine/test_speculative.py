@@ -105,10 +105,11 @@ def test_greedy_equals_no_mtp_tiny(tiny, kind):
 
 class Oracle:
     """Replaces the MTP drafts by the reference continuation with some tokens wrong, so that every acceptance
-    length (0 .. K) occurs: random tiny MTP heads almost never guess right. The MTP head still runs (its KV)."""
+    length (0 .. K) occurs: random tiny MTP heads almost never guess right; always_right: none wrong (a verify step
+    keeps 1 + K tokens). The MTP head still runs (its KV)."""
 
-    def __init__(self, llm: LLM, reference: dict[tuple[int, ...], list[int]]) -> None:
-        self.engine, self.reference, self.calls = llm.engine, reference, 0
+    def __init__(self, llm: LLM, reference: dict[tuple[int, ...], list[int]], always_right: bool = False) -> None:
+        self.engine, self.reference, self.calls, self.always_right = llm.engine, reference, 0, always_right
         drafter = llm.engine.runner.drafter
         self.propose = drafter.propose
         drafter.propose = self
@@ -123,7 +124,8 @@ class Oracle:
             for j in range(out.shape[1]):
                 self.calls += 1
                 right = ref[done + j] if done + j < len(ref) else 0
-                out[i, j] = right if (self.calls * 7919) % 5 < 3 else (right + 1) % VOCAB  # 60% right
+                wrong = not self.always_right and (self.calls * 7919) % 5 >= 3  # 60% right
+                out[i, j] = (right + 1) % VOCAB if wrong else right
         return out
 
 
@@ -447,6 +449,75 @@ def test_the_next_turn_after_accepted_drafts_and_a_stop_token_has_the_uncached_m
                                                          turn, params)
     assert got.output == want.output and got.num_cached == len(prompt) + 6  # the stop token computed too
     assert got.positions_unlike(want) == {} and got.drafts == want.drafts
+
+
+NEXT_TURN = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.mark.parametrize("end,last", [("stop_token", 1), ("stop_token", 3), ("stop_string", 4), ("length", 4)])
+def test_the_end_checkpoint_is_at_an_end_inside_the_kept_tokens(tiny, end, last):
+    """A generation ends at output `last` (a stop token, a stop string completed there, or max_tokens) while its
+    drafts are all right (K = 2: output 0 comes from the prompt's step, then every verify step keeps 3 tokens, so
+    output i is an accepted draft iff i % 3 != 0, and outputs 1 and 4 are followed by two more kept tokens). The next
+    turn (prompt + output + 6 tokens) must resume from the end of the generation: where a run without drafts does,
+    or one position further when the last token was an accepted draft (computed as the input of the position after
+    it), with the GDN state and the MTP head's KV there exact (the uncached run's tokens, MTP KV and drafts). The
+    scheduler gives no draft past max_tokens, so a length limit never ends inside the kept tokens."""
+    path = tiny["dense"]
+    g = torch.Generator().manual_seed(12)
+    prompt, tail = torch.randint(1, VOCAB, (30,), generator=g).tolist(), torch.randint(1, VOCAB, (6,), generator=g)
+    ref = token_ids(make_llm(path).generate([prompt], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)))[0]
+    plain = make_llm(path)
+    text = plain.get_tokenizer().decode(ref[1:last + 1])  # output 0 alone decodes to an invalid byte
+    params = SamplingParams(**{"temperature": 0, "max_tokens": 16} | {
+        "stop_token": dict(stop_token_ids=[ref[last]]), "stop_string": dict(stop=[text]),
+        "length": dict(max_tokens=last + 1, ignore_eos=True)}[end])
+    assert token_ids(plain.generate([prompt], params))[0] == ref[:last + 1]  # it ends at `last`
+    turn = prompt + ref[:last + 1] + tail.tolist()
+    without_drafts = plain.generate([turn], NEXT_TURN)[0].num_cached_tokens
+    cached = make_llm(path, 2)
+    oracle = Oracle(cached, {tuple(prompt): ref}, always_right=True)
+    first = MTPTrace(cached, prompt, params)
+    assert first.output == ref[:last + 1]
+    cached.engine.runner.drafter.propose = oracle.propose
+    got, want = MTPTrace(cached, turn, NEXT_TURN), MTPTrace(make_llm(path, 2, enable_prefix_caching=False), turn,
+                                                            NEXT_TURN)
+    assert got.num_cached == without_drafts + (end != "length" and last % 3 != 0)
+    assert got.output == want.output and got.positions_unlike(want) == {} and got.drafts == want.drafts
+
+
+def test_two_requests_ending_inside_one_verify_step_both_leave_their_end_checkpoint(tiny):
+    """Two requests (drafts all right, K = 2) stop in the same verify step, each at an accepted draft followed by two
+    kept tokens (the second request's prompt is computed a step later: its outputs 1-3 come with the first's 4-6):
+    each next turn resumes from the end of its generation (the stop token computed) with the uncached run's tokens.
+    The first end's checkpoint must not commit the other's state past its stop before the other's end is placed."""
+    path = tiny["dense"]
+    g = torch.Generator().manual_seed(13)
+    ps = [torch.randint(1, VOCAB, (30,), generator=g).tolist() for _ in range(2)]
+    tail = torch.randint(1, VOCAB, (6,), generator=g).tolist()
+    refs = token_ids(make_llm(path).generate(ps, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)))
+    lasts = (4, 1)
+    assert all(r[i] not in r[:i] for r, i in zip(refs, lasts))
+    cached = make_llm(path, 2)
+    oracle = Oracle(cached, {tuple(p): r for p, r in zip(ps, refs)}, always_right=True)
+    runner, shortened = cached.engine.runner, []
+    keep_fewer = runner.keep_fewer
+
+    def recorded(request_id, num):  # the real call; records which verify step it shortened
+        shortened.append((request_id, num, id(runner.uncommitted.step)))
+        keep_fewer(request_id, num)
+
+    runner.keep_fewer = recorded
+    first = token_ids(cached.generate(ps, [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[r[i]])
+                                           for r, i in zip(refs, lasts)]))
+    assert first == [r[:i + 1] for r, i in zip(refs, lasts)]
+    assert [c[:2] for c in shortened] == [("0", 1), ("1", 1)] and shortened[0][2] == shortened[1][2]
+    cached.engine.runner.drafter.propose = oracle.propose
+    turns = [p + r[:i + 1] + tail for p, r, i in zip(ps, refs, lasts)]
+    got = cached.generate(turns, NEXT_TURN)
+    want = make_llm(path, 2, enable_prefix_caching=False).generate(turns, NEXT_TURN)
+    assert [o.num_cached_tokens for o in got] == [len(p) + i + 1 for p, i in zip(ps, lasts)]
+    assert token_ids(got) == token_ids(want)
 
 
 # ---- simulated acceptance (benchmarks with dummy weights) -----------------------------------------------------------

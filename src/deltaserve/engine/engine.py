@@ -269,19 +269,25 @@ class LLMEngine:
         if launched.step.is_verify:
             self._count_verified(launched, result)
         refused: dict[str, str] = {}
+        ended: list[tuple[Request, SequenceDelta]] = []
         for request in appended:
             tokens = result.tokens[request.request_id]
             drafts = result.drafts.get(request.request_id)
             if drafts and request.status is RequestStatus.RUNNING and request.request_id not in self.structured:
                 request.draft_token_ids = drafts  # verified by its next step (dropped there if it ends first)
-            delta = self.outputs.on_tokens(request, tokens, result.logprobs.get(request.request_id), self._end)
+            delta = self.outputs.on_tokens(request, tokens, result.logprobs.get(request.request_id),
+                                           lambda r, d: ended.append((r, d)))
             if delta is not None:
+                if delta.finished:
+                    self._end_inside_kept(request, len(tokens) - len(delta.token_ids))
                 self.counters["generation_tokens"] += len(delta.token_ids)
                 deltas.append(delta)
                 if not delta.finished and request.request_id in self.structured:
                     error = self.structured.advance(request.request_id, delta.token_ids)
                     if error is not None:
                         refused[request.request_id] = error
+        for request, delta in ended:  # once every end is placed: their checkpoints commit the step's states
+            self._end(request, delta)
         return deltas + self._fail_requests(refused)
 
     def _observe_step(self, out: SchedulerOutput, launched: LaunchedStep, result: StepResult,
@@ -314,6 +320,17 @@ class LLMEngine:
             for j in range(k):
                 self.spec_drafted_per_position[j] += 1
                 self.spec_accepted_per_position[j] += j < accepted
+
+    def _end_inside_kept(self, request: Request, dropped: int) -> None:
+        """A stop that dropped `dropped` of the tokens the step kept (the stop checks end the output at the stop
+        token or the one completing a stop string). From 2 on, the last one kept is an accepted draft, computed as
+        the input of the next position: the request ends with the state after it (the end checkpoint's), so its
+        positions past that roll back like rejected drafts' and the runner commits its verify step's state there,
+        not at the last kept position."""
+        if dropped < 2 or request.status is not RequestStatus.RUNNING:
+            return
+        self.scheduler.roll_back(request.request_id, dropped - 1)
+        self.runner.keep_fewer(request.request_id, dropped - 1)
 
     def _end(self, request: Request, delta: SequenceDelta) -> None:
         status = RequestStatus.FINISHED_STOPPED if delta.finish_reason == "stop" else RequestStatus.FINISHED_LENGTH

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -112,6 +112,20 @@ class LaunchedStep:
 
 
 @dataclass(frozen=True)
+class VerifyCommit:
+    """What a verify step commits into its requests' slots once its stop checks are done: the GDN states after
+    `kept` positions of each row and the target's hidden state at the last of them (the MTP head's, for a request
+    resuming from a checkpoint of the slot). Deferred until something reads the slots (`ModelRunner.commit_verified`)
+    so that a request whose end comes before its last kept token can commit there (`ModelRunner.keep_fewer`)."""
+
+    step: StepInput
+    dev: DeviceStep
+    hidden: torch.Tensor      # [T, D] the step's final-normed hidden states
+    first_rows: torch.Tensor  # [R] each request's first logits row
+    kept: torch.Tensor        # [R] positions to commit per request (row i of the step is sampling request i)
+
+
+@dataclass(frozen=True)
 class StepResult:
     """What a step produced, per sampling request (ragged: 1 to 1 + drafts tokens each)."""
 
@@ -162,6 +176,7 @@ class ModelRunner:
         # Prompts of requests with a repetition penalty, kept on the device: the penalty reads them every step, and
         # converting a long prompt list each step costs ~1.5 ms per 32k tokens of host time.
         self.prompt_tensors: dict[str, torch.Tensor] = {}
+        self.uncommitted: VerifyCommit | None = None  # the last verify step's, until something reads its slots
 
     def plan_memory(self) -> MemoryPlan:
         """Pages and slots for the caches (under tensor parallelism the ranks agree on the smallest plan)."""
@@ -243,6 +258,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             started = torch.cuda.Event(enable_timing=True)
             started.record(torch.cuda.current_stream(self.device))
+        self.commit_verified()  # the last verify step's, into slots this step reads (timed with this step)
         dev = upload_step(step, page_size=self.config.cache.page_size, device=self.device)
         self.apply_copies(step.state_copies, step.page_copies)
         logits = self.execute_model(dev, step)
@@ -285,19 +301,19 @@ class ModelRunner:
         return LaunchedStep(step, host, ready, scored, failed, kept=kept, drafts=drafts, started=launched.started)
 
     def _speculate(self, launched: LaunchedStep, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """After sampling a step with speculative decoding on: the tokens each request keeps, the GDN states
-        committed at the last kept position (verify steps; with the hidden state there, for the MTP head), each slot's
-        last kept token, and the next drafts."""
+        """After sampling a step with speculative decoding on: the tokens each request keeps, the GDN states to
+        commit at the last kept position (verify steps; with the hidden state there, for the MTP head:
+        `uncommitted`), each slot's last kept token, and the next drafts."""
         step, dev = launched.step, launched.dev
         assert dev is not None and launched.input_ids is not None and launched.hidden is not None
         if self.simulated is not None:
             self.simulated.force(step, launched.input_ids, token_ids)
         kept = kept_counts(step, launched.input_ids, token_ids)
-        last = self._ids(first_logits_rows(step).tolist()) + kept - 1  # each request's last kept logits row
+        first = self._ids(first_logits_rows(step).tolist())
+        last = first + kept - 1  # each request's last kept logits row
         assert self.drafter is not None
         if step.is_verify:
-            self.cache.commit_verified(dev.batch.state_slots, kept)
-            self.drafter.keep_kept_hidden(dev, launched.hidden, last)
+            self.uncommitted = VerifyCommit(step, dev, launched.hidden, first, kept)
         self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[last])
         if not step.propose_drafts:  # the next step will not verify: only the MTP head's KV, for later drafts
             self.drafter.first_pass(step, dev, launched.input_ids, launched.hidden, token_ids)
@@ -350,10 +366,33 @@ class ModelRunner:
     def apply_copies(self, states: Sequence[StateCopy] = (), pages: Sequence[PageCopy] = ()) -> None:
         """GDN state copies between slots and KV copies between pages, queued on the device in order with the
         steps (a snapshot taken now sees every step launched before it)."""
+        self.commit_verified()
         if states:
             self.cache.copy_states(self._ids([c.src for c in states]), self._ids([c.dst for c in states]))
         if pages:
             self.cache.copy_pages(self._ids([c.src for c in pages]), self._ids([c.dst for c in pages]))
+
+    def commit_verified(self) -> None:
+        """Queue the last verify step's commit (`uncommitted`), if not done yet: before anything reads its slots."""
+        pending, self.uncommitted = self.uncommitted, None
+        if pending is None:
+            return
+        assert self.drafter is not None
+        self.cache.commit_verified(pending.dev.batch.state_slots, pending.kept)
+        self.drafter.keep_kept_hidden(pending.dev, pending.hidden, pending.first_rows + pending.kept - 1)
+
+    def keep_fewer(self, request_id: str, num: int) -> None:
+        """The last verify step commits the state `num` positions before the request's last kept one (its output
+        ended there: the engine's stop checks dropped tokens after it). 0 < num < the tokens it kept."""
+        pending = self.uncommitted
+        rows = [] if pending is None else [i for i, s in enumerate(pending.step.sampling) if s.request_id == request_id]
+        if not rows:
+            raise RuntimeError(f"request {request_id!r} is in no verify step whose states are still uncommitted: its "
+                               "end must be placed before anything reads the slots (a state copy or the next step)")
+        assert pending is not None
+        kept = pending.kept.clone()  # (the step's own copy may be what collect() read)
+        kept[rows[0]] -= num
+        self.uncommitted = replace(pending, kept=kept)
 
     def _ids(self, values: list[int]) -> torch.Tensor:
         """An index tensor on the device, sent from pinned memory (a pageable copy would wait for the GPU)."""

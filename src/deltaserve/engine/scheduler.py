@@ -609,6 +609,17 @@ class Scheduler:
         self.cache.publish(pending)
         return pending.snapshot
 
+    def roll_back(self, request_id: str, num: int) -> None:
+        """A running request's last `num` computed positions no longer count, like rejected drafts' (its output
+        ended before the tokens its verify step computed there). KeyError for an id that is not running."""
+        request = self._requests.get(request_id)
+        if request is None or request.status is not RequestStatus.RUNNING:
+            raise KeyError(f"no running request with id {request_id!r}")
+        if not 0 <= num <= request.num_computed_tokens:
+            raise ValueError(f"cannot roll back {num} of the {request.num_computed_tokens} positions request "
+                             f"{request_id!r} computed")
+        request.num_computed_tokens -= num
+
     def abandon(self, output: SchedulerOutput) -> None:
         """A scheduled step that will never run: give back its checkpoint reservations."""
         for pending in output.checkpoints:
