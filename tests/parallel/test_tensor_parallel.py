@@ -236,19 +236,27 @@ RANK1_FAULT = """
 import sys
 from deltaserve.parallel.runner import TPModelRunner
 
-def fail(*args, **kwargs):
-    raise RuntimeError("injected fault on rank 1")
+name, message = sys.argv.pop(1), sys.argv.pop(1)
 
-setattr(TPModelRunner, sys.argv.pop(1), fail)
+def fail(*args, **kwargs):
+    raise RuntimeError(message)
+
+setattr(TPModelRunner, name, fail)
 from deltaserve.cli import main
 sys.exit(main())
 """
 
 
-@pytest.mark.parametrize("where", ["__init__", "launch"])
-def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, monkeypatch, where):
+@pytest.mark.parametrize("where, message", [
+    ("__init__", "injected fault on rank 1"),
+    ("launch", "injected fault on rank 1"),
+    ("launch", "device timeout (lost connection)"),  # its own error, whatever the words: not a collective's
+])
+def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, monkeypatch, where, message):
     """Before: a step that failed on rank 1 alone left rank 0 in the step's collectives until their timeout, then
-    reported a collective failure without the rank's error."""
+    reported a collective failure without the rank's error; and an error whose text said "timeout" or "connection"
+    was taken for a collective's and not reported."""
+    import re
     import subprocess
     import sys
 
@@ -258,13 +266,13 @@ def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, 
     launch = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     args = ["generate", str(dense), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
             "--num-pages", "64", "--max-num-seqs", "8", "--tensor-parallel-size", "2", "--log-level", "ERROR"]
-    worker = subprocess.Popen([sys.executable, "-c", RANK1_FAULT, where, *args], stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **launch, "RANK": "1", "LOCAL_RANK": "1"})
+    worker = subprocess.Popen([sys.executable, "-c", RANK1_FAULT, where, message, *args], stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **launch, "RANK": "1", "LOCAL_RANK": "1"})
     for name, value in {**launch, "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     llm = None
     try:
-        with pytest.raises(RankFailure, match=r"tensor-parallel rank 1 failed.*RuntimeError: injected fault on rank 1"):
+        with pytest.raises(RankFailure, match=rf"tensor-parallel rank 1 failed.*RuntimeError: {re.escape(message)}"):
             llm = make_llm(dense, 2)
             start = time.monotonic()
             llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))

@@ -55,7 +55,8 @@ class TPModelRunner(ModelRunner):
             raise RankFailure("; ".join(f"tensor-parallel rank {r} failed to start: {s}" for r, s in failed))
         plan = super().plan_memory()
         sizes = torch.tensor([plan.num_pages, plan.num_slots, plan.num_checkpoints], dtype=torch.long)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MIN, group=group.current_group().commands)
+        group.call_collective("plan all_reduce", dist.all_reduce, sizes, op=dist.ReduceOp.MIN,
+                              group=group.current_group().commands)
         pages, slots, checkpoints = sizes.tolist()
         return dataclasses.replace(plan, num_pages=pages, num_slots=slots, num_checkpoints=checkpoints)
 
