@@ -230,6 +230,32 @@ def test_hung_worker_stops_the_engine_after_the_timeout(dense, monkeypatch):
         llm.engine.shutdown()  # kills the stopped worker
 
 
+def test_a_fault_on_rank_0_inside_a_step_stops_the_engine_at_once_with_its_error(dense, monkeypatch):
+    """Rank 0's sampler fails after the step's model collectives, while the worker waits for rank 0's last-token
+    broadcast. Before: the step's request failed and the engine went on; its next command waited the collective
+    timeout for the worker still in that broadcast, then blamed rank 1 for hanging."""
+    from deltaserve.engine.runner import ModelRunner
+
+    monkeypatch.setenv("DELTASERVE_DIST_TIMEOUT", "10")
+    llm = make_llm(dense, 2)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("injected fault on rank 0")
+
+    monkeypatch.setattr(ModelRunner, "sample", fail)  # in this process (rank 0) only: the worker was spawned
+    try:
+        start = time.monotonic()
+        with pytest.raises(RankFailure, match=r"tensor-parallel rank 0 failed \(RuntimeError: injected fault on "
+                                              r"rank 0\).*the engine stopped"):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        assert time.monotonic() - start < 5
+        assert llm.engine.cache.is_empty() and not llm.engine.has_unfinished()
+        with pytest.raises(RankFailure, match="tensor-parallel rank 0 failed"):  # and stays stopped
+            llm.generate([[4, 5]], SamplingParams(max_tokens=2))
+    finally:
+        llm.engine.shutdown()
+
+
 # Rank 1 of a torchrun-style launch whose own model runner fails (a fault of its device, say) while rank 0's does
 # not: its load, or each of its steps. The error path under test (the worker loop, rank 0's driver) is the real one.
 RANK1_FAULT = """

@@ -11,6 +11,8 @@ A rank that dies or hangs: the next collective or command fails (the peer's conn
 times out after DELTASERVE_DIST_TIMEOUT seconds) and the driver raises `RankFailure` naming the rank when it can
 tell (the spawned workers' exit codes), which stops the engine. A worker whose command raises leaves its error in the
 group's store and exits: rank 0, waiting for it in the step's collectives, then fails at once and reports that error.
+A call that raises on rank 0 stops the engine too (RankFailure naming rank 0): the workers may wait in a collective
+that rank 0 never joins, so no later call's collectives could pair with theirs.
 """
 
 from __future__ import annotations
@@ -125,21 +127,22 @@ class TPDriver:
             group.send_command(command)
             return fn(*args)
         except Exception as e:
-            if not self._distributed_failure(e):
-                raise  # the step's own error (same on every rank): the engine fails its requests
+            # Any error stops the engine, rank 0's own included: raised part way through the call, it leaves the
+            # workers in a collective that rank 0 never joins (or they failed too and left), so no later call could
+            # pair the ranks' collectives (the next command waited the collective timeout, then blamed a worker).
             self.failed = self._diagnose(e)
-            log.error("%s", self.failed)
+            log.error("%s", self.failed, exc_info=not group.is_collective_error(e))  # rank 0's own: its traceback
             raise RankFailure(self.failed) from e
-
-    def _distributed_failure(self, e: Exception) -> bool:
-        return group.is_collective_error(e) or bool(self._dead_workers()) or bool(group.reported_failures())
 
     def _dead_workers(self) -> list[tuple[int, int | None]]:
         return [(rank, p.exitcode) for rank, p in enumerate(self.workers, start=1) if not p.is_alive()]
 
     def _diagnose(self, e: Exception) -> str:
-        """Which rank failed: a worker that reported its error, a spawned worker that exited (waiting briefly for its
-        exit to be seen), else what the collective said."""
+        """Which rank failed: rank 0 (its own error, not a collective's), a worker that reported its error, a spawned
+        worker that exited (waiting briefly for its exit to be seen), else what the collective said."""
+        if not group.is_collective_error(e):
+            return (f"tensor-parallel rank 0 failed ({type(e).__name__}: {e}); the other ranks cannot finish the "
+                    "step with it, and the engine stopped")
         reported = group.reported_failures()
         if reported:
             return "; ".join(f"tensor-parallel rank {r} failed ({error}; its log has the traceback); the engine "
