@@ -256,35 +256,44 @@ def test_a_fault_on_rank_0_inside_a_step_stops_the_engine_at_once_with_its_error
         llm.engine.shutdown()
 
 
-# Rank 1 of a torchrun-style launch whose own model runner fails (a fault of its device, say) while rank 0's does
-# not: its load, or each of its steps. The error path under test (the worker loop, rank 0's driver) is the real one.
+# Rank 1 of a torchrun-style launch where a function of its own (deltaserve.MODULE:NAME) fails (a fault of its
+# device, say) while rank 0's does not: parts of its load, or each of its steps. The error path under test (the
+# worker's start and loop, rank 0's driver) is the real one.
 RANK1_FAULT = """
-import sys
-from deltaserve.parallel.runner import TPModelRunner
+import importlib, sys
 
-name, message = sys.argv.pop(1), sys.argv.pop(1)
+target, message = sys.argv.pop(1), sys.argv.pop(1)
+module, path = target.split(":")
+*parents, name = path.split(".")
+owner = importlib.import_module("deltaserve." + module)
+for parent in parents:
+    owner = getattr(owner, parent)
 
 def fail(*args, **kwargs):
     raise RuntimeError(message)
 
-setattr(TPModelRunner, name, fail)
+setattr(owner, name, fail)
 from deltaserve.cli import main
 sys.exit(main())
 """
 
 
 @pytest.mark.parametrize("where, message", [
-    ("__init__", "injected fault on rank 1"),
-    ("launch", "injected fault on rank 1"),
-    ("launch", "device timeout (lost connection)"),  # its own error, whatever the words: not a collective's
+    ("parallel.runner:TPModelRunner.__init__", "injected fault on rank 1 (its device failed to start)"),
+    ("engine.runner:ModelRunner.plan_memory", "injected fault on rank 1"),  # after the start handshake
+    ("engine.runner:new_cache", "injected fault on rank 1"),  # after the ranks agreed on the plan
+    ("parallel.runner:TPModelRunner.launch", "injected fault on rank 1"),
+    ("parallel.runner:TPModelRunner.launch", "device timeout (lost connection)"),  # not a collective's, whatever
 ])
 def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, monkeypatch, where, message):
     """Before: a step that failed on rank 1 alone left rank 0 in the step's collectives until their timeout, then
-    reported a collective failure without the rank's error; and an error whose text said "timeout" or "connection"
-    was taken for a collective's and not reported."""
+    reported a collective failure without the rank's error; an error whose text said "timeout", "connection" or
+    "failed to start" was taken for the group's and not reported; and a load that failed after the start handshake
+    hung rank 0's start (in the plan's all-reduce) or its first step (until the timeout, blaming a hang)."""
     import re
     import subprocess
     import sys
+    import threading
 
     from deltaserve.parallel.launch import _free_port
 
@@ -297,6 +306,8 @@ def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, 
     for name, value in {**launch, "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     llm = None
+    watchdog = threading.Timer(40, worker.kill)  # a rank 0 that waits for the worker for ever fails instead
+    watchdog.start()
     try:
         with pytest.raises(RankFailure, match=rf"tensor-parallel rank 1 failed.*RuntimeError: {re.escape(message)}"):
             llm = make_llm(dense, 2)
@@ -306,6 +317,7 @@ def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, 
             assert time.monotonic() - start < 10  # the worker's error, not the collective's timeout (20 s)
         assert worker.wait(10) == 1
     finally:
+        watchdog.cancel()
         if llm is not None:
             llm.engine.shutdown()
         worker.kill()

@@ -42,6 +42,7 @@ class TPGroup:
     device: torch.device
     commands: dist.ProcessGroup  # gloo, host objects from rank 0
     store: dist.Store  # hosted by rank 0: where a worker leaves its error when it gives up
+    statuses_gathered: bool = False  # the start handshake took place: a later error goes through the store
 
     @property
     def nccl(self) -> bool:
@@ -185,9 +186,12 @@ def recv_command() -> object:
 
 
 def gather_status(status: object) -> list[object]:
-    """Every rank's status (e.g. an error while loading) on every rank, over the command group."""
-    out: list[object] = [None] * current_group().world_size
-    call_collective("status gather", dist.all_gather_object, out, status, group=current_group().commands)
+    """Every rank's status (e.g. an error while loading) on every rank, over the command group: the start handshake,
+    once (rank 0 waits in it just once; a worker that fails later reports in the store instead)."""
+    group = current_group()
+    out: list[object] = [None] * group.world_size
+    group.statuses_gathered = True  # even if the gather fails: it was this rank's one go
+    call_collective("status gather", dist.all_gather_object, out, status, group=group.commands)
     return out
 
 
@@ -210,8 +214,10 @@ def report_failure(message: str) -> None:
 
 
 def reported_failures() -> dict[int, str]:
-    """Rank 0: the errors workers reported, by rank."""
-    group = current_group()
+    """Rank 0: the errors workers reported, by rank (none before the group exists, e.g. when joining it failed)."""
+    group = _GROUP
+    if group is None:
+        return {}
     keys = {rank: f"{FAILED}{rank}" for rank in range(1, group.world_size)}
     return {rank: group.store.get(key).decode(errors="replace") for rank, key in keys.items()
             if group.store.check([key])}

@@ -97,6 +97,15 @@ def serve_commands(runner: TPModelRunner) -> None:
             raise
 
 
+def describe_reported_failures() -> str | None:
+    """Rank 0: RankFailure's message for the errors workers left in the store (None when none did)."""
+    reported = group.reported_failures()
+    if not reported:
+        return None
+    return "; ".join(f"tensor-parallel rank {r} failed ({error}; its log has the traceback); the engine stopped"
+                     for r, error in reported.items())
+
+
 class TPDriver:
     """Rank 0's runner as the engine sees it: each call is broadcast to the workers, then run on rank 0's shard.
     Everything else (plan, device, dtype, collect, release, ...) is rank 0's runner's."""
@@ -143,10 +152,9 @@ class TPDriver:
         if not group.is_collective_error(e):
             return (f"tensor-parallel rank 0 failed ({type(e).__name__}: {e}); the other ranks cannot finish the "
                     "step with it, and the engine stopped")
-        reported = group.reported_failures()
+        reported = describe_reported_failures()
         if reported:
-            return "; ".join(f"tensor-parallel rank {r} failed ({error}; its log has the traceback); the engine "
-                             "stopped" for r, error in reported.items())
+            return reported
         deadline = time.monotonic() + (0.0 if isinstance(e, group.CommandTimeout) else 3.0)
         dead = self._dead_workers()
         while not dead and self.workers and time.monotonic() < deadline:
