@@ -135,23 +135,27 @@ class TPDriver:
         try:
             group.send_command(command)
             return fn(*args)
-        except Exception as e:
-            # Any error stops the engine, rank 0's own included: raised part way through the call, it leaves the
-            # workers in a collective that rank 0 never joins (or they failed too and left), so no later call could
-            # pair the ranks' collectives (the next command waited the collective timeout, then blamed a worker).
+        except BaseException as e:
+            # Any error stops the engine, rank 0's own included (Ctrl-C too): raised part way through the call, it
+            # leaves the workers in a collective that rank 0 never joins (or they failed too and left), so no later
+            # call could pair the ranks' collectives (the next command, and the shutdown's stop, waited the collective
+            # timeout; the next command then blamed a worker).
             self.failed = self._diagnose(e)
+            if not isinstance(e, Exception):
+                raise  # KeyboardInterrupt, SystemExit: as they are; later calls raise RankFailure
             log.error("%s", self.failed, exc_info=not group.is_collective_error(e))  # rank 0's own: its traceback
             raise RankFailure(self.failed) from e
 
     def _dead_workers(self) -> list[tuple[int, int | None]]:
         return [(rank, p.exitcode) for rank, p in enumerate(self.workers, start=1) if not p.is_alive()]
 
-    def _diagnose(self, e: Exception) -> str:
+    def _diagnose(self, e: BaseException) -> str:
         """Which rank failed: rank 0 (its own error, not a collective's), a worker that reported its error, a spawned
         worker that exited (waiting briefly for its exit to be seen), else what the collective said."""
         if not group.is_collective_error(e):
-            return (f"tensor-parallel rank 0 failed ({type(e).__name__}: {e}); the other ranks cannot finish the "
-                    "step with it, and the engine stopped")
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            return (f"tensor-parallel rank 0 failed ({error}); the other ranks cannot finish the step with it, and "
+                    "the engine stopped")
         reported = describe_reported_failures()
         if reported:
             return reported
