@@ -230,27 +230,76 @@ def test_hung_worker_stops_the_engine_after_the_timeout(dense, monkeypatch):
         llm.engine.shutdown()  # kills the stopped worker
 
 
-# Rank 1 of a torchrun-style launch whose own model runner fails (a fault of its device, say) while rank 0's does
-# not: its load, or each of its steps. The error path under test (the worker loop, rank 0's driver) is the real one.
+@pytest.mark.parametrize("fault, raised", [
+    (RuntimeError("injected fault on rank 0"), RankFailure),
+    (KeyboardInterrupt(), KeyboardInterrupt),  # Ctrl-C: raised as it is, and the engine stops
+])
+def test_a_fault_on_rank_0_inside_a_step_stops_the_engine_at_once_with_its_error(dense, monkeypatch, fault, raised):
+    """Rank 0's sampler fails after the step's model collectives, while the worker waits for rank 0's last-token
+    broadcast. Before: the step's request failed (or the Ctrl-C left) and the engine went on; its next command, and
+    the shutdown's stop command, waited the collective timeout (300 s by default) for the worker still in that
+    broadcast, and the next command then blamed rank 1 for hanging."""
+    from deltaserve.engine.runner import ModelRunner
+
+    monkeypatch.setenv("DELTASERVE_DIST_TIMEOUT", "10")
+    llm = make_llm(dense, 2)
+
+    def fail(*args, **kwargs):
+        raise fault
+
+    monkeypatch.setattr(ModelRunner, "sample", fail)  # in this process (rank 0) only: the worker was spawned
+    error = rf"tensor-parallel rank 0 failed \({type(fault).__name__}(: injected fault on rank 0)?\).*engine stopped"
+    try:
+        start = time.monotonic()
+        with pytest.raises(raised, match=error if raised is RankFailure else None):
+            llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
+        assert llm.engine.cache.is_empty() and not llm.engine.has_unfinished()
+        with pytest.raises(RankFailure, match=error):  # and stays stopped
+            llm.generate([[4, 5]], SamplingParams(max_tokens=2))
+        llm.engine.shutdown()  # the worker is killed, not sent a command it cannot take
+        assert time.monotonic() - start < 5
+    finally:
+        llm.engine.shutdown()
+
+
+# Rank 1 of a torchrun-style launch where a function of its own (deltaserve.MODULE:NAME) fails (a fault of its
+# device, say) while rank 0's does not: parts of its load, or each of its steps. The error path under test (the
+# worker's start and loop, rank 0's driver) is the real one.
 RANK1_FAULT = """
-import sys
-from deltaserve.parallel.runner import TPModelRunner
+import importlib, sys
+
+target, message = sys.argv.pop(1), sys.argv.pop(1)
+module, path = target.split(":")
+*parents, name = path.split(".")
+owner = importlib.import_module("deltaserve." + module)
+for parent in parents:
+    owner = getattr(owner, parent)
 
 def fail(*args, **kwargs):
-    raise RuntimeError("injected fault on rank 1")
+    raise RuntimeError(message)
 
-setattr(TPModelRunner, sys.argv.pop(1), fail)
+setattr(owner, name, fail)
 from deltaserve.cli import main
 sys.exit(main())
 """
 
 
-@pytest.mark.parametrize("where", ["__init__", "launch"])
-def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, monkeypatch, where):
+@pytest.mark.parametrize("where, message", [
+    ("parallel.runner:TPModelRunner.__init__", "injected fault on rank 1 (its device failed to start)"),
+    ("engine.runner:ModelRunner.plan_memory", "injected fault on rank 1"),  # after the start handshake
+    ("engine.runner:new_cache", "injected fault on rank 1"),  # after the ranks agreed on the plan
+    ("parallel.runner:TPModelRunner.launch", "injected fault on rank 1"),
+    ("parallel.runner:TPModelRunner.launch", "device timeout (lost connection)"),  # not a collective's, whatever
+])
+def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, monkeypatch, where, message):
     """Before: a step that failed on rank 1 alone left rank 0 in the step's collectives until their timeout, then
-    reported a collective failure without the rank's error."""
+    reported a collective failure without the rank's error; an error whose text said "timeout", "connection" or
+    "failed to start" was taken for the group's and not reported; and a load that failed after the start handshake
+    hung rank 0's start (in the plan's all-reduce) or its first step (until the timeout, blaming a hang)."""
+    import re
     import subprocess
     import sys
+    import threading
 
     from deltaserve.parallel.launch import _free_port
 
@@ -258,13 +307,15 @@ def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, 
     launch = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
     args = ["generate", str(dense), "--device", "cpu", "--dtype", "float32", "--max-model-len", "256",
             "--num-pages", "64", "--max-num-seqs", "8", "--tensor-parallel-size", "2", "--log-level", "ERROR"]
-    worker = subprocess.Popen([sys.executable, "-c", RANK1_FAULT, where, *args], stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **launch, "RANK": "1", "LOCAL_RANK": "1"})
+    worker = subprocess.Popen([sys.executable, "-c", RANK1_FAULT, where, message, *args], stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, **launch, "RANK": "1", "LOCAL_RANK": "1"})
     for name, value in {**launch, "RANK": "0", "LOCAL_RANK": "0"}.items():
         monkeypatch.setenv(name, value)
     llm = None
+    watchdog = threading.Timer(40, worker.kill)  # a rank 0 that waits for the worker for ever fails instead
+    watchdog.start()
     try:
-        with pytest.raises(RankFailure, match=r"tensor-parallel rank 1 failed.*RuntimeError: injected fault on rank 1"):
+        with pytest.raises(RankFailure, match=rf"tensor-parallel rank 1 failed.*RuntimeError: {re.escape(message)}"):
             llm = make_llm(dense, 2)
             start = time.monotonic()
             llm.generate([[1, 2, 3]], SamplingParams(max_tokens=2))
@@ -272,6 +323,7 @@ def test_a_fault_on_rank_1_alone_stops_the_engine_at_once_with_its_error(dense, 
             assert time.monotonic() - start < 10  # the worker's error, not the collective's timeout (20 s)
         assert worker.wait(10) == 1
     finally:
+        watchdog.cancel()
         if llm is not None:
             llm.engine.shutdown()
         worker.kill()

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ class TPGroup:
     device: torch.device
     commands: dist.ProcessGroup  # gloo, host objects from rank 0
     store: dist.Store  # hosted by rank 0: where a worker leaves its error when it gives up
+    statuses_gathered: bool = False  # the start handshake took place: a later error goes through the store
 
     @property
     def nccl(self) -> bool:
@@ -99,34 +101,53 @@ def current_group() -> TPGroup:
 
 # ---- the model's collectives ---------------------------------------------------------------------------------------
 
+class CollectiveError(RuntimeError):
+    """A collective or command of the group failed inside torch's call: a peer is gone, hung or unreachable, not this
+    rank's own work, so a worker does not report it as its error (rank 0 meets the same failure). Told by the call
+    that raised it, not by the text: gloo raises plain RuntimeErrors, and a rank's own error may say "timeout"."""
+
+    @classmethod
+    def of(cls, what: str, cause: BaseException) -> CollectiveError:
+        return cls(f"{what} failed: {type(cause).__name__}: {cause}")
+
+
+def call_collective(what: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """Run torch.distributed's `fn`; a RuntimeError it raises (DistError included) becomes a CollectiveError. Only the
+    call itself: a tensor allocated around it that fails is this rank's own error."""
+    try:
+        return fn(*args, **kwargs)
+    except RuntimeError as e:
+        raise CollectiveError.of(what, e) from e
+
+
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum over the ranks, in place (the partial outputs of row-parallel layers)."""
-    dist.all_reduce(x)
+    call_collective("all_reduce", dist.all_reduce, x)
     return x
 
 
 def all_gather(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """The ranks' tensors concatenated along `dim`, in rank order (vocab-parallel logits)."""
-    group = current_group()
+    group, x = current_group(), x.contiguous()
     if group.nccl:
         out = torch.empty((group.world_size, *x.shape), dtype=x.dtype, device=x.device)
-        dist.all_gather_into_tensor(out, x.contiguous())
+        call_collective("all_gather", dist.all_gather_into_tensor, out, x)
         parts = out.unbind(0)
     else:
         parts = [torch.empty_like(x) for _ in range(group.world_size)]
-        dist.all_gather(parts, x.contiguous())
+        call_collective("all_gather", dist.all_gather, parts, x)
     return torch.cat(parts, dim=dim)
 
 
 def broadcast(x: torch.Tensor) -> torch.Tensor:
     """Rank 0's tensor on every rank, in place."""
-    dist.broadcast(x, src=0)
+    call_collective("broadcast", dist.broadcast, x, src=0)
     return x
 
 
 # ---- host-side commands (rank 0 -> workers) ------------------------------------------------------------------------
 
-class CommandTimeout(RuntimeError):
+class CommandTimeout(CollectiveError):
     """A worker did not take rank 0's command within the collective timeout."""
 
     def __init__(self, rank: int, seconds: float) -> None:
@@ -141,43 +162,46 @@ def send_command(obj: object) -> None:
     payload = torch.frombuffer(bytearray(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)), dtype=torch.uint8)
     size = torch.tensor([payload.numel()], dtype=torch.long)
     group, timeout = current_group(), collective_timeout()
-    sends = [(rank, [dist.isend(t, dst=rank, group=group.commands) for t in (size, payload)])
+    sends = [(rank, [call_collective("command send", dist.isend, t, dst=rank, group=group.commands)
+                     for t in (size, payload)])
              for rank in range(1, group.world_size)]  # all in flight at once, then waited for rank by rank
     for rank, works in sends:
         for work in works:
             try:
                 work.wait(timeout)
-            except RuntimeError as e:
+            except RuntimeError as e:  # the wait's own error: a timeout (named by gloo's text) or a peer gone
                 if "timed out" in str(e).lower():
                     raise CommandTimeout(rank, timeout.total_seconds()) from e
-                raise
+                raise CollectiveError.of(f"command send to rank {rank}", e) from e
 
 
 def recv_command() -> object:
     """A worker: the next host object rank 0 sends (waits as long as rank 0 is idle)."""
     commands = current_group().commands
     size = torch.empty(1, dtype=torch.long)
-    dist.recv(size, src=0, group=commands)
+    call_collective("command receive", dist.recv, size, src=0, group=commands)
     payload = torch.empty(int(size.item()), dtype=torch.uint8)
-    dist.recv(payload, src=0, group=commands)
+    call_collective("command receive", dist.recv, payload, src=0, group=commands)
     return pickle.loads(payload.numpy().tobytes())
 
 
 def gather_status(status: object) -> list[object]:
-    """Every rank's status (e.g. an error while loading) on every rank, over the command group."""
-    out: list[object] = [None] * current_group().world_size
-    dist.all_gather_object(out, status, group=current_group().commands)
+    """Every rank's status (e.g. an error while loading) on every rank, over the command group: the start handshake,
+    once (rank 0 waits in it just once; a worker that fails later reports in the store instead)."""
+    group = current_group()
+    out: list[object] = [None] * group.world_size
+    group.statuses_gathered = True  # even if the gather fails: it was this rank's one go
+    call_collective("status gather", dist.all_gather_object, out, status, group=group.commands)
     return out
 
 
 # ---- a worker's failure (worker -> rank 0) -------------------------------------------------------------------------
 
 def is_collective_error(e: BaseException) -> bool:
-    """Whether `e` is a failure of the group itself (a peer gone or hung), not of this rank's own work."""
-    if isinstance(e, getattr(dist, "DistError", ())):
-        return True
-    text = str(e).lower()
-    return any(w in text for w in ("gloo", "nccl", "timed out", "timeout", "connection", "peer"))
+    """Whether `e` is a failure of the group itself (a peer gone or hung), not of this rank's own work: raised by a
+    collective's call (CollectiveError), or one of torch.distributed's own error types (DistError: backend,
+    network, store). An error of the rank's own work is not one, whatever its text says."""
+    return isinstance(e, (CollectiveError, dist.DistError))
 
 
 def report_failure(message: str) -> None:
@@ -190,8 +214,10 @@ def report_failure(message: str) -> None:
 
 
 def reported_failures() -> dict[int, str]:
-    """Rank 0: the errors workers reported, by rank."""
-    group = current_group()
+    """Rank 0: the errors workers reported, by rank (none before the group exists, e.g. when joining it failed)."""
+    group = _GROUP
+    if group is None:
+        return {}
     keys = {rank: f"{FAILED}{rank}" for rank in range(1, group.world_size)}
     return {rank: group.store.get(key).decode(errors="replace") for rank, key in keys.items()
             if group.store.check([key])}

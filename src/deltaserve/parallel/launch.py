@@ -78,7 +78,7 @@ def _env_launch(config: EngineConfig) -> tuple[int, str, int, int]:
 
 def start_rank0(config: EngineConfig, eos_token_ids: frozenset[int]):
     from deltaserve.parallel import group
-    from deltaserve.parallel.runner import TPDriver, TPModelRunner
+    from deltaserve.parallel.runner import RankFailure, TPDriver, TPModelRunner, describe_reported_failures
 
     tp = config.parallel.tensor_parallel_size
     workers: list = []
@@ -105,10 +105,15 @@ def start_rank0(config: EngineConfig, eos_token_ids: frozenset[int]):
         group.init_group(rank=0, world_size=tp, master_addr=addr, master_port=port, device=device,
                          check_workers=lambda: _check_started(workers))
         driver = TPDriver(TPModelRunner(config, eos_token_ids=eos_token_ids), workers)
-    except BaseException:
+    except BaseException as e:
+        # A worker that failed after the start handshake left its error in the store and left, failing a collective
+        # of rank 0's start: report the worker's error, not the collective's.
+        reported = describe_reported_failures() if group.is_collective_error(e) else None
         for p in workers:
             p.kill()
         group.destroy_group()
+        if reported:
+            raise RankFailure(reported) from e
         raise
     atexit.register(driver.shutdown)
     return driver
@@ -142,13 +147,9 @@ def _worker_main(config: EngineConfig, addr: str, port: int, spawned: bool = Fal
     group.init_group(rank=rank, world_size=tp, master_addr=addr, master_port=port, device=device)
     try:
         runner = TPModelRunner(config)
-    except BaseException as e:  # tell rank 0 why, unless the failure was the start handshake itself
+    except BaseException as e:
         log.exception("rank %d failed to start", rank)
-        if not isinstance(e, RuntimeError) or "failed to start" not in str(e):
-            try:
-                group.gather_status(f"{type(e).__name__}: {e}")
-            except Exception:  # noqa: BLE001 - rank 0 is gone as well
-                pass
+        _report_start_failure(e)
         group.destroy_group()
         raise SystemExit(1)
     try:
@@ -158,6 +159,26 @@ def _worker_main(config: EngineConfig, addr: str, port: int, spawned: bool = Fal
         raise SystemExit(1)
     finally:
         group.destroy_group()
+
+
+def _report_start_failure(e: BaseException) -> None:
+    """A worker that failed to start tells rank 0 why: in the start handshake, where rank 0 waits for every rank's
+    status, or, once that took place, in the group's store (rank 0 reads it when this rank's leaving fails its next
+    collective or command). Not when the failure is the group's (a collective's) or another rank's (the handshake
+    raised RankFailure): rank 0 meets those itself."""
+    from deltaserve.parallel import group
+    from deltaserve.parallel.runner import RankFailure
+
+    if isinstance(e, RankFailure) or group.is_collective_error(e):
+        return
+    message = f"{type(e).__name__}: {e}"
+    if group.current_group().statuses_gathered:
+        group.report_failure(f"start: {message}")
+        return
+    try:
+        group.gather_status(message)
+    except Exception:  # noqa: BLE001 - rank 0 is gone as well
+        pass
 
 
 def run_worker_from_env(config: EngineConfig) -> int:

@@ -11,6 +11,8 @@ A rank that dies or hangs: the next collective or command fails (the peer's conn
 times out after DELTASERVE_DIST_TIMEOUT seconds) and the driver raises `RankFailure` naming the rank when it can
 tell (the spawned workers' exit codes), which stops the engine. A worker whose command raises leaves its error in the
 group's store and exits: rank 0, waiting for it in the step's collectives, then fails at once and reports that error.
+A call that raises on rank 0 stops the engine too (RankFailure naming rank 0): the workers may wait in a collective
+that rank 0 never joins, so no later call's collectives could pair with theirs.
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ class TPModelRunner(ModelRunner):
             raise RankFailure("; ".join(f"tensor-parallel rank {r} failed to start: {s}" for r, s in failed))
         plan = super().plan_memory()
         sizes = torch.tensor([plan.num_pages, plan.num_slots, plan.num_checkpoints], dtype=torch.long)
-        dist.all_reduce(sizes, op=dist.ReduceOp.MIN, group=group.current_group().commands)
+        group.call_collective("plan all_reduce", dist.all_reduce, sizes, op=dist.ReduceOp.MIN,
+                              group=group.current_group().commands)
         pages, slots, checkpoints = sizes.tolist()
         return dataclasses.replace(plan, num_pages=pages, num_slots=slots, num_checkpoints=checkpoints)
 
@@ -94,6 +97,15 @@ def serve_commands(runner: TPModelRunner) -> None:
             raise
 
 
+def describe_reported_failures() -> str | None:
+    """Rank 0: RankFailure's message for the errors workers left in the store (None when none did)."""
+    reported = group.reported_failures()
+    if not reported:
+        return None
+    return "; ".join(f"tensor-parallel rank {r} failed ({error}; its log has the traceback); the engine stopped"
+                     for r, error in reported.items())
+
+
 class TPDriver:
     """Rank 0's runner as the engine sees it: each call is broadcast to the workers, then run on rank 0's shard.
     Everything else (plan, device, dtype, collect, release, ...) is rank 0's runner's."""
@@ -123,26 +135,30 @@ class TPDriver:
         try:
             group.send_command(command)
             return fn(*args)
-        except Exception as e:
-            if not self._distributed_failure(e):
-                raise  # the step's own error (same on every rank): the engine fails its requests
+        except BaseException as e:
+            # Any error stops the engine, rank 0's own included (Ctrl-C too): raised part way through the call, it
+            # leaves the workers in a collective that rank 0 never joins (or they failed too and left), so no later
+            # call could pair the ranks' collectives (the next command, and the shutdown's stop, waited the collective
+            # timeout; the next command then blamed a worker).
             self.failed = self._diagnose(e)
-            log.error("%s", self.failed)
+            if not isinstance(e, Exception):
+                raise  # KeyboardInterrupt, SystemExit: as they are; later calls raise RankFailure
+            log.error("%s", self.failed, exc_info=not group.is_collective_error(e))  # rank 0's own: its traceback
             raise RankFailure(self.failed) from e
-
-    def _distributed_failure(self, e: Exception) -> bool:
-        return group.is_collective_error(e) or bool(self._dead_workers()) or bool(group.reported_failures())
 
     def _dead_workers(self) -> list[tuple[int, int | None]]:
         return [(rank, p.exitcode) for rank, p in enumerate(self.workers, start=1) if not p.is_alive()]
 
-    def _diagnose(self, e: Exception) -> str:
-        """Which rank failed: a worker that reported its error, a spawned worker that exited (waiting briefly for its
-        exit to be seen), else what the collective said."""
-        reported = group.reported_failures()
+    def _diagnose(self, e: BaseException) -> str:
+        """Which rank failed: rank 0 (its own error, not a collective's), a worker that reported its error, a spawned
+        worker that exited (waiting briefly for its exit to be seen), else what the collective said."""
+        if not group.is_collective_error(e):
+            error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            return (f"tensor-parallel rank 0 failed ({error}); the other ranks cannot finish the step with it, and "
+                    "the engine stopped")
+        reported = describe_reported_failures()
         if reported:
-            return "; ".join(f"tensor-parallel rank {r} failed ({error}; its log has the traceback); the engine "
-                             "stopped" for r, error in reported.items())
+            return reported
         deadline = time.monotonic() + (0.0 if isinstance(e, group.CommandTimeout) else 3.0)
         dead = self._dead_workers()
         while not dead and self.workers and time.monotonic() < deadline:
