@@ -589,13 +589,15 @@ def test_quantized_decode_planes_gpu(fmt, v_regs, monkeypatch):
 
 @GPU
 @needs_cuda
-@pytest.mark.parametrize("fmt,variant", [("int8", {"INT8_SUBNORMAL": 1}), ("int4", {"INT4_WORDS": 3})])
+@pytest.mark.parametrize("fmt,variant", [("int8", {"INT8_SUBNORMAL": 1}), ("int4", {"INT4_WORDS": 3}),
+                                         ("fp8", {}), ("int8", {}), ("int4", {})])
 def test_subnormal_v_over_a_long_flat_context_gpu(fmt, variant, monkeypatch):
     """The subnormal variants take V's offset (+128, +8) off as offset * sum(p) after the loop: with attention
     spread evenly over a long split (q near 0: flat softmax, the output much smaller than the offset term), the
-    cancellation must still leave the output within the bf16 baseline's error. 128k tokens in 4 splits."""
+    cancellation must still leave the output within the bf16 baseline's error. 128k tokens in 4 splits. The
+    defaults ({}: int4's INT4_WORDS 2 takes K's +8 off the same way) face the same bound."""
     from deltaserve.kernels.attention import triton_decode
-    code = {"int8": 2, "int4": 3}[fmt]
+    code = {"fp8": 1, "int8": 2, "int4": 3}[fmt]
     cfg = {**triton_decode.DECODE_CONFIG, **triton_decode.QUANT_DECODE_CONFIG.get(code, {}), "PLANES": 1, **variant}
     monkeypatch.setitem(triton_decode.QUANT_DECODE_CONFIG, code, cfg)
     check_decode([131072, 777], (24, 4), 256, 16, torch.bfloat16, "cuda", torch.Generator().manual_seed(37),

@@ -55,6 +55,11 @@ def test_sort_rows(kind):
     assert torch.equal(pos.reshape(-1), torch.arange(ids.numel()))
 
 
+def test_sort_rows_refuses_experts_past_int16_keys():
+    with pytest.raises(ValueError, match="40000 experts do not fit the int16 sort keys"):
+        midbatch.sort_rows(torch.tensor([[1, 2]]), 40000)
+
+
 @pytest.mark.parametrize("kind", ROUTINGS)
 @pytest.mark.parametrize("inter,shared_inter", [(20, 0), (20, 12), (12, 20)])
 def test_mid_fp32_interpreter(kind, inter, shared_inter, nan_empty):

@@ -668,6 +668,11 @@ def test_moe_blocks_layout():
     assert sorted(p for p in rows.tolist() if p >= 0) == [0, 1, 2, 4, 5]
 
 
+
+def test_moe_blocks_refuses_experts_past_int16_keys():
+    with pytest.raises(ValueError, match="40000 experts do not fit the int16 sort keys"):
+        qt.moe_blocks(torch.tensor([[1, 2]]), 40000, 2)
+
 # ---- dynamic FP8 activations (W8A8) ------------------------------------------------------------------------------
 
 def test_quantize_fp8_act_zero_rows():

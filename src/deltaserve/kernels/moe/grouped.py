@@ -27,6 +27,14 @@ def cutlass_mm(*, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
 
 
+def sort_expert_ids(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The flat ids of topk_ids [T, k] sorted (int16), and the flat pair of each, a group's pairs in token order.
+    int16 keys: torch sorts by radix, a pass per 8 bits of key (one block's sort up to 4,096 pairs, CUB's beyond)."""
+    if num_experts > torch.iinfo(torch.int16).max:
+        raise ValueError(f"{num_experts} experts do not fit the int16 sort keys (at most 32767)")
+    return torch.sort(topk_ids.reshape(-1).to(torch.int16), stable=True)
+
+
 def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """topk_ids [T, k] -> (token_of_row [T*k]: the token of each expert-sorted row, offs int32 [E]: each expert's
     exclusive row end, pos [T, k]: the sorted row of each pair, i.e. the inverse permutation).
@@ -36,10 +44,7 @@ def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, 
     host, breaking CUDA-graph capture) and no int64 -> int32 copy. The ids are sorted as int16 keys: past 4,096 pairs
     torch sorts by radix (CUB, 8 bits of key a pass), and the int64 ids took eight launches a sort."""
     T, k = topk_ids.shape
-    if num_experts > torch.iinfo(torch.int16).max:
-        raise ValueError(f"{num_experts} experts do not fit the int16 sort keys (at most 32767)")
-    keys = topk_ids.reshape(-1).to(torch.int16)
-    ids, order = torch.sort(keys, stable=True)  # stable: a group's rows in token order
+    ids, order = sort_expert_ids(topk_ids, num_experts)
     experts = torch.arange(num_experts, dtype=ids.dtype, device=ids.device)
     offs = torch.searchsorted(ids, experts, right=True, out_int32=True)
     rows = torch.arange(order.numel(), dtype=order.dtype, device=order.device)

@@ -328,7 +328,7 @@ def _word_dot_f16_ptx() -> str:
     lines = ["{", ".reg .b32 p, t, acc;", ".reg .b16 lo, hi;", "shr.u32 t, $1, 8;"]
     for p in range(4):
         lines.append(f"and.b32 p, {'t' if p >= 2 else '$1'}, {'0x00f000f0' if p % 2 else '0x000f000f'};")
-        lines.append(f"mul.rn.f16x2 acc, p, $2;" if p == 0 else f"fma.rn.f16x2 acc, p, ${p + 2}, acc;")
+        lines.append("mul.rn.f16x2 acc, p, $2;" if p == 0 else f"fma.rn.f16x2 acc, p, ${p + 2}, acc;")
     lines += ["mov.b32 {lo, hi}, acc;", "add.rn.f16 lo, lo, hi;", "cvt.f32.f16 $0, lo;", "}"]
     return "\n".join(lines)
 
@@ -1410,7 +1410,9 @@ def moe_blocks(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch
     block_end = torch.cumsum(blocks, 0)                     # blocks of experts < e+1
     block_start = block_end - blocks
     key = torch.where(ok, flat, num_experts)               # unrouted pairs last
-    order = torch.argsort(key, stable=True)
+    if num_experts >= torch.iinfo(torch.int16).max:
+        raise ValueError(f"{num_experts} experts do not fit the int16 sort keys (at most 32766)")
+    order = torch.argsort(key.to(torch.int16), stable=True)  # int16: torch's radix sort takes a pass per 8 key bits
     sorted_key = key[order]
     row_start = torch.cumsum(counts, 0) - counts            # first sorted row of each expert
     rank = torch.arange(p, device=dev) - row_start[sorted_key.clamp(max=num_experts - 1)]
