@@ -294,6 +294,29 @@ def test_abort_mid_generation_frees_pools(ckpt):
     assert pools_full(llm)
 
 
+def test_an_interrupt_while_reading_a_step_still_ends_the_requests_that_finished_in_it(ckpt):
+    """Ends are applied after the whole step's stop checks; a Ctrl-C (or any error) while a later request's tokens
+    were read once left an ended request running unseen in the scheduler, holding its slot and pages."""
+    llm = make_llm(ckpt[0])
+    eng = llm.engine
+    real = eng.outputs.on_tokens
+
+    def on_tokens(request, *args):
+        if request.request_id == "long":
+            raise KeyboardInterrupt
+        return real(request, *args)
+
+    eng.add_request("short", [1, 2, 3], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    eng.add_request("long", [4, 5, 6], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    eng.outputs.on_tokens = on_tokens
+    with pytest.raises(KeyboardInterrupt):
+        eng.step()  # both prompts in one step: "short" ends, then reading "long" raises
+    eng.outputs.on_tokens = real
+    eng.abort_request("long")
+    assert not eng.has_unfinished()
+    assert pools_full(llm)
+
+
 def test_failed_step_fails_its_requests_not_the_engine(ckpt):
     llm = make_llm(ckpt[0])
     eng = llm.engine

@@ -270,24 +270,27 @@ class LLMEngine:
             self._count_verified(launched, result)
         refused: dict[str, str] = {}
         ended: list[tuple[Request, SequenceDelta]] = []
-        for request in appended:
-            tokens = result.tokens[request.request_id]
-            drafts = result.drafts.get(request.request_id)
-            if drafts and request.status is RequestStatus.RUNNING and request.request_id not in self.structured:
-                request.draft_token_ids = drafts  # verified by its next step (dropped there if it ends first)
-            delta = self.outputs.on_tokens(request, tokens, result.logprobs.get(request.request_id),
-                                           lambda r, d: ended.append((r, d)))
-            if delta is not None:
-                if delta.finished:
-                    self._end_inside_kept(request, len(tokens) - len(delta.token_ids))
-                self.counters["generation_tokens"] += len(delta.token_ids)
-                deltas.append(delta)
-                if not delta.finished and request.request_id in self.structured:
-                    error = self.structured.advance(request.request_id, delta.token_ids)
-                    if error is not None:
-                        refused[request.request_id] = error
-        for request, delta in ended:  # once every end is placed: their checkpoints commit the step's states
-            self._end(request, delta)
+        try:
+            for request in appended:
+                tokens = result.tokens[request.request_id]
+                drafts = result.drafts.get(request.request_id)
+                if drafts and request.status is RequestStatus.RUNNING and request.request_id not in self.structured:
+                    request.draft_token_ids = drafts  # verified by its next step (dropped there if it ends first)
+                delta = self.outputs.on_tokens(request, tokens, result.logprobs.get(request.request_id),
+                                               lambda r, d: ended.append((r, d)))
+                if delta is not None:
+                    if delta.finished:
+                        self._end_inside_kept(request, len(tokens) - len(delta.token_ids))
+                    self.counters["generation_tokens"] += len(delta.token_ids)
+                    deltas.append(delta)
+                    if not delta.finished and request.request_id in self.structured:
+                        error = self.structured.advance(request.request_id, delta.token_ids)
+                        if error is not None:
+                            refused[request.request_id] = error
+        finally:  # once every end is placed (their checkpoints commit the step's states); even when a later request
+            # raised (Ctrl-C too): the output processor has forgotten the ended ones, so nothing else would end them
+            for request, delta in ended:
+                self._end(request, delta)
         return deltas + self._fail_requests(refused)
 
     def _observe_step(self, out: SchedulerOutput, launched: LaunchedStep, result: StepResult,
@@ -323,10 +326,10 @@ class LLMEngine:
 
     def _end_inside_kept(self, request: Request, dropped: int) -> None:
         """A stop that dropped `dropped` of the tokens the step kept (the stop checks end the output at the stop
-        token or the one completing a stop string). From 2 on, the last one kept is an accepted draft, computed as
-        the input of the next position: the request ends with the state after it (the end checkpoint's), so its
-        positions past that roll back like rejected drafts' and the runner commits its verify step's state there,
-        not at the last kept position."""
+        token or the one completing a stop string). The end token was then an accepted draft, computed as an input,
+        and the request ends with the state after it (the end checkpoint's). With 1 dropped that is the state the
+        step commits anyway (after its last input); from 2 on the positions past it roll back like rejected drafts'
+        and the runner commits its verify step's state there, not at the last kept position."""
         if dropped < 2 or request.status is not RequestStatus.RUNNING:
             return
         self.scheduler.roll_back(request.request_id, dropped - 1)

@@ -248,8 +248,8 @@ class ModelRunner:
                 raise ValueError("this runner cannot verify draft tokens: speculative decoding is off "
                                  "(speculative_tokens=0), so its GDN layers keep no per-position buffers")
             if step.state_snapshots:  # checkpoints lie in prompts, verify steps decode: never both
-                raise ValueError("a verify step cannot take prefix-cache snapshots (its slots are committed only "
-                                 "after sampling)")
+                raise ValueError("a verify step cannot take prefix-cache snapshots (its slots' states are committed "
+                                 "after its stop checks, at the next launch or state copy)")
             if step.num_rows > self.cache.verify_rows or step.num_drafts > self.num_speculative_tokens:
                 raise ValueError(f"a verify step of {step.num_rows} rows x {step.num_drafts} drafts exceeds the "
                                  f"per-position buffers ({self.cache.verify_rows} rows x "
@@ -390,6 +390,9 @@ class ModelRunner:
             raise RuntimeError(f"request {request_id!r} is in no verify step whose states are still uncommitted: its "
                                "end must be placed before anything reads the slots (a state copy or the next step)")
         assert pending is not None
+        if not 0 < num < int(pending.kept[rows[0]]):  # a sync, on the rare path of an end inside accepted drafts
+            raise ValueError(f"request {request_id!r} kept {int(pending.kept[rows[0]])} positions; cannot commit "
+                             f"{num} fewer")
         kept = pending.kept.clone()  # (the step's own copy may be what collect() read)
         kept[rows[0]] -= num
         self.uncommitted = replace(pending, kept=kept)

@@ -158,6 +158,8 @@ class MTPDrafter:
         """The head's KV at position p - 1 of each row that resumes from a prefix-cache checkpoint at p this step
         (its slot is the destination of one of the step's state copies), from the hidden state the checkpoint kept
         and the row's first input (its token at p). input_ids [T] on the device. Before anything reads that KV."""
+        if not step.state_copies:  # no resume this step (most steps)
+            return
         copied = np.array([c.dst for c in step.state_copies], dtype=np.int64)
         rows = np.flatnonzero(np.isin(step.state_slots, copied) & (step.context_lens > 0))
         if rows.size == 0:

@@ -111,11 +111,17 @@ class CollectiveError(RuntimeError):
         return cls(f"{what} failed: {type(cause).__name__}: {cause}")
 
 
+_DEVICE_ERRORS = tuple(t for t in (torch.OutOfMemoryError, getattr(torch, "AcceleratorError", None)) if t)
+
+
 def call_collective(what: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
     """Run torch.distributed's `fn`; a RuntimeError it raises (DistError included) becomes a CollectiveError. Only the
-    call itself: a tensor allocated around it that fails is this rank's own error."""
+    call itself: a tensor allocated around it that fails is this rank's own error, and so is a device's own error
+    (out of memory, or a kernel's sticky CUDA error that NCCL's call is often the first to see)."""
     try:
         return fn(*args, **kwargs)
+    except _DEVICE_ERRORS:
+        raise
     except RuntimeError as e:
         raise CollectiveError.of(what, e) from e
 

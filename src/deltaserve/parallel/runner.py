@@ -150,15 +150,15 @@ class TPDriver:
         return [(rank, p.exitcode) for rank, p in enumerate(self.workers, start=1) if not p.is_alive()]
 
     def _diagnose(self, e: BaseException) -> str:
-        """Which rank failed: rank 0 (its own error, not a collective's), a worker that reported its error, a spawned
+        """Which rank failed: a worker that reported its error, rank 0 (its own error, not a collective's), a spawned
         worker that exited (waiting briefly for its exit to be seen), else what the collective said."""
+        reported = describe_reported_failures()  # first: a worker's error may surface on rank 0 as another one
+        if reported:
+            return reported
         if not group.is_collective_error(e):
             error = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
             return (f"tensor-parallel rank 0 failed ({error}); the other ranks cannot finish the step with it, and "
                     "the engine stopped")
-        reported = describe_reported_failures()
-        if reported:
-            return reported
         deadline = time.monotonic() + (0.0 if isinstance(e, group.CommandTimeout) else 3.0)
         dead = self._dead_workers()
         while not dead and self.workers and time.monotonic() < deadline:

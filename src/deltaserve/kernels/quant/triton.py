@@ -1400,6 +1400,8 @@ def _moe_block_kernel(x_ptr, rows_ptr, block_expert_ptr, block_first_ptr, w_ptr,
 def moe_blocks(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, ...]:
     """Pairs grouped by expert in blocks of bm, with no host sync (static sizes): (rows [NB * bm] pair ids, -1 as
     padding; block_expert [NB], num_experts where there is no block; block_first [NB])."""
+    if num_experts >= torch.iinfo(torch.int16).max:  # num_experts itself is the unrouted pairs' key
+        raise ValueError(f"{num_experts} experts do not fit the int16 sort keys (at most 32766)")
     flat = topk_ids.reshape(-1).to(torch.int64)
     p, dev = flat.numel(), flat.device
     nb = triton.cdiv(p, bm) + num_experts
@@ -1410,8 +1412,6 @@ def moe_blocks(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch
     block_end = torch.cumsum(blocks, 0)                     # blocks of experts < e+1
     block_start = block_end - blocks
     key = torch.where(ok, flat, num_experts)               # unrouted pairs last
-    if num_experts >= torch.iinfo(torch.int16).max:
-        raise ValueError(f"{num_experts} experts do not fit the int16 sort keys (at most 32766)")
     order = torch.argsort(key.to(torch.int16), stable=True)  # int16: torch's radix sort takes a pass per 8 key bits
     sorted_key = key[order]
     row_start = torch.cumsum(counts, 0) - counts            # first sorted row of each expert
