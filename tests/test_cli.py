@@ -222,9 +222,16 @@ def test_ctrl_c_at_the_prompt_discards_the_line(cache):
         # the terminal, which echoes typed text itself while no one reads) holds the line and waits for more
         os.write(leader, b"hello\x1b[D")
         read_until(leader, "hello\b")
-        proc.send_signal(signal.SIGINT)
         try:
-            read_until(leader, "> ")  # a fresh prompt
+            for timeout in (5, 5, 120):
+                # CPython's readline misses a SIGINT that lands while it handles a key (between its select calls)
+                # until the next key: sent again, it lands in the select (1 in ~8 runs needed it on a busy machine)
+                proc.send_signal(signal.SIGINT)
+                with contextlib.suppress(AssertionError):
+                    read_until(leader, "> ", timeout)  # a fresh prompt
+                    break
+            else:
+                pytest.fail("no fresh prompt after Ctrl-C")
         except OSError:  # EIO: the chat exited and closed the terminal
             pytest.fail("Ctrl-C at the prompt ended the session")
         os.write(leader, b"/exit\r")
