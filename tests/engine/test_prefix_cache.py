@@ -230,3 +230,19 @@ def test_prefix_cache_on_the_gpu_matches_the_uncached_run(dense):
         assert all(math.isclose(x.logprob, y.logprob, abs_tol=2e-3)
                    for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs))
     assert cached.engine.cache.stats()["prefix_hits"] >= 3
+
+
+def test_queries_count_only_prompts_looked_up(dense):
+    """vLLM counts prefix-cache queries (and hits) only where a lookup takes place: with prefix caching off, or for
+    a request that asks for prompt logprobs (its prompt is computed whole), the counters stay put; they counted
+    every prompt, diluting the hit rate."""
+    prompt = list(range(1, 40))
+    params = SamplingParams(temperature=0, max_tokens=2)
+    off = make(dense, False)
+    off.generate([prompt], params)
+    assert off.engine.stats()["prompt_tokens_queried"] == 0
+    on = make(dense, True)
+    on.generate([prompt], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=1))
+    assert on.engine.stats()["prompt_tokens_queried"] == 0
+    on.generate([prompt], params)
+    assert on.engine.stats()["prompt_tokens_queried"] == len(prompt)

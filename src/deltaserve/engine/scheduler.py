@@ -538,8 +538,9 @@ class Scheduler:
         self.cache.claim_prefixes(request.request_id, tokens, request.checkpoint_positions)
         if request.num_cached_tokens is None:  # the first admission is the one users see
             request.num_cached_tokens = matched
-            self.cache.counters["prompt_tokens_cached"] += matched
-            self.cache.counters["prompt_tokens_queried"] += len(tokens)  # per sequence, as the hits: n > 1 counts n
+            if self.cache.prefix_caching and not _scores_prompt(request):  # a lookup took place (as vLLM counts)
+                self.cache.counters["prompt_tokens_cached"] += matched
+                self.cache.counters["prompt_tokens_queried"] += len(tokens)  # per sequence, as hits: n > 1 counts n
 
     def _entry(self, request: Request, num_new: int, drafts: tuple[int, ...], *,
                placeholder: bool = False) -> ScheduledRequest:
