@@ -158,6 +158,19 @@ def test_serve_names_a_missing_server_dependency(monkeypatch, capsys):
 LOOPING_PROMPT = "Write a long Python module with many functions"  # greedy, the demo model repeats a line to the end
 
 
+def drain_until_exit(proc: subprocess.Popen, terminal: int, timeout: float = 30.0) -> None:
+    """Read a chat's terminal until the process exits (or `timeout`): a full terminal would block its output."""
+    import contextlib
+    import select
+    import time
+
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError):  # EIO once the chat has exited and closed the terminal
+            if select.select([terminal], [], [], 0.1)[0]:
+                os.read(terminal, 4096)
+
+
 def read_until(stream, needle: str, timeout: float = 120.0) -> str:
     """Read a subprocess's unbuffered pipe (or a terminal's file descriptor) until `needle` shows up (or fail after
     `timeout` seconds)."""
@@ -207,9 +220,7 @@ def test_ctrl_c_at_the_prompt_discards_the_line(cache):
     as /exit alone (a kept 'hello' would make 'hello/exit' a message, and the session would go on)."""
     import contextlib
     import pty
-    import select
     import signal
-    import time
 
     leader, follower = pty.openpty()
     env = {**os.environ, "DELTASERVE_CACHE_DIR": cache}
@@ -235,11 +246,7 @@ def test_ctrl_c_at_the_prompt_discards_the_line(cache):
         except OSError:  # EIO: the chat exited and closed the terminal
             pytest.fail("Ctrl-C at the prompt ended the session")
         os.write(leader, b"/exit\r")
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):  # EIO once the chat has exited and closed the terminal
-                if select.select([leader], [], [], 0.1)[0]:
-                    os.read(leader, 4096)  # drained: a full terminal would block the chat's output
+        drain_until_exit(proc, leader)
         assert proc.returncode == 0, "'hello' was kept in the line: '/exit' was not read as /exit"
         err = proc.stderr.read()
         assert b"line dropped (Ctrl-C); Ctrl-D or /exit quits" in err and b"Traceback" not in err, err
@@ -374,10 +381,7 @@ def test_generate_chat_template_shows_where_the_reasoning_ends(capsys):
 def test_chat_at_a_terminal_edits_lines(cache):
     """At a terminal the arrow keys edit the line: '/et', Left, 'xi' is '/exit' (without readline the escape code
     stayed in the line, which went to the model as a message)."""
-    import contextlib
     import pty
-    import select
-    import time
 
     leader, follower = pty.openpty()
     env = {**os.environ, "DELTASERVE_CACHE_DIR": cache}
@@ -387,11 +391,7 @@ def test_chat_at_a_terminal_edits_lines(cache):
     try:
         read_until(proc.stderr, "type a message")  # the banner, printed just before the first prompt
         os.write(leader, b"/et\x1b[Dxi\r")
-        deadline = time.monotonic() + 30
-        while proc.poll() is None and time.monotonic() < deadline:
-            with contextlib.suppress(OSError):  # EIO once the chat has exited and closed the terminal
-                if select.select([leader], [], [], 0.1)[0]:
-                    os.read(leader, 4096)  # drained: a full terminal would block the chat's output
+        drain_until_exit(proc, leader)
         assert proc.returncode == 0, "the edited line was not read as /exit"
     finally:
         proc.kill()
