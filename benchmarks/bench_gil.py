@@ -113,8 +113,9 @@ def tiny_model(out: Path) -> str:
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
     """EngineArgs fields beyond the model, the same for the floor and the server."""
-    out: dict[str, object] = dict(device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
-                                  load_format=args.load_format)
+    out: dict[str, object] = dict(device=args.device, max_model_len=args.max_model_len, load_format=args.load_format)
+    if args.dtype:
+        out["dtype"] = args.dtype
     if args.speculative_tokens:
         out["speculative_tokens"] = args.speculative_tokens
     if args.simulated_acceptance:
@@ -158,11 +159,12 @@ def child_floor(args: argparse.Namespace) -> int:
 def child_cmd(args: argparse.Namespace, role: str, stats: Path) -> list[str]:
     """This script in a child process (the floor or the server), with the settings both share."""
     cmd = [sys.executable, __file__, f"--child-{role}", "--stats-out", str(stats), "--model", args.model,
-           "--load-format", args.load_format, "--device", args.device, "--dtype", args.dtype, "--max-model-len",
+           "--load-format", args.load_format, "--device", args.device, "--max-model-len",
            str(args.max_model_len), "--speculative-tokens", str(args.speculative_tokens), "--concurrency",
            str(args.concurrency), "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--seed",
            str(args.seed)]
     cmd += ["--torch-threads", str(args.torch_threads)] if args.torch_threads else []
+    cmd += ["--dtype", args.dtype] if args.dtype else []
     return cmd + (["--simulated-acceptance", str(args.simulated_acceptance)] if args.simulated_acceptance else [])
 
 
@@ -225,7 +227,8 @@ def wait_up(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:  # 
 def served(args: argparse.Namespace, interval_ms: float) -> dict[str, float]:
     from benchmarks import serve_load
 
-    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    vocab = config.get("vocab_size") or config["text_config"]["vocab_size"]  # a checkpoint with a vision tower: nested
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,7 +250,8 @@ def served(args: argparse.Namespace, interval_ms: float) -> dict[str, float]:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
         if client["requests_failed"]:
-            raise SystemExit(f"{client['requests_failed']:.0f} requests failed: {results[0].error}")
+            raise SystemExit(f"{client['requests_failed']:.0f} requests failed; first: "
+                             f"{next(r.error for r in results if not r.ok)}")
         record = json.loads(stats.read_text())
     out = summarize_steps([tuple(s) for s in record["steps"]], args.concurrency)
     out.update(itl_ms=client["itl_ms_mean"], itl_p50_ms=client["itl_ms_p50"], tpot_ms=client["tpot_ms_p50"],
@@ -267,7 +271,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     p.add_argument("--simulated-acceptance", type=float, default=None,
                    help="--speculative-simulated-acceptance (dummy weights accept ~no drafts: one token per step)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="default: float32 on cpu, else the checkpoint's")
     p.add_argument("--max-model-len", type=int, default=1024)
     p.add_argument("--speculative-tokens", type=int, default=3, help="MTP drafts per step (0: none)")
     p.add_argument("--switch-interval-ms", type=float, nargs="+", default=[5.0, 1.0, 0.5, 0.1])
@@ -287,8 +291,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     if args.model == "demo":
         from deltaserve.demo import SHIPPED_DEMO_DIR
         args.model = str(SHIPPED_DEMO_DIR)
-    if args.torch_threads is None and args.device == "cpu":
-        args.torch_threads = 1
+    if args.device == "cpu":
+        args.torch_threads = args.torch_threads or 1
+        args.dtype = args.dtype or "float32"
     args.load_format = args.load_format or ("dummy" if args.model == "tiny" else "auto")
     return args, rest
 
@@ -307,7 +312,7 @@ def main() -> int:
 
 
 def measure(args: argparse.Namespace) -> int:
-    print(f"model {args.model} | {args.device} {args.dtype} | concurrency {args.concurrency} | input "
+    print(f"model {args.model} | {args.device} {args.dtype or 'checkpoint dtype'} | concurrency {args.concurrency} | input "
           f"{args.input_len} | output {args.output_len} | MTP {args.speculative_tokens} | torch threads "
           f"{args.torch_threads} | python {sys.version.split()[0]}")
     base = floor(args)
