@@ -312,7 +312,8 @@ def main() -> int:
 
 
 def measure(args: argparse.Namespace) -> int:
-    print(f"model {args.model} | {args.device} {args.dtype or 'checkpoint dtype'} | concurrency {args.concurrency} | input "
+    dtype = args.dtype or "checkpoint dtype"
+    print(f"model {args.model} | {args.device} {dtype} | concurrency {args.concurrency} | input "
           f"{args.input_len} | output {args.output_len} | MTP {args.speculative_tokens} | torch threads "
           f"{args.torch_threads} | python {sys.version.split()[0]}")
     base = floor(args)
