@@ -279,3 +279,18 @@ def test_host_prefix_bench_takes_histories_below_its_warm_up(capsys):
     bench_host_prefix.main(["--histories", "16", "--repeats", "1", "--turn-len", "8", "--output-len", "4"])
     row = capsys.readouterr().out.splitlines()[-1].split()
     assert row[:2] == ["16", "19"]  # 16 history + 3 of the reply's 4 tokens cached
+
+
+def test_gil_bench_plumbing_on_cpu(monkeypatch, capsys):
+    """bench_gil: the floor and a real served run (child processes, serve_load's clients) on the narrowed demo model;
+    ~7 s, most of it the server's start."""
+    from benchmarks import bench_gil
+
+    monkeypatch.setattr("sys.argv", ["bench_gil.py", "--switch-interval-ms", "2", "--repeats", "1", "--concurrency",
+                                     "2", "--output-len", "12", "--speculative-tokens", "0"])
+    assert bench_gil.main() == 0
+    out = capsys.readouterr().out
+    served = next(line for line in out.splitlines() if line.startswith("served 2 ms #1"))
+    step_ms, on_cpu, _, _, _, loop_cpu = (float(x) for x in served.split("|")[1:7])
+    assert step_ms > 0 and on_cpu > 0 and loop_cpu > 0  # the server's engine steps and event loop were seen
+    assert "baseline: served 2 ms" in out and "engine alone (floor)" in out
