@@ -12,8 +12,8 @@ import torch
 
 from deltaserve import LLM, SamplingParams
 from deltaserve.demo import SHIPPED_DEMO_DIR
-from tests.engine.test_speculative import (FirstPassChecker, Oracle, prompts, tiny,  # noqa: F401 (fixture)
-                                          token_ids)
+from tests.engine.test_speculative import (VOCAB, FirstPassChecker, MTPTrace, Oracle, prompts,  # noqa: F401
+                                          tiny, token_ids)
 
 pytestmark = pytest.mark.gpu
 
@@ -197,3 +197,22 @@ def test_draft_vocab_graphs_equal_eager():
         assert seen and max(int(d.max()) for d in seen) < 2048
         runs.append(llm.engine.spec_accepted_per_position)
     assert runs[0] == runs[1] and runs[0][0] > 0
+
+
+def test_gpu_resumed_request_has_the_uncached_mtp_kv(tiny):  # noqa: F811
+    """On CUDA (fp32, eager: the resume pass runs eagerly either way): a request resumed from a checkpoint whose next
+    token differs (39) or that sits on a page boundary (32) has the uncached run's MTP KV at every position, up to the
+    kernels' rounding (stale, position p - 1 was off by ~2.5 on CPU), and the same tokens and drafts."""
+    g = torch.Generator().manual_seed(11)
+    base, tail = torch.randint(1, VOCAB, (40,), generator=g).tolist(), torch.randint(1, VOCAB, (9,), generator=g)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    kw = dict(dtype="float32", device="cuda", max_model_len=512, speculative_tokens=2, enforce_eager=True,
+              checkpoint_interval=32)
+    cached, plain = LLM(str(tiny["dense"]), **kw), LLM(str(tiny["dense"]), enable_prefix_caching=False, **kw)
+    MTPTrace(cached, base, params)
+    tail = tail.tolist()
+    for prompt, resumed_at in ((base[:39] + [base[39] % (VOCAB - 1) + 1] + tail, 39),
+                               (base[:32] + [base[32] % (VOCAB - 1) + 1] + tail, 32)):
+        got, want = MTPTrace(cached, prompt, params), MTPTrace(plain, prompt, params)
+        assert got.num_cached == resumed_at and got.output == want.output
+        assert got.positions_unlike(want, tol=1e-3) == {} and got.drafts == want.drafts
