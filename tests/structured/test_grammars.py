@@ -188,3 +188,79 @@ def test_auto_without_parallel_calls_allows_one_call(compiler, tokenizer):
         for token in tokenizer.encode("Sure." + call + " Done.", add_special_tokens=False):
             assert matcher.consume_token(token), matcher.get_error()
         assert matcher.consume_token(tokenizer.convert_tokens_to_ids("<tool_call>")) == second_call_allowed
+
+
+# properties in the order the grammar writes them; "notes" is optional, so a text value may end the function
+WRITE_FILE = {"type": "function", "function": {"name": "write_file", "parameters": {
+    "type": "object", "properties": {"content": {"type": "string"}, "meta": {"type": "object"},
+                                     "path": {"type": "string"}, "notes": {"type": "string"}},
+    "required": ["content", "meta", "path"]}}}
+ANY_ARGS = {"type": "function", "function": {"name": "write_file"}}  # no schema: any parameters, kept as text
+
+
+def _write_file_call(content: str) -> str:
+    return ("<tool_call>\n<function=write_file>\n<parameter=content>\n" + content + "\n</parameter>\n"
+            '<parameter=meta>\n{"s": "</parameter>"}\n</parameter>\n<parameter=path>\na.xml\n</parameter>\n'
+            "</function>\n</tool_call>")
+
+
+def _consumes(compiler, tokenizer, tool, text: str) -> bool:
+    matcher = compiler.compile(StructuredSpec.tool_calls([tool], "required", parallel=False)).new_matcher()
+    return all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False)) and \
+        matcher.is_accepting()
+
+
+@pytest.mark.parametrize("tool", [WRITE_FILE, ANY_ARGS], ids=["declared", "free"])
+@pytest.mark.parametrize("content", [
+    "<a>x</parameter> y</a>",  # the tag inside a line
+    "line 1\n</parameter>\nline 2",  # on a line of its own, as the format writes it, then more text
+    "a </function> b </parameter>!",  # a literal </function> too
+    "ends with the tag </parameter>",  # the last one before the real end
+    "</function>\n</parameter>",  # closing tags no tag of the format follows
+])
+def test_forced_text_values_may_hold_closing_tags(compiler, tokenizer, tool, content):
+    """A forced call (a code-editing tool writing XML) could not write "</parameter>" in a text value at all; the
+    grammar now allows it wherever the parser reads it back as text, and the parser returns the same value."""
+    text = _write_file_call(content)
+    assert _consumes(compiler, tokenizer, tool, text), text
+    meta = {"s": "</parameter>"} if tool is WRITE_FILE else '{"s": "</parameter>"}'
+    schemas = {"write_file": tool["function"].get("parameters", {})}
+    assert [json.loads(c.arguments) for c in _tool_calls(text, schemas).tool_calls] == [
+        {"content": content, "meta": meta, "path": "a.xml"}]
+
+
+@pytest.mark.parametrize("tool", [WRITE_FILE, ANY_ARGS], ids=["declared", "free"])
+@pytest.mark.parametrize("content", [
+    "x</parameter>\n<parameter=path>\nb.xml",  # the parser ends the value at the first </parameter>
+    "x</parameter>\x1c\u3000</function>",  # whitespace as str.lstrip skips it
+    "x</function> <function=ping>",
+    "x</tool_call>",
+    "</parameter>\n</parameter>\n</function>",  # the second closing tag is followed by one that ends the function
+])
+def test_forced_text_values_refuse_closing_tags_the_parser_would_end_them_at(compiler, tokenizer, tool, content):
+    text = _write_file_call(content)
+    schemas = {"write_file": tool["function"].get("parameters", {})}
+    calls = _tool_calls(text, schemas).tool_calls
+    assert not calls or json.loads(calls[0].arguments).get("content") != content  # the text is ambiguous
+    assert not _consumes(compiler, tokenizer, tool, text), text
+
+
+def test_a_text_value_may_end_the_function_when_the_rest_is_optional(compiler, tokenizer):
+    text = _write_file_call("c").replace("a.xml\n</parameter>\n", "a.xml\n</parameter>\n<parameter=notes>\n"
+                                         "n </function>\n</parameter>\n")
+    assert _consumes(compiler, tokenizer, WRITE_FILE, text), text
+    args = json.loads(_tool_calls(text, {"write_file": WRITE_FILE["function"]["parameters"]}).tool_calls[0].arguments)
+    assert args == {"content": "c", "meta": {"s": "</parameter>"}, "path": "a.xml", "notes": "n </function>"}
+    assert not _consumes(compiler, tokenizer, WRITE_FILE, _write_file_call("c").replace("<parameter=path>\na.xml\n"
+                                                                                         "</parameter>\n", ""))
+
+
+def test_an_enum_text_value_the_parser_would_cut_cannot_be_chosen(compiler, tokenizer):
+    """Enum choices were not held to the closing-tag rule: a choice holding "</parameter>" and then a tag was
+    written, and the parser read it as two parameters."""
+    cut, whole = "x</parameter>\n<parameter=path>\nb.xml", "x</parameter> y"
+    params = WRITE_FILE["function"]["parameters"]
+    tool = {"type": "function", "function": {"name": "write_file", "parameters": {
+        **params, "properties": {**params["properties"], "content": {"type": "string", "enum": [cut, whole]}}}}}
+    assert not _consumes(compiler, tokenizer, tool, _write_file_call(cut))
+    assert _consumes(compiler, tokenizer, tool, _write_file_call(whole))

@@ -11,14 +11,19 @@ and server/tool_parser.py reads back:
 
 Parameters come in the schema's property order (required ones present). A value whose schema the parser keeps as
 text (strings, and untyped values: tool_parser.is_string_schema) is raw text, constrained by the string keywords
-below; every other value is JSON (`%json`), which the parser converts back. Raw text may not contain
-`</parameter>`, `</function>` or `</tool_call>` (the parser keeps such text in a value where no tag of the format
-follows it, but the simple rule keeps each text lexeme ending at its delimiter, as below).
+below; every other value is JSON (`%json`), which the parser converts back.
+
+Raw text may hold the closing tags as text, as the parser reads them: a closing tag ends a value only where the
+format's next tag follows it. So a text value may not hold `</tool_call>`, `</parameter>` followed (after whitespace,
+as Python's str.lstrip reads it) by `<parameter=`, `</function>` or `</tool_call>`, nor `</function>` followed by
+`</tool_call>` or `<function=`; anything else it may, e.g. "</parameter>\n</parameter>" or "</function> x".
+What the grammar allows, the parser reads back as written.
 
 llguidance's lexemes are greedy (a lexeme ends only where it cannot go on), so free text cannot be a lexeme
-followed by its delimiter: text that may hold "\n</par" would swallow the delimiter's start. Each text lexeme
-therefore ends with its delimiter (`VALUE "\n</parameter>\n"`, `TEXT "<tool_call>"`), which it cannot contain
-anywhere else, so it ends exactly there.
+followed by its delimiter: text that may hold "\n</parameter>\n<" would swallow the next tag's start. Each text
+lexeme therefore takes the delimiter and the next tag's opening with it (`"\n</parameter>\n<parameter="` or
+`"\n</parameter>\n</function>"`, `TEXT "<tool_call>"`), which the text cannot hold, so no lexeme is the start of a
+longer one and each ends exactly there. A parameter after a text value thus starts at its name.
 
 "required" and a named function: only tool calls (after the reasoning block, if open); one call for a named
 function or parallel_tool_calls=false, else one or more. "auto": free text in which any call follows the grammar
@@ -33,8 +38,14 @@ from deltaserve.server.tool_parser import NAME, is_string_schema, parameter_sche
 from deltaserve.structured.grammars import Markup, inline_json, lark_string, regex_terminal, with_prefix
 from deltaserve.structured.spec import StructuredError
 
-_NO_END_TAG = r"~/(?s:.*)<\/(parameter|function|tool_call)>(?s:.*)/"
-_FREE_TEXT = f"/(?s:.*)/ & {_NO_END_TAG}"
+# the whitespace str.lstrip skips (Unicode White_Space and \x1c-\x1f), which the parser skips after a closing tag
+_WS = r"[\s\x1c-\x1f]*"
+# text the parser would not read back as one value: a closing tag the format's next tag follows, or </tool_call>
+_AMBIGUOUS = (r"~/(?s:.*)(<\/parameter>" + _WS + r"(<parameter=|<\/function>|<\/tool_call>)|<\/function>" + _WS
+              + r"(<\/tool_call>|<function=)|<\/tool_call>)(?s:.*)/")
+_FREE_TEXT = f"/(?s:.*)/ & {_AMBIGUOUS}"
+_THEN_PARAM = r'"\n</parameter>\n<parameter="'  # a text value, its closing tag and the next parameter's opening
+_THEN_END = r'"\n</parameter>\n</function>"'  # a text value, its closing tag and the function's
 _VALUE_END = r'"\n</parameter>\n"'
 _STRING_KEYWORDS = frozenset({"type", "description", "title", "default", "examples", "enum", "const", "pattern",
                               "minLength", "maxLength", "format", "nullable", "anyOf", "oneOf"})
@@ -101,19 +112,22 @@ class _Builder:
         if enforce and isinstance(properties, dict) and properties:
             params = self._declared_params(i, name, schema, set(schema.get("required") or ()))
         elif enforce and schema.get("additionalProperties") is False:
-            params = ""  # a function without parameters
+            params = '"</function>"'  # a function without parameters
         else:
-            params = self._free_params(i)
+            params = self._free_params()
         rule = f"fn_{i}"
-        self.rules.append(f'{rule}: {lark_string(f"<function={name}>" + chr(10))} {params} "</function>"')
+        self.rules.append(f'{rule}: {lark_string(f"<function={name}>" + chr(10))} {params}')
         return rule
 
-    def _free_params(self, i: int) -> str:
-        self.rules.append(f'param_any_{i}: "<parameter=" /[^<>\\s]+/ ">\\n" VALUE_TEXT')
+    def _free_params(self) -> str:
+        """Any parameters, then </function>: `free_rest` from a tag on, `free_keys` after "<parameter=" (which a
+        text value's lexeme takes along)."""
         if not self._has_free_value:
-            self.rules.append(f"VALUE_TEXT: ({_FREE_TEXT}) {_VALUE_END}")
+            self.rules += ['free_rest: "<parameter=" free_keys | "</function>"',
+                           'free_keys: /[^<>\\s]+/ ">\\n" (VALUE_TEXT_P free_keys | VALUE_TEXT_F)',
+                           f"VALUE_TEXT_P: ({_FREE_TEXT}) {_THEN_PARAM}", f"VALUE_TEXT_F: ({_FREE_TEXT}) {_THEN_END}"]
             self._has_free_value = True
-        return f"param_any_{i}*"
+        return "free_rest"
 
     def _declared_params(self, i: int, fn_name: str, schema: dict[str, Any], required: set[str]) -> str:
         properties = schema["properties"]
@@ -122,25 +136,43 @@ class _Builder:
         unknown = sorted(required - set(properties))
         if unknown:
             raise StructuredError(f"function {fn_name!r}: required parameters {unknown} are not in 'properties'")
-        parts = []
+        values = []
         for j, (key, prop) in enumerate(properties.items()):
             _checked_name(key, f"function {fn_name!r} parameter name")
-            rule = f"param_{i}_{j}"
             prop = prop if isinstance(prop, dict) else {}
-            value = self._value(f"{i}_{j}", prop, parameter_schema(schema, key) or {}, defs, f"{fn_name}.{key}")
-            self.rules.append(f'{rule}: {lark_string(f"<parameter={key}>" + chr(10))} {value}')
-            parts.append(rule if key in required else f"{rule}?")
-        return " ".join(parts)
+            values.append(self._value(f"{i}_{j}", prop, parameter_schema(schema, key) or {}, defs, f"{fn_name}.{key}"))
+        return self._sequence(i, list(properties), values, required)
+
+    def _sequence(self, i: int, keys: list[str], values: list[str | tuple[str, str]], required: set[str]) -> str:
+        """The parameters in order (optional ones may be skipped), then </function>. rest_I_J: parameters J.. from a
+        tag on; keys_I_J: the same after "<parameter=", which a text value's lexeme takes along."""
+        n = len(keys)
+        may_end = [not required.intersection(keys[j:]) for j in range(n + 1)]  # </function> may come at j
+        needed_rests = {0}
+        for j, (key, value) in enumerate(zip(keys, values)):
+            if isinstance(value, str):  # JSON: its closing tag, then the rest from a tag on
+                body = f"{value} rest_{i}_{j + 1}"
+                needed_rests.add(j + 1)
+            else:
+                body = " | ".join([*([f"{value[0]} keys_{i}_{j + 1}"] if j + 1 < n else []),
+                                   *([value[1]] if may_end[j + 1] else [])])
+            skip = f" | keys_{i}_{j + 1}" if key not in required and j + 1 < n else ""
+            self.rules.append(f"keys_{i}_{j}: {lark_string(key + '>' + chr(10))} ({body}){skip}")
+        for j in sorted(needed_rests):
+            self.rules.append(f"rest_{i}_{j}: " + " | ".join([*([f'"<parameter=" keys_{i}_{j}'] if j < n else []),
+                                                            *(['"</function>"'] if may_end[j] else [])]))
+        return f"rest_{i}_0"
 
     def _value(self, suffix: str, schema: dict[str, Any], resolved: dict[str, Any], defs: dict[str, Any],
-               where: str) -> str:
-        """The value and the "</parameter>" line after it. resolved: the schema with its $refs resolved as far as
-        the parser's typing goes (tool_parser.parameter_schema), which decides text or JSON as the parser does."""
+               where: str) -> str | tuple[str, str]:
+        """A JSON value and its "</parameter>" line (a rule body), or the two terminals of a text value: the text,
+        its closing tag and then "<parameter=", or then "</function>". resolved: the schema with its $refs resolved
+        as far as the parser's typing goes (tool_parser.parameter_schema), which decides text or JSON as it does."""
         if not is_string_schema(resolved):
             return f"{inline_json({**defs, **schema})} {_VALUE_END}"
-        terminal = f"V_{suffix.upper()}"
-        self.rules.append(f"{terminal}: ({_string_terminal(_string_branch(resolved), where)}) {_VALUE_END}")
-        return terminal
+        terminal, text = f"V_{suffix.upper()}", _string_terminal(_string_branch(resolved), where)
+        self.rules += [f"{terminal}_P: ({text}) {_THEN_PARAM}", f"{terminal}_F: ({text}) {_THEN_END}"]
+        return f"{terminal}_P", f"{terminal}_F"
 
 
 def _checked_name(name: Any, what: str) -> str:
@@ -170,7 +202,7 @@ def _string_terminal(schema: dict[str, Any], where: str) -> str:
         if not choices or not all(isinstance(c, str) and c for c in choices):
             raise StructuredError(f"parameter {where!r}: an enum of text values needs non-empty strings (give "
                                   "other values a 'type', the tool-call parser reads untyped values as text)")
-        return " | ".join(lark_string(c) for c in choices)
+        return f"({' | '.join(lark_string(c) for c in choices)}) & {_AMBIGUOUS}"
     parts = []
     if "pattern" in schema:
         parts.append(regex_terminal(_whole_match(schema["pattern"]), "dw"))
@@ -182,7 +214,7 @@ def _string_terminal(schema: dict[str, Any], where: str) -> str:
     low, high = schema.get("minLength", 0), schema.get("maxLength")
     if low or high is not None:
         parts.append(f"/(?s:.){{{int(low)},{'' if high is None else int(high)}}}/")
-    return " & ".join([*parts, "/(?s:.*)/", _NO_END_TAG])
+    return " & ".join([*parts, _FREE_TEXT])
 
 
 def _whole_match(pattern: str) -> str:
