@@ -264,3 +264,12 @@ def test_an_enum_text_value_the_parser_would_cut_cannot_be_chosen(compiler, toke
         **params, "properties": {**params["properties"], "content": {"type": "string", "enum": [cut, whole]}}}}}
     assert not _consumes(compiler, tokenizer, tool, _write_file_call(cut))
     assert _consumes(compiler, tokenizer, tool, _write_file_call(whole))
+
+
+def test_an_enum_whose_every_choice_the_parser_would_cut_is_refused(compiler):
+    """It compiled, but no value could ever be finished: the request hung until max_tokens."""
+    params = WRITE_FILE["function"]["parameters"]
+    tool = {"type": "function", "function": {"name": "write_file", "parameters": {
+        **params, "properties": {**params["properties"], "content": {"type": "string", "enum": ["x</tool_call>"]}}}}}
+    with pytest.raises(StructuredError, match="no choice of its enum can be written as a tool-call value"):
+        compiler.compile(StructuredSpec.tool_calls([tool], "required"))

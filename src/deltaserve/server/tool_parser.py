@@ -281,6 +281,13 @@ class ToolCallParser:
             step.deltas.append(ToolCallDelta(self.count - 1, arguments=arguments))
 
 
+def reads_back_whole(value: str) -> bool:
+    """Whether a text value written as a parameter (then its closing tag and the next parameter) is read back whole:
+    False where a closing tag inside it would end it first."""
+    end, tag = _value_end(value + "\n" + _PARAMETER_END + "\n" + _PARAMETER, True)
+    return tag == _PARAMETER_END and end == len(value) + 1
+
+
 def _value_end(buf: str, final: bool) -> tuple[int, str | None]:
     """Where a value's text in buf ends: (index, closing tag) once a tag that closes it is found, else (index, None)
     with buf[:index] surely the value's (what follows may be, or begin, a closing tag still to be decided)."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from deltaserve.server.tool_parser import NAME, is_string_schema, parameter_schema, schema_types
+from deltaserve.server.tool_parser import NAME, is_string_schema, parameter_schema, reads_back_whole, schema_types
 from deltaserve.structured.grammars import Markup, inline_json, lark_string, regex_terminal, with_prefix
 from deltaserve.structured.spec import StructuredError
 
@@ -202,6 +202,10 @@ def _string_terminal(schema: dict[str, Any], where: str) -> str:
         if not choices or not all(isinstance(c, str) and c for c in choices):
             raise StructuredError(f"parameter {where!r}: an enum of text values needs non-empty strings (give "
                                   "other values a 'type', the tool-call parser reads untyped values as text)")
+        if not any(reads_back_whole(c) for c in choices):
+            raise StructuredError(f"parameter {where!r}: no choice of its enum can be written as a tool-call value: "
+                                  f"{choices!r} each hold a closing tag followed by the format's next tag (or "
+                                  "</tool_call>), where the parser would end the value")
         return f"({' | '.join(lark_string(c) for c in choices)}) & {_AMBIGUOUS}"
     parts = []
     if "pattern" in schema:
