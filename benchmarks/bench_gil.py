@@ -42,6 +42,8 @@ import threading
 import time
 from pathlib import Path
 
+from benchmarks.common import positive_int
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -272,13 +274,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                    help="--speculative-simulated-acceptance (dummy weights accept ~no drafts: one token per step)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: float32 on cpu, else the checkpoint's")
-    p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument("--max-model-len", type=positive_int, default=1024)
     p.add_argument("--speculative-tokens", type=int, default=3, help="MTP drafts per step (0: none)")
     p.add_argument("--switch-interval-ms", type=float, nargs="+", default=[5.0, 1.0, 0.5, 0.1])
-    p.add_argument("--repeats", type=int, default=3, help="runs of each setting, interleaved (the noise)")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--input-len", type=int, default=32)
-    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--repeats", type=positive_int, default=3, help="runs of each setting, interleaved (the noise)")
+    p.add_argument("--concurrency", type=positive_int, default=16)
+    p.add_argument("--input-len", type=positive_int, default=32)
+    p.add_argument("--output-len", type=positive_int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch CPU threads in both processes (default: 1 on cpu, so a torch call runs on the calling "

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from deltaserve.cache.tensors import ModelCache
-from deltaserve.engine.device_inputs import DeviceStep, upload_arrays
+from deltaserve.engine.device_inputs import DeviceStep, upload_arrays, upload_step
 from deltaserve.engine.step_input import PENDING, StepInput
 from deltaserve.layers.forward_batch import ForwardBatch
 
@@ -164,19 +164,14 @@ class MTPDrafter:
         rows = np.flatnonzero(np.isin(step.state_slots, copied) & (step.context_lens > 0))
         if rows.size == 0:
             return
-        ps, r = self.page_size, rows.size
-        pos = step.context_lens[rows].astype(np.int64) - 1
+        r, pos = rows.size, step.context_lens[rows] - 1
         first = (np.cumsum(step.query_lens.astype(np.int64)) - step.query_lens)[rows]
-        table = np.ascontiguousarray(step.block_table[rows], dtype=np.int32)
-        mapping = table[np.arange(r), pos // ps].astype(np.int64) * ps + pos % ps
-        pos_d, first_d, table_d, mapping_d, slots_d = upload_arrays(
-            [pos, first, table, mapping, step.state_slots[rows].astype(np.int64)], self.device)
-        one = torch.arange(r, device=self.device)
-        batch = ForwardBatch(positions=pos_d, cu_seqlens=torch.arange(r + 1, dtype=torch.int32, device=self.device),
-                             seq_lens=(pos_d + 1).to(torch.int32), state_slots=one,
-                             has_initial_state=torch.ones(r, dtype=torch.bool, device=self.device),
-                             block_tables=table_d, slot_mapping=mapping_d, logits_indices=one, tokens_per_row=1,
-                             any_padding=False)
+        one_token = StepInput(input_ids=np.zeros(r, np.int64), query_lens=np.ones(r, np.int32), context_lens=pos,
+                              state_slots=np.arange(r, dtype=np.int64), has_initial_state=np.ones(r, np.bool_),
+                              block_table=np.ascontiguousarray(step.block_table[rows]),
+                              logits_rows=np.arange(r, dtype=np.int64), sampling=())
+        batch = upload_step(one_token, page_size=self.page_size, device=self.device).batch
+        first_d, slots_d = upload_arrays([first, step.state_slots[rows].astype(np.int64)], self.device)
         self.model.mtp_forward(input_ids[first_d], self.cache.mtp_hidden[slots_d], batch, self.cache)
 
     @torch.no_grad()
