@@ -171,7 +171,9 @@ def child_cmd(args: argparse.Namespace, role: str, stats: Path) -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT)])}
+    """This checkout first, then whatever the caller's PYTHONPATH held (packages installed with --target)."""
+    paths = [str(ROOT / "src"), str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
 def floor(args: argparse.Namespace) -> dict[str, float]:

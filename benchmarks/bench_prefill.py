@@ -60,8 +60,9 @@ def bench_one(name: str, length: int, rate: float, fmt: str = "bf16", bf16_row: 
             h = model(ids, fb, cache)
             return model.compute_logits(h[fb.logits_indices])
     # one call first: do_bench sizes its repeats from 5 calls' mean, which a first call's one-off costs (Triton
-    # compiles and autotuning, library set-up) can inflate to a single timed repeat (suspected in the 35B-A3B
-    # 1,024-token row, 112.9 ms on the H200 against 136 ms for 8,192 tokens; to be confirmed)
+    # compiles and autotuning, library set-up) can inflate to a single timed repeat. Eager steps: short lengths are
+    # host-bound here (35B-A3B 1,024 tokens: ~80 ms of launches for 40 ms of kernels, RESULTS 2026-12-05 H100),
+    # where the engine replays a varlen CUDA graph
     step()
     torch.cuda.synchronize()
     ms = triton.testing.do_bench(step, warmup=2, rep=max(200, 20 * length // 1024), return_mode="median")
