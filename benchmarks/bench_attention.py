@@ -276,9 +276,8 @@ def bench_kv_quant(log, copy_gbs: float) -> None:
 
 # (format, QUANT_DECODE_CONFIG entry) pairs --kv-quant-variants compares on the same pages: the first defaults
 # (no PLANES) against the PLANES tiles, and for int4 an earlier default (PLANES V_REGS) against INT4_WORDS 1 and 2
-# (16-bit words, four planes; 2 with BLOCK_N 128 is the current default) and 3 (V as subnormals too), int8 PLANES
-# against INT8_SUBNORMAL; rows with WAVES 8 set it as the current defaults do (triton_decode.py says what the
-# variants are; benchmarks/RESULTS.md has their timings by date)
+# (16-bit words, four planes; 2 with BLOCK_N 128 is the current default); rows with WAVES 8 set it as the current
+# defaults do (triton_decode.py says what the variants are; benchmarks/RESULTS.md has their timings by date)
 KV_VARIANTS = [("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1)),
                ("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
                ("fp8", dict(BLOCK_N=128, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1)),
@@ -288,16 +287,13 @@ KV_VARIANTS = [("fp8", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1)),
                ("int8", dict(BLOCK_N=128, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1)),
                ("int8", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1)),
                ("int8", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, WAVES=8)),
-               ("int8", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT8_SUBNORMAL=1, WAVES=8)),
                ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3)),
                ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, V_REGS=1)),
                ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=1)),
                ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2)),
                ("int4", dict(BLOCK_N=256, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2)),
                ("int4", dict(BLOCK_N=64, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2)),
-               ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=3, WAVES=8)),
-               ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2, WAVES=8)),
-               ("int4", dict(BLOCK_N=256, num_warps=8, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=3, WAVES=8))]
+               ("int4", dict(BLOCK_N=128, num_warps=4, num_stages=3, F16_DOTS=1, PLANES=1, INT4_WORDS=2, WAVES=8))]
 KV_VARIANT_CASES = [(32, 32768), (8, 131072)]
 
 

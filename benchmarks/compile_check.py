@@ -141,7 +141,7 @@ def quant_rows() -> list[dict]:
     return rows
 
 
-# (label, QUANT, BLOCK_N, warps, stages, F16_DOTS, PLANES, V_REGS[, INT4_WORDS, group, tokens, INT8_SUBNORMAL]:
+# (label, QUANT, BLOCK_N, warps, stages, F16_DOTS, PLANES, V_REGS[, INT4_WORDS, group, tokens]:
 # _decode_row's arguments): the defaults (DECODE_CONFIG, QUANT_DECODE_CONFIG) and the variants bench_attention.py
 # --kv-quant --sweep / --kv-quant-variants times; 27B's GQA group (6 q heads per KV head), head_dim 256, pages of 16
 # tokens
@@ -155,8 +155,6 @@ DECODE_CASES = [("bf16 pages (default)", 0, 64, 4, 3, 0, 0, 0),
                 ("int8 (old default)", 2, 64, 4, 3, 0, 0, 0),
                 ("int8 PLANES", 2, 64, 4, 3, 1, 1, 0),
                 ("int8 PLANES (default)", 2, 128, 4, 3, 1, 1, 0),
-                ("int8 PLANES INT8_SUBNORMAL", 2, 128, 4, 3, 1, 1, 0, 0, 6, 1, 1),
-                ("int8 PLANES INT8_SUBNORMAL", 2, 64, 4, 3, 1, 1, 0, 0, 6, 1, 1),
                 ("int4 (old default)", 3, 128, 4, 3, 0, 0, 0),
                 ("int4 PLANES", 3, 128, 4, 3, 1, 1, 0),
                 ("int4 PLANES V_REGS", 3, 128, 4, 3, 1, 1, 1),
@@ -166,21 +164,19 @@ DECODE_CASES = [("bf16 pages (default)", 0, 64, 4, 3, 0, 0, 0),
                 ("int4 INT4_WORDS 1 V_REGS", 3, 128, 4, 3, 1, 1, 1, 1),
                 ("int4 INT4_WORDS 2 (default)", 3, 128, 4, 3, 1, 1, 0, 2),
                 ("int4 INT4_WORDS 2", 3, 64, 4, 3, 1, 1, 0, 2),
-                ("int4 INT4_WORDS 2", 3, 256, 8, 3, 1, 1, 0, 2),
-                ("int4 INT4_WORDS 3", 3, 128, 4, 3, 1, 1, 0, 3),
-                ("int4 INT4_WORDS 3", 3, 256, 8, 3, 1, 1, 0, 3)]
+                ("int4 INT4_WORDS 2", 3, 256, 8, 3, 1, 1, 0, 2)]
 _PAGES = {0: "*bf16", 1: "*fp8e4nv", 2: "*i8", 3: "*u8"}
 _BYTES_PER_DIM = {0: 2, 1: 1, 2: 1, 3: 0.5}
 
 
 def _decode_row(label: str, quant: int, block_n: int, warps: int, stages: int, f16: int, planes: int, v_regs: int,
-                words: int = 0, group: int = 6, tokens: int = 1, subnormal: int = 0) -> dict:
+                words: int = 0, group: int = 6, tokens: int = 1) -> dict:
     types = {"q_ptr": "*bf16", "kc_ptr": _PAGES[quant], "vc_ptr": _PAGES[quant], "ks_ptr": "*fp32",
              "vs_ptr": "*fp32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32", "bt_ptr": "*i32",
              "seq_lens_ptr": "*i32", "qk_scale": "fp32"}
     consts = dict(GROUP=group, HEAD_DIM=256, PAGE_SIZE=16, BLOCK_H=max(16, triton.next_power_of_2(group * tokens)),
                   BLOCK_N=block_n, BLOCK_D=256, UPCAST=False, PREC="tf32", QUANT=quant, F16_DOTS=bool(f16),
-                  PLANES=bool(planes), V_REGS=bool(v_regs), WORDS=words, TOKENS=tokens, SUBNORMAL=bool(subnormal))
+                  PLANES=bool(planes), V_REGS=bool(v_regs), WORDS=words, TOKENS=tokens)
     r = compile_one(triton_decode._decode_split_kernel, types, consts, warps, stages, loop=True)
     tile_bytes = 2 * block_n * 256 * _BYTES_PER_DIM[quant]  # K and V
     r["warp-instr / KV byte"] = r["loop SASS"] * warps / tile_bytes

@@ -60,16 +60,6 @@ mov.b32 c, 0x64806480;
 sub.f16x2 $0, d0, c;
 sub.f16x2 $1, d1, c;
 }""")
-# int8 as fp16 subnormals (INT8_SUBNORMAL): the same byte pairs with the sign bit flipped and nothing ORed in, so
-# each half is the subnormal (q + 128) * 2^-24, exact: 4 instructions per 4 values instead of 6. The kernel scales
-# the scores by 2^24 and takes the +128 off as 128 * sum(q) per head (K) and 128 * sum(p) per row (V).
-_INT8_SUBNORMAL_PTX = tl.constexpr("""{
-.reg .b32 d0, d1;
-prmt.b32 d0, $2, 0, 0x4240;
-prmt.b32 d1, $2, 0, 0x4341;
-xor.b32 $0, d0, 0x00800080;
-xor.b32 $1, d1, 0x00800080;
-}""")
 # int4: four bytes ($4) per call. The low nibble OR-ed into the mantissa of 1024.0 gives 1024 + q; the high nibble
 # OR-ed in where it sits (bits 4-7) gives 1024 + 16 q, so its plane comes out as 16 (q - 8), exact (the caller
 # divides by 16: a shift per word saved). Outputs: four even-plane values ($0, $1), four odd-plane values ($2, $3).
@@ -152,11 +142,11 @@ def _planes_ptx(x, t_mask, ptx: tl.constexpr, PACK: tl.constexpr, IN_REGS: tl.co
 
 @triton.jit
 def _load_planes(c_ptr, rows, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, IN_REGS: tl.constexpr, SUBNORMAL: tl.constexpr = False):
+                 BLOCK_D: tl.constexpr, IN_REGS: tl.constexpr):
     """BLOCK_N quantized head vectors (element offsets rows) as two [BLOCK_N, BLOCK_D // 2] planes in out_ty: even
     dims and odd dims, unscaled; int4's odd plane is 16 (q - 8). Masked bytes read 0 (cp.async fills zeros for free,
     another value costs a select per byte): the caller gives those tokens -inf scores (p = 0) and those dims a zero
-    q, so the value never counts. SUBNORMAL (int8): (q + 128) * 2^-24 instead of q (_INT8_SUBNORMAL_PTX)."""
+    q, so the value never counts."""
     half = tl.arange(0, BLOCK_D // 2)
     mask = t_mask[:, None] & (half < HEAD_DIM // 2)[None, :]
     if QUANT == 3:
@@ -169,17 +159,10 @@ def _load_planes(c_ptr, rows, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr,
     elif out_ty == tl.float16:
         pairs = tl.load(c_ptr.to(tl.pointer_type(tl.int16)) + (rows // 2)[:, None] + half[None, :], mask=mask,
                         other=0)
-        ptx: tl.constexpr = _FP8_PLANES_PTX if QUANT == 1 else (_INT8_SUBNORMAL_PTX if SUBNORMAL else
-                                                                 _INT8_PLANES_PTX)
-        even, odd = _planes_ptx(pairs, t_mask, ptx, 2, IN_REGS)
+        even, odd = _planes_ptx(pairs, t_mask, _FP8_PLANES_PTX if QUANT == 1 else _INT8_PLANES_PTX, 2, IN_REGS)
     else:
-        even = tl.load(c_ptr + rows[:, None] + 2 * half[None, :], mask=mask, other=0.0)
-        odd = tl.load(c_ptr + rows[:, None] + 2 * half[None, :] + 1, mask=mask, other=0.0)
-        if SUBNORMAL:
-            tiny: tl.constexpr = 2.0**-24
-            even = (even.to(tl.float32) + 128.0) * tiny
-            odd = (odd.to(tl.float32) + 128.0) * tiny
-        even, odd = even.to(out_ty), odd.to(out_ty)
+        even = tl.load(c_ptr + rows[:, None] + 2 * half[None, :], mask=mask, other=0.0).to(out_ty)
+        odd = tl.load(c_ptr + rows[:, None] + 2 * half[None, :] + 1, mask=mask, other=0.0).to(out_ty)
     return even, odd
 
 

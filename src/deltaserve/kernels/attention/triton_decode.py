@@ -33,7 +33,7 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # 5, 27B heads, N=32 L=32k / N=8 L=128k, CUDA graphs): fp8 PLANES with BLOCK_N 128 / 4 warps 75% / 71% of copy
 # bandwidth (the previous default 47% / 42%), 1.63x / 1.71x the bf16 pages' time; int8 PLANES (BLOCK_N 64) 58% / 50%
 # (was 46% / 39%), int4 PLANES V_REGS 34% / 30% (was 22% / 19%).
-# INT4_WORDS (int4 only, 0/1/2/3; implies PLANES; 2 is the default since session 7): int4 pages read as 16-bit words (4
+# INT4_WORDS (int4 only, 0/1/2; implies PLANES; 2 is the default since session 7): int4 pages read as 16-bit words (4
 # head dims each) into four planes, dims 4i + j, converted by _INT4_WORDS_PTX (1: magic-number lop3 + sub/fma, exact)
 # or with K as fp16 subnormals (2: one AND per plane register, the +8 offset removed as 8 * sum(q) per head in the
 # scores' accumulator; V as in 1). Every operand stays 16-bit (kWidth 2): no kWidth-4 q reloads and register shuffles,
@@ -41,13 +41,12 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # 128, 4 warps): 0.236 (PLANES V_REGS) -> 0.169 (1) / 0.155 (2). Timed (bench_attention.py --kv-quant
 # --kv-quant-variants, RESULTS.md 2026-12-04, H200, 27B heads, N=32 L=32k / N=8 L=128k): PLANES V_REGS 758 / 876 us
 # (35% / 31% of copy), INT4_WORDS 1 513 / 529 us, INT4_WORDS 2 494 / 500 us (54% / 53%; BLOCK_N 64 or 256: slower).
-# INT4_WORDS 3: V as subnormals too (the +8 off as 8 sum(p) per row, p already scaled per token, accumulated like
-# l_i): sm_90a tile loop 1270 -> 1177 SASS per warp (0.155 -> 0.144 per byte), 255 -> 166 registers (RESULTS.md
-# 2026-12-05 CPU); not yet timed, so 2 stays the default.
-# INT8_SUBNORMAL (int8 PLANES, 0/1): the pages' bytes with the sign bit flipped, as fp16 subnormals (q + 128) 2^-24
-# (_INT8_SUBNORMAL_PTX: 4 instructions per 4 values instead of 6), the +128 taken off as 128 sum(q) per head (K)
-# and 128 sum(p) per row (V): sm_90a tile loop 1918 -> 1686 SASS per warp (0.117 -> 0.103 per byte), 255 -> 168
-# registers and the loop's 19 spill loads and stores gone (RESULTS.md 2026-12-05 CPU); not yet timed: off.
+# Tried and removed: INT4_WORDS 3 (V's nibbles as subnormals too) and INT8_SUBNORMAL (int8 K and V as the fp16
+# subnormals (q + 128) 2^-24), V's offset taken off as offset * sum(p) per row after the loop. Fewer instructions
+# and registers in compile_check (sm_90a tile loop, BLOCK_N 128: int4 1270 -> 1177 SASS per warp, 255 -> 166
+# registers; int8 1918 -> 1686, 255 -> 168, no loop spills), but that subtraction loses the output's precision:
+# both fail the 128k flat-context bound (test_quantized_decode_over_a_long_flat_context_gpu) on the H200 and the
+# H100, max error 4.9e-4 to 6.6e-4 against 2 x the bf16 baseline's ~4e-5 (RESULTS.md 2026-12-05).
 # WAVES 8 (twice the bf16 pages' splits): the pick of the H200 sweep for every quantized format (bench_attention.py
 # --kv-quant --sweep, RESULTS.md 2026-12-05): 27B heads N=32 L=32k fp8 678 -> 646 us (77% -> 81% of copy), int8
 # 705 -> 681, int4 495 -> 464; N=1 L=128k the same either way (98 / 102 / 69 us).
@@ -79,7 +78,7 @@ def _decode_split_kernel(
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr, F16_DOTS: tl.constexpr = False,
     PLANES: tl.constexpr = False, V_REGS: tl.constexpr = False, WORDS: tl.constexpr = 0, TOKENS: tl.constexpr = 1,
-    PDL: tl.constexpr = False, SUBNORMAL: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Program (n, kv head g, split s): the GQA group's q heads are the rows of the tile, so each K/V tile is read
     once for all of them. Split s covers whole BLOCK_N tiles [lo, hi) of sequence n; writes the split's normalized
@@ -90,8 +89,7 @@ def _decode_split_kernel(
     [N * TOKENS, Hq, num_splits, (D)]. TOKENS == 1 compiles the single-query kernel exactly as before. With
     PLANES every head-dim tile is split in two: even dims (q, acc, k, v) and odd dims (q_hi, acc_hi, k_hi, v_hi);
     with WORDS too (int4 read as 16-bit words) in four, dims 4i + j: j = 0 (q, acc, k, v), 1 (the _hi names), 2 and
-    3 (the _2 and _3 names). SUBNORMAL (int8 PLANES): K and V as the stored q + 128 times 2^-24, the +128 taken off
-    per head (K) and per row (V) as WORDS 2 and 3 do int4's +8."""
+    3 (the _2 and _3 names)."""
     n = tl.program_id(0)
     g = tl.program_id(1)
     s = tl.program_id(2)
@@ -128,14 +126,11 @@ def _decode_split_kernel(
         q_2 = _load_q(q_cols + 2, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
         q_3 = _load_q(q_cols + 3, h_mask[:, None] & d_mask[None, :], UPCAST, F16_DOTS)
     k_scale_mul = qk_scale
-    k_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 2, 3 (SUBNORMAL): K's +8 (+128) over all dims, in 2^-24 units
-    if WORDS >= 2:
+    k_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 2: K's +8 over all dims, in the dot's 2^-24 units
+    if WORDS == 2:
         k_scale_mul = qk_scale * 16777216.0
         q_sum = tl.sum(q.to(tl.float32) + q_hi.to(tl.float32) + q_2.to(tl.float32) + q_3.to(tl.float32), 1)
         k_bias = q_sum * (8.0 * 2.0**-24)
-    elif SUBNORMAL:
-        k_scale_mul = qk_scale * 16777216.0
-        k_bias = tl.sum(q.to(tl.float32) + q_hi.to(tl.float32), 1) * (128.0 * 2.0**-24)
 
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -143,7 +138,6 @@ def _decode_split_kernel(
     acc_hi = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)  # loop-invariant (dropped) unless PLANES
     acc_2 = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)  # and these unless WORDS
     acc_3 = tl.zeros([BLOCK_H, BLOCK_D // STEP], tl.float32)
-    v_bias = tl.zeros([BLOCK_H], tl.float32)  # WORDS 3 (SUBNORMAL): sum of the rows' scaled p, for V's +8 (+128)
     bt_row = bt_ptr + n64 * stride_btn
     for start in range(lo, hi, BLOCK_N):
         tok = start + offs_n
@@ -165,10 +159,9 @@ def _decode_split_kernel(
         else:
             if WORDS:
                 k, k_hi, k_2, k_3 = _load_words(kc_ptr, k_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, False,
-                                                WORDS >= 2)
-                v, v_hi, v_2, v_3 = _load_words(vc_ptr, v_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, V_REGS,
-                                                WORDS == 3)
-                if WORDS >= 2:  # planes 1 and 3 are 16 n 2^-24, 0 and 2 n 2^-24 (n = q + 8)
+                                                WORDS == 2)
+                v, v_hi, v_2, v_3 = _load_words(vc_ptr, v_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, V_REGS)
+                if WORDS == 2:  # planes 1 and 3 are 16 n 2^-24, 0 and 2 n 2^-24 (n = q + 8)
                     scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
                     scores = tl.dot(q_3, tl.trans(k_3), scores, input_precision=PREC)
                     scores = scores * 0.0625 - k_bias[:, None]
@@ -178,13 +171,11 @@ def _decode_split_kernel(
                     scores = tl.dot(q_2, tl.trans(k_2), scores, input_precision=PREC)
                     scores = tl.dot(q_3, tl.trans(k_3), scores, input_precision=PREC)
             elif PLANES:
-                k, k_hi = _load_planes(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False, SUBNORMAL)
-                v, v_hi = _load_planes(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, V_REGS, SUBNORMAL)
+                k, k_hi = _load_planes(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False)
+                v, v_hi = _load_planes(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, V_REGS)
                 scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
                 if QUANT == 3:
                     scores = scores * 0.0625  # two-plane int4's k_hi is 16 (q - 8)
-                if SUBNORMAL:
-                    scores = scores - k_bias[:, None]
             else:
                 k = _load_quantized(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
                 v = _load_quantized(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
@@ -210,16 +201,12 @@ def _decode_split_kernel(
         l_i = l_i * alpha + tl.sum(p, 1)
         if QUANT != 0:
             p = p * v_sc[None, :]  # l_i above sums the unscaled probabilities
-        pv = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(pv, v, input_precision=PREC)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         if PLANES:
-            acc_hi = acc_hi * alpha[:, None] + tl.dot(pv, v_hi, input_precision=PREC)
+            acc_hi = acc_hi * alpha[:, None] + tl.dot(p.to(v.dtype), v_hi, input_precision=PREC)
         if WORDS:
-            acc_2 = acc_2 * alpha[:, None] + tl.dot(pv, v_2, input_precision=PREC)
-            acc_3 = acc_3 * alpha[:, None] + tl.dot(pv, v_3, input_precision=PREC)
-        if WORDS == 3 or SUBNORMAL:  # the dots took V's stored code c (q + 8, q + 128) as c 2^-24: the offset
-            # comes off as offset * sum(p) per row
-            v_bias = v_bias * alpha + tl.sum(pv.to(tl.float32), 1)
+            acc_2 = acc_2 * alpha[:, None] + tl.dot(p.to(v.dtype), v_2, input_precision=PREC)
+            acc_3 = acc_3 * alpha[:, None] + tl.dot(p.to(v.dtype), v_3, input_precision=PREC)
         m_i = m_new
 
     nonempty = l_i > 0
@@ -230,15 +217,6 @@ def _decode_split_kernel(
     else:
         row = (q_tok * (GROUP * tl.num_programs(1)) + heads) * num_splits + s  # [N * TOKENS, Hq, S]
     tl.store(part_lse_ptr + row, lse, mask=h_mask)
-    if WORDS == 3:  # planes 0 and 2 hold n 2^-24, 1 and 3 16 n 2^-24 (n = q + 8)
-        bias = 8.0 * v_bias[:, None]
-        acc = acc * 16777216.0 - bias
-        acc_hi = acc_hi * 1048576.0 - bias
-        acc_2 = acc_2 * 16777216.0 - bias
-        acc_3 = acc_3 * 1048576.0 - bias
-    if SUBNORMAL:  # both planes hold (q + 128) 2^-24
-        acc = acc * 16777216.0 - 128.0 * v_bias[:, None]
-        acc_hi = acc_hi * 16777216.0 - 128.0 * v_bias[:, None]
     o_cols = part_o_ptr + row[:, None] * HEAD_DIM + STEP * offs_d[None, :]
     tl.store(o_cols, acc / denom, mask=h_mask[:, None] & d_mask[None, :])
     if PLANES:
@@ -302,6 +280,20 @@ def _decode_config(device: torch.device, quant: int, tokens_per_row: int = 1, ti
     return {**DECODE_CONFIG, **QUANT_DECODE_CONFIG.get(quant, {})}
 
 
+_INT4_WORDS_MODES = (0, 1, 2)
+
+
+def _check_decode_config(cfg: dict[str, int]) -> None:
+    """Refuse the keys of removed kernel variants: a config that still asks for one would otherwise run another
+    kernel than its author timed, without a word."""
+    if "INT8_SUBNORMAL" in cfg:
+        raise ValueError(f"decode config key INT8_SUBNORMAL (got {cfg['INT8_SUBNORMAL']!r}) was removed: it failed "
+                         "the 128k flat-context accuracy bound; leave the key out (int8 pages take PLANES 0 or 1)")
+    if cfg.get("INT4_WORDS", 0) not in _INT4_WORDS_MODES:
+        raise ValueError(f"decode config INT4_WORDS must be one of {_INT4_WORDS_MODES}, got "
+                         f"{cfg['INT4_WORDS']!r} (mode 3 was removed: it failed the 128k flat-context accuracy bound)")
+
+
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_kv_len: int, device: torch.device,
                       quant: int = 0, tokens_per_row: int = 1, tile_rows: int = 16) -> int:
     """Splits per (sequence, kv head): enough programs for about WAVES waves over the SMs, at most one split per
@@ -360,6 +352,7 @@ def decode_into(
     if num_splits is None:
         num_splits = decode_num_splits(N, Hkv, block_tables.shape[1] * page_size, q.device, quant, T, block_h)
     cfg = _config(_decode_config(q.device, quant, T, block_h), _INTERPRET_DECODE, q)
+    _check_decode_config(cfg)
     part_o = torch.empty((N * T, Hq, num_splits, D), dtype=torch.float32, device=q.device)
     part_lse = torch.empty((N * T, Hq, num_splits), dtype=torch.float32, device=q.device)
     BLOCK_D = triton.next_power_of_2(D)
@@ -368,7 +361,6 @@ def decode_into(
               and all(st % 2 == 0 for st in (*k_cache.stride()[:3], *v_cache.stride()[:3])))
     # int4 as 16-bit words: four planes of >= 16 columns, a row of whole words (the strides are even: planes)
     words = (int(cfg.get("INT4_WORDS", 0)) if planes and quant == 3 and BLOCK_D >= 64 and D % 4 == 0 else 0)
-    subnormal = planes and quant == 2 and bool(cfg.get("INT8_SUBNORMAL"))
     _decode_split_kernel[(N, Hkv, num_splits)](
         q, k_cache, v_cache, ks, vs, block_tables, seq_lens, part_o, part_lse,
         scale * _LOG2E, num_splits,
@@ -380,7 +372,7 @@ def decode_into(
         BLOCK_H=block_h, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=BLOCK_D,
         UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
         F16_DOTS=q.dtype == torch.bfloat16 and q.is_cuda and (bool(cfg.get("F16_DOTS")) and quant == 1 or planes),
-        PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")), WORDS=words, TOKENS=T, SUBNORMAL=subnormal,
+        PLANES=planes, V_REGS=planes and bool(cfg.get("V_REGS")), WORDS=words, TOKENS=T,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q.device),
     )
     _decode_reduce_kernel[(N * T, Hq)](
