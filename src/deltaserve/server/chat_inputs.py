@@ -33,6 +33,7 @@ def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool,
     strict tools)."""
     tools = req.tools or []
     choice = req.tool_choice
+    _check_unique_names(tools)
     if not tools:
         if choice not in (None, "none"):
             raise bad_request("'tool_choice' needs 'tools'; list the tools the model may call", "tool_choice")
@@ -52,6 +53,18 @@ def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool,
     schemas = {t.function.name: t.function.parameters or {} for t in tools}
     one_call = getattr(req, "parallel_tool_calls", None) is False  # (a tokenize request has no such field)
     return ToolsPlan([_tool_dict(t) for t in tools], schemas, parse, 1 if one_call else None)
+
+
+def _check_unique_names(tools: list[Tool]) -> None:
+    """A call names its tool: with two tools of one name its arguments were read (and, when forced, constrained) by
+    either schema. OpenAI's and other providers' APIs refuse such requests too."""
+    first: dict[str, int] = {}
+    for j, tool in enumerate(tools):
+        i = first.setdefault(tool.function.name, j)
+        if i != j:
+            param = f"tools.{j}.function.name"
+            raise bad_request(f"'{param}': {tool.function.name!r} is also the name of tools.{i}; tool names must be "
+                              "unique (the model calls a tool by its name): rename one or send it once", param)
 
 
 def _tool_dict(tool: Tool) -> dict[str, Any]:
