@@ -152,11 +152,25 @@ TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "ob
 
 @pytest.mark.parametrize("tool_choice", ["none", {"type": "function", "function": {"name": "g"}}, "auto"])
 def test_tokenize_counts_the_tools_chat_lists(app, tool_choice):
-    # chat lists only the named one; tokenize listed them all whatever the choice
+    # tokenize lists the tools chat lists, whatever the choice
     body = {"messages": [USER], "tools": TOOLS, "tool_choice": tool_choice}
     chat = app.post("/v1/chat/completions", {**body, "max_tokens": 1})
     assert chat.status_code == 200, chat.text
     assert app.post("/v1/tokenize", body).json()["count"] == chat.json()["usage"]["prompt_tokens"]
+
+
+def test_a_named_tool_choice_keeps_every_tool_in_the_prompt(app):
+    # as vLLM: the grammar forces the call, the prompt is the one "auto" renders. Listing only the named tool changed
+    # the prompt from its tools block on, so an agent loop that forces its last call found nothing in the prefix
+    # cache, and the history's calls of other tools named tools the prompt no longer listed
+    history = [{"role": "system", "content": "You plan trips."}, USER]
+    named = {"type": "function", "function": {"name": "g"}}
+    assert app.prompt(messages=history, tools=TOOLS, tool_choice=named) == app.prompt(messages=history, tools=TOOLS)
+    chat = [app.post("/v1/chat/completions", {"messages": history, "tools": TOOLS, "tool_choice": choice,
+                                              "max_tokens": 1}) for choice in ("auto", named)]
+    assert chat[1].status_code == 200, chat[1].text
+    usage = chat[1].json()["usage"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] > usage["prompt_tokens"] // 2, usage
 
 
 def test_tool_choice_none_keeps_the_tools_in_the_prompt(app):

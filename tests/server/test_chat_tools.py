@@ -45,3 +45,15 @@ def test_tool_choice_none_lists_the_tools_but_parses_no_call():
 @pytest.mark.parametrize("parallel, most", [(None, None), (True, None), (False, 1)])
 def test_parallel_tool_calls_false_allows_one_call(parallel, most):
     assert resolve_tools(_request(parallel_tool_calls=parallel), parse=True).max_calls == most
+
+
+@pytest.mark.parametrize("choice", [None, "none", "required"])
+def test_duplicate_tool_names_are_a_400_naming_the_second(choice):
+    # the model calls a tool by its name: a second tool of that name was listed in the prompt, but its call was
+    # parsed (and, when forced, constrained) by either schema, so its arguments could fit neither
+    other = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    req = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], tools=[WEATHER, PING, other],
+                                tool_choice=choice)
+    with pytest.raises(APIError, match="'get_weather' is also the name of tools.0") as e:
+        resolve_tools(req, parse=True)
+    assert e.value.status == 400 and e.value.param == "tools.2.function.name"

@@ -169,6 +169,16 @@ def test_reasoning_parser_none_still_sends_null_reasoning_fields(client):
     assert deltas and all(d["reasoning_content"] is None and d["reasoning"] is None for d in deltas)
 
 
+def test_reasoning_parser_none_constrains_from_the_first_token(client):
+    """Without the parser the open <think> block would be content: a JSON response format starts at once, so the
+    content is JSON (it held the reasoning and '</think>' before the JSON when the constraint waited for it)."""
+    body = {**THINK_CHAT.request(), "max_tokens": 60, "temperature": 0, "response_format": {"type": "json_object"}}
+    c = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert c["message"]["content"].lstrip().startswith("{") and "</think>" not in c["message"]["content"]
+    if c["finish_reason"] == "stop":
+        assert isinstance(json.loads(c["message"]["content"]), dict)
+
+
 def test_trusted_request_template_renders(client):
     template = "{% for m in messages %}<<{{ m.content }}>>{% endfor %}"
     r = client.post("/v1/tokenize", json={"messages": [{"role": "user", "content": "hi"}], "chat_template": template})

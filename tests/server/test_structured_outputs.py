@@ -125,6 +125,11 @@ def test_named_function_and_strict_auto(client):
                                                                                                  "days": 3}
 
 
+def _tool(name: str, properties: dict, **kw) -> dict:
+    return {"type": "function", "function": {"name": name, "parameters": {"type": "object", "properties": properties},
+                                             **kw}}
+
+
 @pytest.mark.parametrize("body, param, words", [
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
         "type": "array", "uniqueItems": True}}}}, "response_format.json_schema.schema", "uniqueItems"),
@@ -138,7 +143,16 @@ def test_named_function_and_strict_auto(client):
     ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
      "response_format", "both constrain"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
-        "when": {"type": "string", "format": "email"}}}}}], "tool_choice": "required"}, "tool_choice", "email"),
+        "when": {"type": "string", "format": "email"}}}}}], "tool_choice": "required"}, "tools.0.function.parameters",
+     "email"),
+    # the tool whose schema cannot be enforced is named, whichever field asked to enforce it
+    ({"tools": [WEATHER_TOOL, _tool("g", {"n": {"type": "strng"}})], "tool_choice": "required"},
+     "tools.1.function.parameters", "function 'g'"),
+    ({"tools": [WEATHER_TOOL, _tool("g", {"n": {"type": "integer", "minimum": "x"}})],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tools.1.function.parameters", "minimum"),
+    ({"tools": [WEATHER_TOOL, _tool("g", {"n": {"type": "strng"}}, strict=True)]}, "tools.1.function.parameters",
+     "strng"),
+    ({"tools": [_tool("get weather", {})], "tool_choice": "required"}, "tools.0.function.name", "get weather"),
 ])
 def test_unenforceable_constraints_are_a_400_naming_the_field(http, body, param, words):
     r = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES, **body})

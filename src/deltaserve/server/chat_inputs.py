@@ -28,11 +28,12 @@ def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool,
                   exclude_tools_when_none: bool = False) -> ToolsPlan:
     """tool_choice: "none" parses nothing (a call the model writes stays content) but, as in vLLM, still lists the
     tools, so that the prompt, and its cached prefix, is the one the other choices render; the server option
-    --exclude-tools-when-tool-choice-none (exclude_tools_when_none) leaves them out. A named function lists only
-    that tool; "auto" and "required" list them all (server/structured.py enforces "required", a named function and
-    strict tools)."""
+    --exclude-tools-when-tool-choice-none (exclude_tools_when_none) leaves them out. The other choices list them all,
+    a named function too, as vLLM does (server/structured.py enforces "required", a named function and strict
+    tools)."""
     tools = req.tools or []
     choice = req.tool_choice
+    _check_unique_names(tools)
     if not tools:
         if choice not in (None, "none"):
             raise bad_request("'tool_choice' needs 'tools'; list the tools the model may call", "tool_choice")
@@ -44,14 +45,24 @@ def resolve_tools(req: ChatCompletionRequest | TokenizeRequest, *, parse: bool,
         raise bad_request("a forced tool call (tool_choice 'required' or a named function) needs the tool-call parser, "
                           "and this server runs with --tool-call-parser none; send tool_choice 'auto' or 'none', or "
                           "restart the server with --tool-call-parser qwen3_coder", "tool_choice")
-    if isinstance(choice, NamedToolChoice):
-        tools = [t for t in tools if t.function.name == choice.function.name]
-        if not tools:
-            raise bad_request(f"'tool_choice' names function {choice.function.name!r}, which is not in 'tools'",
-                              "tool_choice.function.name")
+    if isinstance(choice, NamedToolChoice) and not any(t.function.name == choice.function.name for t in tools):
+        raise bad_request(f"'tool_choice' names function {choice.function.name!r}, which is not in 'tools'",
+                          "tool_choice.function.name")
     schemas = {t.function.name: t.function.parameters or {} for t in tools}
     one_call = getattr(req, "parallel_tool_calls", None) is False  # (a tokenize request has no such field)
     return ToolsPlan([_tool_dict(t) for t in tools], schemas, parse, 1 if one_call else None)
+
+
+def _check_unique_names(tools: list[Tool]) -> None:
+    """A call names its tool: with two tools of one name its arguments were read (and, when forced, constrained) by
+    either schema. OpenAI's and other providers' APIs refuse such requests too."""
+    first: dict[str, int] = {}
+    for j, tool in enumerate(tools):
+        i = first.setdefault(tool.function.name, j)
+        if i != j:
+            param = f"tools.{j}.function.name"
+            raise bad_request(f"'{param}': {tool.function.name!r} is also the name of tools.{i}; tool names must be "
+                              "unique (the model calls a tool by its name): rename one or send it once", param)
 
 
 def _tool_dict(tool: Tool) -> dict[str, Any]:

@@ -83,9 +83,12 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     prompt, opens_reasoning = rendered.ids, rendered.opens_reasoning
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     check_lengths(len(prompt), params, state.limits, prompt_field="messages", max_tokens_field=max_field)
-    # an open <think> block comes first: the constraint starts after the model closes it
-    params = with_structured(params, await compile_spec(state, chat_spec(req, reasoning=opens_reasoning)))
     reasoning = state.config.reasoning_parser != "none"
+    # an open <think> block comes first: the constraint starts after the model closes it. Without the reasoning
+    # parser the block would be content, so the constraint starts at once (as vLLM's does without one): else a
+    # JSON response's content held the reasoning and "</think>" before the JSON
+    spec = chat_spec(req, reasoning=opens_reasoning and reasoning)
+    params = with_structured(params, await compile_spec(state, spec))
     strip = state.strip if req.skip_special_tokens else ()
 
     def new_parser() -> OutputParser:

@@ -16,7 +16,9 @@ from typing import Any
 from deltaserve.server.errors import APIError, bad_request
 from deltaserve.server.protocol import ChatCompletionRequest, NamedToolChoice, _SamplingFields
 from deltaserve.server.state import ServerState
-from deltaserve.structured import StructuredError, StructuredSpec
+from deltaserve.server.tool_parser import NAME
+from deltaserve.structured import StructuredError, StructuredKind, StructuredSpec
+from deltaserve.structured.compiler import GrammarCompiler
 
 _STRUCTURED_OUTPUTS_KINDS = ("json", "regex", "choice", "grammar", "json_object")
 # vLLM options of structured_outputs that change nothing here (the backend is llguidance, JSON is compact), and
@@ -74,13 +76,39 @@ async def compile_spec(state: ServerState, found: tuple[StructuredSpec, str] | N
         return None
     spec, field = found
     compiler = state.engine.engine.structured.compiler
-    try:
-        if compiler.cached(spec) is None:
-            await asyncio.to_thread(compiler.compile, spec)
-    except StructuredError as e:
-        raise APIError(400, f"'{field}' cannot be enforced: {e}", param=field, code="invalid_structured_output") \
-            from None
+    if compiler.cached(spec) is None:
+        await asyncio.to_thread(_compile, compiler, spec, field)
     return spec
+
+
+def _compile(compiler: GrammarCompiler, spec: StructuredSpec, field: str) -> None:
+    try:
+        compiler.compile(spec)
+    except StructuredError as e:
+        culprit = _failing_tool(compiler, spec, field) if spec.kind is StructuredKind.TOOL_CALLS else None
+        raise culprit or APIError(400, f"'{field}' cannot be enforced: {e}", param=field,
+                                  code="invalid_structured_output") from None
+
+
+def _failing_tool(compiler: GrammarCompiler, spec: StructuredSpec, field: str) -> APIError | None:
+    """The first enforced tool whose call does not compile on its own: the error names it (its index in 'tools'),
+    not only the field that asked for enforcement. Runs only once the whole constraint failed."""
+    body = json.loads(spec.spec)
+    choice = body["choice"]
+    for i, tool in enumerate(body["tools"]):
+        fn = tool.get("function") or {}
+        name = fn.get("name")
+        if (choice == "auto" and not fn.get("strict")) or (isinstance(choice, dict) and
+                                                          name != choice["function"]["name"]):
+            continue  # not enforced by this request
+        try:
+            compiler.compile(StructuredSpec.tool_calls([tool], {"function": {"name": name}}, parallel=False))
+        except StructuredError as e:
+            param = f"tools.{i}.function.{'parameters' if NAME.fullmatch(str(name)) else 'name'}"
+            why = "it is strict" if field == "tools" else "'tool_choice' asks for its calls"
+            return APIError(400, f"'{param}' (function {name!r}) cannot be enforced, as {why}: {e}", param=param,
+                            code="invalid_structured_output")
+    return None
 
 
 def _response_format(req: _SamplingFields, reasoning: bool) -> tuple[StructuredSpec, str] | None:
