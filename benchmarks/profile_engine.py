@@ -49,6 +49,14 @@ def skip_model(llm) -> None:
     runner.execute_model = model_logits
 
 
+def check_finished(outputs, output_len: int) -> None:
+    """A timing is only worth printing if every request ran to its length (a failed step ends requests early)."""
+    short = [(o.request_id, c.finish_reason, len(c.token_ids)) for o in outputs for c in o.outputs
+             if len(c.token_ids) != output_len]
+    if short:
+        raise SystemExit(f"{len(short)} requests did not run to {output_len} tokens (id, finish, tokens): {short[:4]}")
+
+
 def allocator_retries() -> int:
     return torch.cuda.memory_stats().get("num_alloc_retries", 0) if torch.cuda.is_available() else 0
 
@@ -256,6 +264,10 @@ def main() -> None:
                     help="with --speculative-tokens: the mean tokens a verify step keeps (random weights accept "
                          "nothing otherwise), e.g. the published 3.39 at K = 3")
     args = ap.parse_args()
+    if args.no_model and args.speculative_tokens:
+        # the MTP head drafts from the model's hidden states: without the model there is nothing to draft from
+        ap.error("--no-model cannot run with --speculative-tokens (MTP drafts from the model's hidden states); "
+                 "use --timeline with the model for the host phases of verify steps")
     from deltaserve import LLM, SamplingParams
 
     g = torch.Generator().manual_seed(0)
@@ -291,7 +303,7 @@ def main() -> None:
             return
         if args.no_model:
             t0 = time.perf_counter()
-            llm.generate(prompts, sp)
+            check_finished(llm.generate(prompts, sp), args.output_len)
             steps = args.output_len + 1
             print(f"engine host time without the model: {(time.perf_counter() - t0) / steps * 1e3:.2f} ms per step "
                   f"(~{steps} steps, batch {args.num_prompts})", flush=True)

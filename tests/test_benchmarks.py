@@ -248,6 +248,8 @@ BAD_ARGUMENTS = [  # each failed deep inside the run (a traceback, or a loop tha
     ("bench_host_prefix", ["--repeats", "0"], "argument --repeats: 0 is below 1"),
     ("bench_batch_build", ["--reps", "x"], "argument --reps: 'x' is not an integer"),
     ("profile_engine", ["--model", "tiny", "--output-len", "0", "--no-model"], "argument --output-len: 0 is below 1"),
+    ("profile_engine", ["--model", "tiny", "--no-model", "--speculative-tokens", "3"],
+     "--no-model cannot run with --speculative-tokens"),
     ("profile_resume", ["--model", "tiny", "--turns", "0"], "argument --turns: 0 is below 1"),
     ("project_tp", ["--batches", "0"], "argument --batches: 0 is below 1"),
     ("capacity", ["--models", "7B"], "argument --models: invalid choice: '7B'"),
