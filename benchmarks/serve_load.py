@@ -120,7 +120,33 @@ def make_payloads(args: argparse.Namespace, model: str) -> tuple[list[dict[str, 
     return timed, [make_payload(args, model, rnd) for _ in range(args.warmup)]
 
 
+def one_concurrency(value: Any) -> int:
+    """The client count of one run, from what --concurrency takes: an integer >= 1, as a number, its text, or the
+    one-value list parse_args makes of it (several values are a sweep: main() makes one run of each)."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"concurrency {value!r}: run_load makes one run, so give one value (main() sweeps "
+                             "several, one run_load each)")
+        value = value[0]
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError
+        count = int(value)  # text as argparse's type=int reads it
+    except ValueError:
+        raise ValueError(f"concurrency {value!r} is not an integer; give the number of clients, e.g. 16") from None
+    if count < 1:
+        raise ValueError(f"concurrency {value!r}: it must be >= 1 (the number of clients streaming at once)")
+    return count
+
+
 async def run_load(args: argparse.Namespace) -> tuple[list[RequestResult], float, str]:
+    """One run: args as parse_args makes them (--num-requests left out: as main() picks it)."""
+    concurrency = one_concurrency(args.concurrency)
+    args = argparse.Namespace(**{**vars(args), "concurrency": concurrency})
+    if args.num_requests is not None and (isinstance(args.num_requests, bool) or not isinstance(args.num_requests, int)
+                                          or args.num_requests < 1):
+        raise ValueError(f"num_requests {args.num_requests!r}: give an integer >= 1, or None for main()'s default")
+    args.num_requests = requests_for(args, concurrency)
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency + 8, max_keepalive_connections=args.concurrency + 8)
     timeout = httpx.Timeout(args.timeout, connect=30)

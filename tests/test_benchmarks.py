@@ -296,3 +296,43 @@ def test_gil_bench_plumbing_on_cpu(monkeypatch, capsys):
     step_ms, on_cpu, _, _, _, loop_cpu = (float(x) for x in served.split("|")[1:7])
     assert step_ms > 0 and on_cpu > 0 and loop_cpu > 0  # the server's engine steps and event loop were seen
     assert "baseline: served 2 ms" in out and "engine alone (floor)" in out
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_load_run_load_takes_the_concurrency_as_the_cli_gives_it():
+    """run_load as a library call: parse_args gives --concurrency as a list (a sweep's values) and leaves
+    --num-requests to main; run_load failed on `list + int`. Here it runs one value as main does (against a closed
+    port: every request fails at once, which still counts them), and refuses what the CLI refuses, naming it."""
+    import asyncio
+
+    import pytest
+
+    from benchmarks import serve_load
+
+    argv = ["--url", f"http://127.0.0.1:{_closed_port()}", "--model", "m", "--warmup", "0", "--concurrency"]
+    for given, requests in ((["3"], 12), (["3", "--num-requests", "5"], 5)):  # 4 per client unless given
+        args = serve_load.parse_args(argv + given)
+        results, _, model = asyncio.run(serve_load.run_load(args))
+        assert len(results) == requests and not any(r.ok for r in results) and model == "m"
+    args = serve_load.parse_args(argv + ["3"])
+    for value in (3, "3", [3]):
+        args.concurrency, args.num_requests = value, 2
+        assert len(asyncio.run(serve_load.run_load(args))[0]) == 2
+    for value, words in (([1, 16], "one run"), (0, ">= 1"), (-2, ">= 1"), ("many", "an integer"), (2.5, "an integer"),
+                         (True, "an integer"), ([], "one run"), (None, "an integer")):
+        args.concurrency = value
+        with pytest.raises(ValueError, match="concurrency") as e:
+            asyncio.run(serve_load.run_load(args))
+        assert words in str(e.value), (value, str(e.value))
+    args.concurrency = 2
+    for value in (0, -1, "5"):
+        args.num_requests = value
+        with pytest.raises(ValueError, match="num_requests"):
+            asyncio.run(serve_load.run_load(args))

@@ -57,3 +57,33 @@ def test_duplicate_tool_names_are_a_400_naming_the_second(choice):
     with pytest.raises(APIError, match="'get_weather' is also the name of tools.0") as e:
         resolve_tools(req, parse=True)
     assert e.value.status == 400 and e.value.param == "tools.2.function.name"
+
+
+def test_parallel_calls_in_one_step_stream_as_openai_does():
+    """Several calls in one engine step (MTP, or text a stop string held back): each call's first delta has its
+    id, type, name and arguments "", its arguments come in the next chunk, each call has its own index."""
+    from itertools import count
+
+    from deltaserve.server.output_parser import OutputParser
+    from deltaserve.server.serving_chat import _delta_bodies
+
+    ids = count()
+    parser = OutputParser(tools={"a": {}, "b": {}}, parse_tools=True, parse_reasoning=False,
+                          id_factory=lambda: f"call_{next(ids)}")
+    step = parser.feed("Sure.\n<tool_call>\n<function=a>\n<parameter=x>\n1\n</parameter>\n</function>\n"
+                       "</tool_call>\n<tool_call>\n<function=b>\n</function>\n</tool_call>\n<tool_call>\n"
+                       "<function=a>\n<parameter=y>\n2")
+    step.extend(parser.finish())
+    bodies = _delta_bodies(step, show_reasoning=False)
+    assert bodies[0]["content"] == "Sure." and all("content" not in b for b in bodies[1:])
+    assert all(b["reasoning_content"] is None and b["reasoning"] is None for b in bodies)
+    calls = [c for b in bodies for c in b["tool_calls"]]
+    assert [(c["index"], c.get("id"), c.get("type"), c["function"].get("name")) for c in calls if "id" in c] == [
+        (0, "call_0", "function", "a"), (1, "call_1", "function", "b"), (2, "call_2", "function", "a")]
+    assert all(c["function"]["arguments"] == "" for c in calls if "id" in c)
+    assert all(set(c) == {"index", "function"} and set(c["function"]) == {"arguments"} for c in calls if "id" not in c)
+    args = {i: "".join(c["function"]["arguments"] for c in calls if c["index"] == i) for i in range(3)}
+    assert args == {0: '{"x": "1"}', 1: "{}", 2: '{"y": "2"}'}
+    for body in bodies:  # a call's arguments never share a chunk with its own header
+        headers = {c["index"] for c in body["tool_calls"] if "id" in c}
+        assert not any(c["index"] in headers for c in body["tool_calls"] if "id" not in c)

@@ -257,3 +257,45 @@ def test_where_a_value_ends_without_what_follows_its_tag(text, args):
     assert [json.loads(c.arguments) for c in one_shot.tool_calls] == [args] and one_shot.content == ""
     for chunks in splits(text, seed=6, trials=30):
         assert run(chunks, tools=WRITE_FILE) == one_shot
+
+
+ANY_ARGS = {"write_file": {}}  # no schema: every parameter name is one the tool may have
+
+
+@pytest.mark.parametrize("tools", [WRITE_FILE, ANY_ARGS], ids=["declared", "no_schema"])
+@pytest.mark.parametrize("body, args", [
+    # text after a closing tag on its own line, then the next parameter: the value ends where that one starts
+    ("<parameter=content>\nx\n</parameter>\njunk\n<parameter=path>\na.xml\n</parameter>\n",
+     {"content": "x\n</parameter>\njunk", "path": "a.xml"}),
+    # the same with a parameter after it that closes properly
+    ("<parameter=content>\nx\n</parameter>\njunk\n<parameter=path>\na.xml\n</parameter>\n<parameter=meta>\n{}\n"
+     "</parameter>\n", {"content": "x\n</parameter>\njunk", "path": "a.xml", "meta": {}}),
+    # </parameter> missing before the next parameter's line
+    ("<parameter=content>\nx\n<parameter=path>\na.xml\n</parameter>\n", {"content": "x", "path": "a.xml"}),
+    # a closing tag the format's next tag follows after all: it ends the value, which keeps the line-start header
+    ("<parameter=content>\nx\n</parameter>\njunk\n<parameter=path>\na\n</parameter>\n</parameter>\n",
+     {"content": "x\n</parameter>\njunk\n<parameter=path>\na\n</parameter>"}),
+    # not on a line of its own, the header is text of the value (vLLM's qwen3coder_tool_parser reads it so too)
+    ("<parameter=content>\nx</parameter> junk <parameter=path>a.xml</parameter>\n",
+     {"content": "x</parameter> junk <parameter=path>a.xml"}),
+], ids=["junk_line", "junk_line_then_more", "missing_close", "later_close_wins", "inline_junk"])
+def test_text_after_a_closing_tag_does_not_swallow_the_next_parameter(tools, body, args):
+    """A model that wrote text after a </parameter> (malformed markup) got the parameters after it swallowed into
+    the value: the closing tag did not end it, and the next parameter's own </parameter> then did. As vLLM's
+    qwen3coder_tool_parser does, a <parameter=NAME> at a line's start inside a value pairs with a </parameter>, and
+    a value no closing tag ends stops at the first such header of a parameter the tool has; streamed or not."""
+    text = "<tool_call>\n<function=write_file>\n" + body + "</function>\n</tool_call> after"
+    one_shot = run([text], tools=tools)
+    if tools is ANY_ARGS:
+        args = {k: json.dumps(v) if isinstance(v, dict) else v for k, v in args.items()}
+    assert [json.loads(c.arguments) for c in one_shot.tool_calls] == [args] and one_shot.content == "after"
+    for i, chunks in enumerate(splits(text, seed=7, trials=60)):
+        assert run(chunks, tools=tools) == one_shot, f"split {i}: {chunks}"
+
+
+def test_a_header_of_a_parameter_the_tool_lacks_does_not_end_a_value():
+    text = ("<tool_call>\n<function=write_file>\n<parameter=content>\nx\n</parameter>\njunk\n<parameter=typo>\n2\n"
+            "</parameter>\n</function>\n</tool_call>")
+    out = run([text], tools=WRITE_FILE)
+    assert [json.loads(c.arguments) for c in out.tool_calls] == [
+        {"content": "x\n</parameter>\njunk\n<parameter=typo>\n2\n</parameter>"}]

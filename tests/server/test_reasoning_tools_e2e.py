@@ -100,3 +100,28 @@ def test_tokenize_chat_lists_the_tools(http):
     text = http.post("/v1/detokenize", json={"tokens": with_tools["tokens"]}).json()["prompt"]
     assert "tools: get_weather" in text and text.endswith("<|im_start|>assistant\n<think>\n")
     assert with_tools["count"] > without["count"]
+
+
+def test_streamed_tool_call_deltas_follow_openai_with_n_choices(client):
+    """OpenAI's stream: a call's first delta carries its id, type, name and arguments "", the deltas after it only
+    arguments, each choice numbering its own calls from 0, and each choice ends with finish_reason "tool_calls".
+    The header and the first arguments arrived in one engine delta (here: the stop string holds back
+    "<function=get_weather>\\n<parameter=city>\\n", a prefix of it, until "P" breaks the match; MTP's multi-token
+    steps do the same), and that first delta carried arguments '{"city": "P' with the name."""
+    stop = "<function=get_weather>\n<parameter=city>\nLondon"
+    full = _create(client, TOOL_CHAT, stop=[stop]).choices[0].message
+    deltas: dict[int, list] = {0: [], 1: []}
+    finish = {}
+    for chunk in _create(client, TOOL_CHAT, stream=True, n=2, stop=[stop]):
+        for c in chunk.choices:
+            deltas[c.index] += c.delta.tool_calls or []
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    for choice in (0, 1):
+        first, *rest = deltas[choice]
+        assert (first.index, first.type, first.function.name, first.function.arguments) == (0, "function",
+                                                                                              "get_weather", "")
+        assert first.id.startswith("call_") and rest
+        assert all(d.index == 0 and d.id is None and d.type is None and d.function.name is None for d in rest)
+        assert "".join(d.function.arguments for d in rest) == full.tool_calls[0].function.arguments
+    assert deltas[0][0].id != deltas[1][0].id

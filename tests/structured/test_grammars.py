@@ -217,6 +217,7 @@ def _consumes(compiler, tokenizer, tool, text: str) -> bool:
     "a </function> b </parameter>!",  # a literal </function> too
     "ends with the tag </parameter>",  # the last one before the real end
     "</function>\n</parameter>",  # closing tags no tag of the format follows
+    "x <parameter=path>\ny",  # a header inside a line
 ])
 def test_forced_text_values_may_hold_closing_tags(compiler, tokenizer, tool, content):
     """A forced call (a code-editing tool writing XML) could not write "</parameter>" in a text value at all; the
@@ -236,6 +237,7 @@ def test_forced_text_values_may_hold_closing_tags(compiler, tokenizer, tool, con
     "x</function> <function=ping>",
     "x</tool_call>",
     "</parameter>\n</parameter>\n</function>",  # the second closing tag is followed by one that ends the function
+    "x\n<parameter=path>\nb.xml",  # a header at a line's start takes the value's own closing tag
 ])
 def test_forced_text_values_refuse_closing_tags_the_parser_would_end_them_at(compiler, tokenizer, tool, content):
     text = _write_file_call(content)
@@ -243,6 +245,14 @@ def test_forced_text_values_refuse_closing_tags_the_parser_would_end_them_at(com
     calls = _tool_calls(text, schemas).tool_calls
     assert not calls or json.loads(calls[0].arguments).get("content") != content  # the text is ambiguous
     assert not _consumes(compiler, tokenizer, tool, text), text
+
+
+@pytest.mark.parametrize("tool", [WRITE_FILE, ANY_ARGS], ids=["declared", "free"])
+def test_forced_text_values_hold_no_header_at_a_line_start(compiler, tokenizer, tool):
+    """The parser pairs a "<parameter=" at a line's start with the next closing tag (vLLM's nesting): the grammar
+    cannot count the pairs, so a text value has no such header at all, even where they pair up."""
+    for content in ["<parameter=x>\ny\n</parameter>", "a\n<parameter=x>b</parameter> c"]:
+        assert not _consumes(compiler, tokenizer, tool, _write_file_call(content)), content
 
 
 def test_a_text_value_may_end_the_function_when_the_rest_is_optional(compiler, tokenizer):
@@ -266,10 +276,11 @@ def test_an_enum_text_value_the_parser_would_cut_cannot_be_chosen(compiler, toke
     assert _consumes(compiler, tokenizer, tool, _write_file_call(whole))
 
 
-def test_an_enum_whose_every_choice_the_parser_would_cut_is_refused(compiler):
+@pytest.mark.parametrize("choice", ["x</tool_call>", "x\n<parameter=y>\nz\n</parameter>"])
+def test_an_enum_whose_every_choice_the_parser_would_cut_is_refused(compiler, choice):
     """It compiled, but no value could ever be finished: the request hung until max_tokens."""
     params = WRITE_FILE["function"]["parameters"]
     tool = {"type": "function", "function": {"name": "write_file", "parameters": {
-        **params, "properties": {**params["properties"], "content": {"type": "string", "enum": ["x</tool_call>"]}}}}}
+        **params, "properties": {**params["properties"], "content": {"type": "string", "enum": [choice]}}}}}
     with pytest.raises(StructuredError, match="no choice of its enum can be written as a tool-call value"):
         compiler.compile(StructuredSpec.tool_calls([tool], "required"))

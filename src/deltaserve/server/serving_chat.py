@@ -186,10 +186,13 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
             parsed, logprobs = _apply(choice, delta, strings)
             visible = parsed.content or parsed.tool_calls or (parsed.reasoning and job.show_reasoning)
             if visible or logprobs or delta.finished:
-                yield chunk({"index": delta.index, "delta": _delta_body(parsed, job.show_reasoning),
-                             "logprobs": {"content": logprobs} if logprobs else None,
-                             "finish_reason": choice.finish_reason_out() if delta.finished else None,
-                             "stop_reason": choice.stop_reason if delta.finished else None})
+                bodies = _delta_bodies(parsed, job.show_reasoning)
+                for k, body in enumerate(bodies):  # the step's logprobs on its first chunk, its end on its last
+                    end = delta.finished and k == len(bodies) - 1
+                    yield chunk({"index": delta.index, "delta": body,
+                                 "logprobs": {"content": logprobs} if logprobs and k == 0 else None,
+                                 "finish_reason": choice.finish_reason_out() if end else None,
+                                 "stop_reason": choice.stop_reason if end else None})
         if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(job, choices)})
     except APIError as e:
@@ -200,18 +203,23 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
     yield DONE
 
 
-def _delta_body(parsed: ParsedDelta, show_reasoning: bool) -> dict[str, Any]:
-    body: dict[str, Any] = _reasoning_fields(parsed.reasoning, show_reasoning)
+def _delta_bodies(parsed: ParsedDelta, show_reasoning: bool) -> list[dict[str, Any]]:
+    """The deltas of what one engine step produced: one, or one more after each call that starts with arguments in
+    the same step (several tokens at once: MTP, text a stop string held back). As OpenAI's stream has it, a call's
+    first delta carries its id, type, name and arguments "", the deltas after it only arguments."""
+    bodies: list[dict[str, Any]] = [_reasoning_fields(parsed.reasoning, show_reasoning)]
     if parsed.content:
-        body["content"] = parsed.content
-    if parsed.tool_calls:
-        calls = []
-        for c in parsed.tool_calls:
-            call: dict[str, Any] = {"index": c.index}
-            if c.id is not None:
-                call.update(id=c.id, type="function", function={"name": c.name, "arguments": c.arguments})
-            else:
-                call["function"] = {"arguments": c.arguments}
-            calls.append(call)
-        body["tool_calls"] = calls
-    return body
+        bodies[0]["content"] = parsed.content
+    calls: list[dict[str, Any]] = []
+    for c in parsed.tool_calls:
+        if c.id is not None:
+            calls.append({"index": c.index, "id": c.id, "type": "function",
+                          "function": {"name": c.name, "arguments": ""}})
+            if not c.arguments:
+                continue
+            bodies[-1]["tool_calls"], calls = calls, []
+            bodies.append(_reasoning_fields("", show_reasoning))
+        calls.append({"index": c.index, "function": {"arguments": c.arguments}})
+    if calls:
+        bodies[-1]["tool_calls"] = calls
+    return bodies

@@ -12,9 +12,13 @@ Arguments are typed by the tool's JSON schema (integer, number, boolean, object,
 kept). The JSON arguments string is built as the text streams in: string values flow out character by character,
 other values once their closing tag arrives. The fragments concatenate to exactly json.dumps(arguments), so a
 streaming client and a non-streaming one see the same arguments. A closing tag ends a value only where the
-format's next tag (or the end of the output) follows it, as recent vLLM's qwen3_coder parser reads it: a value may hold
-the text "</parameter>" (though not "</parameter>" then "<parameter=", which reads as two). Older Qwen3 JSON bodies
-(`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`) are accepted too.
+format's next tag (or the end of the output) follows it, as vLLM's qwen3coder_tool_parser reads it: a value may hold
+the text "</parameter>" (though not "</parameter>" then "<parameter=", which reads as two). As there, a
+"<parameter=" at the start of a line inside a value opens a nested parameter whose "</parameter>" is text, and a
+value that no closing tag ends (text after its "</parameter>", or that tag missing) stops at the first such line of
+a parameter the tool has ("<parameter=NAME>", any name for a tool without properties), so malformed markup does not
+swallow the parameters after it. Older Qwen3 JSON bodies (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`)
+are accepted too.
 
 Every decision depends only on the text seen so far, never on how it was split into deltas.
 """
@@ -37,7 +41,9 @@ _FUNCTION_END = "</function>"
 _PARAMETER = "<parameter="
 _PARAMETER_END = "</parameter>"
 _VALUE_ENDS = (_PARAMETER_END, _FUNCTION_END, TOOL_CALL_END)  # a missing </parameter> still ends the value
-_PARTIAL_ENDS = [*("\n" + t for t in _VALUE_ENDS), *_VALUE_ENDS]  # a value's text ending in one may be its end
+# a value's text ending in a prefix of one of these may be at its end, or at a line-start parameter header
+_PARTIAL_ENDS = [*("\n" + t for t in (*_VALUE_ENDS, _PARAMETER)), *_VALUE_ENDS, _PARAMETER]
+_FALLBACK = "fallback"  # _scan_value's tag for a value that ends where a later parameter's header starts
 # What the format writes after a closing tag (whitespace aside): a closing tag followed by anything else is text of
 # the value, such as a file an agent writes that holds "</parameter>". </tool_call> always ends it.
 _FOLLOWERS = {_PARAMETER_END: (_PARAMETER, _FUNCTION_END, TOOL_CALL_END), _FUNCTION_END: (TOOL_CALL_END, _FUNCTION)}
@@ -71,6 +77,16 @@ class ToolStep:
     malformed: str | None = None
 
 
+@dataclass
+class _ValueScan:
+    """How much of the text of the parameter value being read is decided (the parser's buffer holds that text)."""
+
+    pos: int = 0  # the text before pos holds no tag that ends the value
+    depth: int = 0  # line-start "<parameter=" in the value whose "</parameter>" has not come: that one is text
+    fallback: int | None = None  # the first line-start header of a parameter the tool has: a value no tag ends stops
+    sent: int = 0  # characters of a text value already streamed
+
+
 class _State(Enum):
     HEADER = "header"  # before <function=NAME>
     BODY = "body"      # between parameters
@@ -98,6 +114,7 @@ class ToolCallParser:
         self._num_params = 0
         self._param_schema: dict[str, Any] | None = None
         self._value_started = False
+        self._scan = _ValueScan()
 
     # ---- public ----------------------------------------------------------------------------------------------
     def feed(self, text: str) -> ToolStep:
@@ -205,33 +222,41 @@ class ToolCallParser:
         self._num_params += 1
         opening = '"' if is_string_schema(self._param_schema) else ""
         self._emit(step, f"{sep}{json.dumps(name, ensure_ascii=False)}: {opening}")
-        self._state, self._value_started = _State.VALUE, False
+        self._state, self._value_started, self._scan = _State.VALUE, False, _ValueScan()
 
     def _value_step(self, step: ToolStep, final: bool) -> bool:
+        """The buffer holds the value's text from its start (a string value streams from it as it is decided)."""
         if not self._value_started:
             if not self._buf:
                 return False
             self._value_started = True
             if self._buf.startswith("\n"):  # the format puts the value on its own line
                 self._buf = self._buf[1:]
-        i, tag = _value_end(self._buf, final)
+        i, tag = _scan_value(self._buf, self._scan, final, self._has_parameter)
         if tag is not None:
             value, rest = self._buf[:i], self._buf[i + len(tag):] if tag == _PARAMETER_END else self._buf[i:]
             self._end_value(step, value)
             self._buf, self._state = rest, _State.BODY
             return True
         if is_string_schema(self._param_schema) and not final:
-            if i < len(self._buf) and self._buf[:i].endswith("\n"):  # before a closing tag: not the value's
+            if i and self._buf[i - 1] == "\n":  # the format's newline, if the value ends after it
                 i -= 1
-            self._emit(step, _json_chars(self._buf[:i]))
-            self._buf = self._buf[i:]
+            if i > self._scan.sent:
+                self._emit(step, _json_chars(self._buf[self._scan.sent:i]))
+                self._scan.sent = i
         return False
+
+    def _has_parameter(self, name: str) -> bool:
+        """Whether the function has a parameter of this name (any name, for a function without properties)."""
+        schema = self.schemas.get(self._function or "")
+        properties = schema.get("properties") if isinstance(schema, dict) else None
+        return bool(NAME.fullmatch(name)) and (not isinstance(properties, dict) or not properties or name in properties)
 
     def _end_value(self, step: ToolStep, text: str) -> None:
         if text.endswith("\n"):
             text = text[:-1]
         if is_string_schema(self._param_schema):
-            self._emit(step, _json_chars(text) + '"')
+            self._emit(step, _json_chars(text[self._scan.sent:]) + '"')
         else:
             self._emit(step, json.dumps(convert_param(text, self._param_schema), ensure_ascii=False))
         self._buf = ""
@@ -282,28 +307,63 @@ class ToolCallParser:
 
 
 def reads_back_whole(value: str) -> bool:
-    """Whether a text value written as a parameter (then its closing tag and the next parameter) is read back whole:
-    False where a closing tag inside it would end it first."""
-    end, tag = _value_end(value + "\n" + _PARAMETER_END + "\n" + _PARAMETER, True)
-    return tag == _PARAMETER_END and end == len(value) + 1
+    """Whether a text value written as a parameter (then its closing tag and the next parameter) is read back whole
+    and holds no line-start "<parameter=": False where a closing tag inside it would end it first, or where such a
+    header would take a closing tag as its own (even a value whose headers pair up: the grammar cannot count)."""
+    end, tag = _scan_value(value + "\n" + _PARAMETER_END + "\n" + _PARAMETER, _ValueScan(), True, lambda _: False)
+    return tag == _PARAMETER_END and end == len(value) + 1 and not _line_start_header(value)
 
 
-def _value_end(buf: str, final: bool) -> tuple[int, str | None]:
-    """Where a value's text in buf ends: (index, closing tag) once a tag that closes it is found, else (index, None)
-    with buf[:index] surely the value's (what follows may be, or begin, a closing tag still to be decided)."""
-    pos = 0
+def _line_start_header(value: str) -> bool:
+    return value.startswith(_PARAMETER) or "\n" + _PARAMETER in value
+
+
+def _scan_value(text: str, scan: _ValueScan, final: bool, has_parameter: Callable[[str], bool]
+                ) -> tuple[int, str | None]:
+    """Where a value's text ends: (index, tag) once decided, tag the closing tag there or _FALLBACK (the value ends
+    where a later parameter's header starts); else (index, None) with text[:index] surely the value's. Resumes at
+    scan.pos and moves scan past what is decided, so each feed reads only the new text."""
     while True:
-        found = [(i, t) for t in _VALUE_ENDS if (i := buf.find(t, pos)) >= 0]
+        found = [(i, t) for t in (*_VALUE_ENDS, _PARAMETER) if (i := text.find(t, scan.pos)) >= 0]
         if not found:
             break
         i, tag = min(found)
-        closes = _closes(tag, buf[i + len(tag):], final)
-        if closes is None:
-            return i, None
-        if closes:
-            return i, tag
-        pos = i + 1
-    return len(buf) - (0 if final else _partial_len(buf, _PARTIAL_ENDS)), None
+        if tag == _PARAMETER:
+            if not _read_header(text, i, scan, final, has_parameter):
+                return _held(i, scan), None
+        elif tag == _PARAMETER_END and scan.depth:
+            scan.depth -= 1  # the closing tag of a header in the value
+        else:
+            closes = _closes(tag, text[i + len(tag):], final)
+            if closes is None:
+                return _held(i, scan), None
+            if closes:  # only a </parameter> of its own ends a value at a later parameter's header
+                return (i, tag) if tag == _PARAMETER_END or scan.fallback is None else (scan.fallback, _FALLBACK)
+        scan.pos = i + len(tag)
+    if final:
+        return (len(text), None) if scan.fallback is None else (scan.fallback, _FALLBACK)
+    return _held(len(text) - _partial_len(text, _PARTIAL_ENDS), scan), None
+
+
+def _read_header(text: str, i: int, scan: _ValueScan, final: bool, has_parameter: Callable[[str], bool]) -> bool:
+    """A "<parameter=" at text[i] inside a value: at a line's start it opens a nested parameter (as vLLM reads it,
+    whatever its name), and the first one naming a parameter of the function is where a value that no closing tag
+    ends stops. False while its name is still to come."""
+    if i > 0 and text[i - 1] != "\n":
+        return True  # inside a line: text
+    if scan.fallback is None:
+        end = text.find(">", i)
+        if end < 0 and not final and len(text) - i <= _MAX_TAG:
+            return False
+        if end >= 0 and has_parameter(text[i + len(_PARAMETER):end].strip()):
+            scan.fallback = i
+    scan.depth += 1
+    return True
+
+
+def _held(i: int, scan: _ValueScan) -> int:
+    """Text from a later parameter's header on may be that parameter's: not the value's until that is decided."""
+    return i if scan.fallback is None else min(i, scan.fallback)
 
 
 def _closes(tag: str, after: str, final: bool) -> bool | None:
@@ -327,7 +387,10 @@ def _json_chars(text: str) -> str:
 def _partial_len(text: str, tags: list[str]) -> int:
     """Length of the longest suffix of text that is a proper prefix of one of tags."""
     longest = max(len(t) for t in tags)
+    starts = {t[0] for t in tags}
     for k in range(min(len(text), longest - 1), 0, -1):
+        if text[-k] not in starts:  # most suffixes: no tag starts with their first character
+            continue
         tail = text[-k:]
         if any(t.startswith(tail) and len(t) > k for t in tags):
             return k

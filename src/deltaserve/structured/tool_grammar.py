@@ -16,8 +16,9 @@ below; every other value is JSON (`%json`), which the parser converts back.
 Raw text may hold the closing tags as text, as the parser reads them: a closing tag ends a value only where the
 format's next tag follows it. So a text value may not hold `</tool_call>`, `</parameter>` followed (after whitespace,
 as Python's str.lstrip reads it) by `<parameter=`, `</function>` or `</tool_call>`, nor `</function>` followed by
-`</tool_call>` or `<function=`; anything else it may, e.g. "</parameter>\n</parameter>" or "</function> x".
-What the grammar allows, the parser reads back as written.
+`</tool_call>` or `<function=`, nor `<parameter=` at the start of a line (the parser pairs such a header with the
+next closing tag, and the grammar cannot count pairs); anything else it may, e.g. "</parameter>\n</parameter>",
+"</function> x" or "a <parameter=b>". What the grammar allows, the parser reads back as written.
 
 llguidance's lexemes are greedy (a lexeme ends only where it cannot go on), so free text cannot be a lexeme
 followed by its delimiter: text that may hold "\n</parameter>\n<" would swallow the next tag's start. Each text
@@ -40,9 +41,10 @@ from deltaserve.structured.spec import StructuredError
 
 # the whitespace str.lstrip skips (Unicode White_Space and \x1c-\x1f), which the parser skips after a closing tag
 _WS = r"[\s\x1c-\x1f]*"
-# text the parser would not read back as one value: a closing tag the format's next tag follows, or </tool_call>
+# text the parser would not read back as one value: a closing tag the format's next tag follows, or </tool_call>, or
+# a line-start header (the value's text starts a line)
 _AMBIGUOUS = (r"~/(?s:.*)(<\/parameter>" + _WS + r"(<parameter=|<\/function>|<\/tool_call>)|<\/function>" + _WS
-              + r"(<\/tool_call>|<function=)|<\/tool_call>)(?s:.*)/")
+              + r"(<\/tool_call>|<function=)|<\/tool_call>)(?s:.*)|((?s:.*)\n)?<parameter=(?s:.*)/")
 _FREE_TEXT = f"/(?s:.*)/ & {_AMBIGUOUS}"
 _THEN_PARAM = r'"\n</parameter>\n<parameter="'  # a text value, its closing tag and the next parameter's opening
 _THEN_END = r'"\n</parameter>\n</function>"'  # a text value, its closing tag and the function's
@@ -205,7 +207,8 @@ def _string_terminal(schema: dict[str, Any], where: str) -> str:
         if not any(reads_back_whole(c) for c in choices):
             raise StructuredError(f"parameter {where!r}: no choice of its enum can be written as a tool-call value: "
                                   f"{choices!r} each hold a closing tag followed by the format's next tag (or "
-                                  "</tool_call>), where the parser would end the value")
+                                  "</tool_call>), where the parser would end the value, or '<parameter=' at a line's "
+                                  "start, which the parser reads as a nested parameter")
         return f"({' | '.join(lark_string(c) for c in choices)}) & {_AMBIGUOUS}"
     parts = []
     if "pattern" in schema:
