@@ -336,3 +336,22 @@ def test_serve_load_run_load_takes_the_concurrency_as_the_cli_gives_it():
         args.num_requests = value
         with pytest.raises(ValueError, match="num_requests"):
             asyncio.run(serve_load.run_load(args))
+
+
+def test_results_label_runs_by_date_card_and_command():
+    """RESULTS.md's rule: every section headed 'date · card · command', runs named by date, card and tree, never by
+    the internal work-session numbers that mean nothing to whoever clones the repo (nor in the code and docs)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    results = (root / "benchmarks" / "RESULTS.md").read_text()
+    heads = [line for line in results.splitlines() if line.startswith("## ")]
+    assert heads and all(re.match(r"## \d{4}-\d\d-\d\d · [^·]+ · \S", h) for h in heads), \
+        [h for h in heads if not re.match(r"## \d{4}-\d\d-\d\d · [^·]+ · \S", h)]
+    label = re.compile(r"\bsessions?[ -]\d", re.IGNORECASE)
+    files = [root / "README.md", *(p for d in ("src", "tests", "benchmarks", "docs") for p in (root / d).rglob("*")
+                                   if p.suffix in (".py", ".md"))]
+    found = [f"{p.relative_to(root)}:{n}" for p in files
+             for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if label.search(line)]
+    assert not found, f"runs labelled by work session (label them by date, card and tree): {found}"

@@ -563,9 +563,9 @@ def test_quantized_decode_gpu(fmt, heads, num_splits):
 @needs_cuda
 @pytest.mark.parametrize("heads", REAL_HEADS)
 def test_fp8_decode_fp16_dots_gpu(heads, monkeypatch):
-    """The fp8 decode kernel's fp16-dot variant (QUANT_DECODE_CONFIG F16_DOTS, the default since session 4) against
-    the reference, at lengths and a seed of its own. (The bf16-dot variant at the same tile missed this test's bound
-    on the H200, 0.0156 against 2 x 0.0067 at the 27B heads: RESULTS.md.)"""
+    """The fp8 decode kernel's fp16-dot variant (QUANT_DECODE_CONFIG F16_DOTS, the default since 2026-12-03, 943da7c)
+    against the reference, at lengths and a seed of its own. (The bf16-dot variant at the same tile missed this test's
+    bound on the H200, 0.0156 against 2 x 0.0067 at the 27B heads: RESULTS.md.)"""
     from deltaserve.kernels.attention import triton_decode
     monkeypatch.setitem(triton_decode.QUANT_DECODE_CONFIG, 1, {**triton_decode.QUANT_DECODE_CONFIG[1], "F16_DOTS": 1})
     check_decode([1, 0, 17, 1000, 4097, 63], heads, 256, 16, torch.bfloat16, "cuda",

@@ -23,17 +23,17 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # 2026-12-03, H200): fp8 +5% and int4 +20% at 27B batch 32 / 32k over the bf16 tile; int8 keeps it.
 # F16_DOTS (fp8 only, 0/1): run the dots in fp16 instead of bf16 (e4m3 -> fp16 is one native cvt per two values,
 # -> bf16 adds one per value: 20% fewer instructions for sm_90a, benchmarks/compile_check.py in RESULTS.md). The
-# session-4 sweep (same command) kept it with BLOCK_N 64: fp8 pages went from 0.97-1.02x to 1.01-1.09x the bf16
-# kernel's time.
-# PLANES (0/1, any quantized format; implies fp16 dots): K, V, q and the output split into two planes, even and odd
-# head dims, the pages converted by PTX (_triton_common.py says why and how): for sm_90a the tile loop's SASS per KV
-# byte read drops from 0.20 to 0.13 warp-instructions (fp8), 0.25 to 0.15 (int8), 0.40 to 0.24 (int4, with V_REGS)
-# against 0.07 for bf16 pages (benchmarks/compile_check.py). V_REGS (0/1, with PLANES): V converted in its load
-# layout, then through shared memory as fp16 (matters for int4). Timed on the H200 (RESULTS.md, 2026-12-03, session
-# 5, 27B heads, N=32 L=32k / N=8 L=128k, CUDA graphs): fp8 PLANES with BLOCK_N 128 / 4 warps 75% / 71% of copy
-# bandwidth (the previous default 47% / 42%), 1.63x / 1.71x the bf16 pages' time; int8 PLANES (BLOCK_N 64) 58% / 50%
-# (was 46% / 39%), int4 PLANES V_REGS 34% / 30% (was 22% / 19%).
-# INT4_WORDS (int4 only, 0/1/2; implies PLANES; 2 is the default since session 7): int4 pages read as 16-bit words (4
+# 2026-12-03 H200 sweep at 865dce1 (same command, run 3 of the day) kept it with BLOCK_N 64: fp8 pages went from
+# 0.97-1.02x to 1.01-1.09x the bf16 kernel's time.
+# PLANES (0/1, any quantized format; implies fp16 dots): K, V, q and the output split into two planes, even and odd head
+# dims, the pages converted by PTX (_triton_common.py says why and how): for sm_90a the tile loop's SASS per KV byte
+# read drops from 0.20 to 0.13 warp-instructions (fp8), 0.25 to 0.15 (int8), 0.40 to 0.24 (int4, with V_REGS) against
+# 0.07 for bf16 pages (benchmarks/compile_check.py). V_REGS (0/1, with PLANES): V converted in its load layout, then
+# through shared memory as fp16 (matters for int4). Timed on the H200 (RESULTS.md, 2026-12-03, commit b4055ff, 27B
+# heads, N=32 L=32k / N=8 L=128k, CUDA graphs): fp8 PLANES with BLOCK_N 128 / 4 warps 75% / 71% of copy bandwidth (the
+# previous default 47% / 42%), 1.63x / 1.71x the bf16 pages' time; int8 PLANES (BLOCK_N 64) 58% / 50% (was 46% / 39%),
+# int4 PLANES V_REGS 34% / 30% (was 22% / 19%).
+# INT4_WORDS (int4 only, 0/1/2; implies PLANES; 2 is the default since 2026-12-04): int4 pages read as 16-bit words (4
 # head dims each) into four planes, dims 4i + j, converted by _INT4_WORDS_PTX (1: magic-number lop3 + sub/fma, exact)
 # or with K as fp16 subnormals (2: one AND per plane register, the +8 offset removed as 8 * sum(q) per head in the
 # scores' accumulator; V as in 1). Every operand stays 16-bit (kWidth 2): no kWidth-4 q reloads and register shuffles,

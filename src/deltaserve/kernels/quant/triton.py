@@ -910,7 +910,7 @@ def _plan_sm90(m: int, n: int, k: int, group: int, bm: int, sms: int, int4: bool
     74.0 us, 27B down 66.1 -> 39.5, 35B in_proj 15.2 -> 13.3; fp8 27B down 36.5 -> 30.1, 35B in_proj 11.7 -> 10.7.
     At 64 rows int4 27B gate_up 183.6 -> 138.3, fp8 27B down 57.6 -> 52.0. Where the rule is not the sweep's pick it
     gives the tiles before, within 5% of the pick (fp8 27B gate_up at 16 rows 69.4 against 67.1; int4 27B down and
-    35B in_proj at 64 rows 73.3 / 23.2 against 72.1 / 22.1). (The sweep's picks of session 5 for UNPACK 3 lost in
+    35B in_proj at 64 rows 73.3 / 23.2 against 72.1 / 22.1). (The 2026-12-03 sweep's picks for UNPACK 3 lost in
     the whole-model step; these are for UNPACK 0 and not yet timed in it.)"""
     m_tiles = triton.cdiv(m, bm)
     if m > 32 and not int4:
@@ -942,17 +942,16 @@ def _launch(num_warps: int | None = None, num_stages: int | None = None) -> dict
 # int4 past the GEMV's rows (GEMV_F16_MAX_ROWS with bf16 activations) dequantizes each tile into column order and
 # makes one dot of K = BK (UNPACK 0, _int4_in_order: each packed word loaded once), not UNPACK 3's scale-after-dot nor
 # UNPACK 2's eight K = BK/8 dots.
-# Timed on the H200 (bench_quant_kernels.py --rows 2 16 64, RESULTS.md 2026-12-04, session 11), u0 against u3 (the
-# previous default up to 32 rows, same tiles): 27B gate_up 100 / 100 us at 2 rows, 118 / 149 at 16, 193 / 792 at 64;
-# 27B down 52 / 71 at 16, 81 / 327 at 64; never slower. The 27B int4 decode step at batch 64 went from 98.8 to 32.0
-# ms (bench_quant.py, same call, with u0 past 32 rows only).
+# Timed on the H200 (bench_quant_kernels.py --rows 2 16 64, RESULTS.md 2026-12-04, after 3479cbf), u0 against u3 (the
+# previous default up to 32 rows, same tiles): 27B gate_up 100 / 100 us at 2 rows, 118 / 149 at 16, 193 / 792 at 64; 27B
+# down 52 / 71 at 16, 81 / 327 at 64; never slower. The 27B int4 decode step at batch 64 went from 98.8 to 32.0 ms
+# (bench_quant.py, same call, with u0 past 32 rows only).
 
-# Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: GEMV_MAX_ROWS for fp8 (fp16 products
-# with bf16 activations, GEMV_FP8_F16; fp32 FMAs otherwise) and int4 with fp16 activations, GEMV_F16_MAX_ROWS for the
-# int4 GEMV with fp16 products (bf16 activations). At 2 rows
-# (RESULTS.md 2026-12-04, session 11) the fp16-product GEMV beat every tensor-core variant on every shape timed (27B
-# gate_up 48.7 us against u0's 101, 35B in_proj 8.4 against 19.4), while the fp32-FMA GEMVs spilled (27B gate_up:
-# fp8 700 us against u0's 66, int4 8.5 ms).
+# Rows up to which quant_gemm runs the CUDA-core GEMV (variant 4) by default: GEMV_MAX_ROWS for fp8 (fp16 products with
+# bf16 activations, GEMV_FP8_F16; fp32 FMAs otherwise) and int4 with fp16 activations, GEMV_F16_MAX_ROWS for the int4
+# GEMV with fp16 products (bf16 activations). At 2 rows (RESULTS.md 2026-12-04, H200, after 3479cbf) the fp16-product
+# GEMV beat every tensor-core variant on every shape timed (27B gate_up 48.7 us against u0's 101, 35B in_proj 8.4
+# against 19.4), while the fp32-FMA GEMVs spilled (27B gate_up: fp8 700 us against u0's 66, int4 8.5 ms).
 GEMV_MAX_ROWS = 1
 GEMV_F16_MAX_ROWS = 2
 GEMV_SWEEP_ROWS = 8  # the most rows an explicit unpack=4 takes (benchmarks): its 3-D tiles grow with the rows
