@@ -1,4 +1,5 @@
-"""Command line: deltaserve generate | chat | serve [MODEL]. Without MODEL, the small model the package ships."""
+"""Command line: deltaserve generate | chat | serve [MODEL], deltaserve quantize SRC OUT. Without MODEL, the small
+model the package ships."""
 
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def add_sampling_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     g.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass (default 0.95)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens, 0 = off (default 0)")
-    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--min-p", type=float, default=0.0,
+                   help="drop tokens below min_p x the top probability, 0 = off (default 0)")
     g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeats (default 1.0)")
     g.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
@@ -301,7 +303,7 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("fp8", "int4"), required=True,
                    help="fp8: e4m3 with 128x128 block scales (Qwen's -FP8 layout); int4: GPTQ v1, MLP/experts only")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128)")
-    p.add_argument("--desc-act", action="store_true", help="int4: act-order groups (g_idx a permutation)")
+    p.add_argument("--desc-act", action="store_true", help="int4, dense models: act-order groups (g_idx a permutation)")
     p.add_argument("--log-level", default="info", type=log_level, help="logging level (default info)")
 
 

@@ -22,12 +22,12 @@ def default_device() -> str:
 
 class LLM:
     """Runs an engine in this process. `model`: a Hugging Face checkpoint directory (None: the bundled demo model).
-    Keyword arguments are the engine options (`deltaserve.config.EngineArgs`: dtype, device, max_model_len,
-    max_num_seqs, max_num_batched_tokens, gpu_memory_utilization, page_size, num_pages, state_dtype, kv_cache_dtype,
-    load_format, enforce_eager, async_scheduling, tensor_parallel_size, enable_expert_parallel), with the same defaults
-    as the command line's flags. With tensor_parallel_size > 1 the engine spawns worker processes: build the LLM under
-    `if __name__ == "__main__":`, and call `llm.engine.shutdown()` to stop them before the process ends (or let the
-    exit handler do it)."""
+    Keyword arguments are the engine options, the command line's flags with underscores and the same defaults
+    (`deltaserve.config.EngineArgs`, e.g. device, dtype, max_model_len, max_num_seqs, kv_cache_dtype,
+    speculative_tokens, tensor_parallel_size; a --no-X switch is its option set False: enable_prefix_caching=False,
+    async_scheduling=False); an unknown keyword is a TypeError listing them all. With tensor_parallel_size > 1 the
+    engine spawns worker processes: build the LLM under `if __name__ == "__main__":`, and call
+    `llm.engine.shutdown()` to stop them before the process ends (or let the exit handler do it)."""
 
     def __init__(self, model: str | None = None, **options: Any) -> None:
         if model is None:

@@ -24,6 +24,9 @@ from deltaserve.kernels.quant.ref import FP8_MAX, pack_int4
 FP8_KEEP = (r".*linear_attn\.in_proj_[ab]$", r".*mlp\.gate$", r".*shared_expert_gate$", r".*embed_tokens$",
             r"^lm_head$", r"^mtp\.fc$", r".*visual.*", r".*conv1d$")
 GPTQ_ONLY = r".*mlp\.(experts\.\d+\.)?(gate|up|down)_proj$"
+# Modules int4 leaves in bf16, as GPTQ `dynamic` exclusions; only those matching a module of the source are written
+# (an entry that matches nothing reads as a typo, and the loader warns of it).
+GPTQ_EXCLUDED = (r".*attn.*", r".*shared_expert.*", r".*mtp.*", r".*visual.*")
 
 
 def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,10 +145,12 @@ def _write(src: Path, out: Path, config: dict, *, method: str, group_size: int, 
     keep = [re.compile(p) for p in FP8_KEEP]
     skipped: list[str] = []
     weight_map: dict[str, str] = {}
+    modules: set[str] = set()
     for f in files:
         tensors = _split_fused_experts(load_file(f))
         result: dict[str, torch.Tensor] = {}
         for name, t in tensors.items():
+            modules.add(re.sub(r"^model\.language_model\.", "model.", name.rpartition(".")[0]))
             is_linear = name.endswith(".weight") and t.dim() == 2 and "norm" not in name and "embed" not in name
             module = _module_name(name) if is_linear else ""
             if method == "fp8" and is_linear and not any(r.match(module) for r in keep):
@@ -169,7 +174,7 @@ def _write(src: Path, out: Path, config: dict, *, method: str, group_size: int, 
     else:
         qc = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "sym": True, "desc_act": desc_act,
               "lm_head": False, "checkpoint_format": "gptq",
-              "dynamic": {"-:.*attn.*": {}, "-:.*shared_expert.*": {}, "-:.*mtp.*": {}, "-:.*visual.*": {}}}
+              "dynamic": {"-:" + p: {} for p in GPTQ_EXCLUDED if any(re.match(p, m) for m in modules)}}
     config["quantization_config"] = qc
     (out / "config.json").write_text(json.dumps(config, indent=2))
     for extra in src.iterdir():

@@ -62,6 +62,8 @@ def test_options_and_errors(tiny):
     for bad, match in ((dict(speculative_tokens=5), "1 to 4"),
                        (dict(speculative_config='{"method": "eagle", "num_speculative_tokens": 2}'), "mtp"),
                        (dict(speculative_config="{nope"), "JSON"),
+                       # named as the option given, so the CLI's error leads with --speculative-config
+                       (dict(speculative_config='{"num_speculative_tokens": 5}'), "^'speculative_config'.*1 to 4"),
                        (dict(speculative_tokens=1, speculative_config='{"num_speculative_tokens": 2}'), "disagree")):
         with pytest.raises(ConfigError, match=match):
             EngineArgs(model=str(tiny["dense"]), **bad).create_engine_config()

@@ -557,6 +557,18 @@ def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
     assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
 
 
+@pytest.mark.parametrize("kind", ["q_dense", "q_moe"])
+def test_own_int4_checkpoint_loads_without_exclusion_warnings(bf16_dirs, kind, tmp_path, caplog):
+    """deltaserve quantize lists only exclusions that match a module of the source: one that matches nothing (a
+    vision tower or shared expert the model lacks) made every start warn of a typo in our own config."""
+    out = quantize_checkpoint(bf16_dirs[kind], tmp_path / "gptq", method="int4")
+    with caplog.at_level("WARNING", logger="deltaserve.models.loader"):
+        load_model(ModelConfig.from_hf(out), dtype="float32")
+    assert not [r.getMessage() for r in caplog.records if "match no module" in r.getMessage()]
+    dynamic = json.loads((out / "config.json").read_text())["quantization_config"]["dynamic"]
+    assert "-:.*attn.*" in dynamic and "-:.*visual.*" not in dynamic
+
+
 def test_quantize_refuses_an_output_dir_in_use(bf16_dirs, tmp_path, capsys):
     """`deltaserve quantize SRC SRC` used to overwrite the bf16 checkpoint with its quantized copy; a non-empty OUT
     mixed stale files into the new checkpoint ('tensor given more than once' at load). Both are refused, and

@@ -138,6 +138,7 @@ def _tool(name: str, properties: dict, **kw) -> dict:
     ({"guided_regex": "(unclosed"}, "guided_regex", "unclosed"),
     ({"structured_outputs": {"grammar": "start: missing_rule"}}, "structured_outputs.grammar", "missing_rule"),
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "not support"),
+    ({"structural_tag": "{}"}, "structural_tag", "not supported"),  # vLLM's top-level field: not dropped
     ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex", "only one"),
     ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", "ignore_eos"),
     ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},

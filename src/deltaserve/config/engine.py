@@ -235,7 +235,8 @@ def parse_speculative_config(text: str | dict | None) -> int | None:
         raise ConfigError(f"'speculative_config' has unsupported keys {unknown}; deltaserve reads 'method' and "
                           "'num_speculative_tokens'")
     k = spec.get("num_speculative_tokens")
-    if not is_int(k):
+    # checked here too, not only by SpeculativeConfig, so the error names the option the user gave
+    if not is_int(k) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
         raise ConfigError(f"'speculative_config' needs an integer 'num_speculative_tokens' (1 to "
                           f"{MAX_SPECULATIVE_TOKENS}), got {k!r}")
     return int(k)

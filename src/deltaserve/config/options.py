@@ -78,7 +78,7 @@ class EngineArgs:
               "step's predicted time (a cost model fitted to measured steps) stays within it, bounding inter-token "
               "latency while long prompts prefill (at least max_num_batched_tokens/16 prefill tokens per step; steps "
               "without decode rows keep the full token budget). Off (None/0) by default: on an H200 a 50 ms budget cut "
-              "the inter-token p99 by 19%% but grew long prompts' TTFT 24x (RESULTS.md; "
+              "the inter-token p99 by 19%% but grew long prompts' TTFT 24x (benchmarks/RESULTS.md; "
               "benchmarks/bench_step_budget.py measures it)", section="scheduler", type=float)
     gpu_memory_utilization: float = _option(0.9, "fraction of device memory deltaserve may use", section="cache",
                                             type=float)
@@ -140,8 +140,8 @@ class EngineArgs:
         "off", "FP8 checkpoints: 'dynamic' quantizes each linear layer's input to FP8 per token and 128 columns as it "
                "runs and multiplies on FP8 tensor cores (W8A8, as the peers serve Qwen's FP8 releases; routed experts "
                "keep model-dtype inputs); 'off' keeps activations in the model dtype (W8A16: the logits of the "
-               "dequantized model). RESULTS.md has its measured accuracy", section="quantization", type=str,
-        choices=FP8_ACTIVATIONS)
+               "dequantized model). benchmarks/RESULTS.md has its measured accuracy", section="quantization",
+        type=str, choices=FP8_ACTIVATIONS)
     tensor_parallel_size: int = _option(
         1, "ranks (GPUs, or CPU processes) the model is split over by tensor parallelism; one worker process per rank, "
            "spawned on this host (several hosts: torchrun-style MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/LOCAL_RANK, "

@@ -225,6 +225,10 @@ _UNSUPPORTED = {
     "continue_final_message": "send the conversation with the partial reply to /v1/completions as one prompt",
     "logits_processors": "use logit_bias, the penalties or structured outputs",
     "return_tokens_as_token_ids": "tokenize the returned text with /v1/tokenize",
+    # vLLM's top-level form; dropping it would return unconstrained text (structured_outputs.structural_tag is refused
+    # in server/structured.py)
+    "structural_tag": "constrain the output with response_format, structured_outputs (json, regex, choice, grammar) "
+                      "or guided_json / guided_regex / guided_grammar",
 }
 
 
