@@ -283,3 +283,17 @@ def test_max_model_len_past_the_trained_positions_is_warned(tmp_path, caplog):
         config = EngineArgs(model=str(path), device="cpu", max_model_len=300000).create_engine_config()
     assert config.max_model_len == 300000
     assert "300000" in caplog.text and "max_position_embeddings 262144" in caplog.text
+
+
+def test_int4_kv_with_an_odd_head_dim_is_refused_naming_the_formats_that_work(tmp_path):
+    """int4 pages pack two values of a head vector per byte: an odd head_dim failed only once the model was loaded
+    and the caches planned, with a ValueError naming neither the option nor the fix."""
+    from deltaserve.config import EngineArgs
+
+    cfg = copy.deepcopy(DENSE_27B)
+    cfg["text_config"].update(head_dim=35)
+    cfg["text_config"]["rope_parameters"].update(partial_rotary_factor=0.4, mrope_section=[3, 2, 2])
+    path = write(tmp_path, cfg)
+    assert EngineArgs(model=str(path), device="cpu", kv_cache_dtype="int8").create_engine_config()
+    with pytest.raises(ConfigError, match=r"'kv_cache_dtype' int4 .*even head_dim.*head_dim is 35.*fp8 or int8"):
+        EngineArgs(model=str(path), device="cpu", kv_cache_dtype="int4").create_engine_config()

@@ -283,6 +283,10 @@ class EngineConfig:
                 f"speculative decoding ({self.speculative.num_speculative_tokens} MTP draft tokens) was asked for, but "
                 f"the checkpoint in {self.model.model_dir} has no MTP head (mtp_num_hidden_layers is 0 in its "
                 "config.json); use a checkpoint that ships its mtp.* tensors, or leave speculative_tokens at 0")
+        # checked here, not when the caches are planned after the weights are loaded (kernels' kv_stored_dim)
+        require(self.cache.kv_cache_dtype != "int4" or self.model.head_dim % 2 == 0,
+                f"'kv_cache_dtype' int4 packs two values of a head vector per byte and needs an even head_dim, but "
+                f"the model's head_dim is {self.model.head_dim}; use fp8 or int8")
         # quantized checkpoints shard under TP / EP too (layers/quant.py); a split a format cannot take fails when
         # the model is built, naming the module, the dimension and the sizes that work
         # the workers mirror rank 0's steps and sampled tokens, not a drafter's proposals and state commits
