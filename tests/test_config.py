@@ -297,3 +297,15 @@ def test_int4_kv_with_an_odd_head_dim_is_refused_naming_the_formats_that_work(tm
     assert EngineArgs(model=str(path), device="cpu", kv_cache_dtype="int8").create_engine_config()
     with pytest.raises(ConfigError, match=r"'kv_cache_dtype' int4 .*even head_dim.*head_dim is 35.*fp8 or int8"):
         EngineArgs(model=str(path), device="cpu", kv_cache_dtype="int4").create_engine_config()
+
+
+def test_num_pages_that_cannot_hold_one_full_length_request_is_refused_before_loading(tmp_path):
+    """It was refused only when the scheduler was built, after the weights were loaded and the caches allocated."""
+    from deltaserve.config import EngineArgs
+
+    path = write(tmp_path, DENSE_27B)
+    ok = EngineArgs(model=str(path), device="cpu", max_model_len=100, num_pages=7).create_engine_config()
+    assert ok.cache.num_pages * ok.cache.page_size >= ok.max_model_len  # 7 pages of 16: 112 tokens
+    with pytest.raises(ConfigError, match=r"'num_pages' is 6: 6 pages x 16 tokens.*max_model_len \(100\).*"
+                                          r"num_pages >= 7"):
+        EngineArgs(model=str(path), device="cpu", max_model_len=100, num_pages=6).create_engine_config()
