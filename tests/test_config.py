@@ -260,6 +260,17 @@ def test_default_checkpoint_interval_is_at_least_a_step(step, page, want):
     assert default_checkpoint_interval(step, page) == want
 
 
+def test_a_page_larger_than_the_default_interval_needs_no_checkpoint_interval(tmp_path):
+    """page_size 8192 (a power of two, valid) with checkpoint_interval unset was refused with "'checkpoint_interval'
+    (4096) must be a multiple of 'page_size' (8192)", naming an option the user never gave: the default is now
+    rounded up to whole pages."""
+    from deltaserve.config.options import EngineArgs, default_checkpoint_interval
+
+    assert default_checkpoint_interval(2048, 8192) == 8192 and default_checkpoint_interval(20000, 8192) == 16384
+    config = EngineArgs(model=str(write(tmp_path, DENSE_27B)), device="cpu", page_size=8192).create_engine_config()
+    assert config.cache.checkpoint_interval == 8192
+
+
 def test_engine_args_resolve_the_checkpoint_interval_from_the_step(tmp_path):
     from deltaserve.config.options import EngineArgs
 
