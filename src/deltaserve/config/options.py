@@ -101,8 +101,9 @@ class EngineArgs:
         type=int)
     checkpoint_interval: int | None = _option(
         None, "a prefix-cache checkpoint every this many tokens of a long prompt; a multiple of --page-size (default: "
-              "4096 (one page if pages are larger), or one step of --max-num-batched-tokens rounded down to whole pages when that is larger: a "
-              "checkpoint inside a step's chunk would split the step)", section="cache", type=int)
+              "4096 (one page if pages are larger), or one step of --max-num-batched-tokens rounded down to whole "
+              "pages when that is larger: a checkpoint inside a step's chunk would split the step)", section="cache",
+        type=int)
     load_format: str = _option("auto", "dummy: random weights at the checkpoint's shapes, for benchmarks",
                                section="runner", type=str, choices=LOAD_FORMATS)
     enforce_eager: bool = _option(False, "disable CUDA graphs (on by default on GPU)", section="runner")
