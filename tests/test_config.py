@@ -260,6 +260,17 @@ def test_default_checkpoint_interval_is_at_least_a_step(step, page, want):
     assert default_checkpoint_interval(step, page) == want
 
 
+def test_a_page_larger_than_the_default_interval_needs_no_checkpoint_interval(tmp_path):
+    """page_size 8192 (a power of two, valid) with checkpoint_interval unset was refused with "'checkpoint_interval'
+    (4096) must be a multiple of 'page_size' (8192)", naming an option the user never gave: the default is now
+    rounded up to whole pages."""
+    from deltaserve.config.options import EngineArgs, default_checkpoint_interval
+
+    assert default_checkpoint_interval(2048, 8192) == 8192 and default_checkpoint_interval(20000, 8192) == 16384
+    config = EngineArgs(model=str(write(tmp_path, DENSE_27B)), device="cpu", page_size=8192).create_engine_config()
+    assert config.cache.checkpoint_interval == 8192
+
+
 def test_engine_args_resolve_the_checkpoint_interval_from_the_step(tmp_path):
     from deltaserve.config.options import EngineArgs
 
@@ -283,3 +294,29 @@ def test_max_model_len_past_the_trained_positions_is_warned(tmp_path, caplog):
         config = EngineArgs(model=str(path), device="cpu", max_model_len=300000).create_engine_config()
     assert config.max_model_len == 300000
     assert "300000" in caplog.text and "max_position_embeddings 262144" in caplog.text
+
+
+def test_int4_kv_with_an_odd_head_dim_is_refused_naming_the_formats_that_work(tmp_path):
+    """int4 pages pack two values of a head vector per byte: an odd head_dim failed only once the model was loaded
+    and the caches planned, with a ValueError naming neither the option nor the fix."""
+    from deltaserve.config import EngineArgs
+
+    cfg = copy.deepcopy(DENSE_27B)
+    cfg["text_config"].update(head_dim=35)
+    cfg["text_config"]["rope_parameters"].update(partial_rotary_factor=0.4, mrope_section=[3, 2, 2])
+    path = write(tmp_path, cfg)
+    assert EngineArgs(model=str(path), device="cpu", kv_cache_dtype="int8").create_engine_config()
+    with pytest.raises(ConfigError, match=r"'kv_cache_dtype' int4 .*even head_dim.*head_dim is 35.*fp8 or int8"):
+        EngineArgs(model=str(path), device="cpu", kv_cache_dtype="int4").create_engine_config()
+
+
+def test_num_pages_that_cannot_hold_one_full_length_request_is_refused_before_loading(tmp_path):
+    """It was refused only when the scheduler was built, after the weights were loaded and the caches allocated."""
+    from deltaserve.config import EngineArgs
+
+    path = write(tmp_path, DENSE_27B)
+    ok = EngineArgs(model=str(path), device="cpu", max_model_len=100, num_pages=7).create_engine_config()
+    assert ok.cache.num_pages * ok.cache.page_size >= ok.max_model_len  # 7 pages of 16: 112 tokens
+    with pytest.raises(ConfigError, match=r"'num_pages' is 6: 6 pages x 16 tokens.*max_model_len \(100\).*"
+                                          r"num_pages >= 7"):
+        EngineArgs(model=str(path), device="cpu", max_model_len=100, num_pages=6).create_engine_config()

@@ -81,3 +81,11 @@ def test_checkpoints_raise_the_page_cap():
     p = plan_memory(budget_bytes=10_000 * MiB, page_bytes=1 * MiB, slot_bytes=1 * MiB, page_size=16,
                     max_num_seqs=1, max_model_len=160, num_checkpoints=4)
     assert p.num_checkpoints == 4 and p.num_pages == 10 * (1 + 4)
+
+
+@pytest.mark.parametrize("page_bytes, slot_bytes", [(1 * MiB, 0), (0, 1 * MiB)])
+def test_a_cache_that_takes_no_memory_is_capped_by_the_sequences(page_bytes, slot_bytes):
+    # no GDN layers: empty state slots; no attention layers: empty pages (the planner divided by their size)
+    p = plan_memory(budget_bytes=1000 * MiB, page_bytes=page_bytes, slot_bytes=slot_bytes, page_size=16,
+                    max_num_seqs=4, max_model_len=160, checkpoint_fraction=0.1)
+    assert p.num_slots == 4 and p.num_checkpoints == 64 and p.num_pages == 10 * (4 + 64)

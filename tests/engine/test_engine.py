@@ -454,3 +454,20 @@ def test_generate_names_mistyped_sampling_params(ckpt):
         llm.generate([[1, 2], [3]], [SamplingParams(max_tokens=2)])
     assert pools_full(llm)
     assert len(llm.generate([[1, 2], [3]], [GREEDY, GREEDY])) == 2
+
+
+@pytest.mark.parametrize("layer", ["full_attention", "linear_attention"])
+def test_a_model_of_one_layer_kind_matches_transformers(tmp_path, layer):
+    """Without GDN layers a state slot takes no memory, without attention layers a page takes none: the memory plan
+    divided by those sizes. Greedy tokens match transformers' own forward, a prefix-cache hit included."""
+    hf = save_checkpoint(TinySpec(layer, layer_types=(layer,) * 2, extra={"vocab_size": VOCAB}), tmp_path, seed=3)
+    prompt = prompts(1, seed=5)[0] + list(range(1, 40))
+    seq = list(prompt)
+    with torch.no_grad():  # transformers' generate() fails on a cache of linear layers only: a full forward per token
+        for _ in range(6):
+            seq.append(int(hf.float()(torch.tensor([seq]), use_cache=False).logits[0, -1].argmax()))
+    llm = make_llm(tmp_path, max_model_len=128)
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first, hit = (llm.generate([prompt], greedy)[0] for _ in range(2))
+    assert hit.num_cached_tokens == len(prompt) - 1
+    assert first.outputs[0].token_ids == hit.outputs[0].token_ids == seq[len(prompt):]

@@ -65,7 +65,7 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
     one_seq = slot_bytes + pages_per_seq * page_bytes
     labels = dict(kv_format=kv_format, state_format=state_format)
     wanted = num_checkpoints if num_checkpoints is not None else min(
-        int(checkpoint_fraction * max(budget_bytes, 0)) // slot_bytes, max(64, 4 * max_num_seqs))
+        _how_many(int(checkpoint_fraction * max(budget_bytes, 0)), slot_bytes), max(64, 4 * max_num_seqs))
     if num_pages is not None and num_slots is not None:
         return MemoryPlan(num_pages, num_slots, page_bytes, slot_bytes, budget_bytes, wanted, **labels)
     if budget_bytes < one_seq:
@@ -77,13 +77,19 @@ def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_siz
             "--max-num-batched-tokens (less activation memory), "
             f"{_smaller_caches(kv_cache_dtype, state_format)}or a GPU with more memory.")
     slots = num_slots if num_slots is not None else max_num_seqs
-    slots = max(1, min(slots, (budget_bytes - pages_per_seq * page_bytes) // slot_bytes))
+    slots = max(1, min(slots, _how_many(budget_bytes - pages_per_seq * page_bytes, slot_bytes)))
     left = budget_bytes - slots * slot_bytes
-    checkpoints = max(0, min(wanted, (left - pages_per_seq * page_bytes) // slot_bytes))
+    checkpoints = max(0, min(wanted, _how_many(left - pages_per_seq * page_bytes, slot_bytes)))
     left -= checkpoints * slot_bytes
     if num_pages is None:
-        num_pages = min(left // page_bytes, pages_per_seq * (max_num_seqs + checkpoints))
+        num_pages = min(_how_many(left, page_bytes), pages_per_seq * (max_num_seqs + checkpoints))
     return MemoryPlan(int(num_pages), int(slots), page_bytes, slot_bytes, budget_bytes, int(checkpoints), **labels)
+
+
+def _how_many(budget_bytes: int, each_bytes: int) -> int | float:
+    """How many items of each_bytes fit in budget_bytes; unlimited when they take no memory (a model without GDN
+    layers has empty state slots, one without attention layers empty pages): the caller's other caps apply."""
+    return budget_bytes // each_bytes if each_bytes else float("inf")
 
 
 def _smaller_caches(kv_cache_dtype: str, state_dtype: str) -> str:

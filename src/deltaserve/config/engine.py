@@ -284,6 +284,18 @@ class EngineConfig:
                 f"speculative decoding ({self.speculative.num_speculative_tokens} MTP draft tokens) was asked for, but "
                 f"the checkpoint in {self.model.model_dir} has no MTP head (mtp_num_hidden_layers is 0 in its "
                 "config.json); use a checkpoint that ships its mtp.* tensors, or leave speculative_tokens at 0")
+        # checked here, not when the caches are planned after the weights are loaded (kernels' kv_stored_dim)
+        require(self.cache.kv_cache_dtype != "int4" or self.model.head_dim % 2 == 0,
+                f"'kv_cache_dtype' int4 packs two values of a head vector per byte and needs an even head_dim, but "
+                f"the model's head_dim is {self.model.head_dim}; use fp8 or int8")
+        # a lone request of max_model_len must fit the pool, or it would preempt itself forever (the scheduler checks
+        # it too; here it fails before the weights are loaded)
+        cc, length = self.cache, self.scheduler.max_model_len
+        need = -(-length // cc.page_size)
+        require(cc.num_pages is None or cc.num_pages >= need,
+                f"'num_pages' is {cc.num_pages}: {cc.num_pages} pages x {cc.page_size} tokens hold fewer tokens than "
+                f"max_model_len ({length}), so a request of that length could never run; use num_pages >= {need}, "
+                "a smaller max_model_len, or leave num_pages unset to plan it from memory")
         # quantized checkpoints shard under TP / EP too (layers/quant.py); a split a format cannot take fails when
         # the model is built, naming the module, the dimension and the sizes that work
         # the workers mirror rank 0's steps and sampled tokens, not a drafter's proposals and state commits

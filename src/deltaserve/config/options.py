@@ -51,10 +51,11 @@ def default_batched_tokens(device: object) -> int:
 def default_checkpoint_interval(step_tokens: object, page_size: object) -> object:
     """checkpoint_interval when not given: CHECKPOINT_INTERVAL, or step_tokens rounded down to whole pages when
     larger, so a long prompt's chunks end on the interval's checkpoints (rounded up, a step of 8190 tokens would
-    leave 2-token chunks before every checkpoint at 8192). Invalid inputs fall back for the configs to name."""
+    leave 2-token chunks before every checkpoint at 8192); a page larger than CHECKPOINT_INTERVAL makes it one page
+    (the interval must be a page multiple). Invalid inputs fall back for the configs to name."""
     if not (is_int(step_tokens) and is_int(page_size) and step_tokens > 0 and page_size > 0):
         return CHECKPOINT_INTERVAL
-    return max(CHECKPOINT_INTERVAL, step_tokens // page_size * page_size)
+    return max(-(-CHECKPOINT_INTERVAL // page_size) * page_size, step_tokens // page_size * page_size)
 
 
 @dataclass(frozen=True)
@@ -100,8 +101,9 @@ class EngineArgs:
         type=int)
     checkpoint_interval: int | None = _option(
         None, "a prefix-cache checkpoint every this many tokens of a long prompt; a multiple of --page-size (default: "
-              "4096, or one step of --max-num-batched-tokens rounded down to whole pages when that is larger: a "
-              "checkpoint inside a step's chunk would split the step)", section="cache", type=int)
+              "4096 (one page if pages are larger), or one step of --max-num-batched-tokens rounded down to whole "
+              "pages when that is larger: a checkpoint inside a step's chunk would split the step)", section="cache",
+        type=int)
     load_format: str = _option("auto", "dummy: random weights at the checkpoint's shapes, for benchmarks",
                                section="runner", type=str, choices=LOAD_FORMATS)
     enforce_eager: bool = _option(False, "disable CUDA graphs (on by default on GPU)", section="runner")
