@@ -117,6 +117,8 @@ def check_write_kv(num_tokens, num_kv_heads, head_dim, page_size, dtype, device,
     v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype).to(device)
     if num_tokens > 2:
         v[1, 0] = 0  # an all-zero head vector: scale 0, zeros stored
+        v[2, 0] = 0
+        v[2, 0, 1] = 1e-38  # too small for qmax / amax to be finite: zeros stored too, never 0 x inf = NaN
     num_pages = -(-num_tokens // page_size) + 2
     slots = torch.randperm(num_pages * page_size, generator=gen)[:num_tokens]
     slots[torch.randperm(num_tokens, generator=gen)[: num_tokens // 3]] = -1  # skipped (padding) tokens

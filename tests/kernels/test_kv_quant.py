@@ -63,6 +63,19 @@ def test_round_trip_matches_the_direct_formula(fmt):
     assert (err <= bound * (1 + 1e-5) + 1e-30).all()
 
 
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_a_vector_too_small_to_scale_reads_back_as_zeros(fmt):
+    """Below amax ~ qmax / 3.4e38, qmax / amax overflows fp32: the vector stores zeros (as an all-zero one), never
+    its zeros as 0 x inf (NaN in fp8 pages, an undefined integer in int8 / int4 ones); a NaN input stays NaN."""
+    x = torch.zeros(3, 1, 8)
+    x[0, 0, 3], x[1, 0, 5] = 1e-38, -3e-39
+    x[2, 0, 2] = float("nan")
+    back = ref.dequantize_kv(*ref.quantize_kv(x, FORMATS[fmt]))
+    assert (back[:2] == 0).all()
+    assert back[2].isnan().any() or fmt != "fp8"  # (integer pages cannot hold NaN; the scale does)
+    assert ref.quantize_kv(x, FORMATS[fmt])[1][2].isnan().all()
+
+
 def unpack_int4(q: torch.Tensor) -> torch.Tensor:
     """Byte j holds element 2j in its low nibble and 2j+1 in its high one, each stored as value + 8."""
     lo, hi = (q & 0xF).long() - 8, (q >> 4).long() - 8

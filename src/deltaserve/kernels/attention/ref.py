@@ -42,9 +42,11 @@ def quantize_kv(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torc
     amax = x32.abs().amax(-1)
     qmax_t = torch.full_like(amax, qmax)
     # correctly rounded divisions, as the kernels' div_rn: tensor by tensor, because CUDA torch divides by a Python
-    # scalar as a multiply by its rounded reciprocal (1 ulp off); an all-zero vector stores zeros and scale 0
+    # scalar as a multiply by its rounded reciprocal (1 ulp off). An all-zero vector stores zeros and scale 0, and so
+    # does one too small for qmax / amax to be finite (amax below ~1e-36): else its zeros became 0 x inf = NaN
     scale = amax / qmax_t
-    inv = torch.where(amax > 0, qmax_t / amax, 0.0)
+    inv = qmax_t / amax
+    inv = torch.where(inv == torch.inf, 0.0, inv)  # (a NaN amax stays NaN: a NaN input is not hidden)
     y = (x32 * inv[..., None]).clamp(-qmax, qmax)
     if dtype == torch.float8_e4m3fn:
         return y.to(dtype), scale

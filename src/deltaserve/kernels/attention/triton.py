@@ -53,7 +53,8 @@ def _quantize_store(x, h_mask, row_ptr, stride_h, scale_ptr, QUANT: tl.constexpr
     x = tl.where(mask, x, 0.0)
     amax = tl.max(tl.abs(x), 1)
     qmax = tl.full([BLOCK_H], QMAX, tl.float32)
-    inv = tl.where(amax > 0, tl.div_rn(qmax, amax), 0.0)
+    inv = tl.div_rn(qmax, amax)
+    inv = tl.where(inv == float("inf"), 0.0, inv)  # amax 0 or below ~1e-36: zeros, as ref.quantize_kv
     y = tl.minimum(tl.maximum(x * inv[:, None], -QMAX), QMAX)
     tl.store(scale_ptr + heads, tl.div_rn(amax, qmax), mask=h_mask)
     rows = row_ptr + heads[:, None] * stride_h
