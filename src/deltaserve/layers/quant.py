@@ -912,9 +912,7 @@ class Int4ExpertsMethod(ExpertsMethod):
         if g and (d % g or (i % g if tp is None else i % g and g % i)):
             raise QuantizationError(f"int4 experts with group size {g} need hidden size ({d}) and expert "
                                     f"intermediate size ({i}) to be multiples of it")
-        layer.group_size = g or max(d, i)
-        if not g and d != i:
-            raise QuantizationError("per-channel int4 experts need hidden size == intermediate size")
+        layer.group_size = g or max(d, i)  # per channel: one group covers the K of w13 (d) and of w2 (i)
         for w, n, k in (("w13", 2 * i, d), ("w2", d, i)):
             groups = _cdiv(k, layer.group_size)
             setattr(layer, f"{w}_qweight", new_param(e, n, _cdiv(k, 8), dtype=torch.int32, device=device))
@@ -957,11 +955,10 @@ class Fp8ExpertsMethod(ExpertsMethod):
     def create_weights(self, layer: Experts, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
         e, d, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
         bk = self.fmt.group_size
-        if not bk and d != i:
-            raise QuantizationError("per-channel FP8 experts need hidden size == intermediate size")
         tp = tp_shard(layer, "down_proj.weight") or tp_shard(layer, "down_proj")  # per-expert or fused, if split
+        # per channel: one K block covers the K of w13 (d) and of w2 (i), so each row keeps its one scale
         layer.block_k = k_group("fp8", bk, i, tp if tp is not None and tp.dim > 0 else None) \
-            if bk else d
+            if bk else max(d, i)
         layer.w13 = new_param(e, 2 * i, d, dtype=_FP8, device=device)
         layer.w13_scale = new_param(e, 2 * i, _cdiv(d, layer.block_k), dtype=torch.float32, device=device)
         layer.w2 = new_param(e, d, i, dtype=_FP8, device=device)

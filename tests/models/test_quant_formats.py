@@ -1,0 +1,88 @@
+"""Quantized-checkpoint layouts the independent fixtures (quant_fixtures/) do not cover, derived from them: each test
+rewrites a fixture's weights into another layout a real writer produces and checks that deltaserve's logits equal
+those of the plain checkpoint of the same dequantized weights (or that a layout it cannot load is refused by name)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from deltaserve.config import ModelConfig
+from deltaserve.kernels.quant.ref import pack_int4
+from deltaserve.models.loader import load_model
+from tests.models.test_quant import FIXTURES, _with_config, assert_matches_plain, dequant_state
+from tests.parallel.test_tp_quant import _check_rank_weights
+
+PROMPT = list(range(3, 30))
+
+
+def _fp8_blocks_to_channels(t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An FP8_BLOCK checkpoint's tensors requantized per output channel (weight_scale [N, 1]); returns the
+    dequantized weights of the result."""
+    plain = {}
+    for name in [n for n in t if t[n].dtype == torch.float8_e4m3fn]:
+        w8, s = t[name], t[name + "_scale"].float()
+        bn, bk = -(-w8.shape[0] // s.shape[0]), -(-w8.shape[1] // s.shape[1])
+        w = w8.float() * s.repeat_interleave(bn, 0)[:w8.shape[0]].repeat_interleave(bk, 1)[:, :w8.shape[1]]
+        scale = (w.abs().amax(dim=1, keepdim=True) / 448).to(torch.bfloat16)
+        t[name], t[name + "_scale"] = (w / scale.float()).to(torch.float8_e4m3fn), scale
+        plain[name] = t[name].float() * scale.float()
+    return plain
+
+
+def _gptq_groups_to_channels(t: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A GPTQ v1 checkpoint's tensors requantized per output channel (group_size -1: one scale row, g_idx all 0),
+    from its dequantized weights `state`; returns the dequantized weights of the result."""
+    plain = {}
+    for name in [n for n in t if n.endswith(".qweight")]:
+        base = name[:-len(".qweight")]
+        w = state[base + ".weight"]
+        n, k = w.shape
+        s = (w.abs().amax(dim=1) / 7.5).clamp(min=1e-8).to(torch.float16)
+        q = (torch.round(w / s.float()[:, None]) + 8).clamp(0, 15).to(torch.uint8)
+        t[name] = pack_int4(q).T.contiguous()
+        t[base + ".qzeros"] = pack_int4(torch.full((1, n), 7, dtype=torch.uint8))
+        t[base + ".scales"] = s[None].contiguous()
+        t[base + ".g_idx"] = torch.zeros(k, dtype=torch.int32)
+        plain[base + ".weight"] = (q.float() - 8) * s.float()[:, None]
+    return plain
+
+
+def test_per_channel_fp8_experts(tmp_path):
+    """compressed-tensors FP8 per channel on a MoE model (FP8_DYNAMIC, llm-compressor's Qwen3.5 MoE example) was
+    refused: 'per-channel FP8 experts need hidden size == intermediate size' (256 and 128 here; 2048 and 512 in
+    35B-A3B). Each expert row's one scale covers its whole K, whatever K is; tensor and expert parallelism split
+    the experts as they split block-scaled ones."""
+    src = FIXTURES / "ct_fp8_block_moe"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    group = next(iter(qc["config_groups"].values()))
+    group["weights"].update(strategy="channel", block_structure=None)
+    group["input_activations"] = {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}
+    plain: dict[str, torch.Tensor] = {}
+    path = _with_config(src, tmp_path / "ch", qc, lambda t: plain.update(_fp8_blocks_to_channels(t)))
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.experts.method.name == "fp8 per-channel"
+    state = {k: plain.get(k, v) for k, v in load_file(path / "model.safetensors").items()
+             if not k.endswith("_scale")}
+    assert_matches_plain(model, tmp_path, state, json.loads((path / "config.json").read_text()), PROMPT)
+    _check_rank_weights(path, 2, False)
+    _check_rank_weights(path, 2, True)
+
+
+def test_per_channel_int4_experts(tmp_path):
+    """GPTQ group_size -1 (one scale per output channel) on a MoE model was refused like FP8 per channel above."""
+    src = FIXTURES / "gptq_moe"
+    qc = {**json.loads((src / "config.json").read_text())["quantization_config"], "group_size": -1}
+    plain: dict[str, torch.Tensor] = {}
+    deq = dequant_state(src)
+    path = _with_config(src, tmp_path / "ch", qc, lambda t: plain.update(_gptq_groups_to_channels(t, deq)))
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.experts.method.name == "int4 per-channel"
+    state = {k: plain.get(k, v) for k, v in deq.items()}
+    assert_matches_plain(model, tmp_path, state, json.loads((path / "config.json").read_text()), PROMPT)
+    _check_rank_weights(path, 2, False)
+    _check_rank_weights(path, 2, True)
