@@ -5,6 +5,7 @@ those of the plain checkpoint of the same dequantized weights (or that a layout 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from deltaserve.config import ModelConfig
-from deltaserve.kernels.quant.ref import pack_int4
+from deltaserve.kernels.quant.ref import pack_int4, unpack_int4
 from deltaserve.models.loader import load_model
 from tests.models.test_quant import FIXTURES, _with_config, assert_matches_plain, dequant_state
 from tests.parallel.test_tp_quant import _check_rank_weights
@@ -86,3 +87,42 @@ def test_per_channel_int4_experts(tmp_path):
     assert_matches_plain(model, tmp_path, state, json.loads((path / "config.json").read_text()), PROMPT)
     _check_rank_weights(path, 2, False)
     _check_rank_weights(path, 2, True)
+
+
+def _ct_int4_to_channels(t: dict[str, torch.Tensor], pattern: str) -> dict[str, torch.Tensor]:
+    """The compressed-tensors sym int4 modules whose names match `pattern` requantized per output channel
+    (weight_scale [N, 1]); returns the dequantized weights of every int4 module."""
+    plain = {}
+    for name in [n for n in t if n.endswith(".weight_packed")]:
+        base = name[:-len(".weight_packed")]
+        n, k = t[base + ".weight_shape"].tolist()
+        s = t[base + ".weight_scale"].float()
+        w = (unpack_int4(t[name], k).float() - 8) * s.repeat_interleave(-(-k // s.shape[1]), 1)[:, :k]
+        if re.fullmatch(pattern, base):
+            s = (w.abs().amax(dim=1, keepdim=True) / 7.5).to(torch.bfloat16).float()
+            q = (torch.round(w / s) + 8).clamp(0, 15)
+            t[name], t[base + ".weight_scale"] = pack_int4(q.to(torch.uint8)), s.to(torch.bfloat16)
+            w = (q - 8) * s
+        plain[base + ".weight"] = w
+    return plain
+
+
+def test_compressed_tensors_named_targets_take_precedence_over_linear(tmp_path):
+    """Two config groups, one targeting the class ("Linear"), one the MLP by regex: the MLP takes the regex's scheme
+    wherever the groups come in the config, as in compressed-tensors and vLLM (a target naming the module wins over a
+    class target). The first group in config order was taken, so the MLP read the per-channel scheme of group_0:
+    'shape mismatch: ...mlp.down_proj.weight_scale: expected [256, 1], found [256, 3]'."""
+    src = FIXTURES / "ct_w4a16_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    grouped = next(iter(qc["config_groups"].values()))
+    channel = {**grouped, "targets": ["Linear"], "weights": {**grouped["weights"], "strategy": "channel",
+                                                             "group_size": None}}
+    qc["config_groups"] = {"group_0": channel, "group_1": {**grouped, "targets": [r"re:.*mlp\.(gate|up|down)_proj$"]}}
+    plain: dict[str, torch.Tensor] = {}
+    path = _with_config(src, tmp_path / "two", qc, lambda t: plain.update(_ct_int4_to_channels(t, r".*_attn\..*")))
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.down_proj.method.name == "int4 g128"
+    assert model.model.layers[2].self_attn.o_proj.method.name == "int4 per-channel"
+    state = {k: v for k, v in load_file(path / "model.safetensors").items() if not k.rpartition(".")[2].startswith(
+        ("weight_packed", "weight_scale", "weight_shape"))}
+    assert_matches_plain(model, tmp_path, {**state, **plain}, json.loads((path / "config.json").read_text()), PROMPT)

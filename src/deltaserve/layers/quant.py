@@ -281,12 +281,7 @@ class QuantResolver:
         if name in self.skip:
             return UNQUANTIZED
         if self.method == "compressed-tensors":
-            for targets, wf in self.ct_groups:
-                for t in targets:
-                    if t == "Linear" or t == name or (t.startswith("re:") and any(
-                            re.match(t[3:], f) for f in _name_forms(name))):
-                        return wf
-            return UNQUANTIZED
+            return self._ct_group(name)
         fmt = self.default
         for pattern, override in self.positive:
             if any(pattern.match(f) for f in _name_forms(name)):
@@ -299,6 +294,17 @@ class QuantResolver:
                 if "sym" in override:
                     fmt = replace(fmt, symmetric=bool(override["sym"]))
         return fmt
+
+    def _ct_group(self, name: str) -> WeightFormat:
+        """The compressed-tensors config group of module `name`: a target naming it (exactly or by `re:`) wins over
+        the class target "Linear", whatever group comes first, as compressed-tensors and vLLM (find_matched_target)
+        match them; a mixed-precision config lists its defaults under "Linear" and its exceptions by name."""
+        forms = _name_forms(name)
+        for targets, wf in self.ct_groups:
+            if any(_our_name(t) == name or (t.startswith("re:") and any(re.match(t[3:], f) for f in forms))
+                   for t in targets):
+                return wf
+        return next((wf for targets, wf in self.ct_groups if "Linear" in targets), UNQUANTIZED)
 
     # ---- the tensors --------------------------------------------------------------------------------------------
 
