@@ -14,8 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from deltaserve.config import ModelConfig
 from deltaserve.kernels.quant.ref import pack_int4, unpack_int4
-from deltaserve.models.loader import load_model
+from deltaserve.models.loader import CheckpointError, load_model
 from tests.models.test_quant import FIXTURES, _with_config, assert_matches_plain, dequant_state
+from tests.models.simple_runner import SimpleRunner
 from tests.parallel.test_tp_quant import _check_rank_weights
 
 PROMPT = list(range(3, 30))
@@ -126,3 +127,26 @@ def test_compressed_tensors_named_targets_take_precedence_over_linear(tmp_path):
     state = {k: v for k, v in load_file(path / "model.safetensors").items() if not k.rpartition(".")[2].startswith(
         ("weight_packed", "weight_scale", "weight_shape"))}
     assert_matches_plain(model, tmp_path, {**state, **plain}, json.loads((path / "config.json").read_text()), PROMPT)
+
+
+def test_gptq_zero_bias_tensors_are_accepted_and_others_refused(tmp_path):
+    """GPTQ writers of the GPTQ-for-LLaMa / early AutoGPTQ line store a bias (zeros) with every quantized projection,
+    also where the model has none; vLLM skips them. They were refused as '19 unexpected tensor(s)' with no reason.
+    Zero biases load (the logits of the checkpoint without them); a non-zero one, which the model has no place for,
+    is refused naming it."""
+    src = FIXTURES / "gptq_dense"
+
+    def biases(t, value=0.0):
+        for name in [n for n in t if n.endswith(".qweight")]:
+            t[name[:-len("qweight")] + "bias"] = torch.full((t[name].shape[1],), value, dtype=torch.float16)
+    path = _with_config(src, tmp_path / "zero", None, biases)
+    prompt = list(range(3, 20))
+    assert torch.equal(SimpleRunner(load_model(ModelConfig.from_hf(path), dtype="float32")).step({0: prompt})[0],
+                       SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
+
+    def one_nonzero(t):
+        biases(t)
+        t["model.layers.0.mlp.down_proj.bias"][5] = 0.25
+    path = _with_config(src, tmp_path / "nonzero", None, one_nonzero)
+    with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.bias: a non-zero bias"):
+        load_model(ModelConfig.from_hf(path), dtype="float32")

@@ -632,7 +632,21 @@ def int4_slots(fmt: WeightFormat, name: str, dest: Int4Dest, n: int, k: int,
         shape, optional = spec[suffix]
         return WeightSlot(shape, load, optional=optional, sharded=tp is not None)
 
-    return {f"{name}.{s}": slot(s) for s in spec}
+    slots = {f"{name}.{s}": slot(s) for s in spec}
+    if fmt.checkpoint == "gptq":
+        slots[f"{name}.bias"] = _zero_bias_slot(n_full, tp)
+    return slots
+
+
+def _zero_bias_slot(n: int, tp: Shard | None) -> WeightSlot:
+    """A GPTQ projection's `bias`: GPTQ-for-LLaMa and early AutoGPTQ store one (zeros) with every quantized layer,
+    also where the model has none (vLLM skips them). Qwen3.5's projections have no bias, so only zeros load."""
+    def load(source: TensorSource) -> None:
+        t = _read(source, _FLOATS, "a floating-point bias")
+        if bool(t.any()):
+            raise QuantizationError(f"{source.name}: a non-zero bias, but Qwen3.5's projections have none (a GPTQ "
+                                    "writer's bias is all zeros); the checkpoint does not match the model")
+    return WeightSlot((n,), load, optional=True, sharded=tp is not None)
 
 
 def _check_sharded_int4(fmt: WeightFormat, name: str, got: dict[str, torch.Tensor], tp: Shard | None,
