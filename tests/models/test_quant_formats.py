@@ -150,3 +150,15 @@ def test_gptq_zero_bias_tensors_are_accepted_and_others_refused(tmp_path):
     path = _with_config(src, tmp_path / "nonzero", None, one_nonzero)
     with pytest.raises(CheckpointError, match=r"model\.layers\.0\.mlp\.down_proj\.bias: a non-zero bias"):
         load_model(ModelConfig.from_hf(path), dtype="float32")
+
+
+def test_act_order_experts_refusal_names_the_tensor_and_the_setting(tmp_path):
+    """compressed-tensors experts with actorder "group" (a permuting weight_g_idx), which the MoE kernels cannot
+    take, were refused naming a `.g_idx` tensor the checkpoint does not have and GPTQ's desc_act as the remedy."""
+    def permuted(t):
+        name = "model.layers.0.mlp.experts.1.gate_proj.weight_g_idx"
+        t[name] = (torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 128).to(torch.int32)
+    path = _with_config(FIXTURES / "ct_w4a16_moe", tmp_path / "ct", None, permuted)
+    with pytest.raises(CheckpointError, match=r"experts\.1\.gate_proj\.weight_g_idx: a permuted \(act-order\) "
+                                              r"g_idx.*actorder"):
+        load_model(ModelConfig.from_hf(path), dtype="float32")

@@ -600,9 +600,11 @@ def int4_slots(fmt: WeightFormat, name: str, dest: Int4Dest, n: int, k: int,
             if torch.equal(gidx.long(), trivial):
                 gidx = None
             elif dest.perm is None:
-                raise QuantizationError(f"{name}.g_idx: a permuted (act-order) g_idx, but this module's weights "
-                                        "cannot take one (MoE experts need g_idx = k // group_size, "
-                                        "i.e. desc_act false)")
+                key = "g_idx" if fmt.checkpoint == "gptq" else "weight_g_idx"
+                raise QuantizationError(f"{name}.{key}: a permuted (act-order) g_idx, but this module's weights "
+                                        "cannot take one (MoE experts need g_idx = k // group_size): use a "
+                                        "checkpoint quantized without act-order (GPTQ desc_act false; "
+                                        "compressed-tensors actorder null, 'static' or 'weight')")
             else:
                 perm = torch.argsort(gidx.long(), stable=True)
                 if not torch.equal(gidx.long()[perm], trivial):
