@@ -162,3 +162,25 @@ def test_act_order_experts_refusal_names_the_tensor_and_the_setting(tmp_path):
     with pytest.raises(CheckpointError, match=r"experts\.1\.gate_proj\.weight_g_idx: a permuted \(act-order\) "
                                               r"g_idx.*actorder"):
         load_model(ModelConfig.from_hf(path), dtype="float32")
+
+
+def test_gptq_dynamic_first_matching_key_decides(tmp_path):
+    """GPTQModel's `dynamic` (and vLLM's get_dynamic_override) gives each module the first key, in config order,
+    whose regex matches it: a positive key before a "-:" key that also matches keeps the module quantized, and of
+    two positive keys only the first applies. Every "-:" key used to win wherever it stood (a GPTQModel checkpoint
+    that quantized its shared experts under such a config was refused), and positive overrides piled up."""
+    from deltaserve.layers.quant import QuantResolver
+    src = FIXTURES / "gptq_moe"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    dynamic = {r"+:.*mlp\..*": {}, "-:.*shared_expert.*": {}, **qc.get("dynamic", {})}
+    path = _with_config(src, tmp_path / "order", {**qc, "dynamic": dynamic})
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.shared_expert.down_proj.method.name == "int4 g128"
+    prompt = list(range(3, 20))
+    assert torch.equal(SimpleRunner(model).step({0: prompt})[0],
+                       SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
+    first = {r"+:.*down_proj": {"group_size": 32}, r"+:.*mlp": {"group_size": 64}, r"-:.*self_attn": {}}
+    raw = {"bits": 4, "group_size": 128, "dynamic": first}
+    resolver = QuantResolver("gptq", raw, None)
+    assert [resolver.configured(f"model.layers.0.mlp.{p}").group_size for p in ("down_proj", "up_proj")] == [32, 64]
+    assert not resolver.configured("model.layers.3.self_attn.o_proj").quantized

@@ -169,7 +169,7 @@ class QuantResolver:
             raise QuantizationError(f"quantization_config.quant_method {method!r} is not supported; deltaserve loads "
                                     f"{', '.join(SUPPORTED_METHODS)} checkpoints")
         self.ct_groups: list[tuple[list[str], WeightFormat]] = []
-        self.positive: list[tuple[re.Pattern[str], dict[str, Any]]] = []
+        self.dynamic: list[tuple[bool, re.Pattern[str], dict[str, Any]]] = []  # GPTQ: ("-:" key, regex, override)
         getattr(self, "_parse_" + method.replace("-", "_"))(raw)
 
     # ---- the config ---------------------------------------------------------------------------------------------
@@ -209,13 +209,12 @@ class QuantResolver:
                                     zero_offset=1 if fmt == "gptq" else 0, symmetric=bool(raw.get("sym", True)),
                                     act_order=bool(raw.get("desc_act", False)))
         dynamic = raw.get("dynamic") or {}
-        negative = [k[2:] for k in dynamic if k.startswith("-:")]
         for key, override in dynamic.items():
-            if key.startswith("-:"):
-                continue
-            pattern = key[2:] if key.startswith("+:") else key
-            self.positive.append((re.compile(pattern), dict(override or {})))
-        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"), [(k, "dynamic '-:'") for k in negative])
+            pattern = key[2:] if key.startswith(("-:", "+:")) else key
+            self.dynamic.append((key.startswith("-:"), re.compile(pattern), dict(override or {})))
+        self.not_converted = _ModuleSet(_entries(raw, "modules_to_not_convert"))
+        negative = [(k[2:], "dynamic '-:'") for k in dynamic if k.startswith("-:")]
+        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"), negative)  # all exclusions, for warnings
 
     def _parse_awq(self, raw: dict[str, Any]) -> None:
         self._int4_bits(raw.get("bits", raw.get("w_bit")), "quantization_config.bits")
@@ -278,21 +277,36 @@ class QuantResolver:
 
     def configured(self, name: str) -> WeightFormat:
         """The format the config gives module `name` (our path)."""
+        if self.method == "gptq":
+            return self._gptq_dynamic(name)
         if name in self.skip:
             return UNQUANTIZED
         if self.method == "compressed-tensors":
             return self._ct_group(name)
+        return self.default
+
+    def _gptq_dynamic(self, name: str) -> WeightFormat:
+        """GPTQ: the first `dynamic` key, in config order, whose regex matches module `name` decides, as GPTQModel
+        (which wrote the checkpoint by it) and vLLM's get_dynamic_override read it: a "-:" key leaves the module
+        unquantized, another overrides the defaults with its fields."""
+        if name in self.not_converted:
+            return UNQUANTIZED
+        forms = _name_forms(name)
+        match = next(((neg, p, o) for neg, p, o in self.dynamic if any(p.match(f) for f in forms)), None)
+        if match is None:
+            return self.default
+        negative, pattern, override = match
+        if negative:
+            return UNQUANTIZED
+        if "bits" in override:
+            self._int4_bits(override["bits"], f"quantization_config.dynamic[{pattern.pattern!r}].bits")
         fmt = self.default
-        for pattern, override in self.positive:
-            if any(pattern.match(f) for f in _name_forms(name)):
-                if "bits" in override:
-                    self._int4_bits(override["bits"], f"quantization_config.dynamic[{pattern.pattern!r}].bits")
-                if "group_size" in override:
-                    fmt = replace(fmt, group_size=max(0, int(override["group_size"])))
-                if "desc_act" in override:
-                    fmt = replace(fmt, act_order=bool(override["desc_act"]))
-                if "sym" in override:
-                    fmt = replace(fmt, symmetric=bool(override["sym"]))
+        if "group_size" in override:
+            fmt = replace(fmt, group_size=max(0, int(override["group_size"])))
+        if "desc_act" in override:
+            fmt = replace(fmt, act_order=bool(override["desc_act"]))
+        if "sym" in override:
+            fmt = replace(fmt, symmetric=bool(override["sym"]))
         return fmt
 
     def _ct_group(self, name: str) -> WeightFormat:
