@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from deltaserve.config import ModelConfig
 from deltaserve.kernels.quant.ref import pack_int4, unpack_int4
