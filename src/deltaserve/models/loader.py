@@ -310,12 +310,20 @@ def _untie_distinct_lm_head(config: ModelConfig, entries: list[TensorEntry]) -> 
         return config
     named = {text_model_name(e.name): e for e in entries}
     head, embed = named.get("lm_head.weight"), named.get("model.embed_tokens.weight")
-    if head is None or embed is None or torch.equal(read_entry(head), read_entry(embed)):
+    if head is None or embed is None or _same_values(read_entry(head), read_entry(embed)):
         return config
     log.warning("the config ties the lm_head to the embedding (tie_word_embeddings true) but the checkpoint's "
                 "lm_head.weight differs from its embedding: using the lm_head, as transformers does; set "
                 "tie_word_embeddings false in config.json to silence this")
     return replace(config, tie_word_embeddings=False)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two full-precision tensors hold the same values (an fp16 copy of a bf16 embedding does); a quantized
+    one (FP8 or integer codes, which torch cannot compare with floats) never equals the embedding."""
+    if any(not t.is_floating_point() or t.element_size() == 1 for t in (a, b)):
+        return False
+    return a.shape == b.shape and torch.equal(a, b.to(a.dtype))
 
 
 def _dtype(name: str) -> torch.dtype:
