@@ -206,3 +206,52 @@ def test_fp8_lm_head_under_a_tied_config(tmp_path):
         .repeat_interleave(128, 1)[:, :256]
     hidden = torch.randn(3, 256)
     torch.testing.assert_close(model.compute_logits(hidden), hidden @ head.T, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_block_structure_string_form(tmp_path):
+    """compressed-tensors reads block_structure "128x128" as [128, 128] (its validator keeps the older string form);
+    deltaserve failed with Python's 'too many values to unpack'."""
+    src = FIXTURES / "ct_fp8_block_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    next(iter(qc["config_groups"].values()))["weights"]["block_structure"] = "128x128"
+    path = _with_config(src, tmp_path / "str", qc)
+    prompt = list(range(3, 20))
+    assert torch.equal(SimpleRunner(load_model(ModelConfig.from_hf(path), dtype="float32")).step({0: prompt})[0],
+                       SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
+
+
+def _ct(weights: dict, **top) -> dict:
+    return {"quant_method": "compressed-tensors", "config_groups": {"group_0": {
+        "targets": ["Linear"], "format": "pack-quantized" if weights.get("type") == "int" else "float-quantized",
+        "weights": weights}}, **top}
+
+
+W4 = {"type": "int", "num_bits": 4, "strategy": "group", "group_size": 128}
+
+
+@pytest.mark.parametrize("raw, needle", [
+    (_ct({"type": "float", "num_bits": 8, "strategy": "block", "block_structure": [128]}),
+     r"config_groups\.group_0\.weights\.block_structure \[128\]: expected \[block_n, block_k\]"),
+    (_ct({"type": "float", "num_bits": 8, "strategy": "block", "block_structure": "128by128"}),
+     r"block_structure '128by128'"),
+    ({"quant_method": "compressed-tensors", "config_groups": [{"targets": ["Linear"]}]},
+     r"quantization_config\.config_groups: expected an object"),
+    (_ct(W4, ignore=["re:(bad"]), r"quantization_config\.ignore 're:\(bad': not a valid regular expression"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": {"-:(bad": {}}},
+     r"quantization_config\.dynamic '-:\(bad': not a valid regular expression"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": "abc"}, r"quantization_config\.group_size 'abc'"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 0}, r"quantization_config\.group_size 0"),
+    ({"quant_method": "awq", "bits": 4, "group_size": 0}, r"quantization_config\.group_size 0"),
+    (_ct({**W4, "group_size": None}), r"config_groups\.group_0\.weights\.group_size None"),
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "dynamic": {"+:.*mlp": {"group_size": "x"}}},
+     r"quantization_config\.dynamic\['\.\*mlp'\]\.group_size 'x'"),
+    ({"quant_method": "fp8", "modules_to_not_convert": "lm_head"},
+     r"quantization_config\.modules_to_not_convert: expected a list of module names"),
+])
+def test_malformed_quantization_config_names_the_field(raw, needle):
+    """Malformed fields failed with Python's own errors (an unpacking ValueError, re.error, AttributeError), which
+    the loader let through as tracebacks, or were read as something else (group size 0 as per channel, a string of
+    module names as single characters); each is refused naming the field."""
+    from deltaserve.layers.quant import QuantizationError, QuantResolver
+    with pytest.raises(QuantizationError, match=needle):
+        QuantResolver(raw["quant_method"], raw, None).configured("model.layers.0.mlp.down_proj")

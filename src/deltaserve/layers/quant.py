@@ -153,7 +153,45 @@ class _ModuleSet:
 
 
 def _entries(raw: dict[str, Any], *keys: str) -> list[tuple[str, str]]:
-    return [(str(n), key) for key in keys for n in raw.get(key) or []]
+    return [(n, key) for key in keys for n in _names(raw.get(key), f"quantization_config.{key}")]
+
+
+def _names(value: Any, where: str) -> list[str]:
+    """A list of module names (or targets) from the config; None for none."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise QuantizationError(f"{where}: expected a list of module names, got {value!r}")
+    return list(value)
+
+
+def _regex(pattern: str, where: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise QuantizationError(f"{where}: not a valid regular expression ({e})") from None
+
+
+def _group_size(value: Any, where: str) -> int:
+    """A group size field: a positive number of input columns, or -1 (GPTQ, AutoAWQ) / None for one group per
+    output channel (0 here)."""
+    if value in (-1, None) and not isinstance(value, bool):
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise QuantizationError(f"{where} {value!r}: expected a positive group size, or -1 for one group per output "
+                                "channel")
+    return value
+
+
+def _block_structure(value: Any, where: str) -> tuple[int, int]:
+    """compressed-tensors block_structure: [block_n, block_k], or the older string form "128x128"."""
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        value = [int(p) for p in parts] if all(p.isdigit() for p in parts) else value
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value)):
+        raise QuantizationError(f"{where} {value!r}: expected [block_n, block_k], e.g. [128, 128]")
+    return value[0], value[1]
 
 
 class QuantResolver:
@@ -204,14 +242,18 @@ class QuantResolver:
         fmt = raw.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
             raise QuantizationError(f"quantization_config.checkpoint_format {fmt!r}: expected gptq (v1) or gptq_v2")
-        group = raw.get("group_size", 128)
-        self.default = WeightFormat("int4", "gptq", 0 if group in (-1, None) else int(group), 0,
+        group = _group_size(raw.get("group_size", 128), "quantization_config.group_size")
+        self.default = WeightFormat("int4", "gptq", group, 0,
                                     zero_offset=1 if fmt == "gptq" else 0, symmetric=bool(raw.get("sym", True)),
                                     act_order=bool(raw.get("desc_act", False)))
         dynamic = raw.get("dynamic") or {}
+        if not isinstance(dynamic, dict) or not all(isinstance(o, dict) or o is None for o in dynamic.values()):
+            raise QuantizationError(f"quantization_config.dynamic: expected an object of regex keys and override "
+                                    f"objects, got {dynamic!r}")
         for key, override in dynamic.items():
             pattern = key[2:] if key.startswith(("-:", "+:")) else key
-            self.dynamic.append((key.startswith("-:"), re.compile(pattern), dict(override or {})))
+            regex = _regex(pattern, f"quantization_config.dynamic {key!r}")
+            self.dynamic.append((key.startswith("-:"), regex, dict(override or {})))
         self.not_converted = _ModuleSet(_entries(raw, "modules_to_not_convert"))
         negative = [(k[2:], "dynamic '-:'") for k in dynamic if k.startswith("-:")]
         self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"), negative)  # all exclusions, for warnings
@@ -225,13 +267,17 @@ class QuantResolver:
         if not raw.get("zero_point", True):
             raise QuantizationError("quantization_config.zero_point false: AWQ checkpoints without zero points are "
                                     "not supported")
-        group = raw.get("group_size", raw.get("q_group_size", 128))
-        self.default = WeightFormat("int4", "awq", 0 if group in (-1, None) else int(group), symmetric=False)
+        key = "group_size" if "group_size" in raw else "q_group_size"
+        group = _group_size(raw.get(key, 128), f"quantization_config.{key}")
+        self.default = WeightFormat("int4", "awq", group, symmetric=False)
         self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"))
 
     def _parse_compressed_tensors(self, raw: dict[str, Any]) -> None:
         top = raw.get("format")
         groups = raw.get("config_groups") or {}
+        if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+            raise QuantizationError(f"quantization_config.config_groups: expected an object of named groups, got "
+                                    f"{groups!r}")
         if not groups:
             raise QuantizationError("compressed-tensors quantization_config has no config_groups")
         for gname, group in groups.items():
@@ -248,7 +294,12 @@ class QuantResolver:
                 strategy = w.get("strategy")
                 if strategy not in ("group", "channel"):
                     raise QuantizationError(f"{where}.weights.strategy {strategy!r}: expected group or channel")
-                wf = WeightFormat("int4", "ct-int4", int(w.get("group_size") or 0) if strategy == "group" else 0,
+                group_size = w.get("group_size") if strategy == "group" else 0
+                if strategy == "group" and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                            or group_size <= 0):
+                    raise QuantizationError(f"{where}.weights.group_size {group_size!r}: strategy group needs a "
+                                            "positive group size")
+                wf = WeightFormat("int4", "ct-int4", group_size,
                                   symmetric=bool(w.get("symmetric", True)),
                                   act_order=w.get("actorder") == "group")
             elif w.get("type") == "float":
@@ -259,8 +310,9 @@ class QuantResolver:
                     raise QuantizationError(f"{where}: format {fmt!r} for FP8 weights; expected float-quantized")
                 strategy = w.get("strategy")
                 if strategy == "block":
-                    bn, bk = w.get("block_structure") or (128, 128)
-                    wf = WeightFormat("fp8", "ct-fp8", int(bk), int(bn), scale_name="weight_scale")
+                    bn, bk = _block_structure(w.get("block_structure") or [128, 128],
+                                              f"{where}.weights.block_structure")
+                    wf = WeightFormat("fp8", "ct-fp8", bk, bn, scale_name="weight_scale")
                 elif strategy in ("channel", "tensor"):  # one scale per tensor: found so in the checkpoint
                     wf = WeightFormat("fp8", "ct-fp8", 0, 1, scale_name="weight_scale")
                 else:
@@ -269,8 +321,15 @@ class QuantResolver:
             else:
                 raise QuantizationError(f"{where}.weights.type {w.get('type')!r}: expected int (4-bit) or float "
                                         "(8-bit)")
-            self.ct_groups.append((list(group.get("targets") or ["Linear"]), wf))
-        ignore = list(raw.get("ignore") or [])
+            targets = _names(group.get("targets"), f"{where}.targets") or ["Linear"]
+            for t in targets:
+                if t.startswith("re:"):
+                    _regex(t[3:], f"{where}.targets {t!r}")
+            self.ct_groups.append((targets, wf))
+        ignore = _names(raw.get("ignore"), "quantization_config.ignore")
+        for n in ignore:
+            if n.startswith("re:"):
+                _regex(n[3:], f"quantization_config.ignore {n!r}")
         self.skip = _ModuleSet([(n, "ignore") for n in ignore if not n.startswith("re:")],
                                [(n[3:], "ignore 're:'") for n in ignore if n.startswith("re:")])
         self.default = self.ct_groups[0][1]
@@ -302,7 +361,8 @@ class QuantResolver:
             self._int4_bits(override["bits"], f"quantization_config.dynamic[{pattern.pattern!r}].bits")
         fmt = self.default
         if "group_size" in override:
-            fmt = replace(fmt, group_size=max(0, int(override["group_size"])))
+            where = f"quantization_config.dynamic[{pattern.pattern!r}].group_size"
+            fmt = replace(fmt, group_size=_group_size(override["group_size"], where))
         if "desc_act" in override:
             fmt = replace(fmt, act_order=bool(override["desc_act"]))
         if "sym" in override:
