@@ -255,3 +255,37 @@ def test_malformed_quantization_config_names_the_field(raw, needle):
     from deltaserve.layers.quant import QuantizationError, QuantResolver
     with pytest.raises(QuantizationError, match=needle):
         QuantResolver(raw["quant_method"], raw, None).configured("model.layers.0.mlp.down_proj")
+
+
+def _awq_pack(cols: torch.Tensor) -> torch.Tensor:
+    """codes [R, N] -> AutoAWQ GEMM words [R, N/8]: column 8c + i in nibble AWQ_ORDER[i] of word c."""
+    from deltaserve.layers.quant import AWQ_ORDER
+    nibbles = torch.empty_like(cols).view(cols.shape[0], -1, 8)
+    nibbles[..., list(AWQ_ORDER)] = cols.view(cols.shape[0], -1, 8)
+    return pack_int4(nibbles.reshape(cols.shape))
+
+
+def test_symmetric_awq_with_zero_point_false(tmp_path):
+    """auto-round's `auto_awq` export of a symmetric run writes "zero_point": false (zero_point = not sym) and still
+    stores qzeros (all 8), which vLLM's AWQ kernels read; deltaserve refused it ('AWQ checkpoints without zero
+    points are not supported'). It loads, with the stored zero points (dequantized by make_fixtures' formula)."""
+    from tests.models.quant_fixtures.make_fixtures import dequant_awq
+    src = FIXTURES / "awq_dense"
+    qc = {**json.loads((src / "config.json").read_text())["quantization_config"], "sym": True, "zero_point": False}
+
+    def symmetric(t):
+        for name in [n for n in t if n.endswith(".qweight")]:
+            base = name[:-len(".qweight")]
+            w = dequant_awq(t, base, 128).T                                    # [K, N]
+            g = w.view(-1, 128, w.shape[1]).abs().amax(dim=1) / 7.5             # [K/G, N]
+            s = g.clamp(min=1e-8).half()
+            q = (torch.round(w / s.float().repeat_interleave(128, 0)) + 8).clamp(0, 15).to(torch.uint8)
+            t[name], t[base + ".scales"] = _awq_pack(q), s
+            t[base + ".qzeros"] = _awq_pack(torch.full(s.shape, 8, dtype=torch.uint8))
+    path = _with_config(src, tmp_path / "sym", qc, symmetric)
+    t = load_file(path / "model.safetensors")
+    state = {k: v for k, v in t.items() if not k.endswith((".qweight", ".qzeros", ".scales"))}
+    state.update({n[:-len("qweight")] + "weight": dequant_awq(t, n[:-len(".qweight")], 128)
+                  for n in t if n.endswith(".qweight")})
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert_matches_plain(model, tmp_path, state, json.loads((path / "config.json").read_text()), PROMPT)

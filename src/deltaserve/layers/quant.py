@@ -264,12 +264,11 @@ class QuantResolver:
         if version != "gemm":
             raise QuantizationError(f"quantization_config.version {version!r}: only AutoAWQ GEMM checkpoints "
                                     "(version 'gemm') are supported")
-        if not raw.get("zero_point", True):
-            raise QuantizationError("quantization_config.zero_point false: AWQ checkpoints without zero points are "
-                                    "not supported")
         key = "group_size" if "group_size" in raw else "q_group_size"
         group = _group_size(raw.get(key, 128), f"quantization_config.{key}")
-        self.default = WeightFormat("int4", "awq", group, symmetric=False)
+        # zero_point false (auto-round's symmetric export: zero_point = not sym) still stores qzeros (8), which
+        # AutoAWQ's and vLLM's kernels read: they are read here too
+        self.default = WeightFormat("int4", "awq", group, symmetric=not raw.get("zero_point", True))
         self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"))
 
     def _parse_compressed_tensors(self, raw: dict[str, Any]) -> None:
