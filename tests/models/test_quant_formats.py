@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -289,3 +290,39 @@ def test_symmetric_awq_with_zero_point_false(tmp_path):
                   for n in t if n.endswith(".qweight")})
     model = load_model(ModelConfig.from_hf(path), dtype="float32")
     assert_matches_plain(model, tmp_path, state, json.loads((path / "config.json").read_text()), PROMPT)
+
+
+def _auto_round_native(src: Path, packing: str, dst: Path) -> Path:
+    """An auto-round fixture's config rewritten as auto-round's own format writes it (quant_method auto-round,
+    packing_format, extra_config naming each module left in 16 bits); the tensors are the same."""
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    plain = sorted({n[:-len(".weight")] for n in load_file(src / "model.safetensors")
+                    if n.endswith("_proj.weight") or n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))})
+    native = {"quant_method": "auto-round", "packing_format": packing, "bits": 4, "group_size": qc["group_size"],
+              "sym": qc["sym"], "data_type": "int", "autoround_version": "0.15.1",
+              "extra_config": {n: {"bits": 16, "data_type": "float"} for n in plain + ["lm_head"]}}
+    return _with_config(src, dst, native)
+
+
+@pytest.mark.parametrize("name, packing", [("gptq_moe", "auto_round:auto_gptq"), ("awq_dense", "auto_round:auto_awq")])
+def test_auto_round_native_format(tmp_path, name, packing):
+    """auto-round's default export (quant_method auto-round, packing_format auto_round:auto_gptq or auto_awq: GPTQ v1
+    or AutoAWQ tensors; Intel's and many community Qwen3.5 int4 releases, which vLLM loads) was refused as an
+    unsupported quant_method. It loads with the logits of the same tensors under the gptq / awq config; extra_config
+    entries left in 16 bits must not hold quantized tensors, and other bit widths are refused by name."""
+    src = FIXTURES / name
+    path = _auto_round_native(src, packing, tmp_path / "native")
+    prompt = list(range(3, 20))
+    assert torch.equal(SimpleRunner(load_model(ModelConfig.from_hf(path), dtype="float32")).step({0: prompt})[0],
+                       SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
+    qc = json.loads((path / "config.json").read_text())["quantization_config"]
+    down = "model.layers.0.mlp." + ("experts.0.down_proj" if "moe" in name else "down_proj")
+    excluded = _with_config(path, tmp_path / "excluded",
+                            {**qc, "extra_config": {**qc["extra_config"], down: {"bits": 16, "data_type": "float"}}})
+    with pytest.raises(CheckpointError, match=rf"{re.escape(down)}: the checkpoint holds int4 qweight"):
+        load_model(ModelConfig.from_hf(excluded), dtype="float32")
+    if packing.endswith("gptq"):
+        eight = _with_config(path, tmp_path / "eight",
+                             {**qc, "extra_config": {**qc["extra_config"], down: {"bits": 8}}})
+        with pytest.raises(CheckpointError, match=rf"extra_config\['{re.escape(down)}'\]\.bits is 8"):
+            load_model(ModelConfig.from_hf(eight), dtype="float32")

@@ -12,7 +12,8 @@ Every format is converted at load time into one of two internal layouts (kernels
 along K with fp32 group scales and uint8 zero points, or e4m3 weights with an fp32 scale per row and K block. So the
 kernels do not care whether a weight came from GPTQ, AWQ or compressed-tensors.
 
-Checkpoint layouts (as GPTQ, AutoAWQ and compressed-tensors write them): GPTQ v1 qweight [K/8, N] (packed along K),
+Checkpoint layouts (as GPTQ, AutoAWQ and compressed-tensors write them; auto-round's own format holds GPTQ v1 or
+AutoAWQ GEMM tensors): GPTQ v1 qweight [K/8, N] (packed along K),
 qzeros [K/G, N/8] stored as zero - 1 (a stored 15 reads as 16, as v1 readers do: _check_gptq_zeros), scales [K/G, N],
 g_idx [K]; AutoAWQ GEMM qweight [K, N/8] and qzeros [K/G, N/8] packed along N in the nibble order 0,4,1,5,2,6,3,7;
 compressed-tensors weight_packed [N, K/8] (codes + 8), weight_scale [N, K/G], weight_zero_point [N/8, K/G] (packed along
@@ -41,7 +42,8 @@ from deltaserve.layers.moe import Experts, ExpertsMethod
 from deltaserve.layers.weights import TensorSource, WeightSlot, seeded
 from deltaserve.parallel.sharding import Shard, read_part
 
-SUPPORTED_METHODS = ("fp8", "gptq", "awq", "compressed-tensors")
+SUPPORTED_METHODS = ("fp8", "gptq", "awq", "compressed-tensors", "auto-round")
+_AUTO_ROUND = ("auto-round", "intel/auto-round")  # auto-round's own format (older releases wrote the second name)
 AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ GEMM: column 8c + j of a word lives in nibble AWQ_ORDER[j]
 # Checkpoint prefixes of the text decoder, mapped to our module paths (as models/loader.text_model_name does).
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -203,12 +205,13 @@ class QuantResolver:
                  fp8_activations: str = "off", read: Callable[[str], torch.Tensor] | None = None) -> None:
         self.method, self.raw, self.present, self.read = method, raw, present, read
         self.fp8_activations = fp8_activations
-        if method not in SUPPORTED_METHODS:
+        if method not in SUPPORTED_METHODS + _AUTO_ROUND:
             raise QuantizationError(f"quantization_config.quant_method {method!r} is not supported; deltaserve loads "
                                     f"{', '.join(SUPPORTED_METHODS)} checkpoints")
+        self.family = method  # the tensor layout: auto-round's is GPTQ's or AWQ's (_parse_auto_round)
         self.ct_groups: list[tuple[list[str], WeightFormat]] = []
         self.dynamic: list[tuple[bool, re.Pattern[str], dict[str, Any]]] = []  # GPTQ: ("-:" key, regex, override)
-        getattr(self, "_parse_" + method.replace("-", "_"))(raw)
+        getattr(self, "_parse_" + ("auto-round" if method in _AUTO_ROUND else method).replace("-", "_"))(raw)
 
     # ---- the config ---------------------------------------------------------------------------------------------
 
@@ -270,6 +273,38 @@ class QuantResolver:
         # AutoAWQ's and vLLM's kernels read: they are read here too
         self.default = WeightFormat("int4", "awq", group, symmetric=not raw.get("zero_point", True))
         self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"))
+
+    def _parse_auto_round(self, raw: dict[str, Any]) -> None:
+        """auto-round's own format, as vLLM's AutoRoundConfig reads it: GPTQ v1 tensors (packing_format
+        auto_round:auto_gptq, the default) or AutoAWQ GEMM ones (auto_round:auto_awq) under one bits / group_size /
+        sym, and extra_config mapping module names to their own settings (bits 16: left unquantized)."""
+        data_type = raw.get("data_type", "int")
+        if data_type != "int":
+            raise QuantizationError(f"quantization_config.data_type {data_type!r}: deltaserve loads auto-round's "
+                                    "integer (data_type int) checkpoints")
+        extra = raw.get("extra_config") or {}
+        if not isinstance(extra, dict) or not all(isinstance(c, dict) for c in extra.values()):
+            raise QuantizationError(f"quantization_config.extra_config: expected an object of module names and "
+                                    f"settings, got {extra!r}")
+        bits = raw.get("bits")
+        keep = [name for name, c in extra.items()
+                if isinstance(c.get("bits"), int) and c["bits"] >= 16 or c.get("data_type") == "float"]
+        for name, c in extra.items():
+            if name not in keep and "bits" in c:
+                self._int4_bits(c["bits"], f"quantization_config.extra_config[{name!r}].bits")
+        overrides = {"+:" + re.escape(name) + "$": {k: c[k] for k in ("bits", "group_size", "sym") if k in c}
+                     for name, c in extra.items() if name not in keep}
+        packing = raw.get("packing_format", "auto_round:auto_gptq")
+        base = {"bits": bits, "group_size": raw.get("group_size"), "modules_to_not_convert": keep}
+        if packing == "auto_round:auto_gptq":
+            self.family = "gptq"
+            self._parse_gptq({**base, "sym": raw.get("sym", True), "desc_act": False, "dynamic": overrides})
+        elif packing == "auto_round:auto_awq":
+            self.family = "awq"
+            self._parse_awq({**base, "zero_point": not raw.get("sym", True)})
+        else:
+            raise QuantizationError(f"quantization_config.packing_format {packing!r}: deltaserve loads auto-round's "
+                                    "auto_round:auto_gptq and auto_round:auto_awq packings")
 
     def _parse_compressed_tensors(self, raw: dict[str, Any]) -> None:
         top = raw.get("format")
@@ -335,11 +370,11 @@ class QuantResolver:
 
     def configured(self, name: str) -> WeightFormat:
         """The format the config gives module `name` (our path)."""
-        if self.method == "gptq":
+        if self.family == "gptq":
             return self._gptq_dynamic(name)
         if name in self.skip:
             return UNQUANTIZED
-        if self.method == "compressed-tensors":
+        if self.family == "compressed-tensors":
             return self._ct_group(name)
         return self.default
 
