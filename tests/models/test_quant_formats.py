@@ -326,3 +326,22 @@ def test_auto_round_native_format(tmp_path, name, packing):
                              {**qc, "extra_config": {**qc["extra_config"], down: {"bits": 8}}})
         with pytest.raises(CheckpointError, match=rf"extra_config\['{re.escape(down)}'\]\.bits is 8"):
             load_model(ModelConfig.from_hf(eight), dtype="float32")
+
+
+@pytest.mark.parametrize("side_file", [None, "quantize_config.json"])
+def test_quantized_tensors_without_quantization_config_say_why(tmp_path, side_file):
+    """A quantized checkpoint whose config.json has no quantization_config (stripped, or kept only in the
+    quantize_config.json AutoGPTQ / GPTQModel write beside it) was refused as a list of unexpected qweight / qzeros /
+    g_idx tensors and missing weights, with no reason; the error says the tensors are quantized and where the config
+    is missing (naming the side file when there is one)."""
+    src = FIXTURES / "gptq_dense"
+    cfg = json.loads((src / "config.json").read_text())
+    path = _with_config(src, tmp_path / "noqc", None)
+    (path / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
+    if side_file:
+        (path / side_file).write_text(json.dumps(cfg["quantization_config"]))
+    want = r"(?s)unexpected tensor.*quantized weights \(\.qweight.*config\.json has no quantization_config"
+    if side_file:
+        want += r".*quantize_config\.json"
+    with pytest.raises(CheckpointError, match=want):
+        load_model(ModelConfig.from_hf(path), dtype="float32")
