@@ -474,6 +474,18 @@ def test_moe_shared_folded_interpreted(kind, monkeypatch):
               first_slot_expert=0)
 
 
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_per_channel_interpreted(kind, monkeypatch):
+    """Per-channel experts (GPTQ group_size -1, compressed-tensors FP8 per channel) as the loader stores them: one
+    group of max(hidden, intermediate) columns, so one scale per row for gate|up (K = 64) and for down (K = 32); per
+    routed pair, in blocks of pairs, and dequantized for the bf16 MoE."""
+    check_moe(kind, tokens=3, experts=4, top_k=2, d=64, inter=32, group=64, dtype=torch.bfloat16, shared=True)
+    monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=64, dtype=torch.bfloat16, seed=3, shared=True)
+    monkeypatch.setattr(qt, "PAIR_MAX", 8)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=64, dtype=torch.bfloat16, seed=4, shared=True)
+
+
 def moe_weights(kind, n, k, group, gen, experts=None):
     """(qweight, scales, zeros) int4 or (weight, scale) fp8 of `experts` stacked experts, or one matrix."""
     make = int4_weight if kind == "int4" else fp8_weight
@@ -583,6 +595,15 @@ def test_linear_dispatch_gpu(kind, m):
         want = ref.fp8_linear(x=x, weight=w, scale=s, block_k=128)
     err = (got.float() - want.float()).abs().max().item()
     assert err <= 2e-2 * want.float().abs().max().item()
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 64, 300])
+def test_moe_per_channel_gpu(kind, tokens):
+    """Per-channel experts at 35B-A3B's shape: one group of 2048 columns covers gate|up's K (2048) and down's (512)."""
+    check_moe(kind, tokens, 256, 8, 2048, 512, 2048, torch.bfloat16, seed=tokens, shared=True)
 
 
 @gpu

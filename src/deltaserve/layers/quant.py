@@ -12,7 +12,8 @@ Every format is converted at load time into one of two internal layouts (kernels
 along K with fp32 group scales and uint8 zero points, or e4m3 weights with an fp32 scale per row and K block. So the
 kernels do not care whether a weight came from GPTQ, AWQ or compressed-tensors.
 
-Checkpoint layouts (as GPTQ, AutoAWQ and compressed-tensors write them): GPTQ v1 qweight [K/8, N] (packed along K),
+Checkpoint layouts (as GPTQ, AutoAWQ and compressed-tensors write them; auto-round's own format holds GPTQ v1 or
+AutoAWQ GEMM tensors): GPTQ v1 qweight [K/8, N] (packed along K),
 qzeros [K/G, N/8] stored as zero - 1 (a stored 15 reads as 16, as v1 readers do: _check_gptq_zeros), scales [K/G, N],
 g_idx [K]; AutoAWQ GEMM qweight [K, N/8] and qzeros [K/G, N/8] packed along N in the nibble order 0,4,1,5,2,6,3,7;
 compressed-tensors weight_packed [N, K/8] (codes + 8), weight_scale [N, K/G], weight_zero_point [N/8, K/G] (packed along
@@ -41,7 +42,8 @@ from deltaserve.layers.moe import Experts, ExpertsMethod
 from deltaserve.layers.weights import TensorSource, WeightSlot, seeded
 from deltaserve.parallel.sharding import Shard, read_part
 
-SUPPORTED_METHODS = ("fp8", "gptq", "awq", "compressed-tensors")
+SUPPORTED_METHODS = ("fp8", "gptq", "awq", "compressed-tensors", "auto-round")
+_AUTO_ROUND = ("auto-round", "intel/auto-round")  # auto-round's own format (older releases wrote the second name)
 AWQ_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # AutoAWQ GEMM: column 8c + j of a word lives in nibble AWQ_ORDER[j]
 # Checkpoint prefixes of the text decoder, mapped to our module paths (as models/loader.text_model_name does).
 _TEXT_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
@@ -153,7 +155,45 @@ class _ModuleSet:
 
 
 def _entries(raw: dict[str, Any], *keys: str) -> list[tuple[str, str]]:
-    return [(str(n), key) for key in keys for n in raw.get(key) or []]
+    return [(n, key) for key in keys for n in _names(raw.get(key), f"quantization_config.{key}")]
+
+
+def _names(value: Any, where: str) -> list[str]:
+    """A list of module names (or targets) from the config; None for none."""
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)) or not all(isinstance(n, str) for n in value):
+        raise QuantizationError(f"{where}: expected a list of module names, got {value!r}")
+    return list(value)
+
+
+def _regex(pattern: str, where: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise QuantizationError(f"{where}: not a valid regular expression ({e})") from None
+
+
+def _group_size(value: Any, where: str) -> int:
+    """A group size field: a positive number of input columns, or -1 (GPTQ, AutoAWQ) / None for one group per
+    output channel (0 here)."""
+    if value in (-1, None) and not isinstance(value, bool):
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise QuantizationError(f"{where} {value!r}: expected a positive group size, or -1 for one group per output "
+                                "channel")
+    return value
+
+
+def _block_structure(value: Any, where: str) -> tuple[int, int]:
+    """compressed-tensors block_structure: [block_n, block_k], or the older string form "128x128"."""
+    if isinstance(value, str):
+        parts = value.lower().split("x")
+        value = [int(p) for p in parts] if all(p.isdigit() for p in parts) else value
+    if not (isinstance(value, (list, tuple)) and len(value) == 2
+            and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in value)):
+        raise QuantizationError(f"{where} {value!r}: expected [block_n, block_k], e.g. [128, 128]")
+    return value[0], value[1]
 
 
 class QuantResolver:
@@ -165,12 +205,13 @@ class QuantResolver:
                  fp8_activations: str = "off", read: Callable[[str], torch.Tensor] | None = None) -> None:
         self.method, self.raw, self.present, self.read = method, raw, present, read
         self.fp8_activations = fp8_activations
-        if method not in SUPPORTED_METHODS:
+        if method not in SUPPORTED_METHODS + _AUTO_ROUND:
             raise QuantizationError(f"quantization_config.quant_method {method!r} is not supported; deltaserve loads "
                                     f"{', '.join(SUPPORTED_METHODS)} checkpoints")
+        self.family = method  # the tensor layout: auto-round's is GPTQ's or AWQ's (_parse_auto_round)
         self.ct_groups: list[tuple[list[str], WeightFormat]] = []
-        self.positive: list[tuple[re.Pattern[str], dict[str, Any]]] = []
-        getattr(self, "_parse_" + method.replace("-", "_"))(raw)
+        self.dynamic: list[tuple[bool, re.Pattern[str], dict[str, Any]]] = []  # GPTQ: ("-:" key, regex, override)
+        getattr(self, "_parse_" + ("auto-round" if method in _AUTO_ROUND else method).replace("-", "_"))(raw)
 
     # ---- the config ---------------------------------------------------------------------------------------------
 
@@ -204,18 +245,21 @@ class QuantResolver:
         fmt = raw.get("checkpoint_format", "gptq")
         if fmt not in ("gptq", "gptq_v2"):
             raise QuantizationError(f"quantization_config.checkpoint_format {fmt!r}: expected gptq (v1) or gptq_v2")
-        group = raw.get("group_size", 128)
-        self.default = WeightFormat("int4", "gptq", 0 if group in (-1, None) else int(group), 0,
+        group = _group_size(raw.get("group_size", 128), "quantization_config.group_size")
+        self.default = WeightFormat("int4", "gptq", group, 0,
                                     zero_offset=1 if fmt == "gptq" else 0, symmetric=bool(raw.get("sym", True)),
                                     act_order=bool(raw.get("desc_act", False)))
         dynamic = raw.get("dynamic") or {}
-        negative = [k[2:] for k in dynamic if k.startswith("-:")]
+        if not isinstance(dynamic, dict) or not all(isinstance(o, dict) or o is None for o in dynamic.values()):
+            raise QuantizationError(f"quantization_config.dynamic: expected an object of regex keys and override "
+                                    f"objects, got {dynamic!r}")
         for key, override in dynamic.items():
-            if key.startswith("-:"):
-                continue
-            pattern = key[2:] if key.startswith("+:") else key
-            self.positive.append((re.compile(pattern), dict(override or {})))
-        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"), [(k, "dynamic '-:'") for k in negative])
+            pattern = key[2:] if key.startswith(("-:", "+:")) else key
+            regex = _regex(pattern, f"quantization_config.dynamic {key!r}")
+            self.dynamic.append((key.startswith("-:"), regex, dict(override or {})))
+        self.not_converted = _ModuleSet(_entries(raw, "modules_to_not_convert"))
+        negative = [(k[2:], "dynamic '-:'") for k in dynamic if k.startswith("-:")]
+        self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"), negative)  # all exclusions, for warnings
 
     def _parse_awq(self, raw: dict[str, Any]) -> None:
         self._int4_bits(raw.get("bits", raw.get("w_bit")), "quantization_config.bits")
@@ -223,16 +267,51 @@ class QuantResolver:
         if version != "gemm":
             raise QuantizationError(f"quantization_config.version {version!r}: only AutoAWQ GEMM checkpoints "
                                     "(version 'gemm') are supported")
-        if not raw.get("zero_point", True):
-            raise QuantizationError("quantization_config.zero_point false: AWQ checkpoints without zero points are "
-                                    "not supported")
-        group = raw.get("group_size", raw.get("q_group_size", 128))
-        self.default = WeightFormat("int4", "awq", 0 if group in (-1, None) else int(group), symmetric=False)
+        key = "group_size" if "group_size" in raw else "q_group_size"
+        group = _group_size(raw.get(key, 128), f"quantization_config.{key}")
+        # zero_point false (auto-round's symmetric export: zero_point = not sym) still stores qzeros (8), which
+        # AutoAWQ's and vLLM's kernels read: they are read here too
+        self.default = WeightFormat("int4", "awq", group, symmetric=not raw.get("zero_point", True))
         self.skip = _ModuleSet(_entries(raw, "modules_to_not_convert"))
+
+    def _parse_auto_round(self, raw: dict[str, Any]) -> None:
+        """auto-round's own format, as vLLM's AutoRoundConfig reads it: GPTQ v1 tensors (packing_format
+        auto_round:auto_gptq, the default) or AutoAWQ GEMM ones (auto_round:auto_awq) under one bits / group_size /
+        sym, and extra_config mapping module names to their own settings (bits 16: left unquantized)."""
+        data_type = raw.get("data_type", "int")
+        if data_type != "int":
+            raise QuantizationError(f"quantization_config.data_type {data_type!r}: deltaserve loads auto-round's "
+                                    "integer (data_type int) checkpoints")
+        extra = raw.get("extra_config") or {}
+        if not isinstance(extra, dict) or not all(isinstance(c, dict) for c in extra.values()):
+            raise QuantizationError(f"quantization_config.extra_config: expected an object of module names and "
+                                    f"settings, got {extra!r}")
+        bits = raw.get("bits")
+        keep = [name for name, c in extra.items()
+                if isinstance(c.get("bits"), int) and c["bits"] >= 16 or c.get("data_type") == "float"]
+        for name, c in extra.items():
+            if name not in keep and "bits" in c:
+                self._int4_bits(c["bits"], f"quantization_config.extra_config[{name!r}].bits")
+        overrides = {"+:" + re.escape(name) + "$": {k: c[k] for k in ("bits", "group_size", "sym") if k in c}
+                     for name, c in extra.items() if name not in keep}
+        packing = raw.get("packing_format", "auto_round:auto_gptq")
+        base = {"bits": bits, "group_size": raw.get("group_size"), "modules_to_not_convert": keep}
+        if packing == "auto_round:auto_gptq":
+            self.family = "gptq"
+            self._parse_gptq({**base, "sym": raw.get("sym", True), "desc_act": False, "dynamic": overrides})
+        elif packing == "auto_round:auto_awq":
+            self.family = "awq"
+            self._parse_awq({**base, "zero_point": not raw.get("sym", True)})
+        else:
+            raise QuantizationError(f"quantization_config.packing_format {packing!r}: deltaserve loads auto-round's "
+                                    "auto_round:auto_gptq and auto_round:auto_awq packings")
 
     def _parse_compressed_tensors(self, raw: dict[str, Any]) -> None:
         top = raw.get("format")
         groups = raw.get("config_groups") or {}
+        if not isinstance(groups, dict) or not all(isinstance(g, dict) for g in groups.values()):
+            raise QuantizationError(f"quantization_config.config_groups: expected an object of named groups, got "
+                                    f"{groups!r}")
         if not groups:
             raise QuantizationError("compressed-tensors quantization_config has no config_groups")
         for gname, group in groups.items():
@@ -249,7 +328,12 @@ class QuantResolver:
                 strategy = w.get("strategy")
                 if strategy not in ("group", "channel"):
                     raise QuantizationError(f"{where}.weights.strategy {strategy!r}: expected group or channel")
-                wf = WeightFormat("int4", "ct-int4", int(w.get("group_size") or 0) if strategy == "group" else 0,
+                group_size = w.get("group_size") if strategy == "group" else 0
+                if strategy == "group" and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                            or group_size <= 0):
+                    raise QuantizationError(f"{where}.weights.group_size {group_size!r}: strategy group needs a "
+                                            "positive group size")
+                wf = WeightFormat("int4", "ct-int4", group_size,
                                   symmetric=bool(w.get("symmetric", True)),
                                   act_order=w.get("actorder") == "group")
             elif w.get("type") == "float":
@@ -260,8 +344,9 @@ class QuantResolver:
                     raise QuantizationError(f"{where}: format {fmt!r} for FP8 weights; expected float-quantized")
                 strategy = w.get("strategy")
                 if strategy == "block":
-                    bn, bk = w.get("block_structure") or (128, 128)
-                    wf = WeightFormat("fp8", "ct-fp8", int(bk), int(bn), scale_name="weight_scale")
+                    bn, bk = _block_structure(w.get("block_structure") or [128, 128],
+                                              f"{where}.weights.block_structure")
+                    wf = WeightFormat("fp8", "ct-fp8", bk, bn, scale_name="weight_scale")
                 elif strategy in ("channel", "tensor"):  # one scale per tensor: found so in the checkpoint
                     wf = WeightFormat("fp8", "ct-fp8", 0, 1, scale_name="weight_scale")
                 else:
@@ -270,35 +355,64 @@ class QuantResolver:
             else:
                 raise QuantizationError(f"{where}.weights.type {w.get('type')!r}: expected int (4-bit) or float "
                                         "(8-bit)")
-            self.ct_groups.append((list(group.get("targets") or ["Linear"]), wf))
-        ignore = list(raw.get("ignore") or [])
+            targets = _names(group.get("targets"), f"{where}.targets") or ["Linear"]
+            for t in targets:
+                if t.startswith("re:"):
+                    _regex(t[3:], f"{where}.targets {t!r}")
+            self.ct_groups.append((targets, wf))
+        ignore = _names(raw.get("ignore"), "quantization_config.ignore")
+        for n in ignore:
+            if n.startswith("re:"):
+                _regex(n[3:], f"quantization_config.ignore {n!r}")
         self.skip = _ModuleSet([(n, "ignore") for n in ignore if not n.startswith("re:")],
                                [(n[3:], "ignore 're:'") for n in ignore if n.startswith("re:")])
         self.default = self.ct_groups[0][1]
 
     def configured(self, name: str) -> WeightFormat:
         """The format the config gives module `name` (our path)."""
+        if self.family == "gptq":
+            return self._gptq_dynamic(name)
         if name in self.skip:
             return UNQUANTIZED
-        if self.method == "compressed-tensors":
-            for targets, wf in self.ct_groups:
-                for t in targets:
-                    if t == "Linear" or t == name or (t.startswith("re:") and any(
-                            re.match(t[3:], f) for f in _name_forms(name))):
-                        return wf
+        if self.family == "compressed-tensors":
+            return self._ct_group(name)
+        return self.default
+
+    def _gptq_dynamic(self, name: str) -> WeightFormat:
+        """GPTQ: the first `dynamic` key, in config order, whose regex matches module `name` decides, as GPTQModel
+        (which wrote the checkpoint by it) and vLLM's get_dynamic_override read it: a "-:" key leaves the module
+        unquantized, another overrides the defaults with its fields."""
+        if name in self.not_converted:
             return UNQUANTIZED
+        forms = _name_forms(name)
+        match = next(((neg, p, o) for neg, p, o in self.dynamic if any(p.match(f) for f in forms)), None)
+        if match is None:
+            return self.default
+        negative, pattern, override = match
+        if negative:
+            return UNQUANTIZED
+        if "bits" in override:
+            self._int4_bits(override["bits"], f"quantization_config.dynamic[{pattern.pattern!r}].bits")
         fmt = self.default
-        for pattern, override in self.positive:
-            if any(pattern.match(f) for f in _name_forms(name)):
-                if "bits" in override:
-                    self._int4_bits(override["bits"], f"quantization_config.dynamic[{pattern.pattern!r}].bits")
-                if "group_size" in override:
-                    fmt = replace(fmt, group_size=max(0, int(override["group_size"])))
-                if "desc_act" in override:
-                    fmt = replace(fmt, act_order=bool(override["desc_act"]))
-                if "sym" in override:
-                    fmt = replace(fmt, symmetric=bool(override["sym"]))
+        if "group_size" in override:
+            where = f"quantization_config.dynamic[{pattern.pattern!r}].group_size"
+            fmt = replace(fmt, group_size=_group_size(override["group_size"], where))
+        if "desc_act" in override:
+            fmt = replace(fmt, act_order=bool(override["desc_act"]))
+        if "sym" in override:
+            fmt = replace(fmt, symmetric=bool(override["sym"]))
         return fmt
+
+    def _ct_group(self, name: str) -> WeightFormat:
+        """The compressed-tensors config group of module `name`: a target naming it (exactly or by `re:`) wins over
+        the class target "Linear", whatever group comes first, as compressed-tensors and vLLM (find_matched_target)
+        match them; a mixed-precision config lists its defaults under "Linear" and its exceptions by name."""
+        forms = _name_forms(name)
+        for targets, wf in self.ct_groups:
+            if any(_our_name(t) == name or (t.startswith("re:") and any(re.match(t[3:], f) for f in forms))
+                   for t in targets):
+                return wf
+        return next((wf for targets, wf in self.ct_groups if "Linear" in targets), UNQUANTIZED)
 
     # ---- the tensors --------------------------------------------------------------------------------------------
 
@@ -594,9 +708,11 @@ def int4_slots(fmt: WeightFormat, name: str, dest: Int4Dest, n: int, k: int,
             if torch.equal(gidx.long(), trivial):
                 gidx = None
             elif dest.perm is None:
-                raise QuantizationError(f"{name}.g_idx: a permuted (act-order) g_idx, but this module's weights "
-                                        "cannot take one (MoE experts need g_idx = k // group_size, "
-                                        "i.e. desc_act false)")
+                key = "g_idx" if fmt.checkpoint == "gptq" else "weight_g_idx"
+                raise QuantizationError(f"{name}.{key}: a permuted (act-order) g_idx, but this module's weights "
+                                        "cannot take one (MoE experts need g_idx = k // group_size): use a "
+                                        "checkpoint quantized without act-order (GPTQ desc_act false; "
+                                        "compressed-tensors actorder null, 'static' or 'weight')")
             else:
                 perm = torch.argsort(gidx.long(), stable=True)
                 if not torch.equal(gidx.long()[perm], trivial):
@@ -626,7 +742,21 @@ def int4_slots(fmt: WeightFormat, name: str, dest: Int4Dest, n: int, k: int,
         shape, optional = spec[suffix]
         return WeightSlot(shape, load, optional=optional, sharded=tp is not None)
 
-    return {f"{name}.{s}": slot(s) for s in spec}
+    slots = {f"{name}.{s}": slot(s) for s in spec}
+    if fmt.checkpoint == "gptq":
+        slots[f"{name}.bias"] = _zero_bias_slot(n_full, tp)
+    return slots
+
+
+def _zero_bias_slot(n: int, tp: Shard | None) -> WeightSlot:
+    """A GPTQ projection's `bias`: GPTQ-for-LLaMa and early AutoGPTQ store one (zeros) with every quantized layer,
+    also where the model has none (vLLM skips them). Qwen3.5's projections have no bias, so only zeros load."""
+    def load(source: TensorSource) -> None:
+        t = _read(source, _FLOATS, "a floating-point bias")
+        if bool(t.any()):
+            raise QuantizationError(f"{source.name}: a non-zero bias, but Qwen3.5's projections have none (a GPTQ "
+                                    "writer's bias is all zeros); the checkpoint does not match the model")
+    return WeightSlot((n,), load, optional=True, sharded=tp is not None)
 
 
 def _check_sharded_int4(fmt: WeightFormat, name: str, got: dict[str, torch.Tensor], tp: Shard | None,
@@ -912,9 +1042,7 @@ class Int4ExpertsMethod(ExpertsMethod):
         if g and (d % g or (i % g if tp is None else i % g and g % i)):
             raise QuantizationError(f"int4 experts with group size {g} need hidden size ({d}) and expert "
                                     f"intermediate size ({i}) to be multiples of it")
-        layer.group_size = g or max(d, i)
-        if not g and d != i:
-            raise QuantizationError("per-channel int4 experts need hidden size == intermediate size")
+        layer.group_size = g or max(d, i)  # per channel: one group covers the K of w13 (d) and of w2 (i)
         for w, n, k in (("w13", 2 * i, d), ("w2", d, i)):
             groups = _cdiv(k, layer.group_size)
             setattr(layer, f"{w}_qweight", new_param(e, n, _cdiv(k, 8), dtype=torch.int32, device=device))
@@ -957,11 +1085,10 @@ class Fp8ExpertsMethod(ExpertsMethod):
     def create_weights(self, layer: Experts, *, dtype: torch.dtype, device: torch.device | str | None) -> None:
         e, d, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
         bk = self.fmt.group_size
-        if not bk and d != i:
-            raise QuantizationError("per-channel FP8 experts need hidden size == intermediate size")
         tp = tp_shard(layer, "down_proj.weight") or tp_shard(layer, "down_proj")  # per-expert or fused, if split
+        # per channel: one K block covers the K of w13 (d) and of w2 (i), so each row keeps its one scale
         layer.block_k = k_group("fp8", bk, i, tp if tp is not None and tp.dim > 0 else None) \
-            if bk else d
+            if bk else max(d, i)
         layer.w13 = new_param(e, 2 * i, d, dtype=_FP8, device=device)
         layer.w13_scale = new_param(e, 2 * i, _cdiv(d, layer.block_k), dtype=torch.float32, device=device)
         layer.w2 = new_param(e, d, i, dtype=_FP8, device=device)

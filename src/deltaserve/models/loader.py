@@ -212,6 +212,9 @@ def plan_load(entries: list[TensorEntry], model: Qwen3_5ForCausalLM,
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s) that this model has no parameter for:\n  "
                         + "\n  ".join(unexpected[:50]) + ("\n  ..." if len(unexpected) > 50 else ""))
+        hint = _unquantized_config_hint(config, unexpected)
+        if hint:
+            problems.append(hint)
         if config.tie_word_embeddings and any(n.startswith("lm_head.") for n in unexpected):
             problems.append("the config ties the lm_head to the embedding (tie_word_embeddings true), so the "
                             "checkpoint's lm_head.* tensors have no module to load them; a checkpoint with its own "
@@ -222,6 +225,24 @@ def plan_load(entries: list[TensorEntry], model: Qwen3_5ForCausalLM,
         raise CheckpointError(f"checkpoint in {config.model_dir} does not match the {config.architecture} config:\n"
                               + "\n".join(problems))
     return plan
+
+
+# Tensor suffixes only quantized checkpoints hold (GPTQ / AWQ, compressed-tensors, FP8).
+_QUANTIZED_SUFFIXES = (".qweight", ".qzeros", ".weight_packed", ".weight_scale_inv", ".weight_scale")
+# Files quantizers write beside config.json (AutoGPTQ / GPTQModel, auto-round).
+_QUANT_SIDE_FILES = ("quantize_config.json", "quantization_config.json")
+
+
+def _unquantized_config_hint(config: ModelConfig, unexpected: list[str]) -> str | None:
+    """Why quantized tensors are unexpected, when they are: the config has no quantization_config."""
+    found = sorted({s for n in unexpected for s in _QUANTIZED_SUFFIXES if n.endswith(s)})
+    if config.quantization_config or not found:
+        return None
+    side = [f for f in _QUANT_SIDE_FILES if config.model_dir is not None and (Path(config.model_dir) / f).is_file()]
+    where = (f"; {side[0]} beside it holds one: copy its fields into config.json as \"quantization_config\""
+             if side else "; add the quantizer's quantization_config to config.json")
+    return (f"the unexpected tensors include quantized weights ({', '.join(found)}), but config.json has no "
+            f"quantization_config, so the model was built unquantized{where}")
 
 
 # Static KV-cache scales a checkpoint may carry (compressed-tensors kv_cache_scheme, ModelOpt / AutoFP8 exports):
@@ -310,12 +331,20 @@ def _untie_distinct_lm_head(config: ModelConfig, entries: list[TensorEntry]) -> 
         return config
     named = {text_model_name(e.name): e for e in entries}
     head, embed = named.get("lm_head.weight"), named.get("model.embed_tokens.weight")
-    if head is None or embed is None or torch.equal(read_entry(head), read_entry(embed)):
+    if head is None or embed is None or _same_values(read_entry(head), read_entry(embed)):
         return config
     log.warning("the config ties the lm_head to the embedding (tie_word_embeddings true) but the checkpoint's "
                 "lm_head.weight differs from its embedding: using the lm_head, as transformers does; set "
                 "tie_word_embeddings false in config.json to silence this")
     return replace(config, tie_word_embeddings=False)
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two full-precision tensors hold the same values (an fp16 copy of a bf16 embedding does); a quantized
+    one (FP8 or integer codes, which torch cannot compare with floats) never equals the embedding."""
+    if any(not t.is_floating_point() or t.element_size() == 1 for t in (a, b)):
+        return False
+    return a.shape == b.shape and torch.equal(a, b.to(a.dtype))
 
 
 def _dtype(name: str) -> torch.dtype:
