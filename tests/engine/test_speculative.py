@@ -451,6 +451,25 @@ def test_the_next_turn_after_accepted_drafts_and_a_stop_token_has_the_uncached_m
     assert got.positions_unlike(want) == {} and got.drafts == want.drafts
 
 
+def test_prompt_logprobs_chunks_write_the_mtp_kv(tiny):
+    """A prompt-logprobs request prefilled in chunks (16 tokens a step): its first chunks sample nothing but have
+    logits rows (the prompt's scores), and the MTP head must still write its KV there, as it does for a chunk
+    without logits: the head's KV at every position and the drafts equal those of the same request without prompt
+    logprobs (outputs and prompt scores are those of the run without MTP)."""
+    g = torch.Generator().manual_seed(14)
+    prompt = torch.randint(1, VOCAB, (40,), generator=g).tolist()
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    scored = dataclasses.replace(greedy, prompt_logprobs=1)
+    kw = dict(enable_prefix_caching=False, max_num_batched_tokens=16)
+    got, want = MTPTrace(make_llm(tiny["dense"], 2, **kw), prompt, scored), \
+        MTPTrace(make_llm(tiny["dense"], 2, **kw), prompt, greedy)
+    assert got.output == want.output and got.positions_unlike(want) == {} and got.drafts == want.drafts
+    ref = make_llm(tiny["dense"], **kw).generate([prompt], scored)[0]
+    out = make_llm(tiny["dense"], 2, **kw).generate([prompt], scored)[0]
+    assert [(p.token_id, round(p.logprob, 4)) for p in out.prompt_logprobs[1:]] == \
+        [(p.token_id, round(p.logprob, 4)) for p in ref.prompt_logprobs[1:]]
+
+
 NEXT_TURN = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
