@@ -470,6 +470,52 @@ def test_prompt_logprobs_chunks_write_the_mtp_kv(tiny):
         [(p.token_id, round(p.logprob, 4)) for p in ref.prompt_logprobs[1:]]
 
 
+class ChainedKV:
+    """Runs one request for its first step (the prompt, whole or in chunks, until it samples) and records, for each
+    chained draft pass (one token per row, after the first pass), its positions and whether their KV was written."""
+
+    def __init__(self, llm: LLM, prompt: list[int]) -> None:
+        engine, model = llm.engine, llm.engine.runner.model
+        self.written: dict[int, bool] = {}
+        mtp_forward = model.mtp_forward
+
+        def traced(next_ids, hidden, batch, cache):
+            if batch.tokens_per_row == 1 and not batch.any_padding and int(batch.positions.min()) >= len(prompt):
+                self.written.update(zip(batch.positions.tolist(), (batch.slot_mapping >= 0).tolist()))
+            return mtp_forward(next_ids, hidden, batch, cache)
+
+        model.mtp_forward = traced
+        engine.add_request("chained", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        while not any(d.token_ids for d in engine.step()):
+            pass
+        model.mtp_forward = mtp_forward
+        cache, pages = engine.runner.cache, engine.cache.allocation("chained").pages
+        kv = cache.attention(MTP_LAYER_KEY)
+        at = [p for p in sorted(self.written) if p // kv.k.shape[1] < len(pages)]
+        self.kv = torch.stack([t[torch.tensor(pages)].flatten(0, 1)[at].flatten(1) for t in (kv.k, kv.v)], dim=1)
+        engine.abort_request("chained")
+
+
+MTP_LAYER_KEY = "mtp.0"
+
+
+@pytest.mark.parametrize("length", [31, 32])
+def test_an_admission_step_that_samples_holds_pages_for_the_chained_drafts(tiny, length):
+    """A prompt computed whole in its admission step samples, and the drafter chains K - 1 more MTP passes at the
+    positions after the prompt, writing the head's KV there and attending to it: the request must hold pages for
+    them, as a running request's last chunk does, or the KV is not written and the chain attends to whatever the
+    page table's padding points at. Page 16, K = 3, prompts of 31 and 32 tokens: the chain's positions 32 and 33 lie
+    past the prompt's pages; their KV is written, and equals that of a run whose last chunk came after admission."""
+    g = torch.Generator().manual_seed(length)
+    prompt = torch.randint(1, VOCAB, (length,), generator=g).tolist()
+    kw = dict(enable_prefix_caching=False, page_size=16)
+    whole = ChainedKV(make_llm(tiny["dense"], 3, **kw), prompt)
+    chunked = ChainedKV(make_llm(tiny["dense"], 3, max_num_batched_tokens=16, **kw), prompt)
+    assert sorted(whole.written) == sorted(chunked.written) == [length, length + 1]
+    assert all(whole.written.values()) and all(chunked.written.values())
+    assert torch.allclose(whole.kv, chunked.kv, atol=1e-4)
+
+
 NEXT_TURN = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 

@@ -331,8 +331,7 @@ class Scheduler:
                 placeholder = request.request_id in placeholders
                 drafts = (PLACEHOLDER_DRAFT,) * k if placeholder else tuple(request.draft_token_ids[:k])
             request.draft_token_ids = []  # proposals are for one step: used now or stale
-            if not self._allocate_or_preempt(request, num_new + len(drafts), preempted,
-                                             lookahead=self._lookahead(request, num_new)):
+            if not self._allocate_or_preempt(request, num_new + len(drafts), preempted):
                 break  # it preempted itself, so it was the last running request
             if timed_chunk:
                 self._add_chunk(num_new, request.num_computed_tokens)
@@ -424,18 +423,18 @@ class Scheduler:
             return 0, frozenset()
         return k, frozenset(r.request_id for r in placeholders)
 
-    def _lookahead(self, request: Request, num_new: int) -> int:
-        """Positions past the step to allocate for the drafter's MTP KV (K - 1 when the step samples)."""
-        if not self._spec_k or request.num_computed_tokens + num_new < request.num_tokens_with_pending:
-            return 0
-        return self._spec_k - 1
+    def _span(self, request: Request, end: int) -> int:
+        """The positions [0, span) to hold pages for when a step computes the request up to `end`: with MTP and a step
+        that samples, K - 1 more (the drafter's chained passes write the head's KV there and attend to it), within
+        max_model_len."""
+        if not self._spec_k or end < request.num_tokens_with_pending:
+            return end
+        return max(end, min(end + self._spec_k - 1, self._config.max_model_len))
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str], *,
-                             lookahead: int = 0) -> bool:
-        """Give `request` the pages for `num_new` more tokens (and `lookahead` positions after them, within
-        max_model_len), preempting newest-first; False if it was preempted."""
-        total = request.num_computed_tokens + num_new
-        total = max(total, min(total + lookahead, self._config.max_model_len))
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        """Give `request` the pages for `num_new` more tokens (and the drafter's positions after them, `_span`),
+        preempting newest-first; False if it was preempted."""
+        total = self._span(request, request.num_computed_tokens + num_new)
         if self.cache.pages_needed(total) > self.cache.num_pages:
             raise RuntimeError(f"request {request.request_id!r} needs {self.cache.pages_needed(total)} KV pages, "
                                f"more than the pool ({self.cache.num_pages}); the engine must finish requests at "
@@ -483,17 +482,17 @@ class Scheduler:
                 if limit <= 0:
                     break  # strict FCFS, as below
             num_new = self._admission_chunk(request, tokens, match.num_tokens, limit)
-            if not self.cache.can_admit(match.num_tokens + num_new, match):
+            if not self.cache.can_admit(self._span(request, match.num_tokens + num_new), match):
                 if not self._blocked_by_own_match(match):
                     break  # strict FCFS: nobody overtakes the head of the queue
                 # resuming needs more pages than the pool has besides the matched checkpoint's (admission keeps it),
                 # and nothing runs that would free one: waiting would be forever, computing from the start is not
                 match = NO_MATCH  # (with nothing running there are no decode rows: `limit` is the whole budget)
                 num_new = self._admission_chunk(request, tokens, 0, limit)
-                if not self.cache.can_admit(num_new):
+                if not self.cache.can_admit(self._span(request, num_new)):
                     break
             self._waiting.remove(request)
-            self.cache.admit(request.request_id, match.num_tokens + num_new, match)
+            self.cache.admit(request.request_id, self._span(request, match.num_tokens + num_new), match)
             self._on_admitted(request, tokens, match.num_tokens)
             if self._shape is not None:
                 self._add_chunk(num_new, match.num_tokens)
