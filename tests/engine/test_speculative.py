@@ -336,6 +336,30 @@ def test_preemption_recomputes_with_drafts(tiny):
     assert llm.engine.counters["preemptions"] > 0 and llm.engine.spec_counters["spec_accepted_tokens"] > 0
 
 
+def test_abort_after_a_verify_step_that_kept_drafts(tiny):
+    """A request aborted right after a verify step kept drafts for it (its GDN state commit still deferred): the
+    others' outputs are those of the run without MTP, nothing leaks, and the same prompts again (served from the
+    prefix cache, the aborted one's slot and pages reused) are exact."""
+    ps = prompts(4, seed=9)
+    ref = token_ids(make_llm(tiny["dense"]).generate(ps, GREEDY))
+    llm = make_llm(tiny["dense"], 2, checkpoint_interval=16, page_size=16)
+    Oracle(llm, {tuple(p): r for p, r in zip(ps, ref)})
+    engine, out = llm.engine, {str(i): [] for i in range(4)}
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, GREEDY)
+    while engine.has_unfinished():
+        for d in engine.step():
+            out[d.request_id] += d.token_ids
+            if d.request_id == "1" and len(d.token_ids) > 1 and not d.finished:
+                assert engine.runner.uncommitted is not None
+                engine.abort_request("1")
+    assert out["1"] == ref[1][:len(out["1"])] and len(out["1"]) < len(ref[1])
+    assert [out[str(i)] for i in (0, 2, 3)] == [ref[i] for i in (0, 2, 3)]
+    assert engine.cache.is_empty()
+    again = llm.generate(ps, GREEDY)
+    assert token_ids(again) == ref and any(o.num_cached_tokens for o in again) and engine.cache.is_empty()
+
+
 def test_turn_down_above_max_batch_and_metrics(tiny):
     ps = prompts(6, seed=4)
     params = [SamplingParams(temperature=0, max_tokens=4 + 4 * i, ignore_eos=True) for i in range(6)]
