@@ -360,6 +360,31 @@ def test_abort_after_a_verify_step_that_kept_drafts(tiny):
     assert token_ids(again) == ref and any(o.num_cached_tokens for o in again) and engine.cache.is_empty()
 
 
+def test_verify_steps_run_while_the_queue_waits_for_memory(tiny):
+    """KV pages for two of four long requests: two wait while the others decode. Their admission needs memory that
+    only a finishing request gives back, so verify steps must go on meanwhile (the scheduler used to turn them off
+    for as long as anything waited below max_num_seqs); the waiting ones are admitted once memory frees, and every
+    output is that of the run without MTP."""
+    g = torch.Generator().manual_seed(15)
+    ps = [torch.randint(1, VOCAB, (100,), generator=g).tolist() for _ in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kw = dict(page_size=16, num_pages=20, max_model_len=256, enable_prefix_caching=False)
+    ref = token_ids(make_llm(tiny["dense"], **kw).generate(ps, params))
+    llm = make_llm(tiny["dense"], 2, **kw)
+    Oracle(llm, {tuple(p): r for p, r in zip(ps, ref)})
+    engine, out = llm.engine, {str(i): [] for i in range(4)}
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, params)
+    verified_with_a_queue = 0
+    while engine.has_unfinished():
+        queued, before = engine.scheduler.num_waiting, engine.spec_counters["spec_verify_steps"]
+        for d in engine.step():
+            out[d.request_id] += d.token_ids
+        verified_with_a_queue += bool(queued) and engine.spec_counters["spec_verify_steps"] > before
+    assert [out[str(i)] for i in range(4)] == ref
+    assert verified_with_a_queue > 5 and engine.counters["preemptions"] == 0
+
+
 def test_turn_down_above_max_batch_and_metrics(tiny):
     ps = prompts(6, seed=4)
     params = [SamplingParams(temperature=0, max_tokens=4 + 4 * i, ignore_eos=True) for i in range(6)]

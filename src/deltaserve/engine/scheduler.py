@@ -190,6 +190,8 @@ class Scheduler:
         self._requests: dict[str, Request] = {}
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admission order: the last one is the first to be preempted
+        # the waiting request whose admission last found no memory, and cache.releases then (_admission_blocked)
+        self._blocked: tuple[Request, int] | None = None
         self._next_arrival = 0
 
     # ---- read-only views ---------------------------------------------------------------------------------------
@@ -293,7 +295,7 @@ class Scheduler:
         self._prefill_given = 0
         budget = self._schedule_running(max_tokens, scheduled, preempted)
         # After a preemption memory is tight: admitting now would likely just re-admit the victim and thrash.
-        if not preempted:
+        if not preempted and not any(s.draft_token_ids for s in scheduled):  # a verify step takes no prefill chunk
             budget = self._admit_waiting(budget, scheduled)
         self.cache.tick += 1
         self._shape = None
@@ -408,7 +410,7 @@ class Scheduler:
         rows = [r for r in self._running if _tokens_to_compute(r)]  # those the step would schedule
         if not rows or not any(r.draft_token_ids for r in rows):
             return 0, frozenset()
-        if self._waiting and len(self._running) < self._config.max_num_seqs:
+        if self._waiting and len(self._running) < self._config.max_num_seqs and not self._admission_blocked():
             return 0, frozenset()  # admit first: a verify step cannot carry prefill chunks
         if not all(_is_decode_row(r) for r in rows):
             return 0, frozenset()
@@ -422,6 +424,13 @@ class Scheduler:
         if k <= 0:
             return 0, frozenset()
         return k, frozenset(r.request_id for r in placeholders)
+
+    def _admission_blocked(self) -> bool:
+        """The head of the queue found no memory for its admission, and no request gave memory back since (the attempt
+        evicted every checkpoint it could): admitting would fail again, so the running requests may verify drafts
+        meanwhile (a verify step admits nothing; a release lets the next step try again)."""
+        blocked = self._blocked
+        return blocked is not None and blocked[0] is self._waiting[0] and blocked[1] == self.cache.releases
 
     def _span(self, request: Request, end: int) -> int:
         """The positions [0, span) to hold pages for when a step computes the request up to `end`: with MTP and a step
@@ -484,12 +493,14 @@ class Scheduler:
             num_new = self._admission_chunk(request, tokens, match.num_tokens, limit)
             if not self.cache.can_admit(self._span(request, match.num_tokens + num_new), match):
                 if not self._blocked_by_own_match(match):
+                    self._blocked = (request, self.cache.releases)
                     break  # strict FCFS: nobody overtakes the head of the queue
                 # resuming needs more pages than the pool has besides the matched checkpoint's (admission keeps it),
                 # and nothing runs that would free one: waiting would be forever, computing from the start is not
                 match = NO_MATCH  # (with nothing running there are no decode rows: `limit` is the whole budget)
                 num_new = self._admission_chunk(request, tokens, 0, limit)
                 if not self.cache.can_admit(self._span(request, num_new)):
+                    self._blocked = (request, self.cache.releases)
                     break
             self._waiting.remove(request)
             self.cache.admit(request.request_id, self._span(request, match.num_tokens + num_new), match)
