@@ -538,14 +538,13 @@ class ChainedKV:
         while not any(d.token_ids for d in engine.step()):
             pass
         model.mtp_forward = mtp_forward
+        from deltaserve.cache.tensors import MTP_LAYER
+
         cache, pages = engine.runner.cache, engine.cache.allocation("chained").pages
-        kv = cache.attention(MTP_LAYER_KEY)
+        kv = cache.attention(MTP_LAYER)
         at = [p for p in sorted(self.written) if p // kv.k.shape[1] < len(pages)]
         self.kv = torch.stack([t[torch.tensor(pages)].flatten(0, 1)[at].flatten(1) for t in (kv.k, kv.v)], dim=1)
         engine.abort_request("chained")
-
-
-MTP_LAYER_KEY = "mtp.0"
 
 
 @pytest.mark.parametrize("length", [31, 32])
