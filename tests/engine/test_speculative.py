@@ -338,6 +338,55 @@ def test_preemption_recomputes_with_drafts(tiny):
     assert llm.engine.counters["preemptions"] > 0 and llm.engine.spec_counters["spec_accepted_tokens"] > 0
 
 
+def test_abort_after_a_verify_step_that_kept_drafts(tiny):
+    """A request aborted right after a verify step kept drafts for it (its GDN state commit still deferred): the
+    others' outputs are those of the run without MTP, nothing leaks, and the same prompts again (served from the
+    prefix cache, the aborted one's slot and pages reused) are exact."""
+    ps = prompts(4, seed=9)
+    ref = token_ids(make_llm(tiny["dense"]).generate(ps, GREEDY))
+    llm = make_llm(tiny["dense"], 2, checkpoint_interval=16, page_size=16)
+    Oracle(llm, {tuple(p): r for p, r in zip(ps, ref)})
+    engine, out = llm.engine, {str(i): [] for i in range(4)}
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, GREEDY)
+    while engine.has_unfinished():
+        for d in engine.step():
+            out[d.request_id] += d.token_ids
+            if d.request_id == "1" and len(d.token_ids) > 1 and not d.finished:
+                assert engine.runner.uncommitted is not None
+                engine.abort_request("1")
+    assert out["1"] == ref[1][:len(out["1"])] and len(out["1"]) < len(ref[1])
+    assert [out[str(i)] for i in (0, 2, 3)] == [ref[i] for i in (0, 2, 3)]
+    assert engine.cache.is_empty()
+    again = llm.generate(ps, GREEDY)
+    assert token_ids(again) == ref and any(o.num_cached_tokens for o in again) and engine.cache.is_empty()
+
+
+def test_verify_steps_run_while_the_queue_waits_for_memory(tiny):
+    """KV pages for two of four long requests: two wait while the others decode. Their admission needs memory that
+    only a finishing request gives back, so verify steps must go on meanwhile (the scheduler used to turn them off
+    for as long as anything waited below max_num_seqs); the waiting ones are admitted once memory frees, and every
+    output is that of the run without MTP."""
+    g = torch.Generator().manual_seed(15)
+    ps = [torch.randint(1, VOCAB, (100,), generator=g).tolist() for _ in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    kw = dict(page_size=16, num_pages=20, max_model_len=256, enable_prefix_caching=False)
+    ref = token_ids(make_llm(tiny["dense"], **kw).generate(ps, params))
+    llm = make_llm(tiny["dense"], 2, **kw)
+    Oracle(llm, {tuple(p): r for p, r in zip(ps, ref)})
+    engine, out = llm.engine, {str(i): [] for i in range(4)}
+    for i, p in enumerate(ps):
+        engine.add_request(str(i), p, params)
+    verified_with_a_queue = 0
+    while engine.has_unfinished():
+        queued, before = engine.scheduler.num_waiting, engine.spec_counters["spec_verify_steps"]
+        for d in engine.step():
+            out[d.request_id] += d.token_ids
+        verified_with_a_queue += bool(queued) and engine.spec_counters["spec_verify_steps"] > before
+    assert [out[str(i)] for i in range(4)] == ref
+    assert verified_with_a_queue > 5 and engine.counters["preemptions"] == 0
+
+
 def test_turn_down_above_max_batch_and_metrics(tiny):
     ps = prompts(6, seed=4)
     params = [SamplingParams(temperature=0, max_tokens=4 + 4 * i, ignore_eos=True) for i in range(6)]
@@ -451,6 +500,70 @@ def test_the_next_turn_after_accepted_drafts_and_a_stop_token_has_the_uncached_m
                                                          turn, params)
     assert got.output == want.output and got.num_cached == len(prompt) + 6  # the stop token computed too
     assert got.positions_unlike(want) == {} and got.drafts == want.drafts
+
+
+def test_prompt_logprobs_chunks_write_the_mtp_kv(tiny):
+    """A prompt-logprobs request prefilled in chunks (16 tokens a step): its first chunks sample nothing but have
+    logits rows (the prompt's scores), and the MTP head must still write its KV there, as it does for a chunk
+    without logits: the head's KV at every position and the drafts equal those of the same request without prompt
+    logprobs (outputs and prompt scores are those of the run without MTP)."""
+    g = torch.Generator().manual_seed(14)
+    prompt = torch.randint(1, VOCAB, (40,), generator=g).tolist()
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    scored = dataclasses.replace(greedy, prompt_logprobs=1)
+    kw = dict(enable_prefix_caching=False, max_num_batched_tokens=16)
+    got, want = MTPTrace(make_llm(tiny["dense"], 2, **kw), prompt, scored), \
+        MTPTrace(make_llm(tiny["dense"], 2, **kw), prompt, greedy)
+    assert got.output == want.output and got.positions_unlike(want) == {} and got.drafts == want.drafts
+    ref = make_llm(tiny["dense"], **kw).generate([prompt], scored)[0]
+    out = make_llm(tiny["dense"], 2, **kw).generate([prompt], scored)[0]
+    assert [(p.token_id, round(p.logprob, 4)) for p in out.prompt_logprobs[1:]] == \
+        [(p.token_id, round(p.logprob, 4)) for p in ref.prompt_logprobs[1:]]
+
+
+class ChainedKV:
+    """Runs one request for its first step (the prompt, whole or in chunks, until it samples) and records, for each
+    chained draft pass (one token per row, after the first pass), its positions and whether their KV was written."""
+
+    def __init__(self, llm: LLM, prompt: list[int]) -> None:
+        engine, model = llm.engine, llm.engine.runner.model
+        self.written: dict[int, bool] = {}
+        mtp_forward = model.mtp_forward
+
+        def traced(next_ids, hidden, batch, cache):
+            if batch.tokens_per_row == 1 and not batch.any_padding and int(batch.positions.min()) >= len(prompt):
+                self.written.update(zip(batch.positions.tolist(), (batch.slot_mapping >= 0).tolist()))
+            return mtp_forward(next_ids, hidden, batch, cache)
+
+        model.mtp_forward = traced
+        engine.add_request("chained", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+        while not any(d.token_ids for d in engine.step()):
+            pass
+        model.mtp_forward = mtp_forward
+        from deltaserve.cache.tensors import MTP_LAYER
+
+        cache, pages = engine.runner.cache, engine.cache.allocation("chained").pages
+        kv = cache.attention(MTP_LAYER)
+        at = [p for p in sorted(self.written) if p // kv.k.shape[1] < len(pages)]
+        self.kv = torch.stack([t[torch.tensor(pages)].flatten(0, 1)[at].flatten(1) for t in (kv.k, kv.v)], dim=1)
+        engine.abort_request("chained")
+
+
+@pytest.mark.parametrize("length", [31, 32])
+def test_an_admission_step_that_samples_holds_pages_for_the_chained_drafts(tiny, length):
+    """A prompt computed whole in its admission step samples, and the drafter chains K - 1 more MTP passes at the
+    positions after the prompt, writing the head's KV there and attending to it: the request must hold pages for
+    them, as a running request's last chunk does, or the KV is not written and the chain attends to whatever the
+    page table's padding points at. Page 16, K = 3, prompts of 31 and 32 tokens: the chain's positions 32 and 33 lie
+    past the prompt's pages; their KV is written, and equals that of a run whose last chunk came after admission."""
+    g = torch.Generator().manual_seed(length)
+    prompt = torch.randint(1, VOCAB, (length,), generator=g).tolist()
+    kw = dict(enable_prefix_caching=False, page_size=16)
+    whole = ChainedKV(make_llm(tiny["dense"], 3, **kw), prompt)
+    chunked = ChainedKV(make_llm(tiny["dense"], 3, max_num_batched_tokens=16, **kw), prompt)
+    assert sorted(whole.written) == sorted(chunked.written) == [length, length + 1]
+    assert all(whole.written.values()) and all(chunked.written.values())
+    assert torch.allclose(whole.kv, chunked.kv, atol=1e-4)
 
 
 NEXT_TURN = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

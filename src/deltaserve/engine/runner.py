@@ -267,9 +267,11 @@ class ModelRunner:
             if not step.is_verify:
                 self.drafter.keep_hidden(step, dev, self._hidden)
         self.apply_copies(step.state_snapshots)
+        if not step.sampling and self.drafter is not None:
+            # nothing samples (_speculate never runs), but the MTP head's KV must cover these positions, also when
+            # prompt-logprobs rows gave the step logits
+            self.drafter.first_pass(step, dev, self._input_ids, self._hidden, None)
         if logits is None:
-            if self.drafter is not None:  # nothing samples, but the MTP head's KV must cover these positions
-                self.drafter.first_pass(step, dev, self._input_ids, self._hidden, None)
             return LaunchedStep(step, None, None)
         num_sampled = step.logits_rows.shape[0]
         scored = prompt_logprobs(logits[num_sampled:], step) if step.prompt_logprobs else None

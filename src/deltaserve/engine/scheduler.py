@@ -190,6 +190,8 @@ class Scheduler:
         self._requests: dict[str, Request] = {}
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admission order: the last one is the first to be preempted
+        # the waiting request whose admission last found no memory, and cache.releases then (_admission_blocked)
+        self._blocked: tuple[Request, int] | None = None
         self._next_arrival = 0
 
     # ---- read-only views ---------------------------------------------------------------------------------------
@@ -293,7 +295,7 @@ class Scheduler:
         self._prefill_given = 0
         budget = self._schedule_running(max_tokens, scheduled, preempted)
         # After a preemption memory is tight: admitting now would likely just re-admit the victim and thrash.
-        if not preempted:
+        if not preempted and not any(s.draft_token_ids for s in scheduled):  # a verify step takes no prefill chunk
             budget = self._admit_waiting(budget, scheduled)
         self.cache.tick += 1
         self._shape = None
@@ -331,8 +333,7 @@ class Scheduler:
                 placeholder = request.request_id in placeholders
                 drafts = (PLACEHOLDER_DRAFT,) * k if placeholder else tuple(request.draft_token_ids[:k])
             request.draft_token_ids = []  # proposals are for one step: used now or stale
-            if not self._allocate_or_preempt(request, num_new + len(drafts), preempted,
-                                             lookahead=self._lookahead(request, num_new)):
+            if not self._allocate_or_preempt(request, num_new + len(drafts), preempted):
                 break  # it preempted itself, so it was the last running request
             if timed_chunk:
                 self._add_chunk(num_new, request.num_computed_tokens)
@@ -409,7 +410,7 @@ class Scheduler:
         rows = [r for r in self._running if _tokens_to_compute(r)]  # those the step would schedule
         if not rows or not any(r.draft_token_ids for r in rows):
             return 0, frozenset()
-        if self._waiting and len(self._running) < self._config.max_num_seqs:
+        if self._waiting and len(self._running) < self._config.max_num_seqs and not self._admission_blocked():
             return 0, frozenset()  # admit first: a verify step cannot carry prefill chunks
         if not all(_is_decode_row(r) for r in rows):
             return 0, frozenset()
@@ -424,18 +425,25 @@ class Scheduler:
             return 0, frozenset()
         return k, frozenset(r.request_id for r in placeholders)
 
-    def _lookahead(self, request: Request, num_new: int) -> int:
-        """Positions past the step to allocate for the drafter's MTP KV (K - 1 when the step samples)."""
-        if not self._spec_k or request.num_computed_tokens + num_new < request.num_tokens_with_pending:
-            return 0
-        return self._spec_k - 1
+    def _admission_blocked(self) -> bool:
+        """The head of the queue found no memory for its admission, and no request gave memory back since (the attempt
+        evicted every checkpoint it could): admitting would fail again, so the running requests may verify drafts
+        meanwhile (a verify step admits nothing; a release lets the next step try again)."""
+        blocked = self._blocked
+        return blocked is not None and blocked[0] is self._waiting[0] and blocked[1] == self.cache.releases
 
-    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str], *,
-                             lookahead: int = 0) -> bool:
-        """Give `request` the pages for `num_new` more tokens (and `lookahead` positions after them, within
-        max_model_len), preempting newest-first; False if it was preempted."""
-        total = request.num_computed_tokens + num_new
-        total = max(total, min(total + lookahead, self._config.max_model_len))
+    def _span(self, request: Request, end: int) -> int:
+        """The positions [0, span) to hold pages for when a step computes the request up to `end`: with MTP and a step
+        that samples, K - 1 more (the drafter's chained passes write the head's KV there and attend to it), within
+        max_model_len."""
+        if not self._spec_k or end < request.num_tokens_with_pending:
+            return end
+        return max(end, min(end + self._spec_k - 1, self._config.max_model_len))
+
+    def _allocate_or_preempt(self, request: Request, num_new: int, preempted: list[str]) -> bool:
+        """Give `request` the pages for `num_new` more tokens (and the drafter's positions after them, `_span`),
+        preempting newest-first; False if it was preempted."""
+        total = self._span(request, request.num_computed_tokens + num_new)
         if self.cache.pages_needed(total) > self.cache.num_pages:
             raise RuntimeError(f"request {request.request_id!r} needs {self.cache.pages_needed(total)} KV pages, "
                                f"more than the pool ({self.cache.num_pages}); the engine must finish requests at "
@@ -483,17 +491,19 @@ class Scheduler:
                 if limit <= 0:
                     break  # strict FCFS, as below
             num_new = self._admission_chunk(request, tokens, match.num_tokens, limit)
-            if not self.cache.can_admit(match.num_tokens + num_new, match):
+            if not self.cache.can_admit(self._span(request, match.num_tokens + num_new), match):
                 if not self._blocked_by_own_match(match):
+                    self._blocked = (request, self.cache.releases)
                     break  # strict FCFS: nobody overtakes the head of the queue
                 # resuming needs more pages than the pool has besides the matched checkpoint's (admission keeps it),
                 # and nothing runs that would free one: waiting would be forever, computing from the start is not
                 match = NO_MATCH  # (with nothing running there are no decode rows: `limit` is the whole budget)
                 num_new = self._admission_chunk(request, tokens, 0, limit)
-                if not self.cache.can_admit(num_new):
+                if not self.cache.can_admit(self._span(request, num_new)):
+                    self._blocked = (request, self.cache.releases)
                     break
             self._waiting.remove(request)
-            self.cache.admit(request.request_id, match.num_tokens + num_new, match)
+            self.cache.admit(request.request_id, self._span(request, match.num_tokens + num_new), match)
             self._on_admitted(request, tokens, match.num_tokens)
             if self._shape is not None:
                 self._add_chunk(num_new, match.num_tokens)
