@@ -793,16 +793,23 @@ def test_engine_generates_the_oracle_tokens(name, tmp_path):
     assert list(outs[0].outputs[0].token_ids) == exp["greedy"].tolist()
 
 
-def test_quantized_lm_head(tmp_path):
-    """An lm_head stored in FP8 (a config that does not exclude it) loads as FP8 and gives the dequantized logits."""
+def fp8_lm_head_checkpoint(dest: Path, **config) -> Path:
+    """The FP8 dense fixture with its lm_head stored in FP8 (not excluded), config.json updated by `config`."""
+    from deltaserve.quantize import quantize_fp8_block
+
     src = FIXTURES / "qwen_fp8_dense"
     qc = json.loads((src / "config.json").read_text())["quantization_config"]
     qc = {**qc, "modules_to_not_convert": [m for m in qc["modules_to_not_convert"] if m != "lm_head"]}
 
     def edit(t):
-        from deltaserve.quantize import quantize_fp8_block
         t["lm_head.weight"], t["lm_head.weight_scale_inv"] = quantize_fp8_block(t["lm_head.weight"])
-    path = _with_config(src, tmp_path / "head", qc, edit)
+    path = _with_config(src, dest, qc, edit)
+    (path / "config.json").write_text(json.dumps({**json.loads((path / "config.json").read_text()), **config}))
+    return path
+
+
+def check_fp8_lm_head(path: Path) -> None:
+    """The model at path loads its lm_head as FP8, and its logits are those of the dequantized head."""
     model = load_model(ModelConfig.from_hf(path), dtype="float32")
     assert model.lm_head.method.name.startswith("fp8")
     t = load_file(path / "model.safetensors")
@@ -810,6 +817,11 @@ def test_quantized_lm_head(tmp_path):
         .repeat_interleave(128, 1)[:, :256]
     hidden = torch.randn(3, 256)
     assert_logits_close(model.compute_logits(hidden), hidden @ head.T)
+
+
+def test_quantized_lm_head(tmp_path):
+    """An lm_head stored in FP8 (a config that does not exclude it) loads as FP8 and gives the dequantized logits."""
+    check_fp8_lm_head(fp8_lm_head_checkpoint(tmp_path / "head"))
 
 
 # ---- dynamic FP8 activations (--fp8-activations dynamic) ---------------------------------------------------------

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from deltaserve.config import ModelConfig
 from deltaserve.kernels.quant.ref import pack_int4, unpack_int4
 from deltaserve.models.loader import CheckpointError, load_model
-from tests.models.test_quant import FIXTURES, _with_config, assert_matches_plain, dequant_state
+from tests.models.test_quant import (FIXTURES, _with_config, assert_matches_plain, check_fp8_lm_head,
+                                     dequant_state, fp8_lm_head_checkpoint)
 from tests.models.simple_runner import SimpleRunner
 from tests.parallel.test_tp_quant import _check_rank_weights
 
@@ -190,23 +191,7 @@ def test_fp8_lm_head_under_a_tied_config(tmp_path):
     """A config that ties the lm_head to the embedding over a checkpoint with its own FP8 lm_head.weight (and scale)
     crashed comparing the two ('Promotion for Float8 Types is not supported'). The head is the checkpoint's own,
     distinct from the embedding, so it is used with its scales (as a distinct bf16 lm_head.weight is)."""
-    from deltaserve.quantize import quantize_fp8_block
-    src = FIXTURES / "qwen_fp8_dense"
-    qc = json.loads((src / "config.json").read_text())["quantization_config"]
-    qc = {**qc, "modules_to_not_convert": [m for m in qc["modules_to_not_convert"] if m != "lm_head"]}
-
-    def fp8_head(t):
-        t["lm_head.weight"], t["lm_head.weight_scale_inv"] = quantize_fp8_block(t["lm_head.weight"])
-    path = _with_config(src, tmp_path / "tied", qc, fp8_head)
-    cfg = {**json.loads((path / "config.json").read_text()), "tie_word_embeddings": True}
-    (path / "config.json").write_text(json.dumps(cfg))
-    model = load_model(ModelConfig.from_hf(path), dtype="float32")
-    assert model.lm_head.method.name.startswith("fp8")
-    t = load_file(path / "model.safetensors")
-    head = t["lm_head.weight"].float() * t["lm_head.weight_scale_inv"].float().repeat_interleave(128, 0)[:160] \
-        .repeat_interleave(128, 1)[:, :256]
-    hidden = torch.randn(3, 256)
-    torch.testing.assert_close(model.compute_logits(hidden), hidden @ head.T, rtol=1e-5, atol=1e-5)
+    check_fp8_lm_head(fp8_lm_head_checkpoint(tmp_path / "tied", tie_word_embeddings=True))
 
 
 def test_fp8_block_structure_string_form(tmp_path):
