@@ -200,9 +200,11 @@ def test_preemption_newest_first_then_resume_and_finish() -> None:
     sched.add_request(c)                             # no pages: waits
     out, _ = step(sched)                             # positions 3 fit in the second page
     assert chunks(out) == {"a": 1, "b": 1}
+    b.draft_token_ids = [7, 7]                       # MTP drafts for b's next step, which it will not take
     out, _ = step(sched)                             # a needs a third page: preempt b (newest), no admission
     assert chunks(out) == {"a": 1} and out.preempted == ("b",)
     assert (b.status, b.num_computed_tokens, *held(sched, b), b.num_preemptions) == (PREEMPTED, 0, [], None, 1)
+    assert b.draft_token_ids == [], "drafts of a preempted request are stale: its recompute samples a new token"
     assert [r.request_id for r in sched.waiting] == ["b", "c"] and b.output_token_ids == alone(b.prompt_token_ids, 2)
     step(sched)
     sched.finish_request("a", RequestStatus.FINISHED_LENGTH)

@@ -462,6 +462,7 @@ class Scheduler:
         self.cache.free(request.request_id)
         # Recompute from scratch: outputs stay in num_tokens, so the resumed request sees the same sequence.
         request.num_computed_tokens = 0
+        request.draft_token_ids = []  # for the step it no longer takes: its recompute samples the next token
         request.status = RequestStatus.PREEMPTED
         request.num_preemptions += 1
         self._waiting.appendleft(request)
