@@ -6,6 +6,8 @@ import argparse
 import os
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -224,8 +226,14 @@ def test_ctrl_c_at_the_prompt_discards_the_line(cache):
 
     leader, follower = pty.openpty()
     env = {**os.environ, "DELTASERVE_CACHE_DIR": cache}
+    errors = tempfile.TemporaryFile()  # a file, not a pipe nobody drains while the chat runs
+
+    def as_at_a_shell():  # SIGINT at its default, unblocked, whatever this test process did with it before
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     proc = subprocess.Popen([sys.executable, "-m", "deltaserve.cli", "chat", "--log-level", "WARNING",
-                             "--max-tokens", "4"], stdin=follower, stdout=follower, stderr=subprocess.PIPE, env=env)
+                             "--max-tokens", "4"], stdin=follower, stdout=follower, stderr=errors, env=env,
+                            preexec_fn=as_at_a_shell)
     os.close(follower)
     try:
         read_until(leader, "> ")
@@ -243,18 +251,23 @@ def test_ctrl_c_at_the_prompt_discards_the_line(cache):
                     read_until(leader, "> ", timeout)  # a fresh prompt
                     break
             else:
-                pytest.fail("no fresh prompt after Ctrl-C")
+                status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+                errors.seek(0)
+                pytest.fail(f"no fresh prompt after Ctrl-C; the chat's {[ln for ln in status if ln.startswith('Sig')]}"
+                            f", its stderr: {errors.read()[-2000:]}")
         except OSError:  # EIO: the chat exited and closed the terminal
             pytest.fail("Ctrl-C at the prompt ended the session")
         os.write(leader, b"/exit\r")
         drain_until_exit(proc, leader)
         assert proc.returncode == 0, "'hello' was kept in the line: '/exit' was not read as /exit"
-        err = proc.stderr.read()
+        errors.seek(0)
+        err = errors.read()
         assert b"line dropped (Ctrl-C); Ctrl-D or /exit quits" in err and b"Traceback" not in err, err
     finally:
         proc.kill()
         proc.wait()
         os.close(leader)
+        errors.close()
 
 
 def test_interrupted_reply_is_kept_and_frees_its_pages(capsys):
