@@ -10,6 +10,8 @@ python benchmarks/bench_quant_kernels.py --moe-tiles [--rows 1 8]  the fused per
                                                                      shared expert, 4 layers of distinct weights a
                                                                      graph): each gate_up / down tile in turn
 [--fp8-gemv fp32 f16]   the fp8 GEMVs timed: fp32 FMAs ("fp8 u4"), fp16 products ("fp8 u4 f16", qt.GEMV_FP8_F16)
+python benchmarks/bench_quant_kernels.py --gemv-pipeline [--rows 1 2]  the default GEMVs (int4, fp8) under each
+                                                                     pipeline (qt.GEMV_DEPTH x qt.GEMV_EVICT)
 [--gemv-variants fp32 f16 f16x4]   the int4 GEMVs timed: fp32 FMAs, fp16 products with one word per fp16
                              accumulator (qt.GEMV_F16, GEMV_F16_WORDS 1) and/or four words chained (GEMV_F16_WORDS 4,
                              the default)
@@ -278,6 +280,44 @@ def moe_tiles(args, bw: float) -> list[dict]:
     return rows
 
 
+# --gemv-pipeline: (qt.GEMV_DEPTH, qt.GEMV_EVICT) pairs, the default first
+PIPELINES = [(2, ""), (3, ""), (2, "evict_first"), (3, "evict_first")]
+
+
+@contextlib.contextmanager
+def gemv_pipeline(depth: int, evict: str):
+    """qt.GEMV_DEPTH and GEMV_EVICT set inside (quant_gemm reads them as it launches)."""
+    old = qt.GEMV_DEPTH, qt.GEMV_EVICT
+    qt.GEMV_DEPTH, qt.GEMV_EVICT = depth, evict
+    try:
+        yield
+    finally:
+        qt.GEMV_DEPTH, qt.GEMV_EVICT = old
+
+
+def pipelines(args, bw: float) -> list[dict]:
+    """The default GEMVs (int4 and fp8, fp16 products) at the plan's tiles under each of PIPELINES: µs, the
+    weight-read floor's multiple, and the relative error against the exact product."""
+    rows = []
+    for name, (n, k) in SHAPES.items():
+        weights = make_weights(n, k)
+        for m in [m for m in args.rows if m <= qt.GEMV_F16_MAX_ROWS]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            for kind in ("int4", "fp8"):
+                w, s, z = weights[kind]
+                floor_us = floor_bytes(kind, n, k) / bw * 1e6
+                row = {"shape": name, "rows": m, "kind": kind, "floor us": floor_us}
+                for depth, evict in PIPELINES:
+                    with gemv_pipeline(depth, evict):
+                        us = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=4)) * 1e3
+                        err = rel_error(kind, x, weights[kind], qt.quant_gemm(x, w, s, z, 128, unpack=4))
+                    label = f"d{depth}{' ef' if evict else ''}"
+                    row[f"{label} us"], row[f"{label} /floor"], row[f"{label} err"] = us, us / floor_us, err
+                rows.append(row)
+                print(row, flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64])
@@ -291,10 +331,14 @@ def main() -> None:
     ap.add_argument("--gemv-variants", nargs="+", choices=list(GEMV_VARIANTS), default=list(GEMV_VARIANTS),
                     help="int4 GEMVs to time: fp32 FMAs, fp16 products one word per accumulator (qt.GEMV_F16, "
                          "GEMV_F16_WORDS 1), four words chained (GEMV_F16_WORDS 4, the default)")
+    ap.add_argument("--gemv-pipeline", action="store_true",
+                    help="the default GEMVs at rows <= GEMV_F16_MAX_ROWS under each pipeline: tiles per K iteration "
+                         "(qt.GEMV_DEPTH 2, 3) and the words' eviction policy (qt.GEMV_EVICT)")
     args = ap.parse_args()
     require_cuda("bench_quant_kernels.py")
     bw = measure_copy_bandwidth()
-    rows = moe_tiles(args, bw) if args.moe_tiles else sweep(args, bw) if args.sweep else planned(args, bw)
+    rows = (moe_tiles(args, bw) if args.moe_tiles else sweep(args, bw) if args.sweep
+            else pipelines(args, bw) if args.gemv_pipeline else planned(args, bw))
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     print(table(rows))
 

@@ -182,6 +182,23 @@ def test_gemv_f16_activation_range_interpreted(gemv_f16, x_scale):
     check_gemm("int4", 1, 40, 256, 128, torch.bfloat16, tiles=(1, 16, 128, 2), seed=7, unpack=4, x_scale=x_scale)
 
 
+@pytest.fixture(params=[(3, ""), (2, "evict_first"), (3, "evict_first")], ids=["depth3", "evict", "depth3-evict"])
+def gemv_pipeline(monkeypatch, request):
+    """quant_gemm's GEMV with three tiles an iteration (qt.GEMV_DEPTH) and/or its words loaded evict-first."""
+    monkeypatch.setattr(qt, "GEMV_DEPTH", request.param[0])
+    monkeypatch.setattr(qt, "GEMV_EVICT", request.param[1])
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("k,tiles", [(160, (1, 16, 32, 1)), (160, (1, 16, 32, 2)), (224, (1, 16, 32, 2)),
+                                     (99, (1, 16, 16, 2)), (32, (1, 16, 32, 1))])
+def test_gemv_pipeline_interpreted(gemv_pipeline, kind, k, tiles):
+    """The GEMV's other pipelines (qt.GEMV_DEPTH 3, GEMV_EVICT) at every remainder of K tiles per split against an
+    iteration's three (1 to 5 tiles: 160 columns in one split and in two of 96 + 64, 224 in 128 + 96, a ragged 99
+    in 64 + 35, one tile), ragged N, with the default fp16 products."""
+    check_gemm(kind, 1, 40, k, min(k, 32), torch.bfloat16, tiles=tiles, seed=k + tiles[3], unpack=4)
+
+
 @pytest.fixture
 def gemv_fp8_f16(monkeypatch):
     """The fp8 GEMV with fp16 products (qt.GEMV_FP8_F16) -> the list of its act_f16 calls. Error bound: check_gemm's,
@@ -625,6 +642,15 @@ def test_moe_gpu(kind, tokens, shape, shared):
 def test_gemv_f16_gpu(gemv_f16, n, k, m):
     """The F16_FMA GEMV at 27B's projections and odd sizes, NaN-poisoned output."""
     check_gemm("int4", m, n, k, 128, torch.bfloat16, seed=n + k + m, unpack=4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("n,k", SHAPES_27B[:4] + ODD)
+def test_gemv_pipeline_gpu(gemv_pipeline, kind, n, k):
+    """The GEMV's other pipelines at 27B's projections and odd sizes, NaN-poisoned output."""
+    check_gemm(kind, 1, n, k, 128, torch.bfloat16, seed=n + k, unpack=4)
 
 
 @gpu

@@ -444,12 +444,13 @@ def _split2(t):
 @triton.jit
 def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr, INT4: tl.constexpr,
                BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr = False,
-               F16: tl.constexpr = False):
+               F16: tl.constexpr = False, EVICT: tl.constexpr = ""):
     """The weight tile at columns [k0, k0 + BK) of rows cols ([1, BN, 1]), as stored, 3-D: (scale [1, BN, 1],
     zero point [1, BN, 1] fp32 (int4; fp8: the scale again), codes [1, BN, BK/8] int32 words or [1, BN, BK] e4m3;
     fp8 with F16: [1, BN, BK/4] int32 words, four e4m3 each, K a multiple of 4 and the row stride of 16 bytes).
     EVEN_N / EVEN_K: no row / column masks (the steady state of the real shapes). ALIGNED: k0 declared a multiple
-    of BK (it always is), so the words load as 128-bit vectors where the row stride allows."""
+    of BK (it always is), so the words load as 128-bit vectors where the row stride allows. EVICT: the codes' L2
+    eviction policy ("" or "evict_first": read once, so they need not displace the activations and partial sums)."""
     n_ok = cols < N
     if not INT4 and F16:
         w_ptr = w_ptr.to(tl.pointer_type(tl.int32))
@@ -473,11 +474,11 @@ def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP:
         s = tl.load(s_ptr + sz, mask=n_ok, other=0.0)
         z = tl.load(z_ptr + sz, mask=n_ok, other=0).to(tl.float32) if INT4 else s
     if EVEN_N and EVEN_K:
-        codes = tl.load(w_ptr + cols * stride_wn + offs)
+        codes = tl.load(w_ptr + cols * stride_wn + offs, eviction_policy=EVICT)
     elif INT4 or F16:
-        codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0)
+        codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0, eviction_policy=EVICT)
     else:
-        codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0.0)
+        codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0.0, eviction_policy=EVICT)
     return s, z, codes
 
 
@@ -723,10 +724,21 @@ def act_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
 
 
 @triton.jit
+def _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k0, codes,
+               GROUP: tl.constexpr, INT4: tl.constexpr, BK: tl.constexpr, ROW_MASK: tl.constexpr,
+               EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr, F16: tl.constexpr,
+               F16_WORDS: tl.constexpr):
+    """One tile's math on its loaded words, its scale and zero point loaded here (in the iteration that uses them)."""
+    s, z, _ = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP, INT4, BK, EVEN_N, EVEN_K,
+                         ALIGNED, F16)
+    return _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4, BK, ROW_MASK, EVEN_K, F16, F16_WORDS)
+
+
+@triton.jit
 def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
               GROUP: tl.constexpr, INT4: tl.constexpr, BK: tl.constexpr, ROW_MASK: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr, F16_WORDS: tl.constexpr = 1,
-              UNROLL: tl.constexpr = False):
+              UNROLL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT: tl.constexpr = ""):
     """The GEMV's K loop -> fp32 [BM, BN, 1]. The next tile's loads are issued before this tile's math (a
     two-deep software pipeline: Triton does not pipeline loads that feed no dot), so each program keeps two tiles
     of weight bytes in flight; past the end it reloads the last tile (no mask needed) and drops it. F16_WORDS > 1:
@@ -734,36 +746,53 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
     uses them (unused loads are dropped), so Triton may give them, and the per-row math after the K reduction, a
     layout of their own instead of converting them in every iteration (sm_90a: 155 instructions per warp and
     128 x 128 tile against 168 when they are carried too; past two rows per thread the carried ones went through
-    shared memory twice per tile, these once). UNROLL: two tiles an iteration, each tile's words loaded into the
-    registers the other's math has just freed, so nothing is copied between iterations (sm_90a, per tile and warp:
-    int4 fp16 products 148 -> 140 instructions (155 before its sums were kept per thread), fp8 fp32 FMAs 221 -> 184,
-    fp8 fp16 products 105 -> 97; two rows without split-K spill a register in the loop, a plan no real shape gets;
-    the MoE down GEMV's four-tile loop got longer, so the MoE kernels keep the one-tile loop)."""
+    shared memory twice per tile, these once). UNROLL: DEPTH tiles an iteration (2 or 3), each tile's words loaded
+    into the registers the math before it has just freed, so nothing is copied between iterations and DEPTH - 1
+    tiles are in flight during each tile's math (sm_90a, per tile and warp at DEPTH 2: int4 fp16 products 148 -> 140
+    instructions (155 before its sums were kept per thread), fp8 fp32 FMAs 221 -> 184, fp8 fp16 products 105 -> 97;
+    two rows without split-K spill a register in the loop, a plan no real shape gets; the MoE down GEMV's four-tile
+    loop got longer, so the MoE kernels keep the one-tile loop). EVICT: the words' eviction policy (_gemv_load)."""
     acc = tl.zeros((rows.shape[0], cols.shape[1], BK // 32 if INT4 and F16 and F16_WORDS == 4 else 1),
                    dtype=tl.float32)  # the chained int4 form's partial sums stay per thread until the end
     ALIGNED: tl.constexpr = F16_WORDS > 1
     s, z, codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k_begin, GROUP, INT4, BK,
-                             EVEN_N, EVEN_K, ALIGNED, F16)
+                             EVEN_N, EVEN_K, ALIGNED, F16, EVICT)
     last = k_end - BK if EVEN_K else k_end - 1 - (k_end - 1 - k_begin) % BK
-    if UNROLL:
+    if UNROLL and DEPTH == 3:
+        codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k_begin + BK, last),
+                             GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+        for k0 in range(k_begin, k_end, 3 * BK):
+            codes_c = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 2 * BK, last),
+                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+            acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k0,
+                              codes, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
+            codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 3 * BK, last),
+                               GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+            if k0 + BK < k_end:
+                acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn,
+                                  k0 + BK, codes_b, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
+            codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 4 * BK, last),
+                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+            if k0 + 2 * BK < k_end:
+                acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn,
+                                  k0 + 2 * BK, codes_c, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16,
+                                  F16_WORDS)
+    elif UNROLL:
         for k0 in range(k_begin, k_end, 2 * BK):
             codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + BK, last),
-                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16)[2]
-            s, z, _ = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP, INT4, BK, EVEN_N,
-                                 EVEN_K, ALIGNED, F16)
-            acc += _gemv_math(x_ptr, rows, M, K, stride_xm, k0, s, z, codes, INT4, BK, ROW_MASK, EVEN_K, F16,
-                              F16_WORDS)
+                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+            acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k0,
+                              codes, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
             codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 2 * BK, last),
-                               GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16)[2]
+                               GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
             if k0 + BK < k_end:
-                s, z, _ = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0 + BK, GROUP, INT4,
-                                     BK, EVEN_N, EVEN_K, ALIGNED, F16)
-                acc += _gemv_math(x_ptr, rows, M, K, stride_xm, k0 + BK, s, z, codes_b, INT4, BK, ROW_MASK, EVEN_K,
-                                  F16, F16_WORDS)
+                acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn,
+                                  k0 + BK, codes_b, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
     else:
         for k0 in range(k_begin, k_end, BK):
             s_n, z_n, codes_n = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
-                                           tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16)
+                                           tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16,
+                                           EVICT)
             if ALIGNED:
                 s, z, _ = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP, INT4, BK,
                                      EVEN_N, EVEN_K, True, F16)
@@ -805,7 +834,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
                  stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
-                 PDL: tl.constexpr = False):
+                 PDL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT: tl.constexpr = ""):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
     pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA: packed fp16 products on
@@ -820,7 +849,8 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
-                    GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA, F16_WORDS, UNROLL=True)
+                    GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA, F16_WORDS, UNROLL=True, DEPTH=DEPTH,
+                    EVICT=EVICT)
     if SPLIT > 1:
         # workspace [SPLIT, BM, N] fp32: strides from BM and N only, nothing that changes with every call
         _reduce_splits(acc, out_ptr + rows.to(tl.int64) * stride_om + cols, ws_ptr + rows * N + cols, BM * N,
@@ -984,6 +1014,11 @@ MOE_PAIR_F16_WORDS = 1
 # 11-bit rounding where the product has 12), summed in fp16 over 8 products per half, all else in fp32; the
 # reference rounds each dequantized weight to bf16 (8 bits). Benchmarks set it off to compare (--fp8-gemv fp32).
 GEMV_FP8_F16 = True
+# quant_gemm's GEMV pipeline: tiles per unrolled K iteration (2 or 3: DEPTH - 1 tiles of words in flight during each
+# tile's math, _gemv_acc) and the words' L2 eviction policy ("" or "evict_first"); benchmarks set them to compare
+# (bench_quant_kernels.py --gemv-pipeline).
+GEMV_DEPTH = 2
+GEMV_EVICT = ""
 
 
 def _f16_words(bk: int, words: int | None = None) -> int:
@@ -1105,7 +1140,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                   **_launch(*launch), **pdl_launch(x.device))
     if unpack == 4:
         _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
-                                                  F16_WORDS=_f16_words(bk) if f16 else 1, **consts)
+                                                  F16_WORDS=_f16_words(bk) if f16 else 1, DEPTH=GEMV_DEPTH,
+                                                  EVICT=GEMV_EVICT, **consts)
     else:
         _gemm_kernel[(m_tiles, triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8,
