@@ -11,7 +11,7 @@ python benchmarks/bench_quant_kernels.py --moe-tiles [--rows 1 8]  the fused per
                                                                      graph): each gate_up / down tile in turn
 [--fp8-gemv fp32 f16]   the fp8 GEMVs timed: fp32 FMAs ("fp8 u4"), fp16 products ("fp8 u4 f16", qt.GEMV_FP8_F16)
 python benchmarks/bench_quant_kernels.py --gemv-pipeline [--rows 1 2]  the default GEMVs (int4, fp8) under each
-                                                                     pipeline (qt.GEMV_DEPTH x qt.GEMV_EVICT)
+                                                                     pipeline (qt.GEMV_DEPTH x qt.GEMV_EVICT_FIRST)
 [--gemv-variants fp32 f16 f16x4]   the int4 GEMVs timed: fp32 FMAs, fp16 products with one word per fp16
                              accumulator (qt.GEMV_F16, GEMV_F16_WORDS 1) and/or four words chained (GEMV_F16_WORDS 4,
                              the default)
@@ -280,19 +280,19 @@ def moe_tiles(args, bw: float) -> list[dict]:
     return rows
 
 
-# --gemv-pipeline: (qt.GEMV_DEPTH, qt.GEMV_EVICT) pairs, the default first
-PIPELINES = [(2, ""), (3, ""), (2, "evict_first"), (3, "evict_first")]
+# --gemv-pipeline: (qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST) pairs, the default first
+PIPELINES = [(2, ""), (3, False), (2, True), (3, True)]
 
 
 @contextlib.contextmanager
-def gemv_pipeline(depth: int, evict: str):
-    """qt.GEMV_DEPTH and GEMV_EVICT set inside (quant_gemm reads them as it launches)."""
-    old = qt.GEMV_DEPTH, qt.GEMV_EVICT
-    qt.GEMV_DEPTH, qt.GEMV_EVICT = depth, evict
+def gemv_pipeline(depth: int, evict: bool):
+    """qt.GEMV_DEPTH and GEMV_EVICT_FIRST set inside (quant_gemm reads them as it launches)."""
+    old = qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST
+    qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST = depth, evict
     try:
         yield
     finally:
-        qt.GEMV_DEPTH, qt.GEMV_EVICT = old
+        qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST = old
 
 
 def pipelines(args, bw: float) -> list[dict]:
@@ -333,7 +333,7 @@ def main() -> None:
                          "GEMV_F16_WORDS 1), four words chained (GEMV_F16_WORDS 4, the default)")
     ap.add_argument("--gemv-pipeline", action="store_true",
                     help="the default GEMVs at rows <= GEMV_F16_MAX_ROWS under each pipeline: tiles per K iteration "
-                         "(qt.GEMV_DEPTH 2, 3) and the words' eviction policy (qt.GEMV_EVICT)")
+                         "(qt.GEMV_DEPTH 2, 3) and the words' eviction policy (qt.GEMV_EVICT_FIRST)")
     args = ap.parse_args()
     require_cuda("bench_quant_kernels.py")
     bw = measure_copy_bandwidth()

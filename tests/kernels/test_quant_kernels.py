@@ -182,18 +182,18 @@ def test_gemv_f16_activation_range_interpreted(gemv_f16, x_scale):
     check_gemm("int4", 1, 40, 256, 128, torch.bfloat16, tiles=(1, 16, 128, 2), seed=7, unpack=4, x_scale=x_scale)
 
 
-@pytest.fixture(params=[(3, ""), (2, "evict_first"), (3, "evict_first")], ids=["depth3", "evict", "depth3-evict"])
+@pytest.fixture(params=[(3, False), (2, True), (3, True)], ids=["depth3", "evict", "depth3-evict"])
 def gemv_pipeline(monkeypatch, request):
     """quant_gemm's GEMV with three tiles an iteration (qt.GEMV_DEPTH) and/or its words loaded evict-first."""
     monkeypatch.setattr(qt, "GEMV_DEPTH", request.param[0])
-    monkeypatch.setattr(qt, "GEMV_EVICT", request.param[1])
+    monkeypatch.setattr(qt, "GEMV_EVICT_FIRST", request.param[1])
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 @pytest.mark.parametrize("k,tiles", [(160, (1, 16, 32, 1)), (160, (1, 16, 32, 2)), (224, (1, 16, 32, 2)),
                                      (99, (1, 16, 16, 2)), (32, (1, 16, 32, 1))])
 def test_gemv_pipeline_interpreted(gemv_pipeline, kind, k, tiles):
-    """The GEMV's other pipelines (qt.GEMV_DEPTH 3, GEMV_EVICT) at every remainder of K tiles per split against an
+    """The GEMV's other pipelines (qt.GEMV_DEPTH 3, GEMV_EVICT_FIRST) at every remainder of K tiles per split against an
     iteration's three (1 to 5 tiles: 160 columns in one split and in two of 96 + 64, 224 in 128 + 96, a ragged 99
     in 64 + 35, one tile), ragged N, with the default fp16 products."""
     check_gemm(kind, 1, 40, k, min(k, 32), torch.bfloat16, tiles=tiles, seed=k + tiles[3], unpack=4)

@@ -442,15 +442,24 @@ def _split2(t):
 
 
 @triton.jit
+def _stream_load(ptrs, mask, other, EVICT_FIRST: tl.constexpr):
+    """tl.load, with the evict-first L2 policy if EVICT_FIRST."""
+    if EVICT_FIRST:
+        return tl.load(ptrs, mask=mask, other=other, eviction_policy="evict_first")
+    else:
+        return tl.load(ptrs, mask=mask, other=other)
+
+
+@triton.jit
 def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP: tl.constexpr, INT4: tl.constexpr,
                BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr = False,
-               F16: tl.constexpr = False, EVICT: tl.constexpr = ""):
+               F16: tl.constexpr = False, EVICT_FIRST: tl.constexpr = False):
     """The weight tile at columns [k0, k0 + BK) of rows cols ([1, BN, 1]), as stored, 3-D: (scale [1, BN, 1],
     zero point [1, BN, 1] fp32 (int4; fp8: the scale again), codes [1, BN, BK/8] int32 words or [1, BN, BK] e4m3;
     fp8 with F16: [1, BN, BK/4] int32 words, four e4m3 each, K a multiple of 4 and the row stride of 16 bytes).
     EVEN_N / EVEN_K: no row / column masks (the steady state of the real shapes). ALIGNED: k0 declared a multiple
-    of BK (it always is), so the words load as 128-bit vectors where the row stride allows. EVICT: the codes' L2
-    eviction policy ("" or "evict_first": read once, so they need not displace the activations and partial sums)."""
+    of BK (it always is), so the words load as 128-bit vectors where the row stride allows. EVICT_FIRST: the codes
+    load with the evict-first L2 policy (read once, they need not displace the activations and partial sums)."""
     n_ok = cols < N
     if not INT4 and F16:
         w_ptr = w_ptr.to(tl.pointer_type(tl.int32))
@@ -474,11 +483,11 @@ def _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP:
         s = tl.load(s_ptr + sz, mask=n_ok, other=0.0)
         z = tl.load(z_ptr + sz, mask=n_ok, other=0).to(tl.float32) if INT4 else s
     if EVEN_N and EVEN_K:
-        codes = tl.load(w_ptr + cols * stride_wn + offs, eviction_policy=EVICT)
+        codes = _stream_load(w_ptr + cols * stride_wn + offs, None, None, EVICT_FIRST)
     elif INT4 or F16:
-        codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0, eviction_policy=EVICT)
+        codes = _stream_load(w_ptr + cols * stride_wn + offs, n_ok & k_ok, 0, EVICT_FIRST)
     else:
-        codes = tl.load(w_ptr + cols * stride_wn + offs, mask=n_ok & k_ok, other=0.0, eviction_policy=EVICT)
+        codes = _stream_load(w_ptr + cols * stride_wn + offs, n_ok & k_ok, 0.0, EVICT_FIRST)
     return s, z, codes
 
 
@@ -738,7 +747,7 @@ def _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, strid
 def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
               GROUP: tl.constexpr, INT4: tl.constexpr, BK: tl.constexpr, ROW_MASK: tl.constexpr,
               EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr, F16_WORDS: tl.constexpr = 1,
-              UNROLL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT: tl.constexpr = ""):
+              UNROLL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT_FIRST: tl.constexpr = False):
     """The GEMV's K loop -> fp32 [BM, BN, 1]. The next tile's loads are issued before this tile's math (a
     two-deep software pipeline: Triton does not pipeline loads that feed no dot), so each program keeps two tiles
     of weight bytes in flight; past the end it reloads the last tile (no mask needed) and drops it. F16_WORDS > 1:
@@ -751,28 +760,28 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
     tiles are in flight during each tile's math (sm_90a, per tile and warp at DEPTH 2: int4 fp16 products 148 -> 140
     instructions (155 before its sums were kept per thread), fp8 fp32 FMAs 221 -> 184, fp8 fp16 products 105 -> 97;
     two rows without split-K spill a register in the loop, a plan no real shape gets; the MoE down GEMV's four-tile
-    loop got longer, so the MoE kernels keep the one-tile loop). EVICT: the words' eviction policy (_gemv_load)."""
+    loop got longer, so the MoE kernels keep the one-tile loop). EVICT_FIRST: the words' L2 policy (_gemv_load)."""
     acc = tl.zeros((rows.shape[0], cols.shape[1], BK // 32 if INT4 and F16 and F16_WORDS == 4 else 1),
                    dtype=tl.float32)  # the chained int4 form's partial sums stay per thread until the end
     ALIGNED: tl.constexpr = F16_WORDS > 1
     s, z, codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k_begin, GROUP, INT4, BK,
-                             EVEN_N, EVEN_K, ALIGNED, F16, EVICT)
+                             EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)
     last = k_end - BK if EVEN_K else k_end - 1 - (k_end - 1 - k_begin) % BK
     if UNROLL and DEPTH == 3:
         codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k_begin + BK, last),
-                             GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+                             GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
         for k0 in range(k_begin, k_end, 3 * BK):
             codes_c = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 2 * BK, last),
-                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
             acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k0,
                               codes, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
             codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 3 * BK, last),
-                               GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+                               GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
             if k0 + BK < k_end:
                 acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn,
                                   k0 + BK, codes_b, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
             codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 4 * BK, last),
-                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
             if k0 + 2 * BK < k_end:
                 acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn,
                                   k0 + 2 * BK, codes_c, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16,
@@ -780,11 +789,11 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
     elif UNROLL:
         for k0 in range(k_begin, k_end, 2 * BK):
             codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + BK, last),
-                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
             acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k0,
                               codes, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
             codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 2 * BK, last),
-                               GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT)[2]
+                               GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
             if k0 + BK < k_end:
                 acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn,
                                   k0 + BK, codes_b, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
@@ -792,7 +801,7 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
         for k0 in range(k_begin, k_end, BK):
             s_n, z_n, codes_n = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
                                            tl.minimum(k0 + BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16,
-                                           EVICT)
+                                           EVICT_FIRST)
             if ALIGNED:
                 s, z, _ = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k0, GROUP, INT4, BK,
                                      EVEN_N, EVEN_K, True, F16)
@@ -834,7 +843,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
                  stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
-                 PDL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT: tl.constexpr = ""):
+                 PDL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT_FIRST: tl.constexpr = False):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
     pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA: packed fp16 products on
@@ -850,7 +859,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
     k_end = tl.minimum(k_begin + k_per_split, K)
     acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
                     GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA, F16_WORDS, UNROLL=True, DEPTH=DEPTH,
-                    EVICT=EVICT)
+                    EVICT_FIRST=EVICT_FIRST)
     if SPLIT > 1:
         # workspace [SPLIT, BM, N] fp32: strides from BM and N only, nothing that changes with every call
         _reduce_splits(acc, out_ptr + rows.to(tl.int64) * stride_om + cols, ws_ptr + rows * N + cols, BM * N,
@@ -1015,10 +1024,10 @@ MOE_PAIR_F16_WORDS = 1
 # reference rounds each dequantized weight to bf16 (8 bits). Benchmarks set it off to compare (--fp8-gemv fp32).
 GEMV_FP8_F16 = True
 # quant_gemm's GEMV pipeline: tiles per unrolled K iteration (2 or 3: DEPTH - 1 tiles of words in flight during each
-# tile's math, _gemv_acc) and the words' L2 eviction policy ("" or "evict_first"); benchmarks set them to compare
+# tile's math, _gemv_acc) and whether the words load with the evict-first L2 policy; benchmarks set them to compare
 # (bench_quant_kernels.py --gemv-pipeline).
 GEMV_DEPTH = 2
-GEMV_EVICT = ""
+GEMV_EVICT_FIRST = False
 
 
 def _f16_words(bk: int, words: int | None = None) -> int:
@@ -1141,7 +1150,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     if unpack == 4:
         _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
                                                   F16_WORDS=_f16_words(bk) if f16 else 1, DEPTH=GEMV_DEPTH,
-                                                  EVICT=GEMV_EVICT, **consts)
+                                                  EVICT_FIRST=GEMV_EVICT_FIRST, **consts)
     else:
         _gemm_kernel[(m_tiles, triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8,
