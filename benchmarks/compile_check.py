@@ -125,6 +125,16 @@ def quant_rows() -> list[dict]:
             # the K loop takes two tiles an iteration (_gemv_acc's UNROLL): per tile, half of it
             rows.append({"kernel": f"{kind} GEMV{label}, 1 row, BN {bn}, {warps} warps", **r,
                          "loop SASS / weight": r["loop SASS"] / 2 / (bn * 128 / (32 * warps))})
+    # the default GEMVs (fp16 products) with three tiles an iteration (GEMV_DEPTH 3) and evict-first words
+    for kind, types in (("int4", {**int4, "x_ptr": "*i32"}), ("fp8", {**fp8, "x_ptr": "*i32"})):
+        bn = 128 if kind == "int4" else 64
+        for depth, evict in ((3, False), (2, True), (3, True)):
+            consts = dict(GROUP=128, INT4=kind == "int4", BM=1, BN=bn, BK=128, EVEN_N=True, EVEN_K=True, F16_FMA=True,
+                          F16_WORDS=4, DEPTH=depth, EVICT_FIRST=evict)
+            r = compile_one(quant._gemv_kernel, types, consts, 8, 3, loop=True)
+            rows.append({"kernel": f"{kind} GEMV fp16 products, 1 row, BN {bn}, 8 warps, DEPTH {depth}"
+                                   f"{', evict-first' if evict else ''}", **r,
+                         "loop SASS / weight": r["loop SASS"] / depth / (bn * 128 / (32 * 8))})
     # the MoE block kernel (65-1024 routed pairs: blocks of 16 pairs of one expert share a weight tile), as _blocks
     # launches it
     types = {"x_ptr": "*bf16", "rows_ptr": "*i32", "block_expert_ptr": "*i32", "block_first_ptr": "*i32",
