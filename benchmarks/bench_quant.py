@@ -3,6 +3,7 @@ same run.
 
 python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4 fp8-w8a8] [--batches 1 64]
                                  [--context 1024] [--gemv-variants fp32 f16 f16x4] [--fp8-gemv fp32 f16]
+                                 [--gemv-pipeline off rule]
 
 --gemv-variants: int4 runs once per variant of its GEMVs (one-row projections, MoE per-pair): fp32 FMAs (rows
 "int4"), fp16 products one word per fp16 accumulator (kernels/quant/triton.py GEMV_F16 with GEMV_F16_WORDS 1, rows
@@ -28,7 +29,7 @@ import itertools
 import torch
 
 from benchmarks.bench_decode import _oom_row, bench_one
-from benchmarks.bench_quant_kernels import GEMV_VARIANTS, fp8_gemv, gemv_f16
+from benchmarks.bench_quant_kernels import GEMV_VARIANTS, fp8_gemv, gemv_f16, gemv_pipeline
 from benchmarks.common import measure_copy_bandwidth, model_config, print_report, require_cuda
 from deltaserve.config import QuantizationConfig
 from deltaserve.models.loader import load_model
@@ -54,6 +55,11 @@ def load(name: str, fmt: str, device: str = "cuda", dtype: torch.dtype = torch.b
     return load_model(cfg, load_format="dummy", device=device, dtype=dtype, with_mtp=False, quantization=quant)
 
 
+# --gemv-pipeline: (qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST): "rule" = the default (kernels/quant/triton.py
+# _gemv_pipeline), "off" = every GEMV on the two-tile loop without evict-first (the kernels before the rule)
+PIPELINE_KNOBS = {"rule": (None, None), "off": (2, False)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["27B", "35B-A3B"])
@@ -61,6 +67,9 @@ def main() -> None:
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--gemv-variants", nargs="+", choices=list(GEMV_VARIANTS), default=["f16x4"])
+    ap.add_argument("--gemv-pipeline", nargs="+", choices=list(PIPELINE_KNOBS), default=["rule"],
+                    help="int4 and fp8 run once per GEMV pipeline: the default rule, or 'off' (two-tile loop, no "
+                         "evict-first: the kernels before the rule)")
     ap.add_argument("--fp8-gemv", nargs="+", choices=["fp32", "f16"], default=["f16"],
                     help="fp8 (not fp8-w8a8) runs once per variant of its one-row GEMV: fp32 FMAs, fp16 products")
     args = ap.parse_args()
@@ -73,15 +82,16 @@ def main() -> None:
             model = load(name, fmt)
             variants = (["" if v == "fp32" else v for v in args.gemv_variants] if fmt == "int4" else
                         args.fp8_gemv if fmt == "fp8" else [""])
-            for b, f16 in itertools.product(args.batches, variants):
+            pipes = args.gemv_pipeline if fmt in ("int4", "fp8") else ["rule"]
+            for b, f16, pipe in itertools.product(args.batches, variants, pipes):
                 try:  # the variant is read as the step's CUDA graph is captured
-                    with gemv_f16(f16) if fmt == "int4" else fp8_gemv(f16):
+                    with gemv_f16(f16) if fmt == "int4" else fp8_gemv(f16), gemv_pipeline(*PIPELINE_KNOBS[pipe]):
                         row = bench_one(name, b, args.context, bw, model)
                 except torch.OutOfMemoryError:
                     row = None
                 row = row or _oom_row(name, b, args.context, "auto", "float32")
                 row["format"] = fmt + (f" gemv-{f16}" if f16 and (fmt == "int4" or f16 == "f16" or len(variants) > 1)
-                                       else "")
+                                       else "") + (f" pipeline-{pipe}" if len(pipes) > 1 else "")
                 if fmt == "bf16":
                     base[b] = row["graph ms"]
                 row["vs bf16"] = base.get(b, float("nan")) / row["graph ms"]

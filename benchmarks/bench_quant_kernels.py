@@ -280,13 +280,13 @@ def moe_tiles(args, bw: float) -> list[dict]:
     return rows
 
 
-# --gemv-pipeline: (qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST) pairs, the default first
-PIPELINES = [(2, ""), (3, False), (2, True), (3, True)]
+# --gemv-pipeline: (qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST) pairs, the kernels before the rule first
+PIPELINES = [(2, False), (3, False), (2, True), (3, True)]
 
 
 @contextlib.contextmanager
-def gemv_pipeline(depth: int, evict: bool):
-    """qt.GEMV_DEPTH and GEMV_EVICT_FIRST set inside (quant_gemm reads them as it launches)."""
+def gemv_pipeline(depth: int | None, evict: bool | None):
+    """qt.GEMV_DEPTH and GEMV_EVICT_FIRST set inside (quant_gemm reads them as it launches; None: its rule)."""
     old = qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST
     qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST = depth, evict
     try:

@@ -189,6 +189,22 @@ def gemv_pipeline(monkeypatch, request):
     monkeypatch.setattr(qt, "GEMV_EVICT_FIRST", request.param[1])
 
 
+@pytest.mark.parametrize("m,n,bn,int4,want", [(1, 34816, 128, True, (3, True)), (2, 34816, 128, True, (2, True)),
+                                               (1, 34816, 64, False, (2, True)), (1, 16384, 128, True, (2, False)),
+                                               (1, 16384, 64, False, (2, False)), (1, 5120, 128, True, (2, False))])
+def test_gemv_pipeline_rule(m, n, bn, int4, want):
+    """At 132 SMs (the H200) the rule gives the pipelines the H200 timed best per shape: 27B gate_up (N 34816, N tiles
+    past two waves) evict-first, with three tiles an iteration at one int4 row; 27B in_proj (16384) and down (5120)
+    the two-tile loop."""
+    assert qt._gemv_pipeline(m, n, bn, int4, 132) == want
+
+
+def test_gemv_pipeline_knobs_override_the_rule(monkeypatch):
+    monkeypatch.setattr(qt, "GEMV_DEPTH", 2)
+    monkeypatch.setattr(qt, "GEMV_EVICT_FIRST", False)
+    assert qt._gemv_pipeline(1, 34816, 128, True, 132) == (2, False)
+
+
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 @pytest.mark.parametrize("k,tiles", [(160, (1, 16, 32, 1)), (160, (1, 16, 32, 2)), (224, (1, 16, 32, 2)),
                                      (99, (1, 16, 16, 2)), (32, (1, 16, 32, 1))])

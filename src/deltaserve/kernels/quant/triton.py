@@ -1024,10 +1024,10 @@ MOE_PAIR_F16_WORDS = 1
 # reference rounds each dequantized weight to bf16 (8 bits). Benchmarks set it off to compare (--fp8-gemv fp32).
 GEMV_FP8_F16 = True
 # quant_gemm's GEMV pipeline: tiles per unrolled K iteration (2 or 3: DEPTH - 1 tiles of words in flight during each
-# tile's math, _gemv_acc) and whether the words load with the evict-first L2 policy; benchmarks set them to compare
-# (bench_quant_kernels.py --gemv-pipeline).
-GEMV_DEPTH = 2
-GEMV_EVICT_FIRST = False
+# tile's math, _gemv_acc) and whether the words load with the evict-first L2 policy. None: _gemv_pipeline's rule;
+# benchmarks set them to compare (bench_quant_kernels.py --gemv-pipeline).
+GEMV_DEPTH: int | None = None
+GEMV_EVICT_FIRST: bool | None = None
 
 
 def _f16_words(bk: int, words: int | None = None) -> int:
@@ -1048,6 +1048,18 @@ def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: b
     k_tiles = triton.cdiv(k, bk)
     split = max(1, min(k_tiles, max((4 * sms) // triton.cdiv(n, bn), k_tiles // 10)))
     return bm, bn, bk, split, 8, 3
+
+
+def _gemv_pipeline(m: int, n: int, bn: int, int4: bool, sms: int) -> tuple[int, bool]:
+    """(DEPTH, EVICT_FIRST) for a GEMV call (GEMV_DEPTH / GEMV_EVICT_FIRST where set). Shapes whose N tiles alone
+    fill two waves (27B gate_up) stream their words evict-first, and at one int4 row three tiles an iteration; the
+    rest keep the two-tile loop. H200, kernel only (bench_quant_kernels.py --gemv-pipeline, RESULTS.md 2026-12-06):
+    27B gate_up int4 39.4 -> 33.6 us at 1 row, 43.7 -> 39.8 at 2 (evict-first only: three tiles 47.9), fp8 50.9 ->
+    48.3 and 64.3 -> 59.8; on the narrower shapes either change was neutral or slower (27B in_proj int4 15.0 -> 18.3
+    evict-first, 35B in_proj 6.5 -> 7.0 three tiles)."""
+    wide = triton.cdiv(n, bn) >= 2 * sms
+    depth = GEMV_DEPTH if GEMV_DEPTH is not None else 3 if wide and int4 and m == 1 else 2
+    return depth, GEMV_EVICT_FIRST if GEMV_EVICT_FIRST is not None else wide
 
 
 def _fp8_f16_ok(x: torch.Tensor, bk: int, *weights: torch.Tensor) -> bool:
@@ -1148,9 +1160,10 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, SPLIT=reduce,
                   **_launch(*launch), **pdl_launch(x.device))
     if unpack == 4:
+        depth, evict_first = _gemv_pipeline(m, n, bn, int4, num_sms(x.device) if x.is_cuda else 4)
         _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
-                                                  F16_WORDS=_f16_words(bk) if f16 else 1, DEPTH=GEMV_DEPTH,
-                                                  EVICT_FIRST=GEMV_EVICT_FIRST, **consts)
+                                                  F16_WORDS=_f16_words(bk) if f16 else 1, DEPTH=depth,
+                                                  EVICT_FIRST=evict_first, **consts)
     else:
         _gemm_kernel[(m_tiles, triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8,
