@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import subprocess
 import sys
@@ -155,6 +156,24 @@ def test_serve_names_a_missing_server_dependency(monkeypatch, capsys):
     third_party.add_subparsers().add_parser("serve").set_defaults(
         server_import_error=ModuleNotFoundError("No module named 'httptools'", name="httptools"))
     assert "pip install -U httptools, or reinstall" in cli.server_import_error(third_party, ["serve", "--port", "1"])
+
+
+def test_serve_names_the_package_whose_dependency_is_missing(tmp_path, monkeypatch):
+    """A module missing under a dependency (fastapi importing opentelemetry, whose distribution is opentelemetry-api)
+    is reported with the package that needs it and `pip install -U` of that package's distribution, not of the
+    missing module's name, which need not be a distribution at all."""
+    from deltaserve import cli
+
+    (tmp_path / "needs_dep").mkdir()
+    (tmp_path / "needs_dep" / "__init__.py").write_text("import missing_dep_of_needs_dep\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError) as caught:
+        importlib.import_module("needs_dep")
+    parser = argparse.ArgumentParser()
+    parser.add_subparsers().add_parser("serve").set_defaults(server_import_error=caught.value)
+    message = cli.server_import_error(parser, ["serve"])
+    assert "missing_dep_of_needs_dep is needed by needs_dep: pip install -U needs_dep, or reinstall" in message
+    assert cli._distribution("yaml") == "PyYAML"  # a module whose distribution is named otherwise (transformers needs it)
 
 
 LOOPING_PROMPT = "Write a long Python module with many functions"  # greedy, the demo model repeats a line to the end

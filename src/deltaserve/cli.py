@@ -336,9 +336,32 @@ def server_import_error(parser: argparse.ArgumentParser, argv: list[str] | None)
     if error is None:
         return None
     name = (getattr(error, "name", None) or "").split(".")[0]
-    install = f"pip install -U {name}, or " if name and name != "deltaserve" else ""
+    importer = _importer(error)
+    if importer and importer != name:  # a dependency of a dependency: installing the importer brings it
+        install = f"{name or 'it'} is needed by {importer}: pip install -U {_distribution(importer)}, or "
+    else:
+        install = f"pip install -U {name}, or " if name and name != "deltaserve" else ""
     return (f"deltaserve serve: the server cannot start, a module it imports is missing or too old ({error}); "
             f"{install}reinstall deltaserve with its dependencies (pip install -e . in a clone)")
+
+
+def _importer(error: BaseException) -> str | None:
+    """The top-level package whose code raised the import error: the innermost frame of its traceback outside
+    deltaserve and the import machinery (None if there is none, e.g. deltaserve's own module is missing)."""
+    found, tb = None, error.__traceback__
+    while tb is not None:
+        top = str(tb.tb_frame.f_globals.get("__name__") or "").split(".")[0]
+        if top and top not in ("deltaserve", "importlib", "_frozen_importlib", "_frozen_importlib_external"):
+            found = top
+        tb = tb.tb_next
+    return found
+
+
+def _distribution(module: str) -> str:
+    """The installed distribution that provides a top-level module (its own name if none is known)."""
+    import importlib.metadata
+
+    return (importlib.metadata.packages_distributions().get(module) or [module])[0]
 
 
 def with_flag(error: Exception) -> str:
