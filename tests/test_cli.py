@@ -176,6 +176,41 @@ def test_serve_names_the_package_whose_dependency_is_missing(tmp_path, monkeypat
     assert cli._distribution("yaml") == "PyYAML"  # a module whose distribution is named otherwise (transformers needs it)
 
 
+
+def serve_error_for(tmp_path, monkeypatch, package: str, source: str) -> str:
+    """server_import_error's message for the error raised by importing a temporary package of this source."""
+    from deltaserve import cli
+
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError) as caught:
+        importlib.import_module(package)
+    parser = argparse.ArgumentParser()
+    parser.add_subparsers().add_parser("serve").set_defaults(server_import_error=caught.value)
+    return cli.server_import_error(parser, ["serve"])
+
+
+def test_serve_names_a_standard_module_missing_from_the_python_build(tmp_path, monkeypatch):
+    """A standard-library extension left out of Python's build (_sqlite3 without libsqlite3's headers; _lzma, _ssl
+    alike), imported through its stdlib wrapper: no pip install of the wrapper or of the extension, neither of which
+    is a distribution; the Python build is what lacks it."""
+    for module in ("sqlite3", "sqlite3.dbapi2"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, "_sqlite3", None)  # importing it raises ModuleNotFoundError, as when not built
+    message = serve_error_for(tmp_path, monkeypatch, "needs_sqlite", "import sqlite3\n")
+    assert "pip install" not in message and "sqlite3 is needed by" not in message
+    assert "_sqlite3 is part of Python's standard library" in message
+
+
+def test_serve_names_the_package_not_a_standard_module_that_imported(tmp_path, monkeypatch):
+    """A dependency importing a missing module through the standard library (pkgutil.resolve_name, as plugin
+    loaders do): the dependency is named, not the stdlib module whose frame raised."""
+    message = serve_error_for(tmp_path, monkeypatch, "plugin_host",
+                              "import pkgutil\npkgutil.resolve_name('missing_plugin_of_host')\n")
+    assert "missing_plugin_of_host is needed by plugin_host: pip install -U plugin_host, or reinstall" in message
+
+
 LOOPING_PROMPT = "Write a long Python module with many functions"  # greedy, the demo model repeats a line to the end
 
 

@@ -336,6 +336,9 @@ def server_import_error(parser: argparse.ArgumentParser, argv: list[str] | None)
     if error is None:
         return None
     name = (getattr(error, "name", None) or "").split(".")[0]
+    if isinstance(error, ModuleNotFoundError) and name in sys.stdlib_module_names:  # _lzma, _sqlite3, _ssl, ...
+        return (f"deltaserve serve: the server cannot start ({error}): {name} is part of Python's standard library, "
+                f"left out when this Python was built (its system library was missing); use a Python built with it")
     importer = _importer(error)
     if importer and importer != name:  # a dependency of a dependency: installing the importer brings it
         install = f"{name or 'it'} is needed by {importer}: pip install -U {_distribution(importer)}, or "
@@ -347,11 +350,12 @@ def server_import_error(parser: argparse.ArgumentParser, argv: list[str] | None)
 
 def _importer(error: BaseException) -> str | None:
     """The top-level package whose code raised the import error: the innermost frame of its traceback outside
-    deltaserve and the import machinery (None if there is none, e.g. deltaserve's own module is missing)."""
+    deltaserve and the standard library (the import machinery, pkgutil's resolve_name: no pip install brings what
+    they were asked for), None if there is none (e.g. deltaserve's own module is missing)."""
     found, tb = None, error.__traceback__
     while tb is not None:
         top = str(tb.tb_frame.f_globals.get("__name__") or "").split(".")[0]
-        if top and top not in ("deltaserve", "importlib", "_frozen_importlib", "_frozen_importlib_external"):
+        if top and top != "deltaserve" and top not in sys.stdlib_module_names:
             found = top
         tb = tb.tb_next
     return found
