@@ -173,7 +173,8 @@ def test_serve_names_the_package_whose_dependency_is_missing(tmp_path, monkeypat
     parser.add_subparsers().add_parser("serve").set_defaults(server_import_error=caught.value)
     message = cli.server_import_error(parser, ["serve"])
     assert "missing_dep_of_needs_dep is needed by needs_dep: pip install -U needs_dep, or reinstall" in message
-    assert cli._distribution("yaml") == "PyYAML"  # a module whose distribution is named otherwise (transformers needs it)
+    # a module whose distribution is named otherwise (transformers needs it)
+    assert cli._distribution("yaml") == "PyYAML"
 
 
 
@@ -209,6 +210,14 @@ def test_serve_names_the_package_not_a_standard_module_that_imported(tmp_path, m
     message = serve_error_for(tmp_path, monkeypatch, "plugin_host",
                               "import pkgutil\npkgutil.resolve_name('missing_plugin_of_host')\n")
     assert "missing_plugin_of_host is needed by plugin_host: pip install -U plugin_host, or reinstall" in message
+
+
+
+def test_serve_names_the_package_that_raised_an_unnamed_import_error(tmp_path, monkeypatch):
+    """An ImportError a dependency raises itself, naming no module (a version check): the message says that package
+    raised it, not that an unnamed "it" is needed by it."""
+    message = serve_error_for(tmp_path, monkeypatch, "checks_versions", "raise ImportError('needs pydantic >= 2')\n")
+    assert "(needs pydantic >= 2); checks_versions raised it: pip install -U checks_versions, or reinstall" in message
 
 
 LOOPING_PROMPT = "Write a long Python module with many functions"  # greedy, the demo model repeats a line to the end

@@ -341,7 +341,9 @@ def server_import_error(parser: argparse.ArgumentParser, argv: list[str] | None)
                 f"left out when this Python was built (its system library was missing); use a Python built with it")
     importer = _importer(error)
     if importer and importer != name:  # a dependency of a dependency: installing the importer brings it
-        install = f"{name or 'it'} is needed by {importer}: pip install -U {_distribution(importer)}, or "
+        # (no name: an ImportError the package raised itself, e.g. a version check)
+        needed = f"{name} is needed by {importer}" if name else f"{importer} raised it"
+        install = f"{needed}: pip install -U {_distribution(importer)}, or "
     else:
         install = f"pip install -U {name}, or " if name and name != "deltaserve" else ""
     return (f"deltaserve serve: the server cannot start, a module it imports is missing or too old ({error}); "
