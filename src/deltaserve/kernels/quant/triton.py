@@ -1059,6 +1059,8 @@ def _gemv_pipeline(m: int, n: int, bn: int, int4: bool, sms: int) -> tuple[int, 
     evict-first lost on int4 (27B in_proj 15.0 -> 18.3) and, on fp8, gained 1-4% on three shapes (27B down 30.4 ->
     29.1: less than the same kernel's two timings in that call differ, 27B down int4 18.1 / 16.6) and lost 20% on
     the fourth (35B in_proj 7.7 -> 9.3)."""
+    if GEMV_DEPTH not in (None, 2, 3):  # _gemv_acc has no other loop: it would run two tiles under another label
+        raise ValueError(f"GEMV_DEPTH must be 2 or 3 (tiles per K iteration) or None (the rule), got {GEMV_DEPTH!r}")
     wide = triton.cdiv(n, bn) >= 2 * sms
     depth = GEMV_DEPTH if GEMV_DEPTH is not None else 3 if wide and int4 and m == 1 else 2
     return depth, GEMV_EVICT_FIRST if GEMV_EVICT_FIRST is not None else wide
