@@ -220,6 +220,29 @@ def test_serve_names_the_package_that_raised_an_unnamed_import_error(tmp_path, m
     assert "(needs pydantic >= 2); checks_versions raised it: pip install -U checks_versions, or reinstall" in message
 
 
+
+def test_serve_names_the_distribution_of_a_namespace_package_that_holds_the_importer(tmp_path, monkeypatch):
+    """A top-level module several distributions provide (a namespace package: google, opentelemetry): the one to
+    upgrade is the distribution whose files hold the importing code, not whichever packages_distributions lists
+    first. Two distributions nsdemo-a and nsdemo-b share nsdemo; each one's subpackage imports a missing module."""
+    for part in ("a", "b"):
+        (tmp_path / "nsdemo" / part).mkdir(parents=True)
+        (tmp_path / "nsdemo" / part / "__init__.py").write_text(f"import missing_dep_of_nsdemo_{part}\n")
+        info = tmp_path / f"nsdemo_{part}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: nsdemo-{part}\nVersion: 1.0\n")
+        (info / "RECORD").write_text(f"nsdemo/{part}/__init__.py,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from deltaserve import cli
+
+    for part in ("a", "b"):
+        with pytest.raises(ModuleNotFoundError) as caught:
+            importlib.import_module(f"nsdemo.{part}")
+        parser = argparse.ArgumentParser()
+        parser.add_subparsers().add_parser("serve").set_defaults(server_import_error=caught.value)
+        assert f"is needed by nsdemo: pip install -U nsdemo-{part}, or" in cli.server_import_error(parser, ["serve"])
+
+
 LOOPING_PROMPT = "Write a long Python module with many functions"  # greedy, the demo model repeats a line to the end
 
 
