@@ -60,6 +60,13 @@ def load(name: str, fmt: str, device: str = "cuda", dtype: torch.dtype = torch.b
 PIPELINE_KNOBS = {"rule": (None, None), "off": (2, False)}
 
 
+def row_format(fmt: str, f16: str, variants: list[str], pipe: str, pipes: list[str]) -> str:
+    """The format column: the format, its GEMV variant, and its GEMV pipeline where it is not the rule or the run
+    compares several (a lone 'off' must not read as the default)."""
+    gemv = f" gemv-{f16}" if f16 and (fmt == "int4" or f16 == "f16" or len(variants) > 1) else ""
+    return fmt + gemv + (f" pipeline-{pipe}" if len(pipes) > 1 or pipe != "rule" else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["27B", "35B-A3B"])
@@ -90,8 +97,7 @@ def main() -> None:
                 except torch.OutOfMemoryError:
                     row = None
                 row = row or _oom_row(name, b, args.context, "auto", "float32")
-                row["format"] = fmt + (f" gemv-{f16}" if f16 and (fmt == "int4" or f16 == "f16" or len(variants) > 1)
-                                       else "") + (f" pipeline-{pipe}" if len(pipes) > 1 else "")
+                row["format"] = row_format(fmt, f16, variants, pipe, pipes)
                 if fmt == "bf16":
                     base[b] = row["graph ms"]
                 row["vs bf16"] = base.get(b, float("nan")) / row["graph ms"]

@@ -31,6 +31,17 @@ def test_quant_bench_models_on_a_tiny_shape():
         assert torch.isfinite(SimpleRunner(model).step({0: [1, 2, 3]})[0]).all()
 
 
+def test_quant_bench_labels_the_gemv_pipeline_that_ran():
+    """bench_quant's format column names a GEMV pipeline other than the rule even when it is the only one asked for
+    (--gemv-pipeline off), so an 'off' run is not read as the default's."""
+    from benchmarks import bench_quant
+
+    assert bench_quant.row_format("int4", "f16x4", ["f16x4"], "off", ["off"]) == "int4 gemv-f16x4 pipeline-off"
+    assert bench_quant.row_format("int4", "f16x4", ["f16x4"], "rule", ["rule"]) == "int4 gemv-f16x4"
+    assert bench_quant.row_format("fp8", "f16", ["f16"], "rule", ["off", "rule"]) == "fp8 gemv-f16 pipeline-rule"
+    assert bench_quant.row_format("bf16", "", [""], "rule", ["rule"]) == "bf16"
+
+
 def test_profile_engine_plumbing_without_the_model(monkeypatch, capsys):
     from benchmarks import profile_engine
 

@@ -173,7 +173,74 @@ def test_serve_names_the_package_whose_dependency_is_missing(tmp_path, monkeypat
     parser.add_subparsers().add_parser("serve").set_defaults(server_import_error=caught.value)
     message = cli.server_import_error(parser, ["serve"])
     assert "missing_dep_of_needs_dep is needed by needs_dep: pip install -U needs_dep, or reinstall" in message
-    assert cli._distribution("yaml") == "PyYAML"  # a module whose distribution is named otherwise (transformers needs it)
+    # a module whose distribution is named otherwise (transformers needs it)
+    assert cli._distribution("yaml") == "PyYAML"
+
+
+
+def serve_error_for(tmp_path, monkeypatch, package: str, source: str) -> str:
+    """server_import_error's message for the error raised by importing a temporary package of this source."""
+    from deltaserve import cli
+
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ImportError) as caught:
+        importlib.import_module(package)
+    parser = argparse.ArgumentParser()
+    parser.add_subparsers().add_parser("serve").set_defaults(server_import_error=caught.value)
+    return cli.server_import_error(parser, ["serve"])
+
+
+def test_serve_names_a_standard_module_missing_from_the_python_build(tmp_path, monkeypatch):
+    """A standard-library extension left out of Python's build (_sqlite3 without libsqlite3's headers; _lzma, _ssl
+    alike), imported through its stdlib wrapper: no pip install of the wrapper or of the extension, neither of which
+    is a distribution; the Python build is what lacks it."""
+    for module in ("sqlite3", "sqlite3.dbapi2"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    monkeypatch.setitem(sys.modules, "_sqlite3", None)  # importing it raises ModuleNotFoundError, as when not built
+    message = serve_error_for(tmp_path, monkeypatch, "needs_sqlite", "import sqlite3\n")
+    assert "pip install" not in message and "sqlite3 is needed by" not in message
+    assert "_sqlite3 is part of Python's standard library" in message
+
+
+def test_serve_names_the_package_not_a_standard_module_that_imported(tmp_path, monkeypatch):
+    """A dependency importing a missing module through the standard library (pkgutil.resolve_name, as plugin
+    loaders do): the dependency is named, not the stdlib module whose frame raised."""
+    message = serve_error_for(tmp_path, monkeypatch, "plugin_host",
+                              "import pkgutil\npkgutil.resolve_name('missing_plugin_of_host')\n")
+    assert "missing_plugin_of_host is needed by plugin_host: pip install -U plugin_host, or reinstall" in message
+
+
+
+def test_serve_names_the_package_that_raised_an_unnamed_import_error(tmp_path, monkeypatch):
+    """An ImportError a dependency raises itself, naming no module (a version check): the message says that package
+    raised it, not that an unnamed "it" is needed by it."""
+    message = serve_error_for(tmp_path, monkeypatch, "checks_versions", "raise ImportError('needs pydantic >= 2')\n")
+    assert "(needs pydantic >= 2); checks_versions raised it: pip install -U checks_versions, or reinstall" in message
+
+
+
+def test_serve_names_the_distribution_of_a_namespace_package_that_holds_the_importer(tmp_path, monkeypatch):
+    """A top-level module several distributions provide (a namespace package: google, opentelemetry): the one to
+    upgrade is the distribution whose files hold the importing code, not whichever packages_distributions lists
+    first. Two distributions nsdemo-a and nsdemo-b share nsdemo; each one's subpackage imports a missing module."""
+    for part in ("a", "b"):
+        (tmp_path / "nsdemo" / part).mkdir(parents=True)
+        (tmp_path / "nsdemo" / part / "__init__.py").write_text(f"import missing_dep_of_nsdemo_{part}\n")
+        info = tmp_path / f"nsdemo_{part}-1.0.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: nsdemo-{part}\nVersion: 1.0\n")
+        (info / "RECORD").write_text(f"nsdemo/{part}/__init__.py,,\n{info.name}/METADATA,,\n{info.name}/RECORD,,\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from deltaserve import cli
+
+    for part in ("a", "b"):
+        with pytest.raises(ModuleNotFoundError) as caught:
+            importlib.import_module(f"nsdemo.{part}")
+        parser = argparse.ArgumentParser()
+        parser.add_subparsers().add_parser("serve").set_defaults(server_import_error=caught.value)
+        assert f"is needed by nsdemo: pip install -U nsdemo-{part}, or" in cli.server_import_error(parser, ["serve"])
 
 
 LOOPING_PROMPT = "Write a long Python module with many functions"  # greedy, the demo model repeats a line to the end

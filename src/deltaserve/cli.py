@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import os
 import re
 import signal
 import sys
@@ -336,32 +337,44 @@ def server_import_error(parser: argparse.ArgumentParser, argv: list[str] | None)
     if error is None:
         return None
     name = (getattr(error, "name", None) or "").split(".")[0]
-    importer = _importer(error)
+    if isinstance(error, ModuleNotFoundError) and name in sys.stdlib_module_names:  # _lzma, _sqlite3, _ssl, ...
+        return (f"deltaserve serve: the server cannot start ({error}): {name} is part of Python's standard library, "
+                f"left out when this Python was built (its system library was missing); use a Python built with it")
+    importer, where = _importer(error) or ("", "")
     if importer and importer != name:  # a dependency of a dependency: installing the importer brings it
-        install = f"{name or 'it'} is needed by {importer}: pip install -U {_distribution(importer)}, or "
+        # (no name: an ImportError the package raised itself, e.g. a version check)
+        needed = f"{name} is needed by {importer}" if name else f"{importer} raised it"
+        install = f"{needed}: pip install -U {_distribution(importer, where)}, or "
     else:
         install = f"pip install -U {name}, or " if name and name != "deltaserve" else ""
     return (f"deltaserve serve: the server cannot start, a module it imports is missing or too old ({error}); "
             f"{install}reinstall deltaserve with its dependencies (pip install -e . in a clone)")
 
 
-def _importer(error: BaseException) -> str | None:
-    """The top-level package whose code raised the import error: the innermost frame of its traceback outside
-    deltaserve and the import machinery (None if there is none, e.g. deltaserve's own module is missing)."""
+def _importer(error: BaseException) -> tuple[str, str] | None:
+    """(top-level package, file) of the code that raised the import error: the innermost frame of its traceback
+    outside deltaserve and the standard library (the import machinery, pkgutil's resolve_name: no pip install brings
+    what they were asked for), None if there is none (e.g. deltaserve's own module is missing)."""
     found, tb = None, error.__traceback__
     while tb is not None:
         top = str(tb.tb_frame.f_globals.get("__name__") or "").split(".")[0]
-        if top and top not in ("deltaserve", "importlib", "_frozen_importlib", "_frozen_importlib_external"):
-            found = top
+        if top and top != "deltaserve" and top not in sys.stdlib_module_names:
+            found = top, tb.tb_frame.f_code.co_filename
         tb = tb.tb_next
     return found
 
 
-def _distribution(module: str) -> str:
-    """The installed distribution that provides a top-level module (its own name if none is known)."""
+def _distribution(module: str, file: str = "") -> str:
+    """The installed distribution that provides a top-level module (its own name if none is known); of several (a
+    namespace package: google, opentelemetry), the one whose files hold `file`, else all of them."""
     import importlib.metadata
 
-    return (importlib.metadata.packages_distributions().get(module) or [module])[0]
+    names = list(dict.fromkeys(importlib.metadata.packages_distributions().get(module) or [module]))
+    if len(names) > 1 and file:
+        path = os.path.realpath(file)
+        names = [n for n in names if any(os.path.realpath(importlib.metadata.distribution(n).locate_file(f)) == path
+                                         for f in importlib.metadata.distribution(n).files or ())][:1] or names
+    return " ".join(names)
 
 
 def with_flag(error: Exception) -> str:

@@ -205,6 +205,15 @@ def test_gemv_pipeline_knobs_override_the_rule(monkeypatch):
     assert qt._gemv_pipeline(1, 34816, 128, True, 132) == (2, False)
 
 
+@pytest.mark.parametrize("depth", [1, 4])
+def test_gemv_pipeline_refuses_a_depth_it_has_no_loop_for(monkeypatch, depth):
+    """_gemv_acc has loops of two and three tiles only: any other GEMV_DEPTH would run the two-tile loop while a
+    benchmark labels it otherwise, so it is refused, naming the knob."""
+    monkeypatch.setattr(qt, "GEMV_DEPTH", depth)
+    with pytest.raises(ValueError, match="GEMV_DEPTH must be 2 or 3"):
+        qt._gemv_pipeline(1, 34816, 128, True, 132)
+
+
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 @pytest.mark.parametrize("k,tiles", [(160, (1, 16, 32, 1)), (160, (1, 16, 32, 2)), (224, (1, 16, 32, 2)),
                                      (99, (1, 16, 16, 2)), (32, (1, 16, 32, 1))])

@@ -1055,8 +1055,12 @@ def _gemv_pipeline(m: int, n: int, bn: int, int4: bool, sms: int) -> tuple[int, 
     fill two waves (27B gate_up) stream their words evict-first, and at one int4 row three tiles an iteration; the
     rest keep the two-tile loop. H200, kernel only (bench_quant_kernels.py --gemv-pipeline, RESULTS.md 2026-12-06):
     27B gate_up int4 39.4 -> 33.6 us at 1 row, 43.7 -> 39.8 at 2 (evict-first only: three tiles 47.9), fp8 50.9 ->
-    48.3 and 64.3 -> 59.8; on the narrower shapes either change was neutral or slower (27B in_proj int4 15.0 -> 18.3
-    evict-first, 35B in_proj 6.5 -> 7.0 three tiles)."""
+    48.3 and 64.3 -> 59.8; on the narrower shapes three tiles lost or tied at one row (35B in_proj int4 6.5 -> 7.0),
+    evict-first lost on int4 (27B in_proj 15.0 -> 18.3) and, on fp8, gained 1-4% on three shapes (27B down 30.4 ->
+    29.1: less than the same kernel's two timings in that call differ, 27B down int4 18.1 / 16.6) and lost 20% on
+    the fourth (35B in_proj 7.7 -> 9.3)."""
+    if GEMV_DEPTH not in (None, 2, 3):  # _gemv_acc has no other loop: it would run two tiles under another label
+        raise ValueError(f"GEMV_DEPTH must be 2 or 3 (tiles per K iteration) or None (the rule), got {GEMV_DEPTH!r}")
     wide = triton.cdiv(n, bn) >= 2 * sms
     depth = GEMV_DEPTH if GEMV_DEPTH is not None else 3 if wide and int4 and m == 1 else 2
     return depth, GEMV_EVICT_FIRST if GEMV_EVICT_FIRST is not None else wide
