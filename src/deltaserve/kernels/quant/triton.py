@@ -767,36 +767,34 @@ def _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride
     s, z, codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, k_begin, GROUP, INT4, BK,
                              EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)
     last = k_end - BK if EVEN_K else k_end - 1 - (k_end - 1 - k_begin) % BK
-    if UNROLL and DEPTH == 3:
-        codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k_begin + BK, last),
-                             GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
-        for k0 in range(k_begin, k_end, 3 * BK):
-            codes_c = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 2 * BK, last),
+    if UNROLL:  # DEPTH 2: b is loaded at the top of each iteration; DEPTH 3: b is carried, c loaded at the top
+        if DEPTH == 3:
+            codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k_begin + BK, last),
                                  GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
+        for k0 in range(k_begin, k_end, DEPTH * BK):
+            if DEPTH == 3:
+                codes_c = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
+                                     tl.minimum(k0 + 2 * BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16,
+                                     EVICT_FIRST)[2]
+            else:
+                codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + BK, last),
+                                     GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
             acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k0,
                               codes, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
-            codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 3 * BK, last),
-                               GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
+            codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
+                               tl.minimum(k0 + DEPTH * BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16,
+                               EVICT_FIRST)[2]
             if k0 + BK < k_end:
                 acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn,
                                   k0 + BK, codes_b, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
-            codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 4 * BK, last),
-                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
-            if k0 + 2 * BK < k_end:
-                acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn,
-                                  k0 + 2 * BK, codes_c, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16,
-                                  F16_WORDS)
-    elif UNROLL:
-        for k0 in range(k_begin, k_end, 2 * BK):
-            codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + BK, last),
-                                 GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
-            acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k0,
-                              codes, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
-            codes = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn, tl.minimum(k0 + 2 * BK, last),
-                               GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16, EVICT_FIRST)[2]
-            if k0 + BK < k_end:
-                acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn,
-                                  k0 + BK, codes_b, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K, ALIGNED, F16, F16_WORDS)
+            if DEPTH == 3:
+                codes_b = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
+                                     tl.minimum(k0 + 4 * BK, last), GROUP, INT4, BK, EVEN_N, EVEN_K, ALIGNED, F16,
+                                     EVICT_FIRST)[2]
+                if k0 + 2 * BK < k_end:
+                    acc += _gemv_tile(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn,
+                                      stride_sn, k0 + 2 * BK, codes_c, GROUP, INT4, BK, ROW_MASK, EVEN_N, EVEN_K,
+                                      ALIGNED, F16, F16_WORDS)
     else:
         for k0 in range(k_begin, k_end, BK):
             s_n, z_n, codes_n = _gemv_load(w_ptr, s_ptr, z_ptr, cols, N, K, stride_wn, stride_sn,
