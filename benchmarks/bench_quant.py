@@ -32,6 +32,7 @@ from benchmarks.bench_decode import _oom_row, bench_one
 from benchmarks.bench_quant_kernels import GEMV_VARIANTS, fp8_gemv, gemv_f16, gemv_pipeline
 from benchmarks.common import measure_copy_bandwidth, model_config, print_report, require_cuda
 from deltaserve.config import QuantizationConfig
+from deltaserve.kernels.quant import triton as qt
 from deltaserve.models.loader import load_model
 
 KEEP = ["linear_attn.in_proj_a", "linear_attn.in_proj_b", "mlp.gate", "mlp.shared_expert_gate", "lm_head",
@@ -58,6 +59,13 @@ def load(name: str, fmt: str, device: str = "cuda", dtype: torch.dtype = torch.b
 # --gemv-pipeline: (qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST): "rule" = the default (kernels/quant/triton.py
 # _gemv_pipeline), "off" = every GEMV on the two-tile loop without evict-first (the kernels before the rule)
 PIPELINE_KNOBS = {"rule": (None, None), "off": (2, False)}
+
+
+def pipelines_for(fmt: str, batch: int, wanted: list[str]) -> list[str]:
+    """The --gemv-pipeline values worth running: the pipelines change only the GEMV (int4 up to
+    qt.GEMV_F16_MAX_ROWS rows, fp8 up to qt.GEMV_MAX_ROWS); any other step runs once, the default."""
+    rows = {"int4": qt.GEMV_F16_MAX_ROWS, "fp8": qt.GEMV_MAX_ROWS}.get(fmt, 0)
+    return wanted if batch <= rows else ["rule"]
 
 
 def row_format(fmt: str, f16: str, variants: list[str], pipe: str, pipes: list[str]) -> str:
@@ -89,8 +97,9 @@ def main() -> None:
             model = load(name, fmt)
             variants = (["" if v == "fp32" else v for v in args.gemv_variants] if fmt == "int4" else
                         args.fp8_gemv if fmt == "fp8" else [""])
-            pipes = args.gemv_pipeline if fmt in ("int4", "fp8") else ["rule"]
-            for b, f16, pipe in itertools.product(args.batches, variants, pipes):
+            runs = [(b, f16, pipe, pipes) for b, f16 in itertools.product(args.batches, variants)
+                    for pipes in [pipelines_for(fmt, b, args.gemv_pipeline)] for pipe in pipes]
+            for b, f16, pipe, pipes in runs:
                 try:  # the variant is read as the step's CUDA graph is captured
                     with gemv_f16(f16) if fmt == "int4" else fp8_gemv(f16), gemv_pipeline(*PIPELINE_KNOBS[pipe]):
                         row = bench_one(name, b, args.context, bw, model)

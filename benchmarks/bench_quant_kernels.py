@@ -318,23 +318,32 @@ def pipelines(args, bw: float) -> list[dict]:
     return rows
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="+", type=int, default=[1, 16, 64])
-    ap.add_argument("--sweep", action="store_true")
+    mode = ap.add_mutually_exclusive_group()  # one table a run (default: each variant at the planned tiles)
+    mode.add_argument("--sweep", action="store_true")
     ap.add_argument("--fp8-gemv", nargs="+", choices=["fp32", "f16"], default=["fp32", "f16"],
                     help="the fp8 GEMV variants timed: fp32 FMAs, fp16 products (qt.GEMV_FP8_F16)")
     ap.add_argument("--sweep-unpack", type=int, choices=[0, 3], default=0,
                     help="the tl.dot variant --sweep tries past GEMV_SWEEP_ROWS rows (0: the default; 3: scale after "
                          "the dot)")
-    ap.add_argument("--moe-tiles", action="store_true")
+    mode.add_argument("--moe-tiles", action="store_true")
     ap.add_argument("--gemv-variants", nargs="+", choices=list(GEMV_VARIANTS), default=list(GEMV_VARIANTS),
                     help="int4 GEMVs to time: fp32 FMAs, fp16 products one word per accumulator (qt.GEMV_F16, "
                          "GEMV_F16_WORDS 1), four words chained (GEMV_F16_WORDS 4, the default)")
-    ap.add_argument("--gemv-pipeline", action="store_true",
-                    help="the default GEMVs at rows <= GEMV_F16_MAX_ROWS under each pipeline: tiles per K iteration "
-                         "(qt.GEMV_DEPTH 2, 3) and the words' eviction policy (qt.GEMV_EVICT_FIRST)")
-    args = ap.parse_args()
+    mode.add_argument("--gemv-pipeline", action="store_true",
+                      help="the default GEMVs at rows <= GEMV_F16_MAX_ROWS under each pipeline: tiles per K iteration "
+                           "(qt.GEMV_DEPTH 2, 3) and the words' eviction policy (qt.GEMV_EVICT_FIRST)")
+    args = ap.parse_args(argv)
+    if args.gemv_pipeline and min(args.rows) > qt.GEMV_F16_MAX_ROWS:
+        ap.error(f"--gemv-pipeline times the GEMV, which runs up to {qt.GEMV_F16_MAX_ROWS} rows; give --rows "
+                 f"{' '.join(map(str, range(1, qt.GEMV_F16_MAX_ROWS + 1)))}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     require_cuda("bench_quant_kernels.py")
     bw = measure_copy_bandwidth()
     rows = (moe_tiles(args, bw) if args.moe_tiles else sweep(args, bw) if args.sweep

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks import bench_e2e
 from benchmarks.common import table
 
@@ -40,6 +42,29 @@ def test_quant_bench_labels_the_gemv_pipeline_that_ran():
     assert bench_quant.row_format("int4", "f16x4", ["f16x4"], "rule", ["rule"]) == "int4 gemv-f16x4"
     assert bench_quant.row_format("fp8", "f16", ["f16"], "rule", ["off", "rule"]) == "fp8 gemv-f16 pipeline-rule"
     assert bench_quant.row_format("bf16", "", [""], "rule", ["rule"]) == "bf16"
+
+
+def test_bench_quant_runs_gemv_pipelines_only_where_the_gemv_runs():
+    """--gemv-pipeline off rule: both at the GEMV's row counts (int4 up to 2, fp8 1), one default run elsewhere."""
+    from benchmarks import bench_quant
+
+    both = ["off", "rule"]
+    assert bench_quant.pipelines_for("int4", 2, both) == both and bench_quant.pipelines_for("fp8", 1, both) == both
+    assert bench_quant.pipelines_for("int4", 64, both) == ["rule"] == bench_quant.pipelines_for("fp8", 2, both)
+    assert bench_quant.pipelines_for("fp8-w8a8", 1, both) == ["rule"] == bench_quant.pipelines_for("bf16", 1, both)
+
+
+def test_bench_quant_kernels_takes_one_mode_and_gemv_rows(capsys):
+    """--sweep, --moe-tiles and --gemv-pipeline are refused together (one would be ignored), and --gemv-pipeline
+    without a row count the GEMV runs at (it would print an empty table)."""
+    from benchmarks import bench_quant_kernels
+
+    for argv in (["--sweep", "--gemv-pipeline"], ["--moe-tiles", "--sweep"], ["--gemv-pipeline", "--rows", "16"]):
+        with pytest.raises(SystemExit) as exit_:
+            bench_quant_kernels.parse_args(argv)
+        assert exit_.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err
+    assert bench_quant_kernels.parse_args(["--gemv-pipeline", "--rows", "1", "2"]).gemv_pipeline
 
 
 def test_profile_engine_plumbing_without_the_model(monkeypatch, capsys):
