@@ -104,3 +104,45 @@ def test_call_hands_an_exception_to_the_awaiting_caller(engines):
             await asyncio.wait_for(alng.call(boom), 10)
         return await asyncio.wait_for(alng.call(lambda: 42), 10)
     assert asyncio.run(main()) == 42
+
+
+def _spy_events(alng: AsyncLLM) -> list[tuple[str, object]]:
+    """Record the engine thread's launches and deliveries in order (the real ones still run)."""
+    events: list[tuple[str, object]] = []
+    launch, deliver = alng.engine.runner.launch, alng._deliver
+    alng.engine.runner.launch = lambda *a, **k: (events.append(("L", None)), launch(*a, **k))[1]
+    alng._deliver = lambda rid, item: (events.append(("D", item)), deliver(rid, item))[1]
+    return events
+
+
+def test_synchronous_steps_stream_their_tokens_once_the_next_step_is_launched(engines):
+    """On CPU every step waits for its own tokens; their deltas go out after the next step's launch (so the event loop
+    streams them while that step runs), the last ones at once, and the tokens are those of the offline API."""
+    llm, alng = engines
+    assert not alng.engine.async_scheduling
+    events = _spy_events(alng)
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    got = asyncio.run(collect(alng, "one", [5, 6, 7], sp))
+    assert got[0] == llm.generate([[5, 6, 7]], sp)[0].outputs[0].token_ids
+    assert "".join(kind for kind, _ in events) == "LLDLDLDLDD"
+    assert [len(d.token_ids) for kind, d in events if kind == "D"] == [1] * 5
+
+
+def test_abort_delivers_held_tokens_before_the_abort(engines):
+    """An abort between two steps: the held deltas of the aborted request go out before its finishing one."""
+    _, alng = engines
+    events = _spy_events(alng)
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+    async def main():
+        other = asyncio.create_task(collect(alng, "other", [1, 2, 3], sp))
+        agen = alng.generate([4, 5, 6], sp, "victim")
+        first = await agen.__anext__()
+        alng.abort("victim")
+        rest = [d async for d in agen]
+        await other
+        return [first, *rest]
+    got = asyncio.run(main())
+    assert got[-1].finished and not any(d.finished for d in got[:-1])
+    victim = [d for kind, d in events if kind == "D" and d.request_id == "victim"]
+    assert victim[-1].finished and not any(d.finished for d in victim[:-1])

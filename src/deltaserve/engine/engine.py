@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from deltaserve.cache.allocator import pages_for_tokens
 from deltaserve.cache.manager import CacheManager
@@ -196,8 +197,10 @@ class LLMEngine:
             stop()
 
     # ---- the step ------------------------------------------------------------------------------------------------
-    def step(self) -> list[SequenceDelta]:
-        """One engine step; returns what sequences produced (tokens, text, finish).
+    def step(self, on_launch: Callable[[], None] | None = None) -> list[SequenceDelta]:
+        """One engine step; returns what sequences produced (tokens, text, finish). on_launch: called once this step's
+        work is queued on the device (or there was none), before the host waits for any tokens: host work that must
+        not delay the launch (the server's streaming of the previous step's tokens) goes there.
 
         With async scheduling the tokens returned are those of the previous step: this step is launched first, so
         the GPU goes on computing while the host turns the previous step's tokens into outputs. A step that samples
@@ -225,6 +228,8 @@ class LLMEngine:
                 return self._finish_inflight() + self._fail(out, f"{type(e).__name__}: {e}")
             self.scheduler.commit_step(out)
             self.counters["preemptions"] += len(out.preempted)
+        if on_launch is not None:
+            on_launch()
         deltas += self._finish_inflight()
         if launched is not None and launched.awaits_grammar:
             launched = self._sample_constrained(out, launched, deltas)
@@ -236,6 +241,12 @@ class LLMEngine:
         if not self.scheduler.has_unfinished():
             deltas += self._finish_inflight()  # rows of requests that ended meanwhile: let nothing run on unseen
         return deltas
+
+    @property
+    def step_in_flight(self) -> bool:
+        """Whether a launched step's tokens are still to come (async scheduling): what step() returned last came
+        from the step before it."""
+        return self._inflight is not None
 
     def _sample_constrained(self, out: SchedulerOutput, launched: LaunchedStep,
                             deltas: list[SequenceDelta]) -> LaunchedStep | None:
