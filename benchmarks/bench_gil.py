@@ -67,9 +67,9 @@ def record_steps(engine, sink: list[Step]) -> None:
     step = engine.step
     main_stat = f"/proc/self/task/{threading.main_thread().native_id}/schedstat"
 
-    def timed():
+    def timed(*args, **kwargs):
         t0, (c0, r0), main = time.monotonic(), schedstat(), schedstat(main_stat)
-        out = step()
+        out = step(*args, **kwargs)
         c1, r1 = schedstat()
         sink.append((t0, time.monotonic() - t0, c1 - c0, r1 - r0, len(out), *main))
         return out
