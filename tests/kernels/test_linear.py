@@ -207,13 +207,23 @@ def test_gpu_silu_mul_linear_folds_where_the_kernel_runs(monkeypatch, skinny_cal
     SILU_FOLD off, silu_and_mul then the plain kernel (the unfused path), same result."""
     tile = (16, 32, 4, 2, 2)
     monkeypatch.setattr(linear_gpu, "tile_config", lambda *args, **kwargs: linear_triton.Tile(*tile))
-    gate_up, w = gate_up_and_weight(6, 64, 24, seed=2)
-    wide = torch.cat([gate_up, gate_up[:, :8]], dim=1).view(2, 3, 136)[..., :128]  # rows with a stride of 136
+    gate_up, w = gate_up_and_weight(4, 64, 24, seed=2)
+    wide = torch.cat([gate_up, gate_up[:, :8]], dim=1).view(2, 2, 136)[..., :128]  # rows with a stride of 136
     y = linear_gpu.silu_mul_linear(x=wide, weight=w)
-    assert y.shape == (2, 3, 24) and skinny_calls == [True]
-    check_silu_mul(y.reshape(6, 24), gate_up, w)
+    assert y.shape == (2, 2, 24) and skinny_calls == [True]
+    check_silu_mul(y.reshape(4, 24), gate_up, w)
     monkeypatch.setattr(linear_gpu, "SILU_FOLD", False)
     assert torch.equal(linear_gpu.silu_mul_linear(x=wide, weight=w), y)
+    assert skinny_calls == [True, False]
+
+
+def test_gpu_silu_mul_linear_folds_only_few_rows(monkeypatch, skinny_calls):
+    """Above SILU_FOLD_MAX_ROWS every program's own copy of the activation costs more than its launch: silu_and_mul,
+    then the plain kernel."""
+    monkeypatch.setattr(linear_gpu, "tile_config", lambda *args, **kwargs: linear_triton.Tile(16, 32, 4, 2))
+    for rows in (linear_gpu.SILU_FOLD_MAX_ROWS, linear_gpu.SILU_FOLD_MAX_ROWS + 1):
+        gate_up, w = gate_up_and_weight(rows, 64, 24, seed=rows)
+        check_silu_mul(linear_gpu.silu_mul_linear(x=gate_up, weight=w), gate_up, w)
     assert skinny_calls == [True, False]
 
 

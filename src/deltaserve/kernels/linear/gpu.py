@@ -18,6 +18,12 @@ from deltaserve.kernels.linear.tuned import _MISSING, tuned_tile
 # --silu-fold off on; off: silu_and_mul's own launch, then linear, as before the fold); CUDA graphs captured before a
 # flip keep what they were captured with.
 SILU_FOLD = True
+# Rows up to which the fold runs. Every program of the grid computes its own copy of the activation for its K range
+# (on next_power_of_2(rows) rows): sm_90a loop SASS a tile at the 9B down tile, 377 / 514 / 1181 at 1 / 4 / 16 rows
+# against the plain kernel's 397 (compile_check.py); at 16 rows issuing them outlasts the tile's weight stream
+# (about 24 tiles x 2 programs an SM), at 4 rows it should not. An estimate from instruction counts, to be measured
+# (bench_decode.py --silu-fold off on --batches 1 2 4 8).
+SILU_FOLD_MAX_ROWS = 4
 
 
 def _skinny_tile(x: torch.Tensor, weight: torch.Tensor, rows: int) -> Tile | None:
@@ -55,11 +61,11 @@ def linear(*, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def silu_mul_linear(*, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Same contract as ref.silu_mul_linear. Where linear would run the weight-streaming kernel on the activation
-    (and SILU_FOLD is on), that kernel computes the activation as it loads its x tiles: one launch and no [rows, K]
-    activation in memory. Elsewhere silu_and_mul, then linear."""
+    of up to SILU_FOLD_MAX_ROWS rows (and SILU_FOLD is on), that kernel computes the activation as it loads its x
+    tiles: one launch and no [rows, K] activation in memory. Elsewhere silu_and_mul, then linear."""
     check_silu_mul_shapes(x, weight)
     rows = _rows(x)
-    tile = _skinny_tile(x, weight, rows) if SILU_FOLD else None
+    tile = _skinny_tile(x, weight, rows) if SILU_FOLD and rows <= SILU_FOLD_MAX_ROWS else None
     if tile is None:
         return linear(x=silu_and_mul(x=x), weight=weight)
     return _run(x, weight, rows, tile, silu_mul=True)
