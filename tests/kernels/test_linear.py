@@ -174,6 +174,24 @@ def test_skinny_linear_silu_mul_interpreted(rows, in_features, out_features, til
     assert torch.equal(ys[0], plain)
 
 
+def test_skinny_linear_silu_mul_tensor_parallel_shards():
+    """Under TP the row-parallel down projection gets its rank's [gate_r | up_r] (the column-parallel gate|up GEMM's
+    output) and its rank's input columns: each rank's fold is the plain kernel on its columns of the activation, and
+    the ranks' sum (the all-reduce) is within tolerance of the unsharded product."""
+    tp, inter, tile = 2, 96, (16, 32, 4, 2)
+    gate_up, w = gate_up_and_weight(3, inter, 40, seed=7)
+    gate, up = gate_up.split(inter, dim=1)
+    act = activation_ref.silu_and_mul(x=gate_up)
+    outs = []
+    for r in range(tp):
+        cols = slice(r * inter // tp, (r + 1) * inter // tp)
+        w_r = w[:, cols].contiguous()
+        outs.append(linear_triton.skinny_linear(torch.cat([gate[:, cols], up[:, cols]], dim=1), w_r, tile,
+                                                silu_mul=True))
+        assert torch.equal(outs[-1], linear_triton.skinny_linear(act[:, cols].contiguous(), w_r, tile))
+    check_silu_mul(sum(o.float() for o in outs).bfloat16(), gate_up, w)
+
+
 def test_skinny_linear_silu_mul_refuses_a_wrong_width():
     gate_up, w = gate_up_and_weight(1, 64, 16, seed=0)
     with pytest.raises(ValueError, match=r"x has 64 columns; weight \[16, 64\] takes 128 \(silu_mul"):
