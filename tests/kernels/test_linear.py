@@ -91,16 +91,16 @@ def test_skinny_linear_split_interpreted(rows, in_features, out_features, split)
     check_split(rows, in_features, out_features, (16, 32, 4, 2, split), "cpu", seed=rows)
 
 
-def test_wrapper_takes_leading_dims_and_strided_rows(monkeypatch):
+def test_wrapper_takes_leading_dims_and_strided_rows(monkeypatch, skinny_calls):
     """[B, T, K] inputs and rows with a stride (a column slice) give the reference's result, same shape. The tile
     is forced: at this size tile_config would hand the call to torch, and the wrapper's kernel path is under test."""
-    monkeypatch.setattr(linear_triton, "tile_config", lambda *args, **kwargs: (16, 32, 4, 2))
+    monkeypatch.setattr(linear_gpu, "tile_config", lambda *args, **kwargs: (16, 32, 4, 2))  # gpu.py's name
     gen = torch.Generator().manual_seed(0)
     wide = torch.randn(2, 3, 80, generator=gen).bfloat16()
     x = wide[..., :64]
     w = (torch.randn(24, 64, generator=gen) * 0.125).bfloat16()
     y = linear_gpu.linear(x=x, weight=w)
-    assert y.shape == (2, 3, 24)
+    assert y.shape == (2, 3, 24) and skinny_calls == [False]  # the kernel ran (not torch's GEMM)
     truth = x.double() @ w.double().T
     assert_error_within(y, linear_ref.linear(x=x.float(), weight=w.float()).bfloat16(), truth)
 
