@@ -13,8 +13,9 @@ False, "on" to True, "auto" leaves it to DELTASERVE_PDL / the device); each sett
 
 --silu-fold off on: the same A/B for the dense MLP's activation folded into its down projection's kernel
 (kernels/linear/gpu.py SILU_FOLD; "off": silu_and_mul's own launch, then the down GEMM). It changes only the down
-projections the weight-streaming kernel runs (dense models, up to 16 rows; an MoE model's unquantized shared expert
-runs inside the MoE op either way). Each setting captures its own graph; listed first, "off" is the "vs first" base.
+projections the weight-streaming kernel runs at up to SILU_FOLD_MAX_ROWS (4) rows: the dense MLPs, and an MoE model's
+shared expert only where the MoE op cannot run it (not in the routed experts' format, e.g. bf16 next to int4).
+Each setting captures its own graph; listed first, "off" is the "vs first" base.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -146,3 +147,30 @@ def test_abort_delivers_held_tokens_before_the_abort(engines):
     assert got[-1].finished and not any(d.finished for d in got[:-1])
     victim = [d for kind, d in events if kind == "D" and d.request_id == "victim"]
     assert victim[-1].finished and not any(d.finished for d in victim[:-1])
+
+
+def test_held_final_delta_goes_out_when_a_cancel_ends_the_last_running_request(engines):
+    """A finishes in a synchronous step while B runs (A's final delta is held for the next launch); B's client then
+    goes away, its queued abort leaves nothing to run, so no step launches: A's final delta must still go out (it was
+    held until a new request came, A's stream hung)."""
+    _, alng = engines
+    step, finished_a, release = alng.engine.step, threading.Event(), threading.Event()
+
+    def gated_step(*args, **kwargs):  # the engine thread waits after A's last step until B's client has gone
+        deltas = step(*args, **kwargs)
+        if any(d.request_id == "A" and d.finished for d in deltas):
+            finished_a.set()
+            release.wait(10)
+        return deltas
+    alng.engine.step = gated_step
+
+    async def main():
+        b = alng.generate([4, 5, 6], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True), "B")
+        await b.__anext__()
+        a = asyncio.create_task(collect(alng, "A", [1, 2, 3], SamplingParams(temperature=0, max_tokens=3,
+                                                                             ignore_eos=True)))
+        assert await asyncio.get_running_loop().run_in_executor(None, finished_a.wait, 30)
+        await b.aclose()  # queues B's abort: the last running request
+        release.set()
+        return await asyncio.wait_for(a, 10)
+    assert len(asyncio.run(main())[0]) == 3

@@ -188,6 +188,8 @@ class AsyncLLM:
                 self._drain_commands(block=not self.engine.has_unfinished())
                 if self.engine.has_unfinished():
                     self._step()
+                else:  # a command (a client's cancel) ended the last request: no launch will deliver what is held
+                    self._deliver_held()
                 stats.maybe_log()
         except Exception as e:  # noqa: BLE001 - fatal: fail every waiting caller with the reason
             log.exception("engine loop died")
