@@ -21,6 +21,15 @@ def engines(ckpt):  # noqa: F811
     alng.shutdown()
 
 
+@pytest.fixture()
+def holding(ckpt):  # noqa: F811
+    """An AsyncLLM that holds synchronous steps' deltas as a CUDA engine does (on CPU it delivers them at once)."""
+    llm = make_llm(ckpt[0])
+    alng = AsyncLLM(engine=make_llm(ckpt[0]).engine, hold_synchronous_deltas=True)
+    yield llm, alng
+    alng.shutdown()
+
+
 async def collect(alng: AsyncLLM, rid: str, prompt: list[int], params: SamplingParams):
     tokens: dict[int, list[int]] = {}
     async for d in alng.generate(prompt, params, rid):
@@ -116,10 +125,22 @@ def _spy_events(alng: AsyncLLM) -> list[tuple[str, object]]:
     return events
 
 
-def test_synchronous_steps_stream_their_tokens_once_the_next_step_is_launched(engines):
-    """On CPU every step waits for its own tokens; their deltas go out after the next step's launch (so the event loop
-    streams them while that step runs), the last ones at once, and the tokens are those of the offline API."""
+def test_cpu_steps_stream_their_tokens_at_once(engines):
+    """On CPU the launch runs the whole forward: holding a step's deltas would delay each token by a step and overlap
+    nothing, so by default they go out as the step returns."""
     llm, alng = engines
+    events = _spy_events(alng)
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    got = asyncio.run(collect(alng, "one", [5, 6, 7], sp))
+    assert got[0] == llm.generate([[5, 6, 7]], sp)[0].outputs[0].token_ids
+    assert "".join(kind for kind, _ in events) == "LD" * 5
+
+
+def test_synchronous_steps_stream_their_tokens_once_the_next_step_is_launched(holding):
+    """Holding (CUDA's default): every step here waits for its own tokens; their deltas go out after the next step's
+    launch (so the event loop streams them while that step runs), the last ones at once, and the tokens are those of
+    the offline API."""
+    llm, alng = holding
     assert not alng.engine.async_scheduling
     events = _spy_events(alng)
     sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
@@ -129,9 +150,9 @@ def test_synchronous_steps_stream_their_tokens_once_the_next_step_is_launched(en
     assert [len(d.token_ids) for kind, d in events if kind == "D"] == [1] * 5
 
 
-def test_abort_delivers_held_tokens_before_the_abort(engines):
+def test_abort_delivers_held_tokens_before_the_abort(holding):
     """An abort between two steps: the held deltas of the aborted request go out before its finishing one."""
-    _, alng = engines
+    _, alng = holding
     events = _spy_events(alng)
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
 
@@ -149,11 +170,11 @@ def test_abort_delivers_held_tokens_before_the_abort(engines):
     assert victim[-1].finished and not any(d.finished for d in victim[:-1])
 
 
-def test_held_final_delta_goes_out_when_a_cancel_ends_the_last_running_request(engines):
+def test_held_final_delta_goes_out_when_a_cancel_ends_the_last_running_request(holding):
     """A finishes in a synchronous step while B runs (A's final delta is held for the next launch); B's client then
     goes away, its queued abort leaves nothing to run, so no step launches: A's final delta must still go out (it was
     held until a new request came, A's stream hung)."""
-    _, alng = engines
+    _, alng = holding
     step, finished_a, release = alng.engine.step, threading.Event(), threading.Event()
 
     def gated_step(*args, **kwargs):  # the engine thread waits after A's last step until B's client has gone

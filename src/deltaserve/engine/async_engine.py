@@ -38,8 +38,14 @@ class _Stream:
 class AsyncLLM:
     """Owns an LLMEngine and the thread that steps it."""
 
-    def __init__(self, args: EngineArgs | None = None, *, engine: LLMEngine | None = None) -> None:
+    def __init__(self, args: EngineArgs | None = None, *, engine: LLMEngine | None = None,
+                 hold_synchronous_deltas: bool | None = None) -> None:
+        """hold_synchronous_deltas: deliver a synchronous step's deltas once the next step is launched (_step);
+        None: on a CUDA engine, whose launches return before the device is done. On CPU the launch runs the whole
+        forward, so holding would delay every token by a step and overlap nothing."""
         self.engine = engine if engine is not None else LLMEngine(args)  # type: ignore[arg-type]
+        self._hold_sync = (self.engine.runner.device.type == "cuda" if hold_synchronous_deltas is None
+                           else hold_synchronous_deltas)
         self._commands: queue.Queue[tuple[Callable[[], Any], ...]] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._stopping = threading.Event()
@@ -169,13 +175,13 @@ class AsyncLLM:
                 return
 
     def _step(self) -> None:
-        """One engine step. The deltas of a synchronous step (its tokens waited for: speculative decoding, CPU) are
-        held until the next step is launched: the event loop then streams them while the GPU runs, instead of
+        """One engine step. On CUDA the deltas of a synchronous step (its tokens waited for: speculative decoding)
+        are held until the next step is launched: the event loop then streams them while the GPU runs, instead of
         taking the GIL from the host work that launches the next step (~1 ms a step at 16 streams). The deltas of an
         asynchronous step's predecessor go out at once: the GPU is already busy with the step."""
         deltas = self.engine.step(on_launch=self._deliver_held)
         self._deliver_held()  # if the step launched nothing
-        if self.engine.step_in_flight or not self.engine.has_unfinished():
+        if not self._hold_sync or self.engine.step_in_flight or not self.engine.has_unfinished():
             for delta in deltas:
                 self._deliver(delta.request_id, delta)
         else:
