@@ -195,3 +195,37 @@ def test_held_final_delta_goes_out_when_a_cancel_ends_the_last_running_request(h
         release.set()
         return await asyncio.wait_for(a, 10)
     assert len(asyncio.run(main())[0]) == 3
+
+
+def test_held_deltas_go_out_before_a_slow_launch(holding):
+    """A held delta waits for the next launch only where that launch is quick (a uniform decode step, a graph replay on
+    CUDA); before a prefill or mixed step, which may launch the whole model from Python, it goes out first."""
+    _, alng = holding
+    events: list[tuple[str, object]] = []
+    launch, deliver, step = alng.engine.runner.launch, alng._deliver, alng.engine.step
+    alng.engine.runner.launch = lambda s, *a, **k: (events.append(("L", s.tokens_per_row == 1)), launch(s, *a, **k))[1]
+    alng._deliver = lambda rid, item: (events.append(("D", item)), deliver(rid, item))[1]
+    alng.engine.step = lambda *a, **k: (lambda out: (events.append(("R", out)), out)[1])(step(*a, **k))
+    sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+    async def main():
+        a = alng.generate([1, 2, 3], sp, "A")
+        await a.__anext__()
+        b = asyncio.create_task(collect(alng, "B", [4, 5, 6, 7], sp))  # its prefill joins A's decode: a mixed step
+        rest = [d async for d in a]
+        return rest, await b
+    asyncio.run(main())
+    quick = [item for kind, item in events if kind == "L"]  # per launch: a uniform decode step
+    produced: dict[int, int] = {}  # id(delta) -> the index of the launch after the step that made it
+    late = early = launched = 0
+    for kind, item in events:
+        if kind == "L":
+            launched += 1
+        elif kind == "R":
+            produced.update((id(d), launched) for d in item)
+        elif produced[id(item)] < launched:  # delivered after the next launch: only a quick one may hold it
+            assert quick[produced[id(item)]], "a delta waited for a prefill / mixed step's launch"
+            late += 1
+        elif launched < len(quick) and not quick[launched]:  # the next launch is slow: delivered before it
+            early += 1
+    assert late > 0 and early > 0  # held past quick launches, and out before the mixed step's
