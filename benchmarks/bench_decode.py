@@ -1,7 +1,7 @@
 """Whole-model decode step time (CUDA graph replay) at real shapes with dummy weights, against the bandwidth floor.
 
 python benchmarks/bench_decode.py [--models 9B 27B 35B-A3B] [--batches 1 8 64] [--context 1024]
-    [--kv-cache-dtype auto fp8 int8 int4] [--state-dtype float32 bfloat16] [--pdl off on] [--silu-fold off on]
+    [--kv-cache-dtype auto fp8 int8 int4] [--state-dtype float32 bfloat16] [--pdl off on]
 
 Each (--kv-cache-dtype, --state-dtype) pair gets its own caches and graph on the same loaded model; the floor counts
 the bytes each format reads (quantized pages and their scales, the state in its dtype), and "vs first" is the step
@@ -10,12 +10,6 @@ time of the first pair (default: auto / float32) over this one's.
 --pdl off on: an A/B of Programmatic Dependent Launch in one process (kernels/_device.py: "off" sets the switch to
 False, "on" to True, "auto" leaves it to DELTASERVE_PDL / the device); each setting gets its own graph capture, and
 "pdl" in the table is what the kernels actually got (on only at sm_90+). Listed first, "off" is the "vs first" base.
-
---silu-fold off on: the same A/B for the dense MLP's activation folded into its down projection's kernel
-(kernels/linear/gpu.py SILU_FOLD; "off": silu_and_mul's own launch, then the down GEMM). It changes only the down
-projections the weight-streaming kernel runs at up to SILU_FOLD_MAX_ROWS (4) rows: the dense MLPs, and an MoE model's
-shared expert only where the MoE op cannot run it (not in the routed experts' format, e.g. bf16 next to int4).
-Each setting captures its own graph; listed first, "off" is the "vs first" base.
 """
 
 from __future__ import annotations
@@ -34,12 +28,10 @@ from deltaserve.config.engine import KV_CACHE_DTYPES, STATE_DTYPES
 from deltaserve.engine.cuda_graph import StepGraphs
 from deltaserve.engine.device_inputs import build_forward_batch
 from deltaserve.kernels import _device
-from deltaserve.kernels.linear import gpu as linear_gpu
 from deltaserve.models.loader import load_model
 
 PAGE = 16
 PDL_SETTINGS = {"auto": None, "off": False, "on": True}
-SILU_FOLD_SETTINGS = {"off": False, "on": True}
 
 
 def set_pdl(setting: str) -> bool:
@@ -47,11 +39,6 @@ def set_pdl(setting: str) -> bool:
     (graphs captured from here on get it; capture again after a change)."""
     _device.PDL = PDL_SETTINGS[setting]
     return _device.pdl_enabled(torch.device("cuda"))
-
-
-def set_silu_fold(setting: str) -> None:
-    """Point the MLP activation fold's switch at `setting` (off / on); graphs captured from here on get it."""
-    linear_gpu.SILU_FOLD = SILU_FOLD_SETTINGS[setting]
 
 
 def weight_bytes_read(model, cfg, batch: int) -> float:
@@ -118,7 +105,7 @@ def _oom_row(name: str, batch: int, context: int, kv: str, state: str) -> dict:
             "floor ms": nan, "graph ms": nan, "eager ms": nan, "graph/floor": nan, "tok/s": "OOM"}
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["9B", "27B", "35B-A3B"])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
@@ -127,13 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--state-dtype", nargs="+", default=["float32"], choices=STATE_DTYPES)
     ap.add_argument("--pdl", nargs="+", default=["auto"], choices=list(PDL_SETTINGS),
                     help="Programmatic Dependent Launch settings to A/B (each captures its own graph)")
-    ap.add_argument("--silu-fold", nargs="+", default=["on"], choices=list(SILU_FOLD_SETTINGS),
-                    help="the dense MLP's SiLU-and-mul folded into its down projection, or not (A/B: off on)")
-    return ap.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args = ap.parse_args()
     require_cuda("bench_decode.py")
     bw = measure_copy_bandwidth()
     rows = []
@@ -142,17 +123,14 @@ def main(argv: list[str] | None = None) -> None:
                            with_mtp=False)
         for b in args.batches:
             first = None
-            for kv, state, pdl, fold in itertools.product(args.kv_cache_dtype, args.state_dtype, args.pdl,
-                                                          args.silu_fold):
+            for kv, state, pdl in itertools.product(args.kv_cache_dtype, args.state_dtype, args.pdl):
                 pdl_on = set_pdl(pdl)
-                set_silu_fold(fold)
                 try:
                     row = bench_one(name, b, args.context, bw, model, kv, state)
                 except torch.OutOfMemoryError:
                     row = None
                 # outside the except block, so the traceback no longer holds the failed run's caches
-                rows.append({**(row or _oom_row(name, b, args.context, kv, state)), "pdl": "on" if pdl_on else "off",
-                             "silu fold": fold})
+                rows.append({**(row or _oom_row(name, b, args.context, kv, state)), "pdl": "on" if pdl_on else "off"})
                 first = first or rows[-1]
                 rows[-1]["vs first"] = first["graph ms"] / rows[-1]["graph ms"]
                 print(rows[-1], flush=True)

@@ -1,6 +1,5 @@
 """Registers, spills and instruction counts of the quantized kernels (and of the GDN verify step's recurrence and
-commit replay, and of the decode linear kernel plain and with the MLP's SiLU-and-mul fold, tables of their own) for
-sm_90a, without a GPU: Triton compiles each
+commit replay, a table of their own) for sm_90a, without a GPU: Triton compiles each
 kernel variant to PTX for a Hopper target and ptxas (shipped with Triton) assembles it with -v. Pointers, N, K and
 the row strides are marked divisible by 16, as Triton specializes them at real shapes (without the hint the counts
 come out pessimistic). A check before a device call, not a timing.
@@ -31,7 +30,6 @@ from triton.compiler import ASTSource
 
 from benchmarks.common import table
 from deltaserve.kernels.attention import triton_decode
-from deltaserve.kernels.linear import triton as linear_triton
 from deltaserve.kernels.quant import triton as quant
 
 TARGET = GPUTarget("cuda", 90, 32)
@@ -242,30 +240,12 @@ def gdn_verify_rows() -> list[dict]:
     return rows
 
 
-def linear_rows() -> list[dict]:
-    """The decode linear kernel at the MLP down projections' tiles (9B: the rule's 32 x 256 split in 2; 27B: the
-    H200's tuned 64 x 256), plain and with the SiLU-and-mul fold, whose activation is computed on AM rows
-    (next_power_of_2(M): 1 at batch 1)."""
-    types = {"x_ptr": "*bf16", "w_ptr": "*bf16", "y_ptr": "*bf16", "ws_ptr": "*fp32", "count_ptr": "*i32"}
-    rows = []
-    for label, tile in (("9B down, 32 x 256 k2", dict(BN=32, SPLIT=2)), ("27B down, 64 x 256", dict(BN=64, SPLIT=1))):
-        for am in (0, 1, 4, 16):
-            fold = dict(SILU_MUL=True, AM=am) if am else {}
-            consts = dict(BM=16, BK=256, STAGES=4, EVEN_K=True, UPCAST=False, **tile, **fold)
-            r = compile_one(linear_triton._skinny_linear_kernel, types, consts, 4, 4, loop=True)
-            rows.append({"kernel": f"linear {label}" + (f", SiLU fold on {am} rows" if am else ""),
-                         **{k: v for k, v in r.items() if k != "of them LDS.U8" and k != "of them I2F"}})
-    return rows
-
-
 def main(argv: list[str] | None = None) -> None:
     argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args(argv)  # no options; --help
     print(f"triton {triton.__version__}, target sm_90a (compile only, no GPU)")
     print(table(quant_rows()))
     print()
     print(table(gdn_verify_rows()))
-    print()
-    print(table(linear_rows()))
     print()
     print(table(decode_rows()))
     print()

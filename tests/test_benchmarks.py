@@ -251,24 +251,6 @@ def test_gpu_only_scripts_say_so_in_one_line_on_cpu(monkeypatch):
         bench_mtp.main(["--demo", "--device", "cuda"])
 
 
-def test_bench_decode_silu_fold_option(monkeypatch):
-    """--silu-fold takes off / on (default on, the engine's own setting) and points the fold's switch at each."""
-    import pytest
-
-    from benchmarks import bench_decode
-    from deltaserve.kernels.linear import gpu as linear_gpu
-
-    assert bench_decode.parse_args([]).silu_fold == ["on"]
-    assert bench_decode.parse_args(["--silu-fold", "off", "on", "--pdl", "off"]).silu_fold == ["off", "on"]
-    with pytest.raises(SystemExit):
-        bench_decode.parse_args(["--silu-fold", "auto"])
-    monkeypatch.setattr(linear_gpu, "SILU_FOLD", True)
-    bench_decode.set_silu_fold("off")
-    assert linear_gpu.SILU_FOLD is False
-    bench_decode.set_silu_fold("on")
-    assert linear_gpu.SILU_FOLD is True
-
-
 def test_compile_check_help_compiles_nothing(capsys):
     """--help prints the usage (it was ignored and the minutes-long compile ran)."""
     import pytest

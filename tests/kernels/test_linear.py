@@ -23,9 +23,7 @@ triton = pytest.importorskip("triton")
 from tests.tolerances import assert_error_within  # noqa: E402
 
 from benchmarks.bench_linear import SPLIT_TILES, SWEEP_TILES  # noqa: E402
-from deltaserve.kernels.activation import ref as activation_ref  # noqa: E402
-from deltaserve.kernels.activation import silu_and_mul  # noqa: E402
-from deltaserve.kernels.linear import linear, silu_mul_linear  # noqa: E402
+from deltaserve.kernels.linear import linear  # noqa: E402
 from deltaserve.kernels.linear import ref as linear_ref  # noqa: E402
 from deltaserve.kernels.linear import gpu as linear_gpu  # noqa: E402
 from deltaserve.kernels.linear import triton as linear_triton  # noqa: E402
@@ -91,16 +89,19 @@ def test_skinny_linear_split_interpreted(rows, in_features, out_features, split)
     check_split(rows, in_features, out_features, (16, 32, 4, 2, split), "cpu", seed=rows)
 
 
-def test_wrapper_takes_leading_dims_and_strided_rows(monkeypatch, skinny_calls):
+def test_wrapper_takes_leading_dims_and_strided_rows(monkeypatch):
     """[B, T, K] inputs and rows with a stride (a column slice) give the reference's result, same shape. The tile
     is forced: at this size tile_config would hand the call to torch, and the wrapper's kernel path is under test."""
     monkeypatch.setattr(linear_gpu, "tile_config", lambda *args, **kwargs: (16, 32, 4, 2))  # gpu.py's name
+    skinny_calls = []
+    kernel = linear_gpu.skinny_linear
+    monkeypatch.setattr(linear_gpu, "skinny_linear", lambda *a, **k: (skinny_calls.append(a[2]), kernel(*a, **k))[1])
     gen = torch.Generator().manual_seed(0)
     wide = torch.randn(2, 3, 80, generator=gen).bfloat16()
     x = wide[..., :64]
     w = (torch.randn(24, 64, generator=gen) * 0.125).bfloat16()
     y = linear_gpu.linear(x=x, weight=w)
-    assert y.shape == (2, 3, 24) and skinny_calls == [False]  # the kernel ran (not torch's GEMM)
+    assert y.shape == (2, 3, 24) and skinny_calls == [(16, 32, 4, 2)]  # the kernel ran (not torch's GEMM)
     truth = x.double() @ w.double().T
     assert_error_within(y, linear_ref.linear(x=x.float(), weight=w.float()).bfloat16(), truth)
 
@@ -134,124 +135,6 @@ def test_dispatch_runs_the_reference_on_cpu():
     assert linear.reference is linear_ref.linear
     x, w = torch.randn(2, 8), torch.randn(4, 8)
     assert torch.equal(linear(x=x, weight=w), torch.nn.functional.linear(x, w))
-
-
-def gate_up_and_weight(rows, in_features, out_features, seed, device="cpu"):
-    """A [rows, 2K] gate|up (the gate|up GEMM's output: gates across silu's bend) and a [N, K] down weight."""
-    gen = torch.Generator().manual_seed(seed)
-    gate_up = (torch.randn(rows, 2 * in_features, generator=gen) * 2).bfloat16().to(device)
-    w = (torch.randn(out_features, in_features, generator=gen) * in_features ** -0.5).bfloat16().to(device)
-    return gate_up, w
-
-
-def check_silu_mul(y, gate_up, w):
-    """Within tolerance of torch's GEMM on silu_and_mul's output (the activation rounded to bf16, as both round it)."""
-    act = activation_ref.silu_and_mul(x=gate_up.cpu())
-    truth = act.double() @ w.cpu().double().T
-    assert_error_within(y, linear_ref.linear(x=act.float(), weight=w.cpu().float()).bfloat16(), truth)
-
-
-# (rows, K = intermediate, N = hidden, tile): M 1-4; K a multiple of BK and K with a tail (not a multiple of the
-# tile); without and with split-K (the last K range short where K is not a multiple of the range)
-SILU_SMALL = [(1, 96, 40, (16, 32, 4, 2)), (2, 200, 33, (16, 32, 4, 2)), (3, 150, 72, (16, 32, 4, 2, 3)),
-              (4, 256, 48, (16, 32, 4, 2, 4))]
-
-
-@pytest.mark.parametrize("rows,in_features,out_features,tile", SILU_SMALL)
-def test_skinny_linear_silu_mul_interpreted(rows, in_features, out_features, tile):
-    """The fold reads [gate | up] and gives the plain kernel's result on silu_and_mul's output bit for bit (same
-    rounded activation, same products in the same order), into NaN-poisoned outputs (and workspace), twice."""
-    gate_up, w = gate_up_and_weight(rows, in_features, out_features, seed=rows + in_features)
-    linear_triton.skinny_linear(gate_up[:1], w, tile, silu_mul=True)  # allocates the scratch of a split tile
-    if str(gate_up.device) in linear_triton._split_buffers:
-        linear_triton._split_buffers[str(gate_up.device)][0].fill_(float("nan"))
-    ys = [linear_triton.skinny_linear(gate_up, w, tile, silu_mul=True,
-                                      out=torch.full((rows, out_features), float("nan"), dtype=torch.bfloat16))
-          for _ in range(2)]
-    assert torch.equal(ys[0], ys[1])
-    check_silu_mul(ys[0], gate_up, w)
-    plain = linear_triton.skinny_linear(activation_ref.silu_and_mul(x=gate_up), w, tile)
-    assert torch.equal(ys[0], plain)
-
-
-def test_skinny_linear_silu_mul_tensor_parallel_shards():
-    """Under TP the row-parallel down projection gets its rank's [gate_r | up_r] (the column-parallel gate|up GEMM's
-    output) and its rank's input columns: each rank's fold is the plain kernel on its columns of the activation, and
-    the ranks' sum (the all-reduce) is within tolerance of the unsharded product."""
-    tp, inter, tile = 2, 96, (16, 32, 4, 2)
-    gate_up, w = gate_up_and_weight(3, inter, 40, seed=7)
-    gate, up = gate_up.split(inter, dim=1)
-    act = activation_ref.silu_and_mul(x=gate_up)
-    outs = []
-    for r in range(tp):
-        cols = slice(r * inter // tp, (r + 1) * inter // tp)
-        w_r = w[:, cols].contiguous()
-        outs.append(linear_triton.skinny_linear(torch.cat([gate[:, cols], up[:, cols]], dim=1), w_r, tile,
-                                                silu_mul=True))
-        assert torch.equal(outs[-1], linear_triton.skinny_linear(act[:, cols].contiguous(), w_r, tile))
-    check_silu_mul(sum(o.float() for o in outs).bfloat16(), gate_up, w)
-
-
-def test_skinny_linear_silu_mul_refuses_a_wrong_width():
-    gate_up, w = gate_up_and_weight(1, 64, 16, seed=0)
-    with pytest.raises(ValueError, match=r"x has 64 columns; weight \[16, 64\] takes 128 \(silu_mul"):
-        linear_triton.skinny_linear(gate_up[:, :64], w, (16, 32, 4, 2), silu_mul=True)
-    with pytest.raises(ValueError, match=r"\[gate \| up\] for a weight of K = 64"):
-        silu_mul_linear(x=gate_up[:, :64], weight=w)
-
-
-def test_silu_mul_linear_dispatch_runs_the_reference_on_cpu():
-    """On CPU: silu_and_mul, then linear, exactly as the MLP ran them before the fold."""
-    assert silu_mul_linear.reference is linear_ref.silu_mul_linear
-    gate_up, w = gate_up_and_weight(5, 48, 24, seed=1)
-    expected = torch.nn.functional.linear(activation_ref.silu_and_mul(x=gate_up), w)
-    assert torch.equal(silu_mul_linear(x=gate_up, weight=w), expected)
-
-
-@pytest.fixture
-def skinny_calls(monkeypatch):
-    """Records the silu_mul flag of each call gpu.py makes to the (real) kernel wrapper."""
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("silu_mul", False))
-        return linear_triton.skinny_linear(*args, **kwargs)
-    monkeypatch.setattr(linear_gpu, "skinny_linear", spy)
-    return calls
-
-
-def test_gpu_silu_mul_linear_folds_where_the_kernel_runs(monkeypatch, skinny_calls):
-    """Where the tile rule gives the call to the kernel: one folded call, over leading dims and strided rows; with
-    SILU_FOLD off, silu_and_mul then the plain kernel (the unfused path), same result."""
-    tile = (16, 32, 4, 2, 2)
-    monkeypatch.setattr(linear_gpu, "tile_config", lambda *args, **kwargs: linear_triton.Tile(*tile))
-    gate_up, w = gate_up_and_weight(4, 64, 24, seed=2)
-    wide = torch.cat([gate_up, gate_up[:, :8]], dim=1).view(2, 2, 136)[..., :128]  # rows with a stride of 136
-    y = linear_gpu.silu_mul_linear(x=wide, weight=w)
-    assert y.shape == (2, 2, 24) and skinny_calls == [True]
-    check_silu_mul(y.reshape(4, 24), gate_up, w)
-    monkeypatch.setattr(linear_gpu, "SILU_FOLD", False)
-    assert torch.equal(linear_gpu.silu_mul_linear(x=wide, weight=w), y)
-    assert skinny_calls == [True, False]
-
-
-def test_gpu_silu_mul_linear_folds_only_few_rows(monkeypatch, skinny_calls):
-    """Above SILU_FOLD_MAX_ROWS every program's own copy of the activation costs more than its launch: silu_and_mul,
-    then the plain kernel."""
-    monkeypatch.setattr(linear_gpu, "tile_config", lambda *args, **kwargs: linear_triton.Tile(16, 32, 4, 2))
-    for rows in (linear_gpu.SILU_FOLD_MAX_ROWS, linear_gpu.SILU_FOLD_MAX_ROWS + 1):
-        gate_up, w = gate_up_and_weight(rows, 64, 24, seed=rows)
-        check_silu_mul(linear_gpu.silu_mul_linear(x=gate_up, weight=w), gate_up, w)
-    assert skinny_calls == [True, False]
-
-
-def test_gpu_silu_mul_linear_falls_back_where_torch_runs(skinny_calls):
-    """Where the rule gives the call to torch's GEMM (this small shape, fp32): silu_and_mul, then torch's GEMM."""
-    gate_up, w = gate_up_and_weight(3, 64, 24, seed=3)
-    for x, weight in ((gate_up, w), (gate_up.float(), w.float())):
-        expected = torch.nn.functional.linear(activation_ref.silu_and_mul(x=x), weight)
-        assert torch.equal(linear_gpu.silu_mul_linear(x=x, weight=weight), expected)
-    assert skinny_calls == []
 
 
 # 9B and 27B decode projections: (in, out)
@@ -334,22 +217,3 @@ def test_split_linear_cuda_graph(monkeypatch):
         y = linear(x=x, weight=w)
     graph.replay()
     torch.testing.assert_close(y, torch.nn.functional.linear(x, w))
-
-
-# 9B and 27B MLP down projections (intermediate, hidden), as the dense MLP calls them at decode
-DOWN_SHAPES = [(12288, 4096), (17408, 5120)]
-
-
-@gpu
-@needs_cuda
-@pytest.mark.parametrize("in_features,out_features", DOWN_SHAPES)
-@pytest.mark.parametrize("rows", [1, 2, 4])
-def test_silu_mul_linear_gpu_down_shapes(in_features, out_features, rows):
-    """The folded down projection at the models' shapes, with the tile gpu.py picks on this card (tuned or the
-    rule), against silu_and_mul then torch's GEMM; and bit for bit the unfused path's result (the Triton
-    silu_and_mul, the same expression as the fold's, then linear with the same tile)."""
-    gate_up, w = gate_up_and_weight(rows, in_features, out_features, seed=rows, device="cuda")
-    assert linear_gpu._skinny_tile(gate_up, w, rows) is not None  # the kernel runs these calls: the fold is tested
-    y = silu_mul_linear(x=gate_up, weight=w)
-    check_silu_mul(y, gate_up, w)
-    assert torch.equal(y, linear(x=silu_and_mul(x=gate_up), weight=w))

@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from deltaserve.kernels.activation import silu_and_mul
-from deltaserve.kernels.linear import linear, silu_mul_linear
+from deltaserve.kernels.linear import linear
 from deltaserve.layers.weights import TensorSource, WeightSlot, init_dummy_param
 
 if TYPE_CHECKING:
@@ -58,14 +57,6 @@ class LinearMethod:
         """A merged layer's output as its column groups `sizes`: here column views of apply's one result."""
         return self.apply(layer, x).split(sizes, dim=-1)
 
-    def apply_silu_mul(self, layer: Linear, gate_up: torch.Tensor) -> torch.Tensor:
-        """The layer applied to silu(gate) * up of gate_up: [..., 2 * in] = [gate | up] (the dense MLP's down
-        projection). A plain weight folds the activation into its GEMM (silu_mul_linear: no launch of its own at
-        decode); a method with its own apply (quantized, split) gets silu_and_mul's output, so it needs nothing new."""
-        if type(self).apply is not LinearMethod.apply:
-            return self.apply(layer, silu_and_mul(x=gate_up))
-        return silu_mul_linear(x=gate_up, weight=layer.weight)
-
     def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         """The checkpoint tensors of one projection stored in `rows` of the layer's output (name: the projection's
         checkpoint path, without the tensor suffix). tp: under tensor parallelism, the rank's part of the
@@ -95,11 +86,6 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
-
-    def forward_silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
-        """forward(silu(gate) * up) of gate_up: [..., 2 * in_features] = [gate | up], in one op where the method can
-        (LinearMethod.apply_silu_mul)."""
-        return self.method.apply_silu_mul(self, gate_up)
 
     def weight_layout(self, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
         return self.method.shard_layout(self, prefix.rstrip("."), slice(0, self.out_features),

@@ -1,4 +1,4 @@
-"""Dense SwiGLU MLP: down(silu(gate(x)) * up(x)), the activation folded into down's GEMM where it can be."""
+"""Dense SwiGLU MLP: down(silu(gate(x)) * up(x))."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from deltaserve.config import RankShapes
+from deltaserve.kernels.activation import silu_and_mul
 from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.parallel import sharding
 
@@ -25,6 +26,4 @@ class MLP(nn.Module):
             self.down_proj.tp_shards = {"weight": sharding.split(shapes, intermediate_size, dim=1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the activation runs inside down_proj's GEMM where its method can (LinearMethod.apply_silu_mul); under
-        # tensor parallelism each rank's gate|up output is its own [gate_r | up_r], down_proj's input columns
-        return self.down_proj.forward_silu_mul(self.gate_up_proj(x))
+        return self.down_proj(silu_and_mul(x=self.gate_up_proj(x)))

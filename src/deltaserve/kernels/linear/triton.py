@@ -8,11 +8,7 @@ block's counter (acq_rel); the program that arrives last adds the SPLIT partials
 not depend on which program finished last: deterministic), writes the output and sets the counter back to 0, so
 the next call, and every CUDA-graph replay, starts clean. No program ever waits on another (no spin), so any
 schedule completes. The workspace and counters are one pair per device, shared by every call: calls must not run
-concurrently on two streams (the engine runs the model on one stream; stream order serialises the calls).
-
-SILU_MUL folds the dense MLP's activation into its down projection: x is the gate|up GEMM's [M, 2K] output and each
-x tile is silu(gate) * up, computed as it is loaded and rounded as silu_and_mul rounds it, so the product is
-silu_and_mul's followed by this kernel's, without silu_and_mul's launch and its [M, K] round trip."""
+concurrently on two streams (the engine runs the model on one stream; stream order serialises the calls)."""
 
 from __future__ import annotations
 
@@ -24,7 +20,6 @@ import triton
 import triton.language as tl
 
 from deltaserve.kernels._device import pdl_launch
-from deltaserve.kernels.activation import silu_and_mul
 from deltaserve.kernels._pdl import wait_then_release
 
 log = logging.getLogger(__name__)
@@ -45,38 +40,11 @@ class Tile(NamedTuple):
         return f"{self.bn}x{self.bk} w{self.num_warps} s{self.stages}" + (f" k{self.split}" if self.split > 1 else "")
 
 
-@triton.jit
-def _silu_mul_tile(x_ptr, stride_xm, M, K, k, BM: tl.constexpr, AM: tl.constexpr, BK: tl.constexpr,
-                   EVEN_K: tl.constexpr, INTERPRET: tl.constexpr):
-    """The [BM, BK] x tile at column k of silu(gate) * up, from x: [M, 2K] = [gate | up], in fp32 and rounded to x's
-    dtype as silu_and_mul rounds its output (same expression as its kernel). Every program of the grid computes its
-    own copy, so it is computed on AM = next_power_of_2(M) rows, not the BM (>= 16) the dot takes (all 16 rows for
-    one live row: 2845 loop SASS a tile against the plain kernel's 397, and spills). The tile repeats the AM rows
-    (row r holds row r % AM); rows >= M only reach accumulator rows that are never stored."""
-    ra = tl.arange(0, AM)
-    rk = k + tl.arange(0, BK)
-    mask = (ra < M)[:, None]
-    if not EVEN_K:
-        mask = mask & (rk < K)[None, :]
-    ptrs = x_ptr + ra[:, None] * stride_xm + rk[None, :]
-    g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(ptrs + K, mask=mask, other=0.0).to(tl.float32)
-    a = (g * tl.sigmoid(g) * u).to(x_ptr.dtype.element_ty)
-    if not INTERPRET:
-        # An opaque copy (an impure asm is never rematerialized): without it the compiler moves the layout change
-        # the dot needs above the activation and computes it in the dot operand's layout, where every warp holds
-        # all BM x BK elements: 32x the sigmoids at one row (loop SASS 1429 instructions a tile, 397 without the
-        # fold; 377 with the copy; sm_90a, 9B down tile, benchmarks/compile_check.py).
-        a = tl.inline_asm_elementwise("mov.b16 $0, $1;", "=h,h", [a], dtype=x_ptr.dtype.element_ty, is_pure=False,
-                                      pack=1)
-    return tl.reshape(tl.broadcast_to(a[None, :, :], (BM // AM, AM, BK)), (BM, BK))
-
-
 @triton.jit(do_not_specialize=["M"])  # the row count changes every step: one compiled kernel per row bucket
 def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_ym,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                           SPLIT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                          PDL: tl.constexpr = False, SILU_MUL: tl.constexpr = False, AM: tl.constexpr = 16):
+                          PDL: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)  # this program reduces K columns [pid_k * K_SPLIT, min(K, (pid_k + 1) * K_SPLIT))
     rn = pid_n * BN + tl.arange(0, BN)
@@ -94,16 +62,12 @@ def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPL
     wait_then_release(PDL)
     for k in tl.range(k_lo, tl.minimum(K, k_lo + K_SPLIT), BK, num_stages=STAGES):
         if EVEN_K:
-            if not SILU_MUL:
-                x = tl.load(x_ptrs + k, mask=m_m[:, None], other=0.0)
+            x = tl.load(x_ptrs + k, mask=m_m[:, None], other=0.0)
             w = tl.load(w_ptrs + k, mask=m_n[:, None], other=0.0)
         else:
             m_k = rk + k < K
-            if not SILU_MUL:
-                x = tl.load(x_ptrs + k, mask=m_m[:, None] & m_k[None, :], other=0.0)
+            x = tl.load(x_ptrs + k, mask=m_m[:, None] & m_k[None, :], other=0.0)
             w = tl.load(w_ptrs + k, mask=m_n[:, None] & m_k[None, :], other=0.0)
-        if SILU_MUL:  # x: [M, 2K] = [gate | up], the activation folded into this kernel (docs/KERNELS.md)
-            x = _silu_mul_tile(x_ptr, stride_xm, M, K, k, BM, AM, BK, EVEN_K, UPCAST)
         if UPCAST:  # the interpreter's bf16 tl.dot multiplies raw bits (docs/KERNELS.md, "Testing Triton kernels on CPU")
             acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
         else:
@@ -205,17 +169,13 @@ def _scratch(device: torch.device, floats: int, counters: int) -> tuple[torch.Te
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, ...],
-                  out: torch.Tensor | None = None, *, silu_mul: bool = False) -> torch.Tensor:
+                  out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] (M <= MAX_ROWS, unit stride in K); weight: [N, K] contiguous -> [M, N] with an explicit tile (a
     Tile or a plain (BN, BK, num_warps, stages[, split]) tuple), into `out` ([M, N], unit stride in N) if given.
-    silu_mul: x is [M, 2K] = [gate | up] and the product is silu_and_mul(x) @ weight^T, the activation computed as
-    the kernel loads x (no launch and no [M, K] round trip of its own). A split call whose scratch is missing during
-    a CUDA-graph capture (no eager call of that size ran first) runs torch's GEMM instead."""
-    m = x.shape[0]
-    n, k = weight.shape
-    if x.shape[1] != (2 * k if silu_mul else k):
-        raise ValueError(f"x has {x.shape[1]} columns; weight [{n}, {k}] takes {2 * k if silu_mul else k}"
-                         + (" (silu_mul: gate | up)" if silu_mul else ""))
+    A split call whose scratch is missing during a CUDA-graph capture (no eager call of that size ran first) runs
+    torch's GEMM instead."""
+    m, k = x.shape
+    n = weight.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
@@ -233,13 +193,10 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, ...],
                 _warned.add((m, n, k))
                 log.warning("split-K linear [%d, %d] x [%d, %d]^T first called inside a CUDA-graph capture: torch's "
                             "GEMM runs instead (warm up eagerly first)", m, k, n, k)
-            return y.copy_(torch.nn.functional.linear(silu_and_mul(x=x) if silu_mul else x, weight))
+            return y.copy_(torch.nn.functional.linear(x, weight))
         ws, counts = scratch
-    # the fold computes the activation on next_power_of_2(M) rows (one compiled kernel per row bucket, as the
-    # dot's BM); without it AM is left at its default, so the plain kernel compiles as it did
-    fold = {"SILU_MUL": True, "AM": triton.next_power_of_2(m)} if silu_mul else {}
     _skinny_linear_kernel[(blocks, split)](
         x, weight, y, ws, counts, m, n, k, k_split, x.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
         STAGES=_fit_stages(bm, bn, bk, stages), SPLIT=split, EVEN_K=k % bk == 0, UPCAST=not x.is_cuda,
-        num_warps=num_warps, **fold, **pdl_launch(x.device))
+        num_warps=num_warps, **pdl_launch(x.device))
     return y
