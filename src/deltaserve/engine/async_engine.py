@@ -177,7 +177,8 @@ class AsyncLLM:
     def _step(self) -> None:
         """One engine step. On CUDA the deltas of a synchronous step (its tokens waited for: speculative decoding)
         are held until the next step is launched: the event loop then streams them while the GPU runs, instead of
-        taking the GIL from the host work that launches the next step (~1 ms a step at 16 streams). The deltas of an
+        taking the GIL from the host work that launches the next step (the engine thread waited ~1 ms a step for
+        the GIL at 16 streams; benchmarks/RESULTS.md 2026-12-06, bench_gil.py). The deltas of an
         asynchronous step's predecessor go out at once: the GPU is already busy with the step."""
         deltas = self.engine.step(on_launch=self._deliver_held)
         self._deliver_held()  # if the step launched nothing
