@@ -31,7 +31,6 @@ import argparse
 import asyncio
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -91,9 +90,25 @@ def summarize_steps(steps: list[Step], batch: int) -> dict[str, float]:
             "loop_runq_ms": ms(sum(b[6] - a[6] for a, b in pairs), len(pairs))}
 
 
+def load_args(args: argparse.Namespace, url: str, vocab: int) -> argparse.Namespace:
+    """serve_load's settings for the served run: one request per client, all at once, token-id prompts."""
+    from benchmarks import serve_load
+
+    load = serve_load.parse_args(["--url", url, "--concurrency", str(args.concurrency), "--num-requests",
+                                  str(args.concurrency), "--input-len", str(args.input_len), "--output-len",
+                                  str(args.output_len), "--warmup", "2", "--seed", str(args.seed),
+                                  "--min-token-id", str(vocab // 2), "--max-token-id", str(vocab)])
+    load.concurrency = args.concurrency  # run_load takes one value (parse_args: a sweep's list)
+    return load
+
+
 def prompts(args: argparse.Namespace, vocab: int) -> list[list[int]]:
-    rnd = random.Random(args.seed)
-    return [[rnd.randrange(vocab // 2, vocab) for _ in range(args.input_len)] for _ in range(args.concurrency)]
+    """The served run's timed prompts (serve_load draws them from the same seed), so that the floor's steps see the
+    same tokens: with dummy weights the MoE routing, and so a step's time, follows them."""
+    from benchmarks import serve_load
+
+    timed, _ = serve_load.make_payloads(load_args(args, "", vocab), "floor")
+    return [p["prompt"] for p in timed]
 
 
 TINY = dict(hidden_size=64, num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"],
@@ -243,11 +258,7 @@ def served(args: argparse.Namespace, interval_ms: float) -> dict[str, float]:
         proc = subprocess.Popen(cmd, env=child_env())
         try:
             wait_up(url, proc)
-            load = serve_load.parse_args(["--url", url, "--concurrency", str(args.concurrency), "--num-requests",
-                                          str(args.concurrency), "--input-len", str(args.input_len), "--output-len",
-                                          str(args.output_len), "--warmup", "2", "--seed", str(args.seed),
-                                          "--min-token-id", str(vocab // 2), "--max-token-id", str(vocab)])
-            load.concurrency = args.concurrency  # run_load takes one value (parse_args: a sweep's list)
+            load = load_args(args, url, vocab)
             results, duration, _ = asyncio.run(serve_load.run_load(load))
             client = serve_load.summarize(results, duration)
         finally:

@@ -391,3 +391,23 @@ def test_results_label_runs_by_date_card_and_command():
     found = [f"{p.relative_to(root)}:{n}" for p in files
              for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1) if label.search(line)]
     assert not found, f"runs labelled by work session (label them by date, card and tree): {found}"
+
+
+def test_gil_bench_floor_runs_the_served_prompts(monkeypatch):
+    """bench_gil's floor (the engine alone) gets the token ids its served run sends, so the two see the same routing."""
+    import asyncio
+
+    from benchmarks import bench_gil, serve_load
+
+    args, _ = bench_gil.parse_args(["--concurrency", "3", "--input-len", "5", "--output-len", "2", "--seed", "7"])
+    sent = []
+
+    async def one_request(client, path, payload):
+        sent.append(payload["prompt"])
+        return serve_load.RequestResult(ok=True)
+    monkeypatch.setattr(serve_load, "one_request", one_request)
+    load = bench_gil.load_args(args, "http://127.0.0.1:1", 1000)
+    load.model = "m"  # no /v1/models query
+    asyncio.run(serve_load.run_load(load))
+    floor = bench_gil.prompts(args, 1000)
+    assert sent[2:] == floor and len(floor) == 3 and all(len(p) == 5 and 500 <= min(p) for p in floor)
