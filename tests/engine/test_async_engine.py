@@ -22,12 +22,20 @@ def engines(ckpt):  # noqa: F811
 
 
 @pytest.fixture()
-def holding(ckpt):  # noqa: F811
+def holding_eager(ckpt):  # noqa: F811
     """An AsyncLLM that holds synchronous steps' deltas as a CUDA engine does (on CPU it delivers them at once)."""
     llm = make_llm(ckpt[0])
     alng = AsyncLLM(engine=make_llm(ckpt[0]).engine, hold_synchronous_deltas=True)
     yield llm, alng
     alng.shutdown()
+
+
+@pytest.fixture()
+def holding(holding_eager):
+    """As holding_eager, with a runner that replays decode steps as CUDA graphs, as a CUDA runner does (a CPU runner
+    captures none: its answer is set here, its launches stay real)."""
+    holding_eager[1].engine.runner.replays_graph = lambda step: step.tokens_per_row == 1
+    return holding_eager
 
 
 async def collect(alng: AsyncLLM, rid: str, prompt: list[int], params: SamplingParams):
@@ -198,12 +206,14 @@ def test_held_final_delta_goes_out_when_a_cancel_ends_the_last_running_request(h
 
 
 def test_held_deltas_go_out_before_a_slow_launch(holding):
-    """A held delta waits for the next launch only where that launch is quick (a uniform decode step, a graph replay on
-    CUDA); before a prefill or mixed step, which may launch the whole model from Python, it goes out first."""
+    """A held delta waits for the next launch only where that launch is quick (the runner replays a graph: here a
+    uniform decode step); before a prefill or mixed step, which launches the whole model from Python, it goes out
+    first."""
     _, alng = holding
     events: list[tuple[str, object]] = []
     launch, deliver, step = alng.engine.runner.launch, alng._deliver, alng.engine.step
-    alng.engine.runner.launch = lambda s, *a, **k: (events.append(("L", s.tokens_per_row == 1)), launch(s, *a, **k))[1]
+    quick = alng.engine.runner.replays_graph
+    alng.engine.runner.launch = lambda s, *a, **k: (events.append(("L", quick(s))), launch(s, *a, **k))[1]
     alng._deliver = lambda rid, item: (events.append(("D", item)), deliver(rid, item))[1]
     alng.engine.step = lambda *a, **k: (lambda out: (events.append(("R", out)), out)[1])(step(*a, **k))
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
@@ -215,7 +225,7 @@ def test_held_deltas_go_out_before_a_slow_launch(holding):
         rest = [d async for d in a]
         return rest, await b
     asyncio.run(main())
-    quick = [item for kind, item in events if kind == "L"]  # per launch: a uniform decode step
+    quick = [item for kind, item in events if kind == "L"]  # per launch: the runner replays a graph
     produced: dict[int, int] = {}  # id(delta) -> the index of the launch after the step that made it
     late = early = launched = 0
     for kind, item in events:
@@ -229,3 +239,15 @@ def test_held_deltas_go_out_before_a_slow_launch(holding):
         elif launched < len(quick) and not quick[launched]:  # the next launch is slow: delivered before it
             early += 1
     assert late > 0 and early > 0  # held past quick launches, and out before the mixed step's
+
+
+def test_held_deltas_do_not_wait_for_an_eager_decode_launch(holding_eager):
+    """A runner that replays no graph (enforce_eager, a failed capture, or CPU as here) launches a decode step
+    from Python, the whole model's host time: a held delta goes out before that launch, not after it."""
+    llm, alng = holding_eager
+    assert alng.engine.runner.graphs is None
+    events = _spy_events(alng)
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    got = asyncio.run(collect(alng, "one", [5, 6, 7], sp))
+    assert got[0] == llm.generate([[5, 6, 7]], sp)[0].outputs[0].token_ids
+    assert "".join(kind for kind, _ in events) == "LD" * 5
