@@ -22,12 +22,20 @@ def engines(ckpt):  # noqa: F811
 
 
 @pytest.fixture()
-def holding(ckpt):  # noqa: F811
+def holding_eager(ckpt):  # noqa: F811
     """An AsyncLLM that holds synchronous steps' deltas as a CUDA engine does (on CPU it delivers them at once)."""
     llm = make_llm(ckpt[0])
     alng = AsyncLLM(engine=make_llm(ckpt[0]).engine, hold_synchronous_deltas=True)
     yield llm, alng
     alng.shutdown()
+
+
+@pytest.fixture()
+def holding(holding_eager):
+    """As holding_eager, with a runner that replays decode steps as CUDA graphs, as a CUDA runner does (a CPU runner
+    captures none: its answer is set here, its launches stay real)."""
+    holding_eager[1].engine.runner.replays_graph = lambda step: step.tokens_per_row == 1
+    return holding_eager
 
 
 async def collect(alng: AsyncLLM, rid: str, prompt: list[int], params: SamplingParams):
@@ -198,34 +206,58 @@ def test_held_final_delta_goes_out_when_a_cancel_ends_the_last_running_request(h
 
 
 def test_held_deltas_go_out_before_a_slow_launch(holding):
-    """A held delta waits for the next launch only where that launch is quick (a uniform decode step, a graph replay on
-    CUDA); before a prefill or mixed step, which may launch the whole model from Python, it goes out first."""
+    """A held delta waits for the next launch only where that launch is quick (the runner replays a graph: here a
+    uniform decode step); before a prefill or mixed step, which launches the whole model from Python, it goes out
+    first. B is queued while A still decodes (the engine thread waits for it), so A's prefill and decode steps and
+    the mixed step of B's prefill with A's decode all occur."""
     _, alng = holding
     events: list[tuple[str, object]] = []
     launch, deliver, step = alng.engine.runner.launch, alng._deliver, alng.engine.step
-    alng.engine.runner.launch = lambda s, *a, **k: (events.append(("L", s.tokens_per_row == 1)), launch(s, *a, **k))[1]
+    quick, b_queued = alng.engine.runner.replays_graph, threading.Event()
+    alng.engine.runner.launch = lambda s, *a, **k: (events.append(("L", (quick(s), s.num_rows))), launch(s, *a, **k))[1]
     alng._deliver = lambda rid, item: (events.append(("D", item)), deliver(rid, item))[1]
-    alng.engine.step = lambda *a, **k: (lambda out: (events.append(("R", out)), out)[1])(step(*a, **k))
+
+    def gated_step(*args, **kwargs):  # from A's third step on, wait until B's request is queued
+        if sum(kind == "L" for kind, _ in events) == 2:
+            assert b_queued.wait(10)
+        out = step(*args, **kwargs)
+        events.append(("R", out))
+        return out
+    alng.engine.step = gated_step
     sp = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
     async def main():
         a = alng.generate([1, 2, 3], sp, "A")
         await a.__anext__()
-        b = asyncio.create_task(collect(alng, "B", [4, 5, 6, 7], sp))  # its prefill joins A's decode: a mixed step
+        b = asyncio.create_task(collect(alng, "B", [4, 5, 6, 7], sp))
+        await asyncio.sleep(0)  # B's generate runs up to its first wait: its request is queued
+        b_queued.set()
         rest = [d async for d in a]
         return rest, await b
     asyncio.run(main())
-    quick = [item for kind, item in events if kind == "L"]  # per launch: a uniform decode step
+    launches = [item for kind, item in events if kind == "L"]  # per launch: (the runner replays a graph, rows)
     produced: dict[int, int] = {}  # id(delta) -> the index of the launch after the step that made it
-    late = early = launched = 0
+    late = before_mixed = launched = 0
     for kind, item in events:
         if kind == "L":
             launched += 1
         elif kind == "R":
             produced.update((id(d), launched) for d in item)
         elif produced[id(item)] < launched:  # delivered after the next launch: only a quick one may hold it
-            assert quick[produced[id(item)]], "a delta waited for a prefill / mixed step's launch"
+            assert launches[produced[id(item)]][0], "a delta waited for a prefill / mixed step's launch"
             late += 1
-        elif launched < len(quick) and not quick[launched]:  # the next launch is slow: delivered before it
-            early += 1
-    assert late > 0 and early > 0  # held past quick launches, and out before the mixed step's
+        elif launched < len(launches) and launches[launched] == (False, 2):  # out before the mixed step's launch
+            before_mixed += 1
+    assert late > 0 and before_mixed > 0  # held past quick launches, and out before the mixed step's
+
+
+def test_held_deltas_do_not_wait_for_an_eager_decode_launch(holding_eager):
+    """A runner that replays no graph (enforce_eager, a failed capture, or CPU as here) launches a decode step
+    from Python, the whole model's host time: a held delta goes out before that launch, not after it."""
+    llm, alng = holding_eager
+    assert alng.engine.runner.graphs is None
+    events = _spy_events(alng)
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    got = asyncio.run(collect(alng, "one", [5, 6, 7], sp))
+    assert got[0] == llm.generate([[5, 6, 7]], sp)[0].outputs[0].token_ids
+    assert "".join(kind for kind, _ in events) == "LD" * 5

@@ -214,3 +214,41 @@ def test_a_full_step_replays_its_own_bucket_and_the_planner_reserves_the_pool() 
         return _graphed_share(SimpleNamespace(runner=RunnerConfig(**runner), scheduler=sched))  # type: ignore
     assert share() == 1.0 and share(prefill_graph_tokens=512) == 0.25
     assert share(prefill_graph_tokens=0) == 0.0 and share(enforce_eager=True) == 0.0
+
+
+def test_replays_graph_agrees_with_the_graphs_the_step_would_replay() -> None:
+    """ModelRunner.replays_graph, asked on the host before the launch (LLMEngine.step places on_launch by it), says
+    what execute_model does with the uploaded step: decode and verify steps that fit the captured batch sizes replay
+    a decode graph, short varlen steps a varlen graph; a batch past the largest graph, a uniform step that is not a
+    verify step, a long prefill, or a runner without graphs (enforce_eager) run eagerly. The graph sets are built on
+    CPU with their keys filled in (capturing needs CUDA)."""
+    from types import SimpleNamespace
+
+    from deltaserve.engine.cuda_graph import StepGraphs
+    from deltaserve.engine.runner import ModelRunner
+
+    decode = StepGraphs(None, None, max_batch=4, max_pages=WIDTH, device=torch.device("cpu"),  # type: ignore[arg-type]
+                        tokens_per_row=(1, 3), max_verify_batch=2)
+    decode.graphs = {(bs, k): None for k in decode.tokens_per_row for bs in decode._sizes(k)}  # type: ignore
+    varlen = VarlenGraphs(None, None, max_tokens=128, max_rows=4, max_pages=WIDTH, page_size=PAGE,  # type: ignore
+                          device=torch.device("cpu"), step_tokens=256)
+    varlen.graphs = {key: None for key in varlen.keys}  # type: ignore[misc]
+
+    def verify(n: int) -> StepInput:
+        s = step_of([3] * n, [10] * n, list(range(n)), list(range(3 * n)))
+        drafts = tuple(SamplingRequest(f"r{i}", SamplingParams(temperature=0), 1, (7, 8)) for i in range(n))
+        return StepInput(**{**s.__dict__, "sampling": drafts})
+    steps = {"decode 4": (step_of([1] * 4, [9] * 4, [0, 1, 2, 3], [0, 1, 2, 3]), "decode"),
+             "decode 5": (step_of([1] * 5, [9] * 5, [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]), None),
+             "verify 2": (verify(2), "decode"), "verify 3": (verify(3), None),
+             "equal chunks": (step_of([3, 3], [10, 10], [0, 1], [5]), "varlen"),
+             "short prefill": (step_of([40, 1], [0, 9], [0, 1], [39, 40]), "varlen"),
+             "long prefill": (step_of([300], [0], [0], [299]), None)}
+    for graphed in (True, False):
+        runner = SimpleNamespace(graphs=decode if graphed else None, varlen_graphs=varlen if graphed else None)
+        for name, (step, replays) in steps.items():
+            batch = upload_step(step, page_size=PAGE, device="cpu").batch
+            ran = "decode" if graphed and decode.can_run(batch) else (
+                "varlen" if graphed and varlen.key_for(step) is not None else None)
+            assert ran == (replays if graphed else None), name
+            assert ModelRunner.replays_graph(runner, step) == (ran is not None), name  # type: ignore[arg-type]

@@ -97,10 +97,13 @@ class StepGraphs:
         return self.sizes if k == 1 else self.verify_sizes
 
     def can_run(self, batch: ForwardBatch) -> bool:
-        k = batch.tokens_per_row
-        if k not in self.tokens_per_row or not self.graphs or batch.keep_states != (k > 1):
+        return self.fits(batch.tokens_per_row, batch.keep_states, batch.num_seqs, batch.block_tables.shape[1])
+
+    def fits(self, k: int | None, keep_states: bool, num_seqs: int, table_width: int) -> bool:
+        """Whether a step of this shape replays a graph (the host side asks too: LLMEngine.step, via the runner)."""
+        if k not in self.tokens_per_row or not self.graphs or keep_states != (k > 1):
             return False  # a uniform k > 1 step that is not a verify step (equal prefill chunks) runs eagerly
-        return batch.num_seqs <= self._sizes(k)[-1] and batch.block_tables.shape[1] <= self.max_pages
+        return num_seqs <= self._sizes(k)[-1] and table_width <= self.max_pages
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, batch: ForwardBatch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from deltaserve.engine.request import Request, RequestStatus
 from deltaserve.engine.runner import LaunchedStep, StepResult
 from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
 from deltaserve.engine.step_cost import StepCostModel, StepShape, prior_coefficients
-from deltaserve.engine.step_input import BlockTables, StepInput, build_step_input, needs_grammar
+from deltaserve.engine.step_input import BlockTables, build_step_input, needs_grammar
 from deltaserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from deltaserve.outputs import SequenceDelta
 from deltaserve.parallel.launch import build_runner
@@ -200,9 +200,9 @@ class LLMEngine:
     def step(self, on_launch: Callable[[], None] | None = None) -> list[SequenceDelta]:
         """One engine step; returns what sequences produced (tokens, text, finish). on_launch: called once, before the
         host waits for any tokens: host work that must not delay the launch (the server's streaming of the previous
-        step's tokens) goes there. After the launch where it is quick (a decode or verify step: a graph replay), before
-        it otherwise: a prefill or mixed step may launch the whole model from Python (~100 ms of host time on
-        35B-A3B), which that work should not wait for.
+        step's tokens) goes there. After the launch where it is quick (the runner replays a CUDA graph), before it
+        otherwise: a step without a graph (a long prefill or mixed step, or any under enforce_eager) launches the whole
+        model from Python (~100 ms of host time on 35B-A3B), which that work should not wait for.
 
         With async scheduling the tokens returned are those of the previous step: this step is launched first, so
         the GPU goes on computing while the host turns the previous step's tokens into outputs. A step that samples
@@ -220,7 +220,7 @@ class LLMEngine:
         if not out.is_empty:
             try:
                 step_input = build_step_input(out, block_tables=self.block_tables)
-                if on_launch is not None and not _launches_quickly(step_input):
+                if on_launch is not None and not self.runner.replays_graph(step_input):
                     on_launch, early = None, on_launch
                     early()
                 t0 = time.perf_counter()
@@ -379,11 +379,6 @@ class LLMEngine:
             if delta is not None:
                 deltas.append(delta)
         return deltas
-
-
-def _launches_quickly(step: StepInput) -> bool:
-    """A uniform decode or verify step: what the runner replays as a CUDA graph when the batch fits."""
-    return step.tokens_per_row == 1 or (step.tokens_per_row is not None and step.is_verify)
 
 
 def _reads_history(params: SamplingParams) -> bool:

@@ -239,6 +239,14 @@ class ModelRunner:
         return pairs // cfg.num_experts_per_tok
 
     # ---- the step ------------------------------------------------------------------------------------------------
+    def replays_graph(self, step: StepInput) -> bool:
+        """Whether execute_model will replay a CUDA graph for this step (its launch is then quick) rather than run
+        the model from Python (enforce_eager, CPU, a shape no graph was captured for). The same tests as there."""
+        if self.graphs is not None and self.graphs.fits(step.tokens_per_row, step.is_verify, step.num_rows,
+                                                        step.block_table.shape[1]):
+            return True
+        return self.varlen_graphs is not None and self.varlen_graphs.key_for(step) is not None
+
     @torch.no_grad()
     def launch(self, step: StepInput) -> LaunchedStep:
         """Upload the step, apply its state copies, run the model and the sampler, and start copying the samples
