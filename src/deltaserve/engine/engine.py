@@ -202,7 +202,8 @@ class LLMEngine:
         host waits for any tokens: host work that must not delay the launch (the server's streaming of the previous
         step's tokens) goes there. After the launch where it is quick (the runner replays a CUDA graph), before it
         otherwise: a step without a graph (a long prefill or mixed step, or any under enforce_eager) launches the whole
-        model from Python (~100 ms of host time on 35B-A3B), which that work should not wait for.
+        model from Python (~100 ms of host time on 35B-A3B), which that work should not wait for. It must not raise:
+        it runs between the schedule and the step's end, where an error would fail the step's requests or strand it.
 
         With async scheduling the tokens returned are those of the previous step: this step is launched first, so
         the GPU goes on computing while the host turns the previous step's tokens into outputs. A step that samples
