@@ -180,8 +180,9 @@ class AsyncLLM:
         taking the GIL from the host work that launches the next step (the engine thread waited ~1 ms a step for
         the GIL at 16 streams; benchmarks/RESULTS.md 2026-12-06, bench_gil.py). The deltas of an
         asynchronous step's predecessor go out at once: the GPU is already busy with the step."""
-        deltas = self.engine.step(on_launch=self._deliver_held)
-        self._deliver_held()  # if the step launched nothing
+        # a callback only while something is held: the engine then asks the runner where to call it, each step
+        deltas = self.engine.step(on_launch=self._deliver_held if self._held else None)
+        self._deliver_held()  # if the step failed before calling it
         if not self._hold_sync or self.engine.step_in_flight or not self.engine.has_unfinished():
             for delta in deltas:
                 self._deliver(delta.request_id, delta)
