@@ -79,21 +79,6 @@ def test_switch_off_wins_and_on_is_never_forced(switch):
     assert not _device.pdl_enabled(CUDA)  # griddepcontrol would not compile before sm_90
 
 
-def test_prefetch_only_with_pdl_and_aligned_rows(switch):
-    """The weight prefetch before the PDL wait: the default tiles where PDL is on and every address part is a
-    multiple of 16 bytes (cp.async.bulk.prefetch's rule), none otherwise; the knob overrides the default."""
-    assert _device.prefetch_tiles(CUDA, 4096, 2560, 64) == _device.PDL_PREFETCH_DEFAULT > 0
-    assert _device.prefetch_tiles(CUDA, 4096, 2560, 8) == 0  # int4 K tile of 16 columns: 8 bytes a row
-    assert _device.prefetch_tiles(CUDA, 4104, 2560, 64) == 0  # a view 8 bytes into its storage
-    assert _device.prefetch_tiles(CPU, 4096, 2560, 64) == 0
-    switch.setattr(_device, "PDL_PREFETCH_TILES", 0)
-    assert _device.prefetch_tiles(CUDA, 4096, 2560, 64) == 0
-    switch.setattr(_device, "PDL_PREFETCH_TILES", 4)
-    assert _device.prefetch_tiles(CUDA, 4096, 2560, 64) == 4
-    switch.setattr(_device, "PDL", False)
-    assert _device.prefetch_tiles(CUDA, 4096, 2560, 64) == 0
-
-
 @pytest.mark.parametrize("setting", [None, True])
 def test_inert_on_cpu(switch, setting):
     """CPU tensors (the references, and the Triton interpreter's inputs) never get PDL, whatever the switch says;
@@ -148,12 +133,10 @@ def _chain(x: torch.Tensor, res: torch.Tensor, w: dict[str, torch.Tensor]) -> li
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", [None, 0, 16])  # the default, none, past every program's K range
 @pytest.mark.parametrize("rows", [1, 4])
-def test_pdl_chain_eager_and_graph_replays_equal_no_pdl(monkeypatch, rows, prefetch):
+def test_pdl_chain_eager_and_graph_replays_equal_no_pdl(monkeypatch, rows):
     if not torch.cuda.is_available() or not _device.pdl_supported(CUDA):
         pytest.skip("needs a GPU that supports PDL (sm_90+, CUDA >= 12.3)")
-    monkeypatch.setattr(_device, "PDL_PREFETCH_TILES", prefetch)
     w = _chain_weights()
     gen = torch.Generator(device="cuda").manual_seed(1)
     inputs = [(torch.randn(rows, 4096, device="cuda", generator=gen).to(torch.bfloat16),
@@ -223,14 +206,12 @@ def _quant_chain(x: torch.Tensor, w: dict) -> list[torch.Tensor]:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("prefetch", [None, 0, 16])  # the default, none, past every program's K range
 @pytest.mark.parametrize("rows", [1, 2, 4])
-def test_pdl_quantized_chain_equals_no_pdl(monkeypatch, rows, prefetch):
+def test_pdl_quantized_chain_equals_no_pdl(monkeypatch, rows):
     """The quantized kernels (GEMV and its activations' copy, tl.dot GEMM, fused MoE) launched with PDL, eagerly and
-    replayed in a CUDA graph, give what they give without it, with and without the GEMVs' weight prefetch."""
+    replayed in a CUDA graph, give what they give without it."""
     if not torch.cuda.is_available() or not _device.pdl_supported(CUDA):
         pytest.skip("needs a GPU that supports PDL (sm_90+, CUDA >= 12.3)")
-    monkeypatch.setattr(_device, "PDL_PREFETCH_TILES", prefetch)
     w = _quant_chain_weights()
     gen = torch.Generator(device="cuda").manual_seed(2)
     inputs = [torch.randn(rows, 4096, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4)]

@@ -98,23 +98,6 @@ def pdl_enabled(device: torch.device) -> bool:
 
 _launch_kwargs: dict[tuple[str, int | None, bool | None], dict[str, bool]] = {}  # asked on every launch: cached
 
-# Weight tiles a weight-streaming GEMV (the bf16 skinny linear, the quantized GEMV) asks L2 for before its PDL wait
-# (`prefetch_rows_l2`): while the kernel before it finishes, the first wave of its programs pulls in the weights it
-# starts on, which need nothing an earlier kernel writes. Only with PDL (without it no program starts early). None:
-# the default (PDL_PREFETCH_DEFAULT); benchmarks set it to compare (0: none).
-PDL_PREFETCH_TILES: int | None = None
-PDL_PREFETCH_DEFAULT = 2
-
-
-def prefetch_tiles(device: torch.device, *byte_offsets: int) -> int:
-    """PREFETCH for a weight-streaming kernel's launch on `device`: K tiles of each weight row per program to
-    prefetch into L2 before its PDL wait. 0 where PDL is off or a prefetched row could start off the bulk
-    prefetch's 16-byte alignment: byte_offsets are what its addresses are made of (the weight's address, its row
-    stride, a K tile's bytes of a row)."""
-    if not pdl_enabled(device) or any(b % 16 for b in byte_offsets):
-        return 0
-    return PDL_PREFETCH_DEFAULT if PDL_PREFETCH_TILES is None else PDL_PREFETCH_TILES
-
 
 def pdl_launch(device: torch.device) -> dict[str, bool]:
     """Keyword arguments for a participating kernel's launch: `kernel[grid](..., **pdl_launch(x.device))` (a shared

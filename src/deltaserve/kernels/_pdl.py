@@ -42,17 +42,6 @@ def prefetch_l2(ptrs, mask):
 
 
 @triton.jit
-def prefetch_rows_l2(row_ptrs, nbytes, mask):
-    """`cp.async.bulk.prefetch.L2` of `nbytes` (a multiple of 16) from each address where mask is set (16-byte
-    aligned): one instruction per weight row brings a program's first K tiles of it into L2, for a PDL prologue
-    (sm_90+, PTX only: never under the interpreter, where PDL is off). A hint: nothing waits for it."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $3; }", "=r,l,r,r",
-        [row_ptrs, (mask & (nbytes > 0)).to(tl.int32), nbytes + tl.zeros(mask.shape, tl.int32)], dtype=tl.int32,
-        is_pure=False, pack=1)
-
-
-@triton.jit
 def wait_then_release(PDL: tl.constexpr):
     """With PDL: wait for the previous kernel's completion and memory, then let the next kernel be scheduled.
     Without: nothing (compiles to no instruction)."""

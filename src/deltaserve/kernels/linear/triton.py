@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels._device import pdl_launch, prefetch_tiles
-from deltaserve.kernels._pdl import prefetch_rows_l2, wait_then_release
+from deltaserve.kernels._device import pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Tile(NamedTuple):
 def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_ym,
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                           SPLIT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
-                          PDL: tl.constexpr = False, PREFETCH: tl.constexpr = 0):
+                          PDL: tl.constexpr = False):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)  # this program reduces K columns [pid_k * K_SPLIT, min(K, (pid_k + 1) * K_SPLIT))
     rn = pid_n * BN + tl.arange(0, BN)
@@ -58,11 +58,7 @@ def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPL
     k_lo = pid_k * K_SPLIT  # K_SPLIT is a multiple of BK: only the last range can end in a partial tile
     # PDL: wait for the previous kernel (x is its output) before any load. Loading the first W tile before the
     # wait (a peeled first step) held 168 registers instead of 96 and lost on the H200: 9B batch 1 0.97x, 35B-A3B
-    # 1.07x against 1.00x / 1.09x waiting first (RESULTS.md, 2026-12-04). PREFETCH asks L2 for the first tiles'
-    # rows instead (one bulk prefetch per row, no registers held; _device.prefetch_tiles).
-    if PREFETCH > 0:
-        nbytes = tl.minimum(PREFETCH * BK, tl.minimum(K, k_lo + K_SPLIT) - k_lo) * 2 // 16 * 16
-        prefetch_rows_l2(w_ptr + rn.to(tl.int64) * K + k_lo, nbytes, m_n)
+    # 1.07x against 1.00x / 1.09x waiting first (RESULTS.md, 2026-12-04).
     wait_then_release(PDL)
     for k in tl.range(k_lo, tl.minimum(K, k_lo + K_SPLIT), BK, num_stages=STAGES):
         if EVEN_K:
@@ -202,7 +198,5 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, ...],
     _skinny_linear_kernel[(blocks, split)](
         x, weight, y, ws, counts, m, n, k, k_split, x.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
         STAGES=_fit_stages(bm, bn, bk, stages), SPLIT=split, EVEN_K=k % bk == 0, UPCAST=not x.is_cuda,
-        num_warps=num_warps, PREFETCH=prefetch_tiles(x.device, weight.data_ptr(), weight.element_size() * k,
-                                                       weight.element_size() * bk),
-        **pdl_launch(x.device))
+        num_warps=num_warps, **pdl_launch(x.device))
     return y

@@ -49,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels._device import capability, num_sms, pdl_launch, prefetch_tiles
-from deltaserve.kernels._pdl import prefetch_rows_l2, wait_then_release
+from deltaserve.kernels._device import capability, num_sms, pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.linear.triton import _scratch
 from deltaserve.kernels.quant import ref
 
@@ -841,29 +841,20 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
                  stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
-                 PDL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT_FIRST: tl.constexpr = False,
-                 PREFETCH: tl.constexpr = 0):
+                 PDL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT_FIRST: tl.constexpr = False):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
     pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA: packed fp16 products on
     plane_major_f16()'s activations (int4) or act_f16()'s (fp8) instead of fp32 FMAs. SPLIT > 1: the grid's SPLIT K
     ranges are added in this launch (_reduce_splits, workspace [SPLIT, BM, N]); 1: each program stores its own
     sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds). PDL: waits
-    first (x, the workspace and counters are the previous kernels'), after asking L2 for the first PREFETCH K tiles
-    of its weight rows (_device.prefetch_tiles)."""
-    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
-    k_begin = pid_k * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    if PREFETCH > 0:
-        n = pid_n * BN + tl.arange(0, BN)
-        span = tl.minimum(PREFETCH * BK, k_end - k_begin)
-        if INT4:  # int32 words of eight columns
-            prefetch_rows_l2(w_ptr + n * stride_wn + k_begin // 8, span // 32 * 16, n < N)
-        else:
-            prefetch_rows_l2(w_ptr + n * stride_wn + k_begin, span // 16 * 16, n < N)
+    first (x, the workspace and counters are the previous kernels')."""
     wait_then_release(PDL)
+    pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BM)[:, None, None]
     cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
+    k_begin = pid_k * k_per_split
+    k_end = tl.minimum(k_begin + k_per_split, K)
     acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
                     GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA, F16_WORDS, UNROLL=True, DEPTH=DEPTH,
                     EVICT_FIRST=EVICT_FIRST)
@@ -1172,13 +1163,9 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                   **_launch(*launch), **pdl_launch(x.device))
     if unpack == 4:
         depth, evict_first = _gemv_pipeline(m, n, bn, int4, num_sms(x.device) if x.is_cuda else 4)
-        elsize = weight.element_size()  # int4: 4 bytes a word of eight columns
         _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
                                                   F16_WORDS=_f16_words(bk) if f16 else 1, DEPTH=depth,
-                                                  EVICT_FIRST=evict_first, **consts,
-                                                  PREFETCH=prefetch_tiles(x.device, weight.data_ptr(),
-                                                                          weight.stride(0) * elsize,
-                                                                          bk // 2 if int4 else bk))
+                                                  EVICT_FIRST=evict_first, **consts)
     else:
         _gemm_kernel[(m_tiles, triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8,
