@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.testing
 
-from benchmarks.common import measure_copy_bandwidth, require_cuda, table
+from benchmarks.common import measure_copy_bandwidth, read_stream, require_cuda, table
 from deltaserve.kernels.quant import ref
 from deltaserve.kernels.quant import triton as qt
 
@@ -297,7 +297,9 @@ def gemv_pipeline(depth: int | None, evict: bool | None):
 
 def pipelines(args, bw: float) -> list[dict]:
     """The default GEMVs (int4 and fp8, fp16 products) at the plan's tiles under each of PIPELINES: µs, the
-    weight-read floor's multiple, and the relative error against the exact product."""
+    weight-read floor's multiple, and the relative error against the exact product; "read us": one contiguous read
+    of the same bytes (common.read_stream, the fastest a single launch of that size can be), and each pipeline's
+    multiple of it."""
     rows = []
     for name, (n, k) in SHAPES.items():
         weights = make_weights(n, k)
@@ -306,13 +308,15 @@ def pipelines(args, bw: float) -> list[dict]:
             for kind in ("int4", "fp8"):
                 w, s, z = weights[kind]
                 floor_us = floor_bytes(kind, n, k) / bw * 1e6
-                row = {"shape": name, "rows": m, "kind": kind, "floor us": floor_us}
+                read_us = time_ms(read_stream(int(floor_bytes(kind, n, k)))) * 1e3
+                row = {"shape": name, "rows": m, "kind": kind, "floor us": floor_us, "read us": read_us}
                 for depth, evict in PIPELINES:
                     with gemv_pipeline(depth, evict):
                         us = time_ms(lambda: qt.quant_gemm(x, w, s, z, 128, unpack=4)) * 1e3
                         err = rel_error(kind, x, weights[kind], qt.quant_gemm(x, w, s, z, 128, unpack=4))
                     label = f"d{depth}{' ef' if evict else ''}"
-                    row[f"{label} us"], row[f"{label} /floor"], row[f"{label} err"] = us, us / floor_us, err
+                    row[f"{label} us"], row[f"{label} /floor"], row[f"{label} /read"] = us, us / floor_us, us / read_us
+                    row[f"{label} err"] = err
                 rows.append(row)
                 print(row, flush=True)
     return rows

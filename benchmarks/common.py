@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -96,6 +97,42 @@ def measure_copy_bandwidth(nbytes: int = 2 << 30) -> float:
     dst = torch.empty_like(src)
     ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
     return 2 * nbytes / (ms * 1e-3)
+
+
+def read_stream(nbytes: int) -> Callable[[], object]:
+    """A launch that reads `nbytes` of a device buffer once, contiguously, and nothing else: time it with the
+    benchmark's own timer for the least time one kernel needs to read that many bytes (ramp-up and tail included).
+    At decode sizes (tens of MB a projection) that is well under the copy bandwidth, so a weight-streaming kernel is
+    compared with it as well as with the copy floor."""
+    import triton
+
+    words = -(-nbytes // 4)
+    w = torch.zeros(words, dtype=torch.int32, device="cuda")
+    out = torch.empty(4 * torch.cuda.get_device_properties(0).multi_processor_count, dtype=torch.int32,
+                      device="cuda")
+    per = triton.cdiv(triton.cdiv(words, out.numel()), _READ_BLOCK) * _READ_BLOCK
+    grid = (triton.cdiv(words, per),)
+    return lambda: _read_kernel()[grid](w, out, words, per, BLOCK=_READ_BLOCK, num_warps=8)
+
+
+_READ_BLOCK = 4096  # int32 words a program loads at once (16 KB)
+
+
+@functools.cache
+def _read_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read(w_ptr, out_ptr, words, per, BLOCK: tl.constexpr):
+        start = tl.program_id(0) * per
+        acc = tl.zeros((BLOCK,), dtype=tl.int32)
+        for off in range(start, tl.minimum(start + per, words), BLOCK):
+            idx = off + tl.arange(0, BLOCK)
+            acc ^= tl.load(w_ptr + idx, mask=idx < words, other=0)
+        tl.store(out_ptr + tl.program_id(0), tl.sum(acc))  # the loads feed a store: none is dropped
+
+    return read
 
 
 def measure_matmul_rate(n: int = 8192) -> float:
