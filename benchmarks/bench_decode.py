@@ -1,7 +1,7 @@
 """Whole-model decode step time (CUDA graph replay) at real shapes with dummy weights, against the bandwidth floor.
 
 python benchmarks/bench_decode.py [--models 9B 27B 35B-A3B] [--batches 1 8 64] [--context 1024]
-    [--kv-cache-dtype auto fp8 int8 int4] [--state-dtype float32 bfloat16] [--pdl off on] [--l2-prefetch off on]
+    [--kv-cache-dtype auto fp8 int8 int4] [--state-dtype float32 bfloat16] [--pdl off on]
 
 Each (--kv-cache-dtype, --state-dtype) pair gets its own caches and graph on the same loaded model; the floor counts
 the bytes each format reads (quantized pages and their scales, the state in its dtype), and "vs first" is the step
@@ -10,9 +10,6 @@ time of the first pair (default: auto / float32) over this one's.
 --pdl off on: an A/B of Programmatic Dependent Launch in one process (kernels/_device.py: "off" sets the switch to
 False, "on" to True, "auto" leaves it to DELTASERVE_PDL / the device); each setting gets its own graph capture, and
 "pdl" in the table is what the kernels actually got (on only at sm_90+). Listed first, "off" is the "vs first" base.
-
---l2-prefetch off on: the same for the output projections' weights prefetched into L2 on a side stream
-(kernels/_prefetch.py ENABLED; "auto" leaves the default).
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from deltaserve.cache.tensors import CacheShape, ModelCache, kv_page_dtype
 from deltaserve.config.engine import KV_CACHE_DTYPES, STATE_DTYPES
 from deltaserve.engine.cuda_graph import StepGraphs
 from deltaserve.engine.device_inputs import build_forward_batch
-from deltaserve.kernels import _device, _prefetch
+from deltaserve.kernels import _device
 from deltaserve.models.loader import load_model
 
 PAGE = 16
@@ -117,8 +114,6 @@ def main() -> None:
     ap.add_argument("--state-dtype", nargs="+", default=["float32"], choices=STATE_DTYPES)
     ap.add_argument("--pdl", nargs="+", default=["auto"], choices=list(PDL_SETTINGS),
                     help="Programmatic Dependent Launch settings to A/B (each captures its own graph)")
-    ap.add_argument("--l2-prefetch", nargs="+", default=["auto"], choices=list(PDL_SETTINGS),
-                    help="output-projection weight prefetch settings to A/B (each captures its own graph)")
     args = ap.parse_args()
     require_cuda("bench_decode.py")
     bw = measure_copy_bandwidth()
@@ -128,17 +123,14 @@ def main() -> None:
                            with_mtp=False)
         for b in args.batches:
             first = None
-            for kv, state, pdl, fetch in itertools.product(args.kv_cache_dtype, args.state_dtype, args.pdl,
-                                                           args.l2_prefetch):
+            for kv, state, pdl in itertools.product(args.kv_cache_dtype, args.state_dtype, args.pdl):
                 pdl_on = set_pdl(pdl)
-                _prefetch.ENABLED = PDL_SETTINGS[fetch]
                 try:
                     row = bench_one(name, b, args.context, bw, model, kv, state)
                 except torch.OutOfMemoryError:
                     row = None
                 # outside the except block, so the traceback no longer holds the failed run's caches
-                rows.append({**(row or _oom_row(name, b, args.context, kv, state)), "pdl": "on" if pdl_on else "off",
-                             "l2 prefetch": "on" if _prefetch.enabled(torch.device("cuda")) else "off"})
+                rows.append({**(row or _oom_row(name, b, args.context, kv, state)), "pdl": "on" if pdl_on else "off"})
                 first = first or rows[-1]
                 rows[-1]["vs first"] = first["graph ms"] / rows[-1]["graph ms"]
                 print(rows[-1], flush=True)

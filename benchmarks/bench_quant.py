@@ -3,7 +3,7 @@ same run.
 
 python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4 fp8-w8a8] [--batches 1 64]
                                  [--context 1024] [--gemv-variants fp32 f16 f16x4] [--fp8-gemv fp32 f16]
-                                 [--gemv-pipeline off rule] [--l2-prefetch off on]
+                                 [--gemv-pipeline off rule]
 
 --gemv-variants: int4 runs once per variant of its GEMVs (one-row projections, MoE per-pair): fp32 FMAs (rows
 "int4"), fp16 products one word per fp16 accumulator (kernels/quant/triton.py GEMV_F16 with GEMV_F16_WORDS 1, rows
@@ -32,7 +32,6 @@ from benchmarks.bench_decode import _oom_row, bench_one
 from benchmarks.bench_quant_kernels import GEMV_VARIANTS, fp8_gemv, gemv_f16, gemv_pipeline
 from benchmarks.common import measure_copy_bandwidth, model_config, print_report, require_cuda
 from deltaserve.config import QuantizationConfig
-from deltaserve.kernels import _prefetch
 from deltaserve.kernels.quant import triton as qt
 from deltaserve.models.loader import load_model
 
@@ -88,8 +87,6 @@ def main() -> None:
                          "evict-first: the kernels before the rule)")
     ap.add_argument("--fp8-gemv", nargs="+", choices=["fp32", "f16"], default=["f16"],
                     help="fp8 (not fp8-w8a8) runs once per variant of its one-row GEMV: fp32 FMAs, fp16 products")
-    ap.add_argument("--l2-prefetch", nargs="+", choices=["auto", "off", "on"], default=["auto"],
-                    help="output-projection weight prefetch into L2 (kernels/_prefetch.py ENABLED), to A/B")
     args = ap.parse_args()
     require_cuda("bench_quant.py")
     bw = measure_copy_bandwidth()
@@ -100,19 +97,16 @@ def main() -> None:
             model = load(name, fmt)
             variants = (["" if v == "fp32" else v for v in args.gemv_variants] if fmt == "int4" else
                         args.fp8_gemv if fmt == "fp8" else [""])
-            runs = [(b, f16, pipe, pipes, fetch) for b, f16 in itertools.product(args.batches, variants)
-                    for pipes in [pipelines_for(fmt, b, args.gemv_pipeline)] for pipe in pipes
-                    for fetch in args.l2_prefetch]
-            for b, f16, pipe, pipes, fetch in runs:
-                _prefetch.ENABLED = {"auto": None, "off": False, "on": True}[fetch]
+            runs = [(b, f16, pipe, pipes) for b, f16 in itertools.product(args.batches, variants)
+                    for pipes in [pipelines_for(fmt, b, args.gemv_pipeline)] for pipe in pipes]
+            for b, f16, pipe, pipes in runs:
                 try:  # the variant is read as the step's CUDA graph is captured
                     with gemv_f16(f16) if fmt == "int4" else fp8_gemv(f16), gemv_pipeline(*PIPELINE_KNOBS[pipe]):
                         row = bench_one(name, b, args.context, bw, model)
                 except torch.OutOfMemoryError:
                     row = None
                 row = row or _oom_row(name, b, args.context, "auto", "float32")
-                row["format"] = row_format(fmt, f16, variants, pipe, pipes) + (
-                    f" l2-prefetch-{fetch}" if len(args.l2_prefetch) > 1 else "")
+                row["format"] = row_format(fmt, f16, variants, pipe, pipes)
                 if fmt == "bf16":
                     base[b] = row["graph ms"]
                 row["vs bf16"] = base.get(b, float("nan")) / row["graph ms"]

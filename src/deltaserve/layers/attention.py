@@ -51,7 +51,6 @@ class GatedAttention(nn.Module):
         """x: [T, D] -> [T, D]."""
         T = x.shape[0]
         q_gate, k, v = self.qkv_proj.forward_split(x)
-        self.o_proj.prefetch(T)  # its weights into L2 while norm/RoPE, attention and the gate run
         # q_proj rows are per head [query(hd) | gate(hd)], not [all queries | all gates].
         q, gate = q_gate.view(T, self.num_heads, 2 * self.head_dim).chunk(2, dim=-1)
         k = k.view(T, self.num_kv_heads, self.head_dim)

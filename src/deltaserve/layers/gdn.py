@@ -61,7 +61,6 @@ class GatedDeltaNet(nn.Module):
         """x: [T, D] -> [T, D]; reads and writes this layer's conv/ssm state of each sequence in place."""
         T = x.shape[0]
         mixed_qkv, z, b, a = self.in_proj.forward_split(x)  # column views of one GEMM output
-        self.out_proj.prefetch(T)  # its weights into L2 while the latency-bound core runs
         o = self._core(mixed_qkv, a, b, batch, state)
         z = z.view(T, self.num_v_heads, self.head_v_dim)
         return self.out_proj(self.norm(o, z).reshape(T, self.value_dim))

@@ -94,16 +94,6 @@ class Linear(nn.Module):
     def init_dummy_weights(self, prefix: str, seed: int) -> None:
         self.method.init_dummy(self, prefix, seed)
 
-    def prefetch(self, tokens: int) -> None:
-        """Ask L2 for this projection's stored weights ahead of its GEMV, on a side stream (kernels/_prefetch.py):
-        a layer calls it right after launching the kernels before its latency-bound middle; its model forward joins
-        the side stream at its end (join_prefetches). CUDA only; steps of more than _prefetch.MAX_TOKENS tokens
-        skip it."""
-        first = next(self.parameters(), None)
-        if first is not None and first.is_cuda:
-            from deltaserve.kernels._prefetch import prefetch_l2
-            prefetch_l2(self.parameters(), tokens)
-
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, method={self.method.name}"
 
@@ -150,11 +140,3 @@ class MergedLinear(Linear):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, shards={self.shards}, method={self.method.name}"
-
-
-def join_prefetches(x: torch.Tensor) -> None:
-    """The end of a model forward whose layers may have called Linear.prefetch: its stream waits for the prefetch
-    side stream (a CUDA graph capture needs it joined before it ends). CUDA only."""
-    if x.is_cuda:
-        from deltaserve.kernels._prefetch import join
-        join(x.device)

@@ -16,7 +16,7 @@ from deltaserve.layers.attention import GatedAttention
 from deltaserve.layers.embedding import LMHead, TiedLMHead
 from deltaserve.layers.forward_batch import ForwardBatch
 from deltaserve.layers.gdn import GatedDeltaNet
-from deltaserve.layers.linear import Linear, join_prefetches
+from deltaserve.layers.linear import Linear
 from deltaserve.layers.mlp import MLP
 from deltaserve.layers.moe import SparseMoE
 from deltaserve.layers.norm import RMSNorm
@@ -81,7 +81,6 @@ class Qwen3_5Model(nn.Module):
         for i, layer in enumerate(self.layers):
             h, residual = layer(h, residual, batch, cache.layer(i))
         h, _ = self.norm(h, residual)
-        join_prefetches(h)
         return h
 
 
@@ -106,7 +105,6 @@ class MTPHead(nn.Module):
         x = torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1)
         h, residual = self.layers[0](self.fc(x), None, batch, cache.attention(MTP_LAYER))
         h, _ = self.norm(h, residual)
-        join_prefetches(h)
         return h
 
 
