@@ -199,6 +199,17 @@ def test_gemv_pipeline_rule(m, n, bn, int4, want):
     assert qt._gemv_pipeline(m, n, bn, int4, 132) == want
 
 
+def test_gemv_pipeline_per_card_entry():
+    """A card's measured entry (GEMV_DEPTH_TUNED) overrides the rule's depth for its one-row int4 shape only: the H100
+    takes three tiles for the 27B down projection, the H200 and other rows, formats and shapes keep the rule."""
+    h100 = "NVIDIA H100 80GB HBM3"
+    assert qt._gemv_pipeline(1, 5120, 128, True, 132, 17408, h100) == (3, False)
+    assert qt._gemv_pipeline(1, 5120, 128, True, 132, 17408, "NVIDIA H200") == (2, False)
+    assert qt._gemv_pipeline(2, 5120, 128, True, 132, 17408, h100) == (2, False)
+    assert qt._gemv_pipeline(1, 5120, 64, False, 132, 17408, h100) == (2, False)
+    assert qt._gemv_pipeline(1, 5120, 128, True, 132, 6144, h100) == (2, False)
+
+
 def test_gemv_pipeline_knobs_override_the_rule(monkeypatch):
     monkeypatch.setattr(qt, "GEMV_DEPTH", 2)
     monkeypatch.setattr(qt, "GEMV_EVICT_FIRST", False)

@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels._device import capability, num_sms, pdl_launch
+from deltaserve.kernels._device import capability, device_name, num_sms, pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.linear.triton import _scratch
 from deltaserve.kernels.quant import ref
@@ -1026,6 +1026,10 @@ GEMV_FP8_F16 = True
 # benchmarks set them to compare (bench_quant_kernels.py --gemv-pipeline).
 GEMV_DEPTH: int | None = None
 GEMV_EVICT_FIRST: bool | None = None
+# DEPTH per card where the rule's two-tile loop lost on that card (bench_quant_kernels.py --gemv-pipeline, RESULTS.md
+# 2026-12-06): {card: {(N, K) of a one-row int4 call: DEPTH}}. H100: 27B down 24.7 -> 22.4 µs with three tiles
+# (on the H200 they lost, 18.1 -> 18.5: the rule stays the default).
+GEMV_DEPTH_TUNED: dict[str, dict[tuple[int, int], int]] = {"NVIDIA H100 80GB HBM3": {(5120, 17408): 3}}
 
 
 def _f16_words(bk: int, words: int | None = None) -> int:
@@ -1048,7 +1052,7 @@ def _gemv_plan(m: int, n: int, k: int, group: int, device: torch.device, int4: b
     return bm, bn, bk, split, 8, 3
 
 
-def _gemv_pipeline(m: int, n: int, bn: int, int4: bool, sms: int) -> tuple[int, bool]:
+def _gemv_pipeline(m: int, n: int, bn: int, int4: bool, sms: int, k: int = 0, card: str = "") -> tuple[int, bool]:
     """(DEPTH, EVICT_FIRST) for a GEMV call (GEMV_DEPTH / GEMV_EVICT_FIRST where set). Shapes whose N tiles alone
     fill two waves (27B gate_up) stream their words evict-first, and at one int4 row three tiles an iteration; the
     rest keep the two-tile loop. H200, kernel only (bench_quant_kernels.py --gemv-pipeline, RESULTS.md 2026-12-06):
@@ -1060,7 +1064,8 @@ def _gemv_pipeline(m: int, n: int, bn: int, int4: bool, sms: int) -> tuple[int, 
     if GEMV_DEPTH not in (None, 2, 3):  # _gemv_acc has no other loop: it would run two tiles under another label
         raise ValueError(f"GEMV_DEPTH must be 2 or 3 (tiles per K iteration) or None (the rule), got {GEMV_DEPTH!r}")
     wide = triton.cdiv(n, bn) >= 2 * sms
-    depth = GEMV_DEPTH if GEMV_DEPTH is not None else 3 if wide and int4 and m == 1 else 2
+    tuned = GEMV_DEPTH_TUNED.get(card, {}).get((n, k)) if int4 and m == 1 else None
+    depth = GEMV_DEPTH if GEMV_DEPTH is not None else tuned or (3 if wide and int4 and m == 1 else 2)
     return depth, GEMV_EVICT_FIRST if GEMV_EVICT_FIRST is not None else wide
 
 
@@ -1162,7 +1167,8 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, SPLIT=reduce,
                   **_launch(*launch), **pdl_launch(x.device))
     if unpack == 4:
-        depth, evict_first = _gemv_pipeline(m, n, bn, int4, num_sms(x.device) if x.is_cuda else 4)
+        depth, evict_first = _gemv_pipeline(m, n, bn, int4, num_sms(x.device) if x.is_cuda else 4, k,
+                                            device_name(x.device) if x.is_cuda else "")
         _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
                                                   F16_WORDS=_f16_words(bk) if f16 else 1, DEPTH=depth,
                                                   EVICT_FIRST=evict_first, **consts)
