@@ -68,11 +68,15 @@ def capacity_rows(models: list[str], memory_gib: float, utilization: float, rese
             slot = state_bytes_per_slot(shapes, len(cfg.linear_attention_layers), torch.bfloat16,
                                         getattr(torch, state))
             n = planned_sequences(budget, page, slot, context, prefix_caching)
-            first = first or n
+            first = n if first is None else first  # auto/float32's, even 0 (then any that fits is inf times it)
             rows.append({"model": name, "kv_cache_dtype": kv, "state_dtype": state,
                          "KV MiB/seq": page * -(-context // PAGE) / 2**20, "state MiB/seq": slot / 2**20,
-                         "budget GiB": budget / GiB, "sequences": n, "vs auto/float32": n / first if first else 0.0})
+                         "budget GiB": budget / GiB, "sequences": n, "vs auto/float32": _ratio(n, first)})
     return rows
+
+
+def _ratio(n: int, base: int) -> float:
+    return n / base if base else (float("inf") if n else 0.0)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -124,6 +124,18 @@ def test_capacity_arithmetic_from_the_planner():
     assert 25 <= base["sequences"] < fp8["sequences"] < rows[("27B", "int4", "bfloat16")]["sequences"]
 
 
+def test_capacity_ratio_is_against_auto_float32_even_when_that_fits_none():
+    """At 256k tokens on 70 GiB the 27B's bf16 KV fits no sequence and fp8's one: fp8 was reported as 1.0x
+    'auto/float32' (the first option that fit any became the base)."""
+    from benchmarks import capacity
+
+    rows = {(r["kv_cache_dtype"], r["state_dtype"]): r for r in capacity.main(
+        ["--models", "27B", "--memory-gib", "70", "--context", "262144"])}
+    assert rows[("auto", "float32")]["sequences"] == 0 and rows[("fp8", "float32")]["sequences"] == 1
+    assert rows[("fp8", "float32")]["vs auto/float32"] == float("inf")
+    assert rows[("auto", "float32")]["vs auto/float32"] == rows[("auto", "bfloat16")]["vs auto/float32"] == 0.0
+
+
 @pytest.mark.parametrize("prefix_caching", [True, False])
 def test_capacity_is_what_the_engines_plan_holds(prefix_caching):
     """'sequences' is the largest n for which the engine's planner, with --max-num-seqs n, gives n state slots and the
