@@ -121,7 +121,44 @@ def test_capacity_arithmetic_from_the_planner():
     rows = {(r["model"], r["kv_cache_dtype"], r["state_dtype"]): r for r in capacity.main(["--models", "27B"])}
     base, fp8 = rows[("27B", "auto", "float32")], rows[("27B", "fp8", "float32")]
     assert base["KV MiB/seq"] == 2048 and fp8["KV MiB/seq"] == 2048 * 260 / 512  # 256 values + a 4-byte scale
-    assert 30 <= base["sequences"] < fp8["sequences"] < rows[("27B", "int4", "bfloat16")]["sequences"]
+    assert 25 <= base["sequences"] < fp8["sequences"] < rows[("27B", "int4", "bfloat16")]["sequences"]
+
+
+def test_capacity_ratio_is_against_auto_float32_even_when_that_fits_none():
+    """At 256k tokens on 70 GiB the 27B's bf16 KV fits no sequence and fp8's one: fp8 was reported as 1.0x
+    'auto/float32' (the first option that fit any became the base)."""
+    from benchmarks import capacity
+
+    rows = {(r["kv_cache_dtype"], r["state_dtype"]): r for r in capacity.main(
+        ["--models", "27B", "--memory-gib", "70", "--context", "262144"])}
+    assert rows[("auto", "float32")]["sequences"] == 0 and rows[("fp8", "float32")]["sequences"] == 1
+    assert rows[("fp8", "float32")]["vs auto/float32"] == float("inf")
+    assert rows[("auto", "float32")]["vs auto/float32"] == rows[("auto", "bfloat16")]["vs auto/float32"] == 0.0
+
+
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_capacity_is_what_the_engines_plan_holds(prefix_caching):
+    """'sequences' is the largest n for which the engine's planner, with --max-num-seqs n, gives n state slots and the
+    pages of n full-length sequences: with prefix caching on (the engine's default) after the checkpoints' share of
+    the budget, which the count once ignored (27B at 32k, H200: 34 sequences claimed, 30 planned)."""
+    from benchmarks import capacity
+    from deltaserve.cache.planner import GiB, plan_memory
+    from deltaserve.config.engine import CHECKPOINT_FRACTION
+
+    argv = ["--models", "27B", "--context", "32768"] + ([] if prefix_caching else ["--no-prefix-caching"])
+    budget = int(143771 / 1024 * GiB * 0.9) - capacity.weight_bytes("27B") - int(3 * GiB)
+    pages_per_seq = 32768 // capacity.PAGE
+
+    def holds(row: dict, n: int) -> bool:
+        page = round(row["KV MiB/seq"] * 2**20) // pages_per_seq
+        plan = plan_memory(budget_bytes=budget, page_bytes=page, slot_bytes=round(row["state MiB/seq"] * 2**20),
+                           page_size=capacity.PAGE, max_num_seqs=n, max_model_len=32768,
+                           checkpoint_fraction=CHECKPOINT_FRACTION if prefix_caching else 0.0)
+        return plan.num_slots >= n and plan.num_pages >= n * pages_per_seq
+
+    for row in capacity.main(argv):
+        n = row["sequences"]
+        assert n > 0 and holds(row, n) and not holds(row, n + 1), row
 
 
 def test_structured_bench_plumbing(monkeypatch, capsys):

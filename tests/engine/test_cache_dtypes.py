@@ -114,3 +114,17 @@ def test_plan_counts_the_compressed_sizes_and_logs_them(ckpt, caplog):
     assert "KV cache (bfloat16)" in caplog.text and "GDN state (float32 recurrent state)" in caplog.text
     assert "KV cache (int4 + an fp32 scale per token and head)" in caplog.text
     assert "GDN state (bfloat16 recurrent state)" in caplog.text
+
+
+def test_fp8_pages_are_refused_on_gpus_without_e4m3_conversions():
+    """fp8 pages are written and read with sm_89 instructions (cvt.rn.f16x2.e4m3x2 in the decode kernel, Triton's
+    fp8e4nv cast in the write kernel): on an A100 (8.0) they failed to compile inside the first step; the runner
+    now refuses them before loading the weights, naming the GPU and the formats that work."""
+    from deltaserve.config import ConfigError
+    from deltaserve.engine.memory import check_kv_cache_support
+
+    with pytest.raises(ConfigError, match=r"'kv_cache_dtype' fp8 .* 8\.9\+.* this GPU is 8\.0: use int8"):
+        check_kv_cache_support("fp8", (8, 0))
+    for kv, cap in (("fp8", (8, 9)), ("fp8", (9, 0)), ("fp8", None), ("int8", (8, 0)), ("int4", (8, 0)),
+                    ("auto", (8, 0))):
+        check_kv_cache_support(kv, cap)  # None: a CPU, where the references run

@@ -10,7 +10,7 @@ from deltaserve.cache.allocator import pages_for_tokens
 from deltaserve.cache.planner import MemoryPlan, plan_memory
 from deltaserve.cache.tensors import (CacheShape, ModelCache, kv_bytes_per_page, kv_page_dtype, state_bytes_per_slot,
                                       verify_bytes_per_position)
-from deltaserve.config import EngineConfig
+from deltaserve.config import ConfigError, EngineConfig
 from deltaserve.engine.device_inputs import build_forward_batch
 from deltaserve.engine.varlen_graph import token_sizes
 
@@ -34,6 +34,19 @@ def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torc
                        checkpoint_fraction=cc.checkpoint_fraction,
                        kv_format=kv_format_label(cc.kv_cache_dtype, dtype), state_format=cc.state_dtype,
                        kv_cache_dtype=cc.kv_cache_dtype)
+
+
+# fp8 pages are written with Triton's fp8e4nv cast and read with cvt.rn.f16x2.e4m3x2 (kernels/attention): sm_89+
+FP8_KV_MIN_CAPABILITY = (8, 9)
+
+
+def check_kv_cache_support(kv_cache_dtype: str, capability: tuple[int, int] | None) -> None:
+    """Refuse a KV page format the GPU (compute capability; None: a CPU, where the references run) cannot convert,
+    before the weights load: its kernels would fail to compile inside the first step."""
+    if kv_cache_dtype == "fp8" and capability is not None and tuple(capability) < FP8_KV_MIN_CAPABILITY:
+        major, minor = capability
+        raise ConfigError(f"'kv_cache_dtype' fp8 pages need e4m3 conversions of compute capability 8.9+ (Ada, Hopper "
+                          f"or newer); this GPU is {major}.{minor}: use int8 (the same memory) or int4")
 
 
 def kv_format_label(kv_cache_dtype: str, model_dtype: torch.dtype) -> str:

@@ -24,12 +24,13 @@ from deltaserve.cache.planner import MemoryPlan
 from deltaserve.config import EngineConfig
 from deltaserve.engine.cuda_graph import StepGraphs
 from deltaserve.engine.device_inputs import DeviceStep, upload_step
-from deltaserve.engine.memory import new_cache, plan_cache_memory
+from deltaserve.engine.memory import check_kv_cache_support, new_cache, plan_cache_memory
 from deltaserve.engine.prompt_logprobs import PromptScores, prompt_logprobs, prompt_logprobs_lists
 from deltaserve.engine.sampler import GrammarBitmask, Sampler, SamplerOutput, SamplingRow
 from deltaserve.engine.speculative import MTPDrafter, SimulatedAcceptance, first_logits_rows, kept_counts
 from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, needs_grammar
 from deltaserve.engine.varlen_graph import VarlenGraphs
+from deltaserve.kernels._device import capability
 from deltaserve.kernels.moe.gpu import NO_GROUPED_MAX_PAIRS
 from deltaserve.kernels.moe.grouped import grouped_mm_available
 from deltaserve.kernels.quant.triton import PAIR_MAX
@@ -146,6 +147,8 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, *, eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.config = config
         self.device = resolve_device(config.runner.device)
+        check_kv_cache_support(config.cache.kv_cache_dtype,
+                               capability(self.device) if self.device.type == "cuda" else None)
         self.model = load_model(config.model, dtype=config.runner.dtype, device=self.device,
                                 load_format=config.runner.load_format, with_mtp=config.with_mtp,
                                 shapes=config.rank_shapes(), quantization=config.quantization)
