@@ -103,6 +103,21 @@ def test_completion_logprobs_zero_gives_the_sampled_token(http, stream):
     assert tops == [{token: lp} for token, lp in zip(tokens, chosen)]
 
 
+@pytest.mark.parametrize("route,body,nulls", [
+    (COMPLETIONS, {"prompt": "abc", "max_tokens": 3}, ("n", "stream", "echo")),
+    (CHAT, {**NO_THINK_CHAT.request(), "max_tokens": 3}, ("n", "stream", "logprobs"))])
+def test_null_means_the_default_where_openai_allows_null(client, http, route, body, nulls):
+    """OpenAI's API reference types n, stream, chat's logprobs and completions' echo as "... or null" (vLLM takes
+    null too), and the OpenAI SDK sends null for an argument given as None: a 400 broke such clients."""
+    body = {**body, "temperature": 0}
+    with_nulls = http.post(route, json={**body, **dict.fromkeys(nulls)})
+    assert with_nulls.status_code == 200, with_nulls.text
+    assert with_nulls.json()["choices"] == http.post(route, json=body).json()["choices"]
+    out = client.chat.completions.create(model=MODEL_NAME, messages=NO_THINK_CHAT.request()["messages"], n=None,
+                                         stream=None, logprobs=None, max_tokens=3)
+    assert len(out.choices) == 1 and out.choices[0].logprobs is None
+
+
 def test_vllm_named_metrics(http):
     before = engine_stats(http)
     stops = metric_value(http, "request_success_total", finished_reason="length")
