@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 
 import httpx
 import pytest
 
 from tests.server.chat_model import NO_THINK_CHAT, THINK_CHAT
-from tests.server.conftest import API_KEY, MODEL_NAME, completion_logprobs, engine_stats, metric_value
+from tests.server.conftest import (API_KEY, MODEL_NAME, ServerProcess, completion_logprobs, engine_stats,
+                                  metric_value)
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -272,3 +274,41 @@ def test_prefix_cache_serves_a_shared_system_prompt_and_the_previous_turn(http):
     assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == first_history["count"]
     metrics = http.get("/metrics").text
     assert "deltaserve_prefix_cache_hit_rate" in metrics and "deltaserve_prefix_cache_checkpoints_used" in metrics
+
+
+def test_generation_config_sampling_defaults_apply_to_requests_that_leave_them_out(chat_ckpt, tmp_path):
+    """vLLM (--generation-config auto, its default) takes temperature, top_p, top_k, min_p and repetition_penalty
+    from the checkpoint's generation_config.json for requests that do not set them: Qwen3.5 ships its recommended
+    sampling there. With top_k 1 every such request is greedy, whatever its seed; one that sets top_k is not."""
+    model = tmp_path / "model"
+    shutil.copytree(chat_ckpt, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "top_k": 1, "temperature": 1.0}))
+    srv = ServerProcess(model, tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            for route, body in ((COMPLETIONS, {"prompt": "abc", "ignore_eos": True}),
+                                (CHAT, {**NO_THINK_CHAT.request(), "ignore_eos": True})):
+                body = {**body, "max_tokens": 24}
+
+                def text(extra: dict) -> str:
+                    r = http.post(route, json={**body, **extra})
+                    assert r.status_code == 200, r.text
+                    choice = r.json()["choices"][0]
+                    return choice["text"] if route == COMPLETIONS else choice["message"]["content"]
+
+                greedy = text({"temperature": 0})
+                assert [text({"seed": s}) for s in range(4)] == [greedy] * 4
+                assert any(text({"seed": s, "top_k": -1}) != greedy for s in range(4)), "the request's top_k wins"
+    finally:
+        srv.stop()
+
+
+def test_generation_config_values_the_sampler_refuses_are_left_out(tmp_path):
+    from deltaserve.server.sampling import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.6, "top_p": 0, "top_k": 20, "min_p": "x", "do_sample": True, "max_new_tokens": 5}))
+    assert generation_defaults(str(tmp_path)) == {"temperature": 0.6, "top_k": 20}
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert generation_defaults(str(tmp_path)) == {} and generation_defaults(None) == {}

@@ -14,7 +14,7 @@ from deltaserve.server.errors import APIError
 from deltaserve.server.metrics import ServerMetrics
 from deltaserve.server.output_parser import strip_tokens
 from deltaserve.server.responses import TokenStrings
-from deltaserve.server.sampling import Limits
+from deltaserve.server.sampling import Limits, generation_defaults
 from deltaserve.server.templates import TemplateLimits, TemplateRenderer
 
 _MiB = 1024 * 1024
@@ -46,6 +46,8 @@ class ServerState:
     # the token prefix each recently seen system message (with its tools, template, kwargs) opens a prompt with:
     # chat_prompt's cache points; servers see the same few system prompts again and again
     system_prefixes: OrderedDict[str, list[int] | None] = field(default_factory=OrderedDict)
+    # generation_config.json's sampling values, for requests that leave those fields out (as vLLM applies them)
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, engine: AsyncLLM, config: ServerConfig, templates: TemplateRenderer | None = None
@@ -57,7 +59,8 @@ class ServerState:
                    strip=strip_tokens(tokenizer) if tokenizer is not None else (),
                    metrics=ServerMetrics(config.served_model_names[0]),
                    templates=templates or TemplateRenderer(template_limits(config)),
-                   special_tokens=_special_tokens(tokenizer))
+                   special_tokens=_special_tokens(tokenizer),
+                   sampling_defaults=generation_defaults(llm_engine.model_config.model_dir))
 
     @property
     def tokenizer(self):
