@@ -56,6 +56,18 @@ def test_models_retrieve_and_head_health(client, http):
     assert head.status_code == 200 and head.content == b""
 
 
+@pytest.mark.parametrize("route,body", [(COMPLETIONS, {"prompt": "abc"}), (CHAT, NO_THINK_CHAT.request()),
+                                        ("/v1/tokenize", {"prompt": "abc"})])
+def test_an_empty_model_name_means_the_served_model(http, route, body):
+    """vLLM serves a request whose 'model' is empty with its model, as it does one without the field (clients with
+    an unset model setting send ""); it was a 404 "the model '' does not exist"."""
+    r = http.post(route, json={**body, "model": "", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    if route != "/v1/tokenize":
+        assert r.json()["model"] == MODEL_NAME
+    assert http.get("/v1/models/").status_code == 404
+
+
 def test_models_do_not_reveal_the_model_path(http, chat_ckpt):
     text = http.get("/v1/models").text + http.get(f"/v1/models/{MODEL_NAME}").text
     assert str(chat_ckpt) not in text and chat_ckpt.name not in text

@@ -67,11 +67,15 @@ class ServerState:
         return self.engine.tokenizer
 
     def check_model(self, name: str | None) -> str:
-        """The served name to echo back; an unknown one is a 404 as in OpenAI's API."""
-        if name is None or name in self.config.served_model_names:
+        """The served name to echo back; an unknown one is a 404 as in OpenAI's API. None or "" (a client whose
+        model setting is unset) is the first served name, as vLLM takes it."""
+        if not name or name in self.config.served_model_names:
             return name or self.config.served_model_names[0]
-        raise APIError(404, f"the model '{name}' does not exist; this server serves "
-                       f"{list(self.config.served_model_names)}", param="model", code="model_not_found")
+        raise self._unknown_model(name)
+
+    def _unknown_model(self, name: str) -> APIError:
+        return APIError(404, f"the model '{name}' does not exist; this server serves "
+                        f"{list(self.config.served_model_names)}", param="model", code="model_not_found")
 
     def check_accepting(self) -> None:
         if self.draining:
@@ -80,7 +84,8 @@ class ServerState:
 
     def check_model_name(self, name: str) -> dict[str, Any]:
         """GET /v1/models/{name}: the model card, or the 404 an unknown name gets everywhere."""
-        self.check_model(name)
+        if name not in self.config.served_model_names:
+            raise self._unknown_model(name)
         return self.model_card(name)
 
     def model_card(self, name: str) -> dict[str, Any]:
