@@ -10,7 +10,7 @@ from typing import Any
 
 from deltaserve.engine.async_engine import AsyncLLM
 from deltaserve.server.args import ServerConfig
-from deltaserve.server.errors import APIError
+from deltaserve.server.errors import APIError, server_error
 from deltaserve.server.metrics import ServerMetrics
 from deltaserve.server.output_parser import strip_tokens
 from deltaserve.server.responses import TokenStrings
@@ -81,6 +81,8 @@ class ServerState:
         if self.draining:
             raise APIError(503, "the server is shutting down and accepts no new requests; retry on another replica",
                            code="server_shutting_down")
+        if self.engine.dead is not None:  # here, not at the first delta: a stream's 200 would have gone out by then
+            raise server_error("the engine is not running", self.engine.dead, status=503, code="engine_unavailable")
 
     def check_model_name(self, name: str) -> dict[str, Any]:
         """GET /v1/models/{name}: the model card, or the 404 an unknown name gets everywhere."""
