@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 
 import httpx
 import pytest
 
 from tests.server.chat_model import NO_THINK_CHAT, THINK_CHAT
-from tests.server.conftest import API_KEY, MODEL_NAME, completion_logprobs, engine_stats, metric_value
+from tests.server.conftest import (API_KEY, MODEL_NAME, ServerProcess, completion_logprobs, engine_stats,
+                                  metric_value)
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
@@ -52,6 +54,18 @@ def test_models_retrieve_and_head_health(client, http):
     assert e.value.body["code"] == "model_not_found"
     head = http.head("/health")
     assert head.status_code == 200 and head.content == b""
+
+
+@pytest.mark.parametrize("route,body", [(COMPLETIONS, {"prompt": "abc"}), (CHAT, NO_THINK_CHAT.request()),
+                                        ("/v1/tokenize", {"prompt": "abc"})])
+def test_an_empty_model_name_means_the_served_model(http, route, body):
+    """vLLM serves a request whose 'model' is empty with its model, as it does one without the field (clients with
+    an unset model setting send ""); it was a 404 "the model '' does not exist"."""
+    r = http.post(route, json={**body, "model": "", "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    if route != "/v1/tokenize":
+        assert r.json()["model"] == MODEL_NAME
+    assert http.get("/v1/models/").status_code == 404
 
 
 def test_models_do_not_reveal_the_model_path(http, chat_ckpt):
@@ -101,6 +115,21 @@ def test_completion_logprobs_zero_gives_the_sampled_token(http, stream):
     tokens, chosen, tops = completion_logprobs(http.post(COMPLETIONS, json=body), stream)
     assert len(tokens) == len(tops) == 5
     assert tops == [{token: lp} for token, lp in zip(tokens, chosen)]
+
+
+@pytest.mark.parametrize("route,body,nulls", [
+    (COMPLETIONS, {"prompt": "abc", "max_tokens": 3}, ("n", "stream", "echo")),
+    (CHAT, {**NO_THINK_CHAT.request(), "max_tokens": 3}, ("n", "stream", "logprobs"))])
+def test_null_means_the_default_where_openai_allows_null(client, http, route, body, nulls):
+    """OpenAI's API reference types n, stream, chat's logprobs and completions' echo as "... or null" (vLLM takes
+    null too), and the OpenAI SDK sends null for an argument given as None: a 400 broke such clients."""
+    body = {**body, "temperature": 0}
+    with_nulls = http.post(route, json={**body, **dict.fromkeys(nulls)})
+    assert with_nulls.status_code == 200, with_nulls.text
+    assert with_nulls.json()["choices"] == http.post(route, json=body).json()["choices"]
+    out = client.chat.completions.create(model=MODEL_NAME, messages=NO_THINK_CHAT.request()["messages"], n=None,
+                                         stream=None, logprobs=None, max_tokens=3)
+    assert len(out.choices) == 1 and out.choices[0].logprobs is None
 
 
 def test_vllm_named_metrics(http):
@@ -257,3 +286,41 @@ def test_prefix_cache_serves_a_shared_system_prompt_and_the_previous_turn(http):
     assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == first_history["count"]
     metrics = http.get("/metrics").text
     assert "deltaserve_prefix_cache_hit_rate" in metrics and "deltaserve_prefix_cache_checkpoints_used" in metrics
+
+
+def test_generation_config_sampling_defaults_apply_to_requests_that_leave_them_out(chat_ckpt, tmp_path):
+    """vLLM (--generation-config auto, its default) takes temperature, top_p, top_k, min_p and repetition_penalty
+    from the checkpoint's generation_config.json for requests that do not set them: Qwen3.5 ships its recommended
+    sampling there. With top_k 1 every such request is greedy, whatever its seed; one that sets top_k is not."""
+    model = tmp_path / "model"
+    shutil.copytree(chat_ckpt, model)
+    gen = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**gen, "top_k": 1, "temperature": 1.0}))
+    srv = ServerProcess(model, tmp_path / "server.log")
+    try:
+        with httpx.Client(base_url=srv.url, timeout=60) as http:
+            for route, body in ((COMPLETIONS, {"prompt": "abc", "ignore_eos": True}),
+                                (CHAT, {**NO_THINK_CHAT.request(), "ignore_eos": True})):
+                body = {**body, "max_tokens": 24}
+
+                def text(extra: dict) -> str:
+                    r = http.post(route, json={**body, **extra})
+                    assert r.status_code == 200, r.text
+                    choice = r.json()["choices"][0]
+                    return choice["text"] if route == COMPLETIONS else choice["message"]["content"]
+
+                greedy = text({"temperature": 0})
+                assert [text({"seed": s}) for s in range(4)] == [greedy] * 4
+                assert any(text({"seed": s, "top_k": -1}) != greedy for s in range(4)), "the request's top_k wins"
+    finally:
+        srv.stop()
+
+
+def test_generation_config_values_the_sampler_refuses_are_left_out(tmp_path):
+    from deltaserve.server.sampling import generation_defaults
+
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"temperature": 0.6, "top_p": 0, "top_k": 20, "min_p": "x", "do_sample": True, "max_new_tokens": 5}))
+    assert generation_defaults(str(tmp_path)) == {"temperature": 0.6, "top_k": 20}
+    (tmp_path / "generation_config.json").write_text("{not json")
+    assert generation_defaults(str(tmp_path)) == {} and generation_defaults(None) == {}

@@ -66,6 +66,26 @@ def test_engine_death_fails_requests_and_probes_answer_at_once(dying_app):
     assert metrics.status_code == 200 and "deltaserve_time_to_first_token_seconds" in metrics.text and metrics_s < 2
 
 
+def test_a_new_stream_after_engine_death_gets_a_503_not_a_200(dying_app):
+    """A stream's 200 goes out before its first delta: after the engine died, a new streaming request got a 200 and
+    an error event, not the 503 the README promises (clients and balancers retry on the status)."""
+    app, engine, boom = dying_app
+
+    async def main():
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t", timeout=60) as c:
+                boom.set()
+                await c.post("/v1/completions", json={"prompt": "def f", "max_tokens": 2})
+                return [await c.post(route, json={**body, "max_tokens": 2, "stream": True}) for route, body in (
+                    ("/v1/completions", {"prompt": "def f"}),
+                    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}))]
+
+    for r in asyncio.run(main()):
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "engine_unavailable"
+
+
 def test_async_llm_call_after_death_fails_at_once(dying_app):
     from deltaserve.engine.async_engine import EngineDeadError
 

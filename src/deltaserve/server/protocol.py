@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.requests import Request
 
 from deltaserve.server.errors import APIError, bad_request, validation_error
@@ -42,6 +42,17 @@ class ResponseFormat(_Model):
 
 class _SamplingFields(_Model):
     """Fields shared by completions and chat: the OpenAI sampling set plus vLLM-style extras."""
+
+    # Fields OpenAI's API types "... or null", null meaning the default (vLLM takes null for them too); the OpenAI
+    # SDKs send null for an argument given as None. They stay non-optional here: null is dropped before validation.
+    NULL_MEANS_DEFAULT: ClassVar[frozenset[str]] = frozenset({"n", "stream"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in cls.NULL_MEANS_DEFAULT}
+        return data
 
     model: str | None = None
     n: int = 1
@@ -77,6 +88,8 @@ class _SamplingFields(_Model):
 
 
 class CompletionRequest(_SamplingFields):
+    NULL_MEANS_DEFAULT = _SamplingFields.NULL_MEANS_DEFAULT | {"echo"}
+
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
@@ -136,6 +149,8 @@ class NamedToolChoice(_Model):
 
 
 class ChatCompletionRequest(_SamplingFields):
+    NULL_MEANS_DEFAULT = _SamplingFields.NULL_MEANS_DEFAULT | {"logprobs"}
+
     messages: list[ChatMessage]
     max_tokens: int | None = None
     max_completion_tokens: int | None = None

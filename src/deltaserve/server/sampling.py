@@ -7,8 +7,12 @@ to the request's (chat's `top_logprobs` is SamplingParams.logprobs, `max_complet
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from deltaserve.sampling_params import SamplingParams
@@ -26,6 +30,12 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds reach torch.Generator as int
 _DECIMAL_ID = re.compile(r"[0-9]{1,10}")  # int() would also take " 5", "+5", "5_0" and non-ASCII digits
 
 _FIELD_RE = re.compile(r"^SamplingParams\.(\w+)=(.*?) is invalid: (.*)$", re.S)
+# The keys of generation_config.json that vLLM (--generation-config auto, its default) makes the defaults of requests
+# that leave them out; Qwen3.5 ships its recommended sampling there
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_SAMPLING_FIELDS = (*GENERATION_CONFIG_KEYS, "presence_penalty", "frequency_penalty")
+
+log = logging.getLogger("deltaserve.server")
 
 
 @dataclass(frozen=True)
@@ -42,17 +52,46 @@ def echo_only(req: CompletionRequest) -> bool:
     return req.echo and req.max_tokens == 0
 
 
-def completion_params(req: CompletionRequest, limits: Limits) -> SamplingParams:
+def generation_defaults(model_dir: str | None) -> dict[str, Any]:
+    """The sampling defaults the checkpoint's generation_config.json sets (GENERATION_CONFIG_KEYS). A value that
+    SamplingParams refuses is left out with a warning: it would fail every request that does not set its field."""
+    path = Path(model_dir or "") / "generation_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if model_dir and path.is_file() else {}
+    except (OSError, ValueError) as e:
+        log.warning("%s unreadable (%s): requests get no sampling defaults from it", path, e)
+        return {}
+    defaults = {}
+    for key in GENERATION_CONFIG_KEYS:
+        value = config.get(key) if isinstance(config, dict) else None
+        if value is None:
+            continue
+        try:
+            SamplingParams(**{key: value})
+        except ValueError as e:
+            log.warning("%s: ignoring %s: %s", path, key, e)
+            continue
+        defaults[key] = value
+    if defaults:
+        log.info("sampling defaults from %s for requests that do not set them: %s", path, defaults)
+    return defaults
+
+
+def completion_params(req: CompletionRequest, limits: Limits,
+                      defaults: Mapping[str, Any] | None = None) -> SamplingParams:
+    """defaults: values (generation_defaults) for the sampling fields the request leaves out."""
     _reject_unsupported_completion(req)
     max_tokens = 1 if echo_only(req) else req.max_tokens
     params = _build(req, max_tokens=max_tokens, max_tokens_field="max_tokens", logprobs=req.logprobs,
-                    logprobs_field="logprobs", limits=limits, skip_special_tokens=req.skip_special_tokens)
+                    logprobs_field="logprobs", limits=limits, skip_special_tokens=req.skip_special_tokens,
+                    defaults=defaults or {})
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too (the first: null)
         params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
     return params
 
 
-def chat_params(req: ChatCompletionRequest, limits: Limits) -> SamplingParams:
+def chat_params(req: ChatCompletionRequest, limits: Limits,
+                defaults: Mapping[str, Any] | None = None) -> SamplingParams:
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
@@ -61,7 +100,7 @@ def chat_params(req: ChatCompletionRequest, limits: Limits) -> SamplingParams:
     # The reasoning and tool parsers need <think>/<tool_call> in the text; special tokens that are not markup are
     # stripped by the output parser instead (see output_parser.strip_tokens).
     return _build(req, max_tokens=max_tokens, max_tokens_field=max_field, logprobs=logprobs,
-                  logprobs_field="top_logprobs", limits=limits, skip_special_tokens=False)
+                  logprobs_field="top_logprobs", limits=limits, skip_special_tokens=False, defaults=defaults or {})
 
 
 def with_structured(params: SamplingParams, spec: StructuredSpec | None) -> SamplingParams:
@@ -83,16 +122,18 @@ def _reject_unsupported_completion(req: CompletionRequest) -> None:
 
 
 def _build(req: _SamplingFields, *, max_tokens: int | None, max_tokens_field: str, logprobs: int | None,
-           logprobs_field: str, limits: Limits, skip_special_tokens: bool) -> SamplingParams:
+           logprobs_field: str, limits: Limits, skip_special_tokens: bool,
+           defaults: Mapping[str, Any]) -> SamplingParams:
     _check_edge(req, limits)
     kwargs: dict[str, Any] = dict(
         n=req.n, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=[] if req.stop is None else req.stop,
         stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
         logit_bias=_logit_bias(req.logit_bias, limits.vocab_size), skip_special_tokens=skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output)
-    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty"):
+    for name in _SAMPLING_FIELDS:
         value = getattr(req, name)
+        if value is None:
+            value = defaults.get(name)
         if value is not None:
             kwargs[name] = value
     names = {"max_tokens": max_tokens_field, "logprobs": logprobs_field}

@@ -74,7 +74,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
         raise APIError(400, "'messages' is empty; a chat request needs at least one message", param="messages",
                        code="invalid_value")
     reject_legacy_functions(req)
-    params = chat_params(req, state.limits)
+    params = chat_params(req, state.limits, state.sampling_defaults)
     tools = resolve_tools(req, parse=state.config.tool_call_parser != "none",
                           exclude_tools_when_none=state.config.exclude_tools_when_tool_choice_none)
     rendered = await render_prompt(state, ChatRequestParts(req.messages, tools.for_template, req.add_generation_prompt,

@@ -70,7 +70,7 @@ async def create_completion(state: ServerState, request: Request) -> Response:
     req = await read_json(request, CompletionRequest)
     state.check_accepting()
     model = state.check_model(req.model)
-    params = completion_params(req, state.limits)
+    params = completion_params(req, state.limits, state.sampling_defaults)
     params = with_structured(params, await compile_spec(state, output_spec(req, reasoning=False)))
     prompts = await asyncio.to_thread(_prompts, state, req, params)  # large prompts: off the event loop
     job = _Job(random_id("cmpl"), model, int(time.time()), req, params, prompts, echo_only(req))

@@ -10,11 +10,11 @@ from typing import Any
 
 from deltaserve.engine.async_engine import AsyncLLM
 from deltaserve.server.args import ServerConfig
-from deltaserve.server.errors import APIError
+from deltaserve.server.errors import APIError, server_error
 from deltaserve.server.metrics import ServerMetrics
 from deltaserve.server.output_parser import strip_tokens
 from deltaserve.server.responses import TokenStrings
-from deltaserve.server.sampling import Limits
+from deltaserve.server.sampling import Limits, generation_defaults
 from deltaserve.server.templates import TemplateLimits, TemplateRenderer
 
 _MiB = 1024 * 1024
@@ -46,6 +46,8 @@ class ServerState:
     # the token prefix each recently seen system message (with its tools, template, kwargs) opens a prompt with:
     # chat_prompt's cache points; servers see the same few system prompts again and again
     system_prefixes: OrderedDict[str, list[int] | None] = field(default_factory=OrderedDict)
+    # generation_config.json's sampling values, for requests that leave those fields out (as vLLM applies them)
+    sampling_defaults: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def create(cls, engine: AsyncLLM, config: ServerConfig, templates: TemplateRenderer | None = None
@@ -57,27 +59,35 @@ class ServerState:
                    strip=strip_tokens(tokenizer) if tokenizer is not None else (),
                    metrics=ServerMetrics(config.served_model_names[0]),
                    templates=templates or TemplateRenderer(template_limits(config)),
-                   special_tokens=_special_tokens(tokenizer))
+                   special_tokens=_special_tokens(tokenizer),
+                   sampling_defaults=generation_defaults(llm_engine.model_config.model_dir))
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
 
     def check_model(self, name: str | None) -> str:
-        """The served name to echo back; an unknown one is a 404 as in OpenAI's API."""
-        if name is None or name in self.config.served_model_names:
+        """The served name to echo back; an unknown one is a 404 as in OpenAI's API. None or "" (a client whose
+        model setting is unset) is the first served name, as vLLM takes it."""
+        if not name or name in self.config.served_model_names:
             return name or self.config.served_model_names[0]
-        raise APIError(404, f"the model '{name}' does not exist; this server serves "
-                       f"{list(self.config.served_model_names)}", param="model", code="model_not_found")
+        raise self._unknown_model(name)
+
+    def _unknown_model(self, name: str) -> APIError:
+        return APIError(404, f"the model '{name}' does not exist; this server serves "
+                        f"{list(self.config.served_model_names)}", param="model", code="model_not_found")
 
     def check_accepting(self) -> None:
         if self.draining:
             raise APIError(503, "the server is shutting down and accepts no new requests; retry on another replica",
                            code="server_shutting_down")
+        if self.engine.dead is not None:  # here, not at the first delta: a stream's 200 would have gone out by then
+            raise server_error("the engine is not running", self.engine.dead, status=503, code="engine_unavailable")
 
     def check_model_name(self, name: str) -> dict[str, Any]:
         """GET /v1/models/{name}: the model card, or the 404 an unknown name gets everywhere."""
-        self.check_model(name)
+        if name not in self.config.served_model_names:
+            raise self._unknown_model(name)
         return self.model_card(name)
 
     def model_card(self, name: str) -> dict[str, Any]:
