@@ -91,6 +91,44 @@ def test_per_channel_int4_experts(tmp_path):
     _check_rank_weights(path, 2, True)
 
 
+def _gptq_regroup(t: dict[str, torch.Tensor], state: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:
+    """A GPTQ v1 checkpoint's tensors requantized with `group` input columns per scale (a K below it: one group)
+    from its dequantized weights `state`; returns the dequantized weights of the result."""
+    plain = {}
+    for name in [n for n in t if n.endswith(".qweight")]:
+        base = name[:-len(".qweight")]
+        w = state[base + ".weight"]
+        n, k = w.shape
+        g_idx = torch.arange(k) // group
+        s = torch.stack([w[:, g_idx == j].abs().amax(dim=1) for j in range(int(g_idx[-1]) + 1)])   # [G, N]
+        s = (s / 7.5).clamp(min=1e-8).to(torch.float16)
+        q = (torch.round(w / s.float()[g_idx].T) + 8).clamp(0, 15).to(torch.uint8)
+        t[name] = pack_int4(q).T.contiguous()
+        t[base + ".qzeros"] = pack_int4(torch.full(s.shape, 7, dtype=torch.uint8))
+        t[base + ".scales"] = s.contiguous()
+        t[base + ".g_idx"] = g_idx.to(torch.int32)
+        plain[base + ".weight"] = (q.float() - 8) * s.float()[g_idx].T
+    return plain
+
+
+def test_int4_experts_with_a_group_wider_than_the_expert(tmp_path):
+    """GPTQ experts whose down_proj K (the expert intermediate size, 128) is below the group size (256): one group
+    covers each row, as it does for a rank's slice of a wider expert under tensor parallelism, which loaded; in one
+    process it was refused ('int4 experts with group size 256 need hidden size (256) and expert intermediate size
+    (128) to be multiples of it')."""
+    src = FIXTURES / "gptq_moe"
+    qc = {**json.loads((src / "config.json").read_text())["quantization_config"], "group_size": 256}
+    plain: dict[str, torch.Tensor] = {}
+    deq = dequant_state(src)
+    path = _with_config(src, tmp_path / "g256", qc, lambda t: plain.update(_gptq_regroup(t, deq, 256)))
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.experts.method.name == "int4 g256"
+    state = {k: plain.get(k, v) for k, v in deq.items()}
+    assert_matches_plain(model, tmp_path, state, json.loads((path / "config.json").read_text()), PROMPT)
+    _check_rank_weights(path, 2, False)
+    _check_rank_weights(path, 2, True)
+
+
 def _ct_int4_to_channels(t: dict[str, torch.Tensor], pattern: str) -> dict[str, torch.Tensor]:
     """The compressed-tensors sym int4 modules whose names match `pattern` requantized per output channel
     (weight_scale [N, 1]); returns the dequantized weights of every int4 module."""

@@ -1039,9 +1039,10 @@ class Int4ExpertsMethod(ExpertsMethod):
         e, d, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
         tp = tp_shard(layer, "down_proj.weight")  # tensor-parallel slices of every expert: down_proj's K split
         g = k_group("int4", self.fmt.group_size, i, tp) if self.fmt.group_size else 0
-        if g and (d % g or (i % g if tp is None else i % g and g % i)):
+        # the MoE ops take one group size for both K (d and i): each a multiple of it, or inside one group
+        if g and any(k % g and g % k for k in (d, i)):
             raise QuantizationError(f"int4 experts with group size {g} need hidden size ({d}) and expert "
-                                    f"intermediate size ({i}) to be multiples of it")
+                                    f"intermediate size ({i}) each to be a multiple of it or to divide it")
         layer.group_size = g or max(d, i)  # per channel: one group covers the K of w13 (d) and of w2 (i)
         for w, n, k in (("w13", 2 * i, d), ("w2", d, i)):
             groups = _cdiv(k, layer.group_size)
