@@ -161,7 +161,9 @@ def _write(src: Path, out: Path, config: dict, *, method: str, group_size: int, 
                 for suffix, q in quantize_gptq(t, group_size, desc_act).items():
                     result[f"{base}.{suffix}"] = q
             else:
-                if is_linear:
+                # every module whose weight stays high precision, as Qwen's releases list them: conv1d ([C, 1, 4])
+                # and embed_tokens too, which readers that build conv1d as a linear layer would take as FP8
+                if name.endswith(".weight") and t.dim() >= 2:
                     skipped.append(name[:-len(".weight")])
                 result[name] = t.contiguous()
         save_file(result, out / f.name, metadata={"format": "pt"})
