@@ -168,6 +168,22 @@ def test_compressed_tensors_named_targets_take_precedence_over_linear(tmp_path):
     assert_matches_plain(model, tmp_path, {**state, **plain}, json.loads((path / "config.json").read_text()), PROMPT)
 
 
+def test_compressed_tensors_ignore_names_modules_exactly(tmp_path):
+    """compressed-tensors matches an `ignore` entry without "re:" against module names exactly (its _match_name:
+    `target == name`), so an entry naming a parent ("model.layers.0.mlp") leaves the projections inside it
+    quantized, and vLLM loads them so. deltaserve read the entry as covering the whole MLP and refused the checkpoint
+    ('holds int4 weight_packed tensors, but quantization_config ... leaves this module unquantized')."""
+    src = FIXTURES / "ct_w4a16_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    qc["ignore"] = [*qc["ignore"], "model.layers.0.mlp", "model.language_model.layers.2.self_attn"]
+    path = _with_config(src, tmp_path / "parent", qc)
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.down_proj.method.name == "int4 g128"
+    prompt = list(range(3, 20))
+    assert torch.equal(SimpleRunner(model).step({0: prompt})[0],
+                       SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
+
+
 def test_gptq_zero_bias_tensors_are_accepted_and_others_refused(tmp_path):
     """GPTQ writers of the GPTQ-for-LLaMa / early AutoGPTQ line store a bias (zeros) with every quantized projection,
     also where the model has none; vLLM skips them. They were refused as '19 unexpected tensor(s)' with no reason.

@@ -127,16 +127,20 @@ class _ModuleSet:
 
     Only whole-component matches are taken (vLLM's AWQ and GPTQ configs match any substring, transformers a prefix
     or a raw suffix): a stray match excludes a module the checkpoint may hold quantized, which is then refused.
+    exact: names match only the module they name (compressed-tensors' `ignore`, whose writer and vLLM compare names
+    with ==, so a parent's name leaves the projections inside it quantized).
 
     entries: (entry as written, the config key it came from); regexes likewise."""
 
     def __init__(self, names: list[tuple[str, str]] | None = None,
-                 regexes: list[tuple[str, str]] | None = None) -> None:
+                 regexes: list[tuple[str, str]] | None = None, exact: bool = False) -> None:
         self.names = [(raw, key, _our_name(raw.rstrip("."))) for raw, key in names or []]
         self.regexes = [(raw, key, re.compile(raw)) for raw, key in regexes or []]
+        self.exact = exact
 
-    @staticmethod
-    def _name_matches(n: str, name: str) -> bool:
+    def _name_matches(self, n: str, name: str) -> bool:
+        if self.exact:
+            return n == name
         if n == name or name.startswith(n + "."):
             return True
         if name.startswith("mtp.") and "mtp" not in n.split("."):
@@ -365,7 +369,7 @@ class QuantResolver:
             if n.startswith("re:"):
                 _regex(n[3:], f"quantization_config.ignore {n!r}")
         self.skip = _ModuleSet([(n, "ignore") for n in ignore if not n.startswith("re:")],
-                               [(n[3:], "ignore 're:'") for n in ignore if n.startswith("re:")])
+                               [(n[3:], "ignore 're:'") for n in ignore if n.startswith("re:")], exact=True)
         self.default = self.ct_groups[0][1]
 
     def configured(self, name: str) -> WeightFormat:
