@@ -625,6 +625,16 @@ def test_quantize_bad_requests_fail_before_writing(bf16_dirs, tmp_path, capsys):
     assert not (tmp_path / "moe").exists() and not (tmp_path / "none").exists()
 
 
+def test_quantize_group_size_error_names_the_tensor(bf16_dirs, tmp_path):
+    """A group size that does not divide a projection's inputs failed with 'GPTQ int4 needs in_features (384) a
+    multiple of the group size 256 ...', naming neither the tensor nor a group size that works."""
+    with pytest.raises(ValueError, match=r"model\.layers\.\d+\.mlp\.down_proj\.weight \[256, 384\]: GPTQ int4 "
+                                         r"needs in_features \(384\) a multiple of the group size 256.*--group-size "
+                                         r"dividing 384 \(128, 64, 32, 16\)"):
+        quantize_checkpoint(bf16_dirs["q_dense"], tmp_path / "g256", method="int4", group_size=256)
+    assert not (tmp_path / "g256").exists()
+
+
 @pytest.mark.parametrize("args, needle", [(("--group-size", "64"), "--group-size: int4 options"),
                                            (("--desc-act",), "--desc-act: int4 options"),
                                            (("--group-size", "128", "--desc-act"), "--group-size and --desc-act")])
