@@ -49,8 +49,10 @@ def quantize_gptq(w: torch.Tensor, group_size: int = 128, desc_act: bool = False
     permutation of k // G."""
     n, k = w.shape
     if k % group_size or k % 8 or n % 8:
+        fits = ", ".join(str(g) for g in (128, 64, 32, 16) if k % g == 0)
         raise ValueError(f"GPTQ int4 needs in_features ({k}) a multiple of the group size {group_size} and of 8, "
-                         f"out_features ({n}) a multiple of 8")
+                         f"out_features ({n}) a multiple of 8" + (f"; use a --group-size dividing {k} ({fits})"
+                                                                   if fits and n % 8 == 0 else ""))
     w = w.float()
     order = torch.argsort(w.norm(dim=0), descending=True) if desc_act else torch.arange(k)
     g_idx = torch.empty(k, dtype=torch.int32)
@@ -158,10 +160,15 @@ def _write(src: Path, out: Path, config: dict, *, method: str, group_size: int, 
                 result[name], result[name[:-len("weight")] + "weight_scale_inv"] = w8, s
             elif method == "int4" and is_linear and re.match(GPTQ_ONLY, module) and not module.startswith("mtp."):
                 base = name[:-len(".weight")]
-                for suffix, q in quantize_gptq(t, group_size, desc_act).items():
-                    result[f"{base}.{suffix}"] = q
+                try:
+                    quantized = quantize_gptq(t, group_size, desc_act)
+                except ValueError as e:
+                    raise ValueError(f"{name} {list(t.shape)}: {e}") from None
+                result.update({f"{base}.{suffix}": q for suffix, q in quantized.items()})
             else:
-                if is_linear:
+                # every module whose weight stays high precision, as Qwen's releases list them: conv1d ([C, 1, 4])
+                # and embed_tokens too, which readers that build conv1d as a linear layer would take as FP8
+                if name.endswith(".weight") and t.dim() >= 2:
                     skipped.append(name[:-len(".weight")])
                 result[name] = t.contiguous()
         save_file(result, out / f.name, metadata={"format": "pt"})

@@ -557,6 +557,23 @@ def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):
     assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
 
 
+def test_own_fp8_checkpoint_lists_every_module_kept_in_high_precision(bf16_dirs, tmp_path, caplog):
+    """Qwen's FP8 releases list every module with a weight they keep in bf16 in modules_to_not_convert, GDN conv1d
+    and embed_tokens included (spec wave2.md A.1), and readers that build conv1d as a linear layer (ATOM's Qwen3-Next
+    GDN passes it the quant config) take an unlisted one as FP8. deltaserve quantize listed only 2-D projections:
+    no conv1d (its weight is [C, 1, 4]) and no embed_tokens, although its keep list names conv1d."""
+    out = quantize_checkpoint(bf16_dirs["q_moe"], tmp_path / "fp8", method="fp8")
+    listed = set(json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"])
+    t = load_file(out / "model.safetensors")
+    kept = {n[:-len(".weight")] for n, v in t.items()
+            if n.endswith(".weight") and v.dim() >= 2 and v.dtype != torch.float8_e4m3fn}
+    assert "model.layers.0.linear_attn.conv1d" in kept and "model.embed_tokens" in kept
+    assert listed == kept
+    with caplog.at_level("WARNING", logger="deltaserve.models.loader"):
+        load_model(ModelConfig.from_hf(out), dtype="float32")
+    assert not [r.getMessage() for r in caplog.records if "match no module" in r.getMessage()]
+
+
 @pytest.mark.parametrize("kind", ["q_dense", "q_moe"])
 def test_own_int4_checkpoint_loads_without_exclusion_warnings(bf16_dirs, kind, tmp_path, caplog):
     """deltaserve quantize lists only exclusions that match a module of the source: one that matches nothing (a
@@ -606,6 +623,16 @@ def test_quantize_bad_requests_fail_before_writing(bf16_dirs, tmp_path, capsys):
     with pytest.raises(ValueError, match="no \\*.safetensors files"):
         quantize_checkpoint(empty, tmp_path / "none", method="fp8")
     assert not (tmp_path / "moe").exists() and not (tmp_path / "none").exists()
+
+
+def test_quantize_group_size_error_names_the_tensor(bf16_dirs, tmp_path):
+    """A group size that does not divide a projection's inputs failed with 'GPTQ int4 needs in_features (384) a
+    multiple of the group size 256 ...', naming neither the tensor nor a group size that works."""
+    with pytest.raises(ValueError, match=r"model\.layers\.\d+\.mlp\.down_proj\.weight \[256, 384\]: GPTQ int4 "
+                                         r"needs in_features \(384\) a multiple of the group size 256.*--group-size "
+                                         r"dividing 384 \(128, 64, 32, 16\)"):
+        quantize_checkpoint(bf16_dirs["q_dense"], tmp_path / "g256", method="int4", group_size=256)
+    assert not (tmp_path / "g256").exists()
 
 
 @pytest.mark.parametrize("args, needle", [(("--group-size", "64"), "--group-size: int4 options"),

@@ -91,6 +91,44 @@ def test_per_channel_int4_experts(tmp_path):
     _check_rank_weights(path, 2, True)
 
 
+def _gptq_regroup(t: dict[str, torch.Tensor], state: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:
+    """A GPTQ v1 checkpoint's tensors requantized with `group` input columns per scale (a K below it: one group)
+    from its dequantized weights `state`; returns the dequantized weights of the result."""
+    plain = {}
+    for name in [n for n in t if n.endswith(".qweight")]:
+        base = name[:-len(".qweight")]
+        w = state[base + ".weight"]
+        n, k = w.shape
+        g_idx = torch.arange(k) // group
+        s = torch.stack([w[:, g_idx == j].abs().amax(dim=1) for j in range(int(g_idx[-1]) + 1)])   # [G, N]
+        s = (s / 7.5).clamp(min=1e-8).to(torch.float16)
+        q = (torch.round(w / s.float()[g_idx].T) + 8).clamp(0, 15).to(torch.uint8)
+        t[name] = pack_int4(q).T.contiguous()
+        t[base + ".qzeros"] = pack_int4(torch.full(s.shape, 7, dtype=torch.uint8))
+        t[base + ".scales"] = s.contiguous()
+        t[base + ".g_idx"] = g_idx.to(torch.int32)
+        plain[base + ".weight"] = (q.float() - 8) * s.float()[g_idx].T
+    return plain
+
+
+def test_int4_experts_with_a_group_wider_than_the_expert(tmp_path):
+    """GPTQ experts whose down_proj K (the expert intermediate size, 128) is below the group size (256): one group
+    covers each row, as it does for a rank's slice of a wider expert under tensor parallelism, which loaded; in one
+    process it was refused ('int4 experts with group size 256 need hidden size (256) and expert intermediate size
+    (128) to be multiples of it')."""
+    src = FIXTURES / "gptq_moe"
+    qc = {**json.loads((src / "config.json").read_text())["quantization_config"], "group_size": 256}
+    plain: dict[str, torch.Tensor] = {}
+    deq = dequant_state(src)
+    path = _with_config(src, tmp_path / "g256", qc, lambda t: plain.update(_gptq_regroup(t, deq, 256)))
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.experts.method.name == "int4 g256"
+    state = {k: plain.get(k, v) for k, v in deq.items()}
+    assert_matches_plain(model, tmp_path, state, json.loads((path / "config.json").read_text()), PROMPT)
+    _check_rank_weights(path, 2, False)
+    _check_rank_weights(path, 2, True)
+
+
 def _ct_int4_to_channels(t: dict[str, torch.Tensor], pattern: str) -> dict[str, torch.Tensor]:
     """The compressed-tensors sym int4 modules whose names match `pattern` requantized per output channel
     (weight_scale [N, 1]); returns the dequantized weights of every int4 module."""
@@ -128,6 +166,22 @@ def test_compressed_tensors_named_targets_take_precedence_over_linear(tmp_path):
     state = {k: v for k, v in load_file(path / "model.safetensors").items() if not k.rpartition(".")[2].startswith(
         ("weight_packed", "weight_scale", "weight_shape"))}
     assert_matches_plain(model, tmp_path, {**state, **plain}, json.loads((path / "config.json").read_text()), PROMPT)
+
+
+def test_compressed_tensors_ignore_names_modules_exactly(tmp_path):
+    """compressed-tensors matches an `ignore` entry without "re:" against module names exactly (its _match_name:
+    `target == name`), so an entry naming a parent ("model.layers.0.mlp") leaves the projections inside it
+    quantized, and vLLM loads them so. deltaserve read the entry as covering the whole MLP and refused the checkpoint
+    ('holds int4 weight_packed tensors, but quantization_config ... leaves this module unquantized')."""
+    src = FIXTURES / "ct_w4a16_dense"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    qc["ignore"] = [*qc["ignore"], "model.layers.0.mlp", "model.language_model.layers.2.self_attn"]
+    path = _with_config(src, tmp_path / "parent", qc)
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    assert model.model.layers[0].mlp.down_proj.method.name == "int4 g128"
+    prompt = list(range(3, 20))
+    assert torch.equal(SimpleRunner(model).step({0: prompt})[0],
+                       SimpleRunner(load_model(ModelConfig.from_hf(src), dtype="float32")).step({0: prompt})[0])
 
 
 def test_gptq_zero_bias_tensors_are_accepted_and_others_refused(tmp_path):

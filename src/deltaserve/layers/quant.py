@@ -127,16 +127,20 @@ class _ModuleSet:
 
     Only whole-component matches are taken (vLLM's AWQ and GPTQ configs match any substring, transformers a prefix
     or a raw suffix): a stray match excludes a module the checkpoint may hold quantized, which is then refused.
+    exact: names match only the module they name (compressed-tensors' `ignore`, whose writer and vLLM compare names
+    with ==, so a parent's name leaves the projections inside it quantized).
 
     entries: (entry as written, the config key it came from); regexes likewise."""
 
     def __init__(self, names: list[tuple[str, str]] | None = None,
-                 regexes: list[tuple[str, str]] | None = None) -> None:
+                 regexes: list[tuple[str, str]] | None = None, exact: bool = False) -> None:
         self.names = [(raw, key, _our_name(raw.rstrip("."))) for raw, key in names or []]
         self.regexes = [(raw, key, re.compile(raw)) for raw, key in regexes or []]
+        self.exact = exact
 
-    @staticmethod
-    def _name_matches(n: str, name: str) -> bool:
+    def _name_matches(self, n: str, name: str) -> bool:
+        if self.exact:
+            return n == name
         if n == name or name.startswith(n + "."):
             return True
         if name.startswith("mtp.") and "mtp" not in n.split("."):
@@ -365,7 +369,7 @@ class QuantResolver:
             if n.startswith("re:"):
                 _regex(n[3:], f"quantization_config.ignore {n!r}")
         self.skip = _ModuleSet([(n, "ignore") for n in ignore if not n.startswith("re:")],
-                               [(n[3:], "ignore 're:'") for n in ignore if n.startswith("re:")])
+                               [(n[3:], "ignore 're:'") for n in ignore if n.startswith("re:")], exact=True)
         self.default = self.ct_groups[0][1]
 
     def configured(self, name: str) -> WeightFormat:
@@ -1039,9 +1043,10 @@ class Int4ExpertsMethod(ExpertsMethod):
         e, d, i = layer.num_experts, layer.hidden_size, layer.intermediate_size
         tp = tp_shard(layer, "down_proj.weight")  # tensor-parallel slices of every expert: down_proj's K split
         g = k_group("int4", self.fmt.group_size, i, tp) if self.fmt.group_size else 0
-        if g and (d % g or (i % g if tp is None else i % g and g % i)):
+        # the MoE ops take one group size for both K (d and i): each a multiple of it, or inside one group
+        if g and any(k % g and g % k for k in (d, i)):
             raise QuantizationError(f"int4 experts with group size {g} need hidden size ({d}) and expert "
-                                    f"intermediate size ({i}) to be multiples of it")
+                                    f"intermediate size ({i}) each to be a multiple of it or to divide it")
         layer.group_size = g or max(d, i)  # per channel: one group covers the K of w13 (d) and of w2 (i)
         for w, n, k in (("w13", 2 * i, d), ("w2", d, i)):
             groups = _cdiv(k, layer.group_size)
