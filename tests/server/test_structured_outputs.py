@@ -137,6 +137,7 @@ def _tool(name: str, properties: dict, **kw) -> dict:
      "response_format.json_schema.schema", "needs"),
     ({"guided_regex": "(unclosed"}, "guided_regex", "unclosed"),
     ({"structured_outputs": {"grammar": "start: missing_rule"}}, "structured_outputs.grammar", "missing_rule"),
+    ({"guided_grammar": "root ::= missing_rule"}, "guided_grammar", "missing_rule"),  # GBNF: was a 500
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "not support"),
     ({"structural_tag": "{}"}, "structural_tag", "not supported"),  # vLLM's top-level field: not dropped
     ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex", "only one"),

@@ -141,6 +141,11 @@ def test_markup_that_is_text_in_the_tokenizer(tmp_path):
      r'oneOf.*use anyOf.*"x-guidance": \{"coerce_one_of": true\}'),
     (StructuredSpec.regex("(unclosed"), "unclosed"),
     (StructuredSpec.grammar("start: undefined_rule"), "undefined_rule"),
+    # GBNF that llguidance's converter refuses with a bare Exception (a 500 before): a clear StructuredError
+    (StructuredSpec.grammar("root ::= undefined_rule"), "undefined_rule"),
+    (StructuredSpec.grammar('answer ::= "a"'), "root"),
+    # a GBNF rule named `start` is GBNF (not Lark's `start:`); its conversion names `root` as `start`
+    (StructuredSpec.grammar('root ::= start\nstart ::= "ab"'), "rename the rule 'start'"),
     (StructuredSpec.tool_calls([{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"s": {"type": "string", "format": "email"}}}}}], "required"), "email"),
     (StructuredSpec.tool_calls([{"type": "function", "function": {"name": "bad name"}}], "required"), "bad name"),

@@ -103,8 +103,9 @@ def _choice(spec: StructuredSpec, markup: Markup) -> str:
 
 
 # Lark text: a start rule, possibly with Lark's `?` (inline) or `!` (keep tokens) modifier, or llguidance's
-# directive. llguidance's own test misses the modifiers and would read `?start:` grammars as GBNF.
-_LARK = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:)")
+# directive. llguidance's own test misses the modifiers and would read `?start:` grammars as GBNF. `start ::=` is
+# a GBNF rule, not Lark's.
+_LARK = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:(?!:=))")
 
 
 def _grammar(spec: StructuredSpec, markup: Markup) -> str:
@@ -116,6 +117,9 @@ def _grammar(spec: StructuredSpec, markup: Markup) -> str:
     except (GbnfToLarkError, ValueError) as e:
         raise StructuredError(f"the grammar is not Lark (it has no `start:` rule) and could not be read as GBNF "
                               f"(`root ::= ...`): {e}") from None
+    except Exception as e:  # noqa: BLE001 - the converter raises a bare Exception for a missing or duplicate rule
+        hint = " (the conversion names `root` `start`: rename the rule 'start')" if "'start'" in str(e) else ""
+        raise StructuredError(f"the GBNF grammar cannot be converted: {e}{hint}") from None
     if not spec.reasoning:
         return lark
     # The client's grammar keeps its own rule names: it becomes a subgrammar behind the reasoning block.
