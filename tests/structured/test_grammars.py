@@ -131,6 +131,11 @@ def test_markup_that_is_text_in_the_tokenizer(tmp_path):
     assert matcher.is_accepting()
 
 
+def _text_tool(keywords: dict, **parameters) -> dict:
+    return {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", **keywords}}, **parameters}}}
+
+
 @pytest.mark.parametrize("spec, words", [
     (StructuredSpec.json_schema({"type": "array", "uniqueItems": True}), "uniqueItems"),
     (StructuredSpec.json_schema({"type": "strng"}), "strng"),
@@ -150,6 +155,12 @@ def test_markup_that_is_text_in_the_tokenizer(tmp_path):
         "type": "object", "properties": {"s": {"type": "string", "format": "email"}}}}}], "required"), "email"),
     (StructuredSpec.tool_calls([{"type": "function", "function": {"name": "bad name"}}], "required"), "bad name"),
     (StructuredSpec.tool_calls([PING], {"function": {"name": "nope"}}), "nope"),
+    # malformed keywords that raised TypeError / ValueError (a 500 on the server) before
+    (StructuredSpec.json_schema({"type": "object", "x-guidance": 5}), "'x-guidance' must be an object"),
+    (StructuredSpec.tool_calls([_text_tool({"minLength": "x"})], "required"), "'minLength' must be"),
+    (StructuredSpec.tool_calls([_text_tool({"maxLength": 2.5})], "required"), "'maxLength' must be"),
+    (StructuredSpec.tool_calls([_text_tool({"format": ["date"]})], "required"), "format \\['date'\\]"),
+    (StructuredSpec.tool_calls([_text_tool({}, required=[["s"]])], "required"), "'required' must be a list"),
 ])
 def test_errors_name_the_problem(compiler, spec, words):
     with pytest.raises(StructuredError, match=words):

@@ -54,7 +54,11 @@ def inline_json(schema: Any) -> str:
         raise StructuredError("the JSON schema is `false`, which no value satisfies; send a schema a value can meet")
     if not isinstance(schema, dict):
         raise StructuredError(f"a JSON schema must be an object (or true/false), got {json.dumps(schema)[:80]}")
-    options = {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}
+    own = schema.get("x-guidance") or {}
+    if not isinstance(own, dict):
+        raise StructuredError(f"the schema's 'x-guidance' must be an object of llguidance's JSON options, got "
+                              f"{json.dumps(own)[:80]}")
+    options = {**JSON_OPTIONS, **own}
     return "%json " + json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
 
 

@@ -112,7 +112,7 @@ class _Builder:
             raise StructuredError(f"function {name!r}: 'parameters' must be an object schema")
         properties = schema.get("properties")
         if enforce and isinstance(properties, dict) and properties:
-            params = self._declared_params(i, name, schema, set(schema.get("required") or ()))
+            params = self._declared_params(i, name, schema, _required(schema, name))
         elif enforce and schema.get("additionalProperties") is False:
             params = '"</function>"'  # a function without parameters
         else:
@@ -177,6 +177,24 @@ class _Builder:
         return f"{terminal}_P", f"{terminal}_F"
 
 
+def _required(schema: dict[str, Any], fn_name: str) -> set[str]:
+    required = schema.get("required") or []
+    if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+        raise StructuredError(f"function {fn_name!r}: 'required' must be a list of parameter names, got "
+                              f"{required!r}")
+    return set(required)
+
+
+def _length(schema: dict[str, Any], key: str, where: str) -> int | None:
+    """minLength / maxLength: a non-negative integer (JSON Schema's rule), or None when absent."""
+    value = schema.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
+        raise StructuredError(f"parameter {where!r}: {key!r} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _checked_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise StructuredError(f"{what} {name!r} cannot be written as a Qwen3-Coder tool call; use a name without "
@@ -214,13 +232,13 @@ def _string_terminal(schema: dict[str, Any], where: str) -> str:
     if "pattern" in schema:
         parts.append(regex_terminal(_whole_match(schema["pattern"]), "dw"))
     if "format" in schema:
-        if schema["format"] not in _FORMATS:
+        if not isinstance(schema["format"], str) or schema["format"] not in _FORMATS:
             raise StructuredError(f"parameter {where!r}: format {schema['format']!r} cannot be enforced on a tool "
                                   f"call's text value (supported: {sorted(_FORMATS)}); use 'pattern' instead")
         parts.append("/" + _FORMATS[schema["format"]] + "/")
-    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    low, high = _length(schema, "minLength", where) or 0, _length(schema, "maxLength", where)
     if low or high is not None:
-        parts.append(f"/(?s:.){{{int(low)},{'' if high is None else int(high)}}}/")
+        parts.append(f"/(?s:.){{{low},{'' if high is None else high}}}/")
     return " & ".join([*parts, _FREE_TEXT])
 
 
