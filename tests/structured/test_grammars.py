@@ -99,6 +99,20 @@ def test_tool_call_walks_parse_and_validate(compiler, tokenizer, choice):
             jsonschema.validate(json.loads(call.arguments), schemas[call.name])
 
 
+def test_text_values_take_annotations_and_other_types_keywords(compiler, tokenizer):
+    """Keywords that constrain no string (annotations, vendor keys, other types' keywords) are accepted on a text
+    value, as llguidance accepts them on JSON values: a valid schema is not refused."""
+    tool = {"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {
+        "text": {"type": "string", "maxLength": 8, "deprecated": True, "readOnly": False, "$comment": "c",
+                 "contentMediaType": "text/plain", "x-order": 1},
+        "code": {"type": ["string", "integer"], "maxLength": 4, "minimum": 1, "maxItems": 2}},
+        "required": ["text", "code"], "additionalProperties": False}}}
+    schemas = {"note": tool["function"]["parameters"]}
+    for text in walks(compiler, tokenizer, StructuredSpec.tool_calls([tool], "required", parallel=False), 20):
+        (call,) = _tool_calls(text, schemas).tool_calls
+        jsonschema.validate(json.loads(call.arguments), schemas["note"])
+
+
 def test_auto_with_a_strict_tool_allows_text_and_enforces_calls(compiler, tokenizer):
     strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
     spec = StructuredSpec.tool_calls([strict, PING], "auto")

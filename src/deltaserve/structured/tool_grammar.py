@@ -51,6 +51,13 @@ _THEN_END = r'"\n</parameter>\n</function>"'  # a text value, its closing tag an
 _VALUE_END = r'"\n</parameter>\n"'
 _STRING_KEYWORDS = frozenset({"type", "description", "title", "default", "examples", "enum", "const", "pattern",
                               "minLength", "maxLength", "format", "nullable", "anyOf", "oneOf"})
+# keywords no string can fail (the parser always writes a text value as a JSON string): annotations, and those that
+# apply to numbers, arrays and objects only; accepted and left out, as llguidance does on JSON values
+_VACUOUS_ON_TEXT = frozenset({
+    "$comment", "$id", "$anchor", "deprecated", "readOnly", "writeOnly", "contentMediaType", "contentEncoding",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "items", "prefixItems", "minItems",
+    "maxItems", "uniqueItems", "contains", "minContains", "maxContains", "properties", "additionalProperties",
+    "patternProperties", "required", "minProperties", "maxProperties", "propertyNames"})
 # the formats a raw string value can be held to (JSON Schema's definitions, ASCII digits)
 _FORMATS = {
     "date": r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])",
@@ -213,7 +220,7 @@ def _string_branch(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _string_terminal(schema: dict[str, Any], where: str) -> str:
     """A Lark terminal for a raw text value: the string keywords intersected with 'no end tag'."""
-    unsupported = sorted(set(schema) - _STRING_KEYWORDS)
+    unsupported = sorted(k for k in set(schema) - _STRING_KEYWORDS - _VACUOUS_ON_TEXT if not k.startswith("x-"))
     if unsupported:
         raise StructuredError(f"parameter {where!r}: keywords {unsupported} are not supported on a text value of a "
                               "constrained tool call; remove them")
