@@ -113,6 +113,20 @@ def test_text_values_take_annotations_and_other_types_keywords(compiler, tokeniz
         jsonschema.validate(json.loads(call.arguments), schemas["note"])
 
 
+@pytest.mark.parametrize("prop", [
+    {"type": "string", "anyOf": [{"maxLength": 3}, {"pattern": "^a"}]},  # untyped branches were ignored
+    {"anyOf": [{"type": "string"}, {"type": "null"}], "maxLength": 4},  # the keywords beside anyOf were dropped
+    {"oneOf": [{"type": "integer"}, {"type": "string", "anyOf": [{"maxLength": 2}]}]},
+])
+def test_text_value_keeps_every_keyword_of_its_branch(compiler, tokenizer, prop):
+    tool = {"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {
+        "text": prop}, "required": ["text"], "additionalProperties": False}}}
+    schemas = {"note": tool["function"]["parameters"]}
+    for text in walks(compiler, tokenizer, StructuredSpec.tool_calls([tool], "required", parallel=False), 30):
+        (call,) = _tool_calls(text, schemas).tool_calls
+        jsonschema.validate(json.loads(call.arguments), schemas["note"])
+
+
 def test_auto_with_a_strict_tool_allows_text_and_enforces_calls(compiler, tokenizer):
     strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
     spec = StructuredSpec.tool_calls([strict, PING], "auto")

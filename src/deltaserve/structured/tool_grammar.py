@@ -33,6 +33,7 @@ function or parallel_tool_calls=false, else one or more. "auto": free text in wh
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from deltaserve.server.tool_parser import NAME, is_string_schema, parameter_schema, reads_back_whole, schema_types
@@ -49,6 +50,7 @@ _FREE_TEXT = f"/(?s:.*)/ & {_AMBIGUOUS}"
 _THEN_PARAM = r'"\n</parameter>\n<parameter="'  # a text value, its closing tag and the next parameter's opening
 _THEN_END = r'"\n</parameter>\n</function>"'  # a text value, its closing tag and the function's
 _VALUE_END = r'"\n</parameter>\n"'
+_ANNOTATIONS = frozenset({"description", "title", "default", "examples"})
 _STRING_KEYWORDS = frozenset({"type", "description", "title", "default", "examples", "enum", "const", "pattern",
                               "minLength", "maxLength", "format", "nullable", "anyOf", "oneOf"})
 # keywords no string can fail (the parser always writes a text value as a JSON string): annotations, and those that
@@ -210,11 +212,22 @@ def _checked_name(name: Any, what: str) -> str:
 
 
 def _string_branch(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema a raw text value is held to: the first anyOf / oneOf branch that allows strings, if any."""
+    """The schema a raw text value is held to: the first anyOf / oneOf branch that allows strings (typed as strings,
+    or untyped), with the keywords beside it (the schema's own type, maxLength, ...), down to one without branches."""
     for key in ("anyOf", "oneOf"):
-        for branch in schema.get(key) or []:
-            if isinstance(branch, dict) and "string" in schema_types(branch):
-                return branch
+        branches = schema.get(key)
+        if not branches:
+            continue
+        for branch in branches if isinstance(branches, list) else []:
+            types = schema_types(branch)
+            if isinstance(branch, dict) and (not types or "string" in types):
+                rest = {k: v for k, v in schema.items() if k != key}
+                both = sorted(k for k in set(rest) & set(branch) - _ANNOTATIONS - {"type"} if rest[k] != branch[k])
+                if both:
+                    raise StructuredError(f"keywords {both} are set both beside '{key}' and in its branch for text "
+                                          "values; keep one of each")
+                return _string_branch({**rest, **branch})  # the branch's type is narrower (it allows strings)
+        raise StructuredError(f"no '{key}' branch of {json.dumps(schema)[:120]} takes a text value")
     return schema
 
 
