@@ -79,6 +79,16 @@ def test_reasoning_comes_first(compiler, tokenizer):
     assert not matcher.consume_token(tokenizer.encode("x", add_special_tokens=False)[0])  # JSON is enforced now
 
 
+def test_reasoning_cannot_spell_its_end_tag_as_text(compiler, tokenizer):
+    """`</think>` written with plain tokens ends the block for the reasoning parser (it reads text), so the grammar,
+    which waited for the special token, forced the JSON after it: the content was "more</think>{}", not JSON."""
+    matcher = compiler.compile(StructuredSpec.json_object(reasoning=True)).new_matcher()
+    plain = [t for piece in ("hmm </", "think", ">") for t in tokenizer.encode(piece, add_special_tokens=False)]
+    assert tokenizer.decode(plain) == "hmm </think>" and tokenizer.convert_tokens_to_ids("</think>") not in plain
+    assert all(matcher.consume_token(t) for t in plain[:-1]), matcher.get_error()
+    assert not matcher.consume_token(plain[-1])
+
+
 def _tool_calls(text: str, schemas):
     parser = OutputParser(parse_reasoning=False, tools=schemas, parse_tools=True)
     parsed = parser.feed(text)

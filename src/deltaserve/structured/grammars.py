@@ -72,7 +72,9 @@ def regex_terminal(pattern: str, use_ascii: str = "") -> str:
 def reasoning_prefix(markup: Markup) -> str:
     """Rules that consume an open reasoning block up to and including `</think>` and the blank line after it."""
     if markup.is_special(REASONING_END):
-        return f"reasoning: /(?s:.*)/ {markup(REASONING_END)} {_AFTER_REASONING}\n"
+        # the reasoning parser reads text: `</think>` spelt with plain tokens would end the block there
+        return (f"reasoning: REASONING_TEXT {markup(REASONING_END)} {_AFTER_REASONING}\n"
+                "REASONING_TEXT: /(?s:.*)/ & ~/(?s:.*)<\\/think>(?s:.*)/\n")
     # text markup: lazy, so the block ends at the first </think>
     return f"reasoning: reasoning_text {_AFTER_REASONING}\nreasoning_text[lazy]: /(?s:.*)<\\/think>/\n"
 
