@@ -127,6 +127,18 @@ def test_convert_param(raw, schema, expected):
     assert got == expected and type(got) is type(expected)
 
 
+@pytest.mark.parametrize("starts_in_reasoning", [True, False])
+def test_constrained_content_is_text_even_where_it_spells_markup(starts_in_reasoning):
+    """A constrained output's content is what its grammar allowed: a JSON string holding "<think>" or "</think>"
+    (written with plain tokens: the grammar admits no special token there) is not markup. The JSON was split into
+    content and reasoning before."""
+    answer = '{"a": "<think>x</think> y"}'
+    text = ("why</think>\n\n" if starts_in_reasoning else "") + answer
+    for chunks in ([text], list(text)):
+        out = run(chunks, starts_in_reasoning=starts_in_reasoning, parse_tools=False, constrained=True)
+        assert out.content == answer and out.reasoning == ("why" if starts_in_reasoning else "")
+
+
 def _strict_json(text: str):
     def refuse(name):
         raise ValueError(f"{name} is not JSON")
