@@ -127,6 +127,35 @@ def test_convert_param(raw, schema, expected):
     assert got == expected and type(got) is type(expected)
 
 
+@pytest.mark.parametrize("starts_in_reasoning", [True, False])
+def test_constrained_content_is_text_even_where_it_spells_markup(starts_in_reasoning):
+    """A constrained output's content is what its grammar allowed: a JSON string holding "<think>" or "</think>"
+    (written with plain tokens: the grammar admits no special token there) is not markup. The JSON was split into
+    content and reasoning before."""
+    answer = '{"a": "<think>x</think> y"}'
+    text = ("why</think>\n\n" if starts_in_reasoning else "") + answer
+    for chunks in ([text], list(text)):
+        out = run(chunks, starts_in_reasoning=starts_in_reasoning, parse_tools=False, constrained=True)
+        assert out.content == answer and out.reasoning == ("why" if starts_in_reasoning else "")
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("raw, expected", [("12345678901234567890", 12345678901234567890), ("1e400", float("inf")),
+                                           ("-2E+999", float("-inf")), ("2.5e3", 2500.0)])
+def test_a_number_parameter_is_kept_exactly_and_as_json(raw, expected):
+    """A JSON number the grammar allows (any size) comes back as valid JSON with its value: an integer past a
+    double's precision was rounded (12345678901234567168), one past its range was written as `Infinity`."""
+    out = run([f"<tool_call>\n<function=get_weather>\n<parameter=temp>\n{raw}\n</parameter>\n</function>\n"
+               "</tool_call>"])
+    got = _strict_json(out.tool_calls[0].arguments)["temp"]
+    assert got == expected and type(got) is type(expected)
+
+
 def test_strip_tokens_for_both_tokenizer_kinds(tmp_path):
     """The demo tokenizer marks <think>/<tool_call> special; Qwen's own tokenizer adds them as non-special added
     tokens. Either way the markup reaches the parser and only the chat-control tokens are dropped."""

@@ -137,6 +137,7 @@ def _tool(name: str, properties: dict, **kw) -> dict:
      "response_format.json_schema.schema", "needs"),
     ({"guided_regex": "(unclosed"}, "guided_regex", "unclosed"),
     ({"structured_outputs": {"grammar": "start: missing_rule"}}, "structured_outputs.grammar", "missing_rule"),
+    ({"guided_grammar": "root ::= missing_rule"}, "guided_grammar", "missing_rule"),  # GBNF: was a 500
     ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "not support"),
     ({"structural_tag": "{}"}, "structural_tag", "not supported"),  # vLLM's top-level field: not dropped
     ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex", "only one"),
@@ -154,6 +155,11 @@ def _tool(name: str, properties: dict, **kw) -> dict:
     ({"tools": [WEATHER_TOOL, _tool("g", {"n": {"type": "strng"}}, strict=True)]}, "tools.1.function.parameters",
      "strng"),
     ({"tools": [_tool("get weather", {})], "tool_choice": "required"}, "tools.0.function.name", "get weather"),
+    # malformed keywords were a 500 (a TypeError / ValueError while building the grammar)
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"x-guidance": 5}}}},
+     "response_format.json_schema.schema", "x-guidance"),
+    ({"tools": [_tool("g", {"s": {"type": "string", "minLength": "x"}})], "tool_choice": "required"},
+     "tools.0.function.parameters", "minLength"),
 ])
 def test_unenforceable_constraints_are_a_400_naming_the_field(http, body, param, words):
     r = http.post("/v1/chat/completions", json={"model": MODEL_NAME, "messages": MESSAGES, **body})

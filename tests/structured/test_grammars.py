@@ -79,6 +79,16 @@ def test_reasoning_comes_first(compiler, tokenizer):
     assert not matcher.consume_token(tokenizer.encode("x", add_special_tokens=False)[0])  # JSON is enforced now
 
 
+def test_reasoning_cannot_spell_its_end_tag_as_text(compiler, tokenizer):
+    """`</think>` written with plain tokens ends the block for the reasoning parser (it reads text), so the grammar,
+    which waited for the special token, forced the JSON after it: the content was "more</think>{}", not JSON."""
+    matcher = compiler.compile(StructuredSpec.json_object(reasoning=True)).new_matcher()
+    plain = [t for piece in ("hmm </", "think", ">") for t in tokenizer.encode(piece, add_special_tokens=False)]
+    assert tokenizer.decode(plain) == "hmm </think>" and tokenizer.convert_tokens_to_ids("</think>") not in plain
+    assert all(matcher.consume_token(t) for t in plain[:-1]), matcher.get_error()
+    assert not matcher.consume_token(plain[-1])
+
+
 def _tool_calls(text: str, schemas):
     parser = OutputParser(parse_reasoning=False, tools=schemas, parse_tools=True)
     parsed = parser.feed(text)
@@ -97,6 +107,34 @@ def test_tool_call_walks_parse_and_validate(compiler, tokenizer, choice):
             assert [c.name for c in parsed.tool_calls] == ["get_weather"]
         for call in parsed.tool_calls:
             jsonschema.validate(json.loads(call.arguments), schemas[call.name])
+
+
+def test_text_values_take_annotations_and_other_types_keywords(compiler, tokenizer):
+    """Keywords that constrain no string (annotations, vendor keys, other types' keywords) are accepted on a text
+    value, as llguidance accepts them on JSON values: a valid schema is not refused."""
+    tool = {"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {
+        "text": {"type": "string", "maxLength": 8, "deprecated": True, "readOnly": False, "$comment": "c",
+                 "contentMediaType": "text/plain", "x-order": 1},
+        "code": {"type": ["string", "integer"], "maxLength": 4, "minimum": 1, "maxItems": 2}},
+        "required": ["text", "code"], "additionalProperties": False}}}
+    schemas = {"note": tool["function"]["parameters"]}
+    for text in walks(compiler, tokenizer, StructuredSpec.tool_calls([tool], "required", parallel=False), 20):
+        (call,) = _tool_calls(text, schemas).tool_calls
+        jsonschema.validate(json.loads(call.arguments), schemas["note"])
+
+
+@pytest.mark.parametrize("prop", [
+    {"type": "string", "anyOf": [{"maxLength": 3}, {"pattern": "^a"}]},  # untyped branches were ignored
+    {"anyOf": [{"type": "string"}, {"type": "null"}], "maxLength": 4},  # the keywords beside anyOf were dropped
+    {"oneOf": [{"type": "integer"}, {"type": "string", "anyOf": [{"maxLength": 2}]}]},
+])
+def test_text_value_keeps_every_keyword_of_its_branch(compiler, tokenizer, prop):
+    tool = {"type": "function", "function": {"name": "note", "parameters": {"type": "object", "properties": {
+        "text": prop}, "required": ["text"], "additionalProperties": False}}}
+    schemas = {"note": tool["function"]["parameters"]}
+    for text in walks(compiler, tokenizer, StructuredSpec.tool_calls([tool], "required", parallel=False), 30):
+        (call,) = _tool_calls(text, schemas).tool_calls
+        jsonschema.validate(json.loads(call.arguments), schemas["note"])
 
 
 def test_auto_with_a_strict_tool_allows_text_and_enforces_calls(compiler, tokenizer):
@@ -131,6 +169,11 @@ def test_markup_that_is_text_in_the_tokenizer(tmp_path):
     assert matcher.is_accepting()
 
 
+def _text_tool(keywords: dict, **parameters) -> dict:
+    return {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"s": {"type": "string", **keywords}}, **parameters}}}
+
+
 @pytest.mark.parametrize("spec, words", [
     (StructuredSpec.json_schema({"type": "array", "uniqueItems": True}), "uniqueItems"),
     (StructuredSpec.json_schema({"type": "strng"}), "strng"),
@@ -141,10 +184,21 @@ def test_markup_that_is_text_in_the_tokenizer(tmp_path):
      r'oneOf.*use anyOf.*"x-guidance": \{"coerce_one_of": true\}'),
     (StructuredSpec.regex("(unclosed"), "unclosed"),
     (StructuredSpec.grammar("start: undefined_rule"), "undefined_rule"),
+    # GBNF that llguidance's converter refuses with a bare Exception (a 500 before): a clear StructuredError
+    (StructuredSpec.grammar("root ::= undefined_rule"), "undefined_rule"),
+    (StructuredSpec.grammar('answer ::= "a"'), "root"),
+    # a GBNF rule named `start` is GBNF (not Lark's `start:`); its conversion names `root` as `start`
+    (StructuredSpec.grammar('root ::= start\nstart ::= "ab"'), "rename the rule 'start'"),
     (StructuredSpec.tool_calls([{"type": "function", "function": {"name": "f", "parameters": {
         "type": "object", "properties": {"s": {"type": "string", "format": "email"}}}}}], "required"), "email"),
     (StructuredSpec.tool_calls([{"type": "function", "function": {"name": "bad name"}}], "required"), "bad name"),
     (StructuredSpec.tool_calls([PING], {"function": {"name": "nope"}}), "nope"),
+    # malformed keywords that raised TypeError / ValueError (a 500 on the server) before
+    (StructuredSpec.json_schema({"type": "object", "x-guidance": 5}), "'x-guidance' must be an object"),
+    (StructuredSpec.tool_calls([_text_tool({"minLength": "x"})], "required"), "'minLength' must be"),
+    (StructuredSpec.tool_calls([_text_tool({"maxLength": 2.5})], "required"), "'maxLength' must be"),
+    (StructuredSpec.tool_calls([_text_tool({"format": ["date"]})], "required"), "format \\['date'\\]"),
+    (StructuredSpec.tool_calls([_text_tool({}, required=[["s"]])], "required"), "'required' must be a list"),
 ])
 def test_errors_name_the_problem(compiler, spec, words):
     with pytest.raises(StructuredError, match=words):

@@ -72,8 +72,12 @@ class OutputParser:
 
     def __init__(self, *, parse_reasoning: bool = True, starts_in_reasoning: bool = False,
                  tools: ToolSchemas | None = None, parse_tools: bool = False, strip: Iterable[str] = (),
-                 id_factory: Callable[[], str] = new_call_id, max_tool_calls: int | None = None) -> None:
+                 id_factory: Callable[[], str] = new_call_id, max_tool_calls: int | None = None,
+                 constrained: bool = False) -> None:
         self.parse_reasoning = parse_reasoning
+        # a grammar wrote the output: after the reasoning block its text is the constraint's (JSON, tool calls),
+        # where `<think>` / `</think>` can only be text (the grammar admits no special token there)
+        self.constrained = constrained
         self.max_tool_calls = max_tool_calls  # parallel_tool_calls=false: 1; calls past it are dropped
         self.tools = ToolCallParser(tools, id_factory) if parse_tools else None
         self.strip = tuple(strip)
@@ -117,7 +121,7 @@ class OutputParser:
     # ---- scanning --------------------------------------------------------------------------------------------
     def _markers(self) -> tuple[str, ...]:
         markers = list(self.strip)
-        if self.parse_reasoning:
+        if self.parse_reasoning and (not self.constrained or self.mode is _Mode.REASONING):
             markers += [THINK_START, THINK_END]
         if self.tools is not None and self.mode is _Mode.CONTENT:
             markers.append(TOOL_CALL_START)

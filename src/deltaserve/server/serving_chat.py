@@ -93,7 +93,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
 
     def new_parser() -> OutputParser:
         return OutputParser(parse_reasoning=reasoning, starts_in_reasoning=opens_reasoning, tools=tools.schemas,
-                            parse_tools=tools.parse, strip=strip, max_tool_calls=tools.max_calls)
+                            parse_tools=tools.parse, strip=strip, max_tool_calls=tools.max_calls,
+                            constrained=params.structured is not None)
 
     job = _Job(random_id("chatcmpl"), model, int(time.time()), req, params, prompt, new_parser,
                show_reasoning=reasoning and req.include_reasoning, cache_points=rendered.cache_points)

@@ -258,7 +258,7 @@ class ToolCallParser:
         if is_string_schema(self._param_schema):
             self._emit(step, _json_chars(text[self._scan.sent:]) + '"')
         else:
-            self._emit(step, json.dumps(convert_param(text, self._param_schema), ensure_ascii=False))
+            self._emit(step, _json_text(convert_param(text, self._param_schema), text))
         self._buf = ""
 
     def _close_function(self, step: ToolStep) -> None:
@@ -482,13 +482,26 @@ def convert_param(raw: str, schema: dict[str, Any] | None) -> Any:
 _NO = object()
 
 
+def _json_text(value: Any, raw: str) -> str:
+    """A converted value as JSON. A number past a double's range (1e400) would be written `Infinity`, which is not
+    JSON: the model's text stays as written where it is JSON (as the grammar makes it), else it is a string."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False)
+    except ValueError:
+        text = raw.strip()
+        try:
+            json.loads(text)
+        except ValueError:
+            return json.dumps(text, ensure_ascii=False)
+        return text
+
+
 def _convert(text: str, kind: str) -> Any:
     try:
         if kind == "integer":
             return int(text)
-        if kind == "number":
-            number = float(text)
-            return int(number) if number.is_integer() and not any(c in text for c in ".eE") else number
+        if kind == "number":  # an integer literal exactly (a float rounds past 2**53)
+            return float(text) if any(c in text for c in ".eE") else int(text)
         if kind == "boolean":
             return {"true": True, "false": False}.get(text.lower(), _NO)
         try:

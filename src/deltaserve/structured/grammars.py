@@ -54,7 +54,11 @@ def inline_json(schema: Any) -> str:
         raise StructuredError("the JSON schema is `false`, which no value satisfies; send a schema a value can meet")
     if not isinstance(schema, dict):
         raise StructuredError(f"a JSON schema must be an object (or true/false), got {json.dumps(schema)[:80]}")
-    options = {**JSON_OPTIONS, **(schema.get("x-guidance") or {})}
+    own = schema.get("x-guidance") or {}
+    if not isinstance(own, dict):
+        raise StructuredError(f"the schema's 'x-guidance' must be an object of llguidance's JSON options, got "
+                              f"{json.dumps(own)[:80]}")
+    options = {**JSON_OPTIONS, **own}
     return "%json " + json.dumps({**schema, "x-guidance": options}, ensure_ascii=False)
 
 
@@ -68,7 +72,9 @@ def regex_terminal(pattern: str, use_ascii: str = "") -> str:
 def reasoning_prefix(markup: Markup) -> str:
     """Rules that consume an open reasoning block up to and including `</think>` and the blank line after it."""
     if markup.is_special(REASONING_END):
-        return f"reasoning: /(?s:.*)/ {markup(REASONING_END)} {_AFTER_REASONING}\n"
+        # the reasoning parser reads text: `</think>` spelt with plain tokens would end the block there
+        return (f"reasoning: REASONING_TEXT {markup(REASONING_END)} {_AFTER_REASONING}\n"
+                "REASONING_TEXT: /(?s:.*)/ & ~/(?s:.*)<\\/think>(?s:.*)/\n")
     # text markup: lazy, so the block ends at the first </think>
     return f"reasoning: reasoning_text {_AFTER_REASONING}\nreasoning_text[lazy]: /(?s:.*)<\\/think>/\n"
 
@@ -103,8 +109,9 @@ def _choice(spec: StructuredSpec, markup: Markup) -> str:
 
 
 # Lark text: a start rule, possibly with Lark's `?` (inline) or `!` (keep tokens) modifier, or llguidance's
-# directive. llguidance's own test misses the modifiers and would read `?start:` grammars as GBNF.
-_LARK = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:)")
+# directive. llguidance's own test misses the modifiers and would read `?start:` grammars as GBNF. `start ::=` is
+# a GBNF rule, not Lark's.
+_LARK = re.compile(r"(?m)^\s*(%llguidance\b|[?!]?start\s*:(?!:=))")
 
 
 def _grammar(spec: StructuredSpec, markup: Markup) -> str:
@@ -116,6 +123,9 @@ def _grammar(spec: StructuredSpec, markup: Markup) -> str:
     except (GbnfToLarkError, ValueError) as e:
         raise StructuredError(f"the grammar is not Lark (it has no `start:` rule) and could not be read as GBNF "
                               f"(`root ::= ...`): {e}") from None
+    except Exception as e:  # noqa: BLE001 - the converter raises a bare Exception for a missing or duplicate rule
+        hint = " (the conversion names `root` `start`: rename the rule 'start')" if "'start'" in str(e) else ""
+        raise StructuredError(f"the GBNF grammar cannot be converted: {e}{hint}") from None
     if not spec.reasoning:
         return lark
     # The client's grammar keeps its own rule names: it becomes a subgrammar behind the reasoning block.

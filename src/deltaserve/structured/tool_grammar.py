@@ -33,6 +33,7 @@ function or parallel_tool_calls=false, else one or more. "auto": free text in wh
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from deltaserve.server.tool_parser import NAME, is_string_schema, parameter_schema, reads_back_whole, schema_types
@@ -49,8 +50,16 @@ _FREE_TEXT = f"/(?s:.*)/ & {_AMBIGUOUS}"
 _THEN_PARAM = r'"\n</parameter>\n<parameter="'  # a text value, its closing tag and the next parameter's opening
 _THEN_END = r'"\n</parameter>\n</function>"'  # a text value, its closing tag and the function's
 _VALUE_END = r'"\n</parameter>\n"'
+_ANNOTATIONS = frozenset({"description", "title", "default", "examples"})
 _STRING_KEYWORDS = frozenset({"type", "description", "title", "default", "examples", "enum", "const", "pattern",
                               "minLength", "maxLength", "format", "nullable", "anyOf", "oneOf"})
+# keywords no string can fail (the parser always writes a text value as a JSON string): annotations, and those that
+# apply to numbers, arrays and objects only; accepted and left out, as llguidance does on JSON values
+_VACUOUS_ON_TEXT = frozenset({
+    "$comment", "$id", "$anchor", "deprecated", "readOnly", "writeOnly", "contentMediaType", "contentEncoding",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "items", "prefixItems", "minItems",
+    "maxItems", "uniqueItems", "contains", "minContains", "maxContains", "properties", "additionalProperties",
+    "patternProperties", "required", "minProperties", "maxProperties", "propertyNames"})
 # the formats a raw string value can be held to (JSON Schema's definitions, ASCII digits)
 _FORMATS = {
     "date": r"[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])",
@@ -112,7 +121,7 @@ class _Builder:
             raise StructuredError(f"function {name!r}: 'parameters' must be an object schema")
         properties = schema.get("properties")
         if enforce and isinstance(properties, dict) and properties:
-            params = self._declared_params(i, name, schema, set(schema.get("required") or ()))
+            params = self._declared_params(i, name, schema, _required(schema, name))
         elif enforce and schema.get("additionalProperties") is False:
             params = '"</function>"'  # a function without parameters
         else:
@@ -177,6 +186,24 @@ class _Builder:
         return f"{terminal}_P", f"{terminal}_F"
 
 
+def _required(schema: dict[str, Any], fn_name: str) -> set[str]:
+    required = schema.get("required") or []
+    if not isinstance(required, list) or not all(isinstance(k, str) for k in required):
+        raise StructuredError(f"function {fn_name!r}: 'required' must be a list of parameter names, got "
+                              f"{required!r}")
+    return set(required)
+
+
+def _length(schema: dict[str, Any], key: str, where: str) -> int | None:
+    """minLength / maxLength: a non-negative integer (JSON Schema's rule), or None when absent."""
+    value = schema.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != int(value):
+        raise StructuredError(f"parameter {where!r}: {key!r} must be a non-negative integer, got {value!r}")
+    return int(value)
+
+
 def _checked_name(name: Any, what: str) -> str:
     if not isinstance(name, str) or not NAME.fullmatch(name):
         raise StructuredError(f"{what} {name!r} cannot be written as a Qwen3-Coder tool call; use a name without "
@@ -185,17 +212,28 @@ def _checked_name(name: Any, what: str) -> str:
 
 
 def _string_branch(schema: dict[str, Any]) -> dict[str, Any]:
-    """The schema a raw text value is held to: the first anyOf / oneOf branch that allows strings, if any."""
+    """The schema a raw text value is held to: the first anyOf / oneOf branch that allows strings (typed as strings,
+    or untyped), with the keywords beside it (the schema's own type, maxLength, ...), down to one without branches."""
     for key in ("anyOf", "oneOf"):
-        for branch in schema.get(key) or []:
-            if isinstance(branch, dict) and "string" in schema_types(branch):
-                return branch
+        branches = schema.get(key)
+        if not branches:
+            continue
+        for branch in branches if isinstance(branches, list) else []:
+            types = schema_types(branch)
+            if isinstance(branch, dict) and (not types or "string" in types):
+                rest = {k: v for k, v in schema.items() if k != key}
+                both = sorted(k for k in set(rest) & set(branch) - _ANNOTATIONS - {"type"} if rest[k] != branch[k])
+                if both:
+                    raise StructuredError(f"keywords {both} are set both beside '{key}' and in its branch for text "
+                                          "values; keep one of each")
+                return _string_branch({**rest, **branch})  # the branch's type is narrower (it allows strings)
+        raise StructuredError(f"no '{key}' branch of {json.dumps(schema)[:120]} takes a text value")
     return schema
 
 
 def _string_terminal(schema: dict[str, Any], where: str) -> str:
     """A Lark terminal for a raw text value: the string keywords intersected with 'no end tag'."""
-    unsupported = sorted(set(schema) - _STRING_KEYWORDS)
+    unsupported = sorted(k for k in set(schema) - _STRING_KEYWORDS - _VACUOUS_ON_TEXT if not k.startswith("x-"))
     if unsupported:
         raise StructuredError(f"parameter {where!r}: keywords {unsupported} are not supported on a text value of a "
                               "constrained tool call; remove them")
@@ -214,13 +252,13 @@ def _string_terminal(schema: dict[str, Any], where: str) -> str:
     if "pattern" in schema:
         parts.append(regex_terminal(_whole_match(schema["pattern"]), "dw"))
     if "format" in schema:
-        if schema["format"] not in _FORMATS:
+        if not isinstance(schema["format"], str) or schema["format"] not in _FORMATS:
             raise StructuredError(f"parameter {where!r}: format {schema['format']!r} cannot be enforced on a tool "
                                   f"call's text value (supported: {sorted(_FORMATS)}); use 'pattern' instead")
         parts.append("/" + _FORMATS[schema["format"]] + "/")
-    low, high = schema.get("minLength", 0), schema.get("maxLength")
+    low, high = _length(schema, "minLength", where) or 0, _length(schema, "maxLength", where)
     if low or high is not None:
-        parts.append(f"/(?s:.){{{int(low)},{'' if high is None else int(high)}}}/")
+        parts.append(f"/(?s:.){{{low},{'' if high is None else high}}}/")
     return " & ".join([*parts, _FREE_TEXT])
 
 
