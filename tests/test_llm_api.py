@@ -57,3 +57,29 @@ def test_chat_message_without_a_known_role_is_refused(llm, message):
     developer = llm.chat([{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}], GREEDY)
     system = llm.chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], GREEDY)
     assert developer[0].prompt_token_ids == system[0].prompt_token_ids  # OpenAI's developer is the system role
+
+
+def test_use_tqdm_as_in_vllm(llm, capsys):
+    """generate and chat take vLLM's use_tqdm (True by default: a bar over the prompts; False: none; a callable:
+    the tqdm class to use); it was a TypeError ("unexpected keyword argument 'use_tqdm'") for code written for vLLM."""
+    want = texts(llm.generate([[10, 11, 12], [13, 14]], GREEDY, use_tqdm=False))
+    assert capsys.readouterr().err == ""
+    assert texts(llm.generate([[10, 11, 12], [13, 14]], GREEDY)) == want
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "2/2" in err
+    bars = []
+
+    class Bar:  # a caller's own tqdm class
+        def __init__(self, total, **kw):
+            self.total, self.n, self.closed = total, 0, False
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    assert texts(llm.generate([[10, 11, 12], [13, 14]], GREEDY, use_tqdm=Bar)) == want
+    assert (bars[0].total, bars[0].n, bars[0].closed) == (2, 2, True)
+    assert len(llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False)) == 1

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 from deltaserve.config import EngineArgs
 from deltaserve.engine.engine import LLMEngine
@@ -41,30 +41,40 @@ class LLM:
         return self.engine.tokenizer
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for one prompt or a list (text, token ids, or {"prompt_token_ids": [...]}); outputs in order."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool | Callable[..., Any] = True) -> list[RequestOutput]:
+        """Generate for one prompt or a list (text, token ids, or {"prompt_token_ids": [...]}); outputs in order.
+        use_tqdm (as vLLM's): a progress bar over the prompts; False for none, or the tqdm class to use."""
         items = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(items))
         outputs: dict[str, RequestOutput] = {}
+        bar = None
         try:
             for item, p in zip(items, params):
                 text, ids = self._tokenize(item)
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, ids, p)
                 outputs[rid] = RequestOutput(rid, text, list(ids), [CompletionOutput(i) for i in range(p.n)])
+            bar = _progress_bar(use_tqdm, len(outputs))
             while self.engine.has_unfinished():
                 for delta in self.engine.step():
                     if delta.request_id in outputs:
                         apply_delta(outputs[delta.request_id], delta)
+                        if bar is not None and outputs[delta.request_id].finished:
+                            bar.update(1)
         except BaseException:
             for rid in outputs:  # never leave half-run requests holding pages and slots
                 self.engine.abort_request(rid)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return list(outputs.values())
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | None = None, *, tools: list[dict[str, Any]] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             tools: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             use_tqdm: bool | Callable[..., Any] = True) -> list[RequestOutput]:
         """Render each conversation with the checkpoint's chat template and generate the assistant's reply."""
         if isinstance(messages, (str, dict)):
             conversations = []  # refused below: not a list of messages
@@ -80,7 +90,7 @@ class LLM:
         prompts = [{"prompt_token_ids": render_chat(self.engine.tokenizer, conv, tools=tools,
                                                     chat_template_kwargs=chat_template_kwargs)}
                    for conv in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _tokenize(self, item: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(item, str):
@@ -93,6 +103,17 @@ class LLM:
                 return self._tokenize(item["prompt"])
             raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(item)}")
         return None, _token_ids(item)
+
+
+def _progress_bar(use_tqdm: bool | Callable[..., Any], total: int):
+    """vLLM's bar: finished prompts out of `total` (None when use_tqdm is False)."""
+    if not use_tqdm:
+        return None
+    if callable(use_tqdm):
+        factory = use_tqdm
+    else:
+        from tqdm import tqdm as factory
+    return factory(total=total, desc="Processed prompts", dynamic_ncols=True)
 
 
 PROMPT_KINDS = "a str, a list of int token ids, or a dict with 'prompt' or 'prompt_token_ids'"
