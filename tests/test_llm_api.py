@@ -83,3 +83,17 @@ def test_use_tqdm_as_in_vllm(llm, capsys):
     assert texts(llm.generate([[10, 11, 12], [13, 14]], GREEDY, use_tqdm=Bar)) == want
     assert (bars[0].total, bars[0].n, bars[0].closed) == (2, 2, True)
     assert len(llm.chat([{"role": "user", "content": "hi"}], GREEDY, use_tqdm=False)) == 1
+
+
+def test_generate_without_sampling_params_takes_the_checkpoints_generation_config(tmp_path):
+    """As vLLM's LLM (get_default_sampling_params): sampling_params=None means the sampling generation_config.json
+    sets, as the server's requests get; the offline API used SamplingParams() (temperature 1, top_p 1) instead."""
+    save_checkpoint(TinySpec("llm_api_gen", extra={"vocab_size": 320}), tmp_path)
+    write_byte_tokenizer(tmp_path)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 256, "temperature": 0.0, "top_k": 20}')
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", max_model_len=64)
+    defaults = llm.get_default_sampling_params()
+    assert (defaults.temperature, defaults.top_k, defaults.top_p) == (0.0, 20, 1.0)
+    greedy = SamplingParams(temperature=0, top_k=20)
+    ps = [[10, 11, 12], [40, 41]]
+    assert texts(llm.generate(ps, use_tqdm=False)) == texts(llm.generate(ps, greedy, use_tqdm=False))

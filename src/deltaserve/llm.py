@@ -36,9 +36,19 @@ class LLM:
             model = str(demo_model_dir())
         self.engine = LLMEngine(EngineArgs.from_kwargs(str(model), **options))
         self._ids = itertools.count()
+        self._default_params: SamplingParams | None = None
 
     def get_tokenizer(self):
         return self.engine.tokenizer
+
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What sampling_params=None means (as in vLLM, and as the server's requests get): the sampling the
+        checkpoint's generation_config.json sets (Qwen3.5 ships its recommended one there), else SamplingParams()."""
+        if self._default_params is None:  # read once (the file is logged as it is read)
+            from deltaserve.server.sampling import generation_defaults
+
+            self._default_params = SamplingParams(**generation_defaults(self.engine.model_config.model_dir))
+        return self._default_params
 
     def generate(self, prompts: PromptType | Sequence[PromptType],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
@@ -46,7 +56,8 @@ class LLM:
         """Generate for one prompt or a list (text, token ids, or {"prompt_token_ids": [...]}); outputs in order.
         use_tqdm (as vLLM's): a progress bar over the prompts; False for none, or the tqdm class to use."""
         items = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(items))
+        params = _as_params_list(sampling_params if sampling_params is not None else
+                                 self.get_default_sampling_params(), len(items))
         outputs: dict[str, RequestOutput] = {}
         bar = None
         try:
@@ -166,8 +177,6 @@ def _as_prompt_list(prompts) -> list[PromptType]:
 
 
 def _as_params_list(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     if isinstance(params, (str, dict)) or not hasattr(params, "__iter__"):
