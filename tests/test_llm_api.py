@@ -97,3 +97,12 @@ def test_generate_without_sampling_params_takes_the_checkpoints_generation_confi
     greedy = SamplingParams(temperature=0, top_k=20)
     ps = [[10, 11, 12], [40, 41]]
     assert texts(llm.generate(ps, use_tqdm=False)) == texts(llm.generate(ps, greedy, use_tqdm=False))
+
+
+def test_chat_takes_add_generation_prompt_as_in_vllm(llm):
+    """vLLM's LLM.chat(..., add_generation_prompt=False) renders the conversation without the assistant's opening
+    (the server's field of that name does the same); it was a TypeError."""
+    conv = [{"role": "user", "content": "hi"}]
+    opened = llm.chat(conv, GREEDY, use_tqdm=False)[0].prompt_token_ids
+    closed = llm.chat(conv, GREEDY, use_tqdm=False, add_generation_prompt=False)[0].prompt_token_ids
+    assert len(closed) < len(opened) and opened[:len(closed)] == closed

@@ -85,8 +85,9 @@ class LLM:
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
              tools: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
-             use_tqdm: bool | Callable[..., Any] = True) -> list[RequestOutput]:
-        """Render each conversation with the checkpoint's chat template and generate the assistant's reply."""
+             use_tqdm: bool | Callable[..., Any] = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Render each conversation with the checkpoint's chat template and generate the assistant's reply
+        (add_generation_prompt=False: the template's opening of that reply is left out, as in vLLM)."""
         if isinstance(messages, (str, dict)):
             conversations = []  # refused below: not a list of messages
         elif messages and isinstance(messages[0], dict):
@@ -99,6 +100,7 @@ class LLM:
                             f"dicts) or a list of them, got {_shown(messages)}; for plain text use LLM.generate")
         conversations = [_with_known_roles(c) for c in conversations]
         prompts = [{"prompt_token_ids": render_chat(self.engine.tokenizer, conv, tools=tools,
+                                                    add_generation_prompt=add_generation_prompt,
                                                     chat_template_kwargs=chat_template_kwargs)}
                    for conv in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
