@@ -114,9 +114,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # special tokens shown, as in chat: a tokenizer that marks </think> special hides where the reasoning ends
         outs = llm.chat([[{"role": "user", "content": p}] for p in prompts],
                         dataclasses.replace(params, skip_special_tokens=False),
-                        chat_template_kwargs={"enable_thinking": not args.no_thinking})
+                        chat_template_kwargs={"enable_thinking": not args.no_thinking}, use_tqdm=False)
     else:
-        outs = llm.generate(prompts, params)
+        outs = llm.generate(prompts, params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         if len(prompts) > 1:
             print(f"=== prompt: {prompt!r}")

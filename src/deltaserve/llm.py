@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 from deltaserve.config import EngineArgs
 from deltaserve.engine.engine import LLMEngine
@@ -36,36 +36,58 @@ class LLM:
             model = str(demo_model_dir())
         self.engine = LLMEngine(EngineArgs.from_kwargs(str(model), **options))
         self._ids = itertools.count()
+        self._default_params: SamplingParams | None = None
 
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What sampling_params=None means (as in vLLM, and as the server's requests get): the sampling the
+        checkpoint's generation_config.json sets (Qwen3.5 ships its recommended one there), else SamplingParams()."""
+        if self._default_params is None:  # read once (the file is logged as it is read)
+            from deltaserve.server.sampling import generation_defaults
+
+            self._default_params = SamplingParams(**generation_defaults(self.engine.model_config.model_dir))
+        return self._default_params
+
     def generate(self, prompts: PromptType | Sequence[PromptType],
-                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for one prompt or a list (text, token ids, or {"prompt_token_ids": [...]}); outputs in order."""
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+                 use_tqdm: bool | Callable[..., Any] = True) -> list[RequestOutput]:
+        """Generate for one prompt or a list (text, token ids, or {"prompt_token_ids": [...]}); outputs in order.
+        use_tqdm (as vLLM's): a progress bar over the prompts; False for none, or the tqdm class to use."""
         items = _as_prompt_list(prompts)
-        params = _as_params_list(sampling_params, len(items))
+        params = _as_params_list(sampling_params if sampling_params is not None else
+                                 self.get_default_sampling_params(), len(items))
         outputs: dict[str, RequestOutput] = {}
+        bar = None
         try:
             for item, p in zip(items, params):
                 text, ids = self._tokenize(item)
                 rid = str(next(self._ids))
                 self.engine.add_request(rid, ids, p)
                 outputs[rid] = RequestOutput(rid, text, list(ids), [CompletionOutput(i) for i in range(p.n)])
+            bar = _progress_bar(use_tqdm, len(outputs))
             while self.engine.has_unfinished():
                 for delta in self.engine.step():
                     if delta.request_id in outputs:
                         apply_delta(outputs[delta.request_id], delta)
+                        if bar is not None and outputs[delta.request_id].finished:
+                            bar.update(1)
         except BaseException:
             for rid in outputs:  # never leave half-run requests holding pages and slots
                 self.engine.abort_request(rid)
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         return list(outputs.values())
 
     def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
-             sampling_params: SamplingParams | None = None, *, tools: list[dict[str, Any]] | None = None,
-             chat_template_kwargs: dict[str, Any] | None = None) -> list[RequestOutput]:
-        """Render each conversation with the checkpoint's chat template and generate the assistant's reply."""
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             tools: list[dict[str, Any]] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+             use_tqdm: bool | Callable[..., Any] = True, add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Render each conversation with the checkpoint's chat template and generate the assistant's reply
+        (add_generation_prompt=False: the template's opening of that reply is left out, as in vLLM)."""
         if isinstance(messages, (str, dict)):
             conversations = []  # refused below: not a list of messages
         elif messages and isinstance(messages[0], dict):
@@ -78,9 +100,10 @@ class LLM:
                             f"dicts) or a list of them, got {_shown(messages)}; for plain text use LLM.generate")
         conversations = [_with_known_roles(c) for c in conversations]
         prompts = [{"prompt_token_ids": render_chat(self.engine.tokenizer, conv, tools=tools,
+                                                    add_generation_prompt=add_generation_prompt,
                                                     chat_template_kwargs=chat_template_kwargs)}
                    for conv in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _tokenize(self, item: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(item, str):
@@ -93,6 +116,17 @@ class LLM:
                 return self._tokenize(item["prompt"])
             raise ValueError(f"a prompt dict needs 'prompt' or 'prompt_token_ids', got keys {sorted(item)}")
         return None, _token_ids(item)
+
+
+def _progress_bar(use_tqdm: bool | Callable[..., Any], total: int):
+    """vLLM's bar: finished prompts out of `total` (None when use_tqdm is False)."""
+    if not use_tqdm:
+        return None
+    if callable(use_tqdm):
+        factory = use_tqdm
+    else:
+        from tqdm import tqdm as factory
+    return factory(total=total, desc="Processed prompts", dynamic_ncols=True)
 
 
 PROMPT_KINDS = "a str, a list of int token ids, or a dict with 'prompt' or 'prompt_token_ids'"
@@ -145,8 +179,6 @@ def _as_prompt_list(prompts) -> list[PromptType]:
 
 
 def _as_params_list(params, n: int) -> list[SamplingParams]:
-    if params is None:
-        return [SamplingParams()] * n
     if isinstance(params, SamplingParams):
         return [params] * n
     if isinstance(params, (str, dict)) or not hasattr(params, "__iter__"):
