@@ -45,7 +45,7 @@ class LLM:
         """What sampling_params=None means (as in vLLM, and as the server's requests get): the sampling the
         checkpoint's generation_config.json sets (Qwen3.5 ships its recommended one there), else SamplingParams()."""
         if self._default_params is None:  # read once (the file is logged as it is read)
-            from deltaserve.server.sampling import generation_defaults
+            from deltaserve.sampling_params import generation_defaults
 
             self._default_params = SamplingParams(**generation_defaults(self.engine.model_config.model_dir))
         return self._default_params

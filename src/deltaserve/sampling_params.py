@@ -5,8 +5,12 @@ Pure Python (no torch import): the scheduler and the server read these and must 
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from deltaserve.structured.spec import StructuredSpec
 
@@ -18,6 +22,11 @@ GREEDY_TEMPERATURE = 1e-5
 REPETITION_PENALTY_RANGE = (0.01, 100.0)
 LOGIT_BIAS_LIMIT = 100.0  # OpenAI's documented range is [-100, 100]; 1e308 would make the logit inf
 _COLLECTIONS = (list, tuple, set, frozenset)  # what `stop` / `stop_token_ids` may be given as (a str is one stop)
+# The keys of generation_config.json that vLLM (--generation-config auto, its default) makes the defaults of requests
+# that leave them out; Qwen3.5 ships its recommended sampling there
+GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+log = logging.getLogger(__name__)
 
 
 def _check(cond: bool, name: str, value: object, valid: str) -> None:
@@ -150,3 +159,28 @@ class SamplingParams:
         # The grammar ends the output with an end token: ignoring it, or forbidding it early, leaves no valid token.
         _check(not self.ignore_eos, "ignore_eos", self.ignore_eos, "False when the output is constrained (structured)")
         _check(self.min_tokens == 0, "min_tokens", self.min_tokens, "0 when the output is constrained (structured)")
+
+
+def generation_defaults(model_dir: str | None) -> dict[str, Any]:
+    """The sampling defaults the checkpoint's generation_config.json sets (GENERATION_CONFIG_KEYS). A value that
+    SamplingParams refuses is left out with a warning: it would fail every request that does not set its field."""
+    path = Path(model_dir or "") / "generation_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8")) if model_dir and path.is_file() else {}
+    except (OSError, ValueError) as e:
+        log.warning("%s unreadable (%s): requests get no sampling defaults from it", path, e)
+        return {}
+    defaults = {}
+    for key in GENERATION_CONFIG_KEYS:
+        value = config.get(key) if isinstance(config, dict) else None
+        if value is None:
+            continue
+        try:
+            SamplingParams(**{key: value})
+        except ValueError as e:
+            log.warning("%s: ignoring %s: %s", path, key, e)
+            continue
+        defaults[key] = value
+    if defaults:
+        log.info("sampling defaults from %s for requests that do not set them: %s", path, defaults)
+    return defaults

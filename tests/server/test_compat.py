@@ -317,7 +317,7 @@ def test_generation_config_sampling_defaults_apply_to_requests_that_leave_them_o
 
 
 def test_generation_config_values_the_sampler_refuses_are_left_out(tmp_path):
-    from deltaserve.server.sampling import generation_defaults
+    from deltaserve.sampling_params import generation_defaults
 
     (tmp_path / "generation_config.json").write_text(json.dumps(
         {"temperature": 0.6, "top_p": 0, "top_k": 20, "min_p": "x", "do_sample": True, "max_new_tokens": 5}))

@@ -7,15 +7,12 @@ to the request's (chat's `top_logprobs` is SamplingParams.logprobs, `max_complet
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from deltaserve.sampling_params import SamplingParams
+from deltaserve.sampling_params import GENERATION_CONFIG_KEYS, SamplingParams
 from deltaserve.structured import StructuredSpec
 from deltaserve.server.errors import APIError, bad_request
 from deltaserve.server.protocol import ChatCompletionRequest, CompletionRequest, _SamplingFields
@@ -30,12 +27,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds reach torch.Generator as int
 _DECIMAL_ID = re.compile(r"[0-9]{1,10}")  # int() would also take " 5", "+5", "5_0" and non-ASCII digits
 
 _FIELD_RE = re.compile(r"^SamplingParams\.(\w+)=(.*?) is invalid: (.*)$", re.S)
-# The keys of generation_config.json that vLLM (--generation-config auto, its default) makes the defaults of requests
-# that leave them out; Qwen3.5 ships its recommended sampling there
-GENERATION_CONFIG_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 _SAMPLING_FIELDS = (*GENERATION_CONFIG_KEYS, "presence_penalty", "frequency_penalty")
-
-log = logging.getLogger("deltaserve.server")
 
 
 @dataclass(frozen=True)
@@ -50,31 +42,6 @@ def echo_only(req: CompletionRequest) -> bool:
     """echo with max_tokens=0: the prompt comes back (scored, with logprobs) and nothing is generated, as OpenAI's
     legacy API and vLLM answer; the engine runs one token, which is dropped."""
     return req.echo and req.max_tokens == 0
-
-
-def generation_defaults(model_dir: str | None) -> dict[str, Any]:
-    """The sampling defaults the checkpoint's generation_config.json sets (GENERATION_CONFIG_KEYS). A value that
-    SamplingParams refuses is left out with a warning: it would fail every request that does not set its field."""
-    path = Path(model_dir or "") / "generation_config.json"
-    try:
-        config = json.loads(path.read_text(encoding="utf-8")) if model_dir and path.is_file() else {}
-    except (OSError, ValueError) as e:
-        log.warning("%s unreadable (%s): requests get no sampling defaults from it", path, e)
-        return {}
-    defaults = {}
-    for key in GENERATION_CONFIG_KEYS:
-        value = config.get(key) if isinstance(config, dict) else None
-        if value is None:
-            continue
-        try:
-            SamplingParams(**{key: value})
-        except ValueError as e:
-            log.warning("%s: ignoring %s: %s", path, key, e)
-            continue
-        defaults[key] = value
-    if defaults:
-        log.info("sampling defaults from %s for requests that do not set them: %s", path, defaults)
-    return defaults
 
 
 def completion_params(req: CompletionRequest, limits: Limits,

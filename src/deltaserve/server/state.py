@@ -14,7 +14,8 @@ from deltaserve.server.errors import APIError, server_error
 from deltaserve.server.metrics import ServerMetrics
 from deltaserve.server.output_parser import strip_tokens
 from deltaserve.server.responses import TokenStrings
-from deltaserve.server.sampling import Limits, generation_defaults
+from deltaserve.sampling_params import generation_defaults
+from deltaserve.server.sampling import Limits
 from deltaserve.server.templates import TemplateLimits, TemplateRenderer
 
 _MiB = 1024 * 1024
