@@ -81,6 +81,7 @@ def start_rank0(config: EngineConfig, eos_token_ids: frozenset[int]):
     from deltaserve.parallel.runner import RankFailure, TPDriver, TPModelRunner, describe_reported_failures
 
     tp = config.parallel.tensor_parallel_size
+    group.collective_timeout()  # a bad DELTASERVE_DIST_TIMEOUT fails here, before any worker is spawned
     workers: list = []
     if launched_world_size() > 1:
         rank, addr, port, local_rank = _env_launch(config)
