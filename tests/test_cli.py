@@ -101,6 +101,17 @@ def test_bad_engine_options_are_one_clear_line(cache, bad, needle):
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_a_bad_environment_variable_is_one_clear_line(cache, command):
+    """DELTASERVE_PDL is read when the kernels are imported, which building the parser does (serve's options come
+    from the server's modules): its ValueError was a traceback."""
+    env = {**os.environ, "DELTASERVE_CACHE_DIR": cache, "DELTASERVE_PDL": "sometimes"}
+    out = subprocess.run([sys.executable, "-m", "deltaserve", command], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("deltaserve: error: DELTASERVE_PDL='sometimes': expected 0/1"), out.stderr
+
+
 @pytest.mark.parametrize("command", ["generate", "chat"])
 def test_bad_sampling_options_fail_before_the_model_loads(cache, tmp_path, command):
     """A bad --temperature is reported before any checkpoint is read (here: a directory with no config.json, which

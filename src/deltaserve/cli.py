@@ -391,7 +391,11 @@ def with_flag(error: Exception) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports the server, hence the kernels, which read DELTASERVE_PDL / _KERNELS
+    except ValueError as e:  # such a variable's bad value: one clear line, as for a bad flag
+        print(f"deltaserve: error: {e}", file=sys.stderr)
+        return 2
     missing = server_import_error(parser, argv)
     if missing:
         print(missing, file=sys.stderr)
