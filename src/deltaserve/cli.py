@@ -382,9 +382,13 @@ def with_flag(error: Exception) -> str:
     command line's flag for it (--max-model-len: ...)."""
     from deltaserve.config import ConfigError, EngineArgs
 
+    # the loader's CheckpointError too (an option the checkpoint cannot honour: speculative_tokens); looked up, not
+    # imported: importing it here could raise again (the kernels read the environment)
+    loader = sys.modules.get("deltaserve.models.loader")
+    kinds = (ConfigError, loader.CheckpointError) if loader else (ConfigError,)
     named = re.match(r"'?(\w+)'?[ =(]", str(error))
     fields = {f.name: f for f in dataclasses.fields(EngineArgs) if f.metadata}
-    if not isinstance(error, ConfigError) or named is None or named.group(1) not in fields:
+    if not isinstance(error, kinds) or named is None or named.group(1) not in fields:
         return str(error)
     field = fields[named.group(1)]
     return f"{field.metadata['flag'] or '--' + field.name.replace('_', '-')}: {error}"
