@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from deltaserve.demo import write_byte_tokenizer
 from tests.models.factory import TinySpec, save_checkpoint
@@ -85,6 +87,32 @@ def test_chat_without_a_tokenizer_fails_before_the_first_prompt(cache, tmp_path)
     assert "chat needs a tokenizer" in out.stderr and "> " not in out.stdout
 
 
+def test_speculative_decoding_without_an_mtp_head_names_the_flag(cache, tmp_path):
+    """Both refusals (the config says no MTP layers; the config has them but the files lack mtp.* tensors) said what
+    was missing but not which option asked for it, nor that leaving it out is the fix."""
+    from deltaserve.demo import demo_model_dir
+
+    src = demo_model_dir()
+    for case in ("config", "tensors"):
+        path = tmp_path / case
+        path.mkdir()
+        for f in src.iterdir():
+            (path / f.name).symlink_to(f)
+        if case == "config":
+            (path / "config.json").unlink()
+            cfg = json.loads((src / "config.json").read_text())
+            cfg.get("text_config", cfg)["mtp_num_hidden_layers"] = 0
+            (path / "config.json").write_text(json.dumps(cfg))
+        else:
+            (path / "model.safetensors").unlink()
+            weights = {k: v for k, v in load_file(src / "model.safetensors").items() if not k.startswith("mtp.")}
+            save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        out = run("generate", str(path), "--speculative-tokens", "2", cache=cache)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert "error: --speculative-tokens: " in out.stderr and "leave speculative_tokens at 0" in out.stderr, \
+            out.stderr
+
+
 def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
     out = run("generate", str(tmp_path / "missing"), cache=cache)
     assert out.returncode == 2
@@ -95,10 +123,25 @@ def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
     (("--max-model-len", "0"), "error: --max-model-len: 'max_model_len' must be a positive integer"),
     (("--gpu-memory-utilization", "nan"), "error: --gpu-memory-utilization: 'gpu_memory_utilization' is nan"),
     (("--num-pages", "-3"), "error: --num-pages: 'num_pages' must be a positive integer"),
-    (("--device", "tpu"), "error: --device: 'device' is 'tpu'")])
+    (("--device", "tpu"), "error: --device: 'device' is 'tpu'"),
+    # options that conflict: the error leads with the flag to drop and says how
+    (("--speculative-tokens", "2", "--tensor-parallel-size", "2"),
+     "error: --speculative-tokens: 'speculative_tokens' (2) with tensor_parallel_size 2 is not supported yet"),
+    (("--speculative-tokens", "2", "--tensor-parallel-size", "2"), "leave speculative_tokens at 0")])
 def test_bad_engine_options_are_one_clear_line(cache, bad, needle):
     out = run("generate", *bad, cache=cache)
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("command", ["generate", "serve"])
+def test_a_bad_environment_variable_is_one_clear_line(cache, command):
+    """DELTASERVE_PDL is read when the kernels are imported, which building the parser does (serve's options come
+    from the server's modules): its ValueError was a traceback."""
+    env = {**os.environ, "DELTASERVE_CACHE_DIR": cache, "DELTASERVE_PDL": "sometimes"}
+    out = subprocess.run([sys.executable, "-m", "deltaserve", command], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.startswith("deltaserve: error: DELTASERVE_PDL='sometimes': expected 0/1"), out.stderr
 
 
 @pytest.mark.parametrize("command", ["generate", "chat"])

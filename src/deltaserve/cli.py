@@ -382,16 +382,24 @@ def with_flag(error: Exception) -> str:
     command line's flag for it (--max-model-len: ...)."""
     from deltaserve.config import ConfigError, EngineArgs
 
+    # the loader's CheckpointError too (an option the checkpoint cannot honour: speculative_tokens); looked up, not
+    # imported: importing it here could raise again (the kernels read the environment)
+    loader = sys.modules.get("deltaserve.models.loader")
+    kinds = (ConfigError, loader.CheckpointError) if loader else (ConfigError,)
     named = re.match(r"'?(\w+)'?[ =(]", str(error))
     fields = {f.name: f for f in dataclasses.fields(EngineArgs) if f.metadata}
-    if not isinstance(error, ConfigError) or named is None or named.group(1) not in fields:
+    if not isinstance(error, kinds) or named is None or named.group(1) not in fields:
         return str(error)
     field = fields[named.group(1)]
     return f"{field.metadata['flag'] or '--' + field.name.replace('_', '-')}: {error}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports the server, hence the kernels, which read DELTASERVE_PDL / _KERNELS
+    except ValueError as e:  # such a variable's bad value: one clear line, as for a bad flag
+        print(f"deltaserve: error: {e}", file=sys.stderr)
+        return 2
     missing = server_import_error(parser, argv)
     if missing:
         print(missing, file=sys.stderr)

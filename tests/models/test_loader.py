@@ -215,7 +215,7 @@ def test_checkpoint_without_mtp_tensors_loads_without_head(dense_dir):
     assert model.mtp is None
     with pytest.raises(RuntimeError, match="without its MTP head"):
         model.mtp_forward(None, None, None, None)
-    with pytest.raises(CheckpointError, match=r"MTP head was asked for .* has no mtp\.\* tensors"):
+    with pytest.raises(CheckpointError, match=r"asks for the MTP head .* has no mtp\.\* tensors"):
         load_model(cfg, dtype="float32", with_mtp=True)
 
 

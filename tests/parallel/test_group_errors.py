@@ -33,3 +33,19 @@ def test_a_workers_reported_error_is_named_even_when_rank_0_met_another(monkeypa
     monkeypatch.setattr(group, "_GROUP", group.TPGroup(0, 2, torch.device("cpu"), None, store))
     message = TPDriver(None, [])._diagnose(RuntimeError("CUDA error: an illegal memory access"))
     assert "rank 1 failed (launch: ValueError: bad shard" in message and "rank 0" not in message
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "0", "-5"])
+def test_a_bad_dist_timeout_is_refused_naming_the_variable(monkeypatch, value):
+    """It reached torch as it was: 'abc' failed with "could not convert string to float", 0 and negative values with
+    a traceback from gloo's process group (after the workers were spawned)."""
+    monkeypatch.setenv("DELTASERVE_DIST_TIMEOUT", value)
+    with pytest.raises(ValueError, match=r"DELTASERVE_DIST_TIMEOUT=.*seconds > 0 \(default 300\)"):
+        group.collective_timeout()
+
+
+def test_the_dist_timeout_is_read_in_seconds(monkeypatch):
+    monkeypatch.setenv("DELTASERVE_DIST_TIMEOUT", " 60.5 ")
+    assert group.collective_timeout().total_seconds() == 60.5
+    monkeypatch.setenv("DELTASERVE_DIST_TIMEOUT", "")  # set but empty: the default, as unset
+    assert group.collective_timeout().total_seconds() == group.DEFAULT_TIMEOUT_S

@@ -366,3 +366,15 @@ def test_torchrun_style_variables_must_match(dense, monkeypatch):
         make_llm(dense, 4)
     monkeypatch.setenv("RANK", "1")
     assert is_worker_process(2) and not is_worker_process(1)  # TP 1: an engine per process, whatever the launch
+
+
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "two"), ("RANK", "x"), ("MASTER_PORT", "abc"),
+                                         ("LOCAL_RANK", "0.5")])
+def test_a_torchrun_style_variable_that_is_no_number_is_named(dense, monkeypatch, name, value):
+    """Each said only "invalid literal for int() with base 10: 'two'", not which variable held it."""
+    for var, good in (("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29556"),
+                      ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, good)
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=rf"^{name}={value!r}: expected an integer"):
+        make_llm(dense, 2)

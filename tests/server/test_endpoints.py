@@ -58,6 +58,19 @@ def test_server_options_are_validated_and_defaulted():
         server_config_from(argparse.Namespace(shutdown_timeout=-1), "m")
 
 
+@pytest.mark.parametrize("given", [".", "./", "ckpt/.."])
+def test_a_relative_model_path_is_served_under_its_directorys_name(tmp_path, monkeypatch, given):
+    """`deltaserve serve .` inside a checkpoint directory named the model Path('.').name, '' (and '..' for 'ckpt/..'):
+    refused with "--served-model-name needs at least one non-empty name", an option the user never gave."""
+    from deltaserve.cli import build_parser
+    from deltaserve.server.args import server_config_from
+
+    (tmp_path / "Qwen3.5-4B" / "ckpt").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "Qwen3.5-4B")
+    args = build_parser().parse_args(["serve", given])
+    assert server_config_from(args, args.model).served_model_names == ("Qwen3.5-4B",)
+
+
 def test_cli_serve_subcommand_feeds_run_server():
     from deltaserve.cli import build_parser
     from deltaserve.server.args import engine_args_from, server_config_from

@@ -280,9 +280,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         self.rank_shapes(0)  # raises naming the dimension when the TP size does not divide the model
+        k = self.speculative.num_speculative_tokens
         require(not self.speculative.enabled or self.model.mtp_num_hidden_layers > 0,
-                f"speculative decoding ({self.speculative.num_speculative_tokens} MTP draft tokens) was asked for, but "
-                f"the checkpoint in {self.model.model_dir} has no MTP head (mtp_num_hidden_layers is 0 in its "
+                f"'speculative_tokens' ({k}) asks for speculative decoding with the checkpoint's MTP head, but the "
+                f"checkpoint in {self.model.model_dir} has no MTP head (mtp_num_hidden_layers is 0 in its "
                 "config.json); use a checkpoint that ships its mtp.* tensors, or leave speculative_tokens at 0")
         # checked here, not when the caches are planned after the weights are loaded (kernels' kv_stored_dim)
         require(self.cache.kv_cache_dtype != "int4" or self.model.head_dim % 2 == 0,
@@ -299,8 +300,10 @@ class EngineConfig:
         # quantized checkpoints shard under TP / EP too (layers/quant.py); a split a format cannot take fails when
         # the model is built, naming the module, the dimension and the sizes that work
         # the workers mirror rank 0's steps and sampled tokens, not a drafter's proposals and state commits
-        require(not self.speculative.enabled or self.parallel.tensor_parallel_size == 1,
-                "speculative decoding with tensor_parallel_size > 1 is not supported yet; use one or the other")
+        tp = self.parallel.tensor_parallel_size
+        require(not self.speculative.enabled or tp == 1,
+                f"'speculative_tokens' ({k}) with tensor_parallel_size {tp} is not supported yet (speculative "
+                "decoding runs on one rank only); leave speculative_tokens at 0, or use tensor_parallel_size 1")
         n, vocab = self.speculative.draft_vocab, self.model.vocab_size
         require(n is None or 1 <= n <= vocab,
                 f"'speculative_draft_vocab' is {n!r}; use 1 to {vocab} (the model's vocab_size): the draft passes "

@@ -14,7 +14,18 @@ import torch
 
 from deltaserve.config import env_flag
 
-_FORCE_REF = env_flag("DELTASERVE_KERNELS") == "ref"
+
+def parse_kernels(value: str) -> bool:
+    """DELTASERVE_KERNELS -> whether the references are forced: 'ref' forces them, unset / empty / 'auto' picks per
+    device. Anything else is refused: a typo ('reference') would silently run the kernels it meant to check."""
+    key = value.strip().lower()
+    if key not in ("", "auto", "ref"):
+        raise ValueError(f"DELTASERVE_KERNELS={value!r}: expected 'ref' (the pure-torch references everywhere) or "
+                         "'auto' (Triton kernels on CUDA, the default), or leave it unset")
+    return key == "ref"
+
+
+_FORCE_REF = parse_kernels(env_flag("DELTASERVE_KERNELS"))
 
 
 def _first_tensor(kwargs: dict[str, Any]) -> torch.Tensor | None:

@@ -370,8 +370,9 @@ def load_model(config: ModelConfig, *, dtype: torch.dtype | str | None = None, d
             raise ValueError("config has no model_dir to load weights from; use load_format='dummy' or from_hf(dir)")
         entries = [e for f in checkpoint_files(Path(config.model_dir)) for e in read_header(f)]
         if with_mtp and not any(e.name.startswith("mtp.") for e in entries):
-            raise CheckpointError(f"the MTP head was asked for (speculative decoding) but the checkpoint in "
-                                  f"{config.model_dir} has no mtp.* tensors; use a checkpoint that ships them")
+            raise CheckpointError(f"'speculative_tokens' asks for the MTP head (speculative decoding), but the "
+                                  f"checkpoint in {config.model_dir} has no mtp.* tensors; use a checkpoint that ships "
+                                  "them, or leave speculative_tokens at 0")
     config = _untie_distinct_lm_head(config, entries)
     if quantization is None:
         model = Qwen3_5ForCausalLM(config, dtype=dtype, device=device, with_mtp=with_mtp, shapes=shapes)

@@ -9,6 +9,7 @@ since a worker legitimately waits as long as the server is idle.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import time
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from deltaserve.config import env_flag
+from deltaserve.config import ConfigError, env_flag
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,17 @@ FAILED = "deltaserve/failed/"  # + rank: the error a worker's command raised, fo
 
 
 def collective_timeout() -> timedelta:
-    """DELTASERVE_DIST_TIMEOUT: seconds a model collective may wait for the other ranks."""
-    return timedelta(seconds=float(env_flag("DELTASERVE_DIST_TIMEOUT", str(DEFAULT_TIMEOUT_S))))
+    """DELTASERVE_DIST_TIMEOUT: seconds a model collective may wait for the other ranks (unset or empty: the
+    default). Checked here, since torch's own errors for a bad value name neither the variable nor the fix."""
+    text = env_flag("DELTASERVE_DIST_TIMEOUT").strip()
+    try:
+        seconds = float(text) if text else DEFAULT_TIMEOUT_S
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"DELTASERVE_DIST_TIMEOUT={text!r}: expected a number of seconds > 0 (default "
+                          f"{DEFAULT_TIMEOUT_S:.0f}), or leave it unset")
+    return timedelta(seconds=seconds)
 
 
 @dataclass

@@ -36,15 +36,28 @@ def build_runner(config: EngineConfig, *, eos_token_ids: frozenset[int] = frozen
     return start_rank0(config, eos_token_ids)
 
 
+def _env_int(name: str, default: int | None = None) -> int:
+    """A torchrun-style variable that holds an integer (unset or empty: `default`); int() alone named neither the
+    variable nor the fix."""
+    text = env_flag(name).strip()
+    if not text and default is not None:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"{name}={text!r}: expected an integer (the torchrun-style launch variables "
+                          f"{list(ENV_VARS)}: see the README, 'Several hosts')") from None
+
+
 def launched_world_size() -> int:
     """WORLD_SIZE from a torchrun-style launch (1 when not launched so)."""
-    return int(env_flag("WORLD_SIZE", "1") or 1)
+    return _env_int("WORLD_SIZE", 1)
 
 
 def is_worker_process(tensor_parallel_size: int) -> bool:
     """Whether this process was launched torchrun-style as a rank other than 0 of a tensor-parallel engine (it must
     run a worker, not the engine)."""
-    return tensor_parallel_size > 1 and launched_world_size() > 1 and int(env_flag("RANK", "0") or 0) != 0
+    return tensor_parallel_size > 1 and launched_world_size() > 1 and _env_int("RANK", 0) != 0
 
 
 def _free_port() -> int:
@@ -73,7 +86,7 @@ def _env_launch(config: EngineConfig) -> tuple[int, str, int, int]:
     world, tp = launched_world_size(), config.parallel.tensor_parallel_size
     if world != tp:
         raise ConfigError(f"WORLD_SIZE is {world} but tensor_parallel_size is {tp}; they must be equal")
-    return int(env_flag("RANK")), env_flag("MASTER_ADDR"), int(env_flag("MASTER_PORT")), int(env_flag("LOCAL_RANK"))
+    return _env_int("RANK"), env_flag("MASTER_ADDR"), _env_int("MASTER_PORT"), _env_int("LOCAL_RANK")
 
 
 def start_rank0(config: EngineConfig, eos_token_ids: frozenset[int]):
@@ -81,6 +94,7 @@ def start_rank0(config: EngineConfig, eos_token_ids: frozenset[int]):
     from deltaserve.parallel.runner import RankFailure, TPDriver, TPModelRunner, describe_reported_failures
 
     tp = config.parallel.tensor_parallel_size
+    group.collective_timeout()  # a bad DELTASERVE_DIST_TIMEOUT fails here, before any worker is spawned
     workers: list = []
     if launched_world_size() > 1:
         rank, addr, port, local_rank = _env_launch(config)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,7 +162,9 @@ def server_config_from(args: argparse.Namespace, model: str) -> ServerConfig:
     names = getattr(args, "served_model_name", None)
     if isinstance(names, str):
         names = [names]
-    default_name = Path(model).name if getattr(args, "model", None) else "deltaserve-demo"
+    # the directory's name as the path spells it: '.' and 'x/..' made '' and '..' (abspath, unlike resolve, keeps a
+    # symlinked directory's own name)
+    default_name = Path(os.path.abspath(model)).name or model if getattr(args, "model", None) else "deltaserve-demo"
     given: dict[str, Any] = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServerConfig)
                              if getattr(args, f.name, None) is not None}
     given.update(served_model_names=tuple(names or [default_name]), model_path=model)
