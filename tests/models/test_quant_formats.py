@@ -37,24 +37,6 @@ def _fp8_blocks_to_channels(t: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return plain
 
 
-def _gptq_groups_to_channels(t: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A GPTQ v1 checkpoint's tensors requantized per output channel (group_size -1: one scale row, g_idx all 0),
-    from its dequantized weights `state`; returns the dequantized weights of the result."""
-    plain = {}
-    for name in [n for n in t if n.endswith(".qweight")]:
-        base = name[:-len(".qweight")]
-        w = state[base + ".weight"]
-        n, k = w.shape
-        s = (w.abs().amax(dim=1) / 7.5).clamp(min=1e-8).to(torch.float16)
-        q = (torch.round(w / s.float()[:, None]) + 8).clamp(0, 15).to(torch.uint8)
-        t[name] = pack_int4(q).T.contiguous()
-        t[base + ".qzeros"] = pack_int4(torch.full((1, n), 7, dtype=torch.uint8))
-        t[base + ".scales"] = s[None].contiguous()
-        t[base + ".g_idx"] = torch.zeros(k, dtype=torch.int32)
-        plain[base + ".weight"] = (q.float() - 8) * s.float()[:, None]
-    return plain
-
-
 def test_per_channel_fp8_experts(tmp_path):
     """compressed-tensors FP8 per channel on a MoE model (FP8_DYNAMIC, llm-compressor's Qwen3.5 MoE example) was
     refused: 'per-channel FP8 experts need hidden size == intermediate size' (256 and 128 here; 2048 and 512 in
@@ -82,7 +64,7 @@ def test_per_channel_int4_experts(tmp_path):
     qc = {**json.loads((src / "config.json").read_text())["quantization_config"], "group_size": -1}
     plain: dict[str, torch.Tensor] = {}
     deq = dequant_state(src)
-    path = _with_config(src, tmp_path / "ch", qc, lambda t: plain.update(_gptq_groups_to_channels(t, deq)))
+    path = _with_config(src, tmp_path / "ch", qc, lambda t: plain.update(_gptq_regroup(t, deq, 1 << 30)))
     model = load_model(ModelConfig.from_hf(path), dtype="float32")
     assert model.model.layers[0].mlp.experts.method.name == "int4 per-channel"
     state = {k: plain.get(k, v) for k, v in deq.items()}
@@ -92,8 +74,9 @@ def test_per_channel_int4_experts(tmp_path):
 
 
 def _gptq_regroup(t: dict[str, torch.Tensor], state: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:
-    """A GPTQ v1 checkpoint's tensors requantized with `group` input columns per scale (a K below it: one group)
-    from its dequantized weights `state`; returns the dequantized weights of the result."""
+    """A GPTQ v1 checkpoint's tensors requantized with `group` input columns per scale (a K below it: one group, as
+    per-channel group_size -1 stores it: one scale row, g_idx all 0) from its dequantized weights `state`; returns
+    the dequantized weights of the result."""
     plain = {}
     for name in [n for n in t if n.endswith(".qweight")]:
         base = name[:-len(".qweight")]
