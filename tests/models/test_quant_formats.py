@@ -58,21 +58,6 @@ def test_per_channel_fp8_experts(tmp_path):
     _check_rank_weights(path, 2, True)
 
 
-def test_per_channel_int4_experts(tmp_path):
-    """GPTQ group_size -1 (one scale per output channel) on a MoE model was refused like FP8 per channel above."""
-    src = FIXTURES / "gptq_moe"
-    qc = {**json.loads((src / "config.json").read_text())["quantization_config"], "group_size": -1}
-    plain: dict[str, torch.Tensor] = {}
-    deq = dequant_state(src)
-    path = _with_config(src, tmp_path / "ch", qc, lambda t: plain.update(_gptq_regroup(t, deq, 1 << 30)))
-    model = load_model(ModelConfig.from_hf(path), dtype="float32")
-    assert model.model.layers[0].mlp.experts.method.name == "int4 per-channel"
-    state = {k: plain.get(k, v) for k, v in deq.items()}
-    assert_matches_plain(model, tmp_path, state, json.loads((path / "config.json").read_text()), PROMPT)
-    _check_rank_weights(path, 2, False)
-    _check_rank_weights(path, 2, True)
-
-
 def _gptq_regroup(t: dict[str, torch.Tensor], state: dict[str, torch.Tensor], group: int) -> dict[str, torch.Tensor]:
     """A GPTQ v1 checkpoint's tensors requantized with `group` input columns per scale (a K below it: one group, as
     per-channel group_size -1 stores it: one scale row, g_idx all 0) from its dequantized weights `state`; returns
@@ -94,18 +79,20 @@ def _gptq_regroup(t: dict[str, torch.Tensor], state: dict[str, torch.Tensor], gr
     return plain
 
 
-def test_int4_experts_with_a_group_wider_than_the_expert(tmp_path):
-    """GPTQ experts whose down_proj K (the expert intermediate size, 128) is below the group size (256): one group
-    covers each row, as it does for a rank's slice of a wider expert under tensor parallelism, which loaded; in one
-    process it was refused ('int4 experts with group size 256 need hidden size (256) and expert intermediate size
-    (128) to be multiples of it')."""
+@pytest.mark.parametrize("group_size, method", [(-1, "int4 per-channel"), (256, "int4 g256")])
+def test_int4_experts_with_one_group_a_row(tmp_path, group_size, method):
+    """GPTQ experts with one scale per output channel (group_size -1), or whose down_proj K (the expert intermediate
+    size, 128) is below the group size (256), so that one group covers each row as it does for a rank's slice of a
+    wider expert under tensor parallelism: both were refused in one process (the second: 'int4 experts with group
+    size 256 need hidden size (256) and expert intermediate size (128) to be multiples of it')."""
     src = FIXTURES / "gptq_moe"
-    qc = {**json.loads((src / "config.json").read_text())["quantization_config"], "group_size": 256}
+    qc = {**json.loads((src / "config.json").read_text())["quantization_config"], "group_size": group_size}
     plain: dict[str, torch.Tensor] = {}
     deq = dequant_state(src)
-    path = _with_config(src, tmp_path / "g256", qc, lambda t: plain.update(_gptq_regroup(t, deq, 256)))
+    regroup = group_size if group_size > 0 else 1 << 30
+    path = _with_config(src, tmp_path / "q", qc, lambda t: plain.update(_gptq_regroup(t, deq, regroup)))
     model = load_model(ModelConfig.from_hf(path), dtype="float32")
-    assert model.model.layers[0].mlp.experts.method.name == "int4 g256"
+    assert model.model.layers[0].mlp.experts.method.name == method
     state = {k: plain.get(k, v) for k, v in deq.items()}
     assert_matches_plain(model, tmp_path, state, json.loads((path / "config.json").read_text()), PROMPT)
     _check_rank_weights(path, 2, False)
