@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from deltaserve.engine.async_engine import AsyncLLM
+from deltaserve.sampling_params import generation_defaults
 from deltaserve.server.args import ServerConfig
 from deltaserve.server.errors import APIError, server_error
 from deltaserve.server.metrics import ServerMetrics
 from deltaserve.server.output_parser import strip_tokens
 from deltaserve.server.responses import TokenStrings
-from deltaserve.sampling_params import generation_defaults
 from deltaserve.server.sampling import Limits
 from deltaserve.server.templates import TemplateLimits, TemplateRenderer
 
