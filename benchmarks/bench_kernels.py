@@ -115,16 +115,18 @@ def pairs_with(calls: list[dict], extra: dict):
 
 def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str = "cuda", shape=None,
               bench=None) -> list[dict]:
-    """Time each MoE path (per-pair kernels, expert-centric kernels with every midbatch.CONFIGS tile for each of
-    its two kernels, grouped GEMMs, the automatic pick) on one MoE layer at decode batches 1-256, random routing
+    """Time each MoE path (per-pair kernels and the expert-centric kernels with every midbatch.CONFIGS tile for
+    each of its two kernels up to MID_BATCH_MAX_PAIRS, the CUTLASS grouped GEMMs, the block-grouped Triton GEMMs
+    with every blocked.CONFIGS tile past a quarter of it, the automatic pick) on one MoE layer at decode batches
+    1-256 or any batch given (prefill sizes: TFLOP/s is the column to read there), random routing
     (top-k of a softmax over random logits), shared expert included, against the bytes of the experts the routing
     touches (distinct experts x expert bytes + the shared expert) and the copy bandwidth measured in this run.
     Each timed call runs `layers` layers with their own weights, as a step does, so that at small batches the
     touched experts do not stay in L2 between calls; times are per layer. device / shape (a SHAPES-like dict) /
     bench (fn -> ms) let the CPU test run the plumbing."""
     from benchmarks.common import SHAPES, measure_copy_bandwidth
+    from deltaserve.kernels.moe import blocked, midbatch
     from deltaserve.kernels.moe import gpu as moe_gpu
-    from deltaserve.kernels.moe import midbatch
     from deltaserve.kernels.moe import triton as moe
 
     cfg = shape or SHAPES[model]
@@ -146,7 +148,7 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
     expert_bytes = 3 * dim * inter * 2
     print(f"{model} MoE layer: D={dim} I={inter} E={experts} top-{top_k} + shared I={shared_inter}; copy "
           f"{copy / 1e12:.2f} TB/s; {layers} layers a timed call; thresholds: per-pair <= "
-          f"{moe_gpu.SMALL_BATCH_PAIRS} pairs < mid <= {moe_gpu.MID_BATCH_MAX_PAIRS} < grouped", flush=True)
+          f"{moe_gpu.SMALL_BATCH_PAIRS} pairs < mid <= {moe_gpu.MID_BATCH_MAX_PAIRS} < blocked", flush=True)
     mid_cfgs = [("mid", {})]
     for c in midbatch.CONFIGS:
         if c != midbatch.GATE_UP_CONFIG:
@@ -166,6 +168,7 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
         touched = sum(kw["topk_ids"].unique().numel() for kw in calls) / layers
         nbytes = (touched + 1) * expert_bytes
         floor_us = nbytes / copy * 1e6
+        flops = 2 * 3 * dim * (tokens * top_k * inter + tokens * shared_inter)
 
         def forced(path, extra=None):
             def run():
@@ -178,9 +181,25 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
                     moe_gpu.FORCE_PATH = previous
             return run
 
-        variants = [("auto (" + moe_gpu.pick_path(tokens * top_k, True) + ")", forced(None)),
-                    ("per-pair", forced("pairs")), ("grouped", forced("grouped"))]
-        variants += [(name, forced("mid", extra)) for name, extra in mid_cfgs]
+        def blocked_with(cfg):
+            """The blocked path, as the layer calls it, with cfg as its only tiles for the call."""
+            def run():
+                saved, blocked.TILES = blocked.TILES, [(None, *cfg)]
+                try:
+                    return forced("blocked")()
+                finally:
+                    blocked.TILES = saved
+            return run
+
+        pairs = tokens * top_k
+        variants = [("auto (" + moe_gpu.pick_path(pairs) + ")", forced(None)), ("grouped", forced("grouped")),
+                    ("blocked", forced("blocked"))]
+        if pairs <= moe_gpu.MID_BATCH_MAX_PAIRS:  # past it the per-pair and mid tiles are far off; mid stays as truth
+            variants += [("per-pair", forced("pairs"))] + [(name, forced("mid", extra)) for name, extra in mid_cfgs]
+        else:
+            variants += [("mid", forced("mid", {}))]
+        if pairs > moe_gpu.MID_BATCH_MAX_PAIRS // 4:
+            variants += [(f"blocked {c}", blocked_with(c)) for c in blocked.CONFIGS if c != blocked.pick_tiles(pairs)]
         if tokens * top_k <= PAIR_SWEEP_MAX_PAIRS:
             down_default = moe.DOWN_CONFIG_ONE_TOKEN if tokens == 1 else moe.DOWN_CONFIG  # the kernel's pick here
             down_cfgs = [(f"per-pair down={c}", {"down_config": c}) for c in PAIR_DOWN_SWEEP if c != down_default]
@@ -193,7 +212,7 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
                 got = fn()
                 err = max(((g.float() - e.float()).norm() / e.float().norm()).item() for g, e in zip(got, expected))
                 ms = bench(fn) / layers
-                row.update({"us": ms * 1e3, "TB/s": nbytes / (ms * 1e-3) / 1e12,
+                row.update({"us": ms * 1e3, "TB/s": nbytes / (ms * 1e-3) / 1e12, "TFLOP/s": flops / ms / 1e9,
                             "of floor": f"{floor_us / (ms * 1e3):.0%}",
                             "vs mid": "ok" if err < 2e-2 else f"DIFF {err:.1e}"})
             except Exception as e:  # noqa: BLE001 (one failing variant must not lose the table)

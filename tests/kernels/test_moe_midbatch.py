@@ -172,7 +172,7 @@ def test_mid_dispatch_and_cuda_graph_gpu(weights):
     """gpu.fused_moe takes this path at batch 16 (35B-A3B); captured once, replayed on new routing, equal to eager."""
     from deltaserve.kernels.moe import gpu as moe_gpu
 
-    assert moe_gpu.pick_path(16 * 8, True) == "mid"
+    assert moe_gpu.pick_path(16 * 8) == "mid"
     kw = gpu_case(weights, "35B-A3B", 16, "dropped", seed=1)
     moe_gpu.fused_moe(**kw)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -90,29 +90,30 @@ def test_fused_moe_pairs_interpreter_k_loop():
     check_pairs(3, (40, 20, 12, 3, 12), torch.float32, "cpu", seed=9, fn=fn)
 
 
-def test_fused_moe_dispatch_without_grouped_gemm(monkeypatch):
-    """No grouped GEMMs (here: CPU tensors): per-pair kernels up to SMALL_BATCH_PAIRS, the expert-centric kernels up
-    to NO_GROUPED_MAX_PAIRS (even past MID_BATCH_MAX_PAIRS), the reference past it; FORCE_PATH overrides."""
-    from deltaserve.kernels.moe import midbatch
+def test_fused_moe_dispatch(monkeypatch):
+    """Per-pair kernels up to SMALL_BATCH_PAIRS, the expert-centric kernels up to MID_BATCH_MAX_PAIRS, the
+    block-grouped kernels past it; FORCE_PATH overrides (the reference only then)."""
+    from deltaserve.kernels.moe import blocked, midbatch
 
     monkeypatch.setattr(moe_gpu, "SMALL_BATCH_PAIRS", 3)
-    monkeypatch.setattr(moe_gpu, "MID_BATCH_MAX_PAIRS", 4)
-    monkeypatch.setattr(moe_gpu, "NO_GROUPED_MAX_PAIRS", 6)
+    monkeypatch.setattr(moe_gpu, "MID_BATCH_MAX_PAIRS", 6)
     calls = []
-    real_pairs, real_mid, real_ref = moe.fused_moe_pairs, midbatch.fused_moe_mid, ref.fused_moe
-    monkeypatch.setattr(moe, "fused_moe_pairs", lambda **kw: calls.append("pairs") or real_pairs(**kw))
-    monkeypatch.setattr(midbatch, "fused_moe_mid", lambda **kw: calls.append("mid") or real_mid(**kw))
-    monkeypatch.setattr(ref, "fused_moe", lambda **kw: calls.append("ref") or real_ref(**kw))
+    real = {"pairs": moe.fused_moe_pairs, "mid": midbatch.fused_moe_mid, "blocked": blocked.fused_moe,
+            "ref": ref.fused_moe}
+    for module, name, path in ((moe, "fused_moe_pairs", "pairs"), (midbatch, "fused_moe_mid", "mid"),
+                               (blocked, "fused_moe", "blocked"), (ref, "fused_moe", "ref")):
+        monkeypatch.setattr(module, name, lambda path=path, **kw: calls.append(path) or real[path](**kw))
     dim, inter, experts, top_k, shared_inter = TINY
-    for tokens, force, path in ((1, None, "pairs"), (2, None, "mid"), (3, None, "ref"), (3, "mid", "mid")):
+    for tokens, force, path in ((1, None, "pairs"), (2, None, "mid"), (3, None, "blocked"), (3, "mid", "mid"),
+                                (3, "ref", "ref")):
         monkeypatch.setattr(moe_gpu, "FORCE_PATH", force)
         kw = moe_case(tokens, dim, inter, experts, top_k, shared_inter, torch.float32, "cpu", seed=tokens)
         calls.clear()
         got = moe_gpu.fused_moe(**kw)
         assert calls == [path]
-        assert_close(got, real_ref(**kw))
+        assert_close(got, real["ref"](**kw))
     monkeypatch.setattr(moe_gpu, "FORCE_PATH", None)
-    assert moe_gpu.pick_path(5, True) == "grouped"  # past MID_BATCH_MAX_PAIRS with grouped GEMMs
+    assert moe_gpu.pick_path(7) == "blocked"  # past MID_BATCH_MAX_PAIRS
 
 
 def test_topk_softmax_nan_logits_stay_in_range():
@@ -156,11 +157,12 @@ def test_fused_moe_pairs_gpu(tokens):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("tokens,path", [(9, "mid"), (67, "mid"), (257, "grouped")])
+@pytest.mark.parametrize("tokens,path", [(9, "mid"), (64, "mid"), (67, "blocked"),
+                                         (257, "blocked")])
 def test_fused_moe_past_small_batch_gpu(tokens, path):
-    """Past the small-batch threshold: the expert-centric kernels, then the grouped GEMMs (the shared expert as an
-    extra program in the first, beside them in the second)."""
-    assert moe_gpu.pick_path(tokens * A3B[3], True) == path
+    """Past the small-batch threshold: the expert-centric kernels, then the large-batch path (the shared expert as
+    an extra program in the first, beside them in the second)."""
+    assert moe_gpu.pick_path(tokens * A3B[3]) == path
     check_pairs(tokens, A3B, torch.bfloat16, "cuda", seed=tokens, fn=moe_gpu.fused_moe, rel_tol=1e-2)
 
 

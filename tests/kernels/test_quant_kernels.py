@@ -738,24 +738,6 @@ def test_moe_grouped_blocks_interpreted(kind, monkeypatch):
     check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=4, shared=True)
 
 
-def test_moe_blocks_layout():
-    ids = torch.tensor([[2, 0], [2, -1], [1, 2]])
-    rows, block_expert, block_first = qt.moe_blocks(ids, 4, 2)
-    assert rows.numel() == block_expert.numel() * 2
-    for b, e in enumerate(block_expert.tolist()):
-        pairs = [p for p in rows[2 * b:2 * b + 2].tolist() if p >= 0]
-        if e < 4:
-            assert pairs and all(ids.view(-1)[p] == e for p in pairs)
-        else:
-            assert not pairs
-    assert sorted(p for p in rows.tolist() if p >= 0) == [0, 1, 2, 4, 5]
-
-
-
-def test_moe_blocks_refuses_experts_past_int16_keys():
-    with pytest.raises(ValueError, match="40000 experts do not fit the int16 sort keys"):
-        qt.moe_blocks(torch.tensor([[1, 2]]), 40000, 2)
-
 # ---- dynamic FP8 activations (W8A8) ------------------------------------------------------------------------------
 
 def test_quantize_fp8_act_zero_rows():

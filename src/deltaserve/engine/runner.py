@@ -31,8 +31,6 @@ from deltaserve.engine.speculative import MTPDrafter, SimulatedAcceptance, first
 from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, needs_grammar
 from deltaserve.engine.varlen_graph import VarlenGraphs
 from deltaserve.kernels._device import capability
-from deltaserve.kernels.moe.gpu import NO_GROUPED_MAX_PAIRS
-from deltaserve.kernels.moe.grouped import grouped_mm_available
 from deltaserve.kernels.quant.triton import PAIR_MAX
 from deltaserve.models.loader import load_model
 from deltaserve.outputs import TokenLogprob
@@ -228,18 +226,11 @@ class ModelRunner:
 
     def _moe_graph_tokens(self) -> int:
         """The most tokens a graphed step of an MoE model may pad to: past PAIR_MAX routed pairs the quantized MoE
-        dequantizes every expert into temporaries (GBs the graph pool would keep), and past NO_GROUPED_MAX_PAIRS an
-        MoE without grouped GEMMs syncs the host (not capturable)."""
+        dequantizes every expert into temporaries (GBs the graph pool would keep)."""
         cfg = self.config.model
-        if not cfg.num_experts:
+        if not cfg.num_experts or self.config.quantization is None:
             return 1 << 30
-        if self.config.quantization is not None:
-            pairs = PAIR_MAX
-        elif not grouped_mm_available(torch.empty(0, dtype=self.dtype, device=self.device)):
-            pairs = NO_GROUPED_MAX_PAIRS
-        else:
-            return 1 << 30
-        return pairs // cfg.num_experts_per_tok
+        return PAIR_MAX // cfg.num_experts_per_tok
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def replays_graph(self, step: StepInput) -> bool:

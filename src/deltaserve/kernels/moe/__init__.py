@@ -1,8 +1,8 @@
 """Mixture-of-experts: top-k softmax routing and the routed (+ shared) expert FFN.
 
-CUDA tensors run ``gpu.py`` (Triton per-pair kernels from ``triton.py`` at small batch, grouped GEMMs from
-``grouped.py`` past it; moe_combine, the grouped path's gather-sum, from ``triton.py``); anything else runs the
-references in ``ref.py``."""
+CUDA tensors run ``gpu.py`` (Triton per-pair kernels from ``triton.py`` at small batch, expert-centric kernels from
+``midbatch.py`` at mid batch, block-grouped GEMMs from ``blocked.py`` past it; moe_combine, their gather-sum, from
+``triton.py``); anything else runs the references in ``ref.py``."""
 
 from __future__ import annotations
 

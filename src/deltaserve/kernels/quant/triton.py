@@ -35,7 +35,7 @@ MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX ro
 the device and K split as the linear's split-K (last program adds), then down with the routing-weighted sum over a
 token's pairs in the same launch; the shared expert, when its format and sizes match the experts', runs as one more
 pair weighted by sigmoid(its gate). Up to PAIR_MAX, pairs sorted into blocks of 16 that share one expert
-(moe_blocks, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in torch, down,
+(moe.blocked.block_plan, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in torch, down,
 then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the bf16 MoE path
 runs.
 """
@@ -52,6 +52,7 @@ import triton.language as tl
 from deltaserve.kernels._device import capability, device_name, num_sms, pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.linear.triton import _scratch
+from deltaserve.kernels.moe.blocked import _block_rows, block_plan, max_blocks
 from deltaserve.kernels.quant import ref
 
 log = logging.getLogger(__name__)
@@ -1422,25 +1423,21 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
 
 
 @triton.jit
-def _moe_block_kernel(x_ptr, rows_ptr, block_expert_ptr, block_first_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
+def _moe_block_kernel(x_ptr, order_ptr, bounds_ptr, starts_ptr, w_ptr, s_ptr, z_ptr, out_ptr, N, K,
                       TOP_K, E, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_op,
                       X_PER_PAIR: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, IEEE: tl.constexpr,
-                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr = False):
-    """One block of up to BM (token, expert) pairs routed to the same expert, times that expert's weight: the weight
-    tile is read once per block instead of once per pair, dequantized as UNPACK 0 does (_dequant_tile; EVEN: whole
-    tiles, no weight masks). rows_ptr: pair ids sorted by expert (-1 pads each expert's
-    rows to a multiple of BM); block_expert: each block's expert (E: no block); block_first: its first sorted row."""
-    b, pid_n = tl.program_id(0), tl.program_id(1)
-    e = tl.load(block_expert_ptr + b)
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BLOCK_E: tl.constexpr,
+                      EVEN: tl.constexpr = False):
+    """One block of up to BM (token, expert) pairs routed to the same expert (moe.blocked.block_plan), times that
+    expert's weight: the weight tile is read once per block instead of once per pair, dequantized as UNPACK 0 does
+    (_dequant_tile; EVEN: whole tiles, no weight masks). out rows in pair order."""
+    e, _, pairs, valid = _block_rows(order_ptr, bounds_ptr, starts_ptr, tl.program_id(0), E, BM, BLOCK_E)
     if e < E:
-        first = tl.load(block_first_ptr + b)
-        pairs = tl.load(rows_ptr + first + tl.arange(0, BM))
-        valid = pairs >= 0
         if X_PER_PAIR:
-            xrow = tl.where(valid, pairs, 0)
+            xrow = pairs
         else:
-            xrow = tl.where(valid, pairs // TOP_K, 0)
-        offs_n = pid_n * BN + tl.arange(0, BN)
+            xrow = pairs // TOP_K
+        offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
         n_ok = offs_n < N
         e64 = e.to(tl.int64)
         wp, sp, zp = w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, z_ptr + e64 * stride_se
@@ -1458,50 +1455,23 @@ def _moe_block_kernel(x_ptr, rows_ptr, block_expert_ptr, block_first_ptr, w_ptr,
                 acc += tl.dot(x.to(tl.float32), w.to(tl.float32), input_precision="ieee")
             else:
                 acc += tl.dot(x, w)
-        tl.store(out_ptr + tl.where(valid, pairs, 0)[:, None] * stride_op + offs_n[None, :], acc,
-                 mask=valid[:, None] & n_ok[None, :])
-
-
-def moe_blocks(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, ...]:
-    """Pairs grouped by expert in blocks of bm, with no host sync (static sizes): (rows [NB * bm] pair ids, -1 as
-    padding; block_expert [NB], num_experts where there is no block; block_first [NB])."""
-    if num_experts >= torch.iinfo(torch.int16).max:  # num_experts itself is the unrouted pairs' key
-        raise ValueError(f"{num_experts} experts do not fit the int16 sort keys (at most 32766)")
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    p, dev = flat.numel(), flat.device
-    nb = triton.cdiv(p, bm) + num_experts
-    ok = flat >= 0
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat.clamp(min=0),
-                                                                                  ok.to(torch.int64))
-    blocks = (counts + bm - 1) // bm
-    block_end = torch.cumsum(blocks, 0)                     # blocks of experts < e+1
-    block_start = block_end - blocks
-    key = torch.where(ok, flat, num_experts)               # unrouted pairs last
-    order = torch.argsort(key.to(torch.int16), stable=True)  # int16: torch's radix sort takes a pass per 8 key bits
-    sorted_key = key[order]
-    row_start = torch.cumsum(counts, 0) - counts            # first sorted row of each expert
-    rank = torch.arange(p, device=dev) - row_start[sorted_key.clamp(max=num_experts - 1)]
-    dest = block_start[sorted_key.clamp(max=num_experts - 1)] * bm + rank
-    rows = torch.full((nb * bm + 1,), -1, dtype=torch.int64, device=dev)
-    rows.scatter_(0, torch.where(sorted_key < num_experts, dest, nb * bm), order)
-    b = torch.arange(nb, device=dev)
-    block_expert = torch.searchsorted(block_end, b, right=True)
-    return rows[:nb * bm].to(torch.int32).contiguous(), block_expert.to(torch.int32), (b * bm).to(torch.int32)
+        tl.store(out_ptr + pairs[:, None] * stride_op + offs_n[None, :], acc, mask=valid[:, None] & n_ok[None, :])
 
 
 def _blocks(x: torch.Tensor, plan, w, s, z, group: int, n: int, k: int, x_per_pair: bool, top_k: int,
             num_pairs: int, bm: int) -> torch.Tensor:
-    rows, block_expert, block_first = plan
+    order, bounds, starts = plan
     out = torch.zeros(num_pairs, n, dtype=torch.float32, device=x.device)  # unrouted pairs (id < 0) stay 0
     group = min(group, k) if group else k
     bk = _k_tile(group, k, 128 if z is not None else 64)
     bn = 64
-    grid = (block_expert.numel(), triton.cdiv(n, bn))
-    _moe_block_kernel[grid](x, rows, block_expert, block_first, w, s, z if z is not None else s, out, n, k, top_k,
-                            w.shape[0], x.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
+    experts = w.shape[0]
+    grid = (max_blocks(num_pairs, experts, bm), triton.cdiv(n, bn))
+    _moe_block_kernel[grid](x, order, bounds, starts, w, s, z if z is not None else s, out, n, k, top_k,
+                            experts, x.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
                             out.stride(0), X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk,
                             INT4=z is not None, IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk,
-                            EVEN=n % bn == 0 and k % bk == 0)
+                            BLOCK_E=triton.next_power_of_2(experts + 1), EVEN=n % bn == 0 and k % bk == 0)
     return out
 
 
@@ -1540,7 +1510,7 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, sha
         return _fused_pairs(x, topk_weights.contiguous(), ids, w13, s13, z13, w2, s2, z2, group, inter, shared,
                             shared_gate)
     bm = 16
-    plan = moe_blocks(ids, w13.shape[0], bm)
+    plan = block_plan(ids, w13.shape[0], bm)[:3]
     gate_up = _blocks(x, plan, w13, s13, z13, group, 2 * inter, d, False, k, ids.numel(), bm)
     # silu(gate) * up in fp32, rounded to the activation dtype for the tensor cores, as the bf16 grouped MoE does
     hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)

@@ -1,0 +1,126 @@
+"""The block-grouped MoE path (kernels/moe/blocked.py): the block plan, the gate|up kernel (x gathered
+through the pair ids, SiLU-and-mul in its epilogue) and the down kernel, with the combine, against ref.fused_moe.
+Without a GPU the kernels run under TRITON_INTERPRET=1 at tiny shapes with small tiles (several blocks an expert,
+ragged N and K); `pytest -m gpu` runs them compiled at the 35B-A3B and 122B-A10B expert shapes at prefill sizes."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the kernels' import (read at @triton.jit time)
+
+triton = pytest.importorskip("triton")
+
+from tests.kernels.test_moe_grouped import (ROUTINGS, moe_inputs, poison_allocator, rel_error,  # noqa: E402
+                                            shared_output)
+from tests.tolerances import assert_close  # noqa: E402
+
+from deltaserve.kernels.moe import blocked, ref  # noqa: E402
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+SMALL_TILES = {"tiles": (16, (16, 16, 1, 1), (16, 16, 1, 1))}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_like_the_gpu(interpreter_rounds_like_the_gpu):
+    yield
+
+
+def run(kw, **tiles):
+    routed = {k: kw[k] for k in ("x", "w13", "w2", "topk_weights", "topk_ids")}
+    return blocked.fused_moe(**routed, **shared_output(kw), **tiles)
+
+
+def test_block_plan():
+    """Expert e's sorted rows in blocks of bm: starts[e + 1] - starts[e] = ceil(rows / bm); ids < 0 in no block;
+    the grid's bound covers the worst routing (every expert with a partial block)."""
+    ids = torch.tensor([[2, 0], [2, -1], [1, 2], [2, 2]])
+    order, bounds, starts, pos = blocked.block_plan(ids, 4, 2)
+    assert bounds.tolist() == [1, 2, 3, 8, 8]  # one id < 0 first, then experts 0, 1, 2 (5 rows), 3 (none)
+    assert starts.dtype == torch.int32 and starts.tolist() == [0, 1, 2, 5, 5]
+    assert sorted(order[1:].tolist()) == [0, 1, 2, 4, 5, 6, 7] and torch.equal(pos.reshape(-1), torch.arange(8))
+    assert blocked.max_blocks(8, 4, 2) == 8 >= starts[-1]
+
+
+@pytest.mark.parametrize("kind", ROUTINGS)
+@pytest.mark.parametrize("shared_inter", [0, 12])
+def test_blocked_fp32_interpreter(kind, shared_inter):
+    """fp32, 16-row blocks: 37 tokens x top-3 over 12 experts (an expert over several blocks, 'one' puts all 37 on
+    one expert), D=40 in three K blocks (the last ragged), I=20 in two N blocks (ragged); ids < 0 and empty experts
+    contribute nothing."""
+    kw = moe_inputs(37, 40, 20, 12, 3, torch.float32, "cpu", seed=5, kind=kind, shared_inter=shared_inter)
+    got = run(kw, **SMALL_TILES)
+    assert got.dtype == torch.float32 and got.shape == kw["x"].shape
+    assert_close(got, ref.fused_moe(**kw))
+
+
+def test_blocked_even_k_interpreter():
+    """K a multiple of BLOCK_K in both kernels (D = 48, I = 32): the unmasked K loads the GPU shapes take."""
+    kw = moe_inputs(19, 48, 32, 12, 3, torch.float32, "cpu", seed=8, kind="dropped", shared_inter=16)
+    assert_close(run(kw, **SMALL_TILES), ref.fused_moe(**kw))
+
+
+def test_blocked_bf16_interpreter():
+    """bf16 with the default tiles (clamped to the tiny shape): act and y rounded to bf16, the sum in fp32."""
+    kw = moe_inputs(21, 40, 20, 12, 3, torch.bfloat16, "cpu", seed=6, shared_inter=12)
+    got = run(kw)
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    assert rel_error(got, kw) < 5e-3
+
+
+def test_blocked_needs_both_shared_inputs():
+    kw = moe_inputs(3, 8, 4, 4, 2, torch.float32, "cpu", seed=0)
+    with pytest.raises(ValueError, match="come together"):
+        blocked.fused_moe(**kw, shared=kw["x"])
+
+
+MODELS = {"35B-A3B": (2048, 512, 256, 8, 512), "122B-A10B": (3072, 1024, 256, 8, 1024)}  # D, I, E, top_k, I_s
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("tokens,kind", [(333, "dropped"), (2048, "dropped"), (1111, "one"), (517, "gaps"),
+                                         (300, "none")])
+def test_blocked_gpu(model, tokens, kind):
+    """Compiled, at the real expert shapes, against the fp32 reference; the act, y and output allocations
+    NaN-poisoned. 'one': all tokens on one expert (many blocks of it); 'none': no routed expert at all."""
+    dim, inter, experts, top_k, shared_inter = MODELS[model]
+    kw = moe_inputs(tokens, dim, inter, experts, top_k, torch.bfloat16, "cuda", seed=tokens, kind=kind,
+                    shared_inter=shared_inter)
+    pairs = tokens * top_k
+    poison_allocator((tokens, dim), (pairs, dim), (pairs, inter))
+    got = run(kw)
+    assert got.dtype == torch.bfloat16 and not got.isnan().any()
+    assert rel_error(got, kw) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+@pytest.mark.parametrize("tiles", blocked.CONFIGS)
+def test_blocked_configs_gpu(tiles):
+    dim, inter, experts, top_k, shared_inter = MODELS["35B-A3B"]
+    kw = moe_inputs(999, dim, inter, experts, top_k, torch.bfloat16, "cuda", seed=2, shared_inter=shared_inter)
+    assert rel_error(run(kw, tiles=tiles), kw) < 1e-2
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_blocked_cuda_graph_gpu():
+    """No host syncs, no data-dependent shapes: captured once, replayed on new routing, equal to eager."""
+    dim, inter, experts, top_k, shared_inter = MODELS["35B-A3B"]
+    kw = moe_inputs(333, dim, inter, experts, top_k, torch.bfloat16, "cuda", seed=12, shared_inter=shared_inter)
+    run(kw)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(kw)
+    fresh = moe_inputs(333, dim, inter, experts, top_k, torch.bfloat16, "cuda", seed=13, kind="gaps",
+                       shared_inter=shared_inter)
+    for name in ("x", "topk_weights", "topk_ids", "shared_gate"):
+        kw[name].copy_(fresh[name])
+    graph.replay()
+    assert torch.equal(static_out, run(kw))
