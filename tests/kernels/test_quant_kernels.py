@@ -726,10 +726,19 @@ def test_moe_fp8_f16_gpu(gemv_fp8_f16, tokens, shape):
     assert gemv_fp8_f16
 
 
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_prefill_gpu(kind):
+    """A prefill-sized call at 35B-A3B's shape (16,800 routed pairs: moe.blocked's 128-row tiles), shared expert
+    included, against the reference."""
+    check_moe(kind, 2100, 256, 8, 2048, 512, 128, torch.bfloat16, seed=5, shared=True)
+
+
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_moe_grouped_blocks_interpreted(kind, monkeypatch):
     """Past PAIR_GEMV_MAX pairs: blocks of pairs routed to one expert share each weight tile (the shared expert
-    through quant_gemm); past PAIR_MAX, every expert and the shared one dequantized for the bf16 MoE."""
+    through quant_gemm); past PAIR_MAX, moe.blocked's kernels dequantize each weight tile in their K loop."""
     monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
     check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=3, shared=True)
     # ragged: no whole 64-row tiles (the masked loads), K of the down projection not a multiple of the group

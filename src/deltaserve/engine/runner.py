@@ -31,7 +31,6 @@ from deltaserve.engine.speculative import MTPDrafter, SimulatedAcceptance, first
 from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, needs_grammar
 from deltaserve.engine.varlen_graph import VarlenGraphs
 from deltaserve.kernels._device import capability
-from deltaserve.kernels.quant.triton import PAIR_MAX
 from deltaserve.models.loader import load_model
 from deltaserve.outputs import TokenLogprob
 from deltaserve.sampling_params import SamplingParams
@@ -210,7 +209,7 @@ class ModelRunner:
         sched, tokens = self.config.scheduler, self.config.runner.prefill_graph_tokens
         if tokens < 64:
             return None
-        graphs = VarlenGraphs(self.model, self.cache, max_tokens=min(tokens, self._moe_graph_tokens()),
+        graphs = VarlenGraphs(self.model, self.cache, max_tokens=tokens,
                               step_tokens=sched.max_num_batched_tokens,
                               max_rows=min(sched.max_num_seqs, self.plan.num_slots),
                               max_pages=pages_for_tokens(sched.max_model_len, self.config.cache.page_size),
@@ -223,14 +222,6 @@ class ModelRunner:
             return None
         log.info("captured prefill CUDA graphs for (rows, tokens) %s", sorted(graphs.graphs))
         return graphs
-
-    def _moe_graph_tokens(self) -> int:
-        """The most tokens a graphed step of an MoE model may pad to: past PAIR_MAX routed pairs the quantized MoE
-        dequantizes every expert into temporaries (GBs the graph pool would keep)."""
-        cfg = self.config.model
-        if not cfg.num_experts or self.config.quantization is None:
-            return 1 << 30
-        return PAIR_MAX // cfg.num_experts_per_tok
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def replays_graph(self, step: StepInput) -> bool:

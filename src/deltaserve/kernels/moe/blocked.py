@@ -13,6 +13,8 @@ requirement); act and y are rounded to x.dtype, the gate|up sums are not (the gr
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -57,11 +59,24 @@ def _block_rows(order_ptr, bounds_ptr, starts_ptr, b, E, BLOCK_M: tl.constexpr, 
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w13_ptr, order_ptr, bounds_ptr, starts_ptr, act_ptr, stride_x, stride_we, stride_wn,
-                    stride_act, I, D, E, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+def _quant_tile(W_TILE: tl.constexpr, w_ptr, s_ptr, z_ptr, e, n, k0, N, K, stride_we, stride_wn, stride_se,
+                stride_sn, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_W: tl.constexpr, dtype: tl.constexpr):
+    """Expert e's quantized rows n, columns [k0, k0 + BLOCK_K), dequantized by W_TILE and given as [BLOCK_K, BLOCK_N]
+    in the activations' dtype, as the plain loads give the dot."""
+    e = e.to(tl.int64)
+    w = W_TILE(w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, k0, n, N, K, stride_wn, stride_sn,
+               GROUP, BLOCK_K, EVEN_W)
+    return tl.trans(w.to(dtype))
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, w13_ptr, s_ptr, z_ptr, order_ptr, bounds_ptr, starts_ptr, act_ptr, stride_x, stride_we,
+                    stride_wn, stride_se, stride_sn, stride_act, I, D, E, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr,
+                    IEEE: tl.constexpr, W_TILE: tl.constexpr = None, GROUP: tl.constexpr = 0,
+                    EVEN_W: tl.constexpr = False):
     """act[row] = silu(x[token] @ G_e^T) * (x[token] @ U_e^T) for the block's sorted rows, columns
-    [n0, n0 + BLOCK_N)."""
+    [n0, n0 + BLOCK_N). W_TILE (quantized weights): the loader that dequantizes a weight tile (QuantExperts)."""
     e, rows, pairs, valid = _block_rows(order_ptr, bounds_ptr, starts_ptr, tl.program_id(1), E, BLOCK_M, BLOCK_E)
     if e < E:
         token = (pairs // TOP_K).to(tl.int64)
@@ -76,8 +91,14 @@ def _gate_up_kernel(x_ptr, w13_ptr, order_ptr, bounds_ptr, starts_ptr, act_ptr, 
         for k0 in range(0, D, BLOCK_K):
             m_k = _k_mask(k0 + k, D, BLOCK_K, EVEN_K)
             xt = tl.load(x_ptrs, mask=valid[:, None] & m_k[None, :], other=0.0)
-            g = tl.load(g_ptrs, mask=m_n[None, :] & m_k[:, None], other=0.0)
-            u = tl.load(u_ptrs, mask=m_n[None, :] & m_k[:, None], other=0.0)
+            if W_TILE is None:
+                g = tl.load(g_ptrs, mask=m_n[None, :] & m_k[:, None], other=0.0)
+                u = tl.load(u_ptrs, mask=m_n[None, :] & m_k[:, None], other=0.0)
+            else:
+                g = _quant_tile(W_TILE, w13_ptr, s_ptr, z_ptr, e, n, k0, 2 * I, D, stride_we, stride_wn, stride_se,
+                                stride_sn, GROUP, BLOCK_K, EVEN_W, x_ptr.dtype.element_ty)
+                u = _quant_tile(W_TILE, w13_ptr, s_ptr, z_ptr, e, n + I, k0, 2 * I, D, stride_we, stride_wn,
+                                stride_se, stride_sn, GROUP, BLOCK_K, EVEN_W, x_ptr.dtype.element_ty)
             acc_g = _dot(xt, g, acc_g, IEEE)
             acc_u = _dot(xt, u, acc_u, IEEE)
             x_ptrs += BLOCK_K
@@ -89,9 +110,10 @@ def _gate_up_kernel(x_ptr, w13_ptr, order_ptr, bounds_ptr, starts_ptr, act_ptr, 
 
 
 @triton.jit
-def _down_kernel(act_ptr, w2_ptr, order_ptr, bounds_ptr, starts_ptr, y_ptr, stride_act, stride_we, stride_wn,
-                 stride_y, I, D, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr):
+def _down_kernel(act_ptr, w2_ptr, s_ptr, z_ptr, order_ptr, bounds_ptr, starts_ptr, y_ptr, stride_act, stride_we,
+                 stride_wn, stride_se, stride_sn, stride_y, I, D, E, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
+                 W_TILE: tl.constexpr = None, GROUP: tl.constexpr = 0, EVEN_W: tl.constexpr = False):
     """y[pair] = act[row] @ Down_e^T for the block's sorted rows, columns [n0, n0 + BLOCK_N)."""
     e, rows, pairs, valid = _block_rows(order_ptr, bounds_ptr, starts_ptr, tl.program_id(1), E, BLOCK_M, BLOCK_E)
     if e < E:
@@ -104,7 +126,11 @@ def _down_kernel(act_ptr, w2_ptr, order_ptr, bounds_ptr, starts_ptr, y_ptr, stri
         for k0 in range(0, I, BLOCK_K):
             m_k = _k_mask(k0 + k, I, BLOCK_K, EVEN_K)
             a = tl.load(a_ptrs, mask=valid[:, None] & m_k[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=m_n[None, :] & m_k[:, None], other=0.0)
+            if W_TILE is None:
+                w = tl.load(w_ptrs, mask=m_n[None, :] & m_k[:, None], other=0.0)
+            else:
+                w = _quant_tile(W_TILE, w2_ptr, s_ptr, z_ptr, e, n, k0, D, I, stride_we, stride_wn, stride_se,
+                                stride_sn, GROUP, BLOCK_K, EVEN_W, act_ptr.dtype.element_ty)
             acc = _dot(a, w, acc, IEEE)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
@@ -128,37 +154,78 @@ def pick_tiles(pairs: int) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
     return next(t[1:] for t in TILES if t[0] is None or pairs <= t[0])
 
 
+@dataclass(frozen=True)
+class QuantExperts:
+    """Quantized expert weights for the kernels: `tile`, a @triton.jit loader (w, s, z, k0, rows, N, K, stride_wn,
+    stride_sn, GROUP, BK, EVEN) -> those rows' columns [k0, k0 + BK) dequantized, fp32 [rows, BK] (quant.triton's
+    int4 and fp8 tiles, one scale per row and tile); the scales and zero points of w13 and w2 ([E, N, groups]; the
+    zero points laid out as the scales, the scales again where there are none); the GROUP constexpr and the widest
+    K tile (one that divides the group) of each; inter, which the packed w2 does not show."""
+    tile: object
+    s13: torch.Tensor
+    z13: torch.Tensor
+    s2: torch.Tensor
+    z2: torch.Tensor
+    groups: tuple[int, int]
+    k_tiles: tuple[int, int]
+    inter: int
+
+
 def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, shared: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None,
-              tiles: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None) -> torch.Tensor:
+              tiles: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None,
+              quant: QuantExperts | None = None) -> torch.Tensor:
     """As grouped.fused_moe: x [T, D]; w13 [E, 2I, D]; w2 [E, D, I]; topk_weights/ids [T, k]; shared (the shared
     expert's output [T, D]) with shared_gate ([T, 1] logits) added in the combine's fp32 sum -> [T, D] in x.dtype.
-    tiles: (BLOCK_M, gate_up, down) in place of pick_tiles' (benchmarks, tests)."""
+    tiles: (BLOCK_M, gate_up, down) in place of pick_tiles' (benchmarks, tests). quant: w13 and w2 are quantized
+    (packed as its tile reads them), dequantized tile by tile inside the GEMMs."""
     if (shared is None) != (shared_gate is None):
         raise ValueError("shared and shared_gate come together")
     T, D = x.shape
-    E, I = w13.shape[0], w2.shape[2]
+    E, I = w13.shape[0], quant.inter if quant else w2.shape[2]
     top_k = topk_ids.shape[1]
     if T == 0:
         return torch.empty_like(x)
     x, w13, w2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w13, w2))
     bm, gate_up, down = tiles or pick_tiles(T * top_k)
     order, bounds, starts, pos = block_plan(topk_ids, E, bm)
-    grid_blocks, block_e = max_blocks(T * top_k, E, bm), triton.next_power_of_2(E + 1)
-    ieee = x.dtype == torch.float32 or not x.is_cuda
+    common = dict(BLOCK_M=bm, BLOCK_E=triton.next_power_of_2(E + 1), IEEE=x.dtype == torch.float32 or not x.is_cuda)
+    grid_blocks = max_blocks(T * top_k, E, bm)
     act = torch.empty(T * top_k, I, dtype=x.dtype, device=x.device)  # in sorted-row order
-    bn, bk, warps, stages = gate_up
-    bn, bk = max(16, min(bn, triton.next_power_of_2(I))), max(16, min(bk, triton.next_power_of_2(D)))
+    bn, bk, warps, stages = _fit(gate_up, I, D, quant.k_tiles[0] if quant else None)
     _gate_up_kernel[(triton.cdiv(I, bn), grid_blocks)](
-        x, w13, order, bounds, starts, act, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0), I, D, E,
-        TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e, EVEN_K=D % bk == 0, IEEE=ieee,
-        num_warps=warps, num_stages=stages)
+        x, w13, *_scales(quant, 0, w13), order, bounds, starts, act, x.stride(0), w13.stride(0), w13.stride(1),
+        *_scale_strides(quant, 0), act.stride(0), I, D, E, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=D % bk == 0,
+        **_quant_args(quant, 0, I % bn == 0 and D % bk == 0), **common, num_warps=warps, num_stages=stages)
     y = torch.empty(T * top_k, D, dtype=x.dtype, device=x.device)  # in pair order
-    bn, bk, warps, stages = down
-    bn, bk = max(16, min(bn, triton.next_power_of_2(D))), max(16, min(bk, triton.next_power_of_2(I)))
+    bn, bk, warps, stages = _fit(down, D, I, quant.k_tiles[1] if quant else None)
     _down_kernel[(triton.cdiv(D, bn), grid_blocks)](
-        act, w2, order, bounds, starts, y, act.stride(0), w2.stride(0), w2.stride(1), y.stride(0), I, D, E,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=block_e, EVEN_K=I % bk == 0, IEEE=ieee, num_warps=warps,
-        num_stages=stages)
+        act, w2, *_scales(quant, 1, w2), order, bounds, starts, y, act.stride(0), w2.stride(0), w2.stride(1),
+        *_scale_strides(quant, 1), y.stride(0), I, D, E, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=I % bk == 0,
+        **_quant_args(quant, 1, D % bn == 0 and I % bk == 0), **common, num_warps=warps, num_stages=stages)
     return moe_combine(y=y, pos=pos, topk_weights=topk_weights, topk_ids=topk_ids, shared=shared,
                        shared_gate=shared_gate)
+
+
+def _fit(config: tuple[int, ...], n: int, k: int, k_tile: int | None) -> tuple[int, ...]:
+    """A kernel's (BLOCK_N, BLOCK_K, warps, stages) clamped to its N and K (and to the quantized K tile)."""
+    bn, bk, warps, stages = config
+    bk = min(bk, k_tile) if k_tile else bk
+    return max(16, min(bn, triton.next_power_of_2(n))), max(16, min(bk, triton.next_power_of_2(k))), warps, stages
+
+
+def _scales(quant: QuantExperts | None, which: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if quant is None:
+        return w, w  # not read
+    return (quant.s13, quant.z13) if which == 0 else (quant.s2, quant.z2)
+
+
+def _scale_strides(quant: QuantExperts | None, which: int) -> tuple[int, int]:
+    if quant is None:
+        return 0, 0
+    s = quant.s13 if which == 0 else quant.s2
+    return s.stride(0), s.stride(1)
+
+
+def _quant_args(quant: QuantExperts | None, which: int, even: bool) -> dict:
+    return {} if quant is None else dict(W_TILE=quant.tile, GROUP=quant.groups[which], EVEN_W=even)

@@ -35,9 +35,9 @@ MoE, with no host sync at decode sizes (CUDA-graph safe): up to PAIR_GEMV_MAX ro
 the device and K split as the linear's split-K (last program adds), then down with the routing-weighted sum over a
 token's pairs in the same launch; the shared expert, when its format and sizes match the experts', runs as one more
 pair weighted by sigmoid(its gate). Up to PAIR_MAX, pairs sorted into blocks of 16 that share one expert
-(moe.blocked.block_plan, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in torch, down,
-then the routing-weighted sum. Past PAIR_MAX pairs (prefill) all experts are dequantized once and the bf16 MoE path
-runs.
+(moe.blocked.block_plan, static sizes) so each hit expert's weight is read once per block; gate|up, SiLU-and-mul in
+torch, down, then the routing-weighted sum. Past PAIR_MAX pairs (prefill) moe.blocked's grouped GEMMs run on the
+quantized experts, dequantizing each weight tile in their K loop.
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ import triton.language as tl
 
 from deltaserve.kernels._device import capability, device_name, num_sms, pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
+from deltaserve.kernels.activation.triton import silu_and_mul
 from deltaserve.kernels.linear.triton import _scratch
+from deltaserve.kernels.moe import blocked
 from deltaserve.kernels.moe.blocked import _block_rows, block_plan, max_blocks
 from deltaserve.kernels.quant import ref
 
@@ -1477,8 +1479,8 @@ def _blocks(x: torch.Tensor, plan, w, s, z, group: int, n: int, k: int, x_per_pa
 
 # Routed pairs up to which each pair runs its own GEMV; past it, blocks of pairs of one expert share a weight tile.
 PAIR_GEMV_MAX = 64
-# Routed (token, expert) pairs up to which the per-pair kernels run (decode batches up to 128 at top-8: no host sync,
-# CUDA-graph safe); past it (prefill) every expert is dequantized once and the bf16 MoE path runs (grouped GEMMs).
+# Routed (token, expert) pairs up to which the per-pair and block kernels here run (decode batches up to 128 at
+# top-8); past it (prefill) moe.blocked's grouped GEMMs, each weight tile dequantized in their K loop.
 PAIR_MAX = 1024
 
 
@@ -1490,18 +1492,46 @@ def _shared_term(x: torch.Tensor, shared, shared_gate: torch.Tensor, group: int,
     return torch.sigmoid(shared_gate.float()) * quant_gemm(hidden, sw2, ss2, sz2, group).float()
 
 
+@triton.jit
+def _int4_expert_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
+                      BK: tl.constexpr, EVEN: tl.constexpr):
+    """moe.blocked's loader for int4 experts (QuantExperts.tile)."""
+    return _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, True, BK, EVEN)
+
+
+@triton.jit
+def _fp8_expert_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP: tl.constexpr,
+                     BK: tl.constexpr, EVEN: tl.constexpr):
+    """moe.blocked's loader for fp8 experts (QuantExperts.tile)."""
+    return _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, False, BK, EVEN)
+
+
+def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate):
+    """Past PAIR_MAX pairs: moe.blocked's grouped GEMMs on the quantized experts, each weight tile dequantized in
+    the K loop (no dense copy of the experts); the shared expert through quant_gemm, added in the combine."""
+    d = x.shape[1]
+    groups, k_tiles = [], []
+    for k in (d, inter):
+        g = min(group, k) if group else k
+        bk = _k_tile(g, k, 64)
+        groups.append(g if g < k else k + bk)
+        k_tiles.append(bk)
+    quant = blocked.QuantExperts(tile=_int4_expert_tile if z13 is not None else _fp8_expert_tile, s13=s13,
+                                 z13=z13 if z13 is not None else s13, s2=s2, z2=z2 if z2 is not None else s2,
+                                 groups=tuple(groups), k_tiles=tuple(k_tiles), inter=inter)
+    shared_out = None
+    if shared is not None:
+        sw13, ss13, sz13, sw2, ss2, sz2 = shared
+        hidden = silu_and_mul(x=quant_gemm(x, sw13, ss13, sz13, group))
+        shared_out = quant_gemm(hidden, sw2, ss2, sz2, group)
+    return blocked.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, shared=shared_out,
+                             shared_gate=shared_gate if shared is not None else None, quant=quant)
+
+
 def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared=None, shared_gate=None):
     t, d = x.shape
     if topk_ids.numel() > PAIR_MAX:
-        from deltaserve.kernels.moe import fused_moe
-        folded = {}
-        if shared is not None:
-            folded = dict(shared_w13=dequantize(shared[0], shared[1], shared[2], group, d, x.dtype),
-                          shared_w2=dequantize(shared[3], shared[4], shared[5], group, inter, x.dtype),
-                          shared_gate=shared_gate)
-        return fused_moe(x=x, w13=dequantize(w13, s13, z13, group, d, x.dtype),
-                         w2=dequantize(w2, s2, z2, group, inter, x.dtype), topk_weights=topk_weights,
-                         topk_ids=topk_ids, **folded)
+        return _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate)
     # the ids as the top-k kernel writes them (int64): the kernels widen what they load, so no cast launch
     ids = topk_ids.contiguous()
     x = x.contiguous()
