@@ -10,6 +10,9 @@ python benchmarks/bench_quant_kernels.py --moe-tiles [--rows 1 8]  the fused per
                                                                      shared expert, 4 layers of distinct weights a
                                                                      graph): each gate_up / down tile in turn
 [--fp8-gemv fp32 f16]   the fp8 GEMVs timed: fp32 FMAs ("fp8 u4"), fp16 products ("fp8 u4 f16", qt.GEMV_FP8_F16)
+python benchmarks/bench_quant_kernels.py --moe-prefill --rows 2048 8192  the int4 / fp8 MoE layer at prefill sizes:
+                                                                     fused dequantization against the dequantize
+                                                                     pass + bf16 MoE and the bf16 layer
 python benchmarks/bench_quant_kernels.py --gemv-pipeline [--rows 1 2]  the default GEMVs (int4, fp8) under each
                                                                      pipeline (qt.GEMV_DEPTH x qt.GEMV_EVICT_FIRST)
 [--gemv-variants fp32 f16 f16x4]   the int4 GEMVs timed: fp32 FMAs, fp16 products with one word per fp16
@@ -280,6 +283,52 @@ def moe_tiles(args, bw: float) -> list[dict]:
     return rows
 
 
+def moe_prefill(args, bw: float) -> list[dict]:
+    """The int4 / fp8 MoE layer at prefill sizes (--rows tokens): the default (moe.blocked's kernels dequantizing
+    each weight tile in their K loop), against the path before it (every expert and the shared one dequantized into
+    bf16 temporaries, then the bf16 MoE) and the bf16 layer, all timed in this run; one layer, random routing."""
+    from deltaserve.kernels.moe import gpu as moe_gpu
+
+    experts, top_k, d, inter = MOE_SHAPE
+    rows = []
+    for kind in ("int4", "fp8"):
+        kw = moe_layer(kind, experts, d, inter)
+        op = qt.int4_fused_moe if kind == "int4" else qt.fp8_fused_moe
+        group = 128
+        parts = (("w13_qweight", "w13_scales", "w13_zeros"), ("w2_qweight", "w2_scales", "w2_zeros")) \
+            if kind == "int4" else (("w13", "w13_scale", None), ("w2", "w2_scale", None))
+        def dequantized() -> list[torch.Tensor]:
+            return [qt.dequantize(kw[w], kw[sc], kw[z] if z else None, group, k, torch.bfloat16)
+                    for (w, sc, z), k in zip(parts, (d, inter))]
+
+        dense = dequantized()
+        shared = [qt.dequantize(*(kw[name] + ((None,) if kind == "fp8" else ())), group, k, torch.bfloat16)
+                  for name, k in (("shared_w13", d), ("shared_w2", inter))]
+
+        def dequantized_first():  # the path before: dense copies of the experts each call, then the bf16 MoE
+            w13, w2 = dequantized()
+            return moe_gpu.fused_moe(x=x, w13=w13, w2=w2, topk_weights=w, topk_ids=ids, shared_w13=shared[0],
+                                     shared_w2=shared[1], shared_gate=gate)
+
+        for m in args.rows:
+            x = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
+            w, ids = torch.softmax(torch.randn(m, experts, device="cuda"), -1).topk(top_k, dim=-1)
+            w = (w / w.sum(-1, keepdim=True)).to(torch.bfloat16)
+            gate = torch.randn(m, 1, device="cuda", dtype=torch.bfloat16)
+            fused = lambda: op(x=x, topk_weights=w, topk_ids=ids, shared_gate=gate, **kw)  # noqa: E731
+            bf16 = lambda: moe_gpu.fused_moe(x=x, w13=dense[0], w2=dense[1], topk_weights=w, topk_ids=ids,  # noqa
+                                             shared_w13=shared[0], shared_w2=shared[1], shared_gate=gate)
+            got, before = fused(), dequantized_first()
+            err = ((got.float() - before.float()).norm() / before.float().norm()).item()
+            row = {"kind": kind, "tokens": m, "fused us": time_ms(fused) * 1e3,
+                   "dequantize + bf16 us": time_ms(dequantized_first) * 1e3, "bf16 layer us": time_ms(bf16) * 1e3,
+                   "rel err vs before": f"{err:.1e}"}
+            row["fused / before"] = row["fused us"] / row["dequantize + bf16 us"]
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 # --gemv-pipeline: (qt.GEMV_DEPTH, qt.GEMV_EVICT_FIRST) pairs, the kernels before the rule first
 PIPELINES = [(2, False), (3, False), (2, True), (3, True)]
 
@@ -333,6 +382,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="the tl.dot variant --sweep tries past GEMV_SWEEP_ROWS rows (0: the default; 3: scale after "
                          "the dot)")
     mode.add_argument("--moe-tiles", action="store_true")
+    mode.add_argument("--moe-prefill", action="store_true",
+                      help="the int4 / fp8 MoE layer at --rows tokens: fused dequantization against the dequantize "
+                           "pass + bf16 MoE and the bf16 layer")
     ap.add_argument("--gemv-variants", nargs="+", choices=list(GEMV_VARIANTS), default=list(GEMV_VARIANTS),
                     help="int4 GEMVs to time: fp32 FMAs, fp16 products one word per accumulator (qt.GEMV_F16, "
                          "GEMV_F16_WORDS 1), four words chained (GEMV_F16_WORDS 4, the default)")
@@ -350,7 +402,8 @@ def main() -> None:
     args = parse_args()
     require_cuda("bench_quant_kernels.py")
     bw = measure_copy_bandwidth()
-    rows = (moe_tiles(args, bw) if args.moe_tiles else sweep(args, bw) if args.sweep
+    rows = (moe_tiles(args, bw) if args.moe_tiles else moe_prefill(args, bw) if args.moe_prefill
+            else sweep(args, bw) if args.sweep
             else pipelines(args, bw) if args.gemv_pipeline else planned(args, bw))
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s")
     print(table(rows))
