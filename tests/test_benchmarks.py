@@ -331,6 +331,8 @@ BAD_ARGUMENTS = [  # each failed deep inside the run (a traceback, or a loop tha
     ("bench_mtp", ["--demo", "--num-prompts", "0"], "argument --num-prompts: 0 is below 1"),
     ("bench_structured", ["--constrained", "9", "--batch", "4"], "--constrained 9: give 0 to --batch (4) rows"),
     ("bench_step_budget", ["--model", "tiny", "--budgets", "abc"], "--budgets 'abc': give milliseconds above 0"),
+    # at the default rows (1 16 64 tokens) the layer stays on the decode kernels: "fused" and "before" mislabelled
+    ("bench_quant_kernels", ["--moe-prefill", "--rows", "64", "2048"], "--moe-prefill times the prefill path"),
 ]
 
 
