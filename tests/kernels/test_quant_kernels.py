@@ -531,7 +531,7 @@ def test_moe_shared_folded_interpreted(kind, monkeypatch):
 def test_moe_per_channel_interpreted(kind, monkeypatch):
     """Per-channel experts (GPTQ group_size -1, compressed-tensors FP8 per channel) as the loader stores them: one
     group of max(hidden, intermediate) columns, so one scale per row for gate|up (K = 64) and for down (K = 32); per
-    routed pair, in blocks of pairs, and dequantized for the bf16 MoE."""
+    routed pair, in blocks of pairs, and past PAIR_MAX in moe.blocked's kernels (tiles dequantized in the K loop)."""
     check_moe(kind, tokens=3, experts=4, top_k=2, d=64, inter=32, group=64, dtype=torch.bfloat16, shared=True)
     monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
     check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=64, dtype=torch.bfloat16, seed=3, shared=True)
