@@ -395,6 +395,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.gemv_pipeline and min(args.rows) > qt.GEMV_F16_MAX_ROWS:
         ap.error(f"--gemv-pipeline times the GEMV, which runs up to {qt.GEMV_F16_MAX_ROWS} rows; give --rows "
                  f"{' '.join(map(str, range(1, qt.GEMV_F16_MAX_ROWS + 1)))}")
+    prefill_rows = qt.PAIR_MAX // MOE_SHAPE[1] + 1  # fewer tokens route too few pairs for the prefill path
+    if args.moe_prefill and min(args.rows) < prefill_rows:
+        ap.error(f"--moe-prefill times the prefill path, which runs past {qt.PAIR_MAX} routed pairs (at least "
+                 f"{prefill_rows} tokens at top-{MOE_SHAPE[1]}); give --rows of that many or more, e.g. 2048 8192")
     return args
 
 

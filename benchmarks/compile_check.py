@@ -90,6 +90,16 @@ def loop_counts(sass: str) -> dict:
             "loop LDL/STL": n("LDL", "STL")}  # local-memory (spill) traffic inside the loop
 
 
+def moe_block_row() -> dict:
+    """The int4 MoE block kernel (65-1024 routed pairs: blocks of 16 pairs of one expert share a weight tile), as
+    _blocks launches it on the moe.blocked.block_plan of 256 experts (order: argsort's int64 pair ids)."""
+    types = {"x_ptr": "*bf16", "order_ptr": "*i64", "bounds_ptr": "*i32", "starts_ptr": "*i32", "w_ptr": "*i32",
+             "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*fp32"}
+    consts = dict(X_PER_PAIR=False, GROUP=128, INT4=True, IEEE=False, BM=16, BN=64, BK=128, BLOCK_E=512, EVEN=True)
+    return {"kernel": "int4 MoE block kernel, 16 pairs x 64 rows",
+            **compile_one(quant._moe_block_kernel, types, consts, 4, 3, loop=True)}
+
+
 def quant_rows() -> list[dict]:
     """The quantized GEMM's variants at the tiles the plan gives them."""
     int4 = {"x_ptr": "*bf16", "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*bf16", "ws_ptr": "*fp32",
@@ -135,14 +145,8 @@ def quant_rows() -> list[dict]:
             rows.append({"kernel": f"{kind} GEMV fp16 products, 1 row, BN {bn}, 8 warps, DEPTH {depth}"
                                    f"{', evict-first' if evict else ''}", **r,
                          "loop SASS / weight": r["loop SASS"] / depth / (bn * 128 / (32 * 8))})
-    # the MoE block kernel (65-1024 routed pairs: blocks of 16 pairs of one expert share a weight tile), as _blocks
-    # launches it
-    types = {"x_ptr": "*bf16", "rows_ptr": "*i32", "block_expert_ptr": "*i32", "block_first_ptr": "*i32",
-             "w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*fp32"}
-    consts = dict(X_PER_PAIR=False, GROUP=128, INT4=True, IEEE=False, BM=16, BN=64, BK=128, EVEN=True)
-    rows.append({"kernel": "int4 MoE block kernel, 16 pairs x 64 rows", **compile_one(quant._moe_block_kernel, types,
-                                                                                       consts, 4, 3, loop=True)})
-    # the one-pass dequantize of prefill-sized quantized MoE calls (every expert, every layer), at dequantize()'s tile
+    rows.append(moe_block_row())
+    # the one-pass dequantize of prefill-sized quantized linears (past FUSED_MAX_ROWS rows), at dequantize()'s tile
     for kind, types in (("int4", {"w_ptr": "*i32", "s_ptr": "*fp32", "z_ptr": "*u8", "out_ptr": "*bf16"}),
                         ("fp8", {"w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "z_ptr": "*fp32", "out_ptr": "*bf16"})):
         consts = dict(GROUP=128, INT4=kind == "int4", BN=64, BK=64, EVEN=True)

@@ -331,6 +331,8 @@ BAD_ARGUMENTS = [  # each failed deep inside the run (a traceback, or a loop tha
     ("bench_mtp", ["--demo", "--num-prompts", "0"], "argument --num-prompts: 0 is below 1"),
     ("bench_structured", ["--constrained", "9", "--batch", "4"], "--constrained 9: give 0 to --batch (4) rows"),
     ("bench_step_budget", ["--model", "tiny", "--budgets", "abc"], "--budgets 'abc': give milliseconds above 0"),
+    # at the default rows (1 16 64 tokens) the layer stays on the decode kernels: "fused" and "before" mislabelled
+    ("bench_quant_kernels", ["--moe-prefill", "--rows", "64", "2048"], "--moe-prefill times the prefill path"),
 ]
 
 
@@ -449,3 +451,22 @@ def test_gil_bench_floor_runs_the_served_prompts(monkeypatch):
     asyncio.run(serve_load.run_load(load))
     floor = bench_gil.prompts(args, 1000)
     assert sent[2:] == floor and len(floor) == 3 and all(len(p) == 5 and 500 <= min(p) for p in floor)
+
+
+def test_compile_check_compiles_the_moe_block_kernel():
+    """compile_check's row for the quantized MoE block kernel compiles it as _blocks launches it (its arguments
+    were renamed for moe.blocked.block_plan; the old names left the pointers as i32 scalars and the whole quant
+    table failed to compile)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    # a process of its own: this one runs the kernels interpreted (conftest), which compile_check cannot compile
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = "import json; from benchmarks import compile_check as c; print(json.dumps(c.moe_block_row()))"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    row = json.loads(out.stdout.splitlines()[-1])
+    assert row["registers"] > 0 and row["mma"] > 0

@@ -124,3 +124,46 @@ def test_blocked_cuda_graph_gpu():
         kw[name].copy_(fresh[name])
     graph.replay()
     assert torch.equal(static_out, run(kw))
+
+
+H100_SMEM = 232448  # bytes of shared memory a program may use on an H100 / H200 (Triton's launch limit)
+_SMEM_CHECK = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from deltaserve.kernels.moe import blocked
+out = []
+for bm, gate_up, down in [t[1:] for t in blocked.TILES]:
+    for fn, cfg, weights, n, k in ((blocked._gate_up_kernel, gate_up, 2, 512, 2048),
+                                   (blocked._down_kernel, down, 1, 2048, 512)):
+        bn, bk, warps, stages = blocked._fit(cfg, n, k, None, bm=bm, weights=weights, elt=4, smem=%d)
+        consts = dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=512, EVEN_K=True, IEEE=True)
+        consts = {c: v for c, v in consts.items() if c in fn.arg_names}
+        ptr = {a: "*i64" if a == "order_ptr" else "*i32" if a.endswith(("bounds_ptr", "starts_ptr")) else "*fp32"
+               for a in fn.arg_names if a.endswith("_ptr")}
+        sig = {a: "constexpr" if a in consts else ptr.get(a, "i32") for a in fn.arg_names}
+        consts.update(W_TILE=None, GROUP=0, EVEN_W=False)
+        sig.update(W_TILE="constexpr", GROUP="constexpr", EVEN_W="constexpr")
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        out.append([fn.__name__, bm, kernel.metadata.shared])
+print(json.dumps(out))
+"""
+
+
+def test_blocked_fp32_tiles_fit_shared_memory():
+    """fp32 activations at the real tiles, compiled for sm_90 (no GPU needed): the pipelined x and weight tiles
+    of every TILES entry fit an H100's shared memory once _fit trims the stages (4 stages of the gate|up kernel
+    took 240-288 KB: an OutOfResources launch failure for fp32 MoE models past 512 routed pairs)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _SMEM_CHECK % H100_SMEM], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    used = json.loads(out.stdout.splitlines()[-1])
+    assert len(used) == 2 * len(blocked.TILES)
+    assert all(smem <= H100_SMEM for _, _, smem in used), used

@@ -204,11 +204,13 @@ def poison_allocator(*shapes):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.parametrize("kind,shared_inter", [("dropped", 512), ("dropped", 0), ("gaps", 512), ("one", 512)])
-def test_grouped_path_gpu(kind, shared_inter):
+def test_grouped_path_gpu(kind, shared_inter, monkeypatch):
     """torch._grouped_mm and the compiled glue at T=333 (odd) against the fp32 reference, through gpu.fused_moe as
-    the layer calls it (the shared expert folded into the combine when given)."""
+    the layer calls it (the shared expert folded into the combine when given). Pinned: by the thresholds this size
+    takes the block-grouped kernels (test_moe_blocked.py); the grouped GEMMs run only through FORCE_PATH."""
     from deltaserve.kernels.moe import gpu as moe_gpu
 
+    monkeypatch.setattr(moe_gpu, "FORCE_PATH", "grouped")
     T, c = 333, A3B_LIKE
     kw = moe_inputs(T, c["dim"], c["inter"], c["experts"], c["top_k"], torch.bfloat16, "cuda", seed=11, kind=kind,
                     shared_inter=shared_inter)

@@ -531,7 +531,7 @@ def test_moe_shared_folded_interpreted(kind, monkeypatch):
 def test_moe_per_channel_interpreted(kind, monkeypatch):
     """Per-channel experts (GPTQ group_size -1, compressed-tensors FP8 per channel) as the loader stores them: one
     group of max(hidden, intermediate) columns, so one scale per row for gate|up (K = 64) and for down (K = 32); per
-    routed pair, in blocks of pairs, and dequantized for the bf16 MoE."""
+    routed pair, in blocks of pairs, and past PAIR_MAX in moe.blocked's kernels (tiles dequantized in the K loop)."""
     check_moe(kind, tokens=3, experts=4, top_k=2, d=64, inter=32, group=64, dtype=torch.bfloat16, shared=True)
     monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
     check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=64, dtype=torch.bfloat16, seed=3, shared=True)
@@ -548,9 +548,12 @@ def moe_weights(kind, n, k, group, gen, experts=None):
     return tuple(torch.stack(t) for t in zip(*parts))
 
 
-def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0, shared=False, first_slot_expert=None):
+def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0, shared=False, first_slot_expert=None,
+              column_major=False):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d, generator=gen).to(dtype).to(DEV)
+    if column_major:  # x.stride(-1) != 1: a transposed view, as a caller may hand it
+        x = x.t().contiguous().t()
     logits = torch.randn(tokens, experts, generator=gen)
     if first_slot_expert is not None:
         logits[:, first_slot_expert] = 1e3
@@ -745,6 +748,15 @@ def test_moe_grouped_blocks_interpreted(kind, monkeypatch):
     check_moe(kind, tokens=9, experts=4, top_k=2, d=96, inter=40, group=32, dtype=torch.bfloat16, seed=5)
     monkeypatch.setattr(qt, "PAIR_MAX", 8)
     check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=4, shared=True)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_prefill_column_major_x_interpreted(kind, monkeypatch):
+    """Past PAIR_MAX with x a transposed view (stride(-1) != 1): the shared expert's quant_gemm reads x by its row
+    stride only, so x must reach it with unit column stride, as the routed experts' kernels get it."""
+    monkeypatch.setattr(qt, "PAIR_MAX", 8)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=6, shared=True,
+              column_major=True)
 
 
 # ---- dynamic FP8 activations (W8A8) ------------------------------------------------------------------------------

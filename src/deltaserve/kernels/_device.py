@@ -40,6 +40,19 @@ def capability(device: torch.device) -> tuple[int, int]:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@functools.lru_cache(maxsize=8)
+def _max_shared_mem(device_index: int) -> int:
+    import triton
+
+    return triton.runtime.driver.active.utils.get_device_properties(device_index)["max_shared_mem"]
+
+
+def max_shared_mem(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on a CUDA device (the limit Triton checks at launch: 227 KB on an
+    H100 or H200), for wrappers that fit their pipeline stages to it."""
+    return _max_shared_mem(device.index if device.index is not None else torch.cuda.current_device())
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Programmatic Dependent Launch (PDL): the one switch. A kernel launched with PDL may start while the kernel before it
 # in the stream (or CUDA graph: a programmatic edge) is still finishing; it runs its prologue (index math, loads of

@@ -9,7 +9,8 @@ Against the CUTLASS grouped GEMMs (grouped.py) it drops two [pairs, .] round tri
 loads its x rows through the block's pair ids (no gathered copy of x) and writes silu(gate) * up itself (no [pairs, 2I]
 gate|up output for a separate silu_and_mul). The down kernel reads that act in sorted order and writes y in pair
 order; moe_combine sums the slots as on the other paths. Any float dtype, any GPU Triton compiles for (no SM90 or bf16
-requirement); act and y are rounded to x.dtype, the gate|up sums are not (the grouped path rounds them too)."""
+requirement; the pipeline stages are trimmed to the device's shared memory, _fit); act and y are rounded to x.dtype,
+the gate|up sums are not (the grouped path rounds them too)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import max_shared_mem
 from deltaserve.kernels.moe.midbatch import _dot, _k_mask, sort_rows
 from deltaserve.kernels.moe.triton import moe_combine
 
@@ -192,13 +194,14 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     common = dict(BLOCK_M=bm, BLOCK_E=triton.next_power_of_2(E + 1), IEEE=x.dtype == torch.float32 or not x.is_cuda)
     grid_blocks = max_blocks(T * top_k, E, bm)
     act = torch.empty(T * top_k, I, dtype=x.dtype, device=x.device)  # in sorted-row order
-    bn, bk, warps, stages = _fit(gate_up, I, D, quant.k_tiles[0] if quant else None)
+    fit = dict(bm=bm, elt=x.element_size(), smem=max_shared_mem(x.device) if x.is_cuda else None)
+    bn, bk, warps, stages = _fit(gate_up, I, D, quant.k_tiles[0] if quant else None, weights=2, **fit)
     _gate_up_kernel[(triton.cdiv(I, bn), grid_blocks)](
         x, w13, *_scales(quant, 0, w13), order, bounds, starts, act, x.stride(0), w13.stride(0), w13.stride(1),
         *_scale_strides(quant, 0), act.stride(0), I, D, E, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=D % bk == 0,
         **_quant_args(quant, 0, I % bn == 0 and D % bk == 0), **common, num_warps=warps, num_stages=stages)
     y = torch.empty(T * top_k, D, dtype=x.dtype, device=x.device)  # in pair order
-    bn, bk, warps, stages = _fit(down, D, I, quant.k_tiles[1] if quant else None)
+    bn, bk, warps, stages = _fit(down, D, I, quant.k_tiles[1] if quant else None, weights=1, **fit)
     _down_kernel[(triton.cdiv(D, bn), grid_blocks)](
         act, w2, *_scales(quant, 1, w2), order, bounds, starts, y, act.stride(0), w2.stride(0), w2.stride(1),
         *_scale_strides(quant, 1), y.stride(0), I, D, E, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=I % bk == 0,
@@ -207,11 +210,19 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
                        shared_gate=shared_gate)
 
 
-def _fit(config: tuple[int, ...], n: int, k: int, k_tile: int | None) -> tuple[int, ...]:
-    """A kernel's (BLOCK_N, BLOCK_K, warps, stages) clamped to its N and K (and to the quantized K tile)."""
+def _fit(config: tuple[int, ...], n: int, k: int, k_tile: int | None, *, bm: int, weights: int, elt: int,
+         smem: int | None) -> tuple[int, ...]:
+    """A kernel's (BLOCK_N, BLOCK_K, warps, stages) clamped to its N and K (and to the quantized K tile), with no
+    more stages than the device's shared memory (smem bytes; None: no limit) holds: a stage keeps a BLOCK_M x
+    BLOCK_K tile of activations and `weights` BLOCK_K x BLOCK_N weight tiles of elt bytes each. The tiles were
+    timed in bf16 on an H100, where they fit; fp32 activations double the bytes (4 gate|up stages: 240-288 KB
+    against the H100's 227 KB) and smaller GPUs (A100 163 KB, Ada 99 KB) hold fewer stages."""
     bn, bk, warps, stages = config
     bk = min(bk, k_tile) if k_tile else bk
-    return max(16, min(bn, triton.next_power_of_2(n))), max(16, min(bk, triton.next_power_of_2(k))), warps, stages
+    bn, bk = max(16, min(bn, triton.next_power_of_2(n))), max(16, min(bk, triton.next_power_of_2(k)))
+    if smem is not None:
+        stages = max(1, min(stages, smem // ((bm * bk + weights * bk * bn) * elt)))
+    return bn, bk, warps, stages
 
 
 def _scales(quant: QuantExperts | None, which: int, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Expert-centric Triton MoE for mid-size batches (decode at batch ~8-128 on top-8): each touched expert's weights are
+"""Expert-centric Triton MoE for mid-size batches (decode at batch 9-64 on top-8): each touched expert's weights are
 read once for all the tokens routed to it, where the per-pair kernels (triton.py) re-read an expert for every pair and
 the grouped GEMMs (grouped.py) pay a long glue chain and CUTLASS tiles sized for prefill.
 

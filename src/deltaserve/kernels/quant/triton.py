@@ -1509,6 +1509,7 @@ def _fp8_expert_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn
 def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate):
     """Past PAIR_MAX pairs: moe.blocked's grouped GEMMs on the quantized experts, each weight tile dequantized in
     the K loop (no dense copy of the experts); the shared expert through quant_gemm, added in the combine."""
+    x = x if x.stride(-1) == 1 else x.contiguous()  # quant_gemm reads x through its row stride alone
     d = x.shape[1]
     groups, k_tiles = [], []
     for k in (d, inter):
