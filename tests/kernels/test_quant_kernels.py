@@ -97,6 +97,16 @@ def test_gemm_interpreted(kind, m, tiles):
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_gemm_takes_rows_without_unit_stride(kind):
+    """x given column-major (a transposed view): the same product as its contiguous copy; the kernels step through a
+    row with unit stride and read the row stride alone, so such an x gave a wrong product."""
+    x, weight, s, zeros, _, _ = gemm_case(kind, 5, 72, 96, 32, torch.bfloat16, seed=7)
+    strided = x.T.contiguous().T
+    assert strided.stride(-1) != 1
+    assert torch.equal(qt.quant_gemm(strided, weight, s, zeros, 32), qt.quant_gemm(x, weight, s, zeros, 32))
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_gemm_whole_tiles_interpreted(kind):
     """N and K whole tiles: the tl.dot kernel's unmasked weight loads (EVEN), split-K."""
     check_gemm(kind, 5, 64, 128, 32, torch.bfloat16, tiles=(16, 32, 32, 2), seed=9, unpack=0)

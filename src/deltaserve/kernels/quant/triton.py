@@ -1106,6 +1106,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     dequantize-then-dot (the tile dequantized in fp32 and rounded as the reference does; faster than UNPACK 3's
     scale-after-dot and int4's UNPACK 2, which stay for the benchmark)); `act_fp8`: W8A8, each x tile quantized to
     e4m3 per row and ACT_GROUP columns as it is loaded (the codes and scales of ref.quantize_fp8_act)."""
+    x = x if x.stride(-1) == 1 else x.contiguous()  # the kernels step through a row with unit stride
     m, k = x.shape
     n = weight.shape[0]
     int4 = zeros is not None
@@ -1506,10 +1507,18 @@ def _fp8_expert_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn
     return _dequant_tile(w_ptr, s_ptr, z_ptr, k0, offs_n, N, K, stride_wn, stride_sn, GROUP, False, BK, EVEN)
 
 
+def _quant_linear(x, weight, scale, zeros, group):
+    """int4_linear (zero points given) or fp8_linear: the fused kernel up to FUSED_MAX_ROWS, a dequantize pass and
+    torch's GEMM past it."""
+    if zeros is not None:
+        return int4_linear(x=x, qweight=weight, scales=scale, zeros=zeros, group_size=group)
+    return fp8_linear(x=x, weight=weight, scale=scale, block_k=group)
+
+
 def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate):
     """Past PAIR_MAX pairs: moe.blocked's grouped GEMMs on the quantized experts, each weight tile dequantized in
-    the K loop (no dense copy of the experts); the shared expert through quant_gemm, added in the combine."""
-    x = x if x.stride(-1) == 1 else x.contiguous()  # quant_gemm reads x through its row stride alone
+    the K loop (no dense copy of the experts); the shared expert as the dense projections run (_quant_linear),
+    added in the combine."""
     d = x.shape[1]
     groups, k_tiles = [], []
     for k in (d, inter):
@@ -1523,8 +1532,8 @@ def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, in
     shared_out = None
     if shared is not None:
         sw13, ss13, sz13, sw2, ss2, sz2 = shared
-        hidden = silu_and_mul(x=quant_gemm(x, sw13, ss13, sz13, group))
-        shared_out = quant_gemm(hidden, sw2, ss2, sz2, group)
+        hidden = silu_and_mul(x=_quant_linear(x, sw13, ss13, sz13, group))
+        shared_out = _quant_linear(hidden, sw2, ss2, sz2, group)
     return blocked.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, shared=shared_out,
                              shared_gate=shared_gate if shared is not None else None, quant=quant)
 
