@@ -1,16 +1,18 @@
-"""Routed experts as block-grouped Triton GEMMs, for prefill-sized calls: the (token, slot) pairs sorted by expert
-(one int16 sort, as the expert-centric path sorts them), each expert's sorted rows cut into blocks of BLOCK_M, one
-program per (N tile, block) sharing the expert's weight tile across the block's rows. The grid is sized for the most
-blocks any routing can need and a program finds its expert from the per-expert block starts, so nothing syncs the
-host (CUDA-graph capturable). The N tiles of a block are neighbours in launch order, so they read the block's rows
-from L2, and an expert's blocks run close together, so its weights stream from HBM about once.
+"""Routed experts as block-grouped Triton GEMMs past the expert-centric kernels' size (decode batches past 64 at
+top-8, and prefill), on bf16 / fp16 / fp32 experts or on int4 / fp8 ones dequantized tile by tile (QuantExperts).
+The (token, slot) pairs are sorted by expert (one int16 sort, as the expert-centric path sorts them) and each
+expert's sorted rows cut into blocks of BLOCK_M; one program per (N tile, block) shares the expert's weight tile
+across the block's rows. The grid is sized for the most blocks any routing can need and a program finds its expert
+from the per-expert block starts, so nothing syncs the host (CUDA-graph capturable). The N tiles of a block are
+neighbours in launch order, so they read the block's rows from L2, and an expert's blocks run close together, so its
+weights stream from HBM about once.
 
 Against the CUTLASS grouped GEMMs (grouped.py) it drops two [pairs, .] round trips through HBM: the gate|up kernel
 loads its x rows through the block's pair ids (no gathered copy of x) and writes silu(gate) * up itself (no [pairs, 2I]
 gate|up output for a separate silu_and_mul). The down kernel reads that act in sorted order and writes y in pair
-order; moe_combine sums the slots as on the other paths. Any float dtype, any GPU Triton compiles for (no SM90 or bf16
-requirement; the pipeline stages are trimmed to the device's shared memory, _fit); act and y are rounded to x.dtype,
-the gate|up sums are not (the grouped path rounds them too)."""
+order; moe_combine sums the slots as on the other paths. Any GPU Triton compiles for (no SM90 requirement; the
+pipeline stages are trimmed to the device's shared memory, _fit); act and y are rounded to x.dtype, the gate|up sums
+are not (the grouped path rounds them too)."""
 
 from __future__ import annotations
 
