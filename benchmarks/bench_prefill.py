@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import time
 
 import torch
 import triton.testing
@@ -60,12 +61,18 @@ def bench_one(name: str, length: int, rate: float, fmt: str = "bf16", bf16_row: 
             h = model(ids, fb, cache)
             return model.compute_logits(h[fb.logits_indices])
     # one call first: do_bench sizes its repeats from 5 calls' mean, which a first call's one-off costs (Triton
-    # compiles and autotuning, library set-up) can inflate to a single timed repeat. Eager steps: short lengths are
-    # host-bound here (35B-A3B 1,024 tokens: ~80 ms of launches for 40 ms of kernels, RESULTS 2026-12-05 H100),
-    # where the engine replays a varlen CUDA graph
+    # compiles and autotuning, library set-up) can inflate to a single timed repeat. Then a timed call sizes `rep` for
+    # at least 10 repeats (it asked for 200 ms: an 8k-token step of ~130 ms was one sample, and runs of the same tree
+    # differed by up to 8 ms, RESULTS 2026-12-06 H100). Eager steps: short lengths are host-bound here (35B-A3B 1,024
+    # tokens: ~80 ms of launches for 40 ms of kernels, RESULTS 2026-12-05 H100), where the engine replays a varlen
+    # CUDA graph
     step()
     torch.cuda.synchronize()
-    ms = triton.testing.do_bench(step, warmup=2, rep=max(200, 20 * length // 1024), return_mode="median")
+    start = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    one_ms = (time.perf_counter() - start) * 1e3
+    ms = triton.testing.do_bench(step, warmup=2, rep=max(200, 10 * one_ms), return_mode="median")
     flops = prefill_flops(model, cfg, length) if fmt == "bf16" else bf16_row and bf16_row["flops"]
     del model, cache
     gc.collect()
