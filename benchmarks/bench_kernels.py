@@ -124,7 +124,7 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
     Each timed call runs `layers` layers with their own weights, as a step does, so that at small batches the
     touched experts do not stay in L2 between calls; times are per layer. device / shape (a SHAPES-like dict) /
     bench (fn -> ms) let the CPU test run the plumbing."""
-    from benchmarks.common import SHAPES, measure_copy_bandwidth
+    from benchmarks.common import SHAPES, measure_copy_bandwidth, moe_blocked_tiles
     from deltaserve.kernels.moe import blocked, midbatch
     from deltaserve.kernels.moe import gpu as moe_gpu
     from deltaserve.kernels.moe import triton as moe
@@ -184,11 +184,8 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
         def blocked_with(cfg):
             """The blocked path, as the layer calls it, with cfg as its only tiles for the call."""
             def run():
-                saved, blocked.TILES = blocked.TILES, [(None, *cfg)]
-                try:
+                with moe_blocked_tiles(cfg):
                     return forced("blocked")()
-                finally:
-                    blocked.TILES = saved
             return run
 
         pairs = tokens * top_k

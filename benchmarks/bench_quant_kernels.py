@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.testing
 
-from benchmarks.common import measure_copy_bandwidth, read_stream, require_cuda, table
+from benchmarks.common import measure_copy_bandwidth, moe_blocked_tiles, read_stream, require_cuda, table
 from deltaserve.kernels.quant import ref
 from deltaserve.kernels.quant import triton as qt
 
@@ -283,10 +283,17 @@ def moe_tiles(args, bw: float) -> list[dict]:
     return rows
 
 
+def _tiles_us(fn, tiles: tuple) -> float:
+    with moe_blocked_tiles(tiles):
+        return time_ms(fn) * 1e3
+
+
 def moe_prefill(args, bw: float) -> list[dict]:
     """The int4 / fp8 MoE layer at prefill sizes (--rows tokens): the default (moe.blocked's kernels dequantizing
     each weight tile in their K loop), against the path before it (every expert and the shared one dequantized into
-    bf16 temporaries, then the bf16 MoE) and the bf16 layer, all timed in this run; one layer, random routing."""
+    bf16 temporaries, then the bf16 MoE) and the bf16 layer, all timed in this run; one layer, random routing. Also
+    the fastest of blocked.CONFIGS' other tiles for the quantized call (the tiles were chosen on bf16)."""
+    from deltaserve.kernels.moe import blocked
     from deltaserve.kernels.moe import gpu as moe_gpu
 
     experts, top_k, d, inter = MOE_SHAPE
@@ -326,6 +333,9 @@ def moe_prefill(args, bw: float) -> list[dict]:
                    "dequantize + bf16 us": time_ms(dequantized_first) * 1e3, "bf16 layer us": time_ms(bf16) * 1e3,
                    "rel err vs before": f"{err:.1e}"}
             row["fused / before"] = row["fused us"] / row["dequantize + bf16 us"]
+            others = [c for c in blocked.CONFIGS if c != blocked.pick_tiles(m * top_k)]
+            row["best other tiles"], row["its us"] = min(((str(c), _tiles_us(fused, c)) for c in others),
+                                                         key=lambda t: t[1])
             rows.append(row)
             print(row, flush=True)
     return rows

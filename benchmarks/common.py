@@ -165,6 +165,18 @@ def triton_compiles() -> Iterator[list[str]]:
         runtime.jit_post_compile_hook = previous
 
 
+@contextlib.contextmanager
+def moe_blocked_tiles(tiles: tuple) -> Iterator[None]:
+    """moe.blocked runs every call inside with these (BLOCK_M, gate_up, down) tiles (launches read blocked.TILES)."""
+    from deltaserve.kernels.moe import blocked
+
+    saved, blocked.TILES = blocked.TILES, [(None, *tiles)]
+    try:
+        yield
+    finally:
+        blocked.TILES = saved
+
+
 def header(command: str) -> str:
     import triton
 
