@@ -144,6 +144,23 @@ def test_rollback_with_every_acceptance_length(tiny, kind):
         assert accepted[0] > 0 and accepted[-1] > 0 and accepted[0] < llm.engine.spec_drafted_per_position[0]
 
 
+@pytest.mark.parametrize("kv,state", [("int8", "bfloat16"), ("int4", "float32")])
+def test_rollback_with_compressed_caches(tiny, kv, state):
+    """Quantized KV pages and a bf16 recurrent state: the verify step writes its positions' KV quantized, and the
+    commit replays the kept positions rounding the state to bf16 between them, as decode steps round it; so greedy
+    and seeded outputs with every acceptance length are still those of the run without MTP (same cache options)."""
+    ps = prompts(4, seed=6)
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=4, max_tokens=16, ignore_eos=True)] * 2
+    kw = dict(kv_cache_dtype=kv, state_dtype=state)
+    ref = token_ids(make_llm(tiny["dense"], **kw).generate(ps, params))
+    llm = make_llm(tiny["dense"], 3, **kw)
+    Oracle(llm, {tuple(p): r for p, r in zip(ps, ref)})
+    assert token_ids(llm.generate(ps, params)) == ref
+    c = llm.engine.spec_counters
+    assert 0 < c["spec_accepted_tokens"] < c["spec_draft_tokens"]
+
+
 def emulated_first_pass(runner, max_rows: int):
     """A FirstPassGraphs on the runner's device whose `_replay` runs the captured body eagerly (no CUDA graph)."""
     from deltaserve.cache.allocator import pages_for_tokens
