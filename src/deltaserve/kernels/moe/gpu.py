@@ -1,6 +1,6 @@
 """The GPU MoE: per-(token, expert) Triton kernels (triton.py) at small batch, expert-centric Triton kernels
-(midbatch.py) at mid batch, block-grouped Triton GEMMs (blocked.py) or CUTLASS grouped GEMMs (grouped.py) past it.
-None syncs the host, so every path is CUDA-graph capturable."""
+(midbatch.py) at mid batch, block-grouped Triton GEMMs (blocked.py) past it; the CUTLASS grouped GEMMs (grouped.py)
+where FORCE_PATH asks for them. None syncs the host, so every path is CUDA-graph capturable."""
 
 from __future__ import annotations
 
