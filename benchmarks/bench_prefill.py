@@ -5,7 +5,8 @@ python benchmarks/bench_prefill.py [--models 9B 27B] [--lengths 1024 8192 32768]
 --formats: the projections stored as bench_quant.py stores them (fp8: Qwen's 128x128 blocks; int4: AWQ-style g128;
 fp8-w8a8: fp8 with dynamic fp8 activations); each quantized row reports its rate against the bf16 row of the same
 model and length (the issue's FP8 target: at least 80% of the bf16 rate at 8k tokens). FLOPs are counted on the bf16
-model, so a quantized row's TFLOP/s needs bf16 in the list.
+model, so a quantized row's TFLOP/s needs bf16 in the list. --graph: each step also captured in one CUDA graph and
+replayed, beside the eager time (what the host's launches add to an eager step).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def prefill_flops(model, cfg, length: int) -> float:
     return 2 * linear * length + attn + gdn + 2 * cfg.hidden_size * cfg.vocab_size
 
 
-def bench_one(name: str, length: int, rate: float, fmt: str = "bf16", bf16_row: dict | None = None) -> dict:
+def bench_one(name: str, length: int, rate: float, fmt: str = "bf16", bf16_row: dict | None = None,
+              graph: bool = False) -> dict:
     cfg = model_config(name)
     if fmt == "bf16":
         model = load_model(cfg, load_format="dummy", device="cuda", dtype=torch.bfloat16, with_mtp=False)
@@ -73,11 +75,14 @@ def bench_one(name: str, length: int, rate: float, fmt: str = "bf16", bf16_row: 
     torch.cuda.synchronize()
     one_ms = (time.perf_counter() - start) * 1e3
     ms = triton.testing.do_bench(step, warmup=2, rep=max(200, 10 * one_ms), return_mode="median")
+    graph_ms = graph_step_ms(step, rep=max(200, 10 * one_ms)) if graph else None
     flops = prefill_flops(model, cfg, length) if fmt == "bf16" else bf16_row and bf16_row["flops"]
     del model, cache
     gc.collect()
     torch.cuda.empty_cache()
     row = {"model": name, "format": fmt, "tokens": length, "ms": ms, "tok/s": length / ms * 1e3}
+    if graph_ms is not None:
+        row.update({"graph ms": graph_ms, "eager / graph": ms / graph_ms})
     if flops:
         row.update({"TFLOP/s": flops / (ms * 1e-3) / 1e12, "of matmul rate": flops / (ms * 1e-3) / rate})
     if bf16_row:
@@ -86,11 +91,28 @@ def bench_one(name: str, length: int, rate: float, fmt: str = "bf16", bf16_row: 
     return row
 
 
+def graph_step_ms(step, rep: float) -> float:
+    """The same step captured in one CUDA graph and replayed (median ms): what the eager step's host-side launches
+    cost beyond its kernels. The served engine replays such graphs up to --prefill-graph-tokens tokens."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up off the capture stream, as torch.cuda.graph asks
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    ms = triton.testing.do_bench(graph.replay, warmup=2, rep=rep, return_mode="median")
+    del graph
+    return ms
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["9B", "27B"])
     ap.add_argument("--lengths", nargs="+", type=int, default=[1024, 8192, 32768])
     ap.add_argument("--formats", nargs="+", default=["bf16"], choices=["bf16", "fp8", "int4", "fp8-w8a8"])
+    ap.add_argument("--graph", action="store_true", help="also time each step replayed from one CUDA graph")
     args = ap.parse_args()
     require_cuda("bench_prefill.py")
     rate = measure_matmul_rate()
@@ -99,7 +121,7 @@ def main() -> None:
         for length in args.lengths:
             bf16_row = None
             for fmt in args.formats:
-                rows.append(bench_one(name, length, rate, fmt, bf16_row))
+                rows.append(bench_one(name, length, rate, fmt, bf16_row, args.graph))
                 bf16_row = rows[-1] if fmt == "bf16" else bf16_row
                 print(rows[-1], flush=True)
     print(header(""))
