@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deltaserve.config import ModelConfig, RankShapes
-from deltaserve.kernels.moe import fused_moe, moe_topk_softmax, router_topk
+from deltaserve.kernels.moe import fused_moe, moe_topk_softmax
 from deltaserve.layers.linear import LinearMethod, MergedLinear, check_unquantized, new_param
 from deltaserve.layers.mlp import MLP
 from deltaserve.layers.weights import TensorSource, WeightSlot, init_dummy_param
@@ -126,19 +126,7 @@ class SparseMoE(nn.Module):
                                  device=device, shapes=shapes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shared_gate_logit, weights, ids = self.route(x)
-        return self.experts(x, weights, ids, shared=self.shared_expert, shared_gate=shared_gate_logit)
-
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the shared expert's gate logit [T, 1], routing weights [T, k], expert ids [T, k]). The routing weights
-        are rounded to the activation dtype, as the reference model does. A full-precision router runs with its
-        top-k as one op (one launch at decode batches of a row or two); a quantized one, its projection then the
-        top-k."""
-        if type(self.router.method) is LinearMethod:
-            experts = self.router.shards["gate"]
-            logits, weights, ids = router_topk(x=x, weight=self.router.weight, num_experts=experts,
-                                               top_k=self.top_k, dtype=x.dtype)
-            return logits[:, experts:experts + 1], weights, ids
         router_logits, shared_gate_logit = self.router.forward_split(x)
+        # The router weights are rounded to the activation dtype before use, as the reference model does.
         weights, ids = moe_topk_softmax(router_logits=router_logits, top_k=self.top_k, dtype=x.dtype)
-        return shared_gate_logit, weights, ids
+        return self.experts(x, weights, ids, shared=self.shared_expert, shared_gate=shared_gate_logit)

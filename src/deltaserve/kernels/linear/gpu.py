@@ -8,31 +8,24 @@ from __future__ import annotations
 import torch
 
 from deltaserve.kernels._device import device_name, num_sms
-from deltaserve.kernels.linear.triton import Tile, skinny_linear, tile_config
+from deltaserve.kernels.linear.triton import skinny_linear, tile_config
 from deltaserve.kernels.linear.tuned import _MISSING, tuned_tile
 
 
 def linear(*, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Same contract as ref.linear. Few-row bf16/fp16 calls run the weight-streaming kernel; the rest torch's GEMM."""
-    tile = pick_tile(x, weight)
-    if tile is None:
-        return torch.nn.functional.linear(x, weight)
-    x2 = x.reshape(x.numel() // x.shape[-1], x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    y = skinny_linear(x2, weight, tile)
-    return y.view(*x.shape[:-1], weight.shape[0])
-
-
-def pick_tile(x: torch.Tensor, weight: torch.Tensor) -> Tile | None:
-    """The weight-streaming kernel's tile for this call, or None for torch's GEMM (other dtypes, a strided weight,
-    K not a multiple of 8, or shapes where the GEMM is as fast)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype or not weight.is_contiguous() or \
             x.shape[-1] % 8:
-        return None
+        return torch.nn.functional.linear(x, weight)
     n, k = weight.shape
     tile = tuned_tile(device_name(x.device), rows, n, k) if x.is_cuda else _MISSING
     if tile is _MISSING:
         tile = tile_config(rows, n, k, num_sms(x.device) if x.is_cuda else 132)
-    return tile
+    if tile is None:
+        return torch.nn.functional.linear(x, weight)
+    x2 = x.reshape(rows, x.shape[-1])
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = skinny_linear(x2, weight, tile)
+    return y.view(*x.shape[:-1], weight.shape[0])

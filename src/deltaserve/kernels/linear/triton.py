@@ -45,16 +45,6 @@ def _skinny_linear_kernel(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPL
                           BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
                           SPLIT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
                           PDL: tl.constexpr = False):
-    skinny_program(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_ym, BM, BN, BK,
-                   STAGES, SPLIT, EVEN_K, UPCAST, PDL)
-
-
-@triton.jit
-def skinny_program(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPLIT, stride_xm, stride_ym,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
-                   SPLIT: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr):
-    """One program of the kernel (program ids: column block, K range). Returns whether this program stored its
-    column block of y (without split-K every program; with it the last to arrive), for a caller's epilogue."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)  # this program reduces K columns [pid_k * K_SPLIT, min(K, (pid_k + 1) * K_SPLIT))
     rn = pid_n * BN + tl.arange(0, BN)
@@ -86,21 +76,18 @@ def skinny_program(x_ptr, w_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, K_SPLIT, str
     m_y = m_m[:, None] & m_n[None, :]
     if SPLIT == 1:
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_y)
-        stored = pid_n >= 0
     else:
         # workspace [SPLIT, BM, N] fp32: strides from constexprs and N, never from M (which would recompile per M)
         ws_ptrs = ws_ptr + (rm[:, None] * N + rn[None, :])
         tl.store(ws_ptrs + pid_k * BM * N, acc, mask=m_y)
         tl.debug_barrier()  # every thread's partial is stored before thread 0's release below publishes them
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        stored = arrived == SPLIT - 1
-        if stored:  # the last of this column block's programs: the others' partials are visible
+        if arrived == SPLIT - 1:  # the last of this column block's programs: the others' partials are visible
             total = tl.zeros([BM, BN], dtype=tl.float32)
             for s in tl.static_range(SPLIT):  # fixed order, whichever program got here
                 total += tl.load(ws_ptrs + s * BM * N, mask=m_y, other=0.0, cache_modifier=".cg")  # L2, not a stale L1
             tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=m_y)
             tl.store(count_ptr + pid_n, 0)  # every program of the block has arrived: nobody else touches it now
-    return stored
 
 
 # split-K: rows <= 16, 256 <= N <= 8192 output columns and K >= 2048
@@ -181,41 +168,6 @@ def _scratch(device: torch.device, floats: int, counters: int) -> tuple[torch.Te
     return have
 
 
-class Launch(NamedTuple):
-    """A skinny_linear call's launch: grid (column blocks, K ranges), tile, the K columns of a range, the split
-    scratch (workspace, counters: at least one per column block plus `extra_counters`) or None without split-K."""
-    grid: tuple[int, int]
-    bm: int
-    bn: int
-    bk: int
-    num_warps: int
-    stages: int
-    k_split: int
-    scratch: tuple[torch.Tensor, torch.Tensor] | None
-
-
-def plan_launch(x: torch.Tensor, n: int, tile: tuple[int, ...], extra_counters: int = 0) -> Launch | None:
-    """The launch of an [M, K] x [n, K]^T call with `tile`; None where a split call's scratch is missing during a
-    CUDA-graph capture (the caller then runs torch's GEMM)."""
-    m, k = x.shape
-    bn, bk, num_warps, stages, split = Tile(*tile)
-    bm = max(16, triton.next_power_of_2(m))
-    k_tiles = triton.cdiv(k, bk)
-    k_split = triton.cdiv(k_tiles, max(1, min(split, k_tiles))) * bk
-    split = triton.cdiv(k, k_split)  # no empty K range
-    blocks = triton.cdiv(n, bn)
-    scratch = None
-    if split > 1 or extra_counters:
-        scratch = _scratch(x.device, split * bm * n, blocks + extra_counters)
-        if scratch is None:
-            if (m, n, k) not in _warned:
-                _warned.add((m, n, k))
-                log.warning("split-K linear [%d, %d] x [%d, %d]^T first called inside a CUDA-graph capture: torch's "
-                            "GEMM runs instead (warm up eagerly first)", m, k, n, k)
-            return None
-    return Launch((blocks, split), bm, bn, bk, num_warps, _fit_stages(bm, bn, bk, stages), k_split, scratch)
-
-
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, ...],
                   out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [M, K] (M <= MAX_ROWS, unit stride in K); weight: [N, K] contiguous -> [M, N] with an explicit tile (a
@@ -227,12 +179,24 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, tile: tuple[int, ...],
     y = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return y
-    launch = plan_launch(x, n, tile)
-    if launch is None:
-        return y.copy_(torch.nn.functional.linear(x, weight))
-    ws, counts = launch.scratch or (y, y)  # unused without split
-    _skinny_linear_kernel[launch.grid](
-        x, weight, y, ws, counts, m, n, k, launch.k_split, x.stride(0), y.stride(0), BM=launch.bm, BN=launch.bn,
-        BK=launch.bk, STAGES=launch.stages, SPLIT=launch.grid[1], EVEN_K=k % launch.bk == 0, UPCAST=not x.is_cuda,
-        num_warps=launch.num_warps, **pdl_launch(x.device))
+    bn, bk, num_warps, stages, split = Tile(*tile)
+    bm = max(16, triton.next_power_of_2(m))
+    k_tiles = triton.cdiv(k, bk)
+    k_split = triton.cdiv(k_tiles, max(1, min(split, k_tiles))) * bk
+    split = triton.cdiv(k, k_split)  # no empty K range
+    blocks = triton.cdiv(n, bn)
+    ws = counts = y  # unused without split
+    if split > 1:
+        scratch = _scratch(x.device, split * bm * n, blocks)
+        if scratch is None:
+            if (m, n, k) not in _warned:
+                _warned.add((m, n, k))
+                log.warning("split-K linear [%d, %d] x [%d, %d]^T first called inside a CUDA-graph capture: torch's "
+                            "GEMM runs instead (warm up eagerly first)", m, k, n, k)
+            return y.copy_(torch.nn.functional.linear(x, weight))
+        ws, counts = scratch
+    _skinny_linear_kernel[(blocks, split)](
+        x, weight, y, ws, counts, m, n, k, k_split, x.stride(0), y.stride(0), BM=bm, BN=bn, BK=bk,
+        STAGES=_fit_stages(bm, bn, bk, stages), SPLIT=split, EVEN_K=k % bk == 0, UPCAST=not x.is_cuda,
+        num_warps=num_warps, **pdl_launch(x.device))
     return y

@@ -1,5 +1,4 @@
-"""Mixture-of-experts: the router with its top-k softmax routing (one launch at decode: ``router.py``) and the
-routed (+ shared) expert FFN.
+"""Mixture-of-experts: top-k softmax routing and the routed (+ shared) expert FFN.
 
 CUDA tensors run ``gpu.py`` (Triton per-pair kernels from ``triton.py`` at small batch, expert-centric kernels from
 ``midbatch.py`` at mid batch, block-grouped GEMMs from ``blocked.py`` past it; moe_combine, their gather-sum, from
@@ -12,8 +11,7 @@ from deltaserve.kernels._dispatch import dispatch
 from . import ref
 
 moe_topk_softmax = dispatch(ref.moe_topk_softmax, "deltaserve.kernels.moe.gpu")
-router_topk = dispatch(ref.router_topk, "deltaserve.kernels.moe.gpu")
 fused_moe = dispatch(ref.fused_moe, "deltaserve.kernels.moe.gpu")
 moe_combine = dispatch(ref.moe_combine, "deltaserve.kernels.moe.triton")
 
-__all__ = ["fused_moe", "moe_combine", "moe_topk_softmax", "router_topk"]
+__all__ = ["fused_moe", "moe_combine", "moe_topk_softmax"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from deltaserve.kernels.moe import blocked, grouped, midbatch, router, triton
+from deltaserve.kernels.moe import blocked, grouped, midbatch, triton
 from deltaserve.kernels.moe.triton import moe_topk_softmax
 
 # Routed pairs (tokens x top_k) up to which the per-pair kernels run. 35B-A3B (top-8 of 256): 64 pairs = 8 tokens,
@@ -31,23 +31,6 @@ def pick_path(pairs: int) -> str:
     if pairs <= MID_BATCH_MAX_PAIRS:
         return "mid"
     return "blocked"
-
-
-def router_topk(*, x: torch.Tensor, weight: torch.Tensor, num_experts: int, top_k: int,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As ref.router_topk: one launch (router.py) for up to router.MAX_ROWS rows where the linear streams the
-    weight itself; otherwise the linear, then the top-k kernel. Both give the same bits."""
-    from deltaserve.kernels.linear.gpu import linear, pick_tile
-
-    tile = pick_tile(x, weight) if x.shape[0] <= router.MAX_ROWS and x.stride(-1) == 1 else None
-    if tile is not None:
-        fused = router.router_topk_fused(x=x, weight=weight, tile=tile, num_experts=num_experts, top_k=top_k,
-                                         dtype=dtype)
-        if fused is not None:
-            return fused
-    logits = linear(x=x, weight=weight)
-    weights, ids = moe_topk_softmax(router_logits=logits[:, :num_experts], top_k=top_k, dtype=dtype)
-    return logits, weights, ids
 
 
 def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
@@ -78,4 +61,4 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
 
 
 __all__ = ["FORCE_PATH", "MID_BATCH_MAX_PAIRS", "SMALL_BATCH_PAIRS", "fused_moe",
-           "moe_topk_softmax", "pick_path", "router_topk"]
+           "moe_topk_softmax", "pick_path"]

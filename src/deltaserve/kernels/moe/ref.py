@@ -17,16 +17,6 @@ def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int,
     return (weights / weights.sum(dim=-1, keepdim=True)).to(dtype), ids.to(torch.int64)
 
 
-def router_topk(*, x: torch.Tensor, weight: torch.Tensor, num_experts: int, top_k: int,
-                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The router projection and its routing: x [T, D], weight [N >= num_experts, D] (the experts' rows first; the
-    rest, e.g. the shared expert's gate, only projected) -> (logits [T, N] in x.dtype, then moe_topk_softmax of the
-    first num_experts columns: weights [T, top_k] in dtype, ids int64 [T, top_k])."""
-    logits = torch.nn.functional.linear(x, weight)
-    weights, ids = moe_topk_softmax(router_logits=logits[:, :num_experts], top_k=top_k, dtype=dtype)
-    return logits, weights, ids
-
-
 def fused_moe(
     *,
     x: torch.Tensor,

@@ -16,49 +16,28 @@ from deltaserve.kernels._device import pdl_launch
 from deltaserve.kernels._pdl import prefetch_l2, wait_then_release
 
 @triton.jit
-def top_k_route(logit, cols, E, TOP_K: tl.constexpr, BLOCK_TOPK: tl.constexpr):
-    """logit [BLOCK_E] fp32 (-inf past E), cols = arange(BLOCK_E) -> (weights [BLOCK_TOPK] fp32, ids [BLOCK_TOPK]
-    int64): the top_k experts by softmax probability (descending; the lowest index wins a tie), their probabilities
-    renormalised to sum to 1; slots past TOP_K hold 0.
-
-    Softmax is monotonic and the renormalisation cancels its denominator, so the weights are exp(l - l_max) over
-    the picks' sum. Every step is exact (max, min, compare) or elementwise, and that sum runs in the picks' order:
-    the routing does not depend on the program's layout (warps, rows per program), so the router's fused epilogue
-    (router.py) and this kernel route the same logits to the same bits."""
-    e = tl.exp(logit - tl.max(logit, 0))
-    slot = tl.arange(0, BLOCK_TOPK)
-    picked_e = tl.zeros((BLOCK_TOPK,), dtype=tl.float32)
-    picked_id = tl.zeros((BLOCK_TOPK,), dtype=tl.int64)
-    total = 0.0
-    for j in tl.static_range(TOP_K):  # k rounds of argmax
-        best = tl.max(e, 0)
-        # clamped: with a NaN logit nothing equals the max, and an id >= E would read past the expert weights
-        idx = tl.minimum(tl.min(tl.where(e == best, cols, cols.shape[0]), 0), E - 1)
-        picked_e = tl.where(slot == j, best, picked_e)
-        picked_id = tl.where(slot == j, idx.to(tl.int64), picked_id)
-        total += best
-        e = tl.where(cols == idx, -1.0, e)
-    return picked_e / total, picked_id
-
-
-@triton.jit
-def store_route(w_ptr, ids_ptr, row, weights, ids, TOP_K: tl.constexpr, BLOCK_TOPK: tl.constexpr):
-    """One row's routing ([BLOCK_TOPK] each) into w [T, TOP_K] (its dtype) and ids [T, TOP_K]."""
-    slot = tl.arange(0, BLOCK_TOPK)
-    tl.store(w_ptr + row * TOP_K + slot, weights.to(w_ptr.dtype.element_ty), mask=slot < TOP_K)
-    tl.store(ids_ptr + row * TOP_K + slot, ids, mask=slot < TOP_K)
-
-
-@triton.jit
 def _topk_softmax_kernel(logits_ptr, w_ptr, ids_ptr, stride_l, E, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
                          BLOCK_TOPK: tl.constexpr, PDL: tl.constexpr = False):
-    """One token per program: top_k_route of its logits."""
+    """One token per program: softmax over all E experts in fp32, the top_k (descending), renormalised."""
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_E)
     wait_then_release(PDL)  # the logits are the router projection's output
     logit = tl.load(logits_ptr + t * stride_l + cols, mask=cols < E, other=float("-inf")).to(tl.float32)
-    weights, ids = top_k_route(logit, cols, E, TOP_K, BLOCK_TOPK)
-    store_route(w_ptr, ids_ptr, t, weights, ids, TOP_K, BLOCK_TOPK)
+    p = tl.exp(logit - tl.max(logit, 0))
+    p = p / tl.sum(p, 0)
+    slot = tl.arange(0, BLOCK_TOPK)
+    picked_w = tl.zeros((BLOCK_TOPK,), dtype=tl.float32)
+    picked_id = tl.zeros((BLOCK_TOPK,), dtype=tl.int64)
+    for j in tl.static_range(TOP_K):  # k rounds of argmax; the lowest index wins a tie
+        best = tl.max(p, 0)
+        # clamped: with a NaN logit nothing equals the max, and an id >= E would read past the expert weights
+        idx = tl.minimum(tl.min(tl.where(p == best, cols, BLOCK_E), 0), E - 1)
+        picked_w = tl.where(slot == j, best, picked_w)
+        picked_id = tl.where(slot == j, idx.to(tl.int64), picked_id)
+        p = tl.where(cols == idx, -1.0, p)
+    picked_w = picked_w / tl.sum(picked_w, 0)
+    tl.store(w_ptr + t * TOP_K + slot, picked_w.to(w_ptr.dtype.element_ty), mask=slot < TOP_K)
+    tl.store(ids_ptr + t * TOP_K + slot, picked_id, mask=slot < TOP_K)
 
 
 def moe_topk_softmax(*, router_logits: torch.Tensor, top_k: int,
