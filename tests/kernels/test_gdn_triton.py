@@ -489,6 +489,253 @@ def test_fused_gdn_decode_cuda_graph(n):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# fused GDN decode with the layer's gated RMSNorm folded into the recurrence (the last program of each (row, value
+# head) to store its o tile normalises the whole head)
+
+
+NORM_EPS = 1e-6
+
+
+def norm_case(n, dims, dtype, device, seed):
+    """The norm keywords: z [N, HV, V] a column slice of wider rows (as in_proj_z's columns of the merged projection
+    come), an fp32 weight away from 1 (so a weight left out shows), the eps."""
+    _, _, num_v_heads, head_v_dim = dims
+    gen = torch.Generator().manual_seed(1000 + seed)
+    width = num_v_heads * head_v_dim
+    wide = (torch.randn(n, 3 + width + 5, generator=gen) * 2).to(dtype).to(device)
+    z = wide[:, 3:3 + width].view(n, num_v_heads, head_v_dim)
+    weight = (1.0 + 0.3 * torch.randn(head_v_dim, generator=gen)).to(device)
+    return {"norm_weight": weight, "norm_eps": NORM_EPS, "z": z}
+
+
+def unfused_pair(decode, norm, kw, norm_kw, conv_pool, ssm_pool):
+    """decode without the norm keywords on copies of the pools, then the gated norm: (y, conv pool, ssm pool)."""
+    conv, ssm = conv_pool.clone(), ssm_pool.clone()
+    o = decode(conv_state=conv, ssm_state=ssm, **kw)
+    return norm(x=o, gate=norm_kw["z"], weight=norm_kw["norm_weight"], eps=norm_kw["norm_eps"]), conv, ssm
+
+
+def on_cpu(kw):
+    return {key: (val.cpu() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+
+
+def norm_counters_zero(device) -> bool:
+    from deltaserve.kernels.linear import triton as linear_triton
+
+    return bool((linear_triton._scratch(torch.device(device), 0, 0)[1] == 0).all())
+
+
+def check_decode_norm(decode, n, dims, dtype, device, seed=0, state_dtype=torch.float32, poison=None):
+    """decode(**kw): a fused decode (the public op, or the launch at one tiling). With the norm keywords it returns
+    the unfused pair's output (decode, then the gated_rms_norm kernel) within the output dtype's tolerance (the sum of
+    squares may be added in another order) and leaves the same pools bit for bit (the recurrence is the same code);
+    padding rows are zeros; a second call on the same inputs gives the same output and every counter is back at 0.
+    The composed references give the same as the reference pair, and the kernel is measured against them as
+    check_decode measures o. poison(): NaN-fills the allocator's blocks of the output's size before each fused call."""
+    from deltaserve.kernels.norm import ref as norm_ref
+    from deltaserve.kernels.norm import triton as norm_triton
+
+    kw, conv_pool, ssm_pool = decode_case(n, dims, dtype, device, seed, state_dtype=state_dtype)
+    norm_kw = norm_case(n, dims, dtype, device, seed)
+    y_pair, conv_pair, ssm_pair = unfused_pair(decode, norm_triton.gated_rms_norm, kw, norm_kw, conv_pool, ssm_pool)
+    outs = []
+    for _ in range(2):
+        conv, ssm = conv_pool.clone(), ssm_pool.clone()
+        if poison is not None:
+            poison()
+        y = decode(conv_state=conv, ssm_state=ssm, **kw, **norm_kw)
+        assert y.dtype == dtype and y.shape == (n, dims[2], dims[3]) and not y.isnan().any()
+        assert (y.cpu()[(kw["slots"] < 0).cpu()] == 0).all()
+        assert_close(y, y_pair)
+        assert_same(conv, conv_pair)
+        assert_same(ssm, ssm_pair)
+        assert norm_counters_zero(device)
+        outs.append(y)
+    assert_same(outs[1], outs[0])
+    ref_kw, ref_norm_kw = on_cpu(kw), on_cpu(norm_kw)
+    y_ref, _, _ = unfused_pair(gdn_ref.fused_gdn_decode, norm_ref.gated_rms_norm, ref_kw, ref_norm_kw,
+                               conv_pool.cpu(), ssm_pool.cpu())
+    composed = gdn_ref.fused_gdn_decode(conv_state=conv_pool.cpu().clone(), ssm_state=ssm_pool.cpu().clone(),
+                                        **ref_kw, **ref_norm_kw)
+    assert_same(composed, y_ref)
+    if dtype == torch.float32:
+        assert_close(outs[0], y_ref)
+    else:  # against the fp32 pipeline within 2x the error of the reference run in bf16 (o rounded, as here)
+        o_true, _, _ = run_ref_decode(kw, conv_pool, ssm_pool, upcast=True)
+        y_true = norm_ref.gated_rms_norm(x=o_true, gate=ref_norm_kw["z"].float(), weight=ref_norm_kw["norm_weight"],
+                                         eps=NORM_EPS)
+        assert_error_within(outs[0], y_ref, y_true)
+
+
+def launch_at(block_v, num_warps):
+    mod = gdn_mod()
+    return lambda **kw: mod.fused_gdn_decode_launch(block_v=block_v, num_warps=num_warps, **kw)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_fused_gdn_decode_norm_interpreter(n):
+    """The public op (decode_config's small tiling: BV 16, so V = 24 is two tiles, one masked) in fp32."""
+    check_decode_norm(gdn_mod().fused_gdn_decode, n, TINY, torch.float32, "cpu", seed=40 + n)
+
+
+# V = 128 as in every model: 8 programs per head at BV 16, 2 at BV 64; bf16 activations over both state pools
+@pytest.mark.parametrize("block_v,num_warps", [(16, 1), (64, 4)])
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16])
+def test_fused_gdn_decode_norm_interpreter_tilings(block_v, num_warps, state_dtype):
+    check_decode_norm(launch_at(block_v, num_warps), 3, (1, 16, 2, 128), torch.bfloat16, "cpu", seed=block_v,
+                      state_dtype=state_dtype)
+
+
+def test_fused_gdn_decode_norm_interpreter_one_tile_per_head():
+    """BV >= V: one program per head, trivially the last to arrive."""
+    check_decode_norm(launch_at(32, 1), 4, TINY, torch.float32, "cpu", seed=44, state_dtype=torch.bfloat16)
+
+
+def test_fused_gdn_decode_norm_without_counters_runs_the_pair(monkeypatch, caplog):
+    """No counters (a CUDA-graph capture that found them too small): the recurrence, then the gated norm kernel,
+    with one warning per shape."""
+    mod = gdn_mod()
+    monkeypatch.setattr(mod, "_norm_counters", lambda device, count: None)
+    monkeypatch.setattr(mod, "_warned", set())
+    with caplog.at_level("WARNING", logger=mod.__name__):
+        for _ in range(2):
+            check_decode_norm(mod.fused_gdn_decode, 3, TINY, torch.float32, "cpu", seed=45)
+    assert len([r for r in caplog.records if "gated norm" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("ref", [True, False])
+def test_fused_gdn_decode_norm_bad_arguments(ref):
+    op = gdn_ref.fused_gdn_decode if ref else gdn_mod().fused_gdn_decode
+    kw, conv_pool, ssm_pool = decode_case(2, TINY, torch.float32, "cpu", seed=46)
+    norm_kw = norm_case(2, TINY, torch.float32, "cpu", seed=46)
+    pools = dict(conv_state=conv_pool, ssm_state=ssm_pool)
+    with pytest.raises(ValueError, match="norm_eps"):
+        op(**kw, **pools, norm_weight=norm_kw["norm_weight"], z=norm_kw["z"])
+    with pytest.raises(ValueError, match=r"z must be \[2, 4, 24\]"):
+        op(**kw, **pools, **{**norm_kw, "z": norm_kw["z"][:, :2]})
+    with pytest.raises(ValueError, match=r"norm_weight must be \[24\]"):
+        op(**kw, **pools, **{**norm_kw, "norm_weight": norm_kw["norm_weight"][:8]})
+
+
+def poison_output(n, dims):
+    """NaN-filled blocks of the fused output's size left in the caching allocator (it hands them to the next
+    allocations of that size): an element the kernel never writes stays NaN."""
+    def poison():
+        blocks = [torch.full((n, dims[2], dims[3]), NAN, dtype=torch.bfloat16, device="cuda") for _ in range(4)]
+        del blocks
+    return poison
+
+
+NORM_DIMS = {"9B": (16, 128, 32, 128), **MODEL_DIMS}
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 3, 8, 65])  # n * HV < 256 (BV 16, 1 warp) up to 8 rows, >= 256 (BV 64) at 8 and 65
+@pytest.mark.parametrize("model", list(NORM_DIMS))
+def test_fused_gdn_decode_norm_gpu(n, model):
+    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
+
+    dims = NORM_DIMS[model]
+    check_decode_norm(fused_gdn_decode, n, dims, torch.bfloat16, "cuda", seed=n, poison=poison_output(n, dims))
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 65])
+def test_fused_gdn_decode_norm_gpu_bf16_state(n):
+    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
+
+    dims = NORM_DIMS["27B"]
+    check_decode_norm(fused_gdn_decode, n, dims, torch.bfloat16, "cuda", seed=n, state_dtype=torch.bfloat16,
+                      poison=poison_output(n, dims))
+
+
+@gpu
+@pytest.mark.parametrize("block_v,num_warps", DECODE_CONFIGS)
+def test_fused_gdn_decode_norm_gpu_tile_configs(block_v, num_warps):
+    dims = NORM_DIMS["27B"]
+    check_decode_norm(launch_at(block_v, num_warps), 64, dims, torch.bfloat16, "cuda", seed=block_v + num_warps,
+                      poison=poison_output(64, dims))
+
+
+def capture_norm_decode(n, dims, seed):
+    """(graph, its output, static inputs, pools): fused_gdn_decode with the norm captured on copies of the pools,
+    after one eager warm-up at the same size (which sizes the counters)."""
+    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
+
+    kw, conv_pool, ssm_pool = decode_case(n, dims, torch.bfloat16, "cuda", seed=seed)
+    kw.update(norm_case(n, dims, torch.bfloat16, "cuda", seed=seed))
+    static = {key: (val.clone() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    fused_gdn_decode(conv_state=conv_pool.clone(), ssm_state=ssm_pool.clone(), **static)  # warm-up
+    graph_conv, graph_ssm = conv_pool.clone(), ssm_pool.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_gdn_decode(conv_state=graph_conv, ssm_state=graph_ssm, **static)
+    return graph, out, static, graph_conv, graph_ssm
+
+
+def replay_against_eager(graph, out, static, graph_conv, graph_ssm, n, dims, exact):
+    """Three replays on new inputs (two rows turned into padding) against eager calls on the same pools."""
+    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
+
+    for step in range(3):
+        fresh, _, _ = decode_case(n, dims, torch.bfloat16, "cuda", seed=100 + step)
+        fresh.update(norm_case(n, dims, torch.bfloat16, "cuda", seed=100 + step))
+        fresh["slots"] = static["slots"].clone()
+        fresh["slots"][[0, n - 1]] = -1
+        eager_conv, eager_ssm = graph_conv.clone(), graph_ssm.clone()
+        expected = fused_gdn_decode(conv_state=eager_conv, ssm_state=eager_ssm, **fresh)
+        for key, val in fresh.items():
+            if isinstance(val, torch.Tensor):
+                static[key].copy_(val)
+        graph.replay()
+        torch.cuda.synchronize()
+        (assert_same if exact else assert_close)(out, expected)
+        assert (out[[0, n - 1]] == 0).all()
+        assert_same(graph_conv, eager_conv)
+        assert_same(graph_ssm, eager_ssm)
+        assert norm_counters_zero("cuda")
+
+
+@gpu
+@pytest.mark.parametrize("n", [6, 64])  # both tilings of decode_config (35B-A3B: 6 * 32 heads < 256 <= 64 * 32)
+def test_fused_gdn_decode_norm_cuda_graph(n):
+    """Captured with the norm, replayed three times: the same output (counters reset by every replay) and pools as
+    eager calls."""
+    dims = NORM_DIMS["35B-A3B"]
+    replay_against_eager(*capture_norm_decode(n, dims, seed=1), n, dims, exact=True)
+
+
+@gpu
+def test_fused_gdn_decode_norm_capture_without_counters(monkeypatch, caplog):
+    """A capture before any eager call with the norm allocated the counters (here: none on the device) captures the
+    unfused pair, with a warning; the replays still match eager calls (which allocate the counters and run fused:
+    the sums of squares in another order, so within the tolerance)."""
+    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
+    from deltaserve.kernels.gated_delta_rule import triton as gdn_triton
+    from deltaserve.kernels.linear import triton as linear_triton
+    from deltaserve.kernels.norm import gated_rms_norm
+
+    monkeypatch.setattr(linear_triton, "_split_buffers", {})
+    monkeypatch.setattr(gdn_triton, "_warned", set())
+    dims, n = NORM_DIMS["27B"], 64
+    kw, conv_pool, ssm_pool = decode_case(n, dims, torch.bfloat16, "cuda", seed=3)
+    norm_kw = norm_case(n, dims, torch.bfloat16, "cuda", seed=3)
+    o = fused_gdn_decode(conv_state=conv_pool.clone(), ssm_state=ssm_pool.clone(), **kw)  # compiles the pair's
+    gated_rms_norm(x=o, gate=norm_kw["z"], weight=norm_kw["norm_weight"], eps=NORM_EPS)  # kernels outside the capture
+    kw.update(norm_kw)
+    static = {key: (val.clone() if isinstance(val, torch.Tensor) else val) for key, val in kw.items()}
+    graph_conv, graph_ssm = conv_pool.clone(), ssm_pool.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with caplog.at_level("WARNING", logger=gdn_triton.__name__):
+        with torch.cuda.graph(graph):
+            out = fused_gdn_decode(conv_state=graph_conv, ssm_state=graph_ssm, **static)
+    assert any("gated norm" in r.getMessage() for r in caplog.records)
+    replay_against_eager(graph, out, static, graph_conv, graph_ssm, n, dims, exact=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # chunked prefill (fla-core on GPU; the state gather/scatter kernels also under the interpreter)
 
 
