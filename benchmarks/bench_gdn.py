@@ -1,5 +1,4 @@
-"""GDN kernels at Qwen3.5 layer shapes: fused decode (CUDA graph and eager; in a graph also with the layer's gated
-norm folded in, against the decode followed by the gated_rms_norm kernel), conv1d, chunked prefill; against the copy
+"""GDN kernels at Qwen3.5 layer shapes: fused decode (CUDA graph and eager), conv1d, chunked prefill; against the copy
 bandwidth measured in the same run and against fla-core's fused_recurrent / chunk kernels at the same shapes.
 
     PYTHONPATH=src:. python benchmarks/bench_gdn.py [--sweep] [--skip-prefill]
@@ -70,24 +69,6 @@ def decode_layers(h: int, hv: int, batch: int, layers: int) -> list[dict[str, An
     return out
 
 
-def with_norm(lays: list[dict[str, Any]], batch: int, hv: int, fold: bool) -> Callable[[], None]:
-    """The layers' decode through the GDN output norm: folded into the recurrence's launch (fold) or as the unfused
-    pair, decode then the gated_rms_norm kernel; z a column slice of wider rows, as the layer passes it."""
-    from deltaserve.kernels.gated_delta_rule import fused_gdn_decode
-    from deltaserve.kernels.norm import gated_rms_norm
-
-    norm = {"norm_weight": torch.ones(V, device="cuda"), "norm_eps": 1e-6,
-            "z": torch.randn(batch, hv * V + 2 * hv, device="cuda").bfloat16()[:, :hv * V].view(batch, hv, V)}
-
-    def fn() -> None:
-        for kw in lays:
-            if fold:
-                fused_gdn_decode(**kw, **norm)
-            else:
-                gated_rms_norm(x=fused_gdn_decode(**kw), gate=norm["z"], weight=norm["norm_weight"], eps=1e-6)
-    return fn
-
-
 def fla_decode_layers(h: int, hv: int, batch: int, layers: int) -> list[dict[str, Any]]:
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, device="cuda")
@@ -138,8 +119,6 @@ def decode_shape(rows: list[dict[str, Any]], copy_bw: float, sweep: bool, model:
     default = gdn_triton.decode_config(batch, hv)
     add(_config_name(default) + " (default)", "graph", bench(graph_of(ours()).replay) / layers)
     add(_config_name(default) + " (default)", "eager", bench(ours()) / layers)
-    for fold, name in ((True, " + gated norm (one launch, as the layer runs it)"), (False, ", then gated_rms_norm")):
-        add(_config_name(default) + name, "graph", bench(graph_of(with_norm(lays, batch, hv, fold)).replay) / layers)
     if sweep:
         for config in SWEEP[batch]:
             if config != default:

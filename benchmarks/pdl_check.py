@@ -45,10 +45,6 @@ SPECS = [
     ("gated_delta_rule.triton", "_decode_recurrent_kernel",
      {"alog_ptr": "*fp32", "dtb_ptr": "*fp32", "ss_ptr": "*fp32", "slot_ptr": "*i64", "scale": "fp32", "eps": "fp32"},
      dict(H=16, HV=48, K=128, V=128, BK=128, BV=16, NV=8), 1, 3),
-    ("gated_delta_rule.triton", "_decode_recurrent_kernel",  # as the layer runs it: the gated norm folded in
-     {"alog_ptr": "*fp32", "dtb_ptr": "*fp32", "ss_ptr": "*fp32", "slot_ptr": "*i64", "w_ptr": "*fp32",
-      "count_ptr": "*i32", "scale": "fp32", "eps": "fp32", "norm_eps": "fp32"},
-     dict(H=16, HV=48, K=128, V=128, BK=128, BV=16, NV=8, NORM=True, BVN=128), 1, 3),
     ("attention.triton", "_qk_norm_rope_write_kv_kernel",
      {"ks_ptr": "*fp32", "vs_ptr": "*fp32", "pos_ptr": "*i64", "slot_ptr": "*i64", "inv_freq_ptr": "*fp32",
       "eps": "fp32"},
@@ -87,7 +83,6 @@ _NOT_DIVISIBLE = ("stride_sg",)  # the shared-expert gate [T, 1]
 def label(spec) -> str:
     module, kernel, _, consts, *_ = spec
     extra = f" SPLIT={consts['SPLIT']}" if "SPLIT" in consts else ""
-    extra += " NORM" if consts.get("NORM") else ""
     return f"{module.split('.')[0]}.{kernel}{extra}"
 
 

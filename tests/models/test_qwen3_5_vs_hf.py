@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from deltaserve.config import ModelConfig
-from deltaserve.layers.norm import GatedRMSNorm
 from deltaserve.models.loader import load_model
 from tests.models.factory import SPECS, TinySpec, save_checkpoint
 from tests.models.simple_runner import SimpleRunner
@@ -97,23 +96,3 @@ def test_greedy_generation_matches_transformers(pair):
                            pad_token_id=0)[0, len(ids):].tolist()
     got = SimpleRunner(ours).generate_greedy(0, ids, 32)
     assert got == expected
-
-
-def test_decode_step_folds_the_gdn_norm_into_the_core(pair, monkeypatch):
-    """A decode step (one token per row) applies each GDN layer's gated norm inside fused_gdn_decode (on the GPU in
-    the recurrence's launch), never through the separate GatedRMSNorm module, which prefill still calls; the logits
-    stay those of transformers."""
-    _, hf, ours = pair
-    rows = []
-    forward = GatedRMSNorm.forward
-    monkeypatch.setattr(GatedRMSNorm, "forward",
-                        lambda self, x, gate: rows.append(x.shape[0]) or forward(self, x, gate))
-    a, b = prompt(30, seed=4), prompt(12, seed=5)
-    runner = SimpleRunner(ours)
-    runner.step({0: a[:29], 1: b[:11]})
-    assert rows == [40] * len(rows) and rows
-    rows.clear()
-    got = runner.step({0: a[29:], 1: b[11:]})
-    assert rows == []
-    assert_logits_close(got[0], hf_logits(hf, a)[-1:])
-    assert_logits_close(got[1], hf_logits(hf, b)[-1:])

@@ -61,40 +61,34 @@ class GatedDeltaNet(nn.Module):
         """x: [T, D] -> [T, D]; reads and writes this layer's conv/ssm state of each sequence in place."""
         T = x.shape[0]
         mixed_qkv, z, b, a = self.in_proj.forward_split(x)  # column views of one GEMM output
+        o = self._core(mixed_qkv, a, b, batch, state)
         z = z.view(T, self.num_v_heads, self.head_v_dim)
-        return self.out_proj(self._core(mixed_qkv, z, a, b, batch, state).reshape(T, self.value_dim))
+        return self.out_proj(self.norm(o, z).reshape(T, self.value_dim))
 
-    def _core(self, mixed_qkv: torch.Tensor, z: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: ForwardBatch,
+    def _core(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: ForwardBatch,
               state: GDNState) -> torch.Tensor:
-        """The kernels for the step's kind, through the gated norm: one token per row after an existing state runs
-        the fused decode step (conv update, gating, l2-norm, the recurrence on the slot's state in place and the
-        gated norm, the norm in the recurrence's launch: one launch fewer per layer and step); anything else the
-        chunked path, then the norm. A verify step (speculative decoding) runs the decode step once per position,
-        keeping what the commit needs of each (fused_gdn_multistep), then the norm."""
+        """The kernels for the step's kind: one token per row after an existing state runs the fused decode step
+        (conv update, gating, l2-norm and the recurrence on the slot's state in place); anything else the chunked
+        path. A verify step (speculative decoding) runs the decode step once per position, keeping what the commit
+        needs of each (fused_gdn_multistep)."""
         if batch.keep_states:
-            return self.norm(self._multistep(mixed_qkv, a, b, batch, state), z)
+            assert batch.tokens_per_row is not None and state.conv_steps is not None and state.y_steps is not None
+            assert state.gate_steps is not None
+            n, k = batch.num_seqs, batch.tokens_per_row
+            return fused_gdn_multistep(
+                mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,
+                conv_weight=self.conv1d.weight.squeeze(1), conv_state=state.conv, ssm_state=state.ssm,
+                slots=batch.state_slots, tokens_per_row=batch.tokens_per_row, num_k_heads=self.num_k_heads,
+                head_k_dim=self.head_k_dim, num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim,
+                scale=self.head_k_dim ** -0.5, conv_states_out=state.conv_steps[:n, :k], y_out=state.y_steps[:n, :k],
+                gates_out=state.gate_steps[:n, :k])
         if batch.tokens_per_row == 1:
             return fused_gdn_decode(
                 mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,
                 conv_weight=self.conv1d.weight.squeeze(1), conv_state=state.conv, ssm_state=state.ssm,
                 slots=batch.state_slots, num_k_heads=self.num_k_heads, head_k_dim=self.head_k_dim,
-                num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim, scale=self.head_k_dim ** -0.5,
-                norm_weight=self.norm.weight, norm_eps=self.norm.eps, z=z)
-        return self.norm(self._chunked(mixed_qkv, a, b, batch, state), z)
-
-    def _multistep(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: ForwardBatch,
-                   state: GDNState) -> torch.Tensor:
-        """A verify step's core: k decode steps per row, the pools left as they were (see fused_gdn_multistep)."""
-        assert batch.tokens_per_row is not None and state.conv_steps is not None and state.y_steps is not None
-        assert state.gate_steps is not None
-        n, k = batch.num_seqs, batch.tokens_per_row
-        return fused_gdn_multistep(
-            mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,
-            conv_weight=self.conv1d.weight.squeeze(1), conv_state=state.conv, ssm_state=state.ssm,
-            slots=batch.state_slots, tokens_per_row=batch.tokens_per_row, num_k_heads=self.num_k_heads,
-            head_k_dim=self.head_k_dim, num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim,
-            scale=self.head_k_dim ** -0.5, conv_states_out=state.conv_steps[:n, :k], y_out=state.y_steps[:n, :k],
-            gates_out=state.gate_steps[:n, :k])
+                num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim, scale=self.head_k_dim ** -0.5)
+        return self._chunked(mixed_qkv, a, b, batch, state)
 
     def _chunked(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: ForwardBatch,
                  state: GDNState) -> torch.Tensor:

@@ -1,6 +1,5 @@
 """Gated delta rule (Gated DeltaNet core): chunked prefill (optionally keeping the state at every chunk start),
-single-token recurrent decode, the fused decode step of a whole GDN core (conv + gating + q/k norm + recurrence,
-optionally the layer's gated output norm), the
+single-token recurrent decode, the fused decode step of a whole GDN core (conv + gating + norm + recurrence), the
 same for k tokens per row keeping what the commit needs after each (verifying draft tokens) with its commit, and
 the g/beta gating.
 

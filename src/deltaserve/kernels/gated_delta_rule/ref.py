@@ -202,54 +202,23 @@ def fused_gdn_decode(
     num_v_heads: int,
     head_v_dim: int,
     scale: float,
-    norm_weight: torch.Tensor | None = None,
-    norm_eps: float | None = None,
-    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of a GDN layer's core for N single-token rows: conv update + SiLU, gating, q/k L2 norm and
-    scale, one recurrence step; conv and recurrent states updated in place through the slots; with the norm
-    keywords also the layer's gated RMSNorm of the output.
+    scale, one recurrence step; conv and recurrent states updated in place through the slots.
 
     mixed_qkv: [N, conv_dim] pre-conv in_proj_qkv output, conv_dim = 2*H*K + HV*V (q | k | v); a, b: [N, HV];
     A_log, dt_bias: [HV]; conv_weight: [conv_dim, W]; conv_state: [S, W-1, conv_dim] (model dtype);
-    ssm_state: [S, HV, K, V] fp32 or bf16; slots: [N] int64 (< 0: skip, row stays zero, no state touched);
-    norm_weight: [V], norm_eps, z: [N, HV, V] (any strides): all three or none.
-    Returns o: [N, HV, V] in mixed_qkv.dtype, or with the norm keywords gated_rms_norm(x=o, gate=z, weight=norm_weight,
-    eps=norm_eps). Composed from the other references, rounding where the unfused layer rounds: the conv output,
-    beta and o to the activation dtype.
+    ssm_state: [S, HV, K, V] fp32 or bf16; slots: [N] int64 (< 0: skip, row stays zero, no state touched).
+    Returns o: [N, HV, V] in mixed_qkv.dtype. Composed from the other references, rounding where the unfused layer
+    rounds: the conv output and beta to the activation dtype.
     """
-    # the sibling ops' references, imported here so that neither op package imports the other at load time
+    # the sibling op's reference, imported here so that neither op package imports the other at load time
     from deltaserve.kernels.conv1d.ref import causal_conv1d_update
-    from deltaserve.kernels.norm.ref import gated_rms_norm
 
-    norm = check_norm_args(norm_weight=norm_weight, norm_eps=norm_eps, z=z, rows=mixed_qkv.shape[0],
-                           num_v_heads=num_v_heads, head_v_dim=head_v_dim)
     y = causal_conv1d_update(x=mixed_qkv, weight=conv_weight, conv_state=conv_state, slots=slots)
     g, beta = gdn_gating(a=a, b=b, A_log=A_log, dt_bias=dt_bias)
-    o = _recurrent_from_rows(y, g, beta.to(mixed_qkv.dtype), ssm_state, slots, num_k_heads, head_k_dim, num_v_heads,
-                             head_v_dim, scale)
-    return gated_rms_norm(x=o, gate=z, weight=norm_weight, eps=norm_eps) if norm else o
-
-
-def check_norm_args(*, norm_weight: torch.Tensor | None, norm_eps: float | None, z: torch.Tensor | None, rows: int,
-                    num_v_heads: int, head_v_dim: int) -> bool:
-    """Whether a decode call applies the gated RMSNorm (all three keywords given; none: it returns o); raises
-    ValueError on a partial set or on shapes that do not match the call's."""
-    given = {"norm_weight": norm_weight, "norm_eps": norm_eps, "z": z}
-    missing = [name for name, val in given.items() if val is None]
-    if len(missing) == len(given):
-        return False
-    if missing:
-        raise ValueError(f"the gated norm needs norm_weight, norm_eps and z together, {', '.join(missing)} missing: "
-                         "pass all three (the output is normed) or none (the output is o)")
-    assert norm_weight is not None and z is not None
-    if tuple(z.shape) != (rows, num_v_heads, head_v_dim):
-        raise ValueError(f"z must be [{rows}, {num_v_heads}, {head_v_dim}] (N, HV, V: the rows' in_proj_z output per "
-                         f"value head), got {tuple(z.shape)}")
-    if tuple(norm_weight.shape) != (head_v_dim,):
-        raise ValueError(f"norm_weight must be [{head_v_dim}] (the gated norm's weight over V), got "
-                         f"{tuple(norm_weight.shape)}")
-    return True
+    return _recurrent_from_rows(y, g, beta.to(mixed_qkv.dtype), ssm_state, slots, num_k_heads, head_k_dim,
+                                num_v_heads, head_v_dim, scale)
 
 
 def fused_gdn_multistep(

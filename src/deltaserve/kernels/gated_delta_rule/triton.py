@@ -12,9 +12,7 @@ Decode (``fused_gdn_decode``) runs the conv-update kernel (conv + SiLU of every 
 dtype as the unfused layer does, window rolled in place), then one program per (row n, value head hv, V tile):
 load the fp32 state tile S[slot, hv, :, tile] ([K, BV], the bulk of the bytes) first so it is in flight while the
 rest is computed; L2-normalise q and k of key head h = hv // (HV/H), scale q; g = -exp(A_log) softplus(a + dt_bias),
-beta = sigmoid(b); one delta-rule step; write o and the tile back. Given the layer's gated-norm keywords, the last of
-a (row, value head)'s programs to finish also writes its gated RMSNorm (`_gated_norm_epilogue`): the norm costs no
-launch of its own and the tiling stays as tuned. Splitting the conv out leaves the recurrence
+beta = sigmoid(b); one delta-rule step; write o and the tile back. Splitting the conv out leaves the recurrence
 programs nothing to share, so they can be many and small (the state traffic is spread over every SM); the single
 fused kernels it replaced, which had to coordinate the q/k window shared by a key head's programs, ran at 65-70% of
 copy bandwidth at batch 64 against 85-89% for this pair (benchmarks/RESULTS.md, 2026-11-27, H100, `bench_gdn.py`).
@@ -22,7 +20,6 @@ copy bandwidth at batch 64 against 85-89% for this pair (benchmarks/RESULTS.md, 
 
 from __future__ import annotations
 
-import logging
 import math
 
 import torch
@@ -32,11 +29,6 @@ import triton.language as tl
 from deltaserve.kernels._device import pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.conv1d.triton import causal_conv1d_update
-from deltaserve.kernels.gated_delta_rule.ref import check_norm_args
-from deltaserve.kernels.linear.triton import _scratch
-from deltaserve.kernels.norm.triton import gated_rms_norm
-
-log = logging.getLogger(__name__)
 
 _L2_EPS = 1e-6
 _STATE_DTYPES = (torch.float32, torch.bfloat16)  # state pool storage; the math is fp32 either way
@@ -75,42 +67,15 @@ def _step(s, q, k, v, decay, beta):
 
 
 @triton.jit
-def _gated_norm_epilogue(o_head, z_head, w_ptr, out_head, count_ptr, valid, eps, V: tl.constexpr,
-                         NV: tl.constexpr, BVN: tl.constexpr):
-    """The layer's gated RMSNorm of one (row, value head) from its o [V] into out [V], run by whichever of the
-    head's NV programs arrives last, as the split-K linear adds its partials (linear/triton.py): each program has
-    stored its o tile; its barrier and the counter's release publish it, and the last one's acquire sees them all,
-    reads the head back from L2 and writes weight * norm(o) * silu(z) (gated_rms_norm's arithmetic on the rounded
-    o, as the unfused pair computes it), then sets the counter back to 0 for the next call and every CUDA-graph
-    replay. No program waits for another; a padding row's programs arrive too (its output: zeros). out is not o,
-    so no thread's store can overtake another's load of the same element."""
-    tl.debug_barrier()  # every thread's o store is issued before thread 0's release below publishes it
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == NV - 1:
-        cols = tl.arange(0, BVN)
-        m = cols < V
-        x = tl.load(o_head + cols, mask=m, other=0.0, cache_modifier=".cg").to(tl.float32)  # L2, not a stale L1
-        g = tl.load(z_head + cols, mask=m, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(x * x, 0) / V + eps)
-        y = w * (x * rstd) * (g * tl.sigmoid(g))
-        tl.store(out_head + cols, tl.where(valid, y, 0.0).to(out_head.dtype.element_ty), mask=m)
-        tl.store(count_ptr, 0)  # every program of the head has arrived: nobody else touches it now
-
-
-@triton.jit
 def _decode_recurrent_kernel(
-    y_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, ss_ptr, slot_ptr, o_ptr, z_ptr, w_ptr, out_ptr, count_ptr,
-    stride_y, stride_a, stride_b, stride_ss_s, stride_zn, stride_zh,
-    scale, eps, norm_eps,
+    y_ptr, a_ptr, b_ptr, alog_ptr, dtb_ptr, ss_ptr, slot_ptr, o_ptr,
+    stride_y, stride_a, stride_b, stride_ss_s,
+    scale, eps,
     H: tl.constexpr, HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, NORM: tl.constexpr = False, BVN: tl.constexpr = 1,
-    PDL: tl.constexpr = False,
+    BK: tl.constexpr, BV: tl.constexpr, NV: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The recurrence of a decode step: one program per (row n, value head hv, V tile) over the post-conv
-    activations y [N, 2*H*K + HV*V] that the conv-update kernel wrote; every load is independent of the others.
-    NORM: out [N, HV, V] also receives the gated RMSNorm of o with z [N, HV, V] (strided) and w [V]
-    (_gated_norm_epilogue; count_ptr: N * HV zeroed counters; BVN: V rounded up to a power of two)."""
+    activations y [N, 2*H*K + HV*V] that the conv-update kernel wrote; every load is independent of the others."""
     pid = tl.program_id(0)
     i_v = pid % NV
     i_nh = pid // NV
@@ -137,9 +102,6 @@ def _decode_recurrent_kernel(
     s, o = _step(s, q, k, v, decay, beta)
     tl.store(o_ptr + i_nh * V + o_v, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty), mask=m_v)
     tl.store(p_s, s.to(ss_ptr.dtype.element_ty), mask=m_s)
-    if NORM:
-        _gated_norm_epilogue(o_ptr + i_nh * V, z_ptr + n * stride_zn + hv * stride_zh, w_ptr, out_ptr + i_nh * V,
-                             count_ptr + i_nh, valid, norm_eps, V, NV, BVN)
 
 
 def decode_config(num_rows: int, num_v_heads: int) -> tuple[int, int]:
@@ -166,69 +128,28 @@ def _check_decode_args(mixed_qkv: torch.Tensor, conv_weight: torch.Tensor, conv_
                          f"{tuple(conv_state.shape)} strides {conv_state.stride()}")
 
 
-_warned: set[tuple[int, int]] = set()
-
-
-def _norm_counters(device: torch.device, count: int) -> torch.Tensor | None:
-    """count zeroed int32 counters for the norm epilogue: the split-K linear's per-device counters (linear/triton.py
-    `_scratch`: grown only outside a CUDA-graph capture; shared safely, as the kernels that use them run one after
-    another on one stream and, under PDL, touch them only after their wait); None inside a capture that finds them
-    too small."""
-    scratch = _scratch(device, 0, count)
-    return None if scratch is None else scratch[1]
-
-
-def _norm_operands(o: torch.Tensor, z: torch.Tensor | None, norm_weight: torch.Tensor | None,
-                   norm_eps: float | None, counters: torch.Tensor | None) -> tuple:
-    """The recurrence kernel's norm arguments (z, w, out, counters, z's row and head strides, eps); without
-    counters (NORM off) o stands in for the tensors, never read."""
-    if counters is None:
-        return o, o, o, o, 0, 0, 0.0
-    assert z is not None and norm_weight is not None and norm_eps is not None
-    z = z if z.stride(-1) == 1 else z.contiguous()
-    return z, norm_weight.contiguous(), torch.empty_like(o), counters, z.stride(0), z.stride(1), float(norm_eps)
-
-
-def _decode_norm_fallback(o: torch.Tensor, z: torch.Tensor, norm_weight: torch.Tensor, norm_eps: float) -> torch.Tensor:
-    """The unfused pair's norm, for a call captured before any eager call of its size allocated the counters."""
-    n, hv = o.shape[:2]
-    if (n, hv) not in _warned:
-        _warned.add((n, hv))
-        log.warning("GDN decode of %d rows x %d value heads first called inside a CUDA-graph capture: its gated norm "
-                    "runs as a second launch (warm up eagerly first)", n, hv)
-    return gated_rms_norm(x=o, gate=z, weight=norm_weight, eps=norm_eps)
-
-
 def fused_gdn_decode_launch(
     *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
     conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
     num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
-    block_v: int, num_warps: int, norm_weight: torch.Tensor | None = None, norm_eps: float | None = None,
-    z: torch.Tensor | None = None,
+    block_v: int, num_warps: int,
 ) -> torch.Tensor:
     """fused_gdn_decode with an explicit recurrence tiling (the tests and the benchmark sweep them)."""
     hk, hv, dk, dv = num_k_heads, num_v_heads, head_k_dim, head_v_dim
     _check_decode_args(mixed_qkv, conv_weight, conv_state, ssm_state, hk, dk, hv, dv)
     n = mixed_qkv.shape[0]
-    norm = check_norm_args(norm_weight=norm_weight, norm_eps=norm_eps, z=z, rows=n, num_v_heads=hv, head_v_dim=dv)
     # Rows may be strided (column slices of the merged input projection); only the last dim must be unit-stride.
     mixed_qkv, a, b = (t if t.stride(-1) == 1 else t.contiguous() for t in (mixed_qkv, a, b))
     o = mixed_qkv.new_empty(n, hv, dv)
     if n == 0:
         return o
     y = causal_conv1d_update(x=mixed_qkv, weight=conv_weight.contiguous(), conv_state=conv_state, slots=slots)
-    counters = _norm_counters(y.device, n * hv) if norm else None
-    z_arg, w_arg, out, count_arg, stride_zn, stride_zh, eps_arg = _norm_operands(o, z, norm_weight, norm_eps,
-                                                                                  counters)
     num_tiles = triton.cdiv(dv, block_v)
     _decode_recurrent_kernel[(n * hv * num_tiles,)](
-        y, a, b, A_log, dt_bias, ssm_state, slots, o, z_arg, w_arg, out, count_arg, y.stride(0), a.stride(0),
-        b.stride(0), ssm_state.stride(0), stride_zn, stride_zh, float(scale), _L2_EPS, eps_arg, H=hk, HV=hv, K=dk,
-        V=dv, BK=triton.next_power_of_2(dk), BV=block_v, NV=num_tiles, NORM=counters is not None,
-        BVN=triton.next_power_of_2(dv), num_warps=num_warps, **pdl_launch(y.device))
-    if norm and counters is None:
-        return _decode_norm_fallback(o, z, norm_weight, norm_eps)
-    return out
+        y, a, b, A_log, dt_bias, ssm_state, slots, o, y.stride(0), a.stride(0), b.stride(0), ssm_state.stride(0),
+        float(scale), _L2_EPS, H=hk, HV=hv, K=dk, V=dv, BK=triton.next_power_of_2(dk), BV=block_v, NV=num_tiles,
+        num_warps=num_warps, **pdl_launch(y.device))
+    return o
 
 
 def fused_gdn_decode(
@@ -247,23 +168,18 @@ def fused_gdn_decode(
     num_v_heads: int,
     head_v_dim: int,
     scale: float,
-    norm_weight: torch.Tensor | None = None,
-    norm_eps: float | None = None,
-    z: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of a GDN layer's core for N single-token rows (see the module docstring).
 
     mixed_qkv: [N, conv_dim = 2*H*K + HV*V] pre-conv; a, b: [N, HV]; A_log, dt_bias: [HV]; conv_weight: [conv_dim, W];
-    conv_state: [S, W-1, conv_dim]; ssm_state: [S, HV, K, V] fp32 or bf16; slots: [N] int64 (< 0: skip);
-    norm_weight [V], norm_eps, z [N, HV, V] (unit stride in V; rows and heads may be strided): all or none.
-    Returns o: [N, HV, V] in mixed_qkv.dtype, with the norm keywords the gated RMSNorm of o (in the same launch).
-    CUDA-graph safe."""
+    conv_state: [S, W-1, conv_dim]; ssm_state: [S, HV, K, V] fp32 or bf16; slots: [N] int64 (< 0: skip).
+    Returns o: [N, HV, V] in mixed_qkv.dtype. CUDA-graph safe."""
     block_v, num_warps = decode_config(mixed_qkv.shape[0], num_v_heads)
     return fused_gdn_decode_launch(
         mixed_qkv=mixed_qkv, a=a, b=b, A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight, conv_state=conv_state,
         ssm_state=ssm_state, slots=slots, num_k_heads=num_k_heads, head_k_dim=head_k_dim, num_v_heads=num_v_heads,
         head_v_dim=head_v_dim, scale=scale, block_v=min(block_v, triton.next_power_of_2(head_v_dim)),
-        num_warps=num_warps, norm_weight=norm_weight, norm_eps=norm_eps, z=z,
+        num_warps=num_warps,
     )
 
 
