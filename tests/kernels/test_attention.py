@@ -161,17 +161,15 @@ def test_layer_routes_verify_rows(switch, monkeypatch):
     from deltaserve.layers import attention as layer
 
     calls = []
-    gate = torch.zeros(1)  # every kernel call must carry the layer's output gate (fused into its store)
     monkeypatch.setattr(layer, "VERIFY_ATTENTION", switch)
     monkeypatch.setattr(layer, "paged_attention_decode",
-                        lambda **kw: calls.append(("decode", kw.get("tokens_per_row"), kw["gate"] is gate)))
-    monkeypatch.setattr(layer, "paged_attention_prefill",
-                        lambda **kw: calls.append(("prefill", None, kw["gate"] is gate)))
+                        lambda **kw: calls.append(("decode", kw.get("tokens_per_row"))))
+    monkeypatch.setattr(layer, "paged_attention_prefill", lambda **kw: calls.append(("prefill", None)))
     attn = SimpleNamespace(num_heads=24, num_kv_heads=4, scale=1.0)
     kv = SimpleNamespace(k=None, v=None, k_scale=None, v_scale=None)
     for k in (1, 4, 11, None):
         batch = SimpleNamespace(tokens_per_row=k, seq_lens=None, block_tables=None, cu_seqlens=None)
-        layer.GatedAttention._attend(attn, None, gate, batch, kv)
-    verify = ("decode", 4, True) if switch == "decode" else ("prefill", None, True)
+        layer.GatedAttention._attend(attn, None, batch, kv)
+    verify = ("decode", 4) if switch == "decode" else ("prefill", None)
     # 11 tokens x 6 q heads per KV head = 66 tile rows > MAX_VERIFY_TILE_ROWS: the prefill kernel
-    assert calls == [("decode", None, True), verify, ("prefill", None, True), ("prefill", None, True)]
+    assert calls == [("decode", None), verify, ("prefill", None), ("prefill", None)]

@@ -20,8 +20,6 @@ triton = pytest.importorskip("triton")
 
 from tests.tolerances import assert_close, assert_error_within  # noqa: E402
 
-from deltaserve.kernels.activation import ref as act_ref  # noqa: E402
-from deltaserve.kernels.activation import triton as act  # noqa: E402
 from deltaserve.kernels.attention import ref  # noqa: E402
 from deltaserve.kernels.attention import triton as tk  # noqa: E402
 
@@ -226,59 +224,6 @@ def check_prefill(shapes, heads, head_dim, page_size, dtype, device, gen, kv_dty
             assert_close(out[lo:hi], truth)
         else:
             assert_error_within(out[lo:hi], plain_torch(q[lo:hi], k.to(dtype), v.to(dtype), cached, scale), truth)
-
-
-def layer_gate(rows, heads, head_dim, dtype, device, gen):
-    """The output gate as the attention layer passes it: the second half of each head's [query | gate] q_proj row,
-    a strided view [rows, heads, head_dim] with unit last stride."""
-    q_gate = (torch.randn(rows, heads, 2 * head_dim, generator=gen) * 4).to(dtype).to(device)
-    return q_gate[..., head_dim:]
-
-
-def check_gated(into, reference, args, gate, **into_args):
-    """The fused output gate against the unfused path: `into` (decode_into / prefill_into) with gate= equals, bit for
-    bit, the kernel without it followed by activation.triton.sigmoid_gate_mul (both outputs NaN-poisoned first, and
-    the fused one fully written); on CPU the reference with gate= equals the reference attention followed by
-    activation.ref.sigmoid_gate_mul."""
-    plain = torch.full_like(args["q"], float("nan"))
-    into(**args, out=plain, **into_args)
-    fused = torch.full_like(args["q"], float("nan"))
-    into(**args, out=fused, gate=gate, **into_args)
-    assert not fused.isnan().any(), "every output element must be written"
-    assert torch.equal(fused, act.sigmoid_gate_mul(x=plain, gate=gate))
-    if args["q"].device.type == "cpu":
-        expected = act_ref.sigmoid_gate_mul(x=reference(**args), gate=gate)
-        assert torch.equal(reference(**args, gate=gate), expected)
-
-
-def check_gated_decode(lengths, tokens, heads, head_dim, page_size, dtype, device, gen, num_splits=None,
-                       kv_dtype=None):
-    """decode_into with the fused output gate (tokens > 1: a verify step); lengths 0: padding rows (zeros)."""
-    num_q_heads, num_kv_heads = heads
-    paged = Paged([max(n, 1) for n in lengths], num_kv_heads, head_dim, page_size, dtype, device, gen,
-                  kv_dtype=kv_dtype)
-    rows = len(lengths) * tokens
-    q = torch.randn(rows, num_q_heads, head_dim, generator=gen).to(dtype).to(device)
-    args = dict(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache,
-                seq_lens=torch.tensor(lengths, dtype=torch.int32, device=device), block_tables=paged.block_tables,
-                scale=head_dim**-0.5, **paged.scales)
-    gate = layer_gate(rows, num_q_heads, head_dim, dtype, device, gen)
-    reference = lambda **kw: ref.paged_attention_decode(**kw, tokens_per_row=tokens)  # noqa: E731
-    check_gated(tk.decode_into, reference, args, gate, num_splits=num_splits, tokens_per_row=tokens)
-
-
-def check_gated_prefill(shapes, heads, head_dim, page_size, dtype, device, gen, kv_dtype=None):
-    """prefill_into with the fused output gate; shapes: (cached tokens, new tokens) per sequence."""
-    num_q_heads, num_kv_heads = heads
-    paged = Paged([c + n for c, n in shapes], num_kv_heads, head_dim, page_size, dtype, device, gen,
-                  kv_dtype=kv_dtype)
-    new = [n for _, n in shapes]
-    cu = torch.tensor([0, *torch.tensor(new).cumsum(0).tolist()], dtype=torch.int32, device=device)
-    q = torch.randn(sum(new), num_q_heads, head_dim, generator=gen).to(dtype).to(device)
-    args = dict(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, cu_seqlens_q=cu, seq_lens=paged.seq_lens,
-                block_tables=paged.block_tables, scale=head_dim**-0.5, **paged.scales)
-    gate = layer_gate(sum(new), num_q_heads, head_dim, dtype, device, gen)
-    check_gated(tk.prefill_into, ref.paged_attention_prefill, args, gate)
 
 
 def check_fused_qk_norm_rope(num_tokens, heads, head_dim, rotary_dim, page_size, dtype, device, gen,
@@ -513,60 +458,6 @@ def test_quantized_pages_need_scales():
         tk.paged_attention_decode(**args)
     with pytest.raises(ValueError, match="k_scale must be fp32"):
         tk.paged_attention_decode(**args, k_scale=paged.k_scale.half(), v_scale=paged.v_scale)
-
-
-# Fused output gate (o * sigmoid(gate) in the decode reduction's / the prefill kernel's store): odd lengths, padding
-# rows, head_dim 24 (masked columns), the strided gate view the layer passes.
-
-
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_gated_decode_interpreted(tokens):
-    check_gated_decode([tokens, 0, 23, 13], tokens, (6, 2), 24, PAGE, torch.bfloat16, "cpu",
-                       torch.Generator().manual_seed(80 + tokens), num_splits=3)
-
-
-def test_gated_decode_fp32_interpreted():
-    check_gated_decode([1, 0, 23, 40], 1, (4, 2), D, PAGE, torch.float32, "cpu", torch.Generator().manual_seed(82),
-                       num_splits=3)
-
-
-@pytest.mark.parametrize("fmt", list(KV_FORMATS))
-@pytest.mark.parametrize("tokens", [1, 4])
-def test_gated_quantized_decode_interpreted(fmt, tokens):
-    check_gated_decode([tokens, 0, 33, 13], tokens, (4, 2), D, PAGE, torch.bfloat16, "cpu",
-                       torch.Generator().manual_seed(83 + tokens), num_splits=3, kv_dtype=KV_FORMATS[fmt])
-
-
-def test_gated_prefill_interpreted():
-    # fresh prompt, a chunked continuation spanning two query tiles, a 1-token continuation, an empty sequence
-    check_gated_prefill([(0, 17), (6, 19), (10, 1), (4, 0)], (4, 2), 24, PAGE, torch.bfloat16, "cpu",
-                        torch.Generator().manual_seed(88))
-
-
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_gated_quantized_prefill_interpreted(fmt):
-    check_gated_prefill([(0, 5), (9, 17), (4, 0)], (4, 2), D, PAGE, torch.bfloat16, "cpu",
-                        torch.Generator().manual_seed(89), kv_dtype=KV_FORMATS[fmt])
-
-
-@pytest.mark.parametrize("bad", ["shape", "stride"])
-def test_gate_must_match_the_output(bad):
-    """A gate of another shape, or without unit stride in its last dim, is refused by name (kernels and
-    references)."""
-    gen = torch.Generator().manual_seed(90)
-    paged = Paged([5, 9], 2, D, PAGE, torch.float32, "cpu", gen)
-    q = torch.randn(2, 4, D, generator=gen)
-    gate = torch.randn(2, 4, D + 1) if bad == "shape" else torch.randn(2, 4, 2 * D)[..., ::2]
-    args = dict(q=q, k_cache=paged.k_cache, v_cache=paged.v_cache, seq_lens=paged.seq_lens,
-                block_tables=paged.block_tables, scale=0.25, gate=gate)
-    cu = torch.tensor([0, 1, 2], dtype=torch.int32)
-    for fn in (tk.paged_attention_decode, lambda **kw: tk.paged_attention_prefill(**kw, cu_seqlens_q=cu)):
-        with pytest.raises(ValueError, match="gate"):
-            fn(**args)
-    if bad == "shape":
-        for fn in (ref.paged_attention_decode, lambda **kw: ref.paged_attention_prefill(**kw, cu_seqlens_q=cu)):
-            with pytest.raises(ValueError, match="gate"):
-                fn(**args)
 
 
 @pytest.mark.slow
@@ -870,36 +761,3 @@ def test_multi_token_decode_cuda_graph_replay(kv_dtype):
             truth = dense_truth(q[rows], k, v, length - T, scale)
             base = plain_torch(q[rows], k.bfloat16(), v.bfloat16(), length - T, scale)
             assert_error_within(out[rows], base, truth)
-
-
-# ------------------------------------------------------------------------------ fused output gate, GPU tier
-
-
-@GPU
-@needs_cuda
-@pytest.mark.parametrize("heads", REAL_HEADS)
-@pytest.mark.parametrize("tokens", [1, 4])
-@pytest.mark.parametrize("kv_dtype", [None, torch.float8_e4m3fn, torch.uint8])
-def test_gated_decode_gpu(heads, tokens, kv_dtype):
-    """The gate fused into the decode reduction (the default configs: PLANES / INT4_WORDS for quantized pages, the
-    verify tile for 4 tokens) equals the kernel then activation.triton.sigmoid_gate_mul bit for bit."""
-    check_gated_decode([tokens, 0, 17, 1000, 4097, 63], tokens, heads, 256, 16, torch.bfloat16, "cuda",
-                       torch.Generator().manual_seed(91 + tokens), kv_dtype=kv_dtype)
-
-
-@GPU
-@needs_cuda
-@pytest.mark.parametrize("heads", REAL_HEADS)
-@pytest.mark.parametrize("kv_dtype", [None, torch.int8])
-def test_gated_prefill_gpu(heads, kv_dtype):
-    shapes = [(0, 1), (0, 65), (100, 63), (1000, 500), (7, 0), (31, 1)]
-    check_gated_prefill(shapes, heads, 256, 16, torch.bfloat16, "cuda", torch.Generator().manual_seed(96),
-                        kv_dtype=kv_dtype)
-
-
-@GPU
-@needs_cuda
-def test_gated_fp32_gpu():
-    gen = torch.Generator().manual_seed(97)
-    check_gated_decode([1, 65, 500], 1, (24, 4), 256, 16, torch.float32, "cuda", gen, num_splits=7)
-    check_gated_prefill([(0, 63), (70, 65)], (24, 4), 256, 16, torch.float32, "cuda", gen)

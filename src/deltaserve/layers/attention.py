@@ -1,5 +1,5 @@
 """Gated full attention: per-head [query | gate] q_proj, q/k zero-centred RMSNorm, partial RoPE, GQA over paged KV,
-sigmoid output gate (fused into the attention kernels' store) before o_proj."""
+sigmoid output gate before o_proj."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from torch import nn
 
 from deltaserve.cache.tensors import KVPages
 from deltaserve.config import ModelConfig, RankShapes, env_flag
+from deltaserve.kernels.activation import sigmoid_gate_mul
 from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, qk_norm_rope_write_kv
 from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.layers.forward_batch import ForwardBatch
@@ -60,17 +61,15 @@ class GatedAttention(nn.Module):
                                      rotary_dim=self.rotary_dim, theta=self.rope_theta, k_cache=kv.k,
                                      v_cache=kv.v, slot_mapping=batch.slot_mapping, k_scale=kv.k_scale,
                                      v_scale=kv.v_scale)
-        # the kernels store o * sigmoid(gate) (the same bits as a separate gate pass): one launch fewer per layer,
-        # and no extra read and write of [T, Hq * D] at prefill
-        o = self._attend(q, gate, batch, kv)
-        return self.o_proj(o.reshape(T, -1))
+        o = self._attend(q, batch, kv)
+        return self.o_proj(sigmoid_gate_mul(x=o.reshape(T, self.num_heads, self.head_dim), gate=gate).view(T, -1))
 
-    def _attend(self, q: torch.Tensor, gate: torch.Tensor, batch: ForwardBatch, kv: KVPages) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, batch: ForwardBatch, kv: KVPages) -> torch.Tensor:
         """The kernel for the step's kind: the split-KV decode kernel when every row has one new token, or k new
         tokens (a verify step: VERIFY_ATTENTION), else the causal varlen kernel over each row's cached prefix and new
-        tokens. Each applies the output gate in its store."""
+        tokens."""
         common = dict(k_cache=kv.k, v_cache=kv.v, seq_lens=batch.seq_lens, block_tables=batch.block_tables,
-                      scale=self.scale, k_scale=kv.k_scale, v_scale=kv.v_scale, gate=gate)
+                      scale=self.scale, k_scale=kv.k_scale, v_scale=kv.v_scale)
         k = batch.tokens_per_row
         if k == 1:
             return paged_attention_decode(q=q, **common)

@@ -1,5 +1,5 @@
 """What the Triton attention kernels share: the tile-config choice, the dot precision, argument checks, the
-quantized-KV format codes, the quantized tile load and the gated output store (triton.py describes the kernels)."""
+quantized-KV format codes and the quantized tile load (triton.py describes the kernels)."""
 
 from __future__ import annotations
 
@@ -198,29 +198,6 @@ def _load_words(c_ptr, rows, t_mask, out_ty: tl.constexpr, HEAD_DIM: tl.constexp
             p0, p1 = ((lo & 15) - 8).to(out_ty), ((lo >> 4) - 8).to(out_ty)
             p2, p3 = ((hi & 15) - 8).to(out_ty), ((hi >> 4) - 8).to(out_ty)
     return p0, p1, p2, p3
-
-
-@triton.jit
-def _gated_output(o, g_ptrs, mask, out_ty: tl.constexpr, GATED: tl.constexpr):
-    """The attention output o (fp32) as stored in out_ty; GATED: times sigmoid(gate) (the gate at g_ptrs), the
-    layer's output gate fused into the store. It rounds where the unfused path does (o stored in out_ty, then
-    activation.triton's _sigmoid_gate_mul_kernel: fp32 product, rounded again), so both give the same bits."""
-    o = o.to(out_ty)
-    if GATED:
-        g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-        o = (o.to(tl.float32) * tl.sigmoid(g)).to(out_ty)
-    return o
-
-
-def _gate_args(gate: torch.Tensor | None, out: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """(gate, its token stride, its head stride) for the kernels' fused output gate; without one, `out` stands in as
-    a never-read pointer."""
-    if gate is None:
-        return out, 0, 0
-    if gate.shape != out.shape or gate.stride(-1) != 1:
-        raise ValueError(f"gate must have the output's shape {tuple(out.shape)} and unit stride in its last dim, "
-                         f"got {tuple(gate.shape)} strides {gate.stride()}")
-    return gate, gate.stride(0), gate.stride(1)
 
 
 def _config(gpu: dict[str, int], interpret: dict[str, int], q: torch.Tensor) -> dict[str, int]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from deltaserve.kernels.activation.ref import sigmoid_gate_mul
 from deltaserve.kernels.norm.ref import rms_norm
 from deltaserve.kernels.rope.ref import apply_partial_rope
 
@@ -126,15 +125,13 @@ def paged_attention_prefill(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged KV (new tokens already written).
 
     q: [T, Hq, D]; k_cache, v_cache: [P, page_size, Hkv, D] (quantized pages: with k_scale, v_scale, see the module
     docstring); cu_seqlens_q: [N+1] int32; seq_lens: [N] int32 (KV length including the new tokens); block_tables:
-    [N, max_pages] int32; gate: [T, Hq, D] or None. Query i of sequence n sits at position seq_lens[n] - qlen_n + i
-    (seq_lens[n] = 0: a padding row, output zeros). Returns o: [T, Hq, D] in q.dtype (rows of sequences with no new
-    tokens absent); with gate, sigmoid_gate_mul(x=o, gate=gate) (the layer's output gate, which the kernels fuse).
+    [N, max_pages] int32. Query i of sequence n sits at position seq_lens[n] - qlen_n + i (seq_lens[n] = 0: a
+    padding row, output zeros). Returns o: [T, Hq, D] in q.dtype (rows of sequences with no new tokens absent).
     """
     o = torch.zeros_like(q)
     bounds = cu_seqlens_q.tolist()
@@ -147,7 +144,7 @@ def paged_attention_prefill(
         k = _gather(k_cache, block_tables[n], length, k_scale)
         v = _gather(v_cache, block_tables[n], length, v_scale)
         o[lo:hi] = _attend(q[lo:hi], k, v, length - (hi - lo), scale).to(q.dtype)
-    return o if gate is None else sigmoid_gate_mul(x=o, gate=gate)
+    return o
 
 
 def paged_attention_decode(
@@ -161,7 +158,6 @@ def paged_attention_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     tokens_per_row: int = 1,
-    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The last tokens_per_row (T) positions of every sequence as queries: query t of sequence n at position
     seq_lens[n] - T + t, causal. T = 1: one query per sequence at its last position seq_lens[n] - 1 (a decode
@@ -169,8 +165,7 @@ def paged_attention_decode(
 
     q: [N * T, Hq, D] (sequence n's queries in rows n * T ..); k_cache, v_cache: [P, page_size, Hkv, D]
     (quantized: with k_scale, v_scale); seq_lens: [N] int32 (0: padding row, output zeros); block_tables:
-    [N, max_pages] int32; gate: [N * T, Hq, D] or None. Returns o: [N * T, Hq, D] in q.dtype; with gate,
-    sigmoid_gate_mul(x=o, gate=gate) (the layer's output gate, which the kernels fuse).
+    [N, max_pages] int32. Returns o: [N * T, Hq, D] in q.dtype.
     """
     T = tokens_per_row
     if T < 1 or q.shape[0] != seq_lens.shape[0] * T:
@@ -185,7 +180,7 @@ def paged_attention_decode(
         k = _gather(k_cache, block_tables[n], length, k_scale)
         v = _gather(v_cache, block_tables[n], length, v_scale)
         o[n * T : (n + 1) * T] = _attend(q[n * T : (n + 1) * T], k, v, length - T, scale).to(q.dtype)
-    return o if gate is None else sigmoid_gate_mul(x=o, gate=gate)
+    return o
 
 
 def qk_norm_rope_write_kv(

@@ -10,9 +10,9 @@ import triton.language as tl
 
 from deltaserve.kernels._device import num_sms, pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
-from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _check_last_dim, _config, _gate_args,
-                                                        _gated_output, _kv_quant, _load_planes, _load_quantized,
-                                                        _load_words, _precision)
+from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _check_last_dim, _config,
+                                                        _kv_quant, _load_planes, _load_quantized, _load_words,
+                                                        _precision)
 
 # Tile config for CUDA; module-level so benchmarks/bench_attention.py can sweep it. From that sweep
 # (benchmarks/RESULTS.md, 2026-11-27, bench_attention.py): configs within 10% of each other at batch 64; more
@@ -243,13 +243,11 @@ def _load_q(ptrs, mask, UPCAST: tl.constexpr, F16_DOTS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_splits"])  # eager decode: changes as contexts grow
 def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, o_ptr, g_ptr, stride_on, stride_oh, stride_gn, stride_gh, num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, GATED: tl.constexpr = False,
-    PDL: tl.constexpr = False,
+    part_o_ptr, part_lse_ptr, o_ptr, stride_on, stride_oh, num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False,
 ):
-    """Program (query row n, q head h): o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); zeros when every split
-    is empty (a padding row, seq_lens 0). GATED: stores o * sigmoid(gate[n, h]) instead (_gated_output), so the
-    layer's output gate costs no launch of its own; n runs over all N * TOKENS query rows, as gate's rows do."""
+    """Program (n, q head h): o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M); zeros when every split is empty
+    (a padding row, seq_lens 0)."""
     n = tl.program_id(0)
     h = tl.program_id(1)
     row = tl.cast(n, tl.int64) * tl.num_programs(1) + h
@@ -265,9 +263,8 @@ def _decode_reduce_kernel(
     parts = tl.load(part_o_ptr + (row * num_splits + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
                     mask=s_mask[:, None] & d_mask[None, :], other=0.0)
     o = tl.sum(parts * w[:, None], 0) / tl.where(denom > 0, denom, 1.0)
-    o = _gated_output(o, g_ptr + tl.cast(n, tl.int64) * stride_gn + h * stride_gh + offs_d, d_mask,
-                      o_ptr.dtype.element_ty, GATED)
-    tl.store(o_ptr + tl.cast(n, tl.int64) * stride_on + h * stride_oh + offs_d, o, mask=d_mask)
+    tl.store(o_ptr + tl.cast(n, tl.int64) * stride_on + h * stride_oh + offs_d, o.to(o_ptr.dtype.element_ty),
+             mask=d_mask)
 
 
 def _tile_rows(group: int, tokens_per_row: int) -> int:
@@ -319,26 +316,23 @@ def paged_attention_decode(
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
     tokens_per_row: int = 1,
-    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The last tokens_per_row (T) positions of every sequence as queries: query t of sequence n at position
     seq_lens[n] - T + t, causal (T = 1: one query at seq_lens[n] - 1, a decode step; T = 1 + K: a verify step).
 
     q: [N * T, Hq, D] (sequence n's queries in rows n * T ..); k_cache, v_cache: [P, page_size, Hkv, D] (quantized:
-    with k_scale, v_scale); seq_lens: [N] int32 (0: padding row, output zeros); block_tables: [N, max_pages] int32;
-    gate: [N * T, Hq, D] (any strides, unit last dim) or None. Returns o: [N * T, Hq, D] in q.dtype; with gate,
-    o * sigmoid(gate) as activation.sigmoid_gate_mul computes it from o, fused into the reduction's store.
+    with k_scale, v_scale); seq_lens: [N] int32 (0: padding row, output zeros); block_tables: [N, max_pages] int32.
+    Returns o: [N * T, Hq, D] in q.dtype.
     """
     return decode_into(q=q, k_cache=k_cache, v_cache=v_cache, seq_lens=seq_lens, block_tables=block_tables,
                        scale=scale, out=torch.empty_like(q, memory_format=torch.contiguous_format),
-                       k_scale=k_scale, v_scale=v_scale, tokens_per_row=tokens_per_row, gate=gate)
+                       k_scale=k_scale, v_scale=v_scale, tokens_per_row=tokens_per_row)
 
 
 def decode_into(
     *, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor,
     block_tables: torch.Tensor, scale: float, out: torch.Tensor, num_splits: int | None = None,
     k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, tokens_per_row: int = 1,
-    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """paged_attention_decode writing into `out` ([N * tokens_per_row, Hq, D]); `num_splits` overrides the heuristic
     (tests)."""
@@ -348,7 +342,6 @@ def decode_into(
     Hkv, page_size = k_cache.shape[2], k_cache.shape[1]
     if T < 1 or rows != N * T:
         raise ValueError(f"q has {rows} rows, expected len(seq_lens) * tokens_per_row = {N} * {T}")
-    g, stride_gn, stride_gh = _gate_args(gate, out)
     if N == 0:
         return out
     _check_last_dim(q, k_cache, v_cache, out)
@@ -383,8 +376,8 @@ def decode_into(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **pdl_launch(q.device),
     )
     _decode_reduce_kernel[(N * T, Hq)](
-        part_o, part_lse, out, g, out.stride(0), out.stride(1), stride_gn, stride_gh, num_splits,
-        HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D, GATED=gate is not None,
+        part_o, part_lse, out, out.stride(0), out.stride(1), num_splits,
+        HEAD_DIM=D, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
         num_warps=4, **pdl_launch(q.device),
     )
     return out

@@ -7,8 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
-from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _check_last_dim, _config, _gate_args,
-                                                        _gated_output, _kv_quant, _load_quantized, _precision)
+from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _check_last_dim, _config,
+                                                        _kv_quant, _load_quantized, _precision)
 
 # Tile config for CUDA (benchmarks/bench_attention.py sweeps it): 128x64 tiles with 8 warps ran more than twice
 # as fast as 64x64 at T=8192 with 27B heads (benchmarks/RESULTS.md, 2026-11-27, bench_attention.py).
@@ -69,20 +69,19 @@ def _prefill_tile(
 # Both vary every step (stride_btn is the block-table width): no recompile per divisibility class.
 @triton.jit(do_not_specialize=["num_seqs", "stride_btn"])
 def _prefill_kernel(
-    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, g_ptr, cu_q_ptr, cu_tiles_ptr, seq_lens_ptr, bt_ptr,
+    q_ptr, kc_ptr, vc_ptr, ks_ptr, vs_ptr, o_ptr, cu_q_ptr, cu_tiles_ptr, seq_lens_ptr, bt_ptr,
     qk_scale, num_seqs,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_gt, stride_gh,
+    stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_sp, stride_ss,
     stride_btn,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SEQ: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr, GATED: tl.constexpr = False,
+    UPCAST: tl.constexpr, PREC: tl.constexpr, QUANT: tl.constexpr,
 ):
     """Program (q head h, query tile): the grid's tile axis is an upper bound (T // BLOCK_M + N) over all
     sequences; a program finds its sequence from cu_tiles on the device (no host sync) and exits past the end.
     Tiles run last-first, so the long causal rows start early. Keys below the tile's first query position need no
-    mask (first loop); the diagonal band and the seq_len edge are masked (second loop). GATED: stores
-    o * sigmoid(gate) (_gated_output), the layer's output gate, instead of a separate pass over [T, Hq * D]."""
+    mask (first loop); the diagonal band and the seq_len edge are masked (second loop)."""
     h = tl.program_id(0)
     tile = tl.num_programs(1) - 1 - tl.program_id(1)
     offs_seq = tl.arange(0, BLOCK_SEQ)
@@ -125,10 +124,8 @@ def _prefill_kernel(
                 stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh, stride_sp, stride_ss,
                 offs_n, offs_d, d_mask, PAGE_SIZE, True, UPCAST, PREC, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        o_mask = m_mask[:, None] & d_mask[None, :]
-        o = _gated_output(o, g_ptr + rows[:, None] * stride_gt + h * stride_gh + offs_d[None, :], o_mask,
-                          o_ptr.dtype.element_ty, GATED)
-        tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :], o, mask=o_mask)
+        tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 o.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
 def paged_attention_prefill(
@@ -142,33 +139,29 @@ def paged_attention_prefill(
     scale: float,
     k_scale: torch.Tensor | None = None,
     v_scale: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its whole paged KV (new tokens already written).
 
     q: [T, Hq, D]; k_cache, v_cache: [P, page_size, Hkv, D] (quantized: with k_scale, v_scale); cu_seqlens_q: [N+1]
-    int32; seq_lens: [N] int32 (KV length including the new tokens); block_tables: [N, max_pages] int32; gate:
-    [T, Hq, D] (any strides, unit last dim) or None. Query i of sequence n sits at position seq_lens[n] - qlen_n + i.
-    Returns o: [T, Hq, D] in q.dtype (rows of sequences with no new tokens absent); with gate, o * sigmoid(gate) as
-    activation.sigmoid_gate_mul computes it from o, fused into the store. Unlike the reference it does not check
-    seq_lens >= qlen on the host (that would sync).
+    int32; seq_lens: [N] int32 (KV length including the new tokens); block_tables: [N, max_pages] int32. Query i of
+    sequence n sits at position seq_lens[n] - qlen_n + i. Returns o: [T, Hq, D] in q.dtype (rows of sequences with
+    no new tokens absent). Unlike the reference it does not check seq_lens >= qlen on the host (that would sync).
     """
     return prefill_into(q=q, k_cache=k_cache, v_cache=v_cache, cu_seqlens_q=cu_seqlens_q, seq_lens=seq_lens,
                         block_tables=block_tables, scale=scale,
                         out=torch.empty_like(q, memory_format=torch.contiguous_format), k_scale=k_scale,
-                        v_scale=v_scale, gate=gate)
+                        v_scale=v_scale)
 
 
 def prefill_into(
     *, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cu_seqlens_q: torch.Tensor,
     seq_lens: torch.Tensor, block_tables: torch.Tensor, scale: float, out: torch.Tensor,
-    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+    k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """paged_attention_prefill writing into `out` ([T, Hq, D]); rows outside cu_seqlens_q are left as they are."""
     T, Hq, D = q.shape
     N = seq_lens.shape[0]
     Hkv, page_size = k_cache.shape[2], k_cache.shape[1]
-    g, stride_gt, stride_gh = _gate_args(gate, out)
     if T == 0 or N == 0:
         return out
     _check_last_dim(q, k_cache, v_cache, out)
@@ -182,9 +175,9 @@ def prefill_into(
     torch.cumsum(tiles, 0, out=cu_tiles[1:])
     grid = (Hq, T // BLOCK_M + N)  # each sequence adds at most one partial tile
     _prefill_kernel[grid](
-        q, k_cache, v_cache, ks, vs, out, g, cu, cu_tiles, seq_lens, block_tables,
+        q, k_cache, v_cache, ks, vs, out, cu, cu_tiles, seq_lens, block_tables,
         scale * _LOG2E, N,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), stride_gt, stride_gh,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), stride_sp, stride_ss,
         block_tables.stride(0),
@@ -193,7 +186,7 @@ def prefill_into(
         # At least 256 so batches of up to 255 sequences share one compiled kernel (a new power of two per batch
         # size would recompile mid-run: seconds each).
         BLOCK_SEQ=max(256, triton.next_power_of_2(N + 1)),
-        UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant, GATED=gate is not None,
+        UPCAST=not q.is_cuda, PREC=_precision(q), QUANT=quant,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
