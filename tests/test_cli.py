@@ -181,6 +181,10 @@ def test_help_documents_every_option(cache, command):
     assert out.returncode == 0
     for option in ("--max-model-len", "--device", "--dtype", "--gpu-memory-utilization", "--max-num-seqs"):
         assert option in out.stdout
+    if command == "serve":  # the server's own, CORS (vLLM's names) included
+        for option in ("--api-key", "--max-request-bytes", "--allowed-origins", "--allowed-methods",
+                       "--allowed-headers", "--allow-credentials"):
+            assert option in out.stdout
 
 
 def test_serve_names_a_missing_server_dependency(monkeypatch, capsys):
