@@ -127,7 +127,12 @@ def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
     # options that conflict: the error leads with the flag to drop and says how
     (("--speculative-tokens", "2", "--tensor-parallel-size", "2"),
      "error: --speculative-tokens: 'speculative_tokens' (2) with tensor_parallel_size 2 is not supported yet"),
-    (("--speculative-tokens", "2", "--tensor-parallel-size", "2"), "leave speculative_tokens at 0")])
+    (("--speculative-tokens", "2", "--tensor-parallel-size", "2"), "leave speculative_tokens at 0"),
+    (("--no-prefix-caching", "--checkpoint-interval", "4096"),
+     "error: --checkpoint-interval: 'checkpoint_interval' (4096) only applies with prefix caching on"),
+    (("--num-checkpoints", "4", "--no-prefix-caching"),
+     "error: --num-checkpoints: 'num_checkpoints' (4) only applies with prefix caching on, but enable_prefix_caching"
+     "=False (--no-prefix-caching): drop it or turn prefix caching on")])
 def test_bad_engine_options_are_one_clear_line(cache, bad, needle):
     out = run("generate", *bad, cache=cache)
     assert out.returncode == 2 and needle in out.stderr and "Traceback" not in out.stderr
@@ -181,6 +186,10 @@ def test_help_documents_every_option(cache, command):
     assert out.returncode == 0
     for option in ("--max-model-len", "--device", "--dtype", "--gpu-memory-utilization", "--max-num-seqs"):
         assert option in out.stdout
+    if command == "serve":  # the server's own, CORS (vLLM's names) included
+        for option in ("--api-key", "--max-request-bytes", "--allowed-origins", "--allowed-methods",
+                       "--allowed-headers", "--allow-credentials"):
+            assert option in out.stdout
 
 
 def test_serve_names_a_missing_server_dependency(monkeypatch, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -320,3 +321,24 @@ def test_num_pages_that_cannot_hold_one_full_length_request_is_refused_before_lo
     with pytest.raises(ConfigError, match=r"'num_pages' is 6: 6 pages x 16 tokens.*max_model_len \(100\).*"
                                           r"num_pages >= 7"):
         EngineArgs(model=str(path), device="cpu", max_model_len=100, num_pages=6).create_engine_config()
+
+
+@pytest.mark.parametrize("given, named", [
+    (dict(checkpoint_interval=4096), "'checkpoint_interval' (4096) only applies"),
+    (dict(num_checkpoints=8), "'num_checkpoints' (8) only applies"),
+    (dict(checkpoint_interval=1024, num_checkpoints=8), "'checkpoint_interval' (1024) and 'num_checkpoints' (8) only "
+                                                        "apply")])
+def test_checkpoint_options_given_with_prefix_caching_off_are_refused(tmp_path, given, named):
+    """They were silently ignored. Only values the user gave count: the interval filled in by default is fine, and so
+    is num_checkpoints 0 (no checkpoints: what prefix caching off means anyway)."""
+    from deltaserve.config import EngineArgs
+
+    path = str(write(tmp_path, DENSE_27B))
+    with pytest.raises(ConfigError, match=re.escape(named) + r" with prefix caching on.*enable_prefix_caching=False "
+                                                  r"\(--no-prefix-caching\): drop (it|them) or turn prefix caching on"):
+        EngineArgs.from_kwargs(path, device="cpu", enable_prefix_caching=False, **given).create_engine_config()
+    off = EngineArgs(model=path, device="cpu", enable_prefix_caching=False).create_engine_config()
+    assert not off.cache.enable_prefix_caching and off.cache.checkpoint_fraction == 0
+    assert EngineArgs(model=path, device="cpu", enable_prefix_caching=False, num_checkpoints=0).create_engine_config()
+    on = EngineArgs(model=path, device="cpu", **given).create_engine_config()
+    assert on.cache.enable_prefix_caching and all(getattr(on.cache, k) == v for k, v in given.items())

@@ -35,8 +35,10 @@ def dense(checkpoints):
 
 
 def make(path, cached: bool, **kw) -> LLM:
+    """The cached engine checkpoints every 64 tokens; the uncached one is given no checkpoint option (refused there)."""
     kw.setdefault("max_model_len", 1280)
-    return LLM(str(path), dtype="float32", device="cpu", enable_prefix_caching=cached, checkpoint_interval=64, **kw)
+    checkpoints = dict(checkpoint_interval=64) if cached else {}
+    return LLM(str(path), dtype="float32", device="cpu", enable_prefix_caching=cached, **checkpoints, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +148,8 @@ def test_requests_arriving_while_the_prefix_is_prefilled_and_n_siblings(dense):
 def test_eviction_preemption_and_aborts_stay_exact_and_leak_nothing(dense):
     """Tight pools: 3 checkpoints, 40 pages for 5 running requests of up to ~170 tokens: checkpoints are evicted
     for pages, requests are preempted, some aborted mid-way; outputs equal the uncached engine's."""
-    kw = dict(num_pages=40, num_checkpoints=3, max_num_batched_tokens=96, max_num_seqs=5, max_model_len=256)
-    cached, plain = make(dense, True, **kw), make(dense, False, **kw)
+    kw = dict(num_pages=40, max_num_batched_tokens=96, max_num_seqs=5, max_model_len=256)
+    cached, plain = make(dense, True, num_checkpoints=3, **kw), make(dense, False, **kw)
     trunks = [tokens(100, 60 + i) for i in range(3)]
     prompts = [trunks[i % 3] + tokens(20 + 7 * i, 70 + i) for i in range(8)]
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=0)
@@ -219,9 +221,9 @@ def test_the_periodic_log_line_reports_the_prefix_cache(dense, caplog, monkeypat
 @pytest.mark.gpu
 def test_prefix_cache_on_the_gpu_matches_the_uncached_run(dense):
     """On CUDA (fp32, so only the chunking differs): resumed prompts give the uncached engine's tokens."""
-    kw = dict(device="cuda", dtype="float32", max_model_len=1280, checkpoint_interval=64)
-    cached = LLM(str(dense), enable_prefix_caching=True, **kw)
-    plain = LLM(str(dense), enable_prefix_caching=False, **kw)
+    kw = dict(device="cuda", dtype="float32", max_model_len=1280)
+    cached = LLM(str(dense), enable_prefix_caching=True, checkpoint_interval=64, **kw)
+    plain = LLM(str(dense), enable_prefix_caching=False, **kw)  # a checkpoint_interval here is refused
     base = tokens(300, 13)
     prompts = [base, base, base + tokens(65, 14), base[:200] + tokens(100, 15)]
     for p in prompts:

@@ -206,9 +206,9 @@ def test_gpu_resumed_request_has_the_uncached_mtp_kv(tiny):  # noqa: F811
     g = torch.Generator().manual_seed(11)
     base, tail = torch.randint(1, VOCAB, (40,), generator=g).tolist(), torch.randint(1, VOCAB, (9,), generator=g)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    kw = dict(dtype="float32", device="cuda", max_model_len=512, speculative_tokens=2, enforce_eager=True,
-              checkpoint_interval=32)
-    cached, plain = LLM(str(tiny["dense"]), **kw), LLM(str(tiny["dense"]), enable_prefix_caching=False, **kw)
+    kw = dict(dtype="float32", device="cuda", max_model_len=512, speculative_tokens=2, enforce_eager=True)
+    cached = LLM(str(tiny["dense"]), checkpoint_interval=32, **kw)
+    plain = LLM(str(tiny["dense"]), enable_prefix_caching=False, **kw)  # a checkpoint_interval here is refused
     MTPTrace(cached, base, params)
     tail = tail.tolist()
     for prompt, resumed_at in ((base[:39] + [base[39] % (VOCAB - 1) + 1] + tail, 39),

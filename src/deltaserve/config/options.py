@@ -154,6 +154,7 @@ class EngineArgs:
 
     def create_engine_config(self) -> EngineConfig:
         """Read the checkpoint's config.json and compose the validated sections (ConfigError names what is wrong)."""
+        self._check_prefix_cache_options()
         model = ModelConfig.from_hf(self.model)
         sections: dict[str, dict[str, Any]] = {"runner": {}, "cache": {}, "scheduler": {}, "speculative": {},
                                                "parallel": {}, "quantization": {}}
@@ -179,6 +180,20 @@ class EngineArgs:
                             speculative=self._speculative(sections["speculative"]),
                             parallel=ParallelConfig(**sections["parallel"]),
                             quantization=QuantizationConfig.from_model(model, **sections["quantization"]))
+
+    def _check_prefix_cache_options(self) -> None:
+        """Checkpoint options given with prefix caching off were silently ignored. Only values the user gave count
+        (None: not given; the interval's default is filled in later), and num_checkpoints 0 agrees with off."""
+        if self.enable_prefix_caching is not False:
+            return
+        given = [f"'{name}' ({value})" for name, value in (("checkpoint_interval", self.checkpoint_interval),
+                                                          ("num_checkpoints", self.num_checkpoints))
+                 if value is not None and not (name == "num_checkpoints" and value == 0)]
+        if given:
+            verb, it = ("applies", "it") if len(given) == 1 else ("apply", "them")
+            raise ConfigError(f"{' and '.join(given)} only {verb} with prefix caching on, but "
+                              f"enable_prefix_caching=False (--no-prefix-caching): drop {it} or turn prefix caching "
+                              "on")
 
     @staticmethod
     def _speculative(options: dict[str, Any]) -> SpeculativeConfig:

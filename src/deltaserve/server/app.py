@@ -3,7 +3,8 @@
 Routes: GET /v1/models, GET /v1/models/{model}, POST /v1/completions, POST /v1/chat/completions, POST /v1/tokenize,
 POST /v1/detokenize (also without /v1), GET|HEAD /health, GET /metrics (Prometheus), GET /version, and the docs pages
 (/docs, /redoc, /openapi.json). With an API key, every route but /health and /version needs
-`Authorization: Bearer KEY` (/metrics too, unless --public-metrics).
+`Authorization: Bearer KEY` (/metrics too, unless --public-metrics). Browser pages on other origins get CORS headers
+(--allowed-origins, --allowed-methods, --allowed-headers, --allow-credentials, as in vLLM).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import JSONResponse, Response
+from starlette.middleware.cors import CORSMiddleware
 
 from deltaserve import __version__
 from deltaserve.engine.async_engine import AsyncLLM
@@ -70,6 +72,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig, *, shutdown_engine: bool =
     app.include_router(_docs_router(app, config.api_key))
     app.include_router(_open_router(state))
     app.add_middleware(RequestGuard, max_body_bytes=config.max_request_bytes, body_timeout=config.body_timeout)
+    # added last, so outermost: a preflight is answered before the key check (browsers send it without the key), and
+    # every response, the guard's 408/413 and a 401 included, carries what the page needs to read it
+    app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
+                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
     return app
 
 

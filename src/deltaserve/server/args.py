@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,9 @@ from deltaserve.config import EngineArgs
 REASONING_PARSERS = ("qwen3", "none")
 TOOL_CALL_PARSERS = ("qwen3_coder", "none")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")  # uvicorn's names
+# CORS lists (vLLM's options, values and defaults), with the example each one's error shows
+CORS_LISTS = {"allowed_origins": '["https://app.example.com"]', "allowed_methods": '["GET", "POST"]',
+              "allowed_headers": '["Authorization", "Content-Type"]'}
 
 
 class ServerConfigError(ValueError):
@@ -48,6 +53,11 @@ class ServerConfig:
     chat_template_timeout: float = 10.0
     trust_request_chat_template: bool = False
     public_metrics: bool = False
+    # CORS, as vLLM's OpenAI server (its names and defaults): which browser pages, on other origins, may call it
+    allowed_origins: tuple[str, ...] = ("*",)
+    allowed_methods: tuple[str, ...] = ("*",)
+    allowed_headers: tuple[str, ...] = ("*",)
+    allow_credentials: bool = False
 
     def __post_init__(self) -> None:
         _require(0 <= self.port <= 65535, f"--port {self.port} is invalid: use 0-65535 (0 picks a free port)")
@@ -67,6 +77,33 @@ class ServerConfig:
             _require(math.isfinite(value) and value > 0,
                      f"--{name.replace('_', '-')} {value} is invalid: use a number of seconds > 0")
         _require(self.max_connections >= 1, f"--max-connections {self.max_connections} must be >= 1")
+        for name in CORS_LISTS:
+            value = getattr(self, name)
+            _require(_is_strings(value), f"--{name.replace('_', '-')} {_cors_error(name, value)}")
+        _require(isinstance(self.allow_credentials, bool),
+                 f"--allow-credentials is a switch: give it or leave it out (got {self.allow_credentials!r})")
+
+
+def _is_strings(value: object) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(s, str) for s in value)
+
+
+def _cors_error(name: str, got: object) -> str:
+    flag = "--" + name.replace("_", "-")
+    return f"must be a JSON list of strings, e.g. {flag} '{CORS_LISTS[name]}' (got {got!r})"
+
+
+def _json_strings(name: str) -> Callable[[str], tuple[str, ...]]:
+    """argparse type of a CORS list: JSON, as vLLM takes it; anything else is a usage error naming the option."""
+    def parse(text: str) -> tuple[str, ...]:
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = None
+        if not _is_strings(value):
+            raise argparse.ArgumentTypeError(_cors_error(name, text))
+        return tuple(value)
+    return parse
 
 
 def _check_api_key(key: str | None) -> None:
@@ -116,6 +153,7 @@ def add_server_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="on SIGTERM, seconds in-flight requests may run before they are aborted (default 30)")
     _add_limit_options(parser.add_argument_group("server limits"))
+    _add_cors_options(parser.add_argument_group("server CORS (browser pages on other origins)"))
 
 
 def _add_limit_options(g: argparse._ArgumentGroup) -> None:
@@ -136,6 +174,16 @@ def _add_limit_options(g: argparse._ArgumentGroup) -> None:
                         "chat_template); off by default: a template is code the server runs")
     g.add_argument("--public-metrics", action="store_true",
                    help="with --api-key: serve /metrics without the key (for scrapers); docs pages stay protected")
+
+
+def _add_cors_options(g: argparse._ArgumentGroup) -> None:
+    for name, what in (("allowed_origins", "origins (scheme://host[:port]) whose pages may call the server"),
+                       ("allowed_methods", "HTTP methods those pages may use"),
+                       ("allowed_headers", "request headers those pages may send")):
+        g.add_argument("--" + name.replace("_", "-"), type=_json_strings(name), default=("*",),
+                       help=f"{what}, as a JSON list, e.g. '{CORS_LISTS[name]}' (default '[\"*\"]': any)")
+    g.add_argument("--allow-credentials", action="store_true",
+                   help="let those pages send cookies and HTTP authentication (Access-Control-Allow-Credentials)")
 
 
 def resolve_model(args: argparse.Namespace) -> str:
