@@ -1461,18 +1461,25 @@ def _moe_block_kernel(x_ptr, order_ptr, bounds_ptr, starts_ptr, w_ptr, s_ptr, z_
         tl.store(out_ptr + pairs[:, None] * stride_op + offs_n[None, :], acc, mask=valid[:, None] & n_ok[None, :])
 
 
+def _group_and_tile(group: int, k: int, want: int) -> tuple[int, int]:
+    """(the GROUP constexpr, the K tile) of a block kernel over K = k: one group per tile's rows (0 or a group of
+    k or more: the whole row, GROUP past the row so no tile crosses a group edge), the tile dividing the group."""
+    group = min(group, k) if group else k
+    bk = _k_tile(group, k, want)
+    return (group if group < k else k + bk), bk
+
+
 def _blocks(x: torch.Tensor, plan, w, s, z, group: int, n: int, k: int, x_per_pair: bool, top_k: int,
             num_pairs: int, bm: int) -> torch.Tensor:
     order, bounds, starts = plan
     out = torch.zeros(num_pairs, n, dtype=torch.float32, device=x.device)  # unrouted pairs (id < 0) stay 0
-    group = min(group, k) if group else k
-    bk = _k_tile(group, k, 128 if z is not None else 64)
+    group, bk = _group_and_tile(group, k, 128 if z is not None else 64)
     bn = 64
     experts = w.shape[0]
     grid = (max_blocks(num_pairs, experts, bm), triton.cdiv(n, bn))
     _moe_block_kernel[grid](x, order, bounds, starts, w, s, z if z is not None else s, out, n, k, top_k,
                             experts, x.stride(0), w.stride(0), w.stride(1), s.stride(0), s.stride(1),
-                            out.stride(0), X_PER_PAIR=x_per_pair, GROUP=group if group < k else k + bk,
+                            out.stride(0), X_PER_PAIR=x_per_pair, GROUP=group,
                             INT4=z is not None, IEEE=x.dtype == torch.float32 or _INTERPRET, BM=bm, BN=bn, BK=bk,
                             BLOCK_E=triton.next_power_of_2(experts + 1), EVEN=n % bn == 0 and k % bk == 0)
     return out
@@ -1519,16 +1526,10 @@ def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, in
     """Past PAIR_MAX pairs: moe.blocked's grouped GEMMs on the quantized experts, each weight tile dequantized in
     the K loop (no dense copy of the experts); the shared expert as the dense projections run (_quant_linear),
     added in the combine."""
-    d = x.shape[1]
-    groups, k_tiles = [], []
-    for k in (d, inter):
-        g = min(group, k) if group else k
-        bk = _k_tile(g, k, 64)
-        groups.append(g if g < k else k + bk)
-        k_tiles.append(bk)
+    (g13, bk13), (g2, bk2) = (_group_and_tile(group, k, 64) for k in (x.shape[1], inter))
     quant = blocked.QuantExperts(tile=_int4_expert_tile if z13 is not None else _fp8_expert_tile, s13=s13,
                                  z13=z13 if z13 is not None else s13, s2=s2, z2=z2 if z2 is not None else s2,
-                                 groups=tuple(groups), k_tiles=tuple(k_tiles), inter=inter)
+                                 groups=(g13, g2), k_tiles=(bk13, bk2), inter=inter)
     shared_out = None
     if shared is not None:
         sw13, ss13, sz13, sw2, ss2, sz2 = shared
