@@ -1,8 +1,9 @@
 """Decode step time of quantized models (dummy weights at real shapes) against the weight-read floor measured in the
 same run.
 
-python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4 fp8-w8a8] [--batches 1 64]
-                                 [--context 1024] [--gemv-variants fp32 f16 f16x4] [--fp8-gemv fp32 f16]
+python benchmarks/bench_quant.py [--models 27B 35B-A3B] [--formats bf16 fp8 int4 fp8-w8a8 gptq gptq-act-order]
+                                 [--batches 1 64] [--context 1024] [--gemv-variants fp32 f16 f16x4]
+                                 [--fp8-gemv fp32 f16]
                                  [--gemv-pipeline off rule]
 
 --gemv-variants: int4 runs once per variant of its GEMVs (one-row projections, MoE per-pair): fp32 FMAs (rows
@@ -15,7 +16,8 @@ kernels/quant/triton.py GEMV_FP8_F16; rows "fp8 gemv-fp32" / "fp8 gemv-f16" when
 fp8: Qwen's official layout (128x128 block scales; GDN in_proj_a/b, router, shared-expert gate, embedding and lm_head
 kept bf16); fp8-w8a8: the same with --fp8-activations dynamic. int4: AWQ-style W4A16 g128 on every projection
 except those same modules (the layout that gives the largest speedup; Qwen's own GPTQ-Int4 quantizes only the MLP /
-experts). The floor is the bytes a step must read
+experts); gptq / gptq-act-order: Qwen's GPTQ-Int4 layout with desc_act false / true (each projection's and expert's
+input gathered in its order first). The floor is the bytes a step must read
 (weights as stored, routed experts expected to be hit, GDN state, KV at --context) over the device-to-device copy
 bandwidth measured first; "vs bf16" is the bf16 step time over this one's.
 """
@@ -45,6 +47,12 @@ FORMATS = {
              "modules_to_not_convert": KEEP},
 }
 FORMATS["fp8-w8a8"] = FORMATS["fp8"]  # the same weights run with --fp8-activations dynamic
+# Qwen's GPTQ-Int4 layout (the MLP / routed experts in int4 g128; attention, GDN and shared experts bf16), and the
+# same with desc_act true: each projection and expert reads its input in an order of its own (dummy weights: the
+# identity order, gathered all the same), the cost of serving an act-order checkpoint
+FORMATS["gptq"] = {"quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "desc_act": False,
+                   "dynamic": {"-:.*attn.*": {}, "-:.*shared_expert.*": {}}, "modules_to_not_convert": KEEP}
+FORMATS["gptq-act-order"] = {**FORMATS["gptq"], "desc_act": True}
 
 
 def load(name: str, fmt: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16):

@@ -304,7 +304,7 @@ def add_quantize_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("fp8", "int4"), required=True,
                    help="fp8: e4m3 with 128x128 block scales (Qwen's -FP8 layout); int4: GPTQ v1, MLP/experts only")
     p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 128)")
-    p.add_argument("--desc-act", action="store_true", help="int4, dense models: act-order groups (g_idx a permutation)")
+    p.add_argument("--desc-act", action="store_true", help="int4: act-order groups (g_idx a permutation)")
     p.add_argument("--log-level", default="info", type=log_level, help="logging level (default info)")
 
 

@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from deltaserve.config import ModelConfig
@@ -42,11 +43,12 @@ def quantize_fp8_block(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> 
 
 
 def quantize_gptq(w: torch.Tensor, group_size: int = 128, desc_act: bool = False,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+                  generator: torch.Generator | None = None,
+                  order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """[N, K] -> GPTQ v1 tensors (symmetric int4, zero 8 stored as 7): qweight [K/8, N], qzeros [K/G, N/8],
     scales fp16 [K/G, N], g_idx [K]. desc_act: columns are grouped in order of decreasing norm (GPTQ orders them by
-    the Hessian diagonal; with no calibration data, the weight's own column norms stand in), so g_idx is a
-    permutation of k // G."""
+    the Hessian diagonal; with no calibration data, the weight's own column norms stand in), or in `order` where
+    given, so g_idx is a permutation of k // G."""
     n, k = w.shape
     if k % group_size or k % 8 or n % 8:
         fits = ", ".join(str(g) for g in (128, 64, 32, 16) if k % g == 0)
@@ -54,7 +56,8 @@ def quantize_gptq(w: torch.Tensor, group_size: int = 128, desc_act: bool = False
                          f"out_features ({n}) a multiple of 8" + (f"; use a --group-size dividing {k} ({fits})"
                                                                    if fits and n % 8 == 0 else ""))
     w = w.float()
-    order = torch.argsort(w.norm(dim=0), descending=True) if desc_act else torch.arange(k)
+    if order is None:
+        order = torch.argsort(w.norm(dim=0), descending=True, stable=True) if desc_act else torch.arange(k)
     g_idx = torch.empty(k, dtype=torch.int32)
     g_idx[order] = (torch.arange(k) // group_size).to(torch.int32)
     groups = k // group_size
@@ -65,6 +68,31 @@ def quantize_gptq(w: torch.Tensor, group_size: int = 128, desc_act: bool = False
     return {"qweight": _pack_rows(codes.T.contiguous()),
             "qzeros": pack_int4(torch.full((groups, n), 7, dtype=torch.uint8)),
             "scales": scales, "g_idx": g_idx}
+
+
+_EXPERT_GATE_UP = re.compile(r"(.*\.experts\.\d+\.)(gate|up)_proj\.weight$")
+
+
+def _expert_order(name: str, tensors: dict[str, torch.Tensor], files: list[Path]) -> torch.Tensor | None:
+    """An expert's gate_proj and up_proj read the same input, so GPTQ (one Hessian for both) gives them one
+    act-order: here the decreasing norms of their stacked columns, gate rows first whichever is asked (the MoE kernels
+    need that one order). None for any other weight."""
+    m = _EXPERT_GATE_UP.match(name)
+    if m is None:
+        return None
+    pair = [_tensor(f"{m[1]}{p}_proj.weight", tensors, files) for p in ("gate", "up")]
+    return torch.argsort(torch.cat(pair).float().norm(dim=0), descending=True, stable=True)
+
+
+def _tensor(name: str, tensors: dict[str, torch.Tensor], files: list[Path]) -> torch.Tensor:
+    """A weight of this file's tensors, or of whichever checkpoint file holds it."""
+    if name in tensors:
+        return tensors[name]
+    for f in files:
+        with safe_open(f, "pt") as handle:
+            if name in handle.keys():
+                return handle.get_tensor(name)
+    raise ValueError(f"{name}: not in the checkpoint (its sibling projection is)")
 
 
 def _pack_rows(codes_kn: torch.Tensor) -> torch.Tensor:
@@ -112,10 +140,6 @@ def _check_request(src: Path, out: Path, *, method: str, group_size: int | None,
     model = ModelConfig.from_hf(src)  # a Qwen3.5 checkpoint's config.json, or a ConfigError naming the problem
     if model.quantization_config:
         raise ValueError(f"{src} is already quantized; quantize the bf16 checkpoint")
-    if method == "int4" and desc_act and model.num_experts:
-        # int4 quantizes only the routed experts of a MoE model, and their g_idx must be k // group_size
-        raise ValueError("--desc-act: a MoE model's int4 weights are its routed experts, which deltaserve loads only "
-                         "without act-order; quantize without --desc-act")
     if not any(src.glob("*.safetensors")):
         raise ValueError(f"no *.safetensors files in {src}; quantize a Hugging Face safetensors checkpoint")
     # files already in `out` would be read with the new ones as one checkpoint (and `out` may be `src` itself)
@@ -161,7 +185,8 @@ def _write(src: Path, out: Path, config: dict, *, method: str, group_size: int, 
             elif method == "int4" and is_linear and re.match(GPTQ_ONLY, module) and not module.startswith("mtp."):
                 base = name[:-len(".weight")]
                 try:
-                    quantized = quantize_gptq(t, group_size, desc_act)
+                    order = _expert_order(name, tensors, files) if desc_act else None
+                    quantized = quantize_gptq(t, group_size, desc_act, order=order)
                 except ValueError as e:
                     raise ValueError(f"{name} {list(t.shape)}: {e}") from None
                 result.update({f"{base}.{suffix}": q for suffix, q in quantized.items()})

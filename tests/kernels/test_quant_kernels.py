@@ -537,6 +537,69 @@ def test_moe_shared_folded_interpreted(kind, monkeypatch):
               first_slot_expert=0)
 
 
+def test_pair_rows_interpreted():
+    """Each routed pair's row in its expert's column order (a slot with no expert included), with and without the
+    shared expert's own row per token, against the reference."""
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(5, 40, generator=gen).to(torch.bfloat16).to(DEV)
+    ids = torch.randint(0, 3, (5, 2), generator=gen).to(DEV)
+    ids[1, 0] = -1
+    perm = torch.stack([torch.randperm(40, generator=gen) for _ in range(3)]).to(torch.int32).to(DEV)
+    for shared in (False, True):
+        got = qt.pair_rows(x, ids, perm, shared)
+        want = ref.pair_rows(x, ids, perm, shared)
+        assert torch.equal(got.cpu(), want.cpu())
+
+
+def test_pair_rows_reference_matches_the_direct_formula():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 8, generator=gen)
+    ids = torch.tensor([[0, 2], [1, 0], [2, 1]])
+    perm = torch.stack([torch.randperm(8, generator=gen) for _ in range(3)])
+    rows = ref.pair_rows(x, ids, perm, shared_slot=True).view(3, 3, 8)
+    for t in range(3):
+        for j in range(2):
+            assert torch.equal(rows[t, j], torch.tensor([x[t, c].item() for c in perm[ids[t, j]]]))
+        assert torch.equal(rows[t, 2], x[t])
+
+
+def test_act_order_moe_reference_matches_unpermuted_weights():
+    """ref.int4_fused_moe with w13_perm equals the bf16 MoE reference on the weights put back in input order:
+    stored column j of expert e multiplies x[perm[e, j]]."""
+    from deltaserve.kernels.moe import ref as moe_ref
+    gen = torch.Generator().manual_seed(3)
+    e, d, inter, group = 3, 32, 16, 16
+    (qw13, s13, z13), (qw2, s2, z2) = (tuple(t.cpu() for t in moe_weights("int4", n, k, group, gen, e))
+                                       for n, k in ((2 * inter, d), (d, inter)))
+    perm = torch.stack([torch.randperm(d, generator=gen) for _ in range(e)])
+    x = torch.randn(4, d, generator=gen)
+    w, ids = torch.rand(4, 2, generator=gen), torch.randint(0, e, (4, 2), generator=gen)
+    got = ref.int4_fused_moe(x=x, w13_qweight=qw13, w13_scales=s13, w13_zeros=z13, w2_qweight=qw2, w2_scales=s2,
+                             w2_zeros=z2, group_size=group, topk_weights=w, topk_ids=ids, w13_perm=perm)
+    stored = ref.dequant_int4(qweight=qw13, scales=s13, zeros=z13, group_size=group, k=d)
+    w13 = torch.zeros_like(stored)
+    for ex in range(e):
+        for j in range(d):
+            w13[ex, :, perm[ex, j]] = stored[ex, :, j]
+    w2 = ref.dequant_int4(qweight=qw2, scales=s2, zeros=z2, group_size=group, k=inter)
+    want = moe_ref.fused_moe(x=x, w13=w13, w2=w2, topk_weights=w, topk_ids=ids)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_moe_act_order_interpreted(shared, monkeypatch):
+    """Act-order experts on each of the three paths: a GEMV per pair (each pair's row in its expert's order, the
+    shared expert's row as it is), blocks of pairs past PAIR_GEMV_MAX, moe.blocked's kernels past PAIR_MAX."""
+    check_moe("int4", tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, shared=shared,
+              act_order=True)
+    monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
+    check_moe("int4", tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=3,
+              shared=shared, act_order=True)
+    monkeypatch.setattr(qt, "PAIR_MAX", 8)
+    check_moe("int4", tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=4,
+              shared=shared, act_order=True)
+
+
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_moe_per_channel_interpreted(kind, monkeypatch):
     """Per-channel experts (GPTQ group_size -1, compressed-tensors FP8 per channel) as the loader stores them: one
@@ -559,7 +622,8 @@ def moe_weights(kind, n, k, group, gen, experts=None):
 
 
 def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0, shared=False, first_slot_expert=None,
-              column_major=False):
+              column_major=False, act_order=False):
+    """act_order (int4): each expert reads its input in an order of its own (w13_perm)."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d, generator=gen).to(dtype).to(DEV)
     if column_major:  # x.stride(-1) != 1: a transposed view, as a caller may hand it
@@ -574,6 +638,9 @@ def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0, shar
     if kind == "int4":
         args = dict(w13_qweight=w13[0], w13_scales=w13[1], w13_zeros=w13[2], w2_qweight=w2[0], w2_scales=w2[1],
                     w2_zeros=w2[2], group_size=group)
+        if act_order:
+            args["w13_perm"] = torch.stack([torch.randperm(d, generator=gen) for _ in range(experts)]).to(
+                torch.int32).to(DEV)
         fn_ref, fn = ref.int4_fused_moe, qt.int4_fused_moe
     else:
         args = dict(w13=w13[0], w13_scale=w13[1], w2=w2[0], w2_scale=w2[1], block_k=group)
@@ -746,6 +813,15 @@ def test_moe_prefill_gpu(kind):
     """A prefill-sized call at 35B-A3B's shape (16,800 routed pairs: moe.blocked's 128-row tiles), shared expert
     included, against the reference."""
     check_moe(kind, 2100, 256, 8, 2048, 512, 128, torch.bfloat16, seed=5, shared=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("tokens", [1, 8, 64, 300, 2100])
+def test_moe_act_order_gpu(tokens):
+    """Act-order int4 experts at 35B-A3B's shape on every path (per pair, blocks of pairs, moe.blocked past
+    PAIR_MAX), shared expert included, NaN-poisoned output."""
+    check_moe("int4", tokens, 256, 8, 2048, 512, 128, torch.bfloat16, seed=tokens, shared=True, act_order=True)
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])

@@ -177,15 +177,46 @@ def test_gptq_zero_bias_tensors_are_accepted_and_others_refused(tmp_path):
         load_model(ModelConfig.from_hf(path), dtype="float32")
 
 
-def test_act_order_experts_refusal_names_the_tensor_and_the_setting(tmp_path):
-    """compressed-tensors experts with actorder "group" (a permuting weight_g_idx), which the MoE kernels cannot
-    take, were refused naming a `.g_idx` tensor the checkpoint does not have and GPTQ's desc_act as the remedy."""
-    def permuted(t):
-        name = "model.layers.0.mlp.experts.1.gate_proj.weight_g_idx"
-        t[name] = (torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 128).to(torch.int32)
-    path = _with_config(FIXTURES / "ct_w4a16_moe", tmp_path / "ct", None, permuted)
-    with pytest.raises(CheckpointError, match=r"experts\.1\.gate_proj\.weight_g_idx: a permuted \(act-order\) "
-                                              r"g_idx.*actorder"):
+def _ct_act_order_experts(t: dict[str, torch.Tensor], projections: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Expert 1's `projections` of a symmetric compressed-tensors int4 checkpoint given one permuting weight_g_idx
+    (actorder "group"); returns every int4 module dequantized by the format's formula, W = (u - 8) * s[:, g_idx]."""
+    order = (torch.randperm(256, generator=torch.Generator().manual_seed(0)) // 128).to(torch.int32)
+    for proj in projections:
+        t[f"model.layers.0.mlp.experts.1.{proj}.weight_g_idx"] = order.clone()
+    plain = {}
+    for name in [n for n in t if n.endswith(".weight_packed")]:
+        base = name[:-len(".weight_packed")]
+        n, k = t[base + ".weight_shape"].tolist()
+        s = t[base + ".weight_scale"].float()
+        g = t.get(base + ".weight_g_idx", torch.arange(k) // (k // s.shape[1])).long()
+        plain[base + ".weight"] = (unpack_int4(t[name], k).float() - 8) * s[:, g]
+    return plain
+
+
+def test_compressed_tensors_act_order_experts(tmp_path):
+    """compressed-tensors experts with actorder "group" (a permuting weight_g_idx; refused before): each expert's
+    input read in its gate and up projections' order gives the dequantized model's logits."""
+    src = FIXTURES / "ct_w4a16_moe"
+    plain: dict[str, torch.Tensor] = {}
+    path = _with_config(src, tmp_path / "ct", None,
+                        lambda t: plain.update(_ct_act_order_experts(t, ("gate_proj", "up_proj"))))
+    model = load_model(ModelConfig.from_hf(path), dtype="float32")
+    experts = model.model.layers[0].mlp.experts
+    assert experts.method.name == "int4 g128 act-order" and experts.w13_perm is not None
+    state = {k: v.float() for k, v in load_file(path / "model.safetensors").items()
+             if not k.endswith((".weight_packed", ".weight_scale", ".weight_shape", ".weight_g_idx"))}
+    assert_matches_plain(model, tmp_path, {**state, **plain}, json.loads((path / "config.json").read_text()), PROMPT)
+    for expert_parallel in (False, True):  # gate|up rows split (their K, and so the order, whole) or whole experts
+        _check_rank_weights(path, 2, expert_parallel)
+
+
+def test_act_order_experts_with_two_orders_are_refused_naming_both(tmp_path):
+    """An expert whose gate_proj and up_proj order their (shared) input differently cannot run in the fused gate|up
+    kernels; refused naming both tensors and what to do."""
+    path = _with_config(FIXTURES / "ct_w4a16_moe", tmp_path / "ct", None,
+                        lambda t: _ct_act_order_experts(t, ("gate_proj",)))
+    with pytest.raises(CheckpointError, match=r"experts\.1\.gate_proj and .*experts\.1\.up_proj: their g_idx order "
+                                              r"the input columns differently.*quantize it again"):
         load_model(ModelConfig.from_hf(path), dtype="float32")
 
 

@@ -45,8 +45,8 @@ class ExpertsMethod:
         (`experts.{e}.{gate,up,down}_proj.weight`), whichever the checkpoint has (ValueError for both)."""
         fused = {f"{prefix}gate_up_proj": _slot(layer.gate_up_proj), f"{prefix}down_proj": _slot(layer.down_proj)}
         has_fused = any(n in present for n in fused)
-        has_per_expert = any(f"{prefix}{e}.{proj}.weight" in present for e in range(layer.num_experts)
-                             for proj in ("gate_proj", "up_proj", "down_proj"))
+        has_per_expert = any(f"{prefix}{layer.expert_offset + e}.{proj}.weight" in present
+                             for e in range(layer.num_experts) for proj in ("gate_proj", "up_proj", "down_proj"))
         if has_fused and has_per_expert:
             raise ValueError(f"{prefix.rstrip('.')}: the checkpoint gives the experts both fused and per expert; "
                              "keep one form")
@@ -56,6 +56,9 @@ class ExpertsMethod:
         for name, p in layer.named_parameters(recurse=False):
             init_dummy_param(prefix + name, p, seed)
 
+    def finish_loading(self, layer: Experts) -> None:
+        """Once every checkpoint tensor is in: work that needs several of them (nothing for bf16 experts)."""
+
     @staticmethod
     def _per_expert_layout(layer: Experts, prefix: str) -> dict[str, WeightSlot]:
         i = layer.intermediate_size
@@ -63,7 +66,7 @@ class ExpertsMethod:
         for e in range(layer.num_experts):
             for name, dest in (("gate_proj", layer.gate_up_proj[e, :i]), ("up_proj", layer.gate_up_proj[e, i:]),
                                ("down_proj", layer.down_proj[e])):
-                layout[f"{prefix}{e}.{name}.weight"] = _slot(dest)
+                layout[f"{prefix}{layer.expert_offset + e}.{name}.weight"] = _slot(dest)
         return layout
 
 
@@ -75,12 +78,15 @@ def _slot(dest: torch.Tensor) -> WeightSlot:
 
 
 class Experts(nn.Module):
-    """The routed experts; their weights are whatever the experts method makes of them."""
+    """The routed experts; their weights are whatever the experts method makes of them. Expert e here is the
+    checkpoint's expert expert_offset + e (expert parallelism keeps a range of them); per-expert layouts name their
+    tensors by the checkpoint's ids."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, *, dtype: torch.dtype,
                  device: torch.device | str | None = None, method: ExpertsMethod | None = None) -> None:
         super().__init__()
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
+        self.expert_offset, self.checkpoint_experts = 0, num_experts
         self.method = method or ExpertsMethod()
         self.method.create_weights(self, dtype=dtype, device=device)
 
@@ -93,6 +99,9 @@ class Experts(nn.Module):
 
     def init_dummy_weights(self, prefix: str, seed: int) -> None:
         self.method.init_dummy(self, prefix, seed)
+
+    def finish_loading(self) -> None:
+        self.method.finish_loading(self)
 
 
 def _expert_slices(shapes: RankShapes) -> dict[str, sharding.Shard | None]:

@@ -515,8 +515,12 @@ class QuantResolver:
             raise QuantizationError(f"{prefix.rstrip('.')}: the experts of one layer must share one format; found "
                                     + ", ".join(f"{d} (e.g. {w})" for d, w in by.items()))
         fmt = kinds.pop()
-        if fmt.kind == "int4" and fmt.act_order:
-            fmt = replace(fmt, act_order=False)  # experts: g_idx must be trivial (checked when loading)
+        if fmt.kind == "int4" and self.present is not None:
+            # act-order (an order of the input per expert) where some expert's g_idx permutes K, whatever the config
+            # says (GPTQ writes a trivial g_idx with desc_act false too)
+            names = (f"{prefix}{e}.{proj}.{key}" for e in range(num_experts)
+                     for proj in ("gate_proj", "up_proj", "down_proj") for key in ("g_idx", "weight_g_idx"))
+            fmt = replace(fmt, act_order=any(self._permutes(n, fmt.group_size) for n in names if n in self.present))
         return fmt
 
 
@@ -714,9 +718,8 @@ def int4_slots(fmt: WeightFormat, name: str, dest: Int4Dest, n: int, k: int,
             elif dest.perm is None:
                 key = "g_idx" if fmt.checkpoint == "gptq" else "weight_g_idx"
                 raise QuantizationError(f"{name}.{key}: a permuted (act-order) g_idx, but this module's weights "
-                                        "cannot take one (MoE experts need g_idx = k // group_size): use a "
-                                        "checkpoint quantized without act-order (GPTQ desc_act false; "
-                                        "compressed-tensors actorder null, 'static' or 'weight')")
+                                        "cannot take one: use a checkpoint quantized without act-order (GPTQ "
+                                        "desc_act false; compressed-tensors actorder null, 'static' or 'weight')")
             else:
                 perm = torch.argsort(gidx.long(), stable=True)
                 if not torch.equal(gidx.long()[perm], trivial):
@@ -1034,7 +1037,13 @@ def _expert_projections(layer: Experts) -> tuple[tuple[str, str, slice, int], ..
 
 
 class Int4ExpertsMethod(ExpertsMethod):
-    """Routed experts in int4: w13 (gate rows, then up rows) [E, 2I, D] and w2 [E, D, I] in the internal layout."""
+    """Routed experts in int4: w13 (gate rows, then up rows) [E, 2I, D] and w2 [E, D, I] in the internal layout.
+
+    Act-order (GPTQ desc_act, compressed-tensors actorder "group"): each projection's columns are stored sorted by
+    group (int4_slots), so each expert reads its input in an order of its own. gate_proj and up_proj read the same
+    input and must share one order (GPTQ derives both from the same inputs' Hessian): w13_perm [E, D], applied to x
+    per routed pair. down_proj's order permutes the intermediate columns, which only gate and up produce: at the end
+    of loading their rows are put in that order (exact, and free at run time), so w2 needs none."""
 
     def __init__(self, fmt: WeightFormat, present: Set[str] | None) -> None:
         self.fmt, self.present, self.name = fmt, present, fmt.describe()
@@ -1053,6 +1062,10 @@ class Int4ExpertsMethod(ExpertsMethod):
             setattr(layer, f"{w}_qweight", new_param(e, n, _cdiv(k, 8), dtype=torch.int32, device=device))
             setattr(layer, f"{w}_scales", new_param(e, n, groups, dtype=torch.float32, device=device))
             setattr(layer, f"{w}_zeros", new_param(e, n, groups, dtype=torch.uint8, device=device))
+        layer.w13_perm = new_param(e, d, dtype=torch.int32, device=device) if self.fmt.act_order else None
+        # each projection's order as loaded (CPU, until finish_loading): gate_proj, up_proj, down_proj
+        layer.load_orders = {proj: torch.empty(e, k, dtype=torch.int32)
+                             for proj, _, _, k in _expert_projections(layer)} if self.fmt.act_order else None
 
     def apply(self, layer, x, topk_weights, topk_ids, shared, shared_gate):
         fold = _foldable_shared(layer, shared, Int4LinearMethod)
@@ -1062,23 +1075,54 @@ class Int4ExpertsMethod(ExpertsMethod):
         out = int4_fused_moe(x=x, w13_qweight=layer.w13_qweight, w13_scales=layer.w13_scales,
                              w13_zeros=layer.w13_zeros, w2_qweight=layer.w2_qweight, w2_scales=layer.w2_scales,
                              w2_zeros=layer.w2_zeros, group_size=layer.group_size, topk_weights=topk_weights,
-                             topk_ids=topk_ids, **kw)
+                             topk_ids=topk_ids, w13_perm=layer.w13_perm, **kw)
         return out if fold else _with_shared(out, x, shared, shared_gate)
 
     def layout(self, layer: Experts, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
+        layer.checkpoint_prefix = prefix
+        orders = layer.load_orders
         out = {}
         for e in range(layer.num_experts):
             for proj, w, rows, k in _expert_projections(layer):
                 dest = Int4Dest(getattr(layer, f"{w}_qweight")[e, rows], getattr(layer, f"{w}_scales")[e, rows],
-                                getattr(layer, f"{w}_zeros")[e, rows], None)
-                out.update(int4_slots(self.fmt, f"{prefix}{e}.{proj}", dest, rows.stop - rows.start, k,
+                                getattr(layer, f"{w}_zeros")[e, rows], orders[proj][e] if orders else None)
+                out.update(int4_slots(self.fmt, f"{prefix}{layer.expert_offset + e}.{proj}", dest,
+                                      rows.stop - rows.start, k,
                                       self.present, tp_shard(layer, f"{proj}.weight"),
                                       layer.group_size if self.fmt.group_size else None))
         return out
 
+    def finish_loading(self, layer: Experts) -> None:
+        """Act-order: check that each expert's gate and up share one order, keep it as w13_perm (none where no
+        expert permutes: the plain kernels), and put the gate and up rows in down_proj's order."""
+        if layer.load_orders is None:
+            return
+        gate, up, down = (layer.load_orders[p] for p in ("gate_proj", "up_proj", "down_proj"))
+        layer.load_orders = None
+        prefix = layer.checkpoint_prefix
+        differ = (gate != up).any(dim=1).nonzero().flatten().tolist()
+        if differ:
+            e = layer.expert_offset + differ[0]
+            more = f" (and {len(differ) - 1} more experts)" if len(differ) > 1 else ""
+            raise QuantizationError(
+                f"{prefix}{e}.gate_proj and {prefix}{e}.up_proj{more}: their g_idx order the input columns "
+                "differently; the MoE kernels read an expert's gate and up rows with one order of its input (GPTQ gives both the same, from the same inputs), so this checkpoint cannot "
+                "be served as it is: quantize it again, without act-order or with one order for both")
+        i = layer.intermediate_size
+        identity = torch.arange(gate.shape[1])
+        layer.w13_perm = layer.w13_perm.copy_(gate) if (gate != identity).any() else None
+        if (down != torch.arange(i)).any():
+            rows = down.to(layer.w13_qweight.device, torch.int64)
+            for t in (layer.w13_qweight, layer.w13_scales, layer.w13_zeros):
+                for part in (t[:, :i], t[:, i:]):  # gate rows, up rows
+                    part.copy_(part.gather(1, rows[:, :, None].expand(part.shape)))
+
     def init_dummy(self, layer: Experts, prefix: str, seed: int) -> None:
         _dummy_int4(layer.w13_qweight, layer.w13_scales, layer.w13_zeros, layer.hidden_size, prefix + "w13", seed)
         _dummy_int4(layer.w2_qweight, layer.w2_scales, layer.w2_zeros, layer.intermediate_size, prefix + "w2", seed)
+        if layer.w13_perm is not None:  # act-order in the config: an order for each expert (here the identity)
+            layer.w13_perm.copy_(torch.arange(layer.hidden_size))
+        layer.load_orders = None
 
 
 class Fp8ExpertsMethod(ExpertsMethod):
@@ -1115,7 +1159,7 @@ class Fp8ExpertsMethod(ExpertsMethod):
         out = {}
         for e in range(layer.num_experts):
             for proj, w, rows, k in _expert_projections(layer):
-                out.update(fp8_slots(fmt, f"{prefix}{e}.{proj}", getattr(layer, w)[e, rows],
+                out.update(fp8_slots(fmt, f"{prefix}{layer.expert_offset + e}.{proj}", getattr(layer, w)[e, rows],
                                      getattr(layer, f"{w}_scale")[e, rows], rows.stop - rows.start, k,
                                      tp_shard(layer, f"{proj}.weight"), layer.block_k))
         return out
@@ -1219,7 +1263,7 @@ def quantize_model(model: nn.Module, resolver: QuantResolver, *, dtype: torch.dt
             note(path, fmt)
             _replace_method(module, linear_method(fmt, resolver.present), dtype, device, path)
         elif isinstance(module, Experts):
-            fmt = resolver.experts(f"{path}.", module.num_experts)
+            fmt = resolver.experts(f"{path}.", module.checkpoint_experts)
             note(f"{path}.0.gate_proj", fmt)
             for name in [n for n, _ in module.named_parameters(recurse=False)]:
                 delattr(module, name)

@@ -10,6 +10,10 @@ A module may define:
         module that accepts several layouts (fused or per-expert MoE weights) can pick the one the file has.
     init_dummy_weights(prefix, seed)
         random weights of realistic scale for benchmarks (load_format="dummy").
+    finish_loading()
+        called once every checkpoint tensor is loaded, for work that needs several of a module's tensors together
+        (act-order int4 experts put their gate and up rows in their down projection's order); ValueError if what
+        was loaded cannot be served.
     tp_shards: {checkpoint name suffix: Shard or None}
         under tensor parallelism, the part of each of its checkpoint tensors the module keeps
         (parallel/sharding.py); its slots then take the full tensor's shape and load only that part.

@@ -272,6 +272,11 @@ def load_weights(model: Qwen3_5ForCausalLM, entries: list[TensorEntry]) -> None:
             except ValueError as e:
                 raise CheckpointError(f"checkpoint in {model.config.model_dir}: {e}") from None
             bar.update(entry.end - entry.begin)
+        for module in model.modules():
+            try:
+                getattr(module, "finish_loading", lambda: None)()
+            except ValueError as e:
+                raise CheckpointError(f"checkpoint in {model.config.model_dir}: {e}") from None
 
 
 def checkpoint_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -90,7 +90,7 @@ class ExpertParallelExperts(Experts):
                  device: torch.device | str | None = None) -> None:
         assert shapes.moe_intermediate_size is not None and shapes.num_experts
         super().__init__(shapes.num_experts, hidden_size, shapes.moe_intermediate_size, dtype=dtype, device=device)
-        self.offset, self.total = shapes.expert_offset, shapes.num_experts * shapes.tp_size
+        self.expert_offset, self.checkpoint_experts = shapes.expert_offset, shapes.num_experts * shapes.tp_size
         shard = sharding.experts(shapes)
         self.tp_shards = {"gate_up_proj": shard, "down_proj": shard}  # the fused layout
 
@@ -102,13 +102,13 @@ class ExpertParallelExperts(Experts):
         if f"{prefix}gate_up_proj" in layout:
             return layout
         local: dict[tuple[int, str], WeightSlot] = {}
-        for name, slot in layout.items():
+        for name, slot in layout.items():  # named by the checkpoint's expert ids
             expert, _, rest = name[len(prefix):].partition(".")
-            local[(int(expert), rest)] = slot
+            local[(int(expert) - self.expert_offset, rest)] = slot
         out: dict[str, WeightSlot] = {}
-        for e in range(self.total):
+        for e in range(self.checkpoint_experts):
             for rest in [r for (le, r) in local if le == 0]:
-                le = e - self.offset
+                le = e - self.expert_offset
                 if 0 <= le < self.num_experts:
                     out[f"{prefix}{e}.{rest}"] = local[(le, rest)]
                 else:
@@ -117,6 +117,6 @@ class ExpertParallelExperts(Experts):
         return out
 
     def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, **kw) -> torch.Tensor:
-        local = topk_ids - self.offset
+        local = topk_ids - self.expert_offset
         local = local.masked_fill((local < 0) | (local >= self.num_experts), -1)
         return super().forward(x, topk_weights, local, **kw)

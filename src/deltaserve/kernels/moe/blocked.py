@@ -80,7 +80,8 @@ def _gate_up_kernel(x_ptr, w13_ptr, s_ptr, z_ptr, order_ptr, bounds_ptr, starts_
                     IEEE: tl.constexpr, W_TILE: tl.constexpr = None, GROUP: tl.constexpr = 0,
                     EVEN_W: tl.constexpr = False):
     """act[row] = silu(x[token] @ G_e^T) * (x[token] @ U_e^T) for the block's sorted rows, columns
-    [n0, n0 + BLOCK_N). W_TILE (quantized weights): the loader that dequantizes a weight tile (QuantExperts)."""
+    [n0, n0 + BLOCK_N), token = pair // TOP_K (TOP_K 1: x holds a row per pair). W_TILE (quantized weights): the
+    loader that dequantizes a weight tile (QuantExperts)."""
     e, rows, pairs, valid = _block_rows(order_ptr, bounds_ptr, starts_ptr, tl.program_id(1), E, BLOCK_M, BLOCK_E)
     if e < E:
         token = (pairs // TOP_K).to(tl.int64)
@@ -178,11 +179,13 @@ class QuantExperts:
 def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, shared: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None,
               tiles: tuple[int, tuple[int, ...], tuple[int, ...]] | None = None,
-              quant: QuantExperts | None = None) -> torch.Tensor:
+              quant: QuantExperts | None = None, pair_x: torch.Tensor | None = None) -> torch.Tensor:
     """As grouped.fused_moe: x [T, D]; w13 [E, 2I, D]; w2 [E, D, I]; topk_weights/ids [T, k]; shared (the shared
     expert's output [T, D]) with shared_gate ([T, 1] logits) added in the combine's fp32 sum -> [T, D] in x.dtype.
     tiles: (BLOCK_M, gate_up, down) in place of pick_tiles' (benchmarks, tests). quant: w13 and w2 are quantized
-    (packed as its tile reads them), dequantized tile by tile inside the GEMMs."""
+    (packed as its tile reads them), dequantized tile by tile inside the GEMMs. pair_x: the gate|up GEMM's input
+    as a row per pair ([T * k, D] in pair order; act-order experts, each row in its expert's column order) instead
+    of x's row per token."""
     if (shared is None) != (shared_gate is None):
         raise ValueError("shared and shared_gate come together")
     T, D = x.shape
@@ -191,6 +194,7 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     if T == 0:
         return torch.empty_like(x)
     x, w13, w2 = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, w13, w2))
+    x_rows, rows_per_x = (x, top_k) if pair_x is None else (pair_x.contiguous(), 1)  # row of pair p: p // rows_per_x
     bm, gate_up, down = tiles or pick_tiles(T * top_k)
     order, bounds, starts, pos = block_plan(topk_ids, E, bm)
     common = dict(BLOCK_M=bm, BLOCK_E=triton.next_power_of_2(E + 1), IEEE=x.dtype == torch.float32 or not x.is_cuda)
@@ -199,8 +203,9 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     fit = dict(bm=bm, elt=x.element_size(), smem=max_shared_mem(x.device) if x.is_cuda else None)
     bn, bk, warps, stages = _fit(gate_up, I, D, quant.k_tiles[0] if quant else None, weights=2, **fit)
     _gate_up_kernel[(triton.cdiv(I, bn), grid_blocks)](
-        x, w13, *_scales(quant, 0, w13), order, bounds, starts, act, x.stride(0), w13.stride(0), w13.stride(1),
-        *_scale_strides(quant, 0), act.stride(0), I, D, E, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=D % bk == 0,
+        x_rows, w13, *_scales(quant, 0, w13), order, bounds, starts, act, x_rows.stride(0), w13.stride(0),
+        w13.stride(1), *_scale_strides(quant, 0), act.stride(0), I, D, E, TOP_K=rows_per_x, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=D % bk == 0,
         **_quant_args(quant, 0, I % bn == 0 and D % bk == 0), **common, num_warps=warps, num_stages=stages)
     y = torch.empty(T * top_k, D, dtype=x.dtype, device=x.device)  # in pair order
     bn, bk, warps, stages = _fit(down, D, I, quant.k_tiles[1] if quant else None, weights=1, **fit)

@@ -6,7 +6,9 @@ Internal weight layouts (what every checkpoint format is converted to at load ti
   int4: qweight int32 [..., N, ceil(K/8)]: unsigned 4-bit codes packed along K, 8 per word, lowest nibble first;
         scales fp32 [..., N, ceil(K/G)]; zeros uint8 [..., N, ceil(K/G)] (unsigned zero-point codes);
         W[n, k] = (q[n, k] - zeros[n, k // G]) * scales[n, k // G]. An optional perm [K] (act-order GPTQ) says which
-        input column each stored column reads: y = x[..., perm] @ W^T.
+        input column each stored column reads: y = x[..., perm] @ W^T. Act-order experts: w13_perm [E, D], one
+        order per expert for its gate and up rows (stored column j of expert e reads input column perm[e, j]); their
+        down projections' orders are folded into the gate and up rows at load (layers/quant.py), so w2 has none.
   fp8:  weight float8_e4m3fn [..., N, K]; scale fp32 [..., N, ceil(K/block_k)] (one scale per row and K block: a
         checkpoint's [N/128, K/128] block scales are repeated over their rows); W[n, k] = w[n, k] * scale[n, k // bk].
 """
@@ -97,6 +99,19 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
     return F.linear(dequant_fp8_act(xq, sx), w).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
+def pair_rows(x: torch.Tensor, topk_ids: torch.Tensor, perm: torch.Tensor, shared_slot: bool = False) -> torch.Tensor:
+    """Each routed pair's input row in its expert's column order: x [T, D], topk_ids [T, k], perm [E, D] ->
+    [T * (k + shared_slot), D] with row t * (k + shared_slot) + j = x[t, perm[topk_ids[t, j]]] (a slot with no expert,
+    id < 0, reads expert 0's order: its row is never used), and with shared_slot a last row per token holding x[t]
+    itself (the shared expert's, which has no order)."""
+    t, k = topk_ids.shape
+    rows = x.index_select(0, torch.arange(t, device=x.device).repeat_interleave(k))
+    rows = rows.gather(1, perm.index_select(0, topk_ids.reshape(-1).clamp(min=0)).long())
+    if not shared_slot:
+        return rows
+    return torch.cat([rows.view(t, k, -1), x.unsqueeze(1)], dim=1).reshape(t * (k + 1), -1)
+
+
 def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert, shared=None,
          shared_gate: torch.Tensor | None = None) -> torch.Tensor:
     """The routed-expert sum of kernels/moe/ref.fused_moe with expert e's weights from expert(e) -> (w13, w2), and
@@ -124,19 +139,21 @@ def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: to
                    w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
                    shared_w2: tuple[torch.Tensor, ...] | None = None,
-                   shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+                   shared_gate: torch.Tensor | None = None, w13_perm: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts with int4 weights: w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I], in the int4
     layout above. x: [T, D]; topk_*: [T, top_k] -> [T, D] in x.dtype. shared_w13 / shared_w2: the shared expert's
     (qweight, scales, zeros) [2I, ...] / [D, ...] in the same format and group size, added as one more expert per
-    token weighted by sigmoid(shared_gate [T, 1])."""
+    token weighted by sigmoid(shared_gate [T, 1]). w13_perm: act-order experts' column orders (layout above)."""
     d, inter = x.shape[-1], w13_qweight.shape[1] // 2
 
     def dequant(w: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
         return dequant_int4(qweight=w[0], scales=w[1], zeros=w[2], group_size=group_size, k=k)
 
     def expert(e: int):
-        return (dequant((w13_qweight[e], w13_scales[e], w13_zeros[e]), d),
-                dequant((w2_qweight[e], w2_scales[e], w2_zeros[e]), inter))
+        w13 = dequant((w13_qweight[e], w13_scales[e], w13_zeros[e]), d)
+        if w13_perm is not None:  # back in input-column order: stored column j multiplies x[perm[e, j]]
+            w13 = torch.empty_like(w13).index_copy_(1, w13_perm[e].long(), w13)
+        return w13, dequant((w2_qweight[e], w2_scales[e], w2_zeros[e]), inter)
     shared = (dequant(shared_w13, d), dequant(shared_w2, inter)) if shared_w13 is not None else None
     return _moe(x, topk_weights, topk_ids, expert, shared, shared_gate)
 

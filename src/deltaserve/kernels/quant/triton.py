@@ -1276,14 +1276,15 @@ def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_
                         stride_ssn, stride_act, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, GROUP: tl.constexpr,
                         INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
                         ACT_BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr,
-                        F16_WORDS: tl.constexpr, PDL: tl.constexpr = False):
+                        F16_WORDS: tl.constexpr, X_PER_PAIR: tl.constexpr = False, PDL: tl.constexpr = False):
     """act[p, n] = silu(x[t] . G[n]) * (x[t] . U[n]) in fp32 for pair p = (token t, slot j), slot TOP_K being the
     shared expert. A program takes BN/2 gate rows and the same up rows, interleaved in one tile so one K loop reads
     both (the GEMV's tiles, _gemv_acc), over K range program_id(2) of SPLIT: a GEMV keeps two K tiles in flight, so a
     long K loop waits on memory latency once per tile, and a split shortens it. The split's partial sums meet as the
     split-K linear's do: each stored in the workspace, a counter per (pair, column block), and the last program to
     arrive adds them in split order, stores act and resets the counter. Every column of act up to ACT_W is written
-    (zeros past INTER and for slots without an expert). PDL: waits first (x, ids, the workspace and counters)."""
+    (zeros past INTER and for slots without an expert). X_PER_PAIR: x holds a row per pair (act-order experts: each
+    in its expert's column order, pair_rows), not per token. PDL: waits first (x, ids, the workspace and counters)."""
     wait_then_release(PDL)
     pairs: tl.constexpr = TOP_K + HAS_SHARED
     half: tl.constexpr = BN // 2
@@ -1294,7 +1295,7 @@ def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_
     lane = tl.arange(0, BN)
     row = pid_n * half + lane // 2  # even lanes the gate row, odd lanes its up row
     cols = tl.where(row < INTER, row + (lane % 2) * INTER, 2 * INTER)[None, :, None]  # 2 * INTER: masked off
-    x_row = x_ptr + t.to(tl.int64) * stride_xt
+    x_row = x_ptr + (p if X_PER_PAIR else t).to(tl.int64) * stride_xt
     k_begin = pid_k * K_SPLIT
     k_end = tl.minimum(k_begin + K_SPLIT, D)
     one = tl.zeros((1, 1, 1), dtype=tl.int32)
@@ -1355,6 +1356,38 @@ def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, s_ptr, z_pt
                    count_ptr, t * tl.num_programs(1) + pid_n, j, cols < D, pairs)
 
 
+@triton.jit
+def _pair_rows_kernel(x_ptr, ids_ptr, perm_ptr, out_ptr, D, stride_xt, stride_pe, stride_out, TOP_K: tl.constexpr,
+                      SHARED: tl.constexpr, BLOCK: tl.constexpr):
+    """Row r of out: pair (token r // (TOP_K + SHARED), slot j)'s x row in its expert's column order; slot TOP_K
+    (SHARED) the token's row as it is."""
+    r = tl.program_id(0)
+    t, j = r // (TOP_K + SHARED), r % (TOP_K + SHARED)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < D
+    src = cols
+    if j < TOP_K:
+        e = tl.maximum(tl.load(ids_ptr + t * TOP_K + j), 0).to(tl.int64)  # no expert (id < 0): never read
+        src = tl.load(perm_ptr + e * stride_pe + cols, mask=mask, other=0)
+    v = tl.load(x_ptr + t.to(tl.int64) * stride_xt + src, mask=mask)
+    tl.store(out_ptr + r.to(tl.int64) * stride_out + cols, v, mask=mask)
+
+
+def pair_rows(x: torch.Tensor, topk_ids: torch.Tensor, perm: torch.Tensor, shared_slot: bool = False) -> torch.Tensor:
+    """As ref.pair_rows: x [T, D] (unit column stride), topk_ids [T, k], perm [E, D] (unit column stride) ->
+    [T * (k + shared_slot), D], each routed pair's x row in its expert's column order."""
+    t, k = topk_ids.shape
+    d = x.shape[1]
+    slots = k + int(shared_slot)
+    out = torch.empty(t * slots, d, dtype=x.dtype, device=x.device)
+    if t:
+        block = min(1024, triton.next_power_of_2(d))
+        _pair_rows_kernel[(t * slots, triton.cdiv(d, block))](
+            x, topk_ids.contiguous(), perm, out, d, x.stride(0), perm.stride(0), out.stride(0), TOP_K=k,
+            SHARED=int(shared_slot), BLOCK=block)
+    return out
+
+
 # Fused per-pair MoE tiles per weight format: gate_up (BN counting its gate and up rows together, num_warps, K tiles
 # per program: the split), down (BN, num_warps). From `benchmarks/bench_quant_kernels.py --moe-tiles --rows 1 8`
 # (H200, 35B-A3B layer with its shared expert, RESULTS.md 2026-12-04): one tile per format that is within 4% of the
@@ -1375,11 +1408,12 @@ def _moe_scratch(device: torch.device, floats: int, counters: int) -> tuple[torc
 def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor, w13, s13, z13, w2, s2, z2,
                  group: int, inter: int, shared, shared_gate: torch.Tensor | None,
                  gate_up_tile: tuple[int, int, int] | None = None,
-                 down_tile: tuple[int, int] | None = None) -> torch.Tensor:
+                 down_tile: tuple[int, int] | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
     """The per-pair MoE in two launches (plus the activations' copy for the GEMVs: int4, fp8 with GEMV_FP8_F16):
     gate|up with SiLU-and-mul,
     then down with the routing-weighted sum, the shared expert (shared: its (w13, s13, z13, w2, s2, z2), or None)
-    as one more pair per token."""
+    as one more pair per token. perm: act-order experts' column orders, [E, D] (each pair's x row gathered in its
+    expert's order first: pair_rows)."""
     t, d = x.shape
     top_k = ids.shape[1]
     int4 = z13 is not None
@@ -1393,7 +1427,8 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
     act_w = triton.cdiv(inter, bk2) * bk2 if int4 else inter
     if int4:
         f16 = GEMV_F16 and x.dtype == torch.bfloat16
-        xin = plane_major_f16(x, bk1) if f16 else plane_major(x, bk1)
+        rows = x if perm is None else pair_rows(x, ids, perm, has_shared)
+        xin = plane_major_f16(rows, bk1) if f16 else plane_major(rows, bk1)
     else:  # the fp8 gate|up GEMVs with fp16 products (GEMV_FP8_F16) where the weights allow
         f16 = _fp8_f16_ok(x, bk1, w13, *([sw13] if has_shared else []))
         xin = act_f16(x, bk1) if f16 else x
@@ -1411,7 +1446,8 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
         xin.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), sw13.stride(0), ss13.stride(0),
         act.stride(0), TOP_K=top_k, HAS_SHARED=int(has_shared), GROUP=g1 if g1 < d else d + bk1, INT4=int4, BN=bn,
         BK=bk1, SPLIT=split, ACT_BK=bk2, EVEN_N=inter % (bn // 2) == 0, EVEN_K=d % bk1 == 0, F16=f16,
-        F16_WORDS=_f16_words(bk1, MOE_PAIR_F16_WORDS) if f16 else 1, num_warps=warps, **pdl_launch(x.device))
+        F16_WORDS=_f16_words(bk1, MOE_PAIR_F16_WORDS) if f16 else 1, X_PER_PAIR=perm is not None,
+        num_warps=warps, **pdl_launch(x.device))
     bn, warps = down_tile or MOE_TILES["int4" if int4 else "fp8"][1]
     blocks = triton.cdiv(d, bn)
     ws, counts = _moe_scratch(x.device, t * pairs * d, t * blocks)
@@ -1522,10 +1558,11 @@ def _quant_linear(x, weight, scale, zeros, group):
     return fp8_linear(x=x, weight=weight, scale=scale, block_k=group)
 
 
-def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate):
+def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate,
+                 perm=None):
     """Past PAIR_MAX pairs: moe.blocked's grouped GEMMs on the quantized experts, each weight tile dequantized in
     the K loop (no dense copy of the experts); the shared expert as the dense projections run (_quant_linear),
-    added in the combine."""
+    added in the combine. perm (act-order experts): the gate|up kernel reads each pair's row of pair_rows."""
     (g13, bk13), (g2, bk2) = (_group_and_tile(group, k, 64) for k in (x.shape[1], inter))
     quant = blocked.QuantExperts(tile=_int4_expert_tile if z13 is not None else _fp8_expert_tile, s13=s13,
                                  z13=z13 if z13 is not None else s13, s2=s2, z2=z2 if z2 is not None else s2,
@@ -1536,23 +1573,27 @@ def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, in
         hidden = silu_and_mul(x=_quant_linear(x, sw13, ss13, sz13, group))
         shared_out = _quant_linear(hidden, sw2, ss2, sz2, group)
     return blocked.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, shared=shared_out,
-                             shared_gate=shared_gate if shared is not None else None, quant=quant)
+                             shared_gate=shared_gate if shared is not None else None, quant=quant,
+                             pair_x=None if perm is None else pair_rows(x.contiguous(), topk_ids, perm))
 
 
-def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared=None, shared_gate=None):
+def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared=None, shared_gate=None,
+         perm=None):
     t, d = x.shape
     if topk_ids.numel() > PAIR_MAX:
-        return _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate)
+        return _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate,
+                            perm)
     # the ids as the top-k kernel writes them (int64): the kernels widen what they load, so no cast launch
     ids = topk_ids.contiguous()
     x = x.contiguous()
     k = ids.shape[-1]
     if ids.numel() <= PAIR_GEMV_MAX:
         return _fused_pairs(x, topk_weights.contiguous(), ids, w13, s13, z13, w2, s2, z2, group, inter, shared,
-                            shared_gate)
+                            shared_gate, perm=perm)
     bm = 16
     plan = block_plan(ids, w13.shape[0], bm)[:3]
-    gate_up = _blocks(x, plan, w13, s13, z13, group, 2 * inter, d, False, k, ids.numel(), bm)
+    xin = x if perm is None else pair_rows(x, ids, perm)
+    gate_up = _blocks(xin, plan, w13, s13, z13, group, 2 * inter, d, perm is not None, k, ids.numel(), bm)
     # silu(gate) * up in fp32, rounded to the activation dtype for the tensor cores, as the bf16 grouped MoE does
     hidden = (torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]).to(x.dtype)
     down = _blocks(hidden, plan, w2, s2, z2, group, d, inter, True, k, ids.numel(), bm)
@@ -1567,11 +1608,11 @@ def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: to
                    w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
                    shared_w2: tuple[torch.Tensor, ...] | None = None,
-                   shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+                   shared_gate: torch.Tensor | None = None, w13_perm: torch.Tensor | None = None) -> torch.Tensor:
     inter = w13_qweight.shape[1] // 2
     shared = (*shared_w13, *shared_w2) if shared_w13 is not None else None
     return _moe(x, topk_weights, topk_ids, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
-                group_size, inter, shared, shared_gate)
+                group_size, inter, shared, shared_gate, w13_perm)
 
 
 def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
