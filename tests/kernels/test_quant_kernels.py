@@ -586,6 +586,36 @@ def test_act_order_moe_reference_matches_unpermuted_weights():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_shared_output_interpreted(kind, monkeypatch):
+    """A shared expert in another format (Qwen's GPTQ layout keeps it bf16) runs through its own layers and its
+    output comes into the op, added with its gate in the fp32 sum (by the down kernel on the per-pair path), on each
+    of the three paths."""
+    check_moe(kind, tokens=3, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, shared="out")
+    monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=3,
+              shared="out")
+    monkeypatch.setattr(qt, "PAIR_MAX", 8)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=4,
+              shared="out", act_order=kind == "int4")
+
+
+def test_moe_shared_output_reference_adds_the_gated_output():
+    gen = torch.Generator().manual_seed(5)
+    qw13, s13, z13 = (t.cpu() for t in moe_weights("int4", 32, 16, 16, gen, 2))
+    qw2, s2, z2 = (t.cpu() for t in moe_weights("int4", 16, 16, 16, gen, 2))
+    x, out, gate = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen), torch.randn(3, 1, generator=gen)
+    w, ids = torch.rand(3, 1, generator=gen), torch.randint(0, 2, (3, 1), generator=gen)
+    args = dict(x=x, w13_qweight=qw13, w13_scales=s13, w13_zeros=z13, w2_qweight=qw2, w2_scales=s2, w2_zeros=z2,
+                group_size=16, topk_weights=w, topk_ids=ids)
+    routed = ref.int4_fused_moe(**args)
+    got = ref.int4_fused_moe(**args, shared_out=out, shared_gate=gate)
+    torch.testing.assert_close(got, routed + torch.sigmoid(gate) * out, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="weights .* or as its output, not both"):
+        ref.int4_fused_moe(**args, shared_out=out, shared_gate=gate, shared_w13=(qw13[0], s13[0], z13[0]),
+                           shared_w2=(qw2[0], s2[0], z2[0]))
+
+
 @pytest.mark.parametrize("shared", [False, True])
 def test_moe_act_order_interpreted(shared, monkeypatch):
     """Act-order experts on each of the three paths: a GEMV per pair (each pair's row in its expert's order, the
@@ -623,7 +653,8 @@ def moe_weights(kind, n, k, group, gen, experts=None):
 
 def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0, shared=False, first_slot_expert=None,
               column_major=False, act_order=False):
-    """act_order (int4): each expert reads its input in an order of its own (w13_perm)."""
+    """shared: True (the shared expert's weights in the experts' format, run by the op) or "out" (its output, from
+    its own layers, added by the op); act_order (int4): each expert reads its input in an order of its own."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d, generator=gen).to(dtype).to(DEV)
     if column_major:  # x.stride(-1) != 1: a transposed view, as a caller may hand it
@@ -645,7 +676,10 @@ def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0, shar
     else:
         args = dict(w13=w13[0], w13_scale=w13[1], w2=w2[0], w2_scale=w2[1], block_k=group)
         fn_ref, fn = ref.fp8_fused_moe, qt.fp8_fused_moe
-    if shared:
+    if shared == "out":
+        args.update(shared_out=torch.randn(tokens, d, generator=gen).to(dtype).to(DEV),
+                    shared_gate=torch.randn(tokens, 1, generator=gen).to(dtype).to(DEV))
+    elif shared:
         args.update(shared_w13=moe_weights(kind, 2 * inter, d, group, gen),
                     shared_w2=moe_weights(kind, d, inter, group, gen),
                     shared_gate=torch.randn(tokens, 1, generator=gen).to(dtype).to(DEV))
@@ -813,6 +847,15 @@ def test_moe_prefill_gpu(kind):
     """A prefill-sized call at 35B-A3B's shape (16,800 routed pairs: moe.blocked's 128-row tiles), shared expert
     included, against the reference."""
     check_moe(kind, 2100, 256, 8, 2048, 512, 128, torch.bfloat16, seed=5, shared=True)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 8, 300, 2100])
+def test_moe_shared_output_gpu(kind, tokens):
+    """The shared expert's output added by the op, 35B-A3B's shape, every path, NaN-poisoned output."""
+    check_moe(kind, tokens, 256, 8, 2048, 512, 128, torch.bfloat16, seed=tokens, shared="out")
 
 
 @gpu

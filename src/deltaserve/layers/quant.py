@@ -1071,12 +1071,11 @@ class Int4ExpertsMethod(ExpertsMethod):
         fold = _foldable_shared(layer, shared, Int4LinearMethod)
         kw = dict(shared_w13=(fold.gate_up_proj.qweight, fold.gate_up_proj.scales, fold.gate_up_proj.zeros),
                   shared_w2=(fold.down_proj.qweight, fold.down_proj.scales, fold.down_proj.zeros),
-                  shared_gate=shared_gate) if fold else {}
-        out = int4_fused_moe(x=x, w13_qweight=layer.w13_qweight, w13_scales=layer.w13_scales,
-                             w13_zeros=layer.w13_zeros, w2_qweight=layer.w2_qweight, w2_scales=layer.w2_scales,
-                             w2_zeros=layer.w2_zeros, group_size=layer.group_size, topk_weights=topk_weights,
-                             topk_ids=topk_ids, w13_perm=layer.w13_perm, **kw)
-        return out if fold else _with_shared(out, x, shared, shared_gate)
+                  shared_gate=shared_gate) if fold else _shared_output(x, shared, shared_gate)
+        return int4_fused_moe(x=x, w13_qweight=layer.w13_qweight, w13_scales=layer.w13_scales,
+                              w13_zeros=layer.w13_zeros, w2_qweight=layer.w2_qweight, w2_scales=layer.w2_scales,
+                              w2_zeros=layer.w2_zeros, group_size=layer.group_size, topk_weights=topk_weights,
+                              topk_ids=topk_ids, w13_perm=layer.w13_perm, **kw)
 
     def layout(self, layer: Experts, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
         layer.checkpoint_prefix = prefix
@@ -1147,10 +1146,9 @@ class Fp8ExpertsMethod(ExpertsMethod):
         fold = _foldable_shared(layer, shared, Fp8LinearMethod)
         kw = dict(shared_w13=(fold.gate_up_proj.weight, fold.gate_up_proj.weight_scale),
                   shared_w2=(fold.down_proj.weight, fold.down_proj.weight_scale), shared_gate=shared_gate) \
-            if fold else {}
-        out = fp8_fused_moe(x=x, w13=layer.w13, w13_scale=layer.w13_scale, w2=layer.w2, w2_scale=layer.w2_scale,
-                            block_k=layer.block_k, topk_weights=topk_weights, topk_ids=topk_ids, **kw)
-        return out if fold else _with_shared(out, x, shared, shared_gate)
+            if fold else _shared_output(x, shared, shared_gate)
+        return fp8_fused_moe(x=x, w13=layer.w13, w13_scale=layer.w13_scale, w2=layer.w2, w2_scale=layer.w2_scale,
+                             block_k=layer.block_k, topk_weights=topk_weights, topk_ids=topk_ids, **kw)
 
     def layout(self, layer: Experts, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
         fmt = self.fmt
@@ -1196,10 +1194,10 @@ def _foldable_shared(layer: Experts, shared, method: type) -> MLP | None:
     return shared
 
 
-def _with_shared(out: torch.Tensor, x: torch.Tensor, shared, shared_gate) -> torch.Tensor:
-    if shared is None:
-        return out
-    return (out.float() + torch.sigmoid(shared_gate.float()) * shared(x).float()).to(x.dtype)
+def _shared_output(x: torch.Tensor, shared, shared_gate) -> dict:
+    """A shared expert the experts' op cannot run (another format or size) runs through its own layers; its output
+    goes into the op, which adds it weighted by sigmoid(shared_gate) in its fp32 sum (no launches of its own)."""
+    return {} if shared is None else dict(shared_out=shared(x), shared_gate=shared_gate)
 
 
 def experts_method(fmt: WeightFormat, present: Set[str] | None) -> ExpertsMethod:

@@ -1323,22 +1323,25 @@ def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_
 
 @triton.jit
 def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_ptr, ws_ptr,
-                     count_ptr, out_ptr, D, INTER, stride_act, stride_we, stride_wn, stride_se, stride_sn, stride_swn,
-                     stride_ssn, stride_g, stride_out, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr,
-                     GROUP: tl.constexpr, INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, PDL: tl.constexpr = False):
+                     count_ptr, out_ptr, so_ptr, D, INTER, stride_act, stride_we, stride_wn, stride_se, stride_sn,
+                     stride_swn, stride_ssn, stride_g, stride_out, stride_so, TOP_K: tl.constexpr,
+                     HAS_SHARED: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, BN: tl.constexpr,
+                     BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SHARED_OUT: tl.constexpr = False,
+                     PDL: tl.constexpr = False):
     """out[t] = sum over token t's pairs of weight * (act[p] . Down[n]), the shared expert's weight being
     sigmoid(gate[t]). One program per pair and BN output columns (fp32 CUDA-core GEMV, act as the gate/up kernel
     stored it); each stores its weighted partial in the workspace [T * pairs, D], and the last of a token's programs
     for these columns to arrive (a counter per token and column block, as the split-K linear's) adds the partials in
-    slot order, stores the row in out's dtype and resets the counter: one launch, deterministic, no spin. PDL: waits
-    first (act, ids, the routing weights)."""
+    slot order, stores the row in out's dtype and resets the counter: one launch, deterministic, no spin.
+    SHARED_OUT (with HAS_SHARED): the shared expert ran elsewhere (another format); slot TOP_K's partial is its output
+    row so[t] times sigmoid(gate[t]), and act holds the routed pairs' rows only. PDL: waits first (act, ids, the
+    routing weights, so)."""
     wait_then_release(PDL)
     pairs: tl.constexpr = TOP_K + HAS_SHARED
     p, pid_n = tl.program_id(0), tl.program_id(1)
     t, j = p // pairs, p % pairs
     cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
-    a_row = act_ptr + p.to(tl.int64) * stride_act
+    a_row = act_ptr + (t * (pairs - SHARED_OUT) + j).to(tl.int64) * stride_act
     one = tl.zeros((1, 1, 1), dtype=tl.int32)
     acc = tl.zeros((1, BN, 1), dtype=tl.float32)
     if j < TOP_K:  # separate branches: see the gate/up kernel
@@ -1347,6 +1350,9 @@ def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, s_ptr, z_pt
             acc = tl.load(weights_ptr + t * TOP_K + j).to(tl.float32) * _gemv_acc(
                 a_row, w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, one, cols, 1, D, INTER,
                 0, stride_wn, stride_sn, 0, INTER, GROUP, INT4, BK, False, EVEN_N, EVEN_K, False, 1)
+    elif SHARED_OUT:
+        acc = tl.sigmoid(tl.load(gate_ptr + t * stride_g).to(tl.float32)) * tl.load(
+            so_ptr + t.to(tl.int64) * stride_so + cols, mask=cols < D, other=0.0).to(tl.float32)
     else:
         acc = tl.sigmoid(tl.load(gate_ptr + t * stride_g).to(tl.float32)) * _gemv_acc(
             a_row, sw_ptr, ss_ptr, sz_ptr, one, cols, 1, D, INTER, 0, stride_swn, stride_ssn, 0, INTER, GROUP, INT4,
@@ -1408,16 +1414,17 @@ def _moe_scratch(device: torch.device, floats: int, counters: int) -> tuple[torc
 def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor, w13, s13, z13, w2, s2, z2,
                  group: int, inter: int, shared, shared_gate: torch.Tensor | None,
                  gate_up_tile: tuple[int, int, int] | None = None,
-                 down_tile: tuple[int, int] | None = None, perm: torch.Tensor | None = None) -> torch.Tensor:
+                 down_tile: tuple[int, int] | None = None, perm: torch.Tensor | None = None,
+                 shared_out: torch.Tensor | None = None) -> torch.Tensor:
     """The per-pair MoE in two launches (plus the activations' copy for the GEMVs: int4, fp8 with GEMV_FP8_F16):
     gate|up with SiLU-and-mul,
     then down with the routing-weighted sum, the shared expert (shared: its (w13, s13, z13, w2, s2, z2), or None)
-    as one more pair per token. perm: act-order experts' column orders, [E, D] (each pair's x row gathered in its
-    expert's order first: pair_rows)."""
+    as one more pair per token, or its output (shared_out [T, D], run elsewhere) added by the down kernel. perm:
+    act-order experts' column orders, [E, D] (each pair's x row gathered in its expert's order first: pair_rows)."""
     t, d = x.shape
     top_k = ids.shape[1]
     int4 = z13 is not None
-    has_shared = shared is not None
+    has_shared = shared is not None  # its weights run here as one more pair
     sw13, ss13, sz13, sw2, ss2, sz2 = shared if has_shared else (w13[0], s13[0], z13, w2[0], s2[0], z2)
     sz13 = sz13 if int4 else ss13
     sz2 = sz2 if int4 else ss2
@@ -1450,14 +1457,16 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
         num_warps=warps, **pdl_launch(x.device))
     bn, warps = down_tile or MOE_TILES["int4" if int4 else "fp8"][1]
     blocks = triton.cdiv(d, bn)
-    ws, counts = _moe_scratch(x.device, t * pairs * d, t * blocks)
-    gate = shared_gate if has_shared else topk_weights
-    _moe_down_kernel[(t * pairs, blocks)](
-        act, ids, topk_weights, gate, w2, s2, z2 if int4 else s2, sw2, ss2, sz2, ws, counts, out, d, inter,
+    slots = pairs + int(shared_out is not None)  # the down kernel's pairs a token: the shared output's too
+    ws, counts = _moe_scratch(x.device, t * slots * d, t * blocks)
+    gate = shared_gate if slots > top_k else topk_weights
+    so = shared_out if shared_out is not None else out  # not read without it
+    _moe_down_kernel[(t * slots, blocks)](
+        act, ids, topk_weights, gate, w2, s2, z2 if int4 else s2, sw2, ss2, sz2, ws, counts, out, so, d, inter,
         act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), sw2.stride(0), ss2.stride(0),
-        gate.stride(0), out.stride(0), TOP_K=top_k, HAS_SHARED=int(has_shared), GROUP=g2 if g2 < inter else inter + bk2,
-        INT4=int4, BN=bn, BK=bk2, EVEN_N=d % bn == 0, EVEN_K=inter % bk2 == 0, num_warps=warps,
-        **pdl_launch(x.device))
+        gate.stride(0), out.stride(0), so.stride(0), TOP_K=top_k, HAS_SHARED=int(slots > top_k),
+        GROUP=g2 if g2 < inter else inter + bk2, INT4=int4, BN=bn, BK=bk2, EVEN_N=d % bn == 0,
+        EVEN_K=inter % bk2 == 0, SHARED_OUT=shared_out is not None, num_warps=warps, **pdl_launch(x.device))
     return out
 
 
@@ -1559,7 +1568,7 @@ def _quant_linear(x, weight, scale, zeros, group):
 
 
 def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate,
-                 perm=None):
+                 perm=None, shared_out=None):
     """Past PAIR_MAX pairs: moe.blocked's grouped GEMMs on the quantized experts, each weight tile dequantized in
     the K loop (no dense copy of the experts); the shared expert as the dense projections run (_quant_linear),
     added in the combine. perm (act-order experts): the gate|up kernel reads each pair's row of pair_rows."""
@@ -1567,29 +1576,30 @@ def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, in
     quant = blocked.QuantExperts(tile=_int4_expert_tile if z13 is not None else _fp8_expert_tile, s13=s13,
                                  z13=z13 if z13 is not None else s13, s2=s2, z2=z2 if z2 is not None else s2,
                                  groups=(g13, g2), k_tiles=(bk13, bk2), inter=inter)
-    shared_out = None
     if shared is not None:
         sw13, ss13, sz13, sw2, ss2, sz2 = shared
         hidden = silu_and_mul(x=_quant_linear(x, sw13, ss13, sz13, group))
         shared_out = _quant_linear(hidden, sw2, ss2, sz2, group)
     return blocked.fused_moe(x=x, w13=w13, w2=w2, topk_weights=topk_weights, topk_ids=topk_ids, shared=shared_out,
-                             shared_gate=shared_gate if shared is not None else None, quant=quant,
+                             shared_gate=shared_gate if shared_out is not None else None, quant=quant,
                              pair_x=None if perm is None else pair_rows(x.contiguous(), topk_ids, perm))
 
 
 def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared=None, shared_gate=None,
-         perm=None):
+         perm=None, shared_out=None):
+    if shared is not None and shared_out is not None:
+        raise ValueError("the shared expert comes as weights (shared_w13, shared_w2) or as its output, not both")
     t, d = x.shape
     if topk_ids.numel() > PAIR_MAX:
         return _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate,
-                            perm)
+                            perm, shared_out)
     # the ids as the top-k kernel writes them (int64): the kernels widen what they load, so no cast launch
     ids = topk_ids.contiguous()
     x = x.contiguous()
     k = ids.shape[-1]
     if ids.numel() <= PAIR_GEMV_MAX:
         return _fused_pairs(x, topk_weights.contiguous(), ids, w13, s13, z13, w2, s2, z2, group, inter, shared,
-                            shared_gate, perm=perm)
+                            shared_gate, perm=perm, shared_out=shared_out)
     bm = 16
     plan = block_plan(ids, w13.shape[0], bm)[:3]
     xin = x if perm is None else pair_rows(x, ids, perm)
@@ -1600,6 +1610,8 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, sha
     y = (down.view(t, -1, d) * topk_weights.float().unsqueeze(-1)).sum(dim=1)
     if shared is not None:
         y += _shared_term(x, shared, shared_gate, group, inter)
+    elif shared_out is not None:
+        y += torch.sigmoid(shared_gate.float()) * shared_out.float()
     return y.to(x.dtype)
 
 
@@ -1608,19 +1620,20 @@ def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: to
                    w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
                    topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
                    shared_w2: tuple[torch.Tensor, ...] | None = None,
-                   shared_gate: torch.Tensor | None = None, w13_perm: torch.Tensor | None = None) -> torch.Tensor:
+                   shared_gate: torch.Tensor | None = None, w13_perm: torch.Tensor | None = None,
+                   shared_out: torch.Tensor | None = None) -> torch.Tensor:
     inter = w13_qweight.shape[1] // 2
     shared = (*shared_w13, *shared_w2) if shared_w13 is not None else None
     return _moe(x, topk_weights, topk_ids, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
-                group_size, inter, shared, shared_gate, w13_perm)
+                group_size, inter, shared, shared_gate, w13_perm, shared_out)
 
 
 def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, block_k: int, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
                   shared_w2: tuple[torch.Tensor, ...] | None = None,
-                  shared_gate: torch.Tensor | None = None) -> torch.Tensor:
+                  shared_gate: torch.Tensor | None = None, shared_out: torch.Tensor | None = None) -> torch.Tensor:
     shared = (shared_w13[0], shared_w13[1], None, shared_w2[0], shared_w2[1], None) if shared_w13 is not None \
         else None
     return _moe(x, topk_weights, topk_ids, w13, w13_scale, None, w2, w2_scale, None, block_k, w2.shape[2], shared,
-                shared_gate)
+                shared_gate, shared_out=shared_out)
