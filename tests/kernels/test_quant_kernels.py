@@ -604,7 +604,8 @@ def test_moe_shared_output_reference_adds_the_gated_output():
     gen = torch.Generator().manual_seed(5)
     qw13, s13, z13 = (t.cpu() for t in moe_weights("int4", 32, 16, 16, gen, 2))
     qw2, s2, z2 = (t.cpu() for t in moe_weights("int4", 16, 16, 16, gen, 2))
-    x, out, gate = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen), torch.randn(3, 1, generator=gen)
+    x, out = torch.randn(3, 16, generator=gen), torch.randn(3, 16, generator=gen)
+    gate = torch.randn(3, 1, generator=gen)
     w, ids = torch.rand(3, 1, generator=gen), torch.randint(0, 2, (3, 1), generator=gen)
     args = dict(x=x, w13_qweight=qw13, w13_scales=s13, w13_zeros=z13, w2_qweight=qw2, w2_scales=s2, w2_zeros=z2,
                 group_size=16, topk_weights=w, topk_ids=ids)

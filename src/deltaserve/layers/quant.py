@@ -1105,8 +1105,9 @@ class Int4ExpertsMethod(ExpertsMethod):
             more = f" (and {len(differ) - 1} more experts)" if len(differ) > 1 else ""
             raise QuantizationError(
                 f"{prefix}{e}.gate_proj and {prefix}{e}.up_proj{more}: their g_idx order the input columns "
-                "differently; the MoE kernels read an expert's gate and up rows with one order of its input (GPTQ gives both the same, from the same inputs), so this checkpoint cannot "
-                "be served as it is: quantize it again, without act-order or with one order for both")
+                "differently; the MoE kernels read an expert's gate and up rows with one order of its input (GPTQ "
+                "gives both the same, from the same inputs), so this checkpoint cannot be served as it is: quantize "
+                "it again, without act-order or with one order for both")
         i = layer.intermediate_size
         identity = torch.arange(gate.shape[1])
         layer.w13_perm = layer.w13_perm.copy_(gate) if (gate != identity).any() else None
