@@ -1,11 +1,15 @@
 """Whole-model decode step time (CUDA graph replay) at real shapes with dummy weights, against the bandwidth floor.
 
 python benchmarks/bench_decode.py [--models 9B 27B 35B-A3B] [--batches 1 8 64] [--context 1024]
-    [--kv-cache-dtype auto fp8 int8 int4] [--state-dtype float32 bfloat16] [--pdl off on]
+    [--kv-cache-dtype auto fp8 int8 int4] [--state-dtype float32 bfloat16] [--pdl off on] [--layers N]
 
 Each (--kv-cache-dtype, --state-dtype) pair gets its own caches and graph on the same loaded model; the floor counts
 the bytes each format reads (quantized pages and their scales, the state in its dtype), and "vs first" is the step
 time of the first pair (default: auto / float32) over this one's.
+
+--layers N: each model cut to its first N layers (its GDN / attention pattern kept; rows named "35B-A3B/20L"): a
+step and its floor both scale with the layers, so graph / floor stands for the whole model's where the whole model
+does not fit the card (35B-A3B at batch 256 on an 80 GB H100: 70 GB of weights plus 16 GB of fp32 GDN state).
 
 --pdl off on: an A/B of Programmatic Dependent Launch in one process (kernels/_device.py: "off" sets the switch to
 False, "on" to True, "auto" leaves it to DELTASERVE_PDL / the device); each setting gets its own graph capture, and
@@ -21,7 +25,8 @@ import itertools
 import torch
 import triton.testing
 
-from benchmarks.common import kv_bytes_per_token, measure_copy_bandwidth, model_config, print_report, state_bytes
+from benchmarks.common import SHAPES, kv_bytes_per_token, measure_copy_bandwidth, model_config, print_report
+from benchmarks.common import state_bytes
 from benchmarks.common import require_cuda
 from deltaserve.cache.tensors import CacheShape, ModelCache, kv_page_dtype
 from deltaserve.config.engine import KV_CACHE_DTYPES, STATE_DTYPES
@@ -97,6 +102,16 @@ def bench_one(name: str, batch: int, context: int, bw: float, model=None, kv: st
             "graph/floor": ms_graph / floor_ms, "tok/s": batch / ms_graph * 1e3}
 
 
+def first_layers(name: str, layers: int) -> str:
+    """The shape `name` cut to its first `layers` layers, registered in SHAPES under the name it returns."""
+    full = SHAPES[name]["num_hidden_layers"]
+    if not 0 < layers <= full:
+        raise SystemExit(f"--layers {layers}: {name} has {full} layers; give 1 to {full}")
+    cut = f"{name}/{layers}L"
+    SHAPES[cut] = {**SHAPES[name], "num_hidden_layers": layers}
+    return cut
+
+
 def _oom_row(name: str, batch: int, context: int, kv: str, state: str) -> dict:
     gc.collect()
     torch.cuda.empty_cache()
@@ -114,11 +129,12 @@ def main() -> None:
     ap.add_argument("--state-dtype", nargs="+", default=["float32"], choices=STATE_DTYPES)
     ap.add_argument("--pdl", nargs="+", default=["auto"], choices=list(PDL_SETTINGS),
                     help="Programmatic Dependent Launch settings to A/B (each captures its own graph)")
+    ap.add_argument("--layers", type=int, help="only each model's first N layers")
     args = ap.parse_args()
     require_cuda("bench_decode.py")
     bw = measure_copy_bandwidth()
     rows = []
-    for name in args.models:
+    for name in [first_layers(n, args.layers) for n in args.models] if args.layers else args.models:
         model = load_model(model_config(name), load_format="dummy", device="cuda", dtype=torch.bfloat16,
                            with_mtp=False)
         for b in args.batches:

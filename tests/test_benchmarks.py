@@ -31,6 +31,11 @@ def test_quant_bench_models_on_a_tiny_shape():
         assert model.model.layers[0].mlp.down_proj.method.name.endswith("w8a8") == (fmt == "fp8-w8a8")
         assert model.model.layers[0].linear_attn.in_proj.method.name.startswith("split(")
         assert torch.isfinite(SimpleRunner(model).step({0: [1, 2, 3]})[0]).all()
+    for fmt, name in (("gptq", "int4 g128"), ("gptq-act-order", "int4 g128 act-order")):  # Qwen's GPTQ layout
+        model = bench_quant.load("tiny", fmt, device="cpu", dtype=torch.float32)
+        assert model.model.layers[0].mlp.down_proj.method.name == name
+        assert model.model.layers[0].linear_attn.in_proj.method.name == "unquantized"
+        assert torch.isfinite(SimpleRunner(model).step({0: [1, 2, 3]})[0]).all()
 
 
 def test_quant_bench_labels_the_gemv_pipeline_that_ran():
@@ -470,3 +475,16 @@ def test_compile_check_compiles_the_moe_block_kernel():
     assert out.returncode == 0, out.stderr[-2000:]
     row = json.loads(out.stdout.splitlines()[-1])
     assert row["registers"] > 0 and row["mma"] > 0
+
+
+def test_bench_decode_cuts_a_model_to_its_first_layers():
+    """--layers N (a whole-model ratio where the whole model does not fit the card): the first N layers with the
+    model's own GDN / attention pattern; a count the model does not have is refused naming the range."""
+    from benchmarks.bench_decode import first_layers
+    from benchmarks.common import model_config
+
+    cfg = model_config(first_layers("35B-A3B", 20))
+    assert cfg.num_hidden_layers == 20 and len(cfg.full_attention_layers) == 5
+    assert cfg.layer_types == model_config("35B-A3B").layer_types[:20]
+    with pytest.raises(SystemExit, match="35B-A3B has 40 layers; give 1 to 40"):
+        first_layers("35B-A3B", 41)
