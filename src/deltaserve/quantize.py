@@ -70,14 +70,14 @@ def quantize_gptq(w: torch.Tensor, group_size: int = 128, desc_act: bool = False
             "scales": scales, "g_idx": g_idx}
 
 
-_EXPERT_GATE_UP = re.compile(r"(.*\.experts\.\d+\.)(gate|up)_proj\.weight$")
+_GATE_UP = re.compile(r"(.*\.mlp\.(?:experts\.\d+\.|shared_expert\.)?)(gate|up)_proj\.weight$")
 
 
-def _expert_order(name: str, tensors: dict[str, torch.Tensor], files: list[Path]) -> torch.Tensor | None:
-    """An expert's gate_proj and up_proj read the same input, so GPTQ (one Hessian for both) gives them one
-    act-order: here the decreasing norms of their stacked columns, gate rows first whichever is asked (the MoE kernels
-    need that one order). None for any other weight."""
-    m = _EXPERT_GATE_UP.match(name)
+def _gate_up_order(name: str, tensors: dict[str, torch.Tensor], files: list[Path]) -> torch.Tensor | None:
+    """An MLP's (or an expert's) gate_proj and up_proj read the same input, so GPTQ (one Hessian for both) gives them
+    one act-order: here the decreasing norms of their stacked columns, gate rows first whichever is asked (one order
+    lets them run as one GEMM; the MoE kernels need it). None for any other weight."""
+    m = _GATE_UP.match(name)
     if m is None:
         return None
     pair = [_tensor(f"{m[1]}{p}_proj.weight", tensors, files) for p in ("gate", "up")]
@@ -185,7 +185,7 @@ def _write(src: Path, out: Path, config: dict, *, method: str, group_size: int, 
             elif method == "int4" and is_linear and re.match(GPTQ_ONLY, module) and not module.startswith("mtp."):
                 base = name[:-len(".weight")]
                 try:
-                    order = _expert_order(name, tensors, files) if desc_act else None
+                    order = _gate_up_order(name, tensors, files) if desc_act else None
                     quantized = quantize_gptq(t, group_size, desc_act, order=order)
                 except ValueError as e:
                     raise ValueError(f"{name} {list(t.shape)}: {e}") from None

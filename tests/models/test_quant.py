@@ -152,9 +152,10 @@ def _oracle_check(qdir: Path, seed: int = 3) -> None:
 
 @pytest.mark.parametrize("kind", ["q_dense", "q_moe"])
 def test_own_writer_gptq_act_order(bf16_dirs, kind, tmp_path):
-    """desc_act true: g_idx a permutation of k // G (no independent writer produces it on CPU). MoE: each expert's
-    gate and up share one order, its down projection another (the loader puts the gate and up rows in it; groups of
-    32 so that the experts' 128 intermediate columns are several groups); act-order experts were refused before."""
+    """desc_act true: g_idx a permutation of k // G (no independent writer produces it on CPU); gate and up share
+    one order, as GPTQ gives them. MoE: each expert's down projection has another (the loader puts the gate and up
+    rows in it; groups of 32 so that the experts' 128 intermediate columns are several groups); act-order experts
+    were refused before."""
     group = 32 if kind == "q_moe" else 128
     out = quantize_checkpoint(bf16_dirs[kind], tmp_path / "gptq", method="int4", desc_act=True, group_size=group)
     t = load_file(out / "model.safetensors")
@@ -162,10 +163,28 @@ def test_own_writer_gptq_act_order(bf16_dirs, kind, tmp_path):
     g = {p: t[f"{mlp}{p}_proj.g_idx"].long() for p in ("gate", "up", "down")}
     for p in ("gate", "down"):
         assert not torch.equal(g[p], torch.arange(g[p].numel()) // group)
+    assert torch.equal(g["gate"], g["up"])  # one input, one order (as GPTQ's one Hessian gives)
+    model = load_model(ModelConfig.from_hf(out), dtype="float32")
     if kind == "q_moe":
-        assert torch.equal(g["gate"], g["up"])
-        model = load_model(ModelConfig.from_hf(out), dtype="float32")
         assert model.model.layers[0].mlp.experts.w13_perm is not None
+    else:  # gate|up stays one GEMM behind one gather of its input (each part had its own before)
+        gate_up = model.model.layers[0].mlp.gate_up_proj
+        assert gate_up.method.name == "int4 g128 act-order" and gate_up.perm is not None
+    _oracle_check(out)
+
+
+def test_act_order_parts_with_different_orders_stay_apart(bf16_dirs, tmp_path):
+    """gate_proj and up_proj in two orders of their input cannot share one gather: the merged projection runs them
+    as two GEMMs, each behind its own, and the logits are still those of the dequantized model."""
+    out = quantize_checkpoint(bf16_dirs["q_dense"], tmp_path / "gptq", method="int4", desc_act=True)
+    t = load_file(out / "model.safetensors")
+    name = "model.layers.0.mlp.up_proj.g_idx"
+    t[name] = t[name][torch.randperm(t[name].numel(), generator=torch.Generator().manual_seed(1))].contiguous()
+    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+    model = load_model(ModelConfig.from_hf(out), dtype="float32")
+    gate, up = model.model.layers[0].mlp.gate_up_proj.parts
+    assert gate.perm is not None and up.perm is not None and not torch.equal(gate.perm, up.perm)
+    assert model.model.layers[1].mlp.gate_up_proj.perm is not None  # the other layers' stay one GEMM
     _oracle_check(out)
 
 

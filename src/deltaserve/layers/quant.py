@@ -469,6 +469,16 @@ class QuantResolver:
             conf = replace(conf, act_order=g in self.present and self._permutes(g, conf.group_size))
         return conf
 
+    def same_order(self, a: str, b: str, fmt: WeightFormat) -> bool:
+        """Whether act-order projections `a` and `b` (int4 `fmt`) order their input columns alike (one stable sort of
+        equal g_idx), so that a merged projection can gather its input once for both (GPTQ gives projections that
+        read the same input one order: it comes from their inputs' Hessian). Dummy weights: the identity order."""
+        if self.read is None or self.present is None:
+            return True
+        key = "g_idx" if fmt.checkpoint == "gptq" else "weight_g_idx"
+        names = [f"{n}.{key}" for n in (a, b)]
+        return all(n in self.present for n in names) and torch.equal(*(self.read(n).long() for n in names))
+
     def _per_tensor(self, name: str, conf: WeightFormat) -> WeightFormat:
         """A per-channel FP8 format whose checkpoint holds one scale for the whole weight (a scalar or [1], as AutoFP8
         and compressed-tensors strategy "tensor" write) reads it per tensor (each row takes that scale)."""
@@ -1242,15 +1252,18 @@ def quantize_model(model: nn.Module, resolver: QuantResolver, *, dtype: torch.dt
         if isinstance(module, MergedLinear):
             parent = path.rpartition(".")[0]
             groups: list[tuple[dict[str, int], WeightFormat]] = []
+            last = ""
             for shard, size in module.shards.items():
                 name = f"{parent}.{shard}" if parent else shard
                 router = shard in _ROUTER_SHARDS and parent.endswith("mlp")
                 fmt = resolver.linear(name, dummy_default=not router)
                 note(name, fmt)
-                if groups and groups[-1][1] == fmt and not fmt.act_order:
+                # act-order parts share one GEMM only where they share one order of the input
+                if groups and groups[-1][1] == fmt and (not fmt.act_order or resolver.same_order(last, name, fmt)):
                     groups[-1][0][shard] = size
                 else:
                     groups.append(({shard: size}, fmt))
+                last = name
             if len(groups) == 1:
                 method = linear_method(groups[0][1], resolver.present)
             else:
