@@ -74,8 +74,10 @@ def build_app(engine: AsyncLLM, config: ServerConfig, *, shutdown_engine: bool =
     app.add_middleware(RequestGuard, max_body_bytes=config.max_request_bytes, body_timeout=config.body_timeout)
     # added last, so outermost: a preflight is answered before the key check (browsers send it without the key), and
     # every response, the guard's 408/413 and a 401 included, carries what the page needs to read it
+    # the request id (errors name it) readable by a page's script too, so a browser client can report it
     app.add_middleware(CORSMiddleware, allow_origins=config.allowed_origins, allow_methods=config.allowed_methods,
-                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials)
+                       allow_headers=config.allowed_headers, allow_credentials=config.allow_credentials,
+                       expose_headers=["X-Request-Id"])
     return app
 
 
