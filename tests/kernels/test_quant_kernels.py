@@ -485,6 +485,25 @@ def test_moe_fp8_f16_interpreted(gemv_fp8_f16):
     assert gemv_fp8_f16
 
 
+def check_act_order_linear(m: int, n: int, k: int, seed: int = 0) -> None:
+    """int4_linear with an act-order perm (the fp16-product GEMV gathers x in its activation copy) against the
+    reference, which gathers first; NaN-poisoned output on a GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16).to(DEV)
+    qw, s, z = int4_weight(n, k, 128, gen)
+    perm = torch.randperm(k, generator=gen).to(DEV)
+    want = ref.int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=128, perm=perm)
+    if DEV != "cpu":
+        torch.full((m * n * 4,), float("nan"), device=DEV)
+    got = qt.int4_linear(x=x, qweight=qw, scales=s, zeros=z, group_size=128, perm=perm)
+    exact = x[:, perm].double() @ ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=128, k=k).double().T
+    assert_error_within(got, want, exact, atol=1e-4)
+
+
+def test_act_order_gemv_gathers_in_its_activation_copy_interpreted(gemv_f16):
+    check_act_order_linear(2, 48, 256)
+
+
 def test_gemv_refuses_more_rows_than_it_tiles():
     x = torch.zeros(qt.GEMV_SWEEP_ROWS + 1, 64, dtype=torch.bfloat16, device=DEV)
     w, s = fp8_weight(16, 64, 32, torch.Generator().manual_seed(0))
@@ -793,6 +812,14 @@ def test_moe_gpu(kind, tokens, shape, shared):
 def test_gemv_f16_gpu(gemv_f16, n, k, m):
     """The F16_FMA GEMV at 27B's projections and odd sizes, NaN-poisoned output."""
     check_gemm("int4", m, n, k, 128, torch.bfloat16, seed=n + k + m, unpack=4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("n,k", SHAPES_27B[2:4] + ODD[:2])
+def test_act_order_gemv_gpu(n, k, m):
+    check_act_order_linear(m, n, k, seed=n + k + m)
 
 
 @gpu

@@ -672,15 +672,16 @@ def plane_major(x: torch.Tensor, bk: int) -> torch.Tensor:
 
 
 @triton.jit
-def _plane_major_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr,
-                            PDL: tl.constexpr = False):
-    """Row program_id(0), K tile program_id(1) of plane_major_f16()."""
+def _plane_major_f16_kernel(x_ptr, perm_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr,
+                            PERM: tl.constexpr = False, PDL: tl.constexpr = False):
+    """Row program_id(0), K tile program_id(1) of plane_major_f16(); PERM: column col of x read at perm[col]."""
     wait_then_release(PDL)  # x: the previous kernel's output
     row, t = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, BK)  # the fp16 slot: half j % 2 of word j // 2 = (pair-plane p, column group c)
     p, c = (j // 2) // (BK // 8), (j // 2) % (BK // 8)
     col = t * BK + 8 * c + p + 4 * (j % 2)
-    x = tl.load(x_ptr + row * stride_xm + col, mask=col < K, other=0.0).to(tl.float32)
+    src = tl.load(perm_ptr + col, mask=col < K, other=0) if PERM else col
+    x = tl.load(x_ptr + row * stride_xm + src, mask=col < K, other=0.0).to(tl.float32)
     e = (tl.max(tl.abs(x)).to(tl.int32, bitcast=True) >> 23) & 0xFF  # the tile's largest |x| is in [2^(e-127), ..)
     n = tl.minimum(141 - e, 126)  # 2^n x: largest in [2^14, 2^15) (inf, NaN: stay so; 2^n and 2^-n stay normal)
     odd = (p % 2) == 1
@@ -691,8 +692,9 @@ def _plane_major_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl
     tl.store(tail + 1, tl.sum(y.to(tl.float32) * tl.where(odd, 16.0, 1.0)))
 
 
-def plane_major_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
-    """x [M, K] (contiguous rows) -> int32 [M, W], the F16_FMA GEMV's activations: per tile of bk columns, x times a
+def plane_major_f16(x: torch.Tensor, bk: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] (contiguous rows; perm given: x[:, perm], the gather of act-order in the same launch) -> int32
+    [M, W], the F16_FMA GEMV's activations: per tile of bk columns, x times a
     power of two 2^n that brings the tile's largest |x| to [2^14, 2^15) (any finite row fits fp16 and keeps its
     11 bits: bf16 exactly, fp32 rounded once; products of the small ones round like subnormals, about 2^-16 of the
     tile's sum), as fp16 pairs: pair-plane p's word c holds columns 8c + p and 8c + p + 4 (odd p divided by 16),
@@ -702,8 +704,9 @@ def plane_major_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
     tiles = triton.cdiv(k, bk)
     out = torch.empty(m, tiles * bk // 2 + triton.cdiv(2 * tiles, 16) * 16, dtype=torch.int32, device=x.device)
     if m:
-        _plane_major_f16_kernel[(m, tiles)](x, out.view(torch.float16), out.view(torch.float32), k, x.stride(0),
-                                            out.stride(0), BK=bk, num_warps=1, **pdl_launch(x.device))
+        _plane_major_f16_kernel[(m, tiles)](x, x if perm is None else perm, out.view(torch.float16),
+                                            out.view(torch.float32), k, x.stride(0), out.stride(0), BK=bk,
+                                            PERM=perm is not None, num_warps=1, **pdl_launch(x.device))
     return out
 
 
@@ -1098,9 +1101,10 @@ _warned: set[tuple[int, int, int]] = set()  # shapes whose split-K call fell bac
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
                group: int, out: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None,
-               unpack: int | None = None, act_fp8: bool = False) -> torch.Tensor:
-    """x [M, K] (contiguous rows) times the int4 (zeros given) or fp8 weight -> [M, N] in x.dtype. `out`: where the
-    result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
+               unpack: int | None = None, act_fp8: bool = False, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """x[:, perm] [M, K] (contiguous rows; perm: act-order int4, else None) times the int4 (zeros given) or fp8
+    weight -> [M, N] in x.dtype (the gather done by the fp16-product GEMV's activation copy, else first). `out`:
+    where the result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
     num_warps, num_stages]) instead of the plan; `unpack`: the kernel variant (benchmarks; default: the fastest one
     the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows (_gemv_default), else 0,
     dequantize-then-dot (the tile dequantized in fp32 and rounded as the reference does; faster than UNPACK 3's
@@ -1162,10 +1166,14 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                             "torch adds its partial sums (two more launches; warm up eagerly first)", m, k, n, k)
             dest = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
     f16 = unpack == 4 and (GEMV_F16 if int4 else _fp8_f16_ok(x, bk, weight)) and x.dtype == torch.bfloat16
-    if unpack == 4 and int4:
-        xk = plane_major_f16(x, bk) if f16 else plane_major(x, bk)
+    if unpack == 4 and int4 and f16:
+        xk = plane_major_f16(x, bk, perm)
     else:
-        xk = act_f16(x, bk) if f16 else x
+        x = x if perm is None else x.index_select(-1, perm)
+        if unpack == 4 and int4:
+            xk = plane_major(x, bk)
+        else:
+            xk = act_f16(x, bk) if f16 else x
     common = (xk, weight, scale, zeros if int4 else scale, dest, ws, counts, m, n, k, xk.stride(0), weight.stride(0),
               scale.stride(0), dest.stride(0) if dest is not out else 0, dest.stride(-2), k_per_split)
     consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, SPLIT=reduce,
@@ -1229,12 +1237,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                 group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
-    if perm is not None:
-        x = x.index_select(-1, perm)
     x2 = _rows(x)
     if x2.shape[0] > FUSED_MAX_ROWS:
+        x = x if perm is None else x.index_select(-1, perm)
         return torch.nn.functional.linear(x, dequantize(qweight, scales, zeros, group_size, x.shape[-1], x.dtype))
-    y = quant_gemm(x2, qweight, scales, zeros, group_size)
+    y = quant_gemm(x2, qweight, scales, zeros, group_size, perm=perm)
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 
