@@ -3,11 +3,11 @@
 python benchmarks/bench_prefill.py [--models 9B 27B] [--lengths 1024 8192 32768] [--formats bf16 fp8 int4]
 
 --formats: the projections stored as bench_quant.py stores them (fp8: Qwen's 128x128 blocks; int4: AWQ-style g128;
-fp8-w8a8: fp8 with dynamic fp8 activations; gptq / gptq-act-order: Qwen's GPTQ-Int4 layout, desc_act false / true); each quantized row reports its rate
-against the bf16 row of the same model and length (the issue's FP8 target: at least 80% of the bf16 rate at 8k
-tokens). FLOPs are counted on the bf16
-model, so a quantized row's TFLOP/s needs bf16 in the list. --graph: each step also captured in one CUDA graph and
-replayed, beside the eager time (what the host's launches add to an eager step).
+fp8-w8a8: fp8 with dynamic fp8 activations; gptq / gptq-act-order: Qwen's GPTQ-Int4 layout, desc_act false / true);
+each quantized row reports its rate against the bf16 row of the same model and length (the issue's FP8 target: at
+least 80% of the bf16 rate at 8k tokens). FLOPs are counted on the bf16 model, so a quantized row's TFLOP/s needs
+bf16 in the list. --graph: each step also captured in one CUDA graph and replayed, beside the eager time (what the
+host's launches add to an eager step).
 """
 
 from __future__ import annotations
