@@ -619,6 +619,43 @@ def test_moe_shared_output_interpreted(kind, monkeypatch):
               shared="out", act_order=kind == "int4")
 
 
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_shared_dense_interpreted(kind, monkeypatch):
+    """A bf16 shared expert beside int4 / fp8 experts (Qwen's GPTQ-Int4 layout) given to the op as its dense
+    weights: one more pair per token in the per-pair kernels (tiles that do not divide the intermediate or hidden
+    size, gate/up split over K), torch's GEMMs and an added output on the other two paths; act-order experts too."""
+    monkeypatch.setitem(qt.MOE_TILES, kind, ((64, 4, 2), (64, 4)))  # gate/up: 6 K tiles of 16 in 3 ranges
+    check_moe(kind, tokens=3, experts=4, top_k=2, d=96, inter=48, group=16, dtype=torch.bfloat16, shared="dense",
+              first_slot_expert=0)
+    check_moe(kind, tokens=2, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=2,
+              shared="dense", act_order=kind == "int4")
+    monkeypatch.setattr(qt, "PAIR_GEMV_MAX", 4)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=3,
+              shared="dense")
+    monkeypatch.setattr(qt, "PAIR_MAX", 8)
+    check_moe(kind, tokens=9, experts=4, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=4,
+              shared="dense")
+
+
+def test_moe_shared_dense_reference_is_the_bf16_expert():
+    """ref.int4_fused_moe with dense shared weights adds sigmoid(gate) * SiLU-MLP(x) to the routed sum."""
+    gen = torch.Generator().manual_seed(6)
+    qw13, s13, z13 = (t.cpu() for t in moe_weights("int4", 32, 16, 16, gen, 2))
+    qw2, s2, z2 = (t.cpu() for t in moe_weights("int4", 16, 16, 16, gen, 2))
+    x, gate = torch.randn(3, 16, generator=gen), torch.randn(3, 1, generator=gen)
+    sw13, sw2 = torch.randn(32, 16, generator=gen), torch.randn(16, 16, generator=gen)
+    w, ids = torch.rand(3, 1, generator=gen), torch.randint(0, 2, (3, 1), generator=gen)
+    args = dict(x=x, w13_qweight=qw13, w13_scales=s13, w13_zeros=z13, w2_qweight=qw2, w2_scales=s2, w2_zeros=z2,
+                group_size=16, topk_weights=w, topk_ids=ids)
+    h = x @ sw13.T
+    mlp = (torch.nn.functional.silu(h[:, :16]) * h[:, 16:]) @ sw2.T
+    want = ref.int4_fused_moe(**args) + torch.sigmoid(gate) * mlp
+    got = ref.int4_fused_moe(**args, shared_w13=sw13, shared_w2=sw2, shared_gate=gate)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="both dense tensors or both tuples"):
+        qt.int4_fused_moe(**args, shared_w13=sw13, shared_w2=(qw2[0], s2[0], z2[0]), shared_gate=gate)
+
+
 def test_moe_shared_output_reference_adds_the_gated_output():
     gen = torch.Generator().manual_seed(5)
     qw13, s13, z13 = (t.cpu() for t in moe_weights("int4", 32, 16, 16, gen, 2))
@@ -673,8 +710,9 @@ def moe_weights(kind, n, k, group, gen, experts=None):
 
 def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0, shared=False, first_slot_expert=None,
               column_major=False, act_order=False):
-    """shared: True (the shared expert's weights in the experts' format, run by the op) or "out" (its output, from
-    its own layers, added by the op); act_order (int4): each expert reads its input in an order of its own."""
+    """shared: True (the shared expert's weights in the experts' format, run by the op), "dense" (its bf16 weights,
+    run by the op) or "out" (its output, from its own layers, added by the op); act_order (int4): each expert reads
+    its input in an order of its own."""
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, d, generator=gen).to(dtype).to(DEV)
     if column_major:  # x.stride(-1) != 1: a transposed view, as a caller may hand it
@@ -698,6 +736,10 @@ def check_moe(kind, tokens, experts, top_k, d, inter, group, dtype, seed=0, shar
         fn_ref, fn = ref.fp8_fused_moe, qt.fp8_fused_moe
     if shared == "out":
         args.update(shared_out=torch.randn(tokens, d, generator=gen).to(dtype).to(DEV),
+                    shared_gate=torch.randn(tokens, 1, generator=gen).to(dtype).to(DEV))
+    elif shared == "dense":
+        args.update(shared_w13=(0.1 * torch.randn(2 * inter, d, generator=gen)).to(dtype).to(DEV),
+                    shared_w2=(0.1 * torch.randn(d, inter, generator=gen)).to(dtype).to(DEV),
                     shared_gate=torch.randn(tokens, 1, generator=gen).to(dtype).to(DEV))
     elif shared:
         args.update(shared_w13=moe_weights(kind, 2 * inter, d, group, gen),
@@ -881,9 +923,12 @@ def test_moe_prefill_gpu(kind):
 @needs_cuda
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
 @pytest.mark.parametrize("tokens", [1, 8, 300, 2100])
-def test_moe_shared_output_gpu(kind, tokens):
-    """The shared expert's output added by the op, 35B-A3B's shape, every path, NaN-poisoned output."""
-    check_moe(kind, tokens, 256, 8, 2048, 512, 128, torch.bfloat16, seed=tokens, shared="out")
+@pytest.mark.parametrize("shared", ["out", "dense"])
+def test_moe_shared_output_gpu(kind, tokens, shared):
+    """The shared expert's output added by the op, or its bf16 weights run by it (Qwen's GPTQ layout), 35B-A3B's
+    shape, every path, NaN-poisoned output; the per-pair path with act-order experts too."""
+    check_moe(kind, tokens, 256, 8, 2048, 512, 128, torch.bfloat16, seed=tokens, shared=shared,
+              act_order=kind == "int4" and shared == "dense" and tokens == 1)
 
 
 @gpu

@@ -521,6 +521,28 @@ def test_shared_expert_folds_into_the_experts_op_only_when_formats_match(name, f
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def test_unquantized_shared_expert_runs_in_the_int4_experts_op(tmp_path):
+    """Qwen's GPTQ-Int4 layout: int4 experts beside a shared expert kept in full precision ("-:" in `dynamic`). The
+    shared expert's dense weights go into the experts' op (its per-pair kernels run them as one more pair) instead
+    of its own three launches and an added output; the model equals transformers on the dequantized weights."""
+    from deltaserve.layers.quant import _shared_kwargs
+    src = FIXTURES / "gptq_moe"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    qc = {**qc, "dynamic": {"-:.*shared_expert\\..*": {}, **qc.get("dynamic", {})}}
+
+    def dense_shared(t):
+        for base in [k[:-len(".qweight")] for k in t if ".shared_expert." in k and k.endswith(".qweight")]:
+            t[base + ".weight"] = dequant_gptq_file(t, base, qc["group_size"]).contiguous()
+            for suffix in (".qweight", ".qzeros", ".scales", ".g_idx"):
+                t.pop(base + suffix)
+    path = _with_config(src, tmp_path / "qwen_layout", qc, dense_shared)
+    moe = load_model(ModelConfig.from_hf(path), dtype="float32").model.layers[0].mlp
+    assert moe.experts.method.name.startswith("int4") and moe.shared_expert.down_proj.method.name == "unquantized"
+    kw = _shared_kwargs(moe.experts, torch.zeros(1, moe.experts.hidden_size), moe.shared_expert, None)
+    assert kw["shared_w13"] is moe.shared_expert.gate_up_proj.weight and "shared_out" not in kw
+    _oracle_check(path)
+
+
 def test_only_a_permuted_g_idx_is_act_order(tmp_path, caplog):
     """GPTQ writes a g_idx with desc_act false too (k // group_size). Every module holding one used to be taken as
     act-order: logged so, gate|up and q|k|v split into one GEMM per projection, an identity permutation of the

@@ -15,6 +15,11 @@ from deltaserve.layers.weights import TensorSource, WeightSlot, init_dummy_param
 from deltaserve.parallel import sharding
 
 
+def unquantized_mlp(mlp: MLP) -> bool:
+    """Both projections of the MLP hold plain dense weights (no quantized method)."""
+    return all(type(p.method) is LinearMethod for p in (mlp.gate_up_proj, mlp.down_proj))
+
+
 class ExpertsMethod:
     """How the routed experts store and apply their weights. This one: fused bf16 tensors as Hugging Face
     checkpoints store them, gate_up_proj [E, 2I, D] (rows [0, I) gate, [I, 2I) up) and down_proj [E, D, I]."""
@@ -30,8 +35,7 @@ class ExpertsMethod:
               shared: MLP | None, shared_gate: torch.Tensor | None) -> torch.Tensor:
         # An unquantized shared expert runs inside the same op, as one more expert per token weighted by
         # sigmoid(its gate); any other runs through its own layers and is added.
-        fold = shared is not None and all(type(p.method) is LinearMethod
-                                          for p in (shared.gate_up_proj, shared.down_proj))
+        fold = shared is not None and unquantized_mlp(shared)
         out = fused_moe(x=x, w13=layer.gate_up_proj, w2=layer.down_proj, topk_weights=topk_weights,
                         topk_ids=topk_ids, shared_w13=shared.gate_up_proj.weight if fold else None,
                         shared_w2=shared.down_proj.weight if fold else None,

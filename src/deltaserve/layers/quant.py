@@ -38,7 +38,7 @@ from deltaserve.kernels.quant import fp8_fused_moe, fp8_linear, int4_fused_moe, 
 from deltaserve.kernels.quant.ref import ACT_GROUP, pack_int4, unpack_int4
 from deltaserve.layers.linear import Linear, LinearMethod, MergedLinear, new_param, tp_shard
 from deltaserve.layers.mlp import MLP
-from deltaserve.layers.moe import Experts, ExpertsMethod
+from deltaserve.layers.moe import Experts, ExpertsMethod, unquantized_mlp
 from deltaserve.layers.weights import TensorSource, WeightSlot, seeded
 from deltaserve.parallel.sharding import Shard, read_part
 
@@ -1081,7 +1081,7 @@ class Int4ExpertsMethod(ExpertsMethod):
         fold = _foldable_shared(layer, shared, Int4LinearMethod)
         kw = dict(shared_w13=(fold.gate_up_proj.qweight, fold.gate_up_proj.scales, fold.gate_up_proj.zeros),
                   shared_w2=(fold.down_proj.qweight, fold.down_proj.scales, fold.down_proj.zeros),
-                  shared_gate=shared_gate) if fold else _shared_output(x, shared, shared_gate)
+                  shared_gate=shared_gate) if fold else _shared_kwargs(layer, x, shared, shared_gate)
         return int4_fused_moe(x=x, w13_qweight=layer.w13_qweight, w13_scales=layer.w13_scales,
                               w13_zeros=layer.w13_zeros, w2_qweight=layer.w2_qweight, w2_scales=layer.w2_scales,
                               w2_zeros=layer.w2_zeros, group_size=layer.group_size, topk_weights=topk_weights,
@@ -1157,7 +1157,7 @@ class Fp8ExpertsMethod(ExpertsMethod):
         fold = _foldable_shared(layer, shared, Fp8LinearMethod)
         kw = dict(shared_w13=(fold.gate_up_proj.weight, fold.gate_up_proj.weight_scale),
                   shared_w2=(fold.down_proj.weight, fold.down_proj.weight_scale), shared_gate=shared_gate) \
-            if fold else _shared_output(x, shared, shared_gate)
+            if fold else _shared_kwargs(layer, x, shared, shared_gate)
         return fp8_fused_moe(x=x, w13=layer.w13, w13_scale=layer.w13_scale, w2=layer.w2, w2_scale=layer.w2_scale,
                              block_k=layer.block_k, topk_weights=topk_weights, topk_ids=topk_ids, **kw)
 
@@ -1205,10 +1205,16 @@ def _foldable_shared(layer: Experts, shared, method: type) -> MLP | None:
     return shared
 
 
-def _shared_output(x: torch.Tensor, shared, shared_gate) -> dict:
-    """A shared expert the experts' op cannot run (another format or size) runs through its own layers; its output
-    goes into the op, which adds it weighted by sigmoid(shared_gate) in its fp32 sum (no launches of its own)."""
-    return {} if shared is None else dict(shared_out=shared(x), shared_gate=shared_gate)
+def _shared_kwargs(layer: Experts, x: torch.Tensor, shared, shared_gate) -> dict:
+    """A shared expert in another format than the experts'. Unquantized with the experts' intermediate size (Qwen's
+    GPTQ-Int4 layout keeps it bf16): its dense weights go into the op, whose per-pair kernels run it as one more
+    pair (three launches fewer a layer at decode batches). Otherwise it runs through its own layers and its output
+    goes into the op, which adds it weighted by sigmoid(shared_gate) in its fp32 sum."""
+    if shared is None:
+        return {}
+    if shared.down_proj.in_features == layer.intermediate_size and unquantized_mlp(shared):
+        return dict(shared_w13=shared.gate_up_proj.weight, shared_w2=shared.down_proj.weight, shared_gate=shared_gate)
+    return dict(shared_out=shared(x), shared_gate=shared_gate)
 
 
 def experts_method(fmt: WeightFormat, present: Set[str] | None) -> ExpertsMethod:

@@ -112,6 +112,16 @@ def pair_rows(x: torch.Tensor, topk_ids: torch.Tensor, perm: torch.Tensor, share
     return torch.cat([rows.view(t, k, -1), x.unsqueeze(1)], dim=1).reshape(t * (k + 1), -1)
 
 
+def _shared(w13, w2, dequant, k13: int | None, k2: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The shared expert's (w13, w2) for _moe: given in the experts' format (tuples, dequantized with the K of each)
+    or as dense tensors (bf16 / fp16: a shared expert kept unquantized, as Qwen's GPTQ-Int4 layout keeps it)."""
+    if w13 is None:
+        return None
+    if isinstance(w13, torch.Tensor):
+        return w13, w2
+    return dequant(w13, k13), dequant(w2, k2)
+
+
 def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert, shared=None,
          shared_gate: torch.Tensor | None = None, shared_out: torch.Tensor | None = None) -> torch.Tensor:
     """The routed-expert sum of kernels/moe/ref.fused_moe with expert e's weights from expert(e) -> (w13, w2), and
@@ -142,15 +152,16 @@ def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, ex
 def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
                    w13_zeros: torch.Tensor, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
                    w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
-                   topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
-                   shared_w2: tuple[torch.Tensor, ...] | None = None,
+                   topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
+                   shared_w2: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
                    shared_gate: torch.Tensor | None = None, w13_perm: torch.Tensor | None = None,
                    shared_out: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts with int4 weights: w13 [E, 2I, D] (gate rows then up rows), w2 [E, D, I], in the int4
     layout above. x: [T, D]; topk_*: [T, top_k] -> [T, D] in x.dtype. shared_w13 / shared_w2: the shared expert's
-    (qweight, scales, zeros) [2I, ...] / [D, ...] in the same format and group size, added as one more expert per
-    token weighted by sigmoid(shared_gate [T, 1]); or shared_out: its output [T, D] where it runs in another format,
-    added so weighted. w13_perm: act-order experts' column orders (layout above)."""
+    (qweight, scales, zeros) [2I, ...] / [D, ...] in the same format and group size, or its dense (bf16 / fp16)
+    weights [2I, D] / [D, I] as two tensors, added as one more expert per token weighted by sigmoid(shared_gate
+    [T, 1]); or shared_out: its output [T, D] where it runs in another format, added so weighted. w13_perm:
+    act-order experts' column orders (layout above)."""
     d, inter = x.shape[-1], w13_qweight.shape[1] // 2
 
     def dequant(w: tuple[torch.Tensor, ...], k: int) -> torch.Tensor:
@@ -161,21 +172,22 @@ def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: to
         if w13_perm is not None:  # back in input-column order: stored column j multiplies x[perm[e, j]]
             w13 = torch.empty_like(w13).index_copy_(1, w13_perm[e].long(), w13)
         return w13, dequant((w2_qweight[e], w2_scales[e], w2_zeros[e]), inter)
-    shared = (dequant(shared_w13, d), dequant(shared_w2, inter)) if shared_w13 is not None else None
+    shared = _shared(shared_w13, shared_w2, dequant, d, inter)
     return _moe(x, topk_weights, topk_ids, expert, shared, shared_gate, shared_out)
 
 
 def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, block_k: int, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
-                  shared_w2: tuple[torch.Tensor, ...] | None = None,
+                  topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
+                  shared_w2: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
                   shared_gate: torch.Tensor | None = None, shared_out: torch.Tensor | None = None) -> torch.Tensor:
     """The routed experts with fp8 weights (layout above): w13 [E, 2I, D], w2 [E, D, I]; shared_w13 / shared_w2:
-    the shared expert's (weight, scale) with the same block_k, or shared_out, as in int4_fused_moe."""
-    def dequant(w: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    the shared expert's (weight, scale) with the same block_k or its dense weights, or shared_out, as in
+    int4_fused_moe."""
+    def dequant(w: tuple[torch.Tensor, ...], k: None = None) -> torch.Tensor:  # k: as int4's (the scales tell)
         return dequant_fp8(weight=w[0], scale=w[1], block_k=block_k)
 
     def expert(e: int):
         return dequant((w13[e], w13_scale[e])), dequant((w2[e], w2_scale[e]))
-    shared = (dequant(shared_w13), dequant(shared_w2)) if shared_w13 is not None else None
+    shared = _shared(shared_w13, shared_w2, dequant, None, None)
     return _moe(x, topk_weights, topk_ids, expert, shared, shared_gate, shared_out)

@@ -52,6 +52,7 @@ import triton.language as tl
 from deltaserve.kernels._device import capability, device_name, num_sms, pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.activation.triton import silu_and_mul
+from deltaserve.kernels.linear.gpu import linear as dense_linear
 from deltaserve.kernels.linear.triton import _scratch
 from deltaserve.kernels.moe import blocked
 from deltaserve.kernels.moe.blocked import _block_rows, block_plan, max_blocks
@@ -672,16 +673,27 @@ def plane_major(x: torch.Tensor, bk: int) -> torch.Tensor:
 
 
 @triton.jit
-def _plane_major_f16_kernel(x_ptr, perm_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr,
-                            PERM: tl.constexpr = False, PDL: tl.constexpr = False):
-    """Row program_id(0), K tile program_id(1) of plane_major_f16(); PERM: column col of x read at perm[col]."""
+def _plane_major_f16_kernel(x_ptr, perm_ptr, ids_ptr, h_ptr, f_ptr, K, stride_xm, stride_pe, stride_om,
+                            BK: tl.constexpr, PERM: tl.constexpr = False, TOP_K: tl.constexpr = 0,
+                            SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
+    """Row program_id(0), K tile program_id(1) of plane_major_f16(); PERM: column col of x read at perm[col].
+    TOP_K > 0: row r is pair (token r // (TOP_K + SHARED), slot j) of ids [T, TOP_K], read in its expert's order
+    (perm row ids[t, j]; no expert, id < 0: expert 0's, never used), slot TOP_K (SHARED) as it is."""
     wait_then_release(PDL)  # x: the previous kernel's output
     row, t = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, BK)  # the fp16 slot: half j % 2 of word j // 2 = (pair-plane p, column group c)
     p, c = (j // 2) // (BK // 8), (j // 2) % (BK // 8)
     col = t * BK + 8 * c + p + 4 * (j % 2)
-    src = tl.load(perm_ptr + col, mask=col < K, other=0) if PERM else col
-    x = tl.load(x_ptr + row * stride_xm + src, mask=col < K, other=0.0).to(tl.float32)
+    if TOP_K > 0:
+        x_row, slot = row // (TOP_K + SHARED), row % (TOP_K + SHARED)
+        e = tl.maximum(tl.load(ids_ptr + x_row * TOP_K + tl.minimum(slot, TOP_K - 1)), 0).to(tl.int64)
+        routed = slot < TOP_K
+        src = tl.where(routed, tl.load(perm_ptr + e * stride_pe + col, mask=(col < K) & routed, other=0), col)
+    elif PERM:
+        x_row, src = row, tl.load(perm_ptr + col, mask=col < K, other=0)
+    else:
+        x_row, src = row, col
+    x = tl.load(x_ptr + x_row.to(tl.int64) * stride_xm + src, mask=col < K, other=0.0).to(tl.float32)
     e = (tl.max(tl.abs(x)).to(tl.int32, bitcast=True) >> 23) & 0xFF  # the tile's largest |x| is in [2^(e-127), ..)
     n = tl.minimum(141 - e, 126)  # 2^n x: largest in [2^14, 2^15) (inf, NaN: stay so; 2^n and 2^-n stay normal)
     odd = (p % 2) == 1
@@ -692,21 +704,27 @@ def _plane_major_f16_kernel(x_ptr, perm_ptr, h_ptr, f_ptr, K, stride_xm, stride_
     tl.store(tail + 1, tl.sum(y.to(tl.float32) * tl.where(odd, 16.0, 1.0)))
 
 
-def plane_major_f16(x: torch.Tensor, bk: int, perm: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] (contiguous rows; perm given: x[:, perm], the gather of act-order in the same launch) -> int32
-    [M, W], the F16_FMA GEMV's activations: per tile of bk columns, x times a
+def plane_major_f16(x: torch.Tensor, bk: int, perm: torch.Tensor | None = None, ids: torch.Tensor | None = None,
+                    shared_slot: bool = False) -> torch.Tensor:
+    """x [M, K] (contiguous rows; perm given: x[:, perm], the gather of act-order in the same launch; perm [E, K]
+    with ids [M, k]: pair_rows(x, ids, perm, shared_slot), each pair's row in its expert's order) -> int32
+    [rows, W], the F16_FMA GEMV's activations: per tile of bk columns, x times a
     power of two 2^n that brings the tile's largest |x| to [2^14, 2^15) (any finite row fits fp16 and keeps its
     11 bits: bf16 exactly, fp32 rounded once; products of the small ones round like subnormals, about 2^-16 of the
     tile's sum), as fp16 pairs: pair-plane p's word c holds columns 8c + p and 8c + p + 4 (odd p divided by 16),
     the order _word_dots_f16 meets the nibbles in; zeros past K. After the ceil(K/bk) * bk/2 words, each tile's
     (2^-n, sum of its scaled x) as fp32 bits; rows padded to 16 words (aligned vector loads). One kernel."""
-    m, k = x.shape
+    k = x.shape[1]
+    top_k = 0 if ids is None else ids.shape[1]
+    m = x.shape[0] if ids is None else ids.shape[0] * (top_k + int(shared_slot))
     tiles = triton.cdiv(k, bk)
     out = torch.empty(m, tiles * bk // 2 + triton.cdiv(2 * tiles, 16) * 16, dtype=torch.int32, device=x.device)
     if m:
-        _plane_major_f16_kernel[(m, tiles)](x, x if perm is None else perm, out.view(torch.float16),
-                                            out.view(torch.float32), k, x.stride(0), out.stride(0), BK=bk,
-                                            PERM=perm is not None, num_warps=1, **pdl_launch(x.device))
+        _plane_major_f16_kernel[(m, tiles)](x, x if perm is None else perm, x if ids is None else ids,
+                                            out.view(torch.float16), out.view(torch.float32), k, x.stride(0),
+                                            0 if perm is None else perm.stride(0), out.stride(0), BK=bk,
+                                            PERM=perm is not None, TOP_K=top_k, SHARED=int(shared_slot),
+                                            num_warps=1, **pdl_launch(x.device))
     return out
 
 
@@ -1265,25 +1283,54 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
 
 # ---- MoE ------------------------------------------------------------------------------------------------------------
 
+# The dense shared expert's K tile in the per-pair MoE kernels: 64 rows x 64 columns of bf16 is 8 KB a tile, twice
+# the int4 experts' (64 x 128 nibbles), at 66 registers (sm_90a, 4 warps; 128 columns take 149 and would cut the
+# kernels' occupancy for every pair, not only the shared expert's).
+DENSE_BK = tl.constexpr(64)
+
+
 @triton.jit
-def _store_act(acc, act_ptr, p, n, stride_act, ACT_W, BN: tl.constexpr, ACT_BK: tl.constexpr, INT4: tl.constexpr):
+def _dense_acc(x_row, w_ptr, cols, N, stride_wn, k_begin, k_end, BK: tl.constexpr):
+    """fp32 [1, BN, 1]: rows `cols` ([1, BN, 1]; masked from N) of a dense weight (bf16 / fp16 / fp32, unit column
+    stride) times x_row's columns [k_begin, k_end), both widened to fp32. The next tile's loads go out before this
+    tile's math (Triton pipelines no loads that feed no dot); past the end nothing is loaded."""
+    acc = tl.zeros((1, cols.shape[1], 1), dtype=tl.float32)
+    rows = w_ptr + cols.to(tl.int64) * stride_wn
+    k = k_begin + tl.arange(0, BK)[None, None, :]
+    x = tl.load(x_row + k, mask=k < k_end, other=0.0)
+    w = tl.load(rows + k, mask=(cols < N) & (k < k_end), other=0.0)
+    for k0 in range(k_begin, k_end, BK):
+        k_next = k + BK
+        x_next = tl.load(x_row + k_next, mask=k_next < k_end, other=0.0)
+        w_next = tl.load(rows + k_next, mask=(cols < N) & (k_next < k_end), other=0.0)
+        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2, keep_dims=True)
+        k, x, w = k_next, x_next, w_next
+    return acc
+
+
+@triton.jit
+def _store_act(acc, act_ptr, p, n, stride_act, ACT_W, BN: tl.constexpr, ACT_BK: tl.constexpr, INT4: tl.constexpr,
+               natural=False):
     """silu(gate) * up of the interleaved gate/up sums acc [1, BN, 1] into act row p, columns n [BN/2]. int4: stored
-    plane-major by tiles of ACT_BK columns (column 8c + i of a tile at i * ACT_BK/8 + c, plane_major()'s order)."""
+    plane-major by tiles of ACT_BK columns (column 8c + i of a tile at i * ACT_BK/8 + c, plane_major()'s order),
+    unless `natural` (a dense shared expert's row, which its down GEMV reads in column order)."""
     gate, up = tl.split(tl.reshape(acc, (BN // 2, 2)))
     if INT4:
-        dest = n // ACT_BK * ACT_BK + n % 8 * (ACT_BK // 8) + n % ACT_BK // 8
+        dest = tl.where(natural, n, n // ACT_BK * ACT_BK + n % 8 * (ACT_BK // 8) + n % ACT_BK // 8)
     else:
         dest = n
     tl.store(act_ptr + p.to(tl.int64) * stride_act + dest, gate * tl.sigmoid(gate) * up, mask=n < ACT_W)
 
 
 @triton.jit
-def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_ptr, act_ptr, ws_ptr, count_ptr, D,
-                        INTER, ACT_W, K_SPLIT, stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_swn,
-                        stride_ssn, stride_act, TOP_K: tl.constexpr, HAS_SHARED: tl.constexpr, GROUP: tl.constexpr,
-                        INT4: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
-                        ACT_BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, F16: tl.constexpr,
-                        F16_WORDS: tl.constexpr, X_PER_PAIR: tl.constexpr = False, PDL: tl.constexpr = False):
+def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_ptr, xs_ptr, act_ptr, ws_ptr,
+                        count_ptr, D, INTER, ACT_W, K_SPLIT, stride_xt, stride_we, stride_wn, stride_se, stride_sn,
+                        stride_swn, stride_ssn, stride_xs, stride_act, TOP_K: tl.constexpr,
+                        HAS_SHARED: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, BN: tl.constexpr,
+                        BK: tl.constexpr, SPLIT: tl.constexpr, ACT_BK: tl.constexpr, EVEN_N: tl.constexpr,
+                        EVEN_K: tl.constexpr, F16: tl.constexpr, F16_WORDS: tl.constexpr,
+                        X_PER_PAIR: tl.constexpr = False, SHARED_DENSE: tl.constexpr = False,
+                        PDL: tl.constexpr = False):
     """act[p, n] = silu(x[t] . G[n]) * (x[t] . U[n]) in fp32 for pair p = (token t, slot j), slot TOP_K being the
     shared expert. A program takes BN/2 gate rows and the same up rows, interleaved in one tile so one K loop reads
     both (the GEMV's tiles, _gemv_acc), over K range program_id(2) of SPLIT: a GEMV keeps two K tiles in flight, so a
@@ -1291,7 +1338,9 @@ def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_
     split-K linear's do: each stored in the workspace, a counter per (pair, column block), and the last program to
     arrive adds them in split order, stores act and resets the counter. Every column of act up to ACT_W is written
     (zeros past INTER and for slots without an expert). X_PER_PAIR: x holds a row per pair (act-order experts: each
-    in its expert's column order, pair_rows), not per token. PDL: waits first (x, ids, the workspace and counters)."""
+    in its expert's column order, pair_rows), not per token. SHARED_DENSE: the shared expert's weights are dense
+    (bf16 / fp16: Qwen's GPTQ-Int4 layout keeps it so), read with x's own rows (xs) and stored in column order.
+    PDL: waits first (x, xs, ids, the workspace and counters)."""
     wait_then_release(PDL)
     pairs: tl.constexpr = TOP_K + HAS_SHARED
     half: tl.constexpr = BN // 2
@@ -1315,17 +1364,24 @@ def _moe_gate_up_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, z_ptr, sw_ptr, ss_ptr, sz_
                 acc = _gemv_acc(x_row, w_ptr + e * stride_we, s_ptr + e * stride_se, z_ptr + e * stride_se, one, cols,
                                 1, 2 * INTER, D, 0, stride_wn, stride_sn, k_begin, k_end, GROUP, INT4, BK, False,
                                 EVEN_N, EVEN_K, F16, F16_WORDS)
+        elif SHARED_DENSE:
+            acc = _dense_acc(xs_ptr + t.to(tl.int64) * stride_xs, sw_ptr, cols, 2 * INTER, stride_swn, k_begin,
+                             k_end, DENSE_BK)
         else:
             acc = _gemv_acc(x_row, sw_ptr, ss_ptr, sz_ptr, one, cols, 1, 2 * INTER, D, 0, stride_swn, stride_ssn,
                             k_begin, k_end, GROUP, INT4, BK, False, EVEN_N, EVEN_K, F16, F16_WORDS)
+    if SHARED_DENSE:  # the dense shared expert's row goes in column order
+        natural = j == TOP_K
+    else:
+        natural = False
     if SPLIT == 1:
-        _store_act(acc, act_ptr, p, n, stride_act, ACT_W, BN, ACT_BK, INT4)
+        _store_act(acc, act_ptr, p, n, stride_act, ACT_W, BN, ACT_BK, INT4, natural)
     else:
         slot = p.to(tl.int64) * tl.num_programs(1) + pid_n
         last, total = _split_sum(acc, ws_ptr + slot * (SPLIT * BN) + lane[None, :, None], BN, count_ptr, slot, pid_k,
                                  (lane < BN)[None, :, None], SPLIT)
         if last:
-            _store_act(total, act_ptr, p, n, stride_act, ACT_W, BN, ACT_BK, INT4)
+            _store_act(total, act_ptr, p, n, stride_act, ACT_W, BN, ACT_BK, INT4, natural)
 
 
 @triton.jit
@@ -1334,14 +1390,15 @@ def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, s_ptr, z_pt
                      stride_swn, stride_ssn, stride_g, stride_out, stride_so, TOP_K: tl.constexpr,
                      HAS_SHARED: tl.constexpr, GROUP: tl.constexpr, INT4: tl.constexpr, BN: tl.constexpr,
                      BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr, SHARED_OUT: tl.constexpr = False,
-                     PDL: tl.constexpr = False):
+                     SHARED_DENSE: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t] = sum over token t's pairs of weight * (act[p] . Down[n]), the shared expert's weight being
     sigmoid(gate[t]). One program per pair and BN output columns (fp32 CUDA-core GEMV, act as the gate/up kernel
     stored it); each stores its weighted partial in the workspace [T * pairs, D], and the last of a token's programs
     for these columns to arrive (a counter per token and column block, as the split-K linear's) adds the partials in
     slot order, stores the row in out's dtype and resets the counter: one launch, deterministic, no spin.
     SHARED_OUT (with HAS_SHARED): the shared expert ran elsewhere (another format); slot TOP_K's partial is its output
-    row so[t] times sigmoid(gate[t]), and act holds the routed pairs' rows only. PDL: waits first (act, ids, the
+    row so[t] times sigmoid(gate[t]), and act holds the routed pairs' rows only. SHARED_DENSE: the shared expert's
+    down weight is dense, its act row in column order (the gate/up kernel's). PDL: waits first (act, ids, the
     routing weights, so)."""
     wait_then_release(PDL)
     pairs: tl.constexpr = TOP_K + HAS_SHARED
@@ -1360,6 +1417,9 @@ def _moe_down_kernel(act_ptr, ids_ptr, weights_ptr, gate_ptr, w_ptr, s_ptr, z_pt
     elif SHARED_OUT:
         acc = tl.sigmoid(tl.load(gate_ptr + t * stride_g).to(tl.float32)) * tl.load(
             so_ptr + t.to(tl.int64) * stride_so + cols, mask=cols < D, other=0.0).to(tl.float32)
+    elif SHARED_DENSE:
+        acc = tl.sigmoid(tl.load(gate_ptr + t * stride_g).to(tl.float32)) * _dense_acc(
+            a_row, sw_ptr, cols, D, stride_swn, 0, INTER, DENSE_BK)
     else:
         acc = tl.sigmoid(tl.load(gate_ptr + t * stride_g).to(tl.float32)) * _gemv_acc(
             a_row, sw_ptr, ss_ptr, sz_ptr, one, cols, 1, D, INTER, 0, stride_swn, stride_ssn, 0, INTER, GROUP, INT4,
@@ -1422,17 +1482,22 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
                  group: int, inter: int, shared, shared_gate: torch.Tensor | None,
                  gate_up_tile: tuple[int, int, int] | None = None,
                  down_tile: tuple[int, int] | None = None, perm: torch.Tensor | None = None,
-                 shared_out: torch.Tensor | None = None) -> torch.Tensor:
+                 shared_out: torch.Tensor | None = None, shared_dense: tuple | None = None) -> torch.Tensor:
     """The per-pair MoE in two launches (plus the activations' copy for the GEMVs: int4, fp8 with GEMV_FP8_F16):
     gate|up with SiLU-and-mul,
-    then down with the routing-weighted sum, the shared expert (shared: its (w13, s13, z13, w2, s2, z2), or None)
-    as one more pair per token, or its output (shared_out [T, D], run elsewhere) added by the down kernel. perm:
-    act-order experts' column orders, [E, D] (each pair's x row gathered in its expert's order first: pair_rows)."""
+    then down with the routing-weighted sum, the shared expert (shared: its (w13, s13, z13, w2, s2, z2); or
+    shared_dense: its dense (w13, w2)) as one more pair per token, or its output (shared_out [T, D], run elsewhere)
+    added by the down kernel. perm: act-order experts' column orders, [E, D] (each pair's x row gathered in its
+    expert's order first: pair_rows)."""
     t, d = x.shape
     top_k = ids.shape[1]
     int4 = z13 is not None
-    has_shared = shared is not None  # its weights run here as one more pair
-    sw13, ss13, sz13, sw2, ss2, sz2 = shared if has_shared else (w13[0], s13[0], z13, w2[0], s2[0], z2)
+    has_shared = shared is not None or shared_dense is not None  # its weights run here as one more pair
+    if shared_dense is not None:  # no scales: the weights stand in for them (never read)
+        sw13, sw2 = shared_dense
+        ss13, sz13, ss2, sz2 = sw13, sw13, sw2, sw2
+    else:
+        sw13, ss13, sz13, sw2, ss2, sz2 = shared if has_shared else (w13[0], s13[0], z13, w2[0], s2[0], z2)
     sz13 = sz13 if int4 else ss13
     sz2 = sz2 if int4 else ss2
     pairs = top_k + int(has_shared)
@@ -1441,10 +1506,12 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
     act_w = triton.cdiv(inter, bk2) * bk2 if int4 else inter
     if int4:
         f16 = GEMV_F16 and x.dtype == torch.bfloat16
-        rows = x if perm is None else pair_rows(x, ids, perm, has_shared)
-        xin = plane_major_f16(rows, bk1) if f16 else plane_major(rows, bk1)
+        if f16:  # act-order: each pair's row gathered in its expert's order by the same copy
+            xin = plane_major_f16(x, bk1) if perm is None else plane_major_f16(x, bk1, perm, ids, has_shared)
+        else:
+            xin = plane_major(x if perm is None else pair_rows(x, ids, perm, has_shared), bk1)
     else:  # the fp8 gate|up GEMVs with fp16 products (GEMV_FP8_F16) where the weights allow
-        f16 = _fp8_f16_ok(x, bk1, w13, *([sw13] if has_shared else []))
+        f16 = _fp8_f16_ok(x, bk1, w13, *([sw13] if shared is not None else []))
         xin = act_f16(x, bk1) if f16 else x
     act = torch.empty(t * pairs, act_w, dtype=torch.float32, device=x.device)
     out = torch.empty_like(x)
@@ -1456,12 +1523,12 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
     blocks = triton.cdiv(act_w, bn // 2)
     ws, counts = _moe_scratch(x.device, t * pairs * blocks * split * bn, t * pairs * blocks)
     _moe_gate_up_kernel[(t * pairs, blocks, split)](
-        xin, ids, w13, s13, z13 if int4 else s13, sw13, ss13, sz13, act, ws, counts, d, inter, act_w, k_split,
+        xin, ids, w13, s13, z13 if int4 else s13, sw13, ss13, sz13, x, act, ws, counts, d, inter, act_w, k_split,
         xin.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), s13.stride(1), sw13.stride(0), ss13.stride(0),
-        act.stride(0), TOP_K=top_k, HAS_SHARED=int(has_shared), GROUP=g1 if g1 < d else d + bk1, INT4=int4, BN=bn,
-        BK=bk1, SPLIT=split, ACT_BK=bk2, EVEN_N=inter % (bn // 2) == 0, EVEN_K=d % bk1 == 0, F16=f16,
-        F16_WORDS=_f16_words(bk1, MOE_PAIR_F16_WORDS) if f16 else 1, X_PER_PAIR=perm is not None,
-        num_warps=warps, **pdl_launch(x.device))
+        x.stride(0), act.stride(0), TOP_K=top_k, HAS_SHARED=int(has_shared), GROUP=g1 if g1 < d else d + bk1,
+        INT4=int4, BN=bn, BK=bk1, SPLIT=split, ACT_BK=bk2, EVEN_N=inter % (bn // 2) == 0, EVEN_K=d % bk1 == 0,
+        F16=f16, F16_WORDS=_f16_words(bk1, MOE_PAIR_F16_WORDS) if f16 else 1, X_PER_PAIR=perm is not None,
+        SHARED_DENSE=shared_dense is not None, num_warps=warps, **pdl_launch(x.device))
     bn, warps = down_tile or MOE_TILES["int4" if int4 else "fp8"][1]
     blocks = triton.cdiv(d, bn)
     slots = pairs + int(shared_out is not None)  # the down kernel's pairs a token: the shared output's too
@@ -1473,7 +1540,8 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
         act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), s2.stride(1), sw2.stride(0), ss2.stride(0),
         gate.stride(0), out.stride(0), so.stride(0), TOP_K=top_k, HAS_SHARED=int(slots > top_k),
         GROUP=g2 if g2 < inter else inter + bk2, INT4=int4, BN=bn, BK=bk2, EVEN_N=d % bn == 0,
-        EVEN_K=inter % bk2 == 0, SHARED_OUT=shared_out is not None, num_warps=warps, **pdl_launch(x.device))
+        EVEN_K=inter % bk2 == 0, SHARED_OUT=shared_out is not None, SHARED_DENSE=shared_dense is not None,
+        num_warps=warps, **pdl_launch(x.device))
     return out
 
 
@@ -1594,8 +1662,17 @@ def _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, in
 
 def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared=None, shared_gate=None,
          perm=None, shared_out=None):
+    """shared: the shared expert's weights, quantized as the experts' (w13, s13, z13, w2, s2, z2) or dense (w13, w2)
+    (a bf16 / fp16 one beside int4 / fp8 experts: the per-pair kernels run it as one more pair, the other paths as
+    the dense MLP layer would, its output added by the op); or shared_out, its output."""
     if shared is not None and shared_out is not None:
         raise ValueError("the shared expert comes as weights (shared_w13, shared_w2) or as its output, not both")
+    dense = None
+    if shared is not None and len(shared) == 2:
+        shared, dense = None, shared
+        if topk_ids.numel() > PAIR_GEMV_MAX:  # as the MLP layer would run it
+            shared_out = dense_linear(x=silu_and_mul(x=dense_linear(x=x, weight=dense[0])), weight=dense[1])
+            dense = None
     t, d = x.shape
     if topk_ids.numel() > PAIR_MAX:
         return _prefill_moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, shared, shared_gate,
@@ -1606,7 +1683,7 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, sha
     k = ids.shape[-1]
     if ids.numel() <= PAIR_GEMV_MAX:
         return _fused_pairs(x, topk_weights.contiguous(), ids, w13, s13, z13, w2, s2, z2, group, inter, shared,
-                            shared_gate, perm=perm, shared_out=shared_out)
+                            shared_gate, perm=perm, shared_out=shared_out, shared_dense=dense)
     bm = 16
     plan = block_plan(ids, w13.shape[0], bm)[:3]
     xin = x if perm is None else pair_rows(x, ids, perm)
@@ -1622,25 +1699,39 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, sha
     return y.to(x.dtype)
 
 
+def _shared_weights(w13, w2) -> tuple | None:
+    """The shared expert's weights as the ops take them: each a tuple in the experts' format, or each one dense
+    tensor (bf16 / fp16: run as such)."""
+    if w13 is None or w2 is None:
+        if w13 is not None or w2 is not None:
+            raise ValueError("shared_w13 and shared_w2 come together")
+        return None
+    dense = isinstance(w13, torch.Tensor)
+    if dense != isinstance(w2, torch.Tensor):
+        raise ValueError("shared_w13 and shared_w2 are both dense tensors or both tuples in the experts' format")
+    return (w13, w2) if dense else (*w13, *w2)
+
+
 def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
                    w13_zeros: torch.Tensor, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
                    w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
-                   topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
-                   shared_w2: tuple[torch.Tensor, ...] | None = None,
+                   topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
+                   shared_w2: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
                    shared_gate: torch.Tensor | None = None, w13_perm: torch.Tensor | None = None,
                    shared_out: torch.Tensor | None = None) -> torch.Tensor:
     inter = w13_qweight.shape[1] // 2
-    shared = (*shared_w13, *shared_w2) if shared_w13 is not None else None
+    shared = _shared_weights(shared_w13, shared_w2)
     return _moe(x, topk_weights, topk_ids, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
                 group_size, inter, shared, shared_gate, w13_perm, shared_out)
 
 
 def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                   w2_scale: torch.Tensor, block_k: int, topk_weights: torch.Tensor,
-                  topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | None = None,
-                  shared_w2: tuple[torch.Tensor, ...] | None = None,
+                  topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
+                  shared_w2: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
                   shared_gate: torch.Tensor | None = None, shared_out: torch.Tensor | None = None) -> torch.Tensor:
-    shared = (shared_w13[0], shared_w13[1], None, shared_w2[0], shared_w2[1], None) if shared_w13 is not None \
-        else None
+    shared = _shared_weights(shared_w13, shared_w2)
+    if shared is not None and len(shared) == 4:  # (weight, scale) twice: no zero points
+        shared = (shared[0], shared[1], None, shared[2], shared[3], None)
     return _moe(x, topk_weights, topk_ids, w13, w13_scale, None, w2, w2_scale, None, block_k, w2.shape[2], shared,
                 shared_gate, shared_out=shared_out)
