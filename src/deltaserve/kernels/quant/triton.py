@@ -1488,7 +1488,7 @@ def _fused_pairs(x: torch.Tensor, topk_weights: torch.Tensor, ids: torch.Tensor,
     then down with the routing-weighted sum, the shared expert (shared: its (w13, s13, z13, w2, s2, z2); or
     shared_dense: its dense (w13, w2)) as one more pair per token, or its output (shared_out [T, D], run elsewhere)
     added by the down kernel. perm: act-order experts' column orders, [E, D] (each pair's x row gathered in its
-    expert's order first: pair_rows)."""
+    expert's order by the activation copy, or by pair_rows first where the GEMVs take fp32 activations)."""
     t, d = x.shape
     top_k = ids.shape[1]
     int4 = z13 is not None
