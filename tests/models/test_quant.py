@@ -521,11 +521,9 @@ def test_shared_expert_folds_into_the_experts_op_only_when_formats_match(name, f
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
-def test_unquantized_shared_expert_runs_in_the_int4_experts_op(tmp_path):
-    """Qwen's GPTQ-Int4 layout: int4 experts beside a shared expert kept in full precision ("-:" in `dynamic`). The
-    shared expert's dense weights go into the experts' op (its per-pair kernels run them as one more pair) instead
-    of its own three launches and an added output; the model equals transformers on the dequantized weights."""
-    from deltaserve.layers.quant import _shared_kwargs
+def qwen_gptq_layout(dest: Path) -> Path:
+    """The gptq_moe fixture in the layout of Qwen's GPTQ-Int4 releases: the shared expert kept in full precision
+    (its int4 tensors dequantized to `.weight`, and a "-:" key in `dynamic` for it), the experts int4."""
     src = FIXTURES / "gptq_moe"
     qc = json.loads((src / "config.json").read_text())["quantization_config"]
     qc = {**qc, "dynamic": {"-:.*shared_expert\\..*": {}, **qc.get("dynamic", {})}}
@@ -535,7 +533,15 @@ def test_unquantized_shared_expert_runs_in_the_int4_experts_op(tmp_path):
             t[base + ".weight"] = dequant_gptq_file(t, base, qc["group_size"]).contiguous()
             for suffix in (".qweight", ".qzeros", ".scales", ".g_idx"):
                 t.pop(base + suffix)
-    path = _with_config(src, tmp_path / "qwen_layout", qc, dense_shared)
+    return _with_config(src, dest, qc, dense_shared)
+
+
+def test_unquantized_shared_expert_runs_in_the_int4_experts_op(tmp_path):
+    """Qwen's GPTQ-Int4 layout: int4 experts beside a shared expert kept in full precision ("-:" in `dynamic`). The
+    shared expert's dense weights go into the experts' op (its per-pair kernels run them as one more pair) instead
+    of its own three launches and an added output; the model equals transformers on the dequantized weights."""
+    from deltaserve.layers.quant import _shared_kwargs
+    path = qwen_gptq_layout(tmp_path / "qwen_layout")
     moe = load_model(ModelConfig.from_hf(path), dtype="float32").model.layers[0].mlp
     assert moe.experts.method.name.startswith("int4") and moe.shared_expert.down_proj.method.name == "unquantized"
     kw = _shared_kwargs(moe.experts, torch.zeros(1, moe.experts.hidden_size), moe.shared_expert, None)

@@ -75,6 +75,14 @@ def test_two_ranks_match_one_process(name, options):
     assert_same(run(FIXTURES / name, 2, **options), reference(name), LOGPROB_ATOL)
 
 
+def test_two_ranks_with_an_unquantized_shared_expert_in_the_experts_op(tmp_path):
+    """Qwen's GPTQ-Int4 layout: each rank's slice of the bf16 shared expert runs inside the int4 experts' op, its
+    partial output summed with the experts' by the one all-reduce after the block, as one process computes it."""
+    from tests.models.test_quant import qwen_gptq_layout
+    path = qwen_gptq_layout(tmp_path / "qwen_layout")
+    assert_same(run(path, 2), run(path), LOGPROB_ATOL)
+
+
 # ---- each rank's weights, without processes -------------------------------------------------------------------------
 
 def _dense(layer) -> torch.Tensor:
