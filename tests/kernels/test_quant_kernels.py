@@ -623,7 +623,7 @@ def test_moe_shared_output_interpreted(kind, monkeypatch):
 def test_moe_shared_dense_interpreted(kind, monkeypatch):
     """A bf16 shared expert beside int4 / fp8 experts (Qwen's GPTQ-Int4 layout) given to the op as its dense
     weights: one more pair per token in the per-pair kernels (tiles that do not divide the intermediate or hidden
-    size, gate/up split over K), torch's GEMMs and an added output on the other two paths; act-order experts too."""
+    size, gate/up split over K), the dense MLP's path and an added output on the other two; act-order experts too."""
     monkeypatch.setitem(qt.MOE_TILES, kind, ((64, 4, 2), (64, 4)))  # gate/up: 6 K tiles of 16 in 3 ranges
     check_moe(kind, tokens=3, experts=4, top_k=2, d=96, inter=48, group=16, dtype=torch.bfloat16, shared="dense",
               first_slot_expert=0)
