@@ -637,6 +637,56 @@ def test_moe_shared_dense_interpreted(kind, monkeypatch):
               shared="dense")
 
 
+def test_moe_shared_dense_without_fp16_products_interpreted(monkeypatch):
+    """The dense shared expert beside GEMVs that take fp32 activations: int4 with GEMV_F16 off (act-order rows by
+    pair_rows, then the fp32 plane-major copy), and an fp32 model."""
+    monkeypatch.setattr(qt, "GEMV_F16", False)
+    check_moe("int4", tokens=2, experts=4, top_k=2, d=80, inter=40, group=16, dtype=torch.bfloat16, seed=5,
+              shared="dense", act_order=True)
+    monkeypatch.setattr(qt, "GEMV_F16", True)
+    check_moe("int4", tokens=2, experts=4, top_k=2, d=80, inter=40, group=16, dtype=torch.float32, seed=6,
+              shared="dense")
+
+
+@pytest.mark.parametrize("bad", ["inter", "fp8", "strided"])
+def test_moe_shared_dense_weights_of_the_wrong_kind_are_refused(bad):
+    """A dense shared expert of another intermediate size, a bare fp8 tensor, or a transposed view: the kernels would
+    read it wrong, so the op refuses it naming the tensor and what it takes, on every path and in the reference."""
+    gen = torch.Generator().manual_seed(7)
+    d, inter = 32, 16
+    w13, w2 = moe_weights("int4", 2 * inter, d, 16, gen, 2), moe_weights("int4", d, inter, 16, gen, 2)
+    sw13, sw2 = torch.randn(2 * inter, d), torch.randn(d, inter)
+    if bad == "inter":
+        sw13, sw2 = torch.randn(4 * inter, d), torch.randn(d, 2 * inter)
+    elif bad == "fp8":
+        sw13 = sw13.to(torch.float8_e4m3fn)
+    else:
+        sw13 = torch.randn(d, 2 * inter).t()
+    args = dict(x=torch.randn(3, d), w13_qweight=w13[0], w13_scales=w13[1], w13_zeros=w13[2], w2_qweight=w2[0],
+                w2_scales=w2[1], w2_zeros=w2[2], group_size=16, topk_weights=torch.ones(3, 1),
+                topk_ids=torch.zeros(3, 1, dtype=torch.long), shared_w13=sw13, shared_w2=sw2,
+                shared_gate=torch.zeros(3, 1))
+    for fn in (ref.int4_fused_moe, qt.int4_fused_moe):
+        with pytest.raises(ValueError, match=r"shared_w\d+: a dense shared expert's weight is \[.*unit column stride"):
+            fn(**{k: v.to(DEV) if isinstance(v, torch.Tensor) else v for k, v in args.items()})
+
+
+def test_plane_major_pairs_equal_the_gathered_rows_interpreted():
+    """plane_major_f16's pairs mode (each routed pair's row in its expert's order, the shared slot as it is, a slot
+    with no expert) writes the words and tile tails that plane_major_f16 writes for ref.pair_rows' rows."""
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 200, generator=gen).to(torch.bfloat16).to(DEV)
+    ids = torch.randint(0, 4, (3, 2), generator=gen).to(DEV)
+    ids[1, 1] = -1
+    perm = torch.stack([torch.randperm(200, generator=gen) for _ in range(4)]).to(torch.int32).to(DEV)
+    for shared in (False, True):
+        for bk in (64, 128):
+            got = qt.plane_major_f16(x, bk, perm, ids, shared)
+            want = qt.plane_major_f16(ref.pair_rows(x, ids, perm, shared).contiguous(), bk)
+            written = -(-200 // bk) * (bk // 2 + 2)  # the words, then (2^-n, sum) a tile; padding unwritten
+            assert torch.equal(got[:, :written].cpu(), want[:, :written].cpu())
+
+
 def test_moe_shared_dense_reference_is_the_bf16_expert():
     """ref.int4_fused_moe with dense shared weights adds sigmoid(gate) * SiLU-MLP(x) to the routed sum."""
     gen = torch.Generator().manual_seed(6)

@@ -536,14 +536,33 @@ def qwen_gptq_layout(dest: Path) -> Path:
     return _with_config(src, dest, qc, dense_shared)
 
 
-def test_unquantized_shared_expert_runs_in_the_int4_experts_op(tmp_path):
-    """Qwen's GPTQ-Int4 layout: int4 experts beside a shared expert kept in full precision ("-:" in `dynamic`). The
-    shared expert's dense weights go into the experts' op (its per-pair kernels run them as one more pair) instead
-    of its own three launches and an added output; the model equals transformers on the dequantized weights."""
+def fp8_with_dense_shared(dest: Path) -> Path:
+    """The qwen_fp8_moe fixture with its shared experts stored in full precision (dequantized, and named in
+    modules_to_not_convert), the routed experts FP8."""
+    src = FIXTURES / "qwen_fp8_moe"
+    qc = json.loads((src / "config.json").read_text())["quantization_config"]
+    dense = dequant_state(src)
+    names = sorted({k[:-len(".weight")] for k in dense if ".shared_expert." in k})
+    qc = {**qc, "modules_to_not_convert": qc["modules_to_not_convert"] + names}
+
+    def dense_shared(t):
+        for base in names:
+            t[base + ".weight"] = dense[base + ".weight"].to(torch.bfloat16).contiguous()
+            t.pop(base + ".weight_scale_inv")
+    return _with_config(src, dest, qc, dense_shared)
+
+
+@pytest.mark.parametrize("layout", ["gptq", "fp8"])
+def test_unquantized_shared_expert_runs_in_the_experts_op(layout, tmp_path):
+    """int4 (Qwen's GPTQ-Int4 layout: "-:" in `dynamic`) or FP8 experts beside a shared expert kept in full precision.
+    The shared expert's dense weights go into the experts' op (its per-pair kernels run them as one more pair)
+    instead of its own three launches and an added output; the model equals transformers on the dequantized
+    weights."""
     from deltaserve.layers.quant import _shared_kwargs
-    path = qwen_gptq_layout(tmp_path / "qwen_layout")
+    path = (qwen_gptq_layout if layout == "gptq" else fp8_with_dense_shared)(tmp_path / layout)
     moe = load_model(ModelConfig.from_hf(path), dtype="float32").model.layers[0].mlp
-    assert moe.experts.method.name.startswith("int4") and moe.shared_expert.down_proj.method.name == "unquantized"
+    assert moe.experts.method.name.startswith("int4" if layout == "gptq" else "fp8")
+    assert moe.shared_expert.down_proj.method.name == "unquantized"
     kw = _shared_kwargs(moe.experts, torch.zeros(1, moe.experts.hidden_size), moe.shared_expert, None)
     assert kw["shared_w13"] is moe.shared_expert.gate_up_proj.weight and "shared_out" not in kw
     _oracle_check(path)

@@ -112,14 +112,35 @@ def pair_rows(x: torch.Tensor, topk_ids: torch.Tensor, perm: torch.Tensor, share
     return torch.cat([rows.view(t, k, -1), x.unsqueeze(1)], dim=1).reshape(t * (k + 1), -1)
 
 
-def _shared(w13, w2, dequant, k13: int | None, k2: int | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The shared expert's (w13, w2) for _moe: given in the experts' format (tuples, dequantized with the K of each)
-    or as dense tensors (bf16 / fp16: a shared expert kept unquantized, as Qwen's GPTQ-Int4 layout keeps it)."""
-    if w13 is None:
+def shared_weights(w13, w2, d: int, inter: int) -> tuple | None:
+    """The shared expert's weights as the MoE ops take them, checked: None; each a tuple in the experts' format
+    (returned flat, w13's tensors then w2's); or each one dense tensor, bf16 / fp16 / fp32 [2I, D] and [D, I] with
+    unit column stride (a shared expert kept unquantized, as Qwen's GPTQ-Int4 layout keeps it), returned as
+    (w13, w2). D and I are the experts' hidden and intermediate sizes."""
+    if w13 is None and w2 is None:
         return None
-    if isinstance(w13, torch.Tensor):
-        return w13, w2
-    return dequant(w13, k13), dequant(w2, k2)
+    if w13 is None or w2 is None:
+        raise ValueError("shared_w13 and shared_w2 come together")
+    dense = isinstance(w13, torch.Tensor)
+    if dense != isinstance(w2, torch.Tensor):
+        raise ValueError("shared_w13 and shared_w2 are both dense tensors or both tuples in the experts' format")
+    if not dense:
+        return (*w13, *w2)
+    for name, w, shape in (("shared_w13", w13, (2 * inter, d)), ("shared_w2", w2, (d, inter))):
+        if tuple(w.shape) != shape or not w.is_floating_point() or w.element_size() < 2 or w.stride(-1) != 1:
+            raise ValueError(f"{name}: a dense shared expert's weight is {list(shape)} (the experts' sizes) in bf16, "
+                             f"fp16 or fp32 with unit column stride; got {list(w.shape)} {w.dtype} with strides "
+                             f"{w.stride()} (quantized weights come as a tuple in the experts' format)")
+    return w13, w2
+
+
+def _shared(w13, w2, dequant, d: int, inter: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The shared expert's (w13, w2) for _moe: dense as given, or dequantized from the experts' format."""
+    shared = shared_weights(w13, w2, d, inter)
+    if shared is None or len(shared) == 2:
+        return shared
+    half = len(shared) // 2
+    return dequant(shared[:half], d), dequant(shared[half:], inter)
 
 
 def _moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert, shared=None,
@@ -184,10 +205,10 @@ def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor
     """The routed experts with fp8 weights (layout above): w13 [E, 2I, D], w2 [E, D, I]; shared_w13 / shared_w2:
     the shared expert's (weight, scale) with the same block_k or its dense weights, or shared_out, as in
     int4_fused_moe."""
-    def dequant(w: tuple[torch.Tensor, ...], k: None = None) -> torch.Tensor:  # k: as int4's (the scales tell)
+    def dequant(w: tuple[torch.Tensor, ...], k: int | None = None) -> torch.Tensor:  # k: unused (the scales tell)
         return dequant_fp8(weight=w[0], scale=w[1], block_k=block_k)
 
     def expert(e: int):
         return dequant((w13[e], w13_scale[e])), dequant((w2[e], w2_scale[e]))
-    shared = _shared(shared_w13, shared_w2, dequant, None, None)
+    shared = _shared(shared_w13, shared_w2, dequant, x.shape[-1], w2.shape[2])
     return _moe(x, topk_weights, topk_ids, expert, shared, shared_gate, shared_out)

@@ -1699,19 +1699,6 @@ def _moe(x, topk_weights, topk_ids, w13, s13, z13, w2, s2, z2, group, inter, sha
     return y.to(x.dtype)
 
 
-def _shared_weights(w13, w2) -> tuple | None:
-    """The shared expert's weights as the ops take them: each a tuple in the experts' format, or each one dense
-    tensor (bf16 / fp16: run as such)."""
-    if w13 is None or w2 is None:
-        if w13 is not None or w2 is not None:
-            raise ValueError("shared_w13 and shared_w2 come together")
-        return None
-    dense = isinstance(w13, torch.Tensor)
-    if dense != isinstance(w2, torch.Tensor):
-        raise ValueError("shared_w13 and shared_w2 are both dense tensors or both tuples in the experts' format")
-    return (w13, w2) if dense else (*w13, *w2)
-
-
 def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
                    w13_zeros: torch.Tensor, w2_qweight: torch.Tensor, w2_scales: torch.Tensor,
                    w2_zeros: torch.Tensor, group_size: int, topk_weights: torch.Tensor,
@@ -1720,7 +1707,7 @@ def int4_fused_moe(*, x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: to
                    shared_gate: torch.Tensor | None = None, w13_perm: torch.Tensor | None = None,
                    shared_out: torch.Tensor | None = None) -> torch.Tensor:
     inter = w13_qweight.shape[1] // 2
-    shared = _shared_weights(shared_w13, shared_w2)
+    shared = ref.shared_weights(shared_w13, shared_w2, x.shape[-1], inter)
     return _moe(x, topk_weights, topk_ids, w13_qweight, w13_scales, w13_zeros, w2_qweight, w2_scales, w2_zeros,
                 group_size, inter, shared, shared_gate, w13_perm, shared_out)
 
@@ -1730,7 +1717,7 @@ def fp8_fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor
                   topk_ids: torch.Tensor, shared_w13: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
                   shared_w2: tuple[torch.Tensor, ...] | torch.Tensor | None = None,
                   shared_gate: torch.Tensor | None = None, shared_out: torch.Tensor | None = None) -> torch.Tensor:
-    shared = _shared_weights(shared_w13, shared_w2)
+    shared = ref.shared_weights(shared_w13, shared_w2, x.shape[-1], w2.shape[2])
     if shared is not None and len(shared) == 4:  # (weight, scale) twice: no zero points
         shared = (shared[0], shared[1], None, shared[2], shared[3], None)
     return _moe(x, topk_weights, topk_ids, w13, w13_scale, None, w2, w2_scale, None, block_k, w2.shape[2], shared,
