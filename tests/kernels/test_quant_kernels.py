@@ -556,14 +556,21 @@ def test_moe_shared_folded_interpreted(kind, monkeypatch):
               first_slot_expert=0)
 
 
+def routed_rows_case(seed: int, tokens: int, d: int, experts: int) -> tuple[torch.Tensor, ...]:
+    """x [tokens, d] bf16, top-2 ids over `experts` (token 1's first slot with no expert: id -1) and an order of
+    the d columns per expert, as act-order experts gather their rows."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, d, generator=gen).to(torch.bfloat16).to(DEV)
+    ids = torch.randint(0, experts, (tokens, 2), generator=gen).to(DEV)
+    ids[1, 0] = -1
+    perm = torch.stack([torch.randperm(d, generator=gen) for _ in range(experts)]).to(torch.int32).to(DEV)
+    return x, ids, perm
+
+
 def test_pair_rows_interpreted():
     """Each routed pair's row in its expert's column order (a slot with no expert included), with and without the
     shared expert's own row per token, against the reference."""
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(5, 40, generator=gen).to(torch.bfloat16).to(DEV)
-    ids = torch.randint(0, 3, (5, 2), generator=gen).to(DEV)
-    ids[1, 0] = -1
-    perm = torch.stack([torch.randperm(40, generator=gen) for _ in range(3)]).to(torch.int32).to(DEV)
+    x, ids, perm = routed_rows_case(1, 5, 40, 3)
     for shared in (False, True):
         got = qt.pair_rows(x, ids, perm, shared)
         want = ref.pair_rows(x, ids, perm, shared)
@@ -674,11 +681,7 @@ def test_moe_shared_dense_weights_of_the_wrong_kind_are_refused(bad):
 def test_plane_major_pairs_equal_the_gathered_rows_interpreted():
     """plane_major_f16's pairs mode (each routed pair's row in its expert's order, the shared slot as it is, a slot
     with no expert) writes the words and tile tails that plane_major_f16 writes for ref.pair_rows' rows."""
-    gen = torch.Generator().manual_seed(8)
-    x = torch.randn(3, 200, generator=gen).to(torch.bfloat16).to(DEV)
-    ids = torch.randint(0, 4, (3, 2), generator=gen).to(DEV)
-    ids[1, 1] = -1
-    perm = torch.stack([torch.randperm(200, generator=gen) for _ in range(4)]).to(torch.int32).to(DEV)
+    x, ids, perm = routed_rows_case(8, 3, 200, 4)
     for shared in (False, True):
         for bk in (64, 128):
             got = qt.plane_major_f16(x, bk, perm, ids, shared)
