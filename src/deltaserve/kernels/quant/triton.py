@@ -1284,8 +1284,9 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
 # ---- MoE ------------------------------------------------------------------------------------------------------------
 
 # The dense shared expert's K tile in the per-pair MoE kernels: 64 rows x 64 columns of bf16 is 8 KB a tile, twice
-# the int4 experts' (64 x 128 nibbles), at 66 registers (sm_90a, 4 warps; 128 columns take 149 and would cut the
-# kernels' occupancy for every pair, not only the shared expert's).
+# the int4 experts' (64 x 128 nibbles). sm_90a, 35B-A3B's int4 gate|up kernel (4 warps): 72 registers with it, 52
+# without; the K loop alone takes 66 at 64 columns and 149 at 128, which would cut the kernel's occupancy for every
+# pair, not only the shared expert's.
 DENSE_BK = tl.constexpr(64)
 
 
@@ -1293,7 +1294,7 @@ DENSE_BK = tl.constexpr(64)
 def _dense_acc(x_row, w_ptr, cols, N, stride_wn, k_begin, k_end, BK: tl.constexpr):
     """fp32 [1, BN, 1]: rows `cols` ([1, BN, 1]; masked from N) of a dense weight (bf16 / fp16 / fp32, unit column
     stride) times x_row's columns [k_begin, k_end), both widened to fp32. The next tile's loads go out before this
-    tile's math (Triton pipelines no loads that feed no dot); past the end nothing is loaded."""
+    tile's math (Triton pipelines no loads that feed no dot); past the end they are masked off."""
     acc = tl.zeros((1, cols.shape[1], 1), dtype=tl.float32)
     rows = w_ptr + cols.to(tl.int64) * stride_wn
     k = k_begin + tl.arange(0, BK)[None, None, :]
