@@ -504,6 +504,79 @@ def test_act_order_gemv_gathers_in_its_activation_copy_interpreted(gemv_f16):
     check_act_order_linear(2, 48, 256)
 
 
+# ---- a dense tail in the GEMV's launch (the GDN in_proj's bf16 b|a beside its quantized qkv|z) ----
+
+def check_tail(kind: str, m: int, n: int, n_tail: int, k: int, dtype: torch.dtype, tiles=None, seed: int = 0):
+    """quant_gemm with a dense tail, NaN-poisoned [M, N + N_TAIL] output, twice (bitwise equal: split-K counters back
+    to 0): the quantized columns within check_gemm's tolerance, the tail's within twice the error of x @ tail^T in
+    the same dtype (the reference) against the float64 product."""
+    x, weight, s, zeros, baseline, expected = gemm_case(kind, m, n, k, 128, dtype, seed)
+    tail = torch.randn(n_tail, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEV)
+    results = []
+    for _ in range(2):
+        out = torch.full((m, n + n_tail), float("nan"), dtype=dtype, device=DEV)
+        got = qt.quant_gemm(x, weight, s, zeros, 128, out=out, tiles=tiles, unpack=4, tail=tail)
+        assert_error_within(got[:, :n], baseline, expected, atol=1e-4 if dtype != torch.float32 else 1e-6)
+        assert_error_within(got[:, n:], torch.nn.functional.linear(x, tail), x.double() @ tail.double().T,
+                            atol=1e-4 if dtype != torch.float32 else 1e-6)
+        results.append(got)
+    assert torch.equal(*results)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m,dtype,tiles", [(1, torch.bfloat16, (1, 16, 32, 3)), (2, torch.bfloat16, (2, 16, 32, 1)),
+                                           (3, torch.float32, (4, 32, 32, 2))])
+def test_gemv_tail_interpreted(kind, m, dtype, tiles):
+    """72 quantized columns in ragged tiles then 40 tail rows (a whole 32-row tail tile and a ragged one), K 160 in
+    1-3 splits (the last ragged), one to three activation rows."""
+    check_tail(kind, m, 72, 40, 160, dtype, tiles=tiles, seed=m)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_gemv_tail_without_scratch_interpreted(kind, monkeypatch):
+    """No split-K workspace (a capture's first call of its size): the tail's partials go to the temporary too."""
+    asked = []
+    monkeypatch.setattr(qt, "_scratch", lambda *args: asked.append(args))
+    check_tail(kind, 1, 72, 40, 160, torch.bfloat16, tiles=(1, 16, 32, 3), seed=5)
+    assert asked
+
+
+@pytest.mark.parametrize("kind,m,act_order", [("int4", 1, True), ("int4", 2, False), ("int4", 3, True),
+                                              ("fp8", 1, False), ("fp8", 2, False)])
+def test_linear_tail_ops_interpreted(kind, m, act_order):
+    """The public ops against their references: in the GEMV's launch (int4 up to 2 rows, fp8 1; an act-order perm
+    gathers the quantized columns' input only), and as two calls past it (column views either way)."""
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, 256, generator=gen).to(torch.bfloat16).to(DEV)
+    tail = torch.randn(48, 256, generator=gen).to(torch.bfloat16).to(DEV)
+    if kind == "int4":
+        qw, s, z = int4_weight(80, 256, 128, gen)
+        args = dict(qweight=qw, scales=s, zeros=z, group_size=128,
+                    perm=torch.randperm(256, generator=gen).to(DEV) if act_order else None)
+        got, want = qt.int4_linear_tail(x=x, tail=tail, **args), ref.int4_linear_tail(x=x, tail=tail, **args)
+        exact = x[:, args["perm"]] if act_order else x
+        exact = exact.double() @ ref.dequant_int4(qweight=qw, scales=s, zeros=z, group_size=128, k=256).double().T
+    else:
+        w, s = fp8_weight(80, 256, 128, gen)
+        args = dict(weight=w, scale=s, block_k=128)
+        got, want = qt.fp8_linear_tail(x=x, tail=tail, **args), ref.fp8_linear_tail(x=x, tail=tail, **args)
+        exact = x.double() @ ref.dequant_fp8(weight=w, scale=s, block_k=128).double().T
+    assert [t.shape for t in got] == [(m, 80), (m, 48)]
+    assert_error_within(got[0], want[0], exact, atol=1e-4)
+    assert_error_within(got[1], want[1], x.double() @ tail.double().T, atol=1e-4)
+
+
+def test_gemv_tail_refusals():
+    x = torch.randn(1, 64).to(torch.bfloat16).to(DEV)
+    qw, s, z = int4_weight(32, 64, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="dense tail must be .*bfloat16"):
+        qt.quant_gemm(x, qw, s, z, 64, unpack=4, tail=torch.randn(8, 64, device=DEV))
+    with pytest.raises(ValueError, match="K = 64"):
+        qt.quant_gemm(x, qw, s, z, 64, unpack=4, tail=torch.randn(8, 32, device=DEV).to(torch.bfloat16))
+    with pytest.raises(ValueError, match="GEMV's launch only"):
+        qt.quant_gemm(x, qw, s, z, 64, unpack=0, tail=torch.randn(8, 64, device=DEV).to(torch.bfloat16))
+
+
 def test_gemv_refuses_more_rows_than_it_tiles():
     x = torch.zeros(qt.GEMV_SWEEP_ROWS + 1, 64, dtype=torch.bfloat16, device=DEV)
     w, s = fp8_weight(16, 64, 32, torch.Generator().manual_seed(0))
@@ -924,6 +997,18 @@ def test_act_order_gemv_gpu(n, k, m):
 def test_gemv_pipeline_gpu(gemv_pipeline, kind, n, k):
     """The GEMV's other pipelines at 27B's projections and odd sizes, NaN-poisoned output."""
     check_gemm(kind, 1, n, k, 128, torch.bfloat16, seed=n + k, unpack=4)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("n,n_tail,k", [(16384, 96, 5120), (12288, 64, 2048), (136, 40, 384), (4104, 72, 2176)],
+                         ids=["27B-in_proj", "35B-A3B-in_proj", "odd", "odd-ragged"])
+def test_gemv_tail_gpu(kind, m, n, n_tail, k):
+    """The GDN in_proj's b|a rows in the quantized qkv|z GEMV's launch at 27B's and 35B-A3B's shapes and odd sizes,
+    the plan's tiles and split, NaN-poisoned output."""
+    check_tail(kind, m, n, n_tail, k, torch.bfloat16, seed=n + k + m)
 
 
 @gpu

@@ -597,16 +597,25 @@ def test_only_a_permuted_g_idx_is_act_order(tmp_path, caplog):
 
 def test_split_format_projection_gives_its_shards_without_concatenating(monkeypatch):
     """FP8 GDN in_proj qkv|z beside bf16 b|a: forward_split returns each part's shards (the same values as the
-    concatenated output's columns) and never concatenates them."""
+    concatenated output's columns) and never concatenates them; both run as one op, the fp8 part's with the bf16
+    part's weight as its tail (one GEMV launch at decode sizes on a GPU)."""
+    from deltaserve.layers.quant import Fp8LinearMethod
     model = load_model(ModelConfig.from_hf(FIXTURES / "qwen_fp8_moe"), dtype="float32")
     proj = model.model.layers[0].linear_attn.in_proj
     assert proj.method.name.startswith("split(")
+    fp8_part, plain = proj.parts
+    tails, real = [], Fp8LinearMethod.apply_tail
+    monkeypatch.setattr(Fp8LinearMethod, "apply_tail", lambda *a: tails.append(a[3]) or real(*a))
     x = torch.randn(3, proj.in_features, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        want = proj(x).split(list(proj.shards.values()), dim=-1)
+        apart = torch.cat([fp8_part(x), plain(x)], dim=-1)
+        want = proj(x)
+        assert torch.equal(want, apart)
         monkeypatch.setattr(torch, "cat", lambda *args, **kwargs: pytest.fail("forward_split concatenated"))
         got = proj.forward_split(x)
+    want = want.split(list(proj.shards.values()), dim=-1)
     assert len(got) == len(want) == 4 and all(torch.equal(g, w) for g, w in zip(got, want))
+    assert len(tails) == 2 and all(t is plain.weight for t in tails)
 
 
 def test_quantize_cli_and_startup_log(bf16_dirs, tmp_path, caplog):

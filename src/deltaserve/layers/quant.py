@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from deltaserve.kernels._device import capability
-from deltaserve.kernels.quant import fp8_fused_moe, fp8_linear, int4_fused_moe, int4_linear
+from deltaserve.kernels.quant import (fp8_fused_moe, fp8_linear, fp8_linear_tail, int4_fused_moe, int4_linear,
+                                      int4_linear_tail)
 from deltaserve.kernels.quant.ref import ACT_GROUP, pack_int4, unpack_int4
 from deltaserve.layers.linear import Linear, LinearMethod, MergedLinear, new_param, tp_shard
 from deltaserve.layers.mlp import MLP
@@ -932,6 +933,11 @@ class Int4LinearMethod(LinearMethod):
         return int4_linear(x=x, qweight=layer.qweight, scales=layer.scales, zeros=layer.zeros,
                            group_size=layer.group_size, perm=layer.perm)
 
+    def apply_tail(self, layer: Linear, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, x @ tail^T): at decode sizes one launch (SplitLinearMethod)."""
+        return int4_linear_tail(x=x, qweight=layer.qweight, scales=layer.scales, zeros=layer.zeros,
+                                group_size=layer.group_size, tail=tail, perm=layer.perm)
+
     def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         dest = Int4Dest(layer.qweight[rows], layer.scales[rows], layer.zeros[rows], layer.perm)
         return int4_slots(self.fmt, name, dest, rows.stop - rows.start, layer.in_features, self.present, tp,
@@ -976,6 +982,11 @@ class Fp8LinearMethod(LinearMethod):
         return fp8_linear(x=x, weight=layer.weight, scale=layer.weight_scale, block_k=layer.block_k,
                           act_fp8=self.fmt.act_fp8)
 
+    def apply_tail(self, layer: Linear, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(this layer's output, x @ tail^T): at decode sizes one launch (SplitLinearMethod)."""
+        return fp8_linear_tail(x=x, weight=layer.weight, scale=layer.weight_scale, block_k=layer.block_k, tail=tail,
+                               act_fp8=self.fmt.act_fp8)
+
     def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         return fp8_slots(self.fmt, name, layer.weight[rows], layer.weight_scale[rows], rows.stop - rows.start,
                          layer.in_features, tp, layer.block_k)
@@ -996,7 +1007,9 @@ class SplitLinearMethod(LinearMethod):
     """A merged projection whose shards are stored in different formats (e.g. the mixed AWQ layout, or FP8 GDN in_proj
     qkv|z next to bf16 b|a): consecutive shards of one format stay merged (one GEMM each) and the outputs are
     concatenated, so the layer's output is the same [T, sum of shards] as before; forward_split skips the
-    concatenation."""
+    concatenation. A quantized part followed by an unquantized one (the GDN in_proj of every published quantized
+    checkpoint: int4 / fp8 qkv|z, bf16 b|a) runs as the quantized op with the plain weight as its tail (apply_tail):
+    at decode sizes its rows join the quantized GEMV's launch instead of a cuBLAS call and its split-K reduction."""
 
     def __init__(self, groups: list[tuple[dict[str, int], LinearMethod]]) -> None:
         self.groups = groups
@@ -1007,14 +1020,22 @@ class SplitLinearMethod(LinearMethod):
                                     for shards, method in self.groups)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([part(x) for part in layer.parts], dim=-1)
+        return torch.cat(self._outputs(layer, x), dim=-1)
+
+    def _outputs(self, layer: Linear, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Each part's output, in order."""
+        first, *rest = layer.parts
+        if len(rest) == 1 and hasattr(first.method, "apply_tail") and type(rest[0].method) is LinearMethod:
+            return first.method.apply_tail(first, x, rest[0].weight)
+        return tuple(part(x) for part in layer.parts)
 
     def apply_split(self, layer: MergedLinear, x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
-        """Each part's shards as column views of its own GEMM's output: no concatenation (a copy launch a layer)
-        when the caller wants the shards apart anyway (the parts hold consecutive shards, in order)."""
+        """Each part's shards as column views of its own output: no concatenation (a copy launch a layer) when the
+        caller wants the shards apart anyway (the parts hold consecutive shards, in order)."""
         if sizes != [rows for part in layer.parts for rows in part.shards.values()]:
             return super().apply_split(layer, x, sizes)
-        return tuple(out for part in layer.parts for out in part.forward_split(x))
+        return tuple(shard for part, out in zip(layer.parts, self._outputs(layer, x))
+                     for shard in out.split(list(part.shards.values()), dim=-1))
 
     def shard_layout(self, layer: Linear, name: str, rows: slice, tp: Shard | None = None) -> dict[str, WeightSlot]:
         shard = name.rpartition(".")[2]

@@ -61,6 +61,15 @@ def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return F.linear(x, w)
 
 
+def int4_linear_tail(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, tail: torch.Tensor, perm: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4_linear and a dense weight's product with the same x (never permuted): (x @ W^T, x @ tail^T). tail: [N_TAIL,
+    K] in x's dtype (a merged projection's unquantized rows after its int4 ones: the GDN in_proj's b|a)."""
+    return (int4_linear(x=x, qweight=qweight, scales=scales, zeros=zeros, group_size=group_size, perm=perm),
+            F.linear(x, tail))
+
+
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 FP8_RECIPROCAL = float(torch.tensor(1 / FP8_MAX, dtype=torch.float32))  # scales multiply by it (as the kernel does)
 ACT_GROUP = 128  # columns per activation scale under dynamic FP8 activations (the peers' 1 x 128 token groups)
@@ -97,6 +106,12 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
     x2 = x.reshape(-1, x.shape[-1])
     xq, sx = quantize_fp8_act(x2)
     return F.linear(dequant_fp8_act(xq, sx), w).to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_linear_tail(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int, tail: torch.Tensor,
+                    act_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp8_linear and a dense weight's product with the same x: (x @ W^T, x @ tail^T), as int4_linear_tail."""
+    return fp8_linear(x=x, weight=weight, scale=scale, block_k=block_k, act_fp8=act_fp8), F.linear(x, tail)
 
 
 def pair_rows(x: torch.Tensor, topk_ids: torch.Tensor, perm: torch.Tensor, shared_slot: bool = False) -> torch.Tensor:

@@ -861,37 +861,77 @@ def _reduce_splits(acc, out_ptrs, ws_ptrs, ws_split_stride, count_ptr, tile, pid
 
 
 @triton.jit
+def _gemv_store(acc, out_ptr, ws_ptr, count_ptr, rows, cols, M, N, NW, stride_os, stride_om, tile, pid_k,
+                BM: tl.constexpr, SPLIT: tl.constexpr, EVEN: tl.constexpr):
+    """A program's sums acc [BM, BN, 1] for output columns `cols` (< N). SPLIT > 1: added in the launch
+    (_reduce_splits; workspace [SPLIT, BM, NW], NW the output's columns, counter `tile`); else stored at out +
+    pid_k * stride_os (the result, or without a workspace a partial that torch adds). EVEN: no mask needed."""
+    if SPLIT > 1:
+        # workspace strides from BM and NW only, nothing that changes with every call
+        _reduce_splits(acc, out_ptr + rows.to(tl.int64) * stride_om + cols, ws_ptr + rows * NW + cols, BM * NW,
+                       count_ptr, tile, pid_k, (rows < M) & (cols < N), SPLIT)
+    else:
+        dest = out_ptr + pid_k.to(tl.int64) * stride_os + rows.to(tl.int64) * stride_om + cols
+        if EVEN:
+            tl.store(dest, acc.to(out_ptr.dtype.element_ty))
+        else:
+            tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=(rows < M) & (cols < N))
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K, stride_xm, stride_wn, stride_sn,
-                 stride_os, stride_om, k_per_split, GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr,
+                 stride_os, stride_om, k_per_split, xs_ptr, t_ptr, N_TAIL, stride_xs, stride_tn,
+                 GROUP: tl.constexpr, INT4: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
-                 PDL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT_FIRST: tl.constexpr = False):
+                 PDL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT_FIRST: tl.constexpr = False,
+                 TAIL_BN: tl.constexpr = 0):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
     pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA: packed fp16 products on
     plane_major_f16()'s activations (int4) or act_f16()'s (fp8) instead of fp32 FMAs. SPLIT > 1: the grid's SPLIT K
-    ranges are added in this launch (_reduce_splits, workspace [SPLIT, BM, N]); 1: each program stores its own
-    sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds). PDL: waits
-    first (x, the workspace and counters are the previous kernels')."""
+    ranges are added in this launch (_reduce_splits, workspace [SPLIT, BM, N + N_TAIL]); 1: each program stores its
+    own sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds).
+    TAIL_BN > 0: N_TAIL more output columns, after W's N, from a dense weight t [N_TAIL, K] (bf16 / fp16 / fp32,
+    the model dtype) times x's own rows xs (x may be a copy in another order and type): the programs past W's
+    column tiles take TAIL_BN of its rows each, over the same K splits (the GDN in_proj's b|a rows, which every
+    published quantized checkpoint keeps unquantized, in the launch of its quantized qkv|z instead of two of
+    their own). PDL: waits first (x, the workspace and counters are the previous kernels')."""
     wait_then_release(PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BM)[:, None, None]
-    cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
+    if TAIL_BN:
+        if pid_n >= tl.cdiv(N, BN):
+            cols = (pid_n - tl.cdiv(N, BN)) * TAIL_BN + tl.arange(0, TAIL_BN)[None, :, None]
+            acc = _dense_acc(xs_ptr + rows.to(tl.int64) * stride_xs, t_ptr, cols, N_TAIL, stride_tn, k_begin, k_end,
+                             BK, BM, rows < M)
+            _gemv_store(acc, out_ptr + N, ws_ptr + N, count_ptr, rows, cols, M, N_TAIL, N + N_TAIL, stride_os,
+                        stride_om, pid_n, pid_k, BM, SPLIT, False)
+        else:
+            _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, rows, pid_n, pid_k, M, N, K,
+                          N + N_TAIL, stride_xm, stride_wn, stride_sn, stride_os, stride_om, k_begin, k_end, GROUP,
+                          INT4, BM, BN, BK, EVEN_N, EVEN_K, F16_FMA, F16_WORDS, SPLIT, DEPTH, EVICT_FIRST)
+    else:
+        _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, rows, pid_n, pid_k, M, N, K, N,
+                      stride_xm, stride_wn, stride_sn, stride_os, stride_om, k_begin, k_end, GROUP, INT4, BM, BN, BK,
+                      EVEN_N, EVEN_K, F16_FMA, F16_WORDS, SPLIT, DEPTH, EVICT_FIRST)
+
+
+@triton.jit
+def _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, rows, pid_n, pid_k, M, N, K, NW, stride_xm,
+                  stride_wn, stride_sn, stride_os, stride_om, k_begin, k_end, GROUP: tl.constexpr, INT4: tl.constexpr,
+                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+                  F16_FMA: tl.constexpr, F16_WORDS: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr,
+                  EVICT_FIRST: tl.constexpr):
+    """One GEMV program's BN columns of W (out's row length NW)."""
+    cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
     acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
                     GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA, F16_WORDS, UNROLL=True, DEPTH=DEPTH,
                     EVICT_FIRST=EVICT_FIRST)
-    if SPLIT > 1:
-        # workspace [SPLIT, BM, N] fp32: strides from BM and N only, nothing that changes with every call
-        _reduce_splits(acc, out_ptr + rows.to(tl.int64) * stride_om + cols, ws_ptr + rows * N + cols, BM * N,
-                       count_ptr, pid_n, pid_k, (rows < M) & (cols < N), SPLIT)
-    else:
-        dest = out_ptr + pid_k.to(tl.int64) * stride_os + rows.to(tl.int64) * stride_om + cols
-        if EVEN_N and BM == 1:
-            tl.store(dest, acc.to(out_ptr.dtype.element_ty))
-        else:
-            tl.store(dest, acc.to(out_ptr.dtype.element_ty), mask=(rows < M) & (cols < N))
+    _gemv_store(acc, out_ptr, ws_ptr, count_ptr, rows, cols, M, N, NW, stride_os, stride_om, pid_n, pid_k, BM, SPLIT,
+                EVEN_N and BM == 1)
 
 
 @triton.jit
@@ -1116,10 +1156,28 @@ def _gemv_default(m: int, int4: bool, dtype: torch.dtype, act_fp8: bool) -> bool
 
 _warned: set[tuple[int, int, int]] = set()  # shapes whose split-K call fell back to torch's sum (logged once)
 
+# Rows of a dense tail per GEMV program. Its K loop is the GEMV's (same splits, same K tiles: as many iterations as
+# a quantized program, whose time is latency-bound per iteration), and 16 rows keep the kernel's registers where they
+# were (sm_90a, benchmarks/compile_check.py rows of the GEMV: int4 48 / 64 at DEPTH 2 / 3, fp8 40 / 48; with 32 rows
+# 60 / 64 and 48 / 55). At 27B's GDN in_proj (b|a: 96 bf16 rows beside 16,384 int4 ones, K 5120 in 4 splits) that is
+# 24 more programs beside 512, each reading 40 KB against an int4 program's 80.
+GEMV_TAIL_BN = 16
+
+
+def _check_tail(tail: torch.Tensor, x: torch.Tensor) -> int:
+    """The tail's rows, after checking that the GEMV can read it: [N_TAIL, K] in x's dtype, unit column stride."""
+    if tail.dim() != 2 or tail.shape[1] != x.shape[1] or tail.dtype != x.dtype or tail.stride(1) != 1 or \
+            tail.device != x.device:
+        raise ValueError(f"a dense tail must be [N_TAIL, K = {x.shape[1]}] in the activations' dtype ({x.dtype}) "
+                         f"on {x.device} with unit column stride; got {list(tail.shape)} {tail.dtype} on "
+                         f"{tail.device} with strides {tail.stride()}")
+    return tail.shape[0]
+
 
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
                group: int, out: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None,
-               unpack: int | None = None, act_fp8: bool = False, perm: torch.Tensor | None = None) -> torch.Tensor:
+               unpack: int | None = None, act_fp8: bool = False, perm: torch.Tensor | None = None,
+               tail: torch.Tensor | None = None) -> torch.Tensor:
     """x[:, perm] [M, K] (contiguous rows; perm: act-order int4, else None) times the int4 (zeros given) or fp8
     weight -> [M, N] in x.dtype (the gather done by the fp16-product GEMV's activation copy, else first). `out`:
     where the result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
@@ -1127,10 +1185,13 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     the call allows: 4, the CUDA-core GEMV, up to GEMV_MAX_ROWS rows (_gemv_default), else 0,
     dequantize-then-dot (the tile dequantized in fp32 and rounded as the reference does; faster than UNPACK 3's
     scale-after-dot and int4's UNPACK 2, which stay for the benchmark)); `act_fp8`: W8A8, each x tile quantized to
-    e4m3 per row and ACT_GROUP columns as it is loaded (the codes and scales of ref.quantize_fp8_act)."""
+    e4m3 per row and ACT_GROUP columns as it is loaded (the codes and scales of ref.quantize_fp8_act). `tail`: a
+    dense weight [N_TAIL, K] in x's dtype whose rows run in the GEMV's launch (_gemv_kernel's TAIL_BN): the result
+    is [M, N + N_TAIL], x times the quantized weight, then x (never permuted) times the tail."""
     x = x if x.stride(-1) == 1 else x.contiguous()  # the kernels step through a row with unit stride
     m, k = x.shape
     n = weight.shape[0]
+    n_tail = _check_tail(tail, x) if tail is not None else 0
     int4 = zeros is not None
     group = min(group, k) if group else k
     sm90 = _lop3_ok(x)  # compiled, 16-bit activations, sm_90+: UNPACK 3 can run and the sm_90 tiles apply
@@ -1163,18 +1224,24 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         unpack = 0  # the nibble-plane dots need K = BK / 8 >= 16 on tensor cores
     if group < k and group % bk:
         raise ValueError(f"K tile {bk} must divide the group size {group}")
+    if tail is not None and unpack != 4:
+        raise ValueError(f"a dense tail runs in the GEMV's launch only (unpack 4, up to {GEMV_F16_MAX_ROWS} rows for "
+                         f"int4 with bf16 activations, {GEMV_MAX_ROWS} otherwise); this call runs unpack {unpack}: "
+                         "run the tail as a linear of its own")
     steps = triton.cdiv(k, bk)
     k_per_split = triton.cdiv(steps, split) * bk
     split = triton.cdiv(k, k_per_split)
+    n_all = n + n_tail
     if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        out = torch.empty(m, n_all, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     m_tiles = 1 if unpack == 4 else triton.cdiv(m, bm)  # (the GEMV holds every row in one tile)
+    n_tiles = triton.cdiv(n, bn) + (triton.cdiv(n_tail, GEMV_TAIL_BN) if n_tail else 0)
     dest = ws = counts = out  # the kernel stores the result; workspace and counters unused
     reduce = 1  # the kernel's SPLIT: K ranges it adds itself
     if split > 1:
-        scratch = _scratch(x.device, split * m_tiles * bm * n, m_tiles * triton.cdiv(n, bn))
+        scratch = _scratch(x.device, split * m_tiles * bm * n_all, m_tiles * n_tiles)
         if scratch is not None:
             (ws, counts), reduce = scratch, split
         else:  # first call of this size inside a capture: the partials go to a temporary, torch adds them
@@ -1182,8 +1249,9 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                 _warned.add((m, n, k))
                 log.warning("split-K quantized GEMM [%d, %d] x [%d, %d]^T first called inside a CUDA-graph capture: "
                             "torch adds its partial sums (two more launches; warm up eagerly first)", m, k, n, k)
-            dest = torch.empty(split, m, n, dtype=torch.float32, device=x.device)
+            dest = torch.empty(split, m, n_all, dtype=torch.float32, device=x.device)
     f16 = unpack == 4 and (GEMV_F16 if int4 else _fp8_f16_ok(x, bk, weight)) and x.dtype == torch.bfloat16
+    xs = x  # the tail's activations: x's own rows, in column order
     if unpack == 4 and int4 and f16:
         xk = plane_major_f16(x, bk, perm)
     else:
@@ -1199,9 +1267,11 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     if unpack == 4:
         depth, evict_first = _gemv_pipeline(m, n, bn, int4, num_sms(x.device) if x.is_cuda else 4, k,
                                             device_name(x.device) if x.is_cuda else "")
-        _gemv_kernel[(triton.cdiv(n, bn), split)](*common, EVEN_N=n % bn == 0, EVEN_K=k % bk == 0, F16_FMA=f16,
-                                                  F16_WORDS=_f16_words(bk) if f16 else 1, DEPTH=depth,
-                                                  EVICT_FIRST=evict_first, **consts)
+        t = tail if tail is not None else weight  # (unread without a tail)
+        _gemv_kernel[(n_tiles, split)](*common, xs, t, n_tail, xs.stride(0), t.stride(0), EVEN_N=n % bn == 0,
+                                       EVEN_K=k % bk == 0, F16_FMA=f16, F16_WORDS=_f16_words(bk) if f16 else 1,
+                                       DEPTH=depth, EVICT_FIRST=evict_first, TAIL_BN=GEMV_TAIL_BN if n_tail else 0,
+                                       **consts)
     else:
         _gemm_kernel[(m_tiles, triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8,
@@ -1281,6 +1351,37 @@ def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bl
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
+def _with_tail(x: torch.Tensor, n: int, gemv: bool, fused, apart) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x W^T, x tail^T) as column views of one GEMV launch's [.., N + N_TAIL] output where the call runs the GEMV
+    (fused(x2) with the rows of x), else apart() (two calls)."""
+    if not gemv:
+        return apart()
+    y = fused(_rows(x))
+    y = y.view(*x.shape[:-1], y.shape[-1])
+    return y[..., :n], y[..., n:]
+
+
+def int4_linear_tail(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     group_size: int, tail: torch.Tensor, perm: torch.Tensor | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return _with_tail(
+        x, qweight.shape[0], _gemv_default(m, True, x.dtype, False),
+        lambda x2: quant_gemm(x2, qweight, scales, zeros, group_size, perm=perm, tail=tail),
+        lambda: (int4_linear(x=x, qweight=qweight, scales=scales, zeros=zeros, group_size=group_size, perm=perm),
+                 dense_linear(x=x, weight=tail)))
+
+
+def fp8_linear_tail(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int, tail: torch.Tensor,
+                    act_fp8: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    m = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return _with_tail(
+        x, weight.shape[0], _gemv_default(m, False, x.dtype, act_fp8),
+        lambda x2: quant_gemm(x2, weight, scale, None, block_k, tail=tail),
+        lambda: (fp8_linear(x=x, weight=weight, scale=scale, block_k=block_k, act_fp8=act_fp8),
+                 dense_linear(x=x, weight=tail)))
+
+
 # ---- MoE ------------------------------------------------------------------------------------------------------------
 
 # The dense shared expert's K tile in the per-pair MoE kernels: 64 rows x 64 columns of bf16 is 8 KB a tile, twice
@@ -1291,18 +1392,21 @@ DENSE_BK = tl.constexpr(64)
 
 
 @triton.jit
-def _dense_acc(x_row, w_ptr, cols, N, stride_wn, k_begin, k_end, BK: tl.constexpr):
-    """fp32 [1, BN, 1]: rows `cols` ([1, BN, 1]; masked from N) of a dense weight (bf16 / fp16 / fp32, unit column
-    stride) times x_row's columns [k_begin, k_end), both widened to fp32. The next tile's loads go out before this
-    tile's math (Triton pipelines no loads that feed no dot); past the end they are masked off."""
-    acc = tl.zeros((1, cols.shape[1], 1), dtype=tl.float32)
+def _dense_acc(x_rows, w_ptr, cols, N, stride_wn, k_begin, k_end, BK: tl.constexpr, R: tl.constexpr = 1,
+               row_ok=None):
+    """fp32 [R, BN, 1]: rows `cols` ([1, BN, 1]; masked from N) of a dense weight (bf16 / fp16 / fp32, unit column
+    stride) times the activation rows x_rows (one row's pointer, or R rows' [R, 1, 1] with row_ok masking them)
+    over columns [k_begin, k_end), both widened to fp32. The next tile's loads go out before this tile's math
+    (Triton pipelines no loads that feed no dot); past the end they are masked off."""
+    acc = tl.zeros((R, cols.shape[1], 1), dtype=tl.float32)
     rows = w_ptr + cols.to(tl.int64) * stride_wn
     k = k_begin + tl.arange(0, BK)[None, None, :]
-    x = tl.load(x_row + k, mask=k < k_end, other=0.0)
+    x = tl.load(x_rows + k, mask=(k < k_end) if row_ok is None else (k < k_end) & row_ok, other=0.0)
     w = tl.load(rows + k, mask=(cols < N) & (k < k_end), other=0.0)
     for k0 in range(k_begin, k_end, BK):
         k_next = k + BK
-        x_next = tl.load(x_row + k_next, mask=k_next < k_end, other=0.0)
+        x_next = tl.load(x_rows + k_next, mask=(k_next < k_end) if row_ok is None else (k_next < k_end) & row_ok,
+                         other=0.0)
         w_next = tl.load(rows + k_next, mask=(cols < N) & (k_next < k_end), other=0.0)
         acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2, keep_dims=True)
         k, x, w = k_next, x_next, w_next
