@@ -885,7 +885,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
                  BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
                  PDL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT_FIRST: tl.constexpr = False,
-                 TAIL_BN: tl.constexpr = 0):
+                 TAIL_BN: tl.constexpr = 0, TAIL_BK: tl.constexpr = 0, TAIL_FIRST: tl.constexpr = False):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
     pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA: packed fp16 products on
@@ -894,7 +894,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
     own sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds).
     TAIL_BN > 0: N_TAIL more output columns, after W's N, from a dense weight t [N_TAIL, K] (bf16 / fp16 / fp32,
     the model dtype) times x's own rows xs (x may be a copy in another order and type): the programs past W's
-    column tiles take TAIL_BN of its rows each, over the same K splits (the GDN in_proj's b|a rows, which every
+    column tiles take TAIL_BN of its rows each, TAIL_BK columns an iteration, over the same K splits (the GDN in_proj's b|a rows, which every
     published quantized checkpoint keeps unquantized, in the launch of its quantized qkv|z instead of two of
     their own). PDL: waits first (x, the workspace and counters are the previous kernels')."""
     wait_then_release(PDL)
@@ -903,34 +903,40 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
     k_begin = pid_k * k_per_split
     k_end = tl.minimum(k_begin + k_per_split, K)
     if TAIL_BN:
-        if pid_n >= tl.cdiv(N, BN):
-            cols = (pid_n - tl.cdiv(N, BN)) * TAIL_BN + tl.arange(0, TAIL_BN)[None, :, None]
+        if TAIL_FIRST:
+            tail_tiles = tl.cdiv(N_TAIL, TAIL_BN)
+            is_tail, t_tile, q_tile = pid_n < tail_tiles, pid_n, pid_n - tail_tiles
+        else:
+            is_tail, t_tile, q_tile = pid_n >= tl.cdiv(N, BN), pid_n - tl.cdiv(N, BN), pid_n
+        if is_tail:
+            cols = t_tile * TAIL_BN + tl.arange(0, TAIL_BN)[None, :, None]
             acc = _dense_acc(xs_ptr + rows.to(tl.int64) * stride_xs, t_ptr, cols, N_TAIL, stride_tn, k_begin, k_end,
-                             BK, BM, rows < M)
+                             TAIL_BK, BM, rows < M, SUM_AFTER=True)
             _gemv_store(acc, out_ptr + N, ws_ptr + N, count_ptr, rows, cols, M, N_TAIL, N + N_TAIL, stride_os,
                         stride_om, pid_n, pid_k, BM, SPLIT, False)
         else:
-            _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, rows, pid_n, pid_k, M, N, K,
-                          N + N_TAIL, stride_xm, stride_wn, stride_sn, stride_os, stride_om, k_begin, k_end, GROUP,
+            _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, rows, q_tile, pid_n, pid_k, M, N,
+                          K, N + N_TAIL, stride_xm, stride_wn, stride_sn, stride_os, stride_om, k_begin, k_end, GROUP,
                           INT4, BM, BN, BK, EVEN_N, EVEN_K, F16_FMA, F16_WORDS, SPLIT, DEPTH, EVICT_FIRST)
     else:
-        _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, rows, pid_n, pid_k, M, N, K, N,
+        _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, rows, pid_n, pid_n, pid_k, M, N, K, N,
                       stride_xm, stride_wn, stride_sn, stride_os, stride_om, k_begin, k_end, GROUP, INT4, BM, BN, BK,
                       EVEN_N, EVEN_K, F16_FMA, F16_WORDS, SPLIT, DEPTH, EVICT_FIRST)
 
 
 @triton.jit
-def _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, rows, pid_n, pid_k, M, N, K, NW, stride_xm,
+def _gemv_program(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, rows, n_tile, tile, pid_k, M, N, K, NW,
+                  stride_xm,
                   stride_wn, stride_sn, stride_os, stride_om, k_begin, k_end, GROUP: tl.constexpr, INT4: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                   F16_FMA: tl.constexpr, F16_WORDS: tl.constexpr, SPLIT: tl.constexpr, DEPTH: tl.constexpr,
                   EVICT_FIRST: tl.constexpr):
-    """One GEMV program's BN columns of W (out's row length NW)."""
-    cols = pid_n * BN + tl.arange(0, BN)[None, :, None]
+    """One GEMV program's BN columns of W, column tile n_tile (out's row length NW; its split-K counter `tile`)."""
+    cols = n_tile * BN + tl.arange(0, BN)[None, :, None]
     acc = _gemv_acc(x_ptr, w_ptr, s_ptr, z_ptr, rows, cols, M, N, K, stride_xm, stride_wn, stride_sn, k_begin, k_end,
                     GROUP, INT4, BK, BM > 1, EVEN_N, EVEN_K, F16_FMA, F16_WORDS, UNROLL=True, DEPTH=DEPTH,
                     EVICT_FIRST=EVICT_FIRST)
-    _gemv_store(acc, out_ptr, ws_ptr, count_ptr, rows, cols, M, N, NW, stride_os, stride_om, pid_n, pid_k, BM, SPLIT,
+    _gemv_store(acc, out_ptr, ws_ptr, count_ptr, rows, cols, M, N, NW, stride_os, stride_om, tile, pid_k, BM, SPLIT,
                 EVEN_N and BM == 1)
 
 
@@ -1156,12 +1162,16 @@ def _gemv_default(m: int, int4: bool, dtype: torch.dtype, act_fp8: bool) -> bool
 
 _warned: set[tuple[int, int, int]] = set()  # shapes whose split-K call fell back to torch's sum (logged once)
 
-# Rows of a dense tail per GEMV program. Its K loop is the GEMV's (same splits, same K tiles: as many iterations as
-# a quantized program, whose time is latency-bound per iteration), and 16 rows keep the kernel's registers where they
-# were (sm_90a, benchmarks/compile_check.py rows of the GEMV: int4 48 / 64 at DEPTH 2 / 3, fp8 40 / 48; with 32 rows
-# 60 / 64 and 48 / 55). At 27B's GDN in_proj (b|a: 96 bf16 rows beside 16,384 int4 ones, K 5120 in 4 splits) that is
-# 24 more programs beside 512, each reading 40 KB against an int4 program's 80.
+# A dense tail's tile in the GEMV: GEMV_TAIL_BN rows by GEMV_TAIL_K_TILES of the GEMV's K tiles, its products summed
+# per thread until the loop ends. 16 x 128 keeps the kernel's registers where they were (sm_90a,
+# benchmarks/compile_check.py rows of the GEMV: int4 48 / 64 at DEPTH 2 / 3, fp8 40 / 48; 16 x 256 takes 64 / 64 and
+# 64 / 61) and was the fastest tile timed (H100, RESULTS.md 2026-12-06, one row, µs a call): 27B in_proj int4 alone
+# 17.7, with b|a apart (cuBLAS and its split-K reduce) 23.5, with the tail 21.3 (8 x 256: 23.2, 16 x 256: 22.4);
+# 35B-A3B int4 6.7 / 11.2 / 7.6; fp8 the tail's time is within the spread (27B 36.9 / 43.2 / 36.9).
+# GEMV_TAIL_FIRST: the tail's programs take the grid's first column indices instead of its last.
 GEMV_TAIL_BN = 16
+GEMV_TAIL_K_TILES = 1
+GEMV_TAIL_FIRST = False
 
 
 def _check_tail(tail: torch.Tensor, x: torch.Tensor) -> int:
@@ -1271,7 +1281,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         _gemv_kernel[(n_tiles, split)](*common, xs, t, n_tail, xs.stride(0), t.stride(0), EVEN_N=n % bn == 0,
                                        EVEN_K=k % bk == 0, F16_FMA=f16, F16_WORDS=_f16_words(bk) if f16 else 1,
                                        DEPTH=depth, EVICT_FIRST=evict_first, TAIL_BN=GEMV_TAIL_BN if n_tail else 0,
-                                       **consts)
+                                       TAIL_BK=GEMV_TAIL_K_TILES * bk, TAIL_FIRST=GEMV_TAIL_FIRST, **consts)
     else:
         _gemm_kernel[(m_tiles, triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8,
@@ -1393,12 +1403,13 @@ DENSE_BK = tl.constexpr(64)
 
 @triton.jit
 def _dense_acc(x_rows, w_ptr, cols, N, stride_wn, k_begin, k_end, BK: tl.constexpr, R: tl.constexpr = 1,
-               row_ok=None):
+               row_ok=None, SUM_AFTER: tl.constexpr = False):
     """fp32 [R, BN, 1]: rows `cols` ([1, BN, 1]; masked from N) of a dense weight (bf16 / fp16 / fp32, unit column
     stride) times the activation rows x_rows (one row's pointer, or R rows' [R, 1, 1] with row_ok masking them)
     over columns [k_begin, k_end), both widened to fp32. The next tile's loads go out before this tile's math
-    (Triton pipelines no loads that feed no dot); past the end they are masked off."""
-    acc = tl.zeros((R, cols.shape[1], 1), dtype=tl.float32)
+    (Triton pipelines no loads that feed no dot); past the end they are masked off. SUM_AFTER: the products add up
+    per thread ([R, BN, BK] registers) and cross threads once after the loop, not in every iteration."""
+    acc = tl.zeros((R, cols.shape[1], BK if SUM_AFTER else 1), dtype=tl.float32)
     rows = w_ptr + cols.to(tl.int64) * stride_wn
     k = k_begin + tl.arange(0, BK)[None, None, :]
     x = tl.load(x_rows + k, mask=(k < k_end) if row_ok is None else (k < k_end) & row_ok, other=0.0)
@@ -1408,9 +1419,12 @@ def _dense_acc(x_rows, w_ptr, cols, N, stride_wn, k_begin, k_end, BK: tl.constex
         x_next = tl.load(x_rows + k_next, mask=(k_next < k_end) if row_ok is None else (k_next < k_end) & row_ok,
                          other=0.0)
         w_next = tl.load(rows + k_next, mask=(cols < N) & (k_next < k_end), other=0.0)
-        acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2, keep_dims=True)
+        if SUM_AFTER:
+            acc += w.to(tl.float32) * x.to(tl.float32)
+        else:
+            acc += tl.sum(w.to(tl.float32) * x.to(tl.float32), axis=2, keep_dims=True)
         k, x, w = k_next, x_next, w_next
-    return acc
+    return tl.sum(acc, axis=2, keep_dims=True) if SUM_AFTER else acc
 
 
 @triton.jit
