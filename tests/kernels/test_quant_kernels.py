@@ -171,7 +171,7 @@ def gemv_f16(monkeypatch, request):
     monkeypatch.setattr(qt, "GEMV_F16", True)
     monkeypatch.setattr(qt, "GEMV_F16_WORDS", request.param)
     monkeypatch.setattr(qt, "MOE_PAIR_F16_WORDS", request.param)
-    monkeypatch.setattr(qt, "plane_major_f16", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(qt, "plane_major_f16", lambda *a, **kw: calls.append(a) or real(*a, **kw))
     yield
     assert calls, "the F16_FMA GEMV did not run"
 
@@ -251,7 +251,7 @@ def gemv_fp8_f16(monkeypatch):
     twice the bf16 reference's error against the exact product."""
     calls, real = [], qt.act_f16
     monkeypatch.setattr(qt, "GEMV_FP8_F16", True)
-    monkeypatch.setattr(qt, "act_f16", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(qt, "act_f16", lambda *a, **kw: calls.append(a) or real(*a, **kw))
     return calls
 
 
@@ -575,6 +575,75 @@ def test_gemv_tail_refusals():
         qt.quant_gemm(x, qw, s, z, 64, unpack=4, tail=torch.randn(8, 32, device=DEV).to(torch.bfloat16))
     with pytest.raises(ValueError, match="GEMV's launch only"):
         qt.quant_gemm(x, qw, s, z, 64, unpack=0, tail=torch.randn(8, 64, device=DEV).to(torch.bfloat16))
+
+
+# ---- SiLU-and-mul in the GEMVs' activation copy (a dense MLP's down projection) ----
+
+def check_silu_gate(kind: str, m: int, n: int, k: int, dtype: torch.dtype, tiles=None, unpack=None, act_order=False,
+                    seed: int = 0):
+    """quant_gemm on [gate | up] rows with silu_gate against the same call on silu_and_mul's output (the Triton
+    kernel's, what the engine ran before), bit for bit, NaN-poisoned; and within check_gemm's tolerance of the
+    exact product."""
+    from deltaserve.kernels.activation.triton import silu_and_mul
+    gen = torch.Generator().manual_seed(seed)
+    gate_up = torch.randn(m, 2 * k, generator=gen).to(dtype).to(DEV)
+    if kind == "int4":
+        weight, s, zeros = int4_weight(n, k, 128, gen)
+        w = ref.dequant_int4(qweight=weight, scales=s, zeros=zeros, group_size=128, k=k)
+    else:
+        (weight, s), zeros = fp8_weight(n, k, 128, gen), None
+        w = ref.dequant_fp8(weight=weight, scale=s, block_k=128)
+    perm = torch.randperm(k, generator=gen).to(DEV) if act_order else None
+    act = silu_and_mul(x=gate_up)
+    out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+    got = qt.quant_gemm(gate_up, weight, s, zeros, 128, out=out, tiles=tiles, unpack=unpack, perm=perm,
+                        silu_gate=True)
+    want = qt.quant_gemm(act, weight, s, zeros, 128, tiles=tiles, unpack=unpack, perm=perm)
+    assert torch.equal(got, want)
+    xin = act if perm is None else act[:, perm]
+    baseline = torch.nn.functional.linear(xin, w.to(dtype))
+    assert_error_within(got, baseline, xin.double() @ w.double().T, atol=1e-4 if dtype != torch.float32 else 1e-6)
+
+
+@pytest.mark.parametrize("kind,m,dtype,tiles,unpack,act_order", [
+    ("int4", 1, torch.bfloat16, (1, 16, 32, 3), 4, False),  # plane_major_f16 with SILU, split-K
+    ("int4", 2, torch.bfloat16, (2, 16, 32, 1), 4, True),  # and the act-order gather
+    ("fp8", 1, torch.bfloat16, (1, 16, 32, 2), 4, False),  # act_f16 with SILU
+    ("int4", 3, torch.float32, (4, 16, 32, 2), 4, False),  # fp32 GEMV: silu_and_mul first
+    ("fp8", 20, torch.bfloat16, (16, 32, 32, 2), None, False)])  # tl.dot kernel: silu_and_mul first
+def test_silu_gate_interpreted(kind, m, dtype, tiles, unpack, act_order):
+    """K 160 (ragged against 32-column tiles, as many columns of gate as of up)."""
+    check_silu_gate(kind, m, 40, 160, dtype, tiles=tiles, unpack=unpack, act_order=act_order, seed=m)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m", [1, 300])
+def test_silu_gate_ops_interpreted(kind, m):
+    """The public ops against their references, at one row (the copy computes it) and past FUSED_MAX_ROWS
+    (dequantize, then torch's GEMM on silu_and_mul's output)."""
+    gen = torch.Generator().manual_seed(m)
+    gate_up = torch.randn(m, 2 * 128, generator=gen).to(torch.bfloat16).to(DEV)
+    if kind == "int4":
+        qw, s, z = int4_weight(48, 128, 128, gen)
+        args = dict(qweight=qw, scales=s, zeros=z, group_size=128)
+        got, want = qt.int4_linear(x=gate_up, silu_gate=True, **args), ref.int4_linear(x=gate_up, silu_gate=True,
+                                                                                        **args)
+        w = ref.dequant_int4(k=128, **args)
+    else:
+        w8, s = fp8_weight(48, 128, 128, gen)
+        args = dict(weight=w8, scale=s, block_k=128)
+        got, want = qt.fp8_linear(x=gate_up, silu_gate=True, **args), ref.fp8_linear(x=gate_up, silu_gate=True,
+                                                                                      **args)
+        w = ref.dequant_fp8(**args)
+    act = ref.silu_and_mul(x=gate_up)
+    assert_error_within(got, want, act.double() @ w.double().T, atol=1e-4)
+
+
+def test_silu_gate_refusals():
+    x = torch.randn(1, 63).to(torch.bfloat16).to(DEV)
+    qw, s, z = int4_weight(32, 64, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="even width, got 63"):
+        qt.quant_gemm(x, qw, s, z, 64, unpack=4, silu_gate=True)
 
 
 def test_gemv_refuses_more_rows_than_it_tiles():
@@ -1009,6 +1078,17 @@ def test_gemv_tail_gpu(kind, m, n, n_tail, k):
     """The GDN in_proj's b|a rows in the quantized qkv|z GEMV's launch at 27B's and 35B-A3B's shapes and odd sizes,
     the plan's tiles and split, NaN-poisoned output."""
     check_tail(kind, m, n, n_tail, k, torch.bfloat16, seed=n + k + m)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
+@pytest.mark.parametrize("m", [1, 2, 24])
+@pytest.mark.parametrize("n,k", [(5120, 17408), (4096, 12288), (136, 384), (520, 1000)])
+def test_silu_gate_gpu(kind, m, n, k):
+    """The down projection of 27B's and 9B's MLP and odd sizes on [gate | up] rows, bit for bit the call on
+    silu_and_mul's output, NaN-poisoned."""
+    check_silu_gate(kind, m, n, k, torch.bfloat16, seed=n + k + m, act_order=kind == "int4" and m == 2)
 
 
 @gpu

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from deltaserve.kernels.activation import silu_and_mul
 from deltaserve.kernels.linear import linear
 from deltaserve.layers.weights import TensorSource, WeightSlot, init_dummy_param
 
@@ -53,6 +54,11 @@ class LinearMethod:
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return linear(x=x, weight=layer.weight)
 
+    def apply_silu_gate(self, layer: Linear, gate_up: torch.Tensor) -> torch.Tensor:
+        """The layer applied to silu(gate) * up of gate_up = [gate | up] (a SwiGLU MLP's down projection): here
+        silu_and_mul, then apply; quantized methods compute it in their activation copy instead (one launch less)."""
+        return self.apply(layer, silu_and_mul(x=gate_up))
+
     def apply_split(self, layer: MergedLinear, x: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, ...]:
         """A merged layer's output as its column groups `sizes`: here column views of apply's one result."""
         return self.apply(layer, x).split(sizes, dim=-1)
@@ -86,6 +92,10 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.method.apply(self, x)
+
+    def forward_silu_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """forward(silu(gate) * up) for gate_up = [gate | up] (the method may fuse the activation)."""
+        return self.method.apply_silu_gate(self, gate_up)
 
     def weight_layout(self, prefix: str, present: Set[str]) -> dict[str, WeightSlot]:
         return self.method.shard_layout(self, prefix.rstrip("."), slice(0, self.out_features),

@@ -6,7 +6,6 @@ import torch
 from torch import nn
 
 from deltaserve.config import RankShapes
-from deltaserve.kernels.activation import silu_and_mul
 from deltaserve.layers.linear import Linear, MergedLinear
 from deltaserve.parallel import sharding
 
@@ -26,4 +25,4 @@ class MLP(nn.Module):
             self.down_proj.tp_shards = {"weight": sharding.split(shapes, intermediate_size, dim=1)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(x=self.gate_up_proj(x)))
+        return self.down_proj.forward_silu_gate(self.gate_up_proj(x))

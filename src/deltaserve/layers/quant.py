@@ -933,6 +933,10 @@ class Int4LinearMethod(LinearMethod):
         return int4_linear(x=x, qweight=layer.qweight, scales=layer.scales, zeros=layer.zeros,
                            group_size=layer.group_size, perm=layer.perm)
 
+    def apply_silu_gate(self, layer: Linear, gate_up: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x=gate_up, qweight=layer.qweight, scales=layer.scales, zeros=layer.zeros,
+                           group_size=layer.group_size, perm=layer.perm, silu_gate=True)
+
     def apply_tail(self, layer: Linear, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, x @ tail^T): at decode sizes one launch (SplitLinearMethod)."""
         return int4_linear_tail(x=x, qweight=layer.qweight, scales=layer.scales, zeros=layer.zeros,
@@ -981,6 +985,10 @@ class Fp8LinearMethod(LinearMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x=x, weight=layer.weight, scale=layer.weight_scale, block_k=layer.block_k,
                           act_fp8=self.fmt.act_fp8)
+
+    def apply_silu_gate(self, layer: Linear, gate_up: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x=gate_up, weight=layer.weight, scale=layer.weight_scale, block_k=layer.block_k,
+                          act_fp8=self.fmt.act_fp8, silu_gate=True)
 
     def apply_tail(self, layer: Linear, x: torch.Tensor, tail: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(this layer's output, x @ tail^T): at decode sizes one launch (SplitLinearMethod)."""

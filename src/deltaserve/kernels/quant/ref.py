@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from deltaserve.kernels.activation.ref import silu_and_mul
+
 _SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)
 
 
@@ -52,8 +54,10 @@ def dequant_fp8(*, weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> t
 
 
 def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [..., K] -> x @ W^T [..., N] in x.dtype (W dequantized, rounded to x.dtype, then torch's GEMM)."""
+                group_size: int, perm: torch.Tensor | None = None, silu_gate: bool = False) -> torch.Tensor:
+    """x: [..., K] -> x @ W^T [..., N] in x.dtype (W dequantized, rounded to x.dtype, then torch's GEMM). silu_gate:
+    x is [..., 2K] = [gate | up] and the input is silu_and_mul's silu(gate) * up (a dense MLP's down projection)."""
+    x = silu_and_mul(x=x) if silu_gate else x
     k = x.shape[-1]
     if perm is not None:
         x = x.index_select(-1, perm)
@@ -96,10 +100,11 @@ def dequant_fp8_act(xq: torch.Tensor, scale: torch.Tensor, group: int = ACT_GROU
 
 
 def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int,
-               act_fp8: bool = False) -> torch.Tensor:
+               act_fp8: bool = False, silu_gate: bool = False) -> torch.Tensor:
     """x: [..., K] -> x @ W^T [..., N] in x.dtype (bf16/fp16/fp32 activations; the weight is dequantized). act_fp8:
     W8A8, the activations quantized per token and ACT_GROUP columns first (quantize_fp8_act), the product of the
-    two dequantized operands taken in fp32."""
+    two dequantized operands taken in fp32. silu_gate: as int4_linear's."""
+    x = silu_and_mul(x=x) if silu_gate else x
     w = dequant_fp8(weight=weight, scale=scale, block_k=block_k)
     if not act_fp8:
         return F.linear(x, w.to(x.dtype))

@@ -673,12 +673,24 @@ def plane_major(x: torch.Tensor, bk: int) -> torch.Tensor:
 
 
 @triton.jit
+def _act_row(x_row, src, mask, K, SILU: tl.constexpr):
+    """fp32 values of x_row's columns src (masked: 0). SILU: the row is [gate | up] and the values are silu(gate) * up
+    rounded to x's dtype, as silu_and_mul (kernels/activation/triton.py) stores them, from the same fp32 formula."""
+    if SILU:
+        gate = tl.load(x_row + src, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row + K + src, mask=mask, other=0.0).to(tl.float32)
+        return (gate * tl.sigmoid(gate) * up).to(x_row.dtype.element_ty).to(tl.float32)
+    return tl.load(x_row + src, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _plane_major_f16_kernel(x_ptr, perm_ptr, ids_ptr, h_ptr, f_ptr, K, stride_xm, stride_pe, stride_om,
                             BK: tl.constexpr, PERM: tl.constexpr = False, TOP_K: tl.constexpr = 0,
-                            SHARED: tl.constexpr = 0, PDL: tl.constexpr = False):
+                            SHARED: tl.constexpr = 0, SILU: tl.constexpr = False, PDL: tl.constexpr = False):
     """Row program_id(0), K tile program_id(1) of plane_major_f16(); PERM: column col of x read at perm[col].
     TOP_K > 0: row r is pair (token r // (TOP_K + SHARED), slot j) of ids [T, TOP_K], read in its expert's order
-    (perm row ids[t, j]; no expert, id < 0: expert 0's, never used), slot TOP_K (SHARED) as it is."""
+    (perm row ids[t, j]; no expert, id < 0: expert 0's, never used), slot TOP_K (SHARED) as it is. SILU: x's rows
+    are [gate | up] (2K columns) and column col reads silu(gate) * up (_silu_row)."""
     wait_then_release(PDL)  # x: the previous kernel's output
     row, t = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, BK)  # the fp16 slot: half j % 2 of word j // 2 = (pair-plane p, column group c)
@@ -693,7 +705,7 @@ def _plane_major_f16_kernel(x_ptr, perm_ptr, ids_ptr, h_ptr, f_ptr, K, stride_xm
         x_row, src = row, tl.load(perm_ptr + col, mask=col < K, other=0)
     else:
         x_row, src = row, col
-    x = tl.load(x_ptr + x_row.to(tl.int64) * stride_xm + src, mask=col < K, other=0.0).to(tl.float32)
+    x = _act_row(x_ptr + x_row.to(tl.int64) * stride_xm, src, col < K, K, SILU)
     e = (tl.max(tl.abs(x)).to(tl.int32, bitcast=True) >> 23) & 0xFF  # the tile's largest |x| is in [2^(e-127), ..)
     n = tl.minimum(141 - e, 126)  # 2^n x: largest in [2^14, 2^15) (inf, NaN: stay so; 2^n and 2^-n stay normal)
     odd = (p % 2) == 1
@@ -705,7 +717,7 @@ def _plane_major_f16_kernel(x_ptr, perm_ptr, ids_ptr, h_ptr, f_ptr, K, stride_xm
 
 
 def plane_major_f16(x: torch.Tensor, bk: int, perm: torch.Tensor | None = None, ids: torch.Tensor | None = None,
-                    shared_slot: bool = False) -> torch.Tensor:
+                    shared_slot: bool = False, silu: bool = False) -> torch.Tensor:
     """x [M, K] (contiguous rows; perm given: x[:, perm], the gather of act-order in the same launch; perm [E, K]
     with ids [M, k]: pair_rows(x, ids, perm, shared_slot), each pair's row in its expert's order) -> int32
     [rows, W], the F16_FMA GEMV's activations: per tile of bk columns, x times a
@@ -713,8 +725,9 @@ def plane_major_f16(x: torch.Tensor, bk: int, perm: torch.Tensor | None = None, 
     11 bits: bf16 exactly, fp32 rounded once; products of the small ones round like subnormals, about 2^-16 of the
     tile's sum), as fp16 pairs: pair-plane p's word c holds columns 8c + p and 8c + p + 4 (odd p divided by 16),
     the order _word_dots_f16 meets the nibbles in; zeros past K. After the ceil(K/bk) * bk/2 words, each tile's
-    (2^-n, sum of its scaled x) as fp32 bits; rows padded to 16 words (aligned vector loads). One kernel."""
-    k = x.shape[1]
+    (2^-n, sum of its scaled x) as fp32 bits; rows padded to 16 words (aligned vector loads). One kernel. silu:
+    x [M, 2K] holds [gate | up] and the copy is of silu(gate) * up (silu_and_mul's values; not with ids)."""
+    k = x.shape[1] // 2 if silu else x.shape[1]
     top_k = 0 if ids is None else ids.shape[1]
     m = x.shape[0] if ids is None else ids.shape[0] * (top_k + int(shared_slot))
     tiles = triton.cdiv(k, bk)
@@ -724,17 +737,18 @@ def plane_major_f16(x: torch.Tensor, bk: int, perm: torch.Tensor | None = None, 
                                             out.view(torch.float16), out.view(torch.float32), k, x.stride(0),
                                             0 if perm is None else perm.stride(0), out.stride(0), BK=bk,
                                             PERM=perm is not None, TOP_K=top_k, SHARED=int(shared_slot),
-                                            num_warps=1, **pdl_launch(x.device))
+                                            SILU=silu, num_warps=1, **pdl_launch(x.device))
     return out
 
 
 @triton.jit
-def _act_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr, PDL: tl.constexpr = False):
-    """Row program_id(0), K tile program_id(1) of act_f16()."""
+def _act_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constexpr, SILU: tl.constexpr = False,
+                    PDL: tl.constexpr = False):
+    """Row program_id(0), K tile program_id(1) of act_f16() (SILU: as _plane_major_f16_kernel's)."""
     wait_then_release(PDL)  # x: the previous kernel's output
     row, t = tl.program_id(0), tl.program_id(1)
     col = t * BK + tl.arange(0, BK)
-    x = tl.load(x_ptr + row * stride_xm + col, mask=col < K, other=0.0).to(tl.float32)
+    x = _act_row(x_ptr + row.to(tl.int64) * stride_xm, col, col < K, K, SILU)
     e = (tl.max(tl.abs(x)).to(tl.int32, bitcast=True) >> 23) & 0xFF  # the tile's largest |x| is in [2^(e-127), ..)
     n = tl.minimum(129 - e, 126)  # 2^n x: largest in [4, 8) (inf, NaN: stay so; 2^n and 2^-n stay normal)
     y = (x * ((n + 127) << 23).to(tl.float32, bitcast=True)).to(tl.float16)
@@ -742,17 +756,17 @@ def _act_f16_kernel(x_ptr, h_ptr, f_ptr, K, stride_xm, stride_om, BK: tl.constex
     tl.store(f_ptr + row * stride_om + tl.cdiv(K, BK) * (BK // 2) + t, ((127 - n) << 23).to(tl.float32, bitcast=True))
 
 
-def act_f16(x: torch.Tensor, bk: int) -> torch.Tensor:
+def act_f16(x: torch.Tensor, bk: int, silu: bool = False) -> torch.Tensor:
     """x [M, K] (contiguous rows) -> int32 [M, W], the fp8 fp16-product GEMV's activations: per tile of bk columns,
     x times the power of two 2^n that brings the tile's largest |x| to [4, 8), as fp16 pairs in column order (word c:
     columns 2c, 2c + 1), zeros past K; after the ceil(K/bk) * bk/2 words, each tile's 2^-n as fp32 bits; rows padded
-    to 16 words (aligned vector loads). One kernel."""
-    m, k = x.shape
+    to 16 words (aligned vector loads). One kernel. silu: x [M, 2K] holds [gate | up], copied as silu(gate) * up."""
+    m, k = x.shape[0], x.shape[1] // 2 if silu else x.shape[1]
     tiles = triton.cdiv(k, bk)
     out = torch.empty(m, tiles * bk // 2 + triton.cdiv(tiles, 16) * 16, dtype=torch.int32, device=x.device)
     if m:
         _act_f16_kernel[(m, tiles)](x, out.view(torch.float16), out.view(torch.float32), k, x.stride(0),
-                                    out.stride(0), BK=bk, num_warps=1, **pdl_launch(x.device))
+                                    out.stride(0), BK=bk, SILU=silu, num_warps=1, **pdl_launch(x.device))
     return out
 
 
@@ -1187,7 +1201,7 @@ def _check_tail(tail: torch.Tensor, x: torch.Tensor) -> int:
 def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None,
                group: int, out: torch.Tensor | None = None, tiles: tuple[int, ...] | None = None,
                unpack: int | None = None, act_fp8: bool = False, perm: torch.Tensor | None = None,
-               tail: torch.Tensor | None = None) -> torch.Tensor:
+               tail: torch.Tensor | None = None, silu_gate: bool = False) -> torch.Tensor:
     """x[:, perm] [M, K] (contiguous rows; perm: act-order int4, else None) times the int4 (zeros given) or fp8
     weight -> [M, N] in x.dtype (the gather done by the fp16-product GEMV's activation copy, else first). `out`:
     where the result goes (tests pass a NaN-filled one; required when x holds fp8 codes); `tiles`: (BM, BN, BK, split[,
@@ -1197,9 +1211,15 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
     scale-after-dot and int4's UNPACK 2, which stay for the benchmark)); `act_fp8`: W8A8, each x tile quantized to
     e4m3 per row and ACT_GROUP columns as it is loaded (the codes and scales of ref.quantize_fp8_act). `tail`: a
     dense weight [N_TAIL, K] in x's dtype whose rows run in the GEMV's launch (_gemv_kernel's TAIL_BN): the result
-    is [M, N + N_TAIL], x times the quantized weight, then x (never permuted) times the tail."""
+    is [M, N + N_TAIL], x times the quantized weight, then x (never permuted) times the tail. `silu_gate`: x is
+    [M, 2K] = [gate | up] and the product is of silu(gate) * up (silu_and_mul's values): computed by the
+    fp16-product GEMVs' activation copy, else by silu_and_mul first."""
     x = x if x.stride(-1) == 1 else x.contiguous()  # the kernels step through a row with unit stride
     m, k = x.shape
+    if silu_gate:
+        if k % 2 or tail is not None:
+            raise ValueError(f"silu_gate takes [gate | up] rows (an even width, got {k}) and no dense tail")
+        k //= 2
     n = weight.shape[0]
     n_tail = _check_tail(tail, x) if tail is not None else 0
     int4 = zeros is not None
@@ -1261,15 +1281,17 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
                             "torch adds its partial sums (two more launches; warm up eagerly first)", m, k, n, k)
             dest = torch.empty(split, m, n_all, dtype=torch.float32, device=x.device)
     f16 = unpack == 4 and (GEMV_F16 if int4 else _fp8_f16_ok(x, bk, weight)) and x.dtype == torch.bfloat16
+    if silu_gate and not f16:  # only the fp16-product GEMVs' copies compute it
+        x, silu_gate = silu_and_mul(x=x), False
     xs = x  # the tail's activations: x's own rows, in column order
     if unpack == 4 and int4 and f16:
-        xk = plane_major_f16(x, bk, perm)
+        xk = plane_major_f16(x, bk, perm, silu=silu_gate)
     else:
         x = x if perm is None else x.index_select(-1, perm)
         if unpack == 4 and int4:
             xk = plane_major(x, bk)
         else:
-            xk = act_f16(x, bk) if f16 else x
+            xk = act_f16(x, bk, silu=silu_gate) if f16 else x
     common = (xk, weight, scale, zeros if int4 else scale, dest, ws, counts, m, n, k, xk.stride(0), weight.stride(0),
               scale.stride(0), dest.stride(0) if dest is not out else 0, dest.stride(-2), k_per_split)
     consts = dict(GROUP=group if group < k else k + bk, INT4=int4, BM=bm, BN=bn, BK=bk, SPLIT=reduce,
@@ -1334,12 +1356,13 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def int4_linear(*, x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+                group_size: int, perm: torch.Tensor | None = None, silu_gate: bool = False) -> torch.Tensor:
     x2 = _rows(x)
     if x2.shape[0] > FUSED_MAX_ROWS:
+        x = silu_and_mul(x=x) if silu_gate else x
         x = x if perm is None else x.index_select(-1, perm)
         return torch.nn.functional.linear(x, dequantize(qweight, scales, zeros, group_size, x.shape[-1], x.dtype))
-    y = quant_gemm(x2, qweight, scales, zeros, group_size, perm=perm)
+    y = quant_gemm(x2, qweight, scales, zeros, group_size, perm=perm, silu_gate=silu_gate)
     return y.view(*x.shape[:-1], qweight.shape[0])
 
 
@@ -1349,15 +1372,16 @@ W8A8_PREFILL_TILES = (64, 128, ref.ACT_GROUP, 1, 4, 3)
 
 
 def fp8_linear(*, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int,
-               act_fp8: bool = False) -> torch.Tensor:
+               act_fp8: bool = False, silu_gate: bool = False) -> torch.Tensor:
     x2 = _rows(x)
     if act_fp8:
         tiles = W8A8_PREFILL_TILES if x2.shape[0] > FUSED_MAX_ROWS else None
-        y = quant_gemm(x2, weight, scale, None, block_k, tiles=tiles, act_fp8=True)
+        y = quant_gemm(x2, weight, scale, None, block_k, tiles=tiles, act_fp8=True, silu_gate=silu_gate)
         return y.view(*x.shape[:-1], weight.shape[0])
     if x2.shape[0] > FUSED_MAX_ROWS:
+        x = silu_and_mul(x=x) if silu_gate else x
         return torch.nn.functional.linear(x, dequantize(weight, scale, None, block_k, x.shape[-1], x.dtype))
-    y = quant_gemm(x2, weight, scale, None, block_k)
+    y = quant_gemm(x2, weight, scale, None, block_k, silu_gate=silu_gate)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
