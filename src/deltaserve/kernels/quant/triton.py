@@ -908,9 +908,10 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
     own sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds).
     TAIL_BN > 0: N_TAIL more output columns, after W's N, from a dense weight t [N_TAIL, K] (bf16 / fp16 / fp32,
     the model dtype) times x's own rows xs (x may be a copy in another order and type): the programs past W's
-    column tiles take TAIL_BN of its rows each, TAIL_BK columns an iteration, over the same K splits (the GDN in_proj's b|a rows, which every
-    published quantized checkpoint keeps unquantized, in the launch of its quantized qkv|z instead of two of
-    their own). PDL: waits first (x, the workspace and counters are the previous kernels')."""
+    column tiles (TAIL_FIRST: the first ones) take TAIL_BN of its rows each, TAIL_BK columns an iteration, over the
+    same K splits (the GDN in_proj's b|a rows, which every published quantized checkpoint keeps unquantized, in the
+    launch of its quantized qkv|z instead of two of their own). PDL: waits first (x, the workspace and counters are
+    the previous kernels')."""
     wait_then_release(PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BM)[:, None, None]
