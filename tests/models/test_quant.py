@@ -763,11 +763,20 @@ def test_fixture_on_gpu_matches_cpu_reference(name):
     prompt = load_file(path / "oracle" / "expected.safetensors")["prompt"].tolist()
     ref_model = load_model(ModelConfig.from_hf(path), dtype="bfloat16")
     gpu_model = load_model(ModelConfig.from_hf(path), dtype="bfloat16", device="cuda")
-    want = SimpleRunner(ref_model).step({0: prompt}, all_logits=True)[0].float()
-    got = SimpleRunner(gpu_model, device="cuda").step({0: prompt}, all_logits=True)[0].float().cpu()
+    ref_runner, gpu_runner = SimpleRunner(ref_model), SimpleRunner(gpu_model, device="cuda")
+    want = ref_runner.step({0: prompt}, all_logits=True)[0].float()
+    got = gpu_runner.step({0: prompt}, all_logits=True)[0].float().cpu()
     scale = want.abs().max().item()
     assert torch.isfinite(got).all()
     assert (got - want).abs().max().item() <= 5e-2 * scale
+    # then one-token steps, the same tokens into both: the GEMV paths (a GDN in_proj's bf16 b|a in its quantized
+    # GEMV's launch, the MLP's SiLU-and-mul in its down projection's activation copy)
+    for _ in range(4):
+        token = int(want[-1].argmax())
+        want = ref_runner.step({0: [token]})[0].float()
+        got = gpu_runner.step({0: [token]})[0].float().cpu()
+        assert torch.isfinite(got).all()
+        assert (got - want).abs().max().item() <= 5e-2 * want.abs().max().item()
 
 
 def test_nested_checkpoint_names_and_exclusions(tmp_path):
