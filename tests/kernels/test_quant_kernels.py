@@ -510,12 +510,12 @@ def check_tail(kind: str, m: int, n: int, n_tail: int, k: int, dtype: torch.dtyp
     """quant_gemm with a dense tail, NaN-poisoned [M, N + N_TAIL] output, twice (bitwise equal: split-K counters back
     to 0): the quantized columns within check_gemm's tolerance, the tail's within twice the error of x @ tail^T in
     the same dtype (the reference) against the float64 product."""
-    x, weight, s, zeros, baseline, expected = gemm_case(kind, m, n, k, 128, dtype, seed)
+    x, weight, s, zeros, baseline, expected = gemm_case(kind, m, n, k, min(k, 128), dtype, seed)
     tail = torch.randn(n_tail, k, generator=torch.Generator().manual_seed(seed + 1)).to(dtype).to(DEV)
     results = []
     for _ in range(2):
         out = torch.full((m, n + n_tail), float("nan"), dtype=dtype, device=DEV)
-        got = qt.quant_gemm(x, weight, s, zeros, 128, out=out, tiles=tiles, unpack=4, tail=tail)
+        got = qt.quant_gemm(x, weight, s, zeros, min(k, 128), out=out, tiles=tiles, unpack=4, tail=tail)
         assert_error_within(got[:, :n], baseline, expected, atol=1e-4 if dtype != torch.float32 else 1e-6)
         assert_error_within(got[:, n:], torch.nn.functional.linear(x, tail), x.double() @ tail.double().T,
                             atol=1e-4 if dtype != torch.float32 else 1e-6)
@@ -524,12 +524,14 @@ def check_tail(kind: str, m: int, n: int, n_tail: int, k: int, dtype: torch.dtyp
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
-@pytest.mark.parametrize("m,dtype,tiles", [(1, torch.bfloat16, (1, 16, 32, 3)), (2, torch.bfloat16, (2, 16, 32, 1)),
-                                           (3, torch.float32, (4, 32, 32, 2))])
-def test_gemv_tail_interpreted(kind, m, dtype, tiles):
-    """72 quantized columns in ragged tiles then 40 tail rows (a whole 32-row tail tile and a ragged one), K 160 in
-    1-3 splits (the last ragged), one to three activation rows."""
-    check_tail(kind, m, 72, 40, 160, dtype, tiles=tiles, seed=m)
+@pytest.mark.parametrize("m,dtype,tiles,k", [(1, torch.bfloat16, (1, 16, 32, 3), 160),
+                                             (2, torch.bfloat16, (2, 16, 32, 1), 160),
+                                             (3, torch.float32, (4, 32, 32, 2), 160),
+                                             (1, torch.float16, (1, 16, 32, 3), 200)])
+def test_gemv_tail_interpreted(kind, m, dtype, tiles, k):
+    """72 quantized columns in ragged tiles then 40 tail rows (two whole 16-row tail tiles and one of 8), K in 1-3
+    splits (the last ragged; K 200 ends inside a K tile), one to three activation rows, bf16 / fp16 / fp32."""
+    check_tail(kind, m, 72, 40, k, dtype, tiles=tiles, seed=m)
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
@@ -543,9 +545,11 @@ def test_gemv_tail_without_scratch_interpreted(kind, monkeypatch):
 
 @pytest.mark.parametrize("kind,m,act_order", [("int4", 1, True), ("int4", 2, False), ("int4", 3, True),
                                               ("fp8", 1, False), ("fp8", 2, False)])
-def test_linear_tail_ops_interpreted(kind, m, act_order):
+def test_linear_tail_ops_interpreted(kind, m, act_order, monkeypatch):
     """The public ops against their references: in the GEMV's launch (int4 up to 2 rows, fp8 1; an act-order perm
     gathers the quantized columns' input only), and as two calls past it (column views either way)."""
+    tails, real = [], qt.quant_gemm
+    monkeypatch.setattr(qt, "quant_gemm", lambda *a, **kw: tails.append(kw.get("tail")) or real(*a, **kw))
     gen = torch.Generator().manual_seed(m)
     x = torch.randn(m, 256, generator=gen).to(torch.bfloat16).to(DEV)
     tail = torch.randn(48, 256, generator=gen).to(torch.bfloat16).to(DEV)
@@ -562,6 +566,7 @@ def test_linear_tail_ops_interpreted(kind, m, act_order):
         got, want = qt.fp8_linear_tail(x=x, tail=tail, **args), ref.fp8_linear_tail(x=x, tail=tail, **args)
         exact = x.double() @ ref.dequant_fp8(weight=w, scale=s, block_k=128).double().T
     assert [t.shape for t in got] == [(m, 80), (m, 48)]
+    assert [t is tail for t in tails] == [m <= (2 if kind == "int4" else 1)]  # one launch, or the GEMM and torch's
     assert_error_within(got[0], want[0], exact, atol=1e-4)
     assert_error_within(got[1], want[1], x.double() @ tail.double().T, atol=1e-4)
 
@@ -579,11 +584,11 @@ def test_gemv_tail_refusals():
 
 # ---- SiLU-and-mul in the GEMVs' activation copy (a dense MLP's down projection) ----
 
-def check_silu_gate(kind: str, m: int, n: int, k: int, dtype: torch.dtype, tiles=None, unpack=None, act_order=False,
-                    seed: int = 0):
+def check_silu_gate(kind: str, m: int, n: int, k: int, dtype: torch.dtype, fused: bool, tiles=None, unpack=None,
+                    act_order=False, seed: int = 0):
     """quant_gemm on [gate | up] rows with silu_gate against the same call on silu_and_mul's output (the Triton
     kernel's, what the engine ran before), bit for bit, NaN-poisoned; and within check_gemm's tolerance of the
-    exact product."""
+    exact product. fused: whether the activation copy computes it (else silu_and_mul runs first)."""
     from deltaserve.kernels.activation.triton import silu_and_mul
     gen = torch.Generator().manual_seed(seed)
     gate_up = torch.randn(m, 2 * k, generator=gen).to(dtype).to(DEV)
@@ -596,8 +601,12 @@ def check_silu_gate(kind: str, m: int, n: int, k: int, dtype: torch.dtype, tiles
     perm = torch.randperm(k, generator=gen).to(DEV) if act_order else None
     act = silu_and_mul(x=gate_up)
     out = torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
-    got = qt.quant_gemm(gate_up, weight, s, zeros, 128, out=out, tiles=tiles, unpack=unpack, perm=perm,
-                        silu_gate=True)
+    apart = []  # silu_and_mul's calls inside quant_gemm: none where the activation copy computes it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(qt, "silu_and_mul", lambda **kw: apart.append(1) or silu_and_mul(**kw))
+        got = qt.quant_gemm(gate_up, weight, s, zeros, 128, out=out, tiles=tiles, unpack=unpack, perm=perm,
+                            silu_gate=True)
+    assert bool(apart) != fused
     want = qt.quant_gemm(act, weight, s, zeros, 128, tiles=tiles, unpack=unpack, perm=perm)
     assert torch.equal(got, want)
     xin = act if perm is None else act[:, perm]
@@ -605,15 +614,15 @@ def check_silu_gate(kind: str, m: int, n: int, k: int, dtype: torch.dtype, tiles
     assert_error_within(got, baseline, xin.double() @ w.double().T, atol=1e-4 if dtype != torch.float32 else 1e-6)
 
 
-@pytest.mark.parametrize("kind,m,dtype,tiles,unpack,act_order", [
-    ("int4", 1, torch.bfloat16, (1, 16, 32, 3), 4, False),  # plane_major_f16 with SILU, split-K
-    ("int4", 2, torch.bfloat16, (2, 16, 32, 1), 4, True),  # and the act-order gather
-    ("fp8", 1, torch.bfloat16, (1, 16, 32, 2), 4, False),  # act_f16 with SILU
-    ("int4", 3, torch.float32, (4, 16, 32, 2), 4, False),  # fp32 GEMV: silu_and_mul first
-    ("fp8", 20, torch.bfloat16, (16, 32, 32, 2), None, False)])  # tl.dot kernel: silu_and_mul first
-def test_silu_gate_interpreted(kind, m, dtype, tiles, unpack, act_order):
+@pytest.mark.parametrize("kind,m,dtype,tiles,unpack,act_order,fused", [
+    ("int4", 1, torch.bfloat16, (1, 16, 32, 3), 4, False, True),  # plane_major_f16 with SILU, split-K
+    ("int4", 2, torch.bfloat16, (2, 16, 32, 1), 4, True, True),  # and the act-order gather
+    ("fp8", 1, torch.bfloat16, (1, 16, 32, 2), 4, False, True),  # act_f16 with SILU
+    ("int4", 3, torch.float32, (4, 16, 32, 2), 4, False, False),  # fp32 GEMV: silu_and_mul first
+    ("fp8", 20, torch.bfloat16, (16, 32, 32, 2), None, False, False)])  # tl.dot kernel: silu_and_mul first
+def test_silu_gate_interpreted(kind, m, dtype, tiles, unpack, act_order, fused):
     """K 160 (ragged against 32-column tiles, as many columns of gate as of up)."""
-    check_silu_gate(kind, m, 40, 160, dtype, tiles=tiles, unpack=unpack, act_order=act_order, seed=m)
+    check_silu_gate(kind, m, 40, 160, dtype, fused, tiles=tiles, unpack=unpack, act_order=act_order, seed=m)
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
@@ -1088,7 +1097,8 @@ def test_gemv_tail_gpu(kind, m, n, n_tail, k):
 def test_silu_gate_gpu(kind, m, n, k):
     """The down projection of 27B's and 9B's MLP and odd sizes on [gate | up] rows, bit for bit the call on
     silu_and_mul's output, NaN-poisoned."""
-    check_silu_gate(kind, m, n, k, torch.bfloat16, seed=n + k + m, act_order=kind == "int4" and m == 2)
+    fused = m <= (2 if kind == "int4" else 1) and (kind == "int4" or k % 16 == 0)  # fp8's words: 16-byte rows
+    check_silu_gate(kind, m, n, k, torch.bfloat16, fused, seed=n + k + m, act_order=kind == "int4" and m == 2)
 
 
 @gpu

@@ -690,7 +690,7 @@ def _plane_major_f16_kernel(x_ptr, perm_ptr, ids_ptr, h_ptr, f_ptr, K, stride_xm
     """Row program_id(0), K tile program_id(1) of plane_major_f16(); PERM: column col of x read at perm[col].
     TOP_K > 0: row r is pair (token r // (TOP_K + SHARED), slot j) of ids [T, TOP_K], read in its expert's order
     (perm row ids[t, j]; no expert, id < 0: expert 0's, never used), slot TOP_K (SHARED) as it is. SILU: x's rows
-    are [gate | up] (2K columns) and column col reads silu(gate) * up (_silu_row)."""
+    are [gate | up] (2K columns) and column col reads silu(gate) * up (_act_row)."""
     wait_then_release(PDL)  # x: the previous kernel's output
     row, t = tl.program_id(0), tl.program_id(1)
     j = tl.arange(0, BK)  # the fp16 slot: half j % 2 of word j // 2 = (pair-plane p, column group c)
