@@ -899,7 +899,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
                  BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
                  F16_FMA: tl.constexpr = False, F16_WORDS: tl.constexpr = 1, SPLIT: tl.constexpr = 1,
                  PDL: tl.constexpr = False, DEPTH: tl.constexpr = 2, EVICT_FIRST: tl.constexpr = False,
-                 TAIL_BN: tl.constexpr = 0, TAIL_BK: tl.constexpr = 0):
+                 TAIL_BN: tl.constexpr = 0):
     """GEMV (variant 4): the BM rows of x (BM >= M) against BN output rows of W over one split of K, on CUDA
     cores: the weight tile goes from its wide loads straight into the FMAs (the dot variants pad a row to 16 and
     pass every tile through shared memory). EVEN_K: K is a multiple of BK. F16_FMA: packed fp16 products on
@@ -908,10 +908,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
     own sum at out + pid_k * stride_os (the result, or without a workspace a partial that torch adds).
     TAIL_BN > 0: N_TAIL more output columns, after W's N, from a dense weight t [N_TAIL, K] (bf16 / fp16 / fp32,
     the model dtype) times x's own rows xs (x may be a copy in another order and type): the programs past W's
-    column tiles take TAIL_BN of its rows each, TAIL_BK columns an iteration, over the
-    same K splits (the GDN in_proj's b|a rows, which every published quantized checkpoint keeps unquantized, in the
-    launch of its quantized qkv|z instead of two of their own). PDL: waits first (x, the workspace and counters are
-    the previous kernels')."""
+    column tiles take TAIL_BN of its rows each, BK columns an iteration, over the same K splits (the GDN in_proj's
+    b|a rows, which every published quantized checkpoint keeps unquantized, in the launch of its quantized qkv|z
+    instead of two of their own). PDL: waits first (x, the workspace and counters are the previous kernels')."""
     wait_then_release(PDL)
     pid_n, pid_k = tl.program_id(0), tl.program_id(1)
     rows = tl.arange(0, BM)[:, None, None]
@@ -921,7 +920,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr, M, N, K
         if pid_n >= tl.cdiv(N, BN):
             cols = (pid_n - tl.cdiv(N, BN)) * TAIL_BN + tl.arange(0, TAIL_BN)[None, :, None]
             acc = _dense_acc(xs_ptr + rows.to(tl.int64) * stride_xs, t_ptr, cols, N_TAIL, stride_tn, k_begin, k_end,
-                             TAIL_BK, BM, rows < M, SUM_AFTER=True)
+                             BK, BM, rows < M, SUM_AFTER=True)
             _gemv_store(acc, out_ptr + N, ws_ptr + N, count_ptr, rows, cols, M, N_TAIL, N + N_TAIL, stride_os,
                         stride_om, pid_n, pid_k, BM, SPLIT, False)
         else:
@@ -1171,8 +1170,8 @@ def _gemv_default(m: int, int4: bool, dtype: torch.dtype, act_fp8: bool) -> bool
 
 _warned: set[tuple[int, int, int]] = set()  # shapes whose split-K call fell back to torch's sum (logged once)
 
-# A dense tail's tile in the GEMV: GEMV_TAIL_BN rows by GEMV_TAIL_K_TILES of the GEMV's K tiles, its products summed
-# per thread until the loop ends. 16 x 128 keeps the kernel's registers where they were (sm_90a,
+# A dense tail's tile in the GEMV: GEMV_TAIL_BN rows by the GEMV's K tile, its products summed per thread until the
+# loop ends. 16 x 128 keeps the kernel's registers where they were (sm_90a,
 # benchmarks/compile_check.py rows of the GEMV: int4 48 / 64 at DEPTH 2 / 3, fp8 40 / 48; 16 x 256 takes 64 / 64 and
 # 64 / 61) and was the fastest tile timed (H100, RESULTS.md 2026-12-06, one row, µs a call): 27B in_proj int4 alone
 # 17.7, with b|a apart (cuBLAS and its split-K reduce) 23.5, with the tail 21.3 (8 x 256: 23.2, 16 x 256: 22.4);
@@ -1180,7 +1179,6 @@ _warned: set[tuple[int, int, int]] = set()  # shapes whose split-K call fell bac
 # programs take the grid's last column indices: with the first ones 27B int4 took 22.4 against 21.1, 35B-A3B 7.3
 # against 7.5, and the whole steps did not move.
 GEMV_TAIL_BN = 16
-GEMV_TAIL_K_TILES = 1
 
 
 def _check_tail(tail: torch.Tensor, x: torch.Tensor) -> int:
@@ -1298,7 +1296,7 @@ def quant_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zeros
         _gemv_kernel[(n_tiles, split)](*common, xs, t, n_tail, xs.stride(0), t.stride(0), EVEN_N=n % bn == 0,
                                        EVEN_K=k % bk == 0, F16_FMA=f16, F16_WORDS=_f16_words(bk) if f16 else 1,
                                        DEPTH=depth, EVICT_FIRST=evict_first, TAIL_BN=GEMV_TAIL_BN if n_tail else 0,
-                                       TAIL_BK=GEMV_TAIL_K_TILES * bk, **consts)
+                                       **consts)
     else:
         _gemm_kernel[(m_tiles, triton.cdiv(n, bn), split)](
             *common, IEEE=x.dtype == torch.float32 or _INTERPRET, UNPACK=unpack, ACT_FP8=act_fp8,
