@@ -56,8 +56,9 @@ def _check(op, ptrs, mask):
     if not checking:
         return
     # masks are not always bool (`scalar_cond & block_mask` comes out int32): as fancy indices they would pick
-    # elements by number, so cast them the way the interpreter's C++ load / store does (nonzero = active)
-    addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(mask.data.astype(bool, copy=False),
+    # elements by number, so cast them the way the interpreter's C++ load / store does (nonzero = active); a
+    # descriptor load's mask comes as a memoryview
+    addrs = ptrs.data if mask is None else ptrs.data[np.broadcast_to(np.asarray(mask.data).astype(bool, copy=False),
                                                                      ptrs.data.shape)]
     if addrs.size == 0:
         return

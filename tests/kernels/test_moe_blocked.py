@@ -58,9 +58,35 @@ def test_blocked_fp32_interpreter(kind, shared_inter):
     assert_close(got, ref.fused_moe(**kw))
 
 
-def test_blocked_even_k_interpreter():
-    """K a multiple of BLOCK_K in both kernels (D = 48, I = 32): the unmasked K loads the GPU shapes take."""
+@pytest.mark.parametrize("kind", ["one", "gaps"])
+def test_blocked_split_blocks_interpreter(kind, monkeypatch):
+    """SPLIT: blocks of at most half of BLOCK_M rows run a half-height tile. 32-row blocks (split from 32 rows on,
+    for the test: the GPU's rule starts at 128) over 37 tokens x top-3 routed to 12 experts, with blocks of both
+    heights; the same output as the reference."""
+    monkeypatch.setattr(blocked, "SPLIT_MIN_M", 32)
+    kw = moe_inputs(37, 40, 20, 12, 3, torch.float32, "cpu", seed=9, kind=kind, shared_inter=12)
+    _, bounds, _, _ = blocked.block_plan(kw["topk_ids"], 12, 32)
+    rows = bounds[1:] - bounds[:-1]
+    assert ((rows > 0) & (rows % 32 <= 16) & (rows % 32 > 0)).any()  # a half-height block
+    assert (rows > 16).any()  # a full one
+    assert_close(run(kw, tiles=(32, (16, 16, 1, 1), (16, 16, 1, 1))), ref.fused_moe(**kw))
+
+
+@pytest.mark.parametrize("tma", [True, False])
+def test_blocked_even_k_interpreter(tma, monkeypatch):
+    """K a multiple of BLOCK_K in both kernels (D = 48, I = 32): the unmasked K loads the GPU shapes take; weights
+    by tensor descriptor and by pointer."""
+    monkeypatch.setattr(blocked, "TMA_WEIGHTS", tma)
     kw = moe_inputs(19, 48, 32, 12, 3, torch.float32, "cpu", seed=8, kind="dropped", shared_inter=16)
+    assert (blocked._descriptor(kw["w13"], 16, 16, None) is not None) == tma
+    assert_close(run(kw, **SMALL_TILES), ref.fused_moe(**kw))
+
+
+def test_blocked_unaligned_rows_load_by_pointer():
+    """A weight row of 37 fp32 (148 bytes) breaks the descriptor's 16-byte rule: the kernels load by pointer."""
+    kw = moe_inputs(9, 37, 20, 6, 2, torch.float32, "cpu", seed=3)
+    assert blocked._descriptor(kw["w13"], 16, 16, None) is None
+    assert blocked._descriptor(kw["w2"], 16, 16, None) is not None  # I = 20: 80-byte rows
     assert_close(run(kw, **SMALL_TILES), ref.fused_moe(**kw))
 
 
@@ -141,6 +167,7 @@ for bm, gate_up, down in [t[1:] for t in blocked.TILES]:
         consts = {c: v for c, v in consts.items() if c in fn.arg_names}
         ptr = {a: "*i64" if a == "order_ptr" else "*i32" if a.endswith(("bounds_ptr", "starts_ptr")) else "*fp32"
                for a in fn.arg_names if a.endswith("_ptr")}
+        ptr["w_desc"] = f"tensordesc<fp32[1,{bn},{bk}]>"
         sig = {a: "constexpr" if a in consts else ptr.get(a, "i32") for a in fn.arg_names}
         consts.update(W_TILE=None, GROUP=0, EVEN_W=False)
         sig.update(W_TILE="constexpr", GROUP="constexpr", EVEN_W="constexpr")
