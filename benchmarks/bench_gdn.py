@@ -179,8 +179,9 @@ def conv_prefill_inputs(model: str, total: int, seqs: int, device: str = "cuda")
 def conv_prefill_shape(rows: list[dict[str, Any]], copy_bw: float, model: str, total: int, seqs: int,
                        sweep: bool) -> None:
     """The conv prefill (with its final-state launch) against copy bandwidth: 'pct_copy' counts x read + y written."""
-    from deltaserve.kernels.conv1d import causal_conv1d_prefill_split
+    from deltaserve.kernels.conv1d import causal_conv1d_prefill_qkv, causal_conv1d_prefill_split
     from deltaserve.kernels.conv1d import triton as conv_triton
+    from deltaserve.kernels.gated_delta_rule.triton import l2norm_qk
 
     args, split = conv_prefill_inputs(model, total, seqs)
     nbytes = 2 * args["x"].numel() * 2
@@ -193,6 +194,15 @@ def conv_prefill_shape(rows: list[dict[str, Any]], copy_bw: float, model: str, t
     default = conv_triton.PREFILL_TILE
     add(f"causal_conv1d_prefill_split BT={default[0]} BC={default[1]} w={default[2]} (default)",
         bench(lambda: causal_conv1d_prefill_split(**args, split=split)))
+
+    def split_then_l2norm():  # the layer's calls before the fused L2-norm: the split conv, then l2norm_qk
+        qk, _ = causal_conv1d_prefill_split(**args, split=split)
+        half = qk.view(total, 2, -1, K)
+        return l2norm_qk(half[:, 0], half[:, 1])
+
+    add("split conv + l2norm_qk (two launches)", bench(split_then_l2norm))
+    add("causal_conv1d_prefill_qkv (L2-norm fused, the layer's call)",
+        bench(lambda: causal_conv1d_prefill_qkv(**args, key_dim=split // 2, head_dim=K)))
     for tile in CONV_PREFILL_SWEEP if sweep else []:
         if tile != default:
             add(f"causal_conv1d_prefill_split BT={tile[0]} BC={tile[1]} w={tile[2]}",

@@ -223,6 +223,63 @@ def test_conv_prefill_split_reference():
     assert_same(torch.cat([head, tail], dim=1), y)
 
 
+
+def check_conv_qkv(fn, case, channels, key_dim, head_dim, dtype, device, seed=0):
+    """fn's (q, k, v) against the reference's (the conv, then l2norm_qk on q and k); the state pool as written by
+    the reference conv; q, k and v contiguous."""
+    x, weight, pool, cu, sl, hi = conv_prefill_case(*case, channels, 4, dtype, device, seed)
+    kw = dict(cu_seqlens=cu, slots=sl, has_initial_state=hi, key_dim=key_dim, head_dim=head_dim)
+    ref_pool = pool.cpu().clone()
+    expected = conv_ref.causal_conv1d_prefill_qkv(x=x.cpu(), weight=weight.cpu(), conv_state=ref_pool,
+                                                  **{k: v.cpu() if torch.is_tensor(v) else v for k, v in kw.items()})
+    got = fn(x=x, weight=weight, conv_state=pool, **kw)
+    for g, e in zip(got, expected):
+        assert g.is_contiguous() and g.shape == e.shape and g.dtype == dtype
+        assert_close(g, e)
+    assert_same(pool, ref_pool)
+
+
+def test_conv_prefill_qkv_reference():
+    """The reference's q and k: the conv's columns as rounded to their dtype, over sqrt(sum of squares + 1e-6) per
+    head (fla-core's and transformers' l2norm), rounded again; v the rest."""
+    x, weight, pool, cu, sl, hi = conv_prefill_case(*TILE_CASES[0], 40, 4, torch.bfloat16, "cpu", 1)
+    kw = dict(x=x, weight=weight, cu_seqlens=cu, slots=sl, has_initial_state=hi)
+    q, k, v = conv_ref.causal_conv1d_prefill_qkv(**kw, conv_state=pool.clone(), key_dim=16, head_dim=8)
+    y = conv_ref.causal_conv1d_prefill(**kw, conv_state=pool.clone())
+    heads = y[:, :32].float().view(-1, 4, 8)
+    normed = (heads / torch.sqrt((heads * heads).sum(-1, keepdim=True) + 1e-6)).to(torch.bfloat16).view(-1, 32)
+    assert_close(torch.cat([q, k], dim=1), normed)
+    assert_same(v, y[:, 32:])
+    with pytest.raises(ValueError, match="multiple of head_dim"):
+        conv_ref.causal_conv1d_prefill_qkv(**kw, conv_state=pool.clone(), key_dim=12, head_dim=8)
+
+
+@pytest.mark.parametrize("case", range(len(TILE_CASES)))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_conv_prefill_qkv_interpreter(case, dtype, monkeypatch):
+    """The fused L2-norm: 16-channel blocks of two 8-channel heads, q | k | v = 16 | 16 | 8 channels (v in a block of
+    its own with 8 masked channels), tiles starting inside sequences."""
+    mod = conv_mod()
+    monkeypatch.setattr(mod, "PREFILL_TILE", (4, 16, 1))
+    check_conv_qkv(mod.causal_conv1d_prefill_qkv, TILE_CASES[case], 40, 16, 8, dtype, "cpu", seed=case)
+
+
+def test_conv_prefill_qkv_other_head_dims_interpreter(monkeypatch):
+    """A head of 12 channels (not a power of two) takes the split conv and l2norm_qk: the same result."""
+    mod = conv_mod()
+    monkeypatch.setattr(mod, "PREFILL_TILE", (4, 16, 1))
+    check_conv_qkv(mod.causal_conv1d_prefill_qkv, TILE_CASES[0], 37, 12, 12, torch.float32, "cpu", seed=4)
+
+
+@gpu
+@pytest.mark.parametrize("shape", [(8192, 2048), (10240, 2048), (6144, 1024)])  # 35B-A3B, 27B, a 4-head split
+@pytest.mark.parametrize("case", [1, 3])
+def test_conv_prefill_qkv_gpu(shape, case):
+    channels, key_dim = shape
+    check_conv_qkv(conv_mod().causal_conv1d_prefill_qkv, PREFILL_CASES[case], channels, key_dim, 128,
+                   torch.bfloat16, "cuda", seed=case)
+
+
 def test_conv_prefill_rows_past_the_batch_interpreter():
     """x longer than cu_seqlens[-1]: the rows past the last sequence are zeros, as in the reference."""
     mod = conv_mod()

@@ -10,6 +10,7 @@ from . import ref
 
 causal_conv1d_prefill = dispatch(ref.causal_conv1d_prefill, "deltaserve.kernels.conv1d.triton")
 causal_conv1d_prefill_split = dispatch(ref.causal_conv1d_prefill_split, "deltaserve.kernels.conv1d.triton")
+causal_conv1d_prefill_qkv = dispatch(ref.causal_conv1d_prefill_qkv, "deltaserve.kernels.conv1d.triton")
 causal_conv1d_update = dispatch(ref.causal_conv1d_update, "deltaserve.kernels.conv1d.triton")
 
-__all__ = ["causal_conv1d_prefill", "causal_conv1d_prefill_split", "causal_conv1d_update"]
+__all__ = ["causal_conv1d_prefill", "causal_conv1d_prefill_qkv", "causal_conv1d_prefill_split", "causal_conv1d_update"]

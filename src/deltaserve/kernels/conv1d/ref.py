@@ -65,6 +65,33 @@ def causal_conv1d_prefill_split(
     return y[:, :split].contiguous(), y[:, split:].contiguous()
 
 
+
+def causal_conv1d_prefill_qkv(
+    *,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slots: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    key_dim: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """causal_conv1d_prefill as the GDN layer consumes it: (q, k, v) = y[:, :key_dim], y[:, key_dim:2 key_dim],
+    y[:, 2 key_dim:], each contiguous, q and k L2-normalised per head of head_dim (gated_delta_rule's l2norm_qk:
+    fp32 math on y as rounded to x.dtype, the result rounded to it again)."""
+    from deltaserve.kernels.gated_delta_rule.ref import l2norm_qk
+
+    if head_dim <= 0 or key_dim % head_dim or not 0 <= 2 * key_dim <= x.shape[1]:
+        raise ValueError(f"key_dim {key_dim} must be a multiple of head_dim {head_dim} with 2 * key_dim <= C = "
+                         f"{x.shape[1]}")
+    y = causal_conv1d_prefill(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens, slots=slots,
+                              has_initial_state=has_initial_state)
+    total = y.shape[0]
+    q, k = l2norm_qk(y[:, :key_dim].view(total, -1, head_dim), y[:, key_dim:2 * key_dim].view(total, -1, head_dim))
+    return q.view(total, key_dim), k.view(total, key_dim), y[:, 2 * key_dim:].contiguous()
+
+
 def causal_conv1d_update(
     *, x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, slots: torch.Tensor
 ) -> torch.Tensor:

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from deltaserve.kernels._device import pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
+from deltaserve.kernels.gated_delta_rule.ref import _L2_EPS
 
 
 @triton.jit
@@ -136,16 +137,19 @@ def _silu(x):
 
 
 # The per-step counts are not specialised on (T, N vary every step: each new divisibility class would recompile).
-@triton.jit(do_not_specialize=["T", "N"])
+@triton.jit(do_not_specialize=["T", "N", "stride_plane"])
 def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_ptr, y2_ptr, T, C, SPLIT, N,
-                           stride_x, stride_y, stride_y2, stride_cs_s, stride_cs_w,
-                           W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr):
+                           stride_x, stride_y, stride_y2, stride_cs_s, stride_cs_w, PLANE, stride_plane, eps,
+                           W: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, HEAD: tl.constexpr,
+                           NORM: tl.constexpr):
     """BC channels of the BT tokens [t0, t0 + BT) of the flat batch (which may span sequences), one token after the
     other: the W-1 previous inputs stay in registers, so each x row is read from memory once, and the slot's history
-    is read only where a sequence starts (and for the program's first token). Channels < SPLIT go to y, the rest to
-    y2 (its column ch - SPLIT). The channel block is program_id(0), so the programs running together read whole rows
-    of x rather than narrow column strips a row stride (25-33 kB) apart."""
-    ch = tl.program_id(0) * BC + tl.arange(0, BC)
+    is read only where a sequence starts (and for the program's first token). Channels < SPLIT go to y, in planes
+    of PLANE columns (channel ch at plane ch // PLANE, column ch % PLANE), the rest to y2 (its column ch - SPLIT).
+    The channels are held as [BC / HEAD, HEAD] rows; NORM: each row of y's channels (a q or k head) is L2-normalised
+    after rounding to y's dtype, as l2norm_qk would read it back. The channel block is program_id(0), so the programs
+    running together read whole rows of x rather than narrow column strips a row stride (25-33 kB) apart."""
+    ch = tl.program_id(0) * BC + tl.arange(0, BC // HEAD)[:, None] * HEAD + tl.arange(0, HEAD)[None, :]
     m_ch = ch < C
     t0 = tl.program_id(1) * BT
     t_end = tl.minimum(t0 + BT, T)
@@ -157,6 +161,7 @@ def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_p
     win = _window_before(x_ptr, cs_ptr + slot * stride_cs_s, t0, tl.load(cu_ptr + seq), use_hist, stride_x,
                          stride_cs_w, ch, m_ch, W)
     in_y, in_y2 = m_ch & (ch < SPLIT), m_ch & (ch >= SPLIT)
+    y_col = (ch // PLANE).to(tl.int64) * stride_plane + ch % PLANE
     # W-1 tokens a step: their loads are in flight together, and shifting the window by W-1 is a register renaming
     for tb in range(t0, t_end, W - 1):
         xs = _rows(x_ptr, tb, t_end, stride_x, ch, m_ch, W - 1)
@@ -171,7 +176,11 @@ def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_p
             x = xs[u].to(tl.float32)
             y = tl.where((slot >= 0) & (t < end), _conv_silu_row(win, x, taps, W), 0.0)
             t64 = tl.cast(t, tl.int64)  # token * row stride passes 2^31 at ~130k tokens
-            tl.store(y_ptr + t64 * stride_y + ch, y.to(y_ptr.dtype.element_ty), mask=in_y & (t < t_end))
+            y_head = y
+            if NORM:
+                y_head = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+                y_head = y_head * (1.0 / tl.sqrt(tl.sum(y_head * y_head, 1) + eps))[:, None]
+            tl.store(y_ptr + t64 * stride_y + y_col, y_head.to(y_ptr.dtype.element_ty), mask=in_y & (t < t_end))
             tl.store(y2_ptr + t64 * stride_y2 + (ch - SPLIT), y.to(y2_ptr.dtype.element_ty), mask=in_y2 & (t < t_end))
             win = win[1:] + (x,)
 
@@ -273,27 +282,73 @@ def causal_conv1d_prefill_split(
                                         has_initial_state=has_initial_state, split=split, tile=PREFILL_TILE)
 
 
+def causal_conv1d_prefill_qkv(
+    *,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    conv_state: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    slots: torch.Tensor,
+    has_initial_state: torch.Tensor,
+    key_dim: int,
+    head_dim: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The GDN layer's conv: (q, k, v) = y[:, :key_dim], y[:, key_dim:2 key_dim], y[:, 2 key_dim:], each contiguous,
+    q and k L2-normalised per head of head_dim in the kernel that writes them (no pass of their own). A head_dim the
+    kernel's channel rows cannot hold (not a power of two dividing the channel block) takes the split conv and
+    l2norm_qk instead, with the same result."""
+    _check_qkv(x, key_dim, head_dim)
+    total, block_c = x.shape[0], PREFILL_TILE[1]
+    if head_dim & (head_dim - 1) or block_c % head_dim:
+        from deltaserve.kernels.gated_delta_rule.triton import l2norm_qk
+
+        qk, v = causal_conv1d_prefill_split(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens,
+                                            slots=slots, has_initial_state=has_initial_state, split=2 * key_dim)
+        q, k = l2norm_qk(qk[:, :key_dim].view(total, -1, head_dim), qk[:, key_dim:].view(total, -1, head_dim))
+        return q.view(total, key_dim), k.view(total, key_dim), v
+    qk, v = causal_conv1d_prefill_launch(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens,
+                                         slots=slots, has_initial_state=has_initial_state, split=2 * key_dim,
+                                         tile=PREFILL_TILE, planes=2, norm_head=head_dim)
+    return qk[0], qk[1], v
+
+
+def _check_qkv(x: torch.Tensor, key_dim: int, head_dim: int) -> None:
+    if head_dim <= 0 or key_dim % head_dim or not 0 <= 2 * key_dim <= x.shape[1]:
+        raise ValueError(f"key_dim {key_dim} must be a multiple of head_dim {head_dim} with 2 * key_dim <= C = "
+                         f"{x.shape[1]}")
+
+
 def causal_conv1d_prefill_launch(
     *, x: torch.Tensor, weight: torch.Tensor, conv_state: torch.Tensor, cu_seqlens: torch.Tensor,
-    slots: torch.Tensor, has_initial_state: torch.Tensor, split: int, tile: tuple[int, int, int],
+    slots: torch.Tensor, has_initial_state: torch.Tensor, split: int, tile: tuple[int, int, int], planes: int = 1,
+    norm_head: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """causal_conv1d_prefill_split with an explicit (BT, BC, num_warps) tile (the benchmark sweeps them)."""
+    """causal_conv1d_prefill_split with an explicit (BT, BC, num_warps) tile (the benchmark sweeps them). planes:
+    the head section comes back as [planes, T, split / planes], each plane contiguous; norm_head (a power of two
+    dividing BC and split): its heads of that many channels L2-normalised (0: none)."""
     _check_pool(x, weight, conv_state)
     total, c = x.shape
-    if not 0 <= split <= c:
-        raise ValueError(f"split {split} must lie in [0, C={c}]")
+    if not 0 <= split <= c or split % planes:
+        raise ValueError(f"split {split} must lie in [0, C={c}] and divide into {planes} planes")
+    block_t, block_c, num_warps = tile
+    if norm_head and (norm_head & (norm_head - 1) or block_c % norm_head or split % norm_head):
+        raise ValueError(f"norm_head {norm_head} must be a power of two dividing the channel block {block_c} and "
+                         f"the split {split}")
     n = slots.shape[0]
     width = weight.shape[1]
-    head, tail = x.new_empty(total, split), x.new_empty(total, c - split)
+    plane = split // planes
+    head, tail = x.new_empty(planes, total, plane), x.new_empty(total, c - split)
+    if planes == 1:
+        head = head[0]
     if n == 0:
         return head.zero_(), tail.zero_()
     init = has_initial_state.view(torch.int8) if has_initial_state.dtype == torch.bool else has_initial_state
-    block_t, block_c, num_warps = tile
     if total > 0:
         _conv1d_prefill_kernel[(triton.cdiv(c, block_c), triton.cdiv(total, block_t))](
             x, weight, conv_state, cu_seqlens, slots, init, head, tail, total, c, split, n,
-            x.stride(0), head.stride(0), tail.stride(0), conv_state.stride(0), conv_state.stride(1),
-            W=width, BT=block_t, BC=block_c, num_warps=num_warps,
+            x.stride(0), plane, tail.stride(0), conv_state.stride(0), conv_state.stride(1), max(plane, 1),
+            total * plane, _L2_EPS, W=width, BT=block_t, BC=block_c, HEAD=norm_head or block_c,
+            NORM=norm_head > 0, num_warps=num_warps,
         )
     block_s = 256
     _conv1d_final_state_kernel[(n, triton.cdiv(c, block_s))](
