@@ -42,15 +42,18 @@ def baseline(ckpt):
 
 
 # (kv_cache_dtype, state_dtype) -> (least identical 24-token sequences, least identical first tokens) of 16 prompts,
-# one below what both checkpoints measured (dense / moe identical, first): fp8 12/13, 16/16; int8 12/14, 15/16;
-# int4 7/5, 15/15; bf16 state 11/15, 16/16; fp8 + bf16 state 12/13, 16/16; int4 + bf16 state 7/6, 15/15.
+# one below what both checkpoints measured (dense / moe identical, first): fp8 14/11, 16/16; int8 15/13, 16/16;
+# int4 7/5, 15/15; bf16 state 14/15, 16/16; fp8 + bf16 state 12/10, 16/16; int4 + bf16 state 7/5, 15/15. Measured
+# 2026-12-06 once the GDN layer's q and k came L2-normalised from the conv and rounded to the model dtype (as the
+# GPU path and transformers round them) in the baseline and the options alike; identical before it: fp8 12/13, int8
+# 12/14, int4 7/5, bf16 state 11/15, fp8 + bf16 state 12/13, int4 + bf16 state 7/6 (first tokens 15-16 of 16).
 AGREEMENT = {
-    ("fp8", "float32"): (11, 15),
-    ("int8", "float32"): (11, 14),
+    ("fp8", "float32"): (10, 15),
+    ("int8", "float32"): (12, 15),
     ("int4", "float32"): (4, 14),
-    ("auto", "bfloat16"): (10, 15),
-    ("fp8", "bfloat16"): (11, 15),
-    ("int4", "bfloat16"): (5, 14),
+    ("auto", "bfloat16"): (13, 15),
+    ("fp8", "bfloat16"): (9, 15),
+    ("int4", "bfloat16"): (4, 14),
 }
 
 

@@ -82,14 +82,19 @@ def causal_conv1d_prefill_qkv(
     fp32 math on y as rounded to x.dtype, the result rounded to it again)."""
     from deltaserve.kernels.gated_delta_rule.ref import l2norm_qk
 
-    if head_dim <= 0 or key_dim % head_dim or not 0 <= 2 * key_dim <= x.shape[1]:
-        raise ValueError(f"key_dim {key_dim} must be a multiple of head_dim {head_dim} with 2 * key_dim <= C = "
-                         f"{x.shape[1]}")
+    check_qkv(x, key_dim, head_dim)
     y = causal_conv1d_prefill(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens, slots=slots,
                               has_initial_state=has_initial_state)
     total = y.shape[0]
     q, k = l2norm_qk(y[:, :key_dim].view(total, -1, head_dim), y[:, key_dim:2 * key_dim].view(total, -1, head_dim))
     return q.view(total, key_dim), k.view(total, key_dim), y[:, 2 * key_dim:].contiguous()
+
+
+
+def check_qkv(x: torch.Tensor, key_dim: int, head_dim: int) -> None:
+    if head_dim <= 0 or key_dim % head_dim or not 0 <= 2 * key_dim <= x.shape[1]:
+        raise ValueError(f"key_dim {key_dim} must be a multiple of head_dim {head_dim} with 2 * key_dim <= C = "
+                         f"{x.shape[1]}")
 
 
 def causal_conv1d_update(

@@ -13,6 +13,7 @@ import triton.language as tl
 
 from deltaserve.kernels._device import pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
+from deltaserve.kernels.conv1d.ref import check_qkv
 from deltaserve.kernels.gated_delta_rule.ref import _L2_EPS
 
 
@@ -297,7 +298,7 @@ def causal_conv1d_prefill_qkv(
     q and k L2-normalised per head of head_dim in the kernel that writes them (no pass of their own). A head_dim the
     kernel's channel rows cannot hold (not a power of two dividing the channel block) takes the split conv and
     l2norm_qk instead, with the same result."""
-    _check_qkv(x, key_dim, head_dim)
+    check_qkv(x, key_dim, head_dim)
     total, block_c = x.shape[0], PREFILL_TILE[1]
     if head_dim & (head_dim - 1) or block_c % head_dim:
         from deltaserve.kernels.gated_delta_rule.triton import l2norm_qk
@@ -310,12 +311,6 @@ def causal_conv1d_prefill_qkv(
                                          slots=slots, has_initial_state=has_initial_state, split=2 * key_dim,
                                          tile=PREFILL_TILE, planes=2, norm_head=head_dim)
     return qk[0], qk[1], v
-
-
-def _check_qkv(x: torch.Tensor, key_dim: int, head_dim: int) -> None:
-    if head_dim <= 0 or key_dim % head_dim or not 0 <= 2 * key_dim <= x.shape[1]:
-        raise ValueError(f"key_dim {key_dim} must be a multiple of head_dim {head_dim} with 2 * key_dim <= C = "
-                         f"{x.shape[1]}")
 
 
 def causal_conv1d_prefill_launch(
