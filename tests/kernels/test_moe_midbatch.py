@@ -185,3 +185,43 @@ def test_mid_dispatch_and_cuda_graph_gpu(weights):
     assert torch.equal(static_out, midbatch.fused_moe_mid(**kw))
     assert rel_error(static_out, kw) < 1e-2
 
+
+
+_SMEM_CHECK = """
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from deltaserve.kernels.moe import midbatch
+out = []
+for arch, smem in ((90, 232448), (80, 166912)):
+    for fn, cfg, weights, n, k in ((midbatch._gate_up_kernel, midbatch.GATE_UP_CONFIG, 2, 512, 2048),
+                                   (midbatch._down_kernel, midbatch.DOWN_CONFIG, 1, 2048, 512)):
+        bm, *tile = cfg
+        bn, bk, warps, stages = midbatch.fit_tile(tile, n, k, None, bm=bm, weights=weights, elt=4, smem=smem)
+        consts = dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, IEEE=True)
+        ptr = {a: "*i64" if a == "order_ptr" else "*i32" if a == "bounds_ptr" else "*fp32"
+               for a in fn.arg_names if a.endswith("_ptr")}
+        sig = {a: "constexpr" if a in consts else ptr.get(a, "i32") for a in fn.arg_names}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps, num_stages=stages))
+        out.append([fn.__name__, arch, stages, kernel.metadata.shared, smem])
+print(json.dumps(out))
+"""
+
+
+def test_mid_fp32_tiles_fit_shared_memory():
+    """fp32 activations at the default tiles, compiled for an H100 (sm_90) and an A100 (sm_80, 163 KB) without a GPU:
+    fit_tile trims the pipeline stages so both kernels fit (the gate|up kernel's 4 stages took ~220 KB: past the
+    A100's limit)."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compiled, not interpreted
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", _SMEM_CHECK], env=env, cwd=root, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    used = json.loads(out.stdout.splitlines()[-1])
+    assert len(used) == 4
+    assert all(shared <= smem for *_, shared, smem in used), used

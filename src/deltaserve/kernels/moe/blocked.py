@@ -12,8 +12,8 @@ loads its x rows through the block's pair ids (no gathered copy of x) and writes
 gate|up output for a separate silu_and_mul). The down kernel reads that act in sorted order and writes y in pair
 order; moe_combine sums the slots as on the other paths. Unquantized weights are read through tensor descriptors
 (TMA on Hopper). Any GPU Triton compiles for (no SM90 requirement: Triton lowers the descriptors to pointer loads
-below it; the pipeline stages are trimmed to the device's shared memory, _fit); act and y are rounded to x.dtype, the gate|up sums
-are not (the grouped path rounds them too)."""
+below it; the pipeline stages are trimmed to the device's shared memory, midbatch.fit_tile); act and y are rounded
+to x.dtype, the gate|up sums are not (the grouped path rounds them too)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from deltaserve.kernels._device import max_shared_mem
-from deltaserve.kernels.moe.midbatch import _dot, _k_mask, sort_rows
+from deltaserve.kernels.moe.midbatch import _dot, _k_mask, fit_tile, sort_rows
 from deltaserve.kernels.moe.triton import moe_combine
 
 
@@ -91,31 +91,31 @@ def _quant_tile(W_TILE: tl.constexpr, w_ptr, s_ptr, z_ptr, e, n, k0, N, K, strid
 
 
 @triton.jit
-def _gate_up_kernel(x_ptr, w13_ptr, w_desc, s_ptr, z_ptr, order_ptr, bounds_ptr, starts_ptr, act_ptr, stride_x, stride_we,
-                    stride_wn, stride_se, stride_sn, stride_act, I, D, E, TOP_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, EVEN_K: tl.constexpr,
-                    IEEE: tl.constexpr, W_TILE: tl.constexpr = None, GROUP: tl.constexpr = 0,
+def _gate_up_kernel(x_ptr, w13_ptr, w_desc, s_ptr, z_ptr, order_ptr, bounds_ptr, starts_ptr, act_ptr, stride_x,
+                    stride_we, stride_wn, stride_se, stride_sn, stride_act, I, D, E, TOP_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                    EVEN_K: tl.constexpr, IEEE: tl.constexpr, W_TILE: tl.constexpr = None, GROUP: tl.constexpr = 0,
                     EVEN_W: tl.constexpr = False, SPLIT: tl.constexpr = False):
     """act[row] = silu(x[token] @ G_e^T) * (x[token] @ U_e^T) for the block's sorted rows, columns
     [n0, n0 + BLOCK_N), token = pair // TOP_K (TOP_K 1: x holds a row per pair). W_TILE (quantized weights): the
     loader that dequantizes a weight tile (QuantExperts); w_desc (bf16 / fp16 / fp32 weights, None otherwise): w13 as
-    a tensor descriptor, its tiles loaded by TMA where the GPU has it. SPLIT: a block of at most BLOCK_M / 2 rows (an expert's
-    last) runs a tile of that height, so the tensor cores skip its padding rows."""
+    a tensor descriptor, its tiles loaded by TMA where the GPU has it. SPLIT: a block of at most BLOCK_M / 2 rows (an
+    expert's last) runs a tile of that height, so the tensor cores skip its padding rows."""
     e, first, end = _block_span(bounds_ptr, starts_ptr, tl.program_id(1), E, BLOCK_M, BLOCK_E)
     if e < E:
         if (end - first <= BLOCK_M // 2) & SPLIT:
-            _gate_up_rows(x_ptr, w13_ptr, w_desc, s_ptr, z_ptr, order_ptr, act_ptr, e, first, end, stride_x,
-                          stride_we, stride_wn, stride_se, stride_sn, stride_act, I, D, TOP_K, BLOCK_M // 2, BLOCK_N, BLOCK_K,
+            _gate_up_rows(x_ptr, w13_ptr, w_desc, s_ptr, z_ptr, order_ptr, act_ptr, e, first, end, stride_x, stride_we,
+                          stride_wn, stride_se, stride_sn, stride_act, I, D, TOP_K, BLOCK_M // 2, BLOCK_N, BLOCK_K,
                           EVEN_K, IEEE, W_TILE, GROUP, EVEN_W)
         else:
-            _gate_up_rows(x_ptr, w13_ptr, w_desc, s_ptr, z_ptr, order_ptr, act_ptr, e, first, end, stride_x,
-                          stride_we, stride_wn, stride_se, stride_sn, stride_act, I, D, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K,
-                          EVEN_K, IEEE, W_TILE, GROUP, EVEN_W)
+            _gate_up_rows(x_ptr, w13_ptr, w_desc, s_ptr, z_ptr, order_ptr, act_ptr, e, first, end, stride_x, stride_we,
+                          stride_wn, stride_se, stride_sn, stride_act, I, D, TOP_K, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K,
+                          IEEE, W_TILE, GROUP, EVEN_W)
 
 
 @triton.jit
-def _gate_up_rows(x_ptr, w13_ptr, w_desc, s_ptr, z_ptr, order_ptr, act_ptr, e, first, end, stride_x, stride_we, stride_wn,
-                  stride_se, stride_sn, stride_act, I, D, TOP_K: tl.constexpr, BM: tl.constexpr,
+def _gate_up_rows(x_ptr, w13_ptr, w_desc, s_ptr, z_ptr, order_ptr, act_ptr, e, first, end, stride_x, stride_we,
+                  stride_wn, stride_se, stride_sn, stride_act, I, D, TOP_K: tl.constexpr, BM: tl.constexpr,
                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr,
                   W_TILE: tl.constexpr, GROUP: tl.constexpr, EVEN_W: tl.constexpr):
     """_gate_up_kernel's work on the BM rows from first (those before end valid)."""
@@ -165,13 +165,13 @@ def _down_kernel(act_ptr, w2_ptr, w_desc, s_ptr, z_ptr, order_ptr, bounds_ptr, s
     e, first, end = _block_span(bounds_ptr, starts_ptr, tl.program_id(1), E, BLOCK_M, BLOCK_E)
     if e < E:
         if (end - first <= BLOCK_M // 2) & SPLIT:
-            _down_rows(act_ptr, w2_ptr, w_desc, s_ptr, z_ptr, order_ptr, y_ptr, e, first, end, stride_act,
-                       stride_we, stride_wn, stride_se, stride_sn, stride_y, I, D, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, IEEE,
+            _down_rows(act_ptr, w2_ptr, w_desc, s_ptr, z_ptr, order_ptr, y_ptr, e, first, end, stride_act, stride_we,
+                       stride_wn, stride_se, stride_sn, stride_y, I, D, BLOCK_M // 2, BLOCK_N, BLOCK_K, EVEN_K, IEEE,
                        W_TILE, GROUP, EVEN_W)
         else:
-            _down_rows(act_ptr, w2_ptr, w_desc, s_ptr, z_ptr, order_ptr, y_ptr, e, first, end, stride_act,
-                       stride_we, stride_wn, stride_se, stride_sn, stride_y, I, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, IEEE,
-                       W_TILE, GROUP, EVEN_W)
+            _down_rows(act_ptr, w2_ptr, w_desc, s_ptr, z_ptr, order_ptr, y_ptr, e, first, end, stride_act, stride_we,
+                       stride_wn, stride_se, stride_sn, stride_y, I, D, BLOCK_M, BLOCK_N, BLOCK_K, EVEN_K, IEEE, W_TILE,
+                       GROUP, EVEN_W)
 
 
 @triton.jit
@@ -274,35 +274,21 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
     grid_blocks = max_blocks(T * top_k, E, bm)
     act = torch.empty(T * top_k, I, dtype=x.dtype, device=x.device)  # in sorted-row order
     fit = dict(bm=bm, elt=x.element_size(), smem=max_shared_mem(x.device) if x.is_cuda else None)
-    bn, bk, warps, stages = _fit(gate_up, I, D, quant.k_tiles[0] if quant else None, weights=2, **fit)
+    bn, bk, warps, stages = fit_tile(gate_up, I, D, quant.k_tiles[0] if quant else None, weights=2, **fit)
     _gate_up_kernel[(triton.cdiv(I, bn), grid_blocks)](
-        x_rows, w13, _descriptor(w13, bn, bk, quant), *_scales(quant, 0, w13), order, bounds, starts, act, x_rows.stride(0), w13.stride(0),
-        w13.stride(1), *_scale_strides(quant, 0), act.stride(0), I, D, E, TOP_K=rows_per_x, BLOCK_N=bn, BLOCK_K=bk,
-        EVEN_K=D % bk == 0,
+        x_rows, w13, _descriptor(w13, bn, bk, quant), *_scales(quant, 0, w13), order, bounds, starts, act,
+        x_rows.stride(0), w13.stride(0), w13.stride(1), *_scale_strides(quant, 0), act.stride(0), I, D, E,
+        TOP_K=rows_per_x, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=D % bk == 0,
         **_quant_args(quant, 0, I % bn == 0 and D % bk == 0), **common, num_warps=warps, num_stages=stages)
     y = torch.empty(T * top_k, D, dtype=x.dtype, device=x.device)  # in pair order
-    bn, bk, warps, stages = _fit(down, D, I, quant.k_tiles[1] if quant else None, weights=1, **fit)
+    bn, bk, warps, stages = fit_tile(down, D, I, quant.k_tiles[1] if quant else None, weights=1, **fit)
     _down_kernel[(triton.cdiv(D, bn), grid_blocks)](
-        act, w2, _descriptor(w2, bn, bk, quant), *_scales(quant, 1, w2), order, bounds, starts, y, act.stride(0), w2.stride(0), w2.stride(1),
-        *_scale_strides(quant, 1), y.stride(0), I, D, E, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=I % bk == 0,
+        act, w2, _descriptor(w2, bn, bk, quant), *_scales(quant, 1, w2), order, bounds, starts, y, act.stride(0),
+        w2.stride(0), w2.stride(1), *_scale_strides(quant, 1), y.stride(0), I, D, E, BLOCK_N=bn, BLOCK_K=bk,
+        EVEN_K=I % bk == 0,
         **_quant_args(quant, 1, D % bn == 0 and I % bk == 0), **common, num_warps=warps, num_stages=stages)
     return moe_combine(y=y, pos=pos, topk_weights=topk_weights, topk_ids=topk_ids, shared=shared,
                        shared_gate=shared_gate)
-
-
-def _fit(config: tuple[int, ...], n: int, k: int, k_tile: int | None, *, bm: int, weights: int, elt: int,
-         smem: int | None) -> tuple[int, ...]:
-    """A kernel's (BLOCK_N, BLOCK_K, warps, stages) clamped to its N and K (and to the quantized K tile), with no
-    more stages than the device's shared memory (smem bytes; None: no limit) holds: a stage keeps a BLOCK_M x
-    BLOCK_K tile of activations and `weights` BLOCK_K x BLOCK_N weight tiles of elt bytes each. The tiles were
-    timed in bf16 on an H100, where they fit; fp32 activations double the bytes (4 gate|up stages: 240-288 KB
-    against the H100's 227 KB) and smaller GPUs (A100 163 KB, Ada 99 KB) hold fewer stages."""
-    bn, bk, warps, stages = config
-    bk = min(bk, k_tile) if k_tile else bk
-    bn, bk = max(16, min(bn, triton.next_power_of_2(n))), max(16, min(bk, triton.next_power_of_2(k)))
-    if smem is not None:
-        stages = max(1, min(stages, smem // ((bm * bk + weights * bk * bn) * elt)))
-    return bn, bk, warps, stages
 
 
 def _descriptor(w: torch.Tensor, bn: int, bk: int, quant: QuantExperts | None) -> TensorDescriptor | None:

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import max_shared_mem
 from deltaserve.kernels.moe.grouped import sort_expert_ids
 from deltaserve.kernels.moe.triton import moe_combine
 
@@ -176,22 +177,37 @@ def fused_moe_mid(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     y = torch.empty(rows, D, dtype=x.dtype, device=x.device)
     t_shared = T if has_shared else 0
     ieee = x.dtype == torch.float32 or not x.is_cuda
-    bm, bn, bk, warps, stages = gate_up_config or GATE_UP_CONFIG
-    bk = max(16, min(bk, triton.next_power_of_2(D)))
-    bn = max(16, min(bn, triton.next_power_of_2(act_w)))
+    fit = dict(elt=x.element_size(), smem=max_shared_mem(x.device) if x.is_cuda else None)
+    bm, *tile = gate_up_config or GATE_UP_CONFIG
+    bn, bk, warps, stages = fit_tile(tile, act_w, D, None, bm=bm, weights=2, **fit)
     _gate_up_kernel[(1 + E, triton.cdiv(act_w, bn))](
         x, w13, shared_w13, order, bounds, act, x.stride(0), w13.stride(0), w13.stride(1), shared_w13.stride(0),
         act.stride(0), t_shared, P, i_r, i_s, D, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         EVEN_K=D % bk == 0, IEEE=ieee, num_warps=warps, num_stages=stages)
-    bm, bn, bk, warps, stages = down_config or DOWN_CONFIG
-    bk = max(16, min(bk, triton.next_power_of_2(act_w)))
-    bn = max(16, min(bn, triton.next_power_of_2(D)))
+    bm, *tile = down_config or DOWN_CONFIG
+    bn, bk, warps, stages = fit_tile(tile, D, act_w, None, bm=bm, weights=1, **fit)
     _down_kernel[(1 + E, triton.cdiv(D, bn))](
         act, w2, shared_w2, order, bounds, y, act.stride(0), w2.stride(0), w2.stride(1), shared_w2.stride(0),
         y.stride(0), t_shared, P, i_r, i_s, D, TOP_K=top_k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         EVEN_K=i_r % bk == 0 and i_s % bk == 0, IEEE=ieee, num_warps=warps, num_stages=stages)
     shared = {"shared": y[P:], "shared_gate": shared_gate} if has_shared else {}
     return moe_combine(y=y, pos=pos, topk_weights=topk_weights, topk_ids=topk_ids, **shared)
+
+
+def fit_tile(config: tuple[int, ...], n: int, k: int, k_tile: int | None, *, bm: int, weights: int, elt: int,
+         smem: int | None) -> tuple[int, ...]:
+    """A kernel's (BLOCK_N, BLOCK_K, warps, stages) clamped to its N and K (and to the quantized K tile), with no
+    more stages than the device's shared memory (smem bytes; None: no limit) holds: a stage keeps a BLOCK_M x
+    BLOCK_K tile of activations and `weights` BLOCK_K x BLOCK_N weight tiles of elt bytes each. The tiles were
+    timed in bf16 on an H100 and H200, where they fit; fp32 activations double the bytes (4 stages of the blocked
+    gate|up kernel: 240-288 KB against the H100's 227 KB, of the expert-centric one ~220) and smaller GPUs (A100 163 KB,
+    Ada 99 KB) hold fewer stages."""
+    bn, bk, warps, stages = config
+    bk = min(bk, k_tile) if k_tile else bk
+    bn, bk = max(16, min(bn, triton.next_power_of_2(n))), max(16, min(bk, triton.next_power_of_2(k)))
+    if smem is not None:
+        stages = max(1, min(stages, smem // ((bm * bk + weights * bk * bn) * elt)))
+    return bn, bk, warps, stages
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:
