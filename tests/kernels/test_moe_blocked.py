@@ -162,7 +162,7 @@ out = []
 for bm, gate_up, down in [t[1:] for t in blocked.TILES]:
     for fn, cfg, weights, n, k in ((blocked._gate_up_kernel, gate_up, 2, 512, 2048),
                                    (blocked._down_kernel, down, 1, 2048, 512)):
-        bn, bk, warps, stages = blocked._fit(cfg, n, k, None, bm=bm, weights=weights, elt=4, smem=%d)
+        bn, bk, warps, stages = blocked.fit_tile(cfg, n, k, None, bm=bm, weights=weights, elt=4, smem=%d)
         consts = dict(TOP_K=8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, BLOCK_E=512, EVEN_K=True, IEEE=True)
         consts = {c: v for c, v in consts.items() if c in fn.arg_names}
         ptr = {a: "*i64" if a == "order_ptr" else "*i32" if a.endswith(("bounds_ptr", "starts_ptr")) else "*fp32"
@@ -180,7 +180,7 @@ print(json.dumps(out))
 
 def test_blocked_fp32_tiles_fit_shared_memory():
     """fp32 activations at the real tiles, compiled for sm_90 (no GPU needed): the pipelined x and weight tiles
-    of every TILES entry fit an H100's shared memory once _fit trims the stages (4 stages of the gate|up kernel
+    of every TILES entry fit an H100's shared memory once fit_tile trims the stages (4 stages of the gate|up kernel
     took 240-288 KB: an OutOfResources launch failure for fp32 MoE models past 512 routed pairs)."""
     import json
     import subprocess
