@@ -65,7 +65,6 @@ def causal_conv1d_prefill_split(
     return y[:, :split].contiguous(), y[:, split:].contiguous()
 
 
-
 def causal_conv1d_prefill_qkv(
     *,
     x: torch.Tensor,
@@ -88,7 +87,6 @@ def causal_conv1d_prefill_qkv(
     total = y.shape[0]
     q, k = l2norm_qk(y[:, :key_dim].view(total, -1, head_dim), y[:, key_dim:2 * key_dim].view(total, -1, head_dim))
     return q.view(total, key_dim), k.view(total, key_dim), y[:, 2 * key_dim:].contiguous()
-
 
 
 def check_qkv(x: torch.Tensor, key_dim: int, head_dim: int) -> None:

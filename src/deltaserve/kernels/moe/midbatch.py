@@ -195,13 +195,13 @@ def fused_moe_mid(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
 
 
 def fit_tile(config: tuple[int, ...], n: int, k: int, k_tile: int | None, *, bm: int, weights: int, elt: int,
-         smem: int | None) -> tuple[int, ...]:
+             smem: int | None) -> tuple[int, ...]:
     """A kernel's (BLOCK_N, BLOCK_K, warps, stages) clamped to its N and K (and to the quantized K tile), with no
     more stages than the device's shared memory (smem bytes; None: no limit) holds: a stage keeps a BLOCK_M x
     BLOCK_K tile of activations and `weights` BLOCK_K x BLOCK_N weight tiles of elt bytes each. The tiles were
     timed in bf16 on an H100 and H200, where they fit; fp32 activations double the bytes (4 stages of the blocked
-    gate|up kernel: 240-288 KB against the H100's 227 KB, of the expert-centric one ~220) and smaller GPUs (A100 163 KB,
-    Ada 99 KB) hold fewer stages."""
+    gate|up kernel: 240-288 KB against the H100's 227 KB; of the expert-centric one 221 KB against an A100's 163 KB)
+    and smaller GPUs (Ada 99 KB) hold fewer stages."""
     bn, bk, warps, stages = config
     bk = min(bk, k_tile) if k_tile else bk
     bn, bk = max(16, min(bn, triton.next_power_of_2(n))), max(16, min(bk, triton.next_power_of_2(k)))
