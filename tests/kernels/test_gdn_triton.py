@@ -271,6 +271,16 @@ def test_conv_prefill_qkv_other_head_dims_interpreter(monkeypatch):
     check_conv_qkv(mod.causal_conv1d_prefill_qkv, TILE_CASES[0], 37, 12, 12, torch.float32, "cpu", seed=4)
 
 
+
+@pytest.mark.parametrize("key_dim,head_dim", [(16, 8), (12, 12)])  # the fused kernel, the fallback
+def test_conv_prefill_qkv_no_tokens(key_dim, head_dim):
+    """An empty batch (one sequence of no tokens): empty q, k and v from the reference and the Triton op alike."""
+    kw = dict(x=torch.zeros(0, 40), weight=torch.randn(40, 4), cu_seqlens=torch.tensor([0, 0], dtype=torch.int32),
+              slots=torch.tensor([1]), has_initial_state=torch.tensor([True]), key_dim=key_dim, head_dim=head_dim)
+    for fn in (conv_ref.causal_conv1d_prefill_qkv, conv_mod().causal_conv1d_prefill_qkv):
+        q, k, v = fn(**kw, conv_state=torch.zeros(3, 3, 40))
+        assert q.shape == k.shape == (0, key_dim) and v.shape == (0, 40 - 2 * key_dim)
+
 @gpu
 @pytest.mark.parametrize("shape", [(8192, 2048), (10240, 2048), (6144, 1024)])  # 35B-A3B, 27B, a 4-head split
 @pytest.mark.parametrize("case", [1, 3])

@@ -1181,6 +1181,19 @@ def test_moe_grouped_blocks_interpreted(kind, monkeypatch):
 
 
 @pytest.mark.parametrize("kind", ["int4", "fp8"])
+def test_moe_blocked_split_quantized_interpreted(kind, monkeypatch):
+    """moe.blocked's half-height blocks (SPLIT) on dequantized weight tiles: 32-row blocks split from 32 rows on (the
+    GPU's rule starts at 128); 30 tokens x top-2 over 3 experts give experts a full block and a short last one."""
+    from deltaserve.kernels.moe import blocked
+
+    monkeypatch.setattr(qt, "PAIR_MAX", 8)
+    monkeypatch.setattr(blocked, "SPLIT_MIN_M", 32)
+    monkeypatch.setattr(blocked, "TILES", [(None, 32, (16, 32, 1, 1), (16, 32, 1, 1))])
+    check_moe(kind, tokens=30, experts=3, top_k=2, d=64, inter=32, group=32, dtype=torch.bfloat16, seed=5,
+              shared=True)
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp8"])
 def test_moe_prefill_column_major_x_interpreted(kind, monkeypatch):
     """Past PAIR_MAX with x a transposed view (stride(-1) != 1): the shared expert's quant_gemm reads x by its row
     stride only, so x must reach it with unit column stride, as the routed experts' kernels get it."""

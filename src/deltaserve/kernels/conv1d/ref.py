@@ -85,7 +85,8 @@ def causal_conv1d_prefill_qkv(
     y = causal_conv1d_prefill(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens, slots=slots,
                               has_initial_state=has_initial_state)
     total = y.shape[0]
-    q, k = l2norm_qk(y[:, :key_dim].view(total, -1, head_dim), y[:, key_dim:2 * key_dim].view(total, -1, head_dim))
+    heads = (total, key_dim // head_dim, head_dim)  # explicit: a view cannot infer -1 with no tokens
+    q, k = l2norm_qk(y[:, :key_dim].view(heads), y[:, key_dim:2 * key_dim].view(heads))
     return q.view(total, key_dim), k.view(total, key_dim), y[:, 2 * key_dim:].contiguous()
 
 

@@ -305,7 +305,8 @@ def causal_conv1d_prefill_qkv(
 
         qk, v = causal_conv1d_prefill_split(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens,
                                             slots=slots, has_initial_state=has_initial_state, split=2 * key_dim)
-        q, k = l2norm_qk(qk[:, :key_dim].view(total, -1, head_dim), qk[:, key_dim:].view(total, -1, head_dim))
+        heads = (total, key_dim // head_dim, head_dim)
+        q, k = l2norm_qk(qk[:, :key_dim].view(heads), qk[:, key_dim:].view(heads))
         return q.view(total, key_dim), k.view(total, key_dim), v
     qk, v = causal_conv1d_prefill_launch(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens,
                                          slots=slots, has_initial_state=has_initial_state, split=2 * key_dim,
@@ -319,8 +320,8 @@ def causal_conv1d_prefill_launch(
     norm_head: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """causal_conv1d_prefill_split with an explicit (BT, BC, num_warps) tile (the benchmark sweeps them). planes:
-    the head section comes back as [planes, T, split / planes], each plane contiguous; norm_head (a power of two
-    dividing BC and split): its heads of that many channels L2-normalised (0: none)."""
+    the head section comes back as [planes, T, split / planes], each plane contiguous ([T, split] for one plane);
+    norm_head (a power of two dividing BC and split): its heads of that many channels L2-normalised (0: none)."""
     _check_pool(x, weight, conv_state)
     total, c = x.shape
     if not 0 <= split <= c or split % planes:

@@ -11,9 +11,9 @@ Against the CUTLASS grouped GEMMs (grouped.py) it drops two [pairs, .] round tri
 loads its x rows through the block's pair ids (no gathered copy of x) and writes silu(gate) * up itself (no [pairs, 2I]
 gate|up output for a separate silu_and_mul). The down kernel reads that act in sorted order and writes y in pair
 order; moe_combine sums the slots as on the other paths. Unquantized weights are read through tensor descriptors
-(TMA on Hopper). Any GPU Triton compiles for (no SM90 requirement: Triton lowers the descriptors to pointer loads
-below it; the pipeline stages are trimmed to the device's shared memory, midbatch.fit_tile); act and y are rounded
-to x.dtype, the gate|up sums are not (the grouped path rounds them too)."""
+(TMA) from sm_90 on, by pointer before it. Any GPU Triton compiles for (no SM90 requirement; the pipeline stages
+are trimmed to the device's shared memory, midbatch.fit_tile); act and y are rounded to x.dtype, the gate|up sums are
+not (the grouped path rounds them too)."""
 
 from __future__ import annotations
 
@@ -292,10 +292,15 @@ def fused_moe(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weig
 
 
 def _descriptor(w: torch.Tensor, bn: int, bk: int, quant: QuantExperts | None) -> TensorDescriptor | None:
-    """Unquantized expert weights [E, N, K] as a tensor descriptor of [1, bn, bk] tiles, or None where its rules
-    (16-byte aligned base and row stride) do not hold or the weights are quantized: the kernels then load by pointer.
-    On GPUs without TMA, Triton turns the descriptor's loads back into pointer loads."""
-    if quant is not None or not TMA_WEIGHTS or w.data_ptr() % 16 or (w.stride(1) * w.element_size()) % 16:
+    """Unquantized expert weights [E, N, K] as a tensor descriptor of [1, bn, bk] tiles, or None where the weights are
+    quantized, empty or break its rules (16-byte aligned base and leading strides), or the GPU has no TMA (before
+    sm_90 Triton would turn the descriptor back into pointer loads, but with other code than the kernels' own
+    pointer path, untimed there): the kernels then load by pointer. The interpreter takes descriptors (CPU tests)."""
+    if quant is not None or not TMA_WEIGHTS or w.numel() == 0 or w.data_ptr() % 16:
+        return None
+    if any((stride * w.element_size()) % 16 for stride in w.stride()[:-1]):
+        return None
+    if w.is_cuda and torch.cuda.get_device_capability(w.device)[0] < 9:
         return None
     return TensorDescriptor.from_tensor(w, [1, bn, bk])
 
