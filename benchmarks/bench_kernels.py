@@ -5,7 +5,7 @@ grouped-GEMM path for MoE).
 
     PYTHONPATH=src:. python3 benchmarks/bench_kernels.py [--skip-prefill] [--out FILE]
     PYTHONPATH=src:. python3 benchmarks/bench_kernels.py --moe-paths [--moe-model 122B-A10B] [--moe-batches 1 8]
-        (MoE paths by batch, and each path's tile configs)
+        (MoE paths by batch, each path's tile configs, and the blocked path without TMA weights or half-height blocks)
     PYTHONPATH=src:. python3 benchmarks/bench_kernels.py --moe-sort   (the grouped path's pair sort at prefill sizes)
 
 GDN decode rotates through enough layers that states come from HBM, as in a real step (see bench_gdn.py).
@@ -188,9 +188,23 @@ def moe_paths(model: str, layers: int = 4, batches=MOE_PATH_BATCHES, device: str
                     return forced("blocked")()
             return run
 
+        def blocked_without(flag, off):
+            """The blocked path with one of its module switches turned off (TMA_WEIGHTS, or SPLIT_MIN_M past any
+            block) for the call: what that feature gains, in the same table."""
+            def run():
+                saved = getattr(blocked, flag)
+                setattr(blocked, flag, off)
+                try:
+                    return forced("blocked")()
+                finally:
+                    setattr(blocked, flag, saved)
+            return run
+
         pairs = tokens * top_k
         variants = [("auto (" + moe_gpu.pick_path(pairs) + ")", forced(None)), ("grouped", forced("grouped")),
-                    ("blocked", forced("blocked"))]
+                    ("blocked", forced("blocked")),
+                    ("blocked, weights by pointer", blocked_without("TMA_WEIGHTS", False)),
+                    ("blocked, no half-height blocks", blocked_without("SPLIT_MIN_M", 1 << 30))]
         if pairs <= moe_gpu.MID_BATCH_MAX_PAIRS:  # past it the per-pair and mid tiles are far off; mid stays as truth
             variants += [("per-pair", forced("pairs"))] + [(name, forced("mid", extra)) for name, extra in mid_cfgs]
         else:

@@ -236,16 +236,19 @@ def test_moe_paths_plumbing_on_cpu(capsys):
 
     from deltaserve.kernels.moe import triton as moe
 
-    # auto, grouped, blocked, per-pair, mid, then each CONFIGS tile that is not that kernel's default, then the
-    # per-pair kernels' alternative tiles (6 pairs: within PAIR_SWEEP_MAX_PAIRS; too few for the blocked tiles)
+    # auto, grouped, blocked (also without TMA weights, without half-height blocks), per-pair, mid, then each CONFIGS
+    # tile that is not that kernel's default, then the per-pair kernels' alternative tiles (6 pairs: within
+    # PAIR_SWEEP_MAX_PAIRS; too few for the blocked tiles)
     alternatives = sum(c != midbatch.GATE_UP_CONFIG for c in midbatch.CONFIGS) + \
         sum(c != midbatch.DOWN_CONFIG for c in midbatch.CONFIGS)
     pair_alternatives = [c for c in bench_kernels.PAIR_GATE_UP_SWEEP if c != moe.GATE_UP_CONFIG]
     pair_alternatives += [c for c in bench_kernels.PAIR_DOWN_SWEEP if c != moe.DOWN_CONFIG]
     assert {"per-pair", "grouped", "blocked", "mid"} <= set(by_path)
-    assert len(rows) == 5 + alternatives + len(pair_alternatives)
+    assert len(rows) == 7 + alternatives + len(pair_alternatives)
     assert by_path["per-pair"]["vs mid"] == "ok" and by_path["mid"]["us"] == 500.0
     assert by_path["blocked"]["vs mid"] == "ok"
+    assert all(by_path[f"blocked, {what}"]["vs mid"] == "ok"
+               for what in ("weights by pointer", "no half-height blocks"))
     assert all(r["vs mid"] == "ok" for r in rows if r["path"].startswith("per-pair "))
     assert "ValueError" in by_path["grouped"]["us"]
     assert "per-pair" in capsys.readouterr().out
