@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from deltaserve.kernels._varlen import live_sequences
+from deltaserve.kernels.gated_delta_rule.ref import l2norm_qk
 
 
 def _conv_silu(windows: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -79,8 +80,6 @@ def causal_conv1d_prefill_qkv(
     """causal_conv1d_prefill as the GDN layer consumes it: (q, k, v) = y[:, :key_dim], y[:, key_dim:2 key_dim],
     y[:, 2 key_dim:], each contiguous, q and k L2-normalised per head of head_dim (gated_delta_rule's l2norm_qk:
     fp32 math on y as rounded to x.dtype, the result rounded to it again)."""
-    from deltaserve.kernels.gated_delta_rule.ref import l2norm_qk
-
     check_qkv(x, key_dim, head_dim)
     y = causal_conv1d_prefill(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens, slots=slots,
                               has_initial_state=has_initial_state)
