@@ -162,6 +162,9 @@ def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_p
     win = _window_before(x_ptr, cs_ptr + slot * stride_cs_s, t0, tl.load(cu_ptr + seq), use_hist, stride_x,
                          stride_cs_w, ch, m_ch, W)
     in_y, in_y2 = m_ch & (ch < SPLIT), m_ch & (ch >= SPLIT)
+    # whether the block holds y (q, k) channels, y2 (v) ones or both: a v-only block skips the per-head norm (half
+    # the blocks at 35B-A3B), where its results were masked away
+    has_y, has_y2 = tl.program_id(0) * BC < SPLIT, tl.program_id(0) * BC + BC > SPLIT
     y_col = (ch // PLANE).to(tl.int64) * stride_plane + ch % PLANE
     # W-1 tokens a step: their loads are in flight together, and shifting the window by W-1 is a register renaming
     for tb in range(t0, t_end, W - 1):
@@ -177,12 +180,15 @@ def _conv1d_prefill_kernel(x_ptr, w_ptr, cs_ptr, cu_ptr, slot_ptr, init_ptr, y_p
             x = xs[u].to(tl.float32)
             y = tl.where((slot >= 0) & (t < end), _conv_silu_row(win, x, taps, W), 0.0)
             t64 = tl.cast(t, tl.int64)  # token * row stride passes 2^31 at ~130k tokens
-            y_head = y
-            if NORM:
-                y_head = y.to(y_ptr.dtype.element_ty).to(tl.float32)
-                y_head = y_head * (1.0 / tl.sqrt(tl.sum(y_head * y_head, 1) + eps))[:, None]
-            tl.store(y_ptr + t64 * stride_y + y_col, y_head.to(y_ptr.dtype.element_ty), mask=in_y & (t < t_end))
-            tl.store(y2_ptr + t64 * stride_y2 + (ch - SPLIT), y.to(y2_ptr.dtype.element_ty), mask=in_y2 & (t < t_end))
+            if has_y:
+                y_head = y
+                if NORM:
+                    y_head = y.to(y_ptr.dtype.element_ty).to(tl.float32)
+                    y_head = y_head * (1.0 / tl.sqrt(tl.sum(y_head * y_head, 1) + eps))[:, None]
+                tl.store(y_ptr + t64 * stride_y + y_col, y_head.to(y_ptr.dtype.element_ty), mask=in_y & (t < t_end))
+            if has_y2:
+                tl.store(y2_ptr + t64 * stride_y2 + (ch - SPLIT), y.to(y2_ptr.dtype.element_ty),
+                         mask=in_y2 & (t < t_end))
             win = win[1:] + (x,)
 
 
