@@ -1,6 +1,6 @@
 """Routed experts as block-grouped Triton GEMMs past the expert-centric kernels' size (decode batches past 64 at
 top-8, and prefill), on bf16 / fp16 / fp32 experts or on int4 / fp8 ones dequantized tile by tile (QuantExperts).
-The (token, slot) pairs are sorted by expert (one int16 sort, as the expert-centric path sorts them) and each
+The (token, slot) pairs are sorted by expert (sort.py, as the expert-centric path sorts them) and each
 expert's sorted rows cut into blocks of BLOCK_M; one program per (N tile, block) shares the expert's weight tile
 across the block's rows. The grid is sized for the most blocks any routing can need and a program finds its expert
 from the per-expert block starts, so nothing syncs the host (CUDA-graph capturable). The N tiles of a block are
@@ -25,23 +25,16 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from deltaserve.kernels._device import max_shared_mem
-from deltaserve.kernels.moe.midbatch import _dot, _k_mask, fit_tile, sort_rows
+from deltaserve.kernels.moe import sort
+from deltaserve.kernels.moe.midbatch import _dot, _k_mask, fit_tile
 from deltaserve.kernels.moe.triton import moe_combine
 
 
-def block_starts(bounds: torch.Tensor, bm: int) -> torch.Tensor:
-    """bounds int32 [E + 1] (expert e's sorted rows are [bounds[e], bounds[e + 1])) -> int32 [E + 1]: expert e's
-    blocks of bm rows are [starts[e], starts[e + 1]); starts[E] blocks in all."""
-    blocks = (bounds[1:] - bounds[:-1] + (bm - 1)) // bm
-    return torch.cat([blocks.new_zeros(1), torch.cumsum(blocks, 0, dtype=torch.int32)])
-
-
 def block_plan(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch.Tensor, ...]:
-    """The pairs of topk_ids [T, k] in blocks of bm rows of one expert, with no host sync: (order, bounds, pos) as
-    midbatch.sort_rows gives them (the sorted rows' pairs, each expert's rows, pair order), and block_starts."""
-    order, bounds, pos = sort_rows(topk_ids, num_experts)
-    return order, bounds, block_starts(bounds, bm), pos
-
+    """The pairs of topk_ids [T, k] in blocks of bm rows of one expert, with no host sync: (order, bounds, starts,
+    pos) as sort.sort_rows gives them (the sorted rows' pairs, each expert's rows, its blocks, pair order)."""
+    order, bounds, pos, starts = sort.sort_rows(topk_ids, num_experts, bm)
+    return order, bounds, starts, pos
 
 def max_blocks(pairs: int, num_experts: int, bm: int) -> int:
     """The blocks any routing of `pairs` pairs can need (each expert's last block may be partial): the grid's size,

@@ -14,6 +14,7 @@ import torch
 
 from deltaserve.kernels._device import capability
 from deltaserve.kernels.activation.triton import silu_and_mul
+from deltaserve.kernels.moe.sort import sort_expert_ids
 from deltaserve.kernels.moe.triton import moe_combine
 
 
@@ -25,14 +26,6 @@ def grouped_mm_available(x: torch.Tensor) -> bool:
 def cutlass_mm(*, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [M, K] grouped by expert, w [E, N, K] (the checkpoint's layout) -> [M, N], as ref.grouped_mm."""
     return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
-
-
-def sort_expert_ids(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The flat ids of topk_ids [T, k] sorted (int16), and the flat pair of each, a group's pairs in token order.
-    int16 keys: torch sorts by radix, a pass per 8 bits of key (one block's sort up to 4,096 pairs, CUB's beyond)."""
-    if num_experts > torch.iinfo(torch.int16).max:
-        raise ValueError(f"{num_experts} experts do not fit the int16 sort keys (at most 32767)")
-    return torch.sort(topk_ids.reshape(-1).to(torch.int16), stable=True)
 
 
 def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -3,9 +3,8 @@ read once for all the tokens routed to it, where the per-pair kernels (triton.py
 the grouped GEMMs (grouped.py) pay a long glue chain and CUTLASS tiles sized for prefill.
 
 Pipeline (no host syncs, no data-dependent shapes: CUDA-graph capturable):
-  1. torch.sort of the flat ids as int16 keys (stable: a group's rows in token order) and one searchsorted: bounds
-     [E + 1], expert e's rows are sorted rows [bounds[e], bounds[e + 1]); ids < 0 sort first, below bounds[0], and
-     are never computed.
+  1. the routing sort (sort.py; stable: a group's rows in token order): bounds [E + 1], expert e's rows are sorted
+     rows [bounds[e], bounds[e + 1]); ids < 0 sort first, below bounds[0], and are never computed.
   2. _gate_up_kernel, grid (1 + E, cdiv(I, BLOCK_N)): program (1 + e, nb) loads expert e's gate rows [nb*BLOCK_N, ...)
      and the matching up rows tile by tile over K = D, multiplies them with the gathered x rows of its pairs (BLOCK_M
      rows a chunk; an expert with more loops over chunks) and writes silu(gate) * up to act[sorted row]. Empty experts
@@ -25,7 +24,7 @@ import triton
 import triton.language as tl
 
 from deltaserve.kernels._device import max_shared_mem
-from deltaserve.kernels.moe.grouped import sort_expert_ids
+from deltaserve.kernels.moe import sort
 from deltaserve.kernels.moe.triton import moe_combine
 
 
@@ -134,17 +133,11 @@ CONFIGS = [(16, 64, 128, 4, 4), (16, 128, 64, 4, 4), (16, 128, 128, 8, 3)]
 
 
 def sort_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """topk_ids [T, k] -> (order [T*k]: the flat pair (t * k + j) of each expert-sorted row, bounds int32 [E + 1]:
-    expert e's rows are [bounds[e], bounds[e + 1]) (bounds[0] = the number of ids < 0, which sort first and belong
-    to no expert), pos [T, k] = arange: the row of y holding pair (t, j), y being written in pair order).
-    The ids are sorted as int16 keys (sort_expert_ids): as int64 their sort took 5.5% of a 35B-A3B verify step at
-    batch 16 (H200, RESULTS.md 2026-12-05 bench_mtp --profile)."""
-    T, k = topk_ids.shape
-    ids, order = sort_expert_ids(topk_ids, num_experts)
-    queries = torch.arange(-1, num_experts, dtype=ids.dtype, device=ids.device)
-    bounds = torch.searchsorted(ids, queries, right=True, out_int32=True)
-    return order, bounds, torch.arange(T * k, device=ids.device).view(T, k)
-
+    """topk_ids [T, k] -> (order, bounds, pos) in expert order (sort.py): one launch up to sort.SORT_PROGRAM_MAX
+    pairs. The ids were sorted by torch as int64 keys first (5.5% of a 35B-A3B verify step at batch 16, H200,
+    RESULTS.md 2026-12-05 bench_mtp --profile), then as int16 keys."""
+    order, bounds, pos, _ = sort.sort_rows(topk_ids, num_experts)
+    return order, bounds, pos
 
 def fused_moe_mid(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, shared_w13: torch.Tensor | None = None,
