@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from deltaserve.kernels._device import pdl_launch
+from deltaserve.kernels._pdl import wait_then_release
+
 SORT_PROGRAM_MAX = 4096  # pairs one program sorts (512 tokens at top-8); past it torch's chain
 EXPERTS_MAX = 1024  # histogram bins one program holds (Qwen3.5's largest MoE has 512 experts)
 
@@ -50,9 +53,11 @@ def sort_rows_reference(topk_ids: torch.Tensor, num_experts: int,
 
 @triton.jit
 def _sort_rows_kernel(ids_ptr, order_ptr, pos_ptr, bounds_ptr, starts_ptr, P, E, BLOCK_M,
-                      BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, STARTS: tl.constexpr):
+                      BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, STARTS: tl.constexpr,
+                      PDL: tl.constexpr = False):
     """One program: P <= BLOCK_P pairs; bin 0 holds the ids < 0, bin e + 1 expert e, the padding lanes the last
-    bin (BLOCK_E - 1 > E: never stored)."""
+    bin (BLOCK_E - 1 > E: never stored). PDL: launched while the top-k kernel finishes (_pdl.py)."""
+    wait_then_release(PDL)
     i = tl.arange(0, BLOCK_P)
     live = i < P
     ids = tl.load(ids_ptr + i, mask=live, other=0).to(tl.int32)
@@ -84,5 +89,5 @@ def sort_rows(topk_ids: torch.Tensor, num_experts: int,
     _sort_rows_kernel[(1,)](
         topk_ids.contiguous(), order, pos, bounds, bounds if starts is None else starts, pairs, num_experts,
         max(block_m, 1), BLOCK_P=block_p, BLOCK_E=triton.next_power_of_2(num_experts + 2), STARTS=bool(block_m),
-        num_warps=4 if block_p <= 1024 else 8)
+        num_warps=4 if block_p <= 1024 else 8, **pdl_launch(device))
     return order, bounds, pos, starts
