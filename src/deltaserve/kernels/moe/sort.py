@@ -7,8 +7,8 @@ pairs of topk_ids [T, k] in expert order, with no host sync:
 - pos [T, k] int64 = arange: the row of y holding pair (t, j) (y is written in pair order);
 - starts [E + 1] int32 (with block_m > 0): expert e's blocks of block_m rows are [starts[e], starts[e + 1]).
 
-`sort_rows_reference` is torch's chain (an int16 sort, a searchsorted and the block counts' cumsum: ~7 launches,
-12 with the block starts); `sort_rows` does the same in one Triton program where the pairs fit it (decode, the MTP
+`sort_rows_reference` is torch's chain (the int16 cast, the sort, two aranges and a searchsorted: 5-6 kernels; six
+more for the block starts); `sort_rows` does the same in one Triton program where the pairs fit it (decode, the MTP
 verify, short prefill chunks: SORT_PROGRAM_MAX), by one tl.sort of keys (expert + 1) * BLOCK_P + pair, unique, so
 the sort is stable, and one tl.histogram of the experts, whose cumulative sums are the bounds and the starts."""
 
