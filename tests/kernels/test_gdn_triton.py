@@ -260,14 +260,23 @@ def test_conv_prefill_qkv_interpreter(case, dtype, monkeypatch):
     """The fused L2-norm: 16-channel blocks of two 8-channel heads, q | k | v = 16 | 16 | 8 channels (v in a block of
     its own with 8 masked channels), tiles starting inside sequences."""
     mod = conv_mod()
-    monkeypatch.setattr(mod, "PREFILL_TILE", (4, 16, 1))
+    monkeypatch.setattr(mod, "PREFILL_QKV_TILE", (4, 16, 1))
     check_conv_qkv(mod.causal_conv1d_prefill_qkv, TILE_CASES[case], 40, 16, 8, dtype, "cpu", seed=case)
+
+
+def test_conv_prefill_qkv_block_across_the_split_interpreter(monkeypatch):
+    """A 32-channel block holding q | k (8 | 8 channels, normed) and the first 16 of v's 24: both stores of one
+    block."""
+    mod = conv_mod()
+    monkeypatch.setattr(mod, "PREFILL_QKV_TILE", (4, 32, 1))
+    check_conv_qkv(mod.causal_conv1d_prefill_qkv, TILE_CASES[1], 40, 8, 8, torch.bfloat16, "cpu", seed=5)
 
 
 def test_conv_prefill_qkv_other_head_dims_interpreter(monkeypatch):
     """A head of 12 channels (not a power of two) takes the split conv and l2norm_qk: the same result."""
     mod = conv_mod()
     monkeypatch.setattr(mod, "PREFILL_TILE", (4, 16, 1))
+    monkeypatch.setattr(mod, "PREFILL_QKV_TILE", (4, 16, 1))
     check_conv_qkv(mod.causal_conv1d_prefill_qkv, TILE_CASES[0], 37, 12, 12, torch.float32, "cpu", seed=4)
 
 

@@ -254,6 +254,11 @@ def causal_conv1d_update(
 # H200 sweep (`bench_gdn.py --conv-prefill --sweep`, benchmarks/RESULTS.md 2026-12-04): the fastest at 35B-A3B
 # (101 us, 63% of copy; the previous kernel took 220), 152 us at 27B where 32 x 512 takes 132 (but 109 at 35B-A3B).
 PREFILL_TILE = (128, 512, 2)
+# The same for the conv with the fused L2-norm (causal_conv1d_prefill_qkv, the layer's call): the per-head sums
+# lengthen each token's step, so shorter token runs and more programs pay. H100 sweep (.dev script of
+# benchmarks/RESULTS.md 2026-12-06, "conv with the norm by tile"): 32 x 512 x 2 warps the best or within 3% at both
+# models' channels and 2,048 / 8,192 tokens (35B-A3B 8k 183 -> 155 us, 2k 92 -> 64; 27B 217 -> 184, 100 -> 66).
+PREFILL_QKV_TILE = (32, 512, 2)
 
 
 def causal_conv1d_prefill(
@@ -305,7 +310,7 @@ def causal_conv1d_prefill_qkv(
     kernel's channel rows cannot hold (not a power of two dividing the channel block) takes the split conv and
     l2norm_qk instead, with the same result."""
     check_qkv(x, key_dim, head_dim)
-    total, block_c = x.shape[0], PREFILL_TILE[1]
+    total, block_c = x.shape[0], PREFILL_QKV_TILE[1]
     if head_dim & (head_dim - 1) or block_c % head_dim:
         from deltaserve.kernels.gated_delta_rule.triton import l2norm_qk
 
@@ -316,7 +321,7 @@ def causal_conv1d_prefill_qkv(
         return q.view(total, key_dim), k.view(total, key_dim), v
     qk, v = causal_conv1d_prefill_launch(x=x, weight=weight, conv_state=conv_state, cu_seqlens=cu_seqlens,
                                          slots=slots, has_initial_state=has_initial_state, split=2 * key_dim,
-                                         tile=PREFILL_TILE, planes=2, norm_head=head_dim)
+                                         tile=PREFILL_QKV_TILE, planes=2, norm_head=head_dim)
     return qk[0], qk[1], v
 
 

@@ -36,6 +36,7 @@ def block_plan(topk_ids: torch.Tensor, num_experts: int, bm: int) -> tuple[torch
     order, bounds, pos, starts = sort.sort_rows(topk_ids, num_experts, bm)
     return order, bounds, starts, pos
 
+
 def max_blocks(pairs: int, num_experts: int, bm: int) -> int:
     """The blocks any routing of `pairs` pairs can need (each expert's last block may be partial): the grid's size,
     static so that the launch needs no host sync."""

@@ -139,6 +139,7 @@ def sort_rows(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, t
     order, bounds, pos, _ = sort.sort_rows(topk_ids, num_experts)
     return order, bounds, pos
 
+
 def fused_moe_mid(*, x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
                   topk_ids: torch.Tensor, shared_w13: torch.Tensor | None = None,
                   shared_w2: torch.Tensor | None = None, shared_gate: torch.Tensor | None = None,

@@ -4,6 +4,8 @@ pairs of topk_ids [T, k] in expert order, with no host sync:
 - order [T*k] int64: the flat pair (t * k + j) of each expert-sorted row; a stable sort, so an expert's rows are
   its pairs in token order; ids < 0 (experts on another rank) sort first and belong to no expert;
 - bounds [E + 1] int32: expert e's rows are [bounds[e], bounds[e + 1]) (bounds[0]: the ids < 0);
+  (ids past the experts, E or more, are no expert's either: they sort last, past bounds[E]; the rows outside
+  [bounds[0], bounds[E]) are in pair order here, by value in the reference, and never computed);
 - pos [T, k] int64 = arange: the row of y holding pair (t, j) (y is written in pair order);
 - starts [E + 1] int32 (with block_m > 0): expert e's blocks of block_m rows are [starts[e], starts[e + 1]).
 
@@ -51,19 +53,21 @@ def sort_rows_reference(topk_ids: torch.Tensor, num_experts: int,
     return order, bounds, pos, block_starts(bounds, block_m) if block_m else None
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P"])  # the pair count changes every step: one compiled kernel per BLOCK_P
 def _sort_rows_kernel(ids_ptr, order_ptr, pos_ptr, bounds_ptr, starts_ptr, P, E, BLOCK_M,
                       BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr, STARTS: tl.constexpr,
                       PDL: tl.constexpr = False):
-    """One program: P <= BLOCK_P pairs; bin 0 holds the ids < 0, bin e + 1 expert e, the padding lanes the last
-    bin (BLOCK_E - 1 > E: never stored). PDL: launched while the top-k kernel finishes (_pdl.py)."""
+    """One program: P <= BLOCK_P pairs; bin 0 holds the ids < 0, bin e + 1 expert e, bin E + 1 the ids past the
+    experts and the padding lanes the last bin (BLOCK_E >= E + 2: neither is stored). Every bin lies in
+    [0, BLOCK_E): compiled, tl.histogram does not range-check (it keys on the low bits). PDL: launched while the
+    top-k kernel finishes (_pdl.py)."""
     wait_then_release(PDL)
     i = tl.arange(0, BLOCK_P)
     live = i < P
-    ids = tl.load(ids_ptr + i, mask=live, other=0).to(tl.int32)
-    bins = tl.where(live, tl.maximum(ids, -1) + 1, BLOCK_E - 1)
+    ids = tl.load(ids_ptr + i, mask=live, other=0)
+    bins = tl.where(live, tl.minimum(tl.maximum(ids, -1), E).to(tl.int32) + 1, BLOCK_E - 1)
     keys = tl.sort(bins * BLOCK_P + i)
-    tl.store(order_ptr + i, (keys % BLOCK_P).to(tl.int64), mask=live)
+    tl.store(order_ptr + i, (keys & (BLOCK_P - 1)).to(tl.int64), mask=live)
     tl.store(pos_ptr + i, i.to(tl.int64), mask=live)
     counts = tl.histogram(bins, BLOCK_E)
     j = tl.arange(0, BLOCK_E)
