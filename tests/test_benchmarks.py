@@ -491,3 +491,24 @@ def test_bench_decode_cuts_a_model_to_its_first_layers():
     assert cfg.layer_types == model_config("35B-A3B").layer_types[:20]
     with pytest.raises(SystemExit, match="35B-A3B has 40 layers; give 1 to 40"):
         first_layers("35B-A3B", 41)
+
+
+def test_serving_floor_model(capsys):
+    """The serving model's arithmetic: at concurrency 1 the TPOT is the decode step and the throughput one request's
+    tokens over its prefill and steps; past it c - 1 prefill steps replace decode steps; the 35B-A3B shape on the
+    meta device reads more at 16 rows than at 1, and more KV at a longer context."""
+    from benchmarks import serving_floor as sf
+
+    assert sf.tpot(10.0, 110.0, 1, 1024) == 10.0
+    assert sf.tpot(10.0, 110.0, 16, 1001) == pytest.approx(10.0 + 15 * 100 / 1000)
+    assert sf.total_tok_s(100.0, 10.0, 1, 8192, 1024) == pytest.approx(9216 / (0.1 + 1023 * 0.01))
+    one, sixteen = sf.floors("35B-A3B", 8192, 1024, [1, 16], copy_tbps=4.0, matmul_tflops=800.0,
+                             step_ms=[3.0, 11.0], prefill_ms=130.0)
+    assert one["TPOT floor ms"] == one["step floor ms"] == pytest.approx(one["step GB"] / 4.0)
+    assert 5 < one["step GB"] < sixteen["step GB"] < 40 and 20 < one["prefill floor ms"] < 120
+    assert sixteen["TPOT from parts"] == pytest.approx(sf.tpot(11.0, 130.0, 16, 1024))
+    longer = sf.floors("35B-A3B", 16384, 1024, [16], copy_tbps=4.0, matmul_tflops=800.0)[0]
+    assert longer["step GB"] > sixteen["step GB"] and longer["prefill floor ms"] > 2 * sixteen["prefill floor ms"]
+    with pytest.raises(SystemExit):
+        sf.main(["--model", "27B", "--copy-tbps", "4", "--matmul-tflops", "800", "--step-ms", "1"])
+    assert "one each" in capsys.readouterr().err
