@@ -255,9 +255,10 @@ def causal_conv1d_update(
 # (101 us, 63% of copy; the previous kernel took 220), 152 us at 27B where 32 x 512 takes 132 (but 109 at 35B-A3B).
 PREFILL_TILE = (128, 512, 2)
 # The same for the conv with the fused L2-norm (causal_conv1d_prefill_qkv, the layer's call): the per-head sums
-# lengthen each token's step, so shorter token runs and more programs pay. H100 sweep (.dev script of
-# benchmarks/RESULTS.md 2026-12-06, "conv with the norm by tile"): 32 x 512 x 2 warps the best or within 3% at both
-# models' channels and 2,048 / 8,192 tokens (35B-A3B 8k 183 -> 155 us, 2k 92 -> 64; 27B 217 -> 184, 100 -> 66).
+# lengthen each token's step, so shorter token runs and more programs pay. H100 sweep (benchmarks/RESULTS.md
+# 2026-12-06, the tile table of the conv with the L2-norm; not yet swept on the H200): 32 x 512 x 2 warps the best
+# or within 11% of it at both models' channels and 2,048 / 8,192 tokens (35B-A3B 8k 183 -> 155 us, 2k 92 -> 64;
+# 27B 217 -> 184, 100 -> 66).
 PREFILL_QKV_TILE = (32, 512, 2)
 
 

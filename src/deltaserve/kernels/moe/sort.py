@@ -2,10 +2,10 @@
 pairs of topk_ids [T, k] in expert order, with no host sync:
 
 - order [T*k] int64: the flat pair (t * k + j) of each expert-sorted row; a stable sort, so an expert's rows are
-  its pairs in token order; ids < 0 (experts on another rank) sort first and belong to no expert;
+  its pairs in token order; ids < 0 (experts on another rank) sort first and belong to no expert, as do ids of E or
+  more (a bug upstream), which sort last; those rows, outside [bounds[0], bounds[E]), are never computed, and come
+  in pair order here, by value in the reference;
 - bounds [E + 1] int32: expert e's rows are [bounds[e], bounds[e + 1]) (bounds[0]: the ids < 0);
-  (ids past the experts, E or more, are no expert's either: they sort last, past bounds[E]; the rows outside
-  [bounds[0], bounds[E]) are in pair order here, by value in the reference, and never computed);
 - pos [T, k] int64 = arange: the row of y holding pair (t, j) (y is written in pair order);
 - starts [E + 1] int32 (with block_m > 0): expert e's blocks of block_m rows are [starts[e], starts[e + 1]).
 
