@@ -157,8 +157,9 @@ def conv_update_shape(rows: list[dict[str, Any]], copy_bw: float, batch: int) ->
 
 # (BT tokens, BC channels, num_warps) of the conv prefill programs timed with --sweep (each program walks BT tokens of
 # BC channels; BC = 256 x warps puts one 16-byte vector per thread and row, 512 x warps two)
-CONV_PREFILL_SWEEP = [(128, 512, 2), (64, 512, 2), (256, 512, 2), (32, 512, 2), (512, 512, 2), (128, 256, 1),
-                      (256, 256, 1), (64, 1024, 4), (128, 1024, 4), (64, 1024, 2), (128, 1024, 2)]
+CONV_PREFILL_SWEEP = [(128, 512, 2), (64, 512, 2), (256, 512, 2), (32, 512, 2), (16, 512, 2), (512, 512, 2),
+                      (128, 256, 1), (256, 256, 1), (32, 256, 1), (64, 256, 2), (64, 1024, 4), (128, 1024, 4),
+                      (64, 1024, 2), (128, 1024, 2)]
 
 
 def conv_prefill_inputs(model: str, total: int, seqs: int, device: str = "cuda") -> tuple[dict[str, Any], int]:
@@ -201,22 +202,29 @@ def conv_prefill_shape(rows: list[dict[str, Any]], copy_bw: float, model: str, t
         return l2norm_qk(half[:, 0], half[:, 1])
 
     add("split conv + l2norm_qk (two launches)", bench(split_then_l2norm))
-    add("causal_conv1d_prefill_qkv (L2-norm fused, the layer's call)",
+    qkv_tile = conv_triton.PREFILL_QKV_TILE
+    add(f"causal_conv1d_prefill_qkv BT={qkv_tile[0]} BC={qkv_tile[1]} w={qkv_tile[2]} (L2-norm fused, the layer's "
+        "call)",
         bench(lambda: causal_conv1d_prefill_qkv(**args, key_dim=split // 2, head_dim=K)))
     for tile in CONV_PREFILL_SWEEP if sweep else []:
         if tile != default:
             add(f"causal_conv1d_prefill_split BT={tile[0]} BC={tile[1]} w={tile[2]}",
                 bench(lambda tile=tile: conv_triton.causal_conv1d_prefill_launch(**args, split=split, tile=tile)))
+        if tile != conv_triton.PREFILL_QKV_TILE:  # the layer's call (q, k normed in two planes) at this tile
+            add(f"causal_conv1d_prefill_qkv BT={tile[0]} BC={tile[1]} w={tile[2]}",
+                bench(lambda tile=tile: conv_triton.causal_conv1d_prefill_launch(**args, split=split, tile=tile,
+                                                                                 planes=2, norm_head=K)))
     args.clear()
     torch.cuda.empty_cache()
 
 
 def conv_prefill_table(sweep: bool, copy_bw: float) -> list[dict[str, Any]]:
-    """Both models' channels at T = 2048 and 8192 (one sequence) and 8192 over 64 sequences; the sweep at T = 8192."""
+    """Both models' channels at T = 2048 and 8192 (one sequence) and 8192 over 64 sequences; the sweep (the split
+    conv's tiles and the conv with the L2-norm's) on one sequence."""
     rows: list[dict[str, Any]] = []
     for model in MODELS:
         for total, seqs in ((2048, 1), (8192, 1), (8192, 64)):
-            conv_prefill_shape(rows, copy_bw, model, total, seqs, sweep and total == 8192)
+            conv_prefill_shape(rows, copy_bw, model, total, seqs, sweep and seqs == 1)
     return rows
 
 
@@ -403,7 +411,7 @@ def main() -> None:
                         help="only the verify step's commit at 27B, batches 1 8 32, 1 + K = 4: conv install, "
                              "ssm replay")
     parser.add_argument("--conv-prefill", action="store_true",
-                        help="only the conv prefill, 27B and 35B-A3B channels (with --sweep: its tiles at T = 8192)")
+                        help="only the conv prefill, 27B and 35B-A3B channels (with --sweep: its tiles, one sequence)")
     args = parser.parse_args()
     # only the default table times fla-core's kernels
     require_cuda("bench_gdn.py", fla=not (args.conv_prefill or args.commit or args.multistep))
