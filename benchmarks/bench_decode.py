@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
+from typing import Callable
 
 import torch
 import triton.testing
@@ -46,11 +47,13 @@ def set_pdl(setting: str) -> bool:
     return _device.pdl_enabled(torch.device("cuda"))
 
 
-def weight_bytes_read(model, cfg, batch: int) -> float:
+def weight_bytes_read(model, cfg, batch: int, keep: Callable[[str], bool] = lambda name: True) -> float:
     """Bytes of weights one decode step must read: all but the embedding table (B rows of it), and for MoE only the
-    expected number of distinct experts hit by B tokens under uniform routing."""
+    expected number of distinct experts hit by B tokens under uniform routing. keep: which parameters count."""
     total = 0.0
     for name, p in model.named_parameters():
+        if not keep(name):
+            continue
         size = p.numel() * p.element_size()
         if name.endswith("embed_tokens.weight"):
             size = batch * p.shape[1] * p.element_size() + (size if cfg.tie_word_embeddings else 0)

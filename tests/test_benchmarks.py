@@ -509,6 +509,14 @@ def test_serving_floor_model(capsys):
     assert sixteen["TPOT from parts"] == pytest.approx(sf.tpot(11.0, 130.0, 16, 1024))
     longer = sf.floors("35B-A3B", 16384, 1024, [16], copy_tbps=4.0, matmul_tflops=800.0)[0]
     assert longer["step GB"] > sixteen["step GB"] and longer["prefill floor ms"] > 2 * sixteen["prefill floor ms"]
-    with pytest.raises(SystemExit):
-        sf.main(["--model", "27B", "--copy-tbps", "4", "--matmul-tflops", "800", "--step-ms", "1"])
-    assert "one each" in capsys.readouterr().err
+    # MTP: K drafts verified in one step that yields AL tokens; the verify touches the experts of (1 + K) tokens a
+    # row, and each draft reads the MTP layer and the lm_head
+    assert sf.tpot(20.0, 110.0, 1, 1024, tokens_per_step=2.5) == 8.0
+    mtp = sf.floors("35B-A3B", 8192, 1024, [16], copy_tbps=4.0, matmul_tflops=800.0, drafts=3, acceptance=3.0)[0]
+    assert mtp["MTP"] == "K=3, AL 3" and sixteen["step GB"] + 3 * 1.0 < mtp["step GB"] < 4 * sixteen["step GB"]
+    assert mtp["TPOT floor ms"] < sixteen["TPOT floor ms"]
+    for bad, why in ((["--step-ms", "1"], "one each"), (["--mtp", "3", "--acceptance", "5"], "1 to 4 tokens"),
+                     (["--acceptance", "2"], "needs --mtp")):
+        with pytest.raises(SystemExit):
+            sf.main(["--model", "27B", "--copy-tbps", "4", "--matmul-tflops", "800", *bad])
+        assert why in capsys.readouterr().err
