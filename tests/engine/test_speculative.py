@@ -239,6 +239,50 @@ def test_first_pass_graph_body_equals_eager(tiny):
     assert llm.engine.spec_accepted_per_position[-1] > 0
 
 
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_mtp_head_at_query_rows_equals_the_full_pass(tiny, kind):
+    """Asked for a few tokens' outputs (QueryRows: one per drafting request), the MTP head gives the full pass's
+    outputs at those tokens and writes the same KV at every token of the step; asked for none, the same KV alone."""
+    from deltaserve.cache.tensors import MTP_LAYER
+    from deltaserve.config import ModelConfig
+    from deltaserve.engine.device_inputs import build_forward_batch
+    from deltaserve.layers.forward_batch import QueryRows
+    from deltaserve.models.loader import load_model
+    from tests.models.simple_runner import SimpleRunner
+
+    model = load_model(ModelConfig.from_hf(tiny[kind]), dtype="float32", with_mtp=True)
+    cache = SimpleRunner(model).cache
+    kv = cache.attention(MTP_LAYER)
+    g = torch.Generator().manual_seed(3)
+    kv.k.copy_(torch.randn(kv.k.shape, generator=g))  # the rows' cached prefixes
+    kv.v.copy_(torch.randn(kv.v.shape, generator=g))
+    before = kv.k.clone(), kv.v.clone()
+    # a verify-like step (two rows of 4 tokens after 37 and 5 cached ones) beside a 9-token prompt
+    batch = build_forward_batch(query_lens=[4, 4, 9], context_lens=[37, 5, 0], state_slots=[0, 1, 2],
+                                block_tables=[[3, 9, 4], [6], [1]], page_size=16, logits_indices=list(range(17)))
+    next_ids = torch.randint(1, VOCAB, (17,), generator=g)
+    hidden = torch.randn(17, model.config.hidden_size, generator=g)
+
+    def run(rows):
+        kv.k.copy_(before[0])
+        kv.v.copy_(before[1])
+        with torch.no_grad():
+            out = model.mtp_forward(next_ids, hidden, batch, cache, rows)
+        return out, kv.k.clone(), kv.v.clone()
+
+    full, k_full, v_full = run(None)
+    index, seqs = torch.tensor([2, 4, 16]), torch.tensor([0, 1, 2])  # mid-row, a row's first token, a prompt's last
+    picked, k_picked, v_picked = run(QueryRows.at(batch, index, seqs))
+    torch.testing.assert_close(picked, full[index], rtol=1e-5, atol=1e-5)
+    none, k_none, v_none = run(QueryRows.none(batch))
+    assert none.shape == (0, model.config.hidden_size) and not torch.equal(k_full, before[0])
+    for k, v in ((k_picked, v_picked), (k_none, v_none)):
+        assert torch.equal(k, k_full) and torch.equal(v, v_full)
+    i = next(i for i, layer in enumerate(model.model.layers) if layer.layer_type == "linear_attention")
+    with pytest.raises(ValueError, match="full-attention layers"):
+        model.model.layers[i](hidden, None, batch, cache.layer(i), QueryRows.none(batch))
+
+
 def test_draft_vocab_tiny(tiny):
     """A draft vocabulary of N ids: every draft is below N (the argmax over the lm_head's first N rows), outputs
     equal decoding without MTP."""
@@ -431,8 +475,8 @@ class MTPTrace:
         self.kv, self.drafts = None, []
         mtp_forward, propose = model.mtp_forward, drafter.propose
 
-        def traced_forward(next_ids, hidden, batch, cache):
-            out = mtp_forward(next_ids, hidden, batch, cache)
+        def traced_forward(next_ids, hidden, batch, cache, rows=None):
+            out = mtp_forward(next_ids, hidden, batch, cache, rows)
             self.kv = self.read_kv(batch, cache)
             return out
 
@@ -547,10 +591,10 @@ class ChainedKV:
         self.written: dict[int, bool] = {}
         mtp_forward = model.mtp_forward
 
-        def traced(next_ids, hidden, batch, cache):
+        def traced(next_ids, hidden, batch, cache, rows=None):
             if batch.tokens_per_row == 1 and not batch.any_padding and int(batch.positions.min()) >= len(prompt):
                 self.written.update(zip(batch.positions.tolist(), (batch.slot_mapping >= 0).tolist()))
-            return mtp_forward(next_ids, hidden, batch, cache)
+            return mtp_forward(next_ids, hidden, batch, cache, rows)
 
         model.mtp_forward = traced
         engine.add_request("chained", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))

@@ -263,7 +263,7 @@ class ModelRunner:
         if not step.sampling and self.drafter is not None:
             # nothing samples (_speculate never runs), but the MTP head's KV must cover these positions, also when
             # prompt-logprobs rows gave the step logits
-            self.drafter.first_pass(step, dev, self._input_ids, self._hidden, None)
+            self.drafter.write_kv(step, dev, self._input_ids, self._hidden, None)
         if logits is None:
             return LaunchedStep(step, None, None)
         num_sampled = step.logits_rows.shape[0]
@@ -311,7 +311,7 @@ class ModelRunner:
             self.uncommitted = VerifyCommit(step, dev, launched.hidden, first, kept)
         self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[last])
         if not step.propose_drafts:  # the next step will not verify: only the MTP head's KV, for later drafts
-            self.drafter.first_pass(step, dev, launched.input_ids, launched.hidden, token_ids)
+            self.drafter.write_kv(step, dev, launched.input_ids, launched.hidden, token_ids)
             return kept, None
         drafts = self.drafter.propose(step, dev, launched.input_ids, launched.hidden, token_ids, kept)
         return kept, drafts

@@ -15,7 +15,9 @@ requests give the very tokens they give without MTP, whatever the batch. With a 
 Drafting (`MTPDrafter.propose`): the MTP head runs once over every token of the step (its own KV written at the
 same positions: position i takes the target's final-normed hidden state at i and the token at i + 1, i.e. the next
 input, the sampled token at a sampling position, or the known prompt token after a prefill chunk), then K - 1 more
-times one token per request, chained on its own output, from the last kept position. Positions past the last kept
+times one token per request, chained on its own output, from the last kept position. Past its KV write, that first
+pass computes each request's last kept position only (`QueryRows`): no other output is read, and a verify step of
+1 + K tokens a row, or a prompt, would otherwise run the head's attention and MoE or MLP over all of them. Positions past the last kept
 one get KV that the next step's first pass overwrites before anything reads it.
 
 Prefix caching: a request resuming from a checkpoint at position p keeps the head's KV below p, but the entry at p - 1
@@ -40,7 +42,7 @@ import torch
 from deltaserve.cache.tensors import ModelCache
 from deltaserve.engine.device_inputs import DeviceStep, upload_arrays, upload_step
 from deltaserve.engine.step_input import PENDING, StepInput
-from deltaserve.layers.forward_batch import ForwardBatch
+from deltaserve.layers.forward_batch import ForwardBatch, QueryRows
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +139,16 @@ class MTPDrafter:
         self.first_graphs: FirstPassGraphs | None = None  # likewise
 
     @torch.no_grad()
+    def write_kv(self, step: StepInput, dev: DeviceStep, input_ids: torch.Tensor, hidden: torch.Tensor,
+                 token_ids: torch.Tensor | None) -> None:
+        """The MTP head's KV at every token of a step that drafts nothing (as `first_pass`, no outputs)."""
+        self.first_pass(step, dev, input_ids, hidden, token_ids, QueryRows.none(dev.batch))
+
+    @torch.no_grad()
     def first_pass(self, step: StepInput, dev: DeviceStep, input_ids: torch.Tensor, hidden: torch.Tensor,
-                   token_ids: torch.Tensor | None) -> torch.Tensor:
-        """The MTP head over every token of the step (writing its KV); token_ids [M]: the sampled tokens of the
-        sampling logits rows (None when nothing samples). Returns its [T, D] output."""
+                   token_ids: torch.Tensor | None, rows: QueryRows) -> torch.Tensor:
+        """The MTP head over the step (writing its KV at every token); token_ids [M]: the sampled tokens of the
+        sampling logits rows (None when nothing samples). Returns its [R, D] output at the tokens `rows` picks."""
         batch = dev.batch
         next_ids = step.next_token_ids if step.next_token_ids is not None else np.full(step.num_rows, PENDING)
         last_pos = np.cumsum(step.query_lens.astype(np.int64)) - 1
@@ -151,7 +159,7 @@ class MTPDrafter:
         nxt[last_tok] = next_known
         if token_ids is not None:
             nxt[batch.logits_indices[:token_ids.shape[0]]] = token_ids
-        return self.model.mtp_forward(nxt, hidden, batch, self.cache)
+        return self.model.mtp_forward(nxt, hidden, batch, self.cache, rows)
 
     @torch.no_grad()
     def rewrite_resume_kv(self, step: StepInput, input_ids: torch.Tensor) -> None:
@@ -172,7 +180,8 @@ class MTPDrafter:
                               logits_rows=np.arange(r, dtype=np.int64), sampling=())
         batch = upload_step(one_token, page_size=self.page_size, device=self.device).batch
         first_d, slots_d = upload_arrays([first, step.state_slots[rows].astype(np.int64)], self.device)
-        self.model.mtp_forward(input_ids[first_d], self.cache.mtp_hidden[slots_d], batch, self.cache)
+        self.model.mtp_forward(input_ids[first_d], self.cache.mtp_hidden[slots_d], batch, self.cache,
+                               QueryRows.none(batch))
 
     @torch.no_grad()
     def keep_hidden(self, step: StepInput, dev: DeviceStep, hidden: torch.Tensor) -> None:
@@ -232,10 +241,10 @@ class MTPDrafter:
         if graphs is not None and graphs.can_run(step):
             return graphs.run(dev.batch, hidden, token_ids, kept)
         batch = dev.batch
-        h = self.first_pass(step, dev, input_ids, hidden, token_ids)
-        # the last kept position of each request: its MTP output gives draft 1
+        # the last kept position of each request: its MTP output gives draft 1 (the rest of the step: KV only)
         at = batch.logits_indices[first_row + kept - 1]
-        x = h[at]
+        (seqs,) = upload_arrays([_rows_of_requests(step)], self.device)
+        x = self.first_pass(step, dev, input_ids, hidden, token_ids, QueryRows.at(batch, at, seqs))
         return self.model.compute_logits(x, upcast=False, vocab=self.vocab).argmax(dim=-1), x, batch.positions[at]
 
     @torch.no_grad()
@@ -365,10 +374,10 @@ class FirstPassGraphs:
 
     def _forward(self, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The captured body over the first r rows of the buffers: (draft 1 [r], MTP output [r, D], positions [r])."""
-        t = r * self.width
-        h = self.model.mtp_forward(self.token_ids[:t], self.hidden[:t], self._batch(r), self.cache)
+        t, batch = r * self.width, self._batch(r)
         at = self.rows[:r] * self.width + self.kept[:r] - 1
-        x = h[at]
+        x = self.model.mtp_forward(self.token_ids[:t], self.hidden[:t], batch, self.cache,
+                                   QueryRows.at(batch, at, self.rows[:r]))
         return self.model.compute_logits(x, upcast=False, vocab=self.vocab).argmax(dim=-1), x, self.positions[:t][at]
 
     def capture(self) -> None:

@@ -11,7 +11,7 @@ from deltaserve.config import ModelConfig, RankShapes, env_flag
 from deltaserve.kernels.activation import sigmoid_gate_mul
 from deltaserve.kernels.attention import paged_attention_decode, paged_attention_prefill, qk_norm_rope_write_kv
 from deltaserve.layers.linear import Linear, MergedLinear
-from deltaserve.layers.forward_batch import ForwardBatch
+from deltaserve.layers.forward_batch import ForwardBatch, QueryRows
 from deltaserve.layers.norm import RMSNorm
 from deltaserve.parallel import sharding
 
@@ -47,8 +47,22 @@ class GatedAttention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPages) -> torch.Tensor:
-        """x: [T, D] -> [T, D]."""
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPages,
+                rows: QueryRows | None = None) -> torch.Tensor:
+        """x: [T, D] -> [T, D], or [R, D] for the tokens `rows` picks (every token's K/V is written either way)."""
+        q, gate = self.write_kv(x, batch, kv)
+        if rows is None:
+            o = self._attend(q, batch, kv)
+        else:
+            q, gate = q[rows.index], gate[rows.index]
+            o = paged_attention_decode(q=q, k_cache=kv.k, v_cache=kv.v, seq_lens=rows.seq_lens,
+                                       block_tables=rows.block_tables, scale=self.scale, k_scale=kv.k_scale,
+                                       v_scale=kv.v_scale)
+        n = q.shape[0]
+        return self.o_proj(sigmoid_gate_mul(x=o.reshape(n, self.num_heads, self.head_dim), gate=gate).view(n, -1))
+
+    def write_kv(self, x: torch.Tensor, batch: ForwardBatch, kv: KVPages) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every token's K/V into its page; returns its (q [T, Hq, hd] normed and rotated, gate [T, Hq, hd])."""
         T = x.shape[0]
         q_gate, k, v = self.qkv_proj.forward_split(x)
         # q_proj rows are per head [query(hd) | gate(hd)], not [all queries | all gates].
@@ -61,8 +75,7 @@ class GatedAttention(nn.Module):
                                      rotary_dim=self.rotary_dim, theta=self.rope_theta, k_cache=kv.k,
                                      v_cache=kv.v, slot_mapping=batch.slot_mapping, k_scale=kv.k_scale,
                                      v_scale=kv.v_scale)
-        o = self._attend(q, batch, kv)
-        return self.o_proj(sigmoid_gate_mul(x=o.reshape(T, self.num_heads, self.head_dim), gate=gate).view(T, -1))
+        return q, gate
 
     def _attend(self, q: torch.Tensor, batch: ForwardBatch, kv: KVPages) -> torch.Tensor:
         """The kernel for the step's kind: the split-KV decode kernel when every row has one new token, or k new

@@ -55,3 +55,37 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+
+@dataclass(frozen=True)
+class QueryRows:
+    """The tokens of a step whose outputs a full-attention layer is asked for, when it writes the KV of every token
+    but needs the outputs of a few (the MTP head: a draft reads its output at one position per request, and the
+    rest of the step only its KV). Each attends as a one-query decode row over its sequence's pages. R = 0: no
+    outputs, the KV only.
+
+    index:        [R] int64  rows of the flat batch
+    seq_lens:     [R] int32  KV length each one attends to: its position + 1 (0 for a padding row: zeros out)
+    block_tables: [R, max_pages] int32  its sequence's KV pages
+    """
+
+    index: torch.Tensor
+    seq_lens: torch.Tensor
+    block_tables: torch.Tensor
+
+    @classmethod
+    def at(cls, batch: ForwardBatch, index: torch.Tensor, seqs: torch.Tensor) -> QueryRows:
+        """Tokens `index` [R] of `batch`, in its sequences `seqs` [R] (a padding sequence, KV length 0, stays
+        one)."""
+        seq_lens = torch.where(batch.seq_lens[seqs] > 0, batch.positions[index] + 1, 0).to(torch.int32)
+        return cls(index, seq_lens, batch.block_tables[seqs])
+
+    @classmethod
+    def none(cls, batch: ForwardBatch) -> QueryRows:
+        """No outputs: the layer writes the step's KV and computes nothing else."""
+        empty = batch.positions[:0]
+        return cls(empty, empty.to(torch.int32), batch.block_tables[:0])
+
+    @property
+    def kv_only(self) -> bool:
+        return self.index.shape[0] == 0

@@ -14,7 +14,7 @@ from deltaserve.config import ModelConfig, RankShapes
 from deltaserve.kernels.linear import linear
 from deltaserve.layers.attention import GatedAttention
 from deltaserve.layers.embedding import LMHead, TiedLMHead
-from deltaserve.layers.forward_batch import ForwardBatch
+from deltaserve.layers.forward_batch import ForwardBatch, QueryRows
 from deltaserve.layers.gdn import GatedDeltaNet
 from deltaserve.layers.linear import Linear
 from deltaserve.layers.mlp import MLP
@@ -44,16 +44,21 @@ class DecoderLayer(nn.Module):
         self.reduce = reducer(shapes)  # tensor parallelism: sum of the ranks' partial outputs (None at TP 1)
 
     def forward(self, h: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
-                layer_cache: KVPages | GDNState) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (this layer's output before its residual add, the residual stream); the next norm fuses the add."""
+                layer_cache: KVPages | GDNState, rows: QueryRows | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's output before its residual add, the residual stream); the next norm fuses the add.
+        rows (full attention only): the output at those tokens only, past the attention's KV write."""
         if residual is None:
             x, residual = self.input_layernorm(h), h
         else:
             x, residual = self.input_layernorm(h, residual)
         if self.layer_type == "linear_attention":
+            if rows is not None:
+                raise ValueError("a Gated DeltaNet layer computes every token: rows is for full-attention layers")
             x = self.linear_attn(x, batch, layer_cache)  # type: ignore[arg-type]
         else:
-            x = self.self_attn(x, batch, layer_cache)  # type: ignore[arg-type]
+            x = self.self_attn(x, batch, layer_cache, rows)  # type: ignore[arg-type]
+            if rows is not None:
+                residual = residual[rows.index]
         if self.reduce is not None:
             x = self.reduce(x)
         x, residual = self.post_attention_layernorm(x, residual)
@@ -98,12 +103,17 @@ class MTPHead(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(config, shapes, "full_attention", dtype=dtype, device=device)])
         self.norm = RMSNorm(d, eps, dtype=dtype, device=device)
 
-    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
-                cache: ModelCache) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, cache: ModelCache,
+                rows: QueryRows | None = None) -> torch.Tensor:
         """embeds: [T, D] embeddings of the next tokens; hidden: [T, D] final-normed main-model states at the same
-        positions -> [T, D] normed MTP states (feed to the lm_head for draft logits)."""
-        x = torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1)
-        h, residual = self.layers[0](self.fc(x), None, batch, cache.attention(MTP_LAYER))
+        positions -> [T, D] normed MTP states (feed to the lm_head for draft logits), or [R, D] at the tokens `rows`
+        picks: the layer writes every token's KV, and its attention, MoE or MLP and norm run for those R only."""
+        x = self.fc(torch.cat([self.pre_fc_norm_embedding(embeds), self.pre_fc_norm_hidden(hidden)], dim=-1))
+        layer, kv = self.layers[0], cache.attention(MTP_LAYER)
+        if rows is not None and rows.kv_only:
+            layer.self_attn.write_kv(layer.input_layernorm(x), batch, kv)
+            return x[:0]
+        h, residual = layer(x, None, batch, kv, rows)
         h, _ = self.norm(h, residual)
         return h
 
@@ -146,10 +156,11 @@ class Qwen3_5ForCausalLM(nn.Module):
             raise ValueError(f"a draft vocabulary of {n} token ids: use 1 to {weight.shape[0]} (the lm_head's rows)")
         return weight[:n]
 
-    def mtp_forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch,
-                    cache: ModelCache) -> torch.Tensor:
-        """Draft step: next_ids [T] (token after each position), hidden [T, D] -> MTP hidden [T, D]."""
+    def mtp_forward(self, next_ids: torch.Tensor, hidden: torch.Tensor, batch: ForwardBatch, cache: ModelCache,
+                    rows: QueryRows | None = None) -> torch.Tensor:
+        """Draft step: next_ids [T] (token after each position), hidden [T, D] -> MTP hidden [T, D], or [R, D] at
+        the tokens `rows` picks (MTPHead.forward)."""
         if self.mtp is None:
             raise RuntimeError("this model was built without its MTP head (no mtp.* tensors in the checkpoint, or "
                                "speculative decoding not enabled)")
-        return self.mtp(self.model.embed(next_ids), hidden, batch, cache)
+        return self.mtp(self.model.embed(next_ids), hidden, batch, cache, rows)
