@@ -17,8 +17,8 @@ same positions: position i takes the target's final-normed hidden state at i and
 input, the sampled token at a sampling position, or the known prompt token after a prefill chunk), then K - 1 more
 times one token per request, chained on its own output, from the last kept position. Past its KV write, that first
 pass computes each request's last kept position only (`QueryRows`): no other output is read, and a verify step of
-1 + K tokens a row, or a prompt, would otherwise run the head's attention and MoE or MLP over all of them. Positions past the last kept
-one get KV that the next step's first pass overwrites before anything reads it.
+1 + K tokens a row, or a prompt, would otherwise run the head's attention and MoE or MLP over all of them.
+Positions past the last kept one get KV that the next step's first pass overwrites before anything reads it.
 
 Prefix caching: a request resuming from a checkpoint at position p keeps the head's KV below p, but the entry at p - 1
 was computed from the token at p of the checkpoint's own request, which may not be this one's. So each slot keeps the
