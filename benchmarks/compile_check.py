@@ -225,7 +225,8 @@ def verify_rows() -> list[dict]:
 
 def gdn_verify_rows() -> list[dict]:
     """The verify step's GDN recurrence (27B heads, 1 + K = 4 tokens) and the commit's replay, at the decode tiles
-    of few rows (BV 16, 1 warp) and of many (BV 64, 4 warps), fp32 state pool."""
+    of few rows (BV 16, 1 warp; the verify's MULTISTEP_TILE at any rows) and of many (BV 64, 4 warps; the replay's
+    past 256 (row, head) pairs), fp32 state pool."""
     from deltaserve.kernels.gated_delta_rule import triton as gdn
 
     heads = dict(T=4, H=16, HV=48, K=128, V=128, BK=128)

@@ -44,9 +44,15 @@ def _softplus(x):
 def _log_gates(a_row, b_row, alog_ptr, dtb_ptr, hv, act: tl.constexpr):
     """(g = -exp(A_log) softplus(a + dt_bias), beta) of value head hv, fp32 scalars; beta rounded to the activation
     dtype."""
-    a = tl.load(a_row + hv).to(tl.float32)
+    return _log_gates_of(tl.load(a_row + hv), tl.load(b_row + hv), alog_ptr, dtb_ptr, hv, act)
+
+
+@triton.jit
+def _log_gates_of(a, b, alog_ptr, dtb_ptr, hv, act: tl.constexpr):
+    """_log_gates from value head hv's loaded a and b."""
+    a = a.to(tl.float32)
     g = -tl.exp(tl.load(alog_ptr + hv).to(tl.float32)) * _softplus(a + tl.load(dtb_ptr + hv).to(tl.float32))
-    beta = tl.sigmoid(tl.load(b_row + hv).to(tl.float32)).to(act).to(tl.float32)
+    beta = tl.sigmoid(b.to(tl.float32)).to(act).to(tl.float32)
     return g, beta
 
 
@@ -372,23 +378,26 @@ def chunk_gated_delta_rule(
 # state per position would cost T state writes a row (27B: 147 MiB each over its 48 GDN layers). The commit
 # (``replay_kept_states``) reruns the kept positions' steps from the slot's state, from y and the gates, and
 # writes the state once.
+#
+# Each of the three kernels issues the loads of all its tokens before it stores anything: Triton does not move a load
+# across a store, so a load placed after the previous token's stores waits for them, and the token loop becomes a
+# chain of memory round trips. Hoisting them took one 35B-A3B layer's verify kernels at 16 rows from 60 to 28 us and
+# the replay from 37 to 30 (H100, benchmarks/RESULTS.md 2026-12-07), the conv alone from 23 to 5 us.
 
 
 @triton.jit
-def _multistep_window(x_ptr, cs_slot, n, pos0, ch, m_ch, valid, stride_x, stride_cs_w,
-                      T: tl.constexpr, W: tl.constexpr, WP: tl.constexpr):
-    """[WP, BC] raw conv window (pool dtype) whose row r holds the input at row position pos0 + r of row n's tokens:
-    x[n*T + pos] for pos >= 0, the slot's stored window row pos + W-1 for pos < 0; rows >= W-1 are zeros."""
-    row = tl.arange(0, WP)
-    pos = pos0 + row
-    in_x = pos >= 0
-    m_row = valid & (row < W - 1)
-    tok = n * T + tl.where(in_x, pos, 0)
-    xv = tl.load(x_ptr + tok[:, None] * stride_x + ch[None, :], mask=(m_row & in_x)[:, None] & m_ch[None, :],
-                 other=0.0)
-    hv = tl.load(cs_slot + tl.where(in_x, 0, pos + W - 1)[:, None] * stride_cs_w + ch[None, :],
-                 mask=(m_row & ~in_x)[:, None] & m_ch[None, :], other=0.0)
-    return tl.where(in_x[:, None], xv.to(hv.dtype), hv)
+def _window_of(hist, xs, t: tl.constexpr, row, W: tl.constexpr, WP: tl.constexpr):
+    """[WP, BC] raw conv window of token t (pool dtype) from the slot's stored rows `hist` (W - 1 vectors) and the
+    row's inputs `xs` (T vectors): row j holds the input at position t - (W - 1) + j of the row (the stored row
+    j + t for negative positions); rows >= W - 1 are zeros."""
+    win = tl.zeros([WP, hist[0].shape[0]], hist[0].dtype)
+    for j in tl.static_range(W - 1):
+        # (indices written out: a name assigned in the loop would be a tensor, and tuples take constant indices)
+        if t + j < W - 1:
+            win = tl.where(row[:, None] == j, hist[t + j][None, :], win)
+        else:
+            win = tl.where(row[:, None] == j, xs[t + j - (W - 1)].to(hist[0].dtype)[None, :], win)
+    return win
 
 
 @triton.jit
@@ -410,29 +419,42 @@ def _multistep_conv_kernel(x_ptr, w_ptr, cs_ptr, slot_ptr, y_ptr, cso_ptr, C, st
     w_hist = tl.load(w_ptr + ch[None, :] * W + row[:, None], mask=m_row[:, None] & m_ch[None, :], other=0.0)
     w_hist = w_hist.to(tl.float32)
     w_last = tl.load(w_ptr + ch * W + (W - 1), mask=m_ch, other=0.0).to(tl.float32)
-    win = _multistep_window(x_ptr, cs_slot, n, 1 - W, ch, m_ch, valid, stride_x, stride_cs_w, T, W, WP)
+    hist = ()  # every input first: the slot's W - 1 stored rows, then the row's T tokens
+    for j in tl.static_range(W - 1):
+        hist = hist + (tl.load(cs_slot + j * stride_cs_w + ch, mask=m_ch & valid, other=0.0),)
+    xs = ()
     for t in tl.static_range(T):
-        x = tl.load(x_ptr + (n * T + t) * stride_x + ch, mask=m_ch & valid, other=0.0).to(tl.float32)
-        acc = tl.sum(win.to(tl.float32) * w_hist, 0) + x * w_last
+        xs = xs + (tl.load(x_ptr + (n * T + t) * stride_x + ch, mask=m_ch & valid, other=0.0),)
+    win = _window_of(hist, xs, 0, row, W, WP)
+    for t in tl.static_range(T):
+        acc = tl.sum(win.to(tl.float32) * w_hist, 0) + xs[t].to(tl.float32) * w_last
         y = acc * tl.sigmoid(acc)
         tl.store(y_ptr + n * stride_yn + t * stride_yt + ch, y.to(y_ptr.dtype.element_ty), mask=m_ch & valid)
-        win = _multistep_window(x_ptr, cs_slot, n, t + 2 - W, ch, m_ch, valid, stride_x, stride_cs_w, T, W, WP)
+        win = _window_of(hist, xs, t + 1, row, W, WP)
         tl.store(cso_ptr + n * stride_cso_n + t * stride_cso_t + row[:, None] * stride_cso_w + ch[None, :],
                  win.to(cso_ptr.dtype.element_ty), mask=valid & m_row[:, None] & m_ch[None, :])
 
 
 @triton.jit
-def _token_qkv(y_row, h, hv, o_k, m_k, o_v, m_v, scale, eps, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
-    """One token's fp32 (q, k, v) for value head hv (key head h) from its post-conv row y_row [2*H*K + HV*V]:
-    q and k L2-normalised, q scaled; v the V tile o_v. The same ops as _decode_recurrent_kernel's inline load and
-    norm (same results); the decode kernel keeps its own copy so that its generated code (and its source lines, which
-    the PTX debug info and Triton's cache key record) stay exactly as benchmarked."""
-    q = tl.load(y_row + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    k = tl.load(y_row + H * K + h * K + o_k, mask=m_k, other=0.0).to(tl.float32)
-    v = tl.load(y_row + 2 * H * K + hv * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-    q = q * tl.rsqrt(tl.sum(q * q, 0) + eps) * scale
-    k = k * tl.rsqrt(tl.sum(k * k, 0) + eps)
+def _token_loads(y_row, h, hv, o_k, m_k, o_v, m_v, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """One token's raw (q, k, v) for value head hv (key head h) from its post-conv row y_row."""
+    q = tl.load(y_row + h * K + o_k, mask=m_k, other=0.0)
+    k = tl.load(y_row + H * K + h * K + o_k, mask=m_k, other=0.0)
+    v = tl.load(y_row + 2 * H * K + hv * V + o_v, mask=m_v, other=0.0)
     return q, k, v
+
+
+@triton.jit
+def _qkv_of(q, k, v, scale, eps):
+    """fp32 (q, k, v) from their loads: q and k L2-normalised, q scaled."""
+    q, k, v = q.to(tl.float32), k.to(tl.float32), v.to(tl.float32)
+    return q * _inv_norm(q, eps) * scale, k * _inv_norm(k, eps), v
+
+
+@triton.jit
+def _inv_norm(x, eps):
+    """1 / sqrt(sum(x^2) + eps) of an fp32 vector."""
+    return tl.rsqrt(tl.sum(x * x, 0) + eps)
 
 
 @triton.jit
@@ -462,17 +484,44 @@ def _multistep_recurrent_kernel(
     tile = hv * (K * V) + o_k[:, None] * V + o_v[None, :]
     m_s = valid & m_k[:, None] & m_v[None, :]
     s = tl.load(ss_ptr + slot * stride_ss_s + tile, mask=m_s, other=0.0).to(tl.float32)
+    # every token's inputs and the norms' factors before the first step (they do not depend on the state); the
+    # vectors stay 16-bit until their step (all of them in fp32 spills at 2 or 4 warps)
+    loads = ()
     for t in tl.static_range(T):
-        tok = n * T + t
-        q, k, v = _token_qkv(y_ptr + n * stride_yn + t * stride_yt, h, hv, o_k, m_k, o_v, m_v, scale, eps, H, K, V)
-        g, beta = _log_gates(a_ptr + tok * stride_a, b_ptr + tok * stride_b, alog_ptr, dtb_ptr, hv,
-                             y_ptr.dtype.element_ty)
-        s, o = _step(s, q, k, v, tl.exp(g), beta)
-        tl.store(o_ptr + (tok * HV + hv) * V + o_v, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty), mask=m_v)
-        gate_row = gates_ptr + n * stride_gn + t * stride_gt + hv
-        tl.store(gate_row, g, mask=valid & (i_v == 0))
-        tl.store(gate_row + HV, beta, mask=valid & (i_v == 0))
-        s = s.to(ss_ptr.dtype.element_ty).to(tl.float32)
+        loads = loads + (_multistep_loads(y_ptr, a_ptr, b_ptr, n, t, h, hv, o_k, m_k, o_v, m_v, stride_yn, stride_yt,
+                                          stride_a, stride_b, T, H, K, V),)
+    factors = ()
+    for t in tl.static_range(T):
+        q, k, v, a, b = loads[t]
+        g, beta = _log_gates_of(a, b, alog_ptr, dtb_ptr, hv, y_ptr.dtype.element_ty)
+        factors = factors + ((_inv_norm(q.to(tl.float32), eps), _inv_norm(k.to(tl.float32), eps), g, beta),)
+    for t in tl.static_range(T):
+        q, k, v, a, b = loads[t]
+        rq, rk, g, beta = factors[t]  # q and k as _qkv_of normalises them (the same ops in the same order)
+        s = _multistep_out(s, q.to(tl.float32) * rq * scale, k.to(tl.float32) * rk, v.to(tl.float32), g, beta, o_ptr,
+                           gates_ptr, ss_ptr, n, t, hv, i_v, o_v, m_v, valid, stride_gn, stride_gt, T, HV, V)
+
+
+@triton.jit
+def _multistep_loads(y_ptr, a_ptr, b_ptr, n, t, h, hv, o_k, m_k, o_v, m_v, stride_yn, stride_yt, stride_a, stride_b,
+                     T: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Token t of row n: its raw (q, k, v, a, b) for value head hv."""
+    tok = n * T + t
+    q, k, v = _token_loads(y_ptr + n * stride_yn + t * stride_yt, h, hv, o_k, m_k, o_v, m_v, H, K, V)
+    return q, k, v, tl.load(a_ptr + tok * stride_a + hv), tl.load(b_ptr + tok * stride_b + hv)
+
+
+@triton.jit
+def _multistep_out(s, q, k, v, g, beta, o_ptr, gates_ptr, ss_ptr, n, t, hv, i_v, o_v, m_v, valid, stride_gn,
+                   stride_gt, T: tl.constexpr, HV: tl.constexpr, V: tl.constexpr):
+    """Token t's step of the multistep recurrence: o and (g, beta) written, the state rounded to the pool dtype."""
+    tok = n * T + t
+    s, o = _step(s, q, k, v, tl.exp(g), beta)
+    tl.store(o_ptr + (tok * HV + hv) * V + o_v, tl.where(valid, o, 0.0).to(o_ptr.dtype.element_ty), mask=m_v)
+    gate_row = gates_ptr + n * stride_gn + t * stride_gt + hv
+    tl.store(gate_row, g, mask=valid & (i_v == 0))
+    tl.store(gate_row + HV, beta, mask=valid & (i_v == 0))
+    return s.to(ss_ptr.dtype.element_ty).to(tl.float32)
 
 
 def _check_multistep_outs(conv_states_out: torch.Tensor, y_out: torch.Tensor, gates_out: torch.Tensor, n: int,
@@ -525,15 +574,21 @@ def fused_gdn_multistep_launch(
     return o
 
 
+# (BV, num_warps) of the verify recurrence at every batch: one warp over 16 value columns, whose K reductions stay in
+# the warp. Of 16/1, 32/2 and 64/4 it was the fastest at 35B-A3B's and 27B's heads at 1, 8, 16 and 32 rows (T = 4,
+# H100, benchmarks/RESULTS.md 2026-12-07); 64/4, the decode step's tile past 256 (row, head) pairs, took 20-45% longer.
+MULTISTEP_TILE = (16, 1)
+
+
 def fused_gdn_multistep(
     *, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, A_log: torch.Tensor, dt_bias: torch.Tensor,
     conv_weight: torch.Tensor, conv_state: torch.Tensor, ssm_state: torch.Tensor, slots: torch.Tensor,
     tokens_per_row: int, num_k_heads: int, head_k_dim: int, num_v_heads: int, head_v_dim: int, scale: float,
     conv_states_out: torch.Tensor, y_out: torch.Tensor, gates_out: torch.Tensor,
 ) -> torch.Tensor:
-    """ref.fused_gdn_multistep on the GPU in two launches, CUDA-graph safe (no host sync), the recurrence tiled as
-    decode_config tiles a decode step of as many rows."""
-    block_v, num_warps = decode_config(slots.shape[0], num_v_heads)
+    """ref.fused_gdn_multistep on the GPU in two launches, CUDA-graph safe (no host sync), the recurrence tiled by
+    MULTISTEP_TILE."""
+    block_v, num_warps = MULTISTEP_TILE
     return fused_gdn_multistep_launch(
         mixed_qkv=mixed_qkv, a=a, b=b, A_log=A_log, dt_bias=dt_bias, conv_weight=conv_weight, conv_state=conv_state,
         ssm_state=ssm_state, slots=slots, tokens_per_row=tokens_per_row, num_k_heads=num_k_heads,
@@ -635,14 +690,33 @@ def _replay_kernel(ss_ptr, y_ptr, gates_ptr, slot_ptr, row_ptr, kept_ptr, stride
     p_s = ss_ptr + layer * stride_sl + slot * stride_ss + hv * (K * V) + o_k[:, None] * V + o_v[None, :]
     m_s = m_k[:, None] & m_v[None, :]
     s = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
+    y_rows = y_ptr + layer * stride_yl + row * stride_yr
+    gate_rows = gates_ptr + layer * stride_gl + row * stride_gr + hv
+    # the next position's loads in flight during each step (all of them at once: no faster, more registers)
+    nxt = _replay_loads(y_rows, gate_rows, 0, kept, h, hv, o_k, m_k, o_v, m_v, stride_yt, stride_gt, H, HV, K, V)
     for t in tl.static_range(T):
+        q, k, v, g, beta = nxt
+        if t + 1 < T:
+            nxt = _replay_loads(y_rows, gate_rows, t + 1, kept, h, hv, o_k, m_k, o_v, m_v, stride_yt, stride_gt,
+                                H, HV, K, V)
         if t < kept:
-            y_row = y_ptr + layer * stride_yl + row * stride_yr + t * stride_yt
-            q, k, v = _token_qkv(y_row, h, hv, o_k, m_k, o_v, m_v, 1.0, eps, H, K, V)
-            gate_row = gates_ptr + layer * stride_gl + row * stride_gr + t * stride_gt + hv
-            s, _ = _step(s, q, k, v, tl.exp(tl.load(gate_row)), tl.load(gate_row + HV))
+            qf, kf, vf = _qkv_of(q, k, v, 1.0, eps)
+            s, _ = _step(s, qf, kf, vf, tl.exp(g), beta)
             s = s.to(ss_ptr.dtype.element_ty).to(tl.float32)
     tl.store(p_s, s.to(ss_ptr.dtype.element_ty), mask=m_s)
+
+
+@triton.jit
+def _replay_loads(y_rows, gate_rows, t, kept, h, hv, o_k, m_k, o_v, m_v, stride_yt, stride_gt, H: tl.constexpr,
+                  HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
+    """Position t's raw (q, k, v) and stored (g, beta) for value head hv; nothing loaded past the kept positions."""
+    use = t < kept
+    y_row = y_rows + t * stride_yt
+    q = tl.load(y_row + h * K + o_k, mask=m_k & use, other=0.0)
+    k = tl.load(y_row + H * K + h * K + o_k, mask=m_k & use, other=0.0)
+    v = tl.load(y_row + 2 * H * K + hv * V + o_v, mask=m_v & use, other=0.0)
+    gate_row = gate_rows + t * stride_gt
+    return q, k, v, tl.load(gate_row, mask=use, other=0.0), tl.load(gate_row + HV, mask=use, other=0.0)
 
 
 def replay_kept_states(*, states: torch.Tensor, ys: torch.Tensor, gates: torch.Tensor, slots: torch.Tensor,
