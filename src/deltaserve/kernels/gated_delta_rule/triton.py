@@ -692,7 +692,7 @@ def _replay_kernel(ss_ptr, y_ptr, gates_ptr, slot_ptr, row_ptr, kept_ptr, stride
     s = tl.load(p_s, mask=m_s, other=0.0).to(tl.float32)
     y_rows = y_ptr + layer * stride_yl + row * stride_yr
     gate_rows = gates_ptr + layer * stride_gl + row * stride_gr + hv
-    # the next position's loads in flight during each step (all of them at once: no faster, more registers)
+    # the next position's loads in flight during each step
     nxt = _replay_loads(y_rows, gate_rows, 0, kept, h, hv, o_k, m_k, o_v, m_v, stride_yt, stride_gt, H, HV, K, V)
     for t in tl.static_range(T):
         q, k, v, g, beta = nxt
@@ -711,10 +711,7 @@ def _replay_loads(y_rows, gate_rows, t, kept, h, hv, o_k, m_k, o_v, m_v, stride_
                   HV: tl.constexpr, K: tl.constexpr, V: tl.constexpr):
     """Position t's raw (q, k, v) and stored (g, beta) for value head hv; nothing loaded past the kept positions."""
     use = t < kept
-    y_row = y_rows + t * stride_yt
-    q = tl.load(y_row + h * K + o_k, mask=m_k & use, other=0.0)
-    k = tl.load(y_row + H * K + h * K + o_k, mask=m_k & use, other=0.0)
-    v = tl.load(y_row + 2 * H * K + hv * V + o_v, mask=m_v & use, other=0.0)
+    q, k, v = _token_loads(y_rows + t * stride_yt, h, hv, o_k, m_k & use, o_v, m_v & use, H, K, V)
     gate_row = gate_rows + t * stride_gt
     return q, k, v, tl.load(gate_row, mask=use, other=0.0), tl.load(gate_row + HV, mask=use, other=0.0)
 
