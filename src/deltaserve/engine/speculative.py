@@ -243,7 +243,7 @@ class MTPDrafter:
         batch = dev.batch
         # the last kept position of each request: its MTP output gives draft 1 (the rest of the step: KV only)
         at = batch.logits_indices[first_row + kept - 1]
-        (seqs,) = upload_arrays([_rows_of_requests(step)], self.device)
+        seqs = torch.searchsorted(batch.cu_seqlens[1:], at, right=True)  # each one's row, on the device
         x = self.first_pass(step, dev, input_ids, hidden, token_ids, QueryRows.at(batch, at, seqs))
         return self.model.compute_logits(x, upcast=False, vocab=self.vocab).argmax(dim=-1), x, batch.positions[at]
 
