@@ -125,9 +125,11 @@ def test_bad_model_dir_is_one_clear_line(cache, tmp_path):
     (("--num-pages", "-3"), "error: --num-pages: 'num_pages' must be a positive integer"),
     (("--device", "tpu"), "error: --device: 'device' is 'tpu'"),
     # options that conflict: the error leads with the flag to drop and says how
-    (("--speculative-tokens", "2", "--tensor-parallel-size", "2"),
-     "error: --speculative-tokens: 'speculative_tokens' (2) with tensor_parallel_size 2 is not supported yet"),
-    (("--speculative-tokens", "2", "--tensor-parallel-size", "2"), "leave speculative_tokens at 0"),
+    (("--speculative-tokens", "2", "--speculative-draft-vocab", "100", "--tensor-parallel-size", "2"),
+     "error: --speculative-draft-vocab: 'speculative_draft_vocab' (100) with tensor_parallel_size 2 is not "
+     "supported"),
+    (("--speculative-tokens", "2", "--speculative-draft-vocab", "100", "--tensor-parallel-size", "2"),
+     "leave speculative_draft_vocab unset"),
     (("--no-prefix-caching", "--checkpoint-interval", "4096"),
      "error: --checkpoint-interval: 'checkpoint_interval' (4096) only applies with prefix caching on"),
     (("--num-checkpoints", "4", "--no-prefix-caching"),

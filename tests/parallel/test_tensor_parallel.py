@@ -1,7 +1,7 @@
 """Tensor and expert parallelism on CPU (gloo, worker processes spawned by the engine): the same greedy tokens as one
 process and logprobs within LOGPROB_ATOL, on tiny dense (tied embedding) and MoE (fused and per-expert experts)
-checkpoints; each rank reads only its part of the sharded tensors; impossible sizes fail at start naming the
-dimension; a killed or hung worker stops the engine with an error (naming the rank when it died) in bounded time, and
+checkpoints, also with MTP speculative decoding; each rank reads only its part of the sharded tensors; impossible
+sizes fail at start naming the dimension; a killed or hung worker stops the engine with an error (naming the rank when it died) in bounded time, and
 one whose load or step raises at once with its error."""
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from deltaserve import LLM, SamplingParams
 from deltaserve.config import ConfigError, ModelConfig, RankShapes
 from deltaserve.demo import write_byte_tokenizer
 from deltaserve.parallel.runner import RankFailure
+from tests.engine.test_speculative import Oracle
 from tests.models.factory import TinySpec, save_checkpoint
 from tests.parallel.compare import assert_same
 
@@ -180,6 +181,73 @@ def test_prefix_cache_async_scheduling_and_grammar_under_two_ranks(dense):
 
     opts = dict(async_scheduling=True, max_num_batched_tokens=32)
     assert outputs(make_llm(dense, 2, **opts)) == outputs(make_llm(dense, **opts))
+
+
+# MTP heads; seeds whose greedy continuations of prompts() change token every step (the stop tokens below)
+@pytest.fixture(scope="module")
+def dense_mtp(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("tp_dense_mtp"), TinySpec("tp_dense_mtp", mtp=True, extra=TP4_HEADS),
+                       14)
+
+
+@pytest.fixture(scope="module")
+def moe_mtp(tmp_path_factory):
+    return _checkpoint(tmp_path_factory.mktemp("tp_moe_mtp"), TinySpec("tp_moe_mtp", moe=True, mtp=True,
+                                                                       extra=TP4_HEADS), 16)
+
+
+@pytest.mark.parametrize("fixture, options", [("dense_mtp", {}), ("moe_mtp", {}),
+                                              ("moe_mtp", {"enable_expert_parallel": True})])
+def test_two_ranks_with_mtp_match_one_process_without(request, fixture, options):
+    """MTP speculative decoding under two ranks: every rank keeps the verified tokens rank 0 sampled, commits its
+    shard of the GDN states and joins the MTP head's passes (their collectives). Rank 0's drafts are replaced by
+    oracle ones: right in the first turn, whose stop tokens then end requests inside accepted runs (each rank
+    commits the state at the stop token: `keep_fewer`), 60% right in the second, which resumes from the first
+    turn's prefix-cache checkpoints, so that verify steps keep every count of drafts. Greedy tokens and logprobs are
+    those of one process without MTP."""
+    path = request.getfixturevalue(fixture)
+    first = prompts()
+    one = make_llm(path, max_num_batched_tokens=32)
+    ahead = [list(o.outputs[0].token_ids) for o in one.generate(first, SamplingParams(temperature=0, max_tokens=16,
+                                                                                        ignore_eos=True))]
+    ends = [SamplingParams(temperature=0, max_tokens=16, stop_token_ids=[c[n]], ignore_eos=True, logprobs=3)
+            for c, n in zip(ahead, (5, 6, 9))]  # inside verify steps' runs of up to 4 kept tokens
+    assert all(c.index(c[n]) == n for c, n in zip(ahead, (5, 6, 9)))
+
+    def turns(llm: LLM, oracle: Oracle | None = None) -> list:
+        out = [o.outputs[0] for o in llm.generate(first, ends)]
+        if oracle is not None:
+            oracle.always_right = False
+        again = [p + list(o.token_ids) + [3, 1, 4] for p, o in zip(first, out)]
+        out += [o.outputs[0] for o in llm.generate(again, PARAMS)]
+        assert llm.engine.stats()["prompt_tokens_cached"] > 0
+        return out
+
+    ref = turns(one)
+    reference = {tuple(p): c for p, c in zip(first, ahead)}
+    reference.update({tuple(p + list(o.token_ids) + [3, 1, 4]): list(o2.token_ids)
+                      for p, o, o2 in zip(first, ref, ref[3:])})
+    llm = make_llm(path, 2, max_num_batched_tokens=32, speculative_tokens=3, **options)
+    try:
+        oracle = Oracle(llm, reference, always_right=True)
+        ended_inside = spy(llm.engine.runner, "keep_fewer")
+        assert_same(turns(llm, oracle), ref, LOGPROB_ATOL)
+    finally:
+        llm.engine.shutdown()
+    accepted, drafted = llm.engine.spec_accepted_per_position, llm.engine.spec_drafted_per_position
+    assert accepted[-1] > 0 and accepted[0] < drafted[0] and ended_inside
+
+
+def spy(obj, name: str) -> list:
+    """Record the arguments of each call of obj.name (still calling it)."""
+    calls, fn = [], getattr(obj, name)
+
+    def recorded(*args):
+        calls.append(args)
+        return fn(*args)
+
+    setattr(obj, name, recorded)
+    return calls
 
 
 def test_impossible_sizes_fail_at_start(dense, moe_fused):

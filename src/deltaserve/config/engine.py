@@ -299,12 +299,13 @@ class EngineConfig:
                 "a smaller max_model_len, or leave num_pages unset to plan it from memory")
         # quantized checkpoints shard under TP / EP too (layers/quant.py); a split a format cannot take fails when
         # the model is built, naming the module, the dimension and the sizes that work
-        # the workers mirror rank 0's steps and sampled tokens, not a drafter's proposals and state commits
-        tp = self.parallel.tensor_parallel_size
-        require(not self.speculative.enabled or tp == 1,
-                f"'speculative_tokens' ({k}) with tensor_parallel_size {tp} is not supported yet (speculative "
-                "decoding runs on one rank only); leave speculative_tokens at 0, or use tensor_parallel_size 1")
         n, vocab = self.speculative.draft_vocab, self.model.vocab_size
+        tp = self.parallel.tensor_parallel_size
+        # each rank holds a slice of the lm_head's rows; the draft vocabulary is the first rows of the whole one
+        require(n is None or tp == 1,
+                f"'speculative_draft_vocab' ({n}) with tensor_parallel_size {tp} is not supported (the draft "
+                "vocabulary is the first rows of the lm_head, which tensor parallelism splits over the ranks); "
+                "leave speculative_draft_vocab unset (drafts over the whole vocabulary) or use tensor_parallel_size 1")
         require(n is None or 1 <= n <= vocab,
                 f"'speculative_draft_vocab' is {n!r}; use 1 to {vocab} (the model's vocab_size): the draft passes "
                 "score the token ids below it. Leave it unset to draft over the whole vocabulary")

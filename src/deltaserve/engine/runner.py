@@ -282,10 +282,9 @@ class ModelRunner:
         sampled, failed, kept, drafts = None, {}, None, None
         if step.sampling:
             sampled, failed = self._sample(launched.logits, step, grammar_to_device(mask, self.device))
-            if self.drafter is None:
-                self.last_tokens.index_copy_(0, launched.sample_slots, sampled.token_ids)
-            else:
-                kept, drafts = self._speculate(launched, sampled.token_ids)
+            if self.simulated is not None:
+                self.simulated.force(step, launched.input_ids, sampled.token_ids)
+            kept, drafts = self._take_tokens(launched, self._share_tokens(sampled.token_ids))
         if self.device.type != "cuda":
             return LaunchedStep(step, sampled, None, scored, failed, kept=kept, drafts=drafts)
         host = SamplerOutput(*(_to_host(t) for t in sampled)) if sampled is not None else None
@@ -295,14 +294,25 @@ class ModelRunner:
         ready.record(torch.cuda.current_stream(self.device))
         return LaunchedStep(step, host, ready, scored, failed, kept=kept, drafts=drafts, started=launched.started)
 
+    def _share_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """The sampled tokens every rank goes on from (one rank: these; tensor parallelism: rank 0's)."""
+        return token_ids
+
+    def _take_tokens(self, launched: LaunchedStep,
+                     token_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """What follows a step's sampling on the device, on every rank: each slot's last token (the next step's
+        pending input) and, with speculative decoding on, the tokens each request keeps and the next drafts."""
+        if self.drafter is None:
+            self.last_tokens.index_copy_(0, launched.sample_slots, token_ids)
+            return None, None
+        return self._speculate(launched, token_ids)
+
     def _speculate(self, launched: LaunchedStep, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """After sampling a step with speculative decoding on: the tokens each request keeps, the GDN states to
         commit at the last kept position (verify steps; with the hidden state there, for the MTP head:
         `uncommitted`), each slot's last kept token, and the next drafts."""
         step, dev = launched.step, launched.dev
         assert dev is not None and launched.input_ids is not None and launched.hidden is not None
-        if self.simulated is not None:
-            self.simulated.force(step, launched.input_ids, token_ids)
         kept = kept_counts(step, launched.input_ids, token_ids)
         first = self._ids(first_logits_rows(step).tolist())
         last = first + kept - 1  # each request's last kept logits row

@@ -2,10 +2,12 @@
 
 Rank 0 runs the engine (scheduler, cache manager, outputs) and drives its own `TPModelRunner` through `TPDriver`,
 which first broadcasts each call to the workers: ("launch", StepInput), ("sample",) for a step whose sampling waited
-for its grammar mask, ("copies", states, pages), ("stop",). Every rank then runs the same model code on its shard
-with its own caches, so the model's collectives line up. Only rank 0 samples; after sampling it broadcasts its
-buffer of last sampled tokens (one id per state slot), which is what the other ranks read for input ids still
-pending on the host (async scheduling).
+for its grammar mask, ("copies", states, pages), ("keep_fewer", request id, n) (speculative decoding: a request ended
+inside its accepted drafts), ("stop",). Every rank then runs the same model code on its shard with its own caches,
+so the model's collectives line up. Only rank 0 samples; it broadcasts the step's sampled tokens, from which every
+rank updates its buffer of last tokens (what later steps read for input ids still pending on the host: async
+scheduling) and, with MTP speculative decoding, keeps the verified tokens, commits its GDN states and runs the MTP
+head's drafting passes (their collectives included; only rank 0's drafts reach the engine).
 
 A rank that dies or hangs: the next collective or command fails (the peer's connection closes, or the collective
 times out after DELTASERVE_DIST_TIMEOUT seconds) and the driver raises `RankFailure` naming the rank when it can
@@ -63,11 +65,19 @@ class TPModelRunner(ModelRunner):
         return dataclasses.replace(plan, num_pages=pages, num_slots=slots, num_checkpoints=checkpoints)
 
     def sample(self, launched: LaunchedStep, mask: GrammarMask | None) -> LaunchedStep:
-        """Rank 0 samples; every rank then takes rank 0's last-token buffer (the pending input ids of later steps)."""
-        out = super().sample(launched, mask) if self.rank == 0 else LaunchedStep(launched.step, None, None)
+        """Rank 0 samples; every rank then goes on from rank 0's tokens (`_share_tokens`): the pending input ids of
+        later steps and, with speculative decoding, the kept tokens, the state commit and the MTP head's drafting,
+        whose collectives every rank joins."""
+        if self.rank == 0:
+            return super().sample(launched, mask)
         if launched.step.sampling:
-            group.broadcast(self.last_tokens)
-        return out
+            assert launched.logits is not None
+            tokens = torch.empty(launched.logits.shape[0], dtype=torch.long, device=self.device)
+            self._take_tokens(launched, self._share_tokens(tokens))
+        return LaunchedStep(launched.step, None, None)
+
+    def _share_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
+        return group.broadcast(token_ids)  # the sampler's int64 ids; the workers' buffers are int64 too
 
 
 def serve_commands(runner: TPModelRunner) -> None:
@@ -88,6 +98,8 @@ def serve_commands(runner: TPModelRunner) -> None:
                 awaiting = None
             elif kind == "copies":
                 runner.apply_copies(command[1], command[2])
+            elif kind == "keep_fewer":
+                runner.keep_fewer(command[1], command[2])
         except Exception as e:
             # Rank 0 may be waiting in this step's collectives for this rank (until their timeout), and the ranks'
             # collectives no longer line up: say why, then leave (the caller exits), which fails them at once.
@@ -128,6 +140,10 @@ class TPDriver:
     def apply_copies(self, states: Sequence[StateCopy] = (), pages: Sequence[PageCopy] = ()) -> None:
         if states or pages:
             self._run(("copies", tuple(states), tuple(pages)), self.runner.apply_copies, states, pages)
+
+    def keep_fewer(self, request_id: str, num: int) -> None:
+        # every rank commits its shard of the request's GDN states at the same position
+        self._run(("keep_fewer", request_id, num), self.runner.keep_fewer, request_id, num)
 
     def _run(self, command: tuple, fn, *args: Any) -> Any:
         if self.failed is not None or self.stopped:
