@@ -1,8 +1,8 @@
 """Tensor and expert parallelism on CPU (gloo, worker processes spawned by the engine): the same greedy tokens as one
 process and logprobs within LOGPROB_ATOL, on tiny dense (tied embedding) and MoE (fused and per-expert experts)
-checkpoints, also with MTP speculative decoding; each rank reads only its part of the sharded tensors; impossible
-sizes fail at start naming the dimension; a killed or hung worker stops the engine with an error (naming the rank when it died) in bounded time, and
-one whose load or step raises at once with its error."""
+checkpoints, also with MTP speculative decoding; each rank reads only its part of the sharded tensors; impossible sizes
+fail at start naming the dimension; a killed or hung worker stops the engine with an error (naming the rank when it
+died) in bounded time, and one whose load or step raises at once with its error."""
 
 from __future__ import annotations
 
