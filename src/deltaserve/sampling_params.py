@@ -75,6 +75,7 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these ids
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured: StructuredSpec | None = None
@@ -104,6 +105,10 @@ class SamplingParams:
             _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
                    "a dict from token id to bias, or None")
             object.__setattr__(self, "logit_bias", dict(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            _check(isinstance(self.allowed_token_ids, _COLLECTIONS), "allowed_token_ids", self.allowed_token_ids,
+                   "a non-empty list of token ids >= 0, or None")
+            object.__setattr__(self, "allowed_token_ids", list(self.allowed_token_ids))
         if _is_number(self.temperature) and 0 < self.temperature < GREEDY_TEMPERATURE:
             object.__setattr__(self, "temperature", 0.0)
 
@@ -128,6 +133,9 @@ class SamplingParams:
                        "a dict whose keys are token ids >= 0")
                 _check(_is_number(bias) and abs(bias) <= LOGIT_BIAS_LIMIT, "logit_bias", self.logit_bias,
                        f"a dict whose values are numbers in [-{LOGIT_BIAS_LIMIT:g}, {LOGIT_BIAS_LIMIT:g}]")
+        allowed = self.allowed_token_ids
+        _check(allowed is None or (len(allowed) > 0 and all(_is_int(t) and t >= 0 for t in allowed)),
+               "allowed_token_ids", allowed, "a non-empty list of token ids >= 0 (sampling picks among them), or None")
 
     def _validate_lengths(self) -> None:
         _check(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")

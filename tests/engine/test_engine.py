@@ -203,6 +203,8 @@ def test_too_long_prompt_rejected_without_disturbing_others(ckpt):
         llm.generate([[1, 2, VOCAB + 5]], GREEDY)
     with pytest.raises(RequestError, match=rf"logit_bias token ids \[{VOCAB}\] are outside"):  # was dropped
         llm.generate([p], SamplingParams(max_tokens=2, logit_bias={3: 1.0, VOCAB: 5.0}))
+    with pytest.raises(RequestError, match=rf"allowed_token_ids \[{VOCAB}\] are outside"):
+        llm.generate([p], SamplingParams(max_tokens=2, allowed_token_ids=[3, VOCAB]))
     assert pools_full(llm)
 
 

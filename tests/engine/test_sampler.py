@@ -216,6 +216,22 @@ def test_logit_bias_is_added() -> None:
     assert _frequencies(logits[0], logit_bias={4: -100.0, 0: -100.0})[[0, 4]].sum() == 0
 
 
+def test_allowed_token_ids_restrict_the_distribution() -> None:
+    """The other ids leave it (-inf), after logit_bias; sampling draws from the softmax over the allowed ids alone,
+    greedy takes their argmax, and the logprobs returned stay those of the raw distribution."""
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.5, -1.0], [3.0, 1.0, 2.0, 0.5, -1.0]])
+    rows = [_row(allowed_token_ids=[1, 3, 4], logit_bias={4: 2.0}), _row()]
+    out = process_logits(logits, rows)
+    inf = float("inf")
+    assert out[0].tolist() == [-inf, 1.0, -inf, 0.5, 1.0] and torch.equal(out[1], logits[1])
+    greedy = Sampler()(logits, [_row(temperature=0.0, allowed_token_ids=[2, 3], logprobs=1), _row(temperature=0.0)])
+    assert greedy.token_ids.tolist() == [2, 0]
+    assert torch.allclose(greedy.logprobs[0], torch.log_softmax(logits[0], dim=0)[2])
+    want = torch.zeros(5)
+    want[[1, 3, 4]] = torch.softmax(torch.tensor([1.0, 0.5, -1.0]), dim=0)
+    _assert_matches(_frequencies(logits[0], allowed_token_ids=[1, 3, 4]), want)
+
+
 def test_min_tokens_suppresses_eos_and_stop_token_ids() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, 9.0, 8.0]])  # 3 = eos, 4 = a stop token id
     params = dict(temperature=0.0, min_tokens=2, stop_token_ids=[4], eos=[3])

@@ -41,6 +41,20 @@ def test_completion_token_ids_and_several_prompts(client, reference):
     assert out.usage.prompt_tokens == 8 and out.usage.completion_tokens == 12
 
 
+def test_allowed_token_ids_as_vllm_takes_them(client, reference):
+    """vLLM's extra field: every sampled token is one of the ids, greedy or not, as LLM.generate gives them."""
+    allowed = [72, 101, 108, 111]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, allowed_token_ids=allowed)
+    expected = reference.generate([{"prompt_token_ids": [87, 111]}], params)[0].outputs[0]
+    out = client.completions.create(model=MODEL_NAME, prompt=[[87, 111]], max_tokens=8, temperature=0,
+                                    extra_body={"ignore_eos": True, "allowed_token_ids": allowed})
+    assert out.choices[0].text == expected.text and set(expected.token_ids) <= set(allowed)
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                          max_tokens=8, temperature=1.0, seed=3, logprobs=True,
+                                          extra_body={"ignore_eos": True, "allowed_token_ids": allowed})
+    assert {t.token for t in chat.choices[0].logprobs.content} <= {chr(i) for i in allowed}
+
+
 def _stream_completion(client, **kw) -> tuple[dict[int, str], dict[int, str], object]:
     texts: dict[int, str] = {}
     finish: dict[int, str] = {}

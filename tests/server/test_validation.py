@@ -83,8 +83,10 @@ BAD = [
     # vLLM fields that change the output and that this server does not implement: refused, never dropped
     ("bad_words", COMPLETIONS, _json({"prompt": "hi", "bad_words": ["The"]}), 400, "bad_words",
      "unsupported_parameter"),
-    ("allowed_token_ids", CHAT, _json({"messages": MSG, "allowed_token_ids": [5, 6]}), 400, "allowed_token_ids",
-     "unsupported_parameter"),
+    ("allowed_token_ids_outside_vocab", CHAT, _json({"messages": MSG, "allowed_token_ids": [5, 10**9]}), 400,
+     "allowed_token_ids", None),
+    ("allowed_token_ids_empty", COMPLETIONS, _json({"prompt": "hi", "allowed_token_ids": []}), 400,
+     "allowed_token_ids", None),
     ("truncate_prompt_tokens", COMPLETIONS, _json({"prompt": "hi", "truncate_prompt_tokens": 8}), 400,
      "truncate_prompt_tokens", "unsupported_parameter"),
     ("prompt_logprobs", COMPLETIONS, _json({"prompt": "hi", "prompt_logprobs": 1}), 400, "prompt_logprobs",

@@ -148,6 +148,9 @@ class LLMEngine:
         bad = [t for t in params.logit_bias or {} if not 0 <= t < vocab]
         if bad:
             raise RequestError(f"logit_bias token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        bad = [t for t in params.allowed_token_ids or () if t >= vocab]
+        if bad:
+            raise RequestError(f"allowed_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
 
     def _compile(self, params: SamplingParams) -> None:
         """The request's grammar into the cache (the server compiled it already; the offline API compiles here)."""

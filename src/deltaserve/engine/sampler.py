@@ -1,7 +1,7 @@
 """Token sampling: logits [N, V] + per-row sampling state -> one token per row, with logprobs.
 
 Processing order (each step only touches the rows that need it):
-  1. logit_bias                      (added to the raw logits)
+  1. logit_bias                      (added to the raw logits), then allowed_token_ids (every other id -> -inf)
   2. min_tokens                      (stop ids -> -inf while len(output) < min_tokens)
   3. repetition penalty              (HF/vLLM: over prompt + output tokens, positive / p, negative * p)
   4. frequency / presence penalties  (OpenAI: over output tokens, logit -= f * count + p * (count > 0))
@@ -138,6 +138,20 @@ def apply_logit_bias(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
         logits.index_put_(index, _to_device(vals, logits.dtype, dev), accumulate=True)
 
 
+def apply_allowed_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """Rows with allowed_token_ids keep those logits; every other id of theirs becomes -inf."""
+    sel = [i for i, row in enumerate(rows) if row.params.allowed_token_ids is not None]
+    if not sel:
+        return
+    dev = logits.device
+    r_idx = [j for j, i in enumerate(sel) for _ in rows[i].params.allowed_token_ids]
+    c_idx = [t for i in sel for t in rows[i].params.allowed_token_ids]
+    keep = torch.full((len(sel), logits.shape[1]), float("-inf"), dtype=logits.dtype, device=dev)
+    keep[_to_device(r_idx, torch.long, dev), _to_device(c_idx, torch.long, dev)] = 0.0
+    idx = _to_device(sel, torch.long, dev)
+    logits[idx] = logits[idx] + keep
+
+
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     vocab = logits.shape[1]
     r_idx: list[int] = []
@@ -221,8 +235,8 @@ def apply_frequency_presence_penalties(logits: torch.Tensor, rows: Sequence[Samp
 
 def _has_processors(row: SamplingRow) -> bool:
     p = row.params
-    return bool(p.logit_bias) or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or \
-        p.presence_penalty != 0.0 or bool(row.suppressed_ids())
+    return bool(p.logit_bias) or p.allowed_token_ids is not None or p.repetition_penalty != 1.0 or \
+        p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 or bool(row.suppressed_ids())
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -232,6 +246,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
         return logits  # a plain batch skips a pass over [N, V]; argmax reads any float dtype exactly
     out = logits.to(torch.float32, copy=True)
     apply_logit_bias(out, rows)
+    apply_allowed_tokens(out, rows)
     apply_min_tokens(out, rows)
     apply_repetition_penalty(out, rows)
     apply_frequency_presence_penalties(out, rows)

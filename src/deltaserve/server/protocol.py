@@ -73,6 +73,7 @@ class _SamplingFields(_Model):
     ignore_eos: bool = False
     min_tokens: int = 0
     stop_token_ids: list[int] | None = None
+    allowed_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # structured outputs: OpenAI's field, vLLM's current one (an object, read in server/structured.py) and its
@@ -232,7 +233,6 @@ def parse_body(raw: bytes, model: type[M]) -> M:
 # send some), but these change what comes back, so one sent with an active value is refused rather than dropped.
 _UNSUPPORTED = {
     "bad_words": "ban single tokens with logit_bias (-100)",
-    "allowed_token_ids": "restrict the output with logit_bias or structured outputs (guided_choice, guided_regex)",
     "truncate_prompt_tokens": "shorten the prompt on the client",
     "prompt_logprobs": "on /v1/completions send echo with logprobs: the prompt's tokens get logprobs too",
     "echo": "use /v1/completions with echo",

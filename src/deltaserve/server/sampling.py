@@ -95,7 +95,8 @@ def _build(req: _SamplingFields, *, max_tokens: int | None, max_tokens_field: st
     kwargs: dict[str, Any] = dict(
         n=req.n, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=[] if req.stop is None else req.stop,
         stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-        logit_bias=_logit_bias(req.logit_bias, limits.vocab_size), skip_special_tokens=skip_special_tokens,
+        logit_bias=_logit_bias(req.logit_bias, limits.vocab_size), allowed_token_ids=req.allowed_token_ids,
+        skip_special_tokens=skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output)
     for name in _SAMPLING_FIELDS:
         value = getattr(req, name)
@@ -128,6 +129,8 @@ def _check_edge(req: _SamplingFields, limits: Limits) -> None:
                           f"{INT64_MAX - (req.n - 1)} with n={req.n}); got {req.seed}", param="seed")
     if req.stop_token_ids:
         check_token_ids(req.stop_token_ids, limits.vocab_size, "stop_token_ids")
+    if req.allowed_token_ids:
+        check_token_ids(req.allowed_token_ids, limits.vocab_size, "allowed_token_ids")
     _check_stops(req.stop)
 
 
