@@ -55,6 +55,26 @@ def test_allowed_token_ids_as_vllm_takes_them(client, reference):
     assert {t.token for t in chat.choices[0].logprobs.content} <= {chr(i) for i in allowed}
 
 
+def test_truncate_prompt_tokens_keeps_the_prompts_end(client, reference):
+    """vLLM's field: the last k prompt tokens stay (token ids, text longer than the context, chat), as LLM.generate
+    answers that end alone; echo returns what stayed."""
+    ids = list(range(40, 100))
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = reference.generate([{"prompt_token_ids": ids[-9:]}], greedy)[0].outputs[0].text
+    out = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=6, temperature=0,
+                                    extra_body={"ignore_eos": True, "truncate_prompt_tokens": 9})
+    assert out.choices[0].text == want and out.usage.prompt_tokens == 9
+    text = "abc " * 600  # past the 512-token context: refused whole, kept at its end when truncated
+    tail = reference.get_tokenizer().encode(text)[-20:]
+    want = reference.generate([{"prompt_token_ids": tail}], greedy)[0].outputs[0].text
+    out = client.completions.create(model=MODEL_NAME, prompt=text, max_tokens=6, temperature=0, echo=True,
+                                    extra_body={"ignore_eos": True, "truncate_prompt_tokens": 20})
+    assert out.choices[0].text == reference.get_tokenizer().decode(tail) + want and out.usage.prompt_tokens == 20
+    chat = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": text}],
+                                          max_tokens=4, temperature=0, extra_body={"truncate_prompt_tokens": 30})
+    assert chat.usage.prompt_tokens == 30
+
+
 def _stream_completion(client, **kw) -> tuple[dict[int, str], dict[int, str], object]:
     texts: dict[int, str] = {}
     finish: dict[int, str] = {}

@@ -20,7 +20,7 @@ from deltaserve.server.errors import APIError, bad_request, server_error
 from deltaserve.server.output_parser import prompt_opens_reasoning
 from deltaserve.server.protocol import ChatMessage
 from deltaserve.server.templates import TemplateRenderError
-from deltaserve.server.tokens import encode_bounded
+from deltaserve.server.tokens import encode_prompt
 
 if TYPE_CHECKING:
     from deltaserve.server.state import ServerState
@@ -56,7 +56,10 @@ class ChatPrompt:
     cache_points: tuple[int, ...] = ()
 
 
-async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_field: str = "messages") -> ChatPrompt:
+async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_field: str = "messages",
+                        keep: int | None = None) -> ChatPrompt:
+    """keep: only the rendered prompt's last `keep` tokens (truncate_prompt_tokens; its stable prefixes are then
+    gone, so no cache points)."""
     tokenizer = state.tokenizer
     if tokenizer is None:
         raise bad_request("chat needs a tokenizer, but the model directory has no tokenizer.json; use completions "
@@ -75,12 +78,13 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
             add_generation_prompt=parts.add_generation_prompt, kwargs={**state.special_tokens, **kwargs})
     except TemplateRenderError as e:
         raise _render_error(e, prompt_field) from None
-    ids = await asyncio.to_thread(encode_bounded, tokenizer, text, state.limits.max_model_len - 1,
+    ids = await asyncio.to_thread(encode_prompt, tokenizer, text, state.limits.max_model_len - 1, keep,
                                   add_special_tokens=False, field=prompt_field)
     if not ids:  # else the length check would call the (non-empty) messages empty
         raise bad_request("the chat template rendered these messages to an empty prompt; check the template and the "
                           "messages' roles", prompt_field)
-    points = await _cache_points(state, parts, template, kwargs, ids) if parts.add_generation_prompt else ()
+    cut = keep is not None and len(ids) == keep
+    points = await _cache_points(state, parts, template, kwargs, ids) if parts.add_generation_prompt and not cut else ()
     return ChatPrompt(ids, prompt_opens_reasoning(text), points)
 
 

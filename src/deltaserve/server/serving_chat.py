@@ -23,6 +23,7 @@ from deltaserve.server.sampling import chat_params, check_lengths, with_structur
 from deltaserve.server.serving_completions import SSE_HEADERS
 from deltaserve.server.state import ServerState
 from deltaserve.server.structured import chat_spec, compile_spec
+from deltaserve.server.tokens import kept_prompt_tokens
 
 
 @dataclass
@@ -77,9 +78,10 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     params = chat_params(req, state.limits, state.sampling_defaults)
     tools = resolve_tools(req, parse=state.config.tool_call_parser != "none",
                           exclude_tools_when_none=state.config.exclude_tools_when_tool_choice_none)
+    keep = kept_prompt_tokens(req.truncate_prompt_tokens, state.limits.max_model_len)
     rendered = await render_prompt(state, ChatRequestParts(req.messages, tools.for_template, req.add_generation_prompt,
                                                            req.chat_template, req.chat_template_kwargs,
-                                                           req.documents))
+                                                           req.documents), keep=keep)
     prompt, opens_reasoning = rendered.ids, rendered.opens_reasoning
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     check_lengths(len(prompt), params, state.limits, prompt_field="messages", max_tokens_field=max_field)

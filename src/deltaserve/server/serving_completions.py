@@ -23,7 +23,7 @@ from deltaserve.server.responses import (DONE, TokenStrings, completion_logprobs
 from deltaserve.server.sampling import check_lengths, check_token_ids, completion_params, echo_only, with_structured
 from deltaserve.server.state import ServerState
 from deltaserve.server.structured import compile_spec, output_spec
-from deltaserve.server.tokens import encode_bounded
+from deltaserve.server.tokens import encode_prompt, kept_prompt_tokens
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -101,6 +101,7 @@ def _tokenize(state: ServerState, req: CompletionRequest) -> list[_Prompt]:
         items = list(prompt)  # type: ignore[arg-type]
     if not items:
         raise bad_request("'prompt' is empty; give a string, a list of token ids, or a list of either", "prompt")
+    keep = kept_prompt_tokens(req.truncate_prompt_tokens, state.limits.max_model_len)
     out = []
     for i, item in enumerate(items):
         if isinstance(item, str):
@@ -109,11 +110,12 @@ def _tokenize(state: ServerState, req: CompletionRequest) -> list[_Prompt]:
             except TokenizerError as e:
                 raise bad_request(str(e), "prompt") from None
             field_name = "prompt" if len(items) == 1 else f"prompt.{i}"
-            ids = encode_bounded(tok, item, state.limits.max_model_len - 1,
-                                 add_special_tokens=req.add_special_tokens, field=field_name)
-            out.append(_Prompt(item, ids))
+            ids = encode_prompt(tok, item, state.limits.max_model_len - 1, keep,
+                                add_special_tokens=req.add_special_tokens, field=field_name)
+            whole = keep is None or len(ids) < keep  # else echo decodes the ids that stayed
+            out.append(_Prompt(item if whole else None, ids))
         else:
-            out.append(_Prompt(None, list(item)))
+            out.append(_Prompt(None, list(item) if keep is None else list(item)[-keep:]))
     return out
 
 

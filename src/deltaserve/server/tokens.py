@@ -30,6 +30,30 @@ def encode_bounded(tokenizer: Any, text: str, max_tokens: int, *, add_special_to
     return tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
 
+def kept_prompt_tokens(truncate_prompt_tokens: int | None, max_model_len: int) -> int | None:
+    """How many of a prompt's last tokens a request keeps (vLLM's `truncate_prompt_tokens`: k, or -1 for the whole
+    context); None: the prompt is not truncated."""
+    k = truncate_prompt_tokens
+    if k is None:
+        return None
+    if k == 0 or k < -1:
+        raise bad_request(f"'truncate_prompt_tokens' is {k}; use an integer >= 1 (keep the prompt's last k tokens) or "
+                          "-1 (as many as the context holds)", param="truncate_prompt_tokens")
+    if k > max_model_len:
+        raise bad_request(f"'truncate_prompt_tokens' is {k} but this model's context is {max_model_len} tokens; use at "
+                          f"most {max_model_len}, or -1", param="truncate_prompt_tokens")
+    return max_model_len if k == -1 else k
+
+
+def encode_prompt(tokenizer: Any, text: str, max_tokens: int, keep: int | None, *, add_special_tokens: bool,
+                  field: str) -> list[int]:
+    """encode_bounded's ids, or with `keep` the last keep of the whole text's ids (a truncated prompt is tokenized
+    whole, within the server's body size limit, since its end is what stays)."""
+    if keep is None:
+        return encode_bounded(tokenizer, text, max_tokens, add_special_tokens=add_special_tokens, field=field)
+    return tokenizer.encode(text, add_special_tokens=add_special_tokens)[-keep:]
+
+
 def context_exceeded(field: str, tokens: str, max_model_len: int) -> APIError:
     return bad_request(f"'{field}' is {tokens} tokens but this model's context is {max_model_len} tokens; shorten it",
                        param=field, code="context_length_exceeded")
