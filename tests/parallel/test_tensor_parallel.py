@@ -238,6 +238,25 @@ def test_two_ranks_with_mtp_match_one_process_without(request, fixture, options)
     assert accepted[-1] > 0 and accepted[0] < drafted[0] and ended_inside
 
 
+def test_two_ranks_with_mtp_and_a_grammar(dense_mtp):
+    """A step with a constrained row samples once rank 0 has the grammar mask (the workers' "sample" command): every
+    rank then runs the MTP head's passes from rank 0's tokens there too (the constrained row verifies placeholder
+    drafts). Outputs as one process without MTP."""
+    from deltaserve.structured import StructuredSpec
+
+    regex = SamplingParams(temperature=0, max_tokens=12, structured=StructuredSpec.regex("[a-f]{3}[0-9]{4}"))
+    params = [regex, PARAMS, PARAMS]
+
+    def outputs(llm: LLM) -> list[list[int]]:
+        try:
+            return [o.outputs[0].token_ids for o in llm.generate(prompts(), params)]
+        finally:
+            llm.engine.shutdown()
+
+    mtp = make_llm(dense_mtp, 2, speculative_tokens=2)
+    assert outputs(mtp) == outputs(make_llm(dense_mtp)) and mtp.engine.spec_counters["spec_verify_steps"] > 0
+
+
 def spy(obj, name: str) -> list:
     """Record the arguments of each call of obj.name (still calling it)."""
     calls, fn = [], getattr(obj, name)
