@@ -12,6 +12,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # prompt logprobs: token_id's 1-based rank under the distribution (None elsewhere)
 
 
 @dataclass

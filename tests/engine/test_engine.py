@@ -258,6 +258,7 @@ def test_prompt_logprobs_match_transformers(ckpt, kw):
         top = ref[i].topk(3)
         assert [t for t, _ in entry.top] == top.indices.tolist()
         assert all(math.isclose(lp, v, abs_tol=1e-4) for (_, lp), v in zip(entry.top, top.values.tolist()))
+        assert entry.rank == 1 + int((ref[i] > ref[i, p[i + 1]]).sum())  # vLLM's rank: 1 + the ids ranked above
     assert pools_full(llm)
 
 

@@ -1,5 +1,5 @@
 """Response details where this server follows vLLM and OpenAI: finish_reason of a forced tool call, stop_reason on
-the end token, the legacy completions top_logprobs, and when continuous usage stats are sent."""
+the end token, the legacy completions top_logprobs, when continuous usage stats are sent, and vLLM's prompt_logprobs."""
 
 from __future__ import annotations
 
@@ -111,3 +111,36 @@ def test_echo_with_max_tokens_zero_returns_the_scored_prompt(http, stream):
     assert text == prompt and "".join(tokens) == prompt and len(tokens) == usage["prompt_tokens"]
     assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == ["length"]
     assert usage["completion_tokens"] == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_prompt_logprobs_as_vllm_answers_them(http, reference, stream):
+    """vLLM's prompt_logprobs on completions (per choice; streamed with the first chunk that has them) and chat (the
+    response's, not streamed): per prompt token, null first, then {"id": {logprob, rank, decoded_token}} for the
+    token and its k most likely alternatives (ranks 1..k), the token's logprob and rank as LLM.generate scores it."""
+    from deltaserve import SamplingParams
+
+    ids = [87, 111, 114, 108, 100, 33]
+    want = reference.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=2,
+                                                                            prompt_logprobs=2))[0].prompt_logprobs
+    body = {"prompt": ids, "max_tokens": 2, "temperature": 0, "prompt_logprobs": 2, "stream": stream}
+    r = http.post(COMPLETIONS, json=body)
+    if stream:
+        got = [c["prompt_logprobs"] for e in _events(r) for c in e["choices"] if "prompt_logprobs" in c]
+        assert len(got) == 1
+        got = got[0]
+    else:
+        assert r.status_code == 200, r.text
+        got = r.json()["choices"][0]["prompt_logprobs"]
+    assert len(got) == len(ids) and got[0] is None
+    for token_id, entry, ref in zip(ids[1:], got[1:], want[1:]):
+        mine = entry[str(token_id)]
+        assert abs(mine["logprob"] - ref.logprob) < 1e-4 and mine["rank"] == ref.rank
+        assert sorted(entry[str(t)]["rank"] for t, _ in ref.top) == [1, 2]
+        assert len(entry) == 2 + (ref.rank > 2)
+    if not stream:
+        chat = http.post(CHAT, json={**NO_THINK_CHAT.request(), "max_tokens": 2, "prompt_logprobs": 0})
+        assert chat.status_code == 200, chat.text
+        scored = chat.json()["prompt_logprobs"]
+        assert len(scored) == chat.json()["usage"]["prompt_tokens"] and scored[0] is None
+        assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in scored[1:])

@@ -75,6 +75,7 @@ class _SamplingFields(_Model):
     stop_token_ids: list[int] | None = None
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # structured outputs: OpenAI's field, vLLM's current one (an object, read in server/structured.py) and its
@@ -234,7 +235,6 @@ def parse_body(raw: bytes, model: type[M]) -> M:
 # send some), but these change what comes back, so one sent with an active value is refused rather than dropped.
 _UNSUPPORTED = {
     "bad_words": "ban single tokens with logit_bias (-100)",
-    "prompt_logprobs": "on /v1/completions send echo with logprobs: the prompt's tokens get logprobs too",
     "echo": "use /v1/completions with echo",
     "use_beam_search": "beam search is not implemented; sample n choices instead",
     "continue_final_message": "send the conversation with the partial reply to /v1/completions as one prompt",

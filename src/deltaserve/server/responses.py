@@ -144,6 +144,25 @@ def prompt_completion_logprobs(prompt_ids: list[int], entries: tuple[TokenLogpro
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": tops, "text_offset": offsets}, offset
 
 
+def vllm_prompt_logprobs(entries: tuple[TokenLogprob | None, ...], strings: TokenStrings) -> list[dict | None]:
+    """vLLM's `prompt_logprobs` answer: per prompt token (null for the first: nothing predicts it) the token and its
+    k most likely alternatives, {"token id": {"logprob", "rank", "decoded_token"}}; the alternatives' ranks are their
+    places in that list."""
+    def item(token_id: int, logprob: float, rank: int | None) -> dict[str, Any]:
+        return {"logprob": _clamp(logprob), "rank": rank, "decoded_token": strings.get(token_id)[0]}
+
+    out: list[dict | None] = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = {str(entry.token_id): item(entry.token_id, entry.logprob, entry.rank)}
+        for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+            ranked.setdefault(str(token_id), item(token_id, logprob, rank))
+        out.append(ranked)
+    return out
+
+
 def merge_completion_logprobs(pieces: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not pieces:
         return None

@@ -53,6 +53,10 @@ def completion_params(req: CompletionRequest, limits: Limits,
                     logprobs_field="logprobs", limits=limits, skip_special_tokens=req.skip_special_tokens,
                     defaults=defaults or {})
     if req.echo and req.logprobs is not None:  # the echoed prompt's tokens get logprobs too (the first: null)
+        if req.prompt_logprobs not in (None, req.logprobs):
+            raise bad_request(f"'prompt_logprobs' ({req.prompt_logprobs}) and echo with 'logprobs' ({req.logprobs}) "
+                              "both score the prompt, with different top counts; give one, or the same number",
+                              param="prompt_logprobs")
         params = dataclasses.replace(params, prompt_logprobs=req.logprobs)
     return params
 
@@ -64,6 +68,9 @@ def chat_params(req: ChatCompletionRequest, limits: Limits,
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    if req.prompt_logprobs is not None and req.stream:
+        raise bad_request("'prompt_logprobs' is not available when streaming chat (as in vLLM); send stream: false",
+                          param="prompt_logprobs")
     # The reasoning and tool parsers need <think>/<tool_call> in the text; special tokens that are not markup are
     # stripped by the output parser instead (see output_parser.strip_tokens).
     return _build(req, max_tokens=max_tokens, max_tokens_field=max_field, logprobs=logprobs,
@@ -96,6 +103,7 @@ def _build(req: _SamplingFields, *, max_tokens: int | None, max_tokens_field: st
         n=req.n, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=[] if req.stop is None else req.stop,
         stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
         logit_bias=_logit_bias(req.logit_bias, limits.vocab_size), allowed_token_ids=req.allowed_token_ids,
+        prompt_logprobs=req.prompt_logprobs,
         skip_special_tokens=skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output)
     for name in _SAMPLING_FIELDS:

@@ -18,7 +18,8 @@ from deltaserve.server.errors import APIError, unexpected_error
 from deltaserve.server.generation import ClientDisconnected, generate, raise_for_failure, unless_disconnected
 from deltaserve.server.output_parser import OutputParser, ParsedDelta
 from deltaserve.server.protocol import ChatCompletionRequest, NamedToolChoice, read_json
-from deltaserve.server.responses import DONE, TokenStrings, chat_logprobs, random_id, sse, sse_error, usage
+from deltaserve.server.responses import (DONE, TokenStrings, chat_logprobs, random_id, sse, sse_error, usage,
+                                         vllm_prompt_logprobs)
 from deltaserve.server.sampling import chat_params, check_lengths, with_structured
 from deltaserve.server.serving_completions import SSE_HEADERS
 from deltaserve.server.state import ServerState
@@ -129,15 +130,18 @@ def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings | None) 
 async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
     choices = job.new_choices()
     strings = state.token_strings if job.req.logprobs else None
+    scored: dict[str, Any] = {}  # vLLM's top-level prompt_logprobs, when asked for (from the first delta)
     async for delta in job.stream(state):
         raise_for_failure(delta)
         _apply(choices[delta.index], delta, strings)
+        if job.req.prompt_logprobs is not None and delta.prompt_logprobs is not None:
+            scored["prompt_logprobs"] = vllm_prompt_logprobs(delta.prompt_logprobs, state.token_strings)
     return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
             "choices": [{"index": i, "message": _message(c.message, job.show_reasoning),
                          "logprobs": {"content": c.logprobs} if strings is not None else None,
                          "finish_reason": c.finish_reason_out(), "stop_reason": c.stop_reason}
                         for i, c in enumerate(choices)],
-            "usage": _usage(job, choices)}
+            **scored, "usage": _usage(job, choices)}
 
 
 def _usage(job: _Job, choices: list[_Choice]) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from deltaserve.server.errors import APIError, bad_request, unexpected_error
 from deltaserve.server.generation import ClientDisconnected, generate, merge, raise_for_failure, unless_disconnected
 from deltaserve.server.protocol import CompletionRequest, read_json
 from deltaserve.server.responses import (DONE, TokenStrings, completion_logprobs, merge_completion_logprobs,
-                                         prompt_completion_logprobs, random_id, sse, sse_error, usage)
+                                         prompt_completion_logprobs, random_id, sse, sse_error, usage,
+                                         vllm_prompt_logprobs)
 from deltaserve.server.sampling import check_lengths, check_token_ids, completion_params, echo_only, with_structured
 from deltaserve.server.state import ServerState
 from deltaserve.server.structured import compile_spec, output_spec
@@ -43,6 +44,7 @@ class _Choice:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     offset: int = 0  # text_offset of the next logprobs token
     cached_tokens: int = 0  # prompt tokens the prefix cache served (from the first delta)
+    prompt_logprobs: list | None = None  # vLLM's prompt_logprobs answer (from the first delta), when asked for
 
 
 @dataclass
@@ -137,13 +139,32 @@ async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
     async for i, delta in merge(job.streams(state)):
         raise_for_failure(delta)
         choice = choices[i * n + delta.index]
-        _echo_logprobs(choice, job.prompts[i], delta, strings)
+        if _echo_with_logprobs(job):
+            _echo_logprobs(choice, job.prompts[i], delta, strings)
         _apply(choice, _dropped(delta) if job.echo_only else delta, strings, job.req.logprobs)
+        _keep_prompt_logprobs(choice, job, delta, strings)
     return {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model,
             "choices": [{"index": k, "text": c.text, "logprobs": merge_completion_logprobs(c.logprobs),
-                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                         "finish_reason": c.finish_reason, "stop_reason": c.stop_reason, **_prompt_field(job, c)}
                         for k, c in enumerate(choices)],
             "usage": _usage(job, choices)}
+
+
+def _echo_with_logprobs(job: _Job) -> bool:
+    """OpenAI's legacy form: the echoed prompt's tokens lead the choice's logprobs."""
+    return job.req.echo and job.req.logprobs is not None
+
+
+def _keep_prompt_logprobs(choice: _Choice, job: _Job, delta: SequenceDelta, strings: TokenStrings) -> bool:
+    """vLLM's form (`prompt_logprobs`): kept on the choice from the sample's first delta; True for that delta."""
+    if job.req.prompt_logprobs is None or delta.prompt_logprobs is None:
+        return False
+    choice.prompt_logprobs = vllm_prompt_logprobs(delta.prompt_logprobs, strings)
+    return True
+
+
+def _prompt_field(job: _Job, choice: _Choice) -> dict[str, Any]:
+    return {"prompt_logprobs": choice.prompt_logprobs} if job.req.prompt_logprobs is not None else {}
 
 
 def _echo_logprobs(choice: _Choice, prompt: _Prompt, delta: SequenceDelta, strings: TokenStrings) -> dict | None:
@@ -197,7 +218,7 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
             body["usage"] = None
         return sse(body)
 
-    echo_with_logprobs = job.req.echo and job.params.prompt_logprobs is not None
+    echo_with_logprobs = _echo_with_logprobs(job)
     try:
         if job.req.echo and not echo_with_logprobs:
             for k in range(len(choices)):
@@ -205,15 +226,16 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
         async for i, delta in merge(job.streams(state)):
             raise_for_failure(delta)
             k = i * n + delta.index
-            prompt_piece = _echo_logprobs(choices[k], job.prompts[i], delta, strings)
+            prompt_piece = _echo_logprobs(choices[k], job.prompts[i], delta, strings) if echo_with_logprobs else None
             if prompt_piece is not None:  # the echo chunk waits for the prompt's logprobs
                 yield chunk(_chunk_choice(k, _prompt_text(state, job.prompts[i]), prompt_piece, None, None))
             if job.echo_only:
                 delta = _dropped(delta)
             piece = _apply(choices[k], delta, strings, job.req.logprobs)
-            if delta.text or piece is not None or delta.finished:
-                yield chunk(_chunk_choice(k, delta.text, piece, delta.finish_reason if delta.finished else None,
-                                          delta.stop_reason))
+            scored = _keep_prompt_logprobs(choices[k], job, delta, strings)
+            if delta.text or piece is not None or delta.finished or scored:
+                yield chunk({**_chunk_choice(k, delta.text, piece, delta.finish_reason if delta.finished else None,
+                                             delta.stop_reason), **(_prompt_field(job, choices[k]) if scored else {})})
         if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(job, choices)})
     except APIError as e:
