@@ -1,5 +1,6 @@
 """Response details where this server follows vLLM and OpenAI: finish_reason of a forced tool call, stop_reason on
-the end token, the legacy completions top_logprobs, when continuous usage stats are sent, and vLLM's prompt_logprobs."""
+the end token, the legacy completions top_logprobs, when continuous usage stats are sent, vLLM's prompt_logprobs and
+return_tokens_as_token_ids."""
 
 from __future__ import annotations
 
@@ -144,3 +145,20 @@ def test_prompt_logprobs_as_vllm_answers_them(http, reference, stream):
         scored = chat.json()["prompt_logprobs"]
         assert len(scored) == chat.json()["usage"]["prompt_tokens"] and scored[0] is None
         assert all(len(e) == 1 and next(iter(e.values()))["rank"] >= 1 for e in scored[1:])
+
+
+def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(http):
+    """vLLM's field: every token a logprobs answer names (sampled, alternatives, the echoed prompt's) reads
+    "token_id:{id}", the same tokens as the plain answer names by their text."""
+    ids = [87, 111, 114]
+    body = {"prompt": ids, "max_tokens": 3, "temperature": 0, "logprobs": 2, "echo": True}
+    plain = http.post(COMPLETIONS, json=body).json()["choices"][0]["logprobs"]
+    named = http.post(COMPLETIONS, json={**body, "return_tokens_as_token_ids": True}).json()["choices"][0]["logprobs"]
+    assert named["tokens"][:3] == [f"token_id:{t}" for t in ids] and len(named["tokens"]) == len(plain["tokens"])
+    assert all(k.startswith("token_id:") for top in named["top_logprobs"][1:] for k in top)
+    assert named["token_logprobs"] == plain["token_logprobs"]
+    chat = {**NO_THINK_CHAT.request(), "max_tokens": 3, "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    content = http.post(CHAT, json={**chat, "return_tokens_as_token_ids": True}).json()["choices"][0]["logprobs"]
+    tokens = [c["token"] for c in content["content"]] + [t["token"] for c in content["content"] for t in
+                                                           c["top_logprobs"]]
+    assert tokens and all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens)

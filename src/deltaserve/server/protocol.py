@@ -76,6 +76,7 @@ class _SamplingFields(_Model):
     allowed_token_ids: list[int] | None = None
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None
+    return_tokens_as_token_ids: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # structured outputs: OpenAI's field, vLLM's current one (an object, read in server/structured.py) and its
@@ -239,7 +240,6 @@ _UNSUPPORTED = {
     "use_beam_search": "beam search is not implemented; sample n choices instead",
     "continue_final_message": "send the conversation with the partial reply to /v1/completions as one prompt",
     "logits_processors": "use logit_bias, the penalties or structured outputs",
-    "return_tokens_as_token_ids": "tokenize the returned text with /v1/tokenize",
     # vLLM's top-level form; dropping it would return unconstrained text (structured_outputs.structural_tag is refused
     # in server/structured.py)
     "structural_tag": "constrain the output with response_format, structured_outputs (json, regex, choice, grammar) "

@@ -88,6 +88,9 @@ class TokenStrings:
         return text, list(text.encode("utf-8", errors="replace"))
 
 
+ID_STRINGS = TokenStrings(None)  # every token as "token_id:{id}"
+
+
 def chat_logprobs(entries: tuple[TokenLogprob, ...] | list[TokenLogprob], strings: TokenStrings,
                   ) -> list[dict[str, Any]]:
     content = []

@@ -129,13 +129,14 @@ def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings | None) 
 
 async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
     choices = job.new_choices()
-    strings = state.token_strings if job.req.logprobs else None
+    named = state.logprob_strings(job.req.return_tokens_as_token_ids)
+    strings = named if job.req.logprobs else None
     scored: dict[str, Any] = {}  # vLLM's top-level prompt_logprobs, when asked for (from the first delta)
     async for delta in job.stream(state):
         raise_for_failure(delta)
         _apply(choices[delta.index], delta, strings)
         if job.req.prompt_logprobs is not None and delta.prompt_logprobs is not None:
-            scored["prompt_logprobs"] = vllm_prompt_logprobs(delta.prompt_logprobs, state.token_strings)
+            scored["prompt_logprobs"] = vllm_prompt_logprobs(delta.prompt_logprobs, named)
     return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
             "choices": [{"index": i, "message": _message(c.message, job.show_reasoning),
                          "logprobs": {"content": c.logprobs} if strings is not None else None,
@@ -167,7 +168,7 @@ def _message(m: ParsedDelta, show_reasoning: bool) -> dict[str, Any]:
 
 async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
     choices = job.new_choices()
-    strings = state.token_strings if job.req.logprobs else None
+    strings = state.logprob_strings(job.req.return_tokens_as_token_ids) if job.req.logprobs else None
     head = {"id": job.id, "object": "chat.completion.chunk", "created": job.created, "model": job.model}
     opts = job.req.stream_options
     include_usage = opts is not None and opts.include_usage

@@ -131,7 +131,7 @@ def _prompt_text(state: ServerState, prompt: _Prompt) -> str:
 async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
     n = job.params.n
     choices = [_Choice() for _ in range(len(job.prompts) * n)]
-    strings = state.token_strings
+    strings = state.logprob_strings(job.req.return_tokens_as_token_ids)
     if job.req.echo:
         for i, p in enumerate(job.prompts):
             for s in range(n):
@@ -201,7 +201,7 @@ def _apply(choice: _Choice, delta: SequenceDelta, strings: TokenStrings, logprob
 async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
     n = job.params.n
     choices = [_Choice() for _ in range(len(job.prompts) * n)]
-    strings = state.token_strings
+    strings = state.logprob_strings(job.req.return_tokens_as_token_ids)
     head = {"id": job.id, "object": "text_completion", "created": job.created, "model": job.model}
     opts = job.req.stream_options
     include_usage = opts is not None and opts.include_usage

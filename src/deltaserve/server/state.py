@@ -14,7 +14,7 @@ from deltaserve.server.args import ServerConfig
 from deltaserve.server.errors import APIError, server_error
 from deltaserve.server.metrics import ServerMetrics
 from deltaserve.server.output_parser import strip_tokens
-from deltaserve.server.responses import TokenStrings
+from deltaserve.server.responses import ID_STRINGS, TokenStrings
 from deltaserve.server.sampling import Limits
 from deltaserve.server.templates import TemplateLimits, TemplateRenderer
 
@@ -66,6 +66,10 @@ class ServerState:
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    def logprob_strings(self, as_ids: bool) -> TokenStrings:
+        """How logprobs name tokens: their text, or with vLLM's return_tokens_as_token_ids "token_id:{id}"."""
+        return ID_STRINGS if as_ids else self.token_strings
 
     def check_model(self, name: str | None) -> str:
         """The served name to echo back; an unknown one is a 404 as in OpenAI's API. None or "" (a client whose
