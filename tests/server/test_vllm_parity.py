@@ -1,6 +1,6 @@
 """Response details where this server follows vLLM and OpenAI: finish_reason of a forced tool call, stop_reason on
-the end token, the legacy completions top_logprobs, when continuous usage stats are sent, vLLM's prompt_logprobs and
-return_tokens_as_token_ids."""
+the end token, the legacy completions top_logprobs, when continuous usage stats are sent, vLLM's prompt_logprobs,
+return_tokens_as_token_ids and continue_final_message."""
 
 from __future__ import annotations
 
@@ -162,3 +162,26 @@ def test_return_tokens_as_token_ids_names_logprob_tokens_by_id(http):
     tokens = [c["token"] for c in content["content"]] + [t["token"] for c in content["content"] for t in
                                                            c["top_logprobs"]]
     assert tokens and all(t.startswith("token_id:") and t[9:].isdigit() for t in tokens)
+
+
+def test_continue_final_message_continues_the_last_message(http, reference):
+    """vLLM's field (with add_generation_prompt false): the prompt ends inside the last message, its end-of-turn
+    token cut, and the model continues it; /v1/tokenize renders the same prompt. Both flags at once: a 400."""
+    from deltaserve import SamplingParams
+
+    msgs = [{"role": "user", "content": "Say hello"}, {"role": "assistant", "content": "Hello, wor"}]
+    body = {"messages": msgs, "add_generation_prompt": False, "continue_final_message": True}
+    ids = http.post("/v1/tokenize", json=body).json()["tokens"]
+    plain = http.post("/v1/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()["tokens"]
+    assert reference.get_tokenizer().decode(ids).endswith("Hello, wor")
+    assert len(ids) < len(plain) and ids == plain[:len(ids)]  # the plain render goes on past the content
+    want = reference.generate([{"prompt_token_ids": ids}], SamplingParams(temperature=0, max_tokens=5,
+                                                                            ignore_eos=True))[0].outputs[0]
+    r = http.post(CHAT, json={**body, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "logprobs": True,
+                              "return_tokens_as_token_ids": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    assert [c["token"] for c in r.json()["choices"][0]["logprobs"]["content"]] == \
+        [f"token_id:{t}" for t in want.token_ids]
+    both = http.post(CHAT, json={**body, "add_generation_prompt": True})
+    assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"

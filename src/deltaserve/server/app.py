@@ -217,7 +217,7 @@ async def _tokenize(state: ServerState, req: TokenizeRequest) -> list[int]:
     tools = resolve_tools(req, parse=state.config.tool_call_parser != "none",
                           exclude_tools_when_none=state.config.exclude_tools_when_tool_choice_none).for_template
     parts = ChatRequestParts(req.messages, tools, req.add_generation_prompt, req.chat_template,
-                             req.chat_template_kwargs, req.documents)
+                             req.chat_template_kwargs, req.documents, req.continue_final_message)
     return (await render_prompt(state, parts)).ids
 
 

@@ -45,6 +45,7 @@ class ChatRequestParts:
     chat_template: str | None
     chat_template_kwargs: dict[str, Any] | None
     documents: list[dict[str, Any]] | None = None  # the template's `documents` (render_jinja_template's argument)
+    continue_final_message: bool = False  # the prompt ends inside the last message, for the model to continue
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,18 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
                           "chat_template_kwargs")
     if parts.documents is not None:
         kwargs["documents"] = parts.documents
+    if parts.continue_final_message and parts.add_generation_prompt:
+        raise bad_request("'continue_final_message' continues the last message, 'add_generation_prompt' opens a new "
+                          "one: send add_generation_prompt: false with it (as vLLM asks)", "continue_final_message")
+    messages = template_messages(parts.messages)
     try:
         text = await state.templates.render_async(
-            template, template_messages(parts.messages), tools=parts.tools,
+            template, messages, tools=parts.tools,
             add_generation_prompt=parts.add_generation_prompt, kwargs={**state.special_tokens, **kwargs})
     except TemplateRenderError as e:
         raise _render_error(e, prompt_field) from None
+    if parts.continue_final_message:
+        text = _open_final_message(text, messages[-1]["content"])
     ids = await asyncio.to_thread(encode_prompt, tokenizer, text, state.limits.max_model_len - 1, keep,
                                   add_special_tokens=False, field=prompt_field)
     if not ids:  # else the length check would call the (non-empty) messages empty
@@ -86,6 +93,19 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
     cut = keep is not None and len(ids) == keep
     points = await _cache_points(state, parts, template, kwargs, ids) if parts.add_generation_prompt and not cut else ()
     return ChatPrompt(ids, prompt_opens_reasoning(text), points)
+
+
+def _open_final_message(text: str, final: str) -> str:
+    """The rendered chat cut just after the last message's content (what follows it, its end-of-turn token, is
+    dropped), as transformers' continue_final_message cuts it: the template may have trimmed the content's spaces."""
+    core = final.strip()
+    at = text.rfind(core) if core else -1
+    if at < 0:
+        raise bad_request("'continue_final_message': the chat template does not render the last message's content "
+                          "as it was sent (it is empty, or the template rewrites it), so there is no end to continue "
+                          "from", "continue_final_message")
+    kept = final.lstrip()
+    return text[:at + len(kept)] if text[at:at + len(kept)] == kept else text[:at + len(core)]
 
 
 async def _cache_points(state: ServerState, parts: ChatRequestParts, template: str, kwargs: dict[str, Any],

@@ -170,6 +170,7 @@ class ChatCompletionRequest(_SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None  # for templates that render retrieval documents (RAG)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # with add_generation_prompt false: the last message is continued
     include_reasoning: bool = True
 
 
@@ -181,6 +182,7 @@ class TokenizeRequest(_Model):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # which tools chat would list
     add_special_tokens: bool = False
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     documents: list[dict[str, Any]] | None = None
@@ -238,7 +240,6 @@ _UNSUPPORTED = {
     "bad_words": "ban single tokens with logit_bias (-100)",
     "echo": "use /v1/completions with echo",
     "use_beam_search": "beam search is not implemented; sample n choices instead",
-    "continue_final_message": "send the conversation with the partial reply to /v1/completions as one prompt",
     "logits_processors": "use logit_bias, the penalties or structured outputs",
     # vLLM's top-level form; dropping it would return unconstrained text (structured_outputs.structural_tag is refused
     # in server/structured.py)

@@ -82,7 +82,7 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
     keep = kept_prompt_tokens(req.truncate_prompt_tokens, state.limits.max_model_len)
     rendered = await render_prompt(state, ChatRequestParts(req.messages, tools.for_template, req.add_generation_prompt,
                                                            req.chat_template, req.chat_template_kwargs,
-                                                           req.documents), keep=keep)
+                                                           req.documents, req.continue_final_message), keep=keep)
     prompt, opens_reasoning = rendered.ids, rendered.opens_reasoning
     max_field = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     check_lengths(len(prompt), params, state.limits, prompt_field="messages", max_tokens_field=max_field)
