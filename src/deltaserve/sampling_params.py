@@ -76,6 +76,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these ids
+    # vLLM's bad_words: words never to complete; the engine tokenizes them into bad_words_token_ids (a sequence's last
+    # token is banned once the output ends with the rest of it), which may also be given directly
+    bad_words: list[str] = field(default_factory=list)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     structured: StructuredSpec | None = None
@@ -92,6 +96,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def reads_outputs(self) -> bool:
+        """Whether sampling reads the tokens output so far: the penalties, a bad word of several tokens."""
+        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or \
+            any(len(q) > 1 for q in self.bad_words_token_ids)
+
     def _normalise(self) -> None:
         # None (vLLM's default) means no stop strings, as it means no stop ids below
         stop = [self.stop] if isinstance(self.stop, str) else [] if self.stop is None else self.stop
@@ -105,6 +115,15 @@ class SamplingParams:
             _check(isinstance(self.logit_bias, dict), "logit_bias", self.logit_bias,
                    "a dict from token id to bias, or None")
             object.__setattr__(self, "logit_bias", dict(self.logit_bias))
+        words = [] if self.bad_words is None else self.bad_words
+        _check(isinstance(words, _COLLECTIONS) and all(isinstance(w, str) and w.strip() for w in words), "bad_words",
+               self.bad_words, "a list of words (non-blank strings)")
+        object.__setattr__(self, "bad_words", list(words))
+        seqs = self.bad_words_token_ids
+        _check(isinstance(seqs, _COLLECTIONS) and all(isinstance(q, _COLLECTIONS) and q and
+                                                       all(_is_int(t) and t >= 0 for t in q) for q in seqs),
+               "bad_words_token_ids", seqs, "a list of non-empty lists of token ids >= 0")
+        object.__setattr__(self, "bad_words_token_ids", [list(q) for q in seqs])
         if self.allowed_token_ids is not None:
             _check(isinstance(self.allowed_token_ids, _COLLECTIONS), "allowed_token_ids", self.allowed_token_ids,
                    "a non-empty list of token ids >= 0, or None")

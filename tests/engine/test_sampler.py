@@ -232,6 +232,17 @@ def test_allowed_token_ids_restrict_the_distribution() -> None:
     _assert_matches(_frequencies(logits[0], allowed_token_ids=[1, 3, 4]), want)
 
 
+def test_bad_words_ban_the_last_token_after_the_rest() -> None:
+    """vLLM's rule: a one-token word is always banned, a longer one's last token once the output ends with the
+    tokens before it (the prompt does not count)."""
+    logits = torch.zeros(3, 6)
+    seqs = [[5], [1, 2], [3, 1, 4]]
+    rows = [_row(bad_words_token_ids=seqs, output=[0, 1]), _row(bad_words_token_ids=seqs, prompt=[1], output=[3, 1]),
+            _row(bad_words_token_ids=seqs, output=torch.tensor([1, 3]))]
+    banned = [[i for i, v in enumerate(row.tolist()) if v == float("-inf")] for row in process_logits(logits, rows)]
+    assert banned == [[2, 5], [2, 4, 5], [5]]
+
+
 def test_min_tokens_suppresses_eos_and_stop_token_ids() -> None:
     logits = torch.tensor([[0.0, 1.0, 2.0, 9.0, 8.0]])  # 3 = eos, 4 = a stop token id
     params = dict(temperature=0.0, min_tokens=2, stop_token_ids=[4], eos=[3])

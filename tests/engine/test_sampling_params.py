@@ -53,13 +53,16 @@ def test_frozen() -> None:
     ("logit_bias", {-1: 1.0}), ("logit_bias", {3: float("nan")}), ("logit_bias", {"3": 1.0}), ("logit_bias", [1]),
     ("ignore_eos", "yes"),
     ("allowed_token_ids", []), ("allowed_token_ids", [-1]), ("allowed_token_ids", ["5"]), ("allowed_token_ids", 5),
+    ("bad_words", [" "]), ("bad_words", "word"), ("bad_words", [3]),
+    ("bad_words_token_ids", [[]]), ("bad_words_token_ids", [[-1]]), ("bad_words_token_ids", [5]),
 ])
 def test_invalid_values_name_field_value_and_range(field: str, value: object) -> None:
     with pytest.raises(ValueError) as err:
         SamplingParams(**{field: value})
     message = str(err.value)
     assert field in message and "expected" in message
-    assert repr(value) in message or field in ("stop", "stop_token_ids", "logit_bias", "allowed_token_ids")
+    assert repr(value) in message or field in ("stop", "stop_token_ids", "logit_bias", "allowed_token_ids",
+                                               "bad_words", "bad_words_token_ids")
 
 
 def test_min_tokens_above_max_tokens() -> None:

@@ -81,8 +81,7 @@ BAD = [
     ("tokenize_chat_template", "/v1/tokenize", _json({"messages": MSG, "chat_template": "{{ 1 }}"}), 400,
      "chat_template", "chat_template_not_allowed"),
     # vLLM fields that change the output and that this server does not implement: refused, never dropped
-    ("bad_words", COMPLETIONS, _json({"prompt": "hi", "bad_words": ["The"]}), 400, "bad_words",
-     "unsupported_parameter"),
+    ("bad_words_blank", COMPLETIONS, _json({"prompt": "hi", "bad_words": ["The", " "]}), 400, "bad_words", None),
     ("allowed_token_ids_outside_vocab", CHAT, _json({"messages": MSG, "allowed_token_ids": [5, 10**9]}), 400,
      "allowed_token_ids", None),
     ("allowed_token_ids_empty", COMPLETIONS, _json({"prompt": "hi", "allowed_token_ids": []}), 400,

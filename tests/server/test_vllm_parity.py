@@ -1,6 +1,6 @@
 """Response details where this server follows vLLM and OpenAI: finish_reason of a forced tool call, stop_reason on
 the end token, the legacy completions top_logprobs, when continuous usage stats are sent, vLLM's prompt_logprobs,
-return_tokens_as_token_ids and continue_final_message."""
+return_tokens_as_token_ids, continue_final_message and bad_words."""
 
 from __future__ import annotations
 
@@ -185,3 +185,27 @@ def test_continue_final_message_continues_the_last_message(http, reference):
         [f"token_id:{t}" for t in want.token_ids]
     both = http.post(CHAT, json={**body, "add_generation_prompt": True})
     assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
+
+
+def test_bad_words_as_vllm_bans_them(http, reference):
+    """vLLM's field: the word is tokenized (as written and after a space); its last token is never sampled right
+    after the rest of it, so a greedy output that would complete the word takes another token there, and the
+    output before it is unchanged."""
+    from deltaserve import SamplingParams
+
+    ids = [87, 111, 114, 108, 100]
+    greedy = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    out = reference.generate([{"prompt_token_ids": ids}], SamplingParams(**greedy))[0].outputs[0].token_ids
+    tok = reference.get_tokenizer()
+    word = tok.decode(out[1:3])
+    assert tok.encode(word.lstrip(), add_special_tokens=False) == out[1:3]  # the byte tokenizer maps it back
+
+    def tokens(body: dict) -> list[int]:
+        r = http.post(COMPLETIONS, json={"prompt": ids, **greedy, "logprobs": 0, "return_tokens_as_token_ids": True,
+                                         **body})
+        assert r.status_code == 200, r.text
+        return [int(t[9:]) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+
+    assert tokens({}) == out
+    banned = tokens({"bad_words": [word]})
+    assert banned[:2] == out[:2] and banned[2] != out[2]

@@ -6,6 +6,7 @@ manager for memory; the output processor owns what users see.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -116,6 +117,7 @@ class LLMEngine:
 
         cache_points: prompt positions where a stable prefix ends (e.g. a chat history before its generation
         prompt): the prefix cache keeps the state there, where a later prompt is likely to resume."""
+        params = self._with_bad_word_ids(params)
         self._validate(prompt_token_ids, params)
         children = self.outputs.new_children(request_id, prompt_token_ids, params)
         points = tuple(sorted({p for p in cache_points if 0 < p < len(prompt_token_ids)}))
@@ -151,6 +153,26 @@ class LLMEngine:
         bad = [t for t in params.allowed_token_ids or () if t >= vocab]
         if bad:
             raise RequestError(f"allowed_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        bad = [t for q in params.bad_words_token_ids for t in q if t >= vocab]
+        if bad:
+            raise RequestError(f"bad_words_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+
+    def _with_bad_word_ids(self, params: SamplingParams) -> SamplingParams:
+        """params with its bad_words tokenized, each as vLLM does: as written (spaces before it dropped) and, where
+        that is a different token sequence of the same length, after a space (the word inside a text)."""
+        if not params.bad_words:
+            return params
+        if self.tokenizer is None:
+            raise RequestError("bad_words needs the model's tokenizer, which this model directory lacks; give "
+                               "bad_words_token_ids instead")
+        seqs = [list(q) for q in params.bad_words_token_ids]
+        for word in params.bad_words:
+            plain = self.tokenizer.encode(word.lstrip(), add_special_tokens=False)
+            spaced = self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+            seqs.append(plain)
+            if len(spaced) == len(plain) and spaced[0] != plain[0]:
+                seqs.append(spaced)
+        return dataclasses.replace(params, bad_words_token_ids=seqs)
 
     def _compile(self, params: SamplingParams) -> None:
         """The request's grammar into the cache (the server compiled it already; the offline API compiles here)."""
@@ -244,7 +266,7 @@ class LLMEngine:
         if launched is not None and launched.awaits_grammar:
             launched = self._sample_constrained(out, launched, deltas)
         if launched is not None:
-            if self.async_scheduling and not any(_reads_history(s.params) for s in launched.step.sampling):
+            if self.async_scheduling and not any(s.params.reads_outputs for s in launched.step.sampling):
                 self._inflight = (out, launched, launch_ms)
             else:
                 deltas += self._finish(out, launched, launch_ms)
@@ -383,8 +405,3 @@ class LLMEngine:
             if delta is not None:
                 deltas.append(delta)
         return deltas
-
-
-def _reads_history(params: SamplingParams) -> bool:
-    """Penalties read every past token, so a step sampling for such a request must wait for its own tokens."""
-    return params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or params.presence_penalty != 0.0

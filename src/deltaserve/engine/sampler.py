@@ -2,6 +2,7 @@
 
 Processing order (each step only touches the rows that need it):
   1. logit_bias                      (added to the raw logits), then allowed_token_ids (every other id -> -inf)
+     and bad words                   (a bad word's last token -> -inf once the output ends with the rest of it)
   2. min_tokens                      (stop ids -> -inf while len(output) < min_tokens)
   3. repetition penalty              (HF/vLLM: over prompt + output tokens, positive / p, negative * p)
   4. frequency / presence penalties  (OpenAI: over output tokens, logit -= f * count + p * (count > 0))
@@ -152,6 +153,30 @@ def apply_allowed_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> N
     logits[idx] = logits[idx] + keep
 
 
+def apply_bad_words(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """vLLM's bad words: a sequence's last token is banned where the output ends with the tokens before it (a
+    one-token word always)."""
+    r_idx: list[int] = []
+    c_idx: list[int] = []
+    for i, row in enumerate(rows):
+        seqs = row.params.bad_words_token_ids
+        if not seqs:
+            continue
+        longest = max(len(q) for q in seqs) - 1
+        tail = _as_list(row.output_token_ids[-longest:]) if longest else []
+        for q in seqs:
+            if len(q) == 1 or tail[len(tail) - len(q) + 1:] == q[:-1]:
+                r_idx.append(i)
+                c_idx.append(q[-1])
+    if r_idx:
+        dev = logits.device
+        logits[_to_device(r_idx, torch.long, dev), _to_device(c_idx, torch.long, dev)] = float("-inf")
+
+
+def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
+    return ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+
+
 def apply_min_tokens(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
     vocab = logits.shape[1]
     r_idx: list[int] = []
@@ -235,8 +260,9 @@ def apply_frequency_presence_penalties(logits: torch.Tensor, rows: Sequence[Samp
 
 def _has_processors(row: SamplingRow) -> bool:
     p = row.params
-    return bool(p.logit_bias) or p.allowed_token_ids is not None or p.repetition_penalty != 1.0 or \
-        p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 or bool(row.suppressed_ids())
+    return bool(p.logit_bias) or p.allowed_token_ids is not None or bool(p.bad_words_token_ids) or \
+        p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 or \
+        bool(row.suppressed_ids())
 
 
 def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
@@ -247,6 +273,7 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.T
     out = logits.to(torch.float32, copy=True)
     apply_logit_bias(out, rows)
     apply_allowed_tokens(out, rows)
+    apply_bad_words(out, rows)
     apply_min_tokens(out, rows)
     apply_repetition_penalty(out, rows)
     apply_frequency_presence_penalties(out, rows)

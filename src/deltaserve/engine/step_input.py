@@ -243,8 +243,7 @@ def _prompt_logprobs_request(entry: ScheduledRequest) -> PromptLogprobsRequest |
 def _sampling_request(entry: ScheduledRequest) -> SamplingRequest:
     request = entry.request
     params = request.sampling_params if isinstance(request.sampling_params, SamplingParams) else _DEFAULT_PARAMS
-    reads_outputs = params.repetition_penalty != 1.0 or params.frequency_penalty != 0.0 or \
-        params.presence_penalty != 0.0
+    reads_outputs = params.reads_outputs
     return SamplingRequest(
         request_id=request.request_id, params=params,
         num_output_tokens=request.num_output_tokens + request.num_pending_tokens,

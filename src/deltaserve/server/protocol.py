@@ -77,6 +77,7 @@ class _SamplingFields(_Model):
     truncate_prompt_tokens: int | None = None
     prompt_logprobs: int | None = None
     return_tokens_as_token_ids: bool = False
+    bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     # structured outputs: OpenAI's field, vLLM's current one (an object, read in server/structured.py) and its
@@ -237,7 +238,6 @@ def parse_body(raw: bytes, model: type[M]) -> M:
 # vLLM request fields this server does not implement, with what to do instead. Unknown fields are ignored (the SDKs
 # send some), but these change what comes back, so one sent with an active value is refused rather than dropped.
 _UNSUPPORTED = {
-    "bad_words": "ban single tokens with logit_bias (-100)",
     "echo": "use /v1/completions with echo",
     "use_beam_search": "beam search is not implemented; sample n choices instead",
     "logits_processors": "use logit_bias, the penalties or structured outputs",

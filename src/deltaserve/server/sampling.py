@@ -103,7 +103,7 @@ def _build(req: _SamplingFields, *, max_tokens: int | None, max_tokens_field: st
         n=req.n, max_tokens=max_tokens, logprobs=logprobs, seed=req.seed, stop=[] if req.stop is None else req.stop,
         stop_token_ids=req.stop_token_ids or [], ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
         logit_bias=_logit_bias(req.logit_bias, limits.vocab_size), allowed_token_ids=req.allowed_token_ids,
-        prompt_logprobs=req.prompt_logprobs,
+        prompt_logprobs=req.prompt_logprobs, bad_words=req.bad_words or [],
         skip_special_tokens=skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output)
     for name in _SAMPLING_FIELDS:
