@@ -97,7 +97,9 @@ async def render_prompt(state: ServerState, parts: ChatRequestParts, *, prompt_f
 
 def _open_final_message(text: str, final: str) -> str:
     """The rendered chat cut just after the last message's content (what follows it, its end-of-turn token, is
-    dropped), as transformers' continue_final_message cuts it: the template may have trimmed the content's spaces."""
+    dropped), as transformers' continue_final_message cuts it: the template may have trimmed the content's spaces.
+    Not delegated to render_jinja_template(continue_final_message=True): its failure (the content not found) is a
+    ValueError told from the renderer's own failures only by its text, where here it is a 400 naming the field."""
     core = final.strip()
     at = text.rfind(core) if core else -1
     if at < 0:

@@ -253,7 +253,7 @@ def _refuse_unsupported(obj: dict[str, Any], model: type[BaseModel]) -> None:
         return
     for name, instead in _UNSUPPORTED.items():
         value = obj.get(name)
-        inactive = value is None or value is False or value == [] or value == {}  # (0 is active: prompt_logprobs)
+        inactive = value is None or value is False or value == [] or value == {}  # (0 would be active)
         if name not in model.model_fields and not inactive:
             raise bad_request(f"'{name}' is not supported by this server: {instead}", param=name,
                               code="unsupported_parameter")
