@@ -10,9 +10,9 @@ import re
 import jsonschema
 import pytest
 
-from tests.server.chat_model import WEATHER_TOOL
+from tests.server.chat_model import TOOL_CHAT, WEATHER_TOOL
 from tests.server.conftest import MODEL_NAME
-from tests.structured.schemas import SCHEMAS
+from tests.structured.schemas import SCHEMAS, structural_tag_values
 
 NO_THINK = {"chat_template_kwargs": {"enable_thinking": False}}
 MESSAGES = [{"role": "user", "content": "Describe an order"}]
@@ -138,8 +138,14 @@ def _tool(name: str, properties: dict, **kw) -> dict:
     ({"guided_regex": "(unclosed"}, "guided_regex", "unclosed"),
     ({"structured_outputs": {"grammar": "start: missing_rule"}}, "structured_outputs.grammar", "missing_rule"),
     ({"guided_grammar": "root ::= missing_rule"}, "guided_grammar", "missing_rule"),  # GBNF: was a 500
-    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "not support"),
-    ({"structural_tag": "{}"}, "structural_tag", "not supported"),  # vLLM's top-level field: not dropped
+    ({"structured_outputs": {"structural_tag": "{}"}}, "structured_outputs.structural_tag", "'triggers' must be"),
+    ({"structural_tag": '{"format": {"type": "any_text"}}'}, "structural_tag", "xgrammar"),
+    ({"response_format": {"type": "structural_tag", "triggers": ["<b>"],
+                          "structures": [{"begin": "<a>", "schema": {}, "end": ""}]}}, "response_format",
+     "none of the triggers"),
+    ({"response_format": {"type": "structural_tag", "triggers": ["<a>"],
+                          "structures": [{"begin": "<a>", "schema": {"type": "strng"}, "end": ""}]}},
+     "response_format", "strng"),
     ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_regex", "only one"),
     ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "ignore_eos", "ignore_eos"),
     ({"tools": [WEATHER_TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
@@ -172,3 +178,35 @@ def test_length_before_the_structure_closes(client):
     out = chat(client, max_tokens=3, extra_body=NO_THINK,
                response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": SCHEMAS["nested"]}})
     assert out.choices[0].finish_reason == "length" and out.choices[0].message.content.startswith("{")
+
+
+CITY = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}, "required": ["city"],
+        "additionalProperties": False}
+# <tool_call> and </tool_call> are special tokens of the test model's tokenizer: matched by name
+CALL_TAG = {"structures": [{"begin": "<tool_call>\n<function=get_weather>", "schema": CITY,
+                            "end": "</function>\n</tool_call>"}], "triggers": ["<tool_call>"]}
+
+
+def test_structural_tag_turns_a_written_call_into_the_structure_in_every_form(client):
+    """The memorised tool chat writes its call in XML (<parameter=city>...); under a structural tag whose trigger it
+    writes (the <tool_call> token), the call becomes the structure: JSON arguments that validate. vLLM's three
+    fields give the same."""
+    body = {**TOOL_CHAT.request(), "tool_choice": "none", "max_tokens": 300, "temperature": 0}
+    messages, rest = body.pop("messages"), body
+
+    def content(**extra) -> str:
+        out = client.chat.completions.create(model=MODEL_NAME, messages=messages, extra_body={**rest, **extra})
+        assert out.choices[0].finish_reason == "stop"
+        return out.choices[0].message.content
+
+    free = content()
+    assert "<parameter=city>" in free  # unconstrained, the call is not the structure
+    with pytest.raises(AssertionError, match="no JSON value after"):
+        structural_tag_values(free, CALL_TAG["structures"], CALL_TAG["triggers"])
+    forms = [{"response_format": {"type": "structural_tag", **CALL_TAG}},
+             {"structured_outputs": {"structural_tag": json.dumps(CALL_TAG)}},
+             {"structural_tag": json.dumps({"type": "structural_tag", **CALL_TAG})}]
+    texts = [content(**form) for form in forms]
+    assert texts[0] == texts[1] == texts[2]
+    values = structural_tag_values(texts[0], CALL_TAG["structures"], CALL_TAG["triggers"])
+    assert len(values) == 1 and texts[0].startswith("Let me check.\n<tool_call>\n<function=get_weather>{"), texts[0]

@@ -92,3 +92,41 @@ def walk(matcher, vocab: int, eos: set[int], rng: random.Random, max_steps: int 
             return tokens
         tokens.append(token)
     return None
+
+
+def structural_tag_values(text: str, structures: list[dict], triggers: list[str], *,
+                          complete: bool = True) -> list[object]:
+    """The JSON values of the structures in `text`, checked against vLLM's structural-tag rules, written out
+    directly: free text holds no trigger; at each trigger one of the structures whose begin starts with it is
+    written whole (its begin, a value its schema allows, its end). complete=False: the text may stop inside the
+    last structure (a length cut)."""
+    import json
+
+    import jsonschema
+
+    values, pos = [], 0
+    while True:
+        hits = [(text.find(t, pos), t) for t in triggers if text.find(t, pos) >= 0]
+        if not hits:
+            return values
+        start = min(hits)[0]
+        for s in structures:
+            begin, end = s["begin"], s["end"]
+            if not text.startswith(begin, start) and not (not complete and begin.startswith(text[start:])):
+                continue
+            if not complete and len(text) <= start + len(begin):
+                return values
+            try:
+                value, after = json.JSONDecoder().raw_decode(text, start + len(begin))
+            except json.JSONDecodeError:
+                assert not complete, f"no JSON value after {begin!r}: {text[start:]!r}"
+                return values
+            jsonschema.validate(value, s["schema"])
+            if not complete and len(text) < after + len(end) and end.startswith(text[after:]):
+                return values + [value]
+            assert text.startswith(end, after), f"{end!r} should follow the value: {text[after:]!r}"
+            values.append(value)
+            pos = after + len(end)
+            break
+        else:
+            raise AssertionError(f"a trigger starts no structure: {text[start:start + 40]!r}")

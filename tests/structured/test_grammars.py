@@ -12,7 +12,7 @@ import pytest
 from deltaserve.server.output_parser import OutputParser
 from deltaserve.structured import StructuredError, StructuredSpec
 from deltaserve.structured.compiler import GrammarCompiler
-from tests.structured.schemas import PING, PLACES, SCHEMAS, TOOLS, WEATHER, walk
+from tests.structured.schemas import PING, PLACES, SCHEMAS, TOOLS, WEATHER, structural_tag_values, walk
 
 VOCAB = 4096
 EOS = {4087, 4089}
@@ -338,3 +338,87 @@ def test_an_enum_whose_every_choice_the_parser_would_cut_is_refused(compiler, ch
         **params, "properties": {**params["properties"], "content": {"type": "string", "enum": [choice]}}}}}
     with pytest.raises(StructuredError, match="no choice of its enum can be written as a tool-call value"):
         compiler.compile(StructuredSpec.tool_calls([tool], "required"))
+
+
+# vLLM's structural tag: a function call of a Llama-style text format, and one opened by a special token
+STRUCTURES = [{"begin": "<function=get_weather>", "schema": WEATHER["function"]["parameters"], "end": "</function>"},
+              {"begin": "<function=ping>", "end": "</function>",
+               "schema": {"type": "object", "properties": {}, "additionalProperties": False}}]
+TRIGGERS = ["<function="]
+
+
+def _walk_after(compiler, tokenizer, spec, prefix_ids: list[int], n: int) -> list[str]:
+    """Texts of n random walks that start with prefix_ids (fed first), each ended by an end token."""
+    compiled, rng, texts = compiler.compile(spec), random.Random(0), []
+    for _ in range(n):
+        matcher = compiled.new_matcher()
+        for token in prefix_ids:
+            assert matcher.consume_token(token), matcher.get_error()
+        tokens = walk(matcher, VOCAB, EOS, rng)
+        if tokens is not None:
+            texts.append(tokenizer.decode(prefix_ids + tokens, skip_special_tokens=False))
+    assert len(texts) >= n // 2, "most walks should end"
+    return texts
+
+
+def test_structural_tag_walks_write_each_structure_whole(compiler, tokenizer):
+    spec = StructuredSpec.structural_tag(STRUCTURES, TRIGGERS)
+    prefix = tokenizer.encode("Let me check. <function=", add_special_tokens=False)
+    texts = _walk_after(compiler, tokenizer, spec, prefix, 30)
+    names = set()
+    for text in texts:
+        values = structural_tag_values(text, STRUCTURES, TRIGGERS)
+        assert values, text  # the trigger entered a structure
+        names.add(text[len("Let me check. <function="):].split(">", 1)[0])
+    assert names == {"get_weather", "ping"}  # either structure may follow the shared trigger
+    for text in walks(compiler, tokenizer, spec, 20):  # free walks: whatever they write keeps the rules
+        structural_tag_values(text, STRUCTURES, TRIGGERS)
+
+
+def test_structural_tag_refuses_what_no_structure_allows(compiler, tokenizer):
+    matcher_of = compiler.compile(StructuredSpec.structural_tag(STRUCTURES, TRIGGERS)).new_matcher
+
+    def feeds(text: str) -> bool:
+        matcher = matcher_of()
+        return all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+    assert feeds('a <function=ping>{}</function> b <function=get_weather>{"city": "Oslo", "days": 2}</function>')
+    assert feeds("free text <func")  # a trigger's prefix is text
+    assert not feeds("a <function=other>")
+    assert not feeds('a <function=get_weather>{"town": "Oslo"}')
+    assert not feeds('a <function=ping>{} b')  # the end comes right after the value
+    matcher = matcher_of()
+    for token in tokenizer.encode("done <function=", add_special_tokens=False):
+        assert matcher.consume_token(token)
+    assert not matcher.is_accepting()  # an output cannot end on a trigger
+
+
+def test_structural_tag_opened_by_a_special_token(compiler, tokenizer):
+    """<tool_call> and </tool_call> are special tokens of the demo tokenizer: matched by name, never as text."""
+    schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+    structures = [{"begin": '<tool_call>\n{"name": "f", "arguments": ', "schema": schema, "end": "}\n</tool_call>"}]
+    spec = StructuredSpec.structural_tag(structures, ["<tool_call>"])
+    assert "<tool_call>" in compiler.compile(spec).grammar and "</tool_call>" in compiler.compile(spec).grammar
+    prefix = tokenizer.encode("Calling.", add_special_tokens=False) + [tokenizer.convert_tokens_to_ids("<tool_call>")]
+    for text in _walk_after(compiler, tokenizer, spec, prefix, 20):
+        assert len(structural_tag_values(text, structures, ["<tool_call>"])) >= 1
+
+
+@pytest.mark.parametrize("structures, triggers, words", [
+    ([{"begin": "<f=a>", "schema": {}, "end": ""}], ["<g="], r"starts with none of the triggers \['<g='\]"),
+    ([{"begin": "<f=a>", "schema": {}, "end": "", "extra": 1}], ["<f="], r"exactly 'begin', 'schema' and 'end'"),
+    ([{"begin": "<f=a>", "schema": "{oops", "end": ""}], ["<f="], r"structures\[0\].schema' is not valid JSON"),
+    ([{"begin": "<f=a>", "schema": [1], "end": ""}], ["<f="], r"must be a JSON schema"),
+    ([], ["<f="], "'structures' must be a non-empty list"),
+    ([{"begin": "<f=a>", "schema": {}, "end": ""}], [], "'triggers' must be a non-empty list"),
+])
+def test_structural_tag_errors_name_the_problem(structures, triggers, words):
+    with pytest.raises(StructuredError, match=words):
+        StructuredSpec.structural_tag(structures, triggers)
+
+
+def test_structural_tag_schema_errors_surface_at_compile(compiler):
+    spec = StructuredSpec.structural_tag([{"begin": "<f=a>", "schema": {"type": "strng"}, "end": ""}], ["<f="])
+    with pytest.raises(StructuredError, match="strng"):
+        compiler.compile(spec)

@@ -36,8 +36,13 @@ class JsonSchemaFormat(_Model):
 
 
 class ResponseFormat(_Model):
-    type: Literal["text", "json_object", "json_schema"]
+    type: Literal["text", "json_object", "json_schema", "structural_tag"]
     json_schema: JsonSchemaFormat | None = None
+    # structural_tag (vLLM's form): [{"begin", "schema", "end"}] and the strings that start them; `format` is
+    # xgrammar's later form, refused in server/structured.py
+    structures: list[Any] | None = None
+    triggers: list[Any] | None = None
+    format: Any = None
 
 
 class _SamplingFields(_Model):
@@ -88,6 +93,7 @@ class _SamplingFields(_Model):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    structural_tag: str | dict[str, Any] | None = None
     guided_decoding_backend: str | None = None
     guided_whitespace_pattern: str | None = None
 
@@ -241,10 +247,6 @@ _UNSUPPORTED = {
     "echo": "use /v1/completions with echo",
     "use_beam_search": "beam search is not implemented; sample n choices instead",
     "logits_processors": "use logit_bias, the penalties or structured outputs",
-    # vLLM's top-level form; dropping it would return unconstrained text (structured_outputs.structural_tag is refused
-    # in server/structured.py)
-    "structural_tag": "constrain the output with response_format, structured_outputs (json, regex, choice, grammar) "
-                      "or guided_json / guided_regex / guided_grammar",
 }
 
 

@@ -1,9 +1,10 @@
 """Request fields -> the output constraint (a StructuredSpec), compiled before the request reaches the engine.
 
-Sources, at most one per request: OpenAI's `response_format` (json_object, json_schema); vLLM's `structured_outputs`
-object (json, regex, choice, grammar, json_object) and its older `guided_json`, `guided_regex`, `guided_choice`,
-`guided_grammar`; on chat, `tool_choice` "required" or a named function (a Qwen3-Coder tool call whose arguments
-follow the function's schema), and "auto" when a tool is `strict` (calls of strict tools follow their schemas).
+Sources, at most one per request: OpenAI's `response_format` (json_object, json_schema; vLLM's structural_tag);
+vLLM's `structured_outputs` object (json, regex, choice, grammar, json_object, structural_tag) and its older
+`guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`, `structural_tag`; on chat, `tool_choice`
+"required" or a named function (a Qwen3-Coder tool call whose arguments follow the function's schema), and "auto"
+when a tool is `strict` (calls of strict tools follow their schemas).
 Compiling runs on a worker thread; a constraint that cannot be enforced is a 400 naming the field and the problem.
 """
 
@@ -20,7 +21,7 @@ from deltaserve.server.tool_parser import NAME
 from deltaserve.structured import StructuredError, StructuredKind, StructuredSpec
 from deltaserve.structured.compiler import GrammarCompiler
 
-_STRUCTURED_OUTPUTS_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_STRUCTURED_OUTPUTS_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 # vLLM options of structured_outputs that change nothing here (the backend is llguidance, JSON is compact), and
 # disable_additional_properties, which changes the schema (_closed_objects)
 _IGNORED_OPTIONS = frozenset({"backend", "disable_fallback", "disable_any_whitespace"})
@@ -117,6 +118,8 @@ def _response_format(req: _SamplingFields, reasoning: bool) -> tuple[StructuredS
         return None
     if fmt.type == "json_object":
         return StructuredSpec.json_object(reasoning=reasoning), "response_format"
+    if fmt.type == "structural_tag":
+        return _structural_tag(fmt.model_dump(exclude={"type", "json_schema"}), "response_format", reasoning)
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise bad_request("response_format of type 'json_schema' needs 'json_schema': {\"name\": ..., \"schema\": "
                           "{...}}", "response_format.json_schema.schema", code="missing_required_parameter")
@@ -168,15 +171,45 @@ def _closed_objects(schema: Any) -> Any:
 def _guided(req: _SamplingFields, reasoning: bool) -> list[tuple[StructuredSpec, str] | None]:
     pairs = (("json", req.guided_json), ("regex", req.guided_regex), ("choice", req.guided_choice),
              ("grammar", req.guided_grammar))
-    return [_one_kind(kind, value, f"guided_{kind}", reasoning) for kind, value in pairs if value is not None]
+    found = [_one_kind(kind, value, f"guided_{kind}", reasoning) for kind, value in pairs if value is not None]
+    if req.structural_tag is not None:
+        found.append(_structural_tag(req.structural_tag, "structural_tag", reasoning))
+    return found
 
 
 def _one_kind(kind: str, value: Any, field: str, reasoning: bool) -> tuple[StructuredSpec, str]:
     if kind == "json_object":
         return StructuredSpec.json_object(reasoning=reasoning), field
+    if kind == "structural_tag":
+        return _structural_tag(value, field, reasoning)
     builders = {"json": StructuredSpec.json_schema, "regex": StructuredSpec.regex, "choice": StructuredSpec.choice,
                 "grammar": StructuredSpec.grammar}
     return _spec(lambda: builders[kind](value, reasoning=reasoning), field)
+
+
+def _structural_tag(value: Any, field: str, reasoning: bool) -> tuple[StructuredSpec, str]:
+    """vLLM's structural tag, as an object or its JSON text: {"structures": [...], "triggers": [...]} (a "type":
+    "structural_tag" key, as vLLM forwards response_format, is allowed). xgrammar's later form ("format") is not."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise bad_request(f"'{field}' is not valid JSON: {e.msg} at column {e.colno}", field,
+                              code="invalid_structured_output") from None
+    if not isinstance(value, dict):
+        raise bad_request(f"'{field}' must be an object {{\"structures\": [...], \"triggers\": [...]}}", field,
+                          code="invalid_structured_output")
+    if value.get("format") is not None:
+        raise bad_request(f"'{field}' uses xgrammar's structural-tag 'format', which this server does not support; "
+                          "send 'structures' ([{\"begin\", \"schema\", \"end\"}]) and 'triggers' instead", field,
+                          code="invalid_structured_output")
+    unknown = sorted(set(value) - {"structures", "triggers", "type", "format"})
+    if unknown or value.get("type", "structural_tag") != "structural_tag":
+        what = f"fields {unknown}" if unknown else f"type {value.get('type')!r}"
+        raise bad_request(f"'{field}' has {what}; a structural tag takes 'structures' and 'triggers'", field,
+                          code="invalid_structured_output")
+    return _spec(lambda: StructuredSpec.structural_tag(value.get("structures"), value.get("triggers"),
+                                                       reasoning=reasoning), field)
 
 
 def _spec(build, field: str) -> tuple[StructuredSpec, str]:

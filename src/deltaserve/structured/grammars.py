@@ -31,7 +31,22 @@ class Markup:
     special_tokens: frozenset[str]
 
     def __call__(self, text: str) -> str:
-        return f"<{text[1:-1]}>" if text in self.special_tokens and _is_tag(text) else lark_string(text)
+        return f"<{text[1:-1]}>" if self.by_name(text) else lark_string(text)
+
+    def sequence(self, text: str) -> str:
+        """Text that may hold special tokens among plain text: each special token by name, the rest as strings
+        ("" for no text)."""
+        if not text:
+            return ""
+        names = sorted((t for t in self.special_tokens if _is_tag(t) and t in text), key=len, reverse=True)
+        if not names:
+            return lark_string(text)
+        pieces = re.split("(" + "|".join(map(re.escape, names)) + ")", text)
+        return " ".join(self(p) for p in pieces if p)
+
+    def by_name(self, text: str) -> bool:
+        """Whether a grammar writes this text as a special token's name (matching that one token only)."""
+        return text in self.special_tokens and _is_tag(text)
 
     def is_special(self, text: str) -> bool:
         return text in self.special_tokens
@@ -141,7 +156,34 @@ def _tool_calls(spec: StructuredSpec, markup: Markup) -> str:
                              markup=markup)
 
 
+def _structural_tag(spec: StructuredSpec, markup: Markup) -> str:
+    """Free text, then any number of structures each followed by free text. Free text never holds a text
+    trigger, so writing one enters a structure; a trigger that is one special token is matched by name (text
+    cannot hold it)."""
+    body = json.loads(spec.spec)
+    text_triggers = [t for t in body["triggers"] if not markup.by_name(t)]
+    free = "TEXT: /(?s:.*)/"
+    if text_triggers:
+        alternatives = "|".join(_RUST_META.sub(r"\\\g<0>", t) for t in text_triggers)
+        free += f" & ~{regex_terminal(f'(?s:.*)({alternatives})(?s:.*)')}"
+    rules = [free]
+    for i, s in enumerate(body["structures"]):
+        trigger = max((t for t in body["triggers"] if s["begin"].startswith(t)), key=len)
+        rest = " ".join(filter(None, [markup.sequence(s["begin"][len(trigger):]), inline_json(s["schema"]),
+                                      markup.sequence(s["end"])]))
+        if markup.by_name(trigger):
+            rules.append(f"tag_{i}: TEXT {markup(trigger)} {rest}")
+        else:  # one lexeme: the free text and the trigger after it
+            rules += [f"tag_{i}_trigger[lazy]: TEXT {lark_string(trigger)}", f"tag_{i}: tag_{i}_trigger {rest}"]
+    tags = " | ".join(f"tag_{i}" for i in range(len(body["structures"])))
+    return with_prefix(f"body: ({tags})* TEXT\n" + "\n".join(rules) + "\n", spec.reasoning, markup)
+
+
+_RUST_META = re.compile(r"[\\.+*?()|\[\]{}^$#&\-~]")  # what the regex crate reads as syntax (re.escape differs)
+
+
 _BUILDERS: dict[StructuredKind, Callable[[StructuredSpec, Markup], str]] = {
     StructuredKind.JSON: _json, StructuredKind.JSON_OBJECT: _json_object, StructuredKind.REGEX: _regex,
     StructuredKind.CHOICE: _choice, StructuredKind.GRAMMAR: _grammar, StructuredKind.TOOL_CALLS: _tool_calls,
+    StructuredKind.STRUCTURAL_TAG: _structural_tag,
 }

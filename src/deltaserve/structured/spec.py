@@ -22,6 +22,7 @@ class StructuredKind(str, Enum):
     CHOICE = "choice"            # spec: a JSON list of the allowed strings
     GRAMMAR = "grammar"          # spec: a Lark grammar (llguidance's dialect) or GBNF (llama.cpp's)
     TOOL_CALLS = "tool_calls"    # spec: canonical JSON {"tools": [...], "choice": ..., "parallel": bool}
+    STRUCTURAL_TAG = "structural_tag"  # spec: canonical JSON {"structures": [{begin, schema, end}], "triggers": [...]}
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,20 @@ class StructuredSpec:
         body = {"tools": tools, "choice": choice, "parallel": bool(parallel)}
         return cls(StructuredKind.TOOL_CALLS, canonical_json(body), reasoning)
 
+    @classmethod
+    def structural_tag(cls, structures: list[dict[str, Any]], triggers: list[str], *,
+                       reasoning: bool = False) -> StructuredSpec:
+        """vLLM's structural tag: free text in which a trigger starts one of the structures whose `begin` starts
+        with it, written whole: its `begin`, a JSON value its `schema` allows, its `end`. Text outside the
+        structures never holds a trigger. structures: [{"begin": str, "schema": JSON schema, "end": str}]."""
+        if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+            raise StructuredError("'triggers' must be a non-empty list of non-empty strings")
+        if not isinstance(structures, list) or not structures:
+            raise StructuredError("'structures' must be a non-empty list of {\"begin\", \"schema\", \"end\"} objects")
+        return cls(StructuredKind.STRUCTURAL_TAG, canonical_json(
+            {"structures": [_structure(s, i, triggers) for i, s in enumerate(structures)], "triggers": triggers}),
+            reasoning)
+
     def describe(self) -> str:
         """A short label for logs and errors."""
         return f"{self.kind.value}{' after reasoning' if self.reasoning else ''}"
@@ -94,6 +109,28 @@ def canonical_json(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise StructuredError(f"the constraint is not JSON-serialisable: {e}") from None
+
+
+def _structure(structure: Any, index: int, triggers: list[str]) -> dict[str, Any]:
+    """One structure of a structural tag, checked, with its schema decoded when sent as JSON text."""
+    where = f"structures[{index}]"
+    if not isinstance(structure, dict) or set(structure) != {"begin", "schema", "end"}:
+        got = sorted(structure) if isinstance(structure, dict) else type(structure).__name__
+        raise StructuredError(f"'{where}' must be an object of exactly 'begin', 'schema' and 'end', got {got}")
+    begin, end, schema = structure["begin"], structure["end"], structure["schema"]
+    if not isinstance(begin, str) or not isinstance(end, str):
+        raise StructuredError(f"'{where}.begin' and '{where}.end' must be strings")
+    if not any(begin.startswith(t) for t in triggers):
+        raise StructuredError(f"'{where}.begin' ({begin!r}) starts with none of the triggers {triggers}: a structure "
+                              "is entered only through a trigger, so begin with one")
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise StructuredError(f"'{where}.schema' is not valid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(schema, (dict, bool)):
+        raise StructuredError(f"'{where}.schema' must be a JSON schema (an object), got a {type(schema).__name__}")
+    return {"begin": begin, "schema": schema, "end": end}
 
 
 def _require_text(value: Any, what: str) -> None:
