@@ -94,7 +94,6 @@ BAD = [
      None),
     ("prompt_logprobs_against_echo", COMPLETIONS, _json({"prompt": "hi", "echo": True, "logprobs": 2,
                                                          "prompt_logprobs": 3}), 400, "prompt_logprobs", None),
-    ("chat_echo", CHAT, _json({"messages": MSG, "echo": True}), 400, "echo", "unsupported_parameter"),
     ("continue_final_message_with_generation_prompt", CHAT, _json({"messages": MSG, "continue_final_message": True}),
      400, "continue_final_message", None),
     ("prompt_logprobs_streamed_chat", CHAT, _json({"messages": MSG, "prompt_logprobs": 0, "stream": True}), 400,

@@ -187,6 +187,30 @@ def test_continue_final_message_continues_the_last_message(http, reference):
     assert both.status_code == 400 and both.json()["error"]["param"] == "continue_final_message"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_echo_starts_the_content_with_the_continued_message(http, stream):
+    """vLLM's chat echo: with continue_final_message the reply's content is the last message's text and then the
+    continuation (streamed first, before any token); a last message of another role than the reply's adds nothing."""
+    msgs = [{"role": "user", "content": "Say hello"}, {"role": "assistant", "content": "Hello, wor"}]
+    body = {"messages": msgs, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 5,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+
+    def content(**extra) -> str:
+        r = http.post(CHAT, json={**body, **extra})
+        assert r.status_code == 200, r.text
+        if not stream:
+            return r.json()["choices"][0]["message"]["content"]
+        deltas = [e["choices"][0]["delta"] for e in _events(r) if e.get("choices")]
+        if extra.get("echo") and extra.get("add_generation_prompt") is None:
+            assert deltas[1]["content"] == "Hello, wor"  # the chunk after the role's
+        return "".join(d.get("content") or "" for d in deltas)
+
+    plain = content()
+    assert content(echo=True) == "Hello, wor" + plain
+    user_last = {"messages": msgs[:1], "add_generation_prompt": True, "continue_final_message": False}
+    assert content(echo=True, **user_last) == content(**user_last)
+
+
 def test_bad_words_as_vllm_bans_them(http, reference):
     """vLLM's field: the word is tokenized (as written and after a space); its last token is never sampled right
     after the rest of it, so a greedy output that would complete the word takes another token there, and the

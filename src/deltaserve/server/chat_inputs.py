@@ -78,6 +78,14 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return [_message_dict(m, i) for i, m in enumerate(messages)]
 
 
+def echoed_text(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """Chat's echo (vLLM's): the last message's text when it has the reply's role, the assistant's (or, with
+    add_generation_prompt false, its own: the message continue_final_message continues), else ""."""
+    last = messages[-1]
+    role = "assistant" if add_generation_prompt else last.role
+    return _text(last, len(messages) - 1) if last.role == role else ""
+
+
 def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:
     if m.function_call is not None:
         param = f"messages.{i}.function_call"

@@ -160,7 +160,7 @@ class NamedToolChoice(_Model):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    NULL_MEANS_DEFAULT = _SamplingFields.NULL_MEANS_DEFAULT | {"logprobs"}
+    NULL_MEANS_DEFAULT = _SamplingFields.NULL_MEANS_DEFAULT | {"logprobs", "echo"}
 
     messages: list[ChatMessage]
     max_tokens: int | None = None
@@ -178,6 +178,7 @@ class ChatCompletionRequest(_SamplingFields):
     documents: list[dict[str, Any]] | None = None  # for templates that render retrieval documents (RAG)
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # with add_generation_prompt false: the last message is continued
+    echo: bool = False  # the reply's content starts with the last message's, when that has the reply's role
     include_reasoning: bool = True
 
 
@@ -244,7 +245,6 @@ def parse_body(raw: bytes, model: type[M]) -> M:
 # vLLM request fields this server does not implement, with what to do instead. Unknown fields are ignored (the SDKs
 # send some), but these change what comes back, so one sent with an active value is refused rather than dropped.
 _UNSUPPORTED = {
-    "echo": "use /v1/completions with echo",
     "use_beam_search": "beam search is not implemented; sample n choices instead",
     "logits_processors": "use logit_bias, the penalties or structured outputs",
 }
