@@ -18,7 +18,7 @@ import pytest
 
 from deltaserve import SamplingParams
 from tests.server.chat_model import THINK_CHAT
-from tests.server.conftest import API_KEY, MODEL_NAME, ServerProcess
+from tests.server.conftest import API_KEY, ServerProcess
 
 HEADERS = {"Authorization": f"Bearer {API_KEY}"}
 MAX_BODY = 64 * 1024

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from deltaserve import SamplingParams
-from tests.server.conftest import API_KEY, MODEL_NAME
+from tests.server.conftest import API_KEY
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
