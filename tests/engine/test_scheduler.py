@@ -382,7 +382,12 @@ def check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
     cfg = sched.config
     ids = [s.request_id for s in out.scheduled]
     assert len(ids) == len(set(ids)) <= cfg.max_num_seqs
-    assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.scheduled) <= cfg.max_num_batched_tokens
+    assert out.num_batched_tokens == sum(s.num_new_tokens for s in out.scheduled)
+    over = out.num_batched_tokens - cfg.max_num_batched_tokens
+    if over > 0:  # only an admitted prompt, whole, beside decode rows, by at most one token each
+        last = out.scheduled[-1]
+        assert last.num_computed_tokens + last.num_new_tokens == last.request.num_tokens and last.samples_token
+        assert over <= sum(s.num_new_tokens == 1 and not s.draft_token_ids for s in out.scheduled[:-1])
     running = [r.request_id for r in sched.running]
     assert ids == [rid for rid in running if rid in ids]  # admission order
     for s in out.scheduled:
@@ -394,7 +399,7 @@ def check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
         assert sched.get_request(rid).status is PREEMPTED and rid not in ids
     # newest-first victims, each pushed to the front: the queue starts with them in admission order
     assert [r.request_id for r in sched.waiting[:len(out.preempted)]] == list(reversed(out.preempted))
-    full = out.num_batched_tokens == cfg.max_num_batched_tokens
+    full = out.num_batched_tokens >= cfg.max_num_batched_tokens
     # nobody running left out with budget left, unless its pending token is the last one it may have
     assert full or all(r.request_id in ids or r.reached_max_output for r in sched.running)
     if sched.waiting and not full and not out.preempted and sched.num_running < cfg.max_num_seqs \
@@ -602,6 +607,25 @@ def caching(*, budget: int = 32, max_num_seqs: int = 8, a: Request | None = None
     sched.add_request(a or req("a", 20))
     sched.add_request(b or req("b", 20, first=40))
     return sched
+
+
+def test_prompt_of_the_whole_budget_is_not_split_for_decode_rows() -> None:
+    """Prompts of exactly the token budget arriving while three requests decode: each is admitted whole (the step
+    goes past the budget by the decode rows' three tokens) and samples its first token in that step, instead of
+    leaving three tokens to ride with the next prompt's chunk a step later."""
+    sched = make(budget=32, max_model_len=128, num_pages=128)
+    for i in range(3):
+        sched.add_request(req(f"d{i}", 4, first=50 + i))
+    step(sched)  # the decode rows' prompts
+    for rid, first in (("a", 1), ("b", 100), ("c", 200)):
+        sched.add_request(req(rid, 32, first=first))
+    for rid in "abc":
+        out, _ = step(sched)
+        assert chunks(out)[rid] == 32 and out.num_batched_tokens == 32 + sum(n == 1 for n in chunks(out).values())
+        assert sched.get_request(rid).num_output_tokens == 1
+    sched.add_request(req("e", 33, first=300))  # one past the budget: split as before, the decode rows keep theirs
+    out, _ = step(sched)
+    assert out.num_batched_tokens == 32 and chunks(out)["e"] == 32 - 6
 
 
 def test_queued_prompt_skips_its_tail_checkpoint() -> None:

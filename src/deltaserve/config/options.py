@@ -73,7 +73,8 @@ class EngineArgs:
     max_num_seqs: int = _option(64, "most sequences running at once", section="scheduler", type=int)
     max_num_batched_tokens: int | None = _option(
         None, "token budget of one step; longer prompts are prefilled in chunks (default: 8192 on GPUs of at least "
-              "70 GiB, else 2048)", section="scheduler", type=int)
+              "70 GiB, else 2048). A prompt that fits it is not split for the decode rows running beside it: its "
+              "step goes past the budget by one token a decode row", section="scheduler", type=int)
     max_step_ms: float | None = _option(
         None, "per-step time budget in ms for steps that carry decode rows: their prefill chunks are sized so the "
               "step's predicted time (a cost model fitted to measured steps) stays within it, bounding inter-token "

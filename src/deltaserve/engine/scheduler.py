@@ -145,7 +145,9 @@ class Scheduler:
        step (its first chunk at admission, or a later last one) while others wait that could run beside it drops
        the unmarked ones within a page of its end (prefix_plan.without_tail; the points the prompt's renderer
        marked stay), unless one of those waiting has the same prompt: under a queue its first token then comes
-       with this step instead of a step later, beside the next prompt's whole chunk.
+       with this step instead of a step later, beside the next prompt's whole chunk. For the same reason an
+       admitted prompt whose rest fits the budget once the step's decode rows are not counted is admitted whole
+       (`_whole_prompt`): the step goes past the budget by at most one token a decode row.
 
     With a per-step time budget (`max_step_ms`) and running decode rows (requests with one token left to
     compute), the decode rows are counted first: their tokens are reserved from the token budget and their cost is
@@ -176,6 +178,7 @@ class Scheduler:
         self.step_cost = step_cost if step_cost is not None else StepCostModel()
         self._shape: StepShape | None = None  # this step's planned composition, while the time budget applies
         self._prefill_given = 0                # prefill tokens this step has given so far
+        self._decode_given = 0                 # decode rows this step has scheduled so far (one token each)
         self._owed: set[str] = set()           # decode rows of this step not scheduled yet (each owed a token)
         self._spec_k = speculative_tokens
         self._spec_max_batch = speculative_max_batch
@@ -292,7 +295,7 @@ class Scheduler:
         rows = self._decode_rows()
         self._owed.update(r.request_id for r in rows)
         self._shape = self._decode_shape(rows) if self._max_step_ms is not None else None
-        self._prefill_given = 0
+        self._prefill_given = self._decode_given = 0
         budget = self._schedule_running(max_tokens, scheduled, preempted)
         # After a preemption memory is tight: admitting now would likely just re-admit the victim and thrash.
         if not preempted and not any(s.draft_token_ids for s in scheduled):  # a verify step takes no prefill chunk
@@ -337,6 +340,7 @@ class Scheduler:
                 break  # it preempted itself, so it was the last running request
             if timed_chunk:
                 self._add_chunk(num_new, request.num_computed_tokens)
+            self._decode_given += not prefill and not drafts
             self._owed.discard(request.request_id)
             scheduled.append(self._entry(request, num_new, drafts, placeholder=placeholder))
             budget -= num_new + len(drafts)
@@ -485,7 +489,7 @@ class Scheduler:
                 if self.cache.claimed_position(tokens, request.request_id) >= \
                         match.num_tokens + WAIT_FOR_PREFIX_TOKENS:
                     continue
-            limit = budget
+            limit = self._whole_prompt(request.num_tokens - match.num_tokens, budget)
             if self._shape is not None:
                 limit = self._prefill_chunk(match.num_tokens, min(request.num_tokens - match.num_tokens, budget),
                                             budget)
@@ -530,6 +534,15 @@ class Scheduler:
     def _waits_on_a_claim(self) -> bool:
         """A waiting request shares a prefix that a running request has claimed (it may wait for that checkpoint)."""
         return any(self.cache.claimed_position(r.token_ids(0, r.num_tokens), r.request_id) > 0 for r in self._waiting)
+
+    def _whole_prompt(self, rest: int, budget: int) -> int:
+        """The admission chunk's limit: the budget left, or the prompt's whole rest where that fits the token budget
+        once this step's decode rows are not counted. A prompt of max_num_batched_tokens (the published 8,192-token
+        workload) would otherwise lose its last few tokens to the decode rows running beside it and sample its
+        first token a step later, under a queue beside the next prompt's whole chunk. The step then goes past
+        max_num_batched_tokens by at most its decode rows, one token each (the activation margin and the largest
+        prefill graph's bucket, step + 1 rounded up to 64 tokens, hold them: such a step has at most 16 rows)."""
+        return rest if budget < rest <= budget + self._decode_given else budget
 
     def _queued_behind(self, request: Request, admitting: bool) -> bool:
         """Another request waits that could run beside it (a sequence and a slot are free for it besides this one,
