@@ -623,9 +623,11 @@ def test_prompt_of_the_whole_budget_is_not_split_for_decode_rows() -> None:
         out, _ = step(sched)
         assert chunks(out)[rid] == 32 and out.num_batched_tokens == 32 + sum(n == 1 for n in chunks(out).values())
         assert sched.get_request(rid).num_output_tokens == 1
-    sched.add_request(req("e", 33, first=300))  # one past the budget: split as before, the decode rows keep theirs
+    sched.add_request(req("e", 58, first=300))  # past the budget: chunked, the decode rows keep their tokens ...
     out, _ = step(sched)
     assert out.num_batched_tokens == 32 and chunks(out)["e"] == 32 - 6
+    out, _ = step(sched)  # ... and its last chunk, 32 tokens, goes whole too
+    assert chunks(out)["e"] == 32 and sched.get_request("e").num_output_tokens == 1
 
 
 def test_queued_prompt_skips_its_tail_checkpoint() -> None:

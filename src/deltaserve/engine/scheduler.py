@@ -146,8 +146,9 @@ class Scheduler:
        the unmarked ones within a page of its end (prefix_plan.without_tail; the points the prompt's renderer
        marked stay), unless one of those waiting has the same prompt: under a queue its first token then comes
        with this step instead of a step later, beside the next prompt's whole chunk. For the same reason an
-       admitted prompt whose rest fits the budget once the step's decode rows are not counted is admitted whole
-       (`_whole_prompt`): the step goes past the budget by at most one token a decode row.
+       admitted prompt (or a long prompt's last chunk, with no decode row behind it) whose rest fits the budget
+       once the step's decode rows are not counted goes whole (`_whole_prompt`): the step goes past the budget by
+       at most one token a decode row.
 
     With a per-step time budget (`max_step_ms`) and running decode rows (requests with one token left to
     compute), the decode rows are counted first: their tokens are reserved from the token budget and their cost is
@@ -322,8 +323,10 @@ class Scheduler:
             timed_chunk = prefill and self._shape is not None  # a prefill chunk under the time budget
             if timed_chunk:
                 num_new = self._prefill_chunk(request.num_computed_tokens, num_new, budget)
-            elif prefill:
+            elif prefill and self._owed:
                 num_new = min(num_new, budget - len(self._owed))  # the decode rows behind it keep their tokens
+            elif prefill:  # a long prompt's last chunk goes whole, as an admitted prompt's (_whole_prompt)
+                num_new = min(remaining, self._whole_prompt(remaining, budget))
             if num_new <= 0:
                 i += 1
                 continue
@@ -536,8 +539,8 @@ class Scheduler:
         return any(self.cache.claimed_position(r.token_ids(0, r.num_tokens), r.request_id) > 0 for r in self._waiting)
 
     def _whole_prompt(self, rest: int, budget: int) -> int:
-        """The admission chunk's limit: the budget left, or the prompt's whole rest where that fits the token budget
-        once this step's decode rows are not counted. A prompt of max_num_batched_tokens (the published 8,192-token
+        """A prompt chunk's limit: the budget left, or the prompt's whole rest where that fits the token budget once
+        this step's decode rows (those scheduled before it) are not counted. A prompt of max_num_batched_tokens (the published 8,192-token
         workload) would otherwise lose its last few tokens to the decode rows running beside it and sample its
         first token a step later, under a queue beside the next prompt's whole chunk. The step then goes past
         max_num_batched_tokens by at most its decode rows, one token each (the activation margin and the largest
