@@ -1,0 +1,139 @@
+"""The published serving workload (random prompts, fixed output length, a closed loop of clients) through the real
+Scheduler on the CPU, with a step-time model instead of a GPU: what a scheduling policy does to TTFT, time per output
+token and throughput, before a device is lent to measure it.
+
+    PYTHONPATH=src:. python3 benchmarks/sim_serving.py [--concurrency 16] [--num-requests 64] [--input-len 8192]
+        [--output-len 1024] [--speculative-tokens 3 --acceptance 3.39] [--verify-ms 25.9] [--decode-ms 10.62]
+        [--prefill-ms 136] [--max-num-batched-tokens 8192] [--seed 0]
+
+A step takes verify-ms when it verifies drafts, else decode-ms, plus prefill-ms per max-num-batched-tokens of the
+prompt tokens it computes. The defaults are H200 measurements of 35B-A3B (benchmarks/RESULTS.md: the served step
+with MTP at 16 requests, 2026-12-06; the plain decode step at 16, 2026-12-05; the 8,192-token prefill, 2026-12-05).
+Each draft is kept with the probability that gives the acceptance length asked for; a client sends its next request
+when the last one ends, at the step's end. What the model leaves out: the host's time between steps, the HTTP and
+tokenizer path, a new request waiting for the step in flight. benchmarks/RESULTS.md (2026-12-07, CPU) sets it beside
+served runs.
+
+Compare two policies by running this file with PYTHONPATH at each tree's src (the commit before a change and after).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+from dataclasses import dataclass
+
+from benchmarks.common import positive_int
+
+
+@dataclass(frozen=True)
+class StepModel:
+    verify_ms: float
+    decode_ms: float
+    prefill_ms: float  # per `budget` prompt tokens
+    budget: int
+
+    def ms(self, prefill_tokens: int, verify: bool) -> float:
+        return (self.verify_ms if verify else self.decode_ms) + self.prefill_ms * prefill_tokens / self.budget
+
+
+def keep_probability(k: int, acceptance: float) -> float:
+    """p with 1 + p + ... + p^k = acceptance (each draft kept with p once the one before it was)."""
+    if not 1 <= acceptance <= k + 1:
+        raise ValueError(f"an acceptance length of {acceptance} is outside [1, {k + 1}] for {k} drafts")
+    lo, hi = 0.0, 1.0
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid ** j for j in range(k + 1)) < acceptance else (lo, mid)
+    return (lo + hi) / 2
+
+
+def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len: int, output_len: int, k: int,
+             acceptance: float, max_num_seqs: int = 64, seed: int = 0) -> dict[str, float]:
+    from deltaserve.cache.manager import CacheManager
+    from deltaserve.config import SchedulerConfig
+    from deltaserve.engine.request import Request, RequestStatus
+    from deltaserve.engine.scheduler import Scheduler
+
+    rng = random.Random(seed)
+    p = keep_probability(k, acceptance) if k else 0.0
+    page = 16
+    config = SchedulerConfig(max_model_len=input_len + output_len + k + 1, max_num_seqs=max_num_seqs,
+                             max_num_batched_tokens=model.budget)
+    pages = max_num_seqs * -(-(input_len + output_len + 2 * k) // page)
+    sched = Scheduler(config, CacheManager(num_pages=pages, num_slots=max_num_seqs, page_size=page),
+                      speculative_tokens=k, speculative_max_batch=max_num_seqs)
+    now, sent = 0.0, 0
+    arrived: dict[str, float] = {}
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+
+    def send() -> None:
+        nonlocal sent
+        rid = f"r{sent}"
+        sent += 1
+        sched.add_request(Request(rid, [rng.randrange(1, 30000) for _ in range(input_len)],
+                                  max_output_tokens=output_len))
+        arrived[rid] = now
+
+    for _ in range(min(concurrency, num_requests)):
+        send()
+    while sched.has_unfinished():
+        out = sched.schedule()
+        prefill = sum(e.num_new_tokens for e in out.scheduled if not e.samples_token or e.num_new_tokens > 1)
+        now += model.ms(prefill, any(e.draft_token_ids for e in out.scheduled))
+        sched.commit_step(out)
+        kept = {e.request_id: [7] * _kept(e, p, rng) for e in out.scheduled if e.samples_token}
+        for request in sched.resolve_step(out, kept):
+            rid = request.request_id
+            first.setdefault(rid, now)
+            if request.num_output_tokens >= output_len:
+                sched.finish_request(rid, RequestStatus.FINISHED_LENGTH)
+                done[rid] = now
+                if sent < num_requests:
+                    send()
+            elif request.status is RequestStatus.RUNNING and k:
+                request.draft_token_ids = [7] * k  # the drafter proposes K every step
+    ttft = [first[r] - arrived[r] for r in done]
+    tpot = [(done[r] - first[r]) / max(output_len - 1, 1) for r in done]
+    return {"TTFT p50 ms": statistics.median(ttft), "TTFT mean ms": statistics.mean(ttft),
+            "TPOT p50 ms": statistics.median(tpot), "total tok/s": len(done) * (input_len + output_len) / now * 1e3}
+
+
+def _kept(entry, p: float, rng: random.Random) -> int:
+    """Tokens a sampling entry keeps: 1, plus each draft while the ones before it were kept (placeholder drafts
+    keep nothing)."""
+    n = 1
+    for _ in (() if entry.placeholder_drafts else entry.draft_token_ids):
+        if rng.random() >= p:
+            break
+        n += 1
+    return n
+
+
+def main(argv: list[str] | None = None) -> None:
+    from benchmarks.common import table
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--concurrency", type=positive_int, default=16)
+    ap.add_argument("--num-requests", type=positive_int, default=64)
+    ap.add_argument("--input-len", type=positive_int, default=8192)
+    ap.add_argument("--output-len", type=positive_int, default=1024)
+    ap.add_argument("--speculative-tokens", type=int, default=3, choices=range(0, 5))
+    ap.add_argument("--acceptance", type=float, default=3.39, help="mean tokens a verify step keeps per request")
+    ap.add_argument("--verify-ms", type=float, default=25.9)
+    ap.add_argument("--decode-ms", type=float, default=10.62)
+    ap.add_argument("--prefill-ms", type=float, default=136.0, help="per --max-num-batched-tokens prompt tokens")
+    ap.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    model = StepModel(args.verify_ms, args.decode_ms, args.prefill_ms, args.max_num_batched_tokens)
+    row = simulate(model, concurrency=args.concurrency, num_requests=args.num_requests, input_len=args.input_len,
+                   output_len=args.output_len, k=args.speculative_tokens, acceptance=args.acceptance, seed=args.seed)
+    print(table([{"concurrency": args.concurrency, "MTP K": args.speculative_tokens,
+                  **{name: round(v, 2) if v < 100 else round(v) for name, v in row.items()}}]))
+
+
+if __name__ == "__main__":
+    main()
