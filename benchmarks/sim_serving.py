@@ -7,8 +7,9 @@ token and throughput, before a device is lent to measure it.
         [--prefill-ms 136] [--max-num-batched-tokens 8192] [--seed 0]
 
 A step takes verify-ms when it verifies drafts, else decode-ms, plus prefill-ms per max-num-batched-tokens of the
-prompt tokens it computes. The defaults are H200 measurements of 35B-A3B (benchmarks/RESULTS.md: the served step
-with MTP at 16 requests, 2026-12-06; the plain decode step at 16, 2026-12-05; the 8,192-token prefill, 2026-12-05).
+prompt tokens it computes, whatever the batch: the defaults are H200 measurements of 35B-A3B at 16 requests
+(benchmarks/RESULTS.md: the served step with MTP, 2026-12-06; the plain decode step, 2026-12-05; the 8,192-token
+prefill, 2026-12-05), so another concurrency needs the step times of its own batch.
 Each draft is kept with the probability that gives the acceptance length asked for; a client sends its next request
 when the last one ends, at the step's end. What the model leaves out: the host's time between steps, the HTTP and
 tokenizer path, a new request waiting for the step in flight. benchmarks/RESULTS.md (2026-12-07, CPU) sets it beside
