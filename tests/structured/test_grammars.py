@@ -409,7 +409,7 @@ def test_structural_tag_opened_by_a_special_token(compiler, tokenizer):
     ([{"begin": "<f=a>", "schema": {}, "end": ""}], ["<g="], r"starts with none of the triggers \['<g='\]"),
     ([{"begin": "<f=a>", "schema": {}, "end": "", "extra": 1}], ["<f="], r"exactly 'begin', 'schema' and 'end'"),
     ([{"begin": "<f=a>", "schema": "{oops", "end": ""}], ["<f="], r"structures\[0\].schema' is not valid JSON"),
-    ([{"begin": "<f=a>", "schema": [1], "end": ""}], ["<f="], r"must be a JSON schema"),
+    ([{"begin": "<f=a>", "schema": [1], "end": ""}], ["<f="], r"schema' must be an object \(or true/false\)"),
     ([], ["<f="], "'structures' must be a non-empty list"),
     ([{"begin": "<f=a>", "schema": {}, "end": ""}], [], "'triggers' must be a non-empty list"),
 ])

@@ -46,14 +46,7 @@ class StructuredSpec:
 
     @classmethod
     def json_schema(cls, schema: dict[str, Any] | bool | str, *, reasoning: bool = False) -> StructuredSpec:
-        if isinstance(schema, str):
-            try:
-                schema = json.loads(schema)
-            except json.JSONDecodeError as e:
-                raise StructuredError(f"the JSON schema is not valid JSON: {e.msg} at column {e.colno}") from None
-        if not isinstance(schema, (dict, bool)):
-            raise StructuredError(f"a JSON schema must be an object (or true/false), got a {type(schema).__name__}")
-        return cls(StructuredKind.JSON, canonical_json(schema), reasoning)
+        return cls(StructuredKind.JSON, canonical_json(_schema(schema, "the JSON schema")), reasoning)
 
     @classmethod
     def json_object(cls, *, reasoning: bool = False) -> StructuredSpec:
@@ -123,14 +116,19 @@ def _structure(structure: Any, index: int, triggers: list[str]) -> dict[str, Any
     if not any(begin.startswith(t) for t in triggers):
         raise StructuredError(f"'{where}.begin' ({begin!r}) starts with none of the triggers {triggers}: a structure "
                               "is entered only through a trigger, so begin with one")
+    return {"begin": begin, "schema": _schema(schema, f"'{where}.schema'"), "end": end}
+
+
+def _schema(schema: Any, name: str) -> dict[str, Any] | bool:
+    """A JSON schema, decoded when sent as JSON text; StructuredError unless it is an object or true/false."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
         except json.JSONDecodeError as e:
-            raise StructuredError(f"'{where}.schema' is not valid JSON: {e.msg} at column {e.colno}") from None
+            raise StructuredError(f"{name} is not valid JSON: {e.msg} at column {e.colno}") from None
     if not isinstance(schema, (dict, bool)):
-        raise StructuredError(f"'{where}.schema' must be a JSON schema (an object), got a {type(schema).__name__}")
-    return {"begin": begin, "schema": schema, "end": end}
+        raise StructuredError(f"{name} must be an object (or true/false), got a {type(schema).__name__}")
+    return schema
 
 
 def _require_text(value: Any, what: str) -> None:
