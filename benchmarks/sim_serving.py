@@ -12,8 +12,9 @@ prompt tokens it computes, whatever the batch: the defaults are H200 measurement
 prefill, 2026-12-05), so another concurrency needs the step times of its own batch.
 Each draft is kept with the probability that gives the acceptance length asked for; a client sends its next request
 when the last one ends, at the step's end. What the model leaves out: the host's time between steps, the HTTP and
-tokenizer path, a new request waiting for the step in flight. benchmarks/RESULTS.md (2026-12-07, CPU) sets it beside
-served runs.
+tokenizer path, a new request waiting for the step in flight. Prefix caching is on, as in the server (checkpoints
+at its default interval end prompt chunks; nothing repeats, so nothing resumes). benchmarks/RESULTS.md (2026-12-07,
+CPU) sets it beside served runs.
 
 Compare two policies by running this file with PYTHONPATH at each tree's src (the commit before a change and after).
 """
@@ -51,8 +52,10 @@ def keep_probability(k: int, acceptance: float) -> float:
 
 
 def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len: int, output_len: int, k: int,
-             acceptance: float, max_num_seqs: int = 64, seed: int = 0) -> dict[str, float]:
+             acceptance: float, max_num_seqs: int = 64, prefix_caching: bool = True, seed: int = 0
+             ) -> dict[str, float]:
     from deltaserve.cache.manager import CacheManager
+    from deltaserve.config.options import default_checkpoint_interval
     from deltaserve.config import SchedulerConfig
     from deltaserve.engine.request import Request, RequestStatus
     from deltaserve.engine.scheduler import Scheduler
@@ -63,8 +66,12 @@ def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len
     config = SchedulerConfig(max_model_len=input_len + output_len + k + 1, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=model.budget)
     pages = max_num_seqs * -(-(input_len + output_len + 2 * k) // page)
-    sched = Scheduler(config, CacheManager(num_pages=pages, num_slots=max_num_seqs, page_size=page),
-                      speculative_tokens=k, speculative_max_batch=max_num_seqs)
+    # prefix caching as the server runs it by default: checkpoints along prompts at its default interval (no prompt
+    # repeats here, so none is ever resumed from; they only end chunks)
+    cache = CacheManager(num_pages=pages, num_slots=max_num_seqs, page_size=page,
+                         num_checkpoints=max_num_seqs if prefix_caching else 0)
+    sched = Scheduler(config, cache, speculative_tokens=k, speculative_max_batch=max_num_seqs,
+                      checkpoint_interval=default_checkpoint_interval(model.budget, page))
     now, sent = 0.0, 0
     arrived: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -82,7 +89,7 @@ def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len
         send()
     while sched.has_unfinished():
         out = sched.schedule()
-        prefill = sum(e.num_new_tokens for e in out.scheduled if not e.samples_token or e.num_new_tokens > 1)
+        prefill = sum(n for n in (e.num_new_tokens - len(e.draft_token_ids) for e in out.scheduled) if n > 1)
         now += model.ms(prefill, any(e.draft_token_ids for e in out.scheduled))
         sched.commit_step(out)
         kept = {e.request_id: [7] * _kept(e, p, rng) for e in out.scheduled if e.samples_token}
@@ -127,11 +134,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--decode-ms", type=float, default=10.62)
     ap.add_argument("--prefill-ms", type=float, default=136.0, help="per --max-num-batched-tokens prompt tokens")
     ap.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
+    ap.add_argument("--no-prefix-caching", action="store_true", help="as the server's flag (on by default there)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.speculative_tokens and not 1 <= args.acceptance <= args.speculative_tokens + 1:
+        ap.error(f"--acceptance {args.acceptance} is outside [1, {args.speculative_tokens + 1}] for "
+                 f"--speculative-tokens {args.speculative_tokens}")
     model = StepModel(args.verify_ms, args.decode_ms, args.prefill_ms, args.max_num_batched_tokens)
     row = simulate(model, concurrency=args.concurrency, num_requests=args.num_requests, input_len=args.input_len,
-                   output_len=args.output_len, k=args.speculative_tokens, acceptance=args.acceptance, seed=args.seed)
+                   output_len=args.output_len, k=args.speculative_tokens, acceptance=args.acceptance,
+                   prefix_caching=not args.no_prefix_caching, seed=args.seed)
     print(table([{"concurrency": args.concurrency, "MTP K": args.speculative_tokens,
                   **{name: round(v, 2) if v < 100 else round(v) for name, v in row.items()}}]))
 

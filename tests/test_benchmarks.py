@@ -523,17 +523,20 @@ def test_serving_floor_model(capsys):
 
 
 def test_serving_simulation_through_the_real_scheduler(capsys):
-    """sim_serving: each draft kept with the probability that gives the acceptance length asked; prompts of the
-    whole token budget take one step each (their first token in the step that admits them), so with one client
-    the TTFT is exactly one prefill step (a plain step's time plus the prefill's)."""
+    """sim_serving: each draft kept with the probability that gives the acceptance length asked; with one client a
+    prompt of the whole token budget takes one prefill step (a plain step's time plus the prefill's), and with
+    prefix caching, alone, a light step more for the last token after its checkpoint."""
     from benchmarks import sim_serving
 
     p = sim_serving.keep_probability(3, 3.39)
     assert abs(1 + p + p * p + p ** 3 - 3.39) < 1e-9
     model = sim_serving.StepModel(verify_ms=3.0, decode_ms=1.0, prefill_ms=10.0, budget=64)
     alone = sim_serving.simulate(model, concurrency=1, num_requests=3, input_len=64, output_len=8, k=3,
-                                 acceptance=3.39)
+                                 acceptance=3.39, prefix_caching=False)
     assert alone["TTFT p50 ms"] == alone["TTFT mean ms"] == 11.0
+    cached = sim_serving.simulate(model, concurrency=1, num_requests=3, input_len=64, output_len=8, k=3,
+                                  acceptance=3.39)
+    assert cached["TTFT p50 ms"] == 1.0 + 10.0 * 63 / 64 + 1.0
     busy = sim_serving.simulate(model, concurrency=4, num_requests=8, input_len=64, output_len=8, k=3,
                                 acceptance=3.39)
     assert busy["TTFT p50 ms"] > 11.0 and busy["total tok/s"] > 0

@@ -630,6 +630,40 @@ def test_prompt_of_the_whole_budget_is_not_split_for_decode_rows() -> None:
     assert chunks(out)["e"] == 32 and sched.get_request("e").num_output_tokens == 1
 
 
+def test_whole_budget_prompt_with_prefix_caching_goes_over_the_budget_only_to_end() -> None:
+    """With prefix caching: a prompt that goes past the budget to end now drops its unmarked checkpoint before its
+    last token, as a queued one does (else it would end a step later), even alone; a point its renderer marked stays,
+    and cut there the prompt would not end, so it keeps to the budget; so does a prompt whose twin waits (the twin
+    resumes at that checkpoint). check_schedule holds every over-budget step to ending its prompt."""
+    config = SchedulerConfig(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32)
+    sched = Scheduler(config, CacheManager(num_pages=128, num_slots=8, page_size=4, num_checkpoints=8),
+                      checkpoint_interval=32)
+
+    def checked_step() -> SchedulerOutput:
+        out = sched.schedule()
+        check_schedule(sched, out)
+        sched.update_from_step(out, {s.request_id: seq_token(s.request.all_token_ids)
+                                     for s in out.scheduled if s.samples_token})
+        return out
+
+    for i in range(3):
+        sched.add_request(req(f"d{i}", 4, first=50 + i))
+    checked_step()
+    sched.add_request(req("a", 32))
+    out = checked_step()
+    assert chunks(out)["a"] == 32 and out.num_batched_tokens == 35  # alone, whole: its first token now
+    assert sched.get_request("a").num_output_tokens == 1
+    sched.add_request(Request("b", list(range(100, 132)), cache_points=(30,)))  # a chat's marked history end
+    out = checked_step()
+    assert chunks(out)["b"] == 28 and out.num_batched_tokens == 32  # cut at 30 it would not end: the budget holds
+    while sched.get_request("b").num_output_tokens == 0:
+        checked_step()
+    for rid in ("c", "c2"):  # twins: the first keeps the checkpoint the second resumes at
+        sched.add_request(Request(rid, list(range(200, 232))))
+    out = checked_step()
+    assert out.num_batched_tokens <= 32 and chunks(out)["c"] < 32
+
+
 def test_queued_prompt_skips_its_tail_checkpoint() -> None:
     """Prompts queued together: the first one's rest fits the step and another waits, so its chunk runs to its end
     (no checkpoint before its last token) and it samples its first token in that step; the last one, with nobody

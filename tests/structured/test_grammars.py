@@ -405,6 +405,40 @@ def test_structural_tag_opened_by_a_special_token(compiler, tokenizer):
         assert len(structural_tag_values(text, structures, ["<tool_call>"])) >= 1
 
 
+def test_structural_tag_triggers_that_prefix_each_other(compiler, tokenizer):
+    """The first trigger to complete ends the free text, so each structure belongs to the shortest trigger its
+    begin starts with: both structures stay reachable, and a trigger written in free text still enters one."""
+    structures = [{"begin": "<function=get>", "schema": {"type": "integer"}, "end": "</function>"},
+                  {"begin": "<fx>", "schema": {"type": "integer"}, "end": "</fx>"}]
+    matcher_of = compiler.compile(StructuredSpec.structural_tag(structures, ["<f", "<function="])).new_matcher
+
+    def feeds(text: str) -> bool:
+        matcher = matcher_of()
+        return all(matcher.consume_token(t) for t in tokenizer.encode(text, add_special_tokens=False))
+
+    assert feeds("a <function=get>1</function>") and feeds("a <fx>1</fx>")
+    assert not feeds("a <fy")
+
+
+def test_structural_tag_trigger_led_by_a_special_token(compiler, tokenizer):
+    """A trigger that starts with a special token is entered by that token; its text spelling cannot be free text,
+    and a special token further into a trigger is refused."""
+    structures = [{"begin": "<tool_call>\n<function=f>", "schema": {"type": "integer"}, "end": "</function>"}]
+    spec = StructuredSpec.structural_tag(structures, ["<tool_call>\n<function="])
+    matcher = compiler.compile(spec).new_matcher()
+    tool_call = tokenizer.convert_tokens_to_ids("<tool_call>")
+    for token in tokenizer.encode("ok ", add_special_tokens=False) + [tool_call] + tokenizer.encode(
+            "\n<function=f>7</function>", add_special_tokens=False):
+        assert matcher.consume_token(token), matcher.get_error()
+    assert matcher.is_accepting()
+    spelt = compiler.compile(StructuredSpec.structural_tag(structures, ["<tool_call>"])).new_matcher()
+    text = [t for piece in ("hi <tool", "_call> x") for t in tokenizer.encode(piece, add_special_tokens=False)]
+    assert not all(spelt.consume_token(t) for t in text)  # the trigger's text is no free text
+    inner = StructuredSpec.structural_tag([{"begin": "x<tool_call>", "schema": {}, "end": ""}], ["x<tool_call>"])
+    with pytest.raises(StructuredError, match="special token after its start"):
+        compiler.compile(inner)
+
+
 @pytest.mark.parametrize("structures, triggers, words", [
     ([{"begin": "<f=a>", "schema": {}, "end": ""}], ["<g="], r"starts with none of the triggers \['<g='\]"),
     ([{"begin": "<f=a>", "schema": {}, "end": "", "extra": 1}], ["<f="], r"exactly 'begin', 'schema' and 'end'"),

@@ -74,7 +74,8 @@ class EngineArgs:
     max_num_batched_tokens: int | None = _option(
         None, "token budget of one step; longer prompts are prefilled in chunks (default: 8192 on GPUs of at least "
               "70 GiB, else 2048). A prompt that fits it is not split for the decode rows running beside it: its "
-              "step goes past the budget by one token a decode row", section="scheduler", type=int)
+              "step goes past the budget by one token a decode row (and the prompt keeps no prefix-cache "
+              "checkpoint before its last token unless its renderer marked one)", section="scheduler", type=int)
     max_step_ms: float | None = _option(
         None, "per-step time budget in ms for steps that carry decode rows: their prefill chunks are sized so the "
               "step's predicted time (a cost model fitted to measured steps) stays within it, bounding inter-token "

@@ -147,8 +147,9 @@ class Scheduler:
        marked stay), unless one of those waiting has the same prompt: under a queue its first token then comes
        with this step instead of a step later, beside the next prompt's whole chunk. For the same reason an
        admitted prompt (or a long prompt's last chunk, with no decode row behind it) whose rest fits the budget
-       once the step's decode rows are not counted goes whole (`_whole_prompt`): the step goes past the budget by
-       at most one token a decode row.
+       once the step's decode rows are not counted goes whole (`_whole_prompt`), dropping its unmarked tail
+       checkpoints as a queued one does (unless its twin waits): the step goes past the budget by at most one token
+       a decode row, and only when the prompt then ends.
 
     With a per-step time budget (`max_step_ms`) and running decode rows (requests with one token left to
     compute), the decode rows are counted first: their tokens are reserved from the token budget and their cost is
@@ -330,7 +331,11 @@ class Scheduler:
             if num_new <= 0:
                 i += 1
                 continue
-            num_new = self._cap_at_checkpoint(request, num_new)
+            num_new = self._cap_at_checkpoint(request, num_new, over=num_new > budget)
+            if num_new > budget and request.num_computed_tokens + num_new < request.num_tokens:
+                # over the budget only to end the prompt: a kept checkpoint cut it short, so the budget holds
+                num_new = next_checkpoint(request.checkpoint_positions, request.num_computed_tokens,
+                                          budget) - request.num_computed_tokens
             placeholder = False
             if uniform is None:
                 drafts = self._drafts_for(request, num_new, budget)
@@ -498,7 +503,10 @@ class Scheduler:
                                             budget)
                 if limit <= 0:
                     break  # strict FCFS, as below
-            num_new = self._admission_chunk(request, tokens, match.num_tokens, limit)
+            num_new = self._admission_chunk(request, tokens, match.num_tokens, limit, over=limit > budget)
+            if num_new > budget and match.num_tokens + num_new < request.num_tokens:
+                # over the budget only to end the prompt: a kept checkpoint cut it short, so the budget holds
+                num_new = self._admission_chunk(request, tokens, match.num_tokens, budget)
             if not self.cache.can_admit(self._span(request, match.num_tokens + num_new), match):
                 if not self._blocked_by_own_match(match):
                     self._blocked = (request, self.cache.releases)
@@ -524,12 +532,15 @@ class Scheduler:
         checkpoint's is free or evictable already."""
         return match.checkpoint is not None and not self._running
 
-    def _admission_chunk(self, request: Request, tokens: list[int], matched: int, budget: int) -> int:
+    def _admission_chunk(self, request: Request, tokens: list[int], matched: int, budget: int, *,
+                         over: bool = False) -> int:
+        """over: `budget` is past the token budget (_whole_prompt), so that the prompt ends this step."""
         request.checkpoint_positions = self._plan_checkpoints(request, tokens, matched)
         num_new = min(request.num_tokens - matched, budget)
-        if matched + num_new == request.num_tokens and self._queued_behind(request, admitting=True):
-            # the rest of the prompt fits this step and others wait: its first token now, not a step later (before
-            # the positions are claimed, below)
+        if matched + num_new == request.num_tokens and (self._queued_behind(request, admitting=True) or
+                                                        over and not self._twin_waits(request)):
+            # the rest of the prompt fits this step and others wait, or it goes past the budget to end now: its
+            # first token now, not a step later (before the positions are claimed, below)
             request.checkpoint_positions = without_tail(request.checkpoint_positions, request.num_prompt_tokens,
                                                         self.cache.page_size, keep=request.cache_points)
         return next_checkpoint(request.checkpoint_positions, matched, num_new) - matched
@@ -540,11 +551,14 @@ class Scheduler:
 
     def _whole_prompt(self, rest: int, budget: int) -> int:
         """A prompt chunk's limit: the budget left, or the prompt's whole rest where that fits the token budget once
-        this step's decode rows (those scheduled before it) are not counted. A prompt of max_num_batched_tokens (the published 8,192-token
-        workload) would otherwise lose its last few tokens to the decode rows running beside it and sample its
-        first token a step later, under a queue beside the next prompt's whole chunk. The step then goes past
-        max_num_batched_tokens by at most its decode rows, one token each (the activation margin and the largest
-        prefill graph's bucket, step + 1 rounded up to 64 tokens, hold them: such a step has at most 16 rows)."""
+        this step's decode rows (those scheduled before it) are not counted. A prompt of max_num_batched_tokens
+        (the published 8,192-token workload) would otherwise lose its last few tokens to the decode rows running
+        beside it and sample its first token a step later, under a queue beside the next prompt's whole chunk.
+        The callers keep a chunk over the budget only when it then ends the prompt (a checkpoint it keeps may cut it
+        short). The step goes past max_num_batched_tokens by at most its decode rows, one token each: within the
+        activation margin of the memory plan (10%) for budgets of a few thousand tokens; a step of up to 16 rows
+        still fits the prefill graphs' full-step bucket (budget + 1 rounded up to 64) unless the budget is 64 k - 1
+        or within 15 of it, where such a step runs eagerly."""
         return rest if budget < rest <= budget + self._decode_given else budget
 
     def _queued_behind(self, request: Request, admitting: bool) -> bool:
@@ -555,8 +569,12 @@ class Scheduler:
         if len(self._waiting) < need or len(self._running) + need > self._config.max_num_seqs \
                 or self.cache.num_free_slots < need:
             return False
+        return not self._twin_waits(request)
+
+    def _twin_waits(self, request: Request) -> bool:
+        """A waiting request has the same prompt (it would resume at the prompt's tail checkpoint)."""
         key = request.prompt_key
-        return all(r.prompt_key != key for r in self._waiting if r is not request)
+        return any(r.prompt_key == key for r in self._waiting if r is not request)
 
     def _on_admitted(self, request: Request, tokens: list[int], matched: int) -> None:
         request.num_computed_tokens = matched
@@ -600,17 +618,18 @@ class Scheduler:
         branch = self.cache.branch_position(tokens, request.num_tokens - 1, request.request_id)
         return checkpoint_positions(request, matched, branch, self._checkpoint_interval, self.cache.page_size)
 
-    def _cap_at_checkpoint(self, request: Request, num_new: int) -> int:
+    def _cap_at_checkpoint(self, request: Request, num_new: int, *, over: bool = False) -> int:
         """A chunk ends at the next planned checkpoint position, so the state there is a step's end state; the last
-        chunk of a long prompt under a queue first drops the unmarked tail positions, as an admission would
-        (_admission_chunk), and gives back their claims, unless a waiting request waits for a claimed prefix (it may
-        be one of these: a prompt extending this one)."""
+        chunk of a long prompt under a queue (or past the budget to end now: `over`) first drops the unmarked tail
+        positions, as an admission would (_admission_chunk), and gives back their claims, unless a waiting request
+        waits for a claimed prefix (it may be one of these: a prompt extending this one)."""
         computed = request.num_computed_tokens
         if computed + num_new == request.num_tokens:  # the last chunk: the queue checks only if it has a tail to drop
             kept = without_tail(request.checkpoint_positions, request.num_prompt_tokens, self.cache.page_size,
                                 keep=request.cache_points)
             dropped = [p for p in request.checkpoint_positions if p not in kept and p > computed]
-            if dropped and self._queued_behind(request, admitting=False) and not self._waits_on_a_claim():
+            ends_now = self._queued_behind(request, admitting=False) or over and not self._twin_waits(request)
+            if dropped and ends_now and not self._waits_on_a_claim():
                 self.cache.unclaim(request.request_id, request.token_ids(0, request.num_prompt_tokens), dropped)
                 request.checkpoint_positions = [p for p in request.checkpoint_positions if p not in dropped]
         return next_checkpoint(request.checkpoint_positions, computed, num_new) - computed

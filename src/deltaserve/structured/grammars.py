@@ -44,6 +44,13 @@ class Markup:
         pieces = re.split("(" + "|".join(map(re.escape, names)) + ")", text)
         return " ".join(self(p) for p in pieces if p)
 
+    def leading_special(self, text: str) -> str | None:
+        """The special token (written by name) that text starts with, the longest if several do."""
+        return max((t for t in self.special_tokens if _is_tag(t) and text.startswith(t)), key=len, default=None)
+
+    def holds_special(self, text: str) -> bool:
+        return any(_is_tag(t) and t in text for t in self.special_tokens)
+
     def by_name(self, text: str) -> bool:
         """Whether a grammar writes this text as a special token's name (matching that one token only)."""
         return text in self.special_tokens and _is_tag(text)
@@ -157,22 +164,25 @@ def _tool_calls(spec: StructuredSpec, markup: Markup) -> str:
 
 
 def _structural_tag(spec: StructuredSpec, markup: Markup) -> str:
-    """Free text, then any number of structures each followed by free text. Free text never holds a text
-    trigger, so writing one enters a structure; a trigger that is one special token is matched by name (text
-    cannot hold it)."""
+    """Free text, then any number of structures each followed by free text. Free text never holds a trigger's
+    text, so writing one enters a structure: the first trigger to complete ends the free text, and a structure
+    belongs to the shortest trigger its begin starts with. A trigger that starts with a special token is matched
+    by that token's name (free text cannot hold a special token either); one with a special token further in is
+    refused."""
     body = json.loads(spec.spec)
-    text_triggers = [t for t in body["triggers"] if not markup.by_name(t)]
-    free = "TEXT: /(?s:.*)/"
-    if text_triggers:
-        alternatives = "|".join(_RUST_META.sub(r"\\\g<0>", t) for t in text_triggers)
-        free += f" & ~{regex_terminal(f'(?s:.*)({alternatives})(?s:.*)')}"
-    rules = [free]
+    triggers = body["triggers"]
+    alternatives = "|".join(_RUST_META.sub(r"\\\g<0>", t) for t in triggers)
+    rules = [f"TEXT: /(?s:.*)/ & ~{regex_terminal(f'(?s:.*)({alternatives})(?s:.*)')}"]
     for i, s in enumerate(body["structures"]):
-        trigger = max((t for t in body["triggers"] if s["begin"].startswith(t)), key=len)
-        rest = " ".join(filter(None, [markup.sequence(s["begin"][len(trigger):]), inline_json(s["schema"]),
+        trigger = min((t for t in triggers if s["begin"].startswith(t)), key=len)
+        lead = markup.leading_special(trigger)
+        if markup.holds_special(trigger[len(lead or ""):]):
+            raise StructuredError(f"the trigger {trigger!r} holds a special token after its start; a special token "
+                                  "can only start a trigger (or be one): split the trigger there")
+        rest = " ".join(filter(None, [markup.sequence(s["begin"][len(lead or trigger):]), inline_json(s["schema"]),
                                       markup.sequence(s["end"])]))
-        if markup.by_name(trigger):
-            rules.append(f"tag_{i}: TEXT {markup(trigger)} {rest}")
+        if lead:
+            rules.append(f"tag_{i}: TEXT {markup(lead)} {rest}")
         else:  # one lexeme: the free text and the trigger after it
             rules += [f"tag_{i}_trigger[lazy]: TEXT {lark_string(trigger)}", f"tag_{i}: tag_{i}_trigger {rest}"]
     tags = " | ".join(f"tag_{i}" for i in range(len(body["structures"])))
