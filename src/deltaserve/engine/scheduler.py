@@ -557,8 +557,8 @@ class Scheduler:
         The callers keep a chunk over the budget only when it then ends the prompt (a checkpoint it keeps may cut it
         short). The step goes past max_num_batched_tokens by at most its decode rows, one token each: within the
         activation margin of the memory plan (10%) for budgets of a few thousand tokens; a step of up to 16 rows
-        still fits the prefill graphs' full-step bucket (budget + 1 rounded up to 64) unless the budget is 64 k - 1
-        or within 15 of it, where such a step runs eagerly."""
+        still fits the prefill graphs' full-step bucket (budget + 1 rounded up to 64) unless the budget is 1 to 15
+        tokens below a multiple of 64, where such a step runs eagerly."""
         return rest if budget < rest <= budget + self._decode_given else budget
 
     def _queued_behind(self, request: Request, admitting: bool) -> bool:
