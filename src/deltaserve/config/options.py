@@ -75,7 +75,8 @@ class EngineArgs:
         None, "token budget of one step; longer prompts are prefilled in chunks (default: 8192 on GPUs of at least "
               "70 GiB, else 2048). A prompt that fits it is not split for the decode rows running beside it: its "
               "step goes past the budget by one token a decode row (and the prompt keeps no prefix-cache "
-              "checkpoint before its last token unless its renderer marked one)", section="scheduler", type=int)
+              "checkpoint before its last token unless its renderer marked one or the same prompt waits)",
+        section="scheduler", type=int)
     max_step_ms: float | None = _option(
         None, "per-step time budget in ms for steps that carry decode rows: their prefill chunks are sized so the "
               "step's predicted time (a cost model fitted to measured steps) stays within it, bounding inter-token "
