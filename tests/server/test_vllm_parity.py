@@ -211,6 +211,24 @@ def test_chat_echo_starts_the_content_with_the_continued_message(http, stream):
     assert content(echo=True, **user_last) == content(**user_last)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_reply_role_is_the_continued_messages_with_add_generation_prompt_false(http, stream):
+    """vLLM's rule: a reply that opens an assistant turn has the assistant's role; with add_generation_prompt false
+    the output continues the last message, so the reply carries that message's role (streamed: the first chunk)."""
+    def role(msgs: list[dict], add: bool) -> str:
+        r = http.post(CHAT, json={"messages": msgs, "add_generation_prompt": add, "max_tokens": 2,
+                                  "temperature": 0, "stream": stream})
+        assert r.status_code == 200, r.text
+        if stream:
+            return next(e for e in _events(r) if e.get("choices"))["choices"][0]["delta"]["role"]
+        return r.json()["choices"][0]["message"]["role"]
+
+    user = [{"role": "user", "content": "Say hello"}]
+    assert role(user, True) == "assistant"
+    assert role(user, False) == "user"
+    assert role(user + [{"role": "assistant", "content": "Hel"}], False) == "assistant"
+
+
 def test_bad_words_as_vllm_bans_them(http, reference):
     """vLLM's field: the word is tokenized (as written and after a space); its last token is never sampled right
     after the rest of it, so a greedy output that would complete the word takes another token there, and the

@@ -78,12 +78,16 @@ def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     return [_message_dict(m, i) for i, m in enumerate(messages)]
 
 
+def reply_role(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """The role the reply's message carries (vLLM's rule): the assistant's when the prompt opens a new assistant
+    turn; with add_generation_prompt false the output continues the last message, so it has that message's role."""
+    return "assistant" if add_generation_prompt else messages[-1].role
+
+
 def echoed_text(messages: list[ChatMessage], add_generation_prompt: bool) -> str:
-    """Chat's echo (vLLM's): the last message's text when it has the reply's role, the assistant's (or, with
-    add_generation_prompt false, its own: the message continue_final_message continues), else ""."""
+    """Chat's echo (vLLM's): the last message's text when it has the reply's role (`reply_role`), else ""."""
     last = messages[-1]
-    role = "assistant" if add_generation_prompt else last.role
-    return _text(last, len(messages) - 1) if last.role == role else ""
+    return _text(last, len(messages) - 1) if last.role == reply_role(messages, add_generation_prompt) else ""
 
 
 def _message_dict(m: ChatMessage, i: int) -> dict[str, Any]:

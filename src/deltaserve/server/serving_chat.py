@@ -12,7 +12,7 @@ from starlette.requests import Request
 
 from deltaserve.outputs import SequenceDelta
 from deltaserve.sampling_params import SamplingParams
-from deltaserve.server.chat_inputs import echoed_text, reject_legacy_functions, resolve_tools
+from deltaserve.server.chat_inputs import echoed_text, reject_legacy_functions, reply_role, resolve_tools
 from deltaserve.server.chat_prompt import ChatRequestParts, render_prompt
 from deltaserve.server.errors import APIError, unexpected_error
 from deltaserve.server.generation import ClientDisconnected, generate, raise_for_failure, unless_disconnected
@@ -59,6 +59,7 @@ class _Job:
     show_reasoning: bool
     cache_points: tuple[int, ...] = ()
     echo: str = ""  # what the reply's content starts with (echo)
+    role: str = "assistant"  # the reply message's role (reply_role)
 
     def stream(self, state: ServerState) -> AsyncIterator[SequenceDelta]:
         return generate(state, self.prompt, self.params, self.id, "chat", prompt_field="messages",
@@ -102,7 +103,8 @@ async def create_chat_completion(state: ServerState, request: Request) -> Respon
 
     job = _Job(random_id("chatcmpl"), model, int(time.time()), req, params, prompt, new_parser,
                show_reasoning=reasoning and req.include_reasoning, cache_points=rendered.cache_points,
-               echo=echoed_text(req.messages, req.add_generation_prompt) if req.echo else "")
+               echo=echoed_text(req.messages, req.add_generation_prompt) if req.echo else "",
+               role=reply_role(req.messages, req.add_generation_prompt))
     if req.stream:
         return StreamingResponse(_stream(state, job), media_type="text/event-stream", headers=SSE_HEADERS)
     try:
@@ -140,7 +142,7 @@ async def _complete(state: ServerState, job: _Job) -> dict[str, Any]:
         if job.req.prompt_logprobs is not None and delta.prompt_logprobs is not None:
             scored["prompt_logprobs"] = vllm_prompt_logprobs(delta.prompt_logprobs, named)
     return {"id": job.id, "object": "chat.completion", "created": job.created, "model": job.model,
-            "choices": [{"index": i, "message": _message(c.message, job.show_reasoning, job.echo),
+            "choices": [{"index": i, "message": _message(c.message, job.show_reasoning, job.echo, job.role),
                          "logprobs": {"content": c.logprobs} if strings is not None else None,
                          "finish_reason": c.finish_reason_out(), "stop_reason": c.stop_reason}
                         for i, c in enumerate(choices)],
@@ -159,9 +161,9 @@ def _reasoning_fields(text: str, show_reasoning: bool) -> dict[str, str | None]:
     return {"reasoning_content": value, "reasoning": value}
 
 
-def _message(m: ParsedDelta, show_reasoning: bool, echo: str = "") -> dict[str, Any]:
+def _message(m: ParsedDelta, show_reasoning: bool, echo: str = "", role: str = "assistant") -> dict[str, Any]:
     content = echo + m.content if echo or m.content or not m.tool_calls else None
-    message: dict[str, Any] = {"role": "assistant", "content": content,
+    message: dict[str, Any] = {"role": role, "content": content,
                                **_reasoning_fields(m.reasoning, show_reasoning)}
     if m.tool_calls:
         message["tool_calls"] = [{"id": c.id, "type": "function",
@@ -189,7 +191,7 @@ async def _stream(state: ServerState, job: _Job) -> AsyncIterator[str]:
 
     try:
         for i in range(len(choices)):
-            yield chunk({"index": i, "delta": {"role": "assistant", "content": "", **_reasoning_fields("", False)},
+            yield chunk({"index": i, "delta": {"role": job.role, "content": "", **_reasoning_fields("", False)},
                          "logprobs": None, "finish_reason": None})
         for i in range(len(choices) if job.echo else 0):  # as vLLM streams it: the echo before any token
             yield chunk({"index": i, "delta": {"content": job.echo, **_reasoning_fields("", False)},
