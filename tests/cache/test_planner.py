@@ -89,3 +89,36 @@ def test_a_cache_that_takes_no_memory_is_capped_by_the_sequences(page_bytes, slo
     p = plan_memory(budget_bytes=1000 * MiB, page_bytes=page_bytes, slot_bytes=slot_bytes, page_size=16,
                     max_num_seqs=4, max_model_len=160, checkpoint_fraction=0.1)
     assert p.num_slots == 4 and p.num_checkpoints == 64 and p.num_pages == 10 * (4 + 64)
+
+
+def test_log_line_gives_the_concurrency_at_max_model_len():
+    """vLLM's start-up figure: requests of max_model_len tokens that fit at once (the pages or the slots, fewer)."""
+    p = plan_memory(budget_bytes=1000 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16,
+                    max_num_seqs=8, max_model_len=3200)
+    assert p.describe(16, 3200).endswith("maximum concurrency for 3200 tokens per request: 4.60x")
+    assert p.concurrency(16, 160) == 8.0  # short requests: every slot
+
+
+@pytest.mark.parametrize("checkpoints", [0, 5])
+def test_long_request_hint_names_the_max_num_seqs_that_runs_more_of_them(checkpoints):
+    """64 slots of 10 MiB leave the pages of one 200-page request; the hint's max_num_seqs, planned again, runs as
+    many of them at once as it says, with the same checkpoints."""
+    args = dict(budget_bytes=1000 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16, max_model_len=3200,
+                num_checkpoints=checkpoints)
+    p = plan_memory(max_num_seqs=64, **args)
+    assert p.concurrency(16, 3200) == (1.55 if checkpoints else 1.8) and p.num_slots == 64
+    hint = p.long_request_hint(16, 3200)
+    assert hint is not None and "wait for KV pages once 1 of them run" in hint
+    assert "--max-num-seqs 4 (max_num_seqs=4) runs 4 of them at once" in hint
+    again = plan_memory(max_num_seqs=4, **args)
+    assert again.num_checkpoints == checkpoints and again.concurrency(16, 3200) == 4.0
+
+
+def test_no_long_request_hint_when_the_slots_do_not_hold_them_back():
+    roomy = plan_memory(budget_bytes=10_000 * MiB, page_bytes=1 * MiB, slot_bytes=1 * MiB, page_size=16,
+                        max_num_seqs=2, max_model_len=160)
+    assert roomy.long_request_hint(16, 160) is None  # every slot has its pages
+    # 8 slots, pages for 4: giving up slots would not fit a 5th (each costs 10 MiB + 200 pages)
+    tight = plan_memory(budget_bytes=1000 * MiB, page_bytes=1 * MiB, slot_bytes=10 * MiB, page_size=16,
+                        max_num_seqs=8, max_model_len=3200)
+    assert tight.long_request_hint(16, 3200) is None

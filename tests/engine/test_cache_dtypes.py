@@ -117,6 +117,8 @@ def test_plan_counts_the_compressed_sizes_and_logs_them(ckpt, caplog):
     assert "KV cache (bfloat16)" in caplog.text and "GDN state (float32 recurrent state)" in caplog.text
     assert "KV cache (int4 + an fp32 scale per token and head)" in caplog.text
     assert "GDN state (bfloat16 recurrent state)" in caplog.text
+    page_size = plain.engine.runner.config.cache.page_size
+    assert f"maximum concurrency for 256 tokens per request: {p0.concurrency(page_size, 256):.2f}x" in caplog.text
 
 
 def test_fp8_pages_are_refused_on_gpus_without_e4m3_conversions():

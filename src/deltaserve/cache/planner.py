@@ -24,12 +24,12 @@ class MemoryPlan:
     slot_bytes: int
     budget_bytes: int
     num_checkpoints: int = 0  # prefix-cache checkpoints: state slots of their own, in the state tensors
+    kv_format: str = "model dtype"  # what a page holds, for the log line (e.g. "fp8 e4m3 + scales")
+    state_format: str = "float32"   # the GDN recurrent state's storage dtype
 
     @property
     def checkpoint_bytes(self) -> int:
         return self.num_checkpoints * self.slot_bytes
-    kv_format: str = "model dtype"  # what a page holds, for the log line (e.g. "fp8 e4m3 + scales")
-    state_format: str = "float32"   # the GDN recurrent state's storage dtype
 
     @property
     def kv_bytes(self) -> int:
@@ -39,13 +39,40 @@ class MemoryPlan:
     def state_bytes(self) -> int:
         return self.num_slots * self.slot_bytes
 
-    def describe(self, page_size: int) -> str:
-        return (f"KV cache ({self.kv_format}): {self.num_pages} pages x {page_size} tokens = "
+    def concurrency(self, page_size: int, tokens: int) -> float:
+        """How many requests of `tokens` tokens run at once: each takes a state slot and the pages of its tokens."""
+        return min(float(self.num_slots), self.num_pages / pages_for_tokens(tokens, page_size))
+
+    def describe(self, page_size: int, max_model_len: int | None = None) -> str:
+        """The start-up log line; with max_model_len it ends with how many requests of that length fit at once
+        (vLLM's "maximum concurrency" figure)."""
+        line = (f"KV cache ({self.kv_format}): {self.num_pages} pages x {page_size} tokens = "
                 f"{self.num_pages * page_size} tokens ({self.kv_bytes / GiB:.2f} GiB); GDN state "
                 f"({self.state_format} recurrent state): {self.num_slots} slots "
                 f"({self.state_bytes / GiB:.2f} GiB, {self.slot_bytes / 2**20:.1f} MiB each); prefix-cache "
                 f"checkpoints: {self.num_checkpoints} ({self.checkpoint_bytes / GiB:.2f} GiB); "
                 f"budget {self.budget_bytes / GiB:.2f} GiB")
+        if max_model_len is None:
+            return line
+        return (f"{line}; maximum concurrency for {max_model_len} tokens per request: "
+                f"{self.concurrency(page_size, max_model_len):.2f}x")
+
+    def long_request_hint(self, page_size: int, max_model_len: int) -> str | None:
+        """When requests of max_model_len tokens would wait for KV pages while state slots stand empty: the number
+        of slots (--max-num-seqs) that gives each slot the pages of one such request, keeping the checkpoints; None
+        when that runs no more of them at once than this plan (the slots are not what holds them back)."""
+        pages_each = pages_for_tokens(max_model_len, page_size)
+        fit = int(self.num_pages // pages_each)
+        if fit >= self.num_slots:
+            return None
+        balanced = (self.budget_bytes - self.checkpoint_bytes) // (self.slot_bytes + pages_each * self.page_bytes)
+        if balanced <= fit:
+            return None
+        return (f"requests of max_model_len={max_model_len} tokens wait for KV pages once {fit} of them run, while "
+                f"{self.num_slots} GDN state slots take {self.state_bytes / GiB:.2f} GiB: if most requests are "
+                f"that long, --max-num-seqs {balanced} (max_num_seqs={balanced}) runs {balanced} of them at once "
+                f"({balanced * self.slot_bytes / GiB:.2f} GiB of state, the rest KV pages); shorter requests "
+                f"then run at most {balanced} at once too")
 
 
 def plan_memory(*, budget_bytes: int, page_bytes: int, slot_bytes: int, page_size: int, max_num_seqs: int,

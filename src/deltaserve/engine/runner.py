@@ -151,7 +151,11 @@ class ModelRunner:
                                 shapes=config.rank_shapes(), quantization=config.quantization)
         self.dtype = self.model.model.embed_tokens.weight.dtype
         self.plan = self.plan_memory()
-        log.info("%s", self.plan.describe(config.cache.page_size))
+        page_size, max_len = config.cache.page_size, config.scheduler.max_model_len
+        log.info("%s", self.plan.describe(page_size, max_len))
+        hint = self.plan.long_request_hint(page_size, max_len)
+        if hint is not None and config.cache.num_state_slots is None and config.cache.num_pages is None:
+            log.info("%s", hint)
         # running slots first, then the prefix cache's checkpoint slots, in the same state tensors
         self.cache = new_cache(config, num_pages=self.plan.num_pages,
                                num_slots=self.plan.num_slots + self.plan.num_checkpoints,
