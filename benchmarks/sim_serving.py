@@ -4,7 +4,8 @@ token and throughput, before a device is lent to measure it.
 
     PYTHONPATH=src:. python3 benchmarks/sim_serving.py [--concurrency 16] [--num-requests 64] [--input-len 8192]
         [--output-len 1024] [--speculative-tokens 3 --acceptance 3.39] [--verify-ms 25.9] [--decode-ms 10.62]
-        [--prefill-ms 136] [--max-num-batched-tokens 8192] [--seed 0]
+        [--prefill-ms 136] [--max-num-batched-tokens 8192] [--max-num-seqs 64] [--num-pages N]
+        [--num-checkpoints N] [--seed 0]
 
 A step takes verify-ms when it verifies drafts, else decode-ms, plus prefill-ms per max-num-batched-tokens of the
 prompt tokens it computes, whatever the batch: the defaults are H200 measurements of 35B-A3B at 16 requests
@@ -52,8 +53,10 @@ def keep_probability(k: int, acceptance: float) -> float:
 
 
 def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len: int, output_len: int, k: int,
-             acceptance: float, max_num_seqs: int = 64, prefix_caching: bool = True, seed: int = 0
-             ) -> dict[str, float]:
+             acceptance: float, max_num_seqs: int = 64, prefix_caching: bool = True, seed: int = 0,
+             num_pages: int | None = None, num_checkpoints: int | None = None) -> dict[str, float]:
+    """num_pages (16-token KV pages; default: room for max_num_seqs whole requests) and num_checkpoints (default
+    max_num_seqs) as the server's start-up line gives them, for a card whose memory holds fewer requests than run."""
     from deltaserve.cache.manager import CacheManager
     from deltaserve.config.options import default_checkpoint_interval
     from deltaserve.config import SchedulerConfig
@@ -65,11 +68,11 @@ def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len
     page = 16
     config = SchedulerConfig(max_model_len=input_len + output_len + k + 1, max_num_seqs=max_num_seqs,
                              max_num_batched_tokens=model.budget)
-    pages = max_num_seqs * -(-(input_len + output_len + 2 * k) // page)
+    pages = num_pages if num_pages is not None else max_num_seqs * -(-(input_len + output_len + 2 * k) // page)
     # prefix caching as the server runs it by default: checkpoints along prompts at its default interval (no prompt
     # repeats here, so none is ever resumed from; they only end chunks)
-    cache = CacheManager(num_pages=pages, num_slots=max_num_seqs, page_size=page,
-                         num_checkpoints=max_num_seqs if prefix_caching else 0)
+    checkpoints = (num_checkpoints if num_checkpoints is not None else max_num_seqs) if prefix_caching else 0
+    cache = CacheManager(num_pages=pages, num_slots=max_num_seqs, page_size=page, num_checkpoints=checkpoints)
     sched = Scheduler(config, cache, speculative_tokens=k, speculative_max_batch=max_num_seqs,
                       checkpoint_interval=default_checkpoint_interval(model.budget, page))
     now, sent = 0.0, 0
@@ -135,6 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prefill-ms", type=float, default=136.0, help="per --max-num-batched-tokens prompt tokens")
     ap.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
     ap.add_argument("--no-prefix-caching", action="store_true", help="as the server's flag (on by default there)")
+    ap.add_argument("--max-num-seqs", type=positive_int, default=64, help="state slots, as the server's option")
+    ap.add_argument("--num-pages", type=positive_int, default=None,
+                    help="16-token KV pages as the server's start-up line gives them (default: room for every "
+                         "request of --max-num-seqs)")
+    ap.add_argument("--num-checkpoints", type=int, default=None, help="prefix-cache checkpoints (default: as slots)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.speculative_tokens and not 1 <= args.acceptance <= args.speculative_tokens + 1:
@@ -143,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     model = StepModel(args.verify_ms, args.decode_ms, args.prefill_ms, args.max_num_batched_tokens)
     row = simulate(model, concurrency=args.concurrency, num_requests=args.num_requests, input_len=args.input_len,
                    output_len=args.output_len, k=args.speculative_tokens, acceptance=args.acceptance,
-                   prefix_caching=not args.no_prefix_caching, seed=args.seed)
+                   max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching, seed=args.seed,
+                   num_pages=args.num_pages, num_checkpoints=args.num_checkpoints)
     print(table([{"concurrency": args.concurrency, "MTP K": args.speculative_tokens,
                   **{name: round(v, 2) if v < 100 else round(v) for name, v in row.items()}}]))
 

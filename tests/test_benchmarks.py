@@ -540,6 +540,11 @@ def test_serving_simulation_through_the_real_scheduler(capsys):
     busy = sim_serving.simulate(model, concurrency=4, num_requests=8, input_len=64, output_len=8, k=3,
                                 acceptance=3.39)
     assert busy["TTFT p50 ms"] > 11.0 and busy["total tok/s"] > 0
+    # KV pages for one request (64 + 8 tokens + drafts: 5 pages) of the four clients': they run one at a time
+    one_at_a_time = sim_serving.simulate(model, concurrency=4, num_requests=8, input_len=64, output_len=8, k=3,
+                                         acceptance=3.39, num_pages=5, num_checkpoints=0)
+    assert one_at_a_time["total tok/s"] < busy["total tok/s"] and one_at_a_time["TTFT mean ms"] > busy["TTFT mean ms"]
     sim_serving.main(["--concurrency", "2", "--num-requests", "3", "--input-len", "64", "--output-len", "8",
-                      "--max-num-batched-tokens", "64"])
+                      "--max-num-batched-tokens", "64", "--max-num-seqs", "2", "--num-pages", "12",
+                      "--num-checkpoints", "1"])
     assert "TTFT p50 ms" in capsys.readouterr().out
