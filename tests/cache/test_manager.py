@@ -91,6 +91,21 @@ def test_checkpoints_are_evicted_for_pages_and_slots_by_value() -> None:
     assert cache.is_empty() and cache.num_free_pages == 8
 
 
+def test_a_reserve_counts_checkpoint_pages_as_room_and_evicts_nothing_it_cannot_meet() -> None:
+    """can_admit's reserve: pages that must stay free or be held by checkpoints alone (evicted later, when taken).
+    One it cannot meet refuses the admission and evicts nothing, so the prefix cache outlives a refused one."""
+    cache = CacheManager(num_pages=8, num_slots=2, page_size=4, num_checkpoints=2, state_tokens=8)
+    cache.admit("r", 8)
+    cache.publish(cache.reserve_checkpoint("r", list(range(8)), 8))
+    cache.free("r")  # its checkpoint keeps its 2 pages: 6 free, 2 held by the checkpoint alone
+    assert cache.num_free_pages == 6 and cache.num_checkpoints == 1
+    assert not cache.can_admit(4, reserve=8) and cache.num_checkpoints == 1  # 1 + 8 > 6 + 2: nothing evicted
+    assert cache.can_admit(4, reserve=7) and cache.num_checkpoints == 1  # 1 + 7 fits; the pages it needs are free
+    cache.admit("s", 4)
+    assert cache.can_admit(28, reserve=0)  # 7 pages: the checkpoint's are taken now
+    assert cache.num_checkpoints == 0
+
+
 def test_a_cancelled_reservation_gives_everything_back() -> None:
     cache = CacheManager(num_pages=4, num_slots=1, page_size=4, num_checkpoints=1)
     cache.admit("a", 8)

@@ -22,8 +22,10 @@ RUNNING, WAITING, PREEMPTED = RequestStatus.RUNNING, RequestStatus.WAITING, Requ
 
 
 def make(*, max_model_len: int = 64, max_num_seqs: int = 8, budget: int = 32, page_size: int = 4,
-         num_pages: int = 64, num_slots: int = 8) -> Scheduler:
-    config = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+         num_pages: int = 64, num_slots: int = 8, growth_reserve: bool = False) -> Scheduler:
+    """growth_reserve off by default: these tests place admission and preemption exactly on the pages free."""
+    config = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                             growth_reserve=growth_reserve)
     return Scheduler(config, CacheManager(num_pages=num_pages, num_slots=num_slots, page_size=page_size))
 
 
@@ -231,6 +233,80 @@ def test_request_that_is_newest_preempts_itself() -> None:
     assert sched.cache.num_free_pages == 2
 
 
+def run_to_lengths(sched: Scheduler, requests: list[Request], arrivals: dict[int, list[Request]] | None = None
+                   ) -> int:
+    """Step until every request has its max_output_tokens (each ended there, as the engine ends it); returns the
+    preemptions. arrivals: requests added before the given step."""
+    preemptions, n = 0, 0
+    for r in requests:
+        sched.add_request(r)
+    while sched.has_unfinished() or arrivals:
+        for r in (arrivals or {}).pop(n, []):
+            sched.add_request(r)
+        out, appended = step(sched)
+        preemptions += len(out.preempted)
+        for r in appended:
+            if r.num_output_tokens >= r.max_output_tokens:
+                sched.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH)
+        n += 1
+        assert n < 500, "did not drain"
+    return preemptions
+
+
+def test_growth_reserve_queues_what_the_pages_cannot_grow_instead_of_preempting() -> None:
+    """Six requests of 8 prompt + 16 output tokens (6 pages of 4 each at their end) on 16 pages. Admitted while the
+    pages are free (the reserve off), all start and the newest are preempted and recomputed as they grow, over and
+    over; with the reserve (GROWTH_START: 0.7 of each one's growth until requests end) three start and the rest
+    wait: one preemption against four. The outputs are those of each request alone either way."""
+    def workload() -> list[Request]:
+        return [Request(f"r{i}", list(range(10 * i + 1, 10 * i + 9)), max_output_tokens=16) for i in range(6)]
+
+    greedy = make(max_model_len=32, num_pages=16, budget=64)
+    assert run_to_lengths(greedy, workload()) == 4
+    reserved = make(max_model_len=32, num_pages=16, budget=64, growth_reserve=True)
+    requests = workload()
+    assert run_to_lengths(reserved, requests) == 1
+    assert all(r.output_token_ids == alone(r.prompt_token_ids, 16) for r in requests)
+    assert_pools_full(reserved)
+
+
+def test_growth_is_learnt_from_the_requests_that_end() -> None:
+    """Requests that stop at a tenth of their output limit pull the expected growth toward a tenth (so more of such
+    requests are admitted at once); aborts teach nothing; a preemption puts it back to GROWTH_START."""
+    from deltaserve.engine.scheduler import GROWTH_START
+
+    sched = make(max_model_len=64, num_pages=64, budget=64, growth_reserve=True)
+    for i in range(60):  # each writes 4 of its 40: the growth moves a tenth of the way to 0.1 at each end
+        r = Request(f"r{i}", [1, 2, 3, 4], max_output_tokens=40)
+        sched.add_request(r)
+        for _ in range(4):
+            step(sched)
+        sched.finish_request(r.request_id, RequestStatus.FINISHED_STOPPED)
+    assert abs(sched._growth - 0.1) < 0.01
+    sched.add_request(Request("gone", [1, 2, 3], max_output_tokens=40))
+    step(sched)
+    before = sched._growth
+    sched.finish_request("gone", RequestStatus.FINISHED_ABORTED)
+    assert sched._growth == before
+    tight = make(max_model_len=8, page_size=2, num_pages=4, budget=16, growth_reserve=True)
+    tight._growth = 0.0  # admit both, as the reserve would with nothing learnt to the contrary
+    tight.add_request(req("a", 3))
+    tight.add_request(req("b", 4))
+    step(tight)
+    out, _ = step(tight)
+    assert out.preempted == ("b",) and tight._growth == GROWTH_START
+
+
+def test_growth_reserve_never_keeps_a_lone_request_out() -> None:
+    """With nothing running the reserve is nothing: a request whose expected growth alone exceeds the pool runs."""
+    sched = make(max_model_len=64, num_pages=16, budget=64, growth_reserve=True)
+    r = Request("a", [1, 2, 3, 4], max_output_tokens=60)
+    out, _ = step(sched)
+    sched.add_request(r)
+    out, _ = step(sched)
+    assert chunks(out) == {"a": 4}
+
+
 # ---- ends: abort, finish, rejection --------------------------------------------------------------------------------
 def test_abort_in_every_state_returns_everything() -> None:
     sched = make(max_model_len=16, page_size=2, num_pages=8, budget=6)
@@ -406,7 +482,8 @@ def check_schedule(sched: Scheduler, out: SchedulerOutput) -> None:
             and sched.cache.num_free_slots:
         head = sched.waiting[0]
         chunk = min(head.num_tokens, cfg.max_num_batched_tokens - out.num_batched_tokens)
-        assert sched.cache.pages_needed(chunk) > sched.cache.num_free_pages  # admission stopped for a reason
+        # admission stopped for a reason: no pages, or (growth_reserve) none to spare for the running requests
+        assert sched.cache.pages_needed(chunk) > sched.cache.num_free_pages or cfg.growth_reserve
 
 
 CONFIGS = {  # (max_model_len, max_num_seqs, budget, page_size, num_pages, num_slots)
@@ -635,7 +712,7 @@ def test_whole_budget_prompt_with_prefix_caching_goes_over_the_budget_only_to_en
     last token, as a queued one does (else it would end a step later), even alone; a point its renderer marked stays,
     and cut there the prompt would not end, so it keeps to the budget; so does a prompt whose twin waits (the twin
     resumes at that checkpoint). check_schedule holds every over-budget step to ending its prompt."""
-    config = SchedulerConfig(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32)
+    config = SchedulerConfig(max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, growth_reserve=False)
     sched = Scheduler(config, CacheManager(num_pages=128, num_slots=8, page_size=4, num_checkpoints=8),
                       checkpoint_interval=32)
 

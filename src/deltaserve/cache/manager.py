@@ -266,13 +266,25 @@ class CacheManager:
             return 0
         return self._index.branch_depth(token_ids, limit, self._chain(request_id)) * self.page_size
 
-    def can_admit(self, num_tokens: int, match: PrefixMatch = NO_MATCH) -> bool:
+    def can_admit(self, num_tokens: int, match: PrefixMatch = NO_MATCH, reserve: int = 0) -> bool:
         """A free slot and the pages for positions [0, num_tokens) beyond the matched full pages (checkpoints are
-        evicted for them if need be, except the matched one)."""
+        evicted for them if need be, except the matched one), with `reserve` pages more free or held by checkpoints
+        alone (those are evicted later, when the pages are taken); nothing is evicted when that cannot be met."""
         if self._slots.num_free == 0:
             return False
         need = self.pages_needed(num_tokens) - len(match.pages)
+        if reserve and need + reserve > self._pages.num_free + self._checkpoint_only_pages(match.checkpoint):
+            return False
         return self._make_room(need, keep=match.checkpoint)
+
+    def _checkpoint_only_pages(self, keep: Checkpoint | None) -> int:
+        """Pages that evicting every checkpoint but `keep` would free (no request or other holder shares them)."""
+        holders: dict[int, int] = {}
+        for c in self._index.checkpoints:
+            if c is not keep:
+                for p in c.pages:
+                    holders[p] = holders.get(p, 0) + 1
+        return sum(1 for p, n in holders.items() if self._pages.ref_count(p) == n)
 
     def admit(self, request_id: str, num_tokens: int, match: PrefixMatch = NO_MATCH) -> Allocation:
         """Give a request its slot and the pages for positions [0, num_tokens), reusing the matched prefix."""

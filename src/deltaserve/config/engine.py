@@ -125,6 +125,10 @@ class SchedulerConfig:
     # time (engine/step_cost.py) stays within it, never below MIN_PREFILL_CHUNK_FRACTION of the token budget.
     # None or 0: off (every step is filled up to max_num_batched_tokens).
     max_step_ms: float | None = None
+    # Admission keeps KV pages free for the running requests' expected growth (engine/scheduler.py, GROWTH_*), so
+    # that a server whose memory holds fewer requests than arrive queues them instead of preempting (recomputing)
+    # the ones it runs. False: admit whenever the pages a prompt needs now are free (tests of preemption itself).
+    growth_reserve: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
@@ -135,6 +139,7 @@ class SchedulerConfig:
                 "up to max_num_batched_tokens")
         require(self.async_scheduling is None or isinstance(self.async_scheduling, bool),
                 f"'async_scheduling' must be a bool or None, got {self.async_scheduling!r}")
+        require(isinstance(self.growth_reserve, bool), f"'growth_reserve' must be a bool, got {self.growth_reserve!r}")
 
     @property
     def step_budget_ms(self) -> float | None:
