@@ -84,7 +84,7 @@ def test_repetition_penalty_matches_transformers_generate(ckpt):
     dict(),                                                    # everything in one batch
     dict(max_num_batched_tokens=37),                           # chunked prefill, prefill chunks beside decodes
     dict(max_num_batched_tokens=64, max_num_seqs=5),           # few running at once, the rest queue
-    dict(num_pages=40, max_num_batched_tokens=128),            # 640 KV tokens for 16 requests: forced preemption
+    dict(num_pages=40, max_num_batched_tokens=128, growth_reserve=False),  # 640 KV tokens for 16: forced preemption
 ], ids=["one_batch", "chunked", "queued", "preemption"])
 def test_batch_invariance(ckpt, alone, kw):
     ps, expected = alone
@@ -96,7 +96,7 @@ def test_batch_invariance(ckpt, alone, kw):
 
 def test_preemption_actually_happened(ckpt, alone):
     ps, expected = alone
-    llm = make_llm(ckpt[0], num_pages=40, max_num_batched_tokens=128)
+    llm = make_llm(ckpt[0], num_pages=40, max_num_batched_tokens=128, growth_reserve=False)
     preempted = []
     real = llm.engine.scheduler.schedule
 
@@ -371,7 +371,8 @@ def _summary(outs):
               [round(lp.logprob, 4) for lp in (c.logprobs or [])]) for c in o.outputs] for o in outs]
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(num_pages=20, max_model_len=160, max_num_batched_tokens=40)],
+@pytest.mark.parametrize("kw", [dict(), dict(num_pages=20, max_model_len=160, max_num_batched_tokens=40,
+                                           growth_reserve=False)],
                          ids=["roomy", "preemption"])
 def test_async_scheduling_gives_the_same_outputs(ckpt, kw):
     ps, params = _mixed_workload()

@@ -20,7 +20,9 @@ from tests.engine.test_scheduler import _mix, _next_token, assert_pools_full, ge
 
 
 def make(max_len: int, budget: int, ps: int, pages: int, slots: int, seqs: int) -> Scheduler:
-    config = SchedulerConfig(max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=budget)
+    """Admission on the pages free now (no growth reserve): these tight pools are there to preempt."""
+    config = SchedulerConfig(max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=budget,
+                             growth_reserve=False)
     return Scheduler(config, CacheManager(num_pages=pages, num_slots=slots, page_size=ps))
 
 
@@ -211,7 +213,7 @@ def test_rows_without_drafts_ride_a_verify_step_with_placeholders() -> None:
     positions roll back as for rejected drafts. With fewer real drafts, or none, the step decodes plainly."""
     from deltaserve.engine.scheduler import PLACEHOLDER_DRAFT
 
-    config = SchedulerConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32)
+    config = SchedulerConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=32, growth_reserve=False)
     sched = Scheduler(config, CacheManager(num_pages=32, num_slots=4, page_size=4), speculative_tokens=2,
                       speculative_max_batch=4)
     a, b, c, d = Request("a", [1, 2, 3]), Request("b", [4, 5]), Request("c", [6, 7, 8, 9]), Request("d", [10, 11])
@@ -247,7 +249,7 @@ def test_rows_without_drafts_ride_a_verify_step_with_placeholders() -> None:
 def test_a_preemption_that_takes_the_drafted_rows_leaves_a_plain_step() -> None:
     """The drafted row preempts itself for the pages of its drafts: the placeholder row left would wait a whole
     verify step that verifies nothing, so the step decodes it plainly (no drafts, no placeholders)."""
-    config = SchedulerConfig(max_model_len=12, max_num_seqs=2, max_num_batched_tokens=32)
+    config = SchedulerConfig(max_model_len=12, max_num_seqs=2, max_num_batched_tokens=32, growth_reserve=False)
     sched = Scheduler(config, CacheManager(num_pages=3, num_slots=2, page_size=4), speculative_tokens=2,
                       speculative_max_batch=4)
     p, r = Request("p", [1, 2, 3]), Request("r", [4, 5, 6])

@@ -148,7 +148,7 @@ def test_requests_arriving_while_the_prefix_is_prefilled_and_n_siblings(dense):
 def test_eviction_preemption_and_aborts_stay_exact_and_leak_nothing(dense):
     """Tight pools: 3 checkpoints, 40 pages for 5 running requests of up to ~170 tokens: checkpoints are evicted
     for pages, requests are preempted, some aborted mid-way; outputs equal the uncached engine's."""
-    kw = dict(num_pages=40, max_num_batched_tokens=96, max_num_seqs=5, max_model_len=256)
+    kw = dict(num_pages=40, max_num_batched_tokens=96, max_num_seqs=5, max_model_len=256, growth_reserve=False)
     cached, plain = make(dense, True, num_checkpoints=3, **kw), make(dense, False, **kw)
     trunks = [tokens(100, 60 + i) for i in range(3)]
     prompts = [trunks[i % 3] + tokens(20 + 7 * i, 70 + i) for i in range(8)]

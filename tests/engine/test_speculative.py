@@ -393,7 +393,8 @@ def test_preemption_recomputes_with_drafts(tiny):
     ps = prompts(8, seed=3)
     ref = token_ids(make_llm(tiny["moe"]).generate(ps, GREEDY))
     reference = {tuple(p): r for p, r in zip(ps, ref)}
-    llm = make_llm(tiny["moe"], 2, num_pages=20, page_size=16, max_model_len=256, enable_prefix_caching=False)
+    llm = make_llm(tiny["moe"], 2, num_pages=20, page_size=16, max_model_len=256, enable_prefix_caching=False,
+                   growth_reserve=False)
     Oracle(llm, reference)
     assert token_ids(llm.generate(ps, GREEDY)) == ref
     assert llm.engine.counters["preemptions"] > 0 and llm.engine.spec_counters["spec_accepted_tokens"] > 0

@@ -95,7 +95,8 @@ def test_unconstrained_requests_get_their_tokens_alone(tiny):
     assert_valid([mixed[3]], SCHEMAS["ranges"])
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(num_pages=20, max_model_len=160, max_num_batched_tokens=40)],
+@pytest.mark.parametrize("kw", [dict(), dict(num_pages=20, max_model_len=160, max_num_batched_tokens=40,
+                                           growth_reserve=False)],
                          ids=["roomy", "preemption"])
 def test_async_scheduling_and_preemption_give_the_same_outputs(tiny, kw):
     prompts = [[i + 1] * (40 + 9 * i) for i in range(6)]

@@ -84,6 +84,11 @@ class EngineArgs:
               "without decode rows keep the full token budget). Off (None/0) by default: on an H200 a 50 ms budget cut "
               "the inter-token p99 by 19%% but grew long prompts' TTFT 24x (benchmarks/RESULTS.md; "
               "benchmarks/bench_step_budget.py measures it)", section="scheduler", type=float)
+    growth_reserve: bool = _option(
+        True, "admit a request whenever the KV pages its prompt needs are free (by default admission also leaves "
+              "pages for the running requests' expected growth, learnt from how much of their output limit ended "
+              "requests wrote, so a server short of memory queues new requests instead of preempting and "
+              "recomputing running ones)", section="scheduler", flag="--no-growth-reserve")
     gpu_memory_utilization: float = _option(0.9, "fraction of device memory deltaserve may use", section="cache",
                                             type=float)
     page_size: int = _option(16, "tokens per KV page", section="cache", type=int)
