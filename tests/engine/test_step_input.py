@@ -24,7 +24,9 @@ PAGE = 4
 
 def make(max_model_len: int = 64, max_num_seqs: int = 4, budget: int = 64, num_pages: int = 16,
          num_slots: int = 4) -> Scheduler:
-    config = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget)
+    # admission on the pages free now: these pools are sized to preempt and to admit at exact points
+    config = SchedulerConfig(max_model_len=max_model_len, max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
+                             growth_reserve=False)
     return Scheduler(config, CacheManager(num_pages=num_pages, num_slots=num_slots, page_size=PAGE))
 
 
