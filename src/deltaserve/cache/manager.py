@@ -273,7 +273,8 @@ class CacheManager:
         if self._slots.num_free == 0:
             return False
         need = self.pages_needed(num_tokens) - len(match.pages)
-        if reserve and need + reserve > self._pages.num_free + self._checkpoint_only_pages(match.checkpoint):
+        room = self._pages.num_free
+        if need + reserve > room and reserve and need + reserve > room + self._checkpoint_only_pages(match.checkpoint):
             return False
         return self._make_room(need, keep=match.checkpoint)
 

@@ -290,12 +290,13 @@ class Scheduler:
         request = self._requests.pop(request_id, None)
         if request is None:
             raise KeyError(f"no unfinished request with id {request_id!r}")
-        if request.status is RequestStatus.RUNNING:
+        ran = request.status is RequestStatus.RUNNING
+        if ran:
             self._running.remove(request)
         else:
             self._waiting.remove(request)
         self.cache.free(request_id)
-        if status is not RequestStatus.FINISHED_ABORTED:
+        if ran and status is not RequestStatus.FINISHED_ABORTED:  # what it wrote of its room teaches the growth
             wrote = request.num_output_tokens / max(1, self._output_room(request, 0))
             self._growth += GROWTH_WEIGHT * (min(wrote, 1.0) - self._growth)
         request.status = status
