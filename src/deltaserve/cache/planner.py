@@ -65,7 +65,9 @@ class MemoryPlan:
         fit = int(self.num_pages // pages_each)
         if fit >= self.num_slots:
             return None
-        balanced = (self.budget_bytes - self.checkpoint_bytes) // (self.slot_bytes + pages_each * self.page_bytes)
+        balanced = max_full_length_sequences(budget_bytes=self.budget_bytes - self.checkpoint_bytes,
+                                             page_bytes=self.page_bytes, slot_bytes=self.slot_bytes,
+                                             page_size=page_size, max_model_len=max_model_len)
         if balanced <= fit:
             return None
         return (f"requests of max_model_len={max_model_len} tokens wait for KV pages once {fit} of them run, while "
