@@ -54,7 +54,8 @@ def keep_probability(k: int, acceptance: float) -> float:
 
 def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len: int, output_len: int, k: int,
              acceptance: float, max_num_seqs: int = 64, prefix_caching: bool = True, seed: int = 0,
-             num_pages: int | None = None, num_checkpoints: int | None = None) -> dict[str, float]:
+             num_pages: int | None = None, num_checkpoints: int | None = None,
+             growth_reserve: bool = True) -> dict[str, float]:
     """num_pages (16-token KV pages; default: room for max_num_seqs whole requests) and num_checkpoints (default
     max_num_seqs) as the server's start-up line gives them, for a card whose memory holds fewer requests than run."""
     from deltaserve.cache.manager import CacheManager
@@ -67,7 +68,7 @@ def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len
     p = keep_probability(k, acceptance) if k else 0.0
     page = 16
     config = SchedulerConfig(max_model_len=input_len + output_len + k + 1, max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=model.budget)
+                             max_num_batched_tokens=model.budget, growth_reserve=growth_reserve)
     pages = num_pages if num_pages is not None else max_num_seqs * -(-(input_len + output_len + 2 * k) // page)
     # prefix caching as the server runs it by default: checkpoints along prompts at its default interval (no prompt
     # repeats here, so none is ever resumed from; they only end chunks)
@@ -143,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="16-token KV pages as the server's start-up line gives them (default: room for every "
                          "request of --max-num-seqs)")
     ap.add_argument("--num-checkpoints", type=int, default=None, help="prefix-cache checkpoints (default: as slots)")
+    ap.add_argument("--no-growth-reserve", action="store_true", help="as the server's flag (reserve on by default)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.speculative_tokens and not 1 <= args.acceptance <= args.speculative_tokens + 1:
@@ -152,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     row = simulate(model, concurrency=args.concurrency, num_requests=args.num_requests, input_len=args.input_len,
                    output_len=args.output_len, k=args.speculative_tokens, acceptance=args.acceptance,
                    max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching, seed=args.seed,
-                   num_pages=args.num_pages, num_checkpoints=args.num_checkpoints)
+                   num_pages=args.num_pages, num_checkpoints=args.num_checkpoints,
+                   growth_reserve=not args.no_growth_reserve)
     print(table([{"concurrency": args.concurrency, "MTP K": args.speculative_tokens,
                   **{name: round(v, 2) if v < 100 else round(v) for name, v in row.items()}}]))
 
