@@ -297,6 +297,29 @@ def test_growth_is_learnt_from_the_requests_that_end() -> None:
     assert out.preempted == ("b",) and tight._growth == GROWTH_START
 
 
+def test_growth_reserve_counts_the_rest_of_a_prompt_past_the_first_chunk() -> None:
+    """A prompt longer than the step's budget is admitted with its first chunk's pages; the rest of it is growth as
+    sure as any (a preempted request's recompute likewise, the H100 run's case: re-admitted on its first chunk, it
+    was preempted again at its next). With no output growth expected, b (20 tokens: 5 pages, 2 in its first chunk)
+    waits while a (2 of the 6 pages) runs, instead of being admitted on 2 free pages and preempted for the rest."""
+    sched = make(max_model_len=24, page_size=4, num_pages=6, budget=8, growth_reserve=True)
+    sched._growth = 0.0  # (only the known tokens count)
+    sched.add_request(Request("a", [1, 2, 3, 4], max_output_tokens=4))
+    step(sched)
+    sched.add_request(Request("b", list(range(10, 30)), max_output_tokens=1))
+    preemptions, admitted_while_a_ran = 0, False
+    for _ in range(20):
+        a_runs = any(r.request_id == "a" for r in sched.running)
+        out, appended = step(sched)
+        preemptions += len(out.preempted)
+        admitted_while_a_ran |= a_runs and "b" in chunks(out)
+        for r in appended:
+            if r.num_output_tokens >= r.max_output_tokens:
+                sched.finish_request(r.request_id, RequestStatus.FINISHED_LENGTH)
+    assert preemptions == 0 and not admitted_while_a_ran
+    assert_pools_full(sched)
+
+
 def test_growth_reserve_never_keeps_a_lone_request_out() -> None:
     """With nothing running the reserve is nothing: a request whose expected growth alone exceeds the pool runs."""
     sched = make(max_model_len=64, num_pages=16, budget=64, growth_reserve=True)
@@ -620,7 +643,9 @@ def test_random_workload_with_prefix_caching_matches_requests_run_alone(seed: in
     rng = random.Random(seed)
     max_len, ps, seqs, checkpoints = 48, rng.choice([1, 4, 8]), rng.choice([2, 4]), rng.choice([2, 8])
     num_pages = max_len // ps + rng.choice([0, 4])
-    config = SchedulerConfig(max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=rng.choice([8, 16]))
+    # growth reserve off, as in the other tests of preemption: the tight pools are there to force it
+    config = SchedulerConfig(max_model_len=max_len, max_num_seqs=seqs, max_num_batched_tokens=rng.choice([8, 16]),
+                             growth_reserve=False)
     cache = CacheManager(num_pages=num_pages, num_slots=seqs, page_size=ps, num_checkpoints=checkpoints)
     sched = Scheduler(config, cache, checkpoint_interval=2 * ps)
     model = CachingHybridModel(num_pages, ps, seqs, checkpoints)

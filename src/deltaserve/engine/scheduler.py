@@ -130,9 +130,11 @@ def _placeholders_pay(placeholders: int, rows: int) -> bool:
 # counted up to GROWTH_CLIP tokens. GROWTH is learnt from the requests that end: each moves it by GROWTH_WEIGHT
 # toward the share of its room (its output limit, up to GROWTH_CLIP tokens) it wrote, so clients that stop early
 # leave room for more requests and those that run to their limit get it kept. It starts at GROWTH_START and goes
-# back up to it at a preemption. Admitting on the pages free now alone made a server whose memory holds fewer
-# requests than run preempt, and recompute from the start, ~1.4 requests per request served (sim_serving.py, 27B on
-# an 80 GB H100: benchmarks/RESULTS.md, 2026-12-07).
+# back up to it at a preemption. Beside that expected growth, the tokens sure to come are kept room for as well: the
+# rest of a prompt past the chunk a step gives it, or of a preempted request's recompute (re-admitted on its first
+# chunk alone, it was preempted again at its next, over and over: 37 preemptions in the H100 run below). Admitting on
+# the pages free now alone made a server whose memory holds fewer requests than run preempt, and recompute from the
+# start, ~1.4 requests per request served (sim_serving.py, 27B on an 80 GB H100: benchmarks/RESULTS.md, 2026-12-07).
 GROWTH_START, GROWTH_WEIGHT, GROWTH_CLIP = 0.7, 0.1, 4096
 
 
@@ -526,7 +528,7 @@ class Scheduler:
                 # over the budget only to end the prompt: a kept checkpoint cut it short, so the budget holds
                 num_new = self._admission_chunk(request, tokens, match.num_tokens, budget)
             span = self._span(request, match.num_tokens + num_new)
-            if not self.cache.can_admit(span, match, self._growth_reserve(request)):
+            if not self.cache.can_admit(span, match, self._growth_reserve(request, match.num_tokens + num_new)):
                 if not self._blocked_by_own_match(match):
                     self._blocked = (request, self.cache.releases)
                     break  # strict FCFS: nobody overtakes the head of the queue
@@ -546,14 +548,20 @@ class Scheduler:
             budget -= num_new
         return budget
 
-    def _growth_reserve(self, candidate: Request) -> int:
-        """KV pages to leave free when admitting `candidate`: the expected growth (GROWTH_*) of the running requests
-        and its own; none while nothing runs (a lone request is admitted whenever it fits)."""
+    def _growth_reserve(self, candidate: Request, candidate_end: int) -> int:
+        """KV pages to leave free when admitting `candidate` with pages up to position `candidate_end`: the tokens
+        the running requests and it are sure to compute past the positions they have computed or are given now (the
+        rest of a prompt, or of a preempted request's recompute), and the expected growth (GROWTH_*) of their
+        outputs; none while nothing runs (a lone request is admitted whenever it fits)."""
         if not self._config.growth_reserve or not self._running:
             return 0
+        cache = self.cache
+        known = sum(max(cache.pages_needed(r.num_tokens) - len(cache.allocation(r.request_id).pages), 0)
+                    for r in self._running)
+        known += max(cache.pages_needed(candidate.num_tokens) - cache.pages_needed(candidate_end), 0)
         rows = (*self._running, candidate)
-        tokens = sum(int(self._growth * self._output_room(r, r.num_output_tokens)) for r in rows)
-        return -(-tokens // self.cache.page_size)
+        expected = sum(int(self._growth * self._output_room(r, r.num_output_tokens)) for r in rows)
+        return known + -(-expected // cache.page_size)
 
     def _output_room(self, request: Request, written: int) -> int:
         """Output tokens `request` may still write once it has written `written`, counted up to GROWTH_CLIP."""
