@@ -93,10 +93,10 @@ class StepTimeline:
             finally:
                 marks["launch_end"] = now()
 
-        def timed_collect(launched):
+        def timed_collect(launched, **kw):
             t0 = now()
             try:
-                return collect(launched)
+                return collect(launched, **kw)
             finally:
                 marks["wait"] += now() - t0
 

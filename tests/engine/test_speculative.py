@@ -15,6 +15,7 @@ import torch
 from deltaserve import LLM, SamplingParams
 from deltaserve.config import ConfigError, EngineArgs
 from deltaserve.demo import SHIPPED_DEMO_DIR, write_byte_tokenizer
+from deltaserve.engine.step_input import device_draft
 from tests.models.factory import TinySpec, save_checkpoint
 
 VOCAB = 320
@@ -142,6 +143,31 @@ def test_rollback_with_every_acceptance_length(tiny, kind):
         assert token_ids(llm.generate(ps, GREEDY)) == ref, f"K={k}"
         accepted = llm.engine.spec_accepted_per_position
         assert accepted[0] > 0 and accepted[-1] > 0 and accepted[0] < llm.engine.spec_drafted_per_position[0]
+
+
+def test_drafts_stay_on_the_device_unless_a_penalty_reads_them(tiny):
+    """The host does not wait for the drafts: verify steps carry device_draft markers (the upload reads the drafts
+    from the slots' carried tokens), with outputs equal to no MTP. A step with a request whose penalties read its
+    outputs waits for their values (its next step's sampling rows hold them as outputs)."""
+    ps = prompts(4, seed=3)
+    penalised = dataclasses.replace(GREEDY, repetition_penalty=1.3)
+    for params, markers in ((GREEDY, True), (penalised, False)):
+        ref = token_ids(make_llm(tiny["dense"]).generate(ps, params))
+        llm = make_llm(tiny["dense"], 3)
+        Oracle(llm, {tuple(p): r for p, r in zip(ps, ref)})
+        runner, verified = llm.engine.runner, []
+        launch = runner.launch
+
+        def record(step):
+            if step.is_verify:
+                verified.extend(step.input_ids.tolist())
+            return launch(step)
+
+        runner.launch = record
+        assert token_ids(llm.generate(ps, params)) == ref
+        assert verified and llm.engine.spec_counters["spec_accepted_tokens"] > 0
+        negative = [i for i in verified if i < 0]
+        assert (set(negative) == {device_draft(j) for j in range(3)}) if markers else not negative
 
 
 @pytest.mark.parametrize("kv,state", [("int8", "bfloat16"), ("int4", "float32")])

@@ -16,7 +16,8 @@ from deltaserve.config import SchedulerConfig
 from deltaserve.engine.device_inputs import chunk_indices, upload_arrays, upload_step
 from deltaserve.engine.request import Request
 from deltaserve.engine.scheduler import Scheduler
-from deltaserve.engine.step_input import PENDING, BlockTables, StepInput, build_step_input, table_from_lists
+from deltaserve.engine.step_input import (PENDING, BlockTables, StepInput, build_step_input, device_draft,
+                                         table_from_lists)
 from deltaserve.sampling_params import SamplingParams
 
 PAGE = 4
@@ -110,12 +111,13 @@ def table_from_lists_(pages: list[list[int]]) -> np.ndarray:
 
 
 def test_pending_tokens_come_from_the_device_buffer():
-    """A decode entry launched before its token reached the host reads it from last_tokens[slot]; in a mixed batch
-    only that row does, the prompt rows keep their host ids."""
+    """A decode entry launched before its token reached the host reads it from the runner's carried tokens
+    (column 0 of its slot's row); in a mixed batch only that row does, the prompt rows keep their host ids."""
     sched, step = mixed_step()
     dev = upload_step(step, page_size=PAGE, device="cpu")
+    assert dev.pending_columns is None  # (no device drafts: column 0 everywhere, nothing uploaded for it)
     slot_a, slot_b = step.state_slots.tolist()
-    last = torch.full((4,), -1, dtype=torch.long)
+    last = torch.full((4, 1), -1, dtype=torch.long)
     last[slot_a] = 42
     assert dev.input_ids_from(last).tolist() == [42, 8, 9]
     assert dev.input_ids.tolist() == [0, 8, 9]  # the host copy is left as built
@@ -139,6 +141,24 @@ def test_drafts_follow_the_known_tokens_and_get_a_logits_row_each():
     step = build_step_input(out)
     assert step.input_ids.tolist() == [11, 21, 22, 23] and step.logits_rows.tolist() == [0, 1, 2, 3]
     assert step.sampling[0].num_logits_rows == 4 and step.tokens_per_row == 4
+
+
+def test_device_drafts_are_read_from_the_slots_carried_tokens():
+    """MTP drafts the host did not wait for (device_draft markers) go into a verify step as markers; the upload reads
+    draft j from column 1 + j of the slot's carried tokens, the known token stays the host's."""
+    sched = make()
+    sched.add_request(Request("a", [5, 6, 7]))
+    sched.update_from_step(sched.schedule(), {"a": [11]})
+    sched.get_request("a").draft_token_ids = [device_draft(j) for j in range(3)]
+    out = sched.schedule()
+    step = build_step_input(out)
+    assert step.input_ids.tolist() == [11, device_draft(0), device_draft(1), device_draft(2)] and step.is_verify
+    dev = upload_step(step, page_size=PAGE, device="cpu")
+    (slot,) = step.state_slots.tolist()
+    carried = torch.zeros((4, 4), dtype=torch.long)
+    carried[slot] = torch.tensor([99, 31, 32, 33])  # (column 0, the last sampled token, is not read: 11 is known)
+    assert dev.input_ids_from(carried).tolist() == [11, 31, 32, 33]
+    assert dev.input_ids.tolist() == [11, 0, 0, 0]
 
 
 def test_state_copies_travel_with_the_step():

@@ -12,30 +12,35 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from deltaserve.engine.step_input import PENDING, StepInput
+from deltaserve.engine.step_input import StepInput, carried_column
 from deltaserve.layers.forward_batch import GDN_CHUNK_SIZE, ForwardBatch
 
 
 @dataclass(frozen=True)
 class DeviceStep:
-    """A step's device inputs. input_ids holds 0 where the token is pending until `input_ids_from` fills it."""
+    """A step's device inputs. input_ids holds 0 where the token is pending (or a draft only the device has) until
+    `input_ids_from` fills it."""
 
     input_ids: torch.Tensor      # [T] int64
     batch: ForwardBatch
-    pending_rows: torch.Tensor   # [P] int64 rows of input_ids that are pending tokens
-    pending_slots: torch.Tensor  # [P] int64 state slot whose last sampled token each of them is
+    pending_rows: torch.Tensor   # [P] int64 rows of input_ids that only the device knows
+    pending_slots: torch.Tensor  # [P] int64 state slot whose carried tokens hold each of them
     sample_slots: torch.Tensor   # [R] int64 state slot of each sampling request, in order
+    pending_columns: torch.Tensor | None = None  # [P] int64 column of the carried tokens (None: all 0)
 
-    def input_ids_from(self, last_tokens: torch.Tensor | None) -> torch.Tensor:
-        """input_ids with the pending tokens read from `last_tokens` ([num_slots] int64, on the device)."""
+    def input_ids_from(self, carried: torch.Tensor | None) -> torch.Tensor:
+        """input_ids with the pending tokens read from `carried` ([num_slots, C] int64 on the device: each slot's
+        last sampled token in column 0, the drafts proposed for it after; step_input.carried_column)."""
         if self.pending_rows.numel() == 0:
             return self.input_ids
-        if last_tokens is None:
+        if carried is None:
             raise RuntimeError("the batch has pending tokens but no device buffer of last sampled tokens was given")
+        values = carried[self.pending_slots, 0] if self.pending_columns is None else \
+            carried[self.pending_slots, self.pending_columns]
         if self.pending_rows.numel() == self.input_ids.numel():  # a decode step: every input is pending
-            return last_tokens[self.pending_slots]
+            return values
         ids = self.input_ids.clone()
-        ids[self.pending_rows] = last_tokens[self.pending_slots]
+        ids[self.pending_rows] = values
         return ids
 
 
@@ -43,7 +48,9 @@ def upload_step(step: StepInput, *, page_size: int, device: torch.device | str) 
     """Every array of the step, computed on the host and sent to `device` in one copy."""
     n = step.num_rows
     row_of_token = np.repeat(np.arange(n), step.query_lens)
-    pending_rows = np.flatnonzero(step.input_ids == PENDING)
+    pending_rows = np.flatnonzero(step.input_ids < 0)
+    columns = carried_column(step.input_ids[pending_rows])
+    columns = [columns] if columns.any() else []  # (only device drafts need a column other than 0)
     arrays = _forward_arrays(step.query_lens, step.context_lens, step.block_table, row_of_token, page_size)
     k = step.tokens_per_row
     verify = step.is_verify
@@ -54,19 +61,20 @@ def upload_step(step: StepInput, *, page_size: int, device: torch.device | str) 
     # each sampling request's row is the row of its last logits row
     last_logits = np.cumsum([s.num_logits_rows for s in step.sampling], dtype=np.int64) - 1
     sample_rows = row_of_token[step.logits_rows[last_logits]] if step.sampling else np.zeros(0, np.int64)
-    host = [np.where(step.input_ids == PENDING, 0, step.input_ids), arrays["positions"], arrays["cu"],
+    host = [np.where(step.input_ids < 0, 0, step.input_ids), arrays["positions"], arrays["cu"],
             (step.context_lens + step.query_lens).astype(np.int32), step.state_slots, step.has_initial_state,
             step.block_table, arrays["slot_mapping"], np.concatenate([step.logits_rows, step.prompt_logits_rows]),
             pending_rows,
-            step.state_slots[row_of_token[pending_rows]], step.state_slots[sample_rows], *chunks]
+            step.state_slots[row_of_token[pending_rows]], step.state_slots[sample_rows], *columns, *chunks]
     (ids, pos, cu, lens, slots, init, tables, mapping, logits, p_rows, p_slots, s_slots,
-     *chunk_dev) = upload_arrays(host, device)
+     *rest) = upload_arrays(host, device)
+    p_columns, chunk_dev = (rest[0], rest[1:]) if columns else (None, rest)
     batch = ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=lens, state_slots=slots, has_initial_state=init,
                          block_tables=tables, slot_mapping=mapping, logits_indices=logits, tokens_per_row=k,
                          chunk_indices=chunk_dev[1] if chunks else None,
                          cu_seqlens_long=chunk_dev[0] if chunks else None,
                          any_padding=bool((step.state_slots < 0).any()), keep_states=verify)
-    return DeviceStep(ids, batch, p_rows, p_slots, s_slots)
+    return DeviceStep(ids, batch, p_rows, p_slots, s_slots, p_columns)
 
 
 def _forward_arrays(query_lens: np.ndarray, context_lens: np.ndarray, table: np.ndarray, row_of_token: np.ndarray,

@@ -300,7 +300,8 @@ class LLMEngine:
     def _finish(self, out: SchedulerOutput, launched: LaunchedStep, launch_ms: float) -> list[SequenceDelta]:
         """Wait for a launched step's tokens; append them, check stops, make the deltas."""
         try:
-            result = self.runner.collect(launched)  # where a device error in the step's kernels surfaces
+            # (timed: the step-time budget's cost model learns from the whole step, drafter included)
+            result = self.runner.collect(launched, timed=self.scheduler.max_step_ms is not None)
         except Exception as e:  # as in step(): the step's requests fail, the engine goes on
             log.exception("engine step failed")
             return self._fail(out, f"{type(e).__name__}: {e}")

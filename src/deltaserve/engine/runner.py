@@ -5,6 +5,10 @@ sampled tokens back to the host) and knows no Request: it takes a StepInput and,
     launched = runner.launch(step)     # upload, model, sampler queued on the device; copies to the host started
     result = runner.collect(launched)  # waits for those copies: tokens (and logprobs) per sampling request
 
+With MTP the drafter runs after the sampler, and the host does not wait for it: collect() returns once the tokens
+are on the host, and each request's drafts as `device_draft` markers that the next step's upload reads from the
+device (`carried`), so the host turns the tokens into outputs and schedules the next step while the GPU drafts.
+
 A step that samples for a constrained request (structured outputs) stops after the model: `launched.awaits_grammar`.
 The engine builds the grammar mask once the previous step's tokens are known (the GPU runs this step's model
 meanwhile) and queues the sampling with `launched = runner.sample(launched, mask)`.
@@ -28,7 +32,7 @@ from deltaserve.engine.memory import check_kv_cache_support, new_cache, plan_cac
 from deltaserve.engine.prompt_logprobs import PromptScores, prompt_logprobs, prompt_logprobs_lists
 from deltaserve.engine.sampler import GrammarBitmask, Sampler, SamplerOutput, SamplingRow
 from deltaserve.engine.speculative import MTPDrafter, SimulatedAcceptance, first_logits_rows, kept_counts
-from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, needs_grammar
+from deltaserve.engine.step_input import GrammarMask, SamplingRequest, StepInput, device_draft, needs_grammar
 from deltaserve.engine.varlen_graph import VarlenGraphs
 from deltaserve.kernels._device import capability
 from deltaserve.models.loader import load_model
@@ -103,6 +107,8 @@ class LaunchedStep:
     hidden: torch.Tensor | None = None
     # CUDA: a timing event recorded on the stream as the step is launched; with `ready` it times the step on the device
     started: torch.cuda.Event | None = None
+    # CUDA with MTP drafts: recorded once the tokens' copies are queued, before the drafter (`ready` comes after it)
+    tokens_ready: torch.cuda.Event | None = None
 
     @property
     def awaits_grammar(self) -> bool:
@@ -174,9 +180,12 @@ class ModelRunner:
                                  max_pages=pages_for_tokens(sched.max_model_len, config.cache.page_size))
         self.sampler = Sampler()
         self.eos_token_ids = eos_token_ids
-        # The last token sampled for each state slot: the input of the slot's next decode step when that step is
-        # launched before the token reaches the host.
-        self.last_tokens = torch.zeros(self.plan.num_slots, dtype=torch.long, device=self.device)
+        # What each state slot carries to its next step on the device: column 0 its last sampled token (the input of
+        # its next decode step when that step is launched before the token reaches the host), then the MTP drafts
+        # proposed for it (the next verify step's inputs: the host does not wait for them, see collect()).
+        self.carried = torch.zeros(self.plan.num_slots, 1 + self.num_speculative_tokens, dtype=torch.long,
+                                   device=self.device)
+        self.last_tokens = self.carried[:, 0]
         # Prompts of requests with a repetition penalty, kept on the device: the penalty reads them every step, and
         # converting a long prompt list each step costs ~1.5 ms per 32k tokens of host time.
         self.prompt_tensors: dict[str, torch.Tensor] = {}
@@ -265,7 +274,7 @@ class ModelRunner:
                 self.drafter.keep_hidden(step, dev, self._hidden)
         self.apply_copies(step.state_snapshots)
         if not step.sampling and self.drafter is not None:
-            # nothing samples (_speculate never runs), but the MTP head's KV must cover these positions, also when
+            # nothing samples (_propose never runs), but the MTP head's KV must cover these positions, also when
             # prompt-logprobs rows gave the step logits
             self.drafter.write_kv(step, dev, self._input_ids, self._hidden, None)
         if logits is None:
@@ -283,52 +292,76 @@ class ModelRunner:
         """Queue the sampling of a launched step (with its grammar mask, if any) and start copying the samples to
         the host. The mask is applied outside any CUDA graph: the graph ends at the logits."""
         step, scored = launched.step, launched.scored
-        sampled, failed, kept, drafts = None, {}, None, None
+        sampled, failed, kept, token_ids = None, {}, None, None
         if step.sampling:
             sampled, failed = self._sample(launched.logits, step, grammar_to_device(mask, self.device))
             if self.simulated is not None:
                 self.simulated.force(step, launched.input_ids, sampled.token_ids)
-            kept, drafts = self._take_tokens(launched, self._share_tokens(sampled.token_ids))
+            token_ids = self._share_tokens(sampled.token_ids)
+            kept = self._keep_tokens(launched, token_ids)
         if self.device.type != "cuda":
+            drafts = self._propose(launched, token_ids, kept) if token_ids is not None else None
             return LaunchedStep(step, sampled, None, scored, failed, kept=kept, drafts=drafts)
         host = SamplerOutput(*(_to_host(t) for t in sampled)) if sampled is not None else None
         scored = PromptScores(*(_to_host(t) for t in scored)) if scored is not None else None
-        kept, drafts = (None if t is None else _to_host(t) for t in (kept, drafts))
+        kept_host = _to_host(kept) if kept is not None else None
+        stream = torch.cuda.current_stream(self.device)
+        tokens_ready = torch.cuda.Event()
+        tokens_ready.record(stream)
+        drafts = self._propose(launched, token_ids, kept) if token_ids is not None else None
+        if drafts is not None:
+            drafts = _to_host(drafts)
         ready = torch.cuda.Event(enable_timing=launched.started is not None)
-        ready.record(torch.cuda.current_stream(self.device))
-        return LaunchedStep(step, host, ready, scored, failed, kept=kept, drafts=drafts, started=launched.started)
+        ready.record(stream)
+        return LaunchedStep(step, host, ready, scored, failed, kept=kept_host, drafts=drafts,
+                            started=launched.started, tokens_ready=tokens_ready if drafts is not None else None)
 
     def _share_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The sampled tokens every rank goes on from (one rank: these; tensor parallelism: rank 0's)."""
         return token_ids
 
+    def _share_drafts(self, drafts: torch.Tensor) -> torch.Tensor:
+        """The drafts every rank verifies next (one rank: these; tensor parallelism: rank 0's, as its tokens)."""
+        return drafts
+
     def _take_tokens(self, launched: LaunchedStep,
                      token_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """What follows a step's sampling on the device, on every rank: each slot's last token (the next step's
         pending input) and, with speculative decoding on, the tokens each request keeps and the next drafts."""
+        kept = self._keep_tokens(launched, token_ids)
+        return kept, self._propose(launched, token_ids, kept)
+
+    def _keep_tokens(self, launched: LaunchedStep, token_ids: torch.Tensor) -> torch.Tensor | None:
+        """Each slot's last kept token into `carried`; with speculative decoding on, the tokens each request keeps
+        ([R], returned) and the GDN states to commit at the last kept position (verify steps; with the hidden state
+        there, for the MTP head: `uncommitted`)."""
         if self.drafter is None:
             self.last_tokens.index_copy_(0, launched.sample_slots, token_ids)
-            return None, None
-        return self._speculate(launched, token_ids)
-
-    def _speculate(self, launched: LaunchedStep, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """After sampling a step with speculative decoding on: the tokens each request keeps, the GDN states to
-        commit at the last kept position (verify steps; with the hidden state there, for the MTP head:
-        `uncommitted`), each slot's last kept token, and the next drafts."""
+            return None
         step, dev = launched.step, launched.dev
         assert dev is not None and launched.input_ids is not None and launched.hidden is not None
         kept = kept_counts(step, launched.input_ids, token_ids)
         first = self._ids(first_logits_rows(step).tolist())
-        last = first + kept - 1  # each request's last kept logits row
-        assert self.drafter is not None
         if step.is_verify:
             self.uncommitted = VerifyCommit(step, dev, launched.hidden, first, kept)
-        self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[last])
-        if not step.propose_drafts:  # the next step will not verify: only the MTP head's KV, for later drafts
+        self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[first + kept - 1])
+        return kept
+
+    def _propose(self, launched: LaunchedStep, token_ids: torch.Tensor,
+                 kept: torch.Tensor | None) -> torch.Tensor | None:
+        """With speculative decoding on: the next drafts [R, K] (None when the next step will not verify: then only
+        the MTP head's KV, for later drafts), also kept in `carried` by slot for the next step's inputs."""
+        if self.drafter is None:
+            return None
+        step, dev = launched.step, launched.dev
+        assert dev is not None and launched.input_ids is not None and launched.hidden is not None and kept is not None
+        if not step.propose_drafts:
             self.drafter.write_kv(step, dev, launched.input_ids, launched.hidden, token_ids)
-            return kept, None
-        drafts = self.drafter.propose(step, dev, launched.input_ids, launched.hidden, token_ids, kept)
-        return kept, drafts
+            return None
+        drafts = self._share_drafts(self.drafter.propose(step, dev, launched.input_ids, launched.hidden, token_ids,
+                                                         kept))
+        self.carried[:, 1:].index_copy_(0, launched.sample_slots, drafts)
+        return drafts
 
     def _sample(self, logits: torch.Tensor, step: StepInput,
                 grammar: GrammarBitmask | None) -> tuple[SamplerOutput, dict[str, str]]:
@@ -355,7 +388,7 @@ class ModelRunner:
     def execute_model(self, dev: DeviceStep, step: StepInput) -> torch.Tensor | None:
         """Run the model on an uploaded step: logits in the model dtype of its sampling rows, then of its prompt
         logprob rows ([M + R, V]; None when there are none)."""
-        input_ids = dev.input_ids_from(self.last_tokens)
+        input_ids = dev.input_ids_from(self.carried)
         batch = dev.batch
         self._input_ids = input_ids  # kept for the MTP drafter (speculative decoding)
         if self.graphs is not None and self.graphs.can_run(batch):
@@ -443,18 +476,25 @@ class ModelRunner:
             self.prompt_tensors[s.request_id] = cached
         return cached
 
-    def collect(self, launched: LaunchedStep) -> StepResult:
+    def collect(self, launched: LaunchedStep, *, timed: bool = False) -> StepResult:
         """Wait for a launched step's samples (a device error in its kernels surfaces here) and hand them over as
-        lists."""
+        lists. With MTP drafts, each request's drafts come as `device_draft` markers (the next step reads them on the
+        device) and the wait ends before the drafter's, unless their values are needed: a request of the step whose
+        sampling reads its outputs (its next step's penalties read the drafts as outputs), or `timed` (the step's
+        device time, drafter included, in `device_ms`)."""
+        sampling = launched.step.sampling
+        values = timed or any(s.params.reads_outputs for s in sampling)
         device_ms = None
-        if launched.ready is not None:
+        if launched.tokens_ready is not None and not values:
+            launched.tokens_ready.synchronize()
+        elif launched.ready is not None:
             launched.ready.synchronize()
             if launched.started is not None:
                 device_ms = launched.started.elapsed_time(launched.ready)
         scored = {} if launched.scored is None else prompt_logprobs_lists(launched.scored, launched.step)
         tokens: dict[str, list[int]] = {}
         logprobs: dict[str, list[TokenLogprob]] = {}
-        sampled, sampling = launched.sampled, launched.step.sampling
+        sampled = launched.sampled
         if sampled is None:
             return StepResult(tokens, logprobs, scored)
         token_ids = sampled.token_ids.tolist()
@@ -474,8 +514,9 @@ class ModelRunner:
                     for i in rows]
         drafts = {}
         if launched.drafts is not None:
-            drafts = {s.request_id: d for s, d in zip(sampling, launched.drafts.tolist())
-                      if s.request_id not in launched.failed}
+            k = launched.drafts.shape[1]
+            rows = launched.drafts.tolist() if values else ([device_draft(j) for j in range(k)] for _ in sampling)
+            drafts = {s.request_id: d for s, d in zip(sampling, rows) if s.request_id not in launched.failed}
         return StepResult(tokens, logprobs, scored, launched.failed, drafts, device_ms)
 
     def release(self, request_ids: Iterable[str]) -> None:

@@ -4,7 +4,9 @@ Request or a tensor, so a StepInput pickles (under tensor parallelism it is what
 
 Vocabulary: T flat tokens of N rows (scheduled requests), M logits rows; a row's tokens are its new positions
 [context_len, context_len + query_len). An input id of PENDING is a token sampled by a step still in flight: only the
-device has it (the runner keeps the last token it sampled for each state slot).
+device has it (the runner keeps the last token it sampled for each state slot). Likewise `device_draft(j)` is a
+row's draft j (from 0) that only the device has: the MTP drafts the step before proposed, which the host does not
+wait for (the runner keeps them by state slot beside the last token).
 """
 
 from __future__ import annotations
@@ -20,6 +22,17 @@ from deltaserve.engine.scheduler import ScheduledRequest, SchedulerOutput
 from deltaserve.sampling_params import SamplingParams
 
 PENDING = -1
+
+
+def device_draft(j: int) -> int:
+    """The input id of draft j (from 0) of a row whose drafts only the device has: PENDING - 1 - j, so that every
+    id below 0 reads column -1 - id of its slot's row in the runner's carried tokens (column 0 the last token)."""
+    return PENDING - 1 - j
+
+
+def carried_column(ids: np.ndarray) -> np.ndarray:
+    """The column of the runner's carried tokens each negative input id reads (PENDING: 0; device_draft(j): 1 + j)."""
+    return -1 - ids
 
 
 class SamplingRequest(NamedTuple):
@@ -79,7 +92,7 @@ class PromptLogprobsRequest(NamedTuple):
 class StepInput:
     """One step, host side.
 
-    input_ids:         [T] int64   token ids, PENDING where only the device knows the token
+    input_ids:         [T] int64   token ids, PENDING / device_draft(j) where only the device knows the token
     query_lens:        [N] int32   new tokens of each row
     context_lens:      [N] int32   tokens each row computed before this step
     state_slots:       [N] int64   GDN state slot each row reads and writes

@@ -26,7 +26,7 @@ import torch
 
 from deltaserve.cache.tensors import ModelCache
 from deltaserve.engine.device_inputs import _forward_arrays, chunk_indices, packed_size, upload_arrays
-from deltaserve.engine.step_input import PENDING, StepInput
+from deltaserve.engine.step_input import StepInput
 from deltaserve.layers.forward_batch import GDN_CHUNK_SIZE, ForwardBatch
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def padded_arrays(step: StepInput, rows: int, tokens: int, width: int, page_size
     logits = np.zeros(rows, np.int64)
     logits[:step.logits_rows.shape[0]] = step.logits_rows
     ids = np.zeros(tokens, np.int64)
-    ids[:t] = np.where(step.input_ids == PENDING, 0, step.input_ids)
+    ids[:t] = np.where(step.input_ids < 0, 0, step.input_ids)
     cu = arrays["cu"]
     return [ids, arrays["positions"], arrays["slot_mapping"], cu, cu.astype(np.int64), ctx + q,
             np.concatenate([step.state_slots, np.full(pad_rows, -1, np.int64)]),

@@ -7,7 +7,8 @@ inside its accepted drafts), ("stop",). Every rank then runs the same model code
 so the model's collectives line up. Only rank 0 samples; it broadcasts the step's sampled tokens, from which every
 rank updates its buffer of last tokens (what later steps read for input ids still pending on the host: async
 scheduling) and, with MTP speculative decoding, keeps the verified tokens, commits its GDN states and runs the MTP
-head's drafting passes (their collectives included; only rank 0's drafts reach the engine).
+head's drafting passes (their collectives included), whose drafts rank 0 broadcasts too: every rank keeps rank 0's
+drafts on the device for the next step's inputs, as it keeps rank 0's tokens.
 
 A rank that dies or hangs: the next collective or command fails (the peer's connection closes, or the collective
 times out after DELTASERVE_DIST_TIMEOUT seconds) and the driver raises `RankFailure` naming the rank when it can
@@ -78,6 +79,12 @@ class TPModelRunner(ModelRunner):
 
     def _share_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         return group.broadcast(token_ids)  # the sampler's int64 ids; the workers' buffers are int64 too
+
+    def _share_drafts(self, drafts: torch.Tensor) -> torch.Tensor:
+        # Each rank's MTP head computes the same drafts from the same gathered logits; rank 0's are broadcast all the
+        # same (the next step's inputs come from the device now, not from rank 0's StepInput), so that the ranks
+        # verify one set of drafts by construction, as they keep one set of tokens.
+        return group.broadcast(drafts)
 
 
 def serve_commands(runner: TPModelRunner) -> None:
