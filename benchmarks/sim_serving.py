@@ -91,8 +91,10 @@ def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len
 
     for _ in range(min(concurrency, num_requests)):
         send()
+    preemptions = 0
     while sched.has_unfinished():
         out = sched.schedule()
+        preemptions += len(out.preempted)
         prefill = sum(n for n in (e.num_new_tokens - len(e.draft_token_ids) for e in out.scheduled) if n > 1)
         now += model.ms(prefill, any(e.draft_token_ids for e in out.scheduled))
         sched.commit_step(out)
@@ -110,7 +112,8 @@ def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len
     ttft = [first[r] - arrived[r] for r in done]
     tpot = [(done[r] - first[r]) / max(output_len - 1, 1) for r in done]
     return {"TTFT p50 ms": statistics.median(ttft), "TTFT mean ms": statistics.mean(ttft),
-            "TPOT p50 ms": statistics.median(tpot), "total tok/s": len(done) * (input_len + output_len) / now * 1e3}
+            "TPOT p50 ms": statistics.median(tpot), "total tok/s": len(done) * (input_len + output_len) / now * 1e3,
+            "preemptions": preemptions}
 
 
 def _kept(entry, p: float, rng: random.Random) -> int:

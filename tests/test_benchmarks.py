@@ -544,6 +544,13 @@ def test_serving_simulation_through_the_real_scheduler(capsys):
     one_at_a_time = sim_serving.simulate(model, concurrency=4, num_requests=8, input_len=64, output_len=8, k=3,
                                          acceptance=3.39, num_pages=5, num_checkpoints=0)
     assert one_at_a_time["total tok/s"] < busy["total tok/s"] and one_at_a_time["TTFT mean ms"] > busy["TTFT mean ms"]
+    # pages for two requests and a half (64 + 32 tokens: 6 or 7 pages each): admitted on the pages free now, the
+    # newest are preempted as the others grow; the growth reserve queues them instead
+    tight = dict(concurrency=4, num_requests=8, input_len=64, output_len=32, k=3, acceptance=3.39, num_pages=16,
+                 num_checkpoints=0)
+    greedy = sim_serving.simulate(model, **tight, growth_reserve=False)
+    reserved = sim_serving.simulate(model, **tight)
+    assert greedy["preemptions"] > 0 == reserved["preemptions"] and reserved["total tok/s"] > greedy["total tok/s"]
     sim_serving.main(["--concurrency", "2", "--num-requests", "3", "--input-len", "64", "--output-len", "8",
                       "--max-num-batched-tokens", "64", "--max-num-seqs", "2", "--num-pages", "12",
                       "--num-checkpoints", "1"])
