@@ -93,10 +93,10 @@ class StepTimeline:
             finally:
                 marks["launch_end"] = now()
 
-        def timed_collect(launched, **kw):
+        def timed_collect(launched):
             t0 = now()
             try:
-                return collect(launched, **kw)
+                return collect(launched)
             finally:
                 marks["wait"] += now() - t0
 

@@ -148,12 +148,13 @@ def test_rollback_with_every_acceptance_length(tiny, kind):
 def test_drafts_stay_on_the_device_unless_a_penalty_reads_them(tiny):
     """The host does not wait for the drafts: verify steps carry device_draft markers (the upload reads the drafts
     from the slots' carried tokens), with outputs equal to no MTP. A step with a request whose penalties read its
-    outputs waits for their values (its next step's sampling rows hold them as outputs)."""
+    outputs waits for their values (its next step's sampling rows hold them as outputs), and so does every step
+    under a step-time budget (its cost model learns the whole step's time, drafter included)."""
     ps = prompts(4, seed=3)
     penalised = dataclasses.replace(GREEDY, repetition_penalty=1.3)
-    for params, markers in ((GREEDY, True), (penalised, False)):
+    for params, markers, options in ((GREEDY, True, {}), (penalised, False, {}), (GREEDY, False, {"max_step_ms": 50})):
         ref = token_ids(make_llm(tiny["dense"]).generate(ps, params))
-        llm = make_llm(tiny["dense"], 3)
+        llm = make_llm(tiny["dense"], 3, **options)
         Oracle(llm, {tuple(p): r for p, r in zip(ps, ref)})
         runner, verified = llm.engine.runner, []
         launch = runner.launch

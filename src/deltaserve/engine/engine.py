@@ -300,8 +300,7 @@ class LLMEngine:
     def _finish(self, out: SchedulerOutput, launched: LaunchedStep, launch_ms: float) -> list[SequenceDelta]:
         """Wait for a launched step's tokens; append them, check stops, make the deltas."""
         try:
-            # (timed: the step-time budget's cost model learns from the whole step, drafter included)
-            result = self.runner.collect(launched, timed=self.scheduler.max_step_ms is not None)
+            result = self.runner.collect(launched)  # where a device error in the step's kernels surfaces
         except Exception as e:  # as in step(): the step's requests fail, the engine goes on
             log.exception("engine step failed")
             return self._fail(out, f"{type(e).__name__}: {e}")

@@ -306,15 +306,17 @@ class ModelRunner:
         scored = PromptScores(*(_to_host(t) for t in scored)) if scored is not None else None
         kept_host = _to_host(kept) if kept is not None else None
         stream = torch.cuda.current_stream(self.device)
-        tokens_ready = torch.cuda.Event()
-        tokens_ready.record(stream)
-        drafts = self._propose(launched, token_ids, kept) if token_ids is not None else None
-        if drafts is not None:
-            drafts = _to_host(drafts)
+        tokens_ready, drafts = None, None
+        if token_ids is not None and self.drafter is not None:
+            if step.propose_drafts:
+                tokens_ready = torch.cuda.Event()
+                tokens_ready.record(stream)
+            drafts = self._propose(launched, token_ids, kept)
+            drafts = _to_host(drafts) if drafts is not None else None
         ready = torch.cuda.Event(enable_timing=launched.started is not None)
         ready.record(stream)
         return LaunchedStep(step, host, ready, scored, failed, kept=kept_host, drafts=drafts,
-                            started=launched.started, tokens_ready=tokens_ready if drafts is not None else None)
+                            started=launched.started, tokens_ready=tokens_ready)
 
     def _share_tokens(self, token_ids: torch.Tensor) -> torch.Tensor:
         """The sampled tokens every rank goes on from (one rank: these; tensor parallelism: rank 0's)."""
@@ -476,14 +478,14 @@ class ModelRunner:
             self.prompt_tensors[s.request_id] = cached
         return cached
 
-    def collect(self, launched: LaunchedStep, *, timed: bool = False) -> StepResult:
+    def collect(self, launched: LaunchedStep) -> StepResult:
         """Wait for a launched step's samples (a device error in its kernels surfaces here) and hand them over as
         lists. With MTP drafts, each request's drafts come as `device_draft` markers (the next step reads them on the
         device) and the wait ends before the drafter's, unless their values are needed: a request of the step whose
-        sampling reads its outputs (its next step's penalties read the drafts as outputs), or `timed` (the step's
-        device time, drafter included, in `device_ms`)."""
+        sampling reads its outputs (its next step's penalties read the drafts as outputs), or a step-time budget
+        (its cost model learns the step's device time, drafter included, from `device_ms`)."""
         sampling = launched.step.sampling
-        values = timed or any(s.params.reads_outputs for s in sampling)
+        values = self.config.scheduler.step_budget_ms is not None or any(s.params.reads_outputs for s in sampling)
         device_ms = None
         if launched.tokens_ready is not None and not values:
             launched.tokens_ready.synchronize()
