@@ -23,27 +23,10 @@ import random
 import pytest
 
 from deltaserve import LLM, SamplingParams
-from deltaserve.demo import write_byte_tokenizer
-from tests.models.factory import TinySpec, save_checkpoint
+# the MTP tests' tiny dense and MoE checkpoints with an MTP head (`tiny`, a fixture) and their CPU engine
+from tests.engine.test_speculative import VOCAB, make_llm, tiny  # noqa: F401
 
-VOCAB = 320
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = {}
-    for name, moe in (("dense", False), ("moe", True)):
-        path = tmp_path_factory.mktemp(f"fuzz_{name}")
-        save_checkpoint(TinySpec(f"fuzz_{name}", moe=moe, mtp=True, extra={"vocab_size": VOCAB}), path, seed=5)
-        write_byte_tokenizer(path)
-        out[name] = path
-    return out
-
-
-def make_llm(path, k: int = 0, **kw) -> LLM:
-    kw.setdefault("max_model_len", 256)
-    return LLM(str(path), dtype="float32", device="cpu", speculative_tokens=k, **kw)
-
+ROOMY = 256  # max_model_len of the engines whose options do not set one
 
 # ---- the harness -----------------------------------------------------------------------------------------------------
 
@@ -167,7 +150,7 @@ def engine_options(rng: random.Random, tight: bool) -> dict:
         if rng.random() < 0.5:
             kw["checkpoint_interval"] = page * rng.choice([1, 2])
     else:
-        kw = dict(max_model_len=256)
+        kw = dict(max_model_len=ROOMY)
         if rng.random() < 0.4:
             kw.update(num_pages=rng.choice([17, 20, 24]), page_size=16)
         if rng.random() < 0.3:
@@ -356,7 +339,7 @@ def test_stops_at_every_offset_of_the_kept_drafts(tiny, k):
     greedy = dict(temperature=0, allowed_token_ids=PRINTABLE, max_tokens=2 * k + 8)
     seeded = dict(temperature=1.0, seed=7, allowed_token_ids=PRINTABLE, max_tokens=2 * k + 8,
                   repetition_penalty=1.2, logprobs=1)
-    plain = make_llm(path)
+    plain = make_llm(path, max_model_len=ROOMY)
     free = [Req(f"f{i}", p, SamplingParams(ignore_eos=True, **(greedy if i % 4 else seeded)))
             for i, p in enumerate(prompts)]
     cont = {rid: o["tokens"] for (rid, _), o in run(plain, free).items()}
@@ -374,7 +357,7 @@ def test_stops_at_every_offset_of_the_kept_drafts(tiny, k):
                      stop=[tok.decode(c[2][last - 1:last + 1])], include_stop_str_in_output=last % 2 == 1,
                      min_tokens=last * (last % 2 == 0), **greedy)),
                  Req(f"len{last}", prompts[4 * j + 3], SamplingParams(**greedy | dict(max_tokens=last + 1)))]
-    llm = make_llm(path, k)
+    llm = make_llm(path, k, max_model_len=ROOMY)
     truth = {r.rid: cont[f.rid] for r, f in zip(reqs, free)}  # (each stops inside its continuation)
     Drafts(llm, truth)
     fewer = []
