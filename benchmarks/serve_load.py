@@ -9,7 +9,9 @@ times. Completions prompts are random token ids of exactly input-len tokens, dra
 [min(1000, V / 2), V) when the server's vocabulary V is smaller (the demo model's is 4096); chat prompts are random
 words, about input-len tokens. Every request asks for exactly output-len tokens (ignore_eos). Prints request and token
 throughput and TTFT / inter-token latency / TPOT / end-to-end percentiles. With --baseline (a --json-out file of
-another run, e.g. a peer server driven by this same script) it adds the ratio of each figure to that run's.
+another run, e.g. a peer server driven by this same script) it adds the ratio of each figure to that run's. Where
+the server exports them on /metrics (deltaserve, and vLLM by its own names), the figures also hold how much its
+preemption, MTP draft and prefix-cache counters rose over the timed requests, and the mean MTP acceptance length.
 Needs only httpx (pip install -e '.[bench]').
 
 Several --concurrency values make a sweep: one run per value, then one table of the P50s per concurrency. The
@@ -28,6 +30,7 @@ import asyncio
 import json
 import platform
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -141,6 +144,14 @@ def one_concurrency(value: Any) -> int:
 
 async def run_load(args: argparse.Namespace) -> tuple[list[RequestResult], float, str]:
     """One run: args as parse_args makes them (--num-requests left out: as main() picks it)."""
+    results, duration, model, _ = await run_load_counted(args)
+    return results, duration, model
+
+
+async def run_load_counted(args: argparse.Namespace
+                           ) -> tuple[list[RequestResult], float, str, dict[str, float]]:
+    """run_load, and how much the server's counters (SERVER_COUNTERS) rose over the timed requests (the warm-up
+    left out; empty when the server has no /metrics or none of them)."""
     concurrency = one_concurrency(args.concurrency)
     args = argparse.Namespace(**{**vars(args), "concurrency": concurrency})
     if args.num_requests is not None and (isinstance(args.num_requests, bool) or not isinstance(args.num_requests, int)
@@ -165,9 +176,41 @@ async def run_load(args: argparse.Namespace) -> tuple[list[RequestResult], float
             while not queue.empty():
                 results.append(await one_request(client, path, queue.get_nowait()))
 
+        before = await read_counters(client)
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
-        return results, time.perf_counter() - start, model
+        duration = time.perf_counter() - start
+        after = await read_counters(client)
+        return results, duration, model, {k: after[k] - before[k] for k in after if k in before}
+
+
+# Server counters read from /metrics before and after a run, by vLLM's names (deltaserve exports them with deltaserve_
+# for vllm:), summed over their label sets: what a run's figures alone do not show (memory-bound servers preempt).
+SERVER_COUNTERS = {"server_preemptions": "num_preemptions_total",
+                   "server_spec_drafts": "spec_decode_num_drafts_total",
+                   "server_spec_accepted_tokens": "spec_decode_num_accepted_tokens_total",
+                   "server_prefix_cache_hit_tokens": "prefix_cache_hits_total"}
+_SAMPLE = re.compile(r"^(deltaserve_|vllm:)([a-zA-Z0-9_:]+)(\{[^}]*\})?\s+(\S+)")
+
+
+def parse_counters(text: str) -> dict[str, float]:
+    """SERVER_COUNTERS' values in a Prometheus text page (those it has)."""
+    wanted = {name: key for key, name in SERVER_COUNTERS.items()}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line)
+        if m and m.group(2) in wanted:
+            key = wanted[m.group(2)]
+            out[key] = out.get(key, 0.0) + float(m.group(4))
+    return out
+
+
+async def read_counters(client: httpx.AsyncClient) -> dict[str, float]:
+    try:
+        response = await client.get("/metrics")
+    except httpx.HTTPError:
+        return {}
+    return parse_counters(response.text) if response.status_code == 200 else {}
 
 
 def timeline(results: list[RequestResult]) -> list[dict[str, float]]:
@@ -188,7 +231,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
-def summarize(results: list[RequestResult], duration: float) -> dict[str, float]:
+def summarize(results: list[RequestResult], duration: float,
+              server: dict[str, float] | None = None) -> dict[str, float]:
+    """The run's figures; with `server` (run_load_counted's counter changes) those too, and the mean acceptance
+    length of speculative decoding where it drafted (1 + accepted tokens / drafts, as vLLM computes it)."""
     ok = [r for r in results if r.ok]
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
@@ -202,6 +248,11 @@ def summarize(results: list[RequestResult], duration: float) -> dict[str, float]
         stats[f"{name}_mean"] = 1000 * sum(values) / len(values) if values else float("nan")
         for q in PERCENTILES:
             stats[f"{name}_p{q}"] = 1000 * percentile(values, q)
+    server = server or {}
+    stats.update(server)
+    if server.get("server_spec_drafts"):
+        accepted = server.get("server_spec_accepted_tokens", 0)
+        stats["server_acceptance_length"] = 1 + accepted / server["server_spec_drafts"]
     return stats
 
 
@@ -243,12 +294,17 @@ def sweep_table(runs: list[tuple[int, dict[str, float]]], num_gpus: int, label: 
                 cells: dict[int, tuple[float, float, float, str]]) -> str:
     """One row per concurrency: our P50s and total tok/s per GPU, then the published cell of that concurrency."""
     head = ["concurrency", "TTFT p50 ms", "TPOT p50 ms", "ITL p99 ms", "total tok/s/GPU", "failed"]
+    preempt = any("server_preemptions" in st for _, st in runs)
+    if preempt:
+        head += ["preemptions"]
     if label:
         head += [f"{label}: TTFT / TPOT / tok/s"]
     rows = [" | ".join(head), " | ".join("---" for _ in head)]
     for conc, st in runs:
         row = [str(conc), f"{st['ttft_ms_p50']:.0f}", f"{st['tpot_ms_p50']:.2f}", f"{st['itl_ms_p99']:.1f}",
                f"{st['total_tok_s'] / num_gpus:,.0f}", f"{st['requests_failed']:.0f}"]
+        if preempt:
+            row.append(f"{st['server_preemptions']:.0f}" if "server_preemptions" in st else "-")
         if label:
             cell = cells.get(conc)
             row.append(f"{cell[0]:,.0f} / {cell[1]:.2f} / {cell[2]:,.0f} ({cell[3]})" if cell else "not published")
@@ -437,8 +493,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     for concurrency in args.concurrency:
         one = argparse.Namespace(**{**vars(args), "concurrency": concurrency,
                                     "num_requests": requests_for(args, concurrency)})
-        results, duration, model = asyncio.run(run_load(one))
-        stats = summarize(results, duration)
+        results, duration, model, server = asyncio.run(run_load_counted(one))
+        stats = summarize(results, duration, server)
         runs.append((concurrency, stats))
         timelines.append(timeline(results))
         print(report(one, stats, model, version, baseline), flush=True)

@@ -422,6 +422,34 @@ def test_serve_load_run_load_takes_the_concurrency_as_the_cli_gives_it():
             asyncio.run(serve_load.run_load(args))
 
 
+def test_serve_load_reads_the_servers_counters_over_a_run():
+    """serve_load reads the preemption, MTP and prefix-cache counters from deltaserve's /metrics (as its server
+    renders them) and from vLLM's names alike, not mistaking the per-position MTP counters for the totals; a run's
+    figures get their change and the mean acceptance length, and the sweep table the preemptions."""
+    from benchmarks import serve_load
+    from deltaserve.server.metrics import ServerMetrics
+
+    def page(preempted: int, drafts: int, accepted: int, cached: int) -> str:
+        stats = {"preemptions": preempted, "spec_draft_tokens": 3 * drafts, "spec_accepted_tokens": accepted,
+                 "spec_drafted_pos_0": drafts, "spec_accepted_pos_0": accepted, "prompt_tokens_cached": cached,
+                 "prompt_tokens_queried": 1000, "running": 2}
+        return ServerMetrics("m").render(stats).decode()
+
+    before, after = serve_load.parse_counters(page(1, 10, 12, 64)), serve_load.parse_counters(page(4, 110, 252, 96))
+    assert before == {"server_preemptions": 1, "server_spec_drafts": 10, "server_spec_accepted_tokens": 12,
+                      "server_prefix_cache_hit_tokens": 64}
+    vllm = "# TYPE vllm:num_preemptions_total counter\nvllm:num_preemptions_total{model_name=\"m\"} 7.0\n" \
+           "vllm:num_preemptions_total{model_name=\"n\"} 1.0\nvllm:num_requests_running{model_name=\"m\"} 3.0\n"
+    assert serve_load.parse_counters(vllm) == {"server_preemptions": 8.0}
+    change = {k: after[k] - before[k] for k in after}
+    ok = serve_load.RequestResult(ok=True, prompt_tokens=8, output_tokens=4, ttft=0.1, latency=0.4, itl=[0.1] * 3)
+    stats = serve_load.summarize([ok], 1.0, change)
+    assert stats["server_preemptions"] == 3 and stats["server_acceptance_length"] == 1 + 240 / 100
+    assert "server_acceptance_length" not in serve_load.summarize([ok], 1.0, {"server_spec_drafts": 0})
+    table = serve_load.sweep_table([(16, stats)], 1, "", {})
+    assert table.splitlines()[0].endswith("| preemptions |") and table.splitlines()[2].endswith("| 3 |")
+
+
 def test_results_label_runs_by_date_card_and_command():
     """RESULTS.md's rule: every section headed 'date · card · command', runs named by date, card and tree, never by
     the internal work-session numbers that mean nothing to whoever clones the repo (nor in the code and docs)."""
