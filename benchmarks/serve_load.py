@@ -206,6 +206,7 @@ def parse_counters(text: str) -> dict[str, float]:
 
 
 async def read_counters(client: httpx.AsyncClient) -> dict[str, float]:
+    """The server's SERVER_COUNTERS now; none when it has no /metrics (an error or a page without them)."""
     try:
         response = await client.get("/metrics")
     except httpx.HTTPError:

@@ -131,10 +131,11 @@ def _placeholders_pay(placeholders: int, rows: int) -> bool:
 # toward the share of its room (its output limit, up to GROWTH_CLIP tokens) it wrote, so clients that stop early
 # leave room for more requests and those that run to their limit get it kept. It starts at GROWTH_START and goes
 # back up to it at a preemption. Beside that expected growth, the tokens sure to come are kept room for as well: the
-# rest of a prompt past the chunk a step gives it, or of a preempted request's recompute (re-admitted on its first
-# chunk alone, it was preempted again at its next, over and over: 37 preemptions in the H100 run below). Admitting on
-# the pages free now alone made a server whose memory holds fewer requests than run preempt, and recompute from the
-# start, ~1.4 requests per request served (sim_serving.py, 27B on an 80 GB H100: benchmarks/RESULTS.md, 2026-12-07).
+# rest of a prompt past the chunk a step gives it, or of a preempted request's recompute (without them, one
+# re-admitted on its first chunk alone was preempted again at its next, over and over: 37 preemptions in one served
+# H100 run). Admitting on the pages free now alone made a server whose memory holds fewer requests than run preempt,
+# and recompute from the start, ~1.4 requests per request served (27B on an 80 GB H100; both in
+# benchmarks/RESULTS.md, 2026-12-07).
 GROWTH_START, GROWTH_WEIGHT, GROWTH_CLIP = 0.7, 0.1, 4096
 
 
