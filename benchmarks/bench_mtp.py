@@ -6,6 +6,7 @@ token with and without MTP.
 python benchmarks/bench_mtp.py [--models 9B 27B] [--batches 1 8 32] [--k 3] [--context 1024]   # GPU, ~2 min
 python benchmarks/bench_mtp.py --demo [--device cuda|cpu] [--demo-k 1 2 3]                       # ~20 s on a GPU
 python benchmarks/bench_mtp.py --models 27B --batches 1 8 --k 3 --gdn-layer   # + one GDN layer's verify and replay
+python benchmarks/bench_mtp.py --models 35B-A3B --batches 16 --k 3 --context 8192 --prompt-step 8192
 
 Both modes take --draft-vocab N [N ...]: rows with the drafts scoring only the first N token ids
 (speculative_draft_vocab) besides the rows with the whole vocabulary ("draft vocab": all). In --demo mode that
@@ -22,6 +23,12 @@ without graphs). The drafts are split into "prep" (the host-side inputs of the c
 acceptance length AL = step / AL: AL is the mean number of tokens a step keeps, 1.93 / 2.73 / 3.39 / 3.97 at
 K = 1 / 2 / 3 / 4 (published for Qwen3.5-397B-A17B with vLLM's MTP, SPEED-Bench coding prompts, thinking on:
 SemiAnalysisAI/InferenceX on GitHub, golden_al_distribution/qwen3.5_mtp.yaml).
+
+--prompt-step N (also on CPU, with --models tiny): the step that admits a new prompt of N tokens beside the batch's
+rows, eager as the engine runs it: the prompt alone, with the rows as plain decode rows (a step with a prompt
+verified nothing before 2026-12-07) and as verify rows of 1 + K tokens; "verify extra" is what verifying there costs
+over decoding, against the tokens it gains (batch x (AL - 1)). "max |diff|" compares that step's logits with the
+verify step and the prompt each run alone.
 """
 
 from __future__ import annotations
@@ -40,7 +47,15 @@ PUBLISHED_AL = {1: 1.93, 2: 2.73, 3: 3.39, 4: 3.97}
 
 
 def _time(fn, *, warmup: int = 5, reps: int = 30) -> float:
-    """Median milliseconds of fn() (CUDA events around each call)."""
+    """Median milliseconds of fn() (CUDA events around each call; the wall clock without a GPU)."""
+    if not torch.cuda.is_available():
+        fn()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return float(np.median(times))
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -158,6 +173,77 @@ def bench_shape(name: str, model, batch: int, k: int, context: int, draft_vocab:
             "draft graphs": {None: "eager", True: "same", False: "DIFFER"}[same_drafts]}
 
 
+def prompt_step(name: str, model, batch: int, k: int, context: int, prompt_len: int, reps: int = 10) -> dict:
+    """The step that admits a prompt of prompt_len tokens beside `batch` rows at `context`: eager forward + logits
+    of the prompt alone, with the rows decoding (1 token) and with them verifying (1 + k tokens); see the module
+    docstring."""
+    from deltaserve.cache.tensors import CacheShape, ModelCache
+    from deltaserve.engine.device_inputs import upload_step
+    from deltaserve.engine.step_input import SamplingRequest, StepInput
+    from deltaserve.sampling_params import SamplingParams
+
+    cfg, dev = model.config, next(model.parameters()).device
+    per_row, prompt_pages = -(-(context + k + 1) // PAGE), -(-prompt_len // PAGE)
+    shape = CacheShape(num_pages=1 + batch * per_row + prompt_pages, page_size=PAGE, num_slots=batch + 1,
+                       kv_dtype=model.model.embed_tokens.weight.dtype, conv_dtype=torch.bfloat16,
+                       state_dtype=torch.float32)
+    cache = ModelCache(cfg, shape, device=dev, with_mtp=True, verify_rows=batch, verify_positions=1 + k)
+    for i in cfg.linear_attention_layers:
+        cache.gdn(i).ssm.normal_(0, 0.01)
+    width = max(per_row, prompt_pages)
+    table_np = np.zeros((batch + 1, width), np.int32)
+    for r in range(batch):
+        table_np[r, :per_row] = np.arange(1 + r * per_row, 1 + (r + 1) * per_row)
+    table_np[batch, :prompt_pages] = np.arange(1 + batch * per_row, 1 + batch * per_row + prompt_pages)
+    rng = np.random.default_rng(0)
+    row_ids = rng.integers(0, cfg.vocab_size, batch * (1 + k))
+    prompt = rng.integers(0, cfg.vocab_size, prompt_len)
+    params = SamplingParams(temperature=0)
+
+    def step(rows: range, width: int, with_prompt: bool) -> StepInput:
+        """The rows' step at `width` tokens each (1: decode; 1 + k: verify, every position sampled), then the
+        prompt."""
+        ids, lens, sampled, logits = [], [], [], []
+        for r in rows:
+            ids.append(row_ids[r * (1 + k):r * (1 + k) + width])
+            first = sum(lens)
+            lens.append(width)
+            logits += range(first, first + width)  # (width 1: its one token)
+            sampled.append(SamplingRequest(str(r), params, 5, tuple(int(t) for t in ids[-1][1:])))
+        slots, context_lens = list(rows), [context] * len(rows)
+        if with_prompt:
+            ids.append(prompt)
+            lens.append(prompt_len)
+            logits.append(sum(lens) - 1)
+            sampled.append(SamplingRequest("prompt", params, 0))
+            slots.append(batch)
+            context_lens.append(0)
+        return StepInput(input_ids=np.concatenate(ids).astype(np.int64), query_lens=np.array(lens, np.int32),
+                         context_lens=np.array(context_lens, np.int32), state_slots=np.array(slots, np.int64),
+                         has_initial_state=np.array(context_lens) > 0,
+                         block_table=np.ascontiguousarray(table_np[slots]), logits_rows=np.array(logits, np.int64),
+                         sampling=tuple(sampled))
+
+    def forward(s: StepInput):
+        d = upload_step(s, page_size=PAGE, device=dev)
+        with torch.no_grad():
+            hidden = model(d.input_ids, d.batch, cache)
+            return model.compute_logits(hidden[d.batch.logits_indices], upcast=False)
+
+    rows = range(batch)
+    alone, decoding, verifying = step(range(0), 1, True), step(rows, 1, True), step(rows, 1 + k, True)
+    assert upload_step(verifying, page_size=PAGE, device=dev).batch.mixed is not None
+    mixed = forward(verifying).float()
+    parts = torch.cat([forward(step(rows, 1 + k, False)), forward(alone)]).float()
+    ms = {label: _time(lambda s=s: forward(s), warmup=2, reps=reps)
+          for label, s in (("prompt alone", alone), ("+ decode rows", decoding), ("+ verify rows", verifying))}
+    al = PUBLISHED_AL[k]
+    extra = ms["+ verify rows"] - ms["+ decode rows"]
+    return {"model": name, "batch": batch, "K": k, "context": context, "prompt": prompt_len,
+            **{f"{label} ms": v for label, v in ms.items()}, "verify extra ms": extra,
+            "tokens gained": batch * (al - 1), "AL": al, "max |diff|": float((mixed - parts).abs().max())}
+
+
 def demo(device: str, max_tokens: int, num_prompts: int, ks: tuple[int, ...] = (1, 2, 3),
          draft_vocabs: tuple[int | None, ...] = (None,)) -> list[dict]:
     from deltaserve import LLM, SamplingParams
@@ -210,6 +296,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="also print the kernels of the decode and the verify step by time (torch.profiler, eager)")
     ap.add_argument("--demo-k", nargs="+", type=int, default=[1, 2, 3], choices=range(1, 5),
                     help="--demo: the K values (K = 0 is run too)")
+    ap.add_argument("--prompt-step", type=positive_int, default=None, metavar="N",
+                    help="instead: the step admitting an N-token prompt beside the rows, decoding or verifying "
+                         "(eager; --models tiny runs on CPU)")
     ap.add_argument("--gdn-layer", action="store_true",
                     help="also time one GDN layer's verify kernels and the commit's replay (bench_gdn.py "
                          "--multistep's table at these models, batches and 1 + K)")
@@ -223,6 +312,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(header("demo model, held-out text, greedy, batch 1"))
         print(table(rows))
         return rows
+    if args.prompt_step is not None:
+        return prompt_steps(args)
     require_cuda("bench_mtp.py (shapes mode)", cpu_alternative="bench_mtp.py --demo --device cpu")
     from deltaserve.models.loader import load_model
 
@@ -252,6 +343,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         models = [m for m in args.models if m in MULTISTEP_MODELS]
         print(header("one GDN layer's verify kernels (1 + K tokens per row), CUDA graph replay, us per layer"))
         print(table(multistep_table(models, args.batches, sorted({1 + k for k in args.k}))))
+    return rows
+
+
+def prompt_steps(args: argparse.Namespace) -> list[dict]:
+    from deltaserve.models.loader import load_model
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rows = []
+    for name in args.models:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        model = load_model(model_config(name), load_format="dummy", device=device, dtype=dtype, with_mtp=True)
+        for b in args.batches:
+            for k in args.k:
+                rows.append(prompt_step(name, model, b, k, args.context, args.prompt_step))
+                print(rows[-1], flush=True)
+        del model
+        gc.collect()
+    print(header(f"the step admitting a {args.prompt_step}-token prompt, eager, dummy weights ({device})"))
+    print(table(rows))
     return rows
 
 

@@ -184,6 +184,18 @@ def test_mtp_demo_plumbing_on_cpu():
     assert rows[3]["AL"] > 1
 
 
+def test_mtp_prompt_step_on_cpu():
+    """bench_mtp --prompt-step runs the step that admits a prompt beside verify rows (a mixed verify step) on the
+    tiny shape: its logits are those of the verify step and the prompt run apart (fp32: only the matmuls' shapes
+    differ)."""
+    from benchmarks import bench_mtp
+
+    rows = bench_mtp.main(["--models", "tiny", "--batches", "3", "--k", "2", "--context", "30", "--prompt-step", "70"])
+    (row,) = rows
+    assert row["max |diff|"] < 1e-4 and row["tokens gained"] == pytest.approx(3 * (2.73 - 1))
+    assert all(row[f"{label} ms"] > 0 for label in ("prompt alone", "+ decode rows", "+ verify rows"))
+
+
 def test_tp_projection_counts_each_ranks_bytes():
     """project_tp's per-rank bytes come from the rank's own module shapes: half per rank at TP 2 (up to the
     replicated norms and the embedding rows), KV heads replicated past their count, the all-reduce model's terms."""

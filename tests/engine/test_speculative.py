@@ -738,25 +738,30 @@ def test_acceptance_probability():
 def test_simulated_acceptance_forces_a_prefix_of_the_drafts():
     """force() on a verify step's rows [last token, d1 .. dK]: the sampled tokens at accepted positions become the
     drafts, accepted positions form a prefix (d_j only after d_1 .. d_j-1), the last position (the token after the
-    last draft) is never touched, and kept_counts then averages the chosen mean; a plain step is left alone."""
+    last draft) is never touched, and kept_counts then averages the chosen mean; the prefill rows a verify step
+    carries after its verify rows (their last tokens sampled) and a plain step are left alone, keeping 1 each."""
     from types import SimpleNamespace
 
     from deltaserve.engine.speculative import SimulatedAcceptance, kept_counts
     from deltaserve.engine.step_input import SamplingRequest
 
     rows, k = 20000, 4
-    row = SamplingRequest("r", SamplingParams(), 0)
-    step = SimpleNamespace(is_verify=True, num_drafts=k - 1, sampling=[row] * rows)
-    inputs = torch.arange(rows * k).view(rows, k) + 1  # drafts: columns 1 .. K of each row
+    row = SamplingRequest("r", SamplingParams(), 0, draft_token_ids=(0,) * (k - 1))
+    prefill = SamplingRequest("p", SamplingParams(), 0)
+    step = SimpleNamespace(is_verify=True, num_drafts=k - 1, num_verify_rows=rows, sampling=[row] * rows + [prefill] * 2)
+    inputs = torch.arange(rows * k + 2) + 1  # drafts: columns 1 .. K of each verify row; then the prefill rows' own
     for mean in (1.0, 2.5, 4.0):
-        sampled = -torch.arange(rows * k).view(rows, k)  # nothing matches a draft by chance
-        SimulatedAcceptance(mean, k - 1, torch.device("cpu")).force(step, inputs.flatten(), sampled.view(-1))
-        forced = sampled[:, :-1] == inputs[:, 1:]
+        tokens = -torch.arange(rows * k + 2)  # nothing matches a draft by chance
+        SimulatedAcceptance(mean, k - 1, torch.device("cpu")).force(step, inputs, tokens)
+        sampled = tokens[:rows * k].view(rows, k)
+        forced = sampled[:, :-1] == inputs[:rows * k].view(rows, k)[:, 1:]
         assert torch.equal(forced, forced.long().cumprod(dim=1).bool())  # a prefix
         assert torch.equal(sampled[:, -1], -torch.arange(rows * k).view(rows, k)[:, -1])
-        kept = kept_counts(step, inputs.flatten(), sampled.view(-1)).double()
-        assert abs(float(kept.mean()) - mean) < 0.03, (mean, float(kept.mean()))
-    plain = SimpleNamespace(is_verify=False, num_drafts=0, sampling=[None] * 2)
+        assert tokens[rows * k:].tolist() == [-rows * k, -rows * k - 1]
+        kept = kept_counts(step, inputs, tokens)
+        assert kept[rows:].tolist() == [1, 1]
+        assert abs(float(kept[:rows].double().mean()) - mean) < 0.03, (mean, float(kept[:rows].double().mean()))
+    plain = SimpleNamespace(is_verify=False, num_drafts=0, num_verify_rows=0, sampling=[None] * 2)
     tokens = torch.tensor([7, 9])
     SimulatedAcceptance(4.0, 3, torch.device("cpu")).force(plain, torch.tensor([1, 2]), tokens)
     assert tokens.tolist() == [7, 9]

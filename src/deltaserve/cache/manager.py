@@ -160,8 +160,6 @@ class CacheManager:
         self._ghosts: OrderedDict[bytes, int] = OrderedDict()  # the last checkpoints evicted: depth digest -> hits
         self._state_tokens = state_tokens
         self.tick = 0  # advanced by the scheduler once per step: the clock of checkpoint recency
-        # requests that gave their memory back, plus prefix-cache resets: what can let a refused admission fit
-        self.releases = 0
         self.counters = {"checkpoints_taken": 0, "checkpoint_evictions": 0, "prefix_hits": 0,
                          "prompt_tokens_cached": 0, "prompt_tokens_queried": 0}
 
@@ -332,7 +330,6 @@ class CacheManager:
         if allocation is not None:
             self._pages.free(allocation.pages)
             self._slots.free(allocation.slot)
-            self.releases += 1
 
     # ---- prefixes being computed --------------------------------------------------------------------------------------
     def claim_prefixes(self, request_id: str, tokens: Sequence[int], positions: Sequence[int]) -> None:
@@ -461,7 +458,6 @@ class CacheManager:
             c.heap_entry = -1
         self._heap.clear()
         self._ghosts.clear()
-        self.releases += 1
 
     def _release(self, c: Checkpoint) -> None:
         self._pages.free(c.pages)

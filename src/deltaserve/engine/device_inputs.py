@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from deltaserve.engine.step_input import StepInput, carried_column
-from deltaserve.layers.forward_batch import GDN_CHUNK_SIZE, ForwardBatch
+from deltaserve.layers.forward_batch import GDN_CHUNK_SIZE, ForwardBatch, MixedVerify
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,15 @@ def upload_step(step: StepInput, *, page_size: int, device: torch.device | str) 
     columns = [columns] if columns.any() else []  # (only device drafts need a column other than 0)
     arrays = _forward_arrays(step.query_lens, step.context_lens, step.block_table, row_of_token, page_size)
     k = step.tokens_per_row
-    verify = step.is_verify
-    if verify and (k is None or len(step.sampling) != n or any(s.num_logits_rows != k for s in step.sampling)):
-        raise ValueError("a step with draft tokens must be a verify step: every row one known token plus the same "
-                         "number of drafts after an existing state (the scheduler strips drafts otherwise)")
-    chunks = _chunk_arrays(step.query_lens, arrays["cu"]) if k != 1 and not verify else []
+    verify = step.num_verify_rows
+    if verify:
+        _check_verify_rows(step, verify)
+    mixed = 0 < verify < n  # a verify step carrying prefill chunks: the GDN layers run those rows chunked
+    if mixed:
+        rest_cu = arrays["cu"][verify:] - arrays["cu"][verify]
+        chunks = [rest_cu, *_chunk_arrays(step.query_lens[verify:], rest_cu)]
+    else:
+        chunks = _chunk_arrays(step.query_lens, arrays["cu"]) if k != 1 and not verify else []
     # each sampling request's row is the row of its last logits row
     last_logits = np.cumsum([s.num_logits_rows for s in step.sampling], dtype=np.int64) - 1
     sample_rows = row_of_token[step.logits_rows[last_logits]] if step.sampling else np.zeros(0, np.int64)
@@ -69,12 +73,40 @@ def upload_step(step: StepInput, *, page_size: int, device: torch.device | str) 
     (ids, pos, cu, lens, slots, init, tables, mapping, logits, p_rows, p_slots, s_slots,
      *rest) = upload_arrays(host, device)
     p_columns, chunk_dev = (rest[0], rest[1:]) if columns else (None, rest)
+    any_padding = bool((step.state_slots < 0).any())
+    if mixed:
+        t = verify * (1 + step.num_drafts)
+        rest_cu, rest_cu_long, rest_chunks = chunk_dev
+        rest_batch = ForwardBatch(positions=pos[t:], cu_seqlens=rest_cu, seq_lens=lens[verify:],
+                                  state_slots=slots[verify:], has_initial_state=init[verify:],
+                                  block_tables=tables[verify:], slot_mapping=mapping[t:], logits_indices=logits[:0],
+                                  tokens_per_row=None, chunk_indices=rest_chunks, cu_seqlens_long=rest_cu_long,
+                                  any_padding=any_padding)
+        batch = ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=lens, state_slots=slots, has_initial_state=init,
+                             block_tables=tables, slot_mapping=mapping, logits_indices=logits, tokens_per_row=None,
+                             any_padding=any_padding, keep_states=True,
+                             mixed=MixedVerify(verify, 1 + step.num_drafts, rest_batch))
+        return DeviceStep(ids, batch, p_rows, p_slots, s_slots, p_columns)
     batch = ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=lens, state_slots=slots, has_initial_state=init,
                          block_tables=tables, slot_mapping=mapping, logits_indices=logits, tokens_per_row=k,
                          chunk_indices=chunk_dev[1] if chunks else None,
                          cu_seqlens_long=chunk_dev[0] if chunks else None,
-                         any_padding=bool((step.state_slots < 0).any()), keep_states=verify)
+                         any_padding=any_padding, keep_states=bool(verify))
     return DeviceStep(ids, batch, p_rows, p_slots, s_slots, p_columns)
+
+
+def _check_verify_rows(step: StepInput, rows: int) -> None:
+    """ValueError unless the step's drafts are on verify rows the model can run: its first `rows` rows, each one
+    known token plus the same number of drafts after an existing state, sampled at every position (the scheduler
+    strips drafts otherwise, and puts these rows first)."""
+    k = 1 + step.num_drafts
+    t = rows * k
+    if not (k > 1 and all(s.num_logits_rows == k for s in step.sampling[:rows])
+            and bool((step.query_lens[:rows] == k).all()) and bool(step.has_initial_state[:rows].all())
+            and step.logits_rows.shape[0] >= t and bool((step.logits_rows[:t] == np.arange(t)).all())):
+        raise ValueError("a step with draft tokens must start with its verify rows: each one known token plus the same "
+                         "number of drafts after an existing state, every position sampled (the scheduler strips "
+                         "drafts otherwise)")
 
 
 def _forward_arrays(query_lens: np.ndarray, context_lens: np.ndarray, table: np.ndarray, row_of_token: np.ndarray,

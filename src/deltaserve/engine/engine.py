@@ -352,13 +352,13 @@ class LLMEngine:
 
     def _count_verified(self, launched: LaunchedStep, result: StepResult) -> None:
         """Drafts verified and accepted, overall and by position; a row's placeholder drafts (it had none to
-        verify) count for nothing."""
+        verify) count for nothing, nor does a prefill chunk the step carried."""
         c = self.spec_counters
         c["spec_verify_steps"] += 1
         k = launched.step.num_drafts
         for s in launched.step.sampling:
             kept = result.tokens.get(s.request_id)
-            if kept is None or s.placeholder_drafts:
+            if kept is None or s.placeholder_drafts or not s.draft_token_ids:
                 continue
             accepted = len(kept) - 1
             c["spec_draft_tokens"] += k

@@ -125,8 +125,8 @@ class VerifyCommit:
     step: StepInput
     dev: DeviceStep
     hidden: torch.Tensor      # [T, D] the step's final-normed hidden states
-    first_rows: torch.Tensor  # [R] each request's first logits row
-    kept: torch.Tensor        # [R] positions to commit per request (row i of the step is sampling request i)
+    first_rows: torch.Tensor  # [V] each verify row's first logits row
+    kept: torch.Tensor        # [V] positions to commit per verify row (row i of the step is sampling request i)
 
 
 @dataclass(frozen=True)
@@ -253,11 +253,13 @@ class ModelRunner:
             if self.drafter is None:
                 raise ValueError("this runner cannot verify draft tokens: speculative decoding is off "
                                  "(speculative_tokens=0), so its GDN layers keep no per-position buffers")
-            if step.state_snapshots:  # checkpoints lie in prompts, verify steps decode: never both
-                raise ValueError("a verify step cannot take prefix-cache snapshots (its slots' states are committed "
+            verify = step.num_verify_rows
+            if {c.src for c in step.state_snapshots} & set(step.state_slots[:verify].tolist()):
+                # checkpoints lie in prompts (the prefill chunks a verify step may carry), verify rows decode
+                raise ValueError("a verify row cannot take a prefix-cache snapshot (its slot's state is committed "
                                  "after its stop checks, at the next launch or state copy)")
-            if step.num_rows > self.cache.verify_rows or step.num_drafts > self.num_speculative_tokens:
-                raise ValueError(f"a verify step of {step.num_rows} rows x {step.num_drafts} drafts exceeds the "
+            if verify > self.cache.verify_rows or step.num_drafts > self.num_speculative_tokens:
+                raise ValueError(f"a verify step of {verify} rows x {step.num_drafts} drafts exceeds the "
                                  f"per-position buffers ({self.cache.verify_rows} rows x "
                                  f"{self.num_speculative_tokens} drafts)")
         started = None
@@ -270,7 +272,7 @@ class ModelRunner:
         logits = self.execute_model(dev, step)
         if self.drafter is not None:  # before the snapshots: a checkpoint keeps the slot's hidden state too
             self.drafter.rewrite_resume_kv(step, self._input_ids)
-            if not step.is_verify:
+            if step.num_verify_rows < step.num_rows:  # (a verify row's is kept once sampled: VerifyCommit)
                 self.drafter.keep_hidden(step, dev, self._hidden)
         self.apply_copies(step.state_snapshots)
         if not step.sampling and self.drafter is not None:
@@ -344,8 +346,9 @@ class ModelRunner:
         assert dev is not None and launched.input_ids is not None and launched.hidden is not None
         kept = kept_counts(step, launched.input_ids, token_ids)
         first = self._ids(first_logits_rows(step).tolist())
-        if step.is_verify:
-            self.uncommitted = VerifyCommit(step, dev, launched.hidden, first, kept)
+        v = step.num_verify_rows
+        if v:
+            self.uncommitted = VerifyCommit(step, dev, launched.hidden, first[:v], kept[:v])
         self.last_tokens.index_copy_(0, launched.sample_slots, token_ids[first + kept - 1])
         return kept
 
@@ -422,14 +425,15 @@ class ModelRunner:
         if pending is None:
             return
         assert self.drafter is not None
-        self.cache.commit_verified(pending.dev.batch.state_slots, pending.kept)
+        self.cache.commit_verified(pending.dev.batch.state_slots[:pending.kept.shape[0]], pending.kept)
         self.drafter.keep_kept_hidden(pending.dev, pending.hidden, pending.first_rows + pending.kept - 1)
 
     def keep_fewer(self, request_id: str, num: int) -> None:
         """The last verify step commits the state `num` positions before the request's last kept one (its output
         ended there: the engine's stop checks dropped tokens after it). 0 < num < the tokens it kept."""
         pending = self.uncommitted
-        rows = [] if pending is None else [i for i, s in enumerate(pending.step.sampling) if s.request_id == request_id]
+        verify = [] if pending is None else pending.step.sampling[:pending.kept.shape[0]]
+        rows = [i for i, s in enumerate(verify) if s.request_id == request_id]
         if not rows:
             raise RuntimeError(f"request {request_id!r} is in no verify step whose states are still uncommitted: its "
                                "end must be placed before anything reads the slots (a state copy or the next step)")

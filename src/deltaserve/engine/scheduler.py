@@ -149,7 +149,7 @@ class Scheduler:
 
     Policy per step (token budget `max_num_batched_tokens`):
     1. Running requests in admission order, each min(remaining tokens, budget left) (plus its drafts when it has
-       budget for them), except that a prefill chunk leaves one token for every decode row (a request with one
+       budget for them), except that a prefill chunk leaves their tokens for every decode row (a request with one
        token left to compute) scheduled after it, so a long prompt ahead of them never costs them their token. A
        request that cannot get the pages for its chunk preempts the newest running request (possibly itself)
        until it can.
@@ -162,8 +162,9 @@ class Scheduler:
        with this step instead of a step later, beside the next prompt's whole chunk. For the same reason an
        admitted prompt (or a long prompt's last chunk, with no decode row behind it) whose rest fits the budget
        once the step's decode rows are not counted goes whole (`_whole_prompt`), dropping its unmarked tail
-       checkpoints as a queued one does (unless its twin waits): the step goes past the budget by at most one token
-       a decode row, and only when the prompt then ends.
+       checkpoints as a queued one does (unless its twin waits): the step goes past the budget by at most the
+       decode rows' tokens (one each, or 1 + the drafts each in a verify step), and only when the prompt then ends.
+    3. With MTP, the decode rows verify their drafts and come first in the step (see __init__).
 
     With a per-step time budget (`max_step_ms`) and running decode rows (requests with one token left to
     compute), the decode rows are counted first: their tokens are reserved from the token budget and their cost is
@@ -179,13 +180,16 @@ class Scheduler:
         """checkpoint_interval: with prefix caching, a GDN state checkpoint every this many tokens along long
         prompts (besides the prompt's own cache points and branch points).
 
-        speculative_tokens (K > 0: MTP speculative decoding): drafts are verified only in uniform steps, where every
-        scheduled request is a one-token decode with the same number of drafts (the GDN layers keep per-position
-        buffers only for such steps), at most speculative_max_batch requests run and no waiting request could be
-        admitted; any other step strips the drafts. A decode row with no draft it could verify (a constrained
-        request never gets any; a request one token short of its length limit can verify none) rides in such a step
-        with placeholder drafts, none of which is kept, as long as another row verifies real ones. Each sampling
-        request also gets pages for K - 1 positions past its step, where the drafter writes the MTP head's KV.
+        speculative_tokens (K > 0: MTP speculative decoding): drafts are verified in steps where every decode row (a
+        running request with one token to compute) verifies the same number of drafts (the GDN layers keep
+        per-position buffers for such rows) while at most speculative_max_batch requests run; any other step strips
+        the drafts. The verify rows come first in the step; prefill chunks (a running prompt's, an admitted one's)
+        ride after them, so that a new prompt's step still gives each decode row its accepted drafts (one token
+        otherwise: with 16 rows and 8k-token prompts, about 16 such steps in each request's life). A decode row with
+        no draft it could verify (a constrained request never gets any; a request one token short of its length
+        limit can verify none) rides in a verify step with placeholder drafts, none of which is kept, as long as
+        another row verifies real ones. Each sampling request also gets pages for K - 1 positions past its step,
+        where the drafter writes the MTP head's KV.
 
         step_cost: the step-time model consulted under `config.max_step_ms` (default: one with the generic prior;
         the engine passes one with a prior from the model's size and feeds it measured steps)."""
@@ -194,8 +198,9 @@ class Scheduler:
         self.step_cost = step_cost if step_cost is not None else StepCostModel()
         self._shape: StepShape | None = None  # this step's planned composition, while the time budget applies
         self._prefill_given = 0                # prefill tokens this step has given so far
-        self._decode_given = 0                 # decode rows this step has scheduled so far (one token each)
-        self._owed: set[str] = set()           # decode rows of this step not scheduled yet (each owed a token)
+        self._decode_given = 0                 # tokens this step has given decode rows so far (1 + drafts each)
+        self._owed: set[str] = set()           # decode rows of this step not scheduled yet (each owed its tokens)
+        self._row_width = 1                    # tokens each decode row takes this step (1 + its drafts)
         self._spec_k = speculative_tokens
         self._spec_max_batch = speculative_max_batch
         self.spec_turned_down = 0  # steps that ran without verifying because the batch was too large
@@ -209,8 +214,6 @@ class Scheduler:
         self._requests: dict[str, Request] = {}
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # admission order: the last one is the first to be preempted
-        # the waiting request whose admission last found no memory, and cache.releases then (_admission_blocked)
-        self._blocked: tuple[Request, int] | None = None
         self._next_arrival = 0
         self._growth = GROWTH_START  # the share of their remaining output requests are expected to write (GROWTH_*)
 
@@ -314,25 +317,28 @@ class Scheduler:
         preempted: list[str] = []
         self._owed.clear()
         rows = self._decode_rows()
+        uniform = self._uniform_drafts(max_tokens, rows) if self._spec_k else None
         self._owed.update(r.request_id for r in rows)
-        self._shape = self._decode_shape(rows) if self._max_step_ms is not None else None
+        self._row_width = 1 + uniform[0] if uniform else 1
+        self._shape = self._decode_shape(rows, self._row_width) if self._max_step_ms is not None else None
         self._prefill_given = self._decode_given = 0
-        budget = self._schedule_running(max_tokens, scheduled, preempted)
+        budget = self._schedule_running(max_tokens, scheduled, preempted, uniform)
         # After a preemption memory is tight: admitting now would likely just re-admit the victim and thrash.
-        if not preempted and not any(s.draft_token_ids for s in scheduled):  # a verify step takes no prefill chunk
+        if not preempted:
             budget = self._admit_waiting(budget, scheduled)
         if preempted:
             self._growth = max(self._growth, GROWTH_START)
         self.cache.tick += 1
         self._shape = None
         self._owed.clear()
+        scheduled.sort(key=lambda s: not s.draft_token_ids)  # the rows that verify drafts first (stable)
         state_copies, page_copies = self._take_copies(scheduled)
         checkpoints = tuple(c for c in (self._checkpoint(s) for s in scheduled) if c is not None)
         return SchedulerOutput(tuple(scheduled), tuple(preempted), max_tokens - budget, state_copies, page_copies,
                                checkpoints, propose_drafts=len(self._running) <= self._spec_max_batch)
 
-    def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[str]) -> int:
-        uniform = self._uniform_drafts(budget) if self._spec_k else None
+    def _schedule_running(self, budget: int, scheduled: list[ScheduledRequest], preempted: list[str],
+                          uniform: tuple[int, frozenset[str]] | None) -> int:
         i = 0
         while i < len(self._running) and budget > 0:
             request = self._running[i]
@@ -346,7 +352,7 @@ class Scheduler:
             if timed_chunk:
                 num_new = self._prefill_chunk(request.num_computed_tokens, num_new, budget)
             elif prefill and self._owed:
-                num_new = min(num_new, budget - len(self._owed))  # the decode rows behind it keep their tokens
+                num_new = min(num_new, budget - self._owed_tokens())  # the decode rows behind it keep their tokens
             elif prefill:  # a long prompt's last chunk goes whole, as an admitted prompt's (_whole_prompt)
                 num_new = min(remaining, self._whole_prompt(remaining, budget))
             if num_new <= 0:
@@ -369,7 +375,7 @@ class Scheduler:
                 break  # it preempted itself, so it was the last running request
             if timed_chunk:
                 self._add_chunk(num_new, request.num_computed_tokens)
-            self._decode_given += not prefill and not drafts
+            self._decode_given += 0 if prefill else 1 + len(drafts)
             self._owed.discard(request.request_id)
             scheduled.append(self._entry(request, num_new, drafts, placeholder=placeholder))
             budget -= num_new + len(drafts)
@@ -397,21 +403,26 @@ class Scheduler:
         return [r for r in self._running if _is_decode_row(r)]
 
     @staticmethod
-    def _decode_shape(rows: list[Request]) -> StepShape | None:
-        """The composition of this step's decode rows, or None when there are none (no time budget then)."""
+    def _decode_shape(rows: list[Request], width: int) -> StepShape | None:
+        """The composition of this step's decode rows, `width` tokens each (1 + the drafts of a verify step), or None
+        when there are none (no time budget then)."""
         if not rows:
             return None
         shape = StepShape()
         for r in rows:
-            shape = shape.with_decode(r.num_computed_tokens)
+            shape = shape.with_decode(r.num_computed_tokens, width)
         return shape
+
+    def _owed_tokens(self) -> int:
+        """Tokens the decode rows not scheduled yet keep of the budget: 1 each, 1 + the drafts in a verify step."""
+        return len(self._owed) * self._row_width
 
     def _prefill_chunk(self, context: int, wanted: int, budget: int) -> int:
         """Tokens for a prefill chunk of up to `wanted` after `context` ones under the time budget: what keeps the
         step's predicted time within max_step_ms, raised to what the step still owes of min_prefill_chunk; the
-        decode rows not scheduled yet keep one token each of `budget`."""
+        decode rows not scheduled yet keep their tokens of `budget` (_owed_tokens)."""
         assert self._shape is not None and self._max_step_ms is not None
-        limit = min(wanted, budget - len(self._owed))
+        limit = min(wanted, budget - self._owed_tokens())
         fits = self.step_cost.largest_chunk(self._shape, context, limit, self._max_step_ms)
         floor = self._config.min_prefill_chunk - self._prefill_given
         return max(min(max(fits, floor), limit), 0)
@@ -431,21 +442,17 @@ class Scheduler:
             room = min(room, request.max_output_tokens - request.num_output_tokens - request.num_pending_tokens - 1)
         return tuple(request.draft_token_ids[:max(room, 0)])
 
-    def _uniform_drafts(self, budget: int) -> tuple[int, frozenset[str]]:
-        """With speculative decoding: the drafts k every running request verifies this step (0: a step without
-        drafts; see __init__), and the requests that carry k placeholder drafts instead (decode rows with no draft
-        they could verify: none proposed, or none within their length limit). A step verifies only if some request
-        has real drafts, and at least half the rows do; a placeholder row needs room for k positions within
-        max_model_len (its KV is written there, then rolled back)."""
+    def _uniform_drafts(self, budget: int, rows: list[Request]) -> tuple[int, frozenset[str]]:
+        """With speculative decoding: the drafts k every decode row (`rows`) verifies this step (0: a step without
+        drafts; see __init__), and the rows that carry k placeholder drafts instead (no draft they could verify:
+        none proposed, or none within their length limit). A step verifies only if some row has real drafts, and
+        at least half the rows do; a placeholder row needs room for k positions within max_model_len (its KV is
+        written there, then rolled back). Prefill chunks (running prompts, admissions) ride in the step after the
+        verify rows, with the budget the verify rows leave."""
         if len(self._running) > self._spec_max_batch:
             self.spec_turned_down += 1  # (and the runner proposes no drafts: SchedulerOutput.propose_drafts)
             return 0, frozenset()
-        rows = [r for r in self._running if _tokens_to_compute(r)]  # those the step would schedule
         if not rows or not any(r.draft_token_ids for r in rows):
-            return 0, frozenset()
-        if self._waiting and len(self._running) < self._config.max_num_seqs and not self._admission_blocked():
-            return 0, frozenset()  # admit first: a verify step cannot carry prefill chunks
-        if not all(_is_decode_row(r) for r in rows):
             return 0, frozenset()
         k = min(budget // len(rows) - 1, self._spec_k)
         verifiable = [len(self._drafts_for(r, 1, k + 1)) for r in rows]
@@ -457,13 +464,6 @@ class Scheduler:
         if k <= 0:
             return 0, frozenset()
         return k, frozenset(r.request_id for r in placeholders)
-
-    def _admission_blocked(self) -> bool:
-        """The head of the queue found no memory for its admission, and no request gave memory back since (the attempt
-        evicted every checkpoint it could): admitting would fail again, so the running requests may verify drafts
-        meanwhile (a verify step admits nothing; a release lets the next step try again)."""
-        blocked = self._blocked
-        return blocked is not None and blocked[0] is self._waiting[0] and blocked[1] == self.cache.releases
 
     def _span(self, request: Request, end: int) -> int:
         """The positions [0, span) to hold pages for when a step computes the request up to `end`: with MTP and a step
@@ -531,14 +531,12 @@ class Scheduler:
             span = self._span(request, match.num_tokens + num_new)
             if not self.cache.can_admit(span, match, self._growth_reserve(request, match.num_tokens + num_new)):
                 if not self._blocked_by_own_match(match):
-                    self._blocked = (request, self.cache.releases)
                     break  # strict FCFS: nobody overtakes the head of the queue
                 # resuming needs more pages than the pool has besides the matched checkpoint's (admission keeps it),
                 # and nothing runs that would free one: waiting would be forever, computing from the start is not
                 match = NO_MATCH  # (with nothing running there are no decode rows: `limit` is the whole budget)
                 num_new = self._admission_chunk(request, tokens, 0, limit)
                 if not self.cache.can_admit(self._span(request, num_new)):
-                    self._blocked = (request, self.cache.releases)
                     break
             self._waiting.remove(request)
             self.cache.admit(request.request_id, self._span(request, match.num_tokens + num_new), match)
@@ -599,10 +597,11 @@ class Scheduler:
         (the published 8,192-token workload) would otherwise lose its last few tokens to the decode rows running
         beside it and sample its first token a step later, under a queue beside the next prompt's whole chunk.
         The callers keep a chunk over the budget only when it then ends the prompt (a checkpoint it keeps may cut it
-        short). The step goes past max_num_batched_tokens by at most its decode rows, one token each: within the
-        activation margin of the memory plan (10%) for budgets of a few thousand tokens; a step of up to 16 rows
-        still fits the prefill graphs' full-step bucket (budget + 1 rounded up to 64) unless the budget is 1 to 15
-        tokens below a multiple of 64, where such a step runs eagerly."""
+        short). The step goes past max_num_batched_tokens by at most its decode rows' tokens (one each, 1 + the
+        drafts in a verify step: 64 for 16 rows of 3 drafts): within the activation margin of the memory plan (10%)
+        for budgets of a few thousand tokens; a step of up to 16 plain decode rows still fits the prefill graphs'
+        full-step bucket (budget + 1 rounded up to 64) unless the budget is 1 to 15 tokens below a multiple of 64,
+        where such a step runs eagerly (a verify step with a prefill chunk always does)."""
         return rest if budget < rest <= budget + self._decode_given else budget
 
     def _queued_behind(self, request: Request, admitting: bool) -> bool:

@@ -49,25 +49,27 @@ log = logging.getLogger(__name__)
 
 def kept_counts(step: StepInput, input_ids: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """[R] int64 tokens each sampling request keeps: 1 + the drafts that match the tokens sampled before them (a
-    verify step: every request has k = 1 + drafts logits rows, its row's inputs are [last token, drafts...]); a
-    request whose drafts are placeholders keeps 1."""
-    r = len(step.sampling)
-    if not step.is_verify:
-        return torch.ones(r, dtype=torch.long, device=token_ids.device)
+    verify row: k = 1 + drafts logits rows, its inputs [last token, drafts...]); a request whose drafts are
+    placeholders, or that verifies none (a prefill chunk after the verify rows), keeps 1."""
+    r, v = len(step.sampling), step.num_verify_rows
+    kept = torch.ones(r, dtype=torch.long, device=token_ids.device)
+    if not v:
+        return kept
     k = 1 + step.num_drafts
-    sampled = token_ids.view(r, k)
-    drafts = input_ids.view(r, k)[:, 1:]
+    sampled = token_ids[:v * k].view(v, k)
+    drafts = input_ids[:v * k].view(v, k)[:, 1:]
     match = sampled[:, :-1] == drafts
     real = real_draft_rows(step, token_ids.device)
     if real is not None:
         match &= real
-    return 1 + match.long().cumprod(dim=1).sum(dim=1)
+    kept[:v] += match.long().cumprod(dim=1).sum(dim=1)
+    return kept
 
 
 def real_draft_rows(step: StepInput, device: torch.device) -> torch.Tensor | None:
-    """[R, 1] bool on the device, False for the sampling requests whose drafts are placeholders (SamplingRequest);
+    """[V, 1] bool on the device, False for the verify rows whose drafts are placeholders (SamplingRequest);
     None when there are none (nothing to mask, nothing uploaded)."""
-    placeholders = [s.placeholder_drafts for s in step.sampling]
+    placeholders = [s.placeholder_drafts for s in step.sampling[:step.num_verify_rows]]
     if not any(placeholders):
         return None
     (real,) = upload_arrays([~np.array(placeholders, dtype=np.bool_).reshape(-1, 1)], device)
@@ -103,16 +105,17 @@ class SimulatedAcceptance:
 
     def force(self, step: StepInput, input_ids: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Overwrite, in place, the sampled tokens of a verify step's accepted draft positions with the drafts."""
-        if not step.is_verify:
+        v = step.num_verify_rows
+        if not v:
             return
-        r, k = len(step.sampling), 1 + step.num_drafts
-        draws = torch.rand(r, k - 1, generator=self.generator, device=self.device)
+        k = 1 + step.num_drafts
+        draws = torch.rand(v, k - 1, generator=self.generator, device=self.device)
         accept = (draws < self.p).cumprod(dim=1).bool()
         real = real_draft_rows(step, self.device)
         if real is not None:
             accept &= real  # a placeholder draft is never forced
-        sampled = token_ids.view(r, k)
-        sampled[:, :-1] = torch.where(accept, input_ids.view(r, k)[:, 1:], sampled[:, :-1])
+        sampled = token_ids[:v * k].view(v, k)
+        sampled[:, :-1] = torch.where(accept, input_ids[:v * k].view(v, k)[:, 1:], sampled[:, :-1])
 
 
 def first_logits_rows(step: StepInput) -> np.ndarray:
@@ -196,9 +199,10 @@ class MTPDrafter:
 
     @torch.no_grad()
     def keep_kept_hidden(self, dev: DeviceStep, hidden: torch.Tensor, last_rows: torch.Tensor) -> None:
-        """After a verify step: each sampling request's slot keeps the hidden state at its last kept position
-        (last_rows [R]: its logits row)."""
-        self.cache.mtp_hidden.index_copy_(0, dev.sample_slots, hidden[dev.batch.logits_indices[last_rows]])
+        """After a verify step: each verify row's slot keeps the hidden state at its last kept position (last_rows
+        [V]: its logits row; the verify rows are the step's first sampling requests)."""
+        slots = dev.sample_slots[:last_rows.shape[0]]
+        self.cache.mtp_hidden.index_copy_(0, slots, hidden[dev.batch.logits_indices[last_rows]])
 
     @torch.no_grad()
     def propose(self, step: StepInput, dev: DeviceStep, input_ids: torch.Tensor, hidden: torch.Tensor,

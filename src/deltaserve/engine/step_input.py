@@ -135,8 +135,15 @@ class StepInput:
 
     @property
     def is_verify(self) -> bool:
-        """A verify step: every row samples at 1 + num_drafts positions, num_drafts > 0."""
+        """A verify step: its first rows (num_verify_rows, all of them or followed by prefill chunks) sample at
+        1 + num_drafts positions each, num_drafts > 0."""
         return any(s.draft_token_ids for s in self.sampling)
+
+    @property
+    def num_verify_rows(self) -> int:
+        """Rows that verify drafts (0: none): the step's first rows, each its last token plus num_drafts drafts,
+        sampled at every position. Rows after them (a verify step carrying prefill chunks) verify nothing."""
+        return sum(1 for s in self.sampling if s.draft_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -148,12 +155,14 @@ class StepInput:
 
     @property
     def tokens_per_row(self) -> int | None:
-        """k when every row carries exactly k new tokens after an existing state (k = 1: a plain decode step);
-        None for a varlen step (prefill chunks, mixed batches)."""
+        """k when every row carries exactly k new tokens after an existing state (k = 1: a plain decode step) and,
+        in a verify step, every row verifies; None for a varlen step (prefill chunks, mixed batches)."""
         if self.num_rows == 0 or not self.has_initial_state.all():
             return None
         k = int(self.query_lens[0])
-        return k if (self.query_lens == k).all() else None
+        if not (self.query_lens == k).all() or self.is_verify and self.num_verify_rows < self.num_rows:
+            return None
+        return k
 
 
 class BlockTables:

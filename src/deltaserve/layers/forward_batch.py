@@ -32,6 +32,8 @@ class ForwardBatch:
                        slots unchanged and keep, per position, the conv window and the recurrence's inputs in the
                        cache's per-position buffers (row i in buffer row i); after sampling the runner commits the
                        states after the last kept position (the recurrent one replayed)
+    mixed:             a verify step that carries other rows after its verify rows (prefill chunks): keep_states
+                       applies to its verify rows only (MixedVerify); tokens_per_row is None
     """
 
     positions: torch.Tensor
@@ -47,6 +49,7 @@ class ForwardBatch:
     cu_seqlens_long: torch.Tensor | None = None
     any_padding: bool = True
     keep_states: bool = False
+    mixed: MixedVerify | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -55,6 +58,22 @@ class ForwardBatch:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.shape[0]
+
+
+@dataclass(frozen=True)
+class MixedVerify:
+    """The split of a verify step that also carries prefill chunks: its first `rows` rows verify drafts, `width`
+    tokens each (tokens [0, rows * width)), and `rest` is the batch of the rows after them (its positions, offsets and
+    GDN chunk indices relative to its first token), which the GDN layers run through the chunked path."""
+
+    rows: int
+    width: int
+    rest: ForwardBatch
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the verify rows (the rest's start in the flat batch)."""
+        return self.rows * self.width
 
 
 @dataclass(frozen=True)

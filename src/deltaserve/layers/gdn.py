@@ -70,18 +70,15 @@ class GatedDeltaNet(nn.Module):
         """The kernels for the step's kind: one token per row after an existing state runs the fused decode step
         (conv update, gating, l2-norm and the recurrence on the slot's state in place); anything else the chunked
         path. A verify step (speculative decoding) runs the decode step once per position, keeping what the commit
-        needs of each (fused_gdn_multistep)."""
+        needs of each (fused_gdn_multistep); one that carries prefill chunks runs them after, chunked."""
         if batch.keep_states:
-            assert batch.tokens_per_row is not None and state.conv_steps is not None and state.y_steps is not None
-            assert state.gate_steps is not None
-            n, k = batch.num_seqs, batch.tokens_per_row
-            return fused_gdn_multistep(
-                mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,
-                conv_weight=self.conv1d.weight.squeeze(1), conv_state=state.conv, ssm_state=state.ssm,
-                slots=batch.state_slots, tokens_per_row=batch.tokens_per_row, num_k_heads=self.num_k_heads,
-                head_k_dim=self.head_k_dim, num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim,
-                scale=self.head_k_dim ** -0.5, conv_states_out=state.conv_steps[:n, :k], y_out=state.y_steps[:n, :k],
-                gates_out=state.gate_steps[:n, :k])
+            mixed = batch.mixed
+            if mixed is None:
+                assert batch.tokens_per_row is not None
+                return self._verify(mixed_qkv, a, b, batch.state_slots, batch.tokens_per_row, state)
+            t = mixed.num_tokens
+            head = self._verify(mixed_qkv[:t], a[:t], b[:t], batch.state_slots[:mixed.rows], mixed.width, state)
+            return torch.cat([head, self._chunked(mixed_qkv[t:], a[t:], b[t:], mixed.rest, state)])
         if batch.tokens_per_row == 1:
             return fused_gdn_decode(
                 mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,
@@ -89,6 +86,18 @@ class GatedDeltaNet(nn.Module):
                 slots=batch.state_slots, num_k_heads=self.num_k_heads, head_k_dim=self.head_k_dim,
                 num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim, scale=self.head_k_dim ** -0.5)
         return self._chunked(mixed_qkv, a, b, batch, state)
+
+    def _verify(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, slots: torch.Tensor, k: int,
+                state: GDNState) -> torch.Tensor:
+        """k decode steps of each row `slots` (row i in the per-position buffers' row i), the slots left unchanged."""
+        assert state.conv_steps is not None and state.y_steps is not None and state.gate_steps is not None
+        n = slots.shape[0]
+        return fused_gdn_multistep(
+            mixed_qkv=mixed_qkv, a=a, b=b, A_log=self.A_log, dt_bias=self.dt_bias,
+            conv_weight=self.conv1d.weight.squeeze(1), conv_state=state.conv, ssm_state=state.ssm, slots=slots,
+            tokens_per_row=k, num_k_heads=self.num_k_heads, head_k_dim=self.head_k_dim,
+            num_v_heads=self.num_v_heads, head_v_dim=self.head_v_dim, scale=self.head_k_dim ** -0.5,
+            conv_states_out=state.conv_steps[:n, :k], y_out=state.y_steps[:n, :k], gates_out=state.gate_steps[:n, :k])
 
     def _chunked(self, mixed_qkv: torch.Tensor, a: torch.Tensor, b: torch.Tensor, batch: ForwardBatch,
                  state: GDNState) -> torch.Tensor:
