@@ -4,11 +4,13 @@ token and throughput, before a device is lent to measure it.
 
     PYTHONPATH=src:. python3 benchmarks/sim_serving.py [--concurrency 16] [--num-requests 64] [--input-len 8192]
         [--output-len 1024] [--speculative-tokens 3 --acceptance 3.39] [--verify-ms 25.9] [--decode-ms 10.62]
-        [--prefill-ms 136] [--max-num-batched-tokens 8192] [--max-num-seqs 64] [--num-pages N]
+        [--prefill-ms 136] [--verify-extra-ms X] [--max-num-batched-tokens 8192] [--max-num-seqs 64] [--num-pages N]
         [--num-checkpoints N] [--seed 0]
 
-A step takes verify-ms when it verifies drafts, else decode-ms, plus prefill-ms per max-num-batched-tokens of the
-prompt tokens it computes, whatever the batch: the defaults are H200 measurements of 35B-A3B at 16 requests
+A step takes verify-ms when it verifies drafts, else decode-ms; one that computes prompt tokens takes decode-ms plus
+prefill-ms per max-num-batched-tokens of them, plus verify-extra-ms when its decode rows verify drafts there (what
+verifying costs over decoding in such a step, `bench_mtp.py --prompt-step`; default verify-ms - decode-ms, as if
+the weights were read twice), whatever the batch: the defaults are H200 measurements of 35B-A3B at 16 requests
 (benchmarks/RESULTS.md: the served step with MTP, 2026-12-06; the plain decode step, 2026-12-05; the 8,192-token
 prefill, 2026-12-05), so another concurrency needs the step times of its own batch.
 Each draft is kept with the probability that gives the acceptance length asked for; a client sends its next request
@@ -36,9 +38,13 @@ class StepModel:
     decode_ms: float
     prefill_ms: float  # per `budget` prompt tokens
     budget: int
+    verify_extra_ms: float | None = None  # verifying beside prompt tokens, over decoding there (None: the difference)
 
     def ms(self, prefill_tokens: int, verify: bool) -> float:
-        return (self.verify_ms if verify else self.decode_ms) + self.prefill_ms * prefill_tokens / self.budget
+        if not prefill_tokens:
+            return self.verify_ms if verify else self.decode_ms
+        extra = self.verify_ms - self.decode_ms if self.verify_extra_ms is None else self.verify_extra_ms
+        return self.decode_ms + (extra if verify else 0.0) + self.prefill_ms * prefill_tokens / self.budget
 
 
 def keep_probability(k: int, acceptance: float) -> float:
@@ -139,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--acceptance", type=float, default=3.39, help="mean tokens a verify step keeps per request")
     ap.add_argument("--verify-ms", type=float, default=25.9)
     ap.add_argument("--decode-ms", type=float, default=10.62)
+    ap.add_argument("--verify-extra-ms", type=float, default=None,
+                    help="what verifying the decode rows adds to a step with prompt tokens (default: verify - decode)")
     ap.add_argument("--prefill-ms", type=float, default=136.0, help="per --max-num-batched-tokens prompt tokens")
     ap.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
     ap.add_argument("--no-prefix-caching", action="store_true", help="as the server's flag (on by default there)")
@@ -153,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.speculative_tokens and not 1 <= args.acceptance <= args.speculative_tokens + 1:
         ap.error(f"--acceptance {args.acceptance} is outside [1, {args.speculative_tokens + 1}] for "
                  f"--speculative-tokens {args.speculative_tokens}")
-    model = StepModel(args.verify_ms, args.decode_ms, args.prefill_ms, args.max_num_batched_tokens)
+    model = StepModel(args.verify_ms, args.decode_ms, args.prefill_ms, args.max_num_batched_tokens,
+                      args.verify_extra_ms)
     row = simulate(model, concurrency=args.concurrency, num_requests=args.num_requests, input_len=args.input_len,
                    output_len=args.output_len, k=args.speculative_tokens, acceptance=args.acceptance,
                    max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching, seed=args.seed,

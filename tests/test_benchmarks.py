@@ -571,6 +571,8 @@ def test_serving_simulation_through_the_real_scheduler(capsys):
     p = sim_serving.keep_probability(3, 3.39)
     assert abs(1 + p + p * p + p ** 3 - 3.39) < 1e-9
     model = sim_serving.StepModel(verify_ms=3.0, decode_ms=1.0, prefill_ms=10.0, budget=64)
+    assert (model.ms(0, True), model.ms(32, False), model.ms(32, True)) == (3.0, 6.0, 8.0)
+    assert sim_serving.StepModel(3.0, 1.0, 10.0, 64, verify_extra_ms=0.5).ms(32, True) == 6.5
     alone = sim_serving.simulate(model, concurrency=1, num_requests=3, input_len=64, output_len=8, k=3,
                                  acceptance=3.39, prefix_caching=False)
     assert alone["TTFT p50 ms"] == alone["TTFT mean ms"] == 11.0
