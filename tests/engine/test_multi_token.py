@@ -263,3 +263,36 @@ def test_a_preemption_that_takes_the_drafted_rows_leaves_a_plain_step() -> None:
     assert entry.request_id == "p" and not entry.draft_token_ids and not entry.placeholder_drafts
     assert entry.num_new_tokens == 1 and out.num_batched_tokens == 1
     assert sched.update_from_step(out, {"p": [11]}) == [p] and (p.num_computed_tokens, p.num_tokens) == (4, 5)
+
+
+def test_prompt_chunks_ride_a_verify_step_after_its_verify_rows() -> None:
+    """With speculative decoding on, a step that computes prompt chunks still verifies the decode rows' drafts: a
+    running prompt ahead of a decode row in admission order leaves that row its 1 + k tokens of the budget, the
+    verify rows come first in the step, the chunks after them, and nothing else changes: the row keeps its drafts
+    as in a step without prompts."""
+    config = SchedulerConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, growth_reserve=False)
+    cache = CacheManager(num_pages=64, num_slots=4, page_size=4, num_checkpoints=4)
+    sched = Scheduler(config, cache, speculative_tokens=2, speculative_max_batch=4, checkpoint_interval=8)
+    long, a = Request("long", list(range(1, 31))), Request("a", [40, 41, 42])
+    sched.add_request(long)
+    sched.add_request(a)
+    out = sched.schedule()  # the long prompt's chunk ends at its first checkpoint (8), `a` is admitted beside it
+    assert [(s.request_id, s.num_new_tokens) for s in out.scheduled] == [("long", 8), ("a", 3)]
+    sched.update_from_step(out, {"a": [11]})
+    a.draft_token_ids = [21, 22, 23]
+    out = sched.schedule()
+    assert [(s.request_id, s.num_new_tokens, s.draft_token_ids) for s in out.scheduled] == \
+        [("a", 3, (21, 22)), ("long", 8, ())]
+    assert out.num_batched_tokens == 11 and [r.request_id for r in sched.running] == ["long", "a"]
+    assert sched.update_from_step(out, {"a": [21, 50]}) == [a] and a.output_token_ids == [11, 21, 50]
+    assert (a.num_computed_tokens, long.num_computed_tokens) == (5, 16)
+    tight = Scheduler(SchedulerConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=10,
+                                      growth_reserve=False), CacheManager(num_pages=64, num_slots=4, page_size=4),
+                      speculative_tokens=2, speculative_max_batch=4)
+    long, a = Request("long", list(range(1, 31))), Request("a", [40, 41, 42])
+    tight.add_request(a)
+    tight.update_from_step(tight.schedule(), {"a": [11]})
+    tight.add_request(long)
+    a.draft_token_ids = [21, 22]
+    out = tight.schedule()  # the budget left after the verify row's 3 tokens goes to the admitted prompt
+    assert [(s.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 3), ("long", 7)]
