@@ -126,6 +126,8 @@ class StepTimeline:
 
     @staticmethod
     def kind(step_input) -> str:
+        if step_input.is_verify and step_input.num_verify_rows < step_input.num_rows:
+            return f"prefill + verify x{step_input.num_verify_rows}"  # a verify step carrying prompt chunks
         if step_input.is_verify:
             return f"verify x{step_input.num_rows}"
         if step_input.tokens_per_row == 1:

@@ -93,6 +93,10 @@ def test_profile_engine_timeline_with_mtp(monkeypatch, capsys):
     profile_engine.main()
     out = capsys.readouterr().out
     assert "verify x2 |" in out and "prefill/mixed |" in out
+    from types import SimpleNamespace
+
+    mixed = SimpleNamespace(is_verify=True, num_verify_rows=2, num_rows=3, tokens_per_row=None)
+    assert profile_engine.StepTimeline.kind(mixed) == "prefill + verify x2"  # not timed as a verify step
 
 
 def test_batch_build_plumbing(monkeypatch, capsys):

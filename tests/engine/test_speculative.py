@@ -748,7 +748,8 @@ def test_simulated_acceptance_forces_a_prefix_of_the_drafts():
     rows, k = 20000, 4
     row = SamplingRequest("r", SamplingParams(), 0, draft_token_ids=(0,) * (k - 1))
     prefill = SamplingRequest("p", SamplingParams(), 0)
-    step = SimpleNamespace(is_verify=True, num_drafts=k - 1, num_verify_rows=rows, sampling=[row] * rows + [prefill] * 2)
+    step = SimpleNamespace(is_verify=True, num_drafts=k - 1, num_verify_rows=rows,
+                           sampling=[row] * rows + [prefill] * 2)
     inputs = torch.arange(rows * k + 2) + 1  # drafts: columns 1 .. K of each verify row; then the prefill rows' own
     for mean in (1.0, 2.5, 4.0):
         tokens = -torch.arange(rows * k + 2)  # nothing matches a draft by chance
