@@ -74,24 +74,20 @@ def upload_step(step: StepInput, *, page_size: int, device: torch.device | str) 
      *rest) = upload_arrays(host, device)
     p_columns, chunk_dev = (rest[0], rest[1:]) if columns else (None, rest)
     any_padding = bool((step.state_slots < 0).any())
-    if mixed:
+    split = None
+    if mixed:  # the chunk arrays are the rest's (k is None: a varlen step)
         t = verify * (1 + step.num_drafts)
         rest_cu, rest_cu_long, rest_chunks = chunk_dev
-        rest_batch = ForwardBatch(positions=pos[t:], cu_seqlens=rest_cu, seq_lens=lens[verify:],
-                                  state_slots=slots[verify:], has_initial_state=init[verify:],
-                                  block_tables=tables[verify:], slot_mapping=mapping[t:], logits_indices=logits[:0],
-                                  tokens_per_row=None, chunk_indices=rest_chunks, cu_seqlens_long=rest_cu_long,
-                                  any_padding=any_padding)
-        batch = ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=lens, state_slots=slots, has_initial_state=init,
-                             block_tables=tables, slot_mapping=mapping, logits_indices=logits, tokens_per_row=None,
-                             any_padding=any_padding, keep_states=True,
-                             mixed=MixedVerify(verify, 1 + step.num_drafts, rest_batch))
-        return DeviceStep(ids, batch, p_rows, p_slots, s_slots, p_columns)
+        rest = ForwardBatch(positions=pos[t:], cu_seqlens=rest_cu, seq_lens=lens[verify:],
+                            state_slots=slots[verify:], has_initial_state=init[verify:], block_tables=tables[verify:],
+                            slot_mapping=mapping[t:], logits_indices=logits[:0], tokens_per_row=None,
+                            chunk_indices=rest_chunks, cu_seqlens_long=rest_cu_long, any_padding=any_padding)
+        split, chunk_dev = MixedVerify(verify, 1 + step.num_drafts, rest), []
     batch = ForwardBatch(positions=pos, cu_seqlens=cu, seq_lens=lens, state_slots=slots, has_initial_state=init,
                          block_tables=tables, slot_mapping=mapping, logits_indices=logits, tokens_per_row=k,
-                         chunk_indices=chunk_dev[1] if chunks else None,
-                         cu_seqlens_long=chunk_dev[0] if chunks else None,
-                         any_padding=any_padding, keep_states=bool(verify))
+                         chunk_indices=chunk_dev[1] if chunk_dev else None,
+                         cu_seqlens_long=chunk_dev[0] if chunk_dev else None,
+                         any_padding=any_padding, keep_states=bool(verify), mixed=split)
     return DeviceStep(ids, batch, p_rows, p_slots, s_slots, p_columns)
 
 

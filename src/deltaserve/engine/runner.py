@@ -254,7 +254,7 @@ class ModelRunner:
                 raise ValueError("this runner cannot verify draft tokens: speculative decoding is off "
                                  "(speculative_tokens=0), so its GDN layers keep no per-position buffers")
             verify = step.num_verify_rows
-            if {c.src for c in step.state_snapshots} & set(step.state_slots[:verify].tolist()):
+            if step.state_snapshots and {c.src for c in step.state_snapshots} & set(step.state_slots[:verify].tolist()):
                 # checkpoints lie in prompts (the prefill chunks a verify step may carry), verify rows decode
                 raise ValueError("a verify row cannot take a prefix-cache snapshot (its slot's state is committed "
                                  "after its stop checks, at the next launch or state copy)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple
 
 import numpy as np
@@ -137,12 +138,13 @@ class StepInput:
     def is_verify(self) -> bool:
         """A verify step: its first rows (num_verify_rows, all of them or followed by prefill chunks) sample at
         1 + num_drafts positions each, num_drafts > 0."""
-        return any(s.draft_token_ids for s in self.sampling)
+        return self.num_verify_rows > 0
 
-    @property
+    @cached_property
     def num_verify_rows(self) -> int:
         """Rows that verify drafts (0: none): the step's first rows, each its last token plus num_drafts drafts,
-        sampled at every position. Rows after them (a verify step carrying prefill chunks) verify nothing."""
+        sampled at every position. Rows after them (a verify step carrying prefill chunks) verify nothing. Counted
+        once per step (the upload, the runner, the sampler's acceptance all read it)."""
         return sum(1 for s in self.sampling if s.draft_token_ids)
 
     @property
