@@ -296,3 +296,31 @@ def test_prompt_chunks_ride_a_verify_step_after_its_verify_rows() -> None:
     a.draft_token_ids = [21, 22]
     out = tight.schedule()  # the budget left after the verify row's 3 tokens goes to the admitted prompt
     assert [(s.request_id, s.num_new_tokens) for s in out.scheduled] == [("a", 3), ("long", 7)]
+
+
+@pytest.mark.parametrize("graph_tokens, logprobs, kept", [(64, None, False), (8, None, True), (64, 1, True)])
+def test_a_short_prompt_step_drops_its_drafts_where_a_graph_would_replay_it(graph_tokens, logprobs, kept) -> None:
+    """A verify step carrying prompt chunks runs eagerly (no CUDA graph is keyed by it). Where the step without its
+    drafts would replay a varlen graph (here: one for fewer than `graph_tokens` tokens), every row decodes plainly;
+    a longer chunk, or one that asks for prompt logprobs (eager either way), keeps them."""
+    config = SchedulerConfig(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16, growth_reserve=False)
+    shapes: list[tuple[int, int]] = []
+
+    def replays(rows: int, tokens: int) -> bool:
+        shapes.append((rows, tokens))
+        return tokens < graph_tokens
+    sched = Scheduler(config, CacheManager(num_pages=64, num_slots=4, page_size=4), speculative_tokens=2,
+                      speculative_max_batch=4, varlen_step_replays=replays)
+    a = Request("a", [40, 41, 42])
+    sched.add_request(a)
+    sched.update_from_step(sched.schedule(), {"a": [11]})
+    sched.add_request(Request("p", [1, 2, 3, 4, 5, 6, 7, 8], sampling_params=SamplingParams(prompt_logprobs=logprobs)))
+    a.draft_token_ids = [21, 22]
+    out = sched.schedule()
+    drafts = (21, 22) if kept else ()
+    assert [(s.request_id, s.num_new_tokens, s.draft_token_ids) for s in out.scheduled] == \
+        [("a", 1 + len(drafts), drafts), ("p", 8, ())]
+    assert out.num_batched_tokens == 9 + len(drafts) and sched.drafts_dropped_for_graph == (not kept)
+    assert shapes == ([] if logprobs else [(2, 9)])
+    sched.update_from_step(out, {"a": [21, 50] if kept else [30], "p": [12]})
+    assert a.output_token_ids == ([11, 21, 50] if kept else [11, 30])

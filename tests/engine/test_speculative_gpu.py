@@ -110,26 +110,32 @@ def test_gpu_mtp_matches_cpu_reference_and_no_mtp(tiny, kind):  # noqa: F811
     assert token_ids(eager.generate(ps, GREEDY)) == plain
 
 
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_gpu_verify_steps_carrying_prompts_equal_no_mtp(tiny, kind):  # noqa: F811
-    """Requests arriving while others verify drafts: their prompts ride in verify steps after the verify rows (the
-    multistep GDN kernels on those rows, the chunked ones on the prompts, the varlen attention kernel over both),
-    fp32 on CUDA with graphs on; greedy outputs equal the GPU run without MTP."""
+@pytest.mark.parametrize("kind, prefill_graphs", [("dense", 0), ("moe", 0), ("moe", 4096)])
+def test_gpu_verify_steps_carrying_prompts_equal_no_mtp(tiny, kind, prefill_graphs):  # noqa: F811
+    """Requests arriving while others verify drafts, fp32 on CUDA with decode graphs on; greedy outputs equal the GPU
+    run without MTP. Without prefill graphs (`prefill_graph_tokens` 0) their prompts ride in verify steps after the
+    verify rows (the multistep GDN kernels on those rows, the chunked ones on the prompts, the varlen attention
+    kernel over both); with them, such a step decodes plainly and replays a varlen graph instead."""
     from tests.engine.test_speculative_fuzz import Req
     from tests.engine.test_speculative_fuzz import run as run_steps
 
     ps = prompts(8, seed=5)
     reqs = [Req(f"r{i}", p, GREEDY, arrival=3 * i) for i, p in enumerate(ps)]
-    plain = run_steps(LLM(str(tiny[kind]), max_model_len=512, device="cuda", dtype="float32", max_num_seqs=8), reqs)
-    llm = LLM(str(tiny[kind]), max_model_len=512, device="cuda", dtype="float32", speculative_tokens=2,
-              max_num_seqs=8)
+    kw = dict(max_model_len=512, device="cuda", dtype="float32", max_num_seqs=8, prefill_graph_tokens=prefill_graphs)
+    plain = run_steps(LLM(str(tiny[kind]), **kw), reqs)
+    llm = LLM(str(tiny[kind]), speculative_tokens=2, **kw)
     Oracle(llm, {tuple(p): plain[(f"r{i}", 0)]["tokens"] for i, p in enumerate(ps)})
     runner, mixed = llm.engine.runner, []
     launch = runner.launch
     runner.launch = lambda step: (mixed.append(0 < step.num_verify_rows < step.num_rows), launch(step))[1]
     got = run_steps(llm, reqs)
     assert [got[key]["tokens"] for key in plain] == [r["tokens"] for r in plain.values()]
-    assert sum(mixed) >= 3 and llm.engine.spec_counters["spec_accepted_tokens"] > 0
+    assert llm.engine.spec_counters["spec_accepted_tokens"] > 0
+    dropped = llm.engine.scheduler.drafts_dropped_for_graph
+    if prefill_graphs:
+        assert sum(mixed) == 0 and dropped >= 3 and runner.varlen_graphs.replays >= dropped
+    else:
+        assert sum(mixed) >= 3 and dropped == 0
 
 
 def test_demo_model_bf16_on_gpu_accepts_drafts():

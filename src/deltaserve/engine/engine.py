@@ -56,7 +56,8 @@ class LLMEngine:
                                    checkpoint_interval=self.config.cache.checkpoint_interval,
                                    speculative_tokens=spec.num_speculative_tokens,
                                    speculative_max_batch=min(spec.max_batch, self.runner.cache.verify_rows),
-                                   step_cost=self._step_cost_model())
+                                   step_cost=self._step_cost_model(),
+                                   varlen_step_replays=self.runner.varlen_step_replays)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_ids, self.max_model_len)
         # the matchers of constrained requests; their grammars compile in the compiler's cache (any thread)
         self.structured = StructuredOutputs(GrammarCompiler(self.tokenizer, self.model_config.vocab_size,

@@ -245,6 +245,11 @@ class ModelRunner:
             return True
         return self.varlen_graphs is not None and self.varlen_graphs.key_for(step) is not None
 
+    def varlen_step_replays(self, num_rows: int, num_tokens: int) -> bool:
+        """Whether a plain varlen step (prefill chunks, decode rows of one token) of this shape replays a CUDA graph:
+        the scheduler asks before it lets a step carry both drafts and prompt chunks, a step that runs eagerly."""
+        return self.varlen_graphs is not None and self.varlen_graphs.fits(num_rows, num_tokens)
+
     @torch.no_grad()
     def launch(self, step: StepInput) -> LaunchedStep:
         """Upload the step, apply its state copies, run the model and the sampler, and start copying the samples

@@ -24,7 +24,7 @@ that still writes them harms nobody.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from deltaserve.cache.manager import (NO_MATCH, CacheManager, PageCopy, PendingCheckpoint, PrefixMatch, StateCopy,
@@ -176,7 +176,8 @@ class Scheduler:
 
     def __init__(self, config: SchedulerConfig, cache: CacheManager, *, checkpoint_interval: int = 4096,
                  speculative_tokens: int = 0, speculative_max_batch: int = 0,
-                 step_cost: StepCostModel | None = None) -> None:
+                 step_cost: StepCostModel | None = None,
+                 varlen_step_replays: Callable[[int, int], bool] | None = None) -> None:
         """checkpoint_interval: with prefix caching, a GDN state checkpoint every this many tokens along long
         prompts (besides the prompt's own cache points and branch points).
 
@@ -191,6 +192,10 @@ class Scheduler:
         another row verifies real ones. Each sampling request also gets pages for K - 1 positions past its step,
         where the drafter writes the MTP head's KV.
 
+        varlen_step_replays(rows, tokens): whether a plain varlen step of that shape replays a CUDA graph (the
+        runner's). A verify step carrying prompt chunks runs eagerly; where the same step without its drafts would
+        replay a graph, it goes without them (_drafts_cost_a_graph). None: no graphs (CPU, enforce_eager).
+
         step_cost: the step-time model consulted under `config.max_step_ms` (default: one with the generic prior;
         the engine passes one with a prior from the model's size and feeds it measured steps)."""
         self._config = config
@@ -203,6 +208,8 @@ class Scheduler:
         self._row_width = 1                    # tokens each decode row takes this step (1 + its drafts)
         self._spec_k = speculative_tokens
         self._spec_max_batch = speculative_max_batch
+        self._varlen_step_replays = varlen_step_replays
+        self.drafts_dropped_for_graph = 0  # verify steps with prompt chunks that decoded plainly to replay a graph
         self.spec_turned_down = 0  # steps that ran without verifying because the batch was too large
         self.cache = cache
         self._checkpoint_interval = checkpoint_interval
@@ -328,6 +335,9 @@ class Scheduler:
             budget = self._admit_waiting(budget, scheduled)
         if preempted:
             self._growth = max(self._growth, GROWTH_START)
+        elif uniform and uniform[0] and self._drafts_cost_a_graph(scheduled):
+            self.drafts_dropped_for_graph += 1
+            budget += self._drop_drafts(scheduled)
         self.cache.tick += 1
         self._shape = None
         self._owed.clear()
@@ -390,12 +400,31 @@ class Scheduler:
         decodes plainly, every row without drafts (a verify step must stay uniform). Returns the tokens freed."""
         if _placeholders_pay(sum(s.placeholder_drafts for s in scheduled), len(scheduled)):
             return 0
+        return self._drop_drafts(scheduled)
+
+    def _drop_drafts(self, scheduled: list[ScheduledRequest]) -> int:
+        """Every row of the step decodes plainly, without its drafts; returns the tokens freed."""
         freed = 0
         for j, s in enumerate(scheduled):
             if s.draft_token_ids:
                 freed += len(s.draft_token_ids)
                 scheduled[j] = self._entry(s.request, s.num_new_tokens - len(s.draft_token_ids), ())
         return freed
+
+    def _drafts_cost_a_graph(self, scheduled: list[ScheduledRequest]) -> bool:
+        """A verify step that carries prompt chunks, which would replay a varlen CUDA graph without its drafts. No
+        graph is keyed by such a step: launched from Python it costs the host ~35 ms more than its kernels on
+        35B-A3B (a 1,024-token chunk, H100) and more on 27B, while its drafts save the batch about 0.7 of a verify
+        step (~20 ms; 1 - 1 / the acceptance length of 3.39). Long chunks run eagerly either way and keep their
+        drafts. (Prompt logprobs also run eagerly: such a step keeps them too.)"""
+        if self._varlen_step_replays is None:
+            return False
+        chunks = [s for s in scheduled if not s.draft_token_ids]
+        if not chunks or any(getattr(s.request.sampling_params, "prompt_logprobs", None) is not None
+                             for s in chunks):
+            return False
+        tokens = sum(s.num_new_tokens - len(s.draft_token_ids) for s in scheduled)
+        return self._varlen_step_replays(len(scheduled), tokens)
 
     # ---- the per-step time budget -------------------------------------------------------------------------------
     def _decode_rows(self) -> list[Request]:

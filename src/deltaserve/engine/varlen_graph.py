@@ -159,8 +159,15 @@ class VarlenGraphs:
         n, t = step.num_rows, int(step.query_lens.sum())
         if step.logits_rows.shape[0] > n or step.block_table.shape[1] > self.max_pages:
             return None
-        rows = next((r for r in self.row_sizes if r >= n), None)
-        tokens = next((s for s in self.token_sizes if s > t), None)
+        return self._key(n, t)
+
+    def fits(self, num_rows: int, num_tokens: int) -> bool:
+        """Whether a plain varlen step (no prompt logprobs, no drafts) of this many rows and tokens has a graph."""
+        return self._key(num_rows, num_tokens) is not None
+
+    def _key(self, num_rows: int, num_tokens: int) -> tuple[int, int] | None:
+        rows = next((r for r in self.row_sizes if r >= num_rows), None)
+        tokens = next((s for s in self.token_sizes if s > num_tokens), None)
         return (rows, tokens) if (rows, tokens) in self.graphs else None
 
     @torch.no_grad()
