@@ -485,6 +485,7 @@ def test_turn_down_above_max_batch_and_metrics(tiny):
     stats = llm.engine.stats()
     assert stats["spec_turned_down_steps"] > 0 and stats["spec_verify_steps"] > 0  # 6 running, then fewer
     assert stats["spec_drafted_pos_0"] >= stats["spec_drafted_pos_1"] > 0
+    assert stats["spec_graph_plain_steps"] == 0  # no prefill graphs on CPU: prompts ride the verify steps
     from deltaserve.server.metrics import ServerMetrics
 
     text = ServerMetrics("m").render(stats).decode()

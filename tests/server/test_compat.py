@@ -161,9 +161,10 @@ def test_mtp_metrics_carry_vllms_names():
 
     stats = {"spec_draft_tokens": 9, "spec_accepted_tokens": 5, "spec_verify_steps": 2, "spec_drafted_pos_0": 3,
              "spec_drafted_pos_1": 3, "spec_drafted_pos_2": 3, "spec_accepted_pos_0": 3, "spec_accepted_pos_1": 2,
-             "spec_accepted_pos_2": 0}
+             "spec_accepted_pos_2": 0, "spec_graph_plain_steps": 4}
     text = ServerMetrics("m").render(stats).decode()
     assert 'deltaserve_spec_decode_num_drafts_total{model_name="m"} 3.0' in text
+    assert 'deltaserve_spec_decode_num_graph_plain_steps_total{model_name="m"} 4.0' in text
     assert 'deltaserve_spec_decode_num_accepted_tokens_total{model_name="m"} 5.0' in text
 
 

@@ -199,7 +199,8 @@ class LLMEngine:
         s = self.scheduler
         stats = {"running": s.num_running, "waiting": s.num_waiting, **self.cache.stats(), **self.counters}
         if self.config.speculative.enabled:
-            stats.update(self.spec_counters, spec_turned_down_steps=s.spec_turned_down)
+            stats.update(self.spec_counters, spec_turned_down_steps=s.spec_turned_down,
+                         spec_graph_plain_steps=s.drafts_dropped_for_graph)
             for j, (drafted, accepted) in enumerate(zip(self.spec_drafted_per_position,
                                                         self.spec_accepted_per_position)):
                 stats[f"spec_drafted_pos_{j}"] = drafted

@@ -61,6 +61,8 @@ _ENGINE_METRICS = {
     "spec_verify_steps": ("spec_decode_num_verify_steps", "Steps that verified MTP drafts", "counter"),
     "spec_turned_down_steps": ("spec_decode_num_turned_down_steps", "Steps decoded without drafts because more "
                                "than speculative_max_batch requests ran", "counter"),
+    "spec_graph_plain_steps": ("spec_decode_num_graph_plain_steps", "Steps with a short prompt decoded without "
+                               "drafts to replay a prefill CUDA graph", "counter"),
 }
 # vLLM's finish reasons ("error": the engine failed the sequence), so request_success_total counts every ending
 FINISH_REASONS = ("stop", "length", "abort", "error")
