@@ -5,7 +5,7 @@ token and throughput, before a device is lent to measure it.
     PYTHONPATH=src:. python3 benchmarks/sim_serving.py [--concurrency 16] [--num-requests 64] [--input-len 8192]
         [--output-len 1024] [--speculative-tokens 3 --acceptance 3.39] [--verify-ms 25.9] [--decode-ms 10.62]
         [--prefill-ms 136] [--verify-extra-ms X] [--max-num-batched-tokens 8192] [--max-num-seqs 64] [--num-pages N]
-        [--num-checkpoints N] [--seed 0]
+        [--num-checkpoints N] [--eager-ms X [--graph-tokens 4096]] [--seed 0]
 
 A step takes verify-ms when it verifies drafts, else decode-ms; one that computes prompt tokens takes decode-ms plus
 prefill-ms per max-num-batched-tokens of them, plus verify-extra-ms when its decode rows verify drafts there (what
@@ -13,6 +13,10 @@ verifying costs over decoding in such a step, `bench_mtp.py --prompt-step`; defa
 the weights were read twice), whatever the batch: the defaults are H200 measurements of 35B-A3B at 16 requests
 (benchmarks/RESULTS.md: the served step with MTP, 2026-12-06; the plain decode step, 2026-12-05; the 8,192-token
 prefill, 2026-12-05), so another concurrency needs the step times of its own batch.
+With --eager-ms, a step that replays no CUDA graph takes at least that long (the host launching the whole model
+from Python): decode and verify steps replay theirs, a step with prompt tokens only when it verifies nothing, has at
+most 16 rows and fewer than --graph-tokens tokens (the server's `--prefill-graph-tokens`), as the runner's prefill
+graphs; the scheduler is told which steps replay (where its tree asks). Without it every step is its GPU time.
 Each draft is kept with the probability that gives the acceptance length asked for; a client sends its next request
 when the last one ends, at the step's end. What the model leaves out: the host's time between steps, the HTTP and
 tokenizer path, a new request waiting for the step in flight. Prefix caching is on, as in the server (checkpoints
@@ -25,6 +29,7 @@ Compare two policies by running this file with PYTHONPATH at each tree's src (th
 from __future__ import annotations
 
 import argparse
+import inspect
 import random
 import statistics
 from dataclasses import dataclass
@@ -39,12 +44,26 @@ class StepModel:
     prefill_ms: float  # per `budget` prompt tokens
     budget: int
     verify_extra_ms: float | None = None  # verifying beside prompt tokens, over decoding there (None: the difference)
+    eager_ms: float | None = None  # the least a step without a CUDA graph takes (host launches); None: not modelled
+    graph_tokens: int = 4096       # prefill graphs for steps of fewer tokens than this (and at most GRAPH_ROWS rows)
 
-    def ms(self, prefill_tokens: int, verify: bool) -> float:
+    def ms(self, prefill_tokens: int, verify: bool, tokens: int | None = None, rows: int = 0) -> float:
+        """A step's time; tokens (all of them, drafts included) and rows decide whether a step with prompt tokens
+        replays a graph (with eager_ms)."""
         if not prefill_tokens:
             return self.verify_ms if verify else self.decode_ms
         extra = self.verify_ms - self.decode_ms if self.verify_extra_ms is None else self.verify_extra_ms
-        return self.decode_ms + (extra if verify else 0.0) + self.prefill_ms * prefill_tokens / self.budget
+        gpu = self.decode_ms + (extra if verify else 0.0) + self.prefill_ms * prefill_tokens / self.budget
+        if self.eager_ms is None or not verify and self.replays(rows, prefill_tokens if tokens is None else tokens):
+            return gpu
+        return max(gpu, self.eager_ms)
+
+    def replays(self, rows: int, tokens: int) -> bool:
+        """Whether a plain step with prompt tokens of this shape replays a prefill graph (the runner's rule)."""
+        return rows <= GRAPH_ROWS and tokens < self.graph_tokens
+
+
+GRAPH_ROWS = 16  # the most rows a prefill graph takes (varlen_graph.ROW_SIZES)
 
 
 def keep_probability(k: int, acceptance: float) -> float:
@@ -80,8 +99,11 @@ def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len
     # repeats here, so none is ever resumed from; they only end chunks)
     checkpoints = (num_checkpoints if num_checkpoints is not None else max_num_seqs) if prefix_caching else 0
     cache = CacheManager(num_pages=pages, num_slots=max_num_seqs, page_size=page, num_checkpoints=checkpoints)
+    graphs = {}  # the scheduler learns which steps replay a graph, where its tree asks (since 7d297b7)
+    if model.eager_ms is not None and "varlen_step_replays" in inspect.signature(Scheduler).parameters:
+        graphs = {"varlen_step_replays": model.replays}
     sched = Scheduler(config, cache, speculative_tokens=k, speculative_max_batch=max_num_seqs,
-                      checkpoint_interval=default_checkpoint_interval(model.budget, page))
+                      checkpoint_interval=default_checkpoint_interval(model.budget, page), **graphs)
     now, sent = 0.0, 0
     arrived: dict[str, float] = {}
     first: dict[str, float] = {}
@@ -102,7 +124,8 @@ def simulate(model: StepModel, *, concurrency: int, num_requests: int, input_len
         out = sched.schedule()
         preemptions += len(out.preempted)
         prefill = sum(n for n in (e.num_new_tokens - len(e.draft_token_ids) for e in out.scheduled) if n > 1)
-        now += model.ms(prefill, any(e.draft_token_ids for e in out.scheduled))
+        now += model.ms(prefill, any(e.draft_token_ids for e in out.scheduled), out.num_batched_tokens,
+                        len(out.scheduled))
         sched.commit_step(out)
         kept = {e.request_id: [7] * _kept(e, p, rng) for e in out.scheduled if e.samples_token}
         for request in sched.resolve_step(out, kept):
@@ -149,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="what verifying the decode rows adds to a step with prompt tokens (default: verify - decode)")
     ap.add_argument("--prefill-ms", type=float, default=136.0, help="per --max-num-batched-tokens prompt tokens")
     ap.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
+    ap.add_argument("--eager-ms", type=float, default=None,
+                    help="the least a step without a CUDA graph takes (default: not modelled)")
+    ap.add_argument("--graph-tokens", type=positive_int, default=4096, help="as the server's --prefill-graph-tokens")
     ap.add_argument("--no-prefix-caching", action="store_true", help="as the server's flag (on by default there)")
     ap.add_argument("--max-num-seqs", type=positive_int, default=64, help="state slots, as the server's option")
     ap.add_argument("--num-pages", type=positive_int, default=None,
@@ -162,7 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"--acceptance {args.acceptance} is outside [1, {args.speculative_tokens + 1}] for "
                  f"--speculative-tokens {args.speculative_tokens}")
     model = StepModel(args.verify_ms, args.decode_ms, args.prefill_ms, args.max_num_batched_tokens,
-                      args.verify_extra_ms)
+                      args.verify_extra_ms, args.eager_ms, args.graph_tokens)
     row = simulate(model, concurrency=args.concurrency, num_requests=args.num_requests, input_len=args.input_len,
                    output_len=args.output_len, k=args.speculative_tokens, acceptance=args.acceptance,
                    max_num_seqs=args.max_num_seqs, prefix_caching=not args.no_prefix_caching, seed=args.seed,

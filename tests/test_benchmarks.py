@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from benchmarks import bench_e2e
@@ -577,6 +579,10 @@ def test_serving_simulation_through_the_real_scheduler(capsys):
     model = sim_serving.StepModel(verify_ms=3.0, decode_ms=1.0, prefill_ms=10.0, budget=64)
     assert (model.ms(0, True), model.ms(32, False), model.ms(32, True)) == (3.0, 6.0, 8.0)
     assert sim_serving.StepModel(3.0, 1.0, 10.0, 64, verify_extra_ms=0.5).ms(32, True) == 6.5
+    # eager launches floor a step with prompt tokens that replays no graph: one that verifies, or a large one
+    eager = sim_serving.StepModel(3.0, 1.0, 10.0, 64, eager_ms=20.0, graph_tokens=48)
+    assert (eager.ms(0, True), eager.ms(32, False, 36, 5), eager.ms(32, True, 44, 5)) == (3.0, 6.0, 20.0)
+    assert (eager.ms(32, False, 48, 5), eager.ms(32, False, 36, 17)) == (20.0, 20.0)
     alone = sim_serving.simulate(model, concurrency=1, num_requests=3, input_len=64, output_len=8, k=3,
                                  acceptance=3.39, prefix_caching=False)
     assert alone["TTFT p50 ms"] == alone["TTFT mean ms"] == 11.0
@@ -601,3 +607,9 @@ def test_serving_simulation_through_the_real_scheduler(capsys):
                       "--max-num-batched-tokens", "64", "--max-num-seqs", "2", "--num-pages", "12",
                       "--num-checkpoints", "1"])
     assert "TTFT p50 ms" in capsys.readouterr().out
+    # short prompts beside verifying rows, eager launches modelled: with prefill graphs the scheduler drops those
+    # steps' drafts and they replay; without any (graph_tokens 1) each is launched eagerly with its drafts
+    short = dict(concurrency=4, num_requests=12, input_len=16, output_len=24, k=3, acceptance=3.39)
+    slow_host = sim_serving.StepModel(3.0, 1.0, 10.0, 64, eager_ms=40.0)
+    assert sim_serving.simulate(slow_host, **short)["total tok/s"] > \
+        sim_serving.simulate(dataclasses.replace(slow_host, graph_tokens=1), **short)["total tok/s"]
