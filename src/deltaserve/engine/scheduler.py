@@ -415,8 +415,9 @@ class Scheduler:
         """A verify step that carries prompt chunks, which would replay a varlen CUDA graph without its drafts. No
         graph is keyed by such a step: launched from Python it costs the host ~35 ms more than its kernels on
         35B-A3B (a 1,024-token chunk, H100) and more on 27B, while its drafts save the batch about 0.7 of a verify
-        step (~20 ms; 1 - 1 / the acceptance length of 3.39). Long chunks run eagerly either way and keep their
-        drafts. (Prompt logprobs also run eagerly: such a step keeps them too.)"""
+        step (~20 ms; 1 - 1 / the acceptance length of 3.39). Served on 27B (H100, 512-token prompts, 16 clients),
+        dropping them gave +16% throughput (benchmarks/RESULTS.md, 2026-12-07). Long chunks run eagerly either way
+        and keep their drafts. (Prompt logprobs also run eagerly: such a step keeps them too.)"""
         if self._varlen_step_replays is None:
             return False
         chunks = [s for s in scheduled if not s.draft_token_ids]
