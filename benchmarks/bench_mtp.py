@@ -48,26 +48,35 @@ PUBLISHED_AL = {1: 1.93, 2: 2.73, 3: 3.39, 4: 3.97}
 
 def _time(fn, *, warmup: int = 5, reps: int = 30) -> float:
     """Median milliseconds of fn() (CUDA events around each call; the wall clock without a GPU)."""
-    if not torch.cuda.is_available():
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
+    return _time_each({"": fn}, warmup=warmup, reps=reps)[""]
+
+
+def _time_each(fns: dict, *, warmup: int = 5, reps: int = 30) -> dict:
+    """Median milliseconds of each fn(), timed in turns (a call of each per round), so that a drift of the card's
+    clocks or of the host over the run weighs on every one alike."""
+    for fn in fns.values():
+        for _ in range(warmup if torch.cuda.is_available() else 1):
             fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return float(np.median(times))
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
+    times: dict = {label: [] for label in fns}
     for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        for label, fn in fns.items():
+            times[label].append(_once(fn))
+    return {label: float(np.median(t)) for label, t in times.items()}
+
+
+def _once(fn) -> float:
+    """Milliseconds of one fn() call: CUDA events around it (the GPU idle before), the wall clock without a GPU."""
+    if not torch.cuda.is_available():
+        start = time.perf_counter()
         fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return float(np.median(times))
+        return (time.perf_counter() - start) * 1e3
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def _print_kernel_tables(model, cache, steps: dict) -> None:
@@ -235,8 +244,10 @@ def prompt_step(name: str, model, batch: int, k: int, context: int, prompt_len: 
     assert upload_step(verifying, page_size=PAGE, device=dev).batch.mixed is not None
     mixed = forward(verifying).float()
     parts = torch.cat([forward(step(rows, 1 + k, False)), forward(alone)]).float()
-    ms = {label: _time(lambda s=s: forward(s), warmup=2, reps=reps)
-          for label, s in (("prompt alone", alone), ("+ decode rows", decoding), ("+ verify rows", verifying))}
+    ms = _time_each({label: lambda s=s: forward(s) for label, s in (("prompt alone", alone),
+                                                                    ("+ decode rows", decoding),
+                                                                    ("+ verify rows", verifying))},
+                    warmup=2, reps=reps)
     al = PUBLISHED_AL[k]
     extra = ms["+ verify rows"] - ms["+ decode rows"]
     return {"model": name, "batch": batch, "K": k, "context": context, "prompt": prompt_len,
