@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 import pytest
 
@@ -613,3 +615,27 @@ def test_serving_simulation_through_the_real_scheduler(capsys):
     slow_host = sim_serving.StepModel(3.0, 1.0, 10.0, 64, eager_ms=40.0)
     assert sim_serving.simulate(slow_host, **short)["total tok/s"] > \
         sim_serving.simulate(dataclasses.replace(slow_host, graph_tokens=1), **short)["total tok/s"]
+
+
+def test_serve_ab_serves_each_tree_in_turn(tmp_path, capsys):
+    """serve_ab: a server per tree (here the same tree twice, the tiny shape on CPU), each driven by serve_load, the
+    figures side by side with ratios against the first; bad arguments fail before any server starts."""
+    from benchmarks import serve_ab
+
+    src = str(Path(__file__).resolve().parent.parent / "src")
+    common = ["--model", "tiny", "--max-model-len", "256", "--server-args", "--device cpu --max-num-seqs 2",
+              "--port", str(_closed_port()), "--log-dir", str(tmp_path)]
+    load = ["--load-args", "--input-len 16 --output-len 4 --concurrency 1 --num-requests 2 --warmup 0"]
+    runs = serve_ab.main(["--tree", f"a={src}", "--tree", f"b={src}", *common, *load,
+                          "--json-out", str(tmp_path / "ab.json")])
+    assert [(name, i) for name, i, _ in runs] == [("a", 0), ("b", 1)]
+    assert all(s["total_tok_s"] > 0 and s["requests_ok"] == 2 for _, _, s in runs)
+    out = capsys.readouterr().out
+    assert "tok/s ratio" in out and out.count("KV cache (float32)") == 2
+    assert [r["tree"] for r in json.loads((tmp_path / "ab.json").read_text())["runs"]] == ["a", "b"]
+    with pytest.raises(SystemExit):
+        serve_ab.main(["--tree", f"a={tmp_path}", *common, *load])  # no deltaserve package there
+    assert "holds no deltaserve package" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve_ab.main(["--tree", f"a={src}", *common, "--load-args", "--concurrency 1 2"])
+    assert "needs one --concurrency value" in capsys.readouterr().err
