@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, dict]]:
                     help="a tree's src directory (repeat: the first is the baseline)")
     where = ap.add_mutually_exclusive_group(required=True)
     where.add_argument("--model", choices=sorted(SHAPES), help="a published shape, served with dummy weights")
-    where.add_argument("--model-dir", help="a model directory (config.json and tokenizer), served with dummy weights")
+    where.add_argument("--model-dir", help="a model directory (config.json and tokenizer): dummy weights, or its own "
+                       "with --server-args '--load-format auto' (the later option wins)")
     ap.add_argument("--max-model-len", type=int, default=10240)
     ap.add_argument("--server-args", default="", help="more `deltaserve serve` options, one string")
     ap.add_argument("--load-args", default="--preset published-8k1k --concurrency 16",
