@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import positive_int
+from benchmarks.common import positive_int, wait_up
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -225,22 +225,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_up(url: str, proc: subprocess.Popen, timeout: float = 900) -> None:  # a GPU server may take minutes
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited with {proc.returncode} before answering")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"the server did not answer /health within {timeout:.0f} s")
 
 
 def served(args: argparse.Namespace, interval_ms: float) -> dict[str, float]:

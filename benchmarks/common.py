@@ -6,8 +6,11 @@ import argparse
 import contextlib
 import functools
 import platform
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -175,6 +178,30 @@ def moe_blocked_tiles(tiles: tuple) -> Iterator[None]:
         yield
     finally:
         blocked.TILES = saved
+
+
+def wait_up(url: str, proc: subprocess.Popen, timeout: float = 900, log: Path | None = None) -> float:
+    """Seconds until the server at url answers GET /health (a GPU server may take minutes); exits naming what went
+    wrong, with the end of the server's log where given, if it dies first or the time runs out."""
+    import httpx
+
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited with {proc.returncode} before answering{_log_end(log)}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"the server did not answer /health within {timeout:.0f} s{_log_end(log)}")
+
+
+def _log_end(log: Path | None, lines: int = 20) -> str:
+    if log is None:
+        return ""
+    return f"; its log ({log}) ends:\n" + "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
 
 
 def header(command: str) -> str:

@@ -25,14 +25,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import SHAPES, table  # noqa: E402
+from benchmarks.common import SHAPES, table, wait_up  # noqa: E402
 
 # the figures the summary shows, from serve_load's stats
 FIGURES = ("total_tok_s", "ttft_ms_p50", "ttft_ms_mean", "tpot_ms_p50", "tpot_ms_mean", "itl_ms_p99", "duration_s")
@@ -47,25 +45,6 @@ def parse_tree(text: str) -> tuple[str, Path]:
         raise argparse.ArgumentTypeError(f"--tree {text}: {path} holds no deltaserve package (give the tree's src "
                                          f"directory)")
     return name, Path(path).resolve()
-
-
-def wait_healthy(url: str, server: subprocess.Popen, log: Path, timeout_s: float) -> float:
-    """Seconds until GET /health answers; raises if the server exits or the time runs out (naming its log)."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if server.poll() is not None:
-            raise RuntimeError(f"the server exited with code {server.returncode} before answering; its log "
-                               f"({log}) ends:\n{tail(log)}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2):
-                return time.monotonic() - start
-        except OSError:
-            time.sleep(0.5)
-    raise RuntimeError(f"the server did not answer /health within {timeout_s:.0f} s; its log ({log}) ends:\n{tail(log)}")
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 def stop(server: subprocess.Popen) -> None:
@@ -93,7 +72,7 @@ def serve_and_drive(name: str, tree: Path, model_dir: Path, args: argparse.Names
         server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{args.port}"
-        up = wait_healthy(url, server, log, args.startup_timeout)
+        up = wait_up(url, server, args.startup_timeout, log)
         print(f"== {name} ({tree}): up after {up:.0f} s; {plan_line(log)}", flush=True)
         (stats,) = serve_load.main(["--url", url, *shlex.split(args.load_args)])
     finally:
