@@ -344,6 +344,14 @@ def test_quantized_decode_interpreted(fmt):
                  num_splits=2, kv_dtype=KV_FORMATS[fmt])
 
 
+@pytest.mark.parametrize("fmt", [None, "int4"])
+def test_decode_pages_longer_than_a_tile_interpreted(fmt):
+    # 32-token pages against the interpreter's 16-token tiles: a tile starts mid-page (the kernel's other
+    # addressing branch); a split ends mid-tile
+    check_decode([45, 3], (4, 2), D, 32, torch.bfloat16, "cpu", torch.Generator().manual_seed(23), num_splits=2,
+                 kv_dtype=KV_FORMATS.get(fmt))
+
+
 @pytest.mark.parametrize("fmt", list(KV_FORMATS))
 def test_quantized_decode_planes_interpreted(fmt, monkeypatch):
     """The PLANES variant's split into even and odd head dims (q, K, V, the output; int4's odd planes scaled by 16).

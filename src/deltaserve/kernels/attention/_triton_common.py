@@ -142,14 +142,17 @@ def _planes_ptx(x, t_mask, ptx: tl.constexpr, PACK: tl.constexpr, IN_REGS: tl.co
 
 
 @triton.jit
-def _load_planes(c_ptr, rows, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr,
+def _load_planes(c_ptr, rows, words, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_D: tl.constexpr, IN_REGS: tl.constexpr):
-    """BLOCK_N quantized head vectors (element offsets rows) as two [BLOCK_N, BLOCK_D // 2] planes in out_ty: even
-    dims and odd dims, unscaled; int4's odd plane is 16 (q - 8). Masked bytes read 0 (cp.async fills zeros for free,
-    another value costs a select per byte): the caller gives those tokens -inf scores (p = 0) and those dims a zero
-    q, so the value never counts."""
+    """BLOCK_N quantized head vectors (offsets rows in bytes, words = rows // 2 in 16-bit words) as two
+    [BLOCK_N, BLOCK_D // 2] planes in out_ty: even dims and odd dims, unscaled; int4's odd plane is 16 (q - 8).
+    Masked tokens get p = 0 from the caller, and their block-table load points them at a page of the pool: int8 and
+    int4 bytes are finite whatever they hold, so their tokens are not masked (as _load_words); fp8 ones are (a
+    stale byte may be NaN, and 0 * NaN is NaN). Masked bytes read 0 (cp.async fills zeros for free, another value
+    costs a select per byte); dims past HEAD_DIM meet a zero q."""
     half = tl.arange(0, BLOCK_D // 2)
-    mask = t_mask[:, None] & (half < HEAD_DIM // 2)[None, :]
+    dims = (half < HEAD_DIM // 2)[None, :]
+    mask = t_mask[:, None] & dims if QUANT == 1 else dims
     if QUANT == 3:
         b = tl.load(c_ptr + rows[:, None] + half[None, :], mask=mask, other=0)
         if out_ty == tl.float16:
@@ -158,8 +161,7 @@ def _load_planes(c_ptr, rows, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr,
             b = b.to(tl.int32)
             even, odd = ((b & 15) - 8).to(out_ty), (((b >> 4) - 8) * 16).to(out_ty)
     elif out_ty == tl.float16:
-        pairs = tl.load(c_ptr.to(tl.pointer_type(tl.int16)) + (rows // 2)[:, None] + half[None, :], mask=mask,
-                        other=0)
+        pairs = tl.load(c_ptr.to(tl.pointer_type(tl.int16)) + words[:, None] + half[None, :], mask=mask, other=0)
         even, odd = _planes_ptx(pairs, t_mask, _FP8_PLANES_PTX if QUANT == 1 else _INT8_PLANES_PTX, 2, IN_REGS)
     else:
         even = tl.load(c_ptr + rows[:, None] + 2 * half[None, :], mask=mask, other=0.0).to(out_ty)
@@ -168,18 +170,23 @@ def _load_planes(c_ptr, rows, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr,
 
 
 @triton.jit
-def _load_words(c_ptr, rows, t_mask, out_ty: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+def _load_words(c_ptr, words, t_mask, out_ty: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 IN_REGS: tl.constexpr, DENORM: tl.constexpr = False):
-    """BLOCK_N int4 head vectors (element offsets rows, even) as four [BLOCK_N, BLOCK_D // 4] planes in out_ty, head
-    dims 4i, 4i+1, 4i+2, 4i+3, unscaled q - 8. Compiled with fp16 out_ty: read as 16-bit words and converted by
-    _INT4_WORDS_PTX (IN_REGS as in _planes_ptx); otherwise (the interpreter) from the bytes. Masked words read 0
-    (-8 in every plane): the caller gives those tokens p = 0 and those dims a zero q. DENORM: the stored nibbles n
-    instead, as n * 2^-24 (planes 0, 2) and 16 n * 2^-24 (planes 1, 3): _INT4_WORDS_DENORM_PTX."""
+    """BLOCK_N int4 head vectors (offsets words, in 16-bit words) as four [BLOCK_N, BLOCK_D // 4] planes in out_ty,
+    head dims 4i, 4i+1, 4i+2, 4i+3, unscaled q - 8. Compiled with fp16 out_ty: read as 16-bit words and converted by
+    _INT4_WORDS_PTX (IN_REGS as in _planes_ptx); otherwise (the interpreter) from the bytes. Tokens are not masked:
+    the caller points a masked token at a page of the pool (its block-table load reads page 0) and gives it p = 0,
+    and any byte is a finite int4 pair, so the product is 0 (saves the mask's selects on every load); dims past
+    HEAD_DIM read 0 (-8 in every plane) against a zero q. DENORM: the stored nibbles n instead, as n * 2^-24 (planes
+    0, 2) and 16 n * 2^-24 (planes 1, 3): _INT4_WORDS_DENORM_PTX."""
     quarter = tl.arange(0, BLOCK_D // 4)
-    mask = t_mask[:, None] & (quarter < HEAD_DIM // 4)[None, :]
+    dims = (quarter < HEAD_DIM // 4)[None, :]
     if out_ty == tl.float16:
-        w = tl.load(c_ptr.to(tl.pointer_type(tl.int16)) + (rows // 2)[:, None] + quarter[None, :], mask=mask,
-                    other=0)
+        ptrs = c_ptr.to(tl.pointer_type(tl.int16)) + words[:, None] + quarter[None, :]
+        if HEAD_DIM == BLOCK_D:
+            w = tl.load(ptrs)
+        else:
+            w = tl.load(ptrs, mask=dims, other=0)
         ptx: tl.constexpr = _INT4_WORDS_DENORM_PTX if DENORM else _INT4_WORDS_PTX
         f16x4: tl.constexpr = (tl.float16, tl.float16, tl.float16, tl.float16)
         if IN_REGS:
@@ -189,8 +196,9 @@ def _load_words(c_ptr, rows, t_mask, out_ty: tl.constexpr, HEAD_DIM: tl.constexp
         else:
             p0, p1, p2, p3 = tl.inline_asm_elementwise(ptx, "=r,=r,=r,=r,r", [w], dtype=f16x4, is_pure=True, pack=2)
     else:
-        lo = tl.load(c_ptr + rows[:, None] + 2 * quarter[None, :], mask=mask, other=0).to(tl.int32)
-        hi = tl.load(c_ptr + rows[:, None] + 2 * quarter[None, :] + 1, mask=mask, other=0).to(tl.int32)
+        rows = 2 * words
+        lo = tl.load(c_ptr + rows[:, None] + 2 * quarter[None, :], mask=dims, other=0).to(tl.int32)
+        hi = tl.load(c_ptr + rows[:, None] + 2 * quarter[None, :] + 1, mask=dims, other=0).to(tl.int32)
         if DENORM:
             tiny: tl.constexpr = 2.0**-24
             p0, p1 = ((lo & 15).to(tl.float32) * tiny).to(out_ty), ((lo & 0xF0).to(tl.float32) * tiny).to(out_ty)

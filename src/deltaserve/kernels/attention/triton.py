@@ -244,4 +244,5 @@ def qk_norm_rope_write_kv(
 
 
 __all__ = ["DECODE_CONFIG", "MULTI_TOKEN_DECODE_CONFIG", "QUANT_DECODE_CONFIG", "PREFILL_CONFIG", "decode_into",
-           "decode_num_splits", "paged_attention_decode", "paged_attention_prefill", "prefill_into", "qk_norm_rope_write_kv", "write_kv"]
+           "decode_num_splits", "paged_attention_decode", "paged_attention_prefill", "prefill_into",
+           "qk_norm_rope_write_kv", "write_kv"]

@@ -144,10 +144,20 @@ def _decode_split_kernel(
         t_mask = tok < hi
         # helpers are inlined by hand on the unquantized path: each nested jit call costs milliseconds in the
         # interpreter
-        page = tl.load(bt_row + tok // PAGE_SIZE, mask=t_mask, other=0).to(tl.int64)
-        in_page = tok % PAGE_SIZE
-        k_rows = page * stride_kp + in_page * stride_ks + g * stride_kh
-        v_rows = page * stride_vp + in_page * stride_vs + g * stride_vh
+        if BLOCK_N % PAGE_SIZE == 0:
+            # the tile starts on a page boundary (lo is a multiple of BLOCK_N), so a token's offset in its page and
+            # the part of its address that does not depend on the page are the same every tile: the loop computes
+            # one product per page, not a signed division, a remainder and three 64-bit products per token
+            page = tl.load(bt_row + start // PAGE_SIZE + offs_n // PAGE_SIZE, mask=t_mask, other=0)
+            in_page = offs_n % PAGE_SIZE
+        else:
+            page = tl.load(bt_row + tok // PAGE_SIZE, mask=t_mask, other=0)
+            in_page = tok % PAGE_SIZE
+        # page ids and page strides are not negative: widened as unsigned, a page's offset is one 32 x 32 -> 64-bit
+        # product (sign-extended: three more multiplies per load)
+        page = _widen(page)
+        k_rows = page * _widen(stride_kp) + (in_page * stride_ks + g * stride_kh)
+        v_rows = page * _widen(stride_vp) + (in_page * stride_vs + g * stride_vh)
         if QUANT == 0:
             kv_mask = t_mask[:, None] & d_mask[None, :]
             k = tl.load(kc_ptr + k_rows[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -157,10 +167,13 @@ def _decode_split_kernel(
                 v = v.to(tl.float32)
             scores = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         else:
+            # offsets in 16-bit words (the strides of paired bytes are even), for the loads that read words
+            k_words = page * _widen(stride_kp // 2) + (in_page * stride_ks + g * stride_kh) // 2
+            v_words = page * _widen(stride_vp // 2) + (in_page * stride_vs + g * stride_vh) // 2
             if WORDS:
-                k, k_hi, k_2, k_3 = _load_words(kc_ptr, k_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, False,
+                k, k_hi, k_2, k_3 = _load_words(kc_ptr, k_words, t_mask, q.dtype, HEAD_DIM, BLOCK_D, False,
                                                 WORDS == 2)
-                v, v_hi, v_2, v_3 = _load_words(vc_ptr, v_rows, t_mask, q.dtype, HEAD_DIM, BLOCK_D, V_REGS)
+                v, v_hi, v_2, v_3 = _load_words(vc_ptr, v_words, t_mask, q.dtype, HEAD_DIM, BLOCK_D, V_REGS)
                 if WORDS == 2:  # planes 1 and 3 are 16 n 2^-24, 0 and 2 n 2^-24 (n = q + 8)
                     scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
                     scores = tl.dot(q_3, tl.trans(k_3), scores, input_precision=PREC)
@@ -171,8 +184,8 @@ def _decode_split_kernel(
                     scores = tl.dot(q_2, tl.trans(k_2), scores, input_precision=PREC)
                     scores = tl.dot(q_3, tl.trans(k_3), scores, input_precision=PREC)
             elif PLANES:
-                k, k_hi = _load_planes(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False)
-                v, v_hi = _load_planes(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, V_REGS)
+                k, k_hi = _load_planes(kc_ptr, k_rows, k_words, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False)
+                v, v_hi = _load_planes(vc_ptr, v_rows, v_words, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, V_REGS)
                 scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
                 if QUANT == 3:
                     scores = scores * 0.0625  # two-plane int4's k_hi is 16 (q - 8)
@@ -180,7 +193,7 @@ def _decode_split_kernel(
                 k = _load_quantized(kc_ptr, k_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
                 v = _load_quantized(vc_ptr, v_rows, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_N, BLOCK_D)
                 scores = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
-            s_rows = page * stride_sp + in_page * stride_ss + g
+            s_rows = page * _widen(stride_sp) + (in_page * stride_ss + g)
             k_sc = tl.load(ks_ptr + s_rows, mask=t_mask, other=0.0)
             v_sc = tl.load(vs_ptr + s_rows, mask=t_mask, other=0.0)
             scores = tl.dot(q, tl.trans(k), scores, input_precision=PREC) * (k_sc * k_scale_mul)[None, :]
@@ -225,6 +238,12 @@ def _decode_split_kernel(
     if WORDS:
         tl.store(o_cols + 2, acc_2 / denom, mask=h_mask[:, None] & d_mask[None, :])
         tl.store(o_cols + 3, acc_3 / denom, mask=h_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _widen(x):
+    """A non-negative int32 as int64, zero-extended."""
+    return x.to(tl.uint32).to(tl.int64)
 
 
 @triton.jit
