@@ -209,6 +209,25 @@ VERIFY_CASES = [("bf16 pages", 0, 64, 4, 3, 0, 0, 0), ("fp8 PLANES", 1, 128, 4, 
                 ("int4 PLANES V_REGS", 3, 128, 4, 3, 1, 1, 1)]
 
 
+def prefill_rows() -> list[dict]:
+    """The prefill kernel (PREFILL_CONFIG's tile, 27B heads, 16-token pages) per page format: its longest loop's
+    SASS (20 HGMMA a tile on sm_90a: the dots are wgmma, which loop HMMA does not count)."""
+    from deltaserve.kernels.attention import triton_prefill
+
+    cfg = triton_prefill.PREFILL_CONFIG
+    rows = []
+    for label, code in (("bf16 pages", 0), ("fp8 pages", 1), ("int4 pages", 3)):
+        types = {"q_ptr": "*bf16", "kc_ptr": _PAGES[code], "vc_ptr": _PAGES[code], "ks_ptr": "*fp32",
+                 "vs_ptr": "*fp32", "o_ptr": "*bf16", "cu_q_ptr": "*i32", "cu_tiles_ptr": "*i32",
+                 "seq_lens_ptr": "*i32", "bt_ptr": "*i32", "qk_scale": "fp32"}
+        consts = dict(GROUP=6, HEAD_DIM=256, PAGE_SIZE=16, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+                      BLOCK_D=256, BLOCK_SEQ=16, UPCAST=False, PREC="tf32", QUANT=code)
+        r = compile_one(triton_prefill._prefill_kernel, types, consts, cfg["num_warps"], cfg["num_stages"], loop=True)
+        rows.append({"kernel": f"prefill {label}, {cfg['BLOCK_M']} x {cfg['BLOCK_N']}, {cfg['num_warps']} warps",
+                     **{k: r[k] for k in ("registers", "spill store bytes", "loop SASS", "loop LDL/STL")}})
+    return rows
+
+
 def verify_rows() -> list[dict]:
     rows = []
     for model, group in (("27B", 6), ("9B", 4)):
@@ -255,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     print(table(decode_rows()))
     print()
     print(table(verify_rows()))
+    print()
+    print(table(prefill_rows()))
 
 
 if __name__ == "__main__":

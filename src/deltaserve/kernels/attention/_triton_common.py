@@ -13,6 +13,13 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _widen(x):
+    """A non-negative int32 as int64, zero-extended: a page id times a page stride is then one 32 x 32 -> 64-bit
+    product (sign-extended operands take three more multiplies)."""
+    return x.to(tl.uint32).to(tl.int64)
+
+
+@triton.jit
 def _load_quantized(c_ptr, rows, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """The stored values (unscaled) of BLOCK_N quantized head vectors starting at element offsets rows ([BLOCK_N]),

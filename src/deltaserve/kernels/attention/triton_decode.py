@@ -12,7 +12,7 @@ from deltaserve.kernels._device import num_sms, pdl_launch
 from deltaserve.kernels._pdl import wait_then_release
 from deltaserve.kernels.attention._triton_common import (_LOG2E, _check_heads, _check_last_dim, _config,
                                                         _kv_quant, _load_planes, _load_quantized, _load_words,
-                                                        _precision)
+                                                        _precision, _widen)
 
 # Tile config for CUDA; module-level so benchmarks/bench_attention.py can sweep it. From that sweep
 # (benchmarks/RESULTS.md, 2026-11-27, bench_attention.py): configs within 10% of each other at batch 64; more
@@ -238,12 +238,6 @@ def _decode_split_kernel(
     if WORDS:
         tl.store(o_cols + 2, acc_2 / denom, mask=h_mask[:, None] & d_mask[None, :])
         tl.store(o_cols + 3, acc_3 / denom, mask=h_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _widen(x):
-    """A non-negative int32 as int64, zero-extended."""
-    return x.to(tl.uint32).to(tl.int64)
 
 
 @triton.jit
