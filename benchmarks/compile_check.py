@@ -7,9 +7,11 @@ come out pessimistic). A check before a device call, not a timing.
 For the decode kernel a second table counts the SASS of its KV-tile loop (cuobjdump, also shipped with Triton): per
 warp and tile, and over all the tile's warps per byte of K/V it reads ("warp-instr / KV byte"). An H200 SM gets
 about 18 bytes of HBM per cycle and issues at most 4 warp-instructions per cycle: past 0.22 per byte the loop cannot
-keep up with memory even at full issue, and in practice the line is nearer 0.1 (bf16 pages: 0.07 and 85-100% of copy
-bandwidth; fp8 pages: 0.20 and 36-54%, benchmarks/RESULTS.md). A third table gives the same counts for the decode
-kernel serving verify rows (tokens_per_row T: T x the GQA group as the tile's rows).
+keep up with memory even at full issue, and in practice the line is nearer 0.1 (2026-12-04: bf16 pages 0.07 and
+85-100% of copy bandwidth, fp8 pages 0.20 and 36-54%; 2026-12-07: int4 pages 0.155 -> 0.126 and 57% -> 68%, int8
+0.109 -> 0.083 and 79% -> 90%, benchmarks/RESULTS.md). A third table gives the same counts for the decode kernel
+serving verify rows (tokens_per_row T: T x the GQA group as the tile's rows), a fourth for the prefill kernel's loop
+(its dots are wgmma, HGMMA in the SASS, which the HMMA column does not count).
 
 PYTHONPATH=src:. python3 benchmarks/compile_check.py
 """
@@ -211,7 +213,7 @@ VERIFY_CASES = [("bf16 pages", 0, 64, 4, 3, 0, 0, 0), ("fp8 PLANES", 1, 128, 4, 
 
 def prefill_rows() -> list[dict]:
     """The prefill kernel (PREFILL_CONFIG's tile, 27B heads, 16-token pages) per page format: its longest loop's
-    SASS (20 HGMMA a tile on sm_90a: the dots are wgmma, which loop HMMA does not count)."""
+    SASS (20 HGMMA a tile on sm_90a)."""
     from deltaserve.kernels.attention import triton_prefill
 
     cfg = triton_prefill.PREFILL_CONFIG

@@ -344,10 +344,13 @@ def test_quantized_decode_interpreted(fmt):
                  num_splits=2, kv_dtype=KV_FORMATS[fmt])
 
 
-@pytest.mark.parametrize("fmt", [None, "int4"])
-def test_decode_pages_longer_than_a_tile_interpreted(fmt):
-    # 32-token pages against the interpreter's 16-token tiles: a tile starts mid-page (the kernel's other
-    # addressing branch); a split ends mid-tile
+@pytest.mark.parametrize("fmt,variant", [(None, {}), ("int4", {}), ("int8", {"PLANES": 1}),
+                                         ("int4", {"PLANES": 1, "INT4_WORDS": 2})])
+def test_decode_pages_longer_than_a_tile_interpreted(fmt, variant, monkeypatch):
+    """32-token pages against the interpreter's 16-token tiles: a tile starts mid-page (the kernel's per-token
+    addressing branch); a split ends mid-tile, so the planes and words paths read their masked tokens unmasked."""
+    from deltaserve.kernels.attention import triton_decode
+    monkeypatch.setattr(triton_decode, "_INTERPRET_DECODE", {**triton_decode._INTERPRET_DECODE, **variant})
     check_decode([45, 3], (4, 2), D, 32, torch.bfloat16, "cpu", torch.Generator().manual_seed(23), num_splits=2,
                  kv_dtype=KV_FORMATS.get(fmt))
 

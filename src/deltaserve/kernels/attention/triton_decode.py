@@ -28,11 +28,12 @@ DECODE_CONFIG: dict[str, int] = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3,
 # PLANES (0/1, any quantized format; implies fp16 dots): K, V, q and the output split into two planes, even and odd head
 # dims, the pages converted by PTX (_triton_common.py says why and how): for sm_90a the tile loop's SASS per KV byte
 # read drops from 0.20 to 0.13 warp-instructions (fp8), 0.25 to 0.15 (int8), 0.40 to 0.24 (int4, with V_REGS) against
-# 0.07 for bf16 pages (benchmarks/compile_check.py). V_REGS (0/1, with PLANES): V converted in its load layout, then
-# through shared memory as fp16 (matters for int4). Timed on the H200 (RESULTS.md, 2026-12-03, commit b4055ff, 27B
-# heads, N=32 L=32k / N=8 L=128k, CUDA graphs): fp8 PLANES with BLOCK_N 128 / 4 warps 75% / 71% of copy bandwidth (the
-# previous default 47% / 42%), 1.63x / 1.71x the bf16 pages' time; int8 PLANES (BLOCK_N 64) 58% / 50% (was 46% / 39%),
-# int4 PLANES V_REGS 34% / 30% (was 22% / 19%).
+# 0.07 for bf16 pages (benchmarks/compile_check.py; these and the figures below are of their dates: the addressing
+# of eadb050 took 18-36% off every loop, RESULTS.md 2026-12-07). V_REGS (0/1, with PLANES): V converted in its load
+# layout, then through shared memory as fp16 (matters for int4). Timed on the H200 (RESULTS.md, 2026-12-03, commit
+# b4055ff, 27B heads, N=32 L=32k / N=8 L=128k, CUDA graphs): fp8 PLANES with BLOCK_N 128 / 4 warps 75% / 71% of copy
+# bandwidth (the previous default 47% / 42%), 1.63x / 1.71x the bf16 pages' time; int8 PLANES (BLOCK_N 64) 58% / 50%
+# (was 46% / 39%), int4 PLANES V_REGS 34% / 30% (was 22% / 19%).
 # INT4_WORDS (int4 only, 0/1/2; implies PLANES; 2 is the default since 2026-12-04): int4 pages read as 16-bit words (4
 # head dims each) into four planes, dims 4i + j, converted by _INT4_WORDS_PTX (1: magic-number lop3 + sub/fma, exact)
 # or with K as fp16 subnormals (2: one AND per plane register, the +8 offset removed as 8 * sum(q) per head in the
@@ -146,16 +147,15 @@ def _decode_split_kernel(
         # interpreter
         if BLOCK_N % PAGE_SIZE == 0:
             # the tile starts on a page boundary (lo is a multiple of BLOCK_N), so a token's offset in its page and
-            # the part of its address that does not depend on the page are the same every tile: the loop computes
-            # one product per page, not a signed division, a remainder and three 64-bit products per token
+            # the part of its address that does not depend on the page are the same every tile: per token the loop
+            # keeps one 32 x 32 -> 64-bit product (page id x page stride), where it computed a signed division, a
+            # remainder and three 64-bit products
             page = tl.load(bt_row + start // PAGE_SIZE + offs_n // PAGE_SIZE, mask=t_mask, other=0)
             in_page = offs_n % PAGE_SIZE
         else:
             page = tl.load(bt_row + tok // PAGE_SIZE, mask=t_mask, other=0)
             in_page = tok % PAGE_SIZE
-        # page ids and page strides are not negative: widened as unsigned, a page's offset is one 32 x 32 -> 64-bit
-        # product (sign-extended: three more multiplies per load)
-        page = _widen(page)
+        page = _widen(page)  # page ids and page strides are not negative (decode_into checks the strides)
         k_rows = page * _widen(stride_kp) + (in_page * stride_ks + g * stride_kh)
         v_rows = page * _widen(stride_vp) + (in_page * stride_vs + g * stride_vh)
         if QUANT == 0:
@@ -360,6 +360,9 @@ def decode_into(
     _check_last_dim(q, k_cache, v_cache, out)
     _check_heads(q, k_cache)
     quant, ks, vs, stride_sp, stride_ss = _kv_quant(k_cache, v_cache, k_scale, v_scale, D, q)
+    if max(k_cache.stride(0), v_cache.stride(0), stride_sp or 0) >= 2**31:  # the kernel widens them as uint32
+        raise ValueError(f"a KV page spans {max(k_cache.stride(0), v_cache.stride(0))} elements; the decode kernel "
+                         f"takes pages of fewer than 2^31 (use a smaller page_size)")
     group = Hq // Hkv
     block_h = _tile_rows(group, T)
     if num_splits is None:
