@@ -55,6 +55,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def parse_tree(text: str) -> tuple[str, Path]:
+    """argparse type of --tree NAME=PATH (serve_ab.py, tree_ab.py): a name and a directory holding deltaserve."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--tree takes NAME=PATH (a directory holding the deltaserve package, e.g. "
+                                         f"after=src), got {text!r}")
+    if not (Path(path) / "deltaserve" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"--tree {text}: {path} holds no deltaserve package (give the tree's src "
+                                         f"directory)")
+    return name, Path(path).resolve()
+
+
 def require_cuda(script: str, *, fla: bool = False, cpu_alternative: str = "") -> None:
     """Stops a GPU-only benchmark in one line on a machine without CUDA (or without fla-core where it times fla),
     before it fails deep inside torch with "Torch not compiled with CUDA enabled" or an ImportError."""

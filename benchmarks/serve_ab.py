@@ -30,21 +30,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import SHAPES, table, wait_up  # noqa: E402
+from benchmarks.common import SHAPES, parse_tree, table, wait_up  # noqa: E402
 
 # the figures the summary shows, from serve_load's stats
 FIGURES = ("total_tok_s", "ttft_ms_p50", "ttft_ms_mean", "tpot_ms_p50", "tpot_ms_mean", "itl_ms_p99", "duration_s")
-
-
-def parse_tree(text: str) -> tuple[str, Path]:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"--tree takes NAME=PATH (a directory holding the deltaserve package, e.g. "
-                                         f"after=src), got {text!r}")
-    if not (Path(path) / "deltaserve" / "__init__.py").is_file():
-        raise argparse.ArgumentTypeError(f"--tree {text}: {path} holds no deltaserve package (give the tree's src "
-                                         f"directory)")
-    return name, Path(path).resolve()
 
 
 def stop(server: subprocess.Popen) -> None:

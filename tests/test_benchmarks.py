@@ -640,3 +640,35 @@ def test_serve_ab_serves_each_tree_in_turn(tmp_path, capsys):
     with pytest.raises(SystemExit):
         serve_ab.main(["--tree", f"a={src}", *common, "--load-args", "--concurrency 1 2"])
     assert "needs one --concurrency value" in capsys.readouterr().err
+
+
+def test_tree_ab_runs_a_command_under_each_tree_and_checks_what_it_imported(tmp_path, capsys):
+    """tree_ab: the command once per tree (and back with --rounds 2), each run's matching lines under its tree's name;
+    a run whose script put another deltaserve first on sys.path is flagged and fails the command; bad arguments fail
+    before any run."""
+    from benchmarks import tree_ab
+
+    src = Path(__file__).resolve().parent.parent / "src"
+    script = tmp_path / "bench.py"
+    script.write_text("import sys\nimport deltaserve\nprint('row', deltaserve.__name__, sys.argv[1:])\nprint('noise')\n")
+    runs = tree_ab.main(["--tree", f"a={src}", "--tree", f"b={src}", "--rounds", "2", "--grep", "^row",
+                         "--log-dir", str(tmp_path / "logs"), "--", str(script), "--x", "1"])
+    assert [(r["tree"], r["exit"], r["own deltaserve"]) for r in runs] == [("a", 0, True), ("b", 0, True),
+                                                                           ("b", 0, True), ("a", 0, True)]
+    out = capsys.readouterr().out
+    assert out.count("row deltaserve ['--x', '1']") == 4 and "noise" not in out
+    assert "noise" in (tmp_path / "logs" / "run_3_a.log").read_text()
+    fake = tmp_path / "fake"
+    (fake / "deltaserve").mkdir(parents=True)
+    (fake / "deltaserve" / "__init__.py").write_text("")
+    sneaky = tmp_path / "sneaky.py"
+    sneaky.write_text(f"import sys\nsys.path.insert(0, {str(src)!r})\nimport deltaserve\n")
+    with pytest.raises(SystemExit):
+        tree_ab.main(["--tree", f"fake={fake}", "--", str(sneaky)])
+    assert "DID NOT RUN THE TREE'S deltaserve" in capsys.readouterr().out
+    for bad, says in ((["--tree", f"a={src}"], "give the command after --"),
+                      (["--tree", f"a={src}", "--", "no/such.py"], "is not a file"),
+                      (["--tree", f"a={src}", "--grep", "(", "--", str(script)], "is not a regular expression")):
+        with pytest.raises(SystemExit):
+            tree_ab.main(bad)
+        assert says in capsys.readouterr().err
