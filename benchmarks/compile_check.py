@@ -208,7 +208,7 @@ def decode_rows() -> list[dict]:
 # rows, 32 for 27B at T = 3..5, 16 for 9B up to T = 4), with 4 warps (the decode tile) and the warps
 # MULTI_TOKEN_DECODE_CONFIG gives the tile's rows
 VERIFY_CASES = [("bf16 pages", 0, 64, 4, 3, 0, 0, 0), ("fp8 PLANES", 1, 128, 4, 3, 1, 1, 0),
-                ("int4 PLANES V_REGS", 3, 128, 4, 3, 1, 1, 1)]
+                ("int4 INT4_WORDS 2", 3, 128, 4, 3, 1, 1, 0, 2)]
 
 
 def prefill_rows() -> list[dict]:
