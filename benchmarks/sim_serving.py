@@ -35,6 +35,7 @@ import statistics
 from dataclasses import dataclass
 
 from benchmarks.common import positive_int
+from deltaserve.engine.varlen_graph import ROW_SIZES  # the prefill graphs' row counts
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ class StepModel:
     budget: int
     verify_extra_ms: float | None = None  # verifying beside prompt tokens, over decoding there (None: the difference)
     eager_ms: float | None = None  # the least a step without a CUDA graph takes (host launches); None: not modelled
-    graph_tokens: int = 4096       # prefill graphs for steps of fewer tokens than this (and at most GRAPH_ROWS rows)
+    graph_tokens: int = 4096       # prefill graphs for steps of fewer tokens than this (and at most ROW_SIZES[-1] rows)
 
     def ms(self, prefill_tokens: int, verify: bool, tokens: int | None = None, rows: int = 0) -> float:
         """A step's time; tokens (all of them, drafts included) and rows decide whether a step with prompt tokens
@@ -60,10 +61,7 @@ class StepModel:
 
     def replays(self, rows: int, tokens: int) -> bool:
         """Whether a plain step with prompt tokens of this shape replays a prefill graph (the runner's rule)."""
-        return rows <= GRAPH_ROWS and tokens < self.graph_tokens
-
-
-GRAPH_ROWS = 16  # the most rows a prefill graph takes (varlen_graph.ROW_SIZES)
+        return rows <= ROW_SIZES[-1] and tokens < self.graph_tokens
 
 
 def keep_probability(k: int, acceptance: float) -> float:

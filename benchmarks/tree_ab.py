@@ -31,7 +31,7 @@ from benchmarks.common import parse_tree, table  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 _MARK = "tree_ab: deltaserve imported from "
 # runs the command as `python SCRIPT ...` / `python -m MODULE ...` would, then says which deltaserve it imported
-_BOOT = f"""import atexit, runpy, sys
+_BOOT = f"""import atexit, os, runpy, sys
 def _say():
     m = sys.modules.get("deltaserve")
     print("{_MARK}" + (getattr(m, "__file__", None) or "(not imported)"), flush=True)
@@ -41,7 +41,7 @@ if sys.argv[1] == "-m":
     runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 else:
     sys.argv = sys.argv[1:]
-    sys.path.insert(0, __import__("os").path.dirname(__import__("os").path.abspath(sys.argv[0])))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[0])))
     runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
