@@ -1,15 +1,15 @@
 """Attention and row-wise kernels at Qwen3.5 layer shapes against the card's own ceilings and torch.
 
-Prints one table: card, versions, command; per kernel and shape the median time (triton.testing.do_bench), achieved
-GB/s against a device-to-device copy measured in the same run, for prefill TFLOP/s against a bf16 8192^3 matmul
-measured in the same run, and the same op through torch (SDPA on contiguous K/V for attention, the pure-torch
-reference for the row-wise ops). `--sweep` first times a few tile configs of the two attention kernels and keeps the
-fastest correct one. `--kv-quant` instead times decode over quantized KV pages (bf16, fp8, int8, int4; 27B heads) at
-32k and 128k contexts, against copy bandwidth over the bytes each format actually reads (pages and scales); with
-`--sweep` it first times tile configs per quantized format and keeps the fastest. `--verify` instead times a verify
-step's attention (1 + K query tokens per row, 27B heads, CUDA graphs): the one-token decode kernel, the prefill kernel
-the verify rows took before, and the decode kernel with tokens_per_row; with `--sweep` it first times tile configs of
-the latter (MULTI_TOKEN_DECODE_CONFIG) and keeps the fastest.
+Prints one table: card, versions, command; per kernel and shape the median time (triton.testing.do_bench), achieved GB/s
+against a device-to-device copy measured in the same run, for prefill TFLOP/s against a bf16 8192^3 matmul measured in
+the same run, and the same op through torch (SDPA on contiguous K/V for attention, the pure-torch reference for the
+row-wise ops). `--sweep` first times a few tile configs of the two attention kernels and keeps the fastest correct one.
+`--kv-quant` instead times decode over quantized KV pages (bf16, fp8, int8, int4; 27B heads) at 32k and 128k contexts,
+against copy bandwidth over the bytes each format actually reads (pages and scales), and the prefill kernel over pages
+of each format; with `--sweep` it first times tile configs per quantized format and keeps the fastest. `--verify`
+instead times a verify step's attention (1 + K query tokens per row, 27B heads, CUDA graphs): the one-token decode
+kernel, the prefill kernel the verify rows took before, and the decode kernel with tokens_per_row; with `--sweep` it
+first times tile configs of the latter (MULTI_TOKEN_DECODE_CONFIG) and keeps the fastest.
 
     PYTHONPATH=src:. python3 benchmarks/bench_attention.py --sweep --out /tmp/bench.txt
     PYTHONPATH=src:. python3 benchmarks/bench_attention.py --kv-quant [--sweep]
@@ -271,6 +271,35 @@ def bench_kv_quant(log, copy_gbs: float) -> None:
             log(f"| 27B N={n} L={length} | {fmt} | {nbytes / 1e9:.3f} GB | {t:.4f} | {t_graph:.4f} | {gbs:.0f} | "
                 f"{gbs / copy_gbs:.0%} | {base_ms / t_graph:.2f}x | {err:.1e} |")
             del args
+            torch.cuda.empty_cache()
+
+
+KV_QUANT_PREFILL_CASES = [(0, 8192), (6144, 2048)]  # (cached tokens, new tokens), one sequence
+
+
+def bench_kv_quant_prefill(log, mm_tflops: float) -> None:
+    """One row per (case, format): the prefill kernel over pages in that format (27B heads; the new tokens' K/V are
+    read from the pages too, as when the server prefills), TFLOP/s against the bf16 matmul and the bf16 pages' time."""
+    gen = torch.Generator().manual_seed(5)
+    log("| prefill case | KV | ms | TFLOP/s | % matmul | vs bf16 | max abs err vs bf16 pages |")
+    log("|---|---|---|---|---|---|---|")
+    for cached, new in KV_QUANT_PREFILL_CASES:
+        args, flops, _ = prefill_case("27B", cached, new, gen)
+        base_ms, base_out = None, None
+        for fmt in KV_FORMATS:
+            run = dict(args)
+            if fmt != "bf16":
+                (run["k_cache"], k_scale), (run["v_cache"], v_scale) = (
+                    attn_ref.quantize_kv(args[c], KV_FORMATS[fmt]) for c in ("k_cache", "v_cache"))
+                run.update(k_scale=k_scale, v_scale=v_scale)
+            fn = lambda: attn.paged_attention_prefill(**run)  # noqa: E731
+            out = fn().float()
+            t = ms(fn)
+            base_ms, base_out = base_ms or t, out if base_out is None else base_out
+            tflops = flops / (t * 1e-3) / 1e12
+            log(f"| 27B ctx={cached} new={new} | {fmt} | {t:.3f} | {tflops:.0f} | {tflops / mm_tflops:.0%} | "
+                f"{base_ms / t:.2f}x | {(out - base_out).abs().max().item():.1e} |")
+            del run
             torch.cuda.empty_cache()
 
 
@@ -571,6 +600,8 @@ def main() -> None:
             sweep_kv_quant(log, copy_gbs)
         log(f"quantized-page overrides: {attn.QUANT_DECODE_CONFIG}")
         bench_kv_quant(log, copy_gbs)
+        log(f"bf16 8192^3 matmul {mm_tflops:.0f} TFLOP/s measured in this run; prefill config {attn.PREFILL_CONFIG}")
+        bench_kv_quant_prefill(log, mm_tflops)
         if args.out:
             with open(args.out, "w") as f:
                 f.write("\n".join(lines) + "\n")

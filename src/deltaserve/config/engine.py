@@ -57,6 +57,7 @@ class RunnerConfig:
     load_format: str = "auto"
     enforce_eager: bool = False     # no CUDA graphs
     prefill_graph_tokens: int = 4096  # varlen graphs at 64, 128, ... tokens (and a full step's) up to this; < 64: none
+    step_trace: str | None = None   # a file the engine writes one JSON line per step into (engine/step_trace.py)
 
     def __post_init__(self) -> None:
         require(self.device is None or (isinstance(self.device, str) and self.device.split(":")[0] in ("cuda", "cpu")),
@@ -68,6 +69,8 @@ class RunnerConfig:
         require(is_int(self.prefill_graph_tokens) and self.prefill_graph_tokens >= 0,
                 f"'prefill_graph_tokens' must be an integer >= 0 (0: no prefill graphs), got "
                 f"{self.prefill_graph_tokens!r}")
+        require(self.step_trace is None or (isinstance(self.step_trace, str) and self.step_trace != ""),
+                f"'step_trace' is {self.step_trace!r}; give the path of a file to write the trace into, or None")
 
 
 @dataclass(frozen=True)

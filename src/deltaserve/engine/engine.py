@@ -20,6 +20,7 @@ from deltaserve.engine.runner import LaunchedStep, StepResult
 from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
 from deltaserve.engine.step_cost import StepCostModel, StepShape, prior_coefficients
 from deltaserve.engine.step_input import BlockTables, build_step_input, needs_grammar
+from deltaserve.engine.step_trace import HostTimes, StepTrace
 from deltaserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from deltaserve.outputs import SequenceDelta
 from deltaserve.parallel.launch import build_runner
@@ -40,6 +41,8 @@ class LLMEngine:
 
     def __init__(self, config: EngineConfig | EngineArgs) -> None:
         self.config = config.create_engine_config() if isinstance(config, EngineArgs) else config
+        path = self.config.runner.step_trace
+        self.trace = StepTrace(path) if path else None  # opened first: a bad path fails before the model loads
         self.model_config = self.config.model
         model_dir = self.model_config.model_dir
         self.tokenizer = load_tokenizer(model_dir) if model_dir else None
@@ -77,7 +80,7 @@ class LLMEngine:
         self.spec_accepted_per_position = [0] * spec.num_speculative_tokens
         self.spec_drafted_per_position = [0] * spec.num_speculative_tokens
         self._spec_turn_down_logged = False
-        self._inflight: tuple[SchedulerOutput, LaunchedStep, float] | None = None
+        self._inflight: tuple[SchedulerOutput, LaunchedStep, HostTimes] | None = None
 
     def _step_cost_model(self) -> StepCostModel:
         """The scheduler's step-time model, with a prior from this rank's weights and attention shapes (see
@@ -222,6 +225,8 @@ class LLMEngine:
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
+        if self.trace is not None:
+            self.trace.close()
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def step(self, on_launch: Callable[[], None] | None = None) -> list[SequenceDelta]:
@@ -238,6 +243,7 @@ class LLMEngine:
         samples for a constrained request runs its model first; its sampling is queued once the previous step's
         tokens have advanced the grammars (the mask is built while the GPU runs this step's model).
         """
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         if self.scheduler.spec_turned_down and not self._spec_turn_down_logged:
             self._spec_turn_down_logged = True
@@ -248,12 +254,14 @@ class LLMEngine:
         if not out.is_empty:
             try:
                 step_input = build_step_input(out, block_tables=self.block_tables)
-                if on_launch is not None and not self.runner.replays_graph(step_input):
+                t0 = time.perf_counter()
+                graph = self.runner.replays_graph(step_input) if on_launch is not None or self.trace else None
+                if on_launch is not None and not graph:
                     on_launch, early = None, on_launch
                     early()
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 launched = self.runner.launch(step_input)
-                launch_ms = (time.perf_counter() - t0) * 1e3
+                host = HostTimes(start, (t0 - start) * 1e3, (time.perf_counter() - t1) * 1e3, graph)
             except Exception as e:  # a failing step fails the requests in it, never the engine
                 self.scheduler.abandon(out)  # it never runs: its checkpoint reservations go back to the pools
                 if isinstance(e, RankFailure):
@@ -269,9 +277,9 @@ class LLMEngine:
             launched = self._sample_constrained(out, launched, deltas)
         if launched is not None:
             if self.async_scheduling and not any(s.params.reads_outputs for s in launched.step.sampling):
-                self._inflight = (out, launched, launch_ms)
+                self._inflight = (out, launched, host)
             else:
-                deltas += self._finish(out, launched, launch_ms)
+                deltas += self._finish(out, launched, host)
         if not self.scheduler.has_unfinished():
             deltas += self._finish_inflight()  # rows of requests that ended meanwhile: let nothing run on unseen
         return deltas
@@ -299,14 +307,17 @@ class LLMEngine:
         inflight, self._inflight = self._inflight, None
         return self._finish(*inflight) if inflight is not None else []
 
-    def _finish(self, out: SchedulerOutput, launched: LaunchedStep, launch_ms: float) -> list[SequenceDelta]:
+    def _finish(self, out: SchedulerOutput, launched: LaunchedStep, host: HostTimes) -> list[SequenceDelta]:
         """Wait for a launched step's tokens; append them, check stops, make the deltas."""
+        t0 = time.perf_counter()
         try:
             result = self.runner.collect(launched)  # where a device error in the step's kernels surfaces
         except Exception as e:  # as in step(): the step's requests fail, the engine goes on
             log.exception("engine step failed")
             return self._fail(out, f"{type(e).__name__}: {e}")
-        self._observe_step(out, launched, result, launch_ms)
+        self._observe_step(out, launched, result, host.launch_ms)
+        if self.trace is not None:
+            self.trace.record(out, launched, result, host, (time.perf_counter() - t0) * 1e3)
         deltas = self._fail_requests(result.failed)
         for rid, entries in result.prompt_logprobs.items():
             self.outputs.add_prompt_logprobs(rid, entries)

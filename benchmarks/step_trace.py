@@ -1,0 +1,100 @@
+"""Summarize a step trace (`deltaserve serve ... --step-trace FILE`, or `LLM(..., step_trace=FILE)`): per kind of step,
+how many ran, their rows, their device time, the GPU's idle time before them and the host's time around them; then
+how the prompts were chunked. Where served time goes beyond the kernels: `idle` is time the GPU had nothing queued.
+
+    python3 benchmarks/step_trace.py /tmp/trace.jsonl [--from-step 100] [--to-step 5000]
+
+Kinds: decode (one token a row), verify (MTP verify rows), mixed (prompt chunks beside decode or verify rows),
+prefill (prompt chunks only). Times in ms; device and idle times are CUDA only (blank elsewhere).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+
+KINDS = ("decode", "verify", "mixed", "prefill")
+
+
+def kind(step: dict) -> str:
+    if step["prefill_tokens"] == 0:
+        return "verify" if step["verify_rows"] else "decode"
+    return "mixed" if step["decode_rows"] else "prefill"
+
+
+def load(path: str, first: int = 0, last: int | None = None) -> list[dict]:
+    with open(path) as f:
+        steps = [json.loads(line) for line in f if line.strip()]
+    return [s for s in steps if s["step"] >= first and (last is None or s["step"] <= last)]
+
+
+def _mean(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.fmean(values):.3f}" if values else ""
+
+
+def _p50(values: list) -> str:
+    values = [v for v in values if v is not None]
+    return f"{statistics.median(values):.3f}" if values else ""
+
+
+def kinds_table(steps: list[dict]) -> list[str]:
+    groups: dict[str, list[dict]] = defaultdict(list)
+    for s in steps:
+        groups[kind(s)].append(s)
+    lines = ["| kind | steps | rows | prefill tokens | device p50 | device mean | idle mean | schedule mean | "
+             "launch mean | wait mean | graph replays |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for k in KINDS:
+        g = groups.get(k)
+        if not g:
+            continue
+        col = lambda name: [s[name] for s in g]  # noqa: E731
+        graphs = sum(1 for s in g if s["graph"])
+        lines.append(f"| {k} | {len(g)} | {_mean(col('rows'))} | {_mean(col('prefill_tokens'))} | "
+                     f"{_p50(col('device_ms'))} | {_mean(col('device_ms'))} | {_mean(col('idle_ms'))} | "
+                     f"{_mean(col('schedule_ms'))} | {_mean(col('launch_ms'))} | {_mean(col('wait_ms'))} | "
+                     f"{graphs}/{len(g)} |")
+    return lines
+
+
+def totals(steps: list[dict]) -> str:
+    device = sum(s["device_ms"] or 0 for s in steps)
+    idle = sum(s["idle_ms"] or 0 for s in steps)
+    span = steps[-1]["t_ms"] - steps[0]["t_ms"] if len(steps) > 1 else 0.0
+    share = f", idle {idle / (device + idle):.1%} of device + idle" if device + idle else ""
+    return (f"{len(steps)} steps over {span:.0f} ms of host time (first to last schedule): device {device:.0f} ms, "
+            f"idle {idle:.0f} ms{share}")
+
+
+def prompts(steps: list[dict]) -> str:
+    """How many chunks each prompt took and how many steps its prefill spanned (first chunk to last)."""
+    chunks: dict[str, list[int]] = defaultdict(list)
+    for s in steps:
+        for rid, _new, _computed in s["prefill"]:
+            chunks[rid].append(s["step"])
+    if not chunks:
+        return "no prompt chunks in these steps"
+    counts = [len(v) for v in chunks.values()]
+    spans = [v[-1] - v[0] + 1 for v in chunks.values()]
+    return (f"{len(chunks)} prompts: chunks per prompt mean {statistics.fmean(counts):.2f} (max {max(counts)}), "
+            f"steps from first chunk to last mean {statistics.fmean(spans):.2f} (max {max(spans)})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("trace", help="the JSON-lines file --step-trace wrote")
+    parser.add_argument("--from-step", type=int, default=0, help="skip the steps before this one (warm-up)")
+    parser.add_argument("--to-step", type=int, default=None, help="skip the steps after this one")
+    args = parser.parse_args()
+    steps = load(args.trace, args.from_step, args.to_step)
+    if not steps:
+        raise SystemExit(f"{args.trace}: no steps between {args.from_step} and {args.to_step}")
+    print(f"trace {args.trace}: {totals(steps)}")
+    print("\n".join(kinds_table(steps)))
+    print(prompts(steps))
+
+
+if __name__ == "__main__":
+    main()
