@@ -81,9 +81,10 @@ class EngineArgs:
         None, "per-step time budget in ms for steps that carry decode rows: their prefill chunks are sized so the "
               "step's predicted time (a cost model fitted to measured steps) stays within it, bounding inter-token "
               "latency while long prompts prefill (at least max_num_batched_tokens/16 prefill tokens per step; steps "
-              "without decode rows keep the full token budget). Off (None/0) by default: on an H200 a 50 ms budget cut "
-              "the inter-token p99 by 19%% but grew long prompts' TTFT 24x (benchmarks/RESULTS.md; "
-              "benchmarks/bench_step_budget.py measures it)", section="scheduler", type=float)
+              "without decode rows keep the full token budget). Off (None/0) by default: on an H200 (27B) a 50 ms "
+              "budget cut the inter-token p99 from 501 to 147 ms but raised its p50 from 17 to 93 ms and long "
+              "prompts' TTFT 3.5x (benchmarks/RESULTS.md 2026-12-06; benchmarks/bench_step_budget.py measures it)",
+        section="scheduler", type=float)
     growth_reserve: bool = _option(
         True, "admit a request whenever the KV pages its prompt needs are free (by default admission also leaves "
               "pages for the running requests' expected growth, learnt from how much of their output limit ended "
