@@ -561,7 +561,8 @@ def main() -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="time tile configs first and keep the fastest (with --kv-quant: per quantized format)")
     parser.add_argument("--kv-quant", action="store_true",
-                        help="only the decode table over quantized KV pages (27B heads, 32k and 128k contexts)")
+                        help="only the tables over quantized KV pages (27B heads): decode at 32k and 128k contexts, "
+                        "and prefill")
     parser.add_argument("--kv-quant-variants", action="store_true",
                         help="with --kv-quant: the quantized-page kernel variants of KV_VARIANTS side by side")
     parser.add_argument("--verify", action="store_true",

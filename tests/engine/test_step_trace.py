@@ -1,9 +1,11 @@
 """The step trace (--step-trace): one line per step with the step's rows and prompt chunks, outputs unchanged by it,
-a clear error for a path it cannot write, and benchmarks/step_trace.py's summary of it."""
+a clear error for a path it cannot open, a write error that stops the trace and not the engine, and
+benchmarks/step_trace.py's summary of it; on a GPU (`-m gpu`), device and idle times with and without MTP."""
 
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 
@@ -25,9 +27,14 @@ def model_dir(tmp_path_factory):
     return str(path)
 
 
-def generate(model_dir: str, **options) -> list[list[int]]:
-    llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=64, max_num_batched_tokens=16, **options)
+def generate(model_dir: str, llm: LLM | None = None, **options) -> list[list[int]]:
+    options = {"dtype": "float32", "device": "cpu", "max_num_batched_tokens": 16, **options}
+    llm = llm or LLM(model_dir, max_model_len=64, **options)
     return [list(o.outputs[0].token_ids) for o in llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)]
+
+
+def read(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 @pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
@@ -35,13 +42,13 @@ def test_trace_has_a_line_per_step_and_changes_nothing(model_dir, tmp_path, over
     path = tmp_path / "trace.jsonl"
     plain = generate(model_dir, async_scheduling=overlap)
     assert generate(model_dir, async_scheduling=overlap, step_trace=str(path)) == plain
-    steps = [json.loads(line) for line in path.read_text().splitlines()]
+    steps = read(path)
     assert [s["step"] for s in steps] == list(range(len(steps)))
     assert all(s["t_ms"] <= t["t_ms"] for s, t in zip(steps, steps[1:]))
     chunks: dict[str, list[tuple[int, int]]] = {}
     for s in steps:
         assert s["prefill_tokens"] == sum(new for _, new, _ in s["prefill"]) <= 16 + s["decode_rows"]
-        assert s["rows"] == s["decode_rows"] + len(s["prefill"]) and s["verify_rows"] == 0
+        assert s["verify_rows"] == 0
         assert s["device_ms"] is None and s["idle_ms"] is None and s["graph"] is False  # CPU: no events, no graphs
         assert min(s["schedule_ms"], s["launch_ms"], s["wait_ms"]) >= 0
         for rid, new, computed in s["prefill"]:
@@ -69,6 +76,26 @@ def test_summary_of_a_trace(model_dir, tmp_path, monkeypatch, capsys):
         summary.main()
 
 
+def test_a_write_error_stops_the_trace_not_the_engine(model_dir, tmp_path, monkeypatch, caplog):
+    path = tmp_path / "trace.jsonl"
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=64, max_num_batched_tokens=16,
+              step_trace=str(path))
+    want = generate(model_dir, llm)
+    lines = len(read(path))
+    trace = llm.engine.trace
+
+    def full(text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(trace._file, "write", full)
+    with caplog.at_level(logging.WARNING):
+        assert generate(model_dir, llm) == want
+    assert "writing failed ([Errno 28] No space left on device); tracing stops" in caplog.text
+    assert len(read(path)) == lines
+    llm.engine.shutdown()  # closes the trace; the engine still serves
+    assert llm.engine.trace is None and generate(model_dir, llm) == want
+
+
 def test_unwritable_trace_path_fails_before_the_model_loads(model_dir, tmp_path, monkeypatch):
     monkeypatch.setattr("deltaserve.engine.engine.build_runner", lambda *a, **k: pytest.fail("the model loaded"))
     missing = tmp_path / "no" / "such" / "dir" / "trace.jsonl"
@@ -77,3 +104,24 @@ def test_unwritable_trace_path_fails_before_the_model_loads(model_dir, tmp_path,
         LLM(model_dir, device="cpu", step_trace=str(missing))
     with pytest.raises(ConfigError, match="'step_trace' is ''; give the path of a file"):
         LLM(model_dir, device="cpu", step_trace="")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mtp", [False, True], ids=["async", "mtp"])
+def test_device_and_idle_times_on_gpu(tmp_path_factory, tmp_path, mtp):
+    path = tmp_path_factory.mktemp("step_trace_gpu")
+    save_checkpoint(TinySpec("step_trace_gpu", extra={"vocab_size": 320}, mtp=mtp), path)
+    write_byte_tokenizer(path)
+    trace = tmp_path / "trace.jsonl"
+    llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=64, max_num_batched_tokens=16,
+              gpu_memory_utilization=0.3, speculative_tokens=2 if mtp else 0, step_trace=str(trace))
+    generate(str(path), llm)
+    first_batch = len(read(trace))  # every line is written once the engine runs out of requests
+    generate(str(path), llm)
+    llm.engine.shutdown()
+    steps = read(trace)
+    assert first_batch and all(s["device_ms"] > 0 and s["wait_ms"] >= 0 for s in steps)
+    # idle: null for the first step after the engine was without requests, >= 0 for the others
+    assert [i for i, s in enumerate(steps) if s["idle_ms"] is None] == [0, first_batch]
+    assert all(s["idle_ms"] >= 0 for i, s in enumerate(steps) if i not in (0, first_batch))
+    assert any(s["graph"] for s in steps) and any(s["verify_rows"] for s in steps) == mtp

@@ -20,7 +20,7 @@ from deltaserve.engine.runner import LaunchedStep, StepResult
 from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
 from deltaserve.engine.step_cost import StepCostModel, StepShape, prior_coefficients
 from deltaserve.engine.step_input import BlockTables, build_step_input, needs_grammar
-from deltaserve.engine.step_trace import HostTimes, StepTrace
+from deltaserve.engine.step_trace import StepMarks, StepTrace
 from deltaserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from deltaserve.outputs import SequenceDelta
 from deltaserve.parallel.launch import build_runner
@@ -48,6 +48,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(model_dir) if model_dir else None
         self.eos_ids = frozenset(eos_token_ids(self.tokenizer, self.model_config.eos_token_ids))
         self.runner = build_runner(self.config, eos_token_ids=self.eos_ids)  # rank 0's driver under TP
+        if self.trace is not None:
+            self.trace.bind(self.runner.device)
         page_size = self.config.cache.page_size
         plan = self.runner.plan
         self.cache = CacheManager(num_pages=plan.num_pages, num_slots=plan.num_slots, page_size=page_size,
@@ -80,7 +82,7 @@ class LLMEngine:
         self.spec_accepted_per_position = [0] * spec.num_speculative_tokens
         self.spec_drafted_per_position = [0] * spec.num_speculative_tokens
         self._spec_turn_down_logged = False
-        self._inflight: tuple[SchedulerOutput, LaunchedStep, HostTimes] | None = None
+        self._inflight: tuple[SchedulerOutput, LaunchedStep, StepMarks] | None = None
 
     def _step_cost_model(self) -> StepCostModel:
         """The scheduler's step-time model, with a prior from this rank's weights and attention shapes (see
@@ -221,12 +223,13 @@ class LLMEngine:
         self.cache.reset_prefix_cache()
 
     def shutdown(self) -> None:
-        """Stop the tensor-parallel workers, if any (a single-process engine has nothing to stop)."""
+        """Stop the tensor-parallel workers, if any, and close the step trace, if any (its pending lines written)."""
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
         if self.trace is not None:
             self.trace.close()
+            self.trace = None
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def step(self, on_launch: Callable[[], None] | None = None) -> list[SequenceDelta]:
@@ -243,7 +246,7 @@ class LLMEngine:
         samples for a constrained request runs its model first; its sampling is queued once the previous step's
         tokens have advanced the grammars (the mask is built while the GPU runs this step's model).
         """
-        start = time.perf_counter()
+        marks = StepMarks(time.perf_counter())
         out = self.scheduler.schedule()
         if self.scheduler.spec_turned_down and not self._spec_turn_down_logged:
             self._spec_turn_down_logged = True
@@ -254,16 +257,21 @@ class LLMEngine:
         if not out.is_empty:
             try:
                 step_input = build_step_input(out, block_tables=self.block_tables)
-                t0 = time.perf_counter()
-                graph = self.runner.replays_graph(step_input) if on_launch is not None or self.trace else None
-                if on_launch is not None and not graph:
+                marks.schedule_ms = (time.perf_counter() - marks.start) * 1e3
+                if on_launch is not None or self.trace is not None:
+                    marks.graph = self.runner.replays_graph(step_input)
+                if on_launch is not None and not marks.graph:
                     on_launch, early = None, on_launch
                     early()
-                t1 = time.perf_counter()
+                if self.trace is not None:
+                    self.trace.before_launch(marks)
+                t0 = time.perf_counter()
                 launched = self.runner.launch(step_input)
-                host = HostTimes(start, (t0 - start) * 1e3, (time.perf_counter() - t1) * 1e3, graph)
+                marks.launch_ms = (time.perf_counter() - t0) * 1e3
             except Exception as e:  # a failing step fails the requests in it, never the engine
                 self.scheduler.abandon(out)  # it never runs: its checkpoint reservations go back to the pools
+                if self.trace is not None:
+                    self.trace.launch_failed()
                 if isinstance(e, RankFailure):
                     raise  # a tensor-parallel rank is gone: no step can run any more
                 log.exception("engine step failed")
@@ -275,13 +283,19 @@ class LLMEngine:
         deltas += self._finish_inflight()
         if launched is not None and launched.awaits_grammar:
             launched = self._sample_constrained(out, launched, deltas)
+        if self.trace is not None and not out.is_empty:
+            self.trace.after_launch(out, marks)
+            if launched is None:  # its sampling failed: no tokens to collect
+                self.trace.collected(marks, None)
         if launched is not None:
             if self.async_scheduling and not any(s.params.reads_outputs for s in launched.step.sampling):
-                self._inflight = (out, launched, host)
+                self._inflight = (out, launched, marks)
             else:
-                deltas += self._finish(out, launched, host)
+                deltas += self._finish(out, launched, marks)
         if not self.scheduler.has_unfinished():
             deltas += self._finish_inflight()  # rows of requests that ended meanwhile: let nothing run on unseen
+            if self.trace is not None:
+                self.trace.drained()
         return deltas
 
     @property
@@ -307,17 +321,19 @@ class LLMEngine:
         inflight, self._inflight = self._inflight, None
         return self._finish(*inflight) if inflight is not None else []
 
-    def _finish(self, out: SchedulerOutput, launched: LaunchedStep, host: HostTimes) -> list[SequenceDelta]:
+    def _finish(self, out: SchedulerOutput, launched: LaunchedStep, marks: StepMarks) -> list[SequenceDelta]:
         """Wait for a launched step's tokens; append them, check stops, make the deltas."""
         t0 = time.perf_counter()
         try:
             result = self.runner.collect(launched)  # where a device error in the step's kernels surfaces
         except Exception as e:  # as in step(): the step's requests fail, the engine goes on
+            if self.trace is not None:
+                self.trace.collected(marks, None)
             log.exception("engine step failed")
             return self._fail(out, f"{type(e).__name__}: {e}")
-        self._observe_step(out, launched, result, host.launch_ms)
         if self.trace is not None:
-            self.trace.record(out, launched, result, host, (time.perf_counter() - t0) * 1e3)
+            self.trace.collected(marks, (time.perf_counter() - t0) * 1e3)
+        self._observe_step(out, launched, result, marks.launch_ms)
         deltas = self._fail_requests(result.failed)
         for rid, entries in result.prompt_logprobs.items():
             self.outputs.add_prompt_logprobs(rid, entries)

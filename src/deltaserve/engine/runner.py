@@ -139,9 +139,8 @@ class StepResult:
     prompt_logprobs: dict[str, list[tuple[int, TokenLogprob]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # requests whose sampling raised -> why (no tokens)
     drafts: dict[str, list[int]] = field(default_factory=dict)  # MTP proposals for each request's next step
-    # CUDA: the step's device time in ms, from its launch event to the event collect waited for: its ready event, or
-    # with MTP drafts whose values were not needed, its tokens (the drafting after them not counted). None elsewhere,
-    # or when the step sampled nothing
+    # CUDA: the step's device time in ms, from its launch event to its ready event (None elsewhere, or when the
+    # step sampled nothing)
     device_ms: float | None = None
 
 
@@ -317,7 +316,7 @@ class ModelRunner:
         tokens_ready, drafts = None, None
         if token_ids is not None and self.drafter is not None:
             if step.propose_drafts:
-                tokens_ready = torch.cuda.Event(enable_timing=launched.started is not None)
+                tokens_ready = torch.cuda.Event()
                 tokens_ready.record(stream)
             drafts = self._propose(launched, token_ids, kept)
             drafts = _to_host(drafts) if drafts is not None else None
@@ -496,12 +495,13 @@ class ModelRunner:
         (its cost model learns the step's device time, drafter included, from `device_ms`)."""
         sampling = launched.step.sampling
         values = self.config.scheduler.step_budget_ms is not None or any(s.params.reads_outputs for s in sampling)
-        end = launched.tokens_ready if launched.tokens_ready is not None and not values else launched.ready
         device_ms = None
-        if end is not None:
-            end.synchronize()
+        if launched.tokens_ready is not None and not values:
+            launched.tokens_ready.synchronize()
+        elif launched.ready is not None:
+            launched.ready.synchronize()
             if launched.started is not None:
-                device_ms = launched.started.elapsed_time(end)
+                device_ms = launched.started.elapsed_time(launched.ready)
         scored = {} if launched.scored is None else prompt_logprobs_lists(launched.scored, launched.step)
         tokens: dict[str, list[int]] = {}
         logprobs: dict[str, list[TokenLogprob]] = {}
