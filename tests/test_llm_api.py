@@ -8,7 +8,7 @@ import torch
 
 from deltaserve import LLM, SamplingParams
 from deltaserve.demo import write_byte_tokenizer
-from tests.models.factory import TinySpec, save_checkpoint
+from tests.models.factory import TinySpec, save_checkpoint, save_servable_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
 
@@ -16,8 +16,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     path = tmp_path_factory.mktemp("llm_api")
-    save_checkpoint(TinySpec("llm_api", extra={"vocab_size": 320}), path)
-    write_byte_tokenizer(path)
+    save_servable_checkpoint(TinySpec("llm_api", extra={"vocab_size": 320}), path)
     return LLM(str(path), dtype="float32", device="cpu", max_model_len=64)
 
 

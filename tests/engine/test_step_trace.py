@@ -12,8 +12,7 @@ import pytest
 from benchmarks import step_trace as summary
 from deltaserve import LLM, SamplingParams
 from deltaserve.config import ConfigError
-from deltaserve.demo import write_byte_tokenizer
-from tests.models.factory import TinySpec, save_checkpoint
+from tests.models.factory import TinySpec, save_servable_checkpoint
 
 PROMPTS = [list(range(10, 50)), list(range(60, 69))]  # 40 and 9 tokens, in steps of at most 16
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
@@ -22,8 +21,7 @@ GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("step_trace")
-    save_checkpoint(TinySpec("step_trace", extra={"vocab_size": 320}), path)
-    write_byte_tokenizer(path)
+    save_servable_checkpoint(TinySpec("step_trace", extra={"vocab_size": 320}), path)
     return str(path)
 
 
@@ -110,8 +108,7 @@ def test_unwritable_trace_path_fails_before_the_model_loads(model_dir, tmp_path,
 @pytest.mark.parametrize("mtp", [False, True], ids=["async", "mtp"])
 def test_device_and_idle_times_on_gpu(tmp_path_factory, tmp_path, mtp):
     path = tmp_path_factory.mktemp("step_trace_gpu")
-    save_checkpoint(TinySpec("step_trace_gpu", extra={"vocab_size": 320}, mtp=mtp), path)
-    write_byte_tokenizer(path)
+    save_servable_checkpoint(TinySpec("step_trace_gpu", extra={"vocab_size": 320}, mtp=mtp), path)
     trace = tmp_path / "trace.jsonl"
     llm = LLM(str(path), dtype="bfloat16", device="cuda", max_model_len=64, max_num_batched_tokens=16,
               gpu_memory_utilization=0.3, speculative_tokens=2 if mtp else 0, step_trace=str(trace))

@@ -91,6 +91,15 @@ def save_checkpoint(spec: TinySpec, out_dir: Path, seed: int = 0):
     return model
 
 
+def save_servable_checkpoint(spec: TinySpec, out_dir: Path, seed: int = 0):
+    """save_checkpoint plus the byte-level tokenizer: a directory LLM(...) and the server load as they are."""
+    from deltaserve.demo import write_byte_tokenizer
+
+    model = save_checkpoint(spec, out_dir, seed)
+    write_byte_tokenizer(out_dir)
+    return model
+
+
 def _fuse_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
