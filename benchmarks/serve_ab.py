@@ -12,7 +12,8 @@ the tree first on PYTHONPATH (DIR: benchmarks/dummy_model_dir.py's for --model, 
 the KV pool's size (`--num-pages`) in --server-args when the trees must hold the same memory: the planner's pool can
 differ from one start to the next. --rounds 2 runs the trees in order, then in reverse, so that the machine's
 first-use costs (Triton compiles, the first server's autotuning) fall on each tree once; the summary gives each
-tree's median over its rounds.
+tree's median over its rounds. --step-trace also prints, after each run, where its served time went: the steps per
+kind with their device time, the GPU's idle time between them and the host's time around them.
 """
 
 from __future__ import annotations
@@ -51,12 +52,36 @@ def plan_line(log: Path) -> str:
                  if "KV cache (" in line), "?")
 
 
+def trace_path(tree: Path, log: Path, wanted: bool) -> Path | None:
+    """Where the run's step trace goes: beside its log, when --step-trace is asked for and the tree has the option
+    (a tree from before it would refuse the flag)."""
+    if not wanted:
+        return None
+    if not (tree / "deltaserve" / "engine" / "step_trace.py").is_file():
+        print(f"== {tree}: no --step-trace in this tree; its runs are not traced", flush=True)
+        return None
+    return log.with_suffix(".trace.jsonl")
+
+
+def print_trace(trace: Path | None) -> None:
+    """The run's steps per kind (benchmarks/step_trace.py): device, GPU idle and host time."""
+    from benchmarks import step_trace
+
+    if trace is None or not trace.is_file() or not (steps := step_trace.load(str(trace))):
+        return
+    print(f"step trace {trace}: {step_trace.totals(steps)}")
+    print("\n".join(step_trace.kinds_table(steps)))
+    print(step_trace.prompts(steps), flush=True)
+
+
 def serve_and_drive(name: str, tree: Path, model_dir: Path, args: argparse.Namespace, log: Path) -> dict:
     from benchmarks import serve_load
 
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    trace = trace_path(tree, log, args.step_trace)
     cmd = [sys.executable, "-m", "deltaserve.cli", "serve", str(model_dir), "--load-format", "dummy",
-           "--max-model-len", str(args.max_model_len), "--port", str(args.port), *shlex.split(args.server_args)]
+           "--max-model-len", str(args.max_model_len), "--port", str(args.port), *shlex.split(args.server_args),
+           *(["--step-trace", str(trace)] if trace else [])]
     with open(log, "w") as out:
         server = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
@@ -66,6 +91,7 @@ def serve_and_drive(name: str, tree: Path, model_dir: Path, args: argparse.Names
         (stats,) = serve_load.main(["--url", url, *shlex.split(args.load_args)])
     finally:
         stop(server)
+    print_trace(trace)
     return stats
 
 
@@ -100,6 +126,9 @@ def main(argv: list[str] | None = None) -> list[tuple[str, int, dict]]:
     ap.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for a server's /health")
     ap.add_argument("--log-dir", default=None, help="where the servers' logs go (default: a temporary directory)")
     ap.add_argument("--json-out", default=None, help="write every run's stats to this file")
+    ap.add_argument("--step-trace", action="store_true",
+                    help="serve with --step-trace (trees that have it; the trace beside the server's log) and print "
+                    "each run's steps per kind: device, GPU idle and host time (benchmarks/step_trace.py)")
     args = ap.parse_args(argv)
     names = [n for n, _ in args.tree]
     if len(set(names)) != len(names):

@@ -627,12 +627,16 @@ def test_serve_ab_serves_each_tree_in_turn(tmp_path, capsys):
     common = ["--model", "tiny", "--max-model-len", "256", "--server-args", "--device cpu --max-num-seqs 2",
               "--port", str(_closed_port()), "--log-dir", str(tmp_path)]
     load = ["--load-args", "--input-len 16 --output-len 4 --concurrency 1 --num-requests 2 --warmup 0"]
-    runs = serve_ab.main(["--tree", f"a={src}", "--tree", f"b={src}", *common, *load,
+    runs = serve_ab.main(["--tree", f"a={src}", "--tree", f"b={src}", *common, *load, "--step-trace",
                           "--json-out", str(tmp_path / "ab.json")])
     assert [(name, i) for name, i, _ in runs] == [("a", 0), ("b", 1)]
     assert all(s["total_tok_s"] > 0 and s["requests_ok"] == 2 for _, _, s in runs)
     out = capsys.readouterr().out
     assert "tok/s ratio" in out and out.count("KV cache (float32)") == 2
+    assert out.count("step trace ") == 2 and "| decode |" in out and "2 prompts: chunks per prompt" in out
+    # a tree from before --step-trace would refuse the flag: its runs are not traced
+    assert serve_ab.trace_path(tmp_path, tmp_path / "server_0_old.log", True) is None
+    assert "no --step-trace in this tree" in capsys.readouterr().out
     assert [r["tree"] for r in json.loads((tmp_path / "ab.json").read_text())["runs"]] == ["a", "b"]
     with pytest.raises(SystemExit):
         serve_ab.main(["--tree", f"a={tmp_path}", *common, *load])  # no deltaserve package there
