@@ -122,3 +122,62 @@ def test_device_and_idle_times_on_gpu(tmp_path_factory, tmp_path, mtp):
     assert [i for i, s in enumerate(steps) if s["idle_ms"] is None] == [0, first_batch]
     assert all(s["idle_ms"] >= 0 for i, s in enumerate(steps) if i not in (0, first_batch))
     assert any(s["graph"] for s in steps) and any(s["verify_rows"] for s in steps) == mtp
+
+
+class ClockEvent:
+    """Stands in for a CUDA event on a CPU-only machine: a time on a made-up device clock, done once `done` is set
+    (what the trace's event logic reads: query, synchronize, elapsed_time); the GPU test above runs real ones."""
+
+    def __init__(self, t: float, done: bool = True) -> None:
+        self.t, self.done, self.waited = t, done, False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+    def elapsed_time(self, other: ClockEvent) -> float:
+        assert self.done and other.done
+        return other.t - self.t
+
+
+def test_lines_wait_for_the_gpu_and_idle_restarts_after_a_failure_or_a_drain(tmp_path, monkeypatch):
+    from deltaserve.engine import step_trace as st
+
+    path = tmp_path / "trace.jsonl"
+    trace = st.StepTrace(str(path))
+    trace._stream = object()  # as bind() on CUDA: events are recorded
+    clock: list[ClockEvent] = []
+
+    def step(start: float, end: float, done: bool = True) -> st.StepMarks:
+        marks = st.StepMarks(0.0)
+        clock[:] = [ClockEvent(start), ClockEvent(end, done)]
+        monkeypatch.setattr(st, "_record", lambda stream: clock.pop(0))
+        trace.before_launch(marks)
+        trace.after_launch(st.SchedulerOutput(scheduled=(), preempted=(), num_batched_tokens=0), marks)
+        return marks
+
+    a = step(0, 5)
+    trace.collected(a, 0.5)
+    b = step(7, 9, done=False)  # launched; its GPU work not finished when its tokens are collected
+    trace.collected(b, 0.1)
+    assert len(read(path)) == 1  # a only: b's line waits for its end, without waiting on it
+    c = step(9.5, 12)
+    b.events[1].done = True
+    trace.collected(c, 0.2)
+    trace.launch_failed()
+    d = step(20, 21)
+    trace.collected(d, 0.3)
+    e = step(30, 31, done=False)  # never collected: the drain writes it anyway, waiting for its end
+    trace.drained()
+    f = step(50, 52)
+    trace.collected(f, None)  # its tokens never came (a failed step)
+    trace.close()
+    lines = read(path)
+    assert [(s["step"], s["device_ms"], s["idle_ms"], s["wait_ms"]) for s in lines] == [
+        (0, 5, None, 0.5), (1, 2, 2, 0.1), (2, 2.5, 0.5, 0.2),
+        (3, 1, None, 0.3),  # after a failed launch: no idle (the failed step's work is not idle)
+        (4, 1, 9, None),
+        (5, 2, None, None)]  # after the drain: the time without requests is not idle
+    assert e.events[1].waited and not a.events[1].waited

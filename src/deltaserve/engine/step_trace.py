@@ -127,7 +127,7 @@ class StepTrace:
                 end = marks.events[1] if marks.events is not None else None
                 if not wait and (not marks.collected or (end is not None and not end.query())):
                     return
-                if end is not None:
+                if wait and end is not None:
                     end.synchronize()
                 self._write(marks)
             else:
