@@ -30,14 +30,9 @@ def load(path: str, first: int = 0, last: int | None = None) -> list[dict]:
     return [s for s in steps if s["step"] >= first and (last is None or s["step"] <= last)]
 
 
-def _mean(values: list) -> str:
+def _stat(values: list, fn) -> str:
     values = [v for v in values if v is not None]
-    return f"{statistics.fmean(values):.3f}" if values else ""
-
-
-def _p50(values: list) -> str:
-    values = [v for v in values if v is not None]
-    return f"{statistics.median(values):.3f}" if values else ""
+    return f"{fn(values):.3f}" if values else ""
 
 
 def kinds_table(steps: list[dict]) -> list[str]:
@@ -50,11 +45,12 @@ def kinds_table(steps: list[dict]) -> list[str]:
         g = groups.get(k)
         if not g:
             continue
-        col = lambda name: [s[name] for s in g]  # noqa: E731
+        mean = {name: _stat([s[name] for s in g], statistics.fmean) for name in
+                ("rows", "prefill_tokens", "device_ms", "idle_ms", "schedule_ms", "launch_ms", "wait_ms")}
         graphs = sum(1 for s in g if s["graph"])
-        lines.append(f"| {k} | {len(g)} | {_mean(col('rows'))} | {_mean(col('prefill_tokens'))} | "
-                     f"{_p50(col('device_ms'))} | {_mean(col('device_ms'))} | {_mean(col('idle_ms'))} | "
-                     f"{_mean(col('schedule_ms'))} | {_mean(col('launch_ms'))} | {_mean(col('wait_ms'))} | "
+        lines.append(f"| {k} | {len(g)} | {mean['rows']} | {mean['prefill_tokens']} | "
+                     f"{_stat([s['device_ms'] for s in g], statistics.median)} | {mean['device_ms']} | "
+                     f"{mean['idle_ms']} | {mean['schedule_ms']} | {mean['launch_ms']} | {mean['wait_ms']} | "
                      f"{graphs}/{len(g)} |")
     return lines
 

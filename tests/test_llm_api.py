@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from deltaserve import LLM, SamplingParams
-from deltaserve.demo import write_byte_tokenizer
-from tests.models.factory import TinySpec, save_checkpoint, save_servable_checkpoint
+from tests.models.factory import TinySpec, save_servable_checkpoint
 
 GREEDY = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
 
@@ -87,8 +86,7 @@ def test_use_tqdm_as_in_vllm(llm, capsys):
 def test_generate_without_sampling_params_takes_the_checkpoints_generation_config(tmp_path):
     """As vLLM's LLM (get_default_sampling_params): sampling_params=None means the sampling generation_config.json
     sets, as the server's requests get; the offline API used SamplingParams() (temperature 1, top_p 1) instead."""
-    save_checkpoint(TinySpec("llm_api_gen", extra={"vocab_size": 320}), tmp_path)
-    write_byte_tokenizer(tmp_path)
+    save_servable_checkpoint(TinySpec("llm_api_gen", extra={"vocab_size": 320}), tmp_path)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": 256, "temperature": 0.0, "top_k": 20}')
     llm = LLM(str(tmp_path), dtype="float32", device="cpu", max_model_len=64)
     defaults = llm.get_default_sampling_params()

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
+import time
 
 import pytest
 
@@ -45,7 +47,8 @@ def test_trace_has_a_line_per_step_and_changes_nothing(model_dir, tmp_path, over
     assert all(s["t_ms"] <= t["t_ms"] for s, t in zip(steps, steps[1:]))
     chunks: dict[str, list[tuple[int, int]]] = {}
     for s in steps:
-        assert s["prefill_tokens"] == sum(new for _, new, _ in s["prefill"]) <= 16 + s["decode_rows"]
+        assert s["prefill_tokens"] == sum(new for _, new, _ in s["prefill"])
+        assert s["prefill_tokens"] + s["decode_rows"] <= 16
         assert s["verify_rows"] == 0
         assert s["device_ms"] is None and s["idle_ms"] is None and s["graph"] is False  # CPU: no events, no graphs
         assert min(s["schedule_ms"], s["launch_ms"], s["wait_ms"]) >= 0
@@ -91,7 +94,7 @@ def test_a_write_error_stops_the_trace_not_the_engine(model_dir, tmp_path, monke
     assert "writing failed ([Errno 28] No space left on device); tracing stops" in caplog.text
     assert len(read(path)) == lines
     llm.engine.shutdown()  # closes the trace; the engine still serves
-    assert llm.engine.trace is None and generate(model_dir, llm) == want
+    assert not llm.engine.trace.enabled and generate(model_dir, llm) == want
 
 
 def test_unwritable_trace_path_fails_before_the_model_loads(model_dir, tmp_path, monkeypatch):
@@ -147,13 +150,13 @@ def test_lines_wait_for_the_gpu_and_idle_restarts_after_a_failure_or_a_drain(tmp
 
     path = tmp_path / "trace.jsonl"
     trace = st.StepTrace(str(path))
-    trace._stream = object()  # as bind() on CUDA: events are recorded
+    trace._device = object()  # as bind() on CUDA: events are recorded
     clock: list[ClockEvent] = []
 
     def step(start: float, end: float, done: bool = True) -> st.StepMarks:
         marks = st.StepMarks(0.0)
         clock[:] = [ClockEvent(start), ClockEvent(end, done)]
-        monkeypatch.setattr(st, "_record", lambda stream: clock.pop(0))
+        monkeypatch.setattr(st, "_record", lambda device: clock.pop(0))
         trace.before_launch(marks)
         trace.after_launch(st.SchedulerOutput(scheduled=(), preempted=(), num_batched_tokens=0), marks)
         return marks
@@ -164,9 +167,9 @@ def test_lines_wait_for_the_gpu_and_idle_restarts_after_a_failure_or_a_drain(tmp
     trace.collected(b, 0.1)
     assert len(read(path)) == 1  # a only: b's line waits for its end, without waiting on it
     c = step(9.5, 12)
-    b.events[1].done = True
+    b.end_event.done = True
     trace.collected(c, 0.2)
-    trace.launch_failed()
+    trace.gap()
     d = step(20, 21)
     trace.collected(d, 0.3)
     e = step(30, 31, done=False)  # never collected: the drain writes it anyway, waiting for its end
@@ -180,4 +183,69 @@ def test_lines_wait_for_the_gpu_and_idle_restarts_after_a_failure_or_a_drain(tmp
         (3, 1, None, 0.3),  # after a failed launch: no idle (the failed step's work is not idle)
         (4, 1, 9, None),
         (5, 2, None, None)]  # after the drain: the time without requests is not idle
-    assert e.events[1].waited and not a.events[1].waited
+    assert e.end_event.waited and not a.end_event.waited
+
+
+def test_a_cuda_error_in_the_events_stops_the_trace(tmp_path, monkeypatch, caplog):
+    from deltaserve.engine import step_trace as st
+
+    class Broken(ClockEvent):
+        def query(self) -> bool:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    trace = st.StepTrace(str(tmp_path / "trace.jsonl"))
+    trace._device = object()
+    events = [ClockEvent(0), Broken(1)]
+    monkeypatch.setattr(st, "_record", lambda device: events.pop(0))
+    marks = st.StepMarks(0.0)
+    trace.before_launch(marks)
+    trace.after_launch(st.SchedulerOutput(scheduled=(), preempted=(), num_batched_tokens=0), marks)
+    with caplog.at_level(logging.WARNING):
+        trace.collected(marks, 0.1)  # does not raise: the engine goes on to fail the step
+    assert "reading a step's events failed (CUDA error: an illegal memory access" in caplog.text
+    trace.before_launch(st.StepMarks(0.0))  # stopped: records nothing more
+    trace.close()
+    assert read(tmp_path / "trace.jsonl") == [] and events == []
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async"])
+def test_engine_times_each_step_from_its_launch_to_its_last_queued_work(model_dir, tmp_path, monkeypatch, overlap):
+    """With events on the host clock (on CPU a launch runs the whole step), a step's device time is its launch's
+    time, not the host work after it (the previous step's outputs, slowed here), which shows as idle time before the
+    next step; and an abort of the last request restarts the idle chain as the engine's draining does."""
+    from deltaserve.engine import step_trace as st
+
+    monkeypatch.setattr(st, "_record", lambda device: ClockEvent(time.perf_counter() * 1e3))
+    path = tmp_path / "trace.jsonl"
+    llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=64, max_num_batched_tokens=16,
+              async_scheduling=overlap, step_trace=str(path))
+    llm.engine.trace._device = object()
+    on_tokens = llm.engine.outputs.on_tokens
+
+    calls = []
+
+    def slow_outputs(*args, **kwargs):  # host work on a step's tokens (detokenizing, stop checks) of 2 ms
+        calls.append(time.sleep(0.002))
+        return on_tokens(*args, **kwargs)
+
+    monkeypatch.setattr(llm.engine.outputs, "on_tokens", slow_outputs)
+    generate(model_dir, llm)
+    first = len(read(path))  # every line is written when the engine runs out of requests
+    engine, params = llm.engine, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)
+    engine.add_request("aborted", PROMPTS[1], params)
+    for _ in range(3):
+        engine.step()
+    engine.abort_request("aborted")  # the last request: the engine has drained
+    second = len(read(path))
+    generate(model_dir, llm)
+    engine.shutdown()
+    steps = read(path)
+    assert second - first == 3 and len(steps) > second
+    extra = [s["device_ms"] - s["launch_ms"] for s in steps]
+    assert statistics.median(extra) < 0.5 and min(extra) >= 0
+    # async: the previous step's outputs are made after this step's launch, while the GPU would run it; sync: after
+    # its own tokens, before the next launch. Either way their 2 ms fall between two steps' events, as idle time
+    # (but for the last step's before each drain)
+    assert sum(s["idle_ms"] or 0 for s in steps) >= 0.6 * 2 * len(calls)
+    assert [i for i, s in enumerate(steps) if s["idle_ms"] is None] == [0, first, second]
+    assert all(s["idle_ms"] >= 0 for s in steps if s["idle_ms"] is not None)

@@ -123,8 +123,8 @@ class EngineArgs:
               "kernel from Python (a step fits a graph of more tokens than it has); their memory is reserved beside "
               "the activations'; below 64: they run eagerly", section="runner", type=int)
     step_trace: str | None = _option(
-        None, "write one JSON line per engine step to this file: host and device times, GPU idle time before the "
-              "step, rows and prefill chunks (benchmarks/step_trace.py summarizes it)",
+        None, "write one JSON line per launched engine step to this file: host and device times, GPU idle time "
+              "before the step, rows and prefill chunks (benchmarks/step_trace.py summarizes it)",
         section="runner", type=str)
     async_scheduling: bool | None = _option(
         None, "make every step wait for its own tokens before the next is scheduled (by default on GPU the next "

@@ -20,7 +20,7 @@ from deltaserve.engine.runner import LaunchedStep, StepResult
 from deltaserve.engine.scheduler import Scheduler, SchedulerOutput
 from deltaserve.engine.step_cost import StepCostModel, StepShape, prior_coefficients
 from deltaserve.engine.step_input import BlockTables, build_step_input, needs_grammar
-from deltaserve.engine.step_trace import StepMarks, StepTrace
+from deltaserve.engine.step_trace import NoTrace, StepMarks, StepTrace
 from deltaserve.engine.tokenizer import eos_token_ids, load_tokenizer
 from deltaserve.outputs import SequenceDelta
 from deltaserve.parallel.launch import build_runner
@@ -42,14 +42,13 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | EngineArgs) -> None:
         self.config = config.create_engine_config() if isinstance(config, EngineArgs) else config
         path = self.config.runner.step_trace
-        self.trace = StepTrace(path) if path else None  # opened first: a bad path fails before the model loads
+        self.trace = StepTrace(path) if path else NoTrace()  # opened first: a bad path fails before the model loads
         self.model_config = self.config.model
         model_dir = self.model_config.model_dir
         self.tokenizer = load_tokenizer(model_dir) if model_dir else None
         self.eos_ids = frozenset(eos_token_ids(self.tokenizer, self.model_config.eos_token_ids))
         self.runner = build_runner(self.config, eos_token_ids=self.eos_ids)  # rank 0's driver under TP
-        if self.trace is not None:
-            self.trace.bind(self.runner.device)
+        self.trace.bind(self.runner.device)
         page_size = self.config.cache.page_size
         plan = self.runner.plan
         self.cache = CacheManager(num_pages=plan.num_pages, num_slots=plan.num_slots, page_size=page_size,
@@ -194,6 +193,7 @@ class LLMEngine:
             self.scheduler.abort_request(child_id)
         self.runner.release(child_ids)
         self.structured.remove(child_ids)
+        self._trace_if_drained()
         return deltas
 
     def has_unfinished(self) -> bool:
@@ -227,9 +227,8 @@ class LLMEngine:
         stop = getattr(self.runner, "shutdown", None)
         if stop is not None:
             stop()
-        if self.trace is not None:
-            self.trace.close()
-            self.trace = None
+        self.trace.close()
+        self.trace = NoTrace()
 
     # ---- the step ------------------------------------------------------------------------------------------------
     def step(self, on_launch: Callable[[], None] | None = None) -> list[SequenceDelta]:
@@ -258,24 +257,26 @@ class LLMEngine:
             try:
                 step_input = build_step_input(out, block_tables=self.block_tables)
                 marks.schedule_ms = (time.perf_counter() - marks.start) * 1e3
-                if on_launch is not None or self.trace is not None:
+                if on_launch is not None or self.trace.enabled:
                     marks.graph = self.runner.replays_graph(step_input)
                 if on_launch is not None and not marks.graph:
                     on_launch, early = None, on_launch
                     early()
-                if self.trace is not None:
-                    self.trace.before_launch(marks)
+                self.trace.before_launch(marks)
                 t0 = time.perf_counter()
                 launched = self.runner.launch(step_input)
                 marks.launch_ms = (time.perf_counter() - t0) * 1e3
+                if not launched.awaits_grammar:  # else its end comes with its sampling, queued below
+                    self.trace.end(marks)
             except Exception as e:  # a failing step fails the requests in it, never the engine
                 self.scheduler.abandon(out)  # it never runs: its checkpoint reservations go back to the pools
-                if self.trace is not None:
-                    self.trace.launch_failed()
+                self.trace.gap()
                 if isinstance(e, RankFailure):
                     raise  # a tensor-parallel rank is gone: no step can run any more
                 log.exception("engine step failed")
-                return self._finish_inflight() + self._fail(out, f"{type(e).__name__}: {e}")
+                deltas = self._finish_inflight() + self._fail(out, f"{type(e).__name__}: {e}")
+                self._trace_if_drained()
+                return deltas
             self.scheduler.commit_step(out)
             self.counters["preemptions"] += len(out.preempted)
         if on_launch is not None:
@@ -283,8 +284,8 @@ class LLMEngine:
         deltas += self._finish_inflight()
         if launched is not None and launched.awaits_grammar:
             launched = self._sample_constrained(out, launched, deltas)
-        if self.trace is not None and not out.is_empty:
-            self.trace.after_launch(out, marks)
+        if not out.is_empty:
+            self.trace.after_launch(out, marks)  # a constrained step's end: after its sampling was queued
             if launched is None:  # its sampling failed: no tokens to collect
                 self.trace.collected(marks, None)
         if launched is not None:
@@ -294,9 +295,14 @@ class LLMEngine:
                 deltas += self._finish(out, launched, marks)
         if not self.scheduler.has_unfinished():
             deltas += self._finish_inflight()  # rows of requests that ended meanwhile: let nothing run on unseen
-            if self.trace is not None:
-                self.trace.drained()
+        self._trace_if_drained()
         return deltas
+
+    def _trace_if_drained(self) -> None:
+        """No request left (the last ended, failed or was aborted): the step trace writes what it holds and does not
+        count the time until the next request as the GPU's idle time."""
+        if self.trace.enabled and not self.scheduler.has_unfinished():
+            self.trace.drained()
 
     @property
     def step_in_flight(self) -> bool:
@@ -327,12 +333,10 @@ class LLMEngine:
         try:
             result = self.runner.collect(launched)  # where a device error in the step's kernels surfaces
         except Exception as e:  # as in step(): the step's requests fail, the engine goes on
-            if self.trace is not None:
-                self.trace.collected(marks, None)
+            self.trace.collected(marks, None)
             log.exception("engine step failed")
             return self._fail(out, f"{type(e).__name__}: {e}")
-        if self.trace is not None:
-            self.trace.collected(marks, (time.perf_counter() - t0) * 1e3)
+        self.trace.collected(marks, (time.perf_counter() - t0) * 1e3)
         self._observe_step(out, launched, result, marks.launch_ms)
         deltas = self._fail_requests(result.failed)
         for rid, entries in result.prompt_logprobs.items():

@@ -1,5 +1,6 @@
 """The step trace (`--step-trace FILE`): one JSON line per launched engine step, so that served time can be split into
-what the device computes, how long it sits idle between steps, and what the host spends.
+what the device computes, how long it sits idle between steps, and what the host spends. Under tensor parallelism the
+device times are rank 0's.
 
 Each line holds:
   step          the step's number among launched steps (0 first)
@@ -8,27 +9,31 @@ Each line holds:
   launch_ms     host: runner.launch (a CUDA graph replay, or the whole model from Python); the server's streaming
                 callback, run before a launch that is not a replay, is in neither
   wait_ms       host: blocked collecting the step's tokens; null when they were never collected (a failed step)
-  device_ms     CUDA: from the step's first kernel to its last (sampling and MTP drafting included)
-  idle_ms       CUDA: between the previous step's end and this step's start, time the GPU had nothing of the engine's
-                queued; null for the first step after the engine was idle (no request) or after a failed launch
+  device_ms     CUDA: from the step's start to its end on the stream: its kernels, sampling and MTP drafting (for a
+                step with constrained rows, also the GPU's wait for the host's grammar masks)
+  idle_ms       CUDA: between the previous step's end and this step's start, time the GPU had no step of the
+                engine's queued (copies the engine queues between steps count here); null for the first step after the
+                engine ran out of requests, or after a failed launch
   graph         whether the step replayed a CUDA graph
-  rows, decode_rows, verify_rows (rows carrying MTP drafts), prefill_tokens
+  rows, decode_rows, verify_rows (rows carrying MTP drafts, placeholders included), prefill_tokens
   prefill       [request id, new tokens, tokens computed before] of each prompt chunk (or preempted request's
                 recomputation) in the step
 
-Lines are written once the step's GPU work has finished and its tokens were collected, without making the host
-wait for either (a step's line may come a step later); when the engine runs out of requests, and on shutdown, every
-pending line is written. `benchmarks/step_trace.py FILE` summarizes a trace by step kind.
+Lines are written in step order, each once its step's GPU work has finished and its tokens were collected, without
+making the host wait for either (so a line may come a step or two late); when the engine runs out of requests, and on
+shutdown, every pending line is written. A write error, or a CUDA error met while reading the events, stops the trace
+(with a warning), never the engine. `benchmarks/step_trace.py FILE` summarizes a trace by step kind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 
@@ -48,40 +53,65 @@ class StepMarks:
     launch_ms: float = 0.0       # runner.launch
     graph: bool | None = None    # whether it replays a CUDA graph (asked when a trace or a streaming callback needs it)
     line: dict[str, Any] = field(default_factory=dict)
-    events: tuple[torch.cuda.Event, torch.cuda.Event] | None = None  # (start, end) on the engine's stream
+    start_event: torch.cuda.Event | None = None
+    end_event: torch.cuda.Event | None = None
     collected: bool = False
 
 
-class StepTrace:
-    """Writes the step trace; one per engine. The engine calls before_launch / after_launch around each launch,
-    collected once the step's tokens are in (or will never come), and drained when it has no request left."""
+class NoTrace:
+    """What the engine holds without --step-trace: every call does nothing."""
+
+    enabled = False
+
+    def bind(self, device: torch.device) -> None: ...
+    def before_launch(self, marks: StepMarks) -> None: ...
+    def end(self, marks: StepMarks) -> None: ...
+    def after_launch(self, out: SchedulerOutput, marks: StepMarks) -> None: ...
+    def gap(self) -> None: ...
+    def collected(self, marks: StepMarks, wait_ms: float | None) -> None: ...
+    def drained(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class StepTrace(NoTrace):
+    """Writes the step trace; one per engine. Around each launch the engine calls before_launch, end (once the
+    step's work is all queued: right after the launch, or after a constrained step's sampling) and after_launch;
+    collected once the step's tokens are in (or will never come); gap after a failed launch; drained when it has no
+    request left."""
+
+    enabled = True
 
     def __init__(self, path: str) -> None:
         try:
-            self._file = open(path, "w", buffering=1)  # line-buffered: a killed server keeps every written line
+            self._file: TextIO | None = open(path, "w", buffering=1)  # line-buffered: a killed server keeps its lines
         except OSError as e:
             raise ConfigError(f"'step_trace' is {path!r}, which cannot be opened for writing ({e.strerror}); give a "
                               "file path in a writable directory") from None
         self._path = path
-        self._stream: torch.cuda.Stream | None = None  # set by bind()
+        self._device: torch.device | None = None  # set by bind(): CUDA events on its current stream
         self._origin = time.perf_counter()
         self._count = 0
-        self._pending: deque[StepMarks | None] = deque()  # None: a failed launch (the idle chain restarts)
+        self._pending: deque[StepMarks | None] = deque()  # None: a gap (the idle chain restarts)
         self._last_end: torch.cuda.Event | None = None
 
     def bind(self, device: torch.device) -> None:
         """The device the engine's steps run on (the file is opened before the model loads, so that a path that
-        cannot be written fails first); on CUDA, steps are timed on its current stream."""
-        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        cannot be written fails first)."""
+        self._device = device if device.type == "cuda" else None
 
     def before_launch(self, marks: StepMarks) -> None:
-        if self._stream is not None:
-            marks.events = (_record(self._stream), None)  # type: ignore[assignment]
+        if self._device is not None and self._file is not None:
+            marks.start_event = _record(self._device)
+
+    def end(self, marks: StepMarks) -> None:
+        if marks.start_event is not None and marks.end_event is None:
+            marks.end_event = _record(self._device)
 
     def after_launch(self, out: SchedulerOutput, marks: StepMarks) -> None:
-        """The step's work is all queued (a constrained step's sampling too): mark its end, queue its line."""
-        if marks.events is not None:
-            marks.events = (marks.events[0], _record(self._stream))
+        """Queue the step's line (written once its end has passed and its tokens are collected)."""
+        if self._file is None:
+            return
+        self.end(marks)
         chunks = [s for s in out.scheduled if s.num_computed_tokens < s.request.num_prompt_tokens
                   or s.num_new_tokens > 1 + len(s.draft_token_ids)]
         marks.line = {
@@ -100,7 +130,7 @@ class StepTrace:
         self._count += 1
         self._pending.append(marks)
 
-    def launch_failed(self) -> None:
+    def gap(self) -> None:
         self._pending.append(None)
 
     def collected(self, marks: StepMarks, wait_ms: float | None) -> None:
@@ -116,42 +146,57 @@ class StepTrace:
 
     def close(self) -> None:
         self.drained()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        self._stop()
 
     def _flush(self, wait: bool) -> None:
-        while self._pending:
-            marks = self._pending[0]
-            if marks is not None:
-                end = marks.events[1] if marks.events is not None else None
-                if not wait and (not marks.collected or (end is not None and not end.query())):
+        try:
+            while self._pending:
+                marks = self._pending[0]
+                if marks is None:
+                    self._last_end = None
+                elif not self._ready(marks, wait):
                     return
-                if wait and end is not None:
-                    end.synchronize()
-                self._write(marks)
-            else:
-                self._last_end = None
-            self._pending.popleft()
+                else:
+                    self._write(marks)
+                    if self._file is None:  # the write failed: _stop dropped what was pending
+                        return
+                self._pending.popleft()
+        except RuntimeError as e:  # a CUDA error of the step's kernels: the engine fails the step, the trace stops
+            log.warning("step trace %s: reading a step's events failed (%s); tracing stops", self._path, e)
+            self._stop()
+
+    def _ready(self, marks: StepMarks, wait: bool) -> bool:
+        end = marks.end_event
+        if wait:
+            if end is not None:
+                end.synchronize()
+            return True
+        return marks.collected and (end is None or end.query())
 
     def _write(self, marks: StepMarks) -> None:
         line = marks.line
-        if marks.events is not None:
-            start, end = marks.events
-            line["device_ms"] = round(start.elapsed_time(end), 3)
+        if marks.end_event is not None:
+            line["device_ms"] = round(marks.start_event.elapsed_time(marks.end_event), 3)
             if self._last_end is not None:
-                line["idle_ms"] = round(self._last_end.elapsed_time(start), 3)
-            self._last_end = end
-        if self._file is None:
-            return
+                line["idle_ms"] = round(self._last_end.elapsed_time(marks.start_event), 3)
+            self._last_end = marks.end_event
         try:
             self._file.write(json.dumps(line) + "\n")
         except OSError as e:  # a full disk must not fail the step whose tokens are in hand: stop tracing instead
             log.warning("step trace %s: writing failed (%s); tracing stops", self._path, e)
-            self._file = None
+            self._stop()
+
+    def _stop(self) -> None:
+        """No more lines: close the file (quietly: it may be what failed) and drop what is pending."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+        self._file = None
+        self._pending.clear()
+        self._last_end = None
 
 
-def _record(stream: torch.cuda.Stream) -> torch.cuda.Event:
+def _record(device: torch.device) -> torch.cuda.Event:
     event = torch.cuda.Event(enable_timing=True)
-    event.record(stream)
+    event.record(torch.cuda.current_stream(device))  # the stream the runner launches on, read at each record
     return event
