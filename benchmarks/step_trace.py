@@ -2,7 +2,7 @@
 how many ran, their rows, their device time, the GPU's idle time before them and the host's time around them; then
 how the prompts were chunked. Where served time goes beyond the kernels: `idle` is time the GPU had nothing queued.
 
-    python3 benchmarks/step_trace.py /tmp/trace.jsonl [--from-step 100] [--to-step 5000]
+    python3 benchmarks/step_trace.py /tmp/trace.jsonl [--from-step 100] [--to-step 5000] [--prompts]
 
 Kinds: decode (one token a row), verify (MTP verify rows), mixed (prompt chunks beside decode or verify rows),
 prefill (prompt chunks only). Times in ms; device and idle times are CUDA only (blank elsewhere).
@@ -78,11 +78,36 @@ def prompts(steps: list[dict]) -> str:
             f"steps from first chunk to last mean {statistics.fmean(spans):.2f} (max {max(spans)})")
 
 
+def prompt_table(steps: list[dict]) -> list[str]:
+    """A row per prompt: its chunks, and the steps from its first chunk to its last (the part of its time to first
+    token the engine saw, queueing before it not included): host time from the first step's schedule to the last
+    step's launch, and on CUDA the device and GPU idle time of those steps (the first step's idle left out)."""
+    spans: dict[str, list[int]] = defaultdict(list)
+    tokens: dict[str, int] = defaultdict(int)
+    for i, s in enumerate(steps):
+        for rid, new, _computed in s["prefill"]:
+            spans[rid].append(i)
+            tokens[rid] += new
+    lines = ["| request | prompt tokens | chunks | steps | host ms (schedule to last launch) | device ms | idle ms | "
+             "launch ms |", "|---|---|---|---|---|---|---|---|"]
+    for rid, where in spans.items():
+        span = steps[where[0]:where[-1] + 1]
+        host = span[-1]["t_ms"] + span[-1]["schedule_ms"] + span[-1]["launch_ms"] - span[0]["t_ms"]
+        cuda = span[0]["device_ms"] is not None
+        device = f"{sum(s['device_ms'] or 0 for s in span):.3f}" if cuda else ""
+        idle = f"{sum(s['idle_ms'] or 0 for s in span[1:]):.3f}" if cuda else ""
+        lines.append(f"| {rid} | {tokens[rid]} | {len(where)} | {len(span)} | {host:.3f} | {device} | {idle} | "
+                     f"{sum(s['launch_ms'] for s in span):.3f} |")
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace", help="the JSON-lines file --step-trace wrote")
     parser.add_argument("--from-step", type=int, default=0, help="skip the steps before this one (warm-up)")
     parser.add_argument("--to-step", type=int, default=None, help="skip the steps after this one")
+    parser.add_argument("--prompts", action="store_true",
+                        help="also a row per prompt: its chunks and the time from its first chunk to its last")
     args = parser.parse_args()
     steps = load(args.trace, args.from_step, args.to_step)
     if not steps:
@@ -90,6 +115,8 @@ def main() -> None:
     print(f"trace {args.trace}: {totals(steps)}")
     print("\n".join(kinds_table(steps)))
     print(prompts(steps))
+    if args.prompts:
+        print("\n".join(prompt_table(steps)))
 
 
 if __name__ == "__main__":

@@ -72,6 +72,14 @@ def test_summary_of_a_trace(model_dir, tmp_path, monkeypatch, capsys):
     rows = {line.split(" | ")[0].strip("| "): line for line in out.splitlines() if line.startswith("| ")}
     assert {"prefill", "decode"} <= set(rows) <= set(summary.KINDS) | {"kind", "---"}
     assert "2 prompts: chunks per prompt mean 2.50 (max 3)" in out
+    assert "| request |" not in out  # the per-prompt rows only with --prompts
+    monkeypatch.setattr("sys.argv", ["step_trace.py", str(path), "--prompts"])
+    summary.main()
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 |")
+            or line.startswith("| 1 |")]
+    # (prompt tokens, chunks, steps from the first chunk to the last): 16 + 16 + 8 beside 8 + 1, as above
+    assert sorted((int(r[1]), int(r[2]), int(r[3])) for r in rows) == [(9, 2, 2), (40, 3, 3)]
+    assert all(float(r[4]) >= float(r[7].rstrip(" |")) > 0 and r[5] == r[6] == "" for r in rows)  # CPU: no events
     monkeypatch.setattr("sys.argv", ["step_trace.py", str(path), "--from-step", "10000"])
     with pytest.raises(SystemExit, match="no steps between 10000"):
         summary.main()
