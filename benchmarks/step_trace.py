@@ -64,16 +64,22 @@ def totals(steps: list[dict]) -> str:
             f"idle {idle:.0f} ms{share}")
 
 
+def chunks_by_prompt(steps: list[dict]) -> dict[str, list[tuple[int, int]]]:
+    """Each prompt's chunks in order, as (index in `steps`, tokens)."""
+    chunks: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for i, s in enumerate(steps):
+        for rid, new, _computed in s["prefill"]:
+            chunks[rid].append((i, new))
+    return chunks
+
+
 def prompts(steps: list[dict]) -> str:
     """How many chunks each prompt took and how many steps its prefill spanned (first chunk to last)."""
-    chunks: dict[str, list[int]] = defaultdict(list)
-    for s in steps:
-        for rid, _new, _computed in s["prefill"]:
-            chunks[rid].append(s["step"])
+    chunks = chunks_by_prompt(steps)
     if not chunks:
         return "no prompt chunks in these steps"
     counts = [len(v) for v in chunks.values()]
-    spans = [v[-1] - v[0] + 1 for v in chunks.values()]
+    spans = [v[-1][0] - v[0][0] + 1 for v in chunks.values()]
     return (f"{len(chunks)} prompts: chunks per prompt mean {statistics.fmean(counts):.2f} (max {max(counts)}), "
             f"steps from first chunk to last mean {statistics.fmean(spans):.2f} (max {max(spans)})")
 
@@ -82,22 +88,16 @@ def prompt_table(steps: list[dict]) -> list[str]:
     """A row per prompt: its chunks, and the steps from its first chunk to its last (the part of its time to first
     token the engine saw, queueing before it not included): host time from the first step's schedule to the last
     step's launch, and on CUDA the device and GPU idle time of those steps (the first step's idle left out)."""
-    spans: dict[str, list[int]] = defaultdict(list)
-    tokens: dict[str, int] = defaultdict(int)
-    for i, s in enumerate(steps):
-        for rid, new, _computed in s["prefill"]:
-            spans[rid].append(i)
-            tokens[rid] += new
     lines = ["| request | prompt tokens | chunks | steps | host ms (schedule to last launch) | device ms | idle ms | "
              "launch ms |", "|---|---|---|---|---|---|---|---|"]
-    for rid, where in spans.items():
-        span = steps[where[0]:where[-1] + 1]
+    for rid, where in chunks_by_prompt(steps).items():
+        span = steps[where[0][0]:where[-1][0] + 1]
         host = span[-1]["t_ms"] + span[-1]["schedule_ms"] + span[-1]["launch_ms"] - span[0]["t_ms"]
         cuda = span[0]["device_ms"] is not None
         device = f"{sum(s['device_ms'] or 0 for s in span):.3f}" if cuda else ""
         idle = f"{sum(s['idle_ms'] or 0 for s in span[1:]):.3f}" if cuda else ""
-        lines.append(f"| {rid} | {tokens[rid]} | {len(where)} | {len(span)} | {host:.3f} | {device} | {idle} | "
-                     f"{sum(s['launch_ms'] for s in span):.3f} |")
+        lines.append(f"| {rid} | {sum(n for _, n in where)} | {len(where)} | {len(span)} | {host:.3f} | {device} | "
+                     f"{idle} | {sum(s['launch_ms'] for s in span):.3f} |")
     return lines
 
 

@@ -7,7 +7,7 @@ Each line holds:
   t_ms          host clock when the step was scheduled, ms since the trace opened
   schedule_ms   host: scheduling the step and building its input
   launch_ms     host: runner.launch (a CUDA graph replay, or the whole model from Python); the server's streaming
-                callback, run before a launch that is not a replay, is in neither
+                callback, run before a launch that is not a replay, is in neither this field nor schedule_ms
   wait_ms       host: blocked collecting the step's tokens; null when they were never collected (a failed step)
   device_ms     CUDA: from the step's start to its end on the stream: its kernels, sampling and MTP drafting (for a
                 step with constrained rows, also the GPU's wait for the host's grammar masks)
