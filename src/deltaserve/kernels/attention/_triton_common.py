@@ -150,16 +150,17 @@ def _planes_ptx(x, t_mask, ptx: tl.constexpr, PACK: tl.constexpr, IN_REGS: tl.co
 
 @triton.jit
 def _load_planes(c_ptr, rows, words, t_mask, out_ty: tl.constexpr, QUANT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, IN_REGS: tl.constexpr):
+                 BLOCK_D: tl.constexpr, IN_REGS: tl.constexpr, IS_V: tl.constexpr = True):
     """BLOCK_N quantized head vectors (offsets rows in bytes, words = rows // 2 in 16-bit words) as two
     [BLOCK_N, BLOCK_D // 2] planes in out_ty: even dims and odd dims, unscaled; int4's odd plane is 16 (q - 8).
     Masked tokens get p = 0 from the caller, and their block-table load points them at a page of the pool: int8 and
-    int4 bytes are finite whatever they hold, so their tokens are not masked (as _load_words); fp8 ones are (a
-    stale byte may be NaN, and 0 * NaN is NaN). Masked bytes read 0 (cp.async fills zeros for free, another value
-    costs a select per byte); dims past HEAD_DIM meet a zero q."""
+    int4 bytes are finite whatever they hold, so their tokens are not masked (as _load_words); fp8 V is (a stale byte
+    may be NaN, and 0 * NaN is NaN), fp8 K (IS_V False) is not: a NaN stays in its own token's score, which the
+    caller replaces by -inf. Masked bytes read 0 (cp.async fills zeros for free, another value costs a select per
+    byte); dims past HEAD_DIM meet a zero q."""
     half = tl.arange(0, BLOCK_D // 2)
     dims = (half < HEAD_DIM // 2)[None, :]
-    mask = t_mask[:, None] & dims if QUANT == 1 else dims
+    mask = t_mask[:, None] & dims if QUANT == 1 and IS_V else dims
     if QUANT == 3:
         b = tl.load(c_ptr + rows[:, None] + half[None, :], mask=mask, other=0)
         if out_ty == tl.float16:

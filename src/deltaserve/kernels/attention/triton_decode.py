@@ -184,7 +184,8 @@ def _decode_split_kernel(
                     scores = tl.dot(q_2, tl.trans(k_2), scores, input_precision=PREC)
                     scores = tl.dot(q_3, tl.trans(k_3), scores, input_precision=PREC)
             elif PLANES:
-                k, k_hi = _load_planes(kc_ptr, k_rows, k_words, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False)
+                k, k_hi = _load_planes(kc_ptr, k_rows, k_words, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, False,
+                                       IS_V=False)
                 v, v_hi = _load_planes(vc_ptr, v_rows, v_words, t_mask, q.dtype, QUANT, HEAD_DIM, BLOCK_D, V_REGS)
                 scores = tl.dot(q_hi, tl.trans(k_hi), input_precision=PREC)
                 if QUANT == 3:
