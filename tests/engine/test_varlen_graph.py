@@ -13,7 +13,9 @@ from deltaserve.config import ModelConfig
 from deltaserve.engine.device_inputs import upload_arrays, upload_step
 from deltaserve.engine.step_input import SamplingRequest, StepInput
 from deltaserve.sampling_params import SamplingParams
-from deltaserve.engine.varlen_graph import VarlenGraphs, chunk_capacity, padded_arrays, padded_batch, token_sizes
+from deltaserve.engine.memory import graphed_share, prefill_graph_tokens
+from deltaserve.engine.varlen_graph import (VarlenGraphs, chunk_capacity, full_step_tokens, padded_arrays, padded_batch,
+                                            token_sizes)
 from deltaserve.models.loader import load_model
 from tests.models.factory import TinySpec, text_kwargs
 from tests.tolerances import TOLERANCES
@@ -201,7 +203,6 @@ def test_a_full_step_replays_its_own_bucket_and_the_planner_reserves_the_pool() 
     from types import SimpleNamespace
 
     from deltaserve.config.engine import RunnerConfig, SchedulerConfig
-    from deltaserve.engine.memory import _graphed_share
 
     graphs = VarlenGraphs(None, None, max_tokens=4096, max_rows=4, max_pages=4096 // PAGE, page_size=PAGE,  # type: ignore
                           device=torch.device("cpu"), step_tokens=2048)
@@ -209,11 +210,32 @@ def test_a_full_step_replays_its_own_bucket_and_the_planner_reserves_the_pool() 
     assert graphs.key_for(step_of([2048], [0], [0], [2047])) == (1, 2112)  # a whole prompt chunk
     assert graphs.key_for(step_of([1500], [0], [0], [1499])) == (1, 2048)
 
-    def share(**runner) -> float:
+    def config(**runner) -> SimpleNamespace:
         sched = SchedulerConfig(max_model_len=8192, max_num_batched_tokens=2048)
-        return _graphed_share(SimpleNamespace(runner=RunnerConfig(**runner), scheduler=sched))  # type: ignore
-    assert share() == 1.0 and share(prefill_graph_tokens=512) == 0.25
-    assert share(prefill_graph_tokens=0) == 0.0 and share(enforce_eager=True) == 0.0
+        return SimpleNamespace(runner=RunnerConfig(**runner), scheduler=sched)
+
+    assert graphed_share(config(), 4096) == 1.0 and graphed_share(config(), 512) == 0.25
+    assert graphed_share(config(), 0) == 0.0 and graphed_share(config(enforce_eager=True), 4096) == 0.0
+
+
+def test_default_prefill_graphs_reach_the_full_step_where_their_pool_costs_little_memory() -> None:
+    """prefill_graph_tokens None: the full step's bucket (8,193 tokens to a multiple of 64) where its graphs' pool
+    takes at most 10% of the cache memory more than the pool up to 4,096 tokens (half an 8k step's peak more here),
+    4,096 otherwise; a given value is kept; a token budget whose full step is no larger than 4,096 keeps 4,096."""
+    from types import SimpleNamespace
+
+    from deltaserve.config.engine import RunnerConfig, SchedulerConfig
+
+    def tokens(budget_gib: float, step_tokens: int = 8192, **runner) -> int:
+        sched = SchedulerConfig(max_model_len=10240, max_num_batched_tokens=step_tokens)
+        config = SimpleNamespace(runner=RunnerConfig(**runner), scheduler=sched)
+        return prefill_graph_tokens(config, peak=4 << 30, budget=int(budget_gib * 2**30))  # type: ignore[arg-type]
+
+    assert tokens(100.0) == 8256 and tokens(20.0) == 8256   # 2 GiB more: 2% / 10% of the cache memory
+    assert tokens(19.0) == 4096 and tokens(4.2) == 4096    # 35B-A3B's bf16 weights on an 80 GB card
+    assert tokens(4.2, prefill_graph_tokens=8256) == 8256 and tokens(100.0, prefill_graph_tokens=0) == 0
+    assert tokens(100.0, step_tokens=2048) == 4096
+    assert full_step_tokens(8192) == 8256 and full_step_tokens(2047) == 2048 and full_step_tokens(2048) == 2112
 
 
 def test_replays_graph_agrees_with_the_graphs_the_step_would_replay() -> None:

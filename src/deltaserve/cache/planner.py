@@ -26,6 +26,7 @@ class MemoryPlan:
     num_checkpoints: int = 0  # prefix-cache checkpoints: state slots of their own, in the state tensors
     kv_format: str = "model dtype"  # what a page holds, for the log line (e.g. "fp8 e4m3 + scales")
     state_format: str = "float32"   # the GDN recurrent state's storage dtype
+    prefill_graph_tokens: int = 0   # varlen CUDA graphs up to this many tokens, their pool reserved (engine/memory.py)
 
     @property
     def checkpoint_bytes(self) -> int:

@@ -56,7 +56,8 @@ class RunnerConfig:
     dtype: str | None = None        # None: the checkpoint's dtype
     load_format: str = "auto"
     enforce_eager: bool = False     # no CUDA graphs
-    prefill_graph_tokens: int = 4096  # varlen graphs at 64, 128, ... tokens (and a full step's) up to this; < 64: none
+    prefill_graph_tokens: int | None = None  # varlen graphs at 64, 128, ... tokens (and a full step's) up to this;
+    # < 64: none; None: chosen by the memory planner (engine/memory.py: the full step's where it costs little memory)
     step_trace: str | None = None   # a file the engine writes one JSON line per step into (engine/step_trace.py)
 
     def __post_init__(self) -> None:
@@ -66,9 +67,10 @@ class RunnerConfig:
                 f"'dtype' is {self.dtype!r}; use one of {MODEL_DTYPES} (or leave it out for the checkpoint's)")
         require(self.load_format in LOAD_FORMATS, f"'load_format' is {self.load_format!r}; use one of {LOAD_FORMATS}")
         require(isinstance(self.enforce_eager, bool), f"'enforce_eager' must be a bool, got {self.enforce_eager!r}")
-        require(is_int(self.prefill_graph_tokens) and self.prefill_graph_tokens >= 0,
-                f"'prefill_graph_tokens' must be an integer >= 0 (0: no prefill graphs), got "
-                f"{self.prefill_graph_tokens!r}")
+        require(self.prefill_graph_tokens is None or (is_int(self.prefill_graph_tokens) and
+                                                      self.prefill_graph_tokens >= 0),
+                f"'prefill_graph_tokens' must be an integer >= 0 (0: no prefill graphs) or None (chosen from the "
+                f"memory), got {self.prefill_graph_tokens!r}")
         require(self.step_trace is None or (isinstance(self.step_trace, str) and self.step_trace != ""),
                 f"'step_trace' is {self.step_trace!r}; give the path of a file to write the trace into, or None")
 

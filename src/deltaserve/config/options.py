@@ -116,12 +116,14 @@ class EngineArgs:
     load_format: str = _option("auto", "dummy: random weights at the checkpoint's shapes, for benchmarks",
                                section="runner", type=str, choices=LOAD_FORMATS)
     enforce_eager: bool = _option(False, "disable CUDA graphs (on by default on GPU)", section="runner")
-    prefill_graph_tokens: int = _option(
-        4096, "steps with prefill chunks and at most 16 rows (a prompt's chunks, a resumed chat turn, a short prompt "
+    prefill_graph_tokens: int | None = _option(
+        None, "steps with prefill chunks and at most 16 rows (a prompt's chunks, a resumed chat turn, a short prompt "
               "beside a few decode rows) replay CUDA graphs captured at 64, 128, ... tokens and at a full step "
               "(--max-num-batched-tokens + 1, to a multiple of 64), none above this value, instead of launching every "
               "kernel from Python (a step fits a graph of more tokens than it has); their memory is reserved beside "
-              "the activations'; below 64: they run eagerly", section="runner", type=int)
+              "the activations'; below 64: they run eagerly (default: up to the full step where its graphs take at "
+              "most 10%% of the cache memory more than those up to 4096 tokens, else 4096)", section="runner",
+        type=int)
     step_trace: str | None = _option(
         None, "write one JSON line per launched engine step to this file: host and device times, GPU idle time "
               "before the step, rows and prefill chunks (benchmarks/step_trace.py summarizes it)",

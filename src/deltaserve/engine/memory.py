@@ -3,6 +3,9 @@ planner in cache/planner.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+
 import psutil
 import torch
 
@@ -12,7 +15,17 @@ from deltaserve.cache.tensors import (CacheShape, ModelCache, kv_bytes_per_page,
                                       verify_bytes_per_position)
 from deltaserve.config import ConfigError, EngineConfig
 from deltaserve.engine.device_inputs import build_forward_batch
-from deltaserve.engine.varlen_graph import token_sizes
+from deltaserve.engine.varlen_graph import full_step_tokens, token_sizes
+
+log = logging.getLogger(__name__)
+
+# Prefill graphs by default (prefill_graph_tokens None): up to the full step's bucket where their pool takes at
+# most FULL_STEP_GRAPH_COST of the cache memory more than the pool of the buckets up to SHORT_PREFILL_GRAPH_TOKENS,
+# else up to those. An eager 8k step launches ~1,950 kernels from Python; on an H100 serving 35B-A3B that launch took
+# 88-153 ms against the GPU's ~120 ms of work, and the step (so the time to first token) took as long as the launch
+# on half of the prompts (RESULTS.md 2026-12-07). Where memory is tight (35B-A3B on an 80 GB card) KV pages come first.
+SHORT_PREFILL_GRAPH_TOKENS = 4096
+FULL_STEP_GRAPH_COST = 0.1
 
 
 def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torch.device,
@@ -26,14 +39,15 @@ def plan_cache_memory(model: torch.nn.Module, config: EngineConfig, device: torc
                                       config.model.hidden_size if config.with_mtp else 0)
     explicit_slots = cc.num_state_slots if cc.num_state_slots is not None else (
         sched.max_num_seqs if cc.num_pages is not None else None)
-    budget = _budget_bytes(model, config, device, dtype) - verify_state_bytes(config, dtype)
-    return plan_memory(budget_bytes=budget, page_bytes=page_bytes,
+    graph_tokens, budget = _graphs_and_budget(model, config, device, dtype)
+    plan = plan_memory(budget_bytes=budget - verify_state_bytes(config, dtype), page_bytes=page_bytes,
                        slot_bytes=slot_bytes, page_size=cc.page_size, max_num_seqs=sched.max_num_seqs,
                        max_model_len=sched.max_model_len, num_pages=cc.num_pages, num_slots=explicit_slots,
                        num_checkpoints=cc.num_checkpoints if cc.enable_prefix_caching else 0,
                        checkpoint_fraction=cc.checkpoint_fraction,
                        kv_format=kv_format_label(cc.kv_cache_dtype, dtype), state_format=cc.state_dtype,
                        kv_cache_dtype=cc.kv_cache_dtype)
+    return dataclasses.replace(plan, prefill_graph_tokens=graph_tokens)
 
 
 # fp8 pages are written with Triton's fp8e4nv cast and read with cvt.rn.f16x2.e4m3x2 (kernels/attention): sm_89+
@@ -87,27 +101,49 @@ def new_cache(config: EngineConfig, *, num_pages: int, num_slots: int, dtype: to
                       verify_rows=rows, verify_positions=positions)
 
 
-def _budget_bytes(model: torch.nn.Module, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> int:
-    """Bytes left for caches: the allowed fraction of the device minus what is in use and the activation peak."""
+def _graphs_and_budget(model: torch.nn.Module, config: EngineConfig, device: torch.device,
+                       dtype: torch.dtype) -> tuple[int, int]:
+    """(prefill graph tokens, bytes left for caches): the allowed fraction of the device minus what is in use, the
+    activation peak and the prefill graphs' pool."""
     util, sched = config.cache.gpu_memory_utilization, config.scheduler
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         in_use = total - free
         peak = _activation_peak_cuda(model, config, device, dtype)
-        return int(total * util) - in_use - peak - int(peak * _graphed_share(config))
-    # CPU: a share of the RAM that is available now (weights are already resident).
+        budget = int(total * util) - in_use - peak
+        tokens = prefill_graph_tokens(config, peak, budget)
+        return tokens, budget - int(peak * graphed_share(config, tokens))
+    # CPU: a share of the RAM that is available now (weights are already resident); no graphs.
     act = sched.max_num_batched_tokens * config.model.hidden_size * 4 * 32
-    return int(psutil.virtual_memory().available * util * 0.5) - act
+    return 0, int(psutil.virtual_memory().available * util * 0.5) - act
 
 
-def _graphed_share(config: EngineConfig) -> float:
-    """The varlen CUDA graphs' memory pool as a share of the profiled activation peak: their largest token bucket
-    over the profiled step's tokens (activations grow about linearly with tokens); it stays allocated beside the
-    eager steps' activations."""
+def prefill_graph_tokens(config: EngineConfig, peak: int, budget: int) -> int:
+    """The prefill_graph_tokens option, or where it is None the full step's bucket when its graphs' pool (beside an
+    activation peak of `peak` bytes) takes at most FULL_STEP_GRAPH_COST of `budget` (the cache memory without
+    graphs) more than the pool of the buckets up to SHORT_PREFILL_GRAPH_TOKENS, else those."""
+    if config.runner.prefill_graph_tokens is not None:
+        return config.runner.prefill_graph_tokens
+    full = full_step_tokens(config.scheduler.max_num_batched_tokens)
+    if full <= SHORT_PREFILL_GRAPH_TOKENS:
+        return SHORT_PREFILL_GRAPH_TOKENS
+    extra = peak * (graphed_share(config, full) - graphed_share(config, SHORT_PREFILL_GRAPH_TOKENS))
+    if extra <= FULL_STEP_GRAPH_COST * budget:
+        return full
+    log.info("prefill CUDA graphs up to %d tokens: those of a full step (%d) would take %.2f GiB more of the cache "
+             "memory (%.2f GiB); --prefill-graph-tokens %d captures them anyway", SHORT_PREFILL_GRAPH_TOKENS, full,
+             extra / 2**30, max(budget, 0) / 2**30, full)
+    return SHORT_PREFILL_GRAPH_TOKENS
+
+
+def graphed_share(config: EngineConfig, max_tokens: int) -> float:
+    """The varlen CUDA graphs' memory pool (buckets up to max_tokens) as a share of the profiled activation peak:
+    their largest token bucket over the profiled step's tokens (activations grow about linearly with tokens); it
+    stays allocated beside the eager steps' activations."""
     runner, sched = config.runner, config.scheduler
-    if runner.enforce_eager or runner.prefill_graph_tokens < 64:
+    if runner.enforce_eager or max_tokens < 64:
         return 0.0
-    sizes = token_sizes(runner.prefill_graph_tokens, sched.max_num_batched_tokens)
+    sizes = token_sizes(max_tokens, sched.max_num_batched_tokens)
     return min(1.0, sizes[-1] / max(1, min(sched.max_num_batched_tokens, sched.max_model_len))) if sizes else 0.0
 
 

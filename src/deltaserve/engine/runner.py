@@ -219,7 +219,7 @@ class ModelRunner:
         return graphs
 
     def _capture_varlen(self) -> VarlenGraphs | None:
-        sched, tokens = self.config.scheduler, self.config.runner.prefill_graph_tokens
+        sched, tokens = self.config.scheduler, self.plan.prefill_graph_tokens
         if tokens < 64:
             return None
         graphs = VarlenGraphs(self.model, self.cache, max_tokens=tokens,

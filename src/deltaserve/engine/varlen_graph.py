@@ -34,13 +34,19 @@ log = logging.getLogger(__name__)
 ROW_SIZES = (1, 4, 16)
 
 
+def full_step_tokens(step_tokens: int) -> int:
+    """The bucket that fits a step of step_tokens (the scheduler's token budget) with its padding row:
+    step_tokens + 1 rounded up to a multiple of 64."""
+    return -(-(step_tokens + 1) // GDN_CHUNK_SIZE) * GDN_CHUNK_SIZE
+
+
 def token_sizes(max_tokens: int, step_tokens: int | None = None) -> list[int]:
     """Token buckets (a step of t tokens needs a bucket T > t), none above max_tokens: 64 doubling, and with
     step_tokens (the scheduler's token budget) only while below a step of that many tokens, then one bucket that
     fits such a step with its padding row: step_tokens + 1 rounded up to a multiple of 64 (a full 2,048-token prefill
     chunk replays 2,112 tokens instead of launching the whole model from Python, which costs an MoE model's chunk
     three times its GPU time)."""
-    full = None if step_tokens is None else -(-(step_tokens + 1) // GDN_CHUNK_SIZE) * GDN_CHUNK_SIZE
+    full = None if step_tokens is None else full_step_tokens(step_tokens)
     sizes, t = [], 64
     while t <= max_tokens and (full is None or t < full):
         sizes.append(t)

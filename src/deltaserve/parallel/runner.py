@@ -59,11 +59,13 @@ class TPModelRunner(ModelRunner):
         if failed:
             raise RankFailure("; ".join(f"tensor-parallel rank {r} failed to start: {s}" for r, s in failed))
         plan = super().plan_memory()
-        sizes = torch.tensor([plan.num_pages, plan.num_slots, plan.num_checkpoints], dtype=torch.long)
+        sizes = torch.tensor([plan.num_pages, plan.num_slots, plan.num_checkpoints, plan.prefill_graph_tokens],
+                             dtype=torch.long)
         group.call_collective("plan all_reduce", dist.all_reduce, sizes, op=dist.ReduceOp.MIN,
                               group=group.current_group().commands)
-        pages, slots, checkpoints = sizes.tolist()
-        return dataclasses.replace(plan, num_pages=pages, num_slots=slots, num_checkpoints=checkpoints)
+        pages, slots, checkpoints, graph_tokens = sizes.tolist()
+        return dataclasses.replace(plan, num_pages=pages, num_slots=slots, num_checkpoints=checkpoints,
+                                   prefill_graph_tokens=graph_tokens)
 
     def sample(self, launched: LaunchedStep, mask: GrammarMask | None) -> LaunchedStep:
         """Rank 0 samples; every rank then goes on from rank 0's tokens (`_share_tokens`): the pending input ids of
