@@ -156,3 +156,24 @@ def test_async_engine_waits_on_the_device_only_for_tokens(ckpt):  # noqa: F811
     # a sync raises inside the step, which fails its requests: every request must have ended normally
     ended_well = [o.outputs[0].finish_reason in ("length", "stop") and bool(o.outputs[0].token_ids) for o in outs]
     assert ended_well == [True] * 9
+
+
+def test_default_prefill_graphs_replay_a_full_step(ckpt):  # noqa: F811
+    """With prefill_graph_tokens left out the planner captures buckets up to the full step (a tiny model's pool is
+    far under 10% of the cache memory): an 8,000-token prompt's long step (7,999 tokens, then its last in a step of
+    its own: the tail checkpoint) replays a graph where with graphs up to 4,096 tokens it runs eagerly, and the
+    tokens are the same."""
+    g = torch.Generator().manual_seed(47)
+    ps = [torch.randint(1, 256, (8000,), generator=g).tolist()]
+    kw = dict(max_model_len=8704, max_num_batched_tokens=8192, device="cuda", dtype="float32")
+    tokens, replays = {}, {}
+    for option in (None, 4096):
+        llm = LLM(str(ckpt[0]), prefill_graph_tokens=option, **kw)
+        runner = llm.engine.runner
+        tokens[option] = llm.generate(ps, GREEDY)[0].outputs[0].token_ids
+        replays[option] = runner.varlen_graphs.replays
+        assert runner.plan.prefill_graph_tokens == (8256 if option is None else 4096)
+        assert ((1, 8256) in runner.varlen_graphs.graphs) == (option is None)
+        del llm
+    assert replays[None] == replays[4096] + 1
+    assert tokens[None] == tokens[4096]
