@@ -172,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-num-batched-tokens", type=positive_int, default=8192)
     ap.add_argument("--eager-ms", type=float, default=None,
                     help="the least a step without a CUDA graph takes (default: not modelled)")
-    ap.add_argument("--graph-tokens", type=positive_int, default=4096, help="as the server's --prefill-graph-tokens")
+    ap.add_argument("--graph-tokens", type=positive_int, default=4096,
+                    help="as the server's --prefill-graph-tokens (4096 was its default until 2026-12-07; it now takes "
+                         "a full step, --max-num-batched-tokens + 1, where memory allows)")
     ap.add_argument("--no-prefix-caching", action="store_true", help="as the server's flag (on by default there)")
     ap.add_argument("--max-num-seqs", type=positive_int, default=64, help="state slots, as the server's option")
     ap.add_argument("--num-pages", type=positive_int, default=None,

@@ -160,11 +160,12 @@ def test_async_engine_waits_on_the_device_only_for_tokens(ckpt):  # noqa: F811
 
 def test_default_prefill_graphs_replay_a_full_step(ckpt):  # noqa: F811
     """With prefill_graph_tokens left out the planner captures buckets up to the full step (a tiny model's pool is
-    far under 10% of the cache memory): an 8,000-token prompt's long step (7,999 tokens, then its last in a step of
-    its own: the tail checkpoint) replays a graph where with graphs up to 4,096 tokens it runs eagerly, and the
-    tokens are the same."""
+    far under 10% of the cache memory): an 8,300-token prompt's first step of 8,192 tokens (the token budget, and the
+    checkpoint interval) replays the 8,256-token graph where with graphs up to 4,096 tokens it runs eagerly; its
+    other steps (107 tokens to the tail checkpoint, then the last token) take the same graphs either way; the tokens
+    are the same."""
     g = torch.Generator().manual_seed(47)
-    ps = [torch.randint(1, 256, (8000,), generator=g).tolist()]
+    ps = [torch.randint(1, 256, (8300,), generator=g).tolist()]
     kw = dict(max_model_len=8704, max_num_batched_tokens=8192, device="cuda", dtype="float32")
     tokens, replays = {}, {}
     for option in (None, 4096):
@@ -174,6 +175,6 @@ def test_default_prefill_graphs_replay_a_full_step(ckpt):  # noqa: F811
         replays[option] = runner.varlen_graphs.replays
         assert runner.plan.prefill_graph_tokens == (8256 if option is None else 4096)
         assert ((1, 8256) in runner.varlen_graphs.graphs) == (option is None)
-        del llm
+        del llm, runner
     assert replays[None] == replays[4096] + 1
     assert tokens[None] == tokens[4096]

@@ -214,14 +214,18 @@ def test_a_full_step_replays_its_own_bucket_and_the_planner_reserves_the_pool() 
         sched = SchedulerConfig(max_model_len=8192, max_num_batched_tokens=2048)
         return SimpleNamespace(runner=RunnerConfig(**runner), scheduler=sched)
 
-    assert graphed_share(config(), 4096) == 1.0 and graphed_share(config(), 512) == 0.25
+    assert graphed_share(config(), 4096) == 2112 / 2048 and graphed_share(config(), 512) == 0.25
     assert graphed_share(config(), 0) == 0.0 and graphed_share(config(enforce_eager=True), 4096) == 0.0
+    short = SimpleNamespace(runner=RunnerConfig(), scheduler=SchedulerConfig(max_model_len=1024,
+                                                                             max_num_batched_tokens=2048))
+    assert graphed_share(short, 4096) == 2112 / 1024  # the profiled step stops at max_model_len: a larger pool
 
 
 def test_default_prefill_graphs_reach_the_full_step_where_their_pool_costs_little_memory() -> None:
     """prefill_graph_tokens None: the full step's bucket (8,193 tokens to a multiple of 64) where its graphs' pool
-    takes at most 10% of the cache memory more than the pool up to 4,096 tokens (half an 8k step's peak more here),
-    4,096 otherwise; a given value is kept; a token budget whose full step is no larger than 4,096 keeps 4,096."""
+    takes at most 10% of the cache memory more than the pool up to 4,096 tokens (~half an 8k step's peak more here),
+    4,096 otherwise; a given value is kept; a token budget whose full step is no larger than 4,096 keeps 4,096;
+    without graphs (enforce_eager) the plan says 0."""
     from types import SimpleNamespace
 
     from deltaserve.config.engine import RunnerConfig, SchedulerConfig
@@ -231,10 +235,10 @@ def test_default_prefill_graphs_reach_the_full_step_where_their_pool_costs_littl
         config = SimpleNamespace(runner=RunnerConfig(**runner), scheduler=sched)
         return prefill_graph_tokens(config, peak=4 << 30, budget=int(budget_gib * 2**30))  # type: ignore[arg-type]
 
-    assert tokens(100.0) == 8256 and tokens(20.0) == 8256   # 2 GiB more: 2% / 10% of the cache memory
-    assert tokens(19.0) == 4096 and tokens(4.2) == 4096    # 35B-A3B's bf16 weights on an 80 GB card
+    assert tokens(100.0) == 8256 and tokens(21.0) == 8256  # 2.03 GiB more: 2% / 9.7% of the cache memory
+    assert tokens(20.0) == 4096 and tokens(4.2) == 4096    # 4.2: 35B-A3B's bf16 weights on an 80 GB card
     assert tokens(4.2, prefill_graph_tokens=8256) == 8256 and tokens(100.0, prefill_graph_tokens=0) == 0
-    assert tokens(100.0, step_tokens=2048) == 4096
+    assert tokens(100.0, step_tokens=2048) == 4096 and tokens(100.0, enforce_eager=True) == 0
     assert full_step_tokens(8192) == 8256 and full_step_tokens(2047) == 2048 and full_step_tokens(2048) == 2112
 
 

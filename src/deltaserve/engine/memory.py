@@ -122,6 +122,8 @@ def prefill_graph_tokens(config: EngineConfig, peak: int, budget: int) -> int:
     """The prefill_graph_tokens option, or where it is None the full step's bucket when its graphs' pool (beside an
     activation peak of `peak` bytes) takes at most FULL_STEP_GRAPH_COST of `budget` (the cache memory without
     graphs) more than the pool of the buckets up to SHORT_PREFILL_GRAPH_TOKENS, else those."""
+    if config.runner.enforce_eager:
+        return 0
     if config.runner.prefill_graph_tokens is not None:
         return config.runner.prefill_graph_tokens
     full = full_step_tokens(config.scheduler.max_num_batched_tokens)
@@ -138,13 +140,14 @@ def prefill_graph_tokens(config: EngineConfig, peak: int, budget: int) -> int:
 
 def graphed_share(config: EngineConfig, max_tokens: int) -> float:
     """The varlen CUDA graphs' memory pool (buckets up to max_tokens) as a share of the profiled activation peak:
-    their largest token bucket over the profiled step's tokens (activations grow about linearly with tokens); it
-    stays allocated beside the eager steps' activations."""
+    their largest token bucket over the profiled step's tokens (activations grow about linearly with tokens; more
+    than 1 where max_model_len, which caps the profiled step, is below the step's token budget); it stays allocated
+    beside the eager steps' activations."""
     runner, sched = config.runner, config.scheduler
     if runner.enforce_eager or max_tokens < 64:
         return 0.0
     sizes = token_sizes(max_tokens, sched.max_num_batched_tokens)
-    return min(1.0, sizes[-1] / max(1, min(sched.max_num_batched_tokens, sched.max_model_len))) if sizes else 0.0
+    return sizes[-1] / max(1, min(sched.max_num_batched_tokens, sched.max_model_len)) if sizes else 0.0
 
 
 @torch.no_grad()
