@@ -5,7 +5,8 @@ how the prompts were chunked. Where served time goes beyond the kernels: `idle` 
     python3 benchmarks/step_trace.py /tmp/trace.jsonl [--from-step 100] [--to-step 5000] [--prompts]
 
 Kinds: decode (one token a row), verify (MTP verify rows), mixed (prompt chunks beside decode or verify rows),
-prefill (prompt chunks only). Times in ms; device and idle times are CUDA only (blank elsewhere).
+prefill (prompt chunks only). Times in ms; device and idle times are CUDA only (blank elsewhere). "launch-bound":
+steps whose launch took at least LAUNCH_BOUND of their device time (the GPU likely waited on the host).
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ import statistics
 from collections import defaultdict
 
 KINDS = ("decode", "verify", "mixed", "prefill")
+# A step whose host launch took at least this share of its device time likely kept the GPU waiting on Python (its
+# kernels queued about as fast as they ran): an H100 serving 35B-A3B launched its eager 8k prefill steps in 88-153 ms
+# for ~120 ms of GPU work, and the steps that took 0.9x or more of it lasted as long as their launch (RESULTS.md
+# 2026-12-07).
+LAUNCH_BOUND = 0.9
 
 
 def kind(step: dict) -> str:
@@ -40,7 +46,7 @@ def kinds_table(steps: list[dict]) -> list[str]:
     for s in steps:
         groups[kind(s)].append(s)
     lines = ["| kind | steps | rows | prefill tokens | device p50 | device mean | idle mean | schedule mean | "
-             "launch mean | wait mean | graph replays |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "launch mean | wait mean | graph replays | launch-bound |", "|---" * 12 + "|"]
     for k in KINDS:
         g = groups.get(k)
         if not g:
@@ -48,10 +54,11 @@ def kinds_table(steps: list[dict]) -> list[str]:
         mean = {name: _stat([s[name] for s in g], statistics.fmean) for name in
                 ("rows", "prefill_tokens", "device_ms", "idle_ms", "schedule_ms", "launch_ms", "wait_ms")}
         graphs = sum(1 for s in g if s["graph"])
+        bound = sum(1 for s in g if s["device_ms"] and s["launch_ms"] >= LAUNCH_BOUND * s["device_ms"])
         lines.append(f"| {k} | {len(g)} | {mean['rows']} | {mean['prefill_tokens']} | "
                      f"{_stat([s['device_ms'] for s in g], statistics.median)} | {mean['device_ms']} | "
                      f"{mean['idle_ms']} | {mean['schedule_ms']} | {mean['launch_ms']} | {mean['wait_ms']} | "
-                     f"{graphs}/{len(g)} |")
+                     f"{graphs}/{len(g)} | {bound}/{len(g)} |")
     return lines
 
 

@@ -85,6 +85,19 @@ def test_summary_of_a_trace(model_dir, tmp_path, monkeypatch, capsys):
         summary.main()
 
 
+def test_summary_counts_launch_bound_steps(tmp_path):
+    """A step whose launch took at least 0.9 of its device time counts as launch-bound; CPU steps (no device time)
+    never do."""
+    def step(i, launch, device, prefill=0):
+        return dict(step=i, t_ms=10.0 * i, schedule_ms=0.1, launch_ms=launch, wait_ms=0.0, device_ms=device,
+                    idle_ms=0.0, graph=False, rows=1, decode_rows=0 if prefill else 1, verify_rows=0,
+                    prefill_tokens=prefill, prefill=[["a", prefill, 0]] if prefill else [])
+    steps = [step(0, 95.0, 100.0, 8191), step(1, 60.0, 100.0, 8191), step(2, 1.0, 3.0), step(3, 5.0, None)]
+    rows = {line.split(" | ")[0].strip("| "): line for line in summary.kinds_table(steps)}
+    assert "launch-bound" in rows["kind"]
+    assert rows["prefill"].endswith("| 1/2 |") and rows["decode"].endswith("| 0/2 |")
+
+
 def test_a_write_error_stops_the_trace_not_the_engine(model_dir, tmp_path, monkeypatch, caplog):
     path = tmp_path / "trace.jsonl"
     llm = LLM(model_dir, dtype="float32", device="cpu", max_model_len=64, max_num_batched_tokens=16,
