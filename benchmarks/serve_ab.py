@@ -69,9 +69,7 @@ def print_trace(trace: Path | None) -> None:
 
     if trace is None or not trace.is_file() or not (steps := step_trace.load(str(trace))):
         return
-    print(f"step trace {trace}: {step_trace.totals(steps)}")
-    print("\n".join(step_trace.kinds_table(steps)))
-    print(step_trace.prompts(steps), flush=True)
+    print("\n".join(step_trace.summary(steps, f"step trace {trace}")), flush=True)
 
 
 def serve_and_drive(name: str, tree: Path, model_dir: Path, args: argparse.Namespace, log: Path) -> dict:

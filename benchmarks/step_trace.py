@@ -108,6 +108,11 @@ def prompt_table(steps: list[dict]) -> list[str]:
     return lines
 
 
+def summary(steps: list[dict], label: str) -> list[str]:
+    """The totals (after `label`), the table per kind of step and the prompts' chunking."""
+    return [f"{label}: {totals(steps)}", *kinds_table(steps), prompts(steps)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("trace", help="the JSON-lines file --step-trace wrote")
@@ -119,9 +124,7 @@ def main() -> None:
     steps = load(args.trace, args.from_step, args.to_step)
     if not steps:
         raise SystemExit(f"{args.trace}: no steps between {args.from_step} and {args.to_step}")
-    print(f"trace {args.trace}: {totals(steps)}")
-    print("\n".join(kinds_table(steps)))
-    print(prompts(steps))
+    print("\n".join(summary(steps, f"trace {args.trace}")))
     if args.prompts:
         print("\n".join(prompt_table(steps)))
 
